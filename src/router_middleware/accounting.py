@@ -1,0 +1,98 @@
+"""Build the :class:`Outcome` of a finished litellm call, and find it again later."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .catalog import Catalog, ModelInfo
+from .errors import OutcomeUnavailable
+from .pricing import price
+from .types import Outcome, Plan, UsageSource
+from .usage import as_dict, normalize_usage, reported_cost
+
+OUTCOME_KEY = "router_middleware_outcome"
+_REPORTS_COST = frozenset({"openrouter"})
+
+
+def _hidden(response: Any) -> dict[str, Any]:
+    hidden = getattr(response, "_hidden_params", None)
+    return hidden if isinstance(hidden, dict) else {}
+
+
+def _price_info(catalog: Catalog, answered: str, provider: str | None, planned: str | None) -> ModelInfo | None:
+    names = []
+    if provider and not answered.startswith(f"{provider}/"):
+        names.append(f"{provider}/{answered}")
+    names.append(answered)
+    if planned:
+        names.append(planned)
+    for name in dict.fromkeys(names):
+        info = catalog.resolve(name)
+        if info is not None:
+            return info
+    return None
+
+
+def build_outcome(
+    response: Any,
+    plan: Plan | None,
+    catalog: Catalog,
+    *,
+    usage_source: UsageSource = "provider",
+    latency_s: float | None = None,
+    time_to_first_token_s: float | None = None,
+) -> Outcome:
+    """Normalize the usage of ``response`` and price it (see :mod:`router_middleware.pricing`)."""
+    hidden = _hidden(response)
+    provider = hidden.get("custom_llm_provider") or (catalog.provider(plan.model) if plan else None)
+    answered = str(getattr(response, "model", None) or (plan.model if plan else "unknown"))
+    raw_usage = getattr(response, "usage", None)
+    if plan is not None and plan.params.get("mock_response") is not None and usage_source == "provider":
+        usage_source = "estimated"  # litellm invents usage for mock responses
+    usage = normalize_usage(raw_usage, source=usage_source)
+    info = _price_info(catalog, answered, provider, plan.model if plan else None)
+    reported = reported_cost(raw_usage) if provider in _REPORTS_COST else None
+    cost = price(usage, info, reported_usd=reported)
+    choices = getattr(response, "choices", None) or []
+    finish = tuple(str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None))
+    return Outcome(
+        model=answered,
+        provider=provider,
+        usage=usage,
+        cost=cost,
+        plan=plan,
+        response_id=getattr(response, "id", None),
+        finish_reasons=finish,
+        latency_s=latency_s,
+        time_to_first_token_s=time_to_first_token_s,
+    )
+
+
+def attach(response: Any, outcome: Outcome) -> None:
+    hidden = getattr(response, "_hidden_params", None)
+    if isinstance(hidden, dict):
+        hidden[OUTCOME_KEY] = outcome
+
+
+def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outcome:
+    """The :class:`Outcome` of a finished call.
+
+    Works on what ``Pipeline.completion`` returned (a response, or a stream once consumed) and on
+    any litellm ``ModelResponse`` (priced with the default catalog). Raises
+    :class:`OutcomeUnavailable` for a stream that has not been consumed yet.
+    """
+    from .streaming import TrackedStream
+
+    if isinstance(response_or_stream, TrackedStream):
+        result = response_or_stream.outcome
+        if result is None:
+            raise OutcomeUnavailable("the stream has not been consumed yet: iterate it to the end first")
+        return result
+    stored = _hidden(response_or_stream).get(OUTCOME_KEY)
+    if isinstance(stored, Outcome):
+        return stored
+    if getattr(response_or_stream, "usage", None) is None and not as_dict(response_or_stream).get("usage"):
+        raise OutcomeUnavailable(
+            f"{type(response_or_stream).__name__} carries no usage: pass a finished litellm response"
+        )
+    return build_outcome(response_or_stream, None, catalog or Catalog())

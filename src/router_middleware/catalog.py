@@ -1,0 +1,224 @@
+"""Model facts (prices, context window, prompt-cache rules) from ``litellm.model_cost`` plus overrides.
+
+Prices are resolved through a fallback chain, and the chain step that answered is kept as
+``ModelInfo.source``:
+
+1. ``config``: an override given in the configuration;
+2. ``catalog:<key>``: the exact id, then the id without the provider prefix, then with the prefix
+   litellm infers, then the undated id (``-20250219``, ``@20240307``, ``-latest`` stripped);
+3. ``catalog-variant:<key>``: the same model listed under another route (Bedrock ``anthropic.*-v1:0``,
+   Vertex AI, Vercel AI Gateway ...), preferring first-party clouds;
+4. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
+   reports the cost as unknown.
+
+A catalog entry whose input and output prices are both 0 counts as unknown, not free (litellm lists
+some preview models with price 0).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from functools import cache
+from typing import Any
+
+_DATE = re.compile(r"(?:[-@](?:20\d{6}|20\d\d-\d\d-\d\d)|-latest)$")
+_ROUTE_NOISE = re.compile(r"^(?:(?:us|eu|apac|global)\.)?(?:anthropic\.)?|-v\d+(?::\d+)?$")
+_VARIANT_PREFERENCE = ("anthropic", "openai", "gemini", "vertex_ai", "bedrock", "azure", "deepseek")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheRules:
+    """How a provider's prompt cache behaves, for the replay simulator and cost estimates.
+
+    ``min_tokens``: smallest cacheable prefix; ``unit``: cached prefixes are counted in multiples of
+    this; ``caches_output``: the previous reply is cached too (DeepSeek's disk cache);
+    ``explicit``: the provider caches only at ``cache_control`` breakpoints (Anthropic).
+    """
+
+    min_tokens: int = 1024
+    unit: int = 1
+    caches_output: bool = False
+    explicit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Prices are USD per token. ``cache_read``/``cache_write`` default to the input price."""
+
+    model: str
+    provider: str | None
+    input: float
+    output: float
+    cache_read: float | None = None
+    cache_write: float | None = None
+    reasoning: float | None = None
+    input_above_200k: float | None = None
+    output_above_200k: float | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    cache: CacheRules = CacheRules()
+    source: str = "catalog"
+
+    def with_overrides(self, **changes: Any) -> ModelInfo:
+        return replace(self, **changes)
+
+
+def cache_rules_for(model: str, provider: str | None) -> CacheRules:
+    """Published prompt-cache behaviour per provider family."""
+    name = model.lower()
+    family = (provider or "").lower()
+    if "deepseek" in family or "deepseek" in name:
+        return CacheRules(min_tokens=64, unit=64, caches_output=True)
+    if "claude" in name or family == "anthropic":
+        small = "haiku" in name
+        return CacheRules(min_tokens=2048 if small else 1024, explicit=True)
+    if "gemini" in name:
+        return CacheRules(min_tokens=4096 if "pro" in name else 1024)
+    if family in ("openai", "azure") or re.search(r"gpt|o\d", name):
+        return CacheRules(min_tokens=1024, unit=128)
+    return CacheRules()
+
+
+def _split_provider(model: str) -> tuple[str | None, str]:
+    if "/" in model:
+        head, tail = model.split("/", 1)
+        return head, tail
+    return None, model
+
+
+def _undated(name: str) -> str:
+    return _DATE.sub("", name)
+
+
+def _variant_key(key: str, *, dated: bool = False) -> str:
+    last = _ROUTE_NOISE.sub("", key.rsplit("/", 1)[-1].replace("@", "-"))
+    return last if dated else _undated(last)
+
+
+@cache
+def _cost_map() -> Mapping[str, Mapping[str, Any]]:
+    from ._env import prepare_litellm_env
+
+    prepare_litellm_env()
+    import litellm
+
+    return litellm.model_cost
+
+
+@cache
+def _variant_index(dated: bool) -> Mapping[str, tuple[str, ...]]:
+    index: dict[str, list[str]] = {}
+    for key, entry in _cost_map().items():
+        if not isinstance(entry, Mapping) or not _priced(entry):
+            continue
+        index.setdefault(_variant_key(key, dated=dated), []).append(key)
+    return {k: tuple(sorted(v, key=_variant_rank)) for k, v in index.items()}
+
+
+def _variant_rank(key: str) -> tuple[int, int, int, str]:
+    """Prefer global routes, entries that also list cache prices, then first-party clouds."""
+    entry = _cost_map()[key]
+    provider = str(entry.get("litellm_provider", ""))
+    regional = 1 if re.match(r"^(?:[a-z]+\.)anthropic\.|^bedrock/[a-z-]+\d/", key) else 0
+    incomplete = 0 if entry.get("cache_read_input_token_cost") else 1
+    rank = next((i for i, name in enumerate(_VARIANT_PREFERENCE) if provider.startswith(name)),
+                len(_VARIANT_PREFERENCE))
+    return (regional, incomplete, rank, key)
+
+
+def _priced(entry: Mapping[str, Any]) -> bool:
+    return bool(entry.get("input_cost_per_token") or entry.get("output_cost_per_token"))
+
+
+def _infer_provider(model: str) -> str | None:
+    head, _ = _split_provider(model)
+    if head:
+        return head
+    entry = _cost_map().get(model)
+    if isinstance(entry, Mapping) and entry.get("litellm_provider"):
+        return str(entry["litellm_provider"])
+    if model.startswith("claude"):
+        return "anthropic"
+    if model.startswith(("gpt", "o1", "o3", "o4", "chatgpt")):
+        return "openai"
+    if model.startswith("gemini"):
+        return "gemini"
+    if model.startswith("deepseek"):
+        return "deepseek"
+    return None
+
+
+def _info_from_entry(model: str, provider: str | None, entry: Mapping[str, Any], source: str) -> ModelInfo:
+    def num(key: str) -> float | None:
+        value = entry.get(key)
+        return float(value) if isinstance(value, int | float) else None
+
+    def integer(key: str) -> int | None:
+        value = entry.get(key)
+        return int(value) if isinstance(value, int | float) else None
+
+    return ModelInfo(
+        model=model,
+        provider=provider,
+        input=num("input_cost_per_token") or 0.0,
+        output=num("output_cost_per_token") or 0.0,
+        cache_read=num("cache_read_input_token_cost"),
+        cache_write=num("cache_creation_input_token_cost") or None,
+        reasoning=num("output_cost_per_reasoning_token"),
+        input_above_200k=num("input_cost_per_token_above_200k_tokens"),
+        output_above_200k=num("output_cost_per_token_above_200k_tokens"),
+        max_input_tokens=integer("max_input_tokens"),
+        max_output_tokens=integer("max_output_tokens"),
+        cache=cache_rules_for(model, provider),
+        source=source,
+    )
+
+
+def catalog_lookup(model: str) -> ModelInfo | None:
+    """Resolve ``model`` against litellm's catalog through the fallback chain (no overrides)."""
+    return _catalog_lookup(model)
+
+
+@cache
+def _catalog_lookup(model: str) -> ModelInfo | None:
+    costs = _cost_map()
+    provider = _infer_provider(model)
+    head, bare = _split_provider(model)
+    candidates = [model, bare]
+    if provider and not head:
+        candidates.append(f"{provider}/{model}")
+    undated = _undated(bare)
+    if undated != bare:
+        candidates += [undated, f"{undated}-latest"]
+        if provider:
+            candidates.append(f"{provider}/{undated}")
+    for key in dict.fromkeys(candidates):
+        entry = costs.get(key)
+        if isinstance(entry, Mapping) and _priced(entry):
+            return _info_from_entry(model, provider, entry, f"catalog:{key}")
+    for dated in (True, False):
+        for key in _variant_index(dated).get(_variant_key(bare, dated=dated), ()):
+            return _info_from_entry(model, provider, costs[key], f"catalog-variant:{key}")
+    return None
+
+
+class Catalog:
+    """Model facts with user overrides on top of the catalog."""
+
+    def __init__(self, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self._overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+
+    def resolve(self, model: str) -> ModelInfo | None:
+        base = catalog_lookup(model)
+        override = self._overrides.get(model)
+        if override is None:
+            return base
+        if base is None:
+            base = ModelInfo(model=model, provider=_infer_provider(model), input=0.0, output=0.0,
+                             cache=cache_rules_for(model, _infer_provider(model)))
+        return base.with_overrides(**override, source="config")
+
+    def provider(self, model: str) -> str | None:
+        return _infer_provider(model)

@@ -1,0 +1,143 @@
+"""The public entry point: plan a call with the policies, run it through litellm, account for it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.trace import Span
+
+from ._env import prepare_litellm_env
+from .accounting import attach, build_outcome
+from .catalog import Catalog
+from .config import Config, load_config
+from .messages import validate_messages
+from .policies import Policy, PolicyState, apply_policies
+from .streaming import TrackedStream
+from .telemetry import end_call_span, fail_call_span, start_call_span
+from .types import AgentContext, Call, Outcome, Plan, UsageSource
+
+# Providers that send a final usage chunk only when asked with stream_options.include_usage.
+_USAGE_CHUNK_PROVIDERS = frozenset({"openai", "azure", "deepseek", "openrouter", "text-completion-openai"})
+
+
+def _litellm() -> Any:
+    prepare_litellm_env()
+    import litellm
+
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class Pipeline:
+    """Runs calls through policies and litellm, and accounts usage and cost for each.
+
+    ``Pipeline()`` is a pass-through: no routing and no trimming, but every call still gets an
+    :class:`~router_middleware.types.Outcome` and a span through the global OpenTelemetry API.
+    """
+
+    def __init__(self, config: Config | None = None, *, policies: Sequence[Policy] = ()) -> None:
+        self.config = config or Config()
+        self.catalog = Catalog(self.config.catalog_overrides())
+        self.policies: tuple[Policy, ...] = tuple(policies)
+        self.state = PolicyState(catalog=self.catalog)
+
+    @classmethod
+    def from_config(cls, source: Config | Mapping[str, Any] | str | Path, *, policies: Sequence[Policy] = ()) -> Pipeline:
+        """Build a pipeline from a YAML/JSON file path or a dict; a bad config raises ``ConfigError``."""
+        return cls(load_config(source), policies=policies)
+
+    # -- planning (pure) -------------------------------------------------------------------------
+
+    def make_call(
+        self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+    ) -> Call:
+        ctx = AgentContext.coerce(context)
+        if ctx.app is None and self.config.app:
+            ctx = replace(ctx, app=self.config.app)
+        return Call.create(model, validate_messages(messages), params, ctx)
+
+    def plan(self, call: Call) -> Plan:
+        """Apply the policies to ``call``; no I/O."""
+        return apply_policies(Plan.from_call(call), self.policies, self.state)
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def completion(
+        self, model: str, messages: Sequence[Any], *, context: AgentContext | Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Any:
+        """Drop-in for ``litellm.completion``: same keyword arguments, plus ``context=``.
+
+        Returns litellm's ``ModelResponse``, or for ``stream=True`` a :class:`TrackedStream`.
+        """
+        plan, request, span, started = self._start(model, messages, context, params)
+        try:
+            response = _litellm().completion(**request)
+        except Exception as exc:
+            fail_call_span(span, exc, model=plan.model)
+            raise
+        return self._received(plan, response, span, started)
+
+    async def acompletion(
+        self, model: str, messages: Sequence[Any], *, context: AgentContext | Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Any:
+        """Drop-in for ``litellm.acompletion``; see :meth:`completion`."""
+        plan, request, span, started = self._start(model, messages, context, params)
+        try:
+            response = await _litellm().acompletion(**request)
+        except Exception as exc:
+            fail_call_span(span, exc, model=plan.model)
+            raise
+        return self._received(plan, response, span, started)
+
+    def _start(
+        self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
+        params: Mapping[str, Any],
+    ) -> tuple[Plan, dict[str, Any], Span, float]:
+        plan = self.plan(self.make_call(model, messages, context, params))
+        request = plan.request()
+        provider = self.catalog.provider(plan.model)
+        if request.get("stream") and provider in _USAGE_CHUNK_PROVIDERS and "stream_options" not in request:
+            request["stream_options"] = {"include_usage": True}
+        return plan, request, start_call_span(plan, provider), time.perf_counter()
+
+    def _received(self, plan: Plan, response: Any, span: Span, started: float) -> Any:
+        if plan.params.get("stream"):
+            return TrackedStream(response, self._stream_finisher(plan, span), started)
+        result = build_outcome(response, plan, self.catalog, latency_s=time.perf_counter() - started)
+        attach(response, result)
+        end_call_span(span, result)
+        return response
+
+    def _stream_finisher(self, plan: Plan, span: Span) -> Any:
+        def finish(
+            chunks: list[Any], started: float, first: float | None, error: BaseException | None, complete: bool,
+        ) -> Outcome | None:
+            if error is not None and not chunks:
+                fail_call_span(span, error, model=plan.model)
+                return None
+            source: UsageSource = "provider"
+            if not complete or not any(getattr(c, "usage", None) for c in chunks):
+                source = "estimated"
+            response = _litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages]) if chunks else None
+            if response is None:
+                fail_call_span(span, error or RuntimeError("stream closed before the first chunk"), model=plan.model)
+                return None
+            result = build_outcome(
+                response, plan, self.catalog, usage_source=source,
+                latency_s=time.perf_counter() - started,
+                time_to_first_token_s=(first - started) if first is not None else None,
+            )
+            if error is not None:
+                fail_call_span(span, error, model=plan.model)
+            else:
+                end_call_span(span, result)
+            return result
+
+        return finish

@@ -1,0 +1,43 @@
+"""Retention: did the trimmed request keep what the recorded reply went on to use?
+
+For agent sessions the items are file paths; for chats (no tools) they are proper names
+(capitalised words that do not start a sentence). An item counts when the reply mentions it and it
+occurs in the untrimmed request outside the first two messages (system prompt and task, which every
+strategy keeps); it is retained when the planned request still contains it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..messages import text_of
+from ..types import Message
+
+_PATH = re.compile(r"(?<![\w/.-])(?:\.{0,2}/)?(?:[\w.-]+/)+[\w.-]+\.[A-Za-z]\w*")
+_NAME = re.compile(r"(?<![.!?:;\n]\s)(?<![.!?:;\n])(?<=\s)([A-Z][a-z]{2,})\b")
+_STOP = frozenset({"The", "This", "That", "And", "But", "You", "Your", "They", "There", "What", "When", "Then"})
+
+
+def path_items(text: str) -> set[str]:
+    return {m.lstrip("./") for m in _PATH.findall(text)}
+
+
+def name_items(text: str) -> set[str]:
+    return {m for m in _NAME.findall(text) if m not in _STOP}
+
+
+def retention_counts(
+    reply: Message, request: Sequence[Message], planned: Sequence[Message], *, chat: bool,
+) -> tuple[int, int]:
+    """``(retained, relevant)`` for one call."""
+    extract = name_items if chat else path_items
+    used = extract(text_of(reply))
+    if not used:
+        return 0, 0
+    history = "\n".join(text_of(m) for m in request[2:])
+    relevant = {item for item in used if item in history}
+    if not relevant:
+        return 0, 0
+    kept_text = "\n".join(text_of(m) for m in planned)
+    return sum(1 for item in relevant if item in kept_text), len(relevant)

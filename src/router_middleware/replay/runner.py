@@ -1,0 +1,267 @@
+"""Replay recorded sessions through a pipeline's policies, with no network.
+
+For each recorded call the request ``messages[:prefix_len]`` is planned twice: by a pass-through
+pipeline (``baseline``) and by the configured one (``optimized``). Each plan is accounted with the
+model's tokenizer (calibrated online from the prompt tokens the provider reported for *earlier* calls
+of the same session), a prompt-cache simulation, and the recorded output tokens, then priced.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..catalog import Catalog, ModelInfo, cache_rules_for
+from ..messages import integrity_violations
+from ..pipeline import Pipeline
+from ..pricing import price
+from ..tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, message_key
+from ..types import AgentContext, Call, Plan, Usage
+from .cachesim import PromptCacheSim
+from .retention import retention_counts
+from .session import Session
+
+DEFAULT_CHAT_MODEL = "deepseek/deepseek-chat"
+_LITELLM_PREFIXES = frozenset({
+    "openai", "azure", "anthropic", "deepseek", "gemini", "vertex_ai", "openrouter", "bedrock", "groq",
+    "mistral", "together_ai", "fireworks_ai", "xai", "cohere", "ollama",
+})
+
+
+def model_for(session: Session, override: str | None = None) -> str:
+    """The litellm model id to price a session with.
+
+    ``override`` wins; a session without a model gets ``deepseek/deepseek-chat``. A ``vendor/model``
+    slug whose vendor is not a litellm provider (``google/gemini-3-pro-preview``) is an OpenRouter
+    route, priced as ``openrouter/<slug>``.
+    """
+    model = override or session.model or DEFAULT_CHAT_MODEL
+    head = model.split("/", 1)[0] if "/" in model else None
+    if head is not None and head not in _LITELLM_PREFIXES:
+        return f"openrouter/{model}"
+    return model
+
+
+@dataclass
+class Account:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, usage: Usage, cost: float | None) -> None:
+        self.input_tokens += usage.input_tokens
+        self.cached_tokens += usage.cache_read_tokens
+        self.cache_write_tokens += usage.cache_write_tokens
+        self.output_tokens += usage.output_tokens
+        self.reasoning_tokens += usage.reasoning_tokens
+        self.cost_usd += cost or 0.0
+
+    def merge(self, other: Account) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "cached_tokens": self.cached_tokens,
+            "cache_write_tokens": self.cache_write_tokens,
+            "output_tokens": self.output_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+        }
+
+
+@dataclass
+class Recorded(Account):
+    reported_cost_usd: float = 0.0
+    has_usage: bool = True
+
+    def as_dict(self) -> dict[str, float | int]:
+        data = super().as_dict()
+        data["priced_usd"] = data.pop("cost_usd")
+        data["cost_usd"] = round(self.reported_cost_usd, 6)
+        return data
+
+
+@dataclass
+class SessionReport:
+    id: str
+    path: str
+    model: str
+    price_source: str
+    calls: int = 0
+    recorded: Recorded = field(default_factory=Recorded)
+    baseline: Account = field(default_factory=Account)
+    optimized: Account = field(default_factory=Account)
+    integrity_violations: int = 0
+    retained: int = 0
+    relevant: int = 0
+    decisions: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def retention(self) -> float:
+        return self.retained / self.relevant if self.relevant else 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "path": self.path,
+            "model": self.model,
+            "price_source": self.price_source,
+            "calls": self.calls,
+            "recorded": self.recorded.as_dict() if self.recorded.has_usage else None,
+            "baseline": self.baseline.as_dict(),
+            "optimized": self.optimized.as_dict(),
+            "integrity_violations": self.integrity_violations,
+            "retention": round(self.retention, 4),
+            "decisions": dict(self.decisions),
+        }
+
+
+@dataclass
+class _Accountant:
+    """Token and cost accounting of plans for one session and one account."""
+
+    counter: TokenCounter
+    calibration: Calibration
+    info: ModelInfo | None
+    cache: PromptCacheSim
+
+    def account(self, plan: Plan, reply_key: str, output: int, reasoning: int) -> tuple[Usage, float | None]:
+        keys = [message_key(m) for m in plan.messages]
+        raw = REQUEST_OVERHEAD + self.counter.tools(plan.params.get("tools"))
+        prefix: list[int] = []
+        for message, key in zip(plan.messages, keys, strict=True):
+            raw += self.counter.message(message, key)
+            prefix.append(self.calibration.apply(raw))
+        total = prefix[-1] if prefix else self.calibration.apply(raw)
+        hit = self.cache.request(keys, prefix, plan.messages, reply_key=reply_key)
+        usage = Usage(total, output, min(hit.read, total), hit.write, reasoning, source="estimated")
+        return usage, price(usage, self.info).total_usd
+
+
+def replay_session(
+    session: Session,
+    optimized: Pipeline,
+    *,
+    baseline: Pipeline | None = None,
+    model: str | None = None,
+    provider_cache: bool = True,
+) -> SessionReport:
+    baseline = baseline or Pipeline()
+    model_id = model_for(session, model)
+    catalog: Catalog = optimized.catalog
+    info = catalog.resolve(model_id)
+    rules = info.cache if info else cache_rules_for(model_id, catalog.provider(model_id))
+    counter = TokenCounter(model_id)
+    calibration = Calibration()
+    report = SessionReport(session.id, session.path, model_id, info.source if info else "unknown")
+    accountants = {
+        name: _Accountant(counter, calibration, info, PromptCacheSim(rules, enabled=provider_cache))
+        for name in ("baseline", "optimized")
+    }
+    chat = not session.has_tools
+    for step, recorded in enumerate(session.calls):
+        request = session.messages[: recorded.prefix_len]
+        reply = session.messages[recorded.prefix_len] if recorded.prefix_len < len(session.messages) else {}
+        reply_key = message_key(reply)
+        usage = recorded.usage
+        output = usage.completion_tokens if usage else counter.message(reply)
+        reasoning = usage.reasoning_tokens if usage else 0
+        context = AgentContext(session_id=session.id, step=step)
+        call = Call.create(model_id, request, {}, context)
+        plans = {"baseline": baseline.plan(call), "optimized": optimized.plan(call)}
+        for name, plan in plans.items():
+            planned_usage, cost = accountants[name].account(plan, reply_key, output, reasoning)
+            getattr(report, name).add(planned_usage, cost)
+        plan = plans["optimized"]
+        report.calls += 1
+        report.integrity_violations += 1 if integrity_violations(plan.messages) else 0
+        retained, relevant = retention_counts(reply, request, plan.messages, chat=chat)
+        report.retained += retained
+        report.relevant += relevant
+        report.decisions.update(f"{d.policy}:{d.action}" for d in plan.decisions)
+        if usage is not None:
+            recorded_usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, 0,
+                                   usage.reasoning_tokens)
+            report.recorded.add(recorded_usage, price(recorded_usage, info).total_usd)
+            report.recorded.reported_cost_usd += recorded.cost_usd or 0.0
+            calibration.observe(counter.messages(request), usage.prompt_tokens)
+        else:
+            report.recorded.has_usage = False
+    return report
+
+
+@dataclass
+class ReplayReport:
+    sessions: list[SessionReport]
+
+    def totals(self) -> dict[str, object]:
+        recorded, baseline, optimized = Recorded(), Account(), Account()
+        for s in self.sessions:
+            if s.recorded.has_usage:
+                recorded.merge(s.recorded)
+            baseline.merge(s.baseline)
+            optimized.merge(s.optimized)
+        retained = sum(s.retained for s in self.sessions)
+        relevant = sum(s.relevant for s in self.sessions)
+        return {
+            "sessions": len(self.sessions),
+            "calls": sum(s.calls for s in self.sessions),
+            "recorded": recorded.as_dict(),
+            "baseline": baseline.as_dict(),
+            "optimized": optimized.as_dict(),
+            "integrity_violations": sum(s.integrity_violations for s in self.sessions),
+            "retention": round(retained / relevant, 4) if relevant else 1.0,
+        }
+
+    def fidelity(self) -> dict[str, dict[str, float]]:
+        """Per model: baseline vs recorded input tokens, and cached shares, on sessions with usage."""
+        by_model: dict[str, list[SessionReport]] = {}
+        for s in self.sessions:
+            if s.recorded.has_usage:
+                by_model.setdefault(s.model, []).append(s)
+        out = {}
+        for model, group in by_model.items():
+            rec_in = sum(s.recorded.input_tokens for s in group)
+            rec_cached = sum(s.recorded.cached_tokens for s in group)
+            base_in = sum(s.baseline.input_tokens for s in group)
+            base_cached = sum(s.baseline.cached_tokens for s in group)
+            out[model] = {
+                "baseline_over_recorded_input": round(base_in / rec_in, 4) if rec_in else 0.0,
+                "recorded_cached_share": round(rec_cached / rec_in, 4) if rec_in else 0.0,
+                "baseline_cached_share": round(base_cached / base_in, 4) if base_in else 0.0,
+                "priced_over_reported_cost": round(
+                    sum(s.recorded.cost_usd for s in group) / sum(s.recorded.reported_cost_usd for s in group), 4
+                ) if sum(s.recorded.reported_cost_usd for s in group) else 0.0,
+            }
+        return out
+
+    def as_dict(self) -> dict[str, object]:
+        data = self.totals()
+        data["fidelity"] = self.fidelity()
+        data["per_session"] = [s.as_dict() for s in self.sessions]
+        return data
+
+
+def replay(
+    sessions: Iterable[Session],
+    optimized: Pipeline,
+    *,
+    model: str | None = None,
+    provider_cache: bool = True,
+    on_session: Callable[[SessionReport], None] | None = None,
+) -> ReplayReport:
+    baseline = Pipeline(optimized.config)
+    reports = []
+    for session in sessions:
+        report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache)
+        reports.append(report)
+        if on_session is not None:
+            on_session(report)
+    return ReplayReport(reports)
+

@@ -1,0 +1,130 @@
+"""Recorded sessions: load and validate the ``agent-sessions`` JSON format.
+
+A file holds ``id``, ``model``, ``messages`` (the final history, OpenAI chat format) and ``calls``:
+one per model call with ``prefix_len`` (the request is ``messages[:prefix_len]``, the reply is
+``messages[prefix_len]``), ``model``, ``provider``, ``usage`` (``prompt_tokens``,
+``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``) and ``cost_usd``. ``usage``,
+``model`` and ``cost_usd`` may be null (chat transcripts). Trailing records with role ``exit``
+(mini-swe-agent's exit status, never sent to a model) are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import SessionFormatError
+from ..messages import validate_messages
+
+_TRAJECTORY_MARKERS = frozenset({"exit"})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedCall:
+    prefix_len: int
+    model: str | None
+    provider: str | None
+    usage: RecordedUsage | None
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    id: str
+    path: str
+    model: str | None
+    messages: tuple[Mapping[str, Any], ...]
+    calls: tuple[RecordedCall, ...]
+    source: str | None = None
+    license: str | None = None
+
+    @property
+    def has_tools(self) -> bool:
+        return any(m.get("role") == "tool" or m.get("tool_calls") for m in self.messages)
+
+
+def _int_field(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SessionFormatError(f"{where} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _usage(raw: Any, where: str) -> RecordedUsage | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SessionFormatError(f"{where}.usage must be an object or null")
+    fields = {}
+    for key in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+        value = raw.get(key)
+        if value is None and key in ("cached_tokens", "reasoning_tokens"):
+            value = 0
+        fields[key] = _int_field(value, f"{where}.usage.{key}")
+    return RecordedUsage(**fields)
+
+
+def parse_session(data: Any, label: str) -> Session:
+    """Validate decoded JSON ``data``; errors name ``label`` and the message or call index."""
+    if not isinstance(data, Mapping):
+        raise SessionFormatError(f"{label}: the top level must be an object")
+    raw_messages = data.get("messages")
+    raw_calls = data.get("calls")
+    if not isinstance(raw_messages, list):
+        raise SessionFormatError(f"{label}: 'messages' must be a list")
+    if not isinstance(raw_calls, list):
+        raise SessionFormatError(f"{label}: 'calls' must be a list")
+    end = len(raw_messages)
+    while end and isinstance(raw_messages[end - 1], Mapping) and raw_messages[end - 1].get("role") in _TRAJECTORY_MARKERS:
+        end -= 1
+    messages = validate_messages(raw_messages[:end], source=label)
+    calls = []
+    for i, raw in enumerate(raw_calls):
+        where = f"{label}: call {i}"
+        if not isinstance(raw, Mapping):
+            raise SessionFormatError(f"{where} must be an object")
+        prefix_len = _int_field(raw.get("prefix_len"), f"{where}.prefix_len")
+        if prefix_len < 1 or prefix_len > len(messages):
+            raise SessionFormatError(f"{where}.prefix_len={prefix_len} is outside the {len(messages)} messages")
+        cost = raw.get("cost_usd")
+        if cost is not None and not isinstance(cost, int | float):
+            raise SessionFormatError(f"{where}.cost_usd must be a number or null")
+        calls.append(RecordedCall(
+            prefix_len=prefix_len,
+            model=raw.get("model"),
+            provider=raw.get("provider"),
+            usage=_usage(raw.get("usage"), where),
+            cost_usd=float(cost) if cost is not None else None,
+        ))
+    return Session(
+        id=str(data.get("id") or Path(label).stem),
+        path=label,
+        model=data.get("model"),
+        messages=tuple(messages),
+        calls=tuple(calls),
+        source=data.get("source"),
+        license=data.get("license"),
+    )
+
+
+def load_session(path: str | Path) -> Session:
+    label = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SessionFormatError(f"{label}: cannot read ({exc.strerror})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SessionFormatError(f"{label}: not valid JSON ({exc})") from None
+    return parse_session(data, label)

@@ -1,0 +1,96 @@
+"""A stream that behaves like litellm's and records its Outcome when consumed, closed or abandoned."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from .types import Outcome
+
+# finish(chunks, started_at, first_chunk_at, error, complete) -> Outcome | None
+Finisher = Callable[[list[Any], float, float | None, BaseException | None, bool], Outcome | None]
+
+
+class TrackedStream:
+    """Iterate it (sync or async) exactly like the litellm stream it wraps.
+
+    Once the last chunk has been read, ``outcome`` holds the call's :class:`Outcome` (usage from the
+    final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call's
+    span with what was received.
+    """
+
+    def __init__(self, inner: Any, finish: Finisher, started_at: float) -> None:
+        self._inner = inner
+        self._finish = finish
+        self._started_at = started_at
+        self._first_chunk_at: float | None = None
+        self._chunks: list[Any] = []
+        self._done = False
+        self.outcome: Outcome | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _record(self, chunk: Any) -> Any:
+        if self._first_chunk_at is None:
+            self._first_chunk_at = time.perf_counter()
+        self._chunks.append(chunk)
+        return chunk
+
+    def _end(self, error: BaseException | None = None, *, complete: bool) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, complete)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return self._record(next(self._inner))
+        except StopIteration:
+            self._end(complete=True)
+            raise
+        except Exception as exc:
+            self._end(exc, complete=False)
+            raise
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return self._record(await self._inner.__anext__())
+        except StopAsyncIteration:
+            self._end(complete=True)
+            raise
+        except Exception as exc:
+            self._end(exc, complete=False)
+            raise
+
+    def close(self) -> None:
+        """Stop reading: the span ends with what was received."""
+        self._end(complete=False)
+        closer = getattr(self._inner, "close", None)
+        if callable(closer):
+            closer()
+
+    async def aclose(self) -> None:
+        self._end(complete=False)
+        closer = getattr(self._inner, "aclose", None)
+        if callable(closer):
+            await closer()
+
+    def __enter__(self) -> TrackedStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._end(complete=False)
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass

@@ -1,0 +1,200 @@
+"""The values that flow through the pipeline: Call -> Plan -> Outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Literal, Self
+
+Message = Mapping[str, Any]
+AttributeValue = str | int | float | bool
+
+UsageSource = Literal["provider", "estimated", "cache", "none"]
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentContext:
+    """Who is calling and where in the agent loop: passed as ``context=`` to the pipeline.
+
+    All fields are optional. ``session_id`` groups the calls of one agent run (budgets, caches,
+    ``gen_ai.conversation.id``); ``step`` is the 0-based index of the call in that run; ``step_kind``
+    is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...).
+    """
+
+    app: str | None = None
+    session_id: str | None = None
+    step: int | None = None
+    step_kind: str | None = None
+    user: str | None = None
+    tenant: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:
+        """Accept an ``AgentContext``, a dict with the same keys, or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, AgentContext):
+            return value
+        if isinstance(value, Mapping):
+            known = {f for f in cls.__dataclass_fields__}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise TypeError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
+            data = dict(value)
+            if "tags" in data:
+                data["tags"] = tuple(data["tags"] or ())
+            return cls(**data)
+        raise TypeError(f"context must be an AgentContext or a dict, not {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one policy did to a call, and why. Decisions end up on the span and in replay reports."""
+
+    policy: str
+    action: str
+    reason: str
+    attributes: Mapping[str, AttributeValue] = field(default_factory=lambda: _frozen(None))
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What the agent asked for, in OpenAI chat format. Immutable: use ``override()``."""
+
+    model: str
+    messages: tuple[Message, ...]
+    params: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
+    context: AgentContext = field(default_factory=AgentContext)
+
+    @classmethod
+    def create(
+        cls,
+        model: str,
+        messages: Sequence[Message],
+        params: Mapping[str, Any] | None = None,
+        context: AgentContext | Mapping[str, Any] | None = None,
+    ) -> Call:
+        return cls(model, tuple(messages), _frozen(params), AgentContext.coerce(context))
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.params.get("stream"))
+
+    @property
+    def tools(self) -> Sequence[Mapping[str, Any]]:
+        return tuple(self.params.get("tools") or ())
+
+    def override(self, **changes: Any) -> Self:
+        if "params" in changes:
+            changes["params"] = _frozen(changes["params"])
+        if "messages" in changes:
+            changes["messages"] = tuple(changes["messages"])
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What will be sent: the chosen model and fallbacks, messages, params, and the decisions taken."""
+
+    call: Call
+    model: str
+    messages: tuple[Message, ...]
+    params: Mapping[str, Any]
+    fallbacks: tuple[str, ...] = ()
+    cache_key: str | None = None
+    estimated_savings_usd: float = 0.0
+    decisions: tuple[Decision, ...] = ()
+
+    @classmethod
+    def from_call(cls, call: Call) -> Plan:
+        return cls(call=call, model=call.model, messages=call.messages, params=call.params)
+
+    def override(self, **changes: Any) -> Self:
+        if "params" in changes:
+            changes["params"] = _frozen(changes["params"])
+        if "messages" in changes:
+            changes["messages"] = tuple(changes["messages"])
+        return replace(self, **changes)
+
+    def decide(self, decision: Decision, **changes: Any) -> Self:
+        """Return a copy with ``changes`` applied and ``decision`` appended."""
+        return self.override(decisions=(*self.decisions, decision), **changes)
+
+    def request(self) -> dict[str, Any]:
+        """The keyword arguments for ``litellm.completion``."""
+        return {"model": self.model, "messages": [dict(m) for m in self.messages], **self.params}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one call.
+
+    Convention: ``input_tokens`` includes ``cache_read_tokens`` and ``cache_write_tokens``;
+    ``output_tokens`` includes ``reasoning_tokens``. ``source`` says whether the provider reported the
+    numbers, they were estimated locally, or the call was served from the response cache.
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: UsageSource = "provider"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    @property
+    def uncached_input_tokens(self) -> int:
+        return max(0, self.input_tokens - self.cache_read_tokens - self.cache_write_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Cost:
+    """Cost of one call in USD.
+
+    ``input_usd`` covers all input tokens (cache reads and writes included) and ``output_usd`` all
+    output tokens (reasoning included); ``cache_read_usd``, ``cache_write_usd`` and ``reasoning_usd``
+    are the parts of those. Amounts are ``None`` when the price is unknown (``source == "unknown"``),
+    never a silent 0. ``source`` names where the price came from, e.g. ``catalog:deepseek/deepseek-chat``,
+    ``config``, ``provider_reported``.
+    """
+
+    input_usd: float | None
+    output_usd: float | None
+    total_usd: float | None
+    cache_read_usd: float | None = None
+    cache_write_usd: float | None = None
+    reasoning_usd: float | None = None
+    source: str = "unknown"
+    currency: str = "USD"
+
+    @classmethod
+    def unknown(cls) -> Cost:
+        return cls(None, None, None)
+
+    @classmethod
+    def zero(cls, source: str) -> Cost:
+        return cls(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, source=source)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of a finished call: who answered, what it used, what it cost."""
+
+    model: str
+    provider: str | None
+    usage: Usage
+    cost: Cost
+    plan: Plan | None = None
+    response_id: str | None = None
+    finish_reasons: tuple[str, ...] = ()
+    latency_s: float | None = None
+    time_to_first_token_s: float | None = None

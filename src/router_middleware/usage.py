@@ -1,0 +1,110 @@
+"""Normalize provider usage objects into :class:`Usage`.
+
+Shapes understood (as litellm returns them, or raw from the provider):
+
+- OpenAI / Azure / OpenRouter: ``prompt_tokens``, ``completion_tokens``,
+  ``prompt_tokens_details.cached_tokens``, ``completion_tokens_details.reasoning_tokens``
+  (OpenRouter adds ``prompt_tokens_details.cache_write_tokens`` and ``cost``).
+- DeepSeek: ``prompt_cache_hit_tokens`` / ``prompt_cache_miss_tokens``.
+- Anthropic raw: ``input_tokens`` *excluding* ``cache_read_input_tokens`` and
+  ``cache_creation_input_tokens``; litellm's normalized Anthropic usage has ``prompt_tokens`` that
+  already includes both.
+- Gemini raw: ``promptTokenCount`` (cached included), ``candidatesTokenCount`` (thoughts excluded),
+  ``thoughtsTokenCount``, ``cachedContentTokenCount``.
+
+Result convention: cached reads and writes are part of ``input_tokens``; reasoning is part of
+``output_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .types import Usage, UsageSource
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    """A plain dict view of a pydantic model, an object with ``__dict__``, or a mapping."""
+    if obj is None:
+        return {}
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        data = dump()
+        return dict(data) if isinstance(data, Mapping) else {}
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")} if hasattr(obj, "__dict__") else {}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _first(*values: Any) -> int:
+    for value in values:
+        if value is not None:
+            number = _int(value)
+            if number:
+                return number
+    return 0
+
+
+def normalize_usage(raw: Any, *, source: UsageSource = "provider") -> Usage:
+    """Convert any supported usage shape to :class:`Usage`; ``None`` gives an empty usage."""
+    data = as_dict(raw)
+    if not data:
+        return Usage(source="none")
+    if "promptTokenCount" in data or "candidatesTokenCount" in data:
+        thoughts = _int(data.get("thoughtsTokenCount"))
+        return Usage(
+            input_tokens=_int(data.get("promptTokenCount")),
+            output_tokens=_int(data.get("candidatesTokenCount")) + thoughts,
+            cache_read_tokens=_int(data.get("cachedContentTokenCount")),
+            reasoning_tokens=thoughts,
+            source=source,
+        )
+    prompt_details = as_dict(data.get("prompt_tokens_details"))
+    completion_details = as_dict(data.get("completion_tokens_details"))
+    if "prompt_tokens" not in data and "input_tokens" in data:
+        read = _int(data.get("cache_read_input_tokens"))
+        write = _int(data.get("cache_creation_input_tokens"))
+        return Usage(
+            input_tokens=_int(data.get("input_tokens")) + read + write,
+            output_tokens=_int(data.get("output_tokens")),
+            cache_read_tokens=read,
+            cache_write_tokens=write,
+            reasoning_tokens=_int(as_dict(data.get("output_tokens_details")).get("reasoning_tokens")),
+            source=source,
+        )
+    read = _first(
+        prompt_details.get("cached_tokens"),
+        data.get("cache_read_input_tokens"),
+        data.get("prompt_cache_hit_tokens"),
+    )
+    write = _first(
+        data.get("cache_creation_input_tokens"),
+        prompt_details.get("cache_write_tokens"),
+        prompt_details.get("cache_creation_tokens"),
+    )
+    return Usage(
+        input_tokens=_int(data.get("prompt_tokens")),
+        output_tokens=_int(data.get("completion_tokens")),
+        cache_read_tokens=read,
+        cache_write_tokens=write,
+        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        source=source,
+    )
+
+
+def reported_cost(raw: Any) -> float | None:
+    """The provider's own cost figure (OpenRouter's ``usage.cost``), if present and positive."""
+    value = as_dict(raw).get("cost")
+    try:
+        cost = float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+    return cost if cost and cost > 0 else None
