@@ -7,22 +7,22 @@ from ._env import prepare_litellm_env
 
 prepare_litellm_env()
 
-from .accounting import outcome  # noqa: E402
-from .catalog import Catalog, ModelInfo  # noqa: E402
-from .config import Config, load_config  # noqa: E402
-from .errors import (  # noqa: E402
+from .accounting import outcome
+from .catalog import Catalog, ModelInfo
+from .config import Config, load_config
+from .errors import (
     ConfigError,
     MessageError,
     OutcomeUnavailable,
     RouterMiddlewareError,
     SessionFormatError,
 )
-from .pipeline import Pipeline  # noqa: E402
-from .policies import Policy, PolicyState  # noqa: E402
-from .pricing import price  # noqa: E402
-from .streaming import TrackedStream  # noqa: E402
-from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, Usage  # noqa: E402
-from .usage import normalize_usage  # noqa: E402
+from .pipeline import Pipeline
+from .policies import Policy, PolicyState
+from .pricing import price
+from .streaming import TrackedStream
+from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, Usage
+from .usage import normalize_usage
 
 __all__ = [
     "AgentContext",

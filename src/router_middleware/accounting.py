@@ -39,13 +39,21 @@ def build_outcome(
     catalog: Catalog,
     *,
     usage_source: UsageSource = "provider",
+    answered_model: str | None = None,
     latency_s: float | None = None,
     time_to_first_token_s: float | None = None,
 ) -> Outcome:
-    """Normalize the usage of ``response`` and price it (see :mod:`router_middleware.pricing`)."""
+    """Normalize the usage of ``response`` and price it (see :mod:`router_middleware.pricing`).
+
+    The answering model is the one the provider named in its response (litellm keeps it as
+    ``provider_response_model``; its own ``model`` field echoes the requested alias).
+    """
     hidden = _hidden(response)
     provider = hidden.get("custom_llm_provider") or (catalog.provider(plan.model) if plan else None)
-    answered = str(getattr(response, "model", None) or (plan.model if plan else "unknown"))
+    answered = str(
+        answered_model or hidden.get("provider_response_model") or getattr(response, "model", None)
+        or (plan.model if plan else "unknown")
+    )
     raw_usage = getattr(response, "usage", None)
     if plan is not None and plan.params.get("mock_response") is not None and usage_source == "provider":
         usage_source = "estimated"  # litellm invents usage for mock responses

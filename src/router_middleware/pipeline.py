@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from .telemetry import end_call_span, fail_call_span, start_call_span
 from .types import AgentContext, Call, Outcome, Plan, UsageSource
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
-_USAGE_CHUNK_PROVIDERS = frozenset({"openai", "azure", "deepseek", "openrouter", "text-completion-openai"})
+_USAGE_CHUNK_PROVIDERS = frozenset({
+    "openai", "azure", "deepseek", "openrouter", "text-completion-openai", "anthropic", "gemini", "vertex_ai",
+})
 
 
 def _litellm() -> Any:
@@ -30,6 +32,25 @@ def _litellm() -> Any:
 
     litellm.suppress_debug_info = True
     return litellm
+
+
+def _usage_reported(chunks: Sequence[Any]) -> bool:
+    """Did the provider send usage? litellm fills in a locally counted usage chunk when it did not,
+    and marks the difference in the chunk's hidden ``usage`` param."""
+    for chunk in chunks:
+        hidden = getattr(chunk, "_hidden_params", None)
+        usage = hidden.get("usage") if isinstance(hidden, dict) else None
+        if usage is not None and type(usage).__name__ != "UnreportedUsage":
+            return True
+    return False
+
+
+def _answered_model(chunks: Sequence[Any]) -> str | None:
+    for chunk in chunks:
+        hidden = getattr(chunk, "_hidden_params", None)
+        if isinstance(hidden, dict) and hidden.get("provider_response_model"):
+            return str(hidden["provider_response_model"])
+    return None
 
 
 class Pipeline:
@@ -46,7 +67,9 @@ class Pipeline:
         self.state = PolicyState(catalog=self.catalog)
 
     @classmethod
-    def from_config(cls, source: Config | Mapping[str, Any] | str | Path, *, policies: Sequence[Policy] = ()) -> Pipeline:
+    def from_config(
+        cls, source: Config | Mapping[str, Any] | str | Path, *, policies: Sequence[Policy] = ()
+    ) -> Pipeline:
         """Build a pipeline from a YAML/JSON file path or a dict; a bad config raises ``ConfigError``."""
         return cls(load_config(source), policies=policies)
 
@@ -123,14 +146,15 @@ class Pipeline:
                 fail_call_span(span, error, model=plan.model)
                 return None
             source: UsageSource = "provider"
-            if not complete or not any(getattr(c, "usage", None) for c in chunks):
+            if not complete or not _usage_reported(chunks):
                 source = "estimated"
-            response = _litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages]) if chunks else None
+            messages = [dict(m) for m in plan.messages]
+            response = _litellm().stream_chunk_builder(chunks, messages=messages) if chunks else None
             if response is None:
                 fail_call_span(span, error or RuntimeError("stream closed before the first chunk"), model=plan.model)
                 return None
             result = build_outcome(
-                response, plan, self.catalog, usage_source=source,
+                response, plan, self.catalog, usage_source=source, answered_model=_answered_model(chunks),
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )

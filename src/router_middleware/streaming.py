@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -90,7 +91,5 @@ class TrackedStream:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # never raise from a finalizer
             self._end(complete=False)
-        except Exception:  # noqa: BLE001 - never raise from a finalizer
-            pass

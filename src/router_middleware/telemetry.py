@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import structlog
 from opentelemetry import trace
@@ -103,7 +103,7 @@ def outcome_attributes(outcome: Outcome) -> dict[str, AttributeValue]:
     return attrs
 
 
-@never_raises(default=trace.INVALID_SPAN)
+@never_raises(default=cast(Span, trace.INVALID_SPAN))
 def start_call_span(plan: Plan, provider: str | None) -> Span:
     return _tracer().start_span(
         f"chat {plan.model}", kind=SpanKind.CLIENT, attributes=request_attributes(plan, provider)

@@ -74,6 +74,10 @@ def _usage(raw: Any, where: str) -> RecordedUsage | None:
     return RecordedUsage(**fields)
 
 
+def _is_marker(message: Any) -> bool:
+    return isinstance(message, Mapping) and message.get("role") in _TRAJECTORY_MARKERS
+
+
 def parse_session(data: Any, label: str) -> Session:
     """Validate decoded JSON ``data``; errors name ``label`` and the message or call index."""
     if not isinstance(data, Mapping):
@@ -85,7 +89,7 @@ def parse_session(data: Any, label: str) -> Session:
     if not isinstance(raw_calls, list):
         raise SessionFormatError(f"{label}: 'calls' must be a list")
     end = len(raw_messages)
-    while end and isinstance(raw_messages[end - 1], Mapping) and raw_messages[end - 1].get("role") in _TRAJECTORY_MARKERS:
+    while end and _is_marker(raw_messages[end - 1]):
         end -= 1
     messages = validate_messages(raw_messages[:end], source=label)
     calls = []

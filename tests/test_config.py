@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import pytest
+
+from router_middleware import Config, ConfigError, Pipeline, load_config
+
+
+def test_empty_config_is_pass_through() -> None:
+    assert load_config(None) == Config()
+    assert Pipeline.from_config({}).policies == ()
+
+
+def test_yaml_file(tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text("app: coder\nmodels:\n  acme/m:\n    input_per_mtok: 1.5\n    output_per_mtok: 3\n")
+    config = load_config(path)
+    assert config.app == "coder"
+    assert config.catalog_overrides()["acme/m"] == {"input": 1.5e-6, "output": 3e-6}
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"modles": {}}, "modles"),
+        ({"models": {"x": {"input_per_mtok": -1}}}, "models.x.input_per_mtok"),
+        ({"models": {"x": {"input_per_mtok": "cheap"}}}, "models.x.input_per_mtok"),
+        ({"telemetry": {"enabled": "maybe"}}, "telemetry.enabled"),
+        ({"version": 2}, "version"),
+    ],
+)
+def test_bad_config_names_the_field(data, field) -> None:
+    with pytest.raises(ConfigError, match=f"field '{field}'"):
+        Pipeline.from_config(data)
+
+
+def test_bad_yaml_and_missing_file(tmp_path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)

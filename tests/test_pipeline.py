@@ -1,0 +1,158 @@
+"""Pipeline(): drop-in completion/acompletion, streaming outcomes, policies, spans, failure isolation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from router_middleware import (
+    AgentContext,
+    Decision,
+    MessageError,
+    OutcomeUnavailable,
+    Pipeline,
+    Plan,
+    PolicyState,
+    outcome,
+)
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]
+
+
+def test_pass_through_returns_litellm_response() -> None:
+    import litellm
+
+    response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello")
+    assert isinstance(response, litellm.ModelResponse)
+    assert response.choices[0].message.content == "hello"
+    result = outcome(response)
+    assert result.model == "gpt-4o-mini" and result.provider == "openai"
+    assert result.usage.source == "estimated"  # litellm invents usage for mock responses
+    expected = result.usage.input_tokens * 1.5e-7 + result.usage.output_tokens * 6e-7
+    assert result.cost.total_usd == pytest.approx(expected)
+    assert result.plan is not None and result.plan.decisions == ()
+
+
+def test_stream_outcome_only_after_consumption() -> None:
+    stream = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="one two three",
+                                   stream=True)
+    with pytest.raises(OutcomeUnavailable):
+        outcome(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "one two three"
+    result = outcome(stream)
+    assert result.usage.output_tokens > 0
+    assert result.time_to_first_token_s is not None and result.time_to_first_token_s >= 0
+
+
+async def test_async_and_async_stream() -> None:
+    pipeline = Pipeline()
+    response = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert outcome(response).usage.input_tokens > 0
+    stream = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a b", stream=True)
+    chunks = [c async for c in stream]
+    assert chunks and outcome(stream).model == "gpt-4o-mini"
+
+
+def test_tools_pass_through() -> None:
+    tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object", "properties": {}}}}]
+    response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, tools=tools, mock_response="x")
+    assert outcome(response).plan.params["tools"] == tools
+
+
+@dataclass
+class ShortenModel:
+    """A pure policy used to prove policies run before the executor."""
+
+    name: str = "test-route"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        return plan.decide(Decision(self.name, "route", "test says so"), model="gpt-4o-mini",
+                           messages=plan.messages[-1:])
+
+
+def test_policies_rewrite_the_request_and_record_why() -> None:
+    pipeline = Pipeline(policies=[ShortenModel()])
+    response = pipeline.completion(model="coder", messages=MESSAGES, mock_response="ok",
+                                   context={"app": "demo", "session_id": "s-1", "step": 3, "step_kind": "act"})
+    result = outcome(response)
+    assert result.plan.call.model == "coder" and result.model == "gpt-4o-mini"
+    assert len(result.plan.messages) == 1
+    assert result.plan.decisions[0].reason == "test says so"
+    assert result.plan.call.context == AgentContext(app="demo", session_id="s-1", step=3, step_kind="act")
+
+
+def test_context_rejects_unknown_fields() -> None:
+    with pytest.raises(TypeError, match="session"):
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="x", context={"session": "s"})
+
+
+def test_bad_messages_name_the_index() -> None:
+    bad = [*MESSAGES, {"role": "tool", "content": "orphan"}]
+    with pytest.raises(MessageError, match="message 2: tool message has no tool_call_id"):
+        Pipeline().completion(model="gpt-4o-mini", messages=bad, mock_response="x")
+    with pytest.raises(MessageError, match="message 0: unknown role 'robot'"):
+        Pipeline().completion(model="gpt-4o-mini", messages=[{"role": "robot", "content": "x"}], mock_response="x")
+
+
+def test_span_carries_usage_and_cost(span_exporter) -> None:
+    response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello",
+                                     temperature=0, context={"session_id": "sess-9"})
+    (span,) = span_exporter.get_finished_spans()
+    attrs = dict(span.attributes)
+    result = outcome(response)
+    assert span.name == "chat gpt-4o-mini"
+    assert attrs["gen_ai.request.model"] == "gpt-4o-mini"
+    assert attrs["gen_ai.usage.input_tokens"] == result.usage.input_tokens
+    assert attrs["gen_ai.usage.output_tokens"] == result.usage.output_tokens
+    assert attrs["gen_ai.usage.cost"] == pytest.approx(result.cost.total_usd)
+    assert attrs["gen_ai.conversation.id"] == "sess-9"
+    assert attrs["gen_ai.request.temperature"] == 0
+
+
+def test_no_conversation_id_is_invented(span_exporter) -> None:
+    Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello")
+    (span,) = span_exporter.get_finished_spans()
+    assert "gen_ai.conversation.id" not in span.attributes
+
+
+def test_abandoned_stream_ends_its_span(span_exporter) -> None:
+    stream = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a b c d e f",
+                                   stream=True)
+    next(iter(stream))
+    stream.close()
+    (span,) = span_exporter.get_finished_spans()
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+
+
+def test_provider_error_marks_span_and_propagates(span_exporter) -> None:
+    import litellm
+
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES,
+                              mock_response=litellm.exceptions.RateLimitError("slow down", "openai", "gpt-4o-mini"))
+    (span,) = span_exporter.get_finished_spans()
+    assert span.attributes["error.type"] == "RateLimitError"
+
+
+def test_broken_telemetry_never_fails_the_call(monkeypatch) -> None:
+    from router_middleware import telemetry
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("exporter on fire")
+
+    monkeypatch.setattr(telemetry, "_tracer", explode)
+    monkeypatch.setattr(telemetry, "outcome_attributes", explode)
+    response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="still fine")
+    assert response.choices[0].message.content == "still fine"
+    assert outcome(response).usage.output_tokens > 0
+
+
+def test_outcome_of_a_plain_litellm_response() -> None:
+    import litellm
+
+    response = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hi")
+    assert outcome(response).cost.source == "catalog:gpt-4o-mini"
+    with pytest.raises(OutcomeUnavailable):
+        outcome(object())

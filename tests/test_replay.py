@@ -1,0 +1,82 @@
+"""The replay command on the real shared sessions: output shape and simulator fidelity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router_middleware import Decision, Pipeline, Plan, PolicyState
+from router_middleware.cli import bundled_sessions, main
+from router_middleware.replay import load_session, replay
+
+KEYS = {"sessions", "calls", "recorded", "baseline", "optimized", "integrity_violations", "retention", "per_session"}
+
+
+@pytest.fixture(scope="module")
+def full_replay(agent_session_paths):
+    return replay([load_session(p) for p in agent_session_paths], Pipeline()).as_dict()
+
+
+def test_cli_json_shape(agent_session_paths, capsys) -> None:
+    assert main(["replay", *map(str, agent_session_paths[:2]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert KEYS <= data.keys()
+    assert data["sessions"] == 2 and len(data["per_session"]) == 2
+    assert {"input_tokens", "cached_tokens", "cost_usd", "priced_usd"} <= data["recorded"].keys()
+    assert {"input_tokens", "cached_tokens", "cost_usd"} <= data["baseline"].keys()
+    assert isinstance(data["integrity_violations"], int) and isinstance(data["retention"], float)
+
+
+def test_baseline_input_within_5_percent_per_model(full_replay) -> None:
+    for model, stats in full_replay["fidelity"].items():
+        assert stats["baseline_over_recorded_input"] == pytest.approx(1.0, abs=0.05), model
+
+
+def test_deepseek_cached_share_within_3_points(full_replay) -> None:
+    stats = full_replay["fidelity"]["deepseek/deepseek-chat"]
+    assert abs(stats["baseline_cached_share"] - stats["recorded_cached_share"]) <= 0.03
+
+
+def test_recorded_priced_matches_reported(full_replay) -> None:
+    for model, stats in full_replay["fidelity"].items():
+        tolerance = 0.01 if model.startswith("deepseek") else 0.05
+        assert stats["priced_over_reported_cost"] == pytest.approx(1.0, abs=tolerance), model
+
+
+def test_pass_through_keeps_everything(full_replay) -> None:
+    assert full_replay["integrity_violations"] == 0
+    assert full_replay["retention"] == 1.0
+    assert full_replay["optimized"] == full_replay["baseline"]
+    assert full_replay["calls"] == sum(len(load_session(p["path"]).calls) for p in full_replay["per_session"])
+
+
+@pytest.mark.parametrize("provider_cache", [True, False])
+def test_a_trimming_policy_shows_up_in_the_accounts(provider_cache) -> None:
+    class DropMiddle:
+        """Keep system, task and the last 4 messages (a deliberately naive window)."""
+
+        name = "naive-window"
+
+        def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+            if len(plan.messages) <= 8:
+                return plan
+            tail = list(plan.messages[-4:])
+            while tail and tail[0].get("role") == "tool":
+                tail.pop(0)
+            return plan.decide(Decision(self.name, "trim", "test"), messages=[*plan.messages[:2], *tail])
+
+    session = load_session(bundled_sessions()[0])
+    report = replay([session], Pipeline(policies=[DropMiddle()]), provider_cache=provider_cache).as_dict()
+    assert report["optimized"]["input_tokens"] < 0.6 * report["baseline"]["input_tokens"]
+    assert report["integrity_violations"] == 0
+    assert report["retention"] < 1.0
+    assert report["per_session"][0]["decisions"]["naive-window:trim"] > 0
+    if not provider_cache:
+        assert report["baseline"]["cached_tokens"] == 0
+
+
+def test_demo_runs_offline(capsys) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "optimized" in out and "total" in out

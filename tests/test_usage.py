@@ -1,0 +1,63 @@
+"""Usage normalization across provider shapes (convention: cache in input, reasoning in output)."""
+
+from __future__ import annotations
+
+import litellm
+
+from router_middleware import Usage, normalize_usage
+
+
+def test_openai_and_azure_shape() -> None:
+    raw = {"prompt_tokens": 1200, "completion_tokens": 300, "total_tokens": 1500,
+           "prompt_tokens_details": {"cached_tokens": 1024},
+           "completion_tokens_details": {"reasoning_tokens": 192}}
+    assert normalize_usage(raw) == Usage(1200, 300, 1024, 0, 192)
+
+
+def test_litellm_usage_object() -> None:
+    raw = litellm.Usage(prompt_tokens=50, completion_tokens=7,
+                        prompt_tokens_details={"cached_tokens": 10},
+                        completion_tokens_details={"reasoning_tokens": 3})
+    assert normalize_usage(raw) == Usage(50, 7, 10, 0, 3)
+
+
+def test_deepseek_cache_hit_fields() -> None:
+    raw = {"prompt_tokens": 1733, "completion_tokens": 86, "prompt_cache_hit_tokens": 1536,
+           "prompt_cache_miss_tokens": 197}
+    assert normalize_usage(raw) == Usage(1733, 86, 1536, 0, 0)
+
+
+def test_anthropic_raw_excludes_cache_from_input_tokens() -> None:
+    raw = {"input_tokens": 4, "cache_creation_input_tokens": 1163, "cache_read_input_tokens": 0,
+           "output_tokens": 187}
+    usage = normalize_usage(raw)
+    assert usage == Usage(1167, 187, 0, 1163, 0)
+    assert usage.uncached_input_tokens == 4
+
+
+def test_litellm_normalized_anthropic_already_includes_cache() -> None:
+    raw = {"prompt_tokens": 1167, "completion_tokens": 202, "cache_read_input_tokens": 1163,
+           "cache_creation_input_tokens": 0, "prompt_tokens_details": {"cached_tokens": 1163}}
+    assert normalize_usage(raw) == Usage(1167, 202, 1163, 0, 0)
+
+
+def test_gemini_raw_adds_thoughts_to_output() -> None:
+    raw = {"promptTokenCount": 1493, "candidatesTokenCount": 51, "thoughtsTokenCount": 124,
+           "cachedContentTokenCount": 1024, "totalTokenCount": 1668}
+    assert normalize_usage(raw) == Usage(1493, 175, 1024, 0, 124)
+
+
+def test_openrouter_cache_write_and_cost() -> None:
+    from router_middleware.usage import reported_cost
+
+    raw = {"prompt_tokens": 5000, "completion_tokens": 100, "cost": 0.0123,
+           "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 4000},
+           "completion_tokens_details": {"reasoning_tokens": 40}}
+    assert normalize_usage(raw) == Usage(5000, 100, 0, 4000, 40)
+    assert reported_cost(raw) == 0.0123
+    assert reported_cost({"cost": 0}) is None
+
+
+def test_missing_usage_is_marked_none() -> None:
+    assert normalize_usage(None).source == "none"
+    assert normalize_usage({}).total_tokens == 0
