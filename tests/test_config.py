@@ -5,9 +5,11 @@ import pytest
 from router_middleware import Config, ConfigError, Pipeline, load_config
 
 
-def test_empty_config_is_pass_through() -> None:
+def test_no_config_is_pass_through_and_empty_config_gives_defaults() -> None:
     assert load_config(None) == Config()
-    assert Pipeline.from_config({}).policies == ()
+    assert Pipeline().policies == ()
+    assert [p.name for p in Pipeline.from_config({}).policies] == ["context"]
+    assert Pipeline.from_config({"context": {"enabled": False}}).policies == ()
 
 
 def test_yaml_file(tmp_path) -> None:

@@ -40,7 +40,7 @@ def _run_replay(paths: list[str], config: str | None, model: str | None, provide
     from .pipeline import Pipeline
     from .replay import load_session, replay
 
-    pipeline = Pipeline.from_config(config) if config else Pipeline()
+    pipeline = Pipeline.from_config(config or {})
     sessions = [load_session(p) for p in paths]
     total_calls = sum(len(s.calls) for s in sessions)
     if not show_progress:

@@ -46,6 +46,44 @@ class ModelOverride(_Strict):
         return fields
 
 
+class ContextConfig(_Strict):
+    """How the history is trimmed; see ``router_middleware.context``."""
+
+    enabled: bool = True
+    clear_tool_outputs: bool = False
+    keep_tool_outputs: int = Field(default=4, ge=0)
+    chunk_tokens: int | None = Field(default=None, gt=0)
+    payback_calls: float = Field(default=3.0, gt=0)
+    tail_tokens: int = Field(default=4000, gt=0)
+    exclude_tools: list[str] = Field(default_factory=list)
+    clear_tool_inputs: bool = False
+    budget_tokens: int | None = Field(default=None, gt=0)
+    watermark_tokens: int | None = Field(default=16000, gt=0)
+    strategy: Literal["window", "middle-out"] = "window"
+    window_keep: float = Field(default=0.05, gt=0, lt=1)
+    max_payback_calls: float | None = Field(default=2.0, gt=0)
+    digest: bool = True
+    digest_share: float = Field(default=0.1, ge=0, lt=1)
+    summarize: bool = False
+    summary_model: str = "gpt-4o-mini"
+    cache_breakpoints: bool = True
+
+
+class ContextSection(ContextConfig):
+    """``context:`` in the config: the defaults, plus per-model overrides keyed by glob."""
+
+    models: dict[str, ContextConfig] = Field(default_factory=dict)
+
+    def base(self) -> ContextConfig:
+        return ContextConfig(**self.model_dump(exclude={"models"}))
+
+    def resolved_overrides(self) -> dict[str, ContextConfig]:
+        """Each override inherits the fields it does not set from the defaults."""
+        base = self.model_dump(exclude={"models"})
+        return {pattern: ContextConfig(**{**base, **cfg.model_dump(exclude_unset=True)})
+                for pattern, cfg in self.models.items()}
+
+
 class TelemetryConfig(_Strict):
     enabled: bool = True
     capture_content: bool = False
@@ -57,7 +95,17 @@ class Config(_Strict):
     version: Literal[1] = 1
     app: str | None = None
     models: dict[str, ModelOverride] = Field(default_factory=dict)
+    context: ContextSection = Field(default_factory=ContextSection)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    def policies(self) -> tuple[Any, ...]:
+        """The policies this config asks for, in order."""
+        from .context import ContextPolicy
+
+        policies: list[Any] = []
+        if self.context.enabled:
+            policies.append(ContextPolicy(self.context.base(), self.context.resolved_overrides()))
+        return tuple(policies)
 
     def catalog_overrides(self) -> dict[str, dict[str, Any]]:
         return {name: o.as_catalog_fields() for name, o in self.models.items()}

@@ -58,17 +58,22 @@ class Pipeline:
 
     ``Pipeline()`` is a pass-through: no routing and no trimming, but every call still gets an
     :class:`~router_middleware.types.Outcome` and a span through the global OpenTelemetry API.
+    ``Pipeline(config)`` or ``Pipeline.from_config(...)`` runs the policies the config asks for
+    (``Pipeline.from_config({})`` gives the defaults); ``policies=`` replaces them.
     """
 
-    def __init__(self, config: Config | None = None, *, policies: Sequence[Policy] = ()) -> None:
+    def __init__(self, config: Config | None = None, *, policies: Sequence[Policy] | None = None) -> None:
         self.config = config or Config()
         self.catalog = Catalog(self.config.catalog_overrides())
+        if policies is None:
+            policies = self.config.policies() if config is not None else ()
         self.policies: tuple[Policy, ...] = tuple(policies)
-        self.state = PolicyState(catalog=self.catalog)
+        self.summaries: dict[str, str] = {}
+        self.state = PolicyState(catalog=self.catalog, summaries=self.summaries)
 
     @classmethod
     def from_config(
-        cls, source: Config | Mapping[str, Any] | str | Path, *, policies: Sequence[Policy] = ()
+        cls, source: Config | Mapping[str, Any] | str | Path, *, policies: Sequence[Policy] | None = None
     ) -> Pipeline:
         """Build a pipeline from a YAML/JSON file path or a dict; a bad config raises ``ConfigError``."""
         return cls(load_config(source), policies=policies)
@@ -84,9 +89,9 @@ class Pipeline:
             ctx = replace(ctx, app=self.config.app)
         return Call.create(model, validate_messages(messages), params, ctx)
 
-    def plan(self, call: Call) -> Plan:
+    def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
         """Apply the policies to ``call``; no I/O."""
-        return apply_policies(Plan.from_call(call), self.policies, self.state)
+        return apply_policies(Plan.from_call(call), self.policies, state or self.state)
 
     # -- execution -------------------------------------------------------------------------------
 

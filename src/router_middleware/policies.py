@@ -7,26 +7,45 @@ including hooks that can only rewrite a request, and in the offline replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .catalog import Catalog
-from .tokens import TokenCounter
+from .tokens import Calibration, TokenCounter
 from .types import Message, Plan
 
 
-@dataclass(frozen=True)
+@dataclass
 class PolicyState:
-    """What a policy may read: model facts and token estimates. Never written by policies."""
+    """What a policy may read: model facts, token counts, stored summaries. Policies never write it.
+
+    ``summaries`` maps a dropped span's hash to a summary written earlier (see
+    :mod:`router_middleware.context.summarize`); ``calibration`` maps a session id to its online
+    token calibration; ``provider_cache`` says whether the provider discounts cached prefixes.
+    """
 
     catalog: Catalog = field(default_factory=Catalog)
-    estimate_tokens: Callable[[str, Sequence[Message]], int] | None = None
+    summaries: Mapping[str, str] = field(default_factory=dict)
+    calibration: Mapping[str, Calibration] = field(default_factory=dict)
+    provider_cache: bool = True
+    _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
 
-    def tokens(self, model: str, messages: Sequence[Message]) -> int:
-        if self.estimate_tokens is not None:
-            return self.estimate_tokens(model, messages)
-        return TokenCounter(model).messages(messages)
+    def counter(self, model: str) -> TokenCounter:
+        counter = self._counters.get(model)
+        if counter is None:
+            counter = self._counters[model] = TokenCounter(model)
+        return counter
+
+    def message_tokens(self, model: str, message: Message) -> int:
+        return self.counter(model).message(message)
+
+    def tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None,
+               session_id: str | None = None) -> int:
+        """Estimated prompt tokens, calibrated for the session when reported usage has been seen."""
+        raw = self.counter(model).messages(messages, tools)
+        calibration = self.calibration.get(session_id) if session_id else None
+        return calibration.apply(raw) if calibration is not None else raw
 
 
 class Policy(Protocol):
@@ -35,6 +54,9 @@ class Policy(Protocol):
     name: str
 
     def __call__(self, plan: Plan, state: PolicyState) -> Plan: ...
+
+
+PolicyFactory = Callable[[], Policy]
 
 
 def apply_policies(plan: Plan, policies: Sequence[Policy], state: PolicyState) -> Plan:

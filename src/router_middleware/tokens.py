@@ -111,6 +111,19 @@ def message_key(message: Message) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
+def _fast_key(message: Message) -> object:
+    """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1)."""
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return message_key(message)
+    calls = message.get("tool_calls")
+    call_key = tuple(
+        (c.get("id"), hash(str((c.get("function") or {}).get("arguments"))), (c.get("function") or {}).get("name"))
+        for c in calls
+    ) if calls else None
+    return (message.get("role"), hash(content), message.get("tool_call_id"), message.get("name"), call_key)
+
+
 class TokenCounter:
     """Counts tokens per message with a bounded cache, so a long history is not recounted per call."""
 
@@ -118,11 +131,11 @@ class TokenCounter:
         self.model = model
         self.tokenizer = tokenizer_name(model)
         self._encode = encoder_for(model)
-        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._cache: OrderedDict[object, int] = OrderedDict()
         self._max = max_cached
 
-    def message(self, message: Message, key: str | None = None) -> int:
-        key = key or message_key(message)
+    def message(self, message: Message, key: object | None = None) -> int:
+        key = key if key is not None else _fast_key(message)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)

@@ -64,6 +64,18 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class SummaryJob:
+    """A dropped span that a policy would rather replace with a model-written summary.
+
+    ``key`` identifies the span (a hash of its messages); the pipeline writes the summary once, stores
+    it under ``key``, and every later plan of the session reuses it.
+    """
+
+    key: str
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
     """What the agent asked for, in OpenAI chat format. Immutable: use ``override()``."""
 
@@ -110,6 +122,7 @@ class Plan:
     cache_key: str | None = None
     estimated_savings_usd: float = 0.0
     decisions: tuple[Decision, ...] = ()
+    summary_jobs: tuple[SummaryJob, ...] = ()
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:

@@ -8,23 +8,19 @@ strategy keeps); it is retained when the planned request still contains it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
+from ..context.extract import names, paths
 from ..messages import text_of
 from ..types import Message
 
-_PATH = re.compile(r"(?<![\w/.-])(?:\.{0,2}/)?(?:[\w.-]+/)+[\w.-]+\.[A-Za-z]\w*")
-_NAME = re.compile(r"(?<![.!?:;\n]\s)(?<![.!?:;\n])(?<=\s)([A-Z][a-z]{2,})\b")
-_STOP = frozenset({"The", "This", "That", "And", "But", "You", "Your", "They", "There", "What", "When", "Then"})
-
 
 def path_items(text: str) -> set[str]:
-    return {m.lstrip("./") for m in _PATH.findall(text)}
+    return set(paths(text))
 
 
 def name_items(text: str) -> set[str]:
-    return {m for m in _NAME.findall(text) if m not in _STOP}
+    return set(names(text))
 
 
 def retention_counts(

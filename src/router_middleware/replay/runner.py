@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..catalog import Catalog, ModelInfo, cache_rules_for
 from ..messages import integrity_violations
@@ -51,8 +51,10 @@ class Account:
     output_tokens: int = 0
     reasoning_tokens: int = 0
     cost_usd: float = 0.0
+    max_request_tokens: int = 0
 
     def add(self, usage: Usage, cost: float | None) -> None:
+        self.max_request_tokens = max(self.max_request_tokens, usage.input_tokens)
         self.input_tokens += usage.input_tokens
         self.cached_tokens += usage.cache_read_tokens
         self.cache_write_tokens += usage.cache_write_tokens
@@ -62,7 +64,10 @@ class Account:
 
     def merge(self, other: Account) -> None:
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            if name == "max_request_tokens":
+                self.max_request_tokens = max(self.max_request_tokens, other.max_request_tokens)
+            elif name != "has_usage":
+                setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -71,6 +76,7 @@ class Account:
             "cache_write_tokens": self.cache_write_tokens,
             "output_tokens": self.output_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "max_request_tokens": self.max_request_tokens,
             "cost_usd": round(self.cost_usd, 6),
         }
 
@@ -154,11 +160,13 @@ def replay_session(
 ) -> SessionReport:
     baseline = baseline or Pipeline()
     model_id = model_for(session, model)
+    calibration = Calibration()
+    state = replace(optimized.state, calibration={session.id: calibration}, provider_cache=provider_cache,
+                    summaries=dict(optimized.state.summaries))
     catalog: Catalog = optimized.catalog
     info = catalog.resolve(model_id)
     rules = info.cache if info else cache_rules_for(model_id, catalog.provider(model_id))
     counter = TokenCounter(model_id)
-    calibration = Calibration()
     report = SessionReport(session.id, session.path, model_id, info.source if info else "unknown")
     accountants = {
         name: _Accountant(counter, calibration, info, PromptCacheSim(rules, enabled=provider_cache))
@@ -174,7 +182,7 @@ def replay_session(
         reasoning = usage.reasoning_tokens if usage else 0
         context = AgentContext(session_id=session.id, step=step)
         call = Call.create(model_id, request, {}, context)
-        plans = {"baseline": baseline.plan(call), "optimized": optimized.plan(call)}
+        plans = {"baseline": baseline.plan(call), "optimized": optimized.plan(call, state)}
         for name, plan in plans.items():
             planned_usage, cost = accountants[name].account(plan, reply_key, output, reasoning)
             getattr(report, name).add(planned_usage, cost)
@@ -256,7 +264,7 @@ def replay(
     provider_cache: bool = True,
     on_session: Callable[[SessionReport], None] | None = None,
 ) -> ReplayReport:
-    baseline = Pipeline(optimized.config)
+    baseline = Pipeline(optimized.config, policies=())
     reports = []
     for session in sessions:
         report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache)

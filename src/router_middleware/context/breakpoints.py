@@ -1,0 +1,112 @@
+"""Provider prompt-cache hints: Anthropic ``cache_control`` breakpoints, OpenAI ``prompt_cache_key``.
+
+Anthropic (and Anthropic models through OpenRouter, Bedrock or Vertex AI) caches only up to explicit
+breakpoints, at most 4 per request. We mark the stable prefix: the last tool definition, the last
+system message, and the last message of the request (the next request of an agent loop resends it
+unchanged), each only when the prefix up to it reaches the model's minimum cacheable size.
+OpenAI-family models get a stable ``prompt_cache_key`` per session, which keeps a session's requests
+on the same cache shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..policies import PolicyState
+from ..types import Decision, Message, Plan
+from .structure import has_thinking
+
+EPHEMERAL = {"type": "ephemeral"}
+MAX_BREAKPOINTS = 4
+
+
+def uses_explicit_cache(model: str) -> bool:
+    name = model.lower()
+    return "claude" in name or name.startswith("anthropic/")
+
+
+def uses_cache_key(model: str, provider: str | None) -> bool:
+    name = model.lower().rsplit("/", 1)[-1]
+    return provider in ("openai", "azure") or name.startswith(("gpt-", "o1", "o3", "o4"))
+
+
+def _count_marks(messages: tuple[Message, ...], tools: Any) -> int:
+    count = 0
+    for message in messages:
+        if message.get("cache_control"):
+            count += 1
+        content = message.get("content")
+        if isinstance(content, list):
+            count += sum(1 for p in content if isinstance(p, Mapping) and p.get("cache_control"))
+    for tool in tools or ():
+        if isinstance(tool, Mapping) and tool.get("cache_control"):
+            count += 1
+    return count
+
+
+def mark(message: Message) -> dict[str, Any]:
+    """A copy of ``message`` whose last content part carries ``cache_control``."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": [{"type": "text", "text": content, "cache_control": EPHEMERAL}]}
+    if isinstance(content, list) and content:
+        parts = [dict(p) if isinstance(p, Mapping) else p for p in content]
+        for i in range(len(parts) - 1, -1, -1):
+            part = parts[i]
+            if isinstance(part, dict) and part.get("type") not in ("thinking", "redacted_thinking"):
+                parts[i] = {**part, "cache_control": EPHEMERAL}
+                return {**message, "content": parts}
+    return {**message, "cache_control": EPHEMERAL}
+
+
+@dataclass(frozen=True)
+class CacheBreakpoints:
+    name: str = "cache-breakpoints"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        if uses_explicit_cache(plan.model):
+            return self._anthropic(plan, state)
+        session = plan.call.context.session_id
+        if session and "prompt_cache_key" not in plan.params and uses_cache_key(plan.model, state.catalog.provider(plan.model)):
+            key = hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
+            return plan.decide(Decision(self.name, "cache_key", "stable prompt_cache_key for the session"),
+                               params={**plan.params, "prompt_cache_key": f"rm-{key}"})
+        return plan
+
+    def _anthropic(self, plan: Plan, state: PolicyState) -> Plan:
+        info = state.catalog.resolve(plan.model)
+        minimum = info.cache.min_tokens if info else 1024
+        messages = list(plan.messages)
+        tools = list(plan.params.get("tools") or ())
+        budget = MAX_BREAKPOINTS - _count_marks(plan.messages, tools)
+        counter = state.counter(plan.model)
+        prefix = counter.tools(tools)
+        cumulative = []
+        for message in messages:
+            prefix += counter.message(message)
+            cumulative.append(prefix)
+        chosen: list[str] = []
+        params = dict(plan.params)
+        if tools and budget > 0 and counter.tools(tools) >= minimum:
+            tools[-1] = {**tools[-1], "cache_control": EPHEMERAL}
+            params["tools"] = tools
+            budget -= 1
+            chosen.append("tools")
+        systems = [i for i, m in enumerate(messages) if m.get("role") == "system"]
+        targets = ([systems[-1]] if systems else []) + ([len(messages) - 1] if messages else [])
+        for index in dict.fromkeys(targets):
+            if budget <= 0 or cumulative[index] < minimum or has_thinking(messages[index]):
+                continue
+            messages[index] = mark(messages[index])
+            budget -= 1
+            chosen.append(f"message {index}")
+        if not chosen:
+            return plan
+        return plan.decide(
+            Decision(self.name, "breakpoints", "cache_control on " + ", ".join(chosen),
+                     {"breakpoints": len(chosen)}),
+            messages=messages, params=params,
+        )

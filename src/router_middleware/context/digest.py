@@ -1,0 +1,44 @@
+"""Offline extractive digests: what a dropped span or a cleared output mentioned.
+
+Used in place of a model-written summary when none is available (replay, or before the summary has
+been written): for agents the file paths and commands, for chats the names and open questions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..messages import text_of
+from ..types import Message
+from .extract import names, paths, questions
+
+
+def cleared_placeholder(text: str, *, tokens: int, max_paths: int = 40) -> str:
+    """The short text that replaces a cleared tool output; it keeps the paths the output named."""
+    found = paths(text)
+    lines = text.count("\n") + 1
+    note = f"[output cleared to save context: {lines} lines, ~{tokens} tokens"
+    if found:
+        shown = found[:max_paths]
+        more = f" (+{len(found) - len(shown)} more)" if len(found) > len(shown) else ""
+        note += "; paths: " + ", ".join(shown) + more
+    return note + "]"
+
+
+def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120, max_paths: int = 40) -> str:
+    """A digest of a dropped span of the conversation."""
+    text = "\n".join(text_of(m) for m in messages)
+    parts = [f"[{len(messages)} earlier messages omitted to save context. Digest:"]
+    if chat:
+        counts = names(text)
+        top = [name for name, _ in counts.most_common(max_names)]
+        if top:
+            parts.append("names and places mentioned: " + ", ".join(sorted(top)))
+        threads = questions(text)[-3:]
+        if threads:
+            parts.append("open questions: " + " | ".join(threads))
+    else:
+        found = paths(text)[:max_paths]
+        if found:
+            parts.append("files mentioned: " + ", ".join(found))
+    return "\n".join(parts) + "]"

@@ -1,0 +1,218 @@
+"""Dropping whole blocks: a cache-friendly window, and OpenRouter's middle-out.
+
+Both drop atomic blocks only (see :mod:`.structure`), so they never orphan a tool result, and both
+keep the head (system prompt and task) and the last block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..policies import PolicyState
+from ..tokens import message_key
+from ..types import Decision, Message, Plan, SummaryJob
+from .digest import span_digest
+from .structure import blocks, head_length
+
+SUMMARY_MARKER = "[Summary of"
+
+
+def context_limit(plan: Plan, state: PolicyState) -> int | None:
+    """The model's input window minus the output it may produce, or ``None`` if unknown."""
+    info = state.catalog.resolve(plan.model)
+    if info is None or not info.max_input_tokens:
+        return None
+    requested = plan.params.get("max_tokens") or plan.params.get("max_completion_tokens")
+    output = int(requested) if isinstance(requested, int) else min(info.max_output_tokens or 4096, 8192)
+    window = info.max_input_tokens
+    # Some catalogs list the total context as max_input_tokens: never plan past window - output.
+    return max(1024, window - output) if output < window else window
+
+
+def span_key(messages: Sequence[Message]) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    for message in messages:
+        digest.update(message_key(message).encode())
+    return digest.hexdigest()
+
+
+def _is_chat(messages: Sequence[Message]) -> bool:
+    return not any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Keep the head and the most recent blocks: high/low watermarks, cut in stable steps.
+
+    Nothing happens until the request exceeds ``watermark_tokens`` (the high watermark; defaults to
+    ``budget_tokens``, the hard limit, or the model's window). Then the oldest
+    blocks after the head are dropped in whole steps so that about ``keep`` x budget tokens of recent
+    history remain (the low watermark): the cut level is a multiple of a fixed step over the history's
+    cumulative size, so it stays put between cuts and the provider's cache keeps hitting. The dropped
+    span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
+    pipeline to write it), else by an offline digest (names and open questions for chats, file paths
+    for agents). For chats the kept part starts on a user turn. A cut that would not pay back its
+    cache re-read within ``max_payback_calls`` calls is skipped while the request still fits
+    ``budget_tokens`` and the model's window.
+    """
+
+    budget_tokens: int | None = None
+    watermark_tokens: int | None = None
+    keep: float = 0.05
+    digest: bool = True
+    digest_share: float = 0.1
+    summarize: bool = False
+    max_payback_calls: float | None = 2.0
+    name: str = "window"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        hard = self.budget_tokens
+        window = context_limit(plan, state)
+        if window is not None:
+            hard = min(hard, window) if hard is not None else window
+        budget = self.watermark_tokens or hard
+        if budget is None:
+            return plan
+        messages = plan.messages
+        tools = plan.params.get("tools")
+        total = state.tokens(plan.model, messages, tools, plan.call.context.session_id)
+        if total <= budget:
+            return plan
+        head = head_length(messages)
+        units = blocks(messages, head)
+        if len(units) <= 1:
+            return plan
+        sizes = [sum(state.message_tokens(plan.model, m) for m in messages[b:e]) for b, e in units]
+        fixed = state.counter(plan.model).messages(messages[:head], tools)
+        reserve = int(budget * self.digest_share) if self.digest else 0
+        low = max(int(budget * self.keep), self._min_keep(plan, state))
+        step = max(1, int(0.9 * (budget - fixed - reserve - low)))
+        droppable = sum(sizes[:-1])
+        level = max(0, droppable - low) // step * step
+        chat = _is_chat(messages)
+        cut = 0
+        dropped_tokens = 0
+        while cut < len(units) - 1 and dropped_tokens + sizes[cut] <= level:
+            dropped_tokens += sizes[cut]
+            cut += 1
+        if chat:
+            while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
+                dropped_tokens += sizes[cut]
+                cut += 1
+        if cut == 0:
+            return plan
+        start = units[cut][0]
+        dropped = messages[head:start]
+        filler, jobs, how = self._filler(dropped, chat, reserve, plan, state)
+        kept = [*messages[:head], *filler, *messages[start:]]
+        payback = self._payback_calls(plan, state, filler, low, dropped_tokens)
+        must_fit = hard is not None and total > hard
+        limit = self.max_payback_calls
+        if payback is not None and limit is not None and payback > limit and not must_fit:
+            return plan.decide(Decision(
+                self.name, "keep", f"over {budget} tokens, but trimming would pay back its cache re-read only "
+                f"after {payback:.1f} calls (limit {limit})",
+                {"payback_calls": round(payback, 2), "budget_tokens": budget}))
+        return plan.decide(
+            Decision(self.name, "trim", f"dropped {len(dropped)} messages (~{dropped_tokens} tokens) over the "
+                     f"{budget}-token watermark; replaced by {how}",
+                     {"dropped_messages": len(dropped), "dropped_tokens": dropped_tokens, "budget_tokens": budget,
+                      "payback_calls": round(payback, 2) if payback is not None else 0.0}),
+            messages=kept,
+            summary_jobs=(*plan.summary_jobs, *jobs),
+        )
+
+    def _min_keep(self, plan: Plan, state: PolicyState) -> int:
+        """Never cut below the provider's minimum cacheable prompt, or no later call would hit the cache."""
+        if not state.provider_cache:
+            return 0
+        info = state.catalog.resolve(plan.model)
+        return int(info.cache.min_tokens * 1.1) if info else 0
+
+    def _payback_calls(
+        self, plan: Plan, state: PolicyState, filler: Sequence[Message], low: int, dropped: int,
+    ) -> float | None:
+        """Calls until a cut pays back, judged as of the call that first reached this cut level (so the
+        verdict does not change while the level stays): the digest and the low-watermark tail are
+        re-read at the full (or cache-write) price once, and every call reads ``dropped`` fewer cached
+        tokens. ``None`` when there is no cache discount (always worth it)."""
+        info = state.catalog.resolve(plan.model)
+        if info is None or not state.provider_cache:
+            return None
+        read = info.cache_read if info.cache_read is not None else info.input
+        if read <= 0 or read >= info.input:
+            return None
+        rewrite = (info.cache_write or info.input) if info.cache.explicit else info.input
+        digest = sum(state.message_tokens(plan.model, m) for m in filler)
+        saving = read * max(1, dropped - digest)
+        return (rewrite - read) * (digest + low) / saving
+
+    def _filler(
+        self, dropped: Sequence[Message], chat: bool, reserve: int, plan: Plan, state: PolicyState,
+    ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
+        if not self.digest:
+            return [], [], "nothing"
+        key = span_key(dropped)
+        summary = state.summaries.get(key)
+        if summary:
+            return [{"role": "user", "content": f"{SUMMARY_MARKER} {len(dropped)} earlier messages]\n{summary}"}], \
+                [], "a stored summary"
+        jobs = [SummaryJob(key, tuple(dropped))] if self.summarize else []
+        limit = 40 if not chat else 120
+        while True:
+            text = span_digest(dropped, chat=chat, max_names=limit, max_paths=limit)
+            message = {"role": "user", "content": text}
+            if limit <= 5 or state.message_tokens(plan.model, message) <= reserve:
+                return [message], jobs, "an offline digest"
+            limit //= 2
+
+
+@dataclass(frozen=True)
+class MiddleOut:
+    """OpenRouter's middle-out: drop blocks from the middle until the request fits.
+
+    ``budget_tokens`` defaults to the model's window minus its output; ``max_messages`` keeps half of
+    the allowed messages from each end, as OpenRouter does for providers with message-count limits.
+    """
+
+    budget_tokens: int | None = None
+    max_messages: int | None = None
+    name: str = "middle-out"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        budget = self.budget_tokens or context_limit(plan, state)
+        messages = plan.messages
+        head = head_length(messages)
+        units = blocks(messages, head)
+        sizes = [sum(state.message_tokens(plan.model, m) for m in messages[b:e]) for b, e in units]
+        fixed = state.tokens(plan.model, messages[:head], plan.params.get("tools"), plan.call.context.session_id)
+        total = fixed + sum(sizes)
+        count = len(messages)
+        keep = list(range(len(units)))
+
+        def too_big() -> bool:
+            over_tokens = budget is not None and total > budget
+            over_count = self.max_messages is not None and count > self.max_messages
+            return over_tokens or over_count
+
+        while too_big() and len(keep) > 1:
+            victim = keep.pop((len(keep) - 1) // 2)
+            total -= sizes[victim]
+            count -= units[victim][1] - units[victim][0]
+        if len(keep) == len(units):
+            return plan
+        kept = [*messages[:head]]
+        for index in keep:
+            begin, end = units[index]
+            kept.extend(messages[begin:end])
+        removed = len(messages) - len(kept)
+        return plan.decide(
+            Decision(self.name, "trim", f"dropped {removed} messages from the middle to fit "
+                     f"{budget} tokens / {self.max_messages} messages",
+                     {"dropped_messages": removed, "budget_tokens": budget or 0}),
+            messages=kept,
+        )
