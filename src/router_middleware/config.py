@@ -66,6 +66,7 @@ class ContextConfig(_Strict):
     digest_share: float = Field(default=0.1, ge=0, lt=1)
     summarize: bool = False
     summary_model: str = "gpt-4o-mini"
+    summary_params: dict[str, Any] = Field(default_factory=dict)
     cache_breakpoints: bool = True
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,12 @@ from ._env import prepare_litellm_env
 from .accounting import attach, build_outcome
 from .catalog import Catalog
 from .config import Config, load_config
+from .context.summarize import store_summary, summary_request
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .streaming import TrackedStream
-from .telemetry import end_call_span, fail_call_span, start_call_span
-from .types import AgentContext, Call, Outcome, Plan, UsageSource
+from .telemetry import end_call_span, fail_call_span, log, start_call_span
+from .types import AgentContext, Call, Outcome, Plan, SummaryJob, UsageSource
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
 _USAGE_CHUNK_PROVIDERS = frozenset({
@@ -103,7 +105,14 @@ class Pipeline:
 
         Returns litellm's ``ModelResponse``, or for ``stream=True`` a :class:`TrackedStream`.
         """
-        plan, request, span, started = self._start(model, messages, context, params)
+        call = self.make_call(model, messages, context, params)
+        plan = self.plan(call)
+        if plan.summary_jobs:
+            for job in plan.summary_jobs:
+                with self._summary_guard(job):
+                    store_summary(self.summaries, job, _litellm().completion(**self._summary_request(job)))
+            plan = self.plan(call)
+        request, span, started = self._launch(plan)
         try:
             response = _litellm().completion(**request)
         except Exception as exc:
@@ -116,7 +125,14 @@ class Pipeline:
         **params: Any,
     ) -> Any:
         """Drop-in for ``litellm.acompletion``; see :meth:`completion`."""
-        plan, request, span, started = self._start(model, messages, context, params)
+        call = self.make_call(model, messages, context, params)
+        plan = self.plan(call)
+        if plan.summary_jobs:
+            for job in plan.summary_jobs:
+                with self._summary_guard(job):
+                    store_summary(self.summaries, job, await _litellm().acompletion(**self._summary_request(job)))
+            plan = self.plan(call)
+        request, span, started = self._launch(plan)
         try:
             response = await _litellm().acompletion(**request)
         except Exception as exc:
@@ -124,16 +140,24 @@ class Pipeline:
             raise
         return self._received(plan, response, span, started)
 
-    def _start(
-        self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
-        params: Mapping[str, Any],
-    ) -> tuple[Plan, dict[str, Any], Span, float]:
-        plan = self.plan(self.make_call(model, messages, context, params))
+    def _summary_request(self, job: SummaryJob) -> dict[str, Any]:
+        settings = self.config.context
+        return summary_request(job, settings.summary_model, settings.summary_params)
+
+    @contextlib.contextmanager
+    def _summary_guard(self, job: SummaryJob) -> Iterator[None]:
+        """A failed summary never fails the call: the plan keeps its offline digest."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001
+            log.warning("summary_failed", span=job.key, error=repr(exc))
+
+    def _launch(self, plan: Plan) -> tuple[dict[str, Any], Span, float]:
         request = plan.request()
         provider = self.catalog.provider(plan.model)
         if request.get("stream") and provider in _USAGE_CHUNK_PROVIDERS and "stream_options" not in request:
             request["stream_options"] = {"include_usage": True}
-        return plan, request, start_call_span(plan, provider), time.perf_counter()
+        return request, start_call_span(plan, provider), time.perf_counter()
 
     def _received(self, plan: Plan, response: Any, span: Span, started: float) -> Any:
         if plan.params.get("stream"):

@@ -70,7 +70,8 @@ class CacheBreakpoints:
         if uses_explicit_cache(plan.model):
             return self._anthropic(plan, state)
         session = plan.call.context.session_id
-        if session and "prompt_cache_key" not in plan.params and uses_cache_key(plan.model, state.catalog.provider(plan.model)):
+        provider = state.catalog.provider(plan.model)
+        if session and "prompt_cache_key" not in plan.params and uses_cache_key(plan.model, provider):
             key = hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
             return plan.decide(Decision(self.name, "cache_key", "stable prompt_cache_key for the session"),
                                params={**plan.params, "prompt_cache_key": f"rm-{key}"})

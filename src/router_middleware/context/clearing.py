@@ -19,7 +19,7 @@ from typing import Any
 
 from ..catalog import ModelInfo
 from ..policies import PolicyState
-from ..types import Decision, Plan
+from ..types import Decision, Message, Plan
 from .digest import cleared_placeholder
 from .structure import head_length, result_indices, tool_names
 
@@ -90,14 +90,14 @@ class ClearToolOutputs:
         cleared: dict[int, int] = {}
         running = 0
         for index, tokens in eligible:
-            if running + tokens > level:
+            if running >= level:
                 break
             running += tokens
             cleared[index] = tokens
         if not cleared:
             return plan
         cleared_ids = {str(messages[i].get("tool_call_id")) for i in cleared}
-        new_messages = []
+        new_messages: list[Message] = []
         for i, message in enumerate(messages):
             if i in cleared:
                 text = _text(message.get("content"))

@@ -7,7 +7,6 @@ keep the head (system prompt and task) and the last block.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +95,7 @@ class Window:
         chat = _is_chat(messages)
         cut = 0
         dropped_tokens = 0
-        while cut < len(units) - 1 and dropped_tokens + sizes[cut] <= level:
+        while cut < len(units) - 1 and dropped_tokens < level:
             dropped_tokens += sizes[cut]
             cut += 1
         if chat:

@@ -1,0 +1,43 @@
+"""Model-written summaries of dropped spans: the request to send, and where the answer is kept.
+
+The window policy stays pure: it asks for a summary by adding a :class:`SummaryJob` to the plan and
+uses the offline digest meanwhile. The pipeline sends the request below (through litellm, with a
+cheap model), stores the answer under the span's hash, and plans again, so this call and every later
+call of the session reuse the same summary instead of paying for it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from ..messages import text_of
+from ..types import SummaryJob
+
+INSTRUCTIONS = (
+    "You compress the earlier part of a conversation so that an assistant can continue it without the "
+    "original messages. Keep: the goal, decisions taken and why, file paths, commands and their key "
+    "results, names and places, and open questions. Drop pleasantries and repeated output. Be concise."
+)
+
+
+def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": INSTRUCTIONS},
+                     {"role": "user", "content": f"Summarize these {len(job.messages)} messages:\n\n{transcript}"}],
+        "max_tokens": 600,
+        "temperature": 0,
+        **params,
+    }
+
+
+def store_summary(summaries: MutableMapping[str, str], job: SummaryJob, response: Any) -> bool:
+    """Keep the summary text from a litellm response; ``False`` when it carried none."""
+    choices = getattr(response, "choices", None) or []
+    text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
+    if isinstance(text, str) and text.strip():
+        summaries[job.key] = text.strip()
+        return True
+    return False

@@ -1,0 +1,242 @@
+"""Context strategies: edge cases, stability between cuts, protocol integrity, summaries, cache hints."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from router_middleware import AgentContext, Call, Pipeline, Plan, PolicyState, outcome
+from router_middleware.context import (
+    CacheBreakpoints,
+    ClearToolOutputs,
+    ContextPolicy,
+    MiddleOut,
+    Window,
+    chunk_tokens,
+)
+from router_middleware.context.structure import blocks, head_length
+from router_middleware.messages import integrity_violations
+from router_middleware.replay import load_session
+
+STATE = PolicyState()
+SYSTEM = {"role": "system", "content": "You are a coding agent."}
+TASK = {"role": "user", "content": "Fix the bug in src/app/models.py"}
+
+
+def tool_turn(i: int, size: int = 400, parallel: int = 1) -> list[dict]:
+    calls = [{"id": f"c{i}_{j}", "type": "function",
+              "function": {"name": "bash", "arguments": json.dumps({"command": f"cat src/mod{i}_{j}.py"})}}
+             for j in range(parallel)]
+    results = [{"role": "tool", "tool_call_id": c["id"], "content": f"src/mod{i}.py line\n" * size} for c in calls]
+    return [{"role": "assistant", "content": f"step {i}", "tool_calls": calls}, *results]
+
+
+def agent_history(turns: int, size: int = 400, parallel: int = 1) -> list[dict]:
+    history = [SYSTEM, TASK]
+    for i in range(turns):
+        history += tool_turn(i, size, parallel)
+    return history
+
+
+def plan_for(messages, model="deepseek/deepseek-chat", step=None, **params) -> Plan:
+    return Plan.from_call(Call.create(model, messages, params, AgentContext(session_id="t", step=step)))
+
+
+@pytest.mark.parametrize("policy", [
+    ClearToolOutputs(keep_last=1, chunk=1), Window(budget_tokens=500, max_payback_calls=None),
+    MiddleOut(budget_tokens=500), MiddleOut(max_messages=3), CacheBreakpoints(), ContextPolicy(),
+])
+@pytest.mark.parametrize("messages", [[], [SYSTEM], [SYSTEM, TASK]], ids=["empty", "system", "task"])
+def test_trivial_histories_pass_unchanged(policy, messages) -> None:
+    plan = plan_for(messages)
+    assert policy(plan, STATE).messages == plan.messages
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+@pytest.mark.parametrize("policy", [
+    ClearToolOutputs(keep_last=2, chunk=1), ClearToolOutputs(keep_last=0, chunk=5000, clear_inputs=True),
+    Window(budget_tokens=3000, max_payback_calls=None), Window(watermark_tokens=2500, max_payback_calls=None),
+    MiddleOut(budget_tokens=3000), MiddleOut(max_messages=9),
+], ids=lambda p: type(p).__name__)
+def test_strategies_never_break_tool_pairs(policy, parallel) -> None:
+    history = agent_history(12, size=60, parallel=parallel)
+    for end in range(3, len(history) + 1):
+        if history[end - 1]["role"] == "assistant":
+            continue  # a request ends after the tool results, never between a call and them
+        planned = policy(plan_for(history[:end]), STATE).messages
+        assert integrity_violations(planned) == [], (type(policy).__name__, end)
+        assert planned[:2] == tuple(history[:2])  # system and task always kept
+
+
+def test_single_huge_tool_output_is_cleared_but_recent_one_kept() -> None:
+    history = [SYSTEM, TASK, *tool_turn(0, size=20000), *tool_turn(1, size=10)]
+    planned = ClearToolOutputs(keep_last=1, chunk=1000)(plan_for(history), STATE)
+    assert planned.messages[3]["content"].startswith("[output cleared to save context")
+    assert "src/mod0.py" in planned.messages[3]["content"]  # the placeholder keeps the paths it named
+    assert planned.messages[-1] == history[-1]
+    decision = planned.decisions[-1]
+    assert decision.action == "clear" and decision.attributes["cleared_messages"] == 1
+
+
+def test_clearing_moves_in_whole_chunks_so_the_prefix_is_stable() -> None:
+    policy = ClearToolOutputs(keep_last=2, chunk=3000)
+    history = agent_history(30, size=50)
+    previous_cleared = 0
+    changes = 0
+    for end in range(4, len(history) + 1, 2):
+        planned = policy(plan_for(history[:end]), STATE).messages
+        cleared = sum(1 for m in planned if str(m.get("content", "")).startswith("[output cleared"))
+        assert cleared >= previous_cleared
+        changes += cleared != previous_cleared
+        previous_cleared = cleared
+    assert 0 < changes < 8  # a handful of chunked clearings, not one per step
+
+
+def test_exclude_tools_and_clear_inputs() -> None:
+    history = agent_history(6, size=100)
+    history[2]["tool_calls"][0]["function"]["name"] = "read_memory"
+    planned = ClearToolOutputs(keep_last=1, chunk=1, exclude_tools=frozenset({"read_memory"}),
+                               clear_inputs=True)(plan_for(history), STATE).messages
+    assert planned[3] == history[3]  # excluded tool keeps its output
+    assert planned[5]["content"].startswith("[output cleared")
+    assert planned[4]["tool_calls"][0]["function"]["arguments"] == "{}"
+
+
+def test_list_content_is_counted_and_cleared() -> None:
+    history = [SYSTEM, TASK, *tool_turn(0), *tool_turn(1)]
+    history[3] = {**history[3], "content": [{"type": "text", "text": "src/a/b.py\n" * 800}]}
+    planned = ClearToolOutputs(keep_last=1, chunk=1)(plan_for(history), STATE).messages
+    assert "src/a/b.py" in planned[3]["content"] and planned[3]["content"].startswith("[output cleared")
+
+
+def test_window_keeps_prefix_stable_between_cuts_and_respects_the_budget() -> None:
+    policy = Window(budget_tokens=4000, max_payback_calls=None)
+    history = [SYSTEM, TASK]
+    for i in range(200):
+        history += [{"role": "assistant", "content": f"Turn {i}: Vax and Keyleth walk to Whitestone. " * 8},
+                    {"role": "user", "content": f"GROG: I follow Percy, turn {i}. " * 4}]
+    counter = STATE.counter("deepseek/deepseek-chat")
+    previous = None
+    cuts = 0
+    for end in range(4, len(history) + 1, 2):
+        planned = policy(plan_for(history[:end]), STATE)
+        assert counter.messages(planned.messages) <= 4000
+        if planned.messages[2] is not (previous.messages[2] if previous and len(previous.messages) > 2 else None):
+            digest_now = planned.messages[2].get("content") if len(planned.messages) > 2 else None
+            digest_before = previous.messages[2].get("content") if previous and len(previous.messages) > 2 else None
+            cuts += digest_now != digest_before
+        previous = planned
+    assert 3 <= cuts <= 40
+    last = previous.messages
+    assert last[2]["content"].startswith("[") and "Whitestone" in last[2]["content"]  # the digest keeps names
+    assert last[3]["role"] == "user"  # chats resume on a user turn
+
+
+def test_window_skips_a_cut_that_would_not_pay_back() -> None:
+    history = agent_history(30, size=40)
+    planned = Window(watermark_tokens=2000, keep=0.9, max_payback_calls=0.5)(plan_for(history), STATE)
+    assert planned.messages == tuple(history)
+    assert planned.decisions[-1].action == "keep" and "pay back" in planned.decisions[-1].reason
+    no_cache = PolicyState(provider_cache=False)
+    assert Window(watermark_tokens=2000, keep=0.9, max_payback_calls=0.5)(plan_for(history), no_cache).messages \
+        != tuple(history)
+
+
+def test_middle_out_keeps_both_ends() -> None:
+    history = agent_history(20, size=10)
+    planned = MiddleOut(max_messages=10)(plan_for(history), STATE).messages
+    assert len(planned) <= 10 and planned[:2] == tuple(history[:2]) and planned[-1] == history[-1]
+    assert integrity_violations(planned) == []
+
+
+def test_hard_guard_fits_the_model_window() -> None:
+    history = agent_history(40, size=3000)  # ~ 400k tokens, far over deepseek's 131k window
+    planned = ContextPolicy()(plan_for(history), STATE)
+    assert STATE.counter("deepseek/deepseek-chat").messages(planned.messages) <= 131072 - 8192
+    assert integrity_violations(planned.messages) == []
+
+
+def test_thinking_blocks_of_the_last_turn_are_kept() -> None:
+    thinking = {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "Let me look at src/x.py", "signature": "sig=="},
+        {"type": "text", "text": "Reading it."}],
+        "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]}
+    history = [*agent_history(20, size=100), thinking, {"role": "tool", "tool_call_id": "t1", "content": "ok"}]
+    for policy in (Window(budget_tokens=2500, max_payback_calls=None), MiddleOut(budget_tokens=2500),
+                   CacheBreakpoints()):
+        planned = policy(plan_for(history, model="anthropic/claude-sonnet-4-5"), STATE).messages
+        assert thinking in planned  # untouched, signature included
+
+
+def test_chunk_sizing_follows_cache_prices() -> None:
+    catalog = STATE.catalog
+    deepseek = chunk_tokens(catalog.resolve("deepseek/deepseek-chat"), tail_tokens=4000, payback_calls=3)
+    assert deepseek == round(4000 * (2.8e-7 - 2.8e-8) / (2.8e-8 * 3))
+    assert chunk_tokens(catalog.resolve("gpt-3.5-turbo"), tail_tokens=4000, payback_calls=3) == 1  # no discount
+    assert chunk_tokens(catalog.resolve("deepseek/deepseek-chat"), tail_tokens=4000, payback_calls=3,
+                        provider_cache=False) == 1
+
+
+def test_per_model_overrides() -> None:
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 50000,
+                                                 "models": {"anthropic/*": {"watermark_tokens": 1000}}}})
+    policy = pipeline.policies[0]
+    assert policy.settings_for("anthropic/claude-sonnet-4-5").watermark_tokens == 1000
+    assert policy.settings_for("anthropic/claude-sonnet-4-5").keep_tool_outputs == 4  # inherited
+    assert policy.settings_for("deepseek/deepseek-chat").watermark_tokens == 50000
+
+
+def test_real_session_random_budgets_keep_integrity(agent_session_paths) -> None:
+    rng = random.Random(7)
+    session = load_session(agent_session_paths[0])
+    for call in session.calls[::3]:
+        request = session.messages[: call.prefix_len]
+        for policy in (Window(budget_tokens=rng.randint(2000, 9000), max_payback_calls=None),
+                       MiddleOut(budget_tokens=rng.randint(2000, 9000)),
+                       ClearToolOutputs(keep_last=rng.randint(0, 5), chunk=rng.randint(1, 5000))):
+            assert integrity_violations(policy(plan_for(request), STATE).messages) == []
+
+
+def test_blocks_group_calls_with_their_results() -> None:
+    history = agent_history(2, parallel=2)
+    assert head_length(history) == 2
+    assert blocks(history, 2) == [(2, 5), (5, 8)]
+
+
+def test_summary_is_written_once_and_reused(monkeypatch) -> None:
+    import litellm
+
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 1500, "max_payback_calls": None,
+                                                 "summarize": True,
+                                                 "summary_params": {"mock_response": "They read src/mod0.py."}}})
+    calls = []
+    real = litellm.completion
+
+    def spy(**kwargs):
+        calls.append(kwargs["model"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(litellm, "completion", spy)
+    history = agent_history(12, size=40)
+    first = pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                                context={"session_id": "s"})
+    second = pipeline.completion(model="deepseek/deepseek-chat",
+                                 messages=[*history, {"role": "assistant", "content": "next"},
+                                           {"role": "user", "content": "go on"}],
+                                 mock_response="ok", context={"session_id": "s"})
+    assert calls.count("gpt-4o-mini") == 1  # one summary for the span, reused by the second call
+    for response in (first, second):
+        sent = outcome(response).plan.messages
+        assert any("They read src/mod0.py." in str(m.get("content")) for m in sent)
+        assert integrity_violations(sent) == []
+
+
+def test_failed_summary_falls_back_to_digest() -> None:
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 1500, "max_payback_calls": None,
+                                                 "summarize": True, "summary_model": "no-such-provider/x"}})
+    response = pipeline.completion(model="deepseek/deepseek-chat", messages=agent_history(12, size=40),
+                                   mock_response="ok")
+    assert response.choices[0].message.content == "ok"
+    assert any(str(m.get("content", "")).startswith("[") for m in outcome(response).plan.messages[2:3])
