@@ -80,3 +80,50 @@ def test_demo_runs_offline(capsys) -> None:
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "optimized" in out and "total" in out
+
+
+# --- context targets (default config on agents, 4k budget on chats) -----------------------------
+
+@pytest.fixture(scope="module")
+def default_replay(agent_session_paths):
+    from router_middleware.replay import replay as run
+
+    sessions = [load_session(p) for p in agent_session_paths]
+    pipeline = Pipeline.from_config({})
+    return run(sessions, pipeline).as_dict(), run(sessions, pipeline, provider_cache=False).as_dict()
+
+
+def test_default_context_targets_on_agent_sessions(default_replay) -> None:
+    cached, uncached = default_replay
+    base, opt = cached["baseline"], cached["optimized"]
+    assert cached["integrity_violations"] == 0
+    assert cached["retention"] >= 0.98
+    assert opt["input_tokens"] <= 0.70 * base["input_tokens"]
+    assert opt["cost_usd"] <= 0.92 * base["cost_usd"]
+    for session in cached["per_session"]:
+        assert session["optimized"]["cost_usd"] <= session["baseline"]["cost_usd"] + 1e-9, session["id"]
+    assert uncached["optimized"]["cost_usd"] <= 0.70 * uncached["baseline"]["cost_usd"]
+    assert uncached["baseline"]["cached_tokens"] == 0
+
+
+def test_calibration_cuts_the_token_error(full_replay) -> None:
+    for model, stats in full_replay["fidelity"].items():
+        assert stats["prompt_tokens_mae_calibrated"] < 0.15 * stats["prompt_tokens_mae_raw"], model
+
+
+def test_chat_sessions_with_a_4k_budget(capsys) -> None:
+    from .conftest import ROOT, SHARED
+
+    chats = sorted((SHARED / "data" / "chat-sessions").glob("*.json"))
+    if not chats:
+        pytest.skip("shared chat sessions not found")
+    config = ROOT / "benchmarks" / "configs" / "chat-4k.yaml"
+    assert main(["replay", *map(str, chats), "--config", str(config), "--json", "--compact"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    base, opt = data["baseline"], data["optimized"]
+    assert data["per_session"][0]["model"] == "deepseek/deepseek-chat"
+    assert opt["max_request_tokens"] <= 4000
+    assert data["retention"] >= 0.95
+    assert data["integrity_violations"] == 0
+    assert opt["input_tokens"] <= 0.40 * base["input_tokens"]
+    assert opt["cost_usd"] <= base["cost_usd"]

@@ -106,6 +106,8 @@ class SessionReport:
     integrity_violations: int = 0
     retained: int = 0
     relevant: int = 0
+    raw_error: int = 0
+    calibrated_error: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -198,7 +200,10 @@ def replay_session(
                                    usage.reasoning_tokens)
             report.recorded.add(recorded_usage, price(recorded_usage, info).total_usd)
             report.recorded.reported_cost_usd += recorded.cost_usd or 0.0
-            calibration.observe(counter.messages(request), usage.prompt_tokens)
+            counted = counter.messages(request)
+            report.raw_error += abs(counted - usage.prompt_tokens)
+            report.calibrated_error += abs(calibration.apply(counted) - usage.prompt_tokens)
+            calibration.observe(counted, usage.prompt_tokens)
         else:
             report.recorded.has_usage = False
     return report
@@ -235,6 +240,7 @@ class ReplayReport:
                 by_model.setdefault(s.model, []).append(s)
         out = {}
         for model, group in by_model.items():
+            calls = sum(s.calls for s in group)
             rec_in = sum(s.recorded.input_tokens for s in group)
             rec_cached = sum(s.recorded.cached_tokens for s in group)
             base_in = sum(s.baseline.input_tokens for s in group)
@@ -243,6 +249,8 @@ class ReplayReport:
                 "baseline_over_recorded_input": round(base_in / rec_in, 4) if rec_in else 0.0,
                 "recorded_cached_share": round(rec_cached / rec_in, 4) if rec_in else 0.0,
                 "baseline_cached_share": round(base_cached / base_in, 4) if base_in else 0.0,
+                "prompt_tokens_mae_raw": round(sum(s.raw_error for s in group) / calls, 1),
+                "prompt_tokens_mae_calibrated": round(sum(s.calibrated_error for s in group) / calls, 1),
                 "priced_over_reported_cost": round(
                     sum(s.recorded.cost_usd for s in group) / sum(s.recorded.reported_cost_usd for s in group), 4
                 ) if sum(s.recorded.reported_cost_usd for s in group) else 0.0,
