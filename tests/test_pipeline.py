@@ -17,6 +17,14 @@ from router_middleware import (
     outcome,
 )
 
+
+def client_span(exporter):
+    from opentelemetry.trace import SpanKind
+
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    return span
+
+
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]
 
 
@@ -99,7 +107,7 @@ def test_bad_messages_name_the_index() -> None:
 def test_span_carries_usage_and_cost(span_exporter) -> None:
     response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello",
                                      temperature=0, context={"session_id": "sess-9"})
-    (span,) = span_exporter.get_finished_spans()
+    span = client_span(span_exporter)
     attrs = dict(span.attributes)
     result = outcome(response)
     assert span.name == "chat gpt-4o-mini"
@@ -113,7 +121,7 @@ def test_span_carries_usage_and_cost(span_exporter) -> None:
 
 def test_no_conversation_id_is_invented(span_exporter) -> None:
     Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello")
-    (span,) = span_exporter.get_finished_spans()
+    span = client_span(span_exporter)
     assert "gen_ai.conversation.id" not in span.attributes
 
 
@@ -122,7 +130,7 @@ def test_abandoned_stream_ends_its_span(span_exporter) -> None:
                                    stream=True)
     next(iter(stream))
     stream.close()
-    (span,) = span_exporter.get_finished_spans()
+    span = client_span(span_exporter)
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
 
@@ -132,21 +140,24 @@ def test_provider_error_marks_span_and_propagates(span_exporter) -> None:
     with pytest.raises(litellm.exceptions.RateLimitError):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES,
                               mock_response=litellm.exceptions.RateLimitError("slow down", "openai", "gpt-4o-mini"))
-    (span,) = span_exporter.get_finished_spans()
+    span = client_span(span_exporter)
     assert span.attributes["error.type"] == "RateLimitError"
 
 
-def test_broken_telemetry_never_fails_the_call(monkeypatch) -> None:
-    from router_middleware import telemetry
+def test_broken_telemetry_never_fails_the_call(monkeypatch, span_exporter) -> None:
+    from router_middleware.telemetry import attributes, tracing
 
     def explode(*args, **kwargs):
         raise RuntimeError("exporter on fire")
 
-    monkeypatch.setattr(telemetry, "_tracer", explode)
-    monkeypatch.setattr(telemetry, "outcome_attributes", explode)
+    monkeypatch.setattr(tracing, "_tracer", explode)
+    monkeypatch.setattr(tracing, "outcome_attributes", explode)
+    monkeypatch.setattr(attributes, "request_attributes", explode)
     response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="still fine")
     assert response.choices[0].message.content == "still fine"
     assert outcome(response).usage.output_tokens > 0
+    stream = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a b", stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b"
 
 
 def test_outcome_of_a_plain_litellm_response() -> None:

@@ -85,9 +85,26 @@ class ContextSection(ContextConfig):
                 for pattern, cfg in self.models.items()}
 
 
+class RedactionRule(_Strict):
+    pattern: str
+    replacement: str = "[REDACTED]"
+
+
 class TelemetryConfig(_Strict):
+    """Spans and metrics go to the global OpenTelemetry API; message content only when asked."""
+
     enabled: bool = True
     capture_content: bool = False
+    openinference: bool = False
+    redact: list[RedactionRule] = Field(default_factory=list)
+
+    def settings(self) -> Any:
+        from .telemetry import Redactor, TelemetrySettings
+
+        return TelemetrySettings(
+            enabled=self.enabled, capture_content=self.capture_content, openinference=self.openinference,
+            redactor=Redactor(tuple((r.pattern, r.replacement) for r in self.redact)),
+        )
 
 
 class Config(_Strict):

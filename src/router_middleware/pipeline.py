@@ -9,8 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from opentelemetry.trace import Span
-
 from ._env import prepare_litellm_env
 from .accounting import attach, build_outcome
 from .catalog import Catalog
@@ -19,7 +17,7 @@ from .context.summarize import store_summary, summary_request
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .streaming import TrackedStream
-from .telemetry import end_call_span, fail_call_span, log, start_call_span
+from .telemetry import CallTrace, log
 from .types import AgentContext, Call, Outcome, Plan, SummaryJob, UsageSource
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
@@ -72,6 +70,7 @@ class Pipeline:
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.summaries: dict[str, str] = {}
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries)
+        self.telemetry = self.config.telemetry.settings()
 
     @classmethod
     def from_config(
@@ -112,13 +111,13 @@ class Pipeline:
                 with self._summary_guard(job):
                     store_summary(self.summaries, job, _litellm().completion(**self._summary_request(job)))
             plan = self.plan(call)
-        request, span, started = self._launch(plan)
+        request, tracer, started = self._launch(plan)
         try:
             response = _litellm().completion(**request)
         except Exception as exc:
-            fail_call_span(span, exc, model=plan.model)
+            tracer.fail(exc)
             raise
-        return self._received(plan, response, span, started)
+        return self._received(plan, response, tracer, started)
 
     async def acompletion(
         self, model: str, messages: Sequence[Any], *, context: AgentContext | Mapping[str, Any] | None = None,
@@ -132,13 +131,13 @@ class Pipeline:
                 with self._summary_guard(job):
                     store_summary(self.summaries, job, await _litellm().acompletion(**self._summary_request(job)))
             plan = self.plan(call)
-        request, span, started = self._launch(plan)
+        request, tracer, started = self._launch(plan)
         try:
             response = await _litellm().acompletion(**request)
         except Exception as exc:
-            fail_call_span(span, exc, model=plan.model)
+            tracer.fail(exc)
             raise
-        return self._received(plan, response, span, started)
+        return self._received(plan, response, tracer, started)
 
     def _summary_request(self, job: SummaryJob) -> dict[str, Any]:
         settings = self.config.context
@@ -152,27 +151,41 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001
             log.warning("summary_failed", span=job.key, error=repr(exc))
 
-    def _launch(self, plan: Plan) -> tuple[dict[str, Any], Span, float]:
+    def _launch(self, plan: Plan) -> tuple[dict[str, Any], CallTrace, float]:
+        before = after = 0
+        if plan.messages != plan.call.messages:
+            session = plan.call.context.session_id
+            before = self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
+            after = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
+            plan = plan.override(estimated_savings_usd=self._saving(plan.model, before - after))
         request = plan.request()
         provider = self.catalog.provider(plan.model)
         if request.get("stream") and provider in _USAGE_CHUNK_PROVIDERS and "stream_options" not in request:
             request["stream_options"] = {"include_usage": True}
-        return request, start_call_span(plan, provider), time.perf_counter()
+        return request, CallTrace.start(self.telemetry, plan, provider, before, after), time.perf_counter()
 
-    def _received(self, plan: Plan, response: Any, span: Span, started: float) -> Any:
+    def _saving(self, model: str, tokens: int) -> float:
+        """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""
+        info = self.catalog.resolve(model)
+        if info is None or tokens <= 0:
+            return 0.0
+        return tokens * (info.cache_read if info.cache_read is not None else info.input)
+
+    def _received(self, plan: Plan, response: Any, tracer: CallTrace, started: float) -> Any:
+        plan = tracer.plan
         if plan.params.get("stream"):
-            return TrackedStream(response, self._stream_finisher(plan, span), started)
+            return TrackedStream(response, self._stream_finisher(plan, tracer), started)
         result = build_outcome(response, plan, self.catalog, latency_s=time.perf_counter() - started)
         attach(response, result)
-        end_call_span(span, result)
+        tracer.succeed(result, response)
         return response
 
-    def _stream_finisher(self, plan: Plan, span: Span) -> Any:
+    def _stream_finisher(self, plan: Plan, tracer: CallTrace) -> Any:
         def finish(
             chunks: list[Any], started: float, first: float | None, error: BaseException | None, complete: bool,
         ) -> Outcome | None:
             if error is not None and not chunks:
-                fail_call_span(span, error, model=plan.model)
+                tracer.fail(error)
                 return None
             source: UsageSource = "provider"
             if not complete or not _usage_reported(chunks):
@@ -180,7 +193,7 @@ class Pipeline:
             messages = [dict(m) for m in plan.messages]
             response = _litellm().stream_chunk_builder(chunks, messages=messages) if chunks else None
             if response is None:
-                fail_call_span(span, error or RuntimeError("stream closed before the first chunk"), model=plan.model)
+                tracer.fail(error or RuntimeError("stream closed before the first chunk"))
                 return None
             result = build_outcome(
                 response, plan, self.catalog, usage_source=source, answered_model=_answered_model(chunks),
@@ -188,9 +201,9 @@ class Pipeline:
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
             if error is not None:
-                fail_call_span(span, error, model=plan.model)
+                tracer.fail(error, result)
             else:
-                end_call_span(span, result)
+                tracer.succeed(result, response)
             return result
 
         return finish

@@ -1,0 +1,146 @@
+"""Span attributes: GenAI semantic conventions, our ``router_middleware.*`` decisions, OpenInference."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from ..types import AttributeValue, Outcome, Plan
+
+_REQUEST_PARAMS = {
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "stream": "gen_ai.request.stream",
+    "seed": "gen_ai.request.seed",
+}
+_DEFAULT_HOSTS = {
+    "openai": "api.openai.com", "anthropic": "api.anthropic.com", "deepseek": "api.deepseek.com",
+    "openrouter": "openrouter.ai", "gemini": "generativelanguage.googleapis.com",
+}
+
+
+def server_address(plan: Plan, provider: str | None) -> str | None:
+    base = plan.params.get("api_base") or plan.params.get("base_url")
+    if isinstance(base, str) and base:
+        return urlparse(base).hostname
+    return _DEFAULT_HOSTS.get(provider or "")
+
+
+def reasoning_level(plan: Plan) -> str | None:
+    effort = plan.params.get("reasoning_effort")
+    if isinstance(effort, str):
+        return effort
+    thinking = plan.params.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("budget_tokens"):
+        return f"budget:{thinking['budget_tokens']}"
+    return None
+
+
+def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
+    attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": plan.model}
+    if provider:
+        attrs["gen_ai.provider.name"] = provider
+    address = server_address(plan, provider)
+    if address:
+        attrs["server.address"] = address
+    for key, name in _REQUEST_PARAMS.items():
+        value = plan.params.get(key)
+        if isinstance(value, bool | int | float | str):
+            attrs[name] = value
+    level = reasoning_level(plan)
+    if level:
+        attrs["gen_ai.request.reasoning.level"] = level
+    if plan.call.context.session_id:
+        attrs["gen_ai.conversation.id"] = plan.call.context.session_id
+    return attrs
+
+
+def outcome_attributes(outcome: Outcome, *, openinference: bool = False) -> dict[str, AttributeValue]:
+    usage, cost = outcome.usage, outcome.cost
+    attrs: dict[str, AttributeValue] = {
+        "gen_ai.response.model": outcome.model,
+        "gen_ai.usage.input_tokens": usage.input_tokens,
+        "gen_ai.usage.output_tokens": usage.output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": usage.cache_read_tokens,
+        "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_tokens,
+        "gen_ai.usage.reasoning.output_tokens": usage.reasoning_tokens,
+        "router_middleware.usage.source": usage.source,
+        "router_middleware.cost.source": cost.source,
+    }
+    if outcome.response_id:
+        attrs["gen_ai.response.id"] = outcome.response_id
+    if outcome.finish_reasons:
+        attrs["gen_ai.response.finish_reasons"] = list(outcome.finish_reasons)  # type: ignore[assignment]
+    if cost.total_usd is not None:
+        attrs["gen_ai.usage.cost"] = float(cost.total_usd)
+    for name in ("input_usd", "output_usd", "cache_read_usd", "cache_write_usd", "reasoning_usd"):
+        value = getattr(cost, name)
+        if value is not None:
+            attrs[f"router_middleware.cost.{name}"] = float(value)
+    if outcome.time_to_first_token_s is not None:
+        attrs["gen_ai.response.time_to_first_chunk"] = outcome.time_to_first_token_s
+    if openinference:
+        attrs.update(openinference_attributes(outcome))
+    return attrs
+
+
+def openinference_attributes(outcome: Outcome) -> dict[str, AttributeValue]:
+    """The OpenInference names Phoenix and Arize read for tokens and cost."""
+    usage, cost = outcome.usage, outcome.cost
+    attrs: dict[str, AttributeValue] = {
+        "openinference.span.kind": "LLM",
+        "llm.model_name": outcome.model,
+        "llm.token_count.prompt": usage.input_tokens,
+        "llm.token_count.completion": usage.output_tokens,
+        "llm.token_count.total": usage.total_tokens,
+        "llm.token_count.prompt_details.cache_read": usage.cache_read_tokens,
+        "llm.token_count.prompt_details.cache_write": usage.cache_write_tokens,
+        "llm.token_count.completion_details.reasoning": usage.reasoning_tokens,
+    }
+    if outcome.provider:
+        attrs["llm.provider"] = outcome.provider
+    if cost.total_usd is not None:
+        attrs["llm.cost.total"] = float(cost.total_usd)
+    if cost.input_usd is not None:
+        attrs["llm.cost.prompt"] = float(cost.input_usd)
+    if cost.output_usd is not None:
+        attrs["llm.cost.completion"] = float(cost.output_usd)
+    return attrs
+
+
+CONTEXT_POLICIES = frozenset({"window", "middle-out", "fit-window", "fit-budget", "clear-tool-outputs"})
+
+
+def decision_attributes(plan: Plan, tokens_before: int, tokens_after: int) -> dict[str, AttributeValue]:
+    """What the policies did to this call, for the parent INTERNAL span."""
+    trimmed = [d for d in plan.decisions if d.policy in CONTEXT_POLICIES and d.action in ("trim", "clear")]
+    attrs: dict[str, AttributeValue] = {
+        "router_middleware.requested_model": plan.call.model,
+        "router_middleware.chosen_model": plan.model,
+        "router_middleware.route.reason": next(
+            (d.reason for d in plan.decisions if d.action == "route"),
+            "pass-through" if plan.model == plan.call.model else "policy"),
+        "router_middleware.fallback.depth": 0,
+        "router_middleware.context.strategy": ",".join(dict.fromkeys(d.policy for d in trimmed)) or "none",
+        "gen_ai.conversation.compacted": bool(trimmed),
+        "router_middleware.cache.hit": False,
+        "router_middleware.savings.estimated_usd": float(plan.estimated_savings_usd),
+        "router_middleware.decisions": [f"{d.policy}:{d.action}" for d in plan.decisions],  # type: ignore[dict-item]
+    }
+    if tokens_before:  # counted only when a policy changed the messages
+        attrs["router_middleware.context.tokens_before"] = tokens_before
+        attrs["router_middleware.context.tokens_after"] = tokens_after
+    level = reasoning_level(plan)
+    if level:
+        attrs["gen_ai.request.reasoning.level"] = level
+    context = plan.call.context
+    if context.session_id:
+        attrs["gen_ai.conversation.id"] = context.session_id
+    if context.app:
+        attrs["router_middleware.app"] = context.app
+    if context.step is not None:
+        attrs["router_middleware.step"] = context.step
+    if context.step_kind:
+        attrs["router_middleware.step_kind"] = context.step_kind
+    return attrs

@@ -1,0 +1,54 @@
+"""Opt-in capture of message content on spans, always through the redactor."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..messages import text_of
+from ..types import AttributeValue, Message
+from .redaction import Redactor
+
+
+def _parts(message: Message) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = []
+    text = text_of({k: v for k, v in message.items() if k != "tool_calls"})
+    if text:
+        parts.append({"type": "text", "content": text})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        parts.append({"type": "tool_call", "id": call.get("id"), "name": function.get("name"),
+                      "arguments": function.get("arguments")})
+    if message.get("role") == "tool":
+        parts = [{"type": "tool_call_response", "id": message.get("tool_call_id"), "response": text}]
+    return parts
+
+
+def content_attributes(
+    messages: Sequence[Message], output: Sequence[Mapping[str, Any]], redact: Redactor,
+) -> dict[str, AttributeValue]:
+    """``gen_ai.system_instructions``, ``gen_ai.input.messages`` and ``gen_ai.output.messages`` (JSON)."""
+    system = [p for m in messages if m.get("role") in ("system", "developer") for p in _parts(m)]
+    inputs = [{"role": m.get("role"), "parts": _parts(m)}
+              for m in messages if m.get("role") not in ("system", "developer")]
+    outputs = [{"role": "assistant", "parts": _parts(m), "finish_reason": m.get("finish_reason")} for m in output]
+    attrs: dict[str, AttributeValue] = {
+        "gen_ai.input.messages": redact(json.dumps(inputs, ensure_ascii=False, default=str)),
+        "gen_ai.output.messages": redact(json.dumps(outputs, ensure_ascii=False, default=str)),
+    }
+    if system:
+        attrs["gen_ai.system_instructions"] = redact(json.dumps(system, ensure_ascii=False, default=str))
+    return attrs
+
+
+def response_messages(response: Any) -> list[dict[str, Any]]:
+    out = []
+    for choice in getattr(response, "choices", None) or []:
+        message = getattr(choice, "message", None)
+        if message is None:
+            continue
+        data = message.model_dump() if hasattr(message, "model_dump") else dict(message)
+        data["finish_reason"] = getattr(choice, "finish_reason", None)
+        out.append(data)
+    return out

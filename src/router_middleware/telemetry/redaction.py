@@ -1,0 +1,36 @@
+"""Masking secrets before anything reaches a span or a log line."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+DEFAULT_RULES: tuple[tuple[str, str], ...] = (
+    (r"\bsk-(?:ant-|proj-|or-)?[A-Za-z0-9_\-]{12,}", "[REDACTED_API_KEY]"),
+    (r"\bAIza[0-9A-Za-z_\-]{20,}", "[REDACTED_API_KEY]"),
+    (r"\b(?:xox[abpr]|ghp|gho|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
+    (r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]+=*", "Bearer [REDACTED_TOKEN]"),
+    (r"(?i)\b(api[_-]?key|x-api-key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", r"\1\2[REDACTED]"),
+    (r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", "[REDACTED_EMAIL]"),
+)
+
+
+@dataclass(frozen=True)
+class Redactor:
+    """Applies the default rules (API keys, bearer tokens, e-mail addresses) and the user's own."""
+
+    extra: tuple[tuple[str, str], ...] = ()
+    _compiled: tuple[tuple[re.Pattern[str], str], ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        rules: Iterable[tuple[str, str]] = (*DEFAULT_RULES, *self.extra)
+        object.__setattr__(self, "_compiled", tuple((re.compile(p), r) for p, r in rules))
+
+    def __call__(self, text: str) -> str:
+        for pattern, replacement in self._compiled:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+DEFAULT_REDACTOR = Redactor()

@@ -1,0 +1,132 @@
+"""The spans of one routed call: an INTERNAL parent carrying the decisions, a CLIENT child per attempt.
+
+Every method swallows its own errors (see :mod:`.safety`): a broken exporter or a bug here never
+reaches the user's call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from ..types import AttributeValue, Outcome, Plan
+from . import metrics as call_metrics
+from .attributes import decision_attributes, outcome_attributes, request_attributes
+from .content import content_attributes, response_messages
+from .redaction import DEFAULT_REDACTOR, Redactor
+from .safety import log, never_raises
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    enabled: bool = True
+    capture_content: bool = False
+    openinference: bool = False
+    redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
+
+
+def _tracer() -> trace.Tracer:
+    return trace.get_tracer("router_middleware")
+
+
+def _ids(span: Span) -> dict[str, str]:
+    context = span.get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": format(context.trace_id, "032x"), "span_id": format(context.span_id, "016x")}
+
+
+class CallTrace:
+    """Create with :meth:`start`; finish with :meth:`succeed` or :meth:`fail` (each at most once)."""
+
+    def __init__(self, settings: TelemetrySettings, plan: Plan, provider: str | None) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.provider = provider
+        self.parent: Span | None = None
+        self.child: Span | None = None
+        self.started = time.perf_counter()
+        self.request_attrs: dict[str, AttributeValue] = {}
+        self.done = False
+
+    @classmethod
+    def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,
+              tokens_after: int) -> CallTrace:
+        trace_ = cls(settings, plan, provider)
+        if settings.enabled:
+            trace_._open(tokens_before, tokens_after)
+        return trace_
+
+    @never_raises(default=None)
+    def _open(self, tokens_before: int, tokens_after: int) -> None:
+        tracer = _tracer()
+        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL,
+                                        attributes=decision_attributes(self.plan, tokens_before, tokens_after))
+        for decision in self.plan.decisions:
+            self.parent.add_event(f"{decision.policy}:{decision.action}",
+                                  {"reason": decision.reason, **dict(decision.attributes)})
+        self.request_attrs = request_attributes(self.plan, self.provider)
+        context = trace.set_span_in_context(self.parent)
+        self.child = tracer.start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
+                                       attributes=self.request_attrs)
+
+    @never_raises(default=None)
+    def succeed(self, outcome: Outcome, response: Any = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        settings = self.settings
+        if self.child is not None:
+            attrs = outcome_attributes(outcome, openinference=settings.openinference)
+            if settings.capture_content:
+                attrs.update(content_attributes(self.plan.messages, response_messages(response), settings.redactor))
+            self.child.set_attributes(attrs)
+            self.child.end()
+        if self.parent is not None:
+            self.parent.set_attribute("gen_ai.response.model", outcome.model)
+            if outcome.cost.total_usd is not None:
+                self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
+            self.parent.end()
+        if settings.enabled:
+            call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,
+                                self.plan.call.context.app)
+        log.info("llm_call", **self._log_ids(), requested_model=self.plan.call.model, model=outcome.model,
+                 provider=outcome.provider, input_tokens=outcome.usage.input_tokens,
+                 output_tokens=outcome.usage.output_tokens, cache_read_tokens=outcome.usage.cache_read_tokens,
+                 cache_write_tokens=outcome.usage.cache_write_tokens,
+                 reasoning_tokens=outcome.usage.reasoning_tokens, cost_usd=outcome.cost.total_usd,
+                 cost_source=outcome.cost.source,
+                 decisions=[f"{d.policy}:{d.action}" for d in self.plan.decisions])
+
+    @never_raises(default=None)
+    def fail(self, error: BaseException, outcome: Outcome | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        kind = type(error).__qualname__
+        message = self.settings.redactor(str(error))[:500]
+        for span in (self.child, self.parent):
+            if span is None:
+                continue
+            span.set_attribute("error.type", kind)
+            span.set_status(Status(StatusCode.ERROR, message))
+        if self.child is not None and outcome is not None:
+            self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference))
+        for span in (self.child, self.parent):
+            if span is not None:
+                span.end()
+        if self.settings.enabled:
+            call_metrics.record(self._metric_attrs(), None, time.perf_counter() - self.started, kind,
+                                self.plan.call.context.app)
+        log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+
+    def _metric_attrs(self) -> dict[str, AttributeValue]:
+        keep = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")
+        return {k: v for k, v in self.request_attrs.items() if k in keep}
+
+    def _log_ids(self) -> dict[str, str]:
+        return _ids(self.child) if self.child is not None else {}

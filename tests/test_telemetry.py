@@ -1,0 +1,230 @@
+"""Telemetry: one test per attribute group (in-memory exporter and metric reader), redaction, isolation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+import structlog
+import vcr
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router_middleware import Pipeline, outcome
+from router_middleware.telemetry import Redactor, configure_telemetry
+
+from .cassette_data import completion_kwargs, interactions, recorded_usage
+from .conftest import CASSETTES
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+replayer = vcr.VCR(record_mode="none", decode_compressed_response=True)
+
+
+def spans_by_kind(exporter):
+    spans = exporter.get_finished_spans()
+    return ([s for s in spans if s.kind == SpanKind.INTERNAL], [s for s in spans if s.kind == SpanKind.CLIENT])
+
+
+@pytest.fixture(scope="module")
+def metric_reader():
+    """A global meter provider with an in-memory reader (the API allows setting it once per process)."""
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+    return reader
+
+
+def test_parent_route_span_and_client_child(span_exporter) -> None:
+    Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=50, top_p=0.5,
+                          context={"session_id": "s-1", "app": "coder", "step": 2, "step_kind": "act"})
+    (parent,), (child,) = spans_by_kind(span_exporter)
+    assert parent.name == "route gpt-4o-mini" and child.name == "chat gpt-4o-mini"
+    assert child.parent.span_id == parent.context.span_id
+    attrs = dict(child.attributes)
+    assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.request.max_tokens"] == 50 and attrs["gen_ai.request.top_p"] == 0.5
+    assert attrs["server.address"] == "api.openai.com"
+    assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
+    assert attrs["gen_ai.response.id"].startswith("chatcmpl-")
+    decision = dict(parent.attributes)
+    assert decision["router_middleware.requested_model"] == decision["router_middleware.chosen_model"]
+    assert decision["router_middleware.route.reason"] == "pass-through"
+    assert decision["gen_ai.conversation.compacted"] is False
+    assert decision["router_middleware.app"] == "coder" and decision["router_middleware.step_kind"] == "act"
+
+
+def test_context_decisions_on_the_parent(span_exporter) -> None:
+    history = [MESSAGES[0], {"role": "user", "content": "task"}]
+    for i in range(60):
+        history += [{"role": "assistant", "content": f"reply {i} " * 40}, {"role": "user", "content": f"more {i}"}]
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 2000, "max_payback_calls": None}})
+    pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                        context={"session_id": "long"})
+    (parent,), _ = spans_by_kind(span_exporter)
+    attrs = dict(parent.attributes)
+    assert attrs["gen_ai.conversation.compacted"] is True
+    assert attrs["router_middleware.context.strategy"] == "window"
+    assert attrs["router_middleware.context.tokens_after"] < attrs["router_middleware.context.tokens_before"]
+    assert attrs["router_middleware.savings.estimated_usd"] > 0
+    assert "window:trim" in attrs["router_middleware.decisions"]
+    assert any(e.name == "window:trim" and "dropped" in e.attributes["reason"] for e in parent.events)
+
+
+def test_reasoning_level_attribute(span_exporter) -> None:
+    Pipeline().completion(model="gpt-5-nano", messages=MESSAGES, mock_response="ok", reasoning_effort="low")
+    (parent,), (child,) = spans_by_kind(span_exporter)
+    assert parent.attributes["gen_ai.request.reasoning.level"] == "low"
+    assert child.attributes["gen_ai.request.reasoning.level"] == "low"
+
+
+@pytest.mark.parametrize("path", sorted(CASSETTES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_cassette_spans_carry_recorded_usage_and_cost(path, span_exporter) -> None:
+    pipeline = Pipeline()
+    items = interactions(path)
+    with replayer.use_cassette(str(path)):
+        for item in items:
+            kwargs = completion_kwargs(item)
+            result = pipeline.completion(**kwargs)
+            if kwargs.get("stream"):
+                for _ in result:
+                    pass
+    clients = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert len(clients) == len(items)
+    for span, item in zip(clients, items, strict=True):
+        attrs = dict(span.attributes)
+        expected = recorded_usage(item)
+        if expected is not None:
+            assert attrs["gen_ai.usage.input_tokens"] == expected["input_tokens"]
+            assert attrs["gen_ai.usage.output_tokens"] == expected["output_tokens"]
+            assert attrs["gen_ai.usage.cache_read.input_tokens"] == expected["cache_read_tokens"]
+            assert attrs["gen_ai.usage.cache_creation.input_tokens"] == expected.get("cache_write_tokens", 0)
+            if "reasoning_tokens" in expected:
+                assert attrs["gen_ai.usage.reasoning.output_tokens"] == expected["reasoning_tokens"]
+        assert attrs["gen_ai.usage.cost"] > 0
+        assert attrs["router_middleware.cost.source"] != "unknown"
+        if kwargs.get("stream"):
+            assert attrs["gen_ai.response.time_to_first_chunk"] >= 0
+
+
+def test_openinference_option(span_exporter) -> None:
+    Pipeline.from_config({"telemetry": {"openinference": True}}).completion(
+        model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    _, (child,) = spans_by_kind(span_exporter)
+    attrs = dict(child.attributes)
+    assert attrs["openinference.span.kind"] == "LLM"
+    assert attrs["llm.token_count.prompt"] == attrs["gen_ai.usage.input_tokens"]
+    assert attrs["llm.token_count.completion"] == attrs["gen_ai.usage.output_tokens"]
+    assert attrs["llm.cost.total"] == pytest.approx(attrs["gen_ai.usage.cost"])
+    assert attrs["llm.cost.prompt"] + attrs["llm.cost.completion"] == pytest.approx(attrs["llm.cost.total"])
+
+
+def _points(reader, name):
+    data = reader.get_metrics_data()
+    found = []
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    found.extend(metric.data.data_points)
+    return found
+
+
+def test_metrics(metric_reader) -> None:
+    pipeline = Pipeline()
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context={"app": "metrics-app"})
+    stream = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a b c", stream=True)
+    for _ in stream:
+        pass
+    tokens = _points(metric_reader, "gen_ai.client.token.usage")
+    types = {p.attributes["gen_ai.token.type"] for p in tokens}
+    assert types == {"input", "output"}
+    assert tokens[0].explicit_bounds[:4] == (1, 4, 16, 64)
+    durations = _points(metric_reader, "gen_ai.client.operation.duration")
+    assert sum(p.count for p in durations) >= 2 and durations[0].explicit_bounds[0] == 0.01
+    assert _points(metric_reader, "gen_ai.client.operation.time_to_first_chunk")
+    cost = [p for p in _points(metric_reader, "router_middleware.cost")
+            if p.attributes.get("router_middleware.app") == "metrics-app"]
+    assert cost and cost[0].value > 0
+
+
+def test_log_event_carries_trace_ids(span_exporter) -> None:
+    with structlog.testing.capture_logs() as logs:
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    (event,) = [e for e in logs if e["event"] == "llm_call"]
+    _, (child,) = spans_by_kind(span_exporter)
+    assert event["trace_id"] == format(child.context.trace_id, "032x")
+    assert event["span_id"] == format(child.context.span_id, "016x")
+    assert event["input_tokens"] > 0 and event["cost_usd"] > 0
+
+
+def test_content_is_off_by_default_and_redacted_when_on(span_exporter) -> None:
+    secret = [{"role": "system", "content": "Use key sk-proj-abcdefghijklmnop1234 please"},
+              {"role": "user", "content": "Mail ada@example.com with header Authorization: Bearer abc.def.ghi"}]
+    Pipeline().completion(model="gpt-4o-mini", messages=secret, mock_response="done")
+    _, (plain,) = spans_by_kind(span_exporter)
+    assert "gen_ai.input.messages" not in plain.attributes
+    span_exporter.clear()
+    Pipeline.from_config({"telemetry": {"capture_content": True,
+                                        "redact": [{"pattern": "done", "replacement": "[X]"}]}}).completion(
+        model="gpt-4o-mini", messages=secret, mock_response="done")
+    _, (captured,) = spans_by_kind(span_exporter)
+    text = json.dumps(dict(captured.attributes))
+    assert "gen_ai.input.messages" in captured.attributes and "gen_ai.system_instructions" in captured.attributes
+    for leaked in ("sk-proj-abcdefghijklmnop1234", "ada@example.com", "abc.def.ghi", '"done"'):
+        assert leaked not in text
+    assert "[REDACTED_API_KEY]" in text and "[REDACTED_EMAIL]" in text and "[X]" in text
+
+
+def test_api_keys_never_reach_spans_or_logs(span_exporter) -> None:
+    import litellm
+
+    key = "sk-live-0123456789abcdefSECRET"
+    with structlog.testing.capture_logs() as logs:
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", api_key=key)
+        with pytest.raises(litellm.exceptions.AuthenticationError):
+            Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, api_key=key, mock_response=
+                                  litellm.exceptions.AuthenticationError(f"Incorrect API key provided: {key}",
+                                                                         "openai", "gpt-4o-mini"))
+    dumped = json.dumps([{"attrs": dict(s.attributes), "status": s.status.description,
+                          "events": [dict(e.attributes) for e in s.events]}
+                         for s in span_exporter.get_finished_spans()], default=str)
+    assert key not in dumped and key not in json.dumps(logs, default=str)
+    failed = [s for s in span_exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR]
+    assert failed and "[REDACTED_API_KEY]" in failed[0].status.description
+
+
+def test_redactor_rules() -> None:
+    redact = Redactor((("ticket-\\d+", "[T]"),))
+    assert redact("AIzaSyA-1234567890abcdefghijk and ghp_abcdefghijklmnop1234 ticket-42") == \
+        "[REDACTED_API_KEY] and [REDACTED_TOKEN] [T]"
+    assert redact('{"api_key": "hunter2"}') == '{"api_key": "[REDACTED]"}'
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_exporter_does_not_fail_or_slow_calls() -> None:
+    from opentelemetry import trace
+
+    handle = configure_telemetry(f"http://127.0.0.1:{_closed_port()}", metrics=False, timeout_s=1.0,
+                                 set_global=False)
+    original = trace.get_tracer_provider
+    trace.get_tracer_provider = lambda: handle.tracer_provider  # type: ignore[assignment]
+    try:
+        started = time.perf_counter()
+        for _ in range(20):
+            response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+            assert outcome(response).usage.output_tokens > 0
+        elapsed = time.perf_counter() - started
+        assert elapsed < 10  # a call that waited for the dead collector would take >= 1 s each
+        handle.force_flush(timeout_ms=2000)  # gives up quietly
+    finally:
+        trace.get_tracer_provider = original  # type: ignore[assignment]
+        handle.shutdown()
