@@ -41,8 +41,9 @@ def configure_telemetry(
     """Export spans (and metrics) over OTLP/HTTP to ``endpoint`` (``/v1/traces`` and ``/v1/metrics``).
 
     ``resource_attributes`` are added to the resource (Phoenix files spans under
-    ``openinference.project.name``). Spans go through a batch processor, so a slow or unreachable collector costs the calls nothing:
-    export happens on a background thread and gives up after ``timeout_s``.
+    ``openinference.project.name``). Spans go through a batch processor, so a slow or unreachable
+    collector costs the calls nothing: export happens on a background thread and gives up after
+    ``timeout_s``.
     """
     from opentelemetry import metrics as metrics_api
     from opentelemetry import trace
