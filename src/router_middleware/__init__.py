@@ -21,6 +21,7 @@ from .pipeline import Pipeline
 from .policies import Policy, PolicyState
 from .pricing import price
 from .streaming import TrackedStream
+from .telemetry import Redactor, configure_logging, configure_telemetry
 from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, Usage
 from .usage import normalize_usage
 
@@ -40,10 +41,13 @@ __all__ = [
     "Plan",
     "Policy",
     "PolicyState",
+    "Redactor",
     "RouterMiddlewareError",
     "SessionFormatError",
     "TrackedStream",
     "Usage",
+    "configure_logging",
+    "configure_telemetry",
     "load_config",
     "normalize_usage",
     "outcome",
