@@ -7,13 +7,17 @@ including hooks that can only rewrite a request, and in the offline replay.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
 from .tokens import Calibration, TokenCounter
 from .types import Message, Plan
+
+T = TypeVar("T")
+MEMO_SIZE = 4096
 
 
 @dataclass
@@ -30,6 +34,22 @@ class PolicyState:
     calibration: Mapping[str, Calibration] = field(default_factory=dict)
     provider_cache: bool = True
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
+    _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)
+
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """A bounded cache for values derived from the history (digests, span hashes), so a policy
+        does not redo the same work on every step of a session. Policies stay pure: the value is a
+        function of the key."""
+        try:
+            value: T = self._memo[key]
+            self._memo.move_to_end(key)
+            return value
+        except KeyError:
+            value = compute()
+            self._memo[key] = value
+            if len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
+            return value
 
     def counter(self, model: str) -> TokenCounter:
         counter = self._counters.get(model)

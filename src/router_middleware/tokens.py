@@ -111,7 +111,7 @@ def message_key(message: Message) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
-def _fast_key(message: Message) -> object:
+def fast_key(message: Message) -> object:
     """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1)."""
     content = message.get("content")
     if content is not None and not isinstance(content, str):
@@ -135,7 +135,7 @@ class TokenCounter:
         self._max = max_cached
 
     def message(self, message: Message, key: object | None = None) -> int:
-        key = key if key is not None else _fast_key(message)
+        key = key if key is not None else fast_key(message)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)

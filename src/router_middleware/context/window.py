@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..policies import PolicyState
-from ..tokens import message_key
+from ..tokens import fast_key, message_key
 from ..types import Decision, Message, Plan, SummaryJob
 from .digest import span_digest
 from .structure import blocks, head_length
@@ -155,19 +155,27 @@ class Window:
     ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
         if not self.digest:
             return [], [], "nothing"
-        key = span_key(dropped)
-        summary = state.summaries.get(key)
-        if summary:
-            return [{"role": "user", "content": f"{SUMMARY_MARKER} {len(dropped)} earlier messages]\n{summary}"}], \
-                [], "a stored summary"
-        jobs = [SummaryJob(key, tuple(dropped))] if self.summarize else []
-        limit = 40 if not chat else 120
-        while True:
-            text = span_digest(dropped, chat=chat, max_names=limit, max_paths=limit)
-            message = {"role": "user", "content": text}
-            if limit <= 5 or state.message_tokens(plan.model, message) <= reserve:
-                return [message], jobs, "an offline digest"
-            limit //= 2
+        fast = ("span", tuple(fast_key(m) for m in dropped))
+        if self.summarize or state.summaries:
+            key = state.memo((*fast, "key"), lambda: span_key(dropped))
+            summary = state.summaries.get(key)
+            if summary:
+                text = f"{SUMMARY_MARKER} {len(dropped)} earlier messages]\n{summary}"
+                return [{"role": "user", "content": text}], [], "a stored summary"
+            jobs = [SummaryJob(key, tuple(dropped))] if self.summarize else []
+        else:
+            jobs = []
+
+        def digest() -> dict[str, Any]:
+            limit = 40 if not chat else 120
+            while True:
+                message = {"role": "user", "content": span_digest(dropped, chat=chat, max_names=limit,
+                                                                  max_paths=limit)}
+                if limit <= 5 or state.message_tokens(plan.model, message) <= reserve:
+                    return message
+                limit //= 2
+
+        return [state.memo((*fast, "digest", chat, reserve, plan.model), digest)], jobs, "an offline digest"
 
 
 @dataclass(frozen=True)
