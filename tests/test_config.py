@@ -8,8 +8,8 @@ from router_middleware import Config, ConfigError, Pipeline, load_config
 def test_no_config_is_pass_through_and_empty_config_gives_defaults() -> None:
     assert load_config(None) == Config()
     assert Pipeline().policies == ()
-    assert [p.name for p in Pipeline.from_config({}).policies] == ["context"]
-    assert Pipeline.from_config({"context": {"enabled": False}}).policies == ()
+    assert [p.name for p in Pipeline.from_config({}).policies] == ["reasoning", "context"]
+    assert Pipeline.from_config({"context": {"enabled": False}, "reasoning": {"enabled": False}}).policies == ()
 
 
 def test_yaml_file(tmp_path) -> None:

@@ -182,7 +182,7 @@ def test_chunk_sizing_follows_cache_prices() -> None:
 def test_per_model_overrides() -> None:
     pipeline = Pipeline.from_config({"context": {"watermark_tokens": 50000,
                                                  "models": {"anthropic/*": {"watermark_tokens": 1000}}}})
-    policy = pipeline.policies[0]
+    (policy,) = [p for p in pipeline.policies if p.name == "context"]
     assert policy.settings_for("anthropic/claude-sonnet-4-5").watermark_tokens == 1000
     assert policy.settings_for("anthropic/claude-sonnet-4-5").keep_tool_outputs == 4  # inherited
     assert policy.settings_for("deepseek/deepseek-chat").watermark_tokens == 50000

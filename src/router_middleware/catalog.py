@@ -59,6 +59,8 @@ class ModelInfo:
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     cache: CacheRules = CacheRules()
+    supports_reasoning: bool | None = None
+    reasoning_efforts: frozenset[str] = frozenset()
     source: str = "catalog"
 
     def with_overrides(self, **changes: Any) -> ModelInfo:
@@ -172,6 +174,10 @@ def _info_from_entry(model: str, provider: str | None, entry: Mapping[str, Any],
         max_input_tokens=integer("max_input_tokens"),
         max_output_tokens=integer("max_output_tokens"),
         cache=cache_rules_for(model, provider),
+        supports_reasoning=flag if isinstance(flag := entry.get("supports_reasoning"), bool) else None,
+        reasoning_efforts=frozenset(
+            level for level in ("none", "minimal", "xhigh") if entry.get(f"supports_{level}_reasoning_effort")
+        ),
         source=source,
     )
 

@@ -85,6 +85,41 @@ class ContextSection(ContextConfig):
                 for pattern, cfg in self.models.items()}
 
 
+ReasoningLevel = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+
+
+class RuleMatch(_Strict):
+    """When a reasoning rule applies. Every field that is set must match."""
+
+    step_kind: list[str] = Field(default_factory=list)
+    model: str | None = None
+    app: str | None = None
+    first: bool | None = None
+    step: int | None = Field(default=None, ge=0)
+    every: int | None = Field(default=None, gt=0)
+
+
+class ReasoningRule(_Strict):
+    when: RuleMatch = Field(default_factory=RuleMatch)
+    effort: ReasoningLevel | None = None
+    budget_tokens: int | None = Field(default=None, ge=0)
+
+    def model_post_init(self, __context: Any) -> None:
+        if (self.effort is None) == (self.budget_tokens is None):
+            raise ValueError("give exactly one of 'effort' or 'budget_tokens'")
+
+
+class ReasoningConfig(_Strict):
+    """Reasoning caps. The first rule that matches a call sets its level (or token budget)."""
+
+    enabled: bool = True
+    rules: list[ReasoningRule] = Field(default_factory=list)
+    session_budget_tokens: int | None = Field(default=None, ge=0)
+    escalate: bool = True
+    exclude_from_response: bool = False
+    level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)
+
+
 class RedactionRule(_Strict):
     pattern: str
     replacement: str = "[REDACTED]"
@@ -114,13 +149,17 @@ class Config(_Strict):
     app: str | None = None
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     context: ContextSection = Field(default_factory=ContextSection)
+    reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     def policies(self) -> tuple[Any, ...]:
         """The policies this config asks for, in order."""
         from .context import ContextPolicy
+        from .reasoning import ReasoningPolicy
 
         policies: list[Any] = []
+        if self.reasoning.enabled:
+            policies.append(ReasoningPolicy(self.reasoning))
         if self.context.enabled:
             policies.append(ContextPolicy(self.context.base(), self.context.resolved_overrides()))
         return tuple(policies)

@@ -69,7 +69,9 @@ class Pipeline:
             policies = self.config.policies() if config is not None else ()
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.summaries: dict[str, str] = {}
-        self.state = PolicyState(catalog=self.catalog, summaries=self.summaries)
+        self.reasoning_spent: dict[str, int] = {}
+        self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
+                                 reasoning_spent=self.reasoning_spent)
         self.telemetry = self.config.telemetry.settings()
 
     @classmethod
@@ -177,8 +179,15 @@ class Pipeline:
             return TrackedStream(response, self._stream_finisher(plan, tracer), started)
         result = build_outcome(response, plan, self.catalog, latency_s=time.perf_counter() - started)
         attach(response, result)
+        self._settle(result)
         tracer.succeed(result, response)
         return response
+
+    def _settle(self, result: Outcome) -> None:
+        """Record what a finished call spent that later plans depend on (session reasoning budget)."""
+        session = result.plan.call.context.session_id if result.plan else None
+        if session and result.usage.reasoning_tokens:
+            self.reasoning_spent[session] = self.reasoning_spent.get(session, 0) + result.usage.reasoning_tokens
 
     def _stream_finisher(self, plan: Plan, tracer: CallTrace) -> Any:
         def finish(
@@ -200,6 +209,7 @@ class Pipeline:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
+            self._settle(result)
             if error is not None:
                 tracer.fail(error, result)
             else:

@@ -33,6 +33,7 @@ class PolicyState:
     summaries: Mapping[str, str] = field(default_factory=dict)
     calibration: Mapping[str, Calibration] = field(default_factory=dict)
     provider_cache: bool = True
+    reasoning_spent: Mapping[str, int] = field(default_factory=dict)
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)
 

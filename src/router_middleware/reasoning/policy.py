@@ -1,0 +1,113 @@
+"""The reasoning-cap policy: pick a level per step, keep it inside the session budget, escalate once
+after a failure, and translate it for the model that will answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from ..config import ReasoningConfig, ReasoningRule
+from ..policies import PolicyState
+from ..types import AgentContext, Decision, Plan
+from .levels import DEFAULT_BUDGETS, Level, level_for_budget, shift
+from .signals import failure_signal, infer_step_kind
+from .translate import REASONING_PARAMS, translate
+
+
+def rule_matches(rule: ReasoningRule, model: str, requested: str, context: AgentContext, kind: str) -> bool:
+    when = rule.when
+    step = context.step
+    checks = [
+        not when.step_kind or kind in when.step_kind,
+        when.model is None or fnmatchcase(model, when.model) or fnmatchcase(requested, when.model),
+        when.app is None or context.app == when.app,
+        when.first is None or (step == 0) == when.first,
+        when.step is None or step == when.step,
+        when.every is None or (step is not None and step % when.every == 0),
+    ]
+    return all(checks)
+
+
+@dataclass(frozen=True)
+class ReasoningPolicy:
+    config: ReasoningConfig = field(default_factory=ReasoningConfig)
+    name: str = "reasoning"
+
+    def _budgets(self) -> dict[Level, int]:
+        return {**DEFAULT_BUDGETS, **self.config.level_budgets}
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        config = self.config
+        if not config.enabled:
+            return plan
+        context = plan.call.context
+        kind = context.step_kind or infer_step_kind(plan.messages)
+        rule = next((r for r in config.rules if rule_matches(r, plan.model, plan.call.model, context, kind)), None)
+        level: Level | None = None
+        budget: int | None = None
+        reasons: list[str] = []
+        if rule is not None:
+            level, budget = rule.effort, rule.budget_tokens
+            reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
+        elif _requested_level(plan.params) is not None:
+            level = _requested_level(plan.params)
+            reasons.append("caller's own setting")
+        if level is None and budget is None:
+            return self._strip_if_unsupported(plan, state)
+        budgets = self._budgets()
+        if budget is not None:
+            level = level_for_budget(budget, budgets)
+        assert level is not None
+        if config.escalate:
+            failed = failure_signal(plan.messages, context)
+            if failed and level != "xhigh":
+                level = shift(level, 1)
+                budget = None
+                reasons.append(f"escalated one level: {failed}")
+        remaining = self._remaining(context, state)
+        if remaining is not None:
+            allowed = level_for_budget(max(0, remaining) // 2, budgets) if remaining > 0 else "none"
+            if budget is not None and budget > remaining // 2:
+                budget = None
+            if _rank(level) > _rank(allowed):
+                level = allowed
+                reasons.append(f"session budget: {max(0, remaining)} reasoning tokens left")
+        info = state.catalog.resolve(plan.model)
+        result = translate(plan.model, state.catalog.provider(plan.model), info, plan.params, level=level,
+                           budget_tokens=budget, budgets=budgets, exclude=config.exclude_from_response)
+        action = "cap" if result.supported else "unsupported"
+        attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind}
+        if budget is not None:
+            attrs["budget_tokens"] = budget
+        if remaining is not None:
+            attrs["session_remaining_tokens"] = max(0, remaining)
+        return plan.decide(Decision(self.name, action, "; ".join([*reasons, result.note]), attrs),
+                           params=result.params)
+
+    def _remaining(self, context: AgentContext, state: PolicyState) -> int | None:
+        if self.config.session_budget_tokens is None or not context.session_id:
+            return None
+        return self.config.session_budget_tokens - state.reasoning_spent.get(context.session_id, 0)
+
+    def _strip_if_unsupported(self, plan: Plan, state: PolicyState) -> Plan:
+        if not any(key in plan.params for key in REASONING_PARAMS):
+            return plan
+        level = _requested_level(plan.params) or "medium"
+        result = translate(plan.model, state.catalog.provider(plan.model), state.catalog.resolve(plan.model),
+                           plan.params, level=level)
+        if result.supported:
+            return plan
+        return plan.decide(Decision(self.name, "unsupported", result.note), params=result.params)
+
+
+def _requested_level(params: Mapping[str, object]) -> Level | None:
+    effort = params.get("reasoning_effort")
+    if isinstance(effort, str) and effort in ("none", "minimal", "low", "medium", "high", "xhigh"):
+        return effort  # type: ignore[return-value]
+    return None
+
+
+def _rank(level: str) -> int:
+    order: Sequence[str] = ("none", "minimal", "low", "medium", "high", "xhigh")
+    return order.index(level)

@@ -1,0 +1,114 @@
+"""Turn a reasoning cap into each provider's own parameter.
+
+litellm maps ``reasoning_effort`` correctly for OpenAI and Gemini (2.5 -> ``thinkingBudget``,
+3 -> ``thinkingLevel``), so those get ``reasoning_effort``. Anthropic gets an explicit ``thinking``
+budget with ``max_tokens`` above it (litellm would pick its own budget), OpenRouter its ``reasoning``
+object, DeepSeek ``thinking`` on or off. A model that cannot reason gets no reasoning parameter at
+all (a request that carried one would fail with ``UnsupportedParamsError``), and the plan says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..catalog import ModelInfo
+from .levels import DEFAULT_BUDGETS, Level, level_for_budget
+
+REASONING_PARAMS = ("reasoning_effort", "thinking", "reasoning")
+_FAMILY_REASONS = re.compile(
+    r"(?:^|/)(?:o1|o3|o4|gpt-5|claude-3-7|claude-(?:sonnet|opus|haiku)-4|claude-(?:opus|sonnet)-4|"
+    r"gemini-2\.5|gemini-3|deepseek-reasoner|grok-[34]|qwq|qwen3)",
+)
+ANTHROPIC_OUTPUT_RESERVE = 4096
+
+
+@dataclass(frozen=True)
+class Translation:
+    params: dict[str, Any]
+    note: str
+    supported: bool = True
+
+
+def can_reason(model: str, info: ModelInfo | None) -> bool:
+    if info is not None and info.supports_reasoning is not None:
+        return info.supports_reasoning
+    return _FAMILY_REASONS.search(model.lower()) is not None
+
+
+def family(model: str, provider: str | None) -> str:
+    name = model.lower()
+    if provider == "openrouter" or name.startswith("openrouter/"):
+        return "openrouter"
+    if "claude" in name:
+        return "anthropic"
+    if "gemini" in name:
+        return "gemini-3" if "gemini-3" in name else "gemini-2.5"
+    if "deepseek" in name:
+        return "deepseek"
+    return "openai"
+
+
+def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
+
+
+def translate(
+    model: str, provider: str | None, info: ModelInfo | None, params: Mapping[str, Any], *,
+    level: Level, budget_tokens: int | None = None, budgets: Mapping[Level, int] = DEFAULT_BUDGETS,
+    exclude: bool = False,
+) -> Translation:
+    """The request params with the cap applied (other params untouched)."""
+    base = _without_reasoning(params)
+    if not can_reason(model, info):
+        return Translation(base, f"{model} does not support reasoning: no reasoning parameter sent", False)
+    tokens = budget_tokens if budget_tokens is not None else budgets[level]
+    if budget_tokens is not None:
+        level = level_for_budget(budget_tokens, dict(budgets))
+    kind = family(model, provider)
+    if kind == "openai":
+        efforts = info.reasoning_efforts if info else frozenset()
+        effort: str = level
+        if level == "none" and "none" not in efforts:
+            effort = "minimal" if "minimal" in efforts else "low"
+        elif level == "minimal" and "minimal" not in efforts:
+            effort = "low"
+        elif level == "xhigh" and "xhigh" not in efforts:
+            effort = "high"
+        return Translation({**base, "reasoning_effort": effort}, f"reasoning_effort={effort}")
+    if kind == "anthropic":
+        if level == "none" or tokens <= 0:
+            return Translation(base, "thinking off")
+        tokens = max(1024, tokens)
+        max_tokens = int(base.get("max_tokens") or 0)
+        out = {**base, "thinking": {"type": "enabled", "budget_tokens": tokens},
+               "max_tokens": max(max_tokens, tokens + ANTHROPIC_OUTPUT_RESERVE)}
+        dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
+        for key in dropped:
+            out.pop(key)
+        note = f"thinking budget {tokens}, max_tokens {out['max_tokens']}"
+        return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
+    if kind == "gemini-3":
+        effort = "low" if level in ("none", "minimal", "low") else "high"
+        return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}")
+    if kind == "gemini-2.5":
+        if level == "none":
+            return Translation({**base, "reasoning_effort": "disable"}, "thinkingBudget 0")
+        return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": tokens}},
+                           f"thinkingBudget {tokens}")
+    if kind == "openrouter":
+        if level == "none":
+            return Translation({**base, "reasoning": {"enabled": False}}, "reasoning disabled")
+        body: dict[str, Any] = ({"max_tokens": tokens} if budget_tokens is not None
+                                else {"effort": "high" if level == "xhigh" else level})
+        if exclude:
+            body["exclude"] = True
+        return Translation({**base, "reasoning": body}, f"reasoning {body}")
+    # DeepSeek: no effort levels; deepseek-reasoner always thinks.
+    if "reasoner" in model.lower():
+        return Translation(base, "deepseek-reasoner always reasons: no control")
+    if level == "none":
+        return Translation(base, "thinking off")
+    return Translation({**base, "thinking": {"type": "enabled"}}, "thinking on")

@@ -1,0 +1,205 @@
+"""Reasoning caps: rules, step inference, wire bodies per provider, session budget, escalation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import vcr
+
+from router_middleware import AgentContext, Call, Pipeline, Plan, outcome
+from router_middleware.config import ReasoningConfig
+from router_middleware.policies import PolicyState
+from router_middleware.reasoning import ReasoningPolicy, failure_signal, infer_step_kind
+
+from .capture_server import capture_server
+from .conftest import CASSETTES
+
+SENT: list[dict] = []
+
+
+def _capture(live, recorded) -> None:
+    SENT.append(json.loads(live.body))
+
+
+replayer = vcr.VCR(record_mode="none", decode_compressed_response=True,
+                   match_on=["method", "scheme", "host", "port", "path", "capture"])
+replayer.register_matcher("capture", _capture)
+
+CLINE_STYLE = {"reasoning": {"rules": [
+    {"when": {"step_kind": ["plan"]}, "effort": "high"},
+    {"when": {"step_kind": ["observe"]}, "effort": "low"},
+    {"when": {"step_kind": ["summarize"]}, "effort": "none"},
+]}}
+TOOL_CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}]}
+
+
+def plan(policy, messages, model="gpt-5-nano", state=None, **context) -> Plan:
+    call = Call.create(model, messages, {}, AgentContext(**context))
+    return policy(Plan.from_call(call), state or PolicyState())
+
+
+def test_step_kind_inference() -> None:
+    user = {"role": "user", "content": "fix it"}
+    assert infer_step_kind([user]) == "plan"
+    assert infer_step_kind([user, TOOL_CALL, {"role": "tool", "tool_call_id": "c1", "content": "a.py"}]) == "observe"
+    assert infer_step_kind([user, {"role": "assistant", "content": "x"},
+                            {"role": "user", "content": "<returncode>0</returncode>\n<output>\n</output>"}]) == "observe"
+    assert infer_step_kind([user, {"role": "assistant", "content": "x"}, {"role": "user", "content": "now add tests"}]) \
+        == "plan"
+    assert infer_step_kind([user, {"role": "assistant", "content": "partial"}]) == "act"
+    assert infer_step_kind([{"role": "user", "content": "Summarize these 12 messages"}]) == "summarize"
+
+
+def test_rules_by_kind_first_every_model_and_app() -> None:
+    config = ReasoningConfig.model_validate({"rules": [
+        {"when": {"app": "batch"}, "effort": "none"},
+        {"when": {"first": True}, "effort": "xhigh"},
+        {"when": {"every": 5}, "effort": "high"},
+        {"when": {"model": "gpt-5*", "step_kind": ["observe"]}, "budget_tokens": 1500},
+        {"when": {}, "effort": "medium"},
+    ]})
+    policy = ReasoningPolicy(config)
+    observe = [{"role": "user", "content": "go"}, TOOL_CALL, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    assert plan(policy, observe, step=0).params["reasoning_effort"] == "high"  # xhigh unsupported on gpt-5-nano
+    assert plan(policy, observe, step=10).params["reasoning_effort"] == "high"
+    assert plan(policy, observe, step=3).params["reasoning_effort"] == "minimal"  # 1500 tokens -> minimal
+    assert plan(policy, observe, step=3, app="batch").params["reasoning_effort"] == "minimal"  # none -> minimal
+    assert plan(policy, [{"role": "user", "content": "go"}, {"role": "assistant", "content": "x"}],
+                step=3).params["reasoning_effort"] == "medium"
+
+
+def test_rule_needs_exactly_one_of_effort_or_budget() -> None:
+    from router_middleware import ConfigError
+
+    with pytest.raises(ConfigError, match="reasoning.rules.0"):
+        Pipeline.from_config({"reasoning": {"rules": [{"effort": "low", "budget_tokens": 10}]}})
+
+
+def test_openai_wire_body_from_real_recording() -> None:
+    pipeline = Pipeline.from_config(CLINE_STYLE)
+    with replayer.use_cassette(str(CASSETTES / "openai_chat_reasoning.yaml")):
+        response = pipeline.completion(model="gpt-5-nano", messages=[{"role": "user", "content": "Count r's in strawberry"}],
+                                       context={"session_id": "r1", "step_kind": "observe"})
+    assert SENT[-1]["reasoning_effort"] == "low"
+    result = outcome(response)
+    assert result.usage.reasoning_tokens > 0
+    assert result.plan.decisions[0].attributes["level"] == "low"
+
+
+def test_anthropic_wire_body_from_real_recording() -> None:
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "budget_tokens": 1024}]}})
+    message = {"role": "user", "content": [{"type": "text", "text": "How many times does the letter 'r' appear in the word strawberry?"}]}
+    with replayer.use_cassette(str(CASSETTES / "anthropic_thinking.yaml")):
+        response = pipeline.completion(model="anthropic/claude-3-7-sonnet-20250219", messages=[message],
+                                       max_tokens=2048, temperature=0.2)
+    body = SENT[-1]
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    assert body["max_tokens"] > 1024 and "temperature" not in body
+    assert outcome(response).usage.reasoning_tokens > 0
+
+
+@pytest.mark.parametrize(("model", "effort", "check"), [
+    ("gemini/gemini-2.5-flash", "medium",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 8192),
+    ("gemini/gemini-2.5-flash", "none",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 0),
+    ("gemini/gemini-3-pro-preview", "medium",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "high"),
+    ("gemini/gemini-3-pro-preview", "minimal",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "low"),
+    ("openrouter/google/gemini-3-pro-preview", "low", lambda b: b["reasoning"] == {"effort": "low"}),
+    ("openrouter/anthropic/claude-sonnet-4.5", "none", lambda b: b["reasoning"] == {"enabled": False}),
+    ("deepseek/deepseek-reasoner", "high", lambda b: "reasoning_effort" not in b),
+    ("gpt-5-nano", "none", lambda b: b["reasoning_effort"] == "minimal"),
+    ("gpt-4o-mini", "high", lambda b: not {"reasoning_effort", "thinking", "reasoning"} & b.keys()),
+])
+def test_wire_body_per_provider(model, effort, check) -> None:
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": effort}]},
+                                     "context": {"enabled": False}})
+    with capture_server() as (base, bodies):
+        with pytest.raises(Exception):  # noqa: B017 - the capture server answers 500 on purpose
+            pipeline.completion(model=model, messages=[{"role": "user", "content": "hi"}], api_base=base,
+                                api_key="test-key", num_retries=0, max_retries=0)
+    assert bodies, model
+    assert check(bodies[-1]), bodies[-1]
+
+
+def test_openrouter_budget_and_exclude() -> None:
+    pipeline = Pipeline.from_config({"reasoning": {"exclude_from_response": True,
+                                                   "rules": [{"when": {}, "budget_tokens": 3000}]},
+                                     "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017
+        pipeline.completion(model="openrouter/google/gemini-3-pro-preview", messages=[{"role": "user", "content": "hi"}],
+                            api_base=base, api_key="k", num_retries=0, max_retries=0)
+    assert bodies[-1]["reasoning"] == {"max_tokens": 3000, "exclude": True}
+
+
+def test_unsupported_model_never_gets_a_reasoning_param() -> None:
+    policy = ReasoningPolicy(ReasoningConfig())
+    planned = plan(policy, [{"role": "user", "content": "hi"}], model="gpt-4o-mini")
+    assert planned.decisions == ()
+    call = Call.create("gpt-4o-mini", [{"role": "user", "content": "hi"}], {"reasoning_effort": "high"})
+    stripped = policy(Plan.from_call(call), PolicyState())
+    assert "reasoning_effort" not in stripped.params
+    assert stripped.decisions[0].action == "unsupported" and "does not support" in stripped.decisions[0].reason
+    response = Pipeline.from_config({}).completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                                  reasoning_effort="high", mock_response="ok")
+    assert response.choices[0].message.content == "ok"
+
+
+def test_session_budget_steps_down_then_turns_off() -> None:
+    policy = ReasoningPolicy(ReasoningConfig.model_validate(
+        {"session_budget_tokens": 40000, "rules": [{"when": {}, "effort": "high"}]}))
+    messages = [{"role": "user", "content": "plan"}]
+    levels = []
+    for spent in (0, 10000, 30000, 37000, 39500, 40000, 50000):
+        state = PolicyState(reasoning_spent={"s": spent})
+        levels.append(plan(policy, messages, model="anthropic/claude-sonnet-4-5", state=state,
+                           session_id="s").decisions[-1].attributes["level"])
+    # the cap is the highest level whose budget fits in half of what is left
+    assert levels == ["high", "medium", "low", "minimal", "none", "none", "none"]
+
+
+def test_pipeline_counts_spent_reasoning_tokens() -> None:
+    pipeline = Pipeline.from_config({"reasoning": {"session_budget_tokens": 100,
+                                                   "rules": [{"when": {}, "effort": "high"}]}})
+    with replayer.use_cassette(str(CASSETTES / "openai_chat_reasoning.yaml"), allow_playback_repeats=True):
+        first = pipeline.completion(model="gpt-5-nano", messages=[{"role": "user", "content": "Count r's in strawberry"}],
+                                    context={"session_id": "budget"})
+        spent = outcome(first).usage.reasoning_tokens
+        assert pipeline.reasoning_spent["budget"] == spent > 100
+        pipeline.completion(model="gpt-5-nano", messages=[{"role": "user", "content": "Count r's in strawberry"}],
+                            context={"session_id": "budget"})
+    assert SENT[-1]["reasoning_effort"] == "minimal"  # budget exhausted: lowest effort gpt-5-nano accepts
+
+
+def test_escalation_after_a_failed_step_then_decay() -> None:
+    policy = ReasoningPolicy(ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "low"}]}))
+    base = [{"role": "user", "content": "fix"}, TOOL_CALL]
+    failed = [*base, {"role": "tool", "tool_call_id": "c1",
+                      "content": "Traceback (most recent call last):\n  File 'x.py'\nValueError: bad"}]
+    ok = [*base, {"role": "tool", "tool_call_id": "c1", "content": "all good"}]
+    escalated = plan(policy, failed)
+    assert escalated.params["reasoning_effort"] == "medium"
+    assert "escalated one level" in escalated.decisions[-1].reason
+    assert plan(policy, ok).params["reasoning_effort"] == "low"
+    assert plan(policy, ok, tags=("retry",)).params["reasoning_effort"] == "medium"
+    assert failure_signal([{"role": "user", "content": "<returncode>2</returncode>\n<output>x</output>"}],
+                          AgentContext()) is not None
+    repeated = [*base, {"role": "tool", "tool_call_id": "c1", "content": "x"},
+                {**TOOL_CALL, "tool_calls": [{**TOOL_CALL["tool_calls"][0], "id": "c2"}]},
+                {"role": "tool", "tool_call_id": "c2", "content": "x"}]
+    assert failure_signal(repeated, AgentContext()) == "the agent repeated its last tool call"
+
+
+def test_level_on_the_span(span_exporter) -> None:
+    from opentelemetry.trace import SpanKind
+
+    pipeline = Pipeline.from_config(CLINE_STYLE)
+    pipeline.completion(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "plan it"}],
+                        mock_response="ok")
+    parent = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
+    assert parent.attributes["gen_ai.request.reasoning.level"] == "budget:16384"
+    assert "reasoning:cap" in parent.attributes["router_middleware.decisions"]
