@@ -127,3 +127,17 @@ def test_chat_sessions_with_a_4k_budget(capsys) -> None:
     assert data["integrity_violations"] == 0
     assert opt["input_tokens"] <= 0.40 * base["input_tokens"]
     assert opt["cost_usd"] <= base["cost_usd"]
+
+
+def test_replay_reports_reasoning_recorded_vs_capped(agent_session_paths) -> None:
+    from router_middleware.replay import replay as run
+
+    sessions = [load_session(p) for p in agent_session_paths if p.name.startswith("gemini")][:3]
+    config = {"context": {"enabled": False}, "reasoning": {"rules": [
+        {"when": {"step_kind": ["plan"]}, "budget_tokens": 0},
+        {"when": {"step_kind": ["observe"]}, "budget_tokens": 50}]}}
+    report = run(sessions, Pipeline.from_config(config), model="anthropic/claude-sonnet-4-5").as_dict()
+    recorded, optimized = report["recorded"]["reasoning_tokens"], report["optimized"]["reasoning_tokens"]
+    assert recorded > 0 and optimized < recorded
+    assert report["optimized"]["output_tokens"] == report["baseline"]["output_tokens"] - (recorded - optimized)
+    assert report["optimized"]["cost_usd"] < report["baseline"]["cost_usd"]

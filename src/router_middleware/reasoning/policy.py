@@ -77,7 +77,8 @@ class ReasoningPolicy:
         result = translate(plan.model, state.catalog.provider(plan.model), info, plan.params, level=level,
                            budget_tokens=budget, budgets=budgets, exclude=config.exclude_from_response)
         action = "cap" if result.supported else "unsupported"
-        attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind}
+        attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind,
+                                                      "effective_level": result.effective or level}
         if budget is not None:
             attrs["budget_tokens"] = budget
         if remaining is not None:

@@ -27,9 +27,12 @@ ANTHROPIC_OUTPUT_RESERVE = 4096
 
 @dataclass(frozen=True)
 class Translation:
+    """``effective`` is the level the provider will really apply (e.g. Gemini 3 cannot go below low)."""
+
     params: dict[str, Any]
     note: str
     supported: bool = True
+    effective: str | None = None
 
 
 def can_reason(model: str, info: ModelInfo | None) -> bool:
@@ -77,7 +80,7 @@ def translate(
             effort = "low"
         elif level == "xhigh" and "xhigh" not in efforts:
             effort = "high"
-        return Translation({**base, "reasoning_effort": effort}, f"reasoning_effort={effort}")
+        return Translation({**base, "reasoning_effort": effort}, f"reasoning_effort={effort}", effective=effort)
     if kind == "anthropic":
         if level == "none" or tokens <= 0:
             return Translation(base, "thinking off")
@@ -92,23 +95,25 @@ def translate(
         return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
     if kind == "gemini-3":
         effort = "low" if level in ("none", "minimal", "low") else "high"
-        return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}")
+        return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}", effective=effort)
     if kind == "gemini-2.5":
         if level == "none":
             return Translation({**base, "reasoning_effort": "disable"}, "thinkingBudget 0")
         return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": tokens}},
                            f"thinkingBudget {tokens}")
     if kind == "openrouter":
+        if "gemini-3" in model.lower() and level in ("none", "minimal"):
+            level = "low"  # Gemini 3 cannot turn thinking off; its lowest level is low
         if level == "none":
             return Translation({**base, "reasoning": {"enabled": False}}, "reasoning disabled")
         body: dict[str, Any] = ({"max_tokens": tokens} if budget_tokens is not None
                                 else {"effort": "high" if level == "xhigh" else level})
         if exclude:
             body["exclude"] = True
-        return Translation({**base, "reasoning": body}, f"reasoning {body}")
+        return Translation({**base, "reasoning": body}, f"reasoning {body}", effective=level)
     # DeepSeek: no effort levels; deepseek-reasoner always thinks.
     if "reasoner" in model.lower():
-        return Translation(base, "deepseek-reasoner always reasons: no control")
+        return Translation(base, "deepseek-reasoner always reasons: no control", effective="xhigh")
     if level == "none":
         return Translation(base, "thinking off")
     return Translation({**base, "thinking": {"type": "enabled"}}, "thinking on")

@@ -29,6 +29,22 @@ _LITELLM_PREFIXES = frozenset({
 })
 
 
+def reasoning_cap(plan: Plan) -> int:
+    """The reasoning tokens the plan's cap allows: an estimate (the recorded reply is assumed to keep
+    its other output, and to need no more reasoning than the cap allows)."""
+    from ..reasoning import DEFAULT_BUDGETS
+
+    for decision in reversed(plan.decisions):
+        if decision.policy == "reasoning" and decision.action == "cap":
+            budget = decision.attributes.get("budget_tokens")
+            if isinstance(budget, int):
+                return budget
+            level = str(decision.attributes.get("effective_level", "xhigh"))
+            budgets: dict[str, int] = {str(k): v for k, v in DEFAULT_BUDGETS.items()}
+            return budgets.get(level, 1 << 30)
+    return 1 << 30
+
+
 def model_for(session: Session, override: str | None = None) -> str:
     """The litellm model id to price a session with.
 
@@ -186,7 +202,8 @@ def replay_session(
         call = Call.create(model_id, request, {}, context)
         plans = {"baseline": baseline.plan(call), "optimized": optimized.plan(call, state)}
         for name, plan in plans.items():
-            planned_usage, cost = accountants[name].account(plan, reply_key, output, reasoning)
+            capped = min(reasoning, reasoning_cap(plan)) if name == "optimized" else reasoning
+            planned_usage, cost = accountants[name].account(plan, reply_key, output - (reasoning - capped), capped)
             getattr(report, name).add(planned_usage, cost)
         plan = plans["optimized"]
         report.calls += 1
