@@ -53,20 +53,27 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     role = message.get("role")
     if role not in ROLES:
         raise MessageError(f"unknown role {role!r} (expected one of {sorted(ROLES)})", index=index, source=source)
-    out = dict(message)
-    content = out.get("content")
+    content = message.get("content")
     if content is not None and not isinstance(content, str | list):
         raise MessageError(f"content must be a string, a list of parts or null, got {type(content).__name__}",
                            index=index, source=source)
-    if role == "tool" and not out.get("tool_call_id"):
+    if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
-    if "tool_calls" in out:
-        calls = parse_tool_calls(out["tool_calls"], index=index, source=source)
-        if calls:
-            out["tool_calls"] = calls
-        else:
-            out.pop("tool_calls")
+    raw_calls = message.get("tool_calls", None)
+    if "tool_calls" not in message or (isinstance(raw_calls, list) and raw_calls and _calls_ok(raw_calls)):
+        return message if isinstance(message, dict) else dict(message)  # valid as sent: no copy
+    out = dict(message)
+    calls = parse_tool_calls(raw_calls, index=index, source=source)
+    if calls:
+        out["tool_calls"] = calls
+    else:
+        out.pop("tool_calls")
     return out
+
+
+def _calls_ok(calls: list[Any]) -> bool:
+    return all(isinstance(c, Mapping) and c.get("id") and isinstance(c.get("function"), Mapping)
+               and c["function"].get("name") for c in calls)
 
 
 def validate_messages(messages: Iterable[Any], *, source: str | None = None) -> list[dict[str, Any]]:

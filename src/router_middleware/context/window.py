@@ -193,6 +193,10 @@ class MiddleOut:
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         budget = self.budget_tokens or context_limit(plan, state)
         messages = plan.messages
+        if self.max_messages is None or len(messages) <= self.max_messages:
+            tokens = state.tokens(plan.model, messages, plan.params.get("tools"), plan.call.context.session_id)
+            if budget is None or tokens <= budget:
+                return plan
         head = head_length(messages)
         units = blocks(messages, head)
         sizes = [sum(state.message_tokens(plan.model, m) for m in messages[b:e]) for b, e in units]

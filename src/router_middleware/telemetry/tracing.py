@@ -64,8 +64,11 @@ class CallTrace:
     @never_raises(default=None)
     def _open(self, tokens_before: int, tokens_after: int) -> None:
         tracer = _tracer()
-        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL,
-                                        attributes=decision_attributes(self.plan, tokens_before, tokens_after))
+        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL)
+        if not self.parent.is_recording():  # no SDK installed, or sampled out: build no attributes
+            self.parent = None
+            return
+        self.parent.set_attributes(decision_attributes(self.plan, tokens_before, tokens_after))
         for decision in self.plan.decisions:
             self.parent.add_event(f"{decision.policy}:{decision.action}",
                                   {"reason": decision.reason, **dict(decision.attributes)})
