@@ -1,0 +1,126 @@
+"""Overhead of the pipeline vs bare litellm, both with `mock_response`, measured in one run.
+
+    .venv/bin/python benchmarks/overhead.py [--repeat N]
+
+For 20- and 300-message agent histories: median wall time of `litellm.completion` /
+`litellm.acompletion` (bare) and of `Pipeline.completion` / `acompletion` with the default policies
+(wrapped), their ratio, and the median planning time alone. Bare and wrapped calls alternate so that
+machine noise hits both alike. Logging is filtered to warnings (an application's usual setup); no
+OpenTelemetry SDK is installed, as in an application that has not configured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from importlib.metadata import version
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import structlog  # noqa: E402
+
+import router_middleware as rm  # noqa: E402
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+import litellm  # noqa: E402
+
+
+def history(n: int) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
+                                      {"role": "user", "content": "Fix the failing test in src/app/models.py"}]
+    i = 0
+    while len(messages) < n:
+        call_id = f"call_{i}"
+        messages.append({"role": "assistant", "content": f"Step {i}: inspect the next file.",
+                         "tool_calls": [{"id": call_id, "type": "function",
+                                         "function": {"name": "bash", "arguments": f'{{"command": "cat f{i}.py"}}'}}]})
+        messages.append({"role": "tool", "tool_call_id": call_id, "content": f"def f{i}():\n    return {i}\n" * 20})
+        i += 1
+    return messages[:n] if messages[n - 1].get("role") == "tool" else messages[: n - 1]
+
+
+def paired(bare: Callable[[], Any], wrapped: Callable[[], Any], repeat: int) -> tuple[float, float]:
+    for _ in range(10):
+        bare(), wrapped()
+    times_bare, times_wrapped = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        bare()
+        times_bare.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        wrapped()
+        times_wrapped.append(time.perf_counter() - start)
+    return statistics.median(times_bare), statistics.median(times_wrapped)
+
+
+async def apaired(bare: Callable[[], Awaitable[Any]], wrapped: Callable[[], Awaitable[Any]],
+                  repeat: int) -> tuple[float, float]:
+    for _ in range(10):
+        await bare()
+        await wrapped()
+    times_bare, times_wrapped = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        await bare()
+        times_bare.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await wrapped()
+        times_wrapped.append(time.perf_counter() - start)
+    return statistics.median(times_bare), statistics.median(times_wrapped)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=300)
+    args = parser.parse_args(argv)
+    pipeline = rm.Pipeline.from_config({})
+    model = "gpt-4o-mini"
+    print(f"overhead benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, litellm {version('litellm')}"
+          f", {args.repeat} paired calls each\n")
+    print("| history | mode | bare litellm (ms) | Pipeline (ms) | ratio | planning alone (ms) |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for size in (20, 300):
+        messages = history(size)
+        kwargs = {"model": model, "messages": messages, "mock_response": "ok"}
+        call = rm.Call.create(model, messages, {}, {"session_id": "bench"})
+        plans = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            pipeline.plan(call)
+            plans.append(time.perf_counter() - start)
+        planning = statistics.median(plans)
+        bare, wrapped = paired(lambda: litellm.completion(**kwargs),
+                               lambda: pipeline.completion(**kwargs, context={"session_id": "bench"}), args.repeat)
+        abare, awrapped = asyncio.run(apaired(lambda: litellm.acompletion(**kwargs),
+                                              lambda: pipeline.acompletion(**kwargs, context={"session_id": "bench"}),
+                                              args.repeat))
+        for mode, b, w in (("sync", bare, wrapped), ("async", abare, awrapped)):
+            ratios.append((size, mode, w / b))
+            print(f"| {size} messages | {mode} | {b * 1e3:.3f} | {w * 1e3:.3f} | {w / b:.3f} | {planning * 1e3:.3f} |")
+    tracemalloc.start()
+    sessions = rm.Pipeline.from_config({})
+    before = tracemalloc.take_snapshot()
+    for s in range(200):
+        sessions.plan(rm.Call.create(model, history(20), {}, {"session_id": f"s{s}"}))
+    after = tracemalloc.take_snapshot()
+    grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    tracemalloc.stop()
+    print(f"\nmemory per active session (200 sessions planned once, 20 messages each): {grown / 200 / 1024:.1f} KiB")
+    summary = ", ".join(f"{size}/{mode} x{ratio:.3f}" for size, mode, ratio in ratios)
+    print(f"summary: wrapped/bare median ratio {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
