@@ -100,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.plan(call)
             plans.append(time.perf_counter() - start)
         planning = statistics.median(plans)
-        bare, wrapped = paired(lambda: litellm.completion(**kwargs),
-                               lambda: pipeline.completion(**kwargs, context={"session_id": "bench"}), args.repeat)
-        abare, awrapped = asyncio.run(apaired(lambda: litellm.acompletion(**kwargs),
-                                              lambda: pipeline.acompletion(**kwargs, context={"session_id": "bench"}),
+        ctx = {"session_id": "bench"}
+        bare, wrapped = paired(lambda kw=kwargs: litellm.completion(**kw),
+                               lambda kw=kwargs: pipeline.completion(**kw, context=ctx), args.repeat)
+        abare, awrapped = asyncio.run(apaired(lambda kw=kwargs: litellm.acompletion(**kw),
+                                              lambda kw=kwargs: pipeline.acompletion(**kw, context=ctx),
                                               args.repeat))
         for mode, b, w in (("sync", bare, wrapped), ("async", abare, awrapped)):
             ratios.append((size, mode, w / b))
