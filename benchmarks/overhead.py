@@ -100,11 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.plan(call)
             plans.append(time.perf_counter() - start)
         planning = statistics.median(plans)
-        ctx = {"session_id": "bench"}
         bare, wrapped = paired(lambda kw=kwargs: litellm.completion(**kw),
-                               lambda kw=kwargs: pipeline.completion(**kw, context=ctx), args.repeat)
+                               lambda kw=kwargs: pipeline.completion(**kw, context={"session_id": "bench"}), args.repeat)
         abare, awrapped = asyncio.run(apaired(lambda kw=kwargs: litellm.acompletion(**kw),
-                                              lambda kw=kwargs: pipeline.acompletion(**kw, context=ctx),
+                                              lambda kw=kwargs: pipeline.acompletion(**kw, context={"session_id": "bench"}),
                                               args.repeat))
         for mode, b, w in (("sync", bare, wrapped), ("async", abare, awrapped)):
             ratios.append((size, mode, w / b))
