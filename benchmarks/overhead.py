@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in (20, 300):
         messages = history(size)
         kwargs = {"model": model, "messages": messages, "mock_response": "ok"}
+        wrapped_kwargs = {**kwargs, "context": {"session_id": "bench"}}
         call = rm.Call.create(model, messages, {}, {"session_id": "bench"})
         plans = []
         for _ in range(args.repeat):
@@ -101,10 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             plans.append(time.perf_counter() - start)
         planning = statistics.median(plans)
         bare, wrapped = paired(lambda kw=kwargs: litellm.completion(**kw),
-                               lambda kw=kwargs: pipeline.completion(**kw, context={"session_id": "bench"}), args.repeat)
+                               lambda kw=wrapped_kwargs: pipeline.completion(**kw), args.repeat)
         abare, awrapped = asyncio.run(apaired(lambda kw=kwargs: litellm.acompletion(**kw),
-                                              lambda kw=kwargs: pipeline.acompletion(**kw, context={"session_id": "bench"}),
-                                              args.repeat))
+                                              lambda kw=wrapped_kwargs: pipeline.acompletion(**kw), args.repeat))
         for mode, b, w in (("sync", bare, wrapped), ("async", abare, awrapped)):
             ratios.append((size, mode, w / b))
             print(f"| {size} messages | {mode} | {b * 1e3:.3f} | {w * 1e3:.3f} | {w / b:.3f} | {planning * 1e3:.3f} |")
