@@ -7,7 +7,7 @@ from typing import Any
 from .catalog import Catalog, ModelInfo
 from .errors import OutcomeUnavailable
 from .pricing import price
-from .types import Outcome, Plan, UsageSource
+from .types import Outcome, Plan, Usage, UsageSource
 from .usage import as_dict, normalize_usage, reported_cost
 
 OUTCOME_KEY = "router_middleware_outcome"
@@ -58,6 +58,8 @@ def build_outcome(
     if plan is not None and plan.params.get("mock_response") is not None and usage_source == "provider":
         usage_source = "estimated"  # litellm invents usage for mock responses
     usage = normalize_usage(raw_usage, source=usage_source)
+    if usage_source == "cache":
+        usage = Usage(source="cache")  # nothing was consumed; the response keeps its original usage
     info = _price_info(catalog, answered, provider, plan.model if plan else None)
     reported = reported_cost(raw_usage) if provider in _REPORTS_COST else None
     cost = price(usage, info, reported_usd=reported)

@@ -120,6 +120,16 @@ class ReasoningConfig(_Strict):
     level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)
 
 
+class CacheConfig(_Strict):
+    """The exact response cache (see ``router_middleware.cache``)."""
+
+    enabled: bool = True
+    store: str = "memory://"
+    ttl_s: float = Field(default=3600.0, gt=0)
+    max_entries: int = Field(default=10_000, gt=0)
+    policy: Literal["temperature0", "opt-in", "always"] = "temperature0"
+
+
 class RedactionRule(_Strict):
     pattern: str
     replacement: str = "[REDACTED]"
@@ -150,6 +160,7 @@ class Config(_Strict):
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     context: ContextSection = Field(default_factory=ContextSection)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     def policies(self) -> tuple[Any, ...]:

@@ -11,11 +11,13 @@ from typing import Any
 
 from ._env import prepare_litellm_env
 from .accounting import attach, build_outcome
+from .cache import ResponseCache, rebuild_response, replay_chunks
 from .catalog import Catalog
 from .config import Config, load_config
 from .context.summarize import store_summary, summary_request
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
+from .stores import open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
 from .types import AgentContext, Call, Outcome, Plan, SummaryJob, UsageSource
@@ -43,6 +45,22 @@ def _usage_reported(chunks: Sequence[Any]) -> bool:
         if usage is not None and type(usage).__name__ != "UnreportedUsage":
             return True
     return False
+
+
+class _Replay:
+    """Stored chunks served through the same iterator protocols as a live litellm stream."""
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self._chunks = iter(chunks)
+
+    def __next__(self) -> Any:
+        return next(self._chunks)
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None
 
 
 def _answered_model(chunks: Sequence[Any]) -> str | None:
@@ -73,6 +91,11 @@ class Pipeline:
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
                                  reasoning_spent=self.reasoning_spent)
         self.telemetry = self.config.telemetry.settings()
+        self.cache: ResponseCache | None = None
+        if config is not None and self.config.cache.enabled:
+            settings = self.config.cache
+            self.cache = ResponseCache(open_store(settings.store), ttl_s=settings.ttl_s,
+                                       max_entries=settings.max_entries, policy=settings.policy)
 
     @classmethod
     def from_config(
@@ -113,6 +136,9 @@ class Pipeline:
                 with self._summary_guard(job):
                     store_summary(self.summaries, job, _litellm().completion(**self._summary_request(job)))
             plan = self.plan(call)
+        cached = self._from_cache(plan)
+        if cached is not None:
+            return cached
         request, tracer, started = self._launch(plan)
         try:
             response = _litellm().completion(**request)
@@ -133,6 +159,9 @@ class Pipeline:
                 with self._summary_guard(job):
                     store_summary(self.summaries, job, await _litellm().acompletion(**self._summary_request(job)))
             plan = self.plan(call)
+        cached = self._from_cache(plan)
+        if cached is not None:
+            return cached
         request, tracer, started = self._launch(plan)
         try:
             response = await _litellm().acompletion(**request)
@@ -179,15 +208,45 @@ class Pipeline:
             return TrackedStream(response, self._stream_finisher(plan, tracer), started)
         result = build_outcome(response, plan, self.catalog, latency_s=time.perf_counter() - started)
         attach(response, result)
-        self._settle(result)
+        self._settle(result, response)
         tracer.succeed(result, response)
         return response
 
-    def _settle(self, result: Outcome) -> None:
-        """Record what a finished call spent that later plans depend on (session reasoning budget)."""
-        session = result.plan.call.context.session_id if result.plan else None
+    def _from_cache(self, plan: Plan) -> Any:
+        """A cached answer for ``plan``, shaped like a live one (a stream if one was asked for), or None."""
+        if self.cache is None or not self.cache.cacheable(plan):
+            return None
+        entry = self.cache.lookup(plan)
+        if entry is None:
+            return None
+        plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
+        tracer = CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), 0, 0, attempt=False)
+        started = time.perf_counter()
+        if plan.params.get("stream"):
+            def finish(chunks: list[Any], begun: float, first: float | None, error: BaseException | None,
+                       complete: bool) -> Outcome | None:
+                result = build_outcome(rebuild_response(entry.response), plan, self.catalog, usage_source="cache",
+                                       latency_s=time.perf_counter() - begun,
+                                       time_to_first_token_s=(first - begun) if first is not None else None)
+                tracer.succeed(result)
+                return result
+
+            return TrackedStream(_Replay(replay_chunks(entry.response)), finish, started)
+        response = rebuild_response(entry.response)
+        result = build_outcome(response, plan, self.catalog, usage_source="cache",
+                               latency_s=time.perf_counter() - started)
+        attach(response, result)
+        tracer.succeed(result, response)
+        return response
+
+    def _settle(self, result: Outcome, response: Any) -> None:
+        """Record what a finished call leaves for later ones: the session's reasoning spend, the cache."""
+        plan = result.plan
+        session = plan.call.context.session_id if plan else None
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent[session] = self.reasoning_spent.get(session, 0) + result.usage.reasoning_tokens
+        if plan is not None and self.cache is not None and self.cache.cacheable(plan):
+            self.cache.save(plan, response, result.cost.total_usd)
 
     def _stream_finisher(self, plan: Plan, tracer: CallTrace) -> Any:
         def finish(
@@ -209,7 +268,8 @@ class Pipeline:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
-            self._settle(result)
+            if complete:
+                self._settle(result, response)
             if error is not None:
                 tracer.fail(error, result)
             else:

@@ -23,7 +23,8 @@ class AgentContext:
 
     All fields are optional. ``session_id`` groups the calls of one agent run (budgets, caches,
     ``gen_ai.conversation.id``); ``step`` is the 0-based index of the call in that run; ``step_kind``
-    is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...).
+    is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...);
+    ``tenant`` scopes the response cache; ``cache`` forces a call in (``True``) or out (``False``) of it.
     """
 
     app: str | None = None
@@ -33,6 +34,7 @@ class AgentContext:
     user: str | None = None
     tenant: str | None = None
     tags: tuple[str, ...] = ()
+    cache: bool | None = None
 
     @classmethod
     def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:

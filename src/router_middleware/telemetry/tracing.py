@@ -55,14 +55,15 @@ class CallTrace:
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,
-              tokens_after: int) -> CallTrace:
+              tokens_after: int, *, attempt: bool = True) -> CallTrace:
+        """``attempt=False``: no provider is called (a response-cache hit), so no CLIENT span."""
         trace_ = cls(settings, plan, provider)
         if settings.enabled:
-            trace_._open(tokens_before, tokens_after)
+            trace_._open(tokens_before, tokens_after, attempt)
         return trace_
 
     @never_raises(default=None)
-    def _open(self, tokens_before: int, tokens_after: int) -> None:
+    def _open(self, tokens_before: int, tokens_after: int, attempt: bool = True) -> None:
         tracer = _tracer()
         self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL)
         if not self.parent.is_recording():  # no SDK installed, or sampled out: build no attributes
@@ -73,6 +74,8 @@ class CallTrace:
             self.parent.add_event(f"{decision.policy}:{decision.action}",
                                   {"reason": decision.reason, **dict(decision.attributes)})
         self.request_attrs = request_attributes(self.plan, self.provider)
+        if not attempt:
+            return
         context = trace.set_span_in_context(self.parent)
         self.child = tracer.start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
                                        attributes=self.request_attrs)
@@ -93,6 +96,10 @@ class CallTrace:
             self.parent.set_attribute("gen_ai.response.model", outcome.model)
             if outcome.cost.total_usd is not None:
                 self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
+            if outcome.usage.source == "cache":
+                self.parent.set_attribute("router_middleware.cache.hit", True)
+                self.parent.set_attribute("router_middleware.savings.estimated_usd",
+                                          float(self.plan.estimated_savings_usd))
             self.parent.end()
         if settings.enabled:
             call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,

@@ -1,0 +1,127 @@
+"""Exact response cache: identical requests (after routing and trimming) are answered from a store.
+
+The key is a hash of what changes the answer: the model actually called, the messages sent, tools,
+tool_choice, response_format and the sampling parameters. It is namespaced by app and tenant, so one
+tenant can never read another's entries. Which calls may be cached: those with ``temperature=0``,
+or any call whose context says ``cache=True`` (``policy: always`` caches everything,
+``policy: opt-in`` only the latter). Entries expire after ``ttl_s``; at most ``max_entries`` per
+namespace are kept (the oldest is evicted first). A store that fails degrades to a miss with a
+warning; it never fails the call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .stores import Store
+from .telemetry import log
+from .types import Plan
+
+KEYED_PARAMS = (
+    "tools", "tool_choice", "response_format", "temperature", "top_p", "top_k", "max_tokens",
+    "max_completion_tokens", "seed", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias",
+    "reasoning_effort", "thinking", "reasoning", "functions", "function_call", "parallel_tool_calls",
+)
+
+
+@dataclass(frozen=True)
+class CachedEntry:
+    response: dict[str, Any]
+    cost_usd: float | None
+
+
+def namespace(plan: Plan) -> str:
+    context = plan.call.context
+    return f"cache:{context.app or '-'}:{context.tenant or '-'}"
+
+
+def request_key(plan: Plan) -> str:
+    material = {
+        "model": plan.model,
+        "messages": [dict(m) for m in plan.messages],
+        "params": {k: plan.params[k] for k in KEYED_PARAMS if k in plan.params},
+    }
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, store: Store, *, ttl_s: float = 3600.0, max_entries: int = 10_000,
+                 policy: str = "temperature0") -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self.policy = policy
+
+    def cacheable(self, plan: Plan) -> bool:
+        opted = plan.call.context.cache
+        if opted is not None:
+            return opted
+        if self.policy == "always":
+            return True
+        if self.policy == "opt-in":
+            return False
+        return plan.params.get("temperature") == 0 and not plan.params.get("n", 1) > 1
+
+    def lookup(self, plan: Plan) -> CachedEntry | None:
+        key = f"{namespace(plan)}:{request_key(plan)}"
+        try:
+            raw = self.store.get(key)
+            if raw is None:
+                return None
+            data = json.loads(raw)
+            return CachedEntry(dict(data["response"]), data.get("cost_usd"))
+        except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
+            log.warning("cache_lookup_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
+
+    def save(self, plan: Plan, response: Any, cost_usd: float | None) -> bool:
+        space = namespace(plan)
+        key = f"{space}:{request_key(plan)}"
+        try:
+            payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+            self.store.set(key, json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode(),
+                           ttl_s=self.ttl_s)
+            slot = int(self.store.incr(f"{space}:seq", 1)) % self.max_entries
+            previous = self.store.get(f"{space}:slot:{slot}")
+            if previous and previous.decode() != key:
+                self.store.delete(previous.decode())
+            self.store.set(f"{space}:slot:{slot}", key.encode(), ttl_s=self.ttl_s)
+            return True
+        except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+            log.warning("cache_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return False
+
+
+def rebuild_response(data: dict[str, Any]) -> Any:
+    """A ``ModelResponse`` equal in shape to the one that was stored, marked as a cache hit."""
+    import litellm
+
+    response = litellm.ModelResponse(**data)
+    response._hidden_params["cache_hit"] = True
+    return response
+
+
+def replay_chunks(data: dict[str, Any]) -> list[Any]:
+    """The stored response as stream chunks: role and content, tool calls, finish, then usage."""
+    from litellm.types.utils import ModelResponseStream
+
+    chunk: Any = ModelResponseStream  # litellm's constructor types are stricter than what it accepts
+    choice = (data.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    base: dict[str, Any] = {"id": data.get("id"), "created": data.get("created"), "model": data.get("model"),
+                            "object": "chat.completion.chunk"}
+    chunks = []
+    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+    chunks.append(chunk(**base, choices=[{"index": 0, "delta": delta}]))
+    finish = choice.get("finish_reason") or "stop"
+    chunks.append(chunk(**base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+    final = chunk(**base, choices=[])
+    final.usage = data.get("usage")
+    chunks.append(final)
+    return chunks

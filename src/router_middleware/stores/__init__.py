@@ -1,0 +1,27 @@
+"""State stores: memory (default), SQLite (one machine, several processes), Redis (many workers)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from .base import LockTimeout, Store, StoreError
+from .memory import MemoryStore
+from .sqlite import SQLiteStore
+
+
+def open_store(url: str | None) -> Store:
+    """``memory://`` (default), ``sqlite:///path/to/file.db`` or ``redis://host:port/db``."""
+    if not url or url.startswith("memory:"):
+        return MemoryStore()
+    scheme = urlparse(url).scheme
+    if scheme == "sqlite":
+        # sqlite:///relative.db or sqlite:////absolute/path.db
+        return SQLiteStore(url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):])
+    if scheme in ("redis", "rediss", "unix"):
+        from .redis import RedisStore
+
+        return RedisStore(url)
+    raise StoreError(f"unknown store URL {url!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+__all__ = ["LockTimeout", "MemoryStore", "SQLiteStore", "Store", "StoreError", "open_store"]

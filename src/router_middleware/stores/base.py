@@ -1,0 +1,56 @@
+"""The store contract shared by every policy that keeps state: one small interface, three backends.
+
+Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no expiry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+from ..errors import RouterMiddlewareError
+
+
+class StoreError(RouterMiddlewareError):
+    """A store could not be reached or answered nonsense. Callers degrade; they never fail a call."""
+
+
+class LockTimeout(StoreError):
+    """A lock could not be acquired in time."""
+
+
+@runtime_checkable
+class Store(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
+        """Add ``amount`` atomically (a missing key counts as 0) and return the new value. ``ttl_s`` is
+        set when the key is created."""
+        ...
+
+    def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
+        """Set ``value`` only if the current value equals ``expected`` (``None``: the key is absent)."""
+        ...
+
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
+        """A mutual-exclusion lock across processes, released on exit or after ``ttl_s``."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def poll(timeout_s: float, interval_s: float = 0.01) -> Iterator[None]:
+    """Yield until ``timeout_s`` has passed, sleeping ``interval_s`` between tries."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        yield
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval_s)

@@ -1,0 +1,86 @@
+"""In-process store (the default): a dict with expiry and an LRU bound, safe across threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .base import LockTimeout, poll
+
+
+class MemoryStore:
+    def __init__(self, max_keys: int = 100_000) -> None:
+        self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        self._mutex = threading.RLock()
+        self._max = max_keys
+
+    def _live(self, key: str) -> bytes | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        value, expires = item
+        if expires is not None and expires <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def _put(self, key: str, value: bytes, ttl_s: float | None) -> None:
+        self._data[key] = (value, time.monotonic() + ttl_s if ttl_s else None)
+        self._data.move_to_end(key)
+        while len(self._data) > self._max:
+            self._data.popitem(last=False)
+
+    def get(self, key: str) -> bytes | None:
+        with self._mutex:
+            return self._live(key)
+
+    def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        with self._mutex:
+            self._put(key, value, ttl_s)
+
+    def delete(self, key: str) -> None:
+        with self._mutex:
+            self._data.pop(key, None)
+
+    def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
+        with self._mutex:
+            current = self._live(key)
+            if current is None:
+                value = amount
+                self._put(key, repr(value).encode(), ttl_s)
+            else:
+                value = float(current) + amount
+                expires = self._data[key][1]
+                self._data[key] = (repr(value).encode(), expires)
+            return value
+
+    def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
+        with self._mutex:
+            if self._live(key) != expected:
+                return False
+            self._put(key, value, ttl_s)
+            return True
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
+        token = uuid.uuid4().hex.encode()
+        key = f"lock:{name}"
+        for _ in poll(timeout_s):
+            if self.compare_and_set(key, None, token, ttl_s):
+                break
+        else:
+            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        try:
+            yield
+        finally:
+            with self._mutex:
+                if self._live(key) == token:
+                    del self._data[key]
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,82 @@
+"""Redis store: many workers, atomic updates through Lua scripts (extra ``redis``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .base import LockTimeout, poll
+
+_INCR = """
+local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+_CAS = """
+local current = redis.call('GET', KEYS[1])
+if (ARGV[1] == '' and current == false) or (ARGV[1] ~= '' and current == ARGV[2]) then
+  if ARGV[4] ~= '' then redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4]) else redis.call('SET', KEYS[1], ARGV[3]) end
+  return 1
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def _ms(ttl_s: float | None) -> str:
+    return str(max(1, int(ttl_s * 1000))) if ttl_s else ""
+
+
+class RedisStore:
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout_s: float = 1.0,
+                 prefix: str = "rm:") -> None:
+        import redis
+
+        self.client: Any = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
+                                                socket_connect_timeout=socket_timeout_s)
+        self.prefix = prefix
+        self._incr = self.client.register_script(_INCR)
+        self._cas = self.client.register_script(_CAS)
+        self._release = self.client.register_script(_RELEASE)
+
+    def _k(self, key: str) -> str:
+        return self.prefix + key
+
+    def get(self, key: str) -> bytes | None:
+        value = self.client.get(self._k(key))
+        return bytes(value) if value is not None else None
+
+    def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self.client.set(self._k(key), value, px=int(ttl_s * 1000) if ttl_s else None)
+
+    def delete(self, key: str) -> None:
+        self.client.delete(self._k(key))
+
+    def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
+        return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
+
+    def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
+        flag = "" if expected is None else "1"
+        return bool(self._cas(keys=[self._k(key)], args=[flag, expected or b"", value, _ms(ttl_s)]))
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
+        token = uuid.uuid4().hex
+        key = self._k(f"lock:{name}")
+        for _ in poll(timeout_s):
+            if self.client.set(key, token, nx=True, px=int(ttl_s * 1000)):
+                break
+        else:
+            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        try:
+            yield
+        finally:
+            self._release(keys=[key], args=[token])
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,119 @@
+"""SQLite store: persistent on one machine, safe with several processes (WAL, busy timeout,
+``BEGIN IMMEDIATE`` for read-modify-write)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .base import LockTimeout, StoreError, poll
+
+SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
+
+
+class SQLiteStore:
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
+        self.path = str(path)
+        self._busy = busy_timeout_s
+        self._local = threading.local()
+        try:
+            with self._tx() as db:
+                db.execute(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a usable SQLite store ({exc})") from None
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=self._busy, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    @staticmethod
+    def _expiry(ttl_s: float | None) -> float | None:
+        return time.time() + ttl_s if ttl_s else None
+
+    @staticmethod
+    def _current(db: sqlite3.Connection, key: str) -> tuple[bytes, float | None] | None:
+        row = db.execute("SELECT value, expires FROM kv WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        if row[1] is not None and row[1] <= time.time():
+            db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            return None
+        return bytes(row[0]), row[1]
+
+    def get(self, key: str) -> bytes | None:
+        row = self._db().execute("SELECT value, expires FROM kv WHERE key = ?", (key,)).fetchone()
+        if row is None or (row[1] is not None and row[1] <= time.time()):
+            return None
+        return bytes(row[0])
+
+    def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._db().execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           (key, value, self._expiry(ttl_s)))
+
+    def delete(self, key: str) -> None:
+        self._db().execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
+        with self._tx() as db:
+            current = self._current(db, key)
+            if current is None:
+                value, expires = amount, self._expiry(ttl_s)
+            else:
+                value, expires = float(current[0]) + amount, current[1]
+            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                       (key, repr(value).encode(), expires))
+            return value
+
+    def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
+        with self._tx() as db:
+            current = self._current(db, key)
+            if (current[0] if current else None) != expected:
+                return False
+            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                       (key, value, self._expiry(ttl_s)))
+            return True
+
+    @contextmanager
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
+        token = uuid.uuid4().hex.encode()
+        key = f"lock:{name}"
+        for _ in poll(timeout_s):
+            if self.compare_and_set(key, None, token, ttl_s):
+                break
+        else:
+            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        try:
+            yield
+        finally:
+            with self._tx() as db:
+                current = self._current(db, key)
+                if current and current[0] == token:
+                    db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

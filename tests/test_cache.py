@@ -1,0 +1,197 @@
+"""Exact response cache: hits, misses, tenant isolation, streaming replay, eviction, failure degradation."""
+
+from __future__ import annotations
+
+import uuid
+
+import litellm
+import pytest
+import vcr
+from opentelemetry.trace import SpanKind
+
+from router_middleware import Pipeline, outcome
+from router_middleware.stores import MemoryStore, StoreError
+
+from .cassette_data import completion_kwargs, interactions
+from .conftest import CASSETTES
+
+MESSAGES = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+def calls_to_provider(monkeypatch) -> list[str]:
+    seen: list[str] = []
+    real = litellm.completion
+
+    def spy(**kwargs):
+        seen.append(kwargs["model"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(litellm, "completion", spy)
+    return seen
+
+
+def test_temperature_zero_is_cached_and_the_hit_costs_nothing(monkeypatch, span_exporter) -> None:
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({})
+    first = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    second = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    assert len(seen) == 1
+    assert type(second) is type(first)
+    assert second.choices[0].message.content == "4" and second.usage.total_tokens == first.usage.total_tokens
+    hit = outcome(second)
+    assert hit.usage.source == "cache" and hit.usage.total_tokens == 0
+    assert hit.cost.total_usd == 0 and hit.cost.source == "response_cache"
+    assert hit.plan.estimated_savings_usd == pytest.approx(outcome(first).cost.total_usd)
+    routes = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL]
+    assert routes[-1].attributes["router_middleware.cache.hit"] is True
+    assert routes[-1].attributes["router_middleware.savings.estimated_usd"] > 0
+    assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 1
+
+
+def test_what_is_not_cached(monkeypatch) -> None:
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({})
+    for _ in range(2):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="4")  # temperature unset
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0.7, mock_response="4")
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4",
+                            context={"cache": False})
+    assert len(seen) == 6
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0.7, mock_response="4",
+                        context={"cache": True})
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0.7, mock_response="4",
+                        context={"cache": True})
+    assert len(seen) == 7  # explicit opt-in
+
+
+def test_key_covers_what_changes_the_answer(monkeypatch) -> None:
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({})
+    tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    variants = [{}, {"tools": tools}, {"max_tokens": 5}, {"response_format": {"type": "json_object"}}, {"seed": 1}]
+    for params in variants:
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4", **params)
+    pipeline.completion(model="gpt-4o", messages=MESSAGES, temperature=0, mock_response="4")
+    assert len(seen) == len(variants) + 1
+
+
+def test_tenants_and_apps_never_share_entries(monkeypatch) -> None:
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({})
+    for context in ({"tenant": "acme"}, {"tenant": "globex"}, {"tenant": "acme", "app": "other"}):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="secret",
+                            context=context)
+    assert len(seen) == 3
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="x",
+                        context={"tenant": "globex"})
+    assert len(seen) == 3  # same tenant: a hit
+
+
+def test_streaming_replay_from_the_cache(monkeypatch) -> None:
+    pipeline = Pipeline.from_config({})
+    path = CASSETTES / "openai_chat_tools_streaming.yaml"
+    kwargs = completion_kwargs(interactions(path)[0])
+    with vcr.VCR(record_mode="none", decode_compressed_response=True).use_cassette(str(path)):
+        live = list(pipeline.completion(**kwargs, temperature=0))
+    seen = calls_to_provider(monkeypatch)
+    replayed = pipeline.completion(**kwargs, temperature=0)
+    chunks = list(replayed)
+    assert not seen
+    built = litellm.stream_chunk_builder(chunks)
+    live_built = litellm.stream_chunk_builder(live)
+    call = built.choices[0].message.tool_calls[0]
+    assert call.function.name == live_built.choices[0].message.tool_calls[0].function.name
+    assert call.function.arguments == live_built.choices[0].message.tool_calls[0].function.arguments
+    assert built.choices[0].finish_reason == "tool_calls"
+    assert outcome(replayed).usage.source == "cache"
+
+
+async def test_async_hit() -> None:
+    pipeline = Pipeline.from_config({})
+    await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    hit = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    assert outcome(hit).usage.source == "cache"
+
+
+def test_size_bound_evicts_the_oldest(monkeypatch) -> None:
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({"cache": {"max_entries": 2}})
+    for question in ("a", "b", "c"):
+        pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": question}], temperature=0,
+                            mock_response="x")
+    pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "c"}], temperature=0,
+                        mock_response="x")
+    assert len(seen) == 3  # "c" still cached
+    pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "a"}], temperature=0,
+                        mock_response="x")
+    assert len(seen) == 4  # "a" was evicted
+
+
+class BrokenStore(MemoryStore):
+    def get(self, key):
+        raise StoreError("store is down")
+
+    def set(self, key, value, ttl_s=None):
+        raise StoreError("store is down")
+
+
+def test_a_broken_store_degrades_to_a_miss() -> None:
+    pipeline = Pipeline.from_config({})
+    pipeline.cache.store = BrokenStore()
+    for _ in range(2):
+        response = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+        assert response.choices[0].message.content == "4"
+        assert outcome(response).usage.source != "cache"
+
+
+def test_corrupt_sqlite_file_mid_run_degrades_to_a_miss(tmp_path) -> None:
+    path = tmp_path / "cache.db"
+    pipeline = Pipeline.from_config({"cache": {"store": f"sqlite:///{path}"}})
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    pipeline.cache.store.close()
+    path.write_bytes(b"garbage" * 4096)
+    for name in ("cache.db-wal", "cache.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    response = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    assert response.choices[0].message.content == "4"
+    assert outcome(response).usage.source != "cache"
+
+
+def test_redis_restart_mid_run(redis_url, tmp_path) -> None:
+    import shutil
+    import subprocess
+    import time
+
+    from .conftest import _free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("needs the redis-server binary to restart a server of its own")
+    port = _free_port()
+    start = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)]
+    server = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        pipeline = Pipeline.from_config({"cache": {"store": f"redis://127.0.0.1:{port}/0"}})
+        question = [{"role": "user", "content": f"restart {uuid.uuid4()}"}]
+        pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
+        assert outcome(pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0,
+                                           mock_response="4")).usage.source == "cache"
+        server.terminate()
+        server.wait(10)
+        down = pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
+        assert down.choices[0].message.content == "4" and outcome(down).usage.source != "cache"
+        server = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.3)
+        pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
+        assert outcome(pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0,
+                                           mock_response="4")).usage.source == "cache"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_pass_through_pipeline_has_no_cache() -> None:
+    assert Pipeline().cache is None
+    assert Pipeline.from_config({"cache": {"enabled": False}}).cache is None

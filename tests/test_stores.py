@@ -1,0 +1,114 @@
+"""One store suite, three backends: memory, SQLite (files, several processes), real Redis."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+
+import pytest
+
+from router_middleware.stores import LockTimeout, MemoryStore, SQLiteStore, StoreError, open_store
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        backend = MemoryStore()
+    elif request.param == "sqlite":
+        backend = SQLiteStore(tmp_path / "state.db")
+    else:
+        from router_middleware.stores.redis import RedisStore
+
+        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield backend
+    backend.close()
+
+
+def test_get_set_delete_and_ttl(store) -> None:
+    assert store.get("a") is None
+    store.set("a", b"1")
+    assert store.get("a") == b"1"
+    store.delete("a")
+    assert store.get("a") is None
+    store.set("short", b"x", ttl_s=0.05)
+    assert store.get("short") == b"x"
+    time.sleep(0.12)
+    assert store.get("short") is None
+
+
+def test_incr_is_atomic_across_threads(store) -> None:
+    def work() -> None:
+        for _ in range(100):
+            store.incr("counter", 0.5)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert float(store.get("counter")) == pytest.approx(200.0)
+    assert store.incr("fresh", 2.5, ttl_s=0.05) == 2.5
+    time.sleep(0.12)
+    assert store.incr("fresh", 1) == 1.0  # expired: starts again
+
+
+def test_compare_and_set(store) -> None:
+    assert store.compare_and_set("k", None, b"v1")
+    assert not store.compare_and_set("k", None, b"v2")
+    assert not store.compare_and_set("k", b"wrong", b"v2")
+    assert store.compare_and_set("k", b"v1", b"v2")
+    assert store.get("k") == b"v2"
+
+
+def test_lock_excludes_and_times_out(store) -> None:
+    inside = []
+    with store.lock("job", ttl_s=5):
+        with pytest.raises(LockTimeout):
+            with store.lock("job", timeout_s=0.1):
+                inside.append("second")
+    with store.lock("job", timeout_s=0.5):
+        inside.append("after release")
+    assert inside == ["after release"]
+
+
+def test_lock_expires_if_holder_dies(store) -> None:
+    store.compare_and_set("lock:stale", None, b"dead-holder", ttl_s=0.1)
+    with store.lock("stale", timeout_s=1.0):
+        pass
+
+
+def _add_many(path: str, n: int) -> None:
+    backend = SQLiteStore(path)
+    for _ in range(n):
+        backend.incr("shared", 1)
+    backend.close()
+
+
+def test_sqlite_is_safe_with_several_processes(tmp_path) -> None:
+    path = str(tmp_path / "shared.db")
+    SQLiteStore(path).close()
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_many, args=(path, 200)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert all(w.exitcode == 0 for w in workers)
+    assert float(SQLiteStore(path).get("shared")) == 600
+
+
+def test_corrupt_sqlite_file_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "broken.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="broken.db: not a usable SQLite store"):
+        SQLiteStore(path)
+
+
+def test_open_store_urls(tmp_path, redis_url) -> None:
+    assert isinstance(open_store(None), MemoryStore)
+    assert isinstance(open_store(f"sqlite:///{tmp_path}/x.db"), SQLiteStore)
+    assert open_store(redis_url).get("nothing-here") is None
+    with pytest.raises(StoreError, match="unknown store URL"):
+        open_store("mongodb://x")
