@@ -124,7 +124,7 @@ class CacheConfig(_Strict):
     """The exact response cache (see ``router_middleware.cache``)."""
 
     enabled: bool = True
-    store: str = "memory://"
+    store: str | None = None  # default: the top-level ``store``
     ttl_s: float = Field(default=3600.0, gt=0)
     max_entries: int = Field(default=10_000, gt=0)
     policy: Literal["temperature0", "opt-in", "always"] = "temperature0"
@@ -157,6 +157,7 @@ class Config(_Strict):
 
     version: Literal[1] = 1
     app: str | None = None
+    store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     context: ContextSection = Field(default_factory=ContextSection)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)

@@ -14,10 +14,10 @@ from .accounting import attach, build_outcome
 from .cache import ResponseCache, rebuild_response, replay_chunks
 from .catalog import Catalog
 from .config import Config, load_config
-from .context.summarize import store_summary, summary_request
+from .context.summarize import summary_request, summary_text
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
-from .stores import open_store
+from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
 from .types import AgentContext, Call, Outcome, Plan, SummaryJob, UsageSource
@@ -86,16 +86,18 @@ class Pipeline:
         if policies is None:
             policies = self.config.policies() if config is not None else ()
         self.policies: tuple[Policy, ...] = tuple(policies)
-        self.summaries: dict[str, str] = {}
-        self.reasoning_spent: dict[str, int] = {}
+        self.store = open_store(self.config.store)
+        self.summaries: StoreView[str] = StoreView(self.store, "summary:", bytes.decode)
+        self.reasoning_spent: StoreView[int] = StoreView(self.store, "reasoning:", lambda raw: int(float(raw)))
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
                                  reasoning_spent=self.reasoning_spent)
         self.telemetry = self.config.telemetry.settings()
         self.cache: ResponseCache | None = None
         if config is not None and self.config.cache.enabled:
             settings = self.config.cache
-            self.cache = ResponseCache(open_store(settings.store), ttl_s=settings.ttl_s,
-                                       max_entries=settings.max_entries, policy=settings.policy)
+            store = open_store(settings.store) if settings.store else self.store
+            self.cache = ResponseCache(store, ttl_s=settings.ttl_s, max_entries=settings.max_entries,
+                                       policy=settings.policy)
 
     @classmethod
     def from_config(
@@ -134,7 +136,7 @@ class Pipeline:
         if plan.summary_jobs:
             for job in plan.summary_jobs:
                 with self._summary_guard(job):
-                    store_summary(self.summaries, job, _litellm().completion(**self._summary_request(job)))
+                    self._keep_summary(job, _litellm().completion(**self._summary_request(job)))
             plan = self.plan(call)
         cached = self._from_cache(plan)
         if cached is not None:
@@ -157,7 +159,7 @@ class Pipeline:
         if plan.summary_jobs:
             for job in plan.summary_jobs:
                 with self._summary_guard(job):
-                    store_summary(self.summaries, job, await _litellm().acompletion(**self._summary_request(job)))
+                    self._keep_summary(job, await _litellm().acompletion(**self._summary_request(job)))
             plan = self.plan(call)
         cached = self._from_cache(plan)
         if cached is not None:
@@ -169,6 +171,11 @@ class Pipeline:
             tracer.fail(exc)
             raise
         return self._received(plan, response, tracer, started)
+
+    def _keep_summary(self, job: SummaryJob, response: Any) -> None:
+        text = summary_text(response)
+        if text:
+            self.summaries.put(job.key, text.encode())
 
     def _summary_request(self, job: SummaryJob) -> dict[str, Any]:
         settings = self.config.context
@@ -244,7 +251,7 @@ class Pipeline:
         plan = result.plan
         session = plan.call.context.session_id if plan else None
         if session and result.usage.reasoning_tokens:
-            self.reasoning_spent[session] = self.reasoning_spent.get(session, 0) + result.usage.reasoning_tokens
+            self.reasoning_spent.add(session, result.usage.reasoning_tokens)
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):
             self.cache.save(plan, response, result.cost.total_usd)
 

@@ -8,7 +8,7 @@ call of the session reuse the same summary instead of paying for it again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..messages import text_of
@@ -33,11 +33,8 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> d
     }
 
 
-def store_summary(summaries: MutableMapping[str, str], job: SummaryJob, response: Any) -> bool:
-    """Keep the summary text from a litellm response; ``False`` when it carried none."""
+def summary_text(response: Any) -> str | None:
+    """The summary a litellm response carries, or ``None``."""
     choices = getattr(response, "choices", None) or []
     text = getattr(getattr(choices[0], "message", None), "content", None) if choices else None
-    if isinstance(text, str) and text.strip():
-        summaries[job.key] = text.strip()
-        return True
-    return False
+    return text.strip() if isinstance(text, str) and text.strip() else None

@@ -156,7 +156,7 @@ class Window:
         if not self.digest:
             return [], [], "nothing"
         fast = ("span", tuple(fast_key(m) for m in dropped))
-        if self.summarize or state.summaries:
+        if self.summarize:
             key = state.memo((*fast, "key"), lambda: span_key(dropped))
             summary = state.summaries.get(key)
             if summary:

@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 from .base import LockTimeout, Store, StoreError
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
+from .views import StoreView
 
 
 def open_store(url: str | None) -> Store:
@@ -24,4 +25,4 @@ def open_store(url: str | None) -> Store:
     raise StoreError(f"unknown store URL {url!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
 
 
-__all__ = ["LockTimeout", "MemoryStore", "SQLiteStore", "Store", "StoreError", "open_store"]
+__all__ = ["LockTimeout", "MemoryStore", "SQLiteStore", "Store", "StoreError", "StoreView", "open_store"]

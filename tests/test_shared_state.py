@@ -1,0 +1,57 @@
+"""Policy state lives in the configured store, so several pipelines (processes) share it."""
+
+from __future__ import annotations
+
+import uuid
+
+import litellm
+import pytest
+
+from router_middleware import Pipeline, outcome
+
+HISTORY = [{"role": "system", "content": "You are a coding agent."}, {"role": "user", "content": "task"}]
+for i in range(12):
+    HISTORY += [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"command": "cat f{i}.py"}}'}}]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": f"src/f{i}.py\n" + "x = 1\n" * 60}]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/state.db"
+    return request.getfixturevalue("redis_url")
+
+
+def test_two_pipelines_share_summaries(store_url, monkeypatch) -> None:
+    session = f"s-{uuid.uuid4().hex[:6]}"
+    config = {"store": store_url, "context": {"watermark_tokens": 1500, "max_payback_calls": None,
+                                              "summarize": True,
+                                              "summary_params": {"mock_response": f"Summary for {session}."}}}
+    summaries = []
+    real = litellm.completion
+
+    def spy(**kwargs):
+        if kwargs["model"] == "gpt-4o-mini":
+            summaries.append(1)
+        return real(**kwargs)
+
+    monkeypatch.setattr(litellm, "completion", spy)
+    first, second = Pipeline.from_config(config), Pipeline.from_config(config)
+    for pipeline in (first, second):
+        response = pipeline.completion(model="deepseek/deepseek-chat", messages=HISTORY, mock_response="ok",
+                                       context={"session_id": session})
+        assert any(f"Summary for {session}." in str(m.get("content")) for m in outcome(response).plan.messages)
+    assert len(summaries) == 1  # the second worker read the summary the first one wrote
+
+
+def test_two_pipelines_share_a_reasoning_budget(store_url) -> None:
+    session = f"r-{uuid.uuid4().hex[:6]}"
+    config = {"store": store_url, "reasoning": {"session_budget_tokens": 40000,
+                                                "rules": [{"when": {}, "effort": "high"}]}}
+    first, second = Pipeline.from_config(config), Pipeline.from_config(config)
+    first.reasoning_spent.add(session, 35000)  # as if the first worker's calls had reported it
+    plan = second.plan(second.make_call("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "go"}],
+                                        {"session_id": session}, {}))
+    decision = next(d for d in plan.decisions if d.policy == "reasoning")
+    assert decision.attributes["level"] == "low" and decision.attributes["session_remaining_tokens"] == 5000
