@@ -31,6 +31,7 @@ KEYED_PARAMS = (
 class CachedEntry:
     response: dict[str, Any]
     cost_usd: float | None
+    similarity: float | None = None  # set for semantic hits
 
 
 def namespace(plan: Plan) -> str:
@@ -48,13 +49,18 @@ def request_key(plan: Plan) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def key_for(plan: Plan) -> str:
+    return f"{namespace(plan)}:{request_key(plan)}"
+
+
 class ResponseCache:
     def __init__(self, store: Store, *, ttl_s: float = 3600.0, max_entries: int = 10_000,
-                 policy: str = "temperature0") -> None:
+                 policy: str = "temperature0", semantic: Any = None) -> None:
         self.store = store
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self.policy = policy
+        self.semantic = semantic  # a SemanticIndex, or None
 
     def cacheable(self, plan: Plan) -> bool:
         opted = plan.call.context.cache
@@ -67,7 +73,16 @@ class ResponseCache:
         return plan.params.get("temperature") == 0 and not plan.params.get("n", 1) > 1
 
     def lookup(self, plan: Plan) -> CachedEntry | None:
-        key = f"{namespace(plan)}:{request_key(plan)}"
+        entry = self._load(key_for(plan))
+        if entry is None and self.semantic is not None:
+            match = self.semantic.find(plan)
+            if match is not None:
+                found = self._load(match.cache_key)
+                if found is not None:
+                    return CachedEntry(found.response, found.cost_usd, match.similarity)
+        return entry
+
+    def _load(self, key: str) -> CachedEntry | None:
         try:
             raw = self.store.get(key)
             if raw is None:
@@ -90,10 +105,12 @@ class ResponseCache:
             if previous and previous.decode() != key:
                 self.store.delete(previous.decode())
             self.store.set(f"{space}:slot:{slot}", key.encode(), ttl_s=self.ttl_s)
-            return True
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             log.warning("cache_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return False
+        if self.semantic is not None:
+            self.semantic.add(plan, key)
+        return True
 
 
 def rebuild_response(data: dict[str, Any]) -> Any:

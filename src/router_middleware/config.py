@@ -120,6 +120,16 @@ class ReasoningConfig(_Strict):
     level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)
 
 
+class SemanticCacheConfig(_Strict):
+    """Paraphrase hits (extra ``semantic``); see ``router_middleware.semantic``."""
+
+    enabled: bool = False
+    threshold: float = Field(default=0.9, gt=0, le=1)
+    embedder: str = "local"  # or "litellm:<embedding model>"
+    number_guard: bool = True
+    max_per_scope: int = Field(default=200, gt=0)
+
+
 class CacheConfig(_Strict):
     """The exact response cache (see ``router_middleware.cache``)."""
 
@@ -128,6 +138,7 @@ class CacheConfig(_Strict):
     ttl_s: float = Field(default=3600.0, gt=0)
     max_entries: int = Field(default=10_000, gt=0)
     policy: Literal["temperature0", "opt-in", "always"] = "temperature0"
+    semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
 class RedactionRule(_Strict):

@@ -97,7 +97,18 @@ class Pipeline:
             settings = self.config.cache
             store = open_store(settings.store) if settings.store else self.store
             self.cache = ResponseCache(store, ttl_s=settings.ttl_s, max_entries=settings.max_entries,
-                                       policy=settings.policy)
+                                       policy=settings.policy, semantic=self._semantic_index(store))
+
+    def _semantic_index(self, store: Any) -> Any:
+        settings = self.config.cache.semantic
+        if not settings.enabled:
+            return None
+        from .semantic import SemanticIndex, litellm_embedder, local_embedder
+
+        embed = (litellm_embedder(settings.embedder.split(":", 1)[1]) if settings.embedder.startswith("litellm:")
+                 else local_embedder)
+        return SemanticIndex(store, embed, threshold=settings.threshold, max_per_scope=settings.max_per_scope,
+                             ttl_s=self.config.cache.ttl_s, number_guard=settings.number_guard)
 
     @classmethod
     def from_config(
@@ -228,6 +239,7 @@ class Pipeline:
             return None
         plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
         tracer = CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), 0, 0, attempt=False)
+        tracer.cache_similarity = entry.similarity
         started = time.perf_counter()
         if plan.params.get("stream"):
             def finish(chunks: list[Any], begun: float, first: float | None, error: BaseException | None,

@@ -52,6 +52,7 @@ class CallTrace:
         self.started = time.perf_counter()
         self.request_attrs: dict[str, AttributeValue] = {}
         self.done = False
+        self.cache_similarity: float | None = None
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,
@@ -98,6 +99,9 @@ class CallTrace:
                 self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
             if outcome.usage.source == "cache":
                 self.parent.set_attribute("router_middleware.cache.hit", True)
+                similarity = self.cache_similarity
+                if similarity is not None:
+                    self.parent.set_attribute("router_middleware.cache.similarity", float(similarity))
                 self.parent.set_attribute("router_middleware.savings.estimated_usd",
                                           float(self.plan.estimated_savings_usd))
             self.parent.end()
