@@ -135,13 +135,20 @@ class BrokenStore(MemoryStore):
         raise StoreError("store is down")
 
 
-def test_a_broken_store_degrades_to_a_miss() -> None:
+def test_a_broken_store_degrades_to_a_miss(span_exporter) -> None:
+    import structlog
+
     pipeline = Pipeline.from_config({})
     pipeline.cache.store = BrokenStore()
-    for _ in range(2):
-        response = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
-        assert response.choices[0].message.content == "4"
-        assert outcome(response).usage.source != "cache"
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            response = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+            assert response.choices[0].message.content == "4"
+            assert outcome(response).usage.source != "cache"
+    assert {"cache_lookup_failed", "cache_write_failed"} <= {e["event"] for e in logs}
+    route = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL][-1]
+    events = {e.name for e in route.events}
+    assert "cache:error" in events and "router_middleware.cache.error" in events
 
 
 def test_corrupt_sqlite_file_mid_run_degrades_to_a_miss(tmp_path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,15 @@ class ResponseCache:
         self.max_entries = max_entries
         self.policy = policy
         self.semantic = semantic  # a SemanticIndex, or None
+        self._local = threading.local()  # the last error of this thread's call, for its span
+
+    @property
+    def last_error(self) -> str | None:
+        return getattr(self._local, "error", None)
+
+    @last_error.setter
+    def last_error(self, value: str | None) -> None:
+        self._local.error = value
 
     def cacheable(self, plan: Plan) -> bool:
         opted = plan.call.context.cache
@@ -73,6 +83,7 @@ class ResponseCache:
         return plan.params.get("temperature") == 0 and not plan.params.get("n", 1) > 1
 
     def lookup(self, plan: Plan) -> CachedEntry | None:
+        self.last_error = None
         entry = self._load(key_for(plan))
         if entry is None and self.semantic is not None:
             match = self.semantic.find(plan)
@@ -90,10 +101,12 @@ class ResponseCache:
             data = json.loads(raw)
             return CachedEntry(dict(data["response"]), data.get("cost_usd"))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
+            self.last_error = f"lookup failed: {type(exc).__name__}"
             log.warning("cache_lookup_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return None
 
     def save(self, plan: Plan, response: Any, cost_usd: float | None) -> bool:
+        self.last_error = None
         space = namespace(plan)
         key = f"{space}:{request_key(plan)}"
         try:
@@ -106,6 +119,7 @@ class ResponseCache:
                 self.store.delete(previous.decode())
             self.store.set(f"{space}:slot:{slot}", key.encode(), ttl_s=self.ttl_s)
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+            self.last_error = f"write failed: {type(exc).__name__}"
             log.warning("cache_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return False
         if self.semantic is not None:

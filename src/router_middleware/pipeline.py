@@ -20,7 +20,7 @@ from .policies import Policy, PolicyState, apply_policies
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Outcome, Plan, SummaryJob, UsageSource
+from .types import AgentContext, Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
 _USAGE_CHUNK_PROVIDERS = frozenset({
@@ -149,7 +149,7 @@ class Pipeline:
                 with self._summary_guard(job):
                     self._keep_summary(job, _litellm().completion(**self._summary_request(job)))
             plan = self.plan(call)
-        cached = self._from_cache(plan)
+        cached, plan = self._from_cache(plan)
         if cached is not None:
             return cached
         request, tracer, started = self._launch(plan)
@@ -172,7 +172,7 @@ class Pipeline:
                 with self._summary_guard(job):
                     self._keep_summary(job, await _litellm().acompletion(**self._summary_request(job)))
             plan = self.plan(call)
-        cached = self._from_cache(plan)
+        cached, plan = self._from_cache(plan)
         if cached is not None:
             return cached
         request, tracer, started = self._launch(plan)
@@ -226,17 +226,20 @@ class Pipeline:
             return TrackedStream(response, self._stream_finisher(plan, tracer), started)
         result = build_outcome(response, plan, self.catalog, latency_s=time.perf_counter() - started)
         attach(response, result)
-        self._settle(result, response)
+        self._settle(result, response, tracer)
         tracer.succeed(result, response)
         return response
 
-    def _from_cache(self, plan: Plan) -> Any:
-        """A cached answer for ``plan``, shaped like a live one (a stream if one was asked for), or None."""
+    def _from_cache(self, plan: Plan) -> tuple[Any, Plan]:
+        """A cached answer for ``plan`` shaped like a live one (a stream if one was asked for), or None;
+        and the plan, with a decision recorded if the cache failed (it shows on the span)."""
         if self.cache is None or not self.cache.cacheable(plan):
-            return None
+            return None, plan
         entry = self.cache.lookup(plan)
+        if self.cache.last_error:
+            plan = plan.decide(Decision("cache", "error", f"{self.cache.last_error}; treated as a miss"))
         if entry is None:
-            return None
+            return None, plan
         plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
         tracer = CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), 0, 0, attempt=False)
         tracer.cache_similarity = entry.similarity
@@ -250,22 +253,23 @@ class Pipeline:
                 tracer.succeed(result)
                 return result
 
-            return TrackedStream(_Replay(replay_chunks(entry.response)), finish, started)
+            return TrackedStream(_Replay(replay_chunks(entry.response)), finish, started), plan
         response = rebuild_response(entry.response)
         result = build_outcome(response, plan, self.catalog, usage_source="cache",
                                latency_s=time.perf_counter() - started)
         attach(response, result)
         tracer.succeed(result, response)
-        return response
+        return response, plan
 
-    def _settle(self, result: Outcome, response: Any) -> None:
+    def _settle(self, result: Outcome, response: Any, tracer: CallTrace | None = None) -> None:
         """Record what a finished call leaves for later ones: the session's reasoning spend, the cache."""
         plan = result.plan
         session = plan.call.context.session_id if plan else None
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent.add(session, result.usage.reasoning_tokens)
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):
-            self.cache.save(plan, response, result.cost.total_usd)
+            if not self.cache.save(plan, response, result.cost.total_usd) and tracer is not None:
+                tracer.event("router_middleware.cache.error", {"reason": self.cache.last_error or "write failed"})
 
     def _stream_finisher(self, plan: Plan, tracer: CallTrace) -> Any:
         def finish(
@@ -288,7 +292,7 @@ class Pipeline:
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
             if complete:
-                self._settle(result, response)
+                self._settle(result, response, tracer)
             if error is not None:
                 tracer.fail(error, result)
             else:

@@ -82,6 +82,11 @@ class CallTrace:
                                        attributes=self.request_attrs)
 
     @never_raises(default=None)
+    def event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
+        if self.parent is not None:
+            self.parent.add_event(name, attributes)
+
+    @never_raises(default=None)
     def succeed(self, outcome: Outcome, response: Any = None) -> None:
         if self.done:
             return
