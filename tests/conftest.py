@@ -87,3 +87,26 @@ def redis_url(tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL server: PG_URL from .ci/run, or one started here (root, Debian's binaries)."""
+    import glob
+    import subprocess
+
+    url = os.environ.get("PG_URL")
+    if url:
+        yield url
+        return
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb") or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must install postgresql and set PG_URL (see .ci/run)")
+        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) or not root")
+    port = str(_free_port())
+    script = str(ROOT / "tests" / "services" / "postgres.sh")
+    url = subprocess.run(["bash", script, "start", port], check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        yield url
+    finally:
+        subprocess.run(["bash", script, "stop", port], check=False)

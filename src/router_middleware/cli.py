@@ -34,21 +34,30 @@ def bundled_sessions() -> list[str]:
 
 
 def _run_replay(paths: list[str], config: str | None, model: str | None, provider_cache: bool, *,
-                show_progress: bool) -> object:
+                show_progress: bool, ledger: str | None = None) -> object:
     from rich.progress import Progress
 
+    from .ledger import LedgerRecord, open_ledger
     from .pipeline import Pipeline
     from .replay import load_session, replay
 
     pipeline = Pipeline.from_config(config or {})
     sessions = [load_session(p) for p in paths]
     total_calls = sum(len(s.calls) for s in sessions)
+    rows: list[LedgerRecord] = []
+    sink = rows.append if ledger else None
     if not show_progress:
-        return replay(sessions, pipeline, model=model, provider_cache=provider_cache)
-    with Progress(transient=True, console=_console(stderr=True)) as progress:
-        task = progress.add_task("replaying", total=total_calls)
-        return replay(sessions, pipeline, model=model, provider_cache=provider_cache,
-                      on_session=lambda r: progress.advance(task, r.calls))
+        report = replay(sessions, pipeline, model=model, provider_cache=provider_cache, ledger=sink)
+    else:
+        with Progress(transient=True, console=_console(stderr=True)) as progress:
+            task = progress.add_task("replaying", total=total_calls)
+            report = replay(sessions, pipeline, model=model, provider_cache=provider_cache, ledger=sink,
+                            on_session=lambda r: progress.advance(task, r.calls))
+    if ledger:
+        db = open_ledger(ledger)
+        db.insert(rows)
+        db.close()
+    return report
 
 
 def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
@@ -109,7 +118,7 @@ def _print_table(report: object, title: str) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     report = _run_replay(_session_paths(args.paths), args.config, args.model, not args.no_provider_cache,
-                         show_progress=not args.json and sys.stderr.isatty())
+                         show_progress=not args.json and sys.stderr.isatty(), ledger=args.ledger)
     if args.json:
         from .replay import ReplayReport
 
@@ -118,6 +127,54 @@ def cmd_replay(args: argparse.Namespace) -> int:
     else:
         _print_table(report, "replay: recorded vs baseline (pass-through) vs optimized (your config)")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .ledger import build_report, open_ledger, parse_time, render_html
+
+    db = open_ledger(args.ledger)
+    try:
+        report = build_report(db, since=parse_time(args.since), until=parse_time(args.until), top=args.top)
+    finally:
+        db.close()
+    if args.html:
+        Path(args.html).write_text(render_html(report), encoding="utf-8")
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif not args.html or sys.stdout.isatty():
+        _print_report(report)
+    return 0
+
+
+def _print_report(report: dict[str, object]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    totals = report["totals"]
+    assert isinstance(totals, dict)
+    console.print(f"[bold]{totals['calls']:,} calls[/bold], cost ${totals['cost_usd']:,.4f} "
+                  f"(${totals['baseline_cost_usd'] or 0:,.4f} without the middleware), "
+                  f"response-cache hit rate {report['cache_hit_rate']:.1%}")
+    for group in ("model", "provider", "app", "session"):
+        rows = report[f"by_{group}"]
+        assert isinstance(rows, list)
+        table = Table(title=f"by {group}")
+        for column in (group, "calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
+            table.add_column(column, justify="left" if column == group else "right", overflow="fold")
+        for r in rows:
+            table.add_row(str(r["key"] or "-"), f"{r['calls']:,}", f"{r['input_tokens']:,}",
+                          f"{r['cached_tokens']:,}", f"{r['output_tokens']:,}", f"{r['reasoning_tokens']:,}",
+                          _money(r["cost_usd"]), _money(r["baseline_cost_usd"]))
+        console.print(table)
+    for title in ("token_mix", "savings_by_policy"):
+        data = report[title]
+        assert isinstance(data, dict)
+        table = Table(title=title.replace("_", " "))
+        table.add_column("part")
+        table.add_column("value", justify="right")
+        for key, value in data.items():
+            table.add_row(key, _money(value) if title.startswith("savings") else f"{value:,}")
+        console.print(table)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -140,7 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.add_argument("--compact", action="store_true", help="with --json: one line")
     rp.add_argument("--no-provider-cache", action="store_true", help="account as if there were no prompt cache")
+    rp.add_argument("--ledger", help="also write the replayed calls into this ledger (sqlite path or URL)")
     rp.set_defaults(func=cmd_replay)
+    rep = sub.add_parser("report", help="rankings of tokens, cost and savings from a ledger")
+    rep.add_argument("--ledger", required=True, help="sqlite:///path.db, a file path, or postgresql://...")
+    rep.add_argument("--since", help="start (2026-11-28, 2026-11-28T12:00 UTC, or epoch seconds)")
+    rep.add_argument("--until", help="end, exclusive")
+    rep.add_argument("--top", type=int, default=10, help="sessions to list (by cost)")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
+    rep.set_defaults(func=cmd_report)
     demo = sub.add_parser("demo", help="replay the bundled example sessions and print a table")
     demo.add_argument("--config", help="YAML/JSON config for the optimized account")
     demo.set_defaults(func=cmd_demo)

@@ -141,6 +141,13 @@ class CacheConfig(_Strict):
     semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
+class LedgerConfig(_Strict):
+    """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
+
+    url: str | None = None
+    spool: str | None = None  # JSON-lines file for rows that could not be written yet
+
+
 class RedactionRule(_Strict):
     pattern: str
     replacement: str = "[REDACTED]"
@@ -173,6 +180,7 @@ class Config(_Strict):
     context: ContextSection = Field(default_factory=ContextSection)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
 
     def policies(self) -> tuple[Any, ...]:

@@ -15,12 +15,13 @@ from .cache import ResponseCache, rebuild_response, replay_chunks
 from .catalog import Catalog
 from .config import Config, load_config
 from .context.summarize import summary_request, summary_text
+from .ledger import LedgerWriter, from_outcome
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Decision, Outcome, Plan, SummaryJob, UsageSource
+from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, SummaryJob, Usage, UsageSource
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
 _USAGE_CHUNK_PROVIDERS = frozenset({
@@ -92,6 +93,9 @@ class Pipeline:
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
                                  reasoning_spent=self.reasoning_spent)
         self.telemetry = self.config.telemetry.settings()
+        self.ledger: LedgerWriter | None = None
+        if self.config.ledger.url:
+            self.ledger = LedgerWriter(self.config.ledger.url, spool=self.config.ledger.spool)
         self.cache: ResponseCache | None = None
         if config is not None and self.config.cache.enabled:
             settings = self.config.cache
@@ -157,6 +161,7 @@ class Pipeline:
             response = _litellm().completion(**request)
         except Exception as exc:
             tracer.fail(exc)
+            self._record_failure(plan, exc)
             raise
         return self._received(plan, response, tracer, started)
 
@@ -180,6 +185,7 @@ class Pipeline:
             response = await _litellm().acompletion(**request)
         except Exception as exc:
             tracer.fail(exc)
+            self._record_failure(plan, exc)
             raise
         return self._received(plan, response, tracer, started)
 
@@ -251,6 +257,7 @@ class Pipeline:
                                        latency_s=time.perf_counter() - begun,
                                        time_to_first_token_s=(first - begun) if first is not None else None)
                 tracer.succeed(result)
+                self._record(result)
                 return result
 
             return TrackedStream(_Replay(replay_chunks(entry.response)), finish, started), plan
@@ -259,6 +266,7 @@ class Pipeline:
                                latency_s=time.perf_counter() - started)
         attach(response, result)
         tracer.succeed(result, response)
+        self._record(result)
         return response, plan
 
     def _settle(self, result: Outcome, response: Any, tracer: CallTrace | None = None) -> None:
@@ -270,6 +278,29 @@ class Pipeline:
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):
             if not self.cache.save(plan, response, result.cost.total_usd) and tracer is not None:
                 tracer.event("router_middleware.cache.error", {"reason": self.cache.last_error or "write failed"})
+        self._record(result)
+
+    def _record(self, result: Outcome, *, error: BaseException | None = None) -> None:
+        """Queue the call's ledger row (written on a background thread)."""
+        if self.ledger is None:
+            return
+        saved = result.plan.estimated_savings_usd if result.plan else 0.0
+        hit = result.usage.source == "cache"
+        record = from_outcome(result, saved_context=0.0 if hit else saved, saved_cache=saved if hit else 0.0)
+        if error is not None:
+            record = replace(record, error=type(error).__qualname__)
+        self.ledger.append(record)
+
+    def _record_failure(self, plan: Plan, error: BaseException) -> None:
+        if self.ledger is not None:
+            failed = Outcome(model=plan.model, provider=self.catalog.provider(plan.model), usage=Usage(source="none"),
+                             cost=Cost.unknown(), plan=plan)
+            self._record(failed, error=error)
+
+    def close(self) -> None:
+        """Flush the ledger and close stores (call at shutdown)."""
+        if self.ledger is not None:
+            self.ledger.close()
 
     def _stream_finisher(self, plan: Plan, tracer: CallTrace) -> Any:
         def finish(

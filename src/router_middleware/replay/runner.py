@@ -8,16 +8,18 @@ of the same session), a prompt-cache simulation, and the recorded output tokens,
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from ..catalog import Catalog, ModelInfo, cache_rules_for
+from ..ledger import LedgerRecord, from_outcome
 from ..messages import integrity_violations
 from ..pipeline import Pipeline
 from ..pricing import price
 from ..tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, message_key
-from ..types import AgentContext, Call, Plan, Usage
+from ..types import AgentContext, Call, Cost, Outcome, Plan, Usage
 from .cachesim import PromptCacheSim
 from .retention import retention_counts
 from .session import Session
@@ -155,7 +157,7 @@ class _Accountant:
     info: ModelInfo | None
     cache: PromptCacheSim
 
-    def account(self, plan: Plan, reply_key: str, output: int, reasoning: int) -> tuple[Usage, float | None]:
+    def account(self, plan: Plan, reply_key: str, output: int, reasoning: int) -> tuple[Usage, Cost]:
         keys = [message_key(m) for m in plan.messages]
         raw = REQUEST_OVERHEAD + self.counter.tools(plan.params.get("tools"))
         prefix: list[int] = []
@@ -165,7 +167,7 @@ class _Accountant:
         total = prefix[-1] if prefix else self.calibration.apply(raw)
         hit = self.cache.request(keys, prefix, plan.messages, reply_key=reply_key)
         usage = Usage(total, output, min(hit.read, total), hit.write, reasoning, source="estimated")
-        return usage, price(usage, self.info).total_usd
+        return usage, price(usage, self.info)
 
 
 def replay_session(
@@ -175,6 +177,8 @@ def replay_session(
     baseline: Pipeline | None = None,
     model: str | None = None,
     provider_cache: bool = True,
+    ledger: Callable[[LedgerRecord], None] | None = None,
+    started_at: float = 0.0,
 ) -> SessionReport:
     baseline = baseline or Pipeline()
     model_id = model_for(session, model)
@@ -198,13 +202,18 @@ def replay_session(
         usage = recorded.usage
         output = usage.completion_tokens if usage else counter.message(reply)
         reasoning = usage.reasoning_tokens if usage else 0
-        context = AgentContext(session_id=session.id, step=step)
+        context = AgentContext(app=optimized.config.app or "replay", session_id=session.id, step=step)
         call = Call.create(model_id, request, {}, context)
         plans = {"baseline": baseline.plan(call), "optimized": optimized.plan(call, state)}
+        costs: dict[str, Cost] = {}
         for name, plan in plans.items():
             capped = min(reasoning, reasoning_cap(plan)) if name == "optimized" else reasoning
             planned_usage, cost = accountants[name].account(plan, reply_key, output - (reasoning - capped), capped)
-            getattr(report, name).add(planned_usage, cost)
+            costs[name] = cost
+            getattr(report, name).add(planned_usage, cost.total_usd)
+        if ledger is not None:
+            ledger(_ledger_record(plans, costs, planned_usage, model_id, catalog, info, reasoning - capped,
+                                  started_at + report.calls))
         plan = plans["optimized"]
         report.calls += 1
         report.integrity_violations += 1 if integrity_violations(plan.messages) else 0
@@ -224,6 +233,17 @@ def replay_session(
         else:
             report.recorded.has_usage = False
     return report
+
+
+def _ledger_record(plans: dict[str, Plan], costs: dict[str, Cost], usage: Usage, model: str, catalog: Catalog,
+                   info: ModelInfo | None, reasoning_saved: int, ts: float) -> LedgerRecord:
+    """The optimized call as a ledger row; what it saved is split into reasoning caps and context."""
+    base, opt = costs["baseline"].total_usd or 0.0, costs["optimized"].total_usd or 0.0
+    saved_reasoning = reasoning_saved * ((info.reasoning or info.output) if info else 0.0)
+    outcome = Outcome(model=model, provider=catalog.provider(model), usage=usage, cost=costs["optimized"],
+                      plan=plans["optimized"])
+    return from_outcome(outcome, saved_context=max(0.0, base - opt - saved_reasoning),
+                        saved_reasoning=saved_reasoning, source="replay", ts=ts)
 
 
 @dataclass
@@ -288,11 +308,17 @@ def replay(
     model: str | None = None,
     provider_cache: bool = True,
     on_session: Callable[[SessionReport], None] | None = None,
+    ledger: Callable[[LedgerRecord], None] | None = None,
 ) -> ReplayReport:
+    """Replay ``sessions``; ``ledger`` receives one row per replayed call (stamped one second apart
+    from the time of the replay)."""
     baseline = Pipeline(optimized.config, policies=())
     reports = []
+    clock = time.time()
     for session in sessions:
-        report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache)
+        report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache,
+                                ledger=ledger, started_at=clock)
+        clock += report.calls
         reports.append(report)
         if on_session is not None:
             on_session(report)

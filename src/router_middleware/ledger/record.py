@@ -1,0 +1,87 @@
+"""One ledger row per call: who called, which model answered, tokens and cost by type, savings."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..types import Outcome, Plan
+
+COLUMNS = (
+    "call_id", "ts", "source", "app", "tenant", "session", "step", "step_kind", "requested_model", "model",
+    "provider", "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
+    "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
+    "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
+)
+
+
+@dataclass(frozen=True)
+class LedgerRecord:
+    ts: float
+    model: str
+    requested_model: str
+    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    source: str = "live"
+    app: str | None = None
+    tenant: str | None = None
+    session: str | None = None
+    step: int | None = None
+    step_kind: str | None = None
+    provider: str | None = None
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float | None = None
+    input_cost_usd: float | None = None
+    output_cost_usd: float | None = None
+    cache_read_cost_usd: float | None = None
+    cache_write_cost_usd: float | None = None
+    reasoning_cost_usd: float | None = None
+    cost_source: str = "unknown"
+    latency_s: float | None = None
+    ttft_s: float | None = None
+    cache_hit: int = 0
+    error: str | None = None
+    decisions: str = "[]"
+    baseline_cost_usd: float | None = None
+    saved_routing_usd: float = 0.0
+    saved_context_usd: float = 0.0
+    saved_cache_usd: float = 0.0
+    saved_reasoning_usd: float = 0.0
+
+    def row(self) -> tuple[Any, ...]:
+        data = asdict(self)
+        return tuple(data[c] for c in COLUMNS)
+
+
+def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: float = 0.0,
+                 saved_routing: float = 0.0, saved_reasoning: float = 0.0, source: str = "live",
+                 ts: float | None = None) -> LedgerRecord:
+    plan: Plan | None = outcome.plan
+    context = plan.call.context if plan else None
+    usage, cost = outcome.usage, outcome.cost
+    saved = saved_context + saved_cache + saved_routing + saved_reasoning
+    return LedgerRecord(
+        ts=ts if ts is not None else time.time(), source=source,
+        model=outcome.model, requested_model=plan.call.model if plan else outcome.model,
+        app=context.app if context else None, tenant=context.tenant if context else None,
+        session=context.session_id if context else None, step=context.step if context else None,
+        step_kind=context.step_kind if context else None, provider=outcome.provider,
+        input_tokens=usage.input_tokens, cached_tokens=usage.cache_read_tokens,
+        cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens, cost_usd=cost.total_usd, input_cost_usd=cost.input_usd,
+        output_cost_usd=cost.output_usd, cache_read_cost_usd=cost.cache_read_usd,
+        cache_write_cost_usd=cost.cache_write_usd, reasoning_cost_usd=cost.reasoning_usd,
+        cost_source=cost.source, latency_s=outcome.latency_s, ttft_s=outcome.time_to_first_token_s,
+        cache_hit=1 if usage.source == "cache" else 0,
+        decisions=json.dumps([f"{d.policy}:{d.action}" for d in plan.decisions] if plan else []),
+        baseline_cost_usd=(cost.total_usd + saved) if cost.total_usd is not None else None,
+        saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
+        saved_reasoning_usd=saved_reasoning,
+    )

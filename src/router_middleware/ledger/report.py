@@ -1,0 +1,110 @@
+"""Rankings from the ledger: where the tokens went and what the middleware saved.
+
+Every number comes from one SQL aggregate over the ``calls`` table (see :data:`GROUPS`), so the
+report can be checked against the database directly.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from .store import LedgerDB
+
+SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+        "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
+        "saved_reasoning_usd", "cache_hit")
+GROUPS = ("model", "provider", "app", "session")
+
+
+def _where(since: float | None, until: float | None) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    if since is not None:
+        clauses.append("ts >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append("ts < ?")
+        params.append(until)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in zip(names, values, strict=True):
+        if isinstance(value, float) and name.endswith("_usd"):
+            value = round(value, 8)
+        elif name != "key" and value is None:
+            value = 0
+        out[name] = int(value) if name.endswith("tokens") or name in ("calls", "cache_hits") else value
+    return out
+
+
+def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None,
+                 top: int = 10) -> dict[str, Any]:
+    where, params = _where(since, until)
+    select = ", ".join(f"SUM({c})" for c in SUMS)
+    names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS))
+    total = _row(names, db.query(f"SELECT COUNT(*), {select} FROM calls{where}", params)[0])
+    report: dict[str, Any] = {
+        "range": {"since": since, "until": until},
+        "totals": total,
+        "cache_hit_rate": (total["cache_hits"] / total["calls"]) if total["calls"] else 0.0,
+        "token_mix": {
+            "input_uncached": total["input_tokens"] - total["cached_tokens"] - total["cache_write_tokens"],
+            "input_cache_read": total["cached_tokens"],
+            "input_cache_write": total["cache_write_tokens"],
+            "output_visible": total["output_tokens"] - total["reasoning_tokens"],
+            "output_reasoning": total["reasoning_tokens"],
+        },
+        "savings_by_policy": {
+            "routing": total["saved_routing_usd"], "context": total["saved_context_usd"],
+            "cache": total["saved_cache_usd"], "reasoning": total["saved_reasoning_usd"],
+        },
+    }
+    for group in GROUPS:
+        limit = f" LIMIT {int(top)}" if group == "session" else ""
+        rows = db.query(
+            f"SELECT {group}, COUNT(*), {select} FROM calls{where} GROUP BY {group} "
+            f"ORDER BY SUM(cost_usd) DESC, {group}{limit}", params)
+        report[f"by_{group}"] = [_row(("key", *names), r) for r in rows]
+    report["timeline"] = _timeline(db, where, params)
+    return report
+
+
+def _timeline(db: LedgerDB, where: str, params: list[Any]) -> dict[str, Any]:
+    bounds = db.query(f"SELECT MIN(ts), MAX(ts) FROM calls{where}", params)[0]
+    if bounds[0] is None:
+        return {"bucket_s": 3600, "buckets": []}
+    span = float(bounds[1]) - float(bounds[0])
+    bucket = next((b for b in (60, 600, 3600, 21600, 86400, 604800) if span / b <= 48), 2592000)
+    rows = db.query(
+        f"SELECT {db.floor.format(x=f'ts / {bucket}')} * {bucket}, model, SUM(input_tokens + output_tokens), "
+        f"SUM(cost_usd) FROM calls{where} GROUP BY 1, 2 ORDER BY 1, 2", params)
+    return {"bucket_s": bucket, "buckets": [
+        {"start": float(start), "model": model, "tokens": int(tokens or 0), "cost_usd": float(cost or 0.0)}
+        for start, model, tokens, cost in rows]}
+
+
+def parse_time(text: str | None) -> float | None:
+    """``2026-11-28``, ``2026-11-28T12:00`` (UTC) or seconds since the epoch."""
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def nice_max(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    exponent = 10 ** math.floor(math.log10(value))
+    for step in (1, 2, 5, 10):
+        if value <= step * exponent:
+            return float(step * exponent)
+    return float(10 * exponent)

@@ -1,0 +1,130 @@
+"""Ledger databases: SQLite (a file; safe with several processes) and PostgreSQL (by URL).
+
+The schema is versioned: ``schema_version`` holds the applied migration number and
+:data:`MIGRATIONS` is applied in order on open. SQL is written once with ``?`` placeholders.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from .record import COLUMNS, LedgerRecord
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the calls table
+    """CREATE TABLE IF NOT EXISTS calls (
+        call_id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, source TEXT NOT NULL, app TEXT, tenant TEXT,
+        session TEXT, step INTEGER, step_kind TEXT, requested_model TEXT NOT NULL, model TEXT NOT NULL,
+        provider TEXT, input_tokens BIGINT NOT NULL, cached_tokens BIGINT NOT NULL,
+        cache_write_tokens BIGINT NOT NULL, output_tokens BIGINT NOT NULL, reasoning_tokens BIGINT NOT NULL,
+        cost_usd DOUBLE PRECISION, input_cost_usd DOUBLE PRECISION, output_cost_usd DOUBLE PRECISION,
+        cache_read_cost_usd DOUBLE PRECISION, cache_write_cost_usd DOUBLE PRECISION,
+        reasoning_cost_usd DOUBLE PRECISION, cost_source TEXT, latency_s DOUBLE PRECISION,
+        ttft_s DOUBLE PRECISION, cache_hit INTEGER NOT NULL, error TEXT, decisions TEXT NOT NULL,
+        baseline_cost_usd DOUBLE PRECISION, saved_routing_usd DOUBLE PRECISION NOT NULL,
+        saved_context_usd DOUBLE PRECISION NOT NULL, saved_cache_usd DOUBLE PRECISION NOT NULL,
+        saved_reasoning_usd DOUBLE PRECISION NOT NULL)""",
+    # 2: indexes for the report's time ranges and groupings
+    "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
+    "CREATE INDEX IF NOT EXISTS calls_session ON calls (session)",
+)
+INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
+
+
+class LedgerDB(Protocol):
+    url: str
+    floor: str  # SQL that floors ``{x}`` to an integer in this dialect
+
+    def insert(self, records: Sequence[LedgerRecord]) -> None: ...
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def close(self) -> None: ...
+
+
+def _migrate(execute: Any, fetch_version: Any) -> None:
+    execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    version = fetch_version()
+    for number, statement in enumerate(MIGRATIONS, start=1):
+        if number > version:
+            execute(statement)
+    if version == 0:
+        execute(f"INSERT INTO schema_version (version) VALUES ({len(MIGRATIONS)})")
+    elif version < len(MIGRATIONS):
+        execute(f"UPDATE schema_version SET version = {len(MIGRATIONS)}")
+
+
+class SQLiteLedger:
+    floor = "CAST({x} AS INTEGER)"  # ts is positive: truncation is floor
+
+    def __init__(self, path: str) -> None:
+        self.url = f"sqlite:///{path}"
+        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            _migrate(self.db.execute, lambda: (self.db.execute("SELECT MAX(version) FROM schema_version")
+                                               .fetchone()[0] or 0))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def insert(self, records: Sequence[LedgerRecord]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(INSERT.replace("INSERT", "INSERT OR IGNORE", 1), [r.row() for r in records])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self.db.execute(sql, tuple(params)).fetchall())
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class PostgresLedger:
+    floor = "CAST(FLOOR({x}) AS BIGINT)"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url = url
+        self.db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        with self.db.transaction():
+            def execute(sql: str) -> None:
+                self.db.execute(sql.replace("?", "%s"))
+
+            def version() -> int:
+                row = self.db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+                return int(row[0] or 0) if row else 0
+
+            self.db.execute("SELECT pg_advisory_xact_lock(424242)")  # one migrator at a time
+            _migrate(execute, version)
+
+    def insert(self, records: Sequence[LedgerRecord]) -> None:
+        sql = INSERT.replace("?", "%s") + " ON CONFLICT (call_id) DO NOTHING"
+        with self.db.transaction(), self.db.cursor() as cursor:
+            cursor.executemany(sql, [r.row() for r in records])
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.db.execute(sql.replace("?", "%s"), tuple(params))
+        return list(cursor.fetchall()) if cursor.description is not None else []
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_ledger(url: str) -> LedgerDB:
+    """``sqlite:///path.db`` (or a plain file path) or ``postgresql://user@host:port/db``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresLedger(url)
+    if url.startswith("sqlite:///"):
+        return SQLiteLedger(url[len("sqlite:///"):])
+    return SQLiteLedger(url)

@@ -1,0 +1,201 @@
+"""Ledger rows for every call, off the hot path, never dropped; report numbers equal direct SQL."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import litellm
+import pytest
+
+from router_middleware import Pipeline
+from router_middleware.cli import bundled_sessions, main
+from router_middleware.ledger import (
+    MIGRATIONS,
+    LedgerRecord,
+    LedgerWriter,
+    SQLiteLedger,
+    build_report,
+    open_ledger,
+)
+
+from .conftest import ROOT
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger.db"
+    url = request.getfixturevalue("postgres_url")
+    db = open_ledger(url)
+    db.query("DELETE FROM calls")
+    db.close()
+    return url
+
+
+def test_every_call_gets_a_row(ledger_url) -> None:
+    pipeline = Pipeline.from_config({"app": "coder", "ledger": {"url": ledger_url}})
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a", temperature=0,
+                        context={"session_id": "s1", "step": 0})
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a", temperature=0,
+                        context={"session_id": "s1", "step": 1})  # response-cache hit
+    for _ in pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="b c", stream=True,
+                                 context={"session_id": "s2"}):
+        pass
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, context={"session_id": "s2"},
+                            mock_response=litellm.exceptions.RateLimitError("slow", "openai", "gpt-4o-mini"))
+    pipeline.close()
+    db = open_ledger(ledger_url)
+    rows = db.query("SELECT session, step, app, cache_hit, error, cost_usd, saved_cache_usd, input_tokens "
+                    "FROM calls ORDER BY ts")
+    db.close()
+    assert len(rows) == 4
+    assert [r[0] for r in rows] == ["s1", "s1", "s2", "s2"] and rows[0][2] == "coder"
+    assert rows[1][3] == 1 and rows[1][5] == 0 and rows[1][6] == pytest.approx(rows[0][5])
+    assert rows[3][4] == "RateLimitError" and rows[3][7] == 0
+    assert rows[2][7] > 0
+
+
+def test_report_matches_direct_sql(ledger_url, tmp_path) -> None:
+    assert main(["replay", *bundled_sessions(), "--ledger", ledger_url, "--json", "--compact"]) == 0
+    db = open_ledger(ledger_url)
+    report = build_report(db, top=50)
+    total = db.query("SELECT COUNT(*), SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), "
+                     "SUM(reasoning_tokens), SUM(cost_usd), SUM(baseline_cost_usd), SUM(saved_context_usd) "
+                     "FROM calls")[0]
+    by_model = dict(db.query("SELECT model, SUM(cost_usd) FROM calls GROUP BY model"))
+    by_session = dict(db.query("SELECT session, SUM(input_tokens) FROM calls GROUP BY session"))
+    db.close()
+    t = report["totals"]
+    assert (t["calls"], t["input_tokens"], t["cached_tokens"], t["output_tokens"], t["reasoning_tokens"]) == \
+        tuple(int(v) for v in total[:5])
+    assert t["cost_usd"] == pytest.approx(total[5]) and t["baseline_cost_usd"] == pytest.approx(total[6])
+    assert report["savings_by_policy"]["context"] == pytest.approx(total[7])
+    assert {r["key"]: r["cost_usd"] for r in report["by_model"]} == pytest.approx(by_model)
+    assert {r["key"]: r["input_tokens"] for r in report["by_session"]} == by_session
+    assert sum(report["token_mix"].values()) == t["input_tokens"] + t["output_tokens"]
+    assert t["calls"] == 93 and t["cost_usd"] < t["baseline_cost_usd"]
+
+
+def test_report_time_range(tmp_path) -> None:
+    db = SQLiteLedger(str(tmp_path / "l.db"))
+    db.insert([LedgerRecord(ts=1000.0 + i * 3600, model="m", requested_model="m", input_tokens=10, cost_usd=0.1)
+               for i in range(5)])
+    assert build_report(db, since=1000.0 + 3600, until=1000.0 + 3 * 3600)["totals"]["calls"] == 2
+    assert build_report(db)["totals"]["input_tokens"] == 50
+
+
+class FlakyDB(SQLiteLedger):
+    failures = 0
+
+    def insert(self, records):
+        if FlakyDB.failures > 0:
+            FlakyDB.failures -= 1
+            raise OSError("disk unavailable")
+        super().insert(records)
+
+
+def test_failed_writes_are_spooled_then_written(tmp_path) -> None:
+    path = str(tmp_path / "l.db")
+    spool = tmp_path / "spool.jsonl"
+    FlakyDB.failures = 3  # every retry of the first batch fails
+    writer = LedgerWriter(path, spool=spool, retries=3, opener=FlakyDB)
+    writer.append(LedgerRecord(ts=1.0, model="m", requested_model="m", call_id="first"))
+    writer.flush()
+    assert spool.exists() and "first" in spool.read_text()
+    writer.append(LedgerRecord(ts=2.0, model="m", requested_model="m", call_id="second"))
+    writer.close()
+    assert not spool.exists()
+    db = SQLiteLedger(path)
+    assert sorted(r[0] for r in db.query("SELECT call_id FROM calls")) == ["first", "second"]
+
+
+class SlowDB(SQLiteLedger):
+    def insert(self, records):
+        time.sleep(1.0)
+        super().insert(records)
+
+
+def test_a_slow_database_does_not_slow_calls(tmp_path) -> None:
+    pipeline = Pipeline.from_config({"ledger": {"url": str(tmp_path / "l.db")}})
+    pipeline.ledger = LedgerWriter(str(tmp_path / "l.db"), opener=SlowDB)
+    started = time.perf_counter()
+    for _ in range(5):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="x")
+    assert time.perf_counter() - started < 1.0  # five inserts would take 5 s on the hot path
+    pipeline.close()
+    assert SQLiteLedger(str(tmp_path / "l.db")).query("SELECT COUNT(*) FROM calls")[0][0] == 5
+
+
+def test_schema_is_versioned_and_migrates(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    raw.execute(MIGRATIONS[0])
+    raw.execute("INSERT INTO schema_version (version) VALUES (1)")
+    raw.commit()
+    raw.close()
+    db = SQLiteLedger(str(path))
+    assert db.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+    assert ("calls_ts",) in db.query("SELECT name FROM sqlite_master WHERE type = 'index'")
+    SQLiteLedger(str(path))  # reopening is idempotent
+    assert db.query("SELECT COUNT(*) FROM schema_version") == [(1,)]
+
+
+def _write_rows(path: str, prefix: str) -> None:
+    writer = LedgerWriter(path, spool=f"{path}.{prefix}.spool")
+    for i in range(100):
+        writer.append(LedgerRecord(ts=float(i), model="m", requested_model="m", call_id=f"{prefix}-{i}"))
+    writer.close()
+
+
+def test_sqlite_ledger_with_several_processes(tmp_path) -> None:
+    path = str(tmp_path / "shared.db")
+    SQLiteLedger(path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_write_rows, args=(path, f"p{i}")) for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert SQLiteLedger(path).query("SELECT COUNT(*) FROM calls")[0][0] == 300
+
+
+def test_html_report_renders_in_a_real_browser(tmp_path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        import os
+
+        if os.environ.get("CI"):
+            raise RuntimeError("CI installs Debian's chromium (see .ci/run)")
+        pytest.skip("no chromium: apt-get install chromium")
+    ledger = tmp_path / "demo.db"
+    html_path = tmp_path / "report.html"
+    assert main(["replay", *bundled_sessions(), "--ledger", str(ledger), "--json", "--compact"]) == 0
+    assert main(["report", "--ledger", str(ledger), "--html", str(html_path)]) == 0
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    dom = subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path}/profile-dom", "--dump-dom",
+                          html_path.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    body = dom[dom.index("<body"):dom.index(">", dom.index("<body"))]
+    assert 'data-rendered="yes"' in body and 'data-errors="0"' in body
+    assert 'data-charts="4"' in body and 'data-calls="93"' in body
+    bars = int(body.split('data-bars="')[1].split('"')[0])
+    assert bars >= 10
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    screenshot = artifacts / "report.png"
+    subprocess.run([chromium, *flags, f"--user-data-dir={tmp_path}/profile-shot", f"--screenshot={screenshot}",
+                    "--window-size=1000,1600", html_path.as_uri()], capture_output=True, timeout=120, check=True)
+    assert screenshot.stat().st_size > 10_000
+    assert json.loads(dom.split('id="report-data">')[1].split("</script>")[0])["totals"]["calls"] == 93
+    assert Path(html_path).read_text().count("http") == 0  # nothing fetched from a network
