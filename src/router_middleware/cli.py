@@ -177,6 +177,20 @@ def _print_report(report: dict[str, object]) -> None:
         console.print(table)
 
 
+def cmd_route_eval(args: argparse.Namespace) -> int:
+    from .routing import load_examples, route_eval, score_text
+
+    result = route_eval(load_examples(args.files, args.weak, args.strong), score_text)
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        _console().print(
+            f"{result['n']:,} prompts: APGR {result['apgr']:.3f} (random {result['random_apgr']:.3f}), "
+            f"CPT(50%) {result['cpt50']:.1%}, CPT(80%) {result['cpt80']:.1%} of calls to the strong model; "
+            f"quality weak {result['weak_quality']:.3f}, strong {result['strong_quality']:.3f}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     console = _console()
     console.print("[bold]router-middleware demo[/bold]: replaying bundled real coding-agent sessions offline "
@@ -207,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
     rep.set_defaults(func=cmd_report)
+    ev = sub.add_parser("route-eval", help="RouteLLM metrics (APGR, CPT) of the difficulty scorer on a CSV")
+    ev.add_argument("files", nargs="+", help="CSV files with a 'prompt' column (concatenated)")
+    ev.add_argument("--weak", required=True, help="column with the weak model's score (number or true/false)")
+    ev.add_argument("--strong", required=True, help="column with the strong model's score")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_route_eval)
     demo = sub.add_parser("demo", help="replay the bundled example sessions and print a table")
     demo.add_argument("--config", help="YAML/JSON config for the optimized account")
     demo.set_defaults(func=cmd_demo)
