@@ -228,3 +228,11 @@ class Catalog:
 
     def provider(self, model: str) -> str | None:
         return _infer_provider(model)
+
+    def facts(self, model: str) -> Mapping[str, Any]:
+        """The catalog entry behind ``resolve(model)`` (capability flags such as ``supports_vision``)."""
+        info = catalog_lookup(model)
+        if info is None or ":" not in info.source:
+            return {}
+        entry = _cost_map().get(info.source.split(":", 1)[1])
+        return entry if isinstance(entry, Mapping) else {}

@@ -141,6 +141,45 @@ class CacheConfig(_Strict):
     semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
 
 
+class Tier(_Strict):
+    max_score: float = Field(ge=0, le=1)
+    alias: str
+
+
+class FallbackConfig(_Strict):
+    attempts_per_model: int = Field(default=1, ge=1)
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=8.0, ge=0)
+
+
+class CooldownConfig(_Strict):
+    failures: int = Field(default=3, ge=1)
+    window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=30.0, gt=0)
+
+
+class RoutingConfig(_Strict):
+    """Aliases (``coder: [anthropic/claude-sonnet-4-5, openai/gpt-5-mini]``), strategies, tiers."""
+
+    aliases: dict[str, list[str]] = Field(default_factory=dict)
+    strategy: dict[str, Literal["ordered", "price", "throughput", "difficulty"]] = Field(default_factory=dict)
+    tiers: list[Tier] = Field(default_factory=list)
+    allow_providers: list[str] = Field(default_factory=list)
+    deny_providers: list[str] = Field(default_factory=list)
+    require_reasoning_support: bool = False
+    expected_cache_share: float = Field(default=0.0, ge=0, le=1)
+    fallback: FallbackConfig = Field(default_factory=FallbackConfig)
+    cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+
+    def model_post_init(self, __context: Any) -> None:
+        for tier in self.tiers:
+            if tier.alias not in self.aliases:
+                raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
+        for name, models in self.aliases.items():
+            if not models:
+                raise ValueError(f"alias {name!r} has no models")
+
+
 class LedgerConfig(_Strict):
     """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
 
@@ -178,6 +217,7 @@ class Config(_Strict):
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     context: ContextSection = Field(default_factory=ContextSection)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
@@ -187,8 +227,11 @@ class Config(_Strict):
         """The policies this config asks for, in order."""
         from .context import ContextPolicy
         from .reasoning import ReasoningPolicy
+        from .routing.policy import RoutingPolicy
 
         policies: list[Any] = []
+        if self.routing.aliases:
+            policies.append(RoutingPolicy(self.routing))
         if self.reasoning.enabled:
             policies.append(ReasoningPolicy(self.reasoning))
         if self.context.enabled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from .context.summarize import summary_request, summary_text
 from .ledger import LedgerWriter, from_outcome
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
+from .routing.fallback import Attempts, backoff, note_failure, note_success, request_windows, update_throughput
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
@@ -46,6 +48,23 @@ def _usage_reported(chunks: Sequence[Any]) -> bool:
         if usage is not None and type(usage).__name__ != "UnreportedUsage":
             return True
     return False
+
+
+class _Prefetched:
+    """A litellm stream whose first chunk has already been read (to fail over before it)."""
+
+    def __init__(self, first: Any, rest: Any) -> None:
+        self._first: list[Any] = [first]
+        self._rest = rest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rest, name)
+
+    def __next__(self) -> Any:
+        return self._first.pop() if self._first else next(self._rest)
+
+    async def __anext__(self) -> Any:
+        return self._first.pop() if self._first else await self._rest.__anext__()
 
 
 class _Replay:
@@ -91,7 +110,9 @@ class Pipeline:
         self.summaries: StoreView[str] = StoreView(self.store, "summary:", bytes.decode)
         self.reasoning_spent: StoreView[int] = StoreView(self.store, "reasoning:", lambda raw: int(float(raw)))
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
-                                 reasoning_spent=self.reasoning_spent)
+                                 reasoning_spent=self.reasoning_spent,
+                                 cooldowns=StoreView(self.store, "cooldown:", float),
+                                 throughput=StoreView(self.store, "tps:", float))
         self.telemetry = self.config.telemetry.settings()
         self.ledger: LedgerWriter | None = None
         if self.config.ledger.url:
@@ -133,8 +154,12 @@ class Pipeline:
         return Call.create(model, validate_messages(messages), params, ctx)
 
     def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
-        """Apply the policies to ``call``; no I/O."""
-        return apply_policies(Plan.from_call(call), self.policies, state or self.state)
+        """Apply the policies to ``call``. Policies do no I/O of their own (store-backed state is read
+        through read-only views)."""
+        state = state or self.state
+        if self.config.routing.aliases:
+            state = replace(state, now=time.time())
+        return apply_policies(Plan.from_call(call), self.policies, state)
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -157,12 +182,19 @@ class Pipeline:
         if cached is not None:
             return cached
         request, tracer, started = self._launch(plan)
-        try:
-            response = _litellm().completion(**request)
-        except Exception as exc:
-            tracer.fail(exc)
-            self._record_failure(plan, exc)
-            raise
+        attempts = self._attempts(plan)
+        while True:
+            try:
+                response = _litellm().completion(**request)
+                if plan.params.get("stream"):
+                    response = _Prefetched(next(response), response)  # fail over only before the first chunk
+                break
+            except Exception as exc:
+                retry = self._after_failure(call, plan, attempts, tracer, exc)
+                if retry is None:
+                    raise
+                plan, request, delay = retry
+                time.sleep(delay)
         return self._received(plan, response, tracer, started)
 
     async def acompletion(
@@ -181,13 +213,48 @@ class Pipeline:
         if cached is not None:
             return cached
         request, tracer, started = self._launch(plan)
-        try:
-            response = await _litellm().acompletion(**request)
-        except Exception as exc:
+        attempts = self._attempts(plan)
+        while True:
+            try:
+                response = await _litellm().acompletion(**request)
+                if plan.params.get("stream"):
+                    response = _Prefetched(await response.__anext__(), response)
+                break
+            except Exception as exc:
+                retry = self._after_failure(call, plan, attempts, tracer, exc)
+                if retry is None:
+                    raise
+                plan, request, delay = retry
+                await asyncio.sleep(delay)
+        return self._received(plan, response, tracer, started)
+
+    def _attempts(self, plan: Plan) -> Attempts:
+        return Attempts([plan.model, *plan.fallbacks], self.config.routing.fallback)
+
+    def _after_failure(
+        self, call: Call, plan: Plan, attempts: Attempts, tracer: CallTrace, exc: Exception,
+    ) -> tuple[Plan, dict[str, Any], float] | None:
+        """Count the failure for the circuit breaker; return the next attempt, or ``None`` to give up
+        (the call's spans and ledger row then record the error)."""
+        tracer.attempt_failed(exc)
+        note_failure(self.store, plan.model, self.config.routing.cooldown, time.time())
+        windows = request_windows(self.catalog, attempts.models)
+        next_model = attempts.advance(exc, windows)
+        if next_model is None:
             tracer.fail(exc)
             self._record_failure(plan, exc)
-            raise
-        return self._received(plan, response, tracer, started)
+            return None
+        if next_model != plan.model:
+            retry_plan = self.plan(call.override(model=next_model))
+            retry_plan = retry_plan.decide(Decision(
+                "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_model}",
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
+        else:
+            retry_plan = plan
+        request = retry_plan.request()
+        self._ask_for_usage(retry_plan, request)
+        tracer.next_attempt(retry_plan, self.catalog.provider(retry_plan.model), attempts.depth)
+        return retry_plan, request, backoff(attempts.depth - 1, self.config.routing.fallback, exc)
 
     def _keep_summary(self, job: SummaryJob, response: Any) -> None:
         text = summary_text(response)
@@ -214,10 +281,14 @@ class Pipeline:
             after = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
             plan = plan.override(estimated_savings_usd=self._saving(plan.model, before - after))
         request = plan.request()
+        self._ask_for_usage(plan, request)
+        provider = self.catalog.provider(plan.model)
+        return request, CallTrace.start(self.telemetry, plan, provider, before, after), time.perf_counter()
+
+    def _ask_for_usage(self, plan: Plan, request: dict[str, Any]) -> None:
         provider = self.catalog.provider(plan.model)
         if request.get("stream") and provider in _USAGE_CHUNK_PROVIDERS and "stream_options" not in request:
             request["stream_options"] = {"include_usage": True}
-        return request, CallTrace.start(self.telemetry, plan, provider, before, after), time.perf_counter()
 
     def _saving(self, model: str, tokens: int) -> float:
         """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""
@@ -273,6 +344,10 @@ class Pipeline:
         """Record what a finished call leaves for later ones: the session's reasoning spend, the cache."""
         plan = result.plan
         session = plan.call.context.session_id if plan else None
+        if plan is not None and self.config.routing.aliases:  # circuit breaker and :nitro averages
+            note_success(self.store, plan.model)
+            if result.latency_s and result.usage.output_tokens and result.usage.source == "provider":
+                update_throughput(self.store, plan.model, result.usage.output_tokens / result.latency_s)
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent.add(session, result.usage.reasoning_tokens)
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):

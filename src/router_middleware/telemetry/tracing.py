@@ -82,6 +82,28 @@ class CallTrace:
                                        attributes=self.request_attrs)
 
     @never_raises(default=None)
+    def attempt_failed(self, error: BaseException) -> None:
+        """End the current attempt's span as failed; the call goes on with another attempt."""
+        if self.child is not None:
+            self.child.set_attribute("error.type", type(error).__qualname__)
+            self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
+            self.child.end()
+            self.child = None
+
+    @never_raises(default=None)
+    def next_attempt(self, plan: Plan, provider: str | None, depth: int) -> None:
+        self.plan = plan
+        self.provider = provider
+        if self.parent is None:
+            return
+        self.parent.set_attribute("router_middleware.fallback.depth", depth)
+        self.parent.set_attribute("router_middleware.chosen_model", plan.model)
+        self.request_attrs = request_attributes(plan, provider)
+        context = trace.set_span_in_context(self.parent)
+        self.child = _tracer().start_span(f"chat {plan.model}", context=context, kind=SpanKind.CLIENT,
+                                          attributes=self.request_attrs)
+
+    @never_raises(default=None)
     def event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
         if self.parent is not None:
             self.parent.add_event(name, attributes)

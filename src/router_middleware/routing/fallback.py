@@ -1,0 +1,131 @@
+"""Which failures move a call to its next attempt, how long to wait, and the circuit breaker.
+
+Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services, timeouts,
+connection errors, context-window errors (to a model with a larger window) and content-policy
+refusals. Anything else (bad request, authentication, not found) fails at once. A model that fails
+``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing policy reads the
+cooldowns); when the cooldown ends the next call is the probe, and a success clears its count.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CooldownConfig, FallbackConfig
+from ..stores import Store
+from ..telemetry import log
+
+RETRYABLE = (
+    "RateLimitError", "ServiceUnavailableError", "InternalServerError", "APIConnectionError", "Timeout",
+    "APITimeoutError", "BadGatewayError", "ContextWindowExceededError", "ContentPolicyViolationError",
+)
+
+
+def error_kind(exc: BaseException) -> str:
+    return type(exc).__name__
+
+
+def retryable(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & set(RETRYABLE)) or getattr(exc, "status_code", 0) in (408, 409, 429, 500, 502, 503, 504)
+
+
+def retry_after(exc: BaseException) -> float | None:
+    sources = (getattr(exc, "litellm_response_headers", None), getattr(getattr(exc, "response", None), "headers", None))
+    for source in sources:
+        try:
+            value = source.get("retry-after") if source is not None else None
+        except Exception:  # noqa: BLE001
+            value = None
+        if value is not None:
+            try:
+                return max(0.0, float(value))
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter; a Retry-After header wins (capped at ``max_backoff_s``)."""
+    hinted = retry_after(exc)
+    if hinted is not None:
+        return min(hinted, config.max_backoff_s)
+    ceiling = min(config.max_backoff_s, config.backoff_s * (2 ** attempt))
+    return (rng or random).uniform(0, ceiling)
+
+
+@dataclass
+class Attempts:
+    """The order of attempts of one call: the chosen model (``attempts_per_model`` times), then each fallback."""
+
+    models: list[str]
+    config: FallbackConfig
+    tries: int = 0
+    depth: int = 0
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return self.models[0]
+
+    def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
+        """The model to try next after ``exc``, or ``None`` when the call must fail."""
+        self.history.append(f"{self.model}: {error_kind(exc)}")
+        if not retryable(exc):
+            return None
+        self.tries += 1
+        if self.tries < self.config.attempts_per_model and error_kind(exc) != "ContextWindowExceededError":
+            self.depth += 1
+            return self.model
+        current = self.models.pop(0)
+        if error_kind(exc) == "ContextWindowExceededError" and windows is not None:
+            needed = windows.get(current, 0)
+            self.models = [m for m in self.models if windows.get(m, 0) > needed]
+        if not self.models:
+            return None
+        self.tries = 0
+        self.depth += 1
+        return self.model
+
+
+def note_failure(store: Store, model: str, config: CooldownConfig, now: float) -> bool:
+    """Count a failure; ``True`` when it put the model into cooldown."""
+    try:
+        failures = store.incr(f"fail:{model}", 1, ttl_s=config.window_s)
+        if failures >= config.failures:
+            store.set(f"cooldown:{model}", repr(now + config.cooldown_s).encode(), ttl_s=config.cooldown_s)
+            store.delete(f"fail:{model}")
+            log.warning("model_cooling_down", model=model, seconds=config.cooldown_s)
+            return True
+    except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
+        log.warning("cooldown_store_failed", error_type=type(exc).__name__)
+    return False
+
+
+def note_success(store: Store, model: str) -> None:
+    try:
+        store.delete(f"fail:{model}")
+    except Exception as exc:  # noqa: BLE001
+        log.warning("cooldown_store_failed", error_type=type(exc).__name__)
+
+
+def update_throughput(store: Store, model: str, tokens_per_s: float, alpha: float = 0.3) -> None:
+    """Exponentially weighted average of observed output tokens per second (read by ``:nitro``)."""
+    try:
+        for _ in range(5):
+            current = store.get(f"tps:{model}")
+            value = tokens_per_s if current is None else alpha * tokens_per_s + (1 - alpha) * float(current)
+            if store.compare_and_set(f"tps:{model}", current, repr(value).encode()):
+                return
+    except Exception as exc:  # noqa: BLE001
+        log.warning("throughput_store_failed", error_type=type(exc).__name__)
+
+
+def request_windows(catalog: Any, models: list[str]) -> dict[str, int]:
+    windows = {}
+    for model in models:
+        info = catalog.resolve(model)
+        windows[model] = (info.max_input_tokens or 0) if info else 0
+    return windows

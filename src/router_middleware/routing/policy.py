@@ -1,0 +1,136 @@
+"""The routing policy: resolve an alias to candidates, drop those that cannot serve the request, order
+the rest by the strategy, and record why each candidate won or lost.
+
+Strategies: ``ordered`` (the alias's order), ``price`` (cheapest for this request: its own token
+estimate at the input, cache-read and output prices), ``difficulty`` (the request's difficulty
+score picks a tier alias). OpenRouter-style suffixes work on any alias: ``coder:floor`` sorts by
+price, ``coder:nitro`` by observed throughput (falling back to the alias order when nothing has been
+observed yet).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import RoutingConfig
+from ..errors import RouterMiddlewareError
+from ..policies import PolicyState
+from ..reasoning.translate import REASONING_PARAMS, can_reason
+from ..types import Decision, Plan
+from .difficulty import score_request
+
+
+class NoRouteError(RouterMiddlewareError):
+    """No candidate of an alias can serve the request; ``rejections`` says why for each."""
+
+    def __init__(self, alias: str, rejections: Mapping[str, str]) -> None:
+        reasons = "; ".join(f"{model}: {why}" for model, why in rejections.items())
+        super().__init__(f"no model of {alias!r} can serve this request ({reasons})")
+        self.alias = alias
+        self.rejections = dict(rejections)
+
+
+def _uses_images(plan: Plan) -> bool:
+    for message in plan.messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(
+            isinstance(p, Mapping) and p.get("type") in ("image_url", "image", "input_image") for p in content
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    config: RoutingConfig = field(default_factory=RoutingConfig)
+    name: str = "routing"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        requested = plan.call.model
+        alias, _, suffix = requested.partition(":")
+        if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
+            return plan
+        strategy = {"floor": "price", "nitro": "throughput"}.get(suffix, self.config.strategy.get(alias, "ordered"))
+        if alias == "auto" or strategy == "difficulty":
+            alias, score = self._tier(plan)
+            strategy = self.config.strategy.get(alias, "ordered")
+            note = f"difficulty {score:.2f} -> tier {alias}; "
+        else:
+            note = ""
+        candidates = list(self.config.aliases.get(alias, ()))
+        rejections: dict[str, str] = {}
+        usable = []
+        estimate = state.tokens(candidates[0] if candidates else requested, plan.messages,
+                                plan.params.get("tools"), plan.call.context.session_id)
+        for model in candidates:
+            why = self._rejection(model, plan, state, estimate)
+            if why:
+                rejections[model] = why
+            else:
+                usable.append(model)
+        if not usable:
+            raise NoRouteError(requested, rejections)
+        ranked = self._rank(usable, strategy, plan, state, estimate)
+        chosen = ranked[0]
+        lost = {m: "ranked lower" for m in ranked[1:]}
+        reason = f"{note}{strategy} strategy chose {chosen} among {len(usable)} of {len(candidates)}"
+        attributes: dict[str, str | int | float | bool] = {
+            "alias": alias, "strategy": strategy, "candidates": len(candidates),
+            "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
+        }
+        return plan.decide(Decision(self.name, "route", reason, attributes), model=chosen,
+                           fallbacks=tuple(ranked[1:]))
+
+    def _tier(self, plan: Plan) -> tuple[str, float]:
+        score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
+        for tier in self.config.tiers:
+            if score <= tier.max_score:
+                return tier.alias, score
+        return self.config.tiers[-1].alias, score
+
+    def _rejection(self, model: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
+        provider = state.catalog.provider(model) or ""
+        if self.config.allow_providers and provider not in self.config.allow_providers:
+            return f"provider {provider or '?'} not allowed"
+        if provider in self.config.deny_providers:
+            return f"provider {provider} denied"
+        cooling = state.cooldowns.get(model)
+        if cooling is not None and cooling > state.now:
+            return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
+        info = state.catalog.resolve(model)
+        facts: Mapping[str, Any] = state.catalog.facts(model)
+        if info is not None and info.max_input_tokens:
+            output = int(plan.params.get("max_tokens") or 0)
+            if estimate + output > info.max_input_tokens:
+                return f"request needs ~{estimate + output:,} tokens, window is {info.max_input_tokens:,}"
+        if plan.params.get("tools") and facts.get("supports_function_calling") is False:
+            return "does not support tools"
+        if _uses_images(plan) and facts.get("supports_vision") is False:
+            return "does not support images"
+        if plan.params.get("response_format") and facts.get("supports_response_schema") is False:
+            return "does not support response_format"
+        if any(k in plan.params for k in REASONING_PARAMS) and self.config.require_reasoning_support \
+                and not can_reason(model, info):
+            return "does not support reasoning"
+        return None
+
+    def _rank(self, models: Sequence[str], strategy: str, plan: Plan, state: PolicyState, estimate: int) -> list[str]:
+        if strategy == "price":
+            output = int(plan.params.get("max_tokens") or 512)
+
+            def cost(model: str) -> float:
+                info = state.catalog.resolve(model)
+                if info is None:
+                    return math.inf
+                read = info.cache_read if info.cache_read is not None else info.input
+                cached = estimate * self.config.expected_cache_share
+                return (estimate - cached) * info.input + cached * read + output * info.output
+
+            return sorted(models, key=lambda m: (cost(m), models.index(m)))
+        if strategy == "throughput":
+            speeds = {m: state.throughput.get(m) for m in models}
+            return sorted(models, key=lambda m: (-(speeds[m] or 0.0), models.index(m)))
+        return list(models)

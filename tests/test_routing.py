@@ -1,0 +1,190 @@
+"""Routing: aliases and strategies, constraints with explanations, fallbacks, retries, cooldowns."""
+
+from __future__ import annotations
+
+import litellm
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router_middleware import ConfigError, Pipeline, outcome
+from router_middleware.config import FallbackConfig
+from router_middleware.routing.fallback import backoff
+from router_middleware.routing.policy import NoRouteError
+
+CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
+MESSAGES = [{"role": "user", "content": "Rename the variable x to count in utils.py"}]
+
+
+def pipeline(**routing) -> Pipeline:
+    config = {"routing": {"aliases": {"coder": CODER, "small": ["gpt-3.5-turbo", "gpt-4o-mini"],
+                                      "cheap": ["deepseek/deepseek-chat"], "strong": ["anthropic/claude-sonnet-4-5"]},
+                          "fallback": {"backoff_s": 0.0}, **routing},
+              "context": {"enabled": False}, "cache": {"enabled": False}}
+    return Pipeline.from_config(config)
+
+
+def routed(p: Pipeline, model: str, messages=MESSAGES, **params):
+    return p.plan(p.make_call(model, messages, {"session_id": "s"}, params))
+
+
+def test_alias_order_and_floor_suffix() -> None:
+    p = pipeline()
+    plan = routed(p, "coder")
+    assert plan.model == "anthropic/claude-sonnet-4-5" and plan.fallbacks == tuple(CODER[1:])
+    floor = routed(p, "coder:floor")
+    assert floor.model == "deepseek/deepseek-chat"  # cheapest for this request at catalog prices
+    decision = floor.decisions[0]
+    assert decision.policy == "routing" and decision.attributes["strategy"] == "price"
+    assert "claude-sonnet-4-5: ranked lower" in decision.attributes["considered"]
+    assert routed(p, "gpt-4o").model == "gpt-4o"  # a concrete model passes through
+
+
+def test_constraints_explain_every_rejection() -> None:
+    p = pipeline(deny_providers=["anthropic"])
+    big = [{"role": "user", "content": "word " * 20000}]
+    plan = routed(p, "coder", big)
+    attrs = plan.decisions[0].attributes
+    assert plan.model == "gpt-5-mini"
+    assert "provider anthropic denied" in attrs["considered"]
+    assert routed(p, "small", big).model == "gpt-4o-mini"  # gpt-3.5-turbo's 16k window is too small
+    with pytest.raises(NoRouteError) as error:
+        routed(p, "small", [{"role": "user", "content": "word " * 200000}])
+    message = str(error.value)
+    assert "no model of 'small' can serve this request" in message
+    assert "gpt-3.5-turbo: request needs ~" in message and "window is 16,385" in message
+    assert "window is 128,000" in error.value.rejections["gpt-4o-mini"]
+
+
+def test_difficulty_tiers_via_auto() -> None:
+    p = pipeline(tiers=[{"max_score": 0.3, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}])
+    assert routed(p, "auto", [{"role": "user", "content": "hi"}]).model == "deepseek/deepseek-chat"
+    hard = "Prove step by step why this deadlocks and design a fix:\nTraceback (most recent call last):\n" \
+           + "```python\ndef run():\n    return lock.acquire()\n```\n" * 5
+    plan = routed(p, "auto", [{"role": "user", "content": hard}])
+    assert plan.model == "anthropic/claude-sonnet-4-5" and "tier strong" in plan.decisions[0].reason
+
+
+def test_bad_routing_config() -> None:
+    with pytest.raises(ConfigError, match="tier alias 'nope'"):
+        Pipeline.from_config({"routing": {"aliases": {"a": ["gpt-4o"]}, "tiers": [{"max_score": 1, "alias": "nope"}]}})
+
+
+def failing(monkeypatch, failures: dict[str, list[Exception]]) -> list[str]:
+    """litellm.completion that raises the scripted errors per model, then answers with mock_response."""
+    calls: list[str] = []
+    real = litellm.completion
+
+    def fake(**kwargs):
+        calls.append(kwargs["model"])
+        queue = failures.get(kwargs["model"], [])
+        if queue:
+            raise queue.pop(0)
+        return real(**{**kwargs, "mock_response": kwargs.get("mock_response") or "ok"})
+
+    monkeypatch.setattr(litellm, "completion", fake)
+    return calls
+
+
+def rate_limit(model: str) -> Exception:
+    return litellm.exceptions.RateLimitError("slow down", "x", model)
+
+
+def test_fallback_on_rate_limit_with_spans_per_attempt(monkeypatch, span_exporter) -> None:
+    calls = failing(monkeypatch, {"anthropic/claude-sonnet-4-5": [rate_limit("c")]})
+    response = pipeline().completion(model="coder", messages=MESSAGES)
+    assert calls == ["anthropic/claude-sonnet-4-5", "gpt-5-mini"]
+    result = outcome(response)
+    assert result.model == "gpt-5-mini"
+    assert any(d.action == "fallback" for d in result.plan.decisions)
+    clients = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.name for s in clients] == ["chat anthropic/claude-sonnet-4-5", "chat gpt-5-mini"]
+    assert clients[0].status.status_code == StatusCode.ERROR and clients[0].attributes["error.type"] == "RateLimitError"
+    (route,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL]
+    assert route.attributes["router_middleware.fallback.depth"] == 1
+    assert route.attributes["router_middleware.chosen_model"] == "gpt-5-mini"
+
+
+def test_retries_same_model_first(monkeypatch) -> None:
+    calls = failing(monkeypatch, {"anthropic/claude-sonnet-4-5": [rate_limit("c")]})
+    pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.0}).completion(model="coder", messages=MESSAGES)
+    assert calls == ["anthropic/claude-sonnet-4-5", "anthropic/claude-sonnet-4-5"]
+
+
+def test_non_retryable_errors_fail_at_once(monkeypatch) -> None:
+    auth = litellm.exceptions.AuthenticationError("bad key", "anthropic", "claude")
+    calls = failing(monkeypatch, {"anthropic/claude-sonnet-4-5": [auth]})
+    with pytest.raises(litellm.exceptions.AuthenticationError):
+        pipeline().completion(model="coder", messages=MESSAGES)
+    assert calls == ["anthropic/claude-sonnet-4-5"]
+
+
+def test_context_window_error_moves_to_a_larger_window(monkeypatch) -> None:
+    too_long = litellm.exceptions.ContextWindowExceededError("too long", "gpt-4o-mini", "openai")
+    p = pipeline(aliases={"mixed": ["gpt-4o-mini", "gpt-3.5-turbo", "gpt-5-mini"]})
+    calls = failing(monkeypatch, {"gpt-4o-mini": [too_long]})
+    p.completion(model="mixed", messages=MESSAGES)
+    assert calls == ["gpt-4o-mini", "gpt-5-mini"]  # 16k-window gpt-3.5-turbo skipped
+
+
+def test_all_attempts_fail(monkeypatch) -> None:
+    failing(monkeypatch, {m: [rate_limit(m)] for m in CODER})
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        pipeline().completion(model="coder", messages=MESSAGES)
+
+
+def test_stream_fails_over_before_the_first_chunk(monkeypatch) -> None:
+    calls = failing(monkeypatch, {"anthropic/claude-sonnet-4-5": [litellm.exceptions.ServiceUnavailableError(
+        "down", "anthropic", "claude")]})
+    stream = pipeline().completion(model="coder", messages=MESSAGES, stream=True, mock_response="a b c")
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b c"
+    assert calls[:2] == ["anthropic/claude-sonnet-4-5", "gpt-5-mini"]
+    assert outcome(stream).model == "gpt-5-mini"
+
+
+async def test_async_fallback(monkeypatch) -> None:
+    real = litellm.acompletion
+    calls = []
+
+    async def fake(**kwargs):
+        calls.append(kwargs["model"])
+        if len(calls) == 1:
+            raise rate_limit("c")
+        return await real(**{**kwargs, "mock_response": "ok"})
+
+    monkeypatch.setattr(litellm, "acompletion", fake)
+    response = await pipeline().acompletion(model="coder", messages=MESSAGES)
+    assert calls == ["anthropic/claude-sonnet-4-5", "gpt-5-mini"] and outcome(response).model == "gpt-5-mini"
+
+
+def test_cooldown_skips_a_failing_model_then_probes(monkeypatch) -> None:
+    import time
+
+    p = pipeline(cooldown={"failures": 2, "window_s": 60, "cooldown_s": 0.3})
+    calls = failing(monkeypatch, {"anthropic/claude-sonnet-4-5": [rate_limit("c"), rate_limit("c")]})
+    p.completion(model="coder", messages=MESSAGES)
+    p.completion(model="coder", messages=MESSAGES)  # second failure opens the circuit
+    calls.clear()
+    plan = routed(p, "coder")
+    assert plan.model == "gpt-5-mini"
+    assert "claude-sonnet-4-5: cooling down" in plan.decisions[0].attributes["considered"]
+    time.sleep(0.35)
+    p.completion(model="coder", messages=MESSAGES)  # half-open: the probe goes to the recovered model
+    assert calls == ["anthropic/claude-sonnet-4-5"]
+
+
+def test_backoff_honours_retry_after_and_jitters() -> None:
+    config = FallbackConfig(backoff_s=0.5, max_backoff_s=8)
+
+    class Limited(Exception):
+        litellm_response_headers = {"retry-after": "3"}
+
+    assert backoff(0, config, Limited()) == 3.0
+    delays = [backoff(3, config, Exception()) for _ in range(50)]
+    assert all(0 <= d <= 4.0 for d in delays) and len(set(delays)) > 1
+
+
+def test_nitro_orders_by_observed_throughput() -> None:
+    p = pipeline()
+    p.store.set("tps:deepseek/deepseek-chat", b"120.0")
+    p.store.set("tps:gpt-5-mini", b"40.0")
+    assert routed(p, "coder:nitro").model == "deepseek/deepseek-chat"
