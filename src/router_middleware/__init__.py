@@ -20,6 +20,8 @@ from .errors import (
 from .pipeline import Pipeline
 from .policies import Policy, PolicyState
 from .pricing import price
+from .routing.budgets import BudgetExceeded
+from .routing.policy import NoRouteError
 from .streaming import TrackedStream
 from .telemetry import Redactor, configure_logging, configure_telemetry
 from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, Usage
@@ -27,6 +29,7 @@ from .usage import normalize_usage
 
 __all__ = [
     "AgentContext",
+    "BudgetExceeded",
     "Call",
     "Catalog",
     "Config",
@@ -35,6 +38,7 @@ __all__ = [
     "Decision",
     "MessageError",
     "ModelInfo",
+    "NoRouteError",
     "Outcome",
     "OutcomeUnavailable",
     "Pipeline",

@@ -158,6 +158,22 @@ class CooldownConfig(_Strict):
     cooldown_s: float = Field(default=30.0, gt=0)
 
 
+class BudgetConfig(_Strict):
+    """A spending limit. ``scope``: one budget per app, tenant, session, user, or one for everything."""
+
+    name: str
+    scope: Literal["app", "tenant", "session", "user", "global"] = "app"
+    usd: float | None = Field(default=None, gt=0)
+    tokens: int | None = Field(default=None, gt=0)
+    window_s: float | None = Field(default=None, gt=0)  # None: never resets
+    soft: float = Field(default=0.8, gt=0, le=1)
+    downgrade_to: str | None = None
+
+    def model_post_init(self, __context: Any) -> None:
+        if self.usd is None and self.tokens is None:
+            raise ValueError(f"budget {self.name!r} needs 'usd' or 'tokens'")
+
+
 class RoutingConfig(_Strict):
     """Aliases (``coder: [anthropic/claude-sonnet-4-5, openai/gpt-5-mini]``), strategies, tiers."""
 
@@ -170,8 +186,13 @@ class RoutingConfig(_Strict):
     expected_cache_share: float = Field(default=0.0, ge=0, le=1)
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    default_output_tokens: int = Field(default=512, gt=0)  # output estimate when max_tokens is unset
 
     def model_post_init(self, __context: Any) -> None:
+        for budget in self.budgets:
+            if budget.downgrade_to and budget.downgrade_to not in self.aliases:
+                raise ValueError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} is not an alias")
         for tier in self.tiers:
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
@@ -230,7 +251,7 @@ class Config(_Strict):
         from .routing.policy import RoutingPolicy
 
         policies: list[Any] = []
-        if self.routing.aliases:
+        if self.routing.aliases or self.routing.budgets:
             policies.append(RoutingPolicy(self.routing))
         if self.reasoning.enabled:
             policies.append(ReasoningPolicy(self.reasoning))

@@ -19,6 +19,8 @@ from .context.summarize import summary_request, summary_text
 from .ledger import LedgerWriter, from_outcome
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
+from .pricing import price
+from .routing.budgets import Reservation, release, reserve, settle
 from .routing.fallback import Attempts, backoff, note_failure, note_success, request_windows, update_throughput
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
@@ -112,7 +114,8 @@ class Pipeline:
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
                                  reasoning_spent=self.reasoning_spent,
                                  cooldowns=StoreView(self.store, "cooldown:", float),
-                                 throughput=StoreView(self.store, "tps:", float))
+                                 throughput=StoreView(self.store, "tps:", float),
+                                 budget_spent=StoreView(self.store, "budget:", float))
         self.telemetry = self.config.telemetry.settings()
         self.ledger: LedgerWriter | None = None
         if self.config.ledger.url:
@@ -157,7 +160,7 @@ class Pipeline:
         """Apply the policies to ``call``. Policies do no I/O of their own (store-backed state is read
         through read-only views)."""
         state = state or self.state
-        if self.config.routing.aliases:
+        if self.config.routing.aliases or self.config.routing.budgets:
             state = replace(state, now=time.time())
         return apply_policies(Plan.from_call(call), self.policies, state)
 
@@ -181,7 +184,9 @@ class Pipeline:
         cached, plan = self._from_cache(plan)
         if cached is not None:
             return cached
+        reservation = self._reserve(plan)
         request, tracer, started = self._launch(plan)
+        tracer.reservation = reservation
         attempts = self._attempts(plan)
         while True:
             try:
@@ -212,7 +217,9 @@ class Pipeline:
         cached, plan = self._from_cache(plan)
         if cached is not None:
             return cached
+        reservation = self._reserve(plan)
         request, tracer, started = self._launch(plan)
+        tracer.reservation = reservation
         attempts = self._attempts(plan)
         while True:
             try:
@@ -227,6 +234,16 @@ class Pipeline:
                 plan, request, delay = retry
                 await asyncio.sleep(delay)
         return self._received(plan, response, tracer, started)
+
+    def _reserve(self, plan: Plan) -> Reservation | None:
+        """Reserve the call's estimated cost on the budgets that apply (raises ``BudgetExceeded``)."""
+        budgets = self.config.routing.budgets
+        if not budgets:
+            return None
+        tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+        output = int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+        usd = price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
+        return reserve(self.store, budgets, plan.call.context, usd=usd, tokens=tokens + output, now=time.time())
 
     def _attempts(self, plan: Plan) -> Attempts:
         return Attempts([plan.model, *plan.fallbacks], self.config.routing.fallback)
@@ -243,6 +260,8 @@ class Pipeline:
         if next_model is None:
             tracer.fail(exc)
             self._record_failure(plan, exc)
+            if tracer.reservation is not None:
+                release(self.store, tracer.reservation)
             return None
         if next_model != plan.model:
             retry_plan = self.plan(call.override(model=next_model))
@@ -344,6 +363,9 @@ class Pipeline:
         """Record what a finished call leaves for later ones: the session's reasoning spend, the cache."""
         plan = result.plan
         session = plan.call.context.session_id if plan else None
+        if tracer is not None and tracer.reservation is not None:
+            settle(self.store, tracer.reservation, usd=result.cost.total_usd, tokens=result.usage.total_tokens)
+            tracer.reservation = None
         if plan is not None and self.config.routing.aliases:  # circuit breaker and :nitro averages
             note_success(self.store, plan.model)
             if result.latency_s and result.usage.output_tokens and result.usage.source == "provider":
@@ -354,6 +376,11 @@ class Pipeline:
             if not self.cache.save(plan, response, result.cost.total_usd) and tracer is not None:
                 tracer.event("router_middleware.cache.error", {"reason": self.cache.last_error or "write failed"})
         self._record(result)
+
+    def _settle_budget(self, result: Outcome, tracer: CallTrace) -> None:
+        if tracer.reservation is not None:
+            settle(self.store, tracer.reservation, usd=result.cost.total_usd, tokens=result.usage.total_tokens)
+            tracer.reservation = None
 
     def _record(self, result: Outcome, *, error: BaseException | None = None) -> None:
         """Queue the call's ledger row (written on a background thread)."""
@@ -397,8 +424,7 @@ class Pipeline:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
-            if complete:
-                self._settle(result, response, tracer)
+            self._settle(result, response, tracer) if complete else self._settle_budget(result, tracer)
             if error is not None:
                 tracer.fail(error, result)
             else:

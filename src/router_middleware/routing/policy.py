@@ -20,6 +20,7 @@ from ..errors import RouterMiddlewareError
 from ..policies import PolicyState
 from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
+from .budgets import over_soft_limit
 from .difficulty import score_request
 
 
@@ -51,6 +52,11 @@ class RoutingPolicy:
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         requested = plan.call.model
         alias, _, suffix = requested.partition(":")
+        soft = over_soft_limit(self.config.budgets, state.budget_spent, plan.call.context, state.now)
+        downgrade = ""
+        if soft is not None and soft.downgrade_to and alias != soft.downgrade_to:
+            downgrade = f"budget {soft.name!r} past its soft limit: downgraded to {soft.downgrade_to}; "
+            alias, suffix = soft.downgrade_to, ""
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
         strategy = {"floor": "price", "nitro": "throughput"}.get(suffix, self.config.strategy.get(alias, "ordered"))
@@ -60,6 +66,7 @@ class RoutingPolicy:
             note = f"difficulty {score:.2f} -> tier {alias}; "
         else:
             note = ""
+        note = downgrade + note
         candidates = list(self.config.aliases.get(alias, ()))
         rejections: dict[str, str] = {}
         usable = []

@@ -53,6 +53,7 @@ class CallTrace:
         self.request_attrs: dict[str, AttributeValue] = {}
         self.done = False
         self.cache_similarity: float | None = None
+        self.reservation: Any = None  # the call's budget reservation, settled when it ends
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,

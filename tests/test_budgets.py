@@ -1,0 +1,135 @@
+"""Budgets: reserve before, settle after; hard limits fail with the numbers, soft limits downgrade;
+concurrent workers on real Redis never overspend beyond what in-flight estimates allow."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+import uuid
+
+import pytest
+
+from router_middleware import BudgetExceeded, ConfigError, Pipeline, outcome
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def budget_pipeline(store: str = "memory://", **budget) -> Pipeline:
+    return Pipeline.from_config({
+        "store": store, "cache": {"enabled": False}, "context": {"enabled": False},
+        "routing": {"aliases": {"main": ["gpt-4o"], "cheap": ["gpt-4o-mini"]},
+                    "budgets": [{"name": "team", "scope": "app", **budget}]},
+    })
+
+
+def call(pipeline: Pipeline, app: str = "a", **params):
+    return pipeline.completion(model="main", messages=MESSAGES, mock_response="ok", context={"app": app}, **params)
+
+
+def test_hard_limit_names_budget_spent_and_limit() -> None:
+    p = budget_pipeline(usd=0.0006)
+    costs = []
+    with pytest.raises(BudgetExceeded) as error:
+        for _ in range(100):
+            costs.append(outcome(call(p, max_tokens=20)).cost.total_usd)
+    assert 0 < len(costs) < 100
+    assert error.value.name == "team" and error.value.unit == "usd" and error.value.limit == 0.0006
+    assert "budget 'team' exceeded" in str(error.value)
+    spent = p.state.budget_spent
+    key = next(iter(k for k in ["team:usd:a:0"] if spent.get(k) is not None))
+    assert spent[key] == pytest.approx(sum(costs))  # reservations settled to the actual costs
+    assert outcome(call(p, app="other", max_tokens=20)).usage.output_tokens > 0  # other app, other budget
+
+
+def test_token_budget_and_window_reset() -> None:
+    p = budget_pipeline(tokens=120, window_s=0.5)
+    call(p, max_tokens=20)
+    with pytest.raises(BudgetExceeded, match="tokens"):
+        for _ in range(10):
+            call(p, max_tokens=20)
+    time.sleep(0.6)
+    call(p, max_tokens=20)  # a new window
+
+
+def test_soft_limit_downgrades_to_a_cheaper_alias() -> None:
+    p = budget_pipeline(usd=0.01, soft=0.5, downgrade_to="cheap")
+    first = outcome(call(p, max_tokens=20))
+    assert first.model == "gpt-4o"
+    p.store.incr("budget:team:usd:a:0", 0.006)  # as if other calls had spent it
+    second = outcome(call(p, max_tokens=20))
+    assert second.model == "gpt-4o-mini"
+    assert "past its soft limit" in second.plan.decisions[0].reason
+
+
+def test_budget_config_errors() -> None:
+    with pytest.raises(ConfigError, match="needs 'usd' or 'tokens'"):
+        budget_pipeline()
+    with pytest.raises(ConfigError, match="downgrade_to 'nope'"):
+        budget_pipeline(usd=1, downgrade_to="nope")
+
+
+def _worker(url: str, app: str, calls: int, output_estimate: int, limit: float, results) -> None:  # spawned
+    import os
+
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    from router_middleware import BudgetExceeded, Pipeline, outcome
+
+    pipeline = Pipeline.from_config({
+        "store": url, "cache": {"enabled": False}, "context": {"enabled": False},
+        "routing": {"aliases": {"main": ["gpt-4o"]}, "default_output_tokens": output_estimate,
+                    "budgets": [{"name": "shared", "scope": "app", "usd": limit}]}})
+    ok, refused, spent = 0, 0, 0.0
+    lock = threading.Lock()
+
+    def one() -> None:
+        nonlocal ok, refused, spent
+        try:
+            response = pipeline.completion(model="main", messages=[{"role": "user", "content": "hello"}],
+                                           mock_response="a reply of a few words", context={"app": app})
+            with lock:
+                ok += 1
+                spent += outcome(response).cost.total_usd
+        except BudgetExceeded:
+            with lock:
+                refused += 1
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put((ok, refused, spent))
+
+
+@pytest.mark.parametrize(("output_estimate", "limit"), [(512, 0.02), (1, 0.004)],
+                         ids=["estimate-above-actual", "estimate-below-actual"])
+def test_concurrent_processes_on_redis_respect_the_budget(redis_url, output_estimate, limit) -> None:
+    app = f"race-{uuid.uuid4().hex[:8]}"
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_worker, args=(redis_url, app, 100, output_estimate, limit, results))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(60)
+    ok = sum(o[0] for o in outcomes)
+    refused = sum(o[1] for o in outcomes)
+    spent = sum(o[2] for o in outcomes)
+    assert ok + refused == 200 and ok > 0 and refused > 0  # the budget really was contended
+    from router_middleware.stores.redis import RedisStore
+
+    recorded = float(RedisStore(redis_url).get(f"budget:shared:usd:{app}:0"))
+    assert recorded == pytest.approx(spent, rel=1e-6)  # every reservation settled to the actual cost
+    actual = spent / ok
+    pipeline = Pipeline()
+    estimate = pipeline.catalog.resolve("gpt-4o")
+    assert estimate is not None
+    estimated = pipeline.state.tokens("gpt-4o", [{"role": "user", "content": "hello"}]) * estimate.input \
+        + output_estimate * estimate.output
+    # Overspend is bounded by what the calls in flight could add beyond their estimates (200 at most).
+    assert spent <= limit + 200 * max(0.0, actual - estimated) + 1e-12
+    if estimated >= actual:
+        assert spent <= limit + 1e-12  # estimates that cover the cost never overspend
