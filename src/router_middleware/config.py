@@ -174,10 +174,22 @@ class BudgetConfig(_Strict):
             raise ValueError(f"budget {self.name!r} needs 'usd' or 'tokens'")
 
 
+class Deployment(_Strict):
+    """A named way to reach a model: its own endpoint and key (read from an environment variable)."""
+
+    model: str
+    api_base: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
 class RoutingConfig(_Strict):
-    """Aliases (``coder: [anthropic/claude-sonnet-4-5, openai/gpt-5-mini]``), strategies, tiers."""
+    """Aliases (``coder: [anthropic/claude-sonnet-4-5, openai/gpt-5-mini]``), strategies, tiers.
+
+    An alias lists model ids or names from ``deployments``."""
 
     aliases: dict[str, list[str]] = Field(default_factory=dict)
+    deployments: dict[str, Deployment] = Field(default_factory=dict)
     strategy: dict[str, Literal["ordered", "price", "throughput", "difficulty"]] = Field(default_factory=dict)
     tiers: list[Tier] = Field(default_factory=list)
     allow_providers: list[str] = Field(default_factory=list)

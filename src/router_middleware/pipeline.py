@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -21,7 +22,15 @@ from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import Reservation, release, reserve, settle
-from .routing.fallback import Attempts, backoff, note_failure, note_success, request_windows, update_throughput
+from .routing.fallback import (
+    Attempts,
+    EmptyStreamError,
+    backoff,
+    note_failure,
+    note_success,
+    request_windows,
+    update_throughput,
+)
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
@@ -50,6 +59,9 @@ def _usage_reported(chunks: Sequence[Any]) -> bool:
         if usage is not None and type(usage).__name__ != "UnreportedUsage":
             return True
     return False
+
+
+_END = object()
 
 
 class _Prefetched:
@@ -191,8 +203,11 @@ class Pipeline:
         while True:
             try:
                 response = _litellm().completion(**request)
-                if plan.params.get("stream"):
-                    response = _Prefetched(next(response), response)  # fail over only before the first chunk
+                if plan.params.get("stream"):  # fail over only before the first chunk
+                    first = next(response, _END)
+                    if first is _END:
+                        raise EmptyStreamError(f"{plan.model}: the stream ended before its first chunk")
+                    response = _Prefetched(first, response)
                 break
             except Exception as exc:
                 retry = self._after_failure(call, plan, attempts, tracer, exc)
@@ -225,7 +240,11 @@ class Pipeline:
             try:
                 response = await _litellm().acompletion(**request)
                 if plan.params.get("stream"):
-                    response = _Prefetched(await response.__anext__(), response)
+                    try:
+                        first = await response.__anext__()
+                    except StopAsyncIteration:
+                        raise EmptyStreamError(f"{plan.model}: the stream ended before its first chunk") from None
+                    response = _Prefetched(first, response)
                 break
             except Exception as exc:
                 retry = self._after_failure(call, plan, attempts, tracer, exc)
@@ -234,6 +253,10 @@ class Pipeline:
                 plan, request, delay = retry
                 await asyncio.sleep(delay)
         return self._received(plan, response, tracer, started)
+
+    def _model_of(self, name: str) -> str:
+        deployment = self.config.routing.deployments.get(name)
+        return deployment.model if deployment else name
 
     def _reserve(self, plan: Plan) -> Reservation | None:
         """Reserve the call's estimated cost on the budgets that apply (raises ``BudgetExceeded``)."""
@@ -246,7 +269,7 @@ class Pipeline:
         return reserve(self.store, budgets, plan.call.context, usd=usd, tokens=tokens + output, now=time.time())
 
     def _attempts(self, plan: Plan) -> Attempts:
-        return Attempts([plan.model, *plan.fallbacks], self.config.routing.fallback)
+        return Attempts([plan.deployment or plan.model, *plan.fallbacks], self.config.routing.fallback)
 
     def _after_failure(
         self, call: Call, plan: Plan, attempts: Attempts, tracer: CallTrace, exc: Exception,
@@ -254,8 +277,9 @@ class Pipeline:
         """Count the failure for the circuit breaker; return the next attempt, or ``None`` to give up
         (the call's spans and ledger row then record the error)."""
         tracer.attempt_failed(exc)
-        note_failure(self.store, plan.model, self.config.routing.cooldown, time.time())
-        windows = request_windows(self.catalog, attempts.models)
+        note_failure(self.store, plan.deployment or plan.model, self.config.routing.cooldown, time.time())
+        windows = {name: request_windows(self.catalog, [self._model_of(name)])[self._model_of(name)]
+                   for name in attempts.models}
         next_model = attempts.advance(exc, windows)
         if next_model is None:
             tracer.fail(exc)
@@ -263,15 +287,14 @@ class Pipeline:
             if tracer.reservation is not None:
                 release(self.store, tracer.reservation)
             return None
-        if next_model != plan.model:
-            retry_plan = self.plan(call.override(model=next_model))
+        if next_model != (plan.deployment or plan.model):
+            retry_plan = self.plan(call.override(model=next_model)).override(call=call)  # keep what was asked
             retry_plan = retry_plan.decide(Decision(
                 "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_model}",
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
         else:
             retry_plan = plan
-        request = retry_plan.request()
-        self._ask_for_usage(retry_plan, request)
+        request = self._request(retry_plan)
         tracer.next_attempt(retry_plan, self.catalog.provider(retry_plan.model), attempts.depth)
         return retry_plan, request, backoff(attempts.depth - 1, self.config.routing.fallback, exc)
 
@@ -299,10 +322,23 @@ class Pipeline:
             before = self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
             after = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
             plan = plan.override(estimated_savings_usd=self._saving(plan.model, before - after))
-        request = plan.request()
-        self._ask_for_usage(plan, request)
+        request = self._request(plan)
         provider = self.catalog.provider(plan.model)
         return request, CallTrace.start(self.telemetry, plan, provider, before, after), time.perf_counter()
+
+    def _request(self, plan: Plan) -> dict[str, Any]:
+        """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment), timeout."""
+        request = plan.request()
+        deployment = self.config.routing.deployments.get(plan.deployment or "")
+        if deployment is not None:
+            if deployment.api_base:
+                request["api_base"] = deployment.api_base
+            if deployment.api_key_env:
+                request["api_key"] = os.environ.get(deployment.api_key_env)
+            if deployment.timeout_s:
+                request.setdefault("timeout", deployment.timeout_s)
+        self._ask_for_usage(plan, request)
+        return request
 
     def _ask_for_usage(self, plan: Plan, request: dict[str, Any]) -> None:
         provider = self.catalog.provider(plan.model)
@@ -367,9 +403,10 @@ class Pipeline:
             settle(self.store, tracer.reservation, usd=result.cost.total_usd, tokens=result.usage.total_tokens)
             tracer.reservation = None
         if plan is not None and self.config.routing.aliases:  # circuit breaker and :nitro averages
-            note_success(self.store, plan.model)
+            target = plan.deployment or plan.model
+            note_success(self.store, target)
             if result.latency_s and result.usage.output_tokens and result.usage.source == "provider":
-                update_throughput(self.store, plan.model, result.usage.output_tokens / result.latency_s)
+                update_throughput(self.store, target, result.usage.output_tokens / result.latency_s)
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent.add(session, result.usage.reasoning_tokens)
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):

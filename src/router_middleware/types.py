@@ -125,6 +125,7 @@ class Plan:
     estimated_savings_usd: float = 0.0
     decisions: tuple[Decision, ...] = ()
     summary_jobs: tuple[SummaryJob, ...] = ()
+    deployment: str | None = None  # the routing target's name when it is a configured deployment
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:

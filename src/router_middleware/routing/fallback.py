@@ -20,7 +20,12 @@ from ..telemetry import log
 RETRYABLE = (
     "RateLimitError", "ServiceUnavailableError", "InternalServerError", "APIConnectionError", "Timeout",
     "APITimeoutError", "BadGatewayError", "ContextWindowExceededError", "ContentPolicyViolationError",
+    "MidStreamFallbackError", "EmptyStreamError",
 )
+
+
+class EmptyStreamError(Exception):
+    """A stream ended before its first chunk: retried like a connection error."""
 
 
 def error_kind(exc: BaseException) -> str:

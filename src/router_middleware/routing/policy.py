@@ -57,6 +57,10 @@ class RoutingPolicy:
         if soft is not None and soft.downgrade_to and alias != soft.downgrade_to:
             downgrade = f"budget {soft.name!r} past its soft limit: downgraded to {soft.downgrade_to}; "
             alias, suffix = soft.downgrade_to, ""
+        if alias in self.config.deployments:  # a named deployment (also how fallbacks are re-planned)
+            target = self.config.deployments[alias]
+            return plan.decide(Decision(self.name, "deployment", f"deployment {alias} ({target.model})"),
+                               model=target.model, deployment=alias)
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
         strategy = {"floor": "price", "nitro": "throughput"}.get(suffix, self.config.strategy.get(alias, "ordered"))
@@ -70,7 +74,9 @@ class RoutingPolicy:
         candidates = list(self.config.aliases.get(alias, ()))
         rejections: dict[str, str] = {}
         usable = []
-        estimate = state.tokens(candidates[0] if candidates else requested, plan.messages,
+        first = self.config.deployments[candidates[0]].model if candidates and candidates[0] in \
+            self.config.deployments else (candidates[0] if candidates else requested)
+        estimate = state.tokens(first, plan.messages,
                                 plan.params.get("tools"), plan.call.context.session_id)
         for model in candidates:
             why = self._rejection(model, plan, state, estimate)
@@ -88,8 +94,10 @@ class RoutingPolicy:
             "alias": alias, "strategy": strategy, "candidates": len(candidates),
             "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
         }
-        return plan.decide(Decision(self.name, "route", reason, attributes), model=chosen,
-                           fallbacks=tuple(ranked[1:]))
+        deployment = self.config.deployments.get(chosen)
+        return plan.decide(Decision(self.name, "route", reason, attributes),
+                           model=deployment.model if deployment else chosen,
+                           deployment=chosen if deployment else None, fallbacks=tuple(ranked[1:]))
 
     def _tier(self, plan: Plan) -> tuple[str, float]:
         score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
@@ -98,15 +106,17 @@ class RoutingPolicy:
                 return tier.alias, score
         return self.config.tiers[-1].alias, score
 
-    def _rejection(self, model: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
+    def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
+        cooling = state.cooldowns.get(name)
+        if cooling is not None and cooling > state.now:
+            return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
+        deployment = self.config.deployments.get(name)
+        model = deployment.model if deployment else name
         provider = state.catalog.provider(model) or ""
         if self.config.allow_providers and provider not in self.config.allow_providers:
             return f"provider {provider or '?'} not allowed"
         if provider in self.config.deny_providers:
             return f"provider {provider} denied"
-        cooling = state.cooldowns.get(model)
-        if cooling is not None and cooling > state.now:
-            return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
         info = state.catalog.resolve(model)
         facts: Mapping[str, Any] = state.catalog.facts(model)
         if info is not None and info.max_input_tokens:
@@ -128,8 +138,9 @@ class RoutingPolicy:
         if strategy == "price":
             output = int(plan.params.get("max_tokens") or 512)
 
-            def cost(model: str) -> float:
-                info = state.catalog.resolve(model)
+            def cost(name: str) -> float:
+                deployment = self.config.deployments.get(name)
+                info = state.catalog.resolve(deployment.model if deployment else name)
                 if info is None:
                     return math.inf
                 read = info.cache_read if info.cache_read is not None else info.input

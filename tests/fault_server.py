@@ -1,0 +1,95 @@
+"""A loopback OpenAI-compatible endpoint with scripted failures, for the fallback tests.
+
+Successful answers are the real recorded bodies from cassettes/ (openai_chat.yaml for plain calls,
+openai_chat_streaming.yaml for streams); failures are what providers really do: 429 with
+Retry-After, 500, 503, a hang past the client's timeout, truncated JSON (or a stream cut inside its
+first event), a connection that breaks right after the headers. The path prefix names the deployment: /healthy/v1/... always answers, /flaky/v1/...
+fails at random with ``fault_rate``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .cassette_data import interactions
+from .conftest import CASSETTES
+
+FAULTS = ("429", "500", "503", "hang", "truncated", "broken-stream")
+
+
+def _bodies() -> tuple[bytes, bytes]:
+    plain = interactions(CASSETTES / "openai_chat.yaml")[0].response_text.encode()
+    stream = interactions(CASSETTES / "openai_chat_streaming.yaml")[0].response_text.encode()
+    return plain, stream
+
+
+@contextmanager
+def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0) -> Iterator[tuple[str, Counter[str]]]:
+    plain, stream = _bodies()
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    seen: Counter[str] = Counter()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str = "application/json",
+                  headers: dict[str, str] | None = None) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            length = int(self.headers.get("content-length", 0))
+            request = self.rfile.read(length)
+            streaming = b'"stream": true' in request or b'"stream":true' in request
+            with lock:
+                fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
+                seen[f"{self.path.split('/')[1]}:{fault}"] += 1
+            if fault == "429":
+                self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit_error"}}',
+                           headers={"retry-after": "0"})
+            elif fault in ("500", "503"):
+                self._send(int(fault), b'{"error": {"message": "upstream failure", "type": "server_error"}}')
+            elif fault == "hang":
+                time.sleep(hang_s)
+                self.close_connection = True
+            elif fault == "truncated" and not streaming:
+                self._send(200, plain[: len(plain) // 2])
+            elif fault in ("truncated", "broken-stream"):
+                # a stream cut before its first complete event (truncated), or a connection that
+                # breaks right after the headers (broken-stream, also for plain requests)
+                partial = stream[:40] if fault == "truncated" else b""
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream" if streaming else "application/json")
+                self.send_header("content-length", str(len(stream)))
+                self.end_headers()
+                self.wfile.write(partial)
+                self.close_connection = True
+            elif streaming:
+                self._send(200, stream, "text/event-stream")
+            else:
+                self._send(200, plain)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
