@@ -188,3 +188,38 @@ def test_nitro_orders_by_observed_throughput() -> None:
     p.store.set("tps:deepseek/deepseek-chat", b"120.0")
     p.store.set("tps:gpt-5-mini", b"40.0")
     assert routed(p, "coder:nitro").model == "deepseek/deepseek-chat"
+
+
+def test_latency_strategy_uses_observed_averages() -> None:
+    p = pipeline(strategy={"coder": "latency"})
+    p.store.set("lat:gpt-5-mini", b"0.4")
+    p.store.set("lat:anthropic/claude-sonnet-4-5", b"1.2")
+    plan = routed(p, "coder")
+    assert plan.model == "gpt-5-mini"
+    assert plan.fallbacks == ("anthropic/claude-sonnet-4-5", "deepseek/deepseek-chat")  # unknown last
+
+
+def test_successful_calls_feed_the_averages() -> None:
+    p = pipeline()
+    for _ in p.completion(model="coder", messages=MESSAGES, stream=True, mock_response="a b c"):
+        pass
+    assert p.state.latency.get("anthropic/claude-sonnet-4-5") is None  # mock usage is not provider-reported
+    from router_middleware.routing.fallback import update_average
+
+    update_average(p.store, "lat:x", 1.0)
+    update_average(p.store, "lat:x", 2.0)
+    assert p.state.latency["x"] == pytest.approx(0.3 * 2.0 + 0.7 * 1.0)
+
+
+def test_weighted_spreads_load_by_weight() -> None:
+    import time as clock
+
+    p = pipeline(strategy={"coder": "weighted"},
+                 weights={"anthropic/claude-sonnet-4-5": 3, "gpt-5-mini": 1, "deepseek/deepseek-chat": 0})
+    picks = []
+    for i in range(400):
+        call = p.make_call("coder", [*MESSAGES] * (1 + i % 3), {"session_id": f"s{i}"}, {})
+        picks.append(p.plan(call).model)
+        clock.sleep(0)
+    share = picks.count("anthropic/claude-sonnet-4-5") / len(picks)
+    assert 0.65 < share < 0.85 and "deepseek/deepseek-chat" not in picks

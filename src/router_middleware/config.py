@@ -190,7 +190,9 @@ class RoutingConfig(_Strict):
 
     aliases: dict[str, list[str]] = Field(default_factory=dict)
     deployments: dict[str, Deployment] = Field(default_factory=dict)
-    strategy: dict[str, Literal["ordered", "price", "throughput", "difficulty"]] = Field(default_factory=dict)
+    strategy: dict[str, Literal["ordered", "price", "throughput", "latency", "weighted", "difficulty"]] = Field(
+        default_factory=dict)
+    weights: dict[str, float] = Field(default_factory=dict)  # for "weighted": target -> weight (default 1)
     tiers: list[Tier] = Field(default_factory=list)
     allow_providers: list[str] = Field(default_factory=list)
     deny_providers: list[str] = Field(default_factory=list)

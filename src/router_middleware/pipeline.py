@@ -29,7 +29,7 @@ from .routing.fallback import (
     note_failure,
     note_success,
     request_windows,
-    update_throughput,
+    update_average,
 )
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
@@ -127,6 +127,7 @@ class Pipeline:
                                  reasoning_spent=self.reasoning_spent,
                                  cooldowns=StoreView(self.store, "cooldown:", float),
                                  throughput=StoreView(self.store, "tps:", float),
+                                 latency=StoreView(self.store, "lat:", float),
                                  budget_spent=StoreView(self.store, "budget:", float))
         self.telemetry = self.config.telemetry.settings()
         self.ledger: LedgerWriter | None = None
@@ -406,7 +407,10 @@ class Pipeline:
             target = plan.deployment or plan.model
             note_success(self.store, target)
             if result.latency_s and result.usage.output_tokens and result.usage.source == "provider":
-                update_throughput(self.store, target, result.usage.output_tokens / result.latency_s)
+                update_average(self.store, f"tps:{target}", result.usage.output_tokens / result.latency_s)
+            first = result.time_to_first_token_s or result.latency_s
+            if first and result.usage.source == "provider":
+                update_average(self.store, f"lat:{target}", first)
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent.add(session, result.usage.reasoning_tokens)
         if plan is not None and self.cache is not None and self.cache.cacheable(plan):

@@ -36,6 +36,7 @@ class PolicyState:
     reasoning_spent: Mapping[str, int] = field(default_factory=dict)
     cooldowns: Mapping[str, float] = field(default_factory=dict)  # model -> cooled down until (epoch s)
     throughput: Mapping[str, float] = field(default_factory=dict)  # model -> output tokens/s (EWMA)
+    latency: Mapping[str, float] = field(default_factory=dict)  # model -> seconds to first token (EWMA)
     budget_spent: Mapping[str, float] = field(default_factory=dict)  # budget key -> reserved + spent
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)

@@ -116,16 +116,17 @@ def note_success(store: Store, model: str) -> None:
         log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
 
-def update_throughput(store: Store, model: str, tokens_per_s: float, alpha: float = 0.3) -> None:
-    """Exponentially weighted average of observed output tokens per second (read by ``:nitro``)."""
+def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) -> None:
+    """Exponentially weighted average in the store: ``tps:<target>`` (output tokens/s, read by
+    ``:nitro``) and ``lat:<target>`` (seconds to the first token, read by the latency strategy)."""
     try:
         for _ in range(5):
-            current = store.get(f"tps:{model}")
-            value = tokens_per_s if current is None else alpha * tokens_per_s + (1 - alpha) * float(current)
-            if store.compare_and_set(f"tps:{model}", current, repr(value).encode()):
+            current = store.get(key)
+            value = sample if current is None else alpha * sample + (1 - alpha) * float(current)
+            if store.compare_and_set(key, current, repr(value).encode()):
                 return
     except Exception as exc:  # noqa: BLE001
-        log.warning("throughput_store_failed", error_type=type(exc).__name__)
+        log.warning("average_store_failed", key=key, error_type=type(exc).__name__)
 
 
 def request_windows(catalog: Any, models: list[str]) -> dict[str, int]:

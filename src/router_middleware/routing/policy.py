@@ -2,7 +2,9 @@
 the rest by the strategy, and record why each candidate won or lost.
 
 Strategies: ``ordered`` (the alias's order), ``price`` (cheapest for this request: its own token
-estimate at the input, cache-read and output prices), ``difficulty`` (the request's difficulty
+estimate at the input, cache-read and output prices), ``throughput`` / ``latency`` (exponentially
+weighted averages of observed output tokens/s and time to first token, kept in the store),
+``weighted`` (weighted random order, for load spreading), ``difficulty`` (the request's difficulty
 score picks a tier alias). OpenRouter-style suffixes work on any alias: ``coder:floor`` sorts by
 price, ``coder:nitro`` by observed throughput (falling back to the alias order when nothing has been
 observed yet).
@@ -11,6 +13,7 @@ observed yet).
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,4 +154,19 @@ class RoutingPolicy:
         if strategy == "throughput":
             speeds = {m: state.throughput.get(m) for m in models}
             return sorted(models, key=lambda m: (-(speeds[m] or 0.0), models.index(m)))
+        if strategy == "latency":
+            delays = {m: state.latency.get(m) for m in models}
+            return sorted(models, key=lambda m: (delays[m] if delays[m] is not None else math.inf, models.index(m)))
+        if strategy == "weighted":
+            # Weighted random order (without replacement) for load spreading; seeded by the call and
+            # the planning time, so a plan is reproducible from its inputs.
+            rng = random.Random(f"{state.now}:{plan.call.context.session_id}:{len(plan.messages)}")
+            remaining = list(models)
+            order = []
+            while remaining:
+                weights = [max(0.0, self.config.weights.get(m, 1.0)) for m in remaining]
+                pick = rng.choices(remaining, weights=weights)[0] if sum(weights) > 0 else remaining[0]
+                order.append(pick)
+                remaining.remove(pick)
+            return order
         return list(models)
