@@ -116,3 +116,18 @@ def completion_kwargs(item: Interaction) -> dict[str, Any]:
         kwargs["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"],
                                                              "parameters": t["input_schema"]}} for t in body["tools"]]
     return kwargs
+
+
+def capturing_vcr() -> tuple[Any, list[dict[str, Any]]]:
+    """A vcr that replays a cassette whatever the body, and keeps each body litellm really sent."""
+    import vcr
+
+    sent: list[dict[str, Any]] = []
+
+    def capture(live: Any, recorded: Any) -> None:
+        sent.append(json.loads(live.body))
+
+    replayer = vcr.VCR(record_mode="none", decode_compressed_response=True,
+                       match_on=["method", "scheme", "host", "port", "path", "capture"])
+    replayer.register_matcher("capture", capture)
+    return replayer, sent

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 
-import vcr
-
 from router_middleware import Pipeline, outcome
 
+from .cassette_data import capturing_vcr
 from .conftest import CASSETTES
 
-SENT: list[dict] = []
-
-
-def _capture(live, recorded) -> None:
-    """A vcr matcher that always matches and keeps the body litellm really sent."""
-    SENT.append(json.loads(live.body))
-
-
-replayer = vcr.VCR(record_mode="none", decode_compressed_response=True,
-                   match_on=["method", "scheme", "host", "port", "path", "capture"])
-replayer.register_matcher("capture", _capture)
+replayer, SENT = capturing_vcr()
 LONG_SYSTEM = "You are a meticulous coding agent. " + "Follow the repository conventions carefully. " * 200
 
 

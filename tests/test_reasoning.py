@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import vcr
 
 from router_middleware import AgentContext, Call, Pipeline, Plan, outcome
 from router_middleware.config import ReasoningConfig
@@ -13,18 +10,10 @@ from router_middleware.policies import PolicyState
 from router_middleware.reasoning import ReasoningPolicy, failure_signal, infer_step_kind
 
 from .capture_server import capture_server
+from .cassette_data import capturing_vcr
 from .conftest import CASSETTES
 
-SENT: list[dict] = []
-
-
-def _capture(live, recorded) -> None:
-    SENT.append(json.loads(live.body))
-
-
-replayer = vcr.VCR(record_mode="none", decode_compressed_response=True,
-                   match_on=["method", "scheme", "host", "port", "path", "capture"])
-replayer.register_matcher("capture", _capture)
+replayer, SENT = capturing_vcr()
 
 CLINE_STYLE = {"reasoning": {"rules": [
     {"when": {"step_kind": ["plan"]}, "effort": "high"},

@@ -66,6 +66,16 @@ class ModelInfo:
     def with_overrides(self, **changes: Any) -> ModelInfo:
         return replace(self, **changes)
 
+    def cache_prices(self) -> tuple[float, float] | None:
+        """``(read, rewrite)`` per token: a cached read, and re-sending a cached prefix after an edit
+        (the input price, or the cache-write price on explicit caches such as Anthropic's). ``None``
+        when cached reads are not cheaper than input."""
+        read = self.cache_read if self.cache_read is not None else self.input
+        if read <= 0 or read >= self.input:
+            return None
+        rewrite = (self.cache_write or self.input) if self.cache.explicit else self.input
+        return read, rewrite
+
 
 def cache_rules_for(model: str, provider: str | None) -> CacheRules:
     """Published prompt-cache behaviour per provider family."""

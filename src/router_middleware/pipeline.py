@@ -26,6 +26,7 @@ from .routing.fallback import (
     Attempts,
     EmptyStreamError,
     backoff,
+    error_kind,
     note_failure,
     note_success,
     request_windows,
@@ -279,8 +280,8 @@ class Pipeline:
         (the call's spans and ledger row then record the error)."""
         tracer.attempt_failed(exc)
         note_failure(self.store, plan.deployment or plan.model, self.config.routing.cooldown, time.time())
-        windows = {name: request_windows(self.catalog, [self._model_of(name)])[self._model_of(name)]
-                   for name in attempts.models}
+        windows = (request_windows(self.catalog, attempts.models, self._model_of)
+                   if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         next_model = attempts.advance(exc, windows)
         if next_model is None:
             tracer.fail(exc)

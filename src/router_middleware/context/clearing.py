@@ -33,12 +33,10 @@ def chunk_tokens(info: ModelInfo | None, *, tail_tokens: int, payback_calls: flo
     explicit caches such as Anthropic's); each later call saves ``cache_read`` per cleared token.
     Without a provider cache (or a cache discount) there is nothing to re-read: clear every step.
     """
-    if info is None or not provider_cache:
+    prices = info.cache_prices() if info is not None and provider_cache else None
+    if prices is None:
         return 1
-    read = info.cache_read if info.cache_read is not None else info.input
-    if read <= 0 or read >= info.input:
-        return 1
-    rewrite = (info.cache_write or info.input) if info.cache.explicit else info.input
+    read, rewrite = prices
     premium = max(0.0, rewrite - read)
     return max(1, round(tail_tokens * premium / (read * payback_calls)))
 

@@ -140,12 +140,10 @@ class Window:
         re-read at the full (or cache-write) price once, and every call reads ``dropped`` fewer cached
         tokens. ``None`` when there is no cache discount (always worth it)."""
         info = state.catalog.resolve(plan.model)
-        if info is None or not state.provider_cache:
+        prices = info.cache_prices() if info is not None and state.provider_cache else None
+        if prices is None:
             return None
-        read = info.cache_read if info.cache_read is not None else info.input
-        if read <= 0 or read >= info.input:
-            return None
-        rewrite = (info.cache_write or info.input) if info.cache.explicit else info.input
+        read, rewrite = prices
         digest = sum(state.message_tokens(plan.model, m) for m in filler)
         saving = read * max(1, dropped - digest)
         return (rewrite - read) * (digest + low) / saving

@@ -3,14 +3,14 @@ after a failure, and translate it for the model that will answer."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from ..config import ReasoningConfig, ReasoningRule
 from ..policies import PolicyState
 from ..types import AgentContext, Decision, Plan
-from .levels import DEFAULT_BUDGETS, Level, level_for_budget, shift
+from .levels import DEFAULT_BUDGETS, LEVELS, Level, level_for_budget, shift
 from .signals import failure_signal, infer_step_kind
 from .translate import REASONING_PARAMS, translate
 
@@ -104,11 +104,10 @@ class ReasoningPolicy:
 
 def _requested_level(params: Mapping[str, object]) -> Level | None:
     effort = params.get("reasoning_effort")
-    if isinstance(effort, str) and effort in ("none", "minimal", "low", "medium", "high", "xhigh"):
-        return effort  # type: ignore[return-value]
+    if isinstance(effort, str) and effort in LEVELS:
+        return effort
     return None
 
 
 def _rank(level: str) -> int:
-    order: Sequence[str] = ("none", "minimal", "low", "medium", "high", "xhigh")
-    return order.index(level)
+    return LEVELS.index(level)

@@ -10,6 +10,7 @@ cooldowns); when the cooldown ends the next call is the probe, and a success cle
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,9 +130,10 @@ def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) ->
         log.warning("average_store_failed", key=key, error_type=type(exc).__name__)
 
 
-def request_windows(catalog: Any, models: list[str]) -> dict[str, int]:
+def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], str]) -> dict[str, int]:
+    """Input window of each attempt target (a model id, or a deployment resolved by ``model_of``)."""
     windows = {}
-    for model in models:
-        info = catalog.resolve(model)
-        windows[model] = (info.max_input_tokens or 0) if info else 0
+    for target in targets:
+        info = catalog.resolve(model_of(target))
+        windows[target] = (info.max_input_tokens or 0) if info else 0
     return windows

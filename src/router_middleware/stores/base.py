@@ -5,7 +5,7 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +42,14 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def acquire(try_once: Callable[[], bool], name: str, timeout_s: float) -> None:
+    """Call ``try_once`` until it returns True, or raise :class:`LockTimeout` after ``timeout_s``."""
+    for _ in poll(timeout_s):
+        if try_once():
+            return
+    raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
 
 
 def poll(timeout_s: float, interval_s: float = 0.01) -> Iterator[None]:

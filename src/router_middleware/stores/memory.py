@@ -9,7 +9,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .base import LockTimeout, poll
+from .base import acquire
 
 
 class MemoryStore:
@@ -70,11 +70,7 @@ class MemoryStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
         token = uuid.uuid4().hex.encode()
         key = f"lock:{name}"
-        for _ in poll(timeout_s):
-            if self.compare_and_set(key, None, token, ttl_s):
-                break
-        else:
-            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        acquire(lambda: self.compare_and_set(key, None, token, ttl_s), name, timeout_s)
         try:
             yield
         finally:

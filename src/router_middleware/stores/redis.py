@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .base import LockTimeout, poll
+from .base import acquire
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -68,11 +68,7 @@ class RedisStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
         token = uuid.uuid4().hex
         key = self._k(f"lock:{name}")
-        for _ in poll(timeout_s):
-            if self.client.set(key, token, nx=True, px=int(ttl_s * 1000)):
-                break
-        else:
-            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        acquire(lambda: bool(self.client.set(key, token, nx=True, px=int(ttl_s * 1000))), name, timeout_s)
         try:
             yield
         finally:

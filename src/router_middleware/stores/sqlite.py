@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .base import LockTimeout, StoreError, poll
+from .base import StoreError, acquire
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 
@@ -99,11 +99,7 @@ class SQLiteStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
         token = uuid.uuid4().hex.encode()
         key = f"lock:{name}"
-        for _ in poll(timeout_s):
-            if self.compare_and_set(key, None, token, ttl_s):
-                break
-        else:
-            raise LockTimeout(f"lock {name!r} not acquired within {timeout_s}s")
+        acquire(lambda: self.compare_and_set(key, None, token, ttl_s), name, timeout_s)
         try:
             yield
         finally:

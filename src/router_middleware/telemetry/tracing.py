@@ -76,11 +76,15 @@ class CallTrace:
             self.parent.add_event(f"{decision.policy}:{decision.action}",
                                   {"reason": decision.reason, **dict(decision.attributes)})
         self.request_attrs = request_attributes(self.plan, self.provider)
-        if not attempt:
-            return
+        if attempt:
+            self._start_attempt()
+
+    def _start_attempt(self) -> None:
+        """A CLIENT span under the route span for one provider attempt of ``self.plan``."""
+        assert self.parent is not None
         context = trace.set_span_in_context(self.parent)
-        self.child = tracer.start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
-                                       attributes=self.request_attrs)
+        self.child = _tracer().start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
+                                          attributes=self.request_attrs)
 
     @never_raises(default=None)
     def attempt_failed(self, error: BaseException) -> None:
@@ -100,9 +104,7 @@ class CallTrace:
         self.parent.set_attribute("router_middleware.fallback.depth", depth)
         self.parent.set_attribute("router_middleware.chosen_model", plan.model)
         self.request_attrs = request_attributes(plan, provider)
-        context = trace.set_span_in_context(self.parent)
-        self.child = _tracer().start_span(f"chat {plan.model}", context=context, kind=SpanKind.CLIENT,
-                                          attributes=self.request_attrs)
+        self._start_attempt()
 
     @never_raises(default=None)
     def event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
