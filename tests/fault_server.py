@@ -4,7 +4,9 @@ Successful answers are the real recorded bodies from cassettes/ (openai_chat.yam
 openai_chat_streaming.yaml for streams); failures are what providers really do: 429 with
 Retry-After, 500, 503, a hang past the client's timeout, truncated JSON (or a stream cut inside its
 first event), a connection that breaks right after the headers. The path prefix names the deployment: /healthy/v1/... always answers, /flaky/v1/...
-fails at random with ``fault_rate``.
+fails at random with ``fault_rate``. For the quota tests, /limited/v1/... answers with OpenAI's
+rate-limit headers counting down from ``limited_requests`` (reset in 30 s), and /exhausted/v1/...
+refuses with 429 and OpenRouter's free-tier headers (no requests left, reset in a minute).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def _bodies() -> tuple[bytes, bytes]:
 
 
 @contextmanager
-def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0) -> Iterator[tuple[str, Counter[str]]]:
+def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
+                 limited_requests: int = 3) -> Iterator[tuple[str, Counter[str]]]:
     plain, stream = _bodies()
     rng = random.Random(seed)
     lock = threading.Lock()
@@ -59,7 +62,18 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0) ->
             with lock:
                 fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
                 seen[f"{self.path.split('/')[1]}:{fault}"] += 1
-            if fault == "429":
+            deployment = self.path.split("/")[1]
+            if deployment == "limited":
+                left = max(0, limited_requests - seen["limited:ok"])
+                self._send(200, stream if streaming else plain, "text/event-stream" if streaming else "application/json",
+                           headers={"x-ratelimit-limit-requests": str(limited_requests),
+                                    "x-ratelimit-remaining-requests": str(left), "x-ratelimit-reset-requests": "30s"})
+            elif deployment == "exhausted":
+                reset_ms = int((time.time() + 60) * 1000)
+                self._send(429, b'{"error": {"message": "Rate limit exceeded: free-models-per-day", "code": 429}}',
+                           headers={"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0",
+                                    "X-RateLimit-Reset": str(reset_ms)})
+            elif fault == "429":
                 self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit_error"}}',
                            headers={"retry-after": "0"})
             elif fault in ("500", "503"):

@@ -8,7 +8,8 @@ Prices are resolved through a fallback chain, and the chain step that answered i
    litellm infers, then the undated id (``-20250219``, ``@20240307``, ``-latest`` stripped);
 3. ``catalog-variant:<key>``: the same model listed under another route (Bedrock ``anthropic.*-v1:0``,
    Vertex AI, Vercel AI Gateway ...), preferring first-party clouds;
-4. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
+4. ``free``: OpenRouter's ``:free`` variants cost 0 (the paid model's window and capabilities);
+5. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
    reports the cost as unknown.
 
 A catalog entry whose input and output prices are both 0 counts as unknown, not free (litellm lists
@@ -199,6 +200,8 @@ def catalog_lookup(model: str) -> ModelInfo | None:
 
 @cache
 def _catalog_lookup(model: str) -> ModelInfo | None:
+    if model.startswith("openrouter/") and model.endswith(":free"):
+        return _free_variant(model)
     costs = _cost_map()
     provider = _infer_provider(model)
     head, bare = _split_provider(model)
@@ -218,6 +221,17 @@ def _catalog_lookup(model: str) -> ModelInfo | None:
         for key in _variant_index(dated).get(_variant_key(bare, dated=dated), ()):
             return _info_from_entry(model, provider, costs[key], f"catalog-variant:{key}")
     return None
+
+
+def _free_variant(model: str) -> ModelInfo:
+    """OpenRouter's ``:free`` variant: priced at zero (known, not unknown); window and capabilities
+    are the paid model's when the catalog knows it."""
+    paid = _catalog_lookup(model.removesuffix(":free"))
+    if paid is None:
+        return ModelInfo(model=model, provider="openrouter", input=0.0, output=0.0,
+                         cache=cache_rules_for(model, "openrouter"), source="free")
+    return replace(paid, model=model, input=0.0, output=0.0, cache_read=0.0, cache_write=0.0, reasoning=0.0,
+                   input_above_200k=None, output_above_200k=None, source=f"free:{paid.source.split(':', 1)[1]}")
 
 
 class Catalog:

@@ -174,6 +174,41 @@ class BudgetConfig(_Strict):
             raise ValueError(f"budget {self.name!r} needs 'usd' or 'tokens'")
 
 
+class RateLimit(_Strict):
+    """Requests and tokens per minute and per UTC day; unset: no limit."""
+
+    rpm: int | None = Field(default=None, gt=0)
+    rpd: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    tpd: int | None = Field(default=None, gt=0)
+
+    def items(self) -> list[tuple[str, int]]:
+        return [(kind, limit) for kind in ("rpm", "rpd", "tpm", "tpd") if (limit := getattr(self, kind)) is not None]
+
+
+class FreeTierConfig(_Strict):
+    """OpenRouter's ``:free`` variants, tried first while the account's free quota lasts.
+
+    ``models``: the OpenRouter models (``openrouter/...``) whose free variant to prefer, or ``["*"]``
+    for every OpenRouter candidate. The quota is account-wide: ``rpm`` requests a minute, and a day
+    ``rpd``, by default 50, or 1,000 once ``credits_purchased_usd`` reaches 10 (OpenRouter's rule).
+    """
+
+    prefer: bool = False
+    models: list[str] = Field(default_factory=list)
+    credits_purchased_usd: float = Field(default=0.0, ge=0)
+    rpm: int = Field(default=20, gt=0)
+    rpd: int | None = Field(default=None, gt=0)
+
+    def limit(self) -> RateLimit:
+        daily = self.rpd or (1000 if self.credits_purchased_usd >= 10 else 50)
+        return RateLimit(rpm=self.rpm, rpd=daily)
+
+    def applies_to(self, model: str) -> bool:
+        return self.prefer and model.startswith("openrouter/") and not model.endswith(":free") and (
+            "*" in self.models or model in self.models)
+
+
 class Deployment(_Strict):
     """A named way to reach a model: its own endpoint and key (read from an environment variable)."""
 
@@ -202,6 +237,8 @@ class RoutingConfig(_Strict):
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
     budgets: list[BudgetConfig] = Field(default_factory=list)
     default_output_tokens: int = Field(default=512, gt=0)  # output estimate when max_tokens is unset
+    limits: dict[str, RateLimit] = Field(default_factory=dict)  # target (model id or deployment) -> our limits
+    free_tier: FreeTierConfig = Field(default_factory=FreeTierConfig)
 
     def model_post_init(self, __context: Any) -> None:
         for budget in self.budgets:
@@ -213,6 +250,8 @@ class RoutingConfig(_Strict):
         for name, models in self.aliases.items():
             if not models:
                 raise ValueError(f"alias {name!r} has no models")
+        if self.free_tier.prefer and not self.free_tier.models:
+            raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 
 
 class LedgerConfig(_Strict):

@@ -21,6 +21,7 @@ from .ledger import LedgerWriter, from_outcome
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
+from .routing import quotas
 from .routing.budgets import Reservation, release, reserve, settle
 from .routing.fallback import (
     Attempts,
@@ -32,6 +33,7 @@ from .routing.fallback import (
     request_windows,
     update_average,
 )
+from .routing.policy import NoRouteError
 from .stores import StoreView, open_store
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
@@ -129,7 +131,8 @@ class Pipeline:
                                  cooldowns=StoreView(self.store, "cooldown:", float),
                                  throughput=StoreView(self.store, "tps:", float),
                                  latency=StoreView(self.store, "lat:", float),
-                                 budget_spent=StoreView(self.store, "budget:", float))
+                                 budget_spent=StoreView(self.store, "budget:", float),
+                                 quotas=StoreView(self.store, "quota:", float))
         self.telemetry = self.config.telemetry.settings()
         self.ledger: LedgerWriter | None = None
         if self.config.ledger.url:
@@ -199,9 +202,10 @@ class Pipeline:
         if cached is not None:
             return cached
         reservation = self._reserve(plan)
-        request, tracer, started = self._launch(plan)
-        tracer.reservation = reservation
         attempts = self._attempts(plan)
+        plan, taken = self._admit(call, plan, attempts)
+        request, tracer, started = self._launch(plan)
+        tracer.reservation, tracer.quota = reservation, taken
         while True:
             try:
                 response = _litellm().completion(**request)
@@ -235,9 +239,10 @@ class Pipeline:
         if cached is not None:
             return cached
         reservation = self._reserve(plan)
-        request, tracer, started = self._launch(plan)
-        tracer.reservation = reservation
         attempts = self._attempts(plan)
+        plan, taken = self._admit(call, plan, attempts)
+        request, tracer, started = self._launch(plan)
+        tracer.reservation, tracer.quota = reservation, taken
         while True:
             try:
                 response = await _litellm().acompletion(**request)
@@ -273,32 +278,92 @@ class Pipeline:
     def _attempts(self, plan: Plan) -> Attempts:
         return Attempts([plan.deployment or plan.model, *plan.fallbacks], self.config.routing.fallback)
 
+    def _admit(self, call: Call, plan: Plan, attempts: Attempts) -> tuple[Plan, Any]:
+        """Take the attempt's request/token quotas (free tier, ``routing.limits``, the provider's view).
+        A quota used up since planning moves the call on to its next attempt; none left raises
+        :class:`NoRouteError`. A store failure admits the call (logged), never fails it."""
+        denied: dict[str, str] = {}
+        while True:
+            target = plan.deployment or plan.model
+            found = quotas.quotas_for(target, plan.model, self.config.routing)
+            if not found:
+                return plan, None
+            tokens = 0
+            if quotas.estimate_needed(found):
+                tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"),
+                                           plan.call.context.session_id)
+                tokens += int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+            try:
+                taken, why = quotas.take(self.store, found, tokens, time.time())
+            except Exception as exc:  # noqa: BLE001
+                log.warning("quota_store_failed", error_type=type(exc).__name__)
+                return plan, None
+            if why is None:
+                return plan, (taken, found)
+            denied[target] = why
+            next_model = attempts.skip(why)
+            if next_model is None:
+                raise NoRouteError(call.model, denied)
+            plan = self._replan(call, next_model, Decision(
+                "routing", "quota", f"{target}: {why}; moving on to {next_model}", {"depth": attempts.depth}))
+
+    def _replan(self, call: Call, target: str, decision: Decision) -> Plan:
+        """The plan for a later attempt at ``target``, still recording what the caller asked for."""
+        return self.plan(call.override(model=target)).override(call=call).decide(decision)
+
+    def _end_quota(self, tracer: CallTrace, response: Any, tokens: int | None) -> None:
+        """Settle the attempt's quota tokens (given back if ``tokens`` is None: the call failed) and
+        record the provider's rate-limit headers."""
+        if tracer.quota is None:
+            return
+        taken, found = tracer.quota
+        tracer.quota = None
+        try:
+            if tokens is None:
+                quotas.give_back(self.store, taken, requests=False)
+            else:
+                quotas.settle(self.store, taken, tokens)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("quota_store_failed", error_type=type(exc).__name__)
+        quotas.observe(self.store, found, quotas.response_headers(response), time.time())
+
     def _after_failure(
         self, call: Call, plan: Plan, attempts: Attempts, tracer: CallTrace, exc: Exception,
     ) -> tuple[Plan, dict[str, Any], float] | None:
         """Count the failure for the circuit breaker; return the next attempt, or ``None`` to give up
         (the call's spans and ledger row then record the error)."""
         tracer.attempt_failed(exc)
+        self._end_quota(tracer, exc, None)
         note_failure(self.store, plan.deployment or plan.model, self.config.routing.cooldown, time.time())
         windows = (request_windows(self.catalog, attempts.models, self._model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         next_model = attempts.advance(exc, windows)
         if next_model is None:
-            tracer.fail(exc)
-            self._record_failure(plan, exc)
-            if tracer.reservation is not None:
-                release(self.store, tracer.reservation)
+            self._give_up(plan, tracer, exc)
             return None
-        if next_model != (plan.deployment or plan.model):
-            retry_plan = self.plan(call.override(model=next_model)).override(call=call)  # keep what was asked
-            retry_plan = retry_plan.decide(Decision(
+        failed = plan.deployment or plan.model
+        if next_model != failed:
+            retry_plan = self._replan(call, next_model, Decision(
                 "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_model}",
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
         else:
             retry_plan = plan
+        try:
+            retry_plan, tracer.quota = self._admit(call, retry_plan, attempts)
+        except NoRouteError as no_route:
+            self._give_up(plan, tracer, exc)
+            raise no_route from exc
         request = self._request(retry_plan)
         tracer.next_attempt(retry_plan, self.catalog.provider(retry_plan.model), attempts.depth)
-        return retry_plan, request, backoff(attempts.depth - 1, self.config.routing.fallback, exc)
+        same = (retry_plan.deployment or retry_plan.model) == failed
+        return retry_plan, request, backoff(attempts.depth - 1, self.config.routing.fallback, exc, same_target=same)
+
+    def _give_up(self, plan: Plan, tracer: CallTrace, exc: Exception) -> None:
+        """The call failed for good: its spans and ledger row record the error; its reservation is released."""
+        tracer.fail(exc)
+        self._record_failure(plan, exc)
+        if tracer.reservation is not None:
+            release(self.store, tracer.reservation)
 
     def _keep_summary(self, job: SummaryJob, response: Any) -> None:
         text = summary_text(response)
@@ -401,9 +466,9 @@ class Pipeline:
         """Record what a finished call leaves for later ones: the session's reasoning spend, the cache."""
         plan = result.plan
         session = plan.call.context.session_id if plan else None
-        if tracer is not None and tracer.reservation is not None:
-            settle(self.store, tracer.reservation, usd=result.cost.total_usd, tokens=result.usage.total_tokens)
-            tracer.reservation = None
+        if tracer is not None:
+            self._settle_budget(result, tracer)
+            self._end_quota(tracer, response, result.usage.total_tokens)
         if plan is not None and self.config.routing.aliases:  # circuit breaker and :nitro averages
             target = plan.deployment or plan.model
             note_success(self.store, target)
@@ -466,6 +531,7 @@ class Pipeline:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
+            self._end_quota(tracer, chunks[0], result.usage.total_tokens)  # the headers ride on the chunks
             self._settle(result, response, tracer) if complete else self._settle_budget(result, tracer)
             if error is not None:
                 tracer.fail(error, result)

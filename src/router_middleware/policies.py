@@ -38,6 +38,7 @@ class PolicyState:
     throughput: Mapping[str, float] = field(default_factory=dict)  # model -> output tokens/s (EWMA)
     latency: Mapping[str, float] = field(default_factory=dict)  # model -> seconds to first token (EWMA)
     budget_spent: Mapping[str, float] = field(default_factory=dict)  # budget key -> reserved + spent
+    quotas: Mapping[str, float] = field(default_factory=dict)  # quota counter key -> count (routing.quotas)
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)

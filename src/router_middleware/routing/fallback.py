@@ -17,6 +17,7 @@ from typing import Any
 from ..config import CooldownConfig, FallbackConfig
 from ..stores import Store
 from ..telemetry import log
+from .quotas import is_free
 
 RETRYABLE = (
     "RateLimitError", "ServiceUnavailableError", "InternalServerError", "APIConnectionError", "Timeout",
@@ -53,9 +54,11 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
-def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter; a Retry-After header wins (capped at ``max_backoff_s``)."""
-    hinted = retry_after(exc)
+def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None, *,
+            same_target: bool = True) -> float:
+    """Exponential backoff with full jitter; retrying the same target, a Retry-After header wins
+    (capped at ``max_backoff_s``): another target need not wait for the one that was rate-limited."""
+    hinted = retry_after(exc) if same_target else None
     if hinted is not None:
         return min(hinted, config.max_backoff_s)
     ceiling = min(config.max_backoff_s, config.backoff_s * (2 ** attempt))
@@ -76,11 +79,20 @@ class Attempts:
     def model(self) -> str:
         return self.models[0]
 
+    def skip(self, reason: str) -> str | None:
+        """Move past the current target without trying it (its quota is used up)."""
+        self.history.append(f"{self.models.pop(0)}: {reason}")
+        if not self.models:
+            return None
+        self.tries = 0
+        self.depth += 1
+        return self.model
+
     def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
         """The model to try next after ``exc``, or ``None`` when the call must fail."""
         self.history.append(f"{self.model}: {error_kind(exc)}")
-        if not retryable(exc):
-            return None
+        if not retryable(exc) and not (is_free(self.model) and len(self.models) > 1):
+            return None  # a free variant that failed in any way still has its paid model behind it
         self.tries += 1
         if self.tries < self.config.attempts_per_model and error_kind(exc) != "ContextWindowExceededError":
             self.depth += 1

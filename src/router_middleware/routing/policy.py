@@ -7,7 +7,10 @@ weighted averages of observed output tokens/s and time to first token, kept in t
 ``weighted`` (weighted random order, for load spreading), ``difficulty`` (the request's difficulty
 score picks a tier alias). OpenRouter-style suffixes work on any alias: ``coder:floor`` sorts by
 price, ``coder:nitro`` by observed throughput (falling back to the alias order when nothing has been
-observed yet).
+observed yet). With ``free_tier.prefer``, an OpenRouter candidate's ``:free`` variant is tried
+first while the free quota lasts; targets whose quota (free tier, ``limits``, or what the provider's
+headers said is left) is used up are rejected like any other candidate, so the call goes on to the
+next one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
 from .budgets import over_soft_limit
 from .difficulty import score_request
+from .quotas import exhausted, free_variant, is_free, quotas_for
 
 
 class NoRouteError(RouterMiddlewareError):
@@ -74,7 +78,7 @@ class RoutingPolicy:
         else:
             note = ""
         note = downgrade + note
-        candidates = list(self.config.aliases.get(alias, ()))
+        candidates = self._candidates(alias)
         rejections: dict[str, str] = {}
         usable = []
         first = self.config.deployments[candidates[0]].model if candidates and candidates[0] in \
@@ -102,6 +106,16 @@ class RoutingPolicy:
                            model=deployment.model if deployment else chosen,
                            deployment=chosen if deployment else None, fallbacks=tuple(ranked[1:]))
 
+    def _candidates(self, alias: str) -> list[str]:
+        """The alias's targets, each preferred OpenRouter model preceded by its ``:free`` variant."""
+        free = self.config.free_tier
+        out: list[str] = []
+        for name in self.config.aliases.get(alias, ()):
+            if name not in self.config.deployments and free.applies_to(name):
+                out.append(free_variant(name))
+            out.append(name)
+        return list(dict.fromkeys(out))
+
     def _tier(self, plan: Plan) -> tuple[str, float]:
         score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
         for tier in self.config.tiers:
@@ -115,6 +129,12 @@ class RoutingPolicy:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
         deployment = self.config.deployments.get(name)
         model = deployment.model if deployment else name
+        quotas = quotas_for(name, model, self.config)
+        if quotas:
+            output = int(plan.params.get("max_tokens") or self.config.default_output_tokens)
+            why = exhausted(quotas, state.quotas, state.now, estimate + output)
+            if why:
+                return why
         provider = state.catalog.provider(model) or ""
         if self.config.allow_providers and provider not in self.config.allow_providers:
             return f"provider {provider or '?'} not allowed"
@@ -143,7 +163,10 @@ class RoutingPolicy:
 
             def cost(name: str) -> float:
                 deployment = self.config.deployments.get(name)
-                info = state.catalog.resolve(deployment.model if deployment else name)
+                model = deployment.model if deployment else name
+                info = state.catalog.resolve(model)
+                if is_free(model):
+                    return 0.0
                 if info is None:
                     return math.inf
                 read = info.cache_read if info.cache_read is not None else info.input

@@ -54,6 +54,7 @@ class CallTrace:
         self.done = False
         self.cache_similarity: float | None = None
         self.reservation: Any = None  # the call's budget reservation, settled when it ends
+        self.quota: Any = None  # the attempt's (Taken, quotas), settled when it ends
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,

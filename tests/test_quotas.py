@@ -1,0 +1,196 @@
+"""Free tiers and rate limits: OpenRouter ``:free`` variants first while the account's free quota
+lasts, then the paid variant without failing; per-deployment RPM/TPM limits of our own; quotas
+corrected from the providers' rate-limit headers (real header shapes, served on loopback)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from router_middleware import ConfigError, Pipeline, outcome
+from router_middleware.config import FreeTierConfig, RateLimit, RoutingConfig
+from router_middleware.routing import quotas
+from router_middleware.routing.policy import NoRouteError
+from router_middleware.stores import open_store
+
+from .fault_server import fault_server
+
+PAID = "openrouter/deepseek/deepseek-chat"
+FREE = f"{PAID}:free"
+MESSAGES = [{"role": "user", "content": "Rename the variable x to count in utils.py"}]
+
+
+def free_pipeline(rpd: int | None = None, **free: object) -> Pipeline:
+    return Pipeline.from_config({
+        "routing": {"aliases": {"coder": [PAID, "gpt-4o-mini"]},
+                    "free_tier": {"prefer": True, "models": ["*"], **({"rpd": rpd} if rpd else {}), **free}},
+        "context": {"enabled": False}, "cache": {"enabled": False},
+    })
+
+
+def test_free_variant_first_then_paid_when_the_daily_quota_is_used() -> None:
+    p = free_pipeline(rpd=3)
+    answered = [outcome(p.completion("coder", MESSAGES, mock_response="ok")) for _ in range(5)]
+    assert [o.plan.model for o in answered] == [FREE] * 3 + [PAID] * 2  # none failed
+    assert all(o.cost.total_usd == 0 for o in answered[:3]) and answered[3].cost.total_usd > 0
+    assert answered[0].cost.source.startswith("free")
+    considered = answered[3].plan.decisions[0].attributes["considered"]
+    assert f"{FREE}: openrouter:free: rpd limit 3 reached (3 used today (UTC))" in considered
+
+
+def test_free_tier_limits_follow_openrouters_credit_rule() -> None:
+    assert FreeTierConfig().limit() == RateLimit(rpm=20, rpd=50)
+    assert FreeTierConfig(credits_purchased_usd=10).limit() == RateLimit(rpm=20, rpd=1000)
+    assert FreeTierConfig(rpd=7).limit().rpd == 7
+    with pytest.raises(ConfigError, match="free_tier.prefer needs 'models'"):
+        Pipeline.from_config({"routing": {"free_tier": {"prefer": True}}})
+    with pytest.raises(ConfigError, match="routing.limits.a.rpm"):
+        Pipeline.from_config({"routing": {"limits": {"a": {"rpm": 0}}}})
+
+
+def test_the_free_quota_is_shared_by_every_free_model_per_minute() -> None:
+    routing = RoutingConfig(aliases={"a": [PAID], "b": ["openrouter/meta-llama/llama-3.3-70b-instruct"]},
+                            free_tier=FreeTierConfig(prefer=True, models=["*"], rpm=2))
+    p = Pipeline.from_config({"routing": routing.model_dump(), "context": {"enabled": False},
+                              "cache": {"enabled": False}})
+    models = [outcome(p.completion(alias, MESSAGES, mock_response="ok")).plan.model for alias in "abab"]
+    assert models == [FREE, "openrouter/meta-llama/llama-3.3-70b-instruct:free", PAID,
+                      "openrouter/meta-llama/llama-3.3-70b-instruct"]
+
+
+def test_free_preference_only_for_listed_models() -> None:
+    p = free_pipeline(models=["openrouter/some/other-model"])
+    assert outcome(p.completion("coder", MESSAGES, mock_response="ok")).plan.model == PAID
+
+
+def _limited(limits: dict, alias: list[str]) -> Pipeline:
+    return Pipeline.from_config({"routing": {"aliases": {"pool": alias}, "limits": limits},
+                                 "context": {"enabled": False}, "cache": {"enabled": False}})
+
+
+def test_own_rpm_limit_spills_over_and_then_names_the_limit() -> None:
+    p = _limited({"gpt-4o-mini": {"rpm": 3}}, ["gpt-4o-mini", "gpt-3.5-turbo"])
+    models = [outcome(p.completion("pool", MESSAGES, mock_response="ok")).model for _ in range(5)]
+    assert models == ["gpt-4o-mini"] * 3 + ["gpt-3.5-turbo"] * 2
+    alone = _limited({"gpt-4o-mini": {"rpm": 2}}, ["gpt-4o-mini"])
+    for _ in range(2):
+        alone.completion("pool", MESSAGES, mock_response="ok")
+    with pytest.raises(NoRouteError, match=r"gpt-4o-mini: gpt-4o-mini: rpm limit 2 reached \(2 used this minute\)"):
+        alone.completion("pool", MESSAGES, mock_response="ok")
+
+
+def test_tpm_limit_counts_the_reported_tokens() -> None:
+    p = _limited({"gpt-4o-mini": {"tpm": 200}}, ["gpt-4o-mini", "gpt-3.5-turbo"])
+    first = outcome(p.completion("pool", MESSAGES, mock_response="ok", max_tokens=50))
+    key = f"quota:gpt-4o-mini:tpm:{int(time.time() // 60)}"
+    assert float(p.store.get(key)) == first.usage.total_tokens  # settled from the estimate to the actual
+    models = [outcome(p.completion("pool", MESSAGES, mock_response="ok", max_tokens=50)).model for _ in range(8)]
+    assert "gpt-3.5-turbo" in models
+    assert float(p.store.get(key)) <= 200
+
+
+def test_take_is_atomic_and_gives_back_on_refusal() -> None:
+    store = open_store("memory://")
+    found = (quotas.Quota("d", RateLimit(rpm=2, tpm=100)),)
+    now = 1_000_000.0
+    first, why = quotas.take(store, found, 60, now)
+    assert why is None
+    _, why = quotas.take(store, found, 60, now)
+    assert why == "d: tpm limit 100 reached (60 used this minute)"
+    assert float(store.get("quota:d:rpm:16666")) == 1.0  # the refused request was given back
+    quotas.give_back(store, first, requests=False)  # a failed attempt: its tokens come back
+    assert float(store.get("quota:d:tpm:16666")) == 0.0 and float(store.get("quota:d:rpm:16666")) == 1.0
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"x-ratelimit-remaining-requests": "4999", "llm_provider-x-ratelimit-reset-requests": "12ms",
+      "x-ratelimit-remaining-tokens": "159974", "llm_provider-x-ratelimit-reset-tokens": "6m0s"},
+     {"requests": (4999.0, 100.012), "tokens": (159974.0, 460.0)}),
+    ({"llm_provider-anthropic-ratelimit-requests-remaining": "49",
+      "llm_provider-anthropic-ratelimit-requests-reset": "1970-01-01T00:01:40Z"}, {}),  # reset already past
+    ({"retry-after": "7"}, {"requests": (0.0, 107.0)}),
+])
+def test_provider_view_reads_each_header_family(headers, expected) -> None:
+    view = quotas.provider_view(headers, now=100.0)
+    assert {k: (v[0], round(v[1], 3)) for k, v in view.items()} == expected
+
+
+def test_openrouter_epoch_millisecond_reset() -> None:
+    view = quotas.provider_view({"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0",
+                                 "X-RateLimit-Reset": "1700000060000"}, now=1_700_000_000.0)
+    assert view == {"requests": (0.0, 1_700_000_060.0)}
+
+
+def test_anthropic_iso_reset() -> None:
+    view = quotas.provider_view({"llm_provider-anthropic-ratelimit-requests-remaining": "49",
+                                 "llm_provider-anthropic-ratelimit-requests-reset": "2024-10-20T22:48:55Z"},
+                                now=1729464500.0)
+    assert view == {"requests": (49.0, 1729464535.0)}
+
+
+def _deployments(base: str, **extra: dict) -> dict:
+    return {name: {"model": model, "api_base": f"{base}/{path}/v1", "api_key_env": "OPENAI_API_KEY"}
+            for name, (model, path) in {"free": (FREE, "exhausted"), "paid": (PAID, "healthy"),
+                                         "limited": ("openai/gpt-3.5-turbo", "limited"),
+                                         "spare": ("openai/gpt-3.5-turbo", "healthy"), **extra}.items()}
+
+
+def test_a_free_tier_429_blocks_every_free_model_until_the_reset(monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fault_server() as (base, seen):
+        p = Pipeline.from_config({
+            "routing": {"deployments": _deployments(base), "aliases": {"coder": ["free", "paid"]},
+                        "fallback": {"backoff_s": 0.0}, "cooldown": {"failures": 100}},
+            "context": {"enabled": False}, "cache": {"enabled": False},
+        })
+        first = outcome(p.completion("coder", MESSAGES))
+        assert first.model == "gpt-3.5-turbo-0125" and first.plan.deployment == "paid"  # fell over, no failure
+        assert float(p.store.get("quota:openrouter:free:left:requests")) <= 0
+        for _ in range(3):
+            assert outcome(p.completion("coder", MESSAGES)).plan.deployment == "paid"
+        assert seen["exhausted:ok"] == 1  # not asked again before its reset
+
+
+def _deployment_used(result: object) -> str | None:
+    for _ in result if not hasattr(result, "choices") else ():  # consume a stream
+        pass
+    return outcome(result).plan.deployment
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_remaining_request_headers_correct_our_count(monkeypatch, stream) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fault_server(limited_requests=3) as (base, seen):
+        p = Pipeline.from_config({
+            "routing": {"deployments": _deployments(base), "aliases": {"pool": ["limited", "spare"]},
+                        "limits": {"limited": {"rpm": 100}}},  # ours is generous; the provider's is 3
+            "context": {"enabled": False}, "cache": {"enabled": False},
+        })
+        used = [_deployment_used(p.completion("pool", MESSAGES, stream=stream)) for _ in range(6)]
+        assert used == ["limited"] * 3 + ["spare"] * 3
+        assert seen["limited:ok"] == 3 and seen["healthy:ok"] == 3
+
+
+def test_a_quota_store_failure_never_fails_the_call(monkeypatch) -> None:
+    p = _limited({"gpt-4o-mini": {"rpm": 1}}, ["gpt-4o-mini"])
+
+    def broken(*args: object, **kwargs: object) -> float:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(p.store, "incr", broken)
+    assert outcome(p.completion("pool", MESSAGES, mock_response="ok")).model == "gpt-4o-mini"
+
+
+def test_quotas_on_real_redis_are_never_overtaken(redis_url) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url)
+    bucket = f"race-{time.time_ns()}"
+    found = (quotas.Quota(bucket, RateLimit(rpm=30)),)
+    now = time.time()
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: quotas.take(store, found, 0, now)[1] is None, range(200)))
+    assert sum(results) == 30
