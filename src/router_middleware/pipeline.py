@@ -479,7 +479,7 @@ class Pipeline:
                 update_average(self.store, f"lat:{target}", first)
         if session and result.usage.reasoning_tokens:
             self.reasoning_spent.add(session, result.usage.reasoning_tokens)
-        if plan is not None and self.cache is not None and self.cache.cacheable(plan):
+        if plan is not None and response is not None and self.cache is not None and self.cache.cacheable(plan):
             if not self.cache.save(plan, response, result.cost.total_usd) and tracer is not None:
                 tracer.event("router_middleware.cache.error", {"reason": self.cache.last_error or "write failed"})
         self._record(result)

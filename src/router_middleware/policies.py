@@ -7,17 +7,19 @@ including hooks that can only rewrite a request, and in the offline replay.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
-from .tokens import Calibration, TokenCounter
+from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, fast_key
 from .types import Message, Plan
 
 T = TypeVar("T")
 MEMO_SIZE = 4096
+PROFILES = 16
 
 
 @dataclass
@@ -42,6 +44,9 @@ class PolicyState:
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)
+    _profiles: OrderedDict[tuple[str, int], tuple[Sequence[Message], Profile]] = field(
+        default_factory=OrderedDict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         """A bounded cache for values derived from the history (digests, span hashes), so a policy
@@ -67,12 +72,42 @@ class PolicyState:
     def message_tokens(self, model: str, message: Message) -> int:
         return self.counter(model).message(message)
 
+    def profile(self, model: str, messages: Sequence[Message]) -> Profile:
+        """Each message's cache key and token count. A plan's messages are a tuple that the policies
+        and the pipeline share, so a history is walked once per call rather than once per use."""
+        if not isinstance(messages, tuple):
+            return self._profile(model, messages)
+        key = (model, id(messages))
+        with self._lock:
+            hit = self._profiles.get(key)
+        if hit is not None and hit[0] is messages:
+            return hit[1]
+        found = self._profile(model, messages)
+        with self._lock:
+            self._profiles[key] = (messages, found)  # holding the tuple keeps its id from being reused
+            if len(self._profiles) > PROFILES:
+                self._profiles.popitem(last=False)
+        return found
+
+    def _profile(self, model: str, messages: Sequence[Message]) -> Profile:
+        counter = self.counter(model)
+        keys = tuple(fast_key(m) for m in messages)
+        return Profile(keys, tuple(counter.message(m, k) for m, k in zip(messages, keys, strict=True)))
+
     def tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None,
                session_id: str | None = None) -> int:
         """Estimated prompt tokens, calibrated for the session when reported usage has been seen."""
-        raw = self.counter(model).messages(messages, tools)
+        raw = REQUEST_OVERHEAD + self.counter(model).tools(tools) + sum(self.profile(model, messages).counts)
         calibration = self.calibration.get(session_id) if session_id else None
         return calibration.apply(raw) if calibration is not None else raw
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Per message of a history: its in-process cache key (:func:`~.tokens.fast_key`) and token count."""
+
+    keys: tuple[object, ...]
+    counts: tuple[int, ...]
 
 
 class Policy(Protocol):

@@ -132,6 +132,7 @@ class TokenCounter:
         self.tokenizer = tokenizer_name(model)
         self._encode = encoder_for(model)
         self._cache: OrderedDict[object, int] = OrderedDict()
+        self._tools: dict[str, int] = {}
         self._max = max_cached
 
     def message(self, message: Message, key: object | None = None) -> int:
@@ -150,7 +151,13 @@ class TokenCounter:
     def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         if not tools:
             return 0
-        return self._encode(json.dumps(list(tools), sort_keys=True, default=str))
+        blob = json.dumps(list(tools), sort_keys=True, default=str)
+        count = self._tools.get(blob)
+        if count is None:
+            count = self._tools[blob] = self._encode(blob)
+            if len(self._tools) > 64:  # tool sets rarely change: start over rather than track use
+                self._tools.clear()
+        return count
 
     def messages(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         return REQUEST_OVERHEAD + self.tools(tools) + sum(self.message(m) for m in messages)

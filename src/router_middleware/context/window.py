@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..policies import PolicyState
-from ..tokens import fast_key, message_key
+from ..tokens import REQUEST_OVERHEAD, message_key
 from ..types import Decision, Message, Plan, SummaryJob
 from .digest import span_digest
 from .structure import blocks, head_length
@@ -85,8 +85,9 @@ class Window:
         units = blocks(messages, head)
         if len(units) <= 1:
             return plan
-        sizes = [sum(state.message_tokens(plan.model, m) for m in messages[b:e]) for b, e in units]
-        fixed = state.counter(plan.model).messages(messages[:head], tools)
+        profile = state.profile(plan.model, messages)
+        sizes = [sum(profile.counts[b:e]) for b, e in units]
+        fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + sum(profile.counts[:head])
         reserve = int(budget * self.digest_share) if self.digest else 0
         low = max(int(budget * self.keep), self._min_keep(plan, state))
         step = max(1, int(0.9 * (budget - fixed - reserve - low)))
@@ -106,7 +107,7 @@ class Window:
             return plan
         start = units[cut][0]
         dropped = messages[head:start]
-        filler, jobs, how = self._filler(dropped, chat, reserve, plan, state)
+        filler, jobs, how = self._filler(dropped, profile.keys[head:start], chat, reserve, plan, state)
         kept = [*messages[:head], *filler, *messages[start:]]
         payback = self._payback_calls(plan, state, filler, low, dropped_tokens)
         must_fit = hard is not None and total > hard
@@ -149,11 +150,12 @@ class Window:
         return (rewrite - read) * (digest + low) / saving
 
     def _filler(
-        self, dropped: Sequence[Message], chat: bool, reserve: int, plan: Plan, state: PolicyState,
+        self, dropped: Sequence[Message], keys: tuple[object, ...], chat: bool, reserve: int, plan: Plan,
+        state: PolicyState,
     ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
         if not self.digest:
             return [], [], "nothing"
-        fast = ("span", tuple(fast_key(m) for m in dropped))
+        fast = ("span", keys)
         if self.summarize:
             key = state.memo((*fast, "key"), lambda: span_key(dropped))
             summary = state.summaries.get(key)
@@ -197,7 +199,8 @@ class MiddleOut:
                 return plan
         head = head_length(messages)
         units = blocks(messages, head)
-        sizes = [sum(state.message_tokens(plan.model, m) for m in messages[b:e]) for b, e in units]
+        counts = state.profile(plan.model, messages).counts
+        sizes = [sum(counts[b:e]) for b, e in units]
         fixed = state.tokens(plan.model, messages[:head], plan.params.get("tools"), plan.call.context.session_id)
         total = fixed + sum(sizes)
         count = len(messages)

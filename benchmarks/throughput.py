@@ -1,0 +1,144 @@
+"""Throughput under concurrency: 1,000 concurrent async calls, bare litellm vs the pipeline with
+budgets and cooldowns kept in memory vs in Redis, all with `mock_response`, measured in one run.
+
+    .venv/bin/python benchmarks/throughput.py [--calls 1000] [--rounds 5] [--redis-url URL]
+
+Each round launches all calls at once with `asyncio.gather` (20-message agent history, routed
+through a two-model alias with a USD and a token budget and the circuit breaker), and times the
+batch; the three variants alternate round by round, and the median calls/s is reported. Without
+`--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is started for the run. The
+Redis store is synchronous: each store round trip blocks the event loop, which is what this
+measures against the in-memory store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import structlog  # noqa: E402
+
+import router_middleware as rm  # noqa: E402
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+import litellm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import history  # noqa: E402
+
+
+def config(store: str) -> dict[str, Any]:
+    return {
+        "store": store,
+        "cache": {"enabled": False},
+        "routing": {
+            "aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+            "budgets": [{"name": "team", "scope": "app", "usd": 1_000_000, "tokens": 10**12, "window_s": 3600}],
+            "cooldown": {"failures": 3, "window_s": 60, "cooldown_s": 30},
+        },
+        "app": f"bench-{time.time_ns()}",
+    }
+
+
+@contextmanager
+def redis_server(url: str | None) -> Iterator[str]:
+    if url:
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("no redis-server: install it (apt-get install redis-server) or pass --redis-url")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="rm-bench-redis-")
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", folder], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def batch(call: Callable[[], Awaitable[Any]], calls: int) -> float:
+    start = time.perf_counter()
+    results = await asyncio.gather(*(call() for _ in range(calls)), return_exceptions=True)
+    elapsed = time.perf_counter() - start
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise SystemExit(f"{len(failures)} of {calls} calls failed, first: {failures[0]!r}")
+    return calls / elapsed
+
+
+async def run(calls: int, rounds: int, redis_url: str) -> dict[str, float]:
+    messages = history(20)
+    memory = rm.Pipeline.from_config(config("memory://"))
+    redis = rm.Pipeline.from_config(config(redis_url))
+    variants: dict[str, Callable[[], Awaitable[Any]]] = {
+        "bare litellm": lambda: litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"),
+        "pipeline, memory store": lambda: memory.acompletion("coder", messages, mock_response="ok",
+                                                             context={"session_id": "s"}),
+        "pipeline, redis store": lambda: redis.acompletion("coder", messages, mock_response="ok",
+                                                           context={"session_id": "s"}),
+    }
+    for call in variants.values():  # warm up
+        await batch(call, 50)
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, call in variants.items():
+            rates[name].append(await batch(call, calls))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    args = parser.parse_args(argv)
+    print(f"throughput benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, litellm {version('litellm')}, redis-py {version('redis')}, "
+          f"{args.calls} concurrent async calls x {args.rounds} rounds (median)\n")
+    with redis_server(args.redis_url) as url:
+        rates = asyncio.run(run(args.calls, args.rounds, url))
+    bare = rates["bare litellm"]
+    print("| variant | calls/s | ratio to bare litellm |")
+    print("|---|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:,.0f} | {rate / bare:.3f} |")
+    memory, redis = rates["pipeline, memory store"], rates["pipeline, redis store"]
+    print(f"\nsummary: calls/s ratio memory/bare x{memory / bare:.3f}, redis/bare x{redis / bare:.3f}, "
+          f"redis/memory x{redis / memory:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""``RouterCallbackHandler``: observe any LangChain chat model (usage, cost, spans, ledger).
+
+LangChain drops what callbacks return, so this handler cannot route or trim; it accounts for calls
+made by models it does not wrap. Each run is tracked by its ``run_id`` (batches and nested runs do
+not mix); a streamed run's usage is read from the aggregated message LangChain hands ``on_llm_end``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage
+from langchain_core.outputs import LLMResult
+
+from ..pipeline import Pipeline
+from ..telemetry import CallTrace, log
+from ..types import Call, Outcome, Plan
+from .convert import outcome_from_message, to_openai
+
+
+@dataclass
+class _Run:
+    trace: CallTrace
+    plan: Plan
+    started: float
+    first_token: float | None = None
+
+
+def _model_name(serialized: Mapping[str, Any] | None, metadata: Mapping[str, Any], params: Mapping[str, Any]) -> str:
+    for value in (params.get("model"), params.get("model_name"), metadata.get("ls_model_name"),
+                  (serialized or {}).get("kwargs", {}).get("model"),
+                  (serialized or {}).get("kwargs", {}).get("model_name")):
+        if value:
+            return str(value)
+    return "unknown"
+
+
+class RouterCallbackHandler(BaseCallbackHandler):
+    """Pass in ``config={"callbacks": [RouterCallbackHandler()]}`` (or a model's ``callbacks=``).
+
+    ``pipeline`` supplies the catalog (prices, overrides), telemetry settings and the ledger;
+    ``context`` the app/session/user labels. Errors inside the handler are logged, never raised.
+    """
+
+    raise_error = False
+
+    def __init__(self, pipeline: Pipeline | None = None, *, context: Mapping[str, Any] | None = None) -> None:
+        self.pipeline = pipeline or Pipeline()
+        self.context = dict(context or {})
+        self._runs: dict[UUID, _Run] = {}
+        self._lock = threading.Lock()
+        self.outcomes: list[Outcome] = []  # the most recent calls, newest last (bounded)
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
+                            run_id: UUID, parent_run_id: UUID | None = None, tags: list[str] | None = None,
+                            metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        metadata = metadata or {}
+        params = kwargs.get("invocation_params") or {}
+        model = _model_name(serialized, metadata, params)
+        context = {**self.context}
+        session = metadata.get("thread_id") or metadata.get("session_id")
+        if session and "session_id" not in context:
+            context["session_id"] = str(session)
+        if tags and "tags" not in context:
+            context["tags"] = tuple(tags)
+        call = Call.create(model, to_openai(messages[0]) if messages else [],
+                           {k: v for k, v in params.items() if k in ("temperature", "max_tokens", "stream")},
+                           context)
+        plan = Plan.from_call(call)
+        provider = metadata.get("ls_provider") or self.pipeline.catalog.provider(model)
+        trace = CallTrace.start(self.pipeline.telemetry, plan, provider, 0, 0)
+        trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})
+        with self._lock:
+            self._runs[run_id] = _Run(trace, plan, time.perf_counter())
+
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        run = self._runs.get(run_id)
+        if run is not None and run.first_token is None:
+            run.first_token = time.perf_counter()
+
+    def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is None:
+            return
+        try:
+            generation = response.generations[0][0] if response.generations and response.generations[0] else None
+            result = outcome_from_message(getattr(generation, "message", None), run.plan, self.pipeline,
+                                          run.trace.provider, run.started, run.first_token)
+        except Exception as exc:  # noqa: BLE001 - observing must never break the user's chain
+            log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            run.trace.fail(exc)
+            return
+        run.trace.succeed(result)
+        self.pipeline._record(result)
+        with self._lock:
+            self.outcomes.append(result)
+            del self.outcomes[:-1000]
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+        if run is not None:
+            run.trace.fail(error)
+            self.pipeline._record_failure(run.plan, error)
+
+    @property
+    def in_flight(self) -> Sequence[UUID]:
+        return tuple(self._runs)

@@ -1,0 +1,162 @@
+"""``RoutedChatModel``: a LangChain chat model that runs every call through a router-middleware Pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
+
+from ..accounting import outcome
+from ..pipeline import Pipeline
+from .convert import final_chunk, to_ai_message, to_chunk, to_openai, tool_choice
+
+_CONTEXT_KEYS = ("app", "session_id", "step", "step_kind", "user", "tenant", "tags")
+
+
+class RoutedChatModel(BaseChatModel):
+    """A chat model whose calls go through ``pipeline`` (routing, context, reasoning, cache, telemetry)
+    and litellm. ``model`` is an alias from the pipeline's config, ``"auto"``, or any litellm model id.
+
+    The session for context and reasoning budgets is ``session_id``, else the run's LangGraph
+    ``thread_id`` (from ``config={"configurable": {"thread_id": ...}}``), else none.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
+
+    model: str = Field(default="auto", alias="model_name")
+    pipeline: Pipeline | None = Field(default=None, exclude=True)
+    temperature: float | None = None
+    max_tokens: int | None = None
+    timeout: float | None = None
+    stop: list[str] | None = Field(default=None, alias="stop_sequences")
+    max_retries: int | None = None
+    api_key: SecretStr | None = None
+    api_base: str | None = Field(default=None, alias="base_url")
+    streaming: bool = False
+    session_id: str | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    _default_pipeline: Pipeline | None = PrivateAttr(default=None)
+
+    @property
+    def _llm_type(self) -> str:
+        return "router-middleware"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(ls_provider="router_middleware", ls_model_name=kwargs.get("model", self.model),
+                                 ls_model_type="chat")
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        if max_tokens := kwargs.get("max_tokens", self.max_tokens):
+            params["ls_max_tokens"] = max_tokens
+        if stop := stop or self.stop:
+            params["ls_stop"] = stop
+        return params
+
+    def _pipeline(self) -> Pipeline:
+        if self.pipeline is not None:
+            return self.pipeline
+        if self._default_pipeline is None:
+            self._default_pipeline = Pipeline.from_config({})
+        return self._default_pipeline
+
+    def _request(self, messages: Sequence[BaseMessage], stop: list[str] | None, metadata: Mapping[str, Any] | None,
+                 kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Pipeline keyword arguments: the model's settings, then the call's (the call's win)."""
+        kwargs = dict(kwargs)
+        kwargs.pop("ls_structured_output_format", None)
+        context = {**self.context, **dict(kwargs.pop("context", None) or {})}
+        session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
+        if session and "session_id" not in context:
+            context["session_id"] = str(session)
+        request: dict[str, Any] = {"model": kwargs.pop("model", self.model), "messages": to_openai(messages),
+                                   "context": {k: v for k, v in context.items() if k in _CONTEXT_KEYS}}
+        settings = {"temperature": self.temperature, "max_tokens": self.max_tokens, "timeout": self.timeout,
+                    "stop": stop or self.stop, "max_retries": self.max_retries, "api_base": self.api_base,
+                    "api_key": self.api_key.get_secret_value() if self.api_key else None}
+        request.update({k: v for k, v in settings.items() if v is not None})
+        if "tool_choice" in kwargs:
+            kwargs["tool_choice"] = tool_choice(kwargs["tool_choice"])
+        request.update(self.model_kwargs)
+        request.update(kwargs)
+        return request
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            from langchain_core.language_models.chat_models import generate_from_stream
+
+            return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
+        response = self._pipeline().completion(**self._request(messages, stop, _metadata(run_manager), kwargs))
+        return _result(to_ai_message(response, outcome(response)))
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            from langchain_core.language_models.chat_models import agenerate_from_stream
+
+            return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
+        request = self._request(messages, stop, _metadata(run_manager), kwargs)
+        response = await self._pipeline().acompletion(**request)
+        return _result(to_ai_message(response, outcome(response)))
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
+        stream = self._pipeline().completion(**request)
+        for chunk in stream:
+            if (generation := _generation(chunk)) is not None:
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(generation.text, chunk=generation)
+                yield generation
+        yield ChatGenerationChunk(message=final_chunk(outcome(stream)))
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
+        stream = await self._pipeline().acompletion(**request)
+        async for chunk in stream:
+            if (generation := _generation(chunk)) is not None:
+                if run_manager is not None:
+                    await run_manager.on_llm_new_token(generation.text, chunk=generation)
+                yield generation
+        yield ChatGenerationChunk(message=final_chunk(outcome(stream)))
+
+    def bind_tools(
+        self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
+        tool_choice: str | bool | dict[str, Any] | None = None, **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools (any format ``convert_to_openai_tool`` takes); ``tool_choice`` as LangChain spells it
+        (``"any"``, a tool name, ``"auto"``, ``"none"``) or OpenAI's."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if tool_choice is not None and tool_choice is not False:
+            kwargs["tool_choice"] = tool_choice
+        return self.bind(tools=formatted, **kwargs)
+
+
+def _metadata(run_manager: Any) -> Mapping[str, Any] | None:
+    return getattr(run_manager, "metadata", None)
+
+
+def _generation(chunk: Any) -> ChatGenerationChunk | None:
+    message = to_chunk(chunk)
+    return ChatGenerationChunk(message=message) if message is not None else None
+
+
+def _result(message: AIMessage) -> ChatResult:
+    return ChatResult(generations=[ChatGeneration(message=message)],
+                      llm_output={"model_name": message.response_metadata.get("model_name")})

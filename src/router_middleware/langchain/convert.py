@@ -1,0 +1,140 @@
+"""Between LangChain messages and litellm's OpenAI-format requests and responses, and our Outcome."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+
+from ..pricing import price
+from ..types import Outcome, Plan, Usage
+
+
+def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept)."""
+    converted = convert_to_openai_messages(list(messages))
+    return [converted] if isinstance(converted, dict) else list(converted)
+
+
+def usage_metadata(usage: Usage) -> UsageMetadata:
+    """Our usage in LangChain's convention (input includes cache reads and writes; output includes reasoning)."""
+    return UsageMetadata(
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens, total_tokens=usage.total_tokens,
+        input_token_details=InputTokenDetails(cache_read=usage.cache_read_tokens,
+                                              cache_creation=usage.cache_write_tokens),
+        output_token_details=OutputTokenDetails(reasoning=usage.reasoning_tokens),
+    )
+
+
+def response_metadata(result: Outcome) -> dict[str, Any]:
+    """What LangChain tracers read (``model_name``: the model that answered), plus cost and routing."""
+    metadata: dict[str, Any] = {"model_name": result.model, "model_provider": result.provider or "litellm"}
+    if result.finish_reasons:
+        metadata["finish_reason"] = result.finish_reasons[0]
+    if result.response_id:
+        metadata["id"] = result.response_id
+    metadata["cost_usd"] = result.cost.total_usd
+    metadata["cost_source"] = result.cost.source
+    if result.plan is not None:
+        metadata["requested_model"] = result.plan.call.model
+        metadata["routed_model"] = result.plan.model
+        metadata["decisions"] = [f"{d.policy}:{d.action}" for d in result.plan.decisions]
+    return metadata
+
+
+def _tool_calls(raw: Sequence[Any] | None) -> tuple[list[Any], list[Any]]:
+    calls, invalid = [], []
+    for item in raw or ():
+        function = item.function
+        arguments = function.arguments or "{}"
+        try:
+            args = json.loads(arguments)
+            if not isinstance(args, dict):
+                raise ValueError("arguments are not an object")
+            calls.append(tool_call(name=function.name or "", args=args, id=item.id))
+        except ValueError as exc:
+            invalid.append(invalid_tool_call(name=function.name, args=arguments, id=item.id, error=str(exc)))
+    return calls, invalid
+
+
+def to_ai_message(response: Any, result: Outcome) -> AIMessage:
+    message = response.choices[0].message
+    calls, invalid = _tool_calls(getattr(message, "tool_calls", None))
+    extra: dict[str, Any] = {}
+    reasoning = getattr(message, "reasoning_content", None)
+    if reasoning:
+        extra["reasoning_content"] = reasoning
+    return AIMessage(content=message.content or "", tool_calls=calls, invalid_tool_calls=invalid,
+                     additional_kwargs=extra, usage_metadata=usage_metadata(result.usage),
+                     response_metadata=response_metadata(result), id=result.response_id)
+
+
+def to_chunk(chunk: Any) -> AIMessageChunk | None:
+    """A litellm stream chunk as a LangChain chunk (text, reasoning, tool-call fragments); usage is
+    left to the final chunk built from the Outcome, so it is counted once."""
+    if not chunk.choices:
+        return None
+    delta = chunk.choices[0].delta
+    fragments = [
+        tool_call_chunk(name=c.function.name if c.function else None,
+                        args=c.function.arguments if c.function else None, id=c.id, index=c.index)
+        for c in (getattr(delta, "tool_calls", None) or ())
+    ]
+    extra: dict[str, Any] = {}
+    reasoning = getattr(delta, "reasoning_content", None)
+    if reasoning:
+        extra["reasoning_content"] = reasoning
+    content = getattr(delta, "content", None) or ""
+    if not content and not fragments and not extra:
+        return None
+    return AIMessageChunk(content=content, tool_call_chunks=fragments, additional_kwargs=extra)
+
+
+def final_chunk(result: Outcome) -> AIMessageChunk:
+    return AIMessageChunk(content="", usage_metadata=usage_metadata(result.usage),
+                          response_metadata=response_metadata(result), chunk_position="last")
+
+
+def tool_choice(choice: Any) -> Any:
+    """LangChain's tool_choice values in OpenAI's format."""
+    if choice in (None, "auto", "none", "required"):
+        return choice
+    if choice in ("any", True):
+        return "required"
+    if isinstance(choice, str):
+        return {"type": "function", "function": {"name": choice}}
+    if isinstance(choice, Mapping):
+        return dict(choice)
+    raise ValueError(f"tool_choice: unsupported value {choice!r}")
+
+
+def usage_from_message(message: Any, estimate: int) -> Usage:
+    """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate."""
+    metadata = getattr(message, "usage_metadata", None)
+    if not metadata:
+        text = str(getattr(message, "content", "") or "")
+        return Usage(estimate, max(1, len(text) // 4), source="estimated")
+    inputs = metadata.get("input_token_details") or {}
+    outputs = metadata.get("output_token_details") or {}
+    return Usage(int(metadata.get("input_tokens", 0)), int(metadata.get("output_tokens", 0)),
+                 int(inputs.get("cache_read") or 0), int(inputs.get("cache_creation") or 0),
+                 int(outputs.get("reasoning") or 0), source="provider")
+
+
+def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str | None, started: float,
+                         first_token: float | None = None) -> Outcome:
+    """The Outcome of a call some LangChain chat model made for ``plan``, priced with the pipeline's catalog."""
+    metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
+    model = str(metadata.get("model_name") or metadata.get("model") or plan.model)
+    usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages))
+    info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
+    finish = metadata.get("finish_reason") or metadata.get("stop_reason")
+    return Outcome(model=model, provider=provider, usage=usage, cost=price(usage, info), plan=plan,
+                   response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
+                   latency_s=time.perf_counter() - started,
+                   time_to_first_token_s=(first_token - started) if first_token else None)

@@ -1,0 +1,204 @@
+"""The LangChain integration on real recordings: RoutedChatModel (routing, tool calls, streaming,
+structured output), RouterCallbackHandler (any chat model: streaming, async, batch, errors, nested
+runs) and RouterAgentMiddleware in a real ``create_agent`` loop with a tool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vcr
+import yaml
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router_middleware import Pipeline
+from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware, RouterCallbackHandler
+
+from .cassette_data import capturing_vcr, completion_kwargs, interactions, recorded_usage
+from .conftest import CASSETTES
+
+REPLAY = vcr.VCR(record_mode="none", decode_compressed_response=True)
+
+
+@pytest.fixture(autouse=True)
+def _keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+
+
+def _recorded_stream_args(item: Any) -> dict[str, Any]:
+    """The tool-call arguments a recorded stream carried, decoded from its SSE lines."""
+    fragments = []
+    for line in item.response_text.splitlines():
+        if line.startswith("data:") and "[DONE]" not in line:
+            for call in (json.loads(line[5:])["choices"][0]["delta"].get("tool_calls") or []):
+                fragments.append(call["function"].get("arguments") or "")
+    return json.loads("".join(fragments))
+
+
+def _routed(**model: Any) -> RoutedChatModel:
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-3.5-turbo", "gpt-4o-mini"]}},
+                                     "cache": {"enabled": False}})
+    return RoutedChatModel(model="coder", pipeline=pipeline, **model)
+
+
+def test_routed_model_streams_a_recorded_tool_call_through_an_alias() -> None:
+    item = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0]
+    kwargs = completion_kwargs(item)
+    model = _routed().bind_tools(kwargs["tools"])
+    with REPLAY.use_cassette(str(CASSETTES / "openai_chat_tools_streaming.yaml")):
+        chunks = list(model.stream(kwargs["messages"]))
+    message = chunks[0]
+    for chunk in chunks[1:]:
+        message = message + chunk
+    assert message.tool_calls[0]["name"] == "get_current_weather"
+    assert message.tool_calls[0]["args"] == _recorded_stream_args(item) == {"location": "San Francisco"}
+    assert message.response_metadata["model_name"] == "gpt-3.5-turbo-0125"  # the model that answered
+    assert message.response_metadata["requested_model"] == "coder"
+    assert message.usage_metadata["output_tokens"] > 0  # no usage chunk was recorded: estimated, once
+
+
+def test_routed_model_reads_recorded_anthropic_tool_use_and_usage() -> None:
+    item = interactions(CASSETTES / "anthropic_tools.yaml")[0]
+    kwargs = completion_kwargs(item)
+    model = RoutedChatModel(model=kwargs["model"], max_tokens=kwargs["max_tokens"], pipeline=Pipeline())
+    with REPLAY.use_cassette(str(CASSETTES / "anthropic_tools.yaml")):
+        message = model.bind_tools(kwargs["tools"]).invoke(kwargs["messages"])
+    recorded = [b for b in json.loads(item.response_text)["content"] if b["type"] == "tool_use"]
+    assert [(c["name"], c["args"], c["id"]) for c in message.tool_calls] == \
+        [(b["name"], b["input"], b["id"]) for b in recorded]
+    usage = recorded_usage(item)
+    assert message.usage_metadata["input_tokens"] == usage["input_tokens"]
+    assert message.usage_metadata["output_tokens"] == usage["output_tokens"]
+    assert message.response_metadata["cost_usd"] > 0
+
+
+def test_structured_output_from_a_recorded_tool_call() -> None:
+    item = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0]
+    kwargs = completion_kwargs(item)
+    schema = kwargs["tools"][0]
+    with REPLAY.use_cassette(str(CASSETTES / "openai_chat_tools_streaming.yaml")):
+        parsed = _routed(streaming=True).with_structured_output(schema).invoke(kwargs["messages"])
+    assert parsed == _recorded_stream_args(item)
+
+
+def test_async_invoke_replays_usage_exactly() -> None:
+    item = interactions(CASSETTES / "openai_chat.yaml")[0]
+    kwargs = completion_kwargs(item)
+    with REPLAY.use_cassette(str(CASSETTES / "openai_chat.yaml")):
+        message = asyncio.run(RoutedChatModel(model=kwargs["model"]).ainvoke(kwargs["messages"]))
+    usage = recorded_usage(item)
+    assert (message.usage_metadata["input_tokens"], message.usage_metadata["output_tokens"]) == \
+        (usage["input_tokens"], usage["output_tokens"])
+
+
+# -- RouterCallbackHandler -------------------------------------------------------------------------
+
+
+def _fake(*texts: str, model: str = "gpt-4o-mini") -> GenericFakeChatModel:
+    replies = iter([AIMessage(content=t, response_metadata={"model_name": model},
+                              usage_metadata={"input_tokens": 1200, "output_tokens": 80, "total_tokens": 1280,
+                                              "input_token_details": {"cache_read": 1000},
+                                              "output_token_details": {"reasoning": 30}})
+                    for t in texts])
+    return GenericFakeChatModel(messages=replies)
+
+
+def test_callback_observes_any_model_usage_cost_and_span(span_exporter) -> None:
+    handler = RouterCallbackHandler(context={"app": "shop"})
+    _fake("hello").invoke("hi", config={"callbacks": [handler], "configurable": {"thread_id": "t1"}})
+    result = handler.outcomes[-1]
+    assert (result.usage.input_tokens, result.usage.cache_read_tokens, result.usage.reasoning_tokens) == \
+        (1200, 1000, 30)
+    expected = 200 * 0.15e-6 + 1000 * 0.075e-6 + 80 * 0.6e-6  # gpt-4o-mini catalog prices
+    assert result.cost.total_usd == pytest.approx(expected)
+    client = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
+    assert client.attributes["gen_ai.usage.cache_read.input_tokens"] == 1000
+    assert client.attributes["gen_ai.usage.cost"] == pytest.approx(expected)
+    assert result.plan.call.context.app == "shop"
+    assert not handler.in_flight
+
+
+def test_callback_streaming_async_batch_and_nested_runs() -> None:
+    handler = RouterCallbackHandler()
+    config = {"callbacks": [handler]}
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | _fake("a b c", "d", "e", "f") | StrOutputParser()
+    assert "".join(chain.stream({"q": "x"}, config=config)) == "a b c"  # nested: only the model run counts
+    assert asyncio.run(chain.ainvoke({"q": "y"}, config=config)) == "d"
+    assert chain.batch([{"q": "1"}, {"q": "2"}], config=config) == ["e", "f"]
+    assert len(handler.outcomes) == 4 and not handler.in_flight
+    assert handler.outcomes[0].time_to_first_token_s is not None  # streamed
+    # GenericFakeChatModel streams no usage: estimated, and said so; the others carry usage_metadata
+    assert [o.usage.source for o in handler.outcomes] == ["estimated", "provider", "provider", "provider"]
+
+
+def test_callback_records_errors(span_exporter) -> None:
+    handler = RouterCallbackHandler()
+    with pytest.raises(StopIteration):
+        GenericFakeChatModel(messages=iter([])).invoke("hi", config={"callbacks": [handler]})
+    failed = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
+    assert failed.status.status_code == StatusCode.ERROR and not handler.in_flight
+
+
+# -- RouterAgentMiddleware in create_agent --------------------------------------------------------
+
+
+def _agent_cassette(tmp_path: Path) -> Path:
+    """Two real recordings back to back: a streamed tool call, then a streamed answer."""
+    first = yaml.safe_load((CASSETTES / "openai_chat_tools_streaming.yaml").read_text())["interactions"][0]
+    second = yaml.safe_load((CASSETTES / "openai_chat_streaming.yaml").read_text())["interactions"][0]
+    second["request"]["uri"] = first["request"]["uri"]  # it was recorded through a local proxy: same API
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump({"interactions": [first, second], "version": 1}))
+    return path
+
+
+def test_agent_middleware_routes_trims_and_accounts_in_a_real_agent_loop(tmp_path, span_exporter) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    calls: list[str] = []
+
+    @tool
+    def get_current_weather(location: str) -> str:
+        """Get the current weather in a given location."""
+        calls.append(location)
+        return "70 degrees and sunny"
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                                 "strategy": {"agent": "price"}},
+                                     "context": {"watermark_tokens": 2000, "window_keep": 0.3, "max_payback_calls": None},
+                                     "cache": {"enabled": False}})
+    models = {m: RoutedChatModel(model=m, pipeline=Pipeline(), streaming=True) for m in ("gpt-4o-mini", "gpt-3.5-turbo")}
+    old = []
+    for i in range(30):  # ~4,400 tokens of earlier conversation, over the 2,000-token watermark
+        old += [HumanMessage(f"Earlier question {i}: what is in src/module_{i}.py? " + "detail " * 60),
+                AIMessage(f"It defines helper_{i}. " + "more " * 60)]
+    agent = create_agent(models["gpt-3.5-turbo"], tools=[get_current_weather],
+                         middleware=[RouterAgentMiddleware(pipeline, models=models, model="agent")])
+    replayer, sent = capturing_vcr()
+    with replayer.use_cassette(str(_agent_cassette(tmp_path))):
+        state = agent.invoke({"messages": [*old, HumanMessage("What's the weather like in San Francisco?")]})
+    assert calls == ["San Francisco"]  # the recorded tool call ran the agent's tool
+    assert isinstance(state["messages"][-1], AIMessage) and state["messages"][-1].content
+    assert isinstance(state["messages"][-2], ToolMessage)
+    requests = list({len(b["messages"]): b for b in sent}.values())
+    assert len(requests) == 2
+    assert all(b["model"] == "gpt-4o-mini" for b in requests)  # price routing: cheaper than gpt-3.5-turbo
+    first = requests[0]["messages"]
+    assert len(first) < len(old) + 1  # the window dropped old turns ...
+    digests = [m for m in first if "earlier messages omitted to save context" in str(m.get("content"))]
+    assert len(digests) == 1  # ... for one digest message
+    assert first[-1]["content"] == "What's the weather like in San Francisco?"
+    assert [t["function"]["name"] for t in requests[0]["tools"]] == ["get_current_weather"]
+    routes = [s for s in span_exporter.get_finished_spans() if s.name == "route agent"]
+    assert len(routes) == 2
+    assert routes[0].attributes["router_middleware.chosen_model"] == "gpt-4o-mini"
+    assert routes[0].attributes["gen_ai.conversation.compacted"] is True
