@@ -12,7 +12,9 @@ from router_middleware import load_config
 from .conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+INTEGRATION_READMES = sorted((ROOT / "integrations").glob("*/README.md"))
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S) + [
+    block for path in INTEGRATION_READMES for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)]
 YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", README, re.S)
 
 
@@ -34,3 +36,19 @@ def test_readme_commands_are_the_ci_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert ".venv/bin/python -m pytest" in README and ".venv/bin/python -m pytest" in ci
     assert "pip install -e '.[all]'" in README and "pip install -e '.[all]'" in ci
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), [
+    ("integrations/langchain/chain.py", [], "model=gpt-4o-mini"),
+    ("integrations/langchain/agent.py", ["--offline"], "ToolMessage: 70 degrees and sunny in San Francisco"),
+])
+def test_integration_examples_run(script: str, args: list[str], expected: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    done = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout
