@@ -13,8 +13,11 @@ from .conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 INTEGRATION_READMES = sorted((ROOT / "integrations").glob("*/README.md"))
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S) + [
-    block for path in INTEGRATION_READMES for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)]
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+# Integration snippets set process-wide state (global OpenTelemetry providers, litellm callbacks):
+# each runs in its own interpreter.
+INTEGRATION_BLOCKS = [(path.parent.name, block) for path in INTEGRATION_READMES
+                      for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S)]
 YAML_BLOCKS = re.findall(r"```yaml\n(.*?)```", README, re.S)
 
 
@@ -25,6 +28,18 @@ def test_readme_has_snippets() -> None:
 @pytest.mark.parametrize("code", PYTHON_BLOCKS, ids=lambda c: c.splitlines()[0][:40])
 def test_python_snippet_runs(code: str) -> None:
     exec(compile(code, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize(("folder", "code"), INTEGRATION_BLOCKS, ids=lambda v: str(v).splitlines()[0][:40])
+def test_integration_snippet_runs(folder: str, code: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "OPENAI_API_KEY": "sk-test"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, f"integrations/{folder}/README.md: {done.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("text", YAML_BLOCKS)

@@ -38,7 +38,8 @@ def get_current_weather(location: str) -> str:
 
 def build() -> tuple[object, list[object]]:
     pipeline = Pipeline.from_config(CONFIG)
-    models = {m: RoutedChatModel(model=m, pipeline=Pipeline(), streaming=True) for m in ("gpt-4o-mini", "gpt-3.5-turbo")}
+    models = {m: RoutedChatModel(model=m, pipeline=Pipeline(), streaming=True)
+              for m in ("gpt-4o-mini", "gpt-3.5-turbo")}
     agent = create_agent(models["gpt-3.5-turbo"], tools=[get_current_weather],
                          middleware=[RouterAgentMiddleware(pipeline, models=models, model="agent")])
     history: list[object] = []

@@ -1,0 +1,119 @@
+"""RouterLogger in ``litellm.callbacks``: the pre-call hook really rewrites what litellm sends (seen
+on the wire through real recordings), and the success/failure events record usage, spans, ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import litellm
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router_middleware import Pipeline
+from router_middleware.ledger.store import open_ledger
+from router_middleware.litellm import RouterLogger
+
+from .cassette_data import capturing_vcr, completion_kwargs, interactions, recorded_usage
+from .conftest import CASSETTES
+
+
+@pytest.fixture
+def logger(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[RouterLogger]:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    pipeline = Pipeline.from_config({
+        "context": {"watermark_tokens": 2000, "window_keep": 0.3, "max_payback_calls": None},
+        "reasoning": {"rules": [{"when": {"model": "gpt-5*"}, "effort": "minimal"}]},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "cache": {"enabled": False},
+    })
+    router = RouterLogger(pipeline).register()
+    yield router
+    router.unregister()
+    assert all(router not in getattr(litellm, name) for name in
+               ("callbacks", "success_callback", "failure_callback", "_async_success_callback",
+                "_async_failure_callback"))
+
+
+def _history(question: list[dict]) -> list[dict]:
+    old: list[dict] = []
+    for i in range(30):
+        old += [{"role": "user", "content": f"Earlier question {i} about src/module_{i}.py " + "detail " * 60},
+                {"role": "assistant", "content": f"It defines helper_{i}. " + "more " * 60}]
+    return old + question
+
+
+async def _recorded(router: RouterLogger, count: int) -> None:
+    for _ in range(200):  # litellm runs success callbacks in the background
+        if router.recorded >= count:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"only {router.recorded} of {count} calls recorded")
+
+
+def test_async_hook_trims_the_request_on_the_wire_and_records_the_call(logger, span_exporter) -> None:
+    item = interactions(CASSETTES / "openai_chat.yaml")[0]
+    kwargs = completion_kwargs(item)
+    kwargs["messages"] = _history(kwargs["messages"])
+    replayer, sent = capturing_vcr()
+
+    async def run() -> None:
+        await litellm.acompletion(**kwargs, metadata={"session_id": "s1"})
+        await _recorded(logger, 1)
+
+    with replayer.use_cassette(str(CASSETTES / "openai_chat.yaml")):
+        asyncio.run(run())
+    assert logger.hook_calls == 1
+    body = sent[-1]
+    assert len(body["messages"]) < len(kwargs["messages"])  # trimmed by the hook, not by litellm
+    assert sum("earlier messages omitted" in str(m["content"]) for m in body["messages"]) == 1
+    assert body["messages"][-1] == item.request["messages"][-1]
+    route = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
+    assert route.attributes["gen_ai.conversation.compacted"] is True
+    client = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    usage = recorded_usage(item)
+    assert client.attributes["gen_ai.usage.input_tokens"] == usage["input_tokens"]
+    assert client.attributes["gen_ai.usage.output_tokens"] == usage["output_tokens"]
+    assert client.attributes["gen_ai.conversation.id"] == "s1"
+    logger.pipeline.close()
+    rows = open_ledger(logger.pipeline.config.ledger.url).query("SELECT input_tokens, output_tokens FROM calls")
+    assert [tuple(r) for r in rows] == [(usage["input_tokens"], usage["output_tokens"])]
+
+
+def test_async_hook_applies_the_reasoning_policy(logger) -> None:
+    item = interactions(CASSETTES / "openai_chat_reasoning.yaml")[0]
+    kwargs = completion_kwargs(item)  # recorded with reasoning_effort "low"
+    replayer, sent = capturing_vcr()
+
+    async def run() -> None:
+        await litellm.acompletion(**kwargs)
+        await _recorded(logger, 1)
+
+    with replayer.use_cassette(str(CASSETTES / "openai_chat_reasoning.yaml"), allow_playback_repeats=True):
+        asyncio.run(run())
+    assert sent[-1]["reasoning_effort"] == "minimal"  # the rule's cap, not what the caller asked
+
+
+def test_sync_calls_are_recorded_though_litellm_skips_the_hook(logger) -> None:
+    item = interactions(CASSETTES / "openai_chat.yaml")[0]
+    replayer, sent = capturing_vcr()
+    with replayer.use_cassette(str(CASSETTES / "openai_chat.yaml")):
+        litellm.completion(**completion_kwargs(item))
+    for _ in range(200):
+        if logger.recorded:
+            break
+        time.sleep(0.02)
+    assert logger.hook_calls == 0 and logger.recorded == 1
+
+
+def test_failures_are_recorded(logger, span_exporter) -> None:
+    async def run() -> None:
+        with pytest.raises(litellm.RateLimitError):
+            await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                      mock_response=litellm.RateLimitError("slow down", "openai", "gpt-4o-mini"))
+        await _recorded(logger, 1)
+
+    asyncio.run(run())
+    failed = [s for s in span_exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR]
+    assert failed and failed[0].attributes["error.type"] == "RateLimitError"
