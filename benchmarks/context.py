@@ -6,8 +6,9 @@ provider's prompt cache) relative to the untrimmed baseline, retention, integrit
 
     .venv/bin/python benchmarks/context.py [--sessions DIR] [--chats DIR] [--limit N]
 
-Peers: LangChain `trim_messages` (strategy "last", include_system, start_on "human"), litellm's
-`trim_messages`, and a naive window keeping the system prompt, the task and the last N messages.
+Peers: LangChain `trim_messages` (strategy "last", include_system, start_on "human"), LangChain v1's
+ContextEditingMiddleware logic (ClearToolUsesEdit; extra `langchain`), litellm's `trim_messages`, and a
+naive window keeping the system prompt, the task and the last N messages.
 """
 
 from __future__ import annotations
@@ -68,6 +69,26 @@ def langchain_last(budget: int) -> Wrapped:
     return Wrapped("langchain-trim-last", trim)
 
 
+def langchain_context_editing(trigger: int, keep: int = 3) -> Wrapped:
+    """LangChain v1's ContextEditingMiddleware logic: its ClearToolUsesEdit (past ``trigger`` tokens,
+    tool results older than the last ``keep`` become a placeholder), applied to each request as the
+    middleware does before every model call. Tokens are counted with our counter, as for trim_messages."""
+    from langchain.agents.middleware.context_editing import ClearToolUsesEdit
+    from langchain_core.messages import convert_to_messages, convert_to_openai_messages
+
+    from router_middleware.tokens import TokenCounter
+
+    edit = ClearToolUsesEdit(trigger=trigger, keep=keep)
+
+    def trim(messages: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+        counter = TokenCounter(model)
+        edited = convert_to_messages(messages)
+        edit.apply(edited, count_tokens=lambda ms: counter.messages(convert_to_openai_messages(list(ms))))
+        return [dict(m) for m in convert_to_openai_messages(edited)]
+
+    return Wrapped(f"langchain-context-editing-{trigger}", trim)
+
+
 def litellm_trim(budget: int) -> Wrapped:
     """litellm's trimmer, with its token counter swapped for a per-message cached one.
 
@@ -105,6 +126,18 @@ def naive_last(n: int) -> Wrapped:
         return [*messages[:2], *messages[-n:]]
 
     return Wrapped(f"last-{n}", trim)
+
+
+def context_editing_rows(sessions: list[Any], budget: int) -> list[dict[str, Any]]:
+    """LangChain's context editing at its default trigger (100k) and at our watermark; absent if
+    langchain (extra ``langchain``) is not installed."""
+    try:
+        import langchain.agents.middleware.context_editing  # noqa: F401
+    except ImportError:
+        print("langchain not installed: the context-editing peer is left out", file=sys.stderr)
+        return []
+    return [row(f"langchain ContextEditingMiddleware (clear tool uses, trigger {trigger // 1000}k, keep 3)",
+                sessions, Pipeline(policies=[langchain_context_editing(trigger)])) for trigger in (100_000, budget)]
 
 
 def row(name: str, sessions: list[Any], pipeline: Pipeline) -> dict[str, Any]:
@@ -152,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         row("ours: middle-out to 16k", agents, Pipeline(policies=[MiddleOut(budget_tokens=agent_budget)])),
         row("langchain trim_messages last 16k", agents, Pipeline(policies=[langchain_last(agent_budget)])),
         row("litellm trim_messages 16k", agents, Pipeline(policies=[litellm_trim(agent_budget)])),
+        *context_editing_rows(agents, agent_budget),
         row("naive last-20 messages", agents, Pipeline(policies=[naive_last(20)])),
     ]
     chat_rows = [

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from .cassette_data import interactions
 from .conftest import CASSETTES
+from .loopback import serve
 
 FAULTS = ("429", "500", "503", "hang", "truncated", "broken-stream")
 
@@ -98,12 +99,5 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             else:
                 self._send(200, plain)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(Handler) as base:
+        yield base, seen

@@ -117,3 +117,22 @@ def test_failures_are_recorded(logger, span_exporter) -> None:
     asyncio.run(run())
     failed = [s for s in span_exporter.get_finished_spans() if s.status.status_code == StatusCode.ERROR]
     assert failed and failed[0].attributes["error.type"] == "RateLimitError"
+
+
+def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_stands_aside() -> None:
+    import json
+
+    from .conftest import ROOT
+
+    body = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_first.json").read_text())["body"]
+    router = RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"cheap": {"model": "openai/gpt-4o-mini"}, "strong": {"model": "openai/gpt-5-mini"}},
+                    "aliases": {"coder": ["strong", "cheap"]}},
+        "reasoning": {"rules": [{"when": {"step_kind": ["plan"]}, "effort": "high"}]},
+    }), proxy=True)
+    data = {**body, "model": "coder", "litellm_call_id": "c1", "metadata": {"user_api_key_alias": "team-a"}}
+    changed = asyncio.run(router.async_pre_call_hook(None, None, data, "acompletion"))
+    assert changed["model"] == "strong" and changed["reasoning_effort"] == "high"
+    assert changed["prompt_cache_key"].startswith("rm-") and changed["messages"] == body["messages"]
+    assert asyncio.run(router.async_pre_call_deployment_hook({**changed, "model": "gpt-5-mini"}, "acompletion")) is None
+    assert router.hook_calls == 1

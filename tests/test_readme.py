@@ -67,3 +67,10 @@ def test_integration_examples_run(script: str, args: list[str], expected: str) -
                           timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout
+
+
+def test_proxy_router_config_loads() -> None:
+    config = load_config(ROOT / "integrations" / "litellm-proxy" / "router.yaml")
+    proxy = yaml.safe_load((ROOT / "integrations" / "litellm-proxy" / "config.yaml").read_text())
+    names = {m["model_name"] for m in proxy["model_list"]}
+    assert set(config.routing.deployments) <= names and "coder" in names

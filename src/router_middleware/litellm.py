@@ -12,6 +12,7 @@ logger counts what it did (``hook_calls``, ``recorded``) for tests and health ch
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -21,16 +22,20 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from .accounting import build_outcome
 from .pipeline import Pipeline
-from .reasoning.translate import REASONING_PARAMS
 from .telemetry import CallTrace, log
 from .types import Call, Decision, Plan
 
-_LITELLM_KEYS = frozenset({"litellm_call_id", "litellm_logging_obj", "model", "messages"})
+_REQUEST_KEYS = frozenset({
+    "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
+    "response_format", "reasoning_effort", "thinking", "reasoning", "parallel_tool_calls", "seed",
+})
 _MAX_IN_FLIGHT = 10_000
 
 
 def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
     """The ``metadata=`` the caller gave litellm (where it keeps it differs by path)."""
+    if isinstance(kwargs.get("metadata"), Mapping) and kwargs["metadata"]:
+        return kwargs["metadata"]  # type: ignore[no-any-return]
     for source in (kwargs.get("litellm_params"), getattr(kwargs.get("litellm_logging_obj"), "model_call_details",
                                                           None)):
         if isinstance(source, Mapping):
@@ -40,16 +45,31 @@ def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def _context(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
+    return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion")
+
+
+def _context(kwargs: Mapping[str, Any], *, head_session: bool = False) -> dict[str, Any]:
+    """The call's labels from its metadata; with ``head_session``, a call without ``session_id`` gets
+    one from its conversation head (the system prompt and the task), which an agent resends unchanged
+    on every step: what a proxy can know when the client (Cline, say) sends no session."""
     metadata = _metadata(kwargs)
     keys = ("app", "session_id", "step", "step_kind", "user", "tenant")
-    return {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    if head_session and "session_id" not in context:
+        head = [m for m in kwargs.get("messages") or [] if isinstance(m, Mapping)][:2]
+        digest = hashlib.blake2b(repr([(m.get("role"), m.get("content")) for m in head]).encode(), digest_size=8)
+        context["session_id"] = f"head-{digest.hexdigest()}"
+    return context
 
 
 class RouterLogger(CustomLogger):
-    def __init__(self, pipeline: Pipeline | None = None) -> None:
+    def __init__(self, pipeline: Pipeline | None = None, *, proxy: bool = False) -> None:
+        """``proxy=True`` (the LiteLLM proxy): calls without ``metadata.session_id`` are grouped into
+        sessions by their conversation head."""
         super().__init__()
         self.pipeline = pipeline or Pipeline.from_config({})
+        self.proxy = proxy
         self._calls: OrderedDict[str, tuple[Plan, CallTrace]] = OrderedDict()
         self._lock = threading.Lock()
         self.hook_calls = 0
@@ -71,21 +91,42 @@ class RouterLogger(CustomLogger):
         litellm.logging_callback_manager.remove_callback_from_all_lists(self)
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
-        if "messages" not in kwargs or str(getattr(call_type, "value", call_type)) not in ("acompletion", "completion"):
+        """SDK (and proxy) hook, after litellm picked the deployment: context, reasoning, same-provider routing."""
+        if not _is_chat(kwargs, call_type) or self._planned(kwargs):
             return None
+        return self._apply(kwargs, provider_fixed=True)
+
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
+                                  call_type: Any) -> dict[str, Any] | None:
+        """Proxy hook, before the proxy resolves ``model``: routing may pick any ``model_name`` of the
+        proxy's model_list (the routing config's aliases list them), then context and reasoning."""
+        if not _is_chat(data, call_type):
+            return None
+        return self._apply(data, provider_fixed=False)
+
+    def _planned(self, kwargs: Mapping[str, Any]) -> bool:
+        with self._lock:
+            return str(kwargs.get("litellm_call_id")) in self._calls
+
+    def _apply(self, kwargs: dict[str, Any], *, provider_fixed: bool) -> dict[str, Any]:
         self.hook_calls += 1
         requested = str(kwargs["model"])
-        params = {k: v for k, v in kwargs.items() if k not in _LITELLM_KEYS}
+        params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
         provider = self.pipeline.catalog.provider(requested)
-        call = self.pipeline.make_call(requested, kwargs["messages"], _context(kwargs), params)
+        context = _context(kwargs, head_session=self.proxy)
+        call = self.pipeline.make_call(requested, kwargs["messages"], context, params)
         plan = self.pipeline.plan(call)
         changed = dict(kwargs)
         changed["messages"] = [dict(m) for m in plan.messages]
-        for key in REASONING_PARAMS:
-            if key in plan.params:
+        for key in set(call.params) | set(plan.params):  # what the policies set, changed or dropped
+            if key not in plan.params:
+                changed.pop(key, None)
+            elif call.params.get(key) != plan.params[key]:
                 changed[key] = plan.params[key]
         if plan.model != requested:
-            if self.pipeline.catalog.provider(plan.model) == provider:
+            if not provider_fixed:
+                changed["model"] = plan.deployment or plan.model
+            elif self.pipeline.catalog.provider(plan.model) == provider:
                 changed["model"] = plan.model.split("/", 1)[1] if plan.model.startswith(f"{provider}/") else plan.model
             else:
                 plan = plan.decide(Decision("routing", "kept", f"litellm already chose provider {provider}; "

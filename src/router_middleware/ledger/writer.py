@@ -8,11 +8,13 @@ silently: at worst they wait in the spool, and the failure is logged.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -37,6 +39,11 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="router-ledger-writer", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def append(self, record: LedgerRecord) -> None:
         self._queue.put(record)
@@ -119,3 +126,15 @@ class LedgerWriter:
 
     def flush_spool(self) -> None:
         self._drain_spool(self._db_or_open())
+
+
+_LIVE: weakref.WeakSet[LedgerWriter] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """Rows still queued when the process exits are written (or spooled), up to 5 s per writer."""
+    for writer in list(_LIVE):
+        if writer.alive:
+            writer.flush(timeout_s=5.0)
+

@@ -1,0 +1,89 @@
+"""A scripted OpenAI-compatible model on loopback, standing in for a coding agent's model (no model
+can be reached here). It answers like Cline's runs recorded in ../shared/data/cline-requests: a
+first turn that calls ``run_commands``, then ``submit_and_exit`` once a tool result is in the
+history; streamed (SSE, with a final usage chunk when ``stream_options.include_usage`` is set) or
+plain JSON. Every request body is kept for the test to inspect.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .loopback import serve
+
+USAGE = {"prompt_tokens": 3210, "completion_tokens": 42, "total_tokens": 3252,
+         "prompt_tokens_details": {"cached_tokens": 2048}}
+
+
+def _reply(body: dict[str, Any]) -> dict[str, Any]:
+    """The next tool call for this conversation."""
+    if any(m.get("role") == "tool" for m in body.get("messages", [])):
+        name, args = "submit_and_exit", {"summary": "Ran echo hello-from-cline; it printed hello-from-cline.",
+                                         "verified": True}
+    else:
+        name, args = "run_commands", {"commands": ["echo hello-from-cline"]}
+    return {"id": f"call_{int(time.time() * 1000) % 10**8:08d}", "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str, Any]]:
+    base = {"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}, "finish_reason": None}]}
+    arguments = call["function"]["arguments"]
+    half = len(arguments) // 2
+    yield {**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": call["id"], "type": "function",
+         "function": {"name": call["function"]["name"], "arguments": arguments[:half]}}]}, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": arguments[half:]}}]}, "finish_reason": None}]}
+    yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+    if usage:
+        yield {**base, "choices": [], "usage": USAGE}
+
+
+@contextmanager
+def scripted_upstream(model: str = "scripted-coder") -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    seen: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            models = {"object": "list", "data": [{"id": model, "object": "model", "owned_by": "test"}]}
+            self._send(200, json.dumps(models).encode(), "application/json")
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+            with lock:
+                seen.append(body)
+            call = _reply(body)
+            if body.get("stream"):
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                payload = "".join(f"data: {json.dumps(c)}\n\n" for c in _chunks(model, call, usage)) + "data: [DONE]\n\n"
+                self._send(200, payload.encode(), "text/event-stream")
+                return
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            response = {"id": "chatcmpl-scripted", "object": "chat.completion", "created": int(time.time()),
+                        "model": model, "usage": USAGE,
+                        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+            self._send(200, json.dumps(response).encode(), "application/json")
+
+    with serve(Handler) as base:
+        yield f"{base}/v1", seen
