@@ -97,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         call = rm.Call.create(model, messages, {}, {"session_id": "bench"})
         plans = []
         for _ in range(args.repeat):
+            fresh = rm.Call.create(model, messages, {}, {"session_id": "bench"})  # a new call, as each step is
             start = time.perf_counter()
-            pipeline.plan(call)
+            pipeline.plan(fresh)
             plans.append(time.perf_counter() - start)
         planning = statistics.median(plans)
         planned = pipeline.plan(call).request()  # what the pipeline hands litellm (trimmed at 300)

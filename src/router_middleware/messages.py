@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import MessageError
+from .memo import MessageMemo
 from .types import Message
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -76,10 +77,22 @@ def _calls_ok(calls: list[Any]) -> bool:
                and c["function"].get("name") for c in calls)
 
 
+_VALID = MessageMemo()
+
+
 def validate_messages(messages: Iterable[Any], *, source: str | None = None) -> list[dict[str, Any]]:
+    """Validate every message (a resent, unchanged message dict is not checked again)."""
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
-    return [validate_message(m, index=i, source=source) for i, m in enumerate(messages)]
+    out = []
+    for i, message in enumerate(messages):
+        valid = _VALID.get(message) if isinstance(message, dict) else None
+        if valid is None:
+            valid = validate_message(message, index=i, source=source)
+            if isinstance(message, dict):
+                _VALID.put(message, valid)
+        out.append(valid)
+    return out
 
 
 def integrity_violations(messages: Sequence[Message]) -> list[str]:

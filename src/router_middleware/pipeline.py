@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .routing.fallback import (
 )
 from .routing.policy import NoRouteError
 from .stores import StoreView, open_store
+from .stores.memory import MemoryStore
 from .streaming import TrackedStream
 from .telemetry import CallTrace, log
 from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, SummaryJob, Usage, UsageSource
@@ -100,6 +101,25 @@ class _Replay:
             raise StopAsyncIteration from None
 
 
+@dataclass
+class _Ready:
+    """A call about to go to its provider: the attempt's plan and request, and the call's trace."""
+
+    plan: Plan
+    request: dict[str, Any]
+    tracer: CallTrace
+    started: float
+    attempts: Attempts
+    delay: float = 0.0
+
+    def retry(self, next_attempt: tuple[Plan, dict[str, Any], float] | None) -> bool:
+        """Take the next attempt from ``Pipeline._after_failure``; False when the call must fail."""
+        if next_attempt is None:
+            return False
+        self.plan, self.request, self.delay = next_attempt
+        return True
+
+
 def _answered_model(chunks: Sequence[Any]) -> str | None:
     for chunk in chunks:
         hidden = getattr(chunk, "_hidden_params", None)
@@ -126,13 +146,16 @@ class Pipeline:
         self.store = open_store(self.config.store)
         self.summaries: StoreView[str] = StoreView(self.store, "summary:", bytes.decode)
         self.reasoning_spent: StoreView[int] = StoreView(self.store, "reasoning:", lambda raw: int(float(raw)))
+        # Over the network, values that may lag by a second are read at most once a second.
+        lag = 0.0 if isinstance(self.store, MemoryStore) else 1.0
         self.state = PolicyState(catalog=self.catalog, summaries=self.summaries,
                                  reasoning_spent=self.reasoning_spent,
-                                 cooldowns=StoreView(self.store, "cooldown:", float),
-                                 throughput=StoreView(self.store, "tps:", float),
-                                 latency=StoreView(self.store, "lat:", float),
-                                 budget_spent=StoreView(self.store, "budget:", float),
+                                 cooldowns=StoreView(self.store, "cooldown:", float, fresh_s=lag),
+                                 throughput=StoreView(self.store, "tps:", float, fresh_s=lag),
+                                 latency=StoreView(self.store, "lat:", float, fresh_s=lag),
+                                 budget_spent=StoreView(self.store, "budget:", float, fresh_s=lag),
                                  quotas=StoreView(self.store, "quota:", float))
+        self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
         self.telemetry = self.config.telemetry.settings()
         self.ledger: LedgerWriter | None = None
         if self.config.ledger.url:
@@ -197,31 +220,23 @@ class Pipeline:
             for job in plan.summary_jobs:
                 with self._summary_guard(job):
                     self._keep_summary(job, _litellm().completion(**self._summary_request(job)))
-            plan = self.plan(call)
-        cached, plan = self._from_cache(plan)
-        if cached is not None:
-            return cached
-        reservation = self._reserve(plan)
-        attempts = self._attempts(plan)
-        plan, taken = self._admit(call, plan, attempts)
-        request, tracer, started = self._launch(plan)
-        tracer.reservation, tracer.quota = reservation, taken
+        ready = self._prepare(call, plan if not plan.summary_jobs else None)
+        if not isinstance(ready, _Ready):
+            return ready  # a response-cache hit
         while True:
             try:
-                response = _litellm().completion(**request)
-                if plan.params.get("stream"):  # fail over only before the first chunk
+                response = _litellm().completion(**ready.request)
+                if ready.plan.params.get("stream"):  # fail over only before the first chunk
                     first = next(response, _END)
                     if first is _END:
-                        raise EmptyStreamError(f"{plan.model}: the stream ended before its first chunk")
+                        raise EmptyStreamError(f"{ready.plan.model}: the stream ended before its first chunk")
                     response = _Prefetched(first, response)
                 break
             except Exception as exc:
-                retry = self._after_failure(call, plan, attempts, tracer, exc)
-                if retry is None:
+                if not ready.retry(self._after_failure(call, ready.plan, ready.attempts, ready.tracer, exc)):
                     raise
-                plan, request, delay = retry
-                time.sleep(delay)
-        return self._received(plan, response, tracer, started)
+                time.sleep(ready.delay)
+        return self._received(ready.plan, response, ready.tracer, ready.started)
 
     async def acompletion(
         self, model: str, messages: Sequence[Any], *, context: AgentContext | Mapping[str, Any] | None = None,
@@ -234,7 +249,30 @@ class Pipeline:
             for job in plan.summary_jobs:
                 with self._summary_guard(job):
                     self._keep_summary(job, await _litellm().acompletion(**self._summary_request(job)))
-            plan = self.plan(call)
+        ready = self._prepare(call, plan if not plan.summary_jobs else None)
+        if not isinstance(ready, _Ready):
+            return ready
+        while True:
+            try:
+                response = await _litellm().acompletion(**ready.request)
+                if ready.plan.params.get("stream"):
+                    try:
+                        first = await response.__anext__()
+                    except StopAsyncIteration:
+                        raise EmptyStreamError(f"{ready.plan.model}: the stream ended before its first chunk") from None
+                    response = _Prefetched(first, response)
+                break
+            except Exception as exc:
+                if not ready.retry(self._after_failure(call, ready.plan, ready.attempts, ready.tracer, exc)):
+                    raise
+                await asyncio.sleep(ready.delay)
+        return self._received(ready.plan, response, ready.tracer, ready.started)
+
+    def _prepare(self, call: Call, plan: Plan | None) -> Any:
+        """Everything between planning and the provider call (``plan=None``: plan again, the summaries
+        being written): the response cache, the budget reservation, the quotas, the request and its
+        trace. Returns a cached response, or the :class:`_Ready` first attempt."""
+        plan = plan or self.plan(call)
         cached, plan = self._from_cache(plan)
         if cached is not None:
             return cached
@@ -243,23 +281,7 @@ class Pipeline:
         plan, taken = self._admit(call, plan, attempts)
         request, tracer, started = self._launch(plan)
         tracer.reservation, tracer.quota = reservation, taken
-        while True:
-            try:
-                response = await _litellm().acompletion(**request)
-                if plan.params.get("stream"):
-                    try:
-                        first = await response.__anext__()
-                    except StopAsyncIteration:
-                        raise EmptyStreamError(f"{plan.model}: the stream ended before its first chunk") from None
-                    response = _Prefetched(first, response)
-                break
-            except Exception as exc:
-                retry = self._after_failure(call, plan, attempts, tracer, exc)
-                if retry is None:
-                    raise
-                plan, request, delay = retry
-                await asyncio.sleep(delay)
-        return self._received(plan, response, tracer, started)
+        return _Ready(plan, request, tracer, started, attempts)
 
     def _model_of(self, name: str) -> str:
         deployment = self.config.routing.deployments.get(name)
@@ -334,6 +356,7 @@ class Pipeline:
         (the call's spans and ledger row then record the error)."""
         tracer.attempt_failed(exc)
         self._end_quota(tracer, exc, None)
+        self._failed[plan.deployment or plan.model] = time.time()
         note_failure(self.store, plan.deployment or plan.model, self.config.routing.cooldown, time.time())
         windows = (request_windows(self.catalog, attempts.models, self._model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
@@ -471,7 +494,8 @@ class Pipeline:
             self._end_quota(tracer, response, result.usage.total_tokens)
         if plan is not None and self.config.routing.aliases:  # circuit breaker and :nitro averages
             target = plan.deployment or plan.model
-            note_success(self.store, target)
+            if self._failed.pop(target, None) is not None:  # no store round trip while all is well
+                note_success(self.store, target)
             if result.latency_s and result.usage.output_tokens and result.usage.source == "provider":
                 update_average(self.store, f"tps:{target}", result.usage.output_tokens / result.latency_s)
             first = result.time_to_first_token_s or result.latency_s

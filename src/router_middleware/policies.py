@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
-from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, fast_key
+from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter
 from .types import Message, Plan
 
 T = TypeVar("T")
@@ -90,9 +90,9 @@ class PolicyState:
         return found
 
     def _profile(self, model: str, messages: Sequence[Message]) -> Profile:
-        counter = self.counter(model)
-        keys = tuple(fast_key(m) for m in messages)
-        return Profile(keys, tuple(counter.message(m, k) for m, k in zip(messages, keys, strict=True)))
+        keyed = self.counter(model).keyed
+        pairs = [keyed(m) for m in messages]
+        return Profile(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
     def tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None,
                session_id: str | None = None) -> int:

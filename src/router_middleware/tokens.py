@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from .memo import MessageMemo
 from .types import Message
 
 Encoder = Callable[[str], int]
@@ -111,8 +112,20 @@ def message_key(message: Message) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
+_KEYS = MessageMemo()
+
+
 def fast_key(message: Message) -> object:
-    """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1)."""
+    """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1), and a
+    resent message dict is not keyed again (:class:`~router_middleware.memo.MessageMemo`)."""
+    key = _KEYS.get(message)
+    if key is None:
+        key = _fast_key(message)
+        _KEYS.put(message, key)
+    return key
+
+
+def _fast_key(message: Message) -> object:
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         return message_key(message)
@@ -133,6 +146,7 @@ class TokenCounter:
         self._encode = encoder_for(model)
         self._cache: OrderedDict[object, int] = OrderedDict()
         self._tools: dict[str, int] = {}
+        self._resent = MessageMemo()  # message dict -> (fast key, count), one lookup per resent message
         self._max = max_cached
 
     def message(self, message: Message, key: object | None = None) -> int:
@@ -147,6 +161,15 @@ class TokenCounter:
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)
         return count
+
+    def keyed(self, message: Message) -> tuple[object, int]:
+        """The message's :func:`fast_key` and token count."""
+        hit = self._resent.get(message)
+        if hit is None:
+            key = fast_key(message)
+            hit = (key, self.message(message, key))
+            self._resent.put(message, hit)
+        return hit
 
     def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         if not tools:

@@ -4,7 +4,9 @@ Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services,
 connection errors, context-window errors (to a model with a larger window) and content-policy
 refusals. Anything else (bad request, authentication, not found) fails at once. A model that fails
 ``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing policy reads the
-cooldowns); when the cooldown ends the next call is the probe, and a success clears its count.
+cooldowns); when the cooldown ends the next call is the probe, and a success clears its count (a
+process clears it after a success that follows a failure it saw itself, so a healthy model costs no
+store round trip).
 """
 
 from __future__ import annotations
