@@ -6,7 +6,8 @@ For 20- and 300-message agent histories: median wall time of `litellm.completion
 `litellm.acompletion` (bare) and of `Pipeline.completion` / `acompletion` with the default policies
 (wrapped), their ratio, litellm sent the request the pipeline planned (trimmed at 300 messages,
 so the wrapped call can beat bare), the pipeline's own overhead (wrapped minus that), and the
-median planning time alone. Bare and wrapped calls alternate so that
+median planning time alone. Calls are spaced by 2 ms so that litellm's background logging of one
+call (a thread, or a task) does not run inside the next one's timing. Bare and wrapped calls alternate so that
 machine noise hits both alike. Logging is filtered to warnings (an application's usual setup); no
 OpenTelemetry SDK is installed, as in an application that has not configured one.
 """
@@ -61,6 +62,7 @@ def paired(calls: list[Callable[[], Any]], repeat: int) -> list[float]:
             start = time.perf_counter()
             call()
             times[i].append(time.perf_counter() - start)
+            time.sleep(0.002)  # litellm logs each call on a background thread: let it finish untimed
     return [statistics.median(t) for t in times]
 
 
@@ -74,6 +76,7 @@ async def apaired(calls: list[Callable[[], Awaitable[Any]]], repeat: int) -> lis
             start = time.perf_counter()
             await call()
             times[i].append(time.perf_counter() - start)
+            await asyncio.sleep(0.002)  # let litellm's background logging of this call finish untimed
     return [statistics.median(t) for t in times]
 
 

@@ -1,0 +1,36 @@
+"""Smoke runs of the benchmark scripts at a tiny size: they run from a checkout and end with their
+summary line (the real runs are by hand; their output is in benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_overhead_smoke() -> None:
+    out = _run("overhead.py", "--repeat", "3")
+    assert "| 300 messages | async |" in out and out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
+
+
+def test_throughput_smoke(redis_url) -> None:
+    out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url)
+    assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: calls/s")
+
+
+@pytest.mark.parametrize("script", ["context.py", "routing.py"])
+def test_quality_benchmarks_smoke(script: str) -> None:
+    args = ("--limit", "1") if script == "context.py" else ()
+    out = _run(script, *args)
+    assert out.strip().splitlines()[-1].startswith("summary:")
