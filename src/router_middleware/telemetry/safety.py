@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
-log = structlog.get_logger("router_middleware")
+
+class LibraryLogger:
+    """Our events go to structlog once the application has configured it; before that, to the
+    standard library's ``logging.getLogger("router_middleware")``, which shows nothing below WARNING
+    until the application sets a handler or level: a library does not print to stdout by default."""
+
+    _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+    def __init__(self, name: str) -> None:
+        self._structured = structlog.get_logger(name)
+        self._standard = logging.getLogger(name)
+
+    def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            getattr(self._structured, level)(event, **fields)
+        elif self._standard.isEnabledFor(self._LEVELS[level]):
+            self._standard.log(self._LEVELS[level], "%s %s", event,
+                               " ".join(f"{key}={value!r}" for key, value in fields.items()))
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+
+log = LibraryLogger("router_middleware")
 
 
 def never_raises(default: R) -> Callable[[Callable[P, R]], Callable[P, R]]:
