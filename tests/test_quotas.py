@@ -194,3 +194,15 @@ def test_quotas_on_real_redis_are_never_overtaken(redis_url) -> None:
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: quotas.take(store, found, 0, now)[1] is None, range(200)))
     assert sum(results) == 30
+
+
+def test_a_quota_refusal_releases_the_budget_reservation() -> None:
+    p = Pipeline.from_config({"routing": {"aliases": {"pool": ["gpt-4o-mini"]}, "limits": {"gpt-4o-mini": {"rpm": 1}},
+                                          "budgets": [{"name": "team", "scope": "global", "usd": 1.0}]},
+                              "context": {"enabled": False}, "cache": {"enabled": False}})
+    p.completion("pool", MESSAGES, mock_response="ok")
+    spent = float(p.store.get("budget:team:usd:all:0"))
+    p.state.quotas = {}  # the policy's view is stale: the race that only the atomic take sees
+    with pytest.raises(NoRouteError, match="rpm limit 1 reached"):
+        p.completion("pool", MESSAGES, mock_response="ok")
+    assert float(p.store.get("budget:team:usd:all:0")) == pytest.approx(spent)

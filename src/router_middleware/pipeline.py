@@ -278,7 +278,12 @@ class Pipeline:
             return cached
         reservation = self._reserve(plan)
         attempts = self._attempts(plan)
-        plan, taken = self._admit(call, plan, attempts)
+        try:
+            plan, taken = self._admit(call, plan, attempts)
+        except NoRouteError:
+            if reservation is not None:
+                release(self.store, reservation)  # no attempt was made: nothing is spent
+            raise
         request, tracer, started = self._launch(plan)
         tracer.reservation, tracer.quota = reservation, taken
         return _Ready(plan, request, tracer, started, attempts)
