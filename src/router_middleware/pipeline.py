@@ -297,10 +297,14 @@ class Pipeline:
         budgets = self.config.routing.budgets
         if not budgets:
             return None
-        tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
-        output = int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+        tokens, output = self._request_size(plan)
         usd = price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
         return reserve(self.store, budgets, plan.call.context, usd=usd, tokens=tokens + output, now=time.time())
+
+    def _request_size(self, plan: Plan) -> tuple[int, int]:
+        """Estimated prompt tokens, and the output allowed (``max_tokens``, else the configured default)."""
+        tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+        return tokens, int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
 
     def _attempts(self, plan: Plan) -> Attempts:
         return Attempts([plan.deployment or plan.model, *plan.fallbacks], self.config.routing.fallback)
@@ -315,11 +319,7 @@ class Pipeline:
             found = quotas.quotas_for(target, plan.model, self.config.routing)
             if not found:
                 return plan, None
-            tokens = 0
-            if quotas.estimate_needed(found):
-                tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"),
-                                           plan.call.context.session_id)
-                tokens += int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+            tokens = sum(self._request_size(plan)) if quotas.estimate_needed(found) else 0
             try:
                 taken, why = quotas.take(self.store, found, tokens, time.time())
             except Exception as exc:  # noqa: BLE001

@@ -112,20 +112,9 @@ def message_key(message: Message) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
-_KEYS = MessageMemo()
-
-
 def fast_key(message: Message) -> object:
-    """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1), and a
-    resent message dict is not keyed again (:class:`~router_middleware.memo.MessageMemo`)."""
-    key = _KEYS.get(message)
-    if key is None:
-        key = _fast_key(message)
-        _KEYS.put(message, key)
-    return key
-
-
-def _fast_key(message: Message) -> object:
+    """A cheap in-process cache key: Python caches ``str`` hashes, so resent strings cost O(1).
+    (:meth:`TokenCounter.keyed` keeps it per resent message dict.)"""
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         return message_key(message)

@@ -80,7 +80,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         params = dict(request.model_settings)
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
-        context = {"session_id": _thread_id()} if _thread_id() else None
+        thread = _thread_id()
+        context = {"session_id": thread} if thread else None
         call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
         plan = self.pipeline.plan(call)
         by_id = {id(d): m for d, m in zip(call.messages, originals, strict=True)}

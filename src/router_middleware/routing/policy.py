@@ -28,7 +28,7 @@ from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
 from .budgets import over_soft_limit
 from .difficulty import score_request
-from .quotas import exhausted, free_variant, is_free, quotas_for
+from .quotas import exhausted, free_variant, quotas_for
 
 
 class NoRouteError(RouterMiddlewareError):
@@ -163,10 +163,7 @@ class RoutingPolicy:
 
             def cost(name: str) -> float:
                 deployment = self.config.deployments.get(name)
-                model = deployment.model if deployment else name
-                info = state.catalog.resolve(model)
-                if is_free(model):
-                    return 0.0
+                info = state.catalog.resolve(deployment.model if deployment else name)  # :free is priced 0
                 if info is None:
                     return math.inf
                 read = info.cache_read if info.cache_read is not None else info.input

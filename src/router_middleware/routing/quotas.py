@@ -65,18 +65,26 @@ def _needs(kind: str, tokens: int) -> float:
     return 1.0 if kind.startswith("r") else float(tokens)
 
 
+def _no_provider_quota(bucket: str, unit: str) -> str:
+    return f"{bucket}: the provider reports no {unit} left until its reset"
+
+
+def _over_limit(bucket: str, kind: str, limit: int, used: float) -> str:
+    return f"{bucket}: {kind} limit {limit:,} reached ({used:,.0f} used {_WINDOW_NAMES[kind]})"
+
+
 def exhausted(quotas: tuple[Quota, ...], used: Mapping[str, float], now: float, tokens: int) -> str | None:
     """Why a call of ``tokens`` cannot be taken now (read-only, for the routing policy), or ``None``."""
     for quota in quotas:
         for unit in ("requests", "tokens"):
             left = used.get(f"{quota.bucket}:left:{unit}")
             if left is not None and left < (1 if unit == "requests" else tokens):
-                return f"{quota.bucket}: the provider reports no {unit} left until its reset"
+                return _no_provider_quota(quota.bucket, unit)
         for kind, limit in quota.limit.items():
             key, _ = _window(quota.bucket, kind, now)
             count = used.get(key, 0.0)
             if count + _needs(kind, tokens) > limit:
-                return f"{quota.bucket}: {kind} limit {limit:,} reached ({count:,.0f} used {_WINDOW_NAMES[kind]})"
+                return _over_limit(quota.bucket, kind, limit, count)
     return None
 
 
@@ -102,7 +110,7 @@ def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tu
             taken.keys.append((key, -amount, None))
             if left < 0:
                 give_back(store, taken)
-                return Taken([], tokens), f"{quota.bucket}: the provider reports no {unit} left until its reset"
+                return Taken([], tokens), _no_provider_quota(quota.bucket, unit)
         for kind, limit in quota.limit.items():
             key, ttl = _window(quota.bucket, kind, now)
             amount = _needs(kind, tokens)
@@ -110,9 +118,7 @@ def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tu
             taken.keys.append((f"quota:{key}", amount, ttl))
             if total > limit:
                 give_back(store, taken)
-                return (Taken([], tokens),
-                        f"{quota.bucket}: {kind} limit {limit:,} reached ({total - amount:,.0f} used "
-                        f"{_WINDOW_NAMES[kind]})")
+                return Taken([], tokens), _over_limit(quota.bucket, kind, limit, total - amount)
     return taken, None
 
 

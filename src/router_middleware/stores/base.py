@@ -5,8 +5,9 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
 from ..errors import RouterMiddlewareError
@@ -42,6 +43,20 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@contextmanager
+def token_lock(store: Store, name: str, ttl_s: float, timeout_s: float,
+               delete_if: Callable[[str, bytes], None]) -> Iterator[None]:
+    """A lock held as ``lock:<name>`` = a random token, set only if absent (``compare_and_set``) and
+    removed on exit by ``delete_if(key, token)`` only if it still holds our token."""
+    token = uuid.uuid4().hex.encode()
+    key = f"lock:{name}"
+    acquire(lambda: store.compare_and_set(key, None, token, ttl_s), name, timeout_s)
+    try:
+        yield
+    finally:
+        delete_if(key, token)
 
 
 def acquire(try_once: Callable[[], bool], name: str, timeout_s: float) -> None:

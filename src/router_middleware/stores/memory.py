@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-from .base import acquire
+from .base import token_lock
 
 
 class MemoryStore:
@@ -66,17 +64,13 @@ class MemoryStore:
             self._put(key, value, ttl_s)
             return True
 
-    @contextmanager
-    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
-        token = uuid.uuid4().hex.encode()
-        key = f"lock:{name}"
-        acquire(lambda: self.compare_and_set(key, None, token, ttl_s), name, timeout_s)
-        try:
-            yield
-        finally:
-            with self._mutex:
-                if self._live(key) == token:
-                    del self._data[key]
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
+        return token_lock(self, name, ttl_s, timeout_s, self._delete_if)
+
+    def _delete_if(self, key: str, token: bytes) -> None:
+        with self._mutex:
+            if self._live(key) == token:
+                del self._data[key]
 
     def close(self) -> None:
         pass

@@ -6,12 +6,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from .base import StoreError, acquire
+from .base import StoreError, token_lock
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 
@@ -95,18 +94,14 @@ class SQLiteStore:
                        (key, value, self._expiry(ttl_s)))
             return True
 
-    @contextmanager
-    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
-        token = uuid.uuid4().hex.encode()
-        key = f"lock:{name}"
-        acquire(lambda: self.compare_and_set(key, None, token, ttl_s), name, timeout_s)
-        try:
-            yield
-        finally:
-            with self._tx() as db:
-                current = self._current(db, key)
-                if current and current[0] == token:
-                    db.execute("DELETE FROM kv WHERE key = ?", (key,))
+    def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
+        return token_lock(self, name, ttl_s, timeout_s, self._delete_if)
+
+    def _delete_if(self, key: str, token: bytes) -> None:
+        with self._tx() as db:
+            current = self._current(db, key)
+            if current and current[0] == token:
+                db.execute("DELETE FROM kv WHERE key = ?", (key,))
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
