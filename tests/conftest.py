@@ -52,6 +52,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def service_missing(why: str, *, module: bool = False) -> None:
+    """A real service a test needs is not here: an error in CI (.ci/run must provide it), a skip locally."""
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI must provide this (see .ci/run): {why}")
+    pytest.skip(why, allow_module_level=module)
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server: REDIS_URL from .ci/run, or one started here if the binary exists."""
@@ -65,9 +72,7 @@ def redis_url(tmp_path_factory):
         return
     binary = shutil.which("redis-server")
     if binary is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI must install redis-server and set REDIS_URL (see .ci/run)")
-        pytest.skip("no redis-server: install it (apt-get install redis-server) or set REDIS_URL")
+        service_missing("no redis-server: install it (apt-get install redis-server) or set REDIS_URL")
     port = _free_port()
     folder = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
@@ -100,9 +105,7 @@ def postgres_url(tmp_path_factory):
         yield url
         return
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb") or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI must install postgresql and set PG_URL (see .ci/run)")
-        pytest.skip("no PostgreSQL server binaries (apt-get install postgresql) or not root")
+        service_missing("no PostgreSQL server binaries (apt-get install postgresql) or not root; or set PG_URL")
     port = str(_free_port())
     script = str(ROOT / "tests" / "services" / "postgres.sh")
     url = subprocess.run(["bash", script, "start", port], check=True, capture_output=True, text=True).stdout.strip()

