@@ -202,3 +202,28 @@ def test_agent_middleware_routes_trims_and_accounts_in_a_real_agent_loop(tmp_pat
     assert len(routes) == 2
     assert routes[0].attributes["router_middleware.chosen_model"] == "gpt-4o-mini"
     assert routes[0].attributes["gen_ai.conversation.compacted"] is True
+
+
+def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> None:
+    import litellm
+    from langchain.agents import create_agent
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                                 "fallback": {"backoff_s": 0.0}},
+                                     "context": {"enabled": False}, "cache": {"enabled": False}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                                             model_kwargs={"mock_response": limited}),
+              "gpt-3.5-turbo": RoutedChatModel(model="gpt-3.5-turbo", pipeline=Pipeline(),
+                                               model_kwargs={"mock_response": "done"})}
+    agent = create_agent(models["gpt-4o-mini"], tools=[],
+                         middleware=[RouterAgentMiddleware(pipeline, models=models, model="agent")])
+    state = agent.invoke({"messages": [HumanMessage("hi")]})
+    assert state["messages"][-1].content == "done"
+    spans = span_exporter.get_finished_spans()
+    (route,) = [s for s in spans if s.name == "route agent"]
+    attempts = [s for s in spans if s.parent is not None and s.parent.span_id == route.context.span_id]
+    assert [s.name for s in attempts] == ["chat gpt-4o-mini", "chat gpt-3.5-turbo"]
+    assert attempts[0].status.status_code == StatusCode.ERROR
+    assert route.attributes["router_middleware.fallback.depth"] == 1
+    assert route.attributes["router_middleware.chosen_model"] == "gpt-3.5-turbo"

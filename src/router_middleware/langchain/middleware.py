@@ -57,6 +57,7 @@ class _Call:
     trace: CallTrace
     started: float
     targets: list[str]
+    planned: int = 0  # targets the plan had: the fallback depth is how many are gone
 
 
 class RouterAgentMiddleware(AgentMiddleware):
@@ -91,7 +92,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         trace = CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(plan.model),
                                 len(call.messages), len(plan.messages))
         trace.reservation = reservation
-        entry = _Call(plan, by_id, request, trace, started, targets)
+        entry = _Call(plan, by_id, request, trace, started, targets, planned=len(targets))
         entry.request = self._request(entry, targets[0])
         return entry
 
@@ -126,8 +127,13 @@ class RouterAgentMiddleware(AgentMiddleware):
         if not retryable(error) or not entry.targets or not self.models:
             self.pipeline._give_up(entry.plan, entry.trace, error)
             return False
-        entry.request = self._request(entry, entry.targets[0])
-        entry.trace.next_attempt(entry.plan, self.pipeline.catalog.provider(entry.targets[0]), 1)
+        target = entry.targets[0]
+        deployment = target if target in self.pipeline.config.routing.deployments else None
+        entry.plan = entry.plan.override(model=self.pipeline._model_of(target), deployment=deployment,
+                                         fallbacks=tuple(entry.targets[1:]))
+        entry.request = self._request(entry, target)
+        entry.trace.next_attempt(entry.plan, self.pipeline.catalog.provider(entry.plan.model),
+                                 entry.planned - len(entry.targets))
         return True
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
