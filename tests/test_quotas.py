@@ -9,6 +9,7 @@ import time
 import pytest
 
 from router_middleware import ConfigError, Pipeline, outcome
+from router_middleware.bookkeeping import quotas as counters
 from router_middleware.config import FreeTierConfig, RateLimit, RoutingConfig
 from router_middleware.routing import quotas
 from router_middleware.routing.policy import NoRouteError
@@ -94,12 +95,12 @@ def test_take_is_atomic_and_gives_back_on_refusal() -> None:
     store = open_store("memory://")
     found = (quotas.Quota("d", RateLimit(rpm=2, tpm=100)),)
     now = 1_000_000.0
-    first, why = quotas.take(store, found, 60, now)
+    first, why = counters.take(store, found, 60, now)
     assert why is None
-    _, why = quotas.take(store, found, 60, now)
+    _, why = counters.take(store, found, 60, now)
     assert why == "d: tpm limit 100 reached (60 used this minute)"
     assert float(store.get("quota:d:rpm:16666")) == 1.0  # the refused request was given back
-    quotas.give_back(store, first, requests=False)  # a failed attempt: its tokens come back
+    store.add_many(counters.give_back(first, requests=False))  # a failed attempt: its tokens come back
     assert float(store.get("quota:d:tpm:16666")) == 0.0 and float(store.get("quota:d:rpm:16666")) == 1.0
 
 
@@ -192,7 +193,7 @@ def test_quotas_on_real_redis_are_never_overtaken(redis_url) -> None:
     found = (quotas.Quota(bucket, RateLimit(rpm=30)),)
     now = time.time()
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda _: quotas.take(store, found, 0, now)[1] is None, range(200)))
+        results = list(pool.map(lambda _: counters.take(store, found, 0, now)[1] is None, range(200)))
     assert sum(results) == 30
 
 

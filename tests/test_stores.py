@@ -38,6 +38,40 @@ def test_get_set_delete_and_ttl(store) -> None:
     assert store.get("short") is None
 
 
+def test_add_within_is_all_or_nothing(store) -> None:
+    store.incr("usd", 0.75)
+    assert store.add_within([("usd", 0.2, 1.0, None), ("tokens", 10, 100, 60.0)]) is None
+    assert float(store.get("usd")) == pytest.approx(0.95) and float(store.get("tokens")) == 10
+    refused = store.add_within([("tokens", 10, 100, 60.0), ("usd", 0.1, 1.0, None)])
+    assert refused is not None and refused[0] == 1 and refused[1] == pytest.approx(0.95)
+    assert float(store.get("tokens")) == 10  # nothing was added, not even the entry that fitted
+    assert store.add_within([]) is None
+
+
+def test_add_within_never_lets_concurrent_callers_pass_the_limit(store) -> None:
+    admitted = []
+
+    def work() -> None:
+        for _ in range(50):
+            if store.add_within([("spent", 1.0, 60.0, None)]) is None:
+                admitted.append(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(admitted) == 60 and float(store.get("spent")) == 60.0
+
+
+def test_add_many_adds_each_and_sets_the_ttl_of_new_keys(store) -> None:
+    store.incr("kept", 1.0)
+    store.add_many([("kept", 2.5, 0.05), ("fresh", -1.5, 0.05), ("kept", 1.0, None)])
+    assert float(store.get("kept")) == 4.5 and float(store.get("fresh")) == -1.5
+    time.sleep(0.12)
+    assert store.get("fresh") is None and float(store.get("kept")) == 4.5  # an existing key keeps its ttl
+
+
 def test_incr_is_atomic_across_threads(store) -> None:
     def work() -> None:
         for _ in range(100):

@@ -11,17 +11,20 @@ from .accounting import outcome
 from .catalog import Catalog, ModelInfo
 from .config import Config, load_config
 from .errors import (
+    BudgetExceeded,
     ConfigError,
+    EmptyStreamError,
+    LockTimeout,
     MessageError,
+    NoRouteError,
     OutcomeUnavailable,
     RouterMiddlewareError,
     SessionFormatError,
+    StoreError,
 )
 from .pipeline import Pipeline
 from .policies import Policy, PolicyState
 from .pricing import price
-from .routing.budgets import BudgetExceeded
-from .routing.policy import NoRouteError
 from .streaming import TrackedStream
 from .telemetry import Redactor, configure_logging, configure_telemetry
 from .types import AgentContext, Call, Cost, Decision, Outcome, Plan, Usage
@@ -36,6 +39,8 @@ __all__ = [
     "ConfigError",
     "Cost",
     "Decision",
+    "EmptyStreamError",
+    "LockTimeout",
     "MessageError",
     "ModelInfo",
     "NoRouteError",
@@ -48,6 +53,7 @@ __all__ = [
     "Redactor",
     "RouterMiddlewareError",
     "SessionFormatError",
+    "StoreError",
     "TrackedStream",
     "Usage",
     "configure_logging",

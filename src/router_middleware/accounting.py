@@ -9,14 +9,9 @@ from .errors import OutcomeUnavailable
 from .pricing import price
 from .types import Outcome, Plan, Usage, UsageSource
 from .usage import as_dict, normalize_usage, reported_cost
+from .wire import OUTCOME_KEY, answered_model_of, hidden, provider_of
 
-OUTCOME_KEY = "router_middleware_outcome"
 _REPORTS_COST = frozenset({"openrouter"})
-
-
-def _hidden(response: Any) -> dict[str, Any]:
-    hidden = getattr(response, "_hidden_params", None)
-    return hidden if isinstance(hidden, dict) else {}
 
 
 def _price_info(catalog: Catalog, answered: str, provider: str | None, planned: str | None) -> ModelInfo | None:
@@ -48,10 +43,9 @@ def build_outcome(
     The answering model is the one the provider named in its response (litellm keeps it as
     ``provider_response_model``; its own ``model`` field echoes the requested alias).
     """
-    hidden = _hidden(response)
-    provider = hidden.get("custom_llm_provider") or (catalog.provider(plan.model) if plan else None)
+    provider = provider_of(response) or (catalog.provider(plan.model) if plan else None)
     answered = str(
-        answered_model or hidden.get("provider_response_model") or getattr(response, "model", None)
+        answered_model or answered_model_of(response) or getattr(response, "model", None)
         or (plan.model if plan else "unknown")
     )
     raw_usage = getattr(response, "usage", None)
@@ -78,12 +72,6 @@ def build_outcome(
     )
 
 
-def attach(response: Any, outcome: Outcome) -> None:
-    hidden = getattr(response, "_hidden_params", None)
-    if isinstance(hidden, dict):
-        hidden[OUTCOME_KEY] = outcome
-
-
 def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outcome:
     """The :class:`Outcome` of a finished call.
 
@@ -98,7 +86,7 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
         if result is None:
             raise OutcomeUnavailable("the stream has not been consumed yet: iterate it to the end first")
         return result
-    stored = _hidden(response_or_stream).get(OUTCOME_KEY)
+    stored = hidden(response_or_stream).get(OUTCOME_KEY)
     if isinstance(stored, Outcome):
         return stored
     if getattr(response_or_stream, "usage", None) is None and not as_dict(response_or_stream).get("usage"):

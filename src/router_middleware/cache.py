@@ -20,6 +20,7 @@ from typing import Any
 from .stores import Store
 from .telemetry import log
 from .types import Plan
+from .wire import litellm, mark_cache_hit
 
 KEYED_PARAMS = (
     "tools", "tool_choice", "response_format", "temperature", "top_p", "top_k", "max_tokens",
@@ -129,10 +130,8 @@ class ResponseCache:
 
 def rebuild_response(data: dict[str, Any]) -> Any:
     """A ``ModelResponse`` equal in shape to the one that was stored, marked as a cache hit."""
-    import litellm
-
-    response = litellm.ModelResponse(**data)
-    response._hidden_params["cache_hit"] = True
+    response = litellm().ModelResponse(**data)
+    mark_cache_hit(response)
     return response
 
 

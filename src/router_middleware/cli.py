@@ -1,4 +1,5 @@
-"""The ``router-middleware`` command: ``replay`` recorded sessions, ``demo`` on bundled ones."""
+"""The ``router-middleware`` command: ``replay`` recorded sessions, ``report`` from a ledger,
+``route-eval`` the difficulty scorer on a labelled CSV, ``demo`` on the bundled sessions."""
 
 from __future__ import annotations
 

@@ -274,14 +274,6 @@ class TelemetryConfig(_Strict):
     openinference: bool = False
     redact: list[RedactionRule] = Field(default_factory=list)
 
-    def settings(self) -> Any:
-        from .telemetry import Redactor, TelemetrySettings
-
-        return TelemetrySettings(
-            enabled=self.enabled, capture_content=self.capture_content, openinference=self.openinference,
-            redactor=Redactor(tuple((r.pattern, r.replacement) for r in self.redact)),
-        )
-
 
 class Config(_Strict):
     """The whole configuration. ``Config()`` is a pass-through that still accounts and traces."""
@@ -296,21 +288,6 @@ class Config(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
-
-    def policies(self) -> tuple[Any, ...]:
-        """The policies this config asks for, in order."""
-        from .context import ContextPolicy
-        from .reasoning import ReasoningPolicy
-        from .routing.policy import RoutingPolicy
-
-        policies: list[Any] = []
-        if self.routing.aliases or self.routing.budgets:
-            policies.append(RoutingPolicy(self.routing))
-        if self.reasoning.enabled:
-            policies.append(ReasoningPolicy(self.reasoning))
-        if self.context.enabled:
-            policies.append(ContextPolicy(self.context.base(), self.context.resolved_overrides()))
-        return tuple(policies)
 
     def catalog_overrides(self) -> dict[str, dict[str, Any]]:
         return {name: o.as_catalog_fields() for name, o in self.models.items()}

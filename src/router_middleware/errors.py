@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class RouterMiddlewareError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -33,3 +35,36 @@ class SessionFormatError(RouterMiddlewareError, ValueError):
 
 class OutcomeUnavailable(RouterMiddlewareError, LookupError):
     """``outcome()`` was asked for a call that has not finished (e.g. a stream not yet consumed)."""
+
+
+class BudgetExceeded(RouterMiddlewareError):
+    """A call's estimated cost would take a hard budget past its limit (raised before any provider call)."""
+
+    def __init__(self, name: str, unit: str, spent: float, limit: float) -> None:
+        super().__init__(f"budget {name!r} exceeded: {spent:.6g} of {limit:.6g} {unit} spent")
+        self.name = name
+        self.unit = unit
+        self.spent = spent
+        self.limit = limit
+
+
+class NoRouteError(RouterMiddlewareError):
+    """No candidate of an alias can serve the request; ``rejections`` says why for each."""
+
+    def __init__(self, alias: str, rejections: Mapping[str, str]) -> None:
+        reasons = "; ".join(f"{model}: {why}" for model, why in rejections.items())
+        super().__init__(f"no model of {alias!r} can serve this request ({reasons})")
+        self.alias = alias
+        self.rejections = dict(rejections)
+
+
+class EmptyStreamError(RouterMiddlewareError):
+    """A provider's stream ended before its first chunk: retried like a connection error."""
+
+
+class StoreError(RouterMiddlewareError):
+    """A store could not be reached or answered nonsense. Callers degrade; they never fail a call."""
+
+
+class LockTimeout(StoreError):
+    """A store lock could not be acquired in time."""

@@ -156,7 +156,7 @@ class RouterLogger(CustomLogger):
             plan, trace = self._take(kwargs)
             latency = (end_time - start_time).total_seconds() if start_time and end_time else None
             result = build_outcome(response_obj, plan, self.pipeline.catalog, latency_s=latency)
-            self.pipeline._settle(result, None, trace)
+            self.pipeline.books.settle(result)
             trace.succeed(result, response_obj)
             self.recorded += 1
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
@@ -167,7 +167,7 @@ class RouterLogger(CustomLogger):
             plan, trace = self._take(kwargs)
             error = kwargs.get("exception") or RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
             trace.fail(error)
-            self.pipeline._record_failure(plan, error)
+            self.pipeline.books.record_failure(plan, error)
             self.recorded += 1
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])

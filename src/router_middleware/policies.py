@@ -113,12 +113,10 @@ class Profile:
 class Policy(Protocol):
     """``name`` labels the decisions the policy records."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def __call__(self, plan: Plan, state: PolicyState) -> Plan: ...
-
-
-PolicyFactory = Callable[[], Policy]
 
 
 def apply_policies(plan: Plan, policies: Sequence[Policy], state: PolicyState) -> Plan:

@@ -93,3 +93,36 @@ class TrackedStream:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
             self._end(complete=False)
+
+
+class Prefetched:
+    """A provider stream whose first chunk has already been read (so a call can fail over before it)."""
+
+    def __init__(self, first: Any, rest: Any) -> None:
+        self._first: list[Any] = [first]
+        self._rest = rest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rest, name)
+
+    def __next__(self) -> Any:
+        return self._first.pop() if self._first else next(self._rest)
+
+    async def __anext__(self) -> Any:
+        return self._first.pop() if self._first else await self._rest.__anext__()
+
+
+class Replay:
+    """Stored chunks served through the same iterator protocols as a live stream (a cache hit)."""
+
+    def __init__(self, chunks: list[Any]) -> None:
+        self._chunks = iter(chunks)
+
+    def __next__(self) -> Any:
+        return next(self._chunks)
+
+    async def __anext__(self) -> Any:
+        try:
+            return next(self._chunks)
+        except StopIteration:
+            raise StopAsyncIteration from None

@@ -162,7 +162,7 @@ class Window:
             if summary:
                 text = f"{SUMMARY_MARKER} {len(dropped)} earlier messages]\n{summary}"
                 return [{"role": "user", "content": text}], [], "a stored summary"
-            jobs = [SummaryJob(key, tuple(dropped))] if self.summarize else []
+            jobs = [SummaryJob(key, tuple(dropped))]
         else:
             jobs = []
 

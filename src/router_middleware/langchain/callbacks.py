@@ -98,7 +98,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
             run.trace.fail(exc)
             return
         run.trace.succeed(result)
-        self.pipeline._record(result)
+        self.pipeline.books.record(result)
         with self._lock:
             self.outcomes.append(result)
             del self.outcomes[:-1000]
@@ -108,7 +108,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
             run = self._runs.pop(run_id, None)
         if run is not None:
             run.trace.fail(error)
-            self.pipeline._record_failure(run.plan, error)
+            self.pipeline.books.record_failure(run.plan, error)
 
     @property
     def in_flight(self) -> Sequence[UUID]:

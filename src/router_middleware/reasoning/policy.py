@@ -50,8 +50,8 @@ class ReasoningPolicy:
         if rule is not None:
             level, budget = rule.effort, rule.budget_tokens
             reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
-        elif _requested_level(plan.params) is not None:
-            level = _requested_level(plan.params)
+        elif (requested := _requested_level(plan.params)) is not None:
+            level = requested
             reasons.append("caller's own setting")
         if level is None and budget is None:
             return self._strip_if_unsupported(plan, state)

@@ -1,4 +1,7 @@
-"""Routing: difficulty scoring and its evaluation (model aliases, fallbacks and budgets: not yet)."""
+"""Routing, pure: aliases and strategies (:mod:`.policy`), fallbacks and backoff (:mod:`.fallback`),
+budgets (:mod:`.budgets`), quotas and free tiers (:mod:`.quotas`), difficulty scoring and its
+evaluation. The store writes behind budgets, quotas and cooldowns live in
+:mod:`router_middleware.bookkeeping`."""
 
 from .difficulty import score_request, score_text
 from .evaluation import load_examples, metrics, route_eval

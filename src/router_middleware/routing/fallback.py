@@ -1,12 +1,9 @@
-"""Which failures move a call to its next attempt, how long to wait, and the circuit breaker.
+"""Which failures move a call to its next attempt, and how long to wait before it (pure).
 
 Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services, timeouts,
 connection errors, context-window errors (to a model with a larger window) and content-policy
-refusals. Anything else (bad request, authentication, not found) fails at once. A model that fails
-``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing policy reads the
-cooldowns); when the cooldown ends the next call is the probe, and a success clears its count (a
-process clears it after a success that follows a failure it saw itself, so a healthy model costs no
-store round trip).
+refusals. Anything else (bad request, authentication, not found) fails at once. Failure counts and
+cooldowns are kept by :mod:`router_middleware.bookkeeping.health`.
 """
 
 from __future__ import annotations
@@ -16,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CooldownConfig, FallbackConfig
-from ..stores import Store
-from ..telemetry import log
+from ..config import FallbackConfig
+from ..errors import EmptyStreamError
+from ..wire import retry_after
 from .quotas import is_free
 
 RETRYABLE = (
@@ -28,10 +25,6 @@ RETRYABLE = (
 )
 
 
-class EmptyStreamError(Exception):
-    """A stream ended before its first chunk: retried like a connection error."""
-
-
 def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
@@ -39,21 +32,6 @@ def error_kind(exc: BaseException) -> str:
 def retryable(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & set(RETRYABLE)) or getattr(exc, "status_code", 0) in (408, 409, 429, 500, 502, 503, 504)
-
-
-def retry_after(exc: BaseException) -> float | None:
-    sources = (getattr(exc, "litellm_response_headers", None), getattr(getattr(exc, "response", None), "headers", None))
-    for source in sources:
-        try:
-            value = source.get("retry-after") if source is not None else None
-        except Exception:  # noqa: BLE001
-            value = None
-        if value is not None:
-            try:
-                return max(0.0, float(value))
-            except (TypeError, ValueError):
-                return None
-    return None
 
 
 def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None, *,
@@ -110,40 +88,6 @@ class Attempts:
         return self.model
 
 
-def note_failure(store: Store, model: str, config: CooldownConfig, now: float) -> bool:
-    """Count a failure; ``True`` when it put the model into cooldown."""
-    try:
-        failures = store.incr(f"fail:{model}", 1, ttl_s=config.window_s)
-        if failures >= config.failures:
-            store.set(f"cooldown:{model}", repr(now + config.cooldown_s).encode(), ttl_s=config.cooldown_s)
-            store.delete(f"fail:{model}")
-            log.warning("model_cooling_down", model=model, seconds=config.cooldown_s)
-            return True
-    except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
-        log.warning("cooldown_store_failed", error_type=type(exc).__name__)
-    return False
-
-
-def note_success(store: Store, model: str) -> None:
-    try:
-        store.delete(f"fail:{model}")
-    except Exception as exc:  # noqa: BLE001
-        log.warning("cooldown_store_failed", error_type=type(exc).__name__)
-
-
-def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) -> None:
-    """Exponentially weighted average in the store: ``tps:<target>`` (output tokens/s, read by
-    ``:nitro``) and ``lat:<target>`` (seconds to the first token, read by the latency strategy)."""
-    try:
-        for _ in range(5):
-            current = store.get(key)
-            value = sample if current is None else alpha * sample + (1 - alpha) * float(current)
-            if store.compare_and_set(key, current, repr(value).encode()):
-                return
-    except Exception as exc:  # noqa: BLE001
-        log.warning("average_store_failed", key=key, error_type=type(exc).__name__)
-
-
 def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], str]) -> dict[str, int]:
     """Input window of each attempt target (a model id, or a deployment resolved by ``model_of``)."""
     windows = {}
@@ -151,3 +95,7 @@ def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], 
         info = catalog.resolve(model_of(target))
         windows[target] = (info.max_input_tokens or 0) if info else 0
     return windows
+
+
+__all__ = ["RETRYABLE", "Attempts", "EmptyStreamError", "backoff", "error_kind", "request_windows", "retry_after",
+           "retryable"]

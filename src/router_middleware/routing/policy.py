@@ -22,23 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RoutingConfig
-from ..errors import RouterMiddlewareError
+from ..errors import NoRouteError
 from ..policies import PolicyState
 from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
 from .budgets import over_soft_limit
 from .difficulty import score_request
 from .quotas import exhausted, free_variant, quotas_for
-
-
-class NoRouteError(RouterMiddlewareError):
-    """No candidate of an alias can serve the request; ``rejections`` says why for each."""
-
-    def __init__(self, alias: str, rejections: Mapping[str, str]) -> None:
-        reasons = "; ".join(f"{model}: {why}" for model, why in rejections.items())
-        super().__init__(f"no model of {alias!r} can serve this request ({reasons})")
-        self.alias = alias
-        self.rejections = dict(rejections)
 
 
 def _uses_images(plan: Plan) -> bool:
@@ -190,3 +180,6 @@ class RoutingPolicy:
                 remaining.remove(pick)
             return order
         return list(models)
+
+
+__all__ = ["NoRouteError", "RoutingPolicy"]

@@ -3,9 +3,9 @@
 A *bucket* is one quota: ``openrouter:free`` (shared by every ``:free`` model of the account, as
 OpenRouter counts it: 20 requests a minute, 50 or 1,000 a UTC day depending on credits bought) or a
 target named under ``routing.limits`` (RPM, RPD, TPM, TPD). Usage is counted in the store in fixed
-windows (the minute, the UTC day), taken atomically before each attempt (:func:`take`) and corrected
-after it: tokens are settled to the reported total, and the provider's own rate-limit headers
-(``x-ratelimit-remaining-*`` with their reset, ``anthropic-ratelimit-*``, OpenRouter's
+windows (the minute, the UTC day), taken before each attempt and corrected after it
+(:mod:`router_middleware.bookkeeping.quotas`): tokens are settled to the reported total, and the
+provider's own rate-limit headers (``x-ratelimit-remaining-*`` with their reset, ``anthropic-ratelimit-*``, OpenRouter's
 ``x-ratelimit-remaining``/``-reset``, ``retry-after`` on a 429) set a *provider view*, the requests
 and tokens the provider says are left until its reset, counted down locally until then.
 The routing policy reads the same keys (:func:`exhausted`) to skip a bucket that is used up, so the
@@ -21,8 +21,6 @@ from datetime import datetime
 from typing import Any
 
 from ..config import RateLimit, RoutingConfig
-from ..stores import Store
-from ..telemetry import log
 
 FREE_BUCKET = "openrouter:free"
 _SPANS = {"rpm": 60.0, "rpd": 86_400.0, "tpm": 60.0, "tpd": 86_400.0}
@@ -56,21 +54,26 @@ def quotas_for(target: str, model: str, config: RoutingConfig) -> tuple[Quota, .
     return tuple(found)
 
 
-def _window(bucket: str, kind: str, now: float) -> tuple[str, float]:
+def window(bucket: str, kind: str, now: float) -> tuple[str, float]:
     span = _SPANS[kind]
     return f"{bucket}:{kind}:{int(now // span)}", span - now % span + 1.0
 
 
-def _needs(kind: str, tokens: int) -> float:
+def needs(kind: str, tokens: int) -> float:
     return 1.0 if kind.startswith("r") else float(tokens)
 
 
-def _no_provider_quota(bucket: str, unit: str) -> str:
+def no_provider_quota(bucket: str, unit: str) -> str:
     return f"{bucket}: the provider reports no {unit} left until its reset"
 
 
-def _over_limit(bucket: str, kind: str, limit: int, used: float) -> str:
+def over_limit(bucket: str, kind: str, limit: int, used: float) -> str:
     return f"{bucket}: {kind} limit {limit:,} reached ({used:,.0f} used {_WINDOW_NAMES[kind]})"
+
+
+def is_tokens(key: str) -> bool:
+    """Whether a quota counter key counts tokens (else requests)."""
+    return key.endswith(":tokens") or ":tpm:" in key or ":tpd:" in key
 
 
 def exhausted(quotas: tuple[Quota, ...], used: Mapping[str, float], now: float, tokens: int) -> str | None:
@@ -79,70 +82,13 @@ def exhausted(quotas: tuple[Quota, ...], used: Mapping[str, float], now: float, 
         for unit in ("requests", "tokens"):
             left = used.get(f"{quota.bucket}:left:{unit}")
             if left is not None and left < (1 if unit == "requests" else tokens):
-                return _no_provider_quota(quota.bucket, unit)
+                return no_provider_quota(quota.bucket, unit)
         for kind, limit in quota.limit.items():
-            key, _ = _window(quota.bucket, kind, now)
+            key, _ = window(quota.bucket, kind, now)
             count = used.get(key, 0.0)
-            if count + _needs(kind, tokens) > limit:
-                return _over_limit(quota.bucket, kind, limit, count)
+            if count + needs(kind, tokens) > limit:
+                return over_limit(quota.bucket, kind, limit, count)
     return None
-
-
-@dataclass
-class Taken:
-    """What :func:`take` counted, to settle (tokens) or give back (on a failed attempt)."""
-
-    keys: list[tuple[str, float, float | None]]
-    tokens: int
-
-
-def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[Taken, str | None]:
-    """Count one request of ``tokens`` against every bucket, atomically per counter. If any limit
-    would be passed, everything taken is given back and the reason returned."""
-    taken = Taken([], tokens)
-    for quota in quotas:
-        for unit, amount in (("requests", 1.0), ("tokens", float(tokens))):
-            key = f"quota:{quota.bucket}:left:{unit}"
-            if store.get(key) is None:
-                continue
-            # ttl only applies if the provider view expired in between (then it lapses at once)
-            left = store.incr(key, -amount, ttl_s=1.0)
-            taken.keys.append((key, -amount, None))
-            if left < 0:
-                give_back(store, taken)
-                return Taken([], tokens), _no_provider_quota(quota.bucket, unit)
-        for kind, limit in quota.limit.items():
-            key, ttl = _window(quota.bucket, kind, now)
-            amount = _needs(kind, tokens)
-            total = store.incr(f"quota:{key}", amount, ttl)
-            taken.keys.append((f"quota:{key}", amount, ttl))
-            if total > limit:
-                give_back(store, taken)
-                return Taken([], tokens), _over_limit(quota.bucket, kind, limit, total - amount)
-    return taken, None
-
-
-def give_back(store: Store, taken: Taken, *, requests: bool = True) -> None:
-    """Return what was taken: everything, or only the tokens (``requests=False``: the request was made)."""
-    for key, amount, ttl in taken.keys:
-        if requests or _is_tokens(key):
-            store.incr(key, -amount, ttl)
-    taken.keys = []
-
-
-def settle(store: Store, taken: Taken, actual_tokens: int | None) -> None:
-    """Replace the estimated tokens by the reported total (unknown: keep the estimate)."""
-    if actual_tokens is None:
-        return
-    delta = float(actual_tokens - taken.tokens)
-    for key, amount, ttl in taken.keys:
-        if _is_tokens(key) and delta:
-            store.incr(key, delta if amount > 0 else -delta, ttl)
-    taken.keys = []
-
-
-def _is_tokens(key: str) -> bool:
-    return key.endswith(":tokens") or ":tpm:" in key or ":tpd:" in key
 
 
 # -- the provider's view, from its response headers ------------------------------------------------
@@ -193,37 +139,10 @@ def provider_view(headers: Mapping[str, Any], now: float) -> dict[str, tuple[flo
     return view
 
 
-def observe(store: Store, quotas: tuple[Quota, ...], headers: Mapping[str, Any] | None, now: float) -> None:
-    """Record the provider's view for the call's buckets. Never raises: a store problem is logged."""
-    if not quotas or not headers:
-        return
-    try:
-        for unit, (left, reset) in provider_view(headers, now).items():
-            for quota in quotas:
-                store.set(f"quota:{quota.bucket}:left:{unit}", repr(left).encode(), ttl_s=max(reset - now, 0.001))
-    except Exception as exc:  # noqa: BLE001
-        log.warning("quota_store_failed", error_type=type(exc).__name__)
-
-
-def response_headers(response: Any) -> Mapping[str, Any] | None:
-    """Rate-limit headers of a litellm response, stream chunk or exception."""
-    hidden = getattr(response, "_hidden_params", None)
-    if isinstance(hidden, dict) and isinstance(hidden.get("additional_headers"), Mapping):
-        return hidden["additional_headers"]  # type: ignore[no-any-return]
-    for source in (getattr(response, "litellm_response_headers", None),
-                   getattr(getattr(response, "response", None), "headers", None)):
-        if source is not None:
-            try:
-                return dict(source.items())
-            except Exception:  # noqa: BLE001
-                continue
-    return None
-
-
 def estimate_needed(quotas: tuple[Quota, ...]) -> bool:
     """Whether the call's token estimate matters (a token limit applies)."""
     return any(quota.limit.tpm or quota.limit.tpd for quota in quotas)
 
 
-__all__ = ["FREE_BUCKET", "Quota", "Taken", "exhausted", "free_variant", "give_back", "is_free", "observe",
-           "provider_view", "quotas_for", "response_headers", "settle", "take"]
+__all__ = ["FREE_BUCKET", "Quota", "estimate_needed", "exhausted", "free_variant", "is_free", "is_tokens", "needs",
+           "no_provider_quota", "over_limit", "provider_view", "quotas_for", "window"]

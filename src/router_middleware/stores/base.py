@@ -6,19 +6,18 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
-from ..errors import RouterMiddlewareError
+from ..errors import LockTimeout, StoreError
 
+__all__ = ["Addition", "LockTimeout", "Refusal", "Store", "StoreError", "Within", "acquire", "poll", "token_lock"]
 
-class StoreError(RouterMiddlewareError):
-    """A store could not be reached or answered nonsense. Callers degrade; they never fail a call."""
-
-
-class LockTimeout(StoreError):
-    """A lock could not be acquired in time."""
+Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
+Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
+Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
+TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
 
 
 @runtime_checkable
@@ -36,6 +35,15 @@ class Store(Protocol):
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         """Set ``value`` only if the current value equals ``expected`` (``None``: the key is absent)."""
+        ...
+
+    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+        """Add every ``(key, amount, limit, ttl_s)`` at once, atomically, if each key's new total stays
+        within its limit; otherwise add nothing. ``None`` when added, else the first refusal."""
+        ...
+
+    def add_many(self, entries: Sequence[Addition]) -> None:
+        """Add each ``(key, amount, ttl_s)`` (each atomic; one round trip where the backend allows)."""
         ...
 
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:

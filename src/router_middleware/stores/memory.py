@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import token_lock
+from .base import TOLERANCE, Addition, Refusal, Within, token_lock
 
 
 class MemoryStore:
@@ -47,15 +48,31 @@ class MemoryStore:
 
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         with self._mutex:
-            current = self._live(key)
-            if current is None:
-                value = amount
-                self._put(key, repr(value).encode(), ttl_s)
-            else:
-                value = float(current) + amount
-                expires = self._data[key][1]
-                self._data[key] = (repr(value).encode(), expires)
-            return value
+            return self._add(key, amount, ttl_s)
+
+    def _add(self, key: str, amount: float, ttl_s: float | None) -> float:
+        current = self._live(key)
+        if current is None:
+            self._put(key, repr(amount).encode(), ttl_s)
+            return amount
+        value = float(current) + amount
+        self._data[key] = (repr(value).encode(), self._data[key][1])
+        return value
+
+    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+        with self._mutex:
+            for index, (key, amount, limit, _) in enumerate(entries):
+                total = float(self._live(key) or 0.0)
+                if total + amount > limit + TOLERANCE:
+                    return index, total
+            for key, amount, _, ttl_s in entries:
+                self._add(key, amount, ttl_s)
+            return None
+
+    def add_many(self, entries: Sequence[Addition]) -> None:
+        with self._mutex:
+            for key, amount, ttl_s in entries:
+                self._add(key, amount, ttl_s)
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._mutex:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .base import acquire
+from .base import Addition, Refusal, Within, acquire
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -21,6 +21,18 @@ if (ARGV[1] == '' and current == false) or (ARGV[1] ~= '' and current == ARGV[2]
   return 1
 end
 return 0
+"""
+# All or nothing: check every key's total + amount against its limit, then add them all.
+_WITHIN = """
+for i = 1, #KEYS do
+  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if total + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) + 1e-9 then return {i, tostring(total)} end
+end
+for i = 1, #KEYS do
+  redis.call('INCRBYFLOAT', KEYS[i], ARGV[3 * i - 2])
+  if ARGV[3 * i] ~= '' and redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i]) end
+end
+return {0, ''}
 """
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -43,6 +55,7 @@ class RedisStore:
         self._incr = self.client.register_script(_INCR)
         self._cas = self.client.register_script(_CAS)
         self._release = self.client.register_script(_RELEASE)
+        self._within = self.client.register_script(_WITHIN)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -59,6 +72,25 @@ class RedisStore:
 
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
+
+    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+        if not entries:
+            return None
+        args: list[str] = []
+        for _, amount, limit, ttl_s in entries:
+            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
+        index, total = self._within(keys=[self._k(e[0]) for e in entries], args=args)
+        return None if int(index) == 0 else (int(index) - 1, float(total))
+
+    def add_many(self, entries: Sequence[Addition]) -> None:
+        if not entries:
+            return
+        pipe = self.client.pipeline(transaction=False)  # native commands: no script check per batch
+        for key, amount, ttl_s in entries:
+            if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
+                pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
+            pipe.incrbyfloat(self._k(key), float(amount))
+        pipe.execute()
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         flag = "" if expected is None else "1"

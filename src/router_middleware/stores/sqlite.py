@@ -6,11 +6,11 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from .base import StoreError, token_lock
+from .base import TOLERANCE, Addition, Refusal, StoreError, Within, token_lock
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 
@@ -76,14 +76,33 @@ class SQLiteStore:
 
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         with self._tx() as db:
-            current = self._current(db, key)
-            if current is None:
-                value, expires = amount, self._expiry(ttl_s)
-            else:
-                value, expires = float(current[0]) + amount, current[1]
-            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
-                       (key, repr(value).encode(), expires))
-            return value
+            return self._add(db, key, amount, ttl_s)
+
+    def _add(self, db: sqlite3.Connection, key: str, amount: float, ttl_s: float | None) -> float:
+        current = self._current(db, key)
+        if current is None:
+            value, expires = amount, self._expiry(ttl_s)
+        else:
+            value, expires = float(current[0]) + amount, current[1]
+        db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                   (key, repr(value).encode(), expires))
+        return value
+
+    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+        with self._tx() as db:
+            for index, (key, amount, limit, _) in enumerate(entries):
+                current = self._current(db, key)
+                total = float(current[0]) if current else 0.0
+                if total + amount > limit + TOLERANCE:
+                    return index, total
+            for key, amount, _, ttl_s in entries:
+                self._add(db, key, amount, ttl_s)
+            return None
+
+    def add_many(self, entries: Sequence[Addition]) -> None:
+        with self._tx() as db:
+            for key, amount, ttl_s in entries:
+                self._add(db, key, amount, ttl_s)
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._tx() as db:

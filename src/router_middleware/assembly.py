@@ -1,0 +1,111 @@
+"""Wiring: build the policy chain, stores, response cache, ledger and telemetry from a ``Config``.
+
+The one module that knows every component; none of them imports it (as structlog's ``_config.py``).
+Everything here runs once per engine, never per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .bookkeeping import Bookkeeper, keys
+from .cache import ResponseCache
+from .catalog import Catalog
+from .config import Config, TelemetryConfig
+from .ledger import LedgerWriter
+from .policies import Policy, PolicyState
+from .stores import Store, StoreView, open_store
+from .stores.memory import MemoryStore
+from .telemetry import Redactor, TelemetrySettings
+
+
+@dataclass(frozen=True)
+class Parts:
+    """An engine's components, built once from its config."""
+
+    config: Config
+    catalog: Catalog
+    policies: tuple[Policy, ...]
+    store: Store
+    state: PolicyState
+    telemetry: TelemetrySettings
+    ledger: LedgerWriter | None
+    cache: ResponseCache | None
+    books: Bookkeeper
+
+
+def build_policies(config: Config) -> tuple[Policy, ...]:
+    """The policies ``config`` asks for, in order: routing, reasoning, context."""
+    from .context import ContextPolicy
+    from .reasoning import ReasoningPolicy
+    from .routing.policy import RoutingPolicy
+
+    policies: list[Policy] = []
+    if config.routing.aliases or config.routing.budgets:
+        policies.append(RoutingPolicy(config.routing))
+    if config.reasoning.enabled:
+        policies.append(ReasoningPolicy(config.reasoning))
+    if config.context.enabled:
+        policies.append(ContextPolicy(config.context.base(), config.context.resolved_overrides()))
+    return tuple(policies)
+
+
+def telemetry_settings(config: TelemetryConfig) -> TelemetrySettings:
+    return TelemetrySettings(enabled=config.enabled, capture_content=config.capture_content,
+                             openinference=config.openinference,
+                             redactor=Redactor(tuple((r.pattern, r.replacement) for r in config.redact)))
+
+
+def policy_state(store: Store, catalog: Catalog) -> PolicyState:
+    """What the policies read, as views of the store. Over the network, values that may lag by a
+    second (cooldowns, speed averages, budget totals) are read at most once a second."""
+    lag = 0.0 if isinstance(store, MemoryStore) else 1.0
+    return PolicyState(
+        catalog=catalog,
+        summaries=StoreView(store, keys.SUMMARY, bytes.decode),
+        reasoning_spent=StoreView(store, keys.REASONING, lambda raw: int(float(raw))),
+        cooldowns=StoreView(store, keys.COOLDOWN, float, fresh_s=lag),
+        throughput=StoreView(store, keys.THROUGHPUT, float, fresh_s=lag),
+        latency=StoreView(store, keys.LATENCY, float, fresh_s=lag),
+        budget_spent=StoreView(store, keys.BUDGET, float, fresh_s=lag),
+        quotas=StoreView(store, keys.QUOTA, float),
+    )
+
+
+def response_cache(config: Config, store: Store) -> ResponseCache | None:
+    settings = config.cache
+    if not settings.enabled:
+        return None
+    store = open_store(settings.store) if settings.store else store
+    return ResponseCache(store, ttl_s=settings.ttl_s, max_entries=settings.max_entries, policy=settings.policy,
+                         semantic=_semantic_index(config, store))
+
+
+def _semantic_index(config: Config, store: Store) -> Any:
+    settings = config.cache.semantic
+    if not settings.enabled:
+        return None
+    from .semantic import SemanticIndex, litellm_embedder, local_embedder
+
+    embed = (litellm_embedder(settings.embedder.split(":", 1)[1]) if settings.embedder.startswith("litellm:")
+             else local_embedder)
+    return SemanticIndex(store, embed, threshold=settings.threshold, max_per_scope=settings.max_per_scope,
+                         ttl_s=config.cache.ttl_s, number_guard=settings.number_guard)
+
+
+def assemble(config: Config | None, policies: Sequence[Policy] | None = None) -> Parts:
+    """``config=None`` is the pass-through: no policies and no response cache, still accounted."""
+    configured = config is not None
+    config = config or Config()
+    catalog = Catalog(config.catalog_overrides())
+    store = open_store(config.store)
+    ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
+    chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
+    return Parts(
+        config=config, catalog=catalog, policies=chain, store=store, state=policy_state(store, catalog),
+        telemetry=telemetry_settings(config.telemetry), ledger=ledger,
+        cache=response_cache(config, store) if configured else None,
+        books=Bookkeeper(store, config.routing, catalog, ledger),
+    )

@@ -1,0 +1,194 @@
+"""The bookkeeper: every write to shared state goes through here.
+
+A call's budget claims are reserved together with its first attempt's quotas in one atomic step
+(later attempts take their quotas alone); after the call its budget, quota tokens and reasoning
+spend settle in one batch of increments (one round trip on Redis), or are released or given back.
+Failures and successes are counted for the circuit breaker, speed averages updated, summaries kept,
+and a ledger row queued per call. Only :meth:`Bookkeeper.admit` may fail a call (``BudgetExceeded``,
+or a store error while budgets are claimed); every other write that fails is logged and the call
+goes on: the middleware never makes an answered call fail.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..catalog import Catalog
+from ..config import RoutingConfig
+from ..ledger import LedgerWriter, from_outcome
+from ..routing.quotas import Quota
+from ..stores import Store
+from ..stores.base import Addition
+from ..telemetry import log
+from ..types import AgentContext, Cost, Outcome, Plan, Usage
+from ..wire import response_headers
+from . import budgets, health, quotas
+from .budgets import Claim, Reservation
+from .keys import LATENCY, REASONING, SUMMARY, THROUGHPUT
+from .quotas import Taken
+
+
+@dataclass
+class Held:
+    """What one call holds in the store until it ends: its budget reservation and the current
+    attempt's quota."""
+
+    reservation: Reservation | None = None
+    quota: tuple[Taken, tuple[Quota, ...]] | None = None
+
+
+class Bookkeeper:
+    def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
+                 ledger: LedgerWriter | None = None) -> None:
+        self.store = store
+        self.routing = routing
+        self.catalog = catalog
+        self.ledger = ledger
+        self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
+
+    # -- before an attempt -----------------------------------------------------------------------
+
+    def claims(self, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
+        """The budget claims of a call estimated at ``usd`` and ``tokens`` (none without budgets)."""
+        if not self.routing.budgets:
+            return []
+        return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time())
+
+    def admit(self, held: Held, found: tuple[Quota, ...], tokens: int, claims: list[Claim]) -> str | None:
+        """Take an attempt's quotas and the call's budget ``claims`` (on its first admission) in one
+        atomic step, into ``held``. Returns why the attempt's target cannot be taken now, or ``None``.
+        Raises ``BudgetExceeded`` naming the budget; a store failure raises when budgets are claimed,
+        else it admits the attempt (logged)."""
+        if not found and not claims:
+            return None
+        try:
+            left, why = quotas.take_provider_view(self.store, found, tokens) if found else ([], None)
+            if why is not None:
+                return why
+            windows = quotas.window_claims(found, tokens, time.time())
+            refusal = self.store.add_within([c.within for c in claims] + [w.within for w in windows])
+        except Exception as exc:
+            if claims:
+                raise
+            log.warning("quota_store_failed", error_type=type(exc).__name__)
+            return None
+        if refusal is not None:
+            self._add("quota_store_failed", quotas.give_back(Taken(left, tokens)))
+            index, total = refusal
+            if index < len(claims):
+                raise budgets.refused(claims[index], total)
+            return quotas.refused(windows[index - len(claims)], total)
+        if claims:
+            held.reservation = Reservation(claims)
+        if found:
+            taken = [*left, *((w.within[0], w.within[1], w.within[3]) for w in windows)]
+            held.quota = (Taken(taken, tokens), found)
+        return None
+
+    # -- after an attempt or a call --------------------------------------------------------------
+
+    def attempt_failed(self, held: Held, target: str, error: BaseException) -> None:
+        """Give back the attempt's quota tokens and count the failure toward ``target``'s cooldown."""
+        if held.quota is not None:
+            taken, found = held.quota
+            held.quota = None
+            self._add("quota_store_failed", quotas.give_back(taken, requests=False))
+            self._observe(found, error)
+        self._failed[target] = time.time()
+        try:
+            if health.note_failure(self.store, target, self.routing.cooldown, time.time()):
+                log.warning("model_cooling_down", model=target, seconds=self.routing.cooldown.cooldown_s)
+        except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
+            log.warning("cooldown_store_failed", error_type=type(exc).__name__)
+
+    def release(self, held: Held) -> None:
+        """The call made no billable attempt (or failed for good): give its reservation back."""
+        reservation, held.reservation = held.reservation, None
+        if reservation is not None:
+            self._add("budget_store_failed", budgets.release(reservation))
+
+    def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
+               complete: bool = True) -> None:
+        """Account a finished call: budgets and quotas to the actual usage and the session's reasoning
+        spend (one store round trip), the provider's rate-limit headers in ``answer``, target health
+        and speed, and its ledger row. ``complete=False`` (a stream cut short) settles the budget and
+        quota only. Never raises."""
+        usage = outcome.usage
+        additions: list[Addition] = []
+        found: tuple[Quota, ...] = ()
+        if held is not None:
+            reservation, held.reservation = held.reservation, None
+            if reservation is not None:
+                additions += budgets.settlement(reservation, usd=outcome.cost.total_usd, tokens=usage.total_tokens)
+            if held.quota is not None:
+                taken, found = held.quota
+                held.quota = None
+                additions += quotas.settlement(taken, usage.total_tokens)
+        plan = outcome.plan
+        session = plan.call.context.session_id if plan else None
+        if complete and session and usage.reasoning_tokens:
+            additions.append((REASONING + session, float(usage.reasoning_tokens), None))
+        self._add("store_write_failed", additions)
+        self._observe(found, answer)
+        if not complete:
+            return
+        if plan is not None and self.routing.aliases:
+            self._answered(plan.deployment or plan.model, outcome)
+        self.record(outcome)
+
+    def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
+        if found:
+            self._guard("quota_store_failed", quotas.observe, self.store, found, response_headers(answer), time.time())
+
+    def _add(self, event: str, additions: list[Addition]) -> None:
+        if additions:
+            self._guard(event, self.store.add_many, additions)
+
+    def _answered(self, target: str, outcome: Outcome) -> None:
+        """A success closes ``target``'s circuit (only after a failure this process saw: no round trip
+        while all is well) and feeds the speed averages with provider-reported usage."""
+        if self._failed.pop(target, None) is not None:
+            self._guard("cooldown_store_failed", health.note_success, self.store, target)
+        if outcome.usage.source != "provider":
+            return
+        if outcome.latency_s and outcome.usage.output_tokens:
+            self._guard("average_store_failed", health.update_average, self.store, THROUGHPUT + target,
+                        outcome.usage.output_tokens / outcome.latency_s)
+        first = outcome.time_to_first_token_s or outcome.latency_s
+        if first:
+            self._guard("average_store_failed", health.update_average, self.store, LATENCY + target, first)
+
+    def keep_summary(self, key: str, text: str) -> None:
+        self._guard("store_write_failed", self.store.set, SUMMARY + key, text.encode())
+
+    # -- the ledger ------------------------------------------------------------------------------
+
+    def record(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
+        """Queue the call's ledger row (written on a background thread)."""
+        if self.ledger is None:
+            return
+        saved = outcome.plan.estimated_savings_usd if outcome.plan else 0.0
+        hit = outcome.usage.source == "cache"
+        row = from_outcome(outcome, saved_context=0.0 if hit else saved, saved_cache=saved if hit else 0.0)
+        if error is not None:
+            row = replace(row, error=type(error).__qualname__)
+        self.ledger.append(row)
+
+    def record_failure(self, plan: Plan, error: BaseException) -> None:
+        """The ledger row of a call that failed for good (no usage, cost unknown)."""
+        if self.ledger is not None:
+            failed = Outcome(model=plan.model, provider=self.catalog.provider(plan.model), usage=Usage(source="none"),
+                             cost=Cost.unknown(), plan=plan)
+            self.record(failed, error=error)
+
+    @staticmethod
+    def _guard(event: str, write: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            write(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+            log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
+
+
+__all__ = ["Bookkeeper", "Claim", "Held", "Reservation", "Taken"]

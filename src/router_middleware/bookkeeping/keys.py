@@ -1,0 +1,16 @@
+"""Every key prefix the package writes in a store, in one table (the policies read the same keys
+through :class:`~router_middleware.stores.StoreView`)."""
+
+from __future__ import annotations
+
+SUMMARY = "summary:"  # span hash -> summary text written by a summary call
+REASONING = "reasoning:"  # session id -> reasoning tokens spent
+COOLDOWN = "cooldown:"  # target -> cooled down until (epoch s)
+FAILURES = "fail:"  # target -> failures in the current window
+THROUGHPUT = "tps:"  # target -> output tokens/s (EWMA)
+LATENCY = "lat:"  # target -> seconds to the first token (EWMA)
+BUDGET = "budget:"  # budget key (routing.budgets.budget_key) -> reserved + spent
+QUOTA = "quota:"  # quota counter (routing.quotas) -> requests or tokens taken, or left (provider view)
+LOCK = "lock:"  # lock name -> holder's token
+
+__all__ = ["BUDGET", "COOLDOWN", "FAILURES", "LATENCY", "LOCK", "QUOTA", "REASONING", "SUMMARY", "THROUGHPUT"]

@@ -1,0 +1,101 @@
+"""Quota counters in the store: what an attempt takes (a request and its token estimate), what
+settles the tokens to the reported total, what a failed attempt gives back, and the provider's own
+view recorded from its rate-limit headers. What the limits are and when a bucket is used up is
+decided in :mod:`router_middleware.routing.quotas` (pure)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..routing.quotas import Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
+from ..stores import Store
+from ..stores.base import Addition, Within
+from .keys import QUOTA
+
+
+@dataclass
+class Taken:
+    """What an attempt counted, to settle (tokens) or give back (on a failed attempt)."""
+
+    keys: list[Addition]
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WindowClaim:
+    """One fixed-window counter (requests or tokens a minute or a UTC day) an attempt takes from."""
+
+    within: Within
+    bucket: str
+    kind: str
+    limit: int
+
+
+def window_claims(quotas: tuple[Quota, ...], tokens: int, now: float) -> list[WindowClaim]:
+    found = []
+    for quota in quotas:
+        for kind, limit in quota.limit.items():
+            key, ttl = window(quota.bucket, kind, now)
+            found.append(WindowClaim((QUOTA + key, needs(kind, tokens), float(limit), ttl), quota.bucket, kind, limit))
+    return found
+
+
+def refused(claim: WindowClaim, total: float) -> str:
+    return over_limit(claim.bucket, claim.kind, claim.limit, total)
+
+
+def take_provider_view(store: Store, quotas: tuple[Quota, ...], tokens: int) -> tuple[list[Addition], str | None]:
+    """Count the attempt down from what the provider said is left (only where its headers were seen)."""
+    taken: list[Addition] = []
+    for quota in quotas:
+        for unit, amount in (("requests", 1.0), ("tokens", float(tokens))):
+            key = f"{QUOTA}{quota.bucket}:left:{unit}"
+            if store.get(key) is None:
+                continue
+            # ttl only applies if the provider view expired in between (then it lapses at once)
+            left = store.incr(key, -amount, ttl_s=1.0)
+            taken.append((key, -amount, None))
+            if left < 0:
+                store.add_many(give_back(Taken(taken, tokens)))
+                return [], no_provider_quota(quota.bucket, unit)
+    return taken, None
+
+
+def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[Taken, str | None]:
+    """Take one request of ``tokens`` from every bucket at once; if any limit would be passed,
+    nothing is taken and the reason is returned."""
+    left, why = take_provider_view(store, quotas, tokens)
+    if why is not None:
+        return Taken([], tokens), why
+    claims = window_claims(quotas, tokens, now)
+    refusal = store.add_within([c.within for c in claims])
+    if refusal is not None:
+        store.add_many(give_back(Taken(left, tokens)))
+        return Taken([], tokens), refused(claims[refusal[0]], refusal[1])
+    return Taken([*left, *((c.within[0], c.within[1], c.within[3]) for c in claims)], tokens), None
+
+
+def give_back(taken: Taken, *, requests: bool = True) -> list[Addition]:
+    """What returns everything taken, or only the tokens (``requests=False``: the request was made)."""
+    return [(key, -amount, ttl) for key, amount, ttl in taken.keys if requests or is_tokens(key)]
+
+
+def settlement(taken: Taken, actual_tokens: int | None) -> list[Addition]:
+    """What replaces the estimated tokens by the reported total (unknown: keep the estimate)."""
+    if actual_tokens is None:
+        return []
+    delta = float(actual_tokens - taken.tokens)
+    if not delta:
+        return []
+    return [(key, delta if amount > 0 else -delta, ttl) for key, amount, ttl in taken.keys if is_tokens(key)]
+
+
+def observe(store: Store, quotas: tuple[Quota, ...], headers: Mapping[str, Any] | None, now: float) -> None:
+    """Record the provider's view (requests and tokens left until its reset) for the call's buckets."""
+    if not quotas or not headers:
+        return
+    for unit, (left, reset) in provider_view(headers, now).items():
+        for quota in quotas:
+            store.set(f"{QUOTA}{quota.bucket}:left:{unit}", repr(left).encode(), ttl_s=max(reset - now, 0.001))

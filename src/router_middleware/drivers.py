@@ -1,0 +1,67 @@
+"""Thin drivers of a call's lifecycle (:mod:`.lifecycle`): they do the I/O it asks for, sync or async.
+
+``send`` performs an :class:`~.lifecycle.Attempt` (call the provider, or an agent framework's model
+handler) and returns its answer; a summary goes to litellm; a wait sleeps. Whatever ``send`` raises
+is thrown into the lifecycle, which answers with the next effect or raises it to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import wire
+from .lifecycle import Attempt, Effect, Flow, Summarize, Wait
+
+_sleep = time.sleep  # module names, so a test can record the waits
+_asleep = asyncio.sleep
+
+
+def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
+    done, value = _advance(flow, None, None)
+    while not done:
+        try:
+            reply, error = _perform(value, send), None
+        except Exception as exc:  # noqa: BLE001 - handed to the lifecycle, which decides
+            reply, error = None, exc
+        done, value = _advance(flow, reply, error)
+    return value
+
+
+async def adrive(flow: Flow, send: Callable[[Attempt], Awaitable[Any]]) -> Any:
+    done, value = _advance(flow, None, None)
+    while not done:
+        try:
+            reply, error = await _aperform(value, send), None
+        except Exception as exc:  # noqa: BLE001
+            reply, error = None, exc
+        done, value = _advance(flow, reply, error)
+    return value
+
+
+def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any]:
+    """Hand the lifecycle what came of its last effect: ``(False, next effect)`` or ``(True, result)``."""
+    try:
+        return False, (flow.throw(error) if error is not None else flow.send(reply))
+    except StopIteration as stop:
+        return True, stop.value
+
+
+def _perform(effect: Effect, send: Callable[[Attempt], Any]) -> Any:
+    if isinstance(effect, Wait):
+        _sleep(effect.seconds)
+        return None
+    if isinstance(effect, Summarize):
+        return wire.litellm().completion(**effect.request)
+    return send(effect)
+
+
+async def _aperform(effect: Effect, send: Callable[[Attempt], Awaitable[Any]]) -> Any:
+    if isinstance(effect, Wait):
+        await _asleep(effect.seconds)
+        return None
+    if isinstance(effect, Summarize):
+        return await wire.litellm().acompletion(**effect.request)
+    return await send(effect)

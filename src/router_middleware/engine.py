@@ -1,0 +1,123 @@
+"""The engine: the components built from a config, and every decision about a call that is not
+part of one call's lifecycle (as httpx's base client): how a call is made from user input, how it
+is planned and re-planned for a fallback, and how a plan becomes litellm's keyword arguments."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from .assembly import assemble
+from .config import Config
+from .context.summarize import summary_request
+from .lifecycle import CallLifecycle, Reader
+from .messages import validate_messages
+from .policies import Policy, PolicyState, apply_policies
+from .pricing import price
+from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
+
+# Providers that send a final usage chunk only when asked with stream_options.include_usage.
+_USAGE_CHUNK_PROVIDERS = frozenset({
+    "openai", "azure", "deepseek", "openrouter", "text-completion-openai", "anthropic", "gemini", "vertex_ai",
+})
+
+
+class Engine:
+    """Holds the components (``config``, ``catalog``, ``policies``, ``store``, ``state``,
+    ``telemetry``, ``ledger``, ``cache``, and ``books``, the :class:`~.bookkeeping.Bookkeeper`)."""
+
+    def __init__(self, config: Config | None = None, *, policies: Sequence[Policy] | None = None) -> None:
+        parts = assemble(config, policies)
+        self.config = parts.config
+        self.catalog = parts.catalog
+        self.policies = parts.policies
+        self.store = parts.store
+        self.state = parts.state
+        self.telemetry = parts.telemetry
+        self.ledger = parts.ledger
+        self.cache = parts.cache
+        self.books = parts.books
+        self.summaries = self.state.summaries
+        self.reasoning_spent = self.state.reasoning_spent
+        self._timed = bool(self.config.routing.aliases or self.config.routing.budgets)
+
+    def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
+                  params: Mapping[str, Any]) -> Call:
+        """A validated :class:`Call`; raises ``MessageError`` or ``ValueError`` naming the bad input."""
+        ctx = AgentContext.coerce(context)
+        if ctx.app is None and self.config.app:
+            ctx = replace(ctx, app=self.config.app)
+        return Call.create(model, validate_messages(messages), params, ctx)
+
+    def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
+        """Apply the policies to ``call`` (no I/O: store-backed state is read through views).
+        Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
+        state = state or self.state
+        if self._timed:
+            state = replace(state, now=time.time())
+        return apply_policies(Plan.from_call(call), self.policies, state)
+
+    def replan(self, call: Call, target: str, decision: Decision) -> Plan:
+        """The plan for a later attempt at ``target``, still recording what the caller asked for."""
+        return self.plan(call.override(model=target)).override(call=call).decide(decision)
+
+    def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
+              cache: bool = True) -> CallLifecycle:
+        """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
+        return CallLifecycle(self, call, read=read, usable=usable, cache=cache)
+
+    def model_of(self, target: str) -> str:
+        """The model id behind a routing target (a model id, or a deployment name)."""
+        deployment = self.config.routing.deployments.get(target)
+        return deployment.model if deployment else target
+
+    def request(self, plan: Plan) -> dict[str, Any]:
+        """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and
+        timeout; a stream asks for the final usage chunk where the provider needs asking."""
+        request = plan.request()
+        deployment = self.config.routing.deployments.get(plan.deployment or "")
+        if deployment is not None:
+            if deployment.api_base:
+                request["api_base"] = deployment.api_base
+            if deployment.api_key_env:
+                request["api_key"] = os.environ.get(deployment.api_key_env)
+            if deployment.timeout_s:
+                request.setdefault("timeout", deployment.timeout_s)
+        if request.get("stream") and "stream_options" not in request \
+                and self.catalog.provider(plan.model) in _USAGE_CHUNK_PROVIDERS:
+            request["stream_options"] = {"include_usage": True}
+        return request
+
+    def request_size(self, plan: Plan) -> tuple[int, int]:
+        """Estimated prompt tokens, and the output allowed (``max_tokens``, else the configured default)."""
+        tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+        return tokens, int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+
+    def estimate_usd(self, plan: Plan) -> float:
+        """The call's cost at its estimated size (0 when the model has no price)."""
+        tokens, output = self.request_size(plan)
+        return price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
+
+    def saving(self, model: str, tokens: int) -> float:
+        """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""
+        info = self.catalog.resolve(model)
+        if info is None or tokens <= 0:
+            return 0.0
+        return tokens * (info.cache_read if info.cache_read is not None else info.input)
+
+    def summary_request(self, job: SummaryJob) -> dict[str, Any]:
+        settings = self.config.context
+        return summary_request(job, settings.summary_model, settings.summary_params)
+
+    def close(self) -> None:
+        """Flush the ledger, close the response cache's and the engine's stores (call at shutdown)."""
+        if self.ledger is not None:
+            self.ledger.close()
+        stores = {id(self.store): self.store}
+        if self.cache is not None:
+            stores.setdefault(id(self.cache.store), self.cache.store)
+        for store in stores.values():
+            store.close()

@@ -1,0 +1,272 @@
+"""One call's lifecycle, as a generator that decides everything and calls no provider.
+
+``CallLifecycle.run()`` yields what it needs done and is sent what came of it, like httpx's auth
+flow: :class:`Summarize` (a summary call for a dropped span), :class:`Attempt` (send this plan to
+its provider), :class:`Wait` (back off before the next attempt). A failed attempt is thrown into
+the generator, which answers with the next attempt or raises. The generator's return value is what
+the caller gets: the provider's answer (accounted), a response-cache hit, or a
+:class:`~.streaming.TrackedStream`. Drivers (:mod:`.drivers`) run it with sync or async I/O:
+``Pipeline.completion``/``acompletion`` and ``RouterAgentMiddleware.wrap_model_call``/
+``awrap_model_call``. Store writes go through the engine's bookkeeper.
+
+Order: plan (summaries first, then plan again) -> response cache -> budget reservation ->
+quota admission -> attempts, each settled or counted as a failure -> the Outcome, spans and
+ledger row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import wire
+from .accounting import build_outcome
+from .bookkeeping import Claim, Held
+from .cache import rebuild_response, replay_chunks
+from .context.summarize import summary_text
+from .errors import NoRouteError
+from .routing import quotas
+from .routing.fallback import Attempts, backoff, error_kind, request_windows
+from .streaming import Replay, TrackedStream
+from .telemetry import CallTrace, log
+from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# An adapter's reader of an answer that is not a litellm response: (plan, answer, started) -> Outcome.
+Reader = Callable[[Plan, Any, float], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Summarize:
+    """Make this litellm request; its text summarizes ``job``'s span (a failure keeps the digest)."""
+
+    job: SummaryJob
+    request: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """Send ``plan`` to its provider (``depth``: attempts made before this one)."""
+
+    plan: Plan
+    depth: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    seconds: float
+
+
+Effect = Summarize | Attempt | Wait
+Flow = Generator[Effect, Any, Any]
+
+
+class CallLifecycle:
+    """``read``: turns an adapter's answer into an Outcome (default: a litellm response or stream);
+    ``usable``: whether the adapter can reach a routing target (others are skipped with a reason);
+    ``cache``: use the response cache (litellm answers only)."""
+
+    def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
+                 usable: Callable[[str], bool] | None = None, cache: bool = True) -> None:
+        self.engine = engine
+        self.books = engine.books
+        self.call = call
+        self.read = read
+        self.usable = usable
+        self.use_cache = cache and read is None
+        self.held = Held()
+        self.trace: CallTrace | None = None
+
+    def run(self) -> Flow:
+        """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
+        ``BudgetExceeded`` (before any attempt), or ``MessageError`` for a bad request."""
+        engine = self.engine
+        plan = engine.plan(self.call)
+        if plan.summary_jobs:
+            for job in plan.summary_jobs:
+                try:
+                    text = summary_text((yield Summarize(job, engine.summary_request(job))))
+                    if text:
+                        self.books.keep_summary(job.key, text)
+                except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
+                    log.warning("summary_failed", span=job.key, error=repr(exc))
+            plan = engine.plan(self.call)
+        if self.use_cache:
+            cached, plan = self._from_cache(plan)
+            if cached is not None:
+                return cached
+        tokens, output = engine.request_size(plan)
+        claims = self.books.claims(plan.call.context, usd=engine.estimate_usd(plan), tokens=tokens + output)
+        attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
+        plan = self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
+        plan, trace = self._launch(plan)
+        started = time.perf_counter()
+        while True:
+            try:
+                answer = yield Attempt(plan, attempts.depth)
+            except Exception as exc:
+                step = self._failed(plan, trace, attempts, exc)
+                if step is None:
+                    raise
+                plan, delay = step
+            else:
+                return self._succeeded(plan, answer, trace, started)
+            if delay:
+                yield Wait(delay)
+
+    # -- before the first attempt ----------------------------------------------------------------
+
+    def _from_cache(self, plan: Plan) -> tuple[Any, Plan]:
+        """A cached answer shaped like a live one (a stream if one was asked for), or None; and the
+        plan, with a decision recorded if the cache failed (it shows on the span)."""
+        engine, cache = self.engine, self.engine.cache
+        if cache is None or not cache.cacheable(plan):
+            return None, plan
+        entry = cache.lookup(plan)
+        if cache.last_error:
+            plan = plan.decide(Decision("cache", "error", f"{cache.last_error}; treated as a miss"))
+        if entry is None:
+            return None, plan
+        plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
+        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0, attempt=False)
+        trace.cache_similarity = entry.similarity
+        started = time.perf_counter()
+
+        def hit(response: Any, begun: float, first: float | None = None) -> Outcome:
+            result = build_outcome(response, plan, engine.catalog, usage_source="cache",
+                                   latency_s=time.perf_counter() - begun,
+                                   time_to_first_token_s=(first - begun) if first is not None else None)
+            trace.succeed(result, response)
+            self.books.record(result)
+            return result
+
+        if plan.params.get("stream"):
+            return TrackedStream(Replay(replay_chunks(entry.response)),
+                                 lambda chunks, begun, first, error, complete:
+                                 hit(rebuild_response(entry.response), begun, first), started), plan
+        response = rebuild_response(entry.response)
+        wire.attach_outcome(response, hit(response, started))
+        return response, plan
+
+    def _admit(self, plan: Plan, attempts: Attempts, claims: list[Claim] | None = None) -> Plan:
+        """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
+        call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
+        is used up, moves the call on to its next one; none left raises :class:`NoRouteError`."""
+        denied: dict[str, str] = {}
+        while True:
+            target = plan.deployment or plan.model
+            why = "not among the adapter's models" if self.usable and not self.usable(target) else None
+            if why is None:
+                found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
+                size = sum(self.engine.request_size(plan)) if quotas.estimate_needed(found) else 0
+                why = self.books.admit(self.held, found, size, claims or [])
+                if why is None:
+                    return plan
+            denied[target] = why
+            next_target = attempts.skip(why)
+            if next_target is None:
+                raise NoRouteError(self.call.model, denied)
+            plan = self.engine.replan(self.call, next_target, Decision(
+                "routing", "skip" if self.usable and not self.usable(target) else "quota",
+                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))
+
+    def _launch(self, plan: Plan) -> tuple[Plan, CallTrace]:
+        """The first attempt's plan with the context saving estimated, and the call's trace."""
+        engine = self.engine
+        before = after = 0
+        if plan.messages != plan.call.messages:
+            session = plan.call.context.session_id
+            before = engine.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
+            after = engine.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
+            plan = plan.override(estimated_savings_usd=engine.saving(plan.model, before - after))
+        self.trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after)
+        return plan, self.trace
+
+    # -- after an attempt ------------------------------------------------------------------------
+
+    def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts,
+                exc: Exception) -> tuple[Plan, float] | None:
+        """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
+        and ledger row then record the error, and the reservation is released)."""
+        engine, failed = self.engine, plan.deployment or plan.model
+        trace.attempt_failed(exc)
+        self.books.attempt_failed(self.held, failed, exc)
+        windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
+                   if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
+        next_target = attempts.advance(exc, windows)
+        if next_target is None:
+            self._give_up(plan, trace, exc)
+            return None
+        retry = plan
+        if next_target != failed:
+            retry = engine.replan(self.call, next_target, Decision(
+                "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_target}",
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
+        try:
+            retry = self._admit(retry, attempts)
+        except NoRouteError as no_route:
+            self._give_up(plan, trace, exc)
+            raise no_route from exc
+        trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
+        same = (retry.deployment or retry.model) == failed
+        return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
+
+    def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException) -> None:
+        trace.fail(exc)
+        self.books.record_failure(plan, exc)
+        self.books.release(self.held)
+
+    def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Any:
+        if self.read is not None:
+            result = self.read(plan, answer, started)
+            self.books.settle(result, self.held)
+            trace.succeed(result)
+            return answer
+        if plan.params.get("stream"):
+            return TrackedStream(answer, self._stream_finisher(plan, trace), started)
+        result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
+        wire.attach_outcome(answer, result)
+        self._save(plan, answer, result, trace)
+        self.books.settle(result, self.held, answer)
+        trace.succeed(result, answer)
+        return answer
+
+    def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
+        cache = self.engine.cache
+        if cache is not None and self.use_cache and cache.cacheable(plan) \
+                and not cache.save(plan, response, result.cost.total_usd):
+            trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
+
+    def _stream_finisher(self, plan: Plan, trace: CallTrace) -> Any:
+        engine = self.engine
+
+        def finish(chunks: list[Any], started: float, first: float | None, error: BaseException | None,
+                   complete: bool) -> Outcome | None:
+            if error is not None and not chunks:
+                trace.fail(error)
+                return None
+            source: UsageSource = "provider" if complete and wire.usage_reported(chunks) else "estimated"
+            messages = [dict(m) for m in plan.messages]
+            response = wire.litellm().stream_chunk_builder(chunks, messages=messages) if chunks else None
+            if response is None:
+                trace.fail(error or RuntimeError("stream closed before the first chunk"))
+                return None
+            result = build_outcome(
+                response, plan, engine.catalog, usage_source=source, answered_model=wire.answered_model(chunks),
+                latency_s=time.perf_counter() - started,
+                time_to_first_token_s=(first - started) if first is not None else None,
+            )
+            if complete:
+                self._save(plan, response, result, trace)
+            self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on the chunks
+            if error is not None:
+                trace.fail(error, result)
+            else:
+                trace.succeed(result, response)
+            return result
+
+        return finish

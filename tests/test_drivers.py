@@ -1,0 +1,212 @@
+"""The attempt loop through every way in: ``Pipeline.completion``, ``Pipeline.acompletion``,
+``RouterAgentMiddleware.wrap_model_call`` and ``awrap_model_call`` drive one call lifecycle, so
+fallbacks, retries, backoff, cooldowns, quotas and budgets behave the same in each.
+
+Provider answers and failures come from litellm's ``mock_response`` (an exception instance makes
+litellm raise it), scripted per model; the middleware's handler invokes the chosen LangChain model,
+a ``RoutedChatModel`` that calls the same (scripted) litellm."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import litellm
+import pytest
+from opentelemetry.trace import SpanKind, StatusCode
+
+from router_middleware import BudgetExceeded, NoRouteError, Pipeline, drivers
+from router_middleware.engine import Engine
+
+CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
+CLAUDE, MINI, DEEPSEEK = CODER
+MESSAGES = [{"role": "user", "content": "Rename the variable x to count in utils.py"}]
+
+
+def rate_limit() -> Exception:
+    return litellm.exceptions.RateLimitError("slow down", "x", "m")
+
+
+@dataclass
+class Script:
+    """Per model, the answers litellm gives in turn (an exception is raised); then "ok"."""
+
+    failures: dict[str, list[Exception]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def answer(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(kwargs["model"])
+        queue = self.failures.get(kwargs["model"], [])
+        return {**kwargs, "mock_response": queue.pop(0) if queue else "ok"}
+
+
+@pytest.fixture
+def script(monkeypatch) -> Script:
+    found = Script()
+    completion, acompletion = litellm.completion, litellm.acompletion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: completion(**found.answer(kw)))
+
+    async def async_fake(**kw: Any) -> Any:
+        return await acompletion(**found.answer(kw))
+
+    monkeypatch.setattr(litellm, "acompletion", async_fake)
+    return found
+
+
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    seen: list[float] = []
+
+    async def asleep(seconds: float) -> None:
+        seen.append(seconds)
+
+    monkeypatch.setattr(drivers, "_sleep", seen.append)
+    monkeypatch.setattr(drivers, "_asleep", asleep)
+    return seen
+
+
+def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool) -> Any:
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
+    models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (*CODER, "gpt-4o-mini")}
+    middleware = RouterAgentMiddleware(pipeline, models=models, model=model)
+    request = ModelRequest(model=models[CLAUDE], messages=[HumanMessage(MESSAGES[0]["content"])], model_settings={})
+    if not asynchronous:
+        return middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+
+    async def handler(r: ModelRequest) -> ModelResponse:
+        return ModelResponse(result=[await r.model.ainvoke(r.messages)])
+
+    return asyncio.run(middleware.awrap_model_call(request, handler))
+
+
+DRIVERS: dict[str, Callable[[Pipeline, str], Any]] = {
+    "completion": lambda p, model: p.completion(model=model, messages=MESSAGES),
+    "acompletion": lambda p, model: asyncio.run(p.acompletion(model=model, messages=MESSAGES)),
+    "wrap_model_call": lambda p, model: _middleware_call(p, model, asynchronous=False),
+    "awrap_model_call": lambda p, model: _middleware_call(p, model, asynchronous=True),
+}
+
+
+@pytest.fixture(params=list(DRIVERS))
+def call(request) -> Callable[..., Any]:
+    """One routed call through the driver under test: ``call(pipeline, model="coder")``."""
+    driver = DRIVERS[request.param]
+    return lambda pipeline, model="coder": driver(pipeline, model)
+
+
+def pipeline(**routing: Any) -> Pipeline:
+    config = {"routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0}, **routing},
+              "context": {"enabled": False}, "cache": {"enabled": False}}
+    return Pipeline.from_config(config)
+
+
+def routes(exporter) -> list[Any]:
+    return [s for s in exporter.get_finished_spans() if s.name == "route coder"]
+
+
+def test_falls_back_on_a_rate_limit_with_a_span_per_attempt(call, script, span_exporter) -> None:
+    script.failures[CLAUDE] = [rate_limit()]
+    call(pipeline())
+    assert script.calls == [CLAUDE, MINI]
+    (route,) = routes(span_exporter)
+    attempts = [s for s in span_exporter.get_finished_spans()
+                if s.kind == SpanKind.CLIENT and s.parent is not None and s.parent.span_id == route.context.span_id]
+    assert [s.name for s in attempts] == [f"chat {CLAUDE}", f"chat {MINI}"]
+    assert attempts[0].status.status_code == StatusCode.ERROR
+    assert attempts[0].attributes["error.type"] == "RateLimitError"
+    assert route.attributes["router_middleware.fallback.depth"] == 1
+    assert route.attributes["router_middleware.chosen_model"] == MINI
+
+
+def test_retries_the_same_model_first_after_a_backoff(call, script, waits) -> None:
+    script.failures[CLAUDE] = [rate_limit()]
+    call(pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.4, "max_backoff_s": 1.0}))
+    assert script.calls == [CLAUDE, CLAUDE]
+    assert len(waits) == 1 and 0.0 <= waits[0] <= 0.4  # full jitter below backoff_s * 2**0
+
+
+def test_retry_after_sets_the_wait_for_the_same_target(call, script, waits) -> None:
+    import httpx
+
+    answer = httpx.Response(429, headers={"retry-after": "0.7"}, request=httpx.Request("POST", "http://x"))
+    limited = litellm.exceptions.RateLimitError("slow down", "x", "m", response=answer)
+    script.failures[CLAUDE] = [limited]
+    call(pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.1, "max_backoff_s": 5.0}))
+    assert script.calls == [CLAUDE, CLAUDE] and waits == [0.7]
+
+
+def test_a_non_retryable_error_fails_at_once(call, script) -> None:
+    script.failures[CLAUDE] = [litellm.exceptions.AuthenticationError("bad key", "anthropic", "claude")]
+    with pytest.raises(litellm.exceptions.AuthenticationError):
+        call(pipeline())
+    assert script.calls == [CLAUDE]
+
+
+def test_when_every_attempt_fails_the_last_error_is_raised_and_recorded(call, script, span_exporter) -> None:
+    for model in CODER:
+        script.failures[model] = [rate_limit()]
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        call(pipeline())
+    assert script.calls == CODER
+    (route,) = routes(span_exporter)
+    assert route.status.status_code == StatusCode.ERROR and route.attributes["error.type"] == "RateLimitError"
+
+
+def test_repeated_failures_open_the_circuit(call, script) -> None:
+    p = pipeline(cooldown={"failures": 2, "window_s": 60, "cooldown_s": 60})
+    script.failures[CLAUDE] = [rate_limit(), rate_limit()]
+    call(p)
+    call(p)  # the second failure puts claude into cooldown
+    script.calls.clear()
+    call(p)
+    assert script.calls == [MINI]
+
+
+def test_a_used_up_quota_moves_the_call_on(call, script) -> None:
+    p = pipeline(limits={CLAUDE: {"rpm": 1}})
+    call(p)
+    call(p)
+    assert script.calls == [CLAUDE, MINI]
+
+
+def test_a_quota_on_every_target_names_each_limit(call, script) -> None:
+    p = pipeline(limits={m: {"rpm": 1} for m in CODER})
+    for _ in CODER:
+        call(p)
+    with pytest.raises(NoRouteError, match="rpm limit 1 reached"):
+        call(p)
+    assert len(script.calls) == 3
+
+
+def test_a_hard_budget_refuses_before_any_attempt(call, script) -> None:
+    p = pipeline(budgets=[{"name": "tiny", "scope": "global", "usd": 0.000001}])
+    with pytest.raises(BudgetExceeded, match="budget 'tiny' exceeded"):
+        call(p)
+    assert script.calls == []
+
+
+def test_successful_calls_settle_budgets_and_reach_the_ledger(call, script, tmp_path) -> None:
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0},
+                                          "budgets": [{"name": "team", "scope": "global", "usd": 10.0}]},
+                              "context": {"enabled": False}, "cache": {"enabled": False}, "ledger": {"url": url}})
+    script.failures[CLAUDE] = [rate_limit()]
+    call(p)
+    p.close()
+    spent = float(p.store.get("budget:team:usd:all:0") or 0)
+    assert 0 < spent < 0.01  # settled to the answer's cost, not left at the reservation
+    rows = open_ledger(url).query("SELECT requested_model, error, cost_usd FROM calls")
+    assert len(rows) == 1 and rows[0][0] == "coder" and rows[0][1] is None and rows[0][2] > 0
+
+
+def test_the_engine_is_what_every_driver_shares() -> None:
+    assert issubclass(Pipeline, Engine)
