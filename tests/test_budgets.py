@@ -133,3 +133,74 @@ def test_concurrent_processes_on_redis_respect_the_budget(redis_url, output_esti
     assert spent <= limit + 200 * max(0.0, actual - estimated) + 1e-12
     if estimated >= actual:
         assert spent <= limit + 1e-12  # estimates that cover the cost never overspend
+
+
+def _admission_config(url: str, limit: float) -> dict:
+    return {"store": url, "cache": {"enabled": False}, "context": {"enabled": False},
+            "routing": {"aliases": {"main": ["gpt-4o"]}, "budgets": [{"name": "fit", "scope": "app", "usd": limit}]}}
+
+
+def _admission_worker(url: str, app: str, calls: int, max_tokens: int, limit: float, results) -> None:  # spawned
+    import os
+
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    from router_middleware import BudgetExceeded, Pipeline
+
+    pipeline = Pipeline.from_config(_admission_config(url, limit))
+    ok = refused = 0
+    lock = threading.Lock()
+    start = threading.Barrier(calls)
+
+    def one() -> None:
+        nonlocal ok, refused
+        start.wait()  # all calls contend at once
+        try:
+            pipeline.completion(model="main", messages=MESSAGES, mock_response="a reply of a steady size",
+                                max_tokens=max_tokens, context={"app": app})
+            with lock:
+                ok += 1
+        except BudgetExceeded:
+            with lock:
+                refused += 1
+
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results.put((ok, refused))
+
+
+def test_learned_estimates_admit_the_calls_that_fit_and_never_pass_the_limit(redis_url) -> None:
+    """``max_tokens`` twice the real output: once ten replies of this model and app were seen, the
+    reservation is what such a call really costs, so (nearly) every call that fits is admitted."""
+    from router_middleware.stores.redis import RedisStore
+
+    app = f"fit-{uuid.uuid4().hex[:8]}"
+    warm = Pipeline.from_config(_admission_config(redis_url, 1.0))
+    for _ in range(10):
+        first = warm.completion(model="main", messages=MESSAGES, mock_response="a reply of a steady size",
+                                max_tokens=40, context={"app": app})
+    reply = outcome(first)
+    assert reply.usage.output_tokens == 20  # max_tokens=40 is twice the real output
+    cost = reply.cost.total_usd
+    key = f"budget:fit:usd:{app}:0"
+    warmed = float(RedisStore(redis_url).get(key))
+    fits = 150
+    limit = warmed + fits * cost + cost / 2
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=_admission_worker, args=(redis_url, app, 200, 40, limit, results))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=180) for _ in workers]
+    for w in workers:
+        w.join(60)
+    ok = sum(o[0] for o in outcomes)
+    assert ok + sum(o[1] for o in outcomes) == 400
+    spent = float(RedisStore(redis_url).get(key))
+    assert spent <= limit + 1e-12  # never past the limit
+    assert spent == pytest.approx(warmed + ok * cost, rel=1e-6)  # every reservation settled
+    print(f"admitted {ok} of the {fits} calls that fit; spent {spent - warmed:.6f} of {limit - warmed:.6f}")
+    assert ok >= 0.9 * fits, f"admitted {ok} of the {fits} calls that fit"

@@ -72,6 +72,13 @@ def test_add_many_adds_each_and_sets_the_ttl_of_new_keys(store) -> None:
     assert store.get("fresh") is None and float(store.get("kept")) == 4.5  # an existing key keeps its ttl
 
 
+def test_samples_keep_the_most_recent_values(store) -> None:
+    assert store.samples("out:m") == []
+    store.add_many([], [("out:m", float(v), 3, 60.0) for v in (10, 20, 30, 40)])
+    store.add_many([("n", 1.0, None)], [("out:m", 50.0, 3, 60.0)])
+    assert store.samples("out:m") == [30.0, 40.0, 50.0] and float(store.get("n")) == 1.0
+
+
 def test_incr_is_atomic_across_threads(store) -> None:
     def work() -> None:
         for _ in range(100):

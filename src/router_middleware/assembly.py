@@ -61,7 +61,7 @@ def telemetry_settings(config: TelemetryConfig) -> TelemetrySettings:
 def policy_state(store: Store, catalog: Catalog) -> PolicyState:
     """What the policies read, as views of the store. Over the network, values that may lag by a
     second (cooldowns, speed averages, budget totals) are read at most once a second."""
-    lag = 0.0 if isinstance(store, MemoryStore) else 1.0
+    lag = _lag(store)
     return PolicyState(
         catalog=catalog,
         summaries=StoreView(store, keys.SUMMARY, bytes.decode),
@@ -72,6 +72,10 @@ def policy_state(store: Store, catalog: Catalog) -> PolicyState:
         budget_spent=StoreView(store, keys.BUDGET, float, fresh_s=lag),
         quotas=StoreView(store, keys.QUOTA, float),
     )
+
+
+def _lag(store: Store) -> float:
+    return 0.0 if isinstance(store, MemoryStore) else 1.0
 
 
 def response_cache(config: Config, store: Store) -> ResponseCache | None:
@@ -107,5 +111,5 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         config=config, catalog=catalog, policies=chain, store=store, state=policy_state(store, catalog),
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
-        books=Bookkeeper(store, config.routing, catalog, ledger),
+        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store)),
     )

@@ -236,7 +236,8 @@ class RoutingConfig(_Strict):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig)
     cooldown: CooldownConfig = Field(default_factory=CooldownConfig)
     budgets: list[BudgetConfig] = Field(default_factory=list)
-    default_output_tokens: int = Field(default=512, gt=0)  # output estimate when max_tokens is unset
+    default_output_tokens: int = Field(default=512, gt=0)  # output estimate before replies were seen
+    output_percentile: float = Field(default=0.9, gt=0, le=1)  # of recent replies: the learned estimate
     limits: dict[str, RateLimit] = Field(default_factory=dict)  # target (model id or deployment) -> our limits
     free_tier: FreeTierConfig = Field(default_factory=FreeTierConfig)
 

@@ -11,12 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 from .assembly import assemble
+from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config
 from .context.summarize import summary_request
 from .lifecycle import CallLifecycle, Reader
 from .messages import validate_messages
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
+from .routing.budgets import input_estimate, output_estimate
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
@@ -91,14 +93,22 @@ class Engine:
             request["stream_options"] = {"include_usage": True}
         return request
 
-    def request_size(self, plan: Plan) -> tuple[int, int]:
-        """Estimated prompt tokens, and the output allowed (``max_tokens``, else the configured default)."""
-        tokens = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
-        return tokens, int(plan.params.get("max_tokens") or self.config.routing.default_output_tokens)
+    def request_size(self, plan: Plan) -> tuple[int, int, int]:
+        """Prompt tokens counted locally, and the estimates to reserve: prompt and output tokens, learned
+        from this model's recent replies for the app once there are enough (output capped by
+        ``max_tokens``; see ``routing.budgets.output_estimate`` and ``input_estimate``)."""
+        counted = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+        routing, books, app = self.config.routing, self.books, plan.call.context.app
+        cap = plan.params.get("max_tokens") or plan.params.get("max_completion_tokens")
+        if not books.learns:
+            return counted, counted, int(cap or routing.default_output_tokens)
+        share = routing.output_percentile
+        output = output_estimate(books.recent(OUTPUT, plan.model, app), max_tokens=int(cap) if cap else None,
+                                 default=routing.default_output_tokens, share=share)
+        return counted, input_estimate(counted, books.recent(INPUT_RATIO, plan.model, app), share=share), output
 
-    def estimate_usd(self, plan: Plan) -> float:
-        """The call's cost at its estimated size (0 when the model has no price)."""
-        tokens, output = self.request_size(plan)
+    def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float:
+        """The cost of ``tokens`` in and ``output`` out on the plan's model (0 when it has no price)."""
         return price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
 
     def saving(self, model: str, tokens: int) -> float:

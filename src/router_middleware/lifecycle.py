@@ -99,8 +99,7 @@ class CallLifecycle:
             cached, plan = self._from_cache(plan)
             if cached is not None:
                 return cached
-        tokens, output = engine.request_size(plan)
-        claims = self.books.claims(plan.call.context, usd=engine.estimate_usd(plan), tokens=tokens + output)
+        claims = self._claims(plan)
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
         plan = self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
         plan, trace = self._launch(plan)
@@ -152,6 +151,19 @@ class CallLifecycle:
         wire.attach_outcome(response, hit(response, started))
         return response, plan
 
+    def _claims(self, plan: Plan) -> list[Claim]:
+        """The call's budget claims at its estimated size (none, and no estimate, without budgets)."""
+        if not self.engine.config.routing.budgets:
+            return []
+        tokens, output = self._size(plan)
+        return self.books.claims(plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
+                                 tokens=tokens + output)
+
+    def _size(self, plan: Plan) -> tuple[int, int]:
+        """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from)."""
+        self.held.counted, tokens, output = self.engine.request_size(plan)
+        return tokens, output
+
     def _admit(self, plan: Plan, attempts: Attempts, claims: list[Claim] | None = None) -> Plan:
         """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
@@ -162,7 +174,7 @@ class CallLifecycle:
             why = "not among the adapter's models" if self.usable and not self.usable(target) else None
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
-                size = sum(self.engine.request_size(plan)) if quotas.estimate_needed(found) else 0
+                size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
                 why = self.books.admit(self.held, found, size, claims or [])
                 if why is None:
                     return plan

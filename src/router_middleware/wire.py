@@ -7,6 +7,7 @@ response headers and whether usage was reported in private places (``_hidden_par
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,11 +18,13 @@ OUTCOME_KEY = "router_middleware_outcome"
 
 def litellm() -> Any:
     """The litellm module, imported on first use with the offline price map (see :mod:`._env`)."""
-    prepare_litellm_env()
-    import litellm as module
+    found: Any = sys.modules.get("litellm")
+    if found is None or not getattr(found, "suppress_debug_info", False):
+        prepare_litellm_env()
+        import litellm as found
 
-    module.suppress_debug_info = True
-    return module
+        found.suppress_debug_info = True
+    return found
 
 
 def hidden(response: Any) -> dict[str, Any]:

@@ -20,14 +20,17 @@ from ..config import RoutingConfig
 from ..ledger import LedgerWriter, from_outcome
 from ..routing.quotas import Quota
 from ..stores import Store
-from ..stores.base import Addition
+from ..stores.base import Addition, Sample
 from ..telemetry import log
 from ..types import AgentContext, Cost, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import LATENCY, REASONING, SUMMARY, THROUGHPUT
+from .keys import INPUT_RATIO, LATENCY, OUTPUT, REASONING, SUMMARY, THROUGHPUT
 from .quotas import Taken
+
+RECENT_REPLIES = 50  # output sizes kept per model and app for the learned estimate
+RECENT_TTL_S = 7 * 86_400.0
 
 
 @dataclass
@@ -37,16 +40,40 @@ class Held:
 
     reservation: Reservation | None = None
     quota: tuple[Taken, tuple[Quota, ...]] | None = None
+    counted: int = 0  # the prompt tokens counted locally for the estimate (0: none was made)
 
 
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
-                 ledger: LedgerWriter | None = None) -> None:
+                 ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0) -> None:
+        """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process."""
         self.store = store
         self.routing = routing
         self.catalog = catalog
         self.ledger = ledger
+        self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
+        self._recent: dict[str, tuple[float, list[float]]] = {}
+        # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
+        self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
+
+    def recent(self, prefix: str, model: str, app: str | None) -> list[float]:
+        """Recent reply facts of ``model`` for ``app``: ``keys.OUTPUT`` (output tokens) or
+        ``keys.INPUT_RATIO`` (reported / counted prompt tokens). A failing store reads as none."""
+        key = f"{prefix}{model}:{app or '-'}"
+        seen = self._recent.get(key)
+        if seen is not None and seen[0] > time.monotonic():
+            return seen[1]
+        try:
+            found = self.store.samples(key)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("store_read_failed", key=key, error_type=type(exc).__name__)
+            found = []
+        if self.fresh_s:
+            if len(self._recent) > 10_000:
+                self._recent.clear()
+            self._recent[key] = (time.monotonic() + self.fresh_s, found)
+        return found
 
     # -- before an attempt -----------------------------------------------------------------------
 
@@ -130,7 +157,15 @@ class Bookkeeper:
         session = plan.call.context.session_id if plan else None
         if complete and session and usage.reasoning_tokens:
             additions.append((REASONING + session, float(usage.reasoning_tokens), None))
-        self._add("store_write_failed", additions)
+        samples: list[Sample] = []
+        if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
+            name = f"{plan.model}:{plan.call.context.app or '-'}"
+            if usage.output_tokens:
+                samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, RECENT_TTL_S))
+            if held is not None and held.counted and usage.input_tokens:
+                samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES, RECENT_TTL_S))
+        if additions or samples:
+            self._guard("store_write_failed", self.store.add_many, additions, samples)
         self._observe(found, answer)
         if not complete:
             return

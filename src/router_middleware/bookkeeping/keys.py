@@ -11,6 +11,9 @@ THROUGHPUT = "tps:"  # target -> output tokens/s (EWMA)
 LATENCY = "lat:"  # target -> seconds to the first token (EWMA)
 BUDGET = "budget:"  # budget key (routing.budgets.budget_key) -> reserved + spent
 QUOTA = "quota:"  # quota counter (routing.quotas) -> requests or tokens taken, or left (provider view)
+OUTPUT = "out:"  # model:app -> output tokens of its recent replies (a list)
+INPUT_RATIO = "inr:"  # model:app -> reported / locally counted prompt tokens of recent calls (a list)
 LOCK = "lock:"  # lock name -> holder's token
 
-__all__ = ["BUDGET", "COOLDOWN", "FAILURES", "LATENCY", "LOCK", "QUOTA", "REASONING", "SUMMARY", "THROUGHPUT"]
+__all__ = ["BUDGET", "COOLDOWN", "FAILURES", "INPUT_RATIO", "LATENCY", "LOCK", "OUTPUT", "QUOTA", "REASONING",
+           "SUMMARY", "THROUGHPUT"]

@@ -9,7 +9,8 @@ Spend is *reserved* before a call (its estimated cost) and *settled* after it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
@@ -44,4 +45,31 @@ def over_soft_limit(budgets: list[BudgetConfig], spent: Mapping[str, float], con
     return None
 
 
-__all__ = ["BudgetExceeded", "budget_key", "over_soft_limit", "scope_value"]
+def output_estimate(recent: Sequence[float], *, max_tokens: int | None, default: int, share: float = 0.9,
+                    min_samples: int = 10) -> int:
+    """The output tokens to reserve for a call: once ``min_samples`` replies of this model and app
+    have been seen, the ``share`` percentile (nearest rank) of the ``recent`` ones, capped by the
+    call's ``max_tokens``; before that, ``max_tokens`` or ``default``. Reserving ``max_tokens``, often
+    far above what a model answers, refuses calls that would have fitted."""
+    if len(recent) < min_samples:
+        return int(max_tokens or default)
+    learned = math.ceil(percentile(recent, share))
+    return min(learned, int(max_tokens)) if max_tokens else learned
+
+
+def input_estimate(counted: int, recent_ratios: Sequence[float], *, share: float = 0.9, min_samples: int = 10) -> int:
+    """The prompt tokens to reserve: the local count, scaled by the ``share`` percentile of recent
+    reported/counted ratios (the provider's framing and tokenizer) once ``min_samples`` were seen."""
+    if len(recent_ratios) < min_samples:
+        return counted
+    return math.ceil(counted * percentile(recent_ratios, share))
+
+
+def percentile(values: Sequence[float], share: float) -> float:
+    """Nearest-rank percentile of ``values`` (``share`` in (0, 1])."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+__all__ = ["BudgetExceeded", "budget_key", "input_estimate", "output_estimate", "over_soft_limit", "percentile",
+           "scope_value"]

@@ -12,11 +12,13 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "LockTimeout", "Refusal", "Store", "StoreError", "Within", "acquire", "poll", "token_lock"]
+__all__ = ["Addition", "LockTimeout", "Refusal", "Sample", "Store", "StoreError", "Within", "acquire", "poll",
+           "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
 Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
+Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
 
 
@@ -42,8 +44,13 @@ class Store(Protocol):
         within its limit; otherwise add nothing. ``None`` when added, else the first refusal."""
         ...
 
-    def add_many(self, entries: Sequence[Addition]) -> None:
-        """Add each ``(key, amount, ttl_s)`` (each atomic; one round trip where the backend allows)."""
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
+        """Add each ``(key, amount, ttl_s)`` (each atomic), and append each ``(key, value, keep, ttl_s)``
+        to its list of recent values (the last ``keep`` kept): one round trip where the backend allows."""
+        ...
+
+    def samples(self, key: str) -> list[float]:
+        """The recent values appended under ``key`` by :meth:`add_many`, oldest first."""
         ...
 
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Refusal, Within, token_lock
+from .base import TOLERANCE, Addition, Refusal, Sample, Within, token_lock
 
 
 class MemoryStore:
@@ -69,10 +70,20 @@ class MemoryStore:
                 self._add(key, amount, ttl_s)
             return None
 
-    def add_many(self, entries: Sequence[Addition]) -> None:
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
         with self._mutex:
             for key, amount, ttl_s in entries:
                 self._add(key, amount, ttl_s)
+            for key, value, keep, ttl_s in samples:
+                self._put(key, json.dumps([*self._samples(key), value][-keep:]).encode(), ttl_s)
+
+    def samples(self, key: str) -> list[float]:
+        with self._mutex:
+            return self._samples(key)
+
+    def _samples(self, key: str) -> list[float]:
+        raw = self._live(key)
+        return [float(v) for v in json.loads(raw)] if raw else []
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._mutex:

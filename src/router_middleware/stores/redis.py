@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .base import Addition, Refusal, Within, acquire
+from .base import Addition, Refusal, Sample, Within, acquire
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -82,15 +82,23 @@ class RedisStore:
         index, total = self._within(keys=[self._k(e[0]) for e in entries], args=args)
         return None if int(index) == 0 else (int(index) - 1, float(total))
 
-    def add_many(self, entries: Sequence[Addition]) -> None:
-        if not entries:
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
+        if not entries and not samples:
             return
         pipe = self.client.pipeline(transaction=False)  # native commands: no script check per batch
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
             pipe.incrbyfloat(self._k(key), float(amount))
+        for key, value, keep, ttl_s in samples:
+            pipe.rpush(self._k(key), repr(float(value)))
+            pipe.ltrim(self._k(key), -keep, -1)
+            if ttl_s:
+                pipe.pexpire(self._k(key), max(1, int(ttl_s * 1000)))
         pipe.execute()
+
+    def samples(self, key: str) -> list[float]:
+        return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         flag = "" if expected is None else "1"

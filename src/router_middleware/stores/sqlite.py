@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from .base import TOLERANCE, Addition, Refusal, StoreError, Within, token_lock
+from .base import TOLERANCE, Addition, Refusal, Sample, StoreError, Within, token_lock
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 
@@ -99,10 +100,19 @@ class SQLiteStore:
                 self._add(db, key, amount, ttl_s)
             return None
 
-    def add_many(self, entries: Sequence[Addition]) -> None:
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
         with self._tx() as db:
             for key, amount, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
+            for key, value, keep, ttl_s in samples:
+                current = self._current(db, key)
+                recent = [*(json.loads(current[0]) if current else []), value][-keep:]
+                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
+
+    def samples(self, key: str) -> list[float]:
+        raw = self.get(key)
+        return [float(v) for v in json.loads(raw)] if raw else []
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._tx() as db:
