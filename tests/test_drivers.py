@@ -210,3 +210,24 @@ def test_successful_calls_settle_budgets_and_reach_the_ledger(call, script, tmp_
 
 def test_the_engine_is_what_every_driver_shares() -> None:
     assert issubclass(Pipeline, Engine)
+
+
+def test_a_store_failing_at_settle_never_breaks_an_answered_call(call, script, span_exporter, tmp_path,
+                                                                  monkeypatch) -> None:
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"routing": {"aliases": {"coder": CODER},
+                                          "budgets": [{"name": "team", "scope": "global", "usd": 10.0}]},
+                              "context": {"enabled": False}, "cache": {"enabled": False}, "ledger": {"url": url}})
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store down")
+
+    monkeypatch.setattr(p.store, "add_many", down)
+    call(p)  # answered: the settle write fails and is logged, the answer still reaches the caller
+    p.close()
+    assert script.calls == [CLAUDE]
+    (route,) = routes(span_exporter)
+    assert route.status.status_code != StatusCode.ERROR
+    assert len(open_ledger(url).query("SELECT model FROM calls WHERE error IS NULL")) == 1

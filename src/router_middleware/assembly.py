@@ -60,7 +60,8 @@ def telemetry_settings(config: TelemetryConfig) -> TelemetrySettings:
 
 def policy_state(store: Store, catalog: Catalog) -> PolicyState:
     """What the policies read, as views of the store. Over the network, values that may lag by a
-    second (cooldowns, speed averages, budget totals) are read at most once a second."""
+    second (cooldowns, speed averages, budget and quota totals) are read at most once a second: the
+    admission step checks budgets and quotas again, atomically, so a lagging read never passes a limit."""
     lag = _lag(store)
     return PolicyState(
         catalog=catalog,
@@ -70,7 +71,7 @@ def policy_state(store: Store, catalog: Catalog) -> PolicyState:
         throughput=StoreView(store, keys.THROUGHPUT, float, fresh_s=lag),
         latency=StoreView(store, keys.LATENCY, float, fresh_s=lag),
         budget_spent=StoreView(store, keys.BUDGET, float, fresh_s=lag),
-        quotas=StoreView(store, keys.QUOTA, float),
+        quotas=StoreView(store, keys.QUOTA, float, fresh_s=lag),  # admission re-checks atomically
     )
 
 

@@ -19,7 +19,7 @@ from ..catalog import Catalog
 from ..config import RoutingConfig
 from ..ledger import LedgerWriter, from_outcome
 from ..routing.quotas import Quota
-from ..stores import Store
+from ..stores import Store, StoreView
 from ..stores.base import Addition, Sample
 from ..telemetry import log
 from ..types import AgentContext, Cost, Outcome, Plan, Usage
@@ -54,6 +54,7 @@ class Bookkeeper:
         self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
         self._recent: dict[str, tuple[float, list[float]]] = {}
+        self._seen = StoreView(store, "", float, fresh_s=fresh_s)  # provider views seen (may lag)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 
@@ -91,7 +92,7 @@ class Bookkeeper:
         if not found and not claims:
             return None
         try:
-            left, why = quotas.take_provider_view(self.store, found, tokens) if found else ([], None)
+            left, why = quotas.take_provider_view(self.store, found, tokens, self._seen) if found else ([], None)
             if why is not None:
                 return why
             windows = quotas.window_claims(found, tokens, time.time())

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
@@ -15,6 +14,7 @@ from .base import TOLERANCE, Addition, Refusal, Sample, Within, token_lock
 class MemoryStore:
     def __init__(self, max_keys: int = 100_000) -> None:
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
+        self._series: OrderedDict[str, tuple[deque[float], float | None]] = OrderedDict()  # recent values
         self._mutex = threading.RLock()
         self._max = max_keys
 
@@ -75,15 +75,22 @@ class MemoryStore:
             for key, amount, ttl_s in entries:
                 self._add(key, amount, ttl_s)
             for key, value, keep, ttl_s in samples:
-                self._put(key, json.dumps([*self._samples(key), value][-keep:]).encode(), ttl_s)
+                recent = deque(self._recent(key), maxlen=keep)
+                recent.append(value)
+                self._series[key] = (recent, time.monotonic() + ttl_s if ttl_s else None)
+                self._series.move_to_end(key)
+                while len(self._series) > self._max:
+                    self._series.popitem(last=False)
 
     def samples(self, key: str) -> list[float]:
         with self._mutex:
-            return self._samples(key)
+            return list(self._recent(key))
 
-    def _samples(self, key: str) -> list[float]:
-        raw = self._live(key)
-        return [float(v) for v in json.loads(raw)] if raw else []
+    def _recent(self, key: str) -> deque[float]:
+        series = self._series.get(key)
+        if series is None or (series[1] is not None and series[1] <= time.monotonic()):
+            return deque()
+        return series[0]
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._mutex:

@@ -1,0 +1,85 @@
+"""Redis commands and round trips per routed call, counted on a real redis-server.
+
+    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--redis-url URL]
+
+Each call goes through an alias with the response cache (a miss: every call asks something new),
+a USD and token budget and a requests/tokens-per-minute limit, synchronously, with `mock_response`.
+Commands are Redis's own count (INFO commandstats, reset before the run); round trips are the
+requests redis-py sent (pipelined commands travel together). Without `--redis-url` (or REDIS_URL)
+a `redis-server` on a free loopback port is started for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import router_middleware as rm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from throughput import redis_server  # noqa: E402
+
+
+def config(url: str) -> dict:
+    return {
+        "store": url,
+        "cache": {"enabled": True, "policy": "always"},
+        "context": {"enabled": False},
+        "routing": {
+            "aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+            "budgets": [{"name": "team", "scope": "app", "usd": 1_000_000, "tokens": 10**12, "window_s": 3600}],
+            "limits": {"gpt-4o-mini": {"rpm": 1_000_000, "tpm": 10**12}},
+        },
+        "app": f"bench-{time.time_ns()}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    args = parser.parse_args(argv)
+    import redis
+    from redis.connection import Connection
+
+    sent = 0
+    original = Connection.send_packed_command
+
+    def counting(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        nonlocal sent
+        sent += 1
+        return original(self, command, check_health)
+
+    with redis_server(args.redis_url) as url:
+        pipeline = rm.Pipeline.from_config(config(url))
+        ask = lambda i: pipeline.completion(  # noqa: E731
+            "coder", [{"role": "user", "content": f"question {i}"}], mock_response="ok", context={"session_id": "s"})
+        for i in range(20):  # warm up: scripts loaded, connections open
+            ask(-i - 1)
+        admin = redis.Redis.from_url(url)
+        admin.config_resetstat()
+        Connection.send_packed_command = counting  # type: ignore[method-assign]
+        try:
+            for i in range(args.calls):
+                ask(i)
+        finally:
+            Connection.send_packed_command = original  # type: ignore[method-assign]
+        stats = admin.info("commandstats")
+    counts = Counter({name.removeprefix("cmdstat_").upper(): int(value["calls"]) for name, value in stats.items()
+                      if name not in ("cmdstat_config", "cmdstat_info")})
+    total = sum(counts.values())
+    print(f"{args.calls} routed calls (response cache miss, budget, rate limit), sync, redis-py")
+    print(f"commands per call: {total / args.calls:.2f} ("
+          + ", ".join(f"{name} {n / args.calls:.2f}" for name, n in counts.most_common()) + ")")
+    print(f"round trips per call: {sent / args.calls:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
