@@ -7,7 +7,6 @@ including hooks that can only rewrite a request, and in the offline replay.
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +14,10 @@ from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
 from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter
-from .types import Message, Plan
+from .types import History, Message, Plan
 
 T = TypeVar("T")
 MEMO_SIZE = 4096
-PROFILES = 16
 
 
 @dataclass
@@ -44,9 +42,6 @@ class PolicyState:
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)
-    _profiles: OrderedDict[tuple[str, int], tuple[Sequence[Message], Profile]] = field(
-        default_factory=OrderedDict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         """A bounded cache for values derived from the history (digests, span hashes), so a policy
@@ -73,21 +68,12 @@ class PolicyState:
         return self.counter(model).message(message)
 
     def profile(self, model: str, messages: Sequence[Message]) -> Profile:
-        """Each message's cache key and token count. A plan's messages are a tuple that the policies
-        and the pipeline share, so a history is walked once per call rather than once per use."""
-        if not isinstance(messages, tuple):
-            return self._profile(model, messages)
-        key = (model, id(messages))
-        with self._lock:
-            hit = self._profiles.get(key)
-        if hit is not None and hit[0] is messages:
-            return hit[1]
-        found = self._profile(model, messages)
-        with self._lock:
-            self._profiles[key] = (messages, found)  # holding the tuple keeps its id from being reused
-            if len(self._profiles) > PROFILES:
-                self._profiles.popitem(last=False)
-        return found
+        """Each message's cache key and token count. A plan's messages are a :class:`History` that the
+        policies and the engine share, which keeps its profile: a history is walked once per call
+        rather than once per use."""
+        if isinstance(messages, History):
+            return messages.derived(("profile", model), lambda: self._profile(model, messages))
+        return self._profile(model, messages)
 
     def _profile(self, model: str, messages: Sequence[Message]) -> Profile:
         keyed = self.counter(model).keyed

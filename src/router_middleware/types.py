@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 Message = Mapping[str, Any]
+T = TypeVar("T")
 AttributeValue = str | int | float | bool
 
 UsageSource = Literal["provider", "estimated", "cache", "none"]
@@ -15,6 +16,18 @@ UsageSource = Literal["provider", "estimated", "cache", "none"]
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping or {}))
+
+
+class History(tuple[Message, ...]):
+    """A call's or plan's messages: an immutable tuple that also keeps what was derived from it (per
+    model, each message's cache key and token count), so a history is walked once per call however
+    many policies read it, and what was derived lives exactly as long as the history."""
+
+    def derived(self, key: Hashable, compute: Callable[[], T]) -> T:
+        found: dict[Any, Any] = self.__dict__
+        if key not in found:
+            found[key] = compute()
+        return found[key]  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +107,7 @@ class Call:
         params: Mapping[str, Any] | None = None,
         context: AgentContext | Mapping[str, Any] | None = None,
     ) -> Call:
-        return cls(model, tuple(messages), _frozen(params), AgentContext.coerce(context))
+        return cls(model, History(messages), _frozen(params), AgentContext.coerce(context))
 
     @property
     def stream(self) -> bool:
@@ -108,7 +121,7 @@ class Call:
         if "params" in changes:
             changes["params"] = _frozen(changes["params"])
         if "messages" in changes:
-            changes["messages"] = tuple(changes["messages"])
+            changes["messages"] = History(changes["messages"])
         return replace(self, **changes)
 
 
@@ -135,7 +148,7 @@ class Plan:
         if "params" in changes:
             changes["params"] = _frozen(changes["params"])
         if "messages" in changes:
-            changes["messages"] = tuple(changes["messages"])
+            changes["messages"] = History(changes["messages"])
         return replace(self, **changes)
 
     def decide(self, decision: Decision, **changes: Any) -> Self:
