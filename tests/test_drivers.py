@@ -231,3 +231,40 @@ def test_a_store_failing_at_settle_never_breaks_an_answered_call(call, script, s
     (route,) = routes(span_exporter)
     assert route.status.status_code != StatusCode.ERROR
     assert len(open_ledger(url).query("SELECT model FROM calls WHERE error IS NULL")) == 1
+
+
+def test_budgets_and_quotas_on_real_redis_through_every_driver(call, script, redis_url, request,
+                                                                monkeypatch) -> None:
+    """On Redis the async drivers hand admission and settlement to the store's batched asyncio
+    client (``aadd_within``/``aadd_many``), the sync ones to its blocking client: same results."""
+    import uuid
+
+    from router_middleware.stores.redis import RedisStore
+
+    used: list[str] = []
+    for name in ("add_within", "aadd_within", "add_many", "aadd_many"):
+        original = getattr(RedisStore, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            used.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(RedisStore, name, spy)
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    for key in admin.scan_iter(f"rm:quota:{CLAUDE}:*"):  # the minute's count is shared by the parameters
+        admin.delete(key)
+    app = f"drivers-{uuid.uuid4().hex[:8]}"
+    p = Pipeline.from_config({"store": redis_url, "app": app,
+                              "routing": {"aliases": {"coder": CODER}, "limits": {CLAUDE: {"rpm": 1}},
+                                          "budgets": [{"name": "team", "scope": "app", "usd": 10.0}]},
+                              "context": {"enabled": False}, "cache": {"enabled": False}})
+    call(p)
+    call(p)  # claude's one request a minute is taken: the call moves on to gpt-5-mini
+    assert script.calls == [CLAUDE, MINI]
+    spent = float(p.store.get(f"budget:team:usd:{app}:0"))
+    assert 0 < spent < 0.01
+    asynchronous = request.node.callspec.params["call"].startswith("a")
+    expected = {"aadd_within", "aadd_many"} if asynchronous else {"add_within", "add_many"}
+    assert set(used) == expected

@@ -1,7 +1,8 @@
 """Thin drivers of a call's lifecycle (:mod:`.lifecycle`): they do the I/O it asks for, sync or async.
 
 ``send`` performs an :class:`~.lifecycle.Attempt` (call the provider, or an agent framework's model
-handler) and returns its answer; a summary goes to litellm; a wait sleeps. Whatever ``send`` raises
+handler) and returns its answer; a summary goes to litellm; a wait sleeps; a store call runs on the
+store (the async driver awaits its async twin where the store has one). Whatever ``send`` raises
 is thrown into the lifecycle, which answers with the next effect or raises it to the caller.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import wire
-from .lifecycle import Attempt, Effect, Flow, Summarize, Wait
+from .lifecycle import Attempt, Effect, Flow, StoreCall, Summarize, Wait
 
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
@@ -53,6 +54,8 @@ def _perform(effect: Effect, send: Callable[[Attempt], Any]) -> Any:
     if isinstance(effect, Wait):
         _sleep(effect.seconds)
         return None
+    if isinstance(effect, StoreCall):
+        return getattr(effect.store, effect.method)(*effect.args)
     if isinstance(effect, Summarize):
         return wire.litellm().completion(**effect.request)
     return send(effect)
@@ -62,6 +65,9 @@ async def _aperform(effect: Effect, send: Callable[[Attempt], Awaitable[Any]]) -
     if isinstance(effect, Wait):
         await _asleep(effect.seconds)
         return None
+    if isinstance(effect, StoreCall):
+        twin = getattr(effect.store, f"a{effect.method}", None)
+        return await twin(*effect.args) if twin is not None else getattr(effect.store, effect.method)(*effect.args)
     if isinstance(effect, Summarize):
         return await wire.litellm().acompletion(**effect.request)
     return await send(effect)

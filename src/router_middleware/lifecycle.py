@@ -2,12 +2,13 @@
 
 ``CallLifecycle.run()`` yields what it needs done and is sent what came of it, like httpx's auth
 flow: :class:`Summarize` (a summary call for a dropped span), :class:`Attempt` (send this plan to
-its provider), :class:`Wait` (back off before the next attempt). A failed attempt is thrown into
+its provider), :class:`Wait` (back off before the next attempt), :class:`StoreCall` (the call's
+admission and settlement writes). A failed attempt is thrown into
 the generator, which answers with the next attempt or raises. The generator's return value is what
 the caller gets: the provider's answer (accounted), a response-cache hit, or a
 :class:`~.streaming.TrackedStream`. Drivers (:mod:`.drivers`) run it with sync or async I/O:
 ``Pipeline.completion``/``acompletion`` and ``RouterAgentMiddleware.wrap_model_call``/
-``awrap_model_call``. Store writes go through the engine's bookkeeper.
+``awrap_model_call``. What to write to the store is decided by the engine's bookkeeper.
 
 Order: plan (summaries first, then plan again) -> response cache -> budget reservation ->
 quota admission -> attempts, each settled or counted as a failure -> the Outcome, spans and
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome
-from .bookkeeping import Claim, Held
+from .bookkeeping import Admission, Claim, Held
 from .cache import rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError
@@ -61,7 +62,17 @@ class Wait:
     seconds: float
 
 
-Effect = Summarize | Attempt | Wait
+@dataclass(frozen=True, slots=True)
+class StoreCall:
+    """Call ``store.<method>(*args)``; an async driver awaits the store's ``a<method>`` twin when it has
+    one (Redis), so admission and settlement never block the event loop there."""
+
+    store: Any
+    method: str
+    args: tuple[Any, ...]
+
+
+Effect = Summarize | Attempt | Wait | StoreCall
 Flow = Generator[Effect, Any, Any]
 
 
@@ -101,19 +112,19 @@ class CallLifecycle:
                 return cached
         claims = self._claims(plan)
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
-        plan = self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
+        plan = yield from self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
         plan, trace = self._launch(plan)
         started = time.perf_counter()
         while True:
             try:
                 answer = yield Attempt(plan, attempts.depth)
             except Exception as exc:
-                step = self._failed(plan, trace, attempts, exc)
+                step = yield from self._failed(plan, trace, attempts, exc)
                 if step is None:
-                    raise
+                    raise exc
                 plan, delay = step
             else:
-                return self._succeeded(plan, answer, trace, started)
+                return (yield from self._succeeded(plan, answer, trace, started))
             if delay:
                 yield Wait(delay)
 
@@ -164,7 +175,8 @@ class CallLifecycle:
         self.held.counted, tokens, output = self.engine.request_size(plan)
         return tokens, output
 
-    def _admit(self, plan: Plan, attempts: Attempts, claims: list[Claim] | None = None) -> Plan:
+    def _admit(self, plan: Plan, attempts: Attempts,
+               claims: list[Claim] | None = None) -> Generator[Effect, Any, Plan]:
         """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`."""
@@ -175,7 +187,7 @@ class CallLifecycle:
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
-                why = self.books.admit(self.held, found, size, claims or [])
+                why = yield from self._take(found, size, claims or [])
                 if why is None:
                     return plan
             denied[target] = why
@@ -185,6 +197,19 @@ class CallLifecycle:
             plan = self.engine.replan(self.call, next_target, Decision(
                 "routing", "skip" if self.usable and not self.usable(target) else "quota",
                 f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))
+
+    def _take(self, found: tuple[quotas.Quota, ...], size: int,
+              claims: list[Claim]) -> Generator[Effect, Any, str | None]:
+        """Admit an attempt through the store (one atomic ``add_within``); why not, or ``None``."""
+        admission = self.books.admission(found, size, claims)
+        if not isinstance(admission, Admission):
+            return admission
+        try:
+            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries,))
+        except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
+            self.books.admission_failed(admission, exc)
+            return None
+        return self.books.admitted(self.held, admission, refusal)
 
     def _launch(self, plan: Plan) -> tuple[Plan, CallTrace]:
         """The first attempt's plan with the context saving estimated, and the call's trace."""
@@ -201,7 +226,7 @@ class CallLifecycle:
     # -- after an attempt ------------------------------------------------------------------------
 
     def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts,
-                exc: Exception) -> tuple[Plan, float] | None:
+                exc: Exception) -> Generator[Effect, Any, tuple[Plan, float] | None]:
         """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
         and ledger row then record the error, and the reservation is released)."""
         engine, failed = self.engine, plan.deployment or plan.model
@@ -219,7 +244,7 @@ class CallLifecycle:
                 "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_target}",
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
         try:
-            retry = self._admit(retry, attempts)
+            retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
             self._give_up(plan, trace, exc)
             raise no_route from exc
@@ -232,10 +257,10 @@ class CallLifecycle:
         self.books.record_failure(plan, exc)
         self.books.release(self.held)
 
-    def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Any:
+    def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
         if self.read is not None:
             result = self.read(plan, answer, started)
-            self.books.settle(result, self.held)
+            yield from self._settle(result)
             trace.succeed(result)
             return answer
         if plan.params.get("stream"):
@@ -243,9 +268,19 @@ class CallLifecycle:
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
         self._save(plan, answer, result, trace)
-        self.books.settle(result, self.held, answer)
+        yield from self._settle(result, answer)
         trace.succeed(result, answer)
         return answer
+
+    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, None]:
+        """Settle through the store (one ``add_many``); a failed write is logged, never raised."""
+        done = self.books.settlement(result, self.held, answer)
+        if done.writes:
+            try:
+                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples))
+            except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
+                log.warning("store_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+        self.books.settled(done)
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache

@@ -4,15 +4,17 @@ A call's budget claims are reserved together with its first attempt's quotas in 
 (later attempts take their quotas alone); after the call its budget, quota tokens and reasoning
 spend settle in one batch of increments (one round trip on Redis), or are released or given back.
 Failures and successes are counted for the circuit breaker, speed averages updated, summaries kept,
-and a ledger row queued per call. Only :meth:`Bookkeeper.admit` may fail a call (``BudgetExceeded``,
-or a store error while budgets are claimed); every other write that fails is logged and the call
-goes on: the middleware never makes an answered call fail.
+and a ledger row queued per call. Admission and settlement are two-phase (what to write, then what
+the store answered), so a call's lifecycle can hand those writes to a sync or an async store. Only
+admission may fail a call (``BudgetExceeded``, or a store error while budgets are claimed); every
+other write that fails is logged and the call goes on: the middleware never makes an answered call
+fail.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..catalog import Catalog
@@ -20,7 +22,7 @@ from ..config import RoutingConfig
 from ..ledger import LedgerWriter, from_outcome
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
-from ..stores.base import Addition, Sample
+from ..stores.base import Addition, Refusal, Sample, Within
 from ..telemetry import log
 from ..types import AgentContext, Cost, Outcome, Plan, Usage
 from ..wire import response_headers
@@ -41,6 +43,38 @@ class Held:
     reservation: Reservation | None = None
     quota: tuple[Taken, tuple[Quota, ...]] | None = None
     counted: int = 0  # the prompt tokens counted locally for the estimate (0: none was made)
+
+
+@dataclass
+class Admission:
+    """An attempt's quota windows and the call's budget claims, to add at once (``entries``)."""
+
+    claims: list[Claim]
+    found: tuple[Quota, ...]
+    tokens: int
+    left: list[Addition]  # already counted down from the provider's view
+    windows: list[quotas.WindowClaim]
+
+    @property
+    def entries(self) -> list[Within]:
+        return [c.within for c in self.claims] + [w.within for w in self.windows]
+
+
+@dataclass
+class Settlement:
+    """A finished call's store writes (``additions``, ``samples``), and what :meth:`Bookkeeper.settled`
+    does after them."""
+
+    outcome: Outcome
+    answer: Any
+    complete: bool
+    additions: list[Addition] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    found: tuple[Quota, ...] = ()
+
+    @property
+    def writes(self) -> bool:
+        return bool(self.additions or self.samples)
 
 
 class Bookkeeper:
@@ -84,36 +118,46 @@ class Bookkeeper:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time())
 
-    def admit(self, held: Held, found: tuple[Quota, ...], tokens: int, claims: list[Claim]) -> str | None:
-        """Take an attempt's quotas and the call's budget ``claims`` (on its first admission) in one
-        atomic step, into ``held``. Returns why the attempt's target cannot be taken now, or ``None``.
-        Raises ``BudgetExceeded`` naming the budget; a store failure raises when budgets are claimed,
-        else it admits the attempt (logged)."""
+    def admission(self, found: tuple[Quota, ...], tokens: int, claims: list[Claim]) -> Admission | str | None:
+        """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget), the
+        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` go to the
+        store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
         if not found and not claims:
             return None
-        try:
-            left, why = quotas.take_provider_view(self.store, found, tokens, self._seen) if found else ([], None)
+        left: list[Addition] = []
+        if found:
+            try:
+                left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
+            except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
+                return self.admission_failed(Admission(claims, found, tokens, [], []), exc)
             if why is not None:
                 return why
-            windows = quotas.window_claims(found, tokens, time.time())
-            refusal = self.store.add_within([c.within for c in claims] + [w.within for w in windows])
-        except Exception as exc:
-            if claims:
-                raise
-            log.warning("quota_store_failed", error_type=type(exc).__name__)
-            return None
+        return Admission(claims, found, tokens, left, quotas.window_claims(found, tokens, time.time()))
+
+    def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
+        """The store's answer to ``admission``: hold what was taken, or say why not. Raises
+        ``BudgetExceeded`` naming the budget."""
+        claims, windows = admission.claims, admission.windows
         if refusal is not None:
-            self._add("quota_store_failed", quotas.give_back(Taken(left, tokens)))
+            self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
             if index < len(claims):
                 raise budgets.refused(claims[index], total)
             return quotas.refused(windows[index - len(claims)], total)
         if claims:
             held.reservation = Reservation(claims)
-        if found:
-            taken = [*left, *((w.within[0], w.within[1], w.within[3]) for w in windows)]
-            held.quota = (Taken(taken, tokens), found)
+        if admission.found:
+            taken = [*admission.left, *((w.within[0], w.within[1], w.within[3]) for w in windows)]
+            held.quota = (Taken(taken, admission.tokens), admission.found)
         return None
+
+    @staticmethod
+    def admission_failed(admission: Admission, error: Exception) -> None:
+        """The store failed: with budgets claimed the call fails (the error is raised), with quotas
+        only it is admitted (logged)."""
+        if admission.claims:
+            raise error
+        log.warning("quota_store_failed", error_type=type(error).__name__)
 
     # -- after an attempt or a call --------------------------------------------------------------
 
@@ -137,42 +181,53 @@ class Bookkeeper:
         if reservation is not None:
             self._add("budget_store_failed", budgets.release(reservation))
 
-    def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-               complete: bool = True) -> None:
-        """Account a finished call: budgets and quotas to the actual usage and the session's reasoning
-        spend (one store round trip), the provider's rate-limit headers in ``answer``, target health
-        and speed, and its ledger row. ``complete=False`` (a stream cut short) settles the budget and
-        quota only. Never raises."""
+    def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
+                   complete: bool = True) -> Settlement:
+        """What settling a finished call writes: budgets and quotas to the actual usage, the session's
+        reasoning spend and the reply's size (one ``add_many``: one round trip on Redis). Then
+        :meth:`settled`. ``complete=False`` (a stream cut short) settles the budget and quota only."""
         usage = outcome.usage
-        additions: list[Addition] = []
-        found: tuple[Quota, ...] = ()
+        done = Settlement(outcome, answer, complete)
         if held is not None:
             reservation, held.reservation = held.reservation, None
             if reservation is not None:
-                additions += budgets.settlement(reservation, usd=outcome.cost.total_usd, tokens=usage.total_tokens)
+                done.additions += budgets.settlement(reservation, usd=outcome.cost.total_usd,
+                                                     tokens=usage.total_tokens)
             if held.quota is not None:
-                taken, found = held.quota
+                taken, done.found = held.quota
                 held.quota = None
-                additions += quotas.settlement(taken, usage.total_tokens)
+                done.additions += quotas.settlement(taken, usage.total_tokens)
         plan = outcome.plan
         session = plan.call.context.session_id if plan else None
         if complete and session and usage.reasoning_tokens:
-            additions.append((REASONING + session, float(usage.reasoning_tokens), None))
-        samples: list[Sample] = []
+            done.additions.append((REASONING + session, float(usage.reasoning_tokens), None))
         if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
             name = f"{plan.model}:{plan.call.context.app or '-'}"
             if usage.output_tokens:
-                samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, RECENT_TTL_S))
+                done.samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, RECENT_TTL_S))
             if held is not None and held.counted and usage.input_tokens:
-                samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES, RECENT_TTL_S))
-        if additions or samples:
-            self._guard("store_write_failed", self.store.add_many, additions, samples)
-        self._observe(found, answer)
-        if not complete:
+                done.samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES,
+                                     RECENT_TTL_S))
+        return done
+
+    def settled(self, done: Settlement) -> None:
+        """After the settlement's writes: the provider's rate-limit headers, target health and speed,
+        and the call's ledger row. Never raises."""
+        self._observe(done.found, done.answer)
+        plan = done.outcome.plan
+        if not done.complete:
             return
         if plan is not None and self.routing.aliases:
-            self._answered(plan.deployment or plan.model, outcome)
-        self.record(outcome)
+            self._answered(plan.deployment or plan.model, done.outcome)
+        self.record(done.outcome)
+
+    def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
+               complete: bool = True) -> None:
+        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises."""
+        done = self.settlement(outcome, held, answer, complete=complete)
+        if done.writes:
+            self._guard("store_write_failed", self.store.add_many, done.additions, done.samples)
+        self.settled(done)
 
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
         if found:
@@ -227,4 +282,4 @@ class Bookkeeper:
             log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
 
 
-__all__ = ["Bookkeeper", "Claim", "Held", "Reservation", "Taken"]
+__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "Taken"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,18 +42,84 @@ return 0
 """
 
 
+class _Batch:
+    """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
+
+    def __init__(self, client: Any, script: Any) -> None:
+        self.client = client
+        self.script = script
+        self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any]]] = []
+
+    def submit(self, queue: Callable[[Any, Any], Any]) -> asyncio.Future[Any]:
+        """``queue(pipeline, script)`` adds one call's commands; the future gets their last result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(lambda: loop.create_task(self._flush()))
+        self.pending.append((queue, future))
+        return future
+
+    async def _flush(self) -> None:
+        batch, self.pending = self.pending, []
+        pipe = self.client.pipeline(transaction=False)
+        sizes = []
+        for queue, _ in batch:
+            before = len(pipe.command_stack)
+            queue(pipe, self.script)
+            sizes.append(len(pipe.command_stack) - before)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for (_, future), size in zip(batch, sizes, strict=True):
+            mine, start = results[start:start + size], start + size
+            failed = next((r for r in mine if isinstance(r, Exception)), None)
+            if not future.done():
+                future.set_exception(failed) if failed is not None else future.set_result(mine[-1] if mine else None)
+
+
+def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[str]) -> None:
+    """Queue ``script`` on an asyncio pipeline (which loads it on execute if Redis lacks it)."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
 def _ms(ttl_s: float | None) -> str:
     return str(max(1, int(ttl_s * 1000))) if ttl_s else ""
 
 
+def _within_args(entries: Sequence[Within]) -> list[str]:
+    args: list[str] = []
+    for _, amount, limit, ttl_s in entries:
+        args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
+    return args
+
+
+def _refusal(answer: Any) -> Refusal | None:
+    index, total = answer
+    return None if int(index) == 0 else (int(index) - 1, float(total))
+
+
 class RedisStore:
+    """Sync methods on a blocking client. ``aadd_within``/``aadd_many`` (what a call's admission and
+    settlement send, on the async path) are batched per event loop: the writes of every call that
+    reached that point in the same turn of the loop go out as one pipeline on one asyncio client
+    (each check-and-add script stays atomic), so a thousand concurrent calls share a few round trips."""
+
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout_s: float = 1.0,
                  prefix: str = "rm:") -> None:
         import redis
 
         self.client: Any = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
                                                 socket_connect_timeout=socket_timeout_s)
+        self.url = url
         self.prefix = prefix
+        self._timeout = socket_timeout_s
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
         self._incr = self.client.register_script(_INCR)
         self._cas = self.client.register_script(_CAS)
         self._release = self.client.register_script(_RELEASE)
@@ -76,16 +144,27 @@ class RedisStore:
     def add_within(self, entries: Sequence[Within]) -> Refusal | None:
         if not entries:
             return None
-        args: list[str] = []
-        for _, amount, limit, ttl_s in entries:
-            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
-        index, total = self._within(keys=[self._k(e[0]) for e in entries], args=args)
-        return None if int(index) == 0 else (int(index) - 1, float(total))
+        return _refusal(self._within(keys=[self._k(e[0]) for e in entries], args=_within_args(entries)))
+
+    async def aadd_within(self, entries: Sequence[Within]) -> Refusal | None:
+        if not entries:
+            return None
+        keys, args = [self._k(e[0]) for e in entries], _within_args(entries)
+        return _refusal(await self._batch().submit(lambda pipe, script: _evalsha(pipe, script, keys, args)))
+
+    def samples(self, key: str) -> list[float]:
+        return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        if not entries and not samples:
-            return
-        pipe = self.client.pipeline(transaction=False)  # native commands: no script check per batch
+        if entries or samples:
+            self._queue(self.client.pipeline(transaction=False), entries, samples).execute()
+
+    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
+        if entries or samples:
+            await self._batch().submit(lambda pipe, script: self._queue(pipe, entries, samples))
+
+    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample]) -> Any:
+        """Native commands only (a pipeline of scripts would check them on every batch)."""
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
@@ -95,10 +174,19 @@ class RedisStore:
             pipe.ltrim(self._k(key), -keep, -1)
             if ttl_s:
                 pipe.pexpire(self._k(key), max(1, int(ttl_s * 1000)))
-        pipe.execute()
+        return pipe
 
-    def samples(self, key: str) -> list[float]:
-        return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
+    def _batch(self) -> _Batch:
+        """This event loop's batch: an asyncio client, and the writes of every call that reached its
+        admission or settlement in the same turn of the loop, sent as one pipeline."""
+        loop = asyncio.get_running_loop()
+        found = self._async.get(loop)
+        if found is None:
+            from redis.asyncio import Redis
+
+            client = Redis.from_url(self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+            found = self._async[loop] = _Batch(client, client.register_script(_WITHIN))
+        return found
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         flag = "" if expected is None else "1"
