@@ -1,17 +1,21 @@
 """Redis commands and round trips per routed call, counted on a real redis-server.
 
-    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--redis-url URL]
+    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--concurrent] [--redis-url URL]
 
 Each call goes through an alias with the response cache (a miss: every call asks something new),
-a USD and token budget and a requests/tokens-per-minute limit, synchronously, with `mock_response`.
-Commands are Redis's own count (INFO commandstats, reset before the run); round trips are the
-requests redis-py sent (pipelined commands travel together). Without `--redis-url` (or REDIS_URL)
-a `redis-server` on a free loopback port is started for the run.
+a USD and token budget and a requests/tokens-per-minute limit, with `mock_response`: one after
+another with `completion`, or (`--concurrent`) all at once with `acompletion`. Commands are Redis's
+own count (INFO commandstats, reset before the run; commands run inside a Lua script count too);
+round trips are the requests the blocking redis-py client sent (pipelined commands travel together;
+the async path's batched pipelines are not counted); the server's CPU time per call (INFO cpu) gives
+how many such calls one Redis core serves. Without `--redis-url` (or REDIS_URL) a `redis-server` on
+a free loopback port is started for the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
@@ -40,10 +44,18 @@ def config(url: str) -> dict:
     }
 
 
+async def _all_at_once(pipeline: rm.Pipeline, calls: int) -> None:
+    await asyncio.gather(*(pipeline.acompletion("coder", [{"role": "user", "content": f"question {i}"}],
+                                                mock_response="ok", context={"session_id": "s"})
+                           for i in range(calls)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--concurrent", action="store_true",
+                        help="all calls at once through acompletion (the batched asyncio client)")
     args = parser.parse_args(argv)
     import redis
     from redis.connection import Connection
@@ -64,20 +76,32 @@ def main(argv: list[str] | None = None) -> int:
             ask(-i - 1)
         admin = redis.Redis.from_url(url)
         admin.config_resetstat()
+        cpu = admin.info("cpu")
+        before = cpu["used_cpu_user"] + cpu["used_cpu_sys"]
         Connection.send_packed_command = counting  # type: ignore[method-assign]
         try:
-            for i in range(args.calls):
-                ask(i)
+            if args.concurrent:
+                asyncio.run(_all_at_once(pipeline, args.calls))
+            else:
+                for i in range(args.calls):
+                    ask(i)
         finally:
             Connection.send_packed_command = original  # type: ignore[method-assign]
+        cpu = admin.info("cpu")
+        redis_cpu_s = cpu["used_cpu_user"] + cpu["used_cpu_sys"] - before
         stats = admin.info("commandstats")
     counts = Counter({name.removeprefix("cmdstat_").upper(): int(value["calls"]) for name, value in stats.items()
                       if name not in ("cmdstat_config", "cmdstat_info")})
     total = sum(counts.values())
-    print(f"{args.calls} routed calls (response cache miss, budget, rate limit), sync, redis-py")
+    mode = "all at once, async" if args.concurrent else "one after another, sync"
+    print(f"{args.calls} routed calls (response cache miss, budget, rate limit), {mode}, redis-py")
     print(f"commands per call: {total / args.calls:.2f} ("
           + ", ".join(f"{name} {n / args.calls:.2f}" for name, n in counts.most_common()) + ")")
-    print(f"round trips per call: {sent / args.calls:.2f}")
+    print(f"round trips per call on the blocking client: {sent / args.calls:.2f}")
+    per_call = redis_cpu_s / args.calls
+    print(f"redis-server CPU per call: {per_call * 1e6:.0f} us, so one Redis core serves about "
+          f"{1 / per_call:,.0f} such calls/s whatever the number of workers (the commands, not the "
+          f"connections, cost it)")
     return 0
 
 

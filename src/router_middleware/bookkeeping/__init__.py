@@ -31,8 +31,7 @@ from .budgets import Claim, Reservation
 from .keys import INPUT_RATIO, LATENCY, OUTPUT, REASONING, SUMMARY, THROUGHPUT
 from .quotas import Taken
 
-RECENT_REPLIES = 50  # output sizes kept per model and app for the learned estimate
-RECENT_TTL_S = 7 * 86_400.0
+RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
 
 
 @dataclass
@@ -204,10 +203,9 @@ class Bookkeeper:
         if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
             name = f"{plan.model}:{plan.call.context.app or '-'}"
             if usage.output_tokens:
-                done.samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, RECENT_TTL_S))
+                done.samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, None))
             if held is not None and held.counted and usage.input_tokens:
-                done.samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES,
-                                     RECENT_TTL_S))
+                done.samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES, None))
         return done
 
     def settled(self, done: Settlement) -> None:

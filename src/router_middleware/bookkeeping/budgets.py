@@ -59,14 +59,15 @@ def refused(claim: Claim, total: float) -> BudgetExceeded:
 
 
 def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None) -> list[Addition]:
-    """Replace the reserved amounts by the actual ones (unknown actual: keep the reservation)."""
-    out = []
+    """Replace the reserved amounts by the actual ones (unknown actual: keep the reservation). The
+    counters exist (admission created them with their ttl), so no ttl is sent again."""
+    out: list[Addition] = []
     for claim in reservation.claims:
         actual = usd if claim.unit == "usd" else tokens
         if actual is not None and not math.isclose(actual, claim.amount):
-            out.append((claim.key, float(actual) - claim.amount, claim.ttl_s))
+            out.append((claim.key, float(actual) - claim.amount, None))
     return out
 
 
 def release(reservation: Reservation) -> list[Addition]:
-    return [(claim.key, -claim.amount, claim.ttl_s) for claim in reservation.claims]
+    return [(claim.key, -claim.amount, None) for claim in reservation.claims]
