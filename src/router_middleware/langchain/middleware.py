@@ -91,10 +91,13 @@ class RouterAgentMiddleware(AgentMiddleware):
         return outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model), started)
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
+        """Run the model call through the call lifecycle. Raises what the handler raised once no
+        fallback is left, ``NoRouteError``, ``BudgetExceeded``, or ``MessageError`` for bad input."""
         flow, build = self._start(request)
         return drive(flow, lambda attempt: handler(build(attempt.plan)))
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
+        """The async twin of :meth:`wrap_model_call`."""
         flow, build = self._start(request)
         return await adrive(flow, lambda attempt: handler(build(attempt.plan)))
