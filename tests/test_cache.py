@@ -134,6 +134,9 @@ class BrokenStore(MemoryStore):
     def set(self, key, value, ttl_s=None):
         raise StoreError("store is down")
 
+    def put_bounded(self, key, value, ttl_s, ring, capacity):
+        raise StoreError("store is down")
+
 
 def test_a_broken_store_degrades_to_a_miss(span_exporter) -> None:
     import structlog

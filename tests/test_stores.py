@@ -79,6 +79,14 @@ def test_samples_keep_the_most_recent_values(store) -> None:
     assert store.samples("out:m") == [30.0, 40.0, 50.0] and float(store.get("n")) == 1.0
 
 
+def test_put_bounded_keeps_the_newest_entries(store) -> None:
+    for i in range(5):
+        store.put_bounded(f"entry:{i}", f"v{i}".encode(), 60.0, "ring", 3)
+    assert [store.get(f"entry:{i}") for i in range(5)] == [None, None, b"v2", b"v3", b"v4"]
+    store.put_bounded("entry:4", b"again", 60.0, "ring", 3)  # a key rewritten keeps its own entry
+    assert store.get("entry:4") == b"again" and store.get("entry:3") == b"v3"
+
+
 def test_incr_is_atomic_across_threads(store) -> None:
     def work() -> None:
         for _ in range(100):

@@ -112,13 +112,8 @@ class ResponseCache:
         key = f"{space}:{request_key(plan)}"
         try:
             payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-            self.store.set(key, json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode(),
-                           ttl_s=self.ttl_s)
-            slot = int(self.store.incr(f"{space}:seq", 1)) % self.max_entries
-            previous = self.store.get(f"{space}:slot:{slot}")
-            if previous and previous.decode() != key:
-                self.store.delete(previous.decode())
-            self.store.set(f"{space}:slot:{slot}", key.encode(), ttl_s=self.ttl_s)
+            blob = json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode()
+            self.store.put_bounded(key, blob, self.ttl_s, space, self.max_entries)  # one round trip
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             self.last_error = f"write failed: {type(exc).__name__}"
             log.warning("cache_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])

@@ -53,6 +53,11 @@ class Store(Protocol):
         """The recent values appended under ``key`` by :meth:`add_many`, oldest first."""
         ...
 
+    def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
+        """Set ``key`` and give it the next of ``capacity`` slots under ``ring``, deleting the key that
+        held that slot (the oldest entry goes): one atomic step, one round trip."""
+        ...
+
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
         """A mutual-exclusion lock across processes, released on exit or after ``ttl_s``."""
         ...

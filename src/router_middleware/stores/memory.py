@@ -82,6 +82,15 @@ class MemoryStore:
                 while len(self._series) > self._max:
                     self._series.popitem(last=False)
 
+    def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
+        with self._mutex:
+            self._put(key, value, ttl_s)
+            slot = f"{ring}:slot:{int(self._add(f'{ring}:seq', 1.0, None)) % capacity}"
+            previous = self._live(slot)
+            if previous and previous.decode() != key:
+                self._data.pop(previous.decode(), None)
+            self._put(slot, key.encode(), ttl_s)
+
     def samples(self, key: str) -> list[float]:
         with self._mutex:
             return list(self._recent(key))

@@ -36,6 +36,19 @@ for i = 1, #KEYS do
 end
 return {0, ''}
 """
+# The response cache's bounded write: the entry, then its slot in the ring (the oldest entry goes).
+_BOUNDED = """
+local function put(key, value)
+  if ARGV[2] == '' then redis.call('SET', key, value) else redis.call('SET', key, value, 'PX', ARGV[2]) end
+end
+put(KEYS[1], ARGV[1])
+local seq = math.floor(tonumber(redis.call('INCRBYFLOAT', KEYS[2], 1)))
+local slot = ARGV[4] .. (seq % tonumber(ARGV[3]))
+local previous = redis.call('GET', slot)
+if previous and previous ~= KEYS[1] then redis.call('DEL', previous) end
+put(slot, KEYS[1])
+return 1
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -124,6 +137,7 @@ class RedisStore:
         self._cas = self.client.register_script(_CAS)
         self._release = self.client.register_script(_RELEASE)
         self._within = self.client.register_script(_WITHIN)
+        self._bounded = self.client.register_script(_BOUNDED)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -151,6 +165,10 @@ class RedisStore:
             return None
         keys, args = [self._k(e[0]) for e in entries], _within_args(entries)
         return _refusal(await self._batch().submit(lambda pipe, script: _evalsha(pipe, script, keys, args)))
+
+    def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
+        self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
+                      args=[value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")])
 
     def samples(self, key: str) -> list[float]:
         return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]

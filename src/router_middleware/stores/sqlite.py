@@ -110,6 +110,16 @@ class SQLiteStore:
                 db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                            (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
 
+    def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
+        put = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"
+        with self._tx() as db:
+            db.execute(put, (key, value, self._expiry(ttl_s)))
+            slot = f"{ring}:slot:{int(self._add(db, f'{ring}:seq', 1.0, None)) % capacity}"
+            previous = self._current(db, slot)
+            if previous and previous[0].decode() != key:
+                db.execute("DELETE FROM kv WHERE key = ?", (previous[0].decode(),))
+            db.execute(put, (slot, key.encode(), self._expiry(ttl_s)))
+
     def samples(self, key: str) -> list[float]:
         raw = self.get(key)
         return [float(v) for v in json.loads(raw)] if raw else []
