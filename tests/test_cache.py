@@ -205,3 +205,26 @@ def test_redis_restart_mid_run(redis_url, tmp_path) -> None:
 def test_pass_through_pipeline_has_no_cache() -> None:
     assert Pipeline().cache is None
     assert Pipeline.from_config({"cache": {"enabled": False}}).cache is None
+
+
+async def test_async_calls_reach_a_redis_cache_without_blocking_the_loop(redis_url, monkeypatch) -> None:
+    """On the async path the lookup and the bounded write go through the store's batched asyncio
+    client (``aget``, ``aput_bounded``), never its blocking ``get``/``put_bounded``."""
+    from router_middleware.stores.redis import RedisStore
+
+    used: list[str] = []
+    for name in ("get", "aget", "put_bounded", "aput_bounded"):
+        original = getattr(RedisStore, name)
+
+        def spy(self, *args, _name=name, _original=original):
+            if not args[0].startswith(("quota:", "budget:", "cooldown:", "out:", "inr:")):
+                used.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(RedisStore, name, spy)
+    pipeline = Pipeline.from_config({"store": redis_url, "app": f"async-cache-{uuid.uuid4().hex[:8]}"})
+    first = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    second = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="5")
+    assert outcome(first).usage.source != "cache" and outcome(second).usage.source == "cache"
+    assert second.choices[0].message.content == "4"
+    assert used == ["aget", "aput_bounded", "aget"]

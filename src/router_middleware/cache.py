@@ -84,43 +84,65 @@ class ResponseCache:
         return plan.params.get("temperature") == 0 and not plan.params.get("n", 1) > 1
 
     def lookup(self, plan: Plan) -> CachedEntry | None:
+        """The cached answer for ``plan`` (exact, then semantic), or None; a failure reads as a miss and
+        sets :attr:`last_error`."""
         self.last_error = None
         entry = self._load(key_for(plan))
         if entry is None and self.semantic is not None:
-            match = self.semantic.find(plan)
-            if match is not None:
-                found = self._load(match.cache_key)
-                if found is not None:
-                    return CachedEntry(found.response, found.cost_usd, match.similarity)
+            entry = self.similar(plan)
         return entry
+
+    def similar(self, plan: Plan) -> CachedEntry | None:
+        """A cached answer to a paraphrase of ``plan`` (the semantic index), or None."""
+        match = self.semantic.find(plan) if self.semantic is not None else None
+        if match is None:
+            return None
+        found = self._load(match.cache_key)
+        return CachedEntry(found.response, found.cost_usd, match.similarity) if found is not None else None
 
     def _load(self, key: str) -> CachedEntry | None:
         try:
-            raw = self.store.get(key)
-            if raw is None:
-                return None
-            data = json.loads(raw)
-            return CachedEntry(dict(data["response"]), data.get("cost_usd"))
+            return self.decode(self.store.get(key))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
-            self.last_error = f"lookup failed: {type(exc).__name__}"
-            log.warning("cache_lookup_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            self.last_error = self.failed("lookup", exc)
             return None
+
+    @staticmethod
+    def decode(raw: bytes | None) -> CachedEntry | None:
+        """A stored entry (raises on a corrupt one)."""
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return CachedEntry(dict(data["response"]), data.get("cost_usd"))
+
+    @staticmethod
+    def failed(what: str, exc: Exception) -> str:
+        """Log a failed lookup or write; the reason, for the call's span."""
+        log.warning(f"cache_{what}_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+        return f"{what} failed: {type(exc).__name__}"
+
+    def entry(self, plan: Plan, response: Any, cost_usd: float | None) -> tuple[str, bytes, float, str, int]:
+        """``put_bounded``'s arguments for storing ``response`` as ``plan``'s answer."""
+        space = namespace(plan)
+        payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
+        blob = json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode()
+        return f"{space}:{request_key(plan)}", blob, self.ttl_s, space, self.max_entries
 
     def save(self, plan: Plan, response: Any, cost_usd: float | None) -> bool:
         self.last_error = None
-        space = namespace(plan)
-        key = f"{space}:{request_key(plan)}"
         try:
-            payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-            blob = json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode()
-            self.store.put_bounded(key, blob, self.ttl_s, space, self.max_entries)  # one round trip
+            entry = self.entry(plan, response, cost_usd)
+            self.store.put_bounded(*entry)  # one round trip
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
-            self.last_error = f"write failed: {type(exc).__name__}"
-            log.warning("cache_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            self.last_error = self.failed("write", exc)
             return False
+        self.saved(plan, entry[0])
+        return True
+
+    def saved(self, plan: Plan, key: str) -> None:
+        """After a write: the semantic index learns the entry."""
         if self.semantic is not None:
             self.semantic.add(plan, key)
-        return True
 
 
 def rebuild_response(data: dict[str, Any]) -> Any:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 from .accounting import build_outcome
 from .bookkeeping import Admission, Claim, Held
-from .cache import rebuild_response, replay_chunks
+from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError
 from .routing import quotas
@@ -107,7 +107,7 @@ class CallLifecycle:
                     log.warning("summary_failed", span=job.key, error=repr(exc))
             plan = engine.plan(self.call)
         if self.use_cache:
-            cached, plan = self._from_cache(plan)
+            cached, plan = yield from self._from_cache(plan)
             if cached is not None:
                 return cached
         claims = self._claims(plan)
@@ -130,15 +130,24 @@ class CallLifecycle:
 
     # -- before the first attempt ----------------------------------------------------------------
 
-    def _from_cache(self, plan: Plan) -> tuple[Any, Plan]:
+    def _from_cache(self, plan: Plan) -> Generator[Effect, Any, tuple[Any, Plan]]:
         """A cached answer shaped like a live one (a stream if one was asked for), or None; and the
-        plan, with a decision recorded if the cache failed (it shows on the span)."""
+        plan, with a decision recorded if the cache failed (it shows on the span). The exact lookup is
+        a store effect; a paraphrase lookup (semantic cache) runs in place."""
         engine, cache = self.engine, self.engine.cache
         if cache is None or not cache.cacheable(plan):
             return None, plan
-        entry = cache.lookup(plan)
-        if cache.last_error:
-            plan = plan.decide(Decision("cache", "error", f"{cache.last_error}; treated as a miss"))
+        entry, error = None, None
+        try:
+            entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(plan),))))
+        except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
+            error = cache.failed("lookup", exc)
+        if entry is None and cache.semantic is not None:
+            cache.last_error = None
+            entry = cache.similar(plan)
+            error = error or cache.last_error
+        if error:
+            plan = plan.decide(Decision("cache", "error", f"{error}; treated as a miss"))
         if entry is None:
             return None, plan
         plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
@@ -267,7 +276,14 @@ class CallLifecycle:
             return TrackedStream(answer, self._stream_finisher(plan, trace), started)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
-        self._save(plan, answer, result, trace)
+        cache = self.engine.cache
+        if cache is not None and self.use_cache and cache.cacheable(plan):
+            try:
+                entry = cache.entry(plan, answer, result.cost.total_usd)
+                yield StoreCall(cache.store, "put_bounded", entry)
+                cache.saved(plan, entry[0])
+            except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
         yield from self._settle(result, answer)
         trace.succeed(result, answer)
         return answer

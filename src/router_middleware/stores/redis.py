@@ -58,13 +58,13 @@ return 0
 class _Batch:
     """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
 
-    def __init__(self, client: Any, script: Any) -> None:
+    def __init__(self, client: Any, scripts: tuple[Any, ...]) -> None:
         self.client = client
-        self.script = script
+        self.scripts = scripts
         self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any]]] = []
 
     def submit(self, queue: Callable[[Any, Any], Any]) -> asyncio.Future[Any]:
-        """``queue(pipeline, script)`` adds one call's commands; the future gets their last result."""
+        """``queue(pipeline, scripts)`` adds one call's commands; the future gets their last result."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
@@ -78,7 +78,7 @@ class _Batch:
         sizes = []
         for queue, _ in batch:
             before = len(pipe.command_stack)
-            queue(pipe, self.script)
+            queue(pipe, self.scripts)
             sizes.append(len(pipe.command_stack) - before)
         try:
             results = await pipe.execute(raise_on_error=False)
@@ -95,7 +95,7 @@ class _Batch:
                 future.set_exception(failed) if failed is not None else future.set_result(mine[-1] if mine else None)
 
 
-def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[str]) -> None:
+def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
     """Queue ``script`` on an asyncio pipeline (which loads it on execute if Redis lacks it)."""
     pipe.scripts.add(script)
     pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -118,10 +118,11 @@ def _refusal(answer: Any) -> Refusal | None:
 
 
 class RedisStore:
-    """Sync methods on a blocking client. ``aadd_within``/``aadd_many`` (what a call's admission and
-    settlement send, on the async path) are batched per event loop: the writes of every call that
-    reached that point in the same turn of the loop go out as one pipeline on one asyncio client
-    (each check-and-add script stays atomic), so a thousand concurrent calls share a few round trips."""
+    """Sync methods on a blocking client. ``aadd_within``, ``aadd_many``, ``aget`` and ``aput_bounded``
+    (what a call's admission, settlement and response cache send on the async path) are batched per
+    event loop: the commands of every call that reached that point in the same turn of the loop go
+    out as one pipeline on one asyncio client (each script stays atomic), so a thousand concurrent
+    calls share a few round trips."""
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout_s: float = 1.0,
                  prefix: str = "rm:") -> None:
@@ -164,7 +165,16 @@ class RedisStore:
         if not entries:
             return None
         keys, args = [self._k(e[0]) for e in entries], _within_args(entries)
-        return _refusal(await self._batch().submit(lambda pipe, script: _evalsha(pipe, script, keys, args)))
+        return _refusal(await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[0], keys, args)))
+
+    async def aget(self, key: str) -> bytes | None:
+        value = await self._batch().submit(lambda pipe, scripts: pipe.get(self._k(key)))
+        return bytes(value) if value is not None else None
+
+    async def aput_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
+        keys = [self._k(key), self._k(f"{ring}:seq")]
+        args = [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
+        await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
@@ -179,7 +189,7 @@ class RedisStore:
 
     async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
         if entries or samples:
-            await self._batch().submit(lambda pipe, script: self._queue(pipe, entries, samples))
+            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples))
 
     def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample]) -> Any:
         """Native commands only (a pipeline of scripts would check them on every batch)."""
@@ -203,7 +213,8 @@ class RedisStore:
             from redis.asyncio import Redis
 
             client = Redis.from_url(self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
-            found = self._async[loop] = _Batch(client, client.register_script(_WITHIN))
+            scripts = (client.register_script(_WITHIN), client.register_script(_BOUNDED))
+            found = self._async[loop] = _Batch(client, scripts)
         return found
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
