@@ -90,7 +90,7 @@ class CallLifecycle:
         self.usable = usable
         self.use_cache = cache and read is None
         self.held = Held()
-        self.trace: CallTrace | None = None
+        self._sized: tuple[Plan, int, int] | None = None  # the last plan sized, and its size
 
     def run(self) -> Flow:
         """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
@@ -180,9 +180,12 @@ class CallLifecycle:
                                  tokens=tokens + output)
 
     def _size(self, plan: Plan) -> tuple[int, int]:
-        """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from)."""
-        self.held.counted, tokens, output = self.engine.request_size(plan)
-        return tokens, output
+        """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
+        counted once per plan: the budget claims and a token quota of the same attempt share it."""
+        if self._sized is None or self._sized[0] is not plan:
+            self.held.counted, tokens, output = self.engine.request_size(plan)
+            self._sized = (plan, tokens, output)
+        return self._sized[1], self._sized[2]
 
     def _admit(self, plan: Plan, attempts: Attempts,
                claims: list[Claim] | None = None) -> Generator[Effect, Any, Plan]:
@@ -192,7 +195,8 @@ class CallLifecycle:
         denied: dict[str, str] = {}
         while True:
             target = plan.deployment or plan.model
-            why = "not among the adapter's models" if self.usable and not self.usable(target) else None
+            unreachable = self.usable is not None and not self.usable(target)
+            why = "not among the adapter's models" if unreachable else None
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
@@ -204,7 +208,7 @@ class CallLifecycle:
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
             plan = self.engine.replan(self.call, next_target, Decision(
-                "routing", "skip" if self.usable and not self.usable(target) else "quota",
+                "routing", "skip" if unreachable else "quota",
                 f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int,
@@ -229,8 +233,7 @@ class CallLifecycle:
             before = engine.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
             after = engine.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
             plan = plan.override(estimated_savings_usd=engine.saving(plan.model, before - after))
-        self.trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after)
-        return plan, self.trace
+        return plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after)
 
     # -- after an attempt ------------------------------------------------------------------------
 
