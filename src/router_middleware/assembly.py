@@ -108,9 +108,10 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     store = open_store(config.store)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
+    state = policy_state(store, catalog)
     return Parts(
-        config=config, catalog=catalog, policies=chain, store=store, state=policy_state(store, catalog),
+        config=config, catalog=catalog, policies=chain, store=store, state=state,
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
-        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store)),
+        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store), quota_view=state.quotas),
     )

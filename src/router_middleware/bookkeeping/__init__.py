@@ -14,6 +14,7 @@ fail.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +29,7 @@ from ..types import AgentContext, Cost, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import INPUT_RATIO, LATENCY, OUTPUT, REASONING, SUMMARY, THROUGHPUT
+from .keys import INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, THROUGHPUT
 from .quotas import Taken
 
 RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
@@ -78,8 +79,10 @@ class Settlement:
 
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
-                 ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0) -> None:
-        """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process."""
+                 ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
+                 quota_view: Mapping[str, float] | None = None) -> None:
+        """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
+        ``quota_view``: the quota counters as the routing policy reads them (keys without the prefix)."""
         self.store = store
         self.routing = routing
         self.catalog = catalog
@@ -87,7 +90,7 @@ class Bookkeeper:
         self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
         self._recent: dict[str, tuple[float, list[float]]] = {}
-        self._seen = StoreView(store, "", float, fresh_s=fresh_s)  # provider views seen (may lag)
+        self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 

@@ -49,12 +49,13 @@ def refused(claim: WindowClaim, total: float) -> str:
 def take_provider_view(store: Store, quotas: tuple[Quota, ...], tokens: int,
                        seen: Mapping[str, float] | None = None) -> tuple[list[Addition], str | None]:
     """Count the attempt down from what the provider said is left (only where its headers were seen:
-    ``seen``, a view of the store that may lag a second, saves a read while none were)."""
+    ``seen``, the routing policy's view of the quota counters, which may lag a second, saves a read
+    while none were)."""
     taken: list[Addition] = []
     for quota in quotas:
         for unit, amount in (("requests", 1.0), ("tokens", float(tokens))):
             key = f"{QUOTA}{quota.bucket}:left:{unit}"
-            if (seen.get(key) if seen is not None else store.get(key)) is None:
+            if (seen.get(key.removeprefix(QUOTA)) if seen is not None else store.get(key)) is None:
                 continue
             # ttl only applies if the provider view expired in between (then it lapses at once)
             left = store.incr(key, -amount, ttl_s=1.0)
