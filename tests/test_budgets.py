@@ -7,6 +7,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -69,6 +70,28 @@ def test_budget_config_errors() -> None:
         budget_pipeline(usd=1, downgrade_to="nope")
 
 
+def _in_threads(calls: int, one: Callable[[], None]) -> None:
+    """Run ``one`` in ``calls`` threads at once and wait for them all."""
+    threads = [threading.Thread(target=one) for _ in range(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _in_two_processes(target: Callable[..., None], args: tuple, *, timeout_s: float) -> list[tuple]:
+    """Run ``target(*args, results)`` in two spawned processes; what each put on ``results``."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [context.Process(target=target, args=(*args, results)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    outcomes = [results.get(timeout=timeout_s) for _ in workers]
+    for w in workers:
+        w.join(60)
+    return outcomes
+
+
 def _worker(url: str, app: str, calls: int, output_estimate: int, limit: float, results) -> None:  # spawned
     import os
 
@@ -94,11 +117,7 @@ def _worker(url: str, app: str, calls: int, output_estimate: int, limit: float, 
             with lock:
                 refused += 1
 
-    threads = [threading.Thread(target=one) for _ in range(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(calls, one)
     results.put((ok, refused, spent))
 
 
@@ -106,15 +125,7 @@ def _worker(url: str, app: str, calls: int, output_estimate: int, limit: float, 
                          ids=["estimate-above-actual", "estimate-below-actual"])
 def test_concurrent_processes_on_redis_respect_the_budget(redis_url, output_estimate, limit) -> None:
     app = f"race-{uuid.uuid4().hex[:8]}"
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_worker, args=(redis_url, app, 100, output_estimate, limit, results))
-               for _ in range(2)]
-    for w in workers:
-        w.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for w in workers:
-        w.join(60)
+    outcomes = _in_two_processes(_worker, (redis_url, app, 100, output_estimate, limit), timeout_s=120)
     ok = sum(o[0] for o in outcomes)
     refused = sum(o[1] for o in outcomes)
     spent = sum(o[2] for o in outcomes)
@@ -163,11 +174,7 @@ def _admission_worker(url: str, app: str, calls: int, max_tokens: int, limit: fl
             with lock:
                 refused += 1
 
-    threads = [threading.Thread(target=one) for _ in range(calls)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _in_threads(calls, one)
     results.put((ok, refused))
 
 
@@ -188,15 +195,7 @@ def test_learned_estimates_admit_the_calls_that_fit_and_never_pass_the_limit(red
     warmed = float(RedisStore(redis_url).get(key))
     fits = 150
     limit = warmed + fits * cost + cost / 2
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    workers = [context.Process(target=_admission_worker, args=(redis_url, app, 200, 40, limit, results))
-               for _ in range(2)]
-    for w in workers:
-        w.start()
-    outcomes = [results.get(timeout=180) for _ in workers]
-    for w in workers:
-        w.join(60)
+    outcomes = _in_two_processes(_admission_worker, (redis_url, app, 200, 40, limit), timeout_s=180)
     ok = sum(o[0] for o in outcomes)
     assert ok + sum(o[1] for o in outcomes) == 400
     spent = float(RedisStore(redis_url).get(key))
