@@ -20,6 +20,8 @@ from router_middleware.context.structure import blocks, head_length
 from router_middleware.messages import integrity_violations
 from router_middleware.replay import load_session
 
+from .conftest import ROOT
+
 STATE = PolicyState()
 SYSTEM = {"role": "system", "content": "You are a coding agent."}
 TASK = {"role": "user", "content": "Fix the bug in src/app/models.py"}
@@ -240,3 +242,35 @@ def test_failed_summary_falls_back_to_digest() -> None:
                                    mock_response="ok")
     assert response.choices[0].message.content == "ok"
     assert any(str(m.get("content", "")).startswith("[") for m in outcome(response).plan.messages[2:3])
+
+
+def test_the_protected_head_is_the_clients_whole_opening_request() -> None:
+    """Cline sends a standing reminder as its third message: everything before the first assistant
+    turn stays, however many messages it is."""
+    body = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_second_after_tool.json")
+                      .read_text())["body"]
+    opening = body["messages"][:3]
+    assert [m["role"] for m in opening] == ["system", "user", "user"]
+    assert head_length(body["messages"]) == 3 and head_length(opening) == 3
+    steps = []
+    for i in range(40):
+        steps += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": "run_commands", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": f"c{i}", "content": f"step {i}\n" + "1234567\n" * 400}]
+    planned = Pipeline.from_config({"context": {"watermark_tokens": 6000}}).plan(
+        Call.create("gpt-4o-mini", [*opening, *steps], {}, AgentContext(session_id="s")))
+    assert len(planned.messages) < len(opening) + len(steps)
+    assert list(planned.messages[:3]) == opening
+
+
+def test_digests_keep_paths_verbatim_and_the_most_recent_ones() -> None:
+    from router_middleware.context.digest import cleared_placeholder, span_digest
+
+    old = [{"role": "tool", "tool_call_id": "c", "content": f"src/pkg/old_{i}.py"} for i in range(50)]
+    recent = {"role": "tool", "tool_call_id": "c",
+              "content": "edited /home/user/project/notes.txt, .github/workflows/ci.yml and ./setup.cfg"}
+    digest = span_digest([*old, recent], chat=False, max_paths=5)
+    assert "/home/user/project/notes.txt, .github/workflows/ci.yml, ./setup.cfg" in digest
+    assert "src/pkg/old_49.py" in digest and "src/pkg/old_0.py" not in digest and "(+48 earlier)" in digest
+    placeholder = cleared_placeholder(recent["content"], tokens=30)
+    assert "paths: /home/user/project/notes.txt, .github/workflows/ci.yml, ./setup.cfg]" in placeholder

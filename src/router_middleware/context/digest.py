@@ -13,15 +13,20 @@ from ..types import Message
 from .extract import names, paths, questions
 
 
+def _recent_paths(text: str, limit: int) -> str:
+    """The ``limit`` most recently mentioned paths, as written, oldest first; '' if none."""
+    found = paths(text)
+    shown = found[-limit:] if limit else []
+    earlier = f"(+{len(found) - len(shown)} earlier) " if len(found) > len(shown) else ""
+    return earlier + ", ".join(shown) if shown else ""
+
+
 def cleared_placeholder(text: str, *, tokens: int, max_paths: int = 40) -> str:
     """The short text that replaces a cleared tool output; it keeps the paths the output named."""
-    found = paths(text)
     lines = text.count("\n") + 1
     note = f"[output cleared to save context: {lines} lines, ~{tokens} tokens"
-    if found:
-        shown = found[:max_paths]
-        more = f" (+{len(found) - len(shown)} more)" if len(found) > len(shown) else ""
-        note += "; paths: " + ", ".join(shown) + more
+    if shown := _recent_paths(text, max_paths):
+        note += "; paths: " + shown
     return note + "]"
 
 
@@ -38,7 +43,6 @@ def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120
         if threads:
             parts.append("open questions: " + " | ".join(threads))
     else:
-        found = paths(text)[:max_paths]
-        if found:
-            parts.append("files mentioned: " + ", ".join(found))
+        if shown := _recent_paths(text, max_paths):
+            parts.append("files mentioned, most recent last: " + shown)
     return "\n".join(parts) + "]"

@@ -17,8 +17,10 @@ _QUESTION = re.compile(r"[^.!?\n]{8,200}\?")
 
 
 def paths(text: str) -> list[str]:
-    """File paths in order of first appearance, without a leading ``./``."""
-    return list(dict.fromkeys(m.lstrip("./") for m in _PATH.findall(text)))
+    """File paths as written (``/abs/x.py``, ``./x.py``, ``.github/ci.yml``), each once, in order of
+    their last mention: the most recent last."""
+    found = _PATH.findall(text)
+    return list(reversed(dict.fromkeys(reversed(found))))
 
 
 def names(text: str) -> Counter[str]:

@@ -1,4 +1,4 @@
-"""The shape of a chat history: its fixed head, tool results and observations, and atomic blocks.
+"""The shape of a chat history: its protected head, tool results and observations, and atomic blocks.
 
 A *block* is the smallest run of messages that can be dropped without breaking the protocol: an
 assistant turn with tool calls together with its tool results, or any single other message. Dropping
@@ -17,10 +17,11 @@ OBSERVATION = re.compile(r"^\s*(?:<returncode>|<output>|Observation:|OBSERVATION
 
 
 def head_length(messages: Sequence[Message]) -> int:
-    """Leading system/developer messages plus the first user message (the task)."""
+    """Everything before the first assistant turn: the client's whole opening request (system prompt,
+    task, and whatever else it sent with them, such as Cline's standing ``[SYSTEM]`` reminder)."""
     for i, message in enumerate(messages):
-        if message.get("role") == "user":
-            return i + 1
+        if message.get("role") == "assistant":
+            return i
     return len(messages)
 
 

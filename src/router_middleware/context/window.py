@@ -1,7 +1,7 @@
 """Dropping whole blocks: a cache-friendly window, and OpenRouter's middle-out.
 
 Both drop atomic blocks only (see :mod:`.structure`), so they never orphan a tool result, and both
-keep the head (system prompt and task) and the last block.
+keep the head (everything before the first assistant turn) and the last block.
 """
 
 from __future__ import annotations

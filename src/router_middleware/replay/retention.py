@@ -16,7 +16,7 @@ from ..types import Message
 
 
 def path_items(text: str) -> set[str]:
-    return set(paths(text))
+    return {path.lstrip("./") for path in paths(text)}  # one file, however it was written
 
 
 def name_items(text: str) -> set[str]:
