@@ -192,3 +192,29 @@ def test_level_on_the_span(span_exporter) -> None:
     parent = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
     assert parent.attributes["gen_ai.request.reasoning.level"] == "budget:16384"
     assert "reasoning:cap" in parent.attributes["router_middleware.decisions"]
+
+
+@pytest.mark.parametrize(("asked", "expected"), [
+    ({"reasoning_effort": "low"}, "low"),
+    ({"reasoning": {"effort": "minimal"}}, "minimal"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "low"),
+    ({}, "high"),  # the caller asked for nothing: the rule's level
+])
+def test_a_rule_caps_the_callers_effort_and_never_raises_it(asked, expected) -> None:
+    def planned(mode: str) -> Plan:
+        config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high", "mode": mode}]})
+        call = Call.create("gpt-5-nano", [{"role": "user", "content": "fix it"}], asked, AgentContext())
+        return ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
+
+    capped = planned("cap")
+    assert capped.params["reasoning_effort"] == expected
+    if asked:
+        assert "kept at the caller's" in capped.decisions[-1].reason
+    assert planned("set").params["reasoning_effort"] == "high"  # mode: set raises what the caller asked
+
+
+def test_a_rule_below_the_callers_effort_still_lowers_it() -> None:
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "minimal"}]})
+    call = Call.create("gpt-5-nano", [{"role": "user", "content": "fix it"}], {"reasoning_effort": "high"},
+                       AgentContext())
+    assert ReasoningPolicy(config)(Plan.from_call(call), PolicyState()).params["reasoning_effort"] == "minimal"

@@ -100,9 +100,12 @@ class RuleMatch(_Strict):
 
 
 class ReasoningRule(_Strict):
+    """``mode: cap`` (default) never raises what the caller asked for, when it asked; ``set`` does."""
+
     when: RuleMatch = Field(default_factory=RuleMatch)
     effort: ReasoningLevel | None = None
     budget_tokens: int | None = Field(default=None, ge=0)
+    mode: Literal["cap", "set"] = "cap"
 
     def model_post_init(self, __context: Any) -> None:
         if (self.effort is None) == (self.budget_tokens is None):

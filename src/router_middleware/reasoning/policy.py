@@ -44,18 +44,19 @@ class ReasoningPolicy:
         context = plan.call.context
         kind = context.step_kind or infer_step_kind(plan.messages)
         rule = next((r for r in config.rules if rule_matches(r, plan.model, plan.call.model, context, kind)), None)
+        budgets = self._budgets()
+        asked = requested_level(plan.call.params, budgets)
         level: Level | None = None
         budget: int | None = None
         reasons: list[str] = []
         if rule is not None:
             level, budget = rule.effort, rule.budget_tokens
             reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
-        elif (requested := _requested_level(plan.params)) is not None:
-            level = requested
+        elif asked is not None:
+            level = asked
             reasons.append("caller's own setting")
         if level is None and budget is None:
             return self._strip_if_unsupported(plan, state)
-        budgets = self._budgets()
         if budget is not None:
             level = level_for_budget(budget, budgets)
         assert level is not None
@@ -65,6 +66,9 @@ class ReasoningPolicy:
                 level = shift(level, 1)
                 budget = None
                 reasons.append(f"escalated one level: {failed}")
+        if asked is not None and _rank(level) > _rank(asked) and (rule is None or rule.mode == "cap"):
+            level, budget = asked, None
+            reasons.append(f"kept at the caller's '{asked}' (a rule caps; mode: set raises)")
         remaining = self._remaining(context, state)
         if remaining is not None:
             allowed = level_for_budget(max(0, remaining) // 2, budgets) if remaining > 0 else "none"
@@ -94,7 +98,7 @@ class ReasoningPolicy:
     def _strip_if_unsupported(self, plan: Plan, state: PolicyState) -> Plan:
         if not any(key in plan.params for key in REASONING_PARAMS):
             return plan
-        level = _requested_level(plan.params) or "medium"
+        level = requested_level(plan.params, self._budgets()) or "medium"
         result = translate(plan.model, state.catalog.provider(plan.model), state.catalog.resolve(plan.model),
                            plan.params, level=level)
         if result.supported:
@@ -102,10 +106,23 @@ class ReasoningPolicy:
         return plan.decide(Decision(self.name, "unsupported", result.note), params=result.params)
 
 
-def _requested_level(params: Mapping[str, object]) -> Level | None:
+def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] = DEFAULT_BUDGETS) -> Level | None:
+    """The level the caller asked for, in any family's shape: ``reasoning_effort``, Anthropic's
+    ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort or max_tokens); None if none."""
     effort = params.get("reasoning_effort")
     if isinstance(effort, str) and effort in LEVELS:
         return effort
+    for key in ("thinking", "reasoning"):
+        value = params.get(key)
+        if not isinstance(value, Mapping):
+            continue
+        if value.get("type") == "disabled" or value.get("enabled") is False:
+            return "none"
+        if isinstance(value.get("effort"), str) and value["effort"] in LEVELS:
+            return value["effort"]  # type: ignore[no-any-return]
+        tokens = value.get("budget_tokens", value.get("max_tokens"))
+        if isinstance(tokens, int) and not isinstance(tokens, bool):
+            return level_for_budget(tokens, dict(budgets))
     return None
 
 
