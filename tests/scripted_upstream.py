@@ -1,16 +1,17 @@
 """A scripted OpenAI-compatible model on loopback, standing in for a coding agent's model (no model
-can be reached here). It answers like Cline's runs recorded in ../shared/data/cline-requests: a
-first turn that calls ``run_commands``, then ``submit_and_exit`` once a tool result is in the
-history; streamed (SSE, with a final usage chunk when ``stream_options.include_usage`` is set) or
-plain JSON. Every request body is kept for the test to inspect.
+can be reached here). It answers like Cline's runs recorded in ../shared/data/cline-requests: turns
+that call ``run_commands`` (one per step of the run), then ``submit_and_exit``; streamed (SSE, with
+a final usage chunk when ``stream_options.include_usage`` is set) or plain JSON. Every request body is kept for the test to inspect.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -21,14 +22,23 @@ USAGE = {"prompt_tokens": 3210, "completion_tokens": 42, "total_tokens": 3252,
          "prompt_tokens_details": {"cached_tokens": 2048}}
 
 
-def _reply(body: dict[str, Any]) -> dict[str, Any]:
-    """The next tool call for this conversation."""
-    if any(m.get("role") == "tool" for m in body.get("messages", [])):
+def _reply(body: dict[str, Any], steps: int, output_lines: int) -> dict[str, Any]:
+    """The next tool call for this conversation: ``steps`` commands, then ``submit_and_exit``. The step
+    reached is read from the last tool result (``step-K``), which trimming never drops."""
+    results = [m for m in body.get("messages", []) if m.get("role") == "tool"]
+    done = 0
+    if results:
+        found = re.findall(r"step-(\d+)", str(results[-1].get("content")))
+        done = int(found[-1]) if found else steps
+    if done >= steps:
         name, args = "submit_and_exit", {"summary": "Ran echo hello-from-cline; it printed hello-from-cline.",
                                          "verified": True}
     else:
-        name, args = "run_commands", {"commands": ["echo hello-from-cline"]}
-    return {"id": f"call_{int(time.time() * 1000) % 10**8:08d}", "type": "function",
+        command = f"echo hello-from-cline step-{done + 1}"
+        if output_lines:  # a long tool output (about 7 bytes a line)
+            command += f" && seq 100000 {100000 + output_lines}"
+        name, args = "run_commands", {"commands": [command]}
+    return {"id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
             "function": {"name": name, "arguments": json.dumps(args)}}
 
 
@@ -48,7 +58,10 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 
 
 @contextmanager
-def scripted_upstream(model: str = "scripted-coder") -> Iterator[tuple[str, list[dict[str, Any]]]]:
+def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
+                      status: int = 200) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
+    than 200: every request is answered with that error (an overloaded or dead deployment)."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -73,7 +86,11 @@ def scripted_upstream(model: str = "scripted-coder") -> Iterator[tuple[str, list
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
             with lock:
                 seen.append(body)
-            call = _reply(body)
+            if status != 200:
+                error = {"error": {"message": "the deployment is overloaded", "type": "server_error"}}
+                self._send(status, json.dumps(error).encode(), "application/json")
+                return
+            call = _reply(body, steps, output_lines)
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 payload = "".join(f"data: {json.dumps(c)}\n\n" for c in _chunks(model, call, usage)) + "data: [DONE]\n\n"

@@ -20,7 +20,9 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,15 +84,21 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
-@pytest.fixture
-def proxy(tmp_path: Path) -> Iterator[dict[str, object]]:
+@contextmanager
+def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, *, steps: int = 1, output_lines: int = 0,
+           strong_status: int = 200) -> Iterator[dict[str, Any]]:
+    """The LiteLLM proxy of integrations/litellm-proxy on loopback, with router-middleware's hook and
+    ``router_config``; coder-cheap is the scripted model, coder-strong too unless ``strong_status``
+    makes it answer every request with that error."""
     ledger = tmp_path / "ledger.db"
-    (tmp_path / "router.yaml").write_text(ROUTER_CONFIG.format(ledger=ledger))
+    (tmp_path / "router.yaml").write_text(router_config.format(ledger=ledger))
     project = f"cline-{uuid.uuid4().hex[:8]}"
-    with scripted_upstream() as (upstream, seen):
+    with scripted_upstream(steps=steps, output_lines=output_lines) as (upstream, seen), \
+            scripted_upstream(status=strong_status) as (dead, dead_seen):
+        strong = upstream if strong_status == 200 else dead
         port = _free_port()
         env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": "sk-proxy-master",
-               "CHEAP_API_BASE": upstream, "STRONG_API_BASE": upstream, "CHEAP_API_KEY": "sk-upstream",
+               "CHEAP_API_BASE": upstream, "STRONG_API_BASE": strong, "CHEAP_API_KEY": "sk-upstream",
                "STRONG_API_KEY": "sk-upstream", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml"),
                "ROUTER_MIDDLEWARE_PROJECT": project}
         if os.environ.get("PHOENIX_URL"):
@@ -111,10 +119,17 @@ def proxy(tmp_path: Path) -> Iterator[dict[str, object]]:
                     time.sleep(0.5)
             else:
                 raise RuntimeError("the LiteLLM proxy did not become ready in 90 s")
-            yield {"base": f"{base}/v1", "seen": seen, "ledger": ledger, "project": project, "tmp": tmp_path}
+            yield {"base": f"{base}/v1", "seen": seen, "dead_seen": dead_seen, "ledger": ledger, "project": project,
+                   "tmp": tmp_path}
         finally:
             _stop(process)
             log.close()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    with _proxy(tmp_path) as running:
+        yield running
 
 
 def _cline(args: list[str], home: Path, timeout: int = 180) -> subprocess.CompletedProcess[str]:
@@ -162,7 +177,6 @@ def test_cline_runs_through_the_proxy_and_the_pipeline(proxy) -> None:
                                                                    "submit_and_exit"]
         assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
         assert body["prompt_cache_key"].startswith("rm-")  # the context policy's cache hint, one per session
-    assert first["prompt_cache_key"] == second["prompt_cache_key"]
     assert first["reasoning_effort"] == "medium" and second["reasoning_effort"] == "low"  # per-step caps
     assistant = next(m for m in second["messages"] if m["role"] == "assistant")
     assert assistant.get("content") is None and assistant["tool_calls"][0]["function"]["name"] == "run_commands"
@@ -176,6 +190,11 @@ def test_cline_runs_through_the_proxy_and_the_pipeline(proxy) -> None:
             (USAGE["prompt_tokens"], USAGE["prompt_tokens_details"]["cached_tokens"], USAGE["completion_tokens"])
         assert row["cost_usd"] > 0 and row["session"].startswith("head-")
         assert "routing:route" in row["decisions"] and "reasoning:" in row["decisions"]
+        assert row["ttft_s"] is not None and 0 <= row["ttft_s"] <= row["latency_s"]  # Cline streams
+    # Steps and kinds derived from the conversation; the run's session is its head plus its first
+    # assistant turn (the first call, which has none yet, is under the head's session alone).
+    assert [(r["step"], r["step_kind"]) for r in rows] == [(0, "plan"), (1, "observe")]
+    assert rows[1]["session"].startswith(rows[0]["session"] + "-")
 
     if os.environ.get("PHOENIX_URL"):
         spans = _phoenix_spans(str(proxy["project"]), expected=4)  # the proxy's own FastAPI spans are there too
@@ -183,6 +202,91 @@ def test_cline_runs_through_the_proxy_and_the_pipeline(proxy) -> None:
         assert len(routes) == 2
         clients = [s for s in spans if s["name"].startswith("chat ")]
         assert {c["attributes"]["gen_ai.usage.input_tokens"] for c in clients} == {USAGE["prompt_tokens"]}
+
+
+REMINDER = "[SYSTEM] This run is not complete until you call"
+
+
+def _run(proxy: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """A yolo Cline run of a task through the proxy; its final event."""
+    home = proxy["tmp"] / "home"
+    work = home / "project"
+    work.mkdir(parents=True, exist_ok=True)
+    auth = _cline(["auth", "-p", "openai-compatible", "-k", "sk-proxy-master", "-m", "coder", "-b", proxy["base"]],
+                  home)
+    assert auth.returncode == 0, auth.stderr[-2000:]
+    run = _cline(["--yolo", "--json", "-P", "openai-compatible", "-m", "coder", *extra, "-c", str(work),
+                  "say hello"], home, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")][-1]
+    assert result["type"] == "run_result" and result["finishReason"] == "completed", result
+    return result
+
+
+def _intact(messages: list[dict[str, Any]]) -> bool:
+    """Every tool result answers a call of the assistant turn before it, and every call is answered."""
+    open_calls: set[str] = set()
+    for message in messages:
+        if message["role"] == "tool":
+            if message.get("tool_call_id") not in open_calls:
+                return False
+            open_calls.discard(message["tool_call_id"])
+        elif open_calls:
+            return False
+        if message["role"] == "assistant":
+            open_calls = {c["id"] for c in message.get("tool_calls") or []}
+    return not open_calls
+
+
+def test_a_long_run_is_trimmed_keeps_the_reminder_and_records_savings(tmp_path: Path) -> None:
+    config = ROUTER_CONFIG + "context:\n  watermark_tokens: 6000\n"
+    steps = 8
+    with _proxy(tmp_path, config, steps=steps, output_lines=1100) as proxy:
+        _run(proxy)
+        seen = proxy["seen"]
+        assert len(seen) == steps + 1
+        for body in seen:  # Cline's opening request is the protected head: its reminder is never dropped
+            head = body["messages"][:3]
+            assert [m["role"] for m in head] == ["system", "user", "user"] and REMINDER in head[2]["content"]
+            assert _intact(body["messages"])
+        trimmed = [b for b in seen if any("earlier messages omitted" in str(m.get("content")) for m in b["messages"])]
+        assert trimmed, "the window never cut the history"
+        rows = _ledger_rows(proxy["ledger"], steps + 1)
+    assert [r["step"] for r in rows] == list(range(steps + 1))
+    cut = [r for r in rows if "window:trim" in r["decisions"]]
+    assert len(cut) >= len(trimmed) and all(r["saved_context_usd"] > 0 for r in cut)
+    assert all(r["baseline_cost_usd"] == pytest.approx(r["cost_usd"] + r["saved_context_usd"]) for r in rows)
+    assert sum(r["saved_context_usd"] for r in rows) > 0
+
+
+def test_a_dead_first_deployment_fails_over_and_cools_down(tmp_path: Path) -> None:
+    steps = 4
+    with _proxy(tmp_path, steps=steps, strong_status=503) as proxy:  # coder: [coder-strong (dead), coder-cheap]
+        _run(proxy)
+        assert len(proxy["seen"]) == steps + 1  # every call was answered by coder-cheap
+        assert all(b["model"] == "gpt-4o-mini" for b in proxy["seen"])
+        dead = len(proxy["dead_seen"])
+        rows = _ledger_rows(proxy["ledger"], steps + 1)
+        spans = _phoenix_spans(str(proxy["project"]), expected=2 * (steps + 1) + dead) \
+            if os.environ.get("PHOENIX_URL") else []  # read while the proxy runs: it exports in batches
+    assert dead == 3, dead  # one try per call (no retries of a dead target) until the cooldown (3 failures)
+    assert len(rows) == steps + 1 and all(r["error"] is None and r["requested_model"] == "coder" for r in rows)
+    assert len({r["cost_usd"] for r in rows}) == 1  # every row priced as the deployment that answered
+    fell_over = [r for r in rows if "routing:fallback" in r["decisions"]]
+    assert len(fell_over) == dead  # each fell over within one call: one row, with the fallback decision
+    assert all("routing:fallback" not in r["decisions"] for r in rows[dead:])  # then the cooldown routed past it
+    if spans:
+        assert len([s for s in spans if s["name"] == "route coder"]) == steps + 1
+        attempts = [s for s in spans if s["name"].startswith("chat ")]
+        assert len(attempts) == steps + 1 + dead  # one attempt span per target tried, under its call's route span
+        assert sorted(s["status_code"] for s in attempts).count("ERROR") == dead
+
+
+def test_a_client_effort_is_capped_never_raised(tmp_path: Path) -> None:
+    with _proxy(tmp_path) as proxy:  # the rules say medium for plan steps, low for observe steps
+        _run(proxy, "--thinking", "low")
+        efforts = [b.get("reasoning_effort") for b in proxy["seen"]]
+    assert efforts == ["low", "low"], efforts
 
 
 def _phoenix_spans(project: str, expected: int) -> list[dict]:

@@ -4,6 +4,7 @@ on the wire through real recordings), and the success/failure events record usag
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
@@ -120,8 +121,6 @@ def test_failures_are_recorded(logger, span_exporter) -> None:
 
 
 def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_stands_aside() -> None:
-    import json
-
     from .conftest import ROOT
 
     body = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_first.json").read_text())["body"]
@@ -136,3 +135,103 @@ def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_sta
     assert changed["prompt_cache_key"].startswith("rm-") and changed["messages"] == body["messages"]
     assert asyncio.run(router.async_pre_call_deployment_hook({**changed, "model": "gpt-5-mini"}, "acompletion")) is None
     assert router.hook_calls == 1
+
+
+def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:
+    return RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"flaky": {"model": "openai/gpt-5-mini"}, "flaky2": {"model": "openai/gpt-5-mini"},
+                                    "healthy": {"model": "openai/gpt-4o-mini"}},
+                    "aliases": {"coder": targets}},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    }), proxy=True).register()
+
+
+async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: str, stream: bool = False) -> object:
+    """What the LiteLLM proxy does with a request: the pre-call hook, the router, the failure hook."""
+    data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
+            "litellm_call_id": call_id, "stream": stream}
+    changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+    try:
+        response = await router.acompletion(**changed)
+        if stream:
+            async for _ in response:
+                pass
+        return response
+    except Exception as exc:
+        await logger.async_post_call_failure_hook(changed, exc, None)
+        raise
+
+
+def _ledger(logger: RouterLogger) -> list[dict]:
+    logger.pipeline.ledger.flush()
+    db = open_ledger(logger.pipeline.config.ledger.url)
+    try:
+        return [dict(zip(("ts", "error", "requested_model", "decisions"), row, strict=True))
+                for row in db.query("SELECT ts, error, requested_model, decisions FROM calls ORDER BY ts")]
+    finally:
+        db.close()
+
+
+def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tmp_path) -> None:
+    """A real litellm Router with two loopback deployments, one answering 503 to everything."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=503) as (dead, dead_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
+            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+        ])
+        logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+        try:
+            async def calls() -> None:
+                for i in range(5):
+                    await _through_proxy(logger, router, f"c{i}", stream=i % 2 == 1)
+                await _recorded(logger, 5)
+            asyncio.run(calls())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert len(seen) == 5 and len(dead_seen) == 3  # the cooldown (3 failures) routes past the dead target
+    assert len(rows) == 5 and all(r["error"] is None and r["requested_model"] == "coder" for r in rows)
+    assert ["routing:fallback" in r["decisions"] for r in sorted(rows, key=lambda r: r["ts"])] == \
+        [True, True, True, False, False]
+
+
+def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path) -> None:
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, dead_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}}
+            for name in ("flaky", "flaky2")])
+        logger = _proxy_logger(tmp_path, ["flaky", "flaky2"])
+        try:
+            with pytest.raises(Exception, match="overloaded"):
+                asyncio.run(_through_proxy(logger, router, "lost"))
+            asyncio.run(_recorded(logger, 1))
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert len(dead_seen) == 2  # each target once, in the alias's order
+    assert len(rows) == 1 and rows[0]["error"] and "routing:fallback" in rows[0]["decisions"]
+
+
+def test_run_labels_separate_runs_of_the_same_task() -> None:
+    from router_middleware.litellm import run_labels
+
+    from .conftest import ROOT
+
+    second = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_second_after_tool.json")
+                        .read_text())["body"]["messages"]
+    first = second[:3]  # Cline's opening request: system, task, reminder
+
+    def other_run(messages: list[dict]) -> list[dict]:
+        turn = messages[3]
+        return [*messages[:3], {**turn, "tool_calls": [{**turn["tool_calls"][0], "id": "call_another_run"}]},
+                {**messages[4], "tool_call_id": "call_another_run"}]
+
+    start, later, elsewhere = run_labels(first), run_labels(second), run_labels(other_run(second))
+    assert (start["step"], start["step_kind"], later["step"], later["step_kind"]) == (0, "plan", 1, "observe")
+    assert later["session_id"].startswith(start["session_id"] + "-")  # the run's first call: its head alone
+    assert elsewhere["session_id"] != later["session_id"]  # same task, another run
+    assert run_labels([*second, {"role": "assistant", "content": "done"}])["session_id"] == later["session_id"]

@@ -4,6 +4,8 @@
 handler) and returns its answer; a summary goes to litellm; a wait sleeps; a store call runs on the
 store (the async driver awaits its async twin where the store has one). Whatever ``send`` raises
 is thrown into the lifecycle, which answers with the next effect or raises it to the caller.
+:func:`step`/:func:`astep` run the effects between two attempts, for an adapter whose attempts are
+made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycle).
 """
 
 from __future__ import annotations
@@ -21,25 +23,51 @@ _asleep = asyncio.sleep
 
 
 def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
-    done, value = _advance(flow, None, None)
+    done, value = step(flow, None, None)
     while not done:
         try:
-            reply, error = _perform(value, send), None
+            reply, error = send(value), None
         except Exception as exc:  # noqa: BLE001 - handed to the lifecycle, which decides
             reply, error = None, exc
-        done, value = _advance(flow, reply, error)
+        done, value = step(flow, reply, error)
     return value
 
 
 async def adrive(flow: Flow, send: Callable[[Attempt], Awaitable[Any]]) -> Any:
-    done, value = _advance(flow, None, None)
+    done, value = await astep(flow, None, None)
     while not done:
         try:
-            reply, error = await _aperform(value, send), None
+            reply, error = await send(value), None
+        except Exception as exc:  # noqa: BLE001
+            reply, error = None, exc
+        done, value = await astep(flow, reply, error)
+    return value
+
+
+def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
+    """Hand ``flow`` what came of its last effect and do every effect up to the next attempt:
+    ``(False, Attempt)``, or ``(True, result)``. ``wait=False``: a caller that backs off on its own
+    (litellm's router, behind the proxy) skips the waits."""
+    done, value = _advance(flow, reply, error)
+    while not done and not isinstance(value, Attempt):
+        try:
+            reply, error = _perform(value, wait), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
         done, value = _advance(flow, reply, error)
-    return value
+    return done, value
+
+
+async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
+    """:func:`step` with async I/O."""
+    done, value = _advance(flow, reply, error)
+    while not done and not isinstance(value, Attempt):
+        try:
+            reply, error = await _aperform(value, wait), None
+        except Exception as exc:  # noqa: BLE001
+            reply, error = None, exc
+        done, value = _advance(flow, reply, error)
+    return done, value
 
 
 def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any]:
@@ -50,24 +78,24 @@ def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any
         return True, stop.value
 
 
-def _perform(effect: Effect, send: Callable[[Attempt], Any]) -> Any:
+def _perform(effect: Effect, wait: bool) -> Any:
     if isinstance(effect, Wait):
-        _sleep(effect.seconds)
+        if wait:
+            _sleep(effect.seconds)
         return None
     if isinstance(effect, StoreCall):
         return getattr(effect.store, effect.method)(*effect.args)
-    if isinstance(effect, Summarize):
-        return wire.litellm().completion(**effect.request)
-    return send(effect)
+    assert isinstance(effect, Summarize)
+    return wire.litellm().completion(**effect.request)
 
 
-async def _aperform(effect: Effect, send: Callable[[Attempt], Awaitable[Any]]) -> Any:
+async def _aperform(effect: Effect, wait: bool) -> Any:
     if isinstance(effect, Wait):
-        await _asleep(effect.seconds)
+        if wait:
+            await _asleep(effect.seconds)
         return None
     if isinstance(effect, StoreCall):
         twin = getattr(effect.store, f"a{effect.method}", None)
         return await twin(*effect.args) if twin is not None else getattr(effect.store, effect.method)(*effect.args)
-    if isinstance(effect, Summarize):
-        return await wire.litellm().acompletion(**effect.request)
-    return await send(effect)
+    assert isinstance(effect, Summarize)
+    return await wire.litellm().acompletion(**effect.request)

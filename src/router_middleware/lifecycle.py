@@ -51,10 +51,12 @@ class Summarize:
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """Send ``plan`` to its provider (``depth``: attempts made before this one)."""
+    """Send ``plan`` to its provider (``depth``: attempts made before this one; ``remaining``: the
+    targets left after this one, in order)."""
 
     plan: Plan
     depth: int
+    remaining: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class CallLifecycle:
         self.use_cache = cache and read is None
         self.held = Held()
         self._sized: tuple[Plan, int, int] | None = None  # the last plan sized, and its size
+        self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
 
     def run(self) -> Flow:
         """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
@@ -113,11 +116,12 @@ class CallLifecycle:
         claims = self._claims(plan)
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
         plan = yield from self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
-        plan, trace = self._launch(plan)
+        plan, trace = engine.launch(plan)
         started = time.perf_counter()
         while True:
+            self._current = (plan, trace)
             try:
-                answer = yield Attempt(plan, attempts.depth)
+                answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
             except Exception as exc:
                 step = yield from self._failed(plan, trace, attempts, exc)
                 if step is None:
@@ -127,6 +131,13 @@ class CallLifecycle:
                 return (yield from self._succeeded(plan, answer, trace, started))
             if delay:
                 yield Wait(delay)
+
+    def abandon(self, error: BaseException) -> None:
+        """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
+        lifecycle did): record ``error`` as its failure and release what it holds. Idempotent."""
+        if self._current is not None:
+            plan, trace = self._current
+            self._give_up(plan, trace, error)
 
     # -- before the first attempt ----------------------------------------------------------------
 
@@ -224,17 +235,6 @@ class CallLifecycle:
             return None
         return self.books.admitted(self.held, admission, refusal)
 
-    def _launch(self, plan: Plan) -> tuple[Plan, CallTrace]:
-        """The first attempt's plan with the context saving estimated, and the call's trace."""
-        engine = self.engine
-        before = after = 0
-        if plan.messages != plan.call.messages:
-            session = plan.call.context.session_id
-            before = engine.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
-            after = engine.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
-            plan = plan.override(estimated_savings_usd=engine.saving(plan.model, before - after))
-        return plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after)
-
     # -- after an attempt ------------------------------------------------------------------------
 
     def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts,
@@ -265,11 +265,13 @@ class CallLifecycle:
         return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
 
     def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException) -> None:
+        self._current = None
         trace.fail(exc)
         self.books.record_failure(plan, exc)
         self.books.release(self.held)
 
     def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
+        self._current = None
         if self.read is not None:
             result = self.read(plan, answer, started)
             yield from self._settle(result)

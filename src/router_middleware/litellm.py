@@ -1,12 +1,20 @@
 """``RouterLogger``: the pipeline inside litellm's own callbacks (``litellm.callbacks = [RouterLogger()]``).
 
+Behind the LiteLLM proxy (``async_pre_call_hook``) each request drives the pipeline's call
+lifecycle (:mod:`.lifecycle`), like ``Pipeline.acompletion`` does, except that the proxy's router
+makes the attempts: the hook plans the call (routing to any ``model_name`` of the proxy, context,
+reasoning, budgets, quotas) and tells the router the alias's remaining targets as the request's
+``fallbacks``; each failure event is thrown into the lifecycle (failure counts, cooldowns, the next
+attempt's admission); the success event settles the call. A call that fell over is one ledger row
+and one route span with an attempt span per target.
+
 In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment_hook``, and calls
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
 logger applies the context and reasoning policies to the request, and routing when the model it
 picks is served by the same provider (litellm cannot change providers at that point; the decision
 says so otherwise). The success and failure events record usage, cost, spans, metrics and ledger
-rows for every call, sync or async. litellm logs and ignores exceptions raised in hooks, so the
-logger counts what it did (``hook_calls``, ``recorded``) for tests and health checks. Use
+rows for every call, sync or async. litellm logs and ignores exceptions raised in its SDK hooks, so
+the logger counts what it did (``hook_calls``, ``recorded``) for tests and health checks. Use
 ``register()`` / ``unregister()`` rather than editing ``litellm.callbacks`` by hand.
 """
 
@@ -15,15 +23,21 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
 from .accounting import build_outcome
+from .context.structure import head_length
+from .drivers import astep
+from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
+from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import Call, Decision, Plan
+from .types import Call, Decision, Message, Outcome, Plan
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -49,28 +63,72 @@ def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
     return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion")
 
 
-def _context(kwargs: Mapping[str, Any], *, head_session: bool = False) -> dict[str, Any]:
-    """The call's labels from its metadata; with ``head_session``, a call without ``session_id`` gets
-    one from its conversation head (the system prompt and the task), which an agent resends unchanged
-    on every step: what a proxy can know when the client (Cline, say) sends no session."""
+def _digest(value: object) -> str:
+    return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def run_labels(messages: Sequence[Message]) -> dict[str, Any]:
+    """What a proxy can tell of an agent run from its conversation, when the client sends no labels:
+    ``session_id`` from the opening request (everything before the first assistant turn) and that
+    turn (its tool-call ids or text, unique to the run), ``step`` (assistant turns so far) and
+    ``step_kind``. A run's first call has no assistant turn yet: its session is the head's alone
+    (``head-<h>``), and the run's later calls share ``head-<h>-<a>``."""
+    head = head_length(messages)
+    session = f"head-{_digest([(m.get('role'), m.get('content')) for m in messages[:head]])}"
+    if head < len(messages):
+        first = messages[head]
+        ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
+        session += f"-{_digest(ids or first.get('content'))}"
+    steps = sum(1 for m in messages if m.get("role") == "assistant")
+    return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
+
+
+def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
+    """The call's labels from its metadata; with ``derive`` (the proxy), what the client did not
+    label is derived from the conversation (:func:`run_labels`)."""
     metadata = _metadata(kwargs)
     keys = ("app", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
-    if head_session and "session_id" not in context:
-        head = [m for m in kwargs.get("messages") or [] if isinstance(m, Mapping)][:2]
-        digest = hashlib.blake2b(repr([(m.get("role"), m.get("content")) for m in head]).encode(), digest_size=8)
-        context["session_id"] = f"head-{digest.hexdigest()}"
+    if derive:
+        messages = [m for m in kwargs.get("messages") or [] if isinstance(m, Mapping)]
+        derived = run_labels(messages)
+        if "session_id" in context:
+            derived.pop("step")  # a client's own session may not start where the messages do
+        context = {**derived, **context}
     return context
+
+
+def _seconds(start: Any, end: Any) -> float | None:
+    return (end - start).total_seconds() if isinstance(start, datetime) and isinstance(end, datetime) else None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A success event: the response (a stream's assembled one) and litellm's timings."""
+
+    response: Any
+    latency_s: float | None
+    ttft_s: float | None
+    deployment: str | None
+
+
+@dataclass
+class _Open:
+    """A proxy call in flight: its lifecycle, paused at the attempt the router is making."""
+
+    lifecycle: CallLifecycle
+    flow: Flow
+    attempt: Attempt | None
 
 
 class RouterLogger(CustomLogger):
     def __init__(self, pipeline: Pipeline | None = None, *, proxy: bool = False) -> None:
-        """``proxy=True`` (the LiteLLM proxy): calls without ``metadata.session_id`` are grouped into
-        sessions by their conversation head."""
+        """``proxy=True`` (the LiteLLM proxy): calls the client did not label get a session, step and
+        step kind from their conversation (:func:`run_labels`)."""
         super().__init__()
         self.pipeline = pipeline or Pipeline.from_config({})
         self.proxy = proxy
-        self._calls: OrderedDict[str, tuple[Plan, CallTrace]] = OrderedDict()
+        self._calls: OrderedDict[str, tuple[Plan, CallTrace] | _Open | None] = OrderedDict()  # None: ended
         self._lock = threading.Lock()
         self.hook_calls = 0
         self.recorded = 0
@@ -90,61 +148,100 @@ class RouterLogger(CustomLogger):
 
         litellm.logging_callback_manager.remove_callback_from_all_lists(self)
 
-    async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
-        """SDK (and proxy) hook, after litellm picked the deployment: context, reasoning, same-provider routing."""
-        if not _is_chat(kwargs, call_type) or self._planned(kwargs):
-            return None
-        return self._apply(kwargs, provider_fixed=True)
+    # -- the proxy: one call lifecycle per request -----------------------------------------------
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: Any) -> dict[str, Any] | None:
-        """Proxy hook, before the proxy resolves ``model``: routing may pick any ``model_name`` of the
-        proxy's model_list (the routing config's aliases list them), then context and reasoning."""
+        """Proxy hook, before the proxy resolves ``model``: plan the call and admit its first attempt.
+        Raises ``NoRouteError``, ``BudgetExceeded`` or ``MessageError``, which the proxy returns to
+        the client."""
         if not _is_chat(data, call_type):
             return None
-        return self._apply(data, provider_fixed=False)
-
-    def _planned(self, kwargs: Mapping[str, Any]) -> bool:
-        with self._lock:
-            return str(kwargs.get("litellm_call_id")) in self._calls
-
-    def _apply(self, kwargs: dict[str, Any], *, provider_fixed: bool) -> dict[str, Any]:
         self.hook_calls += 1
-        requested = str(kwargs["model"])
-        params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
-        provider = self.pipeline.catalog.provider(requested)
-        context = _context(kwargs, head_session=self.proxy)
-        call = self.pipeline.make_call(requested, kwargs["messages"], context, params)
-        plan = self.pipeline.plan(call)
-        changed = dict(kwargs)
-        changed["messages"] = [dict(m) for m in plan.messages]
-        for key in set(call.params) | set(plan.params):  # what the policies set, changed or dropped
-            if key not in plan.params:
-                changed.pop(key, None)
-            elif call.params.get(key) != plan.params[key]:
-                changed[key] = plan.params[key]
-        if plan.model != requested:
-            if not provider_fixed:
-                changed["model"] = plan.deployment or plan.model
-            elif self.pipeline.catalog.provider(plan.model) == provider:
-                changed["model"] = plan.model.split("/", 1)[1] if plan.model.startswith(f"{provider}/") else plan.model
-            else:
-                plan = plan.decide(Decision("routing", "kept", f"litellm already chose provider {provider}; "
-                                            f"{plan.model} needs another one, so {requested} is kept"))
-                plan = plan.override(model=requested)
-        trace = CallTrace.start(self.pipeline.telemetry, plan, provider, len(call.messages), len(plan.messages))
-        call_id = str(kwargs.get("litellm_call_id") or id(kwargs))
-        with self._lock:
-            self._calls[call_id] = (plan, trace)
-            while len(self._calls) > _MAX_IN_FLIGHT:
-                self._calls.popitem(last=False)
+        engine = self.pipeline
+        params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
+        call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
+        lifecycle = engine.start(call, read=self._read, cache=False)
+        flow = lifecycle.run()
+        done, attempt = await astep(flow, None, None, wait=False)
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        self._keep(data, _Open(lifecycle, flow, attempt))
+        changed = self._rewrite(data, call, attempt.plan)
+        changed["model"] = attempt.plan.deployment or attempt.plan.model
+        if attempt.remaining:  # the router tries the alias's other targets, in the lifecycle's order
+            changed["fallbacks"] = list(attempt.remaining)
+            changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
-    def _take(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
-        """The call's plan and trace from the hook, or (sync calls, which skip the hook) new ones."""
+    async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
+                                           user_api_key_dict: Any, traceback_str: str | None = None) -> None:
+        """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error."""
         with self._lock:
-            found = self._calls.pop(str(kwargs.get("litellm_call_id")), None)
-        if found is not None:
+            key = self._key(request_data)
+            found = self._calls.get(key)
+            if isinstance(found, _Open):
+                self._calls[key] = None
+        if isinstance(found, _Open):
+            found.lifecycle.abandon(original_exception)
+            found.flow.close()
+            self.recorded += 1
+
+    async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None) -> bool:
+        """Hand a proxy call's lifecycle what its attempt came to; False if no lifecycle waits for it."""
+        with self._lock:
+            key = self._key(kwargs)
+            found = self._calls.get(key)
+            if not isinstance(found, _Open):
+                return found is None and key in self._calls  # an ended call's late event: nothing to add
+            self._calls[key] = None
+        try:
+            done, value = await astep(found.flow, reply, error, wait=False)
+        except Exception:  # noqa: BLE001 - the lifecycle gave up and recorded why
+            done, value = True, None
+        if not done:
+            found.attempt = value  # the router's next attempt (the lifecycle admitted it)
+            with self._lock:
+                self._calls[key] = found
+        else:
+            self.recorded += 1
+        return True
+
+    def _read(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
+        return build_outcome(answer.response, plan, self.pipeline.catalog, latency_s=answer.latency_s,
+                             time_to_first_token_s=answer.ttft_s)
+
+    # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
+
+    async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
+        """SDK hook, after litellm picked the deployment: context, reasoning, same-provider routing."""
+        if not _is_chat(kwargs, call_type):
+            return None
+        with self._lock:
+            if self._key(kwargs) in self._calls:  # a proxy call, or a retry of one already planned
+                return None
+        self.hook_calls += 1
+        requested = str(kwargs["model"])
+        engine = self.pipeline
+        provider = engine.catalog.provider(requested)
+        call = engine.make_call(requested, kwargs["messages"], _context(kwargs),
+                                {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS})
+        plan = engine.plan(call)
+        if plan.model != requested and engine.catalog.provider(plan.model) != provider:
+            plan = plan.decide(Decision("routing", "kept", f"litellm already chose provider {provider}; "
+                                        f"{plan.model} needs another one, so {requested} is kept"))
+            plan = plan.override(model=requested)
+        changed = self._rewrite(kwargs, call, plan)
+        if plan.model != requested:
+            changed["model"] = plan.model.split("/", 1)[1] if plan.model.startswith(f"{provider}/") else plan.model
+        self._keep(kwargs, engine.launch(plan))
+        return changed
+
+    def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
+        """The call's plan and trace from the SDK hook, or (sync calls, which skip the hook) new ones."""
+        with self._lock:
+            key = self._key(kwargs)
+            found = self._calls.pop(key, None)
+        if isinstance(found, tuple):
             return found
         model = str(kwargs.get("model") or "unknown")
         call = Call.create(model, list(kwargs.get("messages") or []), {}, _context(kwargs))
@@ -153,9 +250,10 @@ class RouterLogger(CustomLogger):
 
     def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         try:
-            plan, trace = self._take(kwargs)
-            latency = (end_time - start_time).total_seconds() if start_time and end_time else None
-            result = build_outcome(response_obj, plan, self.pipeline.catalog, latency_s=latency)
+            plan, trace = self._planned(kwargs)
+            result = build_outcome(response_obj, plan, self.pipeline.catalog,
+                                   latency_s=_seconds(start_time, end_time),
+                                   time_to_first_token_s=_ttft(kwargs, start_time))
             self.pipeline.books.settle(result)
             trace.succeed(result, response_obj)
             self.recorded += 1
@@ -164,25 +262,75 @@ class RouterLogger(CustomLogger):
 
     def _failure(self, kwargs: Mapping[str, Any]) -> None:
         try:
-            plan, trace = self._take(kwargs)
-            error = kwargs.get("exception") or RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
+            plan, trace = self._planned(kwargs)
+            error = _error(kwargs)
             trace.fail(error)
             self.pipeline.books.record_failure(plan, error)
             self.recorded += 1
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
+    # -- shared -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(kwargs: Mapping[str, Any]) -> str:
+        return str(kwargs.get("litellm_call_id") or id(kwargs))
+
+    def _keep(self, kwargs: Mapping[str, Any], value: tuple[Plan, CallTrace] | _Open) -> None:
+        with self._lock:
+            self._calls[self._key(kwargs)] = value
+            while len(self._calls) > _MAX_IN_FLIGHT:  # calls whose events never came
+                self._calls.popitem(last=False)
+
+    @staticmethod
+    def _rewrite(kwargs: Mapping[str, Any], call: Call, plan: Plan) -> dict[str, Any]:
+        """``kwargs`` with the plan's messages and the parameters the policies set, changed or dropped."""
+        changed = dict(kwargs)
+        changed["messages"] = [dict(m) for m in plan.messages]
+        for key in set(call.params) | set(plan.params):
+            if key not in plan.params:
+                changed.pop(key, None)
+            elif call.params.get(key) != plan.params[key]:
+                changed[key] = plan.params[key]
+        return changed
+
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._success(kwargs, response_obj, start_time, end_time)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        answer = _Answer(response_obj, _seconds(start_time, end_time), _ttft(kwargs, start_time),
+                         _metadata(kwargs).get("model_group"))
+        try:
+            if await self._resume(kwargs, answer, None):
+                return
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return
         self._success(kwargs, response_obj, start_time, end_time)
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._failure(kwargs)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        try:
+            if await self._resume(kwargs, None, _error(kwargs)):
+                return
+        except Exception as exc:  # noqa: BLE001
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return
         self._failure(kwargs)
 
 
-__all__ = ["RouterLogger"]
+def _error(kwargs: Mapping[str, Any]) -> Exception:
+    found = kwargs.get("exception")
+    return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
+
+
+def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
+    """Time to first token of a stream (litellm's ``completion_start_time``); None otherwise."""
+    if not kwargs.get("stream"):
+        return None
+    return _seconds(start_time, kwargs.get("completion_start_time"))
+
+
+__all__ = ["RouterLogger", "run_labels"]
