@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import litellm
 import pytest
@@ -146,11 +147,16 @@ def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:
     }), proxy=True).register()
 
 
-async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: str, stream: bool = False) -> object:
+async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: str, stream: bool = False,
+                         shared: bool = False) -> object:
     """What the LiteLLM proxy does with a request: the pre-call hook, the router, the failure hook."""
     data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
             "litellm_call_id": call_id, "stream": stream}
     changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+    if shared:  # as the proxy does: one logging object for all attempts (it reports only the first failure)
+        logging_obj, changed = litellm.utils.function_setup(
+            original_function="acompletion", rules_obj=litellm.utils.Rules(), start_time=datetime.now(), **changed)
+        changed["litellm_logging_obj"] = logging_obj
     try:
         response = await router.acompletion(**changed)
         if stream:
@@ -166,8 +172,9 @@ def _ledger(logger: RouterLogger) -> list[dict]:
     logger.pipeline.ledger.flush()
     db = open_ledger(logger.pipeline.config.ledger.url)
     try:
-        return [dict(zip(("ts", "error", "requested_model", "decisions"), row, strict=True))
-                for row in db.query("SELECT ts, error, requested_model, decisions FROM calls ORDER BY ts")]
+        columns = ("ts", "error", "requested_model", "decisions", "model", "cost_usd")
+        return [dict(zip(columns, row, strict=True))
+                for row in db.query(f"SELECT {', '.join(columns)} FROM calls ORDER BY ts")]
     finally:
         db.close()
 
@@ -235,3 +242,30 @@ def test_run_labels_separate_runs_of_the_same_task() -> None:
     assert later["session_id"].startswith(start["session_id"] + "-")  # the run's first call: its head alone
     assert elsewhere["session_id"] != later["session_id"]  # same task, another run
     assert run_labels([*second, {"role": "assistant", "content": "done"}])["session_id"] == later["session_id"]
+
+
+def test_a_proxy_call_follows_the_router_when_only_its_first_failure_is_reported(tmp_path) -> None:
+    """Behind the proxy one logging object serves every attempt and reports one failure: the deployment
+    hook of the next target tells the lifecycle that the attempt before failed too."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=503) as (dead, dead_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
+            {"model_name": "flaky2", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
+            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+        ])
+        logger = _proxy_logger(tmp_path, ["flaky", "flaky2", "healthy"])
+        try:
+            async def call() -> None:  # the success event runs on the call's event loop
+                await _through_proxy(logger, router, "one", shared=True)
+                await _recorded(logger, 1)
+            asyncio.run(call())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert (len(dead_seen), len(seen)) == (2, 1)
+    assert len(rows) == 1 and rows[0]["error"] is None
+    assert "routing:fallback" in json.loads(rows[0]["decisions"])  # the last fallback's plan (depth 2)
+    expected = 3210 * 0.15e-6 + 42 * 0.6e-6  # gpt-4o-mini, the deployment that answered (no cache read here)
+    assert rows[0]["cost_usd"] == pytest.approx(expected, rel=0.5)

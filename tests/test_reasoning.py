@@ -218,3 +218,19 @@ def test_a_rule_below_the_callers_effort_still_lowers_it() -> None:
     call = Call.create("gpt-5-nano", [{"role": "user", "content": "fix it"}], {"reasoning_effort": "high"},
                        AgentContext())
     assert ReasoningPolicy(config)(Plan.from_call(call), PolicyState()).params["reasoning_effort"] == "minimal"
+
+
+@pytest.mark.parametrize("thinking", [{"type": "enabled", "budget_tokens": 5000}, {"type": "enabled", "budget_tokens": -1}])
+def test_without_a_rule_the_callers_thinking_budget_is_left_as_sent(thinking) -> None:
+    call = Call.create("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "fix it"}],
+                       {"thinking": thinking, "max_tokens": 9000}, AgentContext())
+    planned = ReasoningPolicy(ReasoningConfig())(Plan.from_call(call), PolicyState())
+    assert planned.params["thinking"] == thinking
+
+
+def test_a_cap_keeps_the_callers_own_smaller_budget() -> None:
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high"}]})
+    call = Call.create("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "fix it"}],
+                       {"thinking": {"type": "enabled", "budget_tokens": 3000}, "max_tokens": 9000}, AgentContext())
+    planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
+    assert planned.params["thinking"]["budget_tokens"] == 3000

@@ -271,12 +271,13 @@ class CallLifecycle:
         self.books.release(self.held)
 
     def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
-        self._current = None
         if self.read is not None:
-            result = self.read(plan, answer, started)
+            result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
+            self._current = None
             yield from self._settle(result)
             trace.succeed(result)
             return answer
+        self._current = None
         if plan.params.get("stream"):
             return TrackedStream(answer, self._stream_finisher(plan, trace), started)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)

@@ -114,11 +114,28 @@ class _Answer:
 
 @dataclass
 class _Open:
-    """A proxy call in flight: its lifecycle, paused at the attempt the router is making."""
+    """A proxy call in flight: its lifecycle, paused at the attempt the router is making, and the plan
+    whose request the proxy carries (the first attempt's, until a fallback's deployment hook)."""
 
     lifecycle: CallLifecycle
     flow: Flow
-    attempt: Attempt | None
+    attempt: Attempt
+    sent: Plan
+
+    def end(self, error: BaseException) -> None:
+        self.lifecycle.abandon(error)
+        self.flow.close()
+
+
+class MovedOn(Exception):
+    """The proxy's router moved on to another target, so the attempt before failed; behind the proxy
+    litellm delivers only a request's first failure event. Retryable (503) like the failure it stands for."""
+
+    status_code = 503
+
+
+def _target(attempt: Attempt) -> str:
+    return attempt.plan.deployment or attempt.plan.model
 
 
 class RouterLogger(CustomLogger):
@@ -128,7 +145,8 @@ class RouterLogger(CustomLogger):
         super().__init__()
         self.pipeline = pipeline or Pipeline.from_config({})
         self.proxy = proxy
-        self._calls: OrderedDict[str, tuple[Plan, CallTrace] | _Open | None] = OrderedDict()  # None: ended
+        self._calls: OrderedDict[str, tuple[Plan, CallTrace] | _Open] = OrderedDict()  # calls in flight
+        self._ended: OrderedDict[str, None] = OrderedDict()  # proxy calls whose lifecycle has ended
         self._lock = threading.Lock()
         self.hook_calls = 0
         self.recorded = 0
@@ -165,50 +183,84 @@ class RouterLogger(CustomLogger):
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
-        self._keep(data, _Open(lifecycle, flow, attempt))
-        changed = self._rewrite(data, call, attempt.plan)
-        changed["model"] = attempt.plan.deployment or attempt.plan.model
-        if attempt.remaining:  # the router tries the alias's other targets, in the lifecycle's order
-            changed["fallbacks"] = list(attempt.remaining)
-            changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan))
+        changed = _switch(data, call.params, attempt.plan)
+        changed["model"] = _target(attempt)
+        changed["fallbacks"] = list(attempt.remaining)  # the router tries them in the lifecycle's order
+        changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
         """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error."""
-        with self._lock:
-            key = self._key(request_data)
-            found = self._calls.get(key)
-            if isinstance(found, _Open):
-                self._calls[key] = None
-        if isinstance(found, _Open):
-            found.lifecycle.abandon(original_exception)
-            found.flow.close()
+        found = self._take_open(self._key(request_data))
+        if found is not None:
+            found.end(original_exception)
             self.recorded += 1
 
-    async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None) -> bool:
-        """Hand a proxy call's lifecycle what its attempt came to; False if no lifecycle waits for it."""
+    def _take_open(self, key: str) -> _Open | None:
+        """Take a proxy call's lifecycle out of the table while it steps, marking it ended
+        (:meth:`_resume` puts it back when it waits for another attempt)."""
         with self._lock:
-            key = self._key(kwargs)
             found = self._calls.get(key)
             if not isinstance(found, _Open):
-                return found is None and key in self._calls  # an ended call's late event: nothing to add
-            self._calls[key] = None
+                return None
+            del self._calls[key]
+            self._mark_ended(key)
+            return found
+
+    async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None,
+                      about: Any = None) -> bool:
+        """Hand a proxy call's lifecycle what its attempt came to (``about``: the target a failure
+        event names). False when no lifecycle waits for this event: the caller records it on its own,
+        so a success is never lost."""
+        key = self._key(kwargs)
+        with self._lock:
+            current = self._calls.get(key)
+            stale = isinstance(current, _Open) and bool(about) and _target(current.attempt) != about
+            if error is not None and (key in self._ended or stale):
+                return True  # a failure the lifecycle has already moved past
+        found = self._take_open(key)
+        if found is None:
+            return False
         try:
             done, value = await astep(found.flow, reply, error, wait=False)
-        except Exception:  # noqa: BLE001 - the lifecycle gave up and recorded why
+        except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
+            found.lifecycle.abandon(exc)  # does nothing once the lifecycle recorded the call
             done, value = True, None
-        if not done:
-            found.attempt = value  # the router's next attempt (the lifecycle admitted it)
-            with self._lock:
-                self._calls[key] = found
-        else:
+        except BaseException as exc:  # cancelled: end the call, release what it holds
+            found.end(exc)
+            raise
+        if done:
             self.recorded += 1
+            return True
+        found.attempt = value  # the router's next attempt (the lifecycle admitted it)
+        self._keep(kwargs, found)
         return True
 
+    async def _attempting(self, kwargs: dict[str, Any], found: _Open) -> dict[str, Any] | None:
+        """The deployment hook of a proxy call's attempt: when the router moved on without a failure
+        event, the attempt before failed; a fallback's request gets its own plan (messages, params)."""
+        deployment = _metadata(kwargs).get("model_group")
+        if deployment and _target(found.attempt) != deployment:
+            await self._resume(kwargs, None, MovedOn(f"the router moved on to {deployment}"))
+            with self._lock:
+                current = self._calls.get(self._key(kwargs))
+            if not isinstance(current, _Open):
+                return None
+            found = current
+        if found.attempt.plan is found.sent or (deployment and _target(found.attempt) != deployment):
+            return None
+        changed = _switch(kwargs, found.sent.params, found.attempt.plan)
+        found.sent = found.attempt.plan
+        return changed
+
     def _read(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
+        """The outcome of the answer, priced as the deployment the router says answered."""
+        moved = answer.deployment and answer.deployment != (plan.deployment or plan.model)
         return build_outcome(answer.response, plan, self.pipeline.catalog, latency_s=answer.latency_s,
-                             time_to_first_token_s=answer.ttft_s)
+                             time_to_first_token_s=answer.ttft_s,
+                             answered_model=self.pipeline.model_of(str(answer.deployment)) if moved else None)
 
     # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
 
@@ -217,8 +269,12 @@ class RouterLogger(CustomLogger):
         if not _is_chat(kwargs, call_type):
             return None
         with self._lock:
-            if self._key(kwargs) in self._calls:  # a proxy call, or a retry of one already planned
+            key = self._key(kwargs)
+            found = self._calls.get(key)
+            if key in self._ended or isinstance(found, tuple):  # an ended call, or a retry already planned
                 return None
+        if isinstance(found, _Open):
+            return await self._attempting(kwargs, found)
         self.hook_calls += 1
         requested = str(kwargs["model"])
         engine = self.pipeline
@@ -230,7 +286,7 @@ class RouterLogger(CustomLogger):
             plan = plan.decide(Decision("routing", "kept", f"litellm already chose provider {provider}; "
                                         f"{plan.model} needs another one, so {requested} is kept"))
             plan = plan.override(model=requested)
-        changed = self._rewrite(kwargs, call, plan)
+        changed = _switch(kwargs, call.params, plan)
         if plan.model != requested:
             changed["model"] = plan.model.split("/", 1)[1] if plan.model.startswith(f"{provider}/") else plan.model
         self._keep(kwargs, engine.launch(plan))
@@ -240,9 +296,10 @@ class RouterLogger(CustomLogger):
         """The call's plan and trace from the SDK hook, or (sync calls, which skip the hook) new ones."""
         with self._lock:
             key = self._key(kwargs)
-            found = self._calls.pop(key, None)
-        if isinstance(found, tuple):
-            return found
+            found = self._calls.get(key)
+            if isinstance(found, tuple):  # a proxy call's lifecycle stays where it is
+                del self._calls[key]
+                return found
         model = str(kwargs.get("model") or "unknown")
         call = Call.create(model, list(kwargs.get("messages") or []), {}, _context(kwargs))
         plan = Plan.from_call(call)
@@ -277,22 +334,24 @@ class RouterLogger(CustomLogger):
         return str(kwargs.get("litellm_call_id") or id(kwargs))
 
     def _keep(self, kwargs: Mapping[str, Any], value: tuple[Plan, CallTrace] | _Open) -> None:
+        evicted: list[tuple[Plan, CallTrace] | _Open] = []
         with self._lock:
-            self._calls[self._key(kwargs)] = value
+            key = self._key(kwargs)
+            replaced = self._calls.pop(key, None)
+            if replaced is not None and replaced is not value:
+                evicted.append(replaced)  # a reused call id
+            self._calls[key] = value
+            self._ended.pop(key, None)
             while len(self._calls) > _MAX_IN_FLIGHT:  # calls whose events never came
-                self._calls.popitem(last=False)
+                evicted.append(self._calls.popitem(last=False)[1])
+        for stale in evicted:
+            if isinstance(stale, _Open):
+                stale.end(TimeoutError("no event came for this proxy call"))
 
-    @staticmethod
-    def _rewrite(kwargs: Mapping[str, Any], call: Call, plan: Plan) -> dict[str, Any]:
-        """``kwargs`` with the plan's messages and the parameters the policies set, changed or dropped."""
-        changed = dict(kwargs)
-        changed["messages"] = [dict(m) for m in plan.messages]
-        for key in set(call.params) | set(plan.params):
-            if key not in plan.params:
-                changed.pop(key, None)
-            elif call.params.get(key) != plan.params[key]:
-                changed[key] = plan.params[key]
-        return changed
+    def _mark_ended(self, key: str) -> None:
+        self._ended[key] = None
+        while len(self._ended) > _MAX_IN_FLIGHT:
+            self._ended.popitem(last=False)
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         self._success(kwargs, response_obj, start_time, end_time)
@@ -313,12 +372,25 @@ class RouterLogger(CustomLogger):
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         try:
-            if await self._resume(kwargs, None, _error(kwargs)):
+            if await self._resume(kwargs, None, _error(kwargs), _metadata(kwargs).get("model_group")):
                 return
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
         self._failure(kwargs)
+
+
+def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    """``kwargs`` with ``plan``'s messages, and the parameters it sets where they differ from ``sent``
+    (what the request carries now), dropping those it does not keep."""
+    changed = dict(kwargs)
+    changed["messages"] = [dict(m) for m in plan.messages]
+    for key in set(sent) | set(plan.params):
+        if key not in plan.params:
+            changed.pop(key, None)
+        elif sent.get(key) != plan.params[key]:
+            changed[key] = plan.params[key]
+    return changed
 
 
 def _error(kwargs: Mapping[str, Any]) -> Exception:
@@ -333,4 +405,4 @@ def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
     return _seconds(start_time, kwargs.get("completion_start_time"))
 
 
-__all__ = ["RouterLogger", "run_labels"]
+__all__ = ["MovedOn", "RouterLogger", "run_labels"]

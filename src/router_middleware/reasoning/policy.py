@@ -52,8 +52,8 @@ class ReasoningPolicy:
         if rule is not None:
             level, budget = rule.effort, rule.budget_tokens
             reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
-        elif asked is not None:
-            level = asked
+        elif (effort := plan.params.get("reasoning_effort")) in LEVELS:  # no rule: the caller's own level
+            level = effort
             reasons.append("caller's own setting")
         if level is None and budget is None:
             return self._strip_if_unsupported(plan, state)
@@ -67,7 +67,7 @@ class ReasoningPolicy:
                 budget = None
                 reasons.append(f"escalated one level: {failed}")
         if asked is not None and _rank(level) > _rank(asked) and (rule is None or rule.mode == "cap"):
-            level, budget = asked, None
+            level, budget = asked, _asked_budget(plan.call.params)
             reasons.append(f"kept at the caller's '{asked}' (a rule caps; mode: set raises)")
         remaining = self._remaining(context, state)
         if remaining is not None:
@@ -121,8 +121,20 @@ def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] =
         if isinstance(value.get("effort"), str) and value["effort"] in LEVELS:
             return value["effort"]  # type: ignore[no-any-return]
         tokens = value.get("budget_tokens", value.get("max_tokens"))
-        if isinstance(tokens, int) and not isinstance(tokens, bool):
-            return level_for_budget(tokens, dict(budgets))
+        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:  # < 0: dynamic, no cap
+            return level_for_budget(tokens, dict(budgets)) if tokens == 0 or tokens >= budgets["minimal"] \
+                else "minimal"
+    return None
+
+
+def _asked_budget(params: Mapping[str, object]) -> int | None:
+    """The thinking budget the caller gave (Anthropic ``thinking``, OpenRouter ``reasoning``), if any."""
+    for key in ("thinking", "reasoning"):
+        value = params.get(key)
+        if isinstance(value, Mapping):
+            tokens = value.get("budget_tokens", value.get("max_tokens"))
+            if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
+                return tokens
     return None
 
 
