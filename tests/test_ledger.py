@@ -124,8 +124,8 @@ class SlowDB(SQLiteLedger):
 
 
 def test_a_slow_database_does_not_slow_calls(tmp_path) -> None:
-    pipeline = Pipeline.from_config({"ledger": {"url": str(tmp_path / "l.db")}})
-    pipeline.ledger = LedgerWriter(str(tmp_path / "l.db"), opener=SlowDB)
+    pipeline = Pipeline.from_config({})
+    pipeline.ledger = pipeline.books.ledger = LedgerWriter(str(tmp_path / "l.db"), opener=SlowDB)  # rows go here
     Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="warm up")  # imports litellm
     started = time.perf_counter()
     for _ in range(5):
