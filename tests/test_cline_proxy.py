@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -287,6 +288,21 @@ def test_a_client_effort_is_capped_never_raised(tmp_path: Path) -> None:
         _run(proxy, "--thinking", "low")
         efforts = [b.get("reasoning_effort") for b in proxy["seen"]]
     assert efforts == ["low", "low"], efforts
+
+
+def test_a_refused_call_gets_a_readable_http_error(tmp_path: Path) -> None:
+    """A hard budget refuses the call in the proxy's hook: the client gets 429 naming the budget."""
+    config = ROUTER_CONFIG.replace("routing:\n", "routing:\n  budgets: [{{name: tiny, usd: 0.000001, scope: global}}]\n", 1)
+    with _proxy(tmp_path, config) as proxy:
+        request = urllib.request.Request(
+            f"{proxy['base']}/chat/completions", method="POST",
+            data=json.dumps({"model": "coder", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert not proxy["seen"]  # nothing reached the model
+    assert refused.value.code == 429
+    assert "budget 'tiny' exceeded" in refused.value.read().decode()
 
 
 def _phoenix_spans(project: str, expected: int) -> list[dict]:

@@ -144,6 +144,7 @@ def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:
                                     "healthy": {"model": "openai/gpt-4o-mini"}},
                     "aliases": {"coder": targets}},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "telemetry": {"capture_content": True},
     }), proxy=True).register()
 
 
@@ -179,7 +180,7 @@ def _ledger(logger: RouterLogger) -> list[dict]:
         db.close()
 
 
-def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tmp_path) -> None:
+def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tmp_path, span_exporter) -> None:
     """A real litellm Router with two loopback deployments, one answering 503 to everything."""
     from .scripted_upstream import scripted_upstream
 
@@ -202,6 +203,15 @@ def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tm
     assert len(rows) == 5 and all(r["error"] is None and r["requested_model"] == "coder" for r in rows)
     assert ["routing:fallback" in r["decisions"] for r in sorted(rows, key=lambda r: r["ts"])] == \
         [True, True, True, False, False]
+    spans = span_exporter.get_finished_spans()
+    assert len([s for s in spans if s.name == "route coder"]) == 5
+    answered = [s for s in spans if s.name.startswith("chat ") and s.status.status_code != StatusCode.ERROR]
+    assert len(answered) == 5 and all("run_commands" in s.attributes["gen_ai.output.messages"] for s in answered)
+
+
+def test_the_sdk_hook_never_fails_a_call_it_cannot_plan(logger) -> None:
+    bad = {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "no call id"}], "litellm_call_id": "b"}
+    assert asyncio.run(logger.async_pre_call_deployment_hook(bad, "acompletion")) is None  # sent as it came
 
 
 def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""Errors raised by router-middleware. Each names the input that caused it."""
+"""Errors raised by router-middleware. Each names the input that caused it; those a call can raise
+carry the HTTP ``status_code`` the LiteLLM proxy answers with when its hook raises them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ class ConfigError(RouterMiddlewareError, ValueError):
 
 class MessageError(RouterMiddlewareError, ValueError):
     """A chat message is malformed; the message names the source and the message index."""
+
+    status_code = 400  # what the LiteLLM proxy answers when its hook raises this
 
     def __init__(self, detail: str, *, index: int | None = None, source: str | None = None) -> None:
         where = []
@@ -40,6 +43,8 @@ class OutcomeUnavailable(RouterMiddlewareError, LookupError):
 class BudgetExceeded(RouterMiddlewareError):
     """A call's estimated cost would take a hard budget past its limit (raised before any provider call)."""
 
+    status_code = 429
+
     def __init__(self, name: str, unit: str, spent: float, limit: float) -> None:
         super().__init__(f"budget {name!r} exceeded: {spent:.6g} of {limit:.6g} {unit} spent")
         self.name = name
@@ -50,6 +55,8 @@ class BudgetExceeded(RouterMiddlewareError):
 
 class NoRouteError(RouterMiddlewareError):
     """No candidate of an alias can serve the request; ``rejections`` says why for each."""
+
+    status_code = 503
 
     def __init__(self, alias: str, rejections: Mapping[str, str]) -> None:
         reasons = "; ".join(f"{model}: {why}" for model, why in rejections.items())

@@ -275,7 +275,7 @@ class CallLifecycle:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current = None
             yield from self._settle(result)
-            trace.succeed(result)
+            trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
         if plan.params.get("stream"):

@@ -12,8 +12,8 @@ In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
 logger applies the context and reasoning policies to the request, and routing when the model it
 picks is served by the same provider (litellm cannot change providers at that point; the decision
-says so otherwise). The success and failure events record usage, cost, spans, metrics and ledger
-rows for every call, sync or async. litellm logs and ignores exceptions raised in its SDK hooks, so
+says so otherwise); if planning fails, the request goes as sent and a warning is logged. The success
+and failure events record usage, cost, spans, metrics and ledger rows for every call, sync or async;
 the logger counts what it did (``hook_calls``, ``recorded``) for tests and health checks. Use
 ``register()`` / ``unregister()`` rather than editing ``litellm.callbacks`` by hand.
 """
@@ -110,6 +110,11 @@ class _Answer:
     latency_s: float | None
     ttft_s: float | None
     deployment: str | None
+
+    @property
+    def choices(self) -> Any:
+        """The response's choices: what the span captures as output when content capture is on."""
+        return getattr(self.response, "choices", None)
 
 
 @dataclass
@@ -276,6 +281,13 @@ class RouterLogger(CustomLogger):
         if isinstance(found, _Open):
             return await self._attempting(kwargs, found)
         self.hook_calls += 1
+        try:
+            return self._plan_sdk_call(kwargs)
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
+
+    def _plan_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         requested = str(kwargs["model"])
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
