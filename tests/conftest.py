@@ -61,13 +61,17 @@ def service_missing(why: str, *, module: bool = False) -> None:
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
-    """A real redis-server: REDIS_URL from .ci/run, or one started here if the binary exists."""
+    """A real redis-server: REDIS_URL from .ci/run (a database the tests empty first: what an earlier
+    run left there would leak into this one), or one started here if the binary exists."""
     import shutil
     import subprocess
     import time
 
     url = os.environ.get("REDIS_URL")
     if url:
+        import redis
+
+        redis.Redis.from_url(url).flushdb()
         yield url
         return
     binary = shutil.which("redis-server")
