@@ -201,7 +201,7 @@ def test_agent_middleware_routes_trims_and_accounts_in_a_real_agent_loop(tmp_pat
     routes = [s for s in span_exporter.get_finished_spans() if s.name == "route agent"]
     assert len(routes) == 2
     assert routes[0].attributes["router_middleware.chosen_model"] == "gpt-4o-mini"
-    assert routes[0].attributes["gen_ai.conversation.compacted"] is True
+    assert routes[0].attributes["router_middleware.context.compacted"] is True
 
 
 def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> None:

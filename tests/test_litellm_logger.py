@@ -72,7 +72,7 @@ def test_async_hook_trims_the_request_on_the_wire_and_records_the_call(logger, s
     assert sum("earlier messages omitted" in str(m["content"]) for m in body["messages"]) == 1
     assert body["messages"][-1] == item.request["messages"][-1]
     route = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
-    assert route.attributes["gen_ai.conversation.compacted"] is True
+    assert route.attributes["router_middleware.context.compacted"] is True
     client = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     usage = recorded_usage(item)
     assert client.attributes["gen_ai.usage.input_tokens"] == usage["input_tokens"]

@@ -61,17 +61,20 @@ def test_spans_round_trip_through_phoenix() -> None:
             for item in items:
                 Pipeline.from_config({"telemetry": {"openinference": True}}).completion(
                     **completion_kwargs(item), context={"session_id": "phoenix-session", "app": "tests"})
-        Pipeline.from_config({"context": {"watermark_tokens": 2000, "max_payback_calls": None}}).completion(
-            model="deepseek/deepseek-chat", messages=history, mock_response="ok", context={"session_id": "long"})
+        Pipeline.from_config({"context": {"watermark_tokens": 2000, "max_payback_calls": None, "summarize": True,
+                                          "summary_params": {"mock_response": "They discussed replies 0 to 40."}}}
+                             ).completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                                          context={"session_id": "long"})
         assert handle.force_flush(10_000)
     finally:
         trace.get_tracer_provider = original  # type: ignore[assignment]
         handle.shutdown()
 
-    spans = _spans(project, expected=6)
-    assert len(spans) == 6
+    spans = _spans(project, expected=7)
+    assert len(spans) == 7
     by_id = {s["context"]["span_id"]: s for s in spans}
-    llm = sorted((s for s in spans if s["name"].startswith("chat ")), key=lambda s: s["start_time"])
+    (summary,) = [s for s in spans if s["attributes"].get("router_middleware.purpose") == "context_summary"]
+    llm = sorted((s for s in spans if s["name"].startswith("chat ") and s is not summary), key=lambda s: s["start_time"])
     routes = [s for s in spans if s["name"].startswith("route ")]
     assert len(llm) == 3 and len(routes) == 3
     for span in llm:
@@ -84,10 +87,14 @@ def test_spans_round_trip_through_phoenix() -> None:
         assert attrs["gen_ai.usage.output_tokens"] == expected["output_tokens"]
         assert attrs["gen_ai.usage.cache_read.input_tokens"] == expected["cache_read_tokens"]
         assert attrs["gen_ai.usage.cache_creation.input_tokens"] == expected["cache_write_tokens"]
+        assert attrs["gen_ai.usage.cache_write.input_tokens"] == expected["cache_write_tokens"]  # today's name
+        assert attrs["gen_ai.agent.name"] == "tests"
         assert attrs["gen_ai.usage.cost"] > 0
         assert attrs["llm.token_count.prompt"] == expected["input_tokens"]
         assert attrs["llm.cost.total"] == pytest.approx(attrs["gen_ai.usage.cost"])
+    assert summary["parent_id"] == llm[2]["parent_id"]  # the summary call, under the route span it was made for
+    assert summary["attributes"]["gen_ai.usage.cost"] > 0 and summary["name"] == "chat gpt-4o-mini"
     compacted = by_id[llm[2]["parent_id"]]["attributes"]
-    assert compacted["gen_ai.conversation.compacted"] is True
+    assert compacted["router_middleware.context.compacted"] is True
     assert compacted["router_middleware.context.strategy"] == "window"
     assert compacted["router_middleware.context.tokens_after"] < compacted["router_middleware.context.tokens_before"]

@@ -190,7 +190,7 @@ def test_level_on_the_span(span_exporter) -> None:
     pipeline.completion(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "plan it"}],
                         mock_response="ok")
     parent = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
-    assert parent.attributes["gen_ai.request.reasoning.level"] == "budget:16384"
+    assert parent.attributes["router_middleware.reasoning.level"] == "budget:16384"
     assert "reasoning:cap" in parent.attributes["router_middleware.decisions"]
 
 

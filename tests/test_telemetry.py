@@ -53,7 +53,7 @@ def test_parent_route_span_and_client_child(span_exporter) -> None:
     decision = dict(parent.attributes)
     assert decision["router_middleware.requested_model"] == decision["router_middleware.chosen_model"]
     assert decision["router_middleware.route.reason"] == "pass-through"
-    assert decision["gen_ai.conversation.compacted"] is False
+    assert decision["router_middleware.context.compacted"] is False
     assert decision["router_middleware.app"] == "coder" and decision["router_middleware.step_kind"] == "act"
 
 
@@ -66,7 +66,7 @@ def test_context_decisions_on_the_parent(span_exporter) -> None:
                         context={"session_id": "long"})
     (parent,), _ = spans_by_kind(span_exporter)
     attrs = dict(parent.attributes)
-    assert attrs["gen_ai.conversation.compacted"] is True
+    assert attrs["router_middleware.context.compacted"] is True
     assert attrs["router_middleware.context.strategy"] == "window"
     assert attrs["router_middleware.context.tokens_after"] < attrs["router_middleware.context.tokens_before"]
     assert attrs["router_middleware.savings.estimated_usd"] > 0
@@ -77,8 +77,9 @@ def test_context_decisions_on_the_parent(span_exporter) -> None:
 def test_reasoning_level_attribute(span_exporter) -> None:
     Pipeline().completion(model="gpt-5-nano", messages=MESSAGES, mock_response="ok", reasoning_effort="low")
     (parent,), (child,) = spans_by_kind(span_exporter)
-    assert parent.attributes["gen_ai.request.reasoning.level"] == "low"
-    assert child.attributes["gen_ai.request.reasoning.level"] == "low"
+    assert parent.attributes["router_middleware.reasoning.level"] == "low"
+    assert child.attributes["router_middleware.reasoning.level"] == "low"
+    assert not [k for s in (parent, child) for k in s.attributes if k.startswith("gen_ai.request.reasoning")]
 
 
 @pytest.mark.parametrize("path", sorted(CASSETTES.glob("*.yaml")), ids=lambda p: p.stem)
@@ -101,6 +102,7 @@ def test_cassette_spans_carry_recorded_usage_and_cost(path, span_exporter) -> No
             assert attrs["gen_ai.usage.input_tokens"] == expected["input_tokens"]
             assert attrs["gen_ai.usage.output_tokens"] == expected["output_tokens"]
             assert attrs["gen_ai.usage.cache_read.input_tokens"] == expected["cache_read_tokens"]
+            assert attrs["gen_ai.usage.cache_write.input_tokens"] == expected.get("cache_write_tokens", 0)
             assert attrs["gen_ai.usage.cache_creation.input_tokens"] == expected.get("cache_write_tokens", 0)
             if "reasoning_tokens" in expected:
                 assert attrs["gen_ai.usage.reasoning.output_tokens"] == expected["reasoning_tokens"]
@@ -228,3 +230,73 @@ def test_unreachable_exporter_does_not_fail_or_slow_calls() -> None:
     finally:
         trace.get_tracer_provider = original  # type: ignore[assignment]
         handle.shutdown()
+
+
+@pytest.mark.parametrize(("configured", "opt_in", "names"), [
+    ("current", "", {"gen_ai.usage.cache_write.input_tokens"}),
+    ("legacy", "", {"gen_ai.usage.cache_creation.input_tokens"}),
+    ("both", "gen_ai_latest_experimental",
+     {"gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens"}),
+    (None, "", {"gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens"}),
+    (None, "http, gen_ai_latest_experimental", {"gen_ai.usage.cache_write.input_tokens"}),
+])
+def test_renamed_attributes_follow_the_semconv_setting(configured, opt_in, names, span_exporter, monkeypatch) -> None:
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", opt_in)
+    telemetry = {"semconv": configured} if configured else {}
+    with replayer.use_cassette(str(CASSETTES / "anthropic_prompt_caching.yaml")):
+        kwargs = completion_kwargs(interactions(CASSETTES / "anthropic_prompt_caching.yaml")[0])
+        Pipeline.from_config({"telemetry": telemetry}).completion(**kwargs)
+    _, (child,) = spans_by_kind(span_exporter)
+    found = {k for k in child.attributes if k.startswith("gen_ai.usage.cache_") and "read" not in k}
+    assert found == names
+    assert len({child.attributes[name] for name in names}) == 1  # one value under each name
+
+
+def test_agent_name_and_id(span_exporter) -> None:
+    Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok",
+                          context={"app": "support-bot", "agent_id": "agent-7", "session_id": "s"})
+    (parent,), (child,) = spans_by_kind(span_exporter)
+    for span in (parent, child):
+        assert span.attributes["gen_ai.agent.name"] == "support-bot"
+        assert span.attributes["gen_ai.agent.id"] == "agent-7"
+        assert span.attributes["gen_ai.conversation.id"] == "s"
+        assert not [k for k in span.attributes if k.startswith("gen_ai.") and k.split(".")[1] in
+                    ("conversation", "request") and k.split(".")[2] in ("compacted", "reasoning")]
+
+
+def _summarized(tmp_path, **context_config):
+    history = [MESSAGES[0], {"role": "user", "content": "task"}]
+    for i in range(60):
+        history += [{"role": "assistant", "content": f"reply {i} " * 40}, {"role": "user", "content": f"more {i}"}]
+    pipeline = Pipeline.from_config({
+        "context": {"watermark_tokens": 2000, "max_payback_calls": None, "summarize": True, **context_config},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})
+    response = pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                                   context={"session_id": "long", "app": "coder"})
+    pipeline.close()
+    from router_middleware.ledger.store import open_ledger
+
+    row = open_ledger(pipeline.config.ledger.url).query("SELECT cost_usd, summary_cost_usd FROM calls")
+    return response, row
+
+
+def test_a_summary_call_is_a_client_span_and_costs_in_its_calls_row(tmp_path, span_exporter) -> None:
+    response, rows = _summarized(tmp_path, summary_params={"mock_response": "They discussed replies 0 to 40."})
+    (route,), clients = spans_by_kind(span_exporter)
+    (summary,) = [s for s in clients if s.attributes.get("router_middleware.purpose") == "context_summary"]
+    (chat,) = [s for s in clients if s is not summary]
+    assert summary.parent.span_id == route.context.span_id == chat.parent.span_id
+    assert summary.name == "chat gpt-4o-mini" and summary.attributes["gen_ai.agent.name"] == "coder"
+    assert summary.attributes["gen_ai.usage.input_tokens"] > 0 and summary.attributes["gen_ai.usage.cost"] > 0
+    assert route.start_time <= summary.start_time < summary.end_time <= chat.start_time
+    ((cost, summary_cost),) = rows
+    assert summary_cost == pytest.approx(summary.attributes["gen_ai.usage.cost"])
+    assert cost == pytest.approx(outcome(response).cost.total_usd + summary_cost)  # the row pays for both
+
+
+def test_a_failed_summary_call_is_a_failed_span_and_costs_nothing(tmp_path, span_exporter) -> None:
+    _, rows = _summarized(tmp_path, summary_model="no-such-provider/x")
+    _, clients = spans_by_kind(span_exporter)
+    (summary,) = [s for s in clients if s.attributes.get("router_middleware.purpose") == "context_summary"]
+    assert summary.status.status_code == StatusCode.ERROR and summary.attributes["error.type"]
+    assert rows[0][1] == 0

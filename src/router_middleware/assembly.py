@@ -19,6 +19,7 @@ from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
 from .stores.memory import MemoryStore
 from .telemetry import Redactor, TelemetrySettings
+from .telemetry.attributes import semconv_mode
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
 def telemetry_settings(config: TelemetryConfig) -> TelemetrySettings:
     return TelemetrySettings(enabled=config.enabled, capture_content=config.capture_content,
                              openinference=config.openinference,
-                             redactor=Redactor(tuple((r.pattern, r.replacement) for r in config.redact)))
+                             redactor=Redactor(tuple((r.pattern, r.replacement) for r in config.redact)),
+                             semconv=semconv_mode(config.semconv))
 
 
 def policy_state(store: Store, catalog: Catalog) -> PolicyState:

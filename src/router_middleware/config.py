@@ -277,6 +277,9 @@ class TelemetryConfig(_Strict):
     capture_content: bool = False
     openinference: bool = False
     redact: list[RedactionRule] = Field(default_factory=list)
+    # Attribute names of the GenAI conventions that changed: ``current``, ``legacy`` or ``both``.
+    # Unset: ``current`` when OTEL_SEMCONV_STABILITY_OPT_IN has gen_ai_latest_experimental, else ``both``.
+    semconv: Literal["current", "legacy", "both"] | None = None
 
 
 class Config(_Strict):

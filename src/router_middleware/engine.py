@@ -20,6 +20,7 @@ from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
 from .telemetry import CallTrace
+from .telemetry.tracing import SideCall
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
@@ -72,16 +73,18 @@ class Engine:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
         return CallLifecycle(self, call, read=read, usable=usable, cache=cache)
 
-    def launch(self, plan: Plan) -> tuple[Plan, CallTrace]:
+    def launch(self, plan: Plan, side_calls: Sequence[SideCall] = ()) -> tuple[Plan, CallTrace]:
         """The first attempt's plan with the context saving estimated (the tokens the policies kept
-        out, counted only when they changed the messages), and the call's trace."""
+        out, counted only when they changed the messages), and the call's trace (with the
+        ``side_calls`` made for it)."""
         before = after = 0
         if plan.messages != plan.call.messages:
             session = plan.call.context.session_id
             before = self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
             after = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
             plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after))
-        return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after)
+        return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after,
+                                     side_calls=side_calls)
 
     def model_of(self, target: str) -> str:
         """The model id behind a routing target (a model id, or a deployment name)."""

@@ -32,6 +32,7 @@ from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
 from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
+from .telemetry.tracing import SideCall
 from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class CallLifecycle:
         self.held = Held()
         self._sized: tuple[Plan, int, int] | None = None  # the last plan sized, and its size
         self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
+        self.side_calls: list[SideCall] = []  # summaries written for this call
 
     def run(self) -> Flow:
         """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
@@ -102,13 +104,8 @@ class CallLifecycle:
         plan = engine.plan(self.call)
         if plan.summary_jobs:
             for job in plan.summary_jobs:
-                try:
-                    text = summary_text((yield Summarize(job, engine.summary_request(job))))
-                    if text:
-                        self.books.keep_summary(job.key, text)
-                except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
-                    log.warning("summary_failed", span=job.key, error=repr(exc))
-            plan = engine.plan(self.call)
+                yield from self._summarize(job)
+            plan = self._carry(engine.plan(self.call))
         if self.use_cache:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
@@ -116,7 +113,7 @@ class CallLifecycle:
         claims = self._claims(plan)
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
         plan = yield from self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
-        plan, trace = engine.launch(plan)
+        plan, trace = engine.launch(plan, self.side_calls)
         started = time.perf_counter()
         while True:
             self._current = (plan, trace)
@@ -141,6 +138,28 @@ class CallLifecycle:
 
     # -- before the first attempt ----------------------------------------------------------------
 
+    def _summarize(self, job: SummaryJob) -> Generator[Effect, Any, None]:
+        """Write a dropped span's summary (a failure keeps the offline digest); the call keeps what it
+        cost and when, for its ledger row and a CLIENT span under its route span."""
+        request = self.engine.summary_request(job)
+        model, started = str(request.get("model")), time.time_ns()
+        try:
+            response = yield Summarize(job, request)
+            outcome = build_outcome(response, None, self.engine.catalog)
+            self.side_calls.append(SideCall(model, outcome, None, started, time.time_ns()))
+            text = summary_text(response)
+            if text:
+                self.books.keep_summary(job.key, text)
+        except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
+            self.side_calls.append(SideCall(model, None, exc, started, time.time_ns()))
+            log.warning("summary_failed", span=job.key, error_type=type(exc).__name__,
+                        error=self.engine.telemetry.redactor(str(exc))[:200])
+
+    def _carry(self, plan: Plan) -> Plan:
+        """``plan`` with what this call's summaries cost (every later plan of the call keeps it)."""
+        spent = sum(c.outcome.cost.total_usd or 0.0 for c in self.side_calls if c.outcome is not None)
+        return plan.override(summary_cost_usd=spent) if spent else plan
+
     def _from_cache(self, plan: Plan) -> Generator[Effect, Any, tuple[Any, Plan]]:
         """A cached answer shaped like a live one (a stream if one was asked for), or None; and the
         plan, with a decision recorded if the cache failed (it shows on the span). The exact lookup is
@@ -162,7 +181,8 @@ class CallLifecycle:
         if entry is None:
             return None, plan
         plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
-        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0, attempt=False)
+        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0, attempt=False,
+                                side_calls=self.side_calls)
         trace.cache_similarity = entry.similarity
         started = time.perf_counter()
 
@@ -218,9 +238,9 @@ class CallLifecycle:
             next_target = attempts.skip(why)
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
-            plan = self.engine.replan(self.call, next_target, Decision(
+            plan = self._carry(self.engine.replan(self.call, next_target, Decision(
                 "routing", "skip" if unreachable else "quota",
-                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))
+                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth})))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int,
               claims: list[Claim]) -> Generator[Effect, Any, str | None]:
@@ -252,9 +272,9 @@ class CallLifecycle:
             return None
         retry = plan
         if next_target != failed:
-            retry = engine.replan(self.call, next_target, Decision(
+            retry = self._carry(engine.replan(self.call, next_target, Decision(
                 "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_target}",
-                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:

@@ -37,7 +37,8 @@ class AgentContext:
     All fields are optional. ``session_id`` groups the calls of one agent run (budgets, caches,
     ``gen_ai.conversation.id``); ``step`` is the 0-based index of the call in that run; ``step_kind``
     is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...);
-    ``tenant`` scopes the response cache; ``cache`` forces a call in (``True``) or out (``False``) of it.
+    ``tenant`` scopes the response cache; ``cache`` forces a call in (``True``) or out (``False``) of it;
+    ``agent_id`` identifies the agent (``gen_ai.agent.id``; ``app`` is its ``gen_ai.agent.name``).
     """
 
     app: str | None = None
@@ -48,6 +49,7 @@ class AgentContext:
     tenant: str | None = None
     tags: tuple[str, ...] = ()
     cache: bool | None = None
+    agent_id: str | None = None
 
     @classmethod
     def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:
@@ -139,6 +141,7 @@ class Plan:
     decisions: tuple[Decision, ...] = ()
     summary_jobs: tuple[SummaryJob, ...] = ()
     deployment: str | None = None  # the routing target's name when it is a configured deployment
+    summary_cost_usd: float = 0.0  # what the summary calls made for this call cost (in its ledger row)
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:

@@ -16,6 +16,7 @@ COLUMNS = (
     "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
     "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
     "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
+    "summary_cost_usd",
 )
 
 
@@ -54,6 +55,7 @@ class LedgerRecord:
     saved_context_usd: float = 0.0
     saved_cache_usd: float = 0.0
     saved_reasoning_usd: float = 0.0
+    summary_cost_usd: float = 0.0  # the middleware's summary calls for this call; included in cost_usd
 
     def row(self) -> tuple[Any, ...]:
         data = asdict(self)
@@ -67,6 +69,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
     context = plan.call.context if plan else None
     usage, cost = outcome.usage, outcome.cost
     saved = saved_context + saved_cache + saved_routing + saved_reasoning
+    summaries = plan.summary_cost_usd if plan else 0.0
     return LedgerRecord(
         ts=ts if ts is not None else time.time(), source=source,
         model=outcome.model, requested_model=plan.call.model if plan else outcome.model,
@@ -75,7 +78,8 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         step_kind=context.step_kind if context else None, provider=outcome.provider,
         input_tokens=usage.input_tokens, cached_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
-        reasoning_tokens=usage.reasoning_tokens, cost_usd=cost.total_usd, input_cost_usd=cost.input_usd,
+        reasoning_tokens=usage.reasoning_tokens,
+        cost_usd=cost.total_usd + summaries if cost.total_usd is not None else None, input_cost_usd=cost.input_usd,
         output_cost_usd=cost.output_usd, cache_read_cost_usd=cost.cache_read_usd,
         cache_write_cost_usd=cost.cache_write_usd, reasoning_cost_usd=cost.reasoning_usd,
         cost_source=cost.source, latency_s=outcome.latency_s, ttft_s=outcome.time_to_first_token_s,
@@ -83,5 +87,5 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         decisions=json.dumps([f"{d.policy}:{d.action}" for d in plan.decisions] if plan else []),
         baseline_cost_usd=(cost.total_usd + saved) if cost.total_usd is not None else None,
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
-        saved_reasoning_usd=saved_reasoning,
+        saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
     )

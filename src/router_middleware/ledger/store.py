@@ -29,6 +29,8 @@ MIGRATIONS: tuple[str, ...] = (
     # 2: indexes for the report's time ranges and groupings
     "CREATE INDEX IF NOT EXISTS calls_ts ON calls (ts)",
     "CREATE INDEX IF NOT EXISTS calls_session ON calls (session)",
+    # 4: what the middleware's own summary calls cost, in the row of the call they were made for
+    "ALTER TABLE calls ADD COLUMN summary_cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0",
 )
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 

@@ -1,7 +1,14 @@
-"""Span attributes: GenAI semantic conventions, our ``router_middleware.*`` decisions, OpenInference."""
+"""Span attributes: GenAI semantic conventions, our ``router_middleware.*`` decisions, OpenInference.
+
+Names under ``gen_ai.`` are the conventions' own, except ``gen_ai.usage.cost`` (a proposal, no
+convention yet), kept because Langfuse reads it as a generation's cost. ``semconv`` picks the names
+of attributes the conventions renamed: ``current``, ``legacy`` or ``both``.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Literal
 from urllib.parse import urlparse
 
 from ..types import AttributeValue, Outcome, Plan
@@ -18,6 +25,40 @@ _DEFAULT_HOSTS = {
     "openai": "api.openai.com", "anthropic": "api.anthropic.com", "deepseek": "api.deepseek.com",
     "openrouter": "openrouter.ai", "gemini": "generativelanguage.googleapis.com",
 }
+
+
+Semconv = Literal["current", "legacy", "both"]
+
+# (current, legacy) names of the attributes the GenAI conventions renamed. SigNoz's AI panels still
+# read the legacy cache name.
+_RENAMED = {"cache_write": ("gen_ai.usage.cache_write.input_tokens", "gen_ai.usage.cache_creation.input_tokens")}
+
+
+def semconv_mode(configured: Semconv | None = None) -> Semconv:
+    """The configured mode, else ``current`` when ``OTEL_SEMCONV_STABILITY_OPT_IN`` lists
+    ``gen_ai_latest_experimental`` (as OpenTelemetry's Python instrumentations read it), else ``both``."""
+    if configured is not None:
+        return configured
+    opted = {part.strip() for part in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "").split(",")}
+    return "current" if "gen_ai_latest_experimental" in opted else "both"
+
+
+def _renamed(key: str, semconv: Semconv) -> tuple[str, ...]:
+    current, legacy = _RENAMED[key]
+    return {"current": (current,), "legacy": (legacy,), "both": (current, legacy)}[semconv]
+
+
+def agent_attributes(plan: Plan) -> dict[str, AttributeValue]:
+    """``gen_ai.agent.name`` (the context's ``app``), ``gen_ai.agent.id``, ``gen_ai.conversation.id``."""
+    context = plan.call.context
+    attrs: dict[str, AttributeValue] = {}
+    if context.app:
+        attrs["gen_ai.agent.name"] = context.app
+    if context.agent_id:
+        attrs["gen_ai.agent.id"] = context.agent_id
+    if context.session_id:
+        attrs["gen_ai.conversation.id"] = context.session_id
+    return attrs
 
 
 def server_address(plan: Plan, provider: str | None) -> str | None:
@@ -50,30 +91,31 @@ def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeV
             attrs[name] = value
     level = reasoning_level(plan)
     if level:
-        attrs["gen_ai.request.reasoning.level"] = level
-    if plan.call.context.session_id:
-        attrs["gen_ai.conversation.id"] = plan.call.context.session_id
+        attrs["router_middleware.reasoning.level"] = level
+    attrs.update(agent_attributes(plan))
     return attrs
 
 
-def outcome_attributes(outcome: Outcome, *, openinference: bool = False) -> dict[str, AttributeValue]:
+def outcome_attributes(outcome: Outcome, *, openinference: bool = False,
+                       semconv: Semconv = "both") -> dict[str, AttributeValue]:
     usage, cost = outcome.usage, outcome.cost
     attrs: dict[str, AttributeValue] = {
         "gen_ai.response.model": outcome.model,
         "gen_ai.usage.input_tokens": usage.input_tokens,
         "gen_ai.usage.output_tokens": usage.output_tokens,
         "gen_ai.usage.cache_read.input_tokens": usage.cache_read_tokens,
-        "gen_ai.usage.cache_creation.input_tokens": usage.cache_write_tokens,
         "gen_ai.usage.reasoning.output_tokens": usage.reasoning_tokens,
         "router_middleware.usage.source": usage.source,
         "router_middleware.cost.source": cost.source,
     }
+    for name in _renamed("cache_write", semconv):
+        attrs[name] = usage.cache_write_tokens
     if outcome.response_id:
         attrs["gen_ai.response.id"] = outcome.response_id
     if outcome.finish_reasons:
         attrs["gen_ai.response.finish_reasons"] = list(outcome.finish_reasons)  # type: ignore[assignment]
     if cost.total_usd is not None:
-        attrs["gen_ai.usage.cost"] = float(cost.total_usd)
+        attrs["gen_ai.usage.cost"] = float(cost.total_usd)  # not a convention: Langfuse reads it
     for name in ("input_usd", "output_usd", "cache_read_usd", "cache_write_usd", "reasoning_usd"):
         value = getattr(cost, name)
         if value is not None:
@@ -123,7 +165,7 @@ def decision_attributes(plan: Plan, tokens_before: int, tokens_after: int) -> di
             "pass-through" if plan.model == plan.call.model else "policy"),
         "router_middleware.fallback.depth": 0,
         "router_middleware.context.strategy": ",".join(dict.fromkeys(d.policy for d in trimmed)) or "none",
-        "gen_ai.conversation.compacted": bool(trimmed),
+        "router_middleware.context.compacted": bool(trimmed),
         "router_middleware.cache.hit": False,
         "router_middleware.savings.estimated_usd": float(plan.estimated_savings_usd),
         "router_middleware.decisions": [f"{d.policy}:{d.action}" for d in plan.decisions],  # type: ignore[dict-item]
@@ -133,10 +175,9 @@ def decision_attributes(plan: Plan, tokens_before: int, tokens_after: int) -> di
         attrs["router_middleware.context.tokens_after"] = tokens_after
     level = reasoning_level(plan)
     if level:
-        attrs["gen_ai.request.reasoning.level"] = level
+        attrs["router_middleware.reasoning.level"] = level
+    attrs.update(agent_attributes(plan))
     context = plan.call.context
-    if context.session_id:
-        attrs["gen_ai.conversation.id"] = context.session_id
     if context.app:
         attrs["router_middleware.app"] = context.app
     if context.step is not None:

@@ -7,6 +7,7 @@ reaches the user's call.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,10 +16,23 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..types import AttributeValue, Outcome, Plan
 from . import metrics as call_metrics
-from .attributes import decision_attributes, outcome_attributes, request_attributes
+from .attributes import Semconv, agent_attributes, decision_attributes, outcome_attributes, request_attributes
 from .content import content_attributes, response_messages
 from .redaction import DEFAULT_REDACTOR, Redactor
 from .safety import log, never_raises
+
+
+@dataclass(frozen=True)
+class SideCall:
+    """A call the pipeline made on a call's behalf (a context summary): its outcome or error, and when
+    (``time.time_ns()``)."""
+
+    model: str
+    outcome: Outcome | None
+    error: BaseException | None
+    start_ns: int
+    end_ns: int
+    purpose: str = "context_summary"
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class TelemetrySettings:
     capture_content: bool = False
     openinference: bool = False
     redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
+    semconv: Semconv = "both"
 
 
 def _tracer() -> trace.Tracer:
@@ -58,17 +73,22 @@ class CallTrace:
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,
-              tokens_after: int, *, attempt: bool = True) -> CallTrace:
-        """``attempt=False``: no provider is called (a response-cache hit), so no CLIENT span."""
+              tokens_after: int, *, attempt: bool = True, side_calls: Sequence[SideCall] = ()) -> CallTrace:
+        """``attempt=False``: no provider is called (a response-cache hit), so no CLIENT span;
+        ``side_calls`` made before it get their CLIENT spans first (the route span starts with them)."""
         trace_ = cls(settings, plan, provider)
         if settings.enabled:
-            trace_._open(tokens_before, tokens_after, attempt)
+            trace_._open(tokens_before, tokens_after, attempt, side_calls)
         return trace_
 
     @never_raises(default=None)
-    def _open(self, tokens_before: int, tokens_after: int, attempt: bool = True) -> None:
+    def _open(self, tokens_before: int, tokens_after: int, attempt: bool = True,
+              side_calls: Sequence[SideCall] = ()) -> None:
         tracer = _tracer()
-        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL)
+        begun = min((c.start_ns for c in side_calls), default=None)
+        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL, start_time=begun)
+        for call in side_calls:
+            self._side_call(call)
         if not self.parent.is_recording():  # no SDK installed, or sampled out: build no attributes
             self.parent = None
             return
@@ -79,6 +99,28 @@ class CallTrace:
         self.request_attrs = request_attributes(self.plan, self.provider)
         if attempt:
             self._start_attempt()
+
+    def _side_call(self, call: SideCall) -> None:
+        """A CLIENT span (and metrics) for a call made on this call's behalf, timed as it was."""
+        settings = self.settings
+        attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": call.model,
+                                            "router_middleware.purpose": call.purpose}
+        if call.outcome is not None and call.outcome.provider:
+            attrs["gen_ai.provider.name"] = call.outcome.provider
+        call_metrics.record(dict(attrs), call.outcome, (call.end_ns - call.start_ns) / 1e9,
+                            type(call.error).__qualname__ if call.error else None, self.plan.call.context.app)
+        if self.parent is None or not self.parent.is_recording():
+            return
+        span = _tracer().start_span(f"chat {call.model}", context=trace.set_span_in_context(self.parent),
+                                    kind=SpanKind.CLIENT, start_time=call.start_ns,
+                                    attributes={**attrs, **agent_attributes(self.plan)})
+        if call.outcome is not None:
+            span.set_attributes(outcome_attributes(call.outcome, openinference=settings.openinference,
+                                                   semconv=settings.semconv))
+        if call.error is not None:
+            span.set_attribute("error.type", type(call.error).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, settings.redactor(str(call.error))[:500]))
+        span.end(end_time=call.end_ns)
 
     def _start_attempt(self) -> None:
         """A CLIENT span under the route span for one provider attempt of ``self.plan``."""
@@ -119,7 +161,7 @@ class CallTrace:
         self.done = True
         settings = self.settings
         if self.child is not None:
-            attrs = outcome_attributes(outcome, openinference=settings.openinference)
+            attrs = outcome_attributes(outcome, openinference=settings.openinference, semconv=settings.semconv)
             if settings.capture_content:
                 attrs.update(content_attributes(self.plan.messages, response_messages(response), settings.redactor))
             self.child.set_attributes(attrs)
@@ -160,7 +202,8 @@ class CallTrace:
             span.set_attribute("error.type", kind)
             span.set_status(Status(StatusCode.ERROR, message))
         if self.child is not None and outcome is not None:
-            self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference))
+            self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference,
+                                                         semconv=self.settings.semconv))
         for span in (self.child, self.parent):
             if span is not None:
                 span.end()
