@@ -279,3 +279,26 @@ def test_a_proxy_call_follows_the_router_when_only_its_first_failure_is_reported
     assert "routing:fallback" in json.loads(rows[0]["decisions"])  # the last fallback's plan (depth 2)
     expected = 3210 * 0.15e-6 + 42 * 0.6e-6  # gpt-4o-mini, the deployment that answered (no cache read here)
     assert rows[0]["cost_usd"] == pytest.approx(expected, rel=0.5)
+
+
+def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:
+    """Behind the proxy the hook writes a summary through litellm, where the same logger sees it: its
+    cost belongs to the row of the call it serves, not to a row of its own."""
+    logger = RouterLogger(Pipeline.from_config({
+        "context": {"watermark_tokens": 2000, "max_payback_calls": None, "summarize": True,
+                    "summary_params": {"mock_response": "They discussed 40 questions."}},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    }), proxy=True).register()
+    try:
+        async def hook() -> dict:
+            data = {"model": "deepseek/deepseek-chat", "messages": _history([{"role": "user", "content": "next?"}]),
+                    "litellm_call_id": "summarized"}
+            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+            await asyncio.sleep(0.5)  # litellm's success callbacks of the summary call run in the background
+            return changed
+        changed = asyncio.run(hook())
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert any("They discussed 40 questions." in str(m.get("content")) for m in changed["messages"])
+    assert logger.hook_calls == 1 and logger.recorded == 0 and rows == []

@@ -300,3 +300,27 @@ def test_a_failed_summary_call_is_a_failed_span_and_costs_nothing(tmp_path, span
     (summary,) = [s for s in clients if s.attributes.get("router_middleware.purpose") == "context_summary"]
     assert summary.status.status_code == StatusCode.ERROR and summary.attributes["error.type"]
     assert rows[0][1] == 0
+
+
+def test_summaries_of_a_refused_call_are_still_accounted(tmp_path, span_exporter) -> None:
+    """A budget refuses the call after its summary was written: the summary's span and cost remain."""
+    history = [MESSAGES[0], {"role": "user", "content": "task"}]
+    for i in range(60):
+        history += [{"role": "assistant", "content": f"reply {i} " * 40}, {"role": "user", "content": f"more {i}"}]
+    pipeline = Pipeline.from_config({
+        "context": {"watermark_tokens": 2000, "max_payback_calls": None, "summarize": True,
+                    "summary_params": {"mock_response": "They discussed replies 0 to 40."}},
+        "routing": {"budgets": [{"name": "tiny", "usd": 0.0000001, "scope": "global"}]},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})
+    from router_middleware import BudgetExceeded
+    from router_middleware.ledger.store import open_ledger
+
+    with pytest.raises(BudgetExceeded):
+        pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                            context={"session_id": "long"})
+    pipeline.close()
+    (route,), (summary,) = spans_by_kind(span_exporter)
+    assert route.status.status_code == StatusCode.ERROR and summary.parent.span_id == route.context.span_id
+    ((cost, summary_cost, error),) = open_ledger(pipeline.config.ledger.url).query(
+        "SELECT cost_usd, summary_cost_usd, error FROM calls")
+    assert error == "BudgetExceeded" and summary_cost > 0 and cost == pytest.approx(summary_cost)

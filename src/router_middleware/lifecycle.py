@@ -27,7 +27,7 @@ from .accounting import build_outcome
 from .bookkeeping import Admission, Claim, Held
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError
+from .errors import NoRouteError, RouterMiddlewareError
 from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
 from .streaming import Replay, TrackedStream
@@ -110,9 +110,16 @@ class CallLifecycle:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
                 return cached
-        claims = self._claims(plan)
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
-        plan = yield from self._admit(plan, attempts, claims)  # nothing is held when no target is admitted
+        try:
+            plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
+        except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded
+            if self.side_calls:  # the summaries were paid for: their spans and the call's row say so
+                trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0,
+                                        attempt=False, side_calls=self.side_calls)
+                trace.fail(refused)
+                self.books.record_failure(plan, refused)
+            raise
         plan, trace = engine.launch(plan, self.side_calls)
         started = time.perf_counter()
         while True:
@@ -145,15 +152,21 @@ class CallLifecycle:
         model, started = str(request.get("model")), time.time_ns()
         try:
             response = yield Summarize(job, request)
-            outcome = build_outcome(response, None, self.engine.catalog)
-            self.side_calls.append(SideCall(model, outcome, None, started, time.time_ns()))
-            text = summary_text(response)
-            if text:
-                self.books.keep_summary(job.key, text)
         except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
             self.side_calls.append(SideCall(model, None, exc, started, time.time_ns()))
             log.warning("summary_failed", span=job.key, error_type=type(exc).__name__,
                         error=self.engine.telemetry.redactor(str(exc))[:200])
+            return
+        ended = time.time_ns()
+        text = summary_text(response)
+        if text:
+            self.books.keep_summary(job.key, text)
+        try:
+            outcome: Outcome | None = build_outcome(response, None, self.engine.catalog)
+        except Exception as exc:  # noqa: BLE001 - an unpriced summary still serves the call
+            log.warning("summary_unaccounted", span=job.key, error_type=type(exc).__name__)
+            outcome = None
+        self.side_calls.append(SideCall(model, outcome, None, started, ended))
 
     def _carry(self, plan: Plan) -> Plan:
         """``plan`` with what this call's summaries cost (every later plan of the call keeps it)."""
@@ -337,6 +350,8 @@ class CallLifecycle:
                    complete: bool) -> Outcome | None:
             if error is not None and not chunks:
                 trace.fail(error)
+                if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so
+                    self.books.record_failure(plan, error)
                 return None
             source: UsageSource = "provider" if complete and wire.usage_reported(chunks) else "estimated"
             messages = [dict(m) for m in plan.messages]

@@ -32,6 +32,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from .accounting import build_outcome
 from .context.structure import head_length
+from .context.summarize import SIDE_CALL
 from .drivers import astep
 from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
@@ -60,7 +61,13 @@ def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
-    return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion")
+    return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion") \
+        and not _ours(kwargs)
+
+
+def _ours(kwargs: Mapping[str, Any]) -> bool:
+    """A call the pipeline made itself (a context summary): accounted in the row of the call it served."""
+    return bool(_metadata(kwargs).get(SIDE_CALL))
 
 
 def _digest(value: object) -> str:
@@ -87,7 +94,7 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
     """The call's labels from its metadata; with ``derive`` (the proxy), what the client did not
     label is derived from the conversation (:func:`run_labels`)."""
     metadata = _metadata(kwargs)
-    keys = ("app", "session_id", "step", "step_kind", "user", "tenant")
+    keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
     if derive:
         messages = [m for m in kwargs.get("messages") or [] if isinstance(m, Mapping)]
@@ -366,9 +373,12 @@ class RouterLogger(CustomLogger):
             self._ended.popitem(last=False)
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._success(kwargs, response_obj, start_time, end_time)
+        if not _ours(kwargs):
+            self._success(kwargs, response_obj, start_time, end_time)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _ours(kwargs):
+            return
         answer = _Answer(response_obj, _seconds(start_time, end_time), _ttft(kwargs, start_time),
                          _metadata(kwargs).get("model_group"))
         try:
@@ -380,9 +390,12 @@ class RouterLogger(CustomLogger):
         self._success(kwargs, response_obj, start_time, end_time)
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        self._failure(kwargs)
+        if not _ours(kwargs):
+            self._failure(kwargs)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _ours(kwargs):
+            return
         try:
             if await self._resume(kwargs, None, _error(kwargs), _metadata(kwargs).get("model_group")):
                 return

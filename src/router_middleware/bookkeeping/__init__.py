@@ -193,8 +193,9 @@ class Bookkeeper:
         if held is not None:
             reservation, held.reservation = held.reservation, None
             if reservation is not None:
-                done.additions += budgets.settlement(reservation, usd=outcome.cost.total_usd,
-                                                     tokens=usage.total_tokens)
+                summaries = outcome.plan.summary_cost_usd if outcome.plan else 0.0
+                usd = outcome.cost.total_usd + summaries if outcome.cost.total_usd is not None else None
+                done.additions += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens)
             if held.quota is not None:
                 taken, done.found = held.quota
                 held.quota = None

@@ -21,8 +21,14 @@ INSTRUCTIONS = (
 )
 
 
+SIDE_CALL = "router_middleware_side_call"  # metadata key marking a call the pipeline makes itself
+
+
 def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """litellm kwargs of the summary call; its metadata marks it as the pipeline's own (``SIDE_CALL``),
+    so a ``RouterLogger`` does not account it a second time: it is in the row of the call it serves."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
+    metadata = {**(params.get("metadata") or {}), SIDE_CALL: "context_summary"}
     return {
         "model": model,
         "messages": [{"role": "system", "content": INSTRUCTIONS},
@@ -30,6 +36,7 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> d
         "max_tokens": 600,
         "temperature": 0,
         **params,
+        "metadata": metadata,
     }
 
 

@@ -19,7 +19,7 @@ from ..accounting import outcome
 from ..pipeline import Pipeline
 from .convert import final_chunk, to_ai_message, to_chunk, to_openai, tool_choice
 
-_CONTEXT_KEYS = ("app", "session_id", "step", "step_kind", "user", "tenant", "tags")
+_CONTEXT_KEYS = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant", "tags", "cache")
 
 
 class RoutedChatModel(BaseChatModel):

@@ -14,7 +14,7 @@ from .store import LedgerDB
 
 SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
         "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
-        "saved_reasoning_usd", "cache_hit")
+        "saved_reasoning_usd", "summary_cost_usd", "cache_hit")
 GROUPS = ("model", "provider", "app", "session")
 
 
