@@ -101,14 +101,21 @@ class FlakyDB(SQLiteLedger):
             raise OSError("disk unavailable")
         super().insert(records)
 
+    def query(self, sql, params=()):
+        if FlakyDB.failures > 0:  # the database does not answer a probe either
+            FlakyDB.failures -= 1
+            raise OSError("disk unavailable")
+        return super().query(sql, params)
+
 
 def test_failed_writes_are_spooled_then_written(tmp_path) -> None:
     path = str(tmp_path / "l.db")
-    spool = tmp_path / "spool.jsonl"
-    FlakyDB.failures = 3  # every retry of the first batch fails
-    writer = LedgerWriter(path, spool=spool, retries=3, opener=FlakyDB)
+    folder = tmp_path / "spool"
+    FlakyDB.failures = 3 + 3  # every retry of the first batch fails, and the probe of the database too
+    writer = LedgerWriter(path, spool=folder, retries=3, opener=FlakyDB)
     writer.append(LedgerRecord(ts=1.0, model="m", requested_model="m", call_id="first"))
     writer.flush()
+    spool = writer.spool.own
     assert spool.exists() and "first" in spool.read_text()
     writer.append(LedgerRecord(ts=2.0, model="m", requested_model="m", call_id="second"))
     writer.close()
@@ -153,7 +160,7 @@ def test_schema_is_versioned_and_migrates(tmp_path) -> None:
 
 
 def _write_rows(path: str, prefix: str) -> None:
-    writer = LedgerWriter(path, spool=f"{path}.{prefix}.spool")
+    writer = LedgerWriter(path)
     for i in range(100):
         writer.append(LedgerRecord(ts=float(i), model="m", requested_model="m", call_id=f"{prefix}-{i}"))
     writer.close()

@@ -1,5 +1,6 @@
 """The ``router-middleware`` command: ``replay`` recorded sessions, ``report`` from a ledger,
-``route-eval`` the difficulty scorer on a labelled CSV, ``demo`` on the bundled sessions."""
+``ledger drain`` its spool, ``route-eval`` the difficulty scorer on a labelled CSV, ``demo`` on the
+bundled sessions."""
 
 from __future__ import annotations
 
@@ -178,6 +179,29 @@ def _print_report(report: dict[str, object]) -> None:
         console.print(table)
 
 
+def cmd_ledger_drain(args: argparse.Namespace) -> int:
+    from .ledger import open_ledger
+    from .ledger.spool import QUARANTINE, DatabaseUnavailable, Spool, default_spool
+
+    url = args.ledger if "://" in args.ledger else f"sqlite:///{args.ledger}"
+    folder = Path(args.spool) if args.spool else default_spool(url)
+    if not folder.is_dir():
+        print(f"nothing to drain: no spool folder at {folder}")
+        return 0
+    db = open_ledger(url)
+    try:
+        done = Spool(folder).drain(db)
+    except DatabaseUnavailable as exc:
+        raise RouterMiddlewareError(f"the ledger at {url} does not answer ({exc}); the rows stay in {folder}") from exc
+    finally:
+        db.close()
+    print(f"{done.written:,} rows written from {folder} to the ledger; {done.quarantined:,} lines quarantined"
+          + (f" (see {folder / QUARANTINE})" if done.quarantined else ""))
+    for pid, rows in sorted(done.held.items()):
+        print(f"{rows:,} rows left to process {pid}, which is still running (it drains them itself)")
+    return 0
+
+
 def cmd_route_eval(args: argparse.Namespace) -> int:
     from .routing import load_examples, route_eval, score_text
 
@@ -222,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
     rep.set_defaults(func=cmd_report)
+    led = sub.add_parser("ledger", help="ledger maintenance")
+    led_sub = led.add_subparsers(dest="action", required=True)
+    drain = led_sub.add_parser("drain", help="write the rows waiting in the spool (any process's) into the ledger")
+    drain.add_argument("--ledger", required=True, help="sqlite:///path.db, a file path, or postgresql://...")
+    drain.add_argument("--spool", help="the spool folder (default: the ledger's, see README)")
+    drain.set_defaults(func=cmd_ledger_drain)
     ev = sub.add_parser("route-eval", help="RouteLLM metrics (APGR, CPT) of the difficulty scorer on a CSV")
     ev.add_argument("files", nargs="+", help="CSV files with a 'prompt' column (concatenated)")
     ev.add_argument("--weak", required=True, help="column with the weak model's score (number or true/false)")

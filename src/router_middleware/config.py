@@ -262,7 +262,7 @@ class LedgerConfig(_Strict):
     """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
 
     url: str | None = None
-    spool: str | None = None  # JSON-lines file for rows that could not be written yet
+    spool: str | None = None  # folder for rows not written yet (default: beside a SQLite ledger, see README)
 
 
 class RedactionRule(_Strict):

@@ -1,26 +1,26 @@
-"""Writes ledger rows off the hot path: a background thread, batches, retries, and a spool file.
+"""Writes ledger rows off the hot path: a background thread, batches, retries, and a spool.
 
-``append()`` only puts the row on a queue. The writer thread inserts batches; a batch that still
-fails after ``retries`` attempts is appended to a JSON-lines spool file, and spooled rows are
-inserted first on the next successful write (or by ``flush_spool()``). Rows are never dropped
-silently: at worst they wait in the spool, and the failure is logged.
+``append()`` only puts the row on a queue. The writer thread inserts batches; a row the database
+rejects goes to the spool's quarantine with the reason and the others are written; a batch that
+still fails after ``retries`` attempts (the database does not answer) goes to the spool folder
+(:mod:`.spool`), whose rows are inserted first on the next successful write, by this process or any
+other once this one is gone (or by ``flush_spool()``, or ``router-middleware ledger drain``). Rows
+are never dropped silently: at worst they wait in the spool or its quarantine, and it is logged.
 """
 
 from __future__ import annotations
 
 import atexit
-import json
-import os
 import queue
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 from ..telemetry import log
 from .record import LedgerRecord
+from .spool import Drained, Spool, default_spool, insert_tolerant
 from .store import LedgerDB, open_ledger
 
 _STOP = object()
@@ -29,8 +29,9 @@ _STOP = object()
 class LedgerWriter:
     def __init__(self, url: str, *, spool: str | Path | None = None, retries: int = 3, batch: int = 200,
                  opener: Callable[[str], LedgerDB] = open_ledger) -> None:
+        """``spool``: the spool folder (default: :func:`~.spool.default_spool` of ``url``)."""
         self.url = url
-        self.spool = Path(spool) if spool else Path(f".router-ledger-spool-{os.getpid()}.jsonl")
+        self.spool = Spool(spool or default_spool(url))
         self.retries = retries
         self.batch = batch
         self._open = opener
@@ -96,8 +97,9 @@ class LedgerWriter:
         for attempt in range(self.retries):
             try:
                 db = self._db_or_open()
-                self._drain_spool(db)
-                db.insert(records)
+                if self.spool.pending():
+                    self.spool.drain(db)
+                self.spool.quarantine(insert_tolerant(db, records))
                 return
             except Exception as exc:  # noqa: BLE001 - retried, then spooled
                 log.warning("ledger_write_failed", attempt=attempt + 1, error_type=type(exc).__name__,
@@ -109,23 +111,13 @@ class LedgerWriter:
                         pass
                     self._db = None
                 time.sleep(min(0.05 * 2**attempt, 1.0))
-        with self._lock, self.spool.open("a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(asdict(record)) + "\n")
-        log.error("ledger_rows_spooled", rows=len(records), spool=str(self.spool))
+        self.spool.add(records)
+        log.error("ledger_rows_spooled", rows=len(records), spool=str(self.spool.own))
 
-    def _drain_spool(self, db: LedgerDB) -> None:
+    def flush_spool(self) -> Drained:
+        """Write the spooled rows now (this process's, and those of processes that are gone)."""
         with self._lock:
-            if not self.spool.exists():
-                return
-            lines = self.spool.read_text(encoding="utf-8").splitlines()
-            records = [LedgerRecord(**json.loads(line)) for line in lines if line.strip()]
-            if records:
-                db.insert(records)  # inserts ignore call_ids already present, so a retry is harmless
-            self.spool.unlink()
-
-    def flush_spool(self) -> None:
-        self._drain_spool(self._db_or_open())
+            return self.spool.drain(self._db_or_open())
 
 
 _LIVE: weakref.WeakSet[LedgerWriter] = weakref.WeakSet()

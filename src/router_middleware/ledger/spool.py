@@ -1,0 +1,181 @@
+"""The spool: ledger rows that could not be written yet, in one folder any process can drain.
+
+Each process appends to its own JSON-lines file (``rows-<pid>.jsonl``); it drains that file before
+its next write, and any process drains the files of processes that are gone (``router-middleware
+ledger drain`` does it by hand). Reading is tolerant: a line cut off by a crash, or one that is not
+a row, goes to ``quarantine.jsonl`` with the reason, and so does a row the database rejects (a NUL
+byte on PostgreSQL, a lone surrogate on SQLite); the other rows are written. Nothing is dropped
+silently: every quarantined line is kept, and logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ..telemetry import log
+from .record import LedgerRecord
+from .store import LedgerDB
+
+QUARANTINE = "quarantine.jsonl"
+_FIELDS = frozenset(f.name for f in fields(LedgerRecord))
+
+
+def default_spool(url: str) -> Path:
+    """Beside a SQLite ledger (``<file>.spool/``); for a server, a folder per ledger (its URL without
+    the password) under ``$XDG_STATE_HOME`` (default ``~/.local/state``)/router-middleware/spool."""
+    parts = urlsplit(url)
+    if parts.scheme in ("", "sqlite"):
+        path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+        return Path(f"{path}.spool")
+    netloc = parts.netloc.rsplit("@", 1)
+    if len(netloc) == 2:
+        netloc[0] = netloc[0].split(":", 1)[0]  # the user, never the password
+    safe = urlunsplit(parts._replace(netloc="@".join(netloc)))
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "router-middleware" / "spool" / hashlib.blake2b(safe.encode(), digest_size=6).hexdigest()
+
+
+class DatabaseUnavailable(Exception):
+    """The database failed and does not answer a probe either: keep the rows for later."""
+
+
+def insert_tolerant(db: LedgerDB, records: Sequence[LedgerRecord]) -> list[tuple[LedgerRecord, str]]:
+    """Insert ``records``; if the batch fails while the database still answers, insert them one by
+    one and return the rows it rejects, with the reason. Raises :class:`DatabaseUnavailable` (from
+    the database's error) when it does not answer."""
+    try:
+        db.insert(records)
+        return []
+    except Exception as exc:  # noqa: BLE001 - a bad row, or the database is down: the probe tells
+        if not _answers(db):
+            raise DatabaseUnavailable(str(exc)[:200]) from exc
+    rejected = []
+    for record in records:
+        try:
+            db.insert([record])
+        except Exception as exc:  # noqa: BLE001
+            if not _answers(db):
+                raise DatabaseUnavailable(str(exc)[:200]) from exc
+            rejected.append((record, f"{type(exc).__name__}: {str(exc)[:200]}"))
+    return rejected
+
+
+def _answers(db: LedgerDB) -> bool:
+    try:
+        db.query("SELECT 1")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+@dataclass
+class Drained:
+    """What a drain did: rows written, lines quarantined, rows left to live processes (by pid)."""
+
+    written: int = 0
+    quarantined: int = 0
+    held: dict[int, int] = field(default_factory=dict)
+
+
+class Spool:
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.own = self.folder / f"rows-{os.getpid()}.jsonl"
+        self._lock = threading.Lock()
+
+    def add(self, records: Sequence[LedgerRecord]) -> None:
+        """Keep ``records`` in this process's file until the database takes them."""
+        with self._lock:
+            self.own = self.folder / f"rows-{os.getpid()}.jsonl"  # a forked child gets its own file
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with self.own.open("a", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(asdict(record)) + "\n")
+
+    def pending(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.glob("rows-*.jsonl"))
+
+    def drain(self, db: LedgerDB) -> Drained:
+        """Write this process's rows and those of processes that are gone; a file whose owner still
+        runs is left to it. Raises :class:`DatabaseUnavailable` (the rest stays spooled)."""
+        done = Drained()
+        if not self.folder.is_dir():
+            return done
+        with self._lock:
+            for path in sorted(self.folder.glob("rows-*.jsonl")):
+                try:
+                    pid = int(path.stem.removeprefix("rows-"))
+                except ValueError:
+                    pid = 0
+                if pid != os.getpid() and pid and _alive(pid):
+                    done.held[pid] = sum(1 for _ in path.open("rb"))
+                    continue
+                self._drain_file(db, path, done)
+        return done
+
+    def _drain_file(self, db: LedgerDB, path: Path, done: Drained) -> None:
+        claimed = path.with_name(f"{path.name}.{os.getpid()}.draining")
+        try:
+            path.rename(claimed)  # another drainer that got here first has it
+        except FileNotFoundError:
+            return
+        records: list[LedgerRecord] = []
+        bad: list[dict[str, object]] = []
+        for number, raw in enumerate(claimed.read_bytes().splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw.decode("utf-8"))
+                if not isinstance(data, dict) or not set(data) <= _FIELDS:
+                    raise ValueError(f"not a ledger row (fields {sorted(set(data) - _FIELDS)[:5]} unknown)"
+                                     if isinstance(data, dict) else "not a ledger row")
+                records.append(LedgerRecord(**data))
+            except (ValueError, TypeError) as exc:
+                bad.append({"reason": f"line {number} of {path.name}: {type(exc).__name__}: {str(exc)[:200]}",
+                            "line": raw.decode("utf-8", errors="replace")})
+        try:
+            rejected = insert_tolerant(db, records) if records else []
+        except DatabaseUnavailable:
+            with path.open("a", encoding="utf-8") as handle:  # back where it was, without the bad lines
+                handle.writelines(json.dumps(asdict(r)) + "\n" for r in records)
+            claimed.unlink()
+            self._quarantine(bad)
+            done.quarantined += len(bad)
+            raise
+        bad += [{"reason": reason, "row": asdict(record)} for record, reason in rejected]
+        self._quarantine(bad)
+        claimed.unlink()
+        done.written += len(records) - len(rejected)
+        done.quarantined += len(bad)
+
+    def quarantine(self, rejected: Sequence[tuple[LedgerRecord, str]]) -> None:
+        """Keep rows the database rejected, with the reason (``quarantine.jsonl``)."""
+        with self._lock:
+            self._quarantine([{"reason": reason, "row": asdict(record)} for record, reason in rejected])
+
+    def _quarantine(self, entries: Sequence[dict[str, object]]) -> None:
+        if not entries:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / QUARANTINE).open("a", encoding="utf-8") as handle:
+            for entry in entries:
+                handle.write(json.dumps(entry, default=str, ensure_ascii=True) + "\n")
+        log.error("ledger_rows_quarantined", rows=len(entries), quarantine=str(self.folder / QUARANTINE),
+                  reason=str(entries[0]["reason"])[:200])

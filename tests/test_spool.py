@@ -1,0 +1,102 @@
+"""The ledger's spool: a row the database rejects is quarantined and the rest written, a spool cut
+off by a crash is read tolerantly, and a dead worker's spool is drained by another process (real
+SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from router_middleware.cli import main
+from router_middleware.ledger.record import LedgerRecord
+from router_middleware.ledger.spool import QUARANTINE, default_spool
+from router_middleware.ledger.store import open_ledger
+from router_middleware.ledger.writer import LedgerWriter
+
+from .test_ledger import ledger_url  # noqa: F401 - the fixture, over SQLite and PostgreSQL
+
+
+def _row(call_id: str, **fields: object) -> LedgerRecord:
+    return LedgerRecord(ts=1.0, model="m", requested_model="m", call_id=call_id, **fields)  # type: ignore[arg-type]
+
+
+def _count(url: str) -> int:
+    db = open_ledger(url)
+    try:
+        return int(db.query("SELECT COUNT(*) FROM calls")[0][0])
+    finally:
+        db.close()
+
+
+def _quarantined(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / QUARANTINE).read_text().splitlines()]
+
+
+def test_a_row_the_database_rejects_is_quarantined_and_the_rest_written(ledger_url, tmp_path) -> None:  # noqa: F811
+    poison = "\x00" if ledger_url.startswith("postgres") else "\udc80"  # what each database refuses
+    folder = tmp_path / "spool"
+    writer = LedgerWriter(ledger_url, spool=folder, retries=1)
+    for i in range(26):
+        writer.append(_row(f"a{i}", session=poison if i == 5 else "s"))
+    writer.flush()
+    for i in range(20):  # the ledger goes on: later rows are written
+        writer.append(_row(f"b{i}", session="s"))
+    writer.close()
+    assert _count(ledger_url) == 45
+    (entry,) = _quarantined(folder)
+    assert entry["row"]["call_id"] == "a5" and entry["reason"]
+    assert not list(folder.glob("rows-*.jsonl"))  # nothing left waiting
+
+
+def test_a_spool_cut_off_by_a_crash_is_read_tolerantly(tmp_path) -> None:
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    rows = [json.dumps(asdict(_row(f"c{i}"))) for i in range(3)]
+    gone = folder / "rows-999999999.jsonl"  # a process that no longer exists
+    gone.write_bytes(("\n".join(rows) + "\n" + rows[0][:40] + "\n").encode() + b"\xff\xfe{}\n")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    writer = LedgerWriter(url, spool=folder)
+    for i in range(20):
+        writer.append(_row(f"d{i}"))
+    writer.close()
+    assert _count(url) == 23
+    reasons = [entry["reason"] for entry in _quarantined(folder)]
+    assert len(reasons) == 2 and "line 4" in reasons[0] and "line 5" in reasons[1]
+    assert not gone.exists()
+
+
+def _spool_and_exit(url: str, folder: str) -> None:
+    """A worker whose database is down the whole time: its rows go to its spool, then it exits."""
+    class Down:
+        def __init__(self, url: str) -> None:
+            raise OSError("connection refused")
+
+    writer = LedgerWriter(url, spool=folder, retries=1, opener=Down)  # type: ignore[arg-type]
+    for i in range(50):
+        writer.append(_row(f"w{i}"))
+    writer.close()
+
+
+def test_a_dead_workers_spool_is_drained_by_another_process(ledger_url, tmp_path, capsys) -> None:  # noqa: F811
+    folder = tmp_path / "spool"
+    worker = multiprocessing.get_context("spawn").Process(target=_spool_and_exit, args=(ledger_url, str(folder)))
+    worker.start()
+    worker.join(120)
+    assert worker.exitcode == 0 and len(list(folder.glob("rows-*.jsonl"))) == 1
+    live = folder / f"rows-{os.getppid()}.jsonl"  # a process that still runs keeps its own rows
+    live.write_text(json.dumps(asdict(_row("live"))) + "\n")
+    assert main(["ledger", "drain", "--ledger", ledger_url, "--spool", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "50 rows written" in out and f"1 rows left to process {os.getppid()}" in out
+    assert _count(ledger_url) == 50 and live.exists()
+
+
+def test_the_spool_lives_beside_a_sqlite_ledger_and_never_names_a_password(tmp_path, monkeypatch) -> None:
+    assert default_spool(f"sqlite:///{tmp_path}/l.db") == Path(f"{tmp_path}/l.db.spool")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    found = default_spool("postgresql://app:s3cret@db:5432/ledger")
+    assert found.parent == tmp_path / "router-middleware" / "spool" and "s3cret" not in str(found)
+    assert found == default_spool("postgresql://app:other@db:5432/ledger")  # one folder per ledger
