@@ -308,6 +308,26 @@ def _describe(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+MAX_CONFIG_VALUES = 100_000  # values in a config once YAML aliases are expanded; real ones have hundreds
+
+
+def _expands_past(data: Any, limit: int) -> bool:
+    """Whether ``data`` holds more than ``limit`` values counting every alias as a copy (iterative:
+    stops at the limit, never expands anything)."""
+    stack, seen = [data], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def load_config(source: Config | Mapping[str, Any] | str | Path | None) -> Config:
     """Load and validate a config from a ``Config``, a dict, or a YAML/JSON file path."""
     if source is None:
@@ -327,6 +347,9 @@ def load_config(source: Config | Mapping[str, Any] | str | Path | None) -> Confi
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as exc:
             raise ConfigError(f"{label}: not valid YAML/JSON ({exc})") from None
+        if _expands_past(data, MAX_CONFIG_VALUES):
+            raise ConfigError(f"{label}: expands to more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "
+                              "are resolved (an alias bomb?); write the values out")
         data = data or {}
     else:
         data = source

@@ -16,6 +16,7 @@ from .config import Config
 from .context.summarize import summary_request
 from .lifecycle import CallLifecycle, Reader
 from .messages import validate_messages
+from .params import check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
@@ -50,11 +51,11 @@ class Engine:
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
-        """A validated :class:`Call`; raises ``MessageError`` or ``ValueError`` naming the bad input."""
+        """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input."""
         ctx = AgentContext.coerce(context)
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
-        return Call.create(model, validate_messages(messages), params, ctx)
+        return Call.create(model, validate_messages(messages), check_params(params), ctx)
 
     def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views).

@@ -32,6 +32,12 @@ class MessageError(RouterMiddlewareError, ValueError):
         self.detail = detail
 
 
+class RequestError(RouterMiddlewareError, ValueError):
+    """A call's ``context=`` or parameters are malformed; the message names the field."""
+
+    status_code = 400
+
+
 class SessionFormatError(RouterMiddlewareError, ValueError):
     """A recorded session file does not follow the documented format."""
 

@@ -82,6 +82,9 @@ _VALID = MessageMemo()
 
 def validate_messages(messages: Iterable[Any], *, source: str | None = None) -> list[dict[str, Any]]:
     """Validate every message (a resent, unchanged message dict is not checked again)."""
+    if isinstance(messages, Mapping):
+        raise MessageError("messages must be a list of message objects, got one message (a dict): "
+                           "wrap it in a list", source=source)
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
     out = []

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal, Self, TypeVar
 
+from .errors import RequestError
+
 Message = Mapping[str, Any]
 T = TypeVar("T")
 AttributeValue = str | int | float | bool
@@ -30,6 +32,21 @@ class History(tuple[Message, ...]):
         return found[key]  # type: ignore[no-any-return]
 
 
+def _check_label(name: str, value: object) -> None:
+    """A context label is a string a ledger and a span can hold (no NUL, no lone surrogate)."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise RequestError(f"context.{name}: expected a string, got {type(value).__name__} {value!r}")
+    if "\x00" in value:
+        raise RequestError(f"context.{name}: contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"context.{name}: not valid text (a lone surrogate)") from None
+
+
 @dataclass(frozen=True, slots=True)
 class AgentContext:
     """Who is calling and where in the agent loop: passed as ``context=`` to the pipeline.
@@ -51,6 +68,16 @@ class AgentContext:
     cache: bool | None = None
     agent_id: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("app", "session_id", "step_kind", "user", "tenant", "agent_id"):
+            _check_label(name, getattr(self, name))
+        if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
+            raise RequestError(f"context.step: expected a whole number of at least 0, got {self.step!r}")
+        if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
+            raise RequestError(f"context.tags: expected a list of strings, got {self.tags!r}")
+        if self.cache is not None and not isinstance(self.cache, bool):
+            raise RequestError(f"context.cache: expected true, false or null, got {self.cache!r}")
+
     @classmethod
     def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:
         """Accept an ``AgentContext``, a dict with the same keys, or ``None``."""
@@ -65,7 +92,10 @@ class AgentContext:
                 raise TypeError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
             if "tags" in data:
-                data["tags"] = tuple(data["tags"] or ())
+                tags = data["tags"]
+                if isinstance(tags, str | bytes):
+                    raise RequestError(f"context.tags: expected a list of strings, got one string {tags!r}")
+                data["tags"] = tuple(tags or ())
             return cls(**data)
         raise TypeError(f"context must be an AgentContext or a dict, not {type(value).__name__}")
 

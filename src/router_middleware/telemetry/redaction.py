@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"\bsk-(?:ant-|proj-|or-)?[A-Za-z0-9_\-]{12,}", "[REDACTED_API_KEY]"),
-    (r"\bAIza[0-9A-Za-z_\-]{20,}", "[REDACTED_API_KEY]"),
-    (r"\b(?:xox[abpr]|ghp|gho|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
+    (r"\bAIza[0-9A-Za-z_\-]{20,}", "[REDACTED_API_KEY]"),  # Google
+    (r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b", "[REDACTED_AWS_KEY_ID]"),
+    # an AWS secret key beside its name (alone, 40 base64 characters look like any hash)
+    (r"(?i)\b(aws_?secret_?access_?key|secret_?access_?key|aws_?secret)([\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}",
+     r"\1\2[REDACTED]"),
+    # Slack, GitHub (classic, fine-grained, app, OAuth, refresh), GitLab
+    (r"\b(?:xox[abeoprs]|gh[pousr]|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
     (r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]+=*", "Bearer [REDACTED_TOKEN]"),
     (r"(?i)\b(api[_-]?key|x-api-key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", r"\1\2[REDACTED]"),
     (r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", "[REDACTED_EMAIL]"),
@@ -18,7 +23,8 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Redactor:
-    """Applies the default rules (API keys, bearer tokens, e-mail addresses) and the user's own."""
+    """Applies the default rules (API keys and tokens of OpenAI, Anthropic, Google, AWS, GitHub,
+    GitLab and Slack, bearer tokens, e-mail addresses) and the user's own."""
 
     extra: tuple[tuple[str, str], ...] = ()
     _compiled: tuple[tuple[re.Pattern[str], str], ...] = field(init=False, repr=False)

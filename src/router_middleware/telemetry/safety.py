@@ -9,6 +9,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
+from .redaction import DEFAULT_REDACTOR
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -25,6 +27,8 @@ class LibraryLogger:
         self._standard = logging.getLogger(name)
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
+        if level in ("warning", "error"):  # errors quote what failed: no secret reaches a log line
+            fields = {k: DEFAULT_REDACTOR(v) if isinstance(v, str) else v for k, v in fields.items()}
         if structlog.is_configured():
             getattr(self._structured, level)(event, **fields)
         elif self._standard.isEnabledFor(self._LEVELS[level]):

@@ -1,0 +1,52 @@
+"""Checks on a call's parameters before anything is planned or reserved: numbers in their range,
+JSON values not nested past what any provider accepts. Each failure is a :class:`RequestError`
+naming the parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import RequestError
+
+MAX_DEPTH = 100  # JSON nesting a request may carry (tool schemas, response formats): far past real ones
+_POSITIVE_INTS = ("max_tokens", "max_completion_tokens", "n")
+_RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
+           "frequency_penalty": (-2.0, 2.0)}
+_NESTED = ("tools", "response_format", "tool_choice", "functions", "extra_body")
+
+
+def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` unchanged when they are sound; else raises :class:`RequestError`."""
+    for name in _POSITIVE_INTS:
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or value != int(value) or value < 1):
+            raise RequestError(f"{name}: expected a whole number of at least 1, got {value!r}")
+    for name, (low, high) in _RANGES.items():
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not low <= value <= high):
+            raise RequestError(f"{name}: expected a number from {low:g} to {high:g}, got {value!r}")
+    for name in _NESTED:
+        if name in params and too_deep(params[name]):
+            raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
+    return params
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``value`` (dicts and lists) nests deeper than ``limit``; iterative, so it never
+    recurses itself."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False

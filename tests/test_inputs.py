@@ -1,0 +1,131 @@
+"""Hostile or mistaken input gets one clear error naming the field, before anything is planned,
+reserved or sent; secrets of common shapes never reach a span or a log line."""
+
+from __future__ import annotations
+
+import pytest
+import structlog
+from opentelemetry.trace import SpanKind
+
+from router_middleware import ConfigError, MessageError, Pipeline, RequestError
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def _deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(("context", "named"), [
+    ({"session_id": 123}, "context.session_id: expected a string, got int"),
+    ({"session_id": "\udc80"}, "context.session_id: not valid text"),
+    ({"tenant": "a\x00b"}, "context.tenant: contains a NUL"),
+    ({"step": "first"}, "context.step: expected a whole number"),
+    ({"step": -1}, "context.step: expected a whole number"),
+    ({"tags": "prod"}, "context.tags: expected a list of strings, got one string"),
+    ({"tags": ["ok", 3]}, "context.tags: expected a list of strings"),
+    ({"cache": "yes"}, "context.cache: expected true, false or null"),
+])
+def test_a_malformed_context_is_refused_by_name(context, named) -> None:
+    with pytest.raises(RequestError, match=named.replace("(", r"\(")):
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context=context)
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"max_tokens": -1e9}, "max_tokens: expected a whole number of at least 1"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": 1.5}, "max_completion_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": 3}, "temperature: expected a number from 0 to 2"),
+    ({"top_p": -0.1}, "top_p"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _deep(5000)}}]},
+     "tools: nested deeper than 100 levels"),
+])
+def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) -> None:
+    with pytest.raises(RequestError, match=named):
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", **params)
+
+
+def test_a_negative_max_tokens_never_passes_a_hard_budget() -> None:
+    pipeline = Pipeline.from_config({"routing": {"budgets": [{"name": "hard", "usd": 0.0001, "scope": "global"}]}})
+    for _ in range(5):
+        with pytest.raises(RequestError):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=-1e9)
+    assert not pipeline.store.get("budget:hard:usd:all:0")  # nothing reserved, nothing spent
+
+
+def test_a_message_dict_instead_of_a_list_says_so() -> None:
+    with pytest.raises(MessageError, match="got one message \\(a dict\\): wrap it in a list"):
+        Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES[0], mock_response="ok")
+
+
+def test_deeply_nested_tool_call_arguments_are_carried_not_crashed_on() -> None:
+    arguments = "[" * 5000 + "]" * 5000
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    Pipeline.from_config({"context": {"watermark_tokens": 1000}}).completion(
+        model="gpt-4o-mini", messages=messages, mock_response="ok", context={"session_id": "s"})
+
+
+def test_a_yaml_alias_bomb_is_refused_and_small_anchors_still_load(tmp_path) -> None:
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for name, previous in zip("bcdef", "abcde", strict=True):
+        levels.append(f"{name}: &{name} [" + ", ".join([f"*{previous}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"  # 9**7 = 4.8 million values from a few hundred bytes
+    bomb.write_text("context:\n  summary_params:\n" + "".join(f"    {line}\n" for line in levels)
+                    + "    g: [" + ", ".join(["*f"] * 9) + "]\n")
+    assert bomb.stat().st_size < 600
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values"):
+        Pipeline.from_config(str(bomb))
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("context:\n  summary_params: &p {temperature: 0}\n  models:\n    'gpt-4o*': {summary_params: *p}\n")
+    assert Pipeline.from_config(str(fine)).config.context.summary_params == {"temperature": 0}
+
+
+SECRETS = {
+    "AKIAIOSFODNN7EXAMPLE": "[REDACTED_AWS_KEY_ID]",
+    "aws_secret_access_key=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY": "aws_secret_access_key=[REDACTED]",
+    "ghs_16C7e42F292c6912E7710c838347Ae178B4a": "[REDACTED_TOKEN]",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz": "[REDACTED_TOKEN]",
+    "AIzaSyA-1234567890abcdefghijklmnopqrstu": "[REDACTED_API_KEY]",
+    "xoxb-123456789012-1234567890123-abcdefghij": "[REDACTED_TOKEN]",
+}
+
+
+def test_secret_shapes_never_reach_a_span(span_exporter) -> None:
+    text = "here are my keys: " + " ; ".join(SECRETS) + " ; commit 3f2a9c1e7b5d4a6f8e0c2b4d6f8a0c2e4b6d8f0a"
+    Pipeline.from_config({"telemetry": {"capture_content": True}}).completion(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}], mock_response="ok")
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    captured = chat.attributes["gen_ai.input.messages"]
+    for secret, masked in SECRETS.items():
+        assert secret not in captured and masked in captured
+    assert "3f2a9c1e7b5d4a6f8e0c2b4d6f8a0c2e4b6d8f0a" in captured  # a hash is not a secret
+
+
+def test_a_failed_summary_logs_its_error_without_the_key(monkeypatch) -> None:
+    import litellm
+
+    def refuse(**kwargs: object) -> None:
+        raise litellm.AuthenticationError("Incorrect API key provided: sk-proj-abcdefghijklmnop1234 and "
+                                          "AKIAIOSFODNN7EXAMPLE", llm_provider="openai", model="gpt-4o-mini")
+
+    history = [{"role": "user", "content": "task"}]
+    for i in range(60):
+        history += [{"role": "assistant", "content": f"reply {i} " * 40}, {"role": "user", "content": f"more {i}"}]
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 2000, "max_payback_calls": None,
+                                                 "summarize": True}})
+    monkeypatch.setattr(litellm, "completion", refuse)
+    with structlog.testing.capture_logs() as logs:
+        try:
+            pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                                context={"session_id": "s"})
+        except Exception:  # noqa: BLE001, S110 - the main call goes through the refusing stub too
+            pass
+    (failed,) = [e for e in logs if e["event"] == "summary_failed"]
+    assert "sk-proj-abcdefghijklmnop1234" not in str(failed) and "AKIAIOSFODNN7EXAMPLE" not in str(failed)
+    assert "[REDACTED_API_KEY]" in failed["error"]
