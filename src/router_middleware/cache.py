@@ -1,12 +1,14 @@
 """Exact response cache: identical requests (after routing and trimming) are answered from a store.
 
-The key is a hash of what changes the answer: the model actually called, the messages sent, tools,
-tool_choice, response_format and the sampling parameters. It is namespaced by app and tenant, so one
-tenant can never read another's entries. Which calls may be cached: those with ``temperature=0``,
-or any call whose context says ``cache=True`` (``policy: always`` caches everything,
-``policy: opt-in`` only the latter). Entries expire after ``ttl_s``; at most ``max_entries`` per
-namespace are kept (the oldest is evicted first). A store that fails degrades to a miss with a
-warning; it never fails the call.
+The key is a hash of what can change the answer: the model actually called, the messages sent, and
+every parameter except a short list known to leave the answer alone (streaming, timeouts, retries,
+metadata, the prompt-cache routing hint): ``logprobs``, ``extra_body``, ``api_base``, ``api_key``,
+``user`` and any parameter added tomorrow are keyed. It is namespaced by app and tenant, encoded so
+that no two pairs share a namespace: one tenant can never read another's entries. Which calls may
+be cached: those with ``temperature=0``, or any call whose context says ``cache=True``
+(``policy: always`` caches everything, ``policy: opt-in`` only the latter). Entries expire after
+``ttl_s``; at most ``max_entries`` per namespace are kept (the oldest is evicted first). A store
+that fails degrades to a miss with a warning; it never fails the call.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +25,18 @@ from .telemetry import log
 from .types import Plan
 from .wire import litellm, mark_cache_hit
 
-KEYED_PARAMS = (
-    "tools", "tool_choice", "response_format", "temperature", "top_p", "top_k", "max_tokens",
-    "max_completion_tokens", "seed", "stop", "n", "presence_penalty", "frequency_penalty", "logit_bias",
-    "reasoning_effort", "thinking", "reasoning", "functions", "function_call", "parallel_tool_calls",
-)
+# Parameters that never change the answer (transport, retries, tracing, routing hints; mock_response
+# is a test's stand-in for the provider). Every other parameter is part of the key.
+UNKEYED_PARAMS = frozenset({
+    "stream", "stream_options", "metadata", "timeout", "request_timeout", "num_retries", "max_retries",
+    "prompt_cache_key", "litellm_call_id", "litellm_logging_obj", "caching", "no-log", "fallbacks",
+    "mock_response", "drop_params",
+})
+
+
+def keyed_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters that are part of a cache key."""
+    return {k: v for k, v in params.items() if k not in UNKEYED_PARAMS}
 
 
 @dataclass(frozen=True)
@@ -37,17 +47,20 @@ class CachedEntry:
 
 
 def namespace(plan: Plan) -> str:
+    """``cache:<hash of (app, tenant)>``: no tenant is not the tenant ``-``, and app ``svc`` with
+    tenant ``x:y`` is not app ``svc:x`` with tenant ``y``."""
     context = plan.call.context
-    return f"cache:{context.app or '-'}:{context.tenant or '-'}"
+    owner = json.dumps([context.app, context.tenant], ensure_ascii=True)
+    return f"cache:{hashlib.sha256(owner.encode()).hexdigest()[:24]}"
 
 
 def request_key(plan: Plan) -> str:
     material = {
         "model": plan.model,
         "messages": [dict(m) for m in plan.messages],
-        "params": {k: plan.params[k] for k in KEYED_PARAMS if k in plan.params},
+        "params": keyed_params(plan.params),
     }
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, default=str)
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

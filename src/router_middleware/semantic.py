@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any, Protocol
 
-from .cache import KEYED_PARAMS, namespace
+from .cache import keyed_params, namespace
 from .messages import text_of
 from .stores import Store
 from .telemetry import log
@@ -80,9 +80,9 @@ def scope_of(plan: Plan) -> str:
     material = {
         "model": plan.model,
         "before": [dict(m) for m in plan.messages[:-1]],
-        "params": {k: plan.params[k] for k in KEYED_PARAMS if k in plan.params},
+        "params": keyed_params(plan.params),
     }
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=False, default=str)
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=str)
     return f"{namespace(plan)}:sem:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
