@@ -55,3 +55,46 @@ def test_two_pipelines_share_a_reasoning_budget(store_url) -> None:
                                         {"session_id": session}, {}))
     decision = next(d for d in plan.decisions if d.policy == "reasoning")
     assert decision.attributes["level"] == "low" and decision.attributes["session_remaining_tokens"] == 5000
+
+
+def test_concurrent_calls_write_one_summary_per_span(store_url, monkeypatch) -> None:
+    """Two pipelines (workers) x 20 concurrent calls of one session, all dropping the same span: one
+    summary call; the others send the offline digest until the summary is stored."""
+    import asyncio
+    import threading
+
+    session = f"c-{uuid.uuid4().hex[:6]}"
+    config = {"store": store_url, "context": {"watermark_tokens": 1500, "max_payback_calls": None,
+                                              "summarize": True,
+                                              "summary_params": {"mock_response": f"Summary for {session}."}}}
+    summaries: list[int] = []
+    real = litellm.acompletion
+
+    async def spy(**kwargs):
+        if kwargs["model"] == "gpt-4o-mini":
+            summaries.append(1)
+            await asyncio.sleep(0.2)  # a summary takes a while: the other calls arrive meanwhile
+        return await real(**kwargs)
+
+    monkeypatch.setattr(litellm, "acompletion", spy)
+
+    history = [{**m, "content": f"{session}\n{m['content']}"} if m["role"] == "tool" else m
+               for m in HISTORY]  # spans no other test dropped
+
+    def worker(pipeline: Pipeline, results: list) -> None:
+        async def calls() -> list:
+            return await asyncio.gather(*(pipeline.acompletion(
+                model="deepseek/deepseek-chat", messages=history, mock_response="ok",
+                context={"session_id": session}) for _ in range(20)))
+        results.extend(asyncio.run(calls()))
+
+    results: list = []
+    threads = [threading.Thread(target=worker, args=(Pipeline.from_config(config), results)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 40 and len(summaries) == 1
+    digests = [r for r in results if not any(f"Summary for {session}." in str(m.get("content"))
+                                            for m in outcome(r).plan.messages)]
+    assert len(digests) < 40  # the calls after the summary was stored carry it

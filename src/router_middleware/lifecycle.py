@@ -146,8 +146,14 @@ class CallLifecycle:
     # -- before the first attempt ----------------------------------------------------------------
 
     def _summarize(self, job: SummaryJob) -> Generator[Effect, Any, None]:
-        """Write a dropped span's summary (a failure keeps the offline digest); the call keeps what it
-        cost and when, for its ledger row and a CLIENT span under its route span."""
+        """Write a dropped span's summary unless another call is writing it (a failure keeps the offline
+        digest); the call keeps what it cost and when, for its ledger row and a CLIENT span under its
+        route span."""
+        try:  # one writer per span across calls and processes; the others keep the digest meanwhile
+            if (yield StoreCall(self.engine.store, "add_within", (self.books.summary_claim(job.key),))) is not None:
+                return
+        except Exception as exc:  # noqa: BLE001 - without the store's word, write it (as before claims)
+            log.warning("summary_claim_failed", span=job.key, error_type=type(exc).__name__)
         request = self.engine.summary_request(job)
         model, started = str(request.get("model")), time.time_ns()
         try:

@@ -29,10 +29,11 @@ from ..types import AgentContext, Cost, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, THROUGHPUT
+from .keys import INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
 from .quotas import Taken
 
 RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
+SUMMARY_CLAIM_S = 120.0  # how long one call may take to write a span's summary before another may
 
 
 @dataclass
@@ -252,6 +253,11 @@ class Bookkeeper:
         first = outcome.time_to_first_token_s or outcome.latency_s
         if first:
             self._guard("average_store_failed", health.update_average, self.store, LATENCY + target, first)
+
+    def summary_claim(self, key: str) -> list[Within]:
+        """The store entry that makes one call, across processes, the writer of span ``key``'s summary
+        (``add_within`` refuses the others until the claim expires)."""
+        return [(SUMMARY_CLAIM + key, 1.0, 1.0, SUMMARY_CLAIM_S)]
 
     def keep_summary(self, key: str, text: str) -> None:
         self._guard("store_write_failed", self.store.set, SUMMARY + key, text.encode())

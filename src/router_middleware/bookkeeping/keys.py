@@ -4,6 +4,7 @@ through :class:`~router_middleware.stores.StoreView`)."""
 from __future__ import annotations
 
 SUMMARY = "summary:"  # span hash -> summary text written by a summary call
+SUMMARY_CLAIM = "sumclaim:"  # span hash -> 1 while one call writes its summary (with a TTL)
 REASONING = "reasoning:"  # session id -> reasoning tokens spent
 COOLDOWN = "cooldown:"  # target -> cooled down until (epoch s)
 FAILURES = "fail:"  # target -> failures in the current window
@@ -16,4 +17,4 @@ INPUT_RATIO = "inr:"  # model:app -> reported / locally counted prompt tokens of
 LOCK = "lock:"  # lock name -> holder's token
 
 __all__ = ["BUDGET", "COOLDOWN", "FAILURES", "INPUT_RATIO", "LATENCY", "LOCK", "OUTPUT", "QUOTA", "REASONING",
-           "SUMMARY", "THROUGHPUT"]
+           "SUMMARY", "SUMMARY_CLAIM", "THROUGHPUT"]
