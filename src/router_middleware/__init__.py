@@ -22,6 +22,7 @@ from .errors import (
     RouterMiddlewareError,
     SessionFormatError,
     StoreError,
+    StoreUnavailable,
 )
 from .pipeline import Pipeline
 from .policies import Policy, PolicyState
@@ -56,6 +57,7 @@ __all__ = [
     "RouterMiddlewareError",
     "SessionFormatError",
     "StoreError",
+    "StoreUnavailable",
     "TrackedStream",
     "Usage",
     "configure_logging",

@@ -171,6 +171,9 @@ class BudgetConfig(_Strict):
     window_s: float | None = Field(default=None, gt=0)  # None: never resets
     soft: float = Field(default=0.8, gt=0, le=1)
     downgrade_to: str | None = None
+    # The store does not answer at admission: ``open`` lets calls through (their spend is still
+    # settled once it answers), ``closed`` refuses them with StoreUnavailable.
+    on_store_error: Literal["open", "closed"] = "open"
 
     def model_post_init(self, __context: Any) -> None:
         if self.usd is None and self.tokens is None:

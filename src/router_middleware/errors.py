@@ -79,5 +79,12 @@ class StoreError(RouterMiddlewareError):
     """A store could not be reached or answered nonsense. Callers degrade; they never fail a call."""
 
 
+class StoreUnavailable(StoreError):
+    """The store holding a hard budget did not answer, and the budget says ``on_store_error: closed``:
+    the call was refused before any provider call."""
+
+    status_code = 503
+
+
 class LockTimeout(StoreError):
     """A store lock could not be acquired in time."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..config import RoutingConfig
+from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
@@ -132,7 +133,8 @@ class Bookkeeper:
             try:
                 left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
             except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
-                return self.admission_failed(Admission(claims, found, tokens, [], []), exc)
+                self.admission_failed(Admission(claims, found, tokens, [], []), exc)
+                return None
             if why is not None:
                 return why
         return Admission(claims, found, tokens, left, quotas.window_claims(found, tokens, time.time()))
@@ -154,13 +156,16 @@ class Bookkeeper:
             held.quota = (Taken(taken, admission.tokens), admission.found)
         return None
 
-    @staticmethod
-    def admission_failed(admission: Admission, error: Exception) -> None:
-        """The store failed: with budgets claimed the call fails (the error is raised), with quotas
-        only it is admitted (logged)."""
-        if admission.claims:
-            raise error
-        log.warning("quota_store_failed", error_type=type(error).__name__)
+    def admission_failed(self, admission: Admission, error: Exception) -> None:
+        """The store failed: a budget with ``on_store_error: closed`` refuses the call
+        (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged)."""
+        closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
+        refusing = sorted({c.name for c in admission.claims} & closed)
+        if refusing:
+            raise StoreUnavailable(f"budget {refusing[0]!r}: the store did not answer ({type(error).__name__}: "
+                                   f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
+        log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
+                    error_type=type(error).__name__, admitted=True)
 
     # -- after an attempt or a call --------------------------------------------------------------
 
