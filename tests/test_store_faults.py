@@ -8,13 +8,13 @@ import shutil
 import subprocess
 import time
 
-import litellm
 import pytest
 
 from router_middleware import Pipeline, StoreUnavailable
 from router_middleware.ledger.store import open_ledger
 
 from .conftest import _free_port, service_missing
+from .test_cache import calls_to_provider
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -45,14 +45,7 @@ def redis_we_can_stop(tmp_path):
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_a_budget_store_stopped_mid_run(mode, redis_we_can_stop, tmp_path, monkeypatch) -> None:
     url, server = redis_we_can_stop
-    sent: list[str] = []
-    real = litellm.completion
-
-    def spy(**kwargs):
-        sent.append(kwargs["model"])
-        return real(**kwargs)
-
-    monkeypatch.setattr(litellm, "completion", spy)
+    sent = calls_to_provider(monkeypatch)
     budget = {"name": "team", "usd": 10.0, "scope": "global", **({"on_store_error": mode} if mode == "closed" else {})}
     pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [budget]}, "cache": {"enabled": False},
                                      "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})
