@@ -129,3 +129,14 @@ def test_a_failed_summary_logs_its_error_without_the_key(monkeypatch) -> None:
     (failed,) = [e for e in logs if e["event"] == "summary_failed"]
     assert "sk-proj-abcdefghijklmnop1234" not in str(failed) and "AKIAIOSFODNN7EXAMPLE" not in str(failed)
     assert "[REDACTED_API_KEY]" in failed["error"]
+
+
+def test_a_single_message_over_the_window_is_said_not_sent_silently() -> None:
+    pipeline = Pipeline.from_config({"models": {"gpt-4o-mini": {"max_input_tokens": 4000, "max_output_tokens": 500}}})
+    huge = {"role": "user", "content": "lorem ipsum dolor sit amet " * 2000}  # ~12,000 tokens
+    planned = pipeline.plan(pipeline.make_call("gpt-4o-mini", [huge], None, {"max_tokens": 500}))
+    (over,) = [d for d in planned.decisions if d.action == "over-window"]
+    assert over.attributes["window_tokens"] == 3500 and over.attributes["tokens"] > 3500
+    assert "gpt-4o-mini" in over.reason
+    fits = pipeline.plan(pipeline.make_call("gpt-4o-mini", MESSAGES, None, {"max_tokens": 500}))
+    assert not [d for d in fits.decisions if d.action == "over-window"]

@@ -80,11 +80,11 @@ class Window:
         tools = plan.params.get("tools")
         total = state.tokens(plan.model, messages, tools, plan.call.context.session_id)
         if total <= budget:
-            return plan
+            return self._over_window(plan, total, window)
         head = head_length(messages)
         units = blocks(messages, head)
         if len(units) <= 1:
-            return plan
+            return self._over_window(plan, total, window)
         profile = state.profile(plan.model, messages)
         sizes = [sum(profile.counts[b:e]) for b, e in units]
         fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + sum(profile.counts[:head])
@@ -104,7 +104,7 @@ class Window:
                 dropped_tokens += sizes[cut]
                 cut += 1
         if cut == 0:
-            return plan
+            return self._over_window(plan, total, window)
         start = units[cut][0]
         dropped = messages[head:start]
         filler, jobs, how = self._filler(dropped, profile.keys[head:start], chat, reserve, plan, state)
@@ -117,7 +117,7 @@ class Window:
                 self.name, "keep", f"over {budget} tokens, but trimming would pay back its cache re-read only "
                 f"after {payback:.1f} calls (limit {limit})",
                 {"payback_calls": round(payback, 2), "budget_tokens": budget}))
-        return plan.decide(
+        trimmed = plan.decide(
             Decision(self.name, "trim", f"dropped {len(dropped)} messages (~{dropped_tokens} tokens) over the "
                      f"{budget}-token watermark; replaced by {how}",
                      {"dropped_messages": len(dropped), "dropped_tokens": dropped_tokens, "budget_tokens": budget,
@@ -125,6 +125,18 @@ class Window:
             messages=kept,
             summary_jobs=(*plan.summary_jobs, *jobs),
         )
+        return self._over_window(trimmed, total - dropped_tokens, window)
+
+    def _over_window(self, plan: Plan, tokens: int, window: int | None) -> Plan:
+        """Say so when what is kept (the head and the last block at least) still exceeds the model's
+        window: the provider will refuse it, and no trimming can help (a routed call's alias skips
+        such a model before this)."""
+        if window is None or tokens <= window:
+            return plan
+        return plan.decide(Decision(
+            self.name, "over-window", f"~{tokens} tokens stay over {plan.model}'s {window}-token input window "
+            "(its head and last block cannot be dropped): the provider will likely refuse the request",
+            {"tokens": tokens, "window_tokens": window}))
 
     def _min_keep(self, plan: Plan, state: PolicyState) -> int:
         """Never cut below the provider's minimum cacheable prompt, or no later call would hit the cache."""
