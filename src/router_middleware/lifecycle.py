@@ -115,10 +115,8 @@ class CallLifecycle:
             plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
         except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded
             if self.side_calls:  # the summaries were paid for: their spans and the call's row say so
-                trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0,
-                                        attempt=False, side_calls=self.side_calls)
-                trace.fail(refused)
-                self.books.record_failure(plan, refused)
+                self._give_up(plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model),
+                                                    0, 0, attempt=False, side_calls=self.side_calls), refused)
             raise
         plan, trace = engine.launch(plan, self.side_calls)
         started = time.perf_counter()
