@@ -85,6 +85,16 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _append(path: Path, records: Sequence[LedgerRecord]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(asdict(record)) + "\n" for record in records)
+
+
+def _rejections(rejected: Sequence[tuple[LedgerRecord, str]]) -> list[dict[str, object]]:
+    """Quarantine entries for rows the database refused, with its reason."""
+    return [{"reason": reason, "row": asdict(record)} for record, reason in rejected]
+
+
 @dataclass
 class Drained:
     """What a drain did: rows written, lines quarantined, rows left to live processes (by pid)."""
@@ -105,9 +115,7 @@ class Spool:
         with self._lock:
             self.own = self.folder / f"rows-{os.getpid()}.jsonl"  # a forked child gets its own file
             self.folder.mkdir(parents=True, exist_ok=True)
-            with self.own.open("a", encoding="utf-8") as handle:
-                for record in records:
-                    handle.write(json.dumps(asdict(record)) + "\n")
+            _append(self.own, records)
 
     def pending(self) -> bool:
         return self.folder.is_dir() and any(self.folder.glob("rows-*.jsonl"))
@@ -153,13 +161,12 @@ class Spool:
         try:
             rejected = insert_tolerant(db, records) if records else []
         except DatabaseUnavailable:
-            with path.open("a", encoding="utf-8") as handle:  # back where it was, without the bad lines
-                handle.writelines(json.dumps(asdict(r)) + "\n" for r in records)
+            _append(path, records)  # back where it was, without the bad lines
             claimed.unlink()
             self._quarantine(bad)
             done.quarantined += len(bad)
             raise
-        bad += [{"reason": reason, "row": asdict(record)} for record, reason in rejected]
+        bad += _rejections(rejected)
         self._quarantine(bad)
         claimed.unlink()
         done.written += len(records) - len(rejected)
@@ -168,7 +175,7 @@ class Spool:
     def quarantine(self, rejected: Sequence[tuple[LedgerRecord, str]]) -> None:
         """Keep rows the database rejected, with the reason (``quarantine.jsonl``)."""
         with self._lock:
-            self._quarantine([{"reason": reason, "row": asdict(record)} for record, reason in rejected])
+            self._quarantine(_rejections(rejected))
 
     def _quarantine(self, entries: Sequence[dict[str, object]]) -> None:
         if not entries:
