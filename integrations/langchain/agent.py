@@ -6,12 +6,15 @@
 The middleware plans each model call with the pipeline: the `agent` alias picks the cheaper model
 for the request, the context policy keeps the long earlier conversation under the watermark (old
 turns become one digest message), and the call's usage and cost are recorded on a span.
+It prints the agent's messages, then what the middleware did on each model call (the model it
+routed to, the decisions taken, tokens, cost and savings), read back from the ledger it wrote.
 Offline, the model's two answers are the recordings in cassettes/ (a streamed tool call, then a
-streamed reply), so the reply text is not about the weather.
+streamed reply recorded for another question), so the final reply is not about the weather.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -36,8 +39,8 @@ def get_current_weather(location: str) -> str:
     return f"70 degrees and sunny in {location}"
 
 
-def build() -> tuple[object, list[object]]:
-    pipeline = Pipeline.from_config(CONFIG)
+def build(ledger: str) -> tuple[object, list[object], Pipeline]:
+    pipeline = Pipeline.from_config({**CONFIG, "ledger": {"url": ledger}})
     models = {m: RoutedChatModel(model=m, pipeline=Pipeline(), streaming=True)
               for m in ("gpt-4o-mini", "gpt-3.5-turbo")}
     agent = create_agent(models["gpt-3.5-turbo"], tools=[get_current_weather],
@@ -46,7 +49,7 @@ def build() -> tuple[object, list[object]]:
     for i in range(30):
         history += [HumanMessage(f"Earlier question {i} about src/module_{i}.py " + "detail " * 60),
                     AIMessage(f"It defines helper_{i}. " + "more " * 60)]
-    return agent, [*history, HumanMessage("What's the weather like in San Francisco?")]
+    return agent, [*history, HumanMessage("What's the weather like in San Francisco?")], pipeline
 
 
 def offline_cassette() -> str:
@@ -60,8 +63,25 @@ def offline_cassette() -> str:
     return str(path)
 
 
+def report(ledger: str) -> None:
+    """What the middleware did on each model call, from its ledger rows."""
+    from router_middleware.ledger import open_ledger
+
+    db = open_ledger(ledger, create=False)
+    rows = db.query("SELECT requested_model, model, decisions, input_tokens, cached_tokens, output_tokens, "
+                    "cost_usd, saved_context_usd FROM calls ORDER BY ts")
+    db.close()
+    print(f"\nWhat the middleware did ({len(rows)} model calls):")
+    for i, (requested, model, decisions, tokens, cached, output, cost, saved) in enumerate(rows, 1):
+        cost_text = "unknown" if cost is None else f"${cost:.6f}"
+        print(f"  call {i}: {requested!r} answered by {model}; decisions {', '.join(json.loads(decisions)) or 'none'}; "
+              f"{tokens:,} input tokens ({cached:,} cached), {output:,} output; cost {cost_text}, "
+              f"trimming saved ${saved:.6f}")
+
+
 def main(offline: bool) -> str:
-    agent, messages = build()
+    ledger = f"sqlite:///{tempfile.mkdtemp()}/agent-ledger.db"
+    agent, messages, pipeline = build(ledger)
     if offline:
         import os
 
@@ -74,6 +94,13 @@ def main(offline: bool) -> str:
         state = agent.invoke({"messages": messages})  # type: ignore[attr-defined]
     for message in state["messages"][len(messages):]:
         print(f"{type(message).__name__}: {message.content or message.tool_calls}")
+    pipeline.close()  # flushes the ledger
+    report(ledger)
+    if offline:
+        print("\nOffline: both answers are real recordings replayed from cassettes/, the second one made "
+              "for another question, so the final reply is unrelated to the weather question (its usage and "
+              "model name are the recording's). The routing and trimming decisions above are the middleware's "
+              "own work on this run.")
     return str(state["messages"][-1].content)
 
 

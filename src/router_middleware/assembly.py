@@ -14,6 +14,7 @@ from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
 from .catalog import Catalog
 from .config import Config, TelemetryConfig
+from .errors import MissingExtra
 from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
@@ -102,10 +103,33 @@ def _semantic_index(config: Config, store: Store) -> Any:
                          ttl_s=config.cache.ttl_s, number_guard=settings.number_guard)
 
 
+def require_extras(config: Config) -> None:
+    """Raise ``MissingExtra`` naming the extra to install for each optional feature the config uses
+    whose package is missing (checked when the config is assembled, not at the first call)."""
+    urls = (config.store, config.cache.store if config.cache.enabled else None)
+    if any(u and u.split("://", 1)[0] in ("redis", "rediss", "unix") for u in urls):
+        _require("a redis:// store", "redis", "redis")
+    if config.ledger.url and config.ledger.url.startswith(("postgresql://", "postgres://")):
+        _require("a PostgreSQL ledger", "postgres", "psycopg")
+    if config.cache.enabled and config.cache.semantic.enabled and not config.cache.semantic.embedder.startswith(
+            "litellm:"):
+        from .semantic import LOCAL_MODEL_MODULE
+
+        _require("the semantic cache's local embedder", "semantic", LOCAL_MODEL_MODULE)
+
+
+def _require(feature: str, extra: str, module: str) -> None:
+    from importlib.util import find_spec
+
+    if find_spec(module) is None:
+        raise MissingExtra(feature, extra, module)
+
+
 def assemble(config: Config | None, policies: Sequence[Policy] | None = None) -> Parts:
     """``config=None`` is the pass-through: no policies and no response cache, still accounted."""
     configured = config is not None
     config = config or Config()
+    require_extras(config)
     catalog = Catalog(config.catalog_overrides())
     store = open_store(config.store)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None

@@ -112,12 +112,30 @@ def _variant_key(key: str, *, dated: bool = False) -> str:
 
 @cache
 def _cost_map() -> Mapping[str, Mapping[str, Any]]:
-    from ._env import prepare_litellm_env
+    """litellm's price map: the bundled one, even when litellm was imported first and fetched the
+    remote map (unless the user asked for it with ``ROUTER_MIDDLEWARE_REMOTE_COST_MAP=1``)."""
+    from ._env import prepare_litellm_env, remote_cost_map
 
     prepare_litellm_env()
     import litellm
 
+    if remote_cost_map():
+        return litellm.model_cost
+    try:
+        from litellm.litellm_core_utils import get_model_cost_map as loader
+
+        if loader.get_model_cost_map_source_info()["source"] != "local":
+            return _bundled_cost_map()
+    except (ImportError, AttributeError, KeyError):  # another litellm layout: use what it loaded
+        pass
     return litellm.model_cost
+
+
+@cache
+def _bundled_cost_map() -> Mapping[str, Mapping[str, Any]]:
+    from litellm.litellm_core_utils.get_model_cost_map import GetModelCostMap
+
+    return GetModelCostMap.load_local_model_cost_map()
 
 
 @cache

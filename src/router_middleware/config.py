@@ -331,6 +331,21 @@ def _expands_past(data: Any, limit: int) -> bool:
     return False
 
 
+def _parse_problem(exc: Exception) -> str:
+    """One line naming where a YAML or JSON file stops parsing."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    started = getattr(exc, "context_mark", None)
+    after = f" ({context} at line {started.line + 1})" if context and started is not None else ""
+    return f"{where}not valid YAML: {problem}{after}"
+
+
 def load_config(source: Config | Mapping[str, Any] | str | Path | None) -> Config:
     """Load and validate a config from a ``Config``, a dict, or a YAML/JSON file path."""
     if source is None:
@@ -346,10 +361,12 @@ def load_config(source: Config | Mapping[str, Any] | str | Path | None) -> Confi
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{label}: cannot read config file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{label}: {_parse_problem(exc)}") from None
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{label}: not valid YAML/JSON ({exc})") from None
+            raise ConfigError(f"{label}: {_parse_problem(exc)}") from None
         if _expands_past(data, MAX_CONFIG_VALUES):
             raise ConfigError(f"{label}: expands to more than {MAX_CONFIG_VALUES:,} values once its YAML aliases "
                               "are resolved (an alias bomb?); write the values out")

@@ -42,6 +42,19 @@ class SessionFormatError(RouterMiddlewareError, ValueError):
     """A recorded session file does not follow the documented format."""
 
 
+class LedgerError(RouterMiddlewareError):
+    """A ledger could not be opened: no file there, not a database, an unknown URL scheme, a server
+    that does not answer, or a driver extra that is not installed."""
+
+
+class MissingExtra(RouterMiddlewareError, ImportError):
+    """A feature the config or command asks for needs an optional extra that is not installed."""
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        super().__init__(f"{feature} needs the {module!r} package: pip install 'router-middleware[{extra}]'")
+        self.extra = extra
+
+
 class OutcomeUnavailable(RouterMiddlewareError, LookupError):
     """``outcome()`` was asked for a call that has not finished (e.g. a stream not yet consumed)."""
 

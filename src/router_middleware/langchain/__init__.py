@@ -23,7 +23,15 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'router_middleware.langchain' has no attribute {name!r}")
     from importlib import import_module
 
-    return getattr(import_module(f".{module}", __name__), name)
+    try:
+        loaded = import_module(f".{module}", __name__)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in ("langchain", "langchain_core"):
+            from ..errors import MissingExtra
+
+            raise MissingExtra(f"router_middleware.langchain.{name}", "langchain", exc.name) from exc
+        raise
+    return getattr(loaded, name)
 
 
 __all__ = ["RoutedChatModel", "RouterAgentMiddleware", "RouterCallbackHandler"]

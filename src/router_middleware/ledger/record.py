@@ -79,7 +79,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         input_tokens=usage.input_tokens, cached_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
         reasoning_tokens=usage.reasoning_tokens,
-        cost_usd=(cost.total_usd or 0.0) + summaries if cost.total_usd is not None or summaries else None,
+        cost_usd=None if cost.total_usd is None else cost.total_usd + summaries,  # unknown stays unknown
         input_cost_usd=cost.input_usd,
         output_cost_usd=cost.output_usd, cache_read_cost_usd=cost.cache_read_usd,
         cache_write_cost_usd=cost.cache_write_usd, reasoning_cost_usd=cost.reasoning_usd,

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
+from ..errors import LedgerError, MissingExtra
 from .record import COLUMNS, LedgerRecord
 
 MIGRATIONS: tuple[str, ...] = (
@@ -32,6 +34,7 @@ MIGRATIONS: tuple[str, ...] = (
     # 4: what the middleware's own summary calls cost, in the row of the call they were made for
     "ALTER TABLE calls ADD COLUMN summary_cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0",
 )
+UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
 
 
@@ -39,7 +42,8 @@ class LedgerDB(Protocol):
     url: str
     floor: str  # SQL that floors ``{x}`` to an integer in this dialect
 
-    def insert(self, records: Sequence[LedgerRecord]) -> None: ...
+    def insert(self, records: Sequence[LedgerRecord], *, replace: bool = False) -> None:
+        """Add ``records``; a row whose ``call_id`` exists is kept, or overwritten with ``replace``."""
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
@@ -75,10 +79,11 @@ class SQLiteLedger:
             self.db.execute("ROLLBACK")
             raise
 
-    def insert(self, records: Sequence[LedgerRecord]) -> None:
+    def insert(self, records: Sequence[LedgerRecord], *, replace: bool = False) -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.executemany(INSERT.replace("INSERT", "INSERT OR IGNORE", 1), [r.row() for r in records])
+            verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+            self.db.executemany(INSERT.replace("INSERT", verb, 1), [r.row() for r in records])
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -110,8 +115,8 @@ class PostgresLedger:
             self.db.execute("SELECT pg_advisory_xact_lock(424242)")  # one migrator at a time
             _migrate(execute, version)
 
-    def insert(self, records: Sequence[LedgerRecord]) -> None:
-        sql = INSERT.replace("?", "%s") + " ON CONFLICT (call_id) DO NOTHING"
+    def insert(self, records: Sequence[LedgerRecord], *, replace: bool = False) -> None:
+        sql = INSERT.replace("?", "%s") + (UPSERT if replace else " ON CONFLICT (call_id) DO NOTHING")
         with self.db.transaction(), self.db.cursor() as cursor:
             cursor.executemany(sql, [r.row() for r in records])
 
@@ -123,10 +128,41 @@ class PostgresLedger:
         self.db.close()
 
 
-def open_ledger(url: str) -> LedgerDB:
-    """``sqlite:///path.db`` (or a plain file path) or ``postgresql://user@host:port/db``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresLedger(url)
-    if url.startswith("sqlite:///"):
-        return SQLiteLedger(url[len("sqlite:///"):])
-    return SQLiteLedger(url)
+def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
+    """``sqlite:///path.db`` (or a plain file path) or ``postgresql://user@host:port/db``.
+
+    Raises ``LedgerError`` naming the ledger when it cannot be opened; with ``create=False`` a
+    SQLite file that does not exist is such an error (a report never creates an empty ledger)."""
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme in ("postgresql", "postgres"):
+        try:
+            import psycopg
+        except ImportError:
+            raise MissingExtra("a PostgreSQL ledger", "postgres", "psycopg") from None
+        try:
+            return PostgresLedger(url)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LedgerError(f"cannot open the PostgreSQL ledger {_safe(url)}: {reason}") from None
+    if scheme not in (None, "sqlite"):
+        raise LedgerError(f"ledger {url!r}: unsupported scheme {scheme!r} "
+                          "(use a file path, sqlite:///path.db or postgresql://...)")
+    path = url[len("sqlite:///"):] if scheme else url
+    if Path(path).is_dir():
+        raise LedgerError(f"ledger {path!r} is a folder, not a database file")
+    if not create and not Path(path).exists():
+        raise LedgerError(f"no ledger at {path!r} (file not found)")
+    try:
+        return SQLiteLedger(path)
+    except sqlite3.DatabaseError as exc:
+        what = "is not a SQLite database" if "not a database" in str(exc) else f"cannot be opened ({exc})"
+        raise LedgerError(f"ledger {path!r} {what}") from None
+
+
+def _safe(url: str) -> str:
+    """``url`` without its password."""
+    head, sep, rest = url.partition("://")
+    if "@" not in rest:
+        return url
+    user, _, host = rest.rpartition("@")
+    return f"{head}{sep}{user.split(':', 1)[0]}@{host}"

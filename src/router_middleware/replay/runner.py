@@ -8,12 +8,15 @@ of the same session), a prompt-cache simulation, and the recorded output tokens,
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from ..catalog import Catalog, ModelInfo, cache_rules_for
+from ..errors import RouterMiddlewareError
 from ..ledger import LedgerRecord, from_outcome
 from ..messages import integrity_violations
 from ..pipeline import Pipeline
@@ -54,7 +57,11 @@ def model_for(session: Session, override: str | None = None) -> str:
     slug whose vendor is not a litellm provider (``google/gemini-3-pro-preview``) is an OpenRouter
     route, priced as ``openrouter/<slug>``.
     """
-    model = override or session.model or DEFAULT_CHAT_MODEL
+    return model_for_name(override or session.model or DEFAULT_CHAT_MODEL)
+
+
+def model_for_name(model: str) -> str:
+    """``model`` as a litellm id: a ``vendor/model`` slug of a non-litellm vendor is an OpenRouter route."""
     head = model.split("/", 1)[0] if "/" in model else None
     if head is not None and head not in _LITELLM_PREFIXES:
         return f"openrouter/{model}"
@@ -71,6 +78,13 @@ class Account:
     cost_usd: float = 0.0
     max_request_tokens: int = 0
 
+    unpriced_calls: int = 0  # calls whose model has no price: the cost is unknown, never $0
+
+    @property
+    def cost(self) -> float | None:
+        """The total cost, or None when any call could not be priced."""
+        return None if self.unpriced_calls else self.cost_usd
+
     def add(self, usage: Usage, cost: float | None) -> None:
         self.max_request_tokens = max(self.max_request_tokens, usage.input_tokens)
         self.input_tokens += usage.input_tokens
@@ -78,7 +92,10 @@ class Account:
         self.cache_write_tokens += usage.cache_write_tokens
         self.output_tokens += usage.output_tokens
         self.reasoning_tokens += usage.reasoning_tokens
-        self.cost_usd += cost or 0.0
+        if cost is None:
+            self.unpriced_calls += 1
+        else:
+            self.cost_usd += cost
 
     def merge(self, other: Account) -> None:
         for name in self.__dataclass_fields__:
@@ -87,7 +104,7 @@ class Account:
             elif name != "has_usage":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | None]:
         return {
             "input_tokens": self.input_tokens,
             "cached_tokens": self.cached_tokens,
@@ -95,19 +112,22 @@ class Account:
             "output_tokens": self.output_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "max_request_tokens": self.max_request_tokens,
-            "cost_usd": round(self.cost_usd, 6),
+            "cost_usd": None if self.cost is None else round(self.cost, 6),
+            "unpriced_calls": self.unpriced_calls,
         }
 
 
 @dataclass
 class Recorded(Account):
     reported_cost_usd: float = 0.0
+    unreported_calls: int = 0  # calls recorded with usage but no cost
     has_usage: bool = True
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | None]:
         data = super().as_dict()
         data["priced_usd"] = data.pop("cost_usd")
-        data["cost_usd"] = round(self.reported_cost_usd, 6)
+        data["cost_usd"] = None if self.unreported_calls else round(self.reported_cost_usd, 6)
+        data["unreported_calls"] = self.unreported_calls
         return data
 
 
@@ -179,6 +199,7 @@ def replay_session(
     provider_cache: bool = True,
     ledger: Callable[[LedgerRecord], None] | None = None,
     started_at: float = 0.0,
+    on_call: Callable[[], None] | None = None,
 ) -> SessionReport:
     baseline = baseline or Pipeline()
     model_id = model_for(session, model)
@@ -212,8 +233,9 @@ def replay_session(
             costs[name] = cost
             getattr(report, name).add(planned_usage, cost.total_usd)
         if ledger is not None:
-            ledger(_ledger_record(plans, costs, planned_usage, model_id, catalog, info, reasoning - capped,
-                                  started_at + report.calls))
+            row = _ledger_record(plans, costs, planned_usage, model_id, catalog, info, reasoning - capped,
+                                 recorded.ts if recorded.ts is not None else started_at + step)
+            ledger(replace(row, call_id=replay_call_id(session, step)))
         plan = plans["optimized"]
         report.calls += 1
         report.integrity_violations += 1 if integrity_violations(plan.messages) else 0
@@ -225,38 +247,59 @@ def replay_session(
             recorded_usage = Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, 0,
                                    usage.reasoning_tokens)
             report.recorded.add(recorded_usage, price(recorded_usage, info).total_usd)
-            report.recorded.reported_cost_usd += recorded.cost_usd or 0.0
+            if recorded.cost_usd is None:
+                report.recorded.unreported_calls += 1
+            else:
+                report.recorded.reported_cost_usd += recorded.cost_usd
             counted = counter.messages(request)
             report.raw_error += abs(counted - usage.prompt_tokens)
             report.calibrated_error += abs(calibration.apply(counted) - usage.prompt_tokens)
             calibration.observe(counted, usage.prompt_tokens)
         else:
             report.recorded.has_usage = False
+        if on_call is not None:
+            on_call()
     return report
+
+
+def replay_call_id(session: Session, index: int) -> str:
+    """A replayed call's ledger identity: the same recorded call replayed again replaces its row."""
+    digest = hashlib.sha256(f"{session.id}\0{session.model or ''}\0{Path(session.path).name}".encode())
+    return f"replay-{digest.hexdigest()[:16]}-{index}"
 
 
 def _ledger_record(plans: dict[str, Plan], costs: dict[str, Cost], usage: Usage, model: str, catalog: Catalog,
                    info: ModelInfo | None, reasoning_saved: int, ts: float) -> LedgerRecord:
-    """The optimized call as a ledger row; what it saved is split into reasoning caps and context."""
-    base, opt = costs["baseline"].total_usd or 0.0, costs["optimized"].total_usd or 0.0
-    saved_reasoning = reasoning_saved * ((info.reasoning or info.output) if info else 0.0)
+    """The optimized call as a ledger row. Its baseline is the pass-through plan's cost, as in the
+    replay table; the difference is split into reasoning caps and context (negative when the
+    configured plan cost more)."""
+    base, opt = costs["baseline"].total_usd, costs["optimized"].total_usd
     outcome = Outcome(model=model, provider=catalog.provider(model), usage=usage, cost=costs["optimized"],
                       plan=plans["optimized"])
-    return from_outcome(outcome, saved_context=max(0.0, base - opt - saved_reasoning),
-                        saved_reasoning=saved_reasoning, source="replay", ts=ts)
+    if base is None or opt is None or info is None:
+        return from_outcome(outcome, source="replay", ts=ts)
+    saved_reasoning = reasoning_saved * (info.reasoning or info.output)
+    return from_outcome(outcome, saved_context=base - opt - saved_reasoning, saved_reasoning=saved_reasoning,
+                        source="replay", ts=ts)
 
 
 @dataclass
 class ReplayReport:
     sessions: list[SessionReport]
 
-    def totals(self) -> dict[str, object]:
+    def accounts(self) -> tuple[Recorded | None, Account, Account]:
+        """The recorded (None when no session has usage), baseline and optimized accounts summed."""
         recorded, baseline, optimized = Recorded(), Account(), Account()
         for s in self.sessions:
             if s.recorded.has_usage:
                 recorded.merge(s.recorded)
             baseline.merge(s.baseline)
             optimized.merge(s.optimized)
+        return (recorded if any(s.recorded.has_usage for s in self.sessions) else None), baseline, optimized
+
+    def totals(self) -> dict[str, object]:
+        recorded, baseline, optimized = self.accounts()
+        recorded = recorded or Recorded()
         retained = sum(s.retained for s in self.sessions)
         relevant = sum(s.relevant for s in self.sessions)
         return {
@@ -309,15 +352,23 @@ def replay(
     provider_cache: bool = True,
     on_session: Callable[[SessionReport], None] | None = None,
     ledger: Callable[[LedgerRecord], None] | None = None,
+    on_call: Callable[[], None] | None = None,
 ) -> ReplayReport:
-    """Replay ``sessions``; ``ledger`` receives one row per replayed call (stamped one second apart
-    from the time of the replay)."""
+    """Replay ``sessions``; ``ledger`` receives one row per replayed call, stamped with the call's
+    recorded ``ts`` or else one second apart, ending just before the replay started.
+
+    Raises ``RouterMiddlewareError`` when ``model`` has no price in the catalog or the config."""
     baseline = Pipeline(optimized.config, policies=())
+    if model is not None and optimized.catalog.resolve(model_for_name(model)) is None:
+        raise RouterMiddlewareError(
+            f"--model {model!r} has no price in litellm's catalog or the config's models: section "
+            f"(looked up as {model_for_name(model)!r}); use a litellm model id such as deepseek/deepseek-chat")
+    sessions = list(sessions)
     reports = []
-    clock = time.time()
+    clock = time.time() - sum(len(s.calls) for s in sessions)
     for session in sessions:
         report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache,
-                                ledger=ledger, started_at=clock)
+                                ledger=ledger, started_at=clock, on_call=on_call)
         clock += report.calls
         reports.append(report)
         if on_session is not None:

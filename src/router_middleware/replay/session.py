@@ -4,7 +4,8 @@ A file holds ``id``, ``model``, ``messages`` (the final history, OpenAI chat for
 one per model call with ``prefix_len`` (the request is ``messages[:prefix_len]``, the reply is
 ``messages[prefix_len]``), ``model``, ``provider``, ``usage`` (``prompt_tokens``,
 ``completion_tokens``, ``cached_tokens``, ``reasoning_tokens``) and ``cost_usd``. ``usage``,
-``model`` and ``cost_usd`` may be null (chat transcripts). Trailing records with role ``exit``
+``model`` and ``cost_usd`` may be null (chat transcripts); ``ts`` (optional) is when the call was
+made, in seconds since the epoch or ISO 8601 (UTC unless it says otherwise). Trailing records with role ``exit``
 (mini-swe-agent's exit status, never sent to a model) are dropped.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ class RecordedCall:
     provider: str | None
     usage: RecordedUsage | None
     cost_usd: float | None
+    ts: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,21 @@ def _usage(raw: Any, where: str) -> RecordedUsage | None:
     return RecordedUsage(**fields)
 
 
+def _timestamp(raw: Any, where: str) -> float | None:
+    if raw is None:
+        return None
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+    raise SessionFormatError(f"{where}.ts must be epoch seconds or an ISO 8601 time, got {raw!r}")
+
+
 def _is_marker(message: Any) -> bool:
     return isinstance(message, Mapping) and message.get("role") in _TRAJECTORY_MARKERS
 
@@ -109,6 +127,7 @@ def parse_session(data: Any, label: str) -> Session:
             provider=raw.get("provider"),
             usage=_usage(raw.get("usage"), where),
             cost_usd=float(cost) if cost is not None else None,
+            ts=_timestamp(raw.get("ts", raw.get("timestamp")), where),
         ))
     return Session(
         id=str(data.get("id") or Path(label).stem),

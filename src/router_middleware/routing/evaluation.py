@@ -44,17 +44,25 @@ def load_examples(paths: Sequence[str | Path], weak: str, strong: str) -> list[E
     csv.field_size_limit(1 << 30)
     examples = []
     for path in paths:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in ("prompt", weak, strong) if c not in (reader.fieldnames or [])]
-            if missing:
-                raise RouterMiddlewareError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-            for line, row in enumerate(reader, start=2):
-                where = f"{path}: line {line}"
-                examples.append(Example(row["prompt"], _value(row[weak], weak, where),
-                                        _value(row[strong], strong, where)))
+        try:
+            with open(path, newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                if not reader.fieldnames:
+                    raise RouterMiddlewareError(f"{path}: empty file (no header row)")
+                missing = [c for c in ("prompt", weak, strong) if c not in reader.fieldnames]
+                if missing:
+                    raise RouterMiddlewareError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+                for line, row in enumerate(reader, start=2):
+                    where = f"{path}: line {line}"
+                    examples.append(Example(row["prompt"], _value(row[weak], weak, where),
+                                            _value(row[strong], strong, where)))
+        except UnicodeDecodeError as exc:
+            raise RouterMiddlewareError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                        f"{exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise RouterMiddlewareError(f"{path}: cannot read ({exc.strerror})") from None
     if not examples:
-        raise RouterMiddlewareError("no rows to evaluate")
+        raise RouterMiddlewareError(f"no rows to evaluate in {', '.join(map(str, paths))} (only a header)")
     return examples
 
 

@@ -1,0 +1,78 @@
+"""The ``router-middleware`` command (also ``python -m router_middleware``): ``demo`` on the bundled
+sessions, ``replay`` recorded sessions, ``report`` from a ledger, ``ledger drain`` its spool,
+``route-eval`` the difficulty scorer on a labelled CSV. Errors print one line and exit with 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from ..errors import RouterMiddlewareError
+from .commands import (
+    bundled_sessions,
+    cmd_demo,
+    cmd_ledger_drain,
+    cmd_replay,
+    cmd_report,
+    cmd_route_eval,
+)
+
+__all__ = ["build_parser", "bundled_sessions", "main"]
+
+LEDGER_HELP = "a file path, sqlite:///path.db or postgresql://user@host/db"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    parser = argparse.ArgumentParser(prog="router-middleware", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"router-middleware {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="replay the bundled example sessions and print a table")
+    demo.add_argument("--config", help="YAML/JSON config for the optimized account (default: the default config)")
+    demo.set_defaults(func=cmd_demo)
+    rp = sub.add_parser("replay", help="replay recorded sessions offline and account tokens and cost")
+    rp.add_argument("paths", nargs="+", help="session JSON files, folders or globs")
+    rp.add_argument("--config", help="YAML/JSON config for the optimized account")
+    rp.add_argument("--model", help="price sessions with this model (default: the session's own)")
+    rp.add_argument("--json", action="store_true", help="print one JSON object")
+    rp.add_argument("--compact", action="store_true", help="with --json: one line")
+    rp.add_argument("--no-provider-cache", action="store_true", help="account as if there were no prompt cache")
+    rp.add_argument("--ledger", help=f"also write the replayed calls into this ledger ({LEDGER_HELP})")
+    rp.set_defaults(func=cmd_replay)
+    rep = sub.add_parser("report", help="rankings of tokens, cost and savings from a ledger")
+    rep.add_argument("--ledger", required=True, help=LEDGER_HELP)
+    rep.add_argument("--since", help="start (2026-11-28, 2026-11-28T12:00 UTC, or epoch seconds)")
+    rep.add_argument("--until", help="end, exclusive")
+    rep.add_argument("--top", type=int, default=10, help="sessions to list (by cost)")
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
+    rep.set_defaults(func=cmd_report)
+    led = sub.add_parser("ledger", help="ledger maintenance: 'ledger drain' writes the spooled rows")
+    led_sub = led.add_subparsers(dest="action", required=True, metavar="ACTION")
+    drain = led_sub.add_parser("drain", help="write the rows waiting in the spool (any process's) into the ledger")
+    drain.add_argument("--ledger", required=True, help=LEDGER_HELP)
+    drain.add_argument("--spool", help="the spool folder (default: <ledger file>.spool, see README)")
+    drain.set_defaults(func=cmd_ledger_drain)
+    ev = sub.add_parser("route-eval", help="RouteLLM metrics (APGR, CPT) of the difficulty scorer on a CSV")
+    ev.add_argument("files", nargs="+", help="CSV files, folders or globs with a 'prompt' column (concatenated)")
+    ev.add_argument("--weak", required=True, help="column with the weak model's score (number or true/false)")
+    ev.add_argument("--strong", required=True, help="column with the strong model's score")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=cmd_route_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (RouterMiddlewareError, ValueError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the error text holds
+        print(f"router-middleware: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

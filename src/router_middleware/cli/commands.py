@@ -1,0 +1,160 @@
+"""The commands behind ``router-middleware``: each takes its parsed arguments and returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import RouterMiddlewareError
+from .inputs import expand_paths, output_file, time_option
+from .tables import print_report, replay_table, unpriced
+
+if TYPE_CHECKING:
+    from ..replay import ReplayReport
+
+
+def bundled_sessions() -> list[str]:
+    folder = resources.files("router_middleware") / "data" / "sessions"
+    return sorted(str(p) for p in folder.iterdir() if str(p).endswith(".json"))
+
+
+def _warn(text: str) -> None:
+    print(f"router-middleware: warning: {text}", file=sys.stderr)
+
+
+def _run_replay(paths: list[str], config: str | None, model: str | None, provider_cache: bool, *,
+                show_progress: bool, ledger: str | None = None) -> ReplayReport:
+    """Replay ``paths``; with ``ledger`` the rows are written there (the ledger is opened first, so a
+    bad path fails before any replaying)."""
+    from ..ledger import LedgerRecord, open_ledger
+    from ..pipeline import Pipeline
+    from ..replay import load_session, replay
+
+    db = open_ledger(ledger) if ledger else None
+    try:
+        pipeline = Pipeline.from_config(config or {})
+        sessions = [load_session(p) for p in paths]
+        rows: list[LedgerRecord] = []
+        with _progress(show_progress, sum(len(s.calls) for s in sessions)) as advance:
+            report = replay(sessions, pipeline, model=model, provider_cache=provider_cache,
+                            ledger=rows.append if db else None, on_call=advance)
+        if db is not None:
+            db.insert(rows, replace=True)
+            print(f"wrote {len(rows):,} rows to the ledger {db.url} (a call replayed again replaces its row)",
+                  file=sys.stderr)
+    finally:
+        if db is not None:
+            db.close()
+    for name, sessions_of in unpriced(report).items():
+        _warn(f"no price for model {name!r} (sessions {', '.join(sessions_of)}): their costs show as unknown")
+    return report
+
+
+@contextmanager
+def _progress(show: bool, total: int) -> Iterator[Callable[[], None] | None]:
+    """A progress bar on stderr advanced once per replayed call (nothing when ``show`` is false)."""
+    if not show:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
+        task = progress.add_task("replaying", total=total)
+        yield lambda: progress.advance(task)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    report = _run_replay(expand_paths(args.paths, ".json", "session files"), args.config, args.model,
+                         not args.no_provider_cache, show_progress=not args.json and sys.stderr.isatty(),
+                         ledger=args.ledger)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=None if args.compact else 2))
+    else:
+        config = f"the config {args.config}" if args.config else "the default config"
+        print(replay_table(report, f"recorded vs baseline (no middleware) vs optimized ({config})", config))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..ledger import build_report, open_ledger, render_html
+
+    since, until = time_option("--since", args.since), time_option("--until", args.until)
+    html = output_file("--html", args.html) if args.html else None
+    db = open_ledger(args.ledger, create=False)
+    try:
+        report = build_report(db, since=since, until=until, top=args.top)
+    finally:
+        db.close()
+    if html is not None:
+        html.write_text(render_html(report), encoding="utf-8")
+        print(f"wrote the HTML report to {html.resolve()}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif html is None or sys.stdout.isatty():
+        print_report(report)
+    return 0
+
+
+def cmd_ledger_drain(args: argparse.Namespace) -> int:
+    from ..ledger import open_ledger
+    from ..ledger.spool import QUARANTINE, DatabaseUnavailable, Spool, default_spool
+
+    url = args.ledger if "://" in args.ledger else f"sqlite:///{args.ledger}"
+    folder = Path(args.spool) if args.spool else default_spool(url)
+    if not folder.is_dir():
+        print(f"nothing to drain: no spool folder at {folder}")
+        return 0
+    db = open_ledger(url)
+    try:
+        done = Spool(folder).drain(db)
+    except DatabaseUnavailable as exc:
+        raise RouterMiddlewareError(f"the ledger at {url} does not answer ({exc}); the rows stay in {folder}") from exc
+    finally:
+        db.close()
+    print(f"{done.written:,} rows written from {folder} to the ledger; {done.quarantined:,} lines quarantined"
+          + (f" (see {folder / QUARANTINE})" if done.quarantined else ""))
+    for pid, rows in sorted(done.held.items()):
+        print(f"{rows:,} rows left to process {pid}, which is still running (it drains them itself)")
+    return 0
+
+
+def cmd_route_eval(args: argparse.Namespace) -> int:
+    from ..routing import load_examples, route_eval, score_text
+
+    result = route_eval(load_examples(expand_paths(args.files, ".csv", "CSV files"), args.weak, args.strong),
+                        score_text)
+    if result["weak_quality"] == result["strong_quality"]:
+        _warn(f"{args.weak!r} and {args.strong!r} have the same mean score ({result['weak_quality']:.3f}): "
+              "there is no gap to recover, so APGR and CPT are meaningless here")
+    if args.json:
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    else:
+        print(f"{result['n']:,} prompts: APGR {result['apgr']:.3f} (random {result['random_apgr']:.3f}), "
+              f"CPT(50%) {result['cpt50']:.1%}, CPT(80%) {result['cpt80']:.1%} of calls to the strong model; "
+              f"quality weak {result['weak_quality']:.3f}, strong {result['strong_quality']:.3f}")
+    return 0
+
+
+NEXT_STEPS = """\
+Next: replay your own sessions (format: README, "Replay recorded sessions")
+into a ledger, then open its report:
+  router-middleware replay my-sessions/ --config my.yaml --ledger ledger.db
+  router-middleware report --ledger ledger.db --html report.html"""
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("router-middleware demo: bundled real coding-agent sessions, replayed offline\n"
+          "(no API keys, no network).\n")
+    report = _run_replay(bundled_sessions(), args.config, None, True, show_progress=sys.stderr.isatty())
+    config = f"the config {args.config}" if args.config else "the default config"
+    print(replay_table(report, f"recorded vs baseline (no middleware) vs optimized ({config})", config))
+    sources = Path(str(resources.files("router_middleware") / "data" / "sessions" / "SOURCES.txt"))
+    print(f"\nSources and licences of the sessions: {sources}\n\n{NEXT_STEPS}")
+    return 0

@@ -1,0 +1,113 @@
+"""What the commands print: the replay table as plain text that stays readable at 80 columns (in a
+pipe or CI log as in a terminal), and the ledger report."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from typing import Any
+
+from ..replay import ReplayReport
+from ..replay.runner import Account, Recorded
+
+WIDTHS = (22, 9, 11, 6, 10, 11)  # label, account, input tokens, cached, cost, vs baseline
+HEADER = ("session / model", "account", "input tok", "cached", "cost", "vs baseline")
+LEGEND = ("baseline: the recorded requests sent unchanged; optimized: the same requests through {config}. "
+          "Both are priced from the catalog with a simulated prompt cache; recorded is what the provider "
+          "reported (it can exceed the baseline when the provider's cache hit less often than the "
+          "simulation: compare the cached column). retention: the share of what each next reply used "
+          "that the optimized request still held.")
+
+
+def money(value: float | None) -> str:
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
+def _line(cells: tuple[str, ...]) -> str:
+    first, *rest = cells
+    return f"{first:<{WIDTHS[0]}}  {rest[0]:<{WIDTHS[1]}}" + "".join(
+        f"  {cell:>{width}}" for cell, width in zip(rest[1:], WIDTHS[2:], strict=True))
+
+
+def _fit(text: str, width: int = WIDTHS[0]) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _account_rows(recorded: Recorded | None, baseline: Account, optimized: Account) -> Iterator[tuple[str, ...]]:
+    base = baseline.cost
+    rows: list[tuple[str, Account, float | None]] = []
+    if recorded is not None:
+        rows.append(("recorded", recorded, None if recorded.unreported_calls else recorded.reported_cost_usd))
+    rows += [("baseline", baseline, baseline.cost), ("optimized", optimized, optimized.cost)]
+    for name, account, cost in rows:
+        share = f"{account.cached_tokens / account.input_tokens:.0%}" if account.input_tokens else "-"
+        ratio = f"x{cost / base:.3f}" if name != "baseline" and cost is not None and base else ""
+        yield name, f"{account.input_tokens:,}", share, money(cost), ratio
+
+
+def _block(labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = []
+    for i in range(max(len(labels), len(rows))):
+        label = _fit(labels[i]) if i < len(labels) else ""
+        lines.append(_line((label, *(rows[i] if i < len(rows) else ("",) * 5))).rstrip())
+    return lines
+
+
+def replay_table(report: ReplayReport, title: str, config: str) -> str:
+    """The replay as text: one block per session (id, model, calls) with a row per account, a total
+    block, the integrity and retention figures and a legend."""
+    out = [*textwrap.wrap(title, width=80), "", _line(HEADER), "-" * len(_line(HEADER))]
+    for s in report.sessions:
+        rows = list(_account_rows(s.recorded if s.recorded.has_usage else None, s.baseline, s.optimized))
+        out += _block([s.id, s.model.rsplit("/", 1)[-1], f"{s.calls:,} calls"], rows) + [""]
+    calls = sum(s.calls for s in report.sessions)
+    out += _block(["total", f"{len(report.sessions):,} sessions", f"{calls:,} calls"],
+                  list(_account_rows(*report.accounts())))
+    totals = report.totals()
+    out += ["", f"tool messages orphaned (integrity violations): {totals['integrity_violations']}; "
+                f"retention: {totals['retention']:.3f}", ""]
+    out += textwrap.wrap(LEGEND.format(config=config), width=80)
+    return "\n".join(out)
+
+
+def unpriced(report: ReplayReport) -> dict[str, list[str]]:
+    """Models with no price, and the sessions that used them."""
+    out: dict[str, list[str]] = {}
+    for s in report.sessions:
+        if s.baseline.unpriced_calls:
+            out.setdefault(s.model, []).append(s.id)
+    return out
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The ledger report as rich tables: totals, then rankings by model, provider, app and session."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    totals = report["totals"]
+    baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
+    line = (f"[bold]{totals['calls']:,} calls[/bold], cost {money(totals['cost_usd'])} "
+            f"({money(baseline)} without the middleware), response-cache hit rate {report['cache_hit_rate']:.1%}")
+    console.print(line)
+    if totals["unpriced_calls"]:
+        models = [r["key"] for r in report["by_model"] if r["unpriced_calls"]]
+        console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
+                      "their cost is unknown and not in the sums above[/yellow]")
+    for group in ("model", "provider", "app", "session"):
+        table = Table(title=f"by {group}")
+        for column in (group, "calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
+            table.add_column(column, justify="left" if column == group else "right", overflow="fold")
+        for r in report[f"by_{group}"]:
+            cost = None if r["unpriced_calls"] == r["calls"] else r["cost_usd"]
+            table.add_row(str(r["key"] or "-"), f"{r['calls']:,}", f"{r['input_tokens']:,}",
+                          f"{r['cached_tokens']:,}", f"{r['output_tokens']:,}", f"{r['reasoning_tokens']:,}",
+                          money(cost), money(None if cost is None else r["baseline_cost_usd"]))
+        console.print(table)
+    for title in ("token_mix", "savings_by_policy"):
+        table = Table(title=title.replace("_", " "))
+        table.add_column("part")
+        table.add_column("value", justify="right")
+        for key, value in report[title].items():
+            table.add_row(key, money(value) if title.startswith("savings") else f"{value:,}")
+        console.print(table)

@@ -1,0 +1,214 @@
+"""The command line as a newcomer meets it: conventional flags, readable tables, unknown prices shown
+as unknown, an idempotent replay ledger, and one-line errors (exit code 2) naming the file or option."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from router_middleware import MissingExtra, Pipeline, __version__
+from router_middleware.cli import bundled_sessions, main
+from router_middleware.ledger import open_ledger
+
+from .conftest import SHARED
+
+CHATS = sorted((SHARED / "data" / "chat-sessions").glob("*.json"))[:2]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def unknown_model_session(tmp_path: Path, calls: int = 3, ts: list[float] | None = None) -> Path:
+    data = json.loads(Path(bundled_sessions()[0]).read_text())
+    data["id"], data["model"], data["calls"] = "unpriced", "nobody/unknown-model-1", data["calls"][:calls]
+    for i, call in enumerate(data["calls"]):
+        call["model"] = None
+        if ts:
+            call["ts"] = ts[i]
+    path = tmp_path / "unpriced.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_version_help_and_python_dash_m(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"router-middleware {__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    for command in ("demo", "replay", "report", "ledger", "route-eval"):
+        assert command in help_text
+    done = subprocess.run([sys.executable, "-m", "router_middleware", "--version"], capture_output=True, text=True,
+                          env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"router-middleware {__version__}"
+
+
+@pytest.mark.skipif(not CHATS, reason="shared chat sessions not present")
+def test_replay_table_labels_sessions_without_recorded_usage(capsys) -> None:
+    code, out, _ = run(capsys, "replay", *map(str, CHATS), "--config", "benchmarks/configs/chat-4k.yaml")
+    assert code == 0
+    lines = out.splitlines()
+    assert max(len(line) for line in lines if "SOURCES" not in line) <= 80
+    for path in CHATS:
+        session = json.loads(path.read_text())
+        block = lines.index(next(line for line in lines if line.startswith(session["id"])))
+        assert lines[block].split()[1] == "baseline"  # no recorded row: the first row carries the label
+        assert lines[block + 2].startswith(f"{len(session['calls']):,} calls")
+    total = next(i for i, line in enumerate(lines) if line.startswith("total"))
+    assert lines[total + 1].startswith("2 sessions") and "optimized" in lines[total + 1]
+    assert "retention" in out and "benchmarks/configs/chat-4k.yaml" in out
+
+
+def test_demo_is_readable_at_80_columns_and_says_what_next(capsys) -> None:
+    code, out, _ = run(capsys, "demo")
+    assert code == 0
+    assert all(len(line) <= 80 for line in out.splitlines() if "SOURCES" not in line)
+    assert "deepseek-chat" in out and "gemini-3-pro-preview" in out  # the model of each session
+    assert "optimized (the default config)" in out and "vs baseline" in out
+    sources = next(line for line in out.splitlines() if "SOURCES" in line).split(": ", 1)[1]
+    assert Path(sources).is_file()
+    assert "router-middleware report --ledger" in out
+
+
+def test_unknown_prices_are_unknown_never_zero(tmp_path, capsys) -> None:
+    session = unknown_model_session(tmp_path)
+    code, out, err = run(capsys, "replay", str(session))
+    assert code == 0 and "unknown" in out and "$0.0000" not in out
+    assert "no price for model 'openrouter/nobody/unknown-model-1' (sessions unpriced)" in err
+    code, out, _ = run(capsys, "replay", str(session), "--json")
+    data = json.loads(out)
+    assert data["optimized"]["cost_usd"] is None and data["optimized"]["unpriced_calls"] == 3
+    assert data["per_session"][0]["price_source"] == "unknown"
+    code, _, err = run(capsys, "replay", str(session), "--model", "typo-model")
+    assert code == 2 and "--model 'typo-model' has no price" in err and err.count("\n") == 1
+
+
+def test_ledger_keeps_unknown_cost_unknown(tmp_path, capsys) -> None:
+    ledger = tmp_path / "l.db"
+    assert run(capsys, "replay", str(unknown_model_session(tmp_path)), "--ledger", str(ledger))[0] == 0
+    db = open_ledger(str(ledger))
+    assert db.query("SELECT COUNT(*), COUNT(cost_usd), COUNT(baseline_cost_usd) FROM calls") == [(3, 0, 0)]
+    db.close()
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger))
+    assert code == 0 and "3 calls have no price" in " ".join(out.split()) and "unknown" in out
+
+
+def test_replay_into_a_ledger_twice_replaces_rows_with_recorded_or_past_times(tmp_path, capsys) -> None:
+    ledger = tmp_path / "l.db"
+    recorded_ts = [1_700_000_000.0, 1_700_000_060.0, 1_700_000_120.0]
+    paths = [*bundled_sessions(), str(unknown_model_session(tmp_path, ts=recorded_ts))]
+    before = time.time()
+    for _ in range(2):
+        code, _, err = run(capsys, "replay", *paths, "--ledger", str(ledger), "--json")
+        assert code == 0 and f"to the ledger sqlite:///{ledger}" in err
+    db = open_ledger(str(ledger))
+    calls = db.query("SELECT COUNT(*), COUNT(DISTINCT call_id), MAX(ts) FROM calls WHERE session != 'unpriced'")[0]
+    assert calls[0] == calls[1] == 93 and calls[2] <= before + 60  # 93 replayed calls, once; never in the future
+    assert [r[0] for r in db.query("SELECT ts FROM calls WHERE session = 'unpriced' ORDER BY ts")] == recorded_ts
+    db.close()
+
+
+def test_report_and_replay_share_one_baseline(tmp_path, capsys) -> None:
+    ledger = tmp_path / "l.db"
+    code, out, _ = run(capsys, "replay", *bundled_sessions(), "--ledger", str(ledger), "--json")
+    replayed = json.loads(out)
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
+    totals = json.loads(out)["totals"]
+    assert totals["baseline_cost_usd"] == pytest.approx(replayed["baseline"]["cost_usd"], abs=1e-6)
+    assert totals["cost_usd"] == pytest.approx(replayed["optimized"]["cost_usd"], abs=1e-6)
+
+
+def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
+    code, _, err = run(capsys, "report", "--ledger", str(tmp_path / "nope.db"))
+    assert code == 2 and "no ledger at" in err and not (tmp_path / "nope.db").exists()
+
+
+def _errors(tmp_path: Path) -> list[tuple[list[str], str]]:
+    not_db = tmp_path / "notes.txt"
+    not_db.write_text("hello")
+    ledger = tmp_path / "ok.db"
+    open_ledger(str(ledger)).close()
+    empty, latin, bad_yaml = tmp_path / "empty.csv", tmp_path / "latin.csv", tmp_path / "bad.yaml"
+    empty.write_text("")
+    latin.write_bytes(b"prompt,a,b\ncaf\xe9,1,0\n")
+    bad_yaml.write_text("routing:\n  aliases:\n    auto: [a\n  x: 1\n")
+    (tmp_path / "folder").mkdir()
+    return [
+        (["route-eval", str(tmp_path / "missing.csv"), "--weak", "a", "--strong", "b"], "missing.csv: no such file"),
+        (["route-eval", str(tmp_path / "folder"), "--weak", "a", "--strong", "b"], "a folder with no .csv files"),
+        (["route-eval", str(tmp_path / "*.nothing"), "--weak", "a", "--strong", "b"], "no CSV files matched"),
+        (["route-eval", str(empty), "--weak", "a", "--strong", "b"], "empty.csv: empty file (no header row)"),
+        (["route-eval", str(latin), "--weak", "a", "--strong", "b"], "latin.csv: not UTF-8 text (byte 0xe9"),
+        (["report", "--ledger", str(tmp_path / "no" / "such" / "x.db")], "no ledger at"),
+        (["report", "--ledger", "mysql://u@host/db"], "unsupported scheme 'mysql'"),
+        (["report", "--ledger", str(not_db)], "notes.txt' is not a SQLite database"),
+        (["report", "--ledger", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open the PostgreSQL ledger"),
+        (["report", "--ledger", str(ledger), "--html", str(tmp_path / "no" / "r.html")], "does not exist"),
+        (["report", "--ledger", str(ledger), "--since", "yesterday"], "--since 'yesterday': expected a date"),
+        (["replay", *bundled_sessions(), "--ledger", str(tmp_path / "no" / "x.db")], "cannot be opened"),
+        (["replay", *bundled_sessions(), "--config", str(bad_yaml)],
+         "bad.yaml: line 4, column 4: not valid YAML: expected ',' or ']'"),
+    ]
+
+
+def test_errors_are_one_line_naming_the_file_or_option(tmp_path, capsys) -> None:
+    for argv, expected in _errors(tmp_path):
+        started = time.perf_counter()
+        code, out, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert err.startswith("router-middleware: error: ") and err.count("\n") == 1, (argv, err)
+        assert expected in err, (argv, err)
+        assert "secret" not in err
+        if argv[0] == "replay":
+            assert time.perf_counter() - started < 20 and out == ""  # refused before replaying
+
+
+def test_route_eval_warns_when_both_models_score_the_same(tmp_path, capsys) -> None:
+    same = tmp_path / "same.csv"
+    same.write_text("prompt,a,b\nx,1,1\ny,0,0\n")
+    code, _, err = run(capsys, "route-eval", str(same), "--weak", "a", "--strong", "b")
+    assert code == 0 and "APGR and CPT are meaningless" in err
+
+
+@pytest.mark.parametrize(("config", "extra", "module"), [
+    ({"store": "redis://127.0.0.1:1/0"}, "redis", "redis"),
+    ({"ledger": {"url": "postgresql://u@127.0.0.1:1/db"}}, "postgres", "psycopg"),
+    ({"cache": {"enabled": True, "semantic": {"enabled": True}}}, "semantic", None),
+])
+def test_a_missing_extra_is_named_at_config_load(monkeypatch, config, extra, module) -> None:
+    import importlib.util
+
+    from router_middleware import semantic
+
+    missing = module or semantic.LOCAL_MODEL_MODULE
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    with pytest.raises(MissingExtra, match=rf"pip install 'router-middleware\[{extra}\]'"):
+        Pipeline.from_config(config)
+
+
+def test_litellm_imported_first_warns_and_prices_stay_on_the_bundled_map(monkeypatch) -> None:
+    import litellm
+    from litellm.litellm_core_utils import get_model_cost_map as loader
+
+    from router_middleware import _env, catalog
+
+    monkeypatch.delenv("LITELLM_LOCAL_MODEL_COST_MAP", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _env.prepare_litellm_env()
+    assert any("LITELLM_LOCAL_MODEL_COST_MAP=True" in str(w.message) for w in caught)
+    monkeypatch.setattr(loader, "get_model_cost_map_source_info", lambda: {"source": "remote"})
+    monkeypatch.setattr(litellm, "model_cost", {"remote-only-model": {"input_cost_per_token": 1.0}})
+    assert "remote-only-model" not in catalog._cost_map() and "gpt-4o" in catalog._cost_map()
