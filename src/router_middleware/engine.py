@@ -10,10 +10,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from . import wire
 from .assembly import assemble
 from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config
 from .context.summarize import summary_request
+from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import validate_messages
 from .params import check_params
@@ -58,12 +60,14 @@ class Engine:
         return Call.create(model, validate_messages(messages), check_params(params), ctx)
 
     def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
-        """Apply the policies to ``call`` (no I/O: store-backed state is read through views).
-        Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
+        """Apply the policies to ``call`` (no I/O: store-backed state is read through views), then fit
+        the params to the chosen model (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an
+        alias can serve the call."""
         state = state or self.state
         if self._timed:
             state = replace(state, now=time.time())
-        return apply_policies(Plan.from_call(call), self.policies, state)
+        plan = apply_policies(Plan.from_call(call), self.policies, state)
+        return fit_plan(plan, wire.param_rules(plan.model))
 
     def replan(self, call: Call, target: str, decision: Decision) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for."""

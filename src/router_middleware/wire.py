@@ -2,16 +2,21 @@
 
 litellm's responses, stream chunks and exceptions carry the answering model, the provider's
 response headers and whether usage was reported in private places (``_hidden_params``,
-``litellm_response_headers``). Everything else asks here, so a litellm upgrade changes one file.
+``litellm_response_headers``). What a model takes (:func:`param_rules`) is read from litellm's
+provider configs. Everything else asks here, so a litellm upgrade changes one file.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ._env import prepare_litellm_env
+from .fit import ParamRules
+from .reasoning.levels import LEVELS
 
 OUTCOME_KEY = "router_middleware_outcome"
 
@@ -99,3 +104,63 @@ def attach_outcome(response: Any, outcome: Any) -> None:
 def provider_of(response: Any) -> str | None:
     value = hidden(response).get("custom_llm_provider")
     return str(value) if value else None
+
+
+# litellm's chat params that it never validates against a model (or that only name the request)
+_UNCHECKED = frozenset({"model", "custom_llm_provider", "api_version", "drop_params", "allowed_openai_params",
+                        "additional_drop_params", "messages", "metadata", "extra_headers", "user", "stream",
+                        "stream_options", "max_retries"})
+# OpenAI's o-series take reasoning_effort low, medium or high only. litellm's map has no level flags
+# for them and its o-series config forwards any level, so "minimal", "none" or "xhigh" reach OpenAI
+# and come back as a 400: this table is where litellm is wrong.
+_O_SERIES_EFFORTS = frozenset({"low", "medium", "high"})
+
+
+@functools.lru_cache(maxsize=512)
+def param_rules(model: str) -> ParamRules:
+    """What ``model`` takes (see :class:`~.fit.ParamRules`), from litellm's provider config for it:
+    its supported OpenAI params, its reasoning_effort gate (gpt-5 family, Gemini) and its
+    temperature rules (o-series, gpt-5, Claude models without sampling params). A model litellm
+    cannot place gets rules that check nothing."""
+    lib = litellm()
+    from litellm.constants import DEFAULT_CHAT_COMPLETION_PARAM_VALUES
+    from litellm.llms.anthropic.chat.transformation import AnthropicConfig
+    from litellm.llms.openai.chat.gpt_reasoning_transformation import OpenAIGPT5Config
+    from litellm.llms.openai.chat.o_series_transformation import OpenAIOSeriesConfig
+    from litellm.llms.vertex_ai.gemini.vertex_and_google_ai_studio_gemini import VertexGeminiConfig
+    from litellm.types.utils import LlmProviders
+    from litellm.utils import ProviderConfigManager
+
+    try:
+        name, provider, _, _ = lib.get_llm_provider(model)
+        config = ProviderConfigManager.get_provider_chat_config(model=name, provider=LlmProviders(provider))
+        supported = lib.get_supported_openai_params(model=name, custom_llm_provider=provider)
+        if supported is None:  # litellm then checks against OpenAI's list
+            supported = lib.get_supported_openai_params(model=name, custom_llm_provider="openai")
+    except Exception:  # noqa: BLE001 - a model litellm cannot place: leave its params alone
+        return ParamRules()
+    checked = {k: v for k, v in DEFAULT_CHAT_COMPLETION_PARAM_VALUES.items() if k not in _UNCHECKED}
+    rules = ParamRules(checked=checked, supported=frozenset(supported or ()))
+    if isinstance(config, OpenAIOSeriesConfig):
+        return replace(rules, efforts=_O_SERIES_EFFORTS, temperature_one=True)
+    if isinstance(config, OpenAIGPT5Config):
+        efforts = frozenset(level for level in LEVELS if not config.refuses_reasoning_effort_level(name, level))
+        takes_none = config.supports_reasoning_effort_level(name, "none")
+        return replace(rules, efforts=efforts, temperature_one=True, sampling_if_effort_none=takes_none,
+                       default_effort_none=takes_none and config.effort_resolves_to_none(name, None))
+    if isinstance(config, AnthropicConfig):
+        # Claude 4.7+ take only temperature=1. With thinking on, litellm forwards temperature, top_p and
+        # top_k as sent and Anthropic answers 400: thinking_sampling covers what litellm misses.
+        return replace(rules, temperature_one=not config._supports_sampling_params(name), thinking_sampling=True)
+    if isinstance(config, VertexGeminiConfig):
+        return replace(rules, efforts=frozenset(level for level in LEVELS if _gemini_takes(config, name, level)))
+    return rules
+
+
+def _gemini_takes(config: Any, model: str, level: str) -> bool:
+    """Whether litellm's Gemini config maps ``reasoning_effort=level`` for ``model`` (it raises if not)."""
+    try:
+        config._map_reasoning_effort(level, model, level)
+    except Exception:  # noqa: BLE001 - UnsupportedParamsError: a level the model lacks
+        return False
+    return True
