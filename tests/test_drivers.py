@@ -268,3 +268,25 @@ def test_budgets_and_quotas_on_real_redis_through_every_driver(call, script, red
     asynchronous = request.node.callspec.params["call"].startswith("a")
     expected = {"aadd_within", "aadd_many"} if asynchronous else {"add_within", "add_many"}
     assert set(used) == expected
+
+
+def test_agent_middleware_fits_model_settings_to_the_routed_model() -> None:
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    inner = Pipeline(policies=())
+    models = {name: RoutedChatModel(model=name, pipeline=inner) for name in ("openai/o3-mini", "gpt-4o-mini")}
+    config = {"routing": {"aliases": {"agent": ["openai/o3-mini", "gpt-4o-mini"]}}, "cache": {"enabled": False}}
+    middleware = RouterAgentMiddleware(Pipeline.from_config(config), models=models, model="agent")
+    seen: list[dict[str, Any]] = []
+
+    def handler(r: ModelRequest) -> ModelResponse:
+        seen.append(dict(r.model_settings))
+        return ModelResponse(result=[AIMessage("ok")])
+
+    request = ModelRequest(model=models["gpt-4o-mini"], messages=[HumanMessage("hi")],
+                           model_settings={"temperature": 0.2, "reasoning_effort": "minimal"})
+    middleware.wrap_model_call(request, handler)
+    assert seen == [{"reasoning_effort": "low"}]  # o3-mini: temperature dropped, effort moved to its nearest

@@ -78,7 +78,10 @@ class RouterAgentMiddleware(AgentMiddleware):
             messages = [by_id.get(id(m)) or convert_to_messages([dict(m)])[0] for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
             assert system is None or isinstance(system, SystemMessage)
-            settings = {**request.model_settings, **{k: v for k, v in plan.params.items() if k in REASONING_PARAMS}}
+            # the caller's settings as fitted to the attempt's model (a dropped one stays out), and the
+            # plan's reasoning
+            settings = {k: plan.params[k] for k in request.model_settings if k in plan.params}
+            settings |= {k: v for k, v in plan.params.items() if k in REASONING_PARAMS}
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings)
 
