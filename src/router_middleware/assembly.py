@@ -43,13 +43,15 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     from .reasoning import ReasoningPolicy
     from .routing.policy import RoutingPolicy
 
+    context = ContextPolicy(config.context.base(), config.context.resolved_overrides()) \
+        if config.context.enabled else None
     policies: list[Policy] = []
     if config.routing.aliases or config.routing.budgets:
-        policies.append(RoutingPolicy(config.routing))
+        policies.append(RoutingPolicy(config.routing, fit=context))  # judges windows on the trimmed request
     if config.reasoning.enabled:
         policies.append(ReasoningPolicy(config.reasoning))
-    if config.context.enabled:
-        policies.append(ContextPolicy(config.context.base(), config.context.resolved_overrides()))
+    if context is not None:
+        policies.append(context)
     return tuple(policies)
 
 
