@@ -101,7 +101,8 @@ def _semantic_index(config: Config, store: Store) -> Any:
     embed = (litellm_embedder(settings.embedder.split(":", 1)[1]) if settings.embedder.startswith("litellm:")
              else local_embedder)
     return SemanticIndex(store, embed, threshold=settings.threshold, max_per_scope=settings.max_per_scope,
-                         ttl_s=config.cache.ttl_s, number_guard=settings.number_guard)
+                         ttl_s=config.cache.ttl_s, number_guard=settings.number_guard,
+                         text_guards=settings.text_guards)
 
 
 def assemble(config: Config | None, policies: Sequence[Policy] | None = None) -> Parts:
