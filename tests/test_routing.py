@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
@@ -53,6 +55,59 @@ def test_constraints_explain_every_rejection() -> None:
     assert "no model of 'small' can serve this request" in message
     assert "gpt-3.5-turbo: request needs ~" in message and "window is 16,385" in message
     assert "window is 128,000" in error.value.rejections["gpt-4o-mini"]
+
+
+def long_history(turns: int, last: str = "and now?") -> list[dict[str, str]]:
+    """A chat of ``turns`` exchanges of about 1,100 tokens each (gpt-4o's tokenizer), then ``last``."""
+    history: list[dict[str, str]] = []
+    for i in range(turns):
+        history.append({"role": "user", "content": f"Question {i}. " + "We read the parser once more. " * 83})
+        history.append({"role": "assistant", "content": f"Answer {i}. " + "The parser reads one token. " * 83})
+    return [*history, {"role": "user", "content": last}]
+
+
+def test_an_alias_judges_each_window_on_the_request_the_context_policy_would_send(monkeypatch) -> None:
+    from router_middleware import tokens
+
+    encoded: list[int] = []
+    real = tokens.encoder_for
+
+    def counting(model: str):
+        encode = real(model)
+        return lambda text: encoded.append(1) or encode(text)
+
+    monkeypatch.setattr(tokens, "encoder_for", counting)
+    p = Pipeline.from_config({"routing": {"aliases": {"big": ["gpt-4o", "gpt-4o-mini"]}},
+                              "cache": {"enabled": False}})
+    history = long_history(118)
+    direct = p.plan(p.make_call("gpt-4o", history, None, {}))
+    assert 128_000 < p.state.tokens("gpt-4o", history) < 130_000
+    assert [d.action for d in direct.decisions] == ["trim"]  # named directly, the history is trimmed to fit
+    encoded.clear()
+    plan = p.plan(p.make_call("big", history, None, {}))  # was NoRouteError (~129,000 tokens vs 128,000)
+    assert plan.model == "gpt-4o" and plan.fallbacks == ("gpt-4o-mini",)
+    assert [(d.policy, d.action) for d in plan.decisions] == [("routing", "route"), ("window", "trim")]
+    assert "gpt-4o-mini: ranked lower" in plan.decisions[0].attributes["considered"]
+    assert len(encoded) <= 2  # a candidate's fit reuses the counts: no message of the history counted again
+    response = p.completion(model="big", messages=history, mock_response="ok")
+    assert outcome(response).model == "gpt-4o" and outcome(response).usage.input_tokens < 20_000
+
+
+def test_a_candidate_still_over_its_window_once_trimmed_is_skipped_naming_both_numbers() -> None:
+    p = Pipeline.from_config({"routing": {"aliases": {"mixed": ["gpt-3.5-turbo", "gpt-4o"],
+                                                      "small": ["gpt-3.5-turbo"]}},
+                              "cache": {"enabled": False}})
+    history = long_history(20, last="Summarize this log: " + "error at line 7. " * 4000)  # ~20k-token last turn
+    plan = p.plan(p.make_call("mixed", history, None, {}))
+    assert plan.model == "gpt-4o"
+    considered = str(plan.decisions[0].attributes["considered"])
+    assert "gpt-3.5-turbo: request needs ~" in considered and "tokens after the context policy trimmed it (~" in \
+        considered and "before), window is 16,385" in considered
+    with pytest.raises(NoRouteError) as error:
+        p.plan(p.make_call("small", history, None, {}))
+    why = error.value.rejections["gpt-3.5-turbo"]
+    trimmed, before = (int(n.replace(",", "")) for n in re.findall(r"~([\d,]+)", why))
+    assert 16_385 < trimmed < before and why.endswith("window is 16,385")
 
 
 def test_difficulty_tiers_via_auto() -> None:

@@ -8,7 +8,9 @@ import uuid
 import litellm
 import pytest
 
-from router_middleware import Pipeline, outcome
+from router_middleware import Call, Pipeline, Plan, outcome
+from router_middleware.semantic import SemanticIndex, local_embedder
+from router_middleware.stores.memory import MemoryStore
 
 from .conftest import service_missing
 
@@ -63,7 +65,41 @@ def test_unrelated_question_misses(pipeline) -> None:
     assert outcome(ask(pipeline, "Which organ produces insulin?", tenant=tenant)).usage.source != "cache"
 
 
+@pytest.mark.parametrize("guarded", [True, False])
+def test_text_guards_are_on_by_default_and_can_be_switched_off(guarded: bool) -> None:
+    pipeline = Pipeline.from_config({"cache": {"semantic": {"enabled": True, "text_guards": guarded}}})
+    stored, asked = LOOK_ALIKES[2]  # Celsius to Fahrenheit, then the reverse
+    ask(pipeline, stored)
+    assert (outcome(ask(pipeline, asked)).usage.source == "cache") is not guarded
+
+
 def test_number_guard_can_be_switched_off() -> None:
     pipeline = Pipeline.from_config({"cache": {"semantic": {"enabled": True, "number_guard": False}}})
     ask(pipeline, QUESTION)
     assert outcome(ask(pipeline, NUMBER_CHANGED)).usage.source == "cache"  # why the guard is on by default
+
+
+# Issue 16 (item 10): each was served the other prompt's answer.
+LOOK_ALIKES = [
+    ("The service crashes at startup with a KeyError while it parses config.yaml. How do I find out which key is "
+     "missing and give it a sensible default?", "The service crashes at startup with a KeyError while it parses "
+     "secrets.yaml. How do I find out which key is missing and give it a sensible default?"),
+    ("Explain why we should cache the database connection.", "Explain why we should not cache the database connection."),
+    ("Write a function that converts Celsius to Fahrenheit.", "Write a function that converts Fahrenheit to Celsius."),
+    ("Draft a letter from a landlord to a tenant about the rent increase.",
+     "Draft a letter from a tenant to a landlord about the rent increase."),
+]
+
+
+def turn(text: str) -> Plan:
+    return Plan.from_call(Call.create("gpt-4o-mini", [{"role": "user", "content": text}], {"temperature": 0}))
+
+
+@pytest.mark.parametrize(("stored", "asked"), LOOK_ALIKES)
+def test_look_alikes_are_not_served_but_a_paraphrase_still_is(stored: str, asked: str) -> None:
+    index = SemanticIndex(MemoryStore(), local_embedder, threshold=0.9)
+    index.add(turn(stored), "stored")
+    unguarded = SemanticIndex(index.store, local_embedder, threshold=0.9, text_guards=False)
+    assert unguarded.find(turn(asked)) is not None  # above the threshold: only the guards tell them apart
+    assert index.find(turn(asked)) is None
+    assert index.find(turn(f"Please help me with this. {stored} Thanks.")) is not None

@@ -44,13 +44,15 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     from .reasoning import ReasoningPolicy
     from .routing.policy import RoutingPolicy
 
+    context = ContextPolicy(config.context.base(), config.context.resolved_overrides()) \
+        if config.context.enabled else None
     policies: list[Policy] = []
     if config.routing.aliases or config.routing.budgets:
-        policies.append(RoutingPolicy(config.routing))
+        policies.append(RoutingPolicy(config.routing, fit=context))  # judges windows on the trimmed request
     if config.reasoning.enabled:
         policies.append(ReasoningPolicy(config.reasoning))
-    if config.context.enabled:
-        policies.append(ContextPolicy(config.context.base(), config.context.resolved_overrides()))
+    if context is not None:
+        policies.append(context)
     return tuple(policies)
 
 
@@ -100,7 +102,8 @@ def _semantic_index(config: Config, store: Store) -> Any:
     embed = (litellm_embedder(settings.embedder.split(":", 1)[1]) if settings.embedder.startswith("litellm:")
              else local_embedder)
     return SemanticIndex(store, embed, threshold=settings.threshold, max_per_scope=settings.max_per_scope,
-                         ttl_s=config.cache.ttl_s, number_guard=settings.number_guard)
+                         ttl_s=config.cache.ttl_s, number_guard=settings.number_guard,
+                         text_guards=settings.text_guards)
 
 
 def require_extras(config: Config) -> None:

@@ -130,6 +130,7 @@ class SemanticCacheConfig(_Strict):
     threshold: float = Field(default=0.9, gt=0, le=1)
     embedder: str = "local"  # or "litellm:<embedding model>"
     number_guard: bool = True
+    text_guards: bool = True  # identifiers, negation and direction must agree too
     max_per_scope: int = Field(default=200, gt=0)
 
 

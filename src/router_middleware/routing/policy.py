@@ -11,6 +11,10 @@ observed yet). With ``free_tier.prefer``, an OpenRouter candidate's ``:free`` va
 first while the free quota lasts; targets whose quota (free tier, ``limits``, or what the provider's
 headers said is left) is used up are rejected like any other candidate, so the call goes on to the
 next one.
+
+A candidate's window is judged on the request as it would be sent there: with ``fit`` (the context
+policy, which the assembly passes when both are configured), a request over a candidate's window is
+first trimmed for that candidate, and only what still does not fit rejects it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from ..config import RoutingConfig
 from ..errors import NoRouteError
-from ..policies import PolicyState
+from ..policies import Policy, PolicyState
 from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
 from .budgets import over_soft_limit
@@ -45,6 +49,7 @@ def _uses_images(plan: Plan) -> bool:
 class RoutingPolicy:
     config: RoutingConfig = field(default_factory=RoutingConfig)
     name: str = "routing"
+    fit: Policy | None = None  # the context policy: what a candidate would be sent, for its window
 
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         requested = plan.call.model
@@ -133,9 +138,9 @@ class RoutingPolicy:
         info = state.catalog.resolve(model)
         facts: Mapping[str, Any] = state.catalog.facts(model)
         if info is not None and info.max_input_tokens:
-            output = int(plan.params.get("max_tokens") or 0)
-            if estimate + output > info.max_input_tokens:
-                return f"request needs ~{estimate + output:,} tokens, window is {info.max_input_tokens:,}"
+            why = self._over_window(model, plan, state, estimate, info.max_input_tokens)
+            if why:
+                return why
         if plan.params.get("tools") and facts.get("supports_function_calling") is False:
             return "does not support tools"
         if _uses_images(plan) and facts.get("supports_vision") is False:
@@ -146,6 +151,21 @@ class RoutingPolicy:
                 and not can_reason(model, info):
             return "does not support reasoning"
         return None
+
+    def _over_window(self, model: str, plan: Plan, state: PolicyState, estimate: int, window: int) -> str | None:
+        """Why ``model``'s input ``window`` cannot hold the request (plus ``max_tokens``), judged after
+        ``fit`` has trimmed it for ``model`` when the untrimmed ``estimate`` is too large; else ``None``."""
+        output = int(plan.params.get("max_tokens") or 0)
+        if estimate + output <= window:
+            return None
+        if self.fit is None:
+            return f"request needs ~{estimate + output:,} tokens, window is {window:,}"
+        sent = self.fit(plan.override(model=model), state)
+        trimmed = state.tokens(model, sent.messages, sent.params.get("tools"), plan.call.context.session_id)
+        if trimmed + output <= window:
+            return None
+        return (f"request needs ~{trimmed + output:,} tokens after the context policy trimmed it "
+                f"(~{estimate + output:,} before), window is {window:,}")
 
     def _rank(self, models: Sequence[str], strategy: str, plan: Plan, state: PolicyState, estimate: int) -> list[str]:
         if strategy == "price":

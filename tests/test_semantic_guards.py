@@ -1,0 +1,60 @@
+"""The semantic cache's guards: pure functions that refuse a look-alike turn whatever its similarity."""
+
+from __future__ import annotations
+
+import pytest
+
+from router_middleware.semantic import directions, features, identifiers, negations, refusal, swapped
+
+
+def test_identifiers_are_file_names_backticked_names_and_quoted_strings() -> None:
+    assert identifiers("Why does loading config.yaml fail?") == ["config.yaml"]
+    assert identifiers("Open src/app/main.py and ./tests/test_x.py") == ["./tests/test_x.py", "src/app/main.py"]
+    assert identifiers("What does `parse_args` return for 'good  morning' and \u201cHi\u201d?") == \
+        ["good morning", "hi", "parse_args"]
+    assert identifiers('Grep for "Connection\nRefused"') == identifiers('Grep for "connection refused"')
+    # Apostrophes, abbreviations and decimals are not identifiers.
+    assert identifiers("Janet's ducks don't lay 3.5 eggs, e.g. on Mondays; the students' notes.") == []
+    assert identifiers("Load config.yaml") != identifiers("Load secrets.yaml")
+
+
+def test_negations_count_words_and_contractions_alike() -> None:
+    assert negations("Explain why we should cache it.") == 0
+    assert negations("Explain why we should not cache it.") == 1
+    assert negations("Explain why we shouldn't cache it.") == negations("Explain why we should not cache it.")
+    assert negations("The user cannot log in and never could; no luck, nothing works") == 4
+    assert negations("Notice the note on knots") == 0  # whole words only
+
+
+def test_directions_are_the_ends_of_to_into_and_arrows() -> None:
+    assert ("celsius", "fahrenheit") in directions("Write a function that converts Celsius to Fahrenheit.")
+    assert ("landlord", "tenant") in directions("Draft a letter from a landlord to a tenant.")
+    assert ("json", "yaml") in directions("Convert this JSON document into YAML.")
+    assert directions("map keys -> values") == [("keys", "values"), ("map", "values")]  # sorted, one way only
+    assert directions("What is the capital of France?") == []
+
+
+def test_swapped_means_one_way_here_and_only_the_other_way_there() -> None:
+    ours, theirs = directions("Celsius to Fahrenheit"), directions("Fahrenheit to Celsius")
+    assert swapped(ours, theirs) and swapped(theirs, ours)
+    assert not swapped(ours, directions("Please turn Celsius into Fahrenheit"))
+    ranges = directions("A. 3 to 7 minutes B. 7 to 3 minutes")  # both ways in each text: nothing swapped
+    assert not swapped(ranges, ranges)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "guard"), [
+    ("Why does loading config.yaml fail?", "Why does loading secrets.yaml fail?", "identifiers"),
+    ("Should I use threads here?", "Should I not use threads here?", "negation"),
+    ("Convert Celsius to Fahrenheit", "Convert Fahrenheit to Celsius", "direction"),
+    ("Janet has 16 eggs", "Janet has 18 eggs", "numbers"),
+    ("Why isn't the build passing?", "Why is the build not passing?", None),
+])
+def test_refusal_names_the_guard_that_refuses(ours: str, theirs: str, guard: str | None) -> None:
+    assert refusal(features(ours), features(theirs)) == guard
+    assert refusal(features(ours), features(theirs), number_guard=False, text_guards=False) is None
+
+
+def test_an_entry_stored_without_the_text_features_is_refused() -> None:
+    text = "Convert Celsius to Fahrenheit"
+    assert refusal(features(text), {"numbers": []}) == "identifiers"  # written before the text guards
+    assert refusal(features(text), {"numbers": []}, text_guards=False) is None
