@@ -140,3 +140,75 @@ def test_a_single_message_over_the_window_is_said_not_sent_silently() -> None:
     assert "gpt-4o-mini" in over.reason
     fits = pipeline.plan(pipeline.make_call("gpt-4o-mini", MESSAGES, None, {"max_tokens": 500}))
     assert not [d for d in fits.decisions if d.action == "over-window"]
+
+
+# -- tool-call integrity ----------------------------------------------------------------------------
+
+
+def _asks(*calls: str, name: str = "read_file") -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": c, "type": "function", "function": {"name": name, "arguments": '{"path": "a.py"}'}} for c in calls]}
+
+
+def _answer(call_id: str, content: str = "print(1)") -> dict:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+USER, LATER = {"role": "user", "content": "fix a.py"}, {"role": "user", "content": "and b.py"}
+BROKEN = {
+    "orphan": ([USER, _asks("call_1"), _answer("call_1"), {"role": "assistant", "content": "done"}, LATER,
+                _asks("call_2"), _answer("call_2"), _answer("call_abc")],
+               "message 7: tool result for call_abc has no earlier assistant tool call"),
+    "unanswered before a user turn": ([USER, _asks("call_1"), _answer("call_1"), {"role": "assistant", "content": "ok"},
+                                       _asks("call_x", "call_y"), _answer("call_y"), LATER],
+                                      r"message 4: tool call call_x \(read_file\) is not answered before the user "
+                                      "turn at message 6"),
+    "unanswered before an assistant turn": ([USER, _asks("call_x"), {"role": "assistant", "content": "hm"}, LATER],
+                                            r"message 1: tool call call_x \(read_file\) is not answered before the "
+                                            "assistant turn at message 2"),
+    "answered twice": ([USER, _asks("call_1"), _answer("call_1"), _answer("call_1", "again")],
+                       r"message 3: tool result for call_1 answers it again \(first answered at message 2\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_tool_call_integrity_is_refused_naming_the_message_and_the_call(case) -> None:
+    messages, named = BROKEN[case]
+    with pytest.raises(MessageError, match=named) as raised:
+        Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+    assert raised.value.status_code == 400
+
+
+def test_every_way_in_refuses_an_unanswered_tool_call() -> None:
+    import asyncio
+
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from router_middleware.langchain import RouterAgentMiddleware
+    from router_middleware.litellm import RouterLogger
+
+    messages, named = BROKEN["unanswered before an assistant turn"]
+    with pytest.raises(MessageError, match=named):
+        asyncio.run(Pipeline().acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"))
+    proxy = RouterLogger(Pipeline.from_config({}), proxy=True)
+    data = {"model": "gpt-4o-mini", "messages": messages, "litellm_call_id": "c1"}
+    with pytest.raises(MessageError, match=named):
+        asyncio.run(proxy.async_pre_call_hook(None, None, data, "acompletion"))
+    model = GenericFakeChatModel(messages=iter([AIMessage("never asked")]))
+    history = [HumanMessage("fix a.py"), AIMessage("", tool_calls=[{"name": "read_file", "args": {}, "id": "call_x"}]),
+               AIMessage("hm"), HumanMessage("and b.py")]
+    request = ModelRequest(model=model, messages=history, model_settings={})
+    with pytest.raises(MessageError, match=r"message 1: tool call call_x \(read_file\) is not answered"):
+        RouterAgentMiddleware(Pipeline.from_config({}), model="gpt-4o-mini").wrap_model_call(
+            request, lambda r: pytest.fail("the model was called"))
+
+
+def test_integrity_violations_count_a_call_unanswered_before_the_last_user_turn() -> None:
+    from router_middleware.messages import integrity_violations
+
+    assert integrity_violations([USER, _asks("call_x"), LATER]) == [
+        "message 1: tool call call_x (read_file) is not answered before the user turn at message 2"]
+    assert integrity_violations([USER, _asks("call_x")]) == []  # still open at the end: left to the provider
+    assert len(integrity_violations(BROKEN["orphan"][0])) == 1
