@@ -274,3 +274,30 @@ def test_integrity_violations_count_a_call_unanswered_before_the_last_user_turn(
         "message 1: tool call call_x (read_file) is not answered before the user turn at message 2"]
     assert integrity_violations([USER, _asks("call_x")]) == []  # still open at the end: left to the provider
     assert len(integrity_violations(BROKEN["orphan"][0])) == 1
+
+
+def test_the_fast_check_and_the_repair_agree_with_integrity_violations() -> None:
+    import random
+
+    from router_middleware.messages import integrity_violations, repair_messages
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        history: list[dict] = []
+        for _ in range(rng.randint(0, 8)):
+            draw = rng.random()
+            if draw < 0.3:
+                history.append(_asks(*rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))))
+            elif draw < 0.7:
+                history.append(_answer(rng.choice("abcd")))
+            else:
+                history.append({"role": rng.choice(["user", "assistant", "system"]), "content": "x"})
+        found = integrity_violations(history)
+        try:
+            Pipeline().make_call("gpt-4o-mini", history, None, {})
+        except MessageError as error:
+            assert found and found[0].endswith(error.detail), history
+        else:
+            assert not found, history
+        mended, repairs = repair_messages(history)
+        assert bool(repairs) == bool(found) and integrity_violations(mended) == [], history

@@ -173,50 +173,99 @@ def validate_messages(messages: Iterable[Any], *, source: str | None = None,
     """Validate every message (a resent, unchanged message dict is not checked again) and, with
     ``tool_calls``, tool-call integrity (see :class:`ToolTurns`) in the same pass: a break raises
     ``MessageError`` naming the message and the call."""
-    return _validate(messages, source, "check" if tool_calls else "off")[0]
+    out, broken = _validate(messages, source, tool_calls)
+    if broken:
+        problem = _first_problem(out)
+        raise MessageError(problem.detail, index=problem.index, source=source)
+    return out
 
 
 def repair_messages(messages: Iterable[Any], *, source: str | None = None) -> tuple[list[dict[str, Any]], Repairs]:
     """:func:`validate_messages` that mends tool-call integrity instead of raising: a tool result
     answering no open call is dropped, and an unanswered call gets a :data:`PLACEHOLDER_RESULT` tool
     result after its turn's results (providers accept it, and the model still sees the call it made)."""
-    return _validate(messages, source, "repair")
+    out, broken = _validate(messages, source, True)
+    return _mend(out) if broken else (out, Repairs())
 
 
-def _validate(messages: Iterable[Any], source: str | None,
-              mode: Literal["check", "repair", "off"]) -> tuple[list[dict[str, Any]], Repairs]:
+_OTHER, _RESULT, _CALLS = 0, 1, 2  # what a message is to tool-call integrity
+
+
+def _entry(valid: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
+    """A valid message with what integrity needs of it: its result's call id, or its calls' ids."""
+    if valid["role"] == "tool":
+        return valid, _RESULT, str(valid["tool_call_id"])
+    calls = valid.get("tool_calls")
+    return (valid, _CALLS, frozenset(str(c["id"]) for c in calls)) if calls else (valid, _OTHER, None)
+
+
+def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple[list[dict[str, Any]], bool]:
+    """The valid messages, and whether their tool-call integrity is broken. The hot path: only the open
+    calls are tracked, with each message's ids kept in the memo; :class:`ToolTurns` says what broke,
+    on broken requests only."""
     if isinstance(messages, Mapping):
         raise MessageError("messages must be a list of message objects, got one message (a dict): "
                            "wrap it in a list", source=source)
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
     out: list[dict[str, Any]] = []
-    turns = ToolTurns() if mode != "off" else None
+    calls: frozenset[str] = frozenset()  # the ids of the last turn's calls,
+    left = 0  # how many of them are still open,
+    seen: set[str] | None = None  # and which are answered (a turn of several calls only)
+    broken = False
+    for i, message in enumerate(messages):
+        entry = _VALID.get(message) if isinstance(message, dict) else None
+        if entry is None:
+            entry = _entry(validate_message(message, index=i, source=source))
+            if isinstance(message, dict):
+                _VALID.put(message, entry)
+        valid, kind, ids = entry
+        out.append(valid)
+        if kind == _RESULT:
+            if left and ids in calls and (seen is None or ids not in seen):
+                left -= 1
+                if seen is not None:
+                    seen.add(ids)
+            else:
+                broken = True
+        elif left:
+            broken = True
+        elif kind:
+            calls, left = ids, len(ids)
+            seen = set() if left > 1 else None
+    return out, broken and check
+
+
+def _first_problem(messages: Sequence[Message]) -> ToolCallProblem:
+    turns = ToolTurns()
+    for i, message in enumerate(messages):
+        if message.get("role") == "tool":
+            found = turns.result(i, str(message.get("tool_call_id")))
+            if found is not None:
+                return found
+        else:
+            unanswered = turns.turn(i, message)
+            if unanswered:
+                return unanswered[0]
+    raise AssertionError("no tool-call problem found in a request flagged as broken")
+
+
+def _mend(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Repairs]:
+    turns = ToolTurns()
+    out: list[dict[str, Any]] = []
     dropped: list[ToolCallProblem] = []
     answered: list[ToolCallProblem] = []
     for i, message in enumerate(messages):
-        valid = _VALID.get(message) if isinstance(message, dict) else None
-        if valid is None:
-            valid = validate_message(message, index=i, source=source)
-            if isinstance(message, dict):
-                _VALID.put(message, valid)
-        if turns is not None:
-            if valid["role"] == "tool":
-                problem = turns.result(i, str(valid["tool_call_id"]))
-                if problem is not None:
-                    if mode == "check":
-                        raise MessageError(problem.detail, index=i, source=source)
-                    dropped.append(problem)
-                    continue
-            elif turns.pending or valid.get("tool_calls"):
-                unanswered = turns.turn(i, valid)
-                if unanswered:
-                    if mode == "check":
-                        raise MessageError(unanswered[0].detail, index=unanswered[0].index, source=source)
-                    answered.extend(unanswered)
-                    out.extend({"role": "tool", "tool_call_id": p.call_id, "content": PLACEHOLDER_RESULT}
-                               for p in unanswered)
-        out.append(valid)
+        if message.get("role") == "tool":
+            problem = turns.result(i, str(message.get("tool_call_id")))
+            if problem is not None:
+                dropped.append(problem)
+                continue
+        else:
+            unanswered = turns.turn(i, message)
+            answered.extend(unanswered)
+            out.extend({"role": "tool", "tool_call_id": p.call_id, "content": PLACEHOLDER_RESULT} for p in unanswered)
+        out.append(message)
     return out, Repairs(tuple(dropped), tuple(answered))
 
 
