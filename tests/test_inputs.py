@@ -140,3 +140,164 @@ def test_a_single_message_over_the_window_is_said_not_sent_silently() -> None:
     assert "gpt-4o-mini" in over.reason
     fits = pipeline.plan(pipeline.make_call("gpt-4o-mini", MESSAGES, None, {"max_tokens": 500}))
     assert not [d for d in fits.decisions if d.action == "over-window"]
+
+
+# -- tool-call integrity ----------------------------------------------------------------------------
+
+
+def _asks(*calls: str, name: str = "read_file") -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": c, "type": "function", "function": {"name": name, "arguments": '{"path": "a.py"}'}} for c in calls]}
+
+
+def _answer(call_id: str, content: str = "print(1)") -> dict:
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
+
+
+USER, LATER = {"role": "user", "content": "fix a.py"}, {"role": "user", "content": "and b.py"}
+BROKEN = {
+    "orphan": ([USER, _asks("call_1"), _answer("call_1"), {"role": "assistant", "content": "done"}, LATER,
+                _asks("call_2"), _answer("call_2"), _answer("call_abc")],
+               "message 7: tool result for call_abc has no earlier assistant tool call"),
+    "unanswered before a user turn": ([USER, _asks("call_1"), _answer("call_1"), {"role": "assistant", "content": "ok"},
+                                       _asks("call_x", "call_y"), _answer("call_y"), LATER],
+                                      r"message 4: tool call call_x \(read_file\) is not answered before the user "
+                                      "turn at message 6"),
+    "unanswered before an assistant turn": ([USER, _asks("call_x"), {"role": "assistant", "content": "hm"}, LATER],
+                                            r"message 1: tool call call_x \(read_file\) is not answered before the "
+                                            "assistant turn at message 2"),
+    "answered twice": ([USER, _asks("call_1"), _answer("call_1"), _answer("call_1", "again")],
+                       r"message 3: tool result for call_1 answers it again \(first answered at message 2\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_tool_call_integrity_is_refused_naming_the_message_and_the_call(case) -> None:
+    messages, named = BROKEN[case]
+    with pytest.raises(MessageError, match=named) as raised:
+        Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+    assert raised.value.status_code == 400
+
+
+def test_every_way_in_refuses_an_unanswered_tool_call() -> None:
+    import asyncio
+
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from router_middleware.langchain import RouterAgentMiddleware
+    from router_middleware.litellm import RouterLogger
+
+    messages, named = BROKEN["unanswered before an assistant turn"]
+    with pytest.raises(MessageError, match=named):
+        asyncio.run(Pipeline().acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"))
+    proxy = RouterLogger(Pipeline.from_config({}), proxy=True)
+    data = {"model": "gpt-4o-mini", "messages": messages, "litellm_call_id": "c1"}
+    with pytest.raises(MessageError, match=named):
+        asyncio.run(proxy.async_pre_call_hook(None, None, data, "acompletion"))
+    model = GenericFakeChatModel(messages=iter([AIMessage("never asked")]))
+    history = [HumanMessage("fix a.py"), AIMessage("", tool_calls=[{"name": "read_file", "args": {}, "id": "call_x"}]),
+               AIMessage("hm"), HumanMessage("and b.py")]
+    request = ModelRequest(model=model, messages=history, model_settings={})
+    with pytest.raises(MessageError, match=r"message 1: tool call call_x \(read_file\) is not answered"):
+        RouterAgentMiddleware(Pipeline.from_config({}), model="gpt-4o-mini").wrap_model_call(
+            request, lambda r: pytest.fail("the model was called"))
+
+
+def test_a_valid_multi_tool_turn_passes_untouched() -> None:
+    import router_middleware as rm
+
+    messages = [{"role": "system", "content": "You edit code."}, USER, _asks("call_1", "call_2", "call_3"),
+                _answer("call_3"), _answer("call_1"), _answer("call_2"),  # results in any order
+                {"role": "assistant", "content": "done"}, LATER, _asks("call_4")]  # calls still open at the end
+    for config in ({}, {"messages": {"repair_tool_calls": True}}):
+        planned = rm.outcome(Pipeline.from_config(config).completion(
+            model="gpt-4o-mini", messages=messages, mock_response="ok")).plan
+        assert planned is not None and all(a is b for a, b in zip(planned.call.messages, messages, strict=True))
+        assert not [d for d in planned.decisions if d.policy == "messages"]
+
+
+def test_repair_sends_the_mended_request_and_records_why() -> None:
+    import router_middleware as rm
+
+    from .capture_server import capture_server
+
+    messages = [USER, _asks("call_1"), _answer("call_1"), _answer("call_abc"), {"role": "assistant", "content": "ok"},
+                _asks("call_x", "call_y"), _answer("call_y"), LATER]
+    pipeline = Pipeline.from_config({"messages": {"repair_tool_calls": True}, "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500 on purpose
+        pipeline.completion(model="openai/gpt-4o-mini", messages=messages, api_base=base, api_key="k",
+                            num_retries=0, max_retries=0)
+    sent = bodies[-1]["messages"]
+    assert [(m["role"], m.get("tool_call_id")) for m in sent] == [
+        ("user", None), ("assistant", None), ("tool", "call_1"), ("assistant", None), ("assistant", None),
+        ("tool", "call_y"), ("tool", "call_x"), ("user", None)]
+    assert sent[6]["content"] == rm.messages.PLACEHOLDER_RESULT == "[no result recorded]"
+    plan = rm.outcome(pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")).plan
+    assert plan is not None
+    (repair,) = [d for d in plan.decisions if f"{d.policy}:{d.action}" == "messages:repair"]
+    assert "call_abc at message 3" in repair.reason and "call_x of message 5, before message 7" in repair.reason
+    assert repair.attributes["dropped_results"] == 1 and repair.attributes["placeholder_results"] == 1
+    assert repair.attributes["tool_call_ids"] == "call_abc,call_x"
+
+
+def test_repair_in_the_agent_middleware_hands_the_model_the_mended_history() -> None:
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+
+    from router_middleware.langchain import RouterAgentMiddleware
+
+    history = [HumanMessage("fix a.py"), AIMessage("", tool_calls=[{"name": "read_file", "args": {}, "id": "call_x"}]),
+               HumanMessage("and b.py"), ToolMessage("stray", tool_call_id="call_abc")]
+    seen: list[ModelRequest] = []
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        seen.append(request)
+        return ModelResponse(result=[AIMessage("ok")])
+
+    pipeline = Pipeline.from_config({"messages": {"repair_tool_calls": True}, "context": {"enabled": False}})
+    model = GenericFakeChatModel(messages=iter([AIMessage("unused")]))
+    RouterAgentMiddleware(pipeline, model="gpt-4o-mini").wrap_model_call(
+        ModelRequest(model=model, messages=history, model_settings={}), handler)
+    sent = seen[-1].messages
+    assert sent[0] is history[0] and sent[1] is history[1] and sent[3] is history[2] and len(sent) == 4
+    assert isinstance(sent[2], ToolMessage) and sent[2].tool_call_id == "call_x"
+    assert sent[2].content == "[no result recorded]"
+
+
+def test_integrity_violations_count_a_call_unanswered_before_the_last_user_turn() -> None:
+    from router_middleware.messages import integrity_violations
+
+    assert integrity_violations([USER, _asks("call_x"), LATER]) == [
+        "message 1: tool call call_x (read_file) is not answered before the user turn at message 2"]
+    assert integrity_violations([USER, _asks("call_x")]) == []  # still open at the end: left to the provider
+    assert len(integrity_violations(BROKEN["orphan"][0])) == 1
+
+
+def test_the_fast_check_and_the_repair_agree_with_integrity_violations() -> None:
+    import random
+
+    from router_middleware.messages import integrity_violations, repair_messages
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        history: list[dict] = []
+        for _ in range(rng.randint(0, 8)):
+            draw = rng.random()
+            if draw < 0.3:
+                history.append(_asks(*rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))))
+            elif draw < 0.7:
+                history.append(_answer(rng.choice("abcd")))
+            else:
+                history.append({"role": rng.choice(["user", "assistant", "system"]), "content": "x"})
+        found = integrity_violations(history)
+        try:
+            Pipeline().make_call("gpt-4o-mini", history, None, {})
+        except MessageError as error:
+            assert found and found[0].endswith(error.detail), history
+        else:
+            assert not found, history
+        mended, repairs = repair_messages(history)
+        assert bool(repairs) == bool(found) and integrity_violations(mended) == [], history

@@ -70,6 +70,15 @@ class ContextConfig(_Strict):
     cache_breakpoints: bool = True
 
 
+class MessagesConfig(_Strict):
+    """``messages:``: what to do with a request whose tool calls break integrity (a tool result that
+    answers no open call, or a call left unanswered before the next turn). By default the call raises
+    ``MessageError`` naming the message; ``repair_tool_calls: true`` drops such results, gives each
+    unanswered call a ``[no result recorded]`` result, and records a ``messages:repair`` decision."""
+
+    repair_tool_calls: bool = False
+
+
 class ContextSection(ContextConfig):
     """``context:`` in the config: the defaults, plus per-model overrides keyed by glob."""
 
@@ -293,6 +302,7 @@ class Config(_Strict):
     app: str | None = None
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
     models: dict[str, ModelOverride] = Field(default_factory=dict)
+    messages: MessagesConfig = Field(default_factory=MessagesConfig)
     context: ContextSection = Field(default_factory=ContextSection)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)

@@ -17,7 +17,7 @@ from .config import Config
 from .context.summarize import summary_request
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
-from .messages import validate_messages
+from .messages import repair_messages, validate_messages
 from .params import check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
@@ -53,11 +53,19 @@ class Engine:
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
-        """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input."""
+        """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input.
+        With ``messages.repair_tool_calls``, broken tool-call integrity is mended instead, and the
+        call carries a ``messages:repair`` decision saying what was changed."""
         ctx = AgentContext.coerce(context)
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
-        return Call.create(model, validate_messages(messages), check_params(params), ctx)
+        if not self.config.messages.repair_tool_calls:
+            return Call.create(model, validate_messages(messages), check_params(params), ctx)
+        valid, repairs = repair_messages(messages)
+        decisions = [Decision("messages", "repair", repairs.describe(), {
+            "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),
+            "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
+        return Call.create(model, valid, check_params(params), ctx, decisions)
 
     def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views), then fit

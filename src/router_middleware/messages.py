@@ -5,7 +5,8 @@ from __future__ import annotations
 import ast
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from .errors import MessageError
 from .memo import MessageMemo
@@ -79,50 +80,207 @@ def _calls_ok(calls: list[Any]) -> bool:
 
 _VALID = MessageMemo()
 
+PLACEHOLDER_RESULT = "[no result recorded]"  # the content of a tool result that repair adds
 
-def validate_messages(messages: Iterable[Any], *, source: str | None = None) -> list[dict[str, Any]]:
-    """Validate every message (a resent, unchanged message dict is not checked again)."""
+
+@dataclass(frozen=True, slots=True)
+class ToolCallProblem:
+    """A break in tool-call integrity. ``index``: the message at fault (the tool result, or the
+    assistant turn whose call went unanswered); ``closed_by``: the message that came before the
+    answer (unanswered calls only)."""
+
+    kind: Literal["orphan", "repeat", "unanswered"]
+    index: int
+    call_id: str
+    detail: str
+    closed_by: int | None = None
+
+
+class ToolTurns:
+    """Tool-call integrity over one linear pass, fed each message in order (no I/O, no rescans).
+
+    The rule (OpenAI's, the strictest of the providers, so a request stays valid on a fallback to
+    any of them): a tool result answers a call of the assistant turn it follows, once; every call of
+    an assistant turn is answered, in any order, before the next message that is not a tool result
+    (a user, assistant, system or developer message). Calls still open at the end of the request
+    are left to the provider: nothing after them shows they were skipped.
+    """
+
+    __slots__ = ("answered", "called", "pending")
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[int, str]] = {}  # open calls: id -> (assistant index, tool name)
+        self.called: dict[str, int] = {}  # every call made so far: id -> assistant index
+        self.answered: dict[str, int] = {}  # every call answered so far: id -> result index
+
+    def result(self, index: int, call_id: str) -> ToolCallProblem | None:
+        """Take the tool result at ``index``; the problem when it answers no open call."""
+        if self.pending.pop(call_id, None) is not None:
+            self.answered[call_id] = index
+            return None
+        if call_id in self.answered:
+            return ToolCallProblem("repeat", index, call_id, f"tool result for {call_id} answers it again "
+                                   f"(first answered at message {self.answered[call_id]})")
+        if call_id in self.called:
+            return ToolCallProblem("orphan", index, call_id, f"tool result for {call_id} does not follow its "
+                                   f"assistant turn (message {self.called[call_id]})")
+        return ToolCallProblem("orphan", index, call_id, f"tool result for {call_id} has no earlier assistant "
+                               "tool call")
+
+    def turn(self, index: int, message: Message) -> list[ToolCallProblem]:
+        """Take a message that is not a tool result: the open calls it leaves unanswered, then open its
+        own calls."""
+        problems = []
+        if self.pending:
+            what = f"{message.get('role')} {'turn' if message.get('role') in ('user', 'assistant') else 'message'}"
+            problems = [ToolCallProblem("unanswered", at, call_id, f"tool call {call_id} ({name}) is not answered "
+                                        f"before the {what} at message {index}", closed_by=index)
+                        for call_id, (at, name) in self.pending.items()]
+            self.pending = {}
+        for call in message.get("tool_calls") or ():
+            call_id = str(call.get("id"))
+            self.pending[call_id] = (index, str((call.get("function") or {}).get("name")))
+            self.called[call_id] = index
+        return problems
+
+
+@dataclass(frozen=True, slots=True)
+class Repairs:
+    """What :func:`repair_messages` changed: the tool results it dropped and the unanswered calls it
+    gave a :data:`PLACEHOLDER_RESULT` result (indices are the input's)."""
+
+    dropped: tuple[ToolCallProblem, ...] = ()
+    answered: tuple[ToolCallProblem, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.dropped or self.answered)
+
+    def describe(self) -> str:
+        """One line for a decision's reason, naming each call id and message index."""
+        parts = []
+        if self.dropped:
+            parts.append(f"dropped {len(self.dropped)} tool result(s) answering no open call ("
+                         + ", ".join(f"{p.call_id} at message {p.index}" for p in self.dropped) + ")")
+        if self.answered:
+            parts.append(f"added a {PLACEHOLDER_RESULT!r} result for {len(self.answered)} unanswered tool call(s) ("
+                         + ", ".join(f"{p.call_id} of message {p.index}, before message {p.closed_by}"
+                                     for p in self.answered) + ")")
+        return "; ".join(parts)
+
+
+def validate_messages(messages: Iterable[Any], *, source: str | None = None,
+                      tool_calls: bool = True) -> list[dict[str, Any]]:
+    """Validate every message (a resent, unchanged message dict is not checked again) and, with
+    ``tool_calls``, tool-call integrity (see :class:`ToolTurns`) in the same pass: a break raises
+    ``MessageError`` naming the message and the call."""
+    out, broken = _validate(messages, source, tool_calls)
+    if broken:
+        problem = _first_problem(out)
+        raise MessageError(problem.detail, index=problem.index, source=source)
+    return out
+
+
+def repair_messages(messages: Iterable[Any], *, source: str | None = None) -> tuple[list[dict[str, Any]], Repairs]:
+    """:func:`validate_messages` that mends tool-call integrity instead of raising: a tool result
+    answering no open call is dropped, and an unanswered call gets a :data:`PLACEHOLDER_RESULT` tool
+    result after its turn's results (providers accept it, and the model still sees the call it made)."""
+    out, broken = _validate(messages, source, True)
+    return _mend(out) if broken else (out, Repairs())
+
+
+_OTHER, _RESULT, _CALLS = 0, 1, 2  # what a message is to tool-call integrity
+
+
+def _entry(valid: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
+    """A valid message with what integrity needs of it: its result's call id, or its calls' ids."""
+    if valid["role"] == "tool":
+        return valid, _RESULT, str(valid["tool_call_id"])
+    calls = valid.get("tool_calls")
+    return (valid, _CALLS, frozenset(str(c["id"]) for c in calls)) if calls else (valid, _OTHER, None)
+
+
+def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple[list[dict[str, Any]], bool]:
+    """The valid messages, and whether their tool-call integrity is broken. The hot path: only the open
+    calls are tracked, with each message's ids kept in the memo; :class:`ToolTurns` says what broke,
+    on broken requests only."""
     if isinstance(messages, Mapping):
         raise MessageError("messages must be a list of message objects, got one message (a dict): "
                            "wrap it in a list", source=source)
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
-    out = []
+    out: list[dict[str, Any]] = []
+    calls: frozenset[str] = frozenset()  # the ids of the last turn's calls,
+    left = 0  # how many of them are still open,
+    seen: set[str] | None = None  # and which are answered (a turn of several calls only)
+    broken = False
     for i, message in enumerate(messages):
-        valid = _VALID.get(message) if isinstance(message, dict) else None
-        if valid is None:
-            valid = validate_message(message, index=i, source=source)
+        entry = _VALID.get(message) if isinstance(message, dict) else None
+        if entry is None:
+            entry = _entry(validate_message(message, index=i, source=source))
             if isinstance(message, dict):
-                _VALID.put(message, valid)
+                _VALID.put(message, entry)
+        valid, kind, ids = entry
         out.append(valid)
-    return out
+        if kind == _RESULT:
+            if left and ids in calls and (seen is None or ids not in seen):
+                left -= 1
+                if seen is not None:
+                    seen.add(ids)
+            else:
+                broken = True
+        elif left:
+            broken = True
+        elif kind:
+            calls, left = ids, len(ids)
+            seen = set() if left > 1 else None
+    return out, broken and check
+
+
+def _first_problem(messages: Sequence[Message]) -> ToolCallProblem:
+    turns = ToolTurns()
+    for i, message in enumerate(messages):
+        if message.get("role") == "tool":
+            found = turns.result(i, str(message.get("tool_call_id")))
+            if found is not None:
+                return found
+        else:
+            unanswered = turns.turn(i, message)
+            if unanswered:
+                return unanswered[0]
+    raise AssertionError("no tool-call problem found in a request flagged as broken")
+
+
+def _mend(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Repairs]:
+    turns = ToolTurns()
+    out: list[dict[str, Any]] = []
+    dropped: list[ToolCallProblem] = []
+    answered: list[ToolCallProblem] = []
+    for i, message in enumerate(messages):
+        if message.get("role") == "tool":
+            problem = turns.result(i, str(message.get("tool_call_id")))
+            if problem is not None:
+                dropped.append(problem)
+                continue
+        else:
+            unanswered = turns.turn(i, message)
+            answered.extend(unanswered)
+            out.extend({"role": "tool", "tool_call_id": p.call_id, "content": PLACEHOLDER_RESULT} for p in unanswered)
+        out.append(message)
+    return out, Repairs(tuple(dropped), tuple(answered))
 
 
 def integrity_violations(messages: Sequence[Message]) -> list[str]:
-    """Problems a provider rejects with a 400: orphaned tool results and unanswered tool calls.
-
-    A tool result must answer a call made by an earlier assistant turn that has not been answered
-    yet; every tool call must be answered before the next assistant turn. A trailing assistant
-    turn with pending calls is fine (its results have not been produced yet).
-    """
+    """Problems a provider rejects with a 400, one line each: orphaned or repeated tool results and
+    calls unanswered before the next message that is not a tool result (see :class:`ToolTurns`)."""
     problems: list[str] = []
-    pending: dict[str, int] = {}
+    turns = ToolTurns()
     for i, message in enumerate(messages):
-        role = message.get("role")
-        if role == "assistant":
-            if pending:
-                problems.append(f"message {i}: assistant turn before results of {sorted(pending)}")
-            pending = {str(c.get("id")): i for c in (message.get("tool_calls") or [])}
-        elif role == "tool":
-            call_id = str(message.get("tool_call_id"))
-            if call_id in pending:
-                del pending[call_id]
-            else:
-                problems.append(f"message {i}: tool result {call_id!r} has no matching tool call")
-        elif role in ("user", "system", "developer") and pending and i + 1 < len(messages):
-            # Results must directly follow the assistant turn that asked for them.
-            problems.append(f"message {i}: {role} turn before results of {sorted(pending)}")
-            pending = {}
+        if message.get("role") == "tool":
+            found = turns.result(i, str(message.get("tool_call_id")))
+            if found is not None:
+                problems.append(f"message {found.index}: {found.detail}")
+        else:
+            problems.extend(f"message {p.index}: {p.detail}" for p in turns.turn(i, message))
     return problems
 
 

@@ -124,12 +124,14 @@ class SummaryJob:
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """What the agent asked for, in OpenAI chat format. Immutable: use ``override()``."""
+    """What the agent asked for, in OpenAI chat format. Immutable: use ``override()``. ``decisions``:
+    what was done to the input while making the call (a ``messages:repair``); every plan starts with them."""
 
     model: str
     messages: tuple[Message, ...]
     params: Mapping[str, Any] = field(default_factory=lambda: _frozen(None))
     context: AgentContext = field(default_factory=AgentContext)
+    decisions: tuple[Decision, ...] = ()
 
     @classmethod
     def create(
@@ -138,8 +140,9 @@ class Call:
         messages: Sequence[Message],
         params: Mapping[str, Any] | None = None,
         context: AgentContext | Mapping[str, Any] | None = None,
+        decisions: Sequence[Decision] = (),
     ) -> Call:
-        return cls(model, History(messages), _frozen(params), AgentContext.coerce(context))
+        return cls(model, History(messages), _frozen(params), AgentContext.coerce(context), tuple(decisions))
 
     @property
     def stream(self) -> bool:
@@ -175,7 +178,7 @@ class Plan:
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:
-        return cls(call=call, model=call.model, messages=call.messages, params=call.params)
+        return cls(call=call, model=call.model, messages=call.messages, params=call.params, decisions=call.decisions)
 
     def override(self, **changes: Any) -> Self:
         if "params" in changes:

@@ -68,9 +68,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
         thread = _thread_id()
-        call = self.pipeline.make_call(self.route or _model_name(request.model), to_openai(originals),
+        converted = to_openai(originals)
+        call = self.pipeline.make_call(self.route or _model_name(request.model), converted,
                                        {"session_id": thread} if thread else None, params)
-        by_id = {id(d): m for d, m in zip(call.messages, originals, strict=True)}
+        # A valid message is validated as the same dict, so this finds the agent's own objects even when
+        # a repair (messages.repair_tool_calls) dropped or added tool results.
+        by_id = {id(d): m for d, m in zip(converted, originals, strict=True)}
 
         def build(plan: Plan) -> ModelRequest:
             """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning."""
