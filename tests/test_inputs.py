@@ -301,3 +301,17 @@ def test_the_fast_check_and_the_repair_agree_with_integrity_violations() -> None
             assert not found, history
         mended, repairs = repair_messages(history)
         assert bool(repairs) == bool(found) and integrity_violations(mended) == [], history
+
+
+def test_a_system_message_inside_a_tool_turn_neither_closes_nor_answers_it() -> None:
+    """litellm lifts system messages out for Anthropic and Gemini, which accept this request: refusing
+    it would make the call worse than sending it directly."""
+    from router_middleware.messages import integrity_violations
+
+    reminder = {"role": "system", "content": "Reminder: keep edits small."}
+    fine = [USER, _asks("call_1"), reminder, _answer("call_1"), {"role": "assistant", "content": "done"}]
+    assert integrity_violations(fine) == []
+    Pipeline().make_call("anthropic/claude-sonnet-4-5", fine, None, {})
+    still_open = [USER, _asks("call_1"), reminder, LATER]
+    with pytest.raises(MessageError, match=r"message 1: tool call call_1 \(.*\) is not answered before the user turn at message 3"):
+        Pipeline().make_call("anthropic/claude-sonnet-4-5", still_open, None, {})

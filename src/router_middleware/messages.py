@@ -99,11 +99,12 @@ class ToolCallProblem:
 class ToolTurns:
     """Tool-call integrity over one linear pass, fed each message in order (no I/O, no rescans).
 
-    The rule (OpenAI's, the strictest of the providers, so a request stays valid on a fallback to
-    any of them): a tool result answers a call of the assistant turn it follows, once; every call of
-    an assistant turn is answered, in any order, before the next message that is not a tool result
-    (a user, assistant, system or developer message). Calls still open at the end of the request
-    are left to the provider: nothing after them shows they were skipped.
+    The rule: a tool result answers a call of the assistant turn it follows, once; every call of an
+    assistant turn is answered, in any order, before the next user or assistant turn. A system or
+    developer message in between neither answers nor closes a turn (litellm lifts them out for
+    Anthropic and Gemini, which accept it; refusing it would make such a call worse than sending it
+    directly). Calls still open at the end of the request are left to the provider: nothing after
+    them shows they were skipped.
     """
 
     __slots__ = ("answered", "called", "pending")
@@ -131,6 +132,8 @@ class ToolTurns:
         """Take a message that is not a tool result: the open calls it leaves unanswered, then open its
         own calls."""
         problems = []
+        if message.get("role") in SIDE_ROLES and not message.get("tool_calls"):
+            return problems
         if self.pending:
             what = f"{message.get('role')} {'turn' if message.get('role') in ('user', 'assistant') else 'message'}"
             problems = [ToolCallProblem("unanswered", at, call_id, f"tool call {call_id} ({name}) is not answered "
@@ -188,7 +191,8 @@ def repair_messages(messages: Iterable[Any], *, source: str | None = None) -> tu
     return _mend(out) if broken else (out, Repairs())
 
 
-_OTHER, _RESULT, _CALLS = 0, 1, 2  # what a message is to tool-call integrity
+_OTHER, _RESULT, _CALLS, _SIDE = 0, 1, 2, 3  # what a message is to tool-call integrity
+SIDE_ROLES = frozenset({"system", "developer"})  # neither answer nor close a tool turn
 
 
 def _entry(valid: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
@@ -196,6 +200,8 @@ def _entry(valid: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
     if valid["role"] == "tool":
         return valid, _RESULT, str(valid["tool_call_id"])
     calls = valid.get("tool_calls")
+    if valid["role"] in SIDE_ROLES and not calls:
+        return valid, _SIDE, None
     return (valid, _CALLS, frozenset(str(c["id"]) for c in calls)) if calls else (valid, _OTHER, None)
 
 
@@ -228,6 +234,8 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
                     seen.add(ids)
             else:
                 broken = True
+        elif kind == _SIDE:
+            continue
         elif left:
             broken = True
         elif kind:
@@ -271,7 +279,7 @@ def _mend(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Rep
 
 def integrity_violations(messages: Sequence[Message]) -> list[str]:
     """Problems a provider rejects with a 400, one line each: orphaned or repeated tool results and
-    calls unanswered before the next message that is not a tool result (see :class:`ToolTurns`)."""
+    calls unanswered before the next user or assistant turn (see :class:`ToolTurns`)."""
     problems: list[str] = []
     turns = ToolTurns()
     for i, message in enumerate(messages):
