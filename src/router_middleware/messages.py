@@ -131,7 +131,7 @@ class ToolTurns:
     def turn(self, index: int, message: Message) -> list[ToolCallProblem]:
         """Take a message that is not a tool result: the open calls it leaves unanswered, then open its
         own calls."""
-        problems = []
+        problems: list[ToolCallProblem] = []
         if message.get("role") in SIDE_ROLES and not message.get("tool_calls"):
             return problems
         if self.pending:
