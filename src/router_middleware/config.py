@@ -174,6 +174,9 @@ class BudgetConfig(_Strict):
     # The store does not answer at admission: ``open`` lets calls through (their spend is still
     # settled once it answers), ``closed`` refuses them with StoreUnavailable.
     on_store_error: Literal["open", "closed"] = "open"
+    # A call's reservation counts this long unless it is settled first: one whose settlement never
+    # reached the store (an outage) stops holding the budget after it.
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
 
     def model_post_init(self, __context: Any) -> None:
         if self.usd is None and self.tokens is None:

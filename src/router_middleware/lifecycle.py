@@ -262,13 +262,13 @@ class CallLifecycle:
     def _take(self, found: tuple[quotas.Quota, ...], size: int,
               claims: list[Claim]) -> Generator[Effect, Any, str | None]:
         """Admit an attempt through the store (one atomic ``add_within``); why not, or ``None``."""
-        admission = self.books.admission(found, size, claims)
+        admission = self.books.admission(self.held, found, size, claims)
         if not isinstance(admission, Admission):
             return admission
         try:
-            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries,))
+            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds))
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
-            self.books.admission_failed(admission, exc)
+            self.books.admission_failed(self.held, admission, exc)
             return None
         return self.books.admitted(self.held, admission, refusal)
 
@@ -311,7 +311,7 @@ class CallLifecycle:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current = None
-            yield from self._settle(result)
+            result = yield from self._settle(result)
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
@@ -327,19 +327,23 @@ class CallLifecycle:
                 cache.saved(plan, entry[0])
             except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
-        yield from self._settle(result, answer)
-        trace.succeed(result, answer)
+        settled = yield from self._settle(result, answer)
+        if settled is not result:
+            wire.attach_outcome(answer, settled)
+        trace.succeed(settled, answer)
         return answer
 
-    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, None]:
-        """Settle through the store (one ``add_many``); a failed write is logged, never raised."""
+    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, Outcome]:
+        """Settle through the store (one ``add_many``); a failed write is logged and recorded as a
+        decision on the outcome returned, never raised."""
         done = self.books.settlement(result, self.held, answer)
         if done.writes:
             try:
-                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples))
+                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
-                log.warning("store_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+                self.books.settle_failed(done, exc)
         self.books.settled(done)
+        return done.outcome
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache
@@ -370,7 +374,7 @@ class CallLifecycle:
             )
             if complete:
                 self._save(plan, response, result, trace)
-            self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on the chunks
+            result = self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on chunks
             if error is not None:
                 trace.fail(error, result)
             else:

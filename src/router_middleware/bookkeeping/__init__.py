@@ -14,6 +14,7 @@ fail.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,13 +25,13 @@ from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
-from ..stores.base import Addition, Refusal, Sample, Within
+from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
 from ..telemetry import log
-from ..types import AgentContext, Cost, Outcome, Plan, Usage
+from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
+from .keys import BUDGET, INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
 from .quotas import Taken
 
 RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
@@ -49,7 +50,7 @@ class Held:
 
 @dataclass
 class Admission:
-    """An attempt's quota windows and the call's budget claims, to add at once (``entries``)."""
+    """An attempt's quota windows (``entries``) and the call's budget claims (``holds``), to add at once."""
 
     claims: list[Claim]
     found: tuple[Quota, ...]
@@ -59,7 +60,11 @@ class Admission:
 
     @property
     def entries(self) -> list[Within]:
-        return [c.within for c in self.claims] + [w.within for w in self.windows]
+        return [w.within for w in self.windows]
+
+    @property
+    def holds(self) -> list[Hold]:
+        return [c.held for c in self.claims]
 
 
 @dataclass
@@ -72,11 +77,13 @@ class Settlement:
     complete: bool
     additions: list[Addition] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    releases: list[Release] = field(default_factory=list)  # the reservation's holds, ended
+    lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
 
     @property
     def writes(self) -> bool:
-        return bool(self.additions or self.samples)
+        return bool(self.additions or self.samples or self.releases)
 
 
 class Bookkeeper:
@@ -120,12 +127,14 @@ class Bookkeeper:
         """The budget claims of a call estimated at ``usd`` and ``tokens`` (none without budgets)."""
         if not self.routing.budgets:
             return []
-        return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time())
+        return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
+                              hold=uuid.uuid4().hex)
 
-    def admission(self, found: tuple[Quota, ...], tokens: int, claims: list[Claim]) -> Admission | str | None:
+    def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
+                  claims: list[Claim]) -> Admission | str | None:
         """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget), the
-        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` go to the
-        store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
+        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` and ``holds``
+        go to the store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
         if not found and not claims:
             return None
         left: list[Addition] = []
@@ -133,7 +142,7 @@ class Bookkeeper:
             try:
                 left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
             except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
-                self.admission_failed(Admission(claims, found, tokens, [], []), exc)
+                self.admission_failed(held, Admission(claims, found, tokens, [], []), exc)
                 return None
             if why is not None:
                 return why
@@ -146,9 +155,9 @@ class Bookkeeper:
         if refusal is not None:
             self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
-            if index < len(claims):
-                raise budgets.refused(claims[index], total)
-            return quotas.refused(windows[index - len(claims)], total)
+            if index >= len(windows):
+                raise budgets.refused(claims[index - len(windows)], total)
+            return quotas.refused(windows[index], total)
         if claims:
             held.reservation = Reservation(claims)
         if admission.found:
@@ -156,9 +165,11 @@ class Bookkeeper:
             held.quota = (Taken(taken, admission.tokens), admission.found)
         return None
 
-    def admission_failed(self, admission: Admission, error: Exception) -> None:
+    def admission_failed(self, held: Held, admission: Admission, error: Exception) -> None:
         """The store failed: a budget with ``on_store_error: closed`` refuses the call
-        (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged)."""
+        (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged) and
+        keeps its claims, so its settlement adds what it spent (in full: its holds are not in the
+        store, or lapse) if the store answers by then."""
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
         refusing = sorted({c.name for c in admission.claims} & closed)
         if refusing:
@@ -166,6 +177,8 @@ class Bookkeeper:
                                    f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
         log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
                     error_type=type(error).__name__, admitted=True)
+        if admission.claims:
+            held.reservation = Reservation(admission.claims)
 
     # -- after an attempt or a call --------------------------------------------------------------
 
@@ -187,7 +200,7 @@ class Bookkeeper:
         """The call made no billable attempt (or failed for good): give its reservation back."""
         reservation, held.reservation = held.reservation, None
         if reservation is not None:
-            self._add("budget_store_failed", budgets.release(reservation))
+            self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation))
 
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True) -> Settlement:
@@ -201,7 +214,8 @@ class Bookkeeper:
             if reservation is not None:
                 summaries = outcome.plan.summary_cost_usd if outcome.plan else 0.0
                 usd = outcome.cost.total_usd + summaries if outcome.cost.total_usd is not None else None
-                done.additions += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens)
+                done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens)
+                done.lapse_s = max(c.hold_s for c in reservation.claims)
             if held.quota is not None:
                 taken, done.found = held.quota
                 held.quota = None
@@ -230,12 +244,31 @@ class Bookkeeper:
         self.record(done.outcome)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-               complete: bool = True) -> None:
-        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises."""
+               complete: bool = True) -> Outcome:
+        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises; the
+        outcome, with a decision if the writes failed."""
         done = self.settlement(outcome, held, answer, complete=complete)
         if done.writes:
-            self._guard("store_write_failed", self.store.add_many, done.additions, done.samples)
+            try:
+                self.store.add_many(done.additions, done.samples, done.releases)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+                self.settle_failed(done, exc)
         self.settled(done)
+        return done.outcome
+
+    def settle_failed(self, done: Settlement, error: Exception) -> None:
+        """The settlement's writes did not reach the store: log it, and put a decision on the call's
+        outcome (its ledger row still records the cost). Its budget holds lapse after their
+        ``reservation_ttl_s``; the budget counters never learn what the call spent."""
+        held = {key.removeprefix(BUDGET): amount for key, _, amount, _, _ in done.releases}
+        log.warning("settle_failed", error_type=type(error).__name__, error=str(error)[:200], held=held,
+                    lapses_in_s=done.lapse_s)
+        reason = f"the store did not take the settlement ({type(error).__name__})"
+        if held:
+            reason += f"; the reservation stops counting within {done.lapse_s:g} s"
+        plan = done.outcome.plan
+        if plan is not None:
+            done.outcome = replace(done.outcome, plan=plan.decide(Decision("budget", "settle-failed", reason)))
 
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
         if found:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from .base import Addition, Refusal, Sample, Within, acquire
+from .base import Addition, Hold, Refusal, Release, Sample, Within, acquire
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -24,17 +24,58 @@ if (ARGV[1] == '' and current == false) or (ARGV[1] ~= '' and current == ARGV[2]
 end
 return 0
 """
-# All or nothing: check every key's total + amount against its limit, then add them all.
+# All or nothing: take expired holds back out of the held keys, check every key's total + amount
+# against its limit, then add them all and record the holds. KEYS: the entries' keys, then per hold
+# its key and its hold set (member "<hold id>|<amount>", score: expiry in ms, the server's clock).
+# ARGV[1]: how many entries; then per entry amount, limit, ttl ms; per hold the same, member, hold ms.
 _WITHIN = """
-for i = 1, #KEYS do
-  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if total + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) + 1e-9 then return {i, tostring(total)} end
+local n = tonumber(ARGV[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local checks = {}
+for i = 1, n do checks[i] = {KEYS[i], 3 * i - 1} end
+for j = 1, (#KEYS - n) / 2 do
+  local key, set = KEYS[n + 2 * j - 1], KEYS[n + 2 * j]
+  local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now)
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+    if redis.call('EXISTS', key) == 1 then
+      local back = 0
+      for _, member in ipairs(gone) do back = back + tonumber(string.match(member, '|(.+)$')) end
+      redis.call('INCRBYFLOAT', key, string.format('%.17g', -back))
+    end
+  end
+  checks[n + j] = {key, 3 * n + 5 * j - 3}
 end
-for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[3 * i - 2])
-  if ARGV[3 * i] ~= '' and redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i]) end
+for i, check in ipairs(checks) do
+  local total = tonumber(redis.call('GET', check[1]) or '0')
+  if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
+end
+local function add(key, at)
+  redis.call('INCRBYFLOAT', key, ARGV[at])
+  if ARGV[at + 2] ~= '' and redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[at + 2]) end
+end
+for i, check in ipairs(checks) do add(check[1], check[2]) end
+for j = 1, #checks - n do
+  local at, set = checks[n + j][2], KEYS[n + 2 * j]
+  redis.call('ZADD', set, now + tonumber(ARGV[at + 4]), ARGV[at + 3])
+  if ARGV[at + 2] ~= '' and redis.call('PTTL', set) == -1 then redis.call('PEXPIRE', set, ARGV[at + 2]) end
 end
 return {0, ''}
+"""
+# End holds: per hold KEYS its key and hold set, ARGV member, what to add while it is still held
+# (actual - held), what to add once it expired (actual), ttl ms of a key created here.
+_UNHOLD = """
+for j = 1, #KEYS / 2 do
+  local key, at = KEYS[2 * j - 1], 4 * j - 3
+  local delta = ARGV[at + 2]
+  if redis.call('ZREM', KEYS[2 * j], ARGV[at]) == 1 then delta = ARGV[at + 1] end
+  if tonumber(delta) ~= 0 then
+    if ARGV[at + 3] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[at + 3]) end
+    redis.call('INCRBYFLOAT', key, delta)
+  end
+end
+return 1
 """
 # The response cache's bounded write: the entry, then its slot in the ring (the oldest entry goes).
 _BOUNDED = """
@@ -105,11 +146,8 @@ def _ms(ttl_s: float | None) -> str:
     return str(max(1, int(ttl_s * 1000))) if ttl_s else ""
 
 
-def _within_args(entries: Sequence[Within]) -> list[str]:
-    args: list[str] = []
-    for _, amount, limit, ttl_s in entries:
-        args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
-    return args
+def _member(hold: str, amount: float) -> str:
+    return f"{hold}|{float(amount)!r}"
 
 
 def _refusal(answer: Any) -> Refusal | None:
@@ -156,15 +194,29 @@ class RedisStore:
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
 
-    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
-        if not entries:
-            return None
-        return _refusal(self._within(keys=[self._k(e[0]) for e in entries], args=_within_args(entries)))
+    def _held(self, key: str) -> str:
+        """The sorted set of ``key``'s holds."""
+        return self._k(f"{key}#held")
 
-    async def aadd_within(self, entries: Sequence[Within]) -> Refusal | None:
-        if not entries:
+    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold]) -> tuple[list[str], list[str]]:
+        keys, args = [self._k(e[0]) for e in entries], [str(len(entries))]
+        for _, amount, limit, ttl_s in entries:
+            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
+        for key, amount, limit, ttl_s, hold, hold_s in holds:
+            keys += [self._k(key), self._held(key)]
+            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s), _member(hold, amount), _ms(hold_s)]
+        return keys, args
+
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+        if not entries and not holds:
             return None
-        keys, args = [self._k(e[0]) for e in entries], _within_args(entries)
+        keys, args = self._within_call(entries, holds)
+        return _refusal(self._within(keys=keys, args=args))
+
+    async def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+        if not entries and not holds:
+            return None
+        keys, args = self._within_call(entries, holds)
         return _refusal(await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[0], keys, args)))
 
     async def aget(self, key: str) -> bytes | None:
@@ -183,16 +235,20 @@ class RedisStore:
     def samples(self, key: str) -> list[float]:
         return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
-    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        if entries or samples:
-            self._queue(self.client.pipeline(transaction=False), entries, samples).execute()
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                 releases: Sequence[Release] = ()) -> None:
+        if entries or samples or releases:
+            self._queue(self.client.pipeline(transaction=False), entries, samples, releases).execute()
 
-    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        if entries or samples:
-            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples))
+    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                        releases: Sequence[Release] = ()) -> None:
+        if entries or samples or releases:
+            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases))
 
-    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample]) -> Any:
-        """Native commands only (a pipeline of scripts would check them on every batch)."""
+    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample],
+               releases: Sequence[Release] = ()) -> Any:
+        """Native commands only (a pipeline of registered scripts would check them on every batch;
+        the releases go as one EVAL)."""
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
@@ -202,6 +258,12 @@ class RedisStore:
             pipe.ltrim(self._k(key), -keep, -1)
             if ttl_s:
                 pipe.pexpire(self._k(key), max(1, int(ttl_s * 1000)))
+        if releases:
+            keys, args = [], []
+            for key, hold, held, actual, ttl_s in releases:
+                keys += [self._k(key), self._held(key)]
+                args += [_member(hold, held), repr(float(actual) - float(held)), repr(float(actual)), _ms(ttl_s)]
+            pipe.eval(_UNHOLD, len(keys), *keys, *args)
         return pipe
 
     def _batch(self) -> _Batch:
