@@ -133,3 +133,79 @@ def test_a_reservation_whose_settlement_failed_lapses_after_its_ttl(redis_with_a
     pipeline.ledger.close()
     rows = open_ledger(ledger).query("SELECT error, decisions FROM calls")
     assert len(rows) == 2 and rows[0][0] is None and "budget:settle-failed" in rows[0][1]
+
+
+def _every_store_read(url: str, mode: str) -> dict:
+    """A config whose calls touch the store at every step: routing views, reasoning spend, the response
+    cache, reply sizes, quotas, the budget."""
+    return {"store": url, "store_timeout_s": 0.5, "cache": {"enabled": True},
+            "routing": {"aliases": {"main": ["gpt-4o-mini", "gpt-4o"]}, "limits": {"gpt-4o-mini": {"rpm": 1000}},
+                        "budgets": [{"name": "team", "usd": 10.0, "scope": "global", "on_store_error": mode}]},
+            "reasoning": {"session_budget_tokens": 100000, "rules": [{"when": {}, "effort": "medium"}]}}
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> None:
+    """Redis hangs (SIGSTOP) for 3 s: the event loop keeps turning (the longest gap between two ticks
+    of a concurrent task stays far below the hang) and each call ends within about one store timeout,
+    answered (``open``) or refused with StoreUnavailable (``closed``); a sync call as well."""
+    import asyncio
+
+    url, server = redis_we_can_stop
+    pipeline = Pipeline.from_config(_every_store_read(url, mode))
+
+    def ask(content: str) -> dict:
+        return {"model": "main", "messages": [{"role": "user", "content": content}], "mock_response": "ok",
+                "temperature": 0, "context": {"session_id": "s1"}}
+
+    async def run() -> tuple[float, list[tuple[float, str]]]:
+        await pipeline.acompletion(**ask("warm up"))
+        await asyncio.sleep(1.1)  # the views' one-second copies lapse: the next calls read the store
+        stall, ticking = 0.0, True
+
+        async def tick() -> None:
+            nonlocal stall
+            last = time.perf_counter()
+            while ticking:
+                await asyncio.sleep(0.005)
+                now = time.perf_counter()
+                stall, last = max(stall, now - last), now
+
+        async def one(content: str) -> tuple[float, str]:
+            began = time.perf_counter()
+            try:
+                answer = (await pipeline.acompletion(**ask(content))).choices[0].message.content
+            except StoreUnavailable:
+                answer = "StoreUnavailable"
+            return time.perf_counter() - began, answer
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.05)
+        os.kill(server.pid, signal.SIGSTOP)
+        hung = time.perf_counter()
+        try:
+            ended = await asyncio.gather(*(one(f"question {i}") for i in range(5)))
+            await asyncio.sleep(max(0.0, hung + 3.0 - time.perf_counter()))  # the loop keeps turning meanwhile
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        ticking = False
+        await ticker
+        return stall, ended
+
+    stall, ended = asyncio.run(run())
+    expected = "ok" if mode == "open" else "StoreUnavailable"
+    print(f"{mode}: longest loop stall {stall:.3f} s during a 3 s hang; calls took "
+          f"{', '.join(f'{t:.2f}' for t, _ in ended)} s")
+    assert stall < 0.3
+    assert all(answer == expected and took < 1.5 for took, answer in ended), ended
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        began = time.perf_counter()
+        if mode == "open":
+            pipeline.completion(**ask("sync"))
+        else:
+            with pytest.raises(StoreUnavailable):
+                pipeline.completion(**ask("sync"))
+        assert time.perf_counter() - began < 1.5  # one timeout, not one per store operation
+    finally:
+        os.kill(server.pid, signal.SIGCONT)

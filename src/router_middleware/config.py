@@ -294,6 +294,9 @@ class Config(_Strict):
     version: Literal[1] = 1
     app: str | None = None
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
+    # A Redis operation that takes longer fails (the feature's store-error path applies), and Redis is
+    # not asked again for as long: a call meets one timeout during an outage.
+    store_timeout_s: float = Field(default=0.5, gt=0, le=60)
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     context: ContextSection = Field(default_factory=ContextSection)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)

@@ -1,15 +1,24 @@
-"""Redis store: many workers, atomic updates through Lua scripts (extra ``redis``)."""
+"""Redis store: many workers, atomic updates through Lua scripts (extra ``redis``).
+
+Every operation times out after ``timeout_s`` (no retry on a timeout); after one that timed out or
+could not connect, the store is not asked again for ``timeout_s`` (operations raise
+:class:`StoreError` at once), so a call meets one timeout during an outage, not one per operation.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from .base import Addition, Hold, Refusal, Release, Sample, Within, acquire
+from .base import Addition, Hold, Refusal, Release, Sample, StoreError, Within, acquire
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -96,12 +105,47 @@ return 0
 """
 
 
+class _Outage:
+    """When the server last failed to answer; until ``retry_s`` after that, it is not asked."""
+
+    def __init__(self, url: str, retry_s: float) -> None:
+        self.url = url
+        self.retry_s = retry_s
+        self.until = 0.0
+
+    def check(self) -> None:
+        if time.monotonic() < self.until:
+            raise StoreError(f"redis {self.url} did not answer; not asked again for up to {self.retry_s:g} s")
+
+    def note(self, error: BaseException) -> None:
+        import redis
+
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            self.until = time.monotonic() + self.retry_s
+
+
+def _guarded(method: F) -> F:
+    """Fail fast while the server is out (see :class:`_Outage`); note a failure to answer."""
+
+    @functools.wraps(method)
+    def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        self._outage.check()
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self._outage.note(exc)
+            raise
+
+    return run  # type: ignore[return-value]
+
+
 class _Batch:
     """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
 
-    def __init__(self, client: Any, scripts: tuple[Any, ...]) -> None:
+    def __init__(self, client: Any, scripts: tuple[Any, ...], outage: _Outage) -> None:
         self.client = client
         self.scripts = scripts
+        self.outage = outage
         self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any]]] = []
 
     def submit(self, queue: Callable[[Any, Any], Any]) -> asyncio.Future[Any]:
@@ -122,8 +166,10 @@ class _Batch:
             queue(pipe, self.scripts)
             sizes.append(len(pipe.command_stack) - before)
         try:
+            self.outage.check()
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
+            self.outage.note(exc)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -140,6 +186,16 @@ def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
     """Queue ``script`` on an asyncio pipeline (which loads it on execute if Redis lacks it)."""
     pipe.scripts.add(script)
     pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
+    """Time out after ``timeout_s``; retry once at once on a broken connection (a server that
+    restarted), never on a timeout."""
+    import redis
+    from redis.backoff import NoBackoff
+
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+            "retry": retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
 
 
 def _ms(ttl_s: float | None) -> str:
@@ -162,15 +218,15 @@ class RedisStore:
     out as one pipeline on one asyncio client (each script stays atomic), so a thousand concurrent
     calls share a few round trips."""
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout_s: float = 1.0,
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, timeout_s: float = 0.5,
                  prefix: str = "rm:") -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                                socket_connect_timeout=socket_timeout_s)
+        self.client: Any = redis.Redis.from_url(url, **_client_options(timeout_s, redis.retry.Retry))
         self.url = url
         self.prefix = prefix
-        self._timeout = socket_timeout_s
+        self._timeout = timeout_s
+        self._outage = _Outage(url, timeout_s)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
         self._incr = self.client.register_script(_INCR)
         self._cas = self.client.register_script(_CAS)
@@ -181,16 +237,20 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return self.prefix + key
 
+    @_guarded
     def get(self, key: str) -> bytes | None:
         value = self.client.get(self._k(key))
         return bytes(value) if value is not None else None
 
+    @_guarded
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self.client.set(self._k(key), value, px=int(ttl_s * 1000) if ttl_s else None)
 
+    @_guarded
     def delete(self, key: str) -> None:
         self.client.delete(self._k(key))
 
+    @_guarded
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
 
@@ -207,6 +267,7 @@ class RedisStore:
             args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s), _member(hold, amount), _ms(hold_s)]
         return keys, args
 
+    @_guarded
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
         if not entries and not holds:
             return None
@@ -228,13 +289,16 @@ class RedisStore:
         args = [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
         await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
 
+    @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
                       args=[value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")])
 
+    @_guarded
     def samples(self, key: str) -> list[float]:
         return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
+    @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = ()) -> None:
         if entries or samples or releases:
@@ -273,12 +337,14 @@ class RedisStore:
         found = self._async.get(loop)
         if found is None:
             from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
 
-            client = Redis.from_url(self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+            client = Redis.from_url(self.url, **_client_options(self._timeout, Retry))
             scripts = (client.register_script(_WITHIN), client.register_script(_BOUNDED))
-            found = self._async[loop] = _Batch(client, scripts)
+            found = self._async[loop] = _Batch(client, scripts, self._outage)
         return found
 
+    @_guarded
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         flag = "" if expected is None else "1"
         return bool(self._cas(keys=[self._k(key)], args=[flag, expected or b"", value, _ms(ttl_s)]))
