@@ -1,8 +1,9 @@
 """Redis store: many workers, atomic updates through Lua scripts (extra ``redis``).
 
-Every operation times out after ``timeout_s`` (no retry on a timeout); after one that timed out or
-could not connect, the store is not asked again for ``timeout_s`` (operations raise
-:class:`StoreError` at once), so a call meets one timeout during an outage, not one per operation.
+Every operation times out after ``timeout_s`` (no retry on a timeout); after one that timed out, the
+store is not asked again for ``timeout_s`` (operations raise :class:`StoreError` at once), so a call
+meets one timeout while Redis hangs, not one per operation. A refused connection fails at once
+anyway, and is not held against the server: a restarted Redis is used again by the next call.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ return 0
 
 
 class _Outage:
-    """When the server last failed to answer; until ``retry_s`` after that, it is not asked."""
+    """When the server last timed out; until ``retry_s`` after that, it is not asked."""
 
     def __init__(self, url: str, retry_s: float) -> None:
         self.url = url
@@ -120,12 +121,12 @@ class _Outage:
     def note(self, error: BaseException) -> None:
         import redis
 
-        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+        if isinstance(error, redis.TimeoutError):
             self.until = time.monotonic() + self.retry_s
 
 
 def _guarded(method: F) -> F:
-    """Fail fast while the server is out (see :class:`_Outage`); note a failure to answer."""
+    """Fail fast while the server hangs (see :class:`_Outage`); note a timeout."""
 
     @functools.wraps(method)
     def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
