@@ -118,6 +118,9 @@ class ReasoningConfig(_Strict):
     enabled: bool = True
     rules: list[ReasoningRule] = Field(default_factory=list)
     session_budget_tokens: int | None = Field(default=None, ge=0)
+    # A call's expected reasoning (its level's tokens) is held on the session's budget while it runs,
+    # for at most this long (one whose settlement never reached the store lapses after it).
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
     escalate: bool = True
     exclude_from_response: bool = False
     level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)

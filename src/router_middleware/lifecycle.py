@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome
-from .bookkeeping import Admission, Claim, Held
+from .bookkeeping import Admission, Claim, Held, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError
+from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
 from .streaming import Replay, TrackedStream
@@ -220,12 +221,14 @@ class CallLifecycle:
         return response, plan
 
     def _claims(self, plan: Plan) -> list[Claim]:
-        """The call's budget claims at its estimated size (none, and no estimate, without budgets)."""
+        """The call's budget claims at its estimated size (none, and no estimate, without budgets), and
+        its expected reasoning on its session's budget."""
+        reasoning = self.books.reasoning_claim(plan)
         if not self.engine.config.routing.budgets:
-            return []
+            return reasoning
         tokens, output = self._size(plan)
         return self.books.claims(plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
-                                 tokens=tokens + output)
+                                 tokens=tokens + output) + reasoning
 
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
@@ -239,8 +242,10 @@ class CallLifecycle:
                claims: list[Claim] | None = None) -> Generator[Effect, Any, Plan]:
         """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
-        is used up, moves the call on to its next one; none left raises :class:`NoRouteError`."""
+        is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
+        reasoning reservation that does not fit plans the call again (a lower level), a few times at most."""
         denied: dict[str, str] = {}
+        replans = len(LEVELS)
         while True:
             target = plan.deployment or plan.model
             unreachable = self.usable is not None and not self.usable(target)
@@ -251,6 +256,11 @@ class CallLifecycle:
                 why = yield from self._take(found, size, claims or [])
                 if why is None:
                     return plan
+                if isinstance(why, StepDown):
+                    plan = self._carry(self.engine.replan(self.call, target, Decision("reasoning", "step-down", why)))
+                    replans -= 1
+                    claims = self._claims(plan) if replans else [c for c in claims or [] if c.unit != "reasoning"]
+                    continue
             denied[target] = why
             next_target = attempts.skip(why)
             if next_target is None:

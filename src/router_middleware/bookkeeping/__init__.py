@@ -1,8 +1,9 @@
 """The bookkeeper: every write to shared state goes through here.
 
-A call's budget claims are reserved together with its first attempt's quotas in one atomic step
-(later attempts take their quotas alone); after the call its budget, quota tokens and reasoning
-spend settle in one batch of increments (one round trip on Redis), or are released or given back.
+A call's budget claims (and its expected reasoning, on its session's reasoning budget) are held
+together with its first attempt's quotas in one atomic step (later attempts take their quotas
+alone); after the call its budgets, quota tokens and reasoning spend settle in one batch (one round
+trip on Redis), or are released or given back; a hold whose settlement never reached the store lapses.
 Failures and successes are counted for the circuit breaker, speed averages updated, summaries kept,
 and a ledger row queued per call. Admission and settlement are two-phase (what to write, then what
 the store answered), so a call's lifecycle can hand those writes to a sync or an async store. Only
@@ -20,9 +21,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..catalog import Catalog
-from ..config import RoutingConfig
+from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
+from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
 from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
@@ -33,6 +35,12 @@ from . import budgets, health, quotas
 from .budgets import Claim, Reservation
 from .keys import BUDGET, INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
 from .quotas import Taken
+
+
+class StepDown(str):
+    """Why the call's reasoning reservation did not fit its session's budget: plan the call again (the
+    reasoning policy then reads the reservations of the session's other calls and picks a lower level)."""
+
 
 RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
 SUMMARY_CLAIM_S = 120.0  # how long one call may take to write a span's summary before another may
@@ -89,11 +97,12 @@ class Settlement:
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
                  ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
-                 quota_view: Mapping[str, float] | None = None) -> None:
+                 quota_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None) -> None:
         """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
         ``quota_view``: the quota counters as the routing policy reads them (keys without the prefix)."""
         self.store = store
         self.routing = routing
+        self.reasoning = reasoning or ReasoningConfig()
         self.catalog = catalog
         self.ledger = ledger
         self.fresh_s = fresh_s
@@ -130,6 +139,24 @@ class Bookkeeper:
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
                               hold=uuid.uuid4().hex)
 
+    def reasoning_claim(self, plan: Plan) -> list[Claim]:
+        """The reasoning the call is expected to spend (its level's tokens), held on its session's
+        budget while it runs so that the session's concurrent calls see it. It fits while the level's
+        tokens are at most half of what is left (the reasoning policy's rule): the limit is the budget
+        less them. None without a session budget, or at level none."""
+        budget, session = self.reasoning.session_budget_tokens, plan.call.context.session_id
+        decision = next((d for d in reversed(plan.decisions)
+                         if d.policy == "reasoning" and "session_remaining_tokens" in d.attributes), None)
+        if budget is None or not session or decision is None:
+            return []
+        levels = {**DEFAULT_BUDGETS, **self.reasoning.level_budgets}
+        asked, level = decision.attributes.get("budget_tokens"), decision.attributes["level"]
+        amount = float(asked if isinstance(asked, int) else next((v for k, v in levels.items() if k == level), 0))
+        if not amount:
+            return []
+        return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", uuid.uuid4().hex,
+                      self.reasoning.reservation_ttl_s)]
+
     def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
                   claims: list[Claim]) -> Admission | str | None:
         """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget), the
@@ -155,9 +182,13 @@ class Bookkeeper:
         if refusal is not None:
             self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
-            if index >= len(windows):
-                raise budgets.refused(claims[index - len(windows)], total)
-            return quotas.refused(windows[index], total)
+            if index < len(windows):
+                return quotas.refused(windows[index], total)
+            claim = claims[index - len(windows)]
+            if claim.unit == "reasoning":
+                return StepDown(f"session reasoning budget: {claim.amount:g} tokens more do not fit in half of what "
+                                f"is left ({total:g} of {claim.limit + claim.amount:g} held or spent)")
+            raise budgets.refused(claim, total)
         if claims:
             held.reservation = Reservation(claims)
         if admission.found:
@@ -171,7 +202,7 @@ class Bookkeeper:
         keeps its claims, so its settlement adds what it spent (in full: its holds are not in the
         store, or lapse) if the store answers by then."""
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
-        refusing = sorted({c.name for c in admission.claims} & closed)
+        refusing = sorted({c.name for c in admission.claims if c.unit != "reasoning"} & closed)
         if refusing:
             raise StoreUnavailable(f"budget {refusing[0]!r}: the store did not answer ({type(error).__name__}: "
                                    f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
@@ -209,20 +240,24 @@ class Bookkeeper:
         :meth:`settled`. ``complete=False`` (a stream cut short) settles the budget and quota only."""
         usage = outcome.usage
         done = Settlement(outcome, answer, complete)
+        reasoning = usage.reasoning_tokens if complete else 0
+        reserved = False  # the session's reasoning was held: its release adds what was spent
         if held is not None:
             reservation, held.reservation = held.reservation, None
             if reservation is not None:
                 summaries = outcome.plan.summary_cost_usd if outcome.plan else 0.0
                 usd = outcome.cost.total_usd + summaries if outcome.cost.total_usd is not None else None
-                done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens)
+                done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens,
+                                                    reasoning=reasoning or 0)
                 done.lapse_s = max(c.hold_s for c in reservation.claims)
+                reserved = any(c.unit == "reasoning" for c in reservation.claims)
             if held.quota is not None:
                 taken, done.found = held.quota
                 held.quota = None
                 done.additions += quotas.settlement(taken, usage.total_tokens)
         plan = outcome.plan
         session = plan.call.context.session_id if plan else None
-        if complete and session and usage.reasoning_tokens:
+        if complete and session and usage.reasoning_tokens and not reserved:
             done.additions.append((REASONING + session, float(usage.reasoning_tokens), None))
         if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
             name = f"{plan.model}:{plan.call.context.app or '-'}"
@@ -328,4 +363,4 @@ class Bookkeeper:
             log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
 
 
-__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "Taken"]
+__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "StepDown", "Taken"]

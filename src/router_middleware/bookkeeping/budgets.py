@@ -31,7 +31,7 @@ class Claim:
     limit: float
     ttl_s: float | None
     name: str
-    unit: str
+    unit: str  # usd, tokens, or reasoning (a session's reasoning tokens)
     hold: str  # the hold's id in the store (one per call)
     hold_s: float  # how long the hold counts unless it is released first
 
@@ -66,11 +66,12 @@ def refused(claim: Claim, total: float) -> BudgetExceeded:
     return BudgetExceeded(claim.name, claim.unit, total, claim.limit)
 
 
-def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None) -> list[Release]:
+def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
+               reasoning: int | None) -> list[Release]:
     """End the holds with the actual amounts (unknown actual: the reserved one is kept as spent)."""
     out: list[Release] = []
     for claim in reservation.claims:
-        actual = usd if claim.unit == "usd" else tokens
+        actual = {"usd": usd, "tokens": tokens, "reasoning": reasoning}[claim.unit]
         out.append(claim.release(claim.amount if actual is None else actual))
     return out
 
