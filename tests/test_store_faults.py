@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import litellm
 import pytest
@@ -97,35 +98,49 @@ def test_a_budget_store_stopped_mid_run(mode, redis_we_can_stop, tmp_path, monke
     assert errors == ([None, None] if mode == "open" else [None])  # a refused call made no provider call
 
 
-def test_a_reservation_whose_settlement_failed_lapses_after_its_ttl(redis_with_aof, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_reservation_whose_settlement_failed_lapses_after_its_ttl(driver, redis_with_aof, tmp_path,
+                                                                   monkeypatch) -> None:
     """Redis (append-only, so it comes back with what it held) dies between a call's answer and its
     settlement: the answer is returned and recorded, and the reservation it left holds the budget
     only until its ``reservation_ttl_s``; then the next admission takes it back out."""
+    import asyncio
+
     server = redis_with_aof
     ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
     budget = {"name": "team", "usd": 0.001, "scope": "global", "reservation_ttl_s": 3.0}  # one reservation fits
     pipeline = Pipeline.from_config({"store": server.url, "routing": {"budgets": [budget]},
                                      "cache": {"enabled": False}, "ledger": {"url": ledger}})
-    completion = litellm.completion
 
-    def answer_then_die(**kwargs):
-        response = completion(**kwargs)
+    def call() -> Any:
+        request = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "ok", "max_tokens": 1000}
+        return pipeline.completion(**request) if driver == "completion" else asyncio.run(pipeline.acompletion(**request))
+
+    provider = getattr(litellm, driver)
+
+    def answer_then_die(**kwargs: Any) -> Any:
+        response = provider(**kwargs)
         server.kill()  # after the admission (persisted), before the settlement
         return response
 
-    monkeypatch.setattr(litellm, "completion", answer_then_die)
-    answered = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=1000)
+    async def aanswer_then_die(**kwargs: Any) -> Any:
+        response = await provider(**kwargs)
+        server.kill()
+        return response
+
+    monkeypatch.setattr(litellm, driver, answer_then_die if driver == "completion" else aanswer_then_die)
+    answered = call()
     reserved = time.monotonic()
     assert answered.choices[0].message.content == "ok"
     failed = [d for d in outcome(answered).plan.decisions if d.action == "settle-failed"]
     assert failed and "stops counting within 3 s" in failed[0].reason
-    monkeypatch.setattr(litellm, "completion", completion)
+    monkeypatch.setattr(litellm, driver, provider)
     server.start()  # back, with the reservation it held
     with pytest.raises(BudgetExceeded):  # still held: 0.0006 reserved + 0.0006 asked > 0.001
-        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=1000)
+        call()
     assert time.monotonic() - reserved < 3.0
     time.sleep(max(0.0, reserved + 3.2 - time.monotonic()))
-    later = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=1000)
+    later = call()
     import redis
 
     spent = float(redis.Redis.from_url(server.url).get("rm:budget:team:usd:all:0"))
