@@ -159,6 +159,35 @@ def _every_store_read(url: str, mode: str) -> dict:
             "reasoning": {"session_budget_tokens": 100000, "rules": [{"when": {}, "effort": "medium"}]}}
 
 
+def ask(content: str) -> dict:
+    return {"model": "main", "messages": [{"role": "user", "content": content}], "mock_response": "ok",
+            "temperature": 0, "context": {"session_id": "s1"}}
+
+
+class LoopWatch:
+    """A task that ticks every 5 ms; ``stall``: the longest gap it saw between two ticks."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.stall, self.ticking = 0.0, True
+        self.task = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        import asyncio
+
+        last = time.perf_counter()
+        while self.ticking:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            self.stall, last = max(self.stall, now - last), now
+
+    async def stop(self) -> float:
+        self.ticking = False
+        await self.task
+        return self.stall
+
+
 @pytest.mark.parametrize("mode", ["open", "closed"])
 def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> None:
     """Redis hangs (SIGSTOP) for 3 s: the event loop keeps turning (the longest gap between two ticks
@@ -168,23 +197,9 @@ def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> No
 
     url, server = redis_we_can_stop
     pipeline = Pipeline.from_config(_every_store_read(url, mode))
-
-    def ask(content: str) -> dict:
-        return {"model": "main", "messages": [{"role": "user", "content": content}], "mock_response": "ok",
-                "temperature": 0, "context": {"session_id": "s1"}}
-
     async def run() -> tuple[float, list[tuple[float, str]]]:
         await pipeline.acompletion(**ask("warm up"))
         await asyncio.sleep(1.1)  # the views' one-second copies lapse: the next calls read the store
-        stall, ticking = 0.0, True
-
-        async def tick() -> None:
-            nonlocal stall
-            last = time.perf_counter()
-            while ticking:
-                await asyncio.sleep(0.005)
-                now = time.perf_counter()
-                stall, last = max(stall, now - last), now
 
         async def one(content: str) -> tuple[float, str]:
             began = time.perf_counter()
@@ -194,7 +209,7 @@ def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> No
                 answer = "StoreUnavailable"
             return time.perf_counter() - began, answer
 
-        ticker = asyncio.create_task(tick())
+        watch = LoopWatch()
         await asyncio.sleep(0.05)
         os.kill(server.pid, signal.SIGSTOP)
         hung = time.perf_counter()
@@ -203,9 +218,7 @@ def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> No
             await asyncio.sleep(max(0.0, hung + 3.0 - time.perf_counter()))  # the loop keeps turning meanwhile
         finally:
             os.kill(server.pid, signal.SIGCONT)
-        ticking = False
-        await ticker
-        return stall, ended
+        return await watch.stop(), ended
 
     stall, ended = asyncio.run(run())
     expected = "ok" if mode == "open" else "StoreUnavailable"
@@ -224,3 +237,27 @@ def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> No
         assert time.perf_counter() - began < 1.5  # one timeout, not one per store operation
     finally:
         os.kill(server.pid, signal.SIGCONT)
+
+
+def test_a_stream_that_ends_while_redis_hangs_never_stalls_the_event_loop(redis_we_can_stop) -> None:
+    """An async stream admitted before Redis hung ends (settlement, cache write) while it hangs: the
+    loop keeps turning, and the stream still gets its outcome."""
+    import asyncio
+
+    url, server = redis_we_can_stop
+    pipeline = Pipeline.from_config(_every_store_read(url, "open"))
+
+    async def run() -> tuple[float, str]:
+        stream = await pipeline.acompletion(**ask("stream it"), stream=True)  # admitted, first chunk read
+        watch = LoopWatch()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert outcome(stream).usage.output_tokens > 0
+        return await watch.stop(), text
+
+    stall, text = asyncio.run(run())
+    print(f"longest loop stall {stall:.3f} s while the stream ended")
+    assert text == "ok" and stall < 0.3

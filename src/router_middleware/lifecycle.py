@@ -326,7 +326,7 @@ class CallLifecycle:
             return answer
         self._current = None
         if plan.params.get("stream"):
-            return TrackedStream(answer, self._stream_finisher(plan, trace), started)
+            return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
         cache = self.engine.cache
