@@ -74,15 +74,16 @@ end
 return {0, ''}
 """
 # End holds: per hold KEYS its key and hold set, ARGV member, what to add while it is still held
-# (actual - held), what to add once it expired (actual), ttl ms of a key created here.
+# (actual - held), what to add once it is gone (actual), ttl ms of a key created here (a held key
+# exists: its hold was added to it).
 _UNHOLD = """
 for j = 1, #KEYS / 2 do
   local key, at = KEYS[2 * j - 1], 4 * j - 3
-  local delta = ARGV[at + 2]
-  if redis.call('ZREM', KEYS[2 * j], ARGV[at]) == 1 then delta = ARGV[at + 1] end
-  if tonumber(delta) ~= 0 then
+  if redis.call('ZREM', KEYS[2 * j], ARGV[at]) == 1 then
+    if tonumber(ARGV[at + 1]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[at + 1]) end
+  elseif tonumber(ARGV[at + 2]) ~= 0 then
     if ARGV[at + 3] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[at + 3]) end
-    redis.call('INCRBYFLOAT', key, delta)
+    redis.call('INCRBYFLOAT', key, ARGV[at + 2])
   end
 end
 return 1
