@@ -224,7 +224,10 @@ class RedisStore:
                  prefix: str = "rm:") -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, **_client_options(timeout_s, redis.retry.Retry))
+        # Threads beyond the pool's connections wait for one (up to timeout_s) rather than fail at once.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=timeout_s,
+                                                     **_client_options(timeout_s, redis.retry.Retry))
+        self.client: Any = redis.Redis(connection_pool=pool)
         self.url = url
         self.prefix = prefix
         self._timeout = timeout_s
@@ -363,3 +366,4 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+        self.client.connection_pool.disconnect()  # a pool given to the client is not closed with it
