@@ -4,13 +4,13 @@
 handler) and returns its answer; a summary goes to litellm; a wait sleeps; a store call runs on the
 store (the async driver awaits its async twin where the store has one). Whatever ``send`` raises
 is thrown into the lifecycle, which answers with the next effect or raises it to the caller.
+:func:`step`/:func:`astep` run the effects between two attempts, for an adapter whose attempts are
+made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycle).
 
 The lifecycle's own steps read store-backed state in place (the policies read it as mappings, the
 bookkeeper's lesser writes go straight to the store), so with a store that can block (Redis,
 SQLite) the async drivers run each step, and each store call without an async twin, in a worker
 thread (``off_loop=True``): the event loop never waits on the store.
-:func:`step`/:func:`astep` run the effects between two attempts, for an adapter whose attempts are
-made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycle).
 """
 
 from __future__ import annotations
