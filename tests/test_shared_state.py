@@ -98,3 +98,42 @@ def test_concurrent_calls_write_one_summary_per_span(store_url, monkeypatch) -> 
     digests = [r for r in results if not any(f"Summary for {session}." in str(m.get("content"))
                                             for m in outcome(r).plan.messages)]
     assert len(digests) < 40  # the calls after the summary was stored carry it
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+def test_concurrent_calls_of_a_session_step_the_reasoning_level_down(backend, request, tmp_path,
+                                                                     monkeypatch) -> None:
+    """100 calls of one session at once under a ``medium`` rule and a 100,000-token session budget:
+    each call holds its level's tokens while it runs, so the calls that plan after it see them and step
+    down (before, all 100 ran at medium); what they hold together stays within the budget, and all of
+    it is released when they end (the mock replies report no reasoning)."""
+    import asyncio
+
+    from router_middleware.reasoning import DEFAULT_BUDGETS
+
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'state.db'}"}.get(backend) \
+        or request.getfixturevalue("redis_url")
+    session = f"r-{uuid.uuid4().hex[:6]}"
+    pipeline = Pipeline.from_config({"store": url, "cache": {"enabled": False}, "context": {"enabled": False},
+                                     "reasoning": {"session_budget_tokens": 100_000,
+                                                   "rules": [{"when": {}, "effort": "medium"}]}})
+    acompletion = litellm.acompletion
+
+    async def slow(**kwargs):
+        await asyncio.sleep(1.0)  # every call is in flight at once
+        return await acompletion(**kwargs)
+
+    monkeypatch.setattr(litellm, "acompletion", slow)
+
+    async def run() -> list:
+        return await asyncio.gather(*(pipeline.acompletion(
+            model="gpt-5-mini", messages=[{"role": "user", "content": f"task {i}"}], mock_response="ok",
+            context={"session_id": session}) for i in range(100)))
+
+    levels = [next(d for d in reversed(outcome(r).plan.decisions) if d.policy == "reasoning" and d.action == "cap")
+              .attributes["level"] for r in asyncio.run(run())]
+    counts = {level: levels.count(level) for level in set(levels)}
+    print(backend, counts)
+    assert counts["medium"] < 20 and counts["none"] > 50 and len(counts) >= 3, counts
+    assert sum(DEFAULT_BUDGETS[level] for level in levels) <= 100_000  # held at once, never past the budget
+    assert pipeline.reasoning_spent.get(session, 0) == 0  # every hold released

@@ -1,16 +1,22 @@
-"""A budget's store that does not answer: ``on_store_error: open`` (the default) lets the call through
-and still records it; ``closed`` refuses it with StoreUnavailable before any provider call. On a
-real redis-server that is stopped mid-run."""
+"""A store that does not answer, on a real redis-server stopped, killed or hung (SIGSTOP) mid-run: a
+budget's ``on_store_error: open`` (the default) lets the call through and still records it, ``closed``
+refuses it with StoreUnavailable before any provider call; a reservation whose settlement never
+reached the store stops holding the budget after its ``reservation_ttl_s``."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
+import litellm
 import pytest
 
-from router_middleware import Pipeline, StoreUnavailable
+from router_middleware import BudgetExceeded, Pipeline, StoreUnavailable, outcome
 from router_middleware.ledger.store import open_ledger
 
 from .conftest import _free_port, service_missing
@@ -19,27 +25,55 @@ from .test_cache import calls_to_provider
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
+class RedisServer:
+    """A redis-server of the test's own on a free port, that the test may kill, restart, or hang."""
+
+    def __init__(self, folder: Path, *, aof: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_missing("no redis-server: apt-get install redis-server")
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+        self.args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+                     "--dir", str(folder)]
+        self.process = self.start()
+
+    def start(self) -> subprocess.Popen[bytes]:
+        import redis
+
+        self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                redis.Redis(port=self.port).ping()
+                break
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        return self.process
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
 @pytest.fixture
 def redis_we_can_stop(tmp_path):
-    binary = shutil.which("redis-server")
-    if binary is None:
-        service_missing("no redis-server: apt-get install redis-server")
-    port = _free_port()
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import redis
+    server = RedisServer(tmp_path)
+    yield server.url, server.process
+    server.stop()
 
-    for _ in range(100):
-        try:
-            redis.Redis(port=port).ping()
-            break
-        except redis.exceptions.ConnectionError:
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", process
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=10)
+
+@pytest.fixture
+def redis_with_aof(tmp_path):
+    server = RedisServer(tmp_path, aof=True)
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])
@@ -62,3 +96,168 @@ def test_a_budget_store_stopped_mid_run(mode, redis_we_can_stop, tmp_path, monke
     pipeline.ledger.close()
     errors = [r[0] for r in open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}").query("SELECT error FROM calls")]
     assert errors == ([None, None] if mode == "open" else [None])  # a refused call made no provider call
+
+
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_reservation_whose_settlement_failed_lapses_after_its_ttl(driver, redis_with_aof, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Redis (append-only, so it comes back with what it held) dies between a call's answer and its
+    settlement: the answer is returned and recorded, and the reservation it left holds the budget
+    only until its ``reservation_ttl_s``; then the next admission takes it back out."""
+    import asyncio
+
+    server = redis_with_aof
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    budget = {"name": "team", "usd": 0.001, "scope": "global", "reservation_ttl_s": 3.0}  # one reservation fits
+    pipeline = Pipeline.from_config({"store": server.url, "routing": {"budgets": [budget]},
+                                     "cache": {"enabled": False}, "ledger": {"url": ledger}})
+
+    def call() -> Any:
+        request = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "ok", "max_tokens": 1000}
+        return pipeline.completion(**request) if driver == "completion" else asyncio.run(pipeline.acompletion(**request))
+
+    provider = getattr(litellm, driver)
+
+    def answer_then_die(**kwargs: Any) -> Any:
+        response = provider(**kwargs)
+        server.kill()  # after the admission (persisted), before the settlement
+        return response
+
+    async def aanswer_then_die(**kwargs: Any) -> Any:
+        response = await provider(**kwargs)
+        server.kill()
+        return response
+
+    monkeypatch.setattr(litellm, driver, answer_then_die if driver == "completion" else aanswer_then_die)
+    answered = call()
+    reserved = time.monotonic()
+    assert answered.choices[0].message.content == "ok"
+    failed = [d for d in outcome(answered).plan.decisions if d.action == "settle-failed"]
+    assert failed and "stops counting within 3 s" in failed[0].reason
+    monkeypatch.setattr(litellm, driver, provider)
+    server.start()  # back, with the reservation it held
+    with pytest.raises(BudgetExceeded):  # still held: 0.0006 reserved + 0.0006 asked > 0.001
+        call()
+    assert time.monotonic() - reserved < 3.0
+    time.sleep(max(0.0, reserved + 3.2 - time.monotonic()))
+    later = call()
+    import redis
+
+    spent = float(redis.Redis.from_url(server.url).get("rm:budget:team:usd:all:0"))
+    assert spent == pytest.approx(outcome(later).cost.total_usd)  # the lapsed reservation is gone
+    pipeline.ledger.close()
+    rows = open_ledger(ledger).query("SELECT error, decisions FROM calls")
+    assert len(rows) == 2 and rows[0][0] is None and "budget:settle-failed" in rows[0][1]
+
+
+def _every_store_read(url: str, mode: str) -> dict:
+    """A config whose calls touch the store at every step: routing views, reasoning spend, the response
+    cache, reply sizes, quotas, the budget."""
+    return {"store": url, "store_timeout_s": 0.5, "cache": {"enabled": True},
+            "routing": {"aliases": {"main": ["gpt-4o-mini", "gpt-4o"]}, "limits": {"gpt-4o-mini": {"rpm": 1000}},
+                        "budgets": [{"name": "team", "usd": 10.0, "scope": "global", "on_store_error": mode}]},
+            "reasoning": {"session_budget_tokens": 100000, "rules": [{"when": {}, "effort": "medium"}]}}
+
+
+def ask(content: str) -> dict:
+    return {"model": "main", "messages": [{"role": "user", "content": content}], "mock_response": "ok",
+            "temperature": 0, "context": {"session_id": "s1"}}
+
+
+class LoopWatch:
+    """A task that ticks every 5 ms; ``stall``: the longest gap it saw between two ticks."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self.stall, self.ticking = 0.0, True
+        self.task = asyncio.create_task(self._tick())
+
+    async def _tick(self) -> None:
+        import asyncio
+
+        last = time.perf_counter()
+        while self.ticking:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            self.stall, last = max(self.stall, now - last), now
+
+    async def stop(self) -> float:
+        self.ticking = False
+        await self.task
+        return self.stall
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> None:
+    """Redis hangs (SIGSTOP) for 3 s: the event loop keeps turning (the longest gap between two ticks
+    of a concurrent task stays far below the hang) and each call ends within about one store timeout,
+    answered (``open``) or refused with StoreUnavailable (``closed``); a sync call as well."""
+    import asyncio
+
+    url, server = redis_we_can_stop
+    pipeline = Pipeline.from_config(_every_store_read(url, mode))
+    async def run() -> tuple[float, list[tuple[float, str]]]:
+        await pipeline.acompletion(**ask("warm up"))
+        await asyncio.sleep(1.1)  # the views' one-second copies lapse: the next calls read the store
+
+        async def one(content: str) -> tuple[float, str]:
+            began = time.perf_counter()
+            try:
+                answer = (await pipeline.acompletion(**ask(content))).choices[0].message.content
+            except StoreUnavailable:
+                answer = "StoreUnavailable"
+            return time.perf_counter() - began, answer
+
+        watch = LoopWatch()
+        await asyncio.sleep(0.05)
+        os.kill(server.pid, signal.SIGSTOP)
+        hung = time.perf_counter()
+        try:
+            ended = await asyncio.gather(*(one(f"question {i}") for i in range(5)))
+            await asyncio.sleep(max(0.0, hung + 3.0 - time.perf_counter()))  # the loop keeps turning meanwhile
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        return await watch.stop(), ended
+
+    stall, ended = asyncio.run(run())
+    expected = "ok" if mode == "open" else "StoreUnavailable"
+    print(f"{mode}: longest loop stall {stall:.3f} s during a 3 s hang; calls took "
+          f"{', '.join(f'{t:.2f}' for t, _ in ended)} s")
+    assert stall < 0.3
+    assert all(answer == expected and took < 1.5 for took, answer in ended), ended
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        began = time.perf_counter()
+        if mode == "open":
+            pipeline.completion(**ask("sync"))
+        else:
+            with pytest.raises(StoreUnavailable):
+                pipeline.completion(**ask("sync"))
+        assert time.perf_counter() - began < 1.5  # one timeout, not one per store operation
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+def test_a_stream_that_ends_while_redis_hangs_never_stalls_the_event_loop(redis_we_can_stop) -> None:
+    """An async stream admitted before Redis hung ends (settlement, cache write) while it hangs: the
+    loop keeps turning, and the stream still gets its outcome."""
+    import asyncio
+
+    url, server = redis_we_can_stop
+    pipeline = Pipeline.from_config(_every_store_read(url, "open"))
+
+    async def run() -> tuple[float, str]:
+        stream = await pipeline.acompletion(**ask("stream it"), stream=True)  # admitted, first chunk read
+        watch = LoopWatch()
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert outcome(stream).usage.output_tokens > 0
+        return await watch.stop(), text
+
+    stall, text = asyncio.run(run())
+    print(f"longest loop stall {stall:.3f} s while the stream ended")
+    assert text == "ok" and stall < 0.3

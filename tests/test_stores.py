@@ -48,6 +48,31 @@ def test_add_within_is_all_or_nothing(store) -> None:
     assert store.add_within([]) is None
 
 
+def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
+    """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
+    when released, and taken back out by the next admission on its key once it expired (its release
+    failed); a release that comes after that adds the actual amount in full."""
+    store.incr("b", 0.5)
+    assert store.add_within([], [("b", 0.4, 1.0, None, "h1", 60.0)]) is None
+    assert float(store.get("b")) == pytest.approx(0.9)
+    refused = store.add_within([("q", 1.0, 5.0, None)], [("b", 0.2, 1.0, None, "h2", 60.0)])
+    assert refused is not None and refused[0] == 1 and refused[1] == pytest.approx(0.9)  # entries, then holds
+    assert store.get("q") is None
+    store.add_many([], (), [("b", "h1", 0.4, 0.3, None)])  # settled to its actual amount
+    assert float(store.get("b")) == pytest.approx(0.8)
+    assert store.add_within([], [("b", 0.15, 1.0, None, "lost", 0.05)]) is None  # its release will fail
+    assert float(store.get("b")) == pytest.approx(0.95)
+    time.sleep(0.12)
+    assert store.add_within([], [("b", 0.1, 1.0, None, "h3", 60.0)]) is None  # "lost" expired: taken back out
+    assert float(store.get("b")) == pytest.approx(0.9)
+    store.add_many([], (), [("b", "lost", 0.15, 0.12, None), ("b", "h3", 0.1, 0.0, None)])  # late, and a release
+    assert float(store.get("b")) == pytest.approx(0.92)
+    store.add_many([], (), [("fresh", "h4", 0.1, 0.2, 0.05)])  # a key created by a release gets the ttl
+    assert float(store.get("fresh")) == pytest.approx(0.2)
+    time.sleep(0.12)
+    assert store.get("fresh") is None
+
+
 def test_add_within_never_lets_concurrent_callers_pass_the_limit(store) -> None:
     admitted = []
 

@@ -88,7 +88,7 @@ def response_cache(config: Config, store: Store) -> ResponseCache | None:
     settings = config.cache
     if not settings.enabled:
         return None
-    store = open_store(settings.store) if settings.store else store
+    store = open_store(settings.store, timeout_s=config.store_timeout_s) if settings.store else store
     return ResponseCache(store, ttl_s=settings.ttl_s, max_entries=settings.max_entries, policy=settings.policy,
                          semantic=_semantic_index(config, store))
 
@@ -134,7 +134,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     config = config or Config()
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
-    store = open_store(config.store)
+    store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
     state = policy_state(store, catalog)
@@ -142,5 +142,6 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         config=config, catalog=catalog, policies=chain, store=store, state=state,
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
-        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store), quota_view=state.quotas),
+        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store), quota_view=state.quotas,
+                         reasoning=config.reasoning),
     )

@@ -127,6 +127,9 @@ class ReasoningConfig(_Strict):
     enabled: bool = True
     rules: list[ReasoningRule] = Field(default_factory=list)
     session_budget_tokens: int | None = Field(default=None, ge=0)
+    # A call's expected reasoning (its level's tokens) is held on the session's budget while it runs,
+    # for at most this long (one whose settlement never reached the store lapses after it).
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
     escalate: bool = True
     exclude_from_response: bool = False
     level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)
@@ -184,6 +187,9 @@ class BudgetConfig(_Strict):
     # The store does not answer at admission: ``open`` lets calls through (their spend is still
     # settled once it answers), ``closed`` refuses them with StoreUnavailable.
     on_store_error: Literal["open", "closed"] = "open"
+    # A call's reservation counts this long unless it is settled first: one whose settlement never
+    # reached the store (an outage) stops holding the budget after it.
+    reservation_ttl_s: float = Field(default=600.0, gt=0)
 
     def model_post_init(self, __context: Any) -> None:
         if self.usd is None and self.tokens is None:
@@ -301,6 +307,9 @@ class Config(_Strict):
     version: Literal[1] = 1
     app: str | None = None
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
+    # A Redis operation that takes longer fails (the feature's store-error path applies), and Redis is
+    # not asked again for as long: a call meets one timeout during an outage.
+    store_timeout_s: float = Field(default=0.5, gt=0, le=60)
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     messages: MessagesConfig = Field(default_factory=MessagesConfig)
     context: ContextSection = Field(default_factory=ContextSection)

@@ -6,6 +6,11 @@ store (the async driver awaits its async twin where the store has one). Whatever
 is thrown into the lifecycle, which answers with the next effect or raises it to the caller.
 :func:`step`/:func:`astep` run the effects between two attempts, for an adapter whose attempts are
 made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycle).
+
+The lifecycle's own steps read store-backed state in place (the policies read it as mappings, the
+bookkeeper's lesser writes go straight to the store), so with a store that can block (Redis,
+SQLite) the async drivers run each step, and each store call without an async twin, in a worker
+thread (``off_loop=True``): the event loop never waits on the store.
 """
 
 from __future__ import annotations
@@ -33,14 +38,14 @@ def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
     return value
 
 
-async def adrive(flow: Flow, send: Callable[[Attempt], Awaitable[Any]]) -> Any:
-    done, value = await astep(flow, None, None)
+async def adrive(flow: Flow, send: Callable[[Attempt], Awaitable[Any]], *, off_loop: bool = False) -> Any:
+    done, value = await astep(flow, None, None, off_loop=off_loop)
     while not done:
         try:
             reply, error = await send(value), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
-        done, value = await astep(flow, reply, error)
+        done, value = await astep(flow, reply, error, off_loop=off_loop)
     return value
 
 
@@ -58,15 +63,16 @@ def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) 
     return done, value
 
 
-async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
-    """:func:`step` with async I/O."""
-    done, value = _advance(flow, reply, error)
+async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True,
+                off_loop: bool = False) -> tuple[bool, Any]:
+    """:func:`step` with async I/O; ``off_loop``: the lifecycle's steps run in a worker thread."""
+    done, value = await _aadvance(flow, reply, error, off_loop)
     while not done and not isinstance(value, Attempt):
         try:
-            reply, error = await _aperform(value, wait), None
+            reply, error = await _aperform(value, wait, off_loop), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
-        done, value = _advance(flow, reply, error)
+        done, value = await _aadvance(flow, reply, error, off_loop)
     return done, value
 
 
@@ -76,6 +82,19 @@ def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any
         return False, (flow.throw(error) if error is not None else flow.send(reply))
     except StopIteration as stop:
         return True, stop.value
+
+
+async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: bool) -> tuple[bool, Any]:
+    """:func:`_advance`, in a worker thread when ``off_loop``. A cancelled caller waits for the step
+    to end (one store timeout at most), so the lifecycle never runs in two threads at once."""
+    if not off_loop:
+        return _advance(flow, reply, error)
+    step = asyncio.ensure_future(asyncio.to_thread(_advance, flow, reply, error))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait({step})
+        raise
 
 
 def _perform(effect: Effect, wait: bool) -> Any:
@@ -89,13 +108,16 @@ def _perform(effect: Effect, wait: bool) -> Any:
     return wire.litellm().completion(**effect.request)
 
 
-async def _aperform(effect: Effect, wait: bool) -> Any:
+async def _aperform(effect: Effect, wait: bool, off_loop: bool) -> Any:
     if isinstance(effect, Wait):
         if wait:
             await _asleep(effect.seconds)
         return None
     if isinstance(effect, StoreCall):
         twin = getattr(effect.store, f"a{effect.method}", None)
-        return await twin(*effect.args) if twin is not None else getattr(effect.store, effect.method)(*effect.args)
+        if twin is not None:
+            return await twin(*effect.args)
+        method = getattr(effect.store, effect.method)
+        return await asyncio.to_thread(method, *effect.args) if off_loop else method(*effect.args)
     assert isinstance(effect, Summarize)
     return await wire.litellm().acompletion(**effect.request)

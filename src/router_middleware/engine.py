@@ -22,6 +22,7 @@ from .params import check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
+from .stores import MemoryStore, Store
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
@@ -50,6 +51,8 @@ class Engine:
         self.summaries = self.state.summaries
         self.reasoning_spent = self.state.reasoning_spent
         self._timed = bool(self.config.routing.aliases or self.config.routing.budgets)
+        # A store outside this process can block: the async drivers keep it off the event loop.
+        self.store_blocks = any(not isinstance(s, MemoryStore) for s in self._stores())
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
@@ -154,8 +157,12 @@ class Engine:
         """Flush the ledger, close the response cache's and the engine's stores (call at shutdown)."""
         if self.ledger is not None:
             self.ledger.close()
+        for store in self._stores():
+            store.close()
+
+    def _stores(self) -> list[Store]:
+        """The engine's store and the response cache's, each once."""
         stores = {id(self.store): self.store}
         if self.cache is not None:
             stores.setdefault(id(self.cache.store), self.cache.store)
-        for store in stores.values():
-            store.close()
+        return list(stores.values())

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome
-from .bookkeeping import Admission, Claim, Held
+from .bookkeeping import Admission, Claim, Held, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError
+from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
 from .streaming import Replay, TrackedStream
@@ -220,12 +221,14 @@ class CallLifecycle:
         return response, plan
 
     def _claims(self, plan: Plan) -> list[Claim]:
-        """The call's budget claims at its estimated size (none, and no estimate, without budgets)."""
+        """The call's budget claims at its estimated size (none, and no estimate, without budgets), and
+        its expected reasoning on its session's budget."""
+        reasoning = self.books.reasoning_claim(plan)
         if not self.engine.config.routing.budgets:
-            return []
+            return reasoning
         tokens, output = self._size(plan)
         return self.books.claims(plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
-                                 tokens=tokens + output)
+                                 tokens=tokens + output) + reasoning
 
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
@@ -239,8 +242,10 @@ class CallLifecycle:
                claims: list[Claim] | None = None) -> Generator[Effect, Any, Plan]:
         """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
-        is used up, moves the call on to its next one; none left raises :class:`NoRouteError`."""
+        is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
+        reasoning reservation that does not fit plans the call again (a lower level), a few times at most."""
         denied: dict[str, str] = {}
+        replans = len(LEVELS)
         while True:
             target = plan.deployment or plan.model
             unreachable = self.usable is not None and not self.usable(target)
@@ -251,6 +256,11 @@ class CallLifecycle:
                 why = yield from self._take(found, size, claims or [])
                 if why is None:
                     return plan
+                if isinstance(why, StepDown):
+                    plan = self._carry(self.engine.replan(self.call, target, Decision("reasoning", "step-down", why)))
+                    replans -= 1
+                    claims = self._claims(plan) if replans else [c for c in claims or [] if c.unit != "reasoning"]
+                    continue
             denied[target] = why
             next_target = attempts.skip(why)
             if next_target is None:
@@ -262,13 +272,13 @@ class CallLifecycle:
     def _take(self, found: tuple[quotas.Quota, ...], size: int,
               claims: list[Claim]) -> Generator[Effect, Any, str | None]:
         """Admit an attempt through the store (one atomic ``add_within``); why not, or ``None``."""
-        admission = self.books.admission(found, size, claims)
+        admission = self.books.admission(self.held, found, size, claims)
         if not isinstance(admission, Admission):
             return admission
         try:
-            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries,))
+            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds))
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
-            self.books.admission_failed(admission, exc)
+            self.books.admission_failed(self.held, admission, exc)
             return None
         return self.books.admitted(self.held, admission, refusal)
 
@@ -311,12 +321,12 @@ class CallLifecycle:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current = None
-            yield from self._settle(result)
+            result = yield from self._settle(result)
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
         if plan.params.get("stream"):
-            return TrackedStream(answer, self._stream_finisher(plan, trace), started)
+            return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
         cache = self.engine.cache
@@ -327,19 +337,23 @@ class CallLifecycle:
                 cache.saved(plan, entry[0])
             except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
-        yield from self._settle(result, answer)
-        trace.succeed(result, answer)
+        settled = yield from self._settle(result, answer)
+        if settled is not result:
+            wire.attach_outcome(answer, settled)
+        trace.succeed(settled, answer)
         return answer
 
-    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, None]:
-        """Settle through the store (one ``add_many``); a failed write is logged, never raised."""
+    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, Outcome]:
+        """Settle through the store (one ``add_many``); a failed write is logged and recorded as a
+        decision on the outcome returned, never raised."""
         done = self.books.settlement(result, self.held, answer)
         if done.writes:
             try:
-                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples))
+                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
-                log.warning("store_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+                self.books.settle_failed(done, exc)
         self.books.settled(done)
+        return done.outcome
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache
@@ -370,7 +384,7 @@ class CallLifecycle:
             )
             if complete:
                 self._save(plan, response, result, trace)
-            self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on the chunks
+            result = self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on chunks
             if error is not None:
                 trace.fail(error, result)
             else:

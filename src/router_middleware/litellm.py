@@ -193,7 +193,7 @@ class RouterLogger(CustomLogger):
         call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
         lifecycle = engine.start(call, read=self._read, cache=False)
         flow = lifecycle.run()
-        done, attempt = await astep(flow, None, None, wait=False)
+        done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan))
         changed = _switch(data, call.params, attempt.plan)
@@ -236,7 +236,7 @@ class RouterLogger(CustomLogger):
         if found is None:
             return False
         try:
-            done, value = await astep(found.flow, reply, error, wait=False)
+            done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
             found.lifecycle.abandon(exc)  # does nothing once the lifecycle recorded the call
             done, value = True, None

@@ -52,7 +52,8 @@ class Pipeline(Engine):
         **params: Any,
     ) -> Any:
         """Drop-in for ``litellm.acompletion``; see :meth:`completion`."""
-        return await adrive(self.start(self.make_call(model, messages, context, params)).run(), self._asend)
+        return await adrive(self.start(self.make_call(model, messages, context, params)).run(), self._asend,
+                            off_loop=self.store_blocks)
 
     def _send(self, attempt: Attempt) -> Any:
         response = wire.litellm().completion(**self.request(attempt.plan))

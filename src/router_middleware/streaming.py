@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,13 +19,15 @@ class TrackedStream:
 
     Once the last chunk has been read, ``outcome`` holds the call's :class:`Outcome` (usage from the
     final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call's
-    span with what was received.
+    span with what was received. ``off_loop``: iterated async, the stream ends (its settlement and
+    cache write, which go to the store) in a worker thread.
     """
 
-    def __init__(self, inner: Any, finish: Finisher, started_at: float) -> None:
+    def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False) -> None:
         self._inner = inner
         self._finish = finish
         self._started_at = started_at
+        self._off_loop = off_loop
         self._first_chunk_at: float | None = None
         self._chunks: list[Any] = []
         self._done = False
@@ -65,11 +68,17 @@ class TrackedStream:
         try:
             return self._record(await self._inner.__anext__())
         except StopAsyncIteration:
-            self._end(complete=True)
+            await self._aend(complete=True)
             raise
         except Exception as exc:
-            self._end(exc, complete=False)
+            await self._aend(exc, complete=False)
             raise
+
+    async def _aend(self, error: BaseException | None = None, *, complete: bool) -> None:
+        if self._off_loop:
+            await asyncio.to_thread(self._end, error, complete=complete)
+        else:
+            self._end(error, complete=complete)
 
     def close(self) -> None:
         """Stop reading: the span ends with what was received."""
@@ -79,7 +88,7 @@ class TrackedStream:
             closer()
 
     async def aclose(self) -> None:
-        self._end(complete=False)
+        await self._aend(complete=False)
         closer = getattr(self._inner, "aclose", None)
         if callable(closer):
             await closer()

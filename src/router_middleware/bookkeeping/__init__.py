@@ -1,8 +1,9 @@
 """The bookkeeper: every write to shared state goes through here.
 
-A call's budget claims are reserved together with its first attempt's quotas in one atomic step
-(later attempts take their quotas alone); after the call its budget, quota tokens and reasoning
-spend settle in one batch of increments (one round trip on Redis), or are released or given back.
+A call's budget claims (and its expected reasoning, on its session's reasoning budget) are held
+together with its first attempt's quotas in one atomic step (later attempts take their quotas
+alone); after the call its budgets, quota tokens and reasoning spend settle in one batch (one round
+trip on Redis), or are released or given back; a hold whose settlement never reached the store lapses.
 Failures and successes are counted for the circuit breaker, speed averages updated, summaries kept,
 and a ledger row queued per call. Admission and settlement are two-phase (what to write, then what
 the store answered), so a call's lifecycle can hand those writes to a sync or an async store. Only
@@ -14,24 +15,32 @@ fail.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..catalog import Catalog
-from ..config import RoutingConfig
+from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
+from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
-from ..stores.base import Addition, Refusal, Sample, Within
+from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
 from ..telemetry import log
-from ..types import AgentContext, Cost, Outcome, Plan, Usage
+from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
+from .keys import BUDGET, INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
 from .quotas import Taken
+
+
+class StepDown(str):
+    """Why the call's reasoning reservation did not fit its session's budget: plan the call again (the
+    reasoning policy then reads the reservations of the session's other calls and picks a lower level)."""
+
 
 RECENT_REPLIES = 50  # reply sizes kept per model and app for the learned estimates (no expiry: bounded)
 SUMMARY_CLAIM_S = 120.0  # how long one call may take to write a span's summary before another may
@@ -49,7 +58,7 @@ class Held:
 
 @dataclass
 class Admission:
-    """An attempt's quota windows and the call's budget claims, to add at once (``entries``)."""
+    """An attempt's quota windows (``entries``) and the call's budget claims (``holds``), to add at once."""
 
     claims: list[Claim]
     found: tuple[Quota, ...]
@@ -59,7 +68,11 @@ class Admission:
 
     @property
     def entries(self) -> list[Within]:
-        return [c.within for c in self.claims] + [w.within for w in self.windows]
+        return [w.within for w in self.windows]
+
+    @property
+    def holds(self) -> list[Hold]:
+        return [c.held for c in self.claims]
 
 
 @dataclass
@@ -72,21 +85,24 @@ class Settlement:
     complete: bool
     additions: list[Addition] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    releases: list[Release] = field(default_factory=list)  # the reservation's holds, ended
+    lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
 
     @property
     def writes(self) -> bool:
-        return bool(self.additions or self.samples)
+        return bool(self.additions or self.samples or self.releases)
 
 
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
                  ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
-                 quota_view: Mapping[str, float] | None = None) -> None:
+                 quota_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None) -> None:
         """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
         ``quota_view``: the quota counters as the routing policy reads them (keys without the prefix)."""
         self.store = store
         self.routing = routing
+        self.reasoning = reasoning or ReasoningConfig()
         self.catalog = catalog
         self.ledger = ledger
         self.fresh_s = fresh_s
@@ -120,12 +136,32 @@ class Bookkeeper:
         """The budget claims of a call estimated at ``usd`` and ``tokens`` (none without budgets)."""
         if not self.routing.budgets:
             return []
-        return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time())
+        return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
+                              hold=uuid.uuid4().hex)
 
-    def admission(self, found: tuple[Quota, ...], tokens: int, claims: list[Claim]) -> Admission | str | None:
+    def reasoning_claim(self, plan: Plan) -> list[Claim]:
+        """The reasoning the call is expected to spend (its level's tokens), held on its session's
+        budget while it runs so that the session's concurrent calls see it. It fits while the level's
+        tokens are at most half of what is left (the reasoning policy's rule): the limit is the budget
+        less them. None without a session budget, or at level none."""
+        budget, session = self.reasoning.session_budget_tokens, plan.call.context.session_id
+        decision = next((d for d in reversed(plan.decisions)
+                         if d.policy == "reasoning" and "session_remaining_tokens" in d.attributes), None)
+        if budget is None or not session or decision is None:
+            return []
+        levels = {**DEFAULT_BUDGETS, **self.reasoning.level_budgets}
+        asked, level = decision.attributes.get("budget_tokens"), decision.attributes["level"]
+        amount = float(asked if isinstance(asked, int) else next((v for k, v in levels.items() if k == level), 0))
+        if not amount:
+            return []
+        return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", uuid.uuid4().hex,
+                      self.reasoning.reservation_ttl_s)]
+
+    def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
+                  claims: list[Claim]) -> Admission | str | None:
         """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget), the
-        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` go to the
-        store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
+        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` and ``holds``
+        go to the store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
         if not found and not claims:
             return None
         left: list[Addition] = []
@@ -133,7 +169,7 @@ class Bookkeeper:
             try:
                 left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
             except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
-                self.admission_failed(Admission(claims, found, tokens, [], []), exc)
+                self.admission_failed(held, Admission(claims, found, tokens, [], []), exc)
                 return None
             if why is not None:
                 return why
@@ -146,9 +182,13 @@ class Bookkeeper:
         if refusal is not None:
             self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
-            if index < len(claims):
-                raise budgets.refused(claims[index], total)
-            return quotas.refused(windows[index - len(claims)], total)
+            if index < len(windows):
+                return quotas.refused(windows[index], total)
+            claim = claims[index - len(windows)]
+            if claim.unit == "reasoning":
+                return StepDown(f"session reasoning budget: {claim.amount:g} tokens more do not fit in half of what "
+                                f"is left ({total:g} of {claim.limit + claim.amount:g} held or spent)")
+            raise budgets.refused(claim, total)
         if claims:
             held.reservation = Reservation(claims)
         if admission.found:
@@ -156,16 +196,20 @@ class Bookkeeper:
             held.quota = (Taken(taken, admission.tokens), admission.found)
         return None
 
-    def admission_failed(self, admission: Admission, error: Exception) -> None:
+    def admission_failed(self, held: Held, admission: Admission, error: Exception) -> None:
         """The store failed: a budget with ``on_store_error: closed`` refuses the call
-        (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged)."""
+        (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged) and
+        keeps its claims, so its settlement adds what it spent (in full: its holds are not in the
+        store, or lapse) if the store answers by then."""
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
-        refusing = sorted({c.name for c in admission.claims} & closed)
+        refusing = sorted({c.name for c in admission.claims if c.unit != "reasoning"} & closed)
         if refusing:
             raise StoreUnavailable(f"budget {refusing[0]!r}: the store did not answer ({type(error).__name__}: "
                                    f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
         log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
                     error_type=type(error).__name__, admitted=True)
+        if admission.claims:
+            held.reservation = Reservation(admission.claims)
 
     # -- after an attempt or a call --------------------------------------------------------------
 
@@ -187,7 +231,7 @@ class Bookkeeper:
         """The call made no billable attempt (or failed for good): give its reservation back."""
         reservation, held.reservation = held.reservation, None
         if reservation is not None:
-            self._add("budget_store_failed", budgets.release(reservation))
+            self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation))
 
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True) -> Settlement:
@@ -196,19 +240,24 @@ class Bookkeeper:
         :meth:`settled`. ``complete=False`` (a stream cut short) settles the budget and quota only."""
         usage = outcome.usage
         done = Settlement(outcome, answer, complete)
+        reasoning = usage.reasoning_tokens if complete else 0
+        reserved = False  # the session's reasoning was held: its release adds what was spent
         if held is not None:
             reservation, held.reservation = held.reservation, None
             if reservation is not None:
                 summaries = outcome.plan.summary_cost_usd if outcome.plan else 0.0
                 usd = outcome.cost.total_usd + summaries if outcome.cost.total_usd is not None else None
-                done.additions += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens)
+                done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens,
+                                                    reasoning=reasoning or 0)
+                done.lapse_s = max(c.hold_s for c in reservation.claims)
+                reserved = any(c.unit == "reasoning" for c in reservation.claims)
             if held.quota is not None:
                 taken, done.found = held.quota
                 held.quota = None
                 done.additions += quotas.settlement(taken, usage.total_tokens)
         plan = outcome.plan
         session = plan.call.context.session_id if plan else None
-        if complete and session and usage.reasoning_tokens:
+        if complete and session and usage.reasoning_tokens and not reserved:
             done.additions.append((REASONING + session, float(usage.reasoning_tokens), None))
         if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
             name = f"{plan.model}:{plan.call.context.app or '-'}"
@@ -230,12 +279,31 @@ class Bookkeeper:
         self.record(done.outcome)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-               complete: bool = True) -> None:
-        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises."""
+               complete: bool = True) -> Outcome:
+        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises; the
+        outcome, with a decision if the writes failed."""
         done = self.settlement(outcome, held, answer, complete=complete)
         if done.writes:
-            self._guard("store_write_failed", self.store.add_many, done.additions, done.samples)
+            try:
+                self.store.add_many(done.additions, done.samples, done.releases)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+                self.settle_failed(done, exc)
         self.settled(done)
+        return done.outcome
+
+    def settle_failed(self, done: Settlement, error: Exception) -> None:
+        """The settlement's writes did not reach the store: log it, and put a decision on the call's
+        outcome (its ledger row still records the cost). Its budget holds lapse after their
+        ``reservation_ttl_s``; the budget counters never learn what the call spent."""
+        held = {key.removeprefix(BUDGET): amount for key, _, amount, _, _ in done.releases}
+        log.warning("settle_failed", error_type=type(error).__name__, error=str(error)[:200], held=held,
+                    lapses_in_s=done.lapse_s)
+        reason = f"the store did not take the settlement ({type(error).__name__})"
+        if held:
+            reason += f"; the reservation stops counting within {done.lapse_s:g} s"
+        plan = done.outcome.plan
+        if plan is not None:
+            done.outcome = replace(done.outcome, plan=plan.decide(Decision("budget", "settle-failed", reason)))
 
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
         if found:
@@ -295,4 +363,4 @@ class Bookkeeper:
             log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
 
 
-__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "Taken"]
+__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "StepDown", "Taken"]

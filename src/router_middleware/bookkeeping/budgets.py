@@ -1,21 +1,23 @@
 """Budget counters in the store: what a call claims before it starts, and what settles or releases it.
 
-A call's claims (its estimated cost on every budget that applies) are added in one atomic step
-together with its first attempt's quota (:meth:`Bookkeeper.admit`): either all fit under their limits
-or none is added, so a refused reservation never inflates the totals other callers see. With Redis
-the step is one Lua script, atomic across processes: concurrent workers overspend at most by how
-much their in-flight calls' actual costs exceed their estimates.
+A call's claims (its estimated cost on every budget that applies) are held in one atomic step
+together with its first attempt's quota (:meth:`Bookkeeper.admission`): either all fit under their
+limits or none is added, so a refused reservation never inflates the totals other callers see. With
+Redis the step is one Lua script, atomic across processes: concurrent workers overspend at most by
+how much their in-flight calls' actual costs exceed their estimates. A claim is a store hold that
+lapses after the budget's ``reservation_ttl_s``: a reservation whose settlement never reached the
+store (an outage) stops counting at the next admission after that, and a settlement that arrives
+later still adds the call's actual spend.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
 from ..routing.budgets import budget_key
-from ..stores.base import Addition, Within
+from ..stores.base import Hold, Release
 from ..types import AgentContext
 from .keys import BUDGET
 
@@ -29,11 +31,17 @@ class Claim:
     limit: float
     ttl_s: float | None
     name: str
-    unit: str
+    unit: str  # usd, tokens, or reasoning (a session's reasoning tokens)
+    hold: str  # the hold's id in the store (one per call)
+    hold_s: float  # how long the hold counts unless it is released first
 
     @property
-    def within(self) -> Within:
-        return self.key, self.amount, self.limit, self.ttl_s
+    def held(self) -> Hold:
+        return self.key, self.amount, self.limit, self.ttl_s, self.hold, self.hold_s
+
+    def release(self, actual: float) -> Release:
+        """End the hold with the ``actual`` amount spent (0: nothing was)."""
+        return self.key, self.hold, self.amount, float(actual), self.ttl_s
 
 
 @dataclass
@@ -42,7 +50,7 @@ class Reservation:
 
 
 def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, tokens: int,
-           now: float) -> list[Claim]:
+           now: float, hold: str) -> list[Claim]:
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``."""
     found = []
     for budget in budgets:
@@ -50,7 +58,7 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
             key = budget_key(budget, context, unit, now) if limit is not None else None
             if key is not None and limit is not None:
                 found.append(Claim(BUDGET + key, amount, float(limit), budget.window_s * 2 if budget.window_s else None,
-                                   budget.name, unit))
+                                   budget.name, unit, hold, budget.reservation_ttl_s))
     return found
 
 
@@ -58,16 +66,15 @@ def refused(claim: Claim, total: float) -> BudgetExceeded:
     return BudgetExceeded(claim.name, claim.unit, total, claim.limit)
 
 
-def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None) -> list[Addition]:
-    """Replace the reserved amounts by the actual ones (unknown actual: keep the reservation). The
-    counters exist (admission created them with their ttl), so no ttl is sent again."""
-    out: list[Addition] = []
+def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
+               reasoning: int | None) -> list[Release]:
+    """End the holds with the actual amounts (unknown actual: the reserved one is kept as spent)."""
+    out: list[Release] = []
     for claim in reservation.claims:
-        actual = usd if claim.unit == "usd" else tokens
-        if actual is not None and not math.isclose(actual, claim.amount):
-            out.append((claim.key, float(actual) - claim.amount, None))
+        actual = {"usd": usd, "tokens": tokens, "reasoning": reasoning}[claim.unit]
+        out.append(claim.release(claim.amount if actual is None else actual))
     return out
 
 
-def release(reservation: Reservation) -> list[Addition]:
-    return [(claim.key, -claim.amount, None) for claim in reservation.claims]
+def release(reservation: Reservation) -> list[Release]:
+    return [claim.release(0.0) for claim in reservation.claims]

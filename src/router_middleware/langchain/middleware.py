@@ -106,4 +106,4 @@ class RouterAgentMiddleware(AgentMiddleware):
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         flow, build = self._start(request)
-        return await adrive(flow, lambda attempt: handler(build(attempt.plan)))
+        return await adrive(flow, lambda attempt: handler(build(attempt.plan)), off_loop=self.pipeline.store_blocks)

@@ -10,8 +10,9 @@ from .sqlite import SQLiteStore
 from .views import StoreView
 
 
-def open_store(url: str | None) -> Store:
-    """``memory://`` (default), ``sqlite:///path/to/file.db`` or ``redis://host:port/db``."""
+def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
+    """``memory://`` (default), ``sqlite:///path/to/file.db`` or ``redis://host:port/db`` (whose
+    operations time out after ``timeout_s``)."""
     if not url or url.startswith("memory:"):
         return MemoryStore()
     scheme = urlparse(url).scheme
@@ -21,7 +22,7 @@ def open_store(url: str | None) -> Store:
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
-        return RedisStore(url)
+        return RedisStore(url, timeout_s=timeout_s)
     raise StoreError(f"unknown store URL {url!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
 
 

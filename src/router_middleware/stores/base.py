@@ -12,13 +12,19 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "LockTimeout", "Refusal", "Sample", "Store", "StoreError", "Within", "acquire", "poll",
-           "token_lock"]
+__all__ = ["Addition", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store", "StoreError", "Within",
+           "acquire", "poll", "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
 Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
 Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
+# An amount added to key's total like a Within entry, but only held: until it is released (Release)
+# or hold_s passes, after which the next add_within on key takes it back out.
+Hold = tuple[str, float, float, float | None, str, float]  # (key, amount, limit, ttl_s, hold id, hold_s)
+# End a hold: key's total gets actual - held while the hold is still counted, else actual (it expired
+# and was taken back out).
+Release = tuple[str, str, float, float, float | None]  # (key, hold id, amount held, actual, ttl_s)
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
 
 
@@ -39,14 +45,18 @@ class Store(Protocol):
         """Set ``value`` only if the current value equals ``expected`` (``None``: the key is absent)."""
         ...
 
-    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
-        """Add every ``(key, amount, limit, ttl_s)`` at once, atomically, if each key's new total stays
-        within its limit; otherwise add nothing. ``None`` when added, else the first refusal."""
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+        """Add every ``(key, amount, limit, ttl_s)`` and hold every :data:`Hold` at once, atomically, if
+        each key's new total stays within its limit; otherwise add nothing. ``None`` when added, else the
+        first refusal (its index counts ``entries``, then ``holds``). Expired holds on the held keys
+        are taken back out first."""
         ...
 
-    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        """Add each ``(key, amount, ttl_s)`` (each atomic), and append each ``(key, value, keep, ttl_s)``
-        to its list of recent values (the last ``keep`` kept): one round trip where the backend allows."""
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                 releases: Sequence[Release] = ()) -> None:
+        """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
+        to its list of recent values (the last ``keep`` kept) and end each :data:`Release`'s hold
+        (each atomic): one round trip where the backend allows."""
         ...
 
     def samples(self, key: str) -> list[float]:

@@ -8,13 +8,14 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Refusal, Sample, Within, token_lock
+from .base import TOLERANCE, Addition, Hold, Refusal, Release, Sample, Within, token_lock
 
 
 class MemoryStore:
     def __init__(self, max_keys: int = 100_000) -> None:
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
         self._series: OrderedDict[str, tuple[deque[float], float | None]] = OrderedDict()  # recent values
+        self._holds: dict[str, dict[str, tuple[float, float]]] = {}  # key -> hold id -> (amount, expires)
         self._mutex = threading.RLock()
         self._max = max_keys
 
@@ -60,20 +61,42 @@ class MemoryStore:
         self._data[key] = (repr(value).encode(), self._data[key][1])
         return value
 
-    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
         with self._mutex:
-            for index, (key, amount, limit, _) in enumerate(entries):
+            now = time.monotonic()
+            for key, *_ in holds:
+                self._expire_holds(key, now)
+            checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
+            for index, (key, amount, limit) in enumerate(checks):
                 total = float(self._live(key) or 0.0)
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(key, amount, ttl_s)
+            for key, amount, _, ttl_s, hold, hold_s in holds:
+                self._add(key, amount, ttl_s)
+                self._holds.setdefault(key, {})[hold] = (amount, now + hold_s)
             return None
 
-    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
+    def _expire_holds(self, key: str, now: float) -> None:
+        held = self._holds.get(key, {})
+        for hold, (amount, expires) in list(held.items()):
+            if expires <= now:
+                del held[hold]
+                if self._live(key) is not None:
+                    self._add(key, -amount, None)
+        if not held:
+            self._holds.pop(key, None)
+
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                 releases: Sequence[Release] = ()) -> None:
         with self._mutex:
             for key, amount, ttl_s in entries:
                 self._add(key, amount, ttl_s)
+            for key, hold, held, actual, ttl_s in releases:
+                delta = actual - held if self._holds.get(key, {}).pop(hold, None) is not None else actual
+                if delta:
+                    self._add(key, delta, ttl_s)
             for key, value, keep, ttl_s in samples:
                 recent = deque(self._recent(key), maxlen=keep)
                 recent.append(value)

@@ -1,15 +1,25 @@
-"""Redis store: many workers, atomic updates through Lua scripts (extra ``redis``)."""
+"""Redis store: many workers, atomic updates through Lua scripts (extra ``redis``).
+
+Every operation times out after ``timeout_s`` (no retry on a timeout); after one that timed out, the
+store is not asked again for ``timeout_s`` (operations raise :class:`StoreError` at once), so a call
+meets one timeout while Redis hangs, not one per operation. A refused connection fails at once
+anyway, and is not held against the server: a restarted Redis is used again by the next call.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from .base import Addition, Refusal, Sample, Within, acquire
+from .base import Addition, Hold, Refusal, Release, Sample, StoreError, Within, acquire
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -24,17 +34,59 @@ if (ARGV[1] == '' and current == false) or (ARGV[1] ~= '' and current == ARGV[2]
 end
 return 0
 """
-# All or nothing: check every key's total + amount against its limit, then add them all.
+# All or nothing: take expired holds back out of the held keys, check every key's total + amount
+# against its limit, then add them all and record the holds. KEYS: the entries' keys, then per hold
+# its key and its hold set (member "<hold id>|<amount>", score: expiry in ms, the server's clock).
+# ARGV[1]: how many entries; then per entry amount, limit, ttl ms; per hold the same, member, hold ms.
 _WITHIN = """
-for i = 1, #KEYS do
-  local total = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if total + tonumber(ARGV[3 * i - 2]) > tonumber(ARGV[3 * i - 1]) + 1e-9 then return {i, tostring(total)} end
+local n = tonumber(ARGV[1])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local checks = {}
+for i = 1, n do checks[i] = {KEYS[i], 3 * i - 1} end
+for j = 1, (#KEYS - n) / 2 do
+  local key, set = KEYS[n + 2 * j - 1], KEYS[n + 2 * j]
+  local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now)
+  if #gone > 0 then
+    redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
+    if redis.call('EXISTS', key) == 1 then
+      local back = 0
+      for _, member in ipairs(gone) do back = back + tonumber(string.match(member, '|(.+)$')) end
+      redis.call('INCRBYFLOAT', key, string.format('%.17g', -back))
+    end
+  end
+  checks[n + j] = {key, 3 * n + 5 * j - 3}
 end
-for i = 1, #KEYS do
-  redis.call('INCRBYFLOAT', KEYS[i], ARGV[3 * i - 2])
-  if ARGV[3 * i] ~= '' and redis.call('PTTL', KEYS[i]) == -1 then redis.call('PEXPIRE', KEYS[i], ARGV[3 * i]) end
+for i, check in ipairs(checks) do
+  local total = tonumber(redis.call('GET', check[1]) or '0')
+  if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
+end
+local function add(key, at)
+  redis.call('INCRBYFLOAT', key, ARGV[at])
+  if ARGV[at + 2] ~= '' and redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[at + 2]) end
+end
+for i, check in ipairs(checks) do add(check[1], check[2]) end
+for j = 1, #checks - n do
+  local at, set = checks[n + j][2], KEYS[n + 2 * j]
+  redis.call('ZADD', set, now + tonumber(ARGV[at + 4]), ARGV[at + 3])
+  if ARGV[at + 2] ~= '' and redis.call('PTTL', set) == -1 then redis.call('PEXPIRE', set, ARGV[at + 2]) end
 end
 return {0, ''}
+"""
+# End holds: per hold KEYS its key and hold set, ARGV member, what to add while it is still held
+# (actual - held), what to add once it is gone (actual), ttl ms of a key created here (a held key
+# exists: its hold was added to it).
+_UNHOLD = """
+for j = 1, #KEYS / 2 do
+  local key, at = KEYS[2 * j - 1], 4 * j - 3
+  if redis.call('ZREM', KEYS[2 * j], ARGV[at]) == 1 then
+    if tonumber(ARGV[at + 1]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[at + 1]) end
+  elseif tonumber(ARGV[at + 2]) ~= 0 then
+    if ARGV[at + 3] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[at + 3]) end
+    redis.call('INCRBYFLOAT', key, ARGV[at + 2])
+  end
+end
+return 1
 """
 # The response cache's bounded write: the entry, then its slot in the ring (the oldest entry goes).
 _BOUNDED = """
@@ -55,12 +107,47 @@ return 0
 """
 
 
+class _Outage:
+    """When the server last timed out; until ``retry_s`` after that, it is not asked."""
+
+    def __init__(self, url: str, retry_s: float) -> None:
+        self.url = url
+        self.retry_s = retry_s
+        self.until = 0.0
+
+    def check(self) -> None:
+        if time.monotonic() < self.until:
+            raise StoreError(f"redis {self.url} did not answer; not asked again for up to {self.retry_s:g} s")
+
+    def note(self, error: BaseException) -> None:
+        import redis
+
+        if isinstance(error, redis.TimeoutError):
+            self.until = time.monotonic() + self.retry_s
+
+
+def _guarded(method: F) -> F:
+    """Fail fast while the server hangs (see :class:`_Outage`); note a timeout."""
+
+    @functools.wraps(method)
+    def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        self._outage.check()
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self._outage.note(exc)
+            raise
+
+    return run  # type: ignore[return-value]
+
+
 class _Batch:
     """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
 
-    def __init__(self, client: Any, scripts: tuple[Any, ...]) -> None:
+    def __init__(self, client: Any, scripts: tuple[Any, ...], outage: _Outage) -> None:
         self.client = client
         self.scripts = scripts
+        self.outage = outage
         self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any]]] = []
 
     def submit(self, queue: Callable[[Any, Any], Any]) -> asyncio.Future[Any]:
@@ -81,8 +168,10 @@ class _Batch:
             queue(pipe, self.scripts)
             sizes.append(len(pipe.command_stack) - before)
         try:
+            self.outage.check()
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
+            self.outage.note(exc)
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -101,15 +190,22 @@ def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
+def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
+    """Time out after ``timeout_s``; retry once at once on a broken connection (a server that
+    restarted), never on a timeout."""
+    import redis
+    from redis.backoff import NoBackoff
+
+    return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
+            "retry": retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
+
+
 def _ms(ttl_s: float | None) -> str:
     return str(max(1, int(ttl_s * 1000))) if ttl_s else ""
 
 
-def _within_args(entries: Sequence[Within]) -> list[str]:
-    args: list[str] = []
-    for _, amount, limit, ttl_s in entries:
-        args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
-    return args
+def _member(hold: str, amount: float) -> str:
+    return f"{hold}|{float(amount)!r}"
 
 
 def _refusal(answer: Any) -> Refusal | None:
@@ -124,15 +220,18 @@ class RedisStore:
     out as one pipeline on one asyncio client (each script stays atomic), so a thousand concurrent
     calls share a few round trips."""
 
-    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, socket_timeout_s: float = 1.0,
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, timeout_s: float = 0.5,
                  prefix: str = "rm:") -> None:
         import redis
 
-        self.client: Any = redis.Redis.from_url(url, socket_timeout=socket_timeout_s,
-                                                socket_connect_timeout=socket_timeout_s)
+        # Threads beyond the pool's connections wait for one (up to timeout_s) rather than fail at once.
+        pool = redis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=timeout_s,
+                                                     **_client_options(timeout_s, redis.retry.Retry))
+        self.client: Any = redis.Redis(connection_pool=pool)
         self.url = url
         self.prefix = prefix
-        self._timeout = socket_timeout_s
+        self._timeout = timeout_s
+        self._outage = _Outage(url, timeout_s)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
         self._incr = self.client.register_script(_INCR)
         self._cas = self.client.register_script(_CAS)
@@ -143,28 +242,47 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return self.prefix + key
 
+    @_guarded
     def get(self, key: str) -> bytes | None:
         value = self.client.get(self._k(key))
         return bytes(value) if value is not None else None
 
+    @_guarded
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self.client.set(self._k(key), value, px=int(ttl_s * 1000) if ttl_s else None)
 
+    @_guarded
     def delete(self, key: str) -> None:
         self.client.delete(self._k(key))
 
+    @_guarded
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
 
-    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
-        if not entries:
-            return None
-        return _refusal(self._within(keys=[self._k(e[0]) for e in entries], args=_within_args(entries)))
+    def _held(self, key: str) -> str:
+        """The sorted set of ``key``'s holds."""
+        return self._k(f"{key}#held")
 
-    async def aadd_within(self, entries: Sequence[Within]) -> Refusal | None:
-        if not entries:
+    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold]) -> tuple[list[str], list[str]]:
+        keys, args = [self._k(e[0]) for e in entries], [str(len(entries))]
+        for _, amount, limit, ttl_s in entries:
+            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
+        for key, amount, limit, ttl_s, hold, hold_s in holds:
+            keys += [self._k(key), self._held(key)]
+            args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s), _member(hold, amount), _ms(hold_s)]
+        return keys, args
+
+    @_guarded
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+        if not entries and not holds:
             return None
-        keys, args = [self._k(e[0]) for e in entries], _within_args(entries)
+        keys, args = self._within_call(entries, holds)
+        return _refusal(self._within(keys=keys, args=args))
+
+    async def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+        if not entries and not holds:
+            return None
+        keys, args = self._within_call(entries, holds)
         return _refusal(await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[0], keys, args)))
 
     async def aget(self, key: str) -> bytes | None:
@@ -176,23 +294,30 @@ class RedisStore:
         args = [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
         await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
 
+    @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
                       args=[value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")])
 
+    @_guarded
     def samples(self, key: str) -> list[float]:
         return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
-    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        if entries or samples:
-            self._queue(self.client.pipeline(transaction=False), entries, samples).execute()
+    @_guarded
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                 releases: Sequence[Release] = ()) -> None:
+        if entries or samples or releases:
+            self._queue(self.client.pipeline(transaction=False), entries, samples, releases).execute()
 
-    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
-        if entries or samples:
-            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples))
+    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                        releases: Sequence[Release] = ()) -> None:
+        if entries or samples or releases:
+            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases))
 
-    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample]) -> Any:
-        """Native commands only (a pipeline of scripts would check them on every batch)."""
+    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample],
+               releases: Sequence[Release] = ()) -> Any:
+        """Native commands only (a pipeline of registered scripts would check them on every batch;
+        the releases go as one EVAL)."""
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
@@ -202,6 +327,12 @@ class RedisStore:
             pipe.ltrim(self._k(key), -keep, -1)
             if ttl_s:
                 pipe.pexpire(self._k(key), max(1, int(ttl_s * 1000)))
+        if releases:
+            keys, args = [], []
+            for key, hold, held, actual, ttl_s in releases:
+                keys += [self._k(key), self._held(key)]
+                args += [_member(hold, held), repr(float(actual) - float(held)), repr(float(actual)), _ms(ttl_s)]
+            pipe.eval(_UNHOLD, len(keys), *keys, *args)
         return pipe
 
     def _batch(self) -> _Batch:
@@ -211,12 +342,14 @@ class RedisStore:
         found = self._async.get(loop)
         if found is None:
             from redis.asyncio import Redis
+            from redis.asyncio.retry import Retry
 
-            client = Redis.from_url(self.url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout)
+            client = Redis.from_url(self.url, **_client_options(self._timeout, Retry))
             scripts = (client.register_script(_WITHIN), client.register_script(_BOUNDED))
-            found = self._async[loop] = _Batch(client, scripts)
+            found = self._async[loop] = _Batch(client, scripts, self._outage)
         return found
 
+    @_guarded
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         flag = "" if expected is None else "1"
         return bool(self._cas(keys=[self._k(key)], args=[flag, expected or b"", value, _ms(ttl_s)]))
@@ -233,3 +366,4 @@ class RedisStore:
 
     def close(self) -> None:
         self.client.close()
+        self.client.connection_pool.disconnect()  # a pool given to the client is not closed with it

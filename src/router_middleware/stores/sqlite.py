@@ -11,9 +11,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from .base import TOLERANCE, Addition, Refusal, Sample, StoreError, Within, token_lock
+from .base import TOLERANCE, Addition, Hold, Refusal, Release, Sample, StoreError, Within, token_lock
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
+HOLDS = ("CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, hold TEXT NOT NULL, amount REAL NOT NULL, "
+         "expires REAL NOT NULL, PRIMARY KEY (key, hold))")
 
 
 class SQLiteStore:
@@ -24,6 +26,7 @@ class SQLiteStore:
         try:
             with self._tx() as db:
                 db.execute(SCHEMA)
+                db.execute(HOLDS)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a usable SQLite store ({exc})") from None
 
@@ -89,21 +92,43 @@ class SQLiteStore:
                    (key, repr(value).encode(), expires))
         return value
 
-    def add_within(self, entries: Sequence[Within]) -> Refusal | None:
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
         with self._tx() as db:
-            for index, (key, amount, limit, _) in enumerate(entries):
+            now = time.time()
+            for key, *_ in holds:
+                self._expire_holds(db, key, now)
+            checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
+            for index, (key, amount, limit) in enumerate(checks):
                 current = self._current(db, key)
                 total = float(current[0]) if current else 0.0
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
+            for key, amount, _, ttl_s, hold, hold_s in holds:
+                self._add(db, key, amount, ttl_s)
+                db.execute("INSERT OR REPLACE INTO holds (key, hold, amount, expires) VALUES (?, ?, ?, ?)",
+                           (key, hold, amount, now + hold_s))
             return None
 
-    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = ()) -> None:
+    def _expire_holds(self, db: sqlite3.Connection, key: str, now: float) -> None:
+        expired = db.execute("SELECT COALESCE(SUM(amount), 0) FROM holds WHERE key = ? AND expires <= ?",
+                             (key, now)).fetchone()[0]
+        if expired:
+            db.execute("DELETE FROM holds WHERE key = ? AND expires <= ?", (key, now))
+            if self._current(db, key) is not None:
+                self._add(db, key, -float(expired), None)
+
+    def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                 releases: Sequence[Release] = ()) -> None:
         with self._tx() as db:
             for key, amount, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
+            for key, hold, held, actual, ttl_s in releases:
+                counted = db.execute("DELETE FROM holds WHERE key = ? AND hold = ?", (key, hold)).rowcount
+                delta = actual - held if counted else actual
+                if delta:
+                    self._add(db, key, delta, ttl_s)
             for key, value, keep, ttl_s in samples:
                 current = self._current(db, key)
                 recent = [*(json.loads(current[0]) if current else []), value][-keep:]
