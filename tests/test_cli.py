@@ -191,7 +191,7 @@ def test_a_missing_extra_is_named_at_config_load(monkeypatch, config, extra, mod
 
     from router_middleware import semantic
 
-    missing = module or semantic.LOCAL_MODEL_MODULE
+    missing = module or semantic.LOCAL_MODEL_MODULES[0]
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
     with pytest.raises(MissingExtra, match=rf"pip install 'router-middleware\[{extra}\]'"):

