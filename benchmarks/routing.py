@@ -104,7 +104,7 @@ def main() -> int:
     print(f"\nscoring one arena-bench prompt: fitted p50 {statistics.median(times) * 1e3:.3f} ms "
           f"(p90 {statistics.quantiles(times, n=10)[-1] * 1e3:.3f} ms), heuristic p50 "
           f"{statistics.median(heuristic) * 1e3:.3f} ms")
-    print("APGR fitted/heuristic/litellm/random: " + "; ".join(summary))
+    print("summary: APGR fitted/heuristic/litellm/random: " + "; ".join(summary))
     return 0
 
 
