@@ -162,6 +162,28 @@ class Tier(_Strict):
     alias: str
 
 
+class ScorerConfig(_Strict):
+    """What scores a request's difficulty for ``tiers``: the hand-set heuristic (``fitted`` unset), or
+    a fitted file (``bundled``: the one shipped, or a ``fit-router`` output path). ``strength``: a
+    model's strength on the fitted file's scale (its mean judged score, 0..1), for models it lacks."""
+
+    fitted: str | None = None
+    strength: dict[str, float] = Field(default_factory=dict)
+
+    def model_post_init(self, __context: Any) -> None:
+        for name, value in self.strength.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"strength of {name!r} is {value}; give a number in 0..1 (its mean judged score)")
+        if self.fitted is not None:
+            from .errors import RouterMiddlewareError
+            from .routing.fitted import load_fitted
+
+            try:
+                load_fitted(self.fitted)
+            except RouterMiddlewareError as exc:  # names the file and what is wrong with it
+                raise ValueError(str(exc)) from None
+
+
 class FallbackConfig(_Strict):
     attempts_per_model: int = Field(default=1, ge=1)
     backoff_s: float = Field(default=0.5, ge=0)
@@ -251,6 +273,7 @@ class RoutingConfig(_Strict):
         default_factory=dict)
     weights: dict[str, float] = Field(default_factory=dict)  # for "weighted": target -> weight (default 1)
     tiers: list[Tier] = Field(default_factory=list)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     allow_providers: list[str] = Field(default_factory=list)
     deny_providers: list[str] = Field(default_factory=list)
     require_reasoning_support: bool = False
@@ -263,6 +286,11 @@ class RoutingConfig(_Strict):
     limits: dict[str, RateLimit] = Field(default_factory=dict)  # target (model id or deployment) -> our limits
     free_tier: FreeTierConfig = Field(default_factory=FreeTierConfig)
 
+    def tier_model(self, tier: Tier) -> str:
+        """The model a tier's strength is looked up by: its alias's first target (a deployment's model)."""
+        first = (self.aliases.get(tier.alias) or [""])[0]
+        return self.deployments[first].model if first in self.deployments else first
+
     def model_post_init(self, __context: Any) -> None:
         for budget in self.budgets:
             if budget.downgrade_to and budget.downgrade_to not in self.aliases:
@@ -270,6 +298,16 @@ class RoutingConfig(_Strict):
         for tier in self.tiers:
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
+        if self.scorer.fitted is not None:
+            from .routing.fitted import load_fitted
+
+            fitted = load_fitted(self.scorer.fitted)
+            for tier in self.tiers:
+                model = self.tier_model(tier)
+                if model and fitted.strength_of(model, self.scorer.strength) is None:
+                    raise ValueError(f"tier {tier.alias!r}: the fitted scorer has no strength for {model!r}; "
+                                     f"add it under routing.scorer.strength (0..1, e.g. "
+                                     f"gpt-4-1106-preview is {fitted.strength.get('gpt-4-1106-preview', 0.87)})")
         for name, models in self.aliases.items():
             if not models:
                 raise ValueError(f"alias {name!r} has no models")

@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from .cache import keyed_params, namespace
 from .messages import text_of

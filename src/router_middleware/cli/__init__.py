@@ -1,6 +1,7 @@
 """The ``router-middleware`` command (also ``python -m router_middleware``): ``demo`` on the bundled
 sessions, ``replay`` recorded sessions, ``report`` from a ledger, ``ledger drain`` its spool,
-``route-eval`` the difficulty scorer on a labelled CSV. Errors print one line and exit with 2."""
+``route-eval`` a difficulty scorer on a labelled CSV, ``fit-router`` fit one from judgments.
+Errors print one line and exit with 2."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from ..errors import RouterMiddlewareError
 from .commands import (
     bundled_sessions,
     cmd_demo,
+    cmd_fit_router,
     cmd_ledger_drain,
     cmd_replay,
     cmd_report,
@@ -59,8 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("files", nargs="+", help="CSV files, folders or globs with a 'prompt' column (concatenated)")
     ev.add_argument("--weak", required=True, help="column with the weak model's score (number or true/false)")
     ev.add_argument("--strong", required=True, help="column with the strong model's score")
+    ev.add_argument("--scorer", default="heuristic",
+                    help="heuristic (default), fitted (the bundled fit) or fitted:FILE (a fit-router file)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_route_eval)
+    fit = sub.add_parser("fit-router", help="fit the difficulty scorer from judged prompts (CSV: prompt + a "
+                         "score column per model)")
+    fit.add_argument("files", nargs="+", help="CSV files, folders or globs; each argument weighs the same")
+    fit.add_argument("--out", required=True, help="the JSON file to write (point routing.scorer.fitted at it)")
+    fit.add_argument("--hold-out", type=int, default=0, metavar="N",
+                     help="leave out the prompts whose CRC-32 is divisible by N (for a held-out check)")
+    fit.set_defaults(func=cmd_fit_router)
     return parser
 
 

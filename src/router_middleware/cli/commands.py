@@ -125,11 +125,31 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_route_eval(args: argparse.Namespace) -> int:
-    from ..routing import load_examples, route_eval, score_text
+def _scorer(spec: str, weak: str) -> Callable[[str], float]:
+    """``heuristic``, ``fitted`` or ``fitted:FILE`` as a text -> score function for route-eval."""
+    from ..routing import score_text
+    from ..routing.fitted import load_fitted
 
+    kind, _, path = spec.partition(":")
+    if kind == "heuristic" and not path:
+        return score_text
+    if kind != "fitted":
+        raise RouterMiddlewareError(f"--scorer {spec!r}: expected heuristic, fitted or fitted:FILE")
+    fitted = load_fitted(path or None)
+    strength = fitted.strength_of(weak)
+    if strength is None:
+        _warn(f"the fitted file has no strength for {weak!r}: using the mean (the ranking, and so APGR and CPT, "
+              "do not depend on it)")
+        strength = fitted.mean_strength()
+    return lambda text: 1.0 - fitted.p_good(fitted.difficulty(text), strength)
+
+
+def cmd_route_eval(args: argparse.Namespace) -> int:
+    from ..routing import load_examples, route_eval
+
+    scorer = _scorer(args.scorer, args.weak)
     result = route_eval(load_examples(expand_paths(args.files, ".csv", "CSV files"), args.weak, args.strong),
-                        score_text)
+                        scorer)
     if result["weak_quality"] == result["strong_quality"]:
         _warn(f"{args.weak!r} and {args.strong!r} have the same mean score ({result['weak_quality']:.3f}): "
               "there is no gap to recover, so APGR and CPT are meaningless here")
@@ -139,6 +159,22 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
         print(f"{result['n']:,} prompts: APGR {result['apgr']:.3f} (random {result['random_apgr']:.3f}), "
               f"CPT(50%) {result['cpt50']:.1%}, CPT(80%) {result['cpt80']:.1%} of calls to the strong model; "
               f"quality weak {result['weak_quality']:.3f}, strong {result['strong_quality']:.3f}")
+    return 0
+
+
+def cmd_fit_router(args: argparse.Namespace) -> int:
+    from ..routing.fitting import fit_router, load_judgments
+
+    out = output_file("--out", args.out)
+    sources = [[j for path in expand_paths([arg], ".csv", "CSV files") for j in load_judgments(path)]
+               for arg in args.files]
+    fit = fit_router(sources, args.files, hold_out=args.hold_out)
+    data = {**fit.scorer.as_dict(), "fitted_on": fit.sources,
+            "held_out": f"crc32(prompt) % {args.hold_out} == 0" if args.hold_out else None}
+    out.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
+    strengths = ", ".join(f"{m} {s:.2f}" for m, s in sorted(fit.scorer.strength.items(), key=lambda kv: -kv[1]))
+    print(f"fitted on {fit.rows:,} prompts; wrote {out} (a {fit.scorer.a:.2f}, b {fit.scorer.b:.2f}); "
+          f"strengths: {strengths}")
     return 0
 
 

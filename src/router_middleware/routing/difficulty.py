@@ -46,8 +46,13 @@ def score_text(text: str, *, tools: int = 0, step_kind: str | None = None) -> fl
     return _squash(x)
 
 
+def request_text(messages: Sequence[Message]) -> str:
+    """The text a request is scored by: its last user turn (or its last message)."""
+    last = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1] if messages else {})
+    return text_of(last)
+
+
 def score_request(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] = (),
                   step_kind: str | None = None) -> float:
     """Score the last user turn (or the last message), with the request's tools and step kind."""
-    last = next((m for m in reversed(messages) if m.get("role") == "user"), messages[-1] if messages else {})
-    return score_text(text_of(last), tools=len(tools), step_kind=step_kind)
+    return score_text(request_text(messages), tools=len(tools), step_kind=step_kind)

@@ -31,7 +31,8 @@ from ..policies import Policy, PolicyState
 from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, Plan
 from .budgets import over_soft_limit
-from .difficulty import score_request
+from .difficulty import request_text, score_request
+from .fitted import load_fitted
 from .quotas import exhausted, free_variant, quotas_for
 
 
@@ -112,11 +113,23 @@ class RoutingPolicy:
         return list(dict.fromkeys(out))
 
     def _tier(self, plan: Plan) -> tuple[str, float]:
-        score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
-        for tier in self.config.tiers:
+        """The first tier whose score is within its ``max_score``. Heuristic: one difficulty score for
+        all tiers; fitted: each tier's score is P(its model is not good enough on this request)."""
+        scorer = self.config.scorer
+        if scorer.fitted is None:
+            score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
+            scores = [score] * len(self.config.tiers)
+        else:
+            fitted = load_fitted(scorer.fitted)
+            difficulty = fitted.difficulty(request_text(plan.messages))
+            scores = []
+            for tier in self.config.tiers:
+                strength = fitted.strength_of(self.config.tier_model(tier), scorer.strength)
+                scores.append(1.0 - fitted.p_good(difficulty, fitted.mean_strength() if strength is None else strength))
+        for tier, score in zip(self.config.tiers, scores, strict=True):
             if score <= tier.max_score:
                 return tier.alias, score
-        return self.config.tiers[-1].alias, score
+        return self.config.tiers[-1].alias, scores[-1]
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
         cooling = state.cooldowns.get(name)
