@@ -79,7 +79,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         input_tokens=usage.input_tokens, cached_tokens=usage.cache_read_tokens,
         cache_write_tokens=usage.cache_write_tokens, output_tokens=usage.output_tokens,
         reasoning_tokens=usage.reasoning_tokens,
-        cost_usd=None if cost.total_usd is None else cost.total_usd + summaries,  # unknown stays unknown
+        cost_usd=_cost(outcome, summaries),
         input_cost_usd=cost.input_usd,
         output_cost_usd=cost.output_usd, cache_read_cost_usd=cost.cache_read_usd,
         cache_write_cost_usd=cost.cache_write_usd, reasoning_cost_usd=cost.reasoning_usd,
@@ -90,3 +90,13 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
     )
+
+
+def _cost(outcome: Outcome, summaries: float) -> float | None:
+    """The row's cost: the call's plus its summaries'. A call that was answered by a model with no
+    price is unknown (never 0); a call that reached no model (refused, failed) cost its summaries."""
+    if outcome.cost.total_usd is not None:
+        return outcome.cost.total_usd + summaries
+    if outcome.usage.source == "none" and summaries:
+        return summaries
+    return None
