@@ -29,9 +29,9 @@ def test_throughput_smoke(redis_url) -> None:
     assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: calls/s")
 
 
-@pytest.mark.parametrize("script", ["context.py", "routing.py"])
+@pytest.mark.parametrize("script", ["context.py", "routing.py", "routed_replay.py"])
 def test_quality_benchmarks_smoke(script: str) -> None:
-    args = ("--limit", "1") if script == "context.py" else ()
+    args = ("--limit", "1") if script in ("context.py", "routed_replay.py") else ()
     out = _run(script, *args)
     assert out.strip().splitlines()[-1].startswith("summary:")
 

@@ -38,6 +38,22 @@ def test_deepseek_cached_share_within_3_points(full_replay) -> None:
     assert abs(stats["baseline_cached_share"] - stats["recorded_cached_share"]) <= 0.03
 
 
+def test_gemini_cached_share_within_5_points(full_replay) -> None:
+    """Gemini's implicit cache: 2048-token steps and a 94% hit rate, measured on the recordings."""
+    stats = full_replay["fidelity"]["openrouter/google/gemini-3-pro-preview"]
+    assert abs(stats["baseline_cached_share"] - stats["recorded_cached_share"]) <= 0.05
+
+
+def test_cache_sim_hit_rate_and_unit() -> None:
+    from router_middleware.catalog import CacheRules
+    from router_middleware.replay.cachesim import PromptCacheSim
+
+    sim = PromptCacheSim(CacheRules(min_tokens=2048, unit=2048, hit_rate=0.5))
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    assert sim.request(["a"], [5000], messages[:1]).read == 0
+    assert sim.request(["a", "b"], [5000, 6000], messages).read == 2048  # 4096 cached, credited at 50%
+
+
 def test_recorded_priced_matches_reported(full_replay) -> None:
     for model, stats in full_replay["fidelity"].items():
         tolerance = 0.01 if model.startswith("deepseek") else 0.05
@@ -141,3 +157,57 @@ def test_replay_reports_reasoning_recorded_vs_capped(agent_session_paths) -> Non
     assert recorded > 0 and optimized < recorded
     assert report["optimized"]["output_tokens"] == report["baseline"]["output_tokens"] - (recorded - optimized)
     assert report["optimized"]["cost_usd"] < report["baseline"]["cost_usd"]
+
+
+# --- routed replay (--route) ----------------------------------------------------------------------
+
+CHEAP, STRONG = "deepseek/deepseek-chat", "openrouter/google/gemini-3-pro-preview"
+AUTO = {"context": {"enabled": False}, "routing": {
+    "aliases": {"cheap": [CHEAP], "strong": [STRONG]},
+    "tiers": [{"max_score": 0.7, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}]}}
+
+
+def test_routed_replay_counts_calls_switches_and_costs() -> None:
+    sessions = [load_session(p) for p in bundled_sessions()]
+    data = replay(sessions, Pipeline.from_config(AUTO), route="auto").as_dict()
+    total = data["routed"]
+    assert total["models"] == [CHEAP, STRONG]
+    assert sum(total["calls_per_model"].values()) == total["calls"] == data["calls"]
+    assert all(n > 0 for n in total["calls_per_model"].values())  # both tiers are used
+    assert total["switches"] >= 1
+    assert total["switches"] == sum(s["routed"]["switches"] for s in data["per_session"])
+    assert total["median_switches_per_session"] >= 0 and total["sessions"] == len(sessions)
+    for key in ("cost_usd", "cache_lost_usd"):
+        assert total[key] == pytest.approx(sum(s["routed"][key] for s in data["per_session"]), abs=1e-5)
+    assert total["cache_lost_usd"] > 0  # a switch back finds a colder cache than always-that-model
+    for model in (CHEAP, STRONG):
+        assert total["always"][model]["cost_usd"] is not None
+    assert total["always"][CHEAP]["cost_usd"] < total["always"][STRONG]["cost_usd"]
+    assert total["routed"]["cost_usd"] == total["cost_usd"]
+
+
+@pytest.mark.parametrize("model", [CHEAP, STRONG])
+def test_routed_replay_on_one_model_equals_always_that_model(model) -> None:
+    config = {"context": {"enabled": False}, "routing": {"aliases": {"only": [model]}}}
+    session = load_session(bundled_sessions()[0])
+    total = replay([session], Pipeline.from_config(config), route="only").as_dict()["routed"]
+    assert total["calls_per_model"] == {model: len(session.calls)}
+    assert total["switches"] == 0 and total["cache_lost_usd"] == 0
+    assert total["routed"] == total["always"][model]
+
+
+def test_replay_without_route_has_no_routed_block() -> None:
+    data = replay([load_session(bundled_sessions()[0])], Pipeline.from_config(AUTO)).as_dict()
+    assert "routed" not in data and "routed" not in data["per_session"][0]
+
+
+def test_route_cli_table_and_errors(capsys) -> None:
+    from .conftest import ROOT
+
+    config = str(ROOT / "benchmarks" / "configs" / "auto.yaml")
+    assert main(["replay", *bundled_sessions(), "--config", config, "--route", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "routed through 'auto'" in out and "deepseek-chat alone" in out and "switches" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert main(["replay", bundled_sessions()[0], "--config", config, "--route", "nope"]) == 2
+    assert "--route 'nope' is not an alias" in capsys.readouterr().err

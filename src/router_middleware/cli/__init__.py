@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("paths", nargs="+", help="session JSON files, folders or globs")
     rp.add_argument("--config", help="YAML/JSON config for the optimized account")
     rp.add_argument("--model", help="price sessions with this model (default: the session's own)")
+    rp.add_argument("--route", metavar="ALIAS",
+                    help="also plan each call with this routing alias of --config as its model (auto: the "
+                         "difficulty tiers) and price it on the model chosen, beside each model alone")
     rp.add_argument("--json", action="store_true", help="print one JSON object")
     rp.add_argument("--compact", action="store_true", help="with --json: one line")
     rp.add_argument("--no-provider-cache", action="store_true", help="account as if there were no prompt cache")

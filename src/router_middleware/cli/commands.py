@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import RouterMiddlewareError
 from .inputs import expand_paths, output_file, time_option
-from .tables import print_report, replay_table, unpriced
+from .tables import print_report, replay_table, routed_table, unpriced
 
 if TYPE_CHECKING:
     from ..replay import ReplayReport
@@ -29,7 +29,7 @@ def _warn(text: str) -> None:
 
 
 def _run_replay(paths: list[str], config: str | None, model: str | None, provider_cache: bool, *,
-                show_progress: bool, ledger: str | None = None) -> ReplayReport:
+                show_progress: bool, ledger: str | None = None, route: str | None = None) -> ReplayReport:
     """Replay ``paths``; with ``ledger`` the rows are written there (the ledger is opened first, so a
     bad path fails before any replaying)."""
     from ..ledger import LedgerRecord, open_ledger
@@ -43,7 +43,7 @@ def _run_replay(paths: list[str], config: str | None, model: str | None, provide
         rows: list[LedgerRecord] = []
         with _progress(show_progress, sum(len(s.calls) for s in sessions)) as advance:
             report = replay(sessions, pipeline, model=model, provider_cache=provider_cache,
-                            ledger=rows.append if db else None, on_call=advance)
+                            ledger=rows.append if db else None, on_call=advance, route=route)
         if db is not None:
             db.insert(rows, replace=True)
             print(f"wrote {len(rows):,} rows to the ledger {db.url} (a call replayed again replaces its row)",
@@ -73,12 +73,15 @@ def _progress(show: bool, total: int) -> Iterator[Callable[[], None] | None]:
 def cmd_replay(args: argparse.Namespace) -> int:
     report = _run_replay(expand_paths(args.paths, ".json", "session files"), args.config, args.model,
                          not args.no_provider_cache, show_progress=not args.json and sys.stderr.isatty(),
-                         ledger=args.ledger)
+                         ledger=args.ledger, route=args.route)
     if args.json:
         print(json.dumps(report.as_dict(), indent=None if args.compact else 2))
     else:
         config = f"the config {args.config}" if args.config else "the default config"
         print(replay_table(report, f"recorded vs baseline (no middleware) vs optimized ({config})", config))
+        routed = report.routed()
+        if routed is not None:
+            print("\n" + routed_table(report.sessions, routed))
     return 0
 
 

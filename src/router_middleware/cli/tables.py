@@ -7,8 +7,9 @@ import textwrap
 from collections.abc import Iterator
 from typing import Any
 
-from ..replay import ReplayReport
-from ..replay.runner import Account, Recorded
+from ..replay import ReplayReport, SessionReport
+from ..replay.accounts import Account, Recorded
+from ..replay.routed import RoutedAccount
 
 WIDTHS = (22, 9, 11, 6, 10, 11)  # label, account, input tokens, cached, cost, vs baseline
 HEADER = ("session / model", "account", "input tok", "cached", "cost", "vs baseline")
@@ -68,6 +69,49 @@ def replay_table(report: ReplayReport, title: str, config: str) -> str:
                 f"retention: {totals['retention']:.3f}", ""]
     out += textwrap.wrap(LEGEND.format(config=config), width=80)
     return "\n".join(out)
+
+
+ROUTED_WIDTHS = (22, 26, 6, 10)  # label, account, calls routed there, cost
+ROUTED_LEGEND = ("routed: each call planned with the alias as its model and priced on the model chosen, "
+                 "one simulated prompt cache per model (a switch finds the new model's cache as earlier calls "
+                 "routed there left it); <model> alone: the same requests all priced on that model; calls: how "
+                 "many the router sent there. cache lost: what the routed calls paid over the same calls on the "
+                 "same model with a cache warmed by every earlier call.")
+
+
+def _routed_line(cells: tuple[str, str, str, str]) -> str:
+    label, account, calls, cost = cells
+    w = ROUTED_WIDTHS
+    return f"{label:<{w[0]}}  {account:<{w[1]}}  {calls:>{w[2]}}  {cost:>{w[3]}}".rstrip()
+
+
+def _routed_block(labels: list[str], routed: RoutedAccount) -> list[str]:
+    rows = [("routed", f"{sum(routed.calls.values()):,}", money(routed.routed.cost))]
+    rows += [(_fit(f"{m.rsplit('/', 1)[-1]} alone", ROUTED_WIDTHS[1]), f"{routed.calls.get(m, 0):,}",
+              money(routed.always[m].cost)) for m in routed.models if m in routed.always]
+    lines = []
+    for i in range(max(len(labels), len(rows))):
+        label = _fit(labels[i]) if i < len(labels) else ""
+        lines.append(_routed_line((label, *(rows[i] if i < len(rows) else ("", "", "")))))
+    return lines
+
+
+def _lost(routed: RoutedAccount) -> str:
+    return money(None if routed.routed.cost is None else routed.cache_lost_usd)
+
+
+def routed_table(sessions: list[SessionReport], total: RoutedAccount) -> str:
+    """The routed replay as text within 80 columns: per session and in total, the routed cost and
+    each model alone, with the calls sent to each model, the switches and the cache lost to them."""
+    header = _routed_line(("session / switches", "account", "calls", "cost"))
+    out = [f"routed through {total.alias!r}", "", header, "-" * len(header)]
+    for s in sessions:
+        if s.routed is not None:
+            out += _routed_block([s.id, f"{s.routed.switches:,} switches", f"lost {_lost(s.routed)}"], s.routed) + [""]
+    data = total.as_dict(total=True)
+    out += _routed_block(["total", f"{total.switches:,} switches",
+                          f"median {data['median_switches_per_session']}/session", f"lost {_lost(total)}"], total)
+    return "\n".join([*out, "", *textwrap.wrap(ROUTED_LEGEND, width=80)])
 
 
 def unpriced(report: ReplayReport) -> dict[str, list[str]]:

@@ -5,7 +5,8 @@ longest message prefix that an earlier request of the same session (or, for prov
 output such as DeepSeek, an earlier request plus its reply) already sent.
 
 - Implicit caches (OpenAI, DeepSeek, Gemini): every prefix sent is cached; a hit is counted in
-  multiples of ``rules.unit`` and only from ``rules.min_tokens`` on.
+  multiples of ``rules.unit`` and only from ``rules.min_tokens`` on, times ``rules.hit_rate`` (the
+  expected value of a best-effort cache that sometimes misses: deterministic, not sampled).
 - Explicit caches (Anthropic): only prefixes ending at a ``cache_control`` breakpoint are written
   (billed as cache writes) and can be read.
 """
@@ -75,6 +76,8 @@ class PromptCacheSim:
                 hit = i
                 break
         read = self._floor(prefix_tokens[hit]) if hit >= 0 else 0
+        if not self.rules.explicit and self.rules.hit_rate < 1.0:
+            read = round(read * self.rules.hit_rate)
         read = min(read, prefix_tokens[-1])
         write = 0
         if self.rules.explicit:

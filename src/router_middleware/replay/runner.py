@@ -3,7 +3,8 @@
 For each recorded call the request ``messages[:prefix_len]`` is planned twice: by a pass-through
 pipeline (``baseline``) and by the configured one (``optimized``). Each plan is accounted with the
 model's tokenizer (calibrated online from the prompt tokens the provider reported for *earlier* calls
-of the same session), a prompt-cache simulation, and the recorded output tokens, then priced.
+of the same session), a prompt-cache simulation, and the recorded output tokens, then priced. With
+``route`` each call is also planned with a routing alias as its model (:mod:`.routed`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from ..ledger import LedgerRecord, from_outcome
 from ..messages import integrity_violations
 from ..pipeline import Pipeline
 from ..pricing import price
-from ..tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, message_key
+from ..tokens import Calibration, TokenCounter, message_key
 from ..types import AgentContext, Call, Cost, Outcome, Plan, Usage
+from .accounts import Account, Accountant, Recorded
 from .cachesim import PromptCacheSim
 from .retention import retention_counts
+from .routed import RoutedAccount, RoutedSession, route_models
 from .session import Session
 
 DEFAULT_CHAT_MODEL = "deepseek/deepseek-chat"
@@ -69,69 +72,6 @@ def model_for_name(model: str) -> str:
 
 
 @dataclass
-class Account:
-    input_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    output_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: float = 0.0
-    max_request_tokens: int = 0
-
-    unpriced_calls: int = 0  # calls whose model has no price: the cost is unknown, never $0
-
-    @property
-    def cost(self) -> float | None:
-        """The total cost, or None when any call could not be priced."""
-        return None if self.unpriced_calls else self.cost_usd
-
-    def add(self, usage: Usage, cost: float | None) -> None:
-        self.max_request_tokens = max(self.max_request_tokens, usage.input_tokens)
-        self.input_tokens += usage.input_tokens
-        self.cached_tokens += usage.cache_read_tokens
-        self.cache_write_tokens += usage.cache_write_tokens
-        self.output_tokens += usage.output_tokens
-        self.reasoning_tokens += usage.reasoning_tokens
-        if cost is None:
-            self.unpriced_calls += 1
-        else:
-            self.cost_usd += cost
-
-    def merge(self, other: Account) -> None:
-        for name in self.__dataclass_fields__:
-            if name == "max_request_tokens":
-                self.max_request_tokens = max(self.max_request_tokens, other.max_request_tokens)
-            elif name != "has_usage":
-                setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {
-            "input_tokens": self.input_tokens,
-            "cached_tokens": self.cached_tokens,
-            "cache_write_tokens": self.cache_write_tokens,
-            "output_tokens": self.output_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
-            "max_request_tokens": self.max_request_tokens,
-            "cost_usd": None if self.cost is None else round(self.cost, 6),
-            "unpriced_calls": self.unpriced_calls,
-        }
-
-
-@dataclass
-class Recorded(Account):
-    reported_cost_usd: float = 0.0
-    unreported_calls: int = 0  # calls recorded with usage but no cost
-    has_usage: bool = True
-
-    def as_dict(self) -> dict[str, float | int | None]:
-        data = super().as_dict()
-        data["priced_usd"] = data.pop("cost_usd")
-        data["cost_usd"] = None if self.unreported_calls else round(self.reported_cost_usd, 6)
-        data["unreported_calls"] = self.unreported_calls
-        return data
-
-
-@dataclass
 class SessionReport:
     id: str
     path: str
@@ -147,6 +87,7 @@ class SessionReport:
     raw_error: int = 0
     calibrated_error: int = 0
     decisions: Counter[str] = field(default_factory=Counter)
+    routed: RoutedAccount | None = None  # with ``route``: the calls planned with the alias as the model
 
     @property
     def retention(self) -> float:
@@ -165,29 +106,7 @@ class SessionReport:
             "integrity_violations": self.integrity_violations,
             "retention": round(self.retention, 4),
             "decisions": dict(self.decisions),
-        }
-
-
-@dataclass
-class _Accountant:
-    """Token and cost accounting of plans for one session and one account."""
-
-    counter: TokenCounter
-    calibration: Calibration
-    info: ModelInfo | None
-    cache: PromptCacheSim
-
-    def account(self, plan: Plan, reply_key: str, output: int, reasoning: int) -> tuple[Usage, Cost]:
-        keys = [message_key(m) for m in plan.messages]
-        raw = REQUEST_OVERHEAD + self.counter.tools(plan.params.get("tools"))
-        prefix: list[int] = []
-        for message, key in zip(plan.messages, keys, strict=True):
-            raw += self.counter.message(message, key)
-            prefix.append(self.calibration.apply(raw))
-        total = prefix[-1] if prefix else self.calibration.apply(raw)
-        hit = self.cache.request(keys, prefix, plan.messages, reply_key=reply_key)
-        usage = Usage(total, output, min(hit.read, total), hit.write, reasoning, source="estimated")
-        return usage, price(usage, self.info)
+        } | ({"routed": self.routed.as_dict()} if self.routed is not None else {})
 
 
 def replay_session(
@@ -200,7 +119,10 @@ def replay_session(
     ledger: Callable[[LedgerRecord], None] | None = None,
     started_at: float = 0.0,
     on_call: Callable[[], None] | None = None,
+    route: str | None = None,
 ) -> SessionReport:
+    """Replay one session; with ``route`` each call is also planned with that routing alias as its
+    model and priced on the model chosen (see :mod:`.routed`)."""
     baseline = baseline or Pipeline()
     model_id = model_for(session, model)
     calibration = Calibration()
@@ -212,9 +134,14 @@ def replay_session(
     counter = TokenCounter(model_id)
     report = SessionReport(session.id, session.path, model_id, info.source if info else "unknown")
     accountants = {
-        name: _Accountant(counter, calibration, info, PromptCacheSim(rules, enabled=provider_cache))
+        name: Accountant(counter, calibration, info, PromptCacheSim(rules, enabled=provider_cache))
         for name in ("baseline", "optimized")
     }
+    routed = None
+    if route is not None:
+        routed = RoutedSession(route, route_models(optimized.config.routing, route), catalog, model_id,
+                               calibration, provider_cache=provider_cache)
+        routed_state = replace(state, summaries=dict(optimized.state.summaries))
     chat = not session.has_tools
     for step, recorded in enumerate(session.calls):
         request = session.messages[: recorded.prefix_len]
@@ -236,6 +163,10 @@ def replay_session(
             row = _ledger_record(plans, costs, planned_usage, model_id, catalog, info, reasoning - capped,
                                  recorded.ts if recorded.ts is not None else started_at + step)
             ledger(replace(row, call_id=replay_call_id(session, step)))
+        if routed is not None:
+            routed_plan = optimized.plan(Call.create(route or "", request, {}, context), routed_state)
+            capped = min(reasoning, reasoning_cap(routed_plan))
+            routed.add(routed_plan, reply_key, output - (reasoning - capped), capped)
         plan = plans["optimized"]
         report.calls += 1
         report.integrity_violations += 1 if integrity_violations(plan.messages) else 0
@@ -259,6 +190,7 @@ def replay_session(
             report.recorded.has_usage = False
         if on_call is not None:
             on_call()
+    report.routed = routed.account if routed is not None else None
     return report
 
 
@@ -337,9 +269,22 @@ class ReplayReport:
             }
         return out
 
+    def routed(self) -> RoutedAccount | None:
+        """The routed accounts summed over sessions (None without ``route``)."""
+        parts = [s.routed for s in self.sessions if s.routed is not None]
+        if not parts:
+            return None
+        total = RoutedAccount(parts[0].alias, list(parts[0].models))
+        for part in parts:
+            total.merge(part)
+        return total
+
     def as_dict(self) -> dict[str, object]:
         data = self.totals()
         data["fidelity"] = self.fidelity()
+        routed = self.routed()
+        if routed is not None:
+            data["routed"] = routed.as_dict(total=True)
         data["per_session"] = [s.as_dict() for s in self.sessions]
         return data
 
@@ -353,22 +298,29 @@ def replay(
     on_session: Callable[[SessionReport], None] | None = None,
     ledger: Callable[[LedgerRecord], None] | None = None,
     on_call: Callable[[], None] | None = None,
+    route: str | None = None,
 ) -> ReplayReport:
     """Replay ``sessions``; ``ledger`` receives one row per replayed call, stamped with the call's
     recorded ``ts`` or else one second apart, ending just before the replay started.
 
-    Raises ``RouterMiddlewareError`` when ``model`` has no price in the catalog or the config."""
+    With ``route`` (an alias of the config's ``routing``, or ``auto`` with ``tiers``) each call is also
+    planned with the alias as its model: see :mod:`.routed`.
+
+    Raises ``RouterMiddlewareError`` when ``model`` has no price in the catalog or the config, or
+    ``route`` is not an alias of the config."""
     baseline = Pipeline(optimized.config, policies=())
     if model is not None and optimized.catalog.resolve(model_for_name(model)) is None:
         raise RouterMiddlewareError(
             f"--model {model!r} has no price in litellm's catalog or the config's models: section "
             f"(looked up as {model_for_name(model)!r}); use a litellm model id such as deepseek/deepseek-chat")
+    if route is not None:
+        route_models(optimized.config.routing, route)  # refuses an unknown alias before any replaying
     sessions = list(sessions)
     reports = []
     clock = time.time() - sum(len(s.calls) for s in sessions)
     for session in sessions:
         report = replay_session(session, optimized, baseline=baseline, model=model, provider_cache=provider_cache,
-                                ledger=ledger, started_at=clock, on_call=on_call)
+                                ledger=ledger, started_at=clock, on_call=on_call, route=route)
         clock += report.calls
         reports.append(report)
         if on_session is not None:
