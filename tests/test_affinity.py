@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import Any
 
 import pytest
@@ -64,6 +66,9 @@ def test_the_first_call_of_a_session_routes_freely_and_is_remembered() -> None:
     assert remembered(p) == SessionRoute("gpt-4o", "strong")
     other = call(p, [{"role": "user", "content": "hi"}], session="s2")  # another session: free, on its own
     assert other.model == "gpt-4o-mini" and remembered(p, "s2") == SessionRoute("gpt-4o-mini", "cheap")
+    later = asyncio.run(p.acompletion(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                      mock_response="ok", context={"session_id": "s3"}))  # the async path too
+    assert outcome(later).model == "gpt-4o-mini" and remembered(p, "s3") == SessionRoute("gpt-4o-mini", "cheap")
 
 
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
@@ -101,6 +106,15 @@ def test_a_session_moves_when_the_switch_pays_back() -> None:
     call(q, [{"role": "user", "content": HARD}])
     cheap = call(q, history(40))
     assert cheap.model == "gpt-4o-mini" and "pays back after less than 1 call" in decision(cheap, "switch")
+
+
+def test_a_session_leaves_a_model_that_cannot_serve_it() -> None:
+    p = pipeline(models=CLOSE_PRICES)
+    call(p, [{"role": "user", "content": HARD}])
+    p.store.set("cooldown:gpt-4o", str(time.time() + 60).encode())
+    left = call(p, history(40))
+    assert left.model == "gpt-4o-mini"
+    assert re.fullmatch(r"leave gpt-4o: cooling down for \d+s after repeated failures", decision(left, "switch"))
 
 
 def test_a_longer_horizon_lets_the_long_history_move() -> None:
@@ -219,3 +233,52 @@ def test_a_session_record_the_store_cannot_read_routes_freely() -> None:
 
 def test_usd_has_two_significant_digits_and_no_exponent() -> None:
     assert [usd(x) for x in (0.1234, 0.004, 0.0000123, 2.0, 1234.0)] == ["$0.12", "$0.004", "$0.000012", "$2", "$1200"]
+
+
+def test_behind_the_litellm_proxy_a_derived_session_escalates_after_a_traceback() -> None:
+    """The proxy hook (sessions derived from the conversation, as for Cline) and a real litellm Router."""
+    import litellm
+
+    from router_middleware.litellm import RouterLogger
+
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, _seen):
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": f"openai/{model}", "api_base": up, "api_key": "x"}}
+            for name, model in (("cheap", "gpt-4o-mini"), ("strong", "gpt-4o"))])
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"cheap": {"model": "openai/gpt-4o-mini"}, "strong": {"model": "openai/gpt-4o"}},
+                        "aliases": {"easy": ["cheap"], "hard": ["strong"]},
+                        "tiers": [{"max_score": 0.3, "alias": "easy"}, {"max_score": 1.0, "alias": "hard"}]},
+            "cache": {"enabled": False}}), proxy=True).register()
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "hi, run the tests"}]
+        sent: list[str] = []
+        store, written = logger.pipeline.store, []
+        put = store.set
+        store.set = lambda key, *a: put(key, *a) or written.append(key)  # type: ignore[method-assign]
+
+        async def step(n: int) -> None:
+            data = {"model": "auto", "messages": messages, "litellm_call_id": f"p{n}"}
+            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+            sent.append(changed["model"])
+            await router.acompletion(**changed)
+            for _ in range(200):  # the success event settles the call (and writes its route) in the background
+                if len(written) >= n:
+                    break
+                await asyncio.sleep(0.02)
+
+        try:
+            async def run() -> None:
+                await step(1)  # the run's first call: its own session (head-<h>)
+                messages.extend(tool_turn(1, "<returncode>0</returncode>"))
+                await step(2)  # the run's session from here on (head-<h>-<a>)
+                messages.extend(tool_turn(2, "Traceback (most recent call last):\nKeyError: 'x'"))
+                await step(3)
+                for n in (4, 5, 6):  # good steps: held on the strong tier (remembered), back after the third
+                    messages.extend(tool_turn(n, "<returncode>0</returncode>"))
+                    await step(n)
+            asyncio.run(run())
+        finally:
+            logger.unregister()
+    assert sent == ["cheap", "cheap", "strong", "strong", "strong", "cheap"]

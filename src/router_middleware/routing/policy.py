@@ -15,6 +15,12 @@ next one.
 A candidate's window is judged on the request as it would be sent there: with ``fit`` (the context
 policy, which the assembly passes when both are configured), a request over a candidate's window is
 first trimmed for that candidate, and only what still does not fit rejects it.
+
+Through tiers (``auto`` or the ``difficulty`` strategy), a session (``session_id``) has a floor and
+a memory (:mod:`.affinity`): ``step_kind_tiers`` and an escalation after a failed step set the
+lowest tier the step may use, and the target that answered the session's last call (read through
+``PolicyState.sessions``) keeps the session unless it cannot serve the step, sits below that floor,
+or a switch pays back within ``affinity.horizon_calls`` calls (``routing:stay`` / ``routing:switch``).
 """
 
 from __future__ import annotations
@@ -221,8 +227,9 @@ class RoutingPolicy:
         return list(dict.fromkeys(out))
 
     def _tier(self, plan: Plan) -> tuple[int, float]:
-        """The index of the first tier whose score is within its ``max_score``. Heuristic: one difficulty score for
-        all tiers; fitted: each tier's score is P(its model is not good enough on this request)."""
+        """The index of the first tier whose score is within its ``max_score``. Heuristic: one
+        difficulty score for all tiers; fitted: each tier's score is P(its model is not good enough on
+        this request)."""
         scorer = self.config.scorer
         if scorer.fitted is None:
             score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
