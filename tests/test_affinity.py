@@ -282,3 +282,14 @@ def test_behind_the_litellm_proxy_a_derived_session_escalates_after_a_traceback(
         finally:
             logger.unregister()
     assert sent == ["cheap", "cheap", "strong", "strong", "strong", "cheap"]
+
+
+def test_session_route_is_what_a_replay_can_remember_without_a_store() -> None:
+    from router_middleware.routing.affinity import session_route
+
+    p = pipeline()
+    plan = p.plan(p.make_call("auto", [{"role": "user", "content": HARD}], {"session_id": "r"}, {}))
+    assert session_route(plan) == SessionRoute("gpt-4o", "strong")
+    assert session_route(p.plan(p.make_call("auto", [{"role": "user", "content": HARD}], None, {}))) is None
+    assert session_route(p.plan(p.make_call("gpt-4o", [{"role": "user", "content": "hi"}], {"session_id": "r"}, {}))) \
+        is None  # a concrete model is not routed through tiers

@@ -25,11 +25,12 @@ from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
+from ..routing.affinity import session_route
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
 from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
 from ..telemetry import log
-from ..types import AgentContext, Cost, Decision, Outcome, Plan, SessionRoute, Usage
+from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
@@ -345,18 +346,10 @@ class Bookkeeper:
         (no provider saw the prompt), nor after a fallback (its plan has no route decision: the record
         of the last routed call stays)."""
         plan = outcome.plan
-        session = plan.call.context.session_id if plan is not None else None
-        if plan is None or not session or outcome.usage.source == "cache":
-            return
-        route = next((d for d in reversed(plan.decisions) if d.policy == "routing" and "good_steps" in d.attributes),
-                     None)
-        if route is None:
-            return
-        attributes = route.attributes
-        record = SessionRoute(plan.deployment or plan.model, str(attributes["session_tier"]),
-                              str(attributes["escalated_to"]), int(attributes["good_steps"]))
-        self._guard("store_write_failed", self.store.set, SESSION_ROUTE + session, record.encode(),
-                    self.routing.affinity.ttl_s)
+        record = session_route(plan) if plan is not None and outcome.usage.source != "cache" else None
+        if plan is not None and record is not None:
+            self._guard("store_write_failed", self.store.set, SESSION_ROUTE + str(plan.call.context.session_id),
+                        record.encode(), self.routing.affinity.ttl_s)
 
     def summary_claim(self, key: str) -> list[Within]:
         """The store entry that makes one call, across processes, the writer of span ``key``'s summary

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 
 from ..catalog import ModelInfo
-from ..types import Decision
+from ..types import Decision, Plan, SessionRoute
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,3 +124,18 @@ def escalation(tiers: list[str], base: int, held_escalation: str, good: int, fai
         return Escalation(action="return", reason=f"{good} good steps since the escalation to {held_escalation}: "
                                                    "the tier is free again (the cache rule decides a move down)")
     return Escalation(tiers.index(held_escalation), held_escalation, good)
+
+
+def session_route(plan: Plan) -> SessionRoute | None:
+    """What to remember after ``plan``'s call answered: its target and the session's tier and
+    escalation, from its route decision; ``None`` without a session or a tiered route decision (a
+    fallback's plan has none). The bookkeeper stores it; an offline replay can keep it in a dict."""
+    if not plan.call.context.session_id:
+        return None
+    route = next((d for d in reversed(plan.decisions) if d.policy == "routing" and "good_steps" in d.attributes),
+                 None)
+    if route is None:
+        return None
+    attributes = route.attributes
+    return SessionRoute(plan.deployment or plan.model, str(attributes["session_tier"]),
+                        str(attributes["escalated_to"]), int(attributes["good_steps"]))
