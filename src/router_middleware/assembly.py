@@ -21,6 +21,7 @@ from .stores import Store, StoreView, open_store
 from .stores.memory import MemoryStore
 from .telemetry import Redactor, TelemetrySettings
 from .telemetry.attributes import semconv_mode
+from .types import SessionRoute
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def policy_state(store: Store, catalog: Catalog) -> PolicyState:
         latency=StoreView(store, keys.LATENCY, float, fresh_s=lag),
         budget_spent=StoreView(store, keys.BUDGET, float, fresh_s=lag),
         quotas=StoreView(store, keys.QUOTA, float, fresh_s=lag),  # admission re-checks atomically
+        sessions=StoreView(store, keys.SESSION_ROUTE, SessionRoute.decode),  # a session's calls follow each other
     )
 
 

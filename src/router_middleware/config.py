@@ -262,6 +262,25 @@ class Deployment(_Strict):
     timeout_s: float | None = Field(default=None, gt=0)
 
 
+class AffinityConfig(_Strict):
+    """A session (``session_id``) routed through tiers stays on the target holding its prompt cache
+    unless a move pays back within ``horizon_calls`` calls. What it last used is remembered for
+    ``ttl_s`` after each call (about a provider cache's life: Anthropic's default is 5 minutes,
+    refreshed on each hit)."""
+
+    enabled: bool = True
+    horizon_calls: float = Field(default=10.0, gt=0)
+    ttl_s: float = Field(default=300.0, gt=0)
+
+
+class EscalationConfig(_Strict):
+    """After a failed step (``reasoning.signals.failure_signal``) a session's next call goes one tier
+    up; it may come back down (if the cache rule allows) after ``return_after`` good steps."""
+
+    enabled: bool = True
+    return_after: int = Field(default=3, ge=1)
+
+
 class RoutingConfig(_Strict):
     """Aliases (``coder: [anthropic/claude-sonnet-4-5, openai/gpt-5-mini]``), strategies, tiers.
 
@@ -285,6 +304,13 @@ class RoutingConfig(_Strict):
     output_percentile: float = Field(default=0.9, gt=0, le=1)  # of recent replies: the learned estimate
     limits: dict[str, RateLimit] = Field(default_factory=dict)  # target (model id or deployment) -> our limits
     free_tier: FreeTierConfig = Field(default_factory=FreeTierConfig)
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
+    escalation: EscalationConfig = Field(default_factory=EscalationConfig)
+    step_kind_tiers: dict[str, str] = Field(default_factory=dict)  # step kind -> the lowest tier alias it gets
+
+    def tier_index(self, alias: str) -> int | None:
+        """The position of ``alias`` in ``tiers`` (weakest first), or ``None``."""
+        return next((i for i, tier in enumerate(self.tiers) if tier.alias == alias), None)
 
     def tier_model(self, tier: Tier) -> str:
         """The model a tier's strength is looked up by: its alias's first target (a deployment's model)."""
@@ -298,6 +324,9 @@ class RoutingConfig(_Strict):
         for tier in self.tiers:
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
+        for kind, alias in self.step_kind_tiers.items():
+            if self.tier_index(alias) is None:
+                raise ValueError(f"step_kind_tiers.{kind}: {alias!r} is not the alias of a tier under 'tiers'")
         if self.scorer.fitted is not None:
             from .routing.fitted import load_fitted
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
 from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, tokenizer_name
-from .types import History, Message, Plan
+from .types import History, Message, Plan, SessionRoute
 
 T = TypeVar("T")
 MEMO_SIZE = 4096
@@ -39,6 +39,7 @@ class PolicyState:
     latency: Mapping[str, float] = field(default_factory=dict)  # model -> seconds to first token (EWMA)
     budget_spent: Mapping[str, float] = field(default_factory=dict)  # budget key -> reserved + spent
     quotas: Mapping[str, float] = field(default_factory=dict)  # quota counter key -> count (routing.quotas)
+    sessions: Mapping[str, SessionRoute] = field(default_factory=dict)  # session id -> its last route
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)

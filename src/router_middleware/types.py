@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -108,6 +109,26 @@ class Decision:
     action: str
     reason: str
     attributes: Mapping[str, AttributeValue] = field(default_factory=lambda: _frozen(None))
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRoute:
+    """What the router remembers about a session between calls (``routing.affinity``): the target
+    that answered its last call (which holds its prompt cache), the tier alias it was routed at, the
+    tier alias an escalation holds it at (``""``: none), and the good steps since that escalation."""
+
+    target: str
+    tier: str = ""
+    escalated: str = ""
+    good: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps({"t": self.target, "r": self.tier, "e": self.escalated, "g": self.good}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> SessionRoute:
+        data = json.loads(raw)
+        return cls(str(data["t"]), str(data.get("r") or ""), str(data.get("e") or ""), int(data.get("g") or 0))
 
 
 @dataclass(frozen=True, slots=True)

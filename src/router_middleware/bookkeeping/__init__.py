@@ -25,6 +25,7 @@ from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
+from ..routing.affinity import session_route
 from ..routing.quotas import Quota
 from ..stores import Store, StoreView
 from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
@@ -33,7 +34,18 @@ from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
-from .keys import BUDGET, INPUT_RATIO, LATENCY, OUTPUT, QUOTA, REASONING, SUMMARY, SUMMARY_CLAIM, THROUGHPUT
+from .keys import (
+    BUDGET,
+    INPUT_RATIO,
+    LATENCY,
+    OUTPUT,
+    QUOTA,
+    REASONING,
+    SESSION_ROUTE,
+    SUMMARY,
+    SUMMARY_CLAIM,
+    THROUGHPUT,
+)
 from .quotas import Taken
 
 
@@ -276,6 +288,7 @@ class Bookkeeper:
             return
         if plan is not None and self.routing.aliases:
             self._answered(plan.deployment or plan.model, done.outcome)
+            self._remember(done.outcome)
         self.record(done.outcome)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
@@ -326,6 +339,17 @@ class Bookkeeper:
         first = outcome.time_to_first_token_s or outcome.latency_s
         if first:
             self._guard("average_store_failed", health.update_average, self.store, LATENCY + target, first)
+
+    def _remember(self, outcome: Outcome) -> None:
+        """A session routed through tiers: remember the target that answered (its prompt cache is
+        there now) and its escalation, for ``routing.affinity.ttl_s``. Not after a response-cache hit
+        (no provider saw the prompt), nor after a fallback (its plan has no route decision: the record
+        of the last routed call stays)."""
+        plan = outcome.plan
+        record = session_route(plan) if plan is not None and outcome.usage.source != "cache" else None
+        if plan is not None and record is not None:
+            self._guard("store_write_failed", self.store.set, SESSION_ROUTE + str(plan.call.context.session_id),
+                        record.encode(), self.routing.affinity.ttl_s)
 
     def summary_claim(self, key: str) -> list[Within]:
         """The store entry that makes one call, across processes, the writer of span ``key``'s summary

@@ -14,7 +14,8 @@ BUDGET = "budget:"  # budget key (routing.budgets.budget_key) -> reserved + spen
 QUOTA = "quota:"  # quota counter (routing.quotas) -> requests or tokens taken, or left (provider view)
 OUTPUT = "out:"  # model:app -> output tokens of its recent replies (a list)
 INPUT_RATIO = "inr:"  # model:app -> reported / locally counted prompt tokens of recent calls (a list)
+SESSION_ROUTE = "route:"  # session id -> types.SessionRoute: last target, tier, escalation (TTL: affinity.ttl_s)
 LOCK = "lock:"  # lock name -> holder's token
 
 __all__ = ["BUDGET", "COOLDOWN", "FAILURES", "INPUT_RATIO", "LATENCY", "LOCK", "OUTPUT", "QUOTA", "REASONING",
-           "SUMMARY", "SUMMARY_CLAIM", "THROUGHPUT"]
+           "SESSION_ROUTE", "SUMMARY", "SUMMARY_CLAIM", "THROUGHPUT"]

@@ -15,6 +15,12 @@ next one.
 A candidate's window is judged on the request as it would be sent there: with ``fit`` (the context
 policy, which the assembly passes when both are configured), a request over a candidate's window is
 first trimmed for that candidate, and only what still does not fit rejects it.
+
+Through tiers (``auto`` or the ``difficulty`` strategy), a session (``session_id``) has a floor and
+a memory (:mod:`.affinity`): ``step_kind_tiers`` and an escalation after a failed step set the
+lowest tier the step may use, and the target that answered the session's last call (read through
+``PolicyState.sessions``) keeps the session unless it cannot serve the step, sits below that floor,
+or a switch pays back within ``affinity.horizon_calls`` calls (``routing:stay`` / ``routing:switch``).
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from typing import Any
 from ..config import RoutingConfig
 from ..errors import NoRouteError
 from ..policies import Policy, PolicyState
+from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
-from ..types import Decision, Plan
+from ..types import Decision, Plan, SessionRoute
+from .affinity import Escalation, escalation, switch
 from .budgets import over_soft_limit
 from .difficulty import request_text, score_request
 from .fitted import load_fitted
@@ -44,6 +52,26 @@ def _uses_images(plan: Plan) -> bool:
         ):
             return True
     return False
+
+
+def _remembered(state: PolicyState, session_id: str) -> SessionRoute | None:
+    """The session's last route, or ``None`` (none within its TTL, or a value this version cannot read)."""
+    try:
+        return state.sessions.get(session_id)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclass(frozen=True)
+class Session:
+    """A tiered call's session: its last route, whether it is remembered (``tracked``), and the lowest
+    tier index this step needs (``floor``, -1: any) with why."""
+
+    previous: SessionRoute | None
+    tracked: bool
+    floor: int
+    floor_why: str
+    escalation: Escalation
 
 
 @dataclass(frozen=True)
@@ -67,10 +95,17 @@ class RoutingPolicy:
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
         strategy = {"floor": "price", "nitro": "throughput"}.get(suffix, self.config.strategy.get(alias, "ordered"))
+        session: Session | None = None
         if alias == "auto" or strategy == "difficulty":
-            alias, score = self._tier(plan)
+            index, score = self._tier(plan)
+            note = f"difficulty {score:.2f} -> tier {self.config.tiers[index].alias}; "
+            session = self._session(plan, state, index)
+            if session.floor > index:
+                index = session.floor
+                note += f"{session.floor_why} -> tier {self.config.tiers[index].alias}; "
+            alias = self.config.tiers[index].alias
             strategy = self.config.strategy.get(alias, "ordered")
-            note = f"difficulty {score:.2f} -> tier {alias}; "
+            plan = plan.decide(session.escalation.decision) if session.escalation.decision else plan
         else:
             note = ""
         note = downgrade + note
@@ -90,17 +125,96 @@ class RoutingPolicy:
         if not usable:
             raise NoRouteError(requested, rejections)
         ranked = self._rank(usable, strategy, plan, state, estimate)
+        reason = f"{note}{strategy} strategy chose {ranked[0]} among {len(usable)} of {len(candidates)}"
+        kept: Decision | None = None
+        if session is not None and session.previous is not None and self.config.affinity.enabled \
+                and session.previous.target != ranked[0]:
+            ranked, kept = self._affinity(session, ranked, plan, state, estimate)
+            if kept.action == "stay":
+                reason += f"; the session stays on {ranked[0]}"
         chosen = ranked[0]
         lost = {m: "ranked lower" for m in ranked[1:]}
-        reason = f"{note}{strategy} strategy chose {chosen} among {len(usable)} of {len(candidates)}"
+        if kept is not None and kept.action == "stay":
+            lost[ranked[1]] = f"ranked first; the session's cache is on {chosen}"
         attributes: dict[str, str | int | float | bool] = {
             "alias": alias, "strategy": strategy, "candidates": len(candidates),
             "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
         }
+        if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
+            tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
+            attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
+                              good_steps=session.escalation.good)
         deployment = self.config.deployments.get(chosen)
-        return plan.decide(Decision(self.name, "route", reason, attributes),
+        plan = plan.decide(Decision(self.name, "route", reason, attributes),
                            model=deployment.model if deployment else chosen,
                            deployment=chosen if deployment else None, fallbacks=tuple(ranked[1:]))
+        return plan.decide(kept) if kept is not None else plan
+
+    def _session(self, plan: Plan, state: PolicyState, free: int) -> Session:
+        """The session's last route (one store read) and the lowest tier this step needs: its step
+        kind's (``step_kind_tiers``) or an escalation's."""
+        config, context = self.config, plan.call.context
+        tracked = bool(context.session_id) and (config.affinity.enabled or config.escalation.enabled)
+        previous = _remembered(state, context.session_id) if tracked and context.session_id else None
+        floor, why = -1, ""
+        if config.step_kind_tiers:
+            kind = context.step_kind or infer_step_kind(plan.messages)
+            wanted = config.tier_index(config.step_kind_tiers.get(kind, ""))
+            if wanted is not None:
+                floor, why = wanted, f"step kind {kind}"
+        step = Escalation()
+        if tracked and config.escalation.enabled:
+            held = self._held_tier(previous) if previous is not None else None
+            step = escalation([t.alias for t in config.tiers], free if held is None else held,
+                              previous.escalated if previous else "", previous.good if previous else 0,
+                              failure_signal(plan.messages, context), config.escalation.return_after)
+            if step.floor > floor:
+                floor, why = step.floor, "escalated"
+        return Session(previous, tracked, floor, why, step)
+
+    def _held_tier(self, previous: SessionRoute) -> int | None:
+        """The index of the tier the session's last call was routed at (if it still lists its target),
+        else of the first tier listing the target; ``None`` when no tier does."""
+        index = self.config.tier_index(previous.tier)
+        if index is not None and previous.target in self._candidates(previous.tier):
+            return index
+        return next((i for i, t in enumerate(self.config.tiers) if previous.target in self._candidates(t.alias)),
+                    None)
+
+    def _affinity(self, session: Session, ranked: list[str], plan: Plan, state: PolicyState,
+                  estimate: int) -> tuple[list[str], Decision]:
+        """Keep the session on the target that holds its cache (first in the returned order) unless it
+        cannot serve this step, is below the tier the step needs, or a switch pays back."""
+        assert session.previous is not None
+        held, new = session.previous.target, ranked[0]
+        held_tier = self._held_tier(session.previous)
+        why = None if held_tier is None else self._rejection(held, plan, state, estimate)
+        if held_tier is None or why:
+            reason = f"leave {held}: {why or 'it is in no tier now'}"
+            return ranked, Decision(self.name, "switch", reason, {"from": held, "to": new})
+        held_info = state.catalog.resolve(self._model(held))
+        new_info = state.catalog.resolve(self._model(new))
+        if held_info is None or new_info is None:
+            unknown = held if held_info is None else new
+            if held_tier < session.floor:
+                return ranked, Decision(self.name, "switch", f"move up from {held} to {new} ({session.floor_why})")
+            return [held, *(m for m in ranked if m != held)], Decision(
+                self.name, "stay", f"stay on {held}: {unknown} has no price, so a switch cannot be judged")
+        move = switch(held, held_info, new, new_info, tokens=estimate, horizon=self.config.affinity.horizon_calls,
+                      output=int(plan.params.get("max_tokens") or self.config.default_output_tokens),
+                      provider_cache=state.provider_cache)
+        if held_tier < session.floor:
+            return ranked, Decision(self.name, "switch", f"move up from {held} to {new} ({session.floor_why}): "
+                                                         f"{move.numbers(verdict=False)}", move.attributes())
+        if move.pays:
+            return ranked, Decision(self.name, "switch", f"switch from {held} to {new}: it {move.numbers()}",
+                                    move.attributes())
+        return [held, *(m for m in ranked if m != held)], Decision(
+            self.name, "stay", f"stay on {held}: a switch to {new} {move.numbers()}", move.attributes())
+
+    def _model(self, target: str) -> str:
+        deployment = self.config.deployments.get(target)
+        return deployment.model if deployment else target
 
     def _candidates(self, alias: str) -> list[str]:
         """The alias's targets, each preferred OpenRouter model preceded by its ``:free`` variant."""
@@ -112,9 +226,10 @@ class RoutingPolicy:
             out.append(name)
         return list(dict.fromkeys(out))
 
-    def _tier(self, plan: Plan) -> tuple[str, float]:
-        """The first tier whose score is within its ``max_score``. Heuristic: one difficulty score for
-        all tiers; fitted: each tier's score is P(its model is not good enough on this request)."""
+    def _tier(self, plan: Plan) -> tuple[int, float]:
+        """The index of the first tier whose score is within its ``max_score``. Heuristic: one
+        difficulty score for all tiers; fitted: each tier's score is P(its model is not good enough on
+        this request)."""
         scorer = self.config.scorer
         if scorer.fitted is None:
             score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
@@ -126,10 +241,10 @@ class RoutingPolicy:
             for tier in self.config.tiers:
                 strength = fitted.strength_of(self.config.tier_model(tier), scorer.strength)
                 scores.append(1.0 - fitted.p_good(difficulty, fitted.mean_strength() if strength is None else strength))
-        for tier, score in zip(self.config.tiers, scores, strict=True):
+        for index, (tier, score) in enumerate(zip(self.config.tiers, scores, strict=True)):
             if score <= tier.max_score:
-                return tier.alias, score
-        return self.config.tiers[-1].alias, scores[-1]
+                return index, score
+        return len(self.config.tiers) - 1, scores[-1]
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
         cooling = state.cooldowns.get(name)
