@@ -164,7 +164,8 @@ def test_replay_reports_reasoning_recorded_vs_capped(agent_session_paths) -> Non
 CHEAP, STRONG = "deepseek/deepseek-chat", "openrouter/google/gemini-3-pro-preview"
 AUTO = {"context": {"enabled": False}, "routing": {
     "aliases": {"cheap": [CHEAP], "strong": [STRONG]},
-    "tiers": [{"max_score": 0.7, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}]}}
+    "tiers": [{"max_score": 0.7, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}],
+    "affinity": {"enabled": False}, "escalation": {"enabled": False}}}  # each call by its own score
 
 
 def test_routed_replay_counts_calls_switches_and_costs() -> None:
@@ -194,6 +195,25 @@ def test_routed_replay_on_one_model_equals_always_that_model(model) -> None:
     assert total["calls_per_model"] == {model: len(session.calls)}
     assert total["switches"] == 0 and total["cache_lost_usd"] == 0
     assert total["routed"] == total["always"][model]
+
+
+def test_routed_replay_remembers_the_session_so_the_cache_rule_applies() -> None:
+    """Replay keeps each session's last route as the bookkeeper would store it: with affinity on, a
+    recorded Gemini session (its observations are user turns, so its score moves call by call)
+    switches less, loses less cache and costs less than routed call by call."""
+    from .conftest import SHARED
+
+    path = SHARED / "data" / "agent-sessions" / "gemini-3-pro__django__django-12155.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    sessions = [load_session(path)]
+    free = replay(sessions, Pipeline.from_config(AUTO), route="auto").as_dict()["routed"]
+    sticky_config = {**AUTO, "routing": {**AUTO["routing"], "affinity": {"enabled": True}}}
+    data = replay(sessions, Pipeline.from_config(sticky_config), route="auto").as_dict()
+    sticky = data["routed"]
+    assert sticky["switches"] < free["switches"]
+    assert sticky["cache_lost_usd"] < free["cache_lost_usd"]
+    assert sticky["cost_usd"] < free["cost_usd"]
 
 
 def test_replay_without_route_has_no_routed_block() -> None:

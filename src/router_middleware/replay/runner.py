@@ -22,6 +22,7 @@ from ..ledger import LedgerRecord, from_outcome
 from ..messages import integrity_violations
 from ..pipeline import Pipeline
 from ..pricing import price
+from ..routing.affinity import session_route
 from ..tokens import Calibration, TokenCounter, message_key
 from ..types import AgentContext, Call, Cost, Outcome, Plan, Usage
 from .accounts import Account, Accountant, Recorded
@@ -165,6 +166,9 @@ def replay_session(
             ledger(replace(row, call_id=replay_call_id(session, step)))
         if routed is not None:
             routed_plan = optimized.plan(Call.create(route or "", request, {}, context), routed_state)
+            remembered = session_route(routed_plan)  # what the bookkeeper would store after the answer
+            if remembered is not None:
+                routed_state = replace(routed_state, sessions={session.id: remembered})
             capped = min(reasoning, reasoning_cap(routed_plan))
             routed.add(routed_plan, reply_key, output - (reasoning - capped), capped)
         plan = plans["optimized"]
