@@ -211,4 +211,7 @@ def test_litellm_imported_first_warns_and_prices_stay_on_the_bundled_map(monkeyp
     assert any("LITELLM_LOCAL_MODEL_COST_MAP=True" in str(w.message) for w in caught)
     monkeypatch.setattr(loader, "get_model_cost_map_source_info", lambda: {"source": "remote"})
     monkeypatch.setattr(litellm, "model_cost", {"remote-only-model": {"input_cost_per_token": 1.0}})
-    assert "remote-only-model" not in catalog._cost_map() and "gpt-4o" in catalog._cost_map()
+    prices = catalog._cost_map.__wrapped__()  # the function under its process-wide cache
+    assert "remote-only-model" not in prices and "gpt-4o" in prices
+    monkeypatch.setattr(loader, "get_model_cost_map_source_info", lambda: {"source": "local"})
+    assert catalog._cost_map.__wrapped__() is litellm.model_cost  # litellm loaded the bundled map itself
