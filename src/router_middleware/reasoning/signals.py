@@ -48,14 +48,17 @@ def infer_step_kind(messages: Sequence[Message]) -> str:
     return "act"
 
 
-def _last_calls(messages: Sequence[Message]) -> list[str]:
-    calls = []
-    for message in messages:
+def _last_calls(messages: Sequence[Message], count: int = 2) -> list[str]:
+    """The last ``count`` assistant tool-call turns, oldest first (read from the end: no full scan)."""
+    calls: list[str] = []
+    for message in reversed(messages):
         if message.get("role") == "assistant" and message.get("tool_calls"):
             calls.append("|".join(
                 f"{(c.get('function') or {}).get('name')}:{(c.get('function') or {}).get('arguments')}"
                 for c in message["tool_calls"]))
-    return calls
+            if len(calls) == count:
+                break
+    return calls[::-1]
 
 
 def failure_signal(messages: Sequence[Message], context: AgentContext) -> str | None:
