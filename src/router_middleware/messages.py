@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -244,18 +244,23 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
     return out, broken and check
 
 
-def _first_problem(messages: Sequence[Message]) -> ToolCallProblem:
+def _problems(messages: Sequence[Message]) -> Iterator[ToolCallProblem]:
+    """Every tool-call integrity problem of ``messages``, in order (see :class:`ToolTurns`)."""
     turns = ToolTurns()
     for i, message in enumerate(messages):
         if message.get("role") == "tool":
             found = turns.result(i, str(message.get("tool_call_id")))
             if found is not None:
-                return found
+                yield found
         else:
-            unanswered = turns.turn(i, message)
-            if unanswered:
-                return unanswered[0]
-    raise AssertionError("no tool-call problem found in a request flagged as broken")
+            yield from turns.turn(i, message)
+
+
+def _first_problem(messages: Sequence[Message]) -> ToolCallProblem:
+    problem = next(_problems(messages), None)
+    if problem is None:
+        raise AssertionError("no tool-call problem found in a request flagged as broken")
+    return problem
 
 
 def _mend(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Repairs]:
@@ -280,16 +285,7 @@ def _mend(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], Rep
 def integrity_violations(messages: Sequence[Message]) -> list[str]:
     """Problems a provider rejects with a 400, one line each: orphaned or repeated tool results and
     calls unanswered before the next user or assistant turn (see :class:`ToolTurns`)."""
-    problems: list[str] = []
-    turns = ToolTurns()
-    for i, message in enumerate(messages):
-        if message.get("role") == "tool":
-            found = turns.result(i, str(message.get("tool_call_id")))
-            if found is not None:
-                problems.append(f"message {found.index}: {found.detail}")
-        else:
-            problems.extend(f"message {p.index}: {p.detail}" for p in turns.turn(i, message))
-    return problems
+    return [f"message {p.index}: {p.detail}" for p in _problems(messages)]
 
 
 def text_of(message: Message) -> str:
