@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from router_middleware import MessageError
-from router_middleware.memo import MessageMemo
+from router_middleware.context.structure import blocks
+from router_middleware.memo import HistoryMemo, MessageMemo
 from router_middleware.messages import validate_messages
 from router_middleware.tokens import TokenCounter, fast_key
 
@@ -36,3 +39,75 @@ def test_memo_is_bounded_and_holds_its_dicts() -> None:
         memo.put(message, i)
     assert memo.get(kept[4]) == 4 and memo.get(kept[0]) is None  # started over when full
     assert memo.get({"role": "user", "content": "4"}) is None  # equal but another dict: not the same entry
+
+
+def _agent_history(turns: int) -> list[dict]:
+    history: list[dict] = [{"role": "system", "content": "You are a coding agent."},
+                           {"role": "user", "content": "Fix the failing test."}]
+    for i in range(turns):
+        history.append({"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"c{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"n": {i}}}'}}]})
+        history.append({"role": "tool", "tool_call_id": f"c{i}", "content": f"output {i} " * (i + 1)})
+    return history
+
+
+def test_history_memo_finds_the_remembered_prefix_and_refuses_changes() -> None:
+    memo = HistoryMemo()
+    history = _agent_history(3)
+    memo.remember(history, "first")
+    grown = [*history, {"role": "user", "content": "next"}]
+    assert memo.extended(grown) == (len(history), "first")
+    assert memo.extended(list(history)) == (len(history), "first")  # a new list of the same dicts
+    history[3]["content"] = "replaced in place"
+    assert memo.extended(grown) == (0, None)  # a replaced content is seen afresh
+    history[3]["content"] = "output 0 "
+    history[2]["tool_calls"] = []
+    assert memo.extended(grown) == (0, None)
+    other = [history[0], {"role": "user", "content": "another task"}]
+    assert memo.extended(other) == (0, None)
+
+
+def test_history_memo_keeps_a_call_and_its_trimmed_plan() -> None:
+    memo = HistoryMemo(ways=2)
+    history = _agent_history(4)
+    trimmed = [history[0], history[1], {"role": "user", "content": "[digest]"}, *history[-2:]]
+    memo.remember(history, "input")
+    memo.remember(trimmed, "trimmed")  # shares the first message, extends nothing: a second way
+    assert memo.extended([*history, {"role": "user", "content": "go on"}]) == (len(history), "input")
+    assert memo.extended(trimmed)[1] == "trimmed"
+    grown = [*history, {"role": "user", "content": "go on"}]
+    memo.remember(grown, "grown")  # extends the input: replaces it, the trimmed way stays
+    assert memo.extended(grown) == (len(grown), "grown") and memo.extended(trimmed)[1] == "trimmed"
+    memo.remember([history[0], "not a dict"], "x")  # type: ignore[list-item]
+    assert memo.extended([history[0], "not a dict"])[1] != "x"  # type: ignore[list-item]
+
+
+def test_profile_of_a_growing_history_counts_only_the_new_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = TokenCounter("gpt-4o-mini")
+    history = _agent_history(5)
+    first = counter.profile(history)
+    looked: list[dict] = []
+    keyed = counter.keyed
+    monkeypatch.setattr(counter, "keyed", lambda m: looked.append(m) or keyed(m))
+    history += [{"role": "assistant", "content": "done"}, {"role": "user", "content": "thanks"}]
+    grown = counter.profile(history)
+    assert looked == history[-2:]
+    fresh = TokenCounter("gpt-4o-mini").profile([dict(m) for m in history])
+    assert (grown.keys, grown.counts, grown.totals) == (fresh.keys, fresh.counts, fresh.totals)
+    assert grown.totals[-1] == sum(grown.counts) and grown.keys[: len(first.keys)] == first.keys
+
+
+def test_blocks_resumed_from_an_earlier_history_equal_a_fresh_scan() -> None:
+    rng = random.Random(7)
+    counter = TokenCounter("gpt-4o-mini")
+    kinds = [lambda i: {"role": "user", "content": f"u{i}"}, lambda i: {"role": "assistant", "content": f"a{i}"},
+             lambda i: {"role": "assistant", "content": None, "tool_calls": [{"id": f"c{i}"}]},
+             lambda i: {"role": "tool", "tool_call_id": f"c{i}", "content": f"t{i}"},
+             lambda i: {"role": "system", "content": f"s{i}"}]
+    for _ in range(200):
+        history: list[dict] = [{"role": "system", "content": "sys"}]
+        for step in range(rng.randrange(1, 6)):
+            history += [rng.choice(kinds)(len(history)) for _ in range(rng.randrange(1, 5))]
+            head = rng.randrange(0, len(history) + 1)
+            resumed = blocks(history, head, counter.profile(history))
+            assert resumed == blocks(history, head), (history, head, step)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
-from .tokens import REQUEST_OVERHEAD, Calibration, TokenCounter, tokenizer_name
+from .tokens import REQUEST_OVERHEAD, Calibration, Profile, TokenCounter, tokenizer_name
 from .types import History, Message, Plan, SessionRoute
 
 T = TypeVar("T")
@@ -77,28 +77,15 @@ class PolicyState:
         policies and the engine share, which keeps its profile: a history is walked once per call
         rather than once per use."""
         if isinstance(messages, History):
-            return messages.derived(("profile", model), lambda: self._profile(model, messages))
-        return self._profile(model, messages)
-
-    def _profile(self, model: str, messages: Sequence[Message]) -> Profile:
-        keyed = self.counter(model).keyed
-        pairs = [keyed(m) for m in messages]
-        return Profile(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
+            return messages.derived(("profile", model), lambda: self.counter(model).profile(messages))
+        return self.counter(model).profile(messages)
 
     def tokens(self, model: str, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None,
                session_id: str | None = None) -> int:
         """Estimated prompt tokens, calibrated for the session when reported usage has been seen."""
-        raw = REQUEST_OVERHEAD + self.counter(model).tools(tools) + sum(self.profile(model, messages).counts)
+        raw = REQUEST_OVERHEAD + self.counter(model).tools(tools) + self.profile(model, messages).totals[-1]
         calibration = self.calibration.get(session_id) if session_id else None
         return calibration.apply(raw) if calibration is not None else raw
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """Per message of a history: its in-process cache key (:func:`~.tokens.fast_key`) and token count."""
-
-    keys: tuple[object, ...]
-    counts: tuple[int, ...]
 
 
 class Policy(Protocol):

@@ -15,10 +15,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from itertools import accumulate
+from typing import Any, TypeVar
 
-from .memo import MessageMemo
+from .memo import HistoryMemo, MessageMemo
 from .types import Message
+
+T = TypeVar("T")
 
 Encoder = Callable[[str], int]
 
@@ -126,6 +129,38 @@ def fast_key(message: Message) -> object:
     return (message.get("role"), hash(content), message.get("tool_call_id"), message.get("name"), call_key)
 
 
+class Profile:
+    """Per message of a history: its in-process cache key (:func:`fast_key`), token count and the
+    running total. Structure derived once per history (:meth:`derive`) resumes from the profile of
+    an earlier history this one extends, so an agent loop's growing history is walked once."""
+
+    __slots__ = ("_base", "_derived", "counts", "keys", "totals")
+    keys: tuple[object, ...]
+    counts: tuple[int, ...]
+    totals: tuple[int, ...]  # totals[i]: the tokens of messages[:i]
+    _base: Profile | None
+
+    def __init__(self, keys: tuple[object, ...], counts: tuple[int, ...], prior: Profile | None = None) -> None:
+        start = prior.totals[-1] if prior is not None else 0
+        totals = tuple(accumulate(counts, initial=start))
+        if prior is not None:
+            keys, counts, totals = prior.keys + keys, prior.counts + counts, prior.totals + totals[1:]
+        self.keys, self.counts, self.totals = keys, counts, totals
+        self._derived: dict[str, Any] = {}
+        # The nearest earlier profile holding derived values (one hop: it keeps no base of its own).
+        self._base = None if prior is None else prior if prior._derived else prior._base
+
+    def derive(self, name: str, compute: Callable[[Any, int], T]) -> T:
+        """``compute(earlier, n)`` once: ``earlier`` is the value derived for the first ``n`` messages
+        (a history this one extends), or ``None`` and 0."""
+        if name not in self._derived:
+            base = self._base
+            earlier = base._derived.get(name) if base is not None else None
+            self._derived[name] = compute(earlier, len(base.counts) if base is not None and earlier is not None else 0)
+            self._base = None
+        return self._derived[name]  # type: ignore[no-any-return]
+
+
 class TokenCounter:
     """Counts tokens per message with a bounded cache, so a long history is not recounted per call."""
 
@@ -136,6 +171,7 @@ class TokenCounter:
         self._cache: OrderedDict[object, int] = OrderedDict()
         self._tools: dict[str, int] = {}
         self._resent = MessageMemo()  # message dict -> (fast key, count), one lookup per resent message
+        self._histories = HistoryMemo()  # a resent history -> its keys and counts
         self._max = max_cached
 
     def message(self, message: Message, key: object | None = None) -> int:
@@ -159,6 +195,18 @@ class TokenCounter:
             hit = (key, self.message(message, key))
             self._resent.put(message, hit)
         return hit
+
+    def profile(self, messages: Sequence[Message]) -> Profile:
+        """Each message's :func:`fast_key` and token count. The part of ``messages`` that resends a
+        history profiled before (the same dicts, see :class:`~.memo.HistoryMemo`) is not looked at
+        message by message again."""
+        n, prior = self._histories.extended(messages)
+        if prior is not None and n == len(messages):
+            return prior  # type: ignore[no-any-return]
+        pairs = [self.keyed(m) for m in messages[n:]]
+        profile = Profile(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), prior)
+        self._histories.remember(messages, profile)
+        return profile
 
     def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         if not tools:

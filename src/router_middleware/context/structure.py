@@ -8,8 +8,11 @@ whole blocks never orphans a tool result or leaves a call unanswered.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Sequence
+from operator import itemgetter
 
+from ..tokens import Profile
 from ..types import Message
 
 # Observations of agents that run tools without native tool calls (mini-swe-agent, ReAct prompts).
@@ -50,17 +53,39 @@ def tool_names(messages: Sequence[Message]) -> dict[str, str]:
     return names
 
 
-def blocks(messages: Sequence[Message], start: int) -> list[tuple[int, int]]:
-    """Atomic ``[begin, end)`` blocks covering ``messages[start:]``."""
+def blocks(messages: Sequence[Message], start: int, profile: Profile | None = None) -> list[tuple[int, int]]:
+    """Atomic ``[begin, end)`` blocks covering ``messages[start:]``. With the history's ``profile``
+    they are found once per history (from its first message), resuming from the last block of a
+    history it extends; ``start`` is most often the head's end, where a block begins."""
+    if profile is None:
+        return _blocks(messages, start)
+
+    def scan(earlier: list[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:
+        if not earlier:
+            return _blocks(messages, 0)
+        return [*earlier[:-1], *_blocks(messages, earlier[-1][0])]  # the last block may have grown
+
+    every = profile.derive("blocks", scan)
+    at = bisect_left(every, start, key=itemgetter(0))
+    if at < len(every) and every[at][0] == start:
+        return every[at:]
+    return _blocks(messages, start)  # ``start`` inside a block (or past the end): scanned from there
+
+
+def _blocks(messages: Sequence[Message], start: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
-    i = start
-    while i < len(messages):
-        end = i + 1
-        if messages[i].get("role") == "assistant" and messages[i].get("tool_calls"):
-            while end < len(messages) and messages[end].get("role") == "tool":
-                end += 1
-        out.append((i, end))
-        i = end
+    begin = start
+    calls = False  # the block being read is an assistant turn with tool calls
+    for i, message in enumerate(messages[start:], start):
+        role = message.get("role")
+        if calls and role == "tool":
+            continue
+        if i > begin:
+            out.append((begin, i))
+        begin = i
+        calls = role == "assistant" and bool(message.get("tool_calls"))
+    if begin < len(messages):
+        out.append((begin, len(messages)))
     return out
 
 

@@ -82,12 +82,13 @@ class Window:
         if total <= budget:
             return self._over_window(plan, total, window)
         head = head_length(messages)
-        units = blocks(messages, head)
+        profile = state.profile(plan.model, messages)
+        units = blocks(messages, head, profile)
         if len(units) <= 1:
             return self._over_window(plan, total, window)
-        profile = state.profile(plan.model, messages)
-        sizes = [sum(profile.counts[b:e]) for b, e in units]
-        fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + sum(profile.counts[:head])
+        totals = profile.totals
+        sizes = [totals[e] - totals[b] for b, e in units]
+        fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + totals[head]
         reserve = int(budget * self.digest_share) if self.digest else 0
         low = max(int(budget * self.keep), self._min_keep(plan, state))
         step = max(1, int(0.9 * (budget - fixed - reserve - low)))
@@ -211,9 +212,9 @@ class MiddleOut:
             if budget is None or tokens <= budget:
                 return plan
         head = head_length(messages)
-        units = blocks(messages, head)
-        counts = state.profile(plan.model, messages).counts
-        sizes = [sum(counts[b:e]) for b, e in units]
+        profile = state.profile(plan.model, messages)
+        units = blocks(messages, head, profile)
+        sizes = [profile.totals[e] - profile.totals[b] for b, e in units]
         fixed = state.tokens(plan.model, messages[:head], plan.params.get("tools"), plan.call.context.session_id)
         total = fixed + sum(sizes)
         count = len(messages)
