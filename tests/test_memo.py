@@ -111,3 +111,18 @@ def test_blocks_resumed_from_an_earlier_history_equal_a_fresh_scan() -> None:
             head = rng.randrange(0, len(history) + 1)
             resumed = blocks(history, head, counter.profile(history))
             assert resumed == blocks(history, head), (history, head, step)
+
+
+def test_validation_goes_on_from_a_resent_history_with_its_open_calls() -> None:
+    history = _agent_history(3)
+    history.append({"role": "assistant", "content": None, "tool_calls": [
+        {"id": "open", "type": "function", "function": {"name": "bash", "arguments": "{}"}}]})
+    assert validate_messages(history) == history  # the last call is still open: left to the provider
+    answered = [*history, {"role": "tool", "tool_call_id": "open", "content": "ok"}]
+    assert validate_messages(answered) == answered  # resumed: the open call is answered
+    with pytest.raises(MessageError, match=r"message 8: tool call open \(bash\) is not answered before the user turn at message 9"):
+        validate_messages([*history, {"role": "user", "content": "skip it"}])
+    with pytest.raises(MessageError, match="message 10: tool result for c0 answers it again"):
+        validate_messages([*answered, {"role": "tool", "tool_call_id": "c0", "content": "again"}])
+    with pytest.raises(MessageError, match="message 10: unknown role 'robot'"):
+        validate_messages([*answered, {"role": "robot", "content": "?"}])
