@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from ..context.structure import OBSERVATION
 from ..messages import text_of
-from ..types import AgentContext, Message
+from ..types import AgentContext, History, Message
 
 _ERROR = re.compile(
     r"<returncode>\s*[1-9]\d*\s*</returncode>|Traceback \(most recent call last\)|^\s*(?:\w+)?Error:|"
@@ -62,7 +62,14 @@ def _last_calls(messages: Sequence[Message], count: int = 2) -> list[str]:
 
 
 def failure_signal(messages: Sequence[Message], context: AgentContext) -> str | None:
-    """Why the previous step looks failed, or ``None``."""
+    """Why the previous step looks failed, or ``None`` (found once per plan's history: routing and
+    reasoning both ask)."""
+    if isinstance(messages, History):
+        return messages.derived(("failure_signal", context.tags), lambda: _failure(messages, context))
+    return _failure(messages, context)
+
+
+def _failure(messages: Sequence[Message], context: AgentContext) -> str | None:
     tags = {t.lower() for t in context.tags}
     if tags & {"failed", "retry"}:
         return "the caller reported a failed step"
