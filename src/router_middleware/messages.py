@@ -215,15 +215,17 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
                            "wrap it in a list", source=source)
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
-    resent, earlier = _HISTORIES.extended(messages) if isinstance(messages, list | tuple) else (0, None)
+    history = messages if isinstance(messages, list | tuple) else None
+    resent, earlier = _HISTORIES.extended(history) if history is not None else (0, None)
+    out: list[dict[str, Any]] = []
+    calls: frozenset[str] = frozenset()  # the ids of the last turn's calls,
+    left = 0  # how many of them are still open,
+    seen: set[str] | None = None  # and which are answered (a turn of several calls only)
+    broken = False
     if earlier is not None:  # the same dicts as a history validated before: go on from where it ended
-        out, calls, left, seen, broken = list(earlier[0]), *earlier[1:]
-        seen = set(seen) if seen is not None else None
-    else:
-        out, calls, left, seen, broken = [], frozenset(), 0, None, False
-    # calls: the ids of the last turn's calls; left: how many are still open; seen: which are
-    # answered (a turn of several calls only)
-    for i, message in enumerate(messages[resent:] if resent else messages, resent):
+        out, calls, left, answered, broken = list(earlier[0]), earlier[1], earlier[2], earlier[3], earlier[4]
+        seen = set(answered) if answered is not None else None
+    for i, message in enumerate(history[resent:] if history is not None and resent else messages, resent):
         entry = _VALID.get(message) if isinstance(message, dict) else None
         if entry is None:
             entry = _entry(validate_message(message, index=i, source=source))
@@ -245,8 +247,8 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
         elif kind:
             calls, left = ids, len(ids)
             seen = set() if left > 1 else None
-    if resent < len(out) and isinstance(messages, list | tuple):
-        _HISTORIES.remember(messages, (tuple(out), calls, left, frozenset(seen) if seen is not None else None, broken))
+    if history is not None and resent < len(out):
+        _HISTORIES.remember(history, (tuple(out), calls, left, frozenset(seen) if seen is not None else None, broken))
     return out, broken and check
 
 

@@ -15,7 +15,6 @@ fail.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
+from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.affinity import session_route
@@ -149,7 +149,7 @@ class Bookkeeper:
         if not self.routing.budgets:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
-                              hold=uuid.uuid4().hex)
+                              hold=unique_id())
 
     def reasoning_claim(self, plan: Plan) -> list[Claim]:
         """The reasoning the call is expected to spend (its level's tokens), held on its session's
@@ -166,7 +166,7 @@ class Bookkeeper:
         amount = float(asked if isinstance(asked, int) else next((v for k, v in levels.items() if k == level), 0))
         if not amount:
             return []
-        return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", uuid.uuid4().hex,
+        return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", unique_id(),
                       self.reasoning.reservation_ttl_s)]
 
     def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,

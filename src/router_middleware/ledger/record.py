@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..ids import unique_id
 from ..types import Outcome, Plan
 
 COLUMNS = (
@@ -25,7 +25,7 @@ class LedgerRecord:
     ts: float
     model: str
     requested_model: str
-    call_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    call_id: str = field(default_factory=unique_id)
     source: str = "live"
     app: str | None = None
     tenant: str | None = None
