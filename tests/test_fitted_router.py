@@ -195,3 +195,28 @@ def test_route_eval_embeddings_needs_a_term(tmp_path, capsys) -> None:
     assert main(["route-eval", str(small_csv(tmp_path)), "--weak", "small-model", "--strong", "big-model",
                  "--scorer", f"fitted:{out}", "--embeddings"]) == 2
     assert "has no embedding term" in capsys.readouterr().err
+
+
+def test_policy_adds_the_embedding_term_when_configured(tmp_path, monkeypatch) -> None:
+    from router_middleware import minilm
+
+    path = tmp_path / "term.json"
+    path.write_text(json.dumps(fit_router([load_judgments(small_csv(tmp_path))], embed=fake_embed).scorer.as_dict()))
+    seen: list[str] = []
+
+    def far_in_the_hard_direction(texts):
+        seen.extend(texts)
+        return [[50.0, 0.0] for _ in texts]
+
+    monkeypatch.setattr(minilm, "embed", far_in_the_hard_direction)
+    prompt = [{"role": "user", "content": "Say hello to dogs."}]
+    chosen = {}
+    for embeddings in (False, True):
+        p = Pipeline.from_config({"routing": {
+            "aliases": {"cheap": ["small-model"], "strong": ["big-model"]},
+            "tiers": [{"max_score": 0.5, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}],
+            "scorer": {"fitted": str(path), "embeddings": embeddings}},
+            "context": {"enabled": False}, "cache": {"enabled": False}})
+        chosen[embeddings] = p.plan(p.make_call("auto", prompt, {"session_id": "s"}, {})).model
+    assert seen == ["Say hello to dogs."]  # embedded once, only when configured
+    assert chosen == {False: "small-model", True: "big-model"}
