@@ -9,9 +9,10 @@ import pytest
 
 from router_middleware import ConfigError, Pipeline
 from router_middleware.cli import main
-from router_middleware.routing import load_examples, metrics
-from router_middleware.routing.fitted import bundled_path, load_fitted
-from router_middleware.routing.fitting import held_out
+from router_middleware.routing import fitted as fitted_module
+from router_middleware.routing import load_examples, metrics, score_text
+from router_middleware.routing.fitted import bundled_path, heuristic_logit, load_fitted
+from router_middleware.routing.fitting import fit_router, held_out, load_judgments
 
 from .conftest import SHARED
 
@@ -51,7 +52,7 @@ def test_fit_router_writes_a_file_that_loads_and_scores(tmp_path, capsys) -> Non
     assert scorer.p_good(easy, weak) > 0.5 > scorer.p_good(hard, weak)
     assert main(["route-eval", str(small_csv(tmp_path)), "--weak", "small-model", "--strong", "big-model",
                  "--scorer", f"fitted:{out}", "--json"]) == 0
-    # fitted on these prompts, so it ranks them as an oracle would (hard ones first: APGR 0.6875 here);
+    # the core path ranks as the heuristic does, which puts the hard templates first here (APGR 0.6875);
     # a wiring check of --scorer fitted:FILE, not a measure of quality
     assert json.loads(capsys.readouterr().out)["apgr"] == pytest.approx(0.6875, abs=0.005)
 
@@ -81,7 +82,7 @@ def test_shipped_file_beats_random_on_its_held_out_slice() -> None:
     assert len(examples) == 1389
     scorer = load_fitted()
     result = metrics([scorer.difficulty(e.prompt) for e in examples], examples)
-    # measured 0.535 (random 0.5, the heuristic 0.557); on GSM8K's held-out tenth it is 0.418, below random
+    # the core path ranks as the heuristic does: 0.557 (random 0.5)
     assert result["apgr"] > 0.52
 
 
@@ -123,3 +124,99 @@ def test_unknown_model_generalizes_through_its_configured_strength() -> None:
         plan = p.plan(p.make_call("auto", prompt, {"session_id": "s"}, {}))
         chosen[strength] = plan.model
     assert chosen == {0.2: "gpt-4-1106-preview", 0.95: "openai/brand-new-mini"}
+
+
+def fake_embed(texts):
+    """A stand-in embedder: 'prove' and 'design' prompts point one way, the rest another."""
+    return [[1.0, 0.0] if ("Prove" in t or "Design" in t) else [0.0, 1.0] for t in texts]
+
+
+def test_core_path_ranks_as_the_heuristic_does(tmp_path) -> None:
+    scorer = fit_router([load_judgments(small_csv(tmp_path))]).scorer
+    assert scorer.embedding is None and scorer.slope > 0
+    texts = ["hi", "Say hello to dogs.", "Why is the sky blue? Explain step by step.", "def f(x):\n    return x",
+             "Calculate 12 * 7 + 3 and explain why.", "Prove that sqrt(2) is irrational, step by step."]
+    by_heuristic = sorted(texts, key=score_text)
+    assert sorted(texts, key=scorer.difficulty) == by_heuristic
+    for t in texts:
+        assert scorer.difficulty(t) == pytest.approx(scorer.intercept + scorer.slope * heuristic_logit(t))
+
+
+def test_embedding_term_is_added_only_when_asked_and_available(tmp_path, monkeypatch) -> None:
+    fit = fit_router([load_judgments(small_csv(tmp_path))], embed=fake_embed).scorer
+    term = fit.embedding
+    assert term is not None and len(term.weights) == 2
+    assert term.weights[0] > term.weights[1]  # the 'hard' direction raises difficulty beyond the heuristic line
+    text = "Design a cache for cats and prove it is correct."
+    core = fit.intercept + fit.slope * heuristic_logit(text)
+    assert fit.difficulty(text) == pytest.approx(core)  # off by default: the core path
+    on = fit.with_embeddings(True, fake_embed)
+    assert on.embedding_path
+    assert on.difficulty(text) == pytest.approx(core + term.bias + term.weights[0])
+    assert on.p_good(0.5, 0.7) == pytest.approx(fitted_module.sigmoid(term.a * 0.2 + term.b))
+    assert fit.p_good(0.5, 0.7) == pytest.approx(fitted_module.sigmoid(fit.a * 0.2 + fit.b))
+    # the file keeps the term; without the semantic extra the scorer falls back to the core path
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps(fit.as_dict()))
+    loaded = load_fitted(str(path), embeddings=True)
+    assert loaded.embedding == term
+    monkeypatch.setattr(fitted_module, "embeddings_installed", lambda: False)
+    assert not loaded.embedding_path
+    assert loaded.difficulty(text) == pytest.approx(core)
+    assert loaded.p_good(0.5, 0.7) == pytest.approx(fitted_module.sigmoid(fit.a * 0.2 + fit.b))
+
+
+def test_embeddings_config_needs_a_term_and_the_extra(tmp_path, monkeypatch) -> None:
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps(fit_router([load_judgments(small_csv(tmp_path))]).scorer.as_dict()))
+    with pytest.raises(ConfigError, match="plain.json' has no embedding term"):
+        Pipeline.from_config({"routing": {"scorer": {"fitted": str(plain), "embeddings": True}}})
+    with pytest.raises(ConfigError, match="applies to a fitted scorer only"):
+        Pipeline.from_config({"routing": {"scorer": {"embeddings": True}}})
+    with_term = tmp_path / "term.json"
+    with_term.write_text(json.dumps(fit_router([load_judgments(small_csv(tmp_path))], embed=fake_embed)
+                                    .scorer.as_dict()))
+    monkeypatch.setattr(fitted_module, "embeddings_installed", lambda: False)
+    with pytest.raises(ConfigError, match="needs the semantic extra"):
+        Pipeline.from_config({"routing": {"scorer": {"fitted": str(with_term), "embeddings": True}}})
+
+
+def test_a_version_1_file_asks_for_a_refit(tmp_path) -> None:
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"format": "router-middleware/fitted-difficulty", "version": 1, "weights": {}}))
+    with pytest.raises(ConfigError, match="version 1 fitted router file.*refit it with fit-router"):
+        Pipeline.from_config({"routing": {"scorer": {"fitted": str(old)}}})
+
+
+def test_route_eval_embeddings_needs_a_term(tmp_path, capsys) -> None:
+    out = tmp_path / "fit.json"
+    assert main(["fit-router", str(small_csv(tmp_path)), "--out", str(out), "--no-embeddings"]) == 0
+    assert "no embedding term (--no-embeddings)" in capsys.readouterr().out
+    assert main(["route-eval", str(small_csv(tmp_path)), "--weak", "small-model", "--strong", "big-model",
+                 "--scorer", f"fitted:{out}", "--embeddings"]) == 2
+    assert "has no embedding term" in capsys.readouterr().err
+
+
+def test_policy_adds_the_embedding_term_when_configured(tmp_path, monkeypatch) -> None:
+    from router_middleware import minilm
+
+    path = tmp_path / "term.json"
+    path.write_text(json.dumps(fit_router([load_judgments(small_csv(tmp_path))], embed=fake_embed).scorer.as_dict()))
+    seen: list[str] = []
+
+    def far_in_the_hard_direction(texts):
+        seen.extend(texts)
+        return [[50.0, 0.0] for _ in texts]
+
+    monkeypatch.setattr(minilm, "embed", far_in_the_hard_direction)
+    prompt = [{"role": "user", "content": "Say hello to dogs."}]
+    chosen = {}
+    for embeddings in (False, True):
+        p = Pipeline.from_config({"routing": {
+            "aliases": {"cheap": ["small-model"], "strong": ["big-model"]},
+            "tiers": [{"max_score": 0.5, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}],
+            "scorer": {"fitted": str(path), "embeddings": embeddings}},
+            "context": {"enabled": False}, "cache": {"enabled": False}})
+        chosen[embeddings] = p.plan(p.make_call("auto", prompt, {"session_id": "s"}, {})).model
+    assert seen == ["Say hello to dogs."]  # embedded once, only when configured
+    assert chosen == {False: "small-model", True: "big-model"}

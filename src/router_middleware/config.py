@@ -165,10 +165,14 @@ class Tier(_Strict):
 class ScorerConfig(_Strict):
     """What scores a request's difficulty for ``tiers``: the hand-set heuristic (``fitted`` unset), or
     a fitted file (``bundled``: the one shipped, or a ``fit-router`` output path). ``strength``: a
-    model's strength on the fitted file's scale (its mean judged score, 0..1), for models it lacks."""
+    model's strength on the fitted file's scale (its mean judged score, 0..1), for models it lacks.
+    ``embeddings``: add the fitted file's embedding term (a MiniLM embedding of each request; needs
+    the ``semantic`` extra and costs milliseconds per request); off, or without the extra, the core
+    path (the heuristic rescaled, well under a millisecond)."""
 
     fitted: str | None = None
     strength: dict[str, float] = Field(default_factory=dict)
+    embeddings: bool = False
 
     def model_post_init(self, __context: Any) -> None:
         for name, value in self.strength.items():
@@ -179,9 +183,19 @@ class ScorerConfig(_Strict):
             from .routing.fitted import load_fitted
 
             try:
-                load_fitted(self.fitted)
+                fitted = load_fitted(self.fitted)
             except RouterMiddlewareError as exc:  # names the file and what is wrong with it
                 raise ValueError(str(exc)) from None
+            if self.embeddings and fitted.embedding is None:
+                raise ValueError(f"embeddings: the fitted file {self.fitted!r} has no embedding term (fit it with the "
+                                 "semantic extra installed)")
+        if self.embeddings:
+            from .routing.fitted import embeddings_installed
+
+            if self.fitted is None:
+                raise ValueError("embeddings: applies to a fitted scorer only; set 'fitted' too")
+            if not embeddings_installed():
+                raise ValueError("embeddings: needs the semantic extra: pip install 'router-middleware[semantic]'")
 
 
 class FallbackConfig(_Strict):

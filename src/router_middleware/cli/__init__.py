@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--strong", required=True, help="column with the strong model's score")
     ev.add_argument("--scorer", default="heuristic",
                     help="heuristic (default), fitted (the bundled fit) or fitted:FILE (a fit-router file)")
+    ev.add_argument("--embeddings", action="store_true",
+                    help="add the fitted file's embedding term (needs the semantic extra; slower)")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=cmd_route_eval)
     fit = sub.add_parser("fit-router", help="fit the difficulty scorer from judged prompts (CSV: prompt + a "
@@ -74,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="the JSON file to write (point routing.scorer.fitted at it)")
     fit.add_argument("--hold-out", type=int, default=0, metavar="N",
                      help="leave out the prompts whose CRC-32 is divisible by N (for a held-out check)")
+    fit.add_argument("--no-embeddings", action="store_true",
+                     help="fit the core path alone (the embedding term is fitted when the semantic extra is installed)")
     fit.set_defaults(func=cmd_fit_router)
     return parser
 

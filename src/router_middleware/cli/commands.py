@@ -128,7 +128,7 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scorer(spec: str, weak: str) -> Callable[[str], float]:
+def _scorer(spec: str, weak: str, embeddings: bool = False) -> Callable[[str], float]:
     """``heuristic``, ``fitted`` or ``fitted:FILE`` as a text -> score function for route-eval."""
     from ..routing import score_text
     from ..routing.fitted import load_fitted
@@ -138,7 +138,11 @@ def _scorer(spec: str, weak: str) -> Callable[[str], float]:
         return score_text
     if kind != "fitted":
         raise RouterMiddlewareError(f"--scorer {spec!r}: expected heuristic, fitted or fitted:FILE")
-    fitted = load_fitted(path or None)
+    fitted = load_fitted(path or None, embeddings)
+    if embeddings and not fitted.embedding_path:
+        why = "it has no embedding term (refit with the semantic extra)" if fitted.embedding is None else \
+            "the semantic extra is not installed"
+        raise RouterMiddlewareError(f"--embeddings: cannot add the fitted file's embedding term: {why}")
     strength = fitted.strength_of(weak)
     if strength is None:
         _warn(f"the fitted file has no strength for {weak!r}: using the mean (the ranking, and so APGR and CPT, "
@@ -150,7 +154,9 @@ def _scorer(spec: str, weak: str) -> Callable[[str], float]:
 def cmd_route_eval(args: argparse.Namespace) -> int:
     from ..routing import load_examples, route_eval
 
-    scorer = _scorer(args.scorer, args.weak)
+    if args.embeddings and not args.scorer.startswith("fitted"):
+        raise RouterMiddlewareError("--embeddings applies to --scorer fitted[:FILE] only")
+    scorer = _scorer(args.scorer, args.weak, args.embeddings)
     result = route_eval(load_examples(expand_paths(args.files, ".csv", "CSV files"), args.weak, args.strong),
                         scorer)
     if result["weak_quality"] == result["strong_quality"]:
@@ -166,17 +172,22 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_router(args: argparse.Namespace) -> int:
+    from ..routing.fitted import embeddings_installed, local_embed
     from ..routing.fitting import fit_router, load_judgments
 
     out = output_file("--out", args.out)
     sources = [[j for path in expand_paths([arg], ".csv", "CSV files") for j in load_judgments(path)]
                for arg in args.files]
-    fit = fit_router(sources, args.files, hold_out=args.hold_out)
+    topics = not args.no_embeddings and embeddings_installed()
+    fit = fit_router(sources, args.files, hold_out=args.hold_out, embed=local_embed if topics else None)
     data = {**fit.scorer.as_dict(), "fitted_on": fit.sources,
             "held_out": f"crc32(prompt) % {args.hold_out} == 0" if args.hold_out else None}
     out.write_text(json.dumps(data, separators=(",", ":")) + "\n", encoding="utf-8")
     strengths = ", ".join(f"{m} {s:.2f}" for m, s in sorted(fit.scorer.strength.items(), key=lambda kv: -kv[1]))
-    print(f"fitted on {fit.rows:,} prompts; wrote {out} (a {fit.scorer.a:.2f}, b {fit.scorer.b:.2f}); "
+    how = ("with the embedding term" if fit.scorer.embedding is not None else
+           "no embedding term (" + ("--no-embeddings" if args.no_embeddings else "the semantic extra is not installed")
+           + ")")
+    print(f"fitted on {fit.rows:,} prompts; wrote {out} (a {fit.scorer.a:.2f}, b {fit.scorer.b:.2f}; {how}); "
           f"strengths: {strengths}")
     return 0
 

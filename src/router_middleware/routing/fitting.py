@@ -1,15 +1,17 @@
-"""Fit the difficulty scorer (:mod:`.fitted`) from judged prompts, in pure Python.
+"""Fit the difficulty scorer (:mod:`.fitted`) from judged prompts.
 
 Input: CSV files with a ``prompt`` column and one score column per model (numbers or true/false;
 columns holding other text, such as responses, are skipped; empty cells are unjudged). Scores are
 normalized per file to 0..1 (kept as they are when already in 0..1, else by the file's min and max).
 Then: a model's strength is its mean score; a prompt's difficulty target is the mean, over the
-models judged on it, of (strength - score); a ridge regression over :mod:`.features` predicts that
-target from the text (conjugate gradients on sparse rows); ``a`` and ``b`` of
-P(good enough) = sigmoid(a * (s - d) + b) are fitted by logistic regression on out-of-fold
-difficulties (two folds), so the probabilities are not those of prompts the model has seen. Each
-source (a command-line argument: a file, or all the files of a folder or glob) weighs the same in
-total, so 14,000 MMLU rows do not drown 300 arena prompts.
+models judged on it, of (strength - score). The core path (pure Python) is a weighted least-squares
+line of that target on logit(heuristic score); with an embedder (the ``semantic`` extra), a
+weighted ridge regression (numpy, penalty ``RIDGE``) of what that line leaves unexplained on the
+prompts' MiniLM embeddings adds the embedding path. ``a`` and ``b`` of
+P(good enough) = sigmoid(a * (s - d) + b) are fitted by logistic regression on every
+(prompt, model) judgment, for each path. Each source (a command-line argument: a file, or all the
+files of a folder or glob) weighs the same in total, so 14,000 MMLU rows do not drown 300 arena
+prompts.
 """
 
 from __future__ import annotations
@@ -18,16 +20,15 @@ import csv
 import math
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import RouterMiddlewareError
 from .evaluation import FALSE, TRUE
-from .features import DIM, text_features
-from .fitted import FittedScorer, model_key, sigmoid
+from .fitted import Embed, EmbeddingTerm, FittedScorer, heuristic_logit, model_key, sigmoid
 
-RIDGE = 3.0
-CG_STEPS = 40
+RIDGE = 3.0  # penalty of the embedding term (in prompts of mean weight)
+MIN_SLOPE = 1e-3  # the heuristic always orders prompts (a fit never turns it around)
 
 
 @dataclass(frozen=True)
@@ -98,47 +99,6 @@ def load_judgments(path: str | Path) -> list[Judged]:
     return out
 
 
-def _ridge(rows: Sequence[list[tuple[int, float]]], y: Sequence[float], w: Sequence[float],
-           lam: float = RIDGE) -> tuple[dict[int, float], float]:
-    """Weighted ridge regression by conjugate gradients: (X'WX + lam I) beta = X'W(y - mean)."""
-    total = sum(w)
-    mean = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / total
-    scale = len(y) / total  # mean weight 1, so lam means the same whatever the weights
-
-    def normal(v: list[float]) -> list[float]:
-        out = [lam * x for x in v]
-        for row, wi in zip(rows, w, strict=True):
-            dot = sum(v[i] * x for i, x in row) * wi * scale
-            if dot:
-                for i, x in row:
-                    out[i] += dot * x
-        return out
-
-    rhs = [0.0] * DIM
-    for row, wi, yi in zip(rows, w, y, strict=True):
-        for i, x in row:
-            rhs[i] += wi * scale * (yi - mean) * x
-    beta = [0.0] * DIM
-    r, p = rhs[:], rhs[:]
-    rr = sum(x * x for x in r)
-    start = rr
-    for _ in range(CG_STEPS):
-        if rr <= 1e-12 * start or rr == 0:
-            break
-        q = normal(p)
-        alpha = rr / sum(a * b for a, b in zip(p, q, strict=True))
-        beta = [b + alpha * x for b, x in zip(beta, p, strict=True)]
-        r = [a - alpha * x for a, x in zip(r, q, strict=True)]
-        new = sum(x * x for x in r)
-        p = [a + (new / rr) * x for a, x in zip(r, p, strict=True)]
-        rr = new
-    return {i: b for i, b in enumerate(beta) if abs(b) > 1e-7}, mean
-
-
-def _predict(weights: dict[int, float], bias: float, row: list[tuple[int, float]]) -> float:
-    return bias + sum(weights.get(i, 0.0) * x for i, x in row)
-
-
 def _calibrate(points: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
     """Logistic regression y ~ sigmoid(a * x + b) with soft labels and weights, by Newton steps."""
     a, b = 1.0, 0.0
@@ -160,9 +120,37 @@ def _calibrate(points: Sequence[tuple[float, float, float]]) -> tuple[float, flo
     return a, b
 
 
-def fit_router(sources: Sequence[Sequence[Judged]], names: Sequence[str] = (), *, hold_out: int = 0) -> Fit:
+def _line(x: Sequence[float], y: Sequence[float], w: Sequence[float]) -> tuple[float, float]:
+    """Weighted least squares y ~ intercept + slope * x, the slope at least ``MIN_SLOPE``."""
+    total = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x, strict=True)) / total
+    my = sum(wi * yi for wi, yi in zip(w, y, strict=True)) / total
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x, strict=True))
+    sxy = sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y, strict=True))
+    slope = max(MIN_SLOPE, sxy / sxx if sxx > 0 else 0.0)
+    return my - slope * mx, slope
+
+
+def _fit_embedding(vectors: Sequence[Sequence[float]], residual: Sequence[float],
+                   weights: Sequence[float]) -> EmbeddingTerm:
+    """Weighted ridge regression residual ~ bias + weights . vector (the bias unpenalized)."""
+    import numpy as np
+
+    x = np.asarray(vectors, dtype=np.float64)
+    r = np.asarray(residual, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    w = w * len(w) / w.sum()  # mean weight 1, so RIDGE means the same whatever the weights
+    mx, mr = np.average(x, axis=0, weights=w), float(np.average(r, weights=w))
+    xc = x - mx
+    beta = np.linalg.solve(xc.T @ (xc * w[:, None]) + RIDGE * np.eye(x.shape[1]), xc.T @ (w * (r - mr)))
+    return EmbeddingTerm(tuple(round(float(v), 6) for v in beta), round(mr - float(mx @ beta), 6), 1.0, 0.0)
+
+
+def fit_router(sources: Sequence[Sequence[Judged]], names: Sequence[str] = (), *, hold_out: int = 0,
+               embed: Embed | None = None) -> Fit:
     """Fit a :class:`FittedScorer` on ``sources`` (each a list of judged prompts); prompts in the
-    ``held_out(prompt, hold_out)`` slice are left out."""
+    ``held_out(prompt, hold_out)`` slice are left out. ``embed``: an embedder (e.g.
+    :func:`.fitted.local_embed`) to fit the embedding path too; ``None``: the core path alone."""
     kept = [[j for j in source if not held_out(j.prompt, hold_out)] for source in sources]
     if not any(kept):
         raise RouterMiddlewareError("no judged prompts to fit on")
@@ -175,33 +163,40 @@ def fit_router(sources: Sequence[Sequence[Judged]], names: Sequence[str] = (), *
             acc[0], acc[1] = acc[0] + j.weight * v, acc[1] + j.weight
     strength = {m: s / n for m, (s, n) in sums.items()}
     target = [sum(strength[m] - v for m, v in j.scores.items()) / len(j.scores) for j in data]
-    rows = [sorted(text_features(j.prompt).items()) for j in data]
+    logits = [heuristic_logit(j.prompt) for j in data]
     weights = [j.weight for j in data]
-    out_of_fold = [0.0] * len(data)
-    for fold in (0, 1):
-        train = [i for i in range(len(data)) if i % 2 != fold]
-        beta, bias = _ridge([rows[i] for i in train], [target[i] for i in train], [weights[i] for i in train])
-        for i in range(fold, len(data), 2):
-            out_of_fold[i] = _predict(beta, bias, rows[i])
-    a, b = _calibrate([(strength[m] - out_of_fold[i], v, j.weight) for i, j in enumerate(data)
-                       for m, v in j.scores.items()])
-    beta, bias = _ridge(rows, target, weights)
-    scorer = FittedScorer({i: round(w, 6) for i, w in beta.items() if abs(w) >= 1e-6}, round(bias, 6),
-                          {m: round(s, 4) for m, s in sorted(strength.items())}, round(a, 4), round(b, 4))
+
+    def calibrated(difficulty: Sequence[float]) -> tuple[float, float]:
+        a, b = _calibrate([(strength[m] - difficulty[i], v, j.weight) for i, j in enumerate(data)
+                           for m, v in j.scores.items()])
+        return round(a, 4), round(b, 4)
+
+    intercept, slope = _line(logits, target, weights)
+    a, b = calibrated([intercept + slope * x for x in logits])
+    term = None
+    if embed is not None:
+        vectors = embed([j.prompt for j in data])
+        core = [intercept + slope * x for x in logits]
+        term = _fit_embedding(vectors, [t - c for t, c in zip(target, core, strict=True)], weights)
+        ta, tb = calibrated([c + term.correction(v) for c, v in zip(core, vectors, strict=True)])
+        term = replace(term, a=ta, b=tb)
+    scorer = FittedScorer(round(intercept, 6), round(slope, 6),
+                          {m: round(s, 4) for m, s in sorted(strength.items())}, a, b, term)
     described = [{"source": str(n), "prompts": len(s)} for n, s in zip(names, kept, strict=False)]
     return Fit(scorer, len(data), described)
 
 
 def cross_validated(examples: Sequence[Judged], prompts: Sequence[str], folds: int = 5,
-                    extra: Sequence[Sequence[Judged]] = ()) -> list[float]:
+                    extra: Sequence[Sequence[Judged]] = (), embed: Embed | None = None) -> list[float]:
     """Difficulty of each of ``prompts`` from a fit that never saw it: ``folds`` folds by position
-    (prompt i is in fold i % folds), each fitted on the other folds of ``examples`` plus ``extra``."""
+    (prompt i is in fold i % folds), each fitted on the other folds of ``examples`` plus ``extra``;
+    with ``embed``, by the embedding path."""
     by_prompt = {j.prompt: k for k, j in enumerate(examples)}
     out = [math.nan] * len(prompts)
     for fold in range(folds):
         train = [j for k, j in enumerate(examples) if k % folds != fold]
-        scorer = fit_router([train, *extra]).scorer
+        scorer = fit_router([train, *extra], embed=embed).scorer
         for i, p in enumerate(prompts):
             if by_prompt.get(p, -1) % folds == fold:
-                out[i] = scorer.difficulty(p)
+                out[i] = scorer.difficulty(p, embed([p])[0] if embed is not None else None)
     return out

@@ -235,7 +235,7 @@ class RoutingPolicy:
             score = score_request(plan.messages, plan.call.tools, plan.call.context.step_kind)
             scores = [score] * len(self.config.tiers)
         else:
-            fitted = load_fitted(scorer.fitted)
+            fitted = load_fitted(scorer.fitted, scorer.embeddings)
             difficulty = fitted.difficulty(request_text(plan.messages))
             scores = []
             for tier in self.config.tiers:
