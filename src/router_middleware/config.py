@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .files import read_text
 
 PER_MILLION = 1_000_000
 
@@ -436,8 +437,6 @@ def _parse_problem(exc: Exception) -> str:
     """One line naming where a YAML or JSON file stops parsing."""
     if isinstance(exc, json.JSONDecodeError):
         return f"line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg}"
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     context = getattr(exc, "context", None)
@@ -458,12 +457,7 @@ def load_config(source: Config | Mapping[str, Any] | str | Path | None) -> Confi
     if isinstance(source, str | Path):
         path = Path(source)
         label = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{label}: cannot read config file ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{label}: {_parse_problem(exc)}") from None
+        text = read_text(path, ConfigError, "config file")
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (ValueError, yaml.YAMLError) as exc:

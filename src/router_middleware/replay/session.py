@@ -11,7 +11,6 @@ made, in seconds since the epoch or ISO 8601 (UTC unless it says otherwise). Tra
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SessionFormatError
+from ..files import read_json
 from ..messages import validate_messages
 
 _TRAJECTORY_MARKERS = frozenset({"exit"})
@@ -143,13 +143,4 @@ def parse_session(data: Any, label: str) -> Session:
 
 
 def load_session(path: str | Path) -> Session:
-    label = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SessionFormatError(f"{label}: cannot read ({exc.strerror})") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise SessionFormatError(f"{label}: not valid JSON ({exc})") from None
-    return parse_session(data, label)
+    return parse_session(read_json(path, SessionFormatError), str(path))

@@ -10,12 +10,14 @@ quality curve over the strong share, normalized between the weak-only and strong
 from __future__ import annotations
 
 import csv
+import io
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RouterMiddlewareError
+from ..files import read_text
 
 TRUE = {"true", "1", "yes", "1.0"}
 FALSE = {"false", "0", "no", "0.0", ""}
@@ -44,23 +46,15 @@ def load_examples(paths: Sequence[str | Path], weak: str, strong: str) -> list[E
     csv.field_size_limit(1 << 30)
     examples = []
     for path in paths:
-        try:
-            with open(path, newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                if not reader.fieldnames:
-                    raise RouterMiddlewareError(f"{path}: empty file (no header row)")
-                missing = [c for c in ("prompt", weak, strong) if c not in reader.fieldnames]
-                if missing:
-                    raise RouterMiddlewareError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-                for line, row in enumerate(reader, start=2):
-                    where = f"{path}: line {line}"
-                    examples.append(Example(row["prompt"], _value(row[weak], weak, where),
-                                            _value(row[strong], strong, where)))
-        except UnicodeDecodeError as exc:
-            raise RouterMiddlewareError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                                        f"{exc.start}); save it as UTF-8") from None
-        except OSError as exc:
-            raise RouterMiddlewareError(f"{path}: cannot read ({exc.strerror})") from None
+        reader = csv.DictReader(io.StringIO(read_text(path, RouterMiddlewareError)))
+        if not reader.fieldnames:
+            raise RouterMiddlewareError(f"{path}: empty file (no header row)")
+        missing = [c for c in ("prompt", weak, strong) if c not in reader.fieldnames]
+        if missing:
+            raise RouterMiddlewareError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            where = f"{path}: line {line}"
+            examples.append(Example(row["prompt"], _value(row[weak], weak, where), _value(row[strong], strong, where)))
     if not examples:
         raise RouterMiddlewareError(f"no rows to evaluate in {', '.join(map(str, paths))} (only a header)")
     return examples

@@ -19,7 +19,6 @@ strength from the config (``routing.scorer.strength``). The file is read lazily,
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RouterMiddlewareError
+from ..files import read_json
 from . import difficulty as heuristic
 
 FORMAT = "router-middleware/fitted-difficulty"
@@ -167,17 +167,7 @@ def _parse(data: Any, where: str) -> FittedScorer:
 
 @lru_cache(maxsize=8)
 def _load(path: str) -> FittedScorer:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RouterMiddlewareError(f"{path}: cannot read the fitted router file ({exc.strerror})") from None
-    except UnicodeDecodeError:
-        raise RouterMiddlewareError(f"{path}: the fitted router file is not UTF-8 JSON") from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise RouterMiddlewareError(f"{path}: the fitted router file is not valid JSON ({exc})") from None
-    return _parse(data, path)
+    return _parse(read_json(path, RouterMiddlewareError, "the fitted router file"), path)
 
 
 def bundled_path() -> str:

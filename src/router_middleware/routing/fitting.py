@@ -17,6 +17,7 @@ prompts.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import zlib
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import RouterMiddlewareError
+from ..files import read_text
 from .evaluation import FALSE, TRUE
 from .fitted import Embed, EmbeddingTerm, FittedScorer, heuristic_logit, model_key, sigmoid
 
@@ -65,17 +67,11 @@ def _number(text: str) -> float | None:
 def load_judgments(path: str | Path) -> list[Judged]:
     """The judged prompts of one CSV file, scores normalized to 0..1."""
     csv.field_size_limit(1 << 30)
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            names = list(reader.fieldnames or [])
-            if "prompt" not in names:
-                raise RouterMiddlewareError(f"{path}: missing column 'prompt'; found {names}")
-            rows = list(reader)
-    except UnicodeDecodeError:
-        raise RouterMiddlewareError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except OSError as exc:
-        raise RouterMiddlewareError(f"{path}: cannot read ({exc.strerror})") from None
+    reader = csv.DictReader(io.StringIO(read_text(path, RouterMiddlewareError)))
+    names = list(reader.fieldnames or [])
+    if "prompt" not in names:
+        raise RouterMiddlewareError(f"{path}: missing column 'prompt'; found {names}")
+    rows = list(reader)
     columns: dict[str, list[float | None]] = {}
     for name in names:
         if name == "prompt":
