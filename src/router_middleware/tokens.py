@@ -134,18 +134,24 @@ class Profile:
     running total. Structure derived once per history (:meth:`derive`) resumes from the profile of
     an earlier history this one extends, so an agent loop's growing history is walked once."""
 
-    __slots__ = ("_base", "_derived", "counts", "keys", "totals")
+    __slots__ = ("_base", "_derived", "chain", "counts", "keys", "totals")
     keys: tuple[object, ...]
     counts: tuple[int, ...]
     totals: tuple[int, ...]  # totals[i]: the tokens of messages[:i]
+    chain: tuple[int, ...]  # chain[i]: a hash of keys[:i], so a span is named by two numbers
     _base: Profile | None
 
     def __init__(self, keys: tuple[object, ...], counts: tuple[int, ...], prior: Profile | None = None) -> None:
-        start = prior.totals[-1] if prior is not None else 0
-        totals = tuple(accumulate(counts, initial=start))
+        link = prior.chain[-1] if prior is not None else 0
+        chain = [link]
+        for key in keys:
+            link = hash((link, key))
+            chain.append(link)
+        totals = tuple(accumulate(counts, initial=prior.totals[-1] if prior is not None else 0))
         if prior is not None:
-            keys, counts, totals = prior.keys + keys, prior.counts + counts, prior.totals + totals[1:]
-        self.keys, self.counts, self.totals = keys, counts, totals
+            keys, counts = prior.keys + keys, prior.counts + counts
+            totals, chain = prior.totals + totals[1:], [*prior.chain, *chain[1:]]
+        self.keys, self.counts, self.totals, self.chain = keys, counts, totals, tuple(chain)
         self._derived: dict[str, Any] = {}
         # The nearest earlier profile holding derived values (one hop: it keeps no base of its own).
         self._base = None if prior is None else prior if prior._derived else prior._base

@@ -7,6 +7,7 @@ keep the head (everything before the first assistant turn) and the last block.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,29 +87,28 @@ class Window:
         units = blocks(messages, head, profile)
         if len(units) <= 1:
             return self._over_window(plan, total, window)
-        totals = profile.totals
-        sizes = [totals[e] - totals[b] for b, e in units]
+        totals = profile.totals  # totals[i]: the tokens of messages[:i]
+        first = units[0][0]
         fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + totals[head]
         reserve = int(budget * self.digest_share) if self.digest else 0
         low = max(int(budget * self.keep), self._min_keep(plan, state))
         step = max(1, int(0.9 * (budget - fixed - reserve - low)))
-        droppable = sum(sizes[:-1])
+        droppable = totals[units[-1][0]] - totals[first]  # every block but the last
         level = max(0, droppable - low) // step * step
         chat = _is_chat(messages)
-        cut = 0
-        dropped_tokens = 0
-        while cut < len(units) - 1 and dropped_tokens < level:
-            dropped_tokens += sizes[cut]
-            cut += 1
+        # The fewest whole blocks (never the last) whose tokens reach the level.
+        cut = 0 if level <= 0 else min(len(units) - 1, 1 + bisect_left(
+            units, totals[first] + level, key=lambda unit: totals[unit[1]]))
         if chat:
             while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
-                dropped_tokens += sizes[cut]
                 cut += 1
+        dropped_tokens = totals[units[cut][0]] - totals[first]
         if cut == 0:
             return self._over_window(plan, total, window)
         start = units[cut][0]
         dropped = messages[head:start]
-        filler, jobs, how = self._filler(dropped, profile.keys[head:start], chat, reserve, plan, state)
+        span = ("span", profile.chain[head], profile.chain[start], start - head)  # names dropped's keys
+        filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
         kept = [*messages[:head], *filler, *messages[start:]]
         payback = self._payback_calls(plan, state, filler, low, dropped_tokens)
         must_fit = hard is not None and total > hard
@@ -163,12 +163,11 @@ class Window:
         return (rewrite - read) * (digest + low) / saving
 
     def _filler(
-        self, dropped: Sequence[Message], keys: tuple[object, ...], chat: bool, reserve: int, plan: Plan,
+        self, dropped: Sequence[Message], fast: tuple[object, ...], chat: bool, reserve: int, plan: Plan,
         state: PolicyState,
     ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
         if not self.digest:
             return [], [], "nothing"
-        fast = ("span", keys)
         if self.summarize:
             key = state.memo((*fast, "key"), lambda: span_key(dropped))
             summary = state.summaries.get(key)
