@@ -274,3 +274,22 @@ def test_digests_keep_paths_verbatim_and_the_most_recent_ones() -> None:
     assert "src/pkg/old_49.py" in digest and "src/pkg/old_0.py" not in digest and "(+48 earlier)" in digest
     placeholder = cleared_placeholder(recent["content"], tokens=30)
     assert "paths: /home/user/project/notes.txt, .github/workflows/ci.yml, ./setup.cfg]" in placeholder
+
+
+def test_a_changed_message_inside_the_dropped_span_gets_a_new_digest() -> None:
+    """Digests are kept per dropped span (named by the history's hash chain): resending the span reuses
+    its digest, and any change inside it, even one the token count cannot see, writes a new one."""
+    policy, state = Window(budget_tokens=3000, max_payback_calls=None), PolicyState()
+    history = agent_history(30, size=40)
+    first = policy(plan_for(history), state)
+    again = policy(plan_for([dict(m) for m in history]), state)  # the same span, other dicts
+    assert again.messages[2] is first.messages[2] and "src/mod24_0.py" in first.messages[2]["content"]
+    renamed = [dict(m) for m in history]
+    at = 2 + 2 * 24  # turn 24's assistant message, inside the dropped span
+    renamed[at] = {**renamed[at], "tool_calls": [{**renamed[at]["tool_calls"][0], "function": {
+        "name": "bash", "arguments": json.dumps({"command": "cat src/mod24_7.py"})}}]}
+    counter = STATE.counter("deepseek/deepseek-chat")
+    assert counter.message(renamed[at]) == counter.message(history[at])  # the same token count
+    changed = policy(plan_for(renamed), state)
+    assert len(changed.messages) == len(first.messages) and changed.messages[2] is not first.messages[2]
+    assert "src/mod24_7.py" in changed.messages[2]["content"]
