@@ -8,7 +8,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Hold, Refusal, Release, Sample, Within, token_lock
+from .base import TOLERANCE, Addition, Fetched, Hold, Refusal, Release, Sample, Within, fetch_each, token_lock
 
 
 class MemoryStore:
@@ -117,6 +117,9 @@ class MemoryStore:
     def samples(self, key: str) -> list[float]:
         with self._mutex:
             return list(self._recent(key))
+
+    def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        return fetch_each(self, keys, lists)
 
     def _recent(self, key: str) -> deque[float]:
         series = self._series.get(key)
