@@ -32,7 +32,7 @@ from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
 from .stores import Prefetch
-from .stores.base import Fetched
+from .stores.base import Bounded, Fetched
 from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
 from .telemetry.tracing import SideCall
@@ -377,7 +377,7 @@ class CallLifecycle:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current = None
-            result = yield from self._settle(result)
+            result, _ = yield from self._settle(result)
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
@@ -385,34 +385,52 @@ class CallLifecycle:
             return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
-        cache = self.engine.cache
+        cache, entry = self.engine.cache, None
         if cache is not None and self.use_cache and cache.cacheable(plan):
             try:
                 entry = cache.entry(plan, answer, result.cost.total_usd)
-                yield StoreCall(cache.store, "put_bounded", entry)
-                if cache.semantic is not None and self.engine.store_blocks:  # the index writes to the store
-                    yield StoreCall(cache, "saved", (plan, entry[0]))
-                else:
-                    cache.saved(plan, entry[0])
+                if cache.store is not self.engine.store:  # else the entry goes with the settlement
+                    put, entry = entry, None
+                    yield StoreCall(cache.store, "put_bounded", put)
+                    yield from self._cached(plan, put[0])
             except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
-        settled = yield from self._settle(result, answer)
+        settled, failed = yield from self._settle(result, answer, entry)
+        if entry is not None and cache is not None:
+            if failed is None:
+                yield from self._cached(plan, entry[0])
+            else:
+                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
         if settled is not result:
             wire.attach_outcome(answer, settled)
         trace.succeed(settled, answer)
         return answer
 
-    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, Outcome]:
-        """Settle through the store (one ``add_many``); a failed write is logged and recorded as a
-        decision on the outcome returned, never raised."""
+    def _cached(self, plan: Plan, key: str) -> Generator[Effect, Any, None]:
+        """After a response-cache write: the semantic index learns the entry (it writes to the store)."""
+        cache = self.engine.cache
+        if cache is not None and cache.semantic is not None and self.engine.store_blocks:
+            yield StoreCall(cache, "saved", (plan, key))
+        elif cache is not None:
+            cache.saved(plan, key)
+
+    def _settle(self, result: Outcome, answer: Any = None,
+                entry: Bounded | None = None) -> Generator[Effect, Any, tuple[Outcome, Exception | None]]:
+        """Settle through the store (one ``add_many``, with the response cache's ``entry`` when it
+        shares the store); a failed write is logged and recorded as a decision on the outcome
+        returned, never raised. The outcome, and the error if the write failed."""
         done = self.books.settlement(result, self.held, answer)
-        if done.writes:
+        failed = None
+        if done.writes or entry is not None:
             try:
-                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases))
+                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases,
+                                                                [entry] if entry is not None else []))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
-                self.books.settle_failed(done, exc)
+                failed = exc
+                if done.writes:
+                    self.books.settle_failed(done, exc)
         self.books.settled(done)
-        return done.outcome
+        return done.outcome, failed
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache

@@ -13,8 +13,8 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store", "StoreError",
-           "Within", "acquire", "defer", "fetch_each", "poll", "token_lock"]
+__all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store",
+           "StoreError", "Within", "acquire", "defer", "fetch_each", "poll", "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -26,6 +26,7 @@ Hold = tuple[str, float, float, float | None, str, float]  # (key, amount, limit
 # End a hold: key's total gets actual - held while the hold is still counted, else actual (it expired
 # and was taken back out).
 Release = tuple[str, str, float, float, float | None]  # (key, hold id, amount held, actual, ttl_s)
+Bounded = tuple[str, bytes, float | None, str, int]  # put_bounded's (key, value, ttl_s, ring, capacity)
 Fetched = tuple[list["bytes | None"], list[list[float]]]  # fetch's answer: values, then recent values
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
 
@@ -55,10 +56,11 @@ class Store(Protocol):
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
-        to its list of recent values (the last ``keep`` kept) and end each :data:`Release`'s hold
-        (each atomic): one round trip where the backend allows."""
+        to its list of recent values (the last ``keep`` kept), end each :data:`Release`'s hold (each
+        atomic) and make each :meth:`put_bounded` of ``bounded``: one round trip where the backend
+        allows."""
         ...
 
     def samples(self, key: str) -> list[float]:

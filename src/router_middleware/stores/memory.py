@@ -8,7 +8,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Fetched, Hold, Refusal, Release, Sample, Within, fetch_each, token_lock
+from .base import TOLERANCE, Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, Within, fetch_each, token_lock
 
 
 class MemoryStore:
@@ -89,8 +89,10 @@ class MemoryStore:
             self._holds.pop(key, None)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         with self._mutex:
+            for put in bounded:
+                self.put_bounded(*put)
             for key, amount, ttl_s in entries:
                 self._add(key, amount, ttl_s)
             for key, hold, held, actual, ttl_s in releases:

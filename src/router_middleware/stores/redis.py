@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from .base import Addition, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
+from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -295,14 +295,17 @@ class RedisStore:
         return bytes(value) if value is not None else None
 
     async def aput_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
-        keys = [self._k(key), self._k(f"{ring}:seq")]
-        args = [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
+        keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
         await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
 
     @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
-        self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
-                      args=[value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")])
+        keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
+        self._bounded(keys=keys, args=args)
+
+    def _bounded_call(self, put: Bounded) -> tuple[list[str], list[Any]]:
+        key, value, ttl_s, ring, capacity = put
+        return [self._k(key), self._k(f"{ring}:seq")], [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
 
     @_guarded
     def samples(self, key: str) -> list[float]:
@@ -358,19 +361,22 @@ class RedisStore:
 
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
-        if entries or samples or releases:
-            self._queue(self.client.pipeline(transaction=False), entries, samples, releases).execute()
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        if entries or samples or releases or bounded:
+            self._queue(self.client.pipeline(transaction=False), entries, samples, releases, bounded).execute()
 
     async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                        releases: Sequence[Release] = ()) -> None:
-        if entries or samples or releases:
-            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases))
+                        releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        if entries or samples or releases or bounded:
+            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases, bounded))
 
     def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release] = ()) -> Any:
+               releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> Any:
         """Native commands only (a pipeline of registered scripts would check them on every batch;
-        the releases go as one EVAL)."""
+        the releases go as one EVAL, each bounded write as another)."""
+        for put in bounded:
+            keys, args = self._bounded_call(put)
+            pipe.eval(_BOUNDED, len(keys), *keys, *args)
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))

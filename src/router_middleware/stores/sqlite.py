@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import (
     TOLERANCE,
     Addition,
+    Bounded,
     Fetched,
     Hold,
     Refusal,
@@ -132,7 +133,9 @@ class SQLiteStore:
                 self._add(db, key, -float(expired), None)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        for put in bounded:
+            self.put_bounded(*put)
         with self._tx() as db:
             for key, amount, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
