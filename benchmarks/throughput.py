@@ -6,9 +6,10 @@ budgets and cooldowns kept in memory vs in Redis, all with `mock_response`, meas
 Each round launches all calls at once with `asyncio.gather` (20-message agent history, routed
 through a two-model alias with a USD and a token budget and the circuit breaker), and times the
 batch; the three variants alternate round by round, and the median calls/s is reported. Without
-`--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is started for the run. The
-Redis store is synchronous: each store round trip blocks the event loop, which is what this
-measures against the in-memory store.
+`--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is started for the run. On
+the async path the Redis store's reads, admissions and settlements go through its batched asyncio
+client, and the call's lifecycle runs on the event loop: this measures what that costs against the
+in-memory store.
 """
 
 from __future__ import annotations

@@ -209,15 +209,17 @@ def test_pass_through_pipeline_has_no_cache() -> None:
 
 async def test_async_calls_reach_a_redis_cache_without_blocking_the_loop(redis_url, monkeypatch) -> None:
     """On the async path the lookup and the bounded write go through the store's batched asyncio
-    client (``aget``, ``aput_bounded``), never its blocking ``get``/``put_bounded``."""
+    client (``aget``; the write with the settlement, ``aadd_many``), never its blocking ``get``,
+    ``put_bounded`` or ``add_many``."""
     from router_middleware.stores.redis import RedisStore
 
     used: list[str] = []
-    for name in ("get", "aget", "put_bounded", "aput_bounded"):
+    for name in ("get", "aget", "put_bounded", "aput_bounded", "add_many", "aadd_many"):
         original = getattr(RedisStore, name)
 
         def spy(self, *args, _name=name, _original=original):
-            if not args[0].startswith(("quota:", "budget:", "cooldown:", "out:", "inr:")):
+            if not isinstance(args[0], str) or not args[0].startswith(("quota:", "budget:", "cooldown:", "out:",
+                                                                       "inr:")):
                 used.append(_name)
             return _original(self, *args)
 
@@ -227,4 +229,4 @@ async def test_async_calls_reach_a_redis_cache_without_blocking_the_loop(redis_u
     second = await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="5")
     assert outcome(first).usage.source != "cache" and outcome(second).usage.source == "cache"
     assert second.choices[0].message.content == "4"
-    assert used == ["aget", "aput_bounded", "aget"]
+    assert used == ["aget", "aadd_many", "aget"]

@@ -290,3 +290,37 @@ def test_agent_middleware_fits_model_settings_to_the_routed_model() -> None:
                            model_settings={"temperature": 0.2, "reasoning_effort": "minimal"})
     middleware.wrap_model_call(request, handler)
     assert seen == [{"reasoning_effort": "low"}]  # o3-mini: temperature dropped, effort moved to its nearest
+
+
+async def test_on_redis_an_async_call_stays_on_the_event_loop(redis_url, monkeypatch) -> None:
+    """With an alias, a budget and the circuit breaker on Redis, an async call's steps run on the event
+    loop and use no worker thread: what planning reads is fetched through the batched client (and
+    then kept a second), admission and settlement are batched, and no lesser write is due."""
+    import threading
+    import uuid
+
+    threads: list[Any] = []
+    original = drivers._in_thread
+
+    async def in_thread(work: Any) -> Any:
+        threads.append(work)
+        return await original(work)
+
+    monkeypatch.setattr(drivers, "_in_thread", in_thread)
+    planned: list[int] = []
+    plan = Engine.plan
+
+    def spy(self: Engine, *args: Any, **kwargs: Any) -> Any:
+        planned.append(threading.get_ident())
+        return plan(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "plan", spy)
+    p = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "app": f"loop-{uuid.uuid4().hex[:8]}",
+                              "routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                          "budgets": [{"name": "team", "scope": "app", "usd": 100.0}]}})
+    answers = await asyncio.gather(*(p.acompletion(model="coder", messages=[{"role": "user", "content": f"q{i}"}],
+                                                   mock_response="ok", context={"session_id": "s"})
+                                     for i in range(20)))
+    p.close()
+    assert [a.choices[0].message.content for a in answers] == ["ok"] * 20
+    assert threads == [] and set(planned) == {threading.get_ident()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import threading
 import time
@@ -205,3 +206,33 @@ def test_open_store_urls(tmp_path, redis_url) -> None:
     assert open_store(redis_url).get("nothing-here") is None
     with pytest.raises(StoreError, match="unknown store URL"):
         open_store("mongodb://x")
+
+
+def test_fetch_reads_values_and_recent_values_at_once(store) -> None:
+    store.set("a", b"1")
+    store.add_many([], [("l", 2.0, 5, None), ("l", 3.0, 5, None)])
+    assert store.fetch(["a", "missing"], ["l", "none"]) == ([b"1", None], [[2.0, 3.0], []])
+    assert store.fetch([], ["l"]) == ([], [[2.0, 3.0]])
+
+
+def test_add_many_makes_bounded_writes_too(store) -> None:
+    store.add_many([("n", 1.0, None)], (), (), [("cache:k1", b"v1", None, "cache", 1), ("cache:k2", b"v2", None,
+                                                                                        "cache", 1)])
+    assert store.get("cache:k1") is None and store.get("cache:k2") == b"v2"  # a ring of one: the older went
+    assert store.get("n") is not None
+
+
+async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monkeypatch) -> None:
+    """A thousand calls that find the same value missing at once send one read of it."""
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("k", b"v")
+    queued = []
+    original = RedisStore._queue_fetch
+    monkeypatch.setattr(RedisStore, "_queue_fetch", lambda self, pipe, keys, lists: (
+        queued.append((list(keys), list(lists))), original(self, pipe, keys, lists))[1])
+    found = await asyncio.gather(*(store.afetch(["k", "other"], ["l"]) for _ in range(100)))
+    assert found == [([b"v", None], [[]])] * 100
+    assert queued == [(["k", "other"], ["l"])]
+    store.close()

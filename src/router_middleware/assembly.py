@@ -66,7 +66,8 @@ def telemetry_settings(config: TelemetryConfig) -> TelemetrySettings:
 
 def policy_state(store: Store, catalog: Catalog) -> PolicyState:
     """What the policies read, as views of the store. Over the network, values that may lag by a
-    second (cooldowns, speed averages, budget and quota totals) are read at most once a second: the
+    second (cooldowns, speed averages, budget and quota totals) are read at most once a second (a
+    call's lifecycle serves such a value for a second more while one call reads it again): the
     admission step checks budgets and quotas again, atomically, so a lagging read never passes a limit."""
     lag = _lag(store)
     return PolicyState(

@@ -105,6 +105,12 @@ class ResponseCache:
             entry = self.similar(plan)
         return entry
 
+    def similar_entry(self, plan: Plan) -> tuple[CachedEntry | None, str | None]:
+        """:meth:`similar`'s answer, and why the lookup failed (``None`` if it did not)."""
+        self.last_error = None
+        entry = self.similar(plan)
+        return entry, self.last_error
+
     def similar(self, plan: Plan) -> CachedEntry | None:
         """A cached answer to a paraphrase of ``plan`` (the semantic index), or None."""
         match = self.semantic.find(plan) if self.semantic is not None else None

@@ -7,10 +7,11 @@ is thrown into the lifecycle, which answers with the next effect or raises it to
 :func:`step`/:func:`astep` run the effects between two attempts, for an adapter whose attempts are
 made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycle).
 
-The lifecycle's own steps read store-backed state in place (the policies read it as mappings, the
-bookkeeper's lesser writes go straight to the store), so with a store that can block (Redis,
-SQLite) the async drivers run each step, and each store call without an async twin, in a worker
-thread (``off_loop=True``): the event loop never waits on the store.
+With a store that can block (Redis, SQLite: ``off_loop=True``) the lifecycle's steps still run on
+the event loop: what they read was fetched by a store call (see :class:`~.stores.Prefetch`), and
+the bookkeeper's lesser writes made during a step (counts toward a cooldown, speed averages, a
+session's route) are queued and then made in a worker thread, as is each store call without an
+async twin: the event loop never waits on the store.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 
 from . import wire
 from .lifecycle import Attempt, Effect, Flow, StoreCall, Summarize, Wait
+from .stores.base import _DEFERRED
 
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
@@ -65,7 +67,7 @@ def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) 
 
 async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True,
                 off_loop: bool = False) -> tuple[bool, Any]:
-    """:func:`step` with async I/O; ``off_loop``: the lifecycle's steps run in a worker thread."""
+    """:func:`step` with async I/O; ``off_loop``: the store blocks (its writes go to a worker thread)."""
     done, value = await _aadvance(flow, reply, error, off_loop)
     while not done and not isinstance(value, Attempt):
         try:
@@ -85,15 +87,29 @@ def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any
 
 
 async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: bool) -> tuple[bool, Any]:
-    """:func:`_advance`, in a worker thread when ``off_loop``. A cancelled caller waits for the step
-    to end (one store timeout at most), so the lifecycle never runs in two threads at once."""
+    """:func:`_advance` on the loop; with ``off_loop``, the writes the step queued are then made in a
+    worker thread, before its next effect (the order of a sync call)."""
     if not off_loop:
         return _advance(flow, reply, error)
-    step = asyncio.ensure_future(asyncio.to_thread(_advance, flow, reply, error))
+    queued: list[Callable[[], None]] = []
+    token = _DEFERRED.set(queued)
     try:
-        return await asyncio.shield(step)
+        done = _advance(flow, reply, error)
+    finally:
+        _DEFERRED.reset(token)
+    if queued:
+        await _in_thread(lambda: [write() for write in queued])
+    return done
+
+
+async def _in_thread(work: Callable[[], Any]) -> Any:
+    """``work()`` in a worker thread. A cancelled caller waits for it to end (one store timeout at
+    most), so the lifecycle's state is never touched from two threads at once."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait({step})
+        await asyncio.wait({running})
         raise
 
 
@@ -118,6 +134,6 @@ async def _aperform(effect: Effect, wait: bool, off_loop: bool) -> Any:
         if twin is not None:
             return await twin(*effect.args)
         method = getattr(effect.store, effect.method)
-        return await asyncio.to_thread(method, *effect.args) if off_loop else method(*effect.args)
+        return await _in_thread(lambda: method(*effect.args)) if off_loop else method(*effect.args)
     assert isinstance(effect, Summarize)
     return await wire.litellm().acompletion(**effect.request)

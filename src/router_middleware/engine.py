@@ -22,7 +22,7 @@ from .params import check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
-from .stores import MemoryStore, Store
+from .stores import MemoryStore, Prefetch, Store
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
@@ -53,6 +53,8 @@ class Engine:
         self._timed = bool(self.config.routing.aliases or self.config.routing.budgets)
         # A store outside this process can block: the async drivers keep it off the event loop.
         self.store_blocks = any(not isinstance(s, MemoryStore) for s in self._stores())
+        # Such a store is read ahead of each plan (one fetch), never by the policies themselves.
+        self.prefetching = not isinstance(self.store, MemoryStore)
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
@@ -70,19 +72,21 @@ class Engine:
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
         return Call.create(model, valid, check_params(params), ctx, decisions)
 
-    def plan(self, call: Call, state: PolicyState | None = None) -> Plan:
-        """Apply the policies to ``call`` (no I/O: store-backed state is read through views), then fit
-        the params to the chosen model (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an
-        alias can serve the call."""
+    def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None) -> Plan:
+        """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
+        ``prefetch``, which never reads the store), then fit the params to the chosen model
+        (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
         state = state or self.state
+        if prefetch is not None:
+            state = prefetch.state(state)
         if self._timed:
             state = replace(state, now=time.time())
         plan = apply_policies(Plan.from_call(call), self.policies, state)
         return fit_plan(plan, wire.param_rules(plan.model))
 
-    def replan(self, call: Call, target: str, decision: Decision) -> Plan:
+    def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for."""
-        return self.plan(call.override(model=target)).override(call=call).decide(decision)
+        return self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
               cache: bool = True) -> CallLifecycle:
@@ -124,7 +128,7 @@ class Engine:
             request["stream_options"] = {"include_usage": True}
         return request
 
-    def request_size(self, plan: Plan) -> tuple[int, int, int]:
+    def request_size(self, plan: Plan, fetched: Prefetch | None = None) -> tuple[int, int, int]:
         """Prompt tokens counted locally, and the estimates to reserve: prompt and output tokens, learned
         from this model's recent replies for the app once there are enough (output capped by
         ``max_tokens``; see ``routing.budgets.output_estimate`` and ``input_estimate``)."""
@@ -134,9 +138,11 @@ class Engine:
         if not books.learns:
             return counted, counted, int(cap or routing.default_output_tokens)
         share = routing.output_percentile
-        output = output_estimate(books.recent(OUTPUT, plan.model, app), max_tokens=int(cap) if cap else None,
-                                 default=routing.default_output_tokens, share=share)
-        return counted, input_estimate(counted, books.recent(INPUT_RATIO, plan.model, app), share=share), output
+        output = output_estimate(books.recent(OUTPUT, plan.model, app, fetched),
+                                 max_tokens=int(cap) if cap else None, default=routing.default_output_tokens,
+                                 share=share)
+        ratios = books.recent(INPUT_RATIO, plan.model, app, fetched)
+        return counted, input_estimate(counted, ratios, share=share), output
 
     def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float:
         """The cost of ``tokens`` in and ``output`` out on the plan's model (0 when it has no price)."""

@@ -31,6 +31,8 @@ from .errors import NoRouteError, RouterMiddlewareError
 from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import Attempts, backoff, error_kind, request_windows
+from .stores import Prefetch
+from .stores.base import Bounded, Fetched
 from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
 from .telemetry.tracing import SideCall
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 # An adapter's reader of an answer that is not a litellm response: (plan, answer, started) -> Outcome.
 Reader = Callable[[Plan, Any, float], Outcome]
+PLAN_PASSES = 3  # plans of one call (or attempt) that may each fetch what the last one missed
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +72,9 @@ class Wait:
 @dataclass(frozen=True, slots=True)
 class StoreCall:
     """Call ``store.<method>(*args)``; an async driver awaits the store's ``a<method>`` twin when it has
-    one (Redis), so admission and settlement never block the event loop there."""
+    one (Redis), so reads, admission and settlement never block the event loop there. ``store`` may
+    also be a component whose method uses a store (the semantic cache, a quota admission that reads
+    the provider's view): the async driver runs it in a worker thread."""
 
     store: Any
     method: str
@@ -97,16 +102,17 @@ class CallLifecycle:
         self._sized: tuple[Plan, int, int] | None = None  # the last plan sized, and its size
         self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
         self.side_calls: list[SideCall] = []  # summaries written for this call
+        self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
     def run(self) -> Flow:
         """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
         ``BudgetExceeded`` (before any attempt), or ``MessageError`` for a bad request."""
         engine = self.engine
-        plan = engine.plan(self.call)
+        plan = yield from self._plan()
         if plan.summary_jobs:
             for job in plan.summary_jobs:
                 yield from self._summarize(job)
-            plan = self._carry(engine.plan(self.call))
+            plan = self._carry((yield from self._plan()))
         if self.use_cache:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
@@ -144,6 +150,52 @@ class CallLifecycle:
 
     # -- before the first attempt ----------------------------------------------------------------
 
+    def _plan(self, target: str | None = None, decision: Decision | None = None) -> Generator[Effect, Any, Plan]:
+        """The call's plan, or (``target``) a later attempt's, recording ``decision``. On a store that
+        can block, planning reads only what was fetched for the call or is kept in the process: what a
+        pass missed (and the recent reply sizes the plan's estimate reads) is fetched in one round
+        trip, and the call is planned again."""
+        fetched = self.prefetch
+
+        def make() -> Plan:
+            if target is None:
+                return self.engine.plan(self.call, prefetch=fetched)
+            assert decision is not None
+            return self.engine.replan(self.call, target, decision, fetched)
+
+        if fetched is None:
+            return make()
+        if target is not None:  # read again what the call's earlier plans read (its own holds, a spend)
+            fetched.values.clear()
+        for _ in range(PLAN_PASSES):
+            try:
+                plan = make()
+            except Exception:
+                if not fetched.missed:  # not for want of a value: the plan's own error
+                    raise
+            else:
+                self.books.want_recent(plan, fetched)
+                if not fetched.missed:
+                    break
+            fetched.fill(fetched.missed, (yield from self._fetch(fetched.missed)))
+        else:
+            plan = make()
+            self.books.want_recent(plan, fetched)
+            fetched.fill(fetched.missed, None)  # still missing after a few passes: it reads as missing
+        if fetched.renew:  # stale values this plan used: read again for the calls that follow
+            fetched.fill(fetched.renew, (yield from self._fetch(fetched.renew)), call=False)
+        return plan
+
+    def _fetch(self, noted: dict[str, Any]) -> Generator[Effect, Any, Fetched | None]:
+        """The store's values of the keys ``noted`` (one round trip), or ``None`` if it failed."""
+        keys, lists = Prefetch.wanted(noted)
+        try:
+            found: Fetched = yield StoreCall(self.engine.store, "fetch", (keys, lists))
+        except Exception as exc:  # noqa: BLE001 - a failing store reads as missing
+            log.warning("store_read_failed", keys=len(keys) + len(lists), error_type=type(exc).__name__)
+            return None
+        return found
+
     def _summarize(self, job: SummaryJob) -> Generator[Effect, Any, None]:
         """Write a dropped span's summary unless another call is writing it (a failure keeps the offline
         digest); the call keeps what it cost and when, for its ledger row and a CLIENT span under its
@@ -165,7 +217,7 @@ class CallLifecycle:
         ended = time.time_ns()
         text = summary_text(response)
         if text:
-            self.books.keep_summary(job.key, text)
+            self.books.keep_summary(job.key, text, self.prefetch)
         try:
             outcome: Outcome | None = build_outcome(response, None, self.engine.catalog)
         except Exception as exc:  # noqa: BLE001 - an unpriced summary still serves the call
@@ -191,9 +243,9 @@ class CallLifecycle:
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
             error = cache.failed("lookup", exc)
         if entry is None and cache.semantic is not None:
-            cache.last_error = None
-            entry = cache.similar(plan)
-            error = error or cache.last_error
+            entry, failed = ((yield StoreCall(cache, "similar_entry", (plan,))) if self.engine.store_blocks
+                             else cache.similar_entry(plan))
+            error = error or failed
         if error:
             plan = plan.decide(Decision("cache", "error", f"{error}; treated as a miss"))
         if entry is None:
@@ -234,7 +286,7 @@ class CallLifecycle:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
         counted once per plan: the budget claims and a token quota of the same attempt share it."""
         if self._sized is None or self._sized[0] is not plan:
-            self.held.counted, tokens, output = self.engine.request_size(plan)
+            self.held.counted, tokens, output = self.engine.request_size(plan, self.prefetch)
             self._sized = (plan, tokens, output)
         return self._sized[1], self._sized[2]
 
@@ -257,7 +309,7 @@ class CallLifecycle:
                 if why is None:
                     return plan
                 if isinstance(why, StepDown):
-                    plan = self._carry(self.engine.replan(self.call, target, Decision("reasoning", "step-down", why)))
+                    plan = self._carry((yield from self._plan(target, Decision("reasoning", "step-down", why))))
                     replans -= 1
                     claims = self._claims(plan) if replans else [c for c in claims or [] if c.unit != "reasoning"]
                     continue
@@ -265,14 +317,18 @@ class CallLifecycle:
             next_target = attempts.skip(why)
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
-            plan = self._carry(self.engine.replan(self.call, next_target, Decision(
+            plan = self._carry((yield from self._plan(next_target, Decision(
                 "routing", "skip" if unreachable else "quota",
-                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth})))
+                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int,
               claims: list[Claim]) -> Generator[Effect, Any, str | None]:
         """Admit an attempt through the store (one atomic ``add_within``); why not, or ``None``."""
-        admission = self.books.admission(self.held, found, size, claims)
+        admission: Admission | str | None
+        if self.prefetch is not None and self.books.admission_reads(found):  # the provider's view: in a thread
+            admission = yield StoreCall(self.books, "admission", (self.held, found, size, claims))
+        else:
+            admission = self.books.admission(self.held, found, size, claims)
         if not isinstance(admission, Admission):
             return admission
         try:
@@ -299,9 +355,9 @@ class CallLifecycle:
             return None
         retry = plan
         if next_target != failed:
-            retry = self._carry(engine.replan(self.call, next_target, Decision(
+            retry = self._carry((yield from self._plan(next_target, Decision(
                 "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_target}",
-                {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))))
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
@@ -321,7 +377,7 @@ class CallLifecycle:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current = None
-            result = yield from self._settle(result)
+            result, _ = yield from self._settle(result)
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
@@ -329,31 +385,52 @@ class CallLifecycle:
             return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks)
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
-        cache = self.engine.cache
+        cache, entry = self.engine.cache, None
         if cache is not None and self.use_cache and cache.cacheable(plan):
             try:
                 entry = cache.entry(plan, answer, result.cost.total_usd)
-                yield StoreCall(cache.store, "put_bounded", entry)
-                cache.saved(plan, entry[0])
+                if cache.store is not self.engine.store:  # else the entry goes with the settlement
+                    put, entry = entry, None
+                    yield StoreCall(cache.store, "put_bounded", put)
+                    yield from self._cached(plan, put[0])
             except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
-        settled = yield from self._settle(result, answer)
+        settled, failed = yield from self._settle(result, answer, entry)
+        if entry is not None and cache is not None:
+            if failed is None:
+                yield from self._cached(plan, entry[0])
+            else:
+                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
         if settled is not result:
             wire.attach_outcome(answer, settled)
         trace.succeed(settled, answer)
         return answer
 
-    def _settle(self, result: Outcome, answer: Any = None) -> Generator[Effect, Any, Outcome]:
-        """Settle through the store (one ``add_many``); a failed write is logged and recorded as a
-        decision on the outcome returned, never raised."""
+    def _cached(self, plan: Plan, key: str) -> Generator[Effect, Any, None]:
+        """After a response-cache write: the semantic index learns the entry (it writes to the store)."""
+        cache = self.engine.cache
+        if cache is not None and cache.semantic is not None and self.engine.store_blocks:
+            yield StoreCall(cache, "saved", (plan, key))
+        elif cache is not None:
+            cache.saved(plan, key)
+
+    def _settle(self, result: Outcome, answer: Any = None,
+                entry: Bounded | None = None) -> Generator[Effect, Any, tuple[Outcome, Exception | None]]:
+        """Settle through the store (one ``add_many``, with the response cache's ``entry`` when it
+        shares the store); a failed write is logged and recorded as a decision on the outcome
+        returned, never raised. The outcome, and the error if the write failed."""
         done = self.books.settlement(result, self.held, answer)
-        if done.writes:
+        failed = None
+        if done.writes or entry is not None:
             try:
-                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases))
+                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases,
+                                                                [entry] if entry is not None else []))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
-                self.books.settle_failed(done, exc)
+                failed = exc
+                if done.writes:
+                    self.books.settle_failed(done, exc)
         self.books.settled(done)
-        return done.outcome
+        return done.outcome, failed
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache

@@ -27,8 +27,9 @@ from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.affinity import session_route
 from ..routing.quotas import Quota
-from ..stores import Store, StoreView
-from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within
+from ..stores import Prefetch, Store, StoreView
+from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer
+from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
@@ -119,28 +120,35 @@ class Bookkeeper:
         self.ledger = ledger
         self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
-        self._recent: dict[str, tuple[float, list[float]]] = {}
+        self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 
-    def recent(self, prefix: str, model: str, app: str | None) -> list[float]:
+    def recent(self, prefix: str, model: str, app: str | None, fetched: Prefetch | None = None) -> list[float]:
         """Recent reply facts of ``model`` for ``app``: ``keys.OUTPUT`` (output tokens) or
-        ``keys.INPUT_RATIO`` (reported / counted prompt tokens). A failing store reads as none."""
+        ``keys.INPUT_RATIO`` (reported / counted prompt tokens), as ``fetched`` for the call if it
+        was (see :meth:`want_recent`). A failing store reads as none."""
         key = f"{prefix}{model}:{app or '-'}"
-        seen = self._recent.get(key)
-        if seen is not None and seen[0] > time.monotonic():
-            return seen[1]
+        if fetched is not None and key in fetched.lists:
+            return fetched.lists[key]
+        kept, seen, renew = self._recent.get(key)
+        if kept and not renew and seen is not None:
+            return seen
         try:
             found = self.store.samples(key)
         except Exception as exc:  # noqa: BLE001
             log.warning("store_read_failed", key=key, error_type=type(exc).__name__)
-            found = []
-        if self.fresh_s:
-            if len(self._recent) > 10_000:
-                self._recent.clear()
-            self._recent[key] = (time.monotonic() + self.fresh_s, found)
+            return seen if seen is not None else []
+        self._recent.keep(key, found)
         return found
+
+    def want_recent(self, plan: Plan, fetched: Prefetch) -> None:
+        """Note in ``fetched`` the recent reply facts :meth:`recent` would read from the store for
+        ``plan`` (none where budgets and token limits do not learn them, or the process keeps them)."""
+        if self.learns:
+            for prefix in (OUTPUT, INPUT_RATIO):
+                fetched.want_list(f"{prefix}{plan.model}:{plan.call.context.app or '-'}", self._recent)
 
     # -- before an attempt -----------------------------------------------------------------------
 
@@ -168,6 +176,18 @@ class Bookkeeper:
             return []
         return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", unique_id(),
                       self.reasoning.reservation_ttl_s)]
+
+    def admission_reads(self, found: tuple[Quota, ...]) -> bool:
+        """Whether :meth:`admission` on ``found`` reads or writes the store itself: where the provider's
+        view of a quota was seen (its headers said what is left), or the process does not know."""
+        for quota in found:
+            for unit in ("requests", "tokens"):
+                key = f"{quota.bucket}:left:{unit}"
+                known, raw, _ = self._seen.kept.get(key) if isinstance(self._seen, StoreView) \
+                    else (True, self._seen.get(key), False)
+                if not known or raw is not None:
+                    return True
+        return False
 
     def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
                   claims: list[Claim]) -> Admission | str | None:
@@ -233,11 +253,15 @@ class Bookkeeper:
             self._add("quota_store_failed", quotas.give_back(taken, requests=False))
             self._observe(found, error)
         self._failed[target] = time.time()
-        try:
-            if health.note_failure(self.store, target, self.routing.cooldown, time.time()):
-                log.warning("model_cooling_down", model=target, seconds=self.routing.cooldown.cooldown_s)
-        except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
-            log.warning("cooldown_store_failed", error_type=type(exc).__name__)
+
+        def count() -> None:
+            try:
+                if health.note_failure(self.store, target, self.routing.cooldown, time.time()):
+                    log.warning("model_cooling_down", model=target, seconds=self.routing.cooldown.cooldown_s)
+            except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
+                log.warning("cooldown_store_failed", error_type=type(exc).__name__)
+
+        defer(count)
 
     def release(self, held: Held) -> None:
         """The call made no billable attempt (or failed for good): give its reservation back."""
@@ -356,8 +380,11 @@ class Bookkeeper:
         (``add_within`` refuses the others until the claim expires)."""
         return [(SUMMARY_CLAIM + key, 1.0, 1.0, SUMMARY_CLAIM_S)]
 
-    def keep_summary(self, key: str, text: str) -> None:
+    def keep_summary(self, key: str, text: str, fetched: Prefetch | None = None) -> None:
+        """Store a span's summary (and note it in the call's ``fetched`` reads: its next plan sees it)."""
         self._guard("store_write_failed", self.store.set, SUMMARY + key, text.encode())
+        if fetched is not None:
+            fetched.values[SUMMARY + key] = text.encode()
 
     # -- the ledger ------------------------------------------------------------------------------
 
@@ -381,10 +408,15 @@ class Bookkeeper:
 
     @staticmethod
     def _guard(event: str, write: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            write(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
-            log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
+        """Make a write whose failure is only logged (queued while a step runs on an event loop: see
+        :func:`~router_middleware.stores.base.defer`)."""
+        def run() -> None:
+            try:
+                write(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+                log.warning(event, error_type=type(exc).__name__, error=str(exc)[:200])
+
+        defer(run)
 
 
 __all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "StepDown", "Taken"]

@@ -7,7 +7,7 @@ from urllib.parse import urlparse
 from .base import LockTimeout, Store, StoreError
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
-from .views import StoreView
+from .views import Prefetch, StoreView
 
 
 def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
@@ -26,4 +26,5 @@ def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
     raise StoreError(f"unknown store URL {url!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
 
 
-__all__ = ["LockTimeout", "MemoryStore", "SQLiteStore", "Store", "StoreError", "StoreView", "open_store"]
+__all__ = ["LockTimeout", "MemoryStore", "Prefetch", "SQLiteStore", "Store", "StoreError", "StoreView",
+           "open_store"]

@@ -8,12 +8,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store", "StoreError", "Within",
-           "acquire", "poll", "token_lock"]
+__all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store",
+           "StoreError", "Within", "acquire", "defer", "fetch_each", "poll", "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -25,6 +26,8 @@ Hold = tuple[str, float, float, float | None, str, float]  # (key, amount, limit
 # End a hold: key's total gets actual - held while the hold is still counted, else actual (it expired
 # and was taken back out).
 Release = tuple[str, str, float, float, float | None]  # (key, hold id, amount held, actual, ttl_s)
+Bounded = tuple[str, bytes, float | None, str, int]  # put_bounded's (key, value, ttl_s, ring, capacity)
+Fetched = tuple[list["bytes | None"], list[list[float]]]  # fetch's answer: values, then recent values
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
 
 
@@ -53,14 +56,20 @@ class Store(Protocol):
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
-        to its list of recent values (the last ``keep`` kept) and end each :data:`Release`'s hold
-        (each atomic): one round trip where the backend allows."""
+        to its list of recent values (the last ``keep`` kept), end each :data:`Release`'s hold (each
+        atomic) and make each :meth:`put_bounded` of ``bounded``: one round trip where the backend
+        allows."""
         ...
 
     def samples(self, key: str) -> list[float]:
         """The recent values appended under ``key`` by :meth:`add_many`, oldest first."""
+        ...
+
+    def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        """:meth:`get` of every key of ``keys`` and :meth:`samples` of every key of ``lists``, in one
+        round trip where the backend allows."""
         ...
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
@@ -73,6 +82,25 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+    """:meth:`Store.fetch` one key at a time (a store in the process, or on a local file)."""
+    return [store.get(k) for k in keys], [store.samples(k) for k in lists]
+
+
+# While a call's lifecycle step runs on an event loop (:mod:`..drivers`), writes whose answer the step
+# does not need are queued here instead of blocking the loop; the driver then makes them in a thread.
+_DEFERRED: ContextVar[list[Callable[[], None]] | None] = ContextVar("router_middleware_deferred", default=None)
+
+
+def defer(write: Callable[[], None]) -> None:
+    """Make ``write`` now, or queue it while a lifecycle step runs on an event loop."""
+    queued = _DEFERRED.get()
+    if queued is None:
+        write()
+    else:
+        queued.append(write)
 
 
 @contextmanager

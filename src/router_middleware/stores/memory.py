@@ -9,7 +9,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Hold, Refusal, Release, Sample, Within, token_lock
+from .base import TOLERANCE, Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, Within, fetch_each, token_lock
 
 
 class MemoryStore:
@@ -102,8 +102,10 @@ class MemoryStore:
             heapq.heapify(heap)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         with self._mutex:
+            for put in bounded:
+                self.put_bounded(*put)
             for key, amount, ttl_s in entries:
                 self._add(key, amount, ttl_s)
             for key, hold, held, actual, ttl_s in releases:
@@ -130,6 +132,9 @@ class MemoryStore:
     def samples(self, key: str) -> list[float]:
         with self._mutex:
             return list(self._recent(key))
+
+    def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        return fetch_each(self, keys, lists)
 
     def _recent(self, key: str) -> deque[float]:
         series = self._series.get(key)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from .base import Addition, Hold, Refusal, Release, Sample, StoreError, Within, acquire
+from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -148,22 +148,24 @@ class _Batch:
         self.client = client
         self.scripts = scripts
         self.outage = outage
-        self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any]]] = []
+        self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any], bool]] = []
+        self.reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]] = {}  # reads in flight (afetch)
 
-    def submit(self, queue: Callable[[Any, Any], Any]) -> asyncio.Future[Any]:
-        """``queue(pipeline, scripts)`` adds one call's commands; the future gets their last result."""
+    def submit(self, queue: Callable[[Any, Any], Any], *, every: bool = False) -> asyncio.Future[Any]:
+        """``queue(pipeline, scripts)`` adds one call's commands; the future gets their last result
+        (``every``: the list of all their results)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(lambda: loop.create_task(self._flush()))
-        self.pending.append((queue, future))
+        self.pending.append((queue, future, every))
         return future
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
         pipe = self.client.pipeline(transaction=False)
         sizes = []
-        for queue, _ in batch:
+        for queue, _, _ in batch:
             before = len(pipe.command_stack)
             queue(pipe, self.scripts)
             sizes.append(len(pipe.command_stack) - before)
@@ -172,16 +174,19 @@ class _Batch:
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
             self.outage.note(exc)
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         start = 0
-        for (_, future), size in zip(batch, sizes, strict=True):
+        for (_, future, every), size in zip(batch, sizes, strict=True):
             mine, start = results[start:start + size], start + size
             failed = next((r for r in mine if isinstance(r, Exception)), None)
             if not future.done():
-                future.set_exception(failed) if failed is not None else future.set_result(mine[-1] if mine else None)
+                if failed is not None:
+                    future.set_exception(failed)
+                else:
+                    future.set_result(mine if every else mine[-1] if mine else None)
 
 
 def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
@@ -214,9 +219,9 @@ def _refusal(answer: Any) -> Refusal | None:
 
 
 class RedisStore:
-    """Sync methods on a blocking client. ``aadd_within``, ``aadd_many``, ``aget`` and ``aput_bounded``
-    (what a call's admission, settlement and response cache send on the async path) are batched per
-    event loop: the commands of every call that reached that point in the same turn of the loop go
+    """Sync methods on a blocking client. ``afetch``, ``aadd_within``, ``aadd_many``, ``aget`` and
+    ``aput_bounded`` (what a call's reads, admission, settlement and response cache send on the async
+    path) are batched per event loop: the commands of every call that reached that point in the same turn of the loop go
     out as one pipeline on one asyncio client (each script stays atomic), so a thousand concurrent
     calls share a few round trips."""
 
@@ -290,34 +295,88 @@ class RedisStore:
         return bytes(value) if value is not None else None
 
     async def aput_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
-        keys = [self._k(key), self._k(f"{ring}:seq")]
-        args = [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
+        keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
         await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
 
     @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
-        self._bounded(keys=[self._k(key), self._k(f"{ring}:seq")],
-                      args=[value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")])
+        keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
+        self._bounded(keys=keys, args=args)
+
+    def _bounded_call(self, put: Bounded) -> tuple[list[str], list[Any]]:
+        key, value, ttl_s, ring, capacity = put
+        return [self._k(key), self._k(f"{ring}:seq")], [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
 
     @_guarded
     def samples(self, key: str) -> list[float]:
         return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
     @_guarded
+    def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        if not keys and not lists:
+            return [], []
+        return self._fetched(self._queue_fetch(self.client.pipeline(transaction=False), keys, lists).execute(),
+                             bool(keys))
+
+    async def afetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        """:meth:`fetch`, batched; a key another call of the loop is already reading is not read again
+        (a thousand calls that find the same value missing at once send one read of it)."""
+        batch = self._batch()
+        reads = [*((True, k) for k in keys), *((False, k) for k in lists)]
+        found = {r: batch.reads[r] for r in reads if r in batch.reads}
+        new = [r for r in reads if r not in found]
+        if new:
+            values, series = [k for one, k in new if one], [k for one, k in new if not one]
+            sent = batch.submit(lambda pipe, scripts: self._queue_fetch(pipe, values, series), every=True)
+            first = 1 if values else 0  # the MGET's answer, then one per list
+            for at, (one, key) in enumerate(new):
+                found[(one, key)] = batch.reads[(one, key)] = (sent, at if one else first + at - len(values))
+
+            def done(_: Any) -> None:
+                for read in new:
+                    if batch.reads.get(read, (None, 0))[0] is sent:
+                        del batch.reads[read]
+
+            sent.add_done_callback(done)
+        answers = []
+        for read in reads:
+            future, at = found[read]
+            results = await future
+            answers.append(results[0][at] if read[0] else results[at])
+        return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
+                [[float(v) for v in series] for series in answers[len(keys):]])
+
+    def _queue_fetch(self, pipe: Any, keys: Sequence[str], lists: Sequence[str]) -> Any:
+        """One MGET for ``keys``, one LRANGE per key of ``lists``."""
+        if keys:
+            pipe.mget([self._k(k) for k in keys])
+        for key in lists:
+            pipe.lrange(self._k(key), 0, -1)
+        return pipe
+
+    @staticmethod
+    def _fetched(results: list[Any], values: bool) -> Fetched:
+        found = [bytes(v) if v is not None else None for v in results[0]] if values else []
+        return found, [[float(v) for v in series] for series in results[1 if values else 0:]]
+
+    @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
-        if entries or samples or releases:
-            self._queue(self.client.pipeline(transaction=False), entries, samples, releases).execute()
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        if entries or samples or releases or bounded:
+            self._queue(self.client.pipeline(transaction=False), entries, samples, releases, bounded).execute()
 
     async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                        releases: Sequence[Release] = ()) -> None:
-        if entries or samples or releases:
-            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases))
+                        releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        if entries or samples or releases or bounded:
+            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases, bounded))
 
     def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release] = ()) -> Any:
+               releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> Any:
         """Native commands only (a pipeline of registered scripts would check them on every batch;
-        the releases go as one EVAL)."""
+        the releases go as one EVAL, each bounded write as another)."""
+        for put in bounded:
+            keys, args = self._bounded_call(put)
+            pipe.eval(_BOUNDED, len(keys), *keys, *args)
         for key, amount, ttl_s in entries:
             if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
                 pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))

@@ -11,7 +11,20 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
-from .base import TOLERANCE, Addition, Hold, Refusal, Release, Sample, StoreError, Within, token_lock
+from .base import (
+    TOLERANCE,
+    Addition,
+    Bounded,
+    Fetched,
+    Hold,
+    Refusal,
+    Release,
+    Sample,
+    StoreError,
+    Within,
+    fetch_each,
+    token_lock,
+)
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 HOLDS = ("CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, hold TEXT NOT NULL, amount REAL NOT NULL, "
@@ -120,7 +133,9 @@ class SQLiteStore:
                 self._add(db, key, -float(expired), None)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+        for put in bounded:
+            self.put_bounded(*put)
         with self._tx() as db:
             for key, amount, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
@@ -148,6 +163,9 @@ class SQLiteStore:
     def samples(self, key: str) -> list[float]:
         raw = self.get(key)
         return [float(v) for v in json.loads(raw)] if raw else []
+
+    def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
+        return fetch_each(self, keys, lists)
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._tx() as db:

@@ -4,18 +4,61 @@ Reads go to the store; a store that fails reads as "missing" (with a warning), s
 back to its offline behaviour instead of failing the call. ``fresh_s`` keeps what was read (or found
 missing) for that long in the process: for values that may lag a little (cooldowns, speed averages)
 on a store over the network, it saves a round trip per read.
+
+A call's lifecycle on a store that can block reads the views through a :class:`Prefetch` instead:
+a value neither kept in the process nor fetched for the call reads as missing and is noted, the
+lifecycle fetches every noted key in one round trip (``Store.fetch``) and plans again, so planning
+itself never waits on the store.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeVar
+from dataclasses import fields, replace
+from typing import Any, Generic, TypeVar
 
 from ..telemetry import log
 from .base import Store
 
 V = TypeVar("V")
+T = TypeVar("T")
+_KEEP = 10_000  # values kept in the process per view (then forgotten at once)
+
+
+class Kept(Generic[T]):
+    """Values read from the store, kept in the process for ``fresh_s``. For ``fresh_s`` more a value
+    is still served (stale) while one call reads it again: :meth:`get` tells that one call to renew
+    it, so a thousand calls that find it stale at once neither wait for it nor all read it."""
+
+    def __init__(self, fresh_s: float) -> None:
+        self.fresh_s = fresh_s
+        self._values: dict[str, tuple[float, T]] = {}  # key -> (when read, value)
+        self._renewing: dict[str, float] = {}  # key -> until when one call is renewing it
+
+    def get(self, key: str) -> tuple[bool, T | None, bool]:
+        """``(found, value, renew)``: ``renew`` asks this caller to read the key again."""
+        seen = self._values.get(key) if self.fresh_s else None
+        if seen is None:
+            return False, None, False
+        now = time.monotonic()
+        age = now - seen[0]
+        if age < self.fresh_s:
+            return True, seen[1], False
+        if age >= 2 * self.fresh_s:
+            return False, None, False
+        renew = self._renewing.get(key, 0.0) <= now
+        if renew:
+            self._renewing[key] = now + self.fresh_s
+        return True, seen[1], renew
+
+    def keep(self, key: str, value: T) -> None:
+        if self.fresh_s:
+            if len(self._values) > _KEEP:
+                self._values.clear()
+                self._renewing.clear()
+            self._values[key] = (time.monotonic(), value)
+            self._renewing.pop(key, None)
 
 
 class StoreView(Mapping[str, V], Generic[V]):
@@ -23,8 +66,7 @@ class StoreView(Mapping[str, V], Generic[V]):
         self.store = store
         self.prefix = prefix
         self._decode = decode
-        self._fresh_s = fresh_s
-        self._recent: dict[str, tuple[float, bytes | None]] = {}
+        self.kept: Kept[bytes | None] = Kept(fresh_s)
 
     def __getitem__(self, key: str) -> V:
         raw = self._read(key)
@@ -32,20 +74,19 @@ class StoreView(Mapping[str, V], Generic[V]):
             raise KeyError(key)
         return self._decode(raw)
 
+    def decode(self, raw: bytes) -> V:
+        return self._decode(raw)
+
     def _read(self, key: str) -> bytes | None:
-        if self._fresh_s:
-            seen = self._recent.get(key)
-            if seen is not None and seen[0] > time.monotonic():
-                return seen[1]
+        found, raw, renew = self.kept.get(key)
+        if found and not renew:
+            return raw
         try:
             raw = self.store.get(self.prefix + key)
         except Exception as exc:  # noqa: BLE001 - a failing store reads as missing
             log.warning("store_read_failed", key=self.prefix + key, error_type=type(exc).__name__)
-            return None
-        if self._fresh_s:
-            if len(self._recent) > 10_000:
-                self._recent.clear()
-            self._recent[key] = (time.monotonic() + self._fresh_s, raw)
+            return raw if found else None
+        self.kept.keep(key, raw)
         return raw
 
     def __iter__(self) -> Iterator[str]:  # a store is not enumerated
@@ -65,3 +106,97 @@ class StoreView(Mapping[str, V], Generic[V]):
             self.store.incr(self.prefix + key, amount, ttl_s)
         except Exception as exc:  # noqa: BLE001
             log.warning("store_write_failed", key=self.prefix + key, error_type=type(exc).__name__)
+
+
+# Where a fetched value goes: a view (its value is kept there too), or a list of recent values kept
+# by whoever asked for it (``None``: the call only).
+Sink = StoreView[Any] | Kept[list[float]] | None
+
+
+class Prefetch:
+    """What one call read from the store (store keys, without the store's own prefix), what its
+    planning wanted but found neither here nor kept in the process (``missed``: key -> whether it is
+    a single value, and where it is kept), and the stale values it was asked to renew (``renew``)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, bytes | None] = {}
+        self.lists: dict[str, list[float]] = {}
+        self.missed: dict[str, tuple[bool, Sink]] = {}
+        self.renew: dict[str, tuple[bool, Sink]] = {}
+        self._state: tuple[Any, Any] | None = None
+
+    def state(self, state: Any) -> Any:
+        """``state`` (a PolicyState) with each store view read through this prefetch."""
+        if self._state is None or self._state[0] is not state:
+            views = {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
+                     if isinstance(getattr(state, f.name), StoreView)}
+            self._state = (state, replace(state, **views) if views else state)
+        return self._state[1]
+
+    def want_list(self, key: str, kept: Kept[list[float]]) -> None:
+        """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
+        if key in self.lists:
+            return
+        found, _, renew = kept.get(key)
+        if not found:
+            self.missed[key] = (False, kept)
+        elif renew:
+            self.renew[key] = (False, kept)
+
+    @staticmethod
+    def wanted(noted: dict[str, tuple[bool, Sink]]) -> tuple[list[str], list[str]]:
+        """``Store.fetch``'s arguments for the keys ``noted`` (``missed`` or ``renew``)."""
+        return [k for k, (one, _) in noted.items() if one], [k for k, (one, _) in noted.items() if not one]
+
+    def fill(self, noted: dict[str, tuple[bool, Sink]], found: tuple[list[bytes | None], list[list[float]]] | None,
+             *, call: bool = True) -> None:
+        """Take the store's answer for the keys ``noted`` (``None``: the store failed: a missed value
+        reads as missing, a stale one stays as it is); ``call``: the call reads them too."""
+        keys, lists = self.wanted(noted)
+        if found is None:
+            if call:
+                self.values.update(dict.fromkeys(keys))
+                self.lists.update((k, []) for k in lists)
+            noted.clear()
+            return
+        values, series = found
+        for key, value in [*zip(keys, values, strict=True), *zip(lists, series, strict=True)]:
+            sink = noted[key][1]
+            if isinstance(sink, StoreView):
+                sink.kept.keep(key.removeprefix(sink.prefix), value)  # type: ignore[arg-type]
+            elif sink is not None:
+                sink.keep(key, value)  # type: ignore[arg-type]
+        if call:
+            self.values.update(zip(keys, values, strict=True))
+            self.lists.update(zip(lists, series, strict=True))
+        noted.clear()
+
+
+class _Prefetched(Mapping[str, V], Generic[V]):
+    """A view read through one call's :class:`Prefetch`: it never reads the store."""
+
+    def __init__(self, view: StoreView[V], prefetch: Prefetch) -> None:
+        self.view = view
+        self.prefetch = prefetch
+
+    def __getitem__(self, key: str) -> V:
+        full = self.view.prefix + key
+        values = self.prefetch.values
+        if full in values:
+            raw = values[full]
+        else:
+            found, raw, renew = self.view.kept.get(key)
+            if not found:
+                self.prefetch.missed[full] = (True, self.view)
+                raise KeyError(key)
+            if renew:
+                self.prefetch.renew[full] = (True, self.view)
+        if raw is None:
+            raise KeyError(key)
+        return self.view.decode(raw)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
