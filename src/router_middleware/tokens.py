@@ -130,18 +130,19 @@ def fast_key(message: Message) -> object:
 
 
 class Profile:
-    """Per message of a history: its in-process cache key (:func:`fast_key`), token count and the
-    running total. Structure derived once per history (:meth:`derive`) resumes from the profile of
-    an earlier history this one extends, so an agent loop's growing history is walked once."""
+    """A history's token counts and keys, as running totals (``totals[i]``: the tokens of
+    ``messages[:i]``) and a hash chain of the messages' :func:`fast_key` (``chain[i]`` names
+    ``messages[:i]``, so a span is named by two numbers). Structure derived once per history
+    (:meth:`derive`) resumes from the profile of an earlier history this one extends, so an agent
+    loop's growing history is walked once."""
 
-    __slots__ = ("_base", "_derived", "chain", "counts", "keys", "totals")
-    keys: tuple[object, ...]
-    counts: tuple[int, ...]
-    totals: tuple[int, ...]  # totals[i]: the tokens of messages[:i]
-    chain: tuple[int, ...]  # chain[i]: a hash of keys[:i], so a span is named by two numbers
+    __slots__ = ("_base", "_derived", "chain", "totals")
+    totals: tuple[int, ...]
+    chain: tuple[int, ...]
     _base: Profile | None
 
-    def __init__(self, keys: tuple[object, ...], counts: tuple[int, ...], prior: Profile | None = None) -> None:
+    def __init__(self, keys: Sequence[object], counts: Sequence[int], prior: Profile | None = None) -> None:
+        """``keys`` and ``counts`` of the messages after those ``prior`` profiled."""
         link = prior.chain[-1] if prior is not None else 0
         chain = [link]
         for key in keys:
@@ -149,20 +150,18 @@ class Profile:
             chain.append(link)
         totals = tuple(accumulate(counts, initial=prior.totals[-1] if prior is not None else 0))
         if prior is not None:
-            keys, counts = prior.keys + keys, prior.counts + counts
             totals, chain = prior.totals + totals[1:], [*prior.chain, *chain[1:]]
-        self.keys, self.counts, self.totals, self.chain = keys, counts, totals, tuple(chain)
+        self.totals, self.chain = totals, tuple(chain)
         self._derived: dict[str, Any] = {}
         # The nearest earlier profile holding derived values (one hop: it keeps no base of its own).
         self._base = None if prior is None else prior if prior._derived else prior._base
 
-    def derive(self, name: str, compute: Callable[[Any, int], T]) -> T:
-        """``compute(earlier, n)`` once: ``earlier`` is the value derived for the first ``n`` messages
-        (a history this one extends), or ``None`` and 0."""
+    def derive(self, name: str, compute: Callable[[Any], T]) -> T:
+        """``compute(earlier)`` once: ``earlier`` is the value derived for a history this one extends,
+        or ``None``."""
         if name not in self._derived:
-            base = self._base
-            earlier = base._derived.get(name) if base is not None else None
-            self._derived[name] = compute(earlier, len(base.counts) if base is not None and earlier is not None else 0)
+            earlier = self._base._derived.get(name) if self._base is not None else None
+            self._derived[name] = compute(earlier)
             self._base = None
         return self._derived[name]  # type: ignore[no-any-return]
 
@@ -177,7 +176,7 @@ class TokenCounter:
         self._cache: OrderedDict[object, int] = OrderedDict()
         self._tools: dict[str, int] = {}
         self._resent = MessageMemo()  # message dict -> (fast key, count), one lookup per resent message
-        self._histories = HistoryMemo()  # a resent history -> its keys and counts
+        self._histories = HistoryMemo()  # a resent history -> its Profile
         self._max = max_cached
 
     def message(self, message: Message, key: object | None = None) -> int:
@@ -203,14 +202,14 @@ class TokenCounter:
         return hit
 
     def profile(self, messages: Sequence[Message]) -> Profile:
-        """Each message's :func:`fast_key` and token count. The part of ``messages`` that resends a
+        """The :class:`Profile` of ``messages``. The part of ``messages`` that resends a
         history profiled before (the same dicts, see :class:`~.memo.HistoryMemo`) is not looked at
         message by message again."""
         n, prior = self._histories.extended(messages)
         if prior is not None and n == len(messages):
             return prior  # type: ignore[no-any-return]
         pairs = [self.keyed(m) for m in messages[n:]]
-        profile = Profile(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs), prior)
+        profile = Profile([p[0] for p in pairs], [p[1] for p in pairs], prior)
         self._histories.remember(messages, profile)
         return profile
 

@@ -60,7 +60,7 @@ def blocks(messages: Sequence[Message], start: int, profile: Profile | None = No
     if profile is None:
         return _blocks(messages, start)
 
-    def scan(earlier: list[tuple[int, int]] | None, n: int) -> list[tuple[int, int]]:
+    def scan(earlier: list[tuple[int, int]] | None) -> list[tuple[int, int]]:
         if not earlier:
             return _blocks(messages, 0)
         return [*earlier[:-1], *_blocks(messages, earlier[-1][0])]  # the last block may have grown

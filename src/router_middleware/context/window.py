@@ -87,22 +87,21 @@ class Window:
         units = blocks(messages, head, profile)
         if len(units) <= 1:
             return self._over_window(plan, total, window)
-        totals = profile.totals  # totals[i]: the tokens of messages[:i]
-        first = units[0][0]
+        totals = profile.totals  # totals[i]: the tokens of messages[:i]; the blocks begin at head
         fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + totals[head]
         reserve = int(budget * self.digest_share) if self.digest else 0
         low = max(int(budget * self.keep), self._min_keep(plan, state))
         step = max(1, int(0.9 * (budget - fixed - reserve - low)))
-        droppable = totals[units[-1][0]] - totals[first]  # every block but the last
+        droppable = totals[units[-1][0]] - totals[head]  # every block but the last
         level = max(0, droppable - low) // step * step
         chat = _is_chat(messages)
         # The fewest whole blocks (never the last) whose tokens reach the level.
         cut = 0 if level <= 0 else min(len(units) - 1, 1 + bisect_left(
-            units, totals[first] + level, key=lambda unit: totals[unit[1]]))
+            units, totals[head] + level, key=lambda unit: totals[unit[1]]))
         if chat:
             while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
                 cut += 1
-        dropped_tokens = totals[units[cut][0]] - totals[first]
+        dropped_tokens = totals[units[cut][0]] - totals[head]
         if cut == 0:
             return self._over_window(plan, total, window)
         start = units[cut][0]
