@@ -23,7 +23,7 @@ from typing import Any
 
 from . import wire
 from .lifecycle import Attempt, Effect, Flow, StoreCall, Summarize, Wait
-from .stores.base import _DEFERRED
+from .stores.base import deferring
 
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
@@ -91,12 +91,8 @@ async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: b
     worker thread, before its next effect (the order of a sync call)."""
     if not off_loop:
         return _advance(flow, reply, error)
-    queued: list[Callable[[], None]] = []
-    token = _DEFERRED.set(queued)
-    try:
+    with deferring() as queued:
         done = _advance(flow, reply, error)
-    finally:
-        _DEFERRED.reset(token)
     if queued:
         await _in_thread(lambda: [write() for write in queued])
     return done

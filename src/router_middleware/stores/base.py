@@ -94,6 +94,17 @@ def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> 
 _DEFERRED: ContextVar[list[Callable[[], None]] | None] = ContextVar("router_middleware_deferred", default=None)
 
 
+@contextmanager
+def deferring() -> Iterator[list[Callable[[], None]]]:
+    """Within it, :func:`defer` queues its writes on the list yielded instead of making them."""
+    queued: list[Callable[[], None]] = []
+    token = _DEFERRED.set(queued)
+    try:
+        yield queued
+    finally:
+        _DEFERRED.reset(token)
+
+
 def defer(write: Callable[[], None]) -> None:
     """Make ``write`` now, or queue it while a lifecycle step runs on an event loop."""
     queued = _DEFERRED.get()
