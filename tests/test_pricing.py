@@ -42,11 +42,13 @@ def test_zero_priced_catalog_entry_is_unknown(monkeypatch) -> None:
     monkeypatch.setattr(catalog_module, "_cost_map", lambda: fake)
     catalog_module._catalog_lookup.cache_clear()
     catalog_module._variant_index.cache_clear()
+    catalog_module._infer_provider.cache_clear()
     try:
         assert catalog_module.catalog_lookup("free-looking-model") is None
     finally:
         catalog_module._catalog_lookup.cache_clear()
         catalog_module._variant_index.cache_clear()
+        catalog_module._infer_provider.cache_clear()
 
 
 def test_config_override_wins_and_says_so() -> None:

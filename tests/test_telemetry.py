@@ -163,6 +163,28 @@ def test_log_event_carries_trace_ids(span_exporter) -> None:
     assert event["input_tokens"] > 0 and event["cost_usd"] > 0
 
 
+def test_log_events_follow_structlog_reconfiguration(span_exporter) -> None:
+    """The library's logger is assembled once per structlog configuration: a level filter set later
+    drops the per-call event, and reconfiguring again brings it back."""
+    import logging
+
+    was_configured, old = structlog.is_configured(), structlog.get_config()
+    seen: list[dict] = []
+
+    def keep(logger, method, event):  # noqa: ANN001 - a structlog processor
+        seen.append(event)
+        raise structlog.DropEvent
+
+    try:
+        for level, expected in ((logging.WARNING, 0), (logging.INFO, 1), (logging.WARNING, 0)):
+            seen.clear()
+            structlog.configure(processors=[keep], wrapper_class=structlog.make_filtering_bound_logger(level))
+            Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+            assert len([e for e in seen if e["event"] == "llm_call"]) == expected, level
+    finally:
+        structlog.configure(**old) if was_configured else structlog.reset_defaults()
+
+
 def test_content_is_off_by_default_and_redacted_when_on(span_exporter) -> None:
     secret = [{"role": "system", "content": "Use key sk-proj-abcdefghijklmnop1234 please"},
               {"role": "user", "content": "Mail ada@example.com with header Authorization: Bearer abc.def.ghi"}]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 _DATE = re.compile(r"(?:[-@](?:20\d{6}|20\d\d-\d\d-\d\d)|-latest)$")
@@ -171,6 +171,7 @@ def _priced(entry: Mapping[str, Any]) -> bool:
     return bool(entry.get("input_cost_per_token") or entry.get("output_cost_per_token"))
 
 
+@lru_cache(maxsize=1024)
 def _infer_provider(model: str) -> str | None:
     head, _ = _split_provider(model)
     if head:

@@ -61,6 +61,8 @@ class Engine:
         """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input.
         With ``messages.repair_tool_calls``, broken tool-call integrity is mended instead, and the
         call carries a ``messages:repair`` decision saying what was changed."""
+        if self.config.app and isinstance(context, Mapping) and context.get("app") is None:
+            context = {**context, "app": self.config.app}  # built once, not built and then replaced
         ctx = AgentContext.coerce(context)
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)

@@ -87,9 +87,9 @@ class AgentContext:
         if isinstance(value, AgentContext):
             return value
         if isinstance(value, Mapping):
-            known = {f for f in cls.__dataclass_fields__}
-            unknown = sorted(set(value) - known)
-            if unknown:
+            known = cls.__dataclass_fields__
+            if not known.keys() >= value.keys():
+                unknown = sorted(set(value) - set(known))
                 raise TypeError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
             if "tags" in data:

@@ -10,6 +10,7 @@ on the same cache shard.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,12 @@ def uses_explicit_cache(model: str) -> bool:
 def uses_cache_key(model: str, provider: str | None) -> bool:
     name = model.lower().rsplit("/", 1)[-1]
     return provider in ("openai", "azure") or name.startswith(("gpt-", "o1", "o3", "o4"))
+
+
+@functools.lru_cache(maxsize=4096)
+def session_cache_key(session: str) -> str:
+    """The ``prompt_cache_key`` of a session: stable across calls and processes."""
+    return "rm-" + hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
 
 
 def _count_marks(messages: tuple[Message, ...], tools: Any) -> int:
@@ -72,9 +79,8 @@ class CacheBreakpoints:
         session = plan.call.context.session_id
         provider = state.catalog.provider(plan.model)
         if session and "prompt_cache_key" not in plan.params and uses_cache_key(plan.model, provider):
-            key = hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
             return plan.decide(Decision(self.name, "cache_key", "stable prompt_cache_key for the session"),
-                               params={**plan.params, "prompt_cache_key": f"rm-{key}"})
+                               params={**plan.params, "prompt_cache_key": session_cache_key(session)})
         return plan
 
     def _anthropic(self, plan: Plan, state: PolicyState) -> Plan:

@@ -25,12 +25,28 @@ class LibraryLogger:
     def __init__(self, name: str) -> None:
         self._structured = structlog.get_logger(name)
         self._standard = logging.getLogger(name)
+        self._bound: tuple[tuple[int, ...], Any] | None = None  # structlog's configuration, its logger
+
+    def _logger(self) -> Any:
+        """structlog's logger for the current configuration, assembled once per configuration (a lazy
+        proxy assembles one on every event)."""
+        version = tuple(id(value) for value in structlog.get_config().values())
+        if self._bound is None or self._bound[0] != version:
+            self._bound = (version, self._structured.bind())
+        return self._bound[1]
+
+    def enabled(self, level: str) -> bool:
+        """Whether an event at ``level`` goes anywhere, so a caller can skip building its fields."""
+        if structlog.is_configured():
+            check = getattr(self._logger(), "is_enabled_for", None)
+            return bool(check(self._LEVELS[level])) if callable(check) else True
+        return self._standard.isEnabledFor(self._LEVELS[level])
 
     def _emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if level in ("warning", "error"):  # errors quote what failed: no secret reaches a log line
             fields = {k: DEFAULT_REDACTOR(v) if isinstance(v, str) else v for k, v in fields.items()}
         if structlog.is_configured():
-            getattr(self._structured, level)(event, **fields)
+            getattr(self._logger(), level)(event, **fields)
         elif self._standard.isEnabledFor(self._LEVELS[level]):
             self._standard.log(self._LEVELS[level], "%s %s", event,
                                " ".join(f"{key}={value!r}" for key, value in fields.items()))

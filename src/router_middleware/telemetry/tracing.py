@@ -181,6 +181,8 @@ class CallTrace:
         if settings.enabled:
             call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,
                                 self.plan.call.context.app)
+        if not log.enabled("info"):
+            return
         log.info("llm_call", **self._log_ids(), requested_model=self.plan.call.model, model=outcome.model,
                  provider=outcome.provider, input_tokens=outcome.usage.input_tokens,
                  output_tokens=outcome.usage.output_tokens, cache_read_tokens=outcome.usage.cache_read_tokens,
