@@ -57,6 +57,18 @@ def test_constraints_explain_every_rejection() -> None:
     assert "window is 128,000" in error.value.rejections["gpt-4o-mini"]
 
 
+def test_a_model_without_vision_is_skipped_only_when_the_request_has_an_image() -> None:
+    p = Pipeline.from_config({"routing": {"aliases": {"eyes": ["azure/o3-mini", "gpt-4o-mini"]}},
+                              "context": {"enabled": False}, "cache": {"enabled": False}})
+    assert routed(p, "eyes").model == "azure/o3-mini"  # text only: the first candidate serves it
+    picture = [{"role": "user", "content": [
+        {"type": "text", "text": "What is on this screenshot?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]
+    plan = routed(p, "eyes", picture)
+    assert plan.model == "gpt-4o-mini"
+    assert "azure/o3-mini: does not support images" in plan.decisions[0].attributes["considered"]
+
+
 def long_history(turns: int, last: str = "and now?") -> list[dict[str, str]]:
     """A chat of ``turns`` exchanges of about 1,100 tokens each (gpt-4o's tokenizer), then ``last``."""
     history: list[dict[str, str]] = []

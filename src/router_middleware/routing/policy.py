@@ -36,7 +36,7 @@ from ..errors import NoRouteError
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
-from ..types import Decision, Plan, SessionRoute
+from ..types import Decision, History, Plan, SessionRoute
 from .affinity import Escalation, escalation, switch
 from .budgets import over_soft_limit
 from .difficulty import request_text, score_request
@@ -45,7 +45,14 @@ from .quotas import exhausted, free_variant, quotas_for
 
 
 def _uses_images(plan: Plan) -> bool:
-    for message in plan.messages:
+    messages = plan.messages
+    if isinstance(messages, History):  # kept with the history: weighed once however many candidates ask
+        return messages.derived("uses_images", lambda: _has_images(messages))
+    return _has_images(messages)
+
+
+def _has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
+    for message in messages:
         content = message.get("content")
         if isinstance(content, list) and any(
             isinstance(p, Mapping) and p.get("type") in ("image_url", "image", "input_image") for p in content
@@ -271,7 +278,7 @@ class RoutingPolicy:
                 return why
         if plan.params.get("tools") and facts.get("supports_function_calling") is False:
             return "does not support tools"
-        if _uses_images(plan) and facts.get("supports_vision") is False:
+        if facts.get("supports_vision") is False and _uses_images(plan):
             return "does not support images"
         if plan.params.get("response_format") and facts.get("supports_response_schema") is False:
             return "does not support response_format"
