@@ -153,6 +153,29 @@ def test_middle_out_keeps_both_ends() -> None:
     assert integrity_violations(planned) == []
 
 
+@pytest.mark.parametrize("ratio", [0.7, 1.0, 1.5])
+def test_middle_out_fits_the_calibrated_budget(ratio: float) -> None:
+    """With a session's calibration (the provider counts ``ratio`` x what we count, plus an offset),
+    what middle-out keeps fits the budget in the same calibrated tokens it was asked to fit, and keeps
+    the most it can: the head and every block are weighed in one unit."""
+    from router_middleware.tokens import Calibration
+
+    calibration = Calibration()
+    for counted in (1000, 2000, 4000):
+        calibration.observe(counted, int(counted * ratio) + 50)
+    state = PolicyState(calibration={"t": calibration})
+    history = agent_history(30, size=60)
+    plan = plan_for(history)
+    budget = 6000
+    assert state.tokens(plan.model, plan.messages, None, "t") > budget
+    planned = MiddleOut(budget_tokens=budget)(plan, state)
+    assert state.tokens(plan.model, planned.messages, None, "t") <= budget
+    profile = state.profile(plan.model, plan.messages)
+    largest = max(profile.totals[e] - profile.totals[b] for b, e in blocks(plan.messages, 2, profile))
+    roomier = MiddleOut(budget_tokens=budget + int(largest * ratio) + 1)(plan, state)  # room for one more block
+    assert len(roomier.messages) > len(planned.messages)
+
+
 def test_hard_guard_fits_the_model_window() -> None:
     history = agent_history(40, size=3000)  # ~ 400k tokens, far over deepseek's 131k window
     planned = ContextPolicy()(plan_for(history), STATE)

@@ -84,6 +84,11 @@ class PolicyState:
                session_id: str | None = None) -> int:
         """Estimated prompt tokens, calibrated for the session when reported usage has been seen."""
         raw = REQUEST_OVERHEAD + self.counter(model).tools(tools) + self.profile(model, messages).totals[-1]
+        return self.calibrated(raw, session_id)
+
+    def calibrated(self, raw: int, session_id: str | None) -> int:
+        """A local count of a whole request (``REQUEST_OVERHEAD`` included) as the session's provider
+        would count it, once reported usage has been seen."""
         calibration = self.calibration.get(session_id) if session_id else None
         return calibration.apply(raw) if calibration is not None else raw
 

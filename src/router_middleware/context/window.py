@@ -213,13 +213,16 @@ class MiddleOut:
         profile = state.profile(plan.model, messages)
         units = blocks(messages, head, profile)
         sizes = [profile.totals[e] - profile.totals[b] for b, e in units]
-        fixed = state.tokens(plan.model, messages[:head], plan.params.get("tools"), plan.call.context.session_id)
+        # Raw local counts throughout (the head from the same profile as the blocks), calibrated only
+        # when compared with the budget, which is in the provider's tokens.
+        fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(plan.params.get("tools")) + profile.totals[head]
         total = fixed + sum(sizes)
         count = len(messages)
         keep = list(range(len(units)))
+        session = plan.call.context.session_id
 
         def too_big() -> bool:
-            over_tokens = budget is not None and total > budget
+            over_tokens = budget is not None and state.calibrated(total, session) > budget
             over_count = self.max_messages is not None and count > self.max_messages
             return over_tokens or over_count
 
