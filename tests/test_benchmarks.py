@@ -40,3 +40,8 @@ def test_quality_benchmarks_smoke(script: str) -> None:
 def test_redis_commands_smoke(redis_url, mode) -> None:
     out = _run("redis_commands.py", "--calls", "10", "--redis-url", redis_url, *mode)
     assert "round trips per call" in out and out.strip().splitlines()[-1].startswith("redis-server CPU per call")
+
+
+def test_redis_workers_smoke(redis_url) -> None:
+    out = _run("redis_workers.py", "--workers", "1,2", "--seconds", "1", "--concurrency", "5", "--redis-url", redis_url)
+    assert "| 2 |" in out and out.strip().splitlines()[-1].startswith("summary: one Redis core serves")
