@@ -82,7 +82,7 @@ class Engine:
         if prefetch is not None:
             state = prefetch.state(state)
         if self._timed:
-            state = replace(state, now=time.time())
+            state = state.but(now=time.time())
         plan = apply_policies(Plan.from_call(call), self.policies, state)
         return fit_plan(plan, wire.param_rules(plan.model))
 

@@ -44,6 +44,13 @@ class PolicyState:
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)
 
+    def but(self, **changes: Any) -> PolicyState:
+        """A shallow copy with ``changes`` (one per planned call: ``dataclasses.replace`` would
+        rebuild every field through ``__init__``). The copy shares the counters and the memo."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__, **changes)
+        return copy
+
     def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
         """A bounded cache for values derived from the history (digests, span hashes), so a policy
         does not redo the same work on every step of a session. Policies stay pure: the value is a
