@@ -176,6 +176,24 @@ def test_middle_out_fits_the_calibrated_budget(ratio: float) -> None:
     assert len(roomier.messages) > len(planned.messages)
 
 
+@pytest.mark.parametrize("strategy", ["window", "middle-out"])
+def test_budget_tokens_is_a_hard_cap_in_the_providers_tokens(strategy: str) -> None:
+    """README: ``budget_tokens`` caps every request. It holds in the provider's count (the session's
+    calibration), whatever clearing and the window did first."""
+    from router_middleware.config import ContextConfig
+    from router_middleware.tokens import Calibration
+
+    calibration = Calibration()
+    for counted in (1000, 3000, 9000):
+        calibration.observe(counted, int(counted * 1.4) + 80)
+    state = PolicyState(calibration={"t": calibration})
+    plan = plan_for(agent_history(40, size=80))
+    for budget in (5000, 9000, 14000):
+        planned = ContextPolicy(ContextConfig(strategy=strategy, budget_tokens=budget))(plan, state)
+        assert state.tokens(plan.model, planned.messages, None, "t") <= budget, budget
+        assert integrity_violations(planned.messages) == []
+
+
 def test_hard_guard_fits_the_model_window() -> None:
     history = agent_history(40, size=3000)  # ~ 400k tokens, far over deepseek's 131k window
     planned = ContextPolicy()(plan_for(history), STATE)
