@@ -14,6 +14,7 @@ from router_middleware import (
     Pipeline,
     Plan,
     PolicyState,
+    RequestError,
     outcome,
 )
 
@@ -92,7 +93,7 @@ def test_policies_rewrite_the_request_and_record_why() -> None:
 
 
 def test_context_rejects_unknown_fields() -> None:
-    with pytest.raises(TypeError, match="session"):
+    with pytest.raises(RequestError, match="session"):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="x", context={"session": "s"})
 
 
@@ -167,3 +168,34 @@ def test_outcome_of_a_plain_litellm_response() -> None:
     assert outcome(response).cost.source == "catalog:gpt-4o-mini"
     with pytest.raises(OutcomeUnavailable):
         outcome(object())
+
+
+def _chunk_shapes(chunks) -> list[int]:
+    return [len(c.choices) for c in chunks]
+
+
+@pytest.mark.parametrize("include_usage", [None, True])
+async def test_a_stream_yields_the_chunks_litellm_would(include_usage) -> None:
+    """The pipeline asks for the provider's usage chunk to account a stream; a caller that did not ask
+    for it does not get it (a chunk without choices breaks ``chunk.choices[0]`` loops), sync, async
+    and from the response cache; a caller that asked gets it, as from litellm."""
+    import litellm
+
+    extra = {} if include_usage is None else {"stream_options": {"include_usage": include_usage}}
+    kwargs = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "one two three", "stream": True,
+              **extra}
+    bare = _chunk_shapes(litellm.completion(**kwargs))
+    assert bare == _chunk_shapes([c async for c in await litellm.acompletion(**kwargs)])
+    assert (0 in bare) is bool(include_usage)  # litellm sends the usage chunk only when asked
+    pipeline = Pipeline()
+    stream = pipeline.completion(**kwargs)
+    assert _chunk_shapes(stream) == bare
+    assert outcome(stream).usage.output_tokens > 0
+    stream = await pipeline.acompletion(**kwargs)
+    assert _chunk_shapes([c async for c in stream]) == bare
+    cached = Pipeline.from_config({"cache": {"enabled": True, "policy": "always"}})
+    for _ in range(2):  # a miss, then a hit replayed from the stored response
+        stream = cached.completion(**kwargs)
+        shapes = _chunk_shapes(stream)
+        assert (0 in shapes) is bool(include_usage) and all(shapes[:-1])
+    assert outcome(stream).usage.source == "cache"

@@ -125,10 +125,15 @@ class Engine:
                 request["api_key"] = os.environ.get(deployment.api_key_env)
             if deployment.timeout_s:
                 request.setdefault("timeout", deployment.timeout_s)
-        if request.get("stream") and "stream_options" not in request \
-                and self.catalog.provider(plan.model) in _USAGE_CHUNK_PROVIDERS:
+        if self.adds_usage_chunk(plan):
             request["stream_options"] = {"include_usage": True}
         return request
+
+    def adds_usage_chunk(self, plan: Plan) -> bool:
+        """Whether :meth:`request` asks for a stream's final usage chunk that the caller did not ask
+        for (the call's stream then reads it without yielding it)."""
+        return bool(plan.params.get("stream")) and "stream_options" not in plan.params \
+            and self.catalog.provider(plan.model) in _USAGE_CHUNK_PROVIDERS
 
     def request_size(self, plan: Plan, fetched: Prefetch | None = None) -> tuple[int, int, int]:
         """Prompt tokens counted locally, and the estimates to reserve: prompt and output tokens, learned

@@ -18,7 +18,7 @@ ledger row.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -265,9 +265,11 @@ class CallLifecycle:
             return result
 
         if plan.params.get("stream"):
+            asked = plan.params.get("stream_options")  # the replay ends with a usage chunk, as asked
             return TrackedStream(Replay(replay_chunks(entry.response)),
                                  lambda chunks, begun, first, error, complete:
-                                 hit(rebuild_response(entry.response), begun, first), started), plan
+                                 hit(rebuild_response(entry.response), begun, first), started,
+                                 hide_usage=not (isinstance(asked, Mapping) and asked.get("include_usage"))), plan
         response = rebuild_response(entry.response)
         wire.attach_outcome(response, hit(response, started))
         return response, plan
@@ -382,7 +384,8 @@ class CallLifecycle:
             return answer
         self._current = None
         if plan.params.get("stream"):
-            return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks)
+            return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks,
+                                 hide_usage=self.engine.adds_usage_chunk(plan))
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
         cache, entry = self.engine.cache, None

@@ -20,14 +20,17 @@ class TrackedStream:
     Once the last chunk has been read, ``outcome`` holds the call's :class:`Outcome` (usage from the
     final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call's
     span with what was received. ``off_loop``: iterated async, the stream ends (its settlement and
-    cache write, which go to the store) in a worker thread.
+    cache write, which go to the store) in a worker thread. ``hide_usage``: the final usage chunk
+    (no choices) was asked for by the pipeline, not the caller: it is read, not yielded.
     """
 
-    def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False) -> None:
+    def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False,
+                 hide_usage: bool = False) -> None:
         self._inner = inner
         self._finish = finish
         self._started_at = started_at
         self._off_loop = off_loop
+        self._hide_usage = hide_usage
         self._first_chunk_at: float | None = None
         self._chunks: list[Any] = []
         self._done = False
@@ -51,9 +54,15 @@ class TrackedStream:
     def __iter__(self) -> Iterator[Any]:
         return self
 
+    def _hidden(self, chunk: Any) -> bool:
+        return self._hide_usage and not getattr(chunk, "choices", None)
+
     def __next__(self) -> Any:
         try:
-            return self._record(next(self._inner))
+            chunk = self._record(next(self._inner))
+            while self._hidden(chunk):
+                chunk = self._record(next(self._inner))
+            return chunk
         except StopIteration:
             self._end(complete=True)
             raise
@@ -66,7 +75,10 @@ class TrackedStream:
 
     async def __anext__(self) -> Any:
         try:
-            return self._record(await self._inner.__anext__())
+            chunk = self._record(await self._inner.__anext__())
+            while self._hidden(chunk):
+                chunk = self._record(await self._inner.__anext__())
+            return chunk
         except StopAsyncIteration:
             await self._aend(complete=True)
             raise

@@ -81,7 +81,7 @@ class AgentContext:
 
     @classmethod
     def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:
-        """Accept an ``AgentContext``, a dict with the same keys, or ``None``."""
+        """Accept an ``AgentContext``, a dict with the same keys, or ``None``; else ``RequestError``."""
         if value is None:
             return cls()
         if isinstance(value, AgentContext):
@@ -90,7 +90,7 @@ class AgentContext:
             known = cls.__dataclass_fields__
             if not known.keys() >= value.keys():
                 unknown = sorted(set(value) - set(known))
-                raise TypeError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
+                raise RequestError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
             if "tags" in data:
                 tags = data["tags"]
@@ -98,7 +98,7 @@ class AgentContext:
                     raise RequestError(f"context.tags: expected a list of strings, got one string {tags!r}")
                 data["tags"] = tuple(tags or ())
             return cls(**data)
-        raise TypeError(f"context must be an AgentContext or a dict, not {type(value).__name__}")
+        raise RequestError(f"context: expected an AgentContext or a dict, not {type(value).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
