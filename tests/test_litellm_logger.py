@@ -302,3 +302,18 @@ def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> No
         logger.unregister()
     assert any("They discussed 40 questions." in str(m.get("content")) for m in changed["messages"])
     assert logger.hook_calls == 1 and logger.recorded == 0 and rows == []
+
+
+def test_aflush_delivers_a_short_scripts_events_before_asyncio_run_ends(logger) -> None:
+    """litellm logs async calls on a background worker that ``asyncio.run`` cancels on return: the
+    README's script awaits ``aflush()`` and every call is recorded, its ledger row written."""
+
+    async def script() -> None:
+        for i in range(3):
+            await litellm.acompletion(model="gpt-4o-mini", mock_response="ok",
+                                      messages=[{"role": "user", "content": f"question {i}"}])
+        await logger.aflush()
+
+    asyncio.run(script())
+    assert logger.recorded == 3
+    assert len(open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")) == 3

@@ -20,6 +20,7 @@ the logger counts what it did (``hook_calls``, ``recorded``) for tests and healt
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import threading
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from typing import Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
+from . import wire
 from .accounting import build_outcome
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
@@ -177,6 +179,15 @@ class RouterLogger(CustomLogger):
         import litellm
 
         litellm.logging_callback_manager.remove_callback_from_all_lists(self)
+
+    async def aflush(self) -> None:
+        """Wait until litellm has delivered the events of the calls made so far and their ledger rows
+        are written. litellm runs async callbacks on a background worker, which ``asyncio.run``
+        cancels when its coroutine returns: a short script awaits this before it ends."""
+        await wire.drain_callbacks()
+        ledger = self.pipeline.ledger
+        if ledger is not None:
+            await asyncio.to_thread(ledger.flush)
 
     # -- the proxy: one call lifecycle per request -----------------------------------------------
 

@@ -8,6 +8,7 @@ provider configs. Everything else asks here, so a litellm upgrade changes one fi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import sys
 from collections.abc import Mapping, Sequence
@@ -99,6 +100,19 @@ def attach_outcome(response: Any, outcome: Any) -> None:
     found = getattr(response, "_hidden_params", None)
     if isinstance(found, dict):
         found[OUTCOME_KEY] = outcome
+
+
+async def drain_callbacks() -> None:
+    """Wait until litellm has run the async success and failure callbacks of the calls made so far:
+    it spawns a task per call that queues the callback on its logging worker, which runs it later."""
+    try:
+        from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
+        from litellm.responses.streaming_iterator import drain_logging_tasks
+    except ImportError:  # an older litellm runs its callbacks as plain tasks: let them run
+        await asyncio.sleep(0)
+        return
+    await drain_logging_tasks()
+    await GLOBAL_LOGGING_WORKER.flush()
 
 
 def provider_of(response: Any) -> str | None:
