@@ -47,8 +47,9 @@ def test_version_help_and_python_dash_m(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
-    for command in ("demo", "replay", "report", "ledger", "route-eval"):
+    for command in ("demo", "replay", "report", "ledger", "route-eval", "fit-router"):
         assert command in help_text
+    assert "``" not in help_text  # the docstring's markup is not shown
     done = subprocess.run([sys.executable, "-m", "router_middleware", "--version"], capture_output=True, text=True,
                           env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"router-middleware {__version__}"

@@ -28,7 +28,7 @@ LEDGER_HELP = "a file path, sqlite:///path.db or postgresql://user@host/db"
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="router-middleware", description=__doc__)
+    parser = argparse.ArgumentParser(prog="router-middleware", description=(__doc__ or "").replace("``", ""))
     parser.add_argument("--version", action="version", version=f"router-middleware {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser("demo", help="replay the bundled example sessions and print a table")
