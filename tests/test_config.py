@@ -47,3 +47,16 @@ def test_bad_yaml_and_missing_file(tmp_path) -> None:
     top.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(top)
+
+
+def test_an_alias_target_without_a_price_is_named_when_the_config_is_assembled() -> None:
+    import structlog
+
+    from router_middleware import Pipeline
+
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-minii", "gpt-4o-mini"]}}})
+        Pipeline.from_config({"routing": {"aliases": {"coder": ["my-model", "gpt-4o-mini"]}},
+                              "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}})
+    warned = [e for e in logs if e["event"] == "unpriced_alias_target"]
+    assert [(e["where"], e["model"]) for e in warned] == [("routing.aliases.coder", "gpt-4o-minii")]

@@ -19,7 +19,7 @@ from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
 from .stores.memory import MemoryStore
-from .telemetry import Redactor, TelemetrySettings
+from .telemetry import Redactor, TelemetrySettings, log
 from .telemetry.attributes import semconv_mode
 from .types import SessionRoute
 
@@ -125,6 +125,14 @@ def require_extras(config: Config) -> None:
             _require("the semantic cache's local embedder", "semantic", module)
 
 
+def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
+    """``(alias, target)`` for each alias target that is neither a deployment nor a model with a price
+    (in litellm's catalog or the config's ``models:``): a typo, usually, and unpriced either way."""
+    routing = config.routing
+    return [(alias, target) for alias, targets in routing.aliases.items() for target in targets
+            if target not in routing.deployments and catalog.resolve(target) is None]
+
+
 def _require(feature: str, extra: str, module: str) -> None:
     from importlib.util import find_spec
 
@@ -138,6 +146,9 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     config = config or Config()
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
+    for alias, target in unpriced_targets(config, catalog):
+        log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
+                    why="not in litellm's catalog nor the config's models: (a typo?); its calls' cost is unknown")
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
