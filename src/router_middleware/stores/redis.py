@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
 
 F = TypeVar("F", bound=Callable[..., Any])
+Script = Callable[[Any, str, list[str], list[Any]], None]  # queues (pipeline, script source, keys, args)
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -73,18 +74,36 @@ for j = 1, #checks - n do
 end
 return {0, ''}
 """
-# End holds: per hold KEYS its key and hold set, ARGV member, what to add while it is still held
-# (actual - held), what to add once it is gone (actual), ttl ms of a key created here (a held key
-# exists: its hold was added to it).
-_UNHOLD = """
-for j = 1, #KEYS / 2 do
-  local key, at = KEYS[2 * j - 1], 4 * j - 3
-  if redis.call('ZREM', KEYS[2 * j], ARGV[at]) == 1 then
-    if tonumber(ARGV[at + 1]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[at + 1]) end
-  elseif tonumber(ARGV[at + 2]) ~= 0 then
-    if ARGV[at + 3] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[at + 3]) end
-    redis.call('INCRBYFLOAT', key, ARGV[at + 2])
+# A settlement (add_many but its bounded writes), all at once. KEYS: per addition its key, per
+# sample its list, per release its key and hold set. ARGV[1..3]: how many additions, samples and
+# releases; then per addition the amount and the ttl ms of a key created here; per sample the
+# value, where the kept values start (-keep) and the list's ttl ms; per release the member, what to
+# add while it is still held (actual - held), what to add once it is gone (actual), and the ttl ms
+# of a key created here (a held key exists: its hold was added to it).
+_SETTLE = """
+local k, a = 0, 3
+for _ = 1, tonumber(ARGV[1]) do
+  local key = KEYS[k + 1]
+  if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
+  redis.call('INCRBYFLOAT', key, ARGV[a + 1])
+  k, a = k + 1, a + 2
+end
+for _ = 1, tonumber(ARGV[2]) do
+  local key = KEYS[k + 1]
+  redis.call('RPUSH', key, ARGV[a + 1])
+  redis.call('LTRIM', key, ARGV[a + 2], -1)
+  if ARGV[a + 3] ~= '' then redis.call('PEXPIRE', key, ARGV[a + 3]) end
+  k, a = k + 1, a + 3
+end
+for _ = 1, tonumber(ARGV[3]) do
+  local key, set = KEYS[k + 1], KEYS[k + 2]
+  if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
+    if tonumber(ARGV[a + 2]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[a + 2]) end
+  elseif tonumber(ARGV[a + 3]) ~= 0 then
+    if ARGV[a + 4] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 4]) end
+    redis.call('INCRBYFLOAT', key, ARGV[a + 3])
   end
+  k, a = k + 2, a + 4
 end
 return 1
 """
@@ -144,42 +163,43 @@ def _guarded(method: F) -> F:
 class _Batch:
     """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
 
-    def __init__(self, client: Any, scripts: tuple[Any, ...], outage: _Outage) -> None:
+    def __init__(self, client: Any, scripts: Sequence[str], outage: _Outage) -> None:
         self.client = client
-        self.scripts = scripts
+        self.scripts = {source: client.register_script(source) for source in scripts}
         self.outage = outage
-        self.pending: list[tuple[Callable[[Any, Any], Any], asyncio.Future[Any], bool]] = []
+        self.pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]] = []
         self.reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]] = {}  # reads in flight (afetch)
 
-    def submit(self, queue: Callable[[Any, Any], Any], *, every: bool = False) -> asyncio.Future[Any]:
-        """``queue(pipeline, scripts)`` adds one call's commands; the future gets their last result
-        (``every``: the list of all their results)."""
+    def submit(self, queue: Callable[..., Any], *args: Any, every: bool = False) -> asyncio.Future[Any]:
+        """``queue(pipeline, script, *args)`` adds one call's commands (``script`` queues a script of
+        this module as EVALSHA); the future gets their last result (``every``: the list of all their
+        results). A function and its arguments, not a closure: fewer objects per call while it waits."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
             loop.call_soon(lambda: loop.create_task(self._flush()))
-        self.pending.append((queue, future, every))
+        self.pending.append((queue, args, future, every))
         return future
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
         pipe = self.client.pipeline(transaction=False)
         sizes = []
-        for queue, _, _ in batch:
+        for queue, args, _, _ in batch:
             before = len(pipe.command_stack)
-            queue(pipe, self.scripts)
+            queue(pipe, self.evalsha, *args)
             sizes.append(len(pipe.command_stack) - before)
         try:
             self.outage.check()
             results = await pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
             self.outage.note(exc)
-            for _, future, _ in batch:
+            for _, _, future, _ in batch:
                 if not future.done():
                     future.set_exception(exc)
             return
         start = 0
-        for (_, future, every), size in zip(batch, sizes, strict=True):
+        for (_, _, future, every), size in zip(batch, sizes, strict=True):
             mine, start = results[start:start + size], start + size
             failed = next((r for r in mine if isinstance(r, Exception)), None)
             if not future.done():
@@ -189,10 +209,21 @@ class _Batch:
                     future.set_result(mine if every else mine[-1] if mine else None)
 
 
-def _evalsha(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-    """Queue ``script`` on an asyncio pipeline (which loads it on execute if Redis lacks it)."""
-    pipe.scripts.add(script)
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+    def evalsha(self, pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+        """Queue a script by its SHA (the pipeline loads the scripts Redis lacks on execute: one
+        SCRIPT EXISTS per flush)."""
+        script = self.scripts[source]
+        pipe.scripts.add(script)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _script(pipe: Any, script: Script, source: str, keys: list[str], args: list[Any]) -> None:
+    script(pipe, source, keys, args)
+
+
+def _eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
+    """Queue a script with its source (a blocking call's pipeline: no SCRIPT EXISTS round trip)."""
+    pipe.eval(source, len(keys), *keys, *args)
 
 
 def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
@@ -288,15 +319,15 @@ class RedisStore:
         if not entries and not holds:
             return None
         keys, args = self._within_call(entries, holds)
-        return _refusal(await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[0], keys, args)))
+        return _refusal(await self._batch().submit(_script, _WITHIN, keys, args))
 
     async def aget(self, key: str) -> bytes | None:
-        value = await self._batch().submit(lambda pipe, scripts: pipe.get(self._k(key)))
+        value = await self._batch().submit(self._queue_get, key)
         return bytes(value) if value is not None else None
 
     async def aput_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
-        await self._batch().submit(lambda pipe, scripts: _evalsha(pipe, scripts[1], keys, args))
+        await self._batch().submit(_script, _BOUNDED, keys, args)
 
     @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
@@ -327,7 +358,7 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            sent = batch.submit(lambda pipe, scripts: self._queue_fetch(pipe, values, series), every=True)
+            sent = batch.submit(lambda pipe, script: self._queue_fetch(pipe, values, series), every=True)
             first = 1 if values else 0  # the MGET's answer, then one per list
             for at, (one, key) in enumerate(new):
                 found[(one, key)] = batch.reads[(one, key)] = (sent, at if one else first + at - len(values))
@@ -363,36 +394,37 @@ class RedisStore:
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         if entries or samples or releases or bounded:
-            self._queue(self.client.pipeline(transaction=False), entries, samples, releases, bounded).execute()
+            self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded).execute()
 
     async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                         releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
         if entries or samples or releases or bounded:
-            await self._batch().submit(lambda pipe, scripts: self._queue(pipe, entries, samples, releases, bounded))
+            await self._batch().submit(self._queue, entries, samples, releases, bounded)
 
-    def _queue(self, pipe: Any, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> Any:
-        """Native commands only (a pipeline of registered scripts would check them on every batch;
-        the releases go as one EVAL, each bounded write as another)."""
+    def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
+        pipe.get(self._k(key))
+
+    def _queue(self, pipe: Any, script: Script, entries: Sequence[Addition], samples: Sequence[Sample],
+               releases: Sequence[Release], bounded: Sequence[Bounded]) -> Any:
+        """Each bounded write, then the rest as one script (one command to send and parse)."""
         for put in bounded:
-            keys, args = self._bounded_call(put)
-            pipe.eval(_BOUNDED, len(keys), *keys, *args)
-        for key, amount, ttl_s in entries:
-            if ttl_s:  # a key created here gets the ttl; an existing key keeps its own
-                pipe.set(self._k(key), b"0", nx=True, px=max(1, int(ttl_s * 1000)))
-            pipe.incrbyfloat(self._k(key), float(amount))
-        for key, value, keep, ttl_s in samples:
-            pipe.rpush(self._k(key), repr(float(value)))
-            pipe.ltrim(self._k(key), -keep, -1)
-            if ttl_s:
-                pipe.pexpire(self._k(key), max(1, int(ttl_s * 1000)))
-        if releases:
-            keys, args = [], []
-            for key, hold, held, actual, ttl_s in releases:
-                keys += [self._k(key), self._held(key)]
-                args += [_member(hold, held), repr(float(actual) - float(held)), repr(float(actual)), _ms(ttl_s)]
-            pipe.eval(_UNHOLD, len(keys), *keys, *args)
+            script(pipe, _BOUNDED, *self._bounded_call(put))
+        if entries or samples or releases:
+            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases))
         return pipe
+
+    def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample],
+                     releases: Sequence[Release]) -> tuple[list[str], list[Any]]:
+        keys = [*(self._k(e[0]) for e in entries), *(self._k(s[0]) for s in samples)]
+        args = [str(len(entries)), str(len(samples)), str(len(releases))]
+        for _, amount, ttl_s in entries:
+            args += [repr(float(amount)), _ms(ttl_s)]
+        for _, value, keep, ttl_s in samples:
+            args += [repr(float(value)), str(-int(keep)), _ms(ttl_s)]
+        for key, hold, held, actual, ttl_s in releases:
+            keys += [self._k(key), self._held(key)]
+            args += [_member(hold, held), repr(float(actual) - float(held)), repr(float(actual)), _ms(ttl_s)]
+        return keys, args
 
     def _batch(self) -> _Batch:
         """This event loop's batch: an asyncio client, and the writes of every call that reached its
@@ -404,8 +436,7 @@ class RedisStore:
             from redis.asyncio.retry import Retry
 
             client = Redis.from_url(self.url, **_client_options(self._timeout, Retry))
-            scripts = (client.register_script(_WITHIN), client.register_script(_BOUNDED))
-            found = self._async[loop] = _Batch(client, scripts, self._outage)
+            found = self._async[loop] = _Batch(client, (_WITHIN, _BOUNDED, _SETTLE), self._outage)
         return found
 
     @_guarded

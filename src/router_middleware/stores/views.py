@@ -123,15 +123,13 @@ class Prefetch:
         self.lists: dict[str, list[float]] = {}
         self.missed: dict[str, tuple[bool, Sink]] = {}
         self.renew: dict[str, tuple[bool, Sink]] = {}
-        self._state: tuple[Any, Any] | None = None
 
     def state(self, state: Any) -> Any:
-        """``state`` (a PolicyState) with each store view read through this prefetch."""
-        if self._state is None or self._state[0] is not state:
-            views = {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
-                     if isinstance(getattr(state, f.name), StoreView)}
-            self._state = (state, replace(state, **views) if views else state)
-        return self._state[1]
+        """``state`` (a PolicyState) with each store view read through this prefetch: made for each
+        plan, not kept, so the copy and its views die young instead of living as long as the call."""
+        views = {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
+                 if isinstance(getattr(state, f.name), StoreView)}
+        return replace(state, **views) if views else state
 
     def want_list(self, key: str, kept: Kept[list[float]]) -> None:
         """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
