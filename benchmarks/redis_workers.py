@@ -66,7 +66,9 @@ def worker(url: str, app: str, seconds: float, concurrency: int) -> dict[str, An
 
         began = time.perf_counter()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
-        return {"calls": done, "elapsed": time.perf_counter() - began}
+        elapsed = time.perf_counter() - began
+        await pipeline.aclose()
+        return {"calls": done, "elapsed": elapsed}
 
     return asyncio.run(run())
 

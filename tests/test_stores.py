@@ -236,3 +236,32 @@ async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monke
     assert found == [([b"v", None], [[]])] * 100
     assert queued == [(["k", "other"], ["l"])]
     store.close()
+
+
+def test_aclose_closes_the_asyncio_client_on_its_loop(redis_url) -> None:
+    """A script that runs async calls on Redis and ends with ``await pipeline.aclose()`` leaves no
+    connection of the loop's asyncio client open (without it they stay open until the process
+    exits, where redis-py warns of an unclosed client)."""
+    import asyncio
+
+    from router_middleware import Pipeline
+
+    def open_connections(close: bool) -> int:
+        pipeline = Pipeline.from_config({"store": redis_url, "app": f"aclose-{time.time_ns()}",
+                                         "cache": {"enabled": False}, "routing": {
+                                             "budgets": [{"name": "b", "scope": "app", "usd": 100.0, "window_s": 60}]}})
+        pools = []
+
+        async def script() -> None:
+            await asyncio.gather(*(pipeline.acompletion("gpt-4o-mini", [{"role": "user", "content": f"q{i}"}],
+                                                        mock_response="ok") for i in range(20)))
+            pools.append(pipeline.store._batch().client.connection_pool)
+            if close:
+                await pipeline.aclose()
+
+        asyncio.run(script())
+        pool = pools[0]
+        return sum(c.is_connected for c in [*pool._available_connections, *pool._in_use_connections])
+
+    assert open_connections(close=False) > 0
+    assert open_connections(close=True) == 0

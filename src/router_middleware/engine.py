@@ -4,6 +4,7 @@ is planned and re-planned for a fallback, and how a plan becomes litellm's keywo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -172,6 +173,18 @@ class Engine:
             self.ledger.close()
         for store in self._stores():
             store.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` from a coroutine, on the loop that made the calls: a Redis store's asyncio
+        client is closed there; the ledger is flushed in a worker thread."""
+        if self.ledger is not None:
+            await asyncio.to_thread(self.ledger.close)
+        for store in self._stores():
+            closer = getattr(store, "aclose", None)
+            if closer is not None:
+                await closer()
+            else:
+                await asyncio.to_thread(store.close)
 
     def _stores(self) -> list[Store]:
         """The engine's store and the response cache's, each once."""

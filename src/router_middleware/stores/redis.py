@@ -169,6 +169,7 @@ class _Batch:
         self.outage = outage
         self.pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]] = []
         self.reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]] = {}  # reads in flight (afetch)
+        self.flushing: set[asyncio.Task[None]] = set()  # a task the loop only holds weakly is kept here
 
     def submit(self, queue: Callable[..., Any], *args: Any, every: bool = False) -> asyncio.Future[Any]:
         """``queue(pipeline, script, *args)`` adds one call's commands (``script`` queues a script of
@@ -177,9 +178,21 @@ class _Batch:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if not self.pending:
-            loop.call_soon(lambda: loop.create_task(self._flush()))
+            loop.call_soon(self._start_flush, loop)
         self.pending.append((queue, args, future, every))
         return future
+
+    def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        task = loop.create_task(self._flush())
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
+
+    async def aclose(self) -> None:
+        """Send what is queued, wait for the flushes in flight, then close the asyncio client."""
+        await asyncio.sleep(0)  # a flush scheduled this turn starts
+        while self.flushing:
+            await asyncio.gather(*self.flushing, return_exceptions=True)
+        await self.client.aclose()
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
@@ -457,3 +470,11 @@ class RedisStore:
     def close(self) -> None:
         self.client.close()
         self.client.connection_pool.disconnect()  # a pool given to the client is not closed with it
+
+    async def aclose(self) -> None:
+        """:meth:`close`, after the running loop's batched commands are sent and its asyncio client
+        closed (a loop that ends without this leaves the client's connections unclosed)."""
+        batch = self._async.pop(asyncio.get_running_loop(), None)
+        if batch is not None:
+            await batch.aclose()
+        self.close()
