@@ -146,7 +146,7 @@ def _errors(tmp_path: Path) -> list[tuple[list[str], str]]:
     bad_yaml.write_text("routing:\n  aliases:\n    auto: [a\n  x: 1\n")
     (tmp_path / "folder").mkdir()
     return [
-        (["route-eval", str(tmp_path / "missing.csv"), "--weak", "a", "--strong", "b"], "missing.csv: no such file"),
+        (["route-eval", str(tmp_path / "missing.csv"), "--weak", "a", "--strong", "b"], "missing.csv: no such file or folder"),
         (["route-eval", str(tmp_path / "folder"), "--weak", "a", "--strong", "b"], "a folder with no .csv files"),
         (["route-eval", str(tmp_path / "*.nothing"), "--weak", "a", "--strong", "b"], "no CSV files matched"),
         (["route-eval", str(empty), "--weak", "a", "--strong", "b"], "empty.csv: empty file (no header row)"),
@@ -178,8 +178,9 @@ def test_errors_are_one_line_naming_the_file_or_option(tmp_path, capsys) -> None
 def test_route_eval_warns_when_both_models_score_the_same(tmp_path, capsys) -> None:
     same = tmp_path / "same.csv"
     same.write_text("prompt,a,b\nx,1,1\ny,0,0\n")
-    code, _, err = run(capsys, "route-eval", str(same), "--weak", "a", "--strong", "b")
+    code, out, err = run(capsys, "route-eval", str(same), "--weak", "a", "--strong", "b")
     assert code == 0 and "APGR and CPT are meaningless" in err
+    assert out.startswith("heuristic scorer, 2 prompts: APGR")  # which scorer the numbers are of
 
 
 @pytest.mark.parametrize(("config", "extra", "module"), [

@@ -165,7 +165,9 @@ def cmd_route_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
     else:
-        print(f"{result['n']:,} prompts: APGR {result['apgr']:.3f} (random {result['random_apgr']:.3f}), "
+        scored_by = args.scorer + (" + embeddings" if args.embeddings else "")
+        print(f"{scored_by} scorer, {result['n']:,} prompts: APGR {result['apgr']:.3f} "
+              f"(random {result['random_apgr']:.3f}), "
               f"CPT(50%) {result['cpt50']:.1%}, CPT(80%) {result['cpt80']:.1%} of calls to the strong model; "
               f"quality weak {result['weak_quality']:.3f}, strong {result['strong_quality']:.3f}")
     return 0
@@ -194,7 +196,8 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
 NEXT_STEPS = """\
 Next: replay your own sessions (format: README, "Replay recorded sessions")
-into a ledger, then open its report:
+into a ledger, then open its report (router-middleware is in the venv's bin
+folder: .venv/bin/router-middleware, unless the venv is activated):
   router-middleware replay my-sessions/ --config my.yaml --ledger ledger.db
   router-middleware report --ledger ledger.db --html report.html"""
 

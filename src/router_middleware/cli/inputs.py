@@ -27,7 +27,7 @@ def expand_paths(patterns: Sequence[str], suffix: str, what: str) -> list[str]:
                 raise RouterMiddlewareError(f"{pattern}: no {what} matched this pattern")
             paths.extend(found)
         elif not path.exists():
-            raise RouterMiddlewareError(f"{pattern}: no such file")
+            raise RouterMiddlewareError(f"{pattern}: no such file or folder")
         else:
             paths.append(pattern)
     if not paths:
