@@ -221,7 +221,6 @@ class _Batch:
                 else:
                     future.set_result(mine if every else mine[-1] if mine else None)
 
-
     def evalsha(self, pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
         """Queue a script by its SHA (the pipeline loads the scripts Redis lacks on execute: one
         SCRIPT EXISTS per flush)."""
