@@ -80,10 +80,11 @@ class Engine:
         ``prefetch``, which never reads the store), then fit the params to the chosen model
         (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
         state = state or self.state
-        if prefetch is not None:
-            state = prefetch.state(state)
+        changes = prefetch.views(state) if prefetch is not None else {}
         if self._timed:
-            state = state.but(now=time.time())
+            changes["now"] = time.time()
+        if changes:
+            state = state.but(**changes)  # one copy per plan
         plan = apply_policies(Plan.from_call(call), self.policies, state)
         return fit_plan(plan, wire.param_rules(plan.model))
 

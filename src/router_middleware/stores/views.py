@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import fields, replace
+from dataclasses import fields
 from typing import Any, Generic, TypeVar
 
 from ..telemetry import log
@@ -124,12 +124,12 @@ class Prefetch:
         self.missed: dict[str, tuple[bool, Sink]] = {}
         self.renew: dict[str, tuple[bool, Sink]] = {}
 
-    def state(self, state: Any) -> Any:
-        """``state`` (a PolicyState) with each store view read through this prefetch: made for each
-        plan, not kept, so the copy and its views die young instead of living as long as the call."""
-        views = {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
-                 if isinstance(getattr(state, f.name), StoreView)}
-        return replace(state, **views) if views else state
+    def views(self, state: Any) -> dict[str, Any]:
+        """Each store view of ``state`` (a PolicyState), read through this prefetch: the fields to
+        plan with, made for each plan, not kept, so they die young instead of living as long as the
+        call."""
+        return {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
+                if isinstance(getattr(state, f.name), StoreView)}
 
     def want_list(self, key: str, kept: Kept[list[float]]) -> None:
         """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
