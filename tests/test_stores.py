@@ -265,3 +265,56 @@ def test_aclose_closes_the_asyncio_client_on_its_loop(redis_url) -> None:
 
     assert open_connections(close=False) > 0
     assert open_connections(close=True) == 0
+
+
+async def test_a_script_redis_lost_runs_again_from_its_source(redis_url) -> None:
+    """The async path sends scripts by SHA; a server that lost them (SCRIPT FLUSH, a restart) gets
+    the command again with its source, once, and the caller sees only the answer."""
+    import redis
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    entry = [("spent", 1.0, 10.0, None)]
+    assert await store.aadd_within(entry) is None
+    redis.Redis.from_url(redis_url).script_flush()
+    assert await store.aadd_within(entry) is None
+    assert await store.aadd_within([("spent", 9.0, 10.0, None)]) == (0, 2.0)  # refused: 2 + 9 > 10
+    assert store.get("spent") == b"2"
+    await store.aclose()
+
+
+async def test_an_error_reply_fails_only_the_call_it_answers(redis_url) -> None:
+    """Calls batched together: one whose command Redis refuses (WRONGTYPE) raises it, the others
+    get their answers."""
+    import redis
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("text", b"v")
+    wrong, right, spent = await asyncio.gather(store.afetch([], ["text"]), store.aget("text"),
+                                               store.aadd_within([("n", 1.0, 5.0, None)]), return_exceptions=True)
+    assert isinstance(wrong, redis.ResponseError) and "WRONGTYPE" in str(wrong)
+    assert right == b"v" and spent is None and store.get("n") == b"1"
+    await store.aclose()
+
+
+async def test_the_async_batch_reconnects_to_a_restarted_server(tmp_path) -> None:
+    """A connection the server closed (it restarted) is replaced before any reply was read, and the
+    scripts the new server lacks are sent with their source: the next call just works."""
+    from router_middleware.stores.redis import RedisStore
+
+    from .test_store_faults import RedisServer
+
+    server = RedisServer(tmp_path)
+    try:
+        store = RedisStore(server.url)
+        assert await store.aadd_within([("spent", 1.0, 10.0, None)]) is None
+        server.kill()
+        server.start()
+        assert await store.aadd_within([("spent", 2.0, 10.0, None)]) is None
+        assert store.get("spent") == b"2"  # a fresh server: only the second call's amount
+        await store.aclose()
+    finally:
+        server.stop()

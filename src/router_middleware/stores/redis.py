@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import time
 import uuid
 import weakref
@@ -160,12 +161,53 @@ def _guarded(method: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def _pack(args: Sequence[Any]) -> bytes:
+    """One command in Redis's wire format (RESP): its arguments as bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
+
+
+class _Commands:
+    """The commands of one flush, packed as they are queued (the subset of a redis-py pipeline's
+    methods this module queues); ``scripts``: the source behind each EVALSHA, by position."""
+
+    __slots__ = ("count", "packed", "scripts")
+
+    def __init__(self) -> None:
+        self.packed: list[bytes] = []
+        self.scripts: dict[int, tuple[str, list[str], list[Any]]] = {}
+        self.count = 0
+
+    def add(self, *args: Any) -> None:
+        self.packed.append(_pack(args))
+        self.count += 1
+
+    def get(self, key: str) -> None:
+        self.add("GET", key)
+
+    def mget(self, keys: Sequence[str]) -> None:
+        self.add("MGET", *keys)
+
+    def lrange(self, key: str, start: int, end: int) -> None:
+        self.add("LRANGE", key, start, end)
+
+    def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> None:
+        self.scripts[self.count] = (source, keys, args)
+        self.add("EVALSHA", sha, len(keys), *keys, *args)
+
+
 class _Batch:
-    """Writes queued by the calls of one event loop, flushed together after the loop's current turn."""
+    """Writes queued by the calls of one event loop, flushed together after the loop's current turn.
+    A flush packs its commands itself and sends them on one connection of the asyncio client's pool:
+    a thousand calls' commands cost one write and their replies, not a redis-py pipeline's command
+    objects, per-argument encoding and SCRIPT EXISTS round trip."""
 
     def __init__(self, client: Any, scripts: Sequence[str], outage: _Outage) -> None:
         self.client = client
-        self.scripts = {source: client.register_script(source) for source in scripts}
+        self.shas = {source: hashlib.sha1(source.encode()).hexdigest() for source in scripts}  # noqa: S324 - Redis's script id
         self.outage = outage
         self.pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]] = []
         self.reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]] = {}  # reads in flight (afetch)
@@ -196,15 +238,15 @@ class _Batch:
 
     async def _flush(self) -> None:
         batch, self.pending = self.pending, []
-        pipe = self.client.pipeline(transaction=False)
+        commands = _Commands()
         sizes = []
         for queue, args, _, _ in batch:
-            before = len(pipe.command_stack)
-            queue(pipe, self.evalsha, *args)
-            sizes.append(len(pipe.command_stack) - before)
+            before = commands.count
+            queue(commands, self.evalsha, *args)
+            sizes.append(commands.count - before)
         try:
             self.outage.check()
-            results = await pipe.execute(raise_on_error=False)
+            results = await self._send(commands)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
             self.outage.note(exc)
             for _, _, future, _ in batch:
@@ -221,12 +263,58 @@ class _Batch:
                 else:
                     future.set_result(mine if every else mine[-1] if mine else None)
 
-    def evalsha(self, pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
-        """Queue a script by its SHA (the pipeline loads the scripts Redis lacks on execute: one
-        SCRIPT EXISTS per flush)."""
-        script = self.scripts[source]
-        pipe.scripts.add(script)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
+    async def _send(self, commands: _Commands) -> list[Any]:
+        """Each command's reply (an error reply as its exception). A script Redis does not have (a
+        restarted or flushed server) did not run: it is sent again with its source, once."""
+        results = await self._exchange(commands.packed)
+        lost = [i for i in commands.scripts if _no_script(results[i])]
+        if lost:
+            again = [_pack(["EVAL", source, len(keys), *keys, *args])
+                     for source, keys, args in (commands.scripts[i] for i in lost)]
+            for i, reply in zip(lost, await self._exchange(again), strict=True):
+                results[i] = reply
+        return results
+
+    async def _exchange(self, packed: list[bytes]) -> list[Any]:
+        """Send ``packed`` on one connection and read a reply to each. A connection broken before any
+        reply (the server restarted since it was opened) is replaced once; after a reply, never (the
+        commands may have run)."""
+        import redis
+
+        pool = self.client.connection_pool
+        for retry in (True, False):
+            connection = await pool.get_connection()
+            replies: list[Any] = []
+            try:
+                await connection.send_packed_command(packed, check_health=False)
+                for _ in packed:
+                    try:
+                        replies.append(await connection.read_response())
+                    except redis.ResponseError as error:
+                        replies.append(error)
+            except redis.ConnectionError:
+                await connection.disconnect()
+                if retry and not replies:
+                    continue
+                raise
+            except BaseException:
+                await connection.disconnect()  # replies left unread: the connection is out of step
+                raise
+            finally:
+                await pool.release(connection)
+            return replies
+        raise AssertionError("unreachable")
+
+    def evalsha(self, commands: _Commands, source: str, keys: list[str], args: list[Any]) -> None:
+        """Queue a script by its SHA (sent with its source only if Redis lacks it)."""
+        commands.evalsha(self.shas[source], source, keys, args)
+
+
+def _no_script(reply: Any) -> bool:
+    import redis
+
+    return isinstance(reply, redis.exceptions.NoScriptError) or (
+        isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT"))
 
 
 def _script(pipe: Any, script: Script, source: str, keys: list[str], args: list[Any]) -> None:
