@@ -318,3 +318,53 @@ async def test_the_async_batch_reconnects_to_a_restarted_server(tmp_path) -> Non
         await store.aclose()
     finally:
         server.stop()
+
+
+async def test_a_command_that_cannot_be_sent_fails_only_its_own_call(redis_url) -> None:
+    """A key Redis cannot be sent (a lone surrogate from a caller's label) fails the call that
+    queued it, not the others of its batch, and never leaves them waiting."""
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("fine", b"v")
+    good, bad, after = await asyncio.wait_for(asyncio.gather(
+        store.aget("fine"), store.aadd_within([("spend:\ud800", 1.0, 10.0, None)]),
+        store.aadd_within([("spend", 1.0, 10.0, None)]), return_exceptions=True), timeout=5)
+    assert good == b"v" and isinstance(bad, UnicodeEncodeError) and after is None
+    assert store.get("spend") == b"1"
+    await store.aclose()
+
+
+async def test_a_connection_lost_mid_batch_keeps_the_replies_read(redis_url, monkeypatch) -> None:
+    """The connection breaks after the first reply of a batch: that call gets its answer, the others
+    the error, and nothing is sent again (the commands may have run)."""
+    import redis
+    from redis.asyncio.connection import AbstractConnection
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    for key in ("a", "b", "c"):
+        store.set(key, key.encode())
+    await store.aget("a")  # the batch's connection is open
+    reads, sends = [], []
+    read, send = AbstractConnection.read_response, AbstractConnection.send_packed_command
+
+    async def breaking_read(self, *args, **kwargs):
+        reads.append(1)
+        if len(reads) == 2:
+            raise redis.ConnectionError("connection reset by peer")
+        return await read(self, *args, **kwargs)
+
+    async def counted_send(self, *args, **kwargs):
+        sends.append(1)
+        return await send(self, *args, **kwargs)
+
+    monkeypatch.setattr(AbstractConnection, "read_response", breaking_read)
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", counted_send)
+    a, b, c = await asyncio.gather(store.aget("a"), store.aget("b"), store.aget("c"), return_exceptions=True)
+    assert a == b"a" and isinstance(b, redis.ConnectionError) and isinstance(c, redis.ConnectionError)
+    assert len(sends) == 1
+    monkeypatch.undo()
+    assert await store.aget("c") == b"c"  # a fresh connection next time
+    await store.aclose()

@@ -162,10 +162,18 @@ def _guarded(method: F) -> F:
 
 
 def _pack(args: Sequence[Any]) -> bytes:
-    """One command in Redis's wire format (RESP): its arguments as bulk strings."""
+    """One command in Redis's wire format (RESP): its arguments as bulk strings (str, bytes, int or
+    float; anything else is a ``TypeError``, as redis-py's ``DataError`` was)."""
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        if isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, int | float) and not isinstance(arg, bool):
+            data = repr(arg).encode()
+        else:
+            raise TypeError(f"redis command {args[0]}: cannot send {type(arg).__name__} {arg!r}")
         out += (b"$%d\r\n" % len(data), data, b"\r\n")
     return b"".join(out)
 
@@ -184,6 +192,12 @@ class _Commands:
     def add(self, *args: Any) -> None:
         self.packed.append(_pack(args))
         self.count += 1
+
+    def truncate(self, count: int) -> None:
+        """Drop the commands queued after the first ``count``."""
+        del self.packed[count:]
+        self.scripts = {i: script for i, script in self.scripts.items() if i < count}
+        self.count = count
 
     def get(self, key: str) -> None:
         self.add("GET", key)
@@ -240,9 +254,14 @@ class _Batch:
         batch, self.pending = self.pending, []
         commands = _Commands()
         sizes = []
-        for queue, args, _, _ in batch:
+        for queue, args, future, _ in batch:
             before = commands.count
-            queue(commands, self.evalsha, *args)
+            try:
+                queue(commands, self.evalsha, *args)
+            except Exception as exc:  # noqa: BLE001 - a command that cannot be packed fails its call only
+                commands.truncate(before)
+                if not future.done():
+                    future.set_exception(exc)
             sizes.append(commands.count - before)
         try:
             self.outage.check()
@@ -265,20 +284,25 @@ class _Batch:
 
     async def _send(self, commands: _Commands) -> list[Any]:
         """Each command's reply (an error reply as its exception). A script Redis does not have (a
-        restarted or flushed server) did not run: it is sent again with its source, once."""
+        restarted or flushed server) did not run: it is loaded (SCRIPT LOAD, which Redis never evicts)
+        and sent again, once. Only then does it run, after the flush's other commands: a read queued
+        behind it in the same flush may see the value from before it."""
         results = await self._exchange(commands.packed)
         lost = [i for i in commands.scripts if _no_script(results[i])]
         if lost:
-            again = [_pack(["EVAL", source, len(keys), *keys, *args])
-                     for source, keys, args in (commands.scripts[i] for i in lost)]
-            for i, reply in zip(lost, await self._exchange(again), strict=True):
+            sources = list(dict.fromkeys(commands.scripts[i][0] for i in lost))
+            again = [_pack(["SCRIPT", "LOAD", source]) for source in sources]
+            for i in lost:
+                source, keys, args = commands.scripts[i]
+                again.append(_pack(["EVALSHA", self.shas[source], len(keys), *keys, *args]))
+            for i, reply in zip(lost, (await self._exchange(again))[len(sources):], strict=True):
                 results[i] = reply
         return results
 
     async def _exchange(self, packed: list[bytes]) -> list[Any]:
         """Send ``packed`` on one connection and read a reply to each. A connection broken before any
         reply (the server restarted since it was opened) is replaced once; after a reply, never (the
-        commands may have run)."""
+        commands may have run): the replies read are kept, and the rest read as the error."""
         import redis
 
         pool = self.client.connection_pool
@@ -292,11 +316,14 @@ class _Batch:
                         replies.append(await connection.read_response())
                     except redis.ResponseError as error:
                         replies.append(error)
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError) as error:
                 await connection.disconnect()
-                if retry and not replies:
-                    continue
-                raise
+                if not replies:
+                    if retry and not isinstance(error, redis.TimeoutError):
+                        continue
+                    raise
+                self.outage.note(error)
+                return replies + [error] * (len(packed) - len(replies))
             except BaseException:
                 await connection.disconnect()  # replies left unread: the connection is out of step
                 raise
