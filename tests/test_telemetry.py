@@ -346,3 +346,29 @@ def test_summaries_of_a_refused_call_are_still_accounted(tmp_path, span_exporter
     ((cost, summary_cost, error),) = open_ledger(pipeline.config.ledger.url).query(
         "SELECT cost_usd, summary_cost_usd, error FROM calls")
     assert error == "BudgetExceeded" and summary_cost > 0 and cost == pytest.approx(summary_cost)
+
+
+def test_a_tracer_provider_set_later_gets_the_spans() -> None:
+    """The package's tracer is made once per global provider: calls made before a provider is set
+    record nothing, and calls after it record to it (the cached tracer is not the stale one)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from router_middleware.telemetry import tracing
+
+    first, second = TracerProvider(), TracerProvider()
+    seen = {}
+    for name, provider in (("first", first), ("second", second)):
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        original = trace.get_tracer_provider
+        trace.get_tracer_provider = lambda provider=provider: provider  # type: ignore[assignment]
+        try:
+            tracing._tracer().start_span("x").end()
+            tracing._tracer().start_span("y").end()
+        finally:
+            trace.get_tracer_provider = original  # type: ignore[assignment]
+        seen[name] = [s.name for s in exporter.get_finished_spans()]
+    assert seen == {"first": ["x", "y"], "second": ["x", "y"]}

@@ -61,3 +61,18 @@ def test_openrouter_cache_write_and_cost() -> None:
 def test_missing_usage_is_marked_none() -> None:
     assert normalize_usage(None).source == "none"
     assert normalize_usage({}).total_tokens == 0
+
+
+def test_hidden_params_are_the_dict_litellm_exposes() -> None:
+    """wire.hidden reads pydantic's private storage directly: it must be the very dict that
+    ``response._hidden_params`` gives, so what is written there (the Outcome) is found again."""
+    import litellm
+
+    from router_middleware import wire
+
+    response = litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                  mock_response="ok")
+    assert wire.hidden(response) is response._hidden_params
+    wire.attach_outcome(response, "marker")
+    assert response._hidden_params[wire.OUTCOME_KEY] == "marker"
+    assert wire.hidden({"not": "a response"}) == {} and wire.hidden(None) == {}

@@ -44,8 +44,19 @@ class TelemetrySettings:
     semconv: Semconv = "both"
 
 
+_tracers: dict[int, tuple[Any, trace.Tracer]] = {}  # the tracer made from each provider seen
+
+
 def _tracer() -> trace.Tracer:
-    return trace.get_tracer("router_middleware")
+    """This package's tracer from the current global provider, made once per provider (the SDK's
+    makes a new tracer on every ``get_tracer``); a provider set later gets its own."""
+    provider = trace.get_tracer_provider()
+    found = _tracers.get(id(provider))
+    if found is None or found[0] is not provider:
+        if len(_tracers) > 8:  # providers replaced again and again (tests): forget the old ones
+            _tracers.clear()
+        found = _tracers[id(provider)] = (provider, provider.get_tracer("router_middleware"))
+    return found[1]
 
 
 def _ids(span: Span) -> dict[str, str]:
