@@ -1,6 +1,6 @@
 """Overhead of the pipeline vs bare litellm, both with `mock_response`, measured in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--repeat N]
+    .venv/bin/python benchmarks/overhead.py [--repeat N] [--otel-sdk]
 
 For 20- and 300-message agent histories: median wall time of `litellm.completion` /
 `litellm.acompletion` (bare) and of `Pipeline.completion` / `acompletion` with the default policies
@@ -9,7 +9,9 @@ so the wrapped call can beat bare), the pipeline's own overhead (wrapped minus t
 median planning time alone. Calls are spaced by 2 ms so that litellm's background logging of one
 call (a thread, or a task) does not run inside the next one's timing. Bare and wrapped calls alternate so that
 machine noise hits both alike. Logging is filtered to warnings (an application's usual setup); no
-OpenTelemetry SDK is installed, as in an application that has not configured one.
+OpenTelemetry SDK is installed, as in an application that has not configured one, unless
+``--otel-sdk``: an SDK tracer provider whose spans go to a batch processor and an exporter that
+drops them (a traced application, without the network).
 """
 
 from __future__ import annotations
@@ -83,12 +85,26 @@ async def apaired(calls: list[Callable[[], Awaitable[Any]]], repeat: int) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
+    parser.add_argument("--otel-sdk", action="store_true", help="record spans with the OpenTelemetry SDK")
     args = parser.parse_args(argv)
+    if args.otel_sdk:
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Dropped(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Dropped()))
+        trace.set_tracer_provider(provider)
     pipeline = rm.Pipeline.from_config({})
     model = "gpt-4o-mini"
     print(f"overhead benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, litellm {version('litellm')}"
-          f", {args.repeat} paired calls each\n")
+          f", {args.repeat} paired calls each"
+          + (", OpenTelemetry SDK recording spans" if args.otel_sdk else "") + "\n")
     print("| history | mode | bare litellm (ms) | Pipeline (ms) | ratio | litellm, planned request (ms) "
           "| overhead (ms) | planning alone (ms) |")
     print("|---|---|---|---|---|---|---|---|")

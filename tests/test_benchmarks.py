@@ -19,9 +19,11 @@ def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def test_overhead_smoke() -> None:
-    out = _run("overhead.py", "--repeat", "3")
+@pytest.mark.parametrize("traced", [False, True])
+def test_overhead_smoke(traced: bool) -> None:
+    out = _run("overhead.py", "--repeat", "3", *(["--otel-sdk"] if traced else []))
     assert "| 300 messages | async |" in out and out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
+    assert ("OpenTelemetry SDK recording spans" in out.splitlines()[0]) is traced
 
 
 def test_throughput_smoke(redis_url) -> None:
