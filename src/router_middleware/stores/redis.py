@@ -182,22 +182,19 @@ class _Commands:
     """The commands of one flush, packed as they are queued (the subset of a redis-py pipeline's
     methods this module queues); ``scripts``: the source behind each EVALSHA, by position."""
 
-    __slots__ = ("count", "packed", "scripts")
+    __slots__ = ("packed", "scripts")
 
     def __init__(self) -> None:
         self.packed: list[bytes] = []
         self.scripts: dict[int, tuple[str, list[str], list[Any]]] = {}
-        self.count = 0
 
     def add(self, *args: Any) -> None:
         self.packed.append(_pack(args))
-        self.count += 1
 
     def truncate(self, count: int) -> None:
         """Drop the commands queued after the first ``count``."""
         del self.packed[count:]
         self.scripts = {i: script for i, script in self.scripts.items() if i < count}
-        self.count = count
 
     def get(self, key: str) -> None:
         self.add("GET", key)
@@ -209,7 +206,7 @@ class _Commands:
         self.add("LRANGE", key, start, end)
 
     def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> None:
-        self.scripts[self.count] = (source, keys, args)
+        self.scripts[len(self.packed)] = (source, keys, args)
         self.add("EVALSHA", sha, len(keys), *keys, *args)
 
 
@@ -255,14 +252,14 @@ class _Batch:
         commands = _Commands()
         sizes = []
         for queue, args, future, _ in batch:
-            before = commands.count
+            before = len(commands.packed)
             try:
                 queue(commands, self.evalsha, *args)
             except Exception as exc:  # noqa: BLE001 - a command that cannot be packed fails its call only
                 commands.truncate(before)
                 if not future.done():
                     future.set_exception(exc)
-            sizes.append(commands.count - before)
+            sizes.append(len(commands.packed) - before)
         try:
             self.outage.check()
             results = await self._send(commands)
@@ -291,11 +288,12 @@ class _Batch:
         lost = [i for i in commands.scripts if _no_script(results[i])]
         if lost:
             sources = list(dict.fromkeys(commands.scripts[i][0] for i in lost))
-            again = [_pack(["SCRIPT", "LOAD", source]) for source in sources]
+            again = _Commands()
+            for source in sources:
+                again.add("SCRIPT", "LOAD", source)
             for i in lost:
-                source, keys, args = commands.scripts[i]
-                again.append(_pack(["EVALSHA", self.shas[source], len(keys), *keys, *args]))
-            for i, reply in zip(lost, (await self._exchange(again))[len(sources):], strict=True):
+                self.evalsha(again, *commands.scripts[i])
+            for i, reply in zip(lost, (await self._exchange(again.packed))[len(sources):], strict=True):
                 results[i] = reply
         return results
 
@@ -338,10 +336,9 @@ class _Batch:
 
 
 def _no_script(reply: Any) -> bool:
-    import redis
+    from redis.exceptions import NoScriptError
 
-    return isinstance(reply, redis.exceptions.NoScriptError) or (
-        isinstance(reply, redis.ResponseError) and str(reply).startswith("NOSCRIPT"))
+    return isinstance(reply, NoScriptError)
 
 
 def _script(pipe: Any, script: Script, source: str, keys: list[str], args: list[Any]) -> None:
