@@ -35,17 +35,12 @@ def litellm() -> Any:
 
 def hidden(response: Any) -> dict[str, Any]:
     """litellm's hidden params of a response or chunk (a dict that may be written to), or ``{}``."""
-    found = _hidden_params(response)
-    return found if found is not None else {}
-
-
-def _hidden_params(response: Any) -> dict[str, Any] | None:
     private = getattr(response, "__pydantic_private__", None)  # where pydantic keeps it: read directly,
     if isinstance(private, dict) and "_hidden_params" in private:  # not through BaseModel.__getattr__ (~5 us)
         found = private["_hidden_params"]
     else:
         found = getattr(response, "_hidden_params", None)
-    return found if isinstance(found, dict) else None
+    return found if isinstance(found, dict) else {}
 
 
 def answered_model_of(response: Any) -> str | None:
@@ -106,9 +101,7 @@ def mark_cache_hit(response: Any) -> None:
 
 def attach_outcome(response: Any, outcome: Any) -> None:
     """Keep the call's Outcome on the response, where ``router_middleware.outcome()`` finds it."""
-    found = _hidden_params(response)
-    if found is not None:
-        found[OUTCOME_KEY] = outcome
+    hidden(response)[OUTCOME_KEY] = outcome  # no hidden params: written nowhere, as mark_cache_hit
 
 
 async def drain_callbacks() -> None:

@@ -44,19 +44,18 @@ class TelemetrySettings:
     semconv: Semconv = "both"
 
 
-_tracers: dict[int, tuple[Any, trace.Tracer]] = {}  # the tracer made from each provider seen
+_tracer_of: tuple[Any, trace.Tracer] | None = None  # the current global provider, and its tracer
 
 
 def _tracer() -> trace.Tracer:
     """This package's tracer from the current global provider, looked up once per provider (the
     SDK's ``get_tracer`` returns its cached tracer, but after about 25 us of setup on every call); a
     provider set later gets its own."""
+    global _tracer_of
     provider = trace.get_tracer_provider()
-    found = _tracers.get(id(provider))
+    found = _tracer_of
     if found is None or found[0] is not provider:
-        if len(_tracers) > 8:  # providers replaced again and again (tests): forget the old ones
-            _tracers.clear()
-        found = _tracers[id(provider)] = (provider, provider.get_tracer("router_middleware"))
+        found = _tracer_of = (provider, provider.get_tracer("router_middleware"))
     return found[1]
 
 
