@@ -11,7 +11,10 @@ call (a thread, or a task) does not run inside the next one's timing. Bare and w
 machine noise hits both alike. Logging is filtered to warnings (an application's usual setup); no
 OpenTelemetry SDK is installed, as in an application that has not configured one, unless
 ``--otel-sdk``: an SDK tracer provider whose spans go to a batch processor and an exporter that
-drops them (a traced application, without the network).
+drops them (a traced application, without the network). Last, the pipeline's own work alone (the
+provider stubbed): back to back, after 2 ms idle, and after a bare litellm call and 2 ms idle (the
+paired runs' conditions). Its code and data are then out of the CPU's caches (a tight loop of the
+same length is not slowed by the idle), and it costs nearly twice its back-to-back time.
 """
 
 from __future__ import annotations
@@ -82,6 +85,42 @@ async def apaired(calls: list[Callable[[], Awaitable[Any]]], repeat: int) -> lis
     return [statistics.median(t) for t in times]
 
 
+def own_work(pipeline: rm.Pipeline, messages: list[dict[str, Any]], repeat: int) -> list[float]:
+    """Median time of ``Pipeline.completion`` with litellm's ``completion`` stubbed (it returns a copy
+    of a prebuilt response): back to back; each call after 2 ms idle; and each after a bare litellm
+    call and 2 ms idle, as in the paired runs, where litellm's call and its logging thread run between
+    two pipeline calls and take the CPU's caches."""
+    kwargs = {"model": "gpt-4o-mini", "messages": messages, "mock_response": "ok"}
+    prebuilt = litellm.completion(**kwargs)
+    real = litellm.completion
+
+    def stub(**_: Any) -> Any:
+        response = prebuilt.model_copy()
+        response._hidden_params = dict(prebuilt._hidden_params)
+        return response
+
+    medians = []
+    for mode in ("back to back", "idle", "after litellm"):
+        times = []
+        for i in range(repeat + 10):
+            if mode == "after litellm":
+                real(**kwargs)
+                time.sleep(0.002)
+            litellm.completion = stub
+            try:
+                start = time.perf_counter()
+                pipeline.completion(**kwargs, context={"session_id": "bench"})
+                elapsed = time.perf_counter() - start
+            finally:
+                litellm.completion = real
+            if i >= 10:
+                times.append(elapsed)
+            if mode != "back to back":
+                time.sleep(0.002)
+        medians.append(statistics.median(times))
+    return medians
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
@@ -132,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             ratios.append((size, mode, w / b))
             print(f"| {size} messages | {mode} | {b * 1e3:.3f} | {w * 1e3:.3f} | {w / b:.3f} | {p * 1e3:.3f} "
                   f"| {(w - p) * 1e3:.3f} | {planning * 1e3:.3f} |")
+    hot, idle, shared = own_work(pipeline, history(20), args.repeat)
+    print(f"\nown work per call, provider stubbed (20 messages, sync): back to back {hot * 1e3:.3f} ms, "
+          f"after 2 ms idle {idle * 1e3:.3f} ms, after a bare litellm call and 2 ms idle {shared * 1e3:.3f} ms")
     tracemalloc.start()
     sessions = rm.Pipeline.from_config({})
     before = tracemalloc.take_snapshot()

@@ -24,6 +24,7 @@ def test_overhead_smoke(traced: bool) -> None:
     out = _run("overhead.py", "--repeat", "3", *(["--otel-sdk"] if traced else []))
     assert "| 300 messages | async |" in out and out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
     assert ("OpenTelemetry SDK recording spans" in out.splitlines()[0]) is traced
+    assert "own work per call, provider stubbed (20 messages, sync): back to back" in out
 
 
 def test_throughput_smoke(redis_url) -> None:

@@ -335,6 +335,26 @@ async def test_a_command_that_cannot_be_sent_fails_only_its_own_call(redis_url) 
     await store.aclose()
 
 
+@pytest.mark.parametrize("packer", ["hiredis", "python"])
+def test_commands_are_packed_alike_by_hiredis_and_python(packer, monkeypatch) -> None:
+    """hiredis packs the batch's commands when installed; the Python packer gives the same bytes, and
+    a value Redis cannot take raises a TypeError naming the command either way."""
+    from router_middleware.stores import redis as module
+
+    if packer == "hiredis":
+        pytest.importorskip("hiredis")
+    else:
+        monkeypatch.setattr(module, "_hiredis_pack", None)
+    args = ("EVALSHA", "a" * 40, 2, "k:é", b"\x00raw", 1.5e-07, -3, 2**70, 0.1)
+    assert module._pack(args) == b"".join(
+        [b"*9\r\n"] + [b"$%d\r\n%s\r\n" % (len(x), x) for x in
+                        (b"EVALSHA", b"a" * 40, b"2", "k:é".encode(), b"\x00raw", b"1.5e-07", b"-3",
+                         str(2**70).encode(), b"0.1")])
+    for bad in (True, None, [1]):
+        with pytest.raises(TypeError, match=f"redis command SET: cannot send {type(bad).__name__}"):
+            module._pack(("SET", "k", bad))
+
+
 async def test_a_connection_lost_mid_batch_keeps_the_replies_read(redis_url, monkeypatch) -> None:
     """The connection breaks after the first reply of a batch: that call gets its answer, the others
     the error, and nothing is sent again (the commands may have run)."""

@@ -72,10 +72,11 @@ def fit(params: Mapping[str, Any], rules: ParamRules) -> tuple[dict[str, Any], t
         changes.append(Change(name, out.pop(name), None, True, why))
 
     if rules.supported is not None:
-        allowed = rules.supported | set(out.get("allowed_openai_params") or ())
-        skipped = set(out.get("additional_drop_params") or ())  # litellm drops these itself
-        for name in [k for k, v in out.items() if k in rules.checked and v is not None and v != rules.checked[k]
-                     and k not in allowed and k not in skipped and not (k == "n" and v == 1)]:
+        supported, checked = rules.supported, rules.checked
+        allowed = out.get("allowed_openai_params") or ()
+        skipped = out.get("additional_drop_params") or ()  # litellm drops these itself
+        for name in [k for k, v in out.items() if k in checked and v is not None and v != checked[k]
+                     and k not in supported and k not in allowed and k not in skipped and not (k == "n" and v == 1)]:
             drop(name, "litellm lists it as unsupported for this model")
     effort = _effort(out.get("reasoning_effort"))
     if rules.efforts and effort in LEVELS and effort not in rules.efforts:

@@ -161,9 +161,30 @@ def _guarded(method: F) -> F:
     return run  # type: ignore[return-value]
 
 
-def _pack(args: Sequence[Any]) -> bytes:
+def _hiredis_packer() -> Callable[[tuple[Any, ...]], bytes] | None:
+    try:
+        from hiredis import pack_command
+    except ImportError:  # the redis extra installs it; without it, commands are packed in Python
+        return None
+    return pack_command
+
+
+_hiredis_pack = _hiredis_packer()
+
+
+def _pack(args: tuple[Any, ...]) -> bytes:
     """One command in Redis's wire format (RESP): its arguments as bulk strings (str, bytes, int or
-    float; anything else is a ``TypeError``, as redis-py's ``DataError`` was)."""
+    float; anything else is a ``TypeError``, as redis-py's ``DataError`` was). hiredis packs it in C
+    when installed (the ``redis`` extra installs it; redis-py then parses replies with it too)."""
+    if _hiredis_pack is not None:
+        try:
+            return _hiredis_pack(args)
+        except TypeError:
+            pass  # bool or another type hiredis refuses: raised below, naming the command and the value
+    return _pack_py(args)
+
+
+def _pack_py(args: tuple[Any, ...]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):
