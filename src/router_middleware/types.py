@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal, Self, TypeVar
 
@@ -202,11 +202,18 @@ class Plan:
         return cls(call=call, model=call.model, messages=call.messages, params=call.params, decisions=call.decisions)
 
     def override(self, **changes: Any) -> Self:
+        """A copy with ``changes``: ``dataclasses.replace`` without its field introspection on every
+        call (a plan is copied a few times per call, and has no ``__post_init__`` to run)."""
         if "params" in changes:
             changes["params"] = _frozen(changes["params"])
         if "messages" in changes:
             changes["messages"] = History(changes["messages"])
-        return replace(self, **changes)
+        copy = object.__new__(type(self))
+        for name in _PLAN_FIELDS:
+            object.__setattr__(copy, name, changes.pop(name) if name in changes else getattr(self, name))
+        if changes:
+            raise TypeError(f"Plan has no field {', '.join(map(repr, changes))}")
+        return copy
 
     def decide(self, decision: Decision, **changes: Any) -> Self:
         """Return a copy with ``changes`` applied and ``decision`` appended."""
@@ -215,6 +222,9 @@ class Plan:
     def request(self) -> dict[str, Any]:
         """The keyword arguments for ``litellm.completion``."""
         return {"model": self.model, "messages": [dict(m) for m in self.messages], **self.params}
+
+
+_PLAN_FIELDS = tuple(f.name for f in fields(Plan))
 
 
 @dataclass(frozen=True, slots=True)
