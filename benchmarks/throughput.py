@@ -7,7 +7,9 @@ Each round launches all calls at once with `asyncio.gather` (20-message agent hi
 through a two-model alias with a USD and a token budget and the circuit breaker), and times the
 batch until litellm has also done the background logging of its calls (each variant pays for its
 own: a process can only sustain the rate at which it also logs); the three variants alternate
-round by round, and the median calls/s is reported. Without
+round by round, and the median calls/s is reported, then each round's ratio to the bare batch just
+before it (median and range: on a shared machine the rate drifts by several percent between
+rounds, and a ratio of neighbours is less exposed to the drift). Without
 `--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is started for the run. On
 the async path the Redis store's reads, admissions and settlements go through its batched asyncio
 client, and the call's lifecycle runs on the event loop: this measures what that costs against the
@@ -111,7 +113,7 @@ async def batch(call: Callable[[], Awaitable[Any]], calls: int, *, own_logging: 
     return calls / elapsed
 
 
-async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True) -> dict[str, float]:
+async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True) -> dict[str, list[float]]:
     messages = history(20)
     memory = rm.Pipeline.from_config(config("memory://"))
     redis = rm.Pipeline.from_config(config(redis_url))
@@ -128,7 +130,7 @@ async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True)
     for _ in range(rounds):
         for name, call in variants.items():
             rates[name].append(await batch(call, calls, own_logging=own_logging))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,12 +148,17 @@ def main(argv: list[str] | None = None) -> int:
           + ("litellm logging left queued\n" if args.leave_logging
              else "each batch waits for its own litellm logging\n"))
     with redis_server(args.redis_url) as url:
-        rates = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging))
+        rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging))
+    rates = {name: statistics.median(values) for name, values in rounds.items()}
     bare = rates["bare litellm"]
     print("| variant | calls/s | ratio to bare litellm |")
     print("|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:,.0f} | {rate / bare:.3f} |")
+    paired = {name: [rate / base for rate, base in zip(values, rounds["bare litellm"], strict=True)]
+              for name, values in rounds.items() if name != "bare litellm"}
+    print("\nper round, against that round's bare batch (median, min-max): " + ", ".join(
+        f"{name} x{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})" for name, r in paired.items()))
     memory, redis = rates["pipeline, memory store"], rates["pipeline, redis store"]
     print(f"\nsummary: calls/s ratio memory/bare x{memory / bare:.3f}, redis/bare x{redis / bare:.3f}, "
           f"redis/memory x{redis / memory:.3f}")
