@@ -124,3 +124,21 @@ def test_fit_is_pure_and_leaves_fitting_params_alone() -> None:
     params = {"temperature": 0.2, "mock_response": "ok"}
     assert fit(params, rules) == (params, ())
     assert fit(params, ParamRules()) == (params, ())  # a model litellm cannot place: nothing checked
+
+
+@pytest.mark.parametrize(("names", "kept"), [
+    (["top_k"], {"top_k"}),
+    (("top_k", "logprobs"), {"top_k", "logprobs"}),
+    ("logprobs_top_k", set()),  # a string is read as litellm reads it: a set of characters, no names
+    (None, set()),
+])
+def test_allowed_and_skipped_params_are_read_as_litellm_reads_them(names, kept) -> None:
+    """``allowed_openai_params`` keeps a param litellm lists as unsupported, ``additional_drop_params``
+    leaves its drop to litellm; litellm reads either only as a list of names."""
+    from router_middleware.fit import ParamRules, fit
+
+    rules = ParamRules(checked={"top_k": None, "logprobs": None}, supported=frozenset())
+    for key in ("allowed_openai_params", "additional_drop_params"):
+        out, changes = fit({"top_k": 5, "logprobs": True, key: names}, rules)
+        assert {"top_k", "logprobs"} - {c.param for c in changes} == kept
+        assert all(c.dropped for c in changes)

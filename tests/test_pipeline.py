@@ -199,3 +199,31 @@ async def test_a_stream_yields_the_chunks_litellm_would(include_usage) -> None:
         shapes = _chunk_shapes(stream)
         assert (0 in shapes) is bool(include_usage) and all(shapes[:-1])
     assert outcome(stream).usage.source == "cache"
+
+
+def test_plan_override_copies_plain_plans_and_subclasses_alike() -> None:
+    """``Plan.override`` copies a plain plan field by field (no ``dataclasses.replace``); a subclass of
+    ``Plan`` still goes through ``replace``: its own fields and ``__post_init__`` checks are kept."""
+    from router_middleware.types import Call, Decision, Plan
+
+    plan = Plan.from_call(Call.create("gpt-4o-mini", [{"role": "user", "content": "hi"}], {"temperature": 0.1}))
+    copy = plan.override(model="b", params={"top_p": 0.5}).decide(Decision("p", "a", "why"))
+    assert (copy.model, dict(copy.params), copy.call, copy.messages) == ("b", {"top_p": 0.5}, plan.call, plan.messages)
+    assert copy.decisions == (Decision("p", "a", "why"),) and plan.model == "gpt-4o-mini" and copy != plan
+    assert plan.override() == plan
+    with pytest.raises(TypeError, match="Plan has no field 'nope'"):
+        plan.override(nope=1)
+
+    @dataclass(frozen=True, slots=True)
+    class Noted(Plan):
+        note: str = ""
+
+        def __post_init__(self) -> None:
+            if self.note == "bad":
+                raise ValueError("bad note")
+
+    noted = Noted(plan.call, plan.model, plan.messages, plan.params, note="kept")
+    assert type(noted.override(model="b")) is Noted and noted.decide(Decision("p", "a", "w")).note == "kept"
+    assert noted.override(note="n").note == "n"
+    with pytest.raises(ValueError, match="bad note"):
+        noted.override(note="bad")

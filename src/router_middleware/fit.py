@@ -73,8 +73,8 @@ def fit(params: Mapping[str, Any], rules: ParamRules) -> tuple[dict[str, Any], t
 
     if rules.supported is not None:
         supported, checked = rules.supported, rules.checked
-        allowed = out.get("allowed_openai_params") or ()
-        skipped = out.get("additional_drop_params") or ()  # litellm drops these itself
+        allowed = _names(out.get("allowed_openai_params"))
+        skipped = _names(out.get("additional_drop_params"))  # litellm drops these itself
         for name in [k for k, v in out.items() if k in checked and v is not None and v != checked[k]
                      and k not in supported and k not in allowed and k not in skipped and not (k == "n" and v == 1)]:
             drop(name, "litellm lists it as unsupported for this model")
@@ -116,6 +116,11 @@ def fit_plan(plan: Plan, rules: ParamRules) -> Plan:
     if not changes:
         return plan
     return plan.override(params=params, decisions=(*plan.decisions, *(c.decision(plan.model) for c in changes)))
+
+
+def _names(value: Any) -> Any:
+    """A list of param names as given (a string is a set of its characters, as litellm reads it)."""
+    return set(value) if isinstance(value, str) else value or ()
 
 
 def _effort(value: Any) -> str | None:

@@ -202,18 +202,21 @@ class Plan:
         return cls(call=call, model=call.model, messages=call.messages, params=call.params, decisions=call.decisions)
 
     def override(self, **changes: Any) -> Self:
-        """A copy with ``changes``: ``dataclasses.replace`` without its field introspection on every
-        call (a plan is copied a few times per call, and has no ``__post_init__`` to run)."""
+        """A copy with ``changes``. A plain ``Plan`` (a few copies per call) skips the per-call field
+        introspection of ``dataclasses.replace``: it has no ``__post_init__`` to run; a subclass
+        goes through ``replace``, its own fields and checks included."""
         if "params" in changes:
             changes["params"] = _frozen(changes["params"])
         if "messages" in changes:
             changes["messages"] = History(changes["messages"])
-        copy = object.__new__(type(self))
+        if type(self) is not Plan:
+            return replace(self, **changes)
+        copy = object.__new__(Plan)
         for name in _PLAN_FIELDS:
             object.__setattr__(copy, name, changes.pop(name) if name in changes else getattr(self, name))
         if changes:
             raise TypeError(f"Plan has no field {', '.join(map(repr, changes))}")
-        return copy
+        return copy  # type: ignore[return-value]
 
     def decide(self, decision: Decision, **changes: Any) -> Self:
         """Return a copy with ``changes`` applied and ``decision`` appended."""

@@ -174,13 +174,14 @@ _hiredis_pack = _hiredis_packer()
 
 def _pack(args: tuple[Any, ...]) -> bytes:
     """One command in Redis's wire format (RESP): its arguments as bulk strings (str, bytes, int or
-    float; anything else is a ``TypeError``, as redis-py's ``DataError`` was). hiredis packs it in C
-    when installed (the ``redis`` extra installs it; redis-py then parses replies with it too)."""
+    float; a bool, None or another type is a ``TypeError`` naming the command, as redis-py's
+    ``DataError`` was). hiredis packs it in C when installed (the ``redis`` extra installs it, 3.2 or
+    later, which redis-py also parses replies with)."""
     if _hiredis_pack is not None:
         try:
             return _hiredis_pack(args)
         except TypeError:
-            pass  # bool or another type hiredis refuses: raised below, naming the command and the value
+            pass  # a type hiredis refuses: the Python packer raises, naming the command and the value
     return _pack_py(args)
 
 
