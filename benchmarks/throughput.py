@@ -113,22 +113,27 @@ async def batch(call: Callable[[], Awaitable[Any]], calls: int, *, own_logging: 
     return calls / elapsed
 
 
-async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True) -> dict[str, list[float]]:
+def variants(redis_url: str) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """One call of each variant (bare litellm, the pipeline on memory and on Redis), warmed up by ``run``."""
     messages = history(20)
     memory = rm.Pipeline.from_config(config("memory://"))
     redis = rm.Pipeline.from_config(config(redis_url))
-    variants: dict[str, Callable[[], Awaitable[Any]]] = {
+    return {
         "bare litellm": lambda: litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"),
         "pipeline, memory store": lambda: memory.acompletion("coder", messages, mock_response="ok",
                                                              context={"session_id": "s"}),
         "pipeline, redis store": lambda: redis.acompletion("coder", messages, mock_response="ok",
                                                            context={"session_id": "s"}),
     }
-    for call in variants.values():  # warm up
+
+
+async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True) -> dict[str, list[float]]:
+    variants_ = variants(redis_url)
+    for call in variants_.values():  # warm up
         await batch(call, 50)
-    rates: dict[str, list[float]] = {name: [] for name in variants}
+    rates: dict[str, list[float]] = {name: [] for name in variants_}
     for _ in range(rounds):
-        for name, call in variants.items():
+        for name, call in variants_.items():
             rates[name].append(await batch(call, calls, own_logging=own_logging))
     return rates
 

@@ -32,6 +32,11 @@ def test_throughput_smoke(redis_url) -> None:
     assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: calls/s")
 
 
+def test_gc_pressure_smoke(redis_url) -> None:
+    out = _run("gc_pressure.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url)
+    assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: objects promoted")
+
+
 @pytest.mark.parametrize("script", ["context.py", "routing.py", "routed_replay.py"])
 def test_quality_benchmarks_smoke(script: str) -> None:
     args = ("--limit", "1") if script in ("context.py", "routed_replay.py") else ()

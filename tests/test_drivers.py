@@ -302,9 +302,9 @@ async def test_on_redis_an_async_call_stays_on_the_event_loop(redis_url, monkeyp
     threads: list[Any] = []
     original = drivers._in_thread
 
-    async def in_thread(work: Any) -> Any:
+    async def in_thread(work: Any, *args: Any) -> Any:
         threads.append(work)
-        return await original(work)
+        return await original(work, *args)
 
     monkeypatch.setattr(drivers, "_in_thread", in_thread)
     planned: list[int] = []
@@ -324,3 +324,60 @@ async def test_on_redis_an_async_call_stays_on_the_event_loop(redis_url, monkeyp
     p.close()
     assert [a.choices[0].message.content for a in answers] == ["ok"] * 20
     assert threads == [] and set(planned) == {threading.get_ident()}
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["completion", "acompletion"])
+def test_after_idle_a_call_like_an_earlier_one_is_planned_once(redis_url, monkeypatch, asynchronous) -> None:
+    """On Redis, what planning read is kept in the process for a second or two. A call that finds it
+    gone (after idle) fetches what the last call like it read before planning: one plan, not a plan
+    that misses, a fetch and a second plan. A call of another kind (another session) still learns."""
+    import time
+    import uuid
+    from types import SimpleNamespace
+
+    from router_middleware.stores import views
+
+    planned: list[str] = []
+    plan = Engine.plan
+
+    def spy(self: Engine, call: Any, *args: Any, **kwargs: Any) -> Any:
+        planned.append(call.context.session_id)
+        return plan(self, call, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "plan", spy)
+    fetches: list[tuple[list[str], list[str]]] = []
+    p = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "app": f"idle-{uuid.uuid4().hex[:8]}",
+                              "routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                          "budgets": [{"name": "team", "scope": "app", "usd": 100.0}]}})
+    fetch, afetch = p.store.fetch, p.store.afetch  # type: ignore[attr-defined]
+
+    def counted(keys: list[str], lists: list[str] = ()) -> Any:  # type: ignore[assignment]
+        fetches.append((sorted(keys), sorted(lists)))
+        return fetch(keys, lists)
+
+    async def acounted(keys: list[str], lists: list[str] = ()) -> Any:  # type: ignore[assignment]
+        fetches.append((sorted(keys), sorted(lists)))
+        return await afetch(keys, lists)
+
+    monkeypatch.setattr(p.store, "fetch", counted)
+    monkeypatch.setattr(p.store, "afetch", acounted)
+
+    def ask(session: str) -> None:
+        kwargs = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "mock_response": "ok",
+                  "context": {"session_id": session}}
+        answer = asyncio.run(p.acompletion(**kwargs)) if asynchronous else p.completion(**kwargs)
+        assert answer.choices[0].message.content == "ok"
+
+    ask("a")
+    assert planned == ["a", "a"] and len(fetches) == 1  # the first call learns what planning reads
+    first = fetches[0]
+    ask("a")
+    assert planned == ["a", "a", "a"] and len(fetches) == 1  # kept in the process: no fetch, one plan
+    later = time.monotonic() + 60  # a minute of idle: nothing is kept any more
+    monkeypatch.setattr(views, "time", SimpleNamespace(monotonic=lambda: later))
+    ask("a")
+    assert planned == ["a"] * 4 and fetches == [first, first]  # fetched first, then planned once
+    later += 60
+    ask("b")
+    assert planned == ["a"] * 4 + ["b", "b"] and len(fetches) == 3  # another kind of call learns anew
+    p.close()

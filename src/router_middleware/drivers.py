@@ -71,7 +71,7 @@ async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool =
     done, value = await _aadvance(flow, reply, error, off_loop)
     while not done and not isinstance(value, Attempt):
         try:
-            reply, error = await _aperform(value, wait, off_loop), None
+            reply, error = await _aeffect(value, wait, off_loop), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
         done, value = await _aadvance(flow, reply, error, off_loop)
@@ -94,14 +94,19 @@ async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: b
     with deferring() as queued:
         done = _advance(flow, reply, error)
     if queued:
-        await _in_thread(lambda: [write() for write in queued])
+        await _in_thread(_write_all, queued)
     return done
 
 
-async def _in_thread(work: Callable[[], Any]) -> Any:
-    """``work()`` in a worker thread. A cancelled caller waits for it to end (one store timeout at
+def _write_all(writes: list[Callable[[], None]]) -> None:
+    for write in writes:
+        write()
+
+
+async def _in_thread(work: Callable[..., Any], *args: Any) -> Any:
+    """``work(*args)`` in a worker thread. A cancelled caller waits for it to end (one store timeout at
     most), so the lifecycle's state is never touched from two threads at once."""
-    running = asyncio.ensure_future(asyncio.to_thread(work))
+    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
@@ -120,16 +125,20 @@ def _perform(effect: Effect, wait: bool) -> Any:
     return wire.litellm().completion(**effect.request)
 
 
-async def _aperform(effect: Effect, wait: bool, off_loop: bool) -> Any:
+def _aeffect(effect: Effect, wait: bool, off_loop: bool) -> Awaitable[Any]:
+    """What to await for ``effect``: the I/O's own awaitable, not a coroutine wrapping it (a call
+    waiting on Redis holds one object fewer while a thousand others run)."""
     if isinstance(effect, Wait):
-        if wait:
-            await _asleep(effect.seconds)
-        return None
+        return _asleep(effect.seconds) if wait else _done(None)
     if isinstance(effect, StoreCall):
-        twin = getattr(effect.store, f"a{effect.method}", None)
+        twin = getattr(effect.store, "a" + effect.method, None)
         if twin is not None:
-            return await twin(*effect.args)
+            return twin(*effect.args)  # type: ignore[no-any-return]
         method = getattr(effect.store, effect.method)
-        return await _in_thread(lambda: method(*effect.args)) if off_loop else method(*effect.args)
+        return _in_thread(method, *effect.args) if off_loop else _done(method(*effect.args))
     assert isinstance(effect, Summarize)
-    return await wire.litellm().acompletion(**effect.request)
+    return wire.litellm().acompletion(**effect.request)  # type: ignore[no-any-return]
+
+
+async def _done(value: Any) -> Any:
+    return value

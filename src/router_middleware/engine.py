@@ -24,6 +24,7 @@ from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
 from .stores import MemoryStore, Prefetch, Store
+from .stores.views import Sink
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
@@ -32,6 +33,16 @@ from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
 _USAGE_CHUNK_PROVIDERS = frozenset({
     "openai", "azure", "deepseek", "openrouter", "text-completion-openai", "anthropic", "gemini", "vertex_ai",
 })
+
+
+_KINDS, _READS_PER_KIND = 1024, 64
+
+
+def _kind(call: Call) -> tuple[str | None, ...]:
+    """What decides which store keys planning reads: the model asked for and the context's labels
+    (budgets are scoped by app, tenant, session or user; reasoning and affinity by session)."""
+    context = call.context
+    return call.model, context.app, context.session_id, context.user, context.tenant
 
 
 class Engine:
@@ -56,6 +67,7 @@ class Engine:
         self.store_blocks = any(not isinstance(s, MemoryStore) for s in self._stores())
         # Such a store is read ahead of each plan (one fetch), never by the policies themselves.
         self.prefetching = not isinstance(self.store, MemoryStore)
+        self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
@@ -91,6 +103,20 @@ class Engine:
     def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for."""
         return self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
+
+    def reads_of(self, call: Call) -> dict[str, tuple[bool, Sink]]:
+        """The store keys that planning the last call like ``call`` (same model and context labels)
+        fetched: a new call fetches those the process does not keep before it is planned."""
+        return self._reads.get(_kind(call), {})
+
+    def remember_reads(self, call: Call, reads: dict[str, tuple[bool, Sink]]) -> None:
+        """Add ``reads`` to what planning a call like ``call`` fetches (bounded: a few dozen keys for
+        each of a thousand kinds of call, then it starts over)."""
+        kind = _kind(call)
+        known = {**self._reads.get(kind, {}), **reads}
+        if len(self._reads) >= _KINDS and kind not in self._reads:
+            self._reads.clear()
+        self._reads[kind] = known if len(known) <= _READS_PER_KIND else dict(reads)
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
               cache: bool = True) -> CallLifecycle:

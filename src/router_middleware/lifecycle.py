@@ -154,22 +154,22 @@ class CallLifecycle:
         """The call's plan, or (``target``) a later attempt's, recording ``decision``. On a store that
         can block, planning reads only what was fetched for the call or is kept in the process: what a
         pass missed (and the recent reply sizes the plan's estimate reads) is fetched in one round
-        trip, and the call is planned again."""
+        trip, and the call is planned again. A call first fetches what planning the last call like
+        it read, if the process no longer keeps it (after idle), and is then planned once."""
         fetched = self.prefetch
-
-        def make() -> Plan:
-            if target is None:
-                return self.engine.plan(self.call, prefetch=fetched)
-            assert decision is not None
-            return self.engine.replan(self.call, target, decision, fetched)
-
+        make = self._make
         if fetched is None:
-            return make()
+            return make(target, decision)
         if target is not None:  # read again what the call's earlier plans read (its own holds, a spend)
             fetched.values.clear()
+        read: dict[str, Any] = {}
+        ahead = fetched.ahead(self.engine.reads_of(self.call)) if target is None else {}
+        if ahead:  # what a call like this one read and the process no longer keeps: before planning
+            read.update(ahead)
+            fetched.fill(ahead, (yield from self._fetch(ahead)))
         for _ in range(PLAN_PASSES):
             try:
-                plan = make()
+                plan = make(target, decision)
             except Exception:
                 if not fetched.missed:  # not for want of a value: the plan's own error
                     raise
@@ -177,14 +177,25 @@ class CallLifecycle:
                 self.books.want_recent(plan, fetched)
                 if not fetched.missed:
                     break
+            read.update(fetched.missed)
             fetched.fill(fetched.missed, (yield from self._fetch(fetched.missed)))
         else:
-            plan = make()
+            plan = make(target, decision)
             self.books.want_recent(plan, fetched)
             fetched.fill(fetched.missed, None)  # still missing after a few passes: it reads as missing
+        if read and target is None:
+            self.engine.remember_reads(self.call, read)
         if fetched.renew:  # stale values this plan used: read again for the calls that follow
             fetched.fill(fetched.renew, (yield from self._fetch(fetched.renew)), call=False)
         return plan
+
+    def _make(self, target: str | None, decision: Decision | None) -> Plan:
+        """Plan the call, or a later attempt at ``target`` (a method, not a closure: a call waiting
+        on a fetch holds fewer objects)."""
+        if target is None:
+            return self.engine.plan(self.call, prefetch=self.prefetch)
+        assert decision is not None
+        return self.engine.replan(self.call, target, decision, self.prefetch)
 
     def _fetch(self, noted: dict[str, Any]) -> Generator[Effect, Any, Fetched | None]:
         """The store's values of the keys ``noted`` (one round trip), or ``None`` if it failed."""

@@ -17,8 +17,11 @@ AttributeValue = str | int | float | bool
 UsageSource = Literal["provider", "estimated", "cache", "none"]
 
 
+_EMPTY: Mapping[str, Any] = MappingProxyType({})  # shared: most decisions have no attributes
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping or {}))
+    return MappingProxyType(dict(mapping)) if mapping else _EMPTY
 
 
 class History(tuple[Message, ...]):

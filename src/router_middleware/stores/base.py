@@ -5,10 +5,10 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
@@ -91,23 +91,26 @@ def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> 
 
 # While a call's lifecycle step runs on an event loop (:mod:`..drivers`), writes whose answer the step
 # does not need are queued here instead of blocking the loop; the driver then makes them in a thread.
-_DEFERRED: ContextVar[list[Callable[[], None]] | None] = ContextVar("router_middleware_deferred", default=None)
+# A step runs to its end without yielding to the loop, so a per-thread slot (not a ContextVar, whose
+# every set allocates a new context) holds the queue of the one step running on each thread.
+_DEFERRED = threading.local()
 
 
 @contextmanager
 def deferring() -> Iterator[list[Callable[[], None]]]:
     """Within it, :func:`defer` queues its writes on the list yielded instead of making them."""
     queued: list[Callable[[], None]] = []
-    token = _DEFERRED.set(queued)
+    outer = getattr(_DEFERRED, "queue", None)
+    _DEFERRED.queue = queued
     try:
         yield queued
     finally:
-        _DEFERRED.reset(token)
+        _DEFERRED.queue = outer
 
 
 def defer(write: Callable[[], None]) -> None:
     """Make ``write`` now, or queue it while a lifecycle step runs on an event loop."""
-    queued = _DEFERRED.get()
+    queued: list[Callable[[], None]] | None = getattr(_DEFERRED, "queue", None)
     if queued is None:
         write()
     else:

@@ -357,6 +357,15 @@ class _Batch:
         commands.evalsha(self.shas[source], source, keys, args)
 
 
+def _read_done(reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]], done: list[tuple[bool, str]],
+               sent: asyncio.Future[Any]) -> None:
+    """A read in flight has its answer: later calls read the key again (functions and arguments, not
+    closures, keep what a waiting call holds small)."""
+    for read in done:
+        if reads.get(read, (None, 0))[0] is sent:
+            del reads[read]
+
+
 def _no_script(reply: Any) -> bool:
     from redis.exceptions import NoScriptError
 
@@ -504,17 +513,11 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            sent = batch.submit(lambda pipe, script: self._queue_fetch(pipe, values, series), every=True)
+            sent = batch.submit(self._queue_read, values, series, every=True)
             first = 1 if values else 0  # the MGET's answer, then one per list
             for at, (one, key) in enumerate(new):
                 found[(one, key)] = batch.reads[(one, key)] = (sent, at if one else first + at - len(values))
-
-            def done(_: Any) -> None:
-                for read in new:
-                    if batch.reads.get(read, (None, 0))[0] is sent:
-                        del batch.reads[read]
-
-            sent.add_done_callback(done)
+            sent.add_done_callback(functools.partial(_read_done, batch.reads, new))
         answers = []
         for read in reads:
             future, at = found[read]
@@ -522,6 +525,9 @@ class RedisStore:
             answers.append(results[0][at] if read[0] else results[at])
         return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
                 [[float(v) for v in series] for series in answers[len(keys):]])
+
+    def _queue_read(self, pipe: Any, _: Any, keys: Sequence[str], lists: Sequence[str]) -> None:
+        self._queue_fetch(pipe, keys, lists)
 
     def _queue_fetch(self, pipe: Any, keys: Sequence[str], lists: Sequence[str]) -> Any:
         """One MGET for ``keys``, one LRANGE per key of ``lists``."""

@@ -8,7 +8,8 @@ on a store over the network, it saves a round trip per read.
 A call's lifecycle on a store that can block reads the views through a :class:`Prefetch` instead:
 a value neither kept in the process nor fetched for the call reads as missing and is noted, the
 lifecycle fetches every noted key in one round trip (``Store.fetch``) and plans again, so planning
-itself never waits on the store.
+itself never waits on the store. A call like an earlier one fetches first what that one read
+(:meth:`Prefetch.ahead`), and is planned once.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class Kept(Generic[T]):
         if renew:
             self._renewing[key] = now + self.fresh_s
         return True, seen[1], renew
+
+    def has(self, key: str) -> bool:
+        """Whether ``key`` is kept (fresh, or stale but still served), without asking to renew it."""
+        seen = self._values.get(key) if self.fresh_s else None
+        return seen is not None and time.monotonic() - seen[0] < 2 * self.fresh_s
 
     def keep(self, key: str, value: T) -> None:
         if self.fresh_s:
@@ -140,6 +146,23 @@ class Prefetch:
             self.missed[key] = (False, kept)
         elif renew:
             self.renew[key] = (False, kept)
+
+    def ahead(self, remembered: Mapping[str, tuple[bool, Sink]]) -> dict[str, tuple[bool, Sink]]:
+        """Of the keys that planning a call like this one fetched before (``remembered``), those this
+        call has not read and the process does not keep: fetched before its first plan, a call after
+        idle is planned once, not planned, fetched for and planned again."""
+        ahead: dict[str, tuple[bool, Sink]] = {}
+        for key, read in remembered.items():
+            sink = read[1]
+            if key in self.values or key in self.lists:
+                continue
+            if isinstance(sink, StoreView):
+                if sink.kept.has(key.removeprefix(sink.prefix)):
+                    continue
+            elif sink is not None and sink.has(key):
+                continue
+            ahead[key] = read
+        return ahead
 
     @staticmethod
     def wanted(noted: dict[str, tuple[bool, Sink]]) -> tuple[list[str], list[str]]:
