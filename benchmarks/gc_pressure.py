@@ -11,6 +11,8 @@ decide how often a process stops for a full collection. They are counted, not ti
 does not drift with the machine's load: at each young collection of generation 1, the objects of
 generations 0 and 1 that it did not collect are the ones it promoted. Also printed: full
 collections per 1,000 calls and the collector's time per call (these two do move with the load).
+The count assumes CPython's generational collector of 3.11-3.13 (3.14's incremental one promotes
+differently).
 Without `--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is started for the run.
 """
 

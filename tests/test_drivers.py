@@ -381,3 +381,58 @@ def test_after_idle_a_call_like_an_earlier_one_is_planned_once(redis_url, monkey
     ask("b")
     assert planned == ["a"] * 4 + ["b", "b"] and len(fetches) == 3  # another kind of call learns anew
     p.close()
+
+
+def test_what_planning_read_is_remembered_per_kind_of_call_and_bounded() -> None:
+    """The engine keeps, for each kind of call, what planning the last call of that kind looked up:
+    replaced by each call (keys an earlier call read and this one did not are forgotten), without a
+    dropped span's summary (its key follows the history), at most a few dozen keys."""
+    from router_middleware.engine import _READS_PER_KIND
+    from router_middleware.types import Call
+
+    engine = Engine()
+    call = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "s", "step": 1})
+    later_step = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "s", "step": 2})
+    engine.remember_reads(call, {"cooldown:m": (True, None), "summary:abc": (True, None)})
+    assert engine.reads_of(later_step) == {"cooldown:m": (True, None)}  # the step is not part of the kind
+    engine.remember_reads(later_step, {"budget:team:1": (True, None)})
+    assert engine.reads_of(call) == {"budget:team:1": (True, None)}  # replaced, not added to
+    other = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "t"})
+    assert engine.reads_of(other) == {}
+    engine.remember_reads(call, {f"k{i}": (True, None) for i in range(_READS_PER_KIND + 10)})
+    assert len(engine.reads_of(call)) == _READS_PER_KIND
+
+
+def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_url, monkeypatch, caplog) -> None:
+    """After idle, a call reads ahead what the last call like it read; if the store fails that read,
+    what planning then misses reads as missing without a second read (one timeout, not two), and the
+    call is answered."""
+    import time
+    import uuid
+    from types import SimpleNamespace
+
+    from router_middleware.stores import views
+
+    p = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "app": f"fail-{uuid.uuid4().hex[:8]}",
+                              "routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                          "budgets": [{"name": "team", "scope": "app", "usd": 100.0}]}})
+    kwargs = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "mock_response": "ok",
+              "context": {"session_id": "s"}}
+    p.completion(**kwargs)
+    remembered = dict(p.reads_of(p.make_call("coder", kwargs["messages"], kwargs["context"], {})))
+    assert remembered  # cooldowns, the budget's spend, recent reply sizes
+    p.remember_reads(p.make_call("coder", kwargs["messages"], kwargs["context"], {}),
+                     {k: r for i, (k, r) in enumerate(remembered.items()) if i})  # one key less: it will be missed
+    reads: list[list[str]] = []
+
+    def failing(keys: list[str], lists: list[str] = ()) -> Any:  # type: ignore[assignment]
+        reads.append([*keys, *lists])
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(p.store, "fetch", failing)
+    later = time.monotonic() + 60
+    monkeypatch.setattr(views, "time", SimpleNamespace(monotonic=lambda: later))
+    answer = p.completion(**kwargs)
+    assert answer.choices[0].message.content == "ok"
+    assert len(reads) == 1  # the read ahead only; the missed key was not asked for again
+    p.close()

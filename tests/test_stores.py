@@ -238,6 +238,23 @@ async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monke
     store.close()
 
 
+async def test_a_cancelled_call_does_not_fail_the_others_sharing_its_read(redis_url) -> None:
+    """Calls that find the same value missing share one read; cancelling one of them (a client
+    that went away) leaves the others their answer."""
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("k", b"v")
+    first = asyncio.ensure_future(store.afetch(["k"]))
+    second = asyncio.ensure_future(store.afetch(["k"]))
+    await asyncio.sleep(0)  # both are waiting on the one read
+    first.cancel()
+    assert await second == ([b"v"], [])
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    store.close()
+
+
 def test_aclose_closes_the_asyncio_client_on_its_loop(redis_url) -> None:
     """A script that runs async calls on Redis and ends with ``await pipeline.aclose()`` leaves no
     connection of the loop's asyncio client open (without it they stay open until the process

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import wire
 from .assembly import assemble
-from .bookkeeping.keys import INPUT_RATIO, OUTPUT
+from .bookkeeping.keys import INPUT_RATIO, OUTPUT, SUMMARY
 from .config import Config
 from .context.summarize import summary_request
 from .fit import fit_plan
@@ -105,18 +105,22 @@ class Engine:
         return self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
 
     def reads_of(self, call: Call) -> dict[str, tuple[bool, Sink]]:
-        """The store keys that planning the last call like ``call`` (same model and context labels)
-        fetched: a new call fetches those the process does not keep before it is planned."""
+        """The store keys that planning the last call like ``call`` (same model and context labels,
+        session included) looked up: a new call fetches those the process does not keep before it
+        is planned."""
         return self._reads.get(_kind(call), {})
 
     def remember_reads(self, call: Call, reads: dict[str, tuple[bool, Sink]]) -> None:
-        """Add ``reads`` to what planning a call like ``call`` fetches (bounded: a few dozen keys for
-        each of a thousand kinds of call, then it starts over)."""
+        """Keep ``reads``, what planning ``call`` looked up, for the next call like it; not a dropped
+        span's summary (its key follows the history, not the kind of call), nor more than a few dozen
+        keys. A thousand kinds of call are kept, then the table starts over."""
         kind = _kind(call)
-        known = {**self._reads.get(kind, {}), **reads}
+        keys = {k: r for k, r in reads.items() if not k.startswith(SUMMARY)}
+        if len(keys) > _READS_PER_KIND:
+            keys = dict(list(keys.items())[:_READS_PER_KIND])
         if len(self._reads) >= _KINDS and kind not in self._reads:
             self._reads.clear()
-        self._reads[kind] = known if len(known) <= _READS_PER_KIND else dict(reads)
+        self._reads[kind] = keys
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
               cache: bool = True) -> CallLifecycle:

@@ -155,18 +155,20 @@ class CallLifecycle:
         can block, planning reads only what was fetched for the call or is kept in the process: what a
         pass missed (and the recent reply sizes the plan's estimate reads) is fetched in one round
         trip, and the call is planned again. A call first fetches what planning the last call like
-        it read, if the process no longer keeps it (after idle), and is then planned once."""
+        it read and the process does not keep (after idle; or never kept, as a session's reasoning
+        spend), so it is planned once when it reads the same keys."""
         fetched = self.prefetch
         make = self._make
         if fetched is None:
             return make(target, decision)
         if target is not None:  # read again what the call's earlier plans read (its own holds, a spend)
             fetched.values.clear()
-        read: dict[str, Any] = {}
+        failed = False  # the read ahead failed: what planning misses then reads as missing, unfetched
         ahead = fetched.ahead(self.engine.reads_of(self.call)) if target is None else {}
-        if ahead:  # what a call like this one read and the process no longer keeps: before planning
-            read.update(ahead)
-            fetched.fill(ahead, (yield from self._fetch(ahead)))
+        if ahead:  # what the last call like this one read and the process no longer keeps
+            found = yield from self._fetch(ahead)
+            failed = found is None
+            fetched.fill(ahead, found)
         for _ in range(PLAN_PASSES):
             try:
                 plan = make(target, decision)
@@ -177,14 +179,13 @@ class CallLifecycle:
                 self.books.want_recent(plan, fetched)
                 if not fetched.missed:
                     break
-            read.update(fetched.missed)
-            fetched.fill(fetched.missed, (yield from self._fetch(fetched.missed)))
+            fetched.fill(fetched.missed, None if failed else (yield from self._fetch(fetched.missed)))
         else:
             plan = make(target, decision)
             self.books.want_recent(plan, fetched)
             fetched.fill(fetched.missed, None)  # still missing after a few passes: it reads as missing
-        if read and target is None:
-            self.engine.remember_reads(self.call, read)
+        if target is None:
+            self.engine.remember_reads(self.call, fetched.used)
         if fetched.renew:  # stale values this plan used: read again for the calls that follow
             fetched.fill(fetched.renew, (yield from self._fetch(fetched.renew)), call=False)
         return plan

@@ -521,7 +521,7 @@ class RedisStore:
         answers = []
         for read in reads:
             future, at = found[read]
-            results = await future
+            results = await asyncio.shield(future)  # shared with other calls: one cancelled fails only itself
             answers.append(results[0][at] if read[0] else results[at])
         return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
                 [[float(v) for v in series] for series in answers[len(keys):]])

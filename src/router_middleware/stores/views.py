@@ -8,8 +8,8 @@ on a store over the network, it saves a round trip per read.
 A call's lifecycle on a store that can block reads the views through a :class:`Prefetch` instead:
 a value neither kept in the process nor fetched for the call reads as missing and is noted, the
 lifecycle fetches every noted key in one round trip (``Store.fetch``) and plans again, so planning
-itself never waits on the store. A call like an earlier one fetches first what that one read
-(:meth:`Prefetch.ahead`), and is planned once.
+itself never waits on the store. A call like an earlier one fetches first what that one looked up
+(:meth:`Prefetch.ahead`), and is planned once if it looks up the same keys.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class Kept(Generic[T]):
 
     def __init__(self, fresh_s: float) -> None:
         self.fresh_s = fresh_s
+        self.entry: tuple[bool, Kept[T]] = (False, self)  # how a Prefetch notes a list kept here
         self._values: dict[str, tuple[float, T]] = {}  # key -> (when read, value)
         self._renewing: dict[str, float] = {}  # key -> until when one call is renewing it
 
@@ -73,6 +74,7 @@ class StoreView(Mapping[str, V], Generic[V]):
         self.prefix = prefix
         self._decode = decode
         self.kept: Kept[bytes | None] = Kept(fresh_s)
+        self.entry: tuple[bool, StoreView[V]] = (True, self)  # how a Prefetch notes a value of this view
 
     def __getitem__(self, key: str) -> V:
         raw = self._read(key)
@@ -122,13 +124,15 @@ Sink = StoreView[Any] | Kept[list[float]] | None
 class Prefetch:
     """What one call read from the store (store keys, without the store's own prefix), what its
     planning wanted but found neither here nor kept in the process (``missed``: key -> whether it is
-    a single value, and where it is kept), and the stale values it was asked to renew (``renew``)."""
+    a single value, and where it is kept), the stale values it was asked to renew (``renew``), and
+    every key its planning looked up (``used``: what the next call like it reads ahead)."""
 
     def __init__(self) -> None:
         self.values: dict[str, bytes | None] = {}
         self.lists: dict[str, list[float]] = {}
         self.missed: dict[str, tuple[bool, Sink]] = {}
         self.renew: dict[str, tuple[bool, Sink]] = {}
+        self.used: dict[str, tuple[bool, Sink]] = {}  # every key planning looked up, found or not
 
     def views(self, state: Any) -> dict[str, Any]:
         """Each store view of ``state`` (a PolicyState), read through this prefetch: the fields to
@@ -139,6 +143,7 @@ class Prefetch:
 
     def want_list(self, key: str, kept: Kept[list[float]]) -> None:
         """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
+        self.used[key] = kept.entry
         if key in self.lists:
             return
         found, _, renew = kept.get(key)
@@ -202,6 +207,7 @@ class _Prefetched(Mapping[str, V], Generic[V]):
 
     def __getitem__(self, key: str) -> V:
         full = self.view.prefix + key
+        self.prefetch.used[full] = self.view.entry
         values = self.prefetch.values
         if full in values:
             raw = values[full]
