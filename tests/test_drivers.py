@@ -385,8 +385,8 @@ def test_after_idle_a_call_like_an_earlier_one_is_planned_once(redis_url, monkey
 
 def test_what_planning_read_is_remembered_per_kind_of_call_and_bounded() -> None:
     """The engine keeps, for each kind of call, what planning the last call of that kind looked up:
-    replaced by each call (keys an earlier call read and this one did not are forgotten), without a
-    dropped span's summary (its key follows the history), at most a few dozen keys."""
+    replaced by each call (keys an earlier call read and this one did not are forgotten), at most a
+    few dozen keys."""
     from router_middleware.engine import _READS_PER_KIND
     from router_middleware.types import Call
 
@@ -394,7 +394,7 @@ def test_what_planning_read_is_remembered_per_kind_of_call_and_bounded() -> None
     call = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "s", "step": 1})
     later_step = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "s", "step": 2})
     engine.remember_reads(call, {"cooldown:m": (True, None), "summary:abc": (True, None)})
-    assert engine.reads_of(later_step) == {"cooldown:m": (True, None)}  # the step is not part of the kind
+    assert engine.reads_of(later_step) == {"cooldown:m": (True, None), "summary:abc": (True, None)}  # not the step
     engine.remember_reads(later_step, {"budget:team:1": (True, None)})
     assert engine.reads_of(call) == {"budget:team:1": (True, None)}  # replaced, not added to
     other = Call.create("coder", [{"role": "user", "content": "hi"}], {}, {"app": "a", "session_id": "t"})
@@ -403,7 +403,7 @@ def test_what_planning_read_is_remembered_per_kind_of_call_and_bounded() -> None
     assert len(engine.reads_of(call)) == _READS_PER_KIND
 
 
-def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_url, monkeypatch, caplog) -> None:
+def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_url, monkeypatch) -> None:
     """After idle, a call reads ahead what the last call like it read; if the store fails that read,
     what planning then misses reads as missing without a second read (one timeout, not two), and the
     call is answered."""
@@ -420,7 +420,7 @@ def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_u
               "context": {"session_id": "s"}}
     p.completion(**kwargs)
     remembered = dict(p.reads_of(p.make_call("coder", kwargs["messages"], kwargs["context"], {})))
-    assert remembered  # cooldowns, the budget's spend, recent reply sizes
+    assert len(remembered) > 1  # the alias's cooldowns, the model's recent reply sizes
     p.remember_reads(p.make_call("coder", kwargs["messages"], kwargs["context"], {}),
                      {k: r for i, (k, r) in enumerate(remembered.items()) if i})  # one key less: it will be missed
     reads: list[list[str]] = []

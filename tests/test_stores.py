@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import socket
 import threading
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -253,6 +255,33 @@ async def test_a_cancelled_call_does_not_fail_the_others_sharing_its_read(redis_
     with pytest.raises(asyncio.CancelledError):
         await first
     store.close()
+
+
+async def test_a_failed_read_whose_callers_were_cancelled_logs_no_unretrieved_error() -> None:
+    """A shared read whose every caller was cancelled, and which then fails, leaves asyncio no
+    'exception was never retrieved' to report (the store already logs its own failures)."""
+    import gc
+
+    from router_middleware.stores.redis import RedisStore
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    reported: list[Any] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    waiting = asyncio.ensure_future(store.afetch(["k"]))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(50):  # let the flush fail
+        await asyncio.sleep(0.02)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert [c["message"] for c in reported] == []
+    loop.set_exception_handler(None)
 
 
 def test_aclose_closes_the_asyncio_client_on_its_loop(redis_url) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import wire
 from .assembly import assemble
-from .bookkeeping.keys import INPUT_RATIO, OUTPUT, SUMMARY
+from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config
 from .context.summarize import summary_request
 from .fit import fit_plan
@@ -111,13 +111,11 @@ class Engine:
         return self._reads.get(_kind(call), {})
 
     def remember_reads(self, call: Call, reads: dict[str, tuple[bool, Sink]]) -> None:
-        """Keep ``reads``, what planning ``call`` looked up, for the next call like it; not a dropped
-        span's summary (its key follows the history, not the kind of call), nor more than a few dozen
-        keys. A thousand kinds of call are kept, then the table starts over."""
+        """Keep ``reads``, what planning ``call`` looked up, for the next call like it (replacing what
+        the last one looked up; a few dozen keys at most). A thousand kinds of call are kept, then the
+        table starts over."""
         kind = _kind(call)
-        keys = {k: r for k, r in reads.items() if not k.startswith(SUMMARY)}
-        if len(keys) > _READS_PER_KIND:
-            keys = dict(list(keys.items())[:_READS_PER_KIND])
+        keys = reads if len(reads) <= _READS_PER_KIND else dict(list(reads.items())[:_READS_PER_KIND])
         if len(self._reads) >= _KINDS and kind not in self._reads:
             self._reads.clear()
         self._reads[kind] = keys

@@ -360,7 +360,10 @@ class _Batch:
 def _read_done(reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]], done: list[tuple[bool, str]],
                sent: asyncio.Future[Any]) -> None:
     """A read in flight has its answer: later calls read the key again (functions and arguments, not
-    closures, keep what a waiting call holds small)."""
+    closures, keep what a waiting call holds small). Its error is marked as seen: the calls waiting
+    on it may all have been cancelled."""
+    if not sent.cancelled():
+        sent.exception()
     for read in done:
         if reads.get(read, (None, 0))[0] is sent:
             del reads[read]
