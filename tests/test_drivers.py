@@ -401,6 +401,10 @@ def test_what_planning_read_is_remembered_per_kind_of_call_and_bounded() -> None
     assert engine.reads_of(other) == {}
     engine.remember_reads(call, {f"k{i}": (True, None) for i in range(_READS_PER_KIND + 10)})
     assert len(engine.reads_of(call)) == _READS_PER_KIND
+    used = {"cooldown:m": (True, None)}
+    engine.remember_reads(call, used)
+    used["cooldown:fallback"] = (True, None)  # the call's replan for a fallback looks up more
+    assert engine.reads_of(call) == {"cooldown:m": (True, None)}  # a copy: what the first plan looked up
 
 
 def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_url, monkeypatch) -> None:

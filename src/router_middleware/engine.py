@@ -115,7 +115,7 @@ class Engine:
         the last one looked up; a few dozen keys at most). A thousand kinds of call are kept, then the
         table starts over."""
         kind = _kind(call)
-        keys = reads if len(reads) <= _READS_PER_KIND else dict(list(reads.items())[:_READS_PER_KIND])
+        keys = dict(list(reads.items())[:_READS_PER_KIND])  # a copy: the call's later replans add to ``reads``
         if len(self._reads) >= _KINDS and kind not in self._reads:
             self._reads.clear()
         self._reads[kind] = keys
