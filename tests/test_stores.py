@@ -232,8 +232,8 @@ async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monke
     store.set("k", b"v")
     queued = []
     original = RedisStore._queue_fetch
-    monkeypatch.setattr(RedisStore, "_queue_fetch", lambda self, pipe, keys, lists: (
-        queued.append((list(keys), list(lists))), original(self, pipe, keys, lists))[1])
+    monkeypatch.setattr(RedisStore, "_queue_fetch", lambda self, pipe, script, keys, lists: (
+        queued.append((list(keys), list(lists))), original(self, pipe, script, keys, lists))[1])
     found = await asyncio.gather(*(store.afetch(["k", "other"], ["l"]) for _ in range(100)))
     assert found == [([b"v", None], [[]])] * 100
     assert queued == [(["k", "other"], ["l"])]

@@ -504,7 +504,7 @@ class RedisStore:
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         if not keys and not lists:
             return [], []
-        return self._fetched(self._queue_fetch(self.client.pipeline(transaction=False), keys, lists).execute(),
+        return self._fetched(self._queue_fetch(self.client.pipeline(transaction=False), _eval, keys, lists).execute(),
                              bool(keys))
 
     async def afetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
@@ -516,7 +516,7 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            sent = batch.submit(self._queue_read, values, series, every=True)
+            sent = batch.submit(self._queue_fetch, values, series, every=True)
             first = 1 if values else 0  # the MGET's answer, then one per list
             for at, (one, key) in enumerate(new):
                 found[(one, key)] = batch.reads[(one, key)] = (sent, at if one else first + at - len(values))
@@ -529,10 +529,7 @@ class RedisStore:
         return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
                 [[float(v) for v in series] for series in answers[len(keys):]])
 
-    def _queue_read(self, pipe: Any, _: Any, keys: Sequence[str], lists: Sequence[str]) -> None:
-        self._queue_fetch(pipe, keys, lists)
-
-    def _queue_fetch(self, pipe: Any, keys: Sequence[str], lists: Sequence[str]) -> Any:
+    def _queue_fetch(self, pipe: Any, script: Script, keys: Sequence[str], lists: Sequence[str]) -> Any:
         """One MGET for ``keys``, one LRANGE per key of ``lists``."""
         if keys:
             pipe.mget([self._k(k) for k in keys])
