@@ -158,15 +158,11 @@ class Prefetch:
         idle is planned once, not planned, fetched for and planned again."""
         ahead: dict[str, tuple[bool, Sink]] = {}
         for key, read in remembered.items():
-            sink = read[1]
             if key in self.values or key in self.lists:
                 continue
-            if isinstance(sink, StoreView):
-                if sink.kept.has(key.removeprefix(sink.prefix)):
-                    continue
-            elif sink is not None and sink.has(key):
-                continue
-            ahead[key] = read
+            kept, name = _kept_in(key, read[1])
+            if kept is None or not kept.has(name):
+                ahead[key] = read
         return ahead
 
     @staticmethod
@@ -187,15 +183,21 @@ class Prefetch:
             return
         values, series = found
         for key, value in [*zip(keys, values, strict=True), *zip(lists, series, strict=True)]:
-            sink = noted[key][1]
-            if isinstance(sink, StoreView):
-                sink.kept.keep(key.removeprefix(sink.prefix), value)  # type: ignore[arg-type]
-            elif sink is not None:
-                sink.keep(key, value)  # type: ignore[arg-type]
+            kept, name = _kept_in(key, noted[key][1])
+            if kept is not None:
+                kept.keep(name, value)
         if call:
             self.values.update(zip(keys, values, strict=True))
             self.lists.update(zip(lists, series, strict=True))
         noted.clear()
+
+
+def _kept_in(key: str, sink: Sink) -> tuple[Kept[Any] | None, str]:
+    """Where the process keeps store key ``key`` read for ``sink``, and under which name (a view keeps
+    its values without its prefix); ``None``: only the call keeps it."""
+    if isinstance(sink, StoreView):
+        return sink.kept, key.removeprefix(sink.prefix)
+    return sink, key
 
 
 class _Prefetched(Mapping[str, V], Generic[V]):
