@@ -60,3 +60,4 @@ def test_an_alias_target_without_a_price_is_named_when_the_config_is_assembled()
                               "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}})
     warned = [e for e in logs if e["event"] == "unpriced_alias_target"]
     assert [(e["where"], e["model"]) for e in warned] == [("routing.aliases.coder", "gpt-4o-minii")]
+    assert warned[0]["did_you_mean"][0] == "gpt-4o-mini"

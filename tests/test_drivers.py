@@ -17,11 +17,12 @@ import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import BudgetExceeded, NoRouteError, Pipeline, drivers
+from router_middleware import BudgetExceeded, NoRouteError, Pipeline, UnknownModelError, drivers
 from router_middleware.engine import Engine
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
 CLAUDE, MINI, DEEPSEEK = CODER
+TYPO = "gpt-5-mnii"  # a model litellm knows no provider for
 MESSAGES = [{"role": "user", "content": "Rename the variable x to count in utils.py"}]
 
 
@@ -74,7 +75,7 @@ def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool) -> Any:
     from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
 
     inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
-    models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (*CODER, "gpt-4o-mini")}
+    models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (*CODER, "gpt-4o-mini", TYPO)}
     middleware = RouterAgentMiddleware(pipeline, models=models, model=model)
     request = ModelRequest(model=models[CLAUDE], messages=[HumanMessage(MESSAGES[0]["content"])], model_settings={})
     if not asynchronous:
@@ -147,6 +148,24 @@ def test_a_non_retryable_error_fails_at_once(call, script) -> None:
     with pytest.raises(litellm.exceptions.AuthenticationError):
         call(pipeline())
     assert script.calls == [CLAUDE]
+
+
+def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, script, span_exporter) -> None:
+    call(pipeline(aliases={"coder": [TYPO, MINI]}))
+    assert script.calls == [TYPO, MINI]  # litellm refused the typo itself (no provider), then the next one answered
+    (route,) = routes(span_exporter)
+    assert route.attributes["router_middleware.chosen_model"] == MINI
+
+
+def test_a_model_nobody_knows_fails_naming_it_and_the_closest_known_names(call, script, span_exporter) -> None:
+    with pytest.raises(UnknownModelError) as raised:
+        call(pipeline(), model=TYPO)
+    assert script.calls == [TYPO]
+    assert raised.value.model == TYPO and "gpt-5-mini" in raised.value.suggestions
+    assert f"model {TYPO!r}: litellm knows no provider for it" in str(raised.value)
+    assert "did you mean 'gpt-5-mini'" in str(raised.value)
+    assert isinstance(raised.value, ValueError) and raised.value.status_code == 400  # bad input, as RequestError
+    assert type(raised.value.__cause__).__name__ in ("BadRequestError", "UnknownModelError")  # litellm's, kept
 
 
 def test_when_every_attempt_fails_the_last_error_is_raised_and_recorded(call, script, span_exporter) -> None:

@@ -9,8 +9,8 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from router_middleware import ConfigError, Pipeline, outcome
-from router_middleware.config import FallbackConfig
-from router_middleware.routing.fallback import backoff
+from router_middleware.config import FallbackConfig, RoutingConfig
+from router_middleware.routing.fallback import backoff, unknown_model
 from router_middleware.routing.policy import NoRouteError
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
@@ -290,3 +290,18 @@ def test_weighted_spreads_load_by_weight() -> None:
         clock.sleep(0)
     share = picks.count("anthropic/claude-sonnet-4-5") / len(picks)
     assert 0.65 < share < 0.85 and "deepseek/deepseek-chat" not in picks
+
+
+@pytest.mark.parametrize(("requested", "model", "says", "suggests"), [
+    ("gpt-4o-minii", "gpt-4o-minii", "no alias or deployment of that name", "gpt-4o-mini"),
+    ("codr:floor", "codr:floor", "':floor' picks among the models of an alias of routing.aliases, and 'codr' is none "
+                                 "(the aliases are 'coder')", "coder:floor"),
+    ("gpt-4o-mini:nitro", "gpt-4o-mini:nitro", "'gpt-4o-mini' is none", None),
+    ("coder", "gpt-4o-minii", "the last target of routing.aliases.coder", "gpt-4o-mini"),
+])
+def test_an_unknown_model_error_says_where_the_name_came_from_and_what_is_close(requested, model, says,
+                                                                                suggests) -> None:
+    routing = RoutingConfig(aliases={"coder": ["gpt-4o-minii"]})
+    error = unknown_model(requested, model, routing)
+    assert str(error).startswith(f"model {model!r}: ") and says in str(error)
+    assert (error.suggestions[0] if error.suggestions else None) == suggests

@@ -25,6 +25,7 @@ from .errors import (
     SessionFormatError,
     StoreError,
     StoreUnavailable,
+    UnknownModelError,
 )
 from .pipeline import Pipeline
 from .policies import Policy, PolicyState
@@ -63,6 +64,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TrackedStream",
+    "UnknownModelError",
     "Usage",
     "configure_logging",
     "configure_telemetry",

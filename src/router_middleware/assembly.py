@@ -12,7 +12,7 @@ from typing import Any
 
 from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
-from .catalog import Catalog
+from .catalog import Catalog, close_names
 from .config import Config, TelemetryConfig
 from .errors import MissingExtra
 from .ledger import LedgerWriter
@@ -148,7 +148,8 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     catalog = Catalog(config.catalog_overrides())
     for alias, target in unpriced_targets(config, catalog):
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
-                    why="not in litellm's catalog nor the config's models: (a typo?); its calls' cost is unknown")
+                    why="neither litellm's catalog nor the config's models: price it (a typo?); its calls' cost "
+                        "is unknown", did_you_mean=list(close_names(target, config.routing.deployments)))
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())

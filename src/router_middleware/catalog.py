@@ -19,7 +19,7 @@ some preview models with price 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any
@@ -137,6 +137,18 @@ def _cost_map() -> Mapping[str, Mapping[str, Any]]:
     except (ImportError, AttributeError, KeyError):  # another litellm layout: use what it loaded
         pass
     return litellm.model_cost
+
+
+def close_names(name: str, configured: Iterable[str] = (), *, models: bool = True) -> tuple[str, ...]:
+    """Up to three known names closest to ``name``, best first: among ``configured`` (the config's
+    aliases and deployments), then (``models``) litellm's model list. A "did you mean" hint for an
+    error path (it scans the whole list)."""
+    from difflib import get_close_matches
+
+    found = get_close_matches(name, list(configured), n=3, cutoff=0.6)
+    if models:
+        found += get_close_matches(name, list(_cost_map()), n=3, cutoff=0.75)
+    return tuple(dict.fromkeys(found))[:3]
 
 
 @cache

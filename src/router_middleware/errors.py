@@ -38,6 +38,17 @@ class RequestError(RouterMiddlewareError, ValueError):
     status_code = 400
 
 
+class UnknownModelError(RequestError):
+    """A call names a model that neither the config (an alias, a deployment) nor litellm knows (no
+    provider for it: a typo, usually). ``suggestions``: the closest names that are known."""
+
+    def __init__(self, model: str, detail: str, suggestions: tuple[str, ...] = ()) -> None:
+        hint = f"; did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
+        super().__init__(f"model {model!r}: {detail}{hint}")
+        self.model = model
+        self.suggestions = suggestions
+
+
 class SessionFormatError(RouterMiddlewareError, ValueError):
     """A recorded session file does not follow the documented format."""
 

@@ -27,10 +27,10 @@ from .accounting import build_outcome
 from .bookkeeping import Admission, Claim, Held, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, RouterMiddlewareError
+from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
 from .reasoning.levels import LEVELS
 from .routing import quotas
-from .routing.fallback import Attempts, backoff, error_kind, request_windows
+from .routing.fallback import NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
 from .stores import Prefetch
 from .stores.base import Bounded, Fetched
 from .streaming import Replay, TrackedStream
@@ -363,9 +363,13 @@ class CallLifecycle:
         self.books.attempt_failed(self.held, failed, exc)
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
-        next_target = attempts.advance(exc, windows)
+        unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
+            isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
+        next_target = attempts.skip(NO_PROVIDER) if unknown else attempts.advance(exc, windows)
         if next_target is None:
             self._give_up(plan, trace, exc)
+            if unknown:
+                raise unknown_model(self.call.model, plan.model, engine.config.routing) from exc
             return None
         retry = plan
         if next_target != failed:

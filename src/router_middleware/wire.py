@@ -95,6 +95,14 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def no_provider(exc: BaseException, model: str) -> bool:
+    """Did litellm refuse ``model`` before any request because it knows no provider for it (not in its
+    model list, no ``provider/`` prefix, no ``custom_llm_provider``)? litellm says so only in the
+    message of a ``BadRequestError`` raised by its provider lookup."""
+    return type(exc).__name__ == "BadRequestError" and "LLM Provider NOT provided" in str(exc) \
+        and f"model={model}" in str(exc)
+
+
 def mark_cache_hit(response: Any) -> None:
     hidden(response)["cache_hit"] = True
 

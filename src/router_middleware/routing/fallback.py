@@ -2,8 +2,10 @@
 
 Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services, timeouts,
 connection errors, context-window errors (to a model with a larger window) and content-policy
-refusals. Anything else (bad request, authentication, not found) fails at once. Failure counts and
-cooldowns are kept by :mod:`router_middleware.bookkeeping.health`.
+refusals. A target litellm knows no provider for (a typo) is skipped for the next one, and with
+none left the call fails with :class:`~router_middleware.errors.UnknownModelError`. Anything else
+(bad request, authentication, not found) fails at once. Failure counts and cooldowns are kept by
+:mod:`router_middleware.bookkeeping.health`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import FallbackConfig
-from ..errors import EmptyStreamError
+from ..catalog import close_names
+from ..config import FallbackConfig, RoutingConfig
+from ..errors import EmptyStreamError, UnknownModelError
 from ..wire import retry_after
 from .quotas import is_free
 
@@ -88,6 +91,26 @@ class Attempts:
         return self.model
 
 
+NO_PROVIDER = "litellm knows no provider for it (a typo?)"
+
+
+def unknown_model(requested: str, model: str, routing: RoutingConfig) -> UnknownModelError:
+    """The error for a call whose last target, ``model``, litellm knows no provider for: where the
+    name came from, what the config would have had to say, and the closest known names."""
+    alias, _, suffix = requested.partition(":")
+    unknown = "litellm knows no provider for it (not in its model list, no 'provider/' prefix)"
+    if model != requested and alias in routing.aliases:
+        return UnknownModelError(model, f"the last target of routing.aliases.{alias}: {unknown}", close_names(model))
+    if suffix in ("floor", "nitro"):
+        aliases = sorted(routing.aliases)
+        known = f"the aliases are {', '.join(map(repr, aliases))}" if aliases else "none is configured"
+        return UnknownModelError(requested, f"':{suffix}' picks among the models of an alias of routing.aliases, and "
+                                            f"{alias!r} is none ({known})",
+                                 tuple(f"{name}:{suffix}" for name in close_names(alias, aliases, models=False)))
+    return UnknownModelError(model, f"{unknown}, and the config has no alias or deployment of that name",
+                             close_names(model, [*routing.aliases, *routing.deployments]))
+
+
 def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], str]) -> dict[str, int]:
     """Input window of each attempt target (a model id, or a deployment resolved by ``model_of``)."""
     windows = {}
@@ -97,5 +120,5 @@ def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], 
     return windows
 
 
-__all__ = ["RETRYABLE", "Attempts", "EmptyStreamError", "backoff", "error_kind", "request_windows", "retry_after",
-           "retryable"]
+__all__ = ["NO_PROVIDER", "RETRYABLE", "Attempts", "EmptyStreamError", "backoff", "error_kind", "request_windows",
+           "retry_after", "retryable", "unknown_model"]
