@@ -319,3 +319,49 @@ def test_a_system_message_inside_a_tool_turn_neither_closes_nor_answers_it() -> 
     still_open = [USER, _asks("call_1"), reminder, LATER]
     with pytest.raises(MessageError, match=r"message 1: tool call call_1 \(.*\) is not answered before the user turn at message 3"):
         Pipeline().make_call("anthropic/claude-sonnet-4-5", still_open, None, {})
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["completion", "acompletion"])
+def test_an_agent_loop_can_resend_litellm_s_own_message_objects(asynchronous, monkeypatch) -> None:
+    """The usual loop appends ``response.choices[0].message`` (a litellm pydantic ``Message``, tool calls
+    as objects) to its history: litellm takes it, so the pipeline does, and sends it as litellm would."""
+    import asyncio
+
+    import litellm
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+    call = {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}
+    history: list = [{"role": "user", "content": "List the files"}]
+
+    def complete(**kwargs):
+        if asynchronous:
+            return asyncio.run(pipeline.acompletion(model="gpt-4o-mini", messages=history, **kwargs))
+        return pipeline.completion(model="gpt-4o-mini", messages=history, **kwargs)
+
+    first = complete(mock_tool_calls=[call])
+    assert type(first.choices[0].message).__name__ == "Message"
+    history.append(first.choices[0].message)  # the pydantic Message itself
+    history.append({"role": "tool", "tool_call_id": "call_1", "content": "README.md"})
+    history.append({"role": "assistant", "content": None, "tool_calls": first.choices[0].message.tool_calls})
+    history.append({"role": "tool", "tool_call_id": "call_1", "content": "README.md"})
+    history[-2]["tool_calls"] = [litellm.types.utils.ChatCompletionMessageToolCall(**{**call, "id": "call_2"})]
+    history[-1]["tool_call_id"] = "call_2"
+    history.append({"role": "user", "content": "Thanks"})
+    sent: list = []
+    original = litellm.acompletion if asynchronous else litellm.completion
+
+    def spy(**kwargs):
+        sent.append(kwargs["messages"])
+        return original(**kwargs)
+
+    async def aspy(**kwargs):
+        sent.append(kwargs["messages"])
+        return await original(**kwargs)
+
+    monkeypatch.setattr(litellm, "acompletion" if asynchronous else "completion", aspy if asynchronous else spy)
+    assert complete(mock_response="done").choices[0].message.content == "done"
+    (messages,) = sent
+    assert all(type(m) is dict for m in messages)
+    assert messages[1] == {"role": "assistant", "content": "This is a mock request", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}]}
+    assert messages[3]["tool_calls"] == [{**call, "id": "call_2"}]

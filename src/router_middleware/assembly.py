@@ -148,7 +148,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     catalog = Catalog(config.catalog_overrides())
     for alias, target in unpriced_targets(config, catalog):
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
-                    why="neither litellm's catalog nor the config's models: price it (a typo?); its calls' cost "
+                    why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
                         "is unknown", did_you_mean=list(close_names(target, config.routing.deployments)))
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None

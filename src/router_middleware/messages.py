@@ -15,6 +15,15 @@ from .types import Message
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
+def _plain(value: Any) -> Any:
+    """A pydantic message or tool call (litellm's ``Message``, the OpenAI SDK's) as the dict litellm
+    itself sends for it: its ``model_dump()`` without the ``None`` fields. Anything else as it is."""
+    dump = getattr(value, "model_dump", None)
+    if dump is None or isinstance(value, Mapping):
+        return value
+    return {key: field for key, field in dump().items() if field is not None}
+
+
 def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list[dict[str, Any]] | None:
     """Return ``tool_calls`` as a list of dicts.
 
@@ -36,7 +45,7 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
     if not isinstance(value, list):
         raise MessageError(f"tool_calls must be a list, got {type(value).__name__}", index=index, source=source)
     calls: list[dict[str, Any]] = []
-    for j, call in enumerate(value):
+    for j, call in enumerate(map(_plain, value)):
         if not isinstance(call, Mapping):
             raise MessageError(f"tool_calls[{j}] must be an object", index=index, source=source)
         function = call.get("function")
@@ -49,7 +58,9 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
 
 
 def validate_message(message: Any, *, index: int, source: str | None = None) -> dict[str, Any]:
-    """Validate one message and return it as a plain dict (tool_calls parsed to a list)."""
+    """Validate one message and return it as a plain dict (tool_calls parsed to a list of dicts; a
+    pydantic message, such as the ``choices[0].message`` of an earlier answer, as litellm sends it)."""
+    message = _plain(message)
     if not isinstance(message, Mapping):
         raise MessageError(f"expected an object, got {type(message).__name__}", index=index, source=source)
     role = message.get("role")
