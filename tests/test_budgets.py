@@ -70,6 +70,39 @@ def test_budget_config_errors() -> None:
         budget_pipeline(usd=1, downgrade_to="nope")
 
 
+def test_two_budgets_of_one_name_are_refused() -> None:
+    """The name keys a budget's counters: two of one name (say an app and a user budget) would share them."""
+    with pytest.raises(ConfigError, match="'team' is used twice"):
+        Pipeline.from_config({"routing": {"budgets": [{"name": "team", "usd": 1},
+                                                      {"name": "team", "scope": "user", "usd": 2}]}})
+
+
+@pytest.mark.parametrize("config_app", [None, "from-config"])
+def test_an_app_budget_holds_calls_that_name_no_app(config_app) -> None:
+    """``app`` is the default scope: a service that never names its app is one app, and its budget holds."""
+    p = Pipeline.from_config({"cache": {"enabled": False}, "app": config_app,
+                              "routing": {"budgets": [{"name": "team", "usd": 0.00005}]}})
+    answered = 0
+    with pytest.raises(BudgetExceeded, match="budget 'team' exceeded"):
+        for _ in range(50):
+            p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=5)
+            answered += 1
+    assert 0 < answered < 50
+
+
+def test_a_budget_that_cannot_apply_to_a_call_says_so_once() -> None:
+    import structlog
+
+    p = Pipeline.from_config({"cache": {"enabled": False},
+                              "routing": {"budgets": [{"name": f"per-user-{uuid.uuid4().hex}", "scope": "user",
+                                                       "usd": 0.0001}]}})
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(3):
+            p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")  # names no user: not held
+    said = [e for e in logs if e["event"] == "budget_not_applied"]
+    assert len(said) == 1 and said[0]["scope"] == "user" and "context={'user': ...}" in said[0]["why"]
+
+
 def _in_threads(calls: int, one: Callable[[], None]) -> None:
     """Run ``one`` in ``calls`` threads at once and wait for them all."""
     threads = [threading.Thread(target=one) for _ in range(calls)]

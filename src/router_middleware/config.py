@@ -333,6 +333,10 @@ class RoutingConfig(_Strict):
         return self.deployments[first].model if first in self.deployments else first
 
     def model_post_init(self, __context: Any) -> None:
+        names = [budget.name for budget in self.budgets]
+        if len(set(names)) < len(names):  # the name keys a budget's counters in the store
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"budgets: each needs its own name; {', '.join(map(repr, twice))} is used twice")
         for budget in self.budgets:
             if budget.downgrade_to and budget.downgrade_to not in self.aliases:
                 raise ValueError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} is not an alias")

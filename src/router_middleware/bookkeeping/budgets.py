@@ -16,10 +16,13 @@ from dataclasses import dataclass
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
-from ..routing.budgets import budget_key
+from ..routing.budgets import budget_key, scope_value
 from ..stores.base import Hold, Release
+from ..telemetry import log
 from ..types import AgentContext
 from .keys import BUDGET
+
+_UNAPPLIED: set[str] = set()  # budgets already said not to apply to a call (a warning once, not per call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,11 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``."""
     found = []
     for budget in budgets:
+        if budget.name not in _UNAPPLIED and scope_value(budget, context) is None:
+            _UNAPPLIED.add(budget.name)
+            field = {"session": "session_id"}.get(budget.scope, budget.scope)
+            log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
+                        why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")
         for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
             key = budget_key(budget, context, unit, now) if limit is not None else None
             if key is not None and limit is not None:

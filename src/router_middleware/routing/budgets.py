@@ -16,12 +16,18 @@ from ..config import BudgetConfig
 from ..errors import BudgetExceeded
 from ..types import AgentContext
 
+NO_APP = "(no app)"  # the app a call that names none counts as: an app budget (the default scope) still applies
+
 
 def scope_value(budget: BudgetConfig, context: AgentContext) -> str | None:
+    """Which counter of ``budget`` the call counts against; ``None``: the budget does not apply (a
+    tenant, session or user budget, and a call that names no tenant, session or user)."""
     if budget.scope == "global":
         return "all"
     value = getattr(context, {"session": "session_id"}.get(budget.scope, budget.scope))
-    return str(value) if value else None
+    if not value:
+        return NO_APP if budget.scope == "app" else None
+    return str(value)
 
 
 def budget_key(budget: BudgetConfig, context: AgentContext, unit: str, now: float) -> str | None:
@@ -71,5 +77,5 @@ def percentile(values: Sequence[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
-__all__ = ["BudgetExceeded", "budget_key", "input_estimate", "output_estimate", "over_soft_limit", "percentile",
-           "scope_value"]
+__all__ = ["NO_APP", "BudgetExceeded", "budget_key", "input_estimate", "output_estimate", "over_soft_limit",
+           "percentile", "scope_value"]
