@@ -61,3 +61,12 @@ def test_an_alias_target_without_a_price_is_named_when_the_config_is_assembled()
     warned = [e for e in logs if e["event"] == "unpriced_alias_target"]
     assert [(e["where"], e["model"]) for e in warned] == [("routing.aliases.coder", "gpt-4o-minii")]
     assert warned[0]["did_you_mean"][0] == "gpt-4o-mini"
+
+
+def test_a_ledger_url_of_an_unsupported_kind_is_refused_at_load_without_its_secret() -> None:
+    """Else the calls succeed and every row goes to a spool no drain can empty."""
+    from router_middleware import ConfigError, Pipeline
+
+    with pytest.raises(ConfigError, match="field 'ledger.url': .*unsupported scheme 'mysql'") as raised:
+        Pipeline.from_config({"ledger": {"url": "mysql://user:s3cret@db/ledger"}})
+    assert "s3cret" not in str(raised.value)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .files import read_text
@@ -368,6 +368,15 @@ class LedgerConfig(_Strict):
 
     url: str | None = None
     spool: str | None = None  # folder for rows not written yet (default: beside a SQLite ledger, see README)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        """Refused at load, not at the first row (which would go to the spool for good)."""
+        scheme = url.split("://", 1)[0] if url and "://" in url else None
+        if scheme not in (None, "sqlite", "postgresql", "postgres"):
+            raise ValueError(f"unsupported scheme {scheme!r} (use a file path, sqlite:///path.db or postgresql://...)")
+        return url
 
 
 class RedactionRule(_Strict):
