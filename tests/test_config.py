@@ -70,3 +70,15 @@ def test_a_ledger_url_of_an_unsupported_kind_is_refused_at_load_without_its_secr
     with pytest.raises(ConfigError, match="field 'ledger.url': .*unsupported scheme 'mysql'") as raised:
         Pipeline.from_config({"ledger": {"url": "mysql://user:s3cret@db/ledger"}})
     assert "s3cret" not in str(raised.value)
+
+
+def test_a_pipeline_takes_a_config_as_a_dict_or_a_path(tmp_path) -> None:
+    from router_middleware import ConfigError, Pipeline
+
+    path = tmp_path / "router.yaml"
+    path.write_text("app: from-file\n")
+    assert Pipeline({"app": "from-dict"}).config.app == "from-dict"
+    assert Pipeline(str(path)).config.app == "from-file" and Pipeline(path).config.app == "from-file"
+    assert Pipeline({}).policies and not Pipeline().policies  # {} is the defaults, None the pass-through
+    with pytest.raises(ConfigError, match="apps"):
+        Pipeline({"apps": "typo"})

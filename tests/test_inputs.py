@@ -47,10 +47,17 @@ def test_a_malformed_context_is_refused_by_name(context, named) -> None:
     ({"top_p": -0.1}, "top_p"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _deep(5000)}}]},
      "tools: nested deeper than 100 levels"),
+    ({"stream": "yes"}, "stream: expected true or false, got 'yes'"),
 ])
 def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) -> None:
     with pytest.raises(RequestError, match=named):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", **params)
+
+
+@pytest.mark.parametrize("model", [None, "", 42])
+def test_a_missing_or_malformed_model_is_refused_by_name(model) -> None:
+    with pytest.raises(RequestError, match=f"model: expected a model name or alias, got {model!r}"):
+        Pipeline().completion(model=model, messages=MESSAGES, mock_response="ok")
 
 
 def test_a_negative_max_tokens_never_passes_a_hard_budget() -> None:

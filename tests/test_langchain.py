@@ -227,3 +227,13 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
     assert attempts[0].status.status_code == StatusCode.ERROR
     assert route.attributes["router_middleware.fallback.depth"] == 1
     assert route.attributes["router_middleware.chosen_model"] == "gpt-3.5-turbo"
+
+
+@pytest.mark.parametrize(("context", "named"), [({"step": "first"}, "context.step"),
+                                                 ({"sesion_id": "s1"}, "unknown field")])
+def test_the_callback_handler_refuses_a_bad_context_when_it_is_made(context, named) -> None:
+    """Its callbacks only log their errors: a context found bad per call would record nothing, silently."""
+    from router_middleware import RequestError
+
+    with pytest.raises(RequestError, match=named):
+        RouterCallbackHandler(context=context)

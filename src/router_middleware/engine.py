@@ -9,17 +9,18 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from . import wire
 from .assembly import assemble
 from .bookkeeping.keys import INPUT_RATIO, OUTPUT
-from .config import Config
+from .config import Config, load_config
 from .context.summarize import summary_request
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import repair_messages, validate_messages
-from .params import check_params
+from .params import check_model, check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
@@ -49,8 +50,11 @@ class Engine:
     """Holds the components (``config``, ``catalog``, ``policies``, ``store``, ``state``,
     ``telemetry``, ``ledger``, ``cache``, and ``books``, the :class:`~.bookkeeping.Bookkeeper`)."""
 
-    def __init__(self, config: Config | None = None, *, policies: Sequence[Policy] | None = None) -> None:
-        parts = assemble(config, policies)
+    def __init__(self, config: Config | Mapping[str, Any] | str | Path | None = None, *,
+                 policies: Sequence[Policy] | None = None) -> None:
+        """``config``: a :class:`Config`, or what :func:`~.config.load_config` reads (a dict, a YAML or
+        JSON path; a bad one raises ``ConfigError``); ``None`` is the pass-through."""
+        parts = assemble(config if config is None or isinstance(config, Config) else load_config(config), policies)
         self.config = parts.config
         self.catalog = parts.catalog
         self.policies = parts.policies
@@ -80,12 +84,12 @@ class Engine:
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
         if not self.config.messages.repair_tool_calls:
-            return Call.create(model, validate_messages(messages), check_params(params), ctx)
+            return Call.create(check_model(model), validate_messages(messages), check_params(params), ctx)
         valid, repairs = repair_messages(messages)
         decisions = [Decision("messages", "repair", repairs.describe(), {
             "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
-        return Call.create(model, valid, check_params(params), ctx, decisions)
+        return Call.create(check_model(model), valid, check_params(params), ctx, decisions)
 
     def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through

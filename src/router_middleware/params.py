@@ -16,8 +16,18 @@ _RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (
 _NESTED = ("tools", "response_format", "tool_choice", "functions", "extra_body")
 
 
+def check_model(model: Any) -> str:
+    """``model`` when it is a model name or alias; else raises :class:`RequestError`."""
+    if not isinstance(model, str) or not model.strip():
+        raise RequestError(f"model: expected a model name or alias, got {model!r}")
+    return model
+
+
 def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     """``params`` unchanged when they are sound; else raises :class:`RequestError`."""
+    stream = params.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(f"stream: expected true or false, got {stream!r}")
     for name in _POSITIVE_INTS:
         value = params.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)

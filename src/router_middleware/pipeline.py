@@ -24,8 +24,9 @@ class Pipeline(Engine):
 
     ``Pipeline()`` is a pass-through: no routing and no trimming, but every call still gets an
     :class:`~router_middleware.types.Outcome` and a span through the global OpenTelemetry API.
-    ``Pipeline(config)`` or ``Pipeline.from_config(...)`` runs the policies the config asks for
-    (``Pipeline.from_config({})`` gives the defaults); ``policies=`` replaces them.
+    ``Pipeline(config)`` (a :class:`~.config.Config`, a dict, or a YAML/JSON path) or
+    ``Pipeline.from_config(...)`` runs the policies the config asks for (``Pipeline({})`` gives the
+    defaults); ``policies=`` replaces them.
     """
 
     @classmethod

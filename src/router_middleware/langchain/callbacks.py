@@ -20,7 +20,7 @@ from langchain_core.outputs import LLMResult
 
 from ..pipeline import Pipeline
 from ..telemetry import CallTrace, log
-from ..types import Call, Outcome, Plan
+from ..types import AgentContext, Call, Outcome, Plan
 from .convert import outcome_from_message, to_openai
 
 
@@ -45,13 +45,15 @@ class RouterCallbackHandler(BaseCallbackHandler):
     """Pass in ``config={"callbacks": [RouterCallbackHandler()]}`` (or a model's ``callbacks=``).
 
     ``pipeline`` supplies the catalog (prices, overrides), telemetry settings and the ledger;
-    ``context`` the app/session/user labels. Errors inside the handler are logged, never raised.
+    ``context`` the app/session/user labels: a bad one raises ``RequestError`` here, since errors
+    inside the handler's callbacks are logged, never raised.
     """
 
     raise_error = False
 
     def __init__(self, pipeline: Pipeline | None = None, *, context: Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline or Pipeline()
+        AgentContext.coerce(context)  # checked now: a mistake found per call would only be logged
         self.context = dict(context or {})
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
