@@ -37,6 +37,7 @@ def test_hard_limit_names_budget_spent_and_limit() -> None:
     assert 0 < len(costs) < 100
     assert error.value.name == "team" and error.value.unit == "usd" and error.value.limit == 0.0006
     assert "budget 'team' exceeded" in str(error.value)
+    assert f"this call's estimate, {error.value.estimate:.6g} usd, does not fit in the" in str(error.value)
     spent = p.state.budget_spent
     key = next(iter(k for k in ["team:usd:a:0"] if spent.get(k) is not None))
     assert spent[key] == pytest.approx(sum(costs))  # reservations settled to the actual costs
@@ -68,6 +69,14 @@ def test_budget_config_errors() -> None:
         budget_pipeline()
     with pytest.raises(ConfigError, match="downgrade_to 'nope'"):
         budget_pipeline(usd=1, downgrade_to="nope")
+
+
+def test_a_first_call_whose_own_estimate_is_over_the_limit_is_told_so() -> None:
+    p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [{"name": "team", "usd": 0.0001}]}})
+    with pytest.raises(BudgetExceeded, match=r"0 of 0.0001 usd spent; this call's estimate, .* usd, does not fit in "
+                                             r"the 0.0001 left") as error:
+        p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")  # 512 output tokens reserved
+    assert error.value.estimate > 0.0001
 
 
 def test_two_budgets_of_one_name_are_refused() -> None:

@@ -82,3 +82,23 @@ def test_a_pipeline_takes_a_config_as_a_dict_or_a_path(tmp_path) -> None:
     assert Pipeline({}).policies and not Pipeline().policies  # {} is the defaults, None the pass-through
     with pytest.raises(ConfigError, match="apps"):
         Pipeline({"apps": "typo"})
+
+
+def test_routing_keys_that_name_nothing_are_refused_or_said() -> None:
+    """A strategy or weight for a name no alias has would be ignored; so would a limit on a typo."""
+    import structlog
+
+    from router_middleware import ConfigError, Pipeline
+
+    aliases = {"coder": ["gpt-4o", "gpt-4o-mini"]}
+    with pytest.raises(ConfigError, match="strategy.codr: 'codr' is not an alias under 'aliases' .*'coder'"):
+        Pipeline.from_config({"routing": {"aliases": aliases, "strategy": {"codr": "price"}}})
+    with pytest.raises(ConfigError, match="weights.gpt-4o-minii: 'gpt-4o-minii' is the target of no alias"):
+        Pipeline.from_config({"routing": {"aliases": aliases, "strategy": {"coder": "weighted"},
+                                          "weights": {"gpt-4o-minii": 2}}})
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"routing": {"aliases": aliases, "limits": {"gpt-4o-minii": {"rpm": 5},
+                                                                          "gpt-4o": {"rpm": 5},
+                                                                          "gpt-3.5-turbo": {"rpm": 5}}}})
+    idle = [e for e in logs if e["event"] == "idle_limit"]
+    assert [e["where"] for e in idle] == ["routing.limits.gpt-4o-minii"] and idle[0]["did_you_mean"][0] == "gpt-4o-mini"

@@ -133,6 +133,15 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
             if target not in routing.deployments and catalog.resolve(target) is None]
 
 
+def idle_limits(config: Config, catalog: Catalog) -> list[str]:
+    """Each ``routing.limits`` key that limits nothing: no deployment, alias target or model litellm
+    knows goes by that name (a typo, usually)."""
+    routing = config.routing
+    targets = {target for models in routing.aliases.values() for target in models}
+    return [name for name in routing.limits
+            if name not in routing.deployments and name not in targets and catalog.resolve(name) is None]
+
+
 def _require(feature: str, extra: str, module: str) -> None:
     from importlib.util import find_spec
 
@@ -150,6 +159,10 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
                     why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
                         "is unknown", did_you_mean=list(close_names(target, config.routing.deployments)))
+    for name in idle_limits(config, catalog):
+        log.warning("idle_limit", where=f"routing.limits.{name}", why="no deployment, alias target or model "
+                    "litellm knows has this name (a typo?): it limits nothing",
+                    did_you_mean=list(close_names(name, config.routing.deployments)))
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())

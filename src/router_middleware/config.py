@@ -343,6 +343,14 @@ class RoutingConfig(_Strict):
         for tier in self.tiers:
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
+        for name in self.strategy:
+            if name not in self.aliases:
+                raise ValueError(f"strategy.{name}: {name!r} is not an alias under 'aliases' "
+                                 f"(the aliases: {', '.join(map(repr, self.aliases)) or 'none'})")
+        targets = {target for models in self.aliases.values() for target in models}
+        for name in self.weights:
+            if name not in targets:
+                raise ValueError(f"weights.{name}: {name!r} is the target of no alias under 'aliases'")
         for kind, alias in self.step_kind_tiers.items():
             if self.tier_index(alias) is None:
                 raise ValueError(f"step_kind_tiers.{kind}: {alias!r} is not the alias of a tier under 'tiers'")

@@ -75,8 +75,11 @@ class BudgetExceeded(RouterMiddlewareError):
 
     status_code = 429
 
-    def __init__(self, name: str, unit: str, spent: float, limit: float) -> None:
-        super().__init__(f"budget {name!r} exceeded: {spent:.6g} of {limit:.6g} {unit} spent")
+    def __init__(self, name: str, unit: str, spent: float, limit: float, estimate: float | None = None) -> None:
+        why = "" if estimate is None else (f"; this call's estimate, {estimate:.6g} {unit}, does not fit in the "
+                                           f"{max(0.0, limit - spent):.6g} left")
+        super().__init__(f"budget {name!r} exceeded: {spent:.6g} of {limit:.6g} {unit} spent{why}")
+        self.estimate = estimate
         self.name = name
         self.unit = unit
         self.spent = spent

@@ -71,7 +71,7 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
 
 
 def refused(claim: Claim, total: float) -> BudgetExceeded:
-    return BudgetExceeded(claim.name, claim.unit, total, claim.limit)
+    return BudgetExceeded(claim.name, claim.unit, total, claim.limit, claim.amount)
 
 
 def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
