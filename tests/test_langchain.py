@@ -237,3 +237,24 @@ def test_the_callback_handler_refuses_a_bad_context_when_it_is_made(context, nam
 
     with pytest.raises(RequestError, match=named):
         RouterCallbackHandler(context=context)
+
+
+def test_the_agent_middleware_labels_its_calls_with_its_context() -> None:
+    """A user budget holds an agent's calls once the middleware is told the user (the session stays the thread)."""
+    from langchain.agents import create_agent
+
+    from router_middleware import BudgetExceeded, RequestError
+
+    def agent(context: dict | None) -> Any:
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "aliases": {"agent": ["gpt-4o-mini"]}, "budgets": [{"name": "per-user", "scope": "user", "usd": 0.0001}]}})
+        models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                                                 model_kwargs={"mock_response": "done"})}
+        middleware = RouterAgentMiddleware(pipeline, models=models, model="agent", context=context)
+        return create_agent(models["gpt-4o-mini"], tools=[], middleware=[middleware])
+
+    assert agent(None).invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"  # no user
+    with pytest.raises(BudgetExceeded, match="budget 'per-user' exceeded"):
+        agent({"user": "u1", "app": "shop"}).invoke({"messages": [HumanMessage("hi")]})
+    with pytest.raises(RequestError, match="context.step"):
+        agent({"step": "first"})

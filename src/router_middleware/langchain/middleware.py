@@ -13,6 +13,7 @@ spend). The response cache is not used (its answers are litellm responses).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
@@ -24,7 +25,7 @@ from ..drivers import adrive, drive
 from ..lifecycle import Flow
 from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
-from ..types import Outcome, Plan
+from ..types import AgentContext, Outcome, Plan
 from .convert import outcome_from_message, to_openai
 
 
@@ -51,15 +52,18 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     ``model``: what each call asks the pipeline for (an alias, ``"auto"``, or a model id); default:
     the agent's own model. Without ``models`` the agent's model is kept and only the context and
-    reasoning policies apply.
+    reasoning policies apply. ``context``: the calls' labels (``app``, ``user``, ``tenant``... as for
+    ``Pipeline.completion``; a bad one raises ``RequestError`` here); the session is LangGraph's
+    ``thread_id`` unless it names one.
     """
 
     def __init__(self, pipeline: Pipeline, *, models: Mapping[str, BaseChatModel] | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, context: AgentContext | Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.pipeline = pipeline
         self.models = dict(models or {})
         self.route = model
+        self.context = AgentContext.coerce(context)
 
     def _start(self, request: ModelRequest) -> tuple[Flow, Callable[[Plan], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
@@ -68,9 +72,9 @@ class RouterAgentMiddleware(AgentMiddleware):
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
         thread = _thread_id()
+        context = replace(self.context, session_id=thread) if thread and not self.context.session_id else self.context
         converted = to_openai(originals)
-        call = self.pipeline.make_call(self.route or _model_name(request.model), converted,
-                                       {"session_id": thread} if thread else None, params)
+        call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
         # A valid message is validated as the same dict, so this finds the agent's own objects even when
         # a repair (messages.repair_tool_calls) dropped or added tool results.
         by_id = {id(d): m for d, m in zip(converted, originals, strict=True)}
