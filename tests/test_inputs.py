@@ -372,3 +372,27 @@ def test_an_agent_loop_can_resend_litellm_s_own_message_objects(asynchronous, mo
     assert messages[1] == {"role": "assistant", "content": "This is a mock request", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}]}
     assert messages[3]["tool_calls"] == [{**call, "id": "call_2"}]
+
+
+def test_a_message_without_a_role_is_sent_as_the_assistant_s_as_litellm_sends_it(monkeypatch) -> None:
+    import litellm
+
+    sent: list = []
+    original = litellm.completion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: sent.append(kw["messages"]) or original(**kw))
+    history = [{"role": "user", "content": "hi"}, {"content": "an earlier answer"}, {"role": "user", "content": "and?"}]
+    Pipeline().completion(model="gpt-4o-mini", messages=history, mock_response="ok")
+    assert sent[0][1] == {"role": "assistant", "content": "an earlier answer"}
+    assert "role" not in history[1]  # the caller's dict is left as it was
+
+
+def test_the_report_refuses_an_empty_time_range_and_a_negative_top(tmp_path, capsys) -> None:
+    from router_middleware.cli import main
+    from router_middleware.ledger import open_ledger
+
+    ledger = tmp_path / "ledger.db"
+    open_ledger(f"sqlite:///{ledger}").close()
+    assert main(["report", "--ledger", str(ledger), "--since", "2026-11-29", "--until", "2026-11-28"]) == 2
+    assert "--since 2026-11-29 is not before --until 2026-11-28" in capsys.readouterr().err
+    assert main(["report", "--ledger", str(ledger), "--top", "-3"]) == 2
+    assert "--top -3: expected how many sessions to list" in capsys.readouterr().err

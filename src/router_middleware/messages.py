@@ -64,6 +64,8 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     if not isinstance(message, Mapping):
         raise MessageError(f"expected an object, got {type(message).__name__}", index=index, source=source)
     role = message.get("role")
+    if not role:  # no role (or an empty one): litellm sends such a message as the assistant's
+        message, role = {**message, "role": "assistant"}, "assistant"
     if role not in ROLES:
         raise MessageError(f"unknown role {role!r} (expected one of {sorted(ROLES)})", index=index, source=source)
     content = message.get("content")
