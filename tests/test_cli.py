@@ -130,6 +130,18 @@ def test_report_and_replay_share_one_baseline(tmp_path, capsys) -> None:
     assert totals["cost_usd"] == pytest.approx(replayed["optimized"]["cost_usd"], abs=1e-6)
 
 
+def test_the_report_tables_stay_readable_at_80_columns(tmp_path, capsys, monkeypatch) -> None:
+    """Piped (a CI log), rich draws 80 columns: headers and numbers stay whole, a long name folds."""
+    ledger = tmp_path / "l.db"
+    run(capsys, "replay", *bundled_sessions(), "--ledger", str(ledger), "--json")
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger))
+    assert code == 0 and max(map(len, out.splitlines())) <= 80
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("model "))
+    assert header.split() == ["model", "calls", "input", "cached", "output", "reasoning", "cost", "baseline"]
+    assert "$0.1273" in out and "636,907" in out  # numbers whole: a model row of the bundled sessions
+
+
 def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
     code, _, err = run(capsys, "report", "--ledger", str(tmp_path / "nope.db"))
     assert code == 2 and "no ledger at" in err and not (tmp_path / "nope.db").exists()

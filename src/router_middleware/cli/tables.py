@@ -125,6 +125,7 @@ def unpriced(report: ReplayReport) -> dict[str, list[str]]:
 
 def print_report(report: dict[str, Any]) -> None:
     """The ledger report as rich tables: totals, then rankings by model, provider, app and session."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -139,9 +140,12 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
                       "their cost is unknown and not in the sums above[/yellow]")
     for group in ("model", "provider", "app", "session"):
-        table = Table(title=f"by {group}")
-        for column in (group, "calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
-            table.add_column(column, justify="left" if column == group else "right", overflow="fold")
+        # numbers never wrap; a long name folds in its own column (the only one that may), and no
+        # vertical rules, so the eight columns stay readable at 80 (a pipe, a CI log)
+        table = Table(title=f"by {group}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        table.add_column(group, overflow="fold", ratio=1, min_width=8)
+        for column in ("calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
+            table.add_column(column, justify="right", no_wrap=True)
         for r in report[f"by_{group}"]:
             cost = None if r["unpriced_calls"] == r["calls"] else r["cost_usd"]
             table.add_row(str(r["key"] or "-"), f"{r['calls']:,}", f"{r['input_tokens']:,}",
