@@ -188,6 +188,21 @@ def test_repeated_failures_open_the_circuit(call, script) -> None:
     assert script.calls == [MINI]
 
 
+def test_when_every_target_is_cooling_down_the_first_to_cool_off_is_tried_anyway(call, script, span_exporter) -> None:
+    """Refusing every call until a cooldown ends would be worse than calling the provider directly."""
+    p = pipeline(aliases={"coder": [CLAUDE, MINI]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    script.failures[CLAUDE] = [rate_limit()]
+    script.failures[MINI] = [rate_limit()]
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        call(p)  # each fails once: both cool down, claude first
+    script.calls.clear()
+    call(p)
+    assert script.calls == [CLAUDE]
+    route = routes(span_exporter)[-1]
+    assert f"every candidate is cooling down: {CLAUDE} is tried anyway" in route.attributes[
+        "router_middleware.route.reason"]
+
+
 def test_a_used_up_quota_moves_the_call_on(call, script) -> None:
     p = pipeline(limits={CLAUDE: {"rpm": 1}})
     call(p)

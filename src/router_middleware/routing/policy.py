@@ -10,7 +10,8 @@ price, ``coder:nitro`` by observed throughput (falling back to the alias order w
 observed yet). With ``free_tier.prefer``, an OpenRouter candidate's ``:free`` variant is tried
 first while the free quota lasts; targets whose quota (free tier, ``limits``, or what the provider's
 headers said is left) is used up are rejected like any other candidate, so the call goes on to the
-next one.
+next one. When every candidate is refused and some only for cooling down, the one of those whose
+cooldown ends first is tried anyway.
 
 A candidate's window is judged on the request as it would be sent there: with ``fit`` (the context
 policy, which the assembly passes when both are configured), a request over a candidate's window is
@@ -130,7 +131,11 @@ class RoutingPolicy:
             else:
                 usable.append(model)
         if not usable:
-            raise NoRouteError(requested, rejections)
+            usable, probe = self._probe(candidates, plan, state, estimate)  # raises when one cannot serve anyway
+            if not usable:
+                raise NoRouteError(requested, rejections)
+            note += probe
+            rejections.pop(usable[0])
         ranked = self._rank(usable, strategy, plan, state, estimate)
         reason = f"{note}{strategy} strategy chose {ranked[0]} among {len(usable)} of {len(candidates)}"
         kept: Decision | None = None
@@ -253,8 +258,21 @@ class RoutingPolicy:
                 return index, score
         return len(self.config.tiers) - 1, scores[-1]
 
-    def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int) -> str | None:
-        cooling = state.cooldowns.get(name)
+    def _probe(self, candidates: list[str], plan: Plan, state: PolicyState, estimate: int) -> tuple[list[str], str]:
+        """When every candidate is refused and some only for cooling down: the one whose cooldown
+        ends first, tried anyway (the provider may be back; refusing would make the call worse than
+        sending it directly), and why; else nothing."""
+        cooling = [m for m in candidates if state.cooldowns.get(m, 0.0) > state.now
+                   and self._rejection(m, plan, state, estimate, cooled=False) is None]
+        if not cooling:
+            return [], ""
+        first = min(cooling, key=lambda m: state.cooldowns[m])
+        return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
+                         f"in {state.cooldowns[first] - state.now:.0f}s); ")
+
+    def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
+                   cooled: bool = True) -> str | None:
+        cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
         deployment = self.config.deployments.get(name)
