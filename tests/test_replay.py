@@ -231,3 +231,24 @@ def test_route_cli_table_and_errors(capsys) -> None:
     assert max(len(line) for line in out.splitlines()) <= 80
     assert main(["replay", bundled_sessions()[0], "--config", config, "--route", "nope"]) == 2
     assert "--route 'nope' is not an alias" in capsys.readouterr().err
+
+
+def test_a_planned_request_that_breaks_tool_call_integrity_is_named_by_session_step_and_message() -> None:
+    """The count alone says something broke; the table says where, to start debugging from."""
+    import re
+
+    from router_middleware.cli.tables import replay_table
+
+    class DropFirstToolCall:
+        name = "drop"
+
+        def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+            messages = list(plan.messages)
+            first = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
+            return plan if first is None else plan.override(messages=messages[:first] + messages[first + 1:])
+
+    report = replay([load_session(p) for p in bundled_sessions()], Pipeline(policies=[DropFirstToolCall()]))
+    broken = [s for s in report.sessions if s.integrity_violations]
+    assert broken and all(re.fullmatch(r"step \d+: message \d+: .+", s.first_violation) for s in broken)
+    assert f"  {broken[0].id}, {broken[0].first_violation}" in replay_table(report, "title", "config")
+    assert report.as_dict()["per_session"][report.sessions.index(broken[0])]["first_violation"]

@@ -66,7 +66,8 @@ def replay_table(report: ReplayReport, title: str, config: str) -> str:
                   list(_account_rows(*report.accounts())))
     totals = report.totals()
     out += ["", f"tool messages orphaned (integrity violations): {totals['integrity_violations']}; "
-                f"retention: {totals['retention']:.3f}", ""]
+                f"retention: {totals['retention']:.3f}"]
+    out += [f"  {s.id}, {s.first_violation}" for s in report.sessions if s.first_violation] + [""]
     out += textwrap.wrap(LEGEND.format(config=config), width=80)
     return "\n".join(out)
 

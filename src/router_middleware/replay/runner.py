@@ -83,6 +83,7 @@ class SessionReport:
     baseline: Account = field(default_factory=Account)
     optimized: Account = field(default_factory=Account)
     integrity_violations: int = 0
+    first_violation: str | None = None  # "step N: message M: ..." of the first planned request that broke
     retained: int = 0
     relevant: int = 0
     raw_error: int = 0
@@ -105,6 +106,7 @@ class SessionReport:
             "baseline": self.baseline.as_dict(),
             "optimized": self.optimized.as_dict(),
             "integrity_violations": self.integrity_violations,
+            "first_violation": self.first_violation,
             "retention": round(self.retention, 4),
             "decisions": dict(self.decisions),
         } | ({"routed": self.routed.as_dict()} if self.routed is not None else {})
@@ -173,7 +175,10 @@ def replay_session(
             routed.add(routed_plan, reply_key, output - (reasoning - capped), capped)
         plan = plans["optimized"]
         report.calls += 1
-        report.integrity_violations += 1 if integrity_violations(plan.messages) else 0
+        broken = integrity_violations(plan.messages)
+        if broken:
+            report.integrity_violations += 1
+            report.first_violation = report.first_violation or f"step {step}: {broken[0]}"
         retained, relevant = retention_counts(reply, request, plan.messages, chat=chat)
         report.retained += retained
         report.relevant += relevant
