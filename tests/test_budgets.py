@@ -245,3 +245,16 @@ def test_learned_estimates_admit_the_calls_that_fit_and_never_pass_the_limit(red
     assert spent == pytest.approx(warmed + ok * cost, rel=1e-6)  # every reservation settled
     print(f"admitted {ok} of the {fits} calls that fit; spent {spent - warmed:.6f} of {limit - warmed:.6f}")
     assert ok >= 0.9 * fits, f"admitted {ok} of the {fits} calls that fit"
+
+
+def test_each_pipeline_says_once_that_its_budget_cannot_apply() -> None:
+    import structlog
+
+    name = f"b-{uuid.uuid4().hex}"
+    with structlog.testing.capture_logs() as logs:
+        for scope in ("user", "tenant"):
+            p = Pipeline.from_config({"cache": {"enabled": False},
+                                      "routing": {"budgets": [{"name": name, "scope": scope, "usd": 1}]}})
+            for _ in range(2):
+                p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert [e["scope"] for e in logs if e["event"] == "budget_not_applied"] == ["user", "tenant"]

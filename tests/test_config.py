@@ -102,3 +102,19 @@ def test_routing_keys_that_name_nothing_are_refused_or_said() -> None:
                                                                           "gpt-3.5-turbo": {"rpm": 5}}}})
     idle = [e for e in logs if e["event"] == "idle_limit"]
     assert [e["where"] for e in idle] == ["routing.limits.gpt-4o-minii"] and idle[0]["did_you_mean"][0] == "gpt-4o-mini"
+
+
+def test_a_weight_for_a_free_variant_and_a_limit_on_a_routable_model_are_taken() -> None:
+    """The free tier puts ``X:free`` before ``X`` (its weight is read); a limit on a model litellm can
+    send (a provider prefix) limits direct calls to it, priced or not."""
+    import structlog
+
+    from router_middleware import Pipeline
+
+    deepseek = "openrouter/deepseek/deepseek-chat"
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"routing": {
+            "aliases": {"coder": [deepseek, "gpt-4o-mini"]}, "strategy": {"coder": "weighted"},
+            "free_tier": {"prefer": True, "models": [deepseek]}, "weights": {f"{deepseek}:free": 5},
+            "limits": {"openrouter/acme/brand-new-model": {"rpm": 1}}}})
+    assert not [e for e in logs if e["event"] == "idle_limit"]

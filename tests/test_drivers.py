@@ -150,9 +150,10 @@ def test_a_non_retryable_error_fails_at_once(call, script) -> None:
     assert script.calls == [CLAUDE]
 
 
-def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, script, span_exporter) -> None:
-    call(pipeline(aliases={"coder": [TYPO, MINI]}))
+def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, script, span_exporter, waits) -> None:
+    call(pipeline(aliases={"coder": [TYPO, MINI]}, fallback={"backoff_s": 0.4}))
     assert script.calls == [TYPO, MINI]  # litellm refused the typo itself (no provider), then the next one answered
+    assert waits == []  # no provider was called: nothing to back off from
     (route,) = routes(span_exporter)
     assert route.attributes["router_middleware.chosen_model"] == MINI
 

@@ -396,3 +396,14 @@ def test_the_report_refuses_an_empty_time_range_and_a_negative_top(tmp_path, cap
     assert "--since 2026-11-29 is not before --until 2026-11-28" in capsys.readouterr().err
     assert main(["report", "--ledger", str(ledger), "--top", "-3"]) == 2
     assert "--top -3: expected how many sessions to list" in capsys.readouterr().err
+
+
+def test_langchain_messages_are_refused_by_name_not_sent_as_the_assistant_s() -> None:
+    """A LangChain message dumps to a dict with a ``type`` and no ``role``: sending it as an assistant
+    turn would turn the conversation upside down, silently."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    with pytest.raises(MessageError, match="message 0: expected an OpenAI-format message, got a LangChain "
+                                           "SystemMessage: convert the list with .*convert_to_openai_messages"):
+        Pipeline().completion(model="gpt-4o-mini", messages=[SystemMessage("Be brief."), HumanMessage("hi")],
+                              mock_response="ok")

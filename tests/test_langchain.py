@@ -258,3 +258,10 @@ def test_the_agent_middleware_labels_its_calls_with_its_context() -> None:
         agent({"user": "u1", "app": "shop"}).invoke({"messages": [HumanMessage("hi")]})
     with pytest.raises(RequestError, match="context.step"):
         agent({"step": "first"})
+
+
+def test_the_callback_handler_takes_an_agent_context() -> None:
+    from router_middleware import AgentContext
+
+    handler = RouterCallbackHandler(context=AgentContext(app="shop", user="u1", step=0))
+    assert handler.context == {"app": "shop", "user": "u1", "step": 0}

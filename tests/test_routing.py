@@ -8,9 +8,10 @@ import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import ConfigError, Pipeline, outcome
-from router_middleware.config import FallbackConfig, RoutingConfig
-from router_middleware.routing.fallback import backoff, unknown_model
+from router_middleware import ConfigError, Pipeline, UnknownModelError, outcome
+from router_middleware.config import FallbackConfig
+from router_middleware.routing.budgets import NO_APP
+from router_middleware.routing.fallback import backoff
 from router_middleware.routing.policy import NoRouteError
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
@@ -292,16 +293,38 @@ def test_weighted_spreads_load_by_weight() -> None:
     assert 0.65 < share < 0.85 and "deepseek/deepseek-chat" not in picks
 
 
-@pytest.mark.parametrize(("requested", "model", "says", "suggests"), [
-    ("gpt-4o-minii", "gpt-4o-minii", "no alias or deployment of that name", "gpt-4o-mini"),
-    ("codr:floor", "codr:floor", "':floor' picks among the models of an alias of routing.aliases, and 'codr' is none "
-                                 "(the aliases are 'coder')", "coder:floor"),
-    ("gpt-4o-mini:nitro", "gpt-4o-mini:nitro", "'gpt-4o-mini' is none", None),
-    ("coder", "gpt-4o-minii", "the last target of routing.aliases.coder", "gpt-4o-mini"),
+@pytest.mark.parametrize(("requested", "config", "says", "suggests"), [
+    ("gpt-4o-minii", {}, "model 'gpt-4o-minii': litellm knows no provider for it (not in its model list, no "
+                         "'provider/' prefix), and the config has no alias or deployment of that name", "gpt-4o-mini"),
+    ("codr:floor", {"aliases": {"coder": ["gpt-4o"]}},
+     "model 'codr:floor': ':floor' picks among the models of an alias of routing.aliases, and 'codr' is none "
+     "(the aliases are 'coder')", "coder:floor"),
+    ("gpt-4o-mini:nitro", {}, "'gpt-4o-mini' is none (none is configured)", None),
+    ("coder", {"aliases": {"coder": ["gpt-4o-minii"]}}, "model 'gpt-4o-minii': the last target of "
+                                                        "routing.aliases.coder", "gpt-4o-mini"),
+    ("coder", {"aliases": {"coder": ["gpt-4o"], "cheap": ["gpt-4o-minii"]},  # a soft limit sent it to cheap
+               "budgets": [{"name": "b", "usd": 1, "soft": 0.5, "downgrade_to": "cheap"}]},
+     "the last target of routing.aliases.cheap", "gpt-4o-mini"),
+    ("auto", {"aliases": {"small": ["gpt-4o-minii"], "big": ["gpt-4o"]},
+              "tiers": [{"max_score": 1.0, "alias": "small"}, {"max_score": 1.0, "alias": "big"}]},
+     "the last target of routing.aliases.small", "gpt-4o-mini"),
+    ("local", {"deployments": {"local": {"model": "my-llama", "api_base": "http://127.0.0.1:1/v1"}}},
+     "model 'my-llama': the model of routing.deployments.local: litellm knows no provider for it", None),
 ])
-def test_an_unknown_model_error_says_where_the_name_came_from_and_what_is_close(requested, model, says,
+def test_an_unknown_model_error_says_where_the_name_came_from_and_what_is_close(requested, config, says,
                                                                                 suggests) -> None:
-    routing = RoutingConfig(aliases={"coder": ["gpt-4o-minii"]})
-    error = unknown_model(requested, model, routing)
-    assert str(error).startswith(f"model {model!r}: ") and says in str(error)
-    assert (error.suggestions[0] if error.suggestions else None) == suggests
+    p = Pipeline.from_config({"routing": config, "cache": {"enabled": False}, "context": {"enabled": False}})
+    if config.get("budgets"):
+        p.store.incr(f"budget:b:usd:{NO_APP}:0", 0.9)  # past the soft limit
+    with pytest.raises(UnknownModelError) as raised:
+        p.completion(model=requested, messages=MESSAGES, mock_response="ok")
+    assert says in str(raised.value)
+    assert (raised.value.suggestions[0] if raised.value.suggestions else None) == suggests
+
+
+def test_a_deployment_is_called_by_its_name_without_any_alias() -> None:
+    p = Pipeline.from_config({"routing": {"deployments": {"local": {
+        "model": "openai/my-llama", "api_base": "http://127.0.0.1:1/v1"}}}, "context": {"enabled": False}})
+    plan = routed(p, "local")
+    assert (plan.model, plan.deployment) == ("openai/my-llama", "local")
+    assert p.request(plan)["api_base"] == "http://127.0.0.1:1/v1"

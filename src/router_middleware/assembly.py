@@ -22,6 +22,7 @@ from .stores.memory import MemoryStore
 from .telemetry import Redactor, TelemetrySettings, log
 from .telemetry.attributes import semconv_mode
 from .types import SessionRoute
+from .wire import provider_known
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     context = ContextPolicy(config.context.base(), config.context.resolved_overrides()) \
         if config.context.enabled else None
     policies: list[Policy] = []
-    if config.routing.aliases or config.routing.budgets:
+    if config.routing.aliases or config.routing.budgets or config.routing.deployments:  # a deployment by name too
         policies.append(RoutingPolicy(config.routing, fit=context))  # judges windows on the trimmed request
     if config.reasoning.enabled:
         policies.append(ReasoningPolicy(config.reasoning))
@@ -134,12 +135,12 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
 
 
 def idle_limits(config: Config, catalog: Catalog) -> list[str]:
-    """Each ``routing.limits`` key that limits nothing: no deployment, alias target or model litellm
-    knows goes by that name (a typo, usually)."""
+    """Each ``routing.limits`` key that limits nothing: no deployment or alias target goes by that
+    name, and litellm knows no provider for it, so no call can be sent there (a typo, usually)."""
     routing = config.routing
     targets = {target for models in routing.aliases.values() for target in models}
-    return [name for name in routing.limits
-            if name not in routing.deployments and name not in targets and catalog.resolve(name) is None]
+    return [name for name in routing.limits if name not in routing.deployments and name not in targets
+            and catalog.resolve(name) is None and not provider_known(name)]
 
 
 def _require(feature: str, extra: str, module: str) -> None:
@@ -158,11 +159,11 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     for alias, target in unpriced_targets(config, catalog):
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
                     why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
-                        "is unknown", did_you_mean=list(close_names(target, config.routing.deployments)))
+                        "is unknown", did_you_mean=list(close_names(target, tuple(config.routing.deployments))))
     for name in idle_limits(config, catalog):
-        log.warning("idle_limit", where=f"routing.limits.{name}", why="no deployment, alias target or model "
-                    "litellm knows has this name (a typo?): it limits nothing",
-                    did_you_mean=list(close_names(name, config.routing.deployments)))
+        log.warning("idle_limit", where=f"routing.limits.{name}", why="no deployment or alias target has this "
+                    "name and litellm knows no provider for it (a typo?): it limits nothing",
+                    did_you_mean=list(close_names(name, tuple(config.routing.deployments))))
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())

@@ -19,7 +19,7 @@ some preview models with price 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any
@@ -139,10 +139,11 @@ def _cost_map() -> Mapping[str, Mapping[str, Any]]:
     return litellm.model_cost
 
 
-def close_names(name: str, configured: Iterable[str] = (), *, models: bool = True) -> tuple[str, ...]:
+@lru_cache(maxsize=256)
+def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = True) -> tuple[str, ...]:
     """Up to three known names closest to ``name``, best first: among ``configured`` (the config's
     aliases and deployments), then (``models``) litellm's model list. A "did you mean" hint for an
-    error path (it scans the whole list)."""
+    error path: it scans the whole list (10-40 ms), once per name."""
     from difflib import get_close_matches
 
     found = get_close_matches(name, list(configured), n=3, cutoff=0.6)

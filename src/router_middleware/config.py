@@ -348,8 +348,8 @@ class RoutingConfig(_Strict):
                 raise ValueError(f"strategy.{name}: {name!r} is not an alias under 'aliases' "
                                  f"(the aliases: {', '.join(map(repr, self.aliases)) or 'none'})")
         targets = {target for models in self.aliases.values() for target in models}
-        for name in self.weights:
-            if name not in targets:
+        for name in self.weights:  # a target, or the :free variant the free tier puts before one
+            if name not in targets and name.removesuffix(":free") not in targets:
                 raise ValueError(f"weights.{name}: {name!r} is the target of no alias under 'aliases'")
         for kind, alias in self.step_kind_tiers.items():
             if self.tier_index(alias) is None:

@@ -369,7 +369,7 @@ class CallLifecycle:
         if next_target is None:
             self._give_up(plan, trace, exc)
             if unknown:
-                raise unknown_model(self.call.model, plan.model, engine.config.routing) from exc
+                raise unknown_model(self.call.model, plan, engine.config.routing) from exc
             return None
         retry = plan
         if next_target != failed:
@@ -383,6 +383,8 @@ class CallLifecycle:
             raise no_route from exc
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
         same = (retry.deployment or retry.model) == failed
+        if unknown:  # no provider was called: nothing to back off from
+            return retry, 0.0
         return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
 
     def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException) -> None:

@@ -15,13 +15,24 @@ from .types import Message
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, key: str = "role") -> Any:
     """A pydantic message or tool call (litellm's ``Message``, the OpenAI SDK's) as the dict litellm
-    itself sends for it: its ``model_dump()`` without the ``None`` fields. Anything else as it is."""
+    itself sends for it: its ``model_dump()`` without the ``None`` fields, when that has the OpenAI
+    ``key`` (``role``; ``id`` for a tool call). Anything else as it is (a LangChain message, whose
+    dump has a ``type`` instead, is refused by name)."""
     dump = getattr(value, "model_dump", None)
     if dump is None or isinstance(value, Mapping):
         return value
-    return {key: field for key, field in dump().items() if field is not None}
+    dumped = dump()
+    return {k: field for k, field in dumped.items() if field is not None} if key in dumped else value
+
+
+def _not_an_object(message: Any) -> str:
+    name = type(message).__name__
+    if type(message).__module__.startswith("langchain"):
+        return (f"expected an OpenAI-format message, got a LangChain {name}: convert the list with "
+                "langchain_core.messages.convert_to_openai_messages, or call through RoutedChatModel")
+    return f"expected an object, got {name}"
 
 
 def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list[dict[str, Any]] | None:
@@ -45,7 +56,7 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
     if not isinstance(value, list):
         raise MessageError(f"tool_calls must be a list, got {type(value).__name__}", index=index, source=source)
     calls: list[dict[str, Any]] = []
-    for j, call in enumerate(map(_plain, value)):
+    for j, call in enumerate(_plain(call, "id") for call in value):
         if not isinstance(call, Mapping):
             raise MessageError(f"tool_calls[{j}] must be an object", index=index, source=source)
         function = call.get("function")
@@ -62,7 +73,7 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     pydantic message, such as the ``choices[0].message`` of an earlier answer, as litellm sends it)."""
     message = _plain(message)
     if not isinstance(message, Mapping):
-        raise MessageError(f"expected an object, got {type(message).__name__}", index=index, source=source)
+        raise MessageError(_not_an_object(message), index=index, source=source)
     role = message.get("role")
     if not role:  # no role (or an empty one): litellm sends such a message as the assistant's
         message, role = {**message, "role": "assistant"}, "assistant"

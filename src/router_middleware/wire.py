@@ -95,6 +95,15 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+def provider_known(model: str) -> bool:
+    """Can litellm resolve a provider for ``model`` by its name alone (its model list or a prefix)?"""
+    try:
+        litellm().get_llm_provider(model=model)
+    except Exception:  # noqa: BLE001 - litellm raises its BadRequestError, or others on odd names
+        return False
+    return True
+
+
 def no_provider(exc: BaseException, model: str) -> bool:
     """Did litellm refuse ``model`` before any request because it knows no provider for it (not in its
     model list, no ``provider/`` prefix, no ``custom_llm_provider``)? litellm says so only in the

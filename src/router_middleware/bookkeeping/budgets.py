@@ -22,7 +22,7 @@ from ..telemetry import log
 from ..types import AgentContext
 from .keys import BUDGET
 
-_UNAPPLIED: set[str] = set()  # budgets already said not to apply to a call (a warning once, not per call)
+_UNAPPLIED: set[int] = set()  # budgets (by id: each config's own) already said not to apply to a call
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +57,8 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``."""
     found = []
     for budget in budgets:
-        if budget.name not in _UNAPPLIED and scope_value(budget, context) is None:
-            _UNAPPLIED.add(budget.name)
+        if id(budget) not in _UNAPPLIED and scope_value(budget, context) is None:
+            _UNAPPLIED.add(id(budget))
             field = {"session": "session_id"}.get(budget.scope, budget.scope)
             log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
                         why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import UUID
 
@@ -51,10 +51,11 @@ class RouterCallbackHandler(BaseCallbackHandler):
 
     raise_error = False
 
-    def __init__(self, pipeline: Pipeline | None = None, *, context: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, pipeline: Pipeline | None = None, *,
+                 context: AgentContext | Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline or Pipeline()
-        AgentContext.coerce(context)  # checked now: a mistake found per call would only be logged
-        self.context = dict(context or {})
+        checked = AgentContext.coerce(context)  # checked now: a mistake found per call would only be logged
+        self.context = {name: value for name, value in asdict(checked).items() if value not in (None, ())}
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
         self.outcomes: list[Outcome] = []  # the most recent calls, newest last (bounded)

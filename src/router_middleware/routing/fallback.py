@@ -18,6 +18,7 @@ from typing import Any
 from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, UnknownModelError
+from ..types import Plan
 from ..wire import retry_after
 from .quotas import is_free
 
@@ -94,21 +95,28 @@ class Attempts:
 NO_PROVIDER = "litellm knows no provider for it (a typo?)"
 
 
-def unknown_model(requested: str, model: str, routing: RoutingConfig) -> UnknownModelError:
-    """The error for a call whose last target, ``model``, litellm knows no provider for: where the
-    name came from, what the config would have had to say, and the closest known names."""
-    alias, _, suffix = requested.partition(":")
-    unknown = "litellm knows no provider for it (not in its model list, no 'provider/' prefix)"
-    if model != requested and alias in routing.aliases:
+def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> UnknownModelError:
+    """The error for a call whose last target, ``plan.model``, litellm knows no provider for: where
+    the name came from (the request, a deployment, the alias routing chose), what the config would
+    have had to say, and the closest known names."""
+    model, unknown = plan.model, "litellm knows no provider for it (not in its model list, no 'provider/' prefix)"
+    if plan.deployment is not None:
+        return UnknownModelError(model, f"the model of routing.deployments.{plan.deployment}: {unknown}; give it "
+                                        f"a provider prefix (openai/{model} for an OpenAI-compatible server)",
+                                 close_names(model))
+    alias = next((str(d.attributes["alias"]) for d in reversed(plan.decisions)
+                  if d.policy == "routing" and d.action == "route" and "alias" in d.attributes), None)
+    if alias is not None:
         return UnknownModelError(model, f"the last target of routing.aliases.{alias}: {unknown}", close_names(model))
+    name, _, suffix = requested.partition(":")
     if suffix in ("floor", "nitro"):
         aliases = sorted(routing.aliases)
         known = f"the aliases are {', '.join(map(repr, aliases))}" if aliases else "none is configured"
         return UnknownModelError(requested, f"':{suffix}' picks among the models of an alias of routing.aliases, and "
-                                            f"{alias!r} is none ({known})",
-                                 tuple(f"{name}:{suffix}" for name in close_names(alias, aliases, models=False)))
+                                            f"{name!r} is none ({known})",
+                                 tuple(f"{n}:{suffix}" for n in close_names(name, tuple(aliases), models=False)))
     return UnknownModelError(model, f"{unknown}, and the config has no alias or deployment of that name",
-                             close_names(model, [*routing.aliases, *routing.deployments]))
+                             close_names(model, (*routing.aliases, *routing.deployments)))
 
 
 def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], str]) -> dict[str, int]:
