@@ -94,6 +94,8 @@ def test_anthropic_wire_body_from_real_recording() -> None:
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 8192),
     ("gemini/gemini-2.5-flash", "none",
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 0),
+    ("gemini/gemini-2.5-pro", "none",  # it cannot turn thinking off: its minimum
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 128),
     ("gemini/gemini-3-pro-preview", "medium",
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "high"),
     ("gemini/gemini-3-pro-preview", "minimal",
@@ -123,6 +125,26 @@ def test_openrouter_budget_and_exclude() -> None:
         pipeline.completion(model="openrouter/google/gemini-3-pro-preview", messages=[{"role": "user", "content": "hi"}],
                             api_base=base, api_key="k", num_retries=0, max_retries=0)
     assert bodies[-1]["reasoning"] == {"max_tokens": 3000, "exclude": True}
+
+
+@pytest.mark.parametrize(("model", "params", "check"), [
+    ("openrouter/anthropic/claude-sonnet-4.5", {"reasoning": {"max_tokens": 800}},
+     lambda b: b["reasoning"] == {"max_tokens": 800}),
+    ("gemini/gemini-2.5-flash", {"thinking": {"type": "enabled", "budget_tokens": 512}},
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 512),
+    ("openrouter/openai/gpt-5-mini", {"reasoning": {"effort": "high", "exclude": True}},
+     lambda b: b["reasoning"] == {"effort": "low", "exclude": True}),
+])
+def test_a_rule_keeps_what_the_caller_asked_for_below_its_cap(model, params, check) -> None:
+    """A small budget of the caller's own is sent as it is (not as reasoning off), and a lowered
+    OpenRouter effort keeps the caller's ``exclude``."""
+    effort = "low" if "exclude" in params.get("reasoning", {}) else "high"
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": effort}]},
+                                     "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
+        pipeline.completion(model=model, messages=[{"role": "user", "content": "hi"}], api_base=base, api_key="k",
+                            num_retries=0, max_retries=0, **params)
+    assert check(bodies[-1]), bodies[-1]
 
 
 def test_unsupported_model_never_gets_a_reasoning_param() -> None:

@@ -54,6 +54,9 @@ def family(model: str, provider: str | None) -> str:
     return "openai"
 
 
+GEMINI_PRO_MIN_BUDGET = 128  # Gemini 2.5 Pro thinks with 128 to 32,768 tokens; 0 (off) is refused
+
+
 def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
 
@@ -68,8 +71,10 @@ def translate(
     if not can_reason(model, info):
         return Translation(base, f"{model} does not support reasoning: no reasoning parameter sent", False)
     tokens = budget_tokens if budget_tokens is not None else budgets[level]
-    if budget_tokens is not None:
+    if budget_tokens is not None:  # a positive budget below the lowest level's still reasons: sent as it is
         level = level_for_budget(budget_tokens, dict(budgets))
+        if level == "none" and budget_tokens > 0:
+            level = "minimal"
     kind = family(model, provider)
     if kind == "openai":
         efforts = info.reasoning_efforts if info else frozenset()
@@ -97,6 +102,10 @@ def translate(
         effort = "low" if level in ("none", "minimal", "low") else "high"
         return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}", effective=effort)
     if kind == "gemini-2.5":
+        if level == "none" and "pro" in model.lower():  # 2.5 Pro cannot turn thinking off: its minimum
+            return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": GEMINI_PRO_MIN_BUDGET}},
+                               f"thinkingBudget {GEMINI_PRO_MIN_BUDGET} (Gemini 2.5 Pro's minimum: it cannot "
+                               "turn thinking off)", effective="minimal")
         if level == "none":
             return Translation({**base, "reasoning_effort": "disable"}, "thinkingBudget 0")
         return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": tokens}},
@@ -108,7 +117,8 @@ def translate(
             return Translation({**base, "reasoning": {"enabled": False}}, "reasoning disabled")
         body: dict[str, Any] = ({"max_tokens": tokens} if budget_tokens is not None
                                 else {"effort": "high" if level == "xhigh" else level})
-        if exclude:
+        asked = params.get("reasoning")
+        if exclude or (isinstance(asked, Mapping) and asked.get("exclude")):  # the caller's exclude is kept
             body["exclude"] = True
         return Translation({**base, "reasoning": body}, f"reasoning {body}", effective=level)
     # DeepSeek: no effort levels; deepseek-reasoner always thinks.
