@@ -163,6 +163,25 @@ def test_log_event_carries_trace_ids(span_exporter) -> None:
     assert event["input_tokens"] > 0 and event["cost_usd"] > 0
 
 
+def test_a_failed_call_and_a_cache_hit_log_the_ids_of_their_route_span(span_exporter) -> None:
+    """No attempt span is open when they log (the failed one has ended; a hit has none): the call's is used."""
+    import litellm
+
+    pipeline = Pipeline.from_config({})
+    denied = litellm.exceptions.AuthenticationError("bad key", "openai", "gpt-4o-mini")
+    with structlog.testing.capture_logs() as logs:
+        with pytest.raises(litellm.exceptions.AuthenticationError):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=denied)
+        for _ in range(2):  # the second is a hit
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", temperature=0)
+    routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route ")]
+    failed, hit = [e for e in logs if e["event"] == "llm_call_failed"][0], [e for e in logs if e["event"] == "llm_call"][-1]
+    assert hit["cost_source"] == "response_cache"
+    for event, route in ((failed, routes[0]), (hit, routes[-1])):
+        assert event["trace_id"] == format(route.context.trace_id, "032x")
+        assert event["span_id"] == format(route.context.span_id, "016x")
+
+
 def test_log_events_follow_structlog_reconfiguration(span_exporter) -> None:
     """The library's logger is assembled once per structlog configuration: a level filter set later
     drops the per-call event, and reconfiguring again brings it back."""

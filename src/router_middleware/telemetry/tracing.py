@@ -230,4 +230,6 @@ class CallTrace:
         return {k: v for k, v in self.request_attrs.items() if k in keep}
 
     def _log_ids(self) -> dict[str, str]:
-        return _ids(self.child) if self.child is not None else {}
+        """The ids of the attempt's span, else (a failed attempt already ended, a cache hit) the call's."""
+        span = self.child if self.child is not None else self.parent
+        return _ids(span) if span is not None else {}
