@@ -106,6 +106,16 @@ def test_streaming_replay_from_the_cache(monkeypatch) -> None:
     assert outcome(replayed).usage.source == "cache"
 
 
+
+def test_a_replayed_stream_s_usage_is_shaped_like_a_live_one() -> None:
+    """Code that reads a live stream's usage chunk (``chunk.usage.prompt_tokens``) reads a hit's."""
+    pipeline = Pipeline.from_config({})
+    kwargs = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, "stream": True,
+              "stream_options": {"include_usage": True}, "mock_response": "streamed"}
+    live, replayed = ([c.usage for c in pipeline.completion(**kwargs) if getattr(c, "usage", None)] for _ in "ab")
+    assert type(replayed[-1]) is type(live[-1]) and replayed[-1].prompt_tokens == live[-1].prompt_tokens > 0
+
+
 async def test_async_hit() -> None:
     pipeline = Pipeline.from_config({})
     await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")

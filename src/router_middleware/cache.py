@@ -173,7 +173,7 @@ def rebuild_response(data: dict[str, Any]) -> Any:
 
 def replay_chunks(data: dict[str, Any]) -> list[Any]:
     """The stored response as stream chunks: role and content, tool calls, finish, then usage."""
-    from litellm.types.utils import ModelResponseStream
+    from litellm.types.utils import ModelResponseStream, Usage
 
     chunk: Any = ModelResponseStream  # litellm's constructor types are stricter than what it accepts
     choice = (data.get("choices") or [{}])[0]
@@ -188,6 +188,7 @@ def replay_chunks(data: dict[str, Any]) -> list[Any]:
     finish = choice.get("finish_reason") or "stop"
     chunks.append(chunk(**base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
     final = chunk(**base, choices=[])
-    final.usage = data.get("usage")
+    usage = data.get("usage")
+    final.usage = Usage(**usage) if isinstance(usage, dict) else usage  # litellm's Usage, as a live stream has
     chunks.append(final)
     return chunks
