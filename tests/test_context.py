@@ -194,6 +194,18 @@ def test_budget_tokens_is_a_hard_cap_in_the_providers_tokens(strategy: str) -> N
         assert integrity_violations(planned.messages) == []
 
 
+def test_a_budget_the_head_and_last_turn_alone_exceed_is_said_not_claimed_met() -> None:
+    """They are never dropped: the decision gives the size that stays, and only the limits set."""
+    history = agent_history(6, size=40)
+    history[-1] = {**history[-1], "content": "x " * 20000}  # the last tool result alone is far over
+    planned = MiddleOut(budget_tokens=3000)(plan_for(history), STATE)
+    (decision,) = planned.decisions
+    assert decision.action == "trim" and "to fit 3000 tokens; still over: the head and the last turn alone are ~" \
+        in decision.reason and "None" not in decision.reason
+    alone = MiddleOut(budget_tokens=3000)(plan_for([*history[:2], *history[-2:]]), STATE)
+    assert [d.action for d in alone.decisions] == ["over-budget"] and "nothing to drop" in alone.decisions[0].reason
+
+
 def test_hard_guard_fits_the_model_window() -> None:
     history = agent_history(40, size=3000)  # ~ 400k tokens, far over deepseek's 131k window
     planned = ContextPolicy()(plan_for(history), STATE)

@@ -230,16 +230,23 @@ class MiddleOut:
             victim = keep.pop((len(keep) - 1) // 2)
             total -= sizes[victim]
             count -= units[victim][1] - units[victim][0]
+        limits = " and ".join([*([f"{budget} tokens"] if budget is not None else []),
+                               *([f"{self.max_messages} messages"] if self.max_messages is not None else [])])
+        # the head and the last turn are never dropped: a request they alone put over is sent, and said so
+        over = (f"; still over: the head and the last turn alone are ~{state.calibrated(total, session)} tokens in "
+                f"{count} messages") if too_big() else ""
         if len(keep) == len(units):
-            return plan
+            if not over:
+                return plan
+            return plan.decide(Decision(self.name, "over-budget", f"nothing to drop to fit {limits}{over}",
+                                        {"budget_tokens": budget or 0}))
         kept = [*messages[:head]]
         for index in keep:
             begin, end = units[index]
             kept.extend(messages[begin:end])
         removed = len(messages) - len(kept)
         return plan.decide(
-            Decision(self.name, "trim", f"dropped {removed} messages from the middle to fit "
-                     f"{budget} tokens / {self.max_messages} messages",
+            Decision(self.name, "trim", f"dropped {removed} messages from the middle to fit {limits}{over}",
                      {"dropped_messages": removed, "budget_tokens": budget or 0}),
             messages=kept,
         )
