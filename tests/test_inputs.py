@@ -347,6 +347,9 @@ def test_an_agent_loop_can_resend_litellm_s_own_message_objects(asynchronous, mo
 
     first = complete(mock_tool_calls=[call])
     assert type(first.choices[0].message).__name__ == "Message"
+    from router_middleware import outcome
+
+    assert outcome(first).usage.source == "estimated"  # litellm made the usage up, as for mock_response
     history.append(first.choices[0].message)  # the pydantic Message itself
     history.append({"role": "tool", "tool_call_id": "call_1", "content": "README.md"})
     history.append({"role": "assistant", "content": None, "tool_calls": first.choices[0].message.tool_calls})

@@ -133,6 +133,10 @@ def test_abandoned_stream_ends_its_span(span_exporter) -> None:
     stream.close()
     span = client_span(span_exporter)
     assert span.attributes["router_middleware.usage.source"] == "estimated"
+    assert "gen_ai.response.finish_reasons" not in span.attributes  # closed early: no finish, not "stop"
+    assert outcome(stream).finish_reasons == ()
+    whole = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="a b", stream=True)
+    assert list(whole) and outcome(whole).finish_reasons == ("stop",)
 
 
 def test_provider_error_marks_span_and_propagates(span_exporter) -> None:

@@ -49,7 +49,8 @@ def build_outcome(
         or (plan.model if plan else "unknown")
     )
     raw_usage = getattr(response, "usage", None)
-    if plan is not None and plan.params.get("mock_response") is not None and usage_source == "provider":
+    if plan is not None and usage_source == "provider" and (
+            plan.params.get("mock_response") is not None or plan.params.get("mock_tool_calls") is not None):
         usage_source = "estimated"  # litellm invents usage for mock responses
     usage = normalize_usage(raw_usage, source=usage_source)
     if usage_source == "cache":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
@@ -482,6 +482,10 @@ class CallLifecycle:
             )
             if complete:
                 self._save(plan, response, result, trace)
+            else:  # closed early: only the finish the provider sent counts (litellm's builder fills in "stop")
+                result = replace(result, finish_reasons=tuple(
+                    str(c.finish_reason) for chunk in chunks for c in getattr(chunk, "choices", None) or ()
+                    if getattr(c, "finish_reason", None)))
             result = self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on chunks
             if error is not None:
                 trace.fail(error, result)
