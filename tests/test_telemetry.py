@@ -153,6 +153,17 @@ def test_metrics(metric_reader) -> None:
     assert cost and cost[0].value > 0
 
 
+def test_cache_hits_stay_out_of_the_genai_client_metrics(metric_reader) -> None:
+    """A hit took no provider operation: counted, its 0 tokens and ~0 s would skew the histograms."""
+    pipeline = Pipeline.from_config({})
+    model = "gpt-4.1-nano"  # no other test of this module calls it
+    for _ in range(3):  # one call, two hits
+        pipeline.completion(model=model, messages=MESSAGES, mock_response="ok", temperature=0)
+    durations = [p for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                 if p.attributes.get("gen_ai.response.model") == model]
+    assert sum(p.count for p in durations) == 1
+
+
 def test_log_event_carries_trace_ids(span_exporter) -> None:
     with structlog.testing.capture_logs() as logs:
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")

@@ -189,7 +189,7 @@ class CallTrace:
                 self.parent.set_attribute("router_middleware.savings.estimated_usd",
                                           float(self.plan.estimated_savings_usd))
             self.parent.end()
-        if settings.enabled:
+        if settings.enabled and outcome.usage.source != "cache":  # a hit is no GenAI operation: not in them
             call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,
                                 self.plan.call.context.app)
         if not log.enabled("info"):
