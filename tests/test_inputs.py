@@ -48,6 +48,9 @@ def test_a_malformed_context_is_refused_by_name(context, named) -> None:
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": _deep(5000)}}]},
      "tools: nested deeper than 100 levels"),
     ({"stream": "yes"}, "stream: expected true or false, got 'yes'"),
+    ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens: expected a whole number"),
+    ({"reasoning": {"max_tokens": -5}}, "reasoning.max_tokens: expected a whole number of tokens, got -5"),
+    ({"reasoning_effort": 3}, "reasoning_effort: expected a level such as 'low'"),
 ])
 def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) -> None:
     with pytest.raises(RequestError, match=named):

@@ -41,6 +41,16 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in _NESTED:
         if name in params and too_deep(params[name]):
             raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
+    effort = params.get("reasoning_effort")
+    if effort is not None and not isinstance(effort, str):
+        raise RequestError(f"reasoning_effort: expected a level such as 'low' or 'high', got {effort!r}")
+    for name in ("thinking", "reasoning"):
+        value = params.get(name)
+        if isinstance(value, Mapping):
+            budget = value.get("budget_tokens", value.get("max_tokens"))
+            if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+                key = "budget_tokens" if "budget_tokens" in value else "max_tokens"
+                raise RequestError(f"{name}.{key}: expected a whole number of tokens, got {budget!r}")
     return params
 
 
