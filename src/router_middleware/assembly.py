@@ -138,7 +138,7 @@ def idle_limits(config: Config, catalog: Catalog) -> list[str]:
     """Each ``routing.limits`` key that limits nothing: no deployment or alias target goes by that
     name, and litellm knows no provider for it, so no call can be sent there (a typo, usually)."""
     routing = config.routing
-    targets = {target for models in routing.aliases.values() for target in models}
+    targets = routing.alias_targets()
     return [name for name in routing.limits if name not in routing.deployments and name not in targets
             and catalog.resolve(name) is None and not provider_known(name)]
 

@@ -332,6 +332,10 @@ class RoutingConfig(_Strict):
         first = (self.aliases.get(tier.alias) or [""])[0]
         return self.deployments[first].model if first in self.deployments else first
 
+    def alias_targets(self) -> set[str]:
+        """Every target some alias lists (a model id or a deployment name)."""
+        return {target for models in self.aliases.values() for target in models}
+
     def model_post_init(self, __context: Any) -> None:
         names = [budget.name for budget in self.budgets]
         if len(set(names)) < len(names):  # the name keys a budget's counters in the store
@@ -347,7 +351,7 @@ class RoutingConfig(_Strict):
             if name not in self.aliases:
                 raise ValueError(f"strategy.{name}: {name!r} is not an alias under 'aliases' "
                                  f"(the aliases: {', '.join(map(repr, self.aliases)) or 'none'})")
-        targets = {target for models in self.aliases.values() for target in models}
+        targets = self.alias_targets()
         for name in self.weights:  # a target, or the :free variant the free tier puts before one
             if name not in targets and name.removesuffix(":free") not in targets:
                 raise ValueError(f"weights.{name}: {name!r} is the target of no alias under 'aliases'")
