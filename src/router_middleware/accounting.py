@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from .catalog import Catalog, ModelInfo
@@ -26,6 +27,11 @@ def _price_info(catalog: Catalog, answered: str, provider: str | None, planned: 
         if info is not None:
             return info
     return None
+
+
+def finish_reasons(choices: Iterable[Any]) -> tuple[str, ...]:
+    """The finish reasons ``choices`` (a response's, or a stream's chunks') carry, in order."""
+    return tuple(str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None))
 
 
 def build_outcome(
@@ -58,8 +64,6 @@ def build_outcome(
     info = _price_info(catalog, answered, provider, plan.model if plan else None)
     reported = reported_cost(raw_usage) if provider in _REPORTS_COST else None
     cost = price(usage, info, reported_usd=reported)
-    choices = getattr(response, "choices", None) or []
-    finish = tuple(str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None))
     return Outcome(
         model=answered,
         provider=provider,
@@ -67,7 +71,7 @@ def build_outcome(
         cost=cost,
         plan=plan,
         response_id=getattr(response, "id", None),
-        finish_reasons=finish,
+        finish_reasons=finish_reasons(getattr(response, "choices", None) or ()),
         latency_s=latency_s,
         time_to_first_token_s=time_to_first_token_s,
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .accounting import build_outcome
+from .accounting import build_outcome, finish_reasons
 from .bookkeeping import Admission, Claim, Held, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
@@ -483,9 +483,8 @@ class CallLifecycle:
             if complete:
                 self._save(plan, response, result, trace)
             else:  # closed early: only the finish the provider sent counts (litellm's builder fills in "stop")
-                result = replace(result, finish_reasons=tuple(
-                    str(c.finish_reason) for chunk in chunks for c in getattr(chunk, "choices", None) or ()
-                    if getattr(c, "finish_reason", None)))
+                result = replace(result, finish_reasons=finish_reasons(
+                    c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
             result = self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on chunks
             if error is not None:
                 trace.fail(error, result)
