@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
-from ..routing.budgets import budget_key, scope_value
+from ..routing.budgets import counter_key, scope_value
 from ..stores.base import Hold, Release
 from ..telemetry import log
 from ..types import AgentContext
@@ -57,14 +57,17 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``."""
     found = []
     for budget in budgets:
-        if id(budget) not in _UNAPPLIED and scope_value(budget, context) is None:
-            _UNAPPLIED.add(id(budget))
-            field = {"session": "session_id"}.get(budget.scope, budget.scope)
-            log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
-                        why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")
+        value = scope_value(budget, context)  # once per budget, for both its units
+        if value is None:
+            if id(budget) not in _UNAPPLIED:
+                _UNAPPLIED.add(id(budget))
+                field = {"session": "session_id"}.get(budget.scope, budget.scope)
+                log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
+                            why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")
+            continue
         for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
-            key = budget_key(budget, context, unit, now) if limit is not None else None
-            if key is not None and limit is not None:
+            if limit is not None:
+                key = counter_key(budget, value, unit, now)
                 found.append(Claim(BUDGET + key, amount, float(limit), budget.window_s * 2 if budget.window_s else None,
                                    budget.name, unit, hold, budget.reservation_ttl_s))
     return found

@@ -32,8 +32,11 @@ def scope_value(budget: BudgetConfig, context: AgentContext) -> str | None:
 
 def budget_key(budget: BudgetConfig, context: AgentContext, unit: str, now: float) -> str | None:
     value = scope_value(budget, context)
-    if value is None:
-        return None
+    return None if value is None else counter_key(budget, value, unit, now)
+
+
+def counter_key(budget: BudgetConfig, value: str, unit: str, now: float) -> str:
+    """The counter of ``budget`` for scope ``value`` (see :func:`scope_value`) in the window holding ``now``."""
     window = int(now // budget.window_s) if budget.window_s else 0
     return f"{budget.name}:{unit}:{value}:{window}"
 
@@ -77,5 +80,5 @@ def percentile(values: Sequence[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
-__all__ = ["NO_APP", "BudgetExceeded", "budget_key", "input_estimate", "output_estimate", "over_soft_limit",
-           "percentile", "scope_value"]
+__all__ = ["NO_APP", "BudgetExceeded", "budget_key", "counter_key", "input_estimate", "output_estimate",
+           "over_soft_limit", "percentile", "scope_value"]
