@@ -18,7 +18,6 @@ Without `--redis-url` (or REDIS_URL) a `redis-server` on a free loopback port is
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import os
@@ -33,7 +32,7 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import batch, redis_server, variants  # noqa: E402  (also configures logging as it does)
+from throughput import batch, batch_options, redis_server, variants  # noqa: E402  (also configures logging as it does)
 
 
 class Collector:
@@ -89,11 +88,7 @@ async def run(calls: int, rounds: int, redis_url: str) -> dict[str, list[tuple[f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    args = parser.parse_args(argv)
+    args = batch_options(__doc__, rounds=3).parse_args(argv)
     print(f"gc pressure benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, litellm {version('litellm')}, {args.calls} concurrent async calls "
           f"x {args.rounds} rounds (median), gc thresholds {gc.get_threshold()}\n")

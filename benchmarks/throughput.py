@@ -138,11 +138,18 @@ async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True)
     return rates
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+def batch_options(description: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs these variants in concurrent batches: calls per batch,
+    rounds, and the Redis to use (a server of its own without one)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = batch_options(__doc__, rounds=5)
     parser.add_argument("--leave-logging", action="store_true",
                         help="end each batch when its calls return, leaving litellm's logging of them queued "
                              "(how this benchmark measured before 2026-11-29: the backlog lands on the next variant)")
