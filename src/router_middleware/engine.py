@@ -25,7 +25,7 @@ from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .routing.budgets import input_estimate, output_estimate
 from .stores import MemoryStore, Prefetch, Store
-from .stores.views import Sink
+from .stores.views import Sink, view_fields
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
 from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
@@ -72,6 +72,7 @@ class Engine:
         # Such a store is read ahead of each plan (one fetch), never by the policies themselves.
         self.prefetching = not isinstance(self.store, MemoryStore)
         self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
+        self._views = view_fields(self.state)  # the state's fields a prefetch reads through
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
@@ -95,8 +96,11 @@ class Engine:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
         ``prefetch``, which never reads the store), then fit the params to the chosen model
         (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
+        if prefetch is None:
+            changes = {}
+        else:
+            changes = prefetch.views(state) if state else prefetch.views(self.state, self._views)
         state = state or self.state
-        changes = prefetch.views(state) if prefetch is not None else {}
         if self._timed:
             changes["now"] = time.time()
         if changes:

@@ -121,6 +121,11 @@ class StoreView(Mapping[str, V], Generic[V]):
 Sink = StoreView[Any] | Kept[list[float]] | None
 
 
+def view_fields(state: Any) -> tuple[str, ...]:
+    """The names of the fields of ``state`` (a PolicyState) that hold a store view."""
+    return tuple(f.name for f in fields(state) if isinstance(getattr(state, f.name), StoreView))
+
+
 class Prefetch:
     """What one call read from the store (store keys, without the store's own prefix), what its
     planning wanted but found neither here nor kept in the process (``missed``: key -> whether it is
@@ -134,12 +139,12 @@ class Prefetch:
         self.renew: dict[str, tuple[bool, Sink]] = {}
         self.used: dict[str, tuple[bool, Sink]] = {}  # every key planning looked up, found or not
 
-    def views(self, state: Any) -> dict[str, Any]:
-        """Each store view of ``state`` (a PolicyState), read through this prefetch: the fields to
-        plan with, made for each plan, not kept, so they die young instead of living as long as the
-        call."""
-        return {f.name: _Prefetched(getattr(state, f.name), self) for f in fields(state)
-                if isinstance(getattr(state, f.name), StoreView)}
+    def views(self, state: Any, names: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Each store view of ``state`` (a PolicyState; ``names``: its :func:`view_fields`, if known),
+        read through this prefetch: the fields to plan with, made for each plan, not kept, so they die
+        young instead of living as long as the call."""
+        found = vars(state)
+        return {name: _Prefetched(found[name], self) for name in (view_fields(state) if names is None else names)}
 
     def want_list(self, key: str, kept: Kept[list[float]]) -> None:
         """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
