@@ -243,7 +243,7 @@ class _Batch:
         self.shas = {source: hashlib.sha1(source.encode()).hexdigest() for source in scripts}  # noqa: S324 - Redis's script id
         self.outage = outage
         self.pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]] = []
-        self.reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]] = {}  # reads in flight (afetch)
+        self.reads: dict[tuple[bool, str], tuple[_SharedRead, int]] = {}  # reads in flight (afetch)
         self.flushing: set[asyncio.Task[None]] = set()  # a task the loop only holds weakly is kept here
 
     def submit(self, queue: Callable[..., Any], *args: Any, every: bool = False) -> asyncio.Future[Any]:
@@ -357,16 +357,48 @@ class _Batch:
         commands.evalsha(self.shas[source], source, keys, args)
 
 
-def _read_done(reads: dict[tuple[bool, str], tuple[asyncio.Future[Any], int]], done: list[tuple[bool, str]],
-               sent: asyncio.Future[Any]) -> None:
-    """A read in flight has its answer: later calls read the key again (functions and arguments, not
-    closures, keep what a waiting call holds small). Its error is marked as seen: the calls waiting
-    on it may all have been cancelled."""
-    if not sent.cancelled():
-        sent.exception()
-    for read in done:
-        if reads.get(read, (None, 0))[0] is sent:
-            del reads[read]
+class _SharedRead:
+    """A read in flight that calls of one loop share (``sent``: its future; ``keys``: what it reads,
+    in ``reads``, the table of reads in flight, which it leaves once answered). Each call waits on a
+    future of its own, fed the answer by one callback: a call cancelled meanwhile cancels only its
+    wait (``asyncio.shield`` would do the same with a future, two callbacks and their contexts per
+    waiting call)."""
+
+    __slots__ = ("keys", "reads", "sent", "waiters")
+
+    def __init__(self, sent: asyncio.Future[Any], keys: list[tuple[bool, str]],
+                 reads: dict[tuple[bool, str], tuple[_SharedRead, int]]) -> None:
+        self.sent = sent
+        self.keys = keys
+        self.reads = reads
+        self.waiters: list[asyncio.Future[Any]] = []
+        sent.add_done_callback(self._answered)
+
+    def wait(self) -> asyncio.Future[Any]:
+        """What a call awaits for the read's results (the read itself once it is answered)."""
+        if self.sent.done():
+            return self.sent
+        mine: asyncio.Future[Any] = self.sent.get_loop().create_future()
+        self.waiters.append(mine)
+        return mine
+
+    def _answered(self, sent: asyncio.Future[Any]) -> None:
+        """Later calls read the keys again; every call still waiting gets the answer. The error is
+        marked as seen: the calls waiting on it may all have been cancelled."""
+        for read in self.keys:
+            if self.reads.get(read, (None, 0))[0] is self:
+                del self.reads[read]
+        error = None if sent.cancelled() else sent.exception()
+        for waiter in self.waiters:
+            if waiter.done():
+                continue
+            if sent.cancelled():
+                waiter.cancel()
+            elif error is not None:
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(sent.result())
+        self.waiters.clear()
 
 
 def _no_script(reply: Any) -> bool:
@@ -516,15 +548,14 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            sent = batch.submit(self._queue_fetch, values, series, every=True)
+            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, every=True), new, batch.reads)
             first = 1 if values else 0  # the MGET's answer, then one per list
             for at, (one, key) in enumerate(new):
-                found[(one, key)] = batch.reads[(one, key)] = (sent, at if one else first + at - len(values))
-            sent.add_done_callback(functools.partial(_read_done, batch.reads, new))
+                found[(one, key)] = batch.reads[(one, key)] = (shared, at if one else first + at - len(values))
         answers = []
         for read in reads:
-            future, at = found[read]
-            results = await asyncio.shield(future)  # shared with other calls: one cancelled fails only itself
+            shared, at = found[read]
+            results = await shared.wait()  # shared with other calls: one cancelled fails only itself
             answers.append(results[0][at] if read[0] else results[at])
         return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
                 [[float(v) for v in series] for series in answers[len(keys):]])
