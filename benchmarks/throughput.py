@@ -1,7 +1,8 @@
 """Throughput under concurrency: 1,000 concurrent async calls, bare litellm vs the pipeline with
 budgets and cooldowns kept in memory vs in Redis, all with `mock_response`, measured in one run.
 
-    .venv/bin/python benchmarks/throughput.py [--calls 1000] [--rounds 5] [--redis-url URL] [--leave-logging]
+    .venv/bin/python benchmarks/throughput.py [--calls 1000] [--rounds 5] [--redis-url URL]
+        [--leave-logging] [--freeze] [--warm]
 
 Each round launches all calls at once with `asyncio.gather` (20-message agent history, routed
 through a two-model alias with a USD and a token budget and the circuit breaker), and times the
@@ -14,12 +15,25 @@ rounds, and a ratio of neighbours is less exposed to the drift). Without
 the async path the Redis store's reads, admissions and settlements go through its batched asyncio
 client, and the call's lifecycle runs on the event loop: this measures what that costs against the
 in-memory store.
+
+`--freeze` moves everything alive after the warm-up out of the collector's reach (`gc.freeze()`), as
+the LiteLLM proxy does once it has started (litellm/proxy/proxy_server.py): a full collection then
+walks only what the calls themselves keep, not litellm's few hundred thousand startup objects. It
+measures the variants as they run behind that proxy; without it, as in a process that never
+freezes (see `gc_pressure.py` for what the collector costs each variant there).
+
+`--warm` runs 20 untimed calls of a variant just before each of its timed batches. Between its
+batches a variant sits idle while the others run (about 3 s here), longer than the pipeline keeps
+what it read from Redis (1 s, served 1 s more while one call renews it), so without it every
+Redis batch starts with a burst whose calls all wait for one read before they are planned; with
+it, a batch runs as in a process that serves calls without pause.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import platform
@@ -127,13 +141,19 @@ def variants(redis_url: str) -> dict[str, Callable[[], Awaitable[Any]]]:
     }
 
 
-async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True) -> dict[str, list[float]]:
+async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True,
+              freeze: bool = False, warm: bool = False) -> dict[str, list[float]]:
     variants_ = variants(redis_url)
     for call in variants_.values():  # warm up
         await batch(call, 50)
+    if freeze:  # what the LiteLLM proxy does after its startup
+        gc.collect()
+        gc.freeze()
     rates: dict[str, list[float]] = {name: [] for name in variants_}
     for _ in range(rounds):
         for name, call in variants_.items():
+            if warm:
+                await batch(call, 20)
             rates[name].append(await batch(call, calls, own_logging=own_logging))
     return rates
 
@@ -153,14 +173,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leave-logging", action="store_true",
                         help="end each batch when its calls return, leaving litellm's logging of them queued "
                              "(how this benchmark measured before 2026-11-29: the backlog lands on the next variant)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="gc.freeze() after the warm-up, as the LiteLLM proxy does after its startup")
+    parser.add_argument("--warm", action="store_true",
+                        help="20 untimed calls of a variant before each of its timed batches (no idle gap)")
     args = parser.parse_args(argv)
     print(f"throughput benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, litellm {version('litellm')}, redis-py {version('redis')}, "
           f"{args.calls} concurrent async calls x {args.rounds} rounds (median), "
-          + ("litellm logging left queued\n" if args.leave_logging
-             else "each batch waits for its own litellm logging\n"))
+          + ("litellm logging left queued" if args.leave_logging else "each batch waits for its own litellm logging")
+          + (", startup objects frozen (gc.freeze)" if args.freeze else "")
+          + (", each batch after 20 untimed calls of its variant\n" if args.warm else "\n"))
     with redis_server(args.redis_url) as url:
-        rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging))
+        rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging,
+                                 freeze=args.freeze, warm=args.warm))
     rates = {name: statistics.median(values) for name, values in rounds.items()}
     bare = rates["bare litellm"]
     print("| variant | calls/s | ratio to bare litellm |")

@@ -27,9 +27,12 @@ def test_overhead_smoke(traced: bool) -> None:
     assert "own work per call, provider stubbed (20 messages, sync): back to back" in out
 
 
-def test_throughput_smoke(redis_url) -> None:
-    out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url)
+@pytest.mark.parametrize("steady", [False, True])
+def test_throughput_smoke(redis_url, steady: bool) -> None:
+    out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url,
+               *(["--freeze", "--warm"] if steady else []))
     assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: calls/s")
+    assert ("startup objects frozen (gc.freeze), each batch after 20 untimed calls" in out.splitlines()[0]) is steady
 
 
 def test_gc_pressure_smoke(redis_url) -> None:
