@@ -96,16 +96,20 @@ def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> 
 _DEFERRED = threading.local()
 
 
-@contextmanager
-def deferring() -> Iterator[list[Callable[[], None]]]:
-    """Within it, :func:`defer` queues its writes on the list yielded instead of making them."""
-    queued: list[Callable[[], None]] = []
-    outer = getattr(_DEFERRED, "queue", None)
-    _DEFERRED.queue = queued
-    try:
-        yield queued
-    finally:
-        _DEFERRED.queue = outer
+class deferring:  # noqa: N801 - used as a function: ``with deferring() as queued``
+    """Within it, :func:`defer` queues its writes on the list it gives instead of making them (a
+    class, not a generator: entered on every step of every async call on a store that blocks)."""
+
+    __slots__ = ("outer", "queued")
+
+    def __enter__(self) -> list[Callable[[], None]]:
+        self.queued: list[Callable[[], None]] = []
+        self.outer = getattr(_DEFERRED, "queue", None)
+        _DEFERRED.queue = self.queued
+        return self.queued
+
+    def __exit__(self, *exc: object) -> None:
+        _DEFERRED.queue = self.outer
 
 
 def defer(write: Callable[[], None]) -> None:
