@@ -94,6 +94,16 @@ def test_a_dead_workers_spool_is_drained_by_another_process(ledger_url, tmp_path
     assert _count(ledger_url) == 50 and live.exists()
 
 
+def test_drain_names_a_spool_folder_given_that_is_not_there(tmp_path, capsys) -> None:
+    """A --spool typed by hand that does not exist is an error naming it; without --spool, a ledger
+    that never spooled has nothing to drain."""
+    ledger = f"sqlite:///{tmp_path}/l.db"
+    assert main(["ledger", "drain", "--ledger", ledger, "--spool", str(tmp_path / "spoool")]) == 2
+    assert f"--spool {tmp_path / 'spoool'}: no such folder" in capsys.readouterr().err
+    assert main(["ledger", "drain", "--ledger", ledger]) == 0
+    assert "nothing to drain: no spool folder at" in capsys.readouterr().out
+
+
 def test_the_spool_lives_beside_a_sqlite_ledger_and_never_names_a_password(tmp_path, monkeypatch) -> None:
     assert default_spool(f"sqlite:///{tmp_path}/l.db") == Path(f"{tmp_path}/l.db.spool")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))

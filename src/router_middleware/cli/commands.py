@@ -115,6 +115,8 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
 
     url = args.ledger if "://" in args.ledger else f"sqlite:///{args.ledger}"
     folder = Path(args.spool) if args.spool else default_spool(url)
+    if args.spool and not folder.is_dir():  # a folder named by hand that is not there: a typo, not "nothing"
+        raise RouterMiddlewareError(f"--spool {args.spool}: no such folder")
     if not folder.is_dir():
         print(f"nothing to drain: no spool folder at {folder}")
         return 0
