@@ -14,7 +14,7 @@ import hashlib
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, St
 
 F = TypeVar("F", bound=Callable[..., Any])
 Script = Callable[[Any, str, list[str], list[Any]], None]  # queues (pipeline, script source, keys, args)
+Reader = Callable[[list[Any]], Any]  # a call's result from the replies to its commands
 
 _INCR = """
 local value = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
@@ -200,15 +201,38 @@ def _pack_py(args: tuple[Any, ...]) -> bytes:
     return b"".join(out)
 
 
+def _last(replies: list[Any]) -> Any:
+    return replies[-1] if replies else None
+
+
+def _every(replies: list[Any]) -> list[Any]:
+    return replies
+
+
+def _answer(future: asyncio.Future[Any], replies: list[Any], read: Reader) -> None:
+    """Answer a call with ``read`` of its ``replies``, or the first error among them (or ``read``'s)."""
+    failed = next((r for r in replies if isinstance(r, Exception)), None)
+    if failed is None:
+        try:
+            result = read(replies)
+        except Exception as exc:  # noqa: BLE001 - the call's own error, not the batch's
+            failed = exc
+        else:
+            future.set_result(result)
+            return
+    future.set_exception(failed)
+
+
 class _Commands:
     """The commands of one flush, packed as they are queued (the subset of a redis-py pipeline's
-    methods this module queues); ``scripts``: the source behind each EVALSHA, by position."""
+    methods this module queues); ``scripts``: the source behind each EVALSHA, by position (a script
+    Redis lacks is loaded, and the same packed command sent again)."""
 
     __slots__ = ("packed", "scripts")
 
     def __init__(self) -> None:
         self.packed: list[bytes] = []
-        self.scripts: dict[int, tuple[str, list[str], list[Any]]] = {}
+        self.scripts: dict[int, str] = {}
 
     def add(self, *args: Any) -> None:
         self.packed.append(_pack(args))
@@ -216,7 +240,7 @@ class _Commands:
     def truncate(self, count: int) -> None:
         """Drop the commands queued after the first ``count``."""
         del self.packed[count:]
-        self.scripts = {i: script for i, script in self.scripts.items() if i < count}
+        self.scripts = {i: source for i, source in self.scripts.items() if i < count}
 
     def get(self, key: str) -> None:
         self.add("GET", key)
@@ -228,13 +252,28 @@ class _Commands:
         self.add("LRANGE", key, start, end)
 
     def evalsha(self, sha: str, source: str, keys: list[str], args: list[Any]) -> None:
-        self.scripts[len(self.packed)] = (source, keys, args)
+        self.scripts[len(self.packed)] = source
         self.add("EVALSHA", sha, len(keys), *keys, *args)
+
+
+class _Queued:
+    """The commands the calls of one turn of the loop queued, packed as each call queued them (what
+    they were made of need not outlive the call's ``submit``), and who waits on their replies: per
+    call its future, how many commands it queued, and what reads its result from their replies."""
+
+    __slots__ = ("commands", "futures", "readers", "sizes")
+
+    def __init__(self) -> None:
+        self.commands = _Commands()
+        self.futures: list[asyncio.Future[Any]] = []
+        self.sizes: list[int] = []
+        self.readers: list[Reader] = []
 
 
 class _Batch:
     """Writes queued by the calls of one event loop, flushed together after the loop's current turn.
-    A flush packs its commands itself and sends them on one connection of the asyncio client's pool:
+    Each call's commands are packed (here, not by redis-py) as it submits them, and a flush sends them
+    on one connection of the asyncio client's pool:
     a thousand calls' commands cost one write and their replies, not a redis-py pipeline's command
     objects, per-argument encoding and SCRIPT EXISTS round trip."""
 
@@ -242,19 +281,29 @@ class _Batch:
         self.client = client
         self.shas = {source: hashlib.sha1(source.encode()).hexdigest() for source in scripts}  # noqa: S324 - Redis's script id
         self.outage = outage
-        self.pending: list[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any], bool]] = []
+        self.pending = _Queued()
         self.reads: dict[tuple[bool, str], tuple[_SharedRead, int]] = {}  # reads in flight (afetch)
         self.flushing: set[asyncio.Task[None]] = set()  # a task the loop only holds weakly is kept here
 
-    def submit(self, queue: Callable[..., Any], *args: Any, every: bool = False) -> asyncio.Future[Any]:
+    def submit(self, queue: Callable[..., Any], *args: Any, read: Reader = _last) -> asyncio.Future[Any]:
         """``queue(pipeline, script, *args)`` adds one call's commands (``script`` queues a script of
-        this module as EVALSHA); the future gets their last result (``every``: the list of all their
-        results). A function and its arguments, not a closure: fewer objects per call while it waits."""
+        this module as EVALSHA), packed at once; the future gets ``read`` of their results (by default
+        the last one). A command that cannot be packed fails its call only."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if not self.pending:
+        pending = self.pending
+        if not pending.futures:
             loop.call_soon(self._start_flush, loop)
-        self.pending.append((queue, args, future, every))
+        commands = pending.commands
+        before = len(commands.packed)
+        try:
+            queue(commands, self.evalsha, *args)
+        except Exception as exc:  # noqa: BLE001 - handed to its caller, through its future
+            commands.truncate(before)
+            future.set_exception(exc)
+        pending.futures.append(future)
+        pending.sizes.append(len(commands.packed) - before)
+        pending.readers.append(read)
         return future
 
     def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -270,36 +319,21 @@ class _Batch:
         await self.client.aclose()
 
     async def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        commands = _Commands()
-        sizes = []
-        for queue, args, future, _ in batch:
-            before = len(commands.packed)
-            try:
-                queue(commands, self.evalsha, *args)
-            except Exception as exc:  # noqa: BLE001 - a command that cannot be packed fails its call only
-                commands.truncate(before)
-                if not future.done():
-                    future.set_exception(exc)
-            sizes.append(len(commands.packed) - before)
+        queued, self.pending = self.pending, _Queued()
         try:
             self.outage.check()
-            results = await self._send(commands)
+            results = await self._send(queued.commands)
         except Exception as exc:  # noqa: BLE001 - every call of the batch learns of it
             self.outage.note(exc)
-            for _, _, future, _ in batch:
+            for future in queued.futures:
                 if not future.done():
                     future.set_exception(exc)
             return
         start = 0
-        for (_, _, future, every), size in zip(batch, sizes, strict=True):
+        for future, size, read in zip(queued.futures, queued.sizes, queued.readers, strict=True):
             mine, start = results[start:start + size], start + size
-            failed = next((r for r in mine if isinstance(r, Exception)), None)
             if not future.done():
-                if failed is not None:
-                    future.set_exception(failed)
-                else:
-                    future.set_result(mine if every else mine[-1] if mine else None)
+                _answer(future, mine, read)
 
     async def _send(self, commands: _Commands) -> list[Any]:
         """Each command's reply (an error reply as its exception). A script Redis does not have (a
@@ -309,12 +343,11 @@ class _Batch:
         results = await self._exchange(commands.packed)
         lost = [i for i in commands.scripts if _no_script(results[i])]
         if lost:
-            sources = list(dict.fromkeys(commands.scripts[i][0] for i in lost))
+            sources = list(dict.fromkeys(commands.scripts[i] for i in lost))
             again = _Commands()
             for source in sources:
                 again.add("SCRIPT", "LOAD", source)
-            for i in lost:
-                self.evalsha(again, *commands.scripts[i])
+            again.packed += (commands.packed[i] for i in lost)
             for i, reply in zip(lost, (await self._exchange(again.packed))[len(sources):], strict=True):
                 results[i] = reply
         return results
@@ -439,6 +472,21 @@ def _refusal(answer: Any) -> Refusal | None:
     return None if int(index) == 0 else (int(index) - 1, float(total))
 
 
+def _none(replies: list[Any]) -> None:
+    return None
+
+
+def _refused(replies: list[Any]) -> Refusal | None:
+    return _refusal(replies[-1])
+
+
+def _resolved(value: Any) -> asyncio.Future[Any]:
+    """An answer that needs no round trip, as a future (what the batched methods return)."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
 class RedisStore:
     """Sync methods on a blocking client. ``afetch``, ``aadd_within``, ``aadd_many``, ``aget`` and
     ``aput_bounded`` (what a call's reads, admission, settlement and response cache send on the async
@@ -505,19 +553,19 @@ class RedisStore:
         keys, args = self._within_call(entries, holds)
         return _refusal(self._within(keys=keys, args=args))
 
-    async def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+    def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Awaitable[Refusal | None]:
+        """:meth:`add_within`, batched: a future, not a coroutine (a call waiting on it holds neither
+        a coroutine nor ``entries`` and ``holds``: they are packed at once)."""
         if not entries and not holds:
-            return None
-        keys, args = self._within_call(entries, holds)
-        return _refusal(await self._batch().submit(_script, _WITHIN, keys, args))
+            return _resolved(None)
+        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds), read=_refused)
 
     async def aget(self, key: str) -> bytes | None:
         value = await self._batch().submit(self._queue_get, key)
         return bytes(value) if value is not None else None
 
     async def aput_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
-        keys, args = self._bounded_call((key, value, ttl_s, ring, capacity))
-        await self._batch().submit(_script, _BOUNDED, keys, args)
+        await self._batch().submit(_script, _BOUNDED, *self._bounded_call((key, value, ttl_s, ring, capacity)))
 
     @_guarded
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
@@ -548,7 +596,7 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, every=True), new, batch.reads)
+            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, read=_every), new, batch.reads)
             first = 1 if values else 0  # the MGET's answer, then one per list
             for at, (one, key) in enumerate(new):
                 found[(one, key)] = batch.reads[(one, key)] = (shared, at if one else first + at - len(values))
@@ -579,10 +627,12 @@ class RedisStore:
         if entries or samples or releases or bounded:
             self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded).execute()
 
-    async def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                        releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+    def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
+                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> Awaitable[None]:
+        """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
         if entries or samples or releases or bounded:
-            await self._batch().submit(self._queue, entries, samples, releases, bounded)
+            return self._batch().submit(self._queue, entries, samples, releases, bounded, read=_none)
+        return _resolved(None)
 
     def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
         pipe.get(self._k(key))
