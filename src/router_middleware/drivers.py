@@ -71,7 +71,8 @@ async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool =
     done, value = await _aadvance(flow, reply, error, off_loop)
     while not done and not isinstance(value, Attempt):
         try:
-            reply, error = await _aeffect(value, wait, off_loop), None
+            io, value = _aeffect(value, wait, off_loop), None  # the effect need not live while its I/O runs
+            reply, error = await io, None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
         done, value = await _aadvance(flow, reply, error, off_loop)
