@@ -99,7 +99,8 @@ class CallLifecycle:
         self.usable = usable
         self.use_cache = cache and read is None
         self.held = Held()
-        self._sized: tuple[Plan, int, int] | None = None  # the last plan sized, and its size
+        self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
+        self._size_of = (0, 0)
         self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
         self.side_calls: list[SideCall] = []  # summaries written for this call
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
@@ -299,10 +300,10 @@ class CallLifecycle:
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
         counted once per plan: the budget claims and a token quota of the same attempt share it."""
-        if self._sized is None or self._sized[0] is not plan:
+        if self._sized is not plan:
             self.held.counted, tokens, output = self.engine.request_size(plan, self.prefetch)
-            self._sized = (plan, tokens, output)
-        return self._sized[1], self._sized[2]
+            self._sized, self._size_of = plan, (tokens, output)
+        return self._size_of
 
     def _admit(self, plan: Plan, attempts: Attempts,
                claims: list[Claim] | None = None) -> Generator[Effect, Any, Plan]:

@@ -76,8 +76,8 @@ class Admission:
     claims: list[Claim]
     found: tuple[Quota, ...]
     tokens: int
-    left: list[Addition]  # already counted down from the provider's view
-    windows: list[quotas.WindowClaim]
+    left: tuple[Addition, ...]  # already counted down from the provider's view
+    windows: tuple[quotas.WindowClaim, ...]  # tuples: a call waiting on its admission holds fewer objects
 
     @property
     def entries(self) -> list[Within]:
@@ -201,18 +201,18 @@ class Bookkeeper:
             try:
                 left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
             except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
-                self.admission_failed(held, Admission(claims, found, tokens, [], []), exc)
+                self.admission_failed(held, Admission(claims, found, tokens, (), ()), exc)
                 return None
             if why is not None:
                 return why
-        return Admission(claims, found, tokens, left, quotas.window_claims(found, tokens, time.time()))
+        return Admission(claims, found, tokens, tuple(left), quotas.window_claims(found, tokens, time.time()))
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
         """The store's answer to ``admission``: hold what was taken, or say why not. Raises
         ``BudgetExceeded`` naming the budget."""
         claims, windows = admission.claims, admission.windows
         if refusal is not None:
-            self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
+            self._add("quota_store_failed", quotas.give_back(Taken(list(admission.left), admission.tokens)))
             index, total = refusal
             if index < len(windows):
                 return quotas.refused(windows[index], total)

@@ -33,13 +33,14 @@ class WindowClaim:
     limit: int
 
 
-def window_claims(quotas: tuple[Quota, ...], tokens: int, now: float) -> list[WindowClaim]:
+def window_claims(quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[WindowClaim, ...]:
+    """One claim per quota and limit (a tuple: with no quota, the empty one, which the collector ignores)."""
     found = []
     for quota in quotas:
         for kind, limit in quota.limit.items():
             key, ttl = window(quota.bucket, kind, now)
             found.append(WindowClaim((QUOTA + key, needs(kind, tokens), float(limit), ttl), quota.bucket, kind, limit))
-    return found
+    return tuple(found)
 
 
 def refused(claim: WindowClaim, total: float) -> str:
