@@ -102,7 +102,7 @@ class CallLifecycle:
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
         self._size_of = (0, 0)
         self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
-        self.side_calls: list[SideCall] = []  # summaries written for this call
+        self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
     def run(self) -> Flow:
@@ -223,7 +223,7 @@ class CallLifecycle:
         try:
             response = yield Summarize(job, request)
         except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
-            self.side_calls.append(SideCall(model, None, exc, started, time.time_ns()))
+            self.side_calls += (SideCall(model, None, exc, started, time.time_ns()),)
             log.warning("summary_failed", span=job.key, error_type=type(exc).__name__,
                         error=self.engine.telemetry.redactor(str(exc))[:200])
             return
@@ -236,7 +236,7 @@ class CallLifecycle:
         except Exception as exc:  # noqa: BLE001 - an unpriced summary still serves the call
             log.warning("summary_unaccounted", span=job.key, error_type=type(exc).__name__)
             outcome = None
-        self.side_calls.append(SideCall(model, outcome, None, started, ended))
+        self.side_calls += (SideCall(model, outcome, None, started, ended),)
 
     def _carry(self, plan: Plan) -> Plan:
         """``plan`` with what this call's summaries cost (every later plan of the call keeps it)."""

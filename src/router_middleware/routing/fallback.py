@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..catalog import close_names
@@ -57,7 +57,7 @@ class Attempts:
     config: FallbackConfig
     tries: int = 0
     depth: int = 0
-    history: list[str] = field(default_factory=list)
+    history: tuple[str, ...] = ()  # what each attempt came to (a tuple: while empty, nothing the collector tracks)
 
     @property
     def model(self) -> str:
@@ -65,7 +65,7 @@ class Attempts:
 
     def skip(self, reason: str) -> str | None:
         """Move past the current target without trying it (its quota is used up)."""
-        self.history.append(f"{self.models.pop(0)}: {reason}")
+        self.history += (f"{self.models.pop(0)}: {reason}",)
         if not self.models:
             return None
         self.tries = 0
@@ -74,7 +74,7 @@ class Attempts:
 
     def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
         """The model to try next after ``exc``, or ``None`` when the call must fail."""
-        self.history.append(f"{self.model}: {error_kind(exc)}")
+        self.history += (f"{self.model}: {error_kind(exc)}",)
         if not retryable(exc) and not (is_free(self.model) and len(self.models) > 1):
             return None  # a free variant that failed in any way still has its paid model behind it
         self.tries += 1
