@@ -212,7 +212,7 @@ class Bookkeeper:
         ``BudgetExceeded`` naming the budget."""
         claims, windows = admission.claims, admission.windows
         if refusal is not None:
-            self._add("quota_store_failed", quotas.give_back(Taken(list(admission.left), admission.tokens)))
+            self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
             if index < len(windows):
                 return quotas.refused(windows[index], total)

@@ -5,7 +5,7 @@ decided in :mod:`router_middleware.routing.quotas` (pure)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ from .keys import QUOTA
 class Taken:
     """What an attempt counted, to settle (tokens) or give back (on a failed attempt)."""
 
-    keys: list[Addition]
+    keys: Sequence[Addition]  # only iterated: a list, or an admission's tuple
     tokens: int
 
 
