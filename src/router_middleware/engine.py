@@ -96,11 +96,8 @@ class Engine:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
         ``prefetch``, which never reads the store), then fit the params to the chosen model
         (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
-        if prefetch is None:
-            changes = {}
-        else:
-            changes = prefetch.views(state) if state else prefetch.views(self.state, self._views)
         state = state or self.state
+        changes = {} if prefetch is None else prefetch.views(state, self._views if state is self.state else None)
         if self._timed:
             changes["now"] = time.time()
         if changes:
