@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from router_middleware import BudgetExceeded, ConfigError, Pipeline, outcome
+from router_middleware import BudgetExceeded, Config, ConfigError, Pipeline, outcome
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -110,6 +110,21 @@ def test_a_budget_that_cannot_apply_to_a_call_says_so_once() -> None:
             p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")  # names no user: not held
     said = [e for e in logs if e["event"] == "budget_not_applied"]
     assert len(said) == 1 and said[0]["scope"] == "user" and "context={'user': ...}" in said[0]["why"]
+
+
+def test_each_pipeline_says_once_that_a_budget_cannot_apply() -> None:
+    """Two pipelines of one config object each say it (once): what was said is the engine's own
+    record, not a module's keyed by object ids that a later config may reuse."""
+    import structlog
+
+    config = Config.model_validate({"cache": {"enabled": False},
+                                    "routing": {"budgets": [{"name": "per-tenant", "scope": "tenant", "usd": 1.0}]}})
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            p = Pipeline(config)
+            for _ in range(2):
+                p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert [e["budget"] for e in logs if e["event"] == "budget_not_applied"] == ["per-tenant", "per-tenant"]
 
 
 def _in_threads(calls: int, one: Callable[[], None]) -> None:

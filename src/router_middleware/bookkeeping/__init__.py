@@ -120,6 +120,7 @@ class Bookkeeper:
         self.ledger = ledger
         self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
+        self._unapplied: set[str] = set()  # budgets already logged as not applying to a call
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
@@ -157,7 +158,7 @@ class Bookkeeper:
         if not self.routing.budgets:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
-                              hold=unique_id())
+                              hold=unique_id(), said=self._unapplied)
 
     def reasoning_claim(self, plan: Plan) -> list[Claim]:
         """The reasoning the call is expected to spend (its level's tokens), held on its session's

@@ -22,8 +22,6 @@ from ..telemetry import log
 from ..types import AgentContext
 from .keys import BUDGET
 
-_UNAPPLIED: set[int] = set()  # budgets (by id: each config's own) already said not to apply to a call
-
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -53,14 +51,16 @@ class Reservation:
 
 
 def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, tokens: int,
-           now: float, hold: str) -> list[Claim]:
-    """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``."""
+           now: float, hold: str, said: set[str]) -> list[Claim]:
+    """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``. A
+    budget that cannot apply (the call names no value of its scope) is logged once: its name joins
+    ``said``, the caller's record of budgets already reported."""
     found = []
     for budget in budgets:
         value = scope_value(budget, context)  # once per budget, for both its units
         if value is None:
-            if id(budget) not in _UNAPPLIED:
-                _UNAPPLIED.add(id(budget))
+            if budget.name not in said:
+                said.add(budget.name)
                 field = {"session": "session_id"}.get(budget.scope, budget.scope)
                 log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
                             why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")
