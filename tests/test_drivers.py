@@ -150,6 +150,42 @@ def test_a_non_retryable_error_fails_at_once(call, script) -> None:
     assert script.calls == [CLAUDE]
 
 
+@pytest.fixture
+def missing_key(monkeypatch) -> Exception:
+    """What litellm raises for an OpenAI model when no key is set: a 500 (``InternalServerError``),
+    raised before any request is sent."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(Exception) as raised:
+        litellm.completion(model=MINI, messages=MESSAGES)
+    monkeypatch.undo()
+    assert isinstance(raised.value, litellm.exceptions.InternalServerError), raised.value  # not an auth error
+    return raised.value
+
+
+def test_a_missing_provider_key_fails_at_once_like_an_authentication_error(missing_key, call, script, waits) -> None:
+    """Retrying, backing off or falling over cannot supply a key this process lacks (litellm reports
+    it as a 500); it counts toward the target's cooldown like a rejected key."""
+    script.failures[CLAUDE] = [missing_key, missing_key]
+    p = pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.4}, cooldown={"failures": 1})
+    with pytest.raises(litellm.exceptions.InternalServerError, match="Missing credentials"):
+        call(p)
+    assert script.calls == [CLAUDE] and waits == []
+    assert p.store.get(f"cooldown:{CLAUDE}") is not None
+
+
+def test_a_request_s_own_fault_does_not_cool_the_target_down(call, script) -> None:
+    """Bad requests and requests too long for a model are the caller's: the next call still goes there."""
+    p = pipeline(cooldown={"failures": 1})
+    script.failures[CLAUDE] = [litellm.exceptions.BadRequestError("unsupported parameter", CLAUDE, "anthropic"),
+                               litellm.exceptions.ContextWindowExceededError("too long", CLAUDE, "anthropic")]
+    with pytest.raises(litellm.exceptions.BadRequestError):
+        call(p)
+    call(p)  # falls back to a larger window, without counting against claude
+    call(p)
+    assert script.calls == [CLAUDE, CLAUDE, MINI, CLAUDE]
+    assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(f"fail:{CLAUDE}") is None
+
+
 def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, script, span_exporter, waits) -> None:
     call(pipeline(aliases={"coder": [TYPO, MINI]}, fallback={"backoff_s": 0.4}))
     assert script.calls == [TYPO, MINI]  # litellm refused the typo itself (no provider), then the next one answered

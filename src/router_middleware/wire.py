@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -110,6 +111,17 @@ def no_provider(exc: BaseException, model: str) -> bool:
     message of a ``BadRequestError`` raised by its provider lookup."""
     return type(exc).__name__ == "BadRequestError" and "LLM Provider NOT provided" in str(exc) \
         and f"model={model}" in str(exc)
+
+
+_MISSING_KEY = re.compile(r"missing credentials|missing [\w .-]{1,40} api key|api_key client option must be set", re.I)
+
+
+def missing_credentials(exc: BaseException) -> bool:
+    """Did the provider's client refuse to send for want of a key, before any request? litellm
+    reports that as a 500 for some providers (OpenAI's "Missing credentials" is an
+    ``InternalServerError``, Gemini's missing key an ``APIConnectionError``) though it is an
+    authentication problem of this process, not the provider's health."""
+    return bool(_MISSING_KEY.search(str(exc)[:1000]))
 
 
 def mark_cache_hit(response: Any) -> None:

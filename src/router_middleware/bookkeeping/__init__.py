@@ -26,6 +26,7 @@ from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.affinity import session_route
+from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
 from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer
@@ -247,12 +248,15 @@ class Bookkeeper:
     # -- after an attempt or a call --------------------------------------------------------------
 
     def attempt_failed(self, held: Held, target: str, error: BaseException) -> None:
-        """Give back the attempt's quota tokens and count the failure toward ``target``'s cooldown."""
+        """Give back the attempt's quota tokens and count the failure toward ``target``'s cooldown
+        (unless it was the request's own fault, :func:`~.routing.fallback.counts_toward_cooldown`)."""
         if held.quota is not None:
             taken, found = held.quota
             held.quota = None
             self._add("quota_store_failed", quotas.give_back(taken, requests=False))
             self._observe(found, error)
+        if not counts_toward_cooldown(error):
+            return
         self._failed[target] = time.time()
 
         def count() -> None:

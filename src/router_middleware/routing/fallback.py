@@ -4,8 +4,9 @@ Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services,
 connection errors, context-window errors (to a model with a larger window) and content-policy
 refusals. A target litellm knows no provider for (a typo) is skipped for the next one, and with
 none left the call fails with :class:`~router_middleware.errors.UnknownModelError`. Anything else
-(bad request, authentication, not found) fails at once. Failure counts and cooldowns are kept by
-:mod:`router_middleware.bookkeeping.health`.
+(bad request, authentication, a provider key this process lacks, not found) fails at once.
+Failures count toward a target's cooldown (:mod:`router_middleware.bookkeeping.health`) unless
+they are the request's own (:func:`counts_toward_cooldown`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, UnknownModelError
 from ..types import Plan
-from ..wire import retry_after
+from ..wire import missing_credentials, retry_after
 from .quotas import is_free
 
 RETRYABLE = (
@@ -33,9 +34,26 @@ def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# Failures of the request itself (its size, content or parameters) or of a name litellm cannot
+# route: another request to the same target may well succeed, so they say nothing of its health.
+REQUEST_FAULTS = frozenset({
+    "BadRequestError", "ContextWindowExceededError", "ContentPolicyViolationError", "UnprocessableEntityError",
+    "UnsupportedParamsError", "JSONSchemaValidationError",
+})
+
+
 def retryable(exc: BaseException) -> bool:
+    if missing_credentials(exc):  # no key here: trying again, or later, cannot help
+        return False
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & set(RETRYABLE)) or getattr(exc, "status_code", 0) in (408, 409, 429, 500, 502, 503, 504)
+
+
+def counts_toward_cooldown(exc: BaseException) -> bool:
+    """Does ``exc`` say the target is unhealthy (5xx, rate limits, timeouts, lost connections,
+    authentication, not found)? A request's own fault does not: three bad requests from one caller
+    must not send everyone else's calls elsewhere."""
+    return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
 
 
 def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None, *,
@@ -128,5 +146,5 @@ def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], 
     return windows
 
 
-__all__ = ["NO_PROVIDER", "RETRYABLE", "Attempts", "EmptyStreamError", "backoff", "error_kind", "request_windows",
-           "retry_after", "retryable", "unknown_model"]
+__all__ = ["NO_PROVIDER", "REQUEST_FAULTS", "RETRYABLE", "Attempts", "EmptyStreamError", "backoff",
+           "counts_toward_cooldown", "error_kind", "request_windows", "retry_after", "retryable", "unknown_model"]
