@@ -8,7 +8,7 @@ import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import ConfigError, Pipeline, UnknownModelError, outcome
+from router_middleware import ConfigError, Pipeline, RequestError, UnknownModelError, outcome
 from router_middleware.config import FallbackConfig
 from router_middleware.routing.budgets import NO_APP
 from router_middleware.routing.fallback import backoff
@@ -40,6 +40,15 @@ def test_alias_order_and_floor_suffix() -> None:
     assert decision.policy == "routing" and decision.attributes["strategy"] == "price"
     assert "claude-sonnet-4-5: ranked lower" in decision.attributes["considered"]
     assert routed(p, "gpt-4o").model == "gpt-4o"  # a concrete model passes through
+
+
+@pytest.mark.parametrize(("model", "hint"), [("coder:flor", "; did you mean ':floor'?"), ("coder:cheapest", "")])
+def test_a_misspelled_alias_suffix_is_refused_naming_the_ones_there_are(model: str, hint: str) -> None:
+    """Routed by the alias's default order instead, the caller would never learn it was not by price."""
+    with pytest.raises(RequestError) as raised:
+        pipeline().completion(model=model, messages=MESSAGES, mock_response="ok")
+    assert str(raised.value) == (f"model {model!r}: an alias takes ':floor' (the cheapest target first) or ':nitro' "
+                                 f"(the fastest first), not ':{model.partition(':')[2]}'{hint}")
 
 
 def test_constraints_explain_every_rejection() -> None:

@@ -26,6 +26,7 @@ or a switch pays back within ``affinity.horizon_calls`` calls (``routing:stay`` 
 
 from __future__ import annotations
 
+import difflib
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RoutingConfig
-from ..errors import NoRouteError
+from ..errors import NoRouteError, RequestError
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
@@ -70,6 +71,16 @@ def _remembered(state: PolicyState, session_id: str) -> SessionRoute | None:
         return None
 
 
+_SUFFIXES = {"floor": "price", "nitro": "throughput"}  # OpenRouter's shortcuts, on an alias
+
+
+def _bad_suffix(requested: str, suffix: str) -> RequestError:
+    close = difflib.get_close_matches(suffix, list(_SUFFIXES), n=1, cutoff=0.5)
+    hint = f"; did you mean ':{close[0]}'?" if close else ""
+    return RequestError(f"model {requested!r}: an alias takes ':floor' (the cheapest target first) or ':nitro' "
+                        f"(the fastest first), not ':{suffix}'{hint}")
+
+
 @dataclass(frozen=True)
 class Session:
     """A tiered call's session: its last route, whether it is remembered (``tracked``), and the lowest
@@ -102,7 +113,9 @@ class RoutingPolicy:
                                model=target.model, deployment=alias)
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
-        strategy = {"floor": "price", "nitro": "throughput"}.get(suffix, self.config.strategy.get(alias, "ordered"))
+        if suffix and suffix not in _SUFFIXES:
+            raise _bad_suffix(requested, suffix)
+        strategy = _SUFFIXES.get(suffix) or self.config.strategy.get(alias, "ordered")
         session: Session | None = None
         if alias == "auto" or strategy == "difficulty":
             index, score = self._tier(plan)
