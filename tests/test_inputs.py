@@ -76,6 +76,26 @@ def test_a_message_dict_instead_of_a_list_says_so() -> None:
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES[0], mock_response="ok")
 
 
+@pytest.mark.parametrize(("messages", "named"), [
+    ([], "messages is empty: a call needs at least one message"),
+    ([{"role": "user", "text": "hi"}], "message 0: a user message needs 'content' (it has 'text')"),
+    ([{"role": "system"}, {"role": "user", "content": "hi"}], "message 0: a system message needs 'content'"),
+])
+def test_a_request_a_provider_would_refuse_for_its_messages_is_refused_by_name(messages, named) -> None:
+    """Sent as they are, each gets a provider's 400, or worse, a reply to nothing."""
+    for repair in (False, True):
+        p = Pipeline.from_config({"messages": {"repair_tool_calls": repair}, "cache": {"enabled": False}})
+        with pytest.raises(MessageError, match=re.escape(named) + "$"):
+            p.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+
+
+def test_an_assistant_turn_of_tool_calls_alone_needs_no_content() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "ls", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "list"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "a.py"}]
+    assert Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok").choices
+
+
 def test_deeply_nested_tool_call_arguments_are_carried_not_crashed_on() -> None:
     arguments = "[" * 5000 + "]" * 5000
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
@@ -298,7 +318,7 @@ def test_the_fast_check_and_the_repair_agree_with_integrity_violations() -> None
     rng = random.Random(7)
     for _ in range(2000):
         history: list[dict] = []
-        for _ in range(rng.randint(0, 8)):
+        for _ in range(rng.randint(1, 8)):  # an empty request is refused for being empty
             draw = rng.random()
             if draw < 0.3:
                 history.append(_asks(*rng.sample(["a", "b", "c", "d"], rng.randint(1, 3))))

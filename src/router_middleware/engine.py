@@ -19,7 +19,7 @@ from .config import Config, load_config
 from .context.summarize import summary_request
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
-from .messages import repair_messages, validate_messages
+from .messages import nonempty, repair_messages, validate_messages
 from .params import check_model, check_params
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
@@ -85,8 +85,9 @@ class Engine:
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
         if not self.config.messages.repair_tool_calls:
-            return Call.create(check_model(model), validate_messages(messages), check_params(params), ctx)
+            return Call.create(check_model(model), nonempty(validate_messages(messages)), check_params(params), ctx)
         valid, repairs = repair_messages(messages)
+        nonempty(valid)
         decisions = [Decision("messages", "repair", repairs.describe(), {
             "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []

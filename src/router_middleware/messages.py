@@ -83,6 +83,10 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     if content is not None and not isinstance(content, str | list):
         raise MessageError(f"content must be a string, a list of parts or null, got {type(content).__name__}",
                            index=index, source=source)
+    if "content" not in message and role in _NEEDS_CONTENT:
+        other = sorted(str(k) for k in message if k != "role")
+        raise MessageError(f"a {role} message needs 'content'" + (f" (it has {', '.join(map(repr, other))})"
+                                                                 if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
     raw_calls = message.get("tool_calls", None)
@@ -102,6 +106,7 @@ def _calls_ok(calls: list[Any]) -> bool:
                and c["function"].get("name") for c in calls)
 
 
+_NEEDS_CONTENT = frozenset({"user", "system", "developer", "tool"})  # the assistant's may be tool calls alone
 _VALID = MessageMemo()
 _HISTORIES = HistoryMemo()  # a resent history -> its valid messages and the tool-call state at its end
 
@@ -206,6 +211,14 @@ def validate_messages(messages: Iterable[Any], *, source: str | None = None,
         problem = _first_problem(out)
         raise MessageError(problem.detail, index=problem.index, source=source)
     return out
+
+
+def nonempty(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``messages`` when there is at least one; else raises :class:`MessageError` (a provider would
+    answer a 400)."""
+    if not messages:
+        raise MessageError("messages is empty: a call needs at least one message")
+    return messages
 
 
 def repair_messages(messages: Iterable[Any], *, source: str | None = None) -> tuple[list[dict[str, Any]], Repairs]:
