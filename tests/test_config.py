@@ -72,6 +72,19 @@ def test_a_ledger_url_of_an_unsupported_kind_is_refused_at_load_without_its_secr
     assert "s3cret" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("config", "named"), [
+    ({"cache": {"store": "sqllite:///x.db"}}, "field 'cache.store': .*unsupported scheme 'sqllite' .*did you mean 'sqlite'"),
+    ({"store": "mongodb://user:s3cret@db/state"}, "field 'store': .*unsupported scheme 'mongodb'"),
+])
+def test_a_store_url_of_an_unsupported_kind_is_refused_at_load_naming_the_field(config, named) -> None:
+    """As every other bad config value: the field and the scheme, never the URL's secret."""
+    from router_middleware import ConfigError, Pipeline
+
+    with pytest.raises(ConfigError, match=named) as raised:
+        Pipeline.from_config(config)
+    assert "s3cret" not in str(raised.value)
+
+
 def test_a_pipeline_takes_a_config_as_a_dict_or_a_path(tmp_path) -> None:
     from router_middleware import ConfigError, Pipeline
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -147,12 +148,29 @@ class SemanticCacheConfig(_Strict):
     max_per_scope: int = Field(default=200, gt=0)
 
 
+_STORE_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+
+
+def _store_scheme(url: str | None) -> str | None:
+    """A store URL whose scheme is one :func:`~router_middleware.stores.open_store` opens; refused at
+    load otherwise (the error names the scheme, not the URL, which may hold a password)."""
+    if not url:
+        return url
+    scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
+    if scheme not in _STORE_SCHEMES:
+        close = difflib.get_close_matches(scheme, _STORE_SCHEMES, n=1)
+        raise ValueError(f"unsupported scheme {scheme!r} (use memory://, sqlite:///PATH or redis://HOST:PORT/DB)"
+                         + (f"; did you mean {close[0]!r}?" if close else ""))
+    return url
+
+
 class CacheConfig(_Strict):
     """The exact response cache (see ``router_middleware.cache``)."""
 
     enabled: bool = True
     store: str | None = None  # default: the top-level ``store``
     ttl_s: float = Field(default=3600.0, gt=0)
+    _known_store = field_validator("store")(_store_scheme)
     max_entries: int = Field(default=10_000, gt=0)
     policy: Literal["temperature0", "opt-in", "always"] = "temperature0"
     semantic: SemanticCacheConfig = Field(default_factory=SemanticCacheConfig)
@@ -414,6 +432,7 @@ class Config(_Strict):
     version: Literal[1] = 1
     app: str | None = None
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
+    _known_store = field_validator("store")(_store_scheme)
     # A Redis operation that takes longer fails (the feature's store-error path applies), and Redis is
     # not asked again for as long: a call meets one timeout during an outage.
     store_timeout_s: float = Field(default=0.5, gt=0, le=60)
