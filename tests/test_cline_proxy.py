@@ -320,3 +320,21 @@ def _phoenix_spans(project: str, expected: int) -> list[dict]:
             return spans
         time.sleep(0.5)
     return spans
+
+
+def test_a_deployment_the_proxy_lacks_is_skipped_not_sent(tmp_path: Path) -> None:
+    """A misspelled proxy model name in router.yaml: the proxy would answer 400 ("Invalid model name")
+    where the alias's next target serves the call; it is skipped, and named once in the proxy's log."""
+    config = ROUTER_CONFIG.replace("coder-strong: {{", "coder-strng: {{").replace("[coder-strong,", "[coder-strng,")
+    with _proxy(tmp_path, config) as proxy:
+        request = urllib.request.Request(
+            f"{proxy['base']}/chat/completions", method="POST",
+            data=json.dumps({"model": "coder", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+        for _ in range(2):
+            with urllib.request.urlopen(request, timeout=60) as answered:
+                assert answered.status == 200
+        assert [b["model"] for b in proxy["seen"]] == ["gpt-4o-mini", "gpt-4o-mini"]  # coder-cheap's, at once
+        log = (tmp_path / "proxy.log").read_text()
+    assert log.count("proxy_model_unknown") == 2, log[-3000:]  # the alias's target and the deployment, once
+    assert "coder-strng" in log and "coder-strong" in log  # the name, and the proxy's closest

@@ -210,6 +210,42 @@ def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tm
     assert len(answered) == 5 and all("run_commands" in s.attributes["gen_ai.output.messages"] for s in answered)
 
 
+def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path, monkeypatch) -> None:
+    """Handed to the proxy, it gets the client a 400 ("Invalid model name") where the alias's next
+    target would have answered; the config's name is logged once, with the closest the proxy has."""
+    import sys
+    import types
+
+    import structlog
+
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen):
+        router = litellm.Router(model_list=[
+            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+            {"model_name": "flaky-2", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": up, "api_key": "x"}},
+        ])
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = _proxy_logger(tmp_path, ["flaky", "healthy"])  # the proxy has no model_name "flaky"
+        try:
+            async def calls() -> None:
+                for i in range(2):
+                    await _through_proxy(logger, router, f"u{i}")
+                await _recorded(logger, 2)
+            with structlog.testing.capture_logs() as logs:
+                asyncio.run(calls())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert [body["model"] for body in seen] == ["gpt-4o-mini", "gpt-4o-mini"]  # healthy's, at once
+    assert all(r["error"] is None and "routing:skip" in r["decisions"] for r in rows)
+    said = [e for e in logs if e["event"] == "proxy_model_unknown"]
+    assert [(e["where"], e["target"]) for e in said] == [("routing.aliases.coder", "flaky"),
+                                                         ("routing.deployments", "flaky"),
+                                                         ("routing.deployments", "flaky2")]
+    assert said[0]["did_you_mean"][0] == "flaky-2"
+
+
 def test_the_sdk_hook_never_fails_a_call_it_cannot_plan(logger) -> None:
     bad = {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "no call id"}], "litellm_call_id": "b"}
     assert asyncio.run(logger.async_pre_call_deployment_hook(bad, "acompletion")) is None  # sent as it came

@@ -87,16 +87,18 @@ Flow = Generator[Effect, Any, Any]
 
 class CallLifecycle:
     """``read``: turns an adapter's answer into an Outcome (default: a litellm response or stream);
-    ``usable``: whether the adapter can reach a routing target (others are skipped with a reason);
-    ``cache``: use the response cache (litellm answers only)."""
+    ``usable``: whether the adapter can reach a routing target (others are skipped, ``unusable``
+    saying why); ``cache``: use the response cache (litellm answers only)."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
-                 usable: Callable[[str], bool] | None = None, cache: bool = True) -> None:
+                 usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
+                 cache: bool = True) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
         self.read = read
         self.usable = usable
+        self.unusable = unusable
         self.use_cache = cache and read is None
         self.held = Held()
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
@@ -316,7 +318,7 @@ class CallLifecycle:
         while True:
             target = plan.deployment or plan.model
             unreachable = self.usable is not None and not self.usable(target)
-            why = "not among the adapter's models" if unreachable else None
+            why = self.unusable if unreachable else None
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0

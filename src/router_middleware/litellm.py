@@ -33,6 +33,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import wire
 from .accounting import build_outcome
+from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep
@@ -164,6 +165,7 @@ class RouterLogger(CustomLogger):
         self._lock = threading.Lock()
         self.hook_calls = 0
         self.recorded = 0
+        self._served: frozenset[str] | None = None  # the proxy's model names the config was last checked against
 
     def register(self) -> RouterLogger:
         """Add the logger to ``litellm.callbacks`` (once)."""
@@ -202,16 +204,35 @@ class RouterLogger(CustomLogger):
         engine = self.pipeline
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
         call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
-        lifecycle = engine.start(call, read=self._read, cache=False)
+        served = wire.proxy_model_names()  # a target the proxy has no model for is skipped, never sent
+        lifecycle = engine.start(call, read=self._read, cache=False,
+                                 usable=None if served is None else served.__contains__,
+                                 unusable="not a model_name of the proxy's model_list")
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
-        changed["fallbacks"] = list(attempt.remaining)  # the router tries them in the lifecycle's order
+        # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
+        changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
+        if served is not None and served != self._served:
+            self._served = served
+            self._unserved(served)
         changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
+
+    def _unserved(self, served: frozenset[str]) -> None:
+        """Log each routing target of the config the proxy has no model for (calls skip it), with
+        the closest model names it has: once per model list."""
+        routing = self.pipeline.config.routing
+        for where, targets in (*((f"routing.aliases.{a}", t) for a, t in routing.aliases.items()),
+                               ("routing.deployments", list(routing.deployments))):
+            for target in targets:
+                if target not in served:
+                    log.warning("proxy_model_unknown", where=where, target=target,
+                                did_you_mean=list(close_names(target, tuple(sorted(served)), models=False)),
+                                why="not a model_name of the proxy's model_list: calls skip it")
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:

@@ -113,6 +113,25 @@ def no_provider(exc: BaseException, model: str) -> bool:
         and f"model={model}" in str(exc)
 
 
+def proxy_model_names() -> frozenset[str] | None:
+    """The model names the running LiteLLM proxy's router answers to (its ``model_list``'s
+    ``model_name`` and ``model`` values, and its group aliases), or ``None`` when that cannot be told:
+    no proxy loaded, or a router that serves names beyond its list (wildcards, a default deployment,
+    pass-through). Read from the proxy's module, as its own request routing does."""
+    router = getattr(sys.modules.get("litellm.proxy.proxy_server"), "llm_router", None)
+    if router is None:
+        return None
+    try:
+        registry, settings = router.registry(), router.settings()
+        if registry.patterns().patterns or settings.default_deployment is not None \
+                or settings.router_general_settings.pass_through_all_models:
+            return None
+        names = {*registry.names(kind="group_set"), *registry.names(kind="deployment_names")}
+        return frozenset(names | set(getattr(router, "model_group_alias", None) or {}))
+    except Exception:  # noqa: BLE001 - another litellm's router: nothing is filtered
+        return None
+
+
 _MISSING_KEY = re.compile(r"missing credentials|missing [\w .-]{1,40} api key|api_key client option must be set", re.I)
 
 

@@ -93,7 +93,8 @@ class RouterAgentMiddleware(AgentMiddleware):
                                     system_message=system, model_settings=settings)
 
         usable = self.models.__contains__ if self.models else None
-        return self.pipeline.start(call, read=self._read, usable=usable, cache=False).run(), build
+        return self.pipeline.start(call, read=self._read, usable=usable, cache=False,
+                                   unusable="not among RouterAgentMiddleware's models=").run(), build
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float) -> Outcome:
         result = response.result if isinstance(response, ModelResponse) else [response]
