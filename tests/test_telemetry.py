@@ -402,3 +402,14 @@ def test_a_tracer_provider_set_later_gets_the_spans() -> None:
             trace.get_tracer_provider = original  # type: ignore[assignment]
         seen[name] = [s.name for s in exporter.get_finished_spans()]
     assert seen == {"first": ["x", "y"], "second": ["x", "y"]}
+
+
+def test_configure_telemetry_without_the_otlp_extra_names_it(monkeypatch) -> None:
+    """As every optional feature: which extra to install, not a bare ModuleNotFoundError."""
+    import sys
+
+    from router_middleware import MissingExtra
+
+    monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)  # not installed
+    with pytest.raises(MissingExtra, match=r"pip install 'router-middleware\[otlp\]'"):
+        configure_telemetry("http://127.0.0.1:4318", set_global=False)

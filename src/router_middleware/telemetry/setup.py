@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import MissingExtra
+
 
 @dataclass
 class TelemetryHandle:
@@ -44,10 +46,16 @@ def configure_telemetry(
     ``openinference.project.name``). Spans go through a batch processor, so a slow or unreachable
     collector costs the calls nothing: export happens on a background thread and gives up after
     ``timeout_s``.
+    Raises :class:`~router_middleware.MissingExtra` without the ``otlp`` extra.
     """
     from opentelemetry import metrics as metrics_api
     from opentelemetry import trace
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError as exc:
+        raise MissingExtra("configure_telemetry (OTLP export)", "otlp", "opentelemetry-exporter-otlp-proto-http") \
+            from exc
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
