@@ -95,11 +95,14 @@ def test_a_dead_workers_spool_is_drained_by_another_process(ledger_url, tmp_path
 
 
 def test_drain_names_a_spool_folder_given_that_is_not_there(tmp_path, capsys) -> None:
-    """A --spool typed by hand that does not exist is an error naming it; without --spool, a ledger
-    that never spooled has nothing to drain."""
+    """A --spool typed by hand that does not exist is an error naming it, and so is a --ledger with
+    neither a database nor a spool there (a typo); a ledger that never spooled has nothing to drain."""
     ledger = f"sqlite:///{tmp_path}/l.db"
     assert main(["ledger", "drain", "--ledger", ledger, "--spool", str(tmp_path / "spoool")]) == 2
     assert f"--spool {tmp_path / 'spoool'}: no such folder" in capsys.readouterr().err
+    assert main(["ledger", "drain", "--ledger", ledger]) == 2
+    assert f"no ledger at '{tmp_path}/l.db' (file not found)" in capsys.readouterr().err
+    open_ledger(ledger).close()
     assert main(["ledger", "drain", "--ledger", ledger]) == 0
     assert "nothing to drain: no spool folder at" in capsys.readouterr().out
 
