@@ -36,6 +36,9 @@ def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
             reply, error = send(value), None
         except Exception as exc:  # noqa: BLE001 - handed to the lifecycle, which decides
             reply, error = None, exc
+        except BaseException as exc:  # interrupted: the lifecycle ends the call, then it goes on up
+            _stop(flow, exc)
+            raise
         done, value = step(flow, reply, error)
     return value
 
@@ -47,8 +50,32 @@ async def adrive(flow: Flow, send: Callable[[Attempt], Awaitable[Any]], *, off_l
             reply, error = await send(value), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
+        except BaseException as exc:  # cancelled: the lifecycle ends the call, then it goes on up
+            await _astop(flow, exc, off_loop)
+            raise
         done, value = await astep(flow, reply, error, off_loop=off_loop)
     return value
+
+
+def _stop(flow: Flow, error: BaseException) -> None:
+    """Throw ``error`` (a cancellation, an interrupt) into ``flow`` where it waits: the lifecycle
+    records the call and gives back what it holds, then raises it (the caller raises it on)."""
+    try:
+        flow.throw(error)
+    except BaseException:  # noqa: BLE001, S110 - ``error`` again (or a write's): the caller raises ``error``
+        pass
+    flow.close()
+
+
+async def _astop(flow: Flow, error: BaseException, off_loop: bool) -> None:
+    """:func:`_stop` on the loop; with ``off_loop`` the writes it queued are made in a worker thread."""
+    if not off_loop:
+        _stop(flow, error)
+        return
+    with deferring() as queued:
+        _stop(flow, error)
+    if queued:
+        await _in_thread(_write_all, queued)
 
 
 def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
@@ -61,6 +88,9 @@ def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) 
             reply, error = _perform(value, wait), None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
+        except BaseException as exc:
+            _stop(flow, exc)
+            raise
         done, value = _advance(flow, reply, error)
     return done, value
 
@@ -75,6 +105,9 @@ async def astep(flow: Flow, reply: Any, error: Exception | None, *, wait: bool =
             reply, error = await io, None
         except Exception as exc:  # noqa: BLE001
             reply, error = None, exc
+        except BaseException as exc:  # cancelled during a store call or a wait
+            await _astop(flow, exc, off_loop)
+            raise
         done, value = await _aadvance(flow, reply, error, off_loop)
     return done, value
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, finish_reasons
-from .bookkeeping import Admission, Claim, Held, StepDown
+from .bookkeeping import Admission, Claim, Held, Reservation, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
@@ -122,27 +122,42 @@ class CallLifecycle:
                 return cached
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
         try:
-            plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
-        except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded
-            if self.side_calls:  # the summaries were paid for: their spans and the call's row say so
-                self._give_up(plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model),
-                                                    0, 0, attempt=False, side_calls=self.side_calls), refused)
-            raise
-        plan, trace = engine.launch(plan, self.side_calls)
-        started = time.perf_counter()
-        while True:
-            self._current = (plan, trace)
             try:
-                answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
-            except Exception as exc:
-                step = yield from self._failed(plan, trace, attempts, exc)
-                if step is None:
-                    raise exc
-                plan, delay = step
-            else:
-                return (yield from self._succeeded(plan, answer, trace, started))
-            if delay:
-                yield Wait(delay)
+                plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
+            except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded
+                if self.side_calls:  # the summaries were paid for: their spans and the call's row say so
+                    self._give_up(plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model),
+                                                        0, 0, attempt=False, side_calls=self.side_calls), refused)
+                raise
+            plan, trace = engine.launch(plan, self.side_calls)
+            started = time.perf_counter()
+            while True:
+                self._current = (plan, trace)
+                try:
+                    answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
+                except Exception as exc:
+                    step = yield from self._failed(plan, trace, attempts, exc)
+                    if step is None:
+                        raise exc
+                    plan, delay = step
+                else:
+                    return (yield from self._succeeded(plan, answer, trace, started))
+                if delay:
+                    yield Wait(delay)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # stopped from outside at an effect (cancelled, interrupted)
+                self._stopped(exc)
+            raise
+
+    def _stopped(self, error: BaseException) -> None:
+        """The driver stopped the call at one of its effects (``asyncio.CancelledError``, a timeout
+        around the call, ``KeyboardInterrupt``): an attempt in flight is recorded as failed with
+        ``error``, and the call's reservation is given back at once rather than held until it lapses
+        (a hold that never reached the store is released as nothing spent: no change)."""
+        if self._current is not None:
+            self._give_up(*self._current, error)
+        else:
+            self.books.release(self.held)
 
     def abandon(self, error: BaseException) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
@@ -353,6 +368,10 @@ class CallLifecycle:
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)
             return None
+        except BaseException:  # stopped while the store admits: its holds may be there, so the call's release ends them
+            if admission.claims:
+                self.held.reservation = Reservation(admission.claims)
+            raise
         return self.books.admitted(self.held, admission, refusal)
 
     # -- after an attempt ------------------------------------------------------------------------

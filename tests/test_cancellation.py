@@ -1,0 +1,132 @@
+"""A call stopped from outside (``asyncio.wait_for`` timing out, a task cancelled, an interrupt) at any
+of its awaits gives back its budget reservation at once and is recorded, like a call that failed:
+its reservation must not count against the budget until it lapses (``reservation_ttl_s``)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import litellm
+import pytest
+
+from router_middleware import Pipeline, drivers
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def budget_pipeline(store: str = "memory://", **routing: Any) -> Pipeline:
+    return Pipeline.from_config({
+        "store": store, "cache": {"enabled": False}, "context": {"enabled": False},
+        "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}], **routing},
+    })
+
+
+def spent(p: Pipeline, app: str) -> float:
+    return float(p.store.get(f"budget:team:usd:{app}:0") or 0.0)
+
+
+@pytest.fixture
+def hanging(monkeypatch) -> list[str]:
+    """litellm.acompletion that never answers (the provider hangs)."""
+    calls: list[str] = []
+
+    async def hang(**kwargs: Any) -> Any:
+        calls.append(kwargs["model"])
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(litellm, "acompletion", hang)
+    return calls
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_call_cancelled_during_the_provider_call_gives_its_reservation_back(
+        store, hanging, span_exporter, request) -> None:
+    url = request.getfixturevalue("redis_url") if store == "redis" else "memory://"
+    p, app = budget_pipeline(url), f"cancel-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
+                                             max_tokens=500), 0.2)
+    assert hanging == ["gpt-4o"]
+    await p.aclose()
+    assert spent(p, app) == 0.0  # released, not held for reservation_ttl_s
+    routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route")]
+    assert len(routes) == 1 and routes[0].attributes.get("error.type") == "CancelledError"
+
+
+async def test_a_call_cancelled_while_backing_off_gives_its_reservation_back(monkeypatch) -> None:
+    async def fail(**kwargs: Any) -> Any:
+        raise litellm.exceptions.RateLimitError("slow down", "x", "m")
+
+    async def wait_long(seconds: float) -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(litellm, "acompletion", fail)
+    monkeypatch.setattr(drivers, "_asleep", wait_long)
+    p, app = budget_pipeline(aliases={"coder": ["gpt-4o", "gpt-4o-mini"]}), "backoff"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(p.acompletion(model="coder", messages=MESSAGES, context={"app": app},
+                                             max_tokens=500), 0.2)
+    assert spent(p, app) == 0.0
+
+
+async def test_a_call_cancelled_during_its_admission_on_redis_gives_the_holds_back(
+        redis_url, hanging, monkeypatch) -> None:
+    """The admission script was sent (the batch's flush is not the caller's to cancel): its holds
+    reach Redis even though the cancelled call never learns it holds them."""
+    from router_middleware.stores.redis import RedisStore
+
+    admitted = asyncio.Event()
+    original = RedisStore.aadd_within
+
+    async def slow_admission(self: RedisStore, *args: Any) -> Any:
+        answer = await original(self, *args)
+        admitted.set()
+        await asyncio.sleep(3600)  # the answer is late: the caller gives up first
+        return answer
+
+    monkeypatch.setattr(RedisStore, "aadd_within", slow_admission)
+    p, app = budget_pipeline(redis_url), f"admit-{uuid.uuid4().hex[:8]}"
+    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
+                                               max_tokens=500))
+    await admitted.wait()
+    assert spent(p, app) > 0  # held
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p.aclose()
+    assert hanging == []
+    assert spent(p, app) == 0.0
+
+
+async def test_an_agent_model_call_cancelled_gives_its_reservation_back() -> None:
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RouterAgentMiddleware
+
+    p = budget_pipeline()
+    middleware = RouterAgentMiddleware(p, model="gpt-4o", context={"app": "agent"})
+    request = ModelRequest(model=FakeListChatModel(responses=["ok"]), messages=[HumanMessage("hello")],
+                           model_settings={"max_tokens": 500})
+
+    async def handler(r: ModelRequest) -> ModelResponse:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(middleware.awrap_model_call(request, handler), 0.2)
+    assert spent(p, "agent") == 0.0
+
+
+def test_a_sync_call_interrupted_during_the_provider_call_gives_its_reservation_back(monkeypatch) -> None:
+    def interrupted(**kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(litellm, "completion", interrupted)
+    p = budget_pipeline()
+    with pytest.raises(KeyboardInterrupt):
+        p.completion(model="gpt-4o", messages=MESSAGES, context={"app": "sync"}, max_tokens=500)
+    assert spent(p, "sync") == 0.0
