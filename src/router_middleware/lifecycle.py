@@ -507,7 +507,8 @@ class CallLifecycle:
             else:  # closed early: only the finish the provider sent counts (litellm's builder fills in "stop")
                 result = replace(result, finish_reasons=finish_reasons(
                     c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
-            result = self.books.settle(result, self.held, chunks[0], complete=complete)  # headers ride on chunks
+            result = self.books.settle(result, self.held, chunks[0], complete=complete,  # headers ride on chunks
+                                      error=error)
             if error is not None:
                 trace.fail(error, result)
             else:

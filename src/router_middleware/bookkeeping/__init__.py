@@ -102,6 +102,7 @@ class Settlement:
     releases: list[Release] = field(default_factory=list)  # the reservation's holds, ended
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
+    error: BaseException | None = None  # what cut a stream short (its ledger row names it)
 
     @property
     def writes(self) -> bool:
@@ -275,12 +276,13 @@ class Bookkeeper:
             self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation))
 
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-                   complete: bool = True) -> Settlement:
+                   complete: bool = True, error: BaseException | None = None) -> Settlement:
         """What settling a finished call writes: budgets and quotas to the actual usage, the session's
         reasoning spend and the reply's size (one ``add_many``: one round trip on Redis). Then
-        :meth:`settled`. ``complete=False`` (a stream cut short) settles the budget and quota only."""
+        :meth:`settled`. ``complete=False`` (a stream cut short, by ``error`` if given) settles the
+        budget and quota only (and its ledger row)."""
         usage = outcome.usage
-        done = Settlement(outcome, answer, complete)
+        done = Settlement(outcome, answer, complete, error=error)
         reasoning = usage.reasoning_tokens if complete else 0
         reserved = False  # the session's reasoning was held: its release adds what was spent
         if held is not None:
@@ -309,22 +311,21 @@ class Bookkeeper:
         return done
 
     def settled(self, done: Settlement) -> None:
-        """After the settlement's writes: the provider's rate-limit headers, target health and speed,
-        and the call's ledger row. Never raises."""
+        """After the settlement's writes: the provider's rate-limit headers, target health and speed
+        (a complete answer only), and the call's ledger row (every paid call's, a stream cut short
+        too). Never raises."""
         self._observe(done.found, done.answer)
         plan = done.outcome.plan
-        if not done.complete:
-            return
-        if plan is not None and self.routing.aliases:
+        if done.complete and plan is not None and self.routing.aliases:
             self._answered(plan.deployment or plan.model, done.outcome)
             self._remember(done.outcome)
-        self.record(done.outcome)
+        self.record(done.outcome, error=done.error)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-               complete: bool = True) -> Outcome:
+               complete: bool = True, error: BaseException | None = None) -> Outcome:
         """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises; the
         outcome, with a decision if the writes failed."""
-        done = self.settlement(outcome, held, answer, complete=complete)
+        done = self.settlement(outcome, held, answer, complete=complete, error=error)
         if done.writes:
             try:
                 self.store.add_many(done.additions, done.samples, done.releases)

@@ -1,0 +1,53 @@
+"""A stream that ends early (closed by the caller, or cut by the provider after its first chunk) was
+paid for: its budget settles to what was received, and the ledger has its row like every other call's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import litellm
+import pytest
+
+from router_middleware import Pipeline
+from router_middleware.ledger.store import open_ledger
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def ledger_pipeline(tmp_path) -> tuple[Pipeline, str]:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    return Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False},
+                                 "ledger": {"url": url},
+                                 "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}}), url
+
+
+def test_a_stream_closed_early_has_its_ledger_row(tmp_path) -> None:
+    p, url = ledger_pipeline(tmp_path)
+    stream = p.completion(model="gpt-4o", messages=MESSAGES, mock_response="a b c d e f", stream=True,
+                          context={"app": "a"})
+    next(stream)
+    stream.close()
+    p.close()
+    spent = float(p.store.get("budget:team:usd:a:0") or 0)
+    rows = open_ledger(url).query("SELECT model, error, cost_usd FROM calls")
+    assert len(rows) == 1 and rows[0][:2] == ("gpt-4o", None)
+    assert rows[0][2] == pytest.approx(spent)  # the ledger says what the budget counted
+
+
+def test_a_stream_cut_by_the_provider_has_its_ledger_row_with_the_error(tmp_path, monkeypatch) -> None:
+    completion = litellm.completion
+
+    def cut(**kwargs: Any) -> Any:
+        inner = completion(**kwargs)
+        yield next(inner)
+        raise litellm.exceptions.APIConnectionError("connection reset", "openai", "gpt-4o")
+
+    monkeypatch.setattr(litellm, "completion", cut)
+    p, url = ledger_pipeline(tmp_path)
+    stream = p.completion(model="gpt-4o", messages=MESSAGES, mock_response="a b c d e f", stream=True,
+                          context={"app": "a"})
+    with pytest.raises(litellm.exceptions.APIConnectionError):
+        list(stream)
+    p.close()
+    rows = open_ledger(url).query("SELECT model, error FROM calls")
+    assert rows == [("gpt-4o", "APIConnectionError")]
