@@ -3,6 +3,7 @@ paid for: its budget settles to what was received, and the ledger has its row li
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import litellm
@@ -51,3 +52,33 @@ def test_a_stream_cut_by_the_provider_has_its_ledger_row_with_the_error(tmp_path
     p.close()
     rows = open_ledger(url).query("SELECT model, error FROM calls")
     assert rows == [("gpt-4o", "APIConnectionError")]
+
+
+@pytest.mark.parametrize("how", ["close", "drop", "aclose"])
+def test_a_stream_closed_before_it_is_read_settles_its_reservation_and_is_recorded(how, tmp_path) -> None:
+    """The provider answered (the pipeline read the first chunk to fail over before it): a stream the
+    caller closes or drops unread is a paid call, settled and in the ledger, not a reservation held
+    for reservation_ttl_s nor a span saying no chunk came."""
+    import gc
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                              "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+    kwargs: dict[str, Any] = {"model": "gpt-4o", "messages": MESSAGES, "mock_response": "a b c d",
+                              "context": {"app": how}, "max_tokens": 500, "stream": True}
+    if how == "aclose":
+        async def unread() -> None:
+            stream = await p.acompletion(**kwargs)
+            await stream.aclose()
+
+        asyncio.run(unread())
+    else:
+        stream = p.completion(**kwargs)
+        if how == "close":
+            stream.close()
+        del stream
+        gc.collect()
+    p.close()
+    assert 0 < float(p.store.get(f"budget:team:usd:{how}:0") or 0) < 0.001  # settled to an estimate of what was sent, not the 0.005 reserved
+    rows = open_ledger(url).query("SELECT model, error FROM calls")
+    assert rows == [("gpt-4o", None)]

@@ -490,12 +490,14 @@ class CallLifecycle:
                 trace.fail(error)
                 if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so
                     self.books.record_failure(plan, error)
+                self.books.release(self.held)
                 return None
             source: UsageSource = "provider" if complete and wire.usage_reported(chunks) else "estimated"
             messages = [dict(m) for m in plan.messages]
             response = wire.litellm().stream_chunk_builder(chunks, messages=messages) if chunks else None
             if response is None:
                 trace.fail(error or RuntimeError("stream closed before the first chunk"))
+                self.books.release(self.held)
                 return None
             result = build_outcome(
                 response, plan, engine.catalog, usage_source=source, answered_model=wire.answered_model(chunks),

@@ -49,6 +49,8 @@ class TrackedStream:
         if self._done:
             return
         self._done = True
+        if not self._chunks and isinstance(self._inner, Prefetched):  # closed unread: the provider answered
+            self._chunks.extend(self._inner.unread)
         self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, complete)
 
     def __iter__(self) -> Iterator[Any]:
@@ -125,6 +127,11 @@ class Prefetched:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rest, name)
+
+    @property
+    def unread(self) -> list[Any]:
+        """The first chunk, if it has not been read yet."""
+        return list(self._first)
 
     def __next__(self) -> Any:
         return self._first.pop() if self._first else next(self._rest)
