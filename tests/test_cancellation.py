@@ -130,3 +130,69 @@ def test_a_sync_call_interrupted_during_the_provider_call_gives_its_reservation_
     with pytest.raises(KeyboardInterrupt):
         p.completion(model="gpt-4o", messages=MESSAGES, context={"app": "sync"}, max_tokens=500)
     assert spent(p, "sync") == 0.0
+
+
+async def test_a_call_cancelled_while_it_settles_keeps_its_ledger_row_and_span(redis_url, monkeypatch, tmp_path,
+                                                                             span_exporter) -> None:
+    """The provider answered and the settlement went to Redis (the batch's flush is not the caller's to
+    cancel): the paid call is in the ledger and its span ends, though its caller gave up."""
+    from router_middleware.ledger.store import open_ledger
+    from router_middleware.stores.redis import RedisStore
+
+    settled = asyncio.Event()
+    original = RedisStore.aadd_many
+
+    async def slow_settlement(self: RedisStore, *args: Any) -> Any:
+        await original(self, *args)
+        settled.set()
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(RedisStore, "aadd_many", slow_settlement)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    app = f"settle-{uuid.uuid4().hex[:8]}"
+    p = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
+                              "ledger": {"url": url},
+                              "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
+                                               mock_response="ok", max_tokens=500))
+    await settled.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p.aclose()
+    assert 0 < spent(p, app) < 0.001  # settled to the answer's cost
+    assert open_ledger(url).query("SELECT model, error FROM calls") == [("gpt-4o", "CancelledError")]
+    assert len([s for s in span_exporter.get_finished_spans() if s.name.startswith("route")]) == 1
+
+
+async def test_a_call_cancelled_while_its_answer_is_cached_is_still_settled(monkeypatch, tmp_path) -> None:
+    """The response cache on its own store writes before the settlement: a call stopped there was paid
+    for, so it is settled to its cost (not released as nothing spent) and recorded."""
+    import threading
+
+    from router_middleware.ledger.store import open_ledger
+    from router_middleware.stores.sqlite import SQLiteStore
+
+    writing = threading.Event()
+    original = SQLiteStore.put_bounded
+
+    def slow_put(self: SQLiteStore, *args: Any) -> None:
+        writing.set()
+        threading.Event().wait(0.5)
+        original(self, *args)
+
+    monkeypatch.setattr(SQLiteStore, "put_bounded", slow_put)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"cache": {"store": f"sqlite:///{tmp_path / 'cache.db'}"}, "context": {"enabled": False},
+                              "ledger": {"url": url},
+                              "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": "cached"},
+                                               mock_response="ok", max_tokens=500, temperature=0))
+    while not writing.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p.aclose()
+    assert 0 < spent(p, "cached") < 0.001
+    assert open_ledger(url).query("SELECT model, error FROM calls") == [("gpt-4o", "CancelledError")]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, finish_reasons
-from .bookkeeping import Admission, Claim, Held, Reservation, StepDown
+from .bookkeeping import Admission, Claim, Held, Reservation, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
@@ -32,7 +32,7 @@ from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
 from .stores import Prefetch
-from .stores.base import Bounded, Fetched
+from .stores.base import Bounded, Fetched, defer
 from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
 from .telemetry.tracing import SideCall
@@ -104,6 +104,9 @@ class CallLifecycle:
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
         self._size_of = (0, 0)
         self._current: tuple[Plan, CallTrace] | None = None  # the attempt in flight, until the call ends
+        self._answered: tuple[Outcome, Any, CallTrace] | None = None  # answered, until its span ends
+        self._settlement: Settlement | None = None  # the answered call's settlement, once made
+        self._settled = False  # ... and once its writes were made (or failed)
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
@@ -153,11 +156,28 @@ class CallLifecycle:
         """The driver stopped the call at one of its effects (``asyncio.CancelledError``, a timeout
         around the call, ``KeyboardInterrupt``): an attempt in flight is recorded as failed with
         ``error``, and the call's reservation is given back at once rather than held until it lapses
-        (a hold that never reached the store is released as nothing spent: no change)."""
+        (a hold that never reached the store is released as nothing spent: no change). A call stopped
+        after its answer came was paid for: it is settled (or its settlement, already sent, recorded)
+        and its ledger row and span carry ``error``."""
         if self._current is not None:
             self._give_up(*self._current, error)
-        else:
+            return
+        answered, self._answered = self._answered, None
+        if answered is None:
             self.books.release(self.held)
+            return
+        result, answer, trace = answered  # the provider answered (and was paid): the call is recorded
+        if self._settlement is None:  # before its settlement: settled here (off the loop, as a lesser write)
+            held, books = self.held, self.books
+
+            def settle() -> None:
+                books.settle(result, held, answer, error=error)
+
+            defer(settle)
+        elif not self._settled:  # while its settlement's writes went to the store (they were sent)
+            self._settlement.error = error
+            self.books.settled(self._settlement)
+        trace.fail(error, result)
 
     def abandon(self, error: BaseException) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
@@ -418,8 +438,9 @@ class CallLifecycle:
     def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
-            self._current = None
+            self._current, self._answered = None, (result, answer, trace)
             result, _ = yield from self._settle(result)
+            self._answered = None
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
         self._current = None
@@ -428,6 +449,7 @@ class CallLifecycle:
                                  hide_usage=self.engine.adds_usage_chunk(plan))
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started)
         wire.attach_outcome(answer, result)
+        self._answered = (result, answer, trace)
         cache, entry = self.engine.cache, None
         if cache is not None and self.use_cache and cache.cacheable(plan):
             try:
@@ -446,6 +468,7 @@ class CallLifecycle:
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
         if settled is not result:
             wire.attach_outcome(answer, settled)
+        self._answered = None
         trace.succeed(settled, answer)
         return answer
 
@@ -462,7 +485,7 @@ class CallLifecycle:
         """Settle through the store (one ``add_many``, with the response cache's ``entry`` when it
         shares the store); a failed write is logged and recorded as a decision on the outcome
         returned, never raised. The outcome, and the error if the write failed."""
-        done = self.books.settlement(result, self.held, answer)
+        done = self._settlement = self.books.settlement(result, self.held, answer)
         failed = None
         if done.writes or entry is not None:
             try:
@@ -472,6 +495,7 @@ class CallLifecycle:
                 failed = exc
                 if done.writes:
                     self.books.settle_failed(done, exc)
+        self._settled = True
         self.books.settled(done)
         return done.outcome, failed
 
