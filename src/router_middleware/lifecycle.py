@@ -148,7 +148,9 @@ class CallLifecycle:
                 if delay:
                     yield Wait(delay)
         except BaseException as exc:
-            if not isinstance(exc, Exception):  # stopped from outside at an effect (cancelled, interrupted)
+            # stopped from outside at an effect (cancelled, interrupted); not a flow closed or collected
+            # unfinished (GeneratorExit: its owner let it go, and the reservation lapses on its own)
+            if not isinstance(exc, Exception | GeneratorExit):
                 self._stopped(exc)
             raise
 
