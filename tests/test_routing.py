@@ -51,6 +51,18 @@ def test_a_misspelled_alias_suffix_is_refused_naming_the_ones_there_are(model: s
                                  f"(the fastest first), not ':{model.partition(':')[2]}'{hint}")
 
 
+def test_a_misspelled_provider_prefix_is_named_with_the_provider_meant() -> None:
+    """Not "no 'provider/' prefix": there is one, and the model after it may be right."""
+    p = Pipeline.from_config({"routing": {"deployments": {"d": {"model": "antropic/claude-sonnet-4-5"}}}})
+    with pytest.raises(UnknownModelError) as raised:
+        p.completion(model="opnai/gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert str(raised.value) == ("model 'opnai/gpt-4o-mini': litellm knows no provider 'opnai' (the part before '/'); "
+                                 "did you mean 'openai/gpt-4o-mini'?")
+    with pytest.raises(UnknownModelError, match=r"the model of routing.deployments.d: litellm knows no provider "
+                                                r"'antropic' .*did you mean 'anthropic/claude-sonnet-4-5'\?$"):
+        p.completion(model="d", messages=MESSAGES, mock_response="ok")
+
+
 def test_constraints_explain_every_rejection() -> None:
     p = pipeline(deny_providers=["anthropic"])
     big = [{"role": "user", "content": "word " * 20000}]

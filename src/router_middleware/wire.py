@@ -105,6 +105,12 @@ def provider_known(model: str) -> bool:
     return True
 
 
+@functools.cache
+def providers() -> tuple[str, ...]:
+    """The provider prefixes litellm knows (``openai``, ``anthropic``, ...)."""
+    return tuple(str(getattr(p, "value", p)) for p in litellm().provider_list)
+
+
 def no_provider(exc: BaseException, model: str) -> bool:
     """Did litellm refuse ``model`` before any request because it knows no provider for it (not in its
     model list, no ``provider/`` prefix, no ``custom_llm_provider``)? litellm says so only in the

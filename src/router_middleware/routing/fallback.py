@@ -14,13 +14,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import Any
 
 from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, UnknownModelError
 from ..types import Plan
-from ..wire import missing_credentials, retry_after
+from ..wire import missing_credentials, providers, retry_after
 from .quotas import is_free
 
 RETRYABLE = (
@@ -118,14 +119,22 @@ def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> Unknown
     the name came from (the request, a deployment, the alias routing chose), what the config would
     have had to say, and the closest known names."""
     model, unknown = plan.model, "litellm knows no provider for it (not in its model list, no 'provider/' prefix)"
+    prefix, slash, rest = model.partition("/")
+    near: tuple[str, ...] = ()
+    if slash and prefix not in providers():  # a misspelled provider: the model after it may be right
+        unknown = f"litellm knows no provider {prefix!r} (the part before '/')"
+        near = tuple(f"{p}/{rest}" for p in get_close_matches(prefix, providers(), n=1, cutoff=0.6))
     if plan.deployment is not None:
-        return UnknownModelError(model, f"the model of routing.deployments.{plan.deployment}: {unknown}; give it "
-                                        f"a provider prefix (openai/{model} for an OpenAI-compatible server)",
-                                 close_names(model))
+        fix = "" if near else f"; give it a provider prefix (openai/{model} for an OpenAI-compatible server)"
+        return UnknownModelError(model, f"the model of routing.deployments.{plan.deployment}: {unknown}{fix}",
+                                 near or close_names(model))
     alias = next((str(d.attributes["alias"]) for d in reversed(plan.decisions)
                   if d.policy == "routing" and d.action == "route" and "alias" in d.attributes), None)
     if alias is not None:
-        return UnknownModelError(model, f"the last target of routing.aliases.{alias}: {unknown}", close_names(model))
+        return UnknownModelError(model, f"the last target of routing.aliases.{alias}: {unknown}",
+                                 near or close_names(model))
+    if near:
+        return UnknownModelError(model, unknown, near)
     name, _, suffix = requested.partition(":")
     if suffix in ("floor", "nitro"):
         aliases = sorted(routing.aliases)
