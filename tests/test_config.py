@@ -85,6 +85,22 @@ def test_a_store_url_of_an_unsupported_kind_is_refused_at_load_naming_the_field(
     assert "s3cret" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("config", "said"), [
+    ({"routing": {"alias": {}}}, "field 'routing.alias': unknown field; did you mean 'aliases'?"),
+    ({"routing": {"budgets": [{"name": "b", "usd": 1, "scop": "app"}]}},
+     "field 'routing.budgets.0.scop': unknown field; did you mean 'scope'?"),
+    ({"context": {"models": {"a/*": {"watermark": 1}}}},
+     "field 'context.models.a/*.watermark': unknown field; did you mean 'watermark_tokens'?"),
+    ({"ledger": {"xyzzy": 1}}, "field 'ledger.xyzzy': unknown field; expected one of url, spool"),
+])
+def test_an_unknown_config_key_is_named_with_the_closest_field_there(config, said) -> None:
+    from router_middleware import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    assert str(raised.value) == f"config: {said}"
+
+
 def test_a_pipeline_takes_a_config_as_a_dict_or_a_path(tmp_path) -> None:
     from router_middleware import ConfigError, Pipeline
 

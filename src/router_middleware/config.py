@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -453,8 +455,32 @@ def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(root)"
+        if item["type"] == "extra_forbidden":  # a typo, usually: name the fields there are
+            known = _fields_at(Config, item["loc"][:-1])
+            close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(known)}"
+            lines.append(f"{source}: field '{field}': unknown field; {hint}" if known else
+                         f"{source}: field '{field}': {item['msg']}")
+            continue
         lines.append(f"{source}: field '{field}': {item['msg']}")
     return "\n".join(lines)
+
+
+def _fields_at(model: type[BaseModel], path: tuple[int | str, ...]) -> list[str]:
+    """The field names of the section of ``model`` at ``path`` (through nested sections, and the
+    values of mappings and lists of sections); none when it is not a section."""
+    current: Any = model
+    for part in path:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            found = current.model_fields.get(str(part))
+            current = found.annotation if found is not None else None
+        else:  # a mapping's value or a list's item, named by its key or index
+            current = (typing.get_args(current) or (None,))[-1]
+        while typing.get_origin(current) in (typing.Union, types.UnionType):  # X | None: the section
+            current = next((a for a in typing.get_args(current) if a is not type(None)), None)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
 
 
 MAX_CONFIG_VALUES = 100_000  # values in a config once YAML aliases are expanded; real ones have hundreds
