@@ -195,8 +195,13 @@ def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, sc
 
 
 def test_a_model_nobody_knows_fails_naming_it_and_the_closest_known_names(call, script, span_exporter) -> None:
-    with pytest.raises(UnknownModelError) as raised:
+    import structlog
+
+    with pytest.raises(UnknownModelError) as raised, structlog.testing.capture_logs() as logs:
         call(pipeline(), model=TYPO)
+    failed = [e for e in logs if e["event"] == "llm_call_failed"]
+    assert failed and all(e["error_type"] == "UnknownModelError" for e in failed)  # what the caller is told
+    # (the middleware's drivers log twice: its own lifecycle, and the inner RoutedChatModel's pipeline)
     assert script.calls == [TYPO]
     assert raised.value.model == TYPO and "gpt-5-mini" in raised.value.suggestions
     assert f"model {TYPO!r}: litellm knows no provider for it" in str(raised.value)

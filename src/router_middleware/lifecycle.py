@@ -411,9 +411,10 @@ class CallLifecycle:
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         next_target = attempts.skip(NO_PROVIDER) if unknown else attempts.advance(exc, windows)
         if next_target is None:
-            self._give_up(plan, trace, exc)
+            final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
+            self._give_up(plan, trace, final)  # the log line, span and row say what the caller is told
             if unknown:
-                raise unknown_model(self.call.model, plan, engine.config.routing) from exc
+                raise final from exc
             return None
         retry = plan
         if next_target != failed:
