@@ -63,6 +63,12 @@ def test_a_misspelled_provider_prefix_is_named_with_the_provider_meant() -> None
         p.completion(model="d", messages=MESSAGES, mock_response="ok")
 
 
+def test_auto_without_tiers_points_at_them() -> None:
+    with pytest.raises(UnknownModelError, match=r"^model 'auto': 'auto' routes by difficulty over routing.tiers, "
+                                                r"and none is configured"):
+        pipeline().completion(model="auto", messages=MESSAGES, mock_response="ok")
+
+
 def test_constraints_explain_every_rejection() -> None:
     p = pipeline(deny_providers=["anthropic"])
     big = [{"role": "user", "content": "word " * 20000}]

@@ -136,6 +136,9 @@ def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> Unknown
     if near:
         return UnknownModelError(model, unknown, near)
     name, _, suffix = requested.partition(":")
+    if name == "auto" and not routing.tiers:
+        return UnknownModelError(requested, "'auto' routes by difficulty over routing.tiers, and none is configured "
+                                            "(a tier: {max_score: 0.35, alias: easy})")
     if suffix in ("floor", "nitro"):
         aliases = sorted(routing.aliases)
         known = f"the aliases are {', '.join(map(repr, aliases))}" if aliases else "none is configured"
