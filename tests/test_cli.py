@@ -142,6 +142,23 @@ def test_the_report_tables_stay_readable_at_80_columns(tmp_path, capsys, monkeyp
     assert "$0.1273" in out and "636,907" in out  # numbers whole: a model row of the bundled sessions
 
 
+def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, capsys, monkeypatch) -> None:
+    from router_middleware.ledger import LedgerRecord
+
+    ledger = tmp_path / "l.db"
+    db = open_ledger(str(ledger))
+    db.insert([LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
+                            output_tokens=20, cost_usd=0.0000135),
+               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError")])
+    db.close()
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger))
+    assert code == 0 and out.startswith("2 calls (1 failed), cost $0.000013")
+    assert "failed calls by model: codr 1" in out
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
+    assert json.loads(out)["totals"]["failed_calls"] == 1
+
+
 def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
     code, _, err = run(capsys, "report", "--ledger", str(tmp_path / "nope.db"))
     assert code == 2 and "no ledger at" in err and not (tmp_path / "nope.db").exists()

@@ -3,6 +3,7 @@ pipe or CI log as in a terminal), and the ledger report."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,12 @@ LEGEND = ("baseline: the recorded requests sent unchanged; optimized: the same r
 
 
 def money(value: float | None) -> str:
-    return "unknown" if value is None else f"${value:,.4f}"
+    """Four decimals; a smaller amount than that shows its own digits (a cheap call is not $0.0000)."""
+    if value is None:
+        return "unknown"
+    if value == 0 or abs(value) >= 0.0001:
+        return f"${value:,.4f}"
+    return f"${value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"  # two significant digits
 
 
 def _line(cells: tuple[str, ...]) -> str:
@@ -133,9 +139,14 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     totals = report["totals"]
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
-    line = (f"[bold]{totals['calls']:,} calls[/bold], cost {money(totals['cost_usd'])} "
+    failed = f" ({totals['failed_calls']:,} failed)" if totals["failed_calls"] else ""
+    line = (f"[bold]{totals['calls']:,} calls[/bold]{failed}, cost {money(totals['cost_usd'])} "
             f"({money(baseline)} without the middleware), response-cache hit rate {report['cache_hit_rate']:.1%}")
     console.print(line)
+    if totals["failed_calls"]:
+        models = [f"{r['key']} {r['failed_calls']:,}" for r in report["by_model"] if r["failed_calls"]]
+        console.print(f"[yellow]failed calls by model: {', '.join(models)} "
+                      "(the ledger's error column says why)[/yellow]")
     if totals["unpriced_calls"]:
         models = [r["key"] for r in report["by_model"] if r["unpriced_calls"]]
         console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
