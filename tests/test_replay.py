@@ -231,6 +231,16 @@ def test_route_cli_table_and_errors(capsys) -> None:
     assert max(len(line) for line in out.splitlines()) <= 80
     assert main(["replay", bundled_sessions()[0], "--config", config, "--route", "nope"]) == 2
     assert "--route 'nope' is not an alias" in capsys.readouterr().err
+    assert main(["replay", bundled_sessions()[0], "--route", "coder"]) == 2  # no --config: no aliases at all
+    assert "(it has none: pass --config with routing.aliases)" in capsys.readouterr().err
+
+
+def test_demo_with_a_bad_config_says_so_before_its_banner(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("routing: {alias: {}}\n")
+    assert main(["demo", "--config", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "did you mean 'aliases'?" in err
 
 
 def test_a_planned_request_that_breaks_tool_call_integrity_is_named_by_session_step_and_message() -> None:

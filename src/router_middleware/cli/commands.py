@@ -210,6 +210,10 @@ folder: .venv/bin/router-middleware, unless the venv is activated):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..config import load_config
+
+    if args.config:
+        load_config(args.config)  # a bad config is said before the banner
     print("router-middleware demo: bundled real coding-agent sessions, replayed offline\n"
           "(no API keys, no network).\n")
     report = _run_replay(bundled_sessions(), args.config, None, True, show_progress=sys.stderr.isatty())

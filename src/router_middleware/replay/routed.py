@@ -40,8 +40,8 @@ def route_models(routing: RoutingConfig, alias: str) -> list[str]:
         names = list(routing.aliases[alias])
     else:
         known = sorted(routing.aliases) + (["auto"] if routing.tiers else [])
-        raise RouterMiddlewareError(
-            f"--route {alias!r} is not an alias of the config's routing section (known: {', '.join(known) or 'none'})")
+        where = f"(known: {', '.join(known)})" if known else "(it has none: pass --config with routing.aliases)"
+        raise RouterMiddlewareError(f"--route {alias!r} is not an alias of the config's routing section {where}")
     models = [routing.deployments[n].model if n in routing.deployments else n for n in names]
     return list(dict.fromkeys(models))
 
