@@ -354,3 +354,27 @@ def test_aflush_delivers_a_short_scripts_events_before_asyncio_run_ends(logger) 
     asyncio.run(script())
     assert logger.recorded == 3
     assert len(open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")) == 3
+
+
+@pytest.mark.parametrize("target", ["team-gpt", "dep-1"])
+def test_a_name_the_proxy_serves_beyond_its_model_names_is_not_skipped(tmp_path, monkeypatch, target) -> None:
+    """A team model's public name (the proxy routes it for the team's keys) and a deployment's id
+    (model_info.id) are no model_name of the model list, yet the proxy serves them: they are sent."""
+    import sys
+    import types
+
+    router = litellm.Router(model_list=[
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x"},
+         "model_info": {"id": "dep-1"}},
+        {"model_name": "model_name_team1_abc", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"},
+         "model_info": {"team_id": "team1", "team_public_model_name": "team-gpt"}},
+    ])
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    logger = _proxy_logger(tmp_path, [target, "healthy"])
+    try:
+        data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "t",
+                "metadata": {"user_api_key_team_id": "team1"}}
+        changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+    finally:
+        logger.unregister()
+    assert changed["model"] == target and changed["fallbacks"] == ["healthy"]

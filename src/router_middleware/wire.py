@@ -121,7 +121,8 @@ def no_provider(exc: BaseException, model: str) -> bool:
 
 def proxy_model_names() -> frozenset[str] | None:
     """The model names the running LiteLLM proxy's router answers to (its ``model_list``'s
-    ``model_name`` and ``model`` values, and its group aliases), or ``None`` when that cannot be told:
+    ``model_name`` and ``model`` values, deployment ids, team models' public names, routing groups
+    and group aliases), or ``None`` when that cannot be told:
     no proxy loaded, or a router that serves names beyond its list (wildcards, a default deployment,
     pass-through). Read from the proxy's module, as its own request routing does."""
     router = getattr(sys.modules.get("litellm.proxy.proxy_server"), "llm_router", None)
@@ -132,7 +133,10 @@ def proxy_model_names() -> frozenset[str] | None:
         if registry.patterns().patterns or settings.default_deployment is not None \
                 or settings.router_general_settings.pass_through_all_models:
             return None
-        names = {*registry.names(kind="group_set"), *registry.names(kind="deployment_names")}
+        names = {*registry.names(kind="group_set"), *registry.names(kind="deployment_names"),
+                 # what its request routing also serves: a deployment's id, a team model's public
+                 # name (for that team's keys) and a routing group's name
+                 *registry.names(kind="ids"), *registry.names(kind="team_public"), *registry.routing_groups()}
         return frozenset(names | set(getattr(router, "model_group_alias", None) or {}))
     except Exception:  # noqa: BLE001 - another litellm's router: nothing is filtered
         return None
