@@ -186,6 +186,18 @@ def test_a_request_s_own_fault_does_not_cool_the_target_down(call, script) -> No
     assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(f"fail:{CLAUDE}") is None
 
 
+def test_an_account_out_of_credit_cools_the_target_down(call, script) -> None:
+    """A 402 (litellm's PaymentRequiredError, a BadRequestError) is the target's account, not the
+    request: every caller's next call would meet it too, so it counts toward the cooldown."""
+    p = pipeline(cooldown={"failures": 1})
+    script.failures[CLAUDE] = [litellm.exceptions.PaymentRequiredError("insufficient credits", CLAUDE, "anthropic")]
+    with pytest.raises(litellm.exceptions.PaymentRequiredError):
+        call(p)
+    call(p)  # routed past claude while it cools down
+    assert script.calls == [CLAUDE, MINI]
+    assert p.store.get(f"cooldown:{CLAUDE}") is not None
+
+
 def test_a_target_litellm_knows_no_provider_for_is_skipped_for_the_next(call, script, span_exporter, waits) -> None:
     call(pipeline(aliases={"coder": [TYPO, MINI]}, fallback={"backoff_s": 0.4}))
     assert script.calls == [TYPO, MINI]  # litellm refused the typo itself (no provider), then the next one answered

@@ -52,8 +52,10 @@ def retryable(exc: BaseException) -> bool:
 
 def counts_toward_cooldown(exc: BaseException) -> bool:
     """Does ``exc`` say the target is unhealthy (5xx, rate limits, timeouts, lost connections,
-    authentication, not found)? A request's own fault does not: three bad requests from one caller
+    authentication, not found, an account out of credit)? A request's own fault does not: three bad requests from one caller
     must not send everyone else's calls elsewhere."""
+    if getattr(exc, "status_code", None) == 402:  # out of credit (litellm's PaymentRequiredError, a
+        return True  # BadRequestError): the target's account, which every caller's next call meets
     return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
 
 
