@@ -85,6 +85,14 @@ def test_a_store_url_of_an_unsupported_kind_is_refused_at_load_naming_the_field(
     assert "s3cret" not in str(raised.value)
 
 
+def test_a_store_url_s_scheme_is_accepted_in_any_case() -> None:
+    """``REDIS://`` and ``SQLite:///`` open as before: a URL's scheme is case-insensitive."""
+    from router_middleware import load_config
+
+    config = load_config({"store": "REDIS://localhost:6379/0", "cache": {"store": "SQLite:///x.db"}})
+    assert config.store == "REDIS://localhost:6379/0" and config.cache.store == "SQLite:///x.db"
+
+
 @pytest.mark.parametrize(("config", "said"), [
     ({"routing": {"alias": {}}}, "field 'routing.alias': unknown field; did you mean 'aliases'?"),
     ({"routing": {"budgets": [{"name": "b", "usd": 1, "scop": "app"}]}},

@@ -159,7 +159,7 @@ def _store_scheme(url: str | None) -> str | None:
     if not url:
         return url
     scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
-    if scheme not in _STORE_SCHEMES:
+    if scheme.lower() not in _STORE_SCHEMES:  # a scheme's case does not matter (open_store lowers it)
         close = difflib.get_close_matches(scheme, _STORE_SCHEMES, n=1)
         raise ValueError(f"unsupported scheme {scheme!r} (use memory://, sqlite:///PATH or redis://HOST:PORT/DB)"
                          + (f"; did you mean {close[0]!r}?" if close else ""))
