@@ -107,6 +107,14 @@ def test_drain_names_a_spool_folder_given_that_is_not_there(tmp_path, capsys) ->
     assert "nothing to drain: no spool folder at" in capsys.readouterr().out
 
 
+def test_drain_of_a_server_ledger_with_no_spool_has_nothing_to_drain(tmp_path, monkeypatch, capsys) -> None:
+    """Only a SQLite path is checked for a typo: a PostgreSQL ledger is not connected to (it may be
+    down, or its extra not installed here) when there is nothing to write to it."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert main(["ledger", "drain", "--ledger", "postgresql://nobody@127.0.0.1:1/none"]) == 0
+    assert "nothing to drain: no spool folder at" in capsys.readouterr().out
+
+
 def test_the_spool_lives_beside_a_sqlite_ledger_and_never_names_a_password(tmp_path, monkeypatch) -> None:
     assert default_spool(f"sqlite:///{tmp_path}/l.db") == Path(f"{tmp_path}/l.db.spool")
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))

@@ -118,7 +118,8 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
     if args.spool and not folder.is_dir():  # a folder named by hand that is not there: a typo, not "nothing"
         raise RouterMiddlewareError(f"--spool {args.spool}: no such folder")
     if not folder.is_dir():
-        open_ledger(url, create=False).close()  # a ledger path with a typo is said, not "nothing to drain"
+        if url.startswith("sqlite:"):  # a ledger path with a typo is said, not "nothing to drain"
+            open_ledger(url, create=False).close()
         print(f"nothing to drain: no spool folder at {folder}")
         return 0
     db = open_ledger(url)
