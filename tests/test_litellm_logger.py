@@ -246,6 +246,26 @@ def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path,
     assert said[0]["did_you_mean"][0] == "flaky-2"
 
 
+def test_a_request_with_its_own_credentials_is_not_held_to_the_proxy_s_model_list(tmp_path, monkeypatch) -> None:
+    """With a client's api_key or api_base the proxy sends any model, so no target is skipped."""
+    import sys
+    import types
+
+    router = litellm.Router(model_list=[
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x"}}])
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+    try:
+        for extra, sent in (({}, "healthy"), ({"api_base": "http://127.0.0.1:9/v1"}, "flaky")):
+            data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}],
+                    "litellm_call_id": f"own-{sent}", **extra}
+            changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+            assert changed is not None and changed["model"] == sent
+            asyncio.run(logger.async_post_call_failure_hook(changed, RuntimeError("not sent"), None))
+    finally:
+        logger.unregister()
+
+
 def test_the_sdk_hook_never_fails_a_call_it_cannot_plan(logger) -> None:
     bad = {"model": "gpt-4o-mini", "messages": [{"role": "tool", "content": "no call id"}], "litellm_call_id": "b"}
     assert asyncio.run(logger.async_pre_call_deployment_hook(bad, "acompletion")) is None  # sent as it came

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -166,6 +167,7 @@ class RouterLogger(CustomLogger):
         self.hook_calls = 0
         self.recorded = 0
         self._served: frozenset[str] | None = None  # the proxy's model names the config was last checked against
+        self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
 
     def register(self) -> RouterLogger:
         """Add the logger to ``litellm.callbacks`` (once)."""
@@ -204,7 +206,9 @@ class RouterLogger(CustomLogger):
         engine = self.pipeline
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
         call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
-        served = wire.proxy_model_names()  # a target the proxy has no model for is skipped, never sent
+        # a target the proxy has no model for is skipped, never sent (unless the client brings its own
+        # credentials or config: the proxy then sends any model)
+        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
         lifecycle = engine.start(call, read=self._read, cache=False,
                                  usable=None if served is None else served.__contains__,
                                  unusable="not a model_name of the proxy's model_list")
@@ -221,6 +225,18 @@ class RouterLogger(CustomLogger):
             self._unserved(served)
         changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
+
+    def _proxy_names(self) -> frozenset[str] | None:
+        """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second."""
+        router, read, names = self._names
+        now = time.monotonic()
+        current = wire.proxy_router()
+        if current is None:
+            return None
+        if current is not router or now - read >= 1.0:
+            names = wire.proxy_model_names(current)
+            self._names = (current, now, names)
+        return names
 
     def _unserved(self, served: frozenset[str]) -> None:
         """Log each routing target of the config the proxy has no model for (calls skip it), with

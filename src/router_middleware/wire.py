@@ -119,15 +119,17 @@ def no_provider(exc: BaseException, model: str) -> bool:
         and f"model={model}" in str(exc)
 
 
-def proxy_model_names() -> frozenset[str] | None:
-    """The model names the running LiteLLM proxy's router answers to (its ``model_list``'s
-    ``model_name`` and ``model`` values, deployment ids, team models' public names, routing groups
-    and group aliases), or ``None`` when that cannot be told:
-    no proxy loaded, or a router that serves names beyond its list (wildcards, a default deployment,
-    pass-through). Read from the proxy's module, as its own request routing does."""
-    router = getattr(sys.modules.get("litellm.proxy.proxy_server"), "llm_router", None)
-    if router is None:
-        return None
+def proxy_router() -> Any:
+    """The running LiteLLM proxy's router (read from the proxy's module, as its own request routing
+    does), or ``None`` outside the proxy."""
+    return getattr(sys.modules.get("litellm.proxy.proxy_server"), "llm_router", None)
+
+
+def proxy_model_names(router: Any) -> frozenset[str] | None:
+    """The model names the proxy's ``router`` answers to (its ``model_list``'s ``model_name`` and
+    ``model`` values, deployment ids, team models' public names, routing groups and group aliases),
+    or ``None`` when that cannot be told: a router that serves names beyond its list (wildcards, a
+    default deployment, pass-through), or one this version cannot read."""
     try:
         registry, settings = router.registry(), router.settings()
         if registry.patterns().patterns or settings.default_deployment is not None \

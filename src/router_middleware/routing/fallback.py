@@ -52,8 +52,8 @@ def retryable(exc: BaseException) -> bool:
 
 def counts_toward_cooldown(exc: BaseException) -> bool:
     """Does ``exc`` say the target is unhealthy (5xx, rate limits, timeouts, lost connections,
-    authentication, not found, an account out of credit)? A request's own fault does not: three bad requests from one caller
-    must not send everyone else's calls elsewhere."""
+    authentication, not found, an account out of credit)? A request's own fault does not: three bad
+    requests from one caller must not send everyone else's calls elsewhere."""
     if getattr(exc, "status_code", None) == 402:  # out of credit (litellm's PaymentRequiredError, a
         return True  # BadRequestError): the target's account, which every caller's next call meets
     return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
@@ -127,7 +127,7 @@ def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> Unknown
         unknown = f"litellm knows no provider {prefix!r} (the part before '/')"
         near = tuple(f"{p}/{rest}" for p in get_close_matches(prefix, providers(), n=1, cutoff=0.6))
     if plan.deployment is not None:
-        fix = "" if near else f"; give it a provider prefix (openai/{model} for an OpenAI-compatible server)"
+        fix = f"; give it a provider prefix (openai/{model} for an OpenAI-compatible server)"
         return UnknownModelError(model, f"the model of routing.deployments.{plan.deployment}: {unknown}{fix}",
                                  near or close_names(model))
     alias = next((str(d.attributes["alias"]) for d in reversed(plan.decisions)
