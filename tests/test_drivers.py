@@ -186,12 +186,17 @@ def test_a_request_s_own_fault_does_not_cool_the_target_down(call, script) -> No
     assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(f"fail:{CLAUDE}") is None
 
 
-def test_an_account_out_of_credit_cools_the_target_down(call, script) -> None:
+@pytest.mark.parametrize("no_credit", [
+    lambda: litellm.exceptions.PaymentRequiredError("insufficient credits", CLAUDE, "anthropic"),
+    lambda: litellm.exceptions.BadRequestError(  # Anthropic's own answer, a 400
+        "AnthropicException - Your credit balance is too low to access the Anthropic API.", CLAUDE, "anthropic"),
+], ids=["402", "anthropic-400"])
+def test_an_account_out_of_credit_cools_the_target_down(call, script, no_credit) -> None:
     """A 402 (litellm's PaymentRequiredError, a BadRequestError) is the target's account, not the
     request: every caller's next call would meet it too, so it counts toward the cooldown."""
     p = pipeline(cooldown={"failures": 1})
-    script.failures[CLAUDE] = [litellm.exceptions.PaymentRequiredError("insufficient credits", CLAUDE, "anthropic")]
-    with pytest.raises(litellm.exceptions.PaymentRequiredError):
+    script.failures[CLAUDE] = [no_credit()]
+    with pytest.raises(litellm.exceptions.BadRequestError):
         call(p)
     call(p)  # routed past claude while it cools down
     assert script.calls == [CLAUDE, MINI]

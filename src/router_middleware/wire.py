@@ -147,6 +147,15 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
 _MISSING_KEY = re.compile(r"missing credentials|missing [\w .-]{1,40} api key|api_key client option must be set", re.I)
 
 
+_NO_CREDIT = re.compile(r"credit balance is too low", re.I)
+
+
+def out_of_credit(exc: BaseException) -> bool:
+    """Does the provider say the account has no credit left? Anthropic answers that with a 400
+    (``BadRequestError``), the shape of a request's own fault."""
+    return bool(_NO_CREDIT.search(str(exc)[:1000]))
+
+
 def missing_credentials(exc: BaseException) -> bool:
     """Did the provider's client refuse to send for want of a key, before any request? litellm
     reports that as a 500 for some providers (OpenAI's "Missing credentials" is an

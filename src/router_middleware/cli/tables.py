@@ -25,7 +25,7 @@ def money(value: float | None) -> str:
     """Four decimals; a smaller amount than that shows its own digits (a cheap call is not $0.0000)."""
     if value is None:
         return "unknown"
-    if value == 0 or abs(value) >= 0.0001:
+    if value == 0 or abs(value) >= 0.0001 or not math.isfinite(value):
         return f"${value:,.4f}"
     return f"${value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"  # two significant digits
 

@@ -21,7 +21,7 @@ from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, UnknownModelError
 from ..types import Plan
-from ..wire import missing_credentials, providers, retry_after
+from ..wire import missing_credentials, out_of_credit, providers, retry_after
 from .quotas import is_free
 
 RETRYABLE = (
@@ -54,8 +54,10 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
     """Does ``exc`` say the target is unhealthy (5xx, rate limits, timeouts, lost connections,
     authentication, not found, an account out of credit)? A request's own fault does not: three bad
     requests from one caller must not send everyone else's calls elsewhere."""
-    if getattr(exc, "status_code", None) == 402:  # out of credit (litellm's PaymentRequiredError, a
-        return True  # BadRequestError): the target's account, which every caller's next call meets
+    # the target's account, which every caller's next call meets (litellm's PaymentRequiredError and
+    # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
+    if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
+        return True
     return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
 
 
