@@ -162,15 +162,20 @@ def missing_key(monkeypatch) -> Exception:
     return raised.value
 
 
-def test_a_missing_provider_key_fails_at_once_like_an_authentication_error(missing_key, call, script, waits) -> None:
-    """Retrying, backing off or falling over cannot supply a key this process lacks (litellm reports
-    it as a 500); it counts toward the target's cooldown like a rejected key."""
-    script.failures[CLAUDE] = [missing_key, missing_key]
+def test_a_missing_provider_key_skips_to_the_next_target_at_once(missing_key, call, script, waits) -> None:
+    """Retrying or backing off cannot supply a key this process lacks (litellm reports it as a 500,
+    before sending anything); the alias's next target, another provider's, may have one. It says
+    nothing of the provider's health, so it cools nothing down."""
+    script.failures[CLAUDE] = [missing_key] * 4
     p = pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.4}, cooldown={"failures": 1})
+    call(p)
+    call(p)
+    assert script.calls == [CLAUDE, MINI, CLAUDE, MINI] and waits == []
+    assert p.store.get(f"cooldown:{CLAUDE}") is None
+    script.calls.clear()
     with pytest.raises(litellm.exceptions.InternalServerError, match="Missing credentials"):
-        call(p)
-    assert script.calls == [CLAUDE] and waits == []
-    assert p.store.get(f"cooldown:{CLAUDE}") is not None
+        call(pipeline(aliases={"coder": [CLAUDE]}, fallback={"attempts_per_model": 2, "backoff_s": 0.4}))
+    assert script.calls == [CLAUDE] and waits == []  # the last target: its own error, at once
 
 
 def test_a_request_s_own_fault_does_not_cool_the_target_down(call, script) -> None:

@@ -30,7 +30,7 @@ from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
 from .reasoning.levels import LEVELS
 from .routing import quotas
-from .routing.fallback import NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
+from .routing.fallback import NO_KEY, NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
 from .stores import Prefetch
 from .stores.base import Bounded, Fetched, defer
 from .streaming import Replay, TrackedStream
@@ -409,7 +409,9 @@ class CallLifecycle:
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
-        next_target = attempts.skip(NO_PROVIDER) if unknown else attempts.advance(exc, windows)
+        keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
+        next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
+                       else attempts.advance(exc, windows))
         if next_target is None:
             final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
             self._give_up(plan, trace, final)  # the log line, span and row say what the caller is told
@@ -428,7 +430,7 @@ class CallLifecycle:
             raise no_route from exc
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
         same = (retry.deployment or retry.model) == failed
-        if unknown:  # no provider was called: nothing to back off from
+        if unknown or keyless:  # no provider was called: nothing to back off from
             return retry, 0.0
         return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
 

@@ -4,7 +4,8 @@ Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services,
 connection errors, context-window errors (to a model with a larger window) and content-policy
 refusals. A target litellm knows no provider for (a typo) is skipped for the next one, and with
 none left the call fails with :class:`~router_middleware.errors.UnknownModelError`. Anything else
-(bad request, authentication, a provider key this process lacks, not found) fails at once.
+(bad request, authentication, not found) fails at once; a target whose provider key this process
+lacks is skipped for the next one, as a typo is.
 Failures count toward a target's cooldown (:mod:`router_middleware.bookkeeping.health`) unless
 they are the request's own (:func:`counts_toward_cooldown`).
 """
@@ -58,6 +59,8 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
     # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
     if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
         return True
+    if missing_credentials(exc):  # this process's configuration, not the provider's health
+        return False
     return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
 
 
@@ -116,6 +119,7 @@ class Attempts:
 
 
 NO_PROVIDER = "litellm knows no provider for it (a typo?)"
+NO_KEY = "no API key for its provider in this process"
 
 
 def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> UnknownModelError:
@@ -162,5 +166,5 @@ def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], 
     return windows
 
 
-__all__ = ["NO_PROVIDER", "REQUEST_FAULTS", "RETRYABLE", "Attempts", "EmptyStreamError", "backoff",
+__all__ = ["NO_KEY", "NO_PROVIDER", "REQUEST_FAULTS", "RETRYABLE", "Attempts", "EmptyStreamError", "backoff",
            "counts_toward_cooldown", "error_kind", "request_windows", "retry_after", "retryable", "unknown_model"]
