@@ -166,7 +166,6 @@ class RouterLogger(CustomLogger):
         self._lock = threading.Lock()
         self.hook_calls = 0
         self.recorded = 0
-        self._served: frozenset[str] | None = None  # the proxy's model names the config was last checked against
         self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
 
     def register(self) -> RouterLogger:
@@ -220,21 +219,22 @@ class RouterLogger(CustomLogger):
         changed["model"] = _target(attempt)
         # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
         changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
-        if served is not None and served != self._served:
-            self._served = served
-            self._unserved(served)
         changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
     def _proxy_names(self) -> frozenset[str] | None:
-        """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second."""
-        router, read, names = self._names
-        now = time.monotonic()
+        """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second;
+        when they change, the config's targets they lack are logged (:meth:`_unserved`)."""
         current = wire.proxy_router()
         if current is None:
             return None
+        router, read, names = self._names
+        now = time.monotonic()
         if current is not router or now - read >= 1.0:
-            names = wire.proxy_model_names(current)
+            fresh = wire.proxy_model_names(current)
+            if fresh is not None and fresh != names:
+                self._unserved(fresh)
+            names = fresh
             self._names = (current, now, names)
         return names
 

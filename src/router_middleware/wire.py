@@ -144,9 +144,6 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
         return None
 
 
-_MISSING_KEY = re.compile(r"missing credentials|missing [\w .-]{1,40} api key|api_key client option must be set", re.I)
-
-
 _NO_CREDIT = re.compile(r"credit balance is too low", re.I)
 
 
@@ -154,6 +151,9 @@ def out_of_credit(exc: BaseException) -> bool:
     """Does the provider say the account has no credit left? Anthropic answers that with a 400
     (``BadRequestError``), the shape of a request's own fault."""
     return bool(_NO_CREDIT.search(str(exc)[:1000]))
+
+
+_MISSING_KEY = re.compile(r"missing credentials|missing [\w .-]{1,40} api key|api_key client option must be set", re.I)
 
 
 def missing_credentials(exc: BaseException) -> bool:

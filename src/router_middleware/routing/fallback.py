@@ -45,8 +45,6 @@ REQUEST_FAULTS = frozenset({
 
 
 def retryable(exc: BaseException) -> bool:
-    if missing_credentials(exc):  # no key here: trying again, or later, cannot help
-        return False
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & set(RETRYABLE)) or getattr(exc, "status_code", 0) in (408, 409, 429, 500, 502, 503, 504)
 
