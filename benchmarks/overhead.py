@@ -121,10 +121,44 @@ def own_work(pipeline: rm.Pipeline, messages: list[dict[str, Any]], repeat: int)
     return medians
 
 
+def peers(messages: list[dict[str, Any]], pipeline: rm.Pipeline, repeat: int) -> list[tuple[str, list[float]]]:
+    """Sync and async medians, in one paired run each: bare litellm, the pipeline, litellm's
+    ``Router`` with one deployment, and one span around the call (the floor of a traced wrapper)."""
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("overhead-floor")
+    router = litellm.Router(model_list=[{"model_name": "gpt-4o-mini",
+                                         "litellm_params": {"model": "gpt-4o-mini", "api_key": "sk-bench"}}])
+    kwargs = {"model": "gpt-4o-mini", "messages": messages, "mock_response": "ok"}
+
+    def spanned() -> Any:
+        with tracer.start_as_current_span("chat gpt-4o-mini") as span:
+            response = litellm.completion(**kwargs)
+            span.set_attribute("gen_ai.usage.input_tokens", response.usage.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", response.usage.completion_tokens)
+            return response
+
+    async def aspanned() -> Any:
+        with tracer.start_as_current_span("chat gpt-4o-mini") as span:
+            response = await litellm.acompletion(**kwargs)
+            span.set_attribute("gen_ai.usage.input_tokens", response.usage.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", response.usage.completion_tokens)
+            return response
+
+    sync = paired([lambda: litellm.completion(**kwargs),
+                   lambda: pipeline.completion(**kwargs, context={"session_id": "bench"}),
+                   lambda: router.completion(**kwargs), spanned], repeat)
+    run_async = asyncio.run(apaired([lambda: litellm.acompletion(**kwargs),
+                                     lambda: pipeline.acompletion(**kwargs, context={"session_id": "bench"}),
+                                     lambda: router.acompletion(**kwargs), aspanned], repeat))
+    return [("sync", sync), ("async", run_async)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
     parser.add_argument("--otel-sdk", action="store_true", help="record spans with the OpenTelemetry SDK")
+    parser.add_argument("--no-peers", action="store_true", help="skip litellm's Router and the one-span floor")
     args = parser.parse_args(argv)
     if args.otel_sdk:
         from opentelemetry import trace
@@ -174,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     hot, idle, shared = own_work(pipeline, history(20), args.repeat)
     print(f"\nown work per call, provider stubbed (20 messages, sync): back to back {hot * 1e3:.3f} ms, "
           f"after 2 ms idle {idle * 1e3:.3f} ms, after a bare litellm call and 2 ms idle {shared * 1e3:.3f} ms")
+    if not args.no_peers:
+        print("\n| 20 messages | bare litellm (ms) | Pipeline | litellm Router, one deployment "
+              "| one span around the call (the floor) |")
+        print("|---|---|---|---|---|")
+        for mode, (bare, wrapped, router, floor) in peers(history(20), pipeline, args.repeat):
+            print(f"| {mode} | {bare * 1e3:.3f} | x{wrapped / bare:.3f} | x{router / bare:.3f} | x{floor / bare:.3f} |")
     tracemalloc.start()
     sessions = rm.Pipeline.from_config({})
     before = tracemalloc.take_snapshot()

@@ -2,7 +2,7 @@
 budgets and cooldowns kept in memory vs in Redis, all with `mock_response`, measured in one run.
 
     .venv/bin/python benchmarks/throughput.py [--calls 1000] [--rounds 5] [--redis-url URL]
-        [--leave-logging] [--freeze] [--warm]
+        [--leave-logging] [--freeze] [--warm] [--router]
 
 Each round launches all calls at once with `asyncio.gather` (20-message agent history, routed
 through a two-model alias with a USD and a token budget and the circuit breaker), and times the
@@ -27,6 +27,11 @@ batches a variant sits idle while the others run (about 3 s here), longer than t
 what it read from Redis (1 s, served 1 s more while one call renews it), so without it every
 Redis batch starts with a burst whose calls all wait for one read before they are planned; with
 it, a batch runs as in a process that serves calls without pause.
+
+`--router` adds the peer doing the same job inside litellm: a ``litellm.Router`` with the same
+two-model group, its cooldowns (3 failures, 30 s) and a provider budget (USD per hour), once with
+its state in memory and once with ``redis_url`` (it keeps its spend in memory and syncs it with
+Redis in the background; the pipeline reserves and settles each call in Redis atomically).
 """
 
 from __future__ import annotations
@@ -127,23 +132,41 @@ async def batch(call: Callable[[], Awaitable[Any]], calls: int, *, own_logging: 
     return calls / elapsed
 
 
-def variants(redis_url: str) -> dict[str, Callable[[], Awaitable[Any]]]:
-    """One call of each variant (bare litellm, the pipeline on memory and on Redis), warmed up by ``run``."""
+def router(redis_url: str | None) -> Any:
+    """litellm's ``Router`` over the same two models, with cooldowns and a provider budget."""
+    return litellm.Router(
+        model_list=[{"model_name": "coder", "litellm_params": {"model": model, "api_key": "sk-bench"}}
+                    for model in ("gpt-4o-mini", "gpt-3.5-turbo")],
+        allowed_fails=3, cooldown_time=30, redis_url=redis_url,
+        provider_budget_config={"openai": {"budget_limit": 1_000_000, "time_period": "1h"}})
+
+
+def variants(redis_url: str, peers: bool = False) -> dict[str, Callable[[], Awaitable[Any]]]:
+    """One call of each variant (bare litellm, the pipeline on memory and on Redis; with ``peers``,
+    litellm's Router on memory and on Redis), warmed up by ``run``."""
     messages = history(20)
     memory = rm.Pipeline.from_config(config("memory://"))
     redis = rm.Pipeline.from_config(config(redis_url))
+    extra: dict[str, Callable[[], Awaitable[Any]]] = {}
+    if peers:
+        in_memory, on_redis = router(None), router(redis_url)
+        extra = {"litellm Router, memory": lambda: in_memory.acompletion(model="coder", messages=messages,
+                                                                          mock_response="ok"),
+                 "litellm Router, redis": lambda: on_redis.acompletion(model="coder", messages=messages,
+                                                                        mock_response="ok")}
     return {
         "bare litellm": lambda: litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"),
         "pipeline, memory store": lambda: memory.acompletion("coder", messages, mock_response="ok",
                                                              context={"session_id": "s"}),
         "pipeline, redis store": lambda: redis.acompletion("coder", messages, mock_response="ok",
                                                            context={"session_id": "s"}),
+        **extra,
     }
 
 
 async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True,
-              freeze: bool = False, warm: bool = False) -> dict[str, list[float]]:
-    variants_ = variants(redis_url)
+              freeze: bool = False, warm: bool = False, peers: bool = False) -> dict[str, list[float]]:
+    variants_ = variants(redis_url, peers)
     for call in variants_.values():  # warm up
         await batch(call, 50)
     if freeze:  # what the LiteLLM proxy does after its startup
@@ -177,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="gc.freeze() after the warm-up, as the LiteLLM proxy does after its startup")
     parser.add_argument("--warm", action="store_true",
                         help="20 untimed calls of a variant before each of its timed batches (no idle gap)")
+    parser.add_argument("--router", action="store_true",
+                        help="add litellm's Router (same group, cooldowns, a provider budget) on memory and Redis")
     args = parser.parse_args(argv)
     print(f"throughput benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, litellm {version('litellm')}, redis-py {version('redis')}, "
@@ -186,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
           + (", each batch after 20 untimed calls of its variant\n" if args.warm else "\n"))
     with redis_server(args.redis_url) as url:
         rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging,
-                                 freeze=args.freeze, warm=args.warm))
+                                 freeze=args.freeze, warm=args.warm, peers=args.router))
     rates = {name: statistics.median(values) for name, values in rounds.items()}
     bare = rates["bare litellm"]
     print("| variant | calls/s | ratio to bare litellm |")
