@@ -25,13 +25,17 @@ def test_overhead_smoke(traced: bool) -> None:
     assert "| 300 messages | async |" in out and out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
     assert ("OpenTelemetry SDK recording spans" in out.splitlines()[0]) is traced
     assert "own work per call, provider stubbed (20 messages, sync): back to back" in out
+    assert "| litellm Router, one deployment | one span around the call (the floor) |" in out
+    assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith(("| sync |", "| async |"))] \
+        == ["| sync", "| async"]  # the peers' rows
 
 
 @pytest.mark.parametrize("steady", [False, True])
 def test_throughput_smoke(redis_url, steady: bool) -> None:
     out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url,
-               *(["--freeze", "--warm"] if steady else []))
+               *(["--freeze", "--warm", "--router"] if steady else []))
     assert "| pipeline, redis store |" in out and out.strip().splitlines()[-1].startswith("summary: calls/s")
+    assert ("| litellm Router, redis |" in out) is steady
     assert ("startup objects frozen (gc.freeze), each batch after 20 untimed calls" in out.splitlines()[0]) is steady
 
 
