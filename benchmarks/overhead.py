@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import platform
@@ -154,6 +155,25 @@ def peers(messages: list[dict[str, Any]], pipeline: rm.Pipeline, repeat: int) ->
     return [("sync", sync), ("async", run_async)]
 
 
+def per_step(pipeline: rm.Pipeline, size: int, repeat: int, *, copies: bool) -> float:
+    """Median ``make_call`` + ``plan`` of one agent step, the history growing by a turn (two
+    messages) a step from ``size`` messages, 40 steps a session; ``copies``: new dicts every call."""
+    base = history(size + 100)
+    times = []
+    for i in range(repeat + 40):
+        if i % 40 == 0:
+            session, grown = f"steps-{copies}-{i}", [dict(m) for m in base[:size]]  # a new session
+            grown[1] = {**grown[1], "content": f"{grown[1]['content']} ({session})"}
+        else:
+            grown = [*grown, {"role": "assistant", "content": f"step {i} done"}, {"role": "user", "content": "go on"}]
+        messages = json.loads(json.dumps(grown)) if copies else grown
+        start = time.perf_counter()
+        pipeline.plan(pipeline.make_call("gpt-4o-mini", messages, {"session_id": session}, {}))
+        if i >= 40 and i % 40:  # a session's first step (a history never seen) is not counted
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
@@ -208,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     hot, idle, shared = own_work(pipeline, history(20), args.repeat)
     print(f"\nown work per call, provider stubbed (20 messages, sync): back to back {hot * 1e3:.3f} ms, "
           f"after 2 ms idle {idle * 1e3:.3f} ms, after a bare litellm call and 2 ms idle {shared * 1e3:.3f} ms")
+    print("\n| make_call + plan per agent step | same dicts resent (ms) | new dicts every call (ms) |")
+    print("|---|---|---|")
+    for size in (20, 300):
+        print(f"| {size} messages | {per_step(pipeline, size, args.repeat, copies=False) * 1e3:.3f} "
+              f"| {per_step(pipeline, size, args.repeat, copies=True) * 1e3:.3f} |")
     if not args.no_peers:
         print("\n| 20 messages | bare litellm (ms) | Pipeline | litellm Router, one deployment "
               "| one span around the call (the floor) |")

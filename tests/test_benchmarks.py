@@ -26,6 +26,7 @@ def test_overhead_smoke(traced: bool) -> None:
     assert ("OpenTelemetry SDK recording spans" in out.splitlines()[0]) is traced
     assert "own work per call, provider stubbed (20 messages, sync): back to back" in out
     assert "| litellm Router, one deployment | one span around the call (the floor) |" in out
+    assert "| make_call + plan per agent step | same dicts resent (ms) | new dicts every call (ms) |" in out
     assert [line.split(" | ")[0] for line in out.splitlines() if line.startswith(("| sync |", "| async |"))] \
         == ["| sync", "| async"]  # the peers' rows
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import random
+import tracemalloc
 
 import pytest
 
-from router_middleware import MessageError
+from router_middleware import MessageError, Pipeline
+from router_middleware import messages as messages_module
 from router_middleware.context.structure import blocks
 from router_middleware.memo import HistoryMemo, MessageMemo
 from router_middleware.messages import validate_messages
@@ -126,3 +130,57 @@ def test_validation_goes_on_from_a_resent_history_with_its_open_calls() -> None:
         validate_messages([*answered, {"role": "tool", "tool_call_id": "c0", "content": "again"}])
     with pytest.raises(MessageError, match="message 10: unknown role 'robot'"):
         validate_messages([*answered, {"role": "robot", "content": "?"}])
+
+
+def _copies(history: list[dict]) -> list[dict]:
+    """The history as an adapter hands it on each request: new dicts of the same JSON (the LiteLLM
+    proxy parses every request; the LangChain middleware converts its messages every call)."""
+    return json.loads(json.dumps(history))
+
+
+def test_a_history_resent_as_copies_is_validated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    history = _agent_history(6)
+    first = validate_messages(_copies(history))
+    checked: list[int] = []
+    validate = messages_module.validate_message
+    monkeypatch.setattr(messages_module, "validate_message",
+                        lambda message, *, index, source=None: checked.append(index) or validate(
+                            message, index=index, source=source))
+    grown = [*_copies(history), {"role": "user", "content": "go on"}]
+    again = validate_messages(grown)
+    assert checked == [len(history)]  # only the new message
+    assert all(a is b for a, b in zip(again, first, strict=False))  # the first request's dicts: later memos hit
+    assert again[-1] is grown[-1] and again == grown
+
+
+def test_copies_that_differ_anywhere_are_validated_afresh() -> None:
+    history = _agent_history(4)
+    validate_messages(_copies(history))
+    broken = _copies(history)
+    broken[5]["tool_call_id"] = "nobody"  # an earlier result now answers no call
+    with pytest.raises(MessageError, match="message 5: tool result for nobody"):
+        validate_messages(broken)
+    renamed = _copies(history)
+    renamed[3]["content"] = "edited"
+    assert validate_messages(renamed)[3]["content"] == "edited"
+
+
+def test_requests_of_one_session_keep_one_history_not_one_each() -> None:
+    """Behind the proxy each request of an agent loop brings new dicts of its growing history: the
+    memos keep what the session needs (its history once), not every request's copy of it."""
+    pipeline = Pipeline.from_config({})
+    history = _agent_history(60)
+    pipeline.plan(pipeline.make_call("gpt-4o-mini", _copies(history), {"session_id": "s"}, {}))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for step in range(150):
+            history += [{"role": "assistant", "content": f"step {step} done"}, {"role": "user", "content": "go on"}]
+            pipeline.plan(pipeline.make_call("gpt-4o-mini", _copies(history), {"session_id": "s"}, {}))
+        gc.collect()
+        grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    size = len(json.dumps(history))
+    assert grown < 10 * size, f"{grown} bytes kept after 150 requests of a history of {size} bytes at the end"

@@ -12,7 +12,7 @@ long agent histories, not a server's worth of sessions.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -60,10 +60,15 @@ class HistoryMemo:
     looking each message up in a :class:`MessageMemo`; a message whose content was replaced in
     place is seen afresh). ``ways`` histories are kept per first message (a call's input and the
     trimmed history planned from it), the least recently remembered replaced.
+
+    With ``alike``, a history of new dicts equal to remembered ones (an adapter parses or converts
+    every request afresh: the LiteLLM proxy, the LangChain middleware) is found too, by the role and
+    text of its first two messages, and compared value by value: see :meth:`find`.
     """
 
-    def __init__(self, ways: int = 2, limit: int = 1024) -> None:
+    def __init__(self, ways: int = 2, limit: int = 1024, *, alike: bool = False) -> None:
         self._entries: dict[int, list[_Seen]] = {}
+        self._alike: dict[Hashable, list[_Seen]] | None = {} if alike else None
         self._ways = ways
         self._limit = limit
         self._lock = threading.Lock()
@@ -71,33 +76,78 @@ class HistoryMemo:
     def extended(self, messages: Sequence[Any]) -> tuple[int, Any]:
         """``(n, value)``: the value remembered for ``messages[:n]`` (a remembered history that
         ``messages`` extends), or ``(0, None)``."""
-        if not messages:
-            return 0, None
-        for seen in self._entries.get(id(messages[0]), ()):
-            n = len(seen.messages)
-            if n > len(messages) or seen.messages[-1] is not messages[n - 1]:
-                continue
-            head = tuple(messages[:n])
-            try:
-                if seen.messages == head and seen.contents == _field(head, "content") \
-                        and seen.calls == _field(head, "tool_calls"):
-                    return n, seen.value
-            except TypeError:  # not a dict: never remembered
-                continue
-        return 0, None
+        n, value, _ = self.find(messages)
+        return n, value
 
-    def remember(self, messages: Sequence[Any], value: Any) -> None:
-        """Keep ``value`` for ``messages``, replacing the remembered histories it extends."""
-        if not messages or not all(type(m) is dict for m in messages):
-            return
-        held = tuple(messages)
+    def find(self, messages: Sequence[Any]) -> tuple[int, Any, bool]:
+        """:meth:`extended`, and whether ``messages[:n]`` are copies of what was remembered (then
+        remember what was derived from them with ``alike``, not the copies)."""
+        if not messages:
+            return 0, None, False
+        n, value = _match(self._entries.get(id(messages[0]), ()), messages, copies=False)
+        if n or self._alike is None:
+            return n, value, False
+        try:
+            ways = self._alike.get(_opening(messages), ())
+        except (AttributeError, TypeError):  # not dicts, or a text that cannot be a key
+            return 0, None, False
+        n, value = _match(ways, messages, copies=True)
+        return n, value, bool(n)
+
+    def remember(self, messages: Sequence[Any] | None, value: Any, *, alike: Sequence[Any] = ()) -> None:
+        """Keep ``value`` for ``messages`` (the same dicts resent), replacing the remembered histories
+        it extends; and, with the ``alike`` table, for ``alike`` (dicts whose later copies are found
+        by value: what was derived from ``messages``)."""
+        if messages and all(type(m) is dict for m in messages):
+            held = tuple(messages)
+            self._keep(self._entries, id(held[0]), held, value)
+        if self._alike is not None and alike and all(type(m) is dict for m in alike):
+            held = tuple(alike)
+            try:
+                key = _opening(held)
+                hash(key)
+            except TypeError:
+                return
+            self._keep(self._alike, key, held, value)
+
+    def _keep(self, table: dict[Any, list[_Seen]], key: Hashable, held: tuple[Any, ...], value: Any) -> None:
         seen = _Seen(held, value)
         with self._lock:
-            ways = self._entries.get(id(held[0]))
+            ways = table.get(key)
             if ways is None:
-                if len(self._entries) >= self._limit:
-                    self._entries.clear()
-                self._entries[id(held[0])] = [seen]
+                if len(table) >= self._limit:
+                    table.clear()
+                table[key] = [seen]
                 return
             kept = [w for w in ways if len(w.messages) > len(held) or w.messages[-1] is not held[len(w.messages) - 1]]
             ways[:] = [seen, *kept][: self._ways]
+
+
+def _match(ways: Sequence[_Seen], messages: Sequence[Any], *, copies: bool) -> tuple[int, Any]:
+    """The first of ``ways`` that ``messages`` extend: the same dicts, or with ``copies`` equal ones."""
+    for seen in ways:
+        n = len(seen.messages)
+        if n > len(messages):
+            continue
+        last = seen.messages[-1]
+        if last is not messages[n - 1] and (not copies or last != messages[n - 1]):
+            continue
+        head = tuple(messages[:n])
+        try:
+            if seen.messages == head and seen.contents == _field(head, "content") \
+                    and seen.calls == _field(head, "tool_calls"):
+                return n, seen.value
+        except TypeError:  # not a dict: never remembered
+            continue
+    return 0, None
+
+
+def _opening(messages: Sequence[Any]) -> tuple[Any, ...]:
+    """What finds copies of a history: the role and text of its first two messages."""
+    return tuple((m.get("role"), _text(m.get("content"))) for m in messages[:2])
+
+
+def _text(content: Any) -> Any:
+    if isinstance(content, list):
+        return tuple(part.get("text") if isinstance(part, dict) else None for part in content)
+    return content if isinstance(content, str) else None

@@ -108,7 +108,7 @@ def _calls_ok(calls: list[Any]) -> bool:
 
 _NEEDS_CONTENT = frozenset({"user", "system", "developer", "tool"})  # the assistant's may be tool calls alone
 _VALID = MessageMemo()
-_HISTORIES = HistoryMemo()  # a resent history -> its valid messages and the tool-call state at its end
+_HISTORIES = HistoryMemo(alike=True)  # a resent history -> its valid messages and the tool-call state at its end
 
 PLACEHOLDER_RESULT = "[no result recorded]"  # the content of a tool result that repair adds
 
@@ -253,7 +253,7 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
     history = messages if isinstance(messages, list | tuple) else None
-    resent, earlier = _HISTORIES.extended(history) if history is not None else (0, None)
+    resent, earlier, copies = _HISTORIES.find(history) if history is not None else (0, None, False)
     out: list[dict[str, Any]] = []
     calls: frozenset[str] = frozenset()  # the ids of the last turn's calls,
     left = 0  # how many of them are still open,
@@ -284,8 +284,10 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
         elif kind:
             calls, left = ids, len(ids)
             seen = set() if left > 1 else None
-    if history is not None and resent < len(out):
-        _HISTORIES.remember(history, (tuple(out), calls, left, frozenset(seen) if seen is not None else None, broken))
+    if history is not None and resent < len(out):  # copies of a history: found by value from now on, not kept
+        valid = tuple(out)
+        _HISTORIES.remember(None if copies else history,
+                            (valid, calls, left, frozenset(seen) if seen is not None else None, broken), alike=valid)
     return out, broken and check
 
 
