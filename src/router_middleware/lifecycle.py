@@ -111,8 +111,10 @@ class CallLifecycle:
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
     def run(self) -> Flow:
-        """Raises what the last attempt raised, ``NoRouteError`` (no target left, or none usable),
-        ``BudgetExceeded`` (before any attempt), or ``MessageError`` for a bad request."""
+        """Raises what the last attempt raised, ``UnknownModelError`` (no provider for the last target),
+        ``NoRouteError`` (no target left, or none usable), ``BudgetExceeded`` or ``StoreUnavailable``
+        (before any attempt), or ``RequestError`` for a bad alias suffix (messages are checked before:
+        :meth:`~.engine.Engine.make_call`)."""
         engine = self.engine
         plan = yield from self._plan()
         if plan.summary_jobs:
