@@ -197,8 +197,8 @@ class RouterLogger(CustomLogger):
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: Any) -> dict[str, Any] | None:
         """Proxy hook, before the proxy resolves ``model``: plan the call and admit its first attempt.
-        Raises ``NoRouteError``, ``BudgetExceeded`` or ``MessageError``, which the proxy returns to
-        the client."""
+        Raises ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, ``MessageError`` or
+        ``RequestError``, which the proxy returns to the client."""
         if not _is_chat(data, call_type):
             return None
         self.hook_calls += 1

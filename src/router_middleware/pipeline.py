@@ -43,8 +43,8 @@ class Pipeline(Engine):
         """Drop-in for ``litellm.completion``: same keyword arguments, plus ``context=``.
 
         Returns litellm's ``ModelResponse``, or for ``stream=True`` a :class:`TrackedStream`. Raises
-        what the provider raised once no fallback is left, ``NoRouteError``, ``BudgetExceeded``, or
-        ``MessageError``/``ValueError`` for bad input.
+        what the provider raised once no fallback is left, ``NoRouteError``, ``BudgetExceeded``,
+        ``StoreUnavailable``, or ``MessageError``/``RequestError`` (``UnknownModelError``) for bad input.
         """
         return drive(self.start(self.make_call(model, messages, context, params)).run(), self._send)
 

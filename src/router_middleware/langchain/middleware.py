@@ -103,7 +103,8 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         """Run the model call through the call lifecycle. Raises what the handler raised once no
-        fallback is left, ``NoRouteError``, ``BudgetExceeded``, or ``MessageError`` for bad input."""
+        fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
+        ``MessageError``/``RequestError`` for bad input."""
         flow, build = self._start(request)
         return drive(flow, lambda attempt: handler(build(attempt.plan)))
 
