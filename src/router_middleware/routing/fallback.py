@@ -88,7 +88,8 @@ class Attempts:
         return self.models[0]
 
     def skip(self, reason: str) -> str | None:
-        """Move past the current target without trying it (its quota is used up)."""
+        """Move past the current target for ``reason``, no retry (its quota is used up, the adapter
+        cannot reach it, or litellm has no provider or no key for it)."""
         self.history += (f"{self.models.pop(0)}: {reason}",)
         if not self.models:
             return None
