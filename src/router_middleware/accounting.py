@@ -82,7 +82,8 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
 
     Works on what ``Pipeline.completion`` returned (a response, or a stream once consumed) and on
     any litellm ``ModelResponse`` (priced with the default catalog). Raises
-    :class:`OutcomeUnavailable` for a stream that has not been consumed yet.
+    :class:`OutcomeUnavailable` for a stream that has not been consumed yet, or an object that
+    carries no usage.
     """
     from .streaming import TrackedStream
 
