@@ -96,7 +96,8 @@ class Engine:
     def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
         ``prefetch``, which never reads the store), then fit the params to the chosen model
-        (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call."""
+        (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call, and
+        ``RequestError`` for an alias suffix other than ``:floor`` or ``:nitro``."""
         state = state or self.state
         changes = {} if prefetch is None else prefetch.views(state, self._views if state is self.state else None)
         if self._timed:
