@@ -155,3 +155,23 @@ def test_a_weight_for_a_free_variant_and_a_limit_on_a_routable_model_are_taken()
             "free_tier": {"prefer": True, "models": [deepseek]}, "weights": {f"{deepseek}:free": 5},
             "limits": {"openrouter/acme/brand-new-model": {"rpm": 1}}}})
     assert not [e for e in logs if e["event"] == "idle_limit"]
+
+
+@pytest.mark.parametrize(("url", "kind"), [("MEMORY://", "MemoryStore"), ("Memory:", "MemoryStore"),
+                                           ("SQLite:///{tmp}/x.db", "SQLiteStore"), ("REDIS://127.0.0.1:1/0", "RedisStore")])
+def test_a_store_url_s_scheme_opens_in_any_case(url: str, kind: str, tmp_path) -> None:
+    """What the config accepts, ``open_store`` opens: a URL's scheme is case-insensitive there too."""
+    from router_middleware.stores import open_store
+
+    store = open_store(url.format(tmp=tmp_path), timeout_s=0.1)
+    try:
+        assert type(store).__name__ == kind
+    finally:
+        store.close()
+
+
+def test_a_store_url_without_a_scheme_is_refused_at_load() -> None:
+    from router_middleware import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="field 'store': .*no scheme .*use memory://"):
+        load_config({"store": "memory"})

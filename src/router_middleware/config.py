@@ -158,6 +158,8 @@ def _store_scheme(url: str | None) -> str | None:
     load otherwise (the error names the scheme, not the URL, which may hold a password)."""
     if not url:
         return url
+    if ":" not in url:
+        raise ValueError("no scheme (use memory://, sqlite:///PATH or redis://HOST:PORT/DB)")
     scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
     if scheme.lower() not in _STORE_SCHEMES:  # a scheme's case does not matter (open_store lowers it)
         close = difflib.get_close_matches(scheme, _STORE_SCHEMES, n=1)

@@ -13,6 +13,9 @@ from .views import Prefetch, StoreView
 def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
     """``memory://`` (default), ``sqlite:///path/to/file.db`` or ``redis://host:port/db`` (whose
     operations time out after ``timeout_s``)."""
+    if url:
+        scheme, colon, rest = url.partition(":")
+        url = scheme.lower() + colon + rest  # a scheme's case does not matter (as the config checks it)
     if not url or url.startswith("memory:"):
         return MemoryStore()
     scheme = urlparse(url).scheme
