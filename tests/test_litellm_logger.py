@@ -398,3 +398,23 @@ def test_a_name_the_proxy_serves_beyond_its_model_names_is_not_skipped(tmp_path,
     finally:
         logger.unregister()
     assert changed["model"] == target and changed["fallbacks"] == ["healthy"]
+
+
+def test_proxy_hook_validates_only_what_a_cline_request_adds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two recorded Cline requests of one task, each parsed anew as the proxy does: the second
+    resends the first's messages and adds a tool turn, and only those two are validated."""
+    from router_middleware import messages as messages_module
+
+    from .conftest import ROOT
+
+    folder = ROOT.parent / "shared" / "data" / "cline-requests"
+    first, second = (json.loads((folder / name).read_text())["body"]
+                     for name in ("yolo_first.json", "yolo_second_after_tool.json"))
+    logger = RouterLogger(Pipeline.from_config({}), proxy=True)
+    asyncio.run(logger.async_pre_call_hook(None, None, {**first, "litellm_call_id": "c1"}, "acompletion"))
+    checked: list[int] = []
+    validate = messages_module.validate_message
+    monkeypatch.setattr(messages_module, "validate_message", lambda message, *, index, source=None: checked.append(
+        index) or validate(message, index=index, source=source))
+    changed = asyncio.run(logger.async_pre_call_hook(None, None, {**second, "litellm_call_id": "c2"}, "acompletion"))
+    assert checked == [3, 4] and changed["messages"] == second["messages"]
