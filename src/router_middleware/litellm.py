@@ -90,7 +90,7 @@ def run_labels(messages: Sequence[Message]) -> dict[str, Any]:
         first = messages[head]
         ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
         session += f"-{_digest(ids or first.get('content'))}"
-    steps = sum(1 for m in messages if m.get("role") == "assistant")
+    steps = [m.get("role") for m in messages].count("assistant")
     return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
 
 
@@ -101,7 +101,8 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
     keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
     if derive:
-        messages = [m for m in kwargs.get("messages") or [] if isinstance(m, Mapping)]
+        sent = kwargs.get("messages") or []
+        messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
         derived = run_labels(messages)
         if "session_id" in context:
             derived.pop("step")  # a client's own session may not start where the messages do
