@@ -61,3 +61,8 @@ def test_redis_commands_smoke(redis_url, mode) -> None:
 def test_redis_workers_smoke(redis_url) -> None:
     out = _run("redis_workers.py", "--workers", "1,2", "--seconds", "1", "--concurrency", "5", "--redis-url", redis_url)
     assert "| 2 |" in out and out.strip().splitlines()[-1].startswith("summary: one Redis core serves")
+
+
+def test_proxy_hook_smoke() -> None:
+    out = _run("proxy_hook.py", "--steps", "3", "--sizes", "20")
+    assert "| 20 messages |" in out and out.strip().splitlines()[-1].startswith("summary: pre-call hook per request")
