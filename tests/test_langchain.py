@@ -265,3 +265,27 @@ def test_the_callback_handler_takes_an_agent_context() -> None:
 
     handler = RouterCallbackHandler(context=AgentContext(app="shop", user="u1", step=0))
     assert handler.context == {"app": "shop", "user": "u1", "step": 0}
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_the_agent_middleware_hands_the_agent_its_own_messages_on_every_step(repair: bool) -> None:
+    """Each step's history is converted anew (equal dicts the pipeline recognises from the step
+    before); the model still gets the agent's own message objects, with what conversion drops
+    (ids, response metadata)."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "messages": {"repair_tool_calls": repair}})
+    middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini")
+    seen: list[list[Any]] = []
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        seen.append(list(request.messages))
+        return ModelResponse(result=[AIMessage("ok", id=f"run-{len(seen)}", response_metadata={"step": len(seen)})])
+
+    history: list[Any] = [HumanMessage("fix the test", id="h0")]
+    for step in range(3):
+        model = GenericFakeChatModel(messages=iter(["unused"]))
+        middleware.wrap_model_call(ModelRequest(model=model, messages=list(history), model_settings={}), handler)
+        assert all(a is b for a, b in zip(seen[-1], history, strict=True)), step
+        history += [AIMessage(f"step {step}", id=f"ai-{step}", response_metadata={"kept": step}),
+                    HumanMessage("go on", id=f"h{step + 1}")]

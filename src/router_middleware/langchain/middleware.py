@@ -12,7 +12,7 @@ spend). The response cache is not used (its answers are litellm responses).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -47,6 +47,21 @@ def _model_name(model: BaseChatModel) -> str:
     return type(model).__name__
 
 
+def _own(valid: Sequence[Any], converted: Sequence[Any], originals: Sequence[Any]) -> dict[int, Any]:
+    """The agent's own message for each validated dict, by the dict's id. A valid message is
+    validated as the dict it was converted to, or as the equal dict validated for an earlier step
+    (each step's history is converted anew); a repair (``messages.repair_tool_calls``) may have
+    dropped tool results, or added placeholders, which match no original."""
+    own: dict[int, Any] = {}
+    start = 0
+    for message in valid:
+        for i in range(start, len(converted)):
+            if converted[i] is message or converted[i] == message:
+                own[id(message)], start = originals[i], i + 1
+                break
+    return own
+
+
 class RouterAgentMiddleware(AgentMiddleware):
     """``create_agent(model, tools, middleware=[RouterAgentMiddleware(pipeline, models={...}, model="coder")])``.
 
@@ -75,9 +90,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         context = replace(self.context, session_id=thread) if thread and not self.context.session_id else self.context
         converted = to_openai(originals)
         call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
-        # A valid message is validated as the same dict, so this finds the agent's own objects even when
-        # a repair (messages.repair_tool_calls) dropped or added tool results.
-        by_id = {id(d): m for d, m in zip(converted, originals, strict=True)}
+        by_id = _own(call.messages, converted, originals)
 
         def build(plan: Plan) -> ModelRequest:
             """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning."""
