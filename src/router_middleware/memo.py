@@ -1,12 +1,13 @@
-"""Values derived from a message dict, reused while the caller resends the same dict unchanged.
+"""Values derived from message dicts, reused while the caller resends them unchanged.
 
 Agent loops append to one history and resend the same message dicts on every call; validating and
-keying each of them again is most of the pipeline's per-call cost on long histories. An entry is
-reused only for the very same dict object still holding the very same ``content`` and
-``tool_calls`` objects, so a message whose content is replaced is seen afresh. (A dict edited in
-place in some other field, its role say, would keep its old entry: messages are treated as values.)
-Entries hold their dicts, so the memo is small (``limit`` messages, then it starts over): a few
-long agent histories, not a server's worth of sessions.
+keying each of them again is most of the pipeline's per-call cost on long histories. A
+:class:`MessageMemo` entry is reused only for the very same dict object still holding the very
+same ``content`` and ``tool_calls`` objects, so a message whose content is replaced is seen afresh.
+(A dict edited in place in some other field, its role say, would keep its old entry: messages are
+treated as values.) Entries hold their dicts, so the memo is small (``limit`` messages, then it
+starts over): a few long agent histories, not a server's worth of sessions. A :class:`HistoryMemo`
+finds a whole resent history, and with ``alike`` also new dicts equal to it (an adapter's requests).
 """
 
 from __future__ import annotations
