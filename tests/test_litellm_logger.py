@@ -418,3 +418,28 @@ def test_proxy_hook_validates_only_what_a_cline_request_adds(monkeypatch: pytest
         index) or validate(message, index=index, source=source))
     changed = asyncio.run(logger.async_pre_call_hook(None, None, {**second, "litellm_call_id": "c2"}, "acompletion"))
     assert checked == [3, 4] and changed["messages"] == second["messages"]
+
+
+def test_the_pipelines_own_calls_are_not_recorded_again_by_a_registered_logger(logger) -> None:
+    """A ``Pipeline`` call goes through litellm, where a registered logger of the same pipeline sees it:
+    the pipeline's row is the call's only one, and the SDK hook does not plan it a second time."""
+    messages = [{"role": "user", "content": "hi"}]
+    logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+
+    async def run() -> None:
+        stream = await logger.pipeline.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                                   stream=True, metadata={"team": "a"})
+        async for _ in stream:
+            pass
+        await logger.aflush()
+
+    asyncio.run(run())
+    litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")  # a plain call: recorded
+    for _ in range(200):
+        if logger.recorded:
+            break
+        time.sleep(0.02)
+    time.sleep(0.3)  # the pipeline calls' sync events, had they been recorded, came before
+    logger.pipeline.ledger.flush()
+    rows = open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")
+    assert (logger.hook_calls, logger.recorded, len(rows)) == (0, 1, 3)

@@ -16,7 +16,7 @@ from . import wire
 from .assembly import assemble
 from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config, load_config
-from .context.summarize import summary_request
+from .context.summarize import SIDE_CALL, summary_request
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
@@ -152,8 +152,11 @@ class Engine:
 
     def request(self, plan: Plan) -> dict[str, Any]:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and
-        timeout; a stream asks for the final usage chunk where the provider needs asking."""
+        timeout; a stream asks for the final usage chunk where the provider needs asking. Its metadata
+        marks it as the pipeline's own (``SIDE_CALL``): a registered ``RouterLogger`` does not account
+        it a second time."""
         request = plan.request()
+        request["metadata"] = {**(request.get("metadata") or {}), SIDE_CALL: "attempt"}
         deployment = self.config.routing.deployments.get(plan.deployment or "")
         if deployment is not None:
             if deployment.api_base:

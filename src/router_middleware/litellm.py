@@ -70,7 +70,7 @@ def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
 
 
 def _ours(kwargs: Mapping[str, Any]) -> bool:
-    """A call the pipeline made itself (a context summary): accounted in the row of the call it served."""
+    """A call the pipeline made itself (an attempt, a context summary): accounted in the pipeline's own row."""
     return bool(_metadata(kwargs).get(SIDE_CALL))
 
 
