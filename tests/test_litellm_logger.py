@@ -443,3 +443,49 @@ def test_the_pipelines_own_calls_are_not_recorded_again_by_a_registered_logger(l
     logger.pipeline.ledger.flush()
     rows = open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")
     assert (logger.hook_calls, logger.recorded, len(rows)) == (0, 1, 3)
+
+
+def test_a_litellm_cache_hit_is_recorded_as_one_and_costs_nothing(logger, monkeypatch) -> None:
+    """With litellm's own response cache (``litellm.cache``), a hit reaches no provider: its row is a
+    cache hit at no cost, sync or async, not a second paid call."""
+    from litellm.caching.caching import Cache
+
+    monkeypatch.setattr(litellm, "cache", Cache())
+    litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}], mock_response="ok")
+    assert litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}],
+                              mock_response="ok")._hidden_params.get("cache_hit")
+
+    async def run() -> None:
+        await _recorded(logger, 2)
+        for _ in range(2):
+            await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "async"}],
+                                      mock_response="ok")
+            await logger.aflush()  # the first answer is in litellm's cache before the second call
+
+    asyncio.run(run())
+    logger.pipeline.ledger.flush()
+    rows = open_ledger(logger.pipeline.config.ledger.url).query(
+        "SELECT cache_hit, cost_usd, input_tokens FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == [0, 1, 0, 1]
+    assert rows[0][1] > 0 and rows[2][1] > 0 and rows[1][1:] == rows[3][1:] == (0.0, 0)
+
+
+def test_a_litellm_cache_hit_behind_the_proxy_settles_at_no_cost(tmp_path, monkeypatch) -> None:
+    from litellm.caching.caching import Cache
+
+    monkeypatch.setattr(litellm, "cache", Cache())
+    router = litellm.Router(model_list=[
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "mock_response": "ok", "api_key": "x"}}])
+    logger = _proxy_logger(tmp_path, ["healthy"])
+    try:
+        async def calls() -> None:
+            for i in range(2):
+                data = {"model": "coder", "messages": [{"role": "user", "content": "same"}],
+                        "litellm_call_id": f"hit{i}", "caching": True}
+                await router.acompletion(**await logger.async_pre_call_hook(None, None, data, "acompletion"))
+                await logger.aflush()
+        asyncio.run(calls())
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert len(rows) == 2 and rows[0]["cost_usd"] > 0 and rows[1]["cost_usd"] == 0.0

@@ -168,6 +168,11 @@ def mark_cache_hit(response: Any) -> None:
     hidden(response)["cache_hit"] = True
 
 
+def cache_hit(response: Any) -> bool:
+    """Was ``response`` served from a response cache (litellm's own, or :func:`mark_cache_hit`)?"""
+    return bool(hidden(response).get("cache_hit"))
+
+
 def attach_outcome(response: Any, outcome: Any) -> None:
     """Keep the call's Outcome on the response, where ``router_middleware.outcome()`` finds it."""
     hidden(response)[OUTCOME_KEY] = outcome  # no hidden params: written nowhere, as mark_cache_hit
