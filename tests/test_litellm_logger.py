@@ -489,3 +489,29 @@ def test_a_litellm_cache_hit_behind_the_proxy_settles_at_no_cost(tmp_path, monke
     finally:
         logger.unregister()
     assert len(rows) == 2 and rows[0]["cost_usd"] > 0 and rows[1]["cost_usd"] == 0.0
+
+
+def test_calls_it_observes_count_toward_the_pipelines_budgets(monkeypatch) -> None:
+    """What litellm calls spent, sync or async, is added to the budgets that apply to them (the
+    config's ``app`` labels both), so the pipeline's own calls under the same budget see it."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": "svc", "routing": {"budgets": [{"name": "daily", "usd": 0.0001, "window_s": 86400}]},
+        "cache": {"enabled": False}})).register()
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+
+        async def run() -> None:
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+            await _recorded(logger, 2)
+
+        asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as refused:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=4000)
+    finally:
+        logger.unregister()
+    assert refused.value.spent == pytest.approx(2 * 1.35e-05)  # gpt-4o-mini: 10 in, 20 out, twice

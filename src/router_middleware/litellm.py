@@ -34,6 +34,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import wire
 from .accounting import build_outcome
+from .bookkeeping import Held, Reservation
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
@@ -369,7 +370,8 @@ class RouterLogger(CustomLogger):
                 del self._calls[key]
                 return found
         model = str(kwargs.get("model") or "unknown")
-        call = Call.create(model, list(kwargs.get("messages") or []), {}, _context(kwargs))
+        call = Call.create(model, list(kwargs.get("messages") or []), {},
+                           {"app": self.pipeline.config.app, **_context(kwargs)})
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
 
@@ -379,7 +381,9 @@ class RouterLogger(CustomLogger):
             result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=_source(response_obj),
                                    latency_s=_seconds(start_time, end_time),
                                    time_to_first_token_s=_ttft(kwargs, start_time))
-            self.pipeline.books.settle(result)
+            books = self.pipeline.books
+            claims = books.claims(plan.call.context, usd=0.0, tokens=0)  # its budgets, settled at what it spent
+            books.settle(result, Held(Reservation(claims)) if claims else None)
             trace.succeed(result, response_obj)
             self.recorded += 1
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
