@@ -289,3 +289,26 @@ def test_the_agent_middleware_hands_the_agent_its_own_messages_on_every_step(rep
         assert all(a is b for a, b in zip(seen[-1], history, strict=True)), step
         history += [AIMessage(f"step {step}", id=f"ai-{step}", response_metadata={"kept": step}),
                     HumanMessage("go on", id=f"h{step + 1}")]
+
+
+@pytest.mark.parametrize(("where", "context", "named"), [
+    ("model", {"sesion_id": "s1"}, "unknown field"), ("call", {"sesion_id": "s1"}, "unknown field"),
+    ("model", {"step": "first"}, "context.step")])
+def test_the_routed_model_refuses_a_bad_context_naming_the_field(where, context, named) -> None:
+    """A misspelt label is an error, as for ``Pipeline.completion``, not dropped (the call then runs unlabelled)."""
+    from router_middleware import RequestError
+
+    with pytest.raises(RequestError, match=named):
+        if where == "model":
+            RoutedChatModel(model="gpt-4o-mini", context=context)
+        else:
+            RoutedChatModel(model="gpt-4o-mini", model_kwargs={"mock_response": "ok"}).invoke("hi", context=context)
+
+
+def test_the_routed_model_takes_an_agent_context() -> None:
+    from router_middleware import AgentContext
+
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "ok"},
+                            context=AgentContext(app="shop", user="u1"))
+    message = model.invoke("hi", context=AgentContext(step=3))
+    assert message.content == "ok" and model.context == {"app": "shop", "user": "u1"}

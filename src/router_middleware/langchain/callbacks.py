@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -21,7 +21,7 @@ from langchain_core.outputs import LLMResult
 from ..pipeline import Pipeline
 from ..telemetry import CallTrace, log
 from ..types import AgentContext, Call, Outcome, Plan
-from .convert import outcome_from_message, to_openai
+from .convert import labels, outcome_from_message, to_openai
 
 
 @dataclass
@@ -54,8 +54,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
     def __init__(self, pipeline: Pipeline | None = None, *,
                  context: AgentContext | Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline or Pipeline()
-        checked = AgentContext.coerce(context)  # checked now: a mistake found per call would only be logged
-        self.context = {name: value for name, value in asdict(checked).items() if value not in (None, ())}
+        self.context = labels(context)  # checked now: a mistake found per call would only be logged
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
         self.outcomes: list[Outcome] = []  # the most recent calls, newest last (bounded)

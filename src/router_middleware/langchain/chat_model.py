@@ -17,9 +17,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
 from ..pipeline import Pipeline
-from .convert import final_chunk, to_ai_message, to_chunk, to_openai, tool_choice
-
-_CONTEXT_KEYS = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant", "tags", "cache")
+from .convert import final_chunk, labels, to_ai_message, to_chunk, to_openai, tool_choice
 
 
 class RoutedChatModel(BaseChatModel):
@@ -27,7 +25,9 @@ class RoutedChatModel(BaseChatModel):
     and litellm. ``model`` is an alias from the pipeline's config, ``"auto"``, or any litellm model id.
 
     The session for context and reasoning budgets is ``session_id``, else the run's LangGraph
-    ``thread_id`` (from ``config={"configurable": {"thread_id": ...}}``), else none.
+    ``thread_id`` (from ``config={"configurable": {"thread_id": ...}}``), else none. ``context`` (and a
+    call's ``context=``) is an ``AgentContext`` or a dict of its labels, checked as the pipeline checks
+    it: a bad or unknown label raises ``RequestError`` naming it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
@@ -46,6 +46,10 @@ class RoutedChatModel(BaseChatModel):
     context: dict[str, Any] = Field(default_factory=dict)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     _default_pipeline: Pipeline | None = PrivateAttr(default=None)
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["context"] = labels(kwargs.get("context"))  # checked here, not per call
+        super().__init__(**kwargs)
 
     @property
     def _llm_type(self) -> str:
@@ -78,12 +82,12 @@ class RoutedChatModel(BaseChatModel):
         """Pipeline keyword arguments: the model's settings, then the call's (the call's win)."""
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
-        context = {**self.context, **dict(kwargs.pop("context", None) or {})}
+        context = {**self.context, **labels(kwargs.pop("context", None))}
         session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
         if session and "session_id" not in context:
             context["session_id"] = str(session)
         request: dict[str, Any] = {"model": kwargs.pop("model", self.model), "messages": to_openai(messages),
-                                   "context": {k: v for k, v in context.items() if k in _CONTEXT_KEYS}}
+                                   "context": context}
         settings = {"temperature": self.temperature, "max_tokens": self.max_tokens, "timeout": self.timeout,
                     "stop": stop or self.stop, "max_retries": self.max_retries, "api_base": self.api_base,
                     "api_key": self.api_key.get_secret_value() if self.api_key else None}

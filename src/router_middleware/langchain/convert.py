@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
@@ -12,13 +13,19 @@ from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, Us
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 
 from ..pricing import price
-from ..types import Outcome, Plan, Usage
+from ..types import AgentContext, Outcome, Plan, Usage
 
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept)."""
     converted = convert_to_openai_messages(list(messages))
     return [converted] if isinstance(converted, dict) else list(converted)
+
+
+def labels(context: AgentContext | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The labels ``context`` sets, checked as ``Pipeline.completion`` checks them (a bad or unknown one
+    raises ``RequestError`` naming it)."""
+    return {name: value for name, value in asdict(AgentContext.coerce(context)).items() if value not in (None, ())}
 
 
 def usage_metadata(usage: Usage) -> UsageMetadata:
