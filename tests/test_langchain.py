@@ -312,3 +312,31 @@ def test_the_routed_model_takes_an_agent_context() -> None:
                             context=AgentContext(app="shop", user="u1"))
     message = model.invoke("hi", context=AgentContext(step=3))
     assert message.content == "ok" and model.context == {"app": "shop", "user": "u1"}
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_callback_handler_does_not_count_a_routed_models_call_twice(fails, tmp_path, span_exporter) -> None:
+    """``RoutedChatModel`` with the handler in the same chain (integrations/langchain/chain.py): its pipeline
+    accounts each call once (one ledger row, one CLIENT span); the handler still lists it."""
+    import litellm
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"app": "docs", "ledger": {"url": url}, "cache": {"enabled": False},
+                                     "routing": {"aliases": {"writer": ["gpt-4o-mini"]}}})
+    answer = litellm.exceptions.BadRequestError("bad", "gpt-4o-mini", "openai") if fails else "Done."
+    model = RoutedChatModel(model="writer", pipeline=pipeline, model_kwargs={"mock_response": answer})
+    handler = RouterCallbackHandler(pipeline)
+    chain = ChatPromptTemplate.from_messages([("user", "{q}")]) | model | StrOutputParser()
+    if fails:
+        with pytest.raises(litellm.exceptions.BadRequestError):
+            chain.invoke({"q": "hi"}, config={"callbacks": [handler]})
+    else:
+        assert chain.invoke({"q": "hi"}, config={"callbacks": [handler]}) == "Done."
+        assert [(o.model, o.provider) for o in handler.outcomes] == [("gpt-4o-mini", "openai")]
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT requested_model, model, error FROM calls")
+    assert rows == [("writer", "gpt-4o-mini", "BadRequestError" if fails else None)]
+    assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 1
+    assert not handler.in_flight

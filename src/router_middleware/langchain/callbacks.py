@@ -3,6 +3,8 @@
 LangChain drops what callbacks return, so this handler cannot route or trim; it accounts for calls
 made by models it does not wrap. Each run is tracked by its ``run_id`` (batches and nested runs do
 not mix); a streamed run's usage is read from the aggregated message LangChain hands ``on_llm_end``.
+A ``RoutedChatModel``'s run is listed in ``outcomes`` only: its pipeline already gave it a span and
+a ledger row.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from langchain_core.outputs import LLMResult
 from ..pipeline import Pipeline
 from ..telemetry import CallTrace, log
 from ..types import AgentContext, Call, Outcome, Plan
-from .convert import labels, outcome_from_message, to_openai
+from .convert import ROUTED, labels, outcome_from_message, to_openai
 
 
 @dataclass
 class _Run:
-    trace: CallTrace
+    trace: CallTrace | None  # None: a RoutedChatModel's run, accounted by its own pipeline
     plan: Plan
     started: float
     first_token: float | None = None
@@ -75,9 +77,11 @@ class RouterCallbackHandler(BaseCallbackHandler):
                            {k: v for k, v in params.items() if k in ("temperature", "max_tokens", "stream")},
                            context)
         plan = Plan.from_call(call)
-        provider = metadata.get("ls_provider") or self.pipeline.catalog.provider(model)
-        trace = CallTrace.start(self.pipeline.telemetry, plan, provider, 0, 0)
-        trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})
+        trace = None
+        if metadata.get("ls_provider") != ROUTED:
+            provider = metadata.get("ls_provider") or self.pipeline.catalog.provider(model)
+            trace = CallTrace.start(self.pipeline.telemetry, plan, provider, 0, 0)
+            trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})
         with self._lock:
             self._runs[run_id] = _Run(trace, plan, time.perf_counter())
 
@@ -94,13 +98,15 @@ class RouterCallbackHandler(BaseCallbackHandler):
         try:
             generation = response.generations[0][0] if response.generations and response.generations[0] else None
             result = outcome_from_message(getattr(generation, "message", None), run.plan, self.pipeline,
-                                          run.trace.provider, run.started, run.first_token)
+                                          run.trace.provider if run.trace else None, run.started, run.first_token)
         except Exception as exc:  # noqa: BLE001 - observing must never break the user's chain
             log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
-            run.trace.fail(exc)
+            if run.trace is not None:
+                run.trace.fail(exc)
             return
-        run.trace.succeed(result)
-        self.pipeline.books.record(result)
+        if run.trace is not None:
+            run.trace.succeed(result)
+            self.pipeline.books.record(result)
         with self._lock:
             self.outcomes.append(result)
             del self.outcomes[:-1000]
@@ -108,7 +114,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         with self._lock:
             run = self._runs.pop(run_id, None)
-        if run is not None:
+        if run is not None and run.trace is not None:
             run.trace.fail(error)
             self.pipeline.books.record_failure(run.plan, error)
 

@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
 from ..pipeline import Pipeline
-from .convert import final_chunk, labels, to_ai_message, to_chunk, to_openai, tool_choice
+from .convert import ROUTED, final_chunk, labels, to_ai_message, to_chunk, to_openai, tool_choice
 
 
 class RoutedChatModel(BaseChatModel):
@@ -60,7 +60,7 @@ class RoutedChatModel(BaseChatModel):
         return {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(ls_provider="router_middleware", ls_model_name=kwargs.get("model", self.model),
+        params = LangSmithParams(ls_provider=ROUTED, ls_model_name=kwargs.get("model", self.model),
                                  ls_model_type="chat")
         if self.temperature is not None:
             params["ls_temperature"] = self.temperature

@@ -15,6 +15,8 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call
 from ..pricing import price
 from ..types import AgentContext, Outcome, Plan, Usage
 
+ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
+
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept)."""
@@ -135,13 +137,15 @@ def usage_from_message(message: Any, estimate: int) -> Usage:
 
 def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str | None, started: float,
                          first_token: float | None = None) -> Outcome:
-    """The Outcome of a call some LangChain chat model made for ``plan``, priced with the pipeline's catalog."""
+    """The Outcome of a call some LangChain chat model made for ``plan``, priced with the pipeline's catalog
+    (``provider``, else the one the message names)."""
     metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
     model = str(metadata.get("model_name") or metadata.get("model") or plan.model)
     usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages))
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     finish = metadata.get("finish_reason") or metadata.get("stop_reason")
-    return Outcome(model=model, provider=provider, usage=usage, cost=price(usage, info), plan=plan,
+    return Outcome(model=model, provider=provider or metadata.get("model_provider"), usage=usage,
+                   cost=price(usage, info), plan=plan,
                    response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
                    latency_s=time.perf_counter() - started,
                    time_to_first_token_s=(first_token - started) if first_token else None)
