@@ -340,3 +340,16 @@ def test_the_callback_handler_does_not_count_a_routed_models_call_twice(fails, t
     assert rows == [("writer", "gpt-4o-mini", "BadRequestError" if fails else None)]
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 1
     assert not handler.in_flight
+
+
+def test_the_callback_handler_labels_its_calls_with_the_configs_app(tmp_path) -> None:
+    """As ``Pipeline.completion``: a call that names no app counts for the config's ``app:``."""
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"app": "support-bot", "ledger": {"url": url}})
+    handler = RouterCallbackHandler(pipeline)
+    _fake("hello").invoke("hi", config={"callbacks": [handler]})
+    pipeline.close()
+    assert handler.outcomes[-1].plan.call.context.app == "support-bot"
+    assert open_ledger(url).query("SELECT app FROM calls") == [("support-bot",)]

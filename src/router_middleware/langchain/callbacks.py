@@ -57,6 +57,8 @@ class RouterCallbackHandler(BaseCallbackHandler):
                  context: AgentContext | Mapping[str, Any] | None = None) -> None:
         self.pipeline = pipeline or Pipeline()
         self.context = labels(context)  # checked now: a mistake found per call would only be logged
+        if self.pipeline.config.app:  # a call that names no app counts for the config's, as in the pipeline
+            self.context.setdefault("app", self.pipeline.config.app)
         self._runs: dict[UUID, _Run] = {}
         self._lock = threading.Lock()
         self.outcomes: list[Outcome] = []  # the most recent calls, newest last (bounded)
