@@ -353,3 +353,29 @@ def test_the_callback_handler_labels_its_calls_with_the_configs_app(tmp_path) ->
     pipeline.close()
     assert handler.outcomes[-1].plan.call.context.app == "support-bot"
     assert open_ledger(url).query("SELECT app FROM calls") == [("support-bot",)]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_callback_handler_does_not_count_an_agent_middleware_call_twice(asynchronous, tmp_path) -> None:
+    """The handler on an agent that runs RouterAgentMiddleware: the middleware's lifecycle accounts each
+    model call (its ledger row); the handler lists it without a second row."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}, "cache": {"enabled": False}})
+    handler = RouterCallbackHandler(pipeline)
+    middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini")
+    request = ModelRequest(model=_fake("done"), messages=[HumanMessage("hi")], model_settings={})
+    config = {"callbacks": [handler]}
+    if asynchronous:
+        async def handle(r: Any) -> ModelResponse:
+            return ModelResponse(result=[await r.model.ainvoke(r.messages, config=config)])
+
+        asyncio.run(middleware.awrap_model_call(request, handle))
+    else:
+        middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages, config=config)]))
+    pipeline.close()
+    assert open_ledger(url).query("SELECT requested_model, input_tokens FROM calls") == [("gpt-4o-mini", 1200)]
+    assert len(handler.outcomes) == 1 and not handler.in_flight

@@ -3,8 +3,8 @@
 LangChain drops what callbacks return, so this handler cannot route or trim; it accounts for calls
 made by models it does not wrap. Each run is tracked by its ``run_id`` (batches and nested runs do
 not mix); a streamed run's usage is read from the aggregated message LangChain hands ``on_llm_end``.
-A ``RoutedChatModel``'s run is listed in ``outcomes`` only: its pipeline already gave it a span and
-a ledger row.
+A ``RoutedChatModel``'s run, and a model call made by ``RouterAgentMiddleware``, is listed in
+``outcomes`` only: its pipeline already gave it a span and a ledger row.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from langchain_core.outputs import LLMResult
 from ..pipeline import Pipeline
 from ..telemetry import CallTrace, log
 from ..types import AgentContext, Call, Outcome, Plan
-from .convert import ROUTED, labels, outcome_from_message, to_openai
+from .convert import accounted, labels, outcome_from_message, to_openai
 
 
 @dataclass
 class _Run:
-    trace: CallTrace | None  # None: a RoutedChatModel's run, accounted by its own pipeline
+    trace: CallTrace | None  # None: accounted by a pipeline already (a RoutedChatModel's, the middleware's)
     plan: Plan
     started: float
     first_token: float | None = None
@@ -80,7 +80,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
                            context)
         plan = Plan.from_call(call)
         trace = None
-        if metadata.get("ls_provider") != ROUTED:
+        if not accounted(metadata):
             provider = metadata.get("ls_provider") or self.pipeline.catalog.provider(model)
             trace = CallTrace.start(self.pipeline.telemetry, plan, provider, 0, 0)
             trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})

@@ -26,7 +26,7 @@ from ..lifecycle import Flow
 from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
 from ..types import AgentContext, Outcome, Plan
-from .convert import outcome_from_message, to_openai
+from .convert import accounting, outcome_from_message, to_openai
 
 
 def _thread_id() -> str | None:
@@ -119,10 +119,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
         ``MessageError``/``RequestError`` for bad input."""
         flow, build = self._start(request)
-        return drive(flow, lambda attempt: handler(build(attempt.plan)))
+        with accounting():  # a RouterCallbackHandler on the agent does not count these calls again
+            return drive(flow, lambda attempt: handler(build(attempt.plan)))
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         flow, build = self._start(request)
-        return await adrive(flow, lambda attempt: handler(build(attempt.plan)), off_loop=self.pipeline.store_blocks)
+        with accounting():
+            return await adrive(flow, lambda attempt: handler(build(attempt.plan)), off_loop=self.pipeline.store_blocks)
