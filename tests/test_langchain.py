@@ -379,3 +379,27 @@ def test_the_callback_handler_does_not_count_an_agent_middleware_call_twice(asyn
     pipeline.close()
     assert open_ledger(url).query("SELECT requested_model, input_tokens FROM calls") == [("gpt-4o-mini", 1200)]
     assert len(handler.outcomes) == 1 and not handler.in_flight
+
+
+def test_the_agent_middleware_sends_tool_results_given_as_content_blocks_of_a_user_turn() -> None:
+    """One LangChain message can be several OpenAI messages (Anthropic's tool_result blocks answering
+    parallel calls): the call goes through, each result as a tool message."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    calls = [{"name": "weather", "args": {"city": c}, "id": f"toolu_{c}"} for c in ("SF", "NY")]
+    history = [HumanMessage("Weather in SF and NY?"), AIMessage("", tool_calls=calls),
+               HumanMessage([{"type": "tool_result", "tool_use_id": "toolu_SF", "content": "sunny"},
+                             {"type": "tool_result", "tool_use_id": "toolu_NY", "content": "rain"}])]
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), model="gpt-4o-mini")
+    sent: list[Any] = []
+
+    def handler(r: Any) -> ModelResponse:
+        sent.extend(r.messages)
+        return ModelResponse(result=[r.model.invoke(r.messages)])
+
+    request = ModelRequest(model=FakeListChatModel(responses=["ok"]), messages=history, model_settings={})
+    assert middleware.wrap_model_call(request, handler).result[-1].content == "ok"
+    assert sent[:2] == history[:2]  # the agent's own objects
+    assert [(type(m), m.tool_call_id, m.content) for m in sent[2:]] == \
+        [(ToolMessage, "toolu_SF", "sunny"), (ToolMessage, "toolu_NY", "rain")]

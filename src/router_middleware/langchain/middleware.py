@@ -18,7 +18,7 @@ from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, SystemMessage, convert_to_messages
+from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, convert_to_messages
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ..drivers import adrive, drive
@@ -47,17 +47,20 @@ def _model_name(model: BaseChatModel) -> str:
     return type(model).__name__
 
 
-def _own(valid: Sequence[Any], converted: Sequence[Any], originals: Sequence[Any]) -> dict[int, Any]:
-    """The agent's own message for each validated dict, by the dict's id. A valid message is
-    validated as the dict it was converted to, or as the equal dict validated for an earlier step
-    (each step's history is converted anew); a repair (``messages.repair_tool_calls``) may have
-    dropped tool results, or added placeholders, which match no original."""
+def _own(valid: Sequence[Any], converted: Sequence[Any], owners: Sequence[Any]) -> dict[int, Any]:
+    """The agent's own message for each validated dict, by the dict's id (``owners[i]``: the
+    message ``converted[i]`` came from, or ``None``). A valid message is validated as the dict it
+    was converted to, or as the equal dict validated for an earlier step (each step's history is
+    converted anew); a repair (``messages.repair_tool_calls``) may have dropped tool results, or
+    added placeholders, which match no original."""
     own: dict[int, Any] = {}
     start = 0
     for message in valid:
         for i in range(start, len(converted)):
             if converted[i] is message or converted[i] == message:
-                own[id(message)], start = originals[i], i + 1
+                if owners[i] is not None:
+                    own[id(message)] = owners[i]
+                start = i + 1
                 break
     return own
 
@@ -88,9 +91,16 @@ class RouterAgentMiddleware(AgentMiddleware):
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
         thread = _thread_id()
         context = replace(self.context, session_id=thread) if thread and not self.context.session_id else self.context
-        converted = to_openai(originals)
+        # A message converted to several (tool_result blocks in a user turn) is sent as those, each
+        # rebuilt from its dict; every other message is sent as the agent's own object.
+        converted: list[dict[str, Any]] = []
+        owners: list[BaseMessage | None] = []
+        for original in originals:
+            parts = to_openai([original])
+            converted += parts
+            owners += [original] if len(parts) == 1 else [None] * len(parts)
         call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
-        by_id = _own(call.messages, converted, originals)
+        by_id = _own(call.messages, converted, owners)
 
         def build(plan: Plan) -> ModelRequest:
             """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning."""
