@@ -403,3 +403,32 @@ def test_the_agent_middleware_sends_tool_results_given_as_content_blocks_of_a_us
     assert sent[:2] == history[:2]  # the agent's own objects
     assert [(type(m), m.tool_call_id, m.content) for m in sent[2:]] == \
         [(ToolMessage, "toolu_SF", "sunny"), (ToolMessage, "toolu_NY", "rain")]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_documented_agent_setup_records_each_model_call_once(span_exporter, monkeypatch: pytest.MonkeyPatch,
+                                                                  asynchronous: bool) -> None:
+    """``models={m: RoutedChatModel(model=m, pipeline=Pipeline())}``: the middleware's call records the
+    model call (one route span, one CLIENT span, one metrics record); the inner pass-through pipeline
+    it goes through records nothing of its own (its tokens and cost counted twice before)."""
+    from langchain.agents import create_agent
+    from opentelemetry.trace import SpanKind
+
+    from router_middleware.telemetry import metrics as call_metrics
+
+    recorded: list[Any] = []
+    record = call_metrics.record
+    monkeypatch.setattr(call_metrics, "record", lambda *a: recorded.append(a) or record(*a))
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                                             model_kwargs={"mock_response": "done"})}
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models=models,
+                                       model="gpt-4o-mini")
+    agent = create_agent(models["gpt-4o-mini"], tools=[], middleware=[middleware])
+    state = {"messages": [HumanMessage("hi")]}
+    result = asyncio.run(agent.ainvoke(state)) if asynchronous else agent.invoke(state)
+    assert result["messages"][-1].content == "done"
+    spans = span_exporter.get_finished_spans()
+    assert [s.name for s in spans if s.kind == SpanKind.CLIENT] == ["chat gpt-4o-mini"]
+    assert [s.name for s in spans if s.kind == SpanKind.INTERNAL and s.name.startswith("route")] == [
+        "route gpt-4o-mini"]
+    assert len(recorded) == 1

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -15,26 +13,16 @@ from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, Us
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 
 from ..pricing import price
+from ..telemetry.tracing import within
 from ..types import AgentContext, Outcome, Plan, Usage
 
 ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
-_ACCOUNTED: ContextVar[bool] = ContextVar("router_middleware_accounted", default=False)
-
-
-@contextmanager
-def accounting() -> Iterator[None]:
-    """Model calls made inside are accounted by a call lifecycle (RouterAgentMiddleware's)."""
-    token = _ACCOUNTED.set(True)
-    try:
-        yield
-    finally:
-        _ACCOUNTED.reset(token)
 
 
 def accounted(metadata: Mapping[str, Any]) -> bool:
     """Whether the chat model run with ``metadata`` is accounted already: a RoutedChatModel's (by its
-    pipeline), or one made inside :func:`accounting`."""
-    return metadata.get("ls_provider") == ROUTED or _ACCOUNTED.get()
+    pipeline), or one made as an attempt of RouterAgentMiddleware's call (``within_attempt``)."""
+    return metadata.get("ls_provider") == ROUTED or within()
 
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:

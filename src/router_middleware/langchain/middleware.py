@@ -22,11 +22,12 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, conve
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ..drivers import adrive, drive
-from ..lifecycle import Flow
+from ..lifecycle import Attempt, Flow
 from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
+from ..telemetry.tracing import within_attempt
 from ..types import AgentContext, Outcome, Plan
-from .convert import accounting, outcome_from_message, to_openai
+from .convert import outcome_from_message, to_openai
 
 
 def _thread_id() -> str | None:
@@ -129,12 +130,20 @@ class RouterAgentMiddleware(AgentMiddleware):
         fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
         ``MessageError``/``RequestError`` for bad input."""
         flow, build = self._start(request)
-        with accounting():  # a RouterCallbackHandler on the agent does not count these calls again
-            return drive(flow, lambda attempt: handler(build(attempt.plan)))
+
+        def send(attempt: Attempt) -> ModelResponse:
+            with within_attempt():  # recorded by this call: not again by a RoutedChatModel or a callback handler
+                return handler(build(attempt.plan))
+
+        return drive(flow, send)
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         flow, build = self._start(request)
-        with accounting():
-            return await adrive(flow, lambda attempt: handler(build(attempt.plan)), off_loop=self.pipeline.store_blocks)
+
+        async def send(attempt: Attempt) -> ModelResponse:
+            with within_attempt():
+                return await handler(build(attempt.plan))
+
+        return await adrive(flow, send, off_loop=self.pipeline.store_blocks)

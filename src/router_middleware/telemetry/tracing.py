@@ -7,7 +7,9 @@ reaches the user's call.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +47,24 @@ class TelemetrySettings:
 
 
 _tracer_of: tuple[Any, trace.Tracer] | None = None  # the current global provider, and its tracer
+_WITHIN: ContextVar[bool] = ContextVar("router_middleware_within_attempt", default=False)
+
+
+@contextmanager
+def within_attempt() -> Iterator[None]:
+    """Calls made inside are one attempt of an outer call that records it (the agent middleware's
+    model call, made through a ``RoutedChatModel``): they get no spans, metrics or log lines of their
+    own, so the outer call's are not counted twice."""
+    token = _WITHIN.set(True)
+    try:
+        yield
+    finally:
+        _WITHIN.reset(token)
+
+
+def within() -> bool:
+    """Whether this runs inside :func:`within_attempt`."""
+    return _WITHIN.get()
 
 
 def _tracer() -> trace.Tracer:
@@ -79,6 +99,7 @@ class CallTrace:
         self.request_attrs: dict[str, AttributeValue] = {}
         self.done = False
         self.cache_similarity: float | None = None
+        self.nested = _WITHIN.get()  # an outer call records this one (see within_attempt)
         self.reservation: Any = None  # the call's budget reservation, settled when it ends
         self.quota: Any = None  # the attempt's (Taken, quotas), settled when it ends
 
@@ -88,7 +109,7 @@ class CallTrace:
         """``attempt=False``: no provider is called (a response-cache hit), so no CLIENT span;
         ``side_calls`` made before it get their CLIENT spans first (the route span starts with them)."""
         trace_ = cls(settings, plan, provider)
-        if settings.enabled:
+        if settings.enabled and not trace_.nested:
             trace_._open(tokens_before, tokens_after, attempt, side_calls)
         return trace_
 
@@ -189,6 +210,8 @@ class CallTrace:
                 self.parent.set_attribute("router_middleware.savings.estimated_usd",
                                           float(self.plan.estimated_savings_usd))
             self.parent.end()
+        if self.nested:
+            return
         if settings.enabled and outcome.usage.source != "cache":  # a hit is no GenAI operation: not in them
             call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,
                                 self.plan.call.context.app)
@@ -220,6 +243,8 @@ class CallTrace:
         for span in (self.child, self.parent):
             if span is not None:
                 span.end()
+        if self.nested:
+            return
         if self.settings.enabled:
             call_metrics.record(self._metric_attrs(), None, time.perf_counter() - self.started, kind,
                                 self.plan.call.context.app)
