@@ -432,3 +432,33 @@ def test_the_documented_agent_setup_records_each_model_call_once(span_exporter, 
     assert [s.name for s in spans if s.kind == SpanKind.INTERNAL and s.name.startswith("route")] == [
         "route gpt-4o-mini"]
     assert len(recorded) == 1
+
+
+def test_the_agent_middleware_converts_each_message_once_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's state keeps its message objects from step to step: each is converted to OpenAI's
+    shape once, not on every step (at 300 messages that was three quarters of the middleware's work)."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    from router_middleware.langchain import convert
+
+    converted: list[Any] = []
+    real = convert.convert_to_openai_messages
+    monkeypatch.setattr(convert, "convert_to_openai_messages", lambda messages: converted.extend(messages) or real(
+        messages))
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), model="gpt-4o-mini")
+    history: list[Any] = [HumanMessage("fix the test"), AIMessage("looking"), HumanMessage("go on")]
+    model = GenericFakeChatModel(messages=iter(["unused"]))
+
+    def step() -> None:
+        middleware.wrap_model_call(ModelRequest(model=model, messages=list(history), model_settings={}),
+                                   lambda request: ModelResponse(result=[AIMessage("ok")]))
+
+    step()
+    converted.clear()
+    history += [AIMessage("step 1"), HumanMessage("more")]
+    step()
+    assert converted == history[-2:]
+    history[1].content = "edited"  # a message whose content was replaced is converted again
+    converted.clear()
+    step()
+    assert converted == [history[1]]

@@ -13,30 +13,40 @@ finds a whole resent history, and with ``alike`` also new dicts equal to it (an 
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from itertools import repeat
 from typing import Any
 
 
+def _dict_parts(message: Any) -> tuple[Any, Any]:
+    return message.get("content"), message.get("tool_calls")
+
+
 class MessageMemo:
-    def __init__(self, limit: int = 4096) -> None:
+    """``parts``: a message's ``content`` and ``tool_calls`` (a dict's by default; a LangChain
+    message's attributes for the agent middleware's conversions)."""
+
+    def __init__(self, limit: int = 4096, parts: Callable[[Any], tuple[Any, Any]] = _dict_parts) -> None:
         self._data: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._limit = limit
+        self._parts = parts
         self._lock = threading.Lock()
 
     def get(self, message: Any) -> Any | None:
         entry = self._data.get(id(message))
-        if entry is not None and entry[0] is message and entry[1] is message.get("content") \
-                and entry[2] is message.get("tool_calls"):
-            return entry[3]
+        if entry is not None and entry[0] is message:
+            content, calls = self._parts(message)
+            if entry[1] is content and entry[2] is calls:
+                return entry[3]
         return None
 
     def put(self, message: Any, value: Any) -> None:
-        """Keep ``value`` for ``message`` (holding the dict, so its id cannot be reused meanwhile)."""
+        """Keep ``value`` for ``message`` (holding the message, so its id cannot be reused meanwhile)."""
+        content, calls = self._parts(message)
         with self._lock:
             if len(self._data) >= self._limit:
                 self._data.clear()
-            self._data[id(message)] = (message, message.get("content"), message.get("tool_calls"), value)
+            self._data[id(message)] = (message, content, calls, value)
 
 
 def _field(messages: Sequence[Any], name: str) -> tuple[Any, ...]:

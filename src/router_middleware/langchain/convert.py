@@ -12,6 +12,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, conv
 from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 
+from ..memo import MessageMemo
 from ..pricing import price
 from ..telemetry.tracing import within
 from ..types import AgentContext, Outcome, Plan, Usage
@@ -23,6 +24,21 @@ def accounted(metadata: Mapping[str, Any]) -> bool:
     """Whether the chat model run with ``metadata`` is accounted already: a RoutedChatModel's (by its
     pipeline), or one made as an attempt of RouterAgentMiddleware's call (``within_attempt``)."""
     return metadata.get("ls_provider") == ROUTED or within()
+
+
+# (a pydantic field read from __dict__: getattr of an absent one costs an AttributeError in pydantic)
+_CONVERTED = MessageMemo(parts=lambda message: (message.content, message.__dict__.get("tool_calls")))
+
+
+def to_openai_once(message: BaseMessage) -> list[dict[str, Any]]:
+    """:func:`to_openai` of one message (one dict, or several for tool_result blocks in a user turn),
+    kept while an agent resends the same message object with the same content and tool calls (its
+    state keeps them from step to step). The dicts are shared: never change them."""
+    found: list[dict[str, Any]] | None = _CONVERTED.get(message)
+    if found is None:
+        found = to_openai([message])
+        _CONVERTED.put(message, found)
+    return found
 
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
 from ..telemetry.tracing import within_attempt
 from ..types import AgentContext, Outcome, Plan
-from .convert import outcome_from_message, to_openai
+from .convert import outcome_from_message, to_openai_once
 
 
 def _thread_id() -> str | None:
@@ -97,7 +97,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         converted: list[dict[str, Any]] = []
         owners: list[BaseMessage | None] = []
         for original in originals:
-            parts = to_openai([original])
+            parts = to_openai_once(original)
             converted += parts
             owners += [original] if len(parts) == 1 else [None] * len(parts)
         call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
