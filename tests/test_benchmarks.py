@@ -63,6 +63,6 @@ def test_redis_workers_smoke(redis_url) -> None:
     assert "| 2 |" in out and out.strip().splitlines()[-1].startswith("summary: one Redis core serves")
 
 
-def test_proxy_hook_smoke() -> None:
-    out = _run("proxy_hook.py", "--steps", "3", "--sizes", "20")
-    assert "| 20 messages |" in out and out.strip().splitlines()[-1].startswith("summary: pre-call hook per request")
+def test_adapters_smoke() -> None:
+    out = _run("adapters.py", "--steps", "3", "--sizes", "20")
+    assert "| 20 messages |" in out and out.strip().splitlines()[-1].startswith("summary: proxy hook / agent middleware")

@@ -1,0 +1,100 @@
+"""What the adapters cost per step of a growing agent history: the LiteLLM proxy's hook and the
+LangChain agent middleware.
+
+    .venv/bin/python benchmarks/adapters.py [--steps N] [--sizes 20,300]
+
+Behind the proxy (a Cline-style agent), every request brings the whole history as JSON, one turn
+longer than the last: the median time of ``RouterLogger.async_pre_call_hook`` (labels derived from
+the conversation, validation, planning, admission), each request parsed from JSON (the parse not
+timed); no provider is called, so this is the hook's part of a request only (the proxy's router
+and the success event come after it). In a LangChain ``create_agent`` loop, the agent's state keeps
+its message objects and appends a turn a step: the median time of
+``RouterAgentMiddleware.wrap_model_call`` with a handler that answers at once (conversion,
+validation, planning, the call's accounting). For each starting size, ``--steps`` steps of one
+session, two messages a step, the first 20 not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import structlog  # noqa: E402
+
+import router_middleware as rm  # noqa: E402
+from router_middleware.litellm import RouterLogger  # noqa: E402
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))  # calls never answered
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import history  # noqa: E402
+
+
+def middleware_times(size: int, steps: int) -> list[float]:
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage, convert_to_messages
+
+    from router_middleware.langchain import RouterAgentMiddleware
+
+    middleware = RouterAgentMiddleware(rm.Pipeline.from_config({"cache": {"enabled": False}}), model="gpt-4o-mini")
+    answer = ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 10, "output_tokens": 2,
+                                                                   "total_tokens": 12})])
+    model = GenericFakeChatModel(messages=iter(["unused"]))
+    messages = convert_to_messages(history(size))
+    times = []
+    for step in range(steps + 20):
+        messages = [*messages, AIMessage(f"step {step} done"), HumanMessage("go on")]
+        start = time.perf_counter()
+        middleware.wrap_model_call(ModelRequest(model=model, messages=messages, model_settings={}),
+                                   lambda request: answer)
+        if step >= 20:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+async def hook_times(size: int, steps: int) -> list[float]:
+    logger = RouterLogger(rm.Pipeline.from_config({}), proxy=True)
+    grown = history(size)
+    times = []
+    for step in range(steps + 20):
+        grown = [*grown, {"role": "assistant", "content": f"step {step} done"}, {"role": "user", "content": "go on"}]
+        data = {"model": "gpt-4o-mini", "messages": json.loads(json.dumps(grown)), "litellm_call_id": f"c{size}-{step}"}
+        start = time.perf_counter()
+        await logger.async_pre_call_hook(None, None, data, "acompletion")
+        if step >= 20:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--sizes", default="20,300")
+    args = parser.parse_args(argv)
+    print(f"adapters benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}, litellm {version('litellm')}, {args.steps} requests per size\n")
+    print("| history at the start | proxy pre-call hook per request (ms) | agent middleware per step (ms) |")
+    print("|---|---|---|")
+    medians = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        hook = statistics.median(asyncio.run(hook_times(size, args.steps)))
+        agent = statistics.median(middleware_times(size, args.steps))
+        medians.append(f"{size} messages {hook * 1e3:.3f} / {agent * 1e3:.3f} ms")
+        print(f"| {size} messages | {hook * 1e3:.3f} | {agent * 1e3:.3f} |")
+    print(f"\nsummary: proxy hook / agent middleware per step, {', '.join(medians)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
