@@ -515,3 +515,20 @@ def test_calls_it_observes_count_toward_the_pipelines_budgets(monkeypatch) -> No
     finally:
         logger.unregister()
     assert refused.value.spent == pytest.approx(2 * 1.35e-05)  # gpt-4o-mini: 10 in, 20 out, twice
+
+
+def test_the_pipelines_mark_on_its_own_calls_is_not_sent_to_openai(monkeypatch) -> None:
+    """With ``litellm.enable_preview_features`` litellm sends the string values of ``metadata`` to
+    OpenAI: the caller's go as they always did, the pipeline's own mark (``SIDE_CALL``) does not."""
+    from .capture_server import capture_server
+
+    monkeypatch.setattr(litellm, "enable_preview_features", True)
+    bodies = []
+    for metadata in ({"team": "a"}, None):
+        with capture_server() as (base, sent), pytest.raises(litellm.InternalServerError):  # it answers 500
+            Pipeline().completion(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                  api_base=base, api_key="test-key", num_retries=0, max_retries=0,
+                                  **({"metadata": metadata} if metadata else {}))
+        bodies += sent
+    assert [b.get("metadata") for b in bodies] == [{"team": "a"}, None]
+

@@ -154,9 +154,10 @@ class Engine:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and
         timeout; a stream asks for the final usage chunk where the provider needs asking. Its metadata
         marks it as the pipeline's own (``SIDE_CALL``): a registered ``RouterLogger`` does not account
-        it a second time."""
+        it a second time. The mark is no string, which litellm never sends on (its preview features
+        pass a call's string metadata to OpenAI)."""
         request = plan.request()
-        request["metadata"] = {**(request.get("metadata") or {}), SIDE_CALL: "attempt"}
+        request["metadata"] = {**(request.get("metadata") or {}), SIDE_CALL: True}
         deployment = self.config.routing.deployments.get(plan.deployment or "")
         if deployment is not None:
             if deployment.api_base:
