@@ -532,3 +532,20 @@ def test_the_pipelines_mark_on_its_own_calls_is_not_sent_to_openai(monkeypatch) 
         bodies += sent
     assert [b.get("metadata") for b in bodies] == [{"team": "a"}, None]
 
+
+def test_a_pipeline_call_litellm_answers_from_its_cache_is_a_hit_at_no_cost(tmp_path, monkeypatch) -> None:
+    """``Pipeline.completion`` with litellm's own response cache on (``litellm.cache``): a hit reached
+    no provider, so the pipeline's row (its only one) is a cache hit at no cost, not a second paid call."""
+    from litellm.caching.caching import Cache
+
+    monkeypatch.setattr(litellm, "cache", Cache())
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+                                     "cache": {"enabled": False}})
+    messages = [{"role": "user", "content": "the same question"}]
+    for _ in range(2):
+        answer = pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+    assert answer._hidden_params.get("cache_hit")
+    pipeline.ledger.flush()
+    rows = open_ledger(pipeline.config.ledger.url).query("SELECT cache_hit, cost_usd, input_tokens FROM calls ORDER BY ts")
+    assert rows[0][0] == 0 and rows[0][1] > 0
+    assert rows[1] == (1, 0.0, 0)
