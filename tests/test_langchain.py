@@ -462,3 +462,34 @@ def test_the_agent_middleware_converts_each_message_once_across_steps(monkeypatc
     converted.clear()
     step()
     assert converted == [history[1]]
+
+
+def test_only_the_attempts_own_model_call_is_left_to_the_middleware(span_exporter) -> None:
+    """Inside the middleware's model call another model call may run (a guard, a tool selector listed
+    after it): that one is no attempt of the middleware's call, and a RoutedChatModel or a callback
+    handler records it as usual."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from opentelemetry.trace import SpanKind
+
+    guard = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "safe"})
+    observed = GenericFakeChatModel(messages=iter([AIMessage("fine")]))
+    handler_ = RouterCallbackHandler(Pipeline())
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                                             model_kwargs={"mock_response": "done"})}
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models=models,
+                                       model="gpt-4o-mini")
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        guard.invoke([HumanMessage("is this request safe?")])
+        observed.invoke([HumanMessage("and this?")], config={"callbacks": [handler_]})
+        return ModelResponse(result=[request.model.invoke([request.system_message, *request.messages]
+                                                          if request.system_message else request.messages)])
+
+    middleware.wrap_model_call(ModelRequest(model=models["gpt-4o-mini"], messages=[HumanMessage("hi")],
+                                            model_settings={}), handler)
+    routes = sorted(s.name for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL
+                    and s.name.startswith("route"))
+    # the guard's own call, the middleware's (its attempt not a second time), the handler's of the observed one
+    assert routes == ["route gpt-4o-mini", "route gpt-4o-mini", "route unknown"]
+    assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 3
+    assert len(handler_.outcomes) == 1

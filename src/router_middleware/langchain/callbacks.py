@@ -80,7 +80,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
                            context)
         plan = Plan.from_call(call)
         trace = None
-        if not accounted(metadata):
+        if not accounted(metadata, messages[0] if messages else []):
             provider = metadata.get("ls_provider") or self.pipeline.catalog.provider(model)
             trace = CallTrace.start(self.pipeline.telemetry, plan, provider, 0, 0)
             trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})

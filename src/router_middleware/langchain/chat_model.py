@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -17,7 +18,8 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
 from ..pipeline import Pipeline
-from .convert import ROUTED, final_chunk, labels, to_ai_message, to_chunk, to_openai, tool_choice
+from ..telemetry.tracing import within_attempt
+from .convert import ROUTED, final_chunk, is_attempt, labels, to_ai_message, to_chunk, to_openai, tool_choice
 
 
 class RoutedChatModel(BaseChatModel):
@@ -104,7 +106,8 @@ class RoutedChatModel(BaseChatModel):
             from langchain_core.language_models.chat_models import generate_from_stream
 
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        response = self._pipeline().completion(**self._request(messages, stop, _metadata(run_manager), kwargs))
+        with _recorded_outside(messages):
+            response = self._pipeline().completion(**self._request(messages, stop, _metadata(run_manager), kwargs))
         return _result(to_ai_message(response, outcome(response)))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -114,13 +117,15 @@ class RoutedChatModel(BaseChatModel):
 
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        response = await self._pipeline().acompletion(**request)
+        with _recorded_outside(messages):
+            response = await self._pipeline().acompletion(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        stream = self._pipeline().completion(**request)
+        with _recorded_outside(messages):
+            stream = self._pipeline().completion(**request)
         for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:
@@ -132,7 +137,8 @@ class RoutedChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        stream = await self._pipeline().acompletion(**request)
+        with _recorded_outside(messages):
+            stream = await self._pipeline().acompletion(**request)
         async for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:
@@ -150,6 +156,11 @@ class RoutedChatModel(BaseChatModel):
         if tool_choice is not None and tool_choice is not False:
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=formatted, **kwargs)
+
+
+def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
+    """As RouterAgentMiddleware's attempt (which records it), the call records no telemetry of its own."""
+    return within_attempt() if is_attempt(messages) else nullcontext()
 
 
 def _metadata(run_manager: Any) -> Mapping[str, Any] | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any
 
@@ -14,16 +16,34 @@ from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call
 
 from ..memo import MessageMemo
 from ..pricing import price
-from ..telemetry.tracing import within
 from ..types import AgentContext, Outcome, Plan, Usage
 
 ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
+_ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt", default=None)
 
 
-def accounted(metadata: Mapping[str, Any]) -> bool:
-    """Whether the chat model run with ``metadata`` is accounted already: a RoutedChatModel's (by its
-    pipeline), or one made as an attempt of RouterAgentMiddleware's call (``within_attempt``)."""
-    return metadata.get("ls_provider") == ROUTED or within()
+@contextmanager
+def attempt(request_messages: Sequence[BaseMessage]) -> Iterator[None]:
+    """RouterAgentMiddleware makes an attempt with ``request_messages``: the model call inside whose
+    messages end with the same message object is that attempt (see :func:`is_attempt`)."""
+    token = _ATTEMPT.set(request_messages[-1] if request_messages else None)
+    try:
+        yield
+    finally:
+        _ATTEMPT.reset(token)
+
+
+def is_attempt(messages: Sequence[BaseMessage]) -> bool:
+    """Whether a chat model called with ``messages`` makes RouterAgentMiddleware's attempt (which
+    records it), not another model call made meanwhile (a guard, a tool selector)."""
+    last = _ATTEMPT.get()
+    return last is not None and bool(messages) and messages[-1] is last
+
+
+def accounted(metadata: Mapping[str, Any], messages: Sequence[BaseMessage]) -> bool:
+    """Whether the chat model run with ``metadata`` and ``messages`` is accounted already: a
+    RoutedChatModel's (by its pipeline), or RouterAgentMiddleware's attempt."""
+    return metadata.get("ls_provider") == ROUTED or is_attempt(messages)
 
 
 # (a pydantic field read from __dict__: getattr of an absent one costs an AttributeError in pydantic)

@@ -25,9 +25,8 @@ from ..drivers import adrive, drive
 from ..lifecycle import Attempt, Flow
 from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
-from ..telemetry.tracing import within_attempt
 from ..types import AgentContext, Outcome, Plan
-from .convert import outcome_from_message, to_openai_once
+from .convert import attempt, outcome_from_message, to_openai_once
 
 
 def _thread_id() -> str | None:
@@ -64,6 +63,11 @@ def _own(valid: Sequence[Any], converted: Sequence[Any], owners: Sequence[Any]) 
                 start = i + 1
                 break
     return own
+
+
+def _sent(request: ModelRequest) -> list[BaseMessage]:
+    """The messages ``request`` hands its model."""
+    return [request.system_message, *request.messages] if request.system_message else list(request.messages)
 
 
 class RouterAgentMiddleware(AgentMiddleware):
@@ -131,9 +135,10 @@ class RouterAgentMiddleware(AgentMiddleware):
         ``MessageError``/``RequestError`` for bad input."""
         flow, build = self._start(request)
 
-        def send(attempt: Attempt) -> ModelResponse:
-            with within_attempt():  # recorded by this call: not again by a RoutedChatModel or a callback handler
-                return handler(build(attempt.plan))
+        def send(made: Attempt) -> ModelResponse:
+            request = build(made.plan)
+            with attempt(_sent(request)):  # recorded by this call: not again by a RoutedChatModel or a handler
+                return handler(request)
 
         return drive(flow, send)
 
@@ -142,8 +147,9 @@ class RouterAgentMiddleware(AgentMiddleware):
         """The async twin of :meth:`wrap_model_call`."""
         flow, build = self._start(request)
 
-        async def send(attempt: Attempt) -> ModelResponse:
-            with within_attempt():
-                return await handler(build(attempt.plan))
+        async def send(made: Attempt) -> ModelResponse:
+            request = build(made.plan)
+            with attempt(_sent(request)):
+                return await handler(request)
 
         return await adrive(flow, send, off_loop=self.pipeline.store_blocks)
