@@ -549,3 +549,18 @@ def test_a_pipeline_call_litellm_answers_from_its_cache_is_a_hit_at_no_cost(tmp_
     rows = open_ledger(pipeline.config.ledger.url).query("SELECT cache_hit, cost_usd, input_tokens FROM calls ORDER BY ts")
     assert rows[0][0] == 0 and rows[0][1] > 0
     assert rows[1] == (1, 0.0, 0)
+
+
+def test_a_context_summary_s_mark_is_not_sent_to_openai(monkeypatch) -> None:
+    """The summary call's own mark, like an attempt's, is no string litellm would forward."""
+    from router_middleware.context.summarize import summary_request
+    from router_middleware.types import SummaryJob
+
+    from .capture_server import capture_server
+
+    monkeypatch.setattr(litellm, "enable_preview_features", True)
+    request = summary_request(SummaryJob("k", ({"role": "user", "content": "a long span"},)), "openai/gpt-4o-mini",
+                              {"api_key": "test-key", "num_retries": 0, "max_retries": 0})
+    with capture_server() as (base, sent), pytest.raises(litellm.InternalServerError):
+        litellm.completion(**request, api_base=base)
+    assert sent and sent[0].get("metadata") is None

@@ -28,7 +28,7 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> d
     """litellm kwargs of the summary call; its metadata marks it as the pipeline's own (``SIDE_CALL``),
     so a ``RouterLogger`` does not account it a second time: it is in the row of the call it serves."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
-    metadata = {**(params.get("metadata") or {}), SIDE_CALL: "context_summary"}
+    metadata = {**(params.get("metadata") or {}), SIDE_CALL: True}  # no string: litellm may forward those
     return {
         "model": model,
         "messages": [{"role": "system", "content": INSTRUCTIONS},
