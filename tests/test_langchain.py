@@ -493,3 +493,23 @@ def test_only_the_attempts_own_model_call_is_left_to_the_middleware(span_exporte
     assert routes == ["route gpt-4o-mini", "route gpt-4o-mini", "route unknown"]
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 3
     assert len(handler_.outcomes) == 1
+
+
+def test_a_routed_model_on_the_middlewares_own_pipeline_is_refused_by_name() -> None:
+    """Its calls would be accounted twice (the middleware's call and the model's own: two ledger
+    rows, budgets charged twice): refused when the middleware is made, or at the first call for the
+    agent's own model, naming the model."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    from router_middleware import ConfigError
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+    shared = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline, model_kwargs={"mock_response": "x"})
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: a RoutedChatModel on the middleware's own "
+                                          r"pipeline .*Pipeline\(\)"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": shared})
+    middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini")
+    with pytest.raises(ConfigError, match=r"the agent's model: a RoutedChatModel on the middleware's own pipeline"):
+        middleware.wrap_model_call(ModelRequest(model=shared, messages=[HumanMessage("hi")], model_settings={}),
+                                   lambda request: ModelResponse(result=[AIMessage("ok")]))
+    RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())})

@@ -22,10 +22,12 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, conve
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ..drivers import adrive, drive
+from ..errors import ConfigError
 from ..lifecycle import Attempt, Flow
 from ..pipeline import Pipeline
 from ..reasoning.translate import REASONING_PARAMS
 from ..types import AgentContext, Outcome, Plan
+from .chat_model import RoutedChatModel
 from .convert import attempt, outcome_from_message, to_openai_once
 
 
@@ -77,7 +79,8 @@ class RouterAgentMiddleware(AgentMiddleware):
     the agent's own model. Without ``models`` the agent's model is kept and only the context and
     reasoning policies apply. ``context``: the calls' labels (``app``, ``user``, ``tenant``... as for
     ``Pipeline.completion``; a bad one raises ``RequestError`` here); the session is LangGraph's
-    ``thread_id`` unless it names one.
+    ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
+    ``ConfigError`` (its calls would be accounted twice): give it a ``Pipeline()`` of its own.
     """
 
     def __init__(self, pipeline: Pipeline, *, models: Mapping[str, BaseChatModel] | None = None,
@@ -85,11 +88,21 @@ class RouterAgentMiddleware(AgentMiddleware):
         super().__init__()
         self.pipeline = pipeline
         self.models = dict(models or {})
+        for name, chat_model in self.models.items():
+            self._own_pipeline(chat_model, f"models[{name!r}]")
         self.route = model
         self.context = AgentContext.coerce(context)
 
+    def _own_pipeline(self, chat_model: Any, where: str) -> None:
+        """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
+        if isinstance(chat_model, RoutedChatModel) and chat_model.pipeline is self.pipeline:
+            raise ConfigError(f"{where}: a RoutedChatModel on the middleware's own pipeline accounts each call "
+                              "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
+
     def _start(self, request: ModelRequest) -> tuple[Flow, Callable[[Plan], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
+        if not self.models:
+            self._own_pipeline(request.model, "the agent's model")
         originals = [*([request.system_message] if request.system_message else []), *request.messages]
         params = dict(request.model_settings)
         if request.tools:
