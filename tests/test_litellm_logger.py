@@ -564,3 +564,21 @@ def test_a_context_summary_s_mark_is_not_sent_to_openai(monkeypatch) -> None:
     with capture_server() as (base, sent), pytest.raises(litellm.InternalServerError):
         litellm.completion(**request, api_base=base)
     assert sent and sent[0].get("metadata") is None
+
+
+def test_a_failing_sdk_hook_sends_the_request_as_it_came(logger, monkeypatch) -> None:
+    """litellm raises what ``async_pre_call_deployment_hook`` raises to the caller: the logger's own
+    failure there is logged and the request goes as sent, never failing the user's call."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug in planning")
+
+    monkeypatch.setattr(logger.pipeline, "plan", broken)
+
+    async def run() -> object:
+        answer = await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                           mock_response="ok")
+        await logger.aflush()
+        return answer
+
+    assert asyncio.run(run()).choices[0].message.content == "ok"
+    assert logger.hook_calls == 1
