@@ -82,3 +82,30 @@ def test_a_stream_closed_before_it_is_read_settles_its_reservation_and_is_record
     assert 0 < float(p.store.get(f"budget:team:usd:{how}:0") or 0) < 0.001  # settled to an estimate of what was sent, not the 0.005 reserved
     rows = open_ledger(url).query("SELECT model, error FROM calls")
     assert rows == [("gpt-4o", None)]
+
+
+def test_a_stream_dropped_on_the_event_loop_settles_off_it() -> None:
+    """An async stream on a store that can block (``off_loop``), dropped unread while its loop runs:
+    its settlement goes to a worker thread, never blocking the loop from the finalizer."""
+    import gc
+    import threading
+
+    from router_middleware.streaming import TrackedStream
+
+    ended: list[threading.Thread] = []
+    done = threading.Event()
+
+    def finish(*_: Any) -> None:
+        ended.append(threading.current_thread())
+        done.set()
+
+    async def drop(off_loop: bool) -> None:
+        stream = TrackedStream(iter(()), finish, 0.0, off_loop=off_loop)
+        del stream
+        gc.collect()
+
+    for off_loop in (True, False):
+        done.clear()
+        asyncio.run(drop(off_loop))
+        assert done.wait(5)
+    assert ended[0] is not threading.main_thread() and ended[1] is threading.main_thread()

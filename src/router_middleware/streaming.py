@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -20,8 +21,9 @@ class TrackedStream:
     Once the last chunk has been read, ``outcome`` holds the call's :class:`Outcome` (usage from the
     final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call's
     span with what was received. ``off_loop``: iterated async, the stream ends (its settlement and
-    cache write, which go to the store) in a worker thread. ``hide_usage``: the final usage chunk
-    (no choices) was asked for by the pipeline, not the caller: it is read, not yielded.
+    cache write, which go to the store) in a worker thread, also when it is dropped on a running loop.
+    ``hide_usage``: the final usage chunk (no choices) was asked for by the pipeline, not the caller:
+    it is read, not yielded.
     """
 
     def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False,
@@ -115,7 +117,20 @@ class TrackedStream:
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
-            self._end(complete=False)
+            if self._done:
+                return
+            if self._off_loop and _loop_running():  # its settlement may block: not on the loop
+                threading.Thread(target=self._end, kwargs={"complete": False}, daemon=True).start()
+            else:
+                self._end(complete=False)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class Prefetched:
