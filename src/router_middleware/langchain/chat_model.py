@@ -26,8 +26,11 @@ class RoutedChatModel(BaseChatModel):
     """A chat model whose calls go through ``pipeline`` (routing, context, reasoning, cache, telemetry)
     and litellm. ``model`` is an alias from the pipeline's config, ``"auto"``, or any litellm model id.
 
-    The session for context and reasoning budgets is ``session_id``, else the run's LangGraph
-    ``thread_id`` (from ``config={"configurable": {"thread_id": ...}}``), else none. ``context`` (and a
+    The session for context and reasoning budgets is ``session_id``, else the ``thread_id`` (or
+    ``session_id``) in the run's metadata, else none. A LangGraph run puts its
+    ``config={"configurable": {"thread_id": ...}}`` there; outside a graph (``model.invoke``, an LCEL
+    chain) langchain-core (1.8.3 here; 1.0.0 did) does not copy ``configurable`` into metadata: pass
+    ``config={"metadata": {"thread_id": ...}}`` or ``session_id=``. ``context`` (and a
     call's ``context=``) is an ``AgentContext`` or a dict of its labels, checked as the pipeline checks
     it: a bad or unknown label raises ``RequestError`` naming it.
     """
