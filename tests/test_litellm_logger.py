@@ -582,3 +582,23 @@ def test_a_failing_sdk_hook_sends_the_request_as_it_came(logger, monkeypatch) ->
 
     assert asyncio.run(run()).choices[0].message.content == "ok"
     assert logger.hook_calls == 1
+
+
+def test_a_call_whose_metadata_labels_the_pipeline_refuses_is_still_recorded(logger, span_exporter) -> None:
+    """litellm's ``metadata=`` is free-form: a ``step`` that is no whole number fails the hook's
+    planning (logged; the request goes as sent), but the call litellm made is still accounted
+    (span and ledger row), without the refused labels, on the async and the sync path."""
+    async def run() -> None:
+        await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                  mock_response="ok", metadata={"step": "first", "session_id": "s-async"})
+        await logger.aflush()
+
+    asyncio.run(run())
+    litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                       mock_response="ok", metadata={"step": "first", "session_id": "s-sync"})
+    for _ in range(200):  # the sync path's success event runs on litellm's thread
+        if logger.recorded >= 2:
+            break
+        time.sleep(0.02)
+    assert logger.recorded == 2
+    assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 2

@@ -39,11 +39,12 @@ from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep
+from .errors import RequestError
 from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import Call, Decision, Message, Outcome, Plan, UsageSource
+from .types import AgentContext, Call, Decision, Message, Outcome, Plan, UsageSource
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -109,6 +110,24 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
             derived.pop("step")  # a client's own session may not start where the messages do
         context = {**derived, **context}
     return context
+
+
+def _recordable(context: dict[str, Any]) -> dict[str, Any]:
+    """The labels a call litellm made is recorded with: a label the pipeline refuses (litellm's
+    ``metadata`` is free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
+    try:
+        AgentContext.coerce(context)
+        return context
+    except RequestError as exc:
+        log.warning("litellm_labels_refused", error=str(exc)[:200])
+    kept: dict[str, Any] = {}
+    for key, value in context.items():
+        try:
+            AgentContext.coerce({**kept, key: value})
+        except RequestError:
+            continue
+        kept[key] = value
+    return kept
 
 
 def _seconds(start: Any, end: Any) -> float | None:
@@ -370,8 +389,8 @@ class RouterLogger(CustomLogger):
                 del self._calls[key]
                 return found
         model = str(kwargs.get("model") or "unknown")
-        call = Call.create(model, list(kwargs.get("messages") or []), {},
-                           {"app": self.pipeline.config.app, **_context(kwargs)})
+        call = Call.create(model, list(kwargs.get("messages") or []), {}, _recordable(
+            {"app": self.pipeline.config.app, **_context(kwargs)}))
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
 
