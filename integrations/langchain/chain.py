@@ -31,7 +31,7 @@ def main(live: bool) -> str:
     chain = prompt | model | StrOutputParser()
     handler = RouterCallbackHandler(pipeline)
     answer = chain.invoke({"question": "Why does prompt caching matter for agents?"},
-                          config={"callbacks": [handler], "configurable": {"thread_id": "demo"}})
+                          config={"callbacks": [handler], "metadata": {"thread_id": "demo"}})  # the session
     seen = handler.outcomes[-1]
     print(answer)
     print(f"model={seen.model} input_tokens={seen.usage.input_tokens} output_tokens={seen.usage.output_tokens} "
