@@ -513,3 +513,16 @@ def test_a_routed_model_on_the_middlewares_own_pipeline_is_refused_by_name() -> 
         middleware.wrap_model_call(ModelRequest(model=shared, messages=[HumanMessage("hi")], model_settings={}),
                                    lambda request: ModelResponse(result=[AIMessage("ok")]))
     RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())})
+
+
+def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
+    """With ``models=``, what ``model=`` names must be an alias, a deployment or one of the models:
+    a typo is refused at once with the closest names, not at the agent's first call."""
+    from router_middleware import ConfigError
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini"]}}})
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())}
+    with pytest.raises(ConfigError, match=r"model='agnet': not an alias.*did you mean 'agent'\?"):
+        RouterAgentMiddleware(pipeline, models=models, model="agnet")
+    for route in ("agent", "agent:floor", "gpt-4o-mini"):
+        RouterAgentMiddleware(pipeline, models=models, model=route)

@@ -21,6 +21,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, convert_to_messages
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import ConfigError
 from ..lifecycle import Attempt, Flow
@@ -76,9 +77,11 @@ class RouterAgentMiddleware(AgentMiddleware):
     """``create_agent(model, tools, middleware=[RouterAgentMiddleware(pipeline, models={...}, model="coder")])``.
 
     ``model``: what each call asks the pipeline for (an alias, ``"auto"``, or a model id); default:
-    the agent's own model. Without ``models`` the agent's model is kept and only the context and
-    reasoning policies apply. ``context``: the calls' labels (``app``, ``user``, ``tenant``... as for
-    ``Pipeline.completion``; a bad one raises ``RequestError`` here); the session is LangGraph's
+    the agent's own model; with ``models``, a name no call could be routed by (not an alias, a
+    deployment or one of ``models``) raises ``ConfigError`` with the closest names. Without ``models``
+    the agent's model is kept and only the context and reasoning policies apply. ``context``: the
+    calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
+    ``RequestError`` here); the session is LangGraph's
     ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
     ``ConfigError`` (its calls would be accounted twice): give it a ``Pipeline()`` of its own.
     """
@@ -90,8 +93,22 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
             self._own_pipeline(chat_model, f"models[{name!r}]")
+        if self.models and model is not None:
+            self._known_route(model)
         self.route = model
         self.context = AgentContext.coerce(context)
+
+    def _known_route(self, route: str) -> None:
+        """Refuse a ``model=`` that no call could be routed by: not an alias, a deployment, ``auto``
+        with tiers, or one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
+        routing = self.pipeline.config.routing
+        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        configured = (*routing.aliases, *routing.deployments, *(("auto",) if routing.tiers else ()))
+        if base in configured or base in self.models:
+            return
+        close = close_names(base, (*configured, *self.models), models=False)
+        raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
 
     def _own_pipeline(self, chat_model: Any, where: str) -> None:
         """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
