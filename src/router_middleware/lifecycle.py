@@ -455,7 +455,7 @@ class CallLifecycle:
             return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks,
                                  hide_usage=self.engine.adds_usage_chunk(plan))
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started,
-                               usage_source="cache" if wire.cache_hit(answer) else "provider")  # litellm.cache's
+                               usage_source=wire.usage_source(answer))  # a hit of litellm.cache's: no cost
         wire.attach_outcome(answer, result)
         self._answered = (result, answer, trace)
         cache, entry = self.engine.cache, None

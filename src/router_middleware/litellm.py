@@ -44,7 +44,7 @@ from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Decision, Message, Outcome, Plan, UsageSource
+from .types import AgentContext, Call, Decision, Message, Outcome, Plan
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -339,8 +339,9 @@ class RouterLogger(CustomLogger):
     def _read(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
         """The outcome of the answer, priced as the deployment the router says answered."""
         moved = answer.deployment and answer.deployment != (plan.deployment or plan.model)
-        return build_outcome(answer.response, plan, self.pipeline.catalog, usage_source=_source(answer.response),
-                             latency_s=answer.latency_s, time_to_first_token_s=answer.ttft_s,
+        return build_outcome(answer.response, plan, self.pipeline.catalog,
+                             usage_source=wire.usage_source(answer.response), latency_s=answer.latency_s,
+                             time_to_first_token_s=answer.ttft_s,
                              answered_model=self.pipeline.model_of(str(answer.deployment)) if moved else None)
 
     # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
@@ -397,7 +398,8 @@ class RouterLogger(CustomLogger):
     def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         try:
             plan, trace = self._planned(kwargs)
-            result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=_source(response_obj),
+            result = build_outcome(response_obj, plan, self.pipeline.catalog,
+                                   usage_source=wire.usage_source(response_obj),
                                    latency_s=_seconds(start_time, end_time),
                                    time_to_first_token_s=_ttft(kwargs, start_time))
             books = self.pipeline.books
@@ -493,11 +495,6 @@ def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> d
 def _error(kwargs: Mapping[str, Any]) -> Exception:
     found = kwargs.get("exception")
     return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
-
-
-def _source(response: Any) -> UsageSource:
-    """A hit of litellm's response cache consumed nothing; any other answer was the provider's."""
-    return "cache" if wire.cache_hit(response) else "provider"
 
 
 def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:

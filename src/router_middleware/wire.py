@@ -19,6 +19,7 @@ from typing import Any
 from ._env import prepare_litellm_env
 from .fit import ParamRules
 from .reasoning.levels import LEVELS
+from .types import UsageSource
 
 OUTCOME_KEY = "router_middleware_outcome"
 
@@ -168,9 +169,10 @@ def mark_cache_hit(response: Any) -> None:
     hidden(response)["cache_hit"] = True
 
 
-def cache_hit(response: Any) -> bool:
-    """Was ``response`` served from a response cache (litellm's own, or :func:`mark_cache_hit`)?"""
-    return bool(hidden(response).get("cache_hit"))
+def usage_source(response: Any) -> UsageSource:
+    """``cache`` for an answer served from a response cache (litellm's own, or :func:`mark_cache_hit`):
+    it consumed nothing; ``provider`` for any other."""
+    return "cache" if hidden(response).get("cache_hit") else "provider"
 
 
 def attach_outcome(response: Any, outcome: Any) -> None:
