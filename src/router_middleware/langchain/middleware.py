@@ -120,7 +120,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         if not self.models:
             self._own_pipeline(request.model, "the agent's model")
-        originals = [*([request.system_message] if request.system_message else []), *request.messages]
+        originals = _sent(request)
         params = dict(request.model_settings)
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]

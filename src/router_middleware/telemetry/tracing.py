@@ -62,11 +62,6 @@ def within_attempt() -> Iterator[None]:
         _WITHIN.reset(token)
 
 
-def within() -> bool:
-    """Whether this runs inside :func:`within_attempt`."""
-    return _WITHIN.get()
-
-
 def _tracer() -> trace.Tracer:
     """This package's tracer from the current global provider, looked up once per provider (the
     SDK's ``get_tracer`` returns its cached tracer, but after about 25 us of setup on every call); a
