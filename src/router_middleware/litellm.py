@@ -112,22 +112,23 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
     return context
 
 
-def _recordable(context: dict[str, Any]) -> dict[str, Any]:
-    """The labels a call litellm made is recorded with: a label the pipeline refuses (litellm's
-    ``metadata`` is free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
+def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
+    """The call litellm made, with its labels: one the pipeline refuses (litellm's ``metadata`` is
+    free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
     try:
-        AgentContext.coerce(context)
-        return context
+        return Call.create(model, messages, {}, context)
     except RequestError as exc:
         log.warning("litellm_labels_refused", error=str(exc)[:200])
-    kept: dict[str, Any] = {}
-    for key, value in context.items():
-        try:
-            AgentContext.coerce({**kept, key: value})
-        except RequestError:
-            continue
-        kept[key] = value
-    return kept
+    return Call.create(model, messages, {}, {k: v for k, v in context.items() if _accepted(k, v)})
+
+
+def _accepted(label: str, value: Any) -> bool:
+    """Whether the pipeline takes ``value`` for ``label`` (each label is checked on its own)."""
+    try:
+        AgentContext.coerce({label: value})
+    except RequestError:
+        return False
+    return True
 
 
 def _seconds(start: Any, end: Any) -> float | None:
@@ -390,8 +391,8 @@ class RouterLogger(CustomLogger):
                 del self._calls[key]
                 return found
         model = str(kwargs.get("model") or "unknown")
-        call = Call.create(model, list(kwargs.get("messages") or []), {}, _recordable(
-            {"app": self.pipeline.config.app, **_context(kwargs)}))
+        context = {"app": self.pipeline.config.app, **_context(kwargs)}
+        call = _observed(model, list(kwargs.get("messages") or []), context)
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
 
