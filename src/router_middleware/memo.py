@@ -12,6 +12,7 @@ finds a whole resent history, and with ``alike`` also new dicts equal to it (an 
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from itertools import repeat
@@ -109,20 +110,26 @@ class HistoryMemo:
         """Keep ``value`` for ``messages`` (the same dicts resent), replacing the remembered histories
         it extends; and, with the ``alike`` table, for ``alike`` (dicts whose later copies are found
         by value: what was derived from ``messages``)."""
+        seen = None
         if messages and all(type(m) is dict for m in messages):
-            held = tuple(messages)
-            self._keep(self._entries, id(held[0]), held, value)
-        if self._alike is not None and alike and all(type(m) is dict for m in alike):
-            held = tuple(alike)
-            try:
-                key = _opening(held)
-                hash(key)
-            except TypeError:
+            seen = _Seen(tuple(messages), value)
+            self._keep(self._entries, id(seen.messages[0]), seen)
+        if self._alike is None or not alike:
+            return
+        held = tuple(alike)
+        if seen is None or len(held) != len(seen.messages) or not all(map(operator.is_, held, seen.messages)):
+            if not all(type(m) is dict for m in held):
                 return
-            self._keep(self._alike, key, held, value)
+            seen = _Seen(held, value)  # else the same dicts (valid as sent): one entry in both tables
+        try:
+            key = _opening(held)
+            hash(key)
+        except TypeError:
+            return
+        self._keep(self._alike, key, seen)
 
-    def _keep(self, table: dict[Any, list[_Seen]], key: Hashable, held: tuple[Any, ...], value: Any) -> None:
-        seen = _Seen(held, value)
+    def _keep(self, table: dict[Any, list[_Seen]], key: Hashable, seen: _Seen) -> None:
+        held = seen.messages
         with self._lock:
             ways = table.get(key)
             if ways is None:
