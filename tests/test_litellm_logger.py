@@ -493,7 +493,8 @@ def test_a_litellm_cache_hit_behind_the_proxy_settles_at_no_cost(tmp_path, monke
 
 def test_calls_it_observes_count_toward_the_pipelines_budgets(monkeypatch) -> None:
     """What litellm calls spent, sync or async, is added to the budgets that apply to them (the
-    config's ``app`` labels both), so the pipeline's own calls under the same budget see it."""
+    config's ``app`` labels both), so the pipeline's own calls under the same budget see it. (The
+    async call is admitted first, at its estimate: ``max_tokens`` keeps that within the budget.)"""
     from router_middleware.errors import BudgetExceeded
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
@@ -506,7 +507,7 @@ def test_calls_it_observes_count_toward_the_pipelines_budgets(monkeypatch) -> No
         litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
 
         async def run() -> None:
-            await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=20)
             await _recorded(logger, 2)
 
         asyncio.run(run())
@@ -602,3 +603,105 @@ def test_a_call_whose_metadata_labels_the_pipeline_refuses_is_still_recorded(log
         time.sleep(0.02)
     assert logger.recorded == 2
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 2
+
+
+def _sdk_logger(tmp_path, routing: dict) -> RouterLogger:
+    return RouterLogger(Pipeline.from_config({
+        "app": "svc", "routing": routing, "cache": {"enabled": False},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})).register()
+
+
+def test_an_async_sdk_call_over_a_budget_is_refused_before_it_is_sent(tmp_path, monkeypatch) -> None:
+    """On ``litellm.acompletion`` the deployment hook admits the call like ``Pipeline.acompletion``
+    does: a call whose estimate does not fit is refused with ``BudgetExceeded`` (no ledger row, the
+    counter untouched), and a call that fits holds its estimate and settles at what it spent."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        with pytest.raises(BudgetExceeded) as over:
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=2000)
+        answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                           max_tokens=100)
+        await logger.aflush()
+        return over.value, answer
+
+    try:
+        refused, answer = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:  # what the counter holds now, as the pipeline sees it
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=990)
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert refused.spent == 0 and refused.name == "daily"
+    assert answer.choices[0].message.content == "ok"
+    assert spent.value.spent == answer.usage.total_tokens  # settled at the actual use, not the estimate
+    assert len(rows) == 1 and rows[0]["error"] is None  # the refused call was never made: no row
+
+
+def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_path, monkeypatch) -> None:
+    """litellm retries a failed ``acompletion`` (``num_retries``) by calling the provider again without
+    its hooks or events: a refusal there would send the call anyway, unrecorded. Such a call goes
+    as sent (``budget_not_enforced``) and its spend is still added to the budget."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                           max_tokens=2000, num_retries=2)
+        await logger.aflush()
+        return answer
+
+    try:
+        answer = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=990)
+    finally:
+        logger.unregister()
+    assert answer.choices[0].message.content == "ok"
+    assert spent.value.spent == answer.usage.total_tokens
+
+
+def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_routes_past_it(
+        tmp_path, monkeypatch) -> None:
+    """An alias named like a litellm model routes within the provider litellm chose: a target of
+    another provider is skipped (a decision saying so); a failure is one error row, releases its
+    reservation and counts toward the target's cooldown, so the next call goes to the other target."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {
+        "aliases": {"gpt-4o": ["claude-3-5-haiku-20241022", "gpt-4o-mini", "gpt-4.1-mini"]},
+        "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60},
+        "budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        with pytest.raises(litellm.RateLimitError):
+            await litellm.acompletion(model="gpt-4o", messages=messages, mock_response=litellm.RateLimitError(
+                "slow down", "openai", "gpt-4o-mini"))
+        answer = await litellm.acompletion(model="gpt-4o", messages=messages, mock_response="ok", max_tokens=100)
+        await logger.aflush()
+        return answer
+
+    try:
+        answer = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                       max_tokens=100_000)
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert answer.model == "gpt-4.1-mini"  # gpt-4o-mini cools down after its failure
+    assert [(r["model"], r["error"] is not None) for r in rows] == [("gpt-4o-mini", True), ("gpt-4.1-mini", False)]
+    assert all(json.loads(r["decisions"]) == ["routing:skip"] for r in rows)  # the claude target, first in order
+    assert spent.value.spent == answer.usage.total_tokens  # the failed call's reservation was given back

@@ -88,11 +88,13 @@ Flow = Generator[Effect, Any, Any]
 class CallLifecycle:
     """``read``: turns an adapter's answer into an Outcome (default: a litellm response or stream);
     ``usable``: whether the adapter can reach a routing target (others are skipped, ``unusable``
-    saying why); ``cache``: use the response cache (litellm answers only)."""
+    saying why); ``cache``: use the response cache (litellm answers only); ``fallback=False``: the
+    adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
+    ends the call."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
-                 cache: bool = True) -> None:
+                 cache: bool = True, fallback: bool = True) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -100,6 +102,7 @@ class CallLifecycle:
         self.usable = usable
         self.unusable = unusable
         self.use_cache = cache and read is None
+        self.fallback = fallback
         self.held = Held()
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
         self._size_of = (0, 0)
@@ -407,6 +410,9 @@ class CallLifecycle:
         engine, failed = self.engine, plan.deployment or plan.model
         trace.attempt_failed(exc)
         self.books.attempt_failed(self.held, failed, exc)
+        if not self.fallback:
+            self._give_up(plan, trace, exc)
+            return None
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve

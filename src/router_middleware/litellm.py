@@ -10,12 +10,16 @@ and one route span with an attempt span per target.
 
 In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment_hook``, and calls
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
-logger applies the context and reasoning policies to the request, and routing when the model it
-picks is served by the same provider (litellm cannot change providers at that point; the decision
-says so otherwise); if planning fails, the request goes as sent and a warning is logged. The success
-and failure events record usage, cost, spans, metrics and ledger rows for every call, sync or async;
-the logger counts what it did (``hook_calls``, ``recorded``) for tests and health checks. Use
-``register()`` / ``unregister()`` rather than editing ``litellm.callbacks`` by hand.
+hook drives the same lifecycle with a single attempt (litellm retries on its own): context and
+reasoning policies, routing among the targets served by the provider litellm chose (the others are
+skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
+``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks: then it is
+counted, not refused); the success or failure event settles it. If planning fails otherwise, the
+request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
+ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
+budgets after it is made); the logger counts what it did (``hook_calls``, ``recorded``) for tests
+and health checks. Use ``register()`` / ``unregister()`` rather than editing ``litellm.callbacks``
+by hand.
 """
 
 from __future__ import annotations
@@ -39,12 +43,12 @@ from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep
-from .errors import RequestError
+from .errors import BudgetExceeded, RequestError, StoreUnavailable
 from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Decision, Message, Outcome, Plan
+from .types import AgentContext, Call, Message, Outcome, Plan
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -152,13 +156,15 @@ class _Answer:
 
 @dataclass
 class _Open:
-    """A proxy call in flight: its lifecycle, paused at the attempt the router is making, and the plan
-    whose request the proxy carries (the first attempt's, until a fallback's deployment hook)."""
+    """A call in flight: its lifecycle, paused at the attempt litellm is making, and the plan whose
+    request litellm carries (behind the proxy, the first attempt's until a fallback's deployment
+    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does."""
 
     lifecycle: CallLifecycle
     flow: Flow
     attempt: Attempt
     sent: Plan
+    proxy: bool = True
 
     def end(self, error: BaseException) -> None:
         self.lifecycle.abandon(error)
@@ -183,8 +189,8 @@ class RouterLogger(CustomLogger):
         super().__init__()
         self.pipeline = pipeline or Pipeline.from_config({})
         self.proxy = proxy
-        self._calls: OrderedDict[str, tuple[Plan, CallTrace] | _Open] = OrderedDict()  # calls in flight
-        self._ended: OrderedDict[str, None] = OrderedDict()  # proxy calls whose lifecycle has ended
+        self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
+        self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
         self.hook_calls = 0
         self.recorded = 0
@@ -284,11 +290,9 @@ class RouterLogger(CustomLogger):
         """Take a proxy call's lifecycle out of the table while it steps, marking it ended
         (:meth:`_resume` puts it back when it waits for another attempt)."""
         with self._lock:
-            found = self._calls.get(key)
-            if not isinstance(found, _Open):
-                return None
-            del self._calls[key]
-            self._mark_ended(key)
+            found = self._calls.pop(key, None)
+            if found is not None:
+                self._mark_ended(key, found.proxy)
             return found
 
     async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None,
@@ -299,7 +303,7 @@ class RouterLogger(CustomLogger):
         key = self._key(kwargs)
         with self._lock:
             current = self._calls.get(key)
-            stale = isinstance(current, _Open) and bool(about) and _target(current.attempt) != about
+            stale = current is not None and current.proxy and bool(about) and _target(current.attempt) != about
             if error is not None and (key in self._ended or stale):
                 return True  # a failure the lifecycle has already moved past
         found = self._take_open(key)
@@ -328,7 +332,7 @@ class RouterLogger(CustomLogger):
             await self._resume(kwargs, None, MovedOn(f"the router moved on to {deployment}"))
             with self._lock:
                 current = self._calls.get(self._key(kwargs))
-            if not isinstance(current, _Open):
+            if current is None:
                 return None
             found = current
         if found.attempt.plan is found.sent or (deployment and _target(found.attempt) != deployment):
@@ -337,9 +341,10 @@ class RouterLogger(CustomLogger):
         found.sent = found.attempt.plan
         return changed
 
-    def _read(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
-        """The outcome of the answer, priced as the deployment the router says answered."""
-        moved = answer.deployment and answer.deployment != (plan.deployment or plan.model)
+    def _read(self, plan: Plan, answer: _Answer, started: float, *, routed: bool = True) -> Outcome:
+        """The outcome of the answer, priced as the deployment the proxy's router says answered
+        (``routed``; in the SDK the call's own model answered)."""
+        moved = routed and answer.deployment and answer.deployment != (plan.deployment or plan.model)
         return build_outcome(answer.response, plan, self.pipeline.catalog,
                              usage_source=wire.usage_source(answer.response), latency_s=answer.latency_s,
                              time_to_first_token_s=answer.ttft_s,
@@ -348,48 +353,60 @@ class RouterLogger(CustomLogger):
     # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
 
     async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
-        """SDK hook, after litellm picked the deployment: context, reasoning, same-provider routing."""
+        """Hook before each attempt, once litellm picked the deployment. Behind the proxy: the
+        attempt's own plan. In the SDK (``litellm.acompletion``): the call's lifecycle, like
+        ``Pipeline.acompletion``'s with one attempt (litellm retries on its own): context, reasoning,
+        routing among targets of the provider litellm chose, quotas and budgets. Raises
+        ``BudgetExceeded``, or ``StoreUnavailable`` under ``on_store_error: closed``; a call it
+        cannot plan otherwise goes as sent (logged), never failing where litellm alone would not."""
         if not _is_chat(kwargs, call_type):
             return None
         with self._lock:
             key = self._key(kwargs)
             found = self._calls.get(key)
-            if key in self._ended or isinstance(found, tuple):  # an ended call, or a retry already planned
+            if self._ended.get(key):  # a proxy call whose lifecycle has ended
                 return None
-        if isinstance(found, _Open):
-            return await self._attempting(kwargs, found)
+        if found is not None:
+            return await self._attempting(kwargs, found) if found.proxy else None
         self.hook_calls += 1
-        try:
-            return self._plan_sdk_call(kwargs)
-        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
-            return None
+        return await self._start_sdk_call(kwargs)
 
-    def _plan_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    async def _start_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         requested = str(kwargs["model"])
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
-        call = engine.make_call(requested, kwargs["messages"], _context(kwargs),
-                                {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS})
-        plan = engine.plan(call)
-        if plan.model != requested and engine.catalog.provider(plan.model) != provider:
-            plan = plan.decide(Decision("routing", "kept", f"litellm already chose provider {provider}; "
-                                        f"{plan.model} needs another one, so {requested} is kept"))
-            plan = plan.override(model=requested)
-        changed = _switch(kwargs, call.params, plan)
-        if plan.model != requested:
-            changed["model"] = plan.model.split("/", 1)[1] if plan.model.startswith(f"{provider}/") else plan.model
-        self._keep(kwargs, engine.launch(plan))
+        try:
+            call = engine.make_call(requested, kwargs["messages"], _context(kwargs),
+                                    {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS})
+            lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
+                                     usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
+                                     unusable=f"litellm already chose provider {provider} for this call")
+            flow = lifecycle.run()
+            done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+        except (BudgetExceeded, StoreUnavailable) as refused:
+            if _retried_unhooked(kwargs):  # a refusal would only be sent again, unplanned and unrecorded
+                log.warning("budget_not_enforced", error=str(refused)[:200],
+                            why="litellm retries this call without its hooks (num_retries): counted, not refused")
+                return None
+            with self._lock:
+                self._mark_ended(self._key(kwargs), False)  # litellm's failure event for it is no call of its own
+            raise
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        self._keep(kwargs, _Open(lifecycle, flow, attempt, attempt.plan, proxy=False))
+        changed = _switch(kwargs, call.params, attempt.plan)
+        target = attempt.plan.model
+        if target != requested:
+            changed["model"] = target.split("/", 1)[1] if target.startswith(f"{provider}/") else target
         return changed
 
+    def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
+        return self._read(plan, answer, started, routed=False)
+
     def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
-        """The call's plan and trace from the SDK hook, or (sync calls, which skip the hook) new ones."""
-        with self._lock:
-            key = self._key(kwargs)
-            found = self._calls.get(key)
-            if isinstance(found, tuple):  # a proxy call's lifecycle stays where it is
-                del self._calls[key]
-                return found
+        """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook)."""
         model = str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
         call = _observed(model, list(kwargs.get("messages") or []), context)
@@ -427,8 +444,8 @@ class RouterLogger(CustomLogger):
     def _key(kwargs: Mapping[str, Any]) -> str:
         return str(kwargs.get("litellm_call_id") or id(kwargs))
 
-    def _keep(self, kwargs: Mapping[str, Any], value: tuple[Plan, CallTrace] | _Open) -> None:
-        evicted: list[tuple[Plan, CallTrace] | _Open] = []
+    def _keep(self, kwargs: Mapping[str, Any], value: _Open) -> None:
+        evicted: list[_Open] = []
         with self._lock:
             key = self._key(kwargs)
             replaced = self._calls.pop(key, None)
@@ -439,11 +456,10 @@ class RouterLogger(CustomLogger):
             while len(self._calls) > _MAX_IN_FLIGHT:  # calls whose events never came
                 evicted.append(self._calls.popitem(last=False)[1])
         for stale in evicted:
-            if isinstance(stale, _Open):
-                stale.end(TimeoutError("no event came for this proxy call"))
+            stale.end(TimeoutError("no event came for this call"))
 
-    def _mark_ended(self, key: str) -> None:
-        self._ended[key] = None
+    def _mark_ended(self, key: str, proxy: bool) -> None:
+        self._ended[key] = proxy
         while len(self._ended) > _MAX_IN_FLIGHT:
             self._ended.popitem(last=False)
 
@@ -478,6 +494,19 @@ class RouterLogger(CustomLogger):
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
         self._failure(kwargs)
+
+
+def _retried_unhooked(kwargs: Mapping[str, Any]) -> bool:
+    """Whether litellm retries a failed ``acompletion`` itself (``num_retries``, ``retry_policy``):
+    its retries call the provider without the hooks or events, so a call refused here would be sent
+    anyway, unseen. A ``litellm.Router``'s call (``model_group`` in its metadata) is retried by the
+    router, through the hook."""
+    import litellm
+
+    if "model_group" in _metadata(kwargs):
+        return False
+    retries = kwargs.get("num_retries")
+    return bool(kwargs.get("retry_policy") or (litellm.num_retries if retries is None else retries))
 
 
 def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
