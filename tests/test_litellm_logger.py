@@ -705,3 +705,36 @@ def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_rout
     assert [(r["model"], r["error"] is not None) for r in rows] == [("gpt-4o-mini", True), ("gpt-4.1-mini", False)]
     assert all(json.loads(r["decisions"]) == ["routing:skip"] for r in rows)  # the claude target, first in order
     assert spent.value.spent == answer.usage.total_tokens  # the failed call's reservation was given back
+
+
+def test_aflush_waits_for_the_events_of_async_streams(tmp_path, monkeypatch) -> None:
+    """litellm logs an async stream's success from a task of its own once the stream ends, not on its
+    logging worker: ``aflush`` waits for it too, so a short script's streamed call is recorded and
+    settled (its reservation replaced by what it spent) before ``asyncio.run`` ends."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({  # no ledger: aflush has no writes of its own to wait for
+        "app": "svc", "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> str:
+        stream = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="hello there",
+                                           max_tokens=100, stream=True)
+        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream])
+        await logger.aflush()
+        nonlocal recorded
+        recorded = logger.recorded  # before asyncio.run ends (it would run the task's remaining steps)
+        return text
+
+    recorded = 0
+    try:
+        assert asyncio.run(run()) == "hello there"
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=990)
+    finally:
+        logger.unregister()
+    assert recorded == 1
+    assert spent.value.spent < 100  # what the stream used, not its estimate (the prompt and max_tokens)

@@ -213,8 +213,9 @@ class RouterLogger(CustomLogger):
 
     async def aflush(self) -> None:
         """Wait until litellm has delivered the events of the calls made so far and their ledger rows
-        are written. litellm runs async callbacks on a background worker, which ``asyncio.run``
-        cancels when its coroutine returns: a short script awaits this before it ends."""
+        are written. litellm runs async callbacks on a background worker (an async stream's from a
+        task of its own once it ends), which ``asyncio.run`` cancels when its coroutine returns: a
+        short script awaits this before it ends."""
         await wire.drain_callbacks()
         ledger = self.pipeline.ledger
         if ledger is not None:

@@ -180,9 +180,21 @@ def attach_outcome(response: Any, outcome: Any) -> None:
     hidden(response)[OUTCOME_KEY] = outcome  # no hidden params: written nowhere, as mark_cache_hit
 
 
+# the coroutines litellm runs as tasks of their own to deliver an async stream's events: its success
+# once it ended, its failure mid-stream (litellm_core_utils/streaming_handler.py, 1.110.2)
+_EVENT_TASKS = frozenset({"Logging.dispatch_success_handlers",
+                          "Logging.dispatch_attempt_failure_handlers.<locals>.dispatch"})
+
+
 async def drain_callbacks() -> None:
     """Wait until litellm has run the async success and failure callbacks of the calls made so far:
-    it spawns a task per call that queues the callback on its logging worker, which runs it later."""
+    it spawns a task per call that queues the callback on its logging worker, which runs it later;
+    an async stream's success is delivered by a task of its own, once the stream has ended."""
+    current = asyncio.current_task()
+    events = [t for t in asyncio.all_tasks() if t is not current and not t.done()
+              and getattr(t.get_coro(), "__qualname__", "") in _EVENT_TASKS]
+    if events:
+        await asyncio.wait(events)
     try:
         from litellm.litellm_core_utils.logging_worker import GLOBAL_LOGGING_WORKER
         from litellm.responses.streaming_iterator import drain_logging_tasks
