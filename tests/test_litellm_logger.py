@@ -670,6 +670,37 @@ def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_p
     assert spent.value.spent == answer.usage.total_tokens
 
 
+def test_a_litellm_router_call_over_a_budget_is_counted_not_refused(tmp_path, monkeypatch) -> None:
+    """Refused in the deployment hook, a ``litellm.Router``'s call would fail with a 429 that the
+    router takes for its deployments' and cools them all down, failing the next callers' calls (of
+    a tenant within its budget) for seconds. Such a call goes as sent (``budget_not_enforced``) and
+    is counted; the other tenant's calls are answered."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
+                                                  "window_s": 86400}]})
+    router = litellm.Router(model_list=[
+        {"model_name": "coder", "litellm_params": {"model": model, "api_key": "sk-test"}}
+        for model in ("gpt-4o-mini", "gpt-4.1-mini")])
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> list[str]:
+        over = await router.acompletion(model="coder", messages=messages, mock_response="ok", max_tokens=2000,
+                                        metadata={"tenant": "a"})
+        within = [await router.acompletion(model="coder", messages=messages, mock_response="ok", max_tokens=20,
+                                           metadata={"tenant": "b"}) for _ in range(3)]
+        await logger.aflush()
+        return [answer.choices[0].message.content for answer in (over, *within)]
+
+    try:
+        answers = asyncio.run(run())
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert answers == ["ok"] * 4
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)
+
+
 def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_routes_past_it(
         tmp_path, monkeypatch) -> None:
     """An alias named like a litellm model routes within the provider litellm chose: a target of

@@ -13,8 +13,9 @@ it on the async path only (``litellm.acompletion``), after it has chosen the pro
 hook drives the same lifecycle with a single attempt (litellm retries on its own): context and
 reasoning policies, routing among the targets served by the provider litellm chose (the others are
 skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
-``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks: then it is
-counted, not refused); the success or failure event settles it. If planning fails otherwise, the
+``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks, or it is a
+``litellm.Router``'s, whose router would cool its deployments down: then it is counted, not
+refused); the success or failure event settles it. If planning fails otherwise, the
 request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
 ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
 budgets after it is made); the logger counts what it did (``hook_calls``, ``recorded``) for tests
@@ -385,9 +386,9 @@ class RouterLogger(CustomLogger):
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         except (BudgetExceeded, StoreUnavailable) as refused:
-            if _retried_unhooked(kwargs):  # a refusal would only be sent again, unplanned and unrecorded
-                log.warning("budget_not_enforced", error=str(refused)[:200],
-                            why="litellm retries this call without its hooks (num_retries): counted, not refused")
+            why = _unrefusable(kwargs)
+            if why is not None:
+                log.warning("budget_not_enforced", error=str(refused)[:200], why=f"{why}: counted, not refused")
                 return None
             with self._lock:
                 self._mark_ended(self._key(kwargs), False)  # litellm's failure event for it is no call of its own
@@ -497,17 +498,20 @@ class RouterLogger(CustomLogger):
         self._failure(kwargs)
 
 
-def _retried_unhooked(kwargs: Mapping[str, Any]) -> bool:
-    """Whether litellm retries a failed ``acompletion`` itself (``num_retries``, ``retry_policy``):
-    its retries call the provider without the hooks or events, so a call refused here would be sent
-    anyway, unseen. A ``litellm.Router``'s call (``model_group`` in its metadata) is retried by the
-    router, through the hook."""
+def _unrefusable(kwargs: Mapping[str, Any]) -> str | None:
+    """Why refusing this SDK call in the deployment hook would make things worse, if it would: a
+    ``litellm.Router``'s call (``model_group`` in its metadata), whose router takes the refusal (a
+    429) for the deployment's and cools it down for every caller; a call litellm retries itself
+    (``num_retries``, ``retry_policy``), whose retries call the provider without hooks or events,
+    so the refused call would be sent anyway, unseen."""
     import litellm
 
     if "model_group" in _metadata(kwargs):
-        return False
+        return "litellm's Router would cool its deployments down for every caller"
     retries = kwargs.get("num_retries")
-    return bool(kwargs.get("retry_policy") or (litellm.num_retries if retries is None else retries))
+    if kwargs.get("retry_policy") or (litellm.num_retries if retries is None else retries):
+        return "litellm retries this call without its hooks (num_retries)"
+    return None
 
 
 def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
