@@ -355,6 +355,22 @@ def test_the_callback_handler_labels_its_calls_with_the_configs_app(tmp_path) ->
     assert open_ledger(url).query("SELECT app FROM calls") == [("support-bot",)]
 
 
+def test_calls_the_callback_handler_observes_count_toward_the_pipelines_budgets() -> None:
+    """As ``RouterLogger``'s observed calls: what a chat model the handler observes spent is added to
+    the budgets that apply to its labels (a tenant's here), so the pipeline's own calls see it."""
+    from router_middleware.errors import BudgetExceeded
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "tenant-day", "scope": "tenant", "usd": 1.0, "window_s": 86400}]}})
+    handler = RouterCallbackHandler(pipeline, context={"tenant": "acme"})
+    _fake("hello").invoke("hi", config={"callbacks": [handler]})
+    spent = handler.outcomes[-1].cost.total_usd
+    with pytest.raises(BudgetExceeded) as over:
+        pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                            max_tokens=2_000_000, context={"tenant": "acme"})
+    assert spent and over.value.spent == pytest.approx(spent)
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_the_callback_handler_does_not_count_an_agent_middleware_call_twice(asynchronous, tmp_path) -> None:
     """The handler on an agent that runs RouterAgentMiddleware: the middleware's lifecycle accounts each

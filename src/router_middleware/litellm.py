@@ -39,7 +39,6 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import wire
 from .accounting import build_outcome
-from .bookkeeping import Held, Reservation
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
@@ -422,9 +421,7 @@ class RouterLogger(CustomLogger):
                                    usage_source=wire.usage_source(response_obj),
                                    latency_s=_seconds(start_time, end_time),
                                    time_to_first_token_s=_ttft(kwargs, start_time))
-            books = self.pipeline.books
-            claims = books.claims(plan.call.context, usd=0.0, tokens=0)  # its budgets, settled at what it spent
-            books.settle(result, Held(Reservation(claims)) if claims else None)
+            self.pipeline.books.settle_observed(result)
             trace.succeed(result, response_obj)
             self.recorded += 1
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
