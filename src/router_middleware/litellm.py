@@ -501,12 +501,9 @@ def _unrefusable(kwargs: Mapping[str, Any]) -> str | None:
     429) for the deployment's and cools it down for every caller; a call litellm retries itself
     (``num_retries``, ``retry_policy``), whose retries call the provider without hooks or events,
     so the refused call would be sent anyway, unseen."""
-    import litellm
-
     if "model_group" in _metadata(kwargs):
         return "litellm's Router would cool its deployments down for every caller"
-    retries = kwargs.get("num_retries")
-    if kwargs.get("retry_policy") or (litellm.num_retries if retries is None else retries):
+    if wire.retries_unhooked(kwargs):
         return "litellm retries this call without its hooks (num_retries)"
     return None
 

@@ -165,6 +165,14 @@ def missing_credentials(exc: BaseException) -> bool:
     return bool(_MISSING_KEY.search(str(exc)[:1000]))
 
 
+def retries_unhooked(request: Mapping[str, Any]) -> bool:
+    """Whether litellm retries a failed SDK ``acompletion`` of ``request`` itself (``num_retries``,
+    ``retry_policy``, or ``litellm.num_retries``): it calls the provider again without its hooks or
+    events (``acompletion_with_retries``, 1.110.2). A ``litellm.Router``'s call is retried by the router."""
+    retries = request.get("num_retries")
+    return bool(request.get("retry_policy") or (litellm().num_retries if retries is None else retries))
+
+
 def mark_cache_hit(response: Any) -> None:
     hidden(response)["cache_hit"] = True
 

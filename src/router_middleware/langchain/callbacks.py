@@ -1,8 +1,9 @@
 """``RouterCallbackHandler``: observe any LangChain chat model (usage, cost, spans, ledger, budgets).
 
 LangChain drops what callbacks return, so this handler cannot route, trim or refuse; it accounts for
-calls made by models it does not wrap, adding what each spent to the budgets that apply to it. Each run is tracked by its ``run_id`` (batches and nested runs do
-not mix); a streamed run's usage is read from the aggregated message LangChain hands ``on_llm_end``.
+calls made by models it does not wrap, adding what each spent to the budgets that apply to it. Each
+run is tracked by its ``run_id`` (batches and nested runs do not mix); a streamed run's usage is
+read from the aggregated message LangChain hands ``on_llm_end``.
 A ``RoutedChatModel``'s run, and a model call made by ``RouterAgentMiddleware``, is listed in
 ``outcomes`` only: its pipeline already gave it a span and a ledger row.
 """
