@@ -769,3 +769,40 @@ def test_aflush_waits_for_the_events_of_async_streams(tmp_path, monkeypatch) -> 
         logger.unregister()
     assert recorded == 1
     assert spent.value.spent < 100  # what the stream used, not its estimate (the prompt and max_tokens)
+
+
+def test_concurrent_async_sdk_calls_on_redis_never_pass_a_budget(tmp_path, monkeypatch, redis_url) -> None:
+    """200 concurrent ``litellm.acompletion`` calls with the logger on a real Redis: each is admitted
+    atomically at its estimate before it is sent, so those answered never spend past the limit, the
+    rest are refused with ``BudgetExceeded``, and the counter holds exactly what the answered spent
+    (every reservation settled or given back)."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    limit = 3000
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"sdk-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": limit, "window_s": 86400}]}})).register()
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> list[object]:
+        results = await asyncio.gather(*(litellm.acompletion(model="gpt-4o-mini", messages=messages,
+                                                             mock_response="ok", max_tokens=100)
+                                         for _ in range(200)), return_exceptions=True)
+        await logger.aflush()
+        return results
+
+    try:
+        results = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                       max_tokens=limit)
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    answered = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, BudgetExceeded)]
+    assert answered and len(answered) + len(refused) == 200
+    assert spent.value.spent == sum(r.usage.total_tokens for r in answered) <= limit
+    assert logger.recorded == len(answered)
