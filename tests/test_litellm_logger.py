@@ -806,3 +806,39 @@ def test_concurrent_async_sdk_calls_on_redis_never_pass_a_budget(tmp_path, monke
     assert answered and len(answered) + len(refused) == 200
     assert spent.value.spent == sum(r.usage.total_tokens for r in answered) <= limit
     assert logger.recorded == len(answered)
+
+
+def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it(tmp_path, monkeypatch) -> None:
+    """``litellm.acompletion(fallbacks=[...])`` makes its attempts as nested ``acompletion`` calls (a
+    call id of their own) that share the outer call's logging object, so their events carry the
+    outer call's id: the outer call's lifecycle follows them, and they open none of their own (which
+    no event would settle: their reservation held until it lapses)."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                           max_tokens=50, fallbacks=["gpt-4.1-mini"])
+        with pytest.raises(Exception, match="All fallback attempts failed"):
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, max_tokens=50,
+                                      fallbacks=["gpt-4.1-mini", "gpt-4o"],
+                                      mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"))
+        await logger.aflush()
+        return answer
+
+    try:
+        answer = asyncio.run(run())
+        in_flight = len(logger._calls)
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                       max_tokens=100_000)
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert in_flight == 0
+    assert spent.value.spent == answer.usage.total_tokens  # what it spent; no hold left behind
+    assert sorted(r["error"] is not None for r in rows) == [False, True]  # one row per call

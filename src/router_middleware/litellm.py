@@ -369,6 +369,8 @@ class RouterLogger(CustomLogger):
                 return None
         if found is not None:
             return await self._attempting(kwargs, found) if found.proxy else None
+        if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
+            return None
         self.hook_calls += 1
         return await self._start_sdk_call(kwargs)
 
@@ -493,6 +495,15 @@ class RouterLogger(CustomLogger):
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
         self._failure(kwargs)
+
+
+def _nested(kwargs: Mapping[str, Any]) -> bool:
+    """An SDK call made inside another one whose logging object it shares (``litellm.acompletion``'s
+    ``fallbacks=``: one nested ``acompletion`` per model, each with a call id of its own): its events
+    carry the outer call's id, so a lifecycle opened under its own id would never be settled."""
+    logged = getattr(kwargs.get("litellm_logging_obj"), "litellm_call_id", None)
+    own = kwargs.get("litellm_call_id")
+    return bool(logged) and bool(own) and own != logged
 
 
 def _unrefusable(kwargs: Mapping[str, Any]) -> str | None:
