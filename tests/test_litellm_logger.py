@@ -842,3 +842,29 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert in_flight == 0
     assert spent.value.spent == answer.usage.total_tokens  # what it spent; no hold left behind
     assert sorted(r["error"] is not None for r in rows) == [False, True]  # one row per call
+
+
+def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its_budgets(tmp_path, monkeypatch) -> None:
+    """litellm's ``metadata`` is free-form: a label the pipeline refuses (``step="first"``) is left
+    out, as the events do (:func:`_observed`), rather than the call sent unadmitted; the labels it
+    takes still pick its budgets (a tenant's)."""
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
+                                                  "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> None:
+        with pytest.raises(BudgetExceeded):
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=2000,
+                                      metadata={"tenant": "a", "step": "first"})
+        await logger.aflush()
+
+    try:
+        asyncio.run(run())
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert rows == []

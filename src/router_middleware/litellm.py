@@ -126,6 +126,21 @@ def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
     return Call.create(model, messages, {}, {k: v for k, v in context.items() if _accepted(k, v)})
 
 
+def _labelled(engine: Pipeline, model: str, kwargs: Mapping[str, Any]) -> Call:
+    """The SDK call the deployment hook plans, with the labels of its metadata; one the pipeline
+    refuses is left out (logged), as :func:`_observed` leaves it out of the call's record, rather
+    than the call sent unadmitted. Raises what the call's other input is refused for."""
+    context, params = _context(kwargs), {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
+    try:
+        return engine.make_call(model, kwargs["messages"], context, params)
+    except RequestError as exc:
+        kept = {k: v for k, v in context.items() if _accepted(k, v)}
+        if kept == context:
+            raise
+        log.warning("litellm_labels_refused", error=str(exc)[:200])
+        return engine.make_call(model, kwargs["messages"], kept, params)
+
+
 def _accepted(label: str, value: Any) -> bool:
     """Whether the pipeline takes ``value`` for ``label`` (each label is checked on its own)."""
     try:
@@ -379,8 +394,7 @@ class RouterLogger(CustomLogger):
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
         try:
-            call = engine.make_call(requested, kwargs["messages"], _context(kwargs),
-                                    {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS})
+            call = _labelled(engine, requested, kwargs)
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
                                      usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
                                      unusable=f"litellm already chose provider {provider} for this call")
