@@ -868,3 +868,43 @@ def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its
     finally:
         logger.unregister()
     assert rows == []
+
+
+@pytest.mark.parametrize("how", ["cancelled", "stream left unread"])
+def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservation_back(
+        tmp_path, monkeypatch, how) -> None:
+    """litellm delivers no event for a call cancelled in flight (a timeout around it) nor for a
+    stream its caller stops reading: once litellm lets go of the call, its reservation is given back
+    and it is one error row, rather than held until it lapses, refusing calls that fit meanwhile."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> str:
+        if how == "cancelled":
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                                           max_tokens=500, mock_delay=1.0), timeout=0.1)
+        else:
+            stream = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="hello there",
+                                               max_tokens=500, stream=True)
+            async for _chunk in stream:
+                break
+            del stream, _chunk
+        for _ in range(100):  # the loop ends the call once litellm let go of it (a stream: once it is closed)
+            if not logger._calls:
+                break
+            await asyncio.sleep(0.01)
+        answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                           max_tokens=600)  # fits only if the first call's hold is gone
+        await logger.aflush()
+        return str(answer.choices[0].message.content)
+
+    try:
+        assert asyncio.run(run()) == "ok"
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert not logger._calls
+    assert sorted(r["error"] or "" for r in rows) == ["", "CancelledError"]

@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -412,12 +413,44 @@ class RouterLogger(CustomLogger):
             log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return None
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
-        self._keep(kwargs, _Open(lifecycle, flow, attempt, attempt.plan, proxy=False))
+        found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
+        self._keep(kwargs, found)
+        self._watch(kwargs, found)
         changed = _switch(kwargs, call.params, attempt.plan)
         target = attempt.plan.model
         if target != requested:
             changed["model"] = target.split("/", 1)[1] if target.startswith(f"{provider}/") else target
         return changed
+
+    def _watch(self, kwargs: Mapping[str, Any], found: _Open) -> None:
+        """End an SDK call litellm lets go of without an event: its logging object, which every event
+        of the call needs, is gone (the call was cancelled, a timeout around it, or its stream was
+        left unread), so the reservation is given back at once rather than held until it lapses."""
+        logging_obj, key = kwargs.get("litellm_logging_obj"), self._key(kwargs)
+        if logging_obj is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def gone() -> None:  # at collection, on any thread: the loop ends the call
+            try:
+                loop.call_soon_threadsafe(self._orphaned, key, found)
+            except RuntimeError:  # the loop is closed: nothing runs there any more
+                pass
+
+        try:
+            weakref.finalize(logging_obj, gone).atexit = False
+        except TypeError:  # not weakly referable: the call ends with its events only
+            pass
+
+    def _orphaned(self, key: str, found: _Open) -> None:
+        with self._lock:
+            if self._calls.get(key) is not found:
+                return  # settled by its events (or evicted) before litellm let it go
+            del self._calls[key]
+            self._mark_ended(key, False)
+        found.end(asyncio.CancelledError("litellm let the call go without an event (cancelled, or its stream "
+                                         "left unread)"))
+        self.recorded += 1
 
     def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
         return self._read(plan, answer, started, routed=False)
