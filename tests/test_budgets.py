@@ -36,7 +36,7 @@ def test_hard_limit_names_budget_spent_and_limit() -> None:
             costs.append(outcome(call(p, max_tokens=20)).cost.total_usd)
     assert 0 < len(costs) < 100
     assert error.value.name == "team" and error.value.unit == "usd" and error.value.limit == 0.0006
-    assert "budget 'team' exceeded" in str(error.value)
+    assert "budget 'team' (app a) exceeded" in str(error.value)
     assert f"this call's estimate, {error.value.estimate:.6g} usd, does not fit in the" in str(error.value)
     spent = p.state.budget_spent
     key = next(iter(k for k in ["team:usd:a:0"] if spent.get(k) is not None))
@@ -71,9 +71,23 @@ def test_budget_config_errors() -> None:
         budget_pipeline(usd=1, downgrade_to="nope")
 
 
+def test_the_refusal_names_whose_counter_is_full_and_what_it_holds() -> None:
+    """A tenant's budget names the tenant (each tenant has a counter of its own); what the message
+    counts includes the holds of calls still in flight, and says so."""
+    p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "per-tenant", "scope": "tenant", "tokens": 100, "window_s": 3600}]}})
+    with pytest.raises(BudgetExceeded) as error:
+        p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=500,
+                     context={"tenant": "acme"})
+    assert error.value.scope == "tenant acme"
+    assert str(error.value).startswith("budget 'per-tenant' (tenant acme) exceeded: 0 of 100 tokens spent or "
+                                       "held by calls in flight; this call's estimate")
+
+
 def test_a_first_call_whose_own_estimate_is_over_the_limit_is_told_so() -> None:
     p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [{"name": "team", "usd": 0.0001}]}})
-    with pytest.raises(BudgetExceeded, match=r"0 of 0.0001 usd spent; this call's estimate, .* usd, does not fit in "
+    with pytest.raises(BudgetExceeded, match=r"0 of 0.0001 usd spent or held by calls in flight; this call's "
+                                             r"estimate, .* usd, does not fit in "
                                              r"the 0.0001 left") as error:
         p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")  # 512 output tokens reserved
     assert error.value.estimate > 0.0001
@@ -92,7 +106,8 @@ def test_an_app_budget_holds_calls_that_name_no_app(config_app) -> None:
     p = Pipeline.from_config({"cache": {"enabled": False}, "app": config_app,
                               "routing": {"budgets": [{"name": "team", "usd": 0.00005}]}})
     answered = 0
-    with pytest.raises(BudgetExceeded, match="budget 'team' exceeded"):
+    whose = "app from-config" if config_app else "the calls that name no app"
+    with pytest.raises(BudgetExceeded, match=rf"budget 'team' \({whose}\) exceeded"):
         for _ in range(50):
             p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=5)
             answered += 1

@@ -254,7 +254,7 @@ def test_the_agent_middleware_labels_its_calls_with_its_context() -> None:
         return create_agent(models["gpt-4o-mini"], tools=[], middleware=[middleware])
 
     assert agent(None).invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"  # no user
-    with pytest.raises(BudgetExceeded, match="budget 'per-user' exceeded"):
+    with pytest.raises(BudgetExceeded, match=r"budget 'per-user' \(user u1\) exceeded"):
         agent({"user": "u1", "app": "shop"}).invoke({"messages": [HumanMessage("hi")]})
     with pytest.raises(RequestError, match="context.step"):
         agent({"step": "first"})

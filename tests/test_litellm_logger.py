@@ -11,6 +11,7 @@ from datetime import datetime
 
 import litellm
 import pytest
+import structlog
 from opentelemetry.trace import SpanKind, StatusCode
 
 from router_middleware import Pipeline, wire
@@ -661,13 +662,16 @@ def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_p
         return answer
 
     try:
-        answer = asyncio.run(run())
+        with structlog.testing.capture_logs() as logs:
+            answer = asyncio.run(run())
         with pytest.raises(BudgetExceeded) as spent:
             logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=990)
     finally:
         logger.unregister()
     assert answer.choices[0].message.content == "ok"
     assert spent.value.spent == answer.usage.total_tokens
+    said = [e for e in logs if e["event"] == "budget_not_enforced"]
+    assert len(said) == 1 and "(num_retries; without retries it is refused)" in said[0]["why"]
 
 
 def test_a_litellm_router_call_over_a_budget_is_counted_not_refused(tmp_path, monkeypatch) -> None:

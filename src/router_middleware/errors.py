@@ -75,10 +75,16 @@ class BudgetExceeded(RouterMiddlewareError):
 
     status_code = 429
 
-    def __init__(self, name: str, unit: str, spent: float, limit: float, estimate: float | None = None) -> None:
+    def __init__(self, name: str, unit: str, spent: float, limit: float, estimate: float | None = None,
+                 scope: str = "") -> None:
+        """``scope``: whose counter is full (``tenant acme``; empty for a global budget); ``spent``
+        counts the holds of calls in flight with what was spent."""
         why = "" if estimate is None else (f"; this call's estimate, {estimate:.6g} {unit}, does not fit in the "
                                            f"{max(0.0, limit - spent):.6g} left")
-        super().__init__(f"budget {name!r} exceeded: {spent:.6g} of {limit:.6g} {unit} spent{why}")
+        whose = f" ({scope})" if scope else ""
+        super().__init__(f"budget {name!r}{whose} exceeded: {spent:.6g} of {limit:.6g} {unit} spent or held by "
+                         f"calls in flight{why}")
+        self.scope = scope
         self.estimate = estimate
         self.name = name
         self.unit = unit

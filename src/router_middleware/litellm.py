@@ -560,9 +560,11 @@ def _unrefusable(kwargs: Mapping[str, Any]) -> str | None:
     (``num_retries``, ``retry_policy``), whose retries call the provider without hooks or events,
     so the refused call would be sent anyway, unseen."""
     if "model_group" in _metadata(kwargs):
-        return "litellm's Router would cool its deployments down for every caller"
-    if wire.retries_unhooked(kwargs):
-        return "litellm retries this call without its hooks (num_retries)"
+        return ("litellm's Router would cool its deployments down for every caller (put the budget on the "
+                "Router's side, or behind the proxy use its pre-call hook)")
+    setting = wire.retries_unhooked(kwargs)
+    if setting is not None:
+        return f"litellm retries this call without its hooks ({setting}; without retries it is refused)"
     return None
 
 

@@ -165,12 +165,17 @@ def missing_credentials(exc: BaseException) -> bool:
     return bool(_MISSING_KEY.search(str(exc)[:1000]))
 
 
-def retries_unhooked(request: Mapping[str, Any]) -> bool:
-    """Whether litellm retries a failed SDK ``acompletion`` of ``request`` itself (``num_retries``,
-    ``retry_policy``, or ``litellm.num_retries``): it calls the provider again without its hooks or
-    events (``acompletion_with_retries``, 1.110.2). A ``litellm.Router``'s call is retried by the router."""
+def retries_unhooked(request: Mapping[str, Any]) -> str | None:
+    """The setting by which litellm retries a failed SDK ``acompletion`` of ``request`` itself
+    (``num_retries``, ``retry_policy``, or ``litellm.num_retries``), if any: it calls the provider
+    again without its hooks or events (``acompletion_with_retries``, 1.110.2). A ``litellm.Router``'s
+    call is retried by the router."""
+    if request.get("retry_policy"):
+        return "retry_policy"
     retries = request.get("num_retries")
-    return bool(request.get("retry_policy") or (litellm().num_retries if retries is None else retries))
+    if retries is not None:
+        return "num_retries" if retries else None
+    return "litellm.num_retries" if litellm().num_retries else None
 
 
 def mark_cache_hit(response: Any) -> None:

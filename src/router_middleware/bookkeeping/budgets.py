@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
-from ..routing.budgets import counter_key, scope_value
+from ..routing.budgets import NO_APP, counter_key, scope_value
 from ..stores.base import Hold, Release
 from ..telemetry import log
 from ..types import AgentContext
@@ -35,6 +35,7 @@ class Claim:
     unit: str  # usd, tokens, or reasoning (a session's reasoning tokens)
     hold: str  # the hold's id in the store (one per call)
     hold_s: float  # how long the hold counts unless it is released first
+    scope: str = ""  # whose counter it is ("tenant acme"; empty for a global budget), for the refusal
 
     @property
     def held(self) -> Hold:
@@ -63,18 +64,27 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
                 said.add(budget.name)
                 field = {"session": "session_id"}.get(budget.scope, budget.scope)
                 log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
-                            why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (said once)")
+                            why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (litellm: "
+                                f"metadata={{'{field}': ...}}; said once)")
             continue
         for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
             if limit is not None:
                 key = counter_key(budget, value, unit, now)
                 found.append(Claim(BUDGET + key, amount, float(limit), budget.window_s * 2 if budget.window_s else None,
-                                   budget.name, unit, hold, budget.reservation_ttl_s))
+                                   budget.name, unit, hold, budget.reservation_ttl_s,
+                                   _whose(budget.scope, value)))
     return found
 
 
+def _whose(scope: str, value: str) -> str:
+    """Whose counter a claim is on, as a refusal names it."""
+    if scope == "global":
+        return ""
+    return "the calls that name no app" if value == NO_APP else f"{scope} {value}"
+
+
 def refused(claim: Claim, total: float) -> BudgetExceeded:
-    return BudgetExceeded(claim.name, claim.unit, total, claim.limit, claim.amount)
+    return BudgetExceeded(claim.name, claim.unit, total, claim.limit, claim.amount, claim.scope)
 
 
 def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
