@@ -912,3 +912,46 @@ def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservatio
         logger.unregister()
     assert not logger._calls
     assert sorted(r["error"] or "" for r in rows) == ["", "CancelledError"]
+
+
+def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(monkeypatch, redis_url) -> None:
+    """Giving back a cancelled SDK call's reservation is a store write: on Redis it is made in a worker
+    thread, as the lifecycle's other lesser writes are, never blocking the event loop (a Redis that
+    hangs would stall every call in the process for its timeout)."""
+    import threading
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"off-loop-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
+    store = logger.pipeline.store
+    writes: list[int] = []
+    real = store.add_many
+
+    def add_many(*args: object, **kwargs: object) -> object:
+        writes.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_many", add_many)
+
+    async def run() -> int:
+        messages = [{"role": "user", "content": "hi"}]
+        await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=5)
+        await logger.aflush()  # connected, scripts loaded: the next call is in flight well within its timeout
+        writes.clear()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                                       max_tokens=500, mock_delay=2.0), timeout=0.5)
+        for _ in range(200):
+            if not logger._calls and writes:
+                break
+            await asyncio.sleep(0.01)
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(run())
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    assert writes and loop_thread not in writes

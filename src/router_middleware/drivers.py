@@ -72,10 +72,17 @@ async def _astop(flow: Flow, error: BaseException, off_loop: bool) -> None:
     if not off_loop:
         _stop(flow, error)
         return
-    with deferring() as queued:
-        _stop(flow, error)
+    queued = queued_writes(_stop, flow, error)
     if queued:
-        await _in_thread(_write_all, queued)
+        await _in_thread(write_all, queued)
+
+
+def queued_writes(work: Callable[..., None], *args: Any) -> list[Callable[[], None]]:
+    """Run ``work(*args)`` on the loop, queueing the store writes it makes (the bookkeeper's: see
+    :func:`~.stores.base.defer`); the caller makes them off the loop (:func:`write_all`)."""
+    with deferring() as queued:
+        work(*args)
+    return queued
 
 
 def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
@@ -128,11 +135,11 @@ async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: b
     with deferring() as queued:
         done = _advance(flow, reply, error)
     if queued:
-        await _in_thread(_write_all, queued)
+        await _in_thread(write_all, queued)
     return done
 
 
-def _write_all(writes: list[Callable[[], None]]) -> None:
+def write_all(writes: list[Callable[[], None]]) -> None:
     for write in writes:
         write()
 

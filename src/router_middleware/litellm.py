@@ -43,7 +43,7 @@ from .accounting import build_outcome
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
-from .drivers import astep
+from .drivers import astep, queued_writes, write_all
 from .errors import BudgetExceeded, RequestError, StoreUnavailable
 from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
@@ -300,7 +300,7 @@ class RouterLogger(CustomLogger):
         """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error."""
         found = self._take_open(self._key(request_data))
         if found is not None:
-            found.end(original_exception)
+            self._end(found, original_exception)
             self.recorded += 1
 
     def _take_open(self, key: str) -> _Open | None:
@@ -448,9 +448,19 @@ class RouterLogger(CustomLogger):
                 return  # settled by its events (or evicted) before litellm let it go
             del self._calls[key]
             self._mark_ended(key, False)
-        found.end(asyncio.CancelledError("litellm let the call go without an event (cancelled, or its stream "
-                                         "left unread)"))
+        self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
+                                                "stream left unread)"))
         self.recorded += 1
+
+    def _end(self, found: _Open, error: BaseException) -> None:
+        """End a call waiting for an event, on the event loop: with a store that can block, the writes
+        this makes (its reservation given back) go to a worker thread, never holding up the loop."""
+        if not self.pipeline.store_blocks:
+            found.end(error)
+            return
+        writes = queued_writes(found.end, error)
+        if writes:
+            asyncio.get_running_loop().run_in_executor(None, write_all, writes)  # made even if the loop then ends
 
     def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
         return self._read(plan, answer, started, routed=False)
@@ -504,7 +514,7 @@ class RouterLogger(CustomLogger):
             while len(self._calls) > _MAX_IN_FLIGHT:  # calls whose events never came
                 evicted.append(self._calls.popitem(last=False)[1])
         for stale in evicted:
-            stale.end(TimeoutError("no event came for this call"))
+            self._end(stale, TimeoutError("no event came for this call"))
 
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy
