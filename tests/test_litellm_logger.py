@@ -955,3 +955,44 @@ def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(mon
         logger.unregister()
         logger.pipeline.close()
     assert writes and loop_thread not in writes
+
+
+def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_on_redis(
+        monkeypatch, redis_url) -> None:
+    """A call no lifecycle follows (a ``litellm.Router``'s here, counted, not refused) is settled from
+    its success event on the event loop: on Redis the writes go to a worker thread."""
+    import threading
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"event-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": 10, "window_s": 86400}]}})).register()
+    router = litellm.Router(model_list=[{"model_name": "coder",
+                                         "litellm_params": {"model": "gpt-4o-mini", "api_key": "sk-test"}}])
+    store = logger.pipeline.store
+    writes: list[int] = []
+    real = store.add_many
+
+    def add_many(*args: object, **kwargs: object) -> object:
+        writes.append(threading.get_ident())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "add_many", add_many)
+
+    async def run() -> int:
+        await router.acompletion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                                 max_tokens=500)  # over the budget: counted, not refused
+        await logger.aflush()
+        for _ in range(200):
+            if writes:
+                break
+            await asyncio.sleep(0.01)
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(run())
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    assert logger.recorded == 1 and writes and loop_thread not in writes

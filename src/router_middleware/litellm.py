@@ -31,7 +31,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -462,6 +462,14 @@ class RouterLogger(CustomLogger):
         if writes:
             asyncio.get_running_loop().run_in_executor(None, write_all, writes)  # made even if the loop then ends
 
+    async def _recorded(self, record: Callable[..., None], *args: Any) -> None:
+        """Record a call no lifecycle follows from its event (as the sync path does on litellm's
+        thread): with a store that can block, in a worker thread, never holding up the loop."""
+        if self.pipeline.store_blocks:
+            await asyncio.to_thread(record, *args)
+        else:
+            record(*args)
+
     def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
         return self._read(plan, answer, started, routed=False)
 
@@ -536,7 +544,7 @@ class RouterLogger(CustomLogger):
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
-        self._success(kwargs, response_obj, start_time, end_time)
+        await self._recorded(self._success, kwargs, response_obj, start_time, end_time)
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
@@ -551,7 +559,7 @@ class RouterLogger(CustomLogger):
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
-        self._failure(kwargs)
+        await self._recorded(self._failure, kwargs)
 
 
 def _nested(kwargs: Mapping[str, Any]) -> bool:
