@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -914,19 +915,9 @@ def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservatio
     assert sorted(r["error"] or "" for r in rows) == ["", "CancelledError"]
 
 
-def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(monkeypatch, redis_url) -> None:
-    """Giving back a cancelled SDK call's reservation is a store write: on Redis it is made in a worker
-    thread, as the lifecycle's other lesser writes are, never blocking the event loop (a Redis that
-    hangs would stall every call in the process for its timeout)."""
-    import threading
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "app": f"off-loop-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
-        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
-    store = logger.pipeline.store
-    writes: list[int] = []
+def _write_threads(monkeypatch: pytest.MonkeyPatch, logger: RouterLogger) -> list[int]:
+    """The threads the logger's store writes (``add_many``) run on, in order."""
+    store, writes = logger.pipeline.store, []
     real = store.add_many
 
     def add_many(*args: object, **kwargs: object) -> object:
@@ -934,6 +925,19 @@ def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(store, "add_many", add_many)
+    return writes
+
+
+def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(monkeypatch, redis_url) -> None:
+    """Giving back a cancelled SDK call's reservation is a store write: on Redis it is made in a worker
+    thread, as the lifecycle's other lesser writes are, never blocking the event loop (a Redis that
+    hangs would stall every call in the process for its timeout)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"off-loop-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
+    writes = _write_threads(monkeypatch, logger)
 
     async def run() -> int:
         messages = [{"role": "user", "content": "hi"}]
@@ -961,8 +965,6 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         monkeypatch, redis_url) -> None:
     """A call no lifecycle follows (a ``litellm.Router``'s here, counted, not refused) is settled from
     its success event on the event loop: on Redis the writes go to a worker thread."""
-    import threading
-
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     asyncio.run(wire.drain_callbacks())
     logger = RouterLogger(Pipeline.from_config({
@@ -970,15 +972,7 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         "routing": {"budgets": [{"name": "daily", "tokens": 10, "window_s": 86400}]}})).register()
     router = litellm.Router(model_list=[{"model_name": "coder",
                                          "litellm_params": {"model": "gpt-4o-mini", "api_key": "sk-test"}}])
-    store = logger.pipeline.store
-    writes: list[int] = []
-    real = store.add_many
-
-    def add_many(*args: object, **kwargs: object) -> object:
-        writes.append(threading.get_ident())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(store, "add_many", add_many)
+    writes = _write_threads(monkeypatch, logger)
 
     async def run() -> int:
         await router.acompletion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
