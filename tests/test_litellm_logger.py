@@ -990,3 +990,93 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         logger.unregister()
         logger.pipeline.close()
     assert logger.recorded == 1 and writes and loop_thread not in writes
+
+
+def _redis_sdk_logger(monkeypatch: pytest.MonkeyPatch, redis_url: str, name: str,
+                      slow_s: float = 0.0) -> tuple[RouterLogger, list[int]]:
+    """An SDK logger on Redis with a budget; its ``add_many`` writes (their threads) listed once made,
+    each after ``slow_s`` (a store slow to answer)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"{name}-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
+    store, writes = logger.pipeline.store, []
+    real = store.add_many
+
+    def add_many(*args: object, **kwargs: object) -> object:
+        time.sleep(slow_s)
+        answer = real(*args, **kwargs)
+        writes.append(threading.get_ident())
+        return answer
+
+    monkeypatch.setattr(store, "add_many", add_many)
+    return logger, writes
+
+
+def test_aflush_waits_for_the_reservation_of_a_call_let_go_to_be_given_back_on_redis(
+        monkeypatch, redis_url) -> None:
+    """A call litellm let go of gives its reservation back in a worker thread on Redis; ``aflush``
+    waits for that write too, so what a script reads of its budgets afterwards no longer holds it."""
+    logger, writes = _redis_sdk_logger(monkeypatch, redis_url, "aflush-end", slow_s=0.3)
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> int:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
+                                                       max_tokens=500, mock_delay=2.0), timeout=0.3)
+        for _ in range(200):
+            if not logger._calls:
+                break
+            await asyncio.sleep(0.01)
+        await logger.aflush()
+        return len(writes)
+
+    try:
+        made = asyncio.run(run())
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    assert not logger._calls and made == 1
+
+
+def test_a_call_let_go_while_the_event_loop_shuts_down_still_gives_its_reservation_back_on_redis(
+        monkeypatch, redis_url, caplog) -> None:
+    """litellm lets go of a call (its logging object is collected) while ``asyncio.run`` shuts its
+    default executor down: the reservation is still given back (no worker thread takes new work
+    then), not left held until it lapses with an error from the loop's callback."""
+    logger, writes = _redis_sdk_logger(monkeypatch, redis_url, "shutdown-end")
+    held: list[object] = []  # the call's logging object, kept alive until the loop is ending
+    watch = logger._watch
+
+    def keeping(kwargs: dict[str, object], found: object) -> None:
+        held.append(kwargs.get("litellm_logging_obj"))
+        watch(kwargs, found)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(logger, "_watch", keeping)
+
+    def let_go_late() -> None:
+        time.sleep(0.3)  # asyncio.run is shutting its default executor down by now (it waits for this)
+        held.clear()
+
+    async def run() -> None:
+        call = asyncio.ensure_future(litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user",
+                                                                                       "content": "hi"}],
+                                                         mock_response="ok", max_tokens=500, mock_delay=5.0))
+        for _ in range(200):
+            if logger._calls:
+                break
+            await asyncio.sleep(0.01)
+        call.cancel()
+        await asyncio.sleep(0.05)
+        assert logger._calls and held  # in flight as far as the logger knows: litellm still holds the call
+        asyncio.get_running_loop().run_in_executor(None, let_go_late)
+
+    try:
+        with caplog.at_level("ERROR", logger="asyncio"):
+            asyncio.run(run())
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    assert not logger._calls and len(writes) == 1
+    assert not [r for r in caplog.records if r.name == "asyncio"]

@@ -208,6 +208,7 @@ class RouterLogger(CustomLogger):
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
+        self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
         self.hook_calls = 0
         self.recorded = 0
         self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
@@ -228,11 +229,17 @@ class RouterLogger(CustomLogger):
         litellm.logging_callback_manager.remove_callback_from_all_lists(self)
 
     async def aflush(self) -> None:
-        """Wait until litellm has delivered the events of the calls made so far and their ledger rows
-        are written. litellm runs async callbacks on a background worker (an async stream's from a
-        task of its own once it ends), which ``asyncio.run`` cancels when its coroutine returns: a
-        short script awaits this before it ends."""
+        """Wait until litellm has delivered the events of the calls made so far, their ledger rows
+        are written and the reservations of calls ended without an event are given back. litellm runs
+        async callbacks on a background worker (an async stream's from a task of its own once it
+        ends), which ``asyncio.run`` cancels when its coroutine returns: a short script awaits this
+        before it ends."""
         await wire.drain_callbacks()
+        loop = asyncio.get_running_loop()
+        writing = [w for w in tuple(self._writing) if w.get_loop() is loop]
+        self._writing.difference_update(w for w in tuple(self._writing) if w.get_loop().is_closed())
+        if writing:
+            await asyncio.wait(writing)
         ledger = self.pipeline.ledger
         if ledger is not None:
             await asyncio.to_thread(ledger.flush)
@@ -454,13 +461,21 @@ class RouterLogger(CustomLogger):
 
     def _end(self, found: _Open, error: BaseException) -> None:
         """End a call waiting for an event, on the event loop: with a store that can block, the writes
-        this makes (its reservation given back) go to a worker thread, never holding up the loop."""
+        this makes (its reservation given back) go to a worker thread, never holding up the loop (made
+        on the spot once no worker thread takes them: ``asyncio.run`` shutting its executor down)."""
         if not self.pipeline.store_blocks:
             found.end(error)
             return
         writes = queued_writes(found.end, error)
-        if writes:
-            asyncio.get_running_loop().run_in_executor(None, write_all, writes)  # made even if the loop then ends
+        if not writes:
+            return
+        try:
+            pending = asyncio.get_running_loop().run_in_executor(None, write_all, writes)
+        except RuntimeError:  # the loop's default executor is shut down (asyncio.run is ending): made here
+            write_all(writes)
+            return
+        self._writing.add(pending)  # aflush waits for it; asyncio.run's end waits for the thread
+        pending.add_done_callback(self._writing.discard)
 
     async def _recorded(self, record: Callable[..., None], *args: Any) -> None:
         """Record a call no lifecycle follows from its event (as the sync path does on litellm's
