@@ -80,7 +80,7 @@ def _whose(scope: str, value: str) -> str:
     """Whose counter a claim is on, as a refusal names it."""
     if scope == "global":
         return ""
-    return "the calls that name no app" if value == NO_APP else f"{scope} {value}"
+    return "the calls that name no app" if scope == "app" and value == NO_APP else f"{scope} {value}"
 
 
 def refused(claim: Claim, total: float) -> BudgetExceeded:
