@@ -59,9 +59,10 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 
 @contextmanager
 def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
-                      status: int = 200) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+                      status: int = 200, delay_s: float = 0.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
-    than 200: every request is answered with that error (an overloaded or dead deployment)."""
+    than 200: every request is answered with that error (an overloaded or dead deployment);
+    ``delay_s``: each answer starts that late (a slow model)."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -86,6 +87,7 @@ def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_l
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
             with lock:
                 seen.append(body)
+            time.sleep(delay_s)
             if status != 200:
                 error = {"error": {"message": "the deployment is overloaded", "type": "server_error"}}
                 self._send(status, json.dumps(error).encode(), "application/json")

@@ -87,14 +87,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, *, steps: int = 1, output_lines: int = 0,
-           strong_status: int = 200) -> Iterator[dict[str, Any]]:
+           strong_status: int = 200, delay_s: float = 0.0) -> Iterator[dict[str, Any]]:
     """The LiteLLM proxy of integrations/litellm-proxy on loopback, with router-middleware's hook and
     ``router_config``; coder-cheap is the scripted model, coder-strong too unless ``strong_status``
     makes it answer every request with that error."""
     ledger = tmp_path / "ledger.db"
     (tmp_path / "router.yaml").write_text(router_config.format(ledger=ledger))
     project = f"cline-{uuid.uuid4().hex[:8]}"
-    with scripted_upstream(steps=steps, output_lines=output_lines) as (upstream, seen), \
+    with scripted_upstream(steps=steps, output_lines=output_lines, delay_s=delay_s) as (upstream, seen), \
             scripted_upstream(status=strong_status) as (dead, dead_seen):
         strong = upstream if strong_status == 200 else dead
         port = _free_port()
@@ -303,6 +303,31 @@ def test_a_refused_call_gets_a_readable_http_error(tmp_path: Path) -> None:
         assert not proxy["seen"]  # nothing reached the model
     assert refused.value.code == 429
     assert "budget 'tiny' exceeded" in refused.value.read().decode()
+
+
+def test_a_client_that_leaves_before_the_first_chunk_frees_its_budget_hold(tmp_path: Path) -> None:
+    """A streaming client closes its connection while the model has not answered yet (it answers after
+    3 s): the proxy's events still end the call, so its reservation does not hold the budget until it
+    lapses. Two such requests do not fit the budget together; the second is answered."""
+    config = ROUTER_CONFIG.replace("routing:\n", "routing:\n  budgets: [{{name: day, tokens: 9000, scope: global}}]\n", 1)
+    with _proxy(tmp_path, config, delay_s=3.0) as proxy:
+        host, port = proxy["base"].split("//")[1].split("/")[0].split(":")
+        body = json.dumps({"model": "coder", "messages": [{"role": "user", "content": "task 1"}], "stream": True,
+                           "max_tokens": 5000}).encode()
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+                           b"sk-proxy-master\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                           % len(body) + body)
+            time.sleep(1.0)  # admitted and sent upstream, no chunk yet: the client leaves
+        rows = _ledger_rows(proxy["ledger"], 1)  # the first call ends once the model has answered
+        request = urllib.request.Request(
+            f"{proxy['base']}/chat/completions", method="POST",
+            data=json.dumps({"model": "coder", "messages": [{"role": "user", "content": "task 2"}],
+                             "max_tokens": 5000}).encode(),
+            headers={"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answered:
+            assert answered.status == 200
+    assert len(rows) == 1 and rows[0]["requested_model"] == "coder"
 
 
 def _phoenix_spans(project: str, expected: int) -> list[dict]:
