@@ -308,7 +308,7 @@ class RouterLogger(CustomLogger):
         found = self._take_open(self._key(request_data))
         if found is not None:
             self._end(found, original_exception)
-            self.recorded += 1
+            self._tally()
 
     def _take_open(self, key: str) -> _Open | None:
         """Take a proxy call's lifecycle out of the table while it steps, marking it ended
@@ -342,7 +342,7 @@ class RouterLogger(CustomLogger):
             found.end(exc)
             raise
         if done:
-            self.recorded += 1
+            self._tally()
             return True
         found.attempt = value  # the router's next attempt (the lifecycle admitted it)
         self._keep(kwargs, found)
@@ -457,7 +457,7 @@ class RouterLogger(CustomLogger):
             self._mark_ended(key, False)
         self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
                                                 "stream left unread)"))
-        self.recorded += 1
+        self._tally()
 
     def _end(self, found: _Open, error: BaseException) -> None:
         """End a call waiting for an event, on the event loop: with a store that can block, the writes
@@ -505,7 +505,7 @@ class RouterLogger(CustomLogger):
                                    time_to_first_token_s=_ttft(kwargs, start_time))
             self.pipeline.books.settle_observed(result)
             trace.succeed(result, response_obj)
-            self.recorded += 1
+            self._tally()
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
@@ -515,7 +515,7 @@ class RouterLogger(CustomLogger):
             error = _error(kwargs)
             trace.fail(error)
             self.pipeline.books.record_failure(plan, error)
-            self.recorded += 1
+            self._tally()
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
@@ -538,6 +538,11 @@ class RouterLogger(CustomLogger):
                 evicted.append(self._calls.popitem(last=False)[1])
         for stale in evicted:
             self._end(stale, TimeoutError("no event came for this call"))
+
+    def _tally(self) -> None:
+        """One more call recorded (its events run on the loop and on worker threads at once)."""
+        with self._lock:
+            self.recorded += 1
 
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy
