@@ -120,26 +120,21 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
 def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
     """The call litellm made, with its labels: one the pipeline refuses (litellm's ``metadata`` is
     free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
-    try:
-        return Call.create(model, messages, {}, context)
-    except RequestError as exc:
-        log.warning("litellm_labels_refused", error=str(exc)[:200])
-    return Call.create(model, messages, {}, {k: v for k, v in context.items() if _accepted(k, v)})
+    return _labelled(lambda labels: Call.create(model, messages, {}, labels), context)
 
 
-def _labelled(engine: Pipeline, model: str, kwargs: Mapping[str, Any]) -> Call:
-    """The SDK call the deployment hook plans, with the labels of its metadata; one the pipeline
-    refuses is left out (logged), as :func:`_observed` leaves it out of the call's record, rather
-    than the call sent unadmitted. Raises what the call's other input is refused for."""
-    context, params = _context(kwargs), {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
+def _labelled(make: Callable[[dict[str, Any]], Call], context: dict[str, Any]) -> Call:
+    """``make(context)``; when the pipeline refuses a label (litellm's ``metadata`` is free-form:
+    ``step="first"``), ``make`` of the others, logged: the call is planned and recorded without it,
+    never sent unadmitted or left unrecorded. Raises what the call's other input is refused for."""
     try:
-        return engine.make_call(model, kwargs["messages"], context, params)
+        return make(context)
     except RequestError as exc:
         kept = {k: v for k, v in context.items() if _accepted(k, v)}
         if kept == context:
             raise
         log.warning("litellm_labels_refused", error=str(exc)[:200])
-        return engine.make_call(model, kwargs["messages"], kept, params)
+        return make(kept)
 
 
 def _accepted(label: str, value: Any) -> bool:
@@ -402,7 +397,9 @@ class RouterLogger(CustomLogger):
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
         try:
-            call = _labelled(engine, requested, kwargs)
+            params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
+            call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
+                             _context(kwargs))
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
                                      usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
                                      unusable=f"litellm already chose provider {provider} for this call")
