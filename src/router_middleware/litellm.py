@@ -305,13 +305,16 @@ class RouterLogger(CustomLogger):
             self._end(found, original_exception)
             self._tally()
 
-    def _take_open(self, key: str) -> _Open | None:
-        """Take a proxy call's lifecycle out of the table while it steps, marking it ended
-        (:meth:`_resume` puts it back when it waits for another attempt)."""
+    def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
+        """Take a call's lifecycle out of the table while it steps, marking it ended (:meth:`_resume`
+        puts it back when it waits for another attempt); with ``only``, just that one (not a later
+        call's that reuses the id)."""
         with self._lock:
-            found = self._calls.pop(key, None)
-            if found is not None:
-                self._mark_ended(key, found.proxy)
+            found = self._calls.get(key)
+            if found is None or (only is not None and found is not only):
+                return None
+            del self._calls[key]
+            self._mark_ended(key, found.proxy)
             return found
 
     async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None,
@@ -447,11 +450,8 @@ class RouterLogger(CustomLogger):
             pass
 
     def _orphaned(self, key: str, found: _Open) -> None:
-        with self._lock:
-            if self._calls.get(key) is not found:
-                return  # settled by its events (or evicted) before litellm let it go
-            del self._calls[key]
-            self._mark_ended(key, False)
+        if self._take_open(key, only=found) is None:
+            return  # settled by its events (or evicted) before litellm let it go
         self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
                                                 "stream left unread)"))
         self._tally()
