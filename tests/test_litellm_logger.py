@@ -915,29 +915,33 @@ def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservatio
     assert sorted(r["error"] or "" for r in rows) == ["", "CancelledError"]
 
 
-def _write_threads(monkeypatch: pytest.MonkeyPatch, logger: RouterLogger) -> list[int]:
-    """The threads the logger's store writes (``add_many``) run on, in order."""
+def _redis_sdk_logger(monkeypatch: pytest.MonkeyPatch, redis_url: str, name: str, slow_s: float = 0.0,
+                      tokens: int = 1000) -> tuple[RouterLogger, list[int]]:
+    """An SDK logger on Redis with a ``tokens`` budget; its ``add_many`` writes (their threads) listed
+    once made, each after ``slow_s`` (a store slow to answer)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": f"{name}-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
+        "routing": {"budgets": [{"name": "daily", "tokens": tokens, "window_s": 86400}]}})).register()
     store, writes = logger.pipeline.store, []
     real = store.add_many
 
     def add_many(*args: object, **kwargs: object) -> object:
+        time.sleep(slow_s)
+        answer = real(*args, **kwargs)
         writes.append(threading.get_ident())
-        return real(*args, **kwargs)
+        return answer
 
     monkeypatch.setattr(store, "add_many", add_many)
-    return writes
+    return logger, writes
 
 
 def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(monkeypatch, redis_url) -> None:
     """Giving back a cancelled SDK call's reservation is a store write: on Redis it is made in a worker
     thread, as the lifecycle's other lesser writes are, never blocking the event loop (a Redis that
     hangs would stall every call in the process for its timeout)."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "app": f"off-loop-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
-        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
-    writes = _write_threads(monkeypatch, logger)
+    logger, writes = _redis_sdk_logger(monkeypatch, redis_url, "off-loop")
 
     async def run() -> int:
         messages = [{"role": "user", "content": "hi"}]
@@ -965,14 +969,9 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         monkeypatch, redis_url) -> None:
     """A call no lifecycle follows (a ``litellm.Router``'s here, counted, not refused) is settled from
     its success event on the event loop: on Redis the writes go to a worker thread."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "app": f"event-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
-        "routing": {"budgets": [{"name": "daily", "tokens": 10, "window_s": 86400}]}})).register()
+    logger, writes = _redis_sdk_logger(monkeypatch, redis_url, "event", tokens=10)
     router = litellm.Router(model_list=[{"model_name": "coder",
                                          "litellm_params": {"model": "gpt-4o-mini", "api_key": "sk-test"}}])
-    writes = _write_threads(monkeypatch, logger)
 
     async def run() -> int:
         await router.acompletion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
@@ -990,28 +989,6 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         logger.unregister()
         logger.pipeline.close()
     assert logger.recorded == 1 and writes and loop_thread not in writes
-
-
-def _redis_sdk_logger(monkeypatch: pytest.MonkeyPatch, redis_url: str, name: str,
-                      slow_s: float = 0.0) -> tuple[RouterLogger, list[int]]:
-    """An SDK logger on Redis with a budget; its ``add_many`` writes (their threads) listed once made,
-    each after ``slow_s`` (a store slow to answer)."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "app": f"{name}-{time.time_ns()}", "store": redis_url, "cache": {"enabled": False},
-        "routing": {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]}})).register()
-    store, writes = logger.pipeline.store, []
-    real = store.add_many
-
-    def add_many(*args: object, **kwargs: object) -> object:
-        time.sleep(slow_s)
-        answer = real(*args, **kwargs)
-        writes.append(threading.get_ident())
-        return answer
-
-    monkeypatch.setattr(store, "add_many", add_many)
-    return logger, writes
 
 
 def test_aflush_waits_for_the_reservation_of_a_call_let_go_to_be_given_back_on_redis(
