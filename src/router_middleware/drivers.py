@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from . import wire
 from .lifecycle import Attempt, Effect, Flow, StoreCall, Summarize, Wait
 from .stores.base import deferring
+
+T = TypeVar("T")
 
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
@@ -72,17 +74,17 @@ async def _astop(flow: Flow, error: BaseException, off_loop: bool) -> None:
     if not off_loop:
         _stop(flow, error)
         return
-    queued = queued_writes(_stop, flow, error)
+    _, queued = queued_writes(_stop, flow, error)
     if queued:
         await _in_thread(write_all, queued)
 
 
-def queued_writes(work: Callable[..., None], *args: Any) -> list[Callable[[], None]]:
-    """Run ``work(*args)`` on the loop, queueing the store writes it makes (the bookkeeper's: see
-    :func:`~.stores.base.defer`); the caller makes them off the loop (:func:`write_all`)."""
+def queued_writes(work: Callable[..., T], *args: Any) -> tuple[T, list[Callable[[], None]]]:
+    """``work(*args)`` on the loop, and the store writes it queued (the bookkeeper's: see
+    :func:`~.stores.base.defer`), for the caller to make off the loop (:func:`write_all`)."""
     with deferring() as queued:
-        work(*args)
-    return queued
+        result = work(*args)
+    return result, queued
 
 
 def step(flow: Flow, reply: Any, error: Exception | None, *, wait: bool = True) -> tuple[bool, Any]:
@@ -132,8 +134,7 @@ async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: b
     worker thread, before its next effect (the order of a sync call)."""
     if not off_loop:
         return _advance(flow, reply, error)
-    with deferring() as queued:
-        done = _advance(flow, reply, error)
+    done, queued = queued_writes(_advance, flow, reply, error)
     if queued:
         await _in_thread(write_all, queued)
     return done

@@ -463,7 +463,7 @@ class RouterLogger(CustomLogger):
         if not self.pipeline.store_blocks:
             found.end(error)
             return
-        writes = queued_writes(found.end, error)
+        _, writes = queued_writes(found.end, error)
         if not writes:
             return
         try:
