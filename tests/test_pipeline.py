@@ -231,3 +231,84 @@ def test_plan_override_copies_plain_plans_and_subclasses_alike() -> None:
     assert noted.override(note="n").note == "n"
     with pytest.raises(ValueError, match="bad note"):
         noted.override(note="bad")
+
+
+def _deployments(base: str, *names: str) -> dict:
+    """Deployments of gpt-4o-mini at ``base``, each keyed by its own variable (``<NAME>_KEY``)."""
+    return {name: {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": f"{name.upper()}_KEY"}
+            for name in names}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_deployment_whose_key_variable_is_unset_is_not_called(mode, monkeypatch) -> None:
+    """litellm given ``api_key=None`` sends the provider's default key (``OPENAI_API_KEY``) to the
+    deployment's endpoint: the call is not sent, the error names the variable, and the alias's next
+    target serves the call (no cooldown counted: the endpoint's health is not in question)."""
+    import asyncio
+
+    import litellm
+
+    from router_middleware import MissingKeyError
+
+    from .capture_server import capture_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leave-this-process")
+    monkeypatch.delenv("EU_KEY", raising=False)
+    monkeypatch.setenv("US_KEY", "")  # empty is unset too
+    completion, acompletion = litellm.completion, litellm.acompletion
+    answered = {"model": "gpt-4o-mini", "mock_response": "ok"}  # the plain model answers; deployments go out
+    monkeypatch.setattr(litellm, "completion",
+                        lambda **kw: completion(**{**kw, **answered}) if kw["model"] == "gpt-4o-mini" else completion(**kw))
+
+    async def afake(**kw):
+        return await acompletion(**{**kw, **answered}) if kw["model"] == "gpt-4o-mini" else await acompletion(**kw)
+
+    monkeypatch.setattr(litellm, "acompletion", afake)
+
+    with capture_server() as (base, sent):
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "deployments": _deployments(base, "eu", "us"), "cooldown": {"failures": 1},
+            "aliases": {"mini": ["eu", "gpt-4o-mini"], "regions": ["eu", "us"]},
+            "fallback": {"attempts_per_model": 1, "backoff_s": 0.0, "max_backoff_s": 0.0}}})
+
+        def call(model: str):
+            kwargs = {"model": model, "messages": MESSAGES, "max_retries": 0}
+            if mode == "sync":
+                return pipeline.completion(**kwargs)
+            return asyncio.run(pipeline.acompletion(**kwargs))
+
+        with pytest.raises(MissingKeyError, match="deployment 'eu': its api_key_env EU_KEY is not set") as raised:
+            call("eu")
+        assert (raised.value.deployment, raised.value.variable) == ("eu", "EU_KEY")
+        response = call("mini")
+        with pytest.raises(MissingKeyError, match="US_KEY") as both:
+            call("regions")
+    assert sent == []  # nothing reached the endpoint, so no key did
+    assert response.choices[0].message.content == "ok"
+    fallback = next(d for d in outcome(response).plan.decisions if d.action == "fallback")
+    assert fallback.reason.startswith("openai/gpt-4o-mini failed (MissingKeyError); falling back to gpt-4o-mini")
+    assert pipeline.store.get("cooldown:eu") is None
+    assert both.value.__notes__ == ["router-middleware: 2 attempts, all failed: eu: no API key for its provider "
+                                    "in this process; us: no API key for its provider in this process"]
+
+
+def test_a_call_that_fails_on_every_target_says_what_each_came_to(monkeypatch) -> None:
+    """The caller gets the last target's error; its notes (shown in the traceback) list every attempt."""
+    import litellm
+
+    limited = litellm.exceptions.RateLimitError("slow down", "x", "m")
+    refused = litellm.exceptions.AuthenticationError("bad key", "deepseek", "deepseek/deepseek-chat")
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+        "aliases": {"pair": ["gpt-4o-mini", "deepseek/deepseek-chat"]},
+        "fallback": {"attempts_per_model": 1, "backoff_s": 0.0, "max_backoff_s": 0.0}}})
+    completion = litellm.completion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: completion(
+        **kw, mock_response=limited if kw["model"] == "gpt-4o-mini" else refused))
+    with pytest.raises(litellm.exceptions.AuthenticationError) as raised:
+        pipeline.completion(model="pair", messages=MESSAGES)
+    assert raised.value.__notes__ == ["router-middleware: 2 attempts, all failed: gpt-4o-mini: RateLimitError; "
+                                      "deepseek/deepseek-chat: AuthenticationError"]
+    refused = litellm.exceptions.AuthenticationError("bad key", "deepseek", "deepseek/deepseek-chat")
+    with pytest.raises(litellm.exceptions.AuthenticationError) as alone:  # one attempt: nothing to add
+        pipeline.completion(model="deepseek/deepseek-chat", messages=MESSAGES)
+    assert not hasattr(alone.value, "__notes__")

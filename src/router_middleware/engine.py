@@ -17,6 +17,7 @@ from .assembly import assemble
 from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config, load_config
 from .context.summarize import SIDE_CALL, summary_request
+from .errors import MissingKeyError
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
@@ -153,7 +154,8 @@ class Engine:
 
     def request(self, plan: Plan) -> dict[str, Any]:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and
-        timeout; a stream asks for the final usage chunk where the provider needs asking. Its metadata
+        timeout (``MissingKeyError`` when its key's variable is unset or empty); a stream asks for the
+        final usage chunk where the provider needs asking. Its metadata
         marks it as the pipeline's own (``SIDE_CALL``): a registered ``RouterLogger`` does not account
         it a second time. The mark is no string, which litellm never sends on (its preview features
         pass a call's string metadata to OpenAI)."""
@@ -164,7 +166,10 @@ class Engine:
             if deployment.api_base:
                 request["api_base"] = deployment.api_base
             if deployment.api_key_env:
-                request["api_key"] = os.environ.get(deployment.api_key_env)
+                key = os.environ.get(deployment.api_key_env)
+                if not key:  # litellm would send the provider's default key to this endpoint
+                    raise MissingKeyError(plan.deployment or "", deployment.api_key_env)
+                request["api_key"] = key
             if deployment.timeout_s:
                 request.setdefault("timeout", deployment.timeout_s)
         if self.adds_usage_chunk(plan):

@@ -14,6 +14,18 @@ class ConfigError(RouterMiddlewareError, ValueError):
     """A configuration file or dict is invalid; the message names the field."""
 
 
+class MissingKeyError(ConfigError):
+    """A deployment names its key's environment variable (``api_key_env``) and this process has no
+    value for it. The attempt is not sent (litellm would send the provider's default key, such as
+    ``OPENAI_API_KEY``, to the deployment's endpoint instead); the call's next target is tried."""
+
+    def __init__(self, deployment: str, variable: str) -> None:
+        super().__init__(f"deployment {deployment!r}: its api_key_env {variable} is not set in this process, so it "
+                         "was not called (litellm would have sent the provider's default key to its endpoint)")
+        self.deployment = deployment
+        self.variable = variable
+
+
 class MessageError(RouterMiddlewareError, ValueError):
     """A chat message is malformed; the message names the source and the message index."""
 

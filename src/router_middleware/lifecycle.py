@@ -422,6 +422,9 @@ class CallLifecycle:
                        else attempts.advance(exc, windows))
         if next_target is None:
             final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
+            if len(attempts.history) > 1:  # the traceback shows every target's end, not only the last one's
+                final.add_note(f"router-middleware: {len(attempts.history)} attempts, all failed: "
+                               + "; ".join(attempts.history))
             self._give_up(plan, trace, final)  # the log line, span and row say what the caller is told
             if unknown:
                 raise final from exc

@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ._env import prepare_litellm_env
+from .errors import MissingKeyError
 from .fit import ParamRules
 from .reasoning.levels import LEVELS
 from .types import UsageSource
@@ -161,8 +162,9 @@ def missing_credentials(exc: BaseException) -> bool:
     """Did the provider's client refuse to send for want of a key, before any request? litellm
     reports that as a 500 for some providers (OpenAI's "Missing credentials" is an
     ``InternalServerError``, Gemini's missing key an ``APIConnectionError``) though it is an
-    authentication problem of this process, not the provider's health."""
-    return bool(_MISSING_KEY.search(str(exc)[:1000]))
+    authentication problem of this process, not the provider's health. So is a deployment whose
+    key's variable is unset (``MissingKeyError``: the package did not send it)."""
+    return isinstance(exc, MissingKeyError) or bool(_MISSING_KEY.search(str(exc)[:1000]))
 
 
 def retries_unhooked(request: Mapping[str, Any]) -> str | None:
