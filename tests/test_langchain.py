@@ -305,6 +305,21 @@ def test_the_routed_model_refuses_a_bad_context_naming_the_field(where, context,
             RoutedChatModel(model="gpt-4o-mini", model_kwargs={"mock_response": "ok"}).invoke("hi", context=context)
 
 
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"temprature": 0}, r"unknown argument 'temprature'; did you mean 'temperature'\?$"),
+    ({"mock_response": "ok"}, r"unknown argument 'mock_response': litellm's other parameters go in "
+                              r"model_kwargs=\{'mock_response': \.\.\.\}$")])
+def test_the_routed_model_refuses_an_unknown_argument_naming_it(kwargs, message) -> None:
+    """pydantic would drop it: a misspelt setting ignored, or a ``mock_response=`` lost and a real call made."""
+    from router_middleware import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RoutedChatModel(model="gpt-4o-mini", **kwargs)
+    aliased = RoutedChatModel(model_name="gpt-4o-mini", base_url="http://127.0.0.1:9/v1", stop_sequences=["x"],
+                              tags=["t"], model_kwargs={"mock_response": "ok"})  # fields, aliases, LangChain's own
+    assert (aliased.model, aliased.api_base, aliased.stop) == ("gpt-4o-mini", "http://127.0.0.1:9/v1", ["x"])
+
+
 def test_the_routed_model_takes_an_agent_context() -> None:
     from router_middleware import AgentContext
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -17,6 +18,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
+from ..errors import ConfigError
 from ..pipeline import Pipeline
 from ..telemetry.tracing import within_attempt
 from .convert import ROUTED, final_chunk, is_attempt, labels, to_ai_message, to_chunk, to_openai, tool_choice
@@ -53,6 +55,12 @@ class RoutedChatModel(BaseChatModel):
     _default_pipeline: Pipeline | None = PrivateAttr(default=None)
 
     def __init__(self, **kwargs: Any) -> None:
+        unknown = [name for name in kwargs if name not in _ACCEPTED]
+        if unknown:  # pydantic would drop them silently (a ``mock_response=`` lost, a real call made)
+            close = difflib.get_close_matches(unknown[0], _ACCEPTED, n=1)
+            raise ConfigError(f"RoutedChatModel: unknown argument {unknown[0]!r}" + (
+                f"; did you mean {close[0]!r}?" if close else
+                f": litellm's other parameters go in model_kwargs={{{unknown[0]!r}: ...}}"))
         kwargs["context"] = labels(kwargs.get("context"))  # checked here, not per call
         super().__init__(**kwargs)
 
@@ -178,3 +186,7 @@ def _generation(chunk: Any) -> ChatGenerationChunk | None:
 def _result(message: AIMessage) -> ChatResult:
     return ChatResult(generations=[ChatGeneration(message=message)],
                       llm_output={"model_name": message.response_metadata.get("model_name")})
+
+
+_ACCEPTED = tuple(dict.fromkeys(name for key, field in RoutedChatModel.model_fields.items()
+                                for name in (key, field.alias) if name))
