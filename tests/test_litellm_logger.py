@@ -248,6 +248,34 @@ def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path,
     assert said[0]["did_you_mean"][0] == "flaky-2"
 
 
+@pytest.mark.parametrize(("model", "suggested"), [("healthyy", "healthy"), ("codr", "coder"), ("codr:floor", "coder")])
+def test_a_model_neither_the_proxy_nor_the_config_knows_is_a_400_naming_the_closest(model, suggested, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """A client's typo is the client's error (400, as the bare proxy's "Invalid model name"), with the
+    closest names: not a 503 ``NoRouteError``, which OpenAI-style clients retry."""
+    import sys
+    import types
+
+    from router_middleware import UnknownModelError
+
+    router = litellm.Router(model_list=[
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x"}}])
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+    try:
+        data = {"model": model, "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": f"typo-{model}"}
+        with pytest.raises(UnknownModelError, match=rf"model '{model}': .*did you mean '{suggested}'") as raised:
+            asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+        assert raised.value.status_code == 400
+        for known in ("healthy", "coder", "coder:floor"):  # a proxy's model, the config's alias
+            data = {"model": known, "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": f"ok-{known}"}
+            changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+            assert changed is not None and changed["model"] == "healthy"
+            asyncio.run(logger.async_post_call_failure_hook(changed, RuntimeError("not sent"), None))
+    finally:
+        logger.unregister()
+
+
 def test_a_request_with_its_own_credentials_is_not_held_to_the_proxy_s_model_list(tmp_path, monkeypatch) -> None:
     """With a client's api_key or api_base the proxy sends any model, so no target is skipped."""
     import sys

@@ -354,6 +354,11 @@ class RoutingConfig(_Strict):
         first = (self.aliases.get(tier.alias) or [""])[0]
         return self.deployments[first].model if first in self.deployments else first
 
+    def route_names(self) -> tuple[str, ...]:
+        """The names a call's ``model`` routes by: the aliases, the deployments, and ``auto`` with tiers
+        (an alias also takes a ``:floor`` or ``:nitro`` suffix)."""
+        return (*self.aliases, *self.deployments, *(("auto",) if self.tiers else ()))
+
     def alias_targets(self) -> set[str]:
         """Every target some alias lists (a model id or a deployment name)."""
         return {target for models in self.aliases.values() for target in models}

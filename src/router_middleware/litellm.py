@@ -44,7 +44,7 @@ from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep, queued_writes, write_all
-from .errors import BudgetExceeded, RequestError, StoreUnavailable
+from .errors import BudgetExceeded, RequestError, StoreUnavailable, UnknownModelError
 from .lifecycle import Attempt, CallLifecycle, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
@@ -255,6 +255,8 @@ class RouterLogger(CustomLogger):
         # a target the proxy has no model for is skipped, never sent (unless the client brings its own
         # credentials or config: the proxy then sends any model)
         served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
+        if served is not None:
+            self._known_model(call.model, served)
         lifecycle = engine.start(call, read=self._read, cache=False,
                                  usable=None if served is None else served.__contains__,
                                  unusable="not a model_name of the proxy's model_list")
@@ -268,6 +270,17 @@ class RouterLogger(CustomLogger):
         changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
         changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
+
+    def _known_model(self, model: str, served: frozenset[str]) -> None:
+        """Refuse a model that is no name the proxy serves and no route of the config: the client's typo
+        is a 400 (``UnknownModelError``, with the closest names), as the bare proxy's "Invalid model
+        name", not a ``NoRouteError`` 503 that OpenAI-style clients retry."""
+        routes = self.pipeline.config.routing.route_names()
+        alias = model.partition(":")[0]
+        if model in served or alias in routes:
+            return
+        raise UnknownModelError(model, "no model_name of the proxy's model_list, and no alias or deployment of the "
+                                "router config", close_names(alias, (*routes, *sorted(served)), models=False))
 
     def _proxy_names(self) -> frozenset[str] | None:
         """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second;

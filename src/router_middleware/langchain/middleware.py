@@ -103,7 +103,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         with tiers, or one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
         routing = self.pipeline.config.routing
         base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
-        configured = (*routing.aliases, *routing.deployments, *(("auto",) if routing.tiers else ()))
+        configured = routing.route_names()
         if base in configured or base in self.models:
             return
         close = close_names(base, (*configured, *self.models), models=False)
