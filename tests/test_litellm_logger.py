@@ -1085,3 +1085,26 @@ def test_a_call_let_go_while_the_event_loop_shuts_down_still_gives_its_reservati
         logger.pipeline.close()
     assert not logger._calls and len(writes) == 1
     assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_the_requested_model_is_what_the_caller_passed_with_or_without_the_hook(logger) -> None:
+    """The ledger's ``requested_model`` is the model as the caller passed it (provider prefix kept),
+    whether the deployment hook planned the call (``acompletion``) or its events alone record it (a
+    sync call, which skips the hook; a failure too), not litellm's name with the prefix stripped."""
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> None:
+        await litellm.acompletion(model="openai/gpt-4o-mini", messages=messages, mock_response="ok")
+        await logger.aflush()
+
+    asyncio.run(run())
+    litellm.completion(model="openai/gpt-4o-mini", messages=messages, mock_response="ok")
+    with pytest.raises(litellm.RateLimitError):
+        litellm.completion(model="openai/gpt-4o-mini", messages=messages,
+                           mock_response=litellm.RateLimitError("slow down", "openai", "gpt-4o-mini"))
+    for _ in range(200):  # the sync path's events run on litellm's thread
+        if logger.recorded >= 3:
+            break
+        time.sleep(0.02)
+    assert (logger.hook_calls, logger.recorded) == (1, 3)
+    assert [r["requested_model"] for r in _ledger(logger)] == ["openai/gpt-4o-mini"] * 3

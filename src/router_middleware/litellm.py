@@ -499,8 +499,9 @@ class RouterLogger(CustomLogger):
         return self._read(plan, answer, started, routed=False)
 
     def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
-        """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook)."""
-        model = str(kwargs.get("model") or "unknown")
+        """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook), of
+        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped)."""
+        model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
         call = _observed(model, list(kwargs.get("messages") or []), context)
         plan = Plan.from_call(call)

@@ -220,6 +220,16 @@ async def drain_callbacks() -> None:
     await GLOBAL_LOGGING_WORKER.flush()
 
 
+def requested_model(event: Mapping[str, Any]) -> str | None:
+    """The model as the caller passed it (``openai/gpt-4o-mini``), read from a call's event kwargs,
+    whose ``model`` litellm has stripped of its provider prefix (``gpt-4o-mini``). litellm keeps the
+    caller's name, after its ``model_alias_map``, in ``agentic_loop_params`` (recorded in ``completion``
+    before ``get_llm_provider``, main.py, 1.110.2); ``None`` where it did not."""
+    found = event.get("agentic_loop_params")
+    name = found.get("model") if isinstance(found, Mapping) else None
+    return str(name) if name else None
+
+
 def provider_of(response: Any) -> str | None:
     value = hidden(response).get("custom_llm_provider")
     return str(value) if value else None
