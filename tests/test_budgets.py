@@ -142,6 +142,32 @@ def test_each_pipeline_says_once_that_a_budget_cannot_apply() -> None:
     assert [e["budget"] for e in logs if e["event"] == "budget_not_applied"] == ["per-tenant", "per-tenant"]
 
 
+def test_a_budget_that_cannot_apply_is_said_once_by_calls_on_many_threads() -> None:
+    """A ``RouterLogger`` plans and records calls on litellm's threads and the event loop at once: a
+    budget that cannot apply is still said once, however the threads interleave between the check
+    that it was said and the note that it is (here a membership test that lets the others run first)."""
+    import structlog
+
+    class Yielding(set[str]):
+        def __contains__(self, name: object) -> bool:
+            found = super().__contains__(name)
+            time.sleep(0.02)  # the other threads run here, between the check and what follows it
+            return found
+
+    p = Pipeline.from_config({"cache": {"enabled": False},
+                              "routing": {"budgets": [{"name": "per-user", "scope": "user", "usd": 1.0}]}})
+    p.books._unapplied = Yielding()
+    start = threading.Barrier(32)
+
+    def one() -> None:
+        start.wait()
+        p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+
+    with structlog.testing.capture_logs() as logs:
+        _in_threads(32, one)
+    assert [e["budget"] for e in logs if e["event"] == "budget_not_applied"] == ["per-user"]
+
+
 def _in_threads(calls: int, one: Callable[[], None]) -> None:
     """Run ``one`` in ``calls`` threads at once and wait for them all."""
     threads = [threading.Thread(target=one) for _ in range(calls)]

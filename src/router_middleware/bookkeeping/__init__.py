@@ -14,6 +14,7 @@ fail.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -123,6 +124,7 @@ class Bookkeeper:
         self.fresh_s = fresh_s
         self._failed: dict[str, float] = {}  # targets this process saw fail since their last success
         self._unapplied: set[str] = set()  # budgets already logged as not applying to a call
+        self._saying = threading.Lock()  # calls plan on litellm's threads and the event loop at once
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
@@ -160,7 +162,16 @@ class Bookkeeper:
         if not self.routing.budgets:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
-                              hold=unique_id(), said=self._unapplied)
+                              hold=unique_id(), first=self._first_unapplied)
+
+    def _first_unapplied(self, name: str) -> bool:
+        """Whether budget ``name`` is yet to be logged as not applying, noting that it now is (checked
+        and noted in one step, so concurrent calls log it once)."""
+        with self._saying:
+            if name in self._unapplied:
+                return False
+            self._unapplied.add(name)
+            return True
 
     def reasoning_claim(self, plan: Plan) -> list[Claim]:
         """The reasoning the call is expected to spend (its level's tokens), held on its session's

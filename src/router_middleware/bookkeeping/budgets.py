@@ -12,6 +12,7 @@ later still adds the call's actual spend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import BudgetConfig
@@ -52,16 +53,15 @@ class Reservation:
 
 
 def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, tokens: int,
-           now: float, hold: str, said: set[str]) -> list[Claim]:
+           now: float, hold: str, first: Callable[[str], bool]) -> list[Claim]:
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``. A
-    budget that cannot apply (the call names no value of its scope) is logged once: its name joins
-    ``said``, the caller's record of budgets already reported."""
+    budget that cannot apply (the call names no value of its scope) is logged when ``first(name)``:
+    the caller's record of budgets already reported, which notes the name as it answers."""
     found = []
     for budget in budgets:
         value = scope_value(budget, context)  # once per budget, for both its units
         if value is None:
-            if budget.name not in said:
-                said.add(budget.name)
+            if first(budget.name):
                 field = {"session": "session_id"}.get(budget.scope, budget.scope)
                 log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
                             why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (litellm: "
