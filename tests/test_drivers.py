@@ -235,9 +235,11 @@ def test_a_model_nobody_knows_fails_naming_it_and_the_closest_known_names(call, 
 def test_when_every_attempt_fails_the_last_error_is_raised_and_recorded(call, script, span_exporter) -> None:
     for model in CODER:
         script.failures[model] = [rate_limit()]
-    with pytest.raises(litellm.exceptions.RateLimitError):
+    with pytest.raises(litellm.exceptions.RateLimitError) as raised:
         call(pipeline())
     assert script.calls == CODER
+    assert raised.value.__notes__ == ["router-middleware: 3 attempts, all failed: "  # every way in says it
+                                      + "; ".join(f"{model}: RateLimitError" for model in CODER)]
     (route,) = routes(span_exporter)
     assert route.status.status_code == StatusCode.ERROR and route.attributes["error.type"] == "RateLimitError"
 
