@@ -7,6 +7,9 @@ first event), a connection that breaks right after the headers. The path prefix 
 fails at random with ``fault_rate``. For the quota tests, /limited/v1/... answers with OpenAI's
 rate-limit headers counting down from ``limited_requests`` (reset in 30 s), and /exhausted/v1/...
 refuses with 429 and OpenRouter's free-tier headers (no requests left, reset in a minute).
+/cut/v1/... is a stream that breaks partway (fault ``cut-stream``): the first ``cut_events`` events
+of the recorded stream, then the connection drops (before the finish reason and the usage chunk),
+as a provider's connection lost mid-answer does.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ def _bodies() -> tuple[bytes, bytes]:
 
 @contextmanager
 def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
-                 limited_requests: int = 3) -> Iterator[tuple[str, Counter[str]]]:
+                 limited_requests: int = 3, cut_events: int = 5) -> Iterator[tuple[str, Counter[str]]]:
     plain, stream = _bodies()
+    events = stream.split(b"\n\n")
+    assert 0 < cut_events < len(events) - 2  # the recording's last events: the finish with usage, [DONE]
+    cut = b"".join(event + b"\n\n" for event in events[:cut_events])
     rng = random.Random(seed)
     lock = threading.Lock()
     seen: Counter[str] = Counter()
@@ -56,15 +62,27 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             self.end_headers()
             self.wfile.write(body)
 
+        def _break(self, partial: bytes, content_type: str) -> None:
+            """Headers that promise the whole recorded stream, ``partial`` of it, then the connection drops."""
+            self.send_response(200)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(stream)))
+            self.end_headers()
+            self.wfile.write(partial)
+            self.close_connection = True
+
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length", 0))
             request = self.rfile.read(length)
             streaming = b'"stream": true' in request or b'"stream":true' in request
             with lock:
                 fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
+                fault = "cut-stream" if self.path.startswith("/cut") else fault
                 seen[f"{self.path.split('/')[1]}:{fault}"] += 1
             deployment = self.path.split("/")[1]
-            if deployment == "limited":
+            if fault == "cut-stream":
+                self._break(cut, "text/event-stream")
+            elif deployment == "limited":
                 left = max(0, limited_requests - seen["limited:ok"])
                 self._send(200, stream if streaming else plain, "text/event-stream" if streaming else "application/json",
                            headers={"x-ratelimit-limit-requests": str(limited_requests),
@@ -87,13 +105,8 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             elif fault in ("truncated", "broken-stream"):
                 # a stream cut before its first complete event (truncated), or a connection that
                 # breaks right after the headers (broken-stream, also for plain requests)
-                partial = stream[:40] if fault == "truncated" else b""
-                self.send_response(200)
-                self.send_header("content-type", "text/event-stream" if streaming else "application/json")
-                self.send_header("content-length", str(len(stream)))
-                self.end_headers()
-                self.wfile.write(partial)
-                self.close_connection = True
+                self._break(stream[:40] if fault == "truncated" else b"",
+                            "text/event-stream" if streaming else "application/json")
             elif streaming:
                 self._send(200, stream, "text/event-stream")
             else:
