@@ -172,11 +172,12 @@ async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: 
         raise
 
 
-def _ledger(logger: RouterLogger) -> list[dict]:
+def _ledger(logger: RouterLogger,
+            columns: tuple[str, ...] = ("ts", "error", "requested_model", "decisions", "model", "cost_usd")
+            ) -> list[dict]:
     logger.pipeline.ledger.flush()
     db = open_ledger(logger.pipeline.config.ledger.url)
     try:
-        columns = ("ts", "error", "requested_model", "decisions", "model", "cost_usd")
         return [dict(zip(columns, row, strict=True))
                 for row in db.query(f"SELECT {', '.join(columns)} FROM calls ORDER BY ts")]
     finally:
@@ -1108,3 +1109,50 @@ def test_the_requested_model_is_what_the_caller_passed_with_or_without_the_hook(
         time.sleep(0.02)
     assert (logger.hook_calls, logger.recorded) == (1, 3)
     assert [r["requested_model"] for r in _ledger(logger)] == ["openai/gpt-4o-mini"] * 3
+
+
+def test_an_sdk_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_path, monkeypatch,
+                                                                        span_exporter) -> None:
+    """A provider's stream that breaks after a few chunks (the real recording's first five events,
+    then the connection drops) was billed for them: litellm counts the chunks it received before it
+    delivers the failure event, and the call's ledger row, span and budget carry that count (marked
+    ``estimated``: not the provider's report, which never came), with the error."""
+    from router_middleware.errors import BudgetExceeded
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+
+    async def run(base: str) -> str:
+        stream = await litellm.acompletion(model="openai/gpt-3.5-turbo", messages=messages, api_base=f"{base}/cut/v1",
+                                           api_key="x", max_tokens=100, stream=True)
+        text = ""
+        with pytest.raises(litellm.exceptions.MidStreamFallbackError):  # litellm's wrapping of the lost connection
+            async for chunk in stream:
+                text += chunk.choices[0].delta.content or ""
+        await logger.aflush()
+        return text
+
+    try:
+        with fault_server(cut_events=5) as (base, seen):
+            text = asyncio.run(run(base))
+        with pytest.raises(BudgetExceeded) as spent:  # what the budget's counter holds now
+            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", max_tokens=990)
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error"))
+    finally:
+        logger.unregister()
+    assert seen["cut:cut-stream"] == 1 and text == "In the observability"
+    assert len(rows) == 1
+    input_tokens, output_tokens, cost, error = rows[0].values()
+    assert input_tokens > 0 and cost > 0 and error == "APIConnectionError"
+    whole = recorded_usage(interactions(CASSETTES / "openai_chat_streaming.yaml")[0])
+    assert 0 < output_tokens < whole["output_tokens"]  # the five chunks that came, not the whole answer
+    assert spent.value.spent == input_tokens + output_tokens  # the budget is charged what the row says
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+    assert span.attributes["gen_ai.usage.output_tokens"] == output_tokens
+

@@ -81,6 +81,17 @@ class StoreCall:
     args: tuple[Any, ...]
 
 
+class CutShort(Exception):
+    """What an adapter throws into a lifecycle for an attempt that broke off after its provider had
+    produced part of an answer (a stream cut partway): ``error`` broke it, ``spent`` is what the part
+    used. A call that gives up on it is settled at ``spent`` (ledger row, span, budgets), as a
+    stream closed early is, rather than its reservation given back."""
+
+    def __init__(self, error: Exception, spent: Outcome) -> None:
+        super().__init__(str(error))
+        self.error, self.spent = error, spent
+
+
 Effect = Summarize | Attempt | Wait | StoreCall
 Flow = Generator[Effect, Any, Any]
 
@@ -144,12 +155,15 @@ class CallLifecycle:
                 try:
                     answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
                 except Exception as exc:
-                    step = yield from self._failed(plan, trace, attempts, exc)
-                    if step is None:
-                        raise exc
-                    plan, delay = step
+                    thrown = exc
                 else:
                     return (yield from self._succeeded(plan, answer, trace, started))
+                # outside the handler: a CutShort's error is raised with its own context
+                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort) else (thrown, None)
+                step = yield from self._failed(plan, trace, attempts, error, spent)
+                if step is None:
+                    raise error
+                plan, delay = step
                 if delay:
                     yield Wait(delay)
         except BaseException as exc:
@@ -174,13 +188,8 @@ class CallLifecycle:
             self.books.release(self.held)
             return
         result, answer, trace = answered  # the provider answered (and was paid): the call is recorded
-        if self._settlement is None:  # before its settlement: settled here (off the loop, as a lesser write)
-            held, books = self.held, self.books
-
-            def settle() -> None:
-                books.settle(result, held, answer, error=error)
-
-            defer(settle)
+        if self._settlement is None:  # before its settlement: settled here
+            self._settle_later(result, answer, error)
         elif not self._settled:  # while its settlement's writes went to the store (they were sent)
             self._settlement.error = error
             self.books.settled(self._settlement)
@@ -403,15 +412,17 @@ class CallLifecycle:
 
     # -- after an attempt ------------------------------------------------------------------------
 
-    def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts,
-                exc: Exception) -> Generator[Effect, Any, tuple[Plan, float] | None]:
+    def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts, exc: Exception,
+                spent: Outcome | None = None) -> Generator[Effect, Any, tuple[Plan, float] | None]:
         """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
-        and ledger row then record the error, and the reservation is released)."""
+        and ledger row then record the error, and the reservation is released, or settled at
+        ``spent``: what the attempt used before it broke off)."""
         engine, failed = self.engine, plan.deployment or plan.model
-        trace.attempt_failed(exc)
+        if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
+            trace.attempt_failed(exc)
         self.books.attempt_failed(self.held, failed, exc)
         if not self.fallback:
-            self._give_up(plan, trace, exc)
+            self._give_up(plan, trace, exc, spent)
             return None
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
@@ -425,10 +436,12 @@ class CallLifecycle:
             if len(attempts.history) > 1:  # the traceback shows every target's end, not only the last one's
                 final.add_note(f"router-middleware: {len(attempts.history)} attempts, all failed: "
                                + "; ".join(attempts.history))
-            self._give_up(plan, trace, final)  # the log line, span and row say what the caller is told
+            self._give_up(plan, trace, final, spent)  # the log line, span and row say what the caller is told
             if unknown:
                 raise final from exc
             return None
+        if spent is not None:  # the call goes on: what the cut attempt used is not counted (one row, one model)
+            trace.attempt_failed(exc)
         retry = plan
         if next_target != failed:
             retry = self._carry((yield from self._plan(next_target, Decision(
@@ -437,7 +450,7 @@ class CallLifecycle:
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
-            self._give_up(plan, trace, exc)
+            self._give_up(plan, trace, exc, spent)
             raise no_route from exc
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
         same = (retry.deployment or retry.model) == failed
@@ -445,11 +458,25 @@ class CallLifecycle:
             return retry, 0.0
         return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
 
-    def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException) -> None:
+    def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException, spent: Outcome | None = None) -> None:
+        """End the call with ``exc``: its spans and ledger row say so, and its reservation is given
+        back, or settled at ``spent`` (what an attempt that broke off partway used)."""
         self._current = None
-        trace.fail(exc)
+        trace.fail(exc, spent)
+        if spent is not None:
+            self._settle_later(spent, None, exc, complete=False)
+            return
         self.books.record_failure(plan, exc)
         self.books.release(self.held)
+
+    def _settle_later(self, result: Outcome, answer: Any, error: BaseException, *, complete: bool = True) -> None:
+        """Settle a call ended by ``error`` at ``result`` (off the loop, as a lesser write)."""
+        held, books = self.held, self.books
+
+        def settle() -> None:
+            books.settle(result, held, answer, complete=complete, error=error)
+
+        defer(settle)
 
     def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
         if self.read is not None:

@@ -45,7 +45,7 @@ from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep, queued_writes, write_all
 from .errors import BudgetExceeded, RequestError, StoreUnavailable, UnknownModelError
-from .lifecycle import Attempt, CallLifecycle, Flow
+from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
@@ -330,11 +330,12 @@ class RouterLogger(CustomLogger):
             self._mark_ended(key, found.proxy)
             return found
 
-    async def _resume(self, kwargs: Mapping[str, Any], reply: Any, error: Exception | None,
+    async def _resume(self, kwargs: Mapping[str, Any], reply: _Answer | None, error: Exception | None,
                       about: Any = None) -> bool:
-        """Hand a proxy call's lifecycle what its attempt came to (``about``: the target a failure
-        event names). False when no lifecycle waits for this event: the caller records it on its own,
-        so a success is never lost."""
+        """Hand a call's lifecycle what its attempt came to (``about``: the target a failure event
+        names; a ``reply`` with an ``error``: what the attempt had produced before it broke off, which
+        the call is settled at). False when no lifecycle waits for this event: the caller records it
+        on its own, so a success is never lost."""
         key = self._key(kwargs)
         with self._lock:
             current = self._calls.get(key)
@@ -344,6 +345,9 @@ class RouterLogger(CustomLogger):
         found = self._take_open(key)
         if found is None:
             return False
+        if error is not None:
+            spent = self._spent(found, reply)
+            error = error if spent is None else CutShort(error, spent)
         try:
             done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
@@ -358,6 +362,17 @@ class RouterLogger(CustomLogger):
         found.attempt = value  # the router's next attempt (the lifecycle admitted it)
         self._keep(kwargs, found)
         return True
+
+    def _spent(self, found: _Open, cut: _Answer | None) -> Outcome | None:
+        """What the attempt ``found`` waits for had used before it broke off (``cut``: :func:`_cut`),
+        or ``None`` (also when it cannot be read: the failure is then recorded without it)."""
+        if cut is None:
+            return None
+        try:
+            return self._read(found.attempt.plan, cut, 0.0, routed=found.proxy)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
 
     async def _attempting(self, kwargs: dict[str, Any], found: _Open) -> dict[str, Any] | None:
         """The deployment hook of a proxy call's attempt: when the router moved on without a failure
@@ -585,7 +600,8 @@ class RouterLogger(CustomLogger):
         if _ours(kwargs):
             return
         try:
-            if await self._resume(kwargs, None, _error(kwargs), _metadata(kwargs).get("model_group")):
+            if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
+                                  _metadata(kwargs).get("model_group")):
                 return
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
@@ -633,6 +649,16 @@ def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> d
 def _error(kwargs: Mapping[str, Any]) -> Exception:
     found = kwargs.get("exception")
     return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
+
+
+def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> _Answer | None:
+    """What a failed attempt had produced before it broke off (:func:`.wire.partial`), as an answer;
+    ``None`` where litellm recorded nothing."""
+    spent = wire.partial(kwargs)
+    if spent is None:
+        return None
+    return _Answer(spent, _seconds(start_time, end_time), _ttft(kwargs, start_time),
+                   _metadata(kwargs).get("model_group"))
 
 
 def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:

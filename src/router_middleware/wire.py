@@ -13,7 +13,7 @@ import functools
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._env import prepare_litellm_env
@@ -186,8 +186,27 @@ def mark_cache_hit(response: Any) -> None:
 
 def usage_source(response: Any) -> UsageSource:
     """``cache`` for an answer served from a response cache (litellm's own, or :func:`mark_cache_hit`):
-    it consumed nothing; ``provider`` for any other."""
+    it consumed nothing; ``estimated`` for a :class:`Partial` (litellm's count, not the provider's
+    report); ``provider`` for any other."""
+    if isinstance(response, Partial):
+        return "estimated"
     return "cache" if hidden(response).get("cache_hit") else "provider"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """What a call that broke off partway had used, read as a response that carries only ``usage``."""
+
+    usage: Any
+
+
+def partial(event: Mapping[str, Any]) -> Partial | None:
+    """What a failed call had used, as litellm recorded it before its failure event: for a stream that
+    broke partway, its count of the chunks that came (``combined_usage_object``, set by
+    ``CustomStreamWrapper._record_partial_usage_for_failure``, litellm_core_utils/streaming_handler.py,
+    1.110.2), read from a failure event's kwargs; ``None`` where it recorded none."""
+    usage = event.get("combined_usage_object")
+    return Partial(usage) if usage is not None else None
 
 
 def attach_outcome(response: Any, outcome: Any) -> None:
