@@ -1156,3 +1156,55 @@ def test_an_sdk_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pat
     assert span.attributes["router_middleware.usage.source"] == "estimated"
     assert span.attributes["gen_ai.usage.output_tokens"] == output_tokens
 
+
+@pytest.mark.parametrize("first", ["post-call failure hook", "failure event"])
+def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_path, span_exporter, first) -> None:
+    """Behind the proxy a stream that breaks partway ends with the proxy's post-call failure hook (from
+    its stream generator) and litellm's failure event, in either order: whichever comes first settles
+    the call at what litellm counted of the chunks that came (the hook reads it from the request's
+    logging object), and the other finds the call ended: one row, charged once."""
+    from router_middleware.errors import BudgetExceeded
+
+    from .fault_server import fault_server
+
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"cut": {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": ["cut"]},
+                    "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+    async def run(router: litellm.Router) -> None:
+        if first == "post-call failure hook":  # as the proxy's stream generator does, the event still queued
+            with pytest.raises(litellm.APIConnectionError):
+                await _through_proxy(logger, router, "cut-1", stream=True, shared=True)
+        else:
+            data = {"model": "coder", "messages": [{"role": "user", "content": "task cut-1"}],
+                    "litellm_call_id": "cut-1", "stream": True}
+            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+            logging_obj, changed = litellm.utils.function_setup(
+                original_function="acompletion", rules_obj=litellm.utils.Rules(), start_time=datetime.now(), **changed)
+            changed["litellm_logging_obj"] = logging_obj
+            with pytest.raises(litellm.APIConnectionError) as broke:
+                async for _ in await router.acompletion(**changed):
+                    pass
+            await logger.aflush()  # litellm's failure event, delivered before the hook
+            await logger.async_post_call_failure_hook(changed, broke.value, None)
+        await logger.aflush()
+
+    try:
+        with fault_server(cut_events=5) as (base, seen):
+            router = litellm.Router(model_list=[{"model_name": "cut", "litellm_params": {
+                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1", "api_key": "x"}}])
+            asyncio.run(run(router))
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "task cut-1"}],
+                                       mock_response="ok", max_tokens=990)
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error"))
+    finally:
+        logger.unregister()
+    assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and len(rows) == 1
+    input_tokens, output_tokens, cost, error = rows[0].values()
+    assert input_tokens > 0 and 0 < output_tokens < 50 and cost > 0 and error == "APIConnectionError"
+    assert spent.value.spent == input_tokens + output_tokens
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.attributes["router_middleware.usage.source"] == "estimated"

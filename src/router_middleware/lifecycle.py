@@ -195,12 +195,13 @@ class CallLifecycle:
             self.books.settled(self._settlement)
         trace.fail(error, result)
 
-    def abandon(self, error: BaseException) -> None:
+    def abandon(self, error: BaseException, spent: Outcome | None = None) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
-        lifecycle did): record ``error`` as its failure and release what it holds. Idempotent."""
+        lifecycle did): record ``error`` as its failure and release what it holds, or settle it at
+        ``spent`` (what its attempt used before it broke off). Idempotent."""
         if self._current is not None:
             plan, trace = self._current
-            self._give_up(plan, trace, error)
+            self._give_up(plan, trace, error, spent)
 
     # -- before the first attempt ----------------------------------------------------------------
 

@@ -177,8 +177,8 @@ class _Open:
     sent: Plan
     proxy: bool = True
 
-    def end(self, error: BaseException) -> None:
-        self.lifecycle.abandon(error)
+    def end(self, error: BaseException, spent: Outcome | None = None) -> None:
+        self.lifecycle.abandon(error, spent)
         self.flow.close()
 
 
@@ -312,10 +312,12 @@ class RouterLogger(CustomLogger):
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
-        """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error."""
+        """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error,
+        settled at what a stream that broke partway had used (the proxy may call this hook before
+        litellm delivers the failure event: it is read from the request's logging object)."""
         found = self._take_open(self._key(request_data))
         if found is not None:
-            self._end(found, original_exception)
+            self._end(found, original_exception, self._spent(found, _cut(request_data)))
             self._tally()
 
     def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
@@ -484,14 +486,15 @@ class RouterLogger(CustomLogger):
                                                 "stream left unread)"))
         self._tally()
 
-    def _end(self, found: _Open, error: BaseException) -> None:
-        """End a call waiting for an event, on the event loop: with a store that can block, the writes
-        this makes (its reservation given back) go to a worker thread, never holding up the loop (made
-        on the spot once no worker thread takes them: ``asyncio.run`` shutting its executor down)."""
+    def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None) -> None:
+        """End a call waiting for an event, on the event loop (settled at ``spent``, if given): with a
+        store that can block, the writes this makes (its reservation given back) go to a worker
+        thread, never holding up the loop (made on the spot once no worker thread takes them:
+        ``asyncio.run`` shutting its executor down)."""
         if not self.pipeline.store_blocks:
-            found.end(error)
+            found.end(error, spent)
             return
-        _, writes = queued_writes(found.end, error)
+        _, writes = queued_writes(found.end, error, spent)
         if not writes:
             return
         try:
@@ -652,8 +655,8 @@ def _error(kwargs: Mapping[str, Any]) -> Exception:
 
 
 def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> _Answer | None:
-    """What a failed attempt had produced before it broke off (:func:`.wire.partial`), as an answer;
-    ``None`` where litellm recorded nothing."""
+    """What a failed attempt had produced before it broke off (:func:`.wire.partial`, from a failure
+    event's kwargs or a proxy request's data), as an answer; ``None`` where litellm recorded nothing."""
     spent = wire.partial(kwargs)
     if spent is None:
         return None

@@ -204,9 +204,14 @@ def partial(event: Mapping[str, Any]) -> Partial | None:
     """What a failed call had used, as litellm recorded it before its failure event: for a stream that
     broke partway, its count of the chunks that came (``combined_usage_object``, set by
     ``CustomStreamWrapper._record_partial_usage_for_failure``, litellm_core_utils/streaming_handler.py,
-    1.110.2), read from a failure event's kwargs; ``None`` where it recorded none."""
-    usage = event.get("combined_usage_object")
-    return Partial(usage) if usage is not None else None
+    1.110.2). Read from a failure event's kwargs, or from the logging object of a proxy request's
+    data (``litellm_logging_obj``); ``None`` where litellm recorded none."""
+    details = getattr(event.get("litellm_logging_obj"), "model_call_details", None)
+    for source in (event, details):
+        usage = source.get("combined_usage_object") if isinstance(source, Mapping) else None
+        if usage is not None:
+            return Partial(usage)
+    return None
 
 
 def attach_outcome(response: Any, outcome: Any) -> None:
