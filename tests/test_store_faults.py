@@ -28,15 +28,15 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 class RedisServer:
     """A redis-server of the test's own on a free port, that the test may kill, restart, or hang."""
 
-    def __init__(self, folder: Path, *, aof: bool = False) -> None:
+    def __init__(self, folder: Path, *, aof: bool = False, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             service_missing("no redis-server: apt-get install redis-server")
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port, self.password = _free_port(), password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
         self.args = [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-                     "--dir", str(folder)]
+                     "--dir", str(folder), *(["--requirepass", password] if password else [])]
         self.process = self.start()
 
     def start(self) -> subprocess.Popen[bytes]:
@@ -45,7 +45,7 @@ class RedisServer:
         self.process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(200):
             try:
-                redis.Redis(port=self.port).ping()
+                redis.Redis(port=self.port, password=self.password).ping()
                 break
             except redis.exceptions.ConnectionError:
                 time.sleep(0.05)
@@ -261,3 +261,35 @@ def test_a_stream_that_ends_while_redis_hangs_never_stalls_the_event_loop(redis_
     stall, text = asyncio.run(run())
     print(f"longest loop stall {stall:.3f} s while the stream ended")
     assert text == "ok" and stall < 0.3
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_store_url_s_password_is_never_said(mode, tmp_path) -> None:
+    """Redis hangs under calls whose store URL holds a password: the warnings logged and the error a
+    call raises name the store (host and port) but never the password."""
+    import structlog
+
+    server = RedisServer(tmp_path, password="hunter2secret")
+    try:
+        pipeline = Pipeline.from_config(_every_store_read(server.url, mode))
+        pipeline.completion(**ask("warm up"))
+        time.sleep(1.1)  # the views' one-second copies lapse: the next calls read the store
+        said: list[str] = []
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                for i in range(2):  # the first times out; the second is refused at once (the outage is known)
+                    try:
+                        pipeline.completion(**ask(f"question {i}"))
+                    except StoreUnavailable as exc:
+                        said.append(str(exc))
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        said += [repr(event) for event in logs]
+    finally:
+        server.stop()
+    assert len(said) > 2 and any(f"127.0.0.1:{server.port}" in line for line in said), said
+    assert not [line for line in said if "hunter2secret" in line]
+    if mode == "closed":
+        assert any("did not answer" in line for line in said[:2])
+

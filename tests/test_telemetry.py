@@ -256,6 +256,17 @@ def test_redactor_rules() -> None:
     assert redact("AIzaSyA-1234567890abcdefghijk and ghp_abcdefghijklmnop1234 ticket-42") == \
         "[REDACTED_API_KEY] and [REDACTED_TOKEN] [T]"
     assert redact('{"api_key": "hunter2"}') == '{"api_key": "[REDACTED]"}'
+    assert redact("redis rediss://:hunter2@cache:6380/0 and postgresql://bob:s3cret@db.internal/ledger") == \
+        "redis rediss://:[REDACTED]@cache:6380/0 and postgresql://bob:[REDACTED]@db.internal/ledger"
+    assert redact("redis://cache:6379/0, bob@example.com") == "redis://cache:6379/0, [REDACTED_EMAIL]"
+
+
+def test_a_url_is_said_without_its_password() -> None:
+    from router_middleware.urls import without_password
+
+    assert without_password("redis://:hunter2@127.0.0.1:6379/0") == "redis://@127.0.0.1:6379/0"
+    assert without_password("postgresql://bob:s3cret@db/ledger") == "postgresql://bob@db/ledger"
+    assert without_password("sqlite:///ledger.db") == "sqlite:///ledger.db"
 
 
 def _closed_port() -> int:

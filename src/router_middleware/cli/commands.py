@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import RouterMiddlewareError
+from ..urls import without_password
 from .inputs import expand_paths, output_file, time_option
 from .tables import print_report, replay_table, routed_table, unpriced
 
@@ -46,8 +47,8 @@ def _run_replay(paths: list[str], config: str | None, model: str | None, provide
                             ledger=rows.append if db else None, on_call=advance, route=route)
         if db is not None:
             db.insert(rows, replace=True)
-            print(f"wrote {len(rows):,} rows to the ledger {db.url} (a call replayed again replaces its row)",
-                  file=sys.stderr)
+            print(f"wrote {len(rows):,} rows to the ledger {without_password(db.url)} "
+                  "(a call replayed again replaces its row)", file=sys.stderr)
     finally:
         if db is not None:
             db.close()
@@ -126,7 +127,8 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
     try:
         done = Spool(folder).drain(db)
     except DatabaseUnavailable as exc:
-        raise RouterMiddlewareError(f"the ledger at {url} does not answer ({exc}); the rows stay in {folder}") from exc
+        raise RouterMiddlewareError(f"the ledger at {without_password(url)} does not answer ({exc}); "
+                                    f"the rows stay in {folder}") from exc
     finally:
         db.close()
     print(f"{done.written:,} rows written from {folder} to the ledger; {done.quarantined:,} lines quarantined"

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import LedgerError, MissingExtra
+from ..urls import without_password
 from .record import COLUMNS, LedgerRecord
 
 MIGRATIONS: tuple[str, ...] = (
@@ -143,9 +144,9 @@ def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
             return PostgresLedger(url)
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LedgerError(f"cannot open the PostgreSQL ledger {_safe(url)}: {reason}") from None
+            raise LedgerError(f"cannot open the PostgreSQL ledger {without_password(url)}: {reason}") from None
     if scheme not in (None, "sqlite"):
-        raise LedgerError(f"ledger {url!r}: unsupported scheme {scheme!r} "
+        raise LedgerError(f"ledger {without_password(url)!r}: unsupported scheme {scheme!r} "
                           "(use a file path, sqlite:///path.db or postgresql://...)")
     path = url[len("sqlite:///"):] if scheme else url
     if Path(path).is_dir():
@@ -158,11 +159,3 @@ def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
         what = "is not a SQLite database" if "not a database" in str(exc) else f"cannot be opened ({exc})"
         raise LedgerError(f"ledger {path!r} {what}") from None
 
-
-def _safe(url: str) -> str:
-    """``url`` without its password."""
-    head, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    user, _, host = rest.rpartition("@")
-    return f"{head}{sep}{user.split(':', 1)[0]}@{host}"

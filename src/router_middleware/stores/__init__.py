@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from ..urls import without_password
 from .base import LockTimeout, Store, StoreError
 from .memory import MemoryStore
 from .sqlite import SQLiteStore
@@ -26,7 +27,7 @@ def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
         from .redis import RedisStore
 
         return RedisStore(url, timeout_s=timeout_s)
-    raise StoreError(f"unknown store URL {url!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
+    raise StoreError(f"unknown store URL {without_password(url)!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
 
 
 __all__ = ["LockTimeout", "MemoryStore", "Prefetch", "SQLiteStore", "Store", "StoreError", "StoreView",

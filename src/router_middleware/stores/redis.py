@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from ..urls import without_password
 from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -132,7 +133,7 @@ class _Outage:
     """When the server last timed out; until ``retry_s`` after that, it is not asked."""
 
     def __init__(self, url: str, retry_s: float) -> None:
-        self.url = url
+        self.url = without_password(url)  # said in errors and logs
         self.retry_s = retry_s
         self.until = 0.0
 

@@ -17,6 +17,8 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"\b(?:xox[abeoprs]|gh[pousr]|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
     (r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]+=*", "Bearer [REDACTED_TOKEN]"),
     (r"(?i)\b(api[_-]?key|x-api-key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", r"\1\2[REDACTED]"),
+    # a URL's password (redis://:secret@host, postgresql://user:secret@host), before the e-mail rule
+    (r"\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):[^\s@/]+@", r"\1:[REDACTED]@"),
     (r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}", "[REDACTED_EMAIL]"),
 )
 
@@ -24,7 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True)
 class Redactor:
     """Applies the default rules (API keys and tokens of OpenAI, Anthropic, Google, AWS, GitHub,
-    GitLab and Slack, bearer tokens, e-mail addresses) and the user's own."""
+    GitLab and Slack, bearer tokens, a URL's password, e-mail addresses) and the user's own."""
 
     extra: tuple[tuple[str, str], ...] = ()
     _compiled: tuple[tuple[re.Pattern[str], str], ...] = field(init=False, repr=False)
