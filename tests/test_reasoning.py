@@ -147,6 +147,21 @@ def test_a_rule_keeps_what_the_caller_asked_for_below_its_cap(model, params, che
     assert check(bodies[-1]), bodies[-1]
 
 
+def test_a_caller_s_anthropic_budget_below_the_minimum_is_raised_and_said() -> None:
+    """Anthropic refuses a thinking budget under 1,024 tokens (a 400): it is sent at that minimum, and
+    the decision says so."""
+    from router_middleware import outcome
+
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "high"}]},
+                                     "context": {"enabled": False}})
+    response = pipeline.completion(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                                   thinking={"type": "enabled", "budget_tokens": 800}, mock_response="ok")
+    plan = outcome(response).plan
+    assert plan.params["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+    decision = next(d for d in plan.decisions if d.policy == "reasoning")
+    assert "thinking budget 1024 (Anthropic's minimum)" in decision.reason, decision.reason
+
+
 def test_unsupported_model_never_gets_a_reasoning_param() -> None:
     policy = ReasoningPolicy(ReasoningConfig())
     planned = plan(policy, [{"role": "user", "content": "hi"}], model="gpt-4o-mini")

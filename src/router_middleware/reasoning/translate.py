@@ -23,6 +23,7 @@ _FAMILY_REASONS = re.compile(
     r"gemini-2\.5|gemini-3|deepseek-reasoner|grok-[34]|qwq|qwen3)",
 )
 ANTHROPIC_OUTPUT_RESERVE = 4096
+ANTHROPIC_MIN_BUDGET = 1024  # Anthropic refuses a thinking budget below 1,024 tokens
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,16 @@ def translate(
     if kind == "anthropic":
         if level == "none" or tokens <= 0:
             return Translation(base, "thinking off")
-        tokens = max(1024, tokens)
+        raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
+        tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
         max_tokens = int(base.get("max_tokens") or 0)
         out = {**base, "thinking": {"type": "enabled", "budget_tokens": tokens},
                "max_tokens": max(max_tokens, tokens + ANTHROPIC_OUTPUT_RESERVE)}
         dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
         for key in dropped:
             out.pop(key)
-        note = f"thinking budget {tokens}, max_tokens {out['max_tokens']}"
+        note = f"thinking budget {tokens}" + (" (Anthropic's minimum)" if raised else "") \
+            + f", max_tokens {out['max_tokens']}"
         return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
     if kind == "gemini-3":
         effort = "low" if level in ("none", "minimal", "low") else "high"
