@@ -9,7 +9,9 @@ rate-limit headers counting down from ``limited_requests`` (reset in 30 s), and 
 refuses with 429 and OpenRouter's free-tier headers (no requests left, reset in a minute).
 /cut/v1/... is a stream that breaks partway (fault ``cut-stream``): the first ``cut_events`` events
 of the recorded stream, then the connection drops (before the finish reason and the usage chunk),
-as a provider's connection lost mid-answer does.
+as a provider's connection lost mid-answer does. /stall/v1/... is a slow stream (fault ``stall``):
+the first ``cut_events`` events, a pause of ``hang_s``, then the rest, as a model that stops to think
+mid-answer does (a client may leave during the pause).
 """
 
 from __future__ import annotations
@@ -71,17 +73,33 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             self.wfile.write(partial)
             self.close_connection = True
 
+        def _stall(self, first: bytes, rest: bytes) -> None:
+            """The recorded stream, ``first`` of it, then the rest after ``hang_s`` (a client that left
+            meanwhile finds the connection closed: the rest is not sent)."""
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("content-length", str(len(first) + len(rest)))
+            self.end_headers()
+            self.wfile.write(first)
+            time.sleep(hang_s)
+            try:
+                self.wfile.write(rest)
+            except OSError:
+                self.close_connection = True
+
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("content-length", 0))
             request = self.rfile.read(length)
             streaming = b'"stream": true' in request or b'"stream":true' in request
             with lock:
                 fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
-                fault = "cut-stream" if self.path.startswith("/cut") else fault
+                fault = {"/cut": "cut-stream", "/stall": "stall"}.get(f"/{self.path.split('/')[1]}", fault)
                 seen[f"{self.path.split('/')[1]}:{fault}"] += 1
             deployment = self.path.split("/")[1]
             if fault == "cut-stream":
                 self._break(cut, "text/event-stream")
+            elif fault == "stall":
+                self._stall(cut, stream[len(cut):])
             elif deployment == "limited":
                 left = max(0, limited_requests - seen["limited:ok"])
                 self._send(200, stream if streaming else plain, "text/event-stream" if streaming else "application/json",

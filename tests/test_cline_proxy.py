@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,31 +26,20 @@ from typing import Any
 import pytest
 
 from .conftest import ROOT, service_missing
+from .litellm_proxy import proxy_missing, running_proxy, stop
 from .scripted_upstream import USAGE, scripted_upstream
 
-PROXY_DIR = ROOT / "integrations" / "litellm-proxy"
 CLINE = Path(os.environ.get("CLINE_BIN") or ROOT / ".ci-cline" / "node_modules" / ".bin" / "cline")
-LITELLM = Path(sys.executable).with_name("litellm")
 
 
 def _missing() -> str | None:
     if not CLINE.exists():
         return f"no Cline CLI at {CLINE} (.ci/run installs it: npm install --prefix .ci-cline cline@3.0.65)"
-    try:
-        import fastapi  # noqa: F401
-    except ImportError:
-        return "the LiteLLM proxy needs the `proxy` extra (pip install -e '.[proxy]')"
-    return None
+    return proxy_missing()
 
 
 if (_why := _missing()) is not None:
     service_missing(_why, module=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 ROUTER_CONFIG = """
@@ -74,17 +61,6 @@ ledger:
 """
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """End a process and everything it started (Cline may leave helpers behind)."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
 @contextmanager
 def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, *, steps: int = 1, output_lines: int = 0,
            strong_status: int = 200, delay_s: float = 0.0) -> Iterator[dict[str, Any]]:
@@ -97,34 +73,14 @@ def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, *, steps: int = 1
     with scripted_upstream(steps=steps, output_lines=output_lines, delay_s=delay_s) as (upstream, seen), \
             scripted_upstream(status=strong_status) as (dead, dead_seen):
         strong = upstream if strong_status == 200 else dead
-        port = _free_port()
-        env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": "sk-proxy-master",
-               "CHEAP_API_BASE": upstream, "STRONG_API_BASE": strong, "CHEAP_API_KEY": "sk-upstream",
+        env = {"CHEAP_API_BASE": upstream, "STRONG_API_BASE": strong, "CHEAP_API_KEY": "sk-upstream",
                "STRONG_API_KEY": "sk-upstream", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml"),
                "ROUTER_MIDDLEWARE_PROJECT": project}
         if os.environ.get("PHOENIX_URL"):
             env["ROUTER_MIDDLEWARE_OTLP_ENDPOINT"] = os.environ["PHOENIX_URL"]
-        log = (tmp_path / "proxy.log").open("wb")
-        process = subprocess.Popen([str(LITELLM), "--config", str(PROXY_DIR / "config.yaml"), "--host", "127.0.0.1",
-                                    "--port", str(port)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(180):
-                try:
-                    urllib.request.urlopen(f"{base}/health/liveliness", timeout=2)
-                    break
-                except OSError:
-                    if process.poll() is not None:
-                        raise RuntimeError((tmp_path / "proxy.log").read_text()[-3000:]) from None
-                    time.sleep(0.5)
-            else:
-                raise RuntimeError("the LiteLLM proxy did not become ready in 90 s")
+        with running_proxy(tmp_path, env) as base:
             yield {"base": f"{base}/v1", "seen": seen, "dead_seen": dead_seen, "ledger": ledger, "project": project,
                    "tmp": tmp_path}
-        finally:
-            _stop(process)
-            log.close()
 
 
 @pytest.fixture
@@ -140,7 +96,7 @@ def _cline(args: list[str], home: Path, timeout: int = 180) -> subprocess.Comple
     try:
         out, err = process.communicate(timeout=timeout)
     finally:
-        _stop(process)  # also ends any helper it started in its session
+        stop(process)  # also ends any helper it started in its session
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
