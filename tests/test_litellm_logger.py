@@ -157,10 +157,8 @@ async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: 
     data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
             "litellm_call_id": call_id, "stream": stream}
     changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
-    if shared:  # as the proxy does: one logging object for all attempts (it reports only the first failure)
-        logging_obj, changed = litellm.utils.function_setup(
-            original_function="acompletion", rules_obj=litellm.utils.Rules(), start_time=datetime.now(), **changed)
-        changed["litellm_logging_obj"] = logging_obj
+    if shared:
+        changed = _proxy_request(changed)
     try:
         response = await router.acompletion(**changed)
         if stream:
@@ -172,11 +170,33 @@ async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: 
         raise
 
 
+def _proxy_request(changed: dict) -> dict:
+    """A request as the proxy hands it to its router: one logging object for all its attempts (litellm
+    reports only the first failure), the one the proxy's own cleanup reads."""
+    logging_obj, changed = litellm.utils.function_setup(
+        original_function="acompletion", rules_obj=litellm.utils.Rules(), start_time=datetime.now(), **changed)
+    changed["litellm_logging_obj"] = logging_obj
+    return changed
+
+
+def _one_target_logger(tmp_path, target: str) -> RouterLogger:
+    """A proxy logger whose alias ``coder`` has the one deployment ``target`` (gpt-3.5-turbo, as the
+    fault server's recording), under a daily budget of 1000 tokens."""
+    return RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {target: {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": [target]},
+                    "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+
 def _ledger(logger: RouterLogger,
             columns: tuple[str, ...] = ("ts", "error", "requested_model", "decisions", "model", "cost_usd")
             ) -> list[dict]:
     logger.pipeline.ledger.flush()
-    db = open_ledger(logger.pipeline.config.ledger.url)
+    return _rows_at(logger.pipeline.config.ledger.url, columns)
+
+
+def _rows_at(url: str, columns: tuple[str, ...]) -> list[dict]:
+    db = open_ledger(url)
     try:
         return [dict(zip(columns, row, strict=True))
                 for row in db.query(f"SELECT {', '.join(columns)} FROM calls ORDER BY ts")]
@@ -1168,10 +1188,7 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     from .fault_server import fault_server
 
     asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "routing": {"deployments": {"cut": {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": ["cut"]},
-                    "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]},
-        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+    logger = _one_target_logger(tmp_path, "cut")
 
     async def run(router: litellm.Router) -> None:
         if first == "post-call failure hook":  # as the proxy's stream generator does, the event still queued
@@ -1180,10 +1197,7 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
         else:
             data = {"model": "coder", "messages": [{"role": "user", "content": "task cut-1"}],
                     "litellm_call_id": "cut-1", "stream": True}
-            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
-            logging_obj, changed = litellm.utils.function_setup(
-                original_function="acompletion", rules_obj=litellm.utils.Rules(), start_time=datetime.now(), **changed)
-            changed["litellm_logging_obj"] = logging_obj
+            changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
             with pytest.raises(litellm.APIConnectionError) as broke:
                 async for _ in await router.acompletion(**changed):
                     pass
@@ -1208,3 +1222,104 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     assert spent.value.spent == input_tokens + output_tokens
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.attributes["router_middleware.usage.source"] == "estimated"
+
+
+def _store_values(path, *prefixes: str) -> dict[str, bytes]:
+    """What a SQLite store (a proxy process's) holds under ``prefixes``."""
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        return {k: v for k, v in db.execute("SELECT key, value FROM kv") if k.startswith(prefixes)}
+
+
+def test_a_client_that_leaves_mid_stream_behind_the_real_proxy_is_settled_as_a_stream_closed_early(tmp_path) -> None:
+    """The real LiteLLM proxy streams a slow answer (the recording's first three events, then a pause
+    of 4 s); the client reads two chunks and closes its connection. The proxy reports the chunks
+    streamed as a success flagged ``client_disconnected``: the row has what they used, with the error
+    ``ClientDisconnected``, the budget is charged that, and a truncated reply teaches nothing (no
+    reply-size sample for the output estimate, no speed average)."""
+    import socket
+
+    from .conftest import service_missing
+    from .fault_server import fault_server
+    from .litellm_proxy import proxy_missing, running_proxy
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(f"""
+app: coding-agent
+store: sqlite:///{tmp_path / 'store.db'}
+routing:
+  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}}}
+  aliases: {{coder: [coder-cheap]}}
+  budgets: [{{name: day, tokens: 100000, scope: global}}]
+ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
+""")
+    body = json.dumps({"model": "coder", "messages": [{"role": "user", "content": "Tell me a joke about opentelemetry"}],
+                       "stream": True}).encode()
+    with fault_server(hang_s=4.0, cut_events=3) as (base, seen):
+        env = {"CHEAP_API_BASE": f"{base}/stall/v1", "STRONG_API_BASE": f"{base}/stall/v1", "CHEAP_API_KEY": "x",
+               "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            with socket.create_connection(("127.0.0.1", int(proxy.rsplit(":", 1)[1]))) as client:
+                client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nAuthorization: Bearer "
+                               b"sk-proxy-master\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                               % len(body) + body)
+                got = b""
+                while got.count(b"data: ") < 2:  # two chunks, then the client leaves during the pause
+                    got += client.recv(65536)
+            for _ in range(100):
+                if (tmp_path / "ledger.db").exists() and (rows := _rows_at(
+                        f"sqlite:///{tmp_path / 'ledger.db'}", ("input_tokens", "output_tokens", "error"))):
+                    break
+                time.sleep(0.1)
+    assert seen["stall:stall"] == 1 and b"[DONE]" not in got
+    assert len(rows) == 1
+    input_tokens, output_tokens, error = rows[0].values()
+    whole = recorded_usage(interactions(CASSETTES / "openai_chat_streaming.yaml")[0])
+    assert input_tokens > 0 and 0 < output_tokens < whole["output_tokens"] and error == "ClientDisconnected"
+    kept = _store_values(tmp_path / "store.db", "budget:", "out:", "tps:", "lat:")
+    assert kept == {"budget:day:tokens:all:0": repr(float(input_tokens + output_tokens)).encode()}
+
+
+def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnect(tmp_path, span_exporter) -> None:
+    """The same through the hooks, in this process: a router's slow stream, read for two chunks, then
+    ended by the proxy's own cleanup of a client that left (``finalize_streaming_generator_cleanup``,
+    which flags the request and delivers the chunks streamed as a success). The attempt's span says
+    ``ClientDisconnected``, with litellm's count marked ``estimated``: not the provider's report."""
+    from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
+
+    from .fault_server import fault_server
+
+    asyncio.run(wire.drain_callbacks())
+    logger = _one_target_logger(tmp_path, "slow")
+
+    async def run(router: litellm.Router) -> None:
+        data = {"model": "coder", "messages": [{"role": "user", "content": "task gone-1"}],
+                "litellm_call_id": "gone-1", "stream": True}
+        changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+        stream = await router.acompletion(**changed)
+        read = 0
+        async for _ in stream:
+            read += 1
+            if read == 2:
+                break
+        await ProxyBaseLLMRequestProcessing.finalize_streaming_generator_cleanup(None, changed, stream,
+                                                                                 client_disconnected=True)
+        await logger.aflush()
+
+    try:
+        with fault_server(hang_s=3.0, cut_events=3) as (base, seen):
+            router = litellm.Router(model_list=[{"model_name": "slow", "litellm_params": {
+                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1", "api_key": "x"}}])
+            asyncio.run(run(router))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
+    finally:
+        logger.unregister()
+    assert seen["stall:stall"] == 1 and logger.recorded == 1 and len(rows) == 1
+    input_tokens, output_tokens, error = rows[0].values()
+    assert input_tokens > 0 and 0 < output_tokens < 50 and error == "ClientDisconnected"
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.status.status_code == StatusCode.ERROR and span.attributes["error.type"] == "ClientDisconnected"
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+    assert span.attributes["gen_ai.usage.output_tokens"] == output_tokens

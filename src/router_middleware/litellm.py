@@ -5,8 +5,9 @@ lifecycle (:mod:`.lifecycle`), like ``Pipeline.acompletion`` does, except that t
 makes the attempts: the hook plans the call (routing to any ``model_name`` of the proxy, context,
 reasoning, budgets, quotas) and tells the router the alias's remaining targets as the request's
 ``fallbacks``; each failure event is thrown into the lifecycle (failure counts, cooldowns, the next
-attempt's admission); the success event settles the call. A call that fell over is one ledger row
-and one route span with an attempt span per target.
+attempt's admission); the success event settles the call (one whose client left mid-stream, as a
+stream closed early). A call that fell over is one ledger row and one route span with an attempt
+span per target.
 
 In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment_hook``, and calls
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
@@ -32,7 +33,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -189,6 +190,14 @@ class MovedOn(Exception):
     status_code = 503
 
 
+class ClientDisconnected(asyncio.CancelledError):
+    """The proxy's client left before its stream ended (litellm's 499): the call was cancelled from the
+    client's side, never a failure of its provider. What the chunks streamed so far used is settled
+    as a stream closed early (:func:`.wire.client_disconnected`)."""
+
+    status_code = 499
+
+
 def _target(attempt: Attempt) -> str:
     return attempt.plan.deployment or attempt.plan.model
 
@@ -319,6 +328,19 @@ class RouterLogger(CustomLogger):
         if found is not None:
             self._end(found, original_exception, self._spent(found, _cut(request_data)))
             self._tally()
+
+    def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
+        """End a proxy call whose client left mid-stream (litellm delivers the chunks streamed so far
+        as a success): settled as a stream closed early, at litellm's count of those chunks (``usage.source``
+        ``estimated``), its row and span saying :class:`ClientDisconnected`. False when no lifecycle waits."""
+        found = self._take_open(self._key(kwargs))
+        if found is None:
+            return False
+        counted = replace(answer, response=wire.Partial(getattr(answer.response, "usage", None)))
+        self._end(found, ClientDisconnected("the client disconnected before the stream ended (litellm: 499)"),
+                  self._spent(found, counted))
+        self._tally()
+        return True
 
     def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
         """Take a call's lifecycle out of the table while it steps, marking it ended (:meth:`_resume`
@@ -588,6 +610,8 @@ class RouterLogger(CustomLogger):
         answer = _Answer(response_obj, _seconds(start_time, end_time), _ttft(kwargs, start_time),
                          _metadata(kwargs).get("model_group"))
         try:
+            if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
+                return
             if await self._resume(kwargs, answer, None):
                 return
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
@@ -671,4 +695,4 @@ def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
     return _seconds(start_time, kwargs.get("completion_start_time"))
 
 
-__all__ = ["MovedOn", "RouterLogger", "run_labels"]
+__all__ = ["ClientDisconnected", "MovedOn", "RouterLogger", "run_labels"]

@@ -214,6 +214,21 @@ def partial(event: Mapping[str, Any]) -> Partial | None:
     return None
 
 
+def client_disconnected(event: Mapping[str, Any]) -> bool:
+    """Did the proxy's client leave before its stream ended? litellm's proxy catches the disconnect in
+    its stream generator (``except (asyncio.CancelledError, GeneratorExit)``, proxy/proxy_server.py:11024,
+    1.110.2), flags the request's metadata ``client_disconnected`` (error 499,
+    ``_record_streaming_client_disconnect_if_needed``, proxy/common_request_processing.py:395-452), then
+    delivers a response assembled from the chunks streamed so far as a success event
+    (``_bill_partial_streamed_spend_on_disconnect``, 505-571, dispatched at 584-586). Read from that
+    event's kwargs (the logging object's ``metadata``, or its ``litellm_params``' one)."""
+    params = event.get("litellm_params")
+    for metadata in (event.get("metadata"), params.get("metadata") if isinstance(params, Mapping) else None):
+        if isinstance(metadata, Mapping) and metadata.get("client_disconnected") is True:
+            return True
+    return False
+
+
 def attach_outcome(response: Any, outcome: Any) -> None:
     """Keep the call's Outcome on the response, where ``router_middleware.outcome()`` finds it."""
     hidden(response)[OUTCOME_KEY] = outcome  # no hidden params: written nowhere, as mark_cache_hit
