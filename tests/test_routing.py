@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import litellm
@@ -11,7 +12,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from router_middleware import ConfigError, Pipeline, RequestError, UnknownModelError, outcome
 from router_middleware.config import FallbackConfig
 from router_middleware.routing.budgets import NO_APP
-from router_middleware.routing.fallback import backoff
+from router_middleware.routing.fallback import backoff, counts_toward_cooldown
 from router_middleware.routing.policy import NoRouteError
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
@@ -265,6 +266,16 @@ def test_cooldown_skips_a_failing_model_then_probes(monkeypatch) -> None:
     time.sleep(0.35)
     p.completion(model="coder", messages=MESSAGES)  # half-open: the probe goes to the recovered model
     assert calls == ["anthropic/claude-sonnet-4-5"]
+
+
+def test_a_cancellation_says_nothing_of_a_target_s_health() -> None:
+    """A caller that cancels its call, or a proxy client that leaves mid-stream, is no failure of the
+    target: neither counts toward its cooldown (a timeout, the provider's slowness, does)."""
+    from router_middleware.litellm import ClientDisconnected
+
+    assert not counts_toward_cooldown(asyncio.CancelledError())
+    assert not counts_toward_cooldown(ClientDisconnected())
+    assert counts_toward_cooldown(TimeoutError()) and counts_toward_cooldown(litellm.Timeout("slow", "m", "p"))
 
 
 def test_backoff_honours_retry_after_and_jitters() -> None:

@@ -7,11 +7,12 @@ none left the call fails with :class:`~router_middleware.errors.UnknownModelErro
 (bad request, authentication, not found) fails at once; a target whose provider key this process
 lacks is skipped for the next one, as a typo is.
 Failures count toward a target's cooldown (:mod:`router_middleware.bookkeeping.health`) unless
-they are the request's own (:func:`counts_toward_cooldown`).
+they are the request's own or a cancellation (:func:`counts_toward_cooldown`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ def retryable(exc: BaseException) -> bool:
 def counts_toward_cooldown(exc: BaseException) -> bool:
     """Does ``exc`` say the target is unhealthy (5xx, rate limits, timeouts, lost connections,
     authentication, not found, an account out of credit)? A request's own fault does not: three bad
-    requests from one caller must not send everyone else's calls elsewhere."""
+    requests from one caller must not send everyone else's calls elsewhere. Nor does a cancellation
+    (``asyncio.CancelledError``: the caller stopped the call, or a proxy client left mid-stream)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return False
     # the target's account, which every caller's next call meets (litellm's PaymentRequiredError and
     # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
     if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
