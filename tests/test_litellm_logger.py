@@ -152,8 +152,9 @@ def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:
 
 
 async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: str, stream: bool = False,
-                         shared: bool = False) -> object:
-    """What the LiteLLM proxy does with a request: the pre-call hook, the router, the failure hook."""
+                         shared: bool = False, event_first: bool = False) -> object:
+    """What the LiteLLM proxy does with a request: the pre-call hook, the router, the failure hook
+    (``event_first``: after litellm's failure event was delivered; else while it is still queued)."""
     data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
             "litellm_call_id": call_id, "stream": stream}
     changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
@@ -166,8 +167,17 @@ async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: 
                 pass
         return response
     except Exception as exc:
+        if event_first:
+            await logger.aflush()
         await logger.async_post_call_failure_hook(changed, exc, None)
         raise
+
+
+def _dead_router(dead: str) -> litellm.Router:
+    """A router whose deployments ``flaky`` and ``flaky2`` are both served by the failing ``dead``."""
+    return litellm.Router(model_list=[
+        {"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}}
+        for name in ("flaky", "flaky2")])
 
 
 def _proxy_request(changed: dict) -> dict:
@@ -326,9 +336,7 @@ def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path) -> None:
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, dead_seen):
-        router = litellm.Router(model_list=[
-            {"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}}
-            for name in ("flaky", "flaky2")])
+        router = _dead_router(dead)
         logger = _proxy_logger(tmp_path, ["flaky", "flaky2"])
         try:
             with pytest.raises(Exception, match="overloaded"):
@@ -1182,7 +1190,8 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     """Behind the proxy a stream that breaks partway ends with the proxy's post-call failure hook (from
     its stream generator) and litellm's failure event, in either order: whichever comes first settles
     the call at what litellm counted of the chunks that came (the hook reads it from the request's
-    logging object), and the other finds the call ended: one row, charged once."""
+    logging object) and counts the failure toward the target's cooldown, and the other finds the call
+    ended: one row, charged once, one failure counted."""
     from router_middleware.errors import BudgetExceeded
 
     from .fault_server import fault_server
@@ -1217,6 +1226,7 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     finally:
         logger.unregister()
     assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and len(rows) == 1
+    assert float(logger.pipeline.store.get("fail:cut") or 0) == 1
     input_tokens, output_tokens, cost, error = rows[0].values()
     assert input_tokens > 0 and 0 < output_tokens < 50 and cost > 0 and error == "APIConnectionError"
     assert spent.value.spent == input_tokens + output_tokens
@@ -1323,3 +1333,59 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
     assert span.status.status_code == StatusCode.ERROR and span.attributes["error.type"] == "ClientDisconnected"
     assert span.attributes["router_middleware.usage.source"] == "estimated"
     assert span.attributes["gen_ai.usage.output_tokens"] == output_tokens
+
+
+
+@pytest.mark.parametrize(("status", "counted"), [(503, 1.0), (400, 0.0)])
+def test_a_proxy_call_s_last_failure_counts_toward_a_cooldown_though_only_the_failure_hook_reports_it(
+        tmp_path, status, counted) -> None:
+    """Behind the proxy one logging object serves every attempt and litellm delivers its first failure
+    event only: the last target's failure reaches the logger through the proxy's post-call failure
+    hook alone. A provider's failure (503) counts toward each target's cooldown once; a request's own
+    fault (400) toward none."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=status) as (dead, dead_seen):
+        router = _dead_router(dead)
+        logger = _proxy_logger(tmp_path, ["flaky", "flaky2"])
+
+        async def call() -> None:
+            with pytest.raises(Exception, match="overloaded"):
+                await _through_proxy(logger, router, "lost", shared=True)
+            await logger.aflush()
+
+        try:
+            asyncio.run(call())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    counts = [float(logger.pipeline.store.get(f"fail:{name}") or 0) for name in ("flaky", "flaky2")]
+    assert len(dead_seen) == 2 and logger.recorded == 1 and len(rows) == 1 and rows[0]["error"]
+    assert counts == [counted] * 2
+
+
+def test_a_target_the_router_never_tried_is_not_counted_for_the_proxy_s_failure(tmp_path) -> None:
+    """The router gave up after the first target (here it was handed no fallbacks) while the lifecycle,
+    told of that failure by its event, had admitted the alias's next target: the post-call failure
+    hook names the target that failed last (``model_group``), already counted, and the target never
+    tried is not counted."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, dead_seen):
+        router = _dead_router(dead)
+        logger = _proxy_logger(tmp_path, ["flaky", "flaky2"])
+
+        async def call() -> None:
+            data = {"model": "coder", "messages": [{"role": "user", "content": "task lost"}], "litellm_call_id": "lost"}
+            changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+            with pytest.raises(litellm.ServiceUnavailableError) as failed:
+                await router.acompletion(**{**changed, "fallbacks": []})
+            await logger.aflush()
+            await logger.async_post_call_failure_hook(changed, failed.value, None)
+
+        try:
+            asyncio.run(call())
+        finally:
+            logger.unregister()
+    counts = [float(logger.pipeline.store.get(f"fail:{name}") or 0) for name in ("flaky", "flaky2")]
+    assert len(dead_seen) == 1 and logger.recorded == 1 and counts == [1.0, 0.0]

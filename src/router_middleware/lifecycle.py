@@ -195,12 +195,16 @@ class CallLifecycle:
             self.books.settled(self._settlement)
         trace.fail(error, result)
 
-    def abandon(self, error: BaseException, spent: Outcome | None = None) -> None:
+    def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
         lifecycle did): record ``error`` as its failure and release what it holds, or settle it at
-        ``spent`` (what its attempt used before it broke off). Idempotent."""
+        ``spent`` (what its attempt used before it broke off). ``failed``: ``error`` is the attempt's
+        own failure, told before (or instead of) its failure event: counted as a failure thrown in is
+        (:meth:`~.bookkeeping.Bookkeeper.attempt_failed`). Idempotent: once ended, nothing is counted."""
         if self._current is not None:
             plan, trace = self._current
+            if failed:
+                self.books.attempt_failed(self.held, plan.deployment or plan.model, error)
             self._give_up(plan, trace, error, spent)
 
     # -- before the first attempt ----------------------------------------------------------------

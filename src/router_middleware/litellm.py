@@ -178,8 +178,8 @@ class _Open:
     sent: Plan
     proxy: bool = True
 
-    def end(self, error: BaseException, spent: Outcome | None = None) -> None:
-        self.lifecycle.abandon(error, spent)
+    def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
+        self.lifecycle.abandon(error, spent, failed)
         self.flow.close()
 
 
@@ -322,11 +322,17 @@ class RouterLogger(CustomLogger):
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
         """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error,
-        settled at what a stream that broke partway had used (the proxy may call this hook before
-        litellm delivers the failure event: it is read from the request's logging object)."""
+        counted toward its target's cooldown as its failure event would be, and settled at what a
+        stream that broke partway had used (the proxy may call this hook before litellm delivers the
+        failure event, and with one logging object for all attempts litellm delivers only the first:
+        the usage is read from the request's logging object). Not counted when the router's last
+        attempt (the request's ``model_group``) was another target's, whose failure event came: the
+        lifecycle's next target was never tried."""
         found = self._take_open(self._key(request_data))
         if found is not None:
-            self._end(found, original_exception, self._spent(found, _cut(request_data)))
+            about = _metadata(request_data).get("model_group")
+            self._end(found, original_exception, self._spent(found, _cut(request_data)),
+                      failed=not about or about == _target(found.attempt))
             self._tally()
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
@@ -508,15 +514,15 @@ class RouterLogger(CustomLogger):
                                                 "stream left unread)"))
         self._tally()
 
-    def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None) -> None:
-        """End a call waiting for an event, on the event loop (settled at ``spent``, if given): with a
-        store that can block, the writes this makes (its reservation given back) go to a worker
-        thread, never holding up the loop (made on the spot once no worker thread takes them:
-        ``asyncio.run`` shutting its executor down)."""
+    def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None, *, failed: bool = False) -> None:
+        """End a call waiting for an event, on the event loop (settled at ``spent``, if given; ``failed``:
+        ``error`` is its attempt's failure, :meth:`.CallLifecycle.abandon`): with a store that can block,
+        the writes this makes (its reservation given back) go to a worker thread, never holding up the
+        loop (made on the spot once no worker thread takes them: ``asyncio.run`` shutting its executor down)."""
         if not self.pipeline.store_blocks:
-            found.end(error, spent)
+            found.end(error, spent, failed)
             return
-        _, writes = queued_writes(found.end, error, spent)
+        _, writes = queued_writes(found.end, error, spent, failed)
         if not writes:
             return
         try:
