@@ -191,11 +191,18 @@ def _proxy_request(changed: dict) -> dict:
 
 def _one_target_logger(tmp_path, target: str) -> RouterLogger:
     """A proxy logger whose alias ``coder`` has the one deployment ``target`` (gpt-3.5-turbo, as the
-    fault server's recording), under a daily budget of 1000 tokens."""
+    fault server's recording), under a daily budget of 1000 tokens and a tpm limit (:func:`_tpm_used`)."""
     return RouterLogger(Pipeline.from_config({
         "routing": {"deployments": {target: {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": [target]},
-                    "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]},
+                    "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}],
+                    "limits": {target: {"tpm": 100000}}},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+
+def _tpm_used(logger: RouterLogger, bucket: str, since: float) -> float:
+    """The tokens quota ``bucket``'s tpm counters hold, over the minutes from ``since`` to now."""
+    minutes = range(int(since // 60), int(time.time() // 60) + 1)
+    return sum(float(logger.pipeline.store.get(f"quota:{bucket}:tpm:{m}") or 0) for m in minutes)
 
 
 def _ledger(logger: RouterLogger,
@@ -1151,8 +1158,10 @@ def test_an_sdk_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pat
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}],
+                                    "limits": {"openai/gpt-3.5-turbo": {"tpm": 100000}}})
     messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+    started = time.time()
 
     async def run(base: str) -> str:
         stream = await litellm.acompletion(model="openai/gpt-3.5-turbo", messages=messages, api_base=f"{base}/cut/v1",
@@ -1179,6 +1188,7 @@ def test_an_sdk_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pat
     whole = recorded_usage(interactions(CASSETTES / "openai_chat_streaming.yaml")[0])
     assert 0 < output_tokens < whole["output_tokens"]  # the five chunks that came, not the whole answer
     assert spent.value.spent == input_tokens + output_tokens  # the budget is charged what the row says
+    assert _tpm_used(logger, "openai/gpt-3.5-turbo", started) == input_tokens + output_tokens  # and the quota
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.status.status_code == StatusCode.ERROR
     assert span.attributes["router_middleware.usage.source"] == "estimated"
@@ -1198,6 +1208,7 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
 
     asyncio.run(wire.drain_callbacks())
     logger = _one_target_logger(tmp_path, "cut")
+    started = time.time()
 
     async def run(router: litellm.Router) -> None:
         if first == "post-call failure hook":  # as the proxy's stream generator does, the event still queued
@@ -1230,6 +1241,7 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     input_tokens, output_tokens, cost, error = rows[0].values()
     assert input_tokens > 0 and 0 < output_tokens < 50 and cost > 0 and error == "APIConnectionError"
     assert spent.value.spent == input_tokens + output_tokens
+    assert _tpm_used(logger, "cut", started) == input_tokens + output_tokens
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
@@ -1303,6 +1315,7 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
 
     asyncio.run(wire.drain_callbacks())
     logger = _one_target_logger(tmp_path, "slow")
+    started = time.time()
 
     async def run(router: litellm.Router) -> None:
         data = {"model": "coder", "messages": [{"role": "user", "content": "task gone-1"}],
@@ -1329,6 +1342,7 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
     assert seen["stall:stall"] == 1 and logger.recorded == 1 and len(rows) == 1
     input_tokens, output_tokens, error = rows[0].values()
     assert input_tokens > 0 and 0 < output_tokens < 50 and error == "ClientDisconnected"
+    assert _tpm_used(logger, "slow", started) == input_tokens + output_tokens
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.status.status_code == StatusCode.ERROR and span.attributes["error.type"] == "ClientDisconnected"
     assert span.attributes["router_middleware.usage.source"] == "estimated"

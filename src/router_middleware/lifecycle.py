@@ -85,7 +85,8 @@ class CutShort(Exception):
     """What an adapter throws into a lifecycle for an attempt that broke off after its provider had
     produced part of an answer (a stream cut partway): ``error`` broke it, ``spent`` is what the part
     used. A call that gives up on it is settled at ``spent`` (ledger row, span, budgets), as a
-    stream closed early is, rather than its reservation given back."""
+    stream closed early is, rather than its reservation given back; the attempt's quota takes
+    ``spent``'s tokens, rather than giving its estimate back."""
 
     def __init__(self, error: Exception, spent: Outcome) -> None:
         super().__init__(str(error))
@@ -204,7 +205,7 @@ class CallLifecycle:
         if self._current is not None:
             plan, trace = self._current
             if failed:
-                self.books.attempt_failed(self.held, plan.deployment or plan.model, error)
+                self.books.attempt_failed(self.held, plan.deployment or plan.model, error, spent)
             self._give_up(plan, trace, error, spent)
 
     # -- before the first attempt ----------------------------------------------------------------
@@ -425,7 +426,7 @@ class CallLifecycle:
         engine, failed = self.engine, plan.deployment or plan.model
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
             trace.attempt_failed(exc)
-        self.books.attempt_failed(self.held, failed, exc)
+        self.books.attempt_failed(self.held, failed, exc, spent)
         if not self.fallback:
             self._give_up(plan, trace, exc, spent)
             return None

@@ -259,13 +259,16 @@ class Bookkeeper:
 
     # -- after an attempt or a call --------------------------------------------------------------
 
-    def attempt_failed(self, held: Held, target: str, error: BaseException) -> None:
-        """Give back the attempt's quota tokens and count the failure toward ``target``'s cooldown
-        (unless it was the request's own fault, :func:`~.routing.fallback.counts_toward_cooldown`)."""
+    def attempt_failed(self, held: Held, target: str, error: BaseException, spent: Outcome | None = None) -> None:
+        """Give back the attempt's quota tokens, or settle them at what ``spent`` used (an attempt that
+        broke off partway: the provider counted those tokens, as its budget is charged them), and
+        count the failure toward ``target``'s cooldown (unless it was the request's own fault or a
+        cancellation, :func:`~.routing.fallback.counts_toward_cooldown`)."""
         if held.quota is not None:
             taken, found = held.quota
             held.quota = None
-            self._add("quota_store_failed", quotas.give_back(taken, requests=False))
+            self._add("quota_store_failed", quotas.give_back(taken, requests=False) if spent is None
+                      else quotas.settlement(taken, spent.usage.total_tokens))
             self._observe(found, error)
         if not counts_toward_cooldown(error):
             return
