@@ -13,6 +13,7 @@ from router_middleware import (
     OutcomeUnavailable,
     Pipeline,
     Plan,
+    PolicyError,
     PolicyState,
     RequestError,
     outcome,
@@ -90,6 +91,26 @@ def test_policies_rewrite_the_request_and_record_why() -> None:
     assert len(result.plan.messages) == 1
     assert result.plan.decisions[0].reason == "test says so"
     assert result.plan.call.context == AgentContext(app="demo", session_id="s-1", step=3, step_kind="act")
+
+
+@dataclass
+class Forgetful:
+    """A policy that forgets to return the plan (or returns something else)."""
+
+    returns: object = None
+    name: str = "forgetful"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        return self.returns  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(("returns", "named"), [(None, "returned None"), ({"model": "x"}, "returned a dict")])
+def test_a_policy_that_returns_no_plan_is_named(returns, named, monkeypatch) -> None:
+    import litellm
+
+    monkeypatch.setattr(litellm, "completion", lambda **kwargs: pytest.fail("sent despite the broken policy"))
+    with pytest.raises(PolicyError, match=f"^policy 'forgetful' {named}; a policy returns a Plan$"):
+        Pipeline(policies=[ShortenModel(), Forgetful(returns)]).completion(model="gpt-4o-mini", messages=MESSAGES)
 
 
 def test_context_rejects_unknown_fields() -> None:

@@ -61,6 +61,11 @@ class UnknownModelError(RequestError):
         self.suggestions = suggestions
 
 
+class PolicyError(RouterMiddlewareError, TypeError):
+    """A policy broke its contract: it returned something other than a :class:`~.types.Plan`. A
+    fault of the code, not of the request: the proxy answers 500."""
+
+
 class SessionFormatError(RouterMiddlewareError, ValueError):
     """A recorded session file does not follow the documented format."""
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
+from .errors import PolicyError
 from .tokens import REQUEST_OVERHEAD, Calibration, Profile, TokenCounter, tokenizer_name
 from .types import History, Message, Plan, SessionRoute
 
@@ -110,6 +111,16 @@ class Policy(Protocol):
 
 
 def apply_policies(plan: Plan, policies: Sequence[Policy], state: PolicyState) -> Plan:
+    """``plan`` through each policy in turn; :class:`PolicyError` names one that returns no Plan."""
     for policy in policies:
-        plan = policy(plan, state)
+        planned = policy(plan, state)
+        if not isinstance(planned, Plan):
+            raise _not_a_plan(policy, planned)
+        plan = planned
     return plan
+
+
+def _not_a_plan(policy: Policy, returned: object) -> PolicyError:
+    what = "None" if returned is None else f"a {type(returned).__name__}"
+    name = getattr(policy, "name", None) or type(policy).__name__
+    return PolicyError(f"policy {name!r} returned {what}; a policy returns a Plan")
