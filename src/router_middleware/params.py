@@ -30,8 +30,7 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
         raise RequestError(f"stream: expected true or false, got {stream!r}")
     for name in _POSITIVE_INTS:
         value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                  or value != int(value) or value < 1):
+        if value is not None and (not _whole(value) or value < 1):
             raise RequestError(f"{name}: expected a whole number of at least 1, got {value!r}")
     for name, (low, high) in _RANGES.items():
         value = params.get(name)
@@ -52,6 +51,13 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
                 key = "budget_tokens" if "budget_tokens" in value else "max_tokens"
                 raise RequestError(f"{name}.{key}: expected a whole number of tokens, got {budget!r}")
     return params
+
+
+def _whole(value: Any) -> bool:
+    """Whether ``value`` is a whole number: an int (not a bool) or an integral float (never inf or nan)."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
