@@ -85,6 +85,31 @@ def test_a_store_url_of_an_unsupported_kind_is_refused_at_load_naming_the_field(
     assert "s3cret" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("config", "named"), [
+    ({"store": "redis://:s3cret@127.0.0.1:abc/0"}, "field 'store': .*port 'abc' is not a number from 1 to 65535"),
+    ({"cache": {"store": "redis://u:s3cret@127.0.0.1:99999/0"}},
+     "field 'cache.store': .*port '99999' is not a number from 1 to 65535"),
+    ({"store": "rediss://:s3cret@h:0/0"}, "field 'store': .*port '0' is not a number from 1 to 65535"),
+    ({"store": "redis://:s3cret@h:6379/x"}, "field 'store': .*database 'x' is not a whole number"),
+    ({"store": "redis://:s3cret@h:6379/0?db=one"}, "field 'store': .*database 'one' is not a whole number"),
+    ({"store": "unix://:s3cret@/tmp/redis.sock?db=x"}, "field 'store': .*database 'x' is not a whole number"),
+    ({"store": "redis:s3cret@localhost"}, "field 'store': .*a Redis URL starts with redis://"),
+    # a '/' in the password ends the host part early: its text is no port, and is not quoted
+    ({"store": "redis://:pa55/s3cret@h:6379/0"}, "field 'store': .*its port is not a number from 1 to 65535"),
+])
+def test_a_redis_store_url_s_port_and_database_are_checked_at_load_naming_the_field(config, named) -> None:
+    """Redis would refuse them with a bare ValueError at open (or, a database, use 0 silently)."""
+    with pytest.raises(ConfigError, match=named) as raised:
+        Pipeline.from_config(config)
+    assert "s3cret" not in str(raised.value) and "pa55" not in str(raised.value)
+
+
+def test_a_redis_store_url_without_port_or_database_loads() -> None:
+    for url in ("redis://localhost", "redis://localhost:6379/", "rediss://:p@[::1]:6380/15", "unix:///tmp/r.sock",
+                "redis://h/3?socket_timeout=1"):
+        assert load_config({"store": url}).store == url
+
+
 def test_a_store_url_s_scheme_is_accepted_in_any_case() -> None:
     """``REDIS://`` and ``SQLite:///`` open as before: a URL's scheme is case-insensitive."""
     from router_middleware import load_config

@@ -9,6 +9,7 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -151,11 +152,13 @@ class SemanticCacheConfig(_Strict):
 
 
 _STORE_SCHEMES = ("memory", "sqlite", "redis", "rediss", "unix")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _store_scheme(url: str | None) -> str | None:
-    """A store URL whose scheme is one :func:`~router_middleware.stores.open_store` opens; refused at
-    load otherwise (the error names the scheme, not the URL, which may hold a password)."""
+    """A store URL whose scheme is one :func:`~router_middleware.stores.open_store` opens, and a Redis
+    URL's port and database as redis-py reads them; refused at load otherwise (the error names the
+    scheme or the part, not the URL, which may hold a password)."""
     if not url:
         return url
     if ":" not in url:
@@ -165,7 +168,37 @@ def _store_scheme(url: str | None) -> str | None:
         close = difflib.get_close_matches(scheme, _STORE_SCHEMES, n=1)
         raise ValueError(f"unsupported scheme {scheme!r} (use memory://, sqlite:///PATH or redis://HOST:PORT/DB)"
                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    problem = _redis_problem(url) if scheme.lower() in _REDIS_SCHEMES else None
+    if problem:
+        raise ValueError(problem)
     return url
+
+
+def _redis_problem(url: str) -> str | None:
+    """What redis-py would refuse with a bare ValueError (or, a database that is no number, read as 0)
+    in a Redis URL: its form, port or database; ``None`` when nothing. A value is quoted only when no
+    part of the password can be in it: every ``@`` of the URL is before its host."""
+    if "://" not in url:
+        return "a Redis URL starts with redis://, rediss:// or unix:// (redis://HOST:PORT/DB)"
+    parts = urlsplit(url)
+    quotable = "@" not in parts.path + parts.query + parts.fragment  # else a '/', '?' or '#' in the password cut it
+    db = parse_qs(parts.query).get("db", [None])[0]
+    if parts.scheme.lower() != "unix":
+        port = _port_text(parts.netloc)
+        if port and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return (f"port {port!r}" if quotable else "its port") + " is not a number from 1 to 65535"
+        db = unquote(parts.path).replace("/", "") if db is None else db  # as redis-py reads it
+    if db and not (db.isascii() and db.isdigit()):
+        return (f"database {db!r}" if quotable else "its database") + " is not a whole number (redis://HOST:PORT/DB)"
+    return None
+
+
+def _port_text(netloc: str) -> str:
+    """A URL's port as written, found as urllib finds it ('' when none): after the host's first ':',
+    or after an IPv6 host's ']'."""
+    host = netloc.rpartition("@")[2]
+    _, bracket, inside = host.partition("[")
+    return (inside.partition("]")[2] if bracket else host).partition(":")[2]
 
 
 class CacheConfig(_Strict):
