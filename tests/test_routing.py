@@ -151,6 +151,36 @@ def test_a_candidate_still_over_its_window_once_trimmed_is_skipped_naming_both_n
     assert 16_385 < trimmed < before and why.endswith("window is 16,385")
 
 
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_a_max_tokens_no_candidate_can_produce_is_the_request_s_400_naming_it(param: str) -> None:
+    """Not a 503 NoRouteError (which clients retry) saying only that the request needs ~1e9 tokens."""
+    p = pipeline()
+    with pytest.raises(RequestError) as raised:
+        routed(p, "coder", **{param: 10**9})
+    assert isinstance(raised.value, NoRouteError) and raised.value.status_code == 400
+    assert set(raised.value.rejections) == set(CODER)
+    assert raised.value.rejections["anthropic/claude-sonnet-4-5"] == \
+        f"{param} 1,000,000,000 exceeds its output limit of 64,000"
+    assert raised.value.rejections["deepseek/deepseek-chat"] == f"{param} 1,000,000,000 exceeds its output limit of 8,192"
+    plan = routed(p, "coder", **{param: 100_000})  # only gpt-5-mini produces that much
+    assert plan.model == "gpt-5-mini" and plan.fallbacks == ()
+    assert f"anthropic/claude-sonnet-4-5: {param} 100,000 exceeds its output limit of 64,000" in \
+        plan.decisions[0].attributes["considered"]
+
+
+def test_a_max_tokens_a_window_cannot_hold_with_the_request_is_named_and_a_400() -> None:
+    p = Pipeline.from_config({"models": {"acme/small": {"max_input_tokens": 1000}},  # no output limit known
+                              "routing": {"aliases": {"tiny": ["acme/small"]}}, "cache": {"enabled": False}})
+    with pytest.raises(NoRouteError) as raised:
+        routed(p, "tiny", max_tokens=5000)
+    assert raised.value.status_code == 400 and isinstance(raised.value, RequestError)
+    assert re.fullmatch(r"max_tokens 5,000 with the ~\d+-token request exceeds the window of 1,000",
+                        raised.value.rejections["acme/small"])
+    with pytest.raises(NoRouteError) as raised:  # the messages alone are too big: not max_tokens' doing
+        routed(p, "tiny", [{"role": "user", "content": "word " * 2000}], max_tokens=10)
+    assert raised.value.status_code == 503 and not isinstance(raised.value, RequestError)
+
+
 def test_difficulty_tiers_via_auto() -> None:
     p = pipeline(tiers=[{"max_score": 0.3, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}])
     assert routed(p, "auto", [{"role": "user", "content": "hi"}]).model == "deepseek/deepseek-chat"

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import RoutingConfig
-from ..errors import NoRouteError, RequestError
+from ..errors import MaxTokensError, NoRouteError, RequestError
+from ..params import output_cap, over_output
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
@@ -146,7 +147,7 @@ class RoutingPolicy:
         if not usable:
             usable, probe = self._probe(candidates, plan, state, estimate)  # raises when one cannot serve anyway
             if not usable:
-                raise NoRouteError(requested, rejections)
+                raise _no_route(requested, rejections)
             note += probe
             rejections.pop(usable[0])
         ranked = self._rank(usable, strategy, plan, state, estimate)
@@ -285,11 +286,16 @@ class RoutingPolicy:
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
                    cooled: bool = True) -> str | None:
+        deployment = self.config.deployments.get(name)
+        model = deployment.model if deployment else name
+        info = state.catalog.resolve(model)
+        limit = info.max_output_tokens if info is not None else None
+        over = over_output(plan.params, limit)
+        if over is not None:  # first: a cooldown ends, the request's cap stays too big
+            return f"{over[0]} {over[1]:,} exceeds its output limit of {limit:,}"
         cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
-        deployment = self.config.deployments.get(name)
-        model = deployment.model if deployment else name
         quotas = quotas_for(name, model, self.config)
         if quotas:
             output = int(plan.params.get("max_tokens") or self.config.default_output_tokens)
@@ -301,7 +307,6 @@ class RoutingPolicy:
             return f"provider {provider or '?'} not allowed"
         if provider in self.config.deny_providers:
             return f"provider {provider} denied"
-        info = state.catalog.resolve(model)
         facts: Mapping[str, Any] = state.catalog.facts(model)
         if info is not None and info.max_input_tokens:
             why = self._over_window(model, plan, state, estimate, info.max_input_tokens)
@@ -319,17 +324,24 @@ class RoutingPolicy:
         return None
 
     def _over_window(self, model: str, plan: Plan, state: PolicyState, estimate: int, window: int) -> str | None:
-        """Why ``model``'s input ``window`` cannot hold the request (plus ``max_tokens``), judged after
-        ``fit`` has trimmed it for ``model`` when the untrimmed ``estimate`` is too large; else ``None``."""
-        output = int(plan.params.get("max_tokens") or 0)
+        """Why ``model``'s input ``window`` cannot hold the request (plus its ``max_tokens`` or
+        ``max_completion_tokens``), judged after ``fit`` has trimmed it for ``model`` when the
+        untrimmed ``estimate`` is too large; else ``None``. When the messages fit and only the cap does
+        not, the reason starts with the cap's name (the request's fault: see :func:`_no_route`)."""
+        cap = output_cap(plan.params)
+        output = cap[1] if cap is not None else 0
         if estimate + output <= window:
             return None
+        trimmed = estimate
+        if self.fit is not None:
+            sent = self.fit(plan.override(model=model), state)
+            trimmed = state.tokens(model, sent.messages, sent.params.get("tools"), plan.call.context.session_id)
+            if trimmed + output <= window:
+                return None
+        if cap is not None and trimmed < window:
+            return f"{cap[0]} {output:,} with the ~{trimmed:,}-token request exceeds the window of {window:,}"
         if self.fit is None:
             return f"request needs ~{estimate + output:,} tokens, window is {window:,}"
-        sent = self.fit(plan.override(model=model), state)
-        trimmed = state.tokens(model, sent.messages, sent.params.get("tools"), plan.call.context.session_id)
-        if trimmed + output <= window:
-            return None
         return (f"request needs ~{trimmed + output:,} tokens after the context policy trimmed it "
                 f"(~{estimate + output:,} before), window is {window:,}")
 
@@ -366,6 +378,17 @@ class RoutingPolicy:
                 remaining.remove(pick)
             return order
         return list(models)
+
+
+_CAPS = ("max_tokens ", "max_completion_tokens ")  # how a rejection the request's own cap caused starts
+
+
+def _no_route(requested: str, rejections: Mapping[str, str]) -> NoRouteError:
+    """A :class:`MaxTokensError` (400) when the request's own output cap is why every candidate was
+    refused; else a :class:`NoRouteError` (503)."""
+    if rejections and all(why.startswith(_CAPS) for why in rejections.values()):
+        return MaxTokensError(requested, rejections)
+    return NoRouteError(requested, rejections)
 
 
 __all__ = ["NoRouteError", "RoutingPolicy"]
