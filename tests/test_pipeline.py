@@ -113,48 +113,6 @@ def test_a_policy_that_returns_no_plan_is_named(returns, named, monkeypatch) -> 
         Pipeline(policies=[ShortenModel(), Forgetful(returns)]).completion(model="gpt-4o-mini", messages=MESSAGES)
 
 
-AGENT_HISTORY = [
-    {"role": "system", "content": "You are a coding agent."},
-    {"role": "user", "content": "Fix the test"},
-    {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "ls"}'}}]},
-    {"role": "tool", "tool_call_id": "call_1", "content": "app.py tests.py"},
-    {"role": "assistant", "content": "Done."},
-]
-
-
-@dataclass(frozen=True)
-class KeepLast:
-    """A user's policy keeping the first message and the last ``n`` (parting a tool result from its call)."""
-
-    n: int
-    name: str = "keep-last"
-
-    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
-        kept = [*plan.messages[:1], *plan.messages[-self.n:]] if self.n else []
-        return plan.decide(Decision(self.name, "trim", f"kept {len(kept)}"), messages=kept)
-
-
-@pytest.mark.parametrize(("n", "named"), [
-    (2, r"message 1: .*call_1"), (0, "no messages left")])
-def test_a_policy_of_the_user_s_that_breaks_the_messages_is_named(n, named, monkeypatch) -> None:
-    """What a user's policy returns is checked before it is sent: no messages, or a tool result left
-    without the assistant turn that called it (a provider's 400), is a PolicyError naming the policy."""
-    import litellm
-
-    from router_middleware import PolicyError
-
-    monkeypatch.setattr(litellm, "completion", lambda **kwargs: pytest.fail("sent despite the broken policy"))
-    with pytest.raises(PolicyError, match=rf"^policy 'keep-last' returned messages a provider would refuse: {named}"):
-        Pipeline(policies=[KeepLast(n)]).completion(model="gpt-4o-mini", messages=AGENT_HISTORY)
-
-
-def test_a_policy_of_the_user_s_that_keeps_tool_turns_whole_is_sent() -> None:
-    response = Pipeline(policies=[KeepLast(3)]).completion(model="gpt-4o-mini", messages=AGENT_HISTORY,
-                                                           mock_response="ok")
-    assert [m["role"] for m in outcome(response).plan.messages] == ["system", "assistant", "tool", "assistant"]
-
-
 def test_context_rejects_unknown_fields() -> None:
     with pytest.raises(RequestError, match="session"):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="x", context={"session": "s"})

@@ -62,9 +62,8 @@ class UnknownModelError(RequestError):
 
 
 class PolicyError(RouterMiddlewareError, TypeError):
-    """A policy broke its contract: it returned something other than a :class:`~.types.Plan`, or
-    messages a provider would refuse (none, a tool result parted from its call). A fault of the code,
-    not of the request: the proxy answers 500."""
+    """A policy broke its contract: it returned something other than a :class:`~.types.Plan`. A
+    fault of the code, not of the request: the proxy answers 500."""
 
 
 class SessionFormatError(RouterMiddlewareError, ValueError):

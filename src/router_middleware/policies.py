@@ -14,7 +14,6 @@ from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
 from .errors import PolicyError
-from .messages import integrity_violations
 from .tokens import REQUEST_OVERHEAD, Calibration, Profile, TokenCounter, tokenizer_name
 from .types import History, Message, Plan, SessionRoute
 
@@ -112,30 +111,16 @@ class Policy(Protocol):
 
 
 def apply_policies(plan: Plan, policies: Sequence[Policy], state: PolicyState) -> Plan:
-    """``plan`` through each policy in turn; :class:`PolicyError` names one that returns no Plan, or
-    (one not of this package, whose policies keep tool turns whole by construction) messages that a
-    provider would refuse: none, or a tool result parted from the call it answers."""
+    """``plan`` through each policy in turn; :class:`PolicyError` names one that returns no Plan."""
     for policy in policies:
         planned = policy(plan, state)
         if not isinstance(planned, Plan):
             raise _not_a_plan(policy, planned)
-        if planned.messages is not plan.messages and not type(policy).__module__.startswith("router_middleware."):
-            _check_messages(policy, planned.messages)
         plan = planned
     return plan
 
 
-def _check_messages(policy: Policy, messages: Sequence[Message]) -> None:
-    problems = integrity_violations(messages) if messages else ["no messages left"]
-    if problems:
-        raise PolicyError(f"policy {_name(policy)!r} returned messages a provider would refuse: {problems[0]} (a "
-                          "policy that drops messages keeps each tool result with the assistant turn that called it)")
-
-
-def _name(policy: Policy) -> str:
-    return getattr(policy, "name", None) or type(policy).__name__
-
-
 def _not_a_plan(policy: Policy, returned: object) -> PolicyError:
     what = "None" if returned is None else f"a {type(returned).__name__}"
-    return PolicyError(f"policy {_name(policy)!r} returned {what}; a policy returns a Plan")
+    name = getattr(policy, "name", None) or type(policy).__name__
+    return PolicyError(f"policy {name!r} returned {what}; a policy returns a Plan")
