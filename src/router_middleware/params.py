@@ -70,13 +70,6 @@ def output_cap(params: Mapping[str, Any]) -> tuple[str, int] | None:
     return None
 
 
-def over_output(params: Mapping[str, Any], limit: int | None) -> tuple[str, int] | None:
-    """The request's own output cap (see :func:`output_cap`) when it is more than a model's known output
-    ``limit``, which a provider answers with a 400; ``None`` when it is not, or either is unknown."""
-    cap = output_cap(params)
-    return cap if cap is not None and limit and cap[1] > limit else None
-
-
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether ``value`` (dicts and lists) nests deeper than ``limit``; iterative, so it never
     recurses itself."""

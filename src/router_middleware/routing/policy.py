@@ -35,7 +35,7 @@ from typing import Any
 
 from ..config import RoutingConfig
 from ..errors import MaxTokensError, NoRouteError, RequestError
-from ..params import output_cap, over_output
+from ..params import output_cap
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
@@ -289,10 +289,6 @@ class RoutingPolicy:
         deployment = self.config.deployments.get(name)
         model = deployment.model if deployment else name
         info = state.catalog.resolve(model)
-        limit = info.max_output_tokens if info is not None else None
-        over = over_output(plan.params, limit)
-        if over is not None:  # first: a cooldown ends, the request's cap stays too big
-            return f"{over[0]} {over[1]:,} exceeds its output limit of {limit:,}"
         cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
