@@ -83,8 +83,10 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     if content is not None and not isinstance(content, str | list):
         raise MessageError(f"content must be a string, a list of parts or null, got {type(content).__name__}",
                            index=index, source=source)
-    if content is None and role in _NEEDS_CONTENT:  # null is sent as no content at all (litellm drops it)
-        raise MessageError(f"a {role} message needs 'content'" + _missing(message), index=index, source=source)
+    if "content" not in message and role in _NEEDS_CONTENT:
+        other = sorted(str(k) for k in message if k != "role")
+        raise MessageError(f"a {role} message needs 'content'" + (f" (it has {', '.join(map(repr, other))})"
+                                                                 if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
     raw_calls = message.get("tool_calls", None)
@@ -97,14 +99,6 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     else:
         out.pop("tool_calls")
     return out
-
-
-def _missing(message: Mapping[str, Any]) -> str:
-    """What a message that needs content has instead: a null, or its other fields."""
-    if "content" in message:
-        return " (it is null)"
-    other = sorted(str(k) for k in message if k != "role")
-    return f" (it has {', '.join(map(repr, other))})" if other else ""
 
 
 def _calls_ok(calls: list[Any]) -> bool:
