@@ -123,9 +123,10 @@ class NoRouteError(RouterMiddlewareError):
 
 class MaxTokensError(NoRouteError, RequestError):
     """No candidate of an alias can serve the request because of its own ``max_tokens`` (or
-    ``max_completion_tokens``): more than each one's window holds with the request. The request's fault, so a ``RequestError`` (400: sent again unchanged it fails again),
-    where a plain ``NoRouteError`` is a 503 that clients retry; still a ``NoRouteError``, its
-    ``rejections`` naming the cap for each candidate."""
+    ``max_completion_tokens``): more than each one's window holds with the request. The request's
+    fault, so a ``RequestError`` (400: sent again unchanged it fails again), where a plain
+    ``NoRouteError`` is a 503 that clients retry; still a ``NoRouteError``, its ``rejections``
+    naming the cap for each candidate."""
 
     status_code = 400
 
