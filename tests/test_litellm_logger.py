@@ -1403,3 +1403,28 @@ def test_a_target_the_router_never_tried_is_not_counted_for_the_proxy_s_failure(
             logger.unregister()
     counts = [float(logger.pipeline.store.get(f"fail:{name}") or 0) for name in ("flaky", "flaky2")]
     assert len(dead_seen) == 1 and logger.recorded == 1 and counts == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("status", [400, 429, 499])
+def test_what_the_proxy_raises_itself_never_cools_a_target_down(tmp_path, status) -> None:
+    """A guardrail's block, the proxy's own rate limit or a client gone (an ``HTTPException`` raised
+    before or around the router, no provider named) ends the call, and counts toward no cooldown: three
+    of them in a row leave the target to the next call."""
+    from fastapi import HTTPException
+
+    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+    try:
+        async def calls() -> list[str]:
+            sent = []
+            for i in range(4):
+                data = {"model": "coder", "messages": [{"role": "user", "content": f"task {i}"}],
+                        "litellm_call_id": f"blocked-{status}-{i}"}
+                changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+                sent.append(changed["model"])
+                await logger.async_post_call_failure_hook(changed, HTTPException(status, "Violated guardrail"), None)
+            return sent
+
+        sent = asyncio.run(calls())
+    finally:
+        logger.unregister()
+    assert sent == ["flaky"] * 4 and logger.pipeline.store.get("fail:flaky") is None

@@ -325,14 +325,15 @@ class RouterLogger(CustomLogger):
         counted toward its target's cooldown as its failure event would be, and settled at what a
         stream that broke partway had used (the proxy may call this hook before litellm delivers the
         failure event, and with one logging object for all attempts litellm delivers only the first:
-        the usage is read from the request's logging object). Not counted when the router's last
-        attempt (the request's ``model_group``) was another target's, whose failure event came: the
-        lifecycle's next target was never tried."""
+        the usage is read from the request's logging object). Counted only when the router's last
+        attempt (the request's ``model_group``) was at this target and the error is the provider's:
+        not when another target's failure event came (the lifecycle's next target was never tried), nor
+        for what the proxy raised itself (a guardrail, its own rate limit, a client that left)."""
         found = self._take_open(self._key(request_data))
         if found is not None:
             about = _metadata(request_data).get("model_group")
             self._end(found, original_exception, self._spent(found, _cut(request_data)),
-                      failed=not about or about == _target(found.attempt))
+                      failed=about == _target(found.attempt) and wire.provider_error(original_exception))
             self._tally()
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:

@@ -167,6 +167,13 @@ def missing_credentials(exc: BaseException) -> bool:
     return isinstance(exc, MissingKeyError) or bool(_MISSING_KEY.search(str(exc)[:1000]))
 
 
+def provider_error(exc: BaseException) -> bool:
+    """Did ``exc`` come from a provider's call? litellm's exceptions name the provider
+    (``llm_provider``); what the proxy raises itself (a guardrail's or its rate limiter's
+    ``HTTPException``, a client gone) does not."""
+    return bool(getattr(exc, "llm_provider", None))
+
+
 def retries_unhooked(request: Mapping[str, Any]) -> str | None:
     """The setting by which litellm retries a failed SDK ``acompletion`` of ``request`` itself
     (``num_retries``, ``retry_policy``, or ``litellm.num_retries``), if any: it calls the provider
