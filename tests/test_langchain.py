@@ -319,6 +319,13 @@ def test_the_routed_model_refuses_an_unknown_argument_naming_it(kwargs, message)
                               tags=["t"], model_kwargs={"mock_response": "ok"})  # fields, aliases, LangChain's own
     assert (aliased.model, aliased.api_base, aliased.stop) == ("gpt-4o-mini", "http://127.0.0.1:9/v1", ["x"])
 
+    class Team(RoutedChatModel):  # a subclass's own fields are arguments too
+        team: str = "a"
+
+    assert Team(model="gpt-4o-mini", team="b").team == "b"
+    with pytest.raises(ConfigError, match="unknown argument 'teem'; did you mean 'team'"):
+        Team(model="gpt-4o-mini", teem="b")
+
 
 def test_the_routed_model_takes_an_agent_context() -> None:
     from router_middleware import AgentContext

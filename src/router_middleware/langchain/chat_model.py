@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -55,9 +56,10 @@ class RoutedChatModel(BaseChatModel):
     _default_pipeline: Pipeline | None = PrivateAttr(default=None)
 
     def __init__(self, **kwargs: Any) -> None:
-        unknown = [name for name in kwargs if name not in _ACCEPTED]
+        accepted = _accepted(type(self))
+        unknown = [name for name in kwargs if name not in accepted]
         if unknown:  # pydantic would drop them silently (a ``mock_response=`` lost, a real call made)
-            close = difflib.get_close_matches(unknown[0], _ACCEPTED, n=1)
+            close = difflib.get_close_matches(unknown[0], accepted, n=1)
             raise ConfigError(f"RoutedChatModel: unknown argument {unknown[0]!r}" + (
                 f"; did you mean {close[0]!r}?" if close else
                 f": litellm's other parameters go in model_kwargs={{{unknown[0]!r}: ...}}"))
@@ -188,5 +190,7 @@ def _result(message: AIMessage) -> ChatResult:
                       llm_output={"model_name": message.response_metadata.get("model_name")})
 
 
-_ACCEPTED = tuple(dict.fromkeys(name for key, field in RoutedChatModel.model_fields.items()
-                                for name in (key, field.alias) if name))
+@functools.cache
+def _accepted(cls: type[RoutedChatModel]) -> tuple[str, ...]:
+    """The arguments ``cls`` takes: its fields (a subclass's own included) and their aliases."""
+    return tuple(dict.fromkeys(name for key, field in cls.model_fields.items() for name in (key, field.alias) if name))
