@@ -259,6 +259,8 @@ def test_redactor_rules() -> None:
     assert redact("redis rediss://:hunter2@cache:6380/0 and postgresql://bob:s3cret@db.internal/ledger") == \
         "redis rediss://:[REDACTED]@cache:6380/0 and postgresql://bob:[REDACTED]@db.internal/ledger"
     assert redact("redis://cache:6379/0, bob@example.com") == "redis://cache:6379/0, [REDACTED_EMAIL]"
+    assert redact("Redis://:pa/ss@cache and redis://:p@ss@cache/0 and redis://cache/0?password=hunter2&db=1") == \
+        "Redis://:[REDACTED]@cache and redis://:[REDACTED]@cache/0 and redis://cache/0?password=[REDACTED]&db=1"
 
 
 def test_a_url_is_said_without_its_password() -> None:
@@ -267,6 +269,9 @@ def test_a_url_is_said_without_its_password() -> None:
     assert without_password("redis://:hunter2@127.0.0.1:6379/0") == "redis://@127.0.0.1:6379/0"
     assert without_password("postgresql://bob:s3cret@db/ledger") == "postgresql://bob@db/ledger"
     assert without_password("sqlite:///ledger.db") == "sqlite:///ledger.db"
+    assert without_password("redis://:p@ss@cache/0") == "redis://@cache/0"
+    assert without_password("redis://cache/0?db=1&password=hunter2") == "redis://cache/0?db=1&password=***"
+    assert without_password("postgresql://u@db/x?password=hunter2") == "postgresql://u@db/x?password=***"
 
 
 def _closed_port() -> int:
