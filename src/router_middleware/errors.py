@@ -16,8 +16,9 @@ class ConfigError(RouterMiddlewareError, ValueError):
 
 class MissingKeyError(ConfigError):
     """A deployment names its key's environment variable (``api_key_env``) and this process has no
-    value for it. The attempt is not sent (litellm would send the provider's default key, such as
-    ``OPENAI_API_KEY``, to the deployment's endpoint instead); the call's next target is tried."""
+    value for it. The attempt is not sent (litellm would use the provider's default key, such as
+    ``OPENAI_API_KEY``: sent to the deployment's endpoint if it has its own, and another account
+    billed either way); the call's next target is tried."""
 
     def __init__(self, deployment: str, variable: str) -> None:
         super().__init__(f"deployment {deployment!r}: its api_key_env {variable} is not set in this process, so it "
