@@ -1428,3 +1428,42 @@ def test_what_the_proxy_raises_itself_never_cools_a_target_down(tmp_path, status
     finally:
         logger.unregister()
     assert sent == ["flaky"] * 4 and logger.pipeline.store.get("fail:flaky") is None
+
+
+def test_a_retry_the_router_never_makes_is_not_counted_when_the_hook_ends_the_call(tmp_path) -> None:
+    """The stream breaks partway; litellm's failure event comes first and the lifecycle, allowed two
+    attempts a target, admits a retry at the same target, which the router (it does not retry a stream
+    cut mid-way) never starts. The proxy's failure hook then ends the call: the failure was counted once
+    (by its event), and what the cut attempt used is in the quota once."""
+    from .fault_server import fault_server
+
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"cut": {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": ["cut"]},
+                    "limits": {"cut": {"tpm": 100000}}, "fallback": {"attempts_per_model": 2, "backoff_s": 0}},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+    started = time.time()
+
+    async def run(router: litellm.Router) -> None:
+        data = {"model": "coder", "messages": [{"role": "user", "content": "task cut-2"}],
+                "litellm_call_id": "cut-2", "stream": True}
+        changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+        with pytest.raises(litellm.APIConnectionError) as broke:
+            async for _ in await router.acompletion(**changed):
+                pass
+        await logger.aflush()  # litellm's failure event, delivered before the hook
+        await logger.async_post_call_failure_hook(changed, broke.value, None)
+        await logger.aflush()
+
+    try:
+        with fault_server(cut_events=5) as (base, seen):
+            router = litellm.Router(model_list=[{"model_name": "cut", "litellm_params": {
+                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1", "api_key": "x"}}])
+            asyncio.run(run(router))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
+    finally:
+        logger.unregister()
+    assert seen["cut:cut-stream"] == 1 and len(rows) == 1
+    assert float(logger.pipeline.store.get("fail:cut") or 0) == 1
+    used = _tpm_used(logger, "cut", started)
+    assert 0 < used < 40, used  # the cut attempt's tokens once (a 15-token cut), not twice

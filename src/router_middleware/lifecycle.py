@@ -196,16 +196,20 @@ class CallLifecycle:
             self.books.settled(self._settlement)
         trace.fail(error, result)
 
-    def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
+    def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False, *,
+                made: bool = True) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the
         lifecycle did): record ``error`` as its failure and release what it holds, or settle it at
         ``spent`` (what its attempt used before it broke off). ``failed``: ``error`` is the attempt's
         own failure, told before (or instead of) its failure event: counted as a failure thrown in is
-        (:meth:`~.bookkeeping.Bookkeeper.attempt_failed`). Idempotent: once ended, nothing is counted."""
+        (:meth:`~.bookkeeping.Bookkeeper.attempt_failed`); ``made=False``: the current attempt was
+        never made, and gives back all it took of its quotas. Idempotent: once ended, nothing is counted."""
         if self._current is not None:
             plan, trace = self._current
             if failed:
                 self.books.attempt_failed(self.held, plan.deployment or plan.model, error, spent)
+            elif not made:
+                self.books.attempt_unmade(self.held)
             self._give_up(plan, trace, error, spent)
 
     # -- before the first attempt ----------------------------------------------------------------

@@ -170,16 +170,20 @@ class _Answer:
 class _Open:
     """A call in flight: its lifecycle, paused at the attempt litellm is making, and the plan whose
     request litellm carries (behind the proxy, the first attempt's until a fallback's deployment
-    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does."""
+    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does.
+    ``started``: the router was seen starting ``attempt`` (its deployment hook ran for it)."""
 
     lifecycle: CallLifecycle
     flow: Flow
     attempt: Attempt
     sent: Plan
     proxy: bool = True
+    started: bool = False
 
     def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
-        self.lifecycle.abandon(error, spent, failed)
+        """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started
+        gives back all it took of its quotas."""
+        self.lifecycle.abandon(error, spent, failed, made=self.started or not self.proxy)
         self.flow.close()
 
 
@@ -326,14 +330,16 @@ class RouterLogger(CustomLogger):
         stream that broke partway had used (the proxy may call this hook before litellm delivers the
         failure event, and with one logging object for all attempts litellm delivers only the first:
         the usage is read from the request's logging object). Counted only when the router's last
-        attempt (the request's ``model_group``) was at this target and the error is the provider's:
-        not when another target's failure event came (the lifecycle's next target was never tried), nor
-        for what the proxy raised itself (a guardrail, its own rate limit, a client that left)."""
+        attempt (the request's ``model_group``) was at this target, the router started it (its
+        deployment hook ran), and the error is the provider's: not when the lifecycle's next attempt
+        was never made (the one before, whose failure event came, was the last; what it used was
+        counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
         found = self._take_open(self._key(request_data))
         if found is not None:
             about = _metadata(request_data).get("model_group")
-            self._end(found, original_exception, self._spent(found, _cut(request_data)),
-                      failed=about == _target(found.attempt) and wire.provider_error(original_exception))
+            ours = found.started and about == _target(found.attempt)  # else the attempt before was the last
+            self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,
+                      failed=ours and wire.provider_error(original_exception))
             self._tally()
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
@@ -390,7 +396,7 @@ class RouterLogger(CustomLogger):
         if done:
             self._tally()
             return True
-        found.attempt = value  # the router's next attempt (the lifecycle admitted it)
+        found.attempt, found.started = value, False  # the router's next attempt (the lifecycle admitted it)
         self._keep(kwargs, found)
         return True
 
@@ -416,7 +422,10 @@ class RouterLogger(CustomLogger):
             if current is None:
                 return None
             found = current
-        if found.attempt.plan is found.sent or (deployment and _target(found.attempt) != deployment):
+        if deployment and _target(found.attempt) != deployment:
+            return None
+        found.started = True
+        if found.attempt.plan is found.sent:
             return None
         changed = _switch(kwargs, found.sent.params, found.attempt.plan)
         found.sent = found.attempt.plan

@@ -259,6 +259,13 @@ class Bookkeeper:
 
     # -- after an attempt or a call --------------------------------------------------------------
 
+    def attempt_unmade(self, held: Held) -> None:
+        """Give back all an attempt took of its quotas, its request and its tokens: it was never made."""
+        if held.quota is not None:
+            taken, _ = held.quota
+            held.quota = None
+            self._add("quota_store_failed", quotas.give_back(taken))
+
     def attempt_failed(self, held: Held, target: str, error: BaseException, spent: Outcome | None = None) -> None:
         """Give back the attempt's quota tokens, or settle them at what ``spent`` used (an attempt that
         broke off partway: the provider counted those tokens, as its budget is charged them), and
