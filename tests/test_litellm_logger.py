@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import litellm
 import pytest
@@ -189,14 +190,34 @@ def _proxy_request(changed: dict) -> dict:
     return changed
 
 
-def _one_target_logger(tmp_path, target: str) -> RouterLogger:
+def _one_target_logger(tmp_path, target: str, **routing: Any) -> RouterLogger:
     """A proxy logger whose alias ``coder`` has the one deployment ``target`` (gpt-3.5-turbo, as the
-    fault server's recording), under a daily budget of 1000 tokens and a tpm limit (:func:`_tpm_used`)."""
+    fault server's recording), under a daily budget of 1000 tokens and a tpm limit (:func:`_tpm_used`);
+    ``routing``: more of the routing config."""
     return RouterLogger(Pipeline.from_config({
         "routing": {"deployments": {target: {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": [target]},
                     "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}],
-                    "limits": {target: {"tpm": 100000}}},
+                    "limits": {target: {"tpm": 100000}}, **routing},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+
+def _cut_router(base: str) -> litellm.Router:
+    """The proxy's router, its one deployment ``cut`` on the fault server's stream cut partway."""
+    return litellm.Router(model_list=[{"model_name": "cut", "litellm_params": {
+        "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1", "api_key": "x"}}])
+
+
+async def _cut_event_first(logger: RouterLogger, router: litellm.Router, call_id: str) -> None:
+    """A proxy stream cut partway, litellm's failure event delivered before the proxy's failure hook."""
+    data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
+            "litellm_call_id": call_id, "stream": True}
+    changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+    with pytest.raises(litellm.APIConnectionError) as broke:
+        async for _ in await router.acompletion(**changed):
+            pass
+    await logger.aflush()  # litellm's failure event, delivered before the hook
+    await logger.async_post_call_failure_hook(changed, broke.value, None)
+    await logger.aflush()
 
 
 def _tpm_used(logger: RouterLogger, bucket: str, since: float) -> float:
@@ -1211,25 +1232,16 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     started = time.time()
 
     async def run(router: litellm.Router) -> None:
-        if first == "post-call failure hook":  # as the proxy's stream generator does, the event still queued
-            with pytest.raises(litellm.APIConnectionError):
-                await _through_proxy(logger, router, "cut-1", stream=True, shared=True)
-        else:
-            data = {"model": "coder", "messages": [{"role": "user", "content": "task cut-1"}],
-                    "litellm_call_id": "cut-1", "stream": True}
-            changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-            with pytest.raises(litellm.APIConnectionError) as broke:
-                async for _ in await router.acompletion(**changed):
-                    pass
-            await logger.aflush()  # litellm's failure event, delivered before the hook
-            await logger.async_post_call_failure_hook(changed, broke.value, None)
+        if first == "failure event":
+            await _cut_event_first(logger, router, "cut-1")
+            return
+        with pytest.raises(litellm.APIConnectionError):  # as the proxy's stream generator does, the event queued
+            await _through_proxy(logger, router, "cut-1", stream=True, shared=True)
         await logger.aflush()
 
     try:
         with fault_server(cut_events=5) as (base, seen):
-            router = litellm.Router(model_list=[{"model_name": "cut", "litellm_params": {
-                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1", "api_key": "x"}}])
-            asyncio.run(run(router))
+            asyncio.run(run(_cut_router(base)))
         with pytest.raises(BudgetExceeded) as spent:
             logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "task cut-1"}],
                                        mock_response="ok", max_tokens=990)
@@ -1438,28 +1450,11 @@ def test_a_retry_the_router_never_makes_is_not_counted_when_the_hook_ends_the_ca
     from .fault_server import fault_server
 
     asyncio.run(wire.drain_callbacks())
-    logger = RouterLogger(Pipeline.from_config({
-        "routing": {"deployments": {"cut": {"model": "openai/gpt-3.5-turbo"}}, "aliases": {"coder": ["cut"]},
-                    "limits": {"cut": {"tpm": 100000}}, "fallback": {"attempts_per_model": 2, "backoff_s": 0}},
-        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+    logger = _one_target_logger(tmp_path, "cut", fallback={"attempts_per_model": 2, "backoff_s": 0})
     started = time.time()
-
-    async def run(router: litellm.Router) -> None:
-        data = {"model": "coder", "messages": [{"role": "user", "content": "task cut-2"}],
-                "litellm_call_id": "cut-2", "stream": True}
-        changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-        with pytest.raises(litellm.APIConnectionError) as broke:
-            async for _ in await router.acompletion(**changed):
-                pass
-        await logger.aflush()  # litellm's failure event, delivered before the hook
-        await logger.async_post_call_failure_hook(changed, broke.value, None)
-        await logger.aflush()
-
     try:
         with fault_server(cut_events=5) as (base, seen):
-            router = litellm.Router(model_list=[{"model_name": "cut", "litellm_params": {
-                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1", "api_key": "x"}}])
-            asyncio.run(run(router))
+            asyncio.run(_cut_event_first(logger, _cut_router(base), "cut-2"))
         rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
     finally:
         logger.unregister()
