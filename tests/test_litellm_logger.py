@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -50,12 +50,27 @@ def _history(question: list[dict]) -> list[dict]:
     return old + question
 
 
+def _polled(condition: Callable[[], object], step_s: float = 0.02) -> bool:
+    """Wait, blocking, until ``condition()`` holds (what litellm's threads deliver), 200 steps at most."""
+    for _ in range(200):
+        if condition():
+            return True
+        time.sleep(step_s)
+    return False
+
+
+async def _apolled(condition: Callable[[], object], step_s: float = 0.01) -> bool:
+    """:func:`_polled` on the event loop, which keeps turning meanwhile."""
+    for _ in range(200):
+        if condition():
+            return True
+        await asyncio.sleep(step_s)
+    return False
+
+
 async def _recorded(router: RouterLogger, count: int) -> None:
-    for _ in range(200):  # litellm runs success callbacks in the background
-        if router.recorded >= count:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"only {router.recorded} of {count} calls recorded")
+    if not await _apolled(lambda: router.recorded >= count, 0.02):  # litellm runs success callbacks in the background
+        raise AssertionError(f"only {router.recorded} of {count} calls recorded")
 
 
 def test_async_hook_trims_the_request_on_the_wire_and_records_the_call(logger, span_exporter) -> None:
@@ -106,10 +121,7 @@ def test_sync_calls_are_recorded_though_litellm_skips_the_hook(logger) -> None:
     replayer, sent = capturing_vcr()
     with replayer.use_cassette(str(CASSETTES / "openai_chat.yaml")):
         litellm.completion(**completion_kwargs(item))
-    for _ in range(200):
-        if logger.recorded:
-            break
-        time.sleep(0.02)
+    _polled(lambda: logger.recorded)
     assert logger.hook_calls == 0 and logger.recorded == 1
 
 
@@ -522,10 +534,7 @@ def test_the_pipelines_own_calls_are_not_recorded_again_by_a_registered_logger(l
 
     asyncio.run(run())
     litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")  # a plain call: recorded
-    for _ in range(200):
-        if logger.recorded:
-            break
-        time.sleep(0.02)
+    _polled(lambda: logger.recorded)
     time.sleep(0.3)  # the pipeline calls' sync events, had they been recorded, came before
     logger.pipeline.ledger.flush()
     rows = open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")
@@ -684,10 +693,7 @@ def test_a_call_whose_metadata_labels_the_pipeline_refuses_is_still_recorded(log
     asyncio.run(run())
     litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
                        mock_response="ok", metadata={"step": "first", "session_id": "s-sync"})
-    for _ in range(200):  # the sync path's success event runs on litellm's thread
-        if logger.recorded >= 2:
-            break
-        time.sleep(0.02)
+    _polled(lambda: logger.recorded >= 2)  # the sync path's success event runs on litellm's thread
     assert logger.recorded == 2
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 2
 
@@ -1036,10 +1042,7 @@ def test_a_call_let_go_without_an_event_is_ended_off_the_event_loop_on_redis(mon
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
                                                        max_tokens=500, mock_delay=2.0), timeout=0.5)
-        for _ in range(200):
-            if not logger._calls and writes:
-                break
-            await asyncio.sleep(0.01)
+        await _apolled(lambda: not logger._calls and writes)
         return threading.get_ident()
 
     try:
@@ -1062,10 +1065,7 @@ def test_an_async_call_recorded_from_its_event_alone_settles_off_the_event_loop_
         await router.acompletion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
                                  max_tokens=500)  # over the budget: counted, not refused
         await logger.aflush()
-        for _ in range(200):
-            if writes:
-                break
-            await asyncio.sleep(0.01)
+        await _apolled(lambda: writes)
         return threading.get_ident()
 
     try:
@@ -1087,10 +1087,7 @@ def test_aflush_waits_for_the_reservation_of_a_call_let_go_to_be_given_back_on_r
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
                                                        max_tokens=500, mock_delay=2.0), timeout=0.3)
-        for _ in range(200):
-            if not logger._calls:
-                break
-            await asyncio.sleep(0.01)
+        await _apolled(lambda: not logger._calls)
         await logger.aflush()
         return len(writes)
 
@@ -1125,10 +1122,7 @@ def test_a_call_let_go_while_the_event_loop_shuts_down_still_gives_its_reservati
         call = asyncio.ensure_future(litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user",
                                                                                        "content": "hi"}],
                                                          mock_response="ok", max_tokens=500, mock_delay=5.0))
-        for _ in range(200):
-            if logger._calls:
-                break
-            await asyncio.sleep(0.01)
+        await _apolled(lambda: logger._calls)
         call.cancel()
         await asyncio.sleep(0.05)
         assert logger._calls and held  # in flight as far as the logger knows: litellm still holds the call
@@ -1159,10 +1153,7 @@ def test_the_requested_model_is_what_the_caller_passed_with_or_without_the_hook(
     with pytest.raises(litellm.RateLimitError):
         litellm.completion(model="openai/gpt-4o-mini", messages=messages,
                            mock_response=litellm.RateLimitError("slow down", "openai", "gpt-4o-mini"))
-    for _ in range(200):  # the sync path's events run on litellm's thread
-        if logger.recorded >= 3:
-            break
-        time.sleep(0.02)
+    _polled(lambda: logger.recorded >= 3)  # the sync path's events run on litellm's thread
     assert (logger.hook_calls, logger.recorded) == (1, 3)
     assert [r["requested_model"] for r in _ledger(logger)] == ["openai/gpt-4o-mini"] * 3
 
