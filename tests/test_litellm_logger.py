@@ -698,7 +698,11 @@ def test_a_call_whose_metadata_labels_the_pipeline_refuses_is_still_recorded(log
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 2
 
 
-def _sdk_logger(tmp_path, routing: dict) -> RouterLogger:
+def _sdk_logger(tmp_path, monkeypatch, routing: dict) -> RouterLogger:
+    """A logger on ``litellm.acompletion`` with ``routing`` and a ledger, registered once litellm has
+    delivered earlier tests' events; ``OPENAI_API_KEY`` set for the calls to OpenAI models."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
     return RouterLogger(Pipeline.from_config({
         "app": "svc", "routing": routing, "cache": {"enabled": False},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})).register()
@@ -710,9 +714,7 @@ def test_an_async_sdk_call_over_a_budget_is_refused_before_it_is_sent(tmp_path, 
     counter untouched), and a call that fits holds its estimate and settles at what it spent."""
     from router_middleware.errors import BudgetExceeded
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
     async def run() -> object:
@@ -742,9 +744,7 @@ def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_p
     as sent (``budget_not_enforced``) and its spend is still added to the budget."""
     from router_middleware.errors import BudgetExceeded
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
     async def run() -> object:
@@ -771,9 +771,7 @@ def test_a_litellm_router_call_over_a_budget_is_counted_not_refused(tmp_path, mo
     router takes for its deployments' and cools them all down, failing the next callers' calls (of
     a tenant within its budget) for seconds. Such a call goes as sent (``budget_not_enforced``) and
     is counted; the other tenant's calls are answered."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
                                                   "window_s": 86400}]})
     router = litellm.Router(model_list=[
         {"model_name": "coder", "litellm_params": {"model": model, "api_key": "sk-test"}}
@@ -804,9 +802,7 @@ def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_rout
     reservation and counts toward the target's cooldown, so the next call goes to the other target."""
     from router_middleware.errors import BudgetExceeded
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {
+    logger = _sdk_logger(tmp_path, monkeypatch, {
         "aliases": {"gpt-4o": ["claude-3-5-haiku-20241022", "gpt-4o-mini", "gpt-4.1-mini"]},
         "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60},
         "budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
@@ -911,9 +907,7 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     no event would settle: their reservation held until it lapses)."""
     from router_middleware.errors import BudgetExceeded
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
     async def run() -> object:
@@ -946,9 +940,7 @@ def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its
     takes still pick its budgets (a tenant's)."""
     from router_middleware.errors import BudgetExceeded
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "small", "scope": "tenant", "tokens": 1000,
                                                   "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
@@ -972,9 +964,7 @@ def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservatio
     """litellm delivers no event for a call cancelled in flight (a timeout around it) nor for a
     stream its caller stops reading: once litellm lets go of the call, its reservation is given back
     and it is one error row, rather than held until it lapses, refusing calls that fit meanwhile."""
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
     async def run() -> str:
@@ -1168,9 +1158,7 @@ def test_an_sdk_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pat
 
     from .fault_server import fault_server
 
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    asyncio.run(wire.drain_callbacks())
-    logger = _sdk_logger(tmp_path, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}],
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}],
                                     "limits": {"openai/gpt-3.5-turbo": {"tpm": 100000}}})
     messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
     started = time.time()
