@@ -160,6 +160,12 @@ class _Answer:
     ttft_s: float | None
     deployment: str | None
 
+    @classmethod
+    def of(cls, response: Any, kwargs: Mapping[str, Any], start_time: Any, end_time: Any) -> _Answer:
+        """``response`` with the timings and the router's deployment of the event's ``kwargs``."""
+        return cls(response, _seconds(start_time, end_time), _ttft(kwargs, start_time),
+                   _metadata(kwargs).get("model_group"))
+
     @property
     def choices(self) -> Any:
         """The response's choices: what the span captures as output when content capture is on."""
@@ -623,8 +629,7 @@ class RouterLogger(CustomLogger):
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
             return
-        answer = _Answer(response_obj, _seconds(start_time, end_time), _ttft(kwargs, start_time),
-                         _metadata(kwargs).get("model_group"))
+        answer = _Answer.of(response_obj, kwargs, start_time, end_time)
         try:
             if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
                 return
@@ -698,10 +703,7 @@ def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None
     """What a failed attempt had produced before it broke off (:func:`.wire.partial`, from a failure
     event's kwargs or a proxy request's data), as an answer; ``None`` where litellm recorded nothing."""
     spent = wire.partial(kwargs)
-    if spent is None:
-        return None
-    return _Answer(spent, _seconds(start_time, end_time), _ttft(kwargs, start_time),
-                   _metadata(kwargs).get("model_group"))
+    return None if spent is None else _Answer.of(spent, kwargs, start_time, end_time)
 
 
 def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
