@@ -286,12 +286,11 @@ class RoutingPolicy:
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
                    cooled: bool = True) -> str | None:
-        deployment = self.config.deployments.get(name)
-        model = deployment.model if deployment else name
-        info = state.catalog.resolve(model)
         cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
+        deployment = self.config.deployments.get(name)
+        model = deployment.model if deployment else name
         quotas = quotas_for(name, model, self.config)
         if quotas:
             output = int(plan.params.get("max_tokens") or self.config.default_output_tokens)
@@ -303,6 +302,7 @@ class RoutingPolicy:
             return f"provider {provider or '?'} not allowed"
         if provider in self.config.deny_providers:
             return f"provider {provider} denied"
+        info = state.catalog.resolve(model)
         facts: Mapping[str, Any] = state.catalog.facts(model)
         if info is not None and info.max_input_tokens:
             why = self._over_window(model, plan, state, estimate, info.max_input_tokens)
