@@ -22,7 +22,7 @@ class MissingKeyError(ConfigError):
 
     def __init__(self, deployment: str, variable: str) -> None:
         super().__init__(f"deployment {deployment!r}: its api_key_env {variable} is not set in this process, so it "
-                         "was not called (litellm would have sent the provider's default key to its endpoint)")
+                         "was not called (litellm would have used the provider's default key instead)")
         self.deployment = deployment
         self.variable = variable
 
