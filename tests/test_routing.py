@@ -79,11 +79,22 @@ def test_constraints_explain_every_rejection() -> None:
     assert "provider anthropic denied" in attrs["considered"]
     assert routed(p, "small", big).model == "gpt-4o-mini"  # gpt-3.5-turbo's 16k window is too small
     with pytest.raises(NoRouteError) as error:
-        routed(p, "small", [{"role": "user", "content": "word " * 200000}])
+        routed(pipeline(deny_providers=["openai"]), "small", [{"role": "user", "content": "word " * 200000}])
     message = str(error.value)
     assert "no model of 'small' can serve this request" in message
-    assert "gpt-3.5-turbo: request needs ~" in message and "window is 16,385" in message
-    assert "window is 128,000" in error.value.rejections["gpt-4o-mini"]
+    assert "gpt-3.5-turbo: provider openai denied" in message
+
+
+def test_a_request_that_looks_too_big_for_every_window_is_sent_to_the_largest_the_provider_counts() -> None:
+    """Not a 503 that clients retry on the middleware's estimate: sent directly, the provider would
+    take it or answer its own 400 naming its count (then, as a context-window error, not retried)."""
+    plan = routed(pipeline(), "small", [{"role": "user", "content": "word " * 200000}])
+    assert plan.model == "gpt-4o-mini" and plan.fallbacks == ()
+    decision = plan.decisions[0]
+    assert re.match(r"the request looks too big for every candidate's window: gpt-4o-mini, the largest, is tried "
+                    r"anyway \(the provider counts; request needs ~[\d,]+ tokens, window is 128,000\); ", decision.reason)
+    considered = str(decision.attributes["considered"])
+    assert "gpt-3.5-turbo: request needs ~" in considered and "window is 16,385" in considered
 
 
 def test_a_model_without_vision_is_skipped_only_when_the_request_has_an_image() -> None:
@@ -144,9 +155,9 @@ def test_a_candidate_still_over_its_window_once_trimmed_is_skipped_naming_both_n
     considered = str(plan.decisions[0].attributes["considered"])
     assert "gpt-3.5-turbo: request needs ~" in considered and "tokens after the context policy trimmed it (~" in \
         considered and "before), window is 16,385" in considered
-    with pytest.raises(NoRouteError) as error:
-        p.plan(p.make_call("small", history, None, {}))
-    why = error.value.rejections["gpt-3.5-turbo"]
+    alone = p.plan(p.make_call("small", history, None, {}))  # the only candidate: tried anyway
+    assert alone.model == "gpt-3.5-turbo" and "tried anyway" in alone.decisions[0].reason
+    why = alone.decisions[0].reason.partition("the provider counts; ")[2].rpartition("); ")[0]
     trimmed, before = (int(n.replace(",", "")) for n in re.findall(r"~([\d,]+)", why))
     assert 16_385 < trimmed < before and why.endswith("window is 16,385")
 
@@ -173,9 +184,8 @@ def test_a_max_tokens_a_window_cannot_hold_with_the_request_is_named_and_a_400()
     assert raised.value.status_code == 400 and isinstance(raised.value, RequestError)
     assert re.fullmatch(r"max_tokens 5,000 with the ~\d+-token request exceeds the window of 1,000",
                         raised.value.rejections["acme/small"])
-    with pytest.raises(NoRouteError) as raised:  # the messages alone are too big: not max_tokens' doing
-        routed(p, "tiny", [{"role": "user", "content": "word " * 2000}], max_tokens=10)
-    assert raised.value.status_code == 503 and not isinstance(raised.value, RequestError)
+    plan = routed(p, "tiny", [{"role": "user", "content": "word " * 2000}], max_tokens=10)
+    assert plan.model == "acme/small" and "tried anyway" in plan.decisions[0].reason  # the messages: not max_tokens
 
 
 def test_difficulty_tiers_via_auto() -> None:

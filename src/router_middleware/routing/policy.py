@@ -145,7 +145,7 @@ class RoutingPolicy:
             else:
                 usable.append(model)
         if not usable:
-            usable, probe = self._probe(candidates, plan, state, estimate)  # raises when one cannot serve anyway
+            usable, probe = self._probe(candidates, rejections, plan, state, estimate)
             if not usable:
                 raise _no_route(requested, rejections)
             note += probe
@@ -272,20 +272,29 @@ class RoutingPolicy:
                 return index, score
         return len(self.config.tiers) - 1, scores[-1]
 
-    def _probe(self, candidates: list[str], plan: Plan, state: PolicyState, estimate: int) -> tuple[list[str], str]:
-        """When every candidate is refused and some only for cooling down: the one whose cooldown
-        ends first, tried anyway (the provider may be back; refusing would make the call worse than
-        sending it directly), and why; else nothing."""
+    def _probe(self, candidates: list[str], rejections: Mapping[str, str], plan: Plan, state: PolicyState,
+               estimate: int) -> tuple[list[str], str]:
+        """When every candidate is refused, the one to try anyway, and why (refusing would make the
+        call worse than sending it directly, and the provider decides): of those refused only for
+        cooling down, the one whose cooldown ends first (the provider may be back); else, of those
+        refused only because the messages look too big for their window (an estimate: the provider
+        counts), the largest window. Else nothing: the caller gets :func:`_no_route`'s error."""
         cooling = [m for m in candidates if state.cooldowns.get(m, 0.0) > state.now
                    and self._rejection(m, plan, state, estimate, cooled=False) is None]
-        if not cooling:
+        if cooling:
+            first = min(cooling, key=lambda m: state.cooldowns[m])
+            return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
+                             f"in {state.cooldowns[first] - state.now:.0f}s); ")
+        oversized = [m for m in candidates if not rejections[m].startswith(_CAPS)
+                     and self._rejection(m, plan, state, estimate, windowed=False) is None]
+        if not oversized:
             return [], ""
-        first = min(cooling, key=lambda m: state.cooldowns[m])
-        return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
-                         f"in {state.cooldowns[first] - state.now:.0f}s); ")
+        largest = max(oversized, key=lambda m: getattr(state.catalog.resolve(self._model(m)), "max_input_tokens", 0))
+        return [largest], (f"the request looks too big for every candidate's window: {largest}, the largest, is "
+                           f"tried anyway (the provider counts; {rejections[largest]}); ")
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
-                   cooled: bool = True) -> str | None:
+                   cooled: bool = True, windowed: bool = True) -> str | None:
         cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
@@ -304,7 +313,7 @@ class RoutingPolicy:
             return f"provider {provider} denied"
         info = state.catalog.resolve(model)
         facts: Mapping[str, Any] = state.catalog.facts(model)
-        if info is not None and info.max_input_tokens:
+        if windowed and info is not None and info.max_input_tokens:
             why = self._over_window(model, plan, state, estimate, info.max_input_tokens)
             if why:
                 return why
