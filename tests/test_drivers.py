@@ -308,6 +308,42 @@ def test_successful_calls_settle_budgets_and_reach_the_ledger(call, script, tmp_
     assert len(rows) == 1 and rows[0][0] == "coder" and rows[0][1] is None and rows[0][2] > 0
 
 
+def test_an_attempt_cut_partway_then_one_that_answers_are_both_charged_each_with_its_row(tmp_path) -> None:
+    """An adapter throws in what an attempt cut partway had used (a stream the provider broke, as
+    litellm counted it) and the call goes on to the next target: the provider was paid for both, so
+    the budget is charged both and each has its ledger row (the cut one naming its error)."""
+    from router_middleware.ledger.store import open_ledger
+    from router_middleware.lifecycle import CutShort
+    from router_middleware.types import Cost, Outcome, Usage
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                          "fallback": {"backoff_s": 0.0},
+                                          "budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]},
+                              "context": {"enabled": False}, "cache": {"enabled": False}, "ledger": {"url": url}})
+    sent = []
+
+    def send(attempt: Any) -> Any:
+        sent.append(attempt.plan.model)
+        if len(sent) == 1:
+            spent = Outcome(model=attempt.plan.model, provider="openai", usage=Usage(30, 5, source="estimated"),
+                            cost=Cost(4.5e-6, 3e-6, 7.5e-6, source="test"), plan=attempt.plan)
+            raise CutShort(litellm.APIConnectionError(message="Connection error.", llm_provider="openai",
+                                                      model=attempt.plan.model), spent)
+        return litellm.completion(**attempt.plan.request(), mock_response="done")
+
+    response = drivers.drive(p.start(p.make_call("coder", MESSAGES, {"session_id": "s"}, {})).run(), send)
+    answered = response.usage.total_tokens
+    with pytest.raises(BudgetExceeded) as refused:
+        p.completion(model="coder", messages=MESSAGES, mock_response="ok", max_tokens=990)
+    p.close()
+    assert sent == ["gpt-4o-mini", "gpt-3.5-turbo"] and refused.value.spent == 35 + answered
+    rows = open_ledger(url).query("SELECT model, input_tokens, output_tokens, error FROM calls ORDER BY ts")
+    assert [tuple(r) for r in rows] == [("gpt-4o-mini", 30, 5, "APIConnectionError"),
+                                        ("gpt-3.5-turbo", response.usage.prompt_tokens,
+                                         response.usage.completion_tokens, None)]
+
+
 def test_the_engine_is_what_every_driver_shares() -> None:
     assert issubclass(Pipeline, Engine)
 

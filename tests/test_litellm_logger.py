@@ -1425,7 +1425,10 @@ def test_a_retry_the_router_never_makes_is_not_counted_when_the_hook_ends_the_ca
     """The stream breaks partway; litellm's failure event comes first and the lifecycle, allowed two
     attempts a target, admits a retry at the same target, which the router (it does not retry a stream
     cut mid-way) never starts. The proxy's failure hook then ends the call: the failure was counted once
-    (by its event), and what the cut attempt used is in the quota once."""
+    (by its event), and what the cut attempt used is in the quota, the budget and the call's one ledger
+    row once (the retry never made adds no row)."""
+    from router_middleware.errors import BudgetExceeded
+
     from .fault_server import fault_server
 
     asyncio.run(wire.drain_callbacks())
@@ -1434,10 +1437,15 @@ def test_a_retry_the_router_never_makes_is_not_counted_when_the_hook_ends_the_ca
     try:
         with fault_server(cut_events=5) as (base, seen):
             asyncio.run(_cut_event_first(logger, _cut_router(base), "cut-2"))
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "task cut-2"}],
+                                       mock_response="ok", max_tokens=990)
         rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
     finally:
         logger.unregister()
     assert seen["cut:cut-stream"] == 1 and len(rows) == 1
     assert float(logger.pipeline.store.get("fail:cut") or 0) == 1
-    used = _tpm_used(logger, "cut", started)
-    assert 0 < used < 40, used  # the cut attempt's tokens once (a 15-token cut), not twice
+    input_tokens, output_tokens, error = rows[0].values()
+    assert input_tokens > 0 and 0 < output_tokens < 50 and error == "APIConnectionError"
+    assert spent.value.spent == input_tokens + output_tokens  # charged once
+    assert _tpm_used(logger, "cut", started) == input_tokens + output_tokens  # once, not twice

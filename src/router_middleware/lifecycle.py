@@ -122,6 +122,7 @@ class CallLifecycle:
         self._answered: tuple[Outcome, Any, CallTrace] | None = None  # answered, until its span ends
         self._settlement: Settlement | None = None  # the answered call's settlement, once made
         self._settled = False  # ... and once its writes were made (or failed)
+        self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
@@ -157,6 +158,7 @@ class CallLifecycle:
                     answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
                 except Exception as exc:
                     thrown = exc
+                    self._apart = False
                 else:
                     return (yield from self._succeeded(plan, answer, trace, started))
                 # outside the handler: a CutShort's error is raised with its own context
@@ -210,7 +212,7 @@ class CallLifecycle:
                 self.books.attempt_failed(self.held, plan.deployment or plan.model, error, spent)
             elif not made:
                 self.books.attempt_unmade(self.held)
-            self._give_up(plan, trace, error, spent)
+            self._give_up(plan, trace, error, spent, row=made or not self._apart)
 
     # -- before the first attempt ----------------------------------------------------------------
 
@@ -450,8 +452,9 @@ class CallLifecycle:
             if unknown:
                 raise final from exc
             return None
-        if spent is not None:  # the call goes on: what the cut attempt used is not counted (one row, one model)
-            trace.attempt_failed(exc)
+        if spent is not None:  # the call goes on: the cut attempt was paid for, and is settled on its own
+            trace.attempt_failed(exc, spent)
+            self._settle_apart(spent, exc)
         retry = plan
         if next_target != failed:
             retry = self._carry((yield from self._plan(next_target, Decision(
@@ -468,16 +471,31 @@ class CallLifecycle:
             return retry, 0.0
         return retry, backoff(attempts.depth - 1, engine.config.routing.fallback, exc, same_target=same)
 
-    def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException, spent: Outcome | None = None) -> None:
+    def _give_up(self, plan: Plan, trace: CallTrace, exc: BaseException, spent: Outcome | None = None, *,
+                 row: bool = True) -> None:
         """End the call with ``exc``: its spans and ledger row say so, and its reservation is given
-        back, or settled at ``spent`` (what an attempt that broke off partway used)."""
+        back, or settled at ``spent`` (what an attempt that broke off partway used). ``row=False``: the
+        last attempt made has its row already (:meth:`_settle_apart`; the one after was never made)."""
         self._current = None
         trace.fail(exc, spent)
         if spent is not None:
             self._settle_later(spent, None, exc, complete=False)
             return
-        self.books.record_failure(plan, exc)
+        if row:
+            self.books.record_failure(plan, exc)
         self.books.release(self.held)
+
+    def _settle_apart(self, spent: Outcome, error: BaseException) -> None:
+        """An attempt that broke off partway, followed by another: what it used is charged to the
+        budgets that apply, and it has a ledger row of its own naming ``error`` (the call's row is its
+        last attempt's), off the loop."""
+        books = self.books
+        self._apart = True
+
+        def settle() -> None:
+            books.settle_observed(spent, complete=False, error=error)
+
+        defer(settle)
 
     def _settle_later(self, result: Outcome, answer: Any, error: BaseException, *, complete: bool = True) -> None:
         """Settle a call ended by ``error`` at ``result`` (off the loop, as a lesser write)."""

@@ -355,13 +355,15 @@ class Bookkeeper:
         self.settled(done)
         return done.outcome
 
-    def settle_observed(self, outcome: Outcome) -> Outcome:
+    def settle_observed(self, outcome: Outcome, *, complete: bool = True,
+                        error: BaseException | None = None) -> Outcome:
         """:meth:`settle` a call made outside the lifecycle and seen once it ended (litellm's events
-        of a call no hook planned, a chat model the LangChain handler observes): what it spent is
+        of a call no hook planned, a chat model the LangChain handler observes), or an attempt that
+        broke off partway before the call went on (``complete=False``, ``error``): what it spent is
         added to the budgets that apply to it (claims of nothing, settled at the actual amounts)."""
         plan = outcome.plan
         claims = self.claims(plan.call.context, usd=0.0, tokens=0) if plan is not None else []
-        return self.settle(outcome, Held(Reservation(claims)) if claims else None)
+        return self.settle(outcome, Held(Reservation(claims)) if claims else None, complete=complete, error=error)
 
     def settle_failed(self, done: Settlement, error: Exception) -> None:
         """The settlement's writes did not reach the store: log it, and put a decision on the call's

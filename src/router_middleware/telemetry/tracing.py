@@ -157,13 +157,21 @@ class CallTrace:
                                           attributes=self.request_attrs)
 
     @never_raises(default=None)
-    def attempt_failed(self, error: BaseException) -> None:
-        """End the current attempt's span as failed; the call goes on with another attempt."""
+    def attempt_failed(self, error: BaseException, spent: Outcome | None = None) -> None:
+        """End the current attempt's span as failed, with what it used before it broke off
+        (``spent``) if anything; the call goes on with another attempt."""
         if self.child is not None:
             self.child.set_attribute("error.type", type(error).__qualname__)
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
+            self._used(spent)
             self.child.end()
             self.child = None
+
+    def _used(self, outcome: Outcome | None) -> None:
+        """Put what an attempt that failed had used on its span."""
+        if self.child is not None and outcome is not None:
+            self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference,
+                                                         semconv=self.settings.semconv))
 
     @never_raises(default=None)
     def next_attempt(self, plan: Plan, provider: str | None, depth: int) -> None:
@@ -232,9 +240,7 @@ class CallTrace:
                 continue
             span.set_attribute("error.type", kind)
             span.set_status(Status(StatusCode.ERROR, message))
-        if self.child is not None and outcome is not None:
-            self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference,
-                                                         semconv=self.settings.semconv))
+        self._used(outcome)
         for span in (self.child, self.parent):
             if span is not None:
                 span.end()
