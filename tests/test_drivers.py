@@ -9,6 +9,7 @@ a ``RoutedChatModel`` that calls the same (scripted) litellm."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
 from router_middleware import BudgetExceeded, NoRouteError, Pipeline, UnknownModelError, drivers
+from router_middleware.bookkeeping import health
 from router_middleware.engine import Engine
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
@@ -267,6 +269,94 @@ def test_when_every_target_is_cooling_down_the_first_to_cool_off_is_tried_anyway
     route = routes(span_exporter)[-1]
     assert f"every candidate is cooling down: {CLAUDE} is tried anyway" in route.attributes[
         "router_middleware.route.reason"]
+
+
+def _cooled_off(p: Pipeline, target: str) -> None:
+    """As when ``target``'s cooldown has just ended: half-open (the key outlives its cooldown)."""
+    p.store.set(f"cooldown:{target}", repr(time.time() - 1).encode(), ttl_s=60)
+
+
+def _probing(p: Pipeline, target: str) -> None:
+    """Another call holds ``target``'s probe."""
+    assert p.store.add_within([health.probe_claim(target, 30.0)]) is None
+
+
+def test_after_a_cooldown_one_call_probes_the_target_and_its_success_closes_the_circuit(call, script) -> None:
+    """Not every call at once on a target that may still be down: while one call probes it the
+    others go elsewhere; the probe's answer closes the circuit for all."""
+    p = pipeline(cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    script.failures[CLAUDE] = [rate_limit()]
+    call(p)  # claude fails once: its circuit opens, and the call falls back
+    assert script.calls == [CLAUDE, MINI] and float(p.store.get(f"cooldown:{CLAUDE}")) > time.time() + 50
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    script.calls.clear()
+    call(p)
+    assert script.calls == [MINI]  # skipped: another call probes claude
+    p.store.delete(f"probe:{CLAUDE}")  # that probe ended without a word (its claim lapsed)
+    script.calls.clear()
+    call(p)  # this call claims the probe, and claude answers
+    call(p)
+    assert script.calls == [CLAUDE, CLAUDE]
+    assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(f"probe:{CLAUDE}") is None
+
+
+def test_a_probe_that_fails_opens_the_circuit_again_at_once(call, script) -> None:
+    """One failure of the probe is enough (not ``failures`` more): the target is still down."""
+    p = pipeline(cooldown={"failures": 3, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    script.failures[CLAUDE] = [rate_limit()]
+    call(p)
+    assert script.calls == [CLAUDE, MINI] and p.store.get(f"probe:{CLAUDE}") is None
+    assert float(p.store.get(f"cooldown:{CLAUDE}")) > time.time() + 50
+    script.calls.clear()
+    call(p)
+    assert script.calls == [MINI]
+
+
+def test_a_probe_ended_by_the_request_s_own_fault_lets_another_call_probe(call, script) -> None:
+    p = pipeline(cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    script.failures[CLAUDE] = [litellm.BadRequestError("bad request", "x", "m")]
+    with pytest.raises(litellm.BadRequestError):
+        call(p)
+    assert p.store.get(f"probe:{CLAUDE}") is None and float(p.store.get(f"cooldown:{CLAUDE}")) < time.time()
+
+
+def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, script) -> None:
+    """Refusing it would make the call worse than calling the provider directly."""
+    p = pipeline(aliases={"coder": [CLAUDE]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    call(p)
+    assert script.calls == [CLAUDE]
+
+
+def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real_redis(redis_url,
+                                                                                       monkeypatch) -> None:
+    target = f"claude-{time.time_ns()}"  # the cooldown keys are per target: none left by another test
+    p = Pipeline.from_config({"store": redis_url, "context": {"enabled": False}, "cache": {"enabled": False},
+                              "routing": {"deployments": {target: {"model": CLAUDE}},
+                                          "aliases": {"coder": [target, MINI]}, "fallback": {"backoff_s": 0.0}}})
+    _cooled_off(p, target)
+    sent: list[str] = []
+    real = litellm.acompletion
+
+    async def slow(**kwargs: Any) -> Any:
+        sent.append(kwargs["model"])
+        if kwargs["model"] == CLAUDE:
+            await asyncio.sleep(0.3)  # the probe is still in flight while the others are admitted
+        return await real(**{**kwargs, "mock_response": "ok"})
+
+    monkeypatch.setattr(litellm, "acompletion", slow)
+
+    async def calls() -> list[Any]:
+        return await asyncio.gather(*(p.acompletion(model="coder", messages=MESSAGES) for _ in range(20)))
+
+    answers = asyncio.run(calls())
+    assert len(answers) == 20 and sent.count(CLAUDE) == 1 and sent.count(MINI) == 19
+    assert p.store.get(f"cooldown:{target}") is None and p.store.get(f"probe:{target}") is None
+    p.close()
 
 
 def test_a_used_up_quota_moves_the_call_on(call, script) -> None:

@@ -261,9 +261,15 @@ class FallbackConfig(_Strict):
 
 
 class CooldownConfig(_Strict):
+    """A target that fails ``failures`` times within ``window_s`` is skipped for ``cooldown_s``; then it
+    is half-open (for ``cooldown_s`` more at most): one call at a time probes it, holding the probe
+    for ``probe_s`` at most, while the others skip it, until a probe succeeds (closed) or fails (open
+    again)."""
+
     failures: int = Field(default=3, ge=1)
     window_s: float = Field(default=60.0, gt=0)
     cooldown_s: float = Field(default=30.0, gt=0)
+    probe_s: float = Field(default=30.0, gt=0)
 
 
 class BudgetConfig(_Strict):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, finish_reasons
-from .bookkeeping import Admission, Claim, Held, Reservation, Settlement, StepDown
+from .bookkeeping import Admission, Claim, Held, Probing, Reservation, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
@@ -123,6 +123,7 @@ class CallLifecycle:
         self._settlement: Settlement | None = None  # the answered call's settlement, once made
         self._settled = False  # ... and once its writes were made (or failed)
         self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
+        self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
@@ -142,6 +143,7 @@ class CallLifecycle:
             if cached is not None:
                 return cached
         attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
+        self._half_open = _half_open(plan)
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
@@ -375,9 +377,12 @@ class CallLifecycle:
         """Take the attempt's quotas (free tier, ``routing.limits``, the provider's view), with the
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
-        reasoning reservation that does not fit plans the call again (a lower level), a few times at most."""
+        half-open target is tried only by the call that claims its probe; the others move on, unless
+        it is their last target (tried anyway, as a direct call would be). A reasoning reservation
+        that does not fit plans the call again (a lower level), a few times at most."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
+        anyway = False  # the last target is half-open and probed by another call: tried all the same
         while True:
             target = plan.deployment or plan.model
             unreachable = self.usable is not None and not self.usable(target)
@@ -385,9 +390,13 @@ class CallLifecycle:
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
-                why = yield from self._take(found, size, claims or [])
+                probe = target if target in self._half_open and not anyway else None
+                why = yield from self._take(found, size, claims or [], probe)
                 if why is None:
                     return plan
+                if isinstance(why, Probing) and len(attempts.models) == 1:
+                    anyway = True
+                    continue
                 if isinstance(why, StepDown):
                     plan = self._carry((yield from self._plan(target, Decision("reasoning", "step-down", why))))
                     replans -= 1
@@ -398,17 +407,18 @@ class CallLifecycle:
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
             plan = self._carry((yield from self._plan(next_target, Decision(
-                "routing", "skip" if unreachable else "quota",
+                "routing", "skip" if unreachable else "half-open" if isinstance(why, Probing) else "quota",
                 f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))))
 
-    def _take(self, found: tuple[quotas.Quota, ...], size: int,
-              claims: list[Claim]) -> Generator[Effect, Any, str | None]:
-        """Admit an attempt through the store (one atomic ``add_within``); why not, or ``None``."""
+    def _take(self, found: tuple[quotas.Quota, ...], size: int, claims: list[Claim],
+              probe: str | None = None) -> Generator[Effect, Any, str | None]:
+        """Admit an attempt through the store (one atomic ``add_within``), claiming the ``probe`` of a
+        half-open target; why not, or ``None``."""
         admission: Admission | str | None
         if self.prefetch is not None and self.books.admission_reads(found):  # the provider's view: in a thread
-            admission = yield StoreCall(self.books, "admission", (self.held, found, size, claims))
+            admission = yield StoreCall(self.books, "admission", (self.held, found, size, claims, probe))
         else:
-            admission = self.books.admission(self.held, found, size, claims)
+            admission = self.books.admission(self.held, found, size, claims, probe)
         if not isinstance(admission, Admission):
             return admission
         try:
@@ -614,3 +624,12 @@ class CallLifecycle:
             return result
 
         return finish
+
+
+def _half_open(plan: Plan) -> tuple[str, ...]:
+    """The targets the call's route found half-open after a cooldown (whose probe an attempt claims)."""
+    for decision in plan.decisions:
+        if decision.policy == "routing" and decision.action == "route":
+            found = decision.attributes.get("half_open")
+            return tuple(str(found).split("; ")) if found else ()
+    return ()

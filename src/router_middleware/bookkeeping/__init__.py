@@ -52,6 +52,11 @@ from .keys import (
 from .quotas import Taken
 
 
+class Probing(str):
+    """Why an attempt was refused its target: the target is half-open after a cooldown and another
+    call holds its probe (:func:`.health.probe_claim`)."""
+
+
 class StepDown(str):
     """Why the call's reasoning reservation did not fit its session's budget: plan the call again (the
     reasoning policy then reads the reservations of the session's other calls and picks a lower level)."""
@@ -69,6 +74,7 @@ class Held:
     reservation: Reservation | None = None
     quota: tuple[Taken, tuple[Quota, ...]] | None = None
     counted: int = 0  # the prompt tokens counted locally for the estimate (0: none was made)
+    probe: str | None = None  # the half-open target whose probe the current attempt holds
 
 
 @dataclass
@@ -80,10 +86,15 @@ class Admission:
     tokens: int
     left: tuple[Addition, ...]  # already counted down from the provider's view
     windows: tuple[quotas.WindowClaim, ...]  # tuples: a call waiting on its admission holds fewer objects
+    probe: str | None = None  # the half-open target whose probe the attempt claims (after the windows)
+    probe_s: float = 0.0
 
     @property
     def entries(self) -> list[Within]:
-        return [w.within for w in self.windows]
+        entries = [w.within for w in self.windows]
+        if self.probe is not None:
+            entries.append(health.probe_claim(self.probe, self.probe_s))
+        return entries
 
     @property
     def holds(self) -> list[Hold]:
@@ -104,6 +115,7 @@ class Settlement:
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
     error: BaseException | None = None  # what cut a stream short (its ledger row names it)
+    probe: str | None = None  # the half-open target the call probed
 
     @property
     def writes(self) -> bool:
@@ -204,11 +216,12 @@ class Bookkeeper:
         return False
 
     def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
-                  claims: list[Claim]) -> Admission | str | None:
-        """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget), the
-        reason the provider's view refuses it, or an :class:`Admission` whose ``entries`` and ``holds``
-        go to the store's ``add_within`` in one atomic step (see :meth:`admitted`)."""
-        if not found and not claims:
+                  claims: list[Claim], probe: str | None = None) -> Admission | str | None:
+        """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget, no
+        ``probe`` of a half-open target to claim), the reason the provider's view refuses it, or an
+        :class:`Admission` whose ``entries`` and ``holds`` go to the store's ``add_within`` in one
+        atomic step (see :meth:`admitted`)."""
+        if not found and not claims and probe is None:
             return None
         left: list[Addition] = []
         if found:
@@ -219,18 +232,25 @@ class Bookkeeper:
                 return None
             if why is not None:
                 return why
-        return Admission(claims, found, tokens, tuple(left), quotas.window_claims(found, tokens, time.time()))
+        return Admission(claims, found, tokens, tuple(left), quotas.window_claims(found, tokens, time.time()),
+                         probe, self.routing.cooldown.probe_s)
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
-        """The store's answer to ``admission``: hold what was taken, or say why not. Raises
-        ``BudgetExceeded`` naming the budget."""
+        """The store's answer to ``admission``: hold what was taken, or say why not (a
+        :class:`Probing` when another call holds the target's probe). Raises ``BudgetExceeded``
+        naming the budget."""
         claims, windows = admission.claims, admission.windows
         if refusal is not None:
             self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
             if index < len(windows):
                 return quotas.refused(windows[index], total)
-            claim = claims[index - len(windows)]
+            index -= len(windows)
+            if admission.probe is not None:
+                if index == 0:
+                    return Probing("half-open after its cooldown: another call is probing it")
+                index -= 1
+            claim = claims[index]
             if claim.unit == "reasoning":
                 return StepDown(f"session reasoning budget: {claim.amount:g} tokens more do not fit in half of what "
                                 f"is left ({total:g} of {claim.limit + claim.amount:g} held or spent)")
@@ -240,6 +260,7 @@ class Bookkeeper:
         if admission.found:
             taken = [*admission.left, *((w.within[0], w.within[1], w.within[3]) for w in windows)]
             held.quota = (Taken(taken, admission.tokens), admission.found)
+        held.probe = admission.probe
         return None
 
     def admission_failed(self, held: Held, admission: Admission, error: Exception) -> None:
@@ -260,7 +281,9 @@ class Bookkeeper:
     # -- after an attempt or a call --------------------------------------------------------------
 
     def attempt_unmade(self, held: Held) -> None:
-        """Give back all an attempt took of its quotas, its request and its tokens: it was never made."""
+        """Give back all an attempt took of its quotas, its request and its tokens, and the probe it
+        held: it was never made."""
+        self._end_probe(held)
         if held.quota is not None:
             taken, _ = held.quota
             held.quota = None
@@ -270,7 +293,8 @@ class Bookkeeper:
         """Give back the attempt's quota tokens, or settle them at what ``spent`` used (an attempt that
         broke off partway: the provider counted those tokens, as its budget is charged them), and
         count the failure toward ``target``'s cooldown (unless it was the request's own fault or a
-        cancellation, :func:`~.routing.fallback.counts_toward_cooldown`)."""
+        cancellation, :func:`~.routing.fallback.counts_toward_cooldown`): a probe's failure opens its
+        circuit again at once."""
         if held.quota is not None:
             taken, found = held.quota
             held.quota = None
@@ -278,20 +302,27 @@ class Bookkeeper:
                       else quotas.settlement(taken, spent.usage.total_tokens))
             self._observe(found, error)
         if not counts_toward_cooldown(error):
+            self._end_probe(held)
             return
+        probed, held.probe = held.probe == target, None
         self._failed[target] = time.time()
 
         def count() -> None:
             try:
-                if health.note_failure(self.store, target, self.routing.cooldown, time.time()):
-                    log.warning("model_cooling_down", model=target, seconds=self.routing.cooldown.cooldown_s)
+                cooldown = self.routing.cooldown
+                if probed:
+                    health.open_circuit(self.store, target, cooldown, time.time())
+                if probed or health.note_failure(self.store, target, cooldown, time.time()):
+                    log.warning("model_cooling_down", model=target, seconds=cooldown.cooldown_s, probe=probed)
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
         defer(count)
 
     def release(self, held: Held) -> None:
-        """The call made no billable attempt (or failed for good): give its reservation back."""
+        """The call made no billable attempt (or failed for good): give its reservation back (and the
+        probe its attempt held)."""
+        self._end_probe(held)
         reservation, held.reservation = held.reservation, None
         if reservation is not None:
             self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation))
@@ -319,6 +350,7 @@ class Bookkeeper:
                 taken, done.found = held.quota
                 held.quota = None
                 done.additions += quotas.settlement(taken, usage.total_tokens)
+            done.probe, held.probe = held.probe, None
         plan = outcome.plan
         session = plan.call.context.session_id if plan else None
         if complete and session and usage.reasoning_tokens and not reserved:
@@ -338,8 +370,11 @@ class Bookkeeper:
         self._observe(done.found, done.answer)
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
-            self._answered(plan.deployment or plan.model, done.outcome)
+            target = plan.deployment or plan.model
+            self._answered(target, done.outcome, probed=done.probe == target)
             self._remember(done.outcome)
+        elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
+            self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)
         self.record(done.outcome, error=done.error)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
@@ -379,6 +414,11 @@ class Bookkeeper:
         if plan is not None:
             done.outcome = replace(done.outcome, plan=plan.decide(Decision("budget", "settle-failed", reason)))
 
+    def _end_probe(self, held: Held) -> None:
+        probe, held.probe = held.probe, None
+        if probe is not None:
+            self._guard("cooldown_store_failed", health.end_probe, self.store, probe)
+
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
         if found:
             self._guard("quota_store_failed", quotas.observe, self.store, found, response_headers(answer), time.time())
@@ -387,11 +427,12 @@ class Bookkeeper:
         if additions:
             self._guard(event, self.store.add_many, additions)
 
-    def _answered(self, target: str, outcome: Outcome) -> None:
-        """A success closes ``target``'s circuit (only after a failure this process saw: no round trip
-        while all is well) and feeds the speed averages with provider-reported usage."""
-        if self._failed.pop(target, None) is not None:
-            self._guard("cooldown_store_failed", health.note_success, self.store, target)
+    def _answered(self, target: str, outcome: Outcome, *, probed: bool = False) -> None:
+        """A success clears ``target``'s failure count (only after a failure this process saw: no
+        round trip while all is well), closes its circuit if the call ``probed`` it, and feeds the
+        speed averages with provider-reported usage."""
+        if self._failed.pop(target, None) is not None or probed:
+            self._guard("cooldown_store_failed", health.note_success, self.store, target, probed=probed)
         if outcome.usage.source != "provider":
             return
         if outcome.latency_s and outcome.usage.output_tokens:
@@ -456,4 +497,4 @@ class Bookkeeper:
         defer(run)
 
 
-__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Reservation", "Settlement", "StepDown", "Taken"]
+__all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Probing", "Reservation", "Settlement", "StepDown", "Taken"]

@@ -2,14 +2,16 @@
 speed averages the ``throughput`` and ``latency`` strategies read.
 
 A target that fails ``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing
-policy reads the cooldown); when it ends the next call is the probe, and a success clears the count.
+policy reads the cooldown). When it ends the target is half-open for ``cooldown_s`` more (the key
+outlives its cooldown): one call at a time claims the probe (``PROBE``, with the call's admission)
+and the others skip it; the probe's success closes the circuit, its failure opens it again.
 """
 
 from __future__ import annotations
 
 from ..config import CooldownConfig
 from ..stores import Store
-from .keys import COOLDOWN, FAILURES
+from .keys import COOLDOWN, FAILURES, PROBE
 
 
 def note_failure(store: Store, target: str, config: CooldownConfig, now: float) -> bool:
@@ -17,13 +19,34 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     failures = store.incr(FAILURES + target, 1, ttl_s=config.window_s)
     if failures < config.failures:
         return False
-    store.set(COOLDOWN + target, repr(now + config.cooldown_s).encode(), ttl_s=config.cooldown_s)
-    store.delete(FAILURES + target)
+    open_circuit(store, target, config, now)
     return True
 
 
-def note_success(store: Store, target: str) -> None:
+def open_circuit(store: Store, target: str, config: CooldownConfig, now: float) -> None:
+    """Skip ``target`` for ``cooldown_s``, then let it be probed (half-open) for ``cooldown_s`` more."""
+    store.set(COOLDOWN + target, repr(now + config.cooldown_s).encode(), ttl_s=2 * config.cooldown_s)
     store.delete(FAILURES + target)
+    store.delete(PROBE + target)
+
+
+def note_success(store: Store, target: str, *, probed: bool = False) -> None:
+    """Clear ``target``'s failure count; after a probe (``probed``), close its circuit."""
+    store.delete(FAILURES + target)
+    if probed:
+        store.delete(COOLDOWN + target)
+        store.delete(PROBE + target)
+
+
+def end_probe(store: Store, target: str) -> None:
+    """Give the probe of ``target`` back (its call failed for its own reasons, or never tried it)."""
+    store.delete(PROBE + target)
+
+
+def probe_claim(target: str, probe_s: float) -> tuple[str, float, float, float]:
+    """The ``add_within`` entry that makes one call, across processes, the probe of ``target`` (for
+    ``probe_s`` at most)."""
+    return PROBE + target, 1.0, 1.0, probe_s
 
 
 def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) -> None:

@@ -8,6 +8,7 @@ SUMMARY_CLAIM = "sumclaim:"  # span hash -> 1 while one call writes its summary 
 REASONING = "reasoning:"  # session id -> reasoning tokens spent
 COOLDOWN = "cooldown:"  # target -> cooled down until (epoch s)
 FAILURES = "fail:"  # target -> failures in the current window
+PROBE = "probe:"  # target -> 1 while one call probes it after its cooldown ended (TTL: cooldown.probe_s)
 THROUGHPUT = "tps:"  # target -> output tokens/s (EWMA)
 LATENCY = "lat:"  # target -> seconds to the first token (EWMA)
 BUDGET = "budget:"  # budget key (routing.budgets.budget_key) -> reserved + spent; "<key>#held": its holds
@@ -17,5 +18,5 @@ INPUT_RATIO = "inr:"  # model:app -> reported / locally counted prompt tokens of
 SESSION_ROUTE = "route:"  # session id -> types.SessionRoute: last target, tier, escalation (TTL: affinity.ttl_s)
 LOCK = "lock:"  # lock name -> holder's token
 
-__all__ = ["BUDGET", "COOLDOWN", "FAILURES", "INPUT_RATIO", "LATENCY", "LOCK", "OUTPUT", "QUOTA", "REASONING",
+__all__ = ["BUDGET", "COOLDOWN", "FAILURES", "INPUT_RATIO", "LATENCY", "LOCK", "OUTPUT", "PROBE", "QUOTA", "REASONING",
            "SESSION_ROUTE", "SUMMARY", "SUMMARY_CLAIM", "THROUGHPUT"]

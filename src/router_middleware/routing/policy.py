@@ -166,6 +166,9 @@ class RoutingPolicy:
             "alias": alias, "strategy": strategy, "candidates": len(candidates),
             "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
         }
+        half_open = [m for m in ranked if state.cooldowns.get(m) is not None]  # cooled down before: probed
+        if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
+            attributes["half_open"] = "; ".join(half_open)
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
             tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
             attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
