@@ -104,6 +104,16 @@ def test_a_redis_store_url_s_port_and_database_are_checked_at_load_naming_the_fi
     assert "s3cret" not in str(raised.value) and "pa55" not in str(raised.value)
 
 
+@pytest.mark.parametrize("query", ["socket_timeout=x", "health_check_interval=soon"])
+def test_a_redis_store_url_parameter_redis_cannot_read_is_a_config_error_naming_it(query: str) -> None:
+    """Not redis-py's bare ValueError from deep inside the pipeline's construction."""
+    with pytest.raises(ConfigError) as raised:
+        Pipeline.from_config({"store": f"redis://:s3cret@127.0.0.1:6379/0?{query}"})
+    name = query.partition("=")[0]
+    assert str(raised.value) == (f"store 'redis://@127.0.0.1:6379/0?{query}': Invalid value for '{name}' in "
+                                 "connection URL.")
+
+
 def test_a_redis_store_url_without_port_or_database_loads() -> None:
     for url in ("redis://localhost", "redis://localhost:6379/", "rediss://:p@[::1]:6380/15", "unix:///tmp/r.sock",
                 "redis://h/3?socket_timeout=1"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from ..errors import ConfigError
 from ..urls import without_password
 from .base import LockTimeout, Store, StoreError
 from .memory import MemoryStore
@@ -26,7 +27,10 @@ def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 
-        return RedisStore(url, timeout_s=timeout_s)
+        try:
+            return RedisStore(url, timeout_s=timeout_s)
+        except ValueError as exc:  # redis-py's for a URL parameter it cannot read ("?socket_timeout=x")
+            raise ConfigError(f"store {without_password(url)!r}: {exc}") from None
     raise StoreError(f"unknown store URL {without_password(url)!r}: use memory://, sqlite:///PATH or redis://HOST:PORT/DB")
 
 
