@@ -1237,6 +1237,51 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
 
+def test_a_client_that_leaves_a_stream_planned_at_its_attempt_is_recorded_as_closed_early(tmp_path,
+                                                                                        span_exporter) -> None:
+    """A proxy request the pre-call hook did not plan (the lifecycle starts at its attempt, in the
+    deployment hook, as in the SDK) whose client left mid-stream: litellm delivers the chunks streamed
+    as a success flagged ``client_disconnected``. Recorded as a planned call is: its row and span say
+    ``ClientDisconnected``, with litellm's count marked ``estimated``; not a complete answer (no
+    reply-size sample)."""
+    from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
+
+    from .fault_server import fault_server
+
+    asyncio.run(wire.drain_callbacks())
+    logger = _one_target_logger(tmp_path, "slow")
+
+    async def run(router: litellm.Router) -> None:
+        data = _proxy_request({"model": "slow", "messages": [{"role": "user", "content": "task gone-2"}],
+                               "litellm_call_id": "gone-2", "stream": True})
+        stream = await router.acompletion(**data)
+        read = 0
+        async for _ in stream:
+            read += 1
+            if read == 2:
+                break
+        await ProxyBaseLLMRequestProcessing.finalize_streaming_generator_cleanup(None, data, stream,
+                                                                                 client_disconnected=True)
+        await logger.aflush()
+
+    try:
+        with fault_server(hang_s=3.0, cut_events=3) as (base, seen):
+            router = litellm.Router(model_list=[{"model_name": "slow", "litellm_params": {
+                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1", "api_key": "x"}}])
+            asyncio.run(run(router))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
+        samples = [key for key in logger.pipeline.store._data if key.startswith("out:")]
+    finally:
+        logger.unregister()
+    assert seen["stall:stall"] == 1 and len(rows) == 1
+    input_tokens, output_tokens, error = rows[0].values()
+    assert input_tokens > 0 and 0 < output_tokens < 50 and error == "ClientDisconnected"
+    assert samples == []
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.attributes["error.type"] == "ClientDisconnected"
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+
+
 def _store_values(path, *prefixes: str) -> dict[str, bytes]:
     """What a SQLite store (a proxy process's) holds under ``prefixes``."""
     import sqlite3
