@@ -55,3 +55,62 @@ def test_openai_gets_a_stable_prompt_cache_key_per_session() -> None:
         Pipeline.from_config({}).completion(
             model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Tell me a joke about opentelemetry"}])
     assert "prompt_cache_key" not in _sent_body(cassette)  # no session, no invented key
+
+
+# -- through the LangChain adapters ------------------------------------------------------------------
+
+
+def test_a_routed_chat_model_sends_the_callers_own_cache_breakpoints() -> None:
+    """LangChain marks an Anthropic breakpoint on a content block (as for ChatAnthropic): sent as
+    given, not flattened away with the block's other keys."""
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    from router_middleware.langchain import RoutedChatModel
+
+    model = RoutedChatModel(model="anthropic/claude-3-opus-20240229", max_tokens=1024, pipeline=Pipeline())
+    marked = {"type": "text", "text": "Follow the style guide.", "cache_control": {"type": "ephemeral"}}
+    with replayer.use_cassette(str(CASSETTES / "anthropic_message_create.yaml")) as cassette:
+        model.invoke([SystemMessage([marked]),
+                      HumanMessage([{"type": "text", "text": "Tell me a joke"}, {**marked, "text": "about OpenTelemetry"}])])
+    body = _sent_body(cassette)
+    assert body["system"] == [marked]
+    assert body["messages"][-1]["content"] == [{"type": "text", "text": "Tell me a joke"},
+                                               {**marked, "text": "about OpenTelemetry"}]
+
+
+def _agent_call(model: str, cassette_name: str, session: str | None = "task-42", tools: tuple = ()) -> dict:
+    """The body one model call of a ``create_agent`` agent sends through RouterAgentMiddleware
+    (default policies)."""
+    from langchain.agents import create_agent
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    models = {model: RoutedChatModel(model=model, max_tokens=1024, pipeline=Pipeline())}
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models=models,
+                                       model=model, context={"session_id": session} if session else None)
+    agent = create_agent(models[model], tools=list(tools), system_prompt=LONG_SYSTEM, middleware=[middleware])
+    with replayer.use_cassette(str(CASSETTES / cassette_name)) as cassette:
+        agent.invoke({"messages": [{"role": "user", "content": "Tell me a joke about OpenTelemetry"}]})
+    return _sent_body(cassette)
+
+
+def test_the_agent_middleware_sends_the_anthropic_breakpoints_it_records() -> None:
+    from langchain_core.tools import tool
+
+    @tool(description="Read a file of the repository. " + "Paths are relative to the repository root. " * 150)
+    def read_file(path: str) -> str:
+        return path
+
+    body = _agent_call("anthropic/claude-3-opus-20240229", "anthropic_message_create.yaml", tools=(read_file,))
+    assert body["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["tools"][-1]["name"] == "read_file"
+    assert body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["messages"][-1]["content"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert body["system"][-1]["text"] == LONG_SYSTEM
+
+
+def test_the_agent_middleware_sends_the_prompt_cache_key_it_records() -> None:
+    body = _agent_call("gpt-3.5-turbo", "openai_chat.yaml")
+    assert body["prompt_cache_key"] == _agent_call("gpt-3.5-turbo", "openai_chat.yaml")["prompt_cache_key"]
+    assert body["prompt_cache_key"].startswith("rm-")  # the session's key, as Pipeline.completion sends it
+    assert "prompt_cache_key" not in _agent_call("gpt-3.5-turbo", "openai_chat.yaml", session=None)

@@ -62,9 +62,52 @@ def to_openai_once(message: BaseMessage) -> list[dict[str, Any]]:
 
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept)."""
+    """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept,
+    and the ``cache_control`` breakpoints of text blocks: see :func:`_with_breakpoints`)."""
+    if not any(_breakpoints(m) for m in messages):
+        return _converted(messages)
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        out += _with_breakpoints(message, _converted([message])) if _breakpoints(message) else _converted([message])
+    return out
+
+
+def _converted(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     converted = convert_to_openai_messages(list(messages))
     return [converted] if isinstance(converted, dict) else list(converted)
+
+
+def _breakpoints(message: BaseMessage) -> bool:
+    content = message.content
+    return isinstance(content, list) and any(isinstance(b, dict) and "cache_control" in b for b in content)
+
+
+def _with_breakpoints(message: BaseMessage, converted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``converted`` with the ``cache_control`` of ``message``'s text blocks put back on its text parts
+    (langchain-core's conversion keeps only a text block's text, or joins the texts into one string:
+    an Anthropic breakpoint marked as for ChatAnthropic would be lost). Left as converted where the
+    text parts do not match the text blocks one to one (a user turn split into tool results)."""
+    texts = [b if isinstance(b, dict) else {"type": "text", "text": b} for b in message.content
+             if isinstance(b, str) or (isinstance(b, dict) and b.get("type") == "text")]
+    if len(converted) != 1:
+        return converted
+    (found,) = converted
+    content = found.get("content")
+    if isinstance(content, str):
+        if content != "\n".join(t["text"] for t in texts):
+            return converted
+        parts = [{"type": "text", "text": t["text"]} for t in texts]
+    elif isinstance(content, list):
+        parts = list(content)
+    else:
+        return converted
+    slots = [i for i, p in enumerate(parts) if isinstance(p, dict) and p.get("type") == "text"]
+    if len(slots) != len(texts):
+        return converted
+    for i, text in zip(slots, texts, strict=True):
+        if "cache_control" in text:
+            parts[i] = {**parts[i], "cache_control": text["cache_control"]}
+    return [{**found, "content": parts}]
 
 
 def labels(context: AgentContext | Mapping[str, Any] | None) -> dict[str, Any]:

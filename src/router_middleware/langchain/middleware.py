@@ -4,7 +4,9 @@
 the agent's model handler in place of litellm: routing picks a model from ``models`` (LangChain
 chat models keyed by the ids the routing config names; other targets are skipped with a reason),
 the context policy trims the history (kept messages are the agent's own objects; a dropped span
-becomes one digest message), and the reasoning policy's parameters go into ``model_settings``.
+becomes one digest message), and what the policies add goes to the model as ``Pipeline.completion``
+sends it (reasoning parameters and a session's ``prompt_cache_key`` in ``model_settings``, Anthropic
+``cache_control`` breakpoints on the messages and the last tool).
 Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the pipeline; usage
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
 spend). The response cache is not used (its answers are litellm responses).
@@ -26,7 +28,6 @@ from ..drivers import adrive, drive
 from ..errors import ConfigError
 from ..lifecycle import Attempt, Flow
 from ..pipeline import Pipeline
-from ..reasoning.translate import REASONING_PARAMS
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
 from .convert import attempt, outcome_from_message, to_openai_once
@@ -143,12 +144,14 @@ class RouterAgentMiddleware(AgentMiddleware):
             messages = [by_id.get(id(m)) or convert_to_messages([dict(m)])[0] for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
             assert system is None or isinstance(system, SystemMessage)
-            # the caller's settings as fitted to the attempt's model (a dropped one stays out), and the
-            # plan's reasoning
-            settings = {k: plan.params[k] for k in request.model_settings if k in plan.params}
-            settings |= {k: v for k, v in plan.params.items() if k in REASONING_PARAMS}
+            # the caller's settings as fitted to the attempt's model (a dropped one stays out), and what
+            # the policies added (reasoning, a prompt_cache_key, max_tokens above a thinking budget)
+            settings = {k: v for k, v in plan.params.items()
+                        if k != "tools" and (k in request.model_settings or k not in params)}
+            tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
-                                    system_message=system, model_settings=settings)
+                                    system_message=system, model_settings=settings,
+                                    tools=list(tools) if tools and tools != params.get("tools") else request.tools)
 
         usable = self.models.__contains__ if self.models else None
         return self.pipeline.start(call, read=self._read, usable=usable, cache=False,
