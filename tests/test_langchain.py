@@ -564,3 +564,26 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model="agnet")
     for route in ("agent", "agent:floor", "gpt-4o-mini"):
         RouterAgentMiddleware(pipeline, models=models, model=route)
+
+
+def test_an_estimated_usage_stays_estimated_through_the_agent_middleware(tmp_path, span_exporter) -> None:
+    """A streamed reply with no usage chunk (the recorded tool call) is counted by litellm, not reported:
+    through a RoutedChatModel among the middleware's models it is still ``estimated`` (as through
+    ``Pipeline.completion``), not passed off as the provider's report; the recorded answer with its
+    usage chunk is ``provider``."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    @tool
+    def get_current_weather(location: str) -> str:
+        """Get the current weather in a given location."""
+        return "70 degrees and sunny"
+
+    models = {"gpt-3.5-turbo": RoutedChatModel(model="gpt-3.5-turbo", pipeline=Pipeline(), streaming=True)}
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models=models,
+                                       model="gpt-3.5-turbo")
+    agent = create_agent(models["gpt-3.5-turbo"], tools=[get_current_weather], middleware=[middleware])
+    with REPLAY.use_cassette(str(_agent_cassette(tmp_path)), allow_playback_repeats=False):
+        agent.invoke({"messages": [HumanMessage("What's the weather like in San Francisco?")]})
+    spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes["router_middleware.usage.source"] for s in spans] == ["estimated", "provider"]

@@ -135,6 +135,7 @@ def response_metadata(result: Outcome) -> dict[str, Any]:
         metadata["id"] = result.response_id
     metadata["cost_usd"] = result.cost.total_usd
     metadata["cost_source"] = result.cost.source
+    metadata["usage_source"] = result.usage.source  # ``estimated``: litellm's count, not the provider's report
     if result.plan is not None:
         metadata["requested_model"] = result.plan.call.model
         metadata["routed_model"] = result.plan.model
@@ -209,16 +210,19 @@ def tool_choice(choice: Any) -> Any:
 
 
 def usage_from_message(message: Any, estimate: int) -> Usage:
-    """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate."""
+    """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate.
+    Reported by the provider unless the message says it is an estimate (a RoutedChatModel's
+    ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
     metadata = getattr(message, "usage_metadata", None)
     if not metadata:
         text = str(getattr(message, "content", "") or "")
         return Usage(estimate, max(1, len(text) // 4), source="estimated")
+    estimated = (getattr(message, "response_metadata", None) or {}).get("usage_source") == "estimated"
     inputs = metadata.get("input_token_details") or {}
     outputs = metadata.get("output_token_details") or {}
     return Usage(int(metadata.get("input_tokens", 0)), int(metadata.get("output_tokens", 0)),
                  int(inputs.get("cache_read") or 0), int(inputs.get("cache_creation") or 0),
-                 int(outputs.get("reasoning") or 0), source="provider")
+                 int(outputs.get("reasoning") or 0), source="estimated" if estimated else "provider")
 
 
 def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str | None, started: float,
