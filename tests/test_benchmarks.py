@@ -66,3 +66,8 @@ def test_redis_workers_smoke(redis_url) -> None:
 def test_adapters_smoke() -> None:
     out = _run("adapters.py", "--steps", "3", "--sizes", "20")
     assert "| 20 messages |" in out and out.strip().splitlines()[-1].startswith("summary: proxy hook / agent middleware")
+
+
+def test_breaker_smoke(redis_url) -> None:
+    out = _run("breaker.py", "--seconds", "0.5", "--cooldown", "0.2", "--redis-url", redis_url)
+    assert "| of them after its first failure |" in out and out.strip().splitlines()[-1].startswith("summary: ")

@@ -359,6 +359,46 @@ def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real
     p.close()
 
 
+def _on_redis(redis_url: str, target: str) -> Pipeline:
+    """A pipeline on real Redis (a process's view of the cooldowns is read at most once a second)
+    whose alias ``coder`` is the deployment ``target`` (claude), then gpt-5-mini; one failure opens
+    a circuit."""
+    return Pipeline.from_config({"store": redis_url, "context": {"enabled": False}, "cache": {"enabled": False},
+                                 "routing": {"deployments": {target: {"model": CLAUDE}},
+                                             "aliases": {"coder": [target, MINI]}, "fallback": {"backoff_s": 0.0},
+                                             "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60}}})
+
+
+def test_on_redis_a_process_skips_a_target_at_once_after_opening_its_circuit(redis_url, script) -> None:
+    """Not for the second its view of the cooldowns still holds what it read before."""
+    target = f"claude-{time.time_ns()}"
+    p = _on_redis(redis_url, target)
+    p.completion(model="coder", messages=MESSAGES)  # reads "no cooldown", kept for a second
+    script.failures[CLAUDE] = [rate_limit()]
+    p.completion(model="coder", messages=MESSAGES)  # claude fails: this process opens its circuit
+    script.calls.clear()
+    p.completion(model="coder", messages=MESSAGES)
+    assert script.calls == [MINI]
+    p.close()
+
+
+def test_on_redis_a_failed_probe_holds_the_probe_until_the_cooldown_ends(redis_url, script) -> None:
+    """Another process that still reads the target as half-open (its view lags) does not probe it again."""
+    target = f"claude-{time.time_ns()}"
+    p, other = _on_redis(redis_url, target), _on_redis(redis_url, target)
+    _cooled_off(p, target)
+    _probing(p, target)
+    p.completion(model="coder", messages=MESSAGES)  # reads "half-open" (kept for a second); probed elsewhere
+    p.store.delete(f"probe:{target}")
+    script.failures[CLAUDE] = [rate_limit()]
+    other.completion(model="coder", messages=MESSAGES)  # the other process probes claude: it fails
+    script.calls.clear()
+    p.completion(model="coder", messages=MESSAGES)
+    assert script.calls == [MINI]
+    p.close()
+    other.close()
+
+
 def test_a_used_up_quota_moves_the_call_on(call, script) -> None:
     p = pipeline(limits={CLAUDE: {"rpm": 1}})
     call(p)

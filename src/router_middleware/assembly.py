@@ -173,5 +173,6 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
         books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store), quota_view=state.quotas,
+                         cooldown_view=state.cooldowns,
                          reasoning=config.reasoning),
     )

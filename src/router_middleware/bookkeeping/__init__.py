@@ -39,6 +39,7 @@ from . import budgets, health, quotas
 from .budgets import Claim, Reservation
 from .keys import (
     BUDGET,
+    COOLDOWN,
     INPUT_RATIO,
     LATENCY,
     OUTPUT,
@@ -125,9 +126,11 @@ class Settlement:
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
                  ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
-                 quota_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None) -> None:
+                 quota_view: Mapping[str, float] | None = None, cooldown_view: Mapping[str, float] | None = None,
+                 reasoning: ReasoningConfig | None = None) -> None:
         """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
-        ``quota_view``: the quota counters as the routing policy reads them (keys without the prefix)."""
+        ``quota_view``, ``cooldown_view``: the quota counters and cooldowns as the routing policy reads
+        them (keys without the prefix)."""
         self.store = store
         self.routing = routing
         self.reasoning = reasoning or ReasoningConfig()
@@ -139,6 +142,7 @@ class Bookkeeper:
         self._saying = threading.Lock()  # calls plan on litellm's threads and the event loop at once
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
+        self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, float)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 
@@ -310,9 +314,10 @@ class Bookkeeper:
         def count() -> None:
             try:
                 cooldown = self.routing.cooldown
-                if probed:
-                    health.open_circuit(self.store, target, cooldown, time.time())
-                if probed or health.note_failure(self.store, target, cooldown, time.time()):
+                until = (health.open_circuit(self.store, target, cooldown, time.time(), probed=True) if probed
+                         else health.note_failure(self.store, target, cooldown, time.time()))
+                if until is not None:
+                    self._saw_cooldown(target, until)
                     log.warning("model_cooling_down", model=target, seconds=cooldown.cooldown_s, probe=probed)
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
@@ -414,6 +419,12 @@ class Bookkeeper:
         if plan is not None:
             done.outcome = replace(done.outcome, plan=plan.decide(Decision("budget", "settle-failed", reason)))
 
+    def _saw_cooldown(self, target: str, raw: bytes | None) -> None:
+        """What this process wrote of ``target``'s cooldown (``None``: closed), kept in its view of the
+        cooldowns: its next calls act on it at once, not once the view reads the store again."""
+        if isinstance(self._cooldowns, StoreView):
+            self._cooldowns.kept.keep(target, raw)
+
     def _end_probe(self, held: Held) -> None:
         probe, held.probe = held.probe, None
         if probe is not None:
@@ -433,6 +444,8 @@ class Bookkeeper:
         speed averages with provider-reported usage."""
         if self._failed.pop(target, None) is not None or probed:
             self._guard("cooldown_store_failed", health.note_success, self.store, target, probed=probed)
+        if probed:
+            self._saw_cooldown(target, None)
         if outcome.usage.source != "provider":
             return
         if outcome.latency_s and outcome.usage.output_tokens:

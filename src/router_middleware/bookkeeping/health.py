@@ -14,20 +14,26 @@ from ..stores import Store
 from .keys import COOLDOWN, FAILURES, PROBE
 
 
-def note_failure(store: Store, target: str, config: CooldownConfig, now: float) -> bool:
-    """Count a failure; ``True`` when it put the target into cooldown."""
+def note_failure(store: Store, target: str, config: CooldownConfig, now: float) -> bytes | None:
+    """Count a failure; the cooldown key's value when it put the target into cooldown."""
     failures = store.incr(FAILURES + target, 1, ttl_s=config.window_s)
     if failures < config.failures:
-        return False
-    open_circuit(store, target, config, now)
-    return True
+        return None
+    return open_circuit(store, target, config, now)
 
 
-def open_circuit(store: Store, target: str, config: CooldownConfig, now: float) -> None:
-    """Skip ``target`` for ``cooldown_s``, then let it be probed (half-open) for ``cooldown_s`` more."""
-    store.set(COOLDOWN + target, repr(now + config.cooldown_s).encode(), ttl_s=2 * config.cooldown_s)
+def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *, probed: bool = False) -> bytes:
+    """Skip ``target`` for ``cooldown_s``, then let it be probed (half-open) for ``cooldown_s`` more;
+    the cooldown key's value. After a failed probe (``probed``) its claim is held until the cooldown
+    ends: a process that still reads the target as half-open (its view lags) does not probe it again."""
+    until = repr(now + config.cooldown_s).encode()
+    store.set(COOLDOWN + target, until, ttl_s=2 * config.cooldown_s)
     store.delete(FAILURES + target)
-    store.delete(PROBE + target)
+    if probed:
+        store.set(PROBE + target, repr(1.0).encode(), ttl_s=config.cooldown_s)
+    else:
+        store.delete(PROBE + target)
+    return until
 
 
 def note_success(store: Store, target: str, *, probed: bool = False) -> None:
