@@ -136,6 +136,8 @@ def response_metadata(result: Outcome) -> dict[str, Any]:
     metadata["cost_usd"] = result.cost.total_usd
     metadata["cost_source"] = result.cost.source
     metadata["usage_source"] = result.usage.source  # ``estimated``: litellm's count, not the provider's report
+    if result.time_to_first_token_s is not None:  # a stream's: the agent middleware cannot see its chunks
+        metadata["time_to_first_token_s"] = result.time_to_first_token_s
     if result.plan is not None:
         metadata["requested_model"] = result.plan.call.model
         metadata["routed_model"] = result.plan.model
@@ -228,7 +230,8 @@ def usage_from_message(message: Any, estimate: int) -> Usage:
 def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str | None, started: float,
                          first_token: float | None = None) -> Outcome:
     """The Outcome of a call some LangChain chat model made for ``plan``, priced with the pipeline's catalog
-    (``provider``, else the one the message names)."""
+    (``provider``, else the one the message names); its time to first token is ``first_token``'s, else
+    the one the message says (a RoutedChatModel's stream), else unknown."""
     metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
     model = str(metadata.get("model_name") or metadata.get("model") or plan.model)
     usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages))
@@ -238,4 +241,5 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
                    cost=price(usage, info), plan=plan,
                    response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
                    latency_s=time.perf_counter() - started,
-                   time_to_first_token_s=(first_token - started) if first_token else None)
+                   time_to_first_token_s=(first_token - started) if first_token
+                   else metadata.get("time_to_first_token_s"))
