@@ -333,3 +333,38 @@ def test_a_call_that_fails_on_every_target_says_what_each_came_to(monkeypatch) -
     with pytest.raises(litellm.exceptions.AuthenticationError) as alone:  # one attempt: nothing to add
         pipeline.completion(model="deepseek/deepseek-chat", messages=MESSAGES)
     assert not hasattr(alone.value, "__notes__")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_retries(monkeypatch,
+                                                                                       asynchronous) -> None:
+    """The OpenAI SDK retries a 500 twice (waiting, and a 429's Retry-After up to a minute) before the
+    call can fail over: with a target behind it, one request; the last target keeps the SDK's retries,
+    as a direct call has them, and so does a call that sets ``max_retries`` itself."""
+    import asyncio
+
+    from .capture_server import capture_server
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+    def completion(p: Pipeline, **params) -> object:
+        request = {"model": "coder", "messages": [{"role": "user", "content": "Rename x to count"}], **params}
+        return asyncio.run(p.acompletion(**request)) if asynchronous else p.completion(**request)
+
+    with capture_server() as (down, sent), fault_server() as (up, seen):
+        deployments = {"down": {"model": "openai/gpt-3.5-turbo", "api_base": down},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{up}/healthy/v1"}}
+        both = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"coder": ["down", "up"]},
+                                                 "fallback": {"backoff_s": 0.0}}, "cache": {"enabled": False}})
+        assert outcome(completion(both)).usage.output_tokens > 0
+        assert len(sent) == 1 and seen["healthy:ok"] == 1
+        sent.clear()
+        completion(both, max_retries=1)
+        assert len(sent) == 2  # the caller's own setting
+        alone = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"coder": ["down"]}},
+                                      "cache": {"enabled": False}})
+        sent.clear()
+        with pytest.raises(Exception, match="capture server"):
+            completion(alone)
+        assert len(sent) == 3  # the SDK's two retries, as sent directly

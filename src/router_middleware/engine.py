@@ -152,10 +152,13 @@ class Engine:
         deployment = self.config.routing.deployments.get(target)
         return deployment.model if deployment else target
 
-    def request(self, plan: Plan) -> dict[str, Any]:
+    def request(self, plan: Plan, *, failover: bool = False) -> dict[str, Any]:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and
         timeout (``MissingKeyError`` when its key's variable is unset or empty); a stream asks for the
-        final usage chunk where the provider needs asking. Its metadata
+        final usage chunk where the provider needs asking. ``failover``: another target follows this
+        attempt, so the provider SDK's own retries are off unless the call sets ``max_retries`` (the
+        OpenAI SDK retries twice, waiting out a Retry-After of up to a minute, before the call could
+        fail over; the last target keeps them, as a direct call has them). Its metadata
         marks it as the pipeline's own (``SIDE_CALL``): a registered ``RouterLogger`` does not account
         it a second time. The mark is no string, which litellm never sends on (its preview features
         pass a call's string metadata to OpenAI)."""
@@ -174,6 +177,8 @@ class Engine:
                 request.setdefault("timeout", deployment.timeout_s)
         if self.adds_usage_chunk(plan):
             request["stream_options"] = {"include_usage": True}
+        if failover:
+            request.setdefault("max_retries", 0)
         return request
 
     def adds_usage_chunk(self, plan: Plan) -> bool:

@@ -57,7 +57,7 @@ class Pipeline(Engine):
                             off_loop=self.store_blocks)
 
     def _send(self, attempt: Attempt) -> Any:
-        response = wire.litellm().completion(**self.request(attempt.plan))
+        response = wire.litellm().completion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
         if not attempt.plan.params.get("stream"):
             return response
         first = next(response, _END)  # fail over only before the first chunk
@@ -66,7 +66,7 @@ class Pipeline(Engine):
         return Prefetched(first, response)
 
     async def _asend(self, attempt: Attempt) -> Any:
-        response = await wire.litellm().acompletion(**self.request(attempt.plan))
+        response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
         if not attempt.plan.params.get("stream"):
             return response
         try:
