@@ -21,6 +21,9 @@ from router_middleware.ledger.store import open_ledger
 
 from .conftest import _free_port, service_missing
 from .test_cache import calls_to_provider
+from .test_drivers import CLAUDE, CODER
+from .test_drivers import call as way_in  # noqa: F401 - the fixtures: a call through every way in
+from .test_drivers import script as scripted  # noqa: F401
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -293,3 +296,30 @@ def test_a_store_url_s_password_is_never_said(mode, tmp_path) -> None:
     if mode == "closed":
         assert any("did not answer" in line for line in said[:2])
 
+
+
+@pytest.mark.parametrize("stored", [("cooldown", b"abc"), ("cooldown", b"inf"), ("quota", b"abc")])
+def test_a_stored_value_the_policies_cannot_read_is_missing_not_a_failed_call(
+        stored, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above
+    """Values the package never writes (text in a cooldown or a quota counter, ``inf`` as a cooldown's
+    end: another program's key, a version that stored something else) read as missing, with a warning
+    naming the key, through every way in: the call is routed as if they were absent, not failed by a
+    ValueError, nor sent elsewhere by a cooldown that never ends."""
+    import redis
+    import structlog
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    kind, value = stored
+    minute = int(time.time() // 60)
+    keys = [f"cooldown:{CLAUDE}"] if kind == "cooldown" else [f"quota:{CLAUDE}:rpm:{m}" for m in (minute, minute + 1)]
+    for key in keys:  # a quota window: this minute's, and the next one's (the call may start in it)
+        client.set(f"rm:{key}", value)
+    routing = {"aliases": {"coder": CODER}, "limits": {CLAUDE: {"rpm": 100}}, "fallback": {"backoff_s": 0.0}}
+    pipeline = Pipeline.from_config({"store": url, "routing": routing, "context": {"enabled": False},
+                                     "cache": {"enabled": False}})
+    with structlog.testing.capture_logs() as logs:
+        way_in(pipeline)
+    assert scripted.calls == [CLAUDE]
+    unread = {e["key"] for e in logs if e["event"] == "store_value_unreadable"}
+    assert unread & set(keys), logs

@@ -19,6 +19,7 @@ from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
 from .stores.memory import MemoryStore
+from .stores.views import number
 from .telemetry import Redactor, TelemetrySettings, log
 from .telemetry.attributes import semconv_mode
 from .types import SessionRoute
@@ -74,12 +75,12 @@ def policy_state(store: Store, catalog: Catalog) -> PolicyState:
     return PolicyState(
         catalog=catalog,
         summaries=StoreView(store, keys.SUMMARY, bytes.decode),
-        reasoning_spent=StoreView(store, keys.REASONING, lambda raw: int(float(raw))),
-        cooldowns=StoreView(store, keys.COOLDOWN, float, fresh_s=lag),
-        throughput=StoreView(store, keys.THROUGHPUT, float, fresh_s=lag),
-        latency=StoreView(store, keys.LATENCY, float, fresh_s=lag),
-        budget_spent=StoreView(store, keys.BUDGET, float, fresh_s=lag),
-        quotas=StoreView(store, keys.QUOTA, float, fresh_s=lag),  # admission re-checks atomically
+        reasoning_spent=StoreView(store, keys.REASONING, lambda raw: int(number(raw))),
+        cooldowns=StoreView(store, keys.COOLDOWN, number, fresh_s=lag),
+        throughput=StoreView(store, keys.THROUGHPUT, number, fresh_s=lag),
+        latency=StoreView(store, keys.LATENCY, number, fresh_s=lag),
+        budget_spent=StoreView(store, keys.BUDGET, number, fresh_s=lag),
+        quotas=StoreView(store, keys.QUOTA, number, fresh_s=lag),  # admission re-checks atomically
         sessions=StoreView(store, keys.SESSION_ROUTE, SessionRoute.decode),  # a session's calls follow each other
     )
 

@@ -31,7 +31,7 @@ from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
 from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer
-from ..stores.views import Kept
+from ..stores.views import Kept, number
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
@@ -141,8 +141,8 @@ class Bookkeeper:
         self._unapplied: set[str] = set()  # budgets already logged as not applying to a call
         self._saying = threading.Lock()  # calls plan on litellm's threads and the event loop at once
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
-        self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, float, fresh_s=fresh_s)
-        self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, float)
+        self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, number, fresh_s=fresh_s)
+        self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, number)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 

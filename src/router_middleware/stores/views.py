@@ -14,6 +14,7 @@ itself never waits on the store. A call like an earlier one fetches first what t
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
@@ -25,6 +26,15 @@ from .base import Store
 V = TypeVar("V")
 T = TypeVar("T")
 _KEEP = 10_000  # values kept in the process per view (then forgotten at once)
+
+
+def number(raw: bytes) -> float:
+    """A stored number (a counter, a time, an average): finite, as the package writes them (Redis's
+    INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
 
 
 class Kept(Generic[T]):
@@ -77,13 +87,19 @@ class StoreView(Mapping[str, V], Generic[V]):
         self.entry: tuple[bool, StoreView[V]] = (True, self)  # how a Prefetch notes a value of this view
 
     def __getitem__(self, key: str) -> V:
-        raw = self._read(key)
+        return self.decode(key, self._read(key))
+
+    def decode(self, key: str, raw: bytes | None) -> V:
+        """``raw``, the stored value of ``key``, as a value. Missing (``KeyError``) if it is ``None``,
+        or if it cannot be read as one (written by something else, or corrupt: logged), as a failing
+        store reads: a policy falls back to its offline behaviour instead of failing the call."""
         if raw is None:
             raise KeyError(key)
-        return self._decode(raw)
-
-    def decode(self, raw: bytes) -> V:
-        return self._decode(raw)
+        try:
+            return self._decode(raw)
+        except Exception as exc:  # noqa: BLE001 - a value the view cannot read is missing
+            log.warning("store_value_unreadable", key=self.prefix + key, error_type=type(exc).__name__)
+            raise KeyError(key) from None
 
     def _read(self, key: str) -> bytes | None:
         found, raw, renew = self.kept.get(key)
@@ -225,9 +241,7 @@ class _Prefetched(Mapping[str, V], Generic[V]):
                 raise KeyError(key)
             if renew:
                 self.prefetch.renew[full] = (True, self.view)
-        if raw is None:
-            raise KeyError(key)
-        return self.view.decode(raw)
+        return self.view.decode(key, raw)
 
     def __iter__(self) -> Iterator[str]:
         return iter(())
