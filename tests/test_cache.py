@@ -10,6 +10,7 @@ import vcr
 from opentelemetry.trace import SpanKind
 
 from router_middleware import Pipeline, outcome
+from router_middleware.cache import namespace
 from router_middleware.stores import MemoryStore, StoreError
 
 from .cassette_data import completion_kwargs, interactions
@@ -175,6 +176,38 @@ def test_corrupt_sqlite_file_mid_run_degrades_to_a_miss(tmp_path) -> None:
     response = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
     assert response.choices[0].message.content == "4"
     assert outcome(response).usage.source != "cache"
+
+
+OTHER_SCHEMAS = [  # valid JSON a store may hold under a cache key that this package did not write
+    b'{"response": {"id": "x"}, "cost_usd": null}',  # no choices: served as an empty answer before
+    b'{"response": {"choices": [{"message": "4"}]}, "cost_usd": null}',
+    b'{"response": {"id": 5, "choices": [{"message": {"role": "assistant", "content": 4}}]}, "cost_usd": 0.1}',
+    b'{"response": {"choices": [{"message": {"role": "assistant", "content": "4"}}]}, "cost_usd": "free"}',
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("entry", OTHER_SCHEMAS)
+def test_an_entry_of_another_schema_is_a_miss(entry, stream, redis_url) -> None:
+    """A cache entry on Redis that is JSON but no chat completion this cache wrote (another program's,
+    an older version's) is a miss with a warning: the call is answered by the provider, not failed
+    while its hit is built, nor answered with an empty response."""
+    import redis
+    import structlog
+
+    pipeline = Pipeline.from_config({"store": redis_url, "app": f"schema-{uuid.uuid4().hex[:8]}"})
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, "mock_response": "4"}
+    pipeline.completion(**request)
+    client = redis.Redis.from_url(redis_url)
+    space = f"rm:{namespace(outcome(pipeline.completion(**request)).plan)}:"
+    (key,) = [k for k in client.keys(space + "*") if len(k) == len(space) + 64]  # the entry, not its ring
+    client.set(key, entry)
+    with structlog.testing.capture_logs() as logs:
+        answer = pipeline.completion(**request, stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream \
+            else answer.choices[0].message.content
+    assert text == "4" and outcome(answer).usage.source != "cache"
+    assert "cache_lookup_failed" in {e["event"] for e in logs}
 
 
 def test_redis_restart_mid_run(redis_url, tmp_path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,11 +129,24 @@ class ResponseCache:
 
     @staticmethod
     def decode(raw: bytes | None) -> CachedEntry | None:
-        """A stored entry (raises on a corrupt one)."""
+        """A stored entry. Raises on a corrupt one, or one of another schema (another program's, an
+        older version's), which would otherwise be served as an empty answer or fail the call when
+        its hit is built: it must hold a chat completion that rebuilds as one (and as a stream) and a
+        cost that is a number or unknown."""
         if raw is None:
             return None
         data = json.loads(raw)
-        return CachedEntry(dict(data["response"]), data.get("cost_usd"))
+        response, cost = dict(data["response"]), data.get("cost_usd")
+        choices = response.get("choices")
+        if not (isinstance(choices, list) and choices
+                and all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)):
+            raise ValueError("the entry holds no chat completion")
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int | float)
+                                 or not math.isfinite(cost)):
+            raise ValueError(f"the entry's cost_usd {cost!r} is not a number")
+        rebuild_response(response)  # what litellm's types refuse fails here, a miss, not in the call
+        replay_chunks(response)
+        return CachedEntry(response, cost)
 
     @staticmethod
     def failed(what: str, exc: Exception) -> str:
