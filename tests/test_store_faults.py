@@ -298,13 +298,14 @@ def test_a_store_url_s_password_is_never_said(mode, tmp_path) -> None:
 
 
 
-@pytest.mark.parametrize("stored", [("cooldown", b"abc"), ("cooldown", b"inf"), ("quota", b"abc")])
+@pytest.mark.parametrize("stored", [("cooldown", b"abc"), ("cooldown", b"inf"), ("quota", b"abc"), ("quota", b"inf")])
 def test_a_stored_value_the_policies_cannot_read_is_missing_not_a_failed_call(
         stored, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above
     """Values the package never writes (text in a cooldown or a quota counter, ``inf`` as a cooldown's
-    end: another program's key, a version that stored something else) read as missing, with a warning
-    naming the key, through every way in: the call is routed as if they were absent, not failed by a
-    ValueError, nor sent elsewhere by a cooldown that never ends."""
+    end or a quota's count: another program's key, a version that stored something else) read as
+    missing, with a warning naming the key, through every way in: the call is routed as if they were
+    absent (the quota's admission fails as a store failure: open), not failed by a ValueError, nor
+    sent elsewhere by a cooldown that never ends or a count no call made."""
     import redis
     import structlog
 
@@ -323,3 +324,26 @@ def test_a_stored_value_the_policies_cannot_read_is_missing_not_a_failed_call(
     assert scripted.calls == [CLAUDE]
     unread = {e["key"] for e in logs if e["event"] == "store_value_unreadable"}
     assert unread & set(keys), logs
+
+
+def test_a_budget_counter_that_is_no_number_inflates_no_other_counter(redis_we_can_stop) -> None:
+    """A budget's tokens counter holds ``nan`` (no increment makes it): its admission fails as a store
+    failure (``open``: the call goes ahead, logged with the key) before anything is added, so the same
+    budget's usd counter gets the calls' actual spend, not also an estimate with no hold to lapse
+    (which refused calls after a tenth of the budget was spent); ``closed`` refuses naming the key."""
+    import redis
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    day = int(time.time() // 86400)
+    budget = {"name": "team", "scope": "global", "usd": 0.003, "tokens": 1_000_000, "window_s": 86400}
+    pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [budget]}, "cache": {"enabled": False}})
+    closed = Pipeline.from_config({"store": url, "routing": {"budgets": [{**budget, "on_store_error": "closed"}]},
+                                   "cache": {"enabled": False}})
+    client.set(f"rm:budget:team:tokens:all:{day}", b"nan")
+    spent = 0.0
+    for _ in range(12):  # 12 estimates (0.0003 usd each) would pass the 0.003 limit; 12 actual costs do not
+        spent += outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")).cost.total_usd
+    assert float(client.get(f"rm:budget:team:usd:all:{day}")) == pytest.approx(spent)
+    with pytest.raises(StoreUnavailable, match=f"counter rm:budget:team:tokens:all:{day} holds nan"):
+        closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")

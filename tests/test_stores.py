@@ -51,6 +51,19 @@ def test_add_within_is_all_or_nothing(store) -> None:
     assert store.add_within([]) is None
 
 
+@pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc"])
+def test_add_within_adds_nothing_on_a_total_that_is_no_number(store, stored) -> None:
+    """A key whose total is no finite number (no increment makes one: another program's value) fails
+    add_within before anything is added, to the keys checked before it too (Redis keeps a script's
+    writes up to its error)."""
+    from redis.exceptions import ResponseError
+
+    store.set("bad", stored)
+    with pytest.raises((ValueError, ResponseError)):
+        store.add_within([("usd", 0.2, 1.0, None)], [("bad", 1.0, 10.0, None, "h1", 60.0)])
+    assert store.get("usd") is None and store.get("bad") == stored
+
+
 def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
     """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
     when released, and taken back out by the next admission on its key once it expired (its release

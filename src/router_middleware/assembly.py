@@ -18,8 +18,8 @@ from .errors import MissingExtra
 from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
+from .stores.base import number
 from .stores.memory import MemoryStore
-from .stores.views import number
 from .telemetry import Redactor, TelemetrySettings, log
 from .telemetry.attributes import semconv_mode
 from .types import SessionRoute

@@ -30,8 +30,8 @@ from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
-from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer
-from ..stores.views import Kept, number
+from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer, number
+from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
@@ -278,7 +278,7 @@ class Bookkeeper:
             raise StoreUnavailable(f"budget {refusing[0]!r}: the store did not answer ({type(error).__name__}: "
                                    f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
         log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
-                    error_type=type(error).__name__, admitted=True)
+                    error_type=type(error).__name__, error=str(error)[:200], admitted=True)
         if admission.claims:
             held.reservation = Reservation(admission.claims)
 

@@ -5,6 +5,7 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +15,7 @@ from typing import Protocol, runtime_checkable
 from ..errors import LockTimeout, StoreError
 
 __all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store",
-           "StoreError", "Within", "acquire", "defer", "fetch_each", "poll", "token_lock"]
+           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "poll", "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -29,6 +30,15 @@ Release = tuple[str, str, float, float, float | None]  # (key, hold id, amount h
 Bounded = tuple[str, bytes, float | None, str, int]  # put_bounded's (key, value, ttl_s, ring, capacity)
 Fetched = tuple[list["bytes | None"], list[list[float]]]  # fetch's answer: values, then recent values
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
+
+
+def number(raw: bytes | str | float) -> float:
+    """A stored number (a counter, a time, an average): finite, as the package writes them (Redis's
+    INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``."""
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"{raw!r} is not a finite number")
+    return value
 
 
 @runtime_checkable
@@ -52,7 +62,8 @@ class Store(Protocol):
         """Add every ``(key, amount, limit, ttl_s)`` and hold every :data:`Hold` at once, atomically, if
         each key's new total stays within its limit; otherwise add nothing. ``None`` when added, else the
         first refusal (its index counts ``entries``, then ``holds``). Expired holds on the held keys
-        are taken back out first."""
+        are taken back out first. A key whose total is no finite number (:func:`number`) raises, and
+        nothing is added."""
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),

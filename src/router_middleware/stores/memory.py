@@ -9,7 +9,20 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
-from .base import TOLERANCE, Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, Within, fetch_each, token_lock
+from .base import (
+    TOLERANCE,
+    Addition,
+    Bounded,
+    Fetched,
+    Hold,
+    Refusal,
+    Release,
+    Sample,
+    Within,
+    fetch_each,
+    number,
+    token_lock,
+)
 
 
 class MemoryStore:
@@ -70,7 +83,7 @@ class MemoryStore:
                 self._expire_holds(key, now)
             checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
             for index, (key, amount, limit) in enumerate(checks):
-                total = float(self._live(key) or 0.0)
+                total = number(self._live(key) or 0.0)
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:

@@ -39,7 +39,9 @@ end
 return 0
 """
 # All or nothing: take expired holds back out of the held keys, check every key's total + amount
-# against its limit, then add them all and record the holds. KEYS: the entries' keys, then per hold
+# against its limit, then add them all and record the holds. A total that is no finite number (not
+# one INCRBYFLOAT makes) is an error before anything is added: checked later, it would fail the
+# script after the keys before it were added to. KEYS: the entries' keys, then per hold
 # its key and its hold set (member "<hold id>|<amount>", score: expiry in ms, the server's clock).
 # ARGV[1]: how many entries; then per entry amount, limit, ttl ms; per hold the same, member, hold ms.
 _WITHIN = """
@@ -62,7 +64,11 @@ for j = 1, (#KEYS - n) / 2 do
   checks[n + j] = {key, 3 * n + 5 * j - 3}
 end
 for i, check in ipairs(checks) do
-  local total = tonumber(redis.call('GET', check[1]) or '0')
+  local raw = redis.call('GET', check[1])
+  local total = tonumber(raw or '0')
+  if total == nil or total ~= total or total == math.huge or total == -math.huge then
+    return redis.error_reply('counter ' .. check[1] .. ' holds ' .. string.sub(raw, 1, 40) .. ', not a finite number')
+  end
   if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
 end
 local function add(key, at)

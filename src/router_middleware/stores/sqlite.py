@@ -23,6 +23,7 @@ from .base import (
     StoreError,
     Within,
     fetch_each,
+    number,
     token_lock,
 )
 
@@ -113,7 +114,7 @@ class SQLiteStore:
             checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
             for index, (key, amount, limit) in enumerate(checks):
                 current = self._current(db, key)
-                total = float(current[0]) if current else 0.0
+                total = number(current[0]) if current else 0.0
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:

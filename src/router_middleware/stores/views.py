@@ -14,7 +14,6 @@ itself never waits on the store. A call like an earlier one fetches first what t
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import fields
@@ -26,15 +25,6 @@ from .base import Store
 V = TypeVar("V")
 T = TypeVar("T")
 _KEEP = 10_000  # values kept in the process per view (then forgotten at once)
-
-
-def number(raw: bytes) -> float:
-    """A stored number (a counter, a time, an average): finite, as the package writes them (Redis's
-    INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``."""
-    value = float(raw)
-    if not math.isfinite(value):
-        raise ValueError(f"{raw!r} is not a finite number")
-    return value
 
 
 class Kept(Generic[T]):
