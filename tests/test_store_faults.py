@@ -347,3 +347,47 @@ def test_a_budget_counter_that_is_no_number_inflates_no_other_counter(redis_we_c
     assert float(client.get(f"rm:budget:team:usd:all:{day}")) == pytest.approx(spent)
     with pytest.raises(StoreUnavailable, match=f"counter rm:budget:team:tokens:all:{day} holds nan"):
         closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+
+
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_reply_size_list_of_another_type_keeps_no_budget_held(driver, redis_we_can_stop) -> None:
+    """The list of a model's recent reply sizes holds a string (another program's value, an older
+    version's): each settlement still ends the budget's hold and adds the actual spend (it did not: the
+    list's write failed the whole settlement, so every call's estimate stayed held for
+    ``reservation_ttl_s`` and the tenth call of a budget sized for hundreds was refused), and the
+    list is replaced by a list of reply sizes."""
+    import asyncio
+
+    import redis
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    client.set("rm:out:gpt-4o-mini:shop", b"abc")
+    budget = {"name": "team", "usd": 0.003, "window_s": 86400}  # about 10 estimates, 200 actual costs
+    pipeline = Pipeline.from_config({"app": "shop", "store": url, "routing": {"budgets": [budget]},
+                                     "cache": {"enabled": False}})
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "ok"}
+    spent = 0.0
+    for _ in range(12):
+        answer = pipeline.completion(**request) if driver == "completion" else asyncio.run(pipeline.acompletion(**request))
+        spent += outcome(answer).cost.total_usd
+    key = f"rm:budget:team:usd:shop:{int(time.time() // 86400)}"
+    assert float(client.get(key)) == pytest.approx(spent) and client.zcard(f"{key}#held") == 0
+    assert client.type("rm:out:gpt-4o-mini:shop") == b"list"
+
+
+def test_a_reply_size_that_is_no_number_fails_no_other_read(redis_we_can_stop) -> None:
+    """A list of recent reply sizes holds a value that is no number: it is left out, and the values
+    fetched with it (a cooldown) are still read: the cooling target is skipped (every read of the
+    call's fetch failed with it, and the call went to the target cooling down)."""
+    import redis
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    client.rpush("rm:out:gpt-4o-mini:shop", b"abc", b"20")
+    client.set("rm:cooldown:gpt-4o-mini", str(time.time() + 30).encode())
+    pipeline = Pipeline.from_config({
+        "app": "shop", "store": url, "cache": {"enabled": False},
+        "routing": {"aliases": {"mini": ["gpt-4o-mini", "gpt-4.1-mini"]}, "budgets": [{"name": "team", "usd": 5.0}]}})
+    answer = pipeline.completion(model="mini", messages=MESSAGES, mock_response="ok")
+    assert outcome(answer).plan.model == "gpt-4.1-mini"

@@ -64,6 +64,26 @@ def test_add_within_adds_nothing_on_a_total_that_is_no_number(store, stored) -> 
     assert store.get("usd") is None and store.get("bad") == stored
 
 
+def test_a_redis_settlement_ends_its_holds_before_a_write_that_fails(redis_url) -> None:
+    """On Redis a script keeps its writes up to an error: a settlement whose counter holds another
+    program's value ends its holds first (what admissions count), and replaces a list of recent values
+    that holds another type."""
+    from redis.exceptions import ResponseError
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    assert store.add_within([], [("b", 0.4, 1.0, None, "h1", 60.0)]) is None
+    store.set("bad", b"abc")
+    store.set("sizes", b"abc")
+    with pytest.raises(ResponseError):
+        store.add_many([("bad", 1.0, None)], [("sizes", 20.0, 50, None)], [("b", "h1", 0.4, 0.3, None)])
+    assert float(store.get("b")) == pytest.approx(0.3)
+    store.add_many([], [("sizes", 20.0, 50, None)])
+    assert store.samples("sizes") == [20.0]
+    store.close()
+
+
 def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
     """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
     when released, and taken back out by the next admission on its key once it expired (its release

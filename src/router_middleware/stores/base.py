@@ -8,14 +8,14 @@ from __future__ import annotations
 import math
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
 __all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store",
-           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "poll", "token_lock"]
+           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "numbers", "poll", "token_lock"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -39,6 +39,18 @@ def number(raw: bytes | str | float) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{raw!r} is not a finite number")
     return value
+
+
+def numbers(values: Iterable[bytes | str | float]) -> list[float]:
+    """The values of a list of recent values (:meth:`Store.samples`) that are finite numbers: one
+    another program pushed is left out, not a reason to fail the read of every key fetched with it."""
+    found = []
+    for value in values:
+        try:
+            found.append(number(value))
+        except ValueError:
+            continue
+    return found
 
 
 @runtime_checkable

@@ -19,7 +19,19 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ..urls import without_password
-from .base import Addition, Bounded, Fetched, Hold, Refusal, Release, Sample, StoreError, Within, acquire
+from .base import (
+    Addition,
+    Bounded,
+    Fetched,
+    Hold,
+    Refusal,
+    Release,
+    Sample,
+    StoreError,
+    Within,
+    acquire,
+    numbers,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 Script = Callable[[Any, str, list[str], list[Any]], None]  # queues (pipeline, script source, keys, args)
@@ -88,23 +100,14 @@ return {0, ''}
 # releases; then per addition the amount and the ttl ms of a key created here; per sample the
 # value, where the kept values start (-keep) and the list's ttl ms; per release the member, what to
 # add while it is still held (actual - held), what to add once it is gone (actual), and the ttl ms
-# of a key created here (a held key exists: its hold was added to it).
+# of a key created here (a held key exists: its hold was added to it). The releases go first: a
+# script that fails on a key (another program's value) keeps the writes before it, and what the
+# admissions count must not wait for a counter or a list of reply sizes. A list's key that holds
+# another type is replaced by the list (as SET replaces any value): its LRANGE would fail the reads.
 _SETTLE = """
-local k, a = 0, 3
-for _ = 1, tonumber(ARGV[1]) do
-  local key = KEYS[k + 1]
-  if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
-  redis.call('INCRBYFLOAT', key, ARGV[a + 1])
-  k, a = k + 1, a + 2
-end
-for _ = 1, tonumber(ARGV[2]) do
-  local key = KEYS[k + 1]
-  redis.call('RPUSH', key, ARGV[a + 1])
-  redis.call('LTRIM', key, ARGV[a + 2], -1)
-  if ARGV[a + 3] ~= '' then redis.call('PEXPIRE', key, ARGV[a + 3]) end
-  k, a = k + 1, a + 3
-end
-for _ = 1, tonumber(ARGV[3]) do
+local n, m, r = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local k, a = n + m, 3 + 2 * n + 3 * m
+for _ = 1, r do
   local key, set = KEYS[k + 1], KEYS[k + 2]
   if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
     if tonumber(ARGV[a + 2]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[a + 2]) end
@@ -113,6 +116,22 @@ for _ = 1, tonumber(ARGV[3]) do
     redis.call('INCRBYFLOAT', key, ARGV[a + 3])
   end
   k, a = k + 2, a + 4
+end
+k, a = 0, 3
+for _ = 1, n do
+  local key = KEYS[k + 1]
+  if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
+  redis.call('INCRBYFLOAT', key, ARGV[a + 1])
+  k, a = k + 1, a + 2
+end
+for _ = 1, m do
+  local key = KEYS[k + 1]
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'list' and kind ~= 'none' then redis.call('DEL', key) end
+  redis.call('RPUSH', key, ARGV[a + 1])
+  redis.call('LTRIM', key, ARGV[a + 2], -1)
+  if ARGV[a + 3] ~= '' then redis.call('PEXPIRE', key, ARGV[a + 3]) end
+  k, a = k + 1, a + 3
 end
 return 1
 """
@@ -585,7 +604,7 @@ class RedisStore:
 
     @_guarded
     def samples(self, key: str) -> list[float]:
-        return [float(v) for v in self.client.lrange(self._k(key), 0, -1)]
+        return numbers(self.client.lrange(self._k(key), 0, -1))
 
     @_guarded
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
@@ -613,7 +632,7 @@ class RedisStore:
             results = await shared.wait()  # shared with other calls: one cancelled fails only itself
             answers.append(results[0][at] if read[0] else results[at])
         return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
-                [[float(v) for v in series] for series in answers[len(keys):]])
+                [numbers(series) for series in answers[len(keys):]])
 
     def _queue_fetch(self, pipe: Any, script: Script, keys: Sequence[str], lists: Sequence[str]) -> Any:
         """One MGET for ``keys``, one LRANGE per key of ``lists``."""
@@ -626,7 +645,7 @@ class RedisStore:
     @staticmethod
     def _fetched(results: list[Any], values: bool) -> Fetched:
         found = [bytes(v) if v is not None else None for v in results[0]] if values else []
-        return found, [[float(v) for v in series] for series in results[1 if values else 0:]]
+        return found, [numbers(series) for series in results[1 if values else 0:]]
 
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
