@@ -391,3 +391,20 @@ def test_a_reply_size_that_is_no_number_fails_no_other_read(redis_we_can_stop) -
         "routing": {"aliases": {"mini": ["gpt-4o-mini", "gpt-4.1-mini"]}, "budgets": [{"name": "team", "usd": 5.0}]}})
     answer = pipeline.completion(model="mini", messages=MESSAGES, mock_response="ok")
     assert outcome(answer).plan.model == "gpt-4.1-mini"
+
+
+def test_a_budget_window_and_cache_ttl_longer_than_redis_takes(redis_we_can_stop) -> None:
+    """``window_s`` and ``cache.ttl_s`` pass the config at ``1e20`` (or ``.inf``): practically forever.
+    Redis refused their expiry (it must fit in 64 bits of ms), so every call failed its admission and
+    ``on_store_error: closed`` refused all of them, and the cache never kept an entry; now the
+    longest expiry Redis takes is set instead."""
+    url, _ = redis_we_can_stop
+    budget = {"name": "team", "usd": 1.0, "scope": "global", "window_s": 1e20, "on_store_error": "closed"}
+    pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [budget]}, "cache": {"ttl_s": float("inf")}})
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "ok", "temperature": 0}
+    first = pipeline.completion(**request)
+    assert outcome(first).usage.source != "cache"
+    assert outcome(pipeline.completion(**request)).usage.source == "cache"
+    import redis
+
+    assert float(redis.Redis.from_url(url).get("rm:budget:team:usd:all:0")) == pytest.approx(outcome(first).cost.total_usd)

@@ -84,6 +84,19 @@ def test_a_redis_settlement_ends_its_holds_before_a_write_that_fails(redis_url) 
     store.close()
 
 
+@pytest.mark.parametrize("ttl_s", [1e20, float("inf"), 1e-6])
+def test_a_ttl_of_any_length_is_taken(store, ttl_s) -> None:
+    """A ttl longer than Redis takes (its expiry must fit in 64 bits of ms), up to ``inf``, or shorter
+    than a millisecond: every write takes it (Redis refused the first kind, and every write with it)."""
+    store.set("a", b"1", ttl_s)
+    assert store.add_within([("n", 1.0, 10.0, ttl_s)], [("b", 1.0, 10.0, ttl_s, "h1", ttl_s)]) is None
+    store.put_bounded("entry", b"x", ttl_s, "ring", 10)
+    store.add_many([("n", 1.0, ttl_s)], [("sizes", 1.0, 5, ttl_s)], [("b", "h1", 1.0, 2.0, ttl_s)])
+    if ttl_s > 1:
+        assert store.get("a") == b"1" and float(store.get("n")) == 2.0 and float(store.get("b")) == 2.0
+        assert store.get("entry") == b"x" and store.samples("sizes") == [1.0]
+
+
 def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
     """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
     when released, and taken back out by the next admission on its key once it expired (its release

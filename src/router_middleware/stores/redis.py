@@ -485,8 +485,17 @@ def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
             "retry": retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
 
 
+_MAX_MS = 2 ** 62  # the longest ttl Redis takes: its expiry (now + ttl, in ms) must fit in 64 bits
+
+
+def _px(ttl_s: float) -> int:
+    """``ttl_s`` in ms for Redis: at least 1, and a longer ttl than Redis takes (``inf`` too) is the
+    longest it takes, about 146 million years (Redis refuses it, and every write with it)."""
+    return max(1, int(min(ttl_s * 1000, _MAX_MS)))
+
+
 def _ms(ttl_s: float | None) -> str:
-    return str(max(1, int(ttl_s * 1000))) if ttl_s else ""
+    return str(_px(ttl_s)) if ttl_s else ""
 
 
 def _member(hold: str, amount: float) -> str:
@@ -549,7 +558,7 @@ class RedisStore:
 
     @_guarded
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        self.client.set(self._k(key), value, px=int(ttl_s * 1000) if ttl_s else None)
+        self.client.set(self._k(key), value, px=_px(ttl_s) if ttl_s else None)
 
     @_guarded
     def delete(self, key: str) -> None:
@@ -707,7 +716,7 @@ class RedisStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> Iterator[None]:
         token = uuid.uuid4().hex
         key = self._k(f"lock:{name}")
-        acquire(lambda: bool(self.client.set(key, token, nx=True, px=int(ttl_s * 1000))), name, timeout_s)
+        acquire(lambda: bool(self.client.set(key, token, nx=True, px=_px(ttl_s))), name, timeout_s)
         try:
             yield
         finally:
