@@ -332,6 +332,35 @@ def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, scrip
     assert script.calls == [CLAUDE]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_half_open_target_another_call_probes_is_tried_anyway_when_no_target_after_it_admits_the_call(
+        script, asynchronous) -> None:
+    """The agent middleware can reach claude only (gpt-5-mini is none of its models): skipping claude
+    because another call probes it left the call no target, a NoRouteError where a direct call would
+    have been sent."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    p = pipeline(aliases={"coder": [CLAUDE, MINI]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
+    models = {CLAUDE: RoutedChatModel(model=CLAUDE, pipeline=inner)}
+    middleware = RouterAgentMiddleware(p, models=models, model="coder")
+    request = ModelRequest(model=models[CLAUDE], messages=[HumanMessage(MESSAGES[0]["content"])], model_settings={})
+    if asynchronous:
+        async def handler(r: ModelRequest) -> ModelResponse:
+            return ModelResponse(result=[await r.model.ainvoke(r.messages)])
+
+        asyncio.run(middleware.awrap_model_call(request, handler))
+    else:
+        middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    assert script.calls == [CLAUDE]
+    assert p.store.get(f"probe:{CLAUDE}") is not None  # the other call's probe, still held: not taken over
+
+
 def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real_redis(redis_url,
                                                                                        monkeypatch) -> None:
     target = f"claude-{time.time_ns()}"  # the cooldown keys are per target: none left by another test

@@ -378,11 +378,12 @@ class CallLifecycle:
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
         half-open target is tried only by the call that claims its probe; the others move on, unless
-        it is their last target (tried anyway, as a direct call would be). A reasoning reservation
+        no target after it admits the call (tried anyway, as a direct call would be). A reasoning reservation
         that does not fit plans the call again (a lower level), a few times at most."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
         anyway = False  # the last target is half-open and probed by another call: tried all the same
+        probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
             target = plan.deployment or plan.model
             unreachable = self.usable is not None and not self.usable(target)
@@ -394,9 +395,11 @@ class CallLifecycle:
                 why = yield from self._take(found, size, claims or [], probe)
                 if why is None:
                     return plan
-                if isinstance(why, Probing) and len(attempts.models) == 1:
-                    anyway = True
-                    continue
+                if isinstance(why, Probing):
+                    if len(attempts.models) == 1:
+                        anyway = True
+                        continue
+                    probed = probed or target
                 if isinstance(why, StepDown):
                     plan = self._carry((yield from self._plan(target, Decision("reasoning", "step-down", why))))
                     replans -= 1
@@ -404,11 +407,16 @@ class CallLifecycle:
                     continue
             denied[target] = why
             next_target = attempts.skip(why)
+            action = "skip" if unreachable else "half-open" if isinstance(why, Probing) else "quota"
+            reason = f"{target}: {why}; moving on to {next_target}"
+            if next_target is None and probed is not None:  # refusing would be worse than a direct call
+                anyway, next_target, action = True, attempts.revisit(probed), "half-open"
+                reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
+                probed = None
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
             plan = self._carry((yield from self._plan(next_target, Decision(
-                "routing", "skip" if unreachable else "half-open" if isinstance(why, Probing) else "quota",
-                f"{target}: {why}; moving on to {next_target}", {"depth": attempts.depth}))))
+                "routing", action, reason, {"depth": attempts.depth}))))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int, claims: list[Claim],
               probe: str | None = None) -> Generator[Effect, Any, str | None]:

@@ -101,6 +101,14 @@ class Attempts:
         self.depth += 1
         return self.model
 
+    def revisit(self, model: str) -> str:
+        """Go back to ``model``, skipped before, as the call's last target (a half-open target another
+        call probes, when none after it admitted the call: tried anyway, as a direct call would be)."""
+        self.models.append(model)
+        self.tries = 0
+        self.depth += 1
+        return model
+
     def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
         """The model to try next after ``exc``, or ``None`` when the call must fail."""
         self.history += (f"{self.model}: {error_kind(exc)}",)
