@@ -114,3 +114,45 @@ def test_the_agent_middleware_sends_the_prompt_cache_key_it_records() -> None:
     assert body["prompt_cache_key"] == _agent_call("gpt-3.5-turbo", "openai_chat.yaml")["prompt_cache_key"]
     assert body["prompt_cache_key"].startswith("rm-")  # the session's key, as Pipeline.completion sends it
     assert "prompt_cache_key" not in _agent_call("gpt-3.5-turbo", "openai_chat.yaml", session=None)
+
+
+def test_the_agent_middleware_marks_the_agent_s_own_tools_keeping_what_they_carry() -> None:
+    """The agent's model is handed the agent's own tools, the last one marked in its ``extras`` (where
+    ChatAnthropic reads a tool's cache_control, and RoutedChatModel too): not OpenAI-format dicts in
+    their place, which lose what a tool carries for its provider (ChatAnthropic sends a tool's
+    ``extras``: ``defer_loading``, the caller's own ``cache_control``) and read as provider tools to
+    the middleware after this one."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.tools import BaseTool, tool
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    @tool(description="Read a file of the repository. " + "Paths are relative to the repository root. " * 150)
+    def read_file(path: str) -> str:
+        return path
+
+    @tool(extras={"defer_loading": True})
+    def search_docs(query: str) -> str:
+        """Search the docs."""
+        return query
+
+    claude = "anthropic/claude-3-opus-20240229"
+    models = {claude: RoutedChatModel(model=claude, max_tokens=1024, pipeline=Pipeline())}
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models=models,
+                                       model=claude)
+    handed: list[ModelRequest] = []
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        handed.append(request)
+        return ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 9, "output_tokens": 1,
+                                                                     "total_tokens": 10})])
+
+    middleware.wrap_model_call(ModelRequest(model=models[claude], messages=[HumanMessage("Read utils.py")],
+                                            model_settings={}, tools=[read_file, search_docs]), handler)
+    first, last = handed[0].tools
+    assert first is read_file and isinstance(last, BaseTool) and last.name == "search_docs"
+    assert last.extras == {"defer_loading": True, "cache_control": {"type": "ephemeral"}}
+    assert search_docs.extras == {"defer_loading": True}  # the agent's own tool is left as it was
+    bound = models[claude].bind_tools(handed[0].tools).kwargs["tools"]  # type: ignore[attr-defined]
+    assert [t.get("cache_control") for t in bound] == [None, {"type": "ephemeral"}]

@@ -165,10 +165,17 @@ class RoutedChatModel(BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (any format ``convert_to_openai_tool`` takes); ``tool_choice`` as LangChain spells it
         (``"any"``, a tool name, ``"auto"``, ``"none"``) or OpenAI's."""
-        formatted = [convert_to_openai_tool(t) for t in tools]
+        formatted = [_with_mark(convert_to_openai_tool(t), t) for t in tools]
         if tool_choice is not None and tool_choice is not False:
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=formatted, **kwargs)
+
+
+def _with_mark(formatted: dict[str, Any], tool: Any) -> dict[str, Any]:
+    """``formatted`` with the ``cache_control`` a tool carries in its ``extras`` (an Anthropic
+    breakpoint marked as for ChatAnthropic), which LangChain's conversion leaves out."""
+    mark = (getattr(tool, "extras", None) or {}).get("cache_control") if isinstance(tool, BaseTool) else None
+    return {**formatted, "cache_control": mark} if mark else formatted
 
 
 def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:

@@ -6,7 +6,7 @@ chat models keyed by the ids the routing config names; other targets are skipped
 the context policy trims the history (kept messages are the agent's own objects; a dropped span
 becomes one digest message), and what the policies add goes to the model as ``Pipeline.completion``
 sends it (reasoning parameters and a session's ``prompt_cache_key`` in ``model_settings``, Anthropic
-``cache_control`` breakpoints on the messages and the last tool).
+``cache_control`` breakpoints on the messages and the last tool, in its ``extras``).
 Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the pipeline; usage
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
 spend). The response cache is not used (its answers are litellm responses).
@@ -21,6 +21,7 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, convert_to_messages
+from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from ..catalog import close_names
@@ -67,6 +68,26 @@ def _own(valid: Sequence[Any], converted: Sequence[Any], owners: Sequence[Any]) 
                 start = i + 1
                 break
     return own
+
+
+def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[Any] | None) -> list[Any]:
+    """The agent's own tools ``own`` (``converted`` for the pipeline), each the plan marked with a
+    ``cache_control`` the pipeline's way (``planned``) carrying that mark: a tool in its ``extras``
+    (where ChatAnthropic and RoutedChatModel read it), a dict as a key. Never dicts in place of the
+    agent's tools: they would lose what a tool carries for its provider (``extras`` ChatAnthropic
+    sends, such as ``defer_loading``), and read as provider tools to the middleware after this one."""
+    if not planned or not converted or planned == converted or len(planned) != len(own):
+        return own
+    tools = list(own)
+    for i, (tool, was, now) in enumerate(zip(own, converted, planned, strict=True)):
+        mark = now.get("cache_control") if isinstance(now, Mapping) and now != was else None
+        if mark is None:
+            continue
+        if isinstance(tool, BaseTool):
+            tools[i] = tool.model_copy(update={"extras": {**(tool.extras or {}), "cache_control": mark}})
+        elif isinstance(tool, dict):
+            tools[i] = {**tool, "cache_control": mark}
+    return tools
 
 
 def _sent(request: ModelRequest) -> list[BaseMessage]:
@@ -151,7 +172,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
-                                    tools=list(tools) if tools and tools != params.get("tools") else request.tools)
+                                    tools=_marked(request.tools, params.get("tools"), tools))
 
         usable = self.models.__contains__ if self.models else None
         return self.pipeline.start(call, read=self._read, usable=usable, cache=False,
