@@ -114,6 +114,17 @@ def test_a_redis_store_url_parameter_redis_cannot_read_is_a_config_error_naming_
                                  "connection URL.")
 
 
+@pytest.mark.parametrize("query", ["socket_timout=1", "ssl_cert_reqs=required"])
+def test_a_redis_store_url_parameter_redis_does_not_take_is_a_config_error_naming_it(query: str) -> None:
+    """A misspelled parameter (or one for rediss:// only) is no error until the first command, and then
+    every store call fails: budgets unenforced, a warning per call, instead of an error at load."""
+    with pytest.raises(ConfigError) as raised:
+        Pipeline.from_config({"store": f"redis://:s3cret@127.0.0.1:6379/0?{query}"})
+    name = query.partition("=")[0]
+    assert f"store 'redis://@127.0.0.1:6379/0?{query}'" in str(raised.value) and repr(name) in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
 def test_a_redis_store_url_without_port_or_database_loads() -> None:
     for url in ("redis://localhost", "redis://localhost:6379/", "rediss://:p@[::1]:6380/15", "unix:///tmp/r.sock",
                 "redis://h/3?socket_timeout=1"):

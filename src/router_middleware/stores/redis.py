@@ -536,6 +536,10 @@ class RedisStore:
         # Threads beyond the pool's connections wait for one (up to timeout_s) rather than fail at once.
         pool = redis.BlockingConnectionPool.from_url(url, max_connections=100, timeout=timeout_s,
                                                      **_client_options(timeout_s, redis.retry.Retry))
+        try:  # a parameter the connection does not take fails only at the first command otherwise
+            pool.connection_class(**pool.connection_kwargs)  # no socket is opened
+        except TypeError as exc:
+            raise ValueError(f"redis-py's connection takes no such parameter ({exc})") from None
         self.client: Any = redis.Redis(connection_pool=pool)
         self.url = url
         self.prefix = prefix
