@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -1237,6 +1238,37 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
 
+def _client_leaves_after_two_chunks(logger: RouterLogger, data: dict, *, hook: bool) -> Counter[str]:
+    """A proxy request (planned by the pre-call hook if ``hook``) streamed by a router whose deployment
+    ``slow`` is the fault server's slow stream, read for two chunks, then ended by the proxy's own
+    cleanup of a client that left (``finalize_streaming_generator_cleanup``, which flags the request
+    and delivers the chunks streamed as a success); what the fault server saw."""
+    from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
+
+    from .fault_server import fault_server
+
+    request = {**data, "messages": [{"role": "user", "content": f"task {data['litellm_call_id']}"}], "stream": True}
+
+    async def run(router: litellm.Router) -> None:
+        planned = await logger.async_pre_call_hook(None, None, request, "acompletion") if hook else request
+        sent = _proxy_request(planned)
+        stream = await router.acompletion(**sent)
+        read = 0
+        async for _ in stream:
+            read += 1
+            if read == 2:
+                break
+        await ProxyBaseLLMRequestProcessing.finalize_streaming_generator_cleanup(None, sent, stream,
+                                                                                 client_disconnected=True)
+        await logger.aflush()
+
+    with fault_server(hang_s=3.0, cut_events=3) as (base, seen):
+        router = litellm.Router(model_list=[{"model_name": "slow", "litellm_params": {
+            "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1", "api_key": "x"}}])
+        asyncio.run(run(router))
+    return seen
+
+
 def test_a_client_that_leaves_a_stream_planned_at_its_attempt_is_recorded_as_closed_early(tmp_path,
                                                                                         span_exporter) -> None:
     """A proxy request the pre-call hook did not plan (the lifecycle starts at its attempt, in the
@@ -1244,31 +1276,10 @@ def test_a_client_that_leaves_a_stream_planned_at_its_attempt_is_recorded_as_clo
     as a success flagged ``client_disconnected``. Recorded as a planned call is: its row and span say
     ``ClientDisconnected``, with litellm's count marked ``estimated``; not a complete answer (no
     reply-size sample)."""
-    from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
-
-    from .fault_server import fault_server
-
     asyncio.run(wire.drain_callbacks())
     logger = _one_target_logger(tmp_path, "slow")
-
-    async def run(router: litellm.Router) -> None:
-        data = _proxy_request({"model": "slow", "messages": [{"role": "user", "content": "task gone-2"}],
-                               "litellm_call_id": "gone-2", "stream": True})
-        stream = await router.acompletion(**data)
-        read = 0
-        async for _ in stream:
-            read += 1
-            if read == 2:
-                break
-        await ProxyBaseLLMRequestProcessing.finalize_streaming_generator_cleanup(None, data, stream,
-                                                                                 client_disconnected=True)
-        await logger.aflush()
-
     try:
-        with fault_server(hang_s=3.0, cut_events=3) as (base, seen):
-            router = litellm.Router(model_list=[{"model_name": "slow", "litellm_params": {
-                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1", "api_key": "x"}}])
-            asyncio.run(run(router))
+        seen = _client_leaves_after_two_chunks(logger, {"model": "slow", "litellm_call_id": "gone-2"}, hook=False)
         rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
         samples = [key for key in logger.pipeline.store._data if key.startswith("out:")]
     finally:
@@ -1345,33 +1356,11 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
     ended by the proxy's own cleanup of a client that left (``finalize_streaming_generator_cleanup``,
     which flags the request and delivers the chunks streamed as a success). The attempt's span says
     ``ClientDisconnected``, with litellm's count marked ``estimated``: not the provider's report."""
-    from litellm.proxy.common_request_processing import ProxyBaseLLMRequestProcessing
-
-    from .fault_server import fault_server
-
     asyncio.run(wire.drain_callbacks())
     logger = _one_target_logger(tmp_path, "slow")
     started = time.time()
-
-    async def run(router: litellm.Router) -> None:
-        data = {"model": "coder", "messages": [{"role": "user", "content": "task gone-1"}],
-                "litellm_call_id": "gone-1", "stream": True}
-        changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-        stream = await router.acompletion(**changed)
-        read = 0
-        async for _ in stream:
-            read += 1
-            if read == 2:
-                break
-        await ProxyBaseLLMRequestProcessing.finalize_streaming_generator_cleanup(None, changed, stream,
-                                                                                 client_disconnected=True)
-        await logger.aflush()
-
     try:
-        with fault_server(hang_s=3.0, cut_events=3) as (base, seen):
-            router = litellm.Router(model_list=[{"model_name": "slow", "litellm_params": {
-                "model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1", "api_key": "x"}}])
-            asyncio.run(run(router))
+        seen = _client_leaves_after_two_chunks(logger, {"model": "coder", "litellm_call_id": "gone-1"}, hook=True)
         rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
     finally:
         logger.unregister()
