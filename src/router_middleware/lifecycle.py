@@ -382,7 +382,7 @@ class CallLifecycle:
         that does not fit plans the call again (a lower level), a few times at most."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
-        anyway = False  # the last target is half-open and probed by another call: tried all the same
+        anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
             target = plan.deployment or plan.model
