@@ -403,3 +403,31 @@ def test_a_deployment_is_called_by_its_name_without_any_alias() -> None:
     plan = routed(p, "local")
     assert (plan.model, plan.deployment) == ("openai/my-llama", "local")
     assert p.request(plan)["api_base"] == "http://127.0.0.1:1/v1"
+
+
+# Input-cheap, output-dear vs the reverse: which is cheaper for a ~10k-token request turns on the output.
+_PRICED = {"gpt-4o-mini": {"input_per_mtok": 0.1, "output_per_mtok": 10.0},
+           "gpt-3.5-turbo": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}
+_LONG = [{"role": "user", "content": "word " * 10_000}]
+
+
+@pytest.mark.parametrize(("params", "routing", "cheapest"), [
+    ({}, {}, "gpt-4o-mini"),  # 512 tokens out: the cheap input wins
+    ({"max_tokens": 4000}, {}, "gpt-3.5-turbo"),  # 4,000 out: the cheap output wins
+    ({"max_completion_tokens": 4000}, {}, "gpt-3.5-turbo"),  # OpenAI's newer name for the same cap
+    ({}, {"default_output_tokens": 4000}, "gpt-3.5-turbo"),  # the config's expected output, without a cap
+])
+def test_floor_prices_each_candidate_at_the_output_the_request_expects(params, routing, cheapest) -> None:
+    p = Pipeline.from_config({"models": _PRICED, "context": {"enabled": False}, "cache": {"enabled": False},
+                              "routing": {"aliases": {"pair": ["gpt-4o-mini", "gpt-3.5-turbo"]}, **routing}})
+    assert routed(p, "pair:floor", _LONG, **params).model == cheapest
+
+
+def test_a_token_limit_judges_a_candidate_with_max_completion_tokens_too() -> None:
+    p = Pipeline.from_config({"context": {"enabled": False}, "cache": {"enabled": False},
+                              "routing": {"aliases": {"pair": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+                                          "limits": {"gpt-4o-mini": {"tpm": 5000}}}})
+    for cap in ({"max_tokens": 8000}, {"max_completion_tokens": 8000}):
+        plan = routed(p, "pair", **cap)
+        assert plan.model == "gpt-3.5-turbo", cap
+        assert "gpt-4o-mini: " in plan.decisions[0].attributes["considered"]

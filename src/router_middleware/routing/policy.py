@@ -230,7 +230,7 @@ class RoutingPolicy:
             return [held, *(m for m in ranked if m != held)], Decision(
                 self.name, "stay", f"stay on {held}: {unknown} has no price, so a switch cannot be judged")
         move = switch(held, held_info, new, new_info, tokens=estimate, horizon=self.config.affinity.horizon_calls,
-                      output=int(plan.params.get("max_tokens") or self.config.default_output_tokens),
+                      output=self._output(plan),
                       provider_cache=state.provider_cache)
         if held_tier < session.floor:
             return ranked, Decision(self.name, "switch", f"move up from {held} to {new} ({session.floor_why}): "
@@ -240,6 +240,12 @@ class RoutingPolicy:
                                     move.attributes())
         return [held, *(m for m in ranked if m != held)], Decision(
             self.name, "stay", f"stay on {held}: a switch to {new} {move.numbers()}", move.attributes())
+
+    def _output(self, plan: Plan) -> int:
+        """The output a candidate is judged with (its price, a token quota, a switch's payback): the
+        request's cap (``max_tokens`` or ``max_completion_tokens``), else ``default_output_tokens``."""
+        cap = output_cap(plan.params)
+        return cap[1] if cap is not None else self.config.default_output_tokens
 
     def _model(self, target: str) -> str:
         deployment = self.config.deployments.get(target)
@@ -305,8 +311,7 @@ class RoutingPolicy:
         model = deployment.model if deployment else name
         quotas = quotas_for(name, model, self.config)
         if quotas:
-            output = int(plan.params.get("max_tokens") or self.config.default_output_tokens)
-            why = exhausted(quotas, state.quotas, state.now, estimate + output)
+            why = exhausted(quotas, state.quotas, state.now, estimate + self._output(plan))
             if why:
                 return why
         provider = state.catalog.provider(model) or ""
@@ -355,7 +360,7 @@ class RoutingPolicy:
 
     def _rank(self, models: Sequence[str], strategy: str, plan: Plan, state: PolicyState, estimate: int) -> list[str]:
         if strategy == "price":
-            output = int(plan.params.get("max_tokens") or 512)
+            output = self._output(plan)
 
             def cost(name: str) -> float:
                 deployment = self.config.deployments.get(name)
