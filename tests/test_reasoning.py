@@ -271,3 +271,20 @@ def test_a_cap_keeps_the_callers_own_smaller_budget() -> None:
                        {"thinking": {"type": "enabled", "budget_tokens": 3000}, "max_tokens": 9000}, AgentContext())
     planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
     assert planned.params["thinking"]["budget_tokens"] == 3000
+
+
+@pytest.mark.parametrize(("cap", "sent"), [
+    ({"max_completion_tokens": 1000}, 2048 + 4096),  # below the thinking budget: raised above it, as max_tokens is
+    ({"max_completion_tokens": 32000}, 32000),  # above it: the caller's cap, unchanged
+    ({"max_tokens": 1000}, 2048 + 4096),
+])
+def test_anthropic_thinking_raises_a_max_completion_tokens_below_its_budget_as_it_does_max_tokens(cap, sent) -> None:
+    """OpenAI's newer name for the output cap is the same cap to Anthropic (litellm sends it as
+    ``max_tokens``): left below the thinking budget, Anthropic refuses the call (a 400)."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "low"}]},
+                                     "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
+        pipeline.completion(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                            api_base=base, api_key="k", num_retries=0, max_retries=0, **cap)
+    assert bodies[-1]["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert bodies[-1]["max_tokens"] == sent, bodies[-1]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..catalog import ModelInfo
+from ..params import output_cap
 from .levels import DEFAULT_BUDGETS, Level, level_for_budget
 
 REASONING_PARAMS = ("reasoning_effort", "thinking", "reasoning")
@@ -92,9 +93,10 @@ def translate(
             return Translation(base, "thinking off")
         raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
         tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
-        max_tokens = int(base.get("max_tokens") or 0)
-        out = {**base, "thinking": {"type": "enabled", "budget_tokens": tokens},
-               "max_tokens": max(max_tokens, tokens + ANTHROPIC_OUTPUT_RESERVE)}
+        cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
+        out = {**{k: v for k, v in base.items() if k != "max_completion_tokens"},
+               "thinking": {"type": "enabled", "budget_tokens": tokens},
+               "max_tokens": max(cap[1] if cap else 0, tokens + ANTHROPIC_OUTPUT_RESERVE)}
         dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
         for key in dropped:
             out.pop(key)
