@@ -288,3 +288,34 @@ def test_anthropic_thinking_raises_a_max_completion_tokens_below_its_budget_as_i
                             api_base=base, api_key="k", num_retries=0, max_retries=0, **cap)
     assert bodies[-1]["thinking"] == {"type": "enabled", "budget_tokens": 2048}
     assert bodies[-1]["max_tokens"] == sent, bodies[-1]
+
+
+def _sent(call, model: str, **params) -> dict:
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
+        call(model=model, messages=[{"role": "user", "content": "hi"}], api_base=base, api_key="k",
+             num_retries=0, max_retries=0, **params)
+    return bodies[-1]
+
+
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-flash", "openai/gpt-5-mini",
+                                   "openrouter/anthropic/claude-sonnet-4.5"])
+def test_without_a_rule_the_callers_reasoning_effort_goes_out_as_a_direct_call_sends_it(model) -> None:
+    """No rule and no session budget: nothing caps the caller's level, so litellm maps it as it would
+    without the middleware (before, Anthropic's 'high' became a 16,384-token budget with max_tokens
+    raised from 5,000 to 20,480: four times the output the caller allowed)."""
+    import litellm
+
+    keys = ("reasoning_effort", "thinking", "reasoning", "max_tokens", "generationConfig")
+    piped = _sent(Pipeline.from_config({"context": {"enabled": False}}).completion, model,
+                  reasoning_effort="high", max_tokens=5000)
+    direct = _sent(litellm.completion, model, reasoning_effort="high", max_tokens=5000)
+    assert {k: piped.get(k) for k in keys} == {k: direct.get(k) for k in keys}
+
+
+def test_without_a_rule_a_level_the_model_lacks_still_becomes_the_nearest_it_has() -> None:
+    """gpt-5 models take no 'none' (OpenAI answers 400): the nearest level they take is sent."""
+    call = Call.create("gpt-5-mini", [{"role": "user", "content": "fix it"}], {"reasoning_effort": "none"},
+                       AgentContext())
+    planned = ReasoningPolicy(ReasoningConfig())(Plan.from_call(call), PolicyState())
+    assert planned.params["reasoning_effort"] == "minimal"
+    assert planned.decisions[-1].action == "cap"

@@ -53,6 +53,8 @@ class ReasoningPolicy:
             level, budget = rule.effort, rule.budget_tokens
             reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
         elif (effort := plan.params.get("reasoning_effort")) in LEVELS:  # no rule: the caller's own level
+            if self._remaining(context, state) is None and not config.exclude_from_response:  # nothing caps it
+                return self._keep(plan, state, effort, kind)
             level = effort
             reasons.append("caller's own setting")
         if level is None and budget is None:
@@ -89,6 +91,20 @@ class ReasoningPolicy:
             attrs["session_remaining_tokens"] = max(0, remaining)
         return plan.decide(Decision(self.name, action, "; ".join([*reasons, result.note]), attrs),
                            params=result.params)
+
+    def _keep(self, plan: Plan, state: PolicyState, level: Level, kind: str) -> Plan:
+        """The caller's own ``reasoning_effort`` with no rule or session budget to cap it: sent as it
+        came (litellm maps it as it would without the middleware), unless the model cannot take it:
+        dropped, or (a level it lacks, which its provider refuses) the nearest level it has."""
+        result = translate(plan.model, state.catalog.provider(plan.model), state.catalog.resolve(plan.model),
+                           plan.params, level=level, budgets=self._budgets())
+        attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind,
+                                                      "effective_level": result.effective or level}
+        if not result.supported or (result.effective or level) != level:
+            return plan.decide(Decision(self.name, "cap" if result.supported else "unsupported",
+                                        f"caller's own setting; {result.note}", attrs), params=result.params)
+        return plan.decide(Decision(self.name, "keep", "caller's own setting, sent as it came: no rule or "
+                                                       "session budget caps it", attrs))
 
     def _remaining(self, context: AgentContext, state: PolicyState) -> int | None:
         if self.config.session_budget_tokens is None or not context.session_id:
