@@ -99,6 +99,23 @@ def test_async_invoke_replays_usage_exactly() -> None:
         (usage["input_tokens"], usage["output_tokens"])
 
 
+def test_bind_tools_strict_marks_each_function_not_the_request() -> None:
+    """``bind_tools(tools, strict=True)`` as ChatOpenAI sends it: ``strict`` on each function (with
+    ``additionalProperties: false``), not a top-level request field OpenAI refuses with a 400."""
+    item = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0]
+    kwargs = completion_kwargs(item)
+    replayer, sent = capturing_vcr()
+    with replayer.use_cassette(str(CASSETTES / "openai_chat_tools_streaming.yaml")):
+        functions = [t["function"] for t in kwargs["tools"]]  # (a tool in OpenAI's own format is sent as given)
+        message = _routed(streaming=True).bind_tools(functions, tool_choice="any", strict=True).invoke(
+            kwargs["messages"])
+    assert message.tool_calls[0]["args"] == _recorded_stream_args(item)
+    body = sent[-1]  # (the matcher sees the one request more than once)
+    assert "strict" not in body
+    function = body["tools"][0]["function"]
+    assert function["strict"] is True and function["parameters"]["additionalProperties"] is False
+
+
 # -- RouterCallbackHandler -------------------------------------------------------------------------
 
 

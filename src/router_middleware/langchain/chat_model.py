@@ -161,11 +161,12 @@ class RoutedChatModel(BaseChatModel):
 
     def bind_tools(
         self, tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool], *,
-        tool_choice: str | bool | dict[str, Any] | None = None, **kwargs: Any,
+        tool_choice: str | bool | dict[str, Any] | None = None, strict: bool | None = None, **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools (any format ``convert_to_openai_tool`` takes); ``tool_choice`` as LangChain spells it
-        (``"any"``, a tool name, ``"auto"``, ``"none"``) or OpenAI's."""
-        formatted = [_with_mark(convert_to_openai_tool(t), t) for t in tools]
+        (``"any"``, a tool name, ``"auto"``, ``"none"``) or OpenAI's; ``strict`` on each function, as
+        ChatOpenAI sends it (a top-level ``strict`` is no request field: OpenAI answers 400)."""
+        formatted = [_with_mark(convert_to_openai_tool(t, strict=strict), t) for t in tools]
         if tool_choice is not None and tool_choice is not False:
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=formatted, **kwargs)
