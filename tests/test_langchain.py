@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from opentelemetry.trace import SpanKind, StatusCode
+from pydantic import BaseModel
 
 from router_middleware import Pipeline
 from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware, RouterCallbackHandler
@@ -114,6 +115,49 @@ def test_bind_tools_strict_marks_each_function_not_the_request() -> None:
     assert "strict" not in body
     function = body["tools"][0]["function"]
     assert function["strict"] is True and function["parameters"]["additionalProperties"] is False
+
+
+class Weather(BaseModel):
+    location: str
+
+
+def _structured(method: str, **kwargs: Any) -> Any:
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline.from_config({"cache": {"enabled": False}}),
+                            model_kwargs={"mock_response": '{"location": "San Francisco"}'})
+    return model.with_structured_output(Weather, method=method, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["json_schema", "json_mode"])
+def test_structured_output_by_json_schema_or_json_mode_asks_for_a_response_format(method: str) -> None:
+    """``with_structured_output(method="json_schema" | "json_mode")`` asks the model for JSON content
+    (``response_format``), as ChatOpenAI does, and parses it; not a forced tool call in its place
+    (langchain-core's default drops ``method`` and ``strict``), which a model without tools cannot answer."""
+    from .capture_server import capture_server
+
+    strict = True if method == "json_schema" else None
+    with capture_server() as (base, bodies):
+        model = RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline.from_config({"cache": {"enabled": False}}),
+                                api_base=base, api_key="test-key", max_retries=0, model_kwargs={"num_retries": 0})
+        with pytest.raises(Exception):  # noqa: B017, PT011 - the capture server answers 500: the body is what counts
+            model.with_structured_output(Weather, method=method, strict=strict).invoke("Weather in SF?")
+    body = bodies[-1]
+    assert "tools" not in body and "tool_choice" not in body
+    if method == "json_schema":
+        assert body["response_format"]["type"] == "json_schema"
+        schema = body["response_format"]["json_schema"]
+        assert (schema["name"], schema["strict"], schema["schema"]["properties"]) == (
+            "Weather", True, {"location": {"type": "string"}})
+    else:
+        assert body["response_format"] == {"type": "json_object"}
+    assert _structured(method).invoke("Weather in SF?") == Weather(location="San Francisco")
+    raw = asyncio.run(_structured(method, include_raw=True).ainvoke("Weather in SF?"))
+    assert raw["parsed"] == Weather(location="San Francisco") and raw["parsing_error"] is None
+    assert raw["raw"].usage_metadata["output_tokens"] > 0
+
+
+def test_structured_output_refuses_an_unknown_method_by_name() -> None:
+    with pytest.raises(ValueError, match="method='json'"):
+        _structured("json")
 
 
 # -- RouterCallbackHandler -------------------------------------------------------------------------

@@ -6,16 +6,20 @@ import difflib
 import functools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from operator import itemgetter
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
+from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
 from langchain_core.tools import BaseTool
-from langchain_core.utils.function_calling import convert_to_openai_tool
+from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
@@ -170,6 +174,50 @@ class RoutedChatModel(BaseChatModel):
         if tool_choice is not None and tool_choice is not False:
             kwargs["tool_choice"] = tool_choice
         return self.bind(tools=formatted, **kwargs)
+
+    def with_structured_output(self, schema: dict[str, Any] | type | None = None, *, include_raw: bool = False,
+                               method: str = "function_calling", strict: bool | None = None,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+        """``method``: ``"function_calling"`` (a forced tool call, the default), ``"json_schema"`` (the
+        schema as ``response_format``, ``strict`` as given) or ``"json_mode"`` (``response_format``
+        ``{"type": "json_object"}``: the prompt describes the schema), as ChatOpenAI takes them;
+        langchain-core's default would drop ``method`` and ``strict`` and force a tool call anyway."""
+        if kwargs:
+            raise ValueError(f"Received unsupported arguments {kwargs}")
+        if method not in ("function_calling", "json_schema", "json_mode"):
+            raise ValueError(f"with_structured_output: unsupported method={method!r}; "
+                             "use 'function_calling', 'json_schema' or 'json_mode'")
+        if schema is None and method != "json_mode":
+            raise ValueError(f"with_structured_output: method={method!r} needs a schema")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        traced = {"kwargs": {"method": method, "strict": strict}, "schema": schema}
+        parser: Runnable[Any, Any]
+        if method == "function_calling":
+            assert schema is not None
+            llm = self.bind_tools([schema], tool_choice="any", strict=strict, ls_structured_output_format=traced)
+            if pydantic:
+                parser = PydanticToolsParser(tools=[schema], first_tool_only=True)  # type: ignore[list-item]
+            else:
+                parser = JsonOutputKeyToolsParser(key_name=convert_to_openai_tool(schema)["function"]["name"],
+                                                  first_tool_only=True)
+        else:
+            if method == "json_schema":
+                function = convert_to_openai_function(schema, strict=strict)  # type: ignore[arg-type]
+                json_schema = {"name": function["name"], "schema": function["parameters"]}
+                if function.get("description"):
+                    json_schema["description"] = function["description"]
+                if strict is not None:
+                    json_schema["strict"] = strict
+                response_format: dict[str, Any] = {"type": "json_schema", "json_schema": json_schema}
+            else:
+                response_format = {"type": "json_object"}
+            llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
+            parser = PydanticOutputParser(pydantic_object=schema) if pydantic else JsonOutputParser()  # type: ignore[arg-type]
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
 
 
 def _with_mark(formatted: dict[str, Any], tool: Any) -> dict[str, Any]:
