@@ -650,3 +650,48 @@ def test_an_estimated_usage_stays_estimated_through_the_agent_middleware(tmp_pat
     spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert [s.attributes["router_middleware.usage.source"] for s in spans] == ["estimated", "provider"]
     assert all(s.attributes.get("gen_ai.response.time_to_first_chunk") for s in spans)  # the streams', not unknown
+
+
+@pytest.mark.parametrize("how", ["astream", "astream_events"])
+def test_a_routed_stream_cancelled_mid_answer_is_settled_with_the_cancellation(how: str, tmp_path) -> None:
+    """A task reading a RoutedChatModel stream is cancelled mid-answer (the provider paused after a
+    few chunks): what came is charged to the budget at once, and the ledger row says the answer was
+    cut short by the cancellation, not a finished answer (``error`` empty)."""
+    from router_middleware.ledger.store import open_ledger
+
+    from .fault_server import fault_server
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+
+    async def cancelled(base: str) -> list[Any]:
+        model = RoutedChatModel(model="openai/gpt-3.5-turbo", pipeline=pipeline, api_base=f"{base}/stall/v1",
+                                api_key="x", max_tokens=2000, context={"app": "a"})
+        got: list[Any] = []
+
+        async def read() -> None:
+            if how == "astream":
+                async for chunk in model.astream("hi"):
+                    got.append(chunk)
+            else:
+                async for event in model.astream_events("hi", version="v2"):
+                    if event["event"] == "on_chat_model_stream":
+                        got.append(event)
+
+        task = asyncio.create_task(read())
+        while len(got) < 3:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got
+
+    with fault_server(hang_s=1.0) as (base, seen):
+        assert asyncio.run(cancelled(base))
+    assert seen["stall:stall"] == 1
+    pipeline.close()
+    spent = float(pipeline.store.get("budget:team:usd:a:0") or 0)
+    rows = open_ledger(url).query("SELECT model, error, output_tokens, cost_usd FROM calls")
+    assert len(rows) == 1 and rows[0][:2] == ("gpt-3.5-turbo", "CancelledError")
+    assert rows[0][2] > 0 and rows[0][3] == pytest.approx(spent) and spent > 0  # what came, counted once

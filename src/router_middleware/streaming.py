@@ -70,7 +70,7 @@ class TrackedStream:
         except StopIteration:
             self._end(complete=True)
             raise
-        except Exception as exc:
+        except BaseException as exc:  # a provider's error, or the reader stopped from outside (Ctrl-C)
             self._end(exc, complete=False)
             raise
 
@@ -88,6 +88,9 @@ class TrackedStream:
             raise
         except Exception as exc:
             await self._aend(exc, complete=False)
+            raise
+        except BaseException as exc:  # the reading task cancelled mid-answer: cut short by that, settled now
+            self._end_now(exc)
             raise
 
     async def _aend(self, error: BaseException | None = None, *, complete: bool) -> None:
@@ -115,14 +118,18 @@ class TrackedStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _end_now(self, error: BaseException | None = None) -> None:
+        """End it unfinished without awaiting (a finalizer, a cancelled task): off the loop if settling may block."""
+        if self._done:
+            return
+        if self._off_loop and _loop_running():  # its settlement may block: not on the loop
+            threading.Thread(target=self._end, args=(error,), kwargs={"complete": False}, daemon=True).start()
+        else:
+            self._end(error, complete=False)
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
-            if self._done:
-                return
-            if self._off_loop and _loop_running():  # its settlement may block: not on the loop
-                threading.Thread(target=self._end, kwargs={"complete": False}, daemon=True).start()
-            else:
-                self._end(complete=False)
+            self._end_now()
 
 
 def _loop_running() -> bool:
