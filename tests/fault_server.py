@@ -37,10 +37,18 @@ def _bodies() -> tuple[bytes, bytes]:
     return plain, stream
 
 
+def _anthropic_bodies() -> tuple[bytes, bytes]:
+    """Anthropic's recorded ``/v1/messages`` answers: plain, and streamed (SSE)."""
+    plain = interactions(CASSETTES / "anthropic_message_create.yaml")[0].response_text.encode()
+    stream = interactions(CASSETTES / "anthropic_message_streaming.yaml")[0].response_text.encode()
+    return plain, stream
+
+
 @contextmanager
 def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
                  limited_requests: int = 3, cut_events: int = 5) -> Iterator[tuple[str, Counter[str]]]:
     plain, stream = _bodies()
+    anthropic_plain, anthropic_stream = _anthropic_bodies()
     events = stream.split(b"\n\n")
     assert 0 < cut_events < len(events) - 2  # the recording's last events: the finish with usage, [DONE]
     cut = b"".join(event + b"\n\n" for event in events[:cut_events])
@@ -125,6 +133,9 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
                 # breaks right after the headers (broken-stream, also for plain requests)
                 self._break(stream[:40] if fault == "truncated" else b"",
                             "text/event-stream" if streaming else "application/json")
+            elif self.path.endswith("/v1/messages"):  # Anthropic's API (the recordings' answers)
+                self._send(200, *((anthropic_stream, "text/event-stream") if streaming else (anthropic_plain,
+                                                                                            "application/json")))
             elif streaming:
                 self._send(200, stream, "text/event-stream")
             else:

@@ -4,6 +4,7 @@ subprocess on loopback with router-middleware's hook, for the tests that need th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,13 +41,17 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running_proxy(tmp_path: Path, env: Mapping[str, str]) -> Iterator[str]:
+def running_proxy(tmp_path: Path, env: Mapping[str, str], config: Path | None = None) -> Iterator[str]:
     """The proxy's base URL (``http://127.0.0.1:PORT``) while it runs in ``tmp_path`` (its log:
-    proxy.log), with ``env`` (the deployments' ``*_API_BASE``/``*_API_KEY``, ``ROUTER_MIDDLEWARE_CONFIG``)."""
+    proxy.log), with ``env`` (the deployments' ``*_API_BASE``/``*_API_KEY``, ``ROUTER_MIDDLEWARE_CONFIG``);
+    ``config``: a proxy config of the test's own (beside a copy of router_hook.py, which it names as
+    its callback), instead of integrations/litellm-proxy/config.yaml."""
     port = _free_port()
     full = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_MASTER_KEY": "sk-proxy-master", **env}
     log = (tmp_path / "proxy.log").open("wb")
-    process = subprocess.Popen([str(LITELLM), "--config", str(PROXY_DIR / "config.yaml"), "--host", "127.0.0.1",
+    if config is not None:
+        shutil.copy(PROXY_DIR / "router_hook.py", config.with_name("router_hook.py"))
+    process = subprocess.Popen([str(LITELLM), "--config", str(config or PROXY_DIR / "config.yaml"), "--host", "127.0.0.1",
                                 "--port", str(port)], cwd=tmp_path, env=full, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
