@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import threading
 import time
 import weakref
@@ -41,6 +42,7 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import wire
 from .accounting import build_outcome
+from .bookkeeping import Admission, Held
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
@@ -50,7 +52,7 @@ from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Message, Outcome, Plan
+from .types import AgentContext, Call, Decision, Message, Outcome, Plan
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -75,6 +77,17 @@ def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
 def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
     return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion") \
         and not _ours(kwargs)
+
+
+# Endpoints the proxy sends as they came (no routing, context or reasoning policy: those read and
+# rewrite chat messages), admitted against the budgets and counted: call type -> the endpoint.
+_AS_SENT = {"anthropic_messages": "/v1/messages", "aresponses": "/v1/responses"}
+
+
+def _as_sent(kwargs: Mapping[str, Any], call_type: Any) -> str | None:
+    """The endpoint of a proxy request sent as it came (:data:`_AS_SENT`), or ``None``."""
+    endpoint = _AS_SENT.get(str(getattr(call_type, "value", call_type)))
+    return None if endpoint is None or _ours(kwargs) else endpoint
 
 
 def _ours(kwargs: Mapping[str, Any]) -> bool:
@@ -193,6 +206,65 @@ class _Open:
         self.flow.close()
 
 
+@dataclass
+class _Counted:
+    """A proxy request sent as it came (:data:`_AS_SENT`) in flight: what its admission holds of the
+    budgets, the plan its ledger row and span describe, and its span."""
+
+    plan: Plan
+    held: Held
+    trace: CallTrace
+
+
+_OPAQUE_PARTS = frozenset({"image", "document", "input_image", "input_file", "input_audio"})
+
+
+def _text(value: Any) -> str:
+    """The text of an Anthropic or Responses content value (a string, or a list of parts), for sizing."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        return "\n".join(_text(part) for part in value)
+    if isinstance(value, Mapping):
+        if value.get("type") in _OPAQUE_PARTS:  # its bytes are no tokens: sized as the provider bills it, after
+            return f"[{value.get('type')}]"
+        found = value.get("text") if isinstance(value.get("text"), str) else value.get("content")
+        return _text(found) if found is not None else json.dumps(value, default=str)
+    return "" if value is None else str(value)
+
+
+def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message], dict[str, Any], str]:
+    """What an Anthropic ``/v1/messages`` or OpenAI ``/v1/responses`` request sends, as chat messages
+    (roles and text) for its token estimate and its span, its output cap (``max_tokens``), and its
+    tools' definitions as text (counted, never sent from here: the request goes as it came)."""
+    messages: list[Message] = []
+    if endpoint == "/v1/messages":
+        if data.get("system"):
+            messages.append({"role": "system", "content": _text(data["system"])})
+        for item in data.get("messages") or ():
+            if isinstance(item, Mapping):
+                role = "assistant" if item.get("role") == "assistant" else "user"
+                messages.append({"role": role, "content": _text(item.get("content"))})
+        cap = data.get("max_tokens")
+    else:
+        if data.get("instructions"):
+            messages.append({"role": "system", "content": _text(data["instructions"])})
+        items = data.get("input")
+        for item in [items] if isinstance(items, str) else items or ():
+            if isinstance(item, str):
+                messages.append({"role": "user", "content": item})
+            elif isinstance(item, Mapping):
+                said = "assistant" if item.get("type") in ("function_call", "reasoning") else "user"
+                role = {"assistant": "assistant", "system": "system", "developer": "system"}.get(str(item.get("role")),
+                                                                                                  said)
+                text = _text(item.get("content")) if "content" in item else json.dumps(item, default=str)
+                messages.append({"role": role, "content": text})
+        cap = data.get("max_output_tokens")
+    params = {"max_tokens": int(cap)} if isinstance(cap, int) and cap > 0 else {}
+    tools = json.dumps(data["tools"], default=str) if data.get("tools") else ""
+    return messages or [{"role": "user", "content": ""}], params, tools
+
+
 class MovedOn(Exception):
     """The proxy's router moved on to another target, so the attempt before failed; behind the proxy
     litellm delivers only a request's first failure event. Retryable (503) like the failure it stands for."""
@@ -221,6 +293,7 @@ class RouterLogger(CustomLogger):
         self.proxy = proxy
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
+        self._as_sent: OrderedDict[str, _Counted] = OrderedDict()  # proxy requests sent as they came, in flight
         self._lock = threading.Lock()
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
         self.hook_calls = 0
@@ -264,7 +337,13 @@ class RouterLogger(CustomLogger):
                                   call_type: Any) -> dict[str, Any] | None:
         """Proxy hook, before the proxy resolves ``model``: plan the call and admit its first attempt.
         Raises ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, ``MessageError`` or
-        ``RequestError``, which the proxy returns to the client."""
+        ``RequestError``, which the proxy returns to the client. An Anthropic ``/v1/messages`` or
+        OpenAI ``/v1/responses`` request is sent as it came, admitted against the budgets first
+        (:meth:`_admit_as_sent`)."""
+        endpoint = _as_sent(data, call_type)
+        if endpoint is not None:
+            await self._admit_as_sent(data, endpoint)
+            return None
         if not _is_chat(data, call_type):
             return None
         self.hook_calls += 1
@@ -289,6 +368,114 @@ class RouterLogger(CustomLogger):
         changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
         changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
+
+    async def _admit_as_sent(self, data: dict[str, Any], endpoint: str) -> None:
+        """A ``/v1/messages`` or ``/v1/responses`` request: sent as it came, to the proxy's
+        ``model_name`` it asks for (the routing, context and reasoning policies read and rewrite chat
+        messages: they do not apply), after its estimate is admitted against the budgets its labels
+        fall under (``BudgetExceeded``, a 429, before anything is sent, as a chat call is refused);
+        its events settle what it used (a ledger row, a span). A routing alias the proxy has no
+        ``model_name`` for is refused (``UnknownModelError``, a 400) naming the alias's targets it
+        serves. A request it cannot size is sent and counted, not refused (``budget_not_enforced``)."""
+        engine = self.pipeline
+        requested = str(data.get("model") or "")
+        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
+        if served is not None and requested not in served:
+            alias = requested.partition(":")[0]
+            targets = engine.config.routing.aliases.get(alias)
+            if targets is not None:
+                raise UnknownModelError(requested, f"a routing alias of the config, which the proxy routes on "
+                                        f"/v1/chat/completions only; {endpoint} requests go as they came, to a "
+                                        "model_name of the proxy", tuple(t for t in targets if t in served))
+            with self._lock:  # the proxy answers it itself (400, "Invalid model name"): nothing is sent, nor
+                self._mark_ended(self._key(data), True)  # recorded from its failure event
+            return
+        self.hook_calls += 1
+        try:
+            found = self._plan_as_sent(data, endpoint, requested)
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                        why=f"{endpoint} request the hook could not size: counted, not refused")
+            return
+        plan, tools = found
+        held = Held()
+        if engine.config.routing.budgets:
+            sizing = plan.override(messages=(*plan.messages, {"role": "system", "content": tools})) if tools else plan
+            held.counted, tokens, output = engine.request_size(sizing)
+            claims = engine.books.claims(plan.call.context, usd=engine.estimate_usd(plan, tokens, output),
+                                         tokens=tokens + output)
+            admission = engine.books.admission(held, (), tokens + output, claims)
+            if isinstance(admission, Admission):
+                await self._store_admits(held, admission)  # raises BudgetExceeded, StoreUnavailable
+        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0)
+        evicted: list[_Counted] = []
+        with self._lock:
+            key = self._key(data)
+            self._as_sent[key] = _Counted(plan, held, trace)
+            while len(self._as_sent) > _MAX_IN_FLIGHT:  # requests whose events never came
+                evicted.append(self._as_sent.popitem(last=False)[1])
+        for stale in evicted:
+            stale.trace.fail(TimeoutError("no event came for this call"))
+            await self._recorded(engine.books.release, stale.held)
+
+    def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> tuple[Plan, str]:
+        """The plan a request sent as it came is recorded under (the model the proxy's ``model_name``
+        stands for, its conversation as chat messages, its labels, a decision saying it was not
+        routed) and its tools' definitions as text, for its estimate."""
+        engine = self.pipeline
+        messages, params, tools = as_sent_view(data, endpoint)
+        deployment = requested if requested in engine.config.routing.deployments else None
+        model = engine.model_of(requested) if deployment else _proxy_model(requested) or requested
+        labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
+        call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
+        plan = Plan.from_call(call).override(model=model, deployment=deployment)
+        reason = (f"{endpoint}: sent as it came to the proxy's {requested!r} (routing, context and reasoning "
+                  "policies apply to /v1/chat/completions only); admitted against the budgets and counted")
+        return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint})), tools
+
+    async def _store_admits(self, held: Held, admission: Admission) -> None:
+        """Take ``admission``'s budget holds in the store (in a worker thread where it can block)."""
+        engine = self.pipeline
+        try:
+            if engine.store_blocks:
+                refusal = await asyncio.to_thread(engine.store.add_within, admission.entries, admission.holds)
+            else:
+                refusal = engine.store.add_within(admission.entries, admission.holds)
+        except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: refuse under on_store_error closed, else admit
+            engine.books.admission_failed(held, admission, exc)
+            return
+        engine.books.admitted(held, admission, refusal)
+
+    def _settle_as_sent(self, counted: _Counted, kwargs: Mapping[str, Any], answer: _Answer | None,
+                        error: BaseException | None) -> None:
+        """Settle a request sent as it came: at what its answer used (budgets, ledger row, span), or, with
+        no answer, give back its hold and record its failure."""
+        books = self.pipeline.books
+        try:
+            if answer is None:
+                assert error is not None
+                books.release(counted.held)
+                books.record_failure(counted.plan, error)
+                counted.trace.fail(error)
+            else:
+                result = self._read(counted.plan, answer, 0.0, routed=False)
+                result = books.settle(result, counted.held, answer.response, complete=error is None, error=error)
+                if error is None:
+                    counted.trace.succeed(result, answer.response)
+                else:
+                    counted.trace.fail(error, result)
+            self._tally()
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def _take_as_sent(self, key: str) -> _Counted | None:
+        """Take a request sent as it came out of the table, marking it ended (the events after the
+        first are no call of their own)."""
+        with self._lock:
+            counted = self._as_sent.pop(key, None)
+            if counted is not None:
+                self._mark_ended(key, True)
+            return counted
 
     def _known_model(self, model: str, served: frozenset[str]) -> None:
         """Refuse a model that is no name the proxy serves and no route of the config: the client's typo
@@ -340,6 +527,10 @@ class RouterLogger(CustomLogger):
         deployment hook ran), and the error is the provider's: not when the lifecycle's next attempt
         was never made (the one before, whose failure event came, was the last; what it used was
         counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
+        counted = self._take_as_sent(self._key(request_data))
+        if counted is not None:  # before its failure event (which then finds it ended)
+            await self._recorded(self._settle_as_sent, counted, request_data, _cut(request_data), original_exception)
+            return
         found = self._take_open(self._key(request_data))
         if found is not None:
             about = _metadata(request_data).get("model_group")
@@ -460,8 +651,8 @@ class RouterLogger(CustomLogger):
         with self._lock:
             key = self._key(kwargs)
             found = self._calls.get(key)
-            if self._ended.get(key):  # a proxy call whose lifecycle has ended
-                return None
+            if self._ended.get(key) or key in self._as_sent:  # a proxy call whose lifecycle has ended, or
+                return None  # the chat call litellm makes of a /v1/responses request (sent as it came)
         if found is not None:
             return await self._attempting(kwargs, found) if found.proxy else None
         if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
@@ -630,6 +821,14 @@ class RouterLogger(CustomLogger):
         if _ours(kwargs):
             return
         answer = _Answer.of(response_obj, kwargs, start_time, end_time)
+        counted = self._take_as_sent(self._key(kwargs))
+        if counted is not None:
+            error = None
+            if wire.client_disconnected(kwargs):  # settled as a stream closed early, at litellm's count
+                answer = replace(answer, response=wire.Partial(getattr(answer.response, "usage", None)))
+                error = ClientDisconnected("the client disconnected before the stream ended (litellm: 499)")
+            await self._recorded(self._settle_as_sent, counted, kwargs, answer, error)
+            return
         try:
             if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
                 return
@@ -647,6 +846,11 @@ class RouterLogger(CustomLogger):
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
             return
+        counted = self._take_as_sent(self._key(kwargs))
+        if counted is not None:
+            await self._recorded(self._settle_as_sent, counted, kwargs, _cut(kwargs, start_time, end_time),
+                                 _error(kwargs))
+            return
         try:
             if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
                                   _metadata(kwargs).get("model_group")):
@@ -655,6 +859,18 @@ class RouterLogger(CustomLogger):
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
         await self._recorded(self._failure, kwargs)
+
+
+def _proxy_model(name: str) -> str | None:
+    """The litellm model of the proxy's first deployment under ``model_name`` ``name``, or ``None``."""
+    router = wire.proxy_router()
+    try:
+        found = router.registry().deployments(name) if router is not None else None
+        params = found[0].get("litellm_params") if found else None
+        model = params.get("model") if isinstance(params, Mapping) else None
+    except Exception:  # noqa: BLE001 - another litellm's router: priced as the name
+        return None
+    return str(model) if model else None
 
 
 def _nested(kwargs: Mapping[str, Any]) -> bool:

@@ -1,0 +1,201 @@
+"""The LiteLLM proxy's other endpoints coding agents use, with router-middleware's hook: Anthropic's
+``/v1/messages`` (Claude Code; litellm's call type ``anthropic_messages``) and OpenAI's
+``/v1/responses`` (Codex CLI; ``aresponses``). They are sent as they came (no routing, context or
+reasoning policy: those rewrite chat messages), but admitted against the budgets before they are
+sent and counted after: one ledger row with the provider's usage and cost, a span, the spend added
+to the budgets. The real proxy runs on loopback; its upstream serves Anthropic's recorded answers
+(cassettes/anthropic_message_*.yaml) from tests/fault_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router_middleware.litellm import as_sent_view
+
+from .cassette_data import interactions, recorded_usage
+from .conftest import CASSETTES, service_missing
+from .fault_server import fault_server
+from .litellm_proxy import proxy_missing, running_proxy
+
+PROXY_CONFIG = """
+model_list:
+  - model_name: claude
+    litellm_params:
+      model: anthropic/claude-3-opus-20240229
+      api_base: os.environ/ANTHROPIC_API_BASE
+      api_key: os.environ/ANTHROPIC_API_KEY
+litellm_settings:
+  callbacks: router_hook.handler
+general_settings:
+  master_key: os.environ/LITELLM_MASTER_KEY
+"""
+
+# Each request asks for 300 output tokens at most: its estimate (about 315 tokens) fits twice in the
+# budget, and not a third time after the two answers the recordings report (237 and 188 tokens).
+ROUTER_CONFIG = """
+app: coding-agent
+store: sqlite:///{tmp}/store.db
+routing:
+  aliases: {{coder: [claude]}}
+  budgets: [{{name: day, tokens: 600, scope: global}}]
+ledger: {{url: 'sqlite:///{tmp}/ledger.db'}}
+"""
+
+QUESTION = "Tell me a joke about OpenTelemetry"  # the recordings' prompt
+PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
+                   for name in ("anthropic_message_create.yaml", "anthropic_message_streaming.yaml"))
+
+
+@contextmanager
+def _proxy(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(ROUTER_CONFIG.format(tmp=tmp_path))
+    (tmp_path / "config.yaml").write_text(PROXY_CONFIG)
+    with fault_server() as (upstream, seen):
+        env = {"ANTHROPIC_API_BASE": f"{upstream}/healthy", "ANTHROPIC_API_KEY": "sk-ant-test",
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env, tmp_path / "config.yaml") as base:
+            yield base, seen
+
+
+def _post(base: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    request = urllib.request.Request(f"{base}{path}", json.dumps(body).encode(), {
+        "Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _rows(tmp_path: Path, expected: int) -> list[sqlite3.Row]:
+    rows: list[sqlite3.Row] = []
+    for _ in range(100):
+        if (tmp_path / "ledger.db").exists():
+            with sqlite3.connect(tmp_path / "ledger.db") as db:
+                db.row_factory = sqlite3.Row
+                try:
+                    rows = db.execute("SELECT * FROM calls ORDER BY ts").fetchall()
+                except sqlite3.OperationalError:  # the writer made the file, not yet its table
+                    rows = []
+            if len(rows) >= expected:
+                return rows
+        time.sleep(0.2)
+    raise AssertionError(f"the ledger got {len(rows)} rows, not {expected}")
+
+
+def _spent(tmp_path: Path) -> float:
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        found = db.execute("SELECT value FROM kv WHERE key = 'budget:day:tokens:all:0'").fetchone()
+    return float(found[0]) if found else 0.0
+
+
+def _messages(**extra: Any) -> dict[str, Any]:
+    return {"model": "claude", "max_tokens": 300, "messages": [{"role": "user", "content": QUESTION}], **extra}
+
+
+def test_anthropic_messages_are_counted_and_refused_before_they_are_sent_once_over_budget(tmp_path) -> None:
+    """Claude Code's endpoint: a plain and a streamed ``/v1/messages`` call are answered as the
+    provider answered, each one ledger row under the name the client asked for, with the provider's
+    usage and cost and a decision saying it went as it came; their spend is on the budget, and the
+    third call, whose estimate no longer fits, is refused (429, in Anthropic's error shape) without
+    reaching the provider."""
+    with _proxy(tmp_path) as (base, seen):
+        plain = _post(base, "/v1/messages", _messages())
+        streamed = _post(base, "/v1/messages", _messages(stream=True))
+        rows = _rows(tmp_path, 2)
+        refused = _post(base, "/v1/messages", _messages())
+        spent = _spent(tmp_path)
+    assert plain[0] == 200 and json.loads(plain[1])["usage"]["output_tokens"] == PLAIN["output_tokens"]
+    assert streamed[0] == 200 and b"event: message_stop" in streamed[1]
+    assert len(rows) == 2
+    for row, usage in zip(rows, (PLAIN, STREAMED), strict=True):
+        assert row["requested_model"] == "claude" and row["model"] == "claude-3-opus-20240229"
+        assert (row["input_tokens"], row["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
+        assert row["cost_usd"] > 0 and row["error"] is None and row["app"] == "coding-agent"
+        assert json.loads(row["decisions"]) == ["routing:as-sent"]
+    assert spent == sum(u["input_tokens"] + u["output_tokens"] for u in (PLAIN, STREAMED))
+    assert refused[0] == 429, refused
+    error = json.loads(refused[1])
+    assert error["type"] == "error" and "budget 'day' exceeded" in error["error"]["message"]
+    assert seen["healthy:ok"] == 2  # the refused call never reached the provider
+    assert len(_rows(tmp_path, 2)) == 2
+
+
+def test_responses_are_counted_once_and_refused_before_they_are_sent_once_over_budget(tmp_path) -> None:
+    """Codex's endpoint: litellm answers a ``/v1/responses`` call to a model without that API by a
+    chat call of its own (here to Anthropic's API). That chat call is not planned again (no second
+    row, no refusal inside the proxy's router, which would cool the deployment down for every
+    client): the request is one row, its spend on the budget, and once over it the next request is
+    refused before it is sent."""
+    pytest.importorskip("nacl", reason="the proxy signs /v1/responses ids with PyNaCl (the `proxy` extra)")
+    with _proxy(tmp_path) as (base, seen):
+        answers = [_post(base, "/v1/responses", {"model": "claude", "input": QUESTION, "max_output_tokens": 300})
+                   for _ in range(2)]
+        rows = _rows(tmp_path, 2)
+        refused = _post(base, "/v1/responses", {"model": "claude", "input": QUESTION, "max_output_tokens": 300})
+        spent = _spent(tmp_path)
+    for status, body in answers:
+        assert status == 200, body
+        assert json.loads(body)["usage"]["output_tokens"] == PLAIN["output_tokens"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["requested_model"] == "claude" and row["error"] is None and row["cost_usd"] > 0
+        assert (row["input_tokens"], row["output_tokens"]) == (PLAIN["input_tokens"], PLAIN["output_tokens"])
+        assert json.loads(row["decisions"]) == ["routing:as-sent"]
+    assert spent == 2 * (PLAIN["input_tokens"] + PLAIN["output_tokens"])
+    assert refused[0] == 429 and "budget 'day' exceeded" in json.loads(refused[1])["error"]["message"]
+    assert seen["healthy:ok"] == 2
+    assert len(_rows(tmp_path, 2)) == 2
+
+
+def test_a_routing_alias_on_the_messages_endpoint_is_a_400_naming_the_model_names_to_use(tmp_path) -> None:
+    """Aliases are routed on /v1/chat/completions only: ``coder`` sent to /v1/messages (no model_name
+    of the proxy) is the client's error, saying so and naming the alias's targets the proxy serves,
+    rather than the proxy's bare "Invalid model name". Nothing is sent or recorded."""
+    with _proxy(tmp_path) as (base, seen):
+        status, body = _post(base, "/v1/messages", {**_messages(), "model": "coder"})
+        unknown = _post(base, "/v1/messages", {**_messages(), "model": "claud"})
+        time.sleep(1.0)
+    message = json.loads(body)["error"]["message"]
+    assert status == 400 and "routes on /v1/chat/completions only" in message and "'claude'" in message
+    assert unknown[0] == 400  # the proxy's own answer to a name it does not serve
+    assert seen["healthy:ok"] == 0
+    assert not (tmp_path / "ledger.db").exists() or _rows(tmp_path, 0) == []
+
+
+def test_the_estimate_of_a_claude_code_turn_reads_text_not_payloads() -> None:
+    """Tool calls and results count as their text; an image's bytes are no tokens of the estimate
+    (the provider's usage is what the row records)."""
+    messages, params, tools = as_sent_view({
+        "model": "claude", "max_tokens": 32000, "system": [{"type": "text", "text": "You are Claude Code."}],
+        "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "read a.py"},
+                                         {"type": "image", "source": {"type": "base64", "data": "A" * 100000}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read",
+                                               "input": {"path": "a.py"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "print(1)"}]}]},
+        "/v1/messages")
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"] == "You are Claude Code." and messages[1]["content"] == "read a.py\n[image]"
+    assert '"name": "Read"' in messages[2]["content"] and messages[3]["content"] == "print(1)"
+    assert params == {"max_tokens": 32000} and '"Read"' in tools
+    responses, params, _ = as_sent_view({"model": "x", "instructions": "Be brief.", "input": [
+        {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
+        {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "ok"}], "max_output_tokens": 50}, "/v1/responses")
+    assert [m["role"] for m in responses] == ["system", "system", "assistant", "user"]
+    assert responses[1]["content"] == "rules" and params == {"max_tokens": 50}
