@@ -7,7 +7,9 @@ reasoning, budgets, quotas) and tells the router the alias's remaining targets a
 ``fallbacks``; each failure event is thrown into the lifecycle (failure counts, cooldowns, the next
 attempt's admission); the success event settles the call (one whose client left mid-stream, as a
 stream closed early). A call that fell over is one ledger row and one route span with an attempt
-span per target.
+span per target. Anthropic ``/v1/messages`` and OpenAI ``/v1/responses`` requests (Claude Code,
+Codex) are sent as they came: admitted against the budgets before they are sent and counted by
+their events (:meth:`RouterLogger._admit_as_sent`).
 
 In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment_hook``, and calls
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
