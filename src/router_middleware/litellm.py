@@ -393,23 +393,26 @@ class RouterLogger(CustomLogger):
                 self._mark_ended(self._key(data), True)  # recorded from its failure event
             return
         self.hook_calls += 1
-        try:
-            found = self._plan_as_sent(data, endpoint, requested)
-        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                        why=f"{endpoint} request the hook could not size: counted, not refused")
-            return
-        plan, tools = found
         held = Held()
-        if engine.config.routing.budgets:
-            sizing = plan.override(messages=(*plan.messages, {"role": "system", "content": tools})) if tools else plan
-            held.counted, tokens, output = engine.request_size(sizing)
-            claims = engine.books.claims(plan.call.context, usd=engine.estimate_usd(plan, tokens, output),
-                                         tokens=tokens + output)
-            admission = engine.books.admission(held, (), tokens + output, claims)
-            if isinstance(admission, Admission):
-                await self._store_admits(held, admission)  # raises BudgetExceeded, StoreUnavailable
-        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0)
+        try:
+            plan, tools = self._plan_as_sent(data, endpoint, requested)
+            if engine.config.routing.budgets:
+                sizing = plan.override(messages=(*plan.messages, {"role": "system", "content": tools})) if tools \
+                    else plan
+                held.counted, tokens, output = engine.request_size(sizing)
+                claims = engine.books.claims(plan.call.context, usd=engine.estimate_usd(plan, tokens, output),
+                                             tokens=tokens + output)
+                admission = engine.books.admission(held, (), tokens + output, claims)
+                if isinstance(admission, Admission):
+                    await self._store_admits(held, admission)
+            trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0)
+        except (BudgetExceeded, StoreUnavailable):
+            raise  # refused before anything is sent (the proxy answers 429, 503)
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            await self._recorded(engine.books.release, held)
+            log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
+                        why=f"the hook could not size this {endpoint} request: counted, not refused")
+            return  # its events record it as a call no hook planned
         evicted: list[_Counted] = []
         with self._lock:
             key = self._key(data)
