@@ -97,6 +97,37 @@ def test_a_ttl_of_any_length_is_taken(store, ttl_s) -> None:
         assert store.get("entry") == b"x" and store.samples("sizes") == [1.0]
 
 
+def test_an_owned_claim_is_taken_with_the_rest_and_ended_by_its_owner_only(store) -> None:
+    """An owned key is claimed all or nothing with the other entries (refused while another owner holds
+    it; its index comes after the entries, before the holds), lapses after its ttl, and is ended only
+    by the owner it holds: a claim that lapsed and was taken again is not ended by its first owner."""
+    assert store.add_within([("q", 1.0, 5.0, None)], [("b", 0.1, 1.0, None, "h1", 60.0)],
+                            [("probe", b"first", 0.1)]) is None
+    assert store.get("probe") == b"first" and float(store.get("q")) == 1.0
+    refused = store.add_within([("q", 1.0, 5.0, None)], [("b", 5.0, 1.0, None, "h2", 60.0)],
+                               [("probe", b"second", 60.0)])
+    assert refused == (1, 1.0)  # the owned key, before the hold that would not fit either
+    assert float(store.get("q")) == 1.0  # nothing was added
+    assert store.add_within([], [("b", 5.0, 1.0, None, "h2", 60.0)], [("free", b"x", None)]) == (1, pytest.approx(0.1))
+    assert store.get("free") is None
+    time.sleep(0.15)  # the first claim lapses: another owner takes it
+    assert store.add_within([], (), [("probe", b"second", 60.0)]) is None
+    assert store.delete_if("probe", b"first") is False and store.get("probe") == b"second"
+    assert store.delete_if("probe", b"second") is True and store.get("probe") is None
+    assert store.delete_if("probe", b"second") is False
+
+
+async def test_an_owned_claim_through_the_batched_redis_admission(redis_url) -> None:
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    admitted, refused = await asyncio.gather(store.aadd_within([("q", 1.0, 5.0, None)], (), [("probe", b"a", 60.0)]),
+                                             store.aadd_within([("q", 1.0, 5.0, None)], (), [("probe", b"b", 60.0)]))
+    assert admitted is None and refused == (1, 1.0)
+    assert store.get("probe") == b"a" and float(store.get("q")) == 1.0
+    await store.aclose()
+
+
 def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
     """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
     when released, and taken back out by the next admission on its key once it expired (its release

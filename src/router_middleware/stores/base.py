@@ -14,11 +14,14 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Refusal", "Release", "Sample", "Store",
-           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "numbers", "poll", "token_lock"]
+__all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Refusal", "Release", "Sample", "Store",
+           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "numbers", "poll", "token_lock",
+           "within_checks"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
+# A claim only its owner ends (Store.delete_if): key is set to the owner's token if it is absent.
+Owned = tuple[str, bytes, float | None]  # (key, owner token, ttl_s)
 Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
 Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
 # An amount added to key's total like a Within entry, but only held: until it is released (Release)
@@ -61,6 +64,11 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None: ...
 
+    def delete_if(self, key: str, value: bytes) -> bool:
+        """Delete ``key`` only if it holds ``value``, atomically (an owner ends its own claim, never a
+        later one's); whether it did."""
+        ...
+
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         """Add ``amount`` atomically (a missing key counts as 0) and return the new value. ``ttl_s`` is
         set when the key is created."""
@@ -70,12 +78,14 @@ class Store(Protocol):
         """Set ``value`` only if the current value equals ``expected`` (``None``: the key is absent)."""
         ...
 
-    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
-        """Add every ``(key, amount, limit, ttl_s)`` and hold every :data:`Hold` at once, atomically, if
-        each key's new total stays within its limit; otherwise add nothing. ``None`` when added, else the
-        first refusal (its index counts ``entries``, then ``holds``). Expired holds on the held keys
-        are taken back out first. A key whose total is no finite number (:func:`number`) raises, and
-        nothing is added."""
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
+                   owned: Sequence[Owned] = ()) -> Refusal | None:
+        """Add every ``(key, amount, limit, ttl_s)``, hold every :data:`Hold` and claim every
+        :data:`Owned` key at once, atomically, if each key's new total stays within its limit and each
+        owned key is absent; otherwise add nothing. ``None`` when added, else the first refusal (its
+        index counts ``entries``, then ``owned``, then ``holds``; an owned key taken totals 1).
+        Expired holds on the held keys are taken back out first. A key whose total is no finite
+        number (:func:`number`) raises, and nothing is added."""
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
@@ -105,6 +115,14 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def within_checks(entries: Sequence[Within], holds: Sequence[Hold],
+                  owned: Sequence[Owned]) -> list[tuple[str, float, float, bool]]:
+    """What :meth:`Store.add_within` checks, in its refusal order: ``(key, amount, limit, owned)``, an
+    owned key's total being 1 while it is taken, else 0."""
+    return [*((k, a, lim, False) for k, a, lim, _ in entries), *((k, 1.0, 1.0, True) for k, _, _ in owned),
+            *((k, a, lim, False) for k, a, lim, *_ in holds)]
 
 
 def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
@@ -145,17 +163,16 @@ def defer(write: Callable[[], None]) -> None:
 
 
 @contextmanager
-def token_lock(store: Store, name: str, ttl_s: float, timeout_s: float,
-               delete_if: Callable[[str, bytes], None]) -> Iterator[None]:
+def token_lock(store: Store, name: str, ttl_s: float, timeout_s: float) -> Iterator[None]:
     """A lock held as ``lock:<name>`` = a random token, set only if absent (``compare_and_set``) and
-    removed on exit by ``delete_if(key, token)`` only if it still holds our token."""
+    removed on exit only if it still holds our token (``delete_if``)."""
     token = uuid.uuid4().hex.encode()
     key = f"lock:{name}"
     acquire(lambda: store.compare_and_set(key, None, token, ttl_s), name, timeout_s)
     try:
         yield
     finally:
-        delete_if(key, token)
+        store.delete_if(key, token)
 
 
 def acquire(try_once: Callable[[], bool], name: str, timeout_s: float) -> None:

@@ -15,6 +15,7 @@ from .base import (
     Bounded,
     Fetched,
     Hold,
+    Owned,
     Refusal,
     Release,
     Sample,
@@ -22,6 +23,7 @@ from .base import (
     fetch_each,
     number,
     token_lock,
+    within_checks,
 )
 
 
@@ -76,18 +78,21 @@ class MemoryStore:
         self._data[key] = (repr(value).encode(), self._data[key][1])
         return value
 
-    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
+                   owned: Sequence[Owned] = ()) -> Refusal | None:
         with self._mutex:
             now = time.monotonic()
             for key, *_ in holds:
                 self._expire_holds(key, now)
-            checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
-            for index, (key, amount, limit) in enumerate(checks):
-                total = number(self._live(key) or 0.0)
+            for index, (key, amount, limit, claim) in enumerate(within_checks(entries, holds, owned)):
+                current = self._live(key)
+                total = float(current is not None) if claim else number(current or 0.0)
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(key, amount, ttl_s)
+            for key, owner, ttl_s in owned:
+                self._put(key, owner, ttl_s)
             for key, amount, _, ttl_s, hold, hold_s in holds:
                 self._add(key, amount, ttl_s)
                 self._holds.setdefault(key, {})[hold] = (amount, now + hold_s)
@@ -163,12 +168,14 @@ class MemoryStore:
             return True
 
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
-        return token_lock(self, name, ttl_s, timeout_s, self._delete_if)
+        return token_lock(self, name, ttl_s, timeout_s)
 
-    def _delete_if(self, key: str, token: bytes) -> None:
+    def delete_if(self, key: str, value: bytes) -> bool:
         with self._mutex:
-            if self._live(key) == token:
-                del self._data[key]
+            if self._live(key) != value:
+                return False
+            del self._data[key]
+            return True
 
     def close(self) -> None:
         pass

@@ -24,6 +24,7 @@ from .base import (
     Bounded,
     Fetched,
     Hold,
+    Owned,
     Refusal,
     Release,
     Sample,
@@ -51,19 +52,22 @@ end
 return 0
 """
 # All or nothing: take expired holds back out of the held keys, check every key's total + amount
-# against its limit, then add them all and record the holds. A total that is no finite number (not
-# one INCRBYFLOAT makes) is an error before anything is added: checked later, it would fail the
-# script after the keys before it were added to. KEYS: the entries' keys, then per hold
-# its key and its hold set (member "<hold id>|<amount>", score: expiry in ms, the server's clock).
-# ARGV[1]: how many entries; then per entry amount, limit, ttl ms; per hold the same, member, hold ms.
+# against its limit and every owned key's absence, then add them all, set the owned keys to their
+# owners and record the holds. A total that is no finite number (not one INCRBYFLOAT makes) is an
+# error before anything is added: checked later, it would fail the script after the keys before it
+# were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
+# (member "<hold id>|<amount>", score: expiry in ms, the server's clock). ARGV[1], ARGV[2]: how many
+# entries and owned keys; then per entry amount, limit, ttl ms; per owned key its owner, ttl ms; per
+# hold amount, limit, ttl ms, member, hold ms. A check without an amount is an owned key's.
 _WITHIN = """
-local n = tonumber(ARGV[1])
+local n, o = tonumber(ARGV[1]), tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local checks = {}
-for i = 1, n do checks[i] = {KEYS[i], 3 * i - 1} end
-for j = 1, (#KEYS - n) / 2 do
-  local key, set = KEYS[n + 2 * j - 1], KEYS[n + 2 * j]
+for i = 1, n do checks[i] = {KEYS[i], 3 * i} end
+for i = n + 1, n + o do checks[i] = {KEYS[i]} end
+for j = 1, (#KEYS - n - o) / 2 do
+  local key, set = KEYS[n + o + 2 * j - 1], KEYS[n + o + 2 * j]
   local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now)
   if #gone > 0 then
     redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
@@ -73,25 +77,34 @@ for j = 1, (#KEYS - n) / 2 do
       redis.call('INCRBYFLOAT', key, string.format('%.17g', -back))
     end
   end
-  checks[n + j] = {key, 3 * n + 5 * j - 3}
+  checks[n + o + j] = {key, 3 * n + 2 * o + 5 * j - 2, set}
 end
 for i, check in ipairs(checks) do
-  local raw = redis.call('GET', check[1])
-  local total = tonumber(raw or '0')
-  if total == nil or total ~= total or total == math.huge or total == -math.huge then
-    return redis.error_reply('counter ' .. check[1] .. ' holds ' .. string.sub(raw, 1, 40) .. ', not a finite number')
+  if check[2] == nil then
+    if redis.call('EXISTS', check[1]) == 1 then return {i, '1'} end
+  else
+    local raw = redis.call('GET', check[1])
+    local total = tonumber(raw or '0')
+    if total == nil or total ~= total or total == math.huge or total == -math.huge then
+      return redis.error_reply('counter ' .. check[1] .. ' holds ' .. string.sub(raw, 1, 40) .. ', not a finite number')
+    end
+    if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
   end
-  if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
 end
-local function add(key, at)
-  redis.call('INCRBYFLOAT', key, ARGV[at])
-  if ARGV[at + 2] ~= '' and redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[at + 2]) end
-end
-for i, check in ipairs(checks) do add(check[1], check[2]) end
-for j = 1, #checks - n do
-  local at, set = checks[n + j][2], KEYS[n + 2 * j]
-  redis.call('ZADD', set, now + tonumber(ARGV[at + 4]), ARGV[at + 3])
-  if ARGV[at + 2] ~= '' and redis.call('PTTL', set) == -1 then redis.call('PEXPIRE', set, ARGV[at + 2]) end
+for i, check in ipairs(checks) do
+  local key, at, set = check[1], check[2], check[3]
+  if at == nil then
+    local owner = 3 * n + 2 * (i - n) + 1
+    if ARGV[owner + 1] ~= '' then redis.call('SET', key, ARGV[owner], 'PX', ARGV[owner + 1])
+    else redis.call('SET', key, ARGV[owner]) end
+  else
+    redis.call('INCRBYFLOAT', key, ARGV[at])
+    if ARGV[at + 2] ~= '' and redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ARGV[at + 2]) end
+    if set then
+      redis.call('ZADD', set, now + tonumber(ARGV[at + 4]), ARGV[at + 3])
+      if ARGV[at + 2] ~= '' and redis.call('PTTL', set) == -1 then redis.call('PEXPIRE', set, ARGV[at + 2]) end
+    end
+  end
 end
 return {0, ''}
 """
@@ -569,6 +582,10 @@ class RedisStore:
         self.client.delete(self._k(key))
 
     @_guarded
+    def delete_if(self, key: str, value: bytes) -> bool:
+        return bool(self._release(keys=[self._k(key)], args=[value]))
+
+    @_guarded
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:
         return float(self._incr(keys=[self._k(key)], args=[repr(float(amount)), _ms(ttl_s)]))
 
@@ -576,28 +593,34 @@ class RedisStore:
         """The sorted set of ``key``'s holds."""
         return self._k(f"{key}#held")
 
-    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold]) -> tuple[list[str], list[str]]:
-        keys, args = [self._k(e[0]) for e in entries], [str(len(entries))]
+    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold],
+                     owned: Sequence[Owned]) -> tuple[list[str], list[Any]]:
+        keys = [*(self._k(e[0]) for e in entries), *(self._k(o[0]) for o in owned)]
+        args: list[Any] = [str(len(entries)), str(len(owned))]
         for _, amount, limit, ttl_s in entries:
             args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s)]
+        for _, owner, ttl_s in owned:
+            args += [owner, _ms(ttl_s)]
         for key, amount, limit, ttl_s, hold, hold_s in holds:
             keys += [self._k(key), self._held(key)]
             args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s), _member(hold, amount), _ms(hold_s)]
         return keys, args
 
     @_guarded
-    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
-        if not entries and not holds:
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
+                   owned: Sequence[Owned] = ()) -> Refusal | None:
+        if not entries and not holds and not owned:
             return None
-        keys, args = self._within_call(entries, holds)
+        keys, args = self._within_call(entries, holds, owned)
         return _refusal(self._within(keys=keys, args=args))
 
-    def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Awaitable[Refusal | None]:
+    def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
+                    owned: Sequence[Owned] = ()) -> Awaitable[Refusal | None]:
         """:meth:`add_within`, batched: a future, not a coroutine (a call waiting on it holds neither
-        a coroutine nor ``entries`` and ``holds``: they are packed at once)."""
-        if not entries and not holds:
+        a coroutine nor what it adds: they are packed at once)."""
+        if not entries and not holds and not owned:
             return _resolved(None)
-        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds), read=_refused)
+        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned), read=_refused)
 
     async def aget(self, key: str) -> bytes | None:
         value = await self._batch().submit(self._queue_get, key)

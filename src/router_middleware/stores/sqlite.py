@@ -17,6 +17,7 @@ from .base import (
     Bounded,
     Fetched,
     Hold,
+    Owned,
     Refusal,
     Release,
     Sample,
@@ -25,6 +26,7 @@ from .base import (
     fetch_each,
     number,
     token_lock,
+    within_checks,
 )
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
@@ -106,19 +108,22 @@ class SQLiteStore:
                    (key, repr(value).encode(), expires))
         return value
 
-    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = ()) -> Refusal | None:
+    def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
+                   owned: Sequence[Owned] = ()) -> Refusal | None:
         with self._tx() as db:
             now = time.time()
             for key, *_ in holds:
                 self._expire_holds(db, key, now)
-            checks = [*((k, a, lim) for k, a, lim, _ in entries), *((k, a, lim) for k, a, lim, *_ in holds)]
-            for index, (key, amount, limit) in enumerate(checks):
+            for index, (key, amount, limit, claim) in enumerate(within_checks(entries, holds, owned)):
                 current = self._current(db, key)
-                total = number(current[0]) if current else 0.0
+                total = float(current is not None) if claim else number(current[0]) if current else 0.0
                 if total + amount > limit + TOLERANCE:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
+            for key, owner, ttl_s in owned:
+                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           (key, owner, self._expiry(ttl_s)))
             for key, amount, _, ttl_s, hold, hold_s in holds:
                 self._add(db, key, amount, ttl_s)
                 db.execute("INSERT OR REPLACE INTO holds (key, hold, amount, expires) VALUES (?, ?, ?, ?)",
@@ -178,13 +183,15 @@ class SQLiteStore:
             return True
 
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
-        return token_lock(self, name, ttl_s, timeout_s, self._delete_if)
+        return token_lock(self, name, ttl_s, timeout_s)
 
-    def _delete_if(self, key: str, token: bytes) -> None:
+    def delete_if(self, key: str, value: bytes) -> bool:
         with self._tx() as db:
             current = self._current(db, key)
-            if current and current[0] == token:
-                db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            if current is None or current[0] != value:
+                return False
+            db.execute("DELETE FROM kv WHERE key = ?", (key,))
+            return True
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
