@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from router_middleware import BudgetExceeded, NoRouteError, Pipeline, UnknownModelError, drivers
 from router_middleware.bookkeeping import health
+from router_middleware.bookkeeping.keys import COOLDOWN, FAILURES, PROBE
 from router_middleware.engine import Engine
 
 CODER = ["anthropic/claude-sonnet-4-5", "gpt-5-mini", "deepseek/deepseek-chat"]
@@ -38,9 +39,12 @@ class Script:
 
     failures: dict[str, list[Exception]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    during: Callable[[str], None] | None = None  # what happens while the provider answers a model
 
     def answer(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(kwargs["model"])
+        if self.during is not None:
+            self.during(kwargs["model"])
         queue = self.failures.get(kwargs["model"], [])
         return {**kwargs, "mock_response": queue.pop(0) if queue else "ok"}
 
@@ -276,9 +280,9 @@ def _cooled_off(p: Pipeline, target: str) -> None:
     p.store.set(f"cooldown:{target}", repr(time.time() - 1).encode(), ttl_s=60)
 
 
-def _probing(p: Pipeline, target: str) -> None:
-    """Another call holds ``target``'s probe."""
-    assert p.store.add_within([health.probe_claim(target, 30.0)]) is None
+def _probing(p: Pipeline, target: str, owner: bytes = b"another call") -> None:
+    """Another call (``owner``) holds ``target``'s probe."""
+    assert p.store.add_within([], (), [health.probe_claim(health.Probe(target, owner), 30.0)]) is None
 
 
 def test_after_a_cooldown_one_call_probes_the_target_and_its_success_closes_the_circuit(call, script) -> None:
@@ -293,12 +297,12 @@ def test_after_a_cooldown_one_call_probes_the_target_and_its_success_closes_the_
     script.calls.clear()
     call(p)
     assert script.calls == [MINI]  # skipped: another call probes claude
-    p.store.delete(f"probe:{CLAUDE}")  # that probe ended without a word (its claim lapsed)
+    p.store.delete(PROBE + CLAUDE)  # that probe ended without a word (its claim lapsed)
     script.calls.clear()
     call(p)  # this call claims the probe, and claude answers
     call(p)
     assert script.calls == [CLAUDE, CLAUDE]
-    assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(f"probe:{CLAUDE}") is None
+    assert p.store.get(f"cooldown:{CLAUDE}") is None and p.store.get(PROBE + CLAUDE) is None
 
 
 def test_a_probe_that_fails_opens_the_circuit_again_at_once(call, script) -> None:
@@ -307,7 +311,7 @@ def test_a_probe_that_fails_opens_the_circuit_again_at_once(call, script) -> Non
     _cooled_off(p, CLAUDE)
     script.failures[CLAUDE] = [rate_limit()]
     call(p)
-    assert script.calls == [CLAUDE, MINI] and p.store.get(f"probe:{CLAUDE}") is not None  # held until it ends
+    assert script.calls == [CLAUDE, MINI] and p.store.get(PROBE + CLAUDE) is not None  # held until it ends
     assert float(p.store.get(f"cooldown:{CLAUDE}")) > time.time() + 50
     script.calls.clear()
     call(p)
@@ -320,7 +324,73 @@ def test_a_probe_ended_by_the_request_s_own_fault_lets_another_call_probe(call, 
     script.failures[CLAUDE] = [litellm.BadRequestError("bad request", "x", "m")]
     with pytest.raises(litellm.BadRequestError):
         call(p)
-    assert p.store.get(f"probe:{CLAUDE}") is None and float(p.store.get(f"cooldown:{CLAUDE}")) < time.time()
+    assert p.store.get(PROBE + CLAUDE) is None and float(p.store.get(f"cooldown:{CLAUDE}")) < time.time()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def breaker_store(request, tmp_path) -> Any:
+    """A store URL for the circuit breaker tests; on the shared Redis, claude's breaker keys are
+    removed before and after."""
+    if request.param != "redis":
+        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'state.db'}"
+        return
+    from router_middleware.stores.redis import RedisStore
+
+    url = request.getfixturevalue("redis_url")
+    store = RedisStore(url)
+    keys = [prefix + CLAUDE for prefix in (COOLDOWN, FAILURES, PROBE)]
+    for key in keys:
+        store.delete(key)
+    yield url
+    for key in keys:
+        store.delete(key)
+    store.close()
+
+
+def test_a_probe_that_outlasts_its_claim_ends_only_its_own(call, script, breaker_store) -> None:
+    """A probe slower than ``probe_s`` lost its claim, and another call took the probe: the first
+    probe's end (here the request's own fault) leaves that claim alone, so a third call does not probe
+    the target at the same time."""
+    p = Pipeline.from_config({"store": breaker_store, "context": {"enabled": False}, "cache": {"enabled": False},
+                              "routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0},
+                                          "cooldown": {"failures": 1, "cooldown_s": 60, "probe_s": 0.05}}})
+    _cooled_off(p, CLAUDE)
+
+    def outlast(model: str) -> None:
+        if model == CLAUDE:
+            time.sleep(0.15)  # the claim lapses...
+            _probing(p, CLAUDE, b"a later probe")  # ...and another call claims the probe
+
+    script.during = outlast
+    script.failures[CLAUDE] = [litellm.BadRequestError("bad request", "x", "m")]
+    with pytest.raises(litellm.BadRequestError):
+        call(p)
+    assert p.store.get(PROBE + CLAUDE) == b"a later probe"
+    script.calls.clear()
+    script.during = None
+    call(p)
+    assert script.calls == [MINI]  # skipped: the later probe is still in flight
+    p.close()
+
+
+def test_a_failed_probe_that_outlasted_its_claim_still_holds_the_probe_until_the_cooldown_ends(script) -> None:
+    """Its failure opens the circuit again: the probe is held as the failed probe's, over the claim of
+    the later probe still in flight, whose end (for its own reasons) then leaves it held."""
+    p = pipeline(cooldown={"failures": 1, "cooldown_s": 60, "probe_s": 0.05})
+    _cooled_off(p, CLAUDE)
+    later = health.Probe(CLAUDE, b"a later probe")
+
+    def outlast(model: str) -> None:
+        if model == CLAUDE:
+            time.sleep(0.15)
+            _probing(p, CLAUDE, later.owner)
+
+    script.during = outlast
+    script.failures[CLAUDE] = [rate_limit()]
+    p.completion(model="coder", messages=MESSAGES)
+    assert script.calls == [CLAUDE, MINI] and float(p.store.get(COOLDOWN + CLAUDE)) > time.time() + 50
+    health.end_probe(p.store, later)
+    assert p.store.get(PROBE + CLAUDE) not in (None, later.owner)
 
 
 def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, script) -> None:
@@ -358,7 +428,7 @@ def test_a_half_open_target_another_call_probes_is_tried_anyway_when_no_target_a
     else:
         middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
     assert script.calls == [CLAUDE]
-    assert p.store.get(f"probe:{CLAUDE}") is not None  # the other call's probe, still held: not taken over
+    assert p.store.get(PROBE + CLAUDE) is not None  # the other call's probe, still held: not taken over
 
 
 def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real_redis(redis_url,
@@ -384,7 +454,7 @@ def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real
 
     answers = asyncio.run(calls())
     assert len(answers) == 20 and sent.count(CLAUDE) == 1 and sent.count(MINI) == 19
-    assert p.store.get(f"cooldown:{target}") is None and p.store.get(f"probe:{target}") is None
+    assert p.store.get(f"cooldown:{target}") is None and p.store.get(PROBE + target) is None
     p.close()
 
 
@@ -418,7 +488,7 @@ def test_on_redis_a_failed_probe_holds_the_probe_until_the_cooldown_ends(redis_u
     _cooled_off(p, target)
     _probing(p, target)
     p.completion(model="coder", messages=MESSAGES)  # reads "half-open" (kept for a second); probed elsewhere
-    p.store.delete(f"probe:{target}")
+    p.store.delete(PROBE + target)
     script.failures[CLAUDE] = [rate_limit()]
     other.completion(model="coder", messages=MESSAGES)  # the other process probes claude: it fails
     script.calls.clear()

@@ -430,7 +430,8 @@ class CallLifecycle:
         if not isinstance(admission, Admission):
             return admission
         try:
-            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds))
+            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
+                                                                        admission.owned))
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)
             return None

@@ -30,13 +30,14 @@ from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
-from ..stores.base import Addition, Hold, Refusal, Release, Sample, Within, defer, number
+from ..stores.base import Addition, Hold, Owned, Refusal, Release, Sample, Within, defer, number
 from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
 from ..wire import response_headers
 from . import budgets, health, quotas
 from .budgets import Claim, Reservation
+from .health import Probe
 from .keys import (
     BUDGET,
     COOLDOWN,
@@ -75,7 +76,7 @@ class Held:
     reservation: Reservation | None = None
     quota: tuple[Taken, tuple[Quota, ...]] | None = None
     counted: int = 0  # the prompt tokens counted locally for the estimate (0: none was made)
-    probe: str | None = None  # the half-open target whose probe the current attempt holds
+    probe: Probe | None = None  # the current attempt's claim on a half-open target's probe
 
 
 @dataclass
@@ -87,19 +88,20 @@ class Admission:
     tokens: int
     left: tuple[Addition, ...]  # already counted down from the provider's view
     windows: tuple[quotas.WindowClaim, ...]  # tuples: a call waiting on its admission holds fewer objects
-    probe: str | None = None  # the half-open target whose probe the attempt claims (after the windows)
+    probe: Probe | None = None  # the attempt's claim on a half-open target's probe (after the windows)
     probe_s: float = 0.0
 
     @property
     def entries(self) -> list[Within]:
-        entries = [w.within for w in self.windows]
-        if self.probe is not None:
-            entries.append(health.probe_claim(self.probe, self.probe_s))
-        return entries
+        return [w.within for w in self.windows]
 
     @property
     def holds(self) -> list[Hold]:
         return [c.held for c in self.claims]
+
+    @property
+    def owned(self) -> list[Owned]:
+        return [health.probe_claim(self.probe, self.probe_s)] if self.probe is not None else []
 
 
 @dataclass
@@ -116,7 +118,7 @@ class Settlement:
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
     error: BaseException | None = None  # what cut a stream short (its ledger row names it)
-    probe: str | None = None  # the half-open target the call probed
+    probe: Probe | None = None  # the call's claim on the probe of the half-open target it tried
 
     @property
     def writes(self) -> bool:
@@ -223,8 +225,8 @@ class Bookkeeper:
                   claims: list[Claim], probe: str | None = None) -> Admission | str | None:
         """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget, no
         ``probe`` of a half-open target to claim), the reason the provider's view refuses it, or an
-        :class:`Admission` whose ``entries`` and ``holds`` go to the store's ``add_within`` in one
-        atomic step (see :meth:`admitted`)."""
+        :class:`Admission` whose ``entries``, ``holds`` and ``owned`` go to the store's ``add_within``
+        in one atomic step (see :meth:`admitted`); its probe claim carries a token unique to the attempt."""
         if not found and not claims and probe is None:
             return None
         left: list[Addition] = []
@@ -237,7 +239,7 @@ class Bookkeeper:
             if why is not None:
                 return why
         return Admission(claims, found, tokens, tuple(left), quotas.window_claims(found, tokens, time.time()),
-                         probe, self.routing.cooldown.probe_s)
+                         None if probe is None else Probe(probe, unique_id().encode()), self.routing.cooldown.probe_s)
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
         """The store's answer to ``admission``: hold what was taken, or say why not (a
@@ -308,17 +310,19 @@ class Bookkeeper:
         if not counts_toward_cooldown(error):
             self._end_probe(held)
             return
-        probed, held.probe = held.probe == target, None
+        probe, held.probe = held.probe, None
+        probed = probe if probe is not None and probe.target == target else None
         self._failed[target] = time.time()
 
         def count() -> None:
             try:
                 cooldown = self.routing.cooldown
-                until = (health.open_circuit(self.store, target, cooldown, time.time(), probed=True) if probed
+                until = (health.open_circuit(self.store, target, cooldown, time.time(), probe=probed) if probed
                          else health.note_failure(self.store, target, cooldown, time.time()))
                 if until is not None:
                     self._saw_cooldown(target, until)
-                    log.warning("model_cooling_down", model=target, seconds=cooldown.cooldown_s, probe=probed)
+                    log.warning("model_cooling_down", model=target, seconds=cooldown.cooldown_s,
+                                probe=probed is not None)
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
@@ -376,7 +380,7 @@ class Bookkeeper:
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
-            self._answered(target, done.outcome, probed=done.probe == target)
+            self._answered(target, done.outcome, probed=done.probe is not None and done.probe.target == target)
             self._remember(done.outcome)
         elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
             self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)

@@ -4,14 +4,27 @@ speed averages the ``throughput`` and ``latency`` strategies read.
 A target that fails ``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing
 policy reads the cooldown). When it ends the target is half-open for ``cooldown_s`` more (the key
 outlives its cooldown): one call at a time claims the probe (``PROBE``, with the call's admission)
-and the others skip it; the probe's success closes the circuit, its failure opens it again.
+and the others skip it; the probe's success closes the circuit, its failure opens it again. The
+claim holds its attempt's token: only that attempt ends it, so a probe that outlasts its claim
+(``probe_s``), which another call then takes, does not end the later claim.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import CooldownConfig
 from ..stores import Store
+from ..stores.base import Owned
 from .keys import COOLDOWN, FAILURES, PROBE
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One attempt's claim on the probe of half-open ``target``; ``owner``: a token unique to the attempt."""
+
+    target: str
+    owner: bytes
 
 
 def note_failure(store: Store, target: str, config: CooldownConfig, now: float) -> bytes | None:
@@ -22,37 +35,42 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     return open_circuit(store, target, config, now)
 
 
-def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *, probed: bool = False) -> bytes:
+def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *,
+                 probe: Probe | None = None) -> bytes:
     """Skip ``target`` for ``cooldown_s``, then let it be probed (half-open) for ``cooldown_s`` more;
-    the cooldown key's value. After a failed probe (``probed``) its claim is held until the cooldown
-    ends: a process that still reads the target as half-open (its view lags) does not probe it again."""
+    the cooldown key's value. After a failed ``probe`` the probe is held (as that probe's) until the
+    cooldown ends, whoever claims it now: a process that still reads the target as half-open (its view
+    lags) does not probe it again, and a later probe still in flight, whose own claim it replaces,
+    cannot end it early."""
     until = repr(now + config.cooldown_s).encode()
     store.set(COOLDOWN + target, until, ttl_s=2 * config.cooldown_s)
     store.delete(FAILURES + target)
-    if probed:
-        store.set(PROBE + target, repr(1.0).encode(), ttl_s=config.cooldown_s)
+    if probe is not None:
+        store.set(PROBE + target, probe.owner, ttl_s=config.cooldown_s)
     else:
         store.delete(PROBE + target)
     return until
 
 
 def note_success(store: Store, target: str, *, probed: bool = False) -> None:
-    """Clear ``target``'s failure count; after a probe (``probed``), close its circuit."""
+    """Clear ``target``'s failure count; after a probe (``probed``), close its circuit (and remove the
+    probe's claim, whoever holds it: a closed circuit is not probed, and opening it again removes it too)."""
     store.delete(FAILURES + target)
     if probed:
         store.delete(COOLDOWN + target)
         store.delete(PROBE + target)
 
 
-def end_probe(store: Store, target: str) -> None:
-    """Give the probe of ``target`` back (its call failed for its own reasons, or never tried it)."""
-    store.delete(PROBE + target)
+def end_probe(store: Store, probe: Probe) -> None:
+    """Give ``probe`` back (its call failed for its own reasons, or never tried it): only while the
+    claim is still its own."""
+    store.delete_if(PROBE + probe.target, probe.owner)
 
 
-def probe_claim(target: str, probe_s: float) -> tuple[str, float, float, float]:
-    """The ``add_within`` entry that makes one call, across processes, the probe of ``target`` (for
-    ``probe_s`` at most)."""
-    return PROBE + target, 1.0, 1.0, probe_s
+def probe_claim(probe: Probe, probe_s: float) -> Owned:
+    """The ``add_within`` owned entry that makes one call, across processes, the probe of its target
+    (for ``probe_s`` at most)."""
+    return PROBE + probe.target, probe.owner, probe_s
 
 
 def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) -> None:
