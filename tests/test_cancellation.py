@@ -5,6 +5,7 @@ its reservation must not count against the budget until it lapses (``reservation
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -12,6 +13,9 @@ import litellm
 import pytest
 
 from router_middleware import Pipeline, drivers
+from router_middleware.bookkeeping.keys import PROBE
+
+from .test_drivers import _cooled_off, _on_redis
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -98,6 +102,84 @@ async def test_a_call_cancelled_during_its_admission_on_redis_gives_the_holds_ba
     await p.aclose()
     assert hanging == []
     assert spent(p, app) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+async def test_a_call_cancelled_while_it_claims_a_probe_gives_the_claim_back(kind, request, tmp_path, hanging,
+                                                                            monkeypatch) -> None:
+    """The admission claiming a half-open target's probe reached the store; its answer is late and the
+    caller gives up: the call still ends the claim, rather than keep every call from probing the
+    target until ``probe_s`` passes."""
+    from router_middleware.stores.redis import RedisStore
+    from router_middleware.stores.sqlite import SQLiteStore
+
+    target = f"claude-{time.time_ns()}"
+    url = request.getfixturevalue("redis_url") if kind == "redis" else f"sqlite:///{tmp_path / 'state.db'}"
+    p = _on_redis(url, target)
+    _cooled_off(p, target)
+    admitted, loop = asyncio.Event(), asyncio.get_running_loop()
+    if kind == "redis":
+        original = RedisStore.aadd_within
+
+        async def late_answer(self: RedisStore, *args: Any) -> Any:
+            answer = await original(self, *args)
+            admitted.set()
+            await asyncio.sleep(0.3)
+            return answer
+
+        monkeypatch.setattr(RedisStore, "aadd_within", late_answer)
+    else:
+        blocking = SQLiteStore.add_within
+
+        def late(self: SQLiteStore, *args: Any) -> Any:  # in a worker thread
+            answer = blocking(self, *args)
+            loop.call_soon_threadsafe(admitted.set)
+            time.sleep(0.3)
+            return answer
+
+        monkeypatch.setattr(SQLiteStore, "add_within", late)
+    task = asyncio.ensure_future(p.acompletion(model="coder", messages=MESSAGES))
+    await admitted.wait()
+    assert p.store.get(PROBE + target) is not None  # claimed
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p.aclose()
+    assert hanging == []
+    assert p.store.get(PROBE + target) is None
+
+
+async def test_a_call_cancelled_before_its_probe_claim_reaches_redis_ends_the_claim_after_it(
+        redis_url, hanging, monkeypatch) -> None:
+    """The admission is queued, and the batch's flush (not the caller's to cancel) sends it late: the
+    call waits for its answer before giving the claim back, or the claim would land after its end."""
+    from router_middleware.stores.redis import RedisStore, _Batch
+
+    queued = asyncio.Event()
+    send, admit = _Batch._send, RedisStore.aadd_within
+
+    async def slow_send(self: _Batch, commands: Any) -> Any:
+        await asyncio.sleep(0.3)  # a slow link to Redis
+        return await send(self, commands)
+
+    def admission(self: RedisStore, *args: Any) -> Any:
+        future = admit(self, *args)
+        queued.set()
+        return future
+
+    monkeypatch.setattr(_Batch, "_send", slow_send)
+    monkeypatch.setattr(RedisStore, "aadd_within", admission)
+    target = f"claude-{time.time_ns()}"
+    p = _on_redis(redis_url, target)
+    _cooled_off(p, target)
+    task = asyncio.ensure_future(p.acompletion(model="coder", messages=MESSAGES))
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await p.aclose()
+    assert hanging == []
+    assert p.store.get(PROBE + target) is None
 
 
 async def test_an_agent_model_call_cancelled_gives_its_reservation_back() -> None:

@@ -393,6 +393,26 @@ def test_a_failed_probe_that_outlasted_its_claim_still_holds_the_probe_until_the
     assert p.store.get(PROBE + CLAUDE) not in (None, later.owner)
 
 
+def test_a_probe_claim_whose_answer_was_lost_is_still_the_call_s_probe(call, script, monkeypatch) -> None:
+    """The store took the claim but its answer failed (a timeout after the write): the call, admitted
+    as on any store failure, is the probe all the same; its answer closes the circuit and ends the claim,
+    rather than leave it for ``probe_s`` with the target half-open."""
+    from router_middleware.stores import MemoryStore, StoreError
+
+    admit = MemoryStore.add_within
+
+    def answer_lost(self: MemoryStore, *args: Any) -> Any:
+        admit(self, *args)
+        raise StoreError("no answer")
+
+    monkeypatch.setattr(MemoryStore, "add_within", answer_lost)
+    p = pipeline(cooldown={"failures": 1, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    call(p)
+    assert script.calls == [CLAUDE]
+    assert p.store.get(COOLDOWN + CLAUDE) is None and p.store.get(PROBE + CLAUDE) is None
+
+
 def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, script) -> None:
     """Refusing it would make the call worse than calling the provider directly."""
     p = pipeline(aliases={"coder": [CLAUDE]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
@@ -458,11 +478,11 @@ def test_after_a_cooldown_one_of_many_concurrent_calls_probes_the_target_on_real
     p.close()
 
 
-def _on_redis(redis_url: str, target: str) -> Pipeline:
-    """A pipeline on real Redis (a process's view of the cooldowns is read at most once a second)
-    whose alias ``coder`` is the deployment ``target`` (claude), then gpt-5-mini; one failure opens
-    a circuit."""
-    return Pipeline.from_config({"store": redis_url, "context": {"enabled": False}, "cache": {"enabled": False},
+def _on_redis(store: str, target: str) -> Pipeline:
+    """A pipeline on ``store``, real Redis here (a process's view of the cooldowns is read at most once
+    a second), whose alias ``coder`` is the deployment ``target`` (claude), then gpt-5-mini; one
+    failure opens a circuit."""
+    return Pipeline.from_config({"store": store, "context": {"enabled": False}, "cache": {"enabled": False},
                                  "routing": {"deployments": {target: {"model": CLAUDE}},
                                              "aliases": {"coder": [target, MINI]}, "fallback": {"backoff_s": 0.0},
                                              "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60}}})

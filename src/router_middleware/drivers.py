@@ -145,10 +145,16 @@ def write_all(writes: list[Callable[[], None]]) -> None:
         write()
 
 
-async def _in_thread(work: Callable[..., Any], *args: Any) -> Any:
-    """``work(*args)`` in a worker thread. A cancelled caller waits for it to end (one store timeout at
-    most), so the lifecycle's state is never touched from two threads at once."""
-    running = asyncio.ensure_future(asyncio.to_thread(work, *args))
+def _in_thread(work: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+    """``work(*args)`` in a worker thread, :func:`_patient`: the lifecycle's state is never touched from
+    two threads at once."""
+    return _patient(asyncio.to_thread(work, *args))
+
+
+async def _patient(io: Awaitable[T]) -> T:
+    """What ``io`` gives; a caller cancelled meanwhile waits for ``io`` to end (one store timeout at
+    most), then raises."""
+    running = asyncio.ensure_future(io)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
@@ -175,7 +181,8 @@ def _aeffect(effect: Effect, wait: bool, off_loop: bool) -> Awaitable[Any]:
     if isinstance(effect, StoreCall):
         twin = getattr(effect.store, "a" + effect.method, None)
         if twin is not None:
-            return twin(*effect.args)  # type: ignore[no-any-return]
+            io: Awaitable[Any] = twin(*effect.args)
+            return _patient(io) if effect.patient else io
         method = getattr(effect.store, effect.method)
         return _in_thread(method, *effect.args) if off_loop else _done(method(*effect.args))
     assert isinstance(effect, Summarize)

@@ -74,11 +74,14 @@ class StoreCall:
     """Call ``store.<method>(*args)``; an async driver awaits the store's ``a<method>`` twin when it has
     one (Redis), so reads, admission and settlement never block the event loop there. ``store`` may
     also be a component whose method uses a store (the semantic cache, a quota admission that reads
-    the provider's view): the async driver runs it in a worker thread."""
+    the provider's view): the async driver runs it in a worker thread. ``patient``: a driver stopped
+    meanwhile waits for the store's answer before the lifecycle hears of it, so what the call claimed
+    is in the store by the time the call gives it back."""
 
     store: Any
     method: str
     args: tuple[Any, ...]
+    patient: bool = False
 
 
 class CutShort(Exception):
@@ -429,15 +432,16 @@ class CallLifecycle:
             admission = self.books.admission(self.held, found, size, claims, probe)
         if not isinstance(admission, Admission):
             return admission
-        try:
+        try:  # patient with a probe claim: one left behind would keep every call from probing for probe_s
             refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
-                                                                        admission.owned))
+                                                                        admission.owned), admission.probe is not None)
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)
             return None
-        except BaseException:  # stopped while the store admits: its holds may be there, so the call's release ends them
-            if admission.claims:
+        except BaseException:  # stopped while the store admits: its holds and its probe claim may be there,
+            if admission.claims:  # so the call's release ends them (the claim only while it is its own)
                 self.held.reservation = Reservation(admission.claims)
+            self.held.probe = admission.probe
             raise
         return self.books.admitted(self.held, admission, refusal)
 

@@ -273,7 +273,8 @@ class Bookkeeper:
         """The store failed: a budget with ``on_store_error: closed`` refuses the call
         (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged) and
         keeps its claims, so its settlement adds what it spent (in full: its holds are not in the
-        store, or lapse) if the store answers by then."""
+        store, or lapse) if the store answers by then, and its probe claim, which may be there: it ends
+        it (only while it is its own)."""
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
         refusing = sorted({c.name for c in admission.claims if c.unit != "reasoning"} & closed)
         if refusing:
@@ -283,6 +284,7 @@ class Bookkeeper:
                     error_type=type(error).__name__, error=str(error)[:200], admitted=True)
         if admission.claims:
             held.reservation = Reservation(admission.claims)
+        held.probe = admission.probe
 
     # -- after an attempt or a call --------------------------------------------------------------
 
