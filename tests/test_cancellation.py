@@ -141,12 +141,7 @@ async def test_a_call_cancelled_while_it_claims_a_probe_gives_the_claim_back(kin
     task = asyncio.ensure_future(p.acompletion(model="coder", messages=MESSAGES))
     await admitted.wait()
     assert p.store.get(PROBE + target) is not None  # claimed
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await p.aclose()
-    assert hanging == []
-    assert p.store.get(PROBE + target) is None
+    await _cancelled_leaves_no_claim(task, p, hanging, target)
 
 
 async def test_a_call_cancelled_before_its_probe_claim_reaches_redis_ends_the_claim_after_it(
@@ -174,6 +169,12 @@ async def test_a_call_cancelled_before_its_probe_claim_reaches_redis_ends_the_cl
     _cooled_off(p, target)
     task = asyncio.ensure_future(p.acompletion(model="coder", messages=MESSAGES))
     await queued.wait()
+    await _cancelled_leaves_no_claim(task, p, hanging, target)
+
+
+async def _cancelled_leaves_no_claim(task: asyncio.Future[Any], p: Any, hanging: list[Any], target: str) -> None:
+    """Cancel the call ``task`` runs: it raises the cancellation, leaves no store write behind and no
+    probe claim on ``target``."""
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
