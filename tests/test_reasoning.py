@@ -319,3 +319,38 @@ def test_without_a_rule_a_level_the_model_lacks_still_becomes_the_nearest_it_has
     planned = ReasoningPolicy(ReasoningConfig())(Plan.from_call(call), PolicyState())
     assert planned.params["reasoning_effort"] == "minimal"
     assert planned.decisions[-1].action == "cap"
+
+
+@pytest.mark.parametrize(("words", "sent"), [
+    (10, 64000),  # a short request: the model's whole output limit, as litellm sends without the middleware
+    (120_000, None),  # a long one: what its window leaves (Anthropic refuses prompt + max_tokens over it)
+])
+def test_anthropic_thinking_without_a_cap_leaves_the_answer_the_room_a_direct_call_has(words, sent) -> None:
+    """Cline sends no max_tokens. Before, a rule's thinking set max_tokens to the budget plus 4,096 (6,144
+    at 'low'), so an answer a direct call completes (a long file written in one tool call) was cut."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "low"}]},
+                                     "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
+        pipeline.completion(model="anthropic/claude-sonnet-4-5", api_base=base, api_key="k", num_retries=0,
+                            max_retries=0, messages=[{"role": "user", "content": "word " * words}])
+    body = bodies[-1]
+    assert body["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    if sent is not None:
+        assert body["max_tokens"] == sent
+    else:
+        prompt = pipeline.state.tokens("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "word " * words}])
+        assert 2048 + 4096 <= body["max_tokens"] < 64000
+        assert prompt + body["max_tokens"] <= 200_000 - prompt // 5  # room kept for a tokenizer that counts more
+
+
+def test_a_max_tokens_set_for_a_thinking_budget_is_no_output_estimate_for_the_budgets() -> None:
+    """Until replies are learned a call reserves its caller's max_tokens, else the default output: a
+    ceiling the reasoning policy set (the window's room, 64,000 here) would reserve ~$0.96 a call."""
+    p = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "low"}]}, "context": {"enabled": False},
+                              "routing": {"budgets": [{"name": "b", "usd": 100, "window_s": 3600}]}})
+    free = p.plan(p.make_call("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "hi"}], None, {}))
+    assert free.params["max_tokens"] == 64000
+    assert p.request_size(free)[2] == 512 + 2048  # routing.default_output_tokens plus the thinking budget
+    capped = p.plan(p.make_call("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "hi"}], None,
+                                {"max_tokens": 1000}))
+    assert capped.params["max_tokens"] == 2048 + 4096 and p.request_size(capped)[2] == 2048 + 4096  # raised: the cap

@@ -21,9 +21,10 @@ from .errors import MissingKeyError
 from .fit import fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
-from .params import check_model, check_params
+from .params import check_model, check_params, output_cap
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
+from .reasoning.policy import thinking_budget
 from .routing.budgets import input_estimate, output_estimate
 from .stores import MemoryStore, Prefetch, Store
 from .stores.views import Sink, view_fields
@@ -190,15 +191,19 @@ class Engine:
     def request_size(self, plan: Plan, fetched: Prefetch | None = None) -> tuple[int, int, int]:
         """Prompt tokens counted locally, and the estimates to reserve: prompt and output tokens, learned
         from this model's recent replies for the app once there are enough (output capped by
-        ``max_tokens``; see ``routing.budgets.output_estimate`` and ``input_estimate``)."""
+        ``max_tokens``; see ``routing.budgets.output_estimate`` and ``input_estimate``). A ``max_tokens``
+        the caller did not give (the reasoning policy's, to fit a thinking budget) caps nothing: until
+        replies are learned, the output reserved is ``default_output_tokens`` plus that budget."""
         counted = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
         routing, books, app = self.config.routing, self.books, plan.call.context.app
-        cap = plan.params.get("max_tokens") or plan.params.get("max_completion_tokens")
+        sent, default = output_cap(plan.params), routing.default_output_tokens
+        if sent is not None and output_cap(plan.call.params) is None:
+            sent, default = None, default + (thinking_budget(plan.params) or 0)
+        cap = sent[1] if sent is not None else None
         if not books.learns:
-            return counted, counted, int(cap or routing.default_output_tokens)
+            return counted, counted, cap or default
         share = routing.output_percentile
-        output = output_estimate(books.recent(OUTPUT, plan.model, app, fetched),
-                                 max_tokens=int(cap) if cap else None, default=routing.default_output_tokens,
+        output = output_estimate(books.recent(OUTPUT, plan.model, app, fetched), max_tokens=cap, default=default,
                                  share=share)
         ratios = books.recent(INPUT_RATIO, plan.model, app, fetched)
         return counted, input_estimate(counted, ratios, share=share), output

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from ..catalog import ModelInfo
 from ..config import ReasoningConfig, ReasoningRule
 from ..policies import PolicyState
 from ..types import AgentContext, Decision, Plan
@@ -69,7 +70,7 @@ class ReasoningPolicy:
                 budget = None
                 reasons.append(f"escalated one level: {failed}")
         if asked is not None and _rank(level) > _rank(asked) and (rule is None or rule.mode == "cap"):
-            level, budget = asked, _asked_budget(plan.call.params)
+            level, budget = asked, thinking_budget(plan.call.params)
             reasons.append(f"kept at the caller's '{asked}' (a rule caps; mode: set raises)")
         remaining = self._remaining(context, state)
         if remaining is not None:
@@ -81,7 +82,8 @@ class ReasoningPolicy:
                 reasons.append(f"session budget: {max(0, remaining)} reasoning tokens left")
         info = state.catalog.resolve(plan.model)
         result = translate(plan.model, state.catalog.provider(plan.model), info, plan.params, level=level,
-                           budget_tokens=budget, budgets=budgets, exclude=config.exclude_from_response)
+                           budget_tokens=budget, budgets=budgets, exclude=config.exclude_from_response,
+                           room=lambda: output_room(plan, state, info))
         action = "cap" if result.supported else "unsupported"
         attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind,
                                                       "effective_level": result.effective or level}
@@ -122,6 +124,20 @@ class ReasoningPolicy:
         return plan.decide(Decision(self.name, "unsupported", result.note), params=result.params)
 
 
+TOKENIZER_SLACK = 1.25  # a provider's tokenizer may count this much more than the local estimate
+
+
+def output_room(plan: Plan, state: PolicyState, info: ModelInfo | None) -> int | None:
+    """The output ``plan``'s request leaves in its model's window: its output limit, less what a
+    prompt counted with :data:`TOKENIZER_SLACK` would take past the window (a provider that refuses a
+    prompt plus ``max_tokens`` over its window, as Anthropic does with thinking, refuses none then);
+    ``None`` when the catalog knows neither."""
+    if info is None or not info.max_output_tokens or not info.max_input_tokens:
+        return None
+    prompt = state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+    return min(info.max_output_tokens, info.max_input_tokens - int(prompt * TOKENIZER_SLACK))
+
+
 def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] = DEFAULT_BUDGETS) -> Level | None:
     """The level the caller asked for, in any family's shape: ``reasoning_effort``, Anthropic's
     ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort or max_tokens); None if none."""
@@ -143,8 +159,8 @@ def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] =
     return None
 
 
-def _asked_budget(params: Mapping[str, object]) -> int | None:
-    """The thinking budget the caller gave (Anthropic ``thinking``, OpenRouter ``reasoning``), if any."""
+def thinking_budget(params: Mapping[str, object]) -> int | None:
+    """The thinking budget ``params`` give (Anthropic ``thinking``, OpenRouter ``reasoning``), if any."""
     for key in ("thinking", "reasoning"):
         value = params.get(key)
         if isinstance(value, Mapping):

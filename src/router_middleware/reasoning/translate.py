@@ -10,7 +10,7 @@ all (a request that carried one would fail with ``UnsupportedParamsError``), and
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,9 +66,11 @@ def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
 def translate(
     model: str, provider: str | None, info: ModelInfo | None, params: Mapping[str, Any], *,
     level: Level, budget_tokens: int | None = None, budgets: Mapping[Level, int] = DEFAULT_BUDGETS,
-    exclude: bool = False,
+    exclude: bool = False, room: Callable[[], int | None] | None = None,
 ) -> Translation:
-    """The request params with the cap applied (other params untouched)."""
+    """The request params with the cap applied (other params untouched). ``room``: the output the
+    model's window leaves this request (asked only where a thinking budget needs a ``max_tokens`` the
+    caller did not give)."""
     base = _without_reasoning(params)
     if not can_reason(model, info):
         return Translation(base, f"{model} does not support reasoning: no reasoning parameter sent", False)
@@ -94,9 +96,10 @@ def translate(
         raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
         tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
+        ceiling = cap[1] if cap else (room() if room is not None else None) or 0  # no cap: a direct call's room
         out = {**{k: v for k, v in base.items() if k != "max_completion_tokens"},
                "thinking": {"type": "enabled", "budget_tokens": tokens},
-               "max_tokens": max(cap[1] if cap else 0, tokens + ANTHROPIC_OUTPUT_RESERVE)}
+               "max_tokens": max(ceiling, tokens + ANTHROPIC_OUTPUT_RESERVE)}
         dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
         for key in dropped:
             out.pop(key)
