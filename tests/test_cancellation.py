@@ -104,6 +104,39 @@ async def test_a_call_cancelled_during_its_admission_on_redis_gives_the_holds_ba
     assert spent(p, app) == 0.0
 
 
+async def test_a_call_cancelled_before_its_admission_is_sent_to_redis_holds_nothing_afterwards(
+        redis_url, hanging, monkeypatch) -> None:
+    """The call is stopped while its admission waits in the batch for the loop's next turn (a busy
+    loop): the admission is not sent, so no hold lands after the call's release and counts against
+    the budget until reservation_ttl_s (600 s). Before, it was sent all the same."""
+    from router_middleware.stores.redis import RedisStore, _Batch
+
+    queued = asyncio.Event()
+    start, admit = _Batch._start_flush, RedisStore.aadd_within
+
+    def busy_loop(self: _Batch, loop: asyncio.AbstractEventLoop) -> None:
+        loop.call_later(0.3, start, self, loop)  # the flush starts only once the loop is free again
+
+    def admission(self: RedisStore, *args: Any) -> Any:
+        future = admit(self, *args)
+        queued.set()
+        return future
+
+    monkeypatch.setattr(_Batch, "_start_flush", busy_loop)
+    monkeypatch.setattr(RedisStore, "aadd_within", admission)
+    p, app = budget_pipeline(redis_url), f"unsent-{uuid.uuid4().hex[:8]}"
+    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
+                                               max_tokens=500))
+    await queued.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # past the late flush
+    await p.aclose()
+    assert hanging == []
+    assert spent(p, app) == 0.0  # before: the hold the call had given back, landed after its release
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_call_cancelled_while_it_claims_a_probe_gives_the_claim_back(kind, request, tmp_path, hanging,
                                                                             monkeypatch) -> None:

@@ -128,6 +128,22 @@ async def test_an_owned_claim_through_the_batched_redis_admission(redis_url) -> 
     await store.aclose()
 
 
+async def test_a_batched_admission_cancelled_before_its_flush_is_not_sent_and_the_others_are(redis_url) -> None:
+    """Three admissions queued in one turn, the middle one's caller gone before the flush: only the
+    other two reach Redis, each with its own answer, after a script Redis had to load again."""
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.client.script_flush()  # the admission script is loaded again for the flush's first command
+    first = store.aadd_within([("q", 1.0, 5.0, None)])
+    gone = store.aadd_within([("q", 2.0, 5.0, None)])
+    last = store.aadd_within([("q", 4.0, 5.0, None)])
+    gone.cancel()
+    assert await asyncio.gather(first, last) == [None, None]  # 1 + 4 fits; had 2 been added, 4 would not
+    assert float(store.get("q")) == 5.0
+    await store.aclose()
+
+
 def test_a_hold_counts_until_released_or_until_it_expires(store) -> None:
     """A reservation is a hold: counted against the limit like an addition, replaced by the actual amount
     when released, and taken back out by the next admission on its key once it expired (its release

@@ -300,13 +300,32 @@ class _Queued:
     they were made of need not outlive the call's ``submit``), and who waits on their replies: per
     call its future, how many commands it queued, and what reads its result from their replies."""
 
-    __slots__ = ("commands", "futures", "readers", "sizes")
+    __slots__ = ("commands", "futures", "marks", "readers", "sizes")
 
     def __init__(self) -> None:
         self.commands = _Commands()
         self.futures: list[asyncio.Future[Any]] = []
         self.sizes: list[int] = []
         self.readers: list[Reader] = []
+        self.marks: list[int] = []  # the calls whose commands are not sent once they stop waiting
+
+    def withdraw_cancelled(self) -> None:
+        """Leave out the commands of each marked call whose future was cancelled before the flush (its
+        caller stopped waiting and gives back what it would have taken, as never taken)."""
+        withdrawn = {i for i in self.marks if self.futures[i].cancelled()}
+        if not withdrawn:
+            return
+        kept, start = _Commands(), 0
+        for index, size in enumerate(self.sizes):
+            if index in withdrawn:
+                self.sizes[index] = 0
+            else:
+                for i in range(start, start + size):
+                    if i in self.commands.scripts:
+                        kept.scripts[len(kept.packed)] = self.commands.scripts[i]
+                    kept.packed.append(self.commands.packed[i])
+            start += size
+        self.commands = kept
 
 
 class _Batch:
@@ -324,10 +343,13 @@ class _Batch:
         self.reads: dict[tuple[bool, str], tuple[_SharedRead, int]] = {}  # reads in flight (afetch)
         self.flushing: set[asyncio.Task[None]] = set()  # a task the loop only holds weakly is kept here
 
-    def submit(self, queue: Callable[..., Any], *args: Any, read: Reader = _last) -> asyncio.Future[Any]:
+    def submit(self, queue: Callable[..., Any], *args: Any, read: Reader = _last,
+               withdrawable: bool = False) -> asyncio.Future[Any]:
         """``queue(pipeline, script, *args)`` adds one call's commands (``script`` queues a script of
         this module as EVALSHA), packed at once; the future gets ``read`` of their results (by default
-        the last one). A command that cannot be packed fails its call only."""
+        the last one). A command that cannot be packed fails its call only. ``withdrawable``: not sent
+        if the future is cancelled before the flush (an admission whose call was stopped meanwhile:
+        its release, made at once, must not be overtaken by holds that land after it)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         pending = self.pending
@@ -343,6 +365,8 @@ class _Batch:
         pending.futures.append(future)
         pending.sizes.append(len(commands.packed) - before)
         pending.readers.append(read)
+        if withdrawable:
+            pending.marks.append(len(pending.futures) - 1)
         return future
 
     def _start_flush(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -359,6 +383,10 @@ class _Batch:
 
     async def _flush(self) -> None:
         queued, self.pending = self.pending, _Queued()
+        if queued.marks:
+            queued.withdraw_cancelled()
+            if not queued.commands.packed:  # every call of the turn stopped waiting
+                return
         try:
             self.outage.check()
             results = await self._send(queued.commands)
@@ -620,7 +648,8 @@ class RedisStore:
         a coroutine nor what it adds: they are packed at once)."""
         if not entries and not holds and not owned:
             return _resolved(None)
-        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned), read=_refused)
+        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned), read=_refused,
+                                    withdrawable=True)
 
     async def aget(self, key: str) -> bytes | None:
         value = await self._batch().submit(self._queue_get, key)
