@@ -109,21 +109,15 @@ async def test_a_call_cancelled_before_its_admission_is_sent_to_redis_holds_noth
     """The call is stopped while its admission waits in the batch for the loop's next turn (a busy
     loop): the admission is not sent, so no hold lands after the call's release and counts against
     the budget until reservation_ttl_s (600 s). Before, it was sent all the same."""
-    from router_middleware.stores.redis import RedisStore, _Batch
+    from router_middleware.stores.redis import _Batch
 
-    queued = asyncio.Event()
-    start, admit = _Batch._start_flush, RedisStore.aadd_within
+    start = _Batch._start_flush
 
     def busy_loop(self: _Batch, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_later(0.3, start, self, loop)  # the flush starts only once the loop is free again
 
-    def admission(self: RedisStore, *args: Any) -> Any:
-        future = admit(self, *args)
-        queued.set()
-        return future
-
     monkeypatch.setattr(_Batch, "_start_flush", busy_loop)
-    monkeypatch.setattr(RedisStore, "aadd_within", admission)
+    queued = _admissions_queued(monkeypatch)
     p, app = budget_pipeline(redis_url), f"unsent-{uuid.uuid4().hex[:8]}"
     task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
                                                max_tokens=500))
@@ -181,28 +175,37 @@ async def test_a_call_cancelled_before_its_probe_claim_reaches_redis_ends_the_cl
         redis_url, hanging, monkeypatch) -> None:
     """The admission is queued, and the batch's flush (not the caller's to cancel) sends it late: the
     call waits for its answer before giving the claim back, or the claim would land after its end."""
-    from router_middleware.stores.redis import RedisStore, _Batch
+    from router_middleware.stores.redis import _Batch
 
-    queued = asyncio.Event()
-    send, admit = _Batch._send, RedisStore.aadd_within
+    send = _Batch._send
 
     async def slow_send(self: _Batch, commands: Any) -> Any:
         await asyncio.sleep(0.3)  # a slow link to Redis
         return await send(self, commands)
 
-    def admission(self: RedisStore, *args: Any) -> Any:
-        future = admit(self, *args)
-        queued.set()
-        return future
-
     monkeypatch.setattr(_Batch, "_send", slow_send)
-    monkeypatch.setattr(RedisStore, "aadd_within", admission)
+    queued = _admissions_queued(monkeypatch)
     target = f"claude-{time.time_ns()}"
     p = _on_redis(redis_url, target)
     _cooled_off(p, target)
     task = asyncio.ensure_future(p.acompletion(model="coder", messages=MESSAGES))
     await queued.wait()
     await _cancelled_leaves_no_claim(task, p, hanging, target)
+
+
+def _admissions_queued(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set once a call's admission is queued in the Redis store's batch (not yet sent)."""
+    from router_middleware.stores.redis import RedisStore
+
+    queued, admit = asyncio.Event(), RedisStore.aadd_within
+
+    def admission(self: RedisStore, *args: Any) -> Any:
+        future = admit(self, *args)
+        queued.set()
+        return future
+
+    monkeypatch.setattr(RedisStore, "aadd_within", admission)
+    return queued
 
 
 async def _cancelled_leaves_no_claim(task: asyncio.Future[Any], p: Any, hanging: list[Any], target: str) -> None:
