@@ -179,14 +179,20 @@ def _aeffect(effect: Effect, wait: bool, off_loop: bool) -> Awaitable[Any]:
     if isinstance(effect, Wait):
         return _asleep(effect.seconds) if wait else _done(None)
     if isinstance(effect, StoreCall):
-        twin = getattr(effect.store, "a" + effect.method, None)
-        if twin is not None:
-            io: Awaitable[Any] = twin(*effect.args)
-            return _patient(io) if effect.patient else io
-        method = getattr(effect.store, effect.method)
-        return _in_thread(method, *effect.args) if off_loop else _done(method(*effect.args))
+        return astore(effect, off_loop)
     assert isinstance(effect, Summarize)
     return wire.litellm().acompletion(**effect.request)  # type: ignore[no-any-return]
+
+
+def astore(call: StoreCall, off_loop: bool) -> Awaitable[Any]:
+    """What to await for a store call: the store's async twin where it has one (Redis's batch), else
+    the method in a worker thread (``off_loop``: the store can block) or in place."""
+    twin = getattr(call.store, "a" + call.method, None)
+    if twin is not None:
+        io: Awaitable[Any] = twin(*call.args)
+        return _patient(io) if call.patient else io
+    method = getattr(call.store, call.method)
+    return _in_thread(method, *call.args) if off_loop else _done(method(*call.args))
 
 
 async def _done(value: Any) -> Any:

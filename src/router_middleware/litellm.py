@@ -48,9 +48,9 @@ from .bookkeeping import Admission, Held
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
-from .drivers import astep, queued_writes, write_all
+from .drivers import astep, astore, queued_writes, write_all
 from .errors import BudgetExceeded, RequestError, StoreUnavailable, UnknownModelError
-from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
+from .lifecycle import Attempt, CallLifecycle, CutShort, Flow, StoreCall
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
@@ -439,13 +439,12 @@ class RouterLogger(CustomLogger):
         return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint})), tools
 
     async def _store_admits(self, held: Held, admission: Admission) -> None:
-        """Take ``admission``'s budget holds in the store (in a worker thread where it can block)."""
+        """Take ``admission``'s budget holds in the store, as a lifecycle's admission is taken (never
+        blocking the event loop)."""
         engine = self.pipeline
         try:
-            if engine.store_blocks:
-                refusal = await asyncio.to_thread(engine.store.add_within, admission.entries, admission.holds)
-            else:
-                refusal = engine.store.add_within(admission.entries, admission.holds)
+            refusal = await astore(StoreCall(engine.store, "add_within", (admission.entries, admission.holds)),
+                                   engine.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: refuse under on_store_error closed, else admit
             engine.books.admission_failed(held, admission, exc)
             return
