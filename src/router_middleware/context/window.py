@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..params import output_cap
 from ..policies import PolicyState
 from ..tokens import REQUEST_OVERHEAD, message_key
 from ..types import Decision, Message, Plan, SummaryJob
@@ -26,8 +27,8 @@ def context_limit(plan: Plan, state: PolicyState) -> int | None:
     info = state.catalog.resolve(plan.model)
     if info is None or not info.max_input_tokens:
         return None
-    requested = plan.params.get("max_tokens") or plan.params.get("max_completion_tokens")
-    output = int(requested) if isinstance(requested, int) else min(info.max_output_tokens or 4096, 8192)
+    cap = output_cap(plan.params)
+    output = cap[1] if cap is not None else min(info.max_output_tokens or 4096, 8192)
     window = info.max_input_tokens
     # Some catalogs list the total context as max_input_tokens: never plan past window - output.
     return max(1024, window - output) if output < window else window
