@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, finish_reasons
-from .bookkeeping import Admission, Claim, Held, Probing, Reservation, Settlement, StepDown
+from .bookkeeping import Admission, Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
@@ -438,10 +438,8 @@ class CallLifecycle:
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)
             return None
-        except BaseException:  # stopped while the store admits: its holds and its probe claim may be there,
-            if admission.claims:  # so the call's release ends them (the claim only while it is its own)
-                self.held.reservation = Reservation(admission.claims)
-            self.held.probe = admission.probe
+        except BaseException:  # stopped while the store admits: what it claimed may be there
+            admission.unanswered(self.held)
             raise
         return self.books.admitted(self.held, admission, refusal)
 

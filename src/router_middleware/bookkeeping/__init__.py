@@ -103,6 +103,14 @@ class Admission:
     def owned(self) -> list[Owned]:
         return [health.probe_claim(self.probe, self.probe_s)] if self.probe is not None else []
 
+    def unanswered(self, held: Held) -> None:
+        """The store may have taken this admission, but its answer never came: ``held`` keeps its
+        budget claims and its probe claim, so the call's release ends them (the claim only while it is
+        its own)."""
+        if self.claims:
+            held.reservation = Reservation(self.claims)
+        held.probe = self.probe
+
 
 @dataclass
 class Settlement:
@@ -282,9 +290,7 @@ class Bookkeeper:
                                    f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
         log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
                     error_type=type(error).__name__, error=str(error)[:200], admitted=True)
-        if admission.claims:
-            held.reservation = Reservation(admission.claims)
-        held.probe = admission.probe
+        admission.unanswered(held)
 
     # -- after an attempt or a call --------------------------------------------------------------
 
