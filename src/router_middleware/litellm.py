@@ -38,7 +38,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from litellm.integrations.custom_logger import CustomLogger
 
@@ -61,6 +61,16 @@ _REQUEST_KEYS = frozenset({
     "response_format", "reasoning_effort", "thinking", "reasoning", "parallel_tool_calls", "seed",
 })
 _MAX_IN_FLIGHT = 10_000
+T = TypeVar("T")
+
+
+def _overflow(table: OrderedDict[str, T]) -> list[T]:
+    """Take the oldest entries past :data:`_MAX_IN_FLIGHT` out of ``table`` (calls whose events never
+    came), and return them."""
+    out = []
+    while len(table) > _MAX_IN_FLIGHT:
+        out.append(table.popitem(last=False)[1])
+    return out
 
 
 def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -413,12 +423,9 @@ class RouterLogger(CustomLogger):
             log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
                         why=f"the hook could not size this {endpoint} request: counted, not refused")
             return  # its events record it as a call no hook planned
-        evicted: list[_Counted] = []
         with self._lock:
-            key = self._key(data)
-            self._as_sent[key] = _Counted(plan, held, trace)
-            while len(self._as_sent) > _MAX_IN_FLIGHT:  # requests whose events never came
-                evicted.append(self._as_sent.popitem(last=False)[1])
+            self._as_sent[self._key(data)] = _Counted(plan, held, trace)
+            evicted = _overflow(self._as_sent)
         for stale in evicted:
             stale.trace.fail(TimeoutError("no event came for this call"))
             await self._recorded(engine.books.release, stale.held)
@@ -802,8 +809,7 @@ class RouterLogger(CustomLogger):
                 evicted.append(replaced)  # a reused call id
             self._calls[key] = value
             self._ended.pop(key, None)
-            while len(self._calls) > _MAX_IN_FLIGHT:  # calls whose events never came
-                evicted.append(self._calls.popitem(last=False)[1])
+            evicted += _overflow(self._calls)
         for stale in evicted:
             self._end(stale, TimeoutError("no event came for this call"))
 
@@ -814,8 +820,7 @@ class RouterLogger(CustomLogger):
 
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy
-        while len(self._ended) > _MAX_IN_FLIGHT:
-            self._ended.popitem(last=False)
+        _overflow(self._ended)
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
