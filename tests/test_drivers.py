@@ -413,6 +413,27 @@ def test_a_probe_claim_whose_answer_was_lost_is_still_the_call_s_probe(call, scr
     assert p.store.get(COOLDOWN + CLAUDE) is None and p.store.get(PROBE + CLAUDE) is None
 
 
+def test_a_call_that_fails_for_good_gives_its_budget_back_and_counts_toward_the_cooldown(call, script,
+                                                                                       breaker_store) -> None:
+    """The writes of the step in which a call fails for good (its budget hold given back, its failure
+    counted toward the target's cooldown) are made on every store. On a store that blocks, the async
+    drivers queue a step's writes for a worker thread; a step that raised lost them: the hold stayed on
+    the budget until it lapsed, and the failure counted toward no cooldown."""
+    import uuid
+
+    app = f"fails-{uuid.uuid4().hex[:8]}"
+    p = Pipeline.from_config({"store": breaker_store, "app": app, "context": {"enabled": False},
+                              "cache": {"enabled": False},
+                              "routing": {"cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60},
+                                          "budgets": [{"name": "team", "scope": "app", "usd": 10.0}]}})
+    script.failures[CLAUDE] = [rate_limit()]
+    with pytest.raises(litellm.exceptions.RateLimitError):
+        call(p, CLAUDE)
+    assert script.calls == [CLAUDE]
+    assert float(p.store.get(f"budget:team:usd:{app}:0") or 0) == 0
+    assert float(p.store.get(COOLDOWN + CLAUDE) or 0) > time.time()
+
+
 def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, script) -> None:
     """Refusing it would make the call worse than calling the provider directly."""
     p = pipeline(aliases={"coder": [CLAUDE]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})

@@ -131,13 +131,17 @@ def _advance(flow: Flow, reply: Any, error: Exception | None) -> tuple[bool, Any
 
 async def _aadvance(flow: Flow, reply: Any, error: Exception | None, off_loop: bool) -> tuple[bool, Any]:
     """:func:`_advance` on the loop; with ``off_loop``, the writes the step queued are then made in a
-    worker thread, before its next effect (the order of a sync call)."""
+    worker thread, before its next effect (the order of a sync call), also when the step raised (the
+    call failed for good: its hold given back, its failure counted)."""
     if not off_loop:
         return _advance(flow, reply, error)
-    done, queued = queued_writes(_advance, flow, reply, error)
-    if queued:
-        await _in_thread(write_all, queued)
-    return done
+    queued: list[Callable[[], None]] = []
+    try:
+        with deferring() as queued:
+            return _advance(flow, reply, error)
+    finally:
+        if queued:
+            await _in_thread(write_all, queued)
 
 
 def write_all(writes: list[Callable[[], None]]) -> None:
