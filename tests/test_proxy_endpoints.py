@@ -52,19 +52,31 @@ routing:
 ledger: {{url: 'sqlite:///{tmp}/ledger.db'}}
 """
 
+# A quota of two requests a day on the proxy's model_name, and a cooldown after two failures.
+GUARDED_CONFIG = """
+app: coding-agent
+store: sqlite:///{tmp}/store.db
+routing:
+  aliases: {{coder: [claude]}}
+  limits: {{claude: {{rpd: 2}}}}
+  cooldown: {{failures: 2, window_s: 60, cooldown_s: 30}}
+ledger: {{url: 'sqlite:///{tmp}/ledger.db'}}
+"""
+
 QUESTION = "Tell me a joke about OpenTelemetry"  # the recordings' prompt
 PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
                    for name in ("anthropic_message_create.yaml", "anthropic_message_streaming.yaml"))
 
 
 @contextmanager
-def _proxy(tmp_path: Path) -> Iterator[tuple[str, Any]]:
+def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: str = "/healthy",
+           fault_rate: float = 0.5) -> Iterator[tuple[str, Any]]:
     if (why := proxy_missing()) is not None:
         service_missing(why)
-    (tmp_path / "router.yaml").write_text(ROUTER_CONFIG.format(tmp=tmp_path))
+    (tmp_path / "router.yaml").write_text(router_config.format(tmp=tmp_path))
     (tmp_path / "config.yaml").write_text(PROXY_CONFIG)
-    with fault_server() as (upstream, seen):
-        env = {"ANTHROPIC_API_BASE": f"{upstream}/healthy", "ANTHROPIC_API_KEY": "sk-ant-test",
+    with fault_server(fault_rate=fault_rate) as (upstream, seen):
+        env = {"ANTHROPIC_API_BASE": f"{upstream}{upstream_path}", "ANTHROPIC_API_KEY": "sk-ant-test",
                "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
         with running_proxy(tmp_path, env, tmp_path / "config.yaml") as base:
             yield base, seen
@@ -96,9 +108,9 @@ def _rows(tmp_path: Path, expected: int) -> list[sqlite3.Row]:
     raise AssertionError(f"the ledger got {len(rows)} rows, not {expected}")
 
 
-def _spent(tmp_path: Path) -> float:
+def _spent(tmp_path: Path, key: str = "budget:day:tokens:all:0") -> float:
     with sqlite3.connect(tmp_path / "store.db") as db:
-        found = db.execute("SELECT value FROM kv WHERE key = 'budget:day:tokens:all:0'").fetchone()
+        found = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
     return float(found[0]) if found else 0.0
 
 
@@ -162,6 +174,38 @@ def test_responses_are_counted_once_and_refused_before_they_are_sent_once_over_b
     assert len(_rows(tmp_path, 2)) == 2
 
 
+def test_a_quota_on_the_proxys_model_name_holds_for_messages_requests_too(tmp_path) -> None:
+    """``routing.limits`` on ``claude`` counts the requests sent to it as they came, as it counts chat
+    calls routed there: two a day go through, the third is refused before it is sent (503 naming the
+    limit, in Anthropic's error shape)."""
+    with _proxy(tmp_path, GUARDED_CONFIG) as (base, seen):
+        answers = [_post(base, "/v1/messages", _messages()) for _ in range(2)]
+        rows = _rows(tmp_path, 2)
+        refused = _post(base, "/v1/messages", _messages())
+    assert [status for status, _ in answers] == [200, 200]
+    assert all(row["error"] is None and row["requested_model"] == "claude" for row in rows)
+    assert refused[0] == 503, refused
+    assert "rpd limit 2 reached" in json.loads(refused[1])["error"]["message"]
+    assert seen["healthy:ok"] == 2
+
+
+def test_failures_of_messages_requests_count_toward_their_targets_cooldown(tmp_path) -> None:
+    """An upstream that fails every request: each ``/v1/messages`` request is an error row, and the
+    two failures cool ``claude`` down for the chat calls routed there, as two failed chat calls would
+    (before, a request sent as it came counted toward no cooldown)."""
+    with _proxy(tmp_path, GUARDED_CONFIG, "/flaky", fault_rate=1.0) as (base, seen):
+        failed = [_post(base, "/v1/messages", _messages()) for _ in range(2)]
+        rows = _rows(tmp_path, 2)
+        for _ in range(50):
+            if _spent(tmp_path, "cooldown:claude"):
+                break
+            time.sleep(0.1)
+        cooled_until = _spent(tmp_path, "cooldown:claude")
+    assert all(status >= 400 for status, _ in failed), failed
+    assert all(row["error"] for row in rows) and sum(seen.values()) >= 2
+    assert cooled_until > time.time()
+
+
 def test_a_routing_alias_on_the_messages_endpoint_is_a_400_naming_the_model_names_to_use(tmp_path) -> None:
     """Aliases are routed on /v1/chat/completions only: ``coder`` sent to /v1/messages (no model_name
     of the proxy) is the client's error, saying so and naming the alias's targets the proxy serves,
@@ -180,7 +224,7 @@ def test_a_routing_alias_on_the_messages_endpoint_is_a_400_naming_the_model_name
 def test_the_estimate_of_a_claude_code_turn_reads_text_not_payloads() -> None:
     """Tool calls and results count as their text; an image's bytes are no tokens of the estimate
     (the provider's usage is what the row records)."""
-    messages, params, tools = as_sent_view({
+    messages, params = as_sent_view({
         "model": "claude", "max_tokens": 32000, "system": [{"type": "text", "text": "You are Claude Code."}],
         "tools": [{"name": "Read", "input_schema": {"type": "object"}}],
         "messages": [
@@ -193,8 +237,8 @@ def test_the_estimate_of_a_claude_code_turn_reads_text_not_payloads() -> None:
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"] == "You are Claude Code." and messages[1]["content"] == "read a.py\n[image]"
     assert '"name": "Read"' in messages[2]["content"] and messages[3]["content"] == "print(1)"
-    assert params == {"max_tokens": 32000} and '"Read"' in tools
-    responses, params, _ = as_sent_view({"model": "x", "instructions": "Be brief.", "input": [
+    assert params == {"max_tokens": 32000, "tools": [{"name": "Read", "input_schema": {"type": "object"}}]}
+    responses, params = as_sent_view({"model": "x", "instructions": "Be brief.", "input": [
         {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
         {"type": "function_call", "call_id": "c1", "name": "shell", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "c1", "output": "ok"}], "max_output_tokens": 50}, "/v1/responses")

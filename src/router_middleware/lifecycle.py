@@ -105,11 +105,12 @@ class CallLifecycle:
     ``usable``: whether the adapter can reach a routing target (others are skipped, ``unusable``
     saying why); ``cache``: use the response cache (litellm answers only); ``fallback=False``: the
     adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
-    ends the call."""
+    ends the call; ``plan``: the call goes as the adapter planned it (a request sent as it came:
+    no policy rewrites it), admitted, attempted and settled as any other."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
-                 cache: bool = True, fallback: bool = True) -> None:
+                 cache: bool = True, fallback: bool = True, plan: Plan | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -118,6 +119,7 @@ class CallLifecycle:
         self.unusable = unusable
         self.use_cache = cache and read is None
         self.fallback = fallback
+        self.given = plan
         self.held = Held()
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
         self._size_of = (0, 0)
@@ -262,10 +264,10 @@ class CallLifecycle:
         return plan
 
     def _make(self, target: str | None, decision: Decision | None) -> Plan:
-        """Plan the call, or a later attempt at ``target`` (a method, not a closure: a call waiting
-        on a fetch holds fewer objects)."""
+        """Plan the call (or take the adapter's plan), or a later attempt at ``target`` (a method, not a
+        closure: a call waiting on a fetch holds fewer objects)."""
         if target is None:
-            return self.engine.plan(self.call, prefetch=self.prefetch)
+            return self.given if self.given is not None else self.engine.plan(self.call, prefetch=self.prefetch)
         assert decision is not None
         return self.engine.replan(self.call, target, decision, self.prefetch)
 

@@ -8,8 +8,9 @@ reasoning, budgets, quotas) and tells the router the alias's remaining targets a
 attempt's admission); the success event settles the call (one whose client left mid-stream, as a
 stream closed early). A call that fell over is one ledger row and one route span with an attempt
 span per target. Anthropic ``/v1/messages`` and OpenAI ``/v1/responses`` requests (Claude Code,
-Codex) are sent as they came: admitted against the budgets before they are sent and counted by
-their events (:meth:`RouterLogger._admit_as_sent`).
+Codex) are sent as they came, through the same lifecycle with the plan the hook makes of them (no
+policy rewrites them): quotas and budgets admitted before they are sent, their failures counted
+toward their target's cooldown, their events settling them (:meth:`RouterLogger._admit_as_sent`).
 
 In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment_hook``, and calls
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
@@ -44,13 +45,12 @@ from litellm.integrations.custom_logger import CustomLogger
 
 from . import wire
 from .accounting import build_outcome
-from .bookkeeping import Admission, Held
 from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
-from .drivers import astep, astore, queued_writes, write_all
-from .errors import BudgetExceeded, RequestError, StoreUnavailable, UnknownModelError
-from .lifecycle import Attempt, CallLifecycle, CutShort, Flow, StoreCall
+from .drivers import astep, queued_writes, write_all
+from .errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable, UnknownModelError
+from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
@@ -201,8 +201,9 @@ class _Answer:
 class _Open:
     """A call in flight: its lifecycle, paused at the attempt litellm is making, and the plan whose
     request litellm carries (behind the proxy, the first attempt's until a fallback's deployment
-    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does.
-    ``started``: the router was seen starting ``attempt`` (its deployment hook ran for it)."""
+    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does,
+    or (``as_sent``) the proxy sends a request as it came, its one attempt. ``started``: the router
+    was seen starting ``attempt`` (its deployment hook ran for it)."""
 
     lifecycle: CallLifecycle
     flow: Flow
@@ -210,22 +211,13 @@ class _Open:
     sent: Plan
     proxy: bool = True
     started: bool = False
+    as_sent: bool = False
 
     def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
         """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started
         gives back all it took of its quotas."""
         self.lifecycle.abandon(error, spent, failed, made=self.started or not self.proxy)
         self.flow.close()
-
-
-@dataclass
-class _Counted:
-    """A proxy request sent as it came (:data:`_AS_SENT`) in flight: what its admission holds of the
-    budgets, the plan its ledger row and span describe, and its span."""
-
-    plan: Plan
-    held: Held
-    trace: CallTrace
 
 
 _OPAQUE_PARTS = frozenset({"image", "document", "input_image", "input_file", "input_audio"})
@@ -245,10 +237,11 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message], dict[str, Any], str]:
+def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message], dict[str, Any]]:
     """What an Anthropic ``/v1/messages`` or OpenAI ``/v1/responses`` request sends, as chat messages
-    (roles and text) for its token estimate and its span, its output cap (``max_tokens``), and its
-    tools' definitions as text (counted, never sent from here: the request goes as it came)."""
+    (roles and text) for its token estimate and its span, and its params: its output cap
+    (``max_tokens``) and its tools' definitions as they came (counted, never sent from here: the
+    request goes as it came)."""
     messages: list[Message] = []
     if endpoint == "/v1/messages":
         if data.get("system"):
@@ -272,9 +265,11 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
                 text = _text(item.get("content")) if "content" in item else json.dumps(item, default=str)
                 messages.append({"role": role, "content": text})
         cap = data.get("max_output_tokens")
-    params = {"max_tokens": int(cap)} if isinstance(cap, int) and cap > 0 else {}
-    tools = json.dumps(data["tools"], default=str) if data.get("tools") else ""
-    return messages or [{"role": "user", "content": ""}], params, tools
+    params: dict[str, Any] = {"max_tokens": int(cap)} if isinstance(cap, int) and cap > 0 else {}
+    tools = data.get("tools")
+    if isinstance(tools, Sequence) and not isinstance(tools, str) and tools:
+        params["tools"] = [t if isinstance(t, Mapping) else {"definition": str(t)} for t in tools]
+    return messages or [{"role": "user", "content": ""}], params
 
 
 class MovedOn(Exception):
@@ -305,7 +300,6 @@ class RouterLogger(CustomLogger):
         self.proxy = proxy
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
-        self._as_sent: OrderedDict[str, _Counted] = OrderedDict()  # proxy requests sent as they came, in flight
         self._lock = threading.Lock()
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
         self.hook_calls = 0
@@ -384,11 +378,13 @@ class RouterLogger(CustomLogger):
     async def _admit_as_sent(self, data: dict[str, Any], endpoint: str) -> None:
         """A ``/v1/messages`` or ``/v1/responses`` request: sent as it came, to the proxy's
         ``model_name`` it asks for (the routing, context and reasoning policies read and rewrite chat
-        messages: they do not apply), after its estimate is admitted against the budgets its labels
-        fall under (``BudgetExceeded``, a 429, before anything is sent, as a chat call is refused);
-        its events settle what it used (a ledger row, a span). A routing alias the proxy has no
+        messages: they do not apply). Its lifecycle runs with the plan :meth:`_plan_as_sent` makes of
+        it, the ``model_name`` as its target: the quotas of that target and the budgets its labels fall
+        under are admitted before it is sent (``NoRouteError``, a 503, naming the quota used up;
+        ``BudgetExceeded``, a 429: nothing is sent), its failure counts toward the target's cooldown,
+        and its events settle it (a ledger row, a span). A routing alias the proxy has no
         ``model_name`` for is refused (``UnknownModelError``, a 400) naming the alias's targets it
-        serves. A request it cannot size is sent and counted, not refused (``budget_not_enforced``)."""
+        serves. A request it cannot plan is sent and counted, not refused (``budget_not_enforced``)."""
         engine = self.pipeline
         requested = str(data.get("model") or "")
         served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
@@ -403,90 +399,35 @@ class RouterLogger(CustomLogger):
                 self._mark_ended(self._key(data), True)  # recorded from its failure event
             return
         self.hook_calls += 1
-        held = Held()
         try:
-            plan, tools = self._plan_as_sent(data, endpoint, requested)
-            if engine.config.routing.budgets:
-                sizing = plan.override(messages=(*plan.messages, {"role": "system", "content": tools})) if tools \
-                    else plan
-                held.counted, tokens, output = engine.request_size(sizing)
-                claims = engine.books.claims(plan.call.context, usd=engine.estimate_usd(plan, tokens, output),
-                                             tokens=tokens + output)
-                admission = engine.books.admission(held, (), tokens + output, claims)
-                if isinstance(admission, Admission):
-                    await self._store_admits(held, admission)
-            trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0)
-        except (BudgetExceeded, StoreUnavailable):
+            plan = self._plan_as_sent(data, endpoint, requested)
+            lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False)
+            flow = lifecycle.run()
+            done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+        except (BudgetExceeded, NoRouteError, StoreUnavailable):
             raise  # refused before anything is sent (the proxy answers 429, 503)
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            await self._recorded(engine.books.release, held)
             log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                        why=f"the hook could not size this {endpoint} request: counted, not refused")
+                        why=f"the hook could not plan this {endpoint} request: counted, not refused")
             return  # its events record it as a call no hook planned
-        with self._lock:
-            self._as_sent[self._key(data)] = _Counted(plan, held, trace)
-            evicted = _overflow(self._as_sent)
-        for stale in evicted:
-            stale.trace.fail(TimeoutError("no event came for this call"))
-            await self._recorded(engine.books.release, stale.held)
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, proxy=False, as_sent=True))
 
-    def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> tuple[Plan, str]:
-        """The plan a request sent as it came is recorded under (the model the proxy's ``model_name``
-        stands for, its conversation as chat messages, its labels, a decision saying it was not
-        routed) and its tools' definitions as text, for its estimate."""
+    def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> Plan:
+        """The plan of a request sent as it came: its target the proxy's ``model_name`` it asks for
+        (whose quotas and cooldown it counts toward, as a chat call routed there does), priced as the
+        model that name stands for; its conversation as chat messages and its tools' definitions, for
+        its estimate and its span; its labels; a decision saying it was not routed."""
         engine = self.pipeline
-        messages, params, tools = as_sent_view(data, endpoint)
-        deployment = requested if requested in engine.config.routing.deployments else None
-        model = engine.model_of(requested) if deployment else _proxy_model(requested) or requested
+        messages, params = as_sent_view(data, endpoint)
+        in_config = requested in engine.config.routing.deployments
+        model = engine.model_of(requested) if in_config else _proxy_model(requested) or requested
         labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
         call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
-        plan = Plan.from_call(call).override(model=model, deployment=deployment)
+        plan = Plan.from_call(call).override(model=model, deployment=requested)
         reason = (f"{endpoint}: sent as it came to the proxy's {requested!r} (routing, context and reasoning "
-                  "policies apply to /v1/chat/completions only); admitted against the budgets and counted")
-        return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint})), tools
-
-    async def _store_admits(self, held: Held, admission: Admission) -> None:
-        """Take ``admission``'s budget holds in the store, as a lifecycle's admission is taken (never
-        blocking the event loop)."""
-        engine = self.pipeline
-        try:
-            refusal = await astore(StoreCall(engine.store, "add_within", (admission.entries, admission.holds)),
-                                   engine.store_blocks)
-        except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: refuse under on_store_error closed, else admit
-            engine.books.admission_failed(held, admission, exc)
-            return
-        engine.books.admitted(held, admission, refusal)
-
-    def _settle_as_sent(self, counted: _Counted, kwargs: Mapping[str, Any], answer: _Answer | None,
-                        error: BaseException | None) -> None:
-        """Settle a request sent as it came: at what its answer used (budgets, ledger row, span), or, with
-        no answer, give back its hold and record its failure."""
-        books = self.pipeline.books
-        try:
-            if answer is None:
-                assert error is not None
-                books.release(counted.held)
-                books.record_failure(counted.plan, error)
-                counted.trace.fail(error)
-            else:
-                result = self._read(counted.plan, answer, 0.0, routed=False)
-                result = books.settle(result, counted.held, answer.response, complete=error is None, error=error)
-                if error is None:
-                    counted.trace.succeed(result, answer.response)
-                else:
-                    counted.trace.fail(error, result)
-            self._tally()
-        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
-            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
-
-    def _take_as_sent(self, key: str) -> _Counted | None:
-        """Take a request sent as it came out of the table, marking it ended (the events after the
-        first are no call of their own)."""
-        with self._lock:
-            counted = self._as_sent.pop(key, None)
-            if counted is not None:
-                self._mark_ended(key, True)
-            return counted
+                  "policies apply to /v1/chat/completions only); admitted against its quotas and the budgets")
+        return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint}))
 
     def _known_model(self, model: str, served: frozenset[str]) -> None:
         """Refuse a model that is no name the proxy serves and no route of the config: the client's typo
@@ -538,14 +479,10 @@ class RouterLogger(CustomLogger):
         deployment hook ran), and the error is the provider's: not when the lifecycle's next attempt
         was never made (the one before, whose failure event came, was the last; what it used was
         counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
-        counted = self._take_as_sent(self._key(request_data))
-        if counted is not None:  # before its failure event (which then finds it ended)
-            await self._recorded(self._settle_as_sent, counted, request_data, _cut(request_data), original_exception)
-            return
         found = self._take_open(self._key(request_data))
         if found is not None:
-            about = _metadata(request_data).get("model_group")
-            ours = found.started and about == _target(found.attempt)  # else the attempt before was the last
+            about = _metadata(request_data).get("model_group")  # a request sent as it came has one attempt
+            ours = found.as_sent or (found.started and about == _target(found.attempt))  # else the one before
             self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,
                       failed=ours and wire.provider_error(original_exception))
             self._tally()
@@ -572,7 +509,7 @@ class RouterLogger(CustomLogger):
             if found is None or (only is not None and found is not only):
                 return None
             del self._calls[key]
-            self._mark_ended(key, found.proxy)
+            self._mark_ended(key, found.proxy or found.as_sent)
             return found
 
     async def _resume(self, kwargs: Mapping[str, Any], reply: _Answer | None, error: Exception | None,
@@ -662,10 +599,10 @@ class RouterLogger(CustomLogger):
         with self._lock:
             key = self._key(kwargs)
             found = self._calls.get(key)
-            if self._ended.get(key) or key in self._as_sent:  # a proxy call whose lifecycle has ended, or
-                return None  # the chat call litellm makes of a /v1/responses request (sent as it came)
-        if found is not None:
-            return await self._attempting(kwargs, found) if found.proxy else None
+            if self._ended.get(key):  # a proxy call whose lifecycle has ended
+                return None
+        if found is not None:  # an attempt of a call in flight (or the chat call litellm makes of a
+            return await self._attempting(kwargs, found) if found.proxy else None  # request sent as it came)
         if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
             return None
         self.hook_calls += 1
@@ -830,14 +767,6 @@ class RouterLogger(CustomLogger):
         if _ours(kwargs):
             return
         answer = _Answer.of(response_obj, kwargs, start_time, end_time)
-        counted = self._take_as_sent(self._key(kwargs))
-        if counted is not None:
-            error = None
-            if wire.client_disconnected(kwargs):  # settled as a stream closed early, at litellm's count
-                answer = replace(answer, response=wire.Partial(getattr(answer.response, "usage", None)))
-                error = ClientDisconnected("the client disconnected before the stream ended (litellm: 499)")
-            await self._recorded(self._settle_as_sent, counted, kwargs, answer, error)
-            return
         try:
             if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
                 return
@@ -854,11 +783,6 @@ class RouterLogger(CustomLogger):
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
-            return
-        counted = self._take_as_sent(self._key(kwargs))
-        if counted is not None:
-            await self._recorded(self._settle_as_sent, counted, kwargs, _cut(kwargs, start_time, end_time),
-                                 _error(kwargs))
             return
         try:
             if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
