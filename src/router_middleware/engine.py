@@ -75,6 +75,16 @@ class Engine:
         self.prefetching = not isinstance(self.store, MemoryStore)
         self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
+        self._served: Mapping[str, str] = {}  # see serve
+
+    def serve(self, models: Mapping[str, str]) -> None:
+        """Names the adapter sends to (the LiteLLM proxy's ``model_name`` s), each with the model it
+        stands for. A call or a fallback naming one that is no alias or deployment of the config is
+        planned, priced and judged as that model (its window, reasoning, parameters) and sent under
+        its name, as a deployment of the config is; its quotas and cooldown are the name's."""
+        routes = set(self.config.routing.route_names())
+        self._served = self.state.served = {name: model for name, model in models.items()
+                                            if name not in routes and name != model}
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:
@@ -106,7 +116,11 @@ class Engine:
             changes["now"] = time.time()
         if changes:
             state = state.but(**changes)  # one copy per plan
-        plan = apply_policies(Plan.from_call(call), self.policies, state)
+        plan = Plan.from_call(call)
+        served = self._served.get(call.model) if self._served else None
+        if served is not None:
+            plan = plan.override(model=served, deployment=call.model)
+        plan = apply_policies(plan, self.policies, state)
         return fit_plan(plan, wire.param_rules(plan.model))
 
     def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
@@ -150,9 +164,10 @@ class Engine:
                                      side_calls=side_calls)
 
     def model_of(self, target: str) -> str:
-        """The model id behind a routing target (a model id, or a deployment name)."""
+        """The model id behind a routing target (a model id, a deployment name, or a name the adapter
+        serves: :meth:`serve`)."""
         deployment = self.config.routing.deployments.get(target)
-        return deployment.model if deployment else target
+        return deployment.model if deployment else self._served.get(target, target)
 
     def request(self, plan: Plan, *, failover: bool = False) -> dict[str, Any]:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and

@@ -358,7 +358,8 @@ class RouterLogger(CustomLogger):
         call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
         # a target the proxy has no model for is skipped, never sent (unless the client brings its own
         # credentials or config: the proxy then sends any model)
-        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
+        names = self._proxy_names()
+        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
         if served is not None:
             self._known_model(call.model, served)
         lifecycle = engine.start(call, read=self._read, cache=False,
@@ -387,7 +388,8 @@ class RouterLogger(CustomLogger):
         serves. A request it cannot plan is sent and counted, not refused (``budget_not_enforced``)."""
         engine = self.pipeline
         requested = str(data.get("model") or "")
-        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else self._proxy_names()
+        names = self._proxy_names()  # the client's own credentials or config: the proxy sends any model
+        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
         if served is not None and requested not in served:
             alias = requested.partition(":")[0]
             targets = engine.config.routing.aliases.get(alias)
@@ -442,7 +444,8 @@ class RouterLogger(CustomLogger):
 
     def _proxy_names(self) -> frozenset[str] | None:
         """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second;
-        when they change, the config's targets they lack are logged (:meth:`_unserved`)."""
+        when they change, the config's targets they lack are logged (:meth:`_unserved`) and the engine
+        is told the model each stands for (:meth:`.Engine.serve`)."""
         current = wire.proxy_router()
         if current is None:
             return None
@@ -452,6 +455,7 @@ class RouterLogger(CustomLogger):
             fresh = wire.proxy_model_names(current)
             if fresh is not None and fresh != names:
                 self._unserved(fresh)
+                self.pipeline.serve({name: model for name in fresh if (model := _proxy_model(name)) is not None})
             names = fresh
             self._names = (current, now, names)
         return names

@@ -41,6 +41,7 @@ class PolicyState:
     budget_spent: Mapping[str, float] = field(default_factory=dict)  # budget key -> reserved + spent
     quotas: Mapping[str, float] = field(default_factory=dict)  # quota counter key -> count (routing.quotas)
     sessions: Mapping[str, SessionRoute] = field(default_factory=dict)  # session id -> its last route
+    served: Mapping[str, str] = field(default_factory=dict)  # a name the adapter serves -> its model (Engine.serve)
     now: float = 0.0
     _counters: dict[str, TokenCounter] = field(default_factory=dict, repr=False)
     _memo: OrderedDict[Hashable, Any] = field(default_factory=OrderedDict, repr=False)

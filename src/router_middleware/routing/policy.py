@@ -134,8 +134,7 @@ class RoutingPolicy:
         candidates = self._candidates(alias)
         rejections: dict[str, str] = {}
         usable = []
-        first = self.config.deployments[candidates[0]].model if candidates and candidates[0] in \
-            self.config.deployments else (candidates[0] if candidates else requested)
+        first = self._model(candidates[0], state) if candidates else requested
         estimate = state.tokens(first, plan.messages,
                                 plan.params.get("tools"), plan.call.context.session_id)
         for model in candidates:
@@ -173,10 +172,9 @@ class RoutingPolicy:
             tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
             attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
                               good_steps=session.escalation.good)
-        deployment = self.config.deployments.get(chosen)
-        plan = plan.decide(Decision(self.name, "route", reason, attributes),
-                           model=deployment.model if deployment else chosen,
-                           deployment=chosen if deployment else None, fallbacks=tuple(ranked[1:]))
+        model = self._model(chosen, state)
+        plan = plan.decide(Decision(self.name, "route", reason, attributes), model=model,
+                           deployment=chosen if model != chosen else None, fallbacks=tuple(ranked[1:]))
         return plan.decide(kept) if kept is not None else plan
 
     def _session(self, plan: Plan, state: PolicyState, free: int) -> Session:
@@ -221,8 +219,8 @@ class RoutingPolicy:
         if held_tier is None or why:
             reason = f"leave {held}: {why or 'it is in no tier now'}"
             return ranked, Decision(self.name, "switch", reason, {"from": held, "to": new})
-        held_info = state.catalog.resolve(self._model(held))
-        new_info = state.catalog.resolve(self._model(new))
+        held_info = state.catalog.resolve(self._model(held, state))
+        new_info = state.catalog.resolve(self._model(new, state))
         if held_info is None or new_info is None:
             unknown = held if held_info is None else new
             if held_tier < session.floor:
@@ -247,9 +245,10 @@ class RoutingPolicy:
         cap = output_cap(plan.params)
         return cap[1] if cap is not None else self.config.default_output_tokens
 
-    def _model(self, target: str) -> str:
+    def _model(self, target: str, state: PolicyState) -> str:
+        """The model behind ``target``: a deployment's, a name the adapter serves (``state.served``), or itself."""
         deployment = self.config.deployments.get(target)
-        return deployment.model if deployment else target
+        return deployment.model if deployment else state.served.get(target, target)
 
     def _candidates(self, alias: str) -> list[str]:
         """The alias's targets, each preferred OpenRouter model preceded by its ``:free`` variant."""
@@ -298,7 +297,8 @@ class RoutingPolicy:
                      and self._rejection(m, plan, state, estimate, windowed=False) is None]
         if not oversized:
             return [], ""
-        largest = max(oversized, key=lambda m: getattr(state.catalog.resolve(self._model(m)), "max_input_tokens", 0))
+        largest = max(oversized,
+                      key=lambda m: getattr(state.catalog.resolve(self._model(m, state)), "max_input_tokens", 0))
         return [largest], (f"the request looks too big for every candidate's window: {largest}, the largest, is "
                            f"tried anyway (the provider counts; {rejections[largest]}); ")
 
@@ -307,8 +307,7 @@ class RoutingPolicy:
         cooling = state.cooldowns.get(name) if cooled else None
         if cooling is not None and cooling > state.now:
             return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
-        deployment = self.config.deployments.get(name)
-        model = deployment.model if deployment else name
+        model = self._model(name, state)
         quotas = quotas_for(name, model, self.config)
         if quotas:
             why = exhausted(quotas, state.quotas, state.now, estimate + self._output(plan))
@@ -363,8 +362,7 @@ class RoutingPolicy:
             output = self._output(plan)
 
             def cost(name: str) -> float:
-                deployment = self.config.deployments.get(name)
-                info = state.catalog.resolve(deployment.model if deployment else name)  # :free is priced 0
+                info = state.catalog.resolve(self._model(name, state))  # :free is priced 0
                 if info is None:
                     return math.inf
                 read = info.cache_read if info.cache_read is not None else info.input

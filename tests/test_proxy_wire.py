@@ -1,0 +1,94 @@
+"""What reaches the provider behind the real LiteLLM proxy, with router-middleware's hook and
+without it: a client asking for a ``model_name`` of the proxy (Cline set up with the proxy's name
+for a model, not a routing alias) must send what it sends without the hook, when no rule asks for
+a change. The upstream is tests/capture_server.py, which records each request body (and answers
+500: nothing here imitates a provider's answer)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router_middleware import Pipeline
+
+from .capture_server import capture_server
+from .conftest import service_missing
+from .litellm_proxy import proxy_missing, running_proxy
+
+MODELS = {"g5": "openai/gpt-5-mini", "sonnet": "anthropic/claude-sonnet-4-5", "flash": "gemini/gemini-2.5-flash"}
+TOOLS = [{"type": "function", "function": {"name": "bash", "description": "run a command", "parameters": {
+    "type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
+MESSAGES = [{"role": "system", "content": "You are Cline, a coding agent."},
+            {"role": "user", "content": [{"type": "text", "text": "<task>list the files</task>"}]},
+            {"role": "assistant", "content": "I'll list them.", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "ls"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "a.py\nb.py"}]
+REQUEST = {"messages": MESSAGES, "tools": TOOLS, "stream": True, "stream_options": {"include_usage": True},
+           "reasoning_effort": "high"}
+OURS = ("prompt_cache_key", "metadata")  # what the hook adds: a cache key, its labels
+
+
+def _config(upstream: str, hook: bool) -> str:
+    lines = ["model_list:"]
+    for name, model in MODELS.items():
+        lines += [f"  - model_name: {name}", "    litellm_params:", f"      model: {model}",
+                  f"      api_base: {upstream}", "      api_key: sk-upstream"]
+    lines += ["litellm_settings:", "  drop_params: true", "  num_retries: 0"]
+    lines += ["  callbacks: router_hook.handler"] if hook else []
+    lines += ["general_settings:", "  master_key: os.environ/LITELLM_MASTER_KEY"]
+    return "\n".join(lines) + "\n"
+
+
+def _sent(tmp_path: Path, hook: bool) -> dict[str, dict[str, Any]]:
+    """Per model_name, the body the provider got for ``REQUEST``."""
+    folder = tmp_path / ("hook" if hook else "bare")
+    folder.mkdir()
+    (folder / "router.yaml").write_text("app: wire\n")
+    found: dict[str, dict[str, Any]] = {}
+    with capture_server() as (upstream, bodies):
+        (folder / "config.yaml").write_text(_config(upstream, hook))
+        with running_proxy(folder, {"ROUTER_MIDDLEWARE_CONFIG": str(folder / "router.yaml")},
+                           folder / "config.yaml") as base:
+            for name in MODELS:
+                bodies.clear()
+                request = urllib.request.Request(f"{base}/v1/chat/completions",
+                                                 json.dumps({"model": name, **REQUEST}).encode(),
+                                                 {"Authorization": "Bearer sk-proxy-master",
+                                                  "Content-Type": "application/json"})
+                with pytest.raises(urllib.error.HTTPError):  # the capture server answers 500
+                    urllib.request.urlopen(request, timeout=60)
+                assert len(bodies) == 1, (name, bodies)
+                found[name] = {k: v for k, v in bodies[0].items() if k not in OURS}
+    return found
+
+
+def test_a_proxy_model_name_gets_the_request_it_gets_without_the_hook(tmp_path) -> None:
+    """Before, the hook planned the call for the name itself (``g5``), a model it knew nothing of:
+    the client's ``reasoning_effort`` was dropped as unsupported for every model, so gpt-5-mini,
+    Claude (its thinking budget) and Gemini (its thinkingConfig) answered without the reasoning asked
+    for. Now the hook plans it for the model the name stands for, as the proxy's router sends it."""
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    bare, hooked = _sent(tmp_path, hook=False), _sent(tmp_path, hook=True)
+    assert bare["g5"]["reasoning_effort"] == "high"  # what a direct call sends, for each provider
+    assert bare["sonnet"]["thinking"]["type"] == "enabled"
+    assert bare["flash"]["generationConfig"]["thinkingConfig"]["thinkingBudget"] > 0
+    assert hooked == bare
+
+
+def test_a_name_the_adapter_serves_is_planned_as_its_model_and_sent_under_its_name() -> None:
+    """:meth:`Engine.serve`: the plan is made for the model behind the name (the reasoning policy
+    keeps the effort a reasoning model accepts), and names the name as its deployment (what is sent,
+    whose quotas and cooldown count); an alias of the config keeps its routing."""
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["g5"]}}})
+    pipeline.serve({"g5": "openai/gpt-5-mini", "coder": "openai/gpt-4o-mini"})
+    plan = pipeline.plan(pipeline.make_call("g5", MESSAGES, None, {"reasoning_effort": "high"}))
+    assert (plan.model, plan.deployment, plan.params["reasoning_effort"]) == ("openai/gpt-5-mini", "g5", "high")
+    routed = pipeline.plan(pipeline.make_call("coder", MESSAGES, None, {}))
+    assert (routed.model, routed.deployment) == ("openai/gpt-5-mini", "g5")
+    assert pipeline.model_of("g5") == "openai/gpt-5-mini" and pipeline.model_of("coder") == "coder"
