@@ -695,3 +695,101 @@ def test_a_routed_stream_cancelled_mid_answer_is_settled_with_the_cancellation(h
     rows = open_ledger(url).query("SELECT model, error, output_tokens, cost_usd FROM calls")
     assert len(rows) == 1 and rows[0][:2] == ("gpt-3.5-turbo", "CancelledError")
     assert rows[0][2] > 0 and rows[0][3] == pytest.approx(spent) and spent > 0  # what came, counted once
+
+
+class _CutStream(GenericFakeChatModel):
+    """langchain-core's fake chat model, its stream broken off after ``cut_after`` chunks: it raises
+    ``ConnectionError`` there, or (``hang``, async only) stalls until cancelled."""
+
+    cut_after: int = 7
+    hang: bool = False
+
+    def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        for i, chunk in enumerate(super()._stream(messages, stop, run_manager, **kwargs)):
+            if i == self.cut_after:
+                raise ConnectionError("the provider hung up")
+            yield chunk
+
+    async def _astream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        for i, chunk in enumerate(GenericFakeChatModel._stream(self, messages, stop, run_manager, **kwargs)):
+            if i == self.cut_after:
+                if self.hang:
+                    await asyncio.sleep(60)
+                raise ConnectionError("the provider hung up")
+            yield chunk
+            await asyncio.sleep(0)
+
+
+def _cut_agent(tmp_path: Path, hang: bool = False) -> tuple[Any, Pipeline, str]:
+    from langchain.agents import create_agent
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+    model = _CutStream(messages=iter([AIMessage("one two three four five six seven eight")]), hang=hang)
+    middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini",
+                                       context={"app": "a"})
+    return create_agent(model, tools=[], middleware=[middleware]), pipeline, url
+
+
+def _cut_row(pipeline: Pipeline, url: str, streamed: str, error: str, span_exporter: Any) -> None:
+    """The call's one ledger row and span: settled at the prompt's estimate and the streamed output,
+    naming ``error``; the budget charged what the row says."""
+    from router_middleware.langchain.convert import usage_from_message
+    from router_middleware.ledger.store import open_ledger
+
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT model, error, input_tokens, output_tokens, cost_usd FROM calls")
+    assert len(rows) == 1 and rows[0][:2] == ("gpt-4o-mini", error)
+    assert rows[0][2] > 0 and rows[0][3] == usage_from_message(AIMessage(streamed), 0).output_tokens
+    spent = float(pipeline.store.get("budget:team:usd:a:0") or 0)
+    assert rows[0][4] > 0 and rows[0][4] == pytest.approx(spent)
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert chat.status.status_code == StatusCode.ERROR
+    assert chat.attributes["router_middleware.usage.source"] == "estimated"
+    assert chat.attributes["gen_ai.usage.output_tokens"] == rows[0][3]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_agent_stream_cut_by_the_provider_is_settled_at_what_it_streamed(asynchronous, tmp_path,
+                                                                            span_exporter) -> None:
+    """The model raises after a few chunks of its answer: the prompt and the chunks were billed, so
+    the row and span say what they used (estimated), with the error, as for the pipeline's own streams."""
+    agent, pipeline, url = _cut_agent(tmp_path)
+    got: list[str] = []
+    question = {"messages": [HumanMessage("hi")]}
+
+    async def read() -> None:
+        async for chunk, _ in agent.astream(question, stream_mode="messages"):
+            got.append(chunk.content)
+
+    with pytest.raises(ConnectionError):
+        if asynchronous:
+            asyncio.run(read())
+        else:
+            got.extend(chunk.content for chunk, _ in agent.stream(question, stream_mode="messages"))
+    assert "".join(got) == "one two three four"
+    _cut_row(pipeline, url, "one two three four", "ConnectionError", span_exporter)
+
+
+def test_an_agent_stream_cancelled_mid_answer_is_settled_at_what_it_streamed(tmp_path, span_exporter) -> None:
+    """The task reading the agent's messages is cancelled while the model's stream stalls: the row and
+    span say what the prompt and the chunks that came used, and the cancellation."""
+    agent, pipeline, url = _cut_agent(tmp_path, hang=True)
+    got: list[str] = []
+
+    async def cancelled() -> None:
+        async def read() -> None:
+            async for chunk, _ in agent.astream({"messages": [HumanMessage("hi")]}, stream_mode="messages"):
+                got.append(chunk.content)
+
+        task = asyncio.create_task(read())
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    _cut_row(pipeline, url, "".join(got), "CancelledError", span_exporter)

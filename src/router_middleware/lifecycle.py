@@ -128,6 +128,7 @@ class CallLifecycle:
         self._settlement: Settlement | None = None  # the answered call's settlement, once made
         self._settled = False  # ... and once its writes were made (or failed)
         self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
+        self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
@@ -187,11 +188,12 @@ class CallLifecycle:
         """The driver stopped the call at one of its effects (``asyncio.CancelledError``, a timeout
         around the call, ``KeyboardInterrupt``): an attempt in flight is recorded as failed with
         ``error``, and the call's reservation is given back at once rather than held until it lapses
-        (a hold that never reached the store is released as nothing spent: no change). A call stopped
+        (a hold that never reached the store is released as nothing spent: no change), or settled at
+        what the attempt used if it had produced part of an answer (:meth:`stopping`). A call stopped
         after its answer came was paid for: it is settled (or its settlement, already sent, recorded)
         and its ledger row and span carry ``error``."""
         if self._current is not None:
-            self._give_up(*self._current, error)
+            self._give_up(*self._current, error, self._cut)
             return
         answered, self._answered = self._answered, None
         if answered is None:
@@ -204,6 +206,12 @@ class CallLifecycle:
             self._settlement.error = error
             self.books.settled(self._settlement)
         trace.fail(error, result)
+
+    def stopping(self, spent: Outcome) -> None:
+        """The attempt in flight is about to be stopped from outside (a cancellation) after its provider
+        had produced part of an answer, which used ``spent``: the call is settled at it, as a
+        :class:`CutShort` attempt is, when the stop is thrown in."""
+        self._cut = spent
 
     def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False, *,
                 made: bool = True) -> None:

@@ -9,10 +9,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict
 from typing import Any
+from uuid import UUID
 
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
-from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata
+from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata, add_ai_message_chunks
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.tracers.context import register_configure_hook
 
 from ..memo import MessageMemo
 from ..pricing import price
@@ -22,14 +25,66 @@ ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are
 _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt", default=None)
 
 
+class AttemptRuns(BaseCallbackHandler):
+    """What langchain-core tells the handlers of RouterAgentMiddleware's attempt's model runs (those
+    whose messages end with ``last``): the chunks the last one streamed, whether it failed, and
+    whether any answered. Added to each run made while the attempt is (see :func:`attempt`)."""
+
+    run_inline = True  # in the run's own thread, in order
+    raise_error = False
+
+    def __init__(self, last: BaseMessage | None) -> None:
+        self.last = last
+        self.run: UUID | None = None
+        self.chunks: list[AIMessageChunk] = []
+        self.first_token: float | None = None
+        self.error: BaseException | None = None  # the last run's, if it failed
+        self.answered = False
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
+                            run_id: UUID, **kwargs: Any) -> None:
+        if self.last is not None and messages and messages[0] and messages[0][-1] is self.last:
+            self.run, self.chunks, self.first_token, self.error = run_id, [], None, None
+
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
+        message = getattr(chunk, "message", None)
+        if run_id == self.run and isinstance(message, AIMessageChunk):
+            self.chunks.append(message)
+            self.first_token = self.first_token or time.perf_counter()
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self.answered = self.answered or run_id == self.run
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        if run_id == self.run:
+            self.error = error
+
+    def partial(self) -> AIMessageChunk | None:
+        """What the last run streamed, merged, for an attempt that broke off (its usage, if any,
+        marked as estimated, as for a stream cut short), or ``None``."""
+        if not self.chunks:
+            return None
+        merged = add_ai_message_chunks(self.chunks[0], *self.chunks[1:])
+        return merged.model_copy(update={"response_metadata": {**merged.response_metadata,
+                                                               "usage_source": "estimated"}})
+
+
+_RUNS: ContextVar[AttemptRuns | None] = ContextVar("router_middleware_attempt_runs", default=None)
+register_configure_hook(_RUNS, inheritable=False)
+
+
 @contextmanager
-def attempt(request_messages: Sequence[BaseMessage]) -> Iterator[None]:
+def attempt(request_messages: Sequence[BaseMessage]) -> Iterator[AttemptRuns]:
     """RouterAgentMiddleware makes an attempt with ``request_messages``: the model call inside whose
-    messages end with the same message object is that attempt (see :func:`is_attempt`)."""
-    token = _ATTEMPT.set(request_messages[-1] if request_messages else None)
+    messages end with the same message object is that attempt (see :func:`is_attempt`); what its
+    runs report is gathered in the :class:`AttemptRuns` yielded."""
+    last = request_messages[-1] if request_messages else None
+    runs = AttemptRuns(last)
+    token, collecting = _ATTEMPT.set(last), _RUNS.set(runs)
     try:
-        yield
+        yield runs
     finally:
+        _RUNS.reset(collecting)
         _ATTEMPT.reset(token)
 
 

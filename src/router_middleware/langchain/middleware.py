@@ -14,6 +14,7 @@ spend). The response cache is not used (its answers are litellm responses).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,11 +28,12 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import ConfigError
-from ..lifecycle import Attempt, Flow
+from ..lifecycle import Attempt, CallLifecycle, CutShort
 from ..pipeline import Pipeline
+from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
-from .convert import attempt, outcome_from_message, to_openai_once
+from .convert import AttemptRuns, attempt, outcome_from_message, to_openai_once
 
 
 def _thread_id() -> str | None:
@@ -138,7 +140,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             raise ConfigError(f"{where}: a RoutedChatModel on the middleware's own pipeline accounts each call "
                               "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
 
-    def _start(self, request: ModelRequest) -> tuple[Flow, Callable[[Plan], ModelRequest]]:
+    def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         if not self.models:
             self._own_pipeline(request.model, "the agent's model")
@@ -176,34 +178,62 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         usable = self.models.__contains__ if self.models else None
         return self.pipeline.start(call, read=self._read, usable=usable, cache=False,
-                                   unusable="not among RouterAgentMiddleware's models=").run(), build
+                                   unusable="not among RouterAgentMiddleware's models="), build
 
-    def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float) -> Outcome:
+    def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
+              first_token: float | None = None) -> Outcome:
         result = response.result if isinstance(response, ModelResponse) else [response]
         message = next((m for m in reversed(result) if isinstance(m, AIMessage)), None)
-        return outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model), started)
+        return outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model), started,
+                                    first_token)
+
+    def _broke(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns, error: BaseException,
+               started: float) -> None:
+        """An attempt raised ``error`` after its model had streamed part of an answer: raise a
+        :class:`CutShort` with what it used (the prompt and the chunks, estimated), so the call is
+        settled at it; for a stop from outside (a cancellation), tell the lifecycle that, and return
+        (the caller raises ``error``, as for an attempt that streamed nothing)."""
+        partial = runs.partial()
+        if partial is None:
+            return
+        try:
+            spent = self._read(plan, partial, started, runs.first_token)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("langchain_middleware_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return
+        if isinstance(error, Exception):
+            raise CutShort(error, spent) from error
+        lifecycle.stopping(spent)
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         """Run the model call through the call lifecycle. Raises what the handler raised once no
         fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
         ``MessageError``/``RequestError`` for bad input."""
-        flow, build = self._start(request)
+        lifecycle, build = self._start(request)
 
         def send(made: Attempt) -> ModelResponse:
-            request = build(made.plan)
-            with attempt(_sent(request)):  # recorded by this call: not again by a RoutedChatModel or a handler
-                return handler(request)
+            request, started = build(made.plan), time.perf_counter()
+            with attempt(_sent(request)) as runs:  # recorded by this call: not again by a RoutedChatModel or a handler
+                try:
+                    return handler(request)
+                except BaseException as exc:
+                    self._broke(lifecycle, made.plan, runs, exc, started)
+                    raise
 
-        return drive(flow, send)
+        return drive(lifecycle.run(), send)
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
-        flow, build = self._start(request)
+        lifecycle, build = self._start(request)
 
         async def send(made: Attempt) -> ModelResponse:
-            request = build(made.plan)
-            with attempt(_sent(request)):
-                return await handler(request)
+            request, started = build(made.plan), time.perf_counter()
+            with attempt(_sent(request)) as runs:
+                try:
+                    return await handler(request)
+                except BaseException as exc:
+                    self._broke(lifecycle, made.plan, runs, exc, started)
+                    raise
 
-        return await adrive(flow, send, off_loop=self.pipeline.store_blocks)
+        return await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
