@@ -720,16 +720,18 @@ class _CutStream(GenericFakeChatModel):
             await asyncio.sleep(0)
 
 
-def _cut_agent(tmp_path: Path, hang: bool = False) -> tuple[Any, Pipeline, str]:
+def _cut_agent(tmp_path: Path, hang: bool = False, inside: Any = None) -> tuple[Any, Pipeline, str]:
+    """An agent on a model whose every stream breaks off (twice at most), routed by the router, with
+    a middleware ``inside`` it if given."""
     from langchain.agents import create_agent
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
                                      "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
-    model = _CutStream(messages=iter([AIMessage("one two three four five six seven eight")]), hang=hang)
+    model = _CutStream(messages=iter([AIMessage("one two three four five six seven eight")] * 2), hang=hang)
     middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini",
                                        context={"app": "a"})
-    return create_agent(model, tools=[], middleware=[middleware]), pipeline, url
+    return create_agent(model, tools=[], middleware=[middleware, *([inside] if inside else [])]), pipeline, url
 
 
 def _cut_row(pipeline: Pipeline, url: str, streamed: str, error: str, span_exporter: Any) -> None:
@@ -793,3 +795,101 @@ def test_an_agent_stream_cancelled_mid_answer_is_settled_at_what_it_streamed(tmp
 
     asyncio.run(cancelled())
     _cut_row(pipeline, url, "".join(got), "CancelledError", span_exporter)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_retry_middleware_inside_the_router_that_gives_up_is_recorded_as_the_failure(asynchronous, tmp_path,
+                                                                                       span_exporter) -> None:
+    """LangChain's ModelRetryMiddleware after the router (wrapping the model the router calls) answers
+    the model's last failure with a message of its own (``on_failure="continue"``): the agent gets that
+    message, and the router records the attempt as failed with the model's error (row, span, a count
+    toward the target's cooldown), not as an answer."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"cooldown": {"failures": 1}}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": limited})
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+    agent = create_agent(model, tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini"), retry])
+    question = {"messages": [HumanMessage("hi")]}
+    state = asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+    assert state["messages"][-1].content.startswith("Model call failed after 2 attempts with RateLimitError")
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT model, error, output_tokens FROM calls")
+    assert rows == [("gpt-4o-mini", "RateLimitError", 0)]
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert chat.status.status_code == StatusCode.ERROR
+    assert pipeline.store.get("cooldown:gpt-4o-mini") is not None
+
+
+def test_retry_and_fallback_middleware_outside_the_router_have_each_call_recorded(tmp_path) -> None:
+    """ModelRetryMiddleware and ModelFallbackMiddleware before the router (each retry or fallback a
+    call of the router's): each failed call has its error row, the fallback model's answer its own."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware, ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    failing = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": limited})
+    answering = RoutedChatModel(model="gpt-3.5-turbo", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="error", initial_delay=0.0, jitter=False)
+    agent = create_agent(failing, tools=[], middleware=[
+        ModelFallbackMiddleware(answering), retry, RouterAgentMiddleware(pipeline)])
+    state = agent.invoke({"messages": [HumanMessage("hi")]})
+    assert state["messages"][-1].content == "done"
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT model, error FROM calls ORDER BY ts")
+    assert rows == [("gpt-4o-mini", "RateLimitError"), ("gpt-4o-mini", "RateLimitError"), ("gpt-3.5-turbo", None)]
+
+
+def test_a_retry_middleware_inside_the_router_that_recovers_is_recorded_as_the_answer(tmp_path) -> None:
+    """The model fails once, then answers ModelRetryMiddleware's retry: the router's call is that answer."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    class Flaky(GenericFakeChatModel):
+        failed: bool = False
+
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("the provider hung up")
+            return super()._generate(*args, **kwargs)
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"cooldown": {"failures": 1}}})
+    model = Flaky(messages=iter([AIMessage("done")]))
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+    agent = create_agent(model, tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini"), retry])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
+    pipeline.close()
+    assert open_ledger(url).query("SELECT model, error FROM calls") == [("gpt-4o-mini", None)]
+    assert pipeline.store.get("cooldown:gpt-4o-mini") is None
+
+
+def test_a_retry_middleware_inside_the_router_that_gives_up_on_cut_streams_is_settled_at_the_last(
+        tmp_path, span_exporter) -> None:
+    """Each try's stream breaks off; ModelRetryMiddleware gives up with a message of its own: the
+    call is recorded as the model's failure, settled at what the last try streamed."""
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+    agent, pipeline, url = _cut_agent(tmp_path, inside=retry)
+    got = [chunk.content for chunk, _ in agent.stream({"messages": [HumanMessage("hi")]}, stream_mode="messages")]
+    assert got[-1].startswith("Model call failed after 2 attempts with ConnectionError")
+    _cut_row(pipeline, url, "one two three four", "ConnectionError", span_exporter)

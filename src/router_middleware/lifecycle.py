@@ -4,7 +4,8 @@
 flow: :class:`Summarize` (a summary call for a dropped span), :class:`Attempt` (send this plan to
 its provider), :class:`Wait` (back off before the next attempt), :class:`StoreCall` (the call's
 admission and settlement writes). A failed attempt is thrown into
-the generator, which answers with the next attempt or raises. The generator's return value is what
+the generator, which answers with the next attempt or raises (or, for a :class:`Replaced` one,
+returns the answer the adapter's caller was handed). The generator's return value is what
 the caller gets: the provider's answer (accounted), a response-cache hit, or a
 :class:`~.streaming.TrackedStream`. Drivers (:mod:`.drivers`) run it with sync or async I/O:
 ``Pipeline.completion``/``acompletion`` and ``RouterAgentMiddleware.wrap_model_call``/
@@ -96,6 +97,18 @@ class CutShort(Exception):
         self.error, self.spent = error, spent
 
 
+class Replaced(Exception):
+    """What an adapter throws into a lifecycle for an attempt whose model failed with ``error`` while
+    the adapter's caller was handed ``answer`` in its place (LangChain's ModelRetryMiddleware inside
+    RouterAgentMiddleware answers the model's last failure with a message of its own): the call ends
+    as failed (its row and span naming ``error``, a count toward the target's cooldown; settled at
+    ``spent`` if the model had streamed part of an answer) and returns ``answer``, with no fallback."""
+
+    def __init__(self, error: Exception, answer: Any, spent: Outcome | None = None) -> None:
+        super().__init__(str(error))
+        self.error, self.answer, self.spent = error, answer, spent
+
+
 Effect = Summarize | Attempt | Wait | StoreCall
 Flow = Generator[Effect, Any, Any]
 
@@ -169,6 +182,10 @@ class CallLifecycle:
                     self._apart = False
                 else:
                     return (yield from self._succeeded(plan, answer, trace, started))
+                if isinstance(thrown, Replaced):
+                    self.books.attempt_failed(self.held, plan.deployment or plan.model, thrown.error, thrown.spent)
+                    self._give_up(plan, trace, thrown.error, thrown.spent)
+                    return thrown.answer
                 # outside the handler: a CutShort's error is raised with its own context
                 error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort) else (thrown, None)
                 step = yield from self._failed(plan, trace, attempts, error, spent)

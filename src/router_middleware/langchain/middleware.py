@@ -9,7 +9,10 @@ sends it (reasoning parameters and a session's ``prompt_cache_key`` in ``model_s
 ``cache_control`` breakpoints on the messages and the last tool, in its ``extras``).
 Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the pipeline; usage
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
-spend). The response cache is not used (its answers are litellm responses).
+spend). An attempt whose model stream broke off is settled at what it streamed (read from
+LangChain's callbacks); a message a middleware inside this one made in place of a failed model's
+answer (ModelRetryMiddleware giving up) reaches the agent, and is recorded as that failure.
+The response cache is not used (its answers are litellm responses).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import ConfigError
-from ..lifecycle import Attempt, CallLifecycle, CutShort
+from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import Pipeline
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
@@ -187,23 +190,38 @@ class RouterAgentMiddleware(AgentMiddleware):
         return outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model), started,
                                     first_token)
 
-    def _broke(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns, error: BaseException,
-               started: float) -> None:
-        """An attempt raised ``error`` after its model had streamed part of an answer: raise a
-        :class:`CutShort` with what it used (the prompt and the chunks, estimated), so the call is
-        settled at it; for a stop from outside (a cancellation), tell the lifecycle that, and return
-        (the caller raises ``error``, as for an attempt that streamed nothing)."""
+    def _spent(self, plan: Plan, runs: AttemptRuns, started: float) -> Outcome | None:
+        """What the attempt's model run used before it broke off (the prompt and the chunks it
+        streamed, estimated), or ``None``: it streamed nothing, or reading it failed."""
         partial = runs.partial()
         if partial is None:
-            return
+            return None
         try:
-            spent = self._read(plan, partial, started, runs.first_token)
+            return self._read(plan, partial, started, runs.first_token)
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("langchain_middleware_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
+
+    def _broke(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns, error: BaseException,
+               started: float) -> None:
+        """An attempt raised ``error``: if its model had streamed part of an answer, raise a
+        :class:`CutShort` with what it used, so the call is settled at it, or for a stop from outside
+        (a cancellation) tell the lifecycle that; else return (the caller raises ``error``)."""
+        spent = self._spent(plan, runs, started)
+        if spent is None:
             return
         if isinstance(error, Exception):
             raise CutShort(error, spent) from error
         lifecycle.stopping(spent)
+
+    def _answered(self, plan: Plan, runs: AttemptRuns, response: ModelResponse, started: float) -> ModelResponse:
+        """``response``, if a model run of the attempt answered (or none was seen); else it stands in
+        for the model's failure (a middleware inside this one, such as ModelRetryMiddleware with
+        ``on_failure="continue"``, answered the last run's error with a message of its own): raise
+        :class:`Replaced`, so the call is recorded as that failure and still returns ``response``."""
+        if runs.answered or not isinstance(runs.error, Exception):
+            return response
+        raise Replaced(runs.error, response, self._spent(plan, runs, started))
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         """Run the model call through the call lifecycle. Raises what the handler raised once no
@@ -215,10 +233,11 @@ class RouterAgentMiddleware(AgentMiddleware):
             request, started = build(made.plan), time.perf_counter()
             with attempt(_sent(request)) as runs:  # recorded by this call: not again by a RoutedChatModel or a handler
                 try:
-                    return handler(request)
+                    response = handler(request)
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
                     raise
+            return self._answered(made.plan, runs, response, started)
 
         return drive(lifecycle.run(), send)
 
@@ -231,9 +250,10 @@ class RouterAgentMiddleware(AgentMiddleware):
             request, started = build(made.plan), time.perf_counter()
             with attempt(_sent(request)) as runs:
                 try:
-                    return await handler(request)
+                    response = await handler(request)
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
                     raise
+            return self._answered(made.plan, runs, response, started)
 
         return await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
