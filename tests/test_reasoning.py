@@ -290,19 +290,20 @@ def test_anthropic_thinking_raises_a_max_completion_tokens_below_its_budget_as_i
     assert bodies[-1]["max_tokens"] == sent, bodies[-1]
 
 
-def _sent(call, model: str, **params) -> dict:
+def _sent(call, model: str, messages: list[dict] | None = None, **params) -> dict:
     with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
-        call(model=model, messages=[{"role": "user", "content": "hi"}], api_base=base, api_key="k",
+        call(model=model, messages=messages or [{"role": "user", "content": "hi"}], api_base=base, api_key="k",
              num_retries=0, max_retries=0, **params)
     return bodies[-1]
 
 
 @pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-flash", "openai/gpt-5-mini",
-                                   "openrouter/anthropic/claude-sonnet-4.5"])
+                                   "openrouter/anthropic/claude-sonnet-4.5", "deepseek/deepseek-chat"])
 def test_without_a_rule_the_callers_reasoning_effort_goes_out_as_a_direct_call_sends_it(model) -> None:
     """No rule and no session budget: nothing caps the caller's level, so litellm maps it as it would
     without the middleware (before, Anthropic's 'high' became a 16,384-token budget with max_tokens
-    raised from 5,000 to 20,480: four times the output the caller allowed)."""
+    raised from 5,000 to 20,480: four times the output the caller allowed; deepseek-chat's was dropped,
+    where litellm sends ``thinking`` on with the effort)."""
     import litellm
 
     keys = ("reasoning_effort", "thinking", "reasoning", "max_tokens", "generationConfig")
@@ -354,3 +355,35 @@ def test_a_max_tokens_set_for_a_thinking_budget_is_no_output_estimate_for_the_bu
     capped = p.plan(p.make_call("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "hi"}], None,
                                 {"max_tokens": 1000}))
     assert capped.params["max_tokens"] == 2048 + 4096 and p.request_size(capped)[2] == 2048 + 4096  # raised: the cap
+
+
+def _rule(effort: str) -> Pipeline:
+    return Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": effort}]},
+                                 "context": {"enabled": False}})
+
+
+@pytest.mark.parametrize("effort", ["low", "high", "none"])
+def test_a_rule_on_deepseek_chat_sends_what_a_direct_call_with_its_level_sends(effort) -> None:
+    """DeepSeek documents a thinking mode for its chat model (on/off, with an effort it maps to low or
+    high), and litellm sends ``thinking`` for it. Before, the rule's level was dropped as unsupported:
+    litellm's model map has no reasoning flag for deepseek-chat."""
+    import litellm
+
+    keys = ("reasoning_effort", "thinking")
+    piped = _sent(_rule(effort).completion, "deepseek/deepseek-chat")
+    direct = _sent(litellm.completion, "deepseek/deepseek-chat", reasoning_effort=effort)
+    assert piped.get("thinking") and {k: piped.get(k) for k in keys} == {k: direct.get(k) for k in keys}
+
+
+TOOL_LOOP = [{"role": "user", "content": "list files"}, TOOL_CALL, {"role": "tool", "tool_call_id": "c1", "content": "a.py"}]
+
+
+def test_a_rule_does_not_switch_deepseek_thinking_on_over_tool_calls_without_their_reasoning() -> None:
+    """In thinking mode DeepSeek refuses (a 400) an assistant tool call passed back without its
+    ``reasoning_content``, and litellm fills none in for deepseek-chat. So over such a history a rule
+    sends no reasoning parameter (as a direct call without one), but still turns thinking off."""
+    bare = _sent(_rule("low").completion, "deepseek/deepseek-chat", TOOL_LOOP)
+    assert not {"reasoning_effort", "thinking"} & bare.keys(), bare
+    assert _sent(_rule("none").completion, "deepseek/deepseek-chat", TOOL_LOOP)["thinking"] == {"type": "disabled"}
+    reasoned = [TOOL_LOOP[0], {**TOOL_CALL, "reasoning_content": "ls shows them"}, TOOL_LOOP[2]]
+    assert _sent(_rule("low").completion, "deepseek/deepseek-chat", reasoned)["thinking"] == {"type": "enabled"}

@@ -83,7 +83,7 @@ class ReasoningPolicy:
         info = state.catalog.resolve(plan.model)
         result = translate(plan.model, state.catalog.provider(plan.model), info, plan.params, level=level,
                            budget_tokens=budget, budgets=budgets, exclude=config.exclude_from_response,
-                           room=lambda: output_room(plan, state, info))
+                           room=lambda: output_room(plan, state, info), messages=plan.messages)
         action = "cap" if result.supported else "unsupported"
         attrs: dict[str, str | int | float | bool] = {"level": level, "step_kind": kind,
                                                       "effective_level": result.effective or level}

@@ -3,14 +3,15 @@
 litellm maps ``reasoning_effort`` correctly for OpenAI and Gemini (2.5 -> ``thinkingBudget``,
 3 -> ``thinkingLevel``), so those get ``reasoning_effort``. Anthropic gets an explicit ``thinking``
 budget with ``max_tokens`` above it (litellm would pick its own budget), OpenRouter its ``reasoning``
-object, DeepSeek ``thinking`` on or off. A model that cannot reason gets no reasoning parameter at
-all (a request that carried one would fail with ``UnsupportedParamsError``), and the plan says so.
+object, DeepSeek ``thinking`` on or off (with ``reasoning_effort`` on DeepSeek's own API). A model that
+cannot reason gets no reasoning parameter at all (a request that carried one would fail with
+``UnsupportedParamsError``), and the plan says so.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,12 @@ class Translation:
     effective: str | None = None
 
 
-def can_reason(model: str, info: ModelInfo | None) -> bool:
+def can_reason(model: str, info: ModelInfo | None, provider: str | None = None) -> bool:
+    """The catalog's reasoning flag, else the model's family. DeepSeek's own API takes its thinking
+    switch for every model (litellm sends it; its map flags no reasoning for deepseek-chat)."""
     if info is not None and info.supports_reasoning is not None:
         return info.supports_reasoning
-    return _FAMILY_REASONS.search(model.lower()) is not None
+    return provider == "deepseek" or _FAMILY_REASONS.search(model.lower()) is not None
 
 
 def family(model: str, provider: str | None) -> str:
@@ -63,16 +66,22 @@ def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
 
 
+def _tool_calls_carry_reasoning(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every assistant tool call in ``messages`` passes back its ``reasoning_content``: DeepSeek's
+    thinking mode refuses one that does not (a 400), and litellm fills none in for deepseek-chat."""
+    return all(m.get("reasoning_content") for m in messages if m.get("role") == "assistant" and m.get("tool_calls"))
+
+
 def translate(
     model: str, provider: str | None, info: ModelInfo | None, params: Mapping[str, Any], *,
     level: Level, budget_tokens: int | None = None, budgets: Mapping[Level, int] = DEFAULT_BUDGETS,
-    exclude: bool = False, room: Callable[[], int | None] | None = None,
+    exclude: bool = False, room: Callable[[], int | None] | None = None, messages: Sequence[Mapping[str, Any]] = (),
 ) -> Translation:
     """The request params with the cap applied (other params untouched). ``room``: the output the
     model's window leaves this request (asked only where a thinking budget needs a ``max_tokens`` the
-    caller did not give)."""
+    caller did not give). ``messages``: the history, checked where thinking needs it in a shape."""
     base = _without_reasoning(params)
-    if not can_reason(model, info):
+    if not can_reason(model, info, provider):
         return Translation(base, f"{model} does not support reasoning: no reasoning parameter sent", False)
     tokens = budget_tokens if budget_tokens is not None else budgets[level]
     if budget_tokens is not None:  # a positive budget below the lowest level's still reasons: sent as it is
@@ -129,9 +138,13 @@ def translate(
         if exclude or (isinstance(asked, Mapping) and asked.get("exclude")):  # the caller's exclude is kept
             body["exclude"] = True
         return Translation({**base, "reasoning": body}, f"reasoning {body}", effective=level)
-    # DeepSeek: no effort levels; deepseek-reasoner always thinks.
+    # DeepSeek: thinking on or off, its effort low or high (minimal/low -> low); deepseek-reasoner always thinks.
     if "reasoner" in model.lower():
         return Translation(base, "deepseek-reasoner always reasons: no control", effective="xhigh")
     if level == "none":
-        return Translation(base, "thinking off")
-    return Translation({**base, "thinking": {"type": "enabled"}}, "thinking on")
+        return Translation({**base, "thinking": {"type": "disabled"}}, "thinking off")
+    if not _tool_calls_carry_reasoning(messages):
+        return Translation(base, "thinking not switched on: a tool call in the history carries no reasoning_content, "
+                                 "which DeepSeek's thinking mode requires")
+    effort_param = {"reasoning_effort": level} if provider == "deepseek" else {}  # as litellm sends it to DeepSeek
+    return Translation({**base, "thinking": {"type": "enabled"}, **effort_param}, f"thinking on, effort {level}")

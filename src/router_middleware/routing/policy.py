@@ -331,7 +331,7 @@ class RoutingPolicy:
         if plan.params.get("response_format") and facts.get("supports_response_schema") is False:
             return "does not support response_format"
         if any(k in plan.params for k in REASONING_PARAMS) and self.config.require_reasoning_support \
-                and not can_reason(model, info):
+                and not can_reason(model, info, provider):
             return "does not support reasoning"
         return None
 
