@@ -387,3 +387,23 @@ def test_a_rule_does_not_switch_deepseek_thinking_on_over_tool_calls_without_the
     assert _sent(_rule("none").completion, "deepseek/deepseek-chat", TOOL_LOOP)["thinking"] == {"type": "disabled"}
     reasoned = [TOOL_LOOP[0], {**TOOL_CALL, "reasoning_content": "ls shows them"}, TOOL_LOOP[2]]
     assert _sent(_rule("low").completion, "deepseek/deepseek-chat", reasoned)["thinking"] == {"type": "enabled"}
+
+
+@pytest.mark.parametrize(("model", "effort", "cap", "budget"), [
+    ("gemini/gemini-2.5-flash", "low", {"max_completion_tokens": 300}, 150),  # half the cap: the rest answers
+    ("gemini/gemini-2.5-flash", "low", {"max_tokens": 5000}, 2048),  # the rule's budget fits: as it was
+    ("gemini/gemini-2.5-flash", "low", {"max_tokens": 1}, 0),  # no room to think: Flash turns it off
+    ("gemini/gemini-2.5-pro", "low", {"max_tokens": 200}, 128),  # Pro cannot turn thinking off: its lowest
+    ("gemini/gemini-2.5-flash-lite", "low", {"max_tokens": 600}, 0),  # below Flash-Lite's lowest, 512: off
+    ("gemini/gemini-2.5-flash", "xhigh", {}, 24576),  # Flash's highest budget
+])
+def test_a_gemini_2_5_thinking_budget_fits_under_the_callers_output_cap(model, effort, cap, budget) -> None:
+    """Gemini counts thinking toward maxOutputTokens. Before, a 'low' rule sent a 2,048-token budget
+    under a 300-token cap, leaving the answer no room where a direct call (dynamic thinking) answers.
+    The cap goes out as the caller set it, as a direct call sends it."""
+    import litellm
+
+    piped = _sent(_rule(effort).completion, model, **cap)
+    direct = _sent(litellm.completion, model, **cap)
+    assert piped["generationConfig"]["thinkingConfig"]["thinkingBudget"] == budget, piped
+    assert piped["generationConfig"].get("max_output_tokens") == direct.get("generationConfig", {}).get("max_output_tokens")

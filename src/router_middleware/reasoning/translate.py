@@ -62,6 +62,47 @@ def family(model: str, provider: str | None) -> str:
 GEMINI_PRO_MIN_BUDGET = 128  # Gemini 2.5 Pro thinks with 128 to 32,768 tokens; 0 (off) is refused
 
 
+def _gemini_range(model: str) -> tuple[int, int]:
+    """The lowest and highest thinking budget Google documents for a Gemini 2.5 model (Flash and
+    Flash-Lite also take 0, off; Pro does not)."""
+    name = model.lower()
+    if "pro" in name:
+        return GEMINI_PRO_MIN_BUDGET, 32768
+    return (512 if "lite" in name else 1), 24576
+
+
+def _gemini_budget(model: str, tokens: int, cap: int | None) -> int:
+    """``tokens`` within the model's range and, under the caller's output cap, at most half of it.
+    Gemini counts thinking toward maxOutputTokens, so a larger budget leaves the answer no room where a
+    direct call (dynamic thinking) answers. The cap is not raised as Anthropic's ``max_tokens`` is
+    (Anthropic refuses a budget at or above it; Gemini takes a small one): the caller's cap is the most
+    output, thinking included, the call may bill. Below the model's lowest: off, or Pro's lowest."""
+    low, high = _gemini_range(model)
+    budget = max(low, min(tokens, high))
+    room = cap // 2 if cap else high
+    if budget <= room:
+        return budget
+    if room >= low:
+        return room
+    return GEMINI_PRO_MIN_BUDGET if low == GEMINI_PRO_MIN_BUDGET else 0
+
+
+def _gemini_25(model: str, base: dict[str, Any], level: Level, tokens: int) -> Translation:
+    """Gemini 2.5's ``thinkingBudget``: ``tokens`` fitted by :func:`_gemini_budget`; at ``none``, 0
+    (off), or Pro's minimum (it cannot turn thinking off)."""
+    if level == "none" and "pro" in model.lower():
+        return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": GEMINI_PRO_MIN_BUDGET}},
+                           f"thinkingBudget {GEMINI_PRO_MIN_BUDGET} (Gemini 2.5 Pro's minimum: it cannot "
+                           "turn thinking off)", effective="minimal")
+    cap = output_cap(base)
+    fitted = 0 if level == "none" else _gemini_budget(model, tokens, cap[1] if cap else None)
+    why = f" (asked {tokens}; fitted to the model's range and half the output cap)" if fitted != tokens else ""
+    if fitted == 0:
+        return Translation({**base, "reasoning_effort": "disable"}, "thinkingBudget 0" + why)
+    return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": fitted}},
+                       f"thinkingBudget {fitted}" + why)
+
+
 def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
 
@@ -119,14 +160,7 @@ def translate(
         effort = "low" if level in ("none", "minimal", "low") else "high"
         return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}", effective=effort)
     if kind == "gemini-2.5":
-        if level == "none" and "pro" in model.lower():  # 2.5 Pro cannot turn thinking off: its minimum
-            return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": GEMINI_PRO_MIN_BUDGET}},
-                               f"thinkingBudget {GEMINI_PRO_MIN_BUDGET} (Gemini 2.5 Pro's minimum: it cannot "
-                               "turn thinking off)", effective="minimal")
-        if level == "none":
-            return Translation({**base, "reasoning_effort": "disable"}, "thinkingBudget 0")
-        return Translation({**base, "thinking": {"type": "enabled", "budget_tokens": tokens}},
-                           f"thinkingBudget {tokens}")
+        return _gemini_25(model, base, level, tokens)
     if kind == "openrouter":
         if "gemini-3" in model.lower() and level in ("none", "minimal"):
             level = "low"  # Gemini 3 cannot turn thinking off; its lowest level is low
