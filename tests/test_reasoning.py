@@ -407,3 +407,20 @@ def test_a_gemini_2_5_thinking_budget_fits_under_the_callers_output_cap(model, e
     direct = _sent(litellm.completion, model, **cap)
     assert piped["generationConfig"]["thinkingConfig"]["thinkingBudget"] == budget, piped
     assert piped["generationConfig"].get("max_output_tokens") == direct.get("generationConfig", {}).get("max_output_tokens")
+
+
+def test_a_rule_does_not_switch_anthropic_thinking_on_over_a_tool_call_without_its_thinking_block() -> None:
+    """With thinking on, Anthropic refuses (a 400) a final assistant tool call that does not start with
+    its thinking block, and litellm drops thinking there only under ``modify_params``. An agent behind
+    the proxy passes back none: before, a rule's thinking made each step after a tool call fail where a
+    direct call answers. The request now goes as a direct call sends it."""
+    import litellm
+
+    keys = ("thinking", "max_tokens")
+    piped = _sent(_rule("low").completion, "anthropic/claude-sonnet-4-5", TOOL_LOOP)
+    direct = _sent(litellm.completion, "anthropic/claude-sonnet-4-5", TOOL_LOOP)
+    assert {k: piped.get(k) for k in keys} == {k: direct.get(k) for k in keys}, piped
+    block = {"type": "thinking", "thinking": "ls lists them", "signature": "sig"}
+    kept = [TOOL_LOOP[0], {**TOOL_CALL, "thinking_blocks": [block]}, TOOL_LOOP[2]]
+    assert _sent(_rule("low").completion, "anthropic/claude-sonnet-4-5", kept)["thinking"] == \
+        {"type": "enabled", "budget_tokens": 2048}

@@ -107,10 +107,20 @@ def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
 
 
-def _tool_calls_carry_reasoning(messages: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether every assistant tool call in ``messages`` passes back its ``reasoning_content``: DeepSeek's
-    thinking mode refuses one that does not (a 400), and litellm fills none in for deepseek-chat."""
-    return all(m.get("reasoning_content") for m in messages if m.get("role") == "assistant" and m.get("tool_calls"))
+def _tool_calls_carry(messages: Sequence[Mapping[str, Any]], key: str, *, last: bool = False) -> bool:
+    """Whether every assistant tool call in ``messages`` (with ``last``, the last one) passes back its
+    reasoning under ``key``. With thinking on, DeepSeek refuses (a 400) a tool call without its
+    ``reasoning_content``, and litellm fills none in for deepseek-chat; Anthropic refuses a final one
+    that does not start with its thinking block (``thinking_blocks``), and litellm drops thinking then
+    only under ``modify_params``."""
+    calls = [m for m in messages if m.get("role") == "assistant" and m.get("tool_calls")]
+    return all(m.get(key) for m in (calls[-1:] if last else calls))
+
+
+def _thinking_not_on(base: dict[str, Any], key: str) -> Translation:
+    """The request without reasoning, as a direct call without one sends it: thinking would be refused."""
+    return Translation(base, f"thinking not switched on: a tool call in the history carries no {key}, which "
+                             "the provider requires with thinking on")
 
 
 def translate(
@@ -143,6 +153,8 @@ def translate(
     if kind == "anthropic":
         if level == "none" or tokens <= 0:
             return Translation(base, "thinking off")
+        if not _tool_calls_carry(messages, "thinking_blocks", last=True):
+            return _thinking_not_on(base, "thinking_blocks")
         raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
         tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
@@ -177,8 +189,7 @@ def translate(
         return Translation(base, "deepseek-reasoner always reasons: no control", effective="xhigh")
     if level == "none":
         return Translation({**base, "thinking": {"type": "disabled"}}, "thinking off")
-    if not _tool_calls_carry_reasoning(messages):
-        return Translation(base, "thinking not switched on: a tool call in the history carries no reasoning_content, "
-                                 "which DeepSeek's thinking mode requires")
+    if not _tool_calls_carry(messages, "reasoning_content"):
+        return _thinking_not_on(base, "reasoning_content")
     effort_param = {"reasoning_effort": level} if provider == "deepseek" else {}  # as litellm sends it to DeepSeek
     return Translation({**base, "thinking": {"type": "enabled"}, **effort_param}, f"thinking on, effort {level}")
