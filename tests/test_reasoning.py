@@ -424,3 +424,18 @@ def test_a_rule_does_not_switch_anthropic_thinking_on_over_a_tool_call_without_i
     kept = [TOOL_LOOP[0], {**TOOL_CALL, "thinking_blocks": [block]}, TOOL_LOOP[2]]
     assert _sent(_rule("low").completion, "anthropic/claude-sonnet-4-5", kept)["thinking"] == \
         {"type": "enabled", "budget_tokens": 2048}
+
+
+BASH = {"type": "function", "function": {"name": "bash", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "bash"}}])
+def test_a_rule_does_not_switch_anthropic_thinking_on_when_the_caller_forces_a_tool(choice) -> None:
+    """Anthropic refuses thinking with a tool_choice that forces tool use (a 400): the request goes out
+    as a direct call sends it, the caller's tool_choice kept."""
+    import litellm
+
+    keys = ("thinking", "max_tokens", "tool_choice")
+    piped = _sent(_rule("low").completion, "anthropic/claude-sonnet-4-5", tools=[BASH], tool_choice=choice)
+    direct = _sent(litellm.completion, "anthropic/claude-sonnet-4-5", tools=[BASH], tool_choice=choice)
+    assert {k: piped.get(k) for k in keys} == {k: direct.get(k) for k in keys}, piped

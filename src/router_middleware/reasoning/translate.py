@@ -117,10 +117,16 @@ def _tool_calls_carry(messages: Sequence[Mapping[str, Any]], key: str, *, last: 
     return all(m.get(key) for m in (calls[-1:] if last else calls))
 
 
-def _thinking_not_on(base: dict[str, Any], key: str) -> Translation:
+def _forces_a_tool(params: Mapping[str, Any]) -> bool:
+    """Whether ``tool_choice`` forces tool use ('required', or one named tool), which Anthropic refuses
+    with thinking on (a 400)."""
+    choice = params.get("tool_choice")
+    return choice in ("required", "any") or (isinstance(choice, Mapping) and choice.get("type") not in ("auto", "none"))
+
+
+def _thinking_not_on(base: dict[str, Any], why: str) -> Translation:
     """The request without reasoning, as a direct call without one sends it: thinking would be refused."""
-    return Translation(base, f"thinking not switched on: a tool call in the history carries no {key}, which "
-                             "the provider requires with thinking on")
+    return Translation(base, f"thinking not switched on: {why}, which the provider refuses with thinking on")
 
 
 def translate(
@@ -154,7 +160,9 @@ def translate(
         if level == "none" or tokens <= 0:
             return Translation(base, "thinking off")
         if not _tool_calls_carry(messages, "thinking_blocks", last=True):
-            return _thinking_not_on(base, "thinking_blocks")
+            return _thinking_not_on(base, "the last tool call in the history carries no thinking_blocks")
+        if _forces_a_tool(base):
+            return _thinking_not_on(base, "tool_choice forces a tool")
         raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
         tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
@@ -190,6 +198,6 @@ def translate(
     if level == "none":
         return Translation({**base, "thinking": {"type": "disabled"}}, "thinking off")
     if not _tool_calls_carry(messages, "reasoning_content"):
-        return _thinking_not_on(base, "reasoning_content")
+        return _thinking_not_on(base, "a tool call in the history carries no reasoning_content")
     effort_param = {"reasoning_effort": level} if provider == "deepseek" else {}  # as litellm sends it to DeepSeek
     return Translation({**base, "thinking": {"type": "enabled"}, **effort_param}, f"thinking on, effort {level}")
