@@ -20,7 +20,8 @@ from .capture_server import capture_server
 from .conftest import service_missing
 from .litellm_proxy import proxy_missing, running_proxy
 
-MODELS = {"g5": "openai/gpt-5-mini", "sonnet": "anthropic/claude-sonnet-4-5", "flash": "gemini/gemini-2.5-flash"}
+MODELS = {"g5": "openai/gpt-5-mini", "sonnet": "anthropic/claude-sonnet-4-5", "flash": "gemini/gemini-2.5-flash",
+          "ds": "deepseek/deepseek-chat"}
 TOOLS = [{"type": "function", "function": {"name": "bash", "description": "run a command", "parameters": {
     "type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}}]
 MESSAGES = [{"role": "system", "content": "You are Cline, a coding agent."},
@@ -70,14 +71,15 @@ def _sent(tmp_path: Path, hook: bool) -> dict[str, dict[str, Any]]:
 def test_a_proxy_model_name_gets_the_request_it_gets_without_the_hook(tmp_path) -> None:
     """Before, the hook planned the call for the name itself (``g5``), a model it knew nothing of:
     the client's ``reasoning_effort`` was dropped as unsupported for every model, so gpt-5-mini,
-    Claude (its thinking budget) and Gemini (its thinkingConfig) answered without the reasoning asked
-    for. Now the hook plans it for the model the name stands for, as the proxy's router sends it."""
+    Claude (its thinking budget), Gemini (its thinkingConfig) and DeepSeek (its thinking switch)
+    answered without the reasoning asked for. Now the hook plans it for the model the name stands for, as the proxy's router sends it."""
     if (why := proxy_missing()) is not None:
         service_missing(why)
     bare, hooked = _sent(tmp_path, hook=False), _sent(tmp_path, hook=True)
     assert bare["g5"]["reasoning_effort"] == "high"  # what a direct call sends, for each provider
     assert bare["sonnet"]["thinking"]["type"] == "enabled"
     assert bare["flash"]["generationConfig"]["thinkingConfig"]["thinkingBudget"] > 0
+    assert bare["ds"]["thinking"] == {"type": "enabled"}
     assert hooked == bare
 
 
