@@ -78,7 +78,7 @@ class Engine:
         self._served: Mapping[str, str] = {}  # see serve
 
     def serve(self, models: Mapping[str, str]) -> None:
-        """Names the adapter sends to (the LiteLLM proxy's ``model_name`` s), each with the model it
+        """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
         stands for. A call or a fallback naming one that is no alias or deployment of the config is
         planned, priced and judged as that model (its window, reasoning, parameters) and sent under
         its name, as a deployment of the config is; its quotas and cooldown are the name's."""
