@@ -439,3 +439,35 @@ def test_a_rule_does_not_switch_anthropic_thinking_on_when_the_caller_forces_a_t
     piped = _sent(_rule("low").completion, "anthropic/claude-sonnet-4-5", tools=[BASH], tool_choice=choice)
     direct = _sent(litellm.completion, "anthropic/claude-sonnet-4-5", tools=[BASH], tool_choice=choice)
     assert {k: piped.get(k) for k in keys} == {k: direct.get(k) for k in keys}, piped
+
+
+UNKNOWN = ["openai/my-own-reasoner", "anthropic/claude-opus-9", "gemini/gemini-9-pro"]  # no catalog knows them
+
+
+@pytest.mark.parametrize("model", UNKNOWN)
+def test_a_model_no_catalog_knows_keeps_the_callers_reasoning_as_a_direct_call_sends_it(model) -> None:
+    """A custom reasoner behind an OpenAI-compatible endpoint, or a model newer than litellm's map: the
+    middleware cannot judge it, so the caller's ``reasoning_effort`` goes out as litellm maps it
+    directly (before, it was dropped as unsupported: the model answered without the reasoning asked
+    for); under a rule, the rule's level goes out the same way."""
+    import litellm
+
+    def reasoning(body: dict) -> dict:
+        return {k: body.get(k) for k in ("reasoning_effort", "thinking", "reasoning", "generationConfig")}
+
+    direct = reasoning(_sent(litellm.completion, model, reasoning_effort="high"))
+    piped = _sent(Pipeline.from_config({"context": {"enabled": False}}).completion, model, reasoning_effort="high")
+    assert reasoning(piped) == direct and any(direct.values())  # litellm sends it for each of them
+    capped = _sent(Pipeline.from_config({"context": {"enabled": False},
+                                         "reasoning": {"rules": [{"when": {}, "effort": "low"}]}}).completion,
+                   model, reasoning_effort="high")
+    assert reasoning(capped) == reasoning(_sent(litellm.completion, model, reasoning_effort="low"))
+
+
+def test_a_rule_adds_no_reasoning_to_a_model_no_catalog_knows_when_the_caller_asked_none() -> None:
+    """It may not reason: a parameter it does not take fails the call."""
+    call = Call.create("openai/my-own-model", [{"role": "user", "content": "hi"}], {}, AgentContext())
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high"}]})
+    planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
+    assert not any(k in planned.params for k in ("reasoning_effort", "thinking", "reasoning"))
+    assert "unknown to the catalog" in planned.decisions[-1].reason

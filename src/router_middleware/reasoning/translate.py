@@ -139,7 +139,11 @@ def translate(
     caller did not give). ``messages``: the history, checked where thinking needs it in a shape."""
     base = _without_reasoning(params)
     if not can_reason(model, info, provider):
-        return Translation(base, f"{model} does not support reasoning: no reasoning parameter sent", False)
+        if info is None and base != params:  # unknown to the catalog, and the caller asked: litellm maps it
+            return Translation({**base, "reasoning_effort": level}, f"{model} is unknown to the catalog: "
+                               f"reasoning_effort={level}, as litellm maps it for the provider", effective=level)
+        why = "is unknown to the catalog" if info is None else "does not support reasoning"
+        return Translation(base, f"{model} {why}: no reasoning parameter sent", False)
     tokens = budget_tokens if budget_tokens is not None else budgets[level]
     if budget_tokens is not None:  # a positive budget below the lowest level's still reasons: sent as it is
         level = level_for_budget(budget_tokens, dict(budgets))
