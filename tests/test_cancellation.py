@@ -131,6 +131,39 @@ async def test_a_call_cancelled_before_its_admission_is_sent_to_redis_holds_noth
     assert spent(p, app) == 0.0  # before: the hold the call had given back, landed after its release
 
 
+async def test_a_call_cancelled_after_its_admission_went_to_redis_gives_the_holds_back_once_they_landed(
+        redis_url, hanging, monkeypatch) -> None:
+    """The admission had been written to Redis's connection, and Redis had not run it yet (a slow
+    link), when the call was stopped. Its release goes on another connection: sent at once, it could
+    run first, and the holds landing after it counted against the budget until reservation_ttl_s
+    (600 s). The call now waits for its admission's answer (a round trip) before it gives them back."""
+    from router_middleware.stores.redis import RedisStore
+
+    original = RedisStore.aadd_within
+    sent = asyncio.Event()
+
+    async def slow_link(self: RedisStore, *args: Any) -> Any:
+        async def arrive() -> Any:
+            await asyncio.sleep(0.3)
+            return await original(self, *args)
+
+        sent.set()
+        return await asyncio.shield(asyncio.ensure_future(arrive()))  # what was sent cannot be unsent
+
+    monkeypatch.setattr(RedisStore, "aadd_within", slow_link)
+    p, app = budget_pipeline(redis_url), f"late-{uuid.uuid4().hex[:8]}"
+    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
+                                               max_tokens=500))
+    await sent.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # past the admission's arrival
+    await p.aclose()
+    assert hanging == []
+    assert spent(p, app) == 0.0  # before: the holds that landed after the release
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_call_cancelled_while_it_claims_a_probe_gives_the_claim_back(kind, request, tmp_path, hanging,
                                                                             monkeypatch) -> None:

@@ -29,6 +29,7 @@ T = TypeVar("T")
 
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
+PATIENCE_S = 2.0  # how long a stopped call waits for a store's answer on its way (a store times out first)
 
 
 def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
@@ -155,14 +156,14 @@ def _in_thread(work: Callable[..., Any], *args: Any) -> Awaitable[Any]:
     return _patient(asyncio.to_thread(work, *args))
 
 
-async def _patient(io: Awaitable[T]) -> T:
-    """What ``io`` gives; a caller cancelled meanwhile waits for ``io`` to end (one store timeout at
-    most), then raises."""
+async def _patient(io: Awaitable[T], limit: float | None = None) -> T:
+    """What ``io`` gives; a caller cancelled meanwhile waits for ``io`` to end (at most ``limit``
+    seconds), then raises."""
     running = asyncio.ensure_future(io)
     try:
         return await asyncio.shield(running)
     except asyncio.CancelledError:
-        await asyncio.wait({running})
+        await asyncio.wait({running}, timeout=limit)
         raise
 
 
@@ -194,7 +195,7 @@ def astore(call: StoreCall, off_loop: bool) -> Awaitable[Any]:
     twin = getattr(call.store, "a" + call.method, None)
     if twin is not None:
         io: Awaitable[Any] = twin(*call.args)
-        return _patient(io) if call.patient else io
+        return _patient(io, PATIENCE_S) if call.patient else io
     method = getattr(call.store, call.method)
     return _in_thread(method, *call.args) if off_loop else _done(method(*call.args))
 

@@ -76,8 +76,8 @@ class StoreCall:
     one (Redis), so reads, admission and settlement never block the event loop there. ``store`` may
     also be a component whose method uses a store (the semantic cache, a quota admission that reads
     the provider's view): the async driver runs it in a worker thread. ``patient``: a driver stopped
-    meanwhile waits for the store's answer before the lifecycle hears of it, so what the call claimed
-    is in the store by the time the call gives it back."""
+    meanwhile waits for the store's answer (a few seconds at most: ``drivers.PATIENCE_S``) before the
+    lifecycle hears of it, so what the call claimed is in the store by the time the call gives it back."""
 
     store: Any
     method: str
@@ -459,9 +459,12 @@ class CallLifecycle:
             admission = self.books.admission(self.held, found, size, claims, probe)
         if not isinstance(admission, Admission):
             return admission
-        try:  # patient with a probe claim: one left behind would keep every call from probing for probe_s
+        # patient with a probe claim (one left behind would keep every call from probing for probe_s) or
+        # budget holds (one taken after the call's release was sent would count until reservation_ttl_s)
+        try:
             refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
-                                                                        admission.owned), admission.probe is not None)
+                                                                        admission.owned),
+                                      admission.probe is not None or bool(admission.claims))
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)
             return None
