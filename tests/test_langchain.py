@@ -160,6 +160,51 @@ def test_structured_output_refuses_an_unknown_method_by_name() -> None:
         _structured("json")
 
 
+
+def _wire(call: Any) -> dict[str, Any]:
+    """The body ``call(api_base)`` sends, read by the capture server (which answers 500)."""
+    from .capture_server import capture_server
+
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017, PT011 - the body is what counts
+        call(base)
+    return bodies[-1]
+
+
+def _routed_at(model: str, base: str) -> RoutedChatModel:
+    return RoutedChatModel(model=model, pipeline=Pipeline.from_config({}), api_base=base, api_key="test-key",
+                           max_retries=0, model_kwargs={"num_retries": 0})
+
+
+def _direct(base: str, **kwargs: Any) -> Any:
+    """litellm.completion called directly, as a LangChain chat model that speaks OpenAI's format calls it."""
+    import litellm
+
+    return litellm.completion(api_base=base, api_key="test-key", max_retries=0, num_retries=0, **kwargs)
+
+
+def test_an_assistant_turn_s_reasoning_content_is_passed_back() -> None:
+    """An AIMessage's ``reasoning_content`` (as RoutedChatModel returns DeepSeek's) goes back with its
+    turn, as ChatLiteLLM sends it: DeepSeek with thinking on refuses (a 400) a tool call without it."""
+    call = {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_1"}
+    history = [HumanMessage("Weather in Paris?"),
+               AIMessage("Let me check.", tool_calls=[call],
+                         additional_kwargs={"reasoning_content": "I should call the tool."}),
+               ToolMessage("sunny", tool_call_id="call_1")]
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    sent = _wire(lambda base: _routed_at("deepseek/deepseek-chat", base).bind_tools([tool]).invoke(
+        history, reasoning_effort="high"))
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "Let me check.", "reasoning_content": "I should call the tool.",
+                 "tool_calls": [{"type": "function", "id": "call_1",
+                                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    direct = _wire(lambda base: _direct(base, model="deepseek/deepseek-chat", messages=messages, tools=[tool],
+                                        reasoning_effort="high"))
+    assert sent["messages"][1]["reasoning_content"] == "I should call the tool."
+    assert sent == direct
+
+
 # -- RouterCallbackHandler -------------------------------------------------------------------------
 
 

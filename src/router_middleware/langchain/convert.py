@@ -118,13 +118,30 @@ def to_openai_once(message: BaseMessage) -> list[dict[str, Any]]:
 
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept,
-    and the ``cache_control`` breakpoints of text blocks: see :func:`_with_breakpoints`)."""
-    if not any(_breakpoints(m) for m in messages):
+    the ``cache_control`` breakpoints of text blocks: see :func:`_with_breakpoints`, and an assistant
+    turn's ``reasoning_content``: see :func:`_with_reasoning`)."""
+    if not any(_breakpoints(m) or _reasoning(m) for m in messages):
         return _converted(messages)
     out: list[dict[str, Any]] = []
     for message in messages:
-        out += _with_breakpoints(message, _converted([message])) if _breakpoints(message) else _converted([message])
+        converted = _with_breakpoints(message, _converted([message])) if _breakpoints(message) \
+            else _converted([message])
+        out += _with_reasoning(message, converted)
     return out
+
+
+def _reasoning(message: BaseMessage) -> Any:
+    return message.additional_kwargs.get("reasoning_content") if isinstance(message, AIMessage) else None
+
+
+def _with_reasoning(message: BaseMessage, converted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``converted`` with the ``reasoning_content`` an assistant turn carries (as RoutedChatModel and
+    ChatLiteLLM return it), which langchain-core's conversion leaves out: DeepSeek with thinking on
+    refuses (a 400) a tool call passed back without it; ChatLiteLLM sends it back."""
+    reasoning = _reasoning(message)
+    if not reasoning or len(converted) != 1:
+        return converted
+    return [{**converted[0], "reasoning_content": reasoning}]
 
 
 def _converted(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
