@@ -145,8 +145,8 @@ def test_structured_output_by_json_schema_or_json_mode_asks_for_a_response_forma
     if method == "json_schema":
         assert body["response_format"]["type"] == "json_schema"
         schema = body["response_format"]["json_schema"]
-        assert (schema["name"], schema["strict"], schema["schema"]["properties"]) == (
-            "Weather", True, {"location": {"type": "string"}})
+        assert (schema["name"], schema["strict"], schema["schema"]["properties"]["location"]["type"]) == (
+            "Weather", True, "string")
     else:
         assert body["response_format"] == {"type": "json_object"}
     assert _structured(method).invoke("Weather in SF?") == Weather(location="San Francisco")
@@ -203,6 +203,29 @@ def test_an_assistant_turn_s_reasoning_content_is_passed_back() -> None:
                                         reasoning_effort="high"))
     assert sent["messages"][1]["reasoning_content"] == "I should call the tool."
     assert sent == direct
+
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "openai/gpt-5-mini"])
+def test_structured_output_by_json_schema_asks_for_a_strict_schema_by_default(model: str) -> None:
+    """``with_structured_output(Model, method="json_schema")`` sends the pydantic model's strict schema
+    (every field required, ``additionalProperties: false``, ``strict: true``), as ChatOpenAI sends it
+    (the model as ``response_format``, which litellm converts as the OpenAI SDK does) and ChatLiteLLM
+    asks for it (``strict`` defaults to true there): not a loose schema the model need not follow."""
+    class Answer(BaseModel):
+        """An answer."""
+
+        text: str
+        score: int | None = None
+
+    sent = _wire(lambda base: _routed_at(model, base).with_structured_output(Answer, method="json_schema").invoke(
+        "hi"))
+    direct = _wire(lambda base: _direct(base, model=model, messages=[{"role": "user", "content": "hi"}],
+                                        response_format=Answer))
+    assert sent == direct
+    schema = sent["response_format"]["json_schema"]
+    assert schema["strict"] is True and schema["schema"]["additionalProperties"] is False
+    assert schema["schema"]["required"] == ["text", "score"]
 
 
 # -- RouterCallbackHandler -------------------------------------------------------------------------

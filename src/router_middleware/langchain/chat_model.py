@@ -179,7 +179,8 @@ class RoutedChatModel(BaseChatModel):
                                method: str = "function_calling", strict: bool | None = None,
                                **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
         """``method``: ``"function_calling"`` (a forced tool call, the default), ``"json_schema"`` (the
-        schema as ``response_format``, ``strict`` as given) or ``"json_mode"`` (``response_format``
+        schema as ``response_format``; a pydantic model's strict unless ``strict=False``, as ChatOpenAI
+        and ChatLiteLLM send it, a dict's ``strict`` as given) or ``"json_mode"`` (``response_format``
         ``{"type": "json_object"}``: the prompt describes the schema), as ChatOpenAI takes them;
         langchain-core's default would drop ``method`` and ``strict`` and force a tool call anyway."""
         if kwargs:
@@ -201,14 +202,16 @@ class RoutedChatModel(BaseChatModel):
                 parser = JsonOutputKeyToolsParser(key_name=convert_to_openai_tool(schema)["function"]["name"],
                                                   first_tool_only=True)
         else:
-            if method == "json_schema":
+            if method == "json_schema" and pydantic and strict is not False:
+                response_format: dict[str, Any] = _strict_response_format(schema)  # type: ignore[arg-type]
+            elif method == "json_schema":
                 function = convert_to_openai_function(schema, strict=strict)  # type: ignore[arg-type]
                 json_schema = {"name": function["name"], "schema": function["parameters"]}
                 if function.get("description"):
                     json_schema["description"] = function["description"]
                 if strict is not None:
                     json_schema["strict"] = strict
-                response_format: dict[str, Any] = {"type": "json_schema", "json_schema": json_schema}
+                response_format = {"type": "json_schema", "json_schema": json_schema}
             else:
                 response_format = {"type": "json_object"}
             llm = self.bind(response_format=response_format, ls_structured_output_format=traced)
@@ -218,6 +221,16 @@ class RoutedChatModel(BaseChatModel):
         parsed = RunnablePassthrough.assign(parsed=itemgetter("raw") | parser, parsing_error=lambda _: None)
         unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
         return RunnableMap(raw=llm) | parsed.with_fallbacks([unparsed], exception_key="parsing_error")
+
+
+def _strict_response_format(schema: type) -> dict[str, Any]:
+    """A pydantic model's ``response_format`` as ChatOpenAI sends it (and litellm makes it from the model):
+    strict, every field required, ``additionalProperties: false``; ChatLiteLLM too asks for strict."""
+    from litellm.llms.base_llm.base_utils import type_to_response_format_param
+
+    response_format = type_to_response_format_param(schema)
+    assert response_format is not None
+    return response_format
 
 
 def _with_mark(formatted: dict[str, Any], tool: Any) -> dict[str, Any]:
