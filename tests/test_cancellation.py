@@ -107,8 +107,10 @@ async def test_a_call_cancelled_during_its_admission_on_redis_gives_the_holds_ba
 async def test_a_call_cancelled_before_its_admission_is_sent_to_redis_holds_nothing_afterwards(
         redis_url, hanging, monkeypatch) -> None:
     """The call is stopped while its admission waits in the batch for the loop's next turn (a busy
-    loop): the admission is not sent, so no hold lands after the call's release and counts against
-    the budget until reservation_ttl_s (600 s). Before, it was sent all the same."""
+    loop): no hold lands after the call's release and counts against the budget until
+    reservation_ttl_s (600 s). Before, the admission was sent all the same, after the release. (An
+    admission of quotas alone is withdrawn from the batch; one with budget holds is sent, and the call
+    gives them back once they landed.)"""
     from router_middleware.stores.redis import _Batch
 
     start = _Batch._start_flush
@@ -118,17 +120,7 @@ async def test_a_call_cancelled_before_its_admission_is_sent_to_redis_holds_noth
 
     monkeypatch.setattr(_Batch, "_start_flush", busy_loop)
     queued = _admissions_queued(monkeypatch)
-    p, app = budget_pipeline(redis_url), f"unsent-{uuid.uuid4().hex[:8]}"
-    task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
-                                               max_tokens=500))
-    await queued.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await asyncio.sleep(0.5)  # past the late flush
-    await p.aclose()
-    assert hanging == []
-    assert spent(p, app) == 0.0  # before: the hold the call had given back, landed after its release
+    await _cancelled_when(queued, redis_url, hanging)  # before: the hold landed after the call's release
 
 
 async def test_a_call_cancelled_after_its_admission_went_to_redis_gives_the_holds_back_once_they_landed(
@@ -151,17 +143,23 @@ async def test_a_call_cancelled_after_its_admission_went_to_redis_gives_the_hold
         return await asyncio.shield(asyncio.ensure_future(arrive()))  # what was sent cannot be unsent
 
     monkeypatch.setattr(RedisStore, "aadd_within", slow_link)
-    p, app = budget_pipeline(redis_url), f"late-{uuid.uuid4().hex[:8]}"
+    await _cancelled_when(sent, redis_url, hanging)  # before: the holds landed after the call's release
+
+
+async def _cancelled_when(reached: asyncio.Event, redis_url: str, hanging: list[str]) -> None:
+    """A budgeted call on Redis, cancelled once its admission ``reached`` a point: after the late
+    flush or arrival, nothing is held on the budget, and the provider was never called."""
+    p, app = budget_pipeline(redis_url), f"held-{uuid.uuid4().hex[:8]}"
     task = asyncio.ensure_future(p.acompletion(model="gpt-4o", messages=MESSAGES, context={"app": app},
                                                max_tokens=500))
-    await sent.wait()
+    await reached.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.5)  # past the admission's arrival
+    await asyncio.sleep(0.5)  # past the late flush or arrival
     await p.aclose()
     assert hanging == []
-    assert spent(p, app) == 0.0  # before: the holds that landed after the release
+    assert spent(p, app) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
