@@ -94,3 +94,26 @@ def test_a_name_the_adapter_serves_is_planned_as_its_model_and_sent_under_its_na
     routed = pipeline.plan(pipeline.make_call("coder", MESSAGES, None, {}))
     assert (routed.model, routed.deployment) == ("openai/gpt-5-mini", "g5")
     assert pipeline.model_of("g5") == "openai/gpt-5-mini" and pipeline.model_of("coder") == "coder"
+
+
+def test_the_proxy_s_model_for_a_name_is_its_base_model_and_a_known_name_is_never_made_unknown(monkeypatch) -> None:
+    """Read from a real ``litellm.Router`` as the proxy's: an Azure deployment is judged by its
+    ``model_info.base_model`` (as litellm prices it), and a name the catalog knows (``gpt-4o``) whose
+    deployment's model it does not (an Azure deployment's own name) keeps being judged by its name."""
+    import litellm
+
+    from router_middleware import wire
+    from router_middleware.litellm import RouterLogger
+
+    def deployment(name: str, model: str, **info: str) -> dict[str, Any]:
+        return {"model_name": name, "model_info": info, "litellm_params": {
+            "model": model, "api_key": "k", "api_base": "http://127.0.0.1:9", "api_version": "2024-06-01"}}
+
+    router = litellm.Router(model_list=[deployment("azure-4o", "azure/my-gpt4o", base_model="azure/gpt-4o"),
+                                        deployment("gpt-4o", "azure/prod-gpt4o-east"),
+                                        deployment("g5", "openai/gpt-5-mini")])
+    monkeypatch.setattr(wire, "proxy_router", lambda: router)
+    logger = RouterLogger(Pipeline.from_config({}), proxy=True)
+    assert logger._proxy_names() is not None  # read, and the engine told
+    engine = logger.pipeline
+    assert [engine.model_of(n) for n in ("azure-4o", "gpt-4o", "g5")] == ["azure/gpt-4o", "gpt-4o", "openai/gpt-5-mini"]

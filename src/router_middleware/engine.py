@@ -81,10 +81,12 @@ class Engine:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
         stands for. A call or a fallback naming one that is no alias or deployment of the config is
         planned, priced and judged as that model (its window, reasoning, parameters) and sent under
-        its name, as a deployment of the config is; its quotas and cooldown are the name's."""
-        routes = set(self.config.routing.route_names())
-        self._served = self.state.served = {name: model for name, model in models.items()
-                                            if name not in routes and name != model}
+        its name, as a deployment of the config is; its quotas and cooldown are the name's. A name the
+        catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name."""
+        routes, known = set(self.config.routing.route_names()), self.catalog.resolve
+        self._served = self.state.served = {
+            name: model for name, model in models.items()
+            if name not in routes and name != model and (known(model) is not None or known(name) is None)}
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any]) -> Call:

@@ -799,12 +799,16 @@ class RouterLogger(CustomLogger):
 
 
 def _proxy_model(name: str) -> str | None:
-    """The litellm model of the proxy's first deployment under ``model_name`` ``name``, or ``None``."""
+    """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as:
+    its ``model_info.base_model`` (what litellm prices an Azure deployment by), else its litellm
+    model; ``None`` when the proxy has no such deployment."""
     router = wire.proxy_router()
     try:
         found = router.registry().deployments(name) if router is not None else None
         params = found[0].get("litellm_params") if found else None
-        model = params.get("model") if isinstance(params, Mapping) else None
+        info = found[0].get("model_info") if found else None
+        model = (info.get("base_model") if isinstance(info, Mapping) else None) or \
+            (params.get("model") if isinstance(params, Mapping) else None)
     except Exception:  # noqa: BLE001 - another litellm's router: priced as the name
         return None
     return str(model) if model else None
