@@ -333,18 +333,22 @@ def test_agent_middleware_routes_trims_and_accounts_in_a_real_agent_loop(tmp_pat
     assert routes[0].attributes["router_middleware.context.compacted"] is True
 
 
-def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> None:
+def _failing_then_answering(models: dict[str, str]) -> dict[str, RoutedChatModel]:
+    """Two routed models by name: the first rate-limited, the second answering "done"."""
     import litellm
+
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    return {name: RoutedChatModel(model=model, pipeline=Pipeline(), model_kwargs={"mock_response": answer})
+            for (name, model), answer in zip(models.items(), (limited, "done"), strict=True)}
+
+
+def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> None:
     from langchain.agents import create_agent
 
     pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-3.5-turbo"]},
                                                  "fallback": {"backoff_s": 0.0}},
                                      "context": {"enabled": False}, "cache": {"enabled": False}})
-    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
-    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
-                                             model_kwargs={"mock_response": limited}),
-              "gpt-3.5-turbo": RoutedChatModel(model="gpt-3.5-turbo", pipeline=Pipeline(),
-                                               model_kwargs={"mock_response": "done"})}
+    models = _failing_then_answering({"gpt-4o-mini": "gpt-4o-mini", "gpt-3.5-turbo": "gpt-3.5-turbo"})
     agent = create_agent(models["gpt-4o-mini"], tools=[],
                          middleware=[RouterAgentMiddleware(pipeline, models=models, model="agent")])
     state = agent.invoke({"messages": [HumanMessage("hi")]})
@@ -356,6 +360,42 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
     assert attempts[0].status.status_code == StatusCode.ERROR
     assert route.attributes["router_middleware.fallback.depth"] == 1
     assert route.attributes["router_middleware.chosen_model"] == "gpt-3.5-turbo"
+
+
+def test_agent_middleware_fits_the_callers_settings_to_the_model_a_name_stands_for(tmp_path) -> None:
+    """``models={"cheap": gpt-4o-mini, "strong": gpt-5-mini}``: the fallback to "strong" is planned as
+    gpt-5-mini (temperature=0.2 dropped, as litellm refuses it there), and its one ledger row is
+    priced and attributed to that model's provider."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import wrap_model_call
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["cheap", "strong"]},
+                                                 "fallback": {"backoff_s": 0.0}},
+                                     "cache": {"enabled": False}, "ledger": {"url": url}})
+    models = _failing_then_answering({"cheap": "openai/gpt-4o-mini", "strong": "openai/gpt-5-mini"})
+    handed: list[tuple[str, dict[str, Any]]] = []
+
+    @wrap_model_call
+    def warm(request: Any, handler: Any) -> Any:
+        return handler(request.override(model_settings={**request.model_settings, "temperature": 0.2}))
+
+    @wrap_model_call
+    def seen(request: Any, handler: Any) -> Any:
+        handed.append((request.model.model, dict(request.model_settings)))
+        return handler(request)
+
+    agent = create_agent(models["cheap"], tools=[], middleware=[
+        warm, RouterAgentMiddleware(pipeline, models=models, model="coder"), seen])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
+    assert handed == [("openai/gpt-4o-mini", {"temperature": 0.2}), ("openai/gpt-5-mini", {})]
+    pipeline.close()
+    ((model, provider, cost, decisions),) = open_ledger(url).query(
+        "SELECT model, provider, cost_usd, decisions FROM calls")
+    assert (model, provider) == ("gpt-5-mini", "openai") and cost > 0
+    assert "params:drop" in json.loads(decisions)
 
 
 @pytest.mark.parametrize(("context", "named"), [({"step": "first"}, "context.step"),

@@ -120,10 +120,20 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
             self._own_pipeline(chat_model, f"models[{name!r}]")
+        self._serve()
         if self.models and model is not None:
             self._known_route(model)
         self.route = model
         self.context = AgentContext.coerce(context)
+
+    def _serve(self) -> None:
+        """Tell the pipeline the model each of ``models`` stands for, where its name is not that
+        model (``"strong"`` for a ChatLiteLLM of ``openai/gpt-5-mini``), so an attempt there is
+        planned, priced and its parameters fitted as that model (:meth:`.Engine.serve`)."""
+        served = {name: found for name, chat_model in self.models.items()
+                  if (found := _model_name(chat_model)) != name and self.pipeline.catalog.resolve(found)}
+        if served:
+            self.pipeline.serve({**self.pipeline.state.served, **served})
 
     def _known_route(self, route: str) -> None:
         """Refuse a ``model=`` that no call could be routed by: not an alias, a deployment, ``auto``
