@@ -362,6 +362,24 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
     assert route.attributes["router_middleware.chosen_model"] == "gpt-3.5-turbo"
 
 
+def test_agent_middleware_keeps_the_models_own_prompt_cache_key() -> None:
+    """A model that sets its own ``prompt_cache_key`` (in ``model_kwargs``) sends it in a thread, as
+    without the middleware: the session's key is added only where the model sets none (replacing it
+    split the cache the caller shares across threads)."""
+    from langchain.agents import create_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    def agent_call(base: str, **kwargs: Any) -> Any:
+        model = RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(), api_base=base, api_key="test-key",
+                                max_retries=0, model_kwargs={"num_retries": 0, **kwargs})
+        agent = create_agent(model, tools=[], checkpointer=InMemorySaver(),
+                             middleware=[RouterAgentMiddleware(Pipeline.from_config({}))])
+        return agent.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "t1"}})
+
+    assert _wire(lambda base: agent_call(base, prompt_cache_key="shared"))["prompt_cache_key"] == "shared"
+    assert _wire(agent_call)["prompt_cache_key"].startswith("rm-")  # none of its own: the session's
+
+
 def test_agent_middleware_fits_the_callers_settings_to_the_model_a_name_stands_for(tmp_path) -> None:
     """``models={"cheap": gpt-4o-mini, "strong": gpt-5-mini}``: the fallback to "strong" is planned as
     gpt-5-mini (temperature=0.2 dropped, as litellm refuses it there), and its one ledger row is

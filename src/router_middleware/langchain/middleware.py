@@ -5,8 +5,9 @@ the agent's model handler in place of litellm: routing picks a model from ``mode
 chat models keyed by the ids the routing config names; other targets are skipped with a reason),
 the context policy trims the history (kept messages are the agent's own objects; a dropped span
 becomes one digest message), and what the policies add goes to the model as ``Pipeline.completion``
-sends it (reasoning parameters and a session's ``prompt_cache_key`` in ``model_settings``, Anthropic
-``cache_control`` breakpoints on the messages and the last tool, in its ``extras``).
+sends it (reasoning parameters and a session's ``prompt_cache_key``, unless the model sets its own, in
+``model_settings``, Anthropic ``cache_control`` breakpoints on the messages and the last tool, in its
+``extras``).
 Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the pipeline; usage
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
 spend). An attempt whose model stream broke off is settled at what it streamed (read from
@@ -93,6 +94,15 @@ def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[A
         elif isinstance(tool, dict):
             tools[i] = {**tool, "cache_control": mark}
     return tools
+
+
+_HINTS = ("prompt_cache_key",)  # what the policies add only where the caller sets none
+
+
+def _sets(model: BaseChatModel, name: str) -> bool:
+    """Whether ``model`` sends ``name`` of its own (a field, or in its ``model_kwargs``)."""
+    own = getattr(model, "model_kwargs", None)
+    return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
 
 
 def _sent(request: ModelRequest) -> list[BaseMessage]:
@@ -182,8 +192,9 @@ class RouterAgentMiddleware(AgentMiddleware):
             assert system is None or isinstance(system, SystemMessage)
             # the caller's settings as fitted to the attempt's model (a dropped one stays out), and what
             # the policies added (reasoning, a prompt_cache_key, max_tokens above a thinking budget)
-            settings = {k: v for k, v in plan.params.items()
-                        if k != "tools" and (k in request.model_settings or k not in params)}
+            # but a hint the model sets itself
+            settings = {k: v for k, v in plan.params.items() if k != "tools" and (
+                k in request.model_settings or (k not in params and not (k in _HINTS and _sets(model, k))))}
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
