@@ -75,7 +75,6 @@ class Engine:
         self.prefetching = not isinstance(self.store, MemoryStore)
         self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
-        self._served: Mapping[str, str] = {}  # see serve
 
     def serve(self, models: Mapping[str, str]) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
@@ -84,7 +83,7 @@ class Engine:
         its name, as a deployment of the config is; its quotas and cooldown are the name's. A name the
         catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
-        self._served = self.state.served = {
+        self.state.served = {
             name: model for name, model in models.items()
             if name not in routes and name != model and (known(model) is not None or known(name) is None)}
 
@@ -119,7 +118,7 @@ class Engine:
         if changes:
             state = state.but(**changes)  # one copy per plan
         plan = Plan.from_call(call)
-        served = self._served.get(call.model) if self._served else None
+        served = state.served.get(call.model) if state.served else None
         if served is not None:
             plan = plan.override(model=served, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
@@ -169,7 +168,7 @@ class Engine:
         """The model id behind a routing target (a model id, a deployment name, or a name the adapter
         serves: :meth:`serve`)."""
         deployment = self.config.routing.deployments.get(target)
-        return deployment.model if deployment else self._served.get(target, target)
+        return deployment.model if deployment else self.state.served.get(target, target)
 
     def request(self, plan: Plan, *, failover: bool = False) -> dict[str, Any]:
         """litellm kwargs for ``plan``: a deployment adds its endpoint, key (from the environment) and

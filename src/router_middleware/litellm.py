@@ -92,7 +92,7 @@ def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
 
 
 # Endpoints the proxy sends as they came (no routing, context or reasoning policy: those read and
-# rewrite chat messages), admitted against the budgets and counted: call type -> the endpoint.
+# rewrite chat messages), admitted against quotas and budgets and counted: call type -> the endpoint.
 _AS_SENT = {"anthropic_messages": "/v1/messages", "aresponses": "/v1/responses"}
 
 
@@ -344,7 +344,7 @@ class RouterLogger(CustomLogger):
         """Proxy hook, before the proxy resolves ``model``: plan the call and admit its first attempt.
         Raises ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, ``MessageError`` or
         ``RequestError``, which the proxy returns to the client. An Anthropic ``/v1/messages`` or
-        OpenAI ``/v1/responses`` request is sent as it came, admitted against the budgets first
+        OpenAI ``/v1/responses`` request is sent as it came, admitted against quotas and budgets first
         (:meth:`_admit_as_sent`)."""
         endpoint = _as_sent(data, call_type)
         if endpoint is not None:
@@ -356,10 +356,7 @@ class RouterLogger(CustomLogger):
         engine = self.pipeline
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
         call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
-        # a target the proxy has no model for is skipped, never sent (unless the client brings its own
-        # credentials or config: the proxy then sends any model)
-        names = self._proxy_names()
-        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
+        served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
         lifecycle = engine.start(call, read=self._read, cache=False,
@@ -388,8 +385,7 @@ class RouterLogger(CustomLogger):
         serves. A request it cannot plan is sent and counted, not refused (``budget_not_enforced``)."""
         engine = self.pipeline
         requested = str(data.get("model") or "")
-        names = self._proxy_names()  # the client's own credentials or config: the proxy sends any model
-        served = None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
+        served = self._served(data)
         if served is not None and requested not in served:
             alias = requested.partition(":")[0]
             targets = engine.config.routing.aliases.get(alias)
@@ -441,6 +437,12 @@ class RouterLogger(CustomLogger):
             return
         raise UnknownModelError(model, "no model_name of the proxy's model_list, and no alias or deployment of the "
                                 "router config", close_names(alias, (*routes, *sorted(served)), models=False))
+
+    def _served(self, data: Mapping[str, Any]) -> frozenset[str] | None:
+        """The names the proxy sends ``data`` to (:meth:`_proxy_names`), or ``None`` for any: the
+        client brings its own credentials or config, or the proxy serves names beyond its list."""
+        names = self._proxy_names()
+        return None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
 
     def _proxy_names(self) -> frozenset[str] | None:
         """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second;
