@@ -31,6 +31,14 @@ def test_overhead_smoke(traced: bool) -> None:
         == ["| sync", "| async"]  # the peers' rows
 
 
+def test_overhead_over_http_smoke() -> None:
+    out = _run("overhead_http.py", "--repeat", "3")
+    rows = [line.split(" | ")[1] for line in out.splitlines() if line.startswith("| | ")]
+    assert rows == ["sync", "async", "sync, streamed", "async, streamed", "sync, streamed, usage asked",
+                    "async, streamed, usage asked"]
+    assert out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
+
+
 @pytest.mark.parametrize("steady", [False, True])
 def test_throughput_smoke(redis_url, steady: bool) -> None:
     out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url,

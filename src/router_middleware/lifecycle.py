@@ -567,8 +567,8 @@ class CallLifecycle:
             return answer
         self._current = None
         if plan.params.get("stream"):
-            return TrackedStream(answer, self._stream_finisher(plan, trace), started, off_loop=self.engine.store_blocks,
-                                 hide_usage=self.engine.adds_usage_chunk(plan))
+            return TrackedStream(answer, self._stream_finisher(plan, trace, answer), started,
+                                 off_loop=self.engine.store_blocks, hide_usage=self.engine.adds_usage_chunk(plan))
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started,
                                usage_source=wire.usage_source(answer))  # a hit of litellm.cache's: no cost
         wire.attach_outcome(answer, result)
@@ -622,13 +622,17 @@ class CallLifecycle:
         self.books.settled(done)
         return done.outcome, failed
 
+    def _saves(self, plan: Plan) -> bool:
+        """Will this call's answer go to the response cache?"""
+        cache = self.engine.cache
+        return cache is not None and self.use_cache and cache.cacheable(plan)
+
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
         cache = self.engine.cache
-        if cache is not None and self.use_cache and cache.cacheable(plan) \
-                and not cache.save(plan, response, result.cost.total_usd):
+        if cache is not None and self._saves(plan) and not cache.save(plan, response, result.cost.total_usd):
             trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
 
-    def _stream_finisher(self, plan: Plan, trace: CallTrace) -> Any:
+    def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
         engine = self.engine
 
         def finish(chunks: list[Any], started: float, first: float | None, error: BaseException | None,
@@ -639,9 +643,14 @@ class CallLifecycle:
                     self.books.record_failure(plan, error)
                 self.books.release(self.held)
                 return None
-            source: UsageSource = "provider" if complete and wire.usage_reported(chunks) else "estimated"
-            messages = [dict(m) for m in plan.messages]
-            response = wire.litellm().stream_chunk_builder(chunks, messages=messages) if chunks else None
+            source: UsageSource = "provider" if complete and wire.usage_reported(chunks, stream) else "estimated"
+            # assembling the answer (litellm's builder, ~40 us a chunk) only when something reads it
+            saved = complete and self._saves(plan)
+            response = wire.usage_chunk(chunks) if source == "provider" and not saved and not trace.wants_answer \
+                else None
+            assembled = response is None
+            if assembled and chunks:
+                response = wire.litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages])
             if response is None:
                 trace.fail(error or RuntimeError("stream closed before the first chunk"))
                 self.books.release(self.held)
@@ -651,10 +660,10 @@ class CallLifecycle:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
-            if complete:
+            if saved:
                 self._save(plan, response, result, trace)
-            else:  # closed early: only the finish the provider sent counts (litellm's builder fills in "stop")
-                result = replace(result, finish_reasons=finish_reasons(
+            if not complete or not assembled:  # only the finishes the provider sent (litellm's builder
+                result = replace(result, finish_reasons=finish_reasons(  # fills in "stop" on a cut stream)
                     c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
             result = self.books.settle(result, self.held, chunks[0], complete=complete,  # headers ride on chunks
                                       error=error)

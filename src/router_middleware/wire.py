@@ -57,9 +57,21 @@ def answered_model(chunks: Sequence[Any]) -> str | None:
     return next((name for chunk in chunks if (name := answered_model_of(chunk))), None)
 
 
-def usage_reported(chunks: Sequence[Any]) -> bool:
-    """Did the provider send usage in a stream? litellm fills in a locally counted usage chunk when it
-    did not, and marks the difference in the chunk's hidden ``usage``."""
+def usage_chunk(chunks: Sequence[Any]) -> Any:
+    """The last chunk of a stream that carries usage, or ``None``. At the end of a stream litellm sets
+    the whole call's usage on it (what ``stream_chunk_builder`` would sum from every chunk), with the
+    response's id, model and hidden params: enough to account for a call without assembling it."""
+    return next((chunk for chunk in reversed(chunks) if getattr(chunk, "usage", None) is not None), None)
+
+
+def usage_reported(chunks: Sequence[Any], stream: Any = None) -> bool:
+    """Did the provider send usage in ``stream`` (litellm's, whose ``chunks`` were read)? litellm fills
+    in a locally counted usage chunk when it did not. Its wrapper keeps the provider's usage chunks in
+    its own ``chunks`` list (the only trace an async stream leaves); a sync stream also marks the
+    difference in a chunk's hidden ``usage``."""
+    kept = getattr(stream, "chunks", None)
+    if isinstance(kept, list) and any(getattr(chunk, "usage", None) is not None for chunk in kept):
+        return True
     for chunk in chunks:
         usage = hidden(chunk).get("usage")
         if usage is not None and type(usage).__name__ != "UnreportedUsage":

@@ -127,6 +127,11 @@ class CallTrace:
         if attempt:
             self._start_attempt()
 
+    @property
+    def wants_answer(self) -> bool:
+        """Does :meth:`succeed` read the answer's messages (content capture on a recording span)?"""
+        return self.child is not None and self.settings.capture_content
+
     def _side_call(self, call: SideCall) -> None:
         """A CLIENT span (and metrics) for a call made on this call's behalf, timed as it was."""
         settings = self.settings

@@ -1,0 +1,152 @@
+"""Overhead of the pipeline vs bare litellm on litellm's real HTTP path, measured in one run.
+
+    .venv/bin/python benchmarks/overhead_http.py [--repeat N]
+
+``overhead.py`` measures against ``mock_response``, which skips litellm's HTTP client, the request's
+transformation and the reply's parsing: the cheapest call litellm makes, so the ratio there is the
+largest the middleware can show. Here both sides call an OpenAI-compatible server on loopback, in a
+process of its own (as a provider is), that answers every request with a real recorded reply
+(cassettes/openai_chat.yaml, gzip-encoded as recorded; cassettes/openai_chat_streaming.yaml for
+streams: 196 chunks). The medians and their ratio are for a 20-message agent history, sync and
+async: plain; streamed (read to the end); and streamed with ``stream_options.include_usage``, as
+coding agents ask. The pipeline asks for that usage chunk itself when the caller does not (so that
+usage is the provider's count), and litellm then assembles the stream's answer twice: the plain
+streamed rows include that. Calls alternate and are spaced by 2 ms as in ``overhead.py``. The
+network's own latency, absent on loopback, would only shrink the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import urllib.request
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import structlog  # noqa: E402
+
+import router_middleware as rm  # noqa: E402
+
+structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+import litellm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from overhead import apaired, history, paired  # noqa: E402
+
+CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
+USAGE = {"include_usage": True}  # as coding agents ask (Cline does); the pipeline asks it when they do not
+
+SERVER = r"""
+import http.server, sys, yaml
+plain, streamed = (yaml.safe_load(open(path))["interactions"][0]["response"] for path in sys.argv[1:3])
+
+def raw(response):
+    body = response["body"]["string"]
+    return body.encode() if isinstance(body, str) else body
+
+class Replay(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16  # the reply leaves in one write, as a server sends it
+
+    def do_POST(self):
+        request = self.rfile.read(int(self.headers.get("content-length", 0)))
+        response = streamed if b'"stream": true' in request or b'"stream":true' in request else plain
+        body = raw(response)
+        self.send_response(response["status"]["code"])
+        for name in ("Content-Type", "Content-Encoding"):
+            if name in response["headers"]:
+                self.send_header(name, response["headers"][name][0])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def replay_server() -> tuple[subprocess.Popen[str], str]:
+    """A loopback server in its own process answering with the recorded replies; its base URL."""
+    process = subprocess.Popen([sys.executable, "-c", SERVER, str(CASSETTES / "openai_chat.yaml"),
+                                str(CASSETTES / "openai_chat_streaming.yaml")], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    base = f"http://127.0.0.1:{process.stdout.readline().strip()}/v1"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/chat/completions", b"{}"), timeout=1).read()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return process, base
+
+
+def measure(pipeline: rm.Pipeline, kwargs: dict[str, Any], stream: bool, repeat: int) -> list[float]:
+    """Medians of bare ``litellm.completion`` and ``Pipeline.completion`` (a stream read to its end)."""
+    def read(response: Any) -> Any:
+        return list(response) if stream else response
+
+    wrapped = {**kwargs, "context": {"session_id": "bench"}}
+    return paired([lambda: read(litellm.completion(**kwargs)), lambda: read(pipeline.completion(**wrapped))], repeat)
+
+
+async def ameasure(pipeline: rm.Pipeline, kwargs: dict[str, Any], stream: bool, repeat: int) -> list[float]:
+    """:func:`measure` with ``acompletion``."""
+    async def read(response: Any) -> Any:
+        return [chunk async for chunk in response] if stream else response
+
+    async def bare() -> Any:
+        return await read(await litellm.acompletion(**kwargs))
+
+    async def routed() -> Any:
+        return await read(await pipeline.acompletion(**kwargs, context={"session_id": "bench"}))
+    return await apaired([bare, routed], repeat)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeat", type=int, default=300)
+    args = parser.parse_args(argv)
+    process, base = replay_server()
+    try:
+        pipeline = rm.Pipeline.from_config({})
+        print(f"overhead over HTTP benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} "
+              f"cores, Python {platform.python_version()}, litellm {version('litellm')}, {args.repeat} paired calls "
+              "each, a loopback server replaying recorded OpenAI replies\n")
+        print("| 20 messages | mode | bare litellm (ms) | Pipeline (ms) | ratio | overhead (ms) |")
+        print("|---|---|---|---|---|---|")
+        ratios = []
+        shapes: dict[str, dict[str, Any]] = {"": {}, ", streamed": {"stream": True},
+                                             ", streamed, usage asked": {"stream": True, "stream_options": USAGE}}
+        for shape, extra in shapes.items():
+            stream = bool(extra)
+            kwargs: dict[str, Any] = {"model": "openai/gpt-4o-mini", "messages": history(20), "api_base": base,
+                                      "api_key": "sk-bench", **extra}
+            measured = (("sync", measure(pipeline, kwargs, stream, args.repeat)),
+                        ("async", asyncio.run(ameasure(pipeline, kwargs, stream, args.repeat))))
+            for mode, (b, w) in measured:
+                label = mode + shape
+                ratios.append((label, w / b))
+                print(f"| | {label} | {b * 1e3:.3f} | {w * 1e3:.3f} | {w / b:.3f} | {(w - b) * 1e3:.3f} |")
+        print("\nsummary: wrapped/bare median ratio " + ", ".join(f"{label} x{r:.3f}" for label, r in ratios))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
