@@ -18,7 +18,7 @@ from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config, load_config
 from .context.summarize import SIDE_CALL, summary_request
 from .errors import MissingKeyError
-from .fit import fit_plan
+from .fit import fit_history_plan, fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
 from .params import check_model, check_params, output_cap
@@ -122,11 +122,19 @@ class Engine:
         if served is not None:
             plan = plan.override(model=served, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
-        return fit_plan(plan, wire.param_rules(plan.model))
+        return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model)))
 
     def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for."""
-        return self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
+        plan = self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
+        return self._history_fitted(plan)
+
+    def _history_fitted(self, plan: Plan) -> Plan:
+        """``plan`` with its history fitted to its provider (:func:`.fit.fit_history`) when the router
+        picked its model (an alias's target, a fallback, a tier); as it is when the caller named it."""
+        if plan.model == self.model_of(plan.call.model):
+            return plan
+        return fit_history_plan(plan, self.catalog.provider(plan.model))
 
     def reads_of(self, call: Call) -> dict[str, tuple[bool, Sink]]:
         """The store keys that planning the last call like ``call`` (same model and context labels,

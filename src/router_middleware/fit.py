@@ -6,19 +6,32 @@ provider's 400. Each change is a ``params`` decision on the plan naming the para
 what was done. Pure: what a model takes (:class:`ParamRules`) is read from litellm by
 :func:`.wire.param_rules`; :meth:`.Engine.plan` fits every attempt's plan, so each fallback target
 gets the caller's params fitted to its own model.
+
+A history goes to a provider the router picked (not the one the caller named) as that provider takes
+it (:func:`fit_history`): what another provider wrote there and litellm still sends, but the target
+refuses, is converted or dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .reasoning.levels import LEVELS
-from .types import Decision, Plan
+from .types import Decision, Message, Plan
 
 _SAMPLING = ("top_p", "logprobs", "top_logprobs")  # gpt-5.1+ take these only while reasoning is off
 _ANTHROPIC_THINKING_TOP_P = 0.95  # Anthropic's lowest top_p with thinking on
+# An OpenAI reply's own fields that litellm 1.110.2 passes on to these providers, which refuse a
+# message field their schema lacks: Mistral with a 422 (extra_forbidden), Groq with a 400.
+_REPLY_FIELDS = frozenset({"annotations", "audio", "refusal"})
+_REFUSED_FIELDS: Mapping[str, frozenset[str]] = {"mistral": _REPLY_FIELDS, "groq": _REPLY_FIELDS}
+_MISTRAL_ID = re.compile(r"[A-Za-z0-9]{9}")  # Mistral refuses (a 400) any other tool-call id
+_THOUGHT_SIGNATURE = "__thought__"  # litellm's mark of a Gemini signature in a tool-call id
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,3 +158,95 @@ def _thinking_on(params: Mapping[str, Any]) -> bool:
         return thinking.get("type") in ("enabled", "adaptive")
     effort = _effort(params.get("reasoning_effort"))
     return effort is not None and effort != "none"
+
+
+def fit_history(messages: Sequence[Message], provider: str | None) -> tuple[list[Message], str] | None:
+    """``messages`` as ``provider`` takes them, and what was changed; ``None`` when they fit as they are.
+    An assistant turn loses the reply fields the provider refuses (an OpenAI ``refusal`` with no
+    content becomes the content); for Mistral each tool-call id becomes :func:`mistral_tool_id`."""
+    refused = _REFUSED_FIELDS.get(provider or "")
+    if refused is None:
+        return None
+    renamed: set[str] | None = set() if provider == "mistral" else None
+    dropped: set[str] = set()
+    out: list[Message] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "assistant":
+            message = _assistant(message, refused, dropped, renamed)
+        elif role == "tool" and renamed is not None and isinstance(message.get("tool_call_id"), str):
+            new = _renamed(message["tool_call_id"], renamed)
+            message = message if new == message["tool_call_id"] else {**message, "tool_call_id": new}
+        out.append(message)
+    if not dropped and not renamed:
+        return None
+    said = [f"{', '.join(sorted(dropped))} dropped from assistant turns"] if dropped else []
+    if renamed:
+        said.append(f"{len(renamed)} tool-call id(s) rewritten as 9 letters or digits")
+    return out, "; ".join(said)
+
+
+def fit_history_plan(plan: Plan, provider: str | None) -> Plan:
+    """``plan`` with its messages fitted to ``provider`` (:func:`fit_history`), and a ``messages:fit``
+    decision saying what changed. Only for a target the router picked: a history sent to the model
+    the caller named goes as a direct call sends it."""
+    fitted = fit_history(plan.messages, provider)
+    if fitted is None:
+        return plan
+    messages, said = fitted
+    decision = Decision("messages", "fit", f"for {plan.model}, which the caller did not name: {said} "
+                        f"({provider} refuses them as another provider wrote them)", {"model": plan.model})
+    return plan.decide(decision, messages=messages)
+
+
+def mistral_tool_id(call_id: str) -> str:
+    """A tool-call id as Mistral takes it: one of 9 letters or digits as it is, any other (Anthropic's
+    ``toolu_...``, OpenAI's ``call_...``) as 9 base-62 digits of its SHA-256, so a call and its result
+    still match and a history sends the same ids on every turn. A Gemini thought signature litellm
+    appended is left off first, as litellm leaves it off for any other provider."""
+    base = call_id.split(_THOUGHT_SIGNATURE, 1)[0]
+    if _MISTRAL_ID.fullmatch(base):
+        return base
+    number = int.from_bytes(hashlib.sha256(base.encode()).digest()[:8], "big")
+    digits = []
+    for _ in range(9):
+        number, digit = divmod(number, 62)
+        digits.append(_BASE62[digit])
+    return "".join(digits)
+
+
+def _assistant(message: Message, refused: frozenset[str], dropped: set[str], renamed: set[str] | None) -> Message:
+    """An assistant turn without the ``refused`` fields it sets (named in ``dropped``), its tool-call ids
+    as Mistral takes them when ``renamed`` collects the ids rewritten; the turn itself when nothing changes."""
+    found = {k for k in refused if message.get(k) is not None}
+    calls = message.get("tool_calls")
+    fitted = _with_ids(calls, renamed) if renamed is not None and isinstance(calls, list) else calls
+    if not found and fitted is calls:
+        return message
+    out = {k: v for k, v in message.items() if k not in refused}
+    if "refusal" in found and not message.get("content"):
+        out["content"] = message["refusal"]  # what the model said instead of an answer
+    if fitted is not calls:
+        out["tool_calls"] = fitted
+    dropped |= found
+    return out
+
+
+def _renamed(call_id: str, renamed: set[str]) -> str:
+    new = mistral_tool_id(call_id)
+    if new != call_id:
+        renamed.add(call_id)
+    return new
+
+
+def _with_id(call: Any, renamed: set[str]) -> Any:
+    if not isinstance(call, Mapping) or not isinstance(call.get("id"), str):
+        return call
+    new = _renamed(call["id"], renamed)
+    return call if new == call["id"] else {**call, "id": new}
+
+
+def _with_ids(calls: list[Any], renamed: set[str]) -> list[Any]:
+    """``calls`` with their ids as Mistral takes them; the same list when every id fits."""
+    fitted = [_with_id(call, renamed) for call in calls]
+    return calls if all(a is b for a, b in zip(fitted, calls, strict=True)) else fitted
