@@ -39,6 +39,16 @@ def test_overhead_over_http_smoke() -> None:
     assert out.strip().splitlines()[-1].startswith("summary: wrapped/bare")
 
 
+def test_proxy_overhead_smoke() -> None:
+    from .litellm_proxy import proxy_missing
+
+    if proxy_missing():
+        pytest.skip(proxy_missing())
+    out = _run("proxy_overhead.py", "--repeat", "2")
+    assert "| plain |" in out and "| streamed, usage asked |" in out
+    assert out.strip().splitlines()[-1].startswith("summary: hook/no hook")
+
+
 @pytest.mark.parametrize("steady", [False, True])
 def test_throughput_smoke(redis_url, steady: bool) -> None:
     out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url,
