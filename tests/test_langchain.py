@@ -753,6 +753,36 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model=route)
 
 
+def test_without_model_the_agents_model_is_routed_by_its_name_in_models(tmp_path) -> None:
+    """``models={"cheap": ..., "strong": ...}`` and no ``model=``: a call of the agent's model goes to
+    the entry that is it (or holds the same model), under that name; one none of them holds is a
+    ``ConfigError`` saying what to pass (it was a NoRouteError at the agent's first call)."""
+    from langchain.agents import create_agent
+
+    from router_middleware import ConfigError
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["cheap", "strong"]}},
+                                     "cache": {"enabled": False}, "ledger": {"url": url}})
+
+    def chat(model: str, answer: str) -> RoutedChatModel:
+        return RoutedChatModel(model=model, pipeline=Pipeline(), model_kwargs={"mock_response": answer})
+
+    models = {"cheap": chat("openai/gpt-4o-mini", "from cheap"), "strong": chat("openai/gpt-5-mini", "from strong")}
+    middleware = RouterAgentMiddleware(pipeline, models=models)
+    for own, answer in ((models["strong"], "from strong"), (chat("openai/gpt-4o-mini", "unsent"), "from cheap")):
+        agent = create_agent(own, tools=[], middleware=[middleware])
+        assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == answer
+    pipeline.close()
+    assert open_ledger(url).query("SELECT requested_model, model, error FROM calls ORDER BY ts") == [
+        ("strong", "gpt-5-mini", None), ("cheap", "gpt-4o-mini", None)]
+    agent = create_agent(chat("openai/gpt-4o", "unsent"), tools=[], middleware=[middleware])
+    with pytest.raises(ConfigError, match=r"the model handed to RouterAgentMiddleware, 'openai/gpt-4o', is not an "
+                                          r"alias.*\('cheap', 'strong'\).*pass model=.*or add it to models="):
+        agent.invoke({"messages": [HumanMessage("hi")]})
+
+
 def test_an_estimated_usage_stays_estimated_through_the_agent_middleware(tmp_path, span_exporter) -> None:
     """A streamed reply with no usage chunk (the recorded tool call) is counted by litellm, not reported:
     through a RoutedChatModel among the middleware's models it is still ``estimated`` (as through

@@ -113,9 +113,11 @@ def _sent(request: ModelRequest) -> list[BaseMessage]:
 class RouterAgentMiddleware(AgentMiddleware):
     """``create_agent(model, tools, middleware=[RouterAgentMiddleware(pipeline, models={...}, model="coder")])``.
 
-    ``model``: what each call asks the pipeline for (an alias, ``"auto"``, or a model id); default:
-    the agent's own model; with ``models``, a name no call could be routed by (not an alias, a
-    deployment or one of ``models``) raises ``ConfigError`` with the closest names. Without ``models``
+    ``model``: what each call asks the pipeline for (an alias, ``"auto"``, or a model id); with
+    ``models``, a name no call could be routed by (not an alias, a deployment or one of ``models``)
+    raises ``ConfigError`` with the closest names. Default: the name of the model handed to it (the
+    agent's own), or with ``models``, where that is none of these, the name of the entry that is that
+    model or holds the same one (:meth:`_route`). Without ``models``
     the agent's model is kept and only the context and reasoning policies apply. ``context``: the
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
     ``RequestError`` here); the session is LangGraph's
@@ -145,17 +147,40 @@ class RouterAgentMiddleware(AgentMiddleware):
         if served:
             self.pipeline.serve({**self.pipeline.state.served, **served})
 
-    def _known_route(self, route: str) -> None:
-        """Refuse a ``model=`` that no call could be routed by: not an alias, a deployment, ``auto``
-        with tiers, or one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
-        routing = self.pipeline.config.routing
+    def _routes(self, route: str) -> bool:
+        """Whether a call could be routed by ``route``: an alias, a deployment, ``auto`` with tiers, or
+        one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
         base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
-        configured = routing.route_names()
-        if base in configured or base in self.models:
+        return base in self.models or base in self.pipeline.config.routing.route_names()
+
+    def _known_route(self, route: str) -> None:
+        """Refuse a ``model=`` that no call could be routed by (see :meth:`_routes`)."""
+        if self._routes(route):
             return
-        close = close_names(base, (*configured, *self.models), models=False)
+        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
+
+    def _route(self, model: BaseChatModel) -> str:
+        """What a call handed ``model`` asks the pipeline for: ``model=``, else the model's name; with
+        ``models``, a name no call could be routed by is the name of the entry that is ``model``, or
+        else the one entry holding the same model (``"cheap"`` for the agent's ChatLiteLLM of
+        ``openai/gpt-4o-mini``). None or several: ``ConfigError`` saying what to pass."""
+        if self.route:
+            return self.route
+        name = _model_name(model)
+        if not self.models or self._routes(name):
+            return name
+        named = [key for key, held in self.models.items() if held is model] or [
+            key for key, held in self.models.items() if _model_name(held) == name]
+        if len(named) == 1:
+            return named[0]
+        which = (f"is held by models= {', '.join(map(repr, named))} alike" if named else
+                 f"is not an alias, a deployment or one of models= ({', '.join(map(repr, self.models))}), "
+                 "and none of them holds it")
+        raise ConfigError(f"the model handed to RouterAgentMiddleware, {name!r}, {which}: pass model= (what each "
+                          "call is routed by) or add it to models= under a name of its own")
 
     def _own_pipeline(self, chat_model: Any, where: str) -> None:
         """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
@@ -181,7 +206,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             parts = to_openai_once(original)
             converted += parts
             owners += [original] if len(parts) == 1 else [None] * len(parts)
-        call = self.pipeline.make_call(self.route or _model_name(request.model), converted, context, params)
+        call = self.pipeline.make_call(self._route(request.model), converted, context, params)
         by_id = _own(call.messages, converted, owners)
 
         def build(plan: Plan) -> ModelRequest:
