@@ -1009,6 +1009,44 @@ def test_retry_and_fallback_middleware_outside_the_router_have_each_call_recorde
     assert rows == [("gpt-4o-mini", "RateLimitError"), ("gpt-4o-mini", "RateLimitError"), ("gpt-3.5-turbo", None)]
 
 
+@pytest.mark.parametrize("route", [None, "agent"])
+def test_a_fallback_middleware_outside_the_router_with_models(route, tmp_path) -> None:
+    """ModelFallbackMiddleware before the router, with ``models=``. Without ``model=`` its model is
+    sent when it is among ``models`` (routed by its name there): the failed call's row, the
+    fallback's answer and row. With ``model=`` every call is routed by it: the fallback runs the
+    route again and its model is not sent (a row per run; each run's failure is counted, as the
+    provider was called again)."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["main"]}, "cooldown": {"failures": 2}},
+                                     "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    models = {"main": RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(),
+                                      model_kwargs={"mock_response": limited}),
+              "backup": RoutedChatModel(model="openai/gpt-4o", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})}
+    agent = create_agent(models["main"], tools=[], middleware=[
+        ModelFallbackMiddleware(models["backup"]), RouterAgentMiddleware(pipeline, models=models, model=route)])
+    question = {"messages": [HumanMessage("hi")]}
+    if route is None:
+        assert agent.invoke(question)["messages"][-1].content == "done"
+    else:
+        with pytest.raises(litellm.RateLimitError):
+            agent.invoke(question)
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT requested_model, error FROM calls ORDER BY ts")
+    if route is None:
+        assert rows == [("main", "RateLimitError"), ("backup", None)]
+        assert pipeline.store.get("cooldown:main") is None
+    else:
+        assert rows == [("agent", "RateLimitError")] * 2
+        assert pipeline.store.get("cooldown:main") is not None  # two failures within one agent step
+
+
 def test_a_retry_middleware_inside_the_router_that_recovers_is_recorded_as_the_answer(tmp_path) -> None:
     """The model fails once, then answers ModelRetryMiddleware's retry: the router's call is that answer."""
     from langchain.agents import create_agent
