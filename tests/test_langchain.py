@@ -979,9 +979,9 @@ def test_a_retry_middleware_inside_the_router_that_gives_up_is_recorded_as_the_f
     assert state["messages"][-1].content.startswith("Model call failed after 2 attempts with RateLimitError")
     pipeline.close()
     rows = open_ledger(url).query("SELECT model, error, output_tokens FROM calls")
-    assert rows == [("gpt-4o-mini", "RateLimitError", 0)]
-    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert chat.status.status_code == StatusCode.ERROR
+    assert rows == [("gpt-4o-mini", "RateLimitError", 0)]  # the first try used nothing: no row of its own
+    tries = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]  # a span each
+    assert [s.status.status_code for s in tries] == [StatusCode.ERROR] * 2
     assert pipeline.store.get("cooldown:gpt-4o-mini") is not None
 
 
@@ -1076,14 +1076,80 @@ def test_a_retry_middleware_inside_the_router_that_recovers_is_recorded_as_the_a
     assert pipeline.store.get("cooldown:gpt-4o-mini") is None
 
 
-def test_a_retry_middleware_inside_the_router_that_gives_up_on_cut_streams_is_settled_at_the_last(
+def test_a_retry_middleware_inside_the_router_that_gives_up_on_cut_streams_is_settled_at_each_try(
         tmp_path, span_exporter) -> None:
     """Each try's stream breaks off; ModelRetryMiddleware gives up with a message of its own: the
-    call is recorded as the model's failure, settled at what the last try streamed."""
+    call is recorded as the model's failure, settled at what the last try streamed, and the first
+    try, settled apart at what it streamed, has a row and span of its own."""
     from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware.langchain.convert import usage_from_message
+    from router_middleware.ledger.store import open_ledger
 
     retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
     agent, pipeline, url = _cut_agent(tmp_path, inside=retry)
     got = [chunk.content for chunk, _ in agent.stream({"messages": [HumanMessage("hi")]}, stream_mode="messages")]
     assert got[-1].startswith("Model call failed after 2 attempts with ConnectionError")
-    _cut_row(pipeline, url, "one two three four", "ConnectionError", span_exporter)
+    pipeline.close()
+    streamed = usage_from_message(AIMessage("one two three four"), 0).output_tokens
+    rows = open_ledger(url).query("SELECT model, error, output_tokens, cost_usd FROM calls")
+    assert [row[:3] for row in rows] == [("gpt-4o-mini", "ConnectionError", streamed)] * 2
+    assert float(pipeline.store.get("budget:team:usd:a:0") or 0) == pytest.approx(sum(row[3] for row in rows))
+    tries = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes["gen_ai.usage.output_tokens"] for s in tries] == [streamed] * 2
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("then", ["healthy", "cut"])
+def test_each_try_of_a_retry_middleware_inside_the_router_is_charged_what_it_streamed(then, asynchronous, tmp_path,
+                                                                                       span_exporter) -> None:
+    """ModelRetryMiddleware inside the router; the first try's stream (a real recording) breaks off
+    partway, the retry answers or breaks off too. The first try was billed for its prompt and what
+    it streamed: it has a ledger row and a span of its own with that (estimated), and the session's
+    budget is charged it, beside the call's own row (before, only the last try was counted)."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware, ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    from .fault_server import fault_server
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"budgets": [{"name": "s", "scope": "session", "usd": 1.0}]}})
+    with fault_server(cut_events=5) as (base, seen):
+        cut, second = (RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(), api_base=f"{base}/{path}/v1",
+                                       api_key="k", streaming=True, max_retries=0, model_kwargs={"num_retries": 0})
+                       for path in ("cut", then))
+        tries: list[str] = []
+
+        class Provider(AgentMiddleware):  # the first try's stream breaks off
+            def pick(self, request: Any) -> Any:
+                tries.append("try")
+                return request.override(model=cut if len(tries) == 1 else second)
+
+            def wrap_model_call(self, request: Any, handler: Any) -> Any:
+                return handler(self.pick(request))
+
+            async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+                return await handler(self.pick(request))
+
+        retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+        agent = create_agent(cut, tools=[], middleware=[
+            RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": cut}, model="gpt-4o-mini",
+                                  context={"session_id": "s1"}), retry, Provider()])
+        question = {"messages": [HumanMessage("hi")]}
+        state = asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+    assert seen[f"{then}:{'ok' if then == 'healthy' else 'cut-stream'}"] >= 1 and len(tries) == 2
+    assert state["messages"][-1].content.startswith("Model call failed") == (then == "cut")
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT error, input_tokens, output_tokens, cost_usd FROM calls ORDER BY ts")
+    assert len(rows) == 2 and rows[0][0] is not None and (rows[1][0] is None) == (then == "healthy")
+    assert all(inputs > 0 and outputs > 0 and cost > 0 for _, inputs, outputs, cost in rows)
+    spent = float(pipeline.store.get("budget:s:usd:s1:0") or 0)
+    assert spent == pytest.approx(sum(row[3] for row in rows))
+    first, last = sorted((s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT),
+                         key=lambda s: s.start_time)
+    assert first.status.status_code == StatusCode.ERROR and first.end_time <= last.start_time
+    assert first.attributes["router_middleware.usage.source"] == "estimated"
+    assert first.attributes["gen_ai.usage.output_tokens"] == rows[0][2]

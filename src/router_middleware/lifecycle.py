@@ -142,6 +142,7 @@ class CallLifecycle:
         self._settled = False  # ... and once its writes were made (or failed)
         self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
+        self._tries: tuple[tuple[Outcome, Exception], ...] = ()  # its earlier tries that used something (tried)
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
@@ -180,7 +181,9 @@ class CallLifecycle:
                 except Exception as exc:
                     thrown = exc
                     self._apart = False
+                    self._settle_tries()
                 else:
+                    self._settle_tries()
                     return (yield from self._succeeded(plan, answer, trace, started))
                 if isinstance(thrown, Replaced):
                     self.books.attempt_failed(self.held, plan.deployment or plan.model, thrown.error, thrown.spent)
@@ -198,6 +201,7 @@ class CallLifecycle:
             # stopped from outside at an effect (cancelled, interrupted); not a flow closed or collected
             # unfinished (GeneratorExit: its owner let it go, and the reservation lapses on its own)
             if not isinstance(exc, Exception | GeneratorExit):
+                self._settle_tries()
                 self._stopped(exc)
             raise
 
@@ -229,6 +233,26 @@ class CallLifecycle:
         had produced part of an answer, which used ``spent``: the call is settled at it, as a
         :class:`CutShort` attempt is, when the stop is thrown in."""
         self._cut = spent
+
+    def tried(self, error: Exception, spent: Outcome | None, end_ns: int | None = None) -> None:
+        """The attempt in flight was made again after it failed with ``error`` (a retry inside the
+        adapter's model call: ModelRetryMiddleware inside RouterAgentMiddleware), having used ``spent``
+        (``None``: nothing) before it broke off: its span ends (at ``end_ns``) with what it used, the
+        next try has a span of its own, and what it used is settled apart (a ledger row of its own,
+        charged to the budgets) when the attempt's end comes back. It counts toward no cooldown."""
+        if self._current is None:
+            return
+        trace = self._current[1]
+        trace.attempt_failed(error, spent, end_ns)
+        trace.again()
+        if spent is not None:
+            self._tries += ((spent, error),)
+
+    def _settle_tries(self) -> None:
+        """Settle apart what the attempt's earlier tries used (:meth:`tried`)."""
+        tries, self._tries = self._tries, ()
+        for spent, error in tries:
+            self._settle_apart(spent, error)
 
     def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False, *,
                 made: bool = True) -> None:
@@ -506,6 +530,7 @@ class CallLifecycle:
         if spent is not None:  # the call goes on: the cut attempt was paid for, and is settled on its own
             trace.attempt_failed(exc, spent)
             self._settle_apart(spent, exc)
+            self._apart = True
         retry = plan
         if next_target != failed:
             retry = self._carry((yield from self._plan(next_target, Decision(
@@ -537,11 +562,10 @@ class CallLifecycle:
         self.books.release(self.held)
 
     def _settle_apart(self, spent: Outcome, error: BaseException) -> None:
-        """An attempt that broke off partway, followed by another: what it used is charged to the
-        budgets that apply, and it has a ledger row of its own naming ``error`` (the call's row is its
-        last attempt's), off the loop."""
+        """An attempt (or a try of one) that broke off partway, followed by another: what it used is
+        charged to the budgets that apply, and it has a ledger row of its own naming ``error`` (the
+        call's row is its last attempt's), off the loop."""
         books = self.books
-        self._apart = True
 
         def settle() -> None:
             books.settle_observed(spent, complete=False, error=error)

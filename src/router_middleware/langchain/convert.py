@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict
@@ -27,24 +27,32 @@ _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt
 
 class AttemptRuns(BaseCallbackHandler):
     """What langchain-core tells the handlers of RouterAgentMiddleware's attempt's model runs (those
-    whose messages end with ``last``): the chunks the last one streamed, whether it failed, and
-    whether any answered. Added to each run made while the attempt is (see :func:`attempt`)."""
+    whose messages end with ``last``): the chunks the last one streamed, when it started, whether
+    (and when) it failed, and whether any answered. Added to each run made while the attempt is (see
+    :func:`attempt`). A run that starts after the last one failed (a retry) first hands this to
+    ``retried``, which reads what the failed run used."""
 
     run_inline = True  # in the run's own thread, in order
     raise_error = False
 
-    def __init__(self, last: BaseMessage | None) -> None:
+    def __init__(self, last: BaseMessage | None, retried: Callable[[AttemptRuns], None] | None = None) -> None:
         self.last = last
+        self.retried = retried
         self.run: UUID | None = None
         self.chunks: list[AIMessageChunk] = []
+        self.started = 0.0  # the last run's start (time.perf_counter())
         self.first_token: float | None = None
         self.error: BaseException | None = None  # the last run's, if it failed
+        self.failed, self.failed_ns = 0.0, 0  # ... and when (time.perf_counter(), time.time_ns())
         self.answered = False
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
                             run_id: UUID, **kwargs: Any) -> None:
         if self.last is not None and messages and messages[0] and messages[0][-1] is self.last:
+            if self.retried is not None and isinstance(self.error, Exception):
+                self.retried(self)
             self.run, self.chunks, self.first_token, self.error = run_id, [], None, None
+            self.started = time.perf_counter()
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
         message = getattr(chunk, "message", None)
@@ -57,7 +65,7 @@ class AttemptRuns(BaseCallbackHandler):
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if run_id == self.run:
-            self.error = error
+            self.error, self.failed, self.failed_ns = error, time.perf_counter(), time.time_ns()
 
     def partial(self) -> AIMessageChunk | None:
         """What the last run streamed, merged, for an attempt that broke off (its usage, if any,
@@ -74,12 +82,13 @@ register_configure_hook(_RUNS, inheritable=False)
 
 
 @contextmanager
-def attempt(request_messages: Sequence[BaseMessage]) -> Iterator[AttemptRuns]:
+def attempt(request_messages: Sequence[BaseMessage],
+            retried: Callable[[AttemptRuns], None] | None = None) -> Iterator[AttemptRuns]:
     """RouterAgentMiddleware makes an attempt with ``request_messages``: the model call inside whose
     messages end with the same message object is that attempt (see :func:`is_attempt`); what its
-    runs report is gathered in the :class:`AttemptRuns` yielded."""
+    runs report is gathered in the :class:`AttemptRuns` yielded (``retried``: see there)."""
     last = request_messages[-1] if request_messages else None
-    runs = AttemptRuns(last)
+    runs = AttemptRuns(last, retried)
     token, collecting = _ATTEMPT.set(last), _RUNS.set(runs)
     try:
         yield runs

@@ -11,8 +11,9 @@ sends it (reasoning parameters and a session's ``prompt_cache_key``, unless the 
 Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the pipeline; usage
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
 spend). An attempt whose model stream broke off is settled at what it streamed (read from
-LangChain's callbacks); a message a middleware inside this one made in place of a failed model's
-answer (ModelRetryMiddleware giving up) reaches the agent, and is recorded as that failure.
+LangChain's callbacks), and so is each earlier try of it a retry middleware inside this one made
+(settled apart: a row and span of its own); a message a middleware inside this one made in place of
+a failed model's answer (ModelRetryMiddleware giving up) reaches the agent, and is recorded as that failure.
 The response cache is not used (its answers are litellm responses).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
@@ -248,6 +250,15 @@ class RouterAgentMiddleware(AgentMiddleware):
             log.warning("langchain_middleware_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return None
 
+    def _tried(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns) -> None:
+        """The attempt's last model run failed and the model is run again (a retry middleware inside
+        this one): that try ends, and what it streamed is settled apart (:meth:`.CallLifecycle.tried`)."""
+        assert isinstance(runs.error, Exception)
+        spent = self._spent(plan, runs, runs.started)
+        if spent is not None:  # it ended when it failed, not when the next try began
+            spent = replace(spent, latency_s=runs.failed - runs.started)
+        lifecycle.tried(runs.error, spent, runs.failed_ns)
+
     def _broke(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns, error: BaseException,
                started: float) -> None:
         """An attempt raised ``error``: if its model had streamed part of an answer, raise a
@@ -277,7 +288,8 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         def send(made: Attempt) -> ModelResponse:
             request, started = build(made.plan), time.perf_counter()
-            with attempt(_sent(request)) as runs:  # recorded by this call: not again by a RoutedChatModel or a handler
+            # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
                     response = handler(request)
                 except BaseException as exc:
@@ -294,7 +306,7 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         async def send(made: Attempt) -> ModelResponse:
             request, started = build(made.plan), time.perf_counter()
-            with attempt(_sent(request)) as runs:
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
                     response = await handler(request)
                 except BaseException as exc:

@@ -162,15 +162,21 @@ class CallTrace:
                                           attributes=self.request_attrs)
 
     @never_raises(default=None)
-    def attempt_failed(self, error: BaseException, spent: Outcome | None = None) -> None:
-        """End the current attempt's span as failed, with what it used before it broke off
-        (``spent``) if anything; the call goes on with another attempt."""
+    def attempt_failed(self, error: BaseException, spent: Outcome | None = None, end_ns: int | None = None) -> None:
+        """End the current attempt's span as failed (at ``end_ns``, else now), with what it used before
+        it broke off (``spent``) if anything; the call goes on with another attempt."""
         if self.child is not None:
             self.child.set_attribute("error.type", type(error).__qualname__)
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
             self._used(spent)
-            self.child.end()
+            self.child.end(end_time=end_ns)
             self.child = None
+
+    @never_raises(default=None)
+    def again(self) -> None:
+        """The attempt is made again, as it was (a retry inside an adapter's model call): a CLIENT span of its own."""
+        if self.parent is not None and self.child is None:
+            self._start_attempt()
 
     def _used(self, outcome: Outcome | None) -> None:
         """Put what an attempt that failed had used on its span."""
