@@ -997,6 +997,58 @@ def test_an_async_sdk_call_litellm_lets_go_without_an_event_gives_its_reservatio
     assert sorted(r["error"] or "" for r in rows) == ["", "CancelledError"]
 
 
+@pytest.mark.parametrize("read", [2, 0], ids=["read partway", "never read"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+def test_an_async_sdk_stream_left_partway_is_settled_at_its_prompt(tmp_path, monkeypatch, request, kind,
+                                                                  read) -> None:
+    """A stream whose caller breaks out of it after its first chunks (the real recording, paused
+    after five events) was paid for: the provider read the whole prompt. litellm delivers no event
+    for it; once it lets the stream go, the call is settled at its prompt counted locally (its row,
+    and its budget with the hold gone), as ``Pipeline.acompletion`` settles a stream closed early,
+    rather than released as if nothing were spent. A stream let go before litellm read its first
+    chunk is released (the pipeline reads a stream's first chunk ahead: its unread stream is settled)."""
+    from .fault_server import fault_server
+
+    store = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'state.db'}"}.get(kind) \
+        or request.getfixturevalue("redis_url")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    name = f"left{time.time_ns()}"
+    logger = RouterLogger(Pipeline.from_config({
+        "store": store, "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "routing": {"budgets": [{"name": name, "scope": "global", "tokens": 100000, "window_s": 86400}]}})).register()
+    messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+
+    async def run(base: str) -> int:
+        stream = await litellm.acompletion(model="openai/gpt-3.5-turbo", messages=messages, api_key="x",
+                                           api_base=f"{base}/stall/v1", max_tokens=100, stream=True)
+        came = 0
+        if read:
+            async for _chunk in stream:
+                came += 1
+                if came == read:
+                    break
+            del _chunk
+        del stream
+        await _apolled(lambda: not logger._calls)
+        await logger.aflush()
+        return came
+
+    try:
+        with fault_server(cut_events=5, hang_s=2.0) as (base, _seen):
+            came = asyncio.run(run(base))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error"))
+        counter = float(logger.pipeline.store.get(f"budget:{name}:tokens:all:{int(time.time() // 86400)}") or 0)
+    finally:
+        logger.unregister()
+        logger.pipeline.close()
+    assert came == read and not logger._calls
+    assert len(rows) == 1 and rows[0]["error"] == "CancelledError" and rows[0]["output_tokens"] == 0
+    prompt = logger.pipeline.state.tokens("openai/gpt-3.5-turbo", messages)
+    assert (rows[0]["input_tokens"], counter) == ((prompt, prompt) if read else (0, 0))
+    assert (rows[0]["cost_usd"] or 0) > 0 if read else rows[0]["cost_usd"] is None
+
+
 def _redis_sdk_logger(monkeypatch: pytest.MonkeyPatch, redis_url: str, name: str, slow_s: float = 0.0,
                       tokens: int = 1000) -> tuple[RouterLogger, list[int]]:
     """An SDK logger on Redis with a ``tokens`` budget; its ``add_many`` writes (their threads) listed

@@ -272,6 +272,20 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
     return messages or [{"role": "user", "content": ""}], params
 
 
+class _Details:
+    """A litellm logging object's ``model_call_details``, kept on the object (see :meth:`RouterLogger._watch`)."""
+
+    __slots__ = ("details", "__weakref__")
+
+    def __init__(self, details: Any) -> None:
+        self.details = details
+
+    def streamed(self) -> bool:
+        """Whether the call's stream had sent its first chunk (``completion_start_time``, set by
+        ``CustomStreamWrapper`` as it reads it, litellm_core_utils/streaming_handler.py, 1.110.2)."""
+        return isinstance(self.details, Mapping) and self.details.get("completion_start_time") is not None
+
+
 class MovedOn(Exception):
     """The proxy's router moved on to another target, so the attempt before failed; behind the proxy
     litellm delivers only a request's first failure event. Retryable (503) like the failure it stands for."""
@@ -651,28 +665,47 @@ class RouterLogger(CustomLogger):
     def _watch(self, kwargs: Mapping[str, Any], found: _Open) -> None:
         """End an SDK call litellm lets go of without an event: its logging object, which every event
         of the call needs, is gone (the call was cancelled, a timeout around it, or its stream was
-        left unread), so the reservation is given back at once rather than held until it lapses."""
+        left unread), so the reservation is given back at once rather than held until it lapses (a
+        stream whose first chunk had come is settled at its prompt: :meth:`_orphaned`). The finalizer
+        reads the object's ``model_call_details`` through a weak reference to a :class:`_Details` the
+        object holds: one the finalizer held would keep the object alive when litellm keeps a
+        coroutine that never ran there (a call cancelled before it was sent)."""
         logging_obj, key = kwargs.get("litellm_logging_obj"), self._key(kwargs)
         if logging_obj is None:
             return
         loop = asyncio.get_running_loop()
+        details = _Details(getattr(logging_obj, "model_call_details", None))
+        held = weakref.ref(details)
 
         def gone() -> None:  # at collection, on any thread: the loop ends the call
+            kept = held()  # freed with the object's own (no longer readable) when a collection found it in a cycle
             try:
-                loop.call_soon_threadsafe(self._orphaned, key, found)
+                loop.call_soon_threadsafe(self._orphaned, key, found, kept is not None and kept.streamed())
             except RuntimeError:  # the loop is closed: nothing runs there any more
                 pass
 
         try:
             weakref.finalize(logging_obj, gone).atexit = False
-        except TypeError:  # not weakly referable: the call ends with its events only
+            logging_obj._router_middleware_details = details
+        except (TypeError, AttributeError):  # not weakly referable, or no attributes: the call ends with its events
             pass
 
-    def _orphaned(self, key: str, found: _Open) -> None:
+    def _orphaned(self, key: str, found: _Open, streamed: bool = False) -> None:
+        """End a call litellm let go of. ``streamed``: its stream's first chunk had come, so the
+        provider had read the whole prompt: the call is settled at the prompt counted locally, as a
+        stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
+        litellm keeps them on its stream object, which no callback sees."""
         if self._take_open(key, only=found) is None:
             return  # settled by its events (or evicted) before litellm let it go
+        spent = None
+        if streamed:
+            plan = found.attempt.plan
+            prompt = self.pipeline.state.tokens(plan.model, plan.messages, plan.params.get("tools"),
+                                                plan.call.context.session_id)
+            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+            spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
         self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
-                                                "stream left unread)"))
+                                                "stream left unread)"), spent)
         self._tally()
 
     def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None, *, failed: bool = False) -> None:
