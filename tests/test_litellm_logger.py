@@ -888,16 +888,17 @@ def test_concurrent_async_sdk_calls_on_redis_never_pass_a_budget(tmp_path, monke
 
     try:
         results = asyncio.run(run())
-        with pytest.raises(BudgetExceeded) as spent:
-            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok",
-                                       max_tokens=limit)
+        app = logger.pipeline.config.app
+        spent = float(logger.pipeline.store.get(f"budget:daily:tokens:{app}:{int(time.time() // 86400)}") or 0)
     finally:
         logger.unregister()
         logger.pipeline.close()
     answered = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, BudgetExceeded)]
     assert answered and len(answered) + len(refused) == 200
-    assert spent.value.spent == sum(r.usage.total_tokens for r in answered) <= limit
+    # the counter itself: a call probing it reserves its learned output (the answered replies' 20
+    # tokens, once read), not its max_tokens, so it fits or not as the process's copy of them is fresh
+    assert spent == sum(r.usage.total_tokens for r in answered) <= limit
     assert logger.recorded == len(answered)
 
 
