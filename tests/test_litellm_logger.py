@@ -1050,6 +1050,52 @@ def test_an_async_sdk_stream_left_partway_is_settled_at_its_prompt(tmp_path, mon
     assert (rows[0]["cost_usd"] or 0) > 0 if read else rows[0]["cost_usd"] is None
 
 
+def test_aresponses_for_a_model_without_the_responses_api_is_one_planned_call(tmp_path, monkeypatch) -> None:
+    """``litellm.aresponses`` of an Anthropic model: litellm answers it with a chat call of its own
+    (sharing the call's id), which the deployment hook plans and admits as an ``acompletion``; the
+    responses call's success event settles it: one row at the recorded usage, priced as the model that
+    answered. Over a budget it is refused before anything is sent, and the refusal reaches the caller
+    as litellm maps what its chat call raised: a ``RateLimitError`` raised while handling ``BudgetExceeded``."""
+    from router_middleware.errors import BudgetExceeded
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    recorded = recorded_usage(interactions(CASSETTES / "anthropic_message_create.yaml")[0])
+    model = "anthropic/claude-3-opus-20240229"
+
+    async def run(logger: RouterLogger, base: str) -> object:
+        try:
+            return await litellm.aresponses(model=model, input="Tell me a joke about OpenTelemetry",
+                                            api_base=f"{base}/healthy", max_output_tokens=1024)
+        except litellm.RateLimitError as refused:
+            return refused
+        finally:
+            await logger.aflush()
+
+    rows, outcomes = [], []
+    with fault_server() as (base, seen):
+        for tokens in (100000, 500):
+            (tmp_path / str(tokens)).mkdir()
+            logger = _sdk_logger(tmp_path / str(tokens), monkeypatch,
+                                 {"budgets": [{"name": "daily", "tokens": tokens, "window_s": 86400}]})
+            try:
+                outcomes.append((asyncio.run(run(logger, base)), logger.hook_calls, logger.recorded))
+                rows.append(_ledger(logger, ("requested_model", "input_tokens", "output_tokens", "cost_usd", "error")))
+            finally:
+                logger.unregister()
+    (answer, hooked, counted), (refused, refused_hooked, refused_counted) = outcomes
+    assert seen == Counter({"healthy:ok": 1})  # the refused call sent nothing
+    assert answer.usage.output_tokens == recorded["output_tokens"] and (hooked, counted) == (1, 1)
+    opus = Pipeline.from_config({}).catalog.resolve(model)
+    assert opus is not None
+    cost = recorded["input_tokens"] * opus.input + recorded["output_tokens"] * opus.output  # the recorded usage, once
+    assert rows[0] == [{"requested_model": "claude-3-opus-20240229", "input_tokens": recorded["input_tokens"],
+                        "output_tokens": recorded["output_tokens"], "cost_usd": pytest.approx(cost), "error": None}]
+    assert isinstance(refused, litellm.RateLimitError) and isinstance(refused.__context__, BudgetExceeded)
+    assert (refused_hooked, refused_counted, rows[1]) == (1, 0, [])
+
+
 def _redis_sdk_logger(monkeypatch: pytest.MonkeyPatch, redis_url: str, name: str, slow_s: float = 0.0,
                       tokens: int = 1000) -> tuple[RouterLogger, list[int]]:
     """An SDK logger on Redis with a ``tokens`` budget; its ``add_many`` writes (their threads) listed
