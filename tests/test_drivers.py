@@ -434,6 +434,54 @@ def test_a_call_that_fails_for_good_gives_its_budget_back_and_counts_toward_the_
     assert float(p.store.get(COOLDOWN + CLAUDE) or 0) > time.time()
 
 
+def test_a_failure_opens_the_breaker_though_the_event_loop_s_default_executor_is_busy(
+        monkeypatch, breaker_store) -> None:
+    """litellm runs the sync part of every ``acompletion`` in the event loop's default executor; under
+    load its queue is long. The async drivers make a blocking store's writes (a failure's count toward
+    a cooldown) in threads of their own: a failure opens the breaker, and the next call routes past the
+    target, while that executor is still busy. Made there, the count waited its turn (the default
+    executor held here by one job of 2 s): the breaker opened late, and the calls meanwhile still went
+    to the target that was down."""
+    import concurrent.futures
+    import json
+
+    from .cassette_data import interactions
+    from .conftest import CASSETTES
+
+    recorded = json.loads(interactions(CASSETTES / "openai_chat.yaml")[0].response_text)
+    sent: list[str] = []
+
+    async def provider(**kwargs: Any) -> Any:  # no executor: the provider's answer, as recorded
+        sent.append(kwargs["model"])
+        if kwargs["model"] == CLAUDE:
+            raise rate_limit()
+        return litellm.ModelResponse(**recorded)
+
+    monkeypatch.setattr(litellm, "acompletion", provider)
+    p = Pipeline.from_config({"store": breaker_store, "context": {"enabled": False}, "cache": {"enabled": False},
+                              "routing": {"aliases": {"coder": [CLAUDE, MINI]}, "fallback": {"backoff_s": 0.0},
+                                          "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 60}}})
+
+    async def run() -> float:
+        await p.acompletion(model=MINI, messages=MESSAGES)  # connected: the store's first answers are quick
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1))
+        busy = loop.run_in_executor(None, time.sleep, 2.0)
+        started = time.perf_counter()
+        await p.acompletion(model="coder", messages=MESSAGES)
+        await p.acompletion(model="coder", messages=MESSAGES)
+        took = time.perf_counter() - started
+        await busy
+        return took
+
+    try:
+        took = asyncio.run(run())
+    finally:
+        p.close()
+    assert sent == [MINI, CLAUDE, MINI, MINI]  # the second call went past claude: its breaker was open
+    assert took < 1.0
+
+
 def test_a_half_open_last_target_another_call_probes_is_tried_anyway(call, script) -> None:
     """Refusing it would make the call worse than calling the provider directly."""
     p = pipeline(aliases={"coder": [CLAUDE]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})

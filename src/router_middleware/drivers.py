@@ -10,15 +10,19 @@ made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycl
 With a store that can block (Redis, SQLite: ``off_loop=True``) the lifecycle's steps still run on
 the event loop: what they read was fetched by a store call (see :class:`~.stores.Prefetch`), and
 the bookkeeper's lesser writes made during a step (counts toward a cooldown, speed averages, a
-session's route) are queued and then made in a worker thread, as is each store call without an
-async twin: the event loop never waits on the store.
+session's route) are queued and then made in a worker thread (:func:`store_threads`), as is each
+store call without an async twin: the event loop never waits on the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
+import os
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import wire
@@ -30,6 +34,7 @@ T = TypeVar("T")
 _sleep = time.sleep  # module names, so a test can record the waits
 _asleep = asyncio.sleep
 PATIENCE_S = 2.0  # how long a stopped call waits for a store's answer on its way (a store times out first)
+STORE_THREADS = 8  # threads of store_threads(): store round trips are short, and most wait on the network
 
 
 def drive(flow: Flow, send: Callable[[Attempt], Any]) -> Any:
@@ -151,9 +156,33 @@ def write_all(writes: list[Callable[[], None]]) -> None:
 
 
 def _in_thread(work: Callable[..., Any], *args: Any) -> Awaitable[Any]:
-    """``work(*args)`` in a worker thread, :func:`_patient`: the lifecycle's state is never touched from
-    two threads at once."""
-    return _patient(asyncio.to_thread(work, *args))
+    """``work(*args)`` in a thread of :func:`store_threads` (with the caller's context, as
+    ``asyncio.to_thread``), :func:`_patient`: the lifecycle's state is never touched from two threads
+    at once."""
+    run = functools.partial(contextvars.copy_context().run, work, *args)
+    return _patient(asyncio.get_running_loop().run_in_executor(store_threads(), run))
+
+
+_threads: ThreadPoolExecutor | None = None
+
+
+def store_threads() -> ThreadPoolExecutor:
+    """The threads the async drivers make a blocking store's I/O in: a pool of their own, not the event
+    loop's default executor, whose queue litellm fills with one job per ``acompletion``. A failure's
+    count toward a cooldown waited there: under load, the breaker opened half a second or more late."""
+    global _threads
+    if _threads is None:
+        _threads = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="router-middleware-store")
+    return _threads
+
+
+def _forget_threads() -> None:
+    """In a forked child: the parent's pool has no threads here; the first store call makes a new one."""
+    global _threads
+    _threads = None
+
+
+os.register_at_fork(after_in_child=_forget_threads)
 
 
 async def _patient(io: Awaitable[T], limit: float | None = None) -> T:
