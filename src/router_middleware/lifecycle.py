@@ -668,13 +668,9 @@ class CallLifecycle:
                 self.books.release(self.held)
                 return None
             source: UsageSource = "provider" if complete and wire.usage_reported(chunks, stream) else "estimated"
-            # assembling the answer (litellm's builder, ~40 us a chunk) only when something reads it
             saved = complete and self._saves(plan)
-            response = wire.usage_chunk(chunks) if source == "provider" and not saved and not trace.wants_answer \
-                else None
-            assembled = response is None
-            if assembled and chunks:
-                response = wire.litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages])
+            response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
+                                                 and not trace.wants_answer)
             if response is None:
                 trace.fail(error or RuntimeError("stream closed before the first chunk"))
                 self.books.release(self.held)
@@ -698,6 +694,16 @@ class CallLifecycle:
             return result
 
         return finish
+
+
+def _stream_answer(plan: Plan, chunks: list[Any], *, light: bool) -> tuple[Any, bool]:
+    """A stream's answer as its outcome is built from, and whether it was assembled: with ``light``
+    (nothing reads the answer itself), the usage chunk litellm ended it with, if any; else the answer
+    assembled by litellm's builder (about 40 us a chunk); ``None`` for no chunks."""
+    found = wire.usage_chunk(chunks) if light else None
+    if found is not None or not chunks:
+        return found, False
+    return wire.litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages]), True
 
 
 def _half_open(plan: Plan) -> tuple[str, ...]:
