@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -1582,3 +1583,118 @@ def test_a_retry_the_router_never_makes_is_not_counted_when_the_hook_ends_the_ca
     assert input_tokens > 0 and 0 < output_tokens < 50 and error == "APIConnectionError"
     assert spent.value.spent == input_tokens + output_tokens  # charged once
     assert _tpm_used(logger, "cut", started) == input_tokens + output_tokens  # once, not twice
+
+
+STREAMS = ("openai_chat_tools_streaming.yaml", "openai_chat_streaming.yaml", "anthropic_message_streaming.yaml")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("name", STREAMS)
+def test_an_sdk_stream_s_usage_is_the_provider_s_only_where_its_chunks_show_it(name, mode, tmp_path, monkeypatch,
+                                                                               span_exporter) -> None:
+    """Real recorded streams replayed: openai_chat_tools_streaming.yaml has no usage chunk (litellm counts
+    the tokens), the others report usage. litellm hands its callbacks the answer it assembled, whose usage
+    looks the same either way; the stream's wrapper keeps the chunks that carried the provider's usage,
+    and a sync call's event to OpenAI or Anthropic carries that wrapper (``original_response``). An
+    async call's event carries no trace of its stream: its usage is said ``estimated`` whatever the
+    provider sent. Only the provider's usage feeds the speed averages."""
+    import vcr
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    item = interactions(CASSETTES / name)[0]
+    kwargs = completion_kwargs(item)
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"aliases": {"speedy": [kwargs["model"]]}},  # (speed averages are kept for routing)
+        "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+    })).register()
+    replay = vcr.VCR(record_mode="none", decode_compressed_response=True)
+    try:
+        with replay.use_cassette(str(CASSETTES / name)):
+            if mode == "sync":
+                assert len(list(litellm.completion(**kwargs))) > 1
+                assert _polled(lambda: logger.recorded == 1)
+            else:
+                async def run() -> None:
+                    assert len([chunk async for chunk in await litellm.acompletion(**kwargs)]) > 1
+                    await _recorded(logger, 1)
+
+                asyncio.run(run())
+        averages = sorted(key.split(":")[0] for key in logger.pipeline.store._data if key.startswith(("tps:", "lat:")))
+    finally:
+        logger.unregister()
+    usage = recorded_usage(item)
+    source = "provider" if usage is not None and mode == "sync" else "estimated"
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.attributes["router_middleware.usage.source"] == source
+    assert averages == (["lat", "tps"] if source == "provider" else [])
+    if usage is not None:  # the provider's count, whichever way it is labelled
+        assert span.attributes["gen_ai.usage.input_tokens"] == usage["input_tokens"]
+        assert span.attributes["gen_ai.usage.output_tokens"] == usage["output_tokens"]
+
+
+@pytest.mark.parametrize(("provider", "source"), [("openai", "provider"), ("deepseek", "estimated")])
+def test_a_sync_stream_whose_event_logs_no_wrapper_is_estimated(provider, source, span_exporter) -> None:
+    """A sync stream of a provider litellm sends through its generic HTTP handler (DeepSeek's
+    OpenAI-compatible API here, answered with the real OpenAI recording that reports usage) logs no
+    stream wrapper in its event (``original_response`` is a note), so nothing tells the provider's
+    usage from litellm's count: ``estimated``, as README says. Through litellm's OpenAI client the
+    same reply is the provider's."""
+    from .replay_server import replay_server
+
+    logger = RouterLogger(Pipeline.from_config({"cache": {"enabled": False}})).register()
+    try:
+        with replay_server("openai_chat_streaming.yaml") as (base, seen):
+            stream = litellm.completion(model=f"{provider}/gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}],
+                                        api_base=f"{base}/v1", api_key="x", stream=True)
+            assert len(list(stream)) > 1
+            assert _polled(lambda: logger.recorded == 1)
+    finally:
+        logger.unregister()
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert len(seen) == 1 and span.attributes["router_middleware.usage.source"] == source
+
+
+def test_a_proxy_stream_s_usage_is_the_provider_s_only_where_its_chunks_show_it(tmp_path) -> None:
+    """The real LiteLLM proxy streams two real recordings, one deployment each: coder-cheap's has no
+    usage chunk (litellm counts the tokens, though the proxy asked the deployment for usage), coder-strong's
+    reports usage. The proxy hands the logger the stream it serves (``async_post_call_response_headers_hook``),
+    whose wrapper keeps the chunks that carried the provider's usage: only coder-strong's usage is the
+    provider's, and only it feeds the speed averages; both rows carry the tokens."""
+    from .conftest import service_missing
+    from .litellm_proxy import proxy_missing, running_proxy
+    from .replay_server import replay_server
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(f"""
+app: coding-agent
+store: sqlite:///{tmp_path / 'store.db'}
+routing:
+  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}, coder-strong: {{model: openai/gpt-5-mini}}}}
+  aliases: {{coder: [coder-cheap, coder-strong]}}
+ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
+""")
+    with replay_server("openai_chat_tools_streaming.yaml") as (counted, counted_seen), \
+            replay_server("openai_chat_streaming.yaml") as (reported, reported_seen):
+        env = {"CHEAP_API_BASE": counted, "STRONG_API_BASE": reported, "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x",
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            for model in ("coder-cheap", "coder-strong"):
+                request = urllib.request.Request(
+                    f"{proxy}/v1/chat/completions", json.dumps({
+                        "model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+                    {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+                assert b"[DONE]" in urllib.request.urlopen(request, timeout=60).read()
+            for _ in range(100):
+                if (tmp_path / "ledger.db").exists() and len(rows := _rows_at(
+                        f"sqlite:///{tmp_path / 'ledger.db'}", ("model", "input_tokens", "output_tokens"))) == 2:
+                    break
+                time.sleep(0.1)
+    assert len(counted_seen) == len(reported_seen) == 1
+    assert counted_seen[0]["stream_options"] == {"include_usage": True}  # asked; the deployment sent none
+    reported_usage = recorded_usage(interactions(CASSETTES / "openai_chat_streaming.yaml")[0])
+    tokens = {r["model"]: (r["input_tokens"], r["output_tokens"]) for r in rows}
+    assert tokens["gpt-3.5-turbo"] == (reported_usage["input_tokens"], reported_usage["output_tokens"])
+    assert min(tokens["gpt-3.5-turbo-0125"]) > 0  # litellm's count of the recording's tool call
+    assert set(_store_values(tmp_path / "store.db", "tps:", "lat:")) == {"tps:coder-strong", "lat:coder-strong"}

@@ -54,7 +54,7 @@ from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
 from .telemetry import CallTrace, log
-from .types import AgentContext, Call, Decision, Message, Outcome, Plan
+from .types import AgentContext, Call, Decision, Message, Outcome, Plan, UsageSource
 
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
@@ -178,23 +178,36 @@ def _seconds(start: Any, end: Any) -> float | None:
 
 @dataclass(frozen=True)
 class _Answer:
-    """A success event: the response (a stream's assembled one) and litellm's timings."""
+    """A success event: the response (a stream's assembled one), litellm's timings, and for a chat
+    stream (``streamed``) the stream's wrapper where one was seen (:meth:`source`)."""
 
     response: Any
     latency_s: float | None
     ttft_s: float | None
     deployment: str | None
+    streamed: bool = False
+    stream: Any = None
 
     @classmethod
     def of(cls, response: Any, kwargs: Mapping[str, Any], start_time: Any, end_time: Any) -> _Answer:
-        """``response`` with the timings and the router's deployment of the event's ``kwargs``."""
+        """``response`` with the timings, the router's deployment and the stream (a sync call's) of the
+        event's ``kwargs``."""
+        streamed = _chat_stream(kwargs)
         return cls(response, _seconds(start_time, end_time), _ttft(kwargs, start_time),
-                   _metadata(kwargs).get("model_group"))
+                   _metadata(kwargs).get("model_group"), streamed, wire.logged_stream(kwargs) if streamed else None)
 
     @property
     def choices(self) -> Any:
         """The response's choices: what the span captures as output when content capture is on."""
         return getattr(self.response, "choices", None)
+
+    @property
+    def source(self) -> UsageSource:
+        """Whose count the usage is (:func:`.wire.usage_source`): a chat stream's is the provider's only
+        when its wrapper kept the provider's usage chunk. A proxy stream's wrapper is the one the proxy
+        served (:meth:`RouterLogger.async_post_call_response_headers_hook`), a sync call's the one its
+        event logs; an async SDK call's event carries none, so its usage is said ``estimated``."""
+        return wire.usage_source(self.response, self.stream, streamed=self.streamed)
 
 
 @dataclass
@@ -212,6 +225,7 @@ class _Open:
     proxy: bool = True
     started: bool = False
     as_sent: bool = False
+    stream: Any = None  # the chat stream the proxy serves for it, once it has one
 
     def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
         """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started
@@ -488,6 +502,20 @@ class RouterLogger(CustomLogger):
                                 did_you_mean=list(close_names(target, tuple(sorted(served)), models=False)),
                                 why="not a model_name of the proxy's model_list: calls skip it")
 
+    async def async_post_call_response_headers_hook(self, data: dict[str, Any], user_api_key_dict: Any,
+                                                    response: Any, request_headers: dict[str, str] | None = None,
+                                                    litellm_call_info: dict[str, Any] | None = None) -> None:
+        """Proxy hook, once the router answered and before the proxy serves the answer: a chat stream's
+        wrapper is kept with its call, whose success event litellm delivers with only the answer it
+        assembled from it (:meth:`_Answer.source`). Adds no headers."""
+        stream = wire.stream_wrapper(response)
+        if stream is not None:
+            with self._lock:
+                found = self._calls.get(self._key(data))
+                if found is not None:
+                    found.stream = stream
+        return None
+
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
         """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error,
@@ -547,6 +575,8 @@ class RouterLogger(CustomLogger):
         found = self._take_open(key)
         if found is None:
             return False
+        if reply is not None and reply.stream is None and found.stream is not None:
+            reply = replace(reply, stream=found.stream)
         if error is not None:
             spent = self._spent(found, reply)
             error = error if spent is None else CutShort(error, spent)
@@ -601,7 +631,7 @@ class RouterLogger(CustomLogger):
         (``routed``; in the SDK the call's own model answered)."""
         moved = routed and answer.deployment and answer.deployment != (plan.deployment or plan.model)
         return build_outcome(answer.response, plan, self.pipeline.catalog,
-                             usage_source=wire.usage_source(answer.response), latency_s=answer.latency_s,
+                             usage_source=answer.source, latency_s=answer.latency_s,
                              time_to_first_token_s=answer.ttft_s,
                              answered_model=self.pipeline.model_of(str(answer.deployment)) if moved else None)
 
@@ -750,10 +780,9 @@ class RouterLogger(CustomLogger):
     def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         try:
             plan, trace = self._planned(kwargs)
-            result = build_outcome(response_obj, plan, self.pipeline.catalog,
-                                   usage_source=wire.usage_source(response_obj),
-                                   latency_s=_seconds(start_time, end_time),
-                                   time_to_first_token_s=_ttft(kwargs, start_time))
+            answer = _Answer.of(response_obj, kwargs, start_time, end_time)
+            result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=answer.source,
+                                   latency_s=answer.latency_s, time_to_first_token_s=answer.ttft_s)
             self.pipeline.books.settle_observed(result)
             trace.succeed(result, response_obj)
             self._tally()
@@ -896,6 +925,11 @@ def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None
     event's kwargs or a proxy request's data), as an answer; ``None`` where litellm recorded nothing."""
     spent = wire.partial(kwargs)
     return None if spent is None else _Answer.of(spent, kwargs, start_time, end_time)
+
+
+def _chat_stream(kwargs: Mapping[str, Any]) -> bool:
+    """Is the event's call a streamed chat completion (whose response litellm assembled)?"""
+    return kwargs.get("stream") is True and str(kwargs.get("call_type")) in ("acompletion", "completion")
 
 
 def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:

@@ -203,13 +203,34 @@ def mark_cache_hit(response: Any) -> None:
     hidden(response)["cache_hit"] = True
 
 
-def usage_source(response: Any) -> UsageSource:
+def usage_source(response: Any, stream: Any = None, *, streamed: bool = False) -> UsageSource:
     """``cache`` for an answer served from a response cache (litellm's own, or :func:`mark_cache_hit`):
     it consumed nothing; ``estimated`` for a :class:`Partial` (litellm's count, not the provider's
-    report); ``provider`` for any other."""
+    report); for the answer litellm assembled from a chat stream (``streamed``), ``provider`` only when
+    ``stream``, the stream's wrapper, kept a usage chunk (:func:`usage_reported`), else ``estimated``:
+    the assembled answer's usage looks the same whether the provider reported it or litellm counted
+    it; ``provider`` for any other."""
     if isinstance(response, Partial):
         return "estimated"
-    return "cache" if hidden(response).get("cache_hit") else "provider"
+    if hidden(response).get("cache_hit"):
+        return "cache"
+    return "provider" if not streamed or usage_reported((), stream) else "estimated"
+
+
+def stream_wrapper(value: Any) -> Any:
+    """``value`` if it is litellm's chat stream wrapper (``CustomStreamWrapper``, a router's stream
+    included), whose ``chunks`` keep the provider's usage chunks (:func:`usage_reported`); else ``None``."""
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    return value if isinstance(value, CustomStreamWrapper) else None
+
+
+def logged_stream(event: Mapping[str, Any]) -> Any:
+    """The stream wrapper a call's event kwargs carry, or ``None``: litellm's sync ``completion`` logs
+    the wrapper it returns as the call's ``original_response`` for the providers it sends through its
+    OpenAI client, Anthropic's and some others (main.py, 1.110.2); those of its generic HTTP handler
+    log a note there, and an async call the coroutine that made the stream."""
+    return stream_wrapper(event.get("original_response"))
 
 
 @dataclass(frozen=True)
