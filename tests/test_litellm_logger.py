@@ -568,6 +568,33 @@ def test_a_litellm_cache_hit_is_recorded_as_one_and_costs_nothing(logger, monkey
     assert rows[0][1] > 0 and rows[2][1] > 0 and rows[1][1:] == rows[3][1:] == (0.0, 0)
 
 
+def test_a_stream_litellm_answers_from_its_cache_is_recorded_as_a_hit_at_no_cost(logger, monkeypatch) -> None:
+    """A streamed hit of litellm's response cache: litellm marks it in the event (``cache_hit``), not on
+    the answer it assembles from the cached chunks; its row is a cache hit at no cost, sync or async."""
+    from litellm.caching.caching import Cache
+
+    monkeypatch.setattr(litellm, "cache", Cache())
+    for _ in range(2):
+        assert len(list(litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}],
+                                           mock_response="ok there", stream=True))) > 1
+        assert _polled(lambda: logger.recorded >= 1)  # the first answer is in litellm's cache before the second
+
+    async def run() -> None:
+        await _recorded(logger, 2)
+        for _ in range(2):
+            stream = await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "async"}],
+                                               mock_response="ok there", stream=True)
+            assert len([chunk async for chunk in stream]) > 1
+            await logger.aflush()
+
+    asyncio.run(run())
+    logger.pipeline.ledger.flush()
+    rows = open_ledger(logger.pipeline.config.ledger.url).query(
+        "SELECT cache_hit, cost_usd, input_tokens FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == [0, 1, 0, 1]
+    assert rows[0][1] > 0 and rows[2][1] > 0 and rows[1][1:] == rows[3][1:] == (0.0, 0)
+
+
 def test_a_litellm_cache_hit_behind_the_proxy_settles_at_no_cost(tmp_path, monkeypatch) -> None:
     from litellm.caching.caching import Cache
 

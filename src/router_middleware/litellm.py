@@ -187,14 +187,16 @@ class _Answer:
     deployment: str | None
     streamed: bool = False
     stream: Any = None
+    cached: bool = False
 
     @classmethod
     def of(cls, response: Any, kwargs: Mapping[str, Any], start_time: Any, end_time: Any) -> _Answer:
-        """``response`` with the timings, the router's deployment and the stream (a sync call's) of the
-        event's ``kwargs``."""
+        """``response`` with the timings, the router's deployment, the stream (a sync call's) and the
+        cache hit of the event's ``kwargs``."""
         streamed = _chat_stream(kwargs)
         return cls(response, _seconds(start_time, end_time), _ttft(kwargs, start_time),
-                   _metadata(kwargs).get("model_group"), streamed, wire.logged_stream(kwargs) if streamed else None)
+                   _metadata(kwargs).get("model_group"), streamed, wire.logged_stream(kwargs) if streamed else None,
+                   wire.cache_hit(kwargs))
 
     @property
     def choices(self) -> Any:
@@ -206,8 +208,9 @@ class _Answer:
         """Whose count the usage is (:func:`.wire.usage_source`): a chat stream's is the provider's only
         when its wrapper kept the provider's usage chunk. A proxy stream's wrapper is the one the proxy
         served (:meth:`RouterLogger.async_post_call_response_headers_hook`), a sync call's the one its
-        event logs; an async SDK call's event carries none, so its usage is said ``estimated``."""
-        return wire.usage_source(self.response, self.stream, streamed=self.streamed)
+        event logs; an async SDK call's event carries none, so its usage is said ``estimated``. A hit of
+        litellm's response cache is ``cache``."""
+        return "cache" if self.cached else wire.usage_source(self.response, self.stream, streamed=self.streamed)
 
 
 @dataclass

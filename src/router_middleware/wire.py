@@ -217,6 +217,12 @@ def usage_source(response: Any, stream: Any = None, *, streamed: bool = False) -
     return "provider" if not streamed or usage_reported((), stream) else "estimated"
 
 
+def cache_hit(event: Mapping[str, Any]) -> bool:
+    """Did litellm's response cache answer the call of these event kwargs? litellm marks a hit there
+    (``cache_hit``); the answer it assembles from a cached stream's chunks carries no mark."""
+    return event.get("cache_hit") is True
+
+
 def stream_wrapper(value: Any) -> Any:
     """``value`` if it is litellm's chat stream wrapper (``CustomStreamWrapper``, a router's stream
     included), whose ``chunks`` keep the provider's usage chunks (:func:`usage_reported`); else ``None``."""
