@@ -177,3 +177,35 @@ def test_a_stream_read_to_its_end_is_accounted_from_its_usage_chunk_as_from_the_
         assert cheap.usage.source == "provider"
     else:
         assert cheap.usage.source == "estimated"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("model", ["groq/openai/gpt-oss-120b", "mistral/mistral-small-latest"])
+@pytest.mark.parametrize(("name", "source"), [("openai_chat_streaming.yaml", "provider"),
+                                              ("openai_chat_tools_streaming.yaml", "estimated")])
+def test_a_stream_of_a_provider_asked_no_usage_chunk_says_whether_it_sent_usage(name, source, model, mode) -> None:
+    """Of Groq or Mistral the pipeline asks no usage chunk (they send usage unasked, OpenAI-style): a
+    recorded stream with the provider's usage is ``provider``, one without it (litellm counted its
+    tokens) ``estimated``. litellm overwrites the last chunk's hidden usage with its counted total at
+    the end of such a stream: read there, the count was said to be the provider's, fed the speed
+    averages, and routed ``:nitro`` by litellm's guess."""
+    from .replay_server import replay_server
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False},
+                                     "routing": {"aliases": {"chat": [model]}}})  # (speed is kept for routing)
+    with replay_server(name) as (base, bodies):
+        kwargs = {"model": model, "messages": MESSAGES, "api_base": base, "api_key": "sk-test", "stream": True}
+        if mode == "sync":
+            stream = pipeline.completion(**kwargs)
+            list(stream)
+        else:
+            async def read() -> Any:
+                stream = await pipeline.acompletion(**kwargs)
+                _ = [chunk async for chunk in stream]
+                return stream
+
+            stream = asyncio.run(read())
+    assert "stream_options" not in bodies[0]
+    assert stream.outcome.usage.source == source
+    assert stream.outcome.usage.output_tokens > 0
+    assert bool(pipeline.store.get(f"tps:{model}")) is (source == "provider")  # only a provider's count feeds it

@@ -67,11 +67,12 @@ def usage_chunk(chunks: Sequence[Any]) -> Any:
 def usage_reported(chunks: Sequence[Any], stream: Any = None) -> bool:
     """Did the provider send usage in ``stream`` (litellm's, whose ``chunks`` were read)? litellm fills
     in a locally counted usage chunk when it did not. Its wrapper keeps the provider's usage chunks in
-    its own ``chunks`` list (the only trace an async stream leaves); a sync stream also marks the
-    difference in a chunk's hidden ``usage``."""
+    its own ``chunks`` list: that decides. A chunk's hidden ``usage`` (``UnreportedUsage`` when
+    counted) is read only without the wrapper: litellm overwrites the last one with the counted total
+    at the stream's end when the request asked no ``stream_options``."""
     kept = getattr(stream, "chunks", None)
-    if isinstance(kept, list) and any(getattr(chunk, "usage", None) is not None for chunk in kept):
-        return True
+    if isinstance(kept, list):
+        return any(getattr(chunk, "usage", None) is not None for chunk in kept)
     for chunk in chunks:
         usage = hidden(chunk).get("usage")
         if usage is not None and type(usage).__name__ != "UnreportedUsage":
