@@ -1078,25 +1078,92 @@ def test_an_async_sdk_stream_left_partway_is_settled_at_its_prompt(tmp_path, mon
     assert (rows[0]["cost_usd"] or 0) > 0 if read else rows[0]["cost_usd"] is None
 
 
-def test_aresponses_for_a_model_without_the_responses_api_is_one_planned_call(tmp_path, monkeypatch) -> None:
-    """``litellm.aresponses`` of an Anthropic model: litellm answers it with a chat call of its own
-    (sharing the call's id), which the deployment hook plans and admits as an ``acompletion``; the
-    responses call's success event settles it: one row at the recorded usage, priced as the model that
-    answered. Over a budget it is refused before anything is sent, and the refusal reaches the caller
-    as litellm maps what its chat call raised: a ``RateLimitError`` raised while handling ``BudgetExceeded``."""
+def test_aresponses_of_openais_responses_api_is_admitted_before_it_is_sent(tmp_path, monkeypatch) -> None:
+    """``litellm.aresponses`` of a model with the Responses API (OpenAI's): the deployment hook, which
+    litellm calls for it as for ``acompletion``, admits it as sent (its ``input`` and
+    ``max_output_tokens`` estimated, no policy rewriting it): one whose estimate does not fit a budget
+    is refused with ``BudgetExceeded`` naming it, nothing made and no row; one that fits is settled
+    at its usage (one row, the budget charged what it used). ``litellm.responses`` (sync) skips the
+    hook, as a sync chat call does: it is counted after, not refused."""
+    from router_middleware.errors import BudgetExceeded
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 1000, "window_s": 86400}]})
+    request = {"model": "openai/gpt-4o-mini", "input": "Tell me a joke", "mock_response": "A joke. " * 20}
+
+    async def run() -> tuple[BudgetExceeded, Any]:
+        with pytest.raises(BudgetExceeded) as over:
+            await litellm.aresponses(**request, max_output_tokens=2000)
+        answer = await litellm.aresponses(**request, max_output_tokens=100)
+        await logger.aflush()
+        return over.value, answer
+
+    try:
+        refused, answer = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:  # what the counter holds now, as the pipeline sees it
+            logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       mock_response="ok", max_tokens=990)
+        hooked = logger.hook_calls
+        litellm.responses(**request, max_output_tokens=2000)  # sync: no hook, so not refused; counted after
+        _polled(lambda: logger.recorded >= 2)  # the sync path's events run on litellm's thread
+        rows = _ledger(logger, ("requested_model", "input_tokens", "output_tokens", "decisions", "error"))
+    finally:
+        logger.unregister()
+    assert (refused.name, refused.spent, hooked) == ("daily", 0, 2)
+    assert spent.value.spent == answer.usage.total_tokens  # settled at the actual use, not the estimate
+    assert rows[0] == {"requested_model": "openai/gpt-4o-mini", "input_tokens": answer.usage.input_tokens,
+                       "output_tokens": answer.usage.output_tokens, "decisions": '["routing:as-sent"]', "error": None}
+    assert len(rows) == 2 and rows[1]["error"] is None  # the refused call: no row; the sync one: counted
+
+
+def test_aresponses_given_its_model_positionally_is_counted_not_refused(tmp_path, monkeypatch) -> None:
+    """litellm hands the deployment hook the call's keyword arguments only: ``aresponses("hi", model)``
+    cannot be planned (no model, no input), so it is sent and counted, ``budget_not_enforced`` logged,
+    never refused as a call of model ``''``."""
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 10, "window_s": 86400}]})
+
+    async def run() -> Any:
+        answer = await litellm.aresponses("Tell me a joke", "openai/gpt-4o-mini", mock_response="A joke.")
+        await logger.aflush()
+        return answer
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answer = asyncio.run(run())
+        rows = _ledger(logger, ("requested_model", "output_tokens", "error"))
+    finally:
+        logger.unregister()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["budget_not_enforced"]
+    assert rows == [{"requested_model": "openai/gpt-4o-mini", "output_tokens": answer.usage.output_tokens,
+                     "error": None}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_aresponses_for_a_model_without_the_responses_api_is_one_admitted_call(tmp_path, monkeypatch,
+                                                                                 stream: bool) -> None:
+    """``litellm.aresponses`` of an Anthropic model: admitted as sent by the deployment hook of the
+    responses call; the chat call litellm answers it with (sharing the call's id) is followed by that
+    lifecycle, not planned again. The responses call's success event settles it: one row at the
+    recorded usage, priced as the model that answered (a stream too, at its recording's usage). Over
+    a budget it is refused before anything is sent, with ``BudgetExceeded`` naming the budget."""
     from router_middleware.errors import BudgetExceeded
 
     from .fault_server import fault_server
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
-    recorded = recorded_usage(interactions(CASSETTES / "anthropic_message_create.yaml")[0])
+    recording = "anthropic_message_streaming.yaml" if stream else "anthropic_message_create.yaml"
+    recorded = recorded_usage(interactions(CASSETTES / recording)[0])
     model = "anthropic/claude-3-opus-20240229"
 
     async def run(logger: RouterLogger, base: str) -> object:
         try:
-            return await litellm.aresponses(model=model, input="Tell me a joke about OpenTelemetry",
-                                            api_base=f"{base}/healthy", max_output_tokens=1024)
-        except litellm.RateLimitError as refused:
+            answer = await litellm.aresponses(model=model, input="Tell me a joke about OpenTelemetry",
+                                              api_base=f"{base}/healthy", max_output_tokens=1024, stream=stream)
+            if stream:
+                async for event in answer:  # type: ignore[union-attr]
+                    if getattr(event, "type", None) == "response.completed":
+                        return event.response
+            return answer
+        except BudgetExceeded as refused:
             return refused
         finally:
             await logger.aflush()
@@ -1109,18 +1176,21 @@ def test_aresponses_for_a_model_without_the_responses_api_is_one_planned_call(tm
                                  {"budgets": [{"name": "daily", "tokens": tokens, "window_s": 86400}]})
             try:
                 outcomes.append((asyncio.run(run(logger, base)), logger.hook_calls, logger.recorded))
-                rows.append(_ledger(logger, ("requested_model", "input_tokens", "output_tokens", "cost_usd", "error")))
+                rows.append(_ledger(logger, ("requested_model", "model", "input_tokens", "output_tokens", "cost_usd",
+                                             "decisions", "error")))
             finally:
                 logger.unregister()
     (answer, hooked, counted), (refused, refused_hooked, refused_counted) = outcomes
     assert seen == Counter({"healthy:ok": 1})  # the refused call sent nothing
     assert answer.usage.output_tokens == recorded["output_tokens"] and (hooked, counted) == (1, 1)
-    opus = Pipeline.from_config({}).catalog.resolve(model)
-    assert opus is not None
-    cost = recorded["input_tokens"] * opus.input + recorded["output_tokens"] * opus.output  # the recorded usage, once
-    assert rows[0] == [{"requested_model": "claude-3-opus-20240229", "input_tokens": recorded["input_tokens"],
-                        "output_tokens": recorded["output_tokens"], "cost_usd": pytest.approx(cost), "error": None}]
-    assert isinstance(refused, litellm.RateLimitError) and isinstance(refused.__context__, BudgetExceeded)
+    [row] = rows[0]
+    answered = Pipeline.from_config({}).catalog.resolve(row["model"])
+    assert answered is not None
+    cost = recorded["input_tokens"] * answered.input + recorded["output_tokens"] * answered.output  # once
+    assert row == {"requested_model": model, "model": row["model"], "input_tokens": recorded["input_tokens"],
+                   "output_tokens": recorded["output_tokens"], "cost_usd": pytest.approx(cost),
+                   "decisions": '["routing:as-sent"]', "error": None}
+    assert isinstance(refused, BudgetExceeded) and refused.name == "daily"
     assert (refused_hooked, refused_counted, rows[1]) == (1, 0, [])
 
 

@@ -19,7 +19,9 @@ reasoning policies, routing among the targets served by the provider litellm cho
 skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
 ``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks, or it is a
 ``litellm.Router``'s, whose router would cool its deployments down: then it is counted, not
-refused); the success or failure event settles it. If planning fails otherwise, the
+refused); the success or failure event settles it. ``litellm.aresponses``, whose call litellm hooks
+the same way, is admitted as the proxy admits a ``/v1/responses`` request: sent as it came, its
+quotas and budgets first (:meth:`RouterLogger._start_sdk_as_sent`). If planning fails otherwise, the
 request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
 ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
 budgets after it is made); the logger counts what it did (``hook_calls``, ``recorded``) for tests
@@ -94,12 +96,21 @@ def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
 # Endpoints the proxy sends as they came (no routing, context or reasoning policy: those read and
 # rewrite chat messages), admitted against quotas and budgets and counted: call type -> the endpoint.
 _AS_SENT = {"anthropic_messages": "/v1/messages", "aresponses": "/v1/responses"}
+# What the SDK's deployment hook admits as sent (``litellm.aresponses``).
+_SDK_AS_SENT = {"aresponses": "/v1/responses"}
 
 
-def _as_sent(kwargs: Mapping[str, Any], call_type: Any) -> str | None:
-    """The endpoint of a proxy request sent as it came (:data:`_AS_SENT`), or ``None``."""
-    endpoint = _AS_SENT.get(str(getattr(call_type, "value", call_type)))
+def _as_sent(kwargs: Mapping[str, Any], call_type: Any, endpoints: Mapping[str, str] = _AS_SENT) -> str | None:
+    """The endpoint of a request sent as it came (behind the proxy :data:`_AS_SENT`, in the SDK
+    :data:`_SDK_AS_SENT`), or ``None``."""
+    endpoint = endpoints.get(str(getattr(call_type, "value", call_type)))
     return None if endpoint is None or _ours(kwargs) else endpoint
+
+
+def _unplanned(endpoint: str, error: Exception) -> None:
+    """Log a request sent as it came that the hook could not plan: it is sent and counted, not refused."""
+    log.warning("budget_not_enforced", error=f"{type(error).__name__}: {str(error)[:200]}",
+                why=f"the hook could not plan this {endpoint} request: counted, not refused")
 
 
 def _ours(kwargs: Mapping[str, Any]) -> bool:
@@ -429,24 +440,31 @@ class RouterLogger(CustomLogger):
             return
         self.hook_calls += 1
         try:
-            plan = self._plan_as_sent(data, endpoint, requested)
-            lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False)
-            flow = lifecycle.run()
-            done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+            found = await self._open_as_sent(data, endpoint, requested)
         except (BudgetExceeded, NoRouteError, StoreUnavailable):
             raise  # refused before anything is sent (the proxy answers 429, 503)
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            log.warning("budget_not_enforced", error=f"{type(exc).__name__}: {str(exc)[:200]}",
-                        why=f"the hook could not plan this {endpoint} request: counted, not refused")
+            _unplanned(endpoint, exc)
             return  # its events record it as a call no hook planned
+        self._keep(data, replace(found, as_sent=True))
+
+    async def _open_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> _Open:
+        """The lifecycle of a request sent as it came (:meth:`_plan_as_sent`), its one attempt
+        admitted: raises ``BudgetExceeded``, ``NoRouteError`` (a quota used up) or ``StoreUnavailable``
+        when it is refused, before anything is sent."""
+        engine = self.pipeline
+        plan = self._plan_as_sent(data, endpoint, requested)
+        lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False)
+        flow = lifecycle.run()
+        done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
-        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, proxy=False, as_sent=True))
+        return _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
 
     def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> Plan:
-        """The plan of a request sent as it came: its target the proxy's ``model_name`` it asks for
-        (whose quotas and cooldown it counts toward, as a chat call routed there does), priced as the
-        model that name stands for; its conversation as chat messages and its tools' definitions, for
-        its estimate and its span; its labels; a decision saying it was not routed."""
+        """The plan of a request sent as it came: its target the model it asks for (behind the proxy,
+        its ``model_name``, whose quotas and cooldown it counts toward, as a chat call routed there
+        does), priced as the model that name stands for; its conversation as chat messages and its
+        tools' definitions, for its estimate and its span; its labels; a decision saying it was not routed."""
         engine = self.pipeline
         messages, params = as_sent_view(data, endpoint)
         in_config = requested in engine.config.routing.deployments
@@ -454,8 +472,8 @@ class RouterLogger(CustomLogger):
         labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
         call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
         plan = Plan.from_call(call).override(model=model, deployment=requested)
-        reason = (f"{endpoint}: sent as it came to the proxy's {requested!r} (routing, context and reasoning "
-                  "policies apply to /v1/chat/completions only); admitted against its quotas and the budgets")
+        reason = (f"{endpoint}: sent as it came to {requested!r} (routing, context and reasoning policies apply "
+                  "to chat completions only); admitted against its quotas and the budgets")
         return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint}))
 
     def _known_model(self, model: str, served: frozenset[str]) -> None:
@@ -644,10 +662,12 @@ class RouterLogger(CustomLogger):
         """Hook before each attempt, once litellm picked the deployment. Behind the proxy: the
         attempt's own plan. In the SDK (``litellm.acompletion``): the call's lifecycle, like
         ``Pipeline.acompletion``'s with one attempt (litellm retries on its own): context, reasoning,
-        routing among targets of the provider litellm chose, quotas and budgets. Raises
+        routing among targets of the provider litellm chose, quotas and budgets; ``litellm.aresponses``
+        is admitted as sent (:meth:`_start_sdk_as_sent`). Raises
         ``BudgetExceeded``, or ``StoreUnavailable`` under ``on_store_error: closed``; a call it
         cannot plan otherwise goes as sent (logged), never failing where litellm alone would not."""
-        if not _is_chat(kwargs, call_type):
+        endpoint = _as_sent(kwargs, call_type, _SDK_AS_SENT)
+        if endpoint is None and not _is_chat(kwargs, call_type):
             return None
         with self._lock:
             key = self._key(kwargs)
@@ -659,7 +679,44 @@ class RouterLogger(CustomLogger):
         if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
             return None
         self.hook_calls += 1
+        if endpoint is not None:
+            await self._start_sdk_as_sent(kwargs, endpoint)
+            return None
         return await self._start_sdk_call(kwargs)
+
+    async def _start_sdk_as_sent(self, kwargs: dict[str, Any], endpoint: str) -> None:
+        """``litellm.aresponses``: sent as it came (:meth:`_plan_as_sent`, the model it names its
+        target), its quotas and budgets admitted first; refused as a chat call is (:meth:`_refuses`).
+        For a model without the Responses API litellm makes a chat call of its own under the same
+        call id: this lifecycle follows it (the deployment hook finds it in flight). litellm hands
+        the hook the call's keyword arguments only: a call given its ``input`` and ``model``
+        positionally cannot be planned, and is sent and counted (logged)."""
+        try:
+            if not kwargs.get("model") or "input" not in kwargs:
+                raise RequestError("model and input given positionally: litellm hands the hook keyword "
+                                   "arguments only")
+            found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]))
+        except (BudgetExceeded, StoreUnavailable) as refused:
+            if self._refuses(kwargs, refused):
+                raise
+            return
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            _unplanned(endpoint, exc)
+            return
+        self._keep(kwargs, found)
+        self._watch(kwargs, found)
+
+    def _refuses(self, kwargs: Mapping[str, Any], refused: Exception) -> bool:
+        """Whether the SDK call ``refused`` was raised for is refused: not when refusing would make
+        things worse (:func:`_unrefusable`; then it is sent and counted, logged). A refused call is
+        marked ended: litellm's failure event for it is no call of its own."""
+        why = _unrefusable(kwargs)
+        if why is not None:
+            log.warning("budget_not_enforced", error=str(refused)[:200], why=f"{why}: counted, not refused")
+            return False
+        with self._lock:
+            self._mark_ended(self._key(kwargs), False)
+        return True
 
     async def _start_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         requested = str(kwargs["model"])
@@ -675,13 +732,9 @@ class RouterLogger(CustomLogger):
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         except (BudgetExceeded, StoreUnavailable) as refused:
-            why = _unrefusable(kwargs)
-            if why is not None:
-                log.warning("budget_not_enforced", error=str(refused)[:200], why=f"{why}: counted, not refused")
-                return None
-            with self._lock:
-                self._mark_ended(self._key(kwargs), False)  # litellm's failure event for it is no call of its own
-            raise
+            if self._refuses(kwargs, refused):
+                raise
+            return None
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return None
