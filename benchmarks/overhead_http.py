@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -79,19 +81,24 @@ server.serve_forever()
 """
 
 
-def replay_server() -> tuple[subprocess.Popen[str], str]:
-    """A loopback server in its own process answering with the recorded replies; its base URL."""
+@contextmanager
+def replay_server() -> Iterator[str]:
+    """The base URL of a loopback server, in a process of its own, answering with the recorded replies."""
     process = subprocess.Popen([sys.executable, "-c", SERVER, str(CASSETTES / "openai_chat.yaml"),
                                 str(CASSETTES / "openai_chat_streaming.yaml")], stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    base = f"http://127.0.0.1:{process.stdout.readline().strip()}/v1"
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{base}/chat/completions", b"{}"), timeout=1).read()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return process, base
+    try:
+        assert process.stdout is not None
+        base = f"http://127.0.0.1:{process.stdout.readline().strip()}/v1"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{base}/chat/completions", b"{}"), timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
 
 
 def measure(pipeline: rm.Pipeline, kwargs: dict[str, Any], stream: bool, repeat: int) -> list[float]:
@@ -120,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeat", type=int, default=300)
     args = parser.parse_args(argv)
-    process, base = replay_server()
-    try:
+    with replay_server() as base:
         pipeline = rm.Pipeline.from_config({})
         print(f"overhead over HTTP benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} "
               f"cores, Python {platform.python_version()}, litellm {version('litellm')}, {args.repeat} paired calls "
@@ -142,9 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                 ratios.append((label, w / b))
                 print(f"| | {label} | {b * 1e3:.3f} | {w * 1e3:.3f} | {w / b:.3f} | {(w - b) * 1e3:.3f} |")
         print("\nsummary: wrapped/bare median ratio " + ", ".join(f"{label} x{r:.3f}" for label, r in ratios))
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
     return 0
 
 

@@ -62,41 +62,37 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(missing)
         return 1
-    process, upstream = replay_server()
-    try:
-        with ExitStack() as stack:
-            connections = []
-            for hook in (False, True):
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                (folder / "router.yaml").write_text("app: bench\n")
-                (folder / "config.yaml").write_text(proxy_config(upstream, hook))
-                base = stack.enter_context(running_proxy(
-                    folder, {"ROUTER_MIDDLEWARE_CONFIG": str(folder / "router.yaml")}, folder / "config.yaml"))
-                connections.append(http.client.HTTPConnection(base.removeprefix("http://"), timeout=60))
-            print(f"proxy overhead benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} "
-                  f"cores, Python {platform.python_version()}, litellm {version('litellm')}, {args.repeat} requests "
-                  "to each proxy in turn, upstream a loopback server replaying recorded OpenAI replies\n")
-            print("| 20 messages | proxy (ms) | proxy with the router hook (ms) | ratio |")
-            print("|---|---|---|---|")
-            ratios = []
-            shapes: dict[str, dict[str, Any]] = {"plain": {}, "streamed, usage asked": {"stream": True,
-                                                                                          "stream_options": USAGE}}
-            for shape, extra in shapes.items():
-                body = json.dumps({"model": "coder", "messages": history(20), **extra})
-                times: list[list[float]] = [[], []]
-                for i in range(args.repeat + 10):
-                    for which, connection in enumerate(connections):
-                        elapsed = timed(connection, body)
-                        if i >= 10:
-                            times[which].append(elapsed)
-                        time.sleep(0.01)  # the proxy's success logging of a request runs untimed
-                bare, hooked = (statistics.median(t) for t in times)
-                ratios.append((shape, hooked / bare))
-                print(f"| {shape} | {bare * 1e3:.2f} | {hooked * 1e3:.2f} | {hooked / bare:.3f} |")
-            print("\nsummary: hook/no hook median ratio " + ", ".join(f"{s} x{r:.3f}" for s, r in ratios))
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with ExitStack() as stack:
+        upstream = stack.enter_context(replay_server())
+        connections = []
+        for hook in (False, True):
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            (folder / "router.yaml").write_text("app: bench\n")
+            (folder / "config.yaml").write_text(proxy_config(upstream, hook))
+            base = stack.enter_context(running_proxy(
+                folder, {"ROUTER_MIDDLEWARE_CONFIG": str(folder / "router.yaml")}, folder / "config.yaml"))
+            connections.append(http.client.HTTPConnection(base.removeprefix("http://"), timeout=60))
+        print(f"proxy overhead benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} "
+              f"cores, Python {platform.python_version()}, litellm {version('litellm')}, {args.repeat} requests "
+              "to each proxy in turn, upstream a loopback server replaying recorded OpenAI replies\n")
+        print("| 20 messages | proxy (ms) | proxy with the router hook (ms) | ratio |")
+        print("|---|---|---|---|")
+        ratios = []
+        shapes: dict[str, dict[str, Any]] = {"plain": {}, "streamed, usage asked": {"stream": True,
+                                                                                      "stream_options": USAGE}}
+        for shape, extra in shapes.items():
+            body = json.dumps({"model": "coder", "messages": history(20), **extra})
+            times: list[list[float]] = [[], []]
+            for i in range(args.repeat + 10):
+                for which, connection in enumerate(connections):
+                    elapsed = timed(connection, body)
+                    if i >= 10:
+                        times[which].append(elapsed)
+                    time.sleep(0.01)  # the proxy's success logging of a request runs untimed
+            bare, hooked = (statistics.median(t) for t in times)
+            ratios.append((shape, hooked / bare))
+            print(f"| {shape} | {bare * 1e3:.2f} | {hooked * 1e3:.2f} | {hooked / bare:.3f} |")
+        print("\nsummary: hook/no hook median ratio " + ", ".join(f"{s} x{r:.3f}" for s, r in ratios))
     return 0
 
 
