@@ -768,6 +768,40 @@ def test_an_async_sdk_call_over_a_budget_is_refused_before_it_is_sent(tmp_path, 
     assert len(rows) == 1 and rows[0]["error"] is None  # the refused call was never made: no row
 
 
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_an_sdk_call_over_a_quota_is_sent_and_counted_and_says_so(api, tmp_path, monkeypatch) -> None:
+    """litellm has chosen an SDK call's deployment when the hook runs: a call over one of its quotas
+    (``routing.limits``) has no other target and goes as it came, counted, with a warning that names
+    the quota (``route_not_enforced``), not one that says the hook failed or could not plan it."""
+    logger = _sdk_logger(tmp_path, monkeypatch, {"limits": {"gpt-4o-mini": {"rpm": 1}}})
+
+    async def call() -> Any:
+        if api == "chat":
+            answer = await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                               mock_response="ok")
+            return answer.choices[0].message.content
+        answer = await litellm.aresponses(model="gpt-4o-mini", input="hi", mock_response="ok")
+        return answer.output[0].content[0].text
+
+    async def run() -> list[object]:
+        answers = [await call() for _ in range(2)]
+        await logger.aflush()
+        return answers
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answers = asyncio.run(run())
+    finally:
+        logger.unregister()
+    assert answers == ["ok", "ok"]
+    assert [e["event"] for e in logs if e["event"] in ("route_not_enforced", "litellm_hook_failed",
+                                                       "budget_not_enforced")] == ["route_not_enforced"]
+    said = next(e for e in logs if e["event"] == "route_not_enforced")
+    assert "rpm" in said["error"] and "litellm already chose" in said["why"]
+    logger.pipeline.ledger.flush()
+    assert len(open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")) == 2
+
+
 def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_path, monkeypatch) -> None:
     """litellm retries a failed ``acompletion`` (``num_retries``) by calling the provider again without
     its hooks or events: a refusal there would send the call anyway, unrecorded. Such a call goes

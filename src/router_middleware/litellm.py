@@ -113,6 +113,13 @@ def _unplanned(endpoint: str, error: Exception) -> None:
                 why=f"the hook could not plan this {endpoint} request: counted, not refused")
 
 
+def _not_routed(error: NoRouteError) -> None:
+    """Log an SDK call over a quota of its deployment, or whose targets all cool down: litellm has
+    chosen the deployment, so it is sent as it came and counted."""
+    log.warning("route_not_enforced", error=str(error)[:200],
+                why="litellm already chose this call's deployment: sent as it came, counted")
+
+
 def _ours(kwargs: Mapping[str, Any]) -> bool:
     """A call the pipeline made itself (an attempt, a context summary): accounted in the pipeline's own row."""
     return bool(_metadata(kwargs).get(SIDE_CALL))
@@ -700,6 +707,9 @@ class RouterLogger(CustomLogger):
             if self._refuses(kwargs, refused):
                 raise
             return
+        except NoRouteError as exc:
+            _not_routed(exc)
+            return
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             _unplanned(endpoint, exc)
             return
@@ -734,6 +744,9 @@ class RouterLogger(CustomLogger):
         except (BudgetExceeded, StoreUnavailable) as refused:
             if self._refuses(kwargs, refused):
                 raise
+            return None
+        except NoRouteError as exc:
+            _not_routed(exc)
             return None
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
