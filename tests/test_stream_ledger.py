@@ -114,10 +114,11 @@ def test_a_stream_dropped_on_the_event_loop_settles_off_it() -> None:
 STREAMS = ["openai_chat_streaming.yaml", "openai_chat_tools_streaming.yaml", "anthropic_message_streaming.yaml"]
 
 
+@pytest.mark.parametrize("asked", [False, True], ids=["usage-chunk-added", "usage-chunk-asked"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("name", STREAMS)
 def test_a_stream_read_to_its_end_is_accounted_from_its_usage_chunk_as_from_the_assembled_answer(
-        name, mode, monkeypatch) -> None:
+        name, mode, asked, monkeypatch) -> None:
     """Assembling a stream's answer (litellm's ``stream_chunk_builder``) costs about 40 us a chunk,
     some 8 ms for a reply of 200 chunks: the pipeline does it only when something reads the answer
     (the response cache, content capture). Otherwise the outcome comes from the usage chunk litellm
@@ -144,16 +145,18 @@ def test_a_stream_read_to_its_end_is_accounted_from_its_usage_chunk_as_from_the_
 
     monkeypatch.setattr(litellm, "stream_chunk_builder", counted)
 
+    kwargs = {**completion_kwargs(item), **({"stream_options": {"include_usage": True}} if asked else {})}
+
     def outcome() -> Any:
         pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
         with replay.use_cassette(str(CASSETTES / name)):
             if mode == "sync":
-                stream = pipeline.completion(**completion_kwargs(item))
+                stream = pipeline.completion(**kwargs)
                 first = next(stream)
                 list(stream)
             else:
                 async def read() -> tuple[Any, Any]:
-                    stream = await pipeline.acompletion(**completion_kwargs(item))
+                    stream = await pipeline.acompletion(**kwargs)
                     chunks = [chunk async for chunk in stream]
                     return stream, chunks[0]
 

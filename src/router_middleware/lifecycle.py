@@ -646,6 +646,14 @@ class CallLifecycle:
         self.books.settled(done)
         return done.outcome, failed
 
+    def _usage_asked(self, plan: Plan) -> bool:
+        """Was litellm asked for a stream's usage chunk (by the caller, or by :meth:`.Engine.request`)?
+        Only then does its last usage chunk carry the whole call's usage: a provider's own chunks
+        may each carry part of it (input tokens in one, output tokens in a later one)."""
+        options = plan.params.get("stream_options")
+        return self.engine.adds_usage_chunk(plan) or (isinstance(options, Mapping)
+                                                      and bool(options.get("include_usage")))
+
     def _saves(self, plan: Plan) -> bool:
         """Will this call's answer go to the response cache?"""
         cache = self.engine.cache
@@ -670,7 +678,7 @@ class CallLifecycle:
             source: UsageSource = "provider" if complete and wire.usage_reported(chunks, stream) else "estimated"
             saved = complete and self._saves(plan)
             response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
-                                                 and not trace.wants_answer)
+                                                 and not trace.wants_answer and self._usage_asked(plan))
             if response is None:
                 trace.fail(error or RuntimeError("stream closed before the first chunk"))
                 self.books.release(self.held)
@@ -698,7 +706,8 @@ class CallLifecycle:
 
 def _stream_answer(plan: Plan, chunks: list[Any], *, light: bool) -> tuple[Any, bool]:
     """A stream's answer as its outcome is built from, and whether it was assembled: with ``light``
-    (nothing reads the answer itself), the usage chunk litellm ended it with, if any; else the answer
+    (nothing reads the answer itself, and litellm was asked for its usage chunk), the usage chunk
+    litellm ended it with, if any; else the answer
     assembled by litellm's builder (about 40 us a chunk); ``None`` for no chunks."""
     found = wire.usage_chunk(chunks) if light else None
     if found is not None or not chunks:
