@@ -21,7 +21,7 @@ from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
-from .params import check_model, check_params, output_cap
+from .params import check_model, check_params, output_cap, usage_asked
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .reasoning.policy import thinking_budget
@@ -212,6 +212,12 @@ class Engine:
         for (the call's stream then reads it without yielding it)."""
         return bool(plan.params.get("stream")) and "stream_options" not in plan.params \
             and self.catalog.provider(plan.model) in _USAGE_CHUNK_PROVIDERS
+
+    def usage_chunk_asked(self, plan: Plan) -> bool:
+        """Is litellm asked for a stream's final usage chunk (by the caller, or by :meth:`request`)?
+        Only that chunk carries the whole call's usage: a provider's own chunks may each carry part of
+        it (input tokens in one, output tokens in a later one)."""
+        return self.adds_usage_chunk(plan) or usage_asked(plan.params)
 
     def request_size(self, plan: Plan, fetched: Prefetch | None = None) -> tuple[int, int, int]:
         """Prompt tokens counted locally, and the estimates to reserve: prompt and output tokens, learned

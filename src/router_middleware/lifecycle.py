@@ -19,7 +19,7 @@ ledger row.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from .bookkeeping import Admission, Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
+from .params import usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import NO_KEY, NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
@@ -399,11 +400,10 @@ class CallLifecycle:
             return result
 
         if plan.params.get("stream"):
-            asked = plan.params.get("stream_options")  # the replay ends with a usage chunk, as asked
-            return TrackedStream(Replay(replay_chunks(entry.response)),
+            return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error, complete:
                                  hit(rebuild_response(entry.response), begun, first), started,
-                                 hide_usage=not (isinstance(asked, Mapping) and asked.get("include_usage"))), plan
+                                 hide_usage=not usage_asked(plan.params)), plan
         response = rebuild_response(entry.response)
         wire.attach_outcome(response, hit(response, started))
         return response, plan
@@ -646,22 +646,15 @@ class CallLifecycle:
         self.books.settled(done)
         return done.outcome, failed
 
-    def _usage_asked(self, plan: Plan) -> bool:
-        """Was litellm asked for a stream's usage chunk (by the caller, or by :meth:`.Engine.request`)?
-        Only then does its last usage chunk carry the whole call's usage: a provider's own chunks
-        may each carry part of it (input tokens in one, output tokens in a later one)."""
-        options = plan.params.get("stream_options")
-        return self.engine.adds_usage_chunk(plan) or (isinstance(options, Mapping)
-                                                      and bool(options.get("include_usage")))
-
     def _saves(self, plan: Plan) -> bool:
         """Will this call's answer go to the response cache?"""
         cache = self.engine.cache
         return cache is not None and self.use_cache and cache.cacheable(plan)
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
+        """Save a stream's answer that :meth:`_saves` sends to the response cache."""
         cache = self.engine.cache
-        if cache is not None and self._saves(plan) and not cache.save(plan, response, result.cost.total_usd):
+        if cache is not None and not cache.save(plan, response, result.cost.total_usd):
             trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
 
     def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
@@ -678,7 +671,7 @@ class CallLifecycle:
             source: UsageSource = "provider" if complete and wire.usage_reported(chunks, stream) else "estimated"
             saved = complete and self._saves(plan)
             response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
-                                                 and not trace.wants_answer and self._usage_asked(plan))
+                                                 and not trace.wants_answer and engine.usage_chunk_asked(plan))
             if response is None:
                 trace.fail(error or RuntimeError("stream closed before the first chunk"))
                 self.books.release(self.held)

@@ -70,6 +70,12 @@ def output_cap(params: Mapping[str, Any]) -> tuple[str, int] | None:
     return None
 
 
+def usage_asked(params: Mapping[str, Any]) -> bool:
+    """Does the caller ask for a stream's final usage chunk (``stream_options.include_usage``)?"""
+    options = params.get("stream_options")
+    return isinstance(options, Mapping) and bool(options.get("include_usage"))
+
+
 def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
     """Whether ``value`` (dicts and lists) nests deeper than ``limit``; iterative, so it never
     recurses itself."""
