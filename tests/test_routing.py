@@ -347,10 +347,8 @@ def test_successful_calls_feed_the_averages() -> None:
     for _ in p.completion(model="coder", messages=MESSAGES, stream=True, mock_response="a b c"):
         pass
     assert p.state.latency.get("anthropic/claude-sonnet-4-5") is None  # mock usage is not provider-reported
-    from router_middleware.bookkeeping.health import update_average
-
-    update_average(p.store, "lat:x", 1.0)
-    update_average(p.store, "lat:x", 2.0)
+    p.store.add_many([], averages=[("lat:x", 1.0, 0.3, None)])
+    p.store.add_many([], averages=[("lat:x", 2.0, 0.3, None)])
     assert p.state.latency["x"] == pytest.approx(0.3 * 2.0 + 0.7 * 1.0)
 
 

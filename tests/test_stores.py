@@ -310,6 +310,34 @@ def test_fetch_reads_values_and_recent_values_at_once(store) -> None:
     assert store.fetch([], ["l"]) == ([], [[2.0, 3.0]])
 
 
+def test_add_many_blends_each_average_atomically(store) -> None:
+    """An average (``(key, sample, weight, ttl_s)``) is blended into the stored value in the same
+    write: ``weight * sample + (1 - weight) * stored``, the sample alone on a key that holds none or no
+    finite number (another program's value), and with the ttl. Concurrent writers lose no sample."""
+    store.add_many([], averages=[("lat:m", 1.0, 0.3, None)])
+    store.add_many([("n", 1.0, None)], averages=[("lat:m", 2.0, 0.3, None), ("tps:m", 50.0, 0.3, 0.05)])
+    assert float(store.get("lat:m")) == pytest.approx(0.3 * 2.0 + 0.7 * 1.0)
+    assert float(store.get("tps:m")) == 50.0 and float(store.get("n")) == 1.0
+    time.sleep(0.12)
+    assert store.get("tps:m") is None  # the ttl of the average
+    for stored in (b"nan", b"inf", b"abc"):
+        store.set("lat:x", stored)
+        store.add_many([], averages=[("lat:x", 3.0, 0.3, None)])
+        assert float(store.get("lat:x")) == 3.0
+    store.add_many([], averages=[("lat:c", 0.0, 1.0, None)])
+
+    def blend() -> None:
+        for _ in range(25):
+            store.add_many([], averages=[("lat:c", 1.0, 0.01, None)])
+
+    threads = [threading.Thread(target=blend) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert float(store.get("lat:c")) == pytest.approx(1 - 0.99 ** 200)  # each of the 200 samples counted
+
+
 def test_add_many_makes_bounded_writes_too(store) -> None:
     store.add_many([("n", 1.0, None)], (), (), [("cache:k1", b"v1", None, "cache", 1), ("cache:k2", b"v2", None,
                                                                                         "cache", 1)])

@@ -30,7 +30,7 @@ from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
-from ..stores.base import Addition, Hold, Owned, Refusal, Release, Sample, Within, defer, number
+from ..stores.base import Addition, Average, Hold, Owned, Refusal, Release, Sample, Within, defer, number
 from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
@@ -42,14 +42,12 @@ from .keys import (
     BUDGET,
     COOLDOWN,
     INPUT_RATIO,
-    LATENCY,
     OUTPUT,
     QUOTA,
     REASONING,
     SESSION_ROUTE,
     SUMMARY,
     SUMMARY_CLAIM,
-    THROUGHPUT,
 )
 from .quotas import Taken
 
@@ -114,8 +112,8 @@ class Admission:
 
 @dataclass
 class Settlement:
-    """A finished call's store writes (``additions``, ``samples``), and what :meth:`Bookkeeper.settled`
-    does after them."""
+    """A finished call's store writes (``additions``, ``samples``, ``releases``, ``averages``), and what
+    :meth:`Bookkeeper.settled` does after them."""
 
     outcome: Outcome
     answer: Any
@@ -123,6 +121,7 @@ class Settlement:
     additions: list[Addition] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)  # the reservation's holds, ended
+    averages: list[Average] = field(default_factory=list)  # the answering target's speed
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     found: tuple[Quota, ...] = ()
     error: BaseException | None = None  # what cut a stream short (its ledger row names it)
@@ -130,7 +129,7 @@ class Settlement:
 
     @property
     def writes(self) -> bool:
-        return bool(self.additions or self.samples or self.releases)
+        return bool(self.additions or self.samples or self.releases or self.averages)
 
 
 class Bookkeeper:
@@ -347,7 +346,8 @@ class Bookkeeper:
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True, error: BaseException | None = None) -> Settlement:
         """What settling a finished call writes: budgets and quotas to the actual usage, the session's
-        reasoning spend and the reply's size (one ``add_many``: one round trip on Redis). Then
+        reasoning spend, the reply's size and the target's speed averages (one ``add_many``: one round
+        trip on Redis). Then
         :meth:`settled`. ``complete=False`` (a stream cut short, by ``error`` if given) settles the
         budget and quota only (and its ledger row)."""
         usage = outcome.usage
@@ -378,6 +378,10 @@ class Bookkeeper:
                 done.samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, None))
             if held is not None and held.counted and usage.input_tokens:
                 done.samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES, None))
+        if complete and plan is not None and self.routing.aliases:
+            if usage.source == "provider":  # a count litellm made says nothing of the provider's speed
+                done.averages = health.speed_averages(plan.deployment or plan.model, usage.output_tokens,
+                                                      outcome.latency_s, outcome.time_to_first_token_s)
         return done
 
     def settled(self, done: Settlement) -> None:
@@ -388,7 +392,7 @@ class Bookkeeper:
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
-            self._answered(target, done.outcome, probed=done.probe is not None and done.probe.target == target)
+            self._answered(target, probed=done.probe is not None and done.probe.target == target)
             self._remember(done.outcome)
         elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
             self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)
@@ -401,7 +405,7 @@ class Bookkeeper:
         done = self.settlement(outcome, held, answer, complete=complete, error=error)
         if done.writes:
             try:
-                self.store.add_many(done.additions, done.samples, done.releases)
+                self.store.add_many(done.additions, done.samples, done.releases, (), done.averages)
             except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
                 self.settle_failed(done, exc)
         self.settled(done)
@@ -450,22 +454,13 @@ class Bookkeeper:
         if additions:
             self._guard(event, self.store.add_many, additions)
 
-    def _answered(self, target: str, outcome: Outcome, *, probed: bool = False) -> None:
+    def _answered(self, target: str, *, probed: bool = False) -> None:
         """A success clears ``target``'s failure count (only after a failure this process saw: no
-        round trip while all is well), closes its circuit if the call ``probed`` it, and feeds the
-        speed averages with provider-reported usage."""
+        round trip while all is well) and closes its circuit if the call ``probed`` it."""
         if self._failed.pop(target, None) is not None or probed:
             self._guard("cooldown_store_failed", health.note_success, self.store, target, probed=probed)
         if probed:
             self._saw_cooldown(target, None)
-        if outcome.usage.source != "provider":
-            return
-        if outcome.latency_s and outcome.usage.output_tokens:
-            self._guard("average_store_failed", health.update_average, self.store, THROUGHPUT + target,
-                        outcome.usage.output_tokens / outcome.latency_s)
-        first = outcome.time_to_first_token_s or outcome.latency_s
-        if first:
-            self._guard("average_store_failed", health.update_average, self.store, LATENCY + target, first)
 
     def _remember(self, outcome: Outcome) -> None:
         """A session routed through tiers: remember the target that answered (its prompt cache is

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 from ..config import CooldownConfig
 from ..stores import Store
-from ..stores.base import Owned
-from .keys import COOLDOWN, FAILURES, PROBE
+from ..stores.base import Average, Owned
+from .keys import COOLDOWN, FAILURES, LATENCY, PROBE, THROUGHPUT
+
+SPEED_WEIGHT = 0.3  # a new sample's weight in a speed average
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,14 @@ def probe_claim(probe: Probe, probe_s: float) -> Owned:
     return PROBE + probe.target, probe.owner, probe_s
 
 
-def update_average(store: Store, key: str, sample: float, alpha: float = 0.3) -> None:
-    """An exponentially weighted average kept in the store (compare-and-set, a few tries)."""
-    for _ in range(5):
-        current = store.get(key)
-        value = sample if current is None else alpha * sample + (1 - alpha) * float(current)
-        if store.compare_and_set(key, current, repr(value).encode()):
-            return
+def speed_averages(target: str, output_tokens: int, latency_s: float | None,
+                   first_token_s: float | None) -> list[Average]:
+    """A provider-counted answer's samples of ``target``'s output tokens/s and seconds to its first
+    token (the whole call's, unstreamed), each blended into its average by the settlement's write."""
+    averages: list[Average] = []
+    if latency_s and output_tokens:
+        averages.append((THROUGHPUT + target, output_tokens / latency_s, SPEED_WEIGHT, None))
+    first = first_token_s or latency_s
+    if first:
+        averages.append((LATENCY + target, first, SPEED_WEIGHT, None))
+    return averages

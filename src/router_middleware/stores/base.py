@@ -14,9 +14,9 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Refusal", "Release", "Sample", "Store",
-           "StoreError", "Within", "acquire", "defer", "fetch_each", "number", "numbers", "poll", "token_lock",
-           "within_checks"]
+__all__ = ["Addition", "Average", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Refusal", "Release", "Sample",
+           "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each", "number", "numbers", "poll",
+           "token_lock", "within_checks"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -24,6 +24,8 @@ Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
 Owned = tuple[str, bytes, float | None]  # (key, owner token, ttl_s)
 Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
 Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
+# A sample blended into key's exponentially weighted average: weight * sample + (1 - weight) * stored.
+Average = tuple[str, float, float, float | None]  # (key, sample, weight of the sample, ttl_s)
 # An amount added to key's total like a Within entry, but only held: until it is released (Release)
 # or hold_s passes, after which the next add_within on key takes it back out.
 Hold = tuple[str, float, float, float | None, str, float]  # (key, amount, limit, ttl_s, hold id, hold_s)
@@ -89,11 +91,12 @@ class Store(Protocol):
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
+                 averages: Sequence[Average] = ()) -> None:
         """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
         to its list of recent values (the last ``keep`` kept), end each :data:`Release`'s hold (each
-        atomic) and make each :meth:`put_bounded` of ``bounded``: one round trip where the backend
-        allows."""
+        atomic), make each :meth:`put_bounded` of ``bounded`` and blend each :data:`Average` into its
+        key (each atomic, :func:`blend`): one round trip where the backend allows."""
         ...
 
     def samples(self, key: str) -> list[float]:
@@ -123,6 +126,14 @@ def within_checks(entries: Sequence[Within], holds: Sequence[Hold],
     owned key's total being 1 while it is taken, else 0."""
     return [*((k, a, lim, False) for k, a, lim, _ in entries), *((k, 1.0, 1.0, True) for k, _, _ in owned),
             *((k, a, lim, False) for k, a, lim, *_ in holds)]
+
+
+def blend(stored: bytes | None, sample: float, weight: float) -> float:
+    """An :data:`Average`'s new value: ``sample`` where nothing, or no finite number, is stored."""
+    try:
+        return sample if stored is None else weight * sample + (1 - weight) * number(stored)
+    except ValueError:
+        return sample
 
 
 def fetch_each(store: Store, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:

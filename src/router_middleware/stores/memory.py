@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from .base import (
     TOLERANCE,
     Addition,
+    Average,
     Bounded,
     Fetched,
     Hold,
@@ -20,6 +21,7 @@ from .base import (
     Release,
     Sample,
     Within,
+    blend,
     fetch_each,
     number,
     token_lock,
@@ -120,7 +122,8 @@ class MemoryStore:
             heapq.heapify(heap)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
+                 averages: Sequence[Average] = ()) -> None:
         with self._mutex:
             for put in bounded:
                 self.put_bounded(*put)
@@ -137,6 +140,8 @@ class MemoryStore:
                 self._series.move_to_end(key)
                 while len(self._series) > self._max:
                     self._series.popitem(last=False)
+            for key, sample, weight, ttl_s in averages:
+                self._put(key, repr(blend(self._live(key), sample, weight)).encode(), ttl_s)
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         with self._mutex:

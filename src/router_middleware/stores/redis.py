@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from ..urls import without_password
 from .base import (
     Addition,
+    Average,
     Bounded,
     Fetched,
     Hold,
@@ -109,17 +110,19 @@ end
 return {0, ''}
 """
 # A settlement (add_many but its bounded writes), all at once. KEYS: per addition its key, per
-# sample its list, per release its key and hold set. ARGV[1..3]: how many additions, samples and
-# releases; then per addition the amount and the ttl ms of a key created here; per sample the
-# value, where the kept values start (-keep) and the list's ttl ms; per release the member, what to
-# add while it is still held (actual - held), what to add once it is gone (actual), and the ttl ms
-# of a key created here (a held key exists: its hold was added to it). The releases go first: a
-# script that fails on a key (another program's value) keeps the writes before it, and what the
-# admissions count must not wait for a counter or a list of reply sizes. A list's key that holds
-# another type is replaced by the list (as SET replaces any value): its LRANGE would fail the reads.
+# sample its list, per release its key and hold set, per average its key. ARGV[1..4]: how many
+# additions, samples, releases and averages; then per addition the amount and the ttl ms of a key
+# created here; per sample the value, where the kept values start (-keep) and the list's ttl ms; per
+# release the member, what to add while it is still held (actual - held), what to add once it is
+# gone (actual), and the ttl ms of a key created here (a held key exists: its hold was added to it);
+# per average the sample, its weight and the key's ttl ms. The releases go first: a script that fails
+# on a key (another program's value) keeps the writes before it, and what the admissions count must
+# not wait for a counter or a list of reply sizes. A list's key that holds another type is replaced
+# by the list (as SET replaces any value): its LRANGE would fail the reads. An average's key that
+# holds no finite number (or another type) takes the sample, as stores.base.blend does.
 _SETTLE = """
-local n, m, r = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local k, a = n + m, 3 + 2 * n + 3 * m
+local n, m, r, v = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local k, a = n + m, 4 + 2 * n + 3 * m
 for _ = 1, r do
   local key, set = KEYS[k + 1], KEYS[k + 2]
   if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
@@ -130,7 +133,20 @@ for _ = 1, r do
   end
   k, a = k + 2, a + 4
 end
-k, a = 0, 3
+for _ = 1, v do
+  local key, sample, weight = KEYS[k + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local value = sample
+  if redis.call('TYPE', key)['ok'] == 'string' then
+    local stored = tonumber(redis.call('GET', key))
+    if stored and stored == stored and stored ~= math.huge and stored ~= -math.huge then
+      value = weight * sample + (1 - weight) * stored
+    end
+  end
+  if ARGV[a + 3] == '' then redis.call('SET', key, string.format('%.17g', value))
+  else redis.call('SET', key, string.format('%.17g', value), 'PX', ARGV[a + 3]) end
+  k, a = k + 1, a + 3
+end
+k, a = 0, 4
 for _ = 1, n do
   local key = KEYS[k + 1]
   if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
@@ -714,33 +730,36 @@ class RedisStore:
 
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
-        if entries or samples or releases or bounded:
-            self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded).execute()
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
+                 averages: Sequence[Average] = ()) -> None:
+        if entries or samples or releases or bounded or averages:
+            self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded,
+                        averages).execute()
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> Awaitable[None]:
+                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
+                  averages: Sequence[Average] = ()) -> Awaitable[None]:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
-        if entries or samples or releases or bounded:
-            return self._batch().submit(self._queue, entries, samples, releases, bounded, read=_none)
+        if entries or samples or releases or bounded or averages:
+            return self._batch().submit(self._queue, entries, samples, releases, bounded, averages, read=_none)
         return _resolved(None)
 
     def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
         pipe.get(self._k(key))
 
     def _queue(self, pipe: Any, script: Script, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release], bounded: Sequence[Bounded]) -> Any:
+               releases: Sequence[Release], bounded: Sequence[Bounded], averages: Sequence[Average]) -> Any:
         """Each bounded write, then the rest as one script (one command to send and parse)."""
         for put in bounded:
             script(pipe, _BOUNDED, *self._bounded_call(put))
-        if entries or samples or releases:
-            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases))
+        if entries or samples or releases or averages:
+            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases, averages))
         return pipe
 
-    def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample],
-                     releases: Sequence[Release]) -> tuple[list[str], list[Any]]:
+    def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
+                     averages: Sequence[Average]) -> tuple[list[str], list[Any]]:
         keys = [*(self._k(e[0]) for e in entries), *(self._k(s[0]) for s in samples)]
-        args = [str(len(entries)), str(len(samples)), str(len(releases))]
+        args = [str(len(entries)), str(len(samples)), str(len(releases)), str(len(averages))]
         for _, amount, ttl_s in entries:
             args += [repr(float(amount)), _ms(ttl_s)]
         for _, value, keep, ttl_s in samples:
@@ -748,6 +767,9 @@ class RedisStore:
         for key, hold, held, actual, ttl_s in releases:
             keys += [self._k(key), self._held(key)]
             args += [_member(hold, held), repr(float(actual) - float(held)), repr(float(actual)), _ms(ttl_s)]
+        for key, sample, weight, ttl_s in averages:
+            keys.append(self._k(key))
+            args += [repr(float(sample)), repr(float(weight)), _ms(ttl_s)]
         return keys, args
 
     def _batch(self) -> _Batch:

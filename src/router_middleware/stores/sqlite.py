@@ -14,6 +14,7 @@ from pathlib import Path
 from .base import (
     TOLERANCE,
     Addition,
+    Average,
     Bounded,
     Fetched,
     Hold,
@@ -23,6 +24,7 @@ from .base import (
     Sample,
     StoreError,
     Within,
+    blend,
     fetch_each,
     number,
     token_lock,
@@ -139,7 +141,8 @@ class SQLiteStore:
                 self._add(db, key, -float(expired), None)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
-                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = ()) -> None:
+                 releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
+                 averages: Sequence[Average] = ()) -> None:
         for put in bounded:
             self.put_bounded(*put)
         with self._tx() as db:
@@ -155,6 +158,11 @@ class SQLiteStore:
                 recent = [*(json.loads(current[0]) if current else []), value][-keep:]
                 db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                            (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
+            for key, sample, weight, ttl_s in averages:
+                current = self._current(db, key)
+                value = blend(current[0] if current else None, sample, weight)
+                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           (key, repr(value).encode(), self._expiry(ttl_s)))
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         put = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"
