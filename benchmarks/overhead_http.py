@@ -5,7 +5,8 @@
 ``overhead.py`` measures against ``mock_response``, which skips litellm's HTTP client, the request's
 transformation and the reply's parsing: the cheapest call litellm makes, so the ratio there is the
 largest the middleware can show. Here both sides call an OpenAI-compatible server on loopback, in a
-process of its own (as a provider is), that answers every request with a real recorded reply
+process of its own (as a provider is; asyncio, so that a thousand concurrent connections cost it
+little), that answers every request with a real recorded reply
 (cassettes/openai_chat.yaml, gzip-encoded as recorded; cassettes/openai_chat_streaming.yaml for
 streams: 196 chunks). The medians and their ratio are for a 20-message agent history, sync and
 async: plain; streamed (read to the end); and streamed with ``stream_options.include_usage``, as
@@ -48,36 +49,37 @@ CASSETTES = Path(__file__).resolve().parent.parent / "cassettes"
 USAGE = {"include_usage": True}  # as coding agents ask (Cline does); the pipeline asks it when they do not
 
 SERVER = r"""
-import http.server, sys, yaml
-plain, streamed = (yaml.safe_load(open(path))["interactions"][0]["response"] for path in sys.argv[1:3])
+import asyncio, sys, yaml
 
 def raw(response):
     body = response["body"]["string"]
-    return body.encode() if isinstance(body, str) else body
+    body = body.encode() if isinstance(body, str) else body
+    head = [f"HTTP/1.1 {response['status']['code']} {response['status']['message']}"]
+    head += [f"{name}: {response['headers'][name][0]}" for name in ("Content-Type", "Content-Encoding")
+             if name in response["headers"]]
+    return ("\r\n".join([*head, f"Content-Length: {len(body)}", "", ""])).encode() + body
 
-class Replay(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-    wbufsize = 1 << 16  # the reply leaves in one write, as a server sends it
+plain, streamed = (raw(yaml.safe_load(open(path))["interactions"][0]["response"]) for path in sys.argv[1:3])
 
-    def do_POST(self):
-        request = self.rfile.read(int(self.headers.get("content-length", 0)))
-        response = streamed if b'"stream": true' in request or b'"stream":true' in request else plain
-        body = raw(response)
-        self.send_response(response["status"]["code"])
-        for name in ("Content-Type", "Content-Encoding"):
-            if name in response["headers"]:
-                self.send_header(name, response["headers"][name][0])
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
+async def serve(reader, writer):  # HTTP/1.1 keep-alive: each request answered in one write
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line[15:]) for line in head.split(b"\r\n")
+                           if line[:15].lower() == b"content-length:"), 0)
+            request = await reader.readexactly(length)
+            writer.write(streamed if b'"stream": true' in request or b'"stream":true' in request else plain)
+    except (asyncio.IncompleteReadError, ConnectionError):
         pass
+    finally:
+        writer.close()
 
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Replay)
-print(server.server_address[1], flush=True)
-server.serve_forever()
+async def main():
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
 """
 
 

@@ -2,7 +2,7 @@
 budgets and cooldowns kept in memory vs in Redis, all with `mock_response`, measured in one run.
 
     .venv/bin/python benchmarks/throughput.py [--calls 1000] [--rounds 5] [--redis-url URL]
-        [--leave-logging] [--freeze] [--warm] [--router]
+        [--leave-logging] [--freeze] [--warm] [--router] [--http]
 
 Each round launches all calls at once with `asyncio.gather` (20-message agent history, routed
 through a two-model alias with a USD and a token budget and the circuit breaker), and times the
@@ -32,6 +32,13 @@ it, a batch runs as in a process that serves calls without pause.
 two-model group, its cooldowns (3 failures, 30 s) and a provider budget (USD per hour), once with
 its state in memory and once with ``redis_url`` (it keeps its spend in memory and syncs it with
 Redis in the background; the pipeline reserves and settles each call in Redis atomically).
+
+`--http` sends every variant's calls over litellm's real HTTP path, to the loopback server of
+``overhead_http.py`` (a process of its own replaying the recorded OpenAI reply), instead of
+``mock_response``. Then the usage is the provider's, as in production, and each answer also feeds
+the answering target's speed averages (`mock_response` usage feeds none). litellm's HTTP client
+keeps at most 500 connections to one host, so half of each batch waits for a connection, in every
+variant alike.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -66,14 +73,17 @@ import litellm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from overhead import history  # noqa: E402
+from overhead_http import replay_server  # noqa: E402
+
+MODELS = ("gpt-4o-mini", "gpt-3.5-turbo")
 
 
-def config(store: str) -> dict[str, Any]:
+def config(store: str, models: tuple[str, ...] = MODELS) -> dict[str, Any]:
     return {
         "store": store,
         "cache": {"enabled": False},
         "routing": {
-            "aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+            "aliases": {"coder": list(models)},
             "budgets": [{"name": "team", "scope": "app", "usd": 1_000_000, "tokens": 10**12, "window_s": 3600}],
             "cooldown": {"failures": 3, "window_s": 60, "cooldown_s": 30},
         },
@@ -132,41 +142,44 @@ async def batch(call: Callable[[], Awaitable[Any]], calls: int, *, own_logging: 
     return calls / elapsed
 
 
-def router(redis_url: str | None) -> Any:
+def router(redis_url: str | None, models: tuple[str, ...], sent: dict[str, Any]) -> Any:
     """litellm's ``Router`` over the same two models, with cooldowns and a provider budget."""
     return litellm.Router(
-        model_list=[{"model_name": "coder", "litellm_params": {"model": model, "api_key": "sk-bench"}}
-                    for model in ("gpt-4o-mini", "gpt-3.5-turbo")],
+        model_list=[{"model_name": "coder", "litellm_params": {"model": model, "api_key": "sk-bench", **sent}}
+                    for model in models],
         allowed_fails=3, cooldown_time=30, redis_url=redis_url,
         provider_budget_config={"openai": {"budget_limit": 1_000_000, "time_period": "1h"}})
 
 
-def variants(redis_url: str, peers: bool = False) -> dict[str, Callable[[], Awaitable[Any]]]:
+def variants(redis_url: str, peers: bool = False, http: str | None = None) -> dict[str, Callable[[], Awaitable[Any]]]:
     """One call of each variant (bare litellm, the pipeline on memory and on Redis; with ``peers``,
-    litellm's Router on memory and on Redis), warmed up by ``run``."""
+    litellm's Router on memory and on Redis), warmed up by ``run``; with ``http``, sent to that
+    base URL rather than answered by ``mock_response``."""
     messages = history(20)
-    memory = rm.Pipeline.from_config(config("memory://"))
-    redis = rm.Pipeline.from_config(config(redis_url))
+    models = tuple(f"openai/{m}" for m in MODELS) if http else MODELS
+    sent: dict[str, Any] = {"api_base": http} if http else {}
+    answer: dict[str, Any] = {"api_key": "sk-bench"} if http else {"mock_response": "ok"}
+    memory = rm.Pipeline.from_config(config("memory://", models))
+    redis = rm.Pipeline.from_config(config(redis_url, models))
     extra: dict[str, Callable[[], Awaitable[Any]]] = {}
     if peers:
-        in_memory, on_redis = router(None), router(redis_url)
-        extra = {"litellm Router, memory": lambda: in_memory.acompletion(model="coder", messages=messages,
-                                                                          mock_response="ok"),
-                 "litellm Router, redis": lambda: on_redis.acompletion(model="coder", messages=messages,
-                                                                        mock_response="ok")}
+        in_memory, on_redis = router(None, models, sent), router(redis_url, models, sent)
+        mock = {} if http else answer
+        extra = {"litellm Router, memory": lambda: in_memory.acompletion(model="coder", messages=messages, **mock),
+                 "litellm Router, redis": lambda: on_redis.acompletion(model="coder", messages=messages, **mock)}
     return {
-        "bare litellm": lambda: litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok"),
-        "pipeline, memory store": lambda: memory.acompletion("coder", messages, mock_response="ok",
-                                                             context={"session_id": "s"}),
-        "pipeline, redis store": lambda: redis.acompletion("coder", messages, mock_response="ok",
-                                                           context={"session_id": "s"}),
+        "bare litellm": lambda: litellm.acompletion(model=models[0], messages=messages, **sent, **answer),
+        "pipeline, memory store": lambda: memory.acompletion("coder", messages, context={"session_id": "s"},
+                                                             **sent, **answer),
+        "pipeline, redis store": lambda: redis.acompletion("coder", messages, context={"session_id": "s"},
+                                                           **sent, **answer),
         **extra,
     }
 
 
-async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True,
-              freeze: bool = False, warm: bool = False, peers: bool = False) -> dict[str, list[float]]:
-    variants_ = variants(redis_url, peers)
+async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True, freeze: bool = False,
+              warm: bool = False, peers: bool = False, http: str | None = None) -> dict[str, list[float]]:
+    variants_ = variants(redis_url, peers, http)
     for call in variants_.values():  # warm up
         await batch(call, 50)
     if freeze:  # what the LiteLLM proxy does after its startup
@@ -202,16 +215,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="20 untimed calls of a variant before each of its timed batches (no idle gap)")
     parser.add_argument("--router", action="store_true",
                         help="add litellm's Router (same group, cooldowns, a provider budget) on memory and Redis")
+    parser.add_argument("--http", action="store_true",
+                        help="over litellm's HTTP path to a loopback server replaying a recorded reply")
     args = parser.parse_args(argv)
     print(f"throughput benchmark, {time.strftime('%Y-%m-%d')}, {platform.machine()} {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, litellm {version('litellm')}, redis-py {version('redis')}, "
           f"{args.calls} concurrent async calls x {args.rounds} rounds (median), "
           + ("litellm logging left queued" if args.leave_logging else "each batch waits for its own litellm logging")
           + (", startup objects frozen (gc.freeze)" if args.freeze else "")
-          + (", each batch after 20 untimed calls of its variant\n" if args.warm else "\n"))
-    with redis_server(args.redis_url) as url:
+          + (", each batch after 20 untimed calls of its variant" if args.warm else "")
+          + (", over HTTP to a loopback server replaying a recorded reply\n" if args.http else ", mock_response\n"))
+    with redis_server(args.redis_url) as url, (replay_server() if args.http else nullcontext()) as base:
+        logging.getLogger("LiteLLM").setLevel(logging.ERROR)  # "connection pool saturated": every variant alike
         rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging,
-                                 freeze=args.freeze, warm=args.warm, peers=args.router))
+                                 freeze=args.freeze, warm=args.warm, peers=args.router, http=base))
     rates = {name: statistics.median(values) for name, values in rounds.items()}
     bare = rates["bare litellm"]
     print("| variant | calls/s | ratio to bare litellm |")
