@@ -1,10 +1,12 @@
 """Redis commands and round trips per routed call, counted on a real redis-server.
 
-    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--concurrent] [--redis-url URL]
+    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--concurrent] [--http] [--redis-url URL]
 
 Each call goes through an alias with the response cache (a miss: every call asks something new),
-a USD and token budget and a requests/tokens-per-minute limit, with `mock_response`: one after
-another with `completion`, or (`--concurrent`) all at once with `acompletion`. Commands are Redis's
+a USD and token budget and a requests/tokens-per-minute limit, with `mock_response` (or, `--http`,
+over litellm's HTTP path to the loopback server of ``overhead_http.py`` replaying a recorded reply:
+the provider's usage, which also feeds the speed averages): one after another with `completion`, or
+(`--concurrent`) all at once with `acompletion`. Commands are Redis's
 own count (INFO commandstats, reset before the run; commands run inside a Lua script count too);
 round trips are the requests the blocking redis-py client sent (pipelined commands travel together;
 the async path's batched pipelines are not counted); the server's CPU time per call (INFO cpu) gives
@@ -20,33 +22,36 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import router_middleware as rm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from overhead_http import replay_server  # noqa: E402
 from throughput import redis_server  # noqa: E402
 
 
-def config(url: str) -> dict:
+def config(url: str, provider: str = "") -> dict:
     return {
         "store": url,
         "cache": {"enabled": True, "policy": "always"},
         "context": {"enabled": False},
         "routing": {
-            "aliases": {"coder": ["gpt-4o-mini", "gpt-3.5-turbo"]},
+            "aliases": {"coder": [f"{provider}gpt-4o-mini", f"{provider}gpt-3.5-turbo"]},
             "budgets": [{"name": "team", "scope": "app", "usd": 1_000_000, "tokens": 10**12, "window_s": 3600}],
-            "limits": {"gpt-4o-mini": {"rpm": 1_000_000, "tpm": 10**12}},
+            "limits": {f"{provider}gpt-4o-mini": {"rpm": 1_000_000, "tpm": 10**12}},
         },
         "app": f"bench-{time.time_ns()}",
     }
 
 
-async def _all_at_once(pipeline: rm.Pipeline, calls: int) -> None:
+async def _all_at_once(pipeline: rm.Pipeline, calls: int, answer: dict[str, Any]) -> None:
     await asyncio.gather(*(pipeline.acompletion("coder", [{"role": "user", "content": f"question {i}"}],
-                                                mock_response="ok", context={"session_id": "s"})
+                                                context={"session_id": "s"}, **answer)
                            for i in range(calls)))
 
 
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     parser.add_argument("--concurrent", action="store_true",
                         help="all calls at once through acompletion (the batched asyncio client)")
+    parser.add_argument("--http", action="store_true",
+                        help="over litellm's HTTP path to a loopback server replaying a recorded reply")
     args = parser.parse_args(argv)
     import redis
     from redis.connection import Connection
@@ -68,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         sent += 1
         return original(self, command, check_health)
 
-    with redis_server(args.redis_url) as url:
-        pipeline = rm.Pipeline.from_config(config(url))
+    with redis_server(args.redis_url) as url, (replay_server() if args.http else nullcontext()) as base:
+        answer: dict[str, Any] = {"api_base": base, "api_key": "sk-bench"} if base else {"mock_response": "ok"}
+        pipeline = rm.Pipeline.from_config(config(url, "openai/" if base else ""))
         ask = lambda i: pipeline.completion(  # noqa: E731
-            "coder", [{"role": "user", "content": f"question {i}"}], mock_response="ok", context={"session_id": "s"})
+            "coder", [{"role": "user", "content": f"question {i}"}], context={"session_id": "s"}, **answer)
         for i in range(20):  # warm up: scripts loaded, connections open
             ask(-i - 1)
         admin = redis.Redis.from_url(url)
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         Connection.send_packed_command = counting  # type: ignore[method-assign]
         try:
             if args.concurrent:
-                asyncio.run(_all_at_once(pipeline, args.calls))
+                asyncio.run(_all_at_once(pipeline, args.calls, answer))
             else:
                 for i in range(args.calls):
                     ask(i)
@@ -93,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     counts = Counter({name.removeprefix("cmdstat_").upper(): int(value["calls"]) for name, value in stats.items()
                       if name not in ("cmdstat_config", "cmdstat_info")})
     total = sum(counts.values())
-    mode = "all at once, async" if args.concurrent else "one after another, sync"
+    mode = ("all at once, async" if args.concurrent else "one after another, sync") + (
+        ", over HTTP" if args.http else ", mock_response")
     print(f"{args.calls} routed calls (response cache miss, budget, rate limit), {mode}, redis-py")
     print(f"commands per call: {total / args.calls:.2f} ("
           + ", ".join(f"{name} {n / args.calls:.2f}" for name, n in counts.most_common()) + ")")
