@@ -16,12 +16,16 @@ from .loopback import serve
 
 
 @contextmanager
-def replay_server(cassette: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """``(base URL, the request bodies received)`` while the server replays ``cassette``'s first reply."""
+def replay_server(cassette: str, *, all_headers: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """``(base URL, the request bodies received)`` while the server replays ``cassette``'s first reply:
+    its content type and encoding, or (``all_headers``) every header the provider sent with it (its
+    rate-limit headers among them)."""
     recorded = yaml.safe_load((CASSETTES / cassette).read_text())["interactions"][0]["response"]
     raw = recorded["body"]["string"]
     body = raw.encode() if isinstance(raw, str) else raw
     headers = {name.lower(): values[0] for name, values in recorded["headers"].items()}
+    sent = [name for name in headers if name not in ("content-length", "transfer-encoding", "connection")] \
+        if all_headers else ["content-type", "content-encoding"]
     bodies: list[dict[str, Any]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -30,7 +34,7 @@ def replay_server(cassette: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         def do_POST(self) -> None:  # noqa: N802
             bodies.append(json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}"))
             self.send_response(recorded["status"]["code"])
-            for name in ("content-type", "content-encoding"):
+            for name in sent:
                 if name in headers:
                     self.send_header(name, headers[name])
             self.send_header("Content-Length", str(len(body)))

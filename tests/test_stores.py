@@ -338,6 +338,14 @@ def test_add_many_blends_each_average_atomically(store) -> None:
     assert float(store.get("lat:c")) == pytest.approx(1 - 0.99 ** 200)  # each of the 200 samples counted
 
 
+def test_add_many_sets_each_put(store) -> None:
+    store.set("left", b"9")
+    store.add_many([("n", 1.0, None)], puts=[("left", b"4", None), ("short", b"x", 0.05)])
+    assert store.get("left") == b"4" and store.get("short") == b"x" and float(store.get("n")) == 1.0
+    time.sleep(0.12)
+    assert store.get("short") is None and store.get("left") == b"4"
+
+
 def test_add_many_makes_bounded_writes_too(store) -> None:
     store.add_many([("n", 1.0, None)], (), (), [("cache:k1", b"v1", None, "cache", 1), ("cache:k2", b"v2", None,
                                                                                         "cache", 1)])

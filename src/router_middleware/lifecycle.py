@@ -637,7 +637,8 @@ class CallLifecycle:
         if done.writes or entry is not None:
             try:
                 yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases,
-                                                                [entry] if entry is not None else [], done.averages))
+                                                                [entry] if entry is not None else [], done.averages,
+                                                                done.puts))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
                 failed = exc
                 if done.writes:

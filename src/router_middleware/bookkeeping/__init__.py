@@ -30,7 +30,7 @@ from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
-from ..stores.base import Addition, Average, Hold, Owned, Refusal, Release, Sample, Within, defer, number
+from ..stores.base import Addition, Average, Hold, Owned, Put, Refusal, Release, Sample, Within, defer, number
 from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
@@ -112,8 +112,8 @@ class Admission:
 
 @dataclass
 class Settlement:
-    """A finished call's store writes (``additions``, ``samples``, ``releases``, ``averages``), and what
-    :meth:`Bookkeeper.settled` does after them."""
+    """A finished call's store writes (``additions``, ``samples``, ``releases``, ``averages``,
+    ``puts``), and what :meth:`Bookkeeper.settled` does after them."""
 
     outcome: Outcome
     answer: Any
@@ -122,14 +122,14 @@ class Settlement:
     samples: list[Sample] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)  # the reservation's holds, ended
     averages: list[Average] = field(default_factory=list)  # the answering target's speed
+    puts: list[Put] = field(default_factory=list)  # the provider's view of the call's quotas
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
-    found: tuple[Quota, ...] = ()
     error: BaseException | None = None  # what cut a stream short (its ledger row names it)
     probe: Probe | None = None  # the call's claim on the probe of the half-open target it tried
 
     @property
     def writes(self) -> bool:
-        return bool(self.additions or self.samples or self.releases or self.averages)
+        return bool(self.additions or self.samples or self.releases or self.averages or self.puts)
 
 
 class Bookkeeper:
@@ -346,8 +346,8 @@ class Bookkeeper:
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True, error: BaseException | None = None) -> Settlement:
         """What settling a finished call writes: budgets and quotas to the actual usage, the session's
-        reasoning spend, the reply's size and the target's speed averages (one ``add_many``: one round
-        trip on Redis). Then
+        reasoning spend, the reply's size, the target's speed averages and the provider's view of the
+        call's quotas (one ``add_many``: one round trip on Redis). Then
         :meth:`settled`. ``complete=False`` (a stream cut short, by ``error`` if given) settles the
         budget and quota only (and its ledger row)."""
         usage = outcome.usage
@@ -364,9 +364,10 @@ class Bookkeeper:
                 done.lapse_s = max(c.hold_s for c in reservation.claims)
                 reserved = any(c.unit == "reasoning" for c in reservation.claims)
             if held.quota is not None:
-                taken, done.found = held.quota
+                taken, found = held.quota
                 held.quota = None
                 done.additions += quotas.settlement(taken, usage.total_tokens)
+                done.puts = quotas.provider_left(found, response_headers(answer), time.time())
             done.probe, held.probe = held.probe, None
         plan = outcome.plan
         session = plan.call.context.session_id if plan else None
@@ -385,10 +386,8 @@ class Bookkeeper:
         return done
 
     def settled(self, done: Settlement) -> None:
-        """After the settlement's writes: the provider's rate-limit headers, target health and speed
-        (a complete answer only), and the call's ledger row (every paid call's, a stream cut short
-        too). Never raises."""
-        self._observe(done.found, done.answer)
+        """After the settlement's writes: target health (a complete answer only), and the call's ledger
+        row (every paid call's, a stream cut short too). Never raises."""
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
@@ -405,7 +404,7 @@ class Bookkeeper:
         done = self.settlement(outcome, held, answer, complete=complete, error=error)
         if done.writes:
             try:
-                self.store.add_many(done.additions, done.samples, done.releases, (), done.averages)
+                self.store.add_many(done.additions, done.samples, done.releases, (), done.averages, done.puts)
             except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
                 self.settle_failed(done, exc)
         self.settled(done)
@@ -447,8 +446,9 @@ class Bookkeeper:
             self._guard("cooldown_store_failed", health.end_probe, self.store, probe)
 
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
-        if found:
-            self._guard("quota_store_failed", quotas.observe, self.store, found, response_headers(answer), time.time())
+        puts = quotas.provider_left(found, response_headers(answer), time.time())
+        if puts:
+            self._guard("quota_store_failed", self.store.add_many, [], puts=puts)
 
     def _add(self, event: str, additions: list[Addition]) -> None:
         if additions:

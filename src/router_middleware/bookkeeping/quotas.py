@@ -11,7 +11,7 @@ from typing import Any
 
 from ..routing.quotas import Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
 from ..stores import Store
-from ..stores.base import Addition, Within
+from ..stores.base import Addition, Put, Within
 from .keys import QUOTA
 
 
@@ -96,10 +96,9 @@ def settlement(taken: Taken, actual_tokens: int | None) -> list[Addition]:
     return [(key, delta if amount > 0 else -delta, ttl) for key, amount, ttl in taken.keys if is_tokens(key)]
 
 
-def observe(store: Store, quotas: tuple[Quota, ...], headers: Mapping[str, Any] | None, now: float) -> None:
-    """Record the provider's view (requests and tokens left until its reset) for the call's buckets."""
+def provider_left(quotas: tuple[Quota, ...], headers: Mapping[str, Any] | None, now: float) -> list[Put]:
+    """The provider's view (requests and tokens left until its reset) for the call's buckets, to set."""
     if not quotas or not headers:
-        return
-    for unit, (left, reset) in provider_view(headers, now).items():
-        for quota in quotas:
-            store.set(f"{QUOTA}{quota.bucket}:left:{unit}", repr(left).encode(), ttl_s=max(reset - now, 0.001))
+        return []
+    return [(f"{QUOTA}{quota.bucket}:left:{unit}", repr(left).encode(), max(reset - now, 0.001))
+            for unit, (left, reset) in provider_view(headers, now).items() for quota in quotas]

@@ -14,9 +14,9 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Average", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Refusal", "Release", "Sample",
-           "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each", "number", "numbers", "poll",
-           "token_lock", "within_checks"]
+__all__ = ["Addition", "Average", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Put", "Refusal", "Release",
+           "Sample", "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each", "number", "numbers",
+           "poll", "token_lock", "within_checks"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -26,6 +26,7 @@ Refusal = tuple[int, float]  # (index of the entry that would pass its limit, th
 Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
 # A sample blended into key's exponentially weighted average: weight * sample + (1 - weight) * stored.
 Average = tuple[str, float, float, float | None]  # (key, sample, weight of the sample, ttl_s)
+Put = tuple[str, bytes, float | None]  # (key, value, ttl_s): set key, as Store.set
 # An amount added to key's total like a Within entry, but only held: until it is released (Release)
 # or hold_s passes, after which the next add_within on key takes it back out.
 Hold = tuple[str, float, float, float | None, str, float]  # (key, amount, limit, ttl_s, hold id, hold_s)
@@ -92,11 +93,12 @@ class Store(Protocol):
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
         """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
         to its list of recent values (the last ``keep`` kept), end each :data:`Release`'s hold (each
-        atomic), make each :meth:`put_bounded` of ``bounded`` and blend each :data:`Average` into its
-        key (each atomic, :func:`blend`): one round trip where the backend allows."""
+        atomic), make each :meth:`put_bounded` of ``bounded``, blend each :data:`Average` into its
+        key (each atomic, :func:`blend`) and set each :data:`Put`: one round trip where the backend
+        allows."""
         ...
 
     def samples(self, key: str) -> list[float]:

@@ -17,6 +17,7 @@ from .base import (
     Fetched,
     Hold,
     Owned,
+    Put,
     Refusal,
     Release,
     Sample,
@@ -123,7 +124,7 @@ class MemoryStore:
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
         with self._mutex:
             for put in bounded:
                 self.put_bounded(*put)
@@ -142,6 +143,8 @@ class MemoryStore:
                     self._series.popitem(last=False)
             for key, sample, weight, ttl_s in averages:
                 self._put(key, repr(blend(self._live(key), sample, weight)).encode(), ttl_s)
+            for key, raw, ttl_s in puts:
+                self._put(key, raw, ttl_s)
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         with self._mutex:

@@ -26,6 +26,7 @@ from .base import (
     Fetched,
     Hold,
     Owned,
+    Put,
     Refusal,
     Release,
     Sample,
@@ -110,19 +111,24 @@ end
 return {0, ''}
 """
 # A settlement (add_many but its bounded writes), all at once. KEYS: per addition its key, per
-# sample its list, per release its key and hold set, per average its key. ARGV[1..4]: how many
-# additions, samples, releases and averages; then per addition the amount and the ttl ms of a key
-# created here; per sample the value, where the kept values start (-keep) and the list's ttl ms; per
-# release the member, what to add while it is still held (actual - held), what to add once it is
-# gone (actual), and the ttl ms of a key created here (a held key exists: its hold was added to it);
-# per average the sample, its weight and the key's ttl ms. The releases go first: a script that fails
-# on a key (another program's value) keeps the writes before it, and what the admissions count must
-# not wait for a counter or a list of reply sizes. A list's key that holds another type is replaced
-# by the list (as SET replaces any value): its LRANGE would fail the reads. An average's key that
-# holds no finite number (or another type) takes the sample, as stores.base.blend does.
+# sample its list, per release its key and hold set, per average and per put its key. ARGV[1..5]:
+# how many additions, samples, releases, averages and puts; then per addition the amount and the ttl
+# ms of a key created here; per sample the value, where the kept values start (-keep) and the list's
+# ttl ms; per release the member, what to add while it is still held (actual - held), what to add
+# once it is gone (actual), and the ttl ms of a key created here (a held key exists: its hold was
+# added to it); per average the sample, its weight and the key's ttl ms; per put the value and ttl
+# ms. The releases go first: a script that fails on a key (another program's value) keeps the
+# writes before it, and what the admissions count must not wait for a counter or a list of reply
+# sizes. A list's key that holds another type is replaced by the list (as SET replaces any value):
+# its LRANGE would fail the reads. An average's key that holds no finite number (or another type)
+# takes the sample, as stores.base.blend does.
 _SETTLE = """
-local n, m, r, v = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local k, a = n + m, 4 + 2 * n + 3 * m
+local n, m, r = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local v, p = tonumber(ARGV[4]), tonumber(ARGV[5])
+local function put(key, value, ttl)
+  if ttl == '' then redis.call('SET', key, value) else redis.call('SET', key, value, 'PX', ttl) end
+end
+local k, a = n + m, 5 + 2 * n + 3 * m
 for _ = 1, r do
   local key, set = KEYS[k + 1], KEYS[k + 2]
   if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
@@ -142,11 +148,14 @@ for _ = 1, v do
       value = weight * sample + (1 - weight) * stored
     end
   end
-  if ARGV[a + 3] == '' then redis.call('SET', key, string.format('%.17g', value))
-  else redis.call('SET', key, string.format('%.17g', value), 'PX', ARGV[a + 3]) end
+  put(key, string.format('%.17g', value), ARGV[a + 3])
   k, a = k + 1, a + 3
 end
-k, a = 0, 4
+for _ = 1, p do
+  put(KEYS[k + 1], ARGV[a + 1], ARGV[a + 2])
+  k, a = k + 1, a + 2
+end
+k, a = 0, 5
 for _ = 1, n do
   local key = KEYS[k + 1]
   if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
@@ -731,35 +740,38 @@ class RedisStore:
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = ()) -> None:
-        if entries or samples or releases or bounded or averages:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
+        if entries or samples or releases or bounded or averages or puts:
             self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded,
-                        averages).execute()
+                        averages, puts).execute()
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                   releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                  averages: Sequence[Average] = ()) -> Awaitable[None]:
+                  averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> Awaitable[None]:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
-        if entries or samples or releases or bounded or averages:
-            return self._batch().submit(self._queue, entries, samples, releases, bounded, averages, read=_none)
+        if entries or samples or releases or bounded or averages or puts:
+            return self._batch().submit(self._queue, entries, samples, releases, bounded, averages, puts,
+                                        read=_none)
         return _resolved(None)
 
     def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
         pipe.get(self._k(key))
 
     def _queue(self, pipe: Any, script: Script, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release], bounded: Sequence[Bounded], averages: Sequence[Average]) -> Any:
+               releases: Sequence[Release], bounded: Sequence[Bounded], averages: Sequence[Average],
+               puts: Sequence[Put]) -> Any:
         """Each bounded write, then the rest as one script (one command to send and parse)."""
-        for put in bounded:
-            script(pipe, _BOUNDED, *self._bounded_call(put))
-        if entries or samples or releases or averages:
-            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases, averages))
+        for bound in bounded:
+            script(pipe, _BOUNDED, *self._bounded_call(bound))
+        if entries or samples or releases or averages or puts:
+            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases, averages, puts))
         return pipe
 
     def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
-                     averages: Sequence[Average]) -> tuple[list[str], list[Any]]:
+                     averages: Sequence[Average], puts: Sequence[Put]) -> tuple[list[str], list[Any]]:
         keys = [*(self._k(e[0]) for e in entries), *(self._k(s[0]) for s in samples)]
-        args = [str(len(entries)), str(len(samples)), str(len(releases)), str(len(averages))]
+        args: list[Any] = [str(len(entries)), str(len(samples)), str(len(releases)), str(len(averages)),
+                           str(len(puts))]
         for _, amount, ttl_s in entries:
             args += [repr(float(amount)), _ms(ttl_s)]
         for _, value, keep, ttl_s in samples:
@@ -770,6 +782,9 @@ class RedisStore:
         for key, sample, weight, ttl_s in averages:
             keys.append(self._k(key))
             args += [repr(float(sample)), repr(float(weight)), _ms(ttl_s)]
+        for key, raw, ttl_s in puts:
+            keys.append(self._k(key))
+            args += [raw, _ms(ttl_s)]
         return keys, args
 
     def _batch(self) -> _Batch:

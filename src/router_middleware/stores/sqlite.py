@@ -19,6 +19,7 @@ from .base import (
     Fetched,
     Hold,
     Owned,
+    Put,
     Refusal,
     Release,
     Sample,
@@ -142,7 +143,7 @@ class SQLiteStore:
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
         for put in bounded:
             self.put_bounded(*put)
         with self._tx() as db:
@@ -163,6 +164,9 @@ class SQLiteStore:
                 value = blend(current[0] if current else None, sample, weight)
                 db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                            (key, repr(value).encode(), self._expiry(ttl_s)))
+            for key, raw, ttl_s in puts:
+                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                           (key, raw, self._expiry(ttl_s)))
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         put = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"

@@ -1,5 +1,6 @@
-"""The speed averages behind ``:nitro`` and latency routing, fed by calls whose usage the provider
-reported (real recordings, replayed over litellm's HTTP path)."""
+"""What a settled call writes beyond its budgets: the speed averages behind ``:nitro`` and latency
+routing (fed by answers whose usage the provider reported) and the provider's view of its quotas
+(its rate-limit headers), from real recordings replayed over litellm's HTTP path."""
 
 from __future__ import annotations
 
@@ -31,17 +32,21 @@ def command_names(packed: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_concurrent_calls_on_redis_feed_the_speed_averages_in_their_settlement(redis_url, monkeypatch, mode) -> None:
-    """Each average is blended into the store in the settlement's one write. It was a read then a
-    compare-and-set, tried up to five times: under concurrency most tries lost to another call's
-    write (samples dropped), and on the async path the retries ran on the blocking client in the
-    store's threads, two to ten round trips a call, the heaviest Redis traffic of a routed call."""
+def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_their_settlement(
+        redis_url, monkeypatch, mode) -> None:
+    """Each speed average is blended into the store, and the provider's requests and tokens left are
+    set, in the settlement's one write. An average was a read then a compare-and-set, tried up to
+    five times: under concurrency most tries lost to another call's write (samples dropped), and on
+    the async path the retries ran on the blocking client in the store's threads, two to ten round
+    trips a call, the heaviest Redis traffic of a routed call; the provider's view was a SET per unit
+    on that client too."""
     from redis.connection import Connection
 
     pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
                                      "app": f"speed-{uuid.uuid4().hex[:8]}",
-                                     "routing": {"aliases": {"chat": ["openai/gpt-4o-mini"]}}})
-    with replay_server("openai_chat.yaml") as (base, _):
+                                     "routing": {"aliases": {"chat": ["openai/gpt-4o-mini"]},
+                                                 "limits": {"openai/gpt-4o-mini": {"rpm": 10_000, "tpm": 10**7}}}})
+    with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
         kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test"}
         pipeline.completion(**kwargs)  # scripts loaded, connections open, the views read once
         sent: list[bytes] = []  # the names of the commands the blocking client sent
@@ -52,6 +57,17 @@ def test_concurrent_calls_on_redis_feed_the_speed_averages_in_their_settlement(r
             return original(self, command, check_health)
 
         monkeypatch.setattr(Connection, "send_packed_command", counted)
+        puts: list[tuple[str, bytes, float | None]] = []  # what the settlements set
+        store = type(pipeline.store)
+
+        def recording(original):  # type: ignore[no-untyped-def]
+            def settle(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                puts.extend(kwargs.get("puts", args[5] if len(args) > 5 else ()))
+                return original(self, *args, **kwargs)
+            return settle
+
+        monkeypatch.setattr(store, "add_many", recording(store.add_many))
+        monkeypatch.setattr(store, "aadd_many", recording(store.aadd_many))
         if mode == "sync":
             for _ in range(10):
                 assert outcome(pipeline.completion(**kwargs)).usage.source == "provider"
@@ -73,3 +89,6 @@ def test_concurrent_calls_on_redis_feed_the_speed_averages_in_their_settlement(r
     throughput = float(pipeline.store.get("tps:openai/gpt-4o-mini") or 0)
     first_token = float(pipeline.store.get("lat:openai/gpt-4o-mini") or 0)
     assert throughput > 0 and first_token > 0
+    # the recorded x-ratelimit-remaining-* headers, set with each settlement (for their reset: 9-12 ms)
+    assert {(key.split(":left:")[1], raw) for key, raw, _ in puts} == {("requests", b"4999.0"), ("tokens", b"159974.0")}
+    assert len(puts) == 2 * (10 if mode == "sync" else 21)
