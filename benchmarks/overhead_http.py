@@ -6,7 +6,7 @@
 transformation and the reply's parsing: the cheapest call litellm makes, so the ratio there is the
 largest the middleware can show. Here both sides call an OpenAI-compatible server on loopback, in a
 process of its own (as a provider is; asyncio, so that a thousand concurrent connections cost it
-little), that answers every request with a real recorded reply
+little), that answers every request with a real recorded reply (its status, headers and body)
 (cassettes/openai_chat.yaml, gzip-encoded as recorded; cassettes/openai_chat_streaming.yaml for
 streams: 196 chunks). The medians and their ratio are for a 20-message agent history, sync and
 async: plain; streamed (read to the end); and streamed with ``stream_options.include_usage``, as
@@ -55,8 +55,8 @@ def raw(response):
     body = response["body"]["string"]
     body = body.encode() if isinstance(body, str) else body
     head = [f"HTTP/1.1 {response['status']['code']} {response['status']['message']}"]
-    head += [f"{name}: {response['headers'][name][0]}" for name in ("Content-Type", "Content-Encoding")
-             if name in response["headers"]]
+    head += [f"{name}: {value}" for name, values in response["headers"].items() for value in values
+             if name.lower() not in ("content-length", "transfer-encoding", "connection")]  # as the provider sent
     return ("\r\n".join([*head, f"Content-Length: {len(body)}", "", ""])).encode() + body
 
 plain, streamed = (raw(yaml.safe_load(open(path))["interactions"][0]["response"]) for path in sys.argv[1:3])
