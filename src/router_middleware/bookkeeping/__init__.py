@@ -404,7 +404,7 @@ class Bookkeeper:
         done = self.settlement(outcome, held, answer, complete=complete, error=error)
         if done.writes:
             try:
-                self.store.add_many(done.additions, done.samples, done.releases, (), done.averages, done.puts)
+                self.store.add_many(done.additions, done.samples, done.releases, averages=done.averages, puts=done.puts)
             except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
                 self.settle_failed(done, exc)
         self.settled(done)
