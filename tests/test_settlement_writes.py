@@ -92,3 +92,52 @@ def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_t
     # the recorded x-ratelimit-remaining-* headers, set with each settlement (for their reset: 9-12 ms)
     assert {(key.split(":left:")[1], raw) for key, raw, _ in puts} == {("requests", b"4999.0"), ("tokens", b"159974.0")}
     assert len(puts) == 2 * (10 if mode == "sync" else 21)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_sessions_route_through_tiers_is_set_by_its_settlement(redis_url, monkeypatch, mode) -> None:
+    """With tiers and a session, what the router remembers of the session (the target that answered,
+    its tier) is set in the settlement's one write. It was a SET of its own after each call: one more
+    round trip a call on the blocking client (on the async path, in the store's threads)."""
+    from redis.connection import Connection
+
+    from router_middleware.types import SessionRoute
+
+    app = f"route-{uuid.uuid4().hex[:8]}"
+    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
+                                     "app": app, "routing": {
+                                         "aliases": {"easy": ["openai/gpt-4o-mini"], "hard": ["openai/gpt-4o"]},
+                                         "tiers": [{"max_score": 0.35, "alias": "easy"},
+                                                   {"max_score": 1.0, "alias": "hard"}],
+                                         "affinity": {"ttl_s": 300}}})
+    session = f"s-{app}"
+    with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
+        kwargs = {"model": "auto", "messages": MESSAGES, "api_base": base, "api_key": "sk-test",
+                  "context": {"session_id": session}}
+        pipeline.completion(**kwargs)  # connections open, the views read once
+        sent: list[bytes] = []
+        original = Connection.send_packed_command
+
+        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+            sent.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
+            return original(self, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        if mode == "sync":
+            for _ in range(5):
+                pipeline.completion(**kwargs)
+        else:
+            async def many() -> None:
+                await pipeline.acompletion(**kwargs)  # the batch's client open
+                sent.clear()
+                await asyncio.gather(*(pipeline.acompletion(**kwargs) for _ in range(10)))
+                await pipeline.aclose()
+
+            asyncio.run(many())
+        monkeypatch.undo()
+    assert b"SET" not in sent  # no write of its own: the settlement's script sets it
+    if mode == "async":
+        assert sent == []
+    key = f"route:{session}"
+    assert SessionRoute.decode(pipeline.store.get(key) or b"{}").target == "openai/gpt-4o-mini"
+    assert 0 < pipeline.store.client.pttl(pipeline.store._k(key)) <= 300_000

@@ -9,8 +9,8 @@ made by someone else (the LiteLLM proxy: its hooks and events drive the lifecycl
 
 With a store that can block (Redis, SQLite: ``off_loop=True``) the lifecycle's steps still run on
 the event loop: what they read was fetched by a store call (see :class:`~.stores.Prefetch`), and
-the bookkeeper's lesser writes made during a step (counts toward a cooldown, speed averages, a
-session's route) are queued and then made in a worker thread (:func:`store_threads`), as is each
+the bookkeeper's lesser writes made during a step (counts toward a cooldown, a reservation or a
+probe given back) are queued and then made in a worker thread (:func:`store_threads`), as is each
 store call without an async twin: the event loop never waits on the store.
 """
 

@@ -346,8 +346,8 @@ class Bookkeeper:
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True, error: BaseException | None = None) -> Settlement:
         """What settling a finished call writes: budgets and quotas to the actual usage, the session's
-        reasoning spend, the reply's size, the target's speed averages and the provider's view of the
-        call's quotas (one ``add_many``: one round trip on Redis). Then
+        reasoning spend, the reply's size, the target's speed averages, the provider's view of the
+        call's quotas and the session's route (one ``add_many``: one round trip on Redis). Then
         :meth:`settled`. ``complete=False`` (a stream cut short, by ``error`` if given) settles the
         budget and quota only (and its ledger row)."""
         usage = outcome.usage
@@ -383,6 +383,7 @@ class Bookkeeper:
             if usage.source == "provider":  # a count litellm made says nothing of the provider's speed
                 done.averages = health.speed_averages(plan.deployment or plan.model, usage.output_tokens,
                                                       outcome.latency_s, outcome.time_to_first_token_s)
+            done.puts += self._route_put(outcome)
         return done
 
     def settled(self, done: Settlement) -> None:
@@ -392,7 +393,6 @@ class Bookkeeper:
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
             self._answered(target, probed=done.probe is not None and done.probe.target == target)
-            self._remember(done.outcome)
         elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
             self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)
         self.record(done.outcome, error=done.error)
@@ -462,16 +462,16 @@ class Bookkeeper:
         if probed:
             self._saw_cooldown(target, None)
 
-    def _remember(self, outcome: Outcome) -> None:
-        """A session routed through tiers: remember the target that answered (its prompt cache is
-        there now) and its escalation, for ``routing.affinity.ttl_s``. Not after a response-cache hit
-        (no provider saw the prompt), nor after a fallback (its plan has no route decision: the record
-        of the last routed call stays)."""
+    def _route_put(self, outcome: Outcome) -> list[Put]:
+        """A session routed through tiers: what remembers the target that answered (its prompt cache is
+        there now) and its escalation, for ``routing.affinity.ttl_s``, set by the settlement's write.
+        None after a response-cache hit (no provider saw the prompt), nor after a fallback (its plan
+        has no route decision: the record of the last routed call stays)."""
         plan = outcome.plan
         record = session_route(plan) if plan is not None and outcome.usage.source != "cache" else None
-        if plan is not None and record is not None:
-            self._guard("store_write_failed", self.store.set, SESSION_ROUTE + str(plan.call.context.session_id),
-                        record.encode(), self.routing.affinity.ttl_s)
+        if plan is None or record is None:
+            return []
+        return [(SESSION_ROUTE + str(plan.call.context.session_id), record.encode(), self.routing.affinity.ttl_s)]
 
     def summary_claim(self, key: str) -> list[Within]:
         """The store entry that makes one call, across processes, the writer of span ``key``'s summary
