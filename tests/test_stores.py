@@ -51,6 +51,18 @@ def test_add_within_is_all_or_nothing(store) -> None:
     assert store.add_within([]) is None
 
 
+def test_add_within_counts_a_countdown_down_only_where_its_key_is(store) -> None:
+    """A countdown (what a provider says is left) is counted down where its key is, refused below 0,
+    and a key that is not there (it lapsed with the provider's reset) is neither checked nor made."""
+    store.set("left", b"2", ttl_s=60)
+    assert store.add_within([("taken", 1, 10, 60.0)], left=[("left", 1.0), ("gone", 5.0)]) is None
+    assert float(store.get("left")) == 1 and store.get("gone") is None and float(store.get("taken")) == 1
+    refused = store.add_within([("taken", 1, 10, 60.0)], left=[("left", 2.0)])
+    assert refused is not None and refused[0] == 1 and refused[1] == pytest.approx(1)
+    assert float(store.get("left")) == 1 and float(store.get("taken")) == 1  # nothing was added
+    assert store.add_within([], left=[("gone", 1.0)]) is None and store.get("gone") is None
+
+
 @pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc"])
 def test_add_within_adds_nothing_on_a_total_that_is_no_number(store, stored) -> None:
     """A key whose total is no finite number (no increment makes one: another program's value) fails

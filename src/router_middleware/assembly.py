@@ -173,7 +173,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         config=config, catalog=catalog, policies=chain, store=store, state=state,
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
-        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store), quota_view=state.quotas,
+        books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store),
                          cooldown_view=state.cooldowns,
                          reasoning=config.reasoning),
     )

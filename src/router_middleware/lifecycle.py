@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, finish_reasons
-from .bookkeeping import Admission, Claim, Held, Probing, Settlement, StepDown
+from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
@@ -75,8 +75,8 @@ class Wait:
 class StoreCall:
     """Call ``store.<method>(*args)``; an async driver awaits the store's ``a<method>`` twin when it has
     one (Redis), so reads, admission and settlement never block the event loop there. ``store`` may
-    also be a component whose method uses a store (the semantic cache, a quota admission that reads
-    the provider's view): the async driver runs it in a worker thread. ``patient``: a driver stopped
+    also be a component whose method uses a store (the semantic cache): the async driver runs it in a
+    worker thread. ``patient``: a driver stopped
     meanwhile waits for the store's answer (a few seconds at most: ``drivers.PATIENCE_S``) before the
     lifecycle hears of it, so what the call claimed is in the store by the time the call gives it back."""
 
@@ -476,18 +476,14 @@ class CallLifecycle:
               probe: str | None = None) -> Generator[Effect, Any, str | None]:
         """Admit an attempt through the store (one atomic ``add_within``), claiming the ``probe`` of a
         half-open target; why not, or ``None``."""
-        admission: Admission | str | None
-        if self.prefetch is not None and self.books.admission_reads(found):  # the provider's view: in a thread
-            admission = yield StoreCall(self.books, "admission", (self.held, found, size, claims, probe))
-        else:
-            admission = self.books.admission(self.held, found, size, claims, probe)
-        if not isinstance(admission, Admission):
-            return admission
+        admission = self.books.admission(found, size, claims, probe)
+        if admission is None:
+            return None
         # patient with a probe claim (one left behind would keep every call from probing for probe_s) or
         # budget holds (one taken after the call's release was sent would count until reservation_ttl_s)
         try:
             refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
-                                                                        admission.owned),
+                                                                        admission.owned, admission.left),
                                       admission.probe is not None or bool(admission.claims))
         except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
             self.books.admission_failed(self.held, admission, exc)

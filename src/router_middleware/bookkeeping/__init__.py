@@ -30,7 +30,20 @@ from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
 from ..routing.quotas import Quota
 from ..stores import Prefetch, Store, StoreView
-from ..stores.base import Addition, Average, Hold, Owned, Put, Refusal, Release, Sample, Within, defer, number
+from ..stores.base import (
+    Addition,
+    Average,
+    Countdown,
+    Hold,
+    Owned,
+    Put,
+    Refusal,
+    Release,
+    Sample,
+    Within,
+    defer,
+    number,
+)
 from ..stores.views import Kept
 from ..telemetry import log
 from ..types import AgentContext, Cost, Decision, Outcome, Plan, Usage
@@ -43,7 +56,6 @@ from .keys import (
     COOLDOWN,
     INPUT_RATIO,
     OUTPUT,
-    QUOTA,
     REASONING,
     SESSION_ROUTE,
     SUMMARY,
@@ -79,12 +91,13 @@ class Held:
 
 @dataclass
 class Admission:
-    """An attempt's quota windows (``entries``) and the call's budget claims (``holds``), to add at once."""
+    """An attempt's quota windows (``entries``), the call's budget claims (``holds``) and the
+    provider's view of the attempt's quotas (``left``, counted down where it is), to add at once."""
 
     claims: list[Claim]
     found: tuple[Quota, ...]
     tokens: int
-    left: tuple[Addition, ...]  # already counted down from the provider's view
+    views: tuple[quotas.ViewClaim, ...]  # after the holds, in add_within's refusal order
     windows: tuple[quotas.WindowClaim, ...]  # tuples: a call waiting on its admission holds fewer objects
     probe: Probe | None = None  # the attempt's claim on a half-open target's probe (after the windows)
     probe_s: float = 0.0
@@ -96,6 +109,10 @@ class Admission:
     @property
     def holds(self) -> list[Hold]:
         return [c.held for c in self.claims]
+
+    @property
+    def left(self) -> list[Countdown]:
+        return [v.countdown for v in self.views]
 
     @property
     def owned(self) -> list[Owned]:
@@ -135,11 +152,9 @@ class Settlement:
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
                  ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
-                 quota_view: Mapping[str, float] | None = None, cooldown_view: Mapping[str, float] | None = None,
-                 reasoning: ReasoningConfig | None = None) -> None:
+                 cooldown_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None) -> None:
         """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
-        ``quota_view``, ``cooldown_view``: the quota counters and cooldowns as the routing policy reads
-        them (keys without the prefix)."""
+        ``cooldown_view``: the cooldowns as the routing policy reads them (keys without the prefix)."""
         self.store = store
         self.routing = routing
         self.reasoning = reasoning or ReasoningConfig()
@@ -150,7 +165,6 @@ class Bookkeeper:
         self._unapplied: set[str] = set()  # budgets already logged as not applying to a call
         self._saying = threading.Lock()  # calls plan on litellm's threads and the event loop at once
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
-        self._seen = quota_view if quota_view is not None else StoreView(store, QUOTA, number, fresh_s=fresh_s)
         self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, number)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
@@ -216,36 +230,16 @@ class Bookkeeper:
         return [Claim(REASONING + session, amount, budget - amount, None, "reasoning", "reasoning", unique_id(),
                       self.reasoning.reservation_ttl_s)]
 
-    def admission_reads(self, found: tuple[Quota, ...]) -> bool:
-        """Whether :meth:`admission` on ``found`` reads or writes the store itself: where the provider's
-        view of a quota was seen (its headers said what is left), or the process does not know."""
-        for quota in found:
-            for unit in ("requests", "tokens"):
-                key = f"{quota.bucket}:left:{unit}"
-                known, raw, _ = self._seen.kept.get(key) if isinstance(self._seen, StoreView) \
-                    else (True, self._seen.get(key), False)
-                if not known or raw is not None:
-                    return True
-        return False
-
-    def admission(self, held: Held, found: tuple[Quota, ...], tokens: int,
-                  claims: list[Claim], probe: str | None = None) -> Admission | str | None:
-        """What admitting an attempt asks of the store: ``None`` (nothing: no quota, no budget, no
-        ``probe`` of a half-open target to claim), the reason the provider's view refuses it, or an
-        :class:`Admission` whose ``entries``, ``holds`` and ``owned`` go to the store's ``add_within``
-        in one atomic step (see :meth:`admitted`); its probe claim carries a token unique to the attempt."""
+    def admission(self, found: tuple[Quota, ...], tokens: int,
+                  claims: list[Claim], probe: str | None = None) -> Admission | None:
+        """What admitting an attempt asks of the store (it reads none): ``None`` (nothing: no quota, no
+        budget, no ``probe`` of a half-open target to claim), or an :class:`Admission` whose
+        ``entries``, ``holds``, ``owned`` and ``left`` go to the store's ``add_within`` in one atomic
+        step (see :meth:`admitted`); its probe claim carries a token unique to the attempt."""
         if not found and not claims and probe is None:
             return None
-        left: list[Addition] = []
-        if found:
-            try:
-                left, why = quotas.take_provider_view(self.store, found, tokens, self._seen)
-            except Exception as exc:  # noqa: BLE001 - a store failure is handled like add_within's
-                self.admission_failed(held, Admission(claims, found, tokens, (), ()), exc)
-                return None
-            if why is not None:
-                return why
-        return Admission(claims, found, tokens, tuple(left), quotas.window_claims(found, tokens, time.time()),
+        return Admission(claims, found, tokens, quotas.view_claims(found, tokens),
+                         quotas.window_claims(found, tokens, time.time()),
                          None if probe is None else Probe(probe, unique_id().encode()), self.routing.cooldown.probe_s)
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
@@ -254,7 +248,6 @@ class Bookkeeper:
         naming the budget."""
         claims, windows = admission.claims, admission.windows
         if refusal is not None:
-            self._add("quota_store_failed", quotas.give_back(Taken(admission.left, admission.tokens)))
             index, total = refusal
             if index < len(windows):
                 return quotas.refused(windows[index], total)
@@ -263,6 +256,8 @@ class Bookkeeper:
                 if index == 0:
                     return Probing("half-open after its cooldown: another call is probing it")
                 index -= 1
+            if index >= len(claims):
+                return quotas.viewed(admission.views[index - len(claims)])
             claim = claims[index]
             if claim.unit == "reasoning":
                 return StepDown(f"session reasoning budget: {claim.amount:g} tokens more do not fit in half of what "
@@ -271,7 +266,7 @@ class Bookkeeper:
         if claims:
             held.reservation = Reservation(claims)
         if admission.found:
-            taken = [*admission.left, *((w.within[0], w.within[1], w.within[3]) for w in windows)]
+            taken = [(w.within[0], w.within[1], w.within[3]) for w in windows]
             held.quota = (Taken(taken, admission.tokens), admission.found)
         held.probe = admission.probe
         return None

@@ -1,7 +1,11 @@
 """Quota counters in the store: what an attempt takes (a request and its token estimate), what
 settles the tokens to the reported total, what a failed attempt gives back, and the provider's own
-view recorded from its rate-limit headers. What the limits are and when a bucket is used up is
-decided in :mod:`router_middleware.routing.quotas` (pure)."""
+view recorded from its rate-limit headers: set by a settlement (or a failure) that carried them,
+counted down by each admission where it still is (it lapses with the provider's reset, often within
+milliseconds), and never settled or given back by a count of ours (the provider's next headers say
+what it counted; an adjustment made after the view lapsed would bring it back from nothing). What
+the limits are and when a bucket is used up is decided in :mod:`router_middleware.routing.quotas`
+(pure)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 
 from ..routing.quotas import Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
 from ..stores import Store
-from ..stores.base import Addition, Put, Within
+from ..stores.base import Addition, Countdown, Put, Within
 from .keys import QUOTA
 
 
@@ -47,38 +51,36 @@ def refused(claim: WindowClaim, total: float) -> str:
     return over_limit(claim.bucket, claim.kind, claim.limit, total)
 
 
-def take_provider_view(store: Store, quotas: tuple[Quota, ...], tokens: int,
-                       seen: Mapping[str, float] | None = None) -> tuple[list[Addition], str | None]:
-    """Count the attempt down from what the provider said is left (only where its headers were seen:
-    ``seen``, the routing policy's view of the quota counters, which may lag a second, saves a read
-    while none were)."""
-    taken: list[Addition] = []
-    for quota in quotas:
-        for unit, amount in (("requests", 1.0), ("tokens", float(tokens))):
-            key = f"{QUOTA}{quota.bucket}:left:{unit}"
-            if (seen.get(key.removeprefix(QUOTA)) if seen is not None else store.get(key)) is None:
-                continue
-            # ttl only applies if the provider view expired in between (then it lapses at once)
-            left = store.incr(key, -amount, ttl_s=1.0)
-            taken.append((key, -amount, None))
-            if left < 0:
-                store.add_many(give_back(Taken(taken, tokens)))
-                return [], no_provider_quota(quota.bucket, unit)
-    return taken, None
+@dataclass(frozen=True, slots=True)
+class ViewClaim:
+    """The provider's view of one unit (requests or tokens) of a bucket, counted down by an attempt
+    where the store holds it (``add_within``'s ``left``)."""
+
+    countdown: Countdown
+    bucket: str
+    unit: str
+
+
+def view_claims(quotas: tuple[Quota, ...], tokens: int) -> tuple[ViewClaim, ...]:
+    """One countdown per bucket and unit: the store counts down only a view that is there."""
+    return tuple(ViewClaim((f"{QUOTA}{quota.bucket}:left:{unit}", amount), quota.bucket, unit)
+                 for quota in quotas for unit, amount in (("requests", 1.0), ("tokens", float(tokens))))
+
+
+def viewed(claim: ViewClaim) -> str:
+    return no_provider_quota(claim.bucket, claim.unit)
 
 
 def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[Taken, str | None]:
-    """Take one request of ``tokens`` from every bucket at once; if any limit would be passed,
-    nothing is taken and the reason is returned."""
-    left, why = take_provider_view(store, quotas, tokens)
-    if why is not None:
-        return Taken([], tokens), why
-    claims = window_claims(quotas, tokens, now)
-    refusal = store.add_within([c.within for c in claims])
+    """Take one request of ``tokens`` from every bucket, and count it down from what the provider
+    said is left, at once; if any limit would be passed, nothing is taken and the reason is returned."""
+    claims, views = window_claims(quotas, tokens, now), view_claims(quotas, tokens)
+    refusal = store.add_within([c.within for c in claims], left=[v.countdown for v in views])
     if refusal is not None:
-        store.add_many(give_back(Taken(left, tokens)))
-        return Taken([], tokens), refused(claims[refusal[0]], refusal[1])
-    return Taken([*left, *((c.within[0], c.within[1], c.within[3]) for c in claims)], tokens), None
+        index, total = refusal
+        return Taken([], tokens), refused(claims[index], total) if index < len(claims) else viewed(
+            views[index - len(claims)])
+    return Taken([(c.within[0], c.within[1], c.within[3]) for c in claims], tokens), None
 
 
 def give_back(taken: Taken, *, requests: bool = True) -> list[Addition]:

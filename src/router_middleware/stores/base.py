@@ -14,14 +14,17 @@ from typing import Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
-__all__ = ["Addition", "Average", "Bounded", "Fetched", "Hold", "LockTimeout", "Owned", "Put", "Refusal", "Release",
-           "Sample", "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each", "number", "numbers",
-           "poll", "token_lock", "within_checks"]
+__all__ = ["Addition", "Average", "Bounded", "Check", "Countdown", "Fetched", "Hold", "LockTimeout", "Owned", "Put",
+           "Refusal", "Release", "Sample", "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each",
+           "number", "numbers", "poll", "refusing", "token_lock", "within_checks"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
 # A claim only its owner ends (Store.delete_if): key is set to the owner's token if it is absent.
 Owned = tuple[str, bytes, float | None]  # (key, owner token, ttl_s)
+# What another party counts (a provider's requests or tokens left until its reset): where key is, it
+# is counted down by amount, unless that takes it below 0; where it is not (it lapsed), it stays so.
+Countdown = tuple[str, float]  # (key, amount)
 Refusal = tuple[int, float]  # (index of the entry that would pass its limit, that key's total)
 Sample = tuple[str, float, int, float | None]  # (key, value, how many recent values to keep, ttl_s)
 # A sample blended into key's exponentially weighted average: weight * sample + (1 - weight) * stored.
@@ -82,11 +85,12 @@ class Store(Protocol):
         ...
 
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
-                   owned: Sequence[Owned] = ()) -> Refusal | None:
-        """Add every ``(key, amount, limit, ttl_s)``, hold every :data:`Hold` and claim every
-        :data:`Owned` key at once, atomically, if each key's new total stays within its limit and each
-        owned key is absent; otherwise add nothing. ``None`` when added, else the first refusal (its
-        index counts ``entries``, then ``owned``, then ``holds``; an owned key taken totals 1).
+                   owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
+        """Add every ``(key, amount, limit, ttl_s)``, hold every :data:`Hold`, claim every
+        :data:`Owned` key and count down every :data:`Countdown` at once, atomically, if each key's new
+        total stays within its limit, each owned key is absent and no countdown goes below 0; otherwise
+        add nothing. ``None`` when added, else the first refusal (its index counts ``entries``, then
+        ``owned``, then ``holds``, then ``left``; an owned key taken totals 1).
         Expired holds on the held keys are taken back out first. A key whose total is no finite
         number (:func:`number`) raises, and nothing is added."""
         ...
@@ -122,12 +126,26 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-def within_checks(entries: Sequence[Within], holds: Sequence[Hold],
-                  owned: Sequence[Owned]) -> list[tuple[str, float, float, bool]]:
-    """What :meth:`Store.add_within` checks, in its refusal order: ``(key, amount, limit, owned)``, an
-    owned key's total being 1 while it is taken, else 0."""
-    return [*((k, a, lim, False) for k, a, lim, _ in entries), *((k, 1.0, 1.0, True) for k, _, _ in owned),
-            *((k, a, lim, False) for k, a, lim, *_ in holds)]
+Check = tuple[str, float, float, str]  # (key, amount, limit, kind: "add", "owned" or "left")
+
+
+def within_checks(entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],
+                  left: Sequence[Countdown] = ()) -> list[Check]:
+    """What :meth:`Store.add_within` checks, in its refusal order (see :func:`refusing`)."""
+    return [*((k, a, lim, "add") for k, a, lim, _ in entries), *((k, 1.0, 1.0, "owned") for k, _, _ in owned),
+            *((k, a, lim, "add") for k, a, lim, *_ in holds), *((k, a, 0.0, "left") for k, a in left)]
+
+
+def refusing(check: Check, current: bytes | str | float | None) -> float | None:
+    """The total that refuses ``check`` where its key holds ``current`` (``None``: absent), else
+    ``None``: an owned key taken totals 1; a countdown refuses only where its key is."""
+    _, amount, limit, kind = check
+    if kind == "owned":
+        return 1.0 if current is not None else None
+    if kind == "left":
+        return None if current is None or number(current) - amount >= -TOLERANCE else number(current)
+    total = 0.0 if current is None else number(current)
+    return total if total + amount > limit + TOLERANCE else None
 
 
 def blend(stored: bytes | None, sample: float, weight: float) -> float:

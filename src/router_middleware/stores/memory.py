@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from .base import (
-    TOLERANCE,
     Addition,
     Average,
     Bounded,
+    Countdown,
     Fetched,
     Hold,
     Owned,
@@ -24,7 +24,7 @@ from .base import (
     Within,
     blend,
     fetch_each,
-    number,
+    refusing,
     token_lock,
     within_checks,
 )
@@ -82,15 +82,14 @@ class MemoryStore:
         return value
 
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
-                   owned: Sequence[Owned] = ()) -> Refusal | None:
+                   owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
         with self._mutex:
             now = time.monotonic()
             for key, *_ in holds:
                 self._expire_holds(key, now)
-            for index, (key, amount, limit, claim) in enumerate(within_checks(entries, holds, owned)):
-                current = self._live(key)
-                total = float(current is not None) if claim else number(current or 0.0)
-                if total + amount > limit + TOLERANCE:
+            for index, check in enumerate(within_checks(entries, holds, owned, left)):
+                total = refusing(check, self._live(check[0]))
+                if total is not None:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(key, amount, ttl_s)
@@ -100,6 +99,9 @@ class MemoryStore:
                 self._add(key, amount, ttl_s)
                 self._holds.setdefault(key, {})[hold] = (amount, now + hold_s)
                 heapq.heappush(self._expiries.setdefault(key, []), (now + hold_s, hold))
+            for key, amount in left:
+                if self._live(key) is not None:
+                    self._add(key, -amount, None)
             return None
 
     def _expire_holds(self, key: str, now: float) -> None:

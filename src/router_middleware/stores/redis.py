@@ -23,6 +23,7 @@ from .base import (
     Addition,
     Average,
     Bounded,
+    Countdown,
     Fetched,
     Hold,
     Owned,
@@ -54,21 +55,26 @@ end
 return 0
 """
 # All or nothing: take expired holds back out of the held keys, check every key's total + amount
-# against its limit and every owned key's absence, then add them all, set the owned keys to their
-# owners and record the holds. A total that is no finite number (not one INCRBYFLOAT makes) is an
+# against its limit, every owned key's absence and every countdown's key (where it is) against 0,
+# then add them all, set the owned keys to their owners, record the holds and count the countdowns
+# down where their keys are. A total that is no finite number (not one INCRBYFLOAT makes) is an
 # error before anything is added: checked later, it would fail the script after the keys before it
 # were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
-# (member "<hold id>|<amount>", score: expiry in ms, the server's clock). ARGV[1], ARGV[2]: how many
-# entries and owned keys; then per entry amount, limit, ttl ms; per owned key its owner, ttl ms; per
-# hold amount, limit, ttl ms, member, hold ms. A check without an amount is an owned key's.
+# (member "<hold id>|<amount>", score: expiry in ms, the server's clock), then the countdowns' keys.
+# ARGV[1], ARGV[2]: how many entries and owned keys; then per entry amount, limit, ttl ms; per owned
+# key its owner, ttl ms; per hold amount, limit, ttl ms, member, hold ms; per countdown its amount;
+# last, how many countdowns. A check without an amount is an owned key's; one marked (check[4]) a
+# countdown's.
 _WITHIN = """
-local n, o = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n, o, c = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[#ARGV])
+local h = (#KEYS - n - o - c) / 2
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local checks = {}
 for i = 1, n do checks[i] = {KEYS[i], 3 * i} end
 for i = n + 1, n + o do checks[i] = {KEYS[i]} end
-for j = 1, (#KEYS - n - o) / 2 do
+for j = 1, c do checks[n + o + h + j] = {KEYS[n + o + 2 * h + j], #ARGV - c - 1 + j, false, true} end
+for j = 1, h do
   local key, set = KEYS[n + o + 2 * j - 1], KEYS[n + o + 2 * j]
   local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now)
   if #gone > 0 then
@@ -90,12 +96,17 @@ for i, check in ipairs(checks) do
     if total == nil or total ~= total or total == math.huge or total == -math.huge then
       return redis.error_reply('counter ' .. check[1] .. ' holds ' .. string.sub(raw, 1, 40) .. ', not a finite number')
     end
-    if total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
+    if check[4] then
+      if raw and total - tonumber(ARGV[check[2]]) < -1e-9 then return {i, tostring(total)} end
+    elseif total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
   end
 end
 for i, check in ipairs(checks) do
   local key, at, set = check[1], check[2], check[3]
-  if at == nil then
+  if check[4] then
+    local down = string.format('%.17g', -tonumber(ARGV[at]))
+    if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, down) end
+  elseif at == nil then
     local owner = 3 * n + 2 * (i - n) + 1
     if ARGV[owner + 1] ~= '' then redis.call('SET', key, ARGV[owner], 'PX', ARGV[owner + 1])
     else redis.call('SET', key, ARGV[owner]) end
@@ -646,8 +657,8 @@ class RedisStore:
         """The sorted set of ``key``'s holds."""
         return self._k(f"{key}#held")
 
-    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold],
-                     owned: Sequence[Owned]) -> tuple[list[str], list[Any]]:
+    def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],
+                     left: Sequence[Countdown]) -> tuple[list[str], list[Any]]:
         keys = [*(self._k(e[0]) for e in entries), *(self._k(o[0]) for o in owned)]
         args: list[Any] = [str(len(entries)), str(len(owned))]
         for _, amount, limit, ttl_s in entries:
@@ -657,23 +668,25 @@ class RedisStore:
         for key, amount, limit, ttl_s, hold, hold_s in holds:
             keys += [self._k(key), self._held(key)]
             args += [repr(float(amount)), repr(float(limit)), _ms(ttl_s), _member(hold, amount), _ms(hold_s)]
+        keys += [self._k(key) for key, _ in left]
+        args += [*(repr(float(amount)) for _, amount in left), str(len(left))]
         return keys, args
 
     @_guarded
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
-                   owned: Sequence[Owned] = ()) -> Refusal | None:
-        if not entries and not holds and not owned:
+                   owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
+        if not entries and not holds and not owned and not left:
             return None
-        keys, args = self._within_call(entries, holds, owned)
+        keys, args = self._within_call(entries, holds, owned, left)
         return _refusal(self._within(keys=keys, args=args))
 
     def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
-                    owned: Sequence[Owned] = ()) -> Awaitable[Refusal | None]:
+                    owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Awaitable[Refusal | None]:
         """:meth:`add_within`, batched: a future, not a coroutine (a call waiting on it holds neither
         a coroutine nor what it adds: they are packed at once)."""
-        if not entries and not holds and not owned:
+        if not entries and not holds and not owned and not left:
             return _resolved(None)
-        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned), read=_refused,
+        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned, left), read=_refused,
                                     withdrawable=True)
 
     async def aget(self, key: str) -> bytes | None:

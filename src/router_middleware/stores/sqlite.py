@@ -12,10 +12,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from .base import (
-    TOLERANCE,
     Addition,
     Average,
     Bounded,
+    Countdown,
     Fetched,
     Hold,
     Owned,
@@ -27,7 +27,7 @@ from .base import (
     Within,
     blend,
     fetch_each,
-    number,
+    refusing,
     token_lock,
     within_checks,
 )
@@ -112,15 +112,15 @@ class SQLiteStore:
         return value
 
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
-                   owned: Sequence[Owned] = ()) -> Refusal | None:
+                   owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
         with self._tx() as db:
             now = time.time()
             for key, *_ in holds:
                 self._expire_holds(db, key, now)
-            for index, (key, amount, limit, claim) in enumerate(within_checks(entries, holds, owned)):
-                current = self._current(db, key)
-                total = float(current is not None) if claim else number(current[0]) if current else 0.0
-                if total + amount > limit + TOLERANCE:
+            for index, check in enumerate(within_checks(entries, holds, owned, left)):
+                current = self._current(db, check[0])
+                total = refusing(check, current[0] if current else None)
+                if total is not None:
                     return index, total
             for key, amount, _, ttl_s in entries:
                 self._add(db, key, amount, ttl_s)
@@ -131,6 +131,9 @@ class SQLiteStore:
                 self._add(db, key, amount, ttl_s)
                 db.execute("INSERT OR REPLACE INTO holds (key, hold, amount, expires) VALUES (?, ?, ?, ?)",
                            (key, hold, amount, now + hold_s))
+            for key, amount in left:
+                if self._current(db, key) is not None:
+                    self._add(db, key, -amount, None)
             return None
 
     def _expire_holds(self, db: sqlite3.Connection, key: str, now: float) -> None:
