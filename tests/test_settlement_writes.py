@@ -247,3 +247,45 @@ def test_the_providers_quota_view_is_counted_down_in_the_admission(redis_url, mo
         assert chunks  # answered, not refused
     for key in views:
         assert store.get(key) is None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_streamed_answers_response_cache_entry_rides_its_settlement(redis_url, monkeypatch, mode) -> None:
+    """A stream read to its end is saved to the response cache (on the call's store) by the
+    settlement's one write, as an answer that is not streamed is. It was a put of its own on the
+    blocking client as the stream ended: one more round trip a streamed call, sync or async."""
+    from redis.connection import Connection
+
+    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": True, "policy": "always"},
+                                     "context": {"enabled": False}, "app": f"stream-{uuid.uuid4().hex[:8]}",
+                                     "routing": {"aliases": {"chat": ["openai/gpt-4o-mini"]}}})
+    with replay_server("openai_chat_streaming.yaml", all_headers=True) as (base, _):
+        def kwargs(i: int) -> dict[str, object]:
+            return {"model": "chat", "messages": [{"role": "user", "content": f"Say hello, {i}."}], "api_base": base,
+                    "api_key": "sk-test", "stream": True}
+
+        async def read(i: int) -> list[object]:
+            return [chunk async for chunk in await pipeline.acompletion(**kwargs(i))]
+
+        list(pipeline.completion(**kwargs(-1)))  # scripts loaded, connections open
+        trips: list[list[bytes]] = []  # the commands of each round trip of the blocking client
+        original = Connection.send_packed_command
+
+        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+            trips.append(command_names(command if isinstance(command, bytes) else b"".join(command)))
+            return original(self, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        if mode == "sync":
+            for i in range(5):
+                list(pipeline.completion(**kwargs(i)))
+        else:
+            async def many() -> None:
+                await asyncio.gather(*(read(i) for i in range(5)))
+
+            asyncio.run(many())
+        monkeypatch.undo()
+        writes = [trip for trip in trips if b"EVAL" in trip or b"EVALSHA" in trip]
+        assert len(writes) == 5  # each stream's settlement, its cache entry with it
+        hit = pipeline.completion(**kwargs(3))
+        assert list(hit) and outcome(hit).usage.source == "cache"

@@ -648,11 +648,21 @@ class CallLifecycle:
         cache = self.engine.cache
         return cache is not None and self.use_cache and cache.cacheable(plan)
 
-    def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> None:
-        """Save a stream's answer that :meth:`_saves` sends to the response cache."""
+    def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> Bounded | None:
+        """Save a stream's answer that :meth:`_saves` sends to the response cache: the entry, for the
+        stream's settlement to write, where the cache shares the call's store; else saved here."""
         cache = self.engine.cache
-        if cache is not None and not cache.save(plan, response, result.cost.total_usd):
+        if cache is None:
+            return None
+        if cache.store is self.engine.store:
+            try:
+                return cache.entry(plan, response, result.cost.total_usd)
+            except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
+                return None
+        if not cache.save(plan, response, result.cost.total_usd):
             trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
+        return None
 
     def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
         engine = self.engine
@@ -678,13 +688,20 @@ class CallLifecycle:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
-            if saved:
-                self._save(plan, response, result, trace)
+            entry = self._save(plan, response, result, trace) if saved else None
             if not complete or not assembled:  # only the finishes the provider sent (litellm's builder
                 result = replace(result, finish_reasons=finish_reasons(  # fills in "stop" on a cut stream)
                     c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
-            result = self.books.settle(result, self.held, chunks[0], complete=complete,  # headers ride on chunks
-                                      error=error)
+            done = self.books.settlement(result, self.held, chunks[0], complete=complete,  # headers ride on chunks
+                                         error=error)
+            failed = self.books.write(done, [entry] if entry is not None else ())
+            self.books.settled(done)
+            result = done.outcome
+            if entry is not None and engine.cache is not None:
+                if failed is None:
+                    engine.cache.saved(plan, entry[0])
+                else:
+                    trace.event("router_middleware.cache.error", {"reason": engine.cache.failed("write", failed)})
             if error is not None:
                 trace.fail(error, result)
             else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,6 +33,7 @@ from ..stores import Prefetch, Store, StoreView
 from ..stores.base import (
     Addition,
     Average,
+    Bounded,
     Countdown,
     Hold,
     Owned,
@@ -397,13 +398,22 @@ class Bookkeeper:
         """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises; the
         outcome, with a decision if the writes failed."""
         done = self.settlement(outcome, held, answer, complete=complete, error=error)
-        if done.writes:
-            try:
-                self.store.add_many(done.additions, done.samples, done.releases, averages=done.averages, puts=done.puts)
-            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
-                self.settle_failed(done, exc)
+        self.write(done)
         self.settled(done)
         return done.outcome
+
+    def write(self, done: Settlement, bounded: Sequence[Bounded] = ()) -> Exception | None:
+        """Make ``done``'s writes, and ``bounded`` (a response-cache entry on the same store), in one
+        ``add_many`` (sync); what the store raised, if it did (:meth:`settle_failed`). Never raises."""
+        if not done.writes and not bounded:
+            return None
+        try:
+            self.store.add_many(done.additions, done.samples, done.releases, bounded, done.averages, done.puts)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+            if done.writes:
+                self.settle_failed(done, exc)
+            return exc
+        return None
 
     def settle_observed(self, outcome: Outcome, *, complete: bool = True,
                         error: BaseException | None = None) -> Outcome:
