@@ -64,7 +64,7 @@ return 0
 # ARGV[1], ARGV[2]: how many entries and owned keys; then per entry amount, limit, ttl ms; per owned
 # key its owner, ttl ms; per hold amount, limit, ttl ms, member, hold ms; per countdown its amount;
 # last, how many countdowns. A check without an amount is an owned key's; one marked (check[4]) a
-# countdown's.
+# countdown's, whose key was found (check[5]) or not.
 _WITHIN = """
 local n, o, c = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[#ARGV])
 local h = (#KEYS - n - o - c) / 2
@@ -98,14 +98,14 @@ for i, check in ipairs(checks) do
     end
     if check[4] then
       if raw and total - tonumber(ARGV[check[2]]) < -1e-9 then return {i, tostring(total)} end
+      check[5] = raw ~= false
     elseif total + tonumber(ARGV[check[2]]) > tonumber(ARGV[check[2] + 1]) + 1e-9 then return {i, tostring(total)} end
   end
 end
 for i, check in ipairs(checks) do
   local key, at, set = check[1], check[2], check[3]
   if check[4] then
-    local down = string.format('%.17g', -tonumber(ARGV[at]))
-    if redis.call('EXISTS', key) == 1 then redis.call('INCRBYFLOAT', key, down) end
+    if check[5] then redis.call('INCRBYFLOAT', key, string.format('%.17g', -tonumber(ARGV[at]))) end
   elseif at == nil then
     local owner = 3 * n + 2 * (i - n) + 1
     if ARGV[owner + 1] ~= '' then redis.call('SET', key, ARGV[owner], 'PX', ARGV[owner + 1])
