@@ -289,3 +289,49 @@ def test_a_streamed_answers_response_cache_entry_rides_its_settlement(redis_url,
         assert len(writes) == 5  # each stream's settlement, its cache entry with it
         hit = pipeline.completion(**kwargs(3))
         assert list(hit) and outcome(hit).usage.source == "cache"
+
+
+def test_reply_sizes_that_go_stale_between_a_calls_plan_and_its_admission_are_not_read_on_the_loop(
+        redis_url, monkeypatch) -> None:
+    """The recent reply sizes (the learned estimates, with a budget) an async call plans with are the
+    ones its admission reserves by: kept in the process for a second, one that went stale between the
+    call's plan and its admission (under load, a call's steps are that far apart) was read again from
+    Redis there, an LRANGE per list on the blocking client, on the event loop."""
+    from redis.connection import Connection
+
+    from router_middleware.lifecycle import CallLifecycle
+
+    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
+                                     "app": f"sizes-{uuid.uuid4().hex[:8]}", "routing": {
+                                         "aliases": {"chat": ["openai/gpt-4o-mini"]},
+                                         "budgets": [{"name": "team", "scope": "app", "usd": 1000}]}})
+    kept = pipeline.books._recent
+    sized = CallLifecycle._size
+
+    def later(self, plan):  # type: ignore[no-untyped-def]
+        for key, (at, value) in list(kept._values.items()):  # a second and a half since the plan read them
+            kept._values[key] = (at - 1.5, value)
+        return sized(self, plan)
+
+    on_loop: list[bytes] = []
+    original = Connection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        if asyncio._get_running_loop() is not None:
+            on_loop.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
+        return original(self, command, check_health)
+
+    with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
+        kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test"}
+        pipeline.completion(**kwargs)  # a reply size learned
+
+        async def calls() -> None:
+            await pipeline.acompletion(**kwargs)  # the sizes kept, fresh
+            monkeypatch.setattr(CallLifecycle, "_size", later)
+            monkeypatch.setattr(Connection, "send_packed_command", counted)
+            await pipeline.acompletion(**kwargs)
+            monkeypatch.undo()
+            await pipeline.aclose()
+
+        asyncio.run(calls())
+    assert on_loop == []

@@ -153,14 +153,19 @@ class Prefetch:
         return {name: _Prefetched(found[name], self) for name in (view_fields(state) if names is None else names)}
 
     def want_list(self, key: str, kept: Kept[list[float]]) -> None:
-        """Note a list of recent values that ``kept`` lacks (or asked to renew)."""
+        """Note a list of recent values that ``kept`` lacks (or asked to renew); one it keeps is the
+        call's from here on, so a later read of the call (its admission's estimate) reads what its
+        plan read, not the store, however stale the process's copy has grown since."""
         self.used[key] = kept.entry
         if key in self.lists:
             return
-        found, _, renew = kept.get(key)
+        found, value, renew = kept.get(key)
         if not found:
             self.missed[key] = (False, kept)
-        elif renew:
+            return
+        if value is not None:
+            self.lists[key] = value
+        if renew:
             self.renew[key] = (False, kept)
 
     def ahead(self, remembered: Mapping[str, tuple[bool, Sink]]) -> dict[str, tuple[bool, Sink]]:
