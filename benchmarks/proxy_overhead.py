@@ -36,9 +36,13 @@ from tests.litellm_proxy import proxy_missing, running_proxy  # noqa: E402
 HEADERS = {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"}
 
 
-def proxy_config(upstream: str, hook: bool) -> str:
-    lines = ["model_list:", "  - model_name: coder", "    litellm_params:", "      model: openai/gpt-4o-mini",
-             f"      api_base: {upstream}", "      api_key: sk-bench", "litellm_settings:", "  num_retries: 0"]
+def proxy_config(upstream: str, hook: bool, names: tuple[str, ...] = ("coder",)) -> str:
+    """The proxy's config: each of ``names`` a ``model_name`` of gpt-4o-mini at ``upstream``."""
+    lines = ["model_list:"]
+    for name in names:
+        lines += [f"  - model_name: {name}", "    litellm_params:", "      model: openai/gpt-4o-mini",
+                  f"      api_base: {upstream}", "      api_key: sk-bench"]
+    lines += ["litellm_settings:", "  num_retries: 0"]
     if hook:
         lines.append("  callbacks: router_hook.handler")
     return "\n".join([*lines, "general_settings:", "  master_key: os.environ/LITELLM_MASTER_KEY", ""])

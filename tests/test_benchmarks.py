@@ -49,6 +49,20 @@ def test_proxy_overhead_smoke() -> None:
     assert out.strip().splitlines()[-1].startswith("summary: hook/no hook")
 
 
+def test_proxy_throughput_smoke(redis_url) -> None:
+    from .litellm_proxy import proxy_missing
+
+    if proxy_missing():
+        pytest.skip(proxy_missing())
+    out = _run("proxy_throughput.py", "--clients", "2", "--requests", "4", "--stream-requests", "2", "--rounds", "1",
+               "--ledger", "--redis-url", redis_url)
+    assert "the hook writing its ledger to SQLite" in out.splitlines()[0]
+    rows = [line.split(" | ")[1:3] for line in out.splitlines() if line.startswith("| 2 | ")]
+    assert rows == [[shape, proxy] for shape in ("plain", "streamed, usage asked")
+                    for proxy in ("no hook", "hook, memory", "hook, redis")]
+    assert out.strip().splitlines()[-1].startswith("summary: hook/no hook")
+
+
 @pytest.mark.parametrize("steady", [False, True])
 def test_throughput_smoke(redis_url, steady: bool) -> None:
     out = _run("throughput.py", "--calls", "20", "--rounds", "1", "--redis-url", redis_url,
