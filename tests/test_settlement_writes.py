@@ -31,6 +31,28 @@ def command_names(packed: bytes) -> list[bytes]:
     return names
 
 
+
+def count_sent(monkeypatch: pytest.MonkeyPatch, *, on_loop: bool = False) -> list[list[bytes]]:
+    """From here on, the names of the commands redis-py's blocking client sends, per round trip (with
+    ``on_loop``, only those sent while an event loop runs in the sending thread)."""
+    from redis.connection import Connection
+
+    trips: list[list[bytes]] = []
+    original = Connection.send_packed_command
+
+    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        if not on_loop or asyncio._get_running_loop() is not None:
+            trips.append(command_names(command if isinstance(command, bytes) else b"".join(command)))
+        return original(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    return trips
+
+
+def names(trips: list[list[bytes]]) -> list[bytes]:
+    return [name for trip in trips for name in trip]
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_their_settlement(
         redis_url, monkeypatch, mode) -> None:
@@ -40,7 +62,6 @@ def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_t
     the async path the retries ran on the blocking client in the store's threads, two to ten round
     trips a call, the heaviest Redis traffic of a routed call; the provider's view was a SET per unit
     on that client too."""
-    from redis.connection import Connection
 
     pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
                                      "app": f"speed-{uuid.uuid4().hex[:8]}",
@@ -49,14 +70,7 @@ def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_t
     with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
         kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test"}
         pipeline.completion(**kwargs)  # scripts loaded, connections open, the views read once
-        sent: list[bytes] = []  # the names of the commands the blocking client sent
-        original = Connection.send_packed_command
-
-        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-            sent.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
-            return original(self, command, check_health)
-
-        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        trips = count_sent(monkeypatch)  # the blocking client's round trips from here on
         puts: list[tuple[str, bytes, float | None]] = []  # what the settlements set
         store = type(pipeline.store)
 
@@ -74,13 +88,14 @@ def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_t
         else:
             async def many() -> None:
                 await pipeline.acompletion(**kwargs)  # the batch's client open
-                sent.clear()
+                trips.clear()
                 answers = await asyncio.gather(*(pipeline.acompletion(**kwargs) for _ in range(20)))
                 assert {outcome(a).usage.source for a in answers} == {"provider"}
                 await pipeline.aclose()
 
             asyncio.run(many())
         monkeypatch.undo()
+    sent = names(trips)
     if mode == "async":
         assert sent == []  # every read and write of the async path went through the batched client
     else:
@@ -101,7 +116,6 @@ def test_a_sessions_route_through_tiers_is_set_by_its_settlement(redis_url, monk
     """With tiers and a session, what the router remembers of the session (the target that answered,
     its tier) is set in the settlement's one write. It was a SET of its own after each call: one more
     round trip a call on the blocking client (on the async path, in the store's threads)."""
-    from redis.connection import Connection
 
     from router_middleware.types import SessionRoute
 
@@ -117,26 +131,20 @@ def test_a_sessions_route_through_tiers_is_set_by_its_settlement(redis_url, monk
         kwargs = {"model": "auto", "messages": MESSAGES, "api_base": base, "api_key": "sk-test",
                   "context": {"session_id": session}}
         pipeline.completion(**kwargs)  # connections open, the views read once
-        sent: list[bytes] = []
-        original = Connection.send_packed_command
-
-        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-            sent.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
-            return original(self, command, check_health)
-
-        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        trips = count_sent(monkeypatch)  # the blocking client's round trips from here on
         if mode == "sync":
             for _ in range(5):
                 pipeline.completion(**kwargs)
         else:
             async def many() -> None:
                 await pipeline.acompletion(**kwargs)  # the batch's client open
-                sent.clear()
+                trips.clear()
                 await asyncio.gather(*(pipeline.acompletion(**kwargs) for _ in range(10)))
                 await pipeline.aclose()
 
             asyncio.run(many())
         monkeypatch.undo()
+    sent = names(trips)
     assert b"SET" not in sent  # no write of its own: the settlement's script sets it
     if mode == "async":
         assert sent == []
@@ -198,7 +206,6 @@ def test_the_providers_quota_view_is_counted_down_in_the_admission(redis_url, mo
     blocking client, two round trips a call (on the async path the admission ran in the store's
     threads), and where the view had lapsed since the process read it, it made the key afresh at -1
     and refused the call ("the provider reports no requests left") though the provider had said 4999."""
-    from redis.connection import Connection
 
     app = f"view-{uuid.uuid4().hex[:8]}"
     pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
@@ -213,21 +220,14 @@ def test_the_providers_quota_view_is_counted_down_in_the_admission(redis_url, mo
     with replay_server("openai_chat_streaming.yaml", all_headers=True) as (base, _):
         kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test", "stream": True}
         list(pipeline.completion(**kwargs))  # connections open; the process reads the views
-        sent: list[bytes] = []
-        original = Connection.send_packed_command
-
-        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-            sent.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
-            return original(self, command, check_health)
-
-        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        trips = count_sent(monkeypatch)  # the blocking client's round trips from here on
 
         async def read() -> list[object]:
             return [chunk async for chunk in await pipeline.acompletion(**kwargs)]
 
         async def many(calls: int) -> None:
             await read()  # the batch's client open
-            sent.clear()
+            trips.clear()
             await asyncio.gather(*(read() for _ in range(calls)))
 
         if mode == "sync":
@@ -236,6 +236,7 @@ def test_the_providers_quota_view_is_counted_down_in_the_admission(redis_url, mo
         else:
             asyncio.run(many(4))
         monkeypatch.undo()
+        sent = names(trips)
         assert float(store.get(next(iter(views))) or 0) == 4999 - 6  # one request each, atomically
         if mode == "async":  # every admission went through the batched client (a stream's settlement,
             assert b"EVALSHA" not in sent  # made as it ends, is an EVAL on the blocking one in the store's threads)
@@ -254,7 +255,6 @@ def test_a_streamed_answers_response_cache_entry_rides_its_settlement(redis_url,
     """A stream read to its end is saved to the response cache (on the call's store) by the
     settlement's one write, as an answer that is not streamed is. It was a put of its own on the
     blocking client as the stream ended: one more round trip a streamed call, sync or async."""
-    from redis.connection import Connection
 
     pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": True, "policy": "always"},
                                      "context": {"enabled": False}, "app": f"stream-{uuid.uuid4().hex[:8]}",
@@ -268,14 +268,7 @@ def test_a_streamed_answers_response_cache_entry_rides_its_settlement(redis_url,
             return [chunk async for chunk in await pipeline.acompletion(**kwargs(i))]
 
         list(pipeline.completion(**kwargs(-1)))  # scripts loaded, connections open
-        trips: list[list[bytes]] = []  # the commands of each round trip of the blocking client
-        original = Connection.send_packed_command
-
-        def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-            trips.append(command_names(command if isinstance(command, bytes) else b"".join(command)))
-            return original(self, command, check_health)
-
-        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        trips = count_sent(monkeypatch)  # the commands of each round trip of the blocking client
         if mode == "sync":
             for i in range(5):
                 list(pipeline.completion(**kwargs(i)))
@@ -297,7 +290,6 @@ def test_reply_sizes_that_go_stale_between_a_calls_plan_and_its_admission_are_no
     ones its admission reserves by: kept in the process for a second, one that went stale between the
     call's plan and its admission (under load, a call's steps are that far apart) was read again from
     Redis there, an LRANGE per list on the blocking client, on the event loop."""
-    from redis.connection import Connection
 
     from router_middleware.lifecycle import CallLifecycle
 
@@ -313,14 +305,6 @@ def test_reply_sizes_that_go_stale_between_a_calls_plan_and_its_admission_are_no
             kept._values[key] = (at - 1.5, value)
         return sized(self, plan)
 
-    on_loop: list[bytes] = []
-    original = Connection.send_packed_command
-
-    def counted(self, command, check_health=True):  # type: ignore[no-untyped-def]
-        if asyncio._get_running_loop() is not None:
-            on_loop.extend(command_names(command if isinstance(command, bytes) else b"".join(command)))
-        return original(self, command, check_health)
-
     with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
         kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test"}
         pipeline.completion(**kwargs)  # a reply size learned
@@ -328,10 +312,11 @@ def test_reply_sizes_that_go_stale_between_a_calls_plan_and_its_admission_are_no
         async def calls() -> None:
             await pipeline.acompletion(**kwargs)  # the sizes kept, fresh
             monkeypatch.setattr(CallLifecycle, "_size", later)
-            monkeypatch.setattr(Connection, "send_packed_command", counted)
+            on_loop.append(count_sent(monkeypatch, on_loop=True))  # the round trips made on the loop
             await pipeline.acompletion(**kwargs)
             monkeypatch.undo()
             await pipeline.aclose()
 
+        on_loop: list[list[list[bytes]]] = []
         asyncio.run(calls())
-    assert on_loop == []
+    assert on_loop == [[]]
