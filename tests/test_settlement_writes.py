@@ -53,6 +53,19 @@ def names(trips: list[list[bytes]]) -> list[bytes]:
     return [name for trip in trips for name in trip]
 
 
+# The provider's view of gpt-4o-mini's quota as the recorded openai_chat.yaml headers leave it.
+VIEWS = {"quota:openai/gpt-4o-mini:left:requests": b"4999.0", "quota:openai/gpt-4o-mini:left:tokens": b"159974.0"}
+
+
+def limited(redis_url: str, app: str) -> Pipeline:
+    """A pipeline on Redis, an app of its own: the alias ``chat`` over gpt-4o-mini, with a rate limit
+    of ours (never reached) so that the provider's view of the quota is kept."""
+    return Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
+                                 "app": f"{app}-{uuid.uuid4().hex[:8]}",
+                                 "routing": {"aliases": {"chat": ["openai/gpt-4o-mini"]},
+                                             "limits": {"openai/gpt-4o-mini": {"rpm": 10_000, "tpm": 10**7}}}})
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_their_settlement(
         redis_url, monkeypatch, mode) -> None:
@@ -63,10 +76,7 @@ def test_concurrent_calls_on_redis_write_speed_and_the_providers_quota_view_in_t
     trips a call, the heaviest Redis traffic of a routed call; the provider's view was a SET per unit
     on that client too."""
 
-    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
-                                     "app": f"speed-{uuid.uuid4().hex[:8]}",
-                                     "routing": {"aliases": {"chat": ["openai/gpt-4o-mini"]},
-                                                 "limits": {"openai/gpt-4o-mini": {"rpm": 10_000, "tpm": 10**7}}}})
+    pipeline = limited(redis_url, "speed")
     with replay_server("openai_chat.yaml", all_headers=True) as (base, _):
         kwargs = {"model": "chat", "messages": MESSAGES, "api_base": base, "api_key": "sk-test"}
         pipeline.completion(**kwargs)  # scripts loaded, connections open, the views read once
@@ -162,14 +172,9 @@ def test_a_providers_quota_view_that_lapses_during_a_call_is_not_brought_back(re
     between the estimated and the counted tokens to it: to a view that had lapsed, a key made from
     nothing and kept for good (a stream, whose recording carries no rate-limit headers, set no new
     one), which the routing policy then read as what the provider has left, refusing the target."""
-    app = f"view-{uuid.uuid4().hex[:8]}"
-    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
-                                     "app": app, "routing": {
-                                         "aliases": {"chat": ["openai/gpt-4o-mini"]},
-                                         "limits": {"openai/gpt-4o-mini": {"rpm": 10_000, "tpm": 10**7}}}})
+    pipeline = limited(redis_url, "view")
     store = pipeline.store
-    views = {f"quota:openai/gpt-4o-mini:left:{unit}": left for unit, left in (("requests", b"4999.0"),
-                                                                             ("tokens", b"159974.0"))}
+    views = dict(VIEWS)
     store_type = type(store)
 
     def lapsing(original):  # type: ignore[no-untyped-def]
@@ -207,14 +212,9 @@ def test_the_providers_quota_view_is_counted_down_in_the_admission(redis_url, mo
     threads), and where the view had lapsed since the process read it, it made the key afresh at -1
     and refused the call ("the provider reports no requests left") though the provider had said 4999."""
 
-    app = f"view-{uuid.uuid4().hex[:8]}"
-    pipeline = Pipeline.from_config({"store": redis_url, "cache": {"enabled": False}, "context": {"enabled": False},
-                                     "app": app, "routing": {
-                                         "aliases": {"chat": ["openai/gpt-4o-mini"]},
-                                         "limits": {"openai/gpt-4o-mini": {"rpm": 10_000, "tpm": 10**7}}}})
+    pipeline = limited(redis_url, "view")
     store = pipeline.store
-    views = {f"quota:openai/gpt-4o-mini:left:{unit}": left for unit, left in (("requests", b"4999.0"),
-                                                                             ("tokens", b"159974.0"))}
+    views = dict(VIEWS)
     for key, left in views.items():  # as an answer's headers left them (the stream's carry none)
         store.set(key, left, ttl_s=60)
     with replay_server("openai_chat_streaming.yaml", all_headers=True) as (base, _):
