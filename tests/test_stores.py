@@ -381,6 +381,25 @@ async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monke
     store.close()
 
 
+async def test_a_shared_read_is_decoded_once_not_once_per_call_waiting(redis_url, monkeypatch) -> None:
+    """A burst after idle: a thousand calls wait on one read of the recent reply sizes (50 values a
+    list). Its answer is decoded once for all of them (it was decoded by each: 100 float parses a
+    call, the package's busiest function in a profile of the throughput benchmark)."""
+    from router_middleware.stores import redis as redis_module
+
+    store = redis_module.RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    for value in (b"1.5", b"oops", b"2"):
+        store.client.rpush(store._k("l"), value)
+    store.set("k", b"v")
+    decoded: list[int] = []
+    original = redis_module.numbers
+    monkeypatch.setattr(redis_module, "numbers", lambda values: (decoded.append(1), original(values))[1])
+    found = await asyncio.gather(*(store.afetch(["k", "other"], ["l", "empty"]) for _ in range(100)))
+    assert found == [([b"v", None], [[1.5, 2.0], []])] * 100
+    assert len(decoded) == 2  # one per list read
+    store.close()
+
+
 async def test_a_cancelled_call_does_not_fail_the_others_sharing_its_read(redis_url) -> None:
     """Calls that find the same value missing share one read; cancelling one of them (a client
     that went away) leaves the others their answer."""

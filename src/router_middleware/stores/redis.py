@@ -280,10 +280,6 @@ def _last(replies: list[Any]) -> Any:
     return replies[-1] if replies else None
 
 
-def _every(replies: list[Any]) -> list[Any]:
-    return replies
-
-
 def _answer(future: asyncio.Future[Any], replies: list[Any], read: Reader) -> None:
     """Answer a call with ``read`` of its ``replies``, or the first error among them (or ``read``'s)."""
     failed = next((r for r in replies if isinstance(r, Exception)), None)
@@ -725,17 +721,16 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, read=_every), new, batch.reads)
-            first = 1 if values else 0  # the MGET's answer, then one per list
-            for at, (one, key) in enumerate(new):
-                found[(one, key)] = batch.reads[(one, key)] = (shared, at if one else first + at - len(values))
+            decode = functools.partial(self._fetched, values=bool(values))  # once per read, not per call waiting
+            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, read=decode), new, batch.reads)
+            for at, (one, key) in enumerate(new):  # the values come first in ``new``, then the lists
+                found[(one, key)] = batch.reads[(one, key)] = (shared, at if one else at - len(values))
         answers = []
         for read in reads:
             shared, at = found[read]
-            results = await shared.wait()  # shared with other calls: one cancelled fails only itself
-            answers.append(results[0][at] if read[0] else results[at])
-        return ([bytes(v) if v is not None else None for v in answers[:len(keys)]],
-                [numbers(series) for series in answers[len(keys):]])
+            fetched = await shared.wait()  # shared with other calls: one cancelled fails only itself
+            answers.append(fetched[0][at] if read[0] else fetched[1][at])
+        return answers[:len(keys)], answers[len(keys):]
 
     def _queue_fetch(self, pipe: Any, script: Script, keys: Sequence[str], lists: Sequence[str]) -> Any:
         """One MGET for ``keys``, one LRANGE per key of ``lists``."""
@@ -747,6 +742,7 @@ class RedisStore:
 
     @staticmethod
     def _fetched(results: list[Any], values: bool) -> Fetched:
+        """A fetch's replies (the MGET's, if it read ``values``, then one per list) as its answer."""
         found = [bytes(v) if v is not None else None for v in results[0]] if values else []
         return found, [numbers(series) for series in results[1 if values else 0:]]
 
