@@ -1,10 +1,12 @@
 """A store that does not answer, on a real redis-server stopped, killed or hung (SIGSTOP) mid-run: a
 budget's ``on_store_error: open`` (the default) lets the call through and still records it, ``closed``
 refuses it with StoreUnavailable before any provider call; a reservation whose settlement never
-reached the store stops holding the budget after its ``reservation_ttl_s``."""
+reached the store stops holding the budget after its ``reservation_ttl_s``; a write whose connection a
+proxy broke after Redis ran it is not sent again (the budget holds what was spent, once)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ import pytest
 from router_middleware import BudgetExceeded, Pipeline, StoreUnavailable, outcome
 from router_middleware.ledger.store import open_ledger
 
+from .breaking_proxy import BreakingProxy, Command
 from .conftest import _free_port, service_missing
 from .test_cache import calls_to_provider
 from .test_drivers import CLAUDE, CODER
@@ -408,3 +411,97 @@ def test_a_budget_window_and_cache_ttl_longer_than_redis_takes(redis_we_can_stop
     import redis
 
     assert float(redis.Redis.from_url(url).get("rm:budget:team:usd:all:0")) == pytest.approx(outcome(first).cost.total_usd)
+
+
+def _runs(source: str) -> Any:
+    """A test of a command: it runs the script ``source`` (EVAL with the source, or EVALSHA)."""
+    sha = hashlib.sha1(source.encode()).hexdigest().encode()  # noqa: S324 - Redis's script id
+
+    def runs(command: Command) -> bool:
+        return command[0].upper() in (b"EVAL", b"EVALSHA") and command[1] in (source.encode(), sha)
+
+    return runs
+
+
+def _text(answer: Any) -> str:
+    """The answer's text, from a completion or from the middleware's model response."""
+    return answer.choices[0].message.content if hasattr(answer, "choices") else answer.result[0].content
+
+
+@pytest.mark.parametrize("write", ["admission", "settlement"])
+def test_a_write_whose_reply_was_lost_is_never_sent_again(write, way_in, scripted, tmp_path) -> None:  # noqa: F811
+    """Redis runs a call's admission (the budget's hold) or its settlement (the spend), then the
+    connection breaks before the reply arrives (a proxy between them closes it): the write is not
+    sent again, through every way in, so the budget holds exactly what the calls spent; the call
+    still gets its answer (the failure is logged), and the next call is admitted and settled on a new
+    connection. It was sent again (redis-py's retry on the blocking client; on the async path, the
+    batch's own when no reply was read): a settlement counted the spend twice, and an admission's
+    hold taken twice stayed in the budget after the call ended, for the rest of its window."""
+    import redis
+    import structlog
+
+    from router_middleware.stores.redis import _SETTLE, _WITHIN
+
+    server = RedisServer(tmp_path)
+    proxy = BreakingProxy(server.port)
+    try:
+        routing = {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0},
+                   "budgets": [{"name": "team", "usd": 10.0, "scope": "global"}]}
+        pipeline = Pipeline.from_config({"store": proxy.url, "routing": routing, "context": {"enabled": False},
+                                         "cache": {"enabled": False}})
+        client = redis.Redis(port=server.port)
+
+        def spent() -> float:
+            return float(client.get("rm:budget:team:usd:all:0") or 0)
+
+        way_in(pipeline)
+        one = spent()  # what one call spends (each is the same call, answered "ok")
+        proxy.arm(_runs(_WITHIN if write == "admission" else _SETTLE))
+        with structlog.testing.capture_logs() as logs:
+            answer = way_in(pipeline)
+        assert len(proxy.broken) == 1 and _text(answer) == "ok"
+        assert spent() == pytest.approx(2 * one)
+        assert any(e["event"] == ("budget_store_failed" if write == "admission" else "settle_failed") for e in logs)
+        assert _text(way_in(pipeline)) == "ok"
+        assert spent() == pytest.approx(3 * one) and client.zcard("rm:budget:team:usd:all:0#held") == 0
+    finally:
+        proxy.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_restarted_redis_is_written_to_by_the_next_call_with_no_failed_write(driver, redis_with_aof) -> None:
+    """Redis restarts between two calls (its append-only file keeps the budget): the second call's
+    admission and settlement reach it on the first try, though the connections pooled before the
+    restart (the async client's too: both calls run on one event loop) were closed by the server and
+    a write is never sent twice; no store failure is logged and the budget holds both calls' spend."""
+    import asyncio
+
+    import structlog
+
+    server = redis_with_aof
+    pipeline = Pipeline.from_config({"store": server.url, "cache": {"enabled": False},
+                                     "routing": {"budgets": [{"name": "team", "usd": 10.0, "scope": "global"}]}})
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES, "mock_response": "ok"}
+
+    def restart() -> None:
+        server.kill()
+        server.start()
+
+    async def twice() -> list[Any]:
+        first = await pipeline.acompletion(**request)
+        restart()
+        return [first, await pipeline.acompletion(**request)]
+
+    with structlog.testing.capture_logs() as logs:
+        if driver == "completion":
+            answers = [pipeline.completion(**request)]
+            restart()
+            answers.append(pipeline.completion(**request))
+        else:
+            answers = asyncio.run(twice())
+    import redis
+
+    assert [e["event"] for e in logs if e.get("log_level") in ("warning", "error")] == []
+    spent = float(redis.Redis.from_url(server.url).get("rm:budget:team:usd:all:0"))
+    assert spent == pytest.approx(sum(outcome(a).cost.total_usd for a in answers))

@@ -507,8 +507,8 @@ async def test_an_error_reply_fails_only_the_call_it_answers(redis_url) -> None:
 
 
 async def test_the_async_batch_reconnects_to_a_restarted_server(tmp_path) -> None:
-    """A connection the server closed (it restarted) is replaced before any reply was read, and the
-    scripts the new server lacks are sent with their source: the next call just works."""
+    """A connection the server closed (it restarted) is replaced before anything is sent on it, and
+    the scripts the new server lacks are sent with their source: the next call just works."""
     from router_middleware.stores.redis import RedisStore
 
     from .test_store_faults import RedisServer
@@ -522,6 +522,27 @@ async def test_the_async_batch_reconnects_to_a_restarted_server(tmp_path) -> Non
         assert await store.aadd_within([("spent", 2.0, 10.0, None)]) is None
         assert store.get("spent") == b"2"  # a fresh server: only the second call's amount
         await store.aclose()
+    finally:
+        server.stop()
+
+
+def test_the_blocking_client_reconnects_to_a_restarted_server_before_writing(tmp_path) -> None:
+    """A pooled connection the server closed (it restarted) is replaced when taken from the pool
+    (redis-py's pool sees its end of stream), so a write, which is never sent twice, still reaches
+    the new server on the first try."""
+    from router_middleware.stores.redis import RedisStore
+
+    from .test_store_faults import RedisServer
+
+    server = RedisServer(tmp_path)
+    try:
+        store = RedisStore(server.url)
+        assert store.add_within([("spent", 1.0, 10.0, None)]) is None
+        server.kill()
+        server.start()
+        assert store.add_within([("spent", 2.0, 10.0, None)]) is None
+        assert store.get("spent") == b"2"
+        store.close()
     finally:
         server.stop()
 

@@ -3,7 +3,9 @@
 Every operation times out after ``timeout_s`` (no retry on a timeout); after one that timed out, the
 store is not asked again for ``timeout_s`` (operations raise :class:`StoreError` at once), so a call
 meets one timeout while Redis hangs, not one per operation. A refused connection fails at once
-anyway, and is not held against the server: a restarted Redis is used again by the next call.
+anyway, and is not held against the server: a restarted Redis is used again by the next call. A
+write is never sent twice: its connection may have broken after Redis ran it (a budget charged
+twice).
 """
 
 from __future__ import annotations
@@ -439,7 +441,7 @@ class _Batch:
         restarted or flushed server) did not run: it is loaded (SCRIPT LOAD, which Redis never evicts)
         and sent again, once. Only then does it run, after the flush's other commands: a read queued
         behind it in the same flush may see the value from before it."""
-        results = await self._exchange(commands.packed)
+        results = await self._exchange(commands.packed, writes=bool(commands.scripts))
         lost = [i for i in commands.scripts if _no_script(results[i])]
         if lost:
             sources = list(dict.fromkeys(commands.scripts[i] for i in lost))
@@ -447,21 +449,27 @@ class _Batch:
             for source in sources:
                 again.add("SCRIPT", "LOAD", source)
             again.packed += (commands.packed[i] for i in lost)
-            for i, reply in zip(lost, (await self._exchange(again.packed))[len(sources):], strict=True):
+            for i, reply in zip(lost, (await self._exchange(again.packed, writes=True))[len(sources):], strict=True):
                 results[i] = reply
         return results
 
-    async def _exchange(self, packed: list[bytes]) -> list[Any]:
-        """Send ``packed`` on one connection and read a reply to each. A connection broken before any
-        reply (the server restarted since it was opened) is replaced once; after a reply, never (the
-        commands may have run): the replies read are kept, and the rest read as the error."""
+    async def _exchange(self, packed: list[bytes], *, writes: bool) -> list[Any]:
+        """Send ``packed`` on one connection and read a reply to each. A connection that breaks is
+        replaced and the commands sent again (once) only if they all read and no reply came; never
+        when one ``writes``: Redis may have run it before the connection broke (a budget charged
+        twice). The replies read are kept, and the rest read as the error. A pooled connection that
+        reads before anything was sent on it (the server closed it: it restarted) is replaced first
+        (redis-py's pool does not when maintenance notifications are on, its default)."""
         import redis
 
         pool = self.client.connection_pool
-        for retry in (True, False):
+        for retry in ((False,) if writes else (True, False)):
             connection = await pool.get_connection()
             replies: list[Any] = []
             try:
+                if await connection.can_read():  # its end of stream (or a stray push), seen by the event loop
+                    await connection.disconnect()
+                    await connection.connect()
                 await connection.send_packed_command(packed, check_health=False)
                 for _ in packed:
                     try:
@@ -549,13 +557,14 @@ def _eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
 
 
 def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
-    """Time out after ``timeout_s``; retry once at once on a broken connection (a server that
-    restarted), never on a timeout."""
-    import redis
+    """Time out after ``timeout_s``; never send a command again: a connection that broke after the
+    command was sent may have broken after Redis ran it (a budget charged twice). A pooled connection
+    the server closed (it restarted) is replaced when taken from the pool, before anything is sent on
+    it: redis-py's pool checks it (``can_read``: a closed socket reads as EOF) without a round trip."""
     from redis.backoff import NoBackoff
 
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
-            "retry": retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
+            "retry": retry(NoBackoff(), 0)}
 
 
 _MAX_MS = 2 ** 62  # the longest ttl Redis takes: its expiry (now + ttl, in ms) must fit in 64 bits
