@@ -2,7 +2,7 @@
 budget's ``on_store_error: open`` (the default) lets the call through and still records it, ``closed``
 refuses it with StoreUnavailable before any provider call; a reservation whose settlement never
 reached the store stops holding the budget after its ``reservation_ttl_s``; a write whose connection a
-proxy broke after Redis ran it is not sent again (the budget holds what was spent, once)."""
+proxy broke after Redis ran it is not sent again (the budget holds what was spent, once), a read is."""
 
 from __future__ import annotations
 
@@ -505,3 +505,34 @@ def test_a_restarted_redis_is_written_to_by_the_next_call_with_no_failed_write(d
     assert [e["event"] for e in logs if e.get("log_level") in ("warning", "error")] == []
     spent = float(redis.Redis.from_url(server.url).get("rm:budget:team:usd:all:0"))
     assert spent == pytest.approx(sum(outcome(a).cost.total_usd for a in answers))
+
+
+def test_a_read_whose_reply_was_lost_is_sent_again(tmp_path) -> None:
+    """A read (GET, MGET) whose connection broke after Redis answered is sent once more on a new
+    connection, on the blocking client and in the async batch: reading twice changes nothing."""
+    import asyncio
+
+    from router_middleware.stores.redis import RedisStore
+
+    server = RedisServer(tmp_path)
+    proxy = BreakingProxy(server.port)
+    try:
+        store = RedisStore(proxy.url)
+        store.set("k", b"v")
+        proxy.arm(lambda command: command[0] == b"GET")
+        assert store.get("k") == b"v"
+        proxy.arm(lambda command: command[0] == b"MGET")
+        assert store.fetch(["k"]) == ([b"v"], [])
+
+        async def batched() -> bytes | None:
+            proxy.arm(lambda command: command[0] == b"GET")
+            try:
+                return await store.aget("k")
+            finally:
+                await store.aclose()
+
+        assert asyncio.run(batched()) == b"v"
+        assert [command[0] for command in proxy.broken] == [b"GET", b"MGET", b"GET"]
+    finally:
+        proxy.close()
+        server.stop()

@@ -5,7 +5,7 @@ store is not asked again for ``timeout_s`` (operations raise :class:`StoreError`
 meets one timeout while Redis hangs, not one per operation. A refused connection fails at once
 anyway, and is not held against the server: a restarted Redis is used again by the next call. A
 write is never sent twice: its connection may have broken after Redis ran it (a budget charged
-twice).
+twice); only a read whose connection broke is sent again.
 """
 
 from __future__ import annotations
@@ -235,6 +235,22 @@ def _guarded(method: F) -> F:
         except Exception as exc:
             self._outage.note(exc)
             raise
+
+    return run  # type: ignore[return-value]
+
+
+def _read_again(method: F) -> F:
+    """A read whose connection broke (not one that timed out) is sent once more on another: unlike
+    a write's, running it twice changes nothing."""
+
+    @functools.wraps(method)
+    def run(self: RedisStore, *args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return method(self, *args, **kwargs)
+        except redis.ConnectionError:
+            return method(self, *args, **kwargs)
 
     return run  # type: ignore[return-value]
 
@@ -557,10 +573,11 @@ def _eval(pipe: Any, source: str, keys: list[str], args: list[Any]) -> None:
 
 
 def _client_options(timeout_s: float, retry: Any) -> dict[str, Any]:
-    """Time out after ``timeout_s``; never send a command again: a connection that broke after the
-    command was sent may have broken after Redis ran it (a budget charged twice). A pooled connection
-    the server closed (it restarted) is replaced when taken from the pool, before anything is sent on
-    it: redis-py's pool checks it (``can_read``: a closed socket reads as EOF) without a round trip."""
+    """Time out after ``timeout_s``; redis-py never sends a command again: a connection that broke
+    after the command was sent may have broken after Redis ran it (a budget charged twice; a read is
+    sent again by :func:`_read_again`). A pooled connection the server closed (it restarted) is
+    replaced when taken from the pool, before anything is sent on it: redis-py's pool checks it
+    (``can_read``: a closed socket reads as EOF) without a round trip."""
     from redis.backoff import NoBackoff
 
     return {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s,
@@ -638,6 +655,7 @@ class RedisStore:
         return self.prefix + key
 
     @_guarded
+    @_read_again
     def get(self, key: str) -> bytes | None:
         value = self.client.get(self._k(key))
         return bytes(value) if value is not None else None
@@ -711,10 +729,12 @@ class RedisStore:
         return [self._k(key), self._k(f"{ring}:seq")], [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
 
     @_guarded
+    @_read_again
     def samples(self, key: str) -> list[float]:
         return numbers(self.client.lrange(self._k(key), 0, -1))
 
     @_guarded
+    @_read_again
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         if not keys and not lists:
             return [], []
