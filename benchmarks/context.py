@@ -30,7 +30,7 @@ from router_middleware.context import ClearToolOutputs, MiddleOut, Window  # noq
 from router_middleware.replay import load_session, replay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("ROUTER_MIDDLEWARE_SHARED", ROOT.parent / "shared")) / "data"
 
 
 @dataclass(frozen=True)

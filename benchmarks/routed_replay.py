@@ -40,7 +40,8 @@ def _row(label: str, routed: RoutedAccount) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", default=str(ROOT.parent / "shared" / "data" / "agent-sessions"))
+    shared = Path(os.environ.get("ROUTER_MIDDLEWARE_SHARED", ROOT.parent / "shared"))
+    parser.add_argument("--sessions", default=str(shared / "data" / "agent-sessions"))
     parser.add_argument("--config", default=str(ROOT / "benchmarks" / "configs" / "auto.yaml"))
     parser.add_argument("--route", default="auto")
     parser.add_argument("--limit", type=int, default=0, help="replay only the first N sessions")

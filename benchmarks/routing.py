@@ -36,7 +36,8 @@ from router_middleware.routing.evaluation import Example  # noqa: E402
 from router_middleware.routing.fitted import embeddings_installed, load_fitted, local_embed  # noqa: E402
 from router_middleware.routing.fitting import cross_validated, fit_router, held_out, load_judgments  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing"
+DATA = Path(os.environ.get("ROUTER_MIDDLEWARE_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
+DATA = DATA / "routing"
 ARENA = DATA / "arena-bench" / "arena_bench_v1.csv"
 WEAK, STRONG = "mistralai/Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"
 ARENA_PAIRS = (("Mixtral-8x7B-Instruct-v0.1", "gpt-4-1106-preview"), ("gpt-3.5-turbo", "gpt-4-0314"))

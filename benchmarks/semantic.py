@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import random
 import re
 import sys
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from router_middleware.semantic import features, local_embedder, refusal
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "routing"
+SHARED = Path(os.environ.get("ROUTER_MIDDLEWARE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+SHARED = SHARED / "data" / "routing"
 csv.field_size_limit(10**8)
 
 

@@ -16,6 +16,17 @@ SHARED = Path(os.environ.get("ROUTER_MIDDLEWARE_SHARED", ROOT.parent / "shared")
 AGENT_SESSIONS = SHARED / "data" / "agent-sessions"
 
 
+def cline_request(name: str) -> dict:
+    """The body of a recorded Cline request (``../shared/data/cline-requests/<name>``); skips the
+    test when the shared data is absent."""
+    import json
+
+    path = SHARED / "data" / "cline-requests" / name
+    if not path.exists():
+        pytest.skip(f"shared Cline requests not found at {path.parent} (set ROUTER_MIDDLEWARE_SHARED)")
+    return json.loads(path.read_text())["body"]
+
+
 @pytest.fixture(scope="session")
 def agent_session_paths() -> list[Path]:
     paths = sorted(AGENT_SESSIONS.glob("*.json"))

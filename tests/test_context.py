@@ -20,7 +20,7 @@ from router_middleware.context.structure import blocks, head_length
 from router_middleware.messages import integrity_violations
 from router_middleware.replay import load_session
 
-from .conftest import ROOT
+from .conftest import cline_request
 
 STATE = PolicyState()
 SYSTEM = {"role": "system", "content": "You are a coding agent."}
@@ -300,8 +300,7 @@ def test_failed_summary_falls_back_to_digest() -> None:
 def test_the_protected_head_is_the_clients_whole_opening_request() -> None:
     """Cline sends a standing reminder as its third message: everything before the first assistant
     turn stays, however many messages it is."""
-    body = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_second_after_tool.json")
-                      .read_text())["body"]
+    body = cline_request("yolo_second_after_tool.json")
     opening = body["messages"][:3]
     assert [m["role"] for m in opening] == ["system", "user", "user"]
     assert head_length(body["messages"]) == 3 and head_length(opening) == 3

@@ -23,7 +23,7 @@ from router_middleware.ledger.store import open_ledger
 from router_middleware.litellm import RouterLogger
 
 from .cassette_data import capturing_vcr, completion_kwargs, interactions, recorded_usage
-from .conftest import CASSETTES
+from .conftest import CASSETTES, cline_request
 
 
 @pytest.fixture
@@ -140,9 +140,7 @@ def test_failures_are_recorded(logger, span_exporter) -> None:
 
 
 def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_stands_aside() -> None:
-    from .conftest import ROOT
-
-    body = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_first.json").read_text())["body"]
+    body = cline_request("yolo_first.json")
     router = RouterLogger(Pipeline.from_config({
         "routing": {"deployments": {"cheap": {"model": "openai/gpt-4o-mini"}, "strong": {"model": "openai/gpt-5-mini"}},
                     "aliases": {"coder": ["strong", "cheap"]}},
@@ -394,10 +392,7 @@ def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path) -> None:
 def test_run_labels_separate_runs_of_the_same_task() -> None:
     from router_middleware.litellm import run_labels
 
-    from .conftest import ROOT
-
-    second = json.loads((ROOT.parent / "shared" / "data" / "cline-requests" / "yolo_second_after_tool.json")
-                        .read_text())["body"]["messages"]
+    second = cline_request("yolo_second_after_tool.json")["messages"]
     first = second[:3]  # Cline's opening request: system, task, reminder
 
     def other_run(messages: list[dict]) -> list[dict]:
@@ -506,11 +501,7 @@ def test_proxy_hook_validates_only_what_a_cline_request_adds(monkeypatch: pytest
     resends the first's messages and adds a tool turn, and only those two are validated."""
     from router_middleware import messages as messages_module
 
-    from .conftest import ROOT
-
-    folder = ROOT.parent / "shared" / "data" / "cline-requests"
-    first, second = (json.loads((folder / name).read_text())["body"]
-                     for name in ("yolo_first.json", "yolo_second_after_tool.json"))
+    first, second = (cline_request(name) for name in ("yolo_first.json", "yolo_second_after_tool.json"))
     logger = RouterLogger(Pipeline.from_config({}), proxy=True)
     asyncio.run(logger.async_pre_call_hook(None, None, {**first, "litellm_call_id": "c1"}, "acompletion"))
     checked: list[int] = []
