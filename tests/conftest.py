@@ -109,6 +109,25 @@ def redis_url(tmp_path_factory):
         process.wait(timeout=10)
 
 
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def store(request, tmp_path):
+    """Each backend in turn (Redis under a prefix of its own); a test file may define its own ``store``."""
+    import uuid
+
+    from router_middleware.stores import MemoryStore, SQLiteStore
+
+    if request.param == "memory":
+        backend = MemoryStore()
+    elif request.param == "sqlite":
+        backend = SQLiteStore(tmp_path / "state.db")
+    else:
+        from router_middleware.stores.redis import RedisStore
+
+        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
+    yield backend
+    backend.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory):
     """A real PostgreSQL server: PG_URL from .ci/run, or one started here (root, Debian's binaries)."""

@@ -15,20 +15,6 @@ import pytest
 from router_middleware.stores import LockTimeout, MemoryStore, SQLiteStore, StoreError, open_store
 
 
-@pytest.fixture(params=["memory", "sqlite", "redis"])
-def store(request, tmp_path):
-    if request.param == "memory":
-        backend = MemoryStore()
-    elif request.param == "sqlite":
-        backend = SQLiteStore(tmp_path / "state.db")
-    else:
-        from router_middleware.stores.redis import RedisStore
-
-        backend = RedisStore(request.getfixturevalue("redis_url"), prefix=f"t{uuid.uuid4().hex[:8]}:")
-    yield backend
-    backend.close()
-
-
 def test_get_set_delete_and_ttl(store) -> None:
     assert store.get("a") is None
     store.set("a", b"1")
@@ -104,9 +90,10 @@ def test_a_ttl_of_any_length_is_taken(store, ttl_s) -> None:
     assert store.add_within([("n", 1.0, 10.0, ttl_s)], [("b", 1.0, 10.0, ttl_s, "h1", ttl_s)]) is None
     store.put_bounded("entry", b"x", ttl_s, "ring", 10)
     store.add_many([("n", 1.0, ttl_s)], [("sizes", 1.0, 5, ttl_s)], [("b", "h1", 1.0, 2.0, ttl_s)])
+    store.append("list", b"v", 5, ttl_s)
     if ttl_s > 1:
         assert store.get("a") == b"1" and float(store.get("n")) == 2.0 and float(store.get("b")) == 2.0
-        assert store.get("entry") == b"x" and store.samples("sizes") == [1.0]
+        assert store.get("entry") == b"x" and store.samples("sizes") == [1.0] and store.appended("list") == [b"v"]
 
 
 def test_an_owned_claim_is_taken_with_the_rest_and_ended_by_its_owner_only(store) -> None:
@@ -229,6 +216,43 @@ def test_samples_keep_the_most_recent_values(store) -> None:
     store.add_many([], [("out:m", float(v), 3, 60.0) for v in (10, 20, 30, 40)])
     store.add_many([("n", 1.0, None)], [("out:m", 50.0, 3, 60.0)])
     assert store.samples("out:m") == [30.0, 40.0, 50.0] and float(store.get("n")) == 1.0
+
+
+def test_append_keeps_the_last_values_until_the_list_expires(store) -> None:
+    assert store.appended("l") == []
+    for value in (b"a", b"b", b"c", b"d"):
+        store.append("l", value, 3, 60.0)
+    assert store.appended("l") == [b"b", b"c", b"d"]
+    store.append("short", b"x", 3, 0.05)
+    store.append("kept", b"x", 3, 0.05)
+    store.append("kept", b"y", 3)  # no ttl: the list stays
+    time.sleep(0.12)
+    assert store.appended("short") == [] and store.appended("kept") == [b"x", b"y"]
+    store.append("short", b"z", 3, 60.0)  # what lapsed is not counted again
+    assert store.appended("short") == [b"z"]
+
+
+def test_concurrent_appends_all_land(store) -> None:
+    def work(worker: int) -> None:
+        for i in range(50):
+            store.append("l", f"{worker}:{i}".encode(), 1000, 60.0)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(store.appended("l")) == sorted(f"{w}:{i}".encode() for w in range(4) for i in range(50))
+
+
+def test_a_redis_append_replaces_a_key_of_another_type(redis_url) -> None:
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("l", b"another program's value")
+    store.append("l", b"v", 3, 60.0)
+    assert store.appended("l") == [b"v"]
+    store.close()
 
 
 def test_put_bounded_keeps_the_newest_entries(store) -> None:

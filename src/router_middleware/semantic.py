@@ -10,6 +10,12 @@ guard). The text guards refuse look-alikes the same way: both turns must name th
 "should not"), and keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
 Celsius"). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
 ``embedding`` call; vectors live in the configured store.
+
+A scope's entries (each a turn's vector, its guards' features, the response cache's key and when it
+expires) are one list in the store, written by :meth:`~.stores.Store.append`: an add is one atomic
+round trip that concurrent adds cannot undo, a lookup one read. An index written by an earlier
+version (``<scope>:index``, a JSON list of entry ids, each entry under its own key) is not read: its
+turns miss until they are asked again, and its keys lapse with the cache's ``ttl_s``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import hashlib
 import json
 import math
 import re
-import uuid
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -150,6 +156,11 @@ def scope_of(plan: Plan) -> str:
     return f"{namespace(plan)}:sem:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
+def entries_key(plan: Plan) -> str:
+    """The store key of the list of entries of ``plan``'s scope."""
+    return f"{scope_of(plan)}:entries"
+
+
 def _pack(vector: Sequence[float]) -> str:
     import struct
 
@@ -184,19 +195,15 @@ class SemanticIndex:
         text = last_user_text(plan)
         if text is None:
             return None
-        scope = scope_of(plan)
         try:
-            index = json.loads(self.store.get(f"{scope}:index") or b"[]")
-            if not index:
+            now = time.time()
+            entries = [e for e in map(json.loads, self.store.appended(entries_key(plan))) if e.get("until", 0) > now]
+            if not entries:
                 return None
             query = self.embed([text])[0]
             wanted = features(text)
             best: SemanticMatch | None = None
-            for entry_id in index:
-                raw = self.store.get(f"{scope}:e:{entry_id}")
-                if raw is None:
-                    continue
-                entry = json.loads(raw)
+            for entry in entries:
                 if refusal(wanted, entry, number_guard=self.number_guard, text_guards=self.text_guards):
                     continue
                 similarity = sum(a * b for a, b in zip(query, _unpack(entry["vector"]), strict=False))
@@ -208,20 +215,14 @@ class SemanticIndex:
             return None
 
     def add(self, plan: Plan, cache_key: str) -> None:
+        """Learn ``plan``'s last user turn as answered under ``cache_key`` for ``ttl_s``; the scope keeps
+        its newest ``max_per_scope`` entries."""
         text = last_user_text(plan)
         if text is None:
             return
-        scope = scope_of(plan)
         try:
-            entry_id = uuid.uuid4().hex[:16]
-            vector = self.embed([text])[0]
-            self.store.set(f"{scope}:e:{entry_id}", json.dumps(
-                {"vector": _pack(vector), **features(text), "key": cache_key}).encode(), ttl_s=self.ttl_s)
-            for _ in range(20):  # optimistic append; concurrent writers retry
-                current = self.store.get(f"{scope}:index")
-                index = json.loads(current or b"[]")
-                index = [*index, entry_id][-self.max_per_scope:]
-                if self.store.compare_and_set(f"{scope}:index", current, json.dumps(index).encode(), self.ttl_s):
-                    return
+            entry = {"vector": _pack(self.embed([text])[0]), **features(text), "key": cache_key,
+                     "until": time.time() + self.ttl_s}
+            self.store.append(entries_key(plan), json.dumps(entry).encode(), self.max_per_scope, self.ttl_s)
         except Exception as exc:  # noqa: BLE001 - a failed write only loses a future hit
             log.warning("semantic_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])

@@ -119,6 +119,16 @@ class Store(Protocol):
         held that slot (the oldest entry goes): one atomic step, one round trip."""
         ...
 
+    def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
+        """Append ``value`` to the list under ``key``, keep its last ``keep`` values and make the list
+        expire ``ttl_s`` after this append (``None``: never): one atomic step, one round trip, so
+        concurrent appends all land and none is retried."""
+        ...
+
+    def appended(self, key: str) -> list[bytes]:
+        """The values :meth:`append` keeps under ``key``, oldest first."""
+        ...
+
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
         """A mutual-exclusion lock across processes, released on exit or after ``ttl_s``."""
         ...

@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import TypeVar
 
 from .base import (
     Addition,
@@ -29,11 +30,15 @@ from .base import (
     within_checks,
 )
 
+T = TypeVar("T")
+Lists = OrderedDict[str, tuple[deque[T], float | None]]  # key -> (its values, when it expires)
+
 
 class MemoryStore:
     def __init__(self, max_keys: int = 100_000) -> None:
         self._data: OrderedDict[str, tuple[bytes, float | None]] = OrderedDict()
-        self._series: OrderedDict[str, tuple[deque[float], float | None]] = OrderedDict()  # recent values
+        self._series: Lists[float] = OrderedDict()  # recent values (samples)
+        self._lists: Lists[bytes] = OrderedDict()  # what append keeps
         self._holds: dict[str, dict[str, tuple[float, float]]] = {}  # key -> hold id -> (amount, expires)
         self._expiries: dict[str, list[tuple[float, str]]] = {}  # key -> heap of (expires, hold id)
         self._mutex = threading.RLock()
@@ -137,12 +142,7 @@ class MemoryStore:
                 if delta:
                     self._add(key, delta, ttl_s)
             for key, value, keep, ttl_s in samples:
-                recent = deque(self._recent(key), maxlen=keep)
-                recent.append(value)
-                self._series[key] = (recent, time.monotonic() + ttl_s if ttl_s else None)
-                self._series.move_to_end(key)
-                while len(self._series) > self._max:
-                    self._series.popitem(last=False)
+                self._push(self._series, key, value, keep, ttl_s)
             for key, sample, weight, ttl_s in averages:
                 self._put(key, repr(blend(self._live(key), sample, weight)).encode(), ttl_s)
             for key, raw, ttl_s in puts:
@@ -159,16 +159,35 @@ class MemoryStore:
 
     def samples(self, key: str) -> list[float]:
         with self._mutex:
-            return list(self._recent(key))
+            return list(self._recent(self._series, key))
+
+    def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
+        with self._mutex:
+            self._push(self._lists, key, value, keep, ttl_s)
+
+    def appended(self, key: str) -> list[bytes]:
+        with self._mutex:
+            return list(self._recent(self._lists, key))
 
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         return fetch_each(self, keys, lists)
 
-    def _recent(self, key: str) -> deque[float]:
-        series = self._series.get(key)
-        if series is None or (series[1] is not None and series[1] <= time.monotonic()):
+    def _push(self, lists: Lists[T], key: str, value: T, keep: int, ttl_s: float | None) -> None:
+        """Append ``value`` to ``key``'s list in ``lists``, keeping its last ``keep`` values (and at most
+        ``max_keys`` lists: the least recently written goes)."""
+        recent = deque(self._recent(lists, key), maxlen=keep)
+        recent.append(value)
+        lists[key] = (recent, time.monotonic() + ttl_s if ttl_s else None)
+        lists.move_to_end(key)
+        while len(lists) > self._max:
+            lists.popitem(last=False)
+
+    @staticmethod
+    def _recent(lists: Lists[T], key: str) -> deque[T]:
+        found = lists.get(key)
+        if found is None or (found[1] is not None and found[1] <= time.monotonic()):
             return deque()
-        return series[0]
+        return found[0]
 
     def compare_and_set(self, key: str, expected: bytes | None, value: bytes, ttl_s: float | None = None) -> bool:
         with self._mutex:

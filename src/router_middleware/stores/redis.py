@@ -123,6 +123,23 @@ for i, check in ipairs(checks) do
 end
 return {0, ''}
 """
+# Append a value to a list and keep its last values (start: -keep), expiring ttl ms later ('': never).
+# A key that holds another type is replaced by the list (as SET replaces any value): its LRANGE
+# would fail the reads.
+_PUSH = """
+local function push(key, value, start, ttl)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'list' and kind ~= 'none' then redis.call('DEL', key) end
+  redis.call('RPUSH', key, value)
+  redis.call('LTRIM', key, start, -1)
+  if ttl ~= '' then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+_APPEND = _PUSH + """
+push(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+if ARGV[3] == '' then redis.call('PERSIST', KEYS[1]) end
+return 1
+"""
 # A settlement (add_many but its bounded writes), all at once. KEYS: per addition its key, per
 # sample its list, per release its key and hold set, per average and per put its key. ARGV[1..5]:
 # how many additions, samples, releases, averages and puts; then per addition the amount and the ttl
@@ -132,10 +149,9 @@ return {0, ''}
 # added to it); per average the sample, its weight and the key's ttl ms; per put the value and ttl
 # ms. The releases go first: a script that fails on a key (another program's value) keeps the
 # writes before it, and what the admissions count must not wait for a counter or a list of reply
-# sizes. A list's key that holds another type is replaced by the list (as SET replaces any value):
-# its LRANGE would fail the reads. An average's key that holds no finite number (or another type)
-# takes the sample, as stores.base.blend does.
-_SETTLE = """
+# sizes. A sample goes to its list as _PUSH appends. An average's key that holds no finite number
+# (or another type) takes the sample, as stores.base.blend does.
+_SETTLE = _PUSH + """
 local n, m, r = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local v, p = tonumber(ARGV[4]), tonumber(ARGV[5])
 local function put(key, value, ttl)
@@ -176,12 +192,7 @@ for _ = 1, n do
   k, a = k + 1, a + 2
 end
 for _ = 1, m do
-  local key = KEYS[k + 1]
-  local kind = redis.call('TYPE', key)['ok']
-  if kind ~= 'list' and kind ~= 'none' then redis.call('DEL', key) end
-  redis.call('RPUSH', key, ARGV[a + 1])
-  redis.call('LTRIM', key, ARGV[a + 2], -1)
-  if ARGV[a + 3] ~= '' then redis.call('PEXPIRE', key, ARGV[a + 3]) end
+  push(KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
   k, a = k + 1, a + 3
 end
 return 1
@@ -650,6 +661,7 @@ class RedisStore:
         self._release = self.client.register_script(_RELEASE)
         self._within = self.client.register_script(_WITHIN)
         self._bounded = self.client.register_script(_BOUNDED)
+        self._append = self.client.register_script(_APPEND)
 
     def _k(self, key: str) -> str:
         return self.prefix + key
@@ -732,6 +744,15 @@ class RedisStore:
     @_read_again
     def samples(self, key: str) -> list[float]:
         return numbers(self.client.lrange(self._k(key), 0, -1))
+
+    @_guarded
+    def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
+        self._append(keys=[self._k(key)], args=[value, str(-int(keep)), _ms(ttl_s)])
+
+    @_guarded
+    @_read_again
+    def appended(self, key: str) -> list[bytes]:
+        return [bytes(v) for v in self.client.lrange(self._k(key), 0, -1)]
 
     @_guarded
     @_read_again

@@ -35,6 +35,10 @@ from .base import (
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 HOLDS = ("CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, hold TEXT NOT NULL, amount REAL NOT NULL, "
          "expires REAL NOT NULL, PRIMARY KEY (key, hold))")
+# What append keeps: a row per value, in the order appended (seq); every row of a key expires with it.
+LISTS = ("CREATE TABLE IF NOT EXISTS lists (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, "
+         "value BLOB NOT NULL, expires REAL)")
+LISTS_BY_KEY = "CREATE INDEX IF NOT EXISTS lists_by_key ON lists (key, seq)"
 
 
 class SQLiteStore:
@@ -46,6 +50,8 @@ class SQLiteStore:
             with self._tx() as db:
                 db.execute(SCHEMA)
                 db.execute(HOLDS)
+                db.execute(LISTS)
+                db.execute(LISTS_BY_KEY)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a usable SQLite store ({exc})") from None
 
@@ -184,6 +190,19 @@ class SQLiteStore:
     def samples(self, key: str) -> list[float]:
         raw = self.get(key)
         return [float(v) for v in json.loads(raw)] if raw else []
+
+    def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM lists WHERE key = ? AND expires <= ?", (key, time.time()))
+            db.execute("INSERT INTO lists (key, value) VALUES (?, ?)", (key, value))
+            db.execute("UPDATE lists SET expires = ? WHERE key = ?", (self._expiry(ttl_s), key))
+            db.execute("DELETE FROM lists WHERE key = ? AND seq NOT IN "
+                       "(SELECT seq FROM lists WHERE key = ? ORDER BY seq DESC LIMIT ?)", (key, key, keep))
+
+    def appended(self, key: str) -> list[bytes]:
+        rows = self._db().execute("SELECT value FROM lists WHERE key = ? AND (expires IS NULL OR expires > ?) "
+                                  "ORDER BY seq", (key, time.time())).fetchall()
+        return [bytes(row[0]) for row in rows]
 
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         return fetch_each(self, keys, lists)
