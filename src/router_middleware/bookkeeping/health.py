@@ -4,7 +4,8 @@ speed averages the ``throughput`` and ``latency`` strategies read.
 A target that fails ``failures`` times within ``window_s`` is skipped for ``cooldown_s`` (the routing
 policy reads the cooldown). When it ends the target is half-open for ``cooldown_s`` more (the key
 outlives its cooldown): one call at a time claims the probe (``PROBE``, with the call's admission)
-and the others skip it; the probe's success closes the circuit, its failure opens it again. The
+and the others skip it; the probe's success closes the circuit, its failure opens it again (other
+failures while the key lives, of attempts admitted before it opened, do not). The
 claim holds its attempt's token: only that attempt ends it, so a probe that outlasts its claim
 (``probe_s``), which another call then takes, does not end the later claim.
 """
@@ -30,27 +31,31 @@ class Probe:
 
 
 def note_failure(store: Store, target: str, config: CooldownConfig, now: float) -> bytes | None:
-    """Count a failure; the cooldown key's value when it put the target into cooldown."""
-    failures = store.incr(FAILURES + target, 1, ttl_s=config.window_s)
-    if failures < config.failures:
+    """Count a failure; at the ``failures``-th within ``window_s`` open the circuit, unless it is open
+    (or half-open) already: the cooldown key's value when this failure opened it. Opening is a claim
+    of the absent cooldown key, atomic across processes, so a burst of failures opens the circuit once:
+    the failures of attempts admitted before it opened (or by a process whose view lags) neither move
+    its end nor take a failed probe's hold. One round trip below the threshold, two past it."""
+    if store.add_within([(FAILURES + target, 1.0, config.failures - 1.0, config.window_s)]) is None:
         return None
-    return open_circuit(store, target, config, now)
+    until = repr(now + config.cooldown_s).encode()
+    if store.add_within([], owned=[(COOLDOWN + target, until, 2 * config.cooldown_s)]) is not None:
+        return None
+    store.delete(FAILURES + target)  # the count starts again once the circuit closes
+    store.delete(PROBE + target)  # a probe of an earlier cooldown, still in flight: not this one's
+    return until
 
 
-def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *,
-                 probe: Probe | None = None) -> bytes:
-    """Skip ``target`` for ``cooldown_s``, then let it be probed (half-open) for ``cooldown_s`` more;
-    the cooldown key's value. After a failed ``probe`` the probe is held (as that probe's) until the
-    cooldown ends, whoever claims it now: a process that still reads the target as half-open (its view
-    lags) does not probe it again, and a later probe still in flight, whose own claim it replaces,
-    cannot end it early."""
+def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *, probe: Probe) -> bytes:
+    """After its failed ``probe``, skip ``target`` for ``cooldown_s`` again, then let it be probed
+    (half-open) for ``cooldown_s`` more; the cooldown key's value. The probe is held (as that probe's)
+    until the cooldown ends, whoever claims it now: a process that still reads the target as half-open
+    (its view lags) does not probe it again, and a later probe still in flight, whose own claim it
+    replaces, cannot end it early."""
     until = repr(now + config.cooldown_s).encode()
     store.set(COOLDOWN + target, until, ttl_s=2 * config.cooldown_s)
     store.delete(FAILURES + target)
-    if probe is not None:
-        store.set(PROBE + target, probe.owner, ttl_s=config.cooldown_s)
-    else:
-        store.delete(PROBE + target)
+    store.set(PROBE + target, probe.owner, ttl_s=config.cooldown_s)
     return until
 
 
