@@ -1,12 +1,15 @@
 """Redis commands and round trips per routed call, counted on a real redis-server.
 
-    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--concurrent] [--http] [--redis-url URL]
+    .venv/bin/python benchmarks/redis_commands.py [--calls 200] [--concurrent] [--http] [--semantic]
+        [--redis-url URL]
 
 Each call goes through an alias with the response cache (a miss: every call asks something new),
 a USD and token budget and a requests/tokens-per-minute limit, with `mock_response` (or, `--http`,
 over litellm's HTTP path to the loopback server of ``overhead_http.py`` replaying a recorded reply:
 the provider's usage, which also feeds the speed averages): one after another with `completion`, or
-(`--concurrent`) all at once with `acompletion`. Commands are Redis's
+(`--concurrent`) all at once with `acompletion`; `--semantic` adds the semantic cache (the local
+embedder, the `semantic` extra; every call asks something new: no paraphrase hit, one lookup and
+one add to the index of the calls' one scope). Commands are Redis's
 own count (INFO commandstats, reset before the run; commands run inside a Lua script count too);
 round trips are the requests the blocking redis-py client sent (pipelined commands travel together;
 the async path's batched pipelines are not counted); the server's CPU time per call (INFO cpu) gives
@@ -35,10 +38,10 @@ from overhead_http import replay_server  # noqa: E402
 from throughput import redis_server  # noqa: E402
 
 
-def config(url: str, provider: str = "") -> dict:
+def config(url: str, provider: str = "", semantic: bool = False) -> dict:
     return {
         "store": url,
-        "cache": {"enabled": True, "policy": "always"},
+        "cache": {"enabled": True, "policy": "always", "semantic": {"enabled": semantic}},
         "context": {"enabled": False},
         "routing": {
             "aliases": {"coder": [f"{provider}gpt-4o-mini", f"{provider}gpt-3.5-turbo"]},
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="all calls at once through acompletion (the batched asyncio client)")
     parser.add_argument("--http", action="store_true",
                         help="over litellm's HTTP path to a loopback server replaying a recorded reply")
+    parser.add_argument("--semantic", action="store_true", help="with the semantic cache (its local embedder)")
     args = parser.parse_args(argv)
     import redis
     from redis.connection import Connection
@@ -77,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with redis_server(args.redis_url) as url, (replay_server() if args.http else nullcontext()) as base:
         answer: dict[str, Any] = {"api_base": base, "api_key": "sk-bench"} if base else {"mock_response": "ok"}
-        pipeline = rm.Pipeline.from_config(config(url, "openai/" if base else ""))
-        ask = lambda i: pipeline.completion(  # noqa: E731
-            "coder", [{"role": "user", "content": f"question {i}"}], context={"session_id": "s"}, **answer)
-        for i in range(20):  # warm up: scripts loaded, connections open
-            ask(-i - 1)
+        pipeline = rm.Pipeline.from_config(config(url, "openai/" if base else "", args.semantic))
+        ask = lambda text: pipeline.completion(  # noqa: E731
+            "coder", [{"role": "user", "content": text}], context={"session_id": "s"}, **answer)
+        for i in range(20):  # warm up: scripts loaded, connections open (and the embedder loaded)
+            ask(f"warm-up {i}")
         admin = redis.Redis.from_url(url)
         admin.config_resetstat()
         cpu = admin.info("cpu")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(_all_at_once(pipeline, args.calls, answer))
             else:
                 for i in range(args.calls):
-                    ask(i)
+                    ask(f"question {i}")
         finally:
             Connection.send_packed_command = original  # type: ignore[method-assign]
         cpu = admin.info("cpu")
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                       if name not in ("cmdstat_config", "cmdstat_info")})
     total = sum(counts.values())
     mode = ("all at once, async" if args.concurrent else "one after another, sync") + (
-        ", over HTTP" if args.http else ", mock_response")
+        ", over HTTP" if args.http else ", mock_response") + (", semantic cache" if args.semantic else "")
     print(f"{args.calls} routed calls (response cache miss, budget, rate limit), {mode}, redis-py")
     print(f"commands per call: {total / args.calls:.2f} ("
           + ", ".join(f"{name} {n / args.calls:.2f}" for name, n in counts.most_common()) + ")")

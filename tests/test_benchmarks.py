@@ -84,7 +84,8 @@ def test_quality_benchmarks_smoke(script: str) -> None:
     assert out.strip().splitlines()[-1].startswith("summary:")
 
 
-@pytest.mark.parametrize("mode", [(), ("--concurrent",)], ids=["sync", "concurrent"])
+@pytest.mark.parametrize("mode", [(), ("--concurrent",), ("--concurrent", "--semantic")],
+                         ids=["sync", "concurrent", "semantic"])
 def test_redis_commands_smoke(redis_url, mode) -> None:
     out = _run("redis_commands.py", "--calls", "10", "--redis-url", redis_url, *mode)
     assert "round trips per call" in out and out.strip().splitlines()[-1].startswith("redis-server CPU per call")
