@@ -165,6 +165,53 @@ def test_a_broken_store_degrades_to_a_miss(span_exporter) -> None:
     assert "cache:error" in events and "router_middleware.cache.error" in events
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_stream_whose_settlement_the_store_refuses_loses_its_cache_entry_not_a_chunk(
+        mode, monkeypatch, span_exporter) -> None:
+    """A stream's cache entry goes to the store with its settlement, in one ``add_many``. When the store
+    refuses that write, the caller still gets every chunk; the call's span and log say the entry was
+    not written (the semantic index never learns it), its outcome says the settlement was not taken,
+    and the same request afterwards is a miss."""
+    import asyncio
+
+    import structlog
+
+    text = "Two plus two is four, as it always was."
+    request = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, "mock_response": text}
+    pipeline = Pipeline.from_config({"routing": {"budgets": [{"name": "team", "scope": "global", "usd": 5.0}]}})
+    assert pipeline.cache is not None and pipeline.cache.store is pipeline.store  # one write for both
+    learned: list[str] = []
+    monkeypatch.setattr(pipeline.cache, "saved", lambda plan, key: learned.append(key))
+    healthy = Pipeline.from_config({"cache": {"enabled": False}})
+    expected = [c.choices[0].delta.content for c in healthy.completion(**request, stream=True) if c.choices]
+    assert len(expected) > 1 and "".join(filter(None, expected)) == text
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise StoreError("store is down")
+
+    monkeypatch.setattr(pipeline.store, "add_many", refused)
+
+    async def read_async() -> tuple[object, list[object]]:
+        stream = await pipeline.acompletion(**request, stream=True)
+        return stream, [c async for c in stream]
+
+    with structlog.testing.capture_logs() as logs:
+        if mode == "sync":
+            stream = pipeline.completion(**request, stream=True)
+            chunks = list(stream)
+        else:
+            stream, chunks = asyncio.run(read_async())
+    assert [c.choices[0].delta.content for c in chunks if c.choices] == expected
+    assert {"cache_write_failed", "settle_failed"} <= {e["event"] for e in logs}
+    assert learned == []
+    route = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL][-1]
+    reasons = [e.attributes["reason"] for e in route.events if e.name == "router_middleware.cache.error"]
+    assert reasons == ["write failed: StoreError"]
+    assert [d.action for d in outcome(stream).plan.decisions if d.policy == "budget"] == ["settle-failed"]
+    monkeypatch.undo()
+    assert outcome(pipeline.completion(**request)).usage.source != "cache"
+
+
 def test_corrupt_sqlite_file_mid_run_degrades_to_a_miss(tmp_path) -> None:
     path = tmp_path / "cache.db"
     pipeline = Pipeline.from_config({"cache": {"store": f"sqlite:///{path}"}})

@@ -632,13 +632,10 @@ class CallLifecycle:
         failed = None
         if done.writes or entry is not None:
             try:
-                yield StoreCall(self.engine.store, "add_many", (done.additions, done.samples, done.releases,
-                                                                [entry] if entry is not None else [], done.averages,
-                                                                done.puts))
+                yield StoreCall(self.engine.store, "add_many", done.batch([entry] if entry is not None else []))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
                 failed = exc
-                if done.writes:
-                    self.books.settle_failed(done, exc)
+                self.books.settle_failed(done, exc)
         self._settled = True
         self.books.settled(done)
         return done.outcome, failed
@@ -692,11 +689,8 @@ class CallLifecycle:
             if not complete or not assembled:  # only the finishes the provider sent (litellm's builder
                 result = replace(result, finish_reasons=finish_reasons(  # fills in "stop" on a cut stream)
                     c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
-            done = self.books.settlement(result, self.held, chunks[0], complete=complete,  # headers ride on chunks
-                                         error=error)
-            failed = self.books.write(done, [entry] if entry is not None else ())
-            self.books.settled(done)
-            result = done.outcome
+            result, failed = self.books.settle(result, self.held, chunks[0], complete=complete, error=error,
+                                               bounded=[entry] if entry is not None else ())  # headers ride on chunks
             if entry is not None and engine.cache is not None:
                 if failed is None:
                     engine.cache.saved(plan, entry[0])

@@ -149,6 +149,11 @@ class Settlement:
     def writes(self) -> bool:
         return bool(self.additions or self.samples or self.releases or self.averages or self.puts)
 
+    def batch(self, bounded: Sequence[Bounded] = ()) -> tuple[list[Addition], list[Sample], list[Release],
+                                                             Sequence[Bounded], list[Average], list[Put]]:
+        """``add_many``'s arguments for these writes and ``bounded`` (a response-cache entry)."""
+        return self.additions, self.samples, self.releases, bounded, self.averages, self.puts
+
 
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
@@ -394,26 +399,22 @@ class Bookkeeper:
         self.record(done.outcome, error=done.error)
 
     def settle(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
-               complete: bool = True, error: BaseException | None = None) -> Outcome:
-        """:meth:`settlement`, its writes and :meth:`settled` in one go (sync). Never raises; the
-        outcome, with a decision if the writes failed."""
+               complete: bool = True, error: BaseException | None = None,
+               bounded: Sequence[Bounded] = ()) -> tuple[Outcome, Exception | None]:
+        """:meth:`settlement`, its writes with ``bounded`` (a response-cache entry on the same store) in
+        one ``add_many``, and :meth:`settled` (sync). Never raises: the outcome (with a decision if the
+        writes failed, :meth:`settle_failed`), and what the store raised, if it did (``bounded`` was
+        then not written)."""
         done = self.settlement(outcome, held, answer, complete=complete, error=error)
-        self.write(done)
-        self.settled(done)
-        return done.outcome
-
-    def write(self, done: Settlement, bounded: Sequence[Bounded] = ()) -> Exception | None:
-        """Make ``done``'s writes, and ``bounded`` (a response-cache entry on the same store), in one
-        ``add_many`` (sync); what the store raised, if it did (:meth:`settle_failed`). Never raises."""
-        if not done.writes and not bounded:
-            return None
-        try:
-            self.store.add_many(done.additions, done.samples, done.releases, bounded, done.averages, done.puts)
-        except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
-            if done.writes:
+        failed = None
+        if done.writes or bounded:
+            try:
+                self.store.add_many(*done.batch(bounded))
+            except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
+                failed = exc
                 self.settle_failed(done, exc)
-            return exc
-        return None
+        self.settled(done)
+        return done.outcome, failed
 
     def settle_observed(self, outcome: Outcome, *, complete: bool = True,
                         error: BaseException | None = None) -> Outcome:
@@ -423,12 +424,16 @@ class Bookkeeper:
         added to the budgets that apply to it (claims of nothing, settled at the actual amounts)."""
         plan = outcome.plan
         claims = self.claims(plan.call.context, usd=0.0, tokens=0) if plan is not None else []
-        return self.settle(outcome, Held(Reservation(claims)) if claims else None, complete=complete, error=error)
+        held = Held(Reservation(claims)) if claims else None
+        return self.settle(outcome, held, complete=complete, error=error)[0]
 
     def settle_failed(self, done: Settlement, error: Exception) -> None:
         """The settlement's writes did not reach the store: log it, and put a decision on the call's
         outcome (its ledger row still records the cost). Its budget holds lapse after their
-        ``reservation_ttl_s``; the budget counters never learn what the call spent."""
+        ``reservation_ttl_s``; the budget counters never learn what the call spent. Nothing where the
+        settlement wrote nothing of its own (only a response-cache entry)."""
+        if not done.writes:
+            return
         held = {key.removeprefix(BUDGET): amount for key, _, amount, _, _ in done.releases}
         log.warning("settle_failed", error_type=type(error).__name__, error=str(error)[:200], held=held,
                     lapses_in_s=done.lapse_s)
