@@ -5,11 +5,13 @@ corrected from the providers' rate-limit headers (real header shapes, served on 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from router_middleware import ConfigError, Pipeline, outcome
-from router_middleware.bookkeeping import quotas as counters
+from router_middleware import ConfigError, Pipeline, bookkeeping, outcome
+from router_middleware.bookkeeping import Bookkeeper, Held
+from router_middleware.catalog import Catalog
 from router_middleware.config import FreeTierConfig, RateLimit, RoutingConfig
 from router_middleware.routing import quotas
 from router_middleware.routing.policy import NoRouteError
@@ -91,17 +93,33 @@ def test_tpm_limit_counts_the_reported_tokens() -> None:
     assert float(p.store.get(key)) <= 200
 
 
-def test_take_is_atomic_and_gives_back_on_refusal() -> None:
-    store = open_store("memory://")
+def admit(books: Bookkeeper, held: Held, found: tuple[quotas.Quota, ...], tokens: int) -> str | None:
+    """Admit an attempt of ``tokens`` to the ``found`` quotas as a call's lifecycle does: the
+    bookkeeper's admission, the store's one atomic ``add_within``, the bookkeeper's reading of its
+    answer (``held`` keeps what was taken); why not, or ``None``."""
+    admission = books.admission(found, tokens, [])
+    assert admission is not None
+    refusal = books.store.add_within(admission.entries, admission.holds, admission.owned, admission.left)
+    return books.admitted(held, admission, refusal)
+
+
+def pin_clock(monkeypatch, now: float) -> None:
+    """The bookkeeper's clock (its windows' minute keys) stands at ``now``."""
+    monkeypatch.setattr(bookkeeping, "time", SimpleNamespace(time=lambda: now))
+
+
+def test_an_admission_is_atomic_and_gives_back_on_refusal(monkeypatch) -> None:
+    books = Bookkeeper(open_store("memory://"), RoutingConfig(), Catalog())
     found = (quotas.Quota("d", RateLimit(rpm=2, tpm=100)),)
-    now = 1_000_000.0
-    first, why = counters.take(store, found, 60, now)
-    assert why is None
-    _, why = counters.take(store, found, 60, now)
-    assert why == "d: tpm limit 100 reached (60 used this minute)"
-    assert float(store.get("quota:d:rpm:16666")) == 1.0  # the refused request was given back
-    store.add_many(counters.give_back(first, requests=False))  # a failed attempt: its tokens come back
-    assert float(store.get("quota:d:tpm:16666")) == 0.0 and float(store.get("quota:d:rpm:16666")) == 1.0
+    pin_clock(monkeypatch, 1_000_000.0)  # minute 16666
+    first = Held()
+    assert admit(books, first, found, 60) is None
+    refused = Held()
+    assert admit(books, refused, found, 60) == "d: tpm limit 100 reached (60 used this minute)"
+    assert refused.quota is None
+    assert float(books.store.get("quota:d:rpm:16666")) == 1.0  # the refused request was not taken
+    books.attempt_failed(first, "d", TimeoutError("no answer"))  # a failed attempt: its tokens come back
+    assert float(books.store.get("quota:d:tpm:16666")) == 0.0 and float(books.store.get("quota:d:rpm:16666")) == 1.0
 
 
 @pytest.mark.parametrize(("headers", "expected"), [
@@ -183,18 +201,21 @@ def test_a_quota_store_failure_never_fails_the_call(monkeypatch) -> None:
     assert outcome(p.completion("pool", MESSAGES, mock_response="ok")).model == "gpt-4o-mini"
 
 
-def test_quotas_on_real_redis_are_never_overtaken(redis_url) -> None:
+def test_quotas_on_real_redis_are_never_overtaken(redis_url, monkeypatch) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from router_middleware.stores.redis import RedisStore
 
-    store = RedisStore(redis_url)
+    books = Bookkeeper(RedisStore(redis_url), RoutingConfig(), Catalog())
     bucket = f"race-{time.time_ns()}"
     found = (quotas.Quota(bucket, RateLimit(rpm=30)),)
     now = time.time()
+    pin_clock(monkeypatch, now)  # every taker in the same minute's window
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda _: counters.take(store, found, 0, now)[1] is None, range(200)))
-    assert sum(results) == 30
+        results = list(pool.map(lambda _: admit(books, Held(), found, 0), range(200)))
+    assert results.count(None) == 30
+    assert set(results) == {None, f"{bucket}: rpm limit 30 reached (30 used this minute)"}
+    assert float(books.store.get(f"quota:{bucket}:rpm:{int(now // 60)}")) == 30
 
 
 def test_a_quota_refusal_releases_the_budget_reservation() -> None:

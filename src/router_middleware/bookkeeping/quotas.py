@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..routing.quotas import Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
-from ..stores import Store
 from ..stores.base import Addition, Countdown, Put, Within
 from .keys import QUOTA
 
@@ -69,18 +68,6 @@ def view_claims(quotas: tuple[Quota, ...], tokens: int) -> tuple[ViewClaim, ...]
 
 def viewed(claim: ViewClaim) -> str:
     return no_provider_quota(claim.bucket, claim.unit)
-
-
-def take(store: Store, quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[Taken, str | None]:
-    """Take one request of ``tokens`` from every bucket, and count it down from what the provider
-    said is left, at once; if any limit would be passed, nothing is taken and the reason is returned."""
-    claims, views = window_claims(quotas, tokens, now), view_claims(quotas, tokens)
-    refusal = store.add_within([c.within for c in claims], left=[v.countdown for v in views])
-    if refusal is not None:
-        index, total = refusal
-        return Taken([], tokens), refused(claims[index], total) if index < len(claims) else viewed(
-            views[index - len(claims)])
-    return Taken([(c.within[0], c.within[1], c.within[3]) for c in claims], tokens), None
 
 
 def give_back(taken: Taken, *, requests: bool = True) -> list[Addition]:
