@@ -389,6 +389,48 @@ def test_add_many_makes_bounded_writes_too(store) -> None:
     assert store.get("n") is not None
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_redis_add_many_sends_only_the_scripts_it_has_writes_for(redis_url, mode) -> None:
+    """The scripts the server runs for an ``add_many`` (counted by Redis itself): none when it has
+    nothing to write, one per bounded write, and one settlement script for all the rest, only where
+    there is some (a bounded write alone sends no empty settlement)."""
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    entry, bound = [("n", 1.0, None)], [("cache:k", b"v", None, "cache", 4)]
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({"entries": []}, 0), ({"entries": [], "bounded": bound}, 1), ({"entries": entry}, 1),
+        ({"entries": [], "samples": [("s", 1.0, 3, None)]}, 1), ({"entries": [], "puts": [("p", b"x", None)]}, 1),
+        ({"entries": [], "averages": [("a", 1.0, 0.5, None)]}, 1),
+        ({"entries": [], "releases": [("r", "h1", 1.0, 1.0, None)]}, 1), ({"entries": entry, "bounded": bound * 2}, 3)]
+
+    def scripts() -> int:  # the scripts the server ran so far
+        stats = store.client.info("commandstats")
+        return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+    async def run_async() -> list[int]:
+        await store.aadd_many(entry, bounded=bound)  # the asyncio client connected
+        counts = []
+        for kwargs, _ in cases:
+            before = scripts()
+            await store.aadd_many(**kwargs)
+            counts.append(scripts() - before)
+        await store.aclose()
+        return counts
+
+    store.add_many(entry, bounded=bound)  # the scripts loaded
+    if mode == "sync":
+        counts = []
+        for kwargs, _ in cases:
+            before = scripts()
+            store.add_many(**kwargs)
+            counts.append(scripts() - before)
+        store.close()
+    else:
+        counts = asyncio.run(run_async())
+    assert counts == [expected for _, expected in cases]
+
+
 async def test_concurrent_async_fetches_of_one_key_read_it_once(redis_url, monkeypatch) -> None:
     """A thousand calls that find the same value missing at once send one read of it."""
     from router_middleware.stores.redis import RedisStore

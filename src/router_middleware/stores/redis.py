@@ -625,6 +625,17 @@ def _refused(replies: list[Any]) -> Refusal | None:
     return _refusal(replies[-1])
 
 
+# add_many's writes other than its bounded ones: entries, samples, releases, averages, puts
+_Settle = tuple[Sequence[Addition], Sequence[Sample], Sequence[Release], Sequence[Average], Sequence[Put]]
+
+
+def _settles(entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
+             averages: Sequence[Average], puts: Sequence[Put]) -> _Settle | None:
+    """What ``add_many`` writes in its one settlement script, or ``None`` where it writes nothing there."""
+    settle = (entries, samples, releases, averages, puts)
+    return settle if any(settle) else None
+
+
 def _resolved(value: Any) -> asyncio.Future[Any]:
     """An answer that needs no round trip, as a future (what the batched methods return)."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -693,7 +704,10 @@ class RedisStore:
         return self._k(f"{key}#held")
 
     def _within_call(self, entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],
-                     left: Sequence[Countdown]) -> tuple[list[str], list[Any]]:
+                     left: Sequence[Countdown]) -> tuple[list[str], list[Any]] | None:
+        """The admission script's keys and arguments, or ``None`` where there is nothing to add."""
+        if not (entries or holds or owned or left):
+            return None
         keys = [*(self._k(e[0]) for e in entries), *(self._k(o[0]) for o in owned)]
         args: list[Any] = [str(len(entries)), str(len(owned))]
         for _, amount, limit, ttl_s in entries:
@@ -710,19 +724,17 @@ class RedisStore:
     @_guarded
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
                    owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
-        if not entries and not holds and not owned and not left:
-            return None
-        keys, args = self._within_call(entries, holds, owned, left)
-        return _refusal(self._within(keys=keys, args=args))
+        call = self._within_call(entries, holds, owned, left)
+        return None if call is None else _refusal(self._within(keys=call[0], args=call[1]))
 
     def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
                     owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Awaitable[Refusal | None]:
         """:meth:`add_within`, batched: a future, not a coroutine (a call waiting on it holds neither
         a coroutine nor what it adds: they are packed at once)."""
-        if not entries and not holds and not owned and not left:
+        call = self._within_call(entries, holds, owned, left)
+        if call is None:
             return _resolved(None)
-        return self._batch().submit(_script, _WITHIN, *self._within_call(entries, holds, owned, left), read=_refused,
-                                    withdrawable=True)
+        return self._batch().submit(_script, _WITHIN, *call, read=_refused, withdrawable=True)
 
     async def aget(self, key: str) -> bytes | None:
         value = await self._batch().submit(self._queue_get, key)
@@ -800,30 +812,28 @@ class RedisStore:
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
                  averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
-        if entries or samples or releases or bounded or averages or puts:
-            self._queue(self.client.pipeline(transaction=False), _eval, entries, samples, releases, bounded,
-                        averages, puts).execute()
+        settle = _settles(entries, samples, releases, averages, puts)
+        if bounded or settle is not None:
+            self._queue(self.client.pipeline(transaction=False), _eval, bounded, settle).execute()
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                   releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
                   averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> Awaitable[None]:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
-        if entries or samples or releases or bounded or averages or puts:
-            return self._batch().submit(self._queue, entries, samples, releases, bounded, averages, puts,
-                                        read=_none)
+        settle = _settles(entries, samples, releases, averages, puts)
+        if bounded or settle is not None:
+            return self._batch().submit(self._queue, bounded, settle, read=_none)
         return _resolved(None)
 
     def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
         pipe.get(self._k(key))
 
-    def _queue(self, pipe: Any, script: Script, entries: Sequence[Addition], samples: Sequence[Sample],
-               releases: Sequence[Release], bounded: Sequence[Bounded], averages: Sequence[Average],
-               puts: Sequence[Put]) -> Any:
-        """Each bounded write, then the rest as one script (one command to send and parse)."""
+    def _queue(self, pipe: Any, script: Script, bounded: Sequence[Bounded], settle: _Settle | None) -> Any:
+        """Each bounded write, then the rest (:func:`_settles`) as one script (one command to send and parse)."""
         for bound in bounded:
             script(pipe, _BOUNDED, *self._bounded_call(bound))
-        if entries or samples or releases or averages or puts:
-            script(pipe, _SETTLE, *self._settle_call(entries, samples, releases, averages, puts))
+        if settle is not None:
+            script(pipe, _SETTLE, *self._settle_call(*settle))
         return pipe
 
     def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
