@@ -127,6 +127,14 @@ class Admission:
             held.reservation = Reservation(self.claims)
         held.probe = self.probe
 
+    def taken(self, held: Held) -> None:
+        """The store took this admission: ``held`` keeps what :meth:`unanswered` keeps, and the
+        attempt's quota windows (to settle, or give back)."""
+        self.unanswered(held)
+        if self.found:
+            taken = [(w.within[0], w.within[1], w.within[3]) for w in self.windows]
+            held.quota = (Taken(taken, self.tokens), self.found)
+
 
 @dataclass
 class Settlement:
@@ -269,12 +277,7 @@ class Bookkeeper:
                 return StepDown(f"session reasoning budget: {claim.amount:g} tokens more do not fit in half of what "
                                 f"is left ({total:g} of {claim.limit + claim.amount:g} held or spent)")
             raise budgets.refused(claim, total)
-        if claims:
-            held.reservation = Reservation(claims)
-        if admission.found:
-            taken = [(w.within[0], w.within[1], w.within[3]) for w in windows]
-            held.quota = (Taken(taken, admission.tokens), admission.found)
-        held.probe = admission.probe
+        admission.taken(held)
         return None
 
     def admission_failed(self, held: Held, admission: Admission, error: Exception) -> None:
