@@ -536,3 +536,25 @@ def test_a_read_whose_reply_was_lost_is_sent_again(tmp_path) -> None:
     finally:
         proxy.close()
         server.stop()
+
+
+@pytest.mark.parametrize("stored", [b"abc", b'{"a": 1}', b'["abc", 20, null]', b'[Infinity, 20]'])
+def test_a_reply_size_list_sqlite_cannot_read_keeps_no_budget_held(stored, tmp_path) -> None:
+    """SQLite keeps a model's recent reply sizes as a JSON list in one row: a row another program (or an
+    older version) wrote that is no such list, or holds values that are no finite numbers, reads as its
+    finite numbers only, and each settlement still ends the budget's hold and adds the actual spend (it
+    did not: every settlement of that model and app failed on the row, for good, so each call's
+    estimate stayed held for ``reservation_ttl_s`` and the tenth call was refused)."""
+    from router_middleware.stores import SQLiteStore
+
+    path = tmp_path / "state.db"
+    SQLiteStore(path).set("out:gpt-4o-mini:shop", stored)
+    budget = {"name": "team", "usd": 0.003, "window_s": 86400}  # about 10 estimates, 200 actual costs
+    pipeline = Pipeline.from_config({"app": "shop", "store": f"sqlite:///{path}", "routing": {"budgets": [budget]},
+                                     "cache": {"enabled": False}})
+    spent = 0.0
+    for _ in range(12):
+        spent += outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")).cost.total_usd
+    store = SQLiteStore(path)
+    assert float(store.get(f"budget:team:usd:shop:{int(time.time() // 86400)}")) == pytest.approx(spent)
+    assert len(store.samples("out:gpt-4o-mini:shop")) >= 12 - 1 and all(v < 100 for v in store.samples("out:gpt-4o-mini:shop"))

@@ -10,7 +10,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
 
@@ -50,14 +50,14 @@ def number(raw: bytes | str | float) -> float:
     return value
 
 
-def numbers(values: Iterable[bytes | str | float]) -> list[float]:
+def numbers(values: Iterable[Any]) -> list[float]:
     """The values of a list of recent values (:meth:`Store.samples`) that are finite numbers: one
     another program pushed is left out, not a reason to fail the read of every key fetched with it."""
     found = []
     for value in values:
         try:
             found.append(number(value))
-        except ValueError:
+        except (TypeError, ValueError):  # TypeError: a JSON null, list or object among them (SQLite)
             continue
     return found
 

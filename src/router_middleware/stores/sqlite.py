@@ -27,6 +27,7 @@ from .base import (
     Within,
     blend,
     fetch_each,
+    numbers,
     refusing,
     token_lock,
     within_checks,
@@ -165,7 +166,7 @@ class SQLiteStore:
                     self._add(db, key, delta, ttl_s)
             for key, value, keep, ttl_s in samples:
                 current = self._current(db, key)
-                recent = [*(json.loads(current[0]) if current else []), value][-keep:]
+                recent = [*(_recent(current[0]) if current else []), value][-keep:]
                 db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                            (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
             for key, sample, weight, ttl_s in averages:
@@ -189,7 +190,7 @@ class SQLiteStore:
 
     def samples(self, key: str) -> list[float]:
         raw = self.get(key)
-        return [float(v) for v in json.loads(raw)] if raw else []
+        return _recent(raw) if raw else []
 
     def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
         with self._tx() as db:
@@ -232,3 +233,14 @@ class SQLiteStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _recent(raw: bytes) -> list[float]:
+    """A row of recent values (a JSON list of numbers) as its finite numbers: a row another program
+    wrote that is no such list reads as none, and a value in it that is no finite number is left out,
+    as Redis's and memory's reads leave it out (:func:`.base.numbers`); the next sample replaces it."""
+    try:
+        values = json.loads(raw)
+    except ValueError:  # not JSON (UnicodeDecodeError is one)
+        return []
+    return numbers(values) if isinstance(values, list) else []
