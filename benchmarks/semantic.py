@@ -1,6 +1,7 @@
 """Precision of semantic-cache hits on labelled pairs built from real prompts (GSM8K and MMLU).
 
     .venv/bin/python benchmarks/semantic.py [--per-set N]
+    .venv/bin/python benchmarks/semantic.py --cost N    # what the cache costs a call instead
 
 Pairs (all from ../shared/data/routing, RouteLLM's evaluation prompts):
 - paraphrase (should hit): the prompt rewritten by fixed surface rules: a polite prefix, "How many"
@@ -27,6 +28,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from router_middleware.semantic import features, local_embedder, refusal
@@ -114,7 +116,11 @@ def load_prompts(path: Path, limit: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--per-set", type=int, default=300)
+    parser.add_argument("--cost", type=int, default=0, metavar="N",
+                        help="instead: what the cache costs a call, over N GSM8K prompts (see cost())")
     args = parser.parse_args(argv)
+    if args.cost:
+        return cost(load_prompts(SHARED / "gsm8k_responses.csv", args.cost))
     rng = random.Random(20261128)
     pairs: list[tuple[str, str, bool, str]] = []
     gsm8k = load_prompts(SHARED / "gsm8k_responses.csv", args.per_set)
@@ -154,6 +160,49 @@ def main(argv: list[str] | None = None) -> int:
                    for why in (numbers_only, every)]
         print(f"  {sim:.3f} {'match' if same else 'differ':6} {verdict[0]:22} {verdict[1]:22} {b[:70]!r}")
     print("\n" + "\n".join(summary))
+    return 0
+
+
+def cost(prompts: list[str]) -> int:
+    """Median wall time of ``Pipeline.completion`` (``mock_response``, memory store) per prompt: without
+    the semantic cache; with it, a miss in a scope that holds entries (the lookup reads and compares
+    them, the answer is learnt); and a hit on the prompt's paraphrase; with the embedder's runs a call."""
+    import statistics
+
+    import router_middleware as rm
+
+    def send(pipeline: rm.Pipeline, text: str) -> tuple[float, str]:
+        started = time.perf_counter()
+        answer = pipeline.completion(model="gpt-4o-mini", temperature=0, mock_response="42", context={"app": "cost"},
+                                     messages=[{"role": "user", "content": text}])
+        return time.perf_counter() - started, rm.outcome(answer).usage.source
+
+    plain = rm.Pipeline.from_config({"cache": {"enabled": False}})
+    cached = rm.Pipeline.from_config({"cache": {"semantic": {"enabled": True}}})
+    index = cached.cache.semantic  # type: ignore[union-attr]
+    embed, runs = index.embed, [0]
+
+    def counted(texts: Sequence[str]) -> list[list[float]]:
+        runs[0] += 1
+        return embed(texts)
+
+    index.embed = counted
+    send(plain, "warm up")
+    send(cached, "Warm up the cache with a first entry.")
+    rows: dict[str, tuple[list[float], int]] = {}
+    for name, pipeline, texts, hit in (("no semantic cache", plain, prompts, None),
+                                       ("miss (scope holds entries)", cached, prompts, False),
+                                       ("hit (a paraphrase)", cached, [paraphrase(p) for p in prompts], True)):
+        runs[0], times = 0, []
+        for text in texts:
+            elapsed, source = send(pipeline, text)
+            if hit is None or (source == "cache") == hit:
+                times.append(elapsed)
+        rows[name] = times, runs[0]
+    print(f"semantic cache cost per call, {time.strftime('%Y-%m-%d')}, {len(prompts)} GSM8K prompts, memory store, "
+          "mock_response\n\n| call | calls timed | median (ms) | embedder runs a call |\n|---|---|---|---|")
+    for name, (times, count) in rows.items():
+        print(f"| {name} | {len(times)} | {statistics.median(times) * 1e3:.2f} | {count / len(prompts):.2f} |")
     return 0
 
 

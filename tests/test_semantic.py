@@ -143,3 +143,28 @@ def test_missing_extra_is_named(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ImportError, match=r"pip install 'router-middleware\[semantic\]'"):
         local_embedder(["hello"])
+
+
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_turn_is_embedded_once_per_call(pipeline, driver) -> None:
+    """A miss whose scope holds entries embeds its last user turn once: the lookup's vector is the one
+    the index learns when the answer is cached (it was embedded again: a second MiniLM run of 13-40 ms
+    on this machine, or a second paid ``embedding`` call with ``embedder: litellm:...``)."""
+    import asyncio
+
+    index = pipeline.cache.semantic
+    real, embedded = index.embed, []
+    index.embed = lambda texts: embedded.extend(texts) or real(texts)
+    tenant = uuid.uuid4().hex
+
+    def send(text):
+        request = {"model": "gpt-4o-mini", "temperature": 0, "mock_response": "13", "context": {"app": "sem", "tenant": tenant},
+                   "messages": [{"role": "system", "content": "Answer with a number."}, {"role": "user", "content": text}]}
+        return pipeline.completion(**request) if driver == "completion" else asyncio.run(pipeline.acompletion(**request))
+
+    send(QUESTION)  # the scope is empty: no lookup embeds, the add does
+    assert embedded == [QUESTION]
+    assert outcome(send("Which organ produces insulin?")).usage.source != "cache"  # a miss: looked up, then learnt
+    assert embedded == [QUESTION, "Which organ produces insulin?"]
+    assert outcome(send(PARAPHRASE)).usage.source == "cache"
+    assert embedded == [QUESTION, "Which organ produces insulin?", PARAPHRASE]

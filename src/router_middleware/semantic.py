@@ -25,7 +25,9 @@ import hashlib
 import json
 import math
 import re
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -180,6 +182,9 @@ class SemanticMatch:
     similarity: float
 
 
+_LOOKED_UP = 64  # the last lookups' vectors kept for the adds that follow them
+
+
 class SemanticIndex:
     def __init__(self, store: Store, embed: Embedder, *, threshold: float = 0.9, max_per_scope: int = 200,
                  ttl_s: float = 3600.0, number_guard: bool = True, text_guards: bool = True) -> None:
@@ -190,6 +195,10 @@ class SemanticIndex:
         self.ttl_s = ttl_s
         self.number_guard = number_guard
         self.text_guards = text_guards
+        # A lookup's vector, by its text, until the add of the same call takes it (or newer ones push
+        # it out): each turn is embedded once per call, not again when its answer is learnt.
+        self._looked_up: OrderedDict[str, list[float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def find(self, plan: Plan) -> SemanticMatch | None:
         text = last_user_text(plan)
@@ -201,6 +210,10 @@ class SemanticIndex:
             if not entries:
                 return None
             query = self.embed([text])[0]
+            with self._lock:
+                self._looked_up[text] = query
+                while len(self._looked_up) > _LOOKED_UP:
+                    self._looked_up.popitem(last=False)
             wanted = features(text)
             best: SemanticMatch | None = None
             for entry in entries:
@@ -221,8 +234,10 @@ class SemanticIndex:
         if text is None:
             return
         try:
-            entry = {"vector": _pack(self.embed([text])[0]), **features(text), "key": cache_key,
-                     "until": time.time() + self.ttl_s}
+            with self._lock:
+                vector = self._looked_up.pop(text, None)
+            vector = vector if vector is not None else self.embed([text])[0]
+            entry = {"vector": _pack(vector), **features(text), "key": cache_key, "until": time.time() + self.ttl_s}
             self.store.append(entries_key(plan), json.dumps(entry).encode(), self.max_per_scope, self.ttl_s)
         except Exception as exc:  # noqa: BLE001 - a failed write only loses a future hit
             log.warning("semantic_write_failed", error_type=type(exc).__name__, error=str(exc)[:200])
