@@ -703,18 +703,23 @@ class RouterLogger(CustomLogger):
                 raise RequestError("model and input given positionally: litellm hands the hook keyword "
                                    "arguments only")
             found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]))
-        except (BudgetExceeded, StoreUnavailable) as refused:
-            if self._refuses(kwargs, refused):
-                raise
-            return
-        except NoRouteError as exc:
-            _not_routed(exc)
-            return
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            _unplanned(endpoint, exc)
+            self._not_started(kwargs, exc, lambda error: _unplanned(endpoint, error))
             return
         self._keep(kwargs, found)
         self._watch(kwargs, found)
+
+    def _not_started(self, kwargs: Mapping[str, Any], error: Exception, failed: Callable[[Exception], None]) -> None:
+        """Starting an SDK call's lifecycle raised ``error``: re-raise a budget's or the store's refusal
+        the hook refuses the call with (:meth:`_refuses`); else the call is sent as it came, logged (a
+        :class:`NoRouteError` as not routed, anything else by ``failed``)."""
+        if isinstance(error, BudgetExceeded | StoreUnavailable):
+            if self._refuses(kwargs, error):
+                raise error
+        elif isinstance(error, NoRouteError):
+            _not_routed(error)
+        else:
+            failed(error)
 
     def _refuses(self, kwargs: Mapping[str, Any], refused: Exception) -> bool:
         """Whether the SDK call ``refused`` was raised for is refused: not when refusing would make
@@ -741,15 +746,9 @@ class RouterLogger(CustomLogger):
                                      unusable=f"litellm already chose provider {provider} for this call")
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
-        except (BudgetExceeded, StoreUnavailable) as refused:
-            if self._refuses(kwargs, refused):
-                raise
-            return None
-        except NoRouteError as exc:
-            _not_routed(exc)
-            return None
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
-            log.warning("litellm_hook_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            self._not_started(kwargs, exc, lambda error: log.warning(
+                "litellm_hook_failed", error_type=type(error).__name__, error=str(error)[:200]))
             return None
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
