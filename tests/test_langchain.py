@@ -1153,3 +1153,52 @@ def test_each_try_of_a_retry_middleware_inside_the_router_is_charged_what_it_str
     assert first.status.status_code == StatusCode.ERROR and first.end_time <= last.start_time
     assert first.attributes["router_middleware.usage.source"] == "estimated"
     assert first.attributes["gen_ai.usage.output_tokens"] == rows[0][2]
+
+
+@pytest.mark.parametrize(("name", "held"), [("gpt-4o-mini", "openai/gpt-4o-mini"), ("openai/gpt-4o-mini", "gpt-4o-mini")])
+def test_the_agent_middleware_names_a_target_in_its_rows_and_spans_as_the_pipeline_does(name, held, tmp_path,
+                                                                                          span_exporter) -> None:
+    """``models={name: a model of held}`` where ``name`` is itself a model id standing for the same
+    model (same catalog facts): a failed call and an answered one through a real agent loop name the
+    target in their ledger rows and CLIENT spans as ``Pipeline.completion`` names it for the same
+    alias (before, a failed row and span named the held model's own spelling, ``openai/gpt-4o-mini``,
+    where the pipeline and the answered row said ``gpt-4o-mini``)."""
+    import litellm
+    from langchain.agents import create_agent
+
+    from router_middleware.ledger.store import open_ledger
+
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+
+    def config(url: str) -> dict[str, Any]:
+        return {"routing": {"aliases": {"coder": [name]}}, "cache": {"enabled": False},
+                "context": {"enabled": False}, "ledger": {"url": url}}
+
+    def recorded(url: str, pipeline: Pipeline) -> tuple[list[Any], list[str]]:
+        pipeline.close()
+        spans = [s.name for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+        span_exporter.clear()
+        return [tuple(r) for r in open_ledger(url).query("SELECT model, provider, error FROM calls ORDER BY ts")], spans
+
+    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    direct = Pipeline.from_config(config(url))
+    with pytest.raises(litellm.RateLimitError):
+        direct.completion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response=limited)
+    direct.completion(model="coder", messages=[{"role": "user", "content": "hi"}], mock_response="done")
+    expected = recorded(url, direct)
+
+    url = f"sqlite:///{tmp_path / 'agent.db'}"
+    pipeline = Pipeline.from_config(config(url))
+    for answer in (limited, "done"):
+        model = RoutedChatModel(model=held, pipeline=Pipeline(), model_kwargs={"mock_response": answer})
+        agent = create_agent(model, tools=[], middleware=[
+            RouterAgentMiddleware(pipeline, models={name: model}, model="coder")])
+        if isinstance(answer, Exception):
+            with pytest.raises(litellm.RateLimitError):
+                agent.invoke({"messages": [HumanMessage("hi")]})
+        else:
+            assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
+    rows, spans = recorded(url, pipeline)
+    assert (rows, spans) == expected
+    assert [error for _, _, error in rows] == ["RateLimitError", None]
+    assert spans == [f"chat {name}"] * 2

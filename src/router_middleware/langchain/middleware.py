@@ -143,11 +143,23 @@ class RouterAgentMiddleware(AgentMiddleware):
     def _serve(self) -> None:
         """Tell the pipeline the model each of ``models`` stands for, where its name is not that
         model (``"strong"`` for a ChatLiteLLM of ``openai/gpt-5-mini``), so an attempt there is
-        planned, priced and its parameters fitted as that model (:meth:`.Engine.serve`)."""
+        planned, priced and its parameters fitted as that model (:meth:`.Engine.serve`). A name that
+        is itself a model id the catalog knows as the same model (``"gpt-4o-mini"`` for one of
+        ``openai/gpt-4o-mini``: same provider, prices, window and capabilities) is planned as itself,
+        as ``Pipeline.completion`` plans it: its rows and spans name it as the pipeline's do."""
         served = {name: found for name, chat_model in self.models.items()
-                  if (found := _model_name(chat_model)) != name and self.pipeline.catalog.resolve(found)}
+                  if (found := _model_name(chat_model)) != name and self.pipeline.catalog.resolve(found)
+                  and not self._same_model(name, found)}
         if served:
             self.pipeline.serve({**self.pipeline.state.served, **served})
+
+    def _same_model(self, name: str, found: str) -> bool:
+        """Whether the catalog knows ``name`` as the model ``found`` names (the same facts, whatever
+        each is spelled as)."""
+        catalog = self.pipeline.catalog
+        mine, theirs = catalog.resolve(name), catalog.resolve(found)
+        return (mine is not None and theirs is not None
+                and replace(mine, model=theirs.model, source=theirs.source) == theirs)
 
     def _routes(self, route: str) -> bool:
         """Whether a call could be routed by ``route``: an alias, a deployment, ``auto`` with tiers, or
