@@ -876,14 +876,16 @@ class _CutStream(GenericFakeChatModel):
             await asyncio.sleep(0)
 
 
-def _cut_agent(tmp_path: Path, hang: bool = False, inside: Any = None) -> tuple[Any, Pipeline, str]:
+def _cut_agent(tmp_path: Path, hang: bool = False, inside: Any = None,
+               limits: dict[str, Any] | None = None) -> tuple[Any, Pipeline, str]:
     """An agent on a model whose every stream breaks off (twice at most), routed by the router, with
-    a middleware ``inside`` it if given."""
+    a middleware ``inside`` it if given (and ``routing.limits`` if given)."""
     from langchain.agents import create_agent
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url},
-                                     "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+                                     "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}],
+                                                 "limits": limits or {}}})
     model = _CutStream(messages=iter([AIMessage("one two three four five six seven eight")] * 2), hang=hang)
     middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini",
                                        context={"app": "a"})
@@ -1202,3 +1204,83 @@ def test_the_agent_middleware_names_a_target_in_its_rows_and_spans_as_the_pipeli
     assert (rows, spans) == expected
     assert [error for _, _, error in rows] == ["RateLimitError", None]
     assert spans == [f"chat {name}"] * 2
+
+
+def _day_count(pipeline: Pipeline, bucket: str, kind: str) -> float:
+    """What ``bucket``'s ``kind`` (``rpd``, ``tpd``) counter holds for today (UTC)."""
+    import time
+
+    return float(pipeline.store.get(f"quota:{bucket}:{kind}:{int(time.time() // 86400)}") or 0)
+
+
+@pytest.mark.parametrize("way", ["pipeline", "agent", "async agent"])
+def test_each_try_of_a_retry_counts_toward_the_request_quota_as_the_pipeline_s_own_retry_does(way, monkeypatch) -> None:
+    """The provider refuses the first request (a 429) and answers the second. ``Pipeline.completion``
+    retries it itself (``attempts_per_model: 2``); through the agent, ModelRetryMiddleware inside the
+    router retries it. Either way two requests reached the provider: both count toward the target's
+    requests a day, the tokens are the answer's, and the next call finds the quota used up (before,
+    the agent's inner retry took no request: the next call went through)."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware import NoRouteError, outcome
+
+    answers = iter([litellm.RateLimitError("slow down", "openai", "gpt-4o-mini"), "done", "late"])
+    completion = litellm.completion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: completion(**{**kw, "mock_response": next(answers)}))
+    acompletion = litellm.acompletion
+
+    async def scripted(**kw: Any) -> Any:
+        return await acompletion(**{**kw, "mock_response": next(answers)})
+
+    monkeypatch.setattr(litellm, "acompletion", scripted)
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False},
+                                     "routing": {"limits": {"gpt-4o-mini": {"rpd": 2, "tpd": 100_000}},
+                                                 "fallback": {"backoff_s": 0.0,
+                                                              "attempts_per_model": 2 if way == "pipeline" else 1}}})
+    if way == "pipeline":
+        def ask() -> Any:
+            return pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+
+        response = ask()
+        assert response.choices[0].message.content == "done"
+        answered = outcome(response).usage.total_tokens
+    else:
+        model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())
+        retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+        agent = create_agent(model, tools=[], middleware=[
+            RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini"), retry])
+
+        def ask() -> Any:
+            question = {"messages": [HumanMessage("hi")]}
+            return asyncio.run(agent.ainvoke(question)) if way == "async agent" else agent.invoke(question)
+
+        message = ask()["messages"][-1]
+        assert message.content == "done"
+        answered = message.usage_metadata["total_tokens"]
+    assert _day_count(pipeline, "gpt-4o-mini", "rpd") == 2  # the refused request and the answered one
+    assert _day_count(pipeline, "gpt-4o-mini", "tpd") == answered  # the 429 used no tokens
+    with pytest.raises(NoRouteError, match="rpd limit 2 reached"):
+        ask()
+
+
+def test_each_try_of_a_retry_middleware_inside_the_router_counts_its_tokens_toward_the_quota(tmp_path) -> None:
+    """Each try's stream breaks off after part of an answer, and ModelRetryMiddleware gives up: each
+    try was a request the provider billed for its prompt and what it streamed, so the target's
+    request and token quotas count both tries, at what each row says it used (before, one request
+    and the last try's tokens)."""
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+    agent, pipeline, url = _cut_agent(tmp_path, inside=retry,
+                                      limits={"gpt-4o-mini": {"rpd": 100, "tpd": 1_000_000}})
+    got = [chunk.content for chunk, _ in agent.stream({"messages": [HumanMessage("hi")]}, stream_mode="messages")]
+    assert got[-1].startswith("Model call failed after 2 attempts with ConnectionError")
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT input_tokens, output_tokens FROM calls")
+    assert len(rows) == 2 and all(inputs > 0 and outputs > 0 for inputs, outputs in rows)
+    assert _day_count(pipeline, "gpt-4o-mini", "rpd") == 2
+    assert _day_count(pipeline, "gpt-4o-mini", "tpd") == sum(inputs + outputs for inputs, outputs in rows)

@@ -143,7 +143,7 @@ class CallLifecycle:
         self._settled = False  # ... and once its writes were made (or failed)
         self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
-        self._tries: tuple[tuple[Outcome, Exception], ...] = ()  # its earlier tries that used something (tried)
+        self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
@@ -240,20 +240,24 @@ class CallLifecycle:
         adapter's model call: ModelRetryMiddleware inside RouterAgentMiddleware), having used ``spent``
         (``None``: nothing) before it broke off: its span ends (at ``end_ns``) with what it used, the
         next try has a span of its own, and what it used is settled apart (a ledger row of its own,
-        charged to the budgets) when the attempt's end comes back. It counts toward no cooldown."""
+        charged to the budgets) when the attempt's end comes back; then too it counts toward the target's
+        request and token quotas, as a request the provider was sent, as the pipeline's own retry of a
+        target does (:meth:`~.bookkeeping.Bookkeeper.tried`). It counts toward no cooldown."""
         if self._current is None:
             return
         trace = self._current[1]
         trace.attempt_failed(error, spent, end_ns)
         trace.again()
-        if spent is not None:
-            self._tries += ((spent, error),)
+        self._tries += ((spent, error, time.time()),)
 
     def _settle_tries(self) -> None:
-        """Settle apart what the attempt's earlier tries used (:meth:`tried`)."""
+        """Count the attempt's earlier tries toward its quotas, and settle apart what they used
+        (:meth:`tried`), in the lifecycle's step (a store write never blocks an event loop there)."""
         tries, self._tries = self._tries, ()
-        for spent, error in tries:
-            self._settle_apart(spent, error)
+        for spent, error, when in tries:
+            self.books.tried(self.held, error, spent, when)
+            if spent is not None:
+                self._settle_apart(spent, error)
 
     def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False, *,
                 made: bool = True) -> None:

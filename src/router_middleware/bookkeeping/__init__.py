@@ -306,6 +306,25 @@ class Bookkeeper:
             held.quota = None
             self._add("quota_store_failed", quotas.give_back(taken))
 
+    def tried(self, held: Held, error: BaseException, spent: Outcome | None = None, when: float | None = None) -> None:
+        """The attempt's try failed with ``error`` and the adapter ran its model again (a retry inside
+        the adapter's model call) at ``when`` (``time.time()``; default now): the try keeps the request
+        it took, its tokens given back, or settled at what ``spent`` used, as :meth:`attempt_failed`
+        leaves a failed attempt's; the next try takes a request and the attempt's token estimate in the
+        windows of ``when``, as the pipeline's own retry of a target is admitted, but counted rather
+        than admitted (it was under way: nothing could refuse it). It counts toward no cooldown; the
+        provider's view is read from ``error``."""
+        if held.quota is None:
+            return
+        taken, found = held.quota
+        additions = (quotas.give_back(taken, requests=False) if spent is None
+                     else quotas.settlement(taken, spent.usage.total_tokens))
+        windows = quotas.window_claims(found, taken.tokens, time.time() if when is None else when)
+        keys = [(w.within[0], w.within[1], w.within[3]) for w in windows]
+        held.quota = (Taken(keys, taken.tokens), found)
+        self._add("quota_store_failed", [*additions, *keys])
+        self._observe(found, error)
+
     def attempt_failed(self, held: Held, target: str, error: BaseException, spent: Outcome | None = None) -> None:
         """Give back the attempt's quota tokens, or settle them at what ``spent`` used (an attempt that
         broke off partway: the provider counted those tokens, as its budget is charged them), and

@@ -12,7 +12,8 @@ Budgets, quotas, cooldowns, retries with backoff and fallbacks behave as in the 
 and cost are read from the AIMessage and recorded (span, metrics, ledger, the session's reasoning
 spend). An attempt whose model stream broke off is settled at what it streamed (read from
 LangChain's callbacks), and so is each earlier try of it a retry middleware inside this one made
-(settled apart: a row and span of its own); a message a middleware inside this one made in place of
+(settled apart: a row and span of its own); each try counts toward the target's quotas, as the
+pipeline's own retry does (a request, and the tokens it used); a message a middleware inside this one made in place of
 a failed model's answer (ModelRetryMiddleware giving up) reaches the agent, and is recorded as that failure.
 The response cache is not used (its answers are litellm responses).
 """
