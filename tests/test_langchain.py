@@ -1011,13 +1011,14 @@ def test_retry_and_fallback_middleware_outside_the_router_have_each_call_recorde
     assert rows == [("gpt-4o-mini", "RateLimitError"), ("gpt-4o-mini", "RateLimitError"), ("gpt-3.5-turbo", None)]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
 @pytest.mark.parametrize("route", [None, "agent"])
-def test_a_fallback_middleware_outside_the_router_with_models(route, tmp_path) -> None:
-    """ModelFallbackMiddleware before the router, with ``models=``. Without ``model=`` its model is
-    sent when it is among ``models`` (routed by its name there): the failed call's row, the
-    fallback's answer and row. With ``model=`` every call is routed by it: the fallback runs the
-    route again and its model is not sent (a row per run; each run's failure is counted, as the
-    provider was called again)."""
+def test_a_fallback_middleware_outside_the_router_with_models(route, asynchronous, tmp_path) -> None:
+    """ModelFallbackMiddleware before the router, with ``models=``: its model is sent when it is among
+    ``models`` (routed by its name there): the failed call's row, the fallback's answer and row. With
+    ``model=`` too: the call the fallback makes with its model (not the agent's) is routed by that
+    model, not by ``model=`` (before, the fallback ran the route again, its model never sent: a second
+    failure, and the agent got the error)."""
     import litellm
     from langchain.agents import create_agent
     from langchain.agents.middleware import ModelFallbackMiddleware
@@ -1034,19 +1035,45 @@ def test_a_fallback_middleware_outside_the_router_with_models(route, tmp_path) -
     agent = create_agent(models["main"], tools=[], middleware=[
         ModelFallbackMiddleware(models["backup"]), RouterAgentMiddleware(pipeline, models=models, model=route)])
     question = {"messages": [HumanMessage("hi")]}
-    if route is None:
-        assert agent.invoke(question)["messages"][-1].content == "done"
-    else:
-        with pytest.raises(litellm.RateLimitError):
-            agent.invoke(question)
+    state = asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+    assert state["messages"][-1].content == "done"
     pipeline.close()
-    rows = open_ledger(url).query("SELECT requested_model, error FROM calls ORDER BY ts")
-    if route is None:
-        assert rows == [("main", "RateLimitError"), ("backup", None)]
-        assert pipeline.store.get("cooldown:main") is None
-    else:
-        assert rows == [("agent", "RateLimitError")] * 2
-        assert pipeline.store.get("cooldown:main") is not None  # two failures within one agent step
+    rows = open_ledger(url).query("SELECT requested_model, model, error FROM calls ORDER BY ts")
+    assert rows == [(route or "main", "openai/gpt-4o-mini", "RateLimitError"), ("backup", "gpt-4o", None)]
+    assert pipeline.store.get("cooldown:main") is None  # one failure: the route ran once
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_said_once(asynchronous,
+                                                                                        tmp_path) -> None:
+    """ModelFallbackMiddleware before a router with ``model=`` hands it a model none of ``models`` holds
+    (and whose name routes nothing): that call is routed by ``model=`` again, as before, but no longer
+    silently: a warning names the route and the model it stands in for, once per pair."""
+    import litellm
+    import structlog
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["main"]}},
+                                     "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    models = {"main": RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(),
+                                      model_kwargs={"mock_response": limited})}
+    outsider = RoutedChatModel(model="openai/gpt-4o", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})
+    agent = create_agent(models["main"], tools=[], middleware=[
+        ModelFallbackMiddleware(outsider), RouterAgentMiddleware(pipeline, models=models, model="agent")])
+    question = {"messages": [HumanMessage("hi")]}
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            with pytest.raises(litellm.RateLimitError):
+                asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+    said = [e for e in logs if e["event"] == "agent_model_swap_not_routed"]
+    assert len(said) == 1 and (said[0]["route"], said[0]["model"]) == ("agent", "openai/gpt-4o")
+    pipeline.close()
+    assert open_ledger(url).query("SELECT requested_model, error FROM calls") == [("agent", "RateLimitError")] * 4
 
 
 def test_a_retry_middleware_inside_the_router_that_recovers_is_recorded_as_the_answer(tmp_path) -> None:

@@ -20,6 +20,7 @@ The response cache is not used (its answers are litellm responses).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -99,6 +100,7 @@ def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[A
     return tools
 
 
+_STEPS_KEPT = 64  # agent steps whose first call's model is kept, to see a model swapped after it (_swapped)
 _HINTS = ("prompt_cache_key",)  # what the policies add only where the caller sets none
 
 
@@ -126,6 +128,14 @@ class RouterAgentMiddleware(AgentMiddleware):
     ``RequestError`` here); the session is LangGraph's
     ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
     ``ConfigError`` (its calls would be accounted twice): give it a ``Pipeline()`` of its own.
+
+    A middleware before this one that swaps the agent's model for a later call of the same agent step
+    (``ModelFallbackMiddleware``'s retry with its model) has that call routed by the model it handed
+    over, as without ``model=``: by its name where that is an alias, a deployment or one of ``models``,
+    else by the one entry of ``models`` holding it (without ``models``, its name). With ``model=`` a
+    swapped model none of ``models`` holds is routed by ``model=`` again, and a warning
+    (``agent_model_swap_not_routed``) names the route and the model, once per pair. A model handed over
+    on a step's first call is no swap: with ``model=`` that call is routed by ``model=``.
     """
 
     def __init__(self, pipeline: Pipeline, *, models: Mapping[str, BaseChatModel] | None = None,
@@ -140,6 +150,9 @@ class RouterAgentMiddleware(AgentMiddleware):
             self._known_route(model)
         self.route = model
         self.context = AgentContext.coerce(context)
+        self._lock = threading.Lock()
+        self._firsts: dict[int, tuple[Any, BaseChatModel]] = {}  # per agent step (state): its first model
+        self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
 
     def _serve(self) -> None:
         """Tell the pipeline the model each of ``models`` stands for, where its name is not that
@@ -184,18 +197,60 @@ class RouterAgentMiddleware(AgentMiddleware):
         ``openai/gpt-4o-mini``). None or several: ``ConfigError`` saying what to pass."""
         if self.route:
             return self.route
-        name = _model_name(model)
-        if not self.models or self._routes(name):
+        name, named = self._routed_by(model)
+        if name is not None:
             return name
-        named = [key for key, held in self.models.items() if held is model] or [
-            key for key, held in self.models.items() if _model_name(held) == name]
-        if len(named) == 1:
-            return named[0]
         which = (f"is held by models= {', '.join(map(repr, named))} alike" if named else
                  f"is not an alias, a deployment or one of models= ({', '.join(map(repr, self.models))}), "
                  "and none of them holds it")
-        raise ConfigError(f"the model handed to RouterAgentMiddleware, {name!r}, {which}: pass model= (what each "
-                          "call is routed by) or add it to models= under a name of its own")
+        raise ConfigError(f"the model handed to RouterAgentMiddleware, {_model_name(model)!r}, {which}: pass model= "
+                          "(what each call is routed by) or add it to models= under a name of its own")
+
+    def _routed_by(self, model: BaseChatModel) -> tuple[str | None, list[str]]:
+        """What a call handed ``model`` is routed by without ``model=`` (see :meth:`_route`), or ``None``
+        and the entries of ``models`` holding the same model (none, or several)."""
+        name = _model_name(model)
+        if not self.models or self._routes(name):
+            return name, []
+        named = [key for key, held in self.models.items() if held is model] or [
+            key for key, held in self.models.items() if _model_name(held) == name]
+        return (named[0], named) if len(named) == 1 else (None, named)
+
+    def _swapped(self, request: ModelRequest) -> bool:
+        """Whether a middleware outside this one swapped the agent's model for ``request`` (as
+        ModelFallbackMiddleware does for its retry): a later call of the same agent step (the same
+        state) handed another model than the step's first call was. The first model of the last few
+        steps is kept (agent runs sharing this middleware at once); a step no longer kept reads as
+        no swap."""
+        state = request.state
+        with self._lock:
+            first = self._firsts.get(id(state))
+            if first is not None and first[0] is state:
+                return first[1] is not request.model
+            self._firsts[id(state)] = (state, request.model)
+            while len(self._firsts) > _STEPS_KEPT:
+                del self._firsts[next(iter(self._firsts))]
+            return False
+
+    def _route_of(self, request: ModelRequest) -> str:
+        """What ``request`` is routed by: :meth:`_route`; with ``model=``, a call whose model a middleware
+        outside swapped (:meth:`_swapped`) is routed by that model where a call can be (its name is an
+        alias, a deployment or one of ``models``, or one entry of ``models`` holds it; without
+        ``models``, its name), else by ``model=`` with a warning naming both, once per pair."""
+        if not self.route or not self._swapped(request):
+            return self._route(request.model)
+        name, _ = self._routed_by(request.model)
+        if name is not None:
+            return name
+        pair = (self.route, _model_name(request.model))
+        with self._lock:
+            new = pair not in self._unrouted
+            self._unrouted.add(pair)
+        if new:
+            log.warning("agent_model_swap_not_routed", route=self.route, model=pair[1],
+                        why="a middleware before RouterAgentMiddleware handed it this model in place of the "
+                            "agent's, and none of models= holds it: the call is routed by model= again")
+        return self.route
 
     def _own_pipeline(self, chat_model: Any, where: str) -> None:
         """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
@@ -221,7 +276,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             parts = to_openai_once(original)
             converted += parts
             owners += [original] if len(parts) == 1 else [None] * len(parts)
-        call = self.pipeline.make_call(self._route(request.model), converted, context, params)
+        call = self.pipeline.make_call(self._route_of(request), converted, context, params)
         by_id = _own(call.messages, converted, owners)
 
         def build(plan: Plan) -> ModelRequest:
