@@ -685,3 +685,29 @@ async def test_a_connection_lost_mid_batch_keeps_the_replies_read(redis_url, mon
     monkeypatch.undo()
     assert await store.aget("c") == b"c"  # a fresh connection next time
     await store.aclose()
+
+
+def test_sqlite_deletes_expired_rows_it_would_never_read_again(tmp_path) -> None:
+    """Expired rows are deleted at most every ``purge_every_s`` by the next write, whether or not their
+    keys are read or written again: a quota's minute window, a day's budget total, a session's route
+    and the holds and lists beside them are each written under a key of their own, so rows only ever
+    deleted when their key was touched again filled the file for good (a row a minute per quota)."""
+    import sqlite3
+
+    from router_middleware.stores import SQLiteStore
+
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, purge_every_s=SHORT_S)
+    store.set("kept", b"y")
+    store.set("short", b"x", ttl_s=SHORT_S)
+    store.incr("quota:m:rpm:1", 1.0, ttl_s=SHORT_S)
+    store.append("semantic:scope", b"v", 3, SHORT_S)
+    store.add_within([], [("budget:day:1", 1.0, 10.0, SHORT_S, "h1", SHORT_S)])
+    store.add_within([], [("budget:lifetime", 1.0, 10.0, None, "h2", SHORT_S)])  # a live key's hold stays
+    time.sleep(LAPSED_S)
+    store.set("other", b"z")  # the next write after the interval
+    db = sqlite3.connect(path)
+    assert {k for (k,) in db.execute("SELECT key FROM kv")} == {"kept", "other", "budget:lifetime"}
+    assert db.execute("SELECT COUNT(*) FROM lists").fetchone()[0] == 0
+    assert [k for (k,) in db.execute("SELECT key FROM holds")] == ["budget:lifetime"]
+    assert store.add_within([("budget:lifetime", 9.0, 10.0, None)]) is None  # the expired hold is taken back out
