@@ -104,3 +104,11 @@ def test_adapters_smoke() -> None:
 def test_breaker_smoke(redis_url) -> None:
     out = _run("breaker.py", "--seconds", "0.5", "--cooldown", "0.2", "--redis-url", redis_url)
     assert "| of them after its first failure |" in out and out.strip().splitlines()[-1].startswith("summary: ")
+
+
+def test_semantic_cost_smoke() -> None:
+    pytest.importorskip("onnxruntime", reason="the semantic extra (in `all`) runs the local embedder")
+    out = _run("semantic.py", "--cost", "2")
+    rows = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["call", "no semantic cache", "miss (scope holds entries)", "hit (a paraphrase)"]
+    assert out.splitlines()[-2].endswith("| 1.00 |") and out.splitlines()[-1].endswith("| 1.00 |")  # one embedding
