@@ -9,7 +9,13 @@ import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, SHARED
+
+
+def _needs_shared(script: str) -> None:
+    """Skip a benchmark that reads the recorded data in ``../shared/data`` when it is not there."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"{script} reads the shared data, not found at {SHARED / 'data'} (set ROUTER_MIDDLEWARE_SHARED)")
 
 
 def _run(script: str, *args: str, env: dict[str, str] | None = None) -> str:
@@ -79,6 +85,7 @@ def test_gc_pressure_smoke(redis_url) -> None:
 
 @pytest.mark.parametrize("script", ["context.py", "routing.py", "routed_replay.py"])
 def test_quality_benchmarks_smoke(script: str) -> None:
+    _needs_shared(script)
     args = ("--limit", "1") if script in ("context.py", "routed_replay.py") else ()
     out = _run(script, *args)
     assert out.strip().splitlines()[-1].startswith("summary:")
@@ -108,6 +115,7 @@ def test_breaker_smoke(redis_url) -> None:
 
 def test_semantic_cost_smoke() -> None:
     pytest.importorskip("onnxruntime", reason="the semantic extra (in `all`) runs the local embedder")
+    _needs_shared("semantic.py")
     out = _run("semantic.py", "--cost", "2")
     rows = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["call", "no semantic cache", "miss (scope holds entries)", "hit (a paraphrase)"]
