@@ -1104,6 +1104,94 @@ def test_an_async_sdk_stream_left_partway_is_settled_at_its_prompt(tmp_path, mon
     assert (rows[0]["cost_usd"] or 0) > 0 if read else rows[0]["cost_usd"] is None
 
 
+@pytest.mark.parametrize("read", [3, 0, None], ids=["left partway", "never read", "read to its end"])
+@pytest.mark.parametrize("source", ["mock_response", "recording"])
+def test_a_sync_stream_left_partway_is_settled_at_its_prompt_and_the_chunks_that_came(
+        tmp_path, monkeypatch, span_exporter, source, read) -> None:
+    """``litellm.completion(stream=True)`` skips the hook, and litellm sends no event for a stream its
+    caller stops reading (broken out of, then dropped): the call was paid for, its prompt and the
+    chunks it streamed. Once litellm lets the call go, it is one row naming ``StreamLeft``, settled at
+    its prompt counted locally and litellm's count of the chunks that came (``usage.source``
+    ``estimated``), and the budget is charged that. A stream never read is a row with nothing spent
+    (as on the async path); one read to its end is recorded once, from its success event."""
+    import contextlib
+    import gc
+    import itertools
+
+    import vcr
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                              "window_s": 86400}]})
+    if source == "recording":
+        item = interactions(CASSETTES / "openai_chat_streaming.yaml")[0]
+        kwargs, whole = completion_kwargs(item), recorded_usage(item)["output_tokens"]
+        replay: Any = vcr.VCR(record_mode="none", decode_compressed_response=True).use_cassette(
+            str(CASSETTES / "openai_chat_streaming.yaml"))
+    else:
+        answer = "The quick brown fox jumps over the lazy dog. " * 5
+        kwargs = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me about foxes"}],
+                  "mock_response": answer, "stream": True}
+        whole, replay = litellm.token_counter(model="gpt-4o-mini", text=answer), contextlib.nullcontext()
+    try:
+        with replay:
+            stream = litellm.completion(**kwargs)
+            came = list(itertools.islice(stream, read)) if read is not None else list(stream)
+            del stream
+            # litellm's logging object of a stream sent through OpenAI's client is in a cycle with the
+            # stream: a collection frees it once litellm's logging of the chunks read is done with it
+            assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
+        gc.collect()
+        time.sleep(0.1)  # a second row would come now
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error"))
+        counter = float(logger.pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+    finally:
+        logger.unregister()
+    assert len(came) == read if read is not None else len(came) > 3
+    assert logger.recorded == 1 and len(rows) == 1 and not logger._streams
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    if read is None:  # its success event's row, with what the provider (or litellm's mock) reported
+        assert rows[0]["error"] is None and rows[0]["output_tokens"] > 0 and counter > 0
+        return
+    assert rows[0]["error"] == "StreamLeft" and span.status.status_code == StatusCode.ERROR
+    if not read:
+        assert (rows[0]["input_tokens"], rows[0]["output_tokens"], counter) == (0, 0, 0)
+        return
+    prompt = logger.pipeline.state.tokens(kwargs["model"], kwargs["messages"])
+    output = litellm.stream_chunk_builder(came).usage.completion_tokens  # litellm's count of what came
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (prompt, output) and 0 < output < whole
+    assert counter == prompt + output and rows[0]["cost_usd"] > 0  # the budget is charged what the row says
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+    assert span.attributes["gen_ai.usage.output_tokens"] == output
+
+
+def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_alone(tmp_path, monkeypatch) -> None:
+    """A sync stream whose connection drops partway (the real recording's first five events) has its
+    failure event: that records it, and the stream's watch, once litellm frees the call, adds nothing
+    (no second row naming ``StreamLeft``)."""
+    import gc
+
+    from .fault_server import fault_server
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {})
+    messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+    try:
+        with fault_server(cut_events=5) as (base, seen):
+            stream = litellm.completion(model="openai/gpt-3.5-turbo", messages=messages, api_base=f"{base}/cut/v1",
+                                        api_key="x", max_tokens=100, stream=True)
+            with pytest.raises(litellm.exceptions.MidStreamFallbackError):  # litellm's wrapping of the lost connection
+                for _chunk in stream:
+                    pass
+            del stream
+            assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
+        gc.collect()
+        time.sleep(0.1)  # a second row would come now
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and not logger._streams
+    assert [r["error"] for r in rows] == ["APIConnectionError"]
+
+
 def test_aresponses_of_openais_responses_api_is_admitted_before_it_is_sent(tmp_path, monkeypatch) -> None:
     """``litellm.aresponses`` of a model with the Responses API (OpenAI's): the deployment hook, which
     litellm calls for it as for ``acompletion``, admits it as sent (its ``input`` and

@@ -24,22 +24,25 @@ the same way, is admitted as the proxy admits a ``/v1/responses`` request: sent 
 quotas and budgets first (:meth:`RouterLogger._start_sdk_as_sent`). If planning fails otherwise, the
 request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
 ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
-budgets after it is made); the logger counts what it did (``hook_calls``, ``recorded``) for tests
-and health checks. Use ``register()`` / ``unregister()`` rather than editing ``litellm.callbacks``
-by hand.
+budgets after it is made; a sync stream its caller stops reading, which gets no event, once litellm
+frees it: :meth:`RouterLogger._watch_sync`); the logger counts what it did (``hook_calls``,
+``recorded``) for tests and health checks. Use ``register()`` / ``unregister()`` rather than editing
+``litellm.callbacks`` by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import queue
 import threading
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -165,6 +168,15 @@ def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
     """The call litellm made, with its labels: one the pipeline refuses (litellm's ``metadata`` is
     free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
     return _labelled(lambda labels: Call.create(model, messages, {}, labels), context)
+
+
+def _request_of(details: Mapping[str, Any]) -> dict[str, Any]:
+    """What :meth:`RouterLogger._planned` reads of a call's event kwargs (its model as passed, its
+    messages, its labels), apart from litellm's dict, which a finalizer must not hold."""
+    requested = wire.requested_model(details)
+    kept = {"model": details.get("model"), "messages": list(details.get("messages") or []),
+            "metadata": dict(_metadata(details))}
+    return {**kept, "agentic_loop_params": {"model": requested}} if requested else kept
 
 
 def _labelled(make: Callable[[dict[str, Any]], Call], context: dict[str, Any]) -> Call:
@@ -307,6 +319,66 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
     return messages or [{"role": "user", "content": ""}], params
 
 
+class StreamLeft(asyncio.CancelledError):
+    """A sync chat stream (``litellm.completion(stream=True)``) its caller stopped reading and let go
+    of before it ended: litellm sends no event for it. Stopped from the caller's side, never a failure
+    of its provider; settled at what it had used (:meth:`RouterLogger._sync_left`)."""
+
+
+# the key of a sync stream's watch in litellm's ``model_call_details`` (:meth:`RouterLogger._watch_sync`)
+_WATCH_KEY = "router_middleware_stream"
+
+
+@dataclass
+class _Streaming:
+    """A sync chat stream in flight: what its request said (``request``, read by
+    :meth:`RouterLogger._planned`: its model, messages and labels; ``tools``: their definitions, for
+    its prompt's count), and the chunks litellm has told of so far (:meth:`RouterLogger.log_stream_event`)."""
+
+    request: Mapping[str, Any]
+    tools: Any = None
+    chunks: list[Any] = field(default_factory=list)
+
+
+class _Watched:
+    """What a sync stream's call keeps in litellm's ``model_call_details``, freed with it: its finalizer
+    says litellm let the call go (:meth:`RouterLogger._watch_sync`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+class _Handoff:
+    """Work a finalizer hands over, run on a daemon thread of its own. A finalizer runs where the
+    object is freed: inside a garbage collection, on any thread, maybe while that thread holds a lock
+    the work takes (the logger's, a store's); so it only queues (``SimpleQueue.put`` may be called
+    there). The thread is started before anything can be queued (:meth:`ready`)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def ready(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="router-middleware-handoff", daemon=True)
+                self._thread.start()
+
+    def put(self, work: Callable[[], None]) -> None:
+        self._queue.put(work)
+
+    def _run(self) -> None:
+        while True:
+            work = self._queue.get()
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
+                log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+
+_HANDOFF = _Handoff()
+
+
 class _Details:
     """A litellm logging object's ``model_call_details``, kept on the object (see :meth:`RouterLogger._watch`)."""
 
@@ -348,6 +420,7 @@ class RouterLogger(CustomLogger):
         self.pipeline = pipeline or Pipeline.from_config({})
         self.proxy = proxy
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
+        self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
@@ -792,7 +865,8 @@ class RouterLogger(CustomLogger):
         """End a call litellm let go of. ``streamed``: its stream's first chunk had come, so the
         provider had read the whole prompt: the call is settled at the prompt counted locally, as a
         stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
-        litellm keeps them on its stream object, which no callback sees."""
+        litellm keeps an async stream's on its stream object, which no callback sees (a sync stream's
+        reach :meth:`log_stream_event`: :meth:`_sync_left` counts them)."""
         if self._take_open(key, only=found) is None:
             return  # settled by its events (or evicted) before litellm let it go
         spent = None
@@ -838,12 +912,89 @@ class RouterLogger(CustomLogger):
 
     def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
         """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook), of
-        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped)."""
+        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped).
+        ``kwargs``: an event's, or what :func:`_request_of` kept of them."""
         model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
         call = _observed(model, list(kwargs.get("messages") or []), context)
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
+
+    # -- sync streams: litellm lets go of one its caller stopped reading without an event ----------
+
+    def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+        """Before litellm sends a request: a sync chat stream (``litellm.completion(stream=True)``, which
+        skips the deployment hook) is watched for litellm letting it go without an event (:meth:`_watch_sync`)."""
+        if kwargs.get("stream") is not True or str(kwargs.get("call_type")) != "completion" or _ours(kwargs):
+            return
+        try:
+            self._watch_sync(kwargs)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def _watch_sync(self, details: dict[str, Any]) -> None:
+        """Watch a sync chat stream, which litellm lets go of without an event when its caller stops
+        reading it (breaks out of it, closes it or drops it). A :class:`_Watched` kept in the call's
+        ``model_call_details`` (the dict litellm hands this hook and each event of the call, freed with
+        the call's logging object once the stream, and litellm's logging of the chunks it gave out,
+        are done with it) ends the call when it is freed (:meth:`_sync_left`), unless the call's success or
+        failure event came first (:meth:`_stream_ended`). Its finalizer holds what :func:`_request_of`
+        keeps of the request, never litellm's dict. A second request under the same call id (a retry
+        litellm makes) keeps the first watch."""
+        key = self._key(details)
+        optional = details.get("optional_params")
+        found = _Streaming(_request_of(details), optional.get("tools") if isinstance(optional, Mapping) else None)
+        with self._lock:
+            if key in self._streams:
+                return
+            self._streams[key] = found
+            _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
+        watched = _Watched()
+        _HANDOFF.ready()
+        weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_left, key, found)).atexit = False
+        details[_WATCH_KEY] = watched
+
+    def log_stream_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        """A chunk of a sync stream, as litellm hands each to its loggers while the stream is read
+        (:func:`.wire.streamed_output_tokens`): kept with the stream, for the count of a stream left
+        partway (:meth:`_sync_left`)."""
+        if not self._streams:
+            return
+        with self._lock:
+            found = self._streams.get(self._key(kwargs))
+        if found is not None:
+            found.chunks.append(response_obj)
+
+    def _stream_ended(self, kwargs: Mapping[str, Any]) -> None:
+        """A call's success or failure event came: a sync stream's watch, if any, has nothing to do."""
+        if self._streams:
+            with self._lock:
+                self._streams.pop(self._key(kwargs), None)
+
+    def _sync_left(self, key: str, found: _Streaming) -> None:
+        """End a sync stream litellm let go of without an event (on :data:`_HANDOFF`'s thread): its
+        caller stopped reading it. One row and span naming :class:`StreamLeft`. A stream whose chunks
+        had begun to come was paid for its prompt and those chunks: settled at the prompt counted
+        locally and litellm's count of the chunks that came (``usage.source`` ``estimated``), which
+        the budgets that apply are charged, as a sync call's success is. One never read is a row with
+        nothing spent (as on the async path)."""
+        with self._lock:
+            if self._streams.get(key) is not found:
+                return  # its success or failure event came (or it was evicted)
+            del self._streams[key]
+        plan, trace = self._planned(found.request)
+        error = StreamLeft("the caller stopped reading the stream and let it go before it ended (litellm sent no "
+                           "event for it)")
+        if not found.chunks:
+            trace.fail(error)
+            self.pipeline.books.record_failure(plan, error)
+        else:
+            prompt = self.pipeline.state.tokens(plan.model, plan.messages, found.tools, plan.call.context.session_id)
+            output = wire.streamed_output_tokens(found.chunks)
+            usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+            spent = self._read_own(plan, _Answer(wire.Partial(usage), None, None, None), 0.0)
+            trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
+        self._tally()
 
     def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
         try:
@@ -897,11 +1048,13 @@ class RouterLogger(CustomLogger):
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
+            self._stream_ended(kwargs)
             self._success(kwargs, response_obj, start_time, end_time)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
             return
+        self._stream_ended(kwargs)  # a sync stream read with ``async for``: litellm's async events end it
         answer = _Answer.of(response_obj, kwargs, start_time, end_time)
         try:
             if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
@@ -915,11 +1068,13 @@ class RouterLogger(CustomLogger):
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
+            self._stream_ended(kwargs)
             self._failure(kwargs)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
             return
+        self._stream_ended(kwargs)
         try:
             if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
                                   _metadata(kwargs).get("model_group")):
@@ -1007,4 +1162,4 @@ def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
     return _seconds(start_time, kwargs.get("completion_start_time"))
 
 
-__all__ = ["ClientDisconnected", "MovedOn", "RouterLogger", "run_labels"]
+__all__ = ["ClientDisconnected", "MovedOn", "RouterLogger", "StreamLeft", "run_labels"]

@@ -261,6 +261,18 @@ def partial(event: Mapping[str, Any]) -> Partial | None:
     return None
 
 
+def streamed_output_tokens(chunks: Sequence[Any]) -> int:
+    """litellm's count of the output tokens in ``chunks``, a stream's (``stream_chunk_builder``, as it
+    counts a stream that broke partway). A sync stream's chunks reach a logger one by one as its caller
+    reads them: ``CustomStreamWrapper.__next__`` hands each to the logging object's ``success_handler``
+    on litellm's executor, which calls ``log_stream_event`` until the stream has ended
+    (litellm_core_utils/streaming_handler.py, litellm_logging.py, 1.110.2; not under
+    ``litellm.disable_streaming_logging``), in the order the executor runs them. An async stream's
+    chunks reach no callback."""
+    built = litellm().stream_chunk_builder(chunks=list(chunks))
+    return int(getattr(getattr(built, "usage", None), "completion_tokens", 0) or 0)
+
+
 def client_disconnected(event: Mapping[str, Any]) -> bool:
     """Did the proxy's client leave before its stream ended? litellm's proxy catches the disconnect in
     its stream generator (``except (asyncio.CancelledError, GeneratorExit)``, proxy/proxy_server.py:11024,
