@@ -1192,6 +1192,30 @@ def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_al
     assert [r["error"] for r in rows] == ["APIConnectionError"]
 
 
+def test_a_sync_stream_the_caller_asked_litellm_not_to_log_is_not_recorded(tmp_path, monkeypatch) -> None:
+    """``no-log=True`` asks litellm to send the call to no logger: it delivers none of its events, so a
+    sync stream of it, read to its end or left, is no row (not one naming ``StreamLeft``)."""
+    import gc
+    import itertools
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {})
+    messages = [{"role": "user", "content": "Tell me about foxes"}]
+    try:
+        for read in (None, 3):
+            stream = litellm.completion(model="gpt-4o-mini", messages=messages, stream=True, mock_response="fox " * 40,
+                                        **{"no-log": True})
+            came = list(itertools.islice(stream, read))
+            del stream
+        for _ in range(3):  # litellm's logging of the chunks ends, the streams are freed, their rows would come
+            time.sleep(0.1)
+            gc.collect()
+        time.sleep(0.1)
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert len(came) == 3 and logger.recorded == 0 and rows == [] and not logger._streams
+
+
 def test_aresponses_of_openais_responses_api_is_admitted_before_it_is_sent(tmp_path, monkeypatch) -> None:
     """``litellm.aresponses`` of a model with the Responses API (OpenAI's): the deployment hook, which
     litellm calls for it as for ``acompletion``, admits it as sent (its ``input`` and

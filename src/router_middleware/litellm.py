@@ -924,8 +924,10 @@ class RouterLogger(CustomLogger):
 
     def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
         """Before litellm sends a request: a sync chat stream (``litellm.completion(stream=True)``, which
-        skips the deployment hook) is watched for litellm letting it go without an event (:meth:`_watch_sync`)."""
-        if kwargs.get("stream") is not True or str(kwargs.get("call_type")) != "completion" or _ours(kwargs):
+        skips the deployment hook) is watched for litellm letting it go without an event (:meth:`_watch_sync`);
+        not one litellm sends no logger any event of (``no-log``: :func:`.wire.unlogged`)."""
+        if kwargs.get("stream") is not True or str(kwargs.get("call_type")) != "completion" or _ours(kwargs) \
+                or wire.unlogged(kwargs):
             return
         try:
             self._watch_sync(kwargs)

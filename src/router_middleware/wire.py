@@ -261,6 +261,17 @@ def partial(event: Mapping[str, Any]) -> Partial | None:
     return None
 
 
+def unlogged(event: Mapping[str, Any]) -> bool:
+    """Did the caller ask litellm to hand the call of these event kwargs to no logger (``no-log=True``,
+    kept in its ``litellm_params``)? litellm then delivers none of its success, stream or failure
+    events to a logger like this one, though it still calls ``log_pre_api_call``
+    (``Logging.should_run_callback``, litellm_core_utils/litellm_logging.py, 1.110.2), unless
+    ``litellm.global_disable_no_log_param`` is set."""
+    params = event.get("litellm_params")
+    return isinstance(params, Mapping) and params.get("no-log") is True \
+        and not getattr(litellm(), "global_disable_no_log_param", False)
+
+
 def streamed_output_tokens(chunks: Sequence[Any]) -> int:
     """litellm's count of the output tokens in ``chunks``, a stream's (``stream_chunk_builder``, as it
     counts a stream that broke partway). A sync stream's chunks reach a logger one by one as its caller
