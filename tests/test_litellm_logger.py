@@ -1164,6 +1164,36 @@ def test_a_sync_stream_left_partway_is_settled_at_its_prompt_and_the_chunks_that
     assert span.attributes["gen_ai.usage.output_tokens"] == output
 
 
+def test_a_sync_stream_left_partway_under_redacted_logging_is_still_recorded(tmp_path, monkeypatch) -> None:
+    """With ``litellm.turn_off_message_logging`` litellm hands loggers each chunk redacted (a dict, no
+    stream chunk), whose text cannot be counted: a stream left partway is still one ``StreamLeft`` row,
+    settled at its prompt and a token a chunk that came, and the budget is charged that (the count
+    raised, and the call had no row, no charge and an open span); ``aflush`` waits for the row."""
+    import asyncio
+    import gc
+    import itertools
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                              "window_s": 86400}]})
+    monkeypatch.setattr(litellm, "turn_off_message_logging", True)
+    kwargs = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me about foxes"}],
+              "mock_response": "The quick brown fox jumps over the lazy dog. " * 5, "stream": True}
+    try:
+        stream = litellm.completion(**kwargs)
+        came = list(itertools.islice(stream, 3))
+        assert _polled(lambda: len(next(iter(logger._streams.values())).chunks) == 3)  # each chunk's event came
+        del stream
+        gc.collect()
+        asyncio.run(logger.aflush())
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
+        counter = float(logger.pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+    finally:
+        logger.unregister()
+    prompt = logger.pipeline.state.tokens(kwargs["model"], kwargs["messages"])
+    assert len(came) == 3 and [tuple(r.values()) for r in rows] == [(prompt, 3, "StreamLeft")]
+    assert counter == prompt + 3 and not logger._streams
+
+
 def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_alone(tmp_path, monkeypatch) -> None:
     """A sync stream whose connection drops partway (the real recording's first five events) has its
     failure event: that records it, and the stream's watch, once litellm frees the call, adds nothing

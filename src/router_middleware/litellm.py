@@ -367,6 +367,15 @@ class _Handoff:
     def put(self, work: Callable[[], None]) -> None:
         self._queue.put(work)
 
+    def drain(self, timeout_s: float = 30.0) -> None:
+        """Wait until the work queued so far is done (at most ``timeout_s``): a mark queued behind it
+        is reached."""
+        if self._thread is None:
+            return  # nothing was ever queued
+        reached = threading.Event()
+        self._queue.put(reached.set)
+        reached.wait(timeout_s)
+
     def _run(self) -> None:
         while True:
             work = self._queue.get()
@@ -445,11 +454,14 @@ class RouterLogger(CustomLogger):
 
     async def aflush(self) -> None:
         """Wait until litellm has delivered the events of the calls made so far, their ledger rows
-        are written and the reservations of calls ended without an event are given back. litellm runs
-        async callbacks on a background worker (an async stream's from a task of its own once it
-        ends), which ``asyncio.run`` cancels when its coroutine returns: a short script awaits this
-        before it ends."""
+        are written and the reservations of calls ended without an event are given back, and the
+        sync streams left unread that litellm has let go of so far are recorded (:meth:`_sync_left`;
+        one litellm still holds, as in a reference cycle the collector has not freed yet, is recorded
+        when it is freed). litellm runs async callbacks on a background worker (an async stream's
+        from a task of its own once it ends), which ``asyncio.run`` cancels when its coroutine
+        returns: a short script awaits this before it ends."""
         await wire.drain_callbacks()
+        await asyncio.to_thread(_HANDOFF.drain)
         loop = asyncio.get_running_loop()
         writing = [w for w in tuple(self._writing) if w.get_loop() is loop]
         self._writing.difference_update(w for w in tuple(self._writing) if w.get_loop().is_closed())

@@ -279,9 +279,18 @@ def streamed_output_tokens(chunks: Sequence[Any]) -> int:
     on litellm's executor, which calls ``log_stream_event`` until the stream has ended
     (litellm_core_utils/streaming_handler.py, litellm_logging.py, 1.110.2; not under
     ``litellm.disable_streaming_logging``), in the order the executor runs them. An async stream's
-    chunks reach no callback."""
-    built = litellm().stream_chunk_builder(chunks=list(chunks))
-    return int(getattr(getattr(built, "usage", None), "completion_tokens", 0) or 0)
+    chunks reach no callback. A chunk litellm redacted before logging it (``turn_off_message_logging``:
+    ``{"text": "redacted-by-litellm"}``, no stream chunk) has no text to count, and counts as one token,
+    as does each chunk when the builder fails."""
+    real = [c for c in chunks if hasattr(c, "choices")]
+    counted = 0
+    if real:
+        try:
+            built = litellm().stream_chunk_builder(chunks=real)
+            counted = int(getattr(getattr(built, "usage", None), "completion_tokens", 0) or 0)
+        except Exception:  # noqa: BLE001 - a count, never a failure: a token a chunk
+            counted = len(real)
+    return counted + len(chunks) - len(real)
 
 
 def client_disconnected(event: Mapping[str, Any]) -> bool:
