@@ -1076,6 +1076,39 @@ def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_sa
     assert open_ledger(url).query("SELECT requested_model, error FROM calls") == [("agent", "RateLimitError")] * 4
 
 
+def test_a_new_object_of_the_same_model_from_a_middleware_outside_is_no_swap(tmp_path) -> None:
+    """A middleware before the router that builds the agent's model anew for each call (the same model,
+    another object) is no outer swap: ModelRetryMiddleware's retry through it is routed by ``model=``
+    again (it was routed by the new object's name, under ``models``' entry holding it, as a fallback's
+    model is). The router keeps each step's first model name, never the agent's state."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware, ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["main"]}}, "cache": {"enabled": False},
+                                     "context": {"enabled": False}, "ledger": {"url": url}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+
+    def build() -> RoutedChatModel:
+        return RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": limited})
+
+    class Rebuild(AgentMiddleware):
+        def wrap_model_call(self, request, handler):  # type: ignore[no-untyped-def]
+            return handler(request.override(model=build()))
+
+    router = RouterAgentMiddleware(pipeline, models={"main": build()}, model="agent")
+    agent = create_agent(build(), tools=[], middleware=[
+        ModelRetryMiddleware(max_retries=1, initial_delay=0.0, jitter=False, on_failure="error"), Rebuild(), router])
+    with pytest.raises(litellm.RateLimitError):
+        agent.invoke({"messages": [HumanMessage("hi")]})
+    pipeline.close()
+    assert open_ledger(url).query("SELECT requested_model FROM calls") == [("agent",), ("agent",)]
+    assert router._firsts and all(isinstance(name, str) for name in router._firsts.values())
+
+
 def test_a_retry_middleware_inside_the_router_that_recovers_is_recorded_as_the_answer(tmp_path) -> None:
     """The model fails once, then answers ModelRetryMiddleware's retry: the router's call is that answer."""
     from langchain.agents import create_agent

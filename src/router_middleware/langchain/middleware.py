@@ -100,7 +100,18 @@ def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[A
     return tools
 
 
-_STEPS_KEPT = 64  # agent steps whose first call's model is kept, to see a model swapped after it (_swapped)
+_STEPS_KEPT = 1024  # agent steps whose first call's model name is kept, to see a model swapped after it (_swapped)
+
+
+def _step(state: Any) -> tuple[int, ...] | None:
+    """What tells one agent step from another without holding its state: the state's identity, with its
+    message count and the identity of its last message (a later step's state may take the id of one
+    freed before it; with the same count and last message id too only if that message was freed as
+    well, which within a run, whose later states hold it, it is not)."""
+    messages = state.get("messages") if isinstance(state, Mapping) else None
+    if not isinstance(messages, Sequence) or not messages:
+        return None
+    return id(state), len(messages), id(messages[-1])
 _HINTS = ("prompt_cache_key",)  # what the policies add only where the caller sets none
 
 
@@ -151,7 +162,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.route = model
         self.context = AgentContext.coerce(context)
         self._lock = threading.Lock()
-        self._firsts: dict[int, tuple[Any, BaseChatModel]] = {}  # per agent step (state): its first model
+        self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
         self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
 
     def _serve(self) -> None:
@@ -218,16 +229,19 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _swapped(self, request: ModelRequest) -> bool:
         """Whether a middleware outside this one swapped the agent's model for ``request`` (as
-        ModelFallbackMiddleware does for its retry): a later call of the same agent step (the same
-        state) handed another model than the step's first call was. The first model of the last few
-        steps is kept (agent runs sharing this middleware at once); a step no longer kept reads as
-        no swap."""
-        state = request.state
+        ModelFallbackMiddleware does for its retry): a later call of the same agent step (:func:`_step`)
+        handed a model of another name than the step's first call was (a new object of the same model,
+        as a middleware building one each call makes, is no swap). The first model name of the last
+        ``_STEPS_KEPT`` steps is kept (agent runs sharing this middleware at once; never their states);
+        a step no longer kept reads as no swap."""
+        step, name = _step(request.state), _model_name(request.model)
+        if step is None:
+            return False
         with self._lock:
-            first = self._firsts.get(id(state))
-            if first is not None and first[0] is state:
-                return first[1] is not request.model
-            self._firsts[id(state)] = (state, request.model)
+            first = self._firsts.get(step)
+            if first is not None:
+                return first != name
+            self._firsts[step] = name
             while len(self._firsts) > _STEPS_KEPT:
                 del self._firsts[next(iter(self._firsts))]
             return False
