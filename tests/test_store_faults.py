@@ -538,7 +538,9 @@ def test_a_read_whose_reply_was_lost_is_sent_again(tmp_path) -> None:
         server.stop()
 
 
-@pytest.mark.parametrize("stored", [b"abc", b'{"a": 1}', b'["abc", 20, null]', b'[Infinity, 20]'])
+@pytest.mark.parametrize("stored", [b"abc", b'{"a": 1}', b'["abc", 20, null]', b'[Infinity, 20]', b'[true, "2", 20]',
+                                    b"[" + b"9" * 400 + b"]", b"[" * 100_000],
+                         ids=["text", "object", "text-and-null", "infinity", "bool-and-string", "huge", "nested"])
 def test_a_reply_size_list_sqlite_cannot_read_keeps_no_budget_held(stored, tmp_path) -> None:
     """SQLite keeps a model's recent reply sizes as a JSON list in one row: a row another program (or an
     older version) wrote that is no such list, or holds values that are no finite numbers, reads as its

@@ -711,3 +711,27 @@ def test_sqlite_deletes_expired_rows_it_would_never_read_again(tmp_path) -> None
     assert db.execute("SELECT COUNT(*) FROM lists").fetchone()[0] == 0
     assert [k for (k,) in db.execute("SELECT key FROM holds")] == ["budget:lifetime"]
     assert store.add_within([("budget:lifetime", 9.0, 10.0, None)]) is None  # the expired hold is taken back out
+
+
+def test_sqlite_clears_a_backlog_of_expired_rows_a_batch_a_write(tmp_path, monkeypatch) -> None:
+    """A purge deletes at most a batch of each kind of row (a file written before purges existed may
+    hold a year of expired rows: one write is not made to delete them all); a full batch leaves the
+    next write to go on, until none is left."""
+    import sqlite3
+
+    from router_middleware.stores import SQLiteStore
+    from router_middleware.stores import sqlite as module
+
+    monkeypatch.setattr(module, "_PURGED", 2)
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, purge_every_s=3600)
+    for i in range(5):
+        store.set(f"old:{i}", b"x", ttl_s=SHORT_S)
+    time.sleep(LAPSED_S)
+    db = sqlite3.connect(path)
+    left = []
+    for i in range(4):
+        store._purge_at = 0.0 if i == 0 else store._purge_at  # the interval is over once
+        store.set(f"new:{i}", b"y")
+        left.append(db.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'old:%'").fetchone()[0])
+    assert left == [3, 1, 0, 0]

@@ -57,7 +57,7 @@ def numbers(values: Iterable[Any]) -> list[float]:
     for value in values:
         try:
             found.append(number(value))
-        except (TypeError, ValueError):  # TypeError: a JSON null, list or object among them (SQLite)
+        except (TypeError, ValueError, OverflowError):  # a JSON null, list, object or huge integer (SQLite)
             continue
     return found
 
