@@ -182,7 +182,11 @@ class SemanticMatch:
     similarity: float
 
 
-_LOOKED_UP = 64  # the last lookups' vectors kept for the adds that follow them
+_LOOKED_UP = 64  # the last missed lookups' vectors kept for the adds that follow them
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 class SemanticIndex:
@@ -195,9 +199,9 @@ class SemanticIndex:
         self.ttl_s = ttl_s
         self.number_guard = number_guard
         self.text_guards = text_guards
-        # A lookup's vector, by its text, until the add of the same call takes it (or newer ones push
-        # it out): each turn is embedded once per call, not again when its answer is learnt.
-        self._looked_up: OrderedDict[str, list[float]] = OrderedDict()
+        # A missed lookup's vector, by its text's digest, until the add of the same call takes it (or
+        # newer ones push it out): each turn is embedded once per call, not again when its answer is learnt.
+        self._looked_up: OrderedDict[bytes, list[float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def find(self, plan: Plan) -> SemanticMatch | None:
@@ -210,10 +214,6 @@ class SemanticIndex:
             if not entries:
                 return None
             query = self.embed([text])[0]
-            with self._lock:
-                self._looked_up[text] = query
-                while len(self._looked_up) > _LOOKED_UP:
-                    self._looked_up.popitem(last=False)
             wanted = features(text)
             best: SemanticMatch | None = None
             for entry in entries:
@@ -222,6 +222,11 @@ class SemanticIndex:
                 similarity = sum(a * b for a, b in zip(query, _unpack(entry["vector"]), strict=False))
                 if similarity >= self.threshold and (best is None or similarity > best.similarity):
                     best = SemanticMatch(entry["key"], similarity)
+            if best is None:  # a miss: its answer is learnt next (add)
+                with self._lock:
+                    self._looked_up[_digest(text)] = query
+                    while len(self._looked_up) > _LOOKED_UP:
+                        self._looked_up.popitem(last=False)
             return best
         except Exception as exc:  # noqa: BLE001 - a broken index is a miss
             log.warning("semantic_lookup_failed", error_type=type(exc).__name__, error=str(exc)[:200])
@@ -235,7 +240,7 @@ class SemanticIndex:
             return
         try:
             with self._lock:
-                vector = self._looked_up.pop(text, None)
+                vector = self._looked_up.pop(_digest(text), None)
             vector = vector if vector is not None else self.embed([text])[0]
             entry = {"vector": _pack(vector), **features(text), "key": cache_key, "until": time.time() + self.ttl_s}
             self.store.append(entries_key(plan), json.dumps(entry).encode(), self.max_per_scope, self.ttl_s)
