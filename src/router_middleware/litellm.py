@@ -990,8 +990,10 @@ class RouterLogger(CustomLogger):
         caller stopped reading it. One row and span naming :class:`StreamLeft`. A stream whose chunks
         had begun to come was paid for its prompt and those chunks: settled at the prompt counted
         locally and litellm's count of the chunks that came (``usage.source`` ``estimated``), which
-        the budgets that apply are charged, as a sync call's success is. One never read is a row with
-        nothing spent (as on the async path)."""
+        the budgets that apply are charged, as a sync call's success is. One whose chunks no logger
+        saw is a row with nothing spent (as on the async path): never read, or read with litellm
+        handing its loggers no chunks (``litellm.disable_streaming_logging``, or ``async for`` over a
+        sync stream, whose chunks go to the async handlers only)."""
         with self._lock:
             if self._streams.get(key) is not found:
                 return  # its success or failure event came (or it was evicted)

@@ -179,12 +179,13 @@ class RouterAgentMiddleware(AgentMiddleware):
             self.pipeline.serve({**self.pipeline.state.served, **served})
 
     def _same_model(self, name: str, found: str) -> bool:
-        """Whether the catalog knows ``name`` as the model ``found`` names (the same facts, whatever
-        each is spelled as)."""
+        """Whether the catalog knows ``name`` as the model ``found`` names (the same prices and window,
+        and the same capability flags, whatever each is spelled as)."""
         catalog = self.pipeline.catalog
         mine, theirs = catalog.resolve(name), catalog.resolve(found)
         return (mine is not None and theirs is not None
-                and replace(mine, model=theirs.model, source=theirs.source) == theirs)
+                and replace(mine, model=theirs.model, source=theirs.source) == theirs
+                and catalog.facts(name) == catalog.facts(found))
 
     def _routes(self, route: str) -> bool:
         """Whether a call could be routed by ``route``: an alias, a deployment, ``auto`` with tiers, or
