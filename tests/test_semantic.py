@@ -54,10 +54,11 @@ def test_paraphrase_hits_and_number_change_misses(pipeline, monkeypatch, span_ex
 
 
 def test_scope_tenant_and_history(pipeline) -> None:
-    ask(pipeline, QUESTION, tenant="a")
-    assert outcome(ask(pipeline, PARAPHRASE, tenant="b")).usage.source != "cache"
+    a, b = f"a-{uuid.uuid4().hex}", f"b-{uuid.uuid4().hex}"  # a store another run also writes holds neither
+    ask(pipeline, QUESTION, tenant=a)
+    assert outcome(ask(pipeline, PARAPHRASE, tenant=b)).usage.source != "cache"
     other_history = pipeline.completion(
-        model="gpt-4o-mini", temperature=0, mock_response="13", context={"app": "sem", "tenant": "a"},
+        model="gpt-4o-mini", temperature=0, mock_response="13", context={"app": "sem", "tenant": a},
         messages=[{"role": "system", "content": "Answer in words."}, {"role": "user", "content": PARAPHRASE}])
     assert outcome(other_history).usage.source != "cache"
 
