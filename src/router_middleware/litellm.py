@@ -1009,17 +1009,13 @@ class RouterLogger(CustomLogger):
                 return  # its success or failure event came (or it was evicted)
             del self._streams[key]
         plan, trace = self._planned(found.request)
-        self._failed(plan, trace, StreamLeft("the caller stopped reading the stream and let it go before it ended "
-                                             "(litellm sent no event for it)"), found)
-
-    def _failed(self, plan: Plan, trace: CallTrace, error: BaseException, streamed: _Streaming | None) -> None:
-        """End a call no lifecycle follows with ``error``: a row and span; settled at what its stream
-        used where its chunks had begun to come (``streamed``: :meth:`_streamed`), else nothing spent."""
-        if streamed is None or not streamed.chunks:
+        error = StreamLeft("the caller stopped reading the stream and let it go before it ended (litellm sent no "
+                           "event for it)")
+        if not found.chunks:
             trace.fail(error)
             self.pipeline.books.record_failure(plan, error)
         else:
-            spent = self._streamed(plan, streamed)
+            spent = self._streamed(plan, found)
             trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
         self._tally()
 
@@ -1041,7 +1037,14 @@ class RouterLogger(CustomLogger):
         (:meth:`_streamed`), charged to the budgets, as the async path settles one."""
         try:
             plan, trace = self._planned(kwargs)
-            self._failed(plan, trace, _error(kwargs), streamed)
+            error = _error(kwargs)
+            if streamed is None or not streamed.chunks:
+                trace.fail(error)
+                self.pipeline.books.record_failure(plan, error)
+            else:
+                spent = self._streamed(plan, streamed)
+                trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
+            self._tally()
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
