@@ -1196,15 +1196,13 @@ def test_a_sync_stream_left_partway_under_redacted_logging_is_still_recorded(tmp
 
 def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_alone(tmp_path, monkeypatch) -> None:
     """A sync stream whose connection drops partway (the real recording's first five events) has its
-    failure event: that records it, settled at litellm's count of what came and charged to the budget,
-    and the stream's watch, once litellm frees the call, adds nothing (no second row naming
-    ``StreamLeft``)."""
+    failure event: that records it, and the stream's watch, once litellm frees the call, adds nothing
+    (no second row naming ``StreamLeft``)."""
     import gc
 
     from .fault_server import fault_server
 
-    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
-                                                              "window_s": 86400}]})
+    logger = _sdk_logger(tmp_path, monkeypatch, {})
     messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
     try:
         with fault_server(cut_events=5) as (base, seen):
@@ -1217,15 +1215,11 @@ def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_al
             assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
         gc.collect()
         time.sleep(0.1)  # a second row would come now
-        rows = _ledger(logger, ("error", "input_tokens", "output_tokens"))
-        counter = float(logger.pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+        rows = _ledger(logger)
     finally:
         logger.unregister()
     assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and not logger._streams
     assert [r["error"] for r in rows] == ["APIConnectionError"]
-    # settled at litellm's count of what came, as an async stream cut so is (it was a row with nothing spent)
-    assert rows[0]["input_tokens"] > 0 and rows[0]["output_tokens"] > 0
-    assert counter == rows[0]["input_tokens"] + rows[0]["output_tokens"]
 
 
 def test_a_sync_stream_the_caller_asked_litellm_not_to_log_is_not_recorded(tmp_path, monkeypatch) -> None:

@@ -979,21 +979,11 @@ class RouterLogger(CustomLogger):
         if found is not None:
             found.chunks.append(response_obj)
 
-    def _stream_ended(self, kwargs: Mapping[str, Any]) -> _Streaming | None:
-        """A call's success or failure event came: a sync stream's watch, if any, has nothing to do;
-        what it saw of the stream, if anything."""
-        if not self._streams:
-            return None
-        with self._lock:
-            return self._streams.pop(self._key(kwargs), None)
-
-    def _streamed(self, plan: Plan, found: _Streaming) -> Outcome:
-        """What a sync stream whose chunks began to come had used: its prompt counted locally, and
-        litellm's count of the chunks that came (:func:`.wire.streamed_output_tokens`)."""
-        prompt = self.pipeline.state.tokens(plan.model, plan.messages, found.tools, plan.call.context.session_id)
-        output = wire.streamed_output_tokens(found.chunks)
-        usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
-        return self._read_own(plan, _Answer(wire.Partial(usage), None, None, None), 0.0)
+    def _stream_ended(self, kwargs: Mapping[str, Any]) -> None:
+        """A call's success or failure event came: a sync stream's watch, if any, has nothing to do."""
+        if self._streams:
+            with self._lock:
+                self._streams.pop(self._key(kwargs), None)
 
     def _sync_left(self, key: str, found: _Streaming) -> None:
         """End a sync stream litellm let go of without an event (on :data:`_HANDOFF`'s thread): its
@@ -1015,7 +1005,10 @@ class RouterLogger(CustomLogger):
             trace.fail(error)
             self.pipeline.books.record_failure(plan, error)
         else:
-            spent = self._streamed(plan, found)
+            prompt = self.pipeline.state.tokens(plan.model, plan.messages, found.tools, plan.call.context.session_id)
+            output = wire.streamed_output_tokens(found.chunks)
+            usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+            spent = self._read_own(plan, _Answer(wire.Partial(usage), None, None, None), 0.0)
             trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
         self._tally()
 
@@ -1031,19 +1024,12 @@ class RouterLogger(CustomLogger):
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
-    def _failure(self, kwargs: Mapping[str, Any], streamed: _Streaming | None = None) -> None:
-        """A sync call's failure event: one row and span naming the error; a stream that broke after
-        its chunks began to come (``streamed``: what its watch saw) is settled at what it used
-        (:meth:`_streamed`), charged to the budgets, as the async path settles one."""
+    def _failure(self, kwargs: Mapping[str, Any]) -> None:
         try:
             plan, trace = self._planned(kwargs)
             error = _error(kwargs)
-            if streamed is None or not streamed.chunks:
-                trace.fail(error)
-                self.pipeline.books.record_failure(plan, error)
-            else:
-                spent = self._streamed(plan, streamed)
-                trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
+            trace.fail(error)
+            self.pipeline.books.record_failure(plan, error)
             self._tally()
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
@@ -1098,7 +1084,8 @@ class RouterLogger(CustomLogger):
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
-            self._failure(kwargs, self._stream_ended(kwargs))
+            self._stream_ended(kwargs)
+            self._failure(kwargs)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
