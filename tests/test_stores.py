@@ -735,3 +735,29 @@ def test_sqlite_clears_a_backlog_of_expired_rows_a_batch_a_write(tmp_path, monke
         store.set(f"new:{i}", b"y")
         left.append(db.execute("SELECT COUNT(*) FROM kv WHERE key LIKE 'old:%'").fetchone()[0])
     assert left == [3, 1, 0, 0]
+
+
+def test_a_sqlite_purge_never_waits_for_another_writer(tmp_path) -> None:
+    """The purge after a write tries the write lock once: another process holding it leaves the
+    expired rows to the next purge, at once rather than after the store's busy timeout, and the
+    connection's own writes wait for the lock as before."""
+    import sqlite3
+
+    from router_middleware.stores import SQLiteStore
+
+    path = tmp_path / "state.db"
+    store = SQLiteStore(path, busy_timeout_s=30.0, purge_every_s=3600)
+    store.set("old", b"x", ttl_s=SHORT_S)
+    time.sleep(LAPSED_S)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    started = time.monotonic()
+    store._purge()
+    waited = time.monotonic() - started
+    other.execute("ROLLBACK")
+    assert waited < 10.0  # a purge that waited would take the 30 s busy timeout
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM kv WHERE key = 'old'").fetchone()[0] == 1
+    assert store._db().execute("PRAGMA busy_timeout").fetchone()[0] == 30000
+    store._purge_at = 0.0
+    store.set("new", b"y")  # the lock is free: this write's purge deletes the row
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM kv WHERE key = 'old'").fetchone()[0] == 0

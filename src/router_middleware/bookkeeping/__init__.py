@@ -132,8 +132,7 @@ class Admission:
         attempt's quota windows (to settle, or give back)."""
         self.unanswered(held)
         if self.found:
-            taken = [(w.within[0], w.within[1], w.within[3]) for w in self.windows]
-            held.quota = (Taken(taken, self.tokens), self.found)
+            held.quota = (quotas.took(self.windows, self.tokens), self.found)
 
 
 @dataclass
@@ -320,9 +319,9 @@ class Bookkeeper:
         additions = (quotas.give_back(taken, requests=False) if spent is None
                      else quotas.settlement(taken, spent.usage.total_tokens))
         windows = quotas.window_claims(found, taken.tokens, time.time() if when is None else when)
-        keys = [(w.within[0], w.within[1], w.within[3]) for w in windows]
-        held.quota = (Taken(keys, taken.tokens), found)
-        self._add("quota_store_failed", [*additions, *keys])
+        next_try = quotas.took(windows, taken.tokens)
+        held.quota = (next_try, found)
+        self._add("quota_store_failed", [*additions, *next_try.keys])
         self._observe(found, error)
 
     def attempt_failed(self, held: Held, target: str, error: BaseException, spent: Outcome | None = None) -> None:

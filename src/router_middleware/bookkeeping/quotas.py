@@ -46,6 +46,11 @@ def window_claims(quotas: tuple[Quota, ...], tokens: int, now: float) -> tuple[W
     return tuple(found)
 
 
+def took(claims: Sequence[WindowClaim], tokens: int) -> Taken:
+    """What an attempt counted by taking ``claims`` (its estimate ``tokens``): each window's addition."""
+    return Taken([(c.within[0], c.within[1], c.within[3]) for c in claims], tokens)
+
+
 def refused(claim: WindowClaim, total: float) -> str:
     return over_limit(claim.bucket, claim.kind, claim.limit, total)
 

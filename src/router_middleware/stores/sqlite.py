@@ -79,23 +79,32 @@ class SQLiteStore:
         return db
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, purging: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction, then a purge if it is time to (:meth:`_wrote`). ``purging`` (the purge's
+        own): the write lock is tried once, never waited for, and no purge follows."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        if purging:
+            db.execute("PRAGMA busy_timeout=0")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        finally:
+            if purging:
+                db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        self._wrote(db)
+        if not purging:
+            self._wrote()
 
-    def _wrote(self, db: sqlite3.Connection) -> None:
+    def _wrote(self) -> None:
         """After a write: purge the expired rows if it is time to (:meth:`_purge`)."""
         if time.monotonic() >= self._purge_at:
-            self._purge(db)
+            self._purge()
 
-    def _purge(self, db: sqlite3.Connection) -> None:
+    def _purge(self) -> None:
         """Delete up to ``_PURGED`` rows of each kind that expired: values, lists, and the expired holds
         of totals that are gone (a live total's expired holds are taken out of it by the next admission
         that holds against it); a full batch leaves the next write to go on. Never waits for another
@@ -103,23 +112,14 @@ class SQLiteStore:
         for the next one too: the write that made this one is already committed."""
         self._purge_at = time.monotonic() + self._purge_every
         now = time.time()
+        full = False
         try:
-            db.execute("PRAGMA busy_timeout=0")
-            try:
-                db.execute("BEGIN IMMEDIATE")
-            finally:
-                db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-            try:
-                full = False
+            with self._tx(purging=True) as db:
                 for table in ("kv", "lists"):
                     deleted = db.execute(f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} "  # noqa: S608
                                          "WHERE expires <= ? LIMIT ?)", (now, _PURGED)).rowcount
                     full = full or deleted >= _PURGED
                 db.execute("DELETE FROM holds WHERE expires <= ? AND key NOT IN (SELECT key FROM kv)", (now,))
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
             if full:
                 self._purge_at = 0.0
         except sqlite3.OperationalError as exc:
@@ -152,7 +152,7 @@ class SQLiteStore:
         db = self._db()
         db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                    (key, value, self._expiry(ttl_s)))
-        self._wrote(db)
+        self._wrote()
 
     def delete(self, key: str) -> None:
         self._db().execute("DELETE FROM kv WHERE key = ?", (key,))
