@@ -11,7 +11,8 @@ refuses with 429 and OpenRouter's free-tier headers (no requests left, reset in 
 of the recorded stream, then the connection drops (before the finish reason and the usage chunk),
 as a provider's connection lost mid-answer does. /stall/v1/... is a slow stream (fault ``stall``):
 the first ``cut_events`` events, a pause of ``hang_s``, then the rest, as a model that stops to think
-mid-answer does (a client may leave during the pause).
+mid-answer does (a client may leave during the pause). /broken/v1/... is fault ``broken-stream`` every
+time: the connection breaks right after the headers, before any event.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             streaming = b'"stream": true' in request or b'"stream":true' in request
             with lock:
                 fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
-                fault = {"/cut": "cut-stream", "/stall": "stall"}.get(f"/{self.path.split('/')[1]}", fault)
+                fault = {"/cut": "cut-stream", "/stall": "stall", "/broken": "broken-stream"}.get(f"/{self.path.split('/')[1]}", fault)
                 seen[f"{self.path.split('/')[1]}:{fault}"] += 1
             deployment = self.path.split("/")[1]
             if fault == "cut-stream":

@@ -1194,32 +1194,101 @@ def test_a_sync_stream_left_partway_under_redacted_logging_is_still_recorded(tmp
     assert counter == prompt + 3 and not logger._streams
 
 
-def test_a_sync_stream_the_provider_breaks_partway_is_its_failure_event_s_row_alone(tmp_path, monkeypatch) -> None:
-    """A sync stream whose connection drops partway (the real recording's first five events) has its
-    failure event: that records it, and the stream's watch, once litellm frees the call, adds nothing
-    (no second row naming ``StreamLeft``)."""
+def _chunks_after_the_failure_event(logger: RouterLogger, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make litellm's delivery of each chunk of a sync stream (on its executor) wait until the
+    stream's failure event (on a thread of its own) has been handled: the order that lost the chunks
+    of a broken stream now and then, made every time."""
+    failed = threading.Event()
+    on_chunk, on_failure = logger.log_stream_event, logger.log_failure_event
+
+    def chunk(*args: Any, **kwargs: Any) -> None:
+        failed.wait(10)
+        on_chunk(*args, **kwargs)
+
+    def failure(*args: Any, **kwargs: Any) -> None:
+        on_failure(*args, **kwargs)
+        failed.set()
+
+    monkeypatch.setattr(logger, "log_stream_event", chunk)
+    monkeypatch.setattr(logger, "log_failure_event", failure)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["let go", "kept by the caller"])
+def test_a_sync_stream_the_provider_breaks_partway_is_settled_at_its_prompt_and_the_chunks_that_came(
+        tmp_path, monkeypatch, span_exporter, kept) -> None:
+    """A sync stream whose connection drops partway (the real recording's first five events) was paid
+    for its prompt and the chunks that came: its failure event's row (the error named, one row, no
+    second naming ``StreamLeft``) is settled at its prompt counted locally and litellm's count of the
+    chunks (``usage.source`` ``estimated``), and the budget is charged that. litellm delivers the
+    chunks on its executor and the failure event on a thread of its own, so the chunks are counted
+    after the failure event here, every time (they were lost). Settled once litellm frees the call
+    (every chunk's delivery holds it), or, when the caller keeps it (the exception's traceback holds
+    the stream), ``_BROKEN_WAIT_S`` after the failure event."""
     import gc
+
+    from router_middleware import litellm as module
 
     from .fault_server import fault_server
 
-    logger = _sdk_logger(tmp_path, monkeypatch, {})
+    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 1.0 if kept else 600.0)  # let go: only its freeing settles it
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                              "window_s": 86400}]})
+    _chunks_after_the_failure_event(logger, monkeypatch)
     messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+    came: list[Any] = []
     try:
         with fault_server(cut_events=5) as (base, seen):
             stream = litellm.completion(model="openai/gpt-3.5-turbo", messages=messages, api_base=f"{base}/cut/v1",
                                         api_key="x", max_tokens=100, stream=True)
-            with pytest.raises(litellm.exceptions.MidStreamFallbackError):  # litellm's wrapping of the lost connection
-                for _chunk in stream:
-                    pass
-            del stream
-            assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
+            with pytest.raises(litellm.exceptions.MidStreamFallbackError) as raised:  # litellm's wrapping
+                for chunk in stream:
+                    came.append(chunk)
+            held = (stream, raised) if kept else ()  # the traceback holds litellm's stream and logging object
+            del stream, raised
+            assert _polled(lambda: (kept or gc.collect() >= 0) and logger.recorded >= 1, 0.05)
+            del held
         gc.collect()
         time.sleep(0.1)  # a second row would come now
-        rows = _ledger(logger)
+        rows = _ledger(logger, ("error", "input_tokens", "output_tokens"))
+        counter = float(logger.pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
     finally:
         logger.unregister()
-    assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and not logger._streams
-    assert [r["error"] for r in rows] == ["APIConnectionError"]
+    assert seen["cut:cut-stream"] == 1 and logger.recorded == 1 and not logger._streams and came
+    prompt = logger.pipeline.state.tokens("openai/gpt-3.5-turbo", messages)
+    output = litellm.stream_chunk_builder(came).usage.completion_tokens  # litellm's count of what came
+    assert [tuple(r.values()) for r in rows] == [("APIConnectionError", prompt, output)] and output > 0
+    assert counter == prompt + output
+    span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
+    assert span.attributes["router_middleware.usage.source"] == "estimated"
+
+
+def test_a_sync_stream_the_provider_breaks_before_its_first_chunk_is_a_failure_with_nothing_spent(
+        tmp_path, monkeypatch) -> None:
+    """A sync stream whose connection breaks right after the headers, before any chunk came, is its
+    failure event's row with nothing spent, written from the event (not once litellm frees the call)."""
+    from router_middleware import litellm as module
+
+    from .fault_server import fault_server
+
+    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 600.0)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                              "window_s": 86400}]})
+    messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+    try:
+        with fault_server() as (base, seen):
+            stream = litellm.completion(model="openai/gpt-3.5-turbo", messages=messages,
+                                        api_base=f"{base}/broken/v1", api_key="x", max_tokens=100, stream=True)
+            with pytest.raises(litellm.exceptions.MidStreamFallbackError) as raised:
+                for _chunk in stream:
+                    pass
+            assert _polled(lambda: logger.recorded >= 1)  # the caller still holds the stream and the error
+            del stream, raised
+        rows = _ledger(logger, ("error", "input_tokens", "output_tokens"))
+        counter = float(logger.pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+    finally:
+        logger.unregister()
+    assert seen["broken:broken-stream"] == 1 and logger.recorded == 1 and not logger._streams
+    assert [tuple(r.values()) for r in rows] == [("APIConnectionError", 0, 0)] and counter == 0
 
 
 def test_a_sync_stream_the_caller_asked_litellm_not_to_log_is_not_recorded(tmp_path, monkeypatch) -> None:

@@ -25,7 +25,8 @@ quotas and budgets first (:meth:`RouterLogger._start_sdk_as_sent`). If planning 
 request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
 ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
 budgets after it is made; a sync stream its caller stops reading, which gets no event, once litellm
-frees it: :meth:`RouterLogger._watch_sync`); the logger counts what it did (``hook_calls``,
+frees it: :meth:`RouterLogger._watch_sync`; one its provider broke after its chunks began, then too,
+or :data:`_BROKEN_WAIT_S` after its failure event). The logger counts what it did (``hook_calls``,
 ``recorded``) for tests and health checks. Use ``register()`` / ``unregister()`` rather than editing
 ``litellm.callbacks`` by hand.
 """
@@ -322,22 +323,29 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
 class StreamLeft(asyncio.CancelledError):
     """A sync chat stream (``litellm.completion(stream=True)``) its caller stopped reading and let go
     of before it ended: litellm sends no event for it. Stopped from the caller's side, never a failure
-    of its provider; settled at what it had used (:meth:`RouterLogger._sync_left`)."""
+    of its provider; settled at what it had used (:meth:`RouterLogger._sync_ended`)."""
 
 
 # the key of a sync stream's watch in litellm's ``model_call_details`` (:meth:`RouterLogger._watch_sync`)
 _WATCH_KEY = "router_middleware_stream"
+# how long a sync stream its provider broke after chunks came waits for litellm to free its call before
+# it is settled at the chunks counted by then (:meth:`RouterLogger._stream_broke`)
+_BROKEN_WAIT_S = 5.0
 
 
 @dataclass
 class _Streaming:
     """A sync chat stream in flight: what its request said (``request``, read by
     :meth:`RouterLogger._planned`: its model, messages and labels; ``tools``: their definitions, for
-    its prompt's count), and the chunks litellm has told of so far (:meth:`RouterLogger.log_stream_event`)."""
+    its prompt's count), the chunks litellm has told of so far (:meth:`RouterLogger.log_stream_event`),
+    and, once its provider broke it after chunks came, the error and the timer that settles it if
+    litellm keeps the call (:meth:`RouterLogger._stream_broke`)."""
 
     request: Mapping[str, Any]
     tools: Any = None
     chunks: list[Any] = field(default_factory=list)
+    broken: Exception | None = None
+    timer: threading.Timer | None = None
 
 
 class _Watched:
@@ -378,11 +386,15 @@ class _Handoff:
 
     def _run(self) -> None:
         while True:
-            work = self._queue.get()
-            try:
-                work()
-            except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
-                log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            _guarded(self._queue.get())
+
+
+def _guarded(work: Callable[[], None]) -> None:
+    """Run ``work`` on a thread of the logger's own, logging what it raises."""
+    try:
+        work()
+    except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
+        log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 
 _HANDOFF = _Handoff()
@@ -455,9 +467,10 @@ class RouterLogger(CustomLogger):
     async def aflush(self) -> None:
         """Wait until litellm has delivered the events of the calls made so far, their ledger rows
         are written and the reservations of calls ended without an event are given back, and the
-        sync streams left unread that litellm has let go of so far are recorded (:meth:`_sync_left`;
+        sync streams left unread that litellm has let go of so far are recorded (:meth:`_sync_ended`;
         one litellm still holds, as in a reference cycle the collector has not freed yet, is recorded
-        when it is freed). litellm runs async callbacks on a background worker (an async stream's
+        when it is freed, and one its provider broke at the latest :data:`_BROKEN_WAIT_S` after its
+        failure event). litellm runs async callbacks on a background worker (an async stream's
         from a task of its own once it ends), which ``asyncio.run`` cancels when its coroutine
         returns: a short script awaits this before it ends."""
         await wire.drain_callbacks()
@@ -878,7 +891,7 @@ class RouterLogger(CustomLogger):
         provider had read the whole prompt: the call is settled at the prompt counted locally, as a
         stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
         litellm keeps an async stream's on its stream object, which no callback sees (a sync stream's
-        reach :meth:`log_stream_event`: :meth:`_sync_left` counts them)."""
+        reach :meth:`log_stream_event`: :meth:`_sync_ended` counts them)."""
         if self._take_open(key, only=found) is None:
             return  # settled by its events (or evicted) before litellm let it go
         spent = None
@@ -951,8 +964,9 @@ class RouterLogger(CustomLogger):
         reading it (breaks out of it, closes it or drops it). A :class:`_Watched` kept in the call's
         ``model_call_details`` (the dict litellm hands this hook and each event of the call, freed with
         the call's logging object once the stream, and litellm's logging of the chunks it gave out,
-        are done with it) ends the call when it is freed (:meth:`_sync_left`), unless the call's success or
-        failure event came first (:meth:`_stream_ended`). Its finalizer holds what :func:`_request_of`
+        are done with it) ends the call when it is freed (:meth:`_sync_ended`), unless the call's success
+        event, or a failure event before any chunk came, came first (:meth:`_stream_ended`,
+        :meth:`_stream_broke`). Its finalizer holds what :func:`_request_of`
         keeps of the request, never litellm's dict. A second request under the same call id (a retry
         litellm makes) keeps the first watch."""
         key = self._key(details)
@@ -965,13 +979,13 @@ class RouterLogger(CustomLogger):
             _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
         watched = _Watched()
         _HANDOFF.ready()
-        weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_left, key, found)).atexit = False
+        weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found)).atexit = False
         details[_WATCH_KEY] = watched
 
     def log_stream_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         """A chunk of a sync stream, as litellm hands each to its loggers while the stream is read
         (:func:`.wire.streamed_output_tokens`): kept with the stream, for the count of a stream left
-        partway (:meth:`_sync_left`)."""
+        partway (:meth:`_sync_ended`)."""
         if not self._streams:
             return
         with self._lock:
@@ -985,22 +999,52 @@ class RouterLogger(CustomLogger):
             with self._lock:
                 self._streams.pop(self._key(kwargs), None)
 
-    def _sync_left(self, key: str, found: _Streaming) -> None:
-        """End a sync stream litellm let go of without an event (on :data:`_HANDOFF`'s thread): its
-        caller stopped reading it. One row and span naming :class:`StreamLeft`. A stream whose chunks
-        had begun to come was paid for its prompt and those chunks: settled at the prompt counted
-        locally and litellm's count of the chunks that came (``usage.source`` ``estimated``), which
-        the budgets that apply are charged, as a sync call's success is. One whose chunks no logger
-        saw is a row with nothing spent (as on the async path): never read, or read with litellm
-        handing its loggers no chunks (``litellm.disable_streaming_logging``, or ``async for`` over a
-        sync stream, whose chunks go to the async handlers only)."""
+    def _stream_broke(self, kwargs: Mapping[str, Any]) -> bool:
+        """A sync call's failure event came: is it a watched stream whose provider broke it after its
+        chunks began to come (litellm's ``completion_start_time``, set as the first is read, before
+        the failure event's thread starts)? Such a failure is settled with those chunks when the
+        watch ends (:meth:`_sync_ended`), not now: litellm delivers each chunk to
+        :meth:`log_stream_event` on its executor, whose task holds the call's logging object, and
+        this event on a thread of its own, so chunks may still be on their way; the watch ends once
+        litellm frees the call, after the last of them. A caller that keeps the stream, or the
+        exception (its traceback holds both), keeps the call: then the stream is settled at the
+        chunks counted :data:`_BROKEN_WAIT_S` after this event, on a thread that is not a daemon (so
+        the row is written before the interpreter exits). Any other failure ends the watch."""
+        if kwargs.get("completion_start_time") is None:
+            self._stream_ended(kwargs)
+            return False
+        key = self._key(kwargs)
+        with self._lock:
+            found = self._streams.get(key)
+            if found is None:
+                return False
+            found.broken = _detached(_error(kwargs))  # its traceback would hold the call
+            found.timer = timer = threading.Timer(_BROKEN_WAIT_S, _guarded,
+                                                  (functools.partial(self._sync_ended, key, found),))
+        timer.name, timer.daemon = "router-middleware-broken-stream", False
+        timer.start()
+        return True
+
+    def _sync_ended(self, key: str, found: _Streaming) -> None:
+        """End a sync stream's watch, once litellm let go of the call (on :data:`_HANDOFF`'s thread) or
+        :data:`_BROKEN_WAIT_S` after its provider broke it (:meth:`_stream_broke`), whichever comes
+        first. A stream left without an event, its caller having stopped reading it, is one row and
+        span naming :class:`StreamLeft`; one its provider broke, naming the provider's error. A
+        stream whose chunks had begun to come was paid for its prompt and those chunks: settled at the
+        prompt counted locally and litellm's count of the chunks that came (``usage.source``
+        ``estimated``), which the budgets that apply are charged, as a sync call's success is. One
+        whose chunks no logger saw is a row with nothing spent (as on the async path): never read, or
+        read with litellm handing its loggers no chunks (``litellm.disable_streaming_logging``, or
+        ``async for`` over a sync stream, whose chunks go to the async handlers only)."""
         with self._lock:
             if self._streams.get(key) is not found:
-                return  # its success or failure event came (or it was evicted)
+                return  # its event came, it was settled already (or it was evicted)
             del self._streams[key]
+        if found.timer is not None:
+            found.timer.cancel()
         plan, trace = self._planned(found.request)
-        error = StreamLeft("the caller stopped reading the stream and let it go before it ended (litellm sent no "
-                           "event for it)")
+        error = found.broken or StreamLeft("the caller stopped reading the stream and let it go before it ended "
+                                           "(litellm sent no event for it)")
         if not found.chunks:
             trace.fail(error)
             self.pipeline.books.record_failure(plan, error)
@@ -1083,8 +1127,7 @@ class RouterLogger(CustomLogger):
         await self._recorded(self._success, kwargs, response_obj, start_time, end_time)
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if not _ours(kwargs):
-            self._stream_ended(kwargs)
+        if not _ours(kwargs) and not self._stream_broke(kwargs):
             self._failure(kwargs)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
@@ -1157,6 +1200,18 @@ def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> d
 def _error(kwargs: Mapping[str, Any]) -> Exception:
     found = kwargs.get("exception")
     return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
+
+
+def _detached(error: Exception) -> Exception:
+    """``error`` without its traceback, cause and context, which hold the frames that raised it and,
+    through them, litellm's stream and logging object: the same class, arguments and attributes (what
+    a row and a span name); a ``RuntimeError`` naming it, if it cannot be made so."""
+    try:
+        copy = type(error).__new__(type(error), *error.args)
+        copy.__dict__.update(vars(error))
+    except Exception:  # noqa: BLE001 - an exception type that cannot be made without its __init__
+        return RuntimeError(f"{type(error).__qualname__}: {error}")
+    return copy
 
 
 def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> _Answer | None:
