@@ -1291,6 +1291,40 @@ def test_a_sync_stream_the_provider_breaks_before_its_first_chunk_is_a_failure_w
     assert [tuple(r.values()) for r in rows] == [("APIConnectionError", 0, 0)] and counter == 0
 
 
+def test_two_sync_streams_under_one_call_id_are_watched_apart(tmp_path, monkeypatch) -> None:
+    """A sync stream sent under the call id of another still watched (a caller's own ``litellm_call_id``,
+    or a retry's) has a watch of its own: the first, left partway, is its ``StreamLeft`` row at its
+    prompt and its own chunks once let go, and the second, read to its end, its success event's row.
+    Before, the second kept the first's watch (the second's chunks counted in it) and its success
+    event removed it: the first had no row and its budget no charge."""
+    import gc
+    import itertools
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                              "window_s": 86400}]})
+    kwargs = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Tell me about foxes"}],
+              "mock_response": "The quick brown fox jumps over the lazy dog. " * 5, "stream": True,
+              "litellm_call_id": "one-call-id"}
+    try:
+        first = litellm.completion(**kwargs)
+        came = list(itertools.islice(first, 3))
+        assert _polled(lambda: [len(f.chunks) for f in logger._streams.values()] == [3])  # each chunk's event came
+        whole = list(litellm.completion(**kwargs))
+        assert _polled(lambda: logger.recorded >= 1)  # the second's success event
+        del first
+        assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 2)
+        time.sleep(0.1)  # a third row would come now
+        rows = _ledger(logger, ("error", "input_tokens", "output_tokens"))
+    finally:
+        logger.unregister()
+    prompt = logger.pipeline.state.tokens(kwargs["model"], kwargs["messages"])
+    output = litellm.stream_chunk_builder(came).usage.completion_tokens
+    assert len(whole) > 3 and logger.recorded == 2 and not logger._streams
+    assert sorted((r["error"] or "", r["input_tokens"], r["output_tokens"]) for r in rows)[1] == \
+        ("StreamLeft", prompt, output)
+    assert [r["error"] for r in rows].count(None) == 1
+
+
 def test_a_sync_stream_the_caller_asked_litellm_not_to_log_is_not_recorded(tmp_path, monkeypatch) -> None:
     """``no-log=True`` asks litellm to send the call to no logger: it delivers none of its events, so a
     sync stream of it, read to its end or left, is no row (not one naming ``StreamLeft``)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import itertools
 import json
 import queue
 import threading
@@ -350,9 +351,20 @@ class _Streaming:
 
 class _Watched:
     """What a sync stream's call keeps in litellm's ``model_call_details``, freed with it: its finalizer
-    says litellm let the call go (:meth:`RouterLogger._watch_sync`)."""
+    says litellm let the call go (:meth:`RouterLogger._watch_sync`); ``key``, the watch's own, by
+    which the call's events find it (:func:`_watch_key`)."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("key", "__weakref__")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _watch_key(kwargs: Mapping[str, Any]) -> str | None:
+    """The key of the watch of the sync stream whose ``model_call_details`` (or a copy litellm made of
+    them for a logger) ``kwargs`` are, if it is watched."""
+    watched = kwargs.get(_WATCH_KEY)
+    return watched.key if isinstance(watched, _Watched) else None
 
 
 class _Handoff:
@@ -441,7 +453,8 @@ class RouterLogger(CustomLogger):
         self.pipeline = pipeline or Pipeline.from_config({})
         self.proxy = proxy
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
-        self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight
+        self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
+        self._watches = itertools.count()  # numbers of the watches, each its own (their call ids may repeat)
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
@@ -967,17 +980,19 @@ class RouterLogger(CustomLogger):
         are done with it) ends the call when it is freed (:meth:`_sync_ended`), unless the call's success
         event, or a failure event before any chunk came, came first (:meth:`_stream_ended`,
         :meth:`_stream_broke`). Its finalizer holds what :func:`_request_of`
-        keeps of the request, never litellm's dict. A second request under the same call id (a retry
-        litellm makes) keeps the first watch."""
-        key = self._key(details)
+        keeps of the request, never litellm's dict. The events find the watch by the one in their
+        dict, not by the call id, which another request may carry too (a caller's own, a retry's): a
+        second request with the same dict (a retry litellm makes with the call's logging object)
+        keeps its watch while it is on."""
         optional = details.get("optional_params")
         found = _Streaming(_request_of(details), optional.get("tools") if isinstance(optional, Mapping) else None)
         with self._lock:
-            if key in self._streams:
+            if _watch_key(details) in self._streams:
                 return
+            key = f"{self._key(details)}/{next(self._watches)}"
             self._streams[key] = found
             _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
-        watched = _Watched()
+        watched = _Watched(key)
         _HANDOFF.ready()
         weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found)).atexit = False
         details[_WATCH_KEY] = watched
@@ -989,7 +1004,7 @@ class RouterLogger(CustomLogger):
         if not self._streams:
             return
         with self._lock:
-            found = self._streams.get(self._key(kwargs))
+            found = self._streams.get(_watch_key(kwargs) or "")
         if found is not None:
             found.chunks.append(response_obj)
 
@@ -997,7 +1012,7 @@ class RouterLogger(CustomLogger):
         """A call's success or failure event came: a sync stream's watch, if any, has nothing to do."""
         if self._streams:
             with self._lock:
-                self._streams.pop(self._key(kwargs), None)
+                self._streams.pop(_watch_key(kwargs) or "", None)
 
     def _stream_broke(self, kwargs: Mapping[str, Any]) -> bool:
         """A sync call's failure event came: is it a watched stream whose provider broke it after its
@@ -1013,7 +1028,7 @@ class RouterLogger(CustomLogger):
         if kwargs.get("completion_start_time") is None:
             self._stream_ended(kwargs)
             return False
-        key = self._key(kwargs)
+        key = _watch_key(kwargs) or ""
         with self._lock:
             found = self._streams.get(key)
             if found is None:
