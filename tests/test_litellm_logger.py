@@ -1230,7 +1230,7 @@ def test_a_sync_stream_the_provider_breaks_partway_is_settled_at_its_prompt_and_
 
     from .fault_server import fault_server
 
-    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 1.0 if kept else 600.0)  # let go: only its freeing settles it
+    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 3.0 if kept else 600.0)  # let go: only its freeing settles it
     logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
                                                               "window_s": 86400}]})
     _chunks_after_the_failure_event(logger, monkeypatch)
