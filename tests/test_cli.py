@@ -246,3 +246,19 @@ def test_litellm_imported_first_warns_and_prices_stay_on_the_bundled_map(monkeyp
     assert "remote-only-model" not in prices and "gpt-4o" in prices
     monkeypatch.setattr(loader, "get_model_cost_map_source_info", lambda: {"source": "local"})
     assert catalog._cost_map.__wrapped__() is litellm.model_cost  # litellm loaded the bundled map itself
+
+
+def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path, capsys) -> None:
+    """``report --json | head -c 10``: the reader closes the pipe before the report is written; the
+    command ends quietly with status 1 (as other command-line tools do), with no traceback."""
+    ledger = tmp_path / "l.db"
+    assert run(capsys, "replay", str(unknown_model_session(tmp_path)), "--ledger", str(ledger))[0] == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before anything is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "router_middleware", "report", "--ledger", str(ledger), "--json"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, "")

@@ -6,6 +6,7 @@ Errors print one line and exit with 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -90,6 +91,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the error text holds
         print(f"router-middleware: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output left (`| head`): as other command-line tools,
+        _quiet_stdout()  # end quietly, with no traceback, and none when the interpreter flushes stdout
+        return 1
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so the interpreter's last flush of what the closed pipe
+    never took raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":
