@@ -1262,6 +1262,90 @@ def test_a_sync_stream_the_provider_breaks_partway_is_settled_at_its_prompt_and_
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
 
+def test_a_broken_stream_s_kept_error_lets_the_call_go_once_it_is_settled(tmp_path, monkeypatch) -> None:
+    """The error a broken stream's row names is kept without what holds the call: a nested exception
+    (litellm's ``MidStreamFallbackError.original_exception``) whose traceback holds the frame that had
+    the call (here an object holding its ``model_call_details``, as litellm's logging object does) kept
+    the watch, the call and its chunks alive for good once the timer had settled it."""
+    import gc
+    import weakref
+
+    from router_middleware import litellm as module
+
+    class Logging:  # holds the call's details, as litellm's logging object does
+        def __init__(self, details: dict[str, Any]) -> None:
+            self.model_call_details = details
+
+    def fail(call: Logging) -> None:
+        raise litellm.exceptions.APIConnectionError(message="peer closed", llm_provider="openai", model="gpt-4o-mini")
+
+    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 0.2)
+    logger = _sdk_logger(tmp_path, monkeypatch, {})
+    try:
+        details = {"litellm_call_id": "c1", "model": "gpt-4o-mini", "stream": True, "call_type": "completion",
+                   "messages": [{"role": "user", "content": "hi"}], "optional_params": {}}
+        call = Logging(details)
+        logger.log_pre_api_call("gpt-4o-mini", details["messages"], details)
+        watched = weakref.ref(details[module._WATCH_KEY])
+        details["completion_start_time"] = datetime.now()
+        try:
+            fail(call)
+        except Exception as inner:  # noqa: BLE001
+            details["exception"] = litellm.exceptions.MidStreamFallbackError(
+                message="the stream broke", model="gpt-4o-mini", llm_provider="openai", original_exception=inner)
+        logger.log_failure_event(details, None, None, None)
+        del details, call
+        assert _polled(lambda: logger.recorded >= 1)  # the timer settled it
+        gc.collect()
+        rows = _ledger(logger, ("error",))
+    finally:
+        logger.unregister()
+    assert watched() is None and [r["error"] for r in rows] == ["MidStreamFallbackError"]
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["let go", "kept by the caller"])
+def test_a_script_that_ends_after_a_broken_stream_writes_its_row_and_does_not_wait(tmp_path, kept) -> None:
+    """A short script whose sync stream its provider broke ends at once, not after the timer's
+    ``_BROKEN_WAIT_S`` (here 120 s), and its row is written as it exits: freed by a collection just
+    before the end (the finalizer's work is waited for) or still held by the caller (settled by the
+    exit hook, after litellm's executor delivered the chunks)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = f"""
+import gc, os
+os.environ["OPENAI_API_KEY"] = "sk-test"
+import litellm
+from router_middleware import Pipeline
+from router_middleware import litellm as module
+from router_middleware.litellm import RouterLogger
+from tests.fault_server import fault_server
+module._BROKEN_WAIT_S = 120.0
+logger = RouterLogger(Pipeline.from_config({{"app": "svc", "routing": {{}}, "cache": {{"enabled": False}},
+    "ledger": {{"url": "sqlite:///{tmp_path / 'ledger.db'}"}}}})).register()
+with fault_server(cut_events=5) as (base, seen):
+    try:
+        for chunk in litellm.completion(model="openai/gpt-3.5-turbo", messages=[{{"role": "user", "content": "hi"}}],
+                                        api_base=f"{{base}}/cut/v1", api_key="x", max_tokens=100, stream=True):
+            pass
+    except Exception as error:
+        kept = error if {kept} else None
+gc.collect()
+"""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert took < 100  # the timer's 120 s were not waited for
+    db = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    rows = db.query("SELECT error, output_tokens FROM calls")
+    db.close()
+    assert len(rows) == 1 and rows[0][0] == "APIConnectionError" and rows[0][1] > 0
+
+
 def test_a_sync_stream_the_provider_breaks_before_its_first_chunk_is_a_failure_with_nothing_spent(
         tmp_path, monkeypatch) -> None:
     """A sync stream whose connection breaks right after the headers, before any chunk came, is its

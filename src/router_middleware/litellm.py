@@ -26,14 +26,15 @@ request goes as sent and a warning is logged. The events record usage, cost, spa
 ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
 budgets after it is made; a sync stream its caller stops reading, which gets no event, once litellm
 frees it: :meth:`RouterLogger._watch_sync`; one its provider broke after its chunks began, then too,
-or :data:`_BROKEN_WAIT_S` after its failure event). The logger counts what it did (``hook_calls``,
-``recorded``) for tests and health checks. Use ``register()`` / ``unregister()`` rather than editing
-``litellm.callbacks`` by hand.
+or :data:`_BROKEN_WAIT_S` after its failure event, or at the interpreter's exit). The logger counts
+what it did (``hook_calls``, ``recorded``) for tests and health checks. Use ``register()`` /
+``unregister()`` rather than editing ``litellm.callbacks`` by hand.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import hashlib
 import itertools
@@ -339,12 +340,14 @@ class _Streaming:
     """A sync chat stream in flight: what its request said (``request``, read by
     :meth:`RouterLogger._planned`: its model, messages and labels; ``tools``: their definitions, for
     its prompt's count), the chunks litellm has told of so far (:meth:`RouterLogger.log_stream_event`),
-    and, once its provider broke it after chunks came, the error and the timer that settles it if
+    the finalizer of its watch (detached once it is settled, so the registry of finalizers lets go of
+    it), and, once its provider broke it after chunks came, the error and the timer that settles it if
     litellm keeps the call (:meth:`RouterLogger._stream_broke`)."""
 
     request: Mapping[str, Any]
     tools: Any = None
     chunks: list[Any] = field(default_factory=list)
+    finalizer: Any = None  # weakref.finalize
     broken: Exception | None = None
     timer: threading.Timer | None = None
 
@@ -455,6 +458,7 @@ class RouterLogger(CustomLogger):
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
         self._watches = itertools.count()  # numbers of the watches, each its own (their call ids may repeat)
+        self._exit_hooked = False  # _settle_broken registered with atexit
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
@@ -994,7 +998,8 @@ class RouterLogger(CustomLogger):
             _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
         watched = _Watched(key)
         _HANDOFF.ready()
-        weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found)).atexit = False
+        found.finalizer = weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found))
+        found.finalizer.atexit = False
         details[_WATCH_KEY] = watched
 
     def log_stream_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
@@ -1023,8 +1028,9 @@ class RouterLogger(CustomLogger):
         this event on a thread of its own, so chunks may still be on their way; the watch ends once
         litellm frees the call, after the last of them. A caller that keeps the stream, or the
         exception (its traceback holds both), keeps the call: then the stream is settled at the
-        chunks counted :data:`_BROKEN_WAIT_S` after this event, on a thread that is not a daemon (so
-        the row is written before the interpreter exits). Any other failure ends the watch."""
+        chunks counted :data:`_BROKEN_WAIT_S` after this event (a daemon timer), or at the
+        interpreter's exit if that comes first (:meth:`_settle_broken`). Any other failure ends the
+        watch."""
         if kwargs.get("completion_start_time") is None:
             self._stream_ended(kwargs)
             return False
@@ -1036,9 +1042,24 @@ class RouterLogger(CustomLogger):
             found.broken = _detached(_error(kwargs))  # its traceback would hold the call
             found.timer = timer = threading.Timer(_BROKEN_WAIT_S, _guarded,
                                                   (functools.partial(self._sync_ended, key, found),))
-        timer.name, timer.daemon = "router-middleware-broken-stream", False
+            hook, self._exit_hooked = not self._exit_hooked, True
+        if hook:
+            atexit.register(self._settle_broken)
+        timer.name, timer.daemon = "router-middleware-broken-stream", True
         timer.start()
         return True
+
+    def _settle_broken(self) -> None:
+        """At the interpreter's exit (an ``atexit`` hook, which runs once litellm's executor has
+        delivered every chunk): wait for the work the finalizers queued, settle the broken streams
+        whose timer has not fired, and write their ledger rows (the ledger's own hook may have run)."""
+        _HANDOFF.drain(5.0)
+        with self._lock:
+            broken = [(key, found) for key, found in self._streams.items() if found.broken is not None]
+        for key, found in broken:
+            _guarded(functools.partial(self._sync_ended, key, found))
+        if broken and self.pipeline.ledger is not None:
+            _guarded(self.pipeline.ledger.flush)
 
     def _sync_ended(self, key: str, found: _Streaming) -> None:
         """End a sync stream's watch, once litellm let go of the call (on :data:`_HANDOFF`'s thread) or
@@ -1055,8 +1076,15 @@ class RouterLogger(CustomLogger):
             if self._streams.get(key) is not found:
                 return  # its event came, it was settled already (or it was evicted)
             del self._streams[key]
-        if found.timer is not None:
-            found.timer.cancel()
+        found.finalizer.detach()
+        try:
+            self._settle_stream(found)
+        finally:  # only now: a timer cancelled first would let the interpreter end before the row is written
+            if found.timer is not None:
+                found.timer.cancel()
+
+    def _settle_stream(self, found: _Streaming) -> None:
+        """One row and span for a sync stream whose watch ended (:meth:`_sync_ended`)."""
         plan, trace = self._planned(found.request)
         error = found.broken or StreamLeft("the caller stopped reading the stream and let it go before it ended "
                                            "(litellm sent no event for it)")
@@ -1217,16 +1245,30 @@ def _error(kwargs: Mapping[str, Any]) -> Exception:
     return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
 
 
-def _detached(error: Exception) -> Exception:
-    """``error`` without its traceback, cause and context, which hold the frames that raised it and,
-    through them, litellm's stream and logging object: the same class, arguments and attributes (what
-    a row and a span name); a ``RuntimeError`` naming it, if it cannot be made so."""
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _detached(error: Exception, depth: int = 0) -> Exception:
+    """``error`` without what may hold the frames that raised it and, through them, litellm's stream
+    and logging object: its traceback, cause and context; an attribute that is an exception (litellm's
+    ``original_exception``) detached the same way, and one that is no plain value (a response) ``None``.
+    The same class, message and plain attributes (what a row and a span name); a ``RuntimeError``
+    naming it, if it cannot be made so."""
+    args = error.args if all(isinstance(a, _PLAIN) for a in error.args) else (str(error),)
     try:
-        copy = type(error).__new__(type(error), *error.args)
-        copy.__dict__.update(vars(error))
+        copy = type(error).__new__(type(error), *args)
+        copy.__dict__.update({k: _kept(v, depth) for k, v in vars(error).items()})
+        str(copy)  # its text may read an attribute left out
     except Exception:  # noqa: BLE001 - an exception type that cannot be made without its __init__
         return RuntimeError(f"{type(error).__qualname__}: {error}")
     return copy
+
+
+def _kept(value: Any, depth: int) -> Any:
+    """What :func:`_detached` keeps of an exception's attribute."""
+    if isinstance(value, _PLAIN):
+        return value
+    return _detached(value, depth + 1) if isinstance(value, Exception) and depth < 3 else None
 
 
 def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> _Answer | None:
