@@ -76,12 +76,12 @@ def _missing(need: str, script: str) -> str | None:
 
 
 def _database(url: str, offset: int) -> str:
-    """``url`` on the database ``offset`` after its own (of Redis's 16), emptied."""
+    """``url`` on the database ``offset`` after its own, emptied (a server with too few databases, or
+    one that cannot be emptied, fails the run that would use it, with Redis's error)."""
     import redis
 
     parts = urlsplit(url)
-    own = int(parts.path.strip("/") or 0)
-    found = urlunsplit(parts._replace(path=f"/{(own + offset) % 16}"))
+    found = urlunsplit(parts._replace(path=f"/{int(parts.path.strip('/') or 0) + offset}"))
     redis.Redis.from_url(found).flushdb()
     return found
 
@@ -91,9 +91,11 @@ class Runs:
 
     def __init__(self, names: set[str], redis_url: str | None, redis_missing: str | None) -> None:
         self.skipped: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
         self._processes: list[subprocess.Popen[str]] = []
         self._pool = ThreadPoolExecutor(max_workers=2)
         self._runs: dict[str, Future[subprocess.CompletedProcess[str]]] = {}
+        ready: list[tuple[str, Smoke, list[str]]] = []
         databases = 0
         for name, smoke in SMOKES.items():
             if name not in names:
@@ -107,7 +109,13 @@ class Runs:
             args = list(smoke.args)
             if smoke.redis and redis_url is not None:
                 databases += 1
-                args += ["--redis-url", _database(redis_url, databases)]
+                try:
+                    args += ["--redis-url", _database(redis_url, databases)]
+                except Exception as exc:  # noqa: BLE001 - this run's failure, not the module's
+                    self.failed[name] = f"no Redis database {databases} after REDIS_URL's ({redis_url}): {exc}"
+                    continue
+            ready.append((name, smoke, args))
+        for name, smoke, args in ready:  # every database worked out before any run starts
             self._runs[name] = self._pool.submit(self._run, smoke.script, args)
 
     def _run(self, script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
@@ -127,6 +135,7 @@ class Runs:
         """The run's standard output, once it ended well (skipped as the run is)."""
         if name in self.skipped:
             pytest.skip(self.skipped[name])
+        assert name not in self.failed, self.failed.get(name)
         done = self._runs[name].result()
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
