@@ -1303,26 +1303,33 @@ def test_a_broken_stream_s_kept_error_lets_the_call_go_once_it_is_settled(tmp_pa
     assert watched() is None and [r["error"] for r in rows] == ["MidStreamFallbackError"]
 
 
-@pytest.mark.parametrize("kept", [False, True], ids=["let go", "kept by the caller"])
-def test_a_script_that_ends_after_a_broken_stream_writes_its_row_and_does_not_wait(tmp_path, kept) -> None:
+@pytest.mark.parametrize("kept, wait_s", [(False, 120.0), (True, 120.0), (True, 0.3)],
+                         ids=["let go", "kept by the caller", "timer writing at the exit"])
+def test_a_script_that_ends_after_a_broken_stream_writes_its_row_and_does_not_wait(tmp_path, kept, wait_s) -> None:
     """A short script whose sync stream its provider broke ends at once, not after the timer's
-    ``_BROKEN_WAIT_S`` (here 120 s), and its row is written as it exits: freed by a collection just
-    before the end (the finalizer's work is waited for) or still held by the caller (settled by the
-    exit hook, after litellm's executor delivered the chunks)."""
+    ``_BROKEN_WAIT_S`` (120 s), and its row is written as it exits: freed by a collection just before
+    the end (the finalizer's work is waited for), still held by the caller (settled by the exit hook,
+    after litellm's executor delivered the chunks), or settled by the timer (0.3 s) whose row is still
+    being written (slowed by 3 s here) when the script ends (the exit hook waits for it)."""
     import subprocess
     import sys
 
     from .conftest import ROOT
 
     script = f"""
-import gc, os
+import gc, os, time
 os.environ["OPENAI_API_KEY"] = "sk-test"
 import litellm
 from router_middleware import Pipeline
 from router_middleware import litellm as module
 from router_middleware.litellm import RouterLogger
 from tests.fault_server import fault_server
-module._BROKEN_WAIT_S = 120.0
+module._BROKEN_WAIT_S = {wait_s}
+settle = RouterLogger._settle_stream
+def slowed(self, found):
+    time.sleep(3.0 if {wait_s} < 1 else 0.0)
+    settle(self, found)
+RouterLogger._settle_stream = slowed
 logger = RouterLogger(Pipeline.from_config({{"app": "svc", "routing": {{}}, "cache": {{"enabled": False}},
     "ledger": {{"url": "sqlite:///{tmp_path / 'ledger.db'}"}}}})).register()
 with fault_server(cut_events=5) as (base, seen):
@@ -1333,6 +1340,7 @@ with fault_server(cut_events=5) as (base, seen):
     except Exception as error:
         kept = error if {kept} else None
 gc.collect()
+time.sleep(0.5 if {wait_s} < 1 else 0.0)  # the timer has fired and is writing the row
 """
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -461,6 +461,8 @@ class RouterLogger(CustomLogger):
         self._exit_hooked = False  # _settle_broken registered with atexit
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
+        self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
+        self._settled = threading.Condition(self._lock)  # notified as each of those is written
         self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
         self.hook_calls = 0
         self.recorded = 0
@@ -1050,16 +1052,21 @@ class RouterLogger(CustomLogger):
         return True
 
     def _settle_broken(self) -> None:
-        """At the interpreter's exit (an ``atexit`` hook, which runs once litellm's executor has
-        delivered every chunk): wait for the work the finalizers queued, settle the broken streams
-        whose timer has not fired, and write their ledger rows (the ledger's own hook may have run)."""
+        """At the interpreter's exit (an ``atexit`` hook, registered at the first broken stream, which
+        keeps the logger until the exit; it runs once litellm's executor has delivered every chunk):
+        wait for the work the finalizers queued, settle the broken streams whose timer has not fired,
+        wait for the rows a timer or finalizer is writing, and write the ledger's rows (its own hook
+        may have run), each wait a few seconds at most."""
         _HANDOFF.drain(5.0)
         with self._lock:
             broken = [(key, found) for key, found in self._streams.items() if found.broken is not None]
         for key, found in broken:
             _guarded(functools.partial(self._sync_ended, key, found))
-        if broken and self.pipeline.ledger is not None:
-            _guarded(self.pipeline.ledger.flush)
+        with self._lock:
+            self._settled.wait_for(lambda: self._settling == 0, timeout=5.0)
+        ledger = self.pipeline.ledger
+        if ledger is not None and ledger.alive:
+            _guarded(functools.partial(ledger.flush, timeout_s=5.0))
 
     def _sync_ended(self, key: str, found: _Streaming) -> None:
         """End a sync stream's watch, once litellm let go of the call (on :data:`_HANDOFF`'s thread) or
@@ -1076,12 +1083,16 @@ class RouterLogger(CustomLogger):
             if self._streams.get(key) is not found:
                 return  # its event came, it was settled already (or it was evicted)
             del self._streams[key]
+            self._settling += 1  # the exit hook waits for its row (_settle_broken)
         found.finalizer.detach()
+        if found.timer is not None:
+            found.timer.cancel()
         try:
             self._settle_stream(found)
-        finally:  # only now: a timer cancelled first would let the interpreter end before the row is written
-            if found.timer is not None:
-                found.timer.cancel()
+        finally:
+            with self._lock:
+                self._settling -= 1
+                self._settled.notify_all()
 
     def _settle_stream(self, found: _Streaming) -> None:
         """One row and span for a sync stream whose watch ended (:meth:`_sync_ended`)."""
@@ -1254,13 +1265,13 @@ def _detached(error: Exception, depth: int = 0) -> Exception:
     ``original_exception``) detached the same way, and one that is no plain value (a response) ``None``.
     The same class, message and plain attributes (what a row and a span name); a ``RuntimeError``
     naming it, if it cannot be made so."""
-    args = error.args if all(isinstance(a, _PLAIN) for a in error.args) else (str(error),)
     try:
+        args = error.args if all(isinstance(a, _PLAIN) for a in error.args) else (str(error),)
         copy = type(error).__new__(type(error), *args)
         copy.__dict__.update({k: _kept(v, depth) for k, v in vars(error).items()})
         str(copy)  # its text may read an attribute left out
     except Exception:  # noqa: BLE001 - an exception type that cannot be made without its __init__
-        return RuntimeError(f"{type(error).__qualname__}: {error}")
+        return RuntimeError(f"{type(error).__qualname__} (its text could not be read)")
     return copy
 
 
