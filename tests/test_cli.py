@@ -149,14 +149,17 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
     db = open_ledger(str(ledger))
     db.insert([LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
                             output_tokens=20, cost_usd=0.0000135),
-               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError")])
+               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError"),
+               LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
+                            cost_usd=0.0000014, error="StreamLeft", ended="stopped")])
     db.close()
     monkeypatch.setenv("COLUMNS", "120")
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))
-    assert code == 0 and out.startswith("2 calls (1 failed), cost $0.000013")
-    assert "failed calls by model: codr 1" in out
+    assert code == 0 and out.startswith("3 calls (1 failed, 1 stopped by their caller), cost $0.000015")
+    assert "failed calls by model: codr 1" in out  # a stream its caller left is no failure
     code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
-    assert json.loads(out)["totals"]["failed_calls"] == 1
+    totals = json.loads(out)["totals"]
+    assert (totals["failed_calls"], totals["stopped_calls"], totals["unpriced_calls"]) == (1, 1, 0)
 
 
 def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:

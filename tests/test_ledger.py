@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import litellm
 import pytest
@@ -157,6 +158,45 @@ def test_schema_is_versioned_and_migrates(tmp_path) -> None:
     assert ("calls_ts",) in db.query("SELECT name FROM sqlite_master WHERE type = 'index'")
     SQLiteLedger(str(path))  # reopening is idempotent
     assert db.query("SELECT COUNT(*) FROM schema_version") == [(1,)]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_rows_written_before_the_ended_column_are_read_from_their_error(dialect, tmp_path, request) -> None:
+    """A ledger of schema version 4 (no ``ended``): its rows get how they ended from their error, a
+    name of what a caller's side raises being ``stopped``, any other ``failed``, none ``complete``."""
+    import sqlite3
+
+    rows = [(None, "complete"), ("StreamLeft", "stopped"), ("CancelledError", "stopped"),
+            ("ClientDisconnected", "stopped"), ("APIConnectionError", "failed"), ("BudgetExceeded", "failed")]
+    if dialect == "sqlite":
+        url = str(tmp_path / "v4.db")
+        raw: Any = sqlite3.connect(url, isolation_level=None)
+    else:
+        import psycopg
+
+        url = request.getfixturevalue("postgres_url")
+        raw = psycopg.connect(url, autocommit=True)
+        raw.execute("DROP TABLE IF EXISTS calls")
+        raw.execute("DROP TABLE IF EXISTS schema_version")
+    mark = "?" if dialect == "sqlite" else "%s"
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[:4]:
+        raw.execute(statement)
+    raw.execute("INSERT INTO schema_version (version) VALUES (4)")
+    for i, (error, _) in enumerate(rows):
+        raw.execute("INSERT INTO calls (call_id, ts, source, requested_model, model, input_tokens, cached_tokens, "
+                    "cache_write_tokens, output_tokens, reasoning_tokens, cache_hit, error, decisions, "
+                    "saved_routing_usd, saved_context_usd, saved_cache_usd, saved_reasoning_usd) VALUES "
+                    f"({', '.join([mark] * 17)})",
+                    (f"c{i}", float(i), "live", "m", "m", 1, 0, 0, 1, 0, 0, error, "[]", 0.0, 0.0, 0.0, 0.0))
+    raw.close()
+    db = open_ledger(url)
+    try:
+        assert db.query("SELECT error, ended FROM calls ORDER BY ts") == rows
+        totals = build_report(db)["totals"]
+    finally:
+        db.close()
+    assert (totals["calls"], totals["stopped_calls"], totals["failed_calls"]) == (6, 3, 2)
 
 
 def _write_rows(path: str, prefix: str) -> None:

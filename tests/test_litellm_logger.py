@@ -1153,6 +1153,7 @@ def test_a_sync_stream_left_partway_is_settled_at_its_prompt_and_the_chunks_that
         assert rows[0]["error"] is None and rows[0]["output_tokens"] > 0 and counter > 0
         return
     assert rows[0]["error"] == "StreamLeft" and span.status.status_code == StatusCode.ERROR
+    assert span.attributes["router_middleware.ended"] == "stopped"
     if not read:
         assert (rows[0]["input_tokens"], rows[0]["output_tokens"], counter) == (0, 0, 0)
         return
@@ -1921,15 +1922,16 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
     started = time.time()
     try:
         seen = _client_leaves_after_two_chunks(logger, {"model": "coder", "litellm_call_id": "gone-1"}, hook=True)
-        rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "error", "ended"))
     finally:
         logger.unregister()
     assert seen["stall:stall"] == 1 and logger.recorded == 1 and len(rows) == 1
-    input_tokens, output_tokens, error = rows[0].values()
-    assert input_tokens > 0 and 0 < output_tokens < 50 and error == "ClientDisconnected"
+    input_tokens, output_tokens, error, ended = rows[0].values()
+    assert input_tokens > 0 and 0 < output_tokens < 50 and (error, ended) == ("ClientDisconnected", "stopped")
     assert _tpm_used(logger, "slow", started) == input_tokens + output_tokens
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.status.status_code == StatusCode.ERROR and span.attributes["error.type"] == "ClientDisconnected"
+    assert span.attributes["router_middleware.ended"] == "stopped"  # by the client: kept apart from failures
     assert span.attributes["router_middleware.usage.source"] == "estimated"
     assert span.attributes["gen_ai.usage.output_tokens"] == output_tokens
 

@@ -30,9 +30,9 @@ def test_a_stream_closed_early_has_its_ledger_row(tmp_path) -> None:
     stream.close()
     p.close()
     spent = float(p.store.get("budget:team:usd:a:0") or 0)
-    rows = open_ledger(url).query("SELECT model, error, cost_usd FROM calls")
-    assert len(rows) == 1 and rows[0][:2] == ("gpt-4o", None)
-    assert rows[0][2] == pytest.approx(spent)  # the ledger says what the budget counted
+    rows = open_ledger(url).query("SELECT model, error, ended, cost_usd FROM calls")
+    assert len(rows) == 1 and rows[0][:3] == ("gpt-4o", "StreamLeft", "stopped")  # as the SDK's row of it
+    assert rows[0][3] == pytest.approx(spent)  # the ledger says what the budget counted
 
 
 def test_a_stream_cut_by_the_provider_has_its_ledger_row_with_the_error(tmp_path, monkeypatch) -> None:
@@ -50,8 +50,8 @@ def test_a_stream_cut_by_the_provider_has_its_ledger_row_with_the_error(tmp_path
     with pytest.raises(litellm.exceptions.APIConnectionError):
         list(stream)
     p.close()
-    rows = open_ledger(url).query("SELECT model, error FROM calls")
-    assert rows == [("gpt-4o", "APIConnectionError")]
+    rows = open_ledger(url).query("SELECT model, error, ended FROM calls")
+    assert rows == [("gpt-4o", "APIConnectionError", "failed")]
 
 
 @pytest.mark.parametrize("how", ["close", "drop", "aclose"])
@@ -80,8 +80,8 @@ def test_a_stream_closed_before_it_is_read_settles_its_reservation_and_is_record
         gc.collect()
     p.close()
     assert 0 < float(p.store.get(f"budget:team:usd:{how}:0") or 0) < 0.001  # settled to an estimate of what was sent, not the 0.005 reserved
-    rows = open_ledger(url).query("SELECT model, error FROM calls")
-    assert rows == [("gpt-4o", None)]
+    rows = open_ledger(url).query("SELECT model, error, ended FROM calls")
+    assert rows == [("gpt-4o", "StreamLeft", "stopped")]
 
 
 def test_a_stream_dropped_on_the_event_loop_settles_off_it() -> None:

@@ -28,6 +28,7 @@ from .errors import (
     SessionFormatError,
     StoreError,
     StoreUnavailable,
+    StreamLeft,
     UnknownModelError,
 )
 from .pipeline import Pipeline
@@ -69,6 +70,7 @@ __all__ = [
     "SessionFormatError",
     "StoreError",
     "StoreUnavailable",
+    "StreamLeft",
     "TrackedStream",
     "UnknownModelError",
     "Usage",

@@ -3,7 +3,9 @@ carry the HTTP ``status_code`` the LiteLLM proxy answers with when its hook rais
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from typing import Literal
 
 
 class RouterMiddlewareError(Exception):
@@ -149,3 +151,25 @@ class StoreUnavailable(StoreError):
 
 class LockTimeout(StoreError):
     """A store lock could not be acquired in time."""
+
+
+class StreamLeft(asyncio.CancelledError):
+    """A chat stream its caller stopped reading (closed, broken out of, dropped) before it ended.
+    Stopped from the caller's side, never a failure of its provider: the call is settled at what it
+    had used, and its ledger row and span name this with ``ended`` ``stopped``. Never raised to the
+    caller."""
+
+
+Ended = Literal["complete", "stopped", "failed"]
+# what the caller's side raises into a call it stops: a ledger row of an older version named these
+STOPPED_BY = frozenset({"CancelledError", "StreamLeft", "ClientDisconnected", "KeyboardInterrupt", "GeneratorExit"})
+
+
+def ending(error: BaseException | None) -> Ended:
+    """How a call ended: ``complete`` (no error), ``stopped`` by its caller (a stream left or closed,
+    a task cancelled, a proxy client gone, Ctrl-C: never its provider's failure), else ``failed``."""
+    if error is None:
+        return "complete"
+    if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | GeneratorExit):
+        return "stopped"
+    return "failed"

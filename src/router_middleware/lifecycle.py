@@ -28,7 +28,7 @@ from .accounting import build_outcome, finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
+from .errors import NoRouteError, RouterMiddlewareError, StreamLeft, UnknownModelError
 from .params import usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
@@ -670,6 +670,8 @@ class CallLifecycle:
 
         def finish(chunks: list[Any], started: float, first: float | None, error: BaseException | None,
                    complete: bool) -> Outcome | None:
+            if error is None and not complete:  # closed or let go by its caller: a row like the SDK's
+                error = StreamLeft("the caller stopped reading the stream before it ended")
             if error is not None and not chunks:
                 trace.fail(error)
                 if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so
@@ -680,8 +682,8 @@ class CallLifecycle:
             saved = complete and self._saves(plan)
             response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
                                                  and not trace.wants_answer and engine.usage_chunk_asked(plan))
-            if response is None:
-                trace.fail(error or RuntimeError("stream closed before the first chunk"))
+            if response is None:  # no chunks and no error: an empty stream, read to its end
+                trace.fail(RuntimeError("the stream ended before its first chunk"))
                 self.books.release(self.held)
                 return None
             result = build_outcome(

@@ -57,7 +57,7 @@ from .catalog import close_names
 from .context.structure import head_length
 from .context.summarize import SIDE_CALL
 from .drivers import astep, queued_writes, write_all
-from .errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable, UnknownModelError
+from .errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable, StreamLeft, UnknownModelError
 from .lifecycle import Attempt, CallLifecycle, CutShort, Flow
 from .pipeline import Pipeline
 from .reasoning import infer_step_kind
@@ -320,12 +320,6 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
     if isinstance(tools, Sequence) and not isinstance(tools, str) and tools:
         params["tools"] = [t if isinstance(t, Mapping) else {"definition": str(t)} for t in tools]
     return messages or [{"role": "user", "content": ""}], params
-
-
-class StreamLeft(asyncio.CancelledError):
-    """A sync chat stream (``litellm.completion(stream=True)``) its caller stopped reading and let go
-    of before it ended: litellm sends no event for it. Stopped from the caller's side, never a failure
-    of its provider; settled at what it had used (:meth:`RouterLogger._sync_ended`)."""
 
 
 # the key of a sync stream's watch in litellm's ``model_call_details`` (:meth:`RouterLogger._watch_sync`)

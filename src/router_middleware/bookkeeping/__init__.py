@@ -22,7 +22,7 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
-from ..errors import StoreUnavailable
+from ..errors import StoreUnavailable, ending
 from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
@@ -525,7 +525,7 @@ class Bookkeeper:
         hit = outcome.usage.source == "cache"
         row = from_outcome(outcome, saved_context=0.0 if hit else saved, saved_cache=saved if hit else 0.0)
         if error is not None:
-            row = replace(row, error=type(error).__qualname__)
+            row = replace(row, error=type(error).__qualname__, ended=ending(error))
         self.ledger.append(row)
 
     def record_failure(self, plan: Plan, error: BaseException) -> None:

@@ -139,7 +139,9 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     totals = report["totals"]
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
-    failed = f" ({totals['failed_calls']:,} failed)" if totals["failed_calls"] else ""
+    ends = [f"{totals[f'{end}_calls']:,} {label}" for end, label in (("failed", "failed"), ("stopped", "stopped by "
+            "their caller")) if totals[f"{end}_calls"]]
+    failed = f" ({', '.join(ends)})" if ends else ""
     line = (f"[bold]{totals['calls']:,} calls[/bold]{failed}, cost {money(totals['cost_usd'])} "
             f"({money(baseline)} without the middleware), response-cache hit rate {report['cache_hit_rate']:.1%}")
     console.print(line)

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import STOPPED_BY, Ended
 from ..ids import unique_id
 from ..types import Outcome, Plan
 
@@ -16,7 +17,7 @@ COLUMNS = (
     "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
     "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
     "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
-    "summary_cost_usd",
+    "summary_cost_usd", "ended",
 )
 
 
@@ -56,6 +57,15 @@ class LedgerRecord:
     saved_cache_usd: float = 0.0
     saved_reasoning_usd: float = 0.0
     summary_cost_usd: float = 0.0  # the middleware's summary calls for this call; included in cost_usd
+    # "complete", "stopped" by the caller or "failed" (``error`` names what ended it); by default, read
+    # from ``error`` (a name of what the caller's side raises into a call it stops is "stopped")
+    ended: Ended | None = None
+
+    def __post_init__(self) -> None:
+        if self.ended is None:
+            object.__setattr__(self, "ended", legacy_ending(self.error))
+        elif self.ended not in ("complete", "stopped", "failed"):
+            raise ValueError(f"ended {self.ended!r} is none of complete, stopped, failed")
 
     def row(self) -> tuple[Any, ...]:
         data = asdict(self)
@@ -90,6 +100,13 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
     )
+
+
+def legacy_ending(error: str | None) -> Ended:
+    """How a call ended, read from its row's ``error`` (a row without ``ended``, one of an older version)."""
+    if error is None:
+        return "complete"
+    return "stopped" if error in STOPPED_BY else "failed"
 
 
 def _cost(outcome: Outcome, summaries: float) -> float | None:

@@ -12,8 +12,10 @@ from typing import Any
 
 from .store import LedgerDB
 
-UNPRICED = "SUM(CASE WHEN cost_usd IS NULL AND cache_hit = 0 AND error IS NULL THEN 1 ELSE 0 END)"
-FAILED = "SUM(CASE WHEN error IS NOT NULL THEN 1 ELSE 0 END)"  # calls that ended in an error (counted in calls)
+UNPRICED = "SUM(CASE WHEN cost_usd IS NULL AND cache_hit = 0 AND ended <> 'failed' THEN 1 ELSE 0 END)"
+# calls that ended in an error, and calls their caller stopped (a stream left, a task cancelled): both in calls
+FAILED = "SUM(CASE WHEN ended = 'failed' THEN 1 ELSE 0 END)"
+STOPPED = "SUM(CASE WHEN ended = 'stopped' THEN 1 ELSE 0 END)"
 SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
         "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
         "saved_reasoning_usd", "summary_cost_usd", "cache_hit")
@@ -45,8 +47,9 @@ def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
 def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None,
                  top: int = 10) -> dict[str, Any]:
     where, params = _where(since, until)
-    select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {FAILED}"
-    names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "failed_calls")
+    select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {FAILED}, {STOPPED}"
+    names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "failed_calls",
+             "stopped_calls")
     total = _row(names, db.query(f"SELECT COUNT(*), {select} FROM calls{where}", params)[0])
     report: dict[str, Any] = {
         "range": {"since": since, "until": until},

@@ -154,7 +154,7 @@ class Spool:
                 if not isinstance(data, dict) or not set(data) <= _FIELDS:
                     raise ValueError(f"not a ledger row (fields {sorted(set(data) - _FIELDS)[:5]} unknown)"
                                      if isinstance(data, dict) else "not a ledger row")
-                records.append(LedgerRecord(**data))
+                records.append(LedgerRecord(**data))  # a row spooled before ``ended``: read from its error
             except (ValueError, TypeError) as exc:
                 bad.append({"reason": f"line {number} of {path.name}: {type(exc).__name__}: {str(exc)[:200]}",
                             "line": raw.decode("utf-8", errors="replace")})

@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import LedgerError, MissingExtra
+from ..errors import STOPPED_BY, LedgerError, MissingExtra
 from ..urls import without_password
 from .record import COLUMNS, LedgerRecord
 
+_STOPPED = ", ".join(f"'{name}'" for name in sorted(STOPPED_BY))
 MIGRATIONS: tuple[str, ...] = (
     # 1: the calls table
     """CREATE TABLE IF NOT EXISTS calls (
@@ -34,6 +35,10 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS calls_session ON calls (session)",
     # 4: what the middleware's own summary calls cost, in the row of the call they were made for
     "ALTER TABLE calls ADD COLUMN summary_cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0",
+    # 5, 6: how the call ended (complete, stopped by its caller, failed), read from older rows' error
+    "ALTER TABLE calls ADD COLUMN ended TEXT NOT NULL DEFAULT 'complete'",
+    f"UPDATE calls SET ended = CASE WHEN error IS NULL THEN 'complete' WHEN error IN ({_STOPPED}) THEN 'stopped' "
+    "ELSE 'failed' END",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"

@@ -16,6 +16,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from ..errors import ending
 from ..types import AttributeValue, Outcome, Plan
 from . import metrics as call_metrics
 from .attributes import Semconv, agent_attributes, decision_attributes, outcome_attributes, request_attributes
@@ -246,10 +247,12 @@ class CallTrace:
         self.done = True
         kind = type(error).__qualname__
         message = self.settings.redactor(str(error))[:500]
+        ended = ending(error)  # "stopped" by the caller (a stream left, a task cancelled) or "failed"
         for span in (self.child, self.parent):
             if span is None:
                 continue
             span.set_attribute("error.type", kind)
+            span.set_attribute("router_middleware.ended", ended)
             span.set_status(Status(StatusCode.ERROR, message))
         self._used(outcome)
         for span in (self.child, self.parent):
@@ -260,7 +263,10 @@ class CallTrace:
         if self.settings.enabled:
             call_metrics.record(self._metric_attrs(), None, time.perf_counter() - self.started, kind,
                                 self.plan.call.context.app)
-        log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+        if ended == "stopped":  # the caller's choice: no warning
+            log.info("llm_call_stopped", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+        else:
+            log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
 
     def _metric_attrs(self) -> dict[str, AttributeValue]:
         keep = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")

@@ -1,0 +1,138 @@
+"""A stream its caller stops reading partway is the same ledger row through every way in: settled at
+what it used, ``ended`` ``stopped`` (not ``failed``: the provider did nothing wrong), named in the
+report apart from the failed calls, and its span saying so. A stream its provider breaks stays
+``failed`` (``tests/test_stream_ledger.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import time
+from collections.abc import Callable
+
+import litellm
+import pytest
+from opentelemetry.trace import SpanKind
+
+from router_middleware import Pipeline
+from router_middleware.langchain import RoutedChatModel
+from router_middleware.ledger.report import build_report
+from router_middleware.ledger.store import open_ledger
+from router_middleware.litellm import RouterLogger
+from router_middleware.wire import drain_callbacks
+
+ANSWER = "The quick brown fox jumps over the lazy dog. " * 5
+MESSAGES = [{"role": "user", "content": "Tell me about foxes"}]
+READ = 3
+
+
+def _polled(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def _pipeline_sync(p: Pipeline) -> int:
+    stream = p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+    came = len(list(itertools.islice(stream, READ)))
+    stream.close()
+    return came
+
+
+def _pipeline_async(p: Pipeline) -> int:
+    async def run() -> int:
+        stream = await p.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+        came = 0
+        async for _chunk in stream:
+            came += 1
+            if came == READ:
+                break
+        await stream.aclose()
+        return came
+
+    return asyncio.run(run())
+
+
+def _chat_model(p: Pipeline) -> int:
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=p, model_kwargs={"mock_response": ANSWER})
+    chunks = model.stream(MESSAGES)
+    came = len(list(itertools.islice(chunks, READ)))
+    chunks.close()  # what a ``for`` loop broken out of does once the generator is dropped
+    return came
+
+
+def _sdk_sync(p: Pipeline) -> int:
+    logger = RouterLogger(p).register()
+    try:
+        stream = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+        came = len(list(itertools.islice(stream, READ)))
+        del stream
+        assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
+    finally:
+        logger.unregister()
+    return came
+
+
+def _sdk_async(p: Pipeline) -> int:
+    logger = RouterLogger(p).register()
+
+    async def run() -> int:
+        stream = await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER,
+                                           stream=True)
+        came = 0
+        async for _chunk in stream:
+            came += 1
+            if came == READ:
+                break
+        del stream, _chunk
+        deadline = time.monotonic() + 10
+        while logger._calls and time.monotonic() < deadline:
+            gc.collect()
+            await asyncio.sleep(0.02)
+        await logger.aflush()
+        return came
+
+    try:
+        return asyncio.run(run())
+    finally:
+        logger.unregister()
+
+
+WAYS = {"Pipeline.completion": _pipeline_sync, "Pipeline.acompletion": _pipeline_async,
+        "RoutedChatModel.stream": _chat_model, "litellm.completion": _sdk_sync, "litellm.acompletion": _sdk_async}
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_stream_the_caller_stops_is_one_stopped_row_through_every_way_in(way, tmp_path, monkeypatch,
+                                                                         span_exporter) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(drain_callbacks())
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url},
+                              "routing": {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
+                                                                  "window_s": 86400}]}})
+    try:
+        assert WAYS[way](p) == READ
+        p.ledger.flush()
+        counter = float(p.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+    finally:
+        p.close()
+    db = open_ledger(url)
+    try:
+        rows = db.query("SELECT error, ended, input_tokens, output_tokens, cost_usd FROM calls")
+        report = build_report(db)
+    finally:
+        db.close()
+    assert len(rows) == 1, rows
+    error, ended, input_tokens, output_tokens, cost = rows[0]
+    assert ended == "stopped" and error in ("StreamLeft", "CancelledError")
+    assert input_tokens > 0 and cost > 0 and counter >= input_tokens  # paid for, and charged to the budget
+    assert output_tokens < litellm.token_counter(model="gpt-4o-mini", text=ANSWER)  # only what came
+    assert (report["totals"]["stopped_calls"], report["totals"]["failed_calls"]) == (1, 0)
+    spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert spans and all(s.attributes.get("router_middleware.ended") == "stopped" for s in spans)
+
