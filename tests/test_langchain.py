@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,52 @@ def test_callback_records_errors(span_exporter) -> None:
         GenericFakeChatModel(messages=iter([])).invoke("hi", config={"callbacks": [handler]})
     failed = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
     assert failed.status.status_code == StatusCode.ERROR and not handler.in_flight
+
+
+class _BreaksAfter(GenericFakeChatModel):
+    """Streams its reply's first words, then its connection drops."""
+
+    def _stream(self, *args: Any, **kwargs: Any) -> Any:
+        for number, chunk in enumerate(super()._stream(*args, **kwargs)):
+            if number == 4:
+                raise ConnectionError("connection reset by peer")
+            yield chunk
+
+
+@pytest.mark.parametrize("how", ["stopped", "broken"])
+def test_the_callback_settles_an_observed_stream_cut_short_at_what_it_streamed(how, tmp_path, span_exporter) -> None:
+    """A chat model the handler only observes, whose stream its reader stops after a few chunks (the
+    generator closed) or whose provider breaks it off: LangChain hands ``on_llm_error`` the chunks
+    merged, and the call is settled at them (the prompt and what streamed, estimated, charged to the
+    budgets), ``ended`` ``stopped`` or ``failed``, not a row with nothing spent."""
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}, "routing": {"budgets": [
+        {"name": "daily", "scope": "global", "tokens": 100000, "window_s": 86400}]}})
+    handler = RouterCallbackHandler(pipeline)
+    reply = AIMessage(content="one two three four five six seven eight nine ten")
+    config: Any = {"callbacks": [handler], "metadata": {"ls_model_name": "gpt-4o-mini"}}
+    if how == "stopped":
+        chunks = GenericFakeChatModel(messages=iter([reply])).stream("Count to ten", config=config)
+        came = [next(chunks) for _ in range(4)]
+        chunks.close()
+    else:
+        came = []
+        with pytest.raises(ConnectionError):
+            for chunk in _BreaksAfter(messages=iter([reply])).stream("Count to ten", config=config):
+                came.append(chunk)
+    pipeline.close()
+    counter = float(pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
+    rows = open_ledger(url).query("SELECT model, error, ended, input_tokens, output_tokens, cost_usd FROM calls")
+    assert len(came) == 4 and len(rows) == 1 and not handler.in_flight
+    model, error, ended, input_tokens, output_tokens, cost = rows[0]
+    assert (model, error, ended) == ("gpt-4o-mini", *{"stopped": ("GeneratorExit", "stopped"),
+                                                      "broken": ("ConnectionError", "failed")}[how])
+    assert input_tokens > 0 and 0 < output_tokens < 10 and cost > 0 and counter == input_tokens + output_tokens
+    assert [o.usage.source for o in handler.outcomes] == ["estimated"]
+    span = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
+    assert span.attributes["router_middleware.ended"] == ended and span.attributes["gen_ai.usage.output_tokens"] > 0
 
 
 # -- RouterAgentMiddleware in create_agent --------------------------------------------------------

@@ -19,7 +19,7 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
-from langchain_core.outputs import LLMResult
+from langchain_core.outputs import ChatGenerationChunk, LLMResult
 
 from ..pipeline import Pipeline
 from ..telemetry import CallTrace, log
@@ -42,6 +42,13 @@ def _model_name(serialized: Mapping[str, Any] | None, metadata: Mapping[str, Any
         if value:
             return str(value)
     return "unknown"
+
+
+def _streamed(response: LLMResult | None) -> BaseMessage | None:
+    """The message merged from a failed run's chunks, if any came: LangChain puts it first in the
+    response it hands ``on_llm_error``, a chunk (the error's own generation is a whole message)."""
+    first = response.generations[0] if response is not None and response.generations else []
+    return first[0].message if first and isinstance(first[0], ChatGenerationChunk) else None
 
 
 class RouterCallbackHandler(BaseCallbackHandler):
@@ -114,12 +121,32 @@ class RouterCallbackHandler(BaseCallbackHandler):
             self.outcomes.append(result)
             del self.outcomes[:-1000]
 
-    def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, response: LLMResult | None = None,
+                     **kwargs: Any) -> None:
+        """A run that ended in ``error``: a stream broken off or stopped by its reader after chunks
+        came (LangChain hands the merged chunks in ``response``) is settled at what it used, as a
+        stream of the pipeline cut short; else a row with nothing spent."""
         with self._lock:
             run = self._runs.pop(run_id, None)
-        if run is not None and run.trace is not None:
+        if run is None or run.trace is None:
+            return
+        streamed = _streamed(response)
+        if streamed is None:
             run.trace.fail(error)
             self.pipeline.books.record_failure(run.plan, error)
+            return
+        try:
+            result = outcome_from_message(streamed, run.plan, self.pipeline, run.trace.provider, run.started,
+                                          run.first_token)
+            result = self.pipeline.books.settle_observed(result, complete=False, error=error)
+        except Exception as exc:  # noqa: BLE001 - observing must never break the user's chain
+            log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            run.trace.fail(error)
+            return
+        run.trace.fail(error, result)
+        with self._lock:
+            self.outcomes.append(result)
+            del self.outcomes[:-1000]
 
     @property
     def in_flight(self) -> Sequence[UUID]:
