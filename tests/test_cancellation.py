@@ -11,6 +11,7 @@ from typing import Any
 
 import litellm
 import pytest
+from opentelemetry.trace import StatusCode
 
 from router_middleware import Pipeline, drivers
 from router_middleware.bookkeeping.keys import PROBE
@@ -56,7 +57,9 @@ async def test_a_call_cancelled_during_the_provider_call_gives_its_reservation_b
     await p.aclose()
     assert spent(p, app) == 0.0  # released, not held for reservation_ttl_s
     routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route")]
-    assert len(routes) == 1 and routes[0].attributes.get("error.type") == "CancelledError"
+    assert len(routes) == 1 and routes[0].attributes.get("router_middleware.stopped_by") == "CancelledError"
+    assert routes[0].attributes["router_middleware.ended"] == "stopped" and "error.type" not in routes[0].attributes
+    assert routes[0].status.status_code == StatusCode.UNSET  # stopped by the caller's timeout: no error of the call
 
 
 async def test_a_call_cancelled_while_backing_off_gives_its_reservation_back(monkeypatch) -> None:

@@ -946,13 +946,15 @@ def _cut_row(pipeline: Pipeline, url: str, streamed: str, error: str, span_expor
     from router_middleware.ledger.store import open_ledger
 
     pipeline.close()
-    rows = open_ledger(url).query("SELECT model, error, input_tokens, output_tokens, cost_usd FROM calls")
-    assert len(rows) == 1 and rows[0][:2] == ("gpt-4o-mini", error)
+    rows = open_ledger(url).query("SELECT model, error, input_tokens, output_tokens, cost_usd, ended FROM calls")
+    ended = "stopped" if error == "CancelledError" else "failed"  # by the task's owner, or by the model
+    assert len(rows) == 1 and rows[0][:2] == ("gpt-4o-mini", error) and rows[0][5] == ended
     assert rows[0][2] > 0 and rows[0][3] == usage_from_message(AIMessage(streamed), 0).output_tokens
     spent = float(pipeline.store.get("budget:team:usd:a:0") or 0)
     assert rows[0][4] > 0 and rows[0][4] == pytest.approx(spent)
     (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert chat.status.status_code == StatusCode.ERROR
+    assert chat.status.status_code == (StatusCode.UNSET if ended == "stopped" else StatusCode.ERROR)
+    assert chat.attributes["router_middleware.ended"] == ended
     assert chat.attributes["router_middleware.usage.source"] == "estimated"
     assert chat.attributes["gen_ai.usage.output_tokens"] == rows[0][3]
 

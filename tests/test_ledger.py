@@ -12,10 +12,12 @@ from typing import Any
 
 import litellm
 import pytest
+import structlog
 
 from router_middleware import Pipeline
 from router_middleware.cli import bundled_sessions, main
 from router_middleware.ledger import (
+    ENDED,
     MIGRATIONS,
     LedgerRecord,
     LedgerWriter,
@@ -162,8 +164,9 @@ def test_schema_is_versioned_and_migrates(tmp_path) -> None:
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 def test_rows_written_before_the_ended_column_are_read_from_their_error(dialect, tmp_path, request) -> None:
-    """A ledger of schema version 4 (no ``ended``): its rows get how they ended from their error, a
-    name of what a caller's side raises being ``stopped``, any other ``failed``, none ``complete``."""
+    """A ledger of schema version 4 (no ``ended``), and rows an older version writes after the migration:
+    read through ``ENDED``, how they ended comes from their error, a name of what a caller's side
+    raises being ``stopped``, any other ``failed``, none ``complete``."""
     import sqlite3
 
     rows = [(None, "complete"), ("StreamLeft", "stopped"), ("CancelledError", "stopped"),
@@ -189,14 +192,27 @@ def test_rows_written_before_the_ended_column_are_read_from_their_error(dialect,
                     "saved_routing_usd, saved_context_usd, saved_cache_usd, saved_reasoning_usd) VALUES "
                     f"({', '.join([mark] * 17)})",
                     (f"c{i}", float(i), "live", "m", "m", 1, 0, 0, 1, 0, 0, error, "[]", 0.0, 0.0, 0.0, 0.0))
-    raw.close()
-    db = open_ledger(url)
+    db = open_ledger(url)  # migrated: a column added, no row rewritten (a table lock on PostgreSQL)
     try:
-        assert db.query("SELECT error, ended FROM calls ORDER BY ts") == rows
+        # an older version, still running, writes after the migration: its row names no ``ended`` either
+        raw.execute("INSERT INTO calls (call_id, ts, source, requested_model, model, input_tokens, cached_tokens, "
+                    "cache_write_tokens, output_tokens, reasoning_tokens, cache_hit, error, decisions, "
+                    "saved_routing_usd, saved_context_usd, saved_cache_usd, saved_reasoning_usd) VALUES "
+                    f"({', '.join([mark] * 17)})",
+                    ("late", 9.0, "live", "m", "m", 1, 0, 0, 1, 0, 0, "RateLimitError", "[]", 0.0, 0.0, 0.0, 0.0))
+        assert db.query("SELECT COUNT(*) FROM calls WHERE ended IS NOT NULL") == [(0,)]
+        assert db.query(f"SELECT error, {ENDED} FROM calls ORDER BY ts") == [*rows, ("RateLimitError", "failed")]
         totals = build_report(db)["totals"]
     finally:
         db.close()
-    assert (totals["calls"], totals["stopped_calls"], totals["failed_calls"]) == (6, 3, 2)
+        raw.close()
+    assert (totals["calls"], totals["stopped_calls"], totals["failed_calls"]) == (7, 3, 3)
+    with structlog.testing.capture_logs() as logs:  # and an older version than the ledger's says so
+        db = open_ledger(url)
+        db.query(f"UPDATE schema_version SET version = {len(MIGRATIONS) + 1}")
+        db.close()
+        open_ledger(url).close()
+    assert [e["version"] for e in logs if e["event"] == "ledger_schema_newer"] == [len(MIGRATIONS) + 1]
 
 
 def _write_rows(path: str, prefix: str) -> None:

@@ -68,6 +68,31 @@ def test_a_spool_cut_off_by_a_crash_is_read_tolerantly(tmp_path) -> None:
     assert not gone.exists()
 
 
+def test_rows_spooled_by_another_version_are_written(tmp_path) -> None:
+    """An older version's rows (no ``ended``) are read from their error; a newer version's columns
+    this one lacks are dropped, said in a warning, and the rows written, never quarantined."""
+    import structlog
+
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    older = {k: v for k, v in asdict(_row("old", error="CancelledError")).items() if k != "ended"}
+    newer = {**asdict(_row("new", error="APIConnectionError")), "future_column": 1}
+    (folder / "rows-999999999.jsonl").write_text(json.dumps(older) + "\n" + json.dumps(newer) + "\n")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with structlog.testing.capture_logs() as logs:
+        writer = LedgerWriter(url, spool=folder)
+        writer.append(_row("now"))
+        writer.close()
+    db = open_ledger(url)
+    try:
+        assert db.query("SELECT call_id, ended FROM calls ORDER BY call_id") == [
+            ("new", "failed"), ("now", "complete"), ("old", "stopped")]
+    finally:
+        db.close()
+    assert [e["fields"] for e in logs if e["event"] == "ledger_spool_fields_dropped"] == [["future_column"]]
+    assert not (folder / QUARANTINE).exists()
+
+
 def _spool_and_exit(url: str, folder: str) -> None:
     """A worker whose database is down the whole time: its rows go to its spool, then it exits."""
     class Down:

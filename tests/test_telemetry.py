@@ -164,6 +164,36 @@ def test_cache_hits_stay_out_of_the_genai_client_metrics(metric_reader) -> None:
     assert sum(p.count for p in durations) == 1
 
 
+def test_a_stream_its_caller_closes_is_measured_and_no_error(metric_reader, span_exporter) -> None:
+    """Closed after its first chunks, a stream used tokens and cost: its spans say so and that its
+    caller stopped it (no error status, no ``error.type``), the token, first-chunk and cost metrics
+    count it (``router_middleware.ended`` on them), and its log event is an info with tokens and cost."""
+    model = "gpt-4.1-mini"  # no other test of this module calls it
+    pipeline = Pipeline.from_config({"app": "stopped-app"})
+    with structlog.testing.capture_logs() as logs:
+        stream = pipeline.completion(model=model, messages=MESSAGES, mock_response="a b c d e f g h", stream=True)
+        next(stream), next(stream)
+        stream.close()
+    route, chat = spans_by_kind(span_exporter)
+    for span in (route[-1], chat[-1]):
+        assert span.status.status_code == StatusCode.UNSET and "error.type" not in span.attributes
+        assert (span.attributes["router_middleware.ended"], span.attributes["router_middleware.stopped_by"]) == \
+            ("stopped", "StreamLeft")
+    assert chat[-1].attributes["gen_ai.usage.output_tokens"] > 0 and route[-1].attributes["gen_ai.usage.cost"] > 0
+    tokens = [p for p in _points(metric_reader, "gen_ai.client.token.usage")
+              if p.attributes.get("gen_ai.response.model") == model]
+    assert {p.attributes["gen_ai.token.type"] for p in tokens} == {"input", "output"}
+    assert all(p.attributes["router_middleware.ended"] == "stopped" and "error.type" not in p.attributes
+               for p in tokens)
+    assert [p for p in _points(metric_reader, "gen_ai.client.operation.time_to_first_chunk")
+            if p.attributes.get("gen_ai.response.model") == model]
+    assert [p for p in _points(metric_reader, "router_middleware.cost")
+            if p.attributes.get("router_middleware.app") == "stopped-app"][0].value > 0
+    (event,) = [e for e in logs if e["event"].startswith("llm_call")]
+    assert (event["event"], event["log_level"], event["stopped_by"]) == ("llm_call_stopped", "info", "StreamLeft")
+    assert event["output_tokens"] > 0 and event["cost_usd"] > 0
+
+
 def test_log_event_carries_trace_ids(span_exporter) -> None:
     with structlog.testing.capture_logs() as logs:
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")

@@ -162,14 +162,16 @@ class StreamLeft(asyncio.CancelledError):
 
 Ended = Literal["complete", "stopped", "failed"]
 # what the caller's side raises into a call it stops: a ledger row of an older version named these
-STOPPED_BY = frozenset({"CancelledError", "StreamLeft", "ClientDisconnected", "KeyboardInterrupt", "GeneratorExit"})
+STOPPED_BY = frozenset({"CancelledError", "StreamLeft", "ClientDisconnected", "KeyboardInterrupt", "GeneratorExit",
+                        "SystemExit"})
 
 
 def ending(error: BaseException | None) -> Ended:
     """How a call ended: ``complete`` (no error), ``stopped`` by its caller (a stream left or closed,
-    a task cancelled, a proxy client gone, Ctrl-C: never its provider's failure), else ``failed``."""
+    a task cancelled, a proxy client gone, Ctrl-C, its process exiting: never its provider's failure),
+    else ``failed``."""
     if error is None:
         return "complete"
-    if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | GeneratorExit):
+    if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | GeneratorExit | SystemExit):
         return "stopped"
     return "failed"

@@ -10,12 +10,13 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from .store import LedgerDB
+from .store import ENDED, LedgerDB
 
-UNPRICED = "SUM(CASE WHEN cost_usd IS NULL AND cache_hit = 0 AND ended <> 'failed' THEN 1 ELSE 0 END)"
-# calls that ended in an error, and calls their caller stopped (a stream left, a task cancelled): both in calls
-FAILED = "SUM(CASE WHEN ended = 'failed' THEN 1 ELSE 0 END)"
-STOPPED = "SUM(CASE WHEN ended = 'stopped' THEN 1 ELSE 0 END)"
+# calls that used tokens at no known price (their cost is not in the sums); calls that ended in an error,
+# and calls their caller stopped (a stream left, a task cancelled): all three counted in calls
+UNPRICED = "SUM(CASE WHEN cost_usd IS NULL AND cache_hit = 0 AND input_tokens + output_tokens > 0 THEN 1 ELSE 0 END)"
+FAILED = f"SUM(CASE WHEN {ENDED} = 'failed' THEN 1 ELSE 0 END)"
+STOPPED = f"SUM(CASE WHEN {ENDED} = 'stopped' THEN 1 ELSE 0 END)"
 SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
         "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
         "saved_reasoning_usd", "summary_cost_usd", "cache_hit")

@@ -146,18 +146,24 @@ class Spool:
             return
         records: list[LedgerRecord] = []
         bad: list[dict[str, object]] = []
+        dropped: set[str] = set()
         for number, raw in enumerate(claimed.read_bytes().splitlines(), start=1):
             if not raw.strip():
                 continue
             try:
                 data = json.loads(raw.decode("utf-8"))
-                if not isinstance(data, dict) or not set(data) <= _FIELDS:
-                    raise ValueError(f"not a ledger row (fields {sorted(set(data) - _FIELDS)[:5]} unknown)"
-                                     if isinstance(data, dict) else "not a ledger row")
+                if not isinstance(data, dict):
+                    raise ValueError("not a ledger row")
+                if not set(data) <= _FIELDS:  # a newer version's columns: the row is written without them
+                    dropped.update(set(data) - _FIELDS)
+                    data = {k: v for k, v in data.items() if k in _FIELDS}
                 records.append(LedgerRecord(**data))  # a row spooled before ``ended``: read from its error
             except (ValueError, TypeError) as exc:
                 bad.append({"reason": f"line {number} of {path.name}: {type(exc).__name__}: {str(exc)[:200]}",
                             "line": raw.decode("utf-8", errors="replace")})
+        if dropped:
+            log.warning("ledger_spool_fields_dropped", file=path.name, fields=sorted(dropped)[:10],
+                        detail="rows a newer version spooled: written without the columns this version lacks")
         try:
             rejected = insert_tolerant(db, records) if records else []
         except DatabaseUnavailable:

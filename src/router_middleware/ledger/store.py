@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import STOPPED_BY, LedgerError, MissingExtra
+from ..telemetry import log
 from ..urls import without_password
 from .record import COLUMNS, LedgerRecord
 
 _STOPPED = ", ".join(f"'{name}'" for name in sorted(STOPPED_BY))
+# how a row's call ended, in SQL: its ``ended``, else read from its ``error`` as :func:`.record.legacy_ending` does
+ENDED = (f"COALESCE(ended, CASE WHEN error IS NULL THEN 'complete' WHEN error IN ({_STOPPED}) THEN 'stopped' "
+         "ELSE 'failed' END)")
 MIGRATIONS: tuple[str, ...] = (
     # 1: the calls table
     """CREATE TABLE IF NOT EXISTS calls (
@@ -35,10 +39,9 @@ MIGRATIONS: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS calls_session ON calls (session)",
     # 4: what the middleware's own summary calls cost, in the row of the call they were made for
     "ALTER TABLE calls ADD COLUMN summary_cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0",
-    # 5, 6: how the call ended (complete, stopped by its caller, failed), read from older rows' error
-    "ALTER TABLE calls ADD COLUMN ended TEXT NOT NULL DEFAULT 'complete'",
-    f"UPDATE calls SET ended = CASE WHEN error IS NULL THEN 'complete' WHEN error IN ({_STOPPED}) THEN 'stopped' "
-    "ELSE 'failed' END",
+    # 5: how the call ended (complete, stopped by its caller, failed). NULL in rows written before it, or
+    # by an older version after it: read them through ENDED, never the column alone
+    "ALTER TABLE calls ADD COLUMN ended TEXT",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -62,6 +65,9 @@ def _migrate(execute: Any, fetch_version: Any) -> None:
     for number, statement in enumerate(MIGRATIONS, start=1):
         if number > version:
             execute(statement)
+    if version > len(MIGRATIONS):
+        log.warning("ledger_schema_newer", version=version, known=len(MIGRATIONS),
+                    detail="a newer version of router-middleware migrated this ledger: upgrade this process")
     if version == 0:
         execute(f"INSERT INTO schema_version (version) VALUES ({len(MIGRATIONS)})")
     elif version < len(MIGRATIONS):

@@ -203,56 +203,26 @@ class CallTrace:
 
     @never_raises(default=None)
     def succeed(self, outcome: Outcome, response: Any = None) -> None:
-        if self.done:
-            return
-        self.done = True
-        settings = self.settings
-        if self.child is not None:
-            attrs = outcome_attributes(outcome, openinference=settings.openinference, semconv=settings.semconv)
-            if settings.capture_content:
-                attrs.update(content_attributes(self.plan.messages, response_messages(response), settings.redactor))
-            self.child.set_attributes(attrs)
-            self.child.end()
-        if self.parent is not None:
-            self.parent.set_attribute("gen_ai.response.model", outcome.model)
-            if outcome.cost.total_usd is not None:
-                self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
-            if outcome.usage.source == "cache":
-                self.parent.set_attribute("router_middleware.cache.hit", True)
-                similarity = self.cache_similarity
-                if similarity is not None:
-                    self.parent.set_attribute("router_middleware.cache.similarity", float(similarity))
-                self.parent.set_attribute("router_middleware.savings.estimated_usd",
-                                          float(self.plan.estimated_savings_usd))
-            self.parent.end()
-        if self.nested:
-            return
-        if settings.enabled and outcome.usage.source != "cache":  # a hit is no GenAI operation: not in them
-            call_metrics.record(self._metric_attrs(), outcome, time.perf_counter() - self.started, None,
-                                self.plan.call.context.app)
-        if not log.enabled("info"):
-            return
-        log.info("llm_call", **self._log_ids(), requested_model=self.plan.call.model, model=outcome.model,
-                 provider=outcome.provider, input_tokens=outcome.usage.input_tokens,
-                 output_tokens=outcome.usage.output_tokens, cache_read_tokens=outcome.usage.cache_read_tokens,
-                 cache_write_tokens=outcome.usage.cache_write_tokens,
-                 reasoning_tokens=outcome.usage.reasoning_tokens, cost_usd=outcome.cost.total_usd,
-                 cost_source=outcome.cost.source,
-                 decisions=[f"{d.policy}:{d.action}" for d in self.plan.decisions])
+        self._end(outcome, response)
 
     @never_raises(default=None)
     def fail(self, error: BaseException, outcome: Outcome | None = None) -> None:
+        """End the call with ``error``; one its caller stopped (:func:`~router_middleware.errors.ending`:
+        a stream closed or left, a task cancelled) is no error: its spans, metrics and log say what it
+        used, with ``router_middleware.ended`` ``stopped`` and what stopped it."""
+        if ending(error) == "stopped":
+            self._end(outcome, None, stopped_by=type(error).__qualname__)
+            return
         if self.done:
             return
         self.done = True
         kind = type(error).__qualname__
         message = self.settings.redactor(str(error))[:500]
-        ended = ending(error)  # "stopped" by the caller (a stream left, a task cancelled) or "failed"
         for span in (self.child, self.parent):
             if span is None:
                 continue
             span.set_attribute("error.type", kind)
-            span.set_attribute("router_middleware.ended", ended)
+            span.set_attribute("router_middleware.ended", "failed")
             span.set_status(Status(StatusCode.ERROR, message))
         self._used(outcome)
         for span in (self.child, self.parent):
@@ -263,10 +233,70 @@ class CallTrace:
         if self.settings.enabled:
             call_metrics.record(self._metric_attrs(), None, time.perf_counter() - self.started, kind,
                                 self.plan.call.context.app)
-        if ended == "stopped":  # the caller's choice: no warning
-            log.info("llm_call_stopped", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+        log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+
+    def _end(self, outcome: Outcome | None, response: Any = None, *, stopped_by: str | None = None) -> None:
+        """End the call answered (``outcome``), or stopped by its caller after using ``outcome``, if anything."""
+        if self.done:
+            return
+        self.done = True
+        settings = self.settings
+        stopped = {"router_middleware.ended": "stopped", "router_middleware.stopped_by": stopped_by} \
+            if stopped_by is not None else None
+        if self.child is not None:
+            if outcome is not None:
+                attrs = outcome_attributes(outcome, openinference=settings.openinference, semconv=settings.semconv)
+                if settings.capture_content and response is not None:
+                    attrs.update(content_attributes(self.plan.messages, response_messages(response),
+                                                    settings.redactor))
+                self.child.set_attributes(attrs)
+            if stopped:
+                self.child.set_attributes(stopped)
+            self.child.end()
+        if self.parent is not None:
+            if stopped:
+                self.parent.set_attributes(stopped)
+            if outcome is not None:
+                self._answered(outcome)
+            self.parent.end()
+        if self.nested:
+            return
+        if settings.enabled and (outcome is None or outcome.usage.source != "cache"):  # a hit is no GenAI operation
+            metric_attrs = self._metric_attrs()
+            if stopped:
+                metric_attrs["router_middleware.ended"] = "stopped"
+            call_metrics.record(metric_attrs, outcome, time.perf_counter() - self.started, None,
+                                self.plan.call.context.app)
+        if stopped_by is None and not log.enabled("info"):
+            return
+        fields: dict[str, Any] = {"model": self.plan.model}
+        if outcome is not None:
+            usage = outcome.usage
+            fields = {"provider": outcome.provider, "model": outcome.model, "input_tokens": usage.input_tokens,
+                      "output_tokens": usage.output_tokens, "cache_read_tokens": usage.cache_read_tokens,
+                      "cache_write_tokens": usage.cache_write_tokens, "reasoning_tokens": usage.reasoning_tokens,
+                      "cost_usd": outcome.cost.total_usd, "cost_source": outcome.cost.source}
+        decisions = [f"{d.policy}:{d.action}" for d in self.plan.decisions]
+        if stopped_by is not None:  # the caller's choice: no warning
+            log.info("llm_call_stopped", **self._log_ids(), requested_model=self.plan.call.model, **fields,
+                     decisions=decisions, stopped_by=stopped_by)
         else:
-            log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+            log.info("llm_call", **self._log_ids(), requested_model=self.plan.call.model, **fields,
+                     decisions=decisions)
+
+    def _answered(self, outcome: Outcome) -> None:
+        """The route span's attributes of what the call used."""
+        assert self.parent is not None
+        self.parent.set_attribute("gen_ai.response.model", outcome.model)
+        if outcome.cost.total_usd is not None:
+            self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
+        if outcome.usage.source == "cache":
+            self.parent.set_attribute("router_middleware.cache.hit", True)
+            similarity = self.cache_similarity
+            if similarity is not None:
+                self.parent.set_attribute("router_middleware.cache.similarity", float(similarity))
+            self.parent.set_attribute("router_middleware.savings.estimated_usd",
+                                      float(self.plan.estimated_savings_usd))
 
     def _metric_attrs(self) -> dict[str, AttributeValue]:
         keep = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")
