@@ -95,6 +95,17 @@ def test_unknown_prices_are_unknown_never_zero(tmp_path, capsys) -> None:
     assert code == 2 and "--model 'typo-model' has no price" in err and err.count("\n") == 1
 
 
+def test_replay_model_typo_suggests_the_close_names(tmp_path, capsys) -> None:
+    session = unknown_model_session(tmp_path, calls=1)
+    code, _, err = run(capsys, "replay", str(session), "--model", "gpt-4o-minii")
+    assert code == 2 and err.count("\n") == 1
+    assert "--model 'gpt-4o-minii' has no price" in err and "did you mean 'gpt-4o-mini'" in err
+    config = tmp_path / "c.yaml"  # a name of the config's models: section is known too
+    config.write_text("models:\n  house-model-7b: {input_per_mtok: 0.1, output_per_mtok: 0.2}\n")
+    code, _, err = run(capsys, "replay", str(session), "--config", str(config), "--model", "house-modle-7b")
+    assert code == 2 and "did you mean 'house-model-7b'" in err
+
+
 def test_ledger_keeps_unknown_cost_unknown(tmp_path, capsys) -> None:
     ledger = tmp_path / "l.db"
     assert run(capsys, "replay", str(unknown_model_session(tmp_path)), "--ledger", str(ledger))[0] == 0

@@ -53,13 +53,17 @@ class RequestError(RouterMiddlewareError, ValueError):
     status_code = 400
 
 
+def did_you_mean(suggestions: tuple[str, ...]) -> str:
+    """The "; did you mean 'a' or 'b'?" ending of an error naming an unknown name ("" without suggestions)."""
+    return f"; did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
+
+
 class UnknownModelError(RequestError):
     """A call names a model that neither the config (an alias, a deployment) nor litellm knows (no
     provider for it: a typo, usually). ``suggestions``: the closest names that are known."""
 
     def __init__(self, model: str, detail: str, suggestions: tuple[str, ...] = ()) -> None:
-        hint = f"; did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
-        super().__init__(f"model {model!r}: {detail}{hint}")
+        super().__init__(f"model {model!r}: {detail}{did_you_mean(suggestions)}")
         self.model = model
         self.suggestions = suggestions
 

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..catalog import Catalog, ModelInfo, cache_rules_for
-from ..errors import RouterMiddlewareError
+from ..catalog import Catalog, ModelInfo, cache_rules_for, close_names
+from ..errors import RouterMiddlewareError, did_you_mean
 from ..ledger import LedgerRecord, from_outcome
 from ..messages import integrity_violations
 from ..pipeline import Pipeline
@@ -319,9 +319,11 @@ def replay(
     ``route`` is not an alias of the config."""
     baseline = Pipeline(optimized.config, policies=())
     if model is not None and optimized.catalog.resolve(model_for_name(model)) is None:
+        near = close_names(model_for_name(model), tuple(optimized.config.models))
         raise RouterMiddlewareError(
             f"--model {model!r} has no price in litellm's catalog or the config's models: section "
-            f"(looked up as {model_for_name(model)!r}); use a litellm model id such as deepseek/deepseek-chat")
+            f"(looked up as {model_for_name(model)!r})"
+            + (did_you_mean(near) if near else "; use a litellm model id such as deepseek/deepseek-chat"))
     if route is not None:
         route_models(optimized.config.routing, route)  # refuses an unknown alias before any replaying
     sessions = list(sessions)
