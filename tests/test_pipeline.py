@@ -307,10 +307,25 @@ def test_a_deployment_whose_key_variable_is_unset_is_not_called(mode, monkeypatc
     assert sent == []  # nothing reached the endpoint, so no key did
     assert response.choices[0].message.content == "ok"
     fallback = next(d for d in outcome(response).plan.decisions if d.action == "fallback")
-    assert fallback.reason.startswith("openai/gpt-4o-mini failed (MissingKeyError); falling back to gpt-4o-mini")
+    assert fallback.reason == "deployment 'eu' skipped: EU_KEY is not set; falling back to gpt-4o-mini"
     assert pipeline.store.get("cooldown:eu") is None
     assert both.value.__notes__ == ["router-middleware: 2 attempts, all failed: eu: no API key for its provider "
                                     "in this process; us: no API key for its provider in this process"]
+
+
+def test_the_fallback_from_a_keyless_deployment_names_it_and_its_variable(monkeypatch) -> None:
+    """Two deployments of one model behind an alias, the first's key variable unset: the decision
+    says which deployment was skipped and which variable to set, not only the model they share."""
+    monkeypatch.delenv("EU_KEY", raising=False)
+    monkeypatch.setenv("US_KEY", "sk-us")
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+        "deployments": _deployments("http://127.0.0.1:9/v1", "eu", "us"), "aliases": {"regions": ["eu", "us"]},
+        "fallback": {"attempts_per_model": 1, "backoff_s": 0.0, "max_backoff_s": 0.0}}})
+    response = pipeline.completion(model="regions", messages=MESSAGES, mock_response="ok")
+    plan = outcome(response).plan
+    assert response.choices[0].message.content == "ok" and plan.deployment == "us"
+    (fallback,) = [d for d in plan.decisions if d.action == "fallback"]
+    assert fallback.reason == "deployment 'eu' skipped: EU_KEY is not set; falling back to us"
 
 
 def test_a_call_that_fails_on_every_target_says_what_each_came_to(monkeypatch) -> None:

@@ -32,7 +32,16 @@ from .errors import NoRouteError, RouterMiddlewareError, StreamLeft, UnknownMode
 from .params import usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
-from .routing.fallback import NO_KEY, NO_PROVIDER, Attempts, backoff, error_kind, request_windows, unknown_model
+from .routing.fallback import (
+    NO_KEY,
+    NO_PROVIDER,
+    Attempts,
+    backoff,
+    error_kind,
+    request_windows,
+    unknown_model,
+    what_failed,
+)
 from .stores import Prefetch
 from .stores.base import Bounded, Fetched, defer
 from .streaming import Replay, TrackedStream
@@ -534,7 +543,7 @@ class CallLifecycle:
         retry = plan
         if next_target != failed:
             retry = self._carry((yield from self._plan(next_target, Decision(
-                "routing", "fallback", f"{plan.model} failed ({type(exc).__name__}); falling back to {next_target}",
+                "routing", "fallback", f"{what_failed(plan, exc)}; falling back to {next_target}",
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))))
         try:
             retry = yield from self._admit(retry, attempts)

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
-from ..errors import EmptyStreamError, UnknownModelError
+from ..errors import EmptyStreamError, MissingKeyError, UnknownModelError
 from ..types import Plan
 from ..wire import missing_credentials, out_of_credit, providers, retry_after
 from .quotas import is_free
@@ -131,6 +131,14 @@ class Attempts:
 
 NO_PROVIDER = "litellm knows no provider for it (a typo?)"
 NO_KEY = "no API key for its provider in this process"
+
+
+def what_failed(plan: Plan, exc: BaseException) -> str:
+    """How a fallback decision names the attempt that failed: a deployment left uncalled for its key
+    is named with the variable, any other attempt by its model and the error's kind."""
+    if isinstance(exc, MissingKeyError):
+        return f"deployment {exc.deployment!r} skipped: {exc.variable} is not set"
+    return f"{plan.model} failed ({error_kind(exc)})"
 
 
 def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> UnknownModelError:
