@@ -62,7 +62,10 @@ def test_readme_commands_are_the_ci_commands() -> None:
     ("integrations/langchain/chain.py", [], ["model=gpt-4o-mini"]),
     ("integrations/langchain/agent.py", ["--offline"], [
         "ToolMessage: 70 degrees and sunny in San Francisco", "What the middleware did (2 model calls)",
-        "routing:route, window:trim", "trimming saved $0.000", "unrelated to the weather question"]),
+        "routing:route, window:trim", "trimming saved $0.000", "unrelated to the weather question",
+        # the middleware's pick, and the model the recording answered with (it answers whatever is asked)
+        "call 1: 'agent' routed to gpt-4o-mini (the recording's answer came from gpt-3.5-turbo-0125)",
+        "call 2: 'agent' routed to gpt-4o-mini (the recording's answer came from gpt-3.5-turbo)"]),
 ])
 def test_integration_examples_run(script: str, args: list[str], expected: list[str]) -> None:
     import os

@@ -7,9 +7,10 @@ The middleware plans each model call with the pipeline: the `agent` alias picks 
 for the request, the context policy keeps the long earlier conversation under the watermark (old
 turns become one digest message), and the call's usage and cost are recorded on a span.
 It prints the agent's messages, then what the middleware did on each model call (the model it
-routed to, the decisions taken, tokens, cost and savings), read back from the ledger it wrote.
-Offline, the model's two answers are the recordings in cassettes/ (a streamed tool call, then a
-streamed reply recorded for another question), so the final reply is not about the weather.
+routed to, the model that answered, the decisions taken, tokens, cost and savings), read back from
+the ledger it wrote. Offline, the model's two answers are the recordings in cassettes/ (a streamed
+tool call, then a streamed reply recorded for another question, both from gpt-3.5-turbo where the
+middleware routes to gpt-4o-mini), so the final reply is not about the weather.
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ def offline_cassette() -> str:
     return str(path)
 
 
-def report(ledger: str) -> None:
-    """What the middleware did on each model call, from its ledger rows."""
+def report(ledger: str, routed: list[str], offline: bool) -> None:
+    """What the middleware did on each model call, from its ledger rows; ``routed``: the model it
+    routed each call to, in order (the ledger's ``model`` is the one the response named)."""
     from router_middleware.ledger import open_ledger
 
     db = open_ledger(ledger, create=False)
@@ -74,7 +76,10 @@ def report(ledger: str) -> None:
     print(f"\nWhat the middleware did ({len(rows)} model calls):")
     for i, (requested, model, decisions, tokens, cached, output, cost, saved) in enumerate(rows, 1):
         cost_text = "unknown" if cost is None else f"${cost:.6f}"
-        print(f"  call {i}: {requested!r} answered by {model}; decisions {', '.join(json.loads(decisions)) or 'none'}; "
+        to = routed[i - 1] if i <= len(routed) else "?"
+        answer = f" (the recording's answer came from {model})" if offline else f", answered by {model}"
+        print(f"  call {i}: {requested!r} routed to {to}{answer}; "
+              f"decisions {', '.join(json.loads(decisions)) or 'none'}; "
               f"{tokens:,} input tokens ({cached:,} cached), {output:,} output; cost {cost_text}, "
               f"trimming saved ${saved:.6f}")
 
@@ -92,15 +97,20 @@ def main(offline: bool) -> str:
             state = agent.invoke({"messages": messages})  # type: ignore[attr-defined]
     else:
         state = agent.invoke({"messages": messages})  # type: ignore[attr-defined]
+    routed = []  # the model the middleware routed each call to: the one whose RoutedChatModel ran it
     for message in state["messages"][len(messages):]:
         print(f"{type(message).__name__}: {message.content or message.tool_calls}")
+        if isinstance(message, AIMessage):
+            routed.append(message.response_metadata.get("routed_model", "?"))
     pipeline.close()  # flushes the ledger
-    report(ledger)
+    report(ledger, routed, offline)
     if offline:
-        print("\nOffline: both answers are real recordings replayed from cassettes/, the second one made "
-              "for another question, so the final reply is unrelated to the weather question (its usage and "
-              "model name are the recording's). The routing and trimming decisions above are the middleware's "
-              "own work on this run.")
+        print("\nOffline: both answers are real recordings replayed from cassettes/ (made with gpt-3.5-turbo, "
+              "whatever model the request names), the second one made for another question, so the final reply "
+              "is unrelated to the weather question. The model that answered and the second call's token "
+              "counts are the recordings' (the first recording's stream reported no usage: its tokens are "
+              "estimated), so the costs are gpt-3.5-turbo's prices; the routing and trimming decisions above "
+              "are the middleware's own work on this run.")
     return str(state["messages"][-1].content)
 
 
