@@ -153,6 +153,30 @@ def test_the_report_tables_stay_readable_at_80_columns(tmp_path, capsys, monkeyp
     assert "$0.1273" in out and "636,907" in out  # numbers whole: a model row of the bundled sessions
 
 
+def test_the_report_wraps_a_long_model_name_after_a_separator(tmp_path, capsys, monkeypatch) -> None:
+    """At 80 columns a long model id wraps after '/', '-' or ':' (rich's fold cut it mid-word:
+    'openrouter/an' 'thropic/claud' ...), and the numbers beside it stay whole."""
+    from router_middleware.ledger import LedgerRecord
+
+    long_name = "openrouter/anthropic/claude-3.5-sonnet:beta"
+    ledger = tmp_path / "l.db"
+    db = open_ledger(str(ledger))
+    db.insert([LedgerRecord(ts=time.time(), model=m, requested_model=m, input_tokens=1_234_567, output_tokens=98_765,
+                            cost_usd=12.3456) for m in (long_name, "gpt-4o-mini")])
+    db.close()
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger))
+    assert code == 0 and max(map(len, out.splitlines())) <= 80
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == ["model"]) + 2
+    rows = lines[start:next(i for i in range(start, len(lines)) if not lines[i].strip())]  # the by-model table
+    first = next(i for i, line in enumerate(rows) if line.split()[0].startswith("openrouter/"))
+    pieces = [rows[first].split()[0]] + [line.strip() for line in rows[first + 1:] if len(line.split()) == 1]
+    assert "".join(pieces) == long_name and len(pieces) > 1
+    assert all(piece[-1] in "/-:" for piece in pieces[:-1]), pieces  # a break only after a separator
+    assert rows[first].split()[1:] == ["1", "1,234,567", "0", "98,765", "0", "$12.3456", "$0.0000"]
+
+
 def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, capsys, monkeypatch) -> None:
     from router_middleware.ledger import LedgerRecord
 

@@ -4,13 +4,19 @@ pipe or CI log as in a terminal), and the ledger report."""
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..replay import ReplayReport, SessionReport
 from ..replay.accounts import Account, Recorded
 from ..replay.routed import RoutedAccount
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions
+    from rich.measure import Measurement
+    from rich.text import Text
 
 WIDTHS = (22, 9, 11, 6, 10, 11)  # label, account, input tokens, cached, cost, vs baseline
 HEADER = ("session / model", "account", "input tok", "cached", "cost", "vs baseline")
@@ -130,6 +136,39 @@ def unpriced(report: ReplayReport) -> dict[str, list[str]]:
     return out
 
 
+class _Name:
+    """A table cell holding a name (a model id, an app, a session) that wraps after ``/``, ``-``, ``:``,
+    ``_``, a space or a ``.`` before a letter, so ``openrouter/anthropic/claude-3.5-sonnet:beta`` wraps
+    as ``openrouter/`` ``anthropic/`` ``claude-3.5-`` ``sonnet:beta``; only a piece longer than the
+    column is cut mid-word. (rich breaks only at spaces: its ``fold`` cuts a model id anywhere.)"""
+
+    BREAKS = re.compile(r"(?<=[\s/:_-])|(?<=\.)(?=[^\W\d])")
+
+    def __init__(self, text: str) -> None:
+        self.pieces = [p for p in self.BREAKS.split(text) if p]
+        self.text = text
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        from rich.cells import cell_len
+        from rich.measure import Measurement
+
+        longest = max((cell_len(p.rstrip()) for p in self.pieces), default=1)
+        return Measurement(min(longest, options.max_width), min(cell_len(self.text), options.max_width))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Text]:
+        from rich.cells import cell_len
+        from rich.text import Text
+
+        width, lines, line = max(1, options.max_width), [], ""
+        for piece in self.pieces:
+            if line and cell_len(line + piece.rstrip()) > width:
+                lines.append(line.rstrip())
+                line = ""
+            line += piece
+        lines.append(line.rstrip())
+        yield Text("\n".join(lines), overflow="fold")  # a piece wider than the column is cut to fit
+
+
 def print_report(report: dict[str, Any]) -> None:
     """The ledger report as rich tables: totals, then rankings by model, provider, app and session."""
     from rich import box
@@ -154,15 +193,16 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
                       "their cost is unknown and not in the sums above[/yellow]")
     for group in ("model", "provider", "app", "session"):
-        # numbers never wrap; a long name folds in its own column (the only one that may), and no
-        # vertical rules, so the eight columns stay readable at 80 (a pipe, a CI log)
+        # numbers never wrap; a long name wraps in its own column (the only one that may) after a
+        # '/', '-' or ':' (_Name), and no vertical rules, so the eight columns stay readable at 80
+        # (a pipe, a CI log)
         table = Table(title=f"by {group}", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         table.add_column(group, overflow="fold", ratio=1, min_width=8)
         for column in ("calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
             table.add_column(column, justify="right", no_wrap=True)
         for r in report[f"by_{group}"]:
             cost = None if r["unpriced_calls"] == r["calls"] else r["cost_usd"]
-            table.add_row(str(r["key"] or "-"), f"{r['calls']:,}", f"{r['input_tokens']:,}",
+            table.add_row(_Name(str(r["key"] or "-")), f"{r['calls']:,}", f"{r['input_tokens']:,}",
                           f"{r['cached_tokens']:,}", f"{r['output_tokens']:,}", f"{r['reasoning_tokens']:,}",
                           money(cost), money(None if cost is None else r["baseline_cost_usd"]))
         console.print(table)
