@@ -396,6 +396,40 @@ def test_a_reply_size_that_is_no_number_fails_no_other_read(redis_we_can_stop) -
     assert outcome(answer).plan.model == "gpt-4.1-mini"
 
 
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_reply_size_list_of_another_type_fails_no_other_read(driver, redis_url) -> None:
+    """The list of a model's recent reply sizes is a string (someone SET it): the call's prefetch reads
+    it as empty, logged once with its key, and the values fetched with it are still read: the cooling
+    target is skipped (the list's WRONGTYPE failed the call's whole fetch, so it went to the target
+    cooling down, and every call logged the failure again)."""
+    import asyncio
+
+    import redis
+    import structlog
+
+    client = redis.Redis.from_url(redis_url)
+    app = f"wrongtype-{driver}"  # keys of its own: each is said once in the process
+    keys = [f"rm:out:gpt-4o-mini:{app}", f"rm:inr:gpt-4o-mini:{app}"]
+    config = {"app": app, "store": redis_url, "cache": {"enabled": False}, "routing": {
+        "aliases": {"mini": ["gpt-4o-mini", "gpt-4.1-mini"]}, "budgets": [{"name": app, "usd": 5.0}]}}
+    request = {"model": "mini", "messages": MESSAGES, "mock_response": "ok"}
+    try:
+        client.set("rm:cooldown:gpt-4o-mini", str(time.time() + 30).encode(), ex=30)
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):  # each a new pipeline: nothing kept in the process from the one before
+                client.mset(dict.fromkeys(keys, b"abc"))
+                pipeline = Pipeline.from_config(config)
+                answer = (pipeline.completion(**request) if driver == "completion"
+                          else asyncio.run(pipeline.acompletion(**request)))
+                assert outcome(answer).plan.model == "gpt-4.1-mini"
+                pipeline.close()
+    finally:
+        client.delete("rm:cooldown:gpt-4o-mini", *keys)
+    assert not [e for e in logs if e["event"] == "store_read_failed"], logs
+    said = [e["key"] for e in logs if e["event"] == "store_value_unreadable"]
+    assert sorted(said) == sorted(k.removeprefix("rm:") for k in keys), logs  # once each, in two calls
+
+
 def test_a_budget_window_and_cache_ttl_longer_than_redis_takes(redis_we_can_stop) -> None:
     """``window_s`` and ``cache.ttl_s`` pass the config at ``1e20`` (or ``.inf``): practically forever.
     Redis refused their expiry (it must fit in 64 bits of ms), so every call failed its admission and

@@ -259,6 +259,32 @@ def test_a_redis_append_replaces_a_key_of_another_type(redis_url) -> None:
     store.close()
 
 
+def test_a_redis_list_read_of_a_key_of_another_type_is_empty(redis_url) -> None:
+    """A key SET where a list of recent values belongs reads as empty, through every read of a list
+    (the blocking fetch, the batched one, samples, appended), said once; the values and lists read
+    with it are still read (its WRONGTYPE failed the whole fetch)."""
+    import structlog
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    store.set("s", b"another program's value")
+    store.set("a", b"1")
+    store.append("l", b"2", 5)
+
+    async def batched() -> Any:
+        try:
+            return await store.afetch(["a"], ["s", "l"])
+        finally:
+            await store.aclose()
+
+    with structlog.testing.capture_logs() as logs:
+        assert store.fetch(["a"], ["s", "l"]) == ([b"1"], [[], [2.0]])
+        assert store.samples("s") == [] and store.appended("s") == []
+        assert asyncio.run(batched()) == ([b"1"], [[], [2.0]])
+    assert [(e["event"], e["key"]) for e in logs] == [("store_value_unreadable", "s")]
+
+
 def test_put_bounded_keeps_the_newest_entries(store) -> None:
     for i in range(5):
         store.put_bounded(f"entry:{i}", f"v{i}".encode(), 60.0, "ring", 3)
@@ -561,18 +587,21 @@ async def test_a_script_redis_lost_runs_again_from_its_source(redis_url) -> None
 
 
 async def test_an_error_reply_fails_only_the_call_it_answers(redis_url) -> None:
-    """Calls batched together: one whose command Redis refuses (WRONGTYPE) raises it, the others
-    get their answers."""
+    """Calls batched together: one whose command Redis refuses (WRONGTYPE: a GET of a list) raises
+    it, the others get their answers (a list read of a string reads as empty: see
+    test_a_redis_list_read_of_a_key_of_another_type_is_empty)."""
     import redis
 
     from router_middleware.stores.redis import RedisStore
 
     store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
     store.set("text", b"v")
-    wrong, right, spent = await asyncio.gather(store.afetch([], ["text"]), store.aget("text"),
-                                               store.aadd_within([("n", 1.0, 5.0, None)]), return_exceptions=True)
+    store.append("list", b"1", 3)
+    wrong, right, spent, listed = await asyncio.gather(
+        store.aget("list"), store.aget("text"), store.aadd_within([("n", 1.0, 5.0, None)]),
+        store.afetch([], ["text"]), return_exceptions=True)
     assert isinstance(wrong, redis.ResponseError) and "WRONGTYPE" in str(wrong)
-    assert right == b"v" and spent is None and store.get("n") == b"1"
+    assert right == b"v" and spent is None and store.get("n") == b"1" and listed == ([], [[]])
     await store.aclose()
 
 

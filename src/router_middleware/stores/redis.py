@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from ..telemetry import log
 from ..urls import without_password
 from .base import (
     Addition,
@@ -235,6 +236,9 @@ class _Outage:
             self.until = time.monotonic() + self.retry_s
 
 
+_UNLISTED: set[tuple[str, str]] = set()  # (server, key): keys of another type read as lists, said (_listed)
+
+
 def _guarded(method: F) -> F:
     """Fail fast while the server hangs (see :class:`_Outage`); note a timeout."""
 
@@ -309,9 +313,10 @@ def _last(replies: list[Any]) -> Any:
     return replies[-1] if replies else None
 
 
-def _answer(future: asyncio.Future[Any], replies: list[Any], read: Reader) -> None:
-    """Answer a call with ``read`` of its ``replies``, or the first error among them (or ``read``'s)."""
-    failed = next((r for r in replies if isinstance(r, Exception)), None)
+def _answer(future: asyncio.Future[Any], replies: list[Any], read: Reader, sees_errors: bool = False) -> None:
+    """Answer a call with ``read`` of its ``replies``, or the first error among them (or ``read``'s);
+    ``sees_errors``: ``read`` is given the error replies too, and raises those that fail the call."""
+    failed = None if sees_errors else next((r for r in replies if isinstance(r, Exception)), None)
     if failed is None:
         try:
             result = read(replies)
@@ -367,7 +372,7 @@ class _Queued:
         self.commands = _Commands()
         self.futures: list[asyncio.Future[Any]] = []
         self.sizes: list[int] = []
-        self.readers: list[Reader] = []
+        self.readers: list[tuple[Reader, bool]] = []  # and whether it sees the error replies (_answer)
         self.marks: list[int] = []  # the calls whose commands are not sent once they stop waiting
 
     def withdraw_cancelled(self) -> None:
@@ -404,11 +409,12 @@ class _Batch:
         self.reads: dict[tuple[bool, str], tuple[_SharedRead, int]] = {}  # reads in flight (afetch)
         self.flushing: set[asyncio.Task[None]] = set()  # a task the loop only holds weakly is kept here
 
-    def submit(self, queue: Callable[..., Any], *args: Any, read: Reader = _last,
+    def submit(self, queue: Callable[..., Any], *args: Any, read: Reader = _last, sees_errors: bool = False,
                withdrawable: bool = False) -> asyncio.Future[Any]:
         """``queue(pipeline, script, *args)`` adds one call's commands (``script`` queues a script of
         this module as EVALSHA), packed at once; the future gets ``read`` of their results (by default
-        the last one). A command that cannot be packed fails its call only. ``withdrawable``: not sent
+        the last one; ``sees_errors``: error replies included, see :func:`_answer`). A command that
+        cannot be packed fails its call only. ``withdrawable``: not sent
         if the future is cancelled before the flush (an admission whose call was stopped meanwhile:
         its release, made at once, must not be overtaken by holds that land after it)."""
         loop = asyncio.get_running_loop()
@@ -425,7 +431,7 @@ class _Batch:
             future.set_exception(exc)
         pending.futures.append(future)
         pending.sizes.append(len(commands.packed) - before)
-        pending.readers.append(read)
+        pending.readers.append((read, sees_errors))
         if withdrawable:
             pending.marks.append(len(pending.futures) - 1)
         return future
@@ -458,10 +464,10 @@ class _Batch:
                     future.set_exception(exc)
             return
         start = 0
-        for future, size, read in zip(queued.futures, queued.sizes, queued.readers, strict=True):
+        for future, size, (read, sees_errors) in zip(queued.futures, queued.sizes, queued.readers, strict=True):
             mine, start = results[start:start + size], start + size
             if not future.done():
-                _answer(future, mine, read)
+                _answer(future, mine, read, sees_errors)
 
     async def _send(self, commands: _Commands) -> list[Any]:
         """Each command's reply (an error reply as its exception). A script Redis does not have (a
@@ -752,10 +758,38 @@ class RedisStore:
         key, value, ttl_s, ring, capacity = put
         return [self._k(key), self._k(f"{ring}:seq")], [value, _ms(ttl_s), str(capacity), self._k(f"{ring}:slot:")]
 
+    def _listed(self, key: str, reply: Any) -> list[Any]:
+        """An LRANGE's reply for ``key``: a key of another type (someone SET it; its next append
+        replaces it, see _PUSH) reads as empty, said once per key, not as a failed read of every key
+        fetched with it (once in the process, by every pipeline on that server); any other error reply
+        is raised."""
+        import redis
+
+        if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+            said = (self._outage.url, self._k(key))
+            if said not in _UNLISTED:
+                if len(_UNLISTED) >= 10_000:
+                    _UNLISTED.clear()
+                _UNLISTED.add(said)
+                log.warning("store_value_unreadable", key=key, error_type="WRONGTYPE",
+                            error="a key of another type where a list of recent values belongs: read as empty")
+            return []
+        if isinstance(reply, Exception):
+            raise reply
+        return list(reply)
+
+    def _lrange(self, key: str) -> list[Any]:
+        import redis
+
+        try:
+            return list(self.client.lrange(self._k(key), 0, -1))
+        except redis.ResponseError as error:
+            return self._listed(key, error)
+
     @_guarded
     @_read_again
     def samples(self, key: str) -> list[float]:
-        return numbers(self.client.lrange(self._k(key), 0, -1))
+        return numbers(self._lrange(key))
 
     @_guarded
     def append(self, key: str, value: bytes, keep: int, ttl_s: float | None = None) -> None:
@@ -764,15 +798,15 @@ class RedisStore:
     @_guarded
     @_read_again
     def appended(self, key: str) -> list[bytes]:
-        return [bytes(v) for v in self.client.lrange(self._k(key), 0, -1)]
+        return [bytes(v) for v in self._lrange(key)]
 
     @_guarded
     @_read_again
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         if not keys and not lists:
             return [], []
-        return self._fetched(self._queue_fetch(self.client.pipeline(transaction=False), _eval, keys, lists).execute(),
-                             bool(keys))
+        pipe = self._queue_fetch(self.client.pipeline(transaction=False), _eval, keys, lists)
+        return self._fetched(pipe.execute(raise_on_error=False), bool(keys), lists)
 
     async def afetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         """:meth:`fetch`, batched; a key another call of the loop is already reading is not read again
@@ -783,8 +817,9 @@ class RedisStore:
         new = [r for r in reads if r not in found]
         if new:
             values, series = [k for one, k in new if one], [k for one, k in new if not one]
-            decode = functools.partial(self._fetched, values=bool(values))  # once per read, not per call waiting
-            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, read=decode), new, batch.reads)
+            decode = functools.partial(self._fetched, values=bool(values), lists=series)  # once per read, not per call
+            shared = _SharedRead(batch.submit(self._queue_fetch, values, series, read=decode, sees_errors=True),
+                                 new, batch.reads)
             for at, (one, key) in enumerate(new):  # the values come first in ``new``, then the lists
                 found[(one, key)] = batch.reads[(one, key)] = (shared, at if one else at - len(values))
         answers = []
@@ -802,11 +837,15 @@ class RedisStore:
             pipe.lrange(self._k(key), 0, -1)
         return pipe
 
-    @staticmethod
-    def _fetched(results: list[Any], values: bool) -> Fetched:
-        """A fetch's replies (the MGET's, if it read ``values``, then one per list) as its answer."""
+    def _fetched(self, results: list[Any], values: bool, lists: Sequence[str]) -> Fetched:
+        """A fetch's replies (the MGET's, if it read ``values``, then one per list of ``lists``), error
+        replies included, as its answer: a list's WRONGTYPE reads as empty (:meth:`_listed`), any
+        other error fails the fetch."""
+        if values and isinstance(results[0], Exception):
+            raise results[0]
         found = [bytes(v) if v is not None else None for v in results[0]] if values else []
-        return found, [numbers(series) for series in results[1 if values else 0:]]
+        replies = results[1 if values else 0:]
+        return found, [numbers(self._listed(key, reply)) for key, reply in zip(lists, replies, strict=True)]
 
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
