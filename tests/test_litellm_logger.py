@@ -1228,7 +1228,7 @@ def test_a_sync_stream_the_provider_breaks_partway_is_settled_at_its_prompt_and_
     the stream), ``_BROKEN_WAIT_S`` after the failure event."""
     import gc
 
-    from router_middleware import litellm as module
+    from router_middleware.litellm import sync_streams as module
 
     from .fault_server import fault_server
 
@@ -1272,7 +1272,7 @@ def test_a_broken_stream_s_kept_error_lets_the_call_go_once_it_is_settled(tmp_pa
     import gc
     import weakref
 
-    from router_middleware import litellm as module
+    from router_middleware.litellm import sync_streams as module
 
     class Logging:  # holds the call's details, as litellm's logging object does
         def __init__(self, details: dict[str, Any]) -> None:
@@ -1323,7 +1323,7 @@ import gc, os, time
 os.environ["OPENAI_API_KEY"] = "sk-test"
 import litellm
 from router_middleware import Pipeline
-from router_middleware import litellm as module
+from router_middleware.litellm import sync_streams as module
 from router_middleware.litellm import RouterLogger
 from tests.fault_server import fault_server
 module._BROKEN_WAIT_S = {wait_s}
@@ -1360,7 +1360,7 @@ def test_a_sync_stream_the_provider_breaks_before_its_first_chunk_is_a_failure_w
         tmp_path, monkeypatch) -> None:
     """A sync stream whose connection breaks right after the headers, before any chunk came, is its
     failure event's row with nothing spent, written from the event (not once litellm frees the call)."""
-    from router_middleware import litellm as module
+    from router_middleware.litellm import sync_streams as module
 
     from .fault_server import fault_server
 

@@ -1,0 +1,130 @@
+"""A call in flight and what its events say, for :class:`.RouterLogger`: a success event's answer
+(:class:`_Answer`), a call whose lifecycle waits for its events (:class:`_Open`), the errors the
+logger ends a proxy call with (:class:`MovedOn`, :class:`ClientDisconnected`), and the bound on its
+tables of calls in flight (:func:`_overflow`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .. import wire
+from ..lifecycle import Attempt, CallLifecycle, Flow
+from ..types import Outcome, Plan, UsageSource
+from .request import _chat_stream, _metadata, _seconds, _ttft
+
+_MAX_IN_FLIGHT = 10_000
+T = TypeVar("T")
+
+
+def _overflow(table: OrderedDict[str, T]) -> list[T]:
+    """Take the oldest entries past :data:`_MAX_IN_FLIGHT` out of ``table`` (calls whose events never
+    came), and return them."""
+    out = []
+    while len(table) > _MAX_IN_FLIGHT:
+        out.append(table.popitem(last=False)[1])
+    return out
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A success event: the response (a stream's assembled one), litellm's timings, and for a chat
+    stream (``streamed``) the stream's wrapper where one was seen (:meth:`source`)."""
+
+    response: Any
+    latency_s: float | None
+    ttft_s: float | None
+    deployment: str | None
+    streamed: bool = False
+    stream: Any = None
+    cached: bool = False
+
+    @classmethod
+    def of(cls, response: Any, kwargs: Mapping[str, Any], start_time: Any, end_time: Any) -> _Answer:
+        """``response`` with the timings, the router's deployment, the stream (a sync call's) and the
+        cache hit of the event's ``kwargs``."""
+        streamed = _chat_stream(kwargs)
+        return cls(response, _seconds(start_time, end_time), _ttft(kwargs, start_time),
+                   _metadata(kwargs).get("model_group"), streamed, wire.logged_stream(kwargs) if streamed else None,
+                   wire.cache_hit(kwargs))
+
+    @property
+    def choices(self) -> Any:
+        """The response's choices: what the span captures as output when content capture is on."""
+        return getattr(self.response, "choices", None)
+
+    @property
+    def source(self) -> UsageSource:
+        """Whose count the usage is (:func:`.wire.usage_source`): a chat stream's is the provider's only
+        when its wrapper kept the provider's usage chunk. A proxy stream's wrapper is the one the proxy
+        served (:meth:`RouterLogger.async_post_call_response_headers_hook`), a sync call's the one its
+        event logs; an async SDK call's event carries none, so its usage is said ``estimated``. A hit of
+        litellm's response cache is ``cache``."""
+        return "cache" if self.cached else wire.usage_source(self.response, self.stream, streamed=self.streamed)
+
+
+@dataclass
+class _Open:
+    """A call in flight: its lifecycle, paused at the attempt litellm is making, and the plan whose
+    request litellm carries (behind the proxy, the first attempt's until a fallback's deployment
+    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does,
+    or (``as_sent``) the proxy sends a request as it came, its one attempt. ``started``: the router
+    was seen starting ``attempt`` (its deployment hook ran for it)."""
+
+    lifecycle: CallLifecycle
+    flow: Flow
+    attempt: Attempt
+    sent: Plan
+    proxy: bool = True
+    started: bool = False
+    as_sent: bool = False
+    stream: Any = None  # the chat stream the proxy serves for it, once it has one
+
+    def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
+        """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started
+        gives back all it took of its quotas."""
+        self.lifecycle.abandon(error, spent, failed, made=self.started or not self.proxy)
+        self.flow.close()
+
+
+class _Details:
+    """A litellm logging object's ``model_call_details``, kept on the object (see :meth:`RouterLogger._watch`)."""
+
+    __slots__ = ("details", "__weakref__")
+
+    def __init__(self, details: Any) -> None:
+        self.details = details
+
+    def streamed(self) -> bool:
+        """Whether the call's stream had sent its first chunk (``completion_start_time``, set by
+        ``CustomStreamWrapper`` as it reads it, litellm_core_utils/streaming_handler.py, 1.110.2)."""
+        return isinstance(self.details, Mapping) and self.details.get("completion_start_time") is not None
+
+
+class MovedOn(Exception):
+    """The proxy's router moved on to another target, so the attempt before failed; behind the proxy
+    litellm delivers only a request's first failure event. Retryable (503) like the failure it stands for."""
+
+    status_code = 503
+
+
+class ClientDisconnected(asyncio.CancelledError):
+    """The proxy's client left before its stream ended (litellm's 499): the call was cancelled from the
+    client's side, never a failure of its provider. What the chunks streamed so far used is settled
+    as a stream closed early (:func:`.wire.client_disconnected`)."""
+
+    status_code = 499
+
+
+def _target(attempt: Attempt) -> str:
+    return attempt.plan.deployment or attempt.plan.model
+
+
+def _cut(kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> _Answer | None:
+    """What a failed attempt had produced before it broke off (:func:`.wire.partial`, from a failure
+    event's kwargs or a proxy request's data), as an answer; ``None`` where litellm recorded nothing."""
+    spent = wire.partial(kwargs)
+    return None if spent is None else _Answer.of(spent, kwargs, start_time, end_time)

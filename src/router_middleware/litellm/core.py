@@ -1,0 +1,179 @@
+"""What the parts of :class:`.RouterLogger` share (:class:`_Core`): its state (the calls in flight,
+the sync streams watched, its lock and counts), stepping and ending a call's lifecycle as its events
+come, reading an answer's outcome, and the plan and trace of a call no lifecycle follows."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from .. import wire
+from ..accounting import build_outcome
+from ..drivers import astep, queued_writes, write_all
+from ..lifecycle import CutShort
+from ..pipeline import Pipeline
+from ..telemetry import CallTrace, log
+from ..types import Outcome, Plan
+from .calls import _Answer, _Open, _overflow, _target
+from .request import _context, _observed
+
+if TYPE_CHECKING:
+    from .sync_streams import _Streaming
+
+
+class _Core(CustomLogger):
+    """The state and the shared steps of :class:`.RouterLogger` (the steps behind its proxy hooks:
+    :class:`.proxy._ProxyHooks`; its watch of sync streams: :class:`.sync_streams._SyncStreams`)."""
+
+    def __init__(self, pipeline: Pipeline | None = None, *, proxy: bool = False) -> None:
+        """``proxy=True`` (the LiteLLM proxy): calls the client did not label get a session, step and
+        step kind from their conversation (:func:`.run_labels`)."""
+        super().__init__()
+        self.pipeline = pipeline or Pipeline.from_config({})
+        self.proxy = proxy
+        self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
+        self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
+        self._watches = itertools.count()  # numbers of the watches, each its own (their call ids may repeat)
+        self._exit_hooked = False  # _settle_broken registered with atexit
+        self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
+        self._lock = threading.Lock()
+        self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
+        self._settled = threading.Condition(self._lock)  # notified as each of those is written
+        self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
+        self.hook_calls = 0
+        self.recorded = 0
+        self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
+
+    def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
+        """Take a call's lifecycle out of the table while it steps, marking it ended (:meth:`_resume`
+        puts it back when it waits for another attempt); with ``only``, just that one (not a later
+        call's that reuses the id)."""
+        with self._lock:
+            found = self._calls.get(key)
+            if found is None or (only is not None and found is not only):
+                return None
+            del self._calls[key]
+            self._mark_ended(key, found.proxy or found.as_sent)
+            return found
+
+    async def _resume(self, kwargs: Mapping[str, Any], reply: _Answer | None, error: Exception | None,
+                      about: Any = None) -> bool:
+        """Hand a call's lifecycle what its attempt came to (``about``: the target a failure event
+        names; a ``reply`` with an ``error``: what the attempt had produced before it broke off, which
+        the call is settled at). False when no lifecycle waits for this event: the caller records it
+        on its own, so a success is never lost."""
+        key = self._key(kwargs)
+        with self._lock:
+            current = self._calls.get(key)
+            stale = current is not None and current.proxy and bool(about) and _target(current.attempt) != about
+            if error is not None and (key in self._ended or stale):
+                return True  # a failure the lifecycle has already moved past
+        found = self._take_open(key)
+        if found is None:
+            return False
+        if reply is not None and reply.stream is None and found.stream is not None:
+            reply = replace(reply, stream=found.stream)
+        if error is not None:
+            spent = self._spent(found, reply)
+            error = error if spent is None else CutShort(error, spent)
+        try:
+            done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)
+        except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
+            found.lifecycle.abandon(exc)  # does nothing once the lifecycle recorded the call
+            done, value = True, None
+        except BaseException as exc:  # cancelled: end the call, release what it holds
+            found.end(exc)
+            raise
+        if done:
+            self._tally()
+            return True
+        found.attempt, found.started = value, False  # the router's next attempt (the lifecycle admitted it)
+        self._keep(kwargs, found)
+        return True
+
+    def _spent(self, found: _Open, cut: _Answer | None) -> Outcome | None:
+        """What the attempt ``found`` waits for had used before it broke off (``cut``: :func:`._cut`),
+        or ``None`` (also when it cannot be read: the failure is then recorded without it)."""
+        if cut is None:
+            return None
+        try:
+            return self._read(found.attempt.plan, cut, 0.0, routed=found.proxy)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
+
+    def _read(self, plan: Plan, answer: _Answer, started: float, *, routed: bool = True) -> Outcome:
+        """The outcome of the answer, priced as the deployment the proxy's router says answered
+        (``routed``; in the SDK the call's own model answered)."""
+        moved = routed and answer.deployment and answer.deployment != (plan.deployment or plan.model)
+        return build_outcome(answer.response, plan, self.pipeline.catalog,
+                             usage_source=answer.source, latency_s=answer.latency_s,
+                             time_to_first_token_s=answer.ttft_s,
+                             answered_model=self.pipeline.model_of(str(answer.deployment)) if moved else None)
+
+    def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None, *, failed: bool = False) -> None:
+        """End a call waiting for an event, on the event loop (settled at ``spent``, if given; ``failed``:
+        ``error`` is its attempt's failure, :meth:`.CallLifecycle.abandon`): with a store that can block,
+        the writes this makes (its reservation given back) go to a worker thread, never holding up the
+        loop (made on the spot once no worker thread takes them: ``asyncio.run`` shutting its executor down)."""
+        if not self.pipeline.store_blocks:
+            found.end(error, spent, failed)
+            return
+        _, writes = queued_writes(found.end, error, spent, failed)
+        if not writes:
+            return
+        try:
+            pending = asyncio.get_running_loop().run_in_executor(None, write_all, writes)
+        except RuntimeError:  # the loop's default executor is shut down (asyncio.run is ending): made here
+            write_all(writes)
+            return
+        self._writing.add(pending)  # aflush waits for it; asyncio.run's end waits for the thread
+        pending.add_done_callback(self._writing.discard)
+
+    def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
+        return self._read(plan, answer, started, routed=False)
+
+    def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
+        """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook), of
+        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped).
+        ``kwargs``: an event's, or what :func:`._request_of` kept of them."""
+        model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
+        context = {"app": self.pipeline.config.app, **_context(kwargs)}
+        call = _observed(model, list(kwargs.get("messages") or []), context)
+        plan = Plan.from_call(call)
+        return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
+
+    # -- shared -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _key(kwargs: Mapping[str, Any]) -> str:
+        return str(kwargs.get("litellm_call_id") or id(kwargs))
+
+    def _keep(self, kwargs: Mapping[str, Any], value: _Open) -> None:
+        evicted: list[_Open] = []
+        with self._lock:
+            key = self._key(kwargs)
+            replaced = self._calls.pop(key, None)
+            if replaced is not None and replaced is not value:
+                evicted.append(replaced)  # a reused call id
+            self._calls[key] = value
+            self._ended.pop(key, None)
+            evicted += _overflow(self._calls)
+        for stale in evicted:
+            self._end(stale, TimeoutError("no event came for this call"))
+
+    def _tally(self) -> None:
+        """One more call recorded (its events run on the loop and on worker threads at once)."""
+        with self._lock:
+            self.recorded += 1
+
+    def _mark_ended(self, key: str, proxy: bool) -> None:
+        self._ended[key] = proxy
+        _overflow(self._ended)

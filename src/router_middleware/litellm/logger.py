@@ -1,0 +1,390 @@
+"""``RouterLogger``, the logger litellm calls (see the package's docstring): registering it, and
+every hook and event litellm calls on it (litellm's proxy finds some of them in the class's own
+``__dict__``: see :mod:`.proxy`), the SDK's deployment hook with the steps behind it. The steps behind
+the proxy's hooks are in :class:`.proxy._ProxyHooks`, those of the watch of sync streams in
+:class:`.sync_streams._SyncStreams`, and what they share (with ``__init__``) in :class:`.core._Core`."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .. import wire
+from ..accounting import build_outcome
+from ..drivers import astep
+from ..errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable
+from ..lifecycle import Attempt
+from ..telemetry import log
+from .calls import _Answer, _cut, _Details, _Open, _target
+from .handoff import _HANDOFF
+from .proxy import _ProxyHooks, _unplanned
+from .request import (
+    _REQUEST_KEYS,
+    _SDK_AS_SENT,
+    _as_sent,
+    _context,
+    _error,
+    _is_chat,
+    _labelled,
+    _metadata,
+    _nested,
+    _ours,
+    _switch,
+    _unrefusable,
+)
+from .sync_streams import _SyncStreams, _watch_key
+
+
+def _not_routed(error: NoRouteError) -> None:
+    """Log an SDK call over a quota of its deployment, or whose targets all cool down: litellm has
+    chosen the deployment, so it is sent as it came and counted."""
+    log.warning("route_not_enforced", error=str(error)[:200],
+                why="litellm already chose this call's deployment: sent as it came, counted")
+
+
+class RouterLogger(_ProxyHooks, _SyncStreams):
+    """The pipeline inside litellm's callbacks (see the package's docstring): ``RouterLogger(pipeline,
+    proxy=...)`` (:meth:`._Core.__init__`), then :meth:`register`."""
+
+    def register(self) -> RouterLogger:
+        """Add the logger to ``litellm.callbacks`` (once)."""
+        import litellm
+
+        if self not in litellm.callbacks:
+            litellm.callbacks.append(self)
+        return self
+
+    def unregister(self) -> None:
+        """Remove the logger from every litellm callback list (litellm copies ``callbacks`` into its
+        success/failure lists on the first call, so removing it from ``callbacks`` alone is not enough)."""
+        import litellm
+
+        litellm.logging_callback_manager.remove_callback_from_all_lists(self)
+
+    async def aflush(self) -> None:
+        """Wait until litellm has delivered the events of the calls made so far, their ledger rows are
+        written and the reservations of calls ended without an event are given back, and the sync streams
+        left unread that litellm has let go of so far are recorded (:meth:`._SyncStreams._sync_ended`; one
+        litellm still holds, as in a reference cycle the collector has not freed yet, is recorded when it
+        is freed, and one its provider broke at the latest :data:`.sync_streams._BROKEN_WAIT_S` after its
+        failure event). litellm runs async callbacks on a background worker (an async stream's from a task
+        of its own once it ends), which ``asyncio.run`` cancels when its coroutine returns: a short script
+        awaits this before it ends."""
+        await wire.drain_callbacks()
+        await asyncio.to_thread(_HANDOFF.drain)
+        loop = asyncio.get_running_loop()
+        writing = [w for w in tuple(self._writing) if w.get_loop() is loop]
+        self._writing.difference_update(w for w in tuple(self._writing) if w.get_loop().is_closed())
+        if writing:
+            await asyncio.wait(writing)
+        ledger = self.pipeline.ledger
+        if ledger is not None:
+            await asyncio.to_thread(ledger.flush)
+
+    # -- the proxy: one call lifecycle per request -----------------------------------------------
+
+    async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
+                                  call_type: Any) -> dict[str, Any] | None:
+        """Proxy hook, before the proxy resolves ``model``: plan the call and admit its first attempt.
+        Raises ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, ``MessageError`` or
+        ``RequestError``, which the proxy returns to the client. An Anthropic ``/v1/messages`` or
+        OpenAI ``/v1/responses`` request is sent as it came, admitted against quotas and budgets first
+        (:meth:`._ProxyHooks._admit_as_sent`)."""
+        endpoint = _as_sent(data, call_type)
+        if endpoint is not None:
+            await self._admit_as_sent(data, endpoint)
+            return None
+        if not _is_chat(data, call_type):
+            return None
+        self.hook_calls += 1
+        engine = self.pipeline
+        params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
+        call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
+        served = self._served(data)  # a target the proxy has no model for is skipped, never sent
+        if served is not None:
+            self._known_model(call.model, served)
+        lifecycle = engine.start(call, read=self._read, cache=False,
+                                 usable=None if served is None else served.__contains__,
+                                 unusable="not a model_name of the proxy's model_list")
+        flow = lifecycle.run()
+        done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan))
+        changed = _switch(data, call.params, attempt.plan)
+        changed["model"] = _target(attempt)
+        # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
+        changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
+        changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
+        return changed
+
+    async def async_post_call_response_headers_hook(self, data: dict[str, Any], user_api_key_dict: Any,
+                                                    response: Any, request_headers: dict[str, str] | None = None,
+                                                    litellm_call_info: dict[str, Any] | None = None) -> None:
+        """Proxy hook, once the router answered and before the proxy serves the answer: a chat stream's
+        wrapper is kept with its call, whose success event litellm delivers with only the answer it
+        assembled from it (:meth:`_Answer.source`). Adds no headers."""
+        stream = wire.stream_wrapper(response)
+        if stream is not None:
+            with self._lock:
+                found = self._calls.get(self._key(data))
+                if found is not None:
+                    found.stream = stream
+        return None
+
+    async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
+                                           user_api_key_dict: Any, traceback_str: str | None = None) -> None:
+        """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error,
+        counted toward its target's cooldown as its failure event would be, and settled at what a
+        stream that broke partway had used (the proxy may call this hook before litellm delivers the
+        failure event, and with one logging object for all attempts litellm delivers only the first:
+        the usage is read from the request's logging object). Counted only when the router's last
+        attempt (the request's ``model_group``) was at this target, the router started it (its
+        deployment hook ran), and the error is the provider's: not when the lifecycle's next attempt
+        was never made (the one before, whose failure event came, was the last; what it used was
+        counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
+        found = self._take_open(self._key(request_data))
+        if found is not None:
+            about = _metadata(request_data).get("model_group")  # a request sent as it came has one attempt
+            ours = found.as_sent or (found.started and about == _target(found.attempt))  # else the one before
+            self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,
+                      failed=ours and wire.provider_error(original_exception))
+            self._tally()
+
+    # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
+
+    async def async_pre_call_deployment_hook(self, kwargs: dict[str, Any], call_type: Any) -> dict[str, Any] | None:
+        """Hook before each attempt, once litellm picked the deployment. Behind the proxy: the
+        attempt's own plan. In the SDK (``litellm.acompletion``): the call's lifecycle, like
+        ``Pipeline.acompletion``'s with one attempt (litellm retries on its own): context, reasoning,
+        routing among targets of the provider litellm chose, quotas and budgets; ``litellm.aresponses``
+        is admitted as sent (:meth:`_start_sdk_as_sent`). Raises
+        ``BudgetExceeded``, or ``StoreUnavailable`` under ``on_store_error: closed``; a call it
+        cannot plan otherwise goes as sent (logged), never failing where litellm alone would not."""
+        endpoint = _as_sent(kwargs, call_type, _SDK_AS_SENT)
+        if endpoint is None and not _is_chat(kwargs, call_type):
+            return None
+        with self._lock:
+            key = self._key(kwargs)
+            found = self._calls.get(key)
+            if self._ended.get(key):  # a proxy call whose lifecycle has ended
+                return None
+        if found is not None:  # an attempt of a call in flight (or the chat call litellm makes of a
+            return await self._attempting(kwargs, found) if found.proxy else None  # request sent as it came)
+        if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
+            return None
+        self.hook_calls += 1
+        if endpoint is not None:
+            await self._start_sdk_as_sent(kwargs, endpoint)
+            return None
+        return await self._start_sdk_call(kwargs)
+
+    async def _start_sdk_as_sent(self, kwargs: dict[str, Any], endpoint: str) -> None:
+        """``litellm.aresponses``: sent as it came (:meth:`._ProxyHooks._plan_as_sent`, the model it names its
+        target), its quotas and budgets admitted first; refused as a chat call is (:meth:`_refuses`).
+        For a model without the Responses API litellm makes a chat call of its own under the same
+        call id: this lifecycle follows it (the deployment hook finds it in flight). litellm hands
+        the hook the call's keyword arguments only: a call given its ``input`` and ``model``
+        positionally cannot be planned, and is sent and counted (logged)."""
+        try:
+            if not kwargs.get("model") or "input" not in kwargs:
+                raise RequestError("model and input given positionally: litellm hands the hook keyword "
+                                   "arguments only")
+            found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]))
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            self._not_started(kwargs, exc, lambda error: _unplanned(endpoint, error))
+            return
+        self._keep(kwargs, found)
+        self._watch(kwargs, found)
+
+    def _not_started(self, kwargs: Mapping[str, Any], error: Exception, failed: Callable[[Exception], None]) -> None:
+        """Starting an SDK call's lifecycle raised ``error``: re-raise a budget's or the store's refusal
+        the hook refuses the call with (:meth:`_refuses`); else the call is sent as it came, logged (a
+        :class:`NoRouteError` as not routed, anything else by ``failed``)."""
+        if isinstance(error, BudgetExceeded | StoreUnavailable):
+            if self._refuses(kwargs, error):
+                raise error
+        elif isinstance(error, NoRouteError):
+            _not_routed(error)
+        else:
+            failed(error)
+
+    def _refuses(self, kwargs: Mapping[str, Any], refused: Exception) -> bool:
+        """Whether the SDK call ``refused`` was raised for is refused: not when refusing would make
+        things worse (:func:`_unrefusable`; then it is sent and counted, logged). A refused call is
+        marked ended: litellm's failure event for it is no call of its own."""
+        why = _unrefusable(kwargs)
+        if why is not None:
+            log.warning("budget_not_enforced", error=str(refused)[:200], why=f"{why}: counted, not refused")
+            return False
+        with self._lock:
+            self._mark_ended(self._key(kwargs), False)
+        return True
+
+    async def _start_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        requested = str(kwargs["model"])
+        engine = self.pipeline
+        provider = engine.catalog.provider(requested)
+        try:
+            params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
+            call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
+                             _context(kwargs))
+            lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
+                                     usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
+                                     unusable=f"litellm already chose provider {provider} for this call")
+            flow = lifecycle.run()
+            done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            self._not_started(kwargs, exc, lambda error: log.warning(
+                "litellm_hook_failed", error_type=type(error).__name__, error=str(error)[:200]))
+            return None
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
+        self._keep(kwargs, found)
+        self._watch(kwargs, found)
+        changed = _switch(kwargs, call.params, attempt.plan)
+        target = attempt.plan.model
+        if target != requested:
+            changed["model"] = target.split("/", 1)[1] if target.startswith(f"{provider}/") else target
+        return changed
+
+    def _watch(self, kwargs: Mapping[str, Any], found: _Open) -> None:
+        """End an SDK call litellm lets go of without an event: its logging object, which every event
+        of the call needs, is gone (the call was cancelled, a timeout around it, or its stream was
+        left unread), so the reservation is given back at once rather than held until it lapses (a
+        stream whose first chunk had come is settled at its prompt: :meth:`_orphaned`). The finalizer
+        reads the object's ``model_call_details`` through a weak reference to a :class:`_Details` the
+        object holds: one the finalizer held would keep the object alive when litellm keeps a
+        coroutine that never ran there (a call cancelled before it was sent)."""
+        logging_obj, key = kwargs.get("litellm_logging_obj"), self._key(kwargs)
+        if logging_obj is None:
+            return
+        loop = asyncio.get_running_loop()
+        details = _Details(getattr(logging_obj, "model_call_details", None))
+        held = weakref.ref(details)
+
+        def gone() -> None:  # at collection, on any thread: the loop ends the call
+            kept = held()  # freed with the object's own (no longer readable) when a collection found it in a cycle
+            try:
+                loop.call_soon_threadsafe(self._orphaned, key, found, kept is not None and kept.streamed())
+            except RuntimeError:  # the loop is closed: nothing runs there any more
+                pass
+
+        try:
+            weakref.finalize(logging_obj, gone).atexit = False
+            logging_obj._router_middleware_details = details
+        except (TypeError, AttributeError):  # not weakly referable, or no attributes: the call ends with its events
+            pass
+
+    def _orphaned(self, key: str, found: _Open, streamed: bool = False) -> None:
+        """End a call litellm let go of. ``streamed``: its stream's first chunk had come, so the
+        provider had read the whole prompt: the call is settled at the prompt counted locally, as a
+        stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
+        litellm keeps an async stream's on its stream object, which no callback sees (a sync stream's
+        reach :meth:`log_stream_event`: :meth:`._SyncStreams._sync_ended` counts them)."""
+        if self._take_open(key, only=found) is None:
+            return  # settled by its events (or evicted) before litellm let it go
+        spent = None
+        if streamed:
+            plan = found.attempt.plan
+            prompt = self.pipeline.state.tokens(plan.model, plan.messages, plan.params.get("tools"),
+                                                plan.call.context.session_id)
+            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
+            spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
+        self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
+                                                "stream left unread)"), spent)
+        self._tally()
+
+    async def _recorded(self, record: Callable[..., None], *args: Any) -> None:
+        """Record a call no lifecycle follows from its event (as the sync path does on litellm's
+        thread): with a store that can block, in a worker thread, never holding up the loop."""
+        if self.pipeline.store_blocks:
+            await asyncio.to_thread(record, *args)
+        else:
+            record(*args)
+
+    # -- sync streams: litellm lets go of one its caller stopped reading without an event ----------
+
+    def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+        """Before litellm sends a request: a sync chat stream (``litellm.completion(stream=True)``, which
+        skips the deployment hook) is watched for litellm letting it go without an event
+        (:meth:`._SyncStreams._watch_sync`); not one litellm sends no logger any event of (``no-log``:
+        :func:`.wire.unlogged`)."""
+        if kwargs.get("stream") is not True or str(kwargs.get("call_type")) != "completion" or _ours(kwargs) \
+                or wire.unlogged(kwargs):
+            return
+        try:
+            self._watch_sync(kwargs)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def log_stream_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        """A chunk of a sync stream, as litellm hands each to its loggers while the stream is read
+        (:func:`.wire.streamed_output_tokens`): kept with the stream, for the count of a stream left
+        partway (:meth:`._SyncStreams._sync_ended`)."""
+        if not self._streams:
+            return
+        with self._lock:
+            found = self._streams.get(_watch_key(kwargs) or "")
+        if found is not None:
+            found.chunks.append(response_obj)
+
+    def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+        try:
+            plan, trace = self._planned(kwargs)
+            answer = _Answer.of(response_obj, kwargs, start_time, end_time)
+            result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=answer.source,
+                                   latency_s=answer.latency_s, time_to_first_token_s=answer.ttft_s)
+            self.pipeline.books.settle_observed(result)
+            trace.succeed(result, response_obj)
+            self._tally()
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def _failure(self, kwargs: Mapping[str, Any]) -> None:
+        try:
+            plan, trace = self._planned(kwargs)
+            error = _error(kwargs)
+            trace.fail(error)
+            self.pipeline.books.record_failure(plan, error)
+            self._tally()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if not _ours(kwargs):
+            self._stream_ended(kwargs)
+            self._success(kwargs, response_obj, start_time, end_time)
+
+    async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _ours(kwargs):
+            return
+        self._stream_ended(kwargs)  # a sync stream read with ``async for``: litellm's async events end it
+        answer = _Answer.of(response_obj, kwargs, start_time, end_time)
+        try:
+            if wire.client_disconnected(kwargs) and self._left(kwargs, answer):
+                return
+            if await self._resume(kwargs, answer, None):
+                return
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return
+        await self._recorded(self._success, kwargs, response_obj, start_time, end_time)
+
+    def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if not _ours(kwargs) and not self._stream_broke(kwargs):
+            self._failure(kwargs)
+
+    async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
+        if _ours(kwargs):
+            return
+        self._stream_ended(kwargs)
+        try:
+            if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
+                                  _metadata(kwargs).get("model_group")):
+                return
+        except Exception as exc:  # noqa: BLE001
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            return
+        await self._recorded(self._failure, kwargs)

@@ -1,0 +1,192 @@
+"""The steps behind :class:`.RouterLogger`'s hooks in the LiteLLM proxy (:class:`_ProxyHooks`): an
+Anthropic ``/v1/messages`` or OpenAI ``/v1/responses`` request admitted as sent
+(:meth:`_ProxyHooks._admit_as_sent`, whose plan the SDK's ``litellm.aresponses`` shares), the proxy's
+model names, a call whose client left mid-stream, and the router moving to its next attempt. The
+hooks themselves stay on ``RouterLogger``: litellm's proxy finds some of them in the callback's own
+class ``__dict__`` (``async_pre_call_hook``, ``async_post_call_response_headers_hook``:
+litellm/proxy/utils.py, 1.110.2), so every method overriding ``CustomLogger``'s is defined there."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from .. import wire
+from ..catalog import close_names
+from ..drivers import astep
+from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownModelError
+from ..lifecycle import Attempt
+from ..telemetry import log
+from ..types import Call, Decision, Plan
+from .calls import ClientDisconnected, MovedOn, _Answer, _Open, _target
+from .core import _Core
+from .request import _context, _labelled, _metadata, _switch, as_sent_view
+
+
+def _unplanned(endpoint: str, error: Exception) -> None:
+    """Log a request sent as it came that the hook could not plan: it is sent and counted, not refused."""
+    log.warning("budget_not_enforced", error=f"{type(error).__name__}: {str(error)[:200]}",
+                why=f"the hook could not plan this {endpoint} request: counted, not refused")
+
+
+class _ProxyHooks(_Core):
+    """:class:`.RouterLogger`'s steps behind the LiteLLM proxy (see the module's docstring)."""
+
+    async def _admit_as_sent(self, data: dict[str, Any], endpoint: str) -> None:
+        """A ``/v1/messages`` or ``/v1/responses`` request: sent as it came, to the proxy's
+        ``model_name`` it asks for (the routing, context and reasoning policies read and rewrite chat
+        messages: they do not apply). Its lifecycle runs with the plan :meth:`_plan_as_sent` makes of
+        it, the ``model_name`` as its target: the quotas of that target and the budgets its labels fall
+        under are admitted before it is sent (``NoRouteError``, a 503, naming the quota used up;
+        ``BudgetExceeded``, a 429: nothing is sent), its failure counts toward the target's cooldown,
+        and its events settle it (a ledger row, a span). A routing alias the proxy has no
+        ``model_name`` for is refused (``UnknownModelError``, a 400) naming the alias's targets it
+        serves. A request it cannot plan is sent and counted, not refused (``budget_not_enforced``)."""
+        engine = self.pipeline
+        requested = str(data.get("model") or "")
+        served = self._served(data)
+        if served is not None and requested not in served:
+            alias = requested.partition(":")[0]
+            targets = engine.config.routing.aliases.get(alias)
+            if targets is not None:
+                raise UnknownModelError(requested, f"a routing alias of the config, which the proxy routes on "
+                                        f"/v1/chat/completions only; {endpoint} requests go as they came, to a "
+                                        "model_name of the proxy", tuple(t for t in targets if t in served))
+            with self._lock:  # the proxy answers it itself (400, "Invalid model name"): nothing is sent, nor
+                self._mark_ended(self._key(data), True)  # recorded from its failure event
+            return
+        self.hook_calls += 1
+        try:
+            found = await self._open_as_sent(data, endpoint, requested)
+        except (BudgetExceeded, NoRouteError, StoreUnavailable):
+            raise  # refused before anything is sent (the proxy answers 429, 503)
+        except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
+            _unplanned(endpoint, exc)
+            return  # its events record it as a call no hook planned
+        self._keep(data, replace(found, as_sent=True))
+
+    async def _open_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> _Open:
+        """The lifecycle of a request sent as it came (:meth:`_plan_as_sent`), its one attempt
+        admitted: raises ``BudgetExceeded``, ``NoRouteError`` (a quota used up) or ``StoreUnavailable``
+        when it is refused, before anything is sent."""
+        engine = self.pipeline
+        plan = self._plan_as_sent(data, endpoint, requested)
+        lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False)
+        flow = lifecycle.run()
+        done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+        return _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
+
+    def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> Plan:
+        """The plan of a request sent as it came: its target the model it asks for (behind the proxy,
+        its ``model_name``, whose quotas and cooldown it counts toward, as a chat call routed there
+        does), priced as the model that name stands for; its conversation as chat messages and its
+        tools' definitions, for its estimate and its span; its labels; a decision saying it was not routed."""
+        engine = self.pipeline
+        messages, params = as_sent_view(data, endpoint)
+        in_config = requested in engine.config.routing.deployments
+        model = engine.model_of(requested) if in_config else _proxy_model(requested) or requested
+        labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
+        call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
+        plan = Plan.from_call(call).override(model=model, deployment=requested)
+        reason = (f"{endpoint}: sent as it came to {requested!r} (routing, context and reasoning policies apply "
+                  "to chat completions only); admitted against its quotas and the budgets")
+        return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint}))
+
+    def _known_model(self, model: str, served: frozenset[str]) -> None:
+        """Refuse a model that is no name the proxy serves and no route of the config: the client's typo
+        is a 400 (``UnknownModelError``, with the closest names), as the bare proxy's "Invalid model
+        name", not a ``NoRouteError`` 503 that OpenAI-style clients retry."""
+        routes = self.pipeline.config.routing.route_names()
+        alias = model.partition(":")[0]
+        if model in served or alias in routes:
+            return
+        raise UnknownModelError(model, "no model_name of the proxy's model_list, and no alias or deployment of the "
+                                "router config", close_names(alias, (*routes, *sorted(served)), models=False))
+
+    def _served(self, data: Mapping[str, Any]) -> frozenset[str] | None:
+        """The names the proxy sends ``data`` to (:meth:`_proxy_names`), or ``None`` for any: the
+        client brings its own credentials or config, or the proxy serves names beyond its list."""
+        names = self._proxy_names()
+        return None if any(k in data for k in ("api_key", "api_base", "user_config")) else names
+
+    def _proxy_names(self) -> frozenset[str] | None:
+        """The proxy's model names (:func:`.wire.proxy_model_names`), read again at most once a second;
+        when they change, the config's targets they lack are logged (:meth:`_unserved`) and the engine
+        is told the model each stands for (:meth:`.Engine.serve`)."""
+        current = wire.proxy_router()
+        if current is None:
+            return None
+        router, read, names = self._names
+        now = time.monotonic()
+        if current is not router or now - read >= 1.0:
+            fresh = wire.proxy_model_names(current)
+            if fresh is not None and fresh != names:
+                self._unserved(fresh)
+                self.pipeline.serve({name: model for name in fresh if (model := _proxy_model(name)) is not None})
+            names = fresh
+            self._names = (current, now, names)
+        return names
+
+    def _unserved(self, served: frozenset[str]) -> None:
+        """Log each routing target of the config the proxy has no model for (calls skip it), with
+        the closest model names it has: once per model list."""
+        routing = self.pipeline.config.routing
+        for where, targets in (*((f"routing.aliases.{a}", t) for a, t in routing.aliases.items()),
+                               ("routing.deployments", list(routing.deployments))):
+            for target in targets:
+                if target not in served:
+                    log.warning("proxy_model_unknown", where=where, target=target,
+                                did_you_mean=list(close_names(target, tuple(sorted(served)), models=False)),
+                                why="not a model_name of the proxy's model_list: calls skip it")
+
+    def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
+        """End a proxy call whose client left mid-stream (litellm delivers the chunks streamed so far
+        as a success): settled as a stream closed early, at litellm's count of those chunks (``usage.source``
+        ``estimated``), its row and span saying :class:`ClientDisconnected`. False when no lifecycle waits."""
+        found = self._take_open(self._key(kwargs))
+        if found is None:
+            return False
+        counted = replace(answer, response=wire.Partial(getattr(answer.response, "usage", None)))
+        self._end(found, ClientDisconnected("the client disconnected before the stream ended (litellm: 499)"),
+                  self._spent(found, counted))
+        self._tally()
+        return True
+
+    async def _attempting(self, kwargs: dict[str, Any], found: _Open) -> dict[str, Any] | None:
+        """The deployment hook of a proxy call's attempt: when the router moved on without a failure
+        event, the attempt before failed; a fallback's request gets its own plan (messages, params)."""
+        deployment = _metadata(kwargs).get("model_group")
+        if deployment and _target(found.attempt) != deployment:
+            await self._resume(kwargs, None, MovedOn(f"the router moved on to {deployment}"))
+            with self._lock:
+                current = self._calls.get(self._key(kwargs))
+            if current is None:
+                return None
+            found = current
+        if deployment and _target(found.attempt) != deployment:
+            return None
+        found.started = True
+        if found.attempt.plan is found.sent:
+            return None
+        changed = _switch(kwargs, found.sent.params, found.attempt.plan)
+        found.sent = found.attempt.plan
+        return changed
+
+
+def _proxy_model(name: str) -> str | None:
+    """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as:
+    its ``model_info.base_model`` (what litellm prices an Azure deployment by), else its litellm
+    model; ``None`` when the proxy has no such deployment."""
+    router = wire.proxy_router()
+    try:
+        found = router.registry().deployments(name) if router is not None else None
+        params = found[0].get("litellm_params") if found else None
+        info = found[0].get("model_info") if found else None
+        model = (info.get("base_model") if isinstance(info, Mapping) else None) or \
+            (params.get("model") if isinstance(params, Mapping) else None)
+    except Exception:  # noqa: BLE001 - another litellm's router: priced as the name
+        return None
+    return str(model) if model else None

@@ -1,0 +1,247 @@
+"""What a litellm request says, read for :class:`.RouterLogger`: the caller's ``metadata=``, which
+calls are chat calls, the pipeline's own (:func:`_ours`) or sent as they came (:func:`_as_sent`), a
+call's labels (derived by a proxy from the conversation: :func:`run_labels`), an Anthropic or
+Responses request as chat messages (:func:`as_sent_view`), and the request a plan makes of it
+(:func:`_switch`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from .. import wire
+from ..context.structure import head_length
+from ..context.summarize import SIDE_CALL
+from ..errors import RequestError
+from ..reasoning import infer_step_kind
+from ..telemetry import log
+from ..types import AgentContext, Call, Message, Plan
+
+_REQUEST_KEYS = frozenset({
+    "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
+    "response_format", "reasoning_effort", "thinking", "reasoning", "parallel_tool_calls", "seed",
+})
+
+
+def _metadata(kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The ``metadata=`` the caller gave litellm (where it keeps it differs by path)."""
+    if isinstance(kwargs.get("metadata"), Mapping) and kwargs["metadata"]:
+        return kwargs["metadata"]  # type: ignore[no-any-return]
+    for source in (kwargs.get("litellm_params"), getattr(kwargs.get("litellm_logging_obj"), "model_call_details",
+                                                          None)):
+        if isinstance(source, Mapping):
+            found = source.get("metadata") or (source.get("litellm_params") or {}).get("metadata")
+            if isinstance(found, Mapping):
+                return found
+    return {}
+
+
+def _is_chat(kwargs: Mapping[str, Any], call_type: Any) -> bool:
+    return "messages" in kwargs and str(getattr(call_type, "value", call_type)) in ("acompletion", "completion") \
+        and not _ours(kwargs)
+
+
+# Endpoints the proxy sends as they came (no routing, context or reasoning policy: those read and
+# rewrite chat messages), admitted against quotas and budgets and counted: call type -> the endpoint.
+_AS_SENT = {"anthropic_messages": "/v1/messages", "aresponses": "/v1/responses"}
+# What the SDK's deployment hook admits as sent (``litellm.aresponses``).
+_SDK_AS_SENT = {"aresponses": "/v1/responses"}
+
+
+def _as_sent(kwargs: Mapping[str, Any], call_type: Any, endpoints: Mapping[str, str] = _AS_SENT) -> str | None:
+    """The endpoint of a request sent as it came (behind the proxy :data:`_AS_SENT`, in the SDK
+    :data:`_SDK_AS_SENT`), or ``None``."""
+    endpoint = endpoints.get(str(getattr(call_type, "value", call_type)))
+    return None if endpoint is None or _ours(kwargs) else endpoint
+
+
+def _ours(kwargs: Mapping[str, Any]) -> bool:
+    """A call the pipeline made itself (an attempt, a context summary): accounted in the pipeline's own row."""
+    return bool(_metadata(kwargs).get(SIDE_CALL))
+
+
+def _digest(value: object) -> str:
+    return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def run_labels(messages: Sequence[Message]) -> dict[str, Any]:
+    """What a proxy can tell of an agent run from its conversation, when the client sends no labels:
+    ``session_id`` from the opening request (everything before the first assistant turn) and that
+    turn (its tool-call ids or text, unique to the run), ``step`` (assistant turns so far) and
+    ``step_kind``. A run's first call has no assistant turn yet: its session is the head's alone
+    (``head-<h>``), and the run's later calls share ``head-<h>-<a>``."""
+    head = head_length(messages)
+    session = f"head-{_digest([(m.get('role'), m.get('content')) for m in messages[:head]])}"
+    if head < len(messages):
+        first = messages[head]
+        ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
+        session += f"-{_digest(ids or first.get('content'))}"
+    steps = [m.get("role") for m in messages].count("assistant")
+    return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
+
+
+def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
+    """The call's labels from its metadata; with ``derive`` (the proxy), what the client did not
+    label is derived from the conversation (:func:`run_labels`)."""
+    metadata = _metadata(kwargs)
+    keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
+    context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    if derive:
+        sent = kwargs.get("messages") or []
+        messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
+        derived = run_labels(messages)
+        if "session_id" in context:
+            derived.pop("step")  # a client's own session may not start where the messages do
+        context = {**derived, **context}
+    return context
+
+
+def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
+    """The call litellm made, with its labels: one the pipeline refuses (litellm's ``metadata`` is
+    free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
+    return _labelled(lambda labels: Call.create(model, messages, {}, labels), context)
+
+
+def _request_of(details: Mapping[str, Any]) -> dict[str, Any]:
+    """What :meth:`._Core._planned` reads of a call's event kwargs (its model as passed, its
+    messages, its labels), apart from litellm's dict, which a finalizer must not hold."""
+    requested = wire.requested_model(details)
+    kept = {"model": details.get("model"), "messages": list(details.get("messages") or []),
+            "metadata": dict(_metadata(details))}
+    return {**kept, "agentic_loop_params": {"model": requested}} if requested else kept
+
+
+def _labelled(make: Callable[[dict[str, Any]], Call], context: dict[str, Any]) -> Call:
+    """``make(context)``; when the pipeline refuses a label (litellm's ``metadata`` is free-form:
+    ``step="first"``), ``make`` of the others, logged: the call is planned and recorded without it,
+    never sent unadmitted or left unrecorded. Raises what the call's other input is refused for."""
+    try:
+        return make(context)
+    except RequestError as exc:
+        kept = {k: v for k, v in context.items() if _accepted(k, v)}
+        if kept == context:
+            raise
+        log.warning("litellm_labels_refused", error=str(exc)[:200])
+        return make(kept)
+
+
+def _accepted(label: str, value: Any) -> bool:
+    """Whether the pipeline takes ``value`` for ``label`` (each label is checked on its own)."""
+    try:
+        AgentContext.coerce({label: value})
+    except RequestError:
+        return False
+    return True
+
+
+def _seconds(start: Any, end: Any) -> float | None:
+    return (end - start).total_seconds() if isinstance(start, datetime) and isinstance(end, datetime) else None
+
+
+_OPAQUE_PARTS = frozenset({"image", "document", "input_image", "input_file", "input_audio"})
+
+
+def _text(value: Any) -> str:
+    """The text of an Anthropic or Responses content value (a string, or a list of parts), for sizing."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence):
+        return "\n".join(_text(part) for part in value)
+    if isinstance(value, Mapping):
+        if value.get("type") in _OPAQUE_PARTS:  # its bytes are no tokens: sized as the provider bills it, after
+            return f"[{value.get('type')}]"
+        found = value.get("text") if isinstance(value.get("text"), str) else value.get("content")
+        return _text(found) if found is not None else json.dumps(value, default=str)
+    return "" if value is None else str(value)
+
+
+def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message], dict[str, Any]]:
+    """What an Anthropic ``/v1/messages`` or OpenAI ``/v1/responses`` request sends, as chat messages
+    (roles and text) for its token estimate and its span, and its params: its output cap
+    (``max_tokens``) and its tools' definitions as they came (counted, never sent from here: the
+    request goes as it came)."""
+    messages: list[Message] = []
+    if endpoint == "/v1/messages":
+        if data.get("system"):
+            messages.append({"role": "system", "content": _text(data["system"])})
+        for item in data.get("messages") or ():
+            if isinstance(item, Mapping):
+                role = "assistant" if item.get("role") == "assistant" else "user"
+                messages.append({"role": role, "content": _text(item.get("content"))})
+        cap = data.get("max_tokens")
+    else:
+        if data.get("instructions"):
+            messages.append({"role": "system", "content": _text(data["instructions"])})
+        items = data.get("input")
+        for item in [items] if isinstance(items, str) else items or ():
+            if isinstance(item, str):
+                messages.append({"role": "user", "content": item})
+            elif isinstance(item, Mapping):
+                said = "assistant" if item.get("type") in ("function_call", "reasoning") else "user"
+                role = {"assistant": "assistant", "system": "system", "developer": "system"}.get(str(item.get("role")),
+                                                                                                  said)
+                text = _text(item.get("content")) if "content" in item else json.dumps(item, default=str)
+                messages.append({"role": role, "content": text})
+        cap = data.get("max_output_tokens")
+    params: dict[str, Any] = {"max_tokens": int(cap)} if isinstance(cap, int) and cap > 0 else {}
+    tools = data.get("tools")
+    if isinstance(tools, Sequence) and not isinstance(tools, str) and tools:
+        params["tools"] = [t if isinstance(t, Mapping) else {"definition": str(t)} for t in tools]
+    return messages or [{"role": "user", "content": ""}], params
+
+
+def _nested(kwargs: Mapping[str, Any]) -> bool:
+    """An SDK call made inside another one whose logging object it shares (``litellm.acompletion``'s
+    ``fallbacks=``: one nested ``acompletion`` per model, each with a call id of its own): its events
+    carry the outer call's id, so a lifecycle opened under its own id would never be settled."""
+    logged = getattr(kwargs.get("litellm_logging_obj"), "litellm_call_id", None)
+    own = kwargs.get("litellm_call_id")
+    return bool(logged) and bool(own) and own != logged
+
+
+def _unrefusable(kwargs: Mapping[str, Any]) -> str | None:
+    """Why refusing this SDK call in the deployment hook would make things worse, if it would: a
+    ``litellm.Router``'s call (``model_group`` in its metadata), whose router takes the refusal (a
+    429) for the deployment's and cools it down for every caller; a call litellm retries itself
+    (``num_retries``, ``retry_policy``), whose retries call the provider without hooks or events,
+    so the refused call would be sent anyway, unseen."""
+    if "model_group" in _metadata(kwargs):
+        return ("litellm's Router would cool its deployments down for every caller (put the budget on the "
+                "Router's side, or behind the proxy use its pre-call hook)")
+    setting = wire.retries_unhooked(kwargs)
+    if setting is not None:
+        return f"litellm retries this call without its hooks ({setting}; without retries it is refused)"
+    return None
+
+
+def _switch(kwargs: Mapping[str, Any], sent: Mapping[str, Any], plan: Plan) -> dict[str, Any]:
+    """``kwargs`` with ``plan``'s messages, and the parameters it sets where they differ from ``sent``
+    (what the request carries now), dropping those it does not keep."""
+    changed = dict(kwargs)
+    changed["messages"] = [dict(m) for m in plan.messages]
+    for key in set(sent) | set(plan.params):
+        if key not in plan.params:
+            changed.pop(key, None)
+        elif sent.get(key) != plan.params[key]:
+            changed[key] = plan.params[key]
+    return changed
+
+
+def _error(kwargs: Mapping[str, Any]) -> Exception:
+    found = kwargs.get("exception")
+    return found if isinstance(found, Exception) else RuntimeError(str(kwargs.get("traceback_exception") or "failed"))
+
+
+def _chat_stream(kwargs: Mapping[str, Any]) -> bool:
+    """Is the event's call a streamed chat completion (whose response litellm assembled)?"""
+    return kwargs.get("stream") is True and str(kwargs.get("call_type")) in ("acompletion", "completion")
+
+
+def _ttft(kwargs: Mapping[str, Any], start_time: Any) -> float | None:
+    """Time to first token of a stream (litellm's ``completion_start_time``); None otherwise."""
+    if not kwargs.get("stream"):
+        return None
+    return _seconds(start_time, kwargs.get("completion_start_time"))
