@@ -2162,3 +2162,20 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
     assert tokens["gpt-3.5-turbo"] == (reported_usage["input_tokens"], reported_usage["output_tokens"])
     assert min(tokens["gpt-3.5-turbo-0125"]) > 0  # litellm's count of the recording's tool call
     assert set(_store_values(tmp_path / "store.db", "tps:", "lat:")) == {"tps:coder-strong", "lat:coder-strong"}
+
+
+def test_every_method_overriding_custom_logger_s_is_router_logger_s_own() -> None:
+    """litellm's proxy looks for a callback's ``async_pre_call_hook`` and
+    ``async_post_call_response_headers_hook`` in its class's own ``__dict__``, not its bases'
+    (``ProxyLogging.callback_capabilities``, litellm/proxy/utils.py, 1.110.2): one defined on a base
+    class of ``RouterLogger`` is never called behind the proxy (with the proxy's hooks on a base class,
+    a proxy stream's usage was no longer the provider's). So every method of ``RouterLogger`` that
+    overrides ``CustomLogger``'s is its own (``__init__`` aside: litellm looks for no constructor)."""
+    from litellm.integrations.custom_logger import CustomLogger
+
+    owners = {name: next(klass for klass in RouterLogger.__mro__ if name in vars(klass))
+              for name in dir(CustomLogger) if not name.startswith("__")}
+    inherited = {name for name, klass in owners.items() if klass is not RouterLogger and not issubclass(CustomLogger,
+                                                                                                          klass)}
+    assert inherited == set()
+    assert {"async_pre_call_hook", "async_post_call_response_headers_hook"} <= set(vars(RouterLogger))
