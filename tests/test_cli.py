@@ -197,6 +197,24 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
     assert (totals["failed_calls"], totals["stopped_calls"], totals["unpriced_calls"]) == (1, 1, 0)
 
 
+def test_a_model_with_no_price_costs_unknown_in_the_report(tmp_path, capsys, monkeypatch) -> None:
+    """Its answered calls have no price, and one of its calls was stopped before any token came (no
+    cost either, nothing used): its cost is unknown, never $0."""
+    from router_middleware.ledger import LedgerRecord
+
+    ledger = tmp_path / "l.db"
+    db = open_ledger(str(ledger))
+    db.insert([LedgerRecord(ts=time.time(), model="my-local-llm", requested_model="my-local-llm", input_tokens=900,
+                            output_tokens=300),
+               LedgerRecord(ts=time.time(), model="my-local-llm", requested_model="my-local-llm", error="StreamLeft")])
+    db.close()
+    monkeypatch.setenv("COLUMNS", "120")
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger))
+    row = next(line for line in out.splitlines() if line.lstrip().startswith("my-local-llm"))
+    assert code == 0 and row.split()[-2:] == ["unknown", "unknown"], row
+    assert "1 calls have no price (model my-local-llm)" in out
+
+
 def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:
     code, _, err = run(capsys, "report", "--ledger", str(tmp_path / "nope.db"))
     assert code == 2 and "no ledger at" in err and not (tmp_path / "nope.db").exists()

@@ -277,6 +277,15 @@ def test_callback_records_errors(span_exporter) -> None:
     assert failed.status.status_code == StatusCode.ERROR and not handler.in_flight
 
 
+def test_the_callback_captures_the_content_of_a_call_it_observes(span_exporter) -> None:
+    """With ``capture_content`` on, an observed call's chat span has its input messages."""
+    handler = RouterCallbackHandler(Pipeline.from_config({"telemetry": {"capture_content": True}}))
+    GenericFakeChatModel(messages=iter([AIMessage("sure")])).invoke("secret prompt text",
+                                                                   config={"callbacks": [handler]})
+    chat = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
+    assert "secret prompt text" in chat.attributes["gen_ai.input.messages"]
+
+
 class _BreaksAfter(GenericFakeChatModel):
     """Streams its reply's first words, then its connection drops."""
 

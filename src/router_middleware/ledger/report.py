@@ -15,6 +15,7 @@ from .store import ENDED, LedgerDB
 # calls that used tokens at no known price (their cost is not in the sums); calls that ended in an error,
 # and calls their caller stopped (a stream left, a task cancelled): all three counted in calls
 UNPRICED = "SUM(CASE WHEN cost_usd IS NULL AND cache_hit = 0 AND input_tokens + output_tokens > 0 THEN 1 ELSE 0 END)"
+PRICED = "SUM(CASE WHEN cost_usd IS NOT NULL THEN 1 ELSE 0 END)"  # a group of none has no known cost
 FAILED = f"SUM(CASE WHEN {ENDED} = 'failed' THEN 1 ELSE 0 END)"
 STOPPED = f"SUM(CASE WHEN {ENDED} = 'stopped' THEN 1 ELSE 0 END)"
 SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
@@ -48,9 +49,9 @@ def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
 def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None,
                  top: int = 10) -> dict[str, Any]:
     where, params = _where(since, until)
-    select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {FAILED}, {STOPPED}"
-    names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "failed_calls",
-             "stopped_calls")
+    select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {PRICED}, {FAILED}, {STOPPED}"
+    names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "priced_calls",
+             "failed_calls", "stopped_calls")
     total = _row(names, db.query(f"SELECT COUNT(*), {select} FROM calls{where}", params)[0])
     report: dict[str, Any] = {
         "range": {"since": since, "until": until},

@@ -42,6 +42,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 5: how the call ended (complete, stopped by its caller, failed). NULL in rows written before it, or
     # by an older version after it: read them through ENDED, never the column alone
     "ALTER TABLE calls ADD COLUMN ended TEXT",
+    # 6: nothing (a ledger opened by 5f2e61e, never released, is at 6 already: its 5 and 6 added ended
+    # with a default and filled it)
+    "SELECT 1",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"

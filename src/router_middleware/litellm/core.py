@@ -169,6 +169,16 @@ class _Core(CustomLogger):
         for stale in evicted:
             self._end(stale, TimeoutError("no event came for this call"))
 
+    def _failed(self, plan: Plan, trace: CallTrace, error: BaseException, spent: Outcome | None = None) -> None:
+        """One row and span for a call no lifecycle follows that ended in ``error``: settled at what it
+        used (``spent``, charged to the budgets that apply), else with nothing spent."""
+        if spent is None:
+            trace.fail(error)
+            self.pipeline.books.record_failure(plan, error)
+        else:
+            trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
+        self._tally()
+
     def _tally(self) -> None:
         """One more call recorded (its events run on the loop and on worker threads at once)."""
         with self._lock:

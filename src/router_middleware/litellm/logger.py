@@ -345,10 +345,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
     def _failure(self, kwargs: Mapping[str, Any]) -> None:
         try:
             plan, trace = self._planned(kwargs)
-            error = _error(kwargs)
-            trace.fail(error)
-            self.pipeline.books.record_failure(plan, error)
-            self._tally()
+            self._failed(plan, trace, _error(kwargs))
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 

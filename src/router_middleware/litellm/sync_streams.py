@@ -206,13 +206,10 @@ class _SyncStreams(_Core):
         plan, trace = self._planned(found.request)
         error = found.broken or StreamLeft("the caller stopped reading the stream and let it go before it ended "
                                            "(litellm sent no event for it)")
-        if not found.chunks:
-            trace.fail(error)
-            self.pipeline.books.record_failure(plan, error)
-        else:
+        spent = None
+        if found.chunks:
             prompt = self.pipeline.state.tokens(plan.model, plan.messages, found.tools, plan.call.context.session_id)
             output = wire.streamed_output_tokens(found.chunks)
             usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
             spent = self._read_own(plan, _Answer(wire.Partial(usage), None, None, None), 0.0)
-            trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
-        self._tally()
+        self._failed(plan, trace, error, spent)

@@ -246,7 +246,7 @@ class CallTrace:
         if self.child is not None:
             if outcome is not None:
                 attrs = outcome_attributes(outcome, openinference=settings.openinference, semconv=settings.semconv)
-                if settings.capture_content and response is not None:
+                if settings.capture_content:  # the input, and the answer if there is one
                     attrs.update(content_attributes(self.plan.messages, response_messages(response),
                                                     settings.redactor))
                 self.child.set_attributes(attrs)
