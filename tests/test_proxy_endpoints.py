@@ -94,7 +94,7 @@ def _post(base: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
 
 def _rows(tmp_path: Path, expected: int) -> list[sqlite3.Row]:
     rows: list[sqlite3.Row] = []
-    for _ in range(100):
+    for _ in range(300):  # 60 s: the proxy's writer is a thread of a loaded process (20 s once was not enough)
         if (tmp_path / "ledger.db").exists():
             with sqlite3.connect(tmp_path / "ledger.db") as db:
                 db.row_factory = sqlite3.Row
