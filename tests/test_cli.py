@@ -195,6 +195,9 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
     code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
     totals = json.loads(out)["totals"]
     assert (totals["failed_calls"], totals["stopped_calls"], totals["unpriced_calls"]) == (1, 1, 0)
+    assert run(capsys, "report", "--ledger", str(ledger), "--html", str(tmp_path / "r.html"))[0] == 0
+    page = (tmp_path / "r.html").read_text()  # the HTML report says the same
+    assert "<p>3 calls (1 failed, 1 stopped by their caller)," in page and "<th>stopped calls</th>" in page
 
 
 def test_a_model_with_no_price_costs_unknown_in_the_report(tmp_path, capsys, monkeypatch) -> None:

@@ -175,12 +175,13 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from ..ledger.report import ends
+
     console = Console()
     totals = report["totals"]
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
-    ends = [f"{totals[f'{end}_calls']:,} {label}" for end, label in (("failed", "failed"), ("stopped", "stopped by "
-            "their caller")) if totals[f"{end}_calls"]]
-    failed = f" ({', '.join(ends)})" if ends else ""
+    ended = ends(totals)
+    failed = f" ({ended})" if ended else ""
     line = (f"[bold]{totals['calls']:,} calls[/bold]{failed}, cost {money(totals['cost_usd'])} "
             f"({money(baseline)} without the middleware), response-cache hit rate {report['cache_hit_rate']:.1%}")
     console.print(line)

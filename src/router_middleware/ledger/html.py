@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from .report import nice_max
+from .report import ends, nice_max
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -68,8 +68,8 @@ def _stacked(timeline: dict[str, Any], chart_id: str) -> str:
 
 
 def _table(rows: list[dict[str, Any]], title: str) -> str:
-    head = ("key", "calls", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "cost_usd",
-            "baseline_cost_usd")
+    head = ("key", "calls", "failed_calls", "stopped_calls", "input_tokens", "cached_tokens", "output_tokens",
+            "reasoning_tokens", "cost_usd", "baseline_cost_usd")
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in head) + "</tr>" for r in rows)
     return (f"<h2>{html.escape(title)}</h2><table><thead><tr>"
@@ -100,7 +100,8 @@ def render_html(report: dict[str, Any]) -> str:
         "<h2>Token mix</h2>" + _bars([(k.replace("_", " "), float(v)) for k, v in mix.items()], unit="tokens",
                                      title="token mix", chart_id="token-mix"),
     ]
-    summary = (f"<p>{totals['calls']:,} calls, {totals['input_tokens']:,} input tokens "
+    ended = ends(totals)
+    summary = (f"<p>{totals['calls']:,} calls{f' ({ended})' if ended else ''}, {totals['input_tokens']:,} input tokens "
                f"({totals['cached_tokens']:,} from cache), {totals['output_tokens']:,} output tokens "
                f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "
                f"${totals['baseline_cost_usd'] or 0:,.4f} without the middleware; response-cache hit rate "

@@ -79,6 +79,13 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
     return report
 
 
+def ends(counts: dict[str, Any]) -> str:
+    """How many of a report's ``counts`` (its totals, or a group's) did not complete, in words:
+    ``"2 failed, 1 stopped by their caller"``, or ``""``."""
+    words = (("failed_calls", "failed"), ("stopped_calls", "stopped by their caller"))
+    return ", ".join(f"{counts[key]:,} {label}" for key, label in words if counts.get(key))
+
+
 def _timeline(db: LedgerDB, where: str, params: list[Any]) -> dict[str, Any]:
     bounds = db.query(f"SELECT MIN(ts), MAX(ts) FROM calls{where}", params)[0]
     if bounds[0] is None:
