@@ -40,6 +40,18 @@ async def send(session: aiohttp.ClientSession, url: str, body: bytes, count: int
                 failures.append(f"{response.status}: {data[:300]!r}")
 
 
+async def warm(session: aiohttp.ClientSession, url: str, body: bytes, failures: list[str]) -> None:
+    """One untimed request, tried again if the proxy closed a connection kept alive from the last batch
+    as it was reused (uvicorn drops idle ones after 5 s: a race, not a failure of the proxy)."""
+    for attempt in range(3):
+        try:
+            await send(session, url, body, 1, failures)
+            return
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            if attempt == 2:
+                raise
+
+
 async def batch(sessions: dict[str, aiohttp.ClientSession], command: dict[str, Any]) -> dict[str, Any]:
     base, clients, requests = command["base"], command["clients"], command["requests"]
     if base not in sessions:
@@ -47,7 +59,7 @@ async def batch(sessions: dict[str, aiohttp.ClientSession], command: dict[str, A
                                                timeout=aiohttp.ClientTimeout(total=300))
     session, url, body = sessions[base], f"{base}/v1/chat/completions", command["body"].encode()
     failures: list[str] = []
-    await asyncio.gather(*(send(session, url, body, 1, failures) for _ in range(clients)))  # connections open
+    await asyncio.gather(*(warm(session, url, body, failures) for _ in range(clients)))  # connections open
     shares = [requests // clients + (i < requests % clients) for i in range(clients)]
     before = time.process_time(), cpu(command["pid"]), cpu(command["upstream_pid"]), time.perf_counter()
     await asyncio.gather(*(send(session, url, body, n, failures) for n in shares))
