@@ -105,7 +105,9 @@ def _rows(tmp_path: Path, expected: int) -> list[sqlite3.Row]:
             if len(rows) >= expected:
                 return rows
         time.sleep(0.2)
-    raise AssertionError(f"the ledger got {len(rows)} rows, not {expected}")
+    seen = [(row["requested_model"], row["output_tokens"], row["error"]) for row in rows]
+    log = (tmp_path / "proxy.log").read_text(errors="replace")[-4000:]
+    raise AssertionError(f"the ledger got {len(rows)} rows, not {expected}: {seen}\nthe proxy's log ends:\n{log}")
 
 
 def _spent(tmp_path: Path, key: str = "budget:day:tokens:all:0") -> float:
