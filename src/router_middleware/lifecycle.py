@@ -28,7 +28,7 @@ from .accounting import build_outcome, finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, RouterMiddlewareError, StreamLeft, UnknownModelError
+from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
 from .params import usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
@@ -414,7 +414,7 @@ class CallLifecycle:
 
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
-                                 lambda chunks, begun, first, error, complete:
+                                 lambda chunks, begun, first, error:
                                  hit(rebuild_response(entry.response), begun, first), started,
                                  hide_usage=not usage_asked(plan.params)), plan
         response = rebuild_response(entry.response)
@@ -677,10 +677,9 @@ class CallLifecycle:
     def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
         engine = self.engine
 
-        def finish(chunks: list[Any], started: float, first: float | None, error: BaseException | None,
-                   complete: bool) -> Outcome | None:
-            if error is None and not complete:  # closed or let go by its caller: a row like the SDK's
-                error = StreamLeft("the caller stopped reading the stream before it ended")
+        def finish(chunks: list[Any], started: float, first: float | None,
+                   error: BaseException | None) -> Outcome | None:
+            complete = error is None
             if error is not None and not chunks:
                 trace.fail(error)
                 if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so

@@ -9,19 +9,21 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from .errors import StreamLeft
 from .types import Outcome
 
-# finish(chunks, started_at, first_chunk_at, error, complete) -> Outcome | None
-Finisher = Callable[[list[Any], float, float | None, BaseException | None, bool], Outcome | None]
+# finish(chunks, started_at, first_chunk_at, error) -> Outcome | None; ``error`` None: read to its end
+Finisher = Callable[[list[Any], float, float | None, BaseException | None], Outcome | None]
 
 
 class TrackedStream:
     """Iterate it (sync or async) exactly like the litellm stream it wraps.
 
     Once the last chunk has been read, ``outcome`` holds the call's :class:`Outcome` (usage from the
-    final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call's
-    span with what was received. ``off_loop``: iterated async, the stream ends (its settlement and
-    cache write, which go to the store) in a worker thread, also when it is dropped on a running loop.
+    final usage chunk when the provider sent one). Closing it early, or dropping it, ends the call
+    with what was received, cut short by :class:`.StreamLeft`. ``off_loop``: iterated async, the
+    stream ends (its settlement and cache write, which go to the store) in a worker thread, also when
+    it is dropped on a running loop.
     ``hide_usage``: the final usage chunk (no choices) was asked for by the pipeline, not the caller:
     it is read, not yielded.
     """
@@ -47,13 +49,14 @@ class TrackedStream:
         self._chunks.append(chunk)
         return chunk
 
-    def _end(self, error: BaseException | None = None, *, complete: bool) -> None:
+    def _end(self, error: BaseException | None) -> None:
+        """End the call once: ``error`` None, read to its end; else cut short by it."""
         if self._done:
             return
         self._done = True
         if not self._chunks and isinstance(self._inner, Prefetched):  # closed unread: the provider answered
             self._chunks.extend(self._inner.unread)
-        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, complete)
+        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -68,10 +71,10 @@ class TrackedStream:
                 chunk = self._record(next(self._inner))
             return chunk
         except StopIteration:
-            self._end(complete=True)
+            self._end(None)
             raise
         except BaseException as exc:  # a provider's error, or the reader stopped from outside (Ctrl-C)
-            self._end(exc, complete=False)
+            self._end(exc)
             raise
 
     def __aiter__(self) -> AsyncIterator[Any]:
@@ -84,30 +87,31 @@ class TrackedStream:
                 chunk = self._record(await self._inner.__anext__())
             return chunk
         except StopAsyncIteration:
-            await self._aend(complete=True)
+            await self._aend(None)
             raise
         except Exception as exc:
-            await self._aend(exc, complete=False)
+            await self._aend(exc)
             raise
         except BaseException as exc:  # the reading task cancelled mid-answer: cut short by that, settled now
             self._end_now(exc)
             raise
 
-    async def _aend(self, error: BaseException | None = None, *, complete: bool) -> None:
+    async def _aend(self, error: BaseException | None) -> None:
         if self._off_loop:
-            await asyncio.to_thread(self._end, error, complete=complete)
+            await asyncio.to_thread(self._end, error)
         else:
-            self._end(error, complete=complete)
+            self._end(error)
 
     def close(self) -> None:
-        """Stop reading: the span ends with what was received."""
-        self._end(complete=False)
+        """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft`."""
+        self._end(StreamLeft("the caller closed the stream before it ended"))
         closer = getattr(self._inner, "close", None)
         if callable(closer):
             closer()
 
     async def aclose(self) -> None:
-        await self._aend(complete=False)
+        """Stop reading, as :meth:`close` does."""
+        await self._aend(StreamLeft("the caller closed the stream before it ended"))
         closer = getattr(self._inner, "aclose", None)
         if callable(closer):
             await closer()
@@ -118,18 +122,19 @@ class TrackedStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _end_now(self, error: BaseException | None = None) -> None:
+    def _end_now(self, error: BaseException) -> None:
         """End it unfinished without awaiting (a finalizer, a cancelled task): off the loop if settling may block."""
         if self._done:
             return
         if self._off_loop and _loop_running():  # its settlement may block: not on the loop
-            threading.Thread(target=self._end, args=(error,), kwargs={"complete": False}, daemon=True).start()
+            threading.Thread(target=self._end, args=(error,), daemon=True).start()
         else:
-            self._end(error, complete=False)
+            self._end(error)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
-            self._end_now()
+            if not self._done:
+                self._end_now(StreamLeft("the caller let the stream go before it ended"))
 
 
 def _loop_running() -> bool:
