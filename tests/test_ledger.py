@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import shutil
@@ -16,6 +17,7 @@ import structlog
 
 from router_middleware import Pipeline
 from router_middleware.cli import bundled_sessions, main
+from router_middleware.errors import STOPPED_BY, StreamLeft, ending
 from router_middleware.ledger import (
     ENDED,
     MIGRATIONS,
@@ -25,6 +27,8 @@ from router_middleware.ledger import (
     build_report,
     open_ledger,
 )
+from router_middleware.ledger.record import legacy_ending
+from router_middleware.litellm import ClientDisconnected
 
 from .conftest import ROOT, service_missing
 
@@ -259,3 +263,29 @@ def test_html_report_renders_in_a_real_browser(tmp_path) -> None:
     assert screenshot.stat().st_size > 10_000
     assert json.loads(dom.split('id="report-data">')[1].split("</script>")[0])["totals"]["calls"] == 93
     assert Path(html_path).read_text().count("http") == 0  # nothing fetched from a network
+
+
+@pytest.mark.parametrize("error", [asyncio.CancelledError("x"), StreamLeft("x"), ClientDisconnected("x"),
+                                   KeyboardInterrupt(), GeneratorExit(), SystemExit(1), ConnectionError("x"),
+                                   TimeoutError("x"), litellm.RateLimitError("x", "openai", "gpt-4o"), None],
+                         ids=lambda e: type(e).__name__)
+def test_a_row_s_ending_reads_the_same_live_from_its_error_name_and_in_sql(error: BaseException | None) -> None:
+    """How a call ended is decided live from its error (``errors.ending``), and for a row written
+    without ``ended`` (an older version's) from the error's name, in Python (``legacy_ending``: the
+    spool, ``LedgerRecord``) and in SQL (``ENDED``: the report): the three agree on every way a call
+    is stopped, and on failures."""
+    import sqlite3
+
+    name = None if error is None else type(error).__name__
+    with sqlite3.connect(":memory:") as db:
+        in_sql = db.execute(f"SELECT {ENDED} FROM (SELECT NULL AS ended, ? AS error)", (name,)).fetchone()[0]
+    assert ending(error) == legacy_ending(name) == in_sql
+    assert in_sql == ("complete" if error is None else "failed" if isinstance(error, Exception) else "stopped")
+
+
+def test_every_name_a_stopped_call_is_read_by_is_an_error_that_stops_it() -> None:
+    """``STOPPED_BY``, the names a legacy row is read as stopped by, are exactly the errors
+    ``errors.ending`` calls stopped."""
+    stopped = {asyncio.CancelledError, StreamLeft, ClientDisconnected, KeyboardInterrupt, GeneratorExit, SystemExit}
+    assert STOPPED_BY == {kind.__name__ for kind in stopped}
+    assert all(ending(kind()) == "stopped" for kind in stopped)
