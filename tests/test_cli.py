@@ -184,7 +184,8 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
     db = open_ledger(str(ledger))
     db.insert([LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
                             output_tokens=20, cost_usd=0.0000135),
-               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError"),
+               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError",
+                            ended="failed"),
                LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
                             cost_usd=0.0000014, error="StreamLeft", ended="stopped")])
     db.close()
@@ -209,7 +210,8 @@ def test_a_model_with_no_price_costs_unknown_in_the_report(tmp_path, capsys, mon
     db = open_ledger(str(ledger))
     db.insert([LedgerRecord(ts=time.time(), model="my-local-llm", requested_model="my-local-llm", input_tokens=900,
                             output_tokens=300),
-               LedgerRecord(ts=time.time(), model="my-local-llm", requested_model="my-local-llm", error="StreamLeft")])
+               LedgerRecord(ts=time.time(), model="my-local-llm", requested_model="my-local-llm", error="StreamLeft",
+                            ended="stopped")])
     db.close()
     monkeypatch.setenv("COLUMNS", "120")
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))

@@ -289,3 +289,15 @@ def test_every_name_a_stopped_call_is_read_by_is_an_error_that_stops_it() -> Non
     stopped = {asyncio.CancelledError, StreamLeft, ClientDisconnected, KeyboardInterrupt, GeneratorExit, SystemExit}
     assert STOPPED_BY == {kind.__name__ for kind in stopped}
     assert all(ending(kind()) == "stopped" for kind in stopped)
+
+
+def test_a_row_ends_complete_exactly_when_it_has_no_error() -> None:
+    """A row says how its call ended, and that agrees with its error: a row built with an error and
+    no ``ended`` (or ``complete`` with an error, ``failed`` without) is refused, naming both."""
+    assert LedgerRecord(ts=1.0, model="m", requested_model="m").ended == "complete"
+    with pytest.raises(ValueError, match="ended 'complete' with error 'StreamLeft'"):
+        LedgerRecord(ts=1.0, model="m", requested_model="m", error="StreamLeft")
+    with pytest.raises(ValueError, match="ended 'failed' with error None"):
+        LedgerRecord(ts=1.0, model="m", requested_model="m", ended="failed")
+    with pytest.raises(ValueError, match="ended 'done' is none of"):
+        LedgerRecord(ts=1.0, model="m", requested_model="m", ended="done")  # type: ignore[arg-type]

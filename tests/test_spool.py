@@ -75,8 +75,8 @@ def test_rows_spooled_by_another_version_are_written(tmp_path) -> None:
 
     folder = tmp_path / "spool"
     folder.mkdir()
-    older = {k: v for k, v in asdict(_row("old", error="CancelledError")).items() if k != "ended"}
-    newer = {**asdict(_row("new", error="APIConnectionError")), "future_column": 1}
+    older = {k: v for k, v in asdict(_row("old", error="CancelledError", ended="stopped")).items() if k != "ended"}
+    newer = {**asdict(_row("new", error="APIConnectionError", ended="failed")), "future_column": 1}
     (folder / "rows-999999999.jsonl").write_text(json.dumps(older) + "\n" + json.dumps(newer) + "\n")
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     with structlog.testing.capture_logs() as logs:

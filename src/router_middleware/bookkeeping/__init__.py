@@ -22,7 +22,7 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
-from ..errors import StoreUnavailable, ending
+from ..errors import StoreUnavailable
 from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..reasoning.levels import DEFAULT_BUDGETS
@@ -523,10 +523,8 @@ class Bookkeeper:
             return
         saved = outcome.plan.estimated_savings_usd if outcome.plan else 0.0
         hit = outcome.usage.source == "cache"
-        row = from_outcome(outcome, saved_context=0.0 if hit else saved, saved_cache=saved if hit else 0.0)
-        if error is not None:
-            row = replace(row, error=type(error).__qualname__, ended=ending(error))
-        self.ledger.append(row)
+        self.ledger.append(from_outcome(outcome, saved_context=0.0 if hit else saved,
+                                        saved_cache=saved if hit else 0.0, error=error))
 
     def record_failure(self, plan: Plan, error: BaseException) -> None:
         """The ledger row of a call that failed for good (no usage, cost unknown)."""

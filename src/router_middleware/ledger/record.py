@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..errors import STOPPED_BY, Ended
+from ..errors import STOPPED_BY, Ended, ending
 from ..ids import unique_id
 from ..types import Outcome, Plan
 
@@ -57,15 +57,15 @@ class LedgerRecord:
     saved_cache_usd: float = 0.0
     saved_reasoning_usd: float = 0.0
     summary_cost_usd: float = 0.0  # the middleware's summary calls for this call; included in cost_usd
-    # "complete", "stopped" by the caller or "failed" (``error`` names what ended it); by default, read
-    # from ``error`` (a name of what the caller's side raises into a call it stops is "stopped")
-    ended: Ended | None = None
+    # "complete" (no ``error``), "stopped" by the caller or "failed" (``error`` names what ended it)
+    ended: Ended = "complete"
 
     def __post_init__(self) -> None:
-        if self.ended is None:
-            object.__setattr__(self, "ended", legacy_ending(self.error))
-        elif self.ended not in ("complete", "stopped", "failed"):
+        if self.ended not in ("complete", "stopped", "failed"):
             raise ValueError(f"ended {self.ended!r} is none of complete, stopped, failed")
+        if (self.error is None) != (self.ended == "complete"):
+            raise ValueError(f"ended {self.ended!r} with error {self.error!r}: a call ends complete exactly when "
+                             "it has no error")
 
     def row(self) -> tuple[Any, ...]:
         data = asdict(self)
@@ -74,7 +74,8 @@ class LedgerRecord:
 
 def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: float = 0.0,
                  saved_routing: float = 0.0, saved_reasoning: float = 0.0, source: str = "live",
-                 ts: float | None = None) -> LedgerRecord:
+                 ts: float | None = None, error: BaseException | None = None) -> LedgerRecord:
+    """The row of a call that ended with ``outcome`` (cut short by ``error``, if any)."""
     plan: Plan | None = outcome.plan
     context = plan.call.context if plan else None
     usage, cost = outcome.usage, outcome.cost
@@ -99,11 +100,13 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         baseline_cost_usd=(cost.total_usd + saved) if cost.total_usd is not None else None,
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
+        error=type(error).__qualname__ if error is not None else None, ended=ending(error),
     )
 
 
 def legacy_ending(error: str | None) -> Ended:
-    """How a call ended, read from its row's ``error`` (a row without ``ended``, one of an older version)."""
+    """How a call ended, read from its row's ``error`` (a row without ``ended``, one of an older version:
+    as :data:`.store.ENDED` reads it in SQL)."""
     if error is None:
         return "complete"
     return "stopped" if error in STOPPED_BY else "failed"

@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from ..telemetry import log
-from .record import LedgerRecord
+from .record import LedgerRecord, legacy_ending
 from .store import LedgerDB
 
 QUARANTINE = "quarantine.jsonl"
@@ -157,7 +157,9 @@ class Spool:
                 if not set(data) <= _FIELDS:  # a newer version's columns: the row is written without them
                     dropped.update(set(data) - _FIELDS)
                     data = {k: v for k, v in data.items() if k in _FIELDS}
-                records.append(LedgerRecord(**data))  # a row spooled before ``ended``: read from its error
+                if "ended" not in data:  # a row spooled before ``ended``: read from its error
+                    data["ended"] = legacy_ending(data.get("error"))
+                records.append(LedgerRecord(**data))
             except (ValueError, TypeError) as exc:
                 bad.append({"reason": f"line {number} of {path.name}: {type(exc).__name__}: {str(exc)[:200]}",
                             "line": raw.decode("utf-8", errors="replace")})
