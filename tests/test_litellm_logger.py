@@ -1305,6 +1305,58 @@ def test_a_broken_stream_s_kept_error_lets_the_call_go_once_it_is_settled(tmp_pa
     assert watched() is None and [r["error"] for r in rows] == ["MidStreamFallbackError"]
 
 
+def test_the_handoff_thread_outlives_work_that_raises_a_base_exception() -> None:
+    """Work a finalizer hands over that raises what is no ``Exception`` (``SystemExit``, ``GeneratorExit``)
+    is logged, and the thread runs the work queued after it (it died, and that work waited for the
+    next watch to start it again)."""
+    import threading
+
+    import structlog
+
+    from router_middleware.litellm.handoff import _Handoff
+
+    def stop() -> None:
+        raise SystemExit(3)
+
+    handoff = _Handoff()
+    handoff.ready()
+    ran = threading.Event()
+    with structlog.testing.capture_logs() as logs:
+        handoff.put(stop)
+        handoff.put(ran.set)
+        assert ran.wait(5)
+    assert [e["error_type"] for e in logs if e["event"] == "litellm_logger_failed"] == ["SystemExit"]
+
+
+def test_a_broken_stream_s_second_failure_event_starts_no_second_timer(tmp_path, monkeypatch) -> None:
+    """litellm may hand a failure event of one broken sync stream more than once: the watch keeps the
+    first error and its one timer (a second one lingered past the settlement, and the error the row
+    names was the later one's)."""
+    import threading
+
+    from router_middleware.litellm import sync_streams as module
+
+    monkeypatch.setattr(module, "_BROKEN_WAIT_S", 0.5)
+    logger = _sdk_logger(tmp_path, monkeypatch, {})
+    try:
+        details = {"litellm_call_id": "c2", "model": "gpt-4o-mini", "stream": True, "call_type": "completion",
+                   "messages": [{"role": "user", "content": "hi"}], "optional_params": {}}
+        logger.log_pre_api_call("gpt-4o-mini", details["messages"], details)
+        details["completion_start_time"] = datetime.now()
+        for error in (litellm.exceptions.APIConnectionError(message="peer closed", llm_provider="openai",
+                                                            model="gpt-4o-mini"), TimeoutError("later")):
+            details["exception"] = error
+            logger.log_failure_event(details, None, None, None)
+        timers = [t for t in threading.enumerate() if t.name == "router-middleware-broken-stream"]
+        assert _polled(lambda: logger.recorded >= 1)
+        for timer in timers:
+            timer.join(5)
+        rows = _ledger(logger, ("error",))
+    finally:
+        logger.unregister()
+    assert len(timers) == 1 and [r["error"] for r in rows] == ["APIConnectionError"]
+
+
 @pytest.mark.parametrize("kept, wait_s", [(False, 120.0), (True, 120.0), (True, 0.3)],
                          ids=["let go", "kept by the caller", "timer writing at the exit"])
 def test_a_script_that_ends_after_a_broken_stream_writes_its_row_and_does_not_wait(tmp_path, kept, wait_s) -> None:

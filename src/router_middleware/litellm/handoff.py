@@ -44,10 +44,11 @@ class _Handoff:
 
 
 def _guarded(work: Callable[[], None]) -> None:
-    """Run ``work`` on a thread of the logger's own, logging what it raises."""
+    """Run ``work`` on a thread of the logger's own, logging what it raises (a ``SystemExit`` too:
+    the thread goes on with the work queued after it)."""
     try:
         work()
-    except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
+    except BaseException as exc:  # noqa: BLE001 - accounting never fails anything else
         log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 

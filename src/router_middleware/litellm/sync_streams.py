@@ -136,8 +136,8 @@ class _SyncStreams(_Core):
         litellm frees the call, after the last of them. A caller that keeps the stream, or the
         exception (its traceback holds both), keeps the call: then the stream is settled at the
         chunks counted :data:`_BROKEN_WAIT_S` after this event (a daemon timer), or at the
-        interpreter's exit if that comes first (:meth:`_settle_broken`). Any other failure ends the
-        watch."""
+        interpreter's exit if that comes first (:meth:`_settle_broken`). A second failure event of the
+        same stream changes nothing. Any other failure ends the watch."""
         if kwargs.get("completion_start_time") is None:
             self._stream_ended(kwargs)
             return False
@@ -146,6 +146,8 @@ class _SyncStreams(_Core):
             found = self._streams.get(key)
             if found is None:
                 return False
+            if found.broken is not None:  # litellm handed this failure again: the first one's timer runs
+                return True
             found.broken = _detached(_error(kwargs))  # its traceback would hold the call
             found.timer = timer = threading.Timer(_BROKEN_WAIT_S, _guarded,
                                                   (functools.partial(self._sync_ended, key, found),))
