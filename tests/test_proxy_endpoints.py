@@ -77,7 +77,7 @@ def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: st
     (tmp_path / "config.yaml").write_text(PROXY_CONFIG)
     with fault_server(fault_rate=fault_rate) as (upstream, seen):
         env = {"ANTHROPIC_API_BASE": f"{upstream}{upstream_path}", "ANTHROPIC_API_KEY": "sk-ant-test",
-               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml"), "ROUTER_MIDDLEWARE_LOG_LEVEL": "info"}
         with running_proxy(tmp_path, env, tmp_path / "config.yaml") as base:
             yield base, seen
 
@@ -132,6 +132,9 @@ def test_anthropic_messages_are_counted_and_refused_before_they_are_sent_once_ov
         rows = _rows(tmp_path, 2)
         refused = _post(base, "/v1/messages", _messages())
         spent = _spent(tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "proxy.log").read_text().splitlines() if line.startswith("{")]
+    assert [(e["requested_model"], e["output_tokens"]) for e in logged if e.get("event") == "llm_call"] == [
+        ("claude", PLAIN["output_tokens"]), ("claude", STREAMED["output_tokens"])]  # ROUTER_MIDDLEWARE_LOG_LEVEL
     assert plain[0] == 200 and json.loads(plain[1])["usage"]["output_tokens"] == PLAIN["output_tokens"]
     assert streamed[0] == 200 and b"event: message_stop" in streamed[1]
     assert len(rows) == 2
