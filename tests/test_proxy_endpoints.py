@@ -249,3 +249,32 @@ def test_the_estimate_of_a_claude_code_turn_reads_text_not_payloads() -> None:
         {"type": "function_call_output", "call_id": "c1", "output": "ok"}], "max_output_tokens": 50}, "/v1/responses")
     assert [m["role"] for m in responses] == ["system", "system", "assistant", "user"]
     assert responses[1]["content"] == "rules" and params == {"max_tokens": 50}
+
+
+@pytest.mark.parametrize("level, configured", [("warning", True), ("LOUD", False)])
+def test_the_hook_s_log_level_is_read_from_the_environment(tmp_path, monkeypatch, level, configured) -> None:
+    """``ROUTER_MIDDLEWARE_LOG_LEVEL`` sets router-middleware's log level in the proxy; a value that is
+    no level stops the proxy at its start, naming the variable and the levels."""
+    import logging
+    import runpy
+
+    import structlog
+
+    from .litellm_proxy import PROXY_DIR
+
+    (tmp_path / "router.yaml").write_text("app: a\n")
+    monkeypatch.setenv("ROUTER_MIDDLEWARE_CONFIG", str(tmp_path / "router.yaml"))
+    monkeypatch.setenv("ROUTER_MIDDLEWARE_LOG_LEVEL", level)
+    monkeypatch.delenv("ROUTER_MIDDLEWARE_OTLP_ENDPOINT", raising=False)
+    old, was_configured = structlog.get_config(), structlog.is_configured()
+    try:
+        if configured:
+            hook = runpy.run_path(str(PROXY_DIR / "router_hook.py"))
+            hook["handler"].unregister()
+            logger = structlog.get_logger()
+            assert logger.is_enabled_for(logging.WARNING) and not logger.is_enabled_for(logging.INFO)
+        else:
+            with pytest.raises(ValueError, match="ROUTER_MIDDLEWARE_LOG_LEVEL='LOUD' is no log level"):
+                runpy.run_path(str(PROXY_DIR / "router_hook.py"))
+    finally:
+        structlog.configure(**old) if was_configured else structlog.reset_defaults()
