@@ -189,10 +189,15 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
                LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
                             cost_usd=0.0000014, error="StreamLeft", ended="stopped")])
     db.close()
-    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("COLUMNS", "160")
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))
-    assert code == 0 and out.startswith("3 calls (1 failed, 1 stopped by their caller), cost $0.000015")
+    assert code == 0 and out.startswith("3 calls (1 failed, 1 stopped by their caller), cost $0.000015 (")
     assert "failed calls by model: codr 1" in out  # a stream its caller left is no failure
+    monkeypatch.setenv("COLUMNS", "80")  # too narrow for the headline: a phrase a line, none cut in two
+    out = run(capsys, "report", "--ledger", str(ledger))[1]
+    assert out.splitlines()[:3] == ["3 calls (1 failed, 1 stopped by their caller),",
+                                    "cost $0.000015 ($0.0000 without the middleware),",
+                                    "response-cache hit rate 0.0%"]
     code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
     totals = json.loads(out)["totals"]
     assert (totals["failed_calls"], totals["stopped_calls"], totals["unpriced_calls"]) == (1, 1, 0)

@@ -181,10 +181,11 @@ def print_report(report: dict[str, Any]) -> None:
     totals = report["totals"]
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
     ended = ends(totals)
-    failed = f" ({ended})" if ended else ""
-    line = (f"[bold]{totals['calls']:,} calls[/bold]{failed}, cost {money(totals['cost_usd'])} "
-            f"({money(baseline)} without the middleware), response-cache hit rate {report['cache_hit_rate']:.1%}")
-    console.print(line)
+    phrases = [f"{totals['calls']:,} calls" + (f" ({ended})" if ended else ""),
+               f"cost {money(totals['cost_usd'])} ({money(baseline)} without the middleware)",
+               f"response-cache hit rate {report['cache_hit_rate']:.1%}"]
+    joined = ", ".join(phrases)  # too wide for the console: a phrase a line, never one cut in two
+    console.print(joined if len(joined) <= console.width else ",\n".join(phrases), highlight=False)
     if totals["failed_calls"]:
         models = [f"{r['key']} {r['failed_calls']:,}" for r in report["by_model"] if r["failed_calls"]]
         console.print(f"[yellow]failed calls by model: {', '.join(models)} "
