@@ -328,3 +328,19 @@ def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path, capsys)
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_the_replay_table_keeps_a_long_session_id_whole_on_more_lines() -> None:
+    """A session id longer than the label column wraps after a separator onto the block's next lines
+    (it was cut with '…', so two long ids that began alike read the same); the account rows beside
+    it stay as they were, and every line stays within 80 columns."""
+    from router_middleware.cli.tables import WIDTHS, _block
+
+    session = "cline-2025-06-01T12:30:00-refactor-the-parser"
+    rows = [("baseline", "1,000", "0%", "$0.0100", ""), ("optimized", "800", "0%", "$0.0080", "x0.800")]
+    lines = _block([session, "gpt-4o-mini", "12 calls"], rows)
+    labels = [line[:WIDTHS[0]].rstrip() for line in lines]
+    assert "".join(labels[:-2]) == session and len(labels) > 3 and "…" not in "".join(lines)
+    assert labels[-2:] == ["gpt-4o-mini", "12 calls"] and all(len(line) <= 80 for line in lines)
+    assert lines[0].split()[1:] == ["baseline", "1,000", "0%", "$0.0100"]
+    assert all(label[-1] in "-:" for label in labels[:-3])  # broken only after a separator

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..replay import ReplayReport, SessionReport
@@ -46,6 +46,28 @@ def _fit(text: str, width: int = WIDTHS[0]) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+_BREAKS = re.compile(r"(?<=[\s/:_-])|(?<=\.)(?=[^\W\d])")  # after / : _ - or a space; a . before a letter
+
+
+def wrap_name(text: str, width: int, measure: Callable[[str], int] = len) -> list[str]:
+    """A name (a model id, a session) in lines of at most ``width``, broken after a ``/``, ``:``, ``_``,
+    ``-``, a space or a ``.`` before a letter (a piece wider than ``width`` stays whole: the caller cuts
+    it). ``measure``: a line's width (rich's ``cell_len`` in a table)."""
+    lines, line = [], ""
+    for piece in (p for p in _BREAKS.split(text) if p):
+        if line and measure(line + piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    lines.append(line.rstrip())
+    return lines
+
+
+def _label_lines(label: str, width: int = WIDTHS[0]) -> list[str]:
+    """A block's label in lines of the label column: wrapped (:func:`wrap_name`), a piece too long cut in two."""
+    return [line[i:i + width] for line in wrap_name(label, width) for i in range(0, max(len(line), 1), width)]
+
+
 def _account_rows(recorded: Recorded | None, baseline: Account, optimized: Account) -> Iterator[tuple[str, ...]]:
     base = baseline.cost
     rows: list[tuple[str, Account, float | None]] = []
@@ -59,9 +81,10 @@ def _account_rows(recorded: Recorded | None, baseline: Account, optimized: Accou
 
 
 def _block(labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
+    labels = [line for label in labels for line in _label_lines(label)]  # a long session id on two lines, whole
     lines = []
     for i in range(max(len(labels), len(rows))):
-        label = _fit(labels[i]) if i < len(labels) else ""
+        label = labels[i] if i < len(labels) else ""
         lines.append(_line((label, *(rows[i] if i < len(rows) else ("",) * 5))).rstrip())
     return lines
 
@@ -102,9 +125,10 @@ def _routed_block(labels: list[str], routed: RoutedAccount) -> list[str]:
     rows = [("routed", f"{sum(routed.calls.values()):,}", money(routed.routed.cost))]
     rows += [(_fit(f"{m.rsplit('/', 1)[-1]} alone", ROUTED_WIDTHS[1]), f"{routed.calls.get(m, 0):,}",
               money(routed.always[m].cost)) for m in routed.models if m in routed.always]
+    labels = [line for label in labels for line in _label_lines(label)]
     lines = []
     for i in range(max(len(labels), len(rows))):
-        label = _fit(labels[i]) if i < len(labels) else ""
+        label = labels[i] if i < len(labels) else ""
         lines.append(_routed_line((label, *(rows[i] if i < len(rows) else ("", "", "")))))
     return lines
 
@@ -142,10 +166,8 @@ class _Name:
     as ``openrouter/`` ``anthropic/`` ``claude-3.5-`` ``sonnet:beta``; only a piece longer than the
     column is cut mid-word. (rich breaks only at spaces: its ``fold`` cuts a model id anywhere.)"""
 
-    BREAKS = re.compile(r"(?<=[\s/:_-])|(?<=\.)(?=[^\W\d])")
-
     def __init__(self, text: str) -> None:
-        self.pieces = [p for p in self.BREAKS.split(text) if p]
+        self.pieces = [p for p in _BREAKS.split(text) if p]
         self.text = text
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
@@ -159,13 +181,7 @@ class _Name:
         from rich.cells import cell_len
         from rich.text import Text
 
-        width, lines, line = max(1, options.max_width), [], ""
-        for piece in self.pieces:
-            if line and cell_len(line + piece.rstrip()) > width:
-                lines.append(line.rstrip())
-                line = ""
-            line += piece
-        lines.append(line.rstrip())
+        lines = wrap_name(self.text, max(1, options.max_width), cell_len)
         yield Text("\n".join(lines), overflow="fold")  # a piece wider than the column is cut to fit
 
 
