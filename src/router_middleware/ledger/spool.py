@@ -157,7 +157,7 @@ class Spool:
                 if not set(data) <= _FIELDS:  # a newer version's columns: the row is written without them
                     dropped.update(set(data) - _FIELDS)
                     data = {k: v for k, v in data.items() if k in _FIELDS}
-                if "ended" not in data:  # a row spooled before ``ended``: read from its error
+                if data.get("ended") is None:  # a row spooled before ``ended``: read from its error
                     data["ended"] = legacy_ending(data.get("error"))
                 records.append(LedgerRecord(**data))
             except (ValueError, TypeError) as exc:
