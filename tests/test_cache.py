@@ -320,3 +320,24 @@ async def test_async_calls_reach_a_redis_cache_without_blocking_the_loop(redis_u
     assert outcome(first).usage.source != "cache" and outcome(second).usage.source == "cache"
     assert second.choices[0].message.content == "4"
     assert used == ["aget", "aadd_many", "aget"]
+
+
+def test_a_hit_s_stream_closed_early_is_recorded_as_stopped(tmp_path) -> None:
+    """A stream served from the response cache that its caller closes after one chunk is a row like a
+    live stream's: ``StreamLeft``, ``ended`` ``stopped`` (it read as a complete hit), at no cost."""
+    from router_middleware.ledger import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}})
+    kwargs = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, "stream": True,
+              "mock_response": "a reply of several words"}
+    assert len(list(pipeline.completion(**kwargs))) > 1
+    with pipeline.completion(**kwargs) as hit:
+        next(iter(hit))
+    pipeline.close()
+    db = open_ledger(url)
+    try:
+        rows = db.query("SELECT cache_hit, error, ended, cost_usd FROM calls ORDER BY ts")
+    finally:
+        db.close()
+    assert [row[:3] for row in rows] == [(0, None, "complete"), (1, "StreamLeft", "stopped")] and not rows[1][3]

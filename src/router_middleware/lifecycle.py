@@ -404,18 +404,23 @@ class CallLifecycle:
         trace.cache_similarity = entry.similarity
         started = time.perf_counter()
 
-        def hit(response: Any, begun: float, first: float | None = None) -> Outcome:
+        def hit(response: Any, begun: float, first: float | None = None,
+                error: BaseException | None = None) -> Outcome:
+            """The hit's outcome; ``error``: its stream's caller stopped reading (nothing was paid either way)."""
             result = build_outcome(response, plan, engine.catalog, usage_source="cache",
                                    latency_s=time.perf_counter() - begun,
                                    time_to_first_token_s=(first - begun) if first is not None else None)
-            trace.succeed(result, response)
-            self.books.record(result)
+            if error is None:
+                trace.succeed(result, response)
+            else:
+                trace.fail(error, result)
+            self.books.record(result, error=error)
             return result
 
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error:
-                                 hit(rebuild_response(entry.response), begun, first), started,
+                                 hit(rebuild_response(entry.response), begun, first, error), started,
                                  hide_usage=not usage_asked(plan.params)), plan
         response = rebuild_response(entry.response)
         wire.attach_outcome(response, hit(response, started))
