@@ -212,3 +212,53 @@ def test_a_stream_of_a_provider_asked_no_usage_chunk_says_whether_it_sent_usage(
     assert stream.outcome.usage.source == source
     assert stream.outcome.usage.output_tokens > 0
     assert bool(pipeline.store.get(f"tps:{model}")) is (source == "provider")  # only a provider's count feeds it
+
+
+def test_an_off_loop_stream_read_to_its_end_ends_complete_when_its_reader_is_cancelled_meanwhile() -> None:
+    """An async stream read to its end settles in a worker thread: when its reading task is cancelled
+    while that settlement waits for a free worker, it still ends read to its end (it was recorded as
+    left, ``StreamLeft``, once the stream was dropped), and once."""
+    import contextlib
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from router_middleware.streaming import TrackedStream
+
+    class Chunks:
+        def __init__(self) -> None:
+            self.left = [1, 2]
+
+        async def __anext__(self) -> int:
+            if not self.left:
+                raise StopAsyncIteration
+            return self.left.pop(0)
+
+    ended: list[tuple[list[Any], BaseException | None]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        gate = threading.Event()
+        busy = loop.run_in_executor(None, gate.wait)  # the one worker is taken
+        streams = [TrackedStream(Chunks(), lambda chunks, *rest: ended.append((list(chunks), rest[-1])), 0.0,
+                                 off_loop=True)]
+
+        async def read() -> None:
+            async for _ in streams[0]:
+                pass
+
+        task = asyncio.create_task(read())
+        await asyncio.sleep(0.05)  # both chunks read: the settlement waits for the worker
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        streams.clear()  # dropped: its finalizer would end it now, were it not ending already
+        gate.set()
+        await busy
+        for _ in range(200):
+            if ended:
+                break
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert ended == [([1, 2], None)]

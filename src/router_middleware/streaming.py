@@ -51,9 +51,17 @@ class TrackedStream:
 
     def _end(self, error: BaseException | None) -> None:
         """End the call once: ``error`` None, read to its end; else cut short by it."""
+        if self._claim():
+            self._settle(error)
+
+    def _claim(self) -> bool:
+        """Whether this is the stream's one ending (the first to ask)."""
         if self._done:
-            return
+            return False
         self._done = True
+        return True
+
+    def _settle(self, error: BaseException | None) -> None:
         if not self._chunks and isinstance(self._inner, Prefetched):  # closed unread: the provider answered
             self._chunks.extend(self._inner.unread)
         self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error)
@@ -97,10 +105,10 @@ class TrackedStream:
             raise
 
     async def _aend(self, error: BaseException | None) -> None:
-        if self._off_loop:
-            await asyncio.to_thread(self._end, error)
-        else:
+        if not self._off_loop:
             self._end(error)
+        elif self._claim():  # the reader cancelled while it waits for a worker: it still ends as it ended
+            await asyncio.shield(asyncio.to_thread(self._settle, error))
 
     def close(self) -> None:
         """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft`."""
