@@ -42,6 +42,7 @@ class _Core(CustomLogger):
         self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
         self._watches = itertools.count()  # numbers of the watches, each its own (their call ids may repeat)
         self._exit_hooked = False  # _settle_broken registered with atexit
+        self._broken: OrderedDict[str, None] = OrderedDict()  # watches of broken sync streams settled, by key
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._lock = threading.Lock()
         self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)

@@ -40,15 +40,18 @@ class _Handoff:
 
     def _run(self) -> None:
         while True:
-            _guarded(self._queue.get())
+            work = self._queue.get()
+            try:
+                _guarded(work)
+            except BaseException as exc:  # noqa: BLE001 - a SystemExit too: the work queued after it still runs
+                log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 
 def _guarded(work: Callable[[], None]) -> None:
-    """Run ``work`` on a thread of the logger's own, logging what it raises (a ``SystemExit`` too:
-    the thread goes on with the work queued after it)."""
+    """Run ``work``, logging the ``Exception`` it raises (on a thread of the logger's own, or in its exit hook)."""
     try:
         work()
-    except BaseException as exc:  # noqa: BLE001 - accounting never fails anything else
+    except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
         log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 

@@ -144,8 +144,8 @@ class _SyncStreams(_Core):
         key = _watch_key(kwargs) or ""
         with self._lock:
             found = self._streams.get(key)
-            if found is None:
-                return False
+            if found is None:  # not watched, or settled: once after its provider broke it, this failure again
+                return key in self._broken
             if found.broken is not None:  # litellm handed this failure again: the first one's timer runs
                 return True
             found.broken = _detached(_error(kwargs))  # its traceback would hold the call
@@ -192,6 +192,9 @@ class _SyncStreams(_Core):
             if self._streams.get(key) is not found:
                 return  # its event came, it was settled already (or it was evicted)
             del self._streams[key]
+            if found.broken is not None:  # a failure event of it that comes later writes no second row
+                self._broken[key] = None
+                _overflow(self._broken)
             self._settling += 1  # the exit hook waits for its row (_settle_broken)
         found.finalizer.detach()
         if found.timer is not None:
