@@ -23,8 +23,8 @@ if os.environ.get("ROUTER_MIDDLEWARE_OTLP_ENDPOINT"):
     configure_telemetry(os.environ["ROUTER_MIDDLEWARE_OTLP_ENDPOINT"], service_name="litellm-proxy", metrics=False,
                         resource_attributes={"openinference.project.name": project})
 if level := os.environ.get("ROUTER_MIDDLEWARE_LOG_LEVEL"):
-    number = logging.getLevelName(level.upper())
-    if not isinstance(number, int):
-        raise ValueError(f"ROUTER_MIDDLEWARE_LOG_LEVEL={level!r} is no log level: DEBUG, INFO, WARNING or ERROR")
-    configure_logging(json=True, level=number)
+    levels = logging.getLevelNamesMapping()
+    if level.upper() not in levels:
+        raise ValueError(f"ROUTER_MIDDLEWARE_LOG_LEVEL={level!r} is no log level: one of {', '.join(levels)}")
+    configure_logging(json=True, level=levels[level.upper()])  # structlog's, for the whole proxy process
 handler = RouterLogger(Pipeline.from_config(CONFIG), proxy=True)
