@@ -63,6 +63,29 @@ routing:
 ledger: {{url: 'sqlite:///{tmp}/ledger.db'}}
 """
 
+# A callback litellm awaits before the hook, holding up the proxy's first success event: as a loaded
+# machine's logging worker does, which runs the events in the background after the answers are served.
+LATE_S = 2.0
+LATE_EVENTS = f"""
+import asyncio
+
+from litellm.integrations.custom_logger import CustomLogger
+
+
+class LateFirstEvent(CustomLogger):
+    def __init__(self):
+        super().__init__()
+        self.events = 0
+
+    async def async_log_success_event(self, kwargs, response_obj, start_time, end_time):
+        self.events += 1
+        if self.events == 1:
+            await asyncio.sleep({LATE_S})
+
+
+handler = LateFirstEvent()
+"""
+
 QUESTION = "Tell me a joke about OpenTelemetry"  # the recordings' prompt
 PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
                    for name in ("anthropic_message_create.yaml", "anthropic_message_streaming.yaml"))
@@ -70,11 +93,16 @@ PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
 
 @contextmanager
 def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: str = "/healthy",
-           fault_rate: float = 0.5) -> Iterator[tuple[str, Any]]:
+           fault_rate: float = 0.5, *, late_first_event: bool = False) -> Iterator[tuple[str, Any]]:
+    """``late_first_event``: litellm delivers the first success event :data:`LATE_S` late (:data:`LATE_EVENTS`)."""
     if (why := proxy_missing()) is not None:
         service_missing(why)
     (tmp_path / "router.yaml").write_text(router_config.format(tmp=tmp_path))
-    (tmp_path / "config.yaml").write_text(PROXY_CONFIG)
+    config = PROXY_CONFIG
+    if late_first_event:
+        (tmp_path / "late_events.py").write_text(LATE_EVENTS)
+        config = config.replace("callbacks: router_hook.handler", "callbacks: [late_events.handler, router_hook.handler]")
+    (tmp_path / "config.yaml").write_text(config)
     with fault_server(fault_rate=fault_rate) as (upstream, seen):
         env = {"ANTHROPIC_API_BASE": f"{upstream}{upstream_path}", "ANTHROPIC_API_KEY": "sk-ant-test",
                "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml"), "ROUTER_MIDDLEWARE_LOG_LEVEL": "info"}
@@ -125,10 +153,15 @@ def test_anthropic_messages_are_counted_and_refused_before_they_are_sent_once_ov
     provider answered, each one ledger row under the name the client asked for, with the provider's
     usage and cost and a decision saying it went as it came; their spend is on the budget, and the
     third call, whose estimate no longer fits, is refused (429, in Anthropic's error shape) without
-    reaching the provider."""
-    with _proxy(tmp_path) as (base, seen):
+    reaching the provider. The proxy delivers the first call's success event late (as litellm's
+    logging worker on a loaded machine does, after the answer was served): until it comes, that call
+    holds its estimate, and the second call's would not fit beside it (two estimates are over the
+    budget), so the second is sent once the first call's row is written."""
+    with _proxy(tmp_path, late_first_event=True) as (base, seen):
         plain = _post(base, "/v1/messages", _messages())
+        _rows(tmp_path, 1)  # the first call settled, its hold given back
         streamed = _post(base, "/v1/messages", _messages(stream=True))
+        assert streamed[0] == 200, streamed
         rows = _rows(tmp_path, 2)
         refused = _post(base, "/v1/messages", _messages())
         spent = _spent(tmp_path)
@@ -156,12 +189,16 @@ def test_responses_are_counted_once_and_refused_before_they_are_sent_once_over_b
     chat call of its own (here to Anthropic's API). That chat call is not planned again (no second
     row, no refusal inside the proxy's router, which would cool the deployment down for every
     client): the request is one row, its spend on the budget, and once over it the next request is
-    refused before it is sent."""
+    refused before it is sent. The first request's success event comes late, as in the test above:
+    the second is sent once the first's row is written (two estimates are over the budget)."""
     pytest.importorskip("nacl", reason="the proxy signs /v1/responses ids with PyNaCl (the `proxy` extra)")
-    with _proxy(tmp_path) as (base, seen):
-        answers = [_post(base, "/v1/responses", {"model": "claude", "input": QUESTION, "max_output_tokens": 300})
-                   for _ in range(2)]
-        rows = _rows(tmp_path, 2)
+    with _proxy(tmp_path, late_first_event=True) as (base, seen):
+        answers: list[tuple[int, bytes]] = []
+        for expected in (1, 2):
+            answers.append(_post(base, "/v1/responses", {"model": "claude", "input": QUESTION,
+                                                         "max_output_tokens": 300}))
+            assert answers[-1][0] == 200, answers[-1]
+            rows = _rows(tmp_path, expected)
         refused = _post(base, "/v1/responses", {"model": "claude", "input": QUESTION, "max_output_tokens": 300})
         spent = _spent(tmp_path)
     for status, body in answers:
