@@ -40,18 +40,15 @@ class _Handoff:
 
     def _run(self) -> None:
         while True:
-            work = self._queue.get()
-            try:
-                _guarded(work)
-            except BaseException as exc:  # noqa: BLE001 - a SystemExit too: the work queued after it still runs
-                log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+            _guarded(self._queue.get(), BaseException)  # a SystemExit too: the work queued after it still runs
 
 
-def _guarded(work: Callable[[], None]) -> None:
-    """Run ``work``, logging the ``Exception`` it raises (on a thread of the logger's own, or in its exit hook)."""
+def _guarded(work: Callable[[], None], catching: type[BaseException] = Exception) -> None:
+    """Run ``work``, logging what it raises of ``catching`` (on a thread of the logger's own, or in its
+    exit hook, where Ctrl-C must go on: only ``Exception`` there)."""
     try:
         work()
-    except Exception as exc:  # noqa: BLE001 - accounting never fails anything else
+    except catching as exc:  # noqa: BLE001 - accounting never fails anything else
         log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
 
