@@ -132,12 +132,12 @@ class TrackedStream:
 
     def _end_now(self, error: BaseException) -> None:
         """End it unfinished without awaiting (a finalizer, a cancelled task): off the loop if settling may block."""
-        if self._done:
+        if not self._claim():
             return
         if self._off_loop and _loop_running():  # its settlement may block: not on the loop
-            threading.Thread(target=self._end, args=(error,), daemon=True).start()
+            threading.Thread(target=self._settle, args=(error,), daemon=True).start()
         else:
-            self._end(error)
+            self._settle(error)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
