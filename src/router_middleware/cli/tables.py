@@ -54,7 +54,7 @@ def wrap_name(text: str, width: int, measure: Callable[[str], int] = len) -> lis
     ``-``, a space or a ``.`` before a letter (a piece wider than ``width`` stays whole: the caller cuts
     it). ``measure``: a line's width (rich's ``cell_len`` in a table)."""
     lines, line = [], ""
-    for piece in (p for p in _BREAKS.split(text) if p):
+    for piece in _pieces(text):
         if line and measure(line + piece.rstrip()) > width:
             lines.append(line.rstrip())
             line = ""
@@ -63,9 +63,16 @@ def wrap_name(text: str, width: int, measure: Callable[[str], int] = len) -> lis
     return lines
 
 
-def _label_lines(label: str, width: int = WIDTHS[0]) -> list[str]:
-    """A block's label in lines of the label column: wrapped (:func:`wrap_name`), a piece too long cut in two."""
-    return [line[i:i + width] for line in wrap_name(label, width) for i in range(0, max(len(line), 1), width)]
+def _pieces(text: str) -> list[str]:
+    """``text`` cut after each place a line may break (:data:`_BREAKS`)."""
+    return [p for p in _BREAKS.split(text) if p]
+
+
+def _label_lines(labels: list[str], width: int = WIDTHS[0]) -> list[str]:
+    """A block's labels in lines of the label column: each wrapped (:func:`wrap_name`), a piece too long
+    cut in two (a long session id on two lines, whole)."""
+    return [line[i:i + width] for label in labels for line in wrap_name(label, width)
+            for i in range(0, max(len(line), 1), width)]
 
 
 def _account_rows(recorded: Recorded | None, baseline: Account, optimized: Account) -> Iterator[tuple[str, ...]]:
@@ -81,7 +88,7 @@ def _account_rows(recorded: Recorded | None, baseline: Account, optimized: Accou
 
 
 def _block(labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
-    labels = [line for label in labels for line in _label_lines(label)]  # a long session id on two lines, whole
+    labels = _label_lines(labels)
     lines = []
     for i in range(max(len(labels), len(rows))):
         label = labels[i] if i < len(labels) else ""
@@ -125,7 +132,7 @@ def _routed_block(labels: list[str], routed: RoutedAccount) -> list[str]:
     rows = [("routed", f"{sum(routed.calls.values()):,}", money(routed.routed.cost))]
     rows += [(_fit(f"{m.rsplit('/', 1)[-1]} alone", ROUTED_WIDTHS[1]), f"{routed.calls.get(m, 0):,}",
               money(routed.always[m].cost)) for m in routed.models if m in routed.always]
-    labels = [line for label in labels for line in _label_lines(label)]
+    labels = _label_lines(labels)
     lines = []
     for i in range(max(len(labels), len(rows))):
         label = labels[i] if i < len(labels) else ""
@@ -167,7 +174,7 @@ class _Name:
     column is cut mid-word. (rich breaks only at spaces: its ``fold`` cuts a model id anywhere.)"""
 
     def __init__(self, text: str) -> None:
-        self.pieces = [p for p in _BREAKS.split(text) if p]
+        self.pieces = _pieces(text)
         self.text = text
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
