@@ -4,7 +4,8 @@
 reasoning policy: those rewrite chat messages), but admitted against the budgets before they are
 sent and counted after: one ledger row with the provider's usage and cost, a span, the spend added
 to the budgets. The real proxy runs on loopback; its upstream serves Anthropic's recorded answers
-(cassettes/anthropic_message_*.yaml) from tests/fault_server.py.
+(cassettes/anthropic_message_*.yaml) from tests/fault_server.py. A chat call to the same model through
+``/v1/chat/completions`` is settled before its answer is served (the budget tests below).
 """
 
 from __future__ import annotations
@@ -214,6 +215,41 @@ def test_responses_are_counted_once_and_refused_before_they_are_sent_once_over_b
     assert refused[0] == 429 and message.startswith("budget 'day' exceeded")  # the hook's, not the router's 429
     assert seen["healthy:ok"] == 2
     assert len(_rows(tmp_path, 2)) == 2
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "claude", "max_tokens": 300, "messages": [{"role": "user", "content": QUESTION}], **extra}
+
+
+@pytest.mark.parametrize("first", ["plain", "streamed"])
+def test_a_chat_call_is_settled_before_its_answer_is_served(tmp_path, first) -> None:
+    """A Cline-style client sends its next request as soon as an answer comes. The proxy settles a
+    ``/v1/chat/completions`` call (plain, or a stream read to its end that asked for its usage chunk)
+    before it serves the answer,
+    not when litellm's logging worker gets to its success event (here held :data:`LATE_S`): the next
+    request is admitted against the first call's real spend, not against its estimate (two estimates
+    are over the budget), and the late event writes no second row. Once the real spend no longer
+    leaves room for an estimate, the next request is refused."""
+    with _proxy(tmp_path, late_first_event=True) as (base, seen):
+        asked = {"stream": True, "stream_options": {"include_usage": True}} if first == "streamed" else {}
+        one = _post(base, "/v1/chat/completions", _chat(**asked))  # a stream asking for its usage, as Cline's do
+        two = _post(base, "/v1/chat/completions", _chat())  # at once: the first call's event is held
+        three = _post(base, "/v1/chat/completions", _chat())
+        rows = _rows(tmp_path, 2)
+        time.sleep(LATE_S + 1.0)  # the first call's event has come by now
+        rows = _rows(tmp_path, 2)
+        spent = _spent(tmp_path)
+    assert one[0] == 200 and two[0] == 200, (one, two)
+    assert three[0] == 429 and b"budget 'day' exceeded" in three[1], three
+    first_usage = STREAMED if first == "streamed" else PLAIN
+    assert [(row["input_tokens"], row["output_tokens"], row["error"]) for row in rows] == [
+        (first_usage["input_tokens"], first_usage["output_tokens"], None),
+        (PLAIN["input_tokens"], PLAIN["output_tokens"], None)]
+    models = {"plain": "claude-3-opus-20240229", "streamed": "claude-3-haiku-20240307"}  # what the recordings name
+    assert [row["model"] for row in rows] == [models[first], models["plain"]]
+    assert all(row["ended"] == "complete" and row["cost_usd"] > 0 for row in rows)
+    assert spent == sum(u["input_tokens"] + u["output_tokens"] for u in (first_usage, PLAIN))
+    assert seen["healthy:ok"] == 2  # the refused call never reached the provider
 
 
 def test_a_quota_on_the_proxys_model_name_holds_for_messages_requests_too(tmp_path) -> None:

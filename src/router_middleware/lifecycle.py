@@ -215,6 +215,11 @@ class CallLifecycle:
                 self._stopped(exc)
             raise
 
+    @property
+    def wants_answer(self) -> bool:
+        """Does the attempt in flight's span read the answer's messages (content capture)?"""
+        return self._current is not None and self._current[1].wants_answer
+
     def _stopped(self, error: BaseException) -> None:
         """The driver stopped the call at one of its effects (``asyncio.CancelledError``, a timeout
         around the call, ``KeyboardInterrupt``): an attempt in flight is recorded as failed with

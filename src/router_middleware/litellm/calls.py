@@ -31,7 +31,8 @@ def _overflow(table: OrderedDict[str, T]) -> list[T]:
 
 @dataclass(frozen=True)
 class _Answer:
-    """A success event: the response (a stream's assembled one), litellm's timings, and for a chat
+    """A success event: the response (a stream's assembled one, or the usage chunk that ended it, with
+    the model that ``answered`` and the ``finishes`` its chunks sent), litellm's timings, and for a chat
     stream (``streamed``) the stream's wrapper where one was seen (:meth:`source`)."""
 
     response: Any
@@ -41,6 +42,8 @@ class _Answer:
     streamed: bool = False
     stream: Any = None
     cached: bool = False
+    answered: str | None = None  # the model that answered, where the response does not say (a usage chunk)
+    finishes: tuple[str, ...] | None = None  # the finish reasons, where the response does not carry them
 
     @classmethod
     def of(cls, response: Any, kwargs: Mapping[str, Any], start_time: Any, end_time: Any) -> _Answer:

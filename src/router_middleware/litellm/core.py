@@ -44,6 +44,7 @@ class _Core(CustomLogger):
         self._exit_hooked = False  # _settle_broken registered with atexit
         self._broken: OrderedDict[str, None] = OrderedDict()  # watches of broken sync streams settled, by key
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
+        self._answered: OrderedDict[str, None] = OrderedDict()  # proxy calls settled as served, their event to come
         self._lock = threading.Lock()
         self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
         self._settled = threading.Condition(self._lock)  # notified as each of those is written
@@ -114,10 +115,11 @@ class _Core(CustomLogger):
         """The outcome of the answer, priced as the deployment the proxy's router says answered
         (``routed``; in the SDK the call's own model answered)."""
         moved = routed and answer.deployment and answer.deployment != (plan.deployment or plan.model)
-        return build_outcome(answer.response, plan, self.pipeline.catalog,
-                             usage_source=answer.source, latency_s=answer.latency_s,
-                             time_to_first_token_s=answer.ttft_s,
-                             answered_model=self.pipeline.model_of(str(answer.deployment)) if moved else None)
+        answered = self.pipeline.model_of(str(answer.deployment)) if moved else answer.answered
+        result = build_outcome(answer.response, plan, self.pipeline.catalog,
+                               usage_source=answer.source, latency_s=answer.latency_s,
+                               time_to_first_token_s=answer.ttft_s, answered_model=answered)
+        return result if answer.finishes is None else replace(result, finish_reasons=answer.finishes)
 
     def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None, *, failed: bool = False) -> None:
         """End a call waiting for an event, on the event loop (settled at ``spent``, if given; ``failed``:
@@ -184,6 +186,12 @@ class _Core(CustomLogger):
         """One more call recorded (its events run on the loop and on worker threads at once)."""
         with self._lock:
             self.recorded += 1
+
+    def _served_already(self, kwargs: Mapping[str, Any]) -> bool:
+        """Is this the success event of a proxy call settled as its answer was served
+        (:meth:`._ProxyHooks._settle_served`)? Then it was recorded: the event is dropped."""
+        with self._lock:
+            return bool(self._answered) and self._answered.pop(self._key(kwargs), False) is None
 
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy

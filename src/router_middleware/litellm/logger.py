@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 from .. import wire
@@ -132,6 +132,27 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                 if found is not None:
                     found.stream = stream
         return None
+
+    async def async_post_call_success_hook(self, data: dict[str, Any], user_api_key_dict: Any,
+                                           response: Any) -> Any:
+        """Proxy hook, once the router answered a plain call and before the proxy serves the answer: a
+        routed chat call is settled here, so the client's next request is admitted against its spend
+        (:meth:`._ProxyHooks._settle_served`). Changes nothing in the answer."""
+        if not data.get("stream"):
+            await self._settle_served(data, response)
+        return None
+
+    async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
+                                                      request_data: dict[str, Any]) -> AsyncGenerator[Any, None]:
+        """Proxy hook around the stream the proxy serves: passes every chunk on as it came; once the
+        stream has ended, and before the proxy ends its answer (``data: [DONE]``), a routed chat call
+        is settled at the usage chunk that ended it (:meth:`._ProxyHooks._settle_served`). A stream
+        that breaks or whose client leaves is ended by its events, as before."""
+        last = None
+        async for chunk in response:
+            last = chunk
+            yield chunk
+        await self._settle_served(request_data, last, streamed=True)
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
@@ -355,7 +376,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             self._success(kwargs, response_obj, start_time, end_time)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if _ours(kwargs):
+        if _ours(kwargs) or self._served_already(kwargs):
             return
         self._stream_ended(kwargs)  # a sync stream read with ``async for``: litellm's async events end it
         answer = _Answer.of(response_obj, kwargs, start_time, end_time)

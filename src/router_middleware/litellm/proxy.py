@@ -1,7 +1,8 @@
 """The steps behind :class:`.RouterLogger`'s hooks in the LiteLLM proxy (:class:`_ProxyHooks`): an
 Anthropic ``/v1/messages`` or OpenAI ``/v1/responses`` request admitted as sent
 (:meth:`_ProxyHooks._admit_as_sent`, whose plan the SDK's ``litellm.aresponses`` shares), the proxy's
-model names, a call whose client left mid-stream, and the router moving to its next attempt. The
+model names, a chat call settled as its answer is served, a call whose client left mid-stream, and
+the router moving to its next attempt. The
 hooks themselves stay on ``RouterLogger``: litellm's proxy finds some of them in the callback's own
 class ``__dict__`` (``async_pre_call_hook``, ``async_post_call_response_headers_hook``:
 litellm/proxy/utils.py, 1.110.2), so every method overriding ``CustomLogger``'s is defined there."""
@@ -11,16 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from .. import wire
+from ..accounting import finish_reasons
 from ..catalog import close_names
 from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownModelError
 from ..lifecycle import Attempt
 from ..telemetry import log
 from ..types import Call, Decision, Plan
-from .calls import ClientDisconnected, MovedOn, _Answer, _Open, _target
+from .calls import ClientDisconnected, MovedOn, _Answer, _Open, _overflow, _target
 from .core import _Core
 from .request import _context, _labelled, _metadata, _switch, as_sent_view
 
@@ -141,6 +144,47 @@ class _ProxyHooks(_Core):
                     log.warning("proxy_model_unknown", where=where, target=target,
                                 did_you_mean=list(close_names(target, tuple(sorted(served)), models=False)),
                                 why="not a model_name of the proxy's model_list: calls skip it")
+
+    def _serving(self, data: Mapping[str, Any]) -> _Open | None:
+        """The routed chat call whose answer the proxy is about to serve, if its lifecycle waits for
+        it; not a request sent as it came (its answer is in its endpoint's own shape: its event settles it)."""
+        with self._lock:
+            found = self._calls.get(self._key(data))
+        return found if found is not None and found.proxy and not found.as_sent else None
+
+    async def _settle_served(self, data: Mapping[str, Any], response: Any, *, streamed: bool = False) -> None:
+        """Settle a routed chat call as the proxy serves its answer (``response``; for a stream, the last
+        chunk served: the usage chunk litellm ends it with when asked for one), before the client has it.
+        litellm delivers the success event later, from a background worker: settled then, the call held
+        its estimate meanwhile, and a client that sends its next request at once was admitted against
+        that estimate, not this call's spend. The event then finds the call ended
+        (:meth:`.RouterLogger.async_log_success_event`). Left to its event: a stream that served no
+        usage chunk, or whose span captures the answer's content (assembling a stream takes litellm's
+        builder about 0.15 ms a chunk: its event assembles it anyway). Never raises."""
+        try:
+            found = self._serving(data)
+            details = getattr(data.get("litellm_logging_obj"), "model_call_details", None)
+            if found is None or not isinstance(details, Mapping) or not isinstance(details.get("start_time"), datetime):
+                return
+            start, end = details["start_time"], details.get("end_time")  # a stream's is set by its event
+            answer = _Answer.of(response, details, start, end if isinstance(end, datetime) and not streamed
+                                else datetime.now(start.tzinfo))
+            if streamed:
+                chunks = getattr(found.stream, "chunks", None)
+                if getattr(response, "usage", None) is None or not isinstance(chunks, list) or \
+                        found.lifecycle.wants_answer:
+                    return
+                answer = replace(answer, answered=wire.answered_model(chunks),
+                                 finishes=finish_reasons(c for chunk in chunks for c in getattr(chunk, "choices", ())))
+            key = self._key(data)
+            with self._lock:  # before the lifecycle is taken: its event, if it comes meanwhile, is dropped
+                self._answered[key] = None
+                _overflow(self._answered)
+            if not await self._resume(data, answer, None):  # its event came first, and settled it
+                with self._lock:
+                    self._answered.pop(key, None)
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call; its event settles it
+            log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
         """End a proxy call whose client left mid-stream (litellm delivers the chunks streamed so far
