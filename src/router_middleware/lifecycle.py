@@ -415,10 +415,7 @@ class CallLifecycle:
             result = build_outcome(response, plan, engine.catalog, usage_source="cache",
                                    latency_s=time.perf_counter() - begun,
                                    time_to_first_token_s=(first - begun) if first is not None else None)
-            if error is None:
-                trace.succeed(result, response)
-            else:
-                trace.fail(error, result)
+            trace.end(result, response, error)
             self.books.record(result, error=error)
             return result
 
@@ -720,10 +717,7 @@ class CallLifecycle:
                     engine.cache.saved(plan, entry[0])
                 else:
                     trace.event("router_middleware.cache.error", {"reason": engine.cache.failed("write", failed)})
-            if error is not None:
-                trace.fail(error, result)
-            else:
-                trace.succeed(result, response)
+            trace.end(result, response, error)
             return result
 
         return finish

@@ -12,6 +12,8 @@ from typing import Any
 from .errors import StreamLeft
 from .types import Outcome
 
+_CLOSED = "the caller closed the stream before it ended"  # close() and aclose()'s StreamLeft
+
 # finish(chunks, started_at, first_chunk_at, error) -> Outcome | None; ``error`` None: read to its end
 Finisher = Callable[[list[Any], float, float | None, BaseException | None], Outcome | None]
 
@@ -112,14 +114,14 @@ class TrackedStream:
 
     def close(self) -> None:
         """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft`."""
-        self._end(StreamLeft("the caller closed the stream before it ended"))
+        self._end(StreamLeft(_CLOSED))
         closer = getattr(self._inner, "close", None)
         if callable(closer):
             closer()
 
     async def aclose(self) -> None:
         """Stop reading, as :meth:`close` does."""
-        await self._aend(StreamLeft("the caller closed the stream before it ended"))
+        await self._aend(StreamLeft(_CLOSED))
         closer = getattr(self._inner, "aclose", None)
         if callable(closer):
             await closer()

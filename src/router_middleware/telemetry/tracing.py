@@ -205,6 +205,13 @@ class CallTrace:
     def succeed(self, outcome: Outcome, response: Any = None) -> None:
         self._end(outcome, response)
 
+    def end(self, outcome: Outcome, response: Any, error: BaseException | None) -> None:
+        """End the call as it ended: :meth:`succeed` without an ``error``, else :meth:`fail` with it."""
+        if error is None:
+            self.succeed(outcome, response)
+        else:
+            self.fail(error, outcome)
+
     @never_raises(default=None)
     def fail(self, error: BaseException, outcome: Outcome | None = None) -> None:
         """End the call with ``error``; one its caller stopped (:func:`~router_middleware.errors.ending`:
