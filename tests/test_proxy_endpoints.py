@@ -94,8 +94,10 @@ PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
 
 @contextmanager
 def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: str = "/healthy",
-           fault_rate: float = 0.5, *, late_first_event: bool = False) -> Iterator[tuple[str, Any]]:
-    """``late_first_event``: litellm delivers the first success event :data:`LATE_S` late (:data:`LATE_EVENTS`)."""
+           fault_rate: float = 0.5, *, late_first_event: bool = False,
+           cache: bool = False) -> Iterator[tuple[str, Any]]:
+    """``late_first_event``: litellm delivers the first success event :data:`LATE_S` late (:data:`LATE_EVENTS`);
+    ``cache``: the proxy has litellm's response cache (in memory), for requests that ask ``caching``."""
     if (why := proxy_missing()) is not None:
         service_missing(why)
     (tmp_path / "router.yaml").write_text(router_config.format(tmp=tmp_path))
@@ -103,6 +105,8 @@ def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: st
     if late_first_event:
         (tmp_path / "late_events.py").write_text(LATE_EVENTS)
         config = config.replace("callbacks: router_hook.handler", "callbacks: [late_events.handler, router_hook.handler]")
+    if cache:
+        config = config.replace("litellm_settings:\n", "litellm_settings:\n  cache: true\n  cache_params: {type: local}\n")
     (tmp_path / "config.yaml").write_text(config)
     with fault_server(fault_rate=fault_rate) as (upstream, seen):
         env = {"ANTHROPIC_API_BASE": f"{upstream}{upstream_path}", "ANTHROPIC_API_KEY": "sk-ant-test",
@@ -250,6 +254,25 @@ def test_a_chat_call_is_settled_before_its_answer_is_served(tmp_path, first) -> 
     assert all(row["ended"] == "complete" and row["cost_usd"] > 0 for row in rows)
     assert spent == sum(u["input_tokens"] + u["output_tokens"] for u in (first_usage, PLAIN))
     assert seen["healthy:ok"] == 2  # the refused call never reached the provider
+
+
+def test_answers_of_litellm_s_response_cache_are_settled_at_no_cost(tmp_path) -> None:
+    """The proxy's response cache answers the second of two like requests, plain and streamed: that
+    call is a cache-hit row with nothing spent, also when it is settled as the answer is served (a
+    streamed hit's usage chunk repeats the first answer's usage: it was never paid again)."""
+    with _proxy(tmp_path, ROUTER_CONFIG.replace("tokens: 600", "tokens: 6000"), cache=True) as (base, seen):
+        for asked in ({}, {"stream": True, "stream_options": {"include_usage": True}}):
+            for _ in range(2):
+                answer = _post(base, "/v1/chat/completions", _chat(caching=True, **asked))
+                assert answer[0] == 200, answer
+                time.sleep(1.0)  # litellm writes a stream's answer to its cache in a task of its own
+        rows = _rows(tmp_path, 4)
+        spent = _spent(tmp_path)
+    assert seen["healthy:ok"] == 2  # the second of each pair came from the cache
+    assert [(row["cache_hit"], row["output_tokens"] > 0, row["cost_usd"] > 0) for row in rows] == [
+        (0, True, True), (1, False, False), (0, True, True), (1, False, False)], [
+        (row["ts"], row["cache_hit"], row["output_tokens"], row["latency_s"], row["decisions"]) for row in rows]
+    assert spent == sum(u["input_tokens"] + u["output_tokens"] for u in (PLAIN, STREAMED))
 
 
 def test_a_quota_on_the_proxys_model_name_holds_for_messages_requests_too(tmp_path) -> None:

@@ -48,7 +48,7 @@ class _Core(CustomLogger):
         self._lock = threading.Lock()
         self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
         self._settled = threading.Condition(self._lock)  # notified as each of those is written
-        self._writing: set[asyncio.Future[None]] = set()  # store writes of calls ended, made in a worker thread
+        self._writing: set[asyncio.Future[Any]] = set()  # store writes of calls ended (in a worker thread), settlements
         self.hook_calls = 0
         self.recorded = 0
         self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names

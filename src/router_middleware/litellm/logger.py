@@ -166,7 +166,10 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         was never made (the one before, whose failure event came, was the last; what it used was
         counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
         found = self._take_open(self._key(request_data))
-        if found is not None:
+        if found is None:  # settled as its answer was served (a callback after this one refused the answer):
+            with self._lock:  # no success event comes for it
+                self._answered.pop(self._key(request_data), None)
+        else:
             about = _metadata(request_data).get("model_group")  # a request sent as it came has one attempt
             ours = found.as_sent or (found.started and about == _target(found.attempt))  # else the one before
             self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,

@@ -9,6 +9,7 @@ litellm/proxy/utils.py, 1.110.2), so every method overriding ``CustomLogger``'s 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -26,6 +27,8 @@ from ..types import Call, Decision, Plan
 from .calls import ClientDisconnected, MovedOn, _Answer, _Open, _overflow, _target
 from .core import _Core
 from .request import _context, _labelled, _metadata, _switch, as_sent_view
+
+_SERVE_WAIT_S = 0.2  # how long an answer waits for its call's settlement (a store slow to write)
 
 
 def _unplanned(endpoint: str, error: Exception) -> None:
@@ -154,36 +157,49 @@ class _ProxyHooks(_Core):
 
     async def _settle_served(self, data: Mapping[str, Any], response: Any, *, streamed: bool = False) -> None:
         """Settle a routed chat call as the proxy serves its answer (``response``; for a stream, the last
-        chunk served: the usage chunk litellm ends it with when asked for one), before the client has it.
-        litellm delivers the success event later, from a background worker: settled then, the call held
-        its estimate meanwhile, and a client that sends its next request at once was admitted against
-        that estimate, not this call's spend. The event then finds the call ended
-        (:meth:`.RouterLogger.async_log_success_event`). Left to its event: a stream that served no
-        usage chunk, or whose span captures the answer's content (assembling a stream takes litellm's
-        builder about 0.15 ms a chunk: its event assembles it anyway). Never raises."""
+        chunk served: the usage chunk litellm ends it with when the client or the proxy asked for one),
+        before the client has it. litellm delivers the success event later, from a background worker:
+        settled then, the call held its estimate meanwhile, and a client that sends its next request at
+        once was admitted against that estimate, not this call's spend. The event then finds the call
+        ended (:meth:`.RouterLogger.async_log_success_event`). Left to its event: a stream that served
+        no usage chunk, one litellm's response cache served (its event says so), or one whose span
+        captures the answer's content (assembling a stream takes litellm's builder about 0.15 ms a
+        chunk: its event assembles it anyway). The answer waits at most :data:`_SERVE_WAIT_S` for the
+        settlement's store writes; slower ones go on in the background. Never raises."""
         try:
             found = self._serving(data)
-            details = getattr(data.get("litellm_logging_obj"), "model_call_details", None)
+            logging_obj = data.get("litellm_logging_obj")
+            details = getattr(logging_obj, "model_call_details", None)
             if found is None or not isinstance(details, Mapping) or not isinstance(details.get("start_time"), datetime):
                 return
-            start, end = details["start_time"], details.get("end_time")  # a stream's is set by its event
-            answer = _Answer.of(response, details, start, end if isinstance(end, datetime) and not streamed
-                                else datetime.now(start.tzinfo))
             if streamed:
                 chunks = getattr(found.stream, "chunks", None)
                 if getattr(response, "usage", None) is None or not isinstance(chunks, list) or \
+                        getattr(found.stream, "custom_llm_provider", None) == "cached_response" or \
                         found.lifecycle.wants_answer:
                     return
-                answer = replace(answer, answered=wire.answered_model(chunks),
+                start = getattr(logging_obj, "start_time", None)  # the answering attempt's, as for the event
+                start = start if isinstance(start, datetime) else details["start_time"]
+                answer = replace(_Answer.of(response, details, start, datetime.now(start.tzinfo)),
+                                 answered=wire.answered_model(chunks),
                                  finishes=finish_reasons(c for chunk in chunks for c in getattr(chunk, "choices", ())))
+            else:  # the answering attempt's times, which the event will carry (litellm/utils.py, 1.110.2)
+                deferred = getattr(logging_obj, "deferred_success_result", None)
+                start, end = deferred[1:] if isinstance(deferred, tuple) and len(deferred) == 3 else \
+                    (details["start_time"], details.get("end_time"))
+                answer = _Answer.of(response, details, start, end)
             key = self._key(data)
             with self._lock:  # before the lifecycle is taken: its event, if it comes meanwhile, is dropped
                 self._answered[key] = None
                 _overflow(self._answered)
-            if not await self._resume(data, answer, None):  # its event came first, and settled it
+            settling = asyncio.ensure_future(self._resume(data, answer, None))
+            self._writing.add(settling)  # aflush waits for it
+            settling.add_done_callback(self._writing.discard)
+            done, _ = await asyncio.wait((settling,), timeout=_SERVE_WAIT_S)
+            if done and not settling.result():  # its event came first, and settled it
                 with self._lock:
                     self._answered.pop(key, None)
-        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call; its event settles it
+        except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
