@@ -2237,3 +2237,46 @@ def test_every_method_overriding_custom_logger_s_is_router_logger_s_own() -> Non
                                                                                                           klass)}
     assert inherited == set()
     assert {"async_pre_call_hook", "async_post_call_response_headers_hook"} <= set(vars(RouterLogger))
+
+
+@pytest.mark.parametrize("served", ["plain", "stream with its usage chunk", "stream without one"])
+def test_the_proxy_settles_a_call_as_its_answer_is_served_and_drops_its_late_event(tmp_path, served) -> None:
+    """The proxy's post-call hooks (as litellm's proxy calls them: the success hook for a plain answer,
+    the iterator hook around a stream it serves) settle the call before the client has the answer:
+    its budget holds what the call spent, no longer its estimate, and litellm's success event,
+    delivered after, writes no second row. A stream that served no usage chunk is left to that event."""
+    async def scenario() -> tuple[int, float, float, int, list[dict]]:
+        logger = _one_target_logger(tmp_path, "solo")
+        router = litellm.Router(model_list=[{"model_name": "solo", "litellm_params": {
+            "model": "openai/gpt-3.5-turbo", "api_key": "x", "mock_response": "a short answer"}}])
+        data = {"model": "coder", "messages": [{"role": "user", "content": "task"}], "litellm_call_id": "c1",
+                "max_tokens": 200}
+        if served != "plain":
+            data["stream"] = True
+        if served == "stream with its usage chunk":
+            data["stream_options"] = {"include_usage": True}
+        changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+        budget = next(k for k in logger.pipeline.store._data if k.startswith("budget:daily:"))
+        held = float(logger.pipeline.store.get(budget))
+        response = await router.acompletion(**changed)
+        if served == "plain":
+            await logger.async_post_call_success_hook(changed, None, response)
+            usage = response.usage
+        else:
+            await logger.async_post_call_response_headers_hook(changed, None, response)
+            chunks = [chunk async for chunk in logger.async_post_call_streaming_iterator_hook(None, response, changed)]
+            usage = next((c.usage for c in reversed(chunks) if getattr(c, "usage", None) is not None), None)
+        recorded_when_served = logger.recorded
+        spent_when_served = float(logger.pipeline.store.get(budget))
+        await logger.aflush()
+        rows = _rows_at(f"sqlite:///{tmp_path / 'ledger.db'}", ("input_tokens", "output_tokens", "ended"))
+        expected = usage.prompt_tokens + usage.completion_tokens if usage is not None else -1
+        return recorded_when_served, held, spent_when_served, expected, rows + [{"recorded": logger.recorded}]
+
+    recorded, held, spent, expected, rows = asyncio.run(scenario())
+    assert rows[-1] == {"recorded": 1} and len(rows) == 2 and rows[0]["ended"] == "complete"  # one row
+    if served == "stream without one":
+        assert (recorded, spent) == (0, held)  # still its estimate: its event settles it
+    else:
+        assert recorded == 1 and spent == expected != held  # the call's spend, before the client has the answer
+        assert rows[0]["input_tokens"] + rows[0]["output_tokens"] == expected
