@@ -195,8 +195,8 @@ class _ProxyHooks(_Core):
             settling = asyncio.ensure_future(self._resume(data, answer, None))
             self._writing.add(settling)  # aflush waits for it
             settling.add_done_callback(self._writing.discard)
-            done, _ = await asyncio.wait((settling,), timeout=_SERVE_WAIT_S)
-            if done and not settling.result():  # its event came first, and settled it
+            await asyncio.wait((settling,), timeout=_SERVE_WAIT_S)  # a task of its own: the hook may be cancelled
+            if settling.done() and not settling.cancelled() and settling.result() is False:  # taken meanwhile
                 with self._lock:
                     self._answered.pop(key, None)
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
