@@ -58,6 +58,7 @@ SMOKES: dict[str, Smoke] = {  # longest first (each 35-80 s alone on this machin
     "routed_replay": Smoke("routed_replay.py", ("--limit", "1"), needs=("shared",)),
     "semantic": Smoke("semantic.py", ("--cost", "2"), needs=("onnx", "shared")),
     "redis_commands_concurrent": Smoke("redis_commands.py", ("--calls", "10", "--concurrent"), redis=True),
+    "proxy_stream_hook": Smoke("proxy_stream_hook.py", ("--chunks", "1,5", "--repeat", "3"), needs=("proxy",)),
 }
 
 
@@ -198,6 +199,13 @@ def test_overhead_over_http_smoke(out: str) -> None:
 def test_proxy_overhead_smoke(out: str) -> None:
     assert "| plain |" in out and "| streamed, usage asked |" in out
     assert out.strip().splitlines()[-1].startswith("summary: hook/no hook")
+
+
+@pytest.mark.smoke("proxy_stream_hook")
+def test_proxy_stream_hook_smoke(out: str) -> None:
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| 1 | ", "| 5 | "))]
+    assert len(rows) == 2 and all(len(row) == 4 for row in rows)
+    assert "RouterLogger (ms)" in out
 
 
 @pytest.mark.smoke("proxy_throughput")
