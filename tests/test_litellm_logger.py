@@ -2245,8 +2245,7 @@ def test_the_proxy_settles_a_call_as_its_answer_is_served_and_drops_its_late_eve
     the iterator hook around a stream it serves) settle the call before the client has the answer:
     its budget holds what the call spent, no longer its estimate, and litellm's success event,
     delivered after, writes no second row. A stream that served no usage chunk is left to that event."""
-    async def scenario() -> tuple[int, float, float, int, list[dict]]:
-        logger = _one_target_logger(tmp_path, "solo")
+    async def scenario(logger: RouterLogger) -> tuple[int, float, float, int, list[dict]]:
         router = litellm.Router(model_list=[{"model_name": "solo", "litellm_params": {
             "model": "openai/gpt-3.5-turbo", "api_key": "x", "mock_response": "a short answer"}}])
         data = {"model": "coder", "messages": [{"role": "user", "content": "task"}], "litellm_call_id": "c1",
@@ -2273,7 +2272,12 @@ def test_the_proxy_settles_a_call_as_its_answer_is_served_and_drops_its_late_eve
         expected = usage.prompt_tokens + usage.completion_tokens if usage is not None else -1
         return recorded_when_served, held, spent_when_served, expected, rows + [{"recorded": logger.recorded}]
 
-    recorded, held, spent, expected, rows = asyncio.run(scenario())
+    asyncio.run(wire.drain_callbacks())
+    logger = _one_target_logger(tmp_path, "solo")
+    try:
+        recorded, held, spent, expected, rows = asyncio.run(scenario(logger))
+    finally:
+        logger.unregister()  # else later tests' litellm calls reach it (and its budget)
     assert rows[-1] == {"recorded": 1} and len(rows) == 2 and rows[0]["ended"] == "complete"  # one row
     if served == "stream without one":
         assert (recorded, spent) == (0, held)  # still its estimate: its event settles it
