@@ -34,6 +34,12 @@ def finish_reasons(choices: Iterable[Any]) -> tuple[str, ...]:
     return tuple(str(c.finish_reason) for c in choices if getattr(c, "finish_reason", None))
 
 
+def stream_finish_reasons(chunks: Iterable[Any]) -> tuple[str, ...]:
+    """The finish reasons a stream's ``chunks`` sent, in order: only the provider's (litellm's
+    builder fills in ``stop`` for a stream cut short)."""
+    return finish_reasons(c for chunk in chunks for c in getattr(chunk, "choices", None) or ())
+
+
 def build_outcome(
     response: Any,
     plan: Plan | None,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .accounting import build_outcome, finish_reasons
+from .accounting import build_outcome, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
@@ -707,9 +707,8 @@ class CallLifecycle:
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
             entry = self._save(plan, response, result, trace) if saved else None
-            if not complete or not assembled:  # only the finishes the provider sent (litellm's builder
-                result = replace(result, finish_reasons=finish_reasons(  # fills in "stop" on a cut stream)
-                    c for chunk in chunks for c in getattr(chunk, "choices", None) or ()))
+            if not complete or not assembled:  # only the finishes the provider sent
+                result = replace(result, finish_reasons=stream_finish_reasons(chunks))
             result, failed = self.books.settle(result, self.held, chunks[0], complete=complete, error=error,
                                                bounded=[entry] if entry is not None else ())  # headers ride on chunks
             if entry is not None and engine.cache is not None:

@@ -14,6 +14,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from ._env import prepare_litellm_env
@@ -230,6 +231,38 @@ def stream_wrapper(value: Any) -> Any:
     from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
 
     return value if isinstance(value, CustomStreamWrapper) else None
+
+
+def served_chunks(wrapper: Any) -> list[Any] | None:
+    """The chunks a chat stream's wrapper (:func:`stream_wrapper`) kept of what it served, when a
+    provider served them: ``None`` for no wrapper, or a stream litellm's response cache replayed (its
+    ``custom_llm_provider`` is ``cached_response``, litellm/caching/caching_handler.py, 1.110.2; while it
+    is served, the call's ``cache_hit`` is not set yet)."""
+    chunks = getattr(wrapper, "chunks", None)
+    if not isinstance(chunks, list) or getattr(wrapper, "custom_llm_provider", None) == "cached_response":
+        return None
+    return chunks
+
+
+def attempt_times(logging_obj: Any, *, streamed: bool) -> tuple[datetime, datetime | None] | None:
+    """The start and end of the attempt that answered a proxy request, as its success event will carry
+    them, read from the request's logging object before the event: a plain answer's from
+    ``deferred_success_result`` (litellm/utils.py, 1.110.2), a stream's start from ``start_time`` (as
+    litellm's success handler takes it; the stream ends now). Else the request's start (pre-call hook
+    and failed attempts included), ``None`` when the logging object has none."""
+    details = getattr(logging_obj, "model_call_details", None)
+    begun = details.get("start_time") if isinstance(details, Mapping) else None
+    if not isinstance(begun, datetime):
+        return None
+    if streamed:
+        start = getattr(logging_obj, "start_time", None)
+        start = start if isinstance(start, datetime) else begun
+        return start, datetime.now(start.tzinfo)
+    deferred = getattr(logging_obj, "deferred_success_result", None)
+    if isinstance(deferred, tuple) and len(deferred) == 3:
+        return deferred[1], deferred[2]
+    end = details.get("end_time") if isinstance(details, Mapping) else None
+    return begun, end if isinstance(end, datetime) else None
 
 
 def logged_stream(event: Mapping[str, Any]) -> Any:

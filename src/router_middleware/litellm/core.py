@@ -191,7 +191,11 @@ class _Core(CustomLogger):
         """Is this the success event of a proxy call settled as its answer was served
         (:meth:`._ProxyHooks._settle_served`)? Then it was recorded: the event is dropped."""
         with self._lock:
-            return bool(self._answered) and self._answered.pop(self._key(kwargs), False) is None
+            key = self._key(kwargs)
+            if key not in self._answered:
+                return False
+            del self._answered[key]
+            return True
 
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy

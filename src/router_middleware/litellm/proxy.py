@@ -13,11 +13,10 @@ import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from datetime import datetime
 from typing import Any
 
 from .. import wire
-from ..accounting import finish_reasons
+from ..accounting import stream_finish_reasons
 from ..catalog import close_names
 from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownModelError
@@ -168,26 +167,16 @@ class _ProxyHooks(_Core):
         settlement's store writes; slower ones go on in the background. Never raises."""
         try:
             found = self._serving(data)
-            logging_obj = data.get("litellm_logging_obj")
-            details = getattr(logging_obj, "model_call_details", None)
-            if found is None or not isinstance(details, Mapping) or not isinstance(details.get("start_time"), datetime):
+            times = wire.attempt_times(data.get("litellm_logging_obj"), streamed=streamed)
+            if found is None or times is None:
                 return
-            if streamed:
-                chunks = getattr(found.stream, "chunks", None)
-                if getattr(response, "usage", None) is None or not isinstance(chunks, list) or \
-                        getattr(found.stream, "custom_llm_provider", None) == "cached_response" or \
-                        found.lifecycle.wants_answer:
-                    return
-                start = getattr(logging_obj, "start_time", None)  # the answering attempt's, as for the event
-                start = start if isinstance(start, datetime) else details["start_time"]
-                answer = replace(_Answer.of(response, details, start, datetime.now(start.tzinfo)),
-                                 answered=wire.answered_model(chunks),
-                                 finishes=finish_reasons(c for chunk in chunks for c in getattr(chunk, "choices", ())))
-            else:  # the answering attempt's times, which the event will carry (litellm/utils.py, 1.110.2)
-                deferred = getattr(logging_obj, "deferred_success_result", None)
-                start, end = deferred[1:] if isinstance(deferred, tuple) and len(deferred) == 3 else \
-                    (details["start_time"], details.get("end_time"))
-                answer = _Answer.of(response, details, start, end)
+            chunks = wire.served_chunks(found.stream) if streamed else None
+            if streamed and (chunks is None or getattr(response, "usage", None) is None
+                             or found.lifecycle.wants_answer):
+                return
+            answer = _Answer.of(response, data["litellm_logging_obj"].model_call_details, *times)
+            if chunks is not None:
+                answer = replace(answer, answered=wire.answered_model(chunks), finishes=stream_finish_reasons(chunks))
             key = self._key(data)
             with self._lock:  # before the lifecycle is taken: its event, if it comes meanwhile, is dropped
                 self._answered[key] = None
