@@ -262,3 +262,130 @@ def test_an_off_loop_stream_read_to_its_end_ends_complete_when_its_reader_is_can
 
     asyncio.run(main())
     assert ended == [([1, 2], None)]
+
+
+@pytest.mark.parametrize("stop", ["break", "close"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("name", STREAMS)
+def test_a_stream_read_to_its_finish_reason_then_left_is_read_to_its_end(name, mode, stop, tmp_path,
+                                                                           monkeypatch) -> None:
+    """A caller that stops at the chunk that ends the answer (``if chunk.choices[0].finish_reason:
+    break``) has the whole answer: the usage chunk the pipeline asked for (hidden from it) and the
+    stream's end were read before that chunk was returned, so its call is ``complete``, at the
+    provider's usage, as when read to its end. It was ``stopped`` at litellm's count."""
+    import vcr
+
+    from .cassette_data import completion_kwargs, interactions, recorded_usage
+    from .conftest import CASSETTES
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    item = interactions(CASSETTES / name)[0]
+    replay = vcr.VCR(record_mode="none", decode_compressed_response=True)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False},
+                                     "ledger": {"url": url}})
+
+    def ends(chunk: Any) -> bool:
+        return bool(chunk.choices) and all(c.finish_reason for c in chunk.choices)
+
+    with replay.use_cassette(str(CASSETTES / name)):
+        if mode == "sync":
+            stream = pipeline.completion(**completion_kwargs(item))
+            read = []
+            for chunk in stream:
+                read.append(chunk)
+                if ends(chunk):
+                    break
+            outcome = stream.outcome  # set before the caller left
+            if stop == "close":
+                stream.close()
+            del stream
+        else:
+            async def run() -> tuple[list[Any], Any]:
+                stream = await pipeline.acompletion(**completion_kwargs(item))
+                read = []
+                async for chunk in stream:
+                    read.append(chunk)
+                    if ends(chunk):
+                        break
+                outcome = stream.outcome
+                if stop == "close":
+                    await stream.aclose()
+                return read, outcome
+
+            read, outcome = asyncio.run(run())
+    pipeline.close()
+    assert ends(read[-1]) and outcome is not None
+    usage = recorded_usage(item)
+    if usage is not None:
+        assert (outcome.usage.input_tokens, outcome.usage.output_tokens, outcome.usage.source) == \
+            (usage["input_tokens"], usage["output_tokens"], "provider")
+    assert outcome.finish_reasons == (read[-1].choices[0].finish_reason,)
+    rows = open_ledger(url).query("SELECT error, ended, output_tokens FROM calls")
+    assert rows == [(None, "complete", outcome.usage.output_tokens)]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("after", "read", "error"), [
+    ("usage", ["a", "b:stop"], None),  # the hidden usage chunk and the end, read before b is returned
+    ("broke", ["a", "b:stop", "!"], "ConnectionError"),  # the provider broke after the answer: raised next
+    ("more", ["a", "b:stop", "c", "d:stop"], None),  # another choice goes on: its chunk comes next
+], ids=["usage", "broke", "more"])
+def test_reading_past_an_answer_s_last_chunk_returns_every_chunk_and_ends_the_call_once(after, read, error,
+                                                                                         mode) -> None:
+    from types import SimpleNamespace
+
+    from router_middleware.streaming import TrackedStream
+
+    def chunk(text: str) -> Any:
+        content, _, finish = text.partition(":")
+        return SimpleNamespace(choices=[SimpleNamespace(delta=content, finish_reason=finish or None)])
+
+    sent: list[Any] = {"usage": [chunk("a"), chunk("b:stop"), SimpleNamespace(choices=[], usage=1)],
+                       "broke": [chunk("a"), chunk("b:stop"), ConnectionError("reset")],
+                       "more": [chunk("a"), chunk("b:stop"), chunk("c"), chunk("d:stop")]}[after]
+
+    class Inner:
+        def __init__(self) -> None:
+            self.left = list(sent)
+
+        def __next__(self) -> Any:
+            if not self.left:
+                raise StopIteration
+            item = self.left.pop(0)
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+        async def __anext__(self) -> Any:
+            try:
+                return self.__next__()
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+    ended: list[tuple[int, BaseException | None, int]] = []
+    got: list[str] = []
+    stream = TrackedStream(Inner(), lambda chunks, *rest: ended.append((len(chunks), rest[-1], len(got))), 0.0,
+                           hide_usage=True)
+
+    def seen(c: Any) -> str:
+        choice = c.choices[0]
+        return choice.delta + (f":{choice.finish_reason}" if choice.finish_reason else "")
+
+    async def aread() -> None:
+        async for c in stream:
+            got.append(seen(c))
+
+    try:
+        if mode == "sync":
+            for c in stream:
+                got.append(seen(c))
+        else:
+            asyncio.run(aread())
+    except ConnectionError:
+        got.append("!")
+    assert got == read
+    assert len(ended) == 1 and (type(ended[0][1]).__name__ if ended[0][1] else None) == error
+    assert ended[0][0] == len([s for s in sent if not isinstance(s, Exception)])  # every chunk counted
+    assert ended[0][2] == read.index(next(r for r in reversed(read) if r.endswith(":stop")))  # before it was returned

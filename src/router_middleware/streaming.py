@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -27,7 +28,9 @@ class TrackedStream:
     stream ends (its settlement and cache write, which go to the store) in a worker thread, also when
     it is dropped on a running loop.
     ``hide_usage``: the final usage chunk (no choices) was asked for by the pipeline, not the caller:
-    it is read, not yielded.
+    it is read, not yielded. A chunk that ends the answer (every choice in it has its finish reason)
+    is returned once the chunk after it has been read: a caller that stops there (``break``, at the
+    finish reason) leaves a call read to its end, with the provider's usage chunk.
     """
 
     def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False,
@@ -39,6 +42,7 @@ class TrackedStream:
         self._hide_usage = hide_usage
         self._first_chunk_at: float | None = None
         self._chunks: list[Any] = []
+        self._ahead: deque[Any] = deque()  # read past an answer's last chunk: a chunk, or the error that came
         self._done = False
         self.outcome: Outcome | None = None
 
@@ -74,11 +78,41 @@ class TrackedStream:
     def _hidden(self, chunk: Any) -> bool:
         return self._hide_usage and not getattr(chunk, "choices", None)
 
+    @staticmethod
+    def _ends_answer(chunk: Any) -> bool:
+        choices = getattr(chunk, "choices", None)
+        if not choices or not getattr(choices[0], "finish_reason", None):  # most chunks: at once
+            return False
+        return all(getattr(c, "finish_reason", None) for c in choices)
+
+    def _take_ahead(self, end: type[Exception] = StopIteration) -> Any:
+        """The chunk read ahead, else the error that came then; ``end`` once the stream has ended."""
+        if not self._ahead:
+            raise end
+        item = self._ahead.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _read(self) -> Any:
+        chunk = self._record(next(self._inner))
+        while self._hidden(chunk):
+            chunk = self._record(next(self._inner))
+        return chunk
+
     def __next__(self) -> Any:
         try:
-            chunk = self._record(next(self._inner))
-            while self._hidden(chunk):
-                chunk = self._record(next(self._inner))
+            if self._ahead or self._done:  # read ahead (a chunk, or the error that came), ended, or closed
+                return self._take_ahead()
+            chunk = self._read()
+            if self._ends_answer(chunk):
+                try:
+                    self._ahead.append(self._read())
+                except StopIteration:
+                    self._end(None)
+                except Exception as exc:  # the provider broke after the answer: raised at the next read
+                    self._end(exc)
+                    self._ahead.append(exc)
             return chunk
         except StopIteration:
             self._end(None)
@@ -90,11 +124,25 @@ class TrackedStream:
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
+    async def _aread(self) -> Any:
+        chunk = self._record(await self._inner.__anext__())
+        while self._hidden(chunk):
+            chunk = self._record(await self._inner.__anext__())
+        return chunk
+
     async def __anext__(self) -> Any:
         try:
-            chunk = self._record(await self._inner.__anext__())
-            while self._hidden(chunk):
-                chunk = self._record(await self._inner.__anext__())
+            if self._ahead or self._done:
+                return self._take_ahead(StopAsyncIteration)
+            chunk = await self._aread()
+            if self._ends_answer(chunk):
+                try:
+                    self._ahead.append(await self._aread())
+                except StopAsyncIteration:
+                    await self._aend(None)
+                except Exception as exc:
+                    await self._aend(exc)
+                    self._ahead.append(exc)
             return chunk
         except StopAsyncIteration:
             await self._aend(None)
