@@ -182,17 +182,19 @@ def test_the_report_counts_failed_calls_and_shows_a_cheap_call_s_cost(tmp_path, 
 
     ledger = tmp_path / "l.db"
     db = open_ledger(str(ledger))
-    db.insert([LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
-                            output_tokens=20, cost_usd=0.0000135),
-               LedgerRecord(ts=time.time(), model="codr", requested_model="codr", error="UnknownModelError",
-                            ended="failed"),
+    db.insert([LedgerRecord(ts=time.time(), model="gpt-4o-mini-2024-07-18", requested_model="coder",
+                            target="openai/gpt-4o-mini", input_tokens=9, output_tokens=20, cost_usd=0.0000135),
+               LedgerRecord(ts=time.time(), model="openai/gpt-4o-mini", requested_model="coder",
+                            target="openai/gpt-4o-mini", error="RateLimitError", ended="failed"),
                LedgerRecord(ts=time.time(), model="gpt-4o-mini", requested_model="gpt-4o-mini", input_tokens=9,
-                            cost_usd=0.0000014, error="StreamLeft", ended="stopped")])
+                            cost_usd=0.0000014, error="StreamLeft", ended="stopped")])  # an older row: no target
     db.close()
     monkeypatch.setenv("COLUMNS", "160")
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))
     assert code == 0 and out.startswith("3 calls (1 failed, 1 stopped by their caller), cost $0.000015 (")
-    assert "failed calls by model: codr 1" in out  # a stream its caller left is no failure
+    # by the model each call was sent to, with the answered calls sent there (the provider names its
+    # answers otherwise); a stream its caller left is no failure
+    assert "failed calls by target: openai/gpt-4o-mini 1 of 2" in out
     monkeypatch.setenv("COLUMNS", "80")  # too narrow for the headline: a phrase a line, none cut in two
     out = run(capsys, "report", "--ledger", str(ledger))[1]
     assert out.splitlines()[:3] == ["3 calls (1 failed, 1 stopped by their caller),",

@@ -9,6 +9,7 @@ a ``RoutedChatModel`` that calls the same (scripted) litellm."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,9 +109,9 @@ def call(request) -> Callable[..., Any]:
     return lambda pipeline, model="coder": driver(pipeline, model)
 
 
-def pipeline(**routing: Any) -> Pipeline:
+def pipeline(ledger: str | None = None, **routing: Any) -> Pipeline:
     config = {"routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0}, **routing},
-              "context": {"enabled": False}, "cache": {"enabled": False}}
+              "context": {"enabled": False}, "cache": {"enabled": False}, **({"ledger": {"url": ledger}} if ledger else {})}
     return Pipeline.from_config(config)
 
 
@@ -248,6 +249,26 @@ def test_when_every_attempt_fails_the_last_error_is_raised_and_recorded(call, sc
                                       + "; ".join(f"{model}: RateLimitError" for model in CODER)]
     (route,) = routes(span_exporter)
     assert route.status.status_code == StatusCode.ERROR and route.attributes["error.type"] == "RateLimitError"
+
+
+def test_a_failed_call_is_counted_with_the_answered_calls_of_the_model_it_was_sent_to(call, script,
+                                                                                      tmp_path) -> None:
+    """A row's ``model`` is the provider's name of the model that answered (``claude-sonnet-4-5``), or
+    for a call none answered the target it tried (``anthropic/claude-sonnet-4-5``): its ``target`` is
+    the route's name on both, so the report's ``by_target`` counts a target's failures out of its calls."""
+    from router_middleware.ledger import build_report, open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = pipeline(ledger=url)
+    call(p)
+    script.failures[CLAUDE] = [litellm.exceptions.AuthenticationError("bad key", "anthropic", "claude")]
+    with pytest.raises(litellm.exceptions.AuthenticationError):
+        call(p)
+    p.close()
+    with contextlib.closing(open_ledger(url)) as db:
+        rows, report = db.query("SELECT requested_model, target, model, ended FROM calls ORDER BY ts"), build_report(db)
+    assert rows == [("coder", CLAUDE, "claude-sonnet-4-5", "complete"), ("coder", CLAUDE, CLAUDE, "failed")]
+    assert [(r["key"], r["calls"], r["failed_calls"]) for r in report["by_target"]] == [(CLAUDE, 2, 1)]
 
 
 def test_repeated_failures_open_the_circuit(call, script) -> None:

@@ -1,4 +1,5 @@
-"""One ledger row per call: who called, which model answered, tokens and cost by type, savings."""
+"""One ledger row per call: who called, which model it was sent to and which answered, tokens and cost by
+type, savings."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ COLUMNS = (
     "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
     "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
     "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
-    "summary_cost_usd", "ended",
+    "summary_cost_usd", "ended", "target",
 )
 
 
@@ -59,6 +60,9 @@ class LedgerRecord:
     summary_cost_usd: float = 0.0  # the middleware's summary calls for this call; included in cost_usd
     # "complete" (no ``error``), "stopped" by the caller or "failed" (``error`` names what ended it)
     ended: Ended = "complete"
+    # the model the call was sent to, as its route names it (``requested_model`` after routing): the
+    # provider's name of it is ``model`` once it answered (a dated snapshot, no litellm prefix)
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if self.ended not in ("complete", "stopped", "failed"):
@@ -101,6 +105,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
         error=type(error).__qualname__ if error is not None else None, ended=ending(error),
+        target=plan.model if plan else None,
     )
 
 

@@ -10,7 +10,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from .store import ENDED, LedgerDB
+from .store import ENDED, TARGET, LedgerDB
 
 # calls that used tokens at no known price (their cost is not in the sums); calls that ended in an error,
 # and calls their caller stopped (a stream left, a task cancelled): all three counted in calls
@@ -21,7 +21,9 @@ STOPPED = f"SUM(CASE WHEN {ENDED} = 'stopped' THEN 1 ELSE 0 END)"
 SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
         "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
         "saved_reasoning_usd", "summary_cost_usd", "cache_hit")
-GROUPS = ("model", "provider", "app", "session")
+# each ranking's key: the model that answered (or, where none did, the one the call was sent to), the
+# model the call was sent to as its route names it (a failed call is counted with the answered ones there)
+GROUPS = {"model": "model", "target": TARGET, "provider": "provider", "app": "app", "session": "session"}
 
 
 def _where(since: float | None, until: float | None) -> tuple[str, list[Any]]:
@@ -69,11 +71,11 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
             "cache": total["saved_cache_usd"], "reasoning": total["saved_reasoning_usd"],
         },
     }
-    for group in GROUPS:
+    for group, key in GROUPS.items():
         limit = f" LIMIT {int(top)}" if group == "session" else ""
         rows = db.query(
-            f"SELECT {group}, COUNT(*), {select} FROM calls{where} GROUP BY {group} "
-            f"ORDER BY SUM(cost_usd) DESC, {group}{limit}", params)
+            f"SELECT {key}, COUNT(*), {select} FROM calls{where} GROUP BY {key} "
+            f"ORDER BY SUM(cost_usd) DESC, {key}{limit}", params)
         report[f"by_{group}"] = [_row(("key", *names), r) for r in rows]
     report["timeline"] = _timeline(db, where, params)
     return report

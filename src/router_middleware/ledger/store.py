@@ -20,6 +20,9 @@ _STOPPED = ", ".join(f"'{name}'" for name in sorted(STOPPED_BY))
 # how a row's call ended, in SQL: its ``ended``, else read from its ``error`` as :func:`.record.legacy_ending` does
 ENDED = (f"COALESCE(ended, CASE WHEN error IS NULL THEN 'complete' WHEN error IN ({_STOPPED}) THEN 'stopped' "
          "ELSE 'failed' END)")
+# the model a row's call was sent to, in SQL: its ``target``, else (a row of an older version) its ``model``,
+# which names the target where no model answered
+TARGET = "COALESCE(target, model)"
 MIGRATIONS: tuple[str, ...] = (
     # 1: the calls table
     """CREATE TABLE IF NOT EXISTS calls (
@@ -45,6 +48,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 6: nothing (a ledger opened by 5f2e61e, never released, is at 6 already: its 5 and 6 added ended
     # with a default and filled it)
     "SELECT 1",
+    # 7: the model the call was sent to (its route's name). NULL in rows written before it, or by an
+    # older version after it: read them through TARGET
+    "ALTER TABLE calls ADD COLUMN target TEXT",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
