@@ -421,7 +421,7 @@ class CallLifecycle:
 
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
-                                 lambda chunks, begun, first, error:
+                                 lambda chunks, begun, first, error, _early:
                                  hit(rebuild_response(entry.response), begun, first, error), started,
                                  hide_usage=not usage_asked(plan.params)), plan
         response = rebuild_response(entry.response)
@@ -685,16 +685,17 @@ class CallLifecycle:
         engine = self.engine
 
         def finish(chunks: list[Any], started: float, first: float | None,
-                   error: BaseException | None) -> Outcome | None:
+                   error: BaseException | None, early: bool) -> Outcome | None:
             complete = error is None
+            read_out = complete and not early  # else the caller left at the answer's end: the usage chunk unread
             if error is not None and not chunks:
                 trace.fail(error)
                 if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so
                     self.books.record_failure(plan, error)
                 self.books.release(self.held)
                 return None
-            source: UsageSource = "provider" if complete and wire.usage_reported(chunks, stream) else "estimated"
-            saved = complete and self._saves(plan)
+            source: UsageSource = "provider" if read_out and wire.usage_reported(chunks, stream) else "estimated"
+            saved = read_out and self._saves(plan)
             response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
                                                  and not trace.wants_answer and engine.usage_chunk_asked(plan))
             if response is None:  # no chunks and no error: an empty stream, read to its end

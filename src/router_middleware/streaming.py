@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -15,8 +14,10 @@ from .types import Outcome
 
 _CLOSED = "the caller closed the stream before it ended"  # close() and aclose()'s StreamLeft
 
-# finish(chunks, started_at, first_chunk_at, error) -> Outcome | None; ``error`` None: read to its end
-Finisher = Callable[[list[Any], float, float | None, BaseException | None], Outcome | None]
+# finish(chunks, started_at, first_chunk_at, error, early) -> Outcome | None; ``error`` None: the caller
+# had the whole answer, read to the stream's end, or (``early``) left once the answer had ended, the
+# stream's last chunks (a usage chunk, its end) unread
+Finisher = Callable[[list[Any], float, float | None, BaseException | None, bool], Outcome | None]
 
 
 class TrackedStream:
@@ -28,9 +29,9 @@ class TrackedStream:
     stream ends (its settlement and cache write, which go to the store) in a worker thread, also when
     it is dropped on a running loop.
     ``hide_usage``: the final usage chunk (no choices) was asked for by the pipeline, not the caller:
-    it is read, not yielded. A chunk that ends the answer (every choice in it has its finish reason)
-    is returned once the chunk after it has been read: a caller that stops there (``break``, at the
-    finish reason) leaves a call read to its end, with the provider's usage chunk.
+    it is read, not yielded. A caller that leaves once it has read the chunk that ended the answer
+    (every choice in it has its finish reason) had the whole answer: its call is complete, at an
+    estimate of its usage when the provider's usage chunk was not read.
     """
 
     def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False,
@@ -42,7 +43,7 @@ class TrackedStream:
         self._hide_usage = hide_usage
         self._first_chunk_at: float | None = None
         self._chunks: list[Any] = []
-        self._ahead: deque[Any] = deque()  # read past an answer's last chunk: a chunk, or the error that came
+        self._whole = False  # the last chunk with choices ended the answer
         self._done = False
         self.outcome: Outcome | None = None
 
@@ -53,12 +54,21 @@ class TrackedStream:
         if self._first_chunk_at is None:
             self._first_chunk_at = time.perf_counter()
         self._chunks.append(chunk)
+        choices = getattr(chunk, "choices", None)
+        if choices:  # most chunks: no finish reason, at once
+            self._whole = bool(getattr(choices[0], "finish_reason", None)) and \
+                all(getattr(c, "finish_reason", None) for c in choices)
         return chunk
 
-    def _end(self, error: BaseException | None) -> None:
-        """End the call once: ``error`` None, read to its end; else cut short by it."""
+    def _left(self, why: str) -> StreamLeft | None:
+        """What ends a stream its caller leaves: nothing once it read the answer's end, else :class:`.StreamLeft`."""
+        return None if self._whole else StreamLeft(why)
+
+    def _end(self, error: BaseException | None, early: bool = False) -> None:
+        """End the call once: ``error`` None, read to its end (``early``: to the answer's end, then left);
+        else cut short by it."""
         if self._claim():
-            self._settle(error)
+            self._settle(error, early)
 
     def _claim(self) -> bool:
         """Whether this is the stream's one ending (the first to ask)."""
@@ -67,10 +77,10 @@ class TrackedStream:
         self._done = True
         return True
 
-    def _settle(self, error: BaseException | None) -> None:
+    def _settle(self, error: BaseException | None, early: bool = False) -> None:
         if not self._chunks and isinstance(self._inner, Prefetched):  # closed unread: the provider answered
             self._chunks.extend(self._inner.unread)
-        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error)
+        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, early)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -78,41 +88,11 @@ class TrackedStream:
     def _hidden(self, chunk: Any) -> bool:
         return self._hide_usage and not getattr(chunk, "choices", None)
 
-    @staticmethod
-    def _ends_answer(chunk: Any) -> bool:
-        choices = getattr(chunk, "choices", None)
-        if not choices or not getattr(choices[0], "finish_reason", None):  # most chunks: at once
-            return False
-        return all(getattr(c, "finish_reason", None) for c in choices)
-
-    def _take_ahead(self, end: type[Exception] = StopIteration) -> Any:
-        """The chunk read ahead, else the error that came then; ``end`` once the stream has ended."""
-        if not self._ahead:
-            raise end
-        item = self._ahead.popleft()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def _read(self) -> Any:
-        chunk = self._record(next(self._inner))
-        while self._hidden(chunk):
-            chunk = self._record(next(self._inner))
-        return chunk
-
     def __next__(self) -> Any:
         try:
-            if self._ahead or self._done:  # read ahead (a chunk, or the error that came), ended, or closed
-                return self._take_ahead()
-            chunk = self._read()
-            if self._ends_answer(chunk):
-                try:
-                    self._ahead.append(self._read())
-                except StopIteration:
-                    self._end(None)
-                except Exception as exc:  # the provider broke after the answer: raised at the next read
-                    self._end(exc)
-                    self._ahead.append(exc)
+            chunk = self._record(next(self._inner))
+            while self._hidden(chunk):
+                chunk = self._record(next(self._inner))
             return chunk
         except StopIteration:
             self._end(None)
@@ -124,25 +104,11 @@ class TrackedStream:
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
-    async def _aread(self) -> Any:
-        chunk = self._record(await self._inner.__anext__())
-        while self._hidden(chunk):
-            chunk = self._record(await self._inner.__anext__())
-        return chunk
-
     async def __anext__(self) -> Any:
         try:
-            if self._ahead or self._done:
-                return self._take_ahead(StopAsyncIteration)
-            chunk = await self._aread()
-            if self._ends_answer(chunk):
-                try:
-                    self._ahead.append(await self._aread())
-                except StopAsyncIteration:
-                    await self._aend(None)
-                except Exception as exc:
-                    await self._aend(exc)
-                    self._ahead.append(exc)
+            chunk = self._record(await self._inner.__anext__())
+            while self._hidden(chunk):
+                chunk = self._record(await self._inner.__anext__())
             return chunk
         except StopAsyncIteration:
             await self._aend(None)
@@ -154,22 +120,22 @@ class TrackedStream:
             self._end_now(exc)
             raise
 
-    async def _aend(self, error: BaseException | None) -> None:
+    async def _aend(self, error: BaseException | None, early: bool = False) -> None:
         if not self._off_loop:
-            self._end(error)
+            self._end(error, early)
         elif self._claim():  # the reader cancelled while it waits for a worker: it still ends as it ended
-            await asyncio.shield(asyncio.to_thread(self._settle, error))
+            await asyncio.shield(asyncio.to_thread(self._settle, error, early))
 
     def close(self) -> None:
         """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft`."""
-        self._end(StreamLeft(_CLOSED))
+        self._end(self._left(_CLOSED), early=True)
         closer = getattr(self._inner, "close", None)
         if callable(closer):
             closer()
 
     async def aclose(self) -> None:
         """Stop reading, as :meth:`close` does."""
-        await self._aend(StreamLeft(_CLOSED))
+        await self._aend(self._left(_CLOSED), early=True)
         closer = getattr(self._inner, "aclose", None)
         if callable(closer):
             await closer()
@@ -180,19 +146,19 @@ class TrackedStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _end_now(self, error: BaseException) -> None:
+    def _end_now(self, error: BaseException | None, early: bool = False) -> None:
         """End it unfinished without awaiting (a finalizer, a cancelled task): off the loop if settling may block."""
         if not self._claim():
             return
         if self._off_loop and _loop_running():  # its settlement may block: not on the loop
-            threading.Thread(target=self._settle, args=(error,), daemon=True).start()
+            threading.Thread(target=self._settle, args=(error, early), daemon=True).start()
         else:
-            self._settle(error)
+            self._settle(error, early)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
             if not self._done:
-                self._end_now(StreamLeft("the caller let the stream go before it ended"))
+                self._end_now(self._left("the caller let the stream go before it ended"), early=True)
 
 
 def _loop_running() -> bool:
