@@ -93,6 +93,23 @@ def test_a_first_call_whose_own_estimate_is_over_the_limit_is_told_so() -> None:
     assert error.value.estimate > 0.0001
 
 
+def test_a_call_for_n_answers_reserves_n_answers_and_learns_one_answer_s_size() -> None:
+    """``n`` answers bill ``n`` times the output: a budget that one answer's estimate fits may not fit
+    five (the estimate was the same for both, so a hard budget could be passed five times over). The
+    size it learns from the reply is one answer's, whatever ``n`` the next call asks."""
+    from router_middleware.bookkeeping.keys import OUTPUT
+
+    p = Pipeline.from_config({"cache": {"enabled": False},
+                              "routing": {"budgets": [{"name": "team", "tokens": 300}]}})
+    p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=100, n=1)
+    with pytest.raises(BudgetExceeded, match=r"this call's estimate, (\d+) tokens") as error:
+        p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=100, n=5)
+    assert error.value.estimate >= 500  # five answers of at most 100 tokens
+    p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=100, n=2)
+    learned = p.books.recent(OUTPUT, "gpt-4o-mini", None)
+    assert learned == [20.0, 10.0]  # litellm's mock reports 20 output tokens whatever n: two answers of 10
+
+
 def test_two_budgets_of_one_name_are_refused() -> None:
     """The name keys a budget's counters: two of one name (say an app and a user budget) would share them."""
     with pytest.raises(ConfigError, match="'team' is used twice"):

@@ -18,7 +18,7 @@ import pytest
 import structlog
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import Pipeline, wire
+from router_middleware import BudgetExceeded, Pipeline, wire
 from router_middleware.ledger.store import open_ledger
 from router_middleware.litellm import RouterLogger
 
@@ -317,6 +317,30 @@ def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path,
                                                          ("routing.deployments", "flaky"),
                                                          ("routing.deployments", "flaky2")]
     assert said[0]["did_you_mean"][0] == "flaky-2"
+
+
+@pytest.mark.parametrize(("params", "named"), [({"n": 0}, "n: expected a whole number of at least 1, got 0"),
+                                               ({"presence_penalty": 9}, "presence_penalty: expected a number from -2"),
+                                               ({"frequency_penalty": "x"}, "frequency_penalty: expected a number")])
+def test_the_proxy_refuses_the_parameters_pipeline_completion_refuses_by_name(params, named, tmp_path) -> None:
+    """A parameter out of its range is the client's error behind the proxy as through ``Pipeline.completion``
+    (400, naming it), not sent on to the provider."""
+    from router_middleware import RequestError
+
+    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+    data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "bad", **params}
+    with pytest.raises(RequestError, match=named) as raised:
+        asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+    assert raised.value.status_code == 400
+
+
+def test_the_proxy_reserves_the_output_of_each_of_n_answers(tmp_path) -> None:
+    logger = RouterLogger(Pipeline.from_config({"routing": {"budgets": [{"name": "day", "tokens": 1000}]}}),
+                          proxy=True)
+    data = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}
+    asyncio.run(logger.async_pre_call_hook(None, None, {**data, "litellm_call_id": "one", "n": 1}, "acompletion"))
+    with pytest.raises(BudgetExceeded, match="this call's estimate"):
+        asyncio.run(logger.async_pre_call_hook(None, None, {**data, "litellm_call_id": "two", "n": 3}, "acompletion"))
 
 
 @pytest.mark.parametrize(("model", "suggested"), [("healthyy", "healthy"), ("codr", "coder"), ("codr:floor", "coder")])

@@ -21,7 +21,7 @@ from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
 from .lifecycle import CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
-from .params import check_model, check_params, output_cap, usage_asked
+from .params import check_model, check_params, choices_asked, output_cap, usage_asked
 from .policies import Policy, PolicyState, apply_policies
 from .pricing import price
 from .reasoning.policy import thinking_budget
@@ -224,20 +224,21 @@ class Engine:
         from this model's recent replies for the app once there are enough (output capped by
         ``max_tokens``; see ``routing.budgets.output_estimate`` and ``input_estimate``). A ``max_tokens``
         the caller did not give (the reasoning policy's, to fit a thinking budget) caps nothing: until
-        replies are learned, the output reserved is ``default_output_tokens`` plus that budget."""
+        replies are learned, the output reserved is ``default_output_tokens`` plus that budget. A request
+        for ``n`` answers reserves ``n`` times the output of one."""
         counted = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
         routing, books, app = self.config.routing, self.books, plan.call.context.app
         sent, default = output_cap(plan.params), routing.default_output_tokens
         if sent is not None and output_cap(plan.call.params) is None:
             sent, default = None, default + (thinking_budget(plan.params) or 0)
-        cap = sent[1] if sent is not None else None
+        cap, answers = (sent[1] if sent is not None else None), choices_asked(plan.params)
         if not books.learns:
-            return counted, counted, cap or default
+            return counted, counted, (cap or default) * answers
         share = routing.output_percentile
         output = output_estimate(books.recent(OUTPUT, plan.model, app, fetched), max_tokens=cap, default=default,
                                  share=share)
         ratios = books.recent(INPUT_RATIO, plan.model, app, fetched)
-        return counted, input_estimate(counted, ratios, share=share), output
+        return counted, input_estimate(counted, ratios, share=share), output * answers
 
     def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float:
         """The cost of ``tokens`` in and ``output`` out on the plan's model (0 when it has no price)."""

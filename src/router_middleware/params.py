@@ -70,6 +70,13 @@ def output_cap(params: Mapping[str, Any]) -> tuple[str, int] | None:
     return None
 
 
+def choices_asked(params: Mapping[str, Any]) -> int:
+    """How many answers the request asks for (``n``, checked by :func:`check_params`; 1 when not given):
+    its output is that many answers, each capped by ``max_tokens``."""
+    n: Any = params.get("n")
+    return int(n) if _whole(n) and n >= 1 else 1
+
+
 def usage_asked(params: Mapping[str, Any]) -> bool:
     """Does the caller ask for a stream's final usage chunk (``stream_options.include_usage``)?"""
     options = params.get("stream_options")

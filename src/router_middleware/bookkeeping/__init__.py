@@ -25,6 +25,7 @@ from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable
 from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
+from ..params import choices_asked
 from ..reasoning.levels import DEFAULT_BUDGETS
 from ..routing.affinity import session_route
 from ..routing.fallback import counts_toward_cooldown
@@ -397,8 +398,9 @@ class Bookkeeper:
             done.additions.append((REASONING + session, float(usage.reasoning_tokens), None))
         if complete and self.learns and plan is not None and usage.source in ("provider", "estimated"):
             name = f"{plan.model}:{plan.call.context.app or '-'}"
-            if usage.output_tokens:
-                done.samples.append((OUTPUT + name, float(usage.output_tokens), RECENT_REPLIES, None))
+            if usage.output_tokens:  # one answer's: a request for n shares its output among them
+                done.samples.append((OUTPUT + name, usage.output_tokens / choices_asked(plan.params), RECENT_REPLIES,
+                                     None))
             if held is not None and held.counted and usage.input_tokens:
                 done.samples.append((INPUT_RATIO + name, usage.input_tokens / held.counted, RECENT_REPLIES, None))
         if complete and plan is not None and self.routing.aliases:

@@ -20,9 +20,12 @@ from ..reasoning import infer_step_kind
 from ..telemetry import log
 from ..types import AgentContext, Call, Message, Plan
 
+# the request's parameters a call is planned with (checked as Pipeline.completion checks them: see
+# params.check_params); ``n`` sizes its reservation
 _REQUEST_KEYS = frozenset({
     "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
-    "response_format", "reasoning_effort", "thinking", "reasoning", "parallel_tool_calls", "seed",
+    "response_format", "reasoning_effort", "thinking", "reasoning", "parallel_tool_calls", "seed", "n",
+    "presence_penalty", "frequency_penalty",
 })
 
 
