@@ -437,3 +437,41 @@ def test_langchain_messages_are_refused_by_name_not_sent_as_the_assistant_s() ->
                                            "SystemMessage: convert the list with .*convert_to_openai_messages"):
         Pipeline().completion(model="gpt-4o-mini", messages=[SystemMessage("Be brief."), HumanMessage("hi")],
                               mock_response="ok")
+
+
+@pytest.mark.parametrize("adapter", ["RouterLogger", "RouterCallbackHandler", "RouterAgentMiddleware"])
+def test_an_adapter_takes_a_pipeline_or_its_config_and_names_anything_else(adapter, tmp_path) -> None:
+    """``RouterLogger("router.yaml")`` as ``Pipeline("router.yaml")``: the adapter builds the pipeline
+    (it failed every call with ``AttributeError: 'str' object has no attribute 'catalog'``); a value
+    that is neither is refused when the adapter is made, naming it."""
+    from router_middleware.langchain import RouterAgentMiddleware, RouterCallbackHandler
+    from router_middleware.litellm import RouterLogger
+
+    make = {"RouterLogger": RouterLogger, "RouterCallbackHandler": RouterCallbackHandler,
+            "RouterAgentMiddleware": RouterAgentMiddleware}[adapter]
+    path = tmp_path / "router.yaml"
+    path.write_text("routing:\n  aliases:\n    coder: [gpt-4o-mini]\n")
+    for source in (str(path), path, {"routing": {"aliases": {"coder": ["gpt-4o-mini"]}}}):
+        assert make(source).pipeline.config.routing.aliases == {"coder": ["gpt-4o-mini"]}
+    with pytest.raises(ConfigError, match=rf"{adapter}: expected a Pipeline or its config .*got int"):
+        make(42)
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read config file"):
+        make(str(tmp_path / "missing.yaml"))
+
+
+def test_a_router_logger_made_from_a_config_path_routes_sdk_calls(tmp_path) -> None:
+    import asyncio
+
+    import litellm
+
+    from router_middleware.litellm import RouterLogger
+
+    path = tmp_path / "router.yaml"
+    path.write_text("routing:\n  budgets:\n    - {name: day, tokens: 100000}\n")
+    logger = RouterLogger(str(path)).register()
+    try:
+        answer = asyncio.run(litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok"))
+        asyncio.run(logger.aflush())
+    finally:
+        logger.unregister()
+    assert answer.choices[0].message.content == "ok" and logger.recorded == 1

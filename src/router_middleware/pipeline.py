@@ -10,7 +10,7 @@ from . import wire
 from .config import Config, load_config
 from .drivers import adrive, drive
 from .engine import Engine
-from .errors import EmptyStreamError
+from .errors import ConfigError, EmptyStreamError
 from .lifecycle import Attempt
 from .policies import Policy
 from .streaming import Prefetched
@@ -74,3 +74,18 @@ class Pipeline(Engine):
         except StopAsyncIteration:
             raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk") from None
         return Prefetched(first, response)
+
+
+PipelineSource = Pipeline | Config | Mapping[str, Any] | str | Path  # what an adapter takes: see pipeline_of
+
+
+def pipeline_of(source: PipelineSource, owner: str) -> Pipeline:
+    """The pipeline an adapter (``owner``) drives: ``source`` itself, or one built from a config (a
+    :class:`~.config.Config`, a dict, a YAML/JSON path; a bad one raises ``ConfigError``). Anything
+    else raises ``ConfigError`` naming ``owner`` and what it got."""
+    if isinstance(source, Pipeline):
+        return source
+    if isinstance(source, Config | Mapping | str | Path):
+        return Pipeline(source)
+    raise ConfigError(f"{owner}: expected a Pipeline or its config (a dict, a Config or a YAML/JSON path), "
+                      f"got {type(source).__name__}")

@@ -21,7 +21,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, LLMResult
 
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import AgentContext, Call, Outcome, Plan
 from .convert import accounted, labels, outcome_from_message, to_openai
@@ -61,9 +61,9 @@ class RouterCallbackHandler(BaseCallbackHandler):
 
     raise_error = False
 
-    def __init__(self, pipeline: Pipeline | None = None, *,
+    def __init__(self, pipeline: PipelineSource | None = None, *,
                  context: AgentContext | Mapping[str, Any] | None = None) -> None:
-        self.pipeline = pipeline or Pipeline()
+        self.pipeline = Pipeline() if pipeline is None else pipeline_of(pipeline, "RouterCallbackHandler")
         self.context = labels(context)  # checked now: a mistake found per call would only be logged
         if self.pipeline.config.app:  # a call that names no app counts for the config's, as in the pipeline
             self.context.setdefault("app", self.pipeline.config.app)

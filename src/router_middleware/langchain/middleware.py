@@ -37,7 +37,7 @@ from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import ConfigError
 from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
-from ..pipeline import Pipeline
+from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
@@ -149,10 +149,10 @@ class RouterAgentMiddleware(AgentMiddleware):
     on a step's first call is no swap: with ``model=`` that call is routed by ``model=``.
     """
 
-    def __init__(self, pipeline: Pipeline, *, models: Mapping[str, BaseChatModel] | None = None,
+    def __init__(self, pipeline: PipelineSource, *, models: Mapping[str, BaseChatModel] | None = None,
                  model: str | None = None, context: AgentContext | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.pipeline = pipeline
+        self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
             self._own_pipeline(chat_model, f"models[{name!r}]")

@@ -18,7 +18,7 @@ from .. import wire
 from ..accounting import build_outcome
 from ..drivers import astep, queued_writes, write_all
 from ..lifecycle import CutShort
-from ..pipeline import Pipeline
+from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import Outcome, Plan
 from .calls import _Answer, _Open, _overflow, _target
@@ -32,11 +32,12 @@ class _Core(CustomLogger):
     """The state and the shared steps of :class:`.RouterLogger` (the steps behind its proxy hooks:
     :class:`.proxy._ProxyHooks`; its watch of sync streams: :class:`.sync_streams._SyncStreams`)."""
 
-    def __init__(self, pipeline: Pipeline | None = None, *, proxy: bool = False) -> None:
-        """``proxy=True`` (the LiteLLM proxy): calls the client did not label get a session, step and
-        step kind from their conversation (:func:`.run_labels`)."""
+    def __init__(self, pipeline: PipelineSource | None = None, *, proxy: bool = False) -> None:
+        """``pipeline``: a :class:`.Pipeline`, or its config (:func:`.pipeline_of`; ``None``, the default
+        config's). ``proxy=True`` (the LiteLLM proxy): calls the client did not label get a session, step
+        and step kind from their conversation (:func:`.run_labels`)."""
         super().__init__()
-        self.pipeline = pipeline or Pipeline.from_config({})
+        self.pipeline = pipeline_of({} if pipeline is None else pipeline, type(self).__name__)
         self.proxy = proxy
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
