@@ -809,6 +809,23 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model=route)
 
 
+def test_without_models_a_route_or_an_unknown_name_is_refused_when_the_middleware_is_made() -> None:
+    """Without ``models=`` the agent's own model answers every call: ``model="agent"`` (an alias) had
+    each call planned to the alias's first target, its span saying ``chat gpt-4o-mini`` while the
+    agent's ``gpt-4.1-mini`` answered; ``model="codr"`` was taken as is. Both are refused, naming why."""
+    from router_middleware import ConfigError
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1-mini"]},
+                                                 "deployments": {"cheap": {"model": "openai/gpt-4o-mini"}}}})
+    for route in ("agent", "agent:floor", "cheap"):
+        with pytest.raises(ConfigError, match=rf"model='{route}' is a route .* routes only among models="):
+            RouterAgentMiddleware(pipeline, model=route)
+    with pytest.raises(ConfigError, match=r"model='agnet': not a model litellm knows .*did you mean 'agent'\?"):
+        RouterAgentMiddleware(pipeline, model="agnet")
+    for name in ("gpt-4.1-mini", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"):
+        RouterAgentMiddleware(pipeline, model=name)
+
+
 def test_without_model_the_agents_model_is_routed_by_its_name_in_models(tmp_path) -> None:
     """``models={"cheap": ..., "strong": ...}`` and no ``model=``: a call of the agent's model goes to
     the entry that is it (or holds the same model), under that name; one none of them holds is a

@@ -33,6 +33,7 @@ from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, conve
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
+from .. import wire
 from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import ConfigError
@@ -134,7 +135,8 @@ class RouterAgentMiddleware(AgentMiddleware):
     raises ``ConfigError`` with the closest names. Default: the name of the model handed to it (the
     agent's own), or with ``models``, where that is none of these, the name of the entry that is that
     model or holds the same one (:meth:`_route`). Without ``models``
-    the agent's model is kept and only the context and reasoning policies apply. ``context``: the
+    the agent's model is kept and only the context and reasoning policies apply; ``model=`` then names
+    it, and a route or a name litellm does not know raises ``ConfigError``. ``context``: the
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
     ``RequestError`` here); the session is LangGraph's
     ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
@@ -159,6 +161,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         self._serve()
         if self.models and model is not None:
             self._known_route(model)
+        elif model is not None:
+            self._known_label(model)
         self.route = model
         self.context = AgentContext.coerce(context)
         self._lock = threading.Lock()
@@ -200,6 +204,21 @@ class RouterAgentMiddleware(AgentMiddleware):
         base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
         close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+
+    def _known_label(self, name: str) -> None:
+        """Refuse a ``model=`` given without ``models``, where the agent's own model answers every call:
+        a route (its span and ledger row would name a target the route chose and nothing called), or a
+        name litellm does not know (priced as nothing; a typo of a route, say)."""
+        if self._routes(name):
+            raise ConfigError(f"model={name!r} is a route of the pipeline's config, and RouterAgentMiddleware routes "
+                              "only among models=, which were not given: the agent's own model would answer every "
+                              "call, its span and ledger row naming the target the route chose; pass models= "
+                              "(a chat model for each target) or name the agent's model")
+        if wire.provider_known(name) or self.pipeline.catalog.resolve(name) is not None:
+            return
+        close = close_names(name, self.pipeline.config.routing.route_names())
+        raise ConfigError(f"model={name!r}: not a model litellm knows (without models= it names the agent's own model)"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
 
     def _route(self, model: BaseChatModel) -> str:
