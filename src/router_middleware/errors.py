@@ -122,7 +122,8 @@ class NoRouteError(RouterMiddlewareError):
     status_code = 503
 
     def __init__(self, alias: str, rejections: Mapping[str, str]) -> None:
-        reasons = "; ".join(f"{model}: {why}" for model, why in rejections.items())
+        reasons = "; ".join(why if why.startswith(f"{model}: ") else f"{model}: {why}"  # a quota of the model names it
+                            for model, why in rejections.items())
         super().__init__(f"no model of {alias!r} can serve this request ({reasons})")
         self.alias = alias
         self.rejections = dict(rejections)
