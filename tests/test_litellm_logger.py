@@ -783,6 +783,22 @@ def test_an_async_sdk_call_over_a_budget_is_refused_before_it_is_sent(tmp_path, 
     assert len(rows) == 1 and rows[0]["error"] is None  # the refused call was never made: no row
 
 
+def test_an_alias_sent_to_litellm_s_sdk_is_said_to_route_only_through_the_pipeline_or_the_proxy(
+        tmp_path, monkeypatch) -> None:
+    """litellm's SDK calls the model it is given: ``litellm.acompletion(model="coder")`` fails in litellm
+    (no provider), and the warning before it says where an alias is routed, not only that litellm
+    chose provider None."""
+    logger = _sdk_logger(tmp_path, monkeypatch, {"aliases": {"coder": ["gpt-4o-mini"]}})
+    try:
+        with structlog.testing.capture_logs() as logs, pytest.raises(litellm.exceptions.BadRequestError):
+            asyncio.run(litellm.acompletion(model="coder", messages=[{"role": "user", "content": "hi"}],
+                                            mock_response="ok"))
+    finally:
+        logger.unregister()
+    said = next(e for e in logs if e["event"] == "route_not_enforced")
+    assert "an alias routes through Pipeline.acompletion or the proxy" in said["error"]
+
+
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_an_sdk_call_over_a_quota_is_sent_and_counted_and_says_so(api, tmp_path, monkeypatch) -> None:
     """litellm has chosen an SDK call's deployment when the hook runs: a call over one of its quotas

@@ -256,7 +256,9 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                              _context(kwargs))
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
                                      usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
-                                     unusable=f"litellm already chose provider {provider} for this call")
+                                     unusable=f"litellm already chose provider {provider} for this call"
+                                     if provider is not None else "litellm's SDK calls the name it is given: an "
+                                     "alias routes through Pipeline.acompletion or the proxy")
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
