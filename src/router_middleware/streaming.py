@@ -127,7 +127,8 @@ class TrackedStream:
             await asyncio.shield(asyncio.to_thread(self._settle, error, early))
 
     def close(self) -> None:
-        """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft`."""
+        """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft` unless the
+        answer had ended."""
         self._end(self._left(_CLOSED), early=True)
         closer = getattr(self._inner, "close", None)
         if callable(closer):
