@@ -328,9 +328,12 @@ def test_the_proxy_refuses_the_parameters_pipeline_completion_refuses_by_name(pa
     from router_middleware import RequestError
 
     logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
-    data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "bad", **params}
-    with pytest.raises(RequestError, match=named) as raised:
-        asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+    try:
+        data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "bad", **params}
+        with pytest.raises(RequestError, match=named) as raised:
+            asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+    finally:
+        logger.unregister()  # registered, it would take later tests' litellm calls
     assert raised.value.status_code == 400
 
 
