@@ -329,14 +329,14 @@ def test_a_stream_left_at_its_finish_reason_is_complete(name, mode, stop, tmp_pa
 
 
 @pytest.mark.parametrize("how", ["close", "drop", "aclose"])
-@pytest.mark.parametrize(("sent", "read", "error"), [
-    (["a", "b:stop", "usage"], 2, None),  # left at the finish reason: the (hidden) usage chunk never read
-    (["a", "b:stop", "usage"], 1, "StreamLeft"),  # left before it
-    (["a:stop", "b", "c:stop"], 2, "StreamLeft"),  # another choice went on after the first finished
-    (["a:stop", "b", "c:stop"], 3, None),
-], ids=["at-finish", "before-finish", "choice-goes-on", "last-choice-finished"])
-def test_a_stream_left_after_the_chunk_that_ends_its_answer_ends_complete_without_reading_on(sent, read, error,
-                                                                                          how) -> None:
+@pytest.mark.parametrize(("sent", "answers", "read", "error"), [
+    (["a", "b:stop", "usage"], 1, 2, None),  # left at the finish reason: the (hidden) usage chunk never read
+    (["a", "b:stop", "usage"], 1, 1, "StreamLeft"),  # left before it
+    (["0a", "1x", "0b:stop", "1y:stop"], 2, 3, "StreamLeft"),  # n=2: one answer ended, the other goes on
+    (["0a", "1x", "0b:stop", "1y:stop"], 2, 4, None),  # both ended
+], ids=["at-finish", "before-finish", "one-of-two-ended", "both-ended"])
+def test_a_stream_left_once_each_answer_has_ended_ends_complete_without_reading_on(sent, answers, read, error,
+                                                                                  how) -> None:
     from types import SimpleNamespace
 
     from router_middleware.streaming import TrackedStream
@@ -344,8 +344,9 @@ def test_a_stream_left_after_the_chunk_that_ends_its_answer_ends_complete_withou
     def chunk(text: str) -> Any:
         if text == "usage":
             return SimpleNamespace(choices=[], usage=1)
+        index, text = (int(text[0]), text[1:]) if text[0].isdigit() else (0, text)
         content, _, finish = text.partition(":")
-        return SimpleNamespace(choices=[SimpleNamespace(delta=content, finish_reason=finish or None)])
+        return SimpleNamespace(choices=[SimpleNamespace(index=index, delta=content, finish_reason=finish or None)])
 
     class Inner:  # a provider that sends nothing more once ``read`` chunks are out (a read would fail)
         def __init__(self) -> None:
@@ -359,7 +360,8 @@ def test_a_stream_left_after_the_chunk_that_ends_its_answer_ends_complete_withou
             return self.__next__()
 
     ended: list[BaseException | None] = []
-    stream = TrackedStream(Inner(), lambda chunks, *rest: ended.append(rest[2]), 0.0, hide_usage=True)
+    stream = TrackedStream(Inner(), lambda chunks, *rest: ended.append(rest[2]), 0.0, hide_usage=True,
+                           answers=answers)
 
     async def leave() -> None:
         for _ in range(read):

@@ -29,7 +29,7 @@ from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
-from .params import usage_asked
+from .params import choices_asked, usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
 from .routing.fallback import (
@@ -423,7 +423,7 @@ class CallLifecycle:
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error, _early:
                                  hit(rebuild_response(entry.response), begun, first, error), started,
-                                 hide_usage=not usage_asked(plan.params)), plan
+                                 hide_usage=not usage_asked(plan.params), answers=choices_asked(plan.params)), plan
         response = rebuild_response(entry.response)
         wire.attach_outcome(response, hit(response, started))
         return response, plan
@@ -608,7 +608,8 @@ class CallLifecycle:
         self._current = None
         if plan.params.get("stream"):
             return TrackedStream(answer, self._stream_finisher(plan, trace, answer), started,
-                                 off_loop=self.engine.store_blocks, hide_usage=self.engine.adds_usage_chunk(plan))
+                                 off_loop=self.engine.store_blocks, hide_usage=self.engine.adds_usage_chunk(plan),
+                                 answers=choices_asked(plan.params))
         result = build_outcome(answer, plan, self.engine.catalog, latency_s=time.perf_counter() - started,
                                usage_source=wire.usage_source(answer))  # a hit of litellm.cache's: no cost
         wire.attach_outcome(answer, result)

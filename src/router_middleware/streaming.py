@@ -29,13 +29,13 @@ class TrackedStream:
     stream ends (its settlement and cache write, which go to the store) in a worker thread, also when
     it is dropped on a running loop.
     ``hide_usage``: the final usage chunk (no choices) was asked for by the pipeline, not the caller:
-    it is read, not yielded. A caller that leaves once it has read the chunk that ended the answer
-    (every choice in it has its finish reason) had the whole answer: its call is complete, at an
-    estimate of its usage when the provider's usage chunk was not read.
+    it is read, not yielded. A caller that leaves once it has read a finish reason for each of the
+    ``answers`` asked for (``n``) had the whole answer: its call is complete, at an estimate of its
+    usage when the provider's usage chunk was not read.
     """
 
     def __init__(self, inner: Any, finish: Finisher, started_at: float, *, off_loop: bool = False,
-                 hide_usage: bool = False) -> None:
+                 hide_usage: bool = False, answers: int = 1) -> None:
         self._inner = inner
         self._finish = finish
         self._started_at = started_at
@@ -43,7 +43,8 @@ class TrackedStream:
         self._hide_usage = hide_usage
         self._first_chunk_at: float | None = None
         self._chunks: list[Any] = []
-        self._whole = False  # the last chunk with choices ended the answer
+        self._answers = answers
+        self._finished: set[int] = set()  # the choices whose finish reason came
         self._done = False
         self.outcome: Outcome | None = None
 
@@ -54,15 +55,14 @@ class TrackedStream:
         if self._first_chunk_at is None:
             self._first_chunk_at = time.perf_counter()
         self._chunks.append(chunk)
-        choices = getattr(chunk, "choices", None)
-        if choices:  # most chunks: no finish reason, at once
-            self._whole = bool(getattr(choices[0], "finish_reason", None)) and \
-                all(getattr(c, "finish_reason", None) for c in choices)
+        for choice in getattr(chunk, "choices", None) or ():
+            if getattr(choice, "finish_reason", None):
+                self._finished.add(getattr(choice, "index", 0) or 0)
         return chunk
 
     def _left(self, why: str) -> StreamLeft | None:
         """What ends a stream its caller leaves: nothing once it read the answer's end, else :class:`.StreamLeft`."""
-        return None if self._whole else StreamLeft(why)
+        return None if len(self._finished) >= self._answers else StreamLeft(why)
 
     def _end(self, error: BaseException | None, early: bool = False) -> None:
         """End the call once: ``error`` None, read to its end (``early``: to the answer's end, then left);
