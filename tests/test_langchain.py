@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import vcr
 import yaml
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
@@ -809,10 +810,11 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model=route)
 
 
-def test_without_models_a_route_or_an_unknown_name_is_refused_when_the_middleware_is_made() -> None:
+def test_without_models_a_route_is_refused_and_an_unknown_name_logged_when_the_middleware_is_made() -> None:
     """Without ``models=`` the agent's own model answers every call: ``model="agent"`` (an alias) had
     each call planned to the alias's first target, its span saying ``chat gpt-4o-mini`` while the
-    agent's ``gpt-4.1-mini`` answered; ``model="codr"`` was taken as is. Both are refused, naming why."""
+    agent's ``gpt-4.1-mini`` answered: refused, naming why. A name litellm does not know (``model="agnet"``
+    was taken silently) is logged with the closest names."""
     from router_middleware import ConfigError
 
     pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1-mini"]},
@@ -820,10 +822,11 @@ def test_without_models_a_route_or_an_unknown_name_is_refused_when_the_middlewar
     for route in ("agent", "agent:floor", "cheap"):
         with pytest.raises(ConfigError, match=rf"model='{route}' is a route .* routes only among models="):
             RouterAgentMiddleware(pipeline, model=route)
-    with pytest.raises(ConfigError, match=r"model='agnet': not a model litellm knows .*did you mean 'agent'\?"):
-        RouterAgentMiddleware(pipeline, model="agnet")
-    for name in ("gpt-4.1-mini", "openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5"):
-        RouterAgentMiddleware(pipeline, model=name)
+    with structlog.testing.capture_logs() as logs:  # a name of the agent's own (Ollama's, an Azure
+        for name in ("agnet", "llama3.1", "gpt-4.1-mini", "openai/gpt-4o-mini"):  # deployment's) is taken
+            RouterAgentMiddleware(pipeline, model=name)
+    unknown = [(e["model"], e["closest"][:1]) for e in logs if e["event"] == "agent_model_unknown"]
+    assert unknown == [("agnet", ["agent"]), ("llama3.1", [])]
 
 
 def test_without_model_the_agents_model_is_routed_by_its_name_in_models(tmp_path) -> None:

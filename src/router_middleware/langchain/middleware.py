@@ -136,7 +136,7 @@ class RouterAgentMiddleware(AgentMiddleware):
     agent's own), or with ``models``, where that is none of these, the name of the entry that is that
     model or holds the same one (:meth:`_route`). Without ``models``
     the agent's model is kept and only the context and reasoning policies apply; ``model=`` then names
-    it, and a route or a name litellm does not know raises ``ConfigError``. ``context``: the
+    it: a route raises ``ConfigError``, a name litellm does not know is logged. ``context``: the
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
     ``RequestError`` here); the session is LangGraph's
     ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
@@ -207,19 +207,20 @@ class RouterAgentMiddleware(AgentMiddleware):
                           + (f"; did you mean {close[0]!r}?" if close else ""))
 
     def _known_label(self, name: str) -> None:
-        """Refuse a ``model=`` given without ``models``, where the agent's own model answers every call:
-        a route (its span and ledger row would name a target the route chose and nothing called), or a
-        name litellm does not know (priced as nothing; a typo of a route, say)."""
+        """Check a ``model=`` given without ``models``, where the agent's own model answers every call:
+        a route is refused (its span and ledger row would name a target the route chose and nothing
+        called); a name litellm does not know is logged (``agent_model_unknown``, with the closest
+        names: a typo of a route, say; an Ollama or Azure deployment name is one too), its calls unpriced."""
         if self._routes(name):
             raise ConfigError(f"model={name!r} is a route of the pipeline's config, and RouterAgentMiddleware routes "
                               "only among models=, which were not given: the agent's own model would answer every "
                               "call, its span and ledger row naming the target the route chose; pass models= "
                               "(a chat model for each target) or name the agent's model")
-        if wire.provider_known(name) or self.pipeline.catalog.resolve(name) is not None:
-            return
-        close = close_names(name, self.pipeline.config.routing.route_names())
-        raise ConfigError(f"model={name!r}: not a model litellm knows (without models= it names the agent's own model)"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
+        if not wire.provider_known(name) and self.pipeline.catalog.resolve(name) is None:
+            log.warning("agent_model_unknown", model=name,
+                        closest=list(close_names(name, self.pipeline.config.routing.route_names())),
+                        why="without models= it names the agent's own model, which litellm does not know: its "
+                            "calls are not priced (the config's models: gives a price)")
 
     def _route(self, model: BaseChatModel) -> str:
         """What a call handed ``model`` asks the pipeline for: ``model=``, else the model's name; with
