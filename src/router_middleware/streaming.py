@@ -45,6 +45,7 @@ class TrackedStream:
         self._chunks: list[Any] = []
         self._answers = answers
         self._finished: set[int] = set()  # the choices whose finish reason came
+        self._read_out = False  # read to the stream's end (else left, or cut short)
         self._done = False
         self.outcome: Outcome | None = None
 
@@ -64,11 +65,11 @@ class TrackedStream:
         """What ends a stream its caller leaves: nothing once it read the answer's end, else :class:`.StreamLeft`."""
         return None if len(self._finished) >= self._answers else StreamLeft(why)
 
-    def _end(self, error: BaseException | None, early: bool = False) -> None:
-        """End the call once: ``error`` None, read to its end (``early``: to the answer's end, then left);
-        else cut short by it."""
+    def _end(self, error: BaseException | None) -> None:
+        """End the call once: ``error`` None, read to its end (or to the answer's end, then left); else cut
+        short by it."""
         if self._claim():
-            self._settle(error, early)
+            self._settle(error)
 
     def _claim(self) -> bool:
         """Whether this is the stream's one ending (the first to ask)."""
@@ -77,10 +78,10 @@ class TrackedStream:
         self._done = True
         return True
 
-    def _settle(self, error: BaseException | None, early: bool = False) -> None:
+    def _settle(self, error: BaseException | None) -> None:
         if not self._chunks and isinstance(self._inner, Prefetched):  # closed unread: the provider answered
             self._chunks.extend(self._inner.unread)
-        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, early)
+        self.outcome = self._finish(self._chunks, self._started_at, self._first_chunk_at, error, not self._read_out)
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -95,6 +96,7 @@ class TrackedStream:
                 chunk = self._record(next(self._inner))
             return chunk
         except StopIteration:
+            self._read_out = True
             self._end(None)
             raise
         except BaseException as exc:  # a provider's error, or the reader stopped from outside (Ctrl-C)
@@ -111,6 +113,7 @@ class TrackedStream:
                 chunk = self._record(await self._inner.__anext__())
             return chunk
         except StopAsyncIteration:
+            self._read_out = True
             await self._aend(None)
             raise
         except Exception as exc:
@@ -120,23 +123,23 @@ class TrackedStream:
             self._end_now(exc)
             raise
 
-    async def _aend(self, error: BaseException | None, early: bool = False) -> None:
+    async def _aend(self, error: BaseException | None) -> None:
         if not self._off_loop:
-            self._end(error, early)
+            self._end(error)
         elif self._claim():  # the reader cancelled while it waits for a worker: it still ends as it ended
-            await asyncio.shield(asyncio.to_thread(self._settle, error, early))
+            await asyncio.shield(asyncio.to_thread(self._settle, error))
 
     def close(self) -> None:
         """Stop reading: the call ends with what was received, cut short by :class:`.StreamLeft` unless the
         answer had ended."""
-        self._end(self._left(_CLOSED), early=True)
+        self._end(self._left(_CLOSED))
         closer = getattr(self._inner, "close", None)
         if callable(closer):
             closer()
 
     async def aclose(self) -> None:
         """Stop reading, as :meth:`close` does."""
-        await self._aend(self._left(_CLOSED), early=True)
+        await self._aend(self._left(_CLOSED))
         closer = getattr(self._inner, "aclose", None)
         if callable(closer):
             await closer()
@@ -147,19 +150,19 @@ class TrackedStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _end_now(self, error: BaseException | None, early: bool = False) -> None:
+    def _end_now(self, error: BaseException | None) -> None:
         """End it unfinished without awaiting (a finalizer, a cancelled task): off the loop if settling may block."""
         if not self._claim():
             return
         if self._off_loop and _loop_running():  # its settlement may block: not on the loop
-            threading.Thread(target=self._settle, args=(error, early), daemon=True).start()
+            threading.Thread(target=self._settle, args=(error,), daemon=True).start()
         else:
-            self._settle(error, early)
+            self._settle(error)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # never raise from a finalizer
             if not self._done:
-                self._end_now(self._left("the caller let the stream go before it ended"), early=True)
+                self._end_now(self._left("the caller let the stream go before it ended"))
 
 
 def _loop_running() -> bool:
