@@ -643,8 +643,9 @@ def test_successful_calls_settle_budgets_and_reach_the_ledger(call, script, tmp_
     p.close()
     spent = float(p.store.get("budget:team:usd:all:0") or 0)
     assert 0 < spent < 0.01  # settled to the answer's cost, not left at the reservation
-    rows = open_ledger(url).query("SELECT requested_model, error, cost_usd FROM calls")
+    rows = open_ledger(url).query("SELECT requested_model, error, cost_usd, step_kind FROM calls")
     assert len(rows) == 1 and rows[0][0] == "coder" and rows[0][1] is None and rows[0][2] > 0
+    assert rows[0][3] == "plan"  # the caller gave no step kind: its messages show the task's first call
 
 
 def test_an_attempt_cut_partway_then_one_that_answers_are_both_charged_each_with_its_row(tmp_path) -> None:

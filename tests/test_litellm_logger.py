@@ -18,7 +18,7 @@ import pytest
 import structlog
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import BudgetExceeded, Pipeline, wire
+from router_middleware import BudgetExceeded, Pipeline, outcome, wire
 from router_middleware.ledger.store import open_ledger
 from router_middleware.litellm import RouterLogger
 
@@ -152,6 +152,33 @@ def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_sta
     assert changed["prompt_cache_key"].startswith("rm-") and changed["messages"] == body["messages"]
     assert asyncio.run(router.async_pre_call_deployment_hook({**changed, "model": "gpt-5-mini"}, "acompletion")) is None
     assert router.hook_calls == 1
+
+
+def test_difficulty_tiers_route_a_step_alike_through_the_pipeline_and_the_proxy(tmp_path) -> None:
+    """A step's kind, read from its messages when the caller gives none, weighs in its difficulty the
+    same way in: the task's first call (``plan``) goes to the strong tier, a tool result (``observe``)
+    to the cheap one, and both rows say which kind it was."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    config = {"routing": {"deployments": {"cheap": {"model": "openai/gpt-4o-mini"},
+                                          "strong": {"model": "openai/gpt-5-mini"}},
+                          "aliases": {"low": ["cheap"], "high": ["strong"]},
+                          "tiers": [{"max_score": 0.2, "alias": "low"}, {"max_score": 1.0, "alias": "high"}]},
+              "context": {"enabled": False}, "ledger": {"url": url}}
+    task = [{"role": "user", "content": "Rename the variable x to count in utils.py and run the tests"}]
+    observed = [*task, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": '{"command": "cat utils.py"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "x = 1\nprint(x)\n"}]
+    pipeline = Pipeline.from_config(config)
+    direct = [pipeline.completion(model="auto", messages=m, mock_response="ok") for m in (task, observed)]
+    assert [outcome(r).plan.model for r in direct] == ["openai/gpt-5-mini", "openai/gpt-4o-mini"]
+    pipeline.close()
+    proxy = RouterLogger(Pipeline.from_config(config), proxy=True)
+    hooked = [asyncio.run(proxy.async_pre_call_hook(None, None, {"model": "auto", "messages": m,
+                                                               "litellm_call_id": f"p{i}"}, "acompletion"))
+              for i, m in enumerate((task, observed))]
+    assert [h["model"] for h in hooked] == ["strong", "cheap"]
+    rows = open_ledger(url).query("SELECT step_kind FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == ["plan", "observe"]
 
 
 def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:

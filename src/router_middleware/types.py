@@ -57,7 +57,8 @@ class AgentContext:
 
     All fields are optional. ``session_id`` groups the calls of one agent run (budgets, caches,
     ``gen_ai.conversation.id``); ``step`` is the 0-based index of the call in that run; ``step_kind``
-    is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...);
+    is the caller's label for the step (``plan``, ``act``, ``observe``, ``edit``, ``summarize``...),
+    else the one its messages show (:func:`~.reasoning.infer_step_kind`, filled in by ``Call.create``);
     ``tenant`` scopes the response cache; ``cache`` forces a call in (``True``) or out (``False``) of it;
     ``agent_id`` identifies the agent (``gen_ai.agent.id``; ``app`` is its ``gen_ai.agent.name``).
     """
@@ -166,7 +167,15 @@ class Call:
         context: AgentContext | Mapping[str, Any] | None = None,
         decisions: Sequence[Decision] = (),
     ) -> Call:
-        return cls(model, History(messages), _frozen(params), AgentContext.coerce(context), tuple(decisions))
+        history = History(messages)
+        kind = context.step_kind if isinstance(context, AgentContext) else (context or {}).get("step_kind")
+        if kind is None and history:
+            from .reasoning.signals import infer_step_kind  # reasoning imports this module
+
+            kind = infer_step_kind(history)
+            context = replace(context, step_kind=kind) if isinstance(context, AgentContext) else {
+                **(context or {}), "step_kind": kind}  # checked once, by coerce
+        return cls(model, history, _frozen(params), AgentContext.coerce(context), tuple(decisions))
 
     @property
     def stream(self) -> bool:
