@@ -2354,3 +2354,75 @@ def test_the_proxy_settles_a_call_as_its_answer_is_served_and_drops_its_late_eve
     else:
         assert recorded == 1 and spent == expected != held  # the call's spend, before the client has the answer
         assert rows[0]["input_tokens"] + rows[0]["output_tokens"] == expected
+
+
+@pytest.mark.parametrize("way", ["completion", "completion stream", "acompletion", "acompletion stream"])
+def test_the_logger_s_spans_sit_in_the_caller_s_trace_timed_as_the_call_and_name_its_endpoint(logger, span_exporter,
+                                                                                              way) -> None:
+    """litellm's events come after the call, a sync stream's on a thread outside the caller's context:
+    the spans are still the caller's span's children, start and end when litellm says the call did
+    (as the row's ``latency_s``), and name the endpoint the call went to."""
+    from opentelemetry import trace
+
+    from .fault_server import fault_server
+
+    streamed, asynchronous = way.endswith("stream"), way.startswith("a")
+    messages = [{"role": "user", "content": "Tell me a joke about opentelemetry"}]
+    tracer = trace.get_tracer("the-agent")
+
+    async def acall(kw: dict) -> None:
+        response = await litellm.acompletion(**kw)
+        if streamed:
+            async for _ in response:
+                pass
+        await _recorded(logger, 1)
+
+    with fault_server() as (base, _seen):
+        kw = {"model": "openai/gpt-3.5-turbo", "messages": messages, "api_key": "x", "api_base": f"{base}/healthy/v1",
+              "max_tokens": 100, "stream": streamed}
+        with tracer.start_as_current_span("agent step") as step:
+            if asynchronous:
+                asyncio.run(acall(kw))
+            else:
+                response = litellm.completion(**kw)
+                for _ in response if streamed else ():
+                    pass
+                del response
+                assert _polled(lambda: logger.recorded >= 1)
+    (row,) = _ledger(logger, ("latency_s", "error"))
+    spans = {s.kind: s for s in span_exporter.get_finished_spans() if s.name != "agent step"}
+    route, chat = spans[SpanKind.INTERNAL], spans[SpanKind.CLIENT]
+    assert route.parent.span_id == step.get_span_context().span_id and chat.parent.span_id == route.context.span_id
+    assert chat.attributes["server.address"] == "127.0.0.1" and row["error"] is None
+    if not asynchronous:  # timed by litellm's event (an async call's spans are the lifecycle's, opened at its hook)
+        assert (chat.end_time - chat.start_time) / 1e9 == pytest.approx(row["latency_s"], abs=0.002)
+
+
+def test_a_sync_call_s_spans_and_duration_point_cover_the_call_not_the_moment_its_event_came(logger,
+                                                                                           span_exporter) -> None:
+    from opentelemetry import metrics
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from router_middleware.telemetry import metrics as call_metrics
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    found = call_metrics.instruments
+    original = metrics.get_meter
+    metrics.get_meter = provider.get_meter  # type: ignore[assignment]
+    found.cache_clear()
+    try:
+        litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                           mock_delay=0.3)
+        assert _polled(lambda: logger.recorded >= 1)
+        points = [p for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+                  if m.name == "gen_ai.client.operation.duration" for p in m.data.data_points]
+    finally:
+        metrics.get_meter = original  # type: ignore[assignment]
+        found.cache_clear()
+        provider.shutdown()
+    (row,) = _ledger(logger, ("latency_s",))
+    for span in span_exporter.get_finished_spans():
+        assert (span.end_time - span.start_time) / 1e9 == pytest.approx(row["latency_s"], abs=0.002)
+    assert row["latency_s"] >= 0.3 and [p.sum for p in points] == [pytest.approx(row["latency_s"], abs=0.002)]

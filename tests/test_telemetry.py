@@ -153,6 +153,39 @@ def test_metrics(metric_reader) -> None:
     assert cost and cost[0].value > 0
 
 
+def test_each_attempt_has_its_own_duration_point_and_its_spans_say_it_failed(metric_reader, span_exporter,
+                                                                            monkeypatch) -> None:
+    """A fallback's failed attempt is a GenAI operation of its own: one duration point with its
+    ``error.type`` and its own time, the answered attempt's point only its own; its spans say
+    ``router_middleware.ended`` ``failed``. The call's route span carries its cost under our name,
+    not ``gen_ai.usage.cost``, so a backend summing that over a trace counts each call once."""
+    import litellm
+
+    first, second = "gpt-4o", "gpt-4.1"  # no other test of this module calls them
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"pair": [first, second]}, "fallback": {"backoff_s": 0}},
+                                     "cache": {"enabled": False}})
+    failure = litellm.exceptions.RateLimitError("slow down", "openai", first)
+    real = litellm.completion
+
+    def scripted(**kw):
+        if kw["model"] == first:
+            time.sleep(0.2)
+            return real(**{**kw, "mock_response": failure})
+        return real(**kw)
+
+    monkeypatch.setattr(litellm, "completion", scripted)
+    pipeline.completion(model="pair", messages=MESSAGES, mock_response="ok")
+    durations = {p.attributes["gen_ai.request.model"]: p for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                 if p.attributes.get("gen_ai.request.model") in (first, second)}
+    assert durations[first].attributes["error.type"] == "RateLimitError" and durations[first].sum >= 0.2
+    assert "error.type" not in durations[second].attributes and durations[second].sum < 0.2
+    assert durations[first].count == durations[second].count == 1
+    route, chat = spans_by_kind(span_exporter)
+    failed = next(s for s in chat if s.name == f"chat {first}")
+    assert failed.attributes["router_middleware.ended"] == "failed"
+    assert "gen_ai.usage.cost" not in route[-1].attributes and route[-1].attributes["router_middleware.cost_usd"] > 0
+
+
 def test_cache_hits_stay_out_of_the_genai_client_metrics(metric_reader) -> None:
     """A hit took no provider operation: counted, its 0 tokens and ~0 s would skew the histograms."""
     pipeline = Pipeline.from_config({})
@@ -179,7 +212,7 @@ def test_a_stream_its_caller_closes_is_measured_and_no_error(metric_reader, span
         assert span.status.status_code == StatusCode.UNSET and "error.type" not in span.attributes
         assert (span.attributes["router_middleware.ended"], span.attributes["router_middleware.stopped_by"]) == \
             ("stopped", "StreamLeft")
-    assert chat[-1].attributes["gen_ai.usage.output_tokens"] > 0 and route[-1].attributes["gen_ai.usage.cost"] > 0
+    assert chat[-1].attributes["gen_ai.usage.output_tokens"] > 0 and route[-1].attributes["router_middleware.cost_usd"] > 0
     tokens = [p for p in _points(metric_reader, "gen_ai.client.token.usage")
               if p.attributes.get("gen_ai.response.model") == model]
     assert {p.attributes["gen_ai.token.type"] for p in tokens} == {"input", "output"}
@@ -204,8 +237,10 @@ def test_log_event_carries_trace_ids(span_exporter) -> None:
     assert event["input_tokens"] > 0 and event["cost_usd"] > 0
 
 
-def test_a_failed_call_and_a_cache_hit_log_the_ids_of_their_route_span(span_exporter) -> None:
-    """No attempt span is open when they log (the failed one has ended; a hit has none): the call's is used."""
+def test_a_failed_call_logs_the_ids_of_its_last_attempt_s_span_and_a_cache_hit_its_route_span_s(span_exporter) -> None:
+    """A call's log line points at the span of the attempt it is about, as an answered call's does at
+    the attempt that answered: a failed call's at its last attempt's (ended by then, with the error);
+    a cache hit made no attempt: its route span's."""
     import litellm
 
     pipeline = Pipeline.from_config({})
@@ -215,12 +250,14 @@ def test_a_failed_call_and_a_cache_hit_log_the_ids_of_their_route_span(span_expo
             pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=denied)
         for _ in range(2):  # the second is a hit
             pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", temperature=0)
-    routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route ")]
+    spans = span_exporter.get_finished_spans()
+    attempt = next(s for s in spans if s.name.startswith("chat ") and s.status.status_code == StatusCode.ERROR)
+    route = [s for s in spans if s.name.startswith("route ")][-1]
     failed, hit = [e for e in logs if e["event"] == "llm_call_failed"][0], [e for e in logs if e["event"] == "llm_call"][-1]
     assert hit["cost_source"] == "response_cache"
-    for event, route in ((failed, routes[0]), (hit, routes[-1])):
-        assert event["trace_id"] == format(route.context.trace_id, "032x")
-        assert event["span_id"] == format(route.context.span_id, "016x")
+    for event, span in ((failed, attempt), (hit, route)):
+        assert event["trace_id"] == format(span.context.trace_id, "032x")
+        assert event["span_id"] == format(span.context.span_id, "016x")
 
 
 def test_log_events_follow_structlog_reconfiguration(span_exporter) -> None:

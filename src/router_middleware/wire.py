@@ -37,6 +37,16 @@ def litellm() -> Any:
     return found
 
 
+@functools.cache
+def user_part_types() -> frozenset[str]:
+    """The content part types litellm takes in a user message: ``litellm.completion`` refuses any other
+    before sending, for every provider (``validate_chat_completion_user_messages``, utils.py, 1.110.2)."""
+    litellm()
+    from litellm.types.llms.openai import ValidUserMessageContentTypes
+
+    return frozenset(ValidUserMessageContentTypes)
+
+
 def hidden(response: Any) -> dict[str, Any]:
     """litellm's hidden params of a response or chunk (a dict that may be written to), or ``{}``."""
     private = getattr(response, "__pydantic_private__", None)  # where pydantic keeps it: read directly,
@@ -379,6 +389,20 @@ def requested_model(event: Mapping[str, Any]) -> str | None:
     found = event.get("agentic_loop_params")
     name = found.get("model") if isinstance(found, Mapping) else None
     return str(name) if name else None
+
+
+def api_base(event: Mapping[str, Any]) -> str | None:
+    """The endpoint a call's event kwargs say it was sent to (``litellm_params.api_base``, set by
+    litellm for the call before it is sent), or ``None``."""
+    params = event.get("litellm_params")
+    base = params.get("api_base") if isinstance(params, Mapping) else None
+    return base if isinstance(base, str) and base else None
+
+
+def time_ns(moment: Any) -> int | None:
+    """A litellm event's ``start_time``/``end_time`` (a ``datetime``; naive ones are local time, as
+    litellm takes them) on the ``time.time_ns()`` clock spans use, or ``None``."""
+    return int(moment.timestamp() * 1e9) if isinstance(moment, datetime) else None
 
 
 def provider_of(response: Any) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
+from opentelemetry.context import Context
 
 from .. import wire
 from ..accounting import build_outcome
@@ -144,15 +145,20 @@ class _Core(CustomLogger):
     def _read_own(self, plan: Plan, answer: _Answer, started: float) -> Outcome:
         return self._read(plan, answer, started, routed=False)
 
-    def _planned(self, kwargs: Mapping[str, Any]) -> tuple[Plan, CallTrace]:
+    def _planned(self, kwargs: Mapping[str, Any], start_ns: int | None = None,
+                 within: Context | None = None) -> tuple[Plan, CallTrace]:
         """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook), of
-        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped).
-        ``kwargs``: an event's, or what :func:`._request_of` kept of them."""
+        the model the caller passed, as the hook records it (litellm's own ``model`` is stripped), sent
+        to the endpoint it was sent to. ``kwargs``: an event's, or what :func:`._request_of` kept of
+        them; its spans start at ``start_ns`` (when the call began), under ``within`` (the caller's
+        OpenTelemetry context, where the event runs outside it)."""
         model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
-        call = _observed(model, list(kwargs.get("messages") or []), context)
+        base = wire.api_base(kwargs)
+        call = _observed(model, list(kwargs.get("messages") or []), context, {"api_base": base} if base else None)
         plan = Plan.from_call(call)
-        return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0)
+        return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0,
+                                     start_ns=start_ns, within=within)
 
     # -- shared -----------------------------------------------------------------------------------
 
@@ -173,14 +179,15 @@ class _Core(CustomLogger):
         for stale in evicted:
             self._end(stale, TimeoutError("no event came for this call"))
 
-    def _failed(self, plan: Plan, trace: CallTrace, error: BaseException, spent: Outcome | None = None) -> None:
-        """One row and span for a call no lifecycle follows that ended in ``error``: settled at what it
-        used (``spent``, charged to the budgets that apply), else with nothing spent."""
+    def _failed(self, plan: Plan, trace: CallTrace, error: BaseException, spent: Outcome | None = None,
+                end_ns: int | None = None) -> None:
+        """One row and span for a call no lifecycle follows that ended in ``error`` (at ``end_ns``, else
+        now): settled at what it used (``spent``, charged to the budgets that apply), else with nothing spent."""
         if spent is None:
-            trace.fail(error)
+            trace.fail(error, end_ns=end_ns)
             self.pipeline.books.record_failure(plan, error)
         else:
-            trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error))
+            trace.fail(error, self.pipeline.books.settle_observed(spent, complete=False, error=error), end_ns=end_ns)
         self._tally()
 
     def _tally(self) -> None:

@@ -11,6 +11,8 @@ import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
+from opentelemetry.context import Context
+
 from .. import wire
 from ..accounting import build_outcome
 from ..drivers import astep
@@ -35,6 +37,8 @@ from .request import (
     _unrefusable,
 )
 from .sync_streams import _SyncStreams, _watch_key
+
+_ENDPOINT_KEYS = ("api_base", "base_url")  # planned with an SDK call for its spans' server.address, sent as given
 
 
 def _not_routed(error: NoRouteError) -> None:
@@ -251,7 +255,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
         try:
-            params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS}
+            params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
                              _context(kwargs))
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
@@ -356,29 +360,32 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         if found is not None:
             found.chunks.append(response_obj)
 
-    def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any) -> None:
+    def _success(self, kwargs: Mapping[str, Any], response_obj: Any, start_time: Any, end_time: Any,
+                 within: Context | None = None) -> None:
+        """One row and span for a call no lifecycle follows that was answered, timed as litellm timed it
+        (``within``: the caller's OpenTelemetry context, for an event that runs outside it)."""
         try:
-            plan, trace = self._planned(kwargs)
+            plan, trace = self._planned(kwargs, wire.time_ns(start_time), within)
             answer = _Answer.of(response_obj, kwargs, start_time, end_time)
             result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=answer.source,
                                    latency_s=answer.latency_s, time_to_first_token_s=answer.ttft_s)
             self.pipeline.books.settle_observed(result)
-            trace.succeed(result, response_obj)
+            trace.succeed(result, response_obj, end_ns=wire.time_ns(end_time))
             self._tally()
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
-    def _failure(self, kwargs: Mapping[str, Any]) -> None:
+    def _failure(self, kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> None:
         try:
-            plan, trace = self._planned(kwargs)
-            self._failed(plan, trace, _error(kwargs))
+            plan, trace = self._planned(kwargs, wire.time_ns(start_time))
+            self._failed(plan, trace, _error(kwargs), end_ns=wire.time_ns(end_time))
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
     def log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs):
-            self._stream_ended(kwargs)
-            self._success(kwargs, response_obj, start_time, end_time)
+            watched = self._stream_ended(kwargs)  # a sync stream's event runs on a thread outside the caller's context
+            self._success(kwargs, response_obj, start_time, end_time, watched.within if watched else None)
 
     async def async_log_success_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs) or self._served_already(kwargs):
@@ -397,7 +404,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if not _ours(kwargs) and not self._stream_broke(kwargs):
-            self._failure(kwargs)
+            self._failure(kwargs, start_time, end_time)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):
@@ -410,4 +417,4 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
             return
-        await self._recorded(self._failure, kwargs)
+        await self._recorded(self._failure, kwargs, start_time, end_time)

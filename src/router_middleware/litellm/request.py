@@ -102,18 +102,19 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, An
     return context
 
 
-def _observed(model: str, messages: list[Any], context: dict[str, Any]) -> Call:
+def _observed(model: str, messages: list[Any], context: dict[str, Any],
+              params: Mapping[str, Any] | None = None) -> Call:
     """The call litellm made, with its labels: one the pipeline refuses (litellm's ``metadata`` is
     free-form: ``step="first"``) is left out, logged, rather than the call unrecorded."""
-    return _labelled(lambda labels: Call.create(model, messages, {}, labels), context)
+    return _labelled(lambda labels: Call.create(model, messages, params or {}, labels), context)
 
 
 def _request_of(details: Mapping[str, Any]) -> dict[str, Any]:
     """What :meth:`._Core._planned` reads of a call's event kwargs (its model as passed, its
-    messages, its labels), apart from litellm's dict, which a finalizer must not hold."""
+    messages, its labels, its endpoint), apart from litellm's dict, which a finalizer must not hold."""
     requested = wire.requested_model(details)
     kept = {"model": details.get("model"), "messages": list(details.get("messages") or []),
-            "metadata": dict(_metadata(details))}
+            "metadata": dict(_metadata(details)), "litellm_params": {"api_base": wire.api_base(details)}}
     return {**kept, "agentic_loop_params": {"model": requested}} if requested else kept
 
 

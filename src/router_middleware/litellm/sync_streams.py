@@ -16,6 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry import context
+from opentelemetry.context import Context
+
 from .. import wire
 from ..errors import StreamLeft
 from .calls import _Answer, _overflow
@@ -41,6 +44,8 @@ class _Streaming:
 
     request: Mapping[str, Any]
     tools: Any = None
+    start_ns: int | None = None  # when litellm began the call
+    within: Context | None = None  # the caller's OpenTelemetry context (events and finalizers run outside it)
     chunks: list[Any] = field(default_factory=list)
     finalizer: Any = None  # weakref.finalize
     broken: Exception | None = None
@@ -107,7 +112,8 @@ class _SyncStreams(_Core):
         second request with the same dict (a retry litellm makes with the call's logging object)
         keeps its watch while it is on."""
         optional = details.get("optional_params")
-        found = _Streaming(_request_of(details), optional.get("tools") if isinstance(optional, Mapping) else None)
+        found = _Streaming(_request_of(details), optional.get("tools") if isinstance(optional, Mapping) else None,
+                           wire.time_ns(details.get("start_time")), context.get_current())
         with self._lock:
             if _watch_key(details) in self._streams:
                 return
@@ -120,11 +126,13 @@ class _SyncStreams(_Core):
         found.finalizer.atexit = False
         details[_WATCH_KEY] = watched
 
-    def _stream_ended(self, kwargs: Mapping[str, Any]) -> None:
-        """A call's success or failure event came: a sync stream's watch, if any, has nothing to do."""
-        if self._streams:
-            with self._lock:
-                self._streams.pop(_watch_key(kwargs) or "", None)
+    def _stream_ended(self, kwargs: Mapping[str, Any]) -> _Streaming | None:
+        """A call's success or failure event came: a sync stream's watch, if any, has nothing to do
+        (returned, for what it kept of the call)."""
+        if not self._streams:
+            return None
+        with self._lock:
+            return self._streams.pop(_watch_key(kwargs) or "", None)
 
     def _stream_broke(self, kwargs: Mapping[str, Any]) -> bool:
         """A sync call's failure event came: is it a watched stream whose provider broke it after its
@@ -208,7 +216,7 @@ class _SyncStreams(_Core):
 
     def _settle_stream(self, found: _Streaming) -> None:
         """One row and span for a sync stream whose watch ended (:meth:`_sync_ended`)."""
-        plan, trace = self._planned(found.request)
+        plan, trace = self._planned(found.request, found.start_ns, found.within)
         error = found.broken or StreamLeft("the caller stopped reading the stream and let it go before it ended "
                                            "(litellm sent no event for it)")
         spent = None

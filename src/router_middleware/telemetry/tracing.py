@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..errors import ending
@@ -83,15 +84,25 @@ def _ids(span: Span) -> dict[str, str]:
 
 
 class CallTrace:
-    """Create with :meth:`start`; finish with :meth:`succeed` or :meth:`fail` (each at most once)."""
+    """Create with :meth:`start`; finish with :meth:`succeed` or :meth:`fail` (each at most once).
 
-    def __init__(self, settings: TelemetrySettings, plan: Plan, provider: str | None) -> None:
+    Each provider attempt gets a CLIENT span and one ``gen_ai.client.operation.duration`` point
+    (a failed one with ``error.type``), timed from its own start. An adapter that learns of a call
+    after it ran (litellm's events) passes the call's ``start_ns`` and ``end_ns`` (``time.time_ns()``
+    clock), which time its spans and metrics instead of the moment the event came."""
+
+    def __init__(self, settings: TelemetrySettings, plan: Plan, provider: str | None,
+                 start_ns: int | None = None) -> None:
         self.settings = settings
         self.plan = plan
         self.provider = provider
         self.parent: Span | None = None
         self.child: Span | None = None
-        self.started = time.perf_counter()
+        self.started = time.perf_counter()  # the current attempt's start
+        self.start_ns = start_ns  # the current attempt's start as the adapter saw it, if given
+        self.attempting = False  # an attempt is under way whose duration point is not recorded yet
+        self.recorded = False  # a duration point was recorded for one of the call's attempts
+        self.last_ids: dict[str, str] = {}  # the span ids of the last attempt that ended, for the log line
         self.request_attrs: dict[str, AttributeValue] = {}
         self.done = False
         self.cache_similarity: float | None = None
@@ -101,20 +112,25 @@ class CallTrace:
 
     @classmethod
     def start(cls, settings: TelemetrySettings, plan: Plan, provider: str | None, tokens_before: int,
-              tokens_after: int, *, attempt: bool = True, side_calls: Sequence[SideCall] = ()) -> CallTrace:
+              tokens_after: int, *, attempt: bool = True, side_calls: Sequence[SideCall] = (),
+              start_ns: int | None = None, within: Context | None = None) -> CallTrace:
         """``attempt=False``: no provider is called (a response-cache hit), so no CLIENT span;
-        ``side_calls`` made before it get their CLIENT spans first (the route span starts with them)."""
-        trace_ = cls(settings, plan, provider)
+        ``side_calls`` made before it get their CLIENT spans first (the route span starts with them);
+        ``start_ns``: when the call began, if before now; ``within``: the caller's OpenTelemetry context,
+        where this runs outside it (a thread of litellm's), else the current one."""
+        trace_ = cls(settings, plan, provider, start_ns)
+        trace_.attempting = attempt
         if settings.enabled and not trace_.nested:
-            trace_._open(tokens_before, tokens_after, attempt, side_calls)
+            trace_._open(tokens_before, tokens_after, attempt, side_calls, within)
         return trace_
 
     @never_raises(default=None)
     def _open(self, tokens_before: int, tokens_after: int, attempt: bool = True,
-              side_calls: Sequence[SideCall] = ()) -> None:
+              side_calls: Sequence[SideCall] = (), within: Context | None = None) -> None:
         tracer = _tracer()
-        begun = min((c.start_ns for c in side_calls), default=None)
-        self.parent = tracer.start_span(f"route {self.plan.call.model}", kind=SpanKind.INTERNAL, start_time=begun)
+        begun = min((c.start_ns for c in side_calls), default=self.start_ns)
+        self.parent = tracer.start_span(f"route {self.plan.call.model}", context=within, kind=SpanKind.INTERNAL,
+                                        start_time=begun)
         for call in side_calls:
             self._side_call(call)
         if not self.parent.is_recording():  # no SDK installed, or sampled out: build no attributes
@@ -160,24 +176,49 @@ class CallTrace:
         assert self.parent is not None
         context = trace.set_span_in_context(self.parent)
         self.child = _tracer().start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
-                                          attributes=self.request_attrs)
+                                          attributes=self.request_attrs, start_time=self.start_ns)
+
+    def _next(self) -> None:
+        """Another attempt starts now: its span and its duration point are timed from here."""
+        self.started, self.start_ns, self.attempting = time.perf_counter(), None, True
+        if self.parent is not None and self.child is None:
+            self._start_attempt()
+
+    def _point(self, outcome: Outcome | None, error: str | None, end_ns: int | None,
+               extra: dict[str, AttributeValue] | None = None) -> None:
+        """The duration point (and tokens and cost, if ``outcome``) of the attempt under way."""
+        self.attempting, self.recorded = False, True
+        if self.nested or not self.settings.enabled:
+            return
+        if end_ns is not None and self.start_ns is not None:
+            duration = (end_ns - self.start_ns) / 1e9
+        else:
+            duration = time.perf_counter() - self.started
+        attrs = self._metric_attrs()
+        if extra:
+            attrs.update(extra)
+        call_metrics.record(attrs, outcome, duration, error, self.plan.call.context.app)
 
     @never_raises(default=None)
     def attempt_failed(self, error: BaseException, spent: Outcome | None = None, end_ns: int | None = None) -> None:
         """End the current attempt's span as failed (at ``end_ns``, else now), with what it used before
-        it broke off (``spent``) if anything; the call goes on with another attempt."""
+        it broke off (``spent``) if anything, and record its duration point; the call goes on with
+        another attempt."""
+        kind = type(error).__qualname__
+        if self.attempting:
+            self._point(spent, kind, end_ns)
         if self.child is not None:
-            self.child.set_attribute("error.type", type(error).__qualname__)
+            self.child.set_attributes({"error.type": kind, "router_middleware.ended": "failed"})
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
             self._used(spent)
+            self.last_ids = _ids(self.child)
             self.child.end(end_time=end_ns)
             self.child = None
 
     @never_raises(default=None)
     def again(self) -> None:
         """The attempt is made again, as it was (a retry inside an adapter's model call): a CLIENT span of its own."""
-        if self.parent is not None and self.child is None:
-            self._start_attempt()
+        self._next()
 
     def _used(self, outcome: Outcome | None) -> None:
         """Put what an attempt that failed had used on its span."""
@@ -189,12 +230,11 @@ class CallTrace:
     def next_attempt(self, plan: Plan, provider: str | None, depth: int) -> None:
         self.plan = plan
         self.provider = provider
-        if self.parent is None:
-            return
-        self.parent.set_attribute("router_middleware.fallback.depth", depth)
-        self.parent.set_attribute("router_middleware.chosen_model", plan.model)
-        self.request_attrs = request_attributes(plan, provider)
-        self._start_attempt()
+        if self.parent is not None:
+            self.parent.set_attribute("router_middleware.fallback.depth", depth)
+            self.parent.set_attribute("router_middleware.chosen_model", plan.model)
+            self.request_attrs = request_attributes(plan, provider)
+        self._next()
 
     @never_raises(default=None)
     def event(self, name: str, attributes: dict[str, AttributeValue]) -> None:
@@ -202,8 +242,8 @@ class CallTrace:
             self.parent.add_event(name, attributes)
 
     @never_raises(default=None)
-    def succeed(self, outcome: Outcome, response: Any = None) -> None:
-        self._end(outcome, response)
+    def succeed(self, outcome: Outcome, response: Any = None, end_ns: int | None = None) -> None:
+        self._end(outcome, response, end_ns=end_ns)
 
     def end(self, outcome: Outcome, response: Any, error: BaseException | None) -> None:
         """End the call as it ended: :meth:`succeed` without an ``error``, else :meth:`fail` with it."""
@@ -213,12 +253,13 @@ class CallTrace:
             self.fail(error, outcome)
 
     @never_raises(default=None)
-    def fail(self, error: BaseException, outcome: Outcome | None = None) -> None:
-        """End the call with ``error``; one its caller stopped (:func:`~router_middleware.errors.ending`:
-        a stream closed or left, a task cancelled) is no error: its spans, metrics and log say what it
+    def fail(self, error: BaseException, outcome: Outcome | None = None, end_ns: int | None = None) -> None:
+        """End the call with ``error`` (at ``end_ns``, else now), having used ``outcome`` if anything (on
+        its spans and metrics); one its caller stopped (:func:`~router_middleware.errors.ending`: a
+        stream closed or left, a task cancelled) is no error: its spans, metrics and log say what it
         used, with ``router_middleware.ended`` ``stopped`` and what stopped it."""
         if ending(error) == "stopped":
-            self._end(outcome, None, stopped_by=type(error).__qualname__)
+            self._end(outcome, None, stopped_by=type(error).__qualname__, end_ns=end_ns)
             return
         if self.done:
             return
@@ -232,17 +273,17 @@ class CallTrace:
             span.set_attribute("router_middleware.ended", "failed")
             span.set_status(Status(StatusCode.ERROR, message))
         self._used(outcome)
+        ids = self._log_ids()
         for span in (self.child, self.parent):
             if span is not None:
-                span.end()
-        if self.nested:
-            return
-        if self.settings.enabled:
-            call_metrics.record(self._metric_attrs(), None, time.perf_counter() - self.started, kind,
-                                self.plan.call.context.app)
-        log.warning("llm_call_failed", **self._log_ids(), model=self.plan.model, error_type=kind, error=message)
+                span.end(end_time=end_ns)
+        if self.attempting:  # the call failed with its attempt (else a refusal: no provider operation)
+            self._point(outcome, kind, end_ns)
+        if not self.nested:
+            log.warning("llm_call_failed", **ids, model=self.plan.model, error_type=kind, error=message)
 
-    def _end(self, outcome: Outcome | None, response: Any = None, *, stopped_by: str | None = None) -> None:
+    def _end(self, outcome: Outcome | None, response: Any = None, *, stopped_by: str | None = None,
+             end_ns: int | None = None) -> None:
         """End the call answered (``outcome``), or stopped by its caller after using ``outcome``, if anything."""
         if self.done:
             return
@@ -259,22 +300,18 @@ class CallTrace:
                 self.child.set_attributes(attrs)
             if stopped:
                 self.child.set_attributes(stopped)
-            self.child.end()
+        ids = self._log_ids()
+        if self.child is not None:
+            self.child.end(end_time=end_ns)
         if self.parent is not None:
             if stopped:
                 self.parent.set_attributes(stopped)
             if outcome is not None:
                 self._answered(outcome)
-            self.parent.end()
-        if self.nested:
-            return
-        if settings.enabled and (outcome is None or outcome.usage.source != "cache"):  # a hit is no GenAI operation
-            metric_attrs = self._metric_attrs()
-            if stopped:
-                metric_attrs["router_middleware.ended"] = "stopped"
-            call_metrics.record(metric_attrs, outcome, time.perf_counter() - self.started, None,
-                                self.plan.call.context.app)
-        if stopped_by is None and not log.enabled("info"):
+            self.parent.end(end_time=end_ns)
+        if self.attempting and (outcome is None or outcome.usage.source != "cache"):  # a hit is no GenAI operation
+            self._point(outcome, None, end_ns, {"router_middleware.ended": "stopped"} if stopped else None)
+        if self.nested or (stopped_by is None and not log.enabled("info")):
             return
         fields: dict[str, Any] = {"model": self.plan.model}
         if outcome is not None:
@@ -285,18 +322,17 @@ class CallTrace:
                       "cost_usd": outcome.cost.total_usd, "cost_source": outcome.cost.source}
         decisions = [f"{d.policy}:{d.action}" for d in self.plan.decisions]
         if stopped_by is not None:  # the caller's choice: no warning
-            log.info("llm_call_stopped", **self._log_ids(), requested_model=self.plan.call.model, **fields,
+            log.info("llm_call_stopped", **ids, requested_model=self.plan.call.model, **fields,
                      decisions=decisions, stopped_by=stopped_by)
         else:
-            log.info("llm_call", **self._log_ids(), requested_model=self.plan.call.model, **fields,
-                     decisions=decisions)
+            log.info("llm_call", **ids, requested_model=self.plan.call.model, **fields, decisions=decisions)
 
     def _answered(self, outcome: Outcome) -> None:
         """The route span's attributes of what the call used."""
         assert self.parent is not None
         self.parent.set_attribute("gen_ai.response.model", outcome.model)
-        if outcome.cost.total_usd is not None:
-            self.parent.set_attribute("gen_ai.usage.cost", float(outcome.cost.total_usd))
+        if outcome.cost.total_usd is not None:  # not gen_ai.usage.cost, which a backend sums over the trace
+            self.parent.set_attribute("router_middleware.cost_usd", float(outcome.cost.total_usd))
         if outcome.usage.source == "cache":
             self.parent.set_attribute("router_middleware.cache.hit", True)
             similarity = self.cache_similarity
@@ -310,6 +346,8 @@ class CallTrace:
         return {k: v for k, v in self.request_attrs.items() if k in keep}
 
     def _log_ids(self) -> dict[str, str]:
-        """The ids of the attempt's span, else (a failed attempt already ended, a cache hit) the call's."""
-        span = self.child if self.child is not None else self.parent
-        return _ids(span) if span is not None else {}
+        """The ids of the attempt's span, else the last attempt's (it failed and ended), else (a cache
+        hit, a refusal) the call's."""
+        if self.child is not None:
+            return _ids(self.child)
+        return self.last_ids or (_ids(self.parent) if self.parent is not None else {})
