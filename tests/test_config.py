@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from router_middleware import Config, ConfigError, Pipeline, load_config
@@ -221,3 +223,20 @@ def test_a_store_url_without_a_scheme_is_refused_at_load() -> None:
 
     with pytest.raises(ConfigError, match="field 'store': .*no scheme .*use memory://"):
         load_config({"store": "memory"})
+
+
+@pytest.mark.parametrize(("routing", "said"), [
+    ({"aliases": {"a": ["b"], "b": ["gpt-4o-mini"]}},
+     "aliases.a: 'b' is an alias; an alias lists model ids or deployment names, not other aliases "
+     "(list its targets instead: ['gpt-4o-mini'])"),
+    ({"aliases": {"a": ["b"], "b": ["a"]}}, "aliases.a: 'b' is an alias"),
+    ({"free_tier": {"prefer": True, "models": ["deepseek/deepseek-chat"]}},
+     "'deepseek/deepseek-chat' is not an OpenRouter model: free variants exist only as openrouter/<model>:free"),
+])
+def test_a_route_that_could_never_work_is_refused_when_the_config_loads(routing, said) -> None:
+    """An alias's targets are called by their names (an alias there reached litellm as a model, and
+    every call failed naming it a model litellm does not know); ``:free`` variants are OpenRouter's
+    (any other name was skipped without a word)."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        Pipeline.from_config({"routing": routing})
+    Pipeline.from_config({"routing": {"aliases": {"gpt-4o-mini": ["gpt-4o-mini", "gpt-4.1-nano"]}}})  # itself: a model

@@ -475,3 +475,28 @@ def test_a_router_logger_made_from_a_config_path_routes_sdk_calls(tmp_path) -> N
     finally:
         logger.unregister()
     assert answer.choices[0].message.content == "ok" and logger.recorded == 1
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before_any_attempt(asynchronous,
+                                                                                             monkeypatch) -> None:
+    """litellm refuses a user part of a type it does not take before sending, as a bare ``Exception``
+    (sync) or an ``APIConnectionError`` (async) that looked like the target's failure: retried on every
+    target and counted toward their cooldowns, two such requests cooled a whole alias down for everyone.
+    It is refused first, by name, and no target hears of it."""
+    import asyncio
+
+    import litellm
+
+    sent: list[str] = []
+    monkeypatch.setattr(litellm, "completion", lambda **kw: sent.append(kw["model"]))
+    p = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]}}, "cache": {"enabled": False}})
+    bad = [{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "txt", "text": "hi"}]}]
+    for _ in range(3):
+        with pytest.raises(MessageError, match=r"^message 0: content part 1 has type 'txt', which litellm does not "
+                                               r"take in a user message \(it takes .*\btext\b"):
+            if asynchronous:
+                asyncio.run(p.acompletion(model="coder", messages=bad, mock_response="ok"))
+            else:
+                p.completion(model="coder", messages=bad, mock_response="ok")
+    assert sent == [] and p.store.get("fail:gpt-4o-mini") is None

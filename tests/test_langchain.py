@@ -14,6 +14,8 @@ import pytest
 import structlog
 import vcr
 import yaml
+from langchain.agents.middleware import ModelRequest, ModelResponse
+from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.output_parsers import StrOutputParser
@@ -21,7 +23,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
-from router_middleware import Pipeline
+from router_middleware import ConfigError, Pipeline
 from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware, RouterCallbackHandler
 
 from .cassette_data import capturing_vcr, completion_kwargs, interactions, recorded_usage
@@ -1426,3 +1428,91 @@ def test_each_try_of_a_retry_middleware_inside_the_router_counts_its_tokens_towa
     assert len(rows) == 2 and all(inputs > 0 and outputs > 0 for inputs, outputs in rows)
     assert _day_count(pipeline, "gpt-4o-mini", "rpd") == 2
     assert _day_count(pipeline, "gpt-4o-mini", "tpd") == sum(inputs + outputs for inputs, outputs in rows)
+
+
+class _Raising(BaseChatModel):
+    """An agent's own chat model (not litellm's) that raises ``error`` once per call."""
+
+    error: Any = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "raising"
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        raise self.error
+
+
+def _langchain_errors() -> list[Exception]:
+    import httpx
+    from langchain_core import exceptions
+
+    return [exceptions.ModelRateLimitError("slow down"), exceptions.ModelTimeoutError("slow"),
+            exceptions.ModelConnectionError("gone"), httpx.ReadTimeout("slow"), httpx.ConnectError("refused"),
+            TimeoutError("slow"), ConnectionResetError("reset")]
+
+
+@pytest.mark.parametrize("error", _langchain_errors(), ids=lambda e: type(e).__name__)
+def test_the_middleware_falls_over_on_the_failures_an_agent_s_own_chat_model_raises(error) -> None:
+    """A LangChain chat model raises LangChain's, httpx's or Python's errors, not litellm's: a rate
+    limit, a timeout or a lost connection moves the call to the next target and counts toward the
+    first one's cooldown, as litellm's do; a context overflow moves it on without counting."""
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"]},
+                                                 "fallback": {"backoff_s": 0.0, "attempts_per_model": 1}},
+                                     "context": {"enabled": False}, "cache": {"enabled": False}})
+    models = {"gpt-4o-mini": _Raising(error=error),
+              "gpt-4.1": RoutedChatModel(model="gpt-4.1", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})}
+    middleware = RouterAgentMiddleware(pipeline, models=models, model="agent")
+    request = ModelRequest(model=models["gpt-4o-mini"], messages=[HumanMessage("hi")], model_settings={})
+    answer = middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    assert answer.result[0].content == "done"
+    assert float(pipeline.store.get("fail:gpt-4o-mini") or 0) == 1
+
+
+def test_a_context_overflow_from_langchain_moves_on_without_counting_toward_a_cooldown() -> None:
+    from langchain_core.exceptions import ContextOverflowError
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"]},
+                                                 "fallback": {"backoff_s": 0.0}},
+                                     "context": {"enabled": False}, "cache": {"enabled": False}})
+    models = {"gpt-4o-mini": _Raising(error=ContextOverflowError("too long")),
+              "gpt-4.1": RoutedChatModel(model="gpt-4.1", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})}
+    middleware = RouterAgentMiddleware(pipeline, models=models, model="agent")
+    request = ModelRequest(model=models["gpt-4o-mini"], messages=[HumanMessage("hi")], model_settings={})
+    answer = middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    assert answer.result[0].content == "done" and pipeline.store.get("fail:gpt-4o-mini") is None
+
+
+def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> None:
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]}}})
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: expected a LangChain chat model .* got str"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": "gpt-4o-mini"}, model="coder")  # type: ignore[dict-item]
+    other = {"gpt-5-mini": RoutedChatModel(model="gpt-5-mini", pipeline=Pipeline())}
+    with pytest.raises(ConfigError, match=r"model='coder': none of its targets \(gpt-4o-mini, gpt-4.1\) is one of "
+                                          r"models= \(gpt-5-mini\)"):
+        RouterAgentMiddleware(pipeline, models=other, model="coder")
+    budgeted = Pipeline.from_config({"routing": {
+        "aliases": {"coder": ["gpt-4o-mini"], "cheap": ["deepseek/deepseek-chat"]},
+        "budgets": [{"name": "team", "scope": "global", "usd": 1, "soft": 0.5, "downgrade_to": "cheap"}]}})
+    mini = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())}
+    with pytest.raises(ConfigError, match=r"budget 'team': downgrade_to 'cheap' has no target among models= "
+                                          r"\(gpt-4o-mini\): past its soft limit every call would go there and fail"):
+        RouterAgentMiddleware(budgeted, models=mini, model="coder")
+
+
+def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> None:
+    """The agent's system prompt is sent first, but ``request.messages`` does not hold it: an error
+    names the agent's own indexes (it said one more with a system prompt)."""
+    from langchain_core.messages import SystemMessage
+
+    from router_middleware import MessageError
+
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "ok"})
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models={"gpt-4o-mini": model})
+    messages = [HumanMessage("hi"), AIMessage("", tool_calls=[{"id": "call_x", "name": "read_file", "args": {}}]),
+                HumanMessage("again")]
+    for system in (None, SystemMessage("You are a coding agent")):
+        request = ModelRequest(model=model, messages=messages, system_message=system, model_settings={})
+        with pytest.raises(MessageError, match=r"^message 1: tool call call_x \(read_file\) is not answered before "
+                                               r"the user turn at message 2$"):
+            middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))

@@ -320,6 +320,17 @@ class FreeTierConfig(_Strict):
     rpm: int = Field(default=20, gt=0)
     rpd: int | None = Field(default=None, gt=0)
 
+    @field_validator("models")
+    @classmethod
+    def _openrouter_models(cls, models: list[str]) -> list[str]:
+        """Only OpenRouter has ``:free`` variants: any other name would be skipped without a word."""
+        for model in models:
+            if model != "*" and not model.startswith("openrouter/"):
+                raise ValueError(f"{model!r} is not an OpenRouter model: free variants exist only as "
+                                 f"openrouter/<model>:free (write 'openrouter/{model}', or '*' for every "
+                                 "OpenRouter candidate)")
+        return models
+
     def limit(self) -> RateLimit:
         daily = self.rpd or (1000 if self.credits_purchased_usd >= 10 else 50)
         return RateLimit(rpm=self.rpm, rpd=daily)
@@ -437,6 +448,10 @@ class RoutingConfig(_Strict):
         for name, models in self.aliases.items():
             if not models:
                 raise ValueError(f"alias {name!r} has no models")
+            for target in models:  # a target is called as it is named: an alias there would reach litellm as a model
+                if target != name and target in self.aliases and target not in self.deployments:
+                    raise ValueError(f"aliases.{name}: {target!r} is an alias; an alias lists model ids or deployment "
+                                     f"names, not other aliases (list its targets instead: {self.aliases[target]})")
         if self.free_tier.prefer and not self.free_tier.models:
             raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 

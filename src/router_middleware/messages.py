@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from . import wire
 from .errors import MessageError
 from .memo import HistoryMemo, MessageMemo
 from .types import Message
@@ -89,6 +90,8 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
                                                                  if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
+    if role == "user" and isinstance(content, list):
+        _check_user_parts(content, index, source)
     raw_calls = message.get("tool_calls", None)
     if "tool_calls" not in message or (isinstance(raw_calls, list) and raw_calls and _calls_ok(raw_calls)):
         return message if isinstance(message, dict) else dict(message)  # valid as sent: no copy
@@ -99,6 +102,16 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
     else:
         out.pop("tool_calls")
     return out
+
+
+def _check_user_parts(parts: list[Any], index: int, source: str | None) -> None:
+    """A user message's content parts are of types litellm sends (it refuses the request otherwise,
+    before sending, as an error that looks like the provider's and would count against the target)."""
+    known = wire.user_part_types()
+    for n, part in enumerate(parts):
+        if isinstance(part, Mapping) and part.get("type") not in known:
+            raise MessageError(f"content part {n} has type {part.get('type')!r}, which litellm does not take in a "
+                               f"user message (it takes {', '.join(sorted(known))})", index=index, source=source)
 
 
 def _calls_ok(calls: list[Any]) -> bool:

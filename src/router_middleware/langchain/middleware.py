@@ -20,6 +20,7 @@ The response cache is not used (its answers are litellm responses).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -36,7 +37,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from .. import wire
 from ..catalog import close_names
 from ..drivers import adrive, drive
-from ..errors import ConfigError
+from ..errors import ConfigError, MessageError
 from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import log
@@ -122,6 +123,20 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
 
 
+def _renumbered(error: MessageError, positions: list[int]) -> MessageError:
+    """``error`` naming messages as the agent numbers them (``request.messages``, its system prompt
+    apart), not as they were converted for the pipeline (the system prompt first, a message of
+    several tool results as several)."""
+    def at(index: int) -> int:
+        return positions[index] if 0 <= index < len(positions) else index
+
+    detail = re.sub(r"\bmessage (\d+)\b", lambda m: "the system prompt" if at(int(m.group(1))) < 0
+                    else f"message {at(int(m.group(1)))}", error.detail)
+    if error.index is not None and at(error.index) < 0:
+        return MessageError(f"the system prompt: {detail}", source=error.source)
+    return MessageError(detail, index=None if error.index is None else at(error.index), source=error.source)
+
+
 def _sent(request: ModelRequest) -> list[BaseMessage]:
     """The messages ``request`` hands its model."""
     return [request.system_message, *request.messages] if request.system_message else list(request.messages)
@@ -157,8 +172,13 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
+            if not isinstance(chat_model, BaseChatModel):
+                raise ConfigError(f"models[{name!r}]: expected a LangChain chat model (a BaseChatModel, such as "
+                                  f"RoutedChatModel(model={name!r})), got {type(chat_model).__name__} {chat_model!r}")
             self._own_pipeline(chat_model, f"models[{name!r}]")
         self._serve()
+        if self.models:
+            self._downgrades_reachable()
         if self.models and model is not None:
             self._known_route(model)
         elif model is not None:
@@ -198,13 +218,37 @@ class RouterAgentMiddleware(AgentMiddleware):
         return base in self.models or base in self.pipeline.config.routing.route_names()
 
     def _known_route(self, route: str) -> None:
-        """Refuse a ``model=`` that no call could be routed by (see :meth:`_routes`)."""
+        """Refuse a ``model=`` that no call could be routed by (see :meth:`_routes`), or whose every
+        target is missing from ``models`` (each call would fail with ``NoRouteError``)."""
         if self._routes(route):
+            targets = self._targets(route)
+            if targets and not any(t in self.models or t.removesuffix(":free") in self.models for t in targets):
+                raise ConfigError(f"model={route!r}: none of its targets ({', '.join(targets)}) is one of models= "
+                                  f"({', '.join(self.models)}): every call would fail with NoRouteError")
             return
         base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
         close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
+
+    def _downgrades_reachable(self) -> None:
+        """Refuse a budget whose ``downgrade_to`` has no target among ``models``: past its soft limit,
+        every call would be sent there and fail with ``NoRouteError``, where a direct call answers."""
+        for budget in self.pipeline.config.routing.budgets:
+            targets = self._targets(budget.downgrade_to) if budget.downgrade_to else []
+            if targets and not any(t in self.models for t in targets):
+                raise ConfigError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} has no target among "
+                                  f"models= ({', '.join(self.models)}): past its soft limit every call would go "
+                                  f"there and fail; add one of {', '.join(targets)} to models=")
+
+    def _targets(self, route: str) -> list[str]:
+        """The targets a call routed by ``route`` may go to (the tiers' aliases' for ``auto``)."""
+        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        routing = self.pipeline.config.routing
+        if base in self.models:
+            return [base]
+        aliases = [tier.alias for tier in routing.tiers] if base == "auto" and base not in routing.aliases else [base]
+        return list(dict.fromkeys(t for alias in aliases for t in routing.aliases.get(alias, [alias])))
 
     def _known_label(self, name: str) -> None:
         """Check a ``model=`` given without ``models``, where the agent's own model answers every call:
@@ -307,11 +351,16 @@ class RouterAgentMiddleware(AgentMiddleware):
         # rebuilt from its dict; every other message is sent as the agent's own object.
         converted: list[dict[str, Any]] = []
         owners: list[BaseMessage | None] = []
-        for original in originals:
+        positions: list[int] = []  # each converted message's index in the agent's messages (-1: its system prompt)
+        for at, original in enumerate(originals, -1 if request.system_message else 0):
             parts = to_openai_once(original)
             converted += parts
             owners += [original] if len(parts) == 1 else [None] * len(parts)
-        call = self.pipeline.make_call(self._route_of(request), converted, context, params)
+            positions += [at] * len(parts)
+        try:
+            call = self.pipeline.make_call(self._route_of(request), converted, context, params)
+        except MessageError as error:
+            raise _renumbered(error, positions) from None
         by_id = _own(call.messages, converted, owners)
 
         def build(plan: Plan) -> ModelRequest:

@@ -2,12 +2,17 @@
 
 Retryable: rate limits (``Retry-After`` honoured), 5xx and unavailable services, timeouts,
 connection errors, context-window errors (to a model with a larger window) and content-policy
-refusals. A target litellm knows no provider for (a typo) is skipped for the next one, and with
-none left the call fails with :class:`~router_middleware.errors.UnknownModelError`. Anything else
-(bad request, authentication, not found) fails at once; a target whose provider key this process
-lacks is skipped for the next one, as a typo is.
+refusals, as litellm raises them, as LangChain's chat models do (``langchain_core.exceptions``:
+``ModelRateLimitError``, ``ModelTimeoutError``, ``ModelConnectionError``, ``ContextOverflowError``,
+an error marked ``is_retryable``), and as the HTTP client or Python does (``httpx`` timeouts and
+network errors, ``TimeoutError``, ``ConnectionError``): an agent's own chat model raises those.
+A target litellm knows no provider for (a typo) is skipped for the next one, and with none left the
+call fails with :class:`~router_middleware.errors.UnknownModelError`. Anything else (bad request,
+authentication, not found) fails at once; a target whose provider key this process lacks is skipped
+for the next one, as a typo is.
 Failures count toward a target's cooldown (:mod:`router_middleware.bookkeeping.health`) unless
-they are the request's own or a cancellation (:func:`counts_toward_cooldown`).
+they are the request's own (or raised after the model answered: its output not parsed, a LangGraph
+interrupt) or a cancellation (:func:`counts_toward_cooldown`).
 """
 
 from __future__ import annotations
@@ -30,10 +35,18 @@ RETRYABLE = (
     "RateLimitError", "ServiceUnavailableError", "InternalServerError", "APIConnectionError", "Timeout",
     "APITimeoutError", "BadGatewayError", "ContextWindowExceededError", "ContentPolicyViolationError",
     "MidStreamFallbackError", "EmptyStreamError",
+    "ModelRateLimitError", "ModelTimeoutError", "ModelConnectionError", "ContextOverflowError",  # LangChain's
+    "TimeoutException", "NetworkError", "RemoteProtocolError",  # httpx's
+    "TimeoutError", "ConnectionError",  # Python's
 )
+_KINDS = {"ContextOverflowError": "ContextWindowExceededError"}  # LangChain's name for the same failure
 
 
 def error_kind(exc: BaseException) -> str:
+    """The failure's kind: its class's name, or the litellm name of a failure LangChain names otherwise."""
+    for cls in type(exc).__mro__:
+        if cls.__name__ in _KINDS:
+            return _KINDS[cls.__name__]
     return type(exc).__name__
 
 
@@ -42,12 +55,18 @@ def error_kind(exc: BaseException) -> str:
 REQUEST_FAULTS = frozenset({
     "BadRequestError", "ContextWindowExceededError", "ContentPolicyViolationError", "UnprocessableEntityError",
     "UnsupportedParamsError", "JSONSchemaValidationError",
+    "ContextOverflowError", "ModelInvalidRequestError", "ModelRefusalError",  # LangChain's
+    # raised in an agent's model call after the model answered: its output not parsed, a LangGraph
+    # interrupt (control flow); not the target's health
+    "OutputParserException", "StructuredOutputError", "GraphBubbleUp",
 })
+_RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
 
 
 def retryable(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(names & set(RETRYABLE)) or getattr(exc, "status_code", 0) in (408, 409, 429, 500, 502, 503, 504)
+    return bool(names & set(RETRYABLE)) or getattr(exc, "is_retryable", False) is True \
+        or getattr(exc, "status_code", 0) in _RETRY_STATUSES
 
 
 def counts_toward_cooldown(exc: BaseException) -> bool:
