@@ -412,6 +412,9 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
                          middleware=[RouterAgentMiddleware(pipeline, models=models, model="agent")])
     state = agent.invoke({"messages": [HumanMessage("hi")]})
     assert state["messages"][-1].content == "done"
+    metadata = state["messages"][-1].response_metadata  # the router's call, not the inner model's own
+    assert (metadata["requested_model"], metadata["routed_model"], metadata["decisions"]) == \
+        ("agent", "gpt-3.5-turbo", ["routing:fallback"])
     spans = span_exporter.get_finished_spans()
     (route,) = [s for s in spans if s.name == "route agent"]
     attempts = [s for s in spans if s.parent is not None and s.parent.span_id == route.context.span_id]

@@ -43,7 +43,7 @@ from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
-from .convert import AttemptRuns, attempt, outcome_from_message, to_openai_once
+from .convert import AttemptRuns, attempt, outcome_from_message, response_metadata, to_openai_once
 
 
 def _thread_id() -> str | None:
@@ -121,6 +121,9 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     """Whether ``model`` sends ``name`` of its own (a field, or in its ``model_kwargs``)."""
     own = getattr(model, "model_kwargs", None)
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
+
+
+_ROUTED = ("requested_model", "routed_model", "decisions", "cost_usd", "cost_source")  # the call's, on its answer
 
 
 def _renumbered(error: MessageError, positions: list[int]) -> MessageError:
@@ -387,8 +390,12 @@ class RouterAgentMiddleware(AgentMiddleware):
               first_token: float | None = None) -> Outcome:
         result = response.result if isinstance(response, ModelResponse) else [response]
         message = next((m for m in reversed(result) if isinstance(m, AIMessage)), None)
-        return outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model), started,
-                                    first_token)
+        found = outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model),
+                                     started, first_token)
+        if message is not None:  # how the router served the call, not how the model it chose was asked
+            routed = response_metadata(found)
+            message.response_metadata.update({k: routed[k] for k in _ROUTED if k in routed})
+        return found
 
     def _spent(self, plan: Plan, runs: AttemptRuns, started: float) -> Outcome | None:
         """What the attempt's model run used before it broke off (the prompt and the chunks it
