@@ -588,15 +588,19 @@ def test_the_pipelines_own_calls_are_not_recorded_again_by_a_registered_logger(l
     assert (logger.hook_calls, logger.recorded, len(rows)) == (0, 1, 3)
 
 
-def test_a_litellm_cache_hit_is_recorded_as_one_and_costs_nothing(logger, monkeypatch) -> None:
+def test_a_litellm_cache_hit_is_recorded_as_one_and_costs_nothing(logger, monkeypatch, span_exporter) -> None:
     """With litellm's own response cache (``litellm.cache``), a hit reaches no provider: its row is a
-    cache hit at no cost, sync or async, not a second paid call."""
+    cache hit at no cost, sync or async, not a second paid call; a sync hit's only span is its route
+    span, as a ``Pipeline`` cache hit's (no CLIENT span for an attempt nobody made)."""
     from litellm.caching.caching import Cache
 
     monkeypatch.setattr(litellm, "cache", Cache())
     litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}], mock_response="ok")
     assert litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "sync"}],
                               mock_response="ok")._hidden_params.get("cache_hit")
+    assert _polled(lambda: logger.recorded >= 2)
+    assert [s.kind for s in span_exporter.get_finished_spans()] == [SpanKind.CLIENT, SpanKind.INTERNAL,
+                                                                    SpanKind.INTERNAL]
 
     async def run() -> None:
         await _recorded(logger, 2)

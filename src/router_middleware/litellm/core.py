@@ -146,19 +146,20 @@ class _Core(CustomLogger):
         return self._read(plan, answer, started, routed=False)
 
     def _planned(self, kwargs: Mapping[str, Any], start_ns: int | None = None,
-                 within: Context | None = None) -> tuple[Plan, CallTrace]:
+                 within: Context | None = None, *, attempt: bool = True) -> tuple[Plan, CallTrace]:
         """A new plan and trace for a call no lifecycle follows (sync calls, which skip the hook), of
         the model the caller passed, as the hook records it (litellm's own ``model`` is stripped), sent
         to the endpoint it was sent to. ``kwargs``: an event's, or what :func:`._request_of` kept of
         them; its spans start at ``start_ns`` (when the call began), under ``within`` (the caller's
-        OpenTelemetry context, where the event runs outside it)."""
+        OpenTelemetry context, where the event runs outside it); ``attempt=False``: no provider was
+        called (a hit of litellm's response cache), so no CLIENT span."""
         model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
         base = wire.api_base(kwargs)
         call = _observed(model, list(kwargs.get("messages") or []), context, {"api_base": base} if base else None)
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0,
-                                     start_ns=start_ns, within=within)
+                                     attempt=attempt, start_ns=start_ns, within=within)
 
     # -- shared -----------------------------------------------------------------------------------
 

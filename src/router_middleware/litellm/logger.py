@@ -365,8 +365,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         """One row and span for a call no lifecycle follows that was answered, timed as litellm timed it
         (``within``: the caller's OpenTelemetry context, for an event that runs outside it)."""
         try:
-            plan, trace = self._planned(kwargs, wire.time_ns(start_time), within)
-            answer = _Answer.of(response_obj, kwargs, start_time, end_time)
+            answer = _Answer.of(response_obj, kwargs, start_time, end_time)  # a hit of litellm's cache: no attempt
+            plan, trace = self._planned(kwargs, wire.time_ns(start_time), within, attempt=answer.source != "cache")
             result = build_outcome(response_obj, plan, self.pipeline.catalog, usage_source=answer.source,
                                    latency_s=answer.latency_s, time_to_first_token_s=answer.ttft_s)
             self.pipeline.books.settle_observed(result)
