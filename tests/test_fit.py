@@ -142,3 +142,23 @@ def test_allowed_and_skipped_params_are_read_as_litellm_reads_them(names, kept) 
         out, changes = fit({"top_k": 5, "logprobs": True, key: names}, rules)
         assert {"top_k", "logprobs"} - {c.param for c in changes} == kept
         assert all(c.dropped for c in changes)
+
+
+def test_n_answers_go_only_to_a_model_that_gives_several_and_are_never_cut_to_one() -> None:
+    """``n=2`` to a model that gives one answer a call (Anthropic): dropped, the caller got one
+    answer where it asked for two (litellm refuses the call). An alias routes such a call only among
+    its targets that take ``n``; a call naming such a model is refused by name, unless the caller
+    lets litellm drop what the model does not take (``drop_params``)."""
+    from router_middleware import RequestError
+
+    messages = [{"role": "user", "content": "two names for a cat"}]
+    p = Pipeline.from_config({"routing": {"aliases": {"pair": ["anthropic/claude-sonnet-4-5", "gpt-4o-mini"]}},
+                              "cache": {"enabled": False}})
+    answer = p.completion(model="pair", messages=messages, n=2, mock_response="Tom")
+    assert len(answer.choices) == 2 and outcome(answer).model == "gpt-4o-mini"
+    assert "claude-sonnet-4-5: gives one answer a call (n=2)" in outcome(answer).plan.decisions[0].attributes["considered"]
+    with pytest.raises(RequestError, match=r"^n=2: anthropic/claude-sonnet-4-5 gives one answer a call"):
+        p.completion(model="anthropic/claude-sonnet-4-5", messages=messages, n=2, mock_response="Tom")
+    dropped = p.completion(model="anthropic/claude-sonnet-4-5", messages=messages, n=2, mock_response="Tom",
+                           drop_params=True)
+    assert len(dropped.choices) == 1

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import RequestError
 from .reasoning.levels import LEVELS
 from .types import Decision, Message, Plan
 
@@ -124,11 +125,22 @@ def fit(params: Mapping[str, Any], rules: ParamRules) -> tuple[dict[str, Any], t
 
 
 def fit_plan(plan: Plan, rules: ParamRules) -> Plan:
-    """``plan`` with its params fitted to its model, one ``params`` decision per change."""
+    """``plan`` with its params fitted to its model, one ``params`` decision per change. Raises
+    ``RequestError`` for ``n`` above 1 to a model that gives one answer a call: dropped, the caller
+    would get fewer answers than asked, where litellm refuses the call (unless ``drop_params``)."""
+    n = plan.params.get("n")
+    if isinstance(n, int) and n > 1 and not takes_n(rules) and not plan.params.get("drop_params"):
+        raise RequestError(f"n={n}: {plan.model} gives one answer a call (litellm lists n as unsupported for "
+                           f"it); make {n} calls, or ask a model that takes n")
     params, changes = fit(plan.params, rules)
     if not changes:
         return plan
     return plan.override(params=params, decisions=(*plan.decisions, *(c.decision(plan.model) for c in changes)))
+
+
+def takes_n(rules: ParamRules) -> bool:
+    """Does the model give several answers to one call (``n``)? Unknown counts as yes."""
+    return rules.supported is None or "n" in rules.supported
 
 
 def _names(value: Any) -> Any:

@@ -35,11 +35,13 @@ from typing import Any
 
 from ..config import RoutingConfig
 from ..errors import MaxTokensError, NoRouteError, RequestError
+from ..fit import takes_n
 from ..params import output_cap
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
 from ..types import Decision, History, Plan, SessionRoute
+from ..wire import param_rules
 from .affinity import Escalation, escalation, switch
 from .budgets import over_soft_limit
 from .difficulty import request_text, score_request
@@ -330,6 +332,10 @@ class RoutingPolicy:
             return "does not support images"
         if plan.params.get("response_format") and facts.get("supports_response_schema") is False:
             return "does not support response_format"
+        answers = plan.params.get("n")
+        if isinstance(answers, int) and answers > 1 and not plan.params.get("drop_params") \
+                and not takes_n(param_rules(model)):
+            return f"gives one answer a call (n={answers})"
         if any(k in plan.params for k in REASONING_PARAMS) and self.config.require_reasoning_support \
                 and not can_reason(model, info, provider):
             return "does not support reasoning"
