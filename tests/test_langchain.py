@@ -1519,3 +1519,43 @@ def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> Non
         with pytest.raises(MessageError, match=r"^message 1: tool call call_x \(read_file\) is not answered before "
                                                r"the user turn at message 2$"):
             middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+
+
+def test_an_answer_the_agent_then_fails_to_parse_is_paid_for_and_no_fault_of_the_model(tmp_path) -> None:
+    """Structured output is parsed inside the model call the middleware wraps: when parsing fails
+    after the model answered, the provider billed the answer. The row carries its tokens and cost,
+    the budget is charged, and the target's cooldown does not count it (before: 0 tokens, no cost,
+    a failure toward the cooldown, and three such answers cooled the model down for everyone)."""
+    from langchain.agents import create_agent
+    from langchain.agents.structured_output import ToolStrategy
+    from langgraph.errors import GraphInterrupt
+
+    from router_middleware.ledger.store import open_ledger
+
+    class Count(BaseModel):
+        count: int
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}, "cache": {"enabled": False},
+                                     "routing": {"budgets": [{"name": "all", "scope": "global", "usd": 1}]}})
+    bad = [{"id": "call_1", "type": "function", "function": {"name": "Count", "arguments": '{"count": "many"}'}}]
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                            model_kwargs={"mock_response": "", "mock_tool_calls": bad})
+    middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model})
+    agent = create_agent(model, tools=[], response_format=ToolStrategy(Count, handle_errors=False), middleware=[middleware])
+    with pytest.raises(Exception, match="Failed to parse structured output"):
+        agent.invoke({"messages": [HumanMessage("how many?")]})
+
+    def interrupted(request: ModelRequest) -> ModelResponse:  # a middleware inside pausing for a human, after the answer
+        request.model.invoke(request.messages)
+        raise GraphInterrupt(())
+
+    with pytest.raises(GraphInterrupt):
+        middleware.wrap_model_call(ModelRequest(model=model, messages=[HumanMessage("hi")], model_settings={}),
+                                   interrupted)
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT ended, error, input_tokens, output_tokens, cost_usd FROM calls ORDER BY ts")
+    assert [r[:2] for r in rows] == [("failed", "StructuredOutputValidationError"), ("stopped", "GraphInterrupt")]
+    assert all(r[2] > 0 and r[3] > 0 and r[4] > 0 for r in rows)
+    assert float(pipeline.store.get("budget:all:usd:all:0") or 0) == pytest.approx(sum(r[4] for r in rows))
+    assert pipeline.store.get("fail:gpt-4o-mini") is None

@@ -173,10 +173,12 @@ STOPPED_BY = frozenset({"CancelledError", "StreamLeft", "ClientDisconnected", "K
 
 def ending(error: BaseException | None) -> Ended:
     """How a call ended: ``complete`` (no error), ``stopped`` by its caller (a stream left or closed,
-    a task cancelled, a proxy client gone, Ctrl-C, its process exiting: never its provider's failure),
-    else ``failed``."""
+    a task cancelled, a proxy client gone, Ctrl-C, its process exiting, a LangGraph interrupt raised in
+    an agent's model call: never its provider's failure), else ``failed``."""
     if error is None:
         return "complete"
     if isinstance(error, asyncio.CancelledError | KeyboardInterrupt | GeneratorExit | SystemExit):
+        return "stopped"
+    if any(cls.__name__ == "GraphBubbleUp" for cls in type(error).__mro__):  # LangGraph's control flow
         return "stopped"
     return "failed"

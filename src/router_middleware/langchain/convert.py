@@ -45,13 +45,14 @@ class AttemptRuns(BaseCallbackHandler):
         self.error: BaseException | None = None  # the last run's, if it failed
         self.failed, self.failed_ns = 0.0, 0  # ... and when (time.perf_counter(), time.time_ns())
         self.answered = False
+        self.answer: AIMessage | None = None  # the last run's answer, once it answered
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
                             run_id: UUID, **kwargs: Any) -> None:
         if self.last is not None and messages and messages[0] and messages[0][-1] is self.last:
             if self.retried is not None and isinstance(self.error, Exception):
                 self.retried(self)
-            self.run, self.chunks, self.first_token, self.error = run_id, [], None, None
+            self.run, self.chunks, self.first_token, self.error, self.answer = run_id, [], None, None, None
             self.started = time.perf_counter()
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None, **kwargs: Any) -> None:
@@ -61,15 +62,22 @@ class AttemptRuns(BaseCallbackHandler):
             self.first_token = self.first_token or time.perf_counter()
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self.answered = self.answered or run_id == self.run
+        if run_id == self.run:
+            self.answered = True
+            generations = getattr(response, "generations", None)
+            message = getattr(generations[0][0], "message", None) if generations and generations[0] else None
+            self.answer = message if isinstance(message, AIMessage) else None
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if run_id == self.run:
             self.error, self.failed, self.failed_ns = error, time.perf_counter(), time.time_ns()
 
-    def partial(self) -> AIMessageChunk | None:
-        """What the last run streamed, merged, for an attempt that broke off (its usage, if any,
-        marked as estimated, as for a stream cut short), or ``None``."""
+    def partial(self) -> AIMessage | None:
+        """What the last run used, for an attempt that raised: its answer, if it answered (something
+        after the model raised: its output not parsed, an interrupt); else what it streamed, merged
+        (its usage, if any, marked as estimated, as for a stream cut short); else ``None``."""
+        if self.answer is not None:
+            return self.answer
         if not self.chunks:
             return None
         merged = add_ai_message_chunks(self.chunks[0], *self.chunks[1:])
