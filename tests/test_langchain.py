@@ -1488,6 +1488,12 @@ def test_a_context_overflow_from_langchain_moves_on_without_counting_toward_a_co
 
 def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> None:
     pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]}}})
+    wrapped = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())
+    RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": wrapped.with_retry()}, model="coder")  # a chat model, wrapped
+    free = Pipeline.from_config({"routing": {"aliases": {"coder": ["openrouter/meta-llama/llama-3.3-70b-instruct"]},
+                                             "free_tier": {"prefer": True, "models": ["*"]}}})
+    RouterAgentMiddleware(free, model="coder", models={  # its free variant, which the free tier tries first
+        "openrouter/meta-llama/llama-3.3-70b-instruct:free": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())})
     with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: expected a LangChain chat model .* got str"):
         RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": "gpt-4o-mini"}, model="coder")  # type: ignore[dict-item]
     other = {"gpt-5-mini": RoutedChatModel(model="gpt-5-mini", pipeline=Pipeline())}
@@ -1559,3 +1565,18 @@ def test_an_answer_the_agent_then_fails_to_parse_is_paid_for_and_no_fault_of_the
     assert all(r[2] > 0 and r[3] > 0 and r[4] > 0 for r in rows)
     assert float(pipeline.store.get("budget:all:usd:all:0") or 0) == pytest.approx(sum(r[4] for r in rows))
     assert pipeline.store.get("fail:gpt-4o-mini") is None
+
+
+def test_content_parts_an_agent_s_own_chat_model_takes_pass_the_middleware() -> None:
+    """litellm refuses a user content part of a type it does not take; an agent's own chat model
+    (Anthropic's, say) may take it, and the middleware does not send through litellm: it passes."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    model = FakeListChatModel(responses=["ok"])
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}))
+    message = HumanMessage(content=[{"type": "text", "text": "see"},
+                                    {"type": "search_result", "source": "s", "title": "t",
+                                     "content": [{"type": "text", "text": "x"}]}])
+    request = ModelRequest(model=model, messages=[message], model_settings={})
+    answer = middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    assert answer.result[0].content == "ok"

@@ -560,8 +560,8 @@ def test_proxy_hook_validates_only_what_a_cline_request_adds(monkeypatch: pytest
     asyncio.run(logger.async_pre_call_hook(None, None, {**first, "litellm_call_id": "c1"}, "acompletion"))
     checked: list[int] = []
     validate = messages_module.validate_message
-    monkeypatch.setattr(messages_module, "validate_message", lambda message, *, index, source=None: checked.append(
-        index) or validate(message, index=index, source=source))
+    monkeypatch.setattr(messages_module, "validate_message", lambda message, *, index, source=None, parts=True:
+                        checked.append(index) or validate(message, index=index, source=source, parts=parts))
     changed = asyncio.run(logger.async_pre_call_hook(None, None, {**second, "litellm_call_id": "c2"}, "acompletion"))
     assert checked == [3, 4] and changed["messages"] == second["messages"]
 
@@ -2430,3 +2430,14 @@ def test_a_sync_call_s_spans_and_duration_point_cover_the_call_not_the_moment_it
     for span in span_exporter.get_finished_spans():
         assert (span.end_time - span.start_time) / 1e9 == pytest.approx(row["latency_s"], abs=0.002)
     assert row["latency_s"] >= 0.3 and [p.sum for p in points] == [pytest.approx(row["latency_s"], abs=0.002)]
+
+
+def test_a_call_resending_the_sdk_s_own_message_object_is_recorded(logger) -> None:
+    """litellm takes openai's ``ChatCompletionMessage`` in ``messages`` (an agent appends the answer it
+    got); the logger's record of the call reads its labels from messages no one validated, and still
+    records it (the step kind inferred from them failed on the object: the call went unrecorded)."""
+    from openai.types.chat import ChatCompletionMessage
+
+    messages = [{"role": "user", "content": "write a haiku"}, ChatCompletionMessage(role="assistant", content="Sure")]
+    litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+    assert _polled(lambda: logger.recorded >= 1)

@@ -144,8 +144,8 @@ def test_a_history_resent_as_copies_is_validated_once(monkeypatch: pytest.Monkey
     checked: list[int] = []
     validate = messages_module.validate_message
     monkeypatch.setattr(messages_module, "validate_message",
-                        lambda message, *, index, source=None: checked.append(index) or validate(
-                            message, index=index, source=source))
+                        lambda message, *, index, source=None, parts=True: checked.append(index) or validate(
+                            message, index=index, source=source, parts=parts))
     grown = [*_copies(history), {"role": "user", "content": "go on"}]
     again = validate_messages(grown)
     assert checked == [len(history)]  # only the new message

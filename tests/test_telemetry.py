@@ -496,3 +496,37 @@ def test_configure_telemetry_without_the_otlp_extra_names_it(monkeypatch) -> Non
     monkeypatch.setitem(sys.modules, "opentelemetry.exporter.otlp.proto.http.trace_exporter", None)  # not installed
     with pytest.raises(MissingExtra, match=r"pip install 'router-middleware\[otlp\]'"):
         configure_telemetry("http://127.0.0.1:4318", set_global=False)
+
+
+def test_an_attempt_s_point_is_its_own_time_and_an_attempt_never_sent_has_none(metric_reader, span_exporter) -> None:
+    """A failed try ended before its retry began is timed to its end, not to the retry (the wait is no
+    provider time); a target skipped before anything was sent (litellm knows no provider for it) is
+    no GenAI operation: no point; an adapter's clock (``start_ns``) times a call ended now."""
+    import litellm
+
+    from router_middleware.telemetry import CallTrace, TelemetrySettings
+    from router_middleware.types import Call, Plan
+
+    def points(model: str) -> list:
+        return [p for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                if p.attributes.get("gen_ai.request.model") == model]
+
+    answer = outcome(litellm.completion(model="o4-mini", messages=MESSAGES, mock_response="ok"))
+    trace = CallTrace.start(TelemetrySettings(), Plan.from_call(Call.create("o4-mini", MESSAGES)), "openai", 0, 0)
+    time.sleep(0.1)
+    ended = time.time_ns()
+    time.sleep(0.3)  # the retry's wait: the failed try is told of when the retry begins (CallLifecycle.tried)
+    trace.attempt_failed(TimeoutError("slow"), end_ns=ended)
+    trace.again()
+    trace.succeed(answer)
+    failed, answered = sorted(points("o4-mini"), key=lambda p: "error.type" not in p.attributes)
+    assert 0.1 <= failed.sum < 0.2 and answered.sum < 0.1
+    began = time.time_ns() - 250_000_000
+    late = CallTrace.start(TelemetrySettings(), Plan.from_call(Call.create("o3", MESSAGES)), "openai", 0, 0,
+                           start_ns=began)
+    late.fail(TimeoutError("slow"))
+    assert 0.25 <= points("o3")[0].sum < 0.35
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"typo": ["gpt4o-typo", "gpt-4.1-nano"]},
+                                                 "fallback": {"backoff_s": 0}}, "cache": {"enabled": False}})
+    pipeline.completion(model="typo", messages=MESSAGES, mock_response="ok")
+    assert points("gpt4o-typo") == [] and len(points("gpt-4.1-nano")) == 1

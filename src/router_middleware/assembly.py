@@ -14,7 +14,7 @@ from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
 from .catalog import Catalog, close_names
 from .config import Config, TelemetryConfig
-from .errors import MissingExtra
+from .errors import ConfigError, MissingExtra
 from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
 from .stores import Store, StoreView, open_store
@@ -135,6 +135,20 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
             if target not in routing.deployments and catalog.resolve(target) is None]
 
 
+def check_alias_targets(config: Config, catalog: Catalog) -> None:
+    """Refuse an alias target that is another alias and no model litellm knows: a target is called by
+    its name, so every call there would fail naming it an unknown model (an alias named like a model,
+    ``gpt-4o-mini: [gpt-4o-mini, ...]``, is that model where another alias lists it)."""
+    routing = config.routing
+    for alias, targets in routing.aliases.items():
+        for target in targets:
+            if target != alias and target in routing.aliases and target not in routing.deployments \
+                    and catalog.resolve(target) is None:
+                raise ConfigError(f"routing.aliases.{alias}: {target!r} is an alias; an alias lists model ids or "
+                                  f"deployment names, not other aliases (list its targets instead: "
+                                  f"{routing.aliases[target]})")
+
+
 def idle_limits(config: Config, catalog: Catalog) -> list[str]:
     """Each ``routing.limits`` key that limits nothing: no deployment or alias target goes by that
     name, and litellm knows no provider for it, so no call can be sent there (a typo, usually)."""
@@ -157,6 +171,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     config = config or Config()
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
+    check_alias_targets(config, catalog)
     for alias, target in unpriced_targets(config, catalog):
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
                     why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "

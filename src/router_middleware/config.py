@@ -448,10 +448,6 @@ class RoutingConfig(_Strict):
         for name, models in self.aliases.items():
             if not models:
                 raise ValueError(f"alias {name!r} has no models")
-            for target in models:  # a target is called as it is named: an alias there would reach litellm as a model
-                if target != name and target in self.aliases and target not in self.deployments:
-                    raise ValueError(f"aliases.{name}: {target!r} is an alias; an alias lists model ids or deployment "
-                                     f"names, not other aliases (list its targets instead: {self.aliases[target]})")
         if self.free_tier.prefer and not self.free_tier.models:
             raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 

@@ -88,18 +88,20 @@ class Engine:
             if name not in routes and name != model and (known(model) is not None or known(name) is None)}
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
-                  params: Mapping[str, Any]) -> Call:
+                  params: Mapping[str, Any], *, litellm_sends: bool = True) -> Call:
         """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input.
         With ``messages.repair_tool_calls``, broken tool-call integrity is mended instead, and the
-        call carries a ``messages:repair`` decision saying what was changed."""
+        call carries a ``messages:repair`` decision saying what was changed. ``litellm_sends=False``:
+        another client sends it (an agent's own chat model), so content parts litellm would refuse pass."""
         if self.config.app and isinstance(context, Mapping) and context.get("app") is None:
             context = {**context, "app": self.config.app}  # built once, not built and then replaced
         ctx = AgentContext.coerce(context)
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
         if not self.config.messages.repair_tool_calls:
-            return Call.create(check_model(model), nonempty(validate_messages(messages)), check_params(params), ctx)
-        valid, repairs = repair_messages(messages)
+            return Call.create(check_model(model), nonempty(validate_messages(messages, parts=litellm_sends)),
+                               check_params(params), ctx)
+        valid, repairs = repair_messages(messages, parts=litellm_sends)
         nonempty(valid)
         decisions = [Decision("messages", "repair", repairs.describe(), {
             "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),

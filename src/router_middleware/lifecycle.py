@@ -521,17 +521,17 @@ class CallLifecycle:
         and ledger row then record the error, and the reservation is released, or settled at
         ``spent``: what the attempt used before it broke off)."""
         engine, failed = self.engine, plan.deployment or plan.model
+        unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
+            isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
+        keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
-            trace.attempt_failed(exc)
+            trace.attempt_failed(exc, sent=not (unknown or keyless))
         self.books.attempt_failed(self.held, failed, exc, spent)
         if not self.fallback:
             self._give_up(plan, trace, exc, spent)
             return None
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
-        unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
-            isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
-        keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
                        else attempts.advance(exc, windows))
         if next_target is None:

@@ -69,9 +69,11 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
     return calls
 
 
-def validate_message(message: Any, *, index: int, source: str | None = None) -> dict[str, Any]:
+def validate_message(message: Any, *, index: int, source: str | None = None, parts: bool = True) -> dict[str, Any]:
     """Validate one message and return it as a plain dict (tool_calls parsed to a list of dicts; a
-    pydantic message, such as the ``choices[0].message`` of an earlier answer, as litellm sends it)."""
+    pydantic message, such as the ``choices[0].message`` of an earlier answer, as litellm sends it).
+    ``parts``: a user message's content parts are of types litellm sends (off where another client,
+    an agent's own chat model, sends the call)."""
     message = _plain(message)
     if not isinstance(message, Mapping):
         raise MessageError(_not_an_object(message), index=index, source=source)
@@ -90,7 +92,7 @@ def validate_message(message: Any, *, index: int, source: str | None = None) -> 
                                                                  if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
-    if role == "user" and isinstance(content, list):
+    if parts and role == "user" and isinstance(content, list):
         _check_user_parts(content, index, source)
     raw_calls = message.get("tool_calls", None)
     if "tool_calls" not in message or (isinstance(raw_calls, list) and raw_calls and _calls_ok(raw_calls)):
@@ -120,8 +122,9 @@ def _calls_ok(calls: list[Any]) -> bool:
 
 
 _NEEDS_CONTENT = frozenset({"user", "system", "developer", "tool"})  # the assistant's may be tool calls alone
-_VALID = MessageMemo()
-_HISTORIES = HistoryMemo(alike=True)  # a resent history -> its valid messages and the tool-call state at its end
+# per check of content parts (litellm sends, or not): a message dict -> its valid form; a resent
+# history -> its valid messages and the tool-call state at its end
+_MEMOS = {parts: (MessageMemo(), HistoryMemo(alike=True)) for parts in (True, False)}
 
 PLACEHOLDER_RESULT = "[no result recorded]"  # the content of a tool result that repair adds
 
@@ -214,12 +217,12 @@ class Repairs:
         return "; ".join(parts)
 
 
-def validate_messages(messages: Iterable[Any], *, source: str | None = None,
-                      tool_calls: bool = True) -> list[dict[str, Any]]:
+def validate_messages(messages: Iterable[Any], *, source: str | None = None, tool_calls: bool = True,
+                      parts: bool = True) -> list[dict[str, Any]]:
     """Validate every message (a resent, unchanged message dict is not checked again) and, with
     ``tool_calls``, tool-call integrity (see :class:`ToolTurns`) in the same pass: a break raises
-    ``MessageError`` naming the message and the call."""
-    out, broken = _validate(messages, source, tool_calls)
+    ``MessageError`` naming the message and the call. ``parts``: see :func:`validate_message`."""
+    out, broken = _validate(messages, source, tool_calls, parts)
     if broken:
         problem = _first_problem(out)
         raise MessageError(problem.detail, index=problem.index, source=source)
@@ -234,11 +237,12 @@ def nonempty(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return messages
 
 
-def repair_messages(messages: Iterable[Any], *, source: str | None = None) -> tuple[list[dict[str, Any]], Repairs]:
+def repair_messages(messages: Iterable[Any], *, source: str | None = None,
+                    parts: bool = True) -> tuple[list[dict[str, Any]], Repairs]:
     """:func:`validate_messages` that mends tool-call integrity instead of raising: a tool result
     answering no open call is dropped, and an unanswered call gets a :data:`PLACEHOLDER_RESULT` tool
     result after its turn's results (providers accept it, and the model still sees the call it made)."""
-    out, broken = _validate(messages, source, True)
+    out, broken = _validate(messages, source, True, parts)
     return _mend(out) if broken else (out, Repairs())
 
 
@@ -256,7 +260,8 @@ def _entry(valid: dict[str, Any]) -> tuple[dict[str, Any], int, Any]:
     return (valid, _CALLS, frozenset(str(c["id"]) for c in calls)) if calls else (valid, _OTHER, None)
 
 
-def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple[list[dict[str, Any]], bool]:
+def _validate(messages: Iterable[Any], source: str | None, check: bool,
+              parts: bool = True) -> tuple[list[dict[str, Any]], bool]:
     """The valid messages, and whether their tool-call integrity is broken. The hot path: only the open
     calls are tracked, with each message's ids kept in the memo; :class:`ToolTurns` says what broke,
     on broken requests only."""
@@ -266,7 +271,8 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
     if isinstance(messages, str | bytes) or not isinstance(messages, Iterable):
         raise MessageError("messages must be a list of message objects", source=source)
     history = messages if isinstance(messages, list | tuple) else None
-    resent, earlier, copies = _HISTORIES.find(history) if history is not None else (0, None, False)
+    valids, histories = _MEMOS[parts]
+    resent, earlier, copies = histories.find(history) if history is not None else (0, None, False)
     out: list[dict[str, Any]] = []
     calls: frozenset[str] = frozenset()  # the ids of the last turn's calls,
     left = 0  # how many of them are still open,
@@ -276,11 +282,11 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
         out, calls, left, answered, broken = list(earlier[0]), earlier[1], earlier[2], earlier[3], earlier[4]
         seen = set(answered) if answered is not None else None
     for i, message in enumerate(history[resent:] if history is not None and resent else messages, resent):
-        entry = _VALID.get(message) if isinstance(message, dict) else None
+        entry = valids.get(message) if isinstance(message, dict) else None
         if entry is None:
-            entry = _entry(validate_message(message, index=i, source=source))
+            entry = _entry(validate_message(message, index=i, source=source, parts=parts))
             if isinstance(message, dict):
-                _VALID.put(message, entry)
+                valids.put(message, entry)
         valid, kind, ids = entry
         out.append(valid)
         if kind == _RESULT:
@@ -299,7 +305,7 @@ def _validate(messages: Iterable[Any], source: str | None, check: bool) -> tuple
             seen = set() if left > 1 else None
     if history is not None and resent < len(out):  # copies of a history: found by value from now on, not kept
         valid = tuple(out)
-        _HISTORIES.remember(None if copies else history,
+        histories.remember(None if copies else history,
                             (valid, calls, left, frozenset(seen) if seen is not None else None, broken), alike=valid)
     return out, broken and check
 

@@ -168,11 +168,9 @@ class Call:
         decisions: Sequence[Decision] = (),
     ) -> Call:
         history = History(messages)
-        kind = context.step_kind if isinstance(context, AgentContext) else (context or {}).get("step_kind")
-        if kind is None and history:
-            from .reasoning.signals import infer_step_kind  # reasoning imports this module
-
-            kind = infer_step_kind(history)
+        given = context.step_kind if isinstance(context, AgentContext) else (context or {}).get("step_kind")
+        kind = _inferred_kind(history) if given is None and history else None
+        if kind is not None:
             context = replace(context, step_kind=kind) if isinstance(context, AgentContext) else {
                 **(context or {}), "step_kind": kind}  # checked once, by coerce
         return cls(model, history, _frozen(params), AgentContext.coerce(context), tuple(decisions))
@@ -191,6 +189,17 @@ class Call:
         if "messages" in changes:
             changes["messages"] = History(changes["messages"])
         return replace(self, **changes)
+
+
+def _inferred_kind(history: History) -> str | None:
+    """The step kind ``history`` shows, or ``None`` for messages no one validated (litellm's own
+    message objects in an observed call)."""
+    from .reasoning.signals import infer_step_kind  # reasoning imports this module
+
+    try:
+        return infer_step_kind(history)
+    except (AttributeError, TypeError):
+        return None
 
 
 @dataclass(frozen=True, slots=True)

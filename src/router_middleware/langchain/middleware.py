@@ -31,6 +31,7 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, convert_to_messages
+from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -135,6 +136,8 @@ def _renumbered(error: MessageError, positions: list[int]) -> MessageError:
 
     detail = re.sub(r"\bmessage (\d+)\b", lambda m: "the system prompt" if at(int(m.group(1))) < 0
                     else f"message {at(int(m.group(1)))}", error.detail)
+    if error.index is not None and positions.count(at(error.index)) > 1:  # its parts were split: numbered apart
+        detail = re.sub(r"\bcontent part \d+", "a content part", detail)
     if error.index is not None and at(error.index) < 0:
         return MessageError(f"the system prompt: {detail}", source=error.source)
     return MessageError(detail, index=None if error.index is None else at(error.index), source=error.source)
@@ -150,7 +153,9 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     ``model``: what each call asks the pipeline for (an alias, ``"auto"``, or a model id); with
     ``models``, a name no call could be routed by (not an alias, a deployment or one of ``models``)
-    raises ``ConfigError`` with the closest names. Default: the name of the model handed to it (the
+    raises ``ConfigError`` with the closest names, as do a ``models`` entry that is no runnable, a
+    route none of whose targets (or their ``:free`` variants) is among ``models``, and a budget whose
+    ``downgrade_to`` has none there. Default: the name of the model handed to it (the
     agent's own), or with ``models``, where that is none of these, the name of the entry that is that
     model or holds the same one (:meth:`_route`). Without ``models``
     the agent's model is kept and only the context and reasoning policies apply; ``model=`` then names
@@ -175,7 +180,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
-            if not isinstance(chat_model, BaseChatModel):
+            if not isinstance(chat_model, Runnable):  # a chat model, or one wrapped (with_retry, bind)
                 raise ConfigError(f"models[{name!r}]: expected a LangChain chat model (a BaseChatModel, such as "
                                   f"RoutedChatModel(model={name!r})), got {type(chat_model).__name__} {chat_model!r}")
             self._own_pipeline(chat_model, f"models[{name!r}]")
@@ -225,7 +230,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         target is missing from ``models`` (each call would fail with ``NoRouteError``)."""
         if self._routes(route):
             targets = self._targets(route)
-            if targets and not any(t in self.models or t.removesuffix(":free") in self.models for t in targets):
+            if targets and not any(map(self._reaches, targets)):
                 raise ConfigError(f"model={route!r}: none of its targets ({', '.join(targets)}) is one of models= "
                                   f"({', '.join(self.models)}): every call would fail with NoRouteError")
             return
@@ -239,10 +244,14 @@ class RouterAgentMiddleware(AgentMiddleware):
         every call would be sent there and fail with ``NoRouteError``, where a direct call answers."""
         for budget in self.pipeline.config.routing.budgets:
             targets = self._targets(budget.downgrade_to) if budget.downgrade_to else []
-            if targets and not any(t in self.models for t in targets):
+            if targets and not any(map(self._reaches, targets)):
                 raise ConfigError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} has no target among "
                                   f"models= ({', '.join(self.models)}): past its soft limit every call would go "
                                   f"there and fail; add one of {', '.join(targets)} to models=")
+
+    def _reaches(self, target: str) -> bool:
+        """Is ``target`` one of ``models``, or is its free variant (``:free``, tried first with ``free_tier``)?"""
+        return target in self.models or f"{target}:free" in self.models
 
     def _targets(self, route: str) -> list[str]:
         """The targets a call routed by ``route`` may go to (the tiers' aliases' for ``auto``)."""
@@ -361,7 +370,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             owners += [original] if len(parts) == 1 else [None] * len(parts)
             positions += [at] * len(parts)
         try:
-            call = self.pipeline.make_call(self._route_of(request), converted, context, params)
+            call = self.pipeline.make_call(self._route_of(request), converted, context, params, litellm_sends=False)
         except MessageError as error:
             raise _renumbered(error, positions) from None
         by_id = _own(call.messages, converted, owners)

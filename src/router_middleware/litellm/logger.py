@@ -375,9 +375,10 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
 
-    def _failure(self, kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None) -> None:
+    def _failure(self, kwargs: Mapping[str, Any], start_time: Any = None, end_time: Any = None,
+                 within: Context | None = None) -> None:
         try:
-            plan, trace = self._planned(kwargs, wire.time_ns(start_time))
+            plan, trace = self._planned(kwargs, wire.time_ns(start_time), within)
             self._failed(plan, trace, _error(kwargs), end_ns=wire.time_ns(end_time))
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
@@ -403,8 +404,10 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         await self._recorded(self._success, kwargs, response_obj, start_time, end_time)
 
     def log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
-        if not _ours(kwargs) and not self._stream_broke(kwargs):
-            self._failure(kwargs, start_time, end_time)
+        if not _ours(kwargs):
+            watched = self._watched(kwargs)  # a sync stream's event runs on a thread outside the caller's context
+            if not self._stream_broke(kwargs):
+                self._failure(kwargs, start_time, end_time, watched.within if watched else None)
 
     async def async_log_failure_event(self, kwargs: Any, response_obj: Any, start_time: Any, end_time: Any) -> None:
         if _ours(kwargs):

@@ -126,6 +126,13 @@ class _SyncStreams(_Core):
         found.finalizer.atexit = False
         details[_WATCH_KEY] = watched
 
+    def _watched(self, kwargs: Mapping[str, Any]) -> _Streaming | None:
+        """The watch of the sync stream whose event ``kwargs`` are, if it is watched."""
+        if not self._streams:
+            return None
+        with self._lock:
+            return self._streams.get(_watch_key(kwargs) or "")
+
     def _stream_ended(self, kwargs: Mapping[str, Any]) -> _Streaming | None:
         """A call's success or failure event came: a sync stream's watch, if any, has nothing to do
         (returned, for what it kept of the call)."""

@@ -190,21 +190,25 @@ class CallTrace:
         self.attempting, self.recorded = False, True
         if self.nested or not self.settings.enabled:
             return
-        if end_ns is not None and self.start_ns is not None:
-            duration = (end_ns - self.start_ns) / 1e9
-        else:
-            duration = time.perf_counter() - self.started
+        if self.start_ns is not None:  # the adapter's clock: from when the call began to its end (or now)
+            duration = ((end_ns if end_ns is not None else time.time_ns()) - self.start_ns) / 1e9
+        else:  # ours, less the time since an end given (a failed try's, ended before its retry began)
+            duration = time.perf_counter() - self.started - ((time.time_ns() - end_ns) / 1e9 if end_ns else 0.0)
         attrs = self._metric_attrs()
         if extra:
             attrs.update(extra)
         call_metrics.record(attrs, outcome, duration, error, self.plan.call.context.app)
 
     @never_raises(default=None)
-    def attempt_failed(self, error: BaseException, spent: Outcome | None = None, end_ns: int | None = None) -> None:
+    def attempt_failed(self, error: BaseException, spent: Outcome | None = None, end_ns: int | None = None, *,
+                       sent: bool = True) -> None:
         """End the current attempt's span as failed (at ``end_ns``, else now), with what it used before
-        it broke off (``spent``) if anything, and record its duration point; the call goes on with
-        another attempt."""
+        it broke off (``spent``) if anything, and record its duration point unless nothing was
+        ``sent`` (a target litellm knows no provider for, a deployment without its key: no provider
+        operation); the call goes on with another attempt."""
         kind = type(error).__qualname__
+        if self.attempting and not sent:
+            self.attempting = False
         if self.attempting:
             self._point(spent, kind, end_ns)
         if self.child is not None:
