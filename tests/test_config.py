@@ -239,5 +239,7 @@ def test_a_route_that_could_never_work_is_refused_when_the_config_loads(routing,
     (any other name was skipped without a word)."""
     with pytest.raises(ConfigError, match=re.escape(said)):
         Pipeline.from_config({"routing": routing})
-    named_like_a_model = {"gpt-4o-mini": ["gpt-4o-mini", "openrouter/openai/gpt-4o-mini"], "coder": ["gpt-4o-mini"]}
-    Pipeline.from_config({"routing": {"aliases": named_like_a_model}})  # there, gpt-4o-mini is the model
+    Pipeline.from_config({"routing": {"aliases": {"gpt-4o-mini": ["gpt-4o-mini", "gpt-4.1-nano"]}}})  # itself: a model
+    named_like_a_model = {"gpt-4o-mini": ["gpt-4.1-nano", "gpt-4o-mini"], "pair": ["gpt-4.1", "gpt-4o-mini"]}
+    with pytest.raises(ConfigError, match=r"aliases\.pair: 'gpt-4o-mini' is an alias"):  # a fallback there re-routes it
+        Pipeline.from_config({"routing": {"aliases": named_like_a_model}})

@@ -144,11 +144,12 @@ def test_allowed_and_skipped_params_are_read_as_litellm_reads_them(names, kept) 
         assert all(c.dropped for c in changes)
 
 
-def test_n_answers_go_only_to_a_model_that_gives_several_and_are_never_cut_to_one() -> None:
+def test_n_answers_go_only_to_a_model_that_gives_several_and_are_never_cut_to_one(monkeypatch) -> None:
     """``n=2`` to a model that gives one answer a call (Anthropic): dropped, the caller got one
     answer where it asked for two (litellm refuses the call). An alias routes such a call only among
     its targets that take ``n``; a call naming such a model is refused by name, unless the caller
-    lets litellm drop what the model does not take (``drop_params``)."""
+    lets litellm drop what the model does not take (``drop_params``, the call's or litellm's own). An
+    alias none of whose targets takes ``n`` is routed as for one answer, then fitted the same way."""
     from router_middleware import RequestError
 
     messages = [{"role": "user", "content": "two names for a cat"}]
@@ -162,3 +163,10 @@ def test_n_answers_go_only_to_a_model_that_gives_several_and_are_never_cut_to_on
     dropped = p.completion(model="anthropic/claude-sonnet-4-5", messages=messages, n=2, mock_response="Tom",
                            drop_params=True)
     assert len(dropped.choices) == 1
+    claude = Pipeline.from_config({"routing": {"aliases": {"claude": ["anthropic/claude-sonnet-4-5"]}}})
+    with pytest.raises(RequestError, match=r"^n=2: anthropic/claude-sonnet-4-5"):  # no target takes n: as litellm
+        claude.completion(model="claude", messages=messages, n=2, mock_response="Tom")
+    import litellm
+
+    monkeypatch.setattr(litellm, "drop_params", True)  # litellm's own setting (the proxy's litellm_settings)
+    assert len(claude.completion(model="claude", messages=messages, n=2, mock_response="Tom").choices) == 1

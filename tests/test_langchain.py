@@ -1496,6 +1496,13 @@ def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> 
         "openrouter/meta-llama/llama-3.3-70b-instruct:free": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())})
     with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: expected a LangChain chat model .* got str"):
         RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": "gpt-4o-mini"}, model="coder")  # type: ignore[dict-item]
+    from langchain_core.runnables import RunnableLambda
+
+    with pytest.raises(ConfigError, match=r"expected a LangChain chat model .* got RunnableLambda"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RunnableLambda(lambda x: x)}, model="coder")
+    own = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline).with_retry()
+    with pytest.raises(ConfigError, match=r"on the middleware's own pipeline accounts each call twice"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": own}, model="coder")  # seen through its wrapper
     other = {"gpt-5-mini": RoutedChatModel(model="gpt-5-mini", pipeline=Pipeline())}
     with pytest.raises(ConfigError, match=r"model='coder': none of its targets \(gpt-4o-mini, gpt-4.1\) is one of "
                                           r"models= \(gpt-5-mini\)"):

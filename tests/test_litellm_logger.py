@@ -2441,3 +2441,20 @@ def test_a_call_resending_the_sdk_s_own_message_object_is_recorded(logger) -> No
     messages = [{"role": "user", "content": "write a haiku"}, ChatCompletionMessage(role="assistant", content="Sure")]
     litellm.completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
     assert _polled(lambda: logger.recorded >= 1)
+
+
+def test_a_sync_stream_that_breaks_before_its_first_chunk_keeps_the_caller_s_trace(logger, span_exporter) -> None:
+    """litellm's failure event of a sync stream runs on a thread of its own: the call's spans are still
+    the caller's span's children (they were the root of a new trace)."""
+    from opentelemetry import trace
+
+    from .fault_server import fault_server
+
+    with fault_server() as (base, _seen), trace.get_tracer("the-agent").start_as_current_span("agent step") as step:
+        with pytest.raises(Exception):  # noqa: B017 - litellm's error for a broken connection
+            for _ in litellm.completion(model="openai/gpt-3.5-turbo", messages=[{"role": "user", "content": "joke"}],
+                                        api_key="x", api_base=f"{base}/broken/v1", stream=True, max_retries=0):
+                pass
+        assert _polled(lambda: logger.recorded >= 1)
+    (route,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL and s.name != "agent step"]
+    assert route.parent is not None and route.parent.span_id == step.get_span_context().span_id

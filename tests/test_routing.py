@@ -313,6 +313,9 @@ def test_a_cancellation_says_nothing_of_a_target_s_health() -> None:
     assert not counts_toward_cooldown(asyncio.CancelledError())
     assert not counts_toward_cooldown(ClientDisconnected())
     assert counts_toward_cooldown(TimeoutError()) and counts_toward_cooldown(litellm.Timeout("slow", "m", "p"))
+    from router_middleware import MessageError
+
+    assert not counts_toward_cooldown(MessageError("a RoutedChatModel's pipeline refused its messages"))
 
 
 def test_backoff_honours_retry_after_and_jitters() -> None:

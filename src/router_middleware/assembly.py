@@ -135,15 +135,14 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
             if target not in routing.deployments and catalog.resolve(target) is None]
 
 
-def check_alias_targets(config: Config, catalog: Catalog) -> None:
-    """Refuse an alias target that is another alias and no model litellm knows: a target is called by
-    its name, so every call there would fail naming it an unknown model (an alias named like a model,
-    ``gpt-4o-mini: [gpt-4o-mini, ...]``, is that model where another alias lists it)."""
+def check_alias_targets(config: Config) -> None:
+    """Refuse an alias target that is another alias: a call's first attempt calls the target by its
+    name (a model litellm may not know), a fallback to it routes it as that alias; either way not what
+    the config says. An alias may list itself (``gpt-4o-mini: [gpt-4o-mini, ...]``: the model)."""
     routing = config.routing
     for alias, targets in routing.aliases.items():
         for target in targets:
-            if target != alias and target in routing.aliases and target not in routing.deployments \
-                    and catalog.resolve(target) is None:
+            if target != alias and target in routing.aliases and target not in routing.deployments:
                 raise ConfigError(f"routing.aliases.{alias}: {target!r} is an alias; an alias lists model ids or "
                                   f"deployment names, not other aliases (list its targets instead: "
                                   f"{routing.aliases[target]})")
@@ -171,7 +170,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     config = config or Config()
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
-    check_alias_targets(config, catalog)
+    check_alias_targets(config)
     for alias, target in unpriced_targets(config, catalog):
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
                     why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "

@@ -124,12 +124,13 @@ def fit(params: Mapping[str, Any], rules: ParamRules) -> tuple[dict[str, Any], t
     return out, tuple(changes)
 
 
-def fit_plan(plan: Plan, rules: ParamRules) -> Plan:
+def fit_plan(plan: Plan, rules: ParamRules, *, drops: bool = False) -> Plan:
     """``plan`` with its params fitted to its model, one ``params`` decision per change. Raises
     ``RequestError`` for ``n`` above 1 to a model that gives one answer a call: dropped, the caller
-    would get fewer answers than asked, where litellm refuses the call (unless ``drop_params``)."""
+    would get fewer answers than asked, where litellm refuses the call, unless litellm drops what a
+    model does not take (the call's ``drop_params``, or litellm's own: ``drops``)."""
     n = plan.params.get("n")
-    if isinstance(n, int) and n > 1 and not takes_n(rules) and not plan.params.get("drop_params"):
+    if isinstance(n, int) and n > 1 and not takes_n(rules) and not (drops or plan.params.get("drop_params")):
         raise RequestError(f"n={n}: {plan.model} gives one answer a call (litellm lists n as unsupported for "
                            f"it); make {n} calls, or ask a model that takes n")
     params, changes = fit(plan.params, rules)

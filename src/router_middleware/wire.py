@@ -420,6 +420,12 @@ _UNCHECKED = frozenset({"model", "custom_llm_provider", "api_version", "drop_par
 _O_SERIES_EFFORTS = frozenset({"low", "medium", "high"})
 
 
+def drops_params() -> bool:
+    """litellm's global ``drop_params`` (the proxy's ``litellm_settings.drop_params``): it drops what
+    a model does not take rather than refusing the call."""
+    return bool(getattr(litellm(), "drop_params", False))
+
+
 @functools.lru_cache(maxsize=512)
 def param_rules(model: str) -> ParamRules:
     """What ``model`` takes (see :class:`~.fit.ParamRules`), from litellm's provider config for it:

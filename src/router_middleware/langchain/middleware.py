@@ -31,7 +31,6 @@ from typing import Any
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, SystemMessage, convert_to_messages
-from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -124,6 +123,15 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
 
 
+def _chat_model_of(runnable: Any) -> BaseChatModel | None:
+    """The chat model ``runnable`` is, or wraps (``with_retry()``, ``bind()``: ``bound``), else ``None``."""
+    for _ in range(8):
+        if isinstance(runnable, BaseChatModel):
+            return runnable
+        runnable = getattr(runnable, "bound", None)
+    return None
+
+
 _ROUTED = ("requested_model", "routed_model", "decisions", "cost_usd", "cost_source")  # the call's, on its answer
 
 
@@ -180,10 +188,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
         self.models = dict(models or {})
         for name, chat_model in self.models.items():
-            if not isinstance(chat_model, Runnable):  # a chat model, or one wrapped (with_retry, bind)
+            inner = _chat_model_of(chat_model)
+            if inner is None:
                 raise ConfigError(f"models[{name!r}]: expected a LangChain chat model (a BaseChatModel, such as "
-                                  f"RoutedChatModel(model={name!r})), got {type(chat_model).__name__} {chat_model!r}")
-            self._own_pipeline(chat_model, f"models[{name!r}]")
+                                  f"RoutedChatModel(model={name!r}), or one wrapped: with_retry(), bind()), got "
+                                  f"{type(chat_model).__name__} {chat_model!r}")
+            self._own_pipeline(inner, f"models[{name!r}]")
         self._serve()
         if self.models:
             self._downgrades_reachable()
@@ -401,9 +411,11 @@ class RouterAgentMiddleware(AgentMiddleware):
         message = next((m for m in reversed(result) if isinstance(m, AIMessage)), None)
         found = outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model),
                                      started, first_token)
-        if message is not None:  # how the router served the call, not how the model it chose was asked
-            routed = response_metadata(found)
-            message.response_metadata.update({k: routed[k] for k in _ROUTED if k in routed})
+        if message is not None and isinstance(response, ModelResponse):  # how the router served the call, on a
+            routed = response_metadata(found)  # copy: the model's own message may be a cache's entry
+            copy = message.model_copy(update={"response_metadata": {
+                **message.response_metadata, **{k: routed[k] for k in _ROUTED if k in routed}}})
+            response.result[next(i for i in range(len(result) - 1, -1, -1) if result[i] is message)] = copy
         return found
 
     def _spent(self, plan: Plan, runs: AttemptRuns, started: float) -> Outcome | None:

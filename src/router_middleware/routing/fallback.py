@@ -59,7 +59,9 @@ REQUEST_FAULTS = frozenset({
     # raised in an agent's model call after the model answered: its output not parsed, a LangGraph
     # interrupt (control flow); not the target's health
     "OutputParserException", "StructuredOutputError", "GraphBubbleUp",
+    "MessageError",  # ours, from a RoutedChatModel's pipeline inside the agent middleware
 })
+_AFTER_ANSWER = frozenset({"OutputParserException", "StructuredOutputError", "GraphBubbleUp"})
 _RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
 
 
@@ -131,7 +133,8 @@ class Attempts:
     def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
         """The model to try next after ``exc``, or ``None`` when the call must fail."""
         self.history += (f"{self.model}: {error_kind(exc)}",)
-        if not retryable(exc) and not (is_free(self.model) and len(self.models) > 1):
+        after_answer = bool({cls.__name__ for cls in type(exc).__mro__} & _AFTER_ANSWER)  # the model did answer
+        if not retryable(exc) and not (is_free(self.model) and len(self.models) > 1 and not after_answer):
             return None  # a free variant that failed in any way still has its paid model behind it
         self.tries += 1
         if self.tries < self.config.attempts_per_model and error_kind(exc) != "ContextWindowExceededError":

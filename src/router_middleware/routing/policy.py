@@ -295,6 +295,10 @@ class RoutingPolicy:
             first = min(cooling, key=lambda m: state.cooldowns[m])
             return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
                              f"in {state.cooldowns[first] - state.now:.0f}s); ")
+        if rejections and all(why.startswith(_ONE_ANSWER) for why in rejections.values()):
+            # no target gives several answers: routed as for one, then fitted (n dropped where litellm
+            # drops it, else a RequestError, as litellm refuses it)
+            return list(candidates), f"no target takes n={plan.params.get('n')}: routed as for one answer; "
         oversized = [m for m in candidates if not rejections[m].startswith(_CAPS)
                      and self._rejection(m, plan, state, estimate, windowed=False) is None]
         if not oversized:
@@ -333,9 +337,8 @@ class RoutingPolicy:
         if plan.params.get("response_format") and facts.get("supports_response_schema") is False:
             return "does not support response_format"
         answers = plan.params.get("n")
-        if isinstance(answers, int) and answers > 1 and not plan.params.get("drop_params") \
-                and not takes_n(param_rules(model)):
-            return f"gives one answer a call (n={answers})"
+        if isinstance(answers, int) and answers > 1 and not takes_n(param_rules(model)):
+            return f"{_ONE_ANSWER} (n={answers})"
         if any(k in plan.params for k in REASONING_PARAMS) and self.config.require_reasoning_support \
                 and not can_reason(model, info, provider):
             return "does not support reasoning"
@@ -397,6 +400,7 @@ class RoutingPolicy:
         return list(models)
 
 
+_ONE_ANSWER = "gives one answer a call"  # how a rejection for n starts
 _CAPS = ("max_tokens ", "max_completion_tokens ")  # how a rejection the request's own cap caused starts
 
 
