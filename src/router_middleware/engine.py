@@ -124,7 +124,8 @@ class Engine:
         if served is not None:
             plan = plan.override(model=served, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
-        return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model), drops=wire.drops_params()))
+        return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model),
+                                              drops=choices_asked(plan.params) > 1 and wire.drops_params()))
 
     def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for."""

@@ -40,6 +40,7 @@ from ..drivers import adrive, drive
 from ..errors import ConfigError, MessageError
 from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
+from ..routing.quotas import free_variant
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
@@ -121,6 +122,11 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     """Whether ``model`` sends ``name`` of its own (a field, or in its ``model_kwargs``)."""
     own = getattr(model, "model_kwargs", None)
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
+
+
+def _base(route: str) -> str:
+    """``route`` without a ``:floor``/``:nitro`` suffix."""
+    return route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
 
 
 def _chat_model_of(runnable: Any) -> BaseChatModel | None:
@@ -232,7 +238,7 @@ class RouterAgentMiddleware(AgentMiddleware):
     def _routes(self, route: str) -> bool:
         """Whether a call could be routed by ``route``: an alias, a deployment, ``auto`` with tiers, or
         one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
-        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        base = _base(route)
         return base in self.models or base in self.pipeline.config.routing.route_names()
 
     def _known_route(self, route: str) -> None:
@@ -244,7 +250,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                 raise ConfigError(f"model={route!r}: none of its targets ({', '.join(targets)}) is one of models= "
                                   f"({', '.join(self.models)}): every call would fail with NoRouteError")
             return
-        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        base = _base(route)
         close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -261,11 +267,11 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _reaches(self, target: str) -> bool:
         """Is ``target`` one of ``models``, or is its free variant (``:free``, tried first with ``free_tier``)?"""
-        return target in self.models or f"{target}:free" in self.models
+        return target in self.models or free_variant(target) in self.models
 
     def _targets(self, route: str) -> list[str]:
         """The targets a call routed by ``route`` may go to (the tiers' aliases' for ``auto``)."""
-        base = route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
+        base = _base(route)
         routing = self.pipeline.config.routing
         if base in self.models:
             return [base]

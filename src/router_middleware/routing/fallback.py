@@ -44,10 +44,12 @@ _KINDS = {"ContextOverflowError": "ContextWindowExceededError"}  # LangChain's n
 
 def error_kind(exc: BaseException) -> str:
     """The failure's kind: its class's name, or the litellm name of a failure LangChain names otherwise."""
-    for cls in type(exc).__mro__:
-        if cls.__name__ in _KINDS:
-            return _KINDS[cls.__name__]
-    return type(exc).__name__
+    return next((_KINDS[name] for name in _names(exc) if name in _KINDS), type(exc).__name__)
+
+
+def _names(exc: BaseException) -> set[str]:
+    """The names of ``exc``'s classes (how a failure is known, whichever library raised it)."""
+    return {cls.__name__ for cls in type(exc).__mro__}
 
 
 # Failures of the request itself (its size, content or parameters) or of a name litellm cannot
@@ -66,7 +68,7 @@ _RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)  # 529: Anthropic's "
 
 
 def retryable(exc: BaseException) -> bool:
-    names = {cls.__name__ for cls in type(exc).__mro__}
+    names = _names(exc)
     return bool(names & set(RETRYABLE)) or getattr(exc, "is_retryable", False) is True \
         or getattr(exc, "status_code", 0) in _RETRY_STATUSES
 
@@ -84,7 +86,7 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
         return True
     if missing_credentials(exc):  # this process's configuration, not the provider's health
         return False
-    return not ({cls.__name__ for cls in type(exc).__mro__} & REQUEST_FAULTS)
+    return not (_names(exc) & REQUEST_FAULTS)
 
 
 def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None, *,
@@ -133,7 +135,7 @@ class Attempts:
     def advance(self, exc: BaseException, windows: dict[str, int] | None = None) -> str | None:
         """The model to try next after ``exc``, or ``None`` when the call must fail."""
         self.history += (f"{self.model}: {error_kind(exc)}",)
-        after_answer = bool({cls.__name__ for cls in type(exc).__mro__} & _AFTER_ANSWER)  # the model did answer
+        after_answer = bool(_names(exc) & _AFTER_ANSWER)  # the model did answer
         if not retryable(exc) and not (is_free(self.model) and len(self.models) > 1 and not after_answer):
             return None  # a free variant that failed in any way still has its paid model behind it
         self.tries += 1

@@ -101,7 +101,6 @@ class CallTrace:
         self.started = time.perf_counter()  # the current attempt's start
         self.start_ns = start_ns  # the current attempt's start as the adapter saw it, if given
         self.attempting = False  # an attempt is under way whose duration point is not recorded yet
-        self.recorded = False  # a duration point was recorded for one of the call's attempts
         self.last_ids: dict[str, str] = {}  # the span ids of the last attempt that ended, for the log line
         self.request_attrs: dict[str, AttributeValue] = {}
         self.done = False
@@ -187,7 +186,7 @@ class CallTrace:
     def _point(self, outcome: Outcome | None, error: str | None, end_ns: int | None,
                extra: dict[str, AttributeValue] | None = None) -> None:
         """The duration point (and tokens and cost, if ``outcome``) of the attempt under way."""
-        self.attempting, self.recorded = False, True
+        self.attempting = False
         if self.nested or not self.settings.enabled:
             return
         if self.start_ns is not None:  # the adapter's clock: from when the call began to its end (or now)
@@ -207,10 +206,9 @@ class CallTrace:
         ``sent`` (a target litellm knows no provider for, a deployment without its key: no provider
         operation); the call goes on with another attempt."""
         kind = type(error).__qualname__
-        if self.attempting and not sent:
-            self.attempting = False
-        if self.attempting:
+        if self.attempting and sent:
             self._point(spent, kind, end_ns)
+        self.attempting = False
         if self.child is not None:
             self.child.set_attributes({"error.type": kind, "router_middleware.ended": "failed"})
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
