@@ -19,6 +19,7 @@ import structlog
 from opentelemetry.trace import SpanKind, StatusCode
 
 from router_middleware import BudgetExceeded, Pipeline, outcome, wire
+from router_middleware.bookkeeping.keys import FAILURES
 from router_middleware.ledger.store import open_ledger
 from router_middleware.litellm import RouterLogger
 
@@ -787,6 +788,21 @@ def _sdk_logger(tmp_path, monkeypatch, routing: dict) -> RouterLogger:
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})).register()
 
 
+def _run_and_probe(logger: RouterLogger, run: Callable[[], Any]) -> tuple[Any, int, list[dict]]:
+    """``asyncio.run(run())``'s answer, what the daily budget's counter then holds (a call far over
+    it is refused saying so) and the ledger's rows; the logger unregistered after."""
+    from router_middleware.errors import BudgetExceeded
+
+    try:
+        answer = asyncio.run(run())
+        with pytest.raises(BudgetExceeded) as spent:
+            logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       mock_response="ok", max_tokens=100_000)
+        return answer, spent.value.spent, _ledger(logger)
+    finally:
+        logger.unregister()
+
+
 def test_an_async_sdk_call_over_a_budget_is_refused_before_it_is_sent(tmp_path, monkeypatch) -> None:
     """On ``litellm.acompletion`` the deployment hook admits the call like ``Pipeline.acompletion``
     does: a call whose estimate does not fit is refused with ``BudgetExceeded`` (no ledger row, the
@@ -929,7 +945,6 @@ def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_rout
     """An alias named like a litellm model routes within the provider litellm chose: a target of
     another provider is skipped (a decision saying so); a failure is one error row, releases its
     reservation and counts toward the target's cooldown, so the next call goes to the other target."""
-    from router_middleware.errors import BudgetExceeded
 
     logger = _sdk_logger(tmp_path, monkeypatch, {
         "aliases": {"gpt-4o": ["claude-3-5-haiku-20241022", "gpt-4o-mini", "gpt-4.1-mini"]},
@@ -945,18 +960,11 @@ def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_rout
         await logger.aflush()
         return answer
 
-    try:
-        answer = asyncio.run(run())
-        with pytest.raises(BudgetExceeded) as spent:
-            logger.pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok",
-                                       max_tokens=100_000)
-        rows = _ledger(logger)
-    finally:
-        logger.unregister()
+    answer, spent, rows = _run_and_probe(logger, run)
     assert answer.model == "gpt-4.1-mini"  # gpt-4o-mini cools down after its failure
     assert [(r["model"], r["error"] is not None) for r in rows] == [("gpt-4o-mini", True), ("gpt-4.1-mini", False)]
     assert all(json.loads(r["decisions"]) == ["routing:skip"] for r in rows)  # the claude target, first in order
-    assert spent.value.spent == answer.usage.total_tokens  # the failed call's reservation was given back
+    assert spent == answer.usage.total_tokens  # the failed call's reservation was given back
 
 
 def test_aflush_waits_for_the_events_of_async_streams(tmp_path, monkeypatch) -> None:
@@ -1030,24 +1038,46 @@ def test_concurrent_async_sdk_calls_on_redis_never_pass_a_budget(tmp_path, monke
     assert logger.recorded == len(answered)
 
 
+async def _let_go(logger: RouterLogger) -> None:
+    """Until litellm has let go of the calls the logger follows (a collection frees a failed call's
+    traceback and logging object), and their rows are written."""
+    import gc
+
+    for _ in range(20):
+        gc.collect()
+        await asyncio.sleep(0.01)
+        if not logger._calls:
+            break
+    await logger.aflush()
+
+
 def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it(tmp_path, monkeypatch) -> None:
     """``litellm.acompletion(fallbacks=[...])`` makes its attempts as nested ``acompletion`` calls (a
     call id of their own) that share the outer call's logging object, so their events carry the
     outer call's id: the outer call's lifecycle follows them, and they open none of their own (which
-    no event would settle: their reservation held until it lapses)."""
+    no event would settle: their reservation held until it lapses). A call whose fallbacks all
+    failed gets no event for its last one (litellm delivers one failure event per call): it ends when
+    litellm lets it go, naming its last target."""
+    import logging
+
     from router_middleware.errors import BudgetExceeded
 
+    # litellm logs each failed fallback with its traceback, which pytest's log capture keeps (and with
+    # it the call): an application's handler writes the record and lets it go
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
     logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
     messages = [{"role": "user", "content": "hi"}]
 
     async def run() -> object:
         answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
                                            max_tokens=50, fallbacks=["gpt-4.1-mini"])
-        with pytest.raises(Exception, match="All fallback attempts failed"):
+        try:  # as an application would: pytest.raises keeps the traceback, and through it the call
             await litellm.acompletion(model="gpt-4o-mini", messages=messages, max_tokens=50,
                                       fallbacks=["gpt-4.1-mini", "gpt-4o"],
                                       mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"))
-        await logger.aflush()
+        except Exception as exc:  # noqa: BLE001 - litellm raises a bare Exception
+            assert "All fallback attempts failed" in str(exc)
+        await _let_go(logger)
         return answer
 
     try:
@@ -1062,6 +1092,59 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert in_flight == 0
     assert spent.value.spent == answer.usage.total_tokens  # what it spent; no hold left behind
     assert sorted(r["error"] is not None for r in rows) == [False, True]  # one row per call
+    failed = next(r for r in rows if r["error"] is not None)
+    assert (failed["error"], failed["requested_model"], failed["model"]) == ("FallbacksEnded", "gpt-4o-mini", "gpt-4o")
+    assert "routing:fallback" in failed["decisions"]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["event-first", "event-late"])
+def test_a_litellm_fallback_s_answer_is_the_call_s_one_row_and_each_model_gets_its_own_request(
+        tmp_path, monkeypatch, span_exporter, late) -> None:
+    """``litellm.acompletion(model=..., fallbacks=[...])`` whose first model fails: the lifecycle
+    follows litellm's fallbacks in its order (one failure event comes, for the first; litellm moving
+    on to the next model says the one before failed), plans each model's request (a reasoning effort
+    set for the first is not carried to a model that takes none, which litellm would refuse), and the
+    answer is the call's one ledger row, its spend charged to the budget once. ``late``: the failure
+    event comes after litellm has moved on (over HTTP it is a task of its own): the lifecycle had
+    moved past it, and it changes nothing."""
+
+    if late:
+        delivered = RouterLogger.async_log_failure_event
+
+        async def delayed(self: RouterLogger, *args: Any) -> None:
+            await asyncio.sleep(0.2)
+            await delivered(self, *args)
+
+        monkeypatch.setattr(RouterLogger, "async_log_failure_event", delayed)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({
+        "app": "svc", "routing": {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]},
+        "reasoning": {"rules": [{"effort": "low", "mode": "set"}]}, "cache": {"enabled": False},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})).register()
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        answer = await litellm.acompletion(
+            model="o4-mini", messages=messages, max_tokens=50,
+            mock_response=litellm.RateLimitError("x", "openai", "o4-mini"),  # o3-mini takes it on too
+            fallbacks=["o3-mini", {"model": "gpt-4o", "mock_response": "ok"}])
+        await asyncio.sleep(0.3 if late else 0)  # the late failure event has come
+        await _let_go(logger)
+        return answer
+
+    answer, spent, rows = _run_and_probe(logger, run)
+    assert answer.choices[0].message.content == "ok" and "gpt-4o" in answer.model
+    assert [(r["error"], r["requested_model"], r["model"]) for r in rows] == [(None, "o4-mini", "gpt-4o")]
+    assert "routing:fallback" in rows[0]["decisions"] and rows[0]["cost_usd"] > 0
+    assert spent == answer.usage.total_tokens  # charged once, at the answer
+    chats = [s for s in span_exporter.get_finished_spans() if s.name.startswith("chat ")]
+    assert [(s.name, s.status.status_code == StatusCode.ERROR) for s in chats] == \
+        [("chat o4-mini", True), ("chat o3-mini", True), ("chat gpt-4o", False)]
+    assert [s.attributes.get("error.type") for s in chats[:2]] == ["FellBack" if late else "RateLimitError", "FellBack"]
+    # the failure an event named counts toward its model's cooldown; one litellm moved past unnamed, none
+    counts = [logger.pipeline.store.get(FAILURES + m) for m in ("o4-mini", "o3-mini")]
+    assert [None if c is None else float(c) for c in counts] == [None if late else 1.0, None]
 
 
 def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its_budgets(tmp_path, monkeypatch) -> None:

@@ -157,10 +157,10 @@ class Engine:
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
               unusable: str = "not among the adapter's models", cache: bool = True,
-              fallback: bool = True, plan: Plan | None = None) -> CallLifecycle:
+              fallback: bool = True, follow: tuple[str, ...] = (), plan: Plan | None = None) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
         return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, fallback=fallback,
-                             plan=plan)
+                             follow=follow, plan=plan)
 
     def launch(self, plan: Plan, side_calls: Sequence[SideCall] = ()) -> tuple[Plan, CallTrace]:
         """The first attempt's plan with the context saving estimated (the tokens the policies kept

@@ -128,12 +128,15 @@ class CallLifecycle:
     ``usable``: whether the adapter can reach a routing target (others are skipped, ``unusable``
     saying why); ``cache``: use the response cache (litellm answers only); ``fallback=False``: the
     adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
-    ends the call; ``plan``: the call goes as the adapter planned it (a request sent as it came:
-    no policy rewrites it), admitted, attempted and settled as any other."""
+    ends the call; ``follow``: the adapter's caller then tries these targets, in this order, once
+    each, after any error (litellm's SDK ``fallbacks=``), so the call's attempts follow them rather
+    than its routing's fallbacks; ``plan``: the call goes as the adapter planned it (a request sent
+    as it came: no policy rewrites it), admitted, attempted and settled as any other."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
-                 cache: bool = True, fallback: bool = True, plan: Plan | None = None) -> None:
+                 cache: bool = True, fallback: bool = True, follow: tuple[str, ...] = (),
+                 plan: Plan | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -141,7 +144,8 @@ class CallLifecycle:
         self.usable = usable
         self.unusable = unusable
         self.use_cache = cache and read is None
-        self.fallback = fallback
+        self.fallback = fallback or bool(follow)
+        self.follow = follow
         self.given = plan
         self.held = Held()
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
@@ -172,7 +176,8 @@ class CallLifecycle:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
                 return cached
-        attempts = Attempts([plan.deployment or plan.model, *plan.fallbacks], engine.config.routing.fallback)
+        attempts = Attempts([plan.deployment or plan.model, *(self.follow or plan.fallbacks)],
+                            engine.config.routing.fallback)
         self._half_open = _half_open(plan)
         try:
             try:
@@ -533,7 +538,7 @@ class CallLifecycle:
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
-                       else attempts.advance(exc, windows))
+                       else attempts.skip(error_kind(exc)) if self.follow else attempts.advance(exc, windows))
         if next_target is None:
             final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
             if len(attempts.history) > 1:  # the traceback shows every target's end, not only the last one's

@@ -19,14 +19,20 @@ reasoning policies, routing among the targets served by the provider litellm cho
 skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
 ``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks, or it is a
 ``litellm.Router``'s, whose router would cool its deployments down: then it is counted, not
-refused); the success or failure event settles it. ``litellm.aresponses``, whose call litellm hooks
-the same way, is admitted as the proxy admits a ``/v1/responses`` request: sent as it came, its
-quotas and budgets first (:meth:`RouterLogger._start_sdk_as_sent`). If planning fails otherwise, the
-request goes as sent and a warning is logged. The events record usage, cost, spans, metrics and
-ledger rows for every call, sync or async (a sync call, which skips the hook, is counted toward its
-budgets after it is made; a sync stream its caller stops reading, which gets no event, once litellm
-frees it: :meth:`._SyncStreams._watch_sync`; one its provider broke after its chunks began, then
-too, or :data:`.sync_streams._BROKEN_WAIT_S` after its failure event, or at the interpreter's exit).
+refused); the success or failure event settles it. With ``fallbacks=`` (or litellm's global
+``model_fallbacks``) litellm makes one nested attempt per model, each through the hook: the
+lifecycle follows them in litellm's order, plans each model's request on its own, counts each
+failure its event names toward its model's cooldown, and records the call as one ledger row (litellm
+delivers one failure event per call, so an attempt it moved past without one failed: :class:`FellBack`; a call
+whose last fallback failed too ends when litellm lets it go: :class:`FallbacksEnded`).
+``litellm.aresponses``, whose call litellm hooks the same way, is admitted as the proxy admits a
+``/v1/responses`` request: sent as it came, its quotas and budgets first
+(:meth:`RouterLogger._start_sdk_as_sent`). If planning fails otherwise, the request goes as sent and
+a warning is logged. The events record usage, cost, spans, metrics and ledger rows for every call,
+sync or async (a sync call, which skips the hook, is counted toward its budgets after it is made; a
+sync stream its caller stops reading, which gets no event, once litellm frees it:
+:meth:`._SyncStreams._watch_sync`; one its provider broke after its chunks began, then too, or
+:data:`.sync_streams._BROKEN_WAIT_S` after its failure event, or at the interpreter's exit).
 The logger counts what it did (``hook_calls``, ``recorded``) for tests and health checks. Use
 ``register()`` / ``unregister()`` rather than editing ``litellm.callbacks`` by hand.
 
@@ -39,10 +45,10 @@ says).
 """
 
 from ..errors import StreamLeft
-from .calls import ClientDisconnected, MovedOn
+from .calls import ClientDisconnected, FallbacksEnded, FellBack, MovedOn
 from .logger import RouterLogger
 from .request import as_sent_view as as_sent_view
 from .request import run_labels
 from .sync_streams import _WATCH_KEY as _WATCH_KEY
 
-__all__ = ["ClientDisconnected", "MovedOn", "RouterLogger", "StreamLeft", "run_labels"]
+__all__ = ["ClientDisconnected", "FallbacksEnded", "FellBack", "MovedOn", "RouterLogger", "StreamLeft", "run_labels"]

@@ -73,9 +73,12 @@ class _Answer:
 class _Open:
     """A call in flight: its lifecycle, paused at the attempt litellm is making, and the plan whose
     request litellm carries (behind the proxy, the first attempt's until a fallback's deployment
-    hook). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does,
-    or (``as_sent``) the proxy sends a request as it came, its one attempt. ``started``: the router
-    was seen starting ``attempt`` (its deployment hook ran for it)."""
+    hook; for litellm's SDK ``fallbacks=``, the first attempt's, the request each fallback starts
+    from). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does
+    (``follows``: one per model of its ``fallbacks=``), or (``as_sent``) the proxy sends a request as it
+    came, its one attempt. ``started``: the router was seen starting ``attempt`` (its deployment hook
+    ran for it). ``moved``: the lifecycle moved on to a later target at its deployment hook, with
+    no failure event (litellm delivers one per call: it is then the first attempt's, long moved past)."""
 
     lifecycle: CallLifecycle
     flow: Flow
@@ -85,6 +88,14 @@ class _Open:
     started: bool = False
     as_sent: bool = False
     stream: Any = None  # the chat stream the proxy serves for it, once it has one
+    follows: bool = False
+    moved: bool = False
+
+    def at(self, target: str) -> bool:
+        """Is ``attempt`` at ``target`` (the router's deployment name; litellm's SDK's model, which
+        may lack the provider prefix the plan's target has)?"""
+        planned = _target(self.attempt)
+        return planned == target or not self.proxy and planned.split("/", 1)[-1] == target.split("/", 1)[-1]
 
     def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
         """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started
@@ -107,11 +118,24 @@ class _Details:
         return isinstance(self.details, Mapping) and self.details.get("completion_start_time") is not None
 
 
+class FallbacksEnded(Exception):
+    """litellm's SDK ``fallbacks=`` let a call go without an answer once a fallback was being tried:
+    its last fallback failed, or the call was cancelled while it ran (litellm delivers one failure
+    event per call, the first attempt's, so which is not known). Counts toward no cooldown."""
+
+
 class MovedOn(Exception):
-    """The proxy's router moved on to another target, so the attempt before failed; behind the proxy
-    litellm delivers only a request's first failure event. Retryable (503) like the failure it stands for."""
+    """The proxy's router moved on to another target, so the attempt before failed; with one logging
+    object for all attempts, litellm delivers only a request's first failure event. Retryable (503)
+    like the failure it stands for."""
 
     status_code = 503
+
+
+class FellBack(MovedOn):
+    """litellm's SDK ``fallbacks=`` moved on to its next model, so the attempt before failed, with an
+    error no event names (litellm delivers one failure event per call). It counts toward no cooldown:
+    litellm falls back after any error, the request's own among them."""
 
 
 class ClientDisconnected(asyncio.CancelledError):

@@ -22,8 +22,8 @@ from ..lifecycle import CutShort
 from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import Outcome, Plan
-from .calls import _Answer, _Open, _overflow, _target
-from .request import _context, _observed
+from .calls import FellBack, MovedOn, _Answer, _Open, _overflow, _target
+from .request import _context, _metadata, _observed, _switch
 
 if TYPE_CHECKING:
     from .sync_streams import _Streaming
@@ -76,8 +76,9 @@ class _Core(CustomLogger):
         key = self._key(kwargs)
         with self._lock:
             current = self._calls.get(key)
-            stale = current is not None and current.proxy and bool(about) and _target(current.attempt) != about
-            if error is not None and (key in self._ended or stale):
+            stale = current is not None and (current.proxy and bool(about) and _target(current.attempt) != about
+                                             or current.moved and not isinstance(error, MovedOn))  # litellm's
+            if error is not None and (key in self._ended or stale):  # one failure event: its first attempt's
                 return True  # a failure the lifecycle has already moved past
         found = self._take_open(key)
         if found is None:
@@ -101,6 +102,33 @@ class _Core(CustomLogger):
         found.attempt, found.started = value, False  # the router's next attempt (the lifecycle admitted it)
         self._keep(kwargs, found)
         return True
+
+    async def _attempting(self, kwargs: dict[str, Any], found: _Open,
+                          events: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The deployment hook of an attempt the proxy's router makes, or litellm's SDK ``fallbacks=``
+        (:attr:`_Open.follows`; ``events``: what carries the call id its events carry, the outer
+        call's): when it moved on to the next target without a failure event, the attempt before
+        failed; a fallback's request gets its own plan (messages, params)."""
+        events = kwargs if events is None else events
+        at = _metadata(kwargs).get("model_group") if found.proxy else str(kwargs.get("model") or "") or None
+        if at and not found.at(at):
+            moved = MovedOn(f"the router moved on to {at}") if found.proxy else FellBack(f"litellm fell back to {at}")
+            await self._resume(events, None, moved)
+            with self._lock:
+                current = self._calls.get(self._key(events))
+            if current is None:
+                return None
+            found = current
+            found.moved = not found.proxy
+        if at and not found.at(at):
+            return None
+        found.started = True
+        if found.attempt.plan is found.sent:
+            return None
+        changed = _switch(kwargs, found.sent.params, found.attempt.plan)
+        if found.proxy:  # the router sends this request on; each of litellm's fallbacks starts from the first's
+            found.sent = found.attempt.plan
+        return changed
 
     def _spent(self, found: _Open, cut: _Answer | None) -> Outcome | None:
         """What the attempt ``found`` waits for had used before it broke off (``cut``: :func:`._cut`),

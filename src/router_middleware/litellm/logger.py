@@ -19,7 +19,7 @@ from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable
 from ..lifecycle import Attempt
 from ..telemetry import log
-from .calls import _Answer, _cut, _Details, _Open, _target
+from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
 from .handoff import _HANDOFF
 from .proxy import _ProxyHooks, _unplanned
 from .request import (
@@ -33,6 +33,7 @@ from .request import (
     _metadata,
     _nested,
     _ours,
+    _sdk_fallbacks,
     _switch,
     _unrefusable,
 )
@@ -201,7 +202,10 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         if found is not None:  # an attempt of a call in flight (or the chat call litellm makes of a
             return await self._attempting(kwargs, found) if found.proxy else None  # request sent as it came)
         if _nested(kwargs):  # an attempt of litellm's own fallbacks: the outer call's lifecycle follows it
-            return None
+            outer = {"litellm_call_id": kwargs["litellm_logging_obj"].litellm_call_id}  # the id its events carry
+            with self._lock:
+                found = self._calls.get(self._key(outer))
+            return await self._attempting(kwargs, found, outer) if found is not None and found.follows else None
         self.hook_calls += 1
         if endpoint is not None:
             await self._start_sdk_as_sent(kwargs, endpoint)
@@ -251,15 +255,19 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         return True
 
     async def _start_sdk_call(self, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+        """The lifecycle of an SDK chat call: one attempt, or with ``fallbacks=`` one per model litellm
+        falls back to, in its order (:meth:`_attempting` plans each; one call, one ledger row)."""
         requested = str(kwargs["model"])
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
+        follow = _sdk_fallbacks(kwargs)
         try:
             params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
                              _context(kwargs))
-            lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False,
-                                     usable=lambda target: engine.catalog.provider(engine.model_of(target)) == provider,
+            lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False, follow=follow,
+                                     usable=lambda target: target in follow
+                                     or engine.catalog.provider(engine.model_of(target)) == provider,
                                      unusable=f"litellm already chose provider {provider} for this call"
                                      if provider is not None else "litellm's SDK calls the name it is given: an "
                                      "alias routes through Pipeline.acompletion or the proxy")
@@ -270,7 +278,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                 "litellm_hook_failed", error_type=type(error).__name__, error=str(error)[:200]))
             return None
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
-        found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False)
+        found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False, follows=bool(follow))
         self._keep(kwargs, found)
         self._watch(kwargs, found)
         changed = _switch(kwargs, call.params, attempt.plan)
@@ -312,7 +320,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         provider had read the whole prompt: the call is settled at the prompt counted locally, as a
         stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
         litellm keeps an async stream's on its stream object, which no callback sees (a sync stream's
-        reach :meth:`log_stream_event`: :meth:`._SyncStreams._sync_ended` counts them)."""
+        reach :meth:`log_stream_event`: :meth:`._SyncStreams._sync_ended` counts them). A call of
+        litellm's ``fallbacks=`` let go while a fallback ran ends with :class:`.FallbacksEnded`."""
         if self._take_open(key, only=found) is None:
             return  # settled by its events (or evicted) before litellm let it go
         spent = None
@@ -322,8 +331,13 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                                                 plan.call.context.session_id)
             usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
             spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
-        self._end(found, asyncio.CancelledError("litellm let the call go without an event (cancelled, or its "
-                                                "stream left unread)"), spent)
+        if found.follows and found.attempt.depth > 0:  # no event comes for a fallback's failure
+            error: BaseException = FallbacksEnded(f"litellm let the call go while its fallback "
+                                                  f"{_target(found.attempt)} ran: it failed, or the call was cancelled")
+        else:
+            error = asyncio.CancelledError("litellm let the call go without an event (cancelled, or its stream left "
+                                           "unread)")
+        self._end(found, error, spent)
         self._tally()
 
     async def _recorded(self, record: Callable[..., None], *args: Any) -> None:

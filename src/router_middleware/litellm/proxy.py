@@ -23,9 +23,9 @@ from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownMode
 from ..lifecycle import Attempt
 from ..telemetry import log
 from ..types import Call, Decision, Plan
-from .calls import ClientDisconnected, MovedOn, _Answer, _Open, _overflow, _target
+from .calls import ClientDisconnected, _Answer, _Open, _overflow
 from .core import _Core
-from .request import _context, _labelled, _metadata, _switch, as_sent_view
+from .request import _context, _labelled, as_sent_view
 
 _SERVE_WAIT_S = 0.2  # how long an answer waits for its call's settlement (a store slow to write)
 
@@ -203,26 +203,6 @@ class _ProxyHooks(_Core):
                   self._spent(found, counted))
         self._tally()
         return True
-
-    async def _attempting(self, kwargs: dict[str, Any], found: _Open) -> dict[str, Any] | None:
-        """The deployment hook of a proxy call's attempt: when the router moved on without a failure
-        event, the attempt before failed; a fallback's request gets its own plan (messages, params)."""
-        deployment = _metadata(kwargs).get("model_group")
-        if deployment and _target(found.attempt) != deployment:
-            await self._resume(kwargs, None, MovedOn(f"the router moved on to {deployment}"))
-            with self._lock:
-                current = self._calls.get(self._key(kwargs))
-            if current is None:
-                return None
-            found = current
-        if deployment and _target(found.attempt) != deployment:
-            return None
-        found.started = True
-        if found.attempt.plan is found.sent:
-            return None
-        changed = _switch(kwargs, found.sent.params, found.attempt.plan)
-        found.sent = found.attempt.plan
-        return changed
 
 
 def _proxy_model(name: str) -> str | None:

@@ -197,6 +197,18 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
     return messages or [{"role": "user", "content": ""}], params
 
 
+def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+    """The models ``litellm.acompletion`` tries after the one it was called with, in order, once each
+    whatever the error: its ``fallbacks=`` (else litellm's global ``model_fallbacks``), a name or a
+    dict naming its ``model`` (the call's own when it names none)."""
+    given = kwargs.get("fallbacks") or wire.model_fallbacks()
+    if not isinstance(given, Sequence) or isinstance(given, str):
+        return ()
+    model = str(kwargs.get("model"))
+    return tuple(str(f.get("model") or model) if isinstance(f, Mapping) else str(f)
+                 for f in given if isinstance(f, str | Mapping))
+
+
 def _nested(kwargs: Mapping[str, Any]) -> bool:
     """An SDK call made inside another one whose logging object it shares (``litellm.acompletion``'s
     ``fallbacks=``: one nested ``acompletion`` per model, each with a call id of its own): its events

@@ -12,7 +12,8 @@ authentication, not found) fails at once; a target whose provider key this proce
 for the next one, as a typo is.
 Failures count toward a target's cooldown (:mod:`router_middleware.bookkeeping.health`) unless
 they are the request's own (or raised after the model answered: its output not parsed, a LangGraph
-interrupt) or a cancellation (:func:`counts_toward_cooldown`).
+interrupt; or of a cause no event named: litellm's SDK fallbacks moving on) or a cancellation
+(:func:`counts_toward_cooldown`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ REQUEST_FAULTS = frozenset({
     # interrupt (control flow); not the target's health
     "OutputParserException", "StructuredOutputError", "GraphBubbleUp",
     "MessageError",  # ours, from a RoutedChatModel's pipeline inside the agent middleware
+    "FellBack",  # ours: litellm's SDK fallbacks moved on after an error no event named (maybe the request's)
 })
 _AFTER_ANSWER = frozenset({"OutputParserException", "StructuredOutputError", "GraphBubbleUp"})
 _RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
