@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1534,28 +1535,42 @@ def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> Non
             middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
 
 
-def test_an_answer_the_agent_then_fails_to_parse_is_paid_for_and_no_fault_of_the_model(tmp_path) -> None:
-    """Structured output is parsed inside the model call the middleware wraps: when parsing fails
-    after the model answered, the provider billed the answer. The row carries its tokens and cost,
-    the budget is charged, and the target's cooldown does not count it (before: 0 tokens, no cost,
-    a failure toward the cooldown, and three such answers cooled the model down for everyone)."""
+def _unparsable_count(url: str) -> tuple[Pipeline, RoutedChatModel, Callable[..., Any]]:
+    """A pipeline with a global budget and a ledger at ``url``; a model whose every answer is a
+    ``Count`` that does not parse (``count`` not an int); and an agent of that model, its output
+    ``Count`` (``handle_errors=False``), with the middleware given."""
     from langchain.agents import create_agent
     from langchain.agents.structured_output import ToolStrategy
-    from langgraph.errors import GraphInterrupt
-
-    from router_middleware.ledger.store import open_ledger
 
     class Count(BaseModel):
         count: int
 
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
     pipeline = Pipeline.from_config({"ledger": {"url": url}, "cache": {"enabled": False},
                                      "routing": {"budgets": [{"name": "all", "scope": "global", "usd": 1}]}})
     bad = [{"id": "call_1", "type": "function", "function": {"name": "Count", "arguments": '{"count": "many"}'}}]
     model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
                             model_kwargs={"mock_response": "", "mock_tool_calls": bad})
+
+    def agent(*middleware: Any) -> Any:
+        return create_agent(model, tools=[], response_format=ToolStrategy(Count, handle_errors=False),
+                            middleware=list(middleware))
+
+    return pipeline, model, agent
+
+
+def test_an_answer_the_agent_then_fails_to_parse_is_paid_for_and_no_fault_of_the_model(tmp_path) -> None:
+    """Structured output is parsed inside the model call the middleware wraps: when parsing fails
+    after the model answered, the provider billed the answer. The row carries its tokens and cost,
+    the budget is charged, and the target's cooldown does not count it (before: 0 tokens, no cost,
+    a failure toward the cooldown, and three such answers cooled the model down for everyone)."""
+    from langgraph.errors import GraphInterrupt
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline, model, unparsable = _unparsable_count(url)
     middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model})
-    agent = create_agent(model, tools=[], response_format=ToolStrategy(Count, handle_errors=False), middleware=[middleware])
+    agent = unparsable(middleware)
     with pytest.raises(Exception, match="Failed to parse structured output"):
         agent.invoke({"messages": [HumanMessage("how many?")]})
 
@@ -1571,6 +1586,32 @@ def test_an_answer_the_agent_then_fails_to_parse_is_paid_for_and_no_fault_of_the
     assert [r[:2] for r in rows] == [("failed", "StructuredOutputValidationError"), ("stopped", "GraphInterrupt")]
     assert all(r[2] > 0 and r[3] > 0 and r[4] > 0 for r in rows)
     assert float(pipeline.store.get("budget:all:usd:all:0") or 0) == pytest.approx(sum(r[4] for r in rows))
+    assert pipeline.store.get("fail:gpt-4o-mini") is None
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_answer_a_retry_inside_the_router_runs_again_after_it_failed_to_parse_is_paid_for(asynchronous,
+                                                                                           tmp_path) -> None:
+    """ModelRetryMiddleware inside the router retries when structured output fails to parse after the
+    model answered: each try's answer was billed. The first try has a row of its own with its tokens
+    and cost (``AnswerDiscarded``), the call's row the last try's, and the budget is charged both
+    (before: the first try's answer was lost, neither row nor budget)."""
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline, model, unparsable = _unparsable_count(url)
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="error", initial_delay=0.0, jitter=False)
+    agent = unparsable(RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}), retry)
+    question = {"messages": [HumanMessage("how many?")]}
+    with pytest.raises(Exception, match="Failed to parse structured output"):
+        asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT error, input_tokens, output_tokens, cost_usd FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == ["AnswerDiscarded", "StructuredOutputValidationError"]
+    assert all(r[1] > 0 and r[2] > 0 and r[3] > 0 for r in rows)
+    assert float(pipeline.store.get("budget:all:usd:all:0") or 0) == pytest.approx(sum(r[3] for r in rows))
     assert pipeline.store.get("fail:gpt-4o-mini") is None
 
 

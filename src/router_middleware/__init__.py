@@ -11,6 +11,7 @@ from .accounting import outcome
 from .catalog import Catalog, ModelInfo
 from .config import Config, load_config
 from .errors import (
+    AnswerDiscarded,
     BudgetExceeded,
     ConfigError,
     EmptyStreamError,
@@ -41,6 +42,7 @@ from .usage import normalize_usage
 
 __all__ = [
     "AgentContext",
+    "AnswerDiscarded",
     "BudgetExceeded",
     "Call",
     "Catalog",

@@ -165,6 +165,13 @@ class StreamLeft(asyncio.CancelledError):
     caller."""
 
 
+class AnswerDiscarded(Exception):
+    """A model answered an agent's attempt, then something after the model raised (its output not
+    parsed, a guard) and a middleware inside ``RouterAgentMiddleware`` (ModelRetryMiddleware) ran
+    the model again: the answer was paid for and not used. Names that try's ledger row and span,
+    which carry what it used; never raised to the caller."""
+
+
 Ended = Literal["complete", "stopped", "failed"]
 # what the caller's side raises into a call it stops: a ledger row of an older version named these
 STOPPED_BY = frozenset({"CancelledError", "StreamLeft", "ClientDisconnected", "KeyboardInterrupt", "GeneratorExit",

@@ -28,9 +28,10 @@ _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt
 class AttemptRuns(BaseCallbackHandler):
     """What langchain-core tells the handlers of RouterAgentMiddleware's attempt's model runs (those
     whose messages end with ``last``): the chunks the last one streamed, when it started, whether
-    (and when) it failed, and whether any answered. Added to each run made while the attempt is (see
-    :func:`attempt`). A run that starts after the last one failed (a retry) first hands this to
-    ``retried``, which reads what the failed run used."""
+    (and when) it failed or answered, and whether any answered. Added to each run made while the
+    attempt is (see :func:`attempt`). A run that starts after the last one failed, or answered (a
+    retry: something after the model raised), first hands this to ``retried``, which reads what
+    that run used."""
 
     run_inline = True  # in the run's own thread, in order
     raise_error = False
@@ -43,14 +44,14 @@ class AttemptRuns(BaseCallbackHandler):
         self.started = 0.0  # the last run's start (time.perf_counter())
         self.first_token: float | None = None
         self.error: BaseException | None = None  # the last run's, if it failed
-        self.failed, self.failed_ns = 0.0, 0  # ... and when (time.perf_counter(), time.time_ns())
+        self.ended, self.ended_ns = 0.0, 0  # when the last run failed or answered (perf_counter, time_ns)
         self.answered = False
         self.answer: AIMessage | None = None  # the last run's answer, once it answered
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
                             run_id: UUID, **kwargs: Any) -> None:
         if self.last is not None and messages and messages[0] and messages[0][-1] is self.last:
-            if self.retried is not None and isinstance(self.error, Exception):
+            if self.retried is not None and (isinstance(self.error, Exception) or self.answer is not None):
                 self.retried(self)
             self.run, self.chunks, self.first_token, self.error, self.answer = run_id, [], None, None, None
             self.started = time.perf_counter()
@@ -63,14 +64,14 @@ class AttemptRuns(BaseCallbackHandler):
 
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         if run_id == self.run:
-            self.answered = True
+            self.answered, self.ended, self.ended_ns = True, time.perf_counter(), time.time_ns()
             generations = getattr(response, "generations", None)
             message = getattr(generations[0][0], "message", None) if generations and generations[0] else None
             self.answer = message if isinstance(message, AIMessage) else None
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         if run_id == self.run:
-            self.error, self.failed, self.failed_ns = error, time.perf_counter(), time.time_ns()
+            self.error, self.ended, self.ended_ns = error, time.perf_counter(), time.time_ns()
 
     def partial(self) -> AIMessage | None:
         """What the last run used, for an attempt that raised: its answer, if it answered (something

@@ -37,7 +37,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from .. import wire
 from ..catalog import close_names
 from ..drivers import adrive, drive
-from ..errors import ConfigError, MessageError
+from ..errors import AnswerDiscarded, ConfigError, MessageError
 from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
 from ..routing.quotas import free_variant
@@ -437,13 +437,15 @@ class RouterAgentMiddleware(AgentMiddleware):
             return None
 
     def _tried(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns) -> None:
-        """The attempt's last model run failed and the model is run again (a retry middleware inside
-        this one): that try ends, and what it streamed is settled apart (:meth:`.CallLifecycle.tried`)."""
-        assert isinstance(runs.error, Exception)
+        """The attempt's last model run failed, or answered and something after it raised, and the
+        model is run again (a retry middleware inside this one): that try ends, and what it streamed
+        or answered is settled apart (:meth:`.CallLifecycle.tried`; an answer as :class:`.AnswerDiscarded`)."""
+        error = runs.error if isinstance(runs.error, Exception) else AnswerDiscarded(
+            "the model answered, then something after it raised, and the model was run again")
         spent = self._spent(plan, runs, runs.started)
-        if spent is not None:  # it ended when it failed, not when the next try began
-            spent = replace(spent, latency_s=runs.failed - runs.started)
-        lifecycle.tried(runs.error, spent, runs.failed_ns)
+        if spent is not None:  # it ended when it failed or answered, not when the next try began
+            spent = replace(spent, latency_s=runs.ended - runs.started)
+        lifecycle.tried(error, spent, runs.ended_ns)
 
     def _broke(self, lifecycle: CallLifecycle, plan: Plan, runs: AttemptRuns, error: BaseException,
                started: float) -> None:
