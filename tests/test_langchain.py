@@ -1615,6 +1615,55 @@ def test_an_answer_a_retry_inside_the_router_runs_again_after_it_failed_to_parse
     assert pipeline.store.get("fail:gpt-4o-mini") is None
 
 
+@pytest.mark.parametrize("after", ["interrupt", "unparsable"])
+def test_what_raises_after_a_free_variant_answered_does_not_fall_to_the_paid_model(after) -> None:
+    """A ``:free`` variant falls to its paid model after any failure of its own; not after it answered
+    and something after the model raised (a LangGraph interrupt, output not parsed): the paid model
+    would be a second billed call for the same step. The call stops at its first attempt."""
+    from langchain_core.exceptions import OutputParserException
+    from langgraph.errors import GraphInterrupt
+
+    paid = "openrouter/meta-llama/llama-3.3-70b-instruct"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": [paid]},
+                                                 "free_tier": {"prefer": True, "models": ["*"]}},
+                                     "cache": {"enabled": False}})
+    models = {name: RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "ok"})
+              for name in (f"{paid}:free", paid)}
+    middleware = RouterAgentMiddleware(pipeline, models=models, model="coder")
+    sent: list[Any] = []
+
+    def answered_then_raised(request: ModelRequest) -> ModelResponse:
+        sent.append(request.model)
+        request.model.invoke(request.messages)
+        raise GraphInterrupt(()) if after == "interrupt" else OutputParserException("not a Count")
+
+    with pytest.raises(GraphInterrupt if after == "interrupt" else OutputParserException):
+        middleware.wrap_model_call(ModelRequest(model=models[paid], messages=[HumanMessage("hi")], model_settings={}),
+                                   answered_then_raised)
+    assert sent == [models[f"{paid}:free"]]  # before: the paid model too
+
+
+def test_the_router_s_metadata_goes_on_a_copy_of_the_answer_not_into_a_cache_s_entry() -> None:
+    """The middleware's answer carries the router's call (requested_model, routed_model, decisions,
+    cost) in its response_metadata, on a copy: the model's own message may be the one LangChain's
+    cache keeps (``set_llm_cache``), which later calls would then read with this call's cost."""
+    model = GenericFakeChatModel(messages=iter([AIMessage("ok", usage_metadata={
+        "input_tokens": 10, "output_tokens": 2, "total_tokens": 12})]))
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), models={"gpt-4o-mini": model})
+    kept: list[AIMessage] = []
+
+    def cached(request: ModelRequest) -> ModelResponse:
+        message = request.model.invoke(request.messages)
+        kept.append(message)  # as a cache keeps it
+        return ModelResponse(result=[message])
+
+    request = ModelRequest(model=model, messages=[HumanMessage("hi")], model_settings={})
+    answer = middleware.wrap_model_call(request, cached)
+    assert answer.result[0].response_metadata["requested_model"] == "gpt-4o-mini"
+    assert answer.result[0].response_metadata["routed_model"] == "gpt-4o-mini"
+    assert answer.result[0] is not kept[0] and "requested_model" not in kept[0].response_metadata
+
+
 def test_content_parts_an_agent_s_own_chat_model_takes_pass_the_middleware() -> None:
     """litellm refuses a user content part of a type it does not take; an agent's own chat model
     (Anthropic's, say) may take it, and the middleware does not send through litellm: it passes."""
