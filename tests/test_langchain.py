@@ -1664,6 +1664,25 @@ def test_the_router_s_metadata_goes_on_a_copy_of_the_answer_not_into_a_cache_s_e
     assert answer.result[0] is not kept[0] and "requested_model" not in kept[0].response_metadata
 
 
+def test_outcome_reads_a_chat_model_s_answer() -> None:
+    """``router_middleware.outcome`` of an AIMessage (a RoutedChatModel's, an agent's, any chat model's
+    with ``usage_metadata``): its tokens, priced as the model it names; a message without usage is
+    refused by name, as any object without usage is (before: every AIMessage was refused)."""
+    from router_middleware import Catalog, OutcomeUnavailable, outcome
+
+    answer = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "ok"}).invoke("hi")
+    read = outcome(answer)
+    assert (read.model, read.usage.input_tokens, read.usage.output_tokens) == \
+        ("gpt-4o-mini", answer.usage_metadata["input_tokens"], answer.usage_metadata["output_tokens"])
+    assert read.cost.total_usd == pytest.approx(answer.response_metadata["cost_usd"])
+    other = AIMessage("ok", response_metadata={"model_name": "deepseek/deepseek-chat"},
+                      usage_metadata={"input_tokens": 1000, "output_tokens": 100, "total_tokens": 1100})
+    info = Catalog().resolve("deepseek/deepseek-chat")
+    assert outcome(other).cost.total_usd == pytest.approx(1000 * info.input + 100 * info.output)
+    with pytest.raises(OutcomeUnavailable, match="AIMessage carries no usage_metadata"):
+        outcome(AIMessage("ok"))
+
+
 def test_content_parts_an_agent_s_own_chat_model_takes_pass_the_middleware() -> None:
     """litellm refuses a user content part of a type it does not take; an agent's own chat model
     (Anthropic's, say) may take it, and the middleware does not send through litellm: it passes."""

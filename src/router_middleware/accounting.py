@@ -86,10 +86,11 @@ def build_outcome(
 def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outcome:
     """The :class:`Outcome` of a finished call.
 
-    Works on what ``Pipeline.completion`` returned (a response, or a stream once consumed) and on
-    any litellm ``ModelResponse`` (priced with the default catalog). Raises
-    :class:`OutcomeUnavailable` for a stream that has not been consumed yet, or an object that
-    carries no usage.
+    Works on what ``Pipeline.completion`` returned (a response, or a stream once consumed), on
+    any litellm ``ModelResponse`` and on a LangChain chat model's answer (an ``AIMessage``, as
+    ``RoutedChatModel`` or an agent with ``RouterAgentMiddleware`` returns it), priced with the default
+    catalog (or ``catalog``). Raises :class:`OutcomeUnavailable` for a stream that has not been
+    consumed yet, or an object that carries no usage.
     """
     from .streaming import TrackedStream
 
@@ -98,6 +99,10 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
         if result is None:
             raise OutcomeUnavailable("the stream has not been consumed yet: iterate it to the end first")
         return result
+    if type(response_or_stream).__module__.startswith("langchain_core.messages"):
+        from .langchain.convert import message_outcome
+
+        return message_outcome(response_or_stream, catalog or Catalog())
     stored = hidden(response_or_stream).get(OUTCOME_KEY)
     if isinstance(stored, Outcome):
         return stored

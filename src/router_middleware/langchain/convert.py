@@ -17,6 +17,8 @@ from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, Us
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.tracers.context import register_configure_hook
 
+from ..catalog import Catalog
+from ..errors import OutcomeUnavailable
 from ..memo import MessageMemo
 from ..pricing import price
 from ..types import AgentContext, Outcome, Plan, Usage
@@ -315,6 +317,25 @@ def usage_from_message(message: Any, estimate: int) -> Usage:
     return Usage(int(metadata.get("input_tokens", 0)), int(metadata.get("output_tokens", 0)),
                  int(inputs.get("cache_read") or 0), int(inputs.get("cache_creation") or 0),
                  int(outputs.get("reasoning") or 0), source="estimated" if estimated else "provider")
+
+
+def message_outcome(message: Any, catalog: Catalog) -> Outcome:
+    """The Outcome of a chat model's answer (:func:`router_middleware.outcome` of a LangChain message):
+    its ``usage_metadata``, priced with ``catalog`` as the model its ``response_metadata`` names, or
+    at the provider's own figure where the message carries one (``cost_source`` ``provider_reported``,
+    a RoutedChatModel's). Raises :class:`.OutcomeUnavailable` for a message without usage."""
+    if not getattr(message, "usage_metadata", None):
+        raise OutcomeUnavailable(f"{type(message).__name__} carries no usage_metadata: pass a chat model's answer")
+    metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
+    model = str(metadata.get("model_name") or metadata.get("model") or "")
+    reported = metadata.get("cost_usd") if metadata.get("cost_source") == "provider_reported" else None
+    usage = usage_from_message(message, 0)
+    finish = metadata.get("finish_reason") or metadata.get("stop_reason")
+    return Outcome(model=model, provider=metadata.get("model_provider"), usage=usage,
+                   cost=price(usage, catalog.resolve(model) if model else None,
+                              reported_usd=float(reported) if isinstance(reported, int | float) else None),
+                   response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
+                   time_to_first_token_s=metadata.get("time_to_first_token_s"))
 
 
 def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str | None, started: float,
