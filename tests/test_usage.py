@@ -76,3 +76,12 @@ def test_hidden_params_are_the_dict_litellm_exposes() -> None:
     wire.attach_outcome(response, "marker")
     assert response._hidden_params[wire.OUTCOME_KEY] == "marker"
     assert wire.hidden({"not": "a response"}) == {} and wire.hidden(None) == {}
+
+
+def test_a_mapping_with_no_token_count_is_no_usage_not_a_count_of_zero() -> None:
+    """``{"foo": 1}`` (or a cost alone) says nothing of tokens: source ``none``, as ``None`` gives;
+    a provider's count of zero stays the provider's."""
+    assert normalize_usage({"foo": 1}).source == "none"
+    assert normalize_usage({"cost": 0.01}).source == "none"
+    assert normalize_usage({"prompt_tokens": 0, "completion_tokens": 0}).source == "provider"
+    assert normalize_usage({"totalTokenCount": 0}).source == "provider"

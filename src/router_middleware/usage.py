@@ -53,10 +53,16 @@ def _first(*values: Any) -> int:
     return 0
 
 
+# the token counts of the shapes normalize_usage reads (OpenAI's, Anthropic's, Gemini's)
+_COUNTS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens",
+                     "promptTokenCount", "candidatesTokenCount", "totalTokenCount"})
+
+
 def normalize_usage(raw: Any, *, source: UsageSource = "provider") -> Usage:
-    """Convert any supported usage shape to :class:`Usage`; ``None`` gives an empty usage."""
+    """Convert any supported usage shape to :class:`Usage`; ``None``, or a mapping with none of their
+    token counts, gives an empty usage (``source`` ``none``: no count, not a count of zero)."""
     data = as_dict(raw)
-    if not data:
+    if not data or _COUNTS.isdisjoint(data):
         return Usage(source="none")
     if "promptTokenCount" in data or "candidatesTokenCount" in data:
         thoughts = _int(data.get("thoughtsTokenCount"))
