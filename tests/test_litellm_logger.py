@@ -1051,13 +1051,16 @@ async def _let_go(logger: RouterLogger) -> None:
     await logger.aflush()
 
 
-def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("fallbacks", [["gpt-4o"], ["gpt-4.1-mini", "gpt-4o"]], ids=["one", "two"])
+def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it(tmp_path, monkeypatch,
+                                                                                 fallbacks) -> None:
     """``litellm.acompletion(fallbacks=[...])`` makes its attempts as nested ``acompletion`` calls (a
     call id of their own) that share the outer call's logging object, so their events carry the
     outer call's id: the outer call's lifecycle follows them, and they open none of their own (which
     no event would settle: their reservation held until it lapses). A call whose fallbacks all
     failed gets no event for its last one (litellm delivers one failure event per call): it ends when
-    litellm lets it go, naming its last target."""
+    litellm lets it go, naming its last target (with one fallback, the lifecycle paused at it held the
+    first failure, whose traceback held litellm's call: never let go)."""
     import logging
 
     from router_middleware.errors import BudgetExceeded
@@ -1072,8 +1075,7 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
         answer = await litellm.acompletion(model="gpt-4o-mini", messages=messages, mock_response="ok",
                                            max_tokens=50, fallbacks=["gpt-4.1-mini"])
         try:  # as an application would: pytest.raises keeps the traceback, and through it the call
-            await litellm.acompletion(model="gpt-4o-mini", messages=messages, max_tokens=50,
-                                      fallbacks=["gpt-4.1-mini", "gpt-4o"],
+            await litellm.acompletion(model="gpt-4o-mini", messages=messages, max_tokens=50, fallbacks=fallbacks,
                                       mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"))
         except Exception as exc:  # noqa: BLE001 - litellm raises a bare Exception
             assert "All fallback attempts failed" in str(exc)
@@ -1095,6 +1097,35 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     failed = next(r for r in rows if r["error"] is not None)
     assert (failed["error"], failed["requested_model"], failed["model"]) == ("FallbacksEnded", "gpt-4o-mini", "gpt-4o")
     assert "routing:fallback" in failed["decisions"]
+
+
+def test_a_litellm_fallback_over_its_quota_is_followed_as_litellm_calls_it(tmp_path, monkeypatch) -> None:
+    """litellm calls its fallbacks whatever the router's quotas say: a fallback whose rpm is used up is
+    still the attempt litellm makes (logged ``route_not_enforced``), not skipped for a model litellm
+    never calls; the call is one row naming the model that answered."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}],
+                                                 "limits": {"gpt-4.1-mini": {"rpm": 1}}})
+    messages = [{"role": "user", "content": "hi"}]
+
+    async def run() -> object:
+        await litellm.acompletion(model="gpt-4.1-mini", messages=messages, mock_response="ok")  # its one request
+        with structlog.testing.capture_logs() as logs:
+            answer = await litellm.acompletion(
+                model="gpt-4o-mini", messages=messages, max_tokens=50,
+                mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"),
+                fallbacks=[{"model": "gpt-4.1-mini", "mock_response": "ok"}, "gpt-4o"])
+        await _let_go(logger)
+        assert any(e["event"] == "route_not_enforced" and e["target"] == "gpt-4.1-mini" for e in logs)
+        return answer
+
+    answer, spent, rows = _run_and_probe(logger, run)
+    assert "gpt-4.1-mini" in answer.model
+    assert [(r["error"], r["requested_model"], r["model"]) for r in rows] == \
+        [(None, "gpt-4.1-mini", "gpt-4.1-mini"), (None, "gpt-4o-mini", "gpt-4.1-mini")]
+    assert spent == 2 * answer.usage.total_tokens
 
 
 @pytest.mark.parametrize("late", [False, True], ids=["event-first", "event-late"])

@@ -130,8 +130,10 @@ class CallLifecycle:
     adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
     ends the call; ``follow``: the adapter's caller then tries these targets, in this order, once
     each, after any error (litellm's SDK ``fallbacks=``), so the call's attempts follow them rather
-    than its routing's fallbacks; ``plan``: the call goes as the adapter planned it (a request sent
-    as it came: no policy rewrites it), admitted, attempted and settled as any other."""
+    than its routing's fallbacks, none skipped (a quota a target is over is not taken, logged:
+    the caller calls it all the same; the budgets still hold); ``plan``: the call goes as the
+    adapter planned it (a request sent as it came: no policy rewrites it), admitted, attempted and
+    settled as any other."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
@@ -209,6 +211,9 @@ class CallLifecycle:
                 step = yield from self._failed(plan, trace, attempts, error, spent)
                 if step is None:
                     raise error
+                # paused at the next attempt, the flow holds no failure: its traceback reaches the
+                # adapter's frames (litellm's call, whose release ends a call no event ends)
+                thrown = error = None  # type: ignore[assignment]
                 plan, delay = step
                 if delay:
                     yield Wait(delay)
@@ -472,6 +477,10 @@ class CallLifecycle:
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
                 probe = target if target in self._half_open and not anyway else None
                 why = yield from self._take(found, size, claims or [], probe)
+                if why is not None and self.follow and not isinstance(why, StepDown):  # litellm calls it
+                    log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
+                                why="litellm calls its fallbacks as given: sent, its quotas not taken")
+                    why = yield from self._take((), 0, claims or [], None)  # the budgets still hold
                 if why is None:
                     return plan
                 if isinstance(why, Probing):

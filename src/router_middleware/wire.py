@@ -426,11 +426,6 @@ def drops_params() -> bool:
     return bool(getattr(litellm(), "drop_params", False))
 
 
-def model_fallbacks() -> Any:
-    """litellm's global ``model_fallbacks``: the models its SDK falls back to for a call given none."""
-    return getattr(litellm(), "model_fallbacks", None)
-
-
 @functools.lru_cache(maxsize=512)
 def param_rules(model: str) -> ParamRules:
     """What ``model`` takes (see :class:`~.fit.ParamRules`), from litellm's provider config for it:

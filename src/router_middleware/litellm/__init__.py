@@ -19,8 +19,8 @@ reasoning policies, routing among the targets served by the provider litellm cho
 skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
 ``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks, or it is a
 ``litellm.Router``'s, whose router would cool its deployments down: then it is counted, not
-refused); the success or failure event settles it. With ``fallbacks=`` (or litellm's global
-``model_fallbacks``) litellm makes one nested attempt per model, each through the hook: the
+refused); the success or failure event settles it. With ``fallbacks=`` (models, not names of the
+config's aliases or deployments) litellm makes one nested attempt per model, each through the hook: the
 lifecycle follows them in litellm's order, plans each model's request on its own, counts each
 failure its event names toward its model's cooldown, and records the call as one ledger row (litellm
 delivers one failure event per call, so an attempt it moved past without one failed: :class:`FellBack`; a call

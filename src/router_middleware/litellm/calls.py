@@ -93,9 +93,10 @@ class _Open:
 
     def at(self, target: str) -> bool:
         """Is ``attempt`` at ``target`` (the router's deployment name; litellm's SDK's model, which
-        may lack the provider prefix the plan's target has)?"""
+        may lack the provider prefix the plan's target has, or have one the plan's lacks)?"""
         planned = _target(self.attempt)
-        return planned == target or not self.proxy and planned.split("/", 1)[-1] == target.split("/", 1)[-1]
+        return planned == target or not self.proxy and (planned.endswith(f"/{target}") or
+                                                         target.endswith(f"/{planned}"))
 
     def end(self, error: BaseException, spent: Outcome | None = None, failed: bool = False) -> None:
         """End the call (:meth:`.CallLifecycle.abandon`); an attempt the proxy's router never started

@@ -260,7 +260,10 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         requested = str(kwargs["model"])
         engine = self.pipeline
         provider = engine.catalog.provider(requested)
+        routing = engine.config.routing
         follow = _sdk_fallbacks(kwargs)
+        if any(f in routing.aliases or f in routing.deployments for f in follow):
+            follow = ()  # the lifecycle would route such a name; litellm calls it as it is
         try:
             params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
@@ -321,7 +324,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         stream closed early (``usage.source`` ``estimated``). The chunks it streamed are not counted:
         litellm keeps an async stream's on its stream object, which no callback sees (a sync stream's
         reach :meth:`log_stream_event`: :meth:`._SyncStreams._sync_ended` counts them). A call of
-        litellm's ``fallbacks=`` let go while a fallback ran ends with :class:`.FallbacksEnded`."""
+        litellm's ``fallbacks=`` let go while a fallback ran, before any chunk of it, ends with
+        :class:`.FallbacksEnded`."""
         if self._take_open(key, only=found) is None:
             return  # settled by its events (or evicted) before litellm let it go
         spent = None
@@ -331,7 +335,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                                                 plan.call.context.session_id)
             usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
             spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
-        if found.follows and found.attempt.depth > 0:  # no event comes for a fallback's failure
+        if found.follows and found.attempt.depth > 0 and not streamed:  # no event comes for a fallback's failure
             error: BaseException = FallbacksEnded(f"litellm let the call go while its fallback "
                                                   f"{_target(found.attempt)} ran: it failed, or the call was cancelled")
         else:

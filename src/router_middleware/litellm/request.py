@@ -199,9 +199,9 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
 
 def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
     """The models ``litellm.acompletion`` tries after the one it was called with, in order, once each
-    whatever the error: its ``fallbacks=`` (else litellm's global ``model_fallbacks``), a name or a
-    dict naming its ``model`` (the call's own when it names none)."""
-    given = kwargs.get("fallbacks") or wire.model_fallbacks()
+    whatever the error: its ``fallbacks=``, a name or a dict naming its ``model`` (the call's own when
+    it names none). (litellm's global ``model_fallbacks`` recurses in litellm 1.110.2: not followed.)"""
+    given = kwargs.get("fallbacks")
     if not isinstance(given, Sequence) or isinstance(given, str):
         return ()
     model = str(kwargs.get("model"))
