@@ -273,12 +273,19 @@ def test_callback_streaming_async_batch_and_nested_runs() -> None:
     assert [o.usage.source for o in handler.outcomes] == ["estimated", "provider", "provider", "provider"]
 
 
-def test_callback_records_errors(span_exporter) -> None:
-    handler = RouterCallbackHandler()
+def test_callback_records_errors(span_exporter, tmp_path) -> None:
+    """A failed run's span and row say so, and name the same provider (the chat model's ``ls_provider``)."""
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    handler = RouterCallbackHandler(Pipeline.from_config({"ledger": {"url": url}}))
     with pytest.raises(StopIteration):
         GenericFakeChatModel(messages=iter([])).invoke("hi", config={"callbacks": [handler]})
     failed = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
     assert failed.status.status_code == StatusCode.ERROR and not handler.in_flight
+    handler.pipeline.close()
+    rows = open_ledger(url).query("SELECT provider, error FROM calls")
+    assert rows == [(failed.attributes["gen_ai.provider.name"], "StopIteration")]
 
 
 def test_the_callback_captures_the_content_of_a_call_it_observes(span_exporter) -> None:

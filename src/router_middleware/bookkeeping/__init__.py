@@ -528,11 +528,12 @@ class Bookkeeper:
         self.ledger.append(from_outcome(outcome, saved_context=0.0 if hit else saved,
                                         saved_cache=saved if hit else 0.0, error=error))
 
-    def record_failure(self, plan: Plan, error: BaseException) -> None:
-        """The ledger row of a call that failed for good (no usage, cost unknown)."""
+    def record_failure(self, plan: Plan, error: BaseException, provider: str | None = None) -> None:
+        """The ledger row of a call that failed for good (no usage, cost unknown); ``provider``: the
+        one its span names, where the adapter knows it (else the catalog's for its model)."""
         if self.ledger is not None:
-            failed = Outcome(model=plan.model, provider=self.catalog.provider(plan.model), usage=Usage(source="none"),
-                             cost=Cost.unknown(), plan=plan)
+            failed = Outcome(model=plan.model, provider=provider or self.catalog.provider(plan.model),
+                             usage=Usage(source="none"), cost=Cost.unknown(), plan=plan)
             self.record(failed, error=error)
 
     @staticmethod

@@ -133,7 +133,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
         streamed = _streamed(response)
         if streamed is None:
             run.trace.fail(error)
-            self.pipeline.books.record_failure(run.plan, error)
+            self.pipeline.books.record_failure(run.plan, error, run.trace.provider)
             return
         try:
             result = outcome_from_message(streamed, run.plan, self.pipeline, run.trace.provider, run.started,
