@@ -77,8 +77,7 @@ class _Open:
     from). ``proxy``: the proxy's router makes the attempts; else one ``litellm.acompletion`` does
     (``follows``: one per model of its ``fallbacks=``), or (``as_sent``) the proxy sends a request as it
     came, its one attempt. ``started``: the router was seen starting ``attempt`` (its deployment hook
-    ran for it). ``moved``: the lifecycle moved on to a later target at its deployment hook, with
-    no failure event (litellm delivers one per call: it is then the first attempt's, long moved past)."""
+    ran for it)."""
 
     lifecycle: CallLifecycle
     flow: Flow
@@ -89,7 +88,12 @@ class _Open:
     as_sent: bool = False
     stream: Any = None  # the chat stream the proxy serves for it, once it has one
     follows: bool = False
-    moved: bool = False
+
+    @property
+    def falling_back(self) -> bool:
+        """Is a fallback of litellm's SDK ``fallbacks=`` in flight? The one failure event litellm
+        delivers a call is then behind it (its first attempt's), and none comes for the fallback."""
+        return self.follows and self.attempt.depth > 0
 
     def at(self, target: str) -> bool:
         """Is ``attempt`` at ``target`` (the router's deployment name; litellm's SDK's model, which

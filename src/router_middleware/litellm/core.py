@@ -77,8 +77,8 @@ class _Core(CustomLogger):
         with self._lock:
             current = self._calls.get(key)
             stale = current is not None and (current.proxy and bool(about) and _target(current.attempt) != about
-                                             or current.moved and not isinstance(error, MovedOn))  # litellm's
-            if error is not None and (key in self._ended or stale):  # one failure event: its first attempt's
+                                             or current.falling_back and not isinstance(error, MovedOn))
+            if error is not None and (key in self._ended or stale):
                 return True  # a failure the lifecycle has already moved past
         found = self._take_open(key)
         if found is None:
@@ -119,7 +119,6 @@ class _Core(CustomLogger):
             if current is None:
                 return None
             found = current
-            found.moved = not found.proxy
         if at and not found.at(at):
             return None
         found.started = True

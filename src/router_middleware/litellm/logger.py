@@ -335,7 +335,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                                                 plan.call.context.session_id)
             usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
             spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
-        if found.follows and found.attempt.depth > 0 and not streamed:  # no event comes for a fallback's failure
+        if found.falling_back and not streamed:  # no event comes for a fallback's failure
             error: BaseException = FallbacksEnded(f"litellm let the call go while its fallback "
                                                   f"{_target(found.attempt)} ran: it failed, or the call was cancelled")
         else:
