@@ -319,6 +319,14 @@ def usage_from_message(message: Any, estimate: int) -> Usage:
                  int(outputs.get("reasoning") or 0), source="estimated" if estimated else "provider")
 
 
+def _answered(message: Any) -> tuple[Mapping[str, Any], str, tuple[str, ...]]:
+    """A chat model's answer's ``response_metadata``, the model it names (``""`` if none) and its
+    finish reasons (LangChain's providers say ``finish_reason`` or ``stop_reason``)."""
+    metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
+    finish = metadata.get("finish_reason") or metadata.get("stop_reason")
+    return metadata, str(metadata.get("model_name") or metadata.get("model") or ""), (str(finish),) if finish else ()
+
+
 def message_outcome(message: Any, catalog: Catalog) -> Outcome:
     """The Outcome of a chat model's answer (:func:`router_middleware.outcome` of a LangChain message):
     its ``usage_metadata``, priced with ``catalog`` as the model its ``response_metadata`` names, or
@@ -326,15 +334,13 @@ def message_outcome(message: Any, catalog: Catalog) -> Outcome:
     a RoutedChatModel's). Raises :class:`.OutcomeUnavailable` for a message without usage."""
     if not getattr(message, "usage_metadata", None):
         raise OutcomeUnavailable(f"{type(message).__name__} carries no usage_metadata: pass a chat model's answer")
-    metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
-    model = str(metadata.get("model_name") or metadata.get("model") or "")
+    metadata, model, finish = _answered(message)
     reported = metadata.get("cost_usd") if metadata.get("cost_source") == "provider_reported" else None
     usage = usage_from_message(message, 0)
-    finish = metadata.get("finish_reason") or metadata.get("stop_reason")
     return Outcome(model=model, provider=metadata.get("model_provider"), usage=usage,
                    cost=price(usage, catalog.resolve(model) if model else None,
                               reported_usd=float(reported) if isinstance(reported, int | float) else None),
-                   response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
+                   response_id=getattr(message, "id", None), finish_reasons=finish,
                    time_to_first_token_s=metadata.get("time_to_first_token_s"))
 
 
@@ -343,14 +349,13 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     """The Outcome of a call some LangChain chat model made for ``plan``, priced with the pipeline's catalog
     (``provider``, else the one the message names); its time to first token is ``first_token``'s, else
     the one the message says (a RoutedChatModel's stream), else unknown."""
-    metadata: Mapping[str, Any] = getattr(message, "response_metadata", None) or {}
-    model = str(metadata.get("model_name") or metadata.get("model") or plan.model)
+    metadata, named, finish = _answered(message)
+    model = named or plan.model
     usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages))
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
-    finish = metadata.get("finish_reason") or metadata.get("stop_reason")
     return Outcome(model=model, provider=provider or metadata.get("model_provider"), usage=usage,
                    cost=price(usage, info), plan=plan,
-                   response_id=getattr(message, "id", None), finish_reasons=(str(finish),) if finish else (),
+                   response_id=getattr(message, "id", None), finish_reasons=finish,
                    latency_s=time.perf_counter() - started,
                    time_to_first_token_s=(first_token - started) if first_token
                    else metadata.get("time_to_first_token_s"))
