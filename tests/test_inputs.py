@@ -55,6 +55,9 @@ def test_a_malformed_context_is_refused_by_name(context, named) -> None:
     ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens: expected a whole number"),
     ({"reasoning": {"max_tokens": -5}}, "reasoning.max_tokens: expected a whole number of tokens, got -5"),
     ({"reasoning_effort": 3}, "reasoning_effort: expected a level such as 'low'"),
+    ({"response_format": "json"}, "response_format: expected an object such as {'type': 'json_object'} or a "
+                                  "pydantic model class, got 'json'"),
+    ({"response_format": {"schema": {}}}, "response_format: expected an object such as"),
 ])
 def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) -> None:
     with pytest.raises(RequestError, match=named):
@@ -477,13 +480,28 @@ def test_a_router_logger_made_from_a_config_path_routes_sdk_calls(tmp_path) -> N
     assert answer.choices[0].message.content == "ok" and logger.recorded == 1
 
 
+_BAD_PARTS = [  # a user message's second part, and what the refusal says of it
+    ({"type": "txt", "text": "hi"}, r"content part 1 has type 'txt', which litellm does not take in a user message "
+                                    r"\(it takes .*\btext\b"),
+    ("hi", r"content part 1 must be an object such as \{'type': 'text', 'text': \.\.\.\}, got str"),
+    (None, r"content part 1 must be an object .*, got NoneType"),
+    ({"type": "image_url"}, r"content part 1 \(image_url\) needs 'image_url', a URL or \{'url': \.\.\.\}"),
+    ({"type": "image_url", "image_url": {"detail": "low"}}, r"content part 1 \(image_url\) needs 'image_url'"),
+    ({"type": "text"}, r"content part 1 \(text\) needs 'text', a string"),
+]
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before_any_attempt(asynchronous,
+@pytest.mark.parametrize(("part", "says"), _BAD_PARTS, ids=["txt", "string", "none", "image-no-url", "image-url-no-url",
+                                                            "text-no-text"])
+def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before_any_attempt(asynchronous, part, says,
                                                                                              monkeypatch) -> None:
     """litellm refuses a user part of a type it does not take before sending, as a bare ``Exception``
-    (sync) or an ``APIConnectionError`` (async) that looked like the target's failure: retried on every
-    target and counted toward their cooldowns, two such requests cooled a whole alias down for everyone.
-    It is refused first, by name, and no target hears of it."""
+    (sync) or an ``APIConnectionError`` (async), and breaks on a string part or an image part without
+    its URL while building the request (an ``InternalServerError``, as if the provider had answered
+    500): each looked like the target's failure, retried on every target and counted toward their
+    cooldowns, so two such requests cooled a whole alias down for everyone. It is refused first, by
+    name, and no target hears of it."""
     import asyncio
 
     import litellm
@@ -491,12 +509,39 @@ def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before
     sent: list[str] = []
     monkeypatch.setattr(litellm, "completion", lambda **kw: sent.append(kw["model"]))
     p = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]}}, "cache": {"enabled": False}})
-    bad = [{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "txt", "text": "hi"}]}]
+    bad = [{"role": "user", "content": [{"type": "text", "text": "see"}, part]}]
     for _ in range(3):
-        with pytest.raises(MessageError, match=r"^message 0: content part 1 has type 'txt', which litellm does not "
-                                               r"take in a user message \(it takes .*\btext\b"):
+        with pytest.raises(MessageError, match=rf"^message 0: {says}"):
             if asynchronous:
                 asyncio.run(p.acompletion(model="coder", messages=bad, mock_response="ok"))
             else:
                 p.completion(model="coder", messages=bad, mock_response="ok")
     assert sent == [] and p.store.get("fail:gpt-4o-mini") is None
+
+
+@pytest.mark.parametrize(("content", "params"), [
+    (["hi"], {}), ([None], {}), ([{"type": "image_url"}], {}), ("hi", {"response_format": "json"})],
+    ids=["string-part", "none-part", "image-no-url", "response-format-string"])
+def test_litellm_alone_breaks_on_these_requests_before_sending_them(content, params) -> None:
+    """Why the checks above refuse them: litellm itself fails each while building the request, and
+    nothing reaches the provider (a loopback server that records what arrives), with an error that
+    reads as the provider's (a 500, or a connection error) and so would count against the target."""
+    import litellm
+
+    from .capture_server import capture_server
+
+    with capture_server() as (base, bodies):
+        with pytest.raises((litellm.InternalServerError, litellm.APIConnectionError)):
+            litellm.completion(model="openai/gpt-4o-mini", api_base=base, api_key="sk-test", num_retries=0,
+                               max_retries=0, messages=[{"role": "user", "content": content}], **params)
+    assert bodies == []
+
+
+@pytest.mark.parametrize(("raw", "shown"), [("x", "'x'"), ("[{" + "a" * 80, "'[{" + "a" * 55 + "...'")])
+def test_tool_calls_that_are_no_list_are_named_with_what_they_hold(raw, shown) -> None:
+    """The error shows the string (cut at 60 characters), not the Python parser's internals
+    (``malformed node or string on line 1: <ast.Name object at 0x...>``)."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": raw}]
+    with pytest.raises(MessageError) as raised:
+        Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+    assert str(raised.value) == f"message 1: tool_calls is a string that is neither JSON nor a list: {shown}"

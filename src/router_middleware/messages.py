@@ -51,8 +51,9 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
         except ValueError:
             try:
                 value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError) as exc:
-                raise MessageError(f"tool_calls is a string that is neither JSON nor a list ({exc})",
+            except (ValueError, SyntaxError):
+                shown = raw if len(raw) <= 60 else raw[:57] + "..."
+                raise MessageError(f"tool_calls is a string that is neither JSON nor a list: {shown!r}",
                                    index=index, source=source) from None
     if not isinstance(value, list):
         raise MessageError(f"tool_calls must be a list, got {type(value).__name__}", index=index, source=source)
@@ -107,13 +108,33 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
 
 
 def _check_user_parts(parts: list[Any], index: int, source: str | None) -> None:
-    """A user message's content parts are of types litellm sends (it refuses the request otherwise,
-    before sending, as an error that looks like the provider's and would count against the target)."""
+    """A user message's content parts are objects of types litellm sends, a text or image part with
+    its payload: litellm refuses any other before sending, or breaks on it building the request (a
+    string part, an ``image_url`` part without its URL), as an error that looks like the provider's
+    and would count against the target."""
     known = wire.user_part_types()
     for n, part in enumerate(parts):
-        if isinstance(part, Mapping) and part.get("type") not in known:
-            raise MessageError(f"content part {n} has type {part.get('type')!r}, which litellm does not take in a "
+        if not isinstance(part, Mapping):
+            raise MessageError(f"content part {n} must be an object such as {{'type': 'text', 'text': ...}}, got "
+                               f"{type(part).__name__}", index=index, source=source)
+        kind = part.get("type")
+        if kind not in known:
+            raise MessageError(f"content part {n} has type {kind!r}, which litellm does not take in a "
                                f"user message (it takes {', '.join(sorted(known))})", index=index, source=source)
+        why = _payload_missing(kind, part)
+        if why:
+            raise MessageError(f"content part {n} ({kind}) {why}", index=index, source=source)
+
+
+def _payload_missing(kind: str, part: Mapping[str, Any]) -> str | None:
+    """Why a text or image part lacks what it carries (``text``; ``image_url``, a URL or ``{"url": ...}``)."""
+    if kind == "text" and not isinstance(part.get("text"), str):
+        return "needs 'text', a string"
+    if kind == "image_url":
+        image = part.get("image_url")
+        if not (isinstance(image, str) and image or isinstance(image, Mapping) and image.get("url")):
+            return "needs 'image_url', a URL or {'url': ...}"
+    return None
 
 
 def _calls_ok(calls: list[Any]) -> bool:

@@ -40,6 +40,11 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in _NESTED:
         if name in params and too_deep(params[name]):
             raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
+    shape = params.get("response_format")
+    if shape is not None and not isinstance(shape, type) \
+            and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):
+        raise RequestError(f"response_format: expected an object such as {{'type': 'json_object'}} or a pydantic "
+                           f"model class, got {shape!r}")
     effort = params.get("reasoning_effort")
     if effort is not None and not isinstance(effort, str):
         raise RequestError(f"reasoning_effort: expected a level such as 'low' or 'high', got {effort!r}")
