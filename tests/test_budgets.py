@@ -144,6 +144,27 @@ def test_a_budget_that_cannot_apply_to_a_call_says_so_once() -> None:
     assert len(said) == 1 and said[0]["scope"] == "user" and "context={'user': ...}" in said[0]["why"]
 
 
+def test_a_usd_budget_says_once_per_model_that_it_cannot_count_an_unpriced_model_s_calls() -> None:
+    """A model with no price (a fine-tune, a self-hosted endpoint) costs nothing the USD limit can see:
+    its calls all pass it. That is said once per budget and model, naming the model and how to price
+    it, where it was silent; the token limit of the same budget still counts the calls."""
+    import structlog
+
+    p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "team", "scope": "app", "usd": 0.001, "tokens": 10_000}]}})
+    with structlog.testing.capture_logs() as logs:
+        for model in ("openai/my-finetune", "openai/my-finetune", "openai/other-finetune", "gpt-4o-mini"):
+            p.completion(model=model, messages=MESSAGES, mock_response="ok")
+    said = [e for e in logs if e["event"] == "budget_not_applied"]
+    assert [(e["budget"], e["model"]) for e in said] == [("team", "openai/my-finetune"),
+                                                          ("team", "openai/other-finetune")]
+    assert "has no price, so its calls do not count toward the USD limit" in said[0]["why"]
+    assert "models:" in said[0]["why"]
+    with pytest.raises(BudgetExceeded, match="budget 'team' .* exceeded"):  # its tokens still count
+        for _ in range(1000):
+            p.completion(model="openai/my-finetune", messages=MESSAGES, mock_response="ok")
+
+
 def test_each_pipeline_says_once_that_a_budget_cannot_apply() -> None:
     """Two pipelines of one config object each say it (once): what was said is the engine's own
     record, not a module's keyed by object ids that a later config may reuse."""

@@ -210,16 +210,17 @@ class Bookkeeper:
 
     # -- before an attempt -----------------------------------------------------------------------
 
-    def claims(self, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
-        """The budget claims of a call estimated at ``usd`` and ``tokens`` (none without budgets)."""
+    def claims(self, context: AgentContext, *, usd: float | None, tokens: int, model: str = "") -> list[Claim]:
+        """The budget claims of a call to ``model`` estimated at ``usd`` (``None``: unpriced) and
+        ``tokens`` (none without budgets)."""
         if not self.routing.budgets:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
-                              hold=unique_id(), first=self._first_unapplied)
+                              hold=unique_id(), first=self._first_unapplied, model=model)
 
     def _first_unapplied(self, name: str) -> bool:
-        """Whether budget ``name`` is yet to be logged as not applying, noting that it now is (checked
-        and noted in one step, so concurrent calls log it once)."""
+        """Whether budget ``name`` (or a budget and a model) is yet to be logged as not applying, noting
+        that it now is (checked and noted in one step, so concurrent calls log it once)."""
         with self._saying:
             if name in self._unapplied:
                 return False
