@@ -432,6 +432,44 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
     assert route.attributes["router_middleware.chosen_model"] == "gpt-3.5-turbo"
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_agent_middleware_fails_over_without_the_sdk_s_own_retries(monkeypatch, asynchronous) -> None:
+    """A RoutedChatModel with a target behind it is sent with ``max_retries=0``, as the pipeline sends
+    such an attempt: the OpenAI SDK would retry a 500 twice on the same target before the agent's call
+    could fail over (3 requests, about 2 s). The last target keeps the SDK's retries, as a direct call
+    has them, and so does a model that sets ``max_retries`` itself."""
+    from langchain.agents import create_agent
+
+    from .capture_server import capture_server
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+    def agent_call(models: dict[str, RoutedChatModel], route: list[str]) -> Any:
+        pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": route}, "fallback": {"backoff_s": 0.0}},
+                                         "cache": {"enabled": False}})
+        agent = create_agent(models[route[0]], tools=[],
+                             middleware=[RouterAgentMiddleware(pipeline, models=models, model="coder")])
+        state = {"messages": [HumanMessage("Rename x to count")]}
+        return asyncio.run(agent.ainvoke(state)) if asynchronous else agent.invoke(state)
+
+    with capture_server() as (down, sent), fault_server() as (up, seen):
+        def model(base: str, **settings: Any) -> RoutedChatModel:
+            return RoutedChatModel(model="openai/gpt-3.5-turbo", pipeline=Pipeline(), api_base=base, **settings)
+
+        models = {"down": model(down), "up": model(f"{up}/healthy/v1")}
+        state = agent_call(models, ["down", "up"])
+        assert state["messages"][-1].response_metadata["decisions"] == ["routing:fallback"]
+        assert len(sent) == 1 and seen["healthy:ok"] == 1
+        sent.clear()
+        agent_call({**models, "down": model(down, max_retries=1)}, ["down", "up"])
+        assert len(sent) == 2  # the model's own setting
+        sent.clear()
+        with pytest.raises(Exception, match="capture server"):
+            agent_call(models, ["down"])
+        assert len(sent) == 3  # the SDK's two retries, as sent directly
+
+
 def test_agent_middleware_keeps_the_models_own_prompt_cache_key() -> None:
     """A model that sets its own ``prompt_cache_key`` (in ``model_kwargs``) sends it in a thread, as
     without the middleware: the session's key is added only where the model sets none (replacing it
@@ -478,7 +516,7 @@ def test_agent_middleware_fits_the_callers_settings_to_the_model_a_name_stands_f
     agent = create_agent(models["cheap"], tools=[], middleware=[
         warm, RouterAgentMiddleware(pipeline, models=models, model="coder"), seen])
     assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
-    assert handed == [("openai/gpt-4o-mini", {"temperature": 0.2}), ("openai/gpt-5-mini", {})]
+    assert handed == [("openai/gpt-4o-mini", {"temperature": 0.2, "max_retries": 0}), ("openai/gpt-5-mini", {})]  # the first with a fallback behind it
     pipeline.close()
     ((model, provider, cost, decisions),) = open_ledger(url).query(
         "SELECT model, provider, cost_usd, decisions FROM calls")

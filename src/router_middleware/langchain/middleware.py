@@ -365,7 +365,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             raise ConfigError(f"{where}: a RoutedChatModel on the middleware's own pipeline accounts each call "
                               "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
 
-    def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan], ModelRequest]]:
+    def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         if not self.models:
             self._own_pipeline(request.model, "the agent's model")
@@ -391,8 +391,10 @@ class RouterAgentMiddleware(AgentMiddleware):
             raise _renumbered(error, positions) from None
         by_id = _own(call.messages, converted, owners)
 
-        def build(plan: Plan) -> ModelRequest:
-            """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning."""
+        def build(plan: Plan, failover: bool = False) -> ModelRequest:
+            """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning.
+            ``failover``: another target follows, so a RoutedChatModel's provider SDK retries are off
+            unless it or the agent sets ``max_retries`` (as :meth:`.Engine.request` does for a pipeline)."""
             model = self.models[plan.deployment or plan.model] if self.models else request.model
             messages = [by_id.get(id(m)) or convert_to_messages([dict(m)])[0] for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
@@ -402,6 +404,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             # but a hint the model sets itself
             settings = {k: v for k, v in plan.params.items() if k != "tools" and (
                 k in request.model_settings or (k not in params and not (k in _HINTS and _sets(model, k))))}
+            if failover and isinstance(model, RoutedChatModel) and model.max_retries is None:
+                settings.setdefault("max_retries", 0)
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
@@ -475,7 +479,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         lifecycle, build = self._start(request)
 
         def send(made: Attempt) -> ModelResponse:
-            request, started = build(made.plan), time.perf_counter()
+            request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
             # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
@@ -493,7 +497,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         lifecycle, build = self._start(request)
 
         async def send(made: Attempt) -> ModelResponse:
-            request, started = build(made.plan), time.perf_counter()
+            request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
                     response = await handler(request)
