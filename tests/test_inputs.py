@@ -58,6 +58,11 @@ def test_a_malformed_context_is_refused_by_name(context, named) -> None:
     ({"response_format": "json"}, "response_format: expected an object such as {'type': 'json_object'} or a "
                                   "pydantic model class, got 'json'"),
     ({"response_format": {"schema": {}}}, "response_format: expected an object such as"),
+    ({"tools": [{"type": "function"}]}, r"tools\[0\]: a function tool needs 'function' with its 'name'"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, r"tools\[0\]: a function tool needs"),
+    ({"tools": ["bash"]}, r"tools\[0\]: expected an object such as \{'type': 'function', 'function': \{'name': "
+                          r"\.\.\.\}\}, got str"),
+    ({"tools": {"type": "function", "function": {"name": "f"}}}, "tools: expected a list of tool objects, got dict"),
 ])
 def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) -> None:
     with pytest.raises(RequestError, match=named):
@@ -487,13 +492,11 @@ _BAD_PARTS = [  # a user message's second part, and what the refusal says of it
     (None, r"content part 1 must be an object .*, got NoneType"),
     ({"type": "image_url"}, r"content part 1 \(image_url\) needs 'image_url', a URL or \{'url': \.\.\.\}"),
     ({"type": "image_url", "image_url": {"detail": "low"}}, r"content part 1 \(image_url\) needs 'image_url'"),
-    ({"type": "text"}, r"content part 1 \(text\) needs 'text', a string"),
 ]
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
-@pytest.mark.parametrize(("part", "says"), _BAD_PARTS, ids=["txt", "string", "none", "image-no-url", "image-url-no-url",
-                                                            "text-no-text"])
+@pytest.mark.parametrize(("part", "says"), _BAD_PARTS, ids=["txt", "string", "none", "image-no-url", "image-url-no-url"])
 def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before_any_attempt(asynchronous, part, says,
                                                                                              monkeypatch) -> None:
     """litellm refuses a user part of a type it does not take before sending, as a bare ``Exception``
@@ -519,10 +522,17 @@ def test_a_user_content_part_litellm_refuses_is_the_request_s_fault_named_before
     assert sent == [] and p.store.get("fail:gpt-4o-mini") is None
 
 
-@pytest.mark.parametrize(("content", "params"), [
-    (["hi"], {}), ([None], {}), ([{"type": "image_url"}], {}), ("hi", {"response_format": "json"})],
-    ids=["string-part", "none-part", "image-no-url", "response-format-string"])
-def test_litellm_alone_breaks_on_these_requests_before_sending_them(content, params) -> None:
+@pytest.mark.parametrize(("model", "messages", "params"), [
+    ("openai/gpt-4o-mini", [{"role": "user", "content": ["hi"]}], {}),
+    ("openai/gpt-4o-mini", [{"role": "user", "content": [None]}], {}),
+    ("openai/gpt-4o-mini", [{"role": "user", "content": [{"type": "image_url"}]}], {}),
+    ("openai/gpt-4o-mini", [{"role": "user", "content": "hi"}], {"response_format": "json"}),
+    ("anthropic/claude-3-5-haiku-20241022", [{"role": "system", "content": ["be brief"]},
+                                             {"role": "user", "content": "hi"}], {}),
+    ("anthropic/claude-3-5-haiku-20241022", [{"role": "user", "content": "hi"}], {"tools": [{"type": "function"}]})],
+    ids=["string-part", "none-part", "image-no-url", "response-format-string", "anthropic-system-string-part",
+         "anthropic-function-tool-without-function"])
+def test_litellm_alone_breaks_on_these_requests_before_sending_them(model, messages, params) -> None:
     """Why the checks above refuse them: litellm itself fails each while building the request, and
     nothing reaches the provider (a loopback server that records what arrives), with an error that
     reads as the provider's (a 500, or a connection error) and so would count against the target."""
@@ -532,8 +542,8 @@ def test_litellm_alone_breaks_on_these_requests_before_sending_them(content, par
 
     with capture_server() as (base, bodies):
         with pytest.raises((litellm.InternalServerError, litellm.APIConnectionError)):
-            litellm.completion(model="openai/gpt-4o-mini", api_base=base, api_key="sk-test", num_retries=0,
-                               max_retries=0, messages=[{"role": "user", "content": content}], **params)
+            litellm.completion(model=model, api_base=base, api_key="sk-test", num_retries=0, max_retries=0,
+                               messages=messages, **params)
     assert bodies == []
 
 
@@ -545,3 +555,18 @@ def test_tool_calls_that_are_no_list_are_named_with_what_they_hold(raw, shown) -
     with pytest.raises(MessageError) as raised:
         Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
     assert str(raised.value) == f"message 1: tool_calls is a string that is neither JSON nor a list: {shown}"
+
+
+@pytest.mark.parametrize("role", ["system", "assistant", "tool"])
+def test_a_content_part_that_is_no_object_is_refused_in_any_message(role) -> None:
+    """No provider takes a bare string in a list of parts; litellm breaks on one in a system message
+    it sends to Anthropic (``'str' object has no attribute 'get'``, an ``APIConnectionError``)."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    messages = {"system": [{"role": "system", "content": ["be brief"]}, {"role": "user", "content": "hi"}],
+                "assistant": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ["ok"]},
+                              {"role": "user", "content": "go on"}],
+                "tool": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                         {"role": "tool", "tool_call_id": "c1", "content": ["done"]}]}[role]
+    at = {"system": 0, "assistant": 1, "tool": 2}[role]
+    with pytest.raises(MessageError, match=rf"^message {at}: content part 0 must be an object such as"):
+        Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")

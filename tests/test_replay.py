@@ -262,3 +262,16 @@ def test_a_planned_request_that_breaks_tool_call_integrity_is_named_by_session_s
     assert broken and all(re.fullmatch(r"step \d+: message \d+: .+", s.first_violation) for s in broken)
     assert f"  {broken[0].id}, {broken[0].first_violation}" in replay_table(report, "title", "config")
     assert report.as_dict()["per_session"][report.sessions.index(broken[0])]["first_violation"]
+
+
+def test_a_recording_with_content_parts_no_request_may_carry_still_loads_and_replays(tmp_path) -> None:
+    """A recording is never sent, so the checks on what litellm would break on sending (a string part, an
+    image part whose URL was redacted) do not refuse it: one such session aborted a whole replay."""
+    session = json.loads(open(bundled_sessions()[0]).read())
+    first = next(m for m in session["messages"] if m.get("role") == "user")
+    first["content"] = [{"type": "text", "text": "see"}, "a bare string", {"type": "image_url"}]
+    path = tmp_path / "redacted.json"
+    path.write_text(json.dumps(session))
+    loaded = load_session(path)
+    assert loaded.messages[session["messages"].index(first)]["content"][1] == "a bare string"
+    assert replay([loaded], Pipeline()).as_dict()["calls"] == len(loaded.calls)

@@ -93,8 +93,8 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
                                                                  if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
-    if parts and role == "user" and isinstance(content, list):
-        _check_user_parts(content, index, source)
+    if parts and isinstance(content, list):
+        _check_parts(content, index, source, user=role == "user")
     raw_calls = message.get("tool_calls", None)
     if "tool_calls" not in message or (isinstance(raw_calls, list) and raw_calls and _calls_ok(raw_calls)):
         return message if isinstance(message, dict) else dict(message)  # valid as sent: no copy
@@ -107,16 +107,23 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
     return out
 
 
-def _check_user_parts(parts: list[Any], index: int, source: str | None) -> None:
-    """A user message's content parts are objects of types litellm sends, a text or image part with
-    its payload: litellm refuses any other before sending, or breaks on it building the request (a
-    string part, an ``image_url`` part without its URL), as an error that looks like the provider's
-    and would count against the target."""
-    known = wire.user_part_types()
+def _check_parts(parts: list[Any], index: int, source: str | None, *, user: bool) -> None:
+    """A message's content parts are objects; a ``user`` message's are of types litellm sends, an
+    image part with its URL: litellm refuses any other before sending, or breaks on it building the
+    request (a string part, in a user message or in a system message sent to Anthropic; an
+    ``image_url`` part without its URL), as an error that looks like the provider's and would count
+    against the target."""
     for n, part in enumerate(parts):
         if not isinstance(part, Mapping):
             raise MessageError(f"content part {n} must be an object such as {{'type': 'text', 'text': ...}}, got "
                                f"{type(part).__name__}", index=index, source=source)
+    if user:
+        _check_user_parts(parts, index, source)
+
+
+def _check_user_parts(parts: list[Mapping[str, Any]], index: int, source: str | None) -> None:
+    known = wire.user_part_types()
+    for n, part in enumerate(parts):
         kind = part.get("type")
         if kind not in known:
             raise MessageError(f"content part {n} has type {kind!r}, which litellm does not take in a "
@@ -127,9 +134,8 @@ def _check_user_parts(parts: list[Any], index: int, source: str | None) -> None:
 
 
 def _payload_missing(kind: str, part: Mapping[str, Any]) -> str | None:
-    """Why a text or image part lacks what it carries (``text``; ``image_url``, a URL or ``{"url": ...}``)."""
-    if kind == "text" and not isinstance(part.get("text"), str):
-        return "needs 'text', a string"
+    """Why an image part lacks its ``image_url`` (a URL or ``{"url": ...}``). (A text part without its
+    text is sent: litellm mends it for Anthropic and Gemini, and other providers answer for it.)"""
     if kind == "image_url":
         image = part.get("image_url")
         if not (isinstance(image, str) and image or isinstance(image, Mapping) and image.get("url")):

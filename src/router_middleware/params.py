@@ -40,6 +40,7 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in _NESTED:
         if name in params and too_deep(params[name]):
             raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
+    _check_tools(params.get("tools"))
     shape = params.get("response_format")
     if shape is not None and not isinstance(shape, type) \
             and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):
@@ -56,6 +57,23 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
                 key = "budget_tokens" if "budget_tokens" in value else "max_tokens"
                 raise RequestError(f"{name}.{key}: expected a whole number of tokens, got {budget!r}")
     return params
+
+
+def _check_tools(tools: Any) -> None:
+    """``tools`` is a list of objects, a ``function`` tool naming its function: litellm breaks on one
+    without it building an Anthropic request (an ``APIConnectionError`` that would count against the
+    target); a list of anything else no provider takes."""
+    if tools is None:
+        return
+    if not isinstance(tools, list | tuple):
+        raise RequestError(f"tools: expected a list of tool objects, got {type(tools).__name__}")
+    for n, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise RequestError(f"tools[{n}]: expected an object such as {{'type': 'function', 'function': "
+                               f"{{'name': ...}}}}, got {type(tool).__name__}")
+        function = tool.get("function")
+        if tool.get("type") == "function" and not (isinstance(function, Mapping) and function.get("name")):
+            raise RequestError(f"tools[{n}]: a function tool needs 'function' with its 'name'")
 
 
 def _whole(value: Any) -> bool:

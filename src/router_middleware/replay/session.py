@@ -109,9 +109,9 @@ def parse_session(data: Any, label: str) -> Session:
     end = len(raw_messages)
     while end and _is_marker(raw_messages[end - 1]):
         end -= 1
-    # Tool-call integrity is not checked here: a recording is what providers accepted, and replay
-    # reports integrity per planned request instead of refusing the session.
-    messages = validate_messages(raw_messages[:end], source=label, tool_calls=False)
+    # Tool-call integrity and content parts are not checked here: a recording is what providers accepted
+    # (and is never sent), and replay reports integrity per planned request instead of refusing the session.
+    messages = validate_messages(raw_messages[:end], source=label, tool_calls=False, parts=False)
     calls = []
     for i, raw in enumerate(raw_calls):
         where = f"{label}: call {i}"
