@@ -765,7 +765,7 @@ def test_agent_middleware_fits_model_settings_to_the_routed_model() -> None:
     request = ModelRequest(model=models["gpt-4o-mini"], messages=[HumanMessage("hi")],
                            model_settings={"temperature": 0.2, "reasoning_effort": "minimal"})
     middleware.wrap_model_call(request, handler)
-    assert seen == [{"reasoning_effort": "low", "max_retries": 0}]  # o3-mini: temperature dropped, effort moved to its nearest; a fallback behind it
+    assert seen == [{"reasoning_effort": "low"}]  # o3-mini: temperature dropped, effort moved to its nearest
 
 
 async def test_on_redis_an_async_call_stays_on_the_event_loop(redis_url, monkeypatch) -> None:

@@ -437,19 +437,32 @@ def test_agent_middleware_fails_over_without_the_sdk_s_own_retries(monkeypatch, 
     """A RoutedChatModel with a target behind it is sent with ``max_retries=0``, as the pipeline sends
     such an attempt: the OpenAI SDK would retry a 500 twice on the same target before the agent's call
     could fail over (3 requests, about 2 s). The last target keeps the SDK's retries, as a direct call
-    has them, and so does a model that sets ``max_retries`` itself."""
+    has them, and so does a model that sets ``max_retries`` itself (or in ``model_kwargs``). The setting
+    is on the model, never in the request's ``model_settings``, which a middleware inside the router
+    (LangChain's ModelFallbackMiddleware) hands on to another chat model: ChatOpenAI refuses it."""
     from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
 
     from .capture_server import capture_server
     from .fault_server import fault_server
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    inner: list[tuple[int | None, dict[str, Any]]] = []
+
+    class Inside(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            inner.append((request.model.max_retries, dict(request.model_settings)))
+            return handler(request)
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            inner.append((request.model.max_retries, dict(request.model_settings)))
+            return await handler(request)
 
     def agent_call(models: dict[str, RoutedChatModel], route: list[str]) -> Any:
         pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": route}, "fallback": {"backoff_s": 0.0}},
                                          "cache": {"enabled": False}})
         agent = create_agent(models[route[0]], tools=[],
-                             middleware=[RouterAgentMiddleware(pipeline, models=models, model="coder")])
+                             middleware=[RouterAgentMiddleware(pipeline, models=models, model="coder"), Inside()])
         state = {"messages": [HumanMessage("Rename x to count")]}
         return asyncio.run(agent.ainvoke(state)) if asynchronous else agent.invoke(state)
 
@@ -461,9 +474,13 @@ def test_agent_middleware_fails_over_without_the_sdk_s_own_retries(monkeypatch, 
         state = agent_call(models, ["down", "up"])
         assert state["messages"][-1].response_metadata["decisions"] == ["routing:fallback"]
         assert len(sent) == 1 and seen["healthy:ok"] == 1
+        assert inner == [(0, {}), (None, {})] and models["down"].max_retries is None  # a copy was sent
         sent.clear()
         agent_call({**models, "down": model(down, max_retries=1)}, ["down", "up"])
         assert len(sent) == 2  # the model's own setting
+        sent.clear()
+        agent_call({**models, "down": model(down, model_kwargs={"max_retries": 1})}, ["down", "up"])
+        assert len(sent) == 2
         sent.clear()
         with pytest.raises(Exception, match="capture server"):
             agent_call(models, ["down"])
@@ -516,7 +533,7 @@ def test_agent_middleware_fits_the_callers_settings_to_the_model_a_name_stands_f
     agent = create_agent(models["cheap"], tools=[], middleware=[
         warm, RouterAgentMiddleware(pipeline, models=models, model="coder"), seen])
     assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
-    assert handed == [("openai/gpt-4o-mini", {"temperature": 0.2, "max_retries": 0}), ("openai/gpt-5-mini", {})]  # the first with a fallback behind it
+    assert handed == [("openai/gpt-4o-mini", {"temperature": 0.2}), ("openai/gpt-5-mini", {})]
     pipeline.close()
     ((model, provider, cost, decisions),) = open_ledger(url).query(
         "SELECT model, provider, cost_usd, decisions FROM calls")

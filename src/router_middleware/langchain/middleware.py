@@ -193,6 +193,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         super().__init__()
         self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
         self.models = dict(models or {})
+        self._no_retries: dict[str, RoutedChatModel] = {}  # a models entry's copy with max_retries=0
         for name, chat_model in self.models.items():
             inner = _chat_model_of(chat_model)
             if inner is None:
@@ -359,6 +360,21 @@ class RouterAgentMiddleware(AgentMiddleware):
                             "agent's, and none of models= holds it: the call is routed by model= again")
         return self.route
 
+    def _without_retries(self, name: str, model: Any) -> Any:
+        """``model`` for an attempt with another target behind it: a RoutedChatModel that sets no
+        ``max_retries`` (nor in ``model_kwargs``) as a copy with ``max_retries=0``, made once per entry of
+        ``models``; any other model as it is. The setting goes on the model, not in the request's
+        ``model_settings``, which a middleware inside this one hands on to whatever model it calls."""
+        if not isinstance(model, RoutedChatModel) or model.max_retries is not None \
+                or "max_retries" in model.model_kwargs:
+            return model
+        copy = self._no_retries.get(name) if self.models.get(name) is model else None
+        if copy is None:
+            copy = model.model_copy(update={"max_retries": 0})
+            if self.models.get(name) is model:
+                self._no_retries[name] = copy
+        return copy
+
     def _own_pipeline(self, chat_model: Any, where: str) -> None:
         """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
         if isinstance(chat_model, RoutedChatModel) and chat_model.pipeline is self.pipeline:
@@ -404,8 +420,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             # but a hint the model sets itself
             settings = {k: v for k, v in plan.params.items() if k != "tools" and (
                 k in request.model_settings or (k not in params and not (k in _HINTS and _sets(model, k))))}
-            if failover and isinstance(model, RoutedChatModel) and model.max_retries is None:
-                settings.setdefault("max_retries", 0)
+            if failover and "max_retries" not in settings:
+                model = self._without_retries(plan.deployment or plan.model, model)
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
