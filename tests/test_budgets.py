@@ -144,7 +144,7 @@ def test_a_budget_that_cannot_apply_to_a_call_says_so_once() -> None:
     assert len(said) == 1 and said[0]["scope"] == "user" and "context={'user': ...}" in said[0]["why"]
 
 
-def test_a_usd_budget_says_once_per_model_that_it_cannot_count_an_unpriced_model_s_calls() -> None:
+def test_a_usd_budget_says_once_per_model_that_it_counted_nothing_for_an_unpriced_model_s_calls() -> None:
     """A model with no price (a fine-tune, a self-hosted endpoint) costs nothing the USD limit can see:
     its calls all pass it. That is said once per budget and model, naming the model and how to price
     it, where it was silent; the token limit of the same budget still counts the calls."""
@@ -155,14 +155,35 @@ def test_a_usd_budget_says_once_per_model_that_it_cannot_count_an_unpriced_model
     with structlog.testing.capture_logs() as logs:
         for model in ("openai/my-finetune", "openai/my-finetune", "openai/other-finetune", "gpt-4o-mini"):
             p.completion(model=model, messages=MESSAGES, mock_response="ok")
-    said = [e for e in logs if e["event"] == "budget_not_applied"]
+    said = [e for e in logs if e["event"] == "budget_usd_unpriced"]
     assert [(e["budget"], e["model"]) for e in said] == [("team", "openai/my-finetune"),
                                                           ("team", "openai/other-finetune")]
-    assert "has no price, so its calls do not count toward the USD limit" in said[0]["why"]
+    assert "has no price: its calls add nothing to the budget's USD limit" in said[0]["why"]
     assert "models:" in said[0]["why"]
     with pytest.raises(BudgetExceeded, match="budget 'team' .* exceeded"):  # its tokens still count
         for _ in range(1000):
             p.completion(model="openai/my-finetune", messages=MESSAGES, mock_response="ok")
+
+
+def test_an_unpriced_name_whose_answer_is_priced_counts_and_is_not_said_to_pass(monkeypatch) -> None:
+    """A deployment name litellm has no price for, whose answer names a priced model (an OpenAI-
+    compatible endpoint answering as gpt-3.5-turbo): the call is priced as the model that answered and
+    counts toward the USD limit, so nothing says it passes it."""
+    import structlog
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fault_server() as (base, _), structlog.testing.capture_logs() as logs:
+        p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+            {"name": "team", "scope": "app", "usd": 0.0001}]}})
+        answered = 0
+        with pytest.raises(BudgetExceeded, match="budget 'team' .* exceeded"):
+            for _ in range(20):
+                p.completion(model="openai/my-prod-deployment", messages=MESSAGES, api_base=f"{base}/healthy/v1")
+                answered += 1
+    assert 0 < answered < 20
+    assert [e for e in logs if e["event"] == "budget_usd_unpriced"] == []
 
 
 def test_each_pipeline_says_once_that_a_budget_cannot_apply() -> None:

@@ -243,9 +243,9 @@ class Engine:
         ratios = books.recent(INPUT_RATIO, plan.model, app, fetched)
         return counted, input_estimate(counted, ratios, share=share), output * answers
 
-    def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float | None:
-        """The cost of ``tokens`` in and ``output`` out on the plan's model (``None`` when it has no price)."""
-        return price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd
+    def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float:
+        """The cost of ``tokens`` in and ``output`` out on the plan's model (0 when it has no price)."""
+        return price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
 
     def saving(self, model: str, tokens: int) -> float:
         """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""

@@ -446,7 +446,7 @@ class CallLifecycle:
             return reasoning
         tokens, output = self._size(plan)
         return self.books.claims(plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
-                                 tokens=tokens + output, model=plan.model) + reasoning
+                                 tokens=tokens + output) + reasoning
 
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),

@@ -210,13 +210,23 @@ class Bookkeeper:
 
     # -- before an attempt -----------------------------------------------------------------------
 
-    def claims(self, context: AgentContext, *, usd: float | None, tokens: int, model: str = "") -> list[Claim]:
-        """The budget claims of a call to ``model`` estimated at ``usd`` (``None``: unpriced) and
-        ``tokens`` (none without budgets)."""
+    def claims(self, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
+        """The budget claims of a call estimated at ``usd`` and ``tokens`` (none without budgets)."""
         if not self.routing.budgets:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
-                              hold=unique_id(), first=self._first_unapplied, model=model)
+                              hold=unique_id(), first=self._first_unapplied)
+
+    def _unpriced(self, reservation: Reservation, model: str) -> None:
+        """Say once per budget and model that a USD budget counted nothing for a call: ``model`` has no
+        price and nothing was reserved for it (its estimate, on a model of no price, was 0), so its calls
+        pass the USD limit while its token limit still counts them."""
+        for claim in reservation.claims:
+            if claim.unit == "usd" and not claim.amount and self._first_unapplied(f"{claim.name}\0{model}"):
+                log.warning("budget_usd_unpriced", budget=claim.name, model=model,
+                            why=f"{model} has no price: its calls add nothing to the budget's USD limit (a token "
+                                "limit still counts them); price it under the config's models: "
+                                "(input_cost_per_token, output_cost_per_token); said once per budget and model")
 
     def _first_unapplied(self, name: str) -> bool:
         """Whether budget ``name`` (or a budget and a model) is yet to be logged as not applying, noting
@@ -383,6 +393,8 @@ class Bookkeeper:
             if reservation is not None:
                 summaries = outcome.plan.summary_cost_usd if outcome.plan else 0.0
                 usd = outcome.cost.total_usd + summaries if outcome.cost.total_usd is not None else None
+                if usd is None:
+                    self._unpriced(reservation, outcome.plan.model if outcome.plan else outcome.model)
                 done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens,
                                                     reasoning=reasoning or 0)
                 done.lapse_s = max(c.hold_s for c in reservation.claims)

@@ -52,13 +52,11 @@ class Reservation:
     claims: list[Claim]
 
 
-def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float | None, tokens: int,
-           now: float, hold: str, first: Callable[[str], bool], model: str = "") -> list[Claim]:
+def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, tokens: int,
+           now: float, hold: str, first: Callable[[str], bool]) -> list[Claim]:
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``. A
     budget that cannot apply (the call names no value of its scope) is logged when ``first(name)``:
-    the caller's record of budgets already reported, which notes the name as it answers. ``usd``
-    ``None``: ``model`` has no price, so a USD limit cannot count its calls (logged once per budget
-    and model; its token limit still does)."""
+    the caller's record of budgets already reported, which notes the name as it answers."""
     found = []
     for budget in budgets:
         value = scope_value(budget, context)  # once per budget, for both its units
@@ -69,12 +67,7 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float | N
                             why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (litellm: "
                                 f"metadata={{'{field}': ...}}; said once)")
             continue
-        if usd is None and budget.usd is not None and first(f"{budget.name}\0{model}"):
-            log.warning("budget_not_applied", budget=budget.name, scope=budget.scope, model=model,
-                        why=f"{model} has no price, so its calls do not count toward the USD limit (a token limit "
-                            "still does): price it under the config's models: (input_cost_per_token, "
-                            "output_cost_per_token); said once per model")
-        for unit, amount, limit in (("usd", usd or 0.0, budget.usd), ("tokens", float(tokens), budget.tokens)):
+        for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
             if limit is not None:
                 key = counter_key(budget, value, unit, now)
                 found.append(Claim(BUDGET + key, amount, float(limit), budget.window_s * 2 if budget.window_s else None,
