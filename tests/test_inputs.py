@@ -570,3 +570,14 @@ def test_a_content_part_that_is_no_object_is_refused_in_any_message(role) -> Non
     at = {"system": 0, "assistant": 1, "tool": 2}[role]
     with pytest.raises(MessageError, match=rf"^message {at}: content part 0 must be an object such as"):
         Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")
+
+
+def test_a_flat_function_tool_passes_where_the_agent_s_own_model_sends_the_call() -> None:
+    """The Responses API's flat function tool (``{"type": "function", "name": ...}``, which LangChain
+    leaves as it is and ChatOpenAI sends) is no tool litellm builds a chat request from: refused for a
+    call litellm sends, left to the agent's own model where it sends the call."""
+    tools = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    engine = Pipeline()
+    with pytest.raises(RequestError, match=r"tools\[0\]: a function tool needs 'function' with its 'name'"):
+        engine.make_call("gpt-4o-mini", MESSAGES, {}, {"tools": tools})
+    assert engine.make_call("gpt-4o-mini", MESSAGES, {}, {"tools": tools}, litellm_sends=False).params["tools"]

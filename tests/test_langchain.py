@@ -1689,7 +1689,7 @@ def test_what_raises_after_a_free_variant_answered_does_not_fall_to_the_paid_mod
     pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": [paid]},
                                                  "free_tier": {"prefer": True, "models": ["*"]}},
                                      "cache": {"enabled": False}})
-    models = {name: RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "ok"})
+    models = {name: RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": name})
               for name in (f"{paid}:free", paid)}
     middleware = RouterAgentMiddleware(pipeline, models=models, model="coder")
     sent: list[Any] = []
@@ -1702,7 +1702,7 @@ def test_what_raises_after_a_free_variant_answered_does_not_fall_to_the_paid_mod
     with pytest.raises(GraphInterrupt if after == "interrupt" else OutputParserException):
         middleware.wrap_model_call(ModelRequest(model=models[paid], messages=[HumanMessage("hi")], model_settings={}),
                                    answered_then_raised)
-    assert sent == [models[f"{paid}:free"]]  # before: the paid model too
+    assert [m.model_kwargs["mock_response"] for m in sent] == [f"{paid}:free"]  # before: the paid model too
 
 
 def test_the_router_s_metadata_goes_on_a_copy_of_the_answer_not_into_a_cache_s_entry() -> None:

@@ -92,7 +92,8 @@ class Engine:
         """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input.
         With ``messages.repair_tool_calls``, broken tool-call integrity is mended instead, and the
         call carries a ``messages:repair`` decision saying what was changed. ``litellm_sends=False``:
-        another client sends it (an agent's own chat model), so content parts litellm would refuse pass."""
+        another client sends it (an agent's own chat model), so content parts and tools litellm would
+        refuse pass."""
         if self.config.app and isinstance(context, Mapping) and context.get("app") is None:
             context = {**context, "app": self.config.app}  # built once, not built and then replaced
         ctx = AgentContext.coerce(context)
@@ -100,13 +101,13 @@ class Engine:
             ctx = replace(ctx, app=self.config.app)
         if not self.config.messages.repair_tool_calls:
             return Call.create(check_model(model), nonempty(validate_messages(messages, parts=litellm_sends)),
-                               check_params(params), ctx)
+                               check_params(params, tools=litellm_sends), ctx)
         valid, repairs = repair_messages(messages, parts=litellm_sends)
         nonempty(valid)
         decisions = [Decision("messages", "repair", repairs.describe(), {
             "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
-        return Call.create(check_model(model), valid, check_params(params), ctx, decisions)
+        return Call.create(check_model(model), valid, check_params(params, tools=litellm_sends), ctx, decisions)
 
     def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through

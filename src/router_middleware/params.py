@@ -23,8 +23,9 @@ def check_model(model: Any) -> str:
     return model
 
 
-def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """``params`` unchanged when they are sound; else raises :class:`RequestError`."""
+def check_params(params: Mapping[str, Any], *, tools: bool = True) -> Mapping[str, Any]:
+    """``params`` unchanged when they are sound; else raises :class:`RequestError`. ``tools=False``:
+    another client sends the call (an agent's own chat model), so tools litellm would break on pass."""
     stream = params.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, got {stream!r}")
@@ -40,7 +41,8 @@ def check_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
     for name in _NESTED:
         if name in params and too_deep(params[name]):
             raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
-    _check_tools(params.get("tools"))
+    if tools:
+        _check_tools(params.get("tools"))
     shape = params.get("response_format")
     if shape is not None and not isinstance(shape, type) \
             and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):

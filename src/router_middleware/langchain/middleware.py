@@ -362,14 +362,16 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _without_retries(self, name: str, model: Any) -> Any:
         """``model`` for an attempt with another target behind it: a RoutedChatModel that sets no
-        ``max_retries`` (nor in ``model_kwargs``) as a copy with ``max_retries=0``, made once per entry of
-        ``models``; any other model as it is. The setting goes on the model, not in the request's
-        ``model_settings``, which a middleware inside this one hands on to whatever model it calls."""
+        ``max_retries`` (nor in ``model_kwargs``) as a copy with ``max_retries=0`` on its pipeline, made
+        once per entry of ``models``; any other model (a wrapped one included) as it is. The setting
+        goes on the model, not in the request's ``model_settings``, which a middleware inside this one
+        hands on to whatever model it calls."""
         if not isinstance(model, RoutedChatModel) or model.max_retries is not None \
                 or "max_retries" in model.model_kwargs:
             return model
         copy = self._no_retries.get(name) if self.models.get(name) is model else None
         if copy is None:
+            model._pipeline()  # made now when it is the model's default: the copy shares it
             copy = model.model_copy(update={"max_retries": 0})
             if self.models.get(name) is model:
                 self._no_retries[name] = copy
