@@ -165,9 +165,13 @@ def test_copies_that_differ_anywhere_are_validated_afresh() -> None:
     assert validate_messages(renamed)[3]["content"] == "edited"
 
 
-def test_requests_of_one_session_keep_one_history_not_one_each() -> None:
+def test_requests_of_one_session_keep_one_history_not_one_each(monkeypatch: pytest.MonkeyPatch) -> None:
     """Behind the proxy each request of an agent loop brings new dicts of its growing history: the
-    memos keep what the session needs (its history once), not every request's copy of it."""
+    memos keep what the session needs (its history once), not every request's copy of it. The
+    process-wide validation memos start empty, as in a fresh process: what earlier tests left in them
+    is not this session's."""
+    monkeypatch.setattr(messages_module, "_MEMOS", {parts: (MessageMemo(), HistoryMemo(alike=True))
+                                                    for parts in (True, False)})
     pipeline = Pipeline.from_config({})
     history = _agent_history(60)
     pipeline.plan(pipeline.make_call("gpt-4o-mini", _copies(history), {"session_id": "s"}, {}))
