@@ -168,8 +168,10 @@ def test_copies_that_differ_anywhere_are_validated_afresh() -> None:
 def test_requests_of_one_session_keep_one_history_not_one_each(monkeypatch: pytest.MonkeyPatch) -> None:
     """Behind the proxy each request of an agent loop brings new dicts of its growing history: the
     memos keep what the session needs (its history once), not every request's copy of it. The
-    process-wide validation memos start empty, as in a fresh process: what earlier tests left in them
-    is not this session's."""
+    process-wide validation memos start empty, as in a fresh process: the session's 300 new messages
+    grow the MessageMemo's dict, and when earlier tests left it just below a resize (1,365 or 2,730
+    entries) the whole new table (74 or 148 KB) lands in the measured window, while the old one,
+    allocated before tracemalloc started, is not credited: a resize, not what the session keeps."""
     monkeypatch.setattr(messages_module, "_MEMOS", {parts: (MessageMemo(), HistoryMemo(alike=True))
                                                     for parts in (True, False)})
     pipeline = Pipeline.from_config({})
