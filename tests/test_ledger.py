@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import shutil
@@ -301,3 +302,79 @@ def test_a_row_ends_complete_exactly_when_it_has_no_error() -> None:
         LedgerRecord(ts=1.0, model="m", requested_model="m", ended="failed")
     with pytest.raises(ValueError, match="ended 'done' is none of"):
         LedgerRecord(ts=1.0, model="m", requested_model="m", ended="done")  # type: ignore[arg-type]
+
+
+def test_two_deployments_of_one_model_are_told_apart_in_rows_report_and_spans(tmp_path, span_exporter, capsys,
+                                                                              monkeypatch) -> None:
+    """Two deployments of ``openai/gpt-3.5-turbo`` (one region down, refusing connections; one answering
+    with the recorded reply): their rows share ``target`` and name the deployment each call was sent
+    under, the report ranks and counts failures by deployment, and each attempt's span names its own."""
+    from opentelemetry.trace import SpanKind
+
+    from .conftest import _free_port
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with fault_server() as (base, _):
+        deployments = {"openai-eu": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"},
+                       "openai-us": {"model": "openai/gpt-3.5-turbo",
+                                     "api_base": f"http://127.0.0.1:{_free_port()}/v1"}}  # nothing listens
+        p = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url},
+                                  "routing": {"deployments": deployments, "aliases": {"pool": ["openai-us", "openai-eu"]},
+                                              "fallback": {"backoff_s": 0.0, "max_backoff_s": 0.0}}})
+        with pytest.raises(litellm.exceptions.InternalServerError, match="Connection error"):  # litellm's name
+            p.completion(model="openai-us", messages=MESSAGES, max_retries=0)
+        assert p.completion(model="pool", messages=MESSAGES).choices[0].message.content
+        p.close()
+    with contextlib.closing(open_ledger(url)) as db:
+        rows = db.query("SELECT requested_model, target, deployment, ended FROM calls ORDER BY ts")
+        report = build_report(db)
+    assert rows == [("openai-us", "openai/gpt-3.5-turbo", "openai-us", "failed"),
+                    ("pool", "openai/gpt-3.5-turbo", "openai-eu", "complete")]
+    assert [(r["key"], r["calls"], r["failed_calls"]) for r in report["by_target"]] == [("openai/gpt-3.5-turbo", 2, 1)]
+    assert sorted((r["key"], r["calls"], r["failed_calls"]) for r in report["by_deployment"]) == [
+        ("openai-eu", 1, 0), ("openai-us", 1, 1)]
+    clients = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes.get("router_middleware.deployment") for s in clients] == ["openai-us", "openai-us", "openai-eu"]
+    monkeypatch.setenv("COLUMNS", "160")
+    code = main(["report", "--ledger", url])
+    out = capsys.readouterr().out
+    assert code == 0 and "failed calls by target: openai/gpt-3.5-turbo 1 of 2" in out
+    assert "failed calls by deployment: openai-us 1 of 1" in out and "by deployment" in out
+
+
+def test_rows_written_before_the_deployment_column_have_none_and_no_deployment_ranking(tmp_path, capsys) -> None:
+    """A ledger of schema version 7 (no ``deployment``) gains the column; its rows have none, and a
+    report of calls sent to model ids alone has no deployment ranking (in JSON, tables and HTML)."""
+    import sqlite3
+
+    from router_middleware.cli.tables import print_report
+    from router_middleware.ledger import render_html
+
+    path = tmp_path / "v7.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[:7]:
+        raw.execute(statement)
+    raw.execute("INSERT INTO schema_version (version) VALUES (7)")
+    raw.execute("INSERT INTO calls (call_id, ts, source, requested_model, model, input_tokens, cached_tokens, "
+                "cache_write_tokens, output_tokens, reasoning_tokens, cache_hit, decisions, saved_routing_usd, "
+                "saved_context_usd, saved_cache_usd, saved_reasoning_usd, target) VALUES "
+                f"({', '.join(['?'] * 17)})",
+                ("old", 1.0, "live", "m", "m", 1, 0, 0, 1, 0, 0, "[]", 0.0, 0.0, 0.0, 0.0, "m"))
+    raw.close()
+    with contextlib.closing(open_ledger(str(path))) as db:
+        assert db.query("SELECT call_id, deployment FROM calls") == [("old", None)]
+        assert db.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
+        report = build_report(db)
+        db.insert([LedgerRecord(ts=2.0, model="gpt-4o-mini", requested_model="cheap", target="openai/gpt-4o-mini",
+                                deployment="cheap")])
+        named = build_report(db)
+    assert report["by_deployment"] == [] and "By deployment" not in render_html(report)
+    print_report(report)
+    assert "by deployment" not in capsys.readouterr().out
+    assert [(r["key"], r["calls"]) for r in named["by_deployment"]] == [("cheap", 1)]
+    assert "By deployment" in render_html(named)
+    print_report(named)
+    assert "by deployment" in capsys.readouterr().out

@@ -179,6 +179,7 @@ def test_anthropic_messages_are_counted_and_refused_before_they_are_sent_once_ov
     for row, usage in zip(rows, (PLAIN, STREAMED), strict=True):
         assert row["requested_model"] == "claude" and row["model"] == "claude-3-opus-20240229"
         assert row["target"] == "anthropic/claude-3-opus-20240229"  # sent as it came, to the deployment's model
+        assert row["deployment"] == "claude"  # under the proxy's model_name
         assert (row["input_tokens"], row["output_tokens"]) == (usage["input_tokens"], usage["output_tokens"])
         assert row["cost_usd"] > 0 and row["error"] is None and row["app"] == "coding-agent"
         assert json.loads(row["decisions"]) == ["routing:as-sent"]

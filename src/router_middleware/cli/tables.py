@@ -193,12 +193,13 @@ class _Name:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """The ledger report as rich tables: totals, then rankings by model, target, provider, app and session."""
+    """The ledger report as rich tables: totals, then rankings by model, target, deployment (where calls
+    had one), provider, app and session."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    from ..ledger.report import GROUPS, ends
+    from ..ledger.report import GROUPS, NAMED_ONLY, ends
 
     console = Console()
     totals = report["totals"]
@@ -209,16 +210,20 @@ def print_report(report: dict[str, Any]) -> None:
                f"response-cache hit rate {report['cache_hit_rate']:.1%}"]
     joined = ", ".join(phrases)  # too wide for the console: a phrase a line, never one cut in two
     console.print(joined if len(joined) <= console.width else ",\n".join(phrases), highlight=False)
-    if totals["failed_calls"]:  # by the model each was sent to, of the calls sent there
-        targets = [f"{r['key']} {r['failed_calls']:,} of {r['calls']:,}" for r in report["by_target"]
-                   if r["failed_calls"]]
-        console.print(f"[yellow]failed calls by target: {', '.join(targets)} "
-                      "(the ledger's error column says why)[/yellow]")
+    if totals["failed_calls"]:  # by the model each was sent to (and its deployment), of the calls sent there
+        for group in ("target", "deployment"):
+            failed = [f"{r['key']} {r['failed_calls']:,} of {r['calls']:,}" for r in report[f"by_{group}"]
+                      if r["failed_calls"]]
+            if failed:
+                console.print(f"[yellow]failed calls by {group}: {', '.join(failed)} "
+                              "(the ledger's error column says why)[/yellow]")
     if totals["unpriced_calls"]:
         models = [r["key"] for r in report["by_model"] if r["unpriced_calls"]]
         console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
                       "their cost is unknown and not in the sums above[/yellow]")
     for group in GROUPS:
+        if group in NAMED_ONLY and not report[f"by_{group}"]:
+            continue  # no call was sent under a deployment's name
         # numbers never wrap; a long name wraps in its own column (the only one that may) after a
         # '/', '-' or ':' (_Name), and no vertical rules, so the eight columns stay readable at 80
         # (a pipe, a CI log)

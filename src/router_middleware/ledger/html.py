@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from .report import GROUPS, ends, nice_max
+from .report import GROUPS, NAMED_ONLY, ends, nice_max
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -106,7 +106,8 @@ def render_html(report: dict[str, Any]) -> str:
                f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "
                f"${totals['baseline_cost_usd'] or 0:,.4f} without the middleware; response-cache hit rate "
                f"{report['cache_hit_rate']:.1%}.</p>")
-    tables = "".join(_table(report[f"by_{g}"], f"By {g}") for g in GROUPS)
+    tables = "".join(_table(report[f"by_{g}"], f"By {g}") for g in GROUPS
+                     if report[f"by_{g}"] or g not in NAMED_ONLY)
     # Raw JSON inside <script> (entities are not decoded there); "</" is escaped so no tag can close it.
     data = json.dumps(report, default=str).replace("</", "<\\/")
     return f"""<!doctype html>

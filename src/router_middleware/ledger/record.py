@@ -18,7 +18,7 @@ COLUMNS = (
     "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
     "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
     "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
-    "summary_cost_usd", "ended", "target",
+    "summary_cost_usd", "ended", "target", "deployment",
 )
 
 
@@ -63,6 +63,10 @@ class LedgerRecord:
     # the model the call was sent to, as its route names it (``requested_model`` after routing): the
     # provider's name of it is ``model`` once it answered (a dated snapshot, no litellm prefix)
     target: str | None = None
+    # the name the target was sent under, where it has one of its own: a deployment of the config, a
+    # ``model_name`` of the LiteLLM proxy, a ``models`` entry of the agent middleware (two deployments of
+    # one model share ``target`` and differ here); NULL for a model id called as itself
+    deployment: str | None = None
 
     def __post_init__(self) -> None:
         if self.ended not in ("complete", "stopped", "failed"):
@@ -105,7 +109,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
         error=type(error).__qualname__ if error is not None else None, ended=ending(error),
-        target=plan.model if plan else None,
+        target=plan.model if plan else None, deployment=plan.deployment if plan else None,
     )
 
 

@@ -22,8 +22,12 @@ SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", 
         "cost_usd", "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd",
         "saved_reasoning_usd", "summary_cost_usd", "cache_hit")
 # each ranking's key: the model that answered (or, where none did, the one the call was sent to), the
-# model the call was sent to as its route names it (a failed call is counted with the answered ones there)
-GROUPS = {"model": "model", "target": TARGET, "provider": "provider", "app": "app", "session": "session"}
+# model the call was sent to as its route names it (a failed call is counted with the answered ones there),
+# the deployment it was sent under (calls sent under a name of their own only: two deployments of one
+# model apart)
+GROUPS = {"model": "model", "target": TARGET, "deployment": "deployment", "provider": "provider", "app": "app",
+          "session": "session"}
+NAMED_ONLY = frozenset({"deployment"})  # rankings of the rows that have their key, not of a NULL group
 
 
 def _where(since: float | None, until: float | None) -> tuple[str, list[Any]]:
@@ -73,8 +77,9 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
     }
     for group, key in GROUPS.items():
         limit = f" LIMIT {int(top)}" if group == "session" else ""
+        named = (f"{' AND' if where else ' WHERE'} {key} IS NOT NULL") if group in NAMED_ONLY else ""
         rows = db.query(
-            f"SELECT {key}, COUNT(*), {select} FROM calls{where} GROUP BY {key} "
+            f"SELECT {key}, COUNT(*), {select} FROM calls{where}{named} GROUP BY {key} "
             f"ORDER BY SUM(cost_usd) DESC, {key}{limit}", params)
         report[f"by_{group}"] = [_row(("key", *names), r) for r in rows]
     report["timeline"] = _timeline(db, where, params)

@@ -51,6 +51,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 7: the model the call was sent to (its route's name). NULL in rows written before it, or by an
     # older version after it: read them through TARGET
     "ALTER TABLE calls ADD COLUMN target TEXT",
+    # 8: the name the target was sent under (a deployment, a proxy model_name). NULL for a model id called
+    # as itself, in rows written before it, and in rows an older version writes after it
+    "ALTER TABLE calls ADD COLUMN deployment TEXT",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"

@@ -80,6 +80,8 @@ def reasoning_level(plan: Plan) -> str | None:
 
 def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
     attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": plan.model}
+    if plan.deployment:  # the name the model was sent under (two deployments of one model apart)
+        attrs["router_middleware.deployment"] = plan.deployment
     if provider:
         attrs["gen_ai.provider.name"] = provider
     address = server_address(plan, provider)
