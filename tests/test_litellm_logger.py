@@ -1099,6 +1099,33 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert "routing:fallback" in failed["decisions"]
 
 
+def test_a_sync_call_with_litellm_fallbacks_gets_its_answer_s_row_when_litellm_delivers_its_event(
+        tmp_path, monkeypatch) -> None:
+    """``litellm.completion(fallbacks=[...])`` (sync: no hook, no lifecycle to follow its attempts) runs
+    its attempts as nested ``acompletion`` calls in an event loop of its own, which it closes on the
+    answer: the first model's failure is a row at once, but the answer's success event stays queued on
+    litellm's logging worker until an event loop runs it again (``aflush``, the next async call, the
+    interpreter's exit). Until then its row and its budget charge are missing (README says so)."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
+    try:
+        answer = litellm.completion(model="o4-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50,
+                                    mock_response=litellm.RateLimitError("x", "openai", "o4-mini"),
+                                    fallbacks=[{"model": "gpt-4o", "mock_response": "ok"}])
+        time.sleep(0.5)  # litellm's executor threads have run the sync events
+        before = _ledger(logger)
+        asyncio.run(logger.aflush())  # an event loop: litellm's worker runs what it queued
+        after = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert answer.choices[0].message.content == "ok"
+    assert [(r["error"], r["requested_model"], r["model"]) for r in before] == [("RateLimitError", "o4-mini", "o4-mini")]
+    assert [(r["error"], r["requested_model"], r["model"]) for r in after] == [
+        ("RateLimitError", "o4-mini", "o4-mini"), (None, "gpt-4o", answer.model)]
+
+
 def test_a_litellm_fallback_over_its_quota_is_followed_as_litellm_calls_it(tmp_path, monkeypatch) -> None:
     """litellm calls its fallbacks whatever the router's quotas say: a fallback whose rpm is used up is
     still the attempt litellm makes (logged ``route_not_enforced``), not skipped for a model litellm
