@@ -56,16 +56,32 @@ def test_trivial_histories_pass_unchanged(policy, messages) -> None:
     assert policy(plan, STATE).messages == plan.messages
 
 
+def with_reminders(history: list[dict], role: str) -> list[dict]:
+    """``history`` with a ``role`` message (system or developer: neither answers nor closes a tool
+    turn) right after each assistant tool turn, before its results, as some agents send reminders."""
+    out: list[dict] = []
+    for message in history:
+        out.append(message)
+        if message.get("tool_calls"):
+            out.append({"role": role, "content": "Reminder: run the tests before you finish."})
+    return out
+
+
+@pytest.mark.parametrize("reminders", [None, "developer", "system"])
 @pytest.mark.parametrize("parallel", [1, 3])
 @pytest.mark.parametrize("policy", [
     ClearToolOutputs(keep_last=2, chunk=1), ClearToolOutputs(keep_last=0, chunk=5000, clear_inputs=True),
     Window(budget_tokens=3000, max_payback_calls=None), Window(watermark_tokens=2500, max_payback_calls=None),
     MiddleOut(budget_tokens=3000), MiddleOut(max_messages=9),
 ], ids=lambda p: type(p).__name__)
-def test_strategies_never_break_tool_pairs(policy, parallel) -> None:
+def test_strategies_never_break_tool_pairs(policy, parallel, reminders) -> None:
+    """Also with a system or developer message between a tool turn and its results (the validator
+    takes it): the window and middle-out dropped such a turn's results apart from it."""
     history = agent_history(12, size=60, parallel=parallel)
+    if reminders:
+        history = with_reminders(history, reminders)
     for end in range(3, len(history) + 1):
-        if history[end - 1]["role"] == "assistant":
+        if history[end - 1]["role"] == "assistant" or history[end - 2].get("tool_calls"):
             continue  # a request ends after the tool results, never between a call and them
         planned = policy(plan_for(history[:end]), STATE).messages
         assert integrity_violations(planned) == [], (type(policy).__name__, end)
@@ -258,6 +274,10 @@ def test_blocks_group_calls_with_their_results() -> None:
     history = agent_history(2, parallel=2)
     assert head_length(history) == 2
     assert blocks(history, 2) == [(2, 5), (5, 8)]
+    reminded = with_reminders(history, "developer")  # a reminder before the results: in the block
+    assert blocks(reminded, 2) == [(2, 6), (6, 10)]
+    after = [*history, {"role": "developer", "content": "all answered"}]  # after them: a block of its own
+    assert blocks(after, 2) == [(2, 5), (5, 8), (8, 9)]
 
 
 def test_summary_is_written_once_and_reused(monkeypatch) -> None:

@@ -1,7 +1,8 @@
 """The shape of a chat history: its protected head, tool results and observations, and atomic blocks.
 
 A *block* is the smallest run of messages that can be dropped without breaking the protocol: an
-assistant turn with tool calls together with its tool results, or any single other message. Dropping
+assistant turn with tool calls together with its tool results (and any system or developer message
+sent before the last of them), or any single other message. Dropping
 whole blocks never orphans a tool result or leaves a call unanswered.
 """
 
@@ -12,6 +13,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from operator import itemgetter
 
+from ..messages import SIDE_ROLES
 from ..tokens import Profile
 from ..types import Message
 
@@ -73,17 +75,24 @@ def blocks(messages: Sequence[Message], start: int, profile: Profile | None = No
 
 
 def _blocks(messages: Sequence[Message], start: int) -> list[tuple[int, int]]:
+    """A tool turn's block holds its results, and a system or developer message sent before all of
+    them came (such a message neither answers nor closes the turn: see ``messages.SIDE_ROLES``)."""
     out: list[tuple[int, int]] = []
     begin = start
     calls = False  # the block being read is an assistant turn with tool calls
+    open_ids: set[str] = set()  # the ids of its calls no result has answered yet
     for i, message in enumerate(messages[start:], start):
         role = message.get("role")
         if calls and role == "tool":
+            open_ids.discard(str(message.get("tool_call_id")))
+            continue
+        if calls and open_ids and role in SIDE_ROLES and not message.get("tool_calls"):
             continue
         if i > begin:
             out.append((begin, i))
         begin = i
         calls = role == "assistant" and bool(message.get("tool_calls"))
+        open_ids = {str(c.get("id")) for c in message.get("tool_calls") or () if isinstance(c, dict)}
     if begin < len(messages):
         out.append((begin, len(messages)))
     return out
