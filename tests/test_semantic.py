@@ -63,6 +63,26 @@ def test_scope_tenant_and_history(pipeline) -> None:
     assert outcome(other_history).usage.source != "cache"
 
 
+def test_a_question_about_another_image_or_file_is_no_hit(pipeline) -> None:
+    """The same words about another image (a URL, inline data) or file are another question: only a
+    turn holding the same attachments may be served by meaning; its paraphrase still is."""
+    tenant = uuid.uuid4().hex
+
+    def about(text: str, part: dict) -> str:
+        answer = pipeline.completion(model="gpt-4o-mini", temperature=0, mock_response=f"about {part}",
+                                     context={"app": "sem", "tenant": tenant},
+                                     messages=[{"role": "user", "content": [{"type": "text", "text": text}, part]}])
+        return outcome(answer).usage.source
+
+    cat = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    others = [{"type": "image_url", "image_url": {"url": "https://example.com/dog.png"}},
+              {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"}},
+              {"type": "file", "file": {"file_id": "file-abc123"}}]
+    assert about(QUESTION, cat) != "cache"
+    assert [about(QUESTION, part) for part in others] == ["estimated"] * 3
+    assert about(PARAPHRASE, cat) == "cache"
+
+
 def test_unrelated_question_misses(pipeline) -> None:
     tenant = uuid.uuid4().hex
     ask(pipeline, QUESTION, tenant=tenant)

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -148,12 +148,26 @@ def last_user_text(plan: Plan) -> str | None:
     return text_of(plan.messages[-1])
 
 
+def _attached(message: Mapping[str, Any]) -> list[Any]:
+    """What a turn holds besides its text, which only an exact match may share: its content parts that
+    are not text (an image, a file, audio)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [part for part in content if not (isinstance(part, Mapping) and part.get("type") == "text")]
+
+
 def scope_of(plan: Plan) -> str:
-    material = {
+    """The scope a turn is matched within: the model, the history before it, the parameters, and what
+    the turn holds besides its text (two questions alike in words about two images never match)."""
+    material: dict[str, Any] = {
         "model": plan.model,
         "before": [dict(m) for m in plan.messages[:-1]],
         "params": keyed_params(plan.params),
     }
+    attached = _attached(plan.messages[-1]) if plan.messages else []
+    if attached:  # a turn of text alone keeps the scope it had before attachments were part of it
+        material["attached"] = attached
     blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=str)
     return f"{namespace(plan)}:sem:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
