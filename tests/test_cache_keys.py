@@ -50,6 +50,29 @@ def test_every_parameter_that_can_change_the_answer_is_in_the_key(store, params,
     assert len(seen) == 2  # the same request again: a hit
 
 
+def test_a_pydantic_response_format_is_keyed_by_its_schema(store, monkeypatch) -> None:
+    """Two versions of one class name (a field added between deploys, or two modules' ``Person``) are
+    two requests: keyed by the class's name alone, the second was served the first's JSON, which fails
+    its own schema. The same class again is a hit."""
+    from pydantic import BaseModel
+
+    class Person(BaseModel):
+        name: str
+
+    first = Person
+
+    class Person(BaseModel):  # type: ignore[no-redef]  # the schema changed: age is required too
+        name: str
+        age: int
+
+    seen = _provider_calls(monkeypatch)
+    pipeline = Pipeline.from_config({"store": store, "app": f"p-{uuid.uuid4().hex[:8]}"})
+    for response_format in (first, Person, Person):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response='{"name": "Ada"}',
+                            response_format=response_format)
+    assert [call["response_format"] for call in seen] == [first, Person]
+
+
 def test_harmless_parameters_still_hit(store, monkeypatch) -> None:
     seen = _provider_calls(monkeypatch)
     pipeline = Pipeline.from_config({"store": store, "app": f"h-{uuid.uuid4().hex[:8]}"})

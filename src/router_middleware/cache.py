@@ -13,6 +13,7 @@ that fails degrades to a miss with a warning; it never fails the call.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +34,24 @@ UNKEYED_PARAMS = frozenset({
     "prompt_cache_key", "litellm_call_id", "litellm_logging_obj", "caching", "no-log", "fallbacks",
     "mock_response", "drop_params",
 })
+
+
+def key_material(value: Any) -> Any:
+    """How a value JSON cannot write enters a key (``json.dumps(default=...)``): a pydantic model class
+    (a ``response_format``) as its JSON schema, so a field added or changed is another request; any
+    other object as its ``str``."""
+    if isinstance(value, type) and callable(getattr(value, "model_json_schema", None)):
+        name = f"{value.__module__}.{value.__qualname__}"
+        try:
+            return {"model": name, "schema": _schema(value)}
+        except Exception:  # noqa: BLE001 - a schema pydantic cannot write: keyed by the class's name
+            return {"model": name}
+    return str(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema(model: type) -> Any:
+    return model.model_json_schema()  # type: ignore[attr-defined]
 
 
 def keyed_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,7 +80,7 @@ def request_key(plan: Plan) -> str:
         "messages": [dict(m) for m in plan.messages],
         "params": keyed_params(plan.params),
     }
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=str)
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=key_material)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

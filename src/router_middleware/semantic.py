@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .cache import keyed_params, namespace
+from .cache import key_material, keyed_params, namespace
 from .messages import text_of
 from .stores import Store
 from .telemetry import log
@@ -168,7 +168,7 @@ def scope_of(plan: Plan) -> str:
     attached = _attached(plan.messages[-1]) if plan.messages else []
     if attached:  # a turn of text alone keeps the scope it had before attachments were part of it
         material["attached"] = attached
-    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=str)
+    blob = json.dumps(material, sort_keys=True, ensure_ascii=True, default=key_material)
     return f"{namespace(plan)}:sem:{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
