@@ -117,6 +117,32 @@ def test_a_replayed_stream_s_usage_is_shaped_like_a_live_one() -> None:
     assert type(replayed[-1]) is type(live[-1]) and replayed[-1].prompt_tokens == live[-1].prompt_tokens > 0
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_streamed_hit_of_several_choices_streams_each(mode) -> None:
+    """A cached answer of ``n=2`` (a call opted in: the default policy caches no ``n > 1``) streamed from
+    the cache gives both choices, each under its index with its finish reason, as the plain hit does;
+    only the first was streamed."""
+    import asyncio
+
+    answer = litellm.ModelResponse(model="gpt-4o-mini", usage={"prompt_tokens": 5, "completion_tokens": 4,
+                                                               "total_tokens": 9},
+                                   choices=[{"index": i, "message": {"role": "assistant", "content": f"answer {i}"},
+                                             "finish_reason": ("stop", "length")[i]} for i in range(2)])
+    pipeline = Pipeline.from_config({})
+    kwargs = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"two {mode}"}], "n": 2,
+              "context": {"cache": True}}
+    pipeline.completion(**kwargs, mock_response=answer)
+
+    async def chunks() -> list:
+        return [c async for c in await pipeline.acompletion(**kwargs, stream=True, mock_response="x")]
+
+    streamed = list(pipeline.completion(**kwargs, stream=True, mock_response="x")) if mode == "sync" \
+        else asyncio.run(chunks())
+    built = litellm.stream_chunk_builder(streamed)
+    assert [(c.index, c.message.content, c.finish_reason) for c in built.choices] == [
+        (0, "answer 0", "stop"), (1, "answer 1", "length")]
+
+
 async def test_async_hit() -> None:
     pipeline = Pipeline.from_config({})
     await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")

@@ -205,21 +205,25 @@ def rebuild_response(data: dict[str, Any]) -> Any:
 
 
 def replay_chunks(data: dict[str, Any]) -> list[Any]:
-    """The stored response as stream chunks: role and content, tool calls, finish, then usage."""
+    """The stored response as stream chunks: each choice's role and content and tool calls, each
+    choice's finish (under its own ``index``, as a live stream of ``n`` choices has them), then usage."""
     from litellm.types.utils import ModelResponseStream, Usage
 
     chunk: Any = ModelResponseStream  # litellm's constructor types are stricter than what it accepts
-    choice = (data.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    choices = data.get("choices") or [{}]
     base: dict[str, Any] = {"id": data.get("id"), "created": data.get("created"), "model": data.get("model"),
                             "object": "chat.completion.chunk"}
     chunks = []
-    delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-    if message.get("tool_calls"):
-        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
-    chunks.append(chunk(**base, choices=[{"index": 0, "delta": delta}]))
-    finish = choice.get("finish_reason") or "stop"
-    chunks.append(chunk(**base, choices=[{"index": 0, "delta": {}, "finish_reason": finish}]))
+    for number, choice in enumerate(choices):
+        message = choice.get("message") or {}
+        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("tool_calls"):
+            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message["tool_calls"])]
+        chunks.append(chunk(**base, choices=[{"index": choice.get("index", number), "delta": delta}]))
+    for number, choice in enumerate(choices):
+        finish = choice.get("finish_reason") or "stop"
+        chunks.append(chunk(**base, choices=[{"index": choice.get("index", number), "delta": {},
+                                              "finish_reason": finish}]))
     final = chunk(**base, choices=[])
     usage = data.get("usage")
     final.usage = Usage(**usage) if isinstance(usage, dict) else usage  # litellm's Usage, as a live stream has
