@@ -308,40 +308,71 @@ def test_two_deployments_of_one_model_are_told_apart_in_rows_report_and_spans(tm
                                                                               monkeypatch) -> None:
     """Two deployments of ``openai/gpt-3.5-turbo`` (one region down, refusing connections; one answering
     with the recorded reply): their rows share ``target`` and name the deployment each call was sent
-    under, the report ranks and counts failures by deployment, and each attempt's span names its own."""
+    under, the report ranks and counts failures by deployment, and each attempt's span names its own.
+    A call to a model id as itself names none, nor does a response-cache hit (sent nowhere)."""
+    import socket
+
     from opentelemetry.trace import SpanKind
 
-    from .conftest import _free_port
     from .fault_server import fault_server
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    with fault_server() as (base, _):
+    with fault_server() as (base, _), socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # bound, never listening: connections to it are refused, and no one takes it
         deployments = {"openai-eu": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"},
                        "openai-us": {"model": "openai/gpt-3.5-turbo",
-                                     "api_base": f"http://127.0.0.1:{_free_port()}/v1"}}  # nothing listens
-        p = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url},
-                                  "routing": {"deployments": deployments, "aliases": {"pool": ["openai-us", "openai-eu"]},
+                                     "api_base": f"http://127.0.0.1:{down.getsockname()[1]}/v1"}}
+        p = Pipeline.from_config({"ledger": {"url": url},
+                                  "routing": {"deployments": deployments,
+                                              "aliases": {"pool": ["openai-us", "openai-eu"], "plain": ["gpt-4o-mini"]},
                                               "fallback": {"backoff_s": 0.0, "max_backoff_s": 0.0}}})
         with pytest.raises(litellm.exceptions.InternalServerError, match="Connection error"):  # litellm's name
-            p.completion(model="openai-us", messages=MESSAGES, max_retries=0)
-        assert p.completion(model="pool", messages=MESSAGES).choices[0].message.content
+            p.completion(model="openai-us", messages=MESSAGES, max_retries=0, context={"cache": False})
+        for _ in range(2):  # the second is a hit of the first's answer
+            assert p.completion(model="pool", messages=MESSAGES, temperature=0).choices[0].message.content
+        p.completion(model="plain", messages=MESSAGES, mock_response="ok", context={"cache": False})
         p.close()
     with contextlib.closing(open_ledger(url)) as db:
-        rows = db.query("SELECT requested_model, target, deployment, ended FROM calls ORDER BY ts")
-        report = build_report(db)
-    assert rows == [("openai-us", "openai/gpt-3.5-turbo", "openai-us", "failed"),
-                    ("pool", "openai/gpt-3.5-turbo", "openai-eu", "complete")]
-    assert [(r["key"], r["calls"], r["failed_calls"]) for r in report["by_target"]] == [("openai/gpt-3.5-turbo", 2, 1)]
-    assert sorted((r["key"], r["calls"], r["failed_calls"]) for r in report["by_deployment"]) == [
-        ("openai-eu", 1, 0), ("openai-us", 1, 1)]
+        rows = db.query("SELECT requested_model, target, deployment, ended, cache_hit FROM calls ORDER BY ts")
+        report, ranged = build_report(db), build_report(db, since=0.0, until=time.time() + 60)
+    assert rows == [("openai-us", "openai/gpt-3.5-turbo", "openai-us", "failed", 0),
+                    ("pool", "openai/gpt-3.5-turbo", "openai-eu", "complete", 0),
+                    ("pool", "openai/gpt-3.5-turbo", None, "complete", 1),
+                    ("plain", "gpt-4o-mini", None, "complete", 0)]
+    assert [(r["key"], r["calls"], r["failed_calls"]) for r in report["by_target"]
+            if r["key"] != "gpt-4o-mini"] == [("openai/gpt-3.5-turbo", 3, 1)]
+    for each in (report, ranged):  # calls sent under a name of their own only, with a time range too
+        assert sorted((r["key"], r["calls"], r["failed_calls"]) for r in each["by_deployment"]) == [
+            ("openai-eu", 1, 0), ("openai-us", 1, 1)]
     clients = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert [s.attributes.get("router_middleware.deployment") for s in clients] == ["openai-us", "openai-us", "openai-eu"]
+    assert [s.attributes.get("router_middleware.deployment") for s in clients] == [
+        "openai-us", "openai-us", "openai-eu", None]
     monkeypatch.setenv("COLUMNS", "160")
     code = main(["report", "--ledger", url])
-    out = capsys.readouterr().out
-    assert code == 0 and "failed calls by target: openai/gpt-3.5-turbo 1 of 2" in out
-    assert "failed calls by deployment: openai-us 1 of 1" in out and "by deployment" in out
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and "failed calls by target: openai/gpt-3.5-turbo 1 of 3 (the ledger's error column says why)" in lines
+    assert "failed calls by deployment: openai-us 1 of 1 (the ledger's error column says why)" in lines
+    assert "by deployment" in lines  # the ranking's table
+
+
+def test_an_alias_target_that_is_a_deployment_named_as_its_model_is_sent_there(tmp_path, monkeypatch) -> None:
+    """A deployment may be named as the model it serves: reached through an alias it is still the
+    deployment (its endpoint, its name in the row), as when it is called by its name."""
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    model = "openai/gpt-3.5-turbo"
+    with fault_server() as (base, seen):
+        p = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}, "routing": {
+            "deployments": {model: {"model": model, "api_base": f"{base}/healthy/v1"}}, "aliases": {"pool": [model]}}})
+        for name in (model, "pool"):
+            assert p.completion(model=name, messages=MESSAGES).choices[0].message.content
+        p.close()
+    assert seen["healthy:ok"] == 2
+    with contextlib.closing(open_ledger(url)) as db:
+        assert db.query("SELECT requested_model, deployment FROM calls ORDER BY ts") == [(model, model), ("pool", model)]
 
 
 def test_rows_written_before_the_deployment_column_have_none_and_no_deployment_ranking(tmp_path, capsys) -> None:

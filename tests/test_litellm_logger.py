@@ -1126,6 +1126,48 @@ def test_a_sync_call_with_litellm_fallbacks_gets_its_answer_s_row_when_litellm_d
         ("RateLimitError", "o4-mini", "o4-mini"), (None, "gpt-4o", answer.model)]
 
 
+def test_the_sdk_hook_routes_to_no_deployment_with_an_endpoint_of_its_own(tmp_path, monkeypatch) -> None:
+    """In the SDK litellm has chosen the call's endpoint before the hook runs, and the hook changes the
+    model only: a soft budget's downgrade to an alias whose one target is a deployment with its own
+    ``api_base`` is not routed there (its row and span would name a deployment the call never
+    reached); the call goes as it came, counted, and says so."""
+    import socket
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(wire.drain_callbacks())
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    with fault_server() as (base, seen), socket.socket() as down:
+        down.bind(("127.0.0.1", 0))  # never listening: what was sent there would be refused
+        logger = RouterLogger(Pipeline.from_config({
+            "app": "a", "cache": {"enabled": False}, "ledger": {"url": url}, "routing": {
+                "deployments": {"us": {"model": "openai/gpt-3.5-turbo",
+                                       "api_base": f"http://127.0.0.1:{down.getsockname()[1]}/v1"}},
+                "aliases": {"cheap": ["us"]},
+                "budgets": [{"name": "b", "scope": "global", "usd": 0.01, "soft": 0.0001, "downgrade_to": "cheap"}]}})
+        ).register()
+
+        async def run() -> list[str]:
+            answers = []
+            for i in range(2):  # the second call is past the soft limit
+                answer = await litellm.acompletion(model="openai/gpt-4o", api_base=f"{base}/healthy/v1",
+                                                   messages=[{"role": "user", "content": f"hi {i}"}])
+                answers.append(answer.model)
+            await logger.aflush()
+            return answers
+
+        try:
+            with structlog.testing.capture_logs() as logs:
+                answers = asyncio.run(run())
+            rows = _ledger(logger, ("requested_model", "deployment", "error"))
+        finally:
+            logger.unregister()
+    assert seen["healthy:ok"] == 2 and len(answers) == 2
+    assert rows == [{"requested_model": "openai/gpt-4o", "deployment": None, "error": None}] * 2
+    assert any(e["event"] == "route_not_enforced" and "its endpoint" in e["error"] for e in logs)
+
+
 def test_a_litellm_fallback_over_its_quota_is_followed_as_litellm_calls_it(tmp_path, monkeypatch) -> None:
     """litellm calls its fallbacks whatever the router's quotas say: a fallback whose rpm is used up is
     still the attempt litellm makes (logged ``route_not_enforced``), not skipped for a model litellm

@@ -348,6 +348,11 @@ class Deployment(_Strict):
     api_key_env: str | None = None
     timeout_s: float | None = Field(default=None, gt=0)
 
+    @property
+    def own_endpoint(self) -> bool:
+        """Whether calls to it go to an endpoint or with a key of its own (not the caller's)."""
+        return bool(self.api_base or self.api_key_env)
+
 
 class AffinityConfig(_Strict):
     """A session (``session_id``) routed through tiers stays on the target holding its prompt cache

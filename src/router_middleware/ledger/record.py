@@ -65,7 +65,8 @@ class LedgerRecord:
     target: str | None = None
     # the name the target was sent under, where it has one of its own: a deployment of the config, a
     # ``model_name`` of the LiteLLM proxy, a ``models`` entry of the agent middleware (two deployments of
-    # one model share ``target`` and differ here); NULL for a model id called as itself
+    # one model share ``target`` and differ here); NULL for a model id called as itself and for a
+    # response-cache hit (sent nowhere)
     deployment: str | None = None
 
     def __post_init__(self) -> None:
@@ -109,7 +110,8 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
         error=type(error).__qualname__ if error is not None else None, ended=ending(error),
-        target=plan.model if plan else None, deployment=plan.deployment if plan else None,
+        target=plan.model if plan else None,
+        deployment=plan.deployment if plan and usage.source != "cache" else None,  # a hit went nowhere
     )
 
 

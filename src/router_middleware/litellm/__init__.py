@@ -16,7 +16,8 @@ In the SDK, litellm lets one hook rewrite a request, ``async_pre_call_deployment
 it on the async path only (``litellm.acompletion``), after it has chosen the provider. There the
 hook drives the same lifecycle with a single attempt (litellm retries on its own): context and
 reasoning policies, routing among the targets served by the provider litellm chose (the others are
-skipped, the decision saying so), quotas, and budgets, so a call over a budget is refused with
+skipped, the decision saying so, and so are deployments with an endpoint or key of their own), quotas,
+and budgets, so a call over a budget is refused with
 ``BudgetExceeded`` before it is sent (unless litellm would retry it without its hooks, or it is a
 ``litellm.Router``'s, whose router would cool its deployments down: then it is counted, not
 refused); the success or failure event settles it. With ``fallbacks=`` (models, not names of the

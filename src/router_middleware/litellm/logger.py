@@ -268,12 +268,14 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
                              _context(kwargs))
+            deployments = routing.deployments
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False, follow=follow,
                                      usable=lambda target: target in follow
-                                     or engine.catalog.provider(engine.model_of(target)) == provider,
-                                     unusable=f"litellm already chose provider {provider} for this call"
-                                     if provider is not None else "litellm's SDK calls the name it is given: an "
-                                     "alias routes through Pipeline.acompletion or the proxy")
+                                     or engine.catalog.provider(engine.model_of(target)) == provider
+                                     and not (target in deployments and deployments[target].own_endpoint),
+                                     unusable=f"litellm already chose provider {provider} and its endpoint for "
+                                     "this call" if provider is not None else "litellm's SDK calls the name it is "
+                                     "given: an alias routes through Pipeline.acompletion or the proxy")
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook

@@ -95,7 +95,8 @@ class _ProxyHooks(_Core):
         model = engine.model_of(requested) if in_config else _proxy_model(requested) or requested
         labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
         call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
-        plan = Plan.from_call(call).override(model=model, deployment=requested)
+        plan = Plan.from_call(call).override(model=model, deployment=requested if in_config or model != requested
+                                             else None)  # a model_name spelled as its model: as Engine.serve does
         reason = (f"{endpoint}: sent as it came to {requested!r} (routing, context and reasoning policies apply "
                   "to chat completions only); admitted against its quotas and the budgets")
         return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint}))

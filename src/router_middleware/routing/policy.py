@@ -176,7 +176,8 @@ class RoutingPolicy:
                               good_steps=session.escalation.good)
         model = self._model(chosen, state)
         plan = plan.decide(Decision(self.name, "route", reason, attributes), model=model,
-                           deployment=chosen if model != chosen else None, fallbacks=tuple(ranked[1:]))
+                           deployment=chosen if model != chosen or chosen in self.config.deployments else None,
+                           fallbacks=tuple(ranked[1:]))
         return plan.decide(kept) if kept is not None else plan
 
     def _session(self, plan: Plan, state: PolicyState, free: int) -> Session:
