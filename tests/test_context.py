@@ -270,6 +270,27 @@ def test_real_session_random_budgets_keep_integrity(agent_session_paths) -> None
             assert integrity_violations(policy(plan_for(request), STATE).messages) == []
 
 
+INSTRUCTION = {"role": "user", "content": "NEW INSTRUCTION: also update the docs in docs/index.md"}
+
+
+def test_the_user_s_latest_words_outlive_a_cut_of_the_turns_after_them() -> None:
+    """The task changed midway ("also update the docs") and the agent worked on for many turns: a
+    window that drops the span holding those words keeps them in its digest, and middle-out drops
+    them last (before the last turn only; a hard limit still takes them when nothing else is left)."""
+    history = [*agent_history(30, size=60), INSTRUCTION]
+    for i in range(30, 60):
+        history += tool_turn(i, size=60)
+    window = Window(watermark_tokens=2500, max_payback_calls=None)(plan_for(history), STATE)
+    assert INSTRUCTION not in window.messages and "[DIGEST]" not in str(window.messages)
+    assert "the user's latest words in them: NEW INSTRUCTION: also update the docs in docs/index.md" in \
+        window.messages[2]["content"]
+    middle = MiddleOut(budget_tokens=3000)(plan_for(history), STATE)
+    assert INSTRUCTION in middle.messages and integrity_violations(middle.messages) == []
+    assert len(middle.messages) < len(history) / 2  # the middle dropped around them
+    tight = MiddleOut(max_messages=4)(plan_for(history), STATE)  # room for the head and the last turn only
+    assert INSTRUCTION not in tight.messages and list(tight.messages) == [*history[:2], *history[-2:]]
+
+
 def test_blocks_group_calls_with_their_results() -> None:
     history = agent_history(2, parallel=2)
     assert head_length(history) == 2

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from ..messages import text_of
 from ..types import Message
 from .extract import names, paths, questions
+from .structure import last_instruction
 
 
 def _recent_paths(text: str, limit: int) -> str:
@@ -31,7 +32,8 @@ def cleared_placeholder(text: str, *, tokens: int, max_paths: int = 40) -> str:
 
 
 def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120, max_paths: int = 40) -> str:
-    """A digest of a dropped span of the conversation."""
+    """A digest of a dropped span of the conversation; an agent's keeps the user's latest words in it
+    (cut to ``max_paths`` x 25 characters)."""
     text = "\n".join(text_of(m) for m in messages)
     parts = [f"[{len(messages)} earlier messages omitted to save context. Digest:"]
     if chat:
@@ -45,4 +47,9 @@ def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120
     else:
         if shown := _recent_paths(text, max_paths):
             parts.append("files mentioned, most recent last: " + shown)
+        said = last_instruction(messages, 0)
+        if said is not None:  # the task may have changed in the span: its latest words are kept
+            words = " ".join(text_of(messages[said]).split())
+            cut = max_paths * 25
+            parts.append("the user's latest words in them: " + (words if len(words) <= cut else words[:cut] + " ..."))
     return "\n".join(parts) + "]"

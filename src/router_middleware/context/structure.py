@@ -38,6 +38,15 @@ def is_observation(messages: Sequence[Message], index: int, head: int) -> bool:
     return isinstance(content, str) and OBSERVATION.match(content) is not None
 
 
+def last_instruction(messages: Sequence[Message], head: int) -> int | None:
+    """Index of the user's latest words after the head (a user message that is no observation), if any:
+    what an agent is working on once the task changed midway ("also update the docs")."""
+    for i in range(len(messages) - 1, head - 1, -1):
+        if messages[i].get("role") == "user" and not is_observation(messages, i, head):
+            return i
+    return None
+
+
 def result_indices(messages: Sequence[Message], head: int) -> list[int]:
     """Indices of tool results and observation messages after the head, oldest first."""
     return [

@@ -17,7 +17,7 @@ from ..policies import PolicyState
 from ..tokens import REQUEST_OVERHEAD, message_key
 from ..types import Decision, Message, Plan, SummaryJob
 from .digest import span_digest
-from .structure import blocks, head_length
+from .structure import blocks, head_length, last_instruction
 
 SUMMARY_MARKER = "[Summary of"
 
@@ -227,8 +227,13 @@ class MiddleOut:
             over_count = self.max_messages is not None and count > self.max_messages
             return over_tokens or over_count
 
+        said = last_instruction(messages, head)
+        pinned = next((i for i, (b, e) in enumerate(units) if b <= said < e), None) if said is not None else None
         while too_big() and len(keep) > 1:
-            victim = keep.pop((len(keep) - 1) // 2)
+            at = (len(keep) - 1) // 2
+            if keep[at] == pinned and len(keep) > 2:  # the user's latest words go last (before the last turn)
+                at = at - 1 if at > 0 else at + 1
+            victim = keep.pop(at)
             total -= sizes[victim]
             count -= units[victim][1] - units[victim][0]
         limits = " and ".join([*([f"{budget} tokens"] if budget is not None else []),
