@@ -143,6 +143,35 @@ def test_a_streamed_hit_of_several_choices_streams_each(mode) -> None:
         (0, "answer 0", "stop"), (1, "answer 1", "length")]
 
 
+def test_a_hit_of_a_trimmed_request_keeps_its_context_saving_and_adds_the_call_it_spared(tmp_path,
+                                                                                        span_exporter) -> None:
+    """The window trims a long agent history and the answer is cached; the identical request again is
+    a hit. Its row saves what the trim did (as the miss's row) plus what the trimmed call cost, so both
+    rows have the same baseline (the untrimmed call): the hit's row had lost the trim's saving."""
+    import contextlib
+
+    from router_middleware.ledger import open_ledger
+
+    from .test_context import agent_history
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}})
+    history = agent_history(60, size=100)
+    for _ in range(2):
+        pipeline.completion(model="gpt-4o-mini", messages=history, temperature=0, mock_response="ok")
+    pipeline.close()
+    with contextlib.closing(open_ledger(url)) as db:
+        miss, hit = db.query("SELECT cache_hit, cost_usd, saved_context_usd, saved_cache_usd, baseline_cost_usd, "
+                             "decisions FROM calls ORDER BY ts")
+    assert miss[0] == 0 and hit[0] == 1 and "window:trim" in miss[5] and miss[2] > 0
+    assert hit[1] == 0 and hit[2] == pytest.approx(miss[2]) and hit[3] == pytest.approx(miss[1])
+    assert hit[4] == pytest.approx(miss[4])
+    route = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL][-1]
+    assert route.attributes["router_middleware.savings.estimated_usd"] == pytest.approx(miss[2] + miss[1])
+    assert route.attributes["router_middleware.context.tokens_before"] > route.attributes[
+        "router_middleware.context.tokens_after"]
+
+
 async def test_async_hit() -> None:
     pipeline = Pipeline.from_config({})
     await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")

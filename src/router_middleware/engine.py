@@ -167,11 +167,8 @@ class Engine:
         """The first attempt's plan with the context saving estimated (the tokens the policies kept
         out, counted only when they changed the messages), and the call's trace (with the
         ``side_calls`` made for it)."""
-        before = after = 0
-        if plan.messages != plan.call.messages:
-            session = plan.call.context.session_id
-            before = self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session)
-            after = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session)
+        before, after = self.trimmed(plan)
+        if before or after:
             plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after))
         return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after,
                                      side_calls=side_calls)
@@ -247,6 +244,14 @@ class Engine:
     def estimate_usd(self, plan: Plan, tokens: int, output: int) -> float:
         """The cost of ``tokens`` in and ``output`` out on the plan's model (0 when it has no price)."""
         return price(Usage(tokens, output), self.catalog.resolve(plan.model)).total_usd or 0.0
+
+    def trimmed(self, plan: Plan) -> tuple[int, int]:
+        """The tokens of the call's messages and of the plan's, where the policies changed them; else 0, 0."""
+        if plan.messages == plan.call.messages:
+            return 0, 0
+        session = plan.call.context.session_id
+        return (self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session),
+                self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session))
 
     def saving(self, model: str, tokens: int) -> float:
         """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""

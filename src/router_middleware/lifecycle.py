@@ -413,9 +413,11 @@ class CallLifecycle:
             plan = plan.decide(Decision("cache", "error", f"{error}; treated as a miss"))
         if entry is None:
             return None, plan
-        plan = plan.override(estimated_savings_usd=entry.cost_usd or 0.0)
-        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0, attempt=False,
-                                side_calls=self.side_calls)
+        before, after = engine.trimmed(plan)  # what the policies kept out is saved as on a miss, the rest by the hit
+        cached = entry.cost_usd or 0.0
+        plan = plan.override(estimated_savings_usd=engine.saving(plan.model, before - after) + cached)
+        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after,
+                                attempt=False, side_calls=self.side_calls)
         trace.cache_similarity = entry.similarity
         started = time.perf_counter()
 
@@ -426,7 +428,7 @@ class CallLifecycle:
                                    latency_s=time.perf_counter() - begun,
                                    time_to_first_token_s=(first - begun) if first is not None else None)
             trace.end(result, response, error)
-            self.books.record(result, error=error)
+            self.books.record(result, error=error, cached_usd=cached)
             return result
 
         if plan.params.get("stream"):

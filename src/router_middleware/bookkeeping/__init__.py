@@ -532,14 +532,15 @@ class Bookkeeper:
 
     # -- the ledger ------------------------------------------------------------------------------
 
-    def record(self, outcome: Outcome, *, error: BaseException | None = None) -> None:
-        """Queue the call's ledger row (written on a background thread)."""
+    def record(self, outcome: Outcome, *, error: BaseException | None = None, cached_usd: float | None = None) -> None:
+        """Queue the call's ledger row (written on a background thread). A response-cache hit saved
+        ``cached_usd`` (what the call it answers for cost; unknown: all its plan's saving), the rest
+        of its plan's saving is the context policies'."""
         if self.ledger is None:
             return
         saved = outcome.plan.estimated_savings_usd if outcome.plan else 0.0
-        hit = outcome.usage.source == "cache"
-        self.ledger.append(from_outcome(outcome, saved_context=0.0 if hit else saved,
-                                        saved_cache=saved if hit else 0.0, error=error))
+        by_cache = (saved if cached_usd is None else cached_usd) if outcome.usage.source == "cache" else 0.0
+        self.ledger.append(from_outcome(outcome, saved_context=saved - by_cache, saved_cache=by_cache, error=error))
 
     def record_failure(self, plan: Plan, error: BaseException, provider: str | None = None) -> None:
         """The ledger row of a call that failed for good (no usage, cost unknown); ``provider``: the
