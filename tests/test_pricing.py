@@ -106,3 +106,16 @@ def test_gemini_openrouter_sessions_priced_within_5_percent(agent_session_paths)
         "catalog-variant:vertex_ai/gemini-3-pro-preview"
     priced, reported = _priced_vs_reported(paths)
     assert priced == pytest.approx(reported, rel=0.05)
+
+
+@pytest.mark.parametrize(("model", "floor"), [
+    ("claude-opus-4-5-20251101", 4096), ("anthropic/claude-opus-4.5", 4096), ("claude-opus-4-6", 4096),
+    ("us.anthropic.claude-haiku-4-5-20251001-v1:0", 4096), ("claude-3-5-haiku-20241022", 2048),
+    ("claude-sonnet-4-5", 1024), ("claude-opus-4-1", 1024), ("claude-3-opus-20240229", 1024),
+])
+def test_anthropic_s_minimum_cacheable_prompt_per_model(model: str, floor: int) -> None:
+    """Anthropic caches nothing below a model's minimum: 4096 tokens for Opus 4.5 and 4.6 and Haiku 4.5
+    (breakpoints placed below it were spent on prefixes it never caches), 2048 for the older Haikus."""
+    from router_middleware.catalog import cache_rules_for
+
+    assert cache_rules_for(model, "anthropic").min_tokens == floor

@@ -81,6 +81,9 @@ class ModelInfo:
         return read, rewrite
 
 
+_LARGE_CACHE_FLOOR = re.compile(r"(?:opus|haiku)-4[-.][56](?!\d)")
+
+
 def cache_rules_for(model: str, provider: str | None) -> CacheRules:
     """Published prompt-cache behaviour per provider family."""
     name = model.lower()
@@ -88,8 +91,10 @@ def cache_rules_for(model: str, provider: str | None) -> CacheRules:
     if "deepseek" in family or "deepseek" in name:
         return CacheRules(min_tokens=64, unit=64, caches_output=True)
     if "claude" in name or family == "anthropic":
-        small = "haiku" in name
-        return CacheRules(min_tokens=2048 if small else 1024, explicit=True)
+        # Anthropic's minimum cacheable prompt: 4096 tokens for Opus 4.5 and 4.6 and Haiku 4.5, 2048 for
+        # the older Haikus, 1024 for the others (Sonnet 4.x, Opus 4 and 4.1, the 3.x models)
+        floor = 4096 if _LARGE_CACHE_FLOOR.search(name) else 2048 if "haiku" in name else 1024
+        return CacheRules(min_tokens=floor, explicit=True)
     if "gemini" in name and "pro" in name:
         # Measured on recorded gemini-3-pro-preview sessions (via OpenRouter): cached_tokens come in
         # steps of 2048 (from 2048 on) up to the previous request's length, and 22 of the 343 calls
