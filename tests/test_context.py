@@ -273,22 +273,53 @@ def test_real_session_random_budgets_keep_integrity(agent_session_paths) -> None
 INSTRUCTION = {"role": "user", "content": "NEW INSTRUCTION: also update the docs in docs/index.md"}
 
 
-def test_the_user_s_latest_words_outlive_a_cut_of_the_turns_after_them() -> None:
+def _cline_turn(i: int) -> list[dict]:
+    """A turn of Cline's XML tools: its tool result comes back as a user message."""
+    return [{"role": "assistant", "content": f"<read_file>\n<path>src/mod{i}.py</path>\n</read_file>"},
+            {"role": "user", "content": [{"type": "text", "text": f"[read_file for 'src/mod{i}.py'] Result:"},
+                                         {"type": "text", "text": f"src/mod{i}.py line\n" * 60}]}]
+
+
+def _mini_turn(i: int) -> list[dict]:
+    """A turn of mini-swe-agent: its observation comes back as a user message."""
+    return [{"role": "assistant", "content": f"THOUGHT: look\n```bash\ncat src/mod{i}.py\n```"},
+            {"role": "user", "content": "<returncode>0</returncode>\n<output>\n" + f"src/mod{i}.py line\n" * 60
+             + "</output>"}]
+
+
+NAG = {"role": "user", "content": "[ERROR] You did not use a tool in your previous response! Please retry."}
+CLINE_ANSWER = {"role": "user", "content": [
+    {"type": "text", "text": "[ask_followup_question for 'Anything else?'] Result:"},
+    {"type": "text", "text": "<answer>\nNEW INSTRUCTION: also update the docs in docs/index.md\n</answer>"}]}
+SHAPES = {  # an agent's turns, and the message that holds the user's changed task
+    "tool calls": (lambda i: tool_turn(i, size=60), INSTRUCTION),
+    "tool calls, then a nag": (lambda i: [*tool_turn(i, size=60), *([NAG] if i == 40 else [])], INSTRUCTION),
+    "cline, xml tools": (_cline_turn, CLINE_ANSWER),
+    "mini-swe-agent": (_mini_turn, INSTRUCTION),
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_the_user_s_latest_words_outlive_a_cut_of_the_turns_after_them(shape: str) -> None:
     """The task changed midway ("also update the docs") and the agent worked on for many turns: a
     window that drops the span holding those words keeps them in its digest, and middle-out drops
-    them last (before the last turn only; a hard limit still takes them when nothing else is left)."""
-    history = [*agent_history(30, size=60), INSTRUCTION]
-    for i in range(30, 60):
-        history += tool_turn(i, size=60)
+    them last (before the last turn only; a hard limit still takes them when nothing else is left).
+    What an agent sends as the user itself (a tool result, an observation, a nag) is not the user's
+    words, unless it holds them (Cline's answer to a follow-up question)."""
+    turn, said = SHAPES[shape]
+    history = [SYSTEM, TASK]
+    for i in range(60):
+        history += [*turn(i), *([said] if i == 29 else [])]
     window = Window(watermark_tokens=2500, max_payback_calls=None)(plan_for(history), STATE)
-    assert INSTRUCTION not in window.messages and "[DIGEST]" not in str(window.messages)
-    assert "the user's latest words in them: NEW INSTRUCTION: also update the docs in docs/index.md" in \
-        window.messages[2]["content"]
+    assert said not in window.messages
+    assert "the user's latest words in them: " in window.messages[2]["content"]
+    assert "NEW INSTRUCTION: also update the docs in docs/index.md" in window.messages[2]["content"]
     middle = MiddleOut(budget_tokens=3000)(plan_for(history), STATE)
-    assert INSTRUCTION in middle.messages and integrity_violations(middle.messages) == []
+    assert said in middle.messages and integrity_violations(middle.messages) == []
     assert len(middle.messages) < len(history) / 2  # the middle dropped around them
-    tight = MiddleOut(max_messages=4)(plan_for(history), STATE)  # room for the head and the last turn only
-    assert INSTRUCTION not in tight.messages and list(tight.messages) == [*history[:2], *history[-2:]]
+    last = 2 if shape.startswith("tool calls") else 1  # the last block: a call and its result, or one message
+    tight = MiddleOut(max_messages=2 + last)(plan_for(history), STATE)  # room for the head and the last block only
+    assert said not in tight.messages and list(tight.messages) == [*history[:2], *history[-last:]]
 
 
 def test_blocks_group_calls_with_their_results() -> None:

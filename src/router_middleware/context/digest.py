@@ -32,8 +32,8 @@ def cleared_placeholder(text: str, *, tokens: int, max_paths: int = 40) -> str:
 
 
 def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120, max_paths: int = 40) -> str:
-    """A digest of a dropped span of the conversation; an agent's keeps the user's latest words in it
-    (cut to ``max_paths`` x 25 characters)."""
+    """A digest of a dropped span of the conversation, with the user's latest words in it (cut to
+    ``max_paths`` x 25 characters, at most 1,000: :func:`.structure.last_instruction`)."""
     text = "\n".join(text_of(m) for m in messages)
     parts = [f"[{len(messages)} earlier messages omitted to save context. Digest:"]
     if chat:
@@ -44,12 +44,11 @@ def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120
         threads = questions(text)[-3:]
         if threads:
             parts.append("open questions: " + " | ".join(threads))
-    else:
-        if shown := _recent_paths(text, max_paths):
-            parts.append("files mentioned, most recent last: " + shown)
-        said = last_instruction(messages, 0)
-        if said is not None:  # the task may have changed in the span: its latest words are kept
-            words = " ".join(text_of(messages[said]).split())
-            cut = max_paths * 25
-            parts.append("the user's latest words in them: " + (words if len(words) <= cut else words[:cut] + " ..."))
+    elif shown := _recent_paths(text, max_paths):
+        parts.append("files mentioned, most recent last: " + shown)
+    said = last_instruction(messages, 0)
+    if said is not None:  # the task may have changed in the span: its latest words are kept
+        words = " ".join(text_of(messages[said]).split())
+        cut = min(max_paths, 40) * 25
+        parts.append("the user's latest words in them: " + (words if len(words) <= cut else words[:cut] + " ..."))
     return "\n".join(parts) + "]"

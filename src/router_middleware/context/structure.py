@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from operator import itemgetter
 
-from ..messages import SIDE_ROLES
+from ..messages import SIDE_ROLES, text_of
 from ..tokens import Profile
 from ..types import Message
 
@@ -38,11 +38,23 @@ def is_observation(messages: Sequence[Message], index: int, head: int) -> bool:
     return isinstance(content, str) and OBSERVATION.match(content) is not None
 
 
+# What coding agents send in the user's role themselves: Cline's (and Roo's, Kilo's) tool results and
+# reminders; unless the user's own words are in them (an answer, feedback, a message on resuming).
+AGENT_SAID = re.compile(r"^\s*(?:\[[\w-]+(?: for [^\]]*)?\] Result:|\[ERROR\] You did not use a tool"
+                        r"|\[TASK RESUMPTION\])")
+USER_SAID = re.compile(r"<(?:answer|feedback|user_message|task)>")
+
+
 def last_instruction(messages: Sequence[Message], head: int) -> int | None:
-    """Index of the user's latest words after the head (a user message that is no observation), if any:
-    what an agent is working on once the task changed midway ("also update the docs")."""
+    """Index of the user's latest words after the head, if any: what an agent is working on once the
+    task changed midway ("also update the docs"). Not an observation (mini-swe-agent's), nor a tool
+    result or reminder an agent sends as the user (:data:`AGENT_SAID`) unless it holds the user's own
+    words (:data:`USER_SAID`)."""
     for i in range(len(messages) - 1, head - 1, -1):
-        if messages[i].get("role") == "user" and not is_observation(messages, i, head):
+        if messages[i].get("role") != "user" or is_observation(messages, i, head):
+            continue
+        text = text_of(messages[i])
+        if not AGENT_SAID.match(text) or USER_SAID.search(text):
             return i
     return None
 
