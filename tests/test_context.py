@@ -229,6 +229,18 @@ def test_hard_guard_fits_the_model_window() -> None:
     assert integrity_violations(planned.messages) == []
 
 
+def test_a_watermark_over_the_model_s_window_cuts_to_the_window() -> None:
+    """The default 16,000-token watermark on a model of a 7,000-token window: the window cuts below the
+    model's window, and says nothing about a request it did not leave over it (it recorded a false
+    ``over-window`` "the provider will likely refuse", then fit-window trimmed again)."""
+    pipeline = Pipeline.from_config({"models": {"gpt-4o-mini": {"max_input_tokens": 8000, "max_output_tokens": 1000}}})
+    planned = pipeline.plan(pipeline.make_call("gpt-4o-mini", agent_history(150, size=60), {}, {}))
+    assert [f"{d.policy}:{d.action}" for d in planned.decisions] == ["window:trim"]
+    assert "the 7000-token watermark" in planned.decisions[0].reason
+    assert pipeline.state.tokens("gpt-4o-mini", planned.messages, None, None) <= 7000
+    assert integrity_violations(planned.messages) == []
+
+
 def test_thinking_blocks_of_the_last_turn_are_kept() -> None:
     thinking = {"role": "assistant", "content": [
         {"type": "thinking", "thinking": "Let me look at src/x.py", "signature": "sig=="},

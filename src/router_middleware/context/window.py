@@ -78,6 +78,8 @@ class Window:
         budget = self.watermark_tokens or hard
         if budget is None:
             return plan
+        if hard is not None and budget > hard:  # a watermark over the model's window would never cut enough
+            budget = hard
         messages = plan.messages
         tools = plan.params.get("tools")
         total = state.tokens(plan.model, messages, tools, plan.call.context.session_id)
