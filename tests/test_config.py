@@ -243,3 +243,20 @@ def test_a_route_that_could_never_work_is_refused_when_the_config_loads(routing,
     named_like_a_model = {"gpt-4o-mini": ["gpt-4.1-nano", "gpt-4o-mini"], "pair": ["gpt-4.1", "gpt-4o-mini"]}
     with pytest.raises(ConfigError, match=r"aliases\.pair: 'gpt-4o-mini' is an alias"):  # a fallback there re-routes it
         Pipeline.from_config({"routing": {"aliases": named_like_a_model}})
+
+
+@pytest.mark.parametrize(("model", "warned"), [("gpt-4o-minii", True), ("gpt-4o-mini", False),
+                                               ("openrouter/acme/brand-new-model", False)])
+def test_a_summary_model_no_call_can_reach_is_said_at_load(model: str, warned: bool) -> None:
+    """With ``summarize: true``, a ``summary_model`` litellm cannot send (a typo) would fail every
+    summary call, each falling back to the offline digest: the config says so once, when it is loaded,
+    with the closest names; a model litellm can send (a provider prefix) is taken, priced or not."""
+    import structlog
+
+    from router_middleware import Pipeline
+
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"context": {"summarize": True, "summary_model": model}})
+    said = [e for e in logs if e["event"] == "unknown_summary_model"]
+    assert [(e["where"], e["did_you_mean"][0]) for e in said] == ([("context.summary_model", "gpt-4o-mini")]
+                                                                  if warned else [])
