@@ -581,3 +581,29 @@ def test_a_flat_function_tool_passes_where_the_agent_s_own_model_sends_the_call(
     with pytest.raises(RequestError, match=r"tools\[0\]: a function tool needs 'function' with its 'name'"):
         engine.make_call("gpt-4o-mini", MESSAGES, {}, {"tools": tools})
     assert engine.make_call("gpt-4o-mini", MESSAGES, {}, {"tools": tools}, litellm_sends=False).params["tools"]
+
+
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "anthropic/claude-3-opus-20240229",
+                                   "gemini/gemini-2.0-flash"])
+def test_tool_call_arguments_given_as_an_object_are_sent_as_the_json_string_providers_take(model) -> None:
+    """``function.arguments`` given as an object (not OpenAI's JSON string): alone, litellm sends it to
+    OpenAI as it is (refused there), and breaks on it before sending for Anthropic (``'dict' object has
+    no attribute 'strip'``) and Gemini (an ``APIConnectionError``, which reads as the provider's and
+    would cool the target down). The pipeline writes it as the JSON string, and each request is sent
+    with the call's arguments (a loopback server records what arrives)."""
+    import json
+
+    from .capture_server import capture_server
+
+    messages = [{"role": "user", "content": "read a.py"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "read", "arguments": {"path": "a.py"}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "print(1)"}]
+    with capture_server() as (base, bodies), pytest.raises(Exception, match="capture server"):  # noqa: B017
+        Pipeline().completion(model=model, messages=messages, api_base=base, api_key="k", num_retries=0,
+                              max_retries=0)
+    (body,) = bodies
+    assert "a.py" in json.dumps(body)
+    if model.startswith("openai/"):
+        assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"path": "a.py"}'
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"path": "a.py"}  # the caller's own untouched

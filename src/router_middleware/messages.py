@@ -40,7 +40,9 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
     """Return ``tool_calls`` as a list of dicts.
 
     Accepts a list, a JSON string, or a Python-literal string (some recorded trajectories store the
-    list with ``repr``). Each call must have an ``id`` and ``function.name``.
+    list with ``repr``). Each call must have an ``id`` and ``function.name``; its ``function.arguments``
+    given as an object is written as the JSON string OpenAI's format has (litellm sends the object to
+    OpenAI, which refuses it, and breaks on it for Anthropic and Gemini).
     """
     if raw is None:
         return None
@@ -66,6 +68,9 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
             raise MessageError(f"tool_calls[{j}] has no id", index=index, source=source)
         if not isinstance(function, Mapping) or not function.get("name"):
             raise MessageError(f"tool_calls[{j}] has no function.name", index=index, source=source)
+        arguments = function.get("arguments")
+        if isinstance(arguments, Mapping):  # OpenAI's format is a JSON string: litellm breaks on an object
+            call = {**call, "function": {**function, "arguments": json.dumps(arguments, ensure_ascii=False)}}
         calls.append(dict(call))
     return calls
 
@@ -145,7 +150,8 @@ def _payload_missing(kind: str, part: Mapping[str, Any]) -> str | None:
 
 def _calls_ok(calls: list[Any]) -> bool:
     return all(isinstance(c, Mapping) and c.get("id") and isinstance(c.get("function"), Mapping)
-               and c["function"].get("name") for c in calls)
+               and c["function"].get("name") and not isinstance(c["function"].get("arguments"), Mapping)
+               for c in calls)
 
 
 _NEEDS_CONTENT = frozenset({"user", "system", "developer", "tool"})  # the assistant's may be tool calls alone
