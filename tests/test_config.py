@@ -245,18 +245,21 @@ def test_a_route_that_could_never_work_is_refused_when_the_config_loads(routing,
         Pipeline.from_config({"routing": {"aliases": named_like_a_model}})
 
 
-@pytest.mark.parametrize(("model", "warned"), [("gpt-4o-minii", True), ("gpt-4o-mini", False),
-                                               ("openrouter/acme/brand-new-model", False)])
-def test_a_summary_model_no_call_can_reach_is_said_at_load(model: str, warned: bool) -> None:
+@pytest.mark.parametrize(("model", "warned", "params"), [
+    ("gpt-4o-minii", True, {}), ("gpt-4o-mini", False, {}), ("openrouter/acme/brand-new-model", False, {}),
+    ("my-local-summarizer", False, {"custom_llm_provider": "openai", "api_base": "http://127.0.0.1:8000/v1"}),
+])
+def test_a_summary_model_no_call_can_reach_is_said_at_load(model: str, warned: bool, params: dict) -> None:
     """With ``summarize: true``, a ``summary_model`` litellm cannot send (a typo) would fail every
     summary call, each falling back to the offline digest: the config says so once, when it is loaded,
-    with the closest names; a model litellm can send (a provider prefix) is taken, priced or not."""
+    with the closest names; a model litellm can send (a provider prefix, or ``summary_params`` naming its
+    provider or endpoint) is taken, priced or not."""
     import structlog
 
     from router_middleware import Pipeline
 
     with structlog.testing.capture_logs() as logs:
-        Pipeline.from_config({"context": {"summarize": True, "summary_model": model}})
+        Pipeline.from_config({"context": {"summarize": True, "summary_model": model, "summary_params": params}})
     said = [e for e in logs if e["event"] == "unknown_summary_model"]
     assert [(e["where"], e["did_you_mean"][0]) for e in said] == ([("context.summary_model", "gpt-4o-mini")]
                                                                   if warned else [])

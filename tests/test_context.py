@@ -16,7 +16,7 @@ from router_middleware.context import (
     Window,
     chunk_tokens,
 )
-from router_middleware.context.structure import blocks, head_length
+from router_middleware.context.structure import blocks, head_length, last_instruction
 from router_middleware.messages import integrity_violations
 from router_middleware.replay import load_session
 
@@ -234,11 +234,16 @@ def test_a_watermark_over_the_model_s_window_cuts_to_the_window() -> None:
     model's window, and says nothing about a request it did not leave over it (it recorded a false
     ``over-window`` "the provider will likely refuse", then fit-window trimmed again)."""
     pipeline = Pipeline.from_config({"models": {"gpt-4o-mini": {"max_input_tokens": 8000, "max_output_tokens": 1000}}})
-    planned = pipeline.plan(pipeline.make_call("gpt-4o-mini", agent_history(150, size=60), {}, {}))
+    history = agent_history(150, size=60)
+    planned = pipeline.plan(pipeline.make_call("gpt-4o-mini", history, {}, {}))
     assert [f"{d.policy}:{d.action}" for d in planned.decisions] == ["window:trim"]
-    assert "the 7000-token watermark" in planned.decisions[0].reason
+    assert "the 7000-token watermark (the model input window" in planned.decisions[0].reason
     assert pipeline.state.tokens("gpt-4o-mini", planned.messages, None, None) <= 7000
     assert integrity_violations(planned.messages) == []
+    # the cut is the model's, not each request's: another max_tokens keeps the same prefix (the cache hits)
+    for max_tokens in (600, 1000):
+        again = pipeline.plan(pipeline.make_call("gpt-4o-mini", history, {}, {"max_tokens": max_tokens}))
+        assert again.messages == planned.messages
 
 
 def test_thinking_blocks_of_the_last_turn_are_kept() -> None:
@@ -332,6 +337,18 @@ def test_the_user_s_latest_words_outlive_a_cut_of_the_turns_after_them(shape: st
     last = 2 if shape.startswith("tool calls") else 1  # the last block: a call and its result, or one message
     tight = MiddleOut(max_messages=2 + last)(plan_for(history), STATE)  # room for the head and the last block only
     assert said not in tight.messages and list(tight.messages) == [*history[:2], *history[-last:]]
+
+
+@pytest.mark.parametrize("said", [
+    "Please always provide EXACTLY ONE action in triple backticks, found 3 actions.",  # mini-swe-agent's notes
+    "The last command <command>sleep 99</command> timed out and has been killed.",
+    [{"type": "text", "text": "<returncode>0</returncode>\n<output>ok</output>"}],  # an observation as parts
+    [{"type": "text", "text": "[execute_command for 'grep -n \"a[0]\" x.py'] Result:"}, {"type": "text", "text": "1"}],
+], ids=["format note", "timeout note", "observation as parts", "cline result with a ]"])
+def test_what_an_agent_says_in_the_user_s_role_is_not_the_user_s_latest_words(said) -> None:
+    history = [SYSTEM, TASK, {"role": "assistant", "content": "ok"}, INSTRUCTION, {"role": "assistant", "content": "x"},
+               {"role": "user", "content": said}]
+    assert last_instruction(history, 2) == 3
 
 
 def test_blocks_group_calls_with_their_results() -> None:

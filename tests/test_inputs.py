@@ -607,3 +607,15 @@ def test_tool_call_arguments_given_as_an_object_are_sent_as_the_json_string_prov
     if model.startswith("openai/"):
         assert body["messages"][1]["tool_calls"][0]["function"]["arguments"] == '{"path": "a.py"}'
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"path": "a.py"}  # the caller's own untouched
+
+
+def test_tool_call_arguments_json_cannot_write_are_named() -> None:
+    import datetime
+
+    messages = [{"role": "user", "content": "when?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "at", "arguments": {"day": datetime.date(2026, 1, 1)}}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    with pytest.raises(MessageError, match=r"^message 1: tool_calls\[0\]\.function\.arguments is an object JSON "
+                                           r"cannot write \(Object of type date is not JSON serializable\)"):
+        Pipeline().completion(model="gpt-4o-mini", messages=messages, mock_response="ok")

@@ -179,8 +179,9 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         log.warning("idle_limit", where=f"routing.limits.{name}", why="no deployment or alias target has this "
                     "name and litellm knows no provider for it (a typo?): it limits nothing",
                     did_you_mean=list(close_names(name, tuple(config.routing.deployments))))
-    summary_model = config.context.summary_model
-    if config.context.summarize and catalog.resolve(summary_model) is None and not provider_known(summary_model):
+    summary_model, routed = config.context.summary_model, config.context.summary_params
+    if config.context.summarize and not {"custom_llm_provider", "api_base", "base_url"} & set(routed) \
+            and catalog.resolve(summary_model) is None and not provider_known(summary_model):
         log.warning("unknown_summary_model", where="context.summary_model", model=summary_model,
                     why="litellm knows no provider for it and no price list has it (a typo?): every summary "
                         "call will fail, and the window will send its offline digest instead",

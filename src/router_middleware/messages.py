@@ -70,7 +70,12 @@ def parse_tool_calls(raw: Any, *, index: int, source: str | None = None) -> list
             raise MessageError(f"tool_calls[{j}] has no function.name", index=index, source=source)
         arguments = function.get("arguments")
         if isinstance(arguments, Mapping):  # OpenAI's format is a JSON string: litellm breaks on an object
-            call = {**call, "function": {**function, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+            try:
+                written = json.dumps(arguments, ensure_ascii=False)
+            except (TypeError, ValueError) as exc:
+                raise MessageError(f"tool_calls[{j}].function.arguments is an object JSON cannot write ({exc}): "
+                                   "give it as a JSON string", index=index, source=source) from None
+            call = {**call, "function": {**function, "arguments": written}}
         calls.append(dict(call))
     return calls
 

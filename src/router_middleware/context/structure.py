@@ -39,9 +39,10 @@ def is_observation(messages: Sequence[Message], index: int, head: int) -> bool:
 
 
 # What coding agents send in the user's role themselves: Cline's (and Roo's, Kilo's) tool results and
-# reminders; unless the user's own words are in them (an answer, feedback, a message on resuming).
-AGENT_SAID = re.compile(r"^\s*(?:\[[\w-]+(?: for [^\]]*)?\] Result:|\[ERROR\] You did not use a tool"
-                        r"|\[TASK RESUMPTION\])")
+# reminders, mini-swe-agent's format and timeout notes; unless the user's own words are in them (an
+# answer, feedback, a message on resuming).
+AGENT_SAID = re.compile(r"^\s*(?:\[[\w-]+(?: for .*?)?\] Result:|\[ERROR\] You did not use a tool"
+                        r"|\[TASK RESUMPTION\]|Please always provide EXACTLY ONE action|The last command <command>)")
 USER_SAID = re.compile(r"<(?:answer|feedback|user_message|task)>")
 
 
@@ -51,10 +52,10 @@ def last_instruction(messages: Sequence[Message], head: int) -> int | None:
     result or reminder an agent sends as the user (:data:`AGENT_SAID`) unless it holds the user's own
     words (:data:`USER_SAID`)."""
     for i in range(len(messages) - 1, head - 1, -1):
-        if messages[i].get("role") != "user" or is_observation(messages, i, head):
+        if messages[i].get("role") != "user":
             continue
-        text = text_of(messages[i])
-        if not AGENT_SAID.match(text) or USER_SAID.search(text):
+        text = text_of(messages[i])  # an observation sent as a list of parts too
+        if not (OBSERVATION.match(text) or AGENT_SAID.match(text)) or USER_SAID.search(text):
             return i
     return None
 

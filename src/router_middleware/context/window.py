@@ -22,12 +22,13 @@ from .structure import blocks, head_length, last_instruction
 SUMMARY_MARKER = "[Summary of"
 
 
-def context_limit(plan: Plan, state: PolicyState) -> int | None:
-    """The model's input window minus the output it may produce, or ``None`` if unknown."""
+def context_limit(plan: Plan, state: PolicyState, *, asked: bool = True) -> int | None:
+    """The model's input window minus the output it may produce (this request's ``max_tokens``, or with
+    ``asked=False`` the model's own, the same for every request), or ``None`` if unknown."""
     info = state.catalog.resolve(plan.model)
     if info is None or not info.max_input_tokens:
         return None
-    cap = output_cap(plan.params)
+    cap = output_cap(plan.params) if asked else None
     output = cap[1] if cap is not None else min(info.max_output_tokens or 4096, 8192)
     window = info.max_input_tokens
     # Some catalogs list the total context as max_input_tokens: never plan past window - output.
@@ -78,8 +79,10 @@ class Window:
         budget = self.watermark_tokens or hard
         if budget is None:
             return plan
-        if hard is not None and budget > hard:  # a watermark over the model's window would never cut enough
-            budget = hard
+        steady = context_limit(plan, state, asked=False)  # not this request's max_tokens: cuts stay put
+        capped = False
+        if steady is not None and budget > steady:  # a watermark over the model's window would never cut enough
+            budget, capped = steady, True
         messages = plan.messages
         tools = plan.params.get("tools")
         total = state.tokens(plan.model, messages, tools, plan.call.context.session_id)
@@ -122,7 +125,8 @@ class Window:
                 {"payback_calls": round(payback, 2), "budget_tokens": budget}))
         trimmed = plan.decide(
             Decision(self.name, "trim", f"dropped {len(dropped)} messages (~{dropped_tokens} tokens) over the "
-                     f"{budget}-token watermark; replaced by {how}",
+                     f"{budget}-token watermark{' (the model input window, below the one set)' if capped else ''}; "
+                     f"replaced by {how}",
                      {"dropped_messages": len(dropped), "dropped_tokens": dropped_tokens, "budget_tokens": budget,
                       "payback_calls": round(payback, 2) if payback is not None else 0.0}),
             messages=kept,
