@@ -369,11 +369,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         if not isinstance(model, RoutedChatModel) or model.max_retries is not None \
                 or "max_retries" in model.model_kwargs:
             return model
-        copy = self._no_retries.get(name) if self.models.get(name) is model else None
+        entry = self.models.get(name) is model  # the entry's own model, not one another middleware set
+        copy = self._no_retries.get(name) if entry else None
         if copy is None:
             model._pipeline()  # made now when it is the model's default: the copy shares it
             copy = model.model_copy(update={"max_retries": 0})
-            if self.models.get(name) is model:
+            if entry:
                 self._no_retries[name] = copy
         return copy
 
