@@ -19,7 +19,7 @@ import json
 import math
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .stores import Store
@@ -64,6 +64,7 @@ class CachedEntry:
     response: dict[str, Any]
     cost_usd: float | None
     similarity: float | None = None  # set for semantic hits
+    native: Any = None  # the answer as the adapter that stored it gave it (a LangChain message's dict), if any
 
 
 def namespace(plan: Plan) -> str:
@@ -137,7 +138,7 @@ class ResponseCache:
         if match is None:
             return None
         found = self._load(match.cache_key)
-        return CachedEntry(found.response, found.cost_usd, match.similarity) if found is not None else None
+        return replace(found, similarity=match.similarity) if found is not None else None
 
     def _load(self, key: str) -> CachedEntry | None:
         try:
@@ -165,7 +166,7 @@ class ResponseCache:
             raise ValueError(f"the entry's cost_usd {cost!r} is not a number")
         rebuild_response(response)  # what litellm's types refuse fails here, a miss, not in the call
         replay_chunks(response)
-        return CachedEntry(response, cost)
+        return CachedEntry(response, cost, native=data.get("native"))
 
     @staticmethod
     def failed(what: str, exc: Exception) -> str:
@@ -173,11 +174,16 @@ class ResponseCache:
         log.warning(f"cache_{what}_failed", error_type=type(exc).__name__, error=str(exc)[:200])
         return f"{what} failed: {type(exc).__name__}"
 
-    def entry(self, plan: Plan, response: Any, cost_usd: float | None) -> tuple[str, bytes, float, str, int]:
-        """``put_bounded``'s arguments for storing ``response`` as ``plan``'s answer."""
+    def entry(self, plan: Plan, response: Any, cost_usd: float | None,
+              native: Any = None) -> tuple[str, bytes, float, str, int]:
+        """``put_bounded``'s arguments for storing ``response`` as ``plan``'s answer (with ``native``,
+        an adapter's own form of it, served in its place on a hit of that adapter's)."""
         space = namespace(plan)
         payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
-        blob = json.dumps({"response": payload, "cost_usd": cost_usd}, default=str).encode()
+        stored = {"response": payload, "cost_usd": cost_usd}
+        if native is not None:
+            stored["native"] = native
+        blob = json.dumps(stored, default=str).encode()
         return f"{space}:{request_key(plan)}", blob, self.ttl_s, space, self.max_entries
 
     def save(self, plan: Plan, response: Any, cost_usd: float | None) -> bool:

@@ -19,7 +19,7 @@ from .config import Config, load_config
 from .context.summarize import SIDE_CALL, summary_request
 from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
-from .lifecycle import CallLifecycle, Reader
+from .lifecycle import Answers, CallLifecycle, Reader
 from .messages import nonempty, repair_messages, validate_messages
 from .params import check_model, check_params, choices_asked, output_cap, usage_asked
 from .policies import Policy, PolicyState, apply_policies
@@ -157,11 +157,11 @@ class Engine:
         self._reads[kind] = keys
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
-              unusable: str = "not among the adapter's models", cache: bool = True,
+              unusable: str = "not among the adapter's models", cache: bool = True, answers: Answers | None = None,
               fallback: bool = True, follow: tuple[str, ...] = (), plan: Plan | None = None) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
-        return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, fallback=fallback,
-                             follow=follow, plan=plan)
+        return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, answers=answers,
+                             fallback=fallback, follow=follow, plan=plan)
 
     def launch(self, plan: Plan, side_calls: Sequence[SideCall] = ()) -> tuple[Plan, CallTrace]:
         """The first attempt's plan with the context saving estimated (the tokens the policies kept

@@ -54,6 +54,20 @@ if TYPE_CHECKING:
 
 # An adapter's reader of an answer that is not a litellm response: (plan, answer, started) -> Outcome.
 Reader = Callable[[Plan, Any, float], Outcome]
+
+
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """How an adapter whose answers are not litellm responses uses the response cache. ``keyed``: the
+    plan as the cache sees it (its params with what the adapter's model adds: its settings, its
+    temperature); ``stored``: the answer (and its Outcome) as a chat completion and the adapter's own
+    form of it, or ``None`` to leave it out of the cache; ``served``: a hit (a litellm response, that
+    own form or ``None``, the hit's Outcome) as the adapter's answer."""
+
+    keyed: Callable[[Plan], Plan]
+    stored: Callable[[Any, Outcome], tuple[dict[str, Any], Any] | None]
+    served: Callable[[Any, Any, Outcome], Any]
+
 PLAN_PASSES = 3  # plans of one call (or attempt) that may each fetch what the last one missed
 
 
@@ -126,7 +140,8 @@ Flow = Generator[Effect, Any, Any]
 class CallLifecycle:
     """``read``: turns an adapter's answer into an Outcome (default: a litellm response or stream);
     ``usable``: whether the adapter can reach a routing target (others are skipped, ``unusable``
-    saying why); ``cache``: use the response cache (litellm answers only); ``fallback=False``: the
+    saying why); ``cache``: use the response cache (for an adapter with a ``read``, only through its
+    ``answers``); ``fallback=False``: the
     adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
     ends the call; ``follow``: the adapter's caller then tries these targets, in this order, once
     each, after any error (litellm's SDK ``fallbacks=``), so the call's attempts follow them rather
@@ -137,15 +152,16 @@ class CallLifecycle:
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
-                 cache: bool = True, fallback: bool = True, follow: tuple[str, ...] = (),
-                 plan: Plan | None = None) -> None:
+                 cache: bool = True, answers: Answers | None = None, fallback: bool = True,
+                 follow: tuple[str, ...] = (), plan: Plan | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
         self.read = read
         self.usable = usable
         self.unusable = unusable
-        self.use_cache = cache and read is None
+        self.use_cache = cache and (read is None or answers is not None)
+        self.answers = answers if read is not None else None
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.given = plan
@@ -398,16 +414,17 @@ class CallLifecycle:
         plan, with a decision recorded if the cache failed (it shows on the span). The exact lookup is
         a store effect; a paraphrase lookup (semantic cache) runs in place."""
         engine, cache = self.engine, self.engine.cache
-        if cache is None or not cache.cacheable(plan):
+        keyed = self._keyed(plan)
+        if cache is None or not cache.cacheable(keyed):
             return None, plan
         entry, error = None, None
         try:
-            entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(plan),))))
+            entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
             error = cache.failed("lookup", exc)
         if entry is None and cache.semantic is not None:
-            entry, failed = ((yield StoreCall(cache, "similar_entry", (plan,))) if self.engine.store_blocks
-                             else cache.similar_entry(plan))
+            entry, failed = ((yield StoreCall(cache, "similar_entry", (keyed,))) if self.engine.store_blocks
+                             else cache.similar_entry(keyed))
             error = error or failed
         if error:
             plan = plan.decide(Decision("cache", "error", f"{error}; treated as a miss"))
@@ -431,6 +448,9 @@ class CallLifecycle:
             self.books.record(result, error=error, cached_usd=cached)
             return result
 
+        if self.answers is not None:
+            response = rebuild_response(entry.response)
+            return self.answers.served(response, entry.native, hit(response, started)), plan
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error, _early:
@@ -617,7 +637,10 @@ class CallLifecycle:
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current, self._answered = None, (result, answer, trace)
-            result, _ = yield from self._settle(result)
+            stored = self._adapted(answer, result, trace) if self._saves(plan) else None
+            entry = (yield from self._store(plan, stored[0], result, trace, stored[1])) if stored else None
+            result, failed = yield from self._settle(result, entry=entry)
+            yield from self._stored(plan, entry, failed, trace)
             self._answered = None
             trace.succeed(result, answer)  # content capture reads the answer's choices, if it has any
             return answer
@@ -630,27 +653,56 @@ class CallLifecycle:
                                usage_source=wire.usage_source(answer))  # a hit of litellm.cache's: no cost
         wire.attach_outcome(answer, result)
         self._answered = (result, answer, trace)
-        cache, entry = self.engine.cache, None
-        if cache is not None and self.use_cache and cache.cacheable(plan):
-            try:
-                entry = cache.entry(plan, answer, result.cost.total_usd)
-                if cache.store is not self.engine.store:  # else the entry goes with the settlement
-                    put, entry = entry, None
-                    yield StoreCall(cache.store, "put_bounded", put)
-                    yield from self._cached(plan, put[0])
-            except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
-                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
+        entry = (yield from self._store(plan, answer, result, trace)) if self._saves(plan) else None
         settled, failed = yield from self._settle(result, answer, entry)
-        if entry is not None and cache is not None:
-            if failed is None:
-                yield from self._cached(plan, entry[0])
-            else:
-                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
+        yield from self._stored(plan, entry, failed, trace)
         if settled is not result:
             wire.attach_outcome(answer, settled)
         self._answered = None
         trace.succeed(settled, answer)
         return answer
+
+    def _keyed(self, plan: Plan) -> Plan:
+        """``plan`` as the response cache sees it (an adapter's, with what its model adds)."""
+        return self.answers.keyed(plan) if self.answers is not None else plan
+
+    def _adapted(self, answer: Any, result: Outcome, trace: CallTrace) -> tuple[dict[str, Any], Any] | None:
+        """An adapter's answer as a chat completion and its own form, or ``None`` (not to be cached)."""
+        try:
+            return self.answers.stored(answer, result) if self.answers is not None else None
+        except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+            if self.engine.cache is not None:
+                trace.event("router_middleware.cache.error", {"reason": self.engine.cache.failed("write", exc)})
+            return None
+
+    def _store(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace,
+               native: Any = None) -> Generator[Effect, Any, Bounded | None]:
+        """Write ``response`` as ``plan``'s cached answer where the cache has a store of its own; else
+        return its entry, for the settlement to write (one round trip)."""
+        cache = self.engine.cache
+        assert cache is not None
+        keyed = self._keyed(plan)
+        try:
+            entry = cache.entry(keyed, response, result.cost.total_usd, native)
+            if cache.store is self.engine.store:
+                return entry
+            yield StoreCall(cache.store, "put_bounded", entry)
+            yield from self._cached(keyed, entry[0])
+        except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+            trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
+        return None
+
+    def _stored(self, plan: Plan, entry: Bounded | None, failed: Exception | None,
+                trace: CallTrace) -> Generator[Effect, Any, None]:
+        """After a settlement that carried the cache's ``entry``: the semantic index learns it, or the
+        span says the write failed."""
+        cache = self.engine.cache
+        if entry is None or cache is None:
+            return
+        if failed is None:
+            yield from self._cached(self._keyed(plan), entry[0])
+        else:
+            trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
 
     def _cached(self, plan: Plan, key: str) -> Generator[Effect, Any, None]:
         """After a response-cache write: the semantic index learns the entry (it writes to the store)."""
@@ -680,7 +732,7 @@ class CallLifecycle:
     def _saves(self, plan: Plan) -> bool:
         """Will this call's answer go to the response cache?"""
         cache = self.engine.cache
-        return cache is not None and self.use_cache and cache.cacheable(plan)
+        return cache is not None and self.use_cache and cache.cacheable(self._keyed(plan))
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> Bounded | None:
         """Save a stream's answer that :meth:`_saves` sends to the response cache: the entry, for the

@@ -12,7 +12,14 @@ from typing import Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_openai_messages
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    convert_to_openai_messages,
+    message_to_dict,
+    messages_from_dict,
+)
 from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, UsageMetadata, add_ai_message_chunks
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.tracers.context import register_configure_hook
@@ -262,6 +269,46 @@ def to_ai_message(response: Any, result: Outcome) -> AIMessage:
     return AIMessage(content=message.content or "", tool_calls=calls, invalid_tool_calls=invalid,
                      additional_kwargs=extra, usage_metadata=usage_metadata(result.usage),
                      response_metadata=response_metadata(result), id=result.response_id)
+
+
+def to_completion(message: AIMessage, result: Outcome) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """An agent model's answer for the response cache: as an OpenAI chat completion (what every hit is
+    checked and replayed as), and as LangChain's own dict of it (what a hit of the agent's serves:
+    content blocks, thinking signatures and provider fields as the model gave them); ``None`` for an
+    answer with a tool call that did not parse, or a field JSON cannot write."""
+    if message.invalid_tool_calls:
+        return None
+    native = message_to_dict(message.model_copy(update={"usage_metadata": None}))
+    json.dumps(native)  # raises for what JSON cannot write: no entry, rather than a hit that differs
+    calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
+             for c in message.tool_calls]
+    answer: dict[str, Any] = {"role": "assistant", "content": message.text}
+    if calls:
+        answer["tool_calls"] = calls
+    usage = result.usage
+    completion = {
+        "id": result.response_id or message.id or "", "object": "chat.completion", "created": int(time.time()),
+        "model": result.model,
+        "choices": [{"index": 0, "message": answer,
+                     "finish_reason": result.finish_reasons[0] if result.finish_reasons else
+                     ("tool_calls" if calls else "stop")}],
+        "usage": {"prompt_tokens": usage.input_tokens, "completion_tokens": usage.output_tokens,
+                  "total_tokens": usage.total_tokens,
+                  "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens},
+                  "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}},
+    }
+    return completion, native
+
+
+def from_cache(response: Any, native: Any, result: Outcome) -> AIMessage:
+    """A response-cache hit as the agent's model answer: the message as it was stored (else rebuilt
+    from the chat completion), with the hit's usage (none consumed) and metadata, and no id of its own
+    (LangGraph gives it one: the stored answer's id may be in another thread's history)."""
+    message = messages_from_dict([dict(native)])[0] if isinstance(native, Mapping) else to_ai_message(response, result)
+    if not isinstance(message, AIMessage):
+        raise ValueError(f"the cached answer is a {type(message).__name__}, not an AIMessage")
+    return message.model_copy(update={"id": None, "usage_metadata": usage_metadata(result.usage),
+                                      "response_metadata": {**message.response_metadata, **response_metadata(result)}})
 
 
 def to_chunk(chunk: Any) -> AIMessageChunk | None:

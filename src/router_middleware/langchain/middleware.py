@@ -15,7 +15,9 @@ LangChain's callbacks), and so is each earlier try of it a retry middleware insi
 (settled apart: a row and span of its own); each try counts toward the target's quotas, as the
 pipeline's own retry does (a request, and the tokens it used); a message a middleware inside this one made in place of
 a failed model's answer (ModelRetryMiddleware giving up) reaches the agent, and is recorded as that failure.
-The response cache is not used (its answers are litellm responses).
+The response cache answers it as a pipeline call (keyed by the routed model with what it sends of its
+own; a hit is the stored AIMessage, and no model is called), except a call with a ``response_format``
+or an answer of several messages.
 """
 
 from __future__ import annotations
@@ -38,13 +40,21 @@ from .. import wire
 from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
-from ..lifecycle import Attempt, CallLifecycle, CutShort, Replaced
+from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
 from ..routing.quotas import free_variant
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan
 from .chat_model import RoutedChatModel
-from .convert import AttemptRuns, attempt, outcome_from_message, response_metadata, to_openai_once
+from .convert import (
+    AttemptRuns,
+    attempt,
+    from_cache,
+    outcome_from_message,
+    response_metadata,
+    to_completion,
+    to_openai_once,
+)
 
 
 def _thread_id() -> str | None:
@@ -122,6 +132,26 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     """Whether ``model`` sends ``name`` of its own (a field, or in its ``model_kwargs``)."""
     own = getattr(model, "model_kwargs", None)
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
+
+
+def _settings(model: BaseChatModel) -> list[Any]:
+    """What ``model`` sends of its own: its class and settings as LangChain's cache keys them (secrets
+    masked; a model that cannot say, by its class and ``_identifying_params``), and its ``model_kwargs``
+    and ``api_base``, which that string leaves out for a model LangChain cannot serialize."""
+    try:
+        own = model._get_llm_string()
+    except Exception:  # noqa: BLE001 - a model whose settings do not serialize
+        own = f"{type(model).__qualname__}:{sorted(model._identifying_params.items())!r}"
+    return [own, getattr(model, "model_kwargs", None), getattr(model, "api_base", None)]
+
+
+def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], Any] | None:
+    """An answer of one AIMessage for the response cache (:func:`.convert.to_completion`); ``None`` for
+    one a middleware inside made of several messages or a structured response."""
+    if response.structured_response is not None or len(response.result) != 1:
+        return None
+    message = response.result[0]
+    return to_completion(message, result) if isinstance(message, AIMessage) else None
 
 
 def _base(route: str) -> str:
@@ -431,8 +461,27 @@ class RouterAgentMiddleware(AgentMiddleware):
                                     tools=_marked(request.tools, params.get("tools"), tools))
 
         usable = self.models.__contains__ if self.models else None
-        return self.pipeline.start(call, read=self._read, usable=usable, cache=False,
+        answers = None if request.response_format is not None else Answers(
+            partial(self._keyed, request), _stored, lambda response, native, result: ModelResponse(
+                result=[from_cache(response, native, result)]))
+        return self.pipeline.start(call, read=self._read, usable=usable, answers=answers,
                                    unusable="not among RouterAgentMiddleware's models="), build
+
+    def _keyed(self, request: ModelRequest, plan: Plan) -> Plan:
+        """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets and
+        what the attempt's model sends of its own (LangChain's string of its settings, as LangChain's own
+        cache keys it; its ``temperature`` where the plan sets none, so ``temperature0`` caching sees it).
+        A target the middleware cannot reach is keyed apart (it never answered here)."""
+        name = plan.deployment or plan.model
+        model = self.models.get(name) if self.models else request.model
+        params = dict(plan.params)
+        if request.tool_choice is not None:
+            params["tool_choice"] = request.tool_choice
+        params["langchain_model"] = _settings(model) if model is not None else None
+        temperature = getattr(model, "temperature", None)
+        if "temperature" not in params and isinstance(temperature, int | float):
+            params["temperature"] = temperature
+        return plan.override(params=params)
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
               first_token: float | None = None) -> Outcome:

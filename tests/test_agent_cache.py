@@ -1,0 +1,199 @@
+"""The response cache behind ``RouterAgentMiddleware`` (sync and async): a repeated agent request with a
+deterministic model is answered from the cache without calling the model, keyed by what the model
+sends of its own; what is not cacheable, and a cache that fails, reach the model as before.
+
+The agent's models are ``RoutedChatModel``s on a pipeline of their own (no cache) calling litellm with
+``mock_response``, and LangChain's ``GenericFakeChatModel`` where an answer's own content blocks matter."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from langchain.agents.middleware import ModelRequest, ModelResponse
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage
+from opentelemetry.trace import SpanKind
+
+from router_middleware import Pipeline
+from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+from router_middleware.stores import MemoryStore
+
+QUESTION = [HumanMessage("What is 2 + 2?")]
+INNER = {"telemetry": {"enabled": False}, "cache": {"enabled": False}, "context": {"enabled": False}}
+
+
+def routed(answer: str = "4", **settings: Any) -> RoutedChatModel:
+    return RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline.from_config(INNER),
+                           model_kwargs={"mock_response": answer, **settings.pop("model_kwargs", {})}, **settings)
+
+
+class Fake(GenericFakeChatModel):
+    temperature: float | None = None
+
+
+@pytest.fixture(params=["wrap_model_call", "awrap_model_call"])
+def ask(request) -> Callable[..., tuple[ModelResponse, int]]:
+    """``ask(middleware, model, messages=QUESTION, **request)``: the middleware's answer to one model call,
+    and how many times the handler called the model."""
+
+    def run(middleware: RouterAgentMiddleware, model: Any, messages: list[Any] = QUESTION,
+            **fields: Any) -> tuple[ModelResponse, int]:
+        called: list[int] = []
+        model_request = ModelRequest(model=model, messages=messages, model_settings={}, **fields)
+        if request.param == "wrap_model_call":
+            def handler(r: ModelRequest) -> ModelResponse:
+                called.append(1)
+                return ModelResponse(result=[r.model.invoke(r.messages)])
+
+            return middleware.wrap_model_call(model_request, handler), len(called)
+
+        async def ahandler(r: ModelRequest) -> ModelResponse:
+            called.append(1)
+            return ModelResponse(result=[await r.model.ainvoke(r.messages)])
+
+        return asyncio.run(middleware.awrap_model_call(model_request, ahandler)), len(called)
+
+    return run
+
+
+def pipeline(**cache: Any) -> Pipeline:
+    return Pipeline.from_config({"context": {"enabled": False}, "cache": cache})
+
+
+def test_a_repeated_request_at_temperature_0_is_answered_from_the_cache(ask, span_exporter, tmp_path) -> None:
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"context": {"enabled": False}, "ledger": {"url": url}}))
+    model = routed(temperature=0)
+    first, called = ask(middleware, model)
+    assert called == 1
+    second, called = ask(middleware, model)
+    assert called == 0
+    live, hit = first.result[0], second.result[0]
+    assert isinstance(hit, AIMessage) and hit.content == live.content == "4"
+    assert hit.usage_metadata["total_tokens"] == 0 and live.usage_metadata["total_tokens"] > 0
+    assert hit.response_metadata["usage_source"] == "cache" and hit.response_metadata["cost_usd"] == 0
+    assert hit.response_metadata["model_name"] == "gpt-4o-mini" and hit.id is None
+    spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL]
+    assert spans[-1].attributes["router_middleware.cache.hit"] is True
+    assert spans[-1].attributes["router_middleware.savings.estimated_usd"] == pytest.approx(
+        live.response_metadata["cost_usd"])
+    middleware.pipeline.close()
+    rows = open_ledger(url).query("SELECT cache_hit, cost_usd, saved_cache_usd, deployment FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == [0, 1] and rows[1][1] == 0
+    assert rows[1][2] == pytest.approx(live.response_metadata["cost_usd"]) and rows[0][1] == rows[1][2] > 0
+
+
+def test_a_hit_serves_the_answer_as_the_model_gave_it(ask) -> None:
+    blocks = [{"type": "thinking", "thinking": "2 and 2", "signature": "sig"},
+              {"type": "text", "text": "Let me check."},
+              {"type": "tool_use", "id": "toolu_1", "name": "calc", "input": {"expr": "2+2"}}]
+    answer = AIMessage(content=blocks, tool_calls=[{"name": "calc", "args": {"expr": "2+2"}, "id": "toolu_1"}],
+                       usage_metadata={"input_tokens": 12, "output_tokens": 30, "total_tokens": 42},
+                       response_metadata={"model_name": "claude-sonnet-4-5", "stop_reason": "tool_use"})
+    middleware = RouterAgentMiddleware(pipeline())
+    first, _ = ask(middleware, Fake(messages=iter([answer]), temperature=0))
+    second, called = ask(middleware, Fake(messages=iter([]), temperature=0))  # would fail if called
+    assert called == 0
+    hit = second.result[0]
+    assert hit.content == blocks and hit.tool_calls == answer.tool_calls
+    assert hit.response_metadata["stop_reason"] == "tool_use"  # the model's own metadata, and the hit's
+    assert hit.response_metadata["usage_source"] == "cache" and hit.usage_metadata["total_tokens"] == 0
+    assert first.result[0].usage_metadata["total_tokens"] == 42
+
+
+@pytest.mark.parametrize("case", ["temperature unset", "temperature 0.7", "opted out", "another model setting",
+                                  "another tool_choice", "a response_format"])
+def test_what_the_cache_does_not_answer(ask, case) -> None:
+    from langchain_core.tools import tool
+
+    @tool
+    def calc(expr: str) -> str:
+        """Evaluate ``expr``."""
+        return expr
+
+    context = {"cache": False} if case == "opted out" else None
+    middleware = RouterAgentMiddleware(pipeline(), context=context)
+    settings = {"temperature": 0.7} if case == "temperature 0.7" else {} if case == "temperature unset" else {
+        "temperature": 0}
+    ask(middleware, routed(**settings), tools=[calc], tool_choice="auto")
+    if case == "another model setting":
+        settings["max_tokens"] = 50
+    fields: dict[str, Any] = {"tools": [calc], "tool_choice": "required" if case == "another tool_choice" else "auto"}
+    if case == "a response_format":
+        from langchain.agents.structured_output import ToolStrategy
+
+        fields["response_format"] = ToolStrategy({"type": "object", "properties": {}, "title": "Sum"})
+        ask(middleware, routed(**settings), **fields)  # not stored either
+    _, called = ask(middleware, routed(**settings), **fields)
+    assert called == 1
+
+
+def test_model_kwargs_are_part_of_the_key(ask) -> None:
+    middleware = RouterAgentMiddleware(pipeline())
+    ask(middleware, routed(temperature=0))
+    _, called = ask(middleware, routed(temperature=0, model_kwargs={"top_p": 0.5}))
+    assert called == 1
+
+
+def test_a_pipeline_s_entry_is_not_an_agent_s_answer(ask) -> None:
+    """The same model and messages through ``Pipeline.completion`` and the middleware are two keys."""
+    shared = pipeline()
+    shared.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "What is 2 + 2?"}],
+                      temperature=0, mock_response="4")
+    _, called = ask(RouterAgentMiddleware(shared), routed(temperature=0))
+    assert called == 1
+
+
+def test_a_failing_cache_store_never_fails_the_call(ask, monkeypatch) -> None:
+    class Broken(MemoryStore):
+        def get(self, key: str) -> Any:
+            raise ConnectionError("cache down")
+
+        def put_bounded(self, *args: Any) -> None:
+            raise ConnectionError("cache down")
+
+    middleware = RouterAgentMiddleware(pipeline())
+    monkeypatch.setattr(middleware.pipeline.cache, "store", Broken())
+    for _ in range(2):
+        answer, called = ask(middleware, routed(temperature=0))
+        assert called == 1 and answer.result[0].content == "4"
+
+
+def test_an_answer_the_cache_cannot_hold_is_answered_and_not_stored(ask) -> None:
+    odd = AIMessage(content="4", additional_kwargs={"parsed": object()},
+                    usage_metadata={"input_tokens": 5, "output_tokens": 1, "total_tokens": 6})
+    middleware = RouterAgentMiddleware(pipeline())
+    answer, _ = ask(middleware, Fake(messages=iter([odd]), temperature=0))
+    assert answer.result[0].content == "4"
+    _, called = ask(middleware, Fake(messages=iter([AIMessage("4")]), temperature=0))
+    assert called == 1
+
+
+def test_on_real_redis_one_middleware_s_answer_serves_another_s(ask, redis_url) -> None:
+    """Two middlewares (two workers) sharing one Redis: the second answers from the first's entry."""
+    config, app = {"context": {"enabled": False}, "store": redis_url}, {"app": f"agent-{uuid.uuid4().hex[:8]}"}
+    first, called = ask(RouterAgentMiddleware(Pipeline.from_config(config), context=app), routed(temperature=0))
+    assert called == 1
+    second, called = ask(RouterAgentMiddleware(Pipeline.from_config(config), context=app), routed(temperature=0))
+    assert called == 0 and second.result[0].content == first.result[0].content == "4"
+
+
+def test_in_a_create_agent_loop_a_hit_gets_an_id_and_is_streamed() -> None:
+    """End to end: LangGraph gives the hit's message an id of its own, and ``stream_mode="messages"``
+    still yields it (from the model node's output: no model ran to stream its tokens)."""
+    from langchain.agents import create_agent
+
+    agent = create_agent(routed(temperature=0), tools=[], middleware=[RouterAgentMiddleware(pipeline())])
+    ask = {"messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+    live = agent.invoke(ask)["messages"][-1]
+    hit = agent.invoke(ask)["messages"][-1]
+    assert hit.content == live.content == "4" and hit.response_metadata["usage_source"] == "cache"
+    assert hit.id and hit.id != live.id
+    streamed = [chunk for chunk, _ in agent.stream(ask, stream_mode="messages")]
+    assert [(c.content, c.response_metadata.get("usage_source")) for c in streamed] == [("4", "cache")]
