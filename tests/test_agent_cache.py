@@ -197,3 +197,35 @@ def test_in_a_create_agent_loop_a_hit_gets_an_id_and_is_streamed() -> None:
     assert hit.id and hit.id != live.id
     streamed = [chunk for chunk, _ in agent.stream(ask, stream_mode="messages")]
     assert [(c.content, c.response_metadata.get("usage_source")) for c in streamed] == [("4", "cache")]
+
+
+def test_a_prompt_a_middleware_inside_makes_per_user_never_answers_another_user() -> None:
+    """A ``dynamic_prompt`` inside the router builds each user's system prompt from the run's context,
+    after the router keyed the request: the context is part of the key, so user B is not served A's
+    answer, while A's repeated question is."""
+    from dataclasses import dataclass
+
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import dynamic_prompt
+
+    @dataclass
+    class User:
+        name: str
+
+    @dynamic_prompt
+    def personal(request: ModelRequest) -> str:
+        return f"Address the user as {request.runtime.context.name}."
+
+    answers = iter(["Hi Ada", "Hi Bob", "unused"])
+
+    class Greeter(Fake):
+        pass
+
+    model = Greeter(messages=(AIMessage(a) for a in answers), temperature=0)
+    agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline()), personal],
+                         context_schema=User)
+    ask = {"messages": [{"role": "user", "content": "Greet me"}]}
+    said = [agent.invoke(ask, context=User(name))["messages"][-1] for name in ("Ada", "Bob", "Ada")]
+    assert [m.content for m in said] == ["Hi Ada", "Hi Bob", "Hi Ada"]
+    assert said[2].response_metadata["usage_source"] == "cache"
+    assert said[1].response_metadata.get("usage_source") != "cache"

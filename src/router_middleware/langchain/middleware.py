@@ -468,9 +468,11 @@ class RouterAgentMiddleware(AgentMiddleware):
                                    unusable="not among RouterAgentMiddleware's models="), build
 
     def _keyed(self, request: ModelRequest, plan: Plan) -> Plan:
-        """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets and
+        """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets,
         what the attempt's model sends of its own (LangChain's string of its settings, as LangChain's own
-        cache keys it; its ``temperature`` where the plan sets none, so ``temperature0`` caching sees it).
+        cache keys it; its ``temperature`` where the plan sets none, so ``temperature0`` caching sees it),
+        and what a middleware inside this one may build the request from: the run's ``context`` and the
+        agent state's fields besides its messages (a prompt made per user never answers another user).
         A target the middleware cannot reach is keyed apart (it never answered here)."""
         name = plan.deployment or plan.model
         model = self.models.get(name) if self.models else request.model
@@ -478,6 +480,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         if request.tool_choice is not None:
             params["tool_choice"] = request.tool_choice
         params["langchain_model"] = _settings(model) if model is not None else None
+        context = getattr(request.runtime, "context", None)
+        if context is not None:
+            params["langchain_context"] = context
+        state = {k: v for k, v in (request.state or {}).items() if k != "messages"}
+        if state:
+            params["langchain_state"] = state
         temperature = getattr(model, "temperature", None)
         if "temperature" not in params and isinstance(temperature, int | float):
             params["temperature"] = temperature
