@@ -11,7 +11,9 @@ and the success event come after it). In a LangChain ``create_agent`` loop, the 
 its message objects and appends a turn a step: the median time of
 ``RouterAgentMiddleware.wrap_model_call`` with a handler that answers at once (conversion,
 validation, planning, the call's accounting). For each starting size, ``--steps`` steps of one
-session, two messages a step, the first 20 not counted.
+session, two messages a step, the first 20 not counted. A second table times the agent middleware
+with the response cache on: for a model the cache does not take, for one at ``temperature=0`` (each
+step a miss whose answer is stored), and for the same steps replayed (each a hit: no model called).
 """
 
 from __future__ import annotations
@@ -40,26 +42,37 @@ sys.path.insert(0, str(Path(__file__).parent))
 from overhead import history  # noqa: E402
 
 
-def middleware_times(size: int, steps: int) -> list[float]:
+def middleware_times(size: int, steps: int, *, cache: bool = False, temperature: float | None = None,
+                     replay: bool = False) -> list[float]:
+    """``cache``: the response cache on (memory store); ``temperature``: the agent's model's, 0 for a
+    model the cache takes; ``replay``: time a second pass over the same steps (every call a hit)."""
     from langchain.agents.middleware import ModelRequest, ModelResponse
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, HumanMessage, convert_to_messages
 
     from router_middleware.langchain import RouterAgentMiddleware
 
-    middleware = RouterAgentMiddleware(rm.Pipeline.from_config({"cache": {"enabled": False}}), model="gpt-4o-mini")
+    class Model(GenericFakeChatModel):
+        temperature: float | None = None
+
+    config = {} if cache else {"cache": {"enabled": False}}
+    middleware = RouterAgentMiddleware(rm.Pipeline.from_config(config), model="gpt-4o-mini")
     answer = ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 10, "output_tokens": 2,
                                                                    "total_tokens": 12})])
-    model = GenericFakeChatModel(messages=iter(["unused"]))
+    model = Model(messages=iter(["unused"]), temperature=temperature)
     messages = convert_to_messages(history(size))
-    times = []
+    steps_sent = []
     for step in range(steps + 20):
         messages = [*messages, AIMessage(f"step {step} done"), HumanMessage("go on")]
-        start = time.perf_counter()
-        middleware.wrap_model_call(ModelRequest(model=model, messages=messages, model_settings={}),
-                                   lambda request: answer)
-        if step >= 20:
-            times.append(time.perf_counter() - start)
+        steps_sent.append(messages)
+    times = []
+    for timed in (False, True) if replay else (True,):
+        for step, sent in enumerate(steps_sent):
+            start = time.perf_counter()
+            middleware.wrap_model_call(ModelRequest(model=model, messages=sent, model_settings={}),
+                                       lambda request: answer)
+            if timed and step >= 20:
+                times.append(time.perf_counter() - start)
     return times
 
 
@@ -116,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         sdk = statistics.median(asyncio.run(sdk_times(size, args.steps)))
         medians.append(f"{size} messages {hook * 1e3:.3f} / {agent * 1e3:.3f} / {sdk * 1e3:.3f} ms")
         print(f"| {size} messages | {hook * 1e3:.3f} | {agent * 1e3:.3f} | {sdk * 1e3:.3f} |")
+    print("\n| history at the start | agent middleware, cache off (ms) | cache on, a model it does not take "
+          "| cache on, temperature 0, misses stored | cache on, temperature 0, hits |")
+    print("|---|---|---|---|---|")
+    for size in (int(s) for s in args.sizes.split(",")):
+        runs = [middleware_times(size, args.steps), middleware_times(size, args.steps, cache=True),
+                middleware_times(size, args.steps, cache=True, temperature=0),
+                middleware_times(size, args.steps, cache=True, temperature=0, replay=True)]
+        print(f"| {size} messages | " + " | ".join(f"{statistics.median(r) * 1e3:.3f}" for r in runs) + " |")
     print(f"\nsummary: proxy hook / agent middleware / SDK hook and event per step, {', '.join(medians)}")
     return 0
 

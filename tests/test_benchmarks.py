@@ -248,6 +248,9 @@ def test_redis_workers_smoke(out: str) -> None:
 @pytest.mark.smoke("adapters")
 def test_adapters_smoke(out: str) -> None:
     assert "| 20 messages |" in out and out.strip().splitlines()[-1].startswith("summary: proxy hook / agent middleware")
+    cached = next(line for line in out.splitlines() if "cache on, temperature 0, hits" in line)
+    rows = [line for line in out.splitlines() if line.startswith("| 20 messages |")]
+    assert cached and len(rows) == 2 and len(rows[1].split("|")) == 7  # the cache table: four timings
 
 
 @pytest.mark.smoke("breaker")

@@ -162,6 +162,7 @@ class CallLifecycle:
         self.unusable = unusable
         self.use_cache = cache and (read is None or answers is not None)
         self.answers = answers if read is not None else None
+        self._keyed_as: tuple[Plan, Plan] | None = None  # the last plan an adapter's cache keyed, and its keyed form
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.given = plan
@@ -663,8 +664,12 @@ class CallLifecycle:
         return answer
 
     def _keyed(self, plan: Plan) -> Plan:
-        """``plan`` as the response cache sees it (an adapter's, with what its model adds)."""
-        return self.answers.keyed(plan) if self.answers is not None else plan
+        """``plan`` as the response cache sees it (an adapter's, with what its model adds; made once a plan)."""
+        if self.answers is None:
+            return plan
+        if self._keyed_as is None or self._keyed_as[0] is not plan:
+            self._keyed_as = (plan, self.answers.keyed(plan))
+        return self._keyed_as[1]
 
     def _adapted(self, answer: Any, result: Outcome, trace: CallTrace) -> tuple[dict[str, Any], Any] | None:
         """An adapter's answer as a chat completion and its own form, or ``None`` (not to be cached)."""

@@ -473,10 +473,17 @@ class RouterAgentMiddleware(AgentMiddleware):
         cache keys it; its ``temperature`` where the plan sets none, so ``temperature0`` caching sees it),
         and what a middleware inside this one may build the request from: the run's ``context`` and the
         agent state's fields besides its messages (a prompt made per user never answers another user).
-        A target the middleware cannot reach is keyed apart (it never answered here)."""
+        A target the middleware cannot reach is keyed apart (it never answered here). The model's
+        settings are read only for a call the cache takes (another is never keyed)."""
         name = plan.deployment or plan.model
         model = self.models.get(name) if self.models else request.model
         params = dict(plan.params)
+        temperature = getattr(model, "temperature", None)
+        if "temperature" not in params and isinstance(temperature, int | float):
+            params["temperature"] = temperature
+        cache = self.pipeline.cache
+        if cache is None or not cache.cacheable(plan.override(params=params)):
+            return plan.override(params=params)
         if request.tool_choice is not None:
             params["tool_choice"] = request.tool_choice
         params["langchain_model"] = _settings(model) if model is not None else None
@@ -486,9 +493,6 @@ class RouterAgentMiddleware(AgentMiddleware):
         state = {k: v for k, v in (request.state or {}).items() if k != "messages"}
         if state:
             params["langchain_state"] = state
-        temperature = getattr(model, "temperature", None)
-        if "temperature" not in params and isinstance(temperature, int | float):
-            params["temperature"] = temperature
         return plan.override(params=params)
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
