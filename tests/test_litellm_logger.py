@@ -2641,3 +2641,41 @@ def test_a_sync_stream_that_breaks_before_its_first_chunk_keeps_the_caller_s_tra
         assert _polled(lambda: logger.recorded >= 1)
     (route,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL and s.name != "agent step"]
     assert route.parent is not None and route.parent.span_id == step.get_span_context().span_id
+
+
+@pytest.mark.parametrize("endpoint", ["acompletion", "aresponses"])
+def test_a_proxy_model_name_spelled_as_its_model_names_no_deployment_and_another_its_name(tmp_path, monkeypatch,
+                                                                                           endpoint) -> None:
+    """Behind the proxy a ``model_name`` spelled as its own model (``openai/gpt-4o-mini``) is the model
+    called as itself: its row names no deployment, as a pipeline call of that model; a name standing
+    for another model (``named``) is named, on the chat endpoint as on the ones sent as they came
+    (``/v1/responses``; it named the model as its own deployment there)."""
+    import sys
+    import types
+
+    router = litellm.Router(model_list=[
+        {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x", "mock_response": "ok"}}
+        for name in ("openai/gpt-4o-mini", "named")])
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    logger = RouterLogger(Pipeline.from_config({"ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}),
+                          proxy=True).register()
+
+    async def calls() -> None:
+        for name in ("openai/gpt-4o-mini", "named"):
+            data: dict[str, Any] = {"model": name, "litellm_call_id": name}
+            if endpoint == "acompletion":
+                data["messages"] = [{"role": "user", "content": f"to {name}"}]
+            else:
+                data["input"] = f"to {name}"
+            sent = await logger.async_pre_call_hook(None, None, data, endpoint) or data  # None: sent as it came
+            await getattr(router, endpoint)(**sent)
+        await logger.aflush()
+
+    try:
+        asyncio.run(calls())
+        rows = _ledger(logger, ("requested_model", "target", "deployment", "error"))
+    finally:
+        logger.unregister()
+    assert rows == [
+        {"requested_model": "openai/gpt-4o-mini", "target": "openai/gpt-4o-mini", "deployment": None, "error": None},
+        {"requested_model": "named", "target": "openai/gpt-4o-mini", "deployment": "named", "error": None}]
