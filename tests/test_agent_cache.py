@@ -97,8 +97,9 @@ def test_a_hit_serves_the_answer_as_the_model_gave_it(ask) -> None:
                        usage_metadata={"input_tokens": 12, "output_tokens": 30, "total_tokens": 42},
                        response_metadata={"model_name": "claude-sonnet-4-5", "stop_reason": "tool_use"})
     middleware = RouterAgentMiddleware(pipeline())
-    first, _ = ask(middleware, Fake(messages=iter([answer]), temperature=0))
-    second, called = ask(middleware, Fake(messages=iter([]), temperature=0))  # would fail if called
+    model = Fake(messages=iter([answer]), temperature=0)  # one answer: a second call would fail
+    first, _ = ask(middleware, model)
+    second, called = ask(middleware, model)
     assert called == 0
     hit = second.result[0]
     assert hit.content == blocks and hit.tool_calls == answer.tool_calls
@@ -169,10 +170,106 @@ def test_an_answer_the_cache_cannot_hold_is_answered_and_not_stored(ask) -> None
     odd = AIMessage(content="4", additional_kwargs={"parsed": object()},
                     usage_metadata={"input_tokens": 5, "output_tokens": 1, "total_tokens": 6})
     middleware = RouterAgentMiddleware(pipeline())
-    answer, _ = ask(middleware, Fake(messages=iter([odd]), temperature=0))
+    model = Fake(messages=iter([odd, AIMessage("4")]), temperature=0)
+    answer, _ = ask(middleware, model)
     assert answer.result[0].content == "4"
-    _, called = ask(middleware, Fake(messages=iter([AIMessage("4")]), temperature=0))
+    _, called = ask(middleware, model)
     assert called == 1
+
+
+@pytest.mark.parametrize("odd", [{"tool_calls": [{"name": "calc", "args": {"xs": (1, 2)}, "id": "c1"}]},
+                                 {"additional_kwargs": {"scores": {1: "a"}}}], ids=["a tuple", "a number as a key"])
+def test_an_answer_json_would_read_back_otherwise_is_not_stored(ask, odd) -> None:
+    """Stored, a tuple would come back a list and a number key a string: the hit would differ from the
+    answer the model gave, so there is no entry."""
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage(content="4", **odd), AIMessage("4")]), temperature=0)
+    first, _ = ask(middleware, model)
+    assert [c["args"] for c in first.result[0].tool_calls] == [c["args"] for c in odd.get("tool_calls", [])]
+    _, called = ask(middleware, model)
+    assert called == 1
+
+
+def test_an_entry_the_middleware_cannot_read_is_a_miss_not_a_failed_call(ask, tmp_path) -> None:
+    """An entry whose LangChain form does not parse (another version's, or corrupt) passes the cache's
+    own check of its chat completion: it is a miss, the model answers, and the ledger records no hit."""
+    import json
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"context": {"enabled": False}, "ledger": {"url": url}}))
+    model = Fake(messages=iter([AIMessage("4"), AIMessage("four")]), temperature=0)
+    ask(middleware, model)
+    store = middleware.pipeline.cache.store
+    [key] = [k for k in store._data if k.startswith("cache:") and ":slot:" not in k and not k.endswith(":seq")]
+    data = json.loads(store._data[key][0])
+    data["native"] = {"type": "ai", "data": {"content": "4", "tool_calls": [{"name": "x"}]}}  # no args, no id
+    store._data[key] = (json.dumps(data).encode(), store._data[key][1])
+    answer, called = ask(middleware, model)
+    assert called == 1 and answer.result[0].content == "four"
+    middleware.pipeline.close()
+    rows = open_ledger(url).query("SELECT cache_hit, ended FROM calls ORDER BY ts")
+    assert [tuple(r) for r in rows] == [(0, "complete"), (0, "complete")]
+
+
+def test_a_provider_s_server_tool_is_keyed_with_its_settings(ask) -> None:
+    """Anthropic's web search with other ``allowed_domains`` is another request (converted to OpenAI's
+    shape the tool would be its name alone)."""
+    def search(domain: str) -> dict[str, Any]:
+        return {"type": "web_search_20250305", "name": "web_search", "allowed_domains": [domain], "max_uses": 5}
+
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("per nytimes.com"), AIMessage("per example.org")]), temperature=0)
+    ask(middleware, model, tools=[search("nytimes.com")])
+    answer, called = ask(middleware, model, tools=[search("example.org")])
+    assert called == 1 and answer.result[0].content == "per example.org"
+    _, called = ask(middleware, model, tools=[search("nytimes.com")])
+    assert called == 0
+
+
+@pytest.mark.parametrize("case", ["stop", "a copy with another max_tokens", "bind(max_tokens=)",
+                                  "bind(temperature=0.9)"])
+def test_every_setting_the_model_sends_is_part_of_the_key(ask, case) -> None:
+    """What the model sends of its own beyond LangChain's settings string: a RoutedChatModel's ``stop``,
+    a copy of a model made after its string was cached, and the arguments of a ``bind()`` around a
+    ``models=`` entry (a bound temperature of 0.9 is not cached at all)."""
+    if case == "a copy with another max_tokens":
+        from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+        class Listed(FakeListChatModel):  # serializable, as ChatOpenAI and ChatAnthropic are
+            temperature: float | None = 0
+            max_tokens: int | None = 4000
+
+            @classmethod
+            def is_lc_serializable(cls) -> bool:
+                return True
+
+        first = Listed(responses=["a long answer", "a short one"])
+        middleware = RouterAgentMiddleware(pipeline())
+        ask(middleware, first)
+        answer, called = ask(middleware, first.model_copy(update={"max_tokens": 5}))
+        assert called == 1 and answer.result[0].content == "a short one"
+        return
+    if case == "stop":
+        middleware = RouterAgentMiddleware(pipeline())
+        ask(middleware, routed(temperature=0))
+        _, called = ask(middleware, routed(temperature=0, stop=["."]))
+        assert called == 1
+        return
+    model = Fake(messages=iter([AIMessage("first"), AIMessage("second"), AIMessage("third")]), temperature=0)
+    bound = model.bind(max_tokens=5) if case == "bind(max_tokens=)" else model.bind(temperature=0.9)
+    middleware = RouterAgentMiddleware(pipeline(), models={"gpt-4o-mini": model, "gpt-4o": bound},
+                                       model="gpt-4o-mini")
+    agent_model = routed(temperature=0)  # the agent's model: routed to models= by name
+    ask(middleware, agent_model)
+    swapped = RouterAgentMiddleware(pipeline(), models={"gpt-4o-mini": bound}, model="gpt-4o-mini")
+    swapped.pipeline.cache.store = middleware.pipeline.cache.store  # one store, as two workers share Redis
+    answer, called = ask(swapped, agent_model)
+    assert called == 1 and answer.result[0].content == "second"
+    if case == "bind(temperature=0.9)":
+        answer, called = ask(swapped, agent_model)
+        assert called == 1 and answer.result[0].content == "third"
 
 
 def test_on_real_redis_one_middleware_s_answer_serves_another_s(ask, redis_url) -> None:
@@ -199,33 +296,68 @@ def test_in_a_create_agent_loop_a_hit_gets_an_id_and_is_streamed() -> None:
     assert [(c.content, c.response_metadata.get("usage_source")) for c in streamed] == [("4", "cache")]
 
 
-def test_a_prompt_a_middleware_inside_makes_per_user_never_answers_another_user() -> None:
-    """A ``dynamic_prompt`` inside the router builds each user's system prompt from the run's context,
-    after the router keyed the request: the context is part of the key, so user B is not served A's
-    answer, while A's repeated question is."""
-    from dataclasses import dataclass
+@pytest.mark.parametrize("where", ["context", "a context field hidden from repr", "a pydantic field hidden from repr",
+                                   "configurable"])
+@pytest.mark.parametrize("run", ["invoke", "ainvoke"])
+def test_a_prompt_a_middleware_inside_makes_per_user_never_answers_another_user(where, run) -> None:
+    """A ``dynamic_prompt`` inside the router builds each user's system prompt from the run's context
+    (also from a field its ``repr`` hides, as one keeps personal data out of logs) or its
+    ``configurable``, after the router keyed the request: they are part of the key, so user B is not
+    served A's answer, while A's repeated question is."""
+    from dataclasses import dataclass, field
 
     from langchain.agents import create_agent
     from langchain.agents.middleware import dynamic_prompt
+    from langgraph.config import get_config
+    from pydantic import BaseModel, Field
 
     @dataclass
     class User:
         name: str
 
+    @dataclass
+    class Hidden:
+        profile: str = field(repr=False)
+
+    class Modelled(BaseModel):
+        profile: str = Field(repr=False)
+
+    def user(name: str) -> Any:
+        return {"context": User(name), "a context field hidden from repr": Hidden(name),
+                "a pydantic field hidden from repr": Modelled(profile=name)}.get(where)
+
     @dynamic_prompt
     def personal(request: ModelRequest) -> str:
-        return f"Address the user as {request.runtime.context.name}."
+        context = request.runtime.context
+        name = get_config()["configurable"]["user_id"] if context is None else getattr(
+            context, "name", None) or context.profile
+        return f"Address the user as {name}."
 
     answers = iter(["Hi Ada", "Hi Bob", "unused"])
-
-    class Greeter(Fake):
-        pass
-
-    model = Greeter(messages=(AIMessage(a) for a in answers), temperature=0)
-    agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline()), personal],
-                         context_schema=User)
+    model = Fake(messages=(AIMessage(a) for a in answers), temperature=0)
+    agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline()), personal])
     ask = {"messages": [{"role": "user", "content": "Greet me"}]}
-    said = [agent.invoke(ask, context=User(name))["messages"][-1] for name in ("Ada", "Bob", "Ada")]
-    assert [m.content for m in said] == ["Hi Ada", "Hi Bob", "Hi Ada"]
-    assert said[2].response_metadata["usage_source"] == "cache"
-    assert said[1].response_metadata.get("usage_source") != "cache"
+
+    def said(name: str) -> Any:
+        config = {"configurable": {"user_id": name, "thread_id": name}}
+        if run == "invoke":
+            return agent.invoke(ask, config, context=user(name))["messages"][-1]
+        return asyncio.run(agent.ainvoke(ask, config, context=user(name)))["messages"][-1]
+
+    answered = [said(name) for name in ("Ada", "Bob", "Ada")]
+    assert [m.content for m in answered] == ["Hi Ada", "Hi Bob", "Hi Ada"]
+    assert answered[2].response_metadata["usage_source"] == "cache"
+    assert answered[1].response_metadata.get("usage_source") != "cache"
+
+
+def test_a_context_that_holds_itself_is_answered_and_not_cached(ask) -> None:
+    """A run context the key cannot hold (it refers to itself) sends the call uncached, never fails it."""
+    from langgraph.runtime import Runtime
+
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("4"), AIMessage("four")]), temperature=0)
+    for expected in ("4", "four"):
+        answer, called = ask(middleware, model, runtime=Runtime(context=loop))
+        assert called == 1 and answer.result[0].content == expected

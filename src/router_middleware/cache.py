@@ -18,9 +18,12 @@ import hashlib
 import json
 import math
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, fields, is_dataclass, replace
+from enum import Enum
 from typing import Any
+
+from pydantic import SecretBytes, SecretStr
 
 from .stores import Store
 from .telemetry import log
@@ -47,6 +50,45 @@ def key_material(value: Any) -> Any:
         except Exception:  # noqa: BLE001 - a schema pydantic cannot write: keyed by the class's name
             return {"model": name}
     return str(value)
+
+
+def key_value(value: Any, _within: tuple[int, ...] = ()) -> Any:
+    """``value`` as plain data holding every field it has, for a key: a dataclass's and a pydantic
+    model's fields by name with their type (those hidden from ``repr`` too, which ``str`` leaves out),
+    another object's attributes, a secret as its mask. Raises ``ValueError`` for a value that holds
+    itself, or is nested deeper than 32."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if id(value) in _within or len(_within) > 32:
+        raise ValueError(f"a {type(value).__qualname__} that holds itself, or is nested too deep, has no key")
+    within = (*_within, id(value))
+    if isinstance(value, Mapping):
+        items = [(key_value(k, within), key_value(v, within)) for k, v in value.items()]
+        if all(isinstance(k, str) for k, _ in items):
+            return dict(items)
+        return {"items": sorted((json.dumps([k, v], sort_keys=True) for k, v in items))}
+    if isinstance(value, list | tuple):
+        return [key_value(item, within) for item in value]
+    if isinstance(value, Set):
+        return {"set": sorted(json.dumps(key_value(item, within), sort_keys=True) for item in value)}
+    if isinstance(value, SecretStr | SecretBytes):
+        return str(value)
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if isinstance(value, Enum):
+        return {"type": kind, "value": key_value(value.value, within)}
+    if isinstance(value, type):
+        return key_material(value)
+    names: Any = getattr(type(value), "model_fields", None)  # pydantic
+    state: Any
+    if isinstance(names, Mapping):
+        state = {name: getattr(value, name, None) for name in names} | dict(getattr(value, "model_extra", None) or {})
+    elif is_dataclass(value):
+        state = {field.name: getattr(value, field.name, None) for field in fields(value)}
+    else:
+        state = getattr(value, "__dict__", None)
+    if not isinstance(state, Mapping) or not state:
+        return {"type": kind, "str": str(value)}  # a datetime, a UUID, a Decimal, a path
+    return {"type": kind, "fields": key_value(state, within)}
 
 
 @functools.lru_cache(maxsize=256)

@@ -60,13 +60,15 @@ Reader = Callable[[Plan, Any, float], Outcome]
 class Answers:
     """How an adapter whose answers are not litellm responses uses the response cache. ``keyed``: the
     plan as the cache sees it (its params with what the adapter's model adds: its settings, its
-    temperature); ``stored``: the answer (and its Outcome) as a chat completion and the adapter's own
-    form of it, or ``None`` to leave it out of the cache; ``served``: a hit (a litellm response, that
-    own form or ``None``, the hit's Outcome) as the adapter's answer."""
+    temperature), or ``None`` for a call it cannot key (not cached); ``stored``: the answer (and its
+    Outcome) as a chat completion and the adapter's own form of it, or ``None`` to leave it out of the
+    cache; ``loaded``: an entry (a litellm response, that own form or ``None``) as the adapter's answer,
+    raising for one it cannot read (a miss); ``served``: that answer with the hit's Outcome."""
 
-    keyed: Callable[[Plan], Plan]
+    keyed: Callable[[Plan], Plan | None]
     stored: Callable[[Any, Outcome], tuple[dict[str, Any], Any] | None]
-    served: Callable[[Any, Any, Outcome], Any]
+    loaded: Callable[[Any, Any], Any]
+    served: Callable[[Any, Outcome], Any]
 
 PLAN_PASSES = 3  # plans of one call (or attempt) that may each fetch what the last one missed
 
@@ -162,7 +164,7 @@ class CallLifecycle:
         self.unusable = unusable
         self.use_cache = cache and (read is None or answers is not None)
         self.answers = answers if read is not None else None
-        self._keyed_as: tuple[Plan, Plan] | None = None  # the last plan an adapter's cache keyed, and its keyed form
+        self._keyed_as: tuple[Plan, Plan | None] | None = None  # the last plan an adapter's cache keyed, keyed
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.given = plan
@@ -416,9 +418,9 @@ class CallLifecycle:
         a store effect; a paraphrase lookup (semantic cache) runs in place."""
         engine, cache = self.engine, self.engine.cache
         keyed = self._keyed(plan)
-        if cache is None or not cache.cacheable(keyed):
+        if keyed is None or cache is None or not cache.cacheable(keyed):
             return None, plan
-        entry, error = None, None
+        entry, error, loaded = None, None, None
         try:
             entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
@@ -427,6 +429,11 @@ class CallLifecycle:
             entry, failed = ((yield StoreCall(cache, "similar_entry", (keyed,))) if self.engine.store_blocks
                              else cache.similar_entry(keyed))
             error = error or failed
+        if entry is not None and self.answers is not None:
+            try:
+                loaded = self.answers.loaded(rebuild_response(entry.response), entry.native)
+            except Exception as exc:  # noqa: BLE001 - an entry the adapter cannot read is a miss
+                entry, error = None, cache.failed("lookup", exc)
         if error:
             plan = plan.decide(Decision("cache", "error", f"{error}; treated as a miss"))
         if entry is None:
@@ -450,8 +457,7 @@ class CallLifecycle:
             return result
 
         if self.answers is not None:
-            response = rebuild_response(entry.response)
-            return self.answers.served(response, entry.native, hit(response, started)), plan
+            return self.answers.served(loaded, hit(rebuild_response(entry.response), started)), plan
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error, _early:
@@ -663,13 +669,20 @@ class CallLifecycle:
         trace.succeed(settled, answer)
         return answer
 
-    def _keyed(self, plan: Plan) -> Plan:
-        """``plan`` as the response cache sees it (an adapter's, with what its model adds; made once a plan)."""
+    def _keyed(self, plan: Plan) -> Plan | None:
+        """``plan`` as the response cache sees it (an adapter's, with what its model adds; made once a
+        plan), or ``None`` for one the adapter cannot key (not cached)."""
         if self.answers is None:
             return plan
         if self._keyed_as is None or self._keyed_as[0] is not plan:
             self._keyed_as = (plan, self.answers.keyed(plan))
         return self._keyed_as[1]
+
+    def _cache_key(self, plan: Plan) -> Plan:
+        """``plan``'s keyed form for a call :meth:`_saves` sends to the cache (so one it can key)."""
+        keyed = self._keyed(plan)
+        assert keyed is not None
+        return keyed
 
     def _adapted(self, answer: Any, result: Outcome, trace: CallTrace) -> tuple[dict[str, Any], Any] | None:
         """An adapter's answer as a chat completion and its own form, or ``None`` (not to be cached)."""
@@ -686,7 +699,7 @@ class CallLifecycle:
         return its entry, for the settlement to write (one round trip)."""
         cache = self.engine.cache
         assert cache is not None
-        keyed = self._keyed(plan)
+        keyed = self._cache_key(plan)
         try:
             entry = cache.entry(keyed, response, result.cost.total_usd, native)
             if cache.store is self.engine.store:
@@ -705,7 +718,7 @@ class CallLifecycle:
         if entry is None or cache is None:
             return
         if failed is None:
-            yield from self._cached(self._keyed(plan), entry[0])
+            yield from self._cached(self._cache_key(plan), entry[0])
         else:
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
 
@@ -737,7 +750,10 @@ class CallLifecycle:
     def _saves(self, plan: Plan) -> bool:
         """Will this call's answer go to the response cache?"""
         cache = self.engine.cache
-        return cache is not None and self.use_cache and cache.cacheable(self._keyed(plan))
+        if cache is None or not self.use_cache:
+            return False
+        keyed = self._keyed(plan)
+        return keyed is not None and cache.cacheable(keyed)
 
     def _save(self, plan: Plan, response: Any, result: Outcome, trace: CallTrace) -> Bounded | None:
         """Save a stream's answer that :meth:`_saves` sends to the response cache: the entry, for the

@@ -260,6 +260,11 @@ def _tool_calls(raw: Sequence[Any] | None) -> tuple[list[Any], list[Any]]:
 
 
 def to_ai_message(response: Any, result: Outcome) -> AIMessage:
+    return _ai_message(response, usage_metadata=usage_metadata(result.usage),
+                       response_metadata=response_metadata(result), id=result.response_id)
+
+
+def _ai_message(response: Any, **fields: Any) -> AIMessage:
     message = response.choices[0].message
     calls, invalid = _tool_calls(getattr(message, "tool_calls", None))
     extra: dict[str, Any] = {}
@@ -267,19 +272,20 @@ def to_ai_message(response: Any, result: Outcome) -> AIMessage:
     if reasoning:
         extra["reasoning_content"] = reasoning
     return AIMessage(content=message.content or "", tool_calls=calls, invalid_tool_calls=invalid,
-                     additional_kwargs=extra, usage_metadata=usage_metadata(result.usage),
-                     response_metadata=response_metadata(result), id=result.response_id)
+                     additional_kwargs=extra, **fields)
 
 
 def to_completion(message: AIMessage, result: Outcome) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """An agent model's answer for the response cache: as an OpenAI chat completion (what every hit is
     checked and replayed as), and as LangChain's own dict of it (what a hit of the agent's serves:
     content blocks, thinking signatures and provider fields as the model gave them); ``None`` for an
-    answer with a tool call that did not parse, or a field JSON cannot write."""
+    answer with a tool call that did not parse, or a field JSON would read back otherwise (a tuple, a
+    key that is no string). Raises for a field JSON cannot write."""
     if message.invalid_tool_calls:
         return None
     native = message_to_dict(message.model_copy(update={"usage_metadata": None}))
-    json.dumps(native)  # raises for what JSON cannot write: no entry, rather than a hit that differs
+    if json.loads(json.dumps(native)) != native:  # a tuple, a key that is no string: read back otherwise
+        return None  # (what JSON cannot write at all raises): no entry, rather than a hit that differs
     calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["args"])}}
              for c in message.tool_calls]
     answer: dict[str, Any] = {"role": "assistant", "content": message.text}
@@ -300,13 +306,20 @@ def to_completion(message: AIMessage, result: Outcome) -> tuple[dict[str, Any], 
     return completion, native
 
 
-def from_cache(response: Any, native: Any, result: Outcome) -> AIMessage:
-    """A response-cache hit as the agent's model answer: the message as it was stored (else rebuilt
-    from the chat completion), with the hit's usage (none consumed) and metadata, and no id of its own
-    (LangGraph gives it one: the stored answer's id may be in another thread's history)."""
-    message = messages_from_dict([dict(native)])[0] if isinstance(native, Mapping) else to_ai_message(response, result)
+def cached_answer(response: Any, native: Any) -> AIMessage:
+    """A response-cache entry as the agent's model answer: the message as it was stored, else rebuilt
+    from the chat completion. Raises for an entry that does not read as one (a miss, not a failed call)."""
+    if not isinstance(native, Mapping):
+        return _ai_message(response)
+    message = messages_from_dict([dict(native)])[0]
     if not isinstance(message, AIMessage):
         raise ValueError(f"the cached answer is a {type(message).__name__}, not an AIMessage")
+    return message
+
+
+def served_answer(message: AIMessage, result: Outcome) -> AIMessage:
+    """A hit's answer with the hit's usage (none consumed) and metadata, and no id of its own (LangGraph
+    gives it one: the stored answer's id may be in another thread's history)."""
     return message.model_copy(update={"id": None, "usage_metadata": usage_metadata(result.usage),
                                       "response_metadata": {**message.response_metadata, **response_metadata(result)}})
 

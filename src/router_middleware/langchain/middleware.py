@@ -37,6 +37,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from .. import wire
+from ..cache import key_value
 from ..catalog import close_names
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
@@ -49,9 +50,10 @@ from .chat_model import RoutedChatModel
 from .convert import (
     AttemptRuns,
     attempt,
-    from_cache,
+    cached_answer,
     outcome_from_message,
     response_metadata,
+    served_answer,
     to_completion,
     to_openai_once,
 )
@@ -134,15 +136,46 @@ def _sets(model: BaseChatModel, name: str) -> bool:
     return (isinstance(own, Mapping) and own.get(name) is not None) or getattr(model, name, None) is not None
 
 
-def _settings(model: BaseChatModel) -> list[Any]:
-    """What ``model`` sends of its own: its class and settings as LangChain's cache keys them (secrets
-    masked; a model that cannot say, by its class and ``_identifying_params``), and its ``model_kwargs``
-    and ``api_base``, which that string leaves out for a model LangChain cannot serialize."""
+_UNSENT = frozenset({  # chat model fields that never change an answer (or are this package's own)
+    "callbacks", "callback_manager", "cache", "verbose", "tags", "metadata", "rate_limiter", "custom_get_token_ids",
+    "disable_streaming", "streaming", "max_retries", "timeout", "request_timeout", "default_request_timeout",
+    "pipeline"})
+_GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map"})  # LangGraph's own
+
+
+def _unbound(runnable: Any) -> tuple[BaseChatModel | None, dict[str, Any]]:
+    """The chat model ``runnable`` is or wraps, and the arguments its ``bind()`` wrappers add (an outer
+    one's over an inner one's, as they are sent)."""
+    bound: dict[str, Any] = {}
+    for _ in range(8):
+        if isinstance(runnable, BaseChatModel):
+            return runnable, bound
+        kwargs = getattr(runnable, "kwargs", None)
+        if isinstance(kwargs, Mapping):
+            bound = {**kwargs, **bound}
+        runnable = getattr(runnable, "bound", None)
+    return None, bound
+
+
+def _settings(model: BaseChatModel, bound: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``model`` sends of its own: its class, every field it has but those that never change an
+    answer (callbacks, retries, timeouts, streaming) or it never sends (``Field(exclude=True)``: its
+    clients), secrets masked, and what a ``bind()`` around it adds."""
+    own = {name: getattr(model, name, None) for name, field in type(model).model_fields.items()
+           if name not in _UNSENT and not field.exclude}
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}", "fields": key_value(own),
+            "bound": key_value(bound)}
+
+
+def _configurable() -> dict[str, Any]:
+    """The run's ``configurable`` but LangGraph's own keys (its thread, checkpoints, ``__pregel_*``)."""
     try:
-        own = model._get_llm_string()
-    except Exception:  # noqa: BLE001 - a model whose settings do not serialize
-        own = f"{type(model).__qualname__}:{sorted(model._identifying_params.items())!r}"
-    return [own, getattr(model, "model_kwargs", None), getattr(model, "api_base", None)]
+        from langgraph.config import get_config
+
+        found = get_config().get("configurable") or {}
+    except Exception:  # noqa: BLE001 - outside a graph run there is no config
+        return {}
+    return {k: v for k, v in found.items() if not (k.startswith("__") or k in _GRAPH_KEYS)}
 
 
 def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], Any] | None:
@@ -462,23 +495,25 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         usable = self.models.__contains__ if self.models else None
         answers = None if request.response_format is not None else Answers(
-            partial(self._keyed, request), _stored, lambda response, native, result: ModelResponse(
-                result=[from_cache(response, native, result)]))
+            partial(self._keyed, request), _stored, cached_answer,
+            lambda message, result: ModelResponse(result=[served_answer(message, result)]))
         return self.pipeline.start(call, read=self._read, usable=usable, answers=answers,
                                    unusable="not among RouterAgentMiddleware's models="), build
 
-    def _keyed(self, request: ModelRequest, plan: Plan) -> Plan:
-        """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets,
-        what the attempt's model sends of its own (LangChain's string of its settings, as LangChain's own
-        cache keys it; its ``temperature`` where the plan sets none, so ``temperature0`` caching sees it),
-        and what a middleware inside this one may build the request from: the run's ``context`` and the
-        agent state's fields besides its messages (a prompt made per user never answers another user).
-        A target the middleware cannot reach is keyed apart (it never answered here). The model's
-        settings are read only for a call the cache takes (another is never keyed)."""
+    def _keyed(self, request: ModelRequest, plan: Plan) -> Plan | None:
+        """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets, the
+        tools as the agent gave them (a provider's server tool with its settings), what the attempt's model
+        sends of its own (:func:`_settings`; its ``temperature`` where the plan sets none, so
+        ``temperature0`` caching sees it), and what a middleware inside this one may build the request
+        from: the run's ``context``, its ``configurable`` and the agent state's fields besides its
+        messages, with every field they hold (a prompt made per user never answers another user).
+        ``None`` when one of those cannot be keyed (the call is not cached). A target the middleware
+        cannot reach is keyed apart (it never answered here). The model's settings are read only for a
+        call the cache takes (another is never keyed)."""
         name = plan.deployment or plan.model
-        model = self.models.get(name) if self.models else request.model
+        model, bound = _unbound(self.models.get(name) if self.models else request.model)
         params = dict(plan.params)
-        temperature = getattr(model, "temperature", None)
+        temperature = bound.get("temperature", getattr(model, "temperature", None))
         if "temperature" not in params and isinstance(temperature, int | float):
             params["temperature"] = temperature
         cache = self.pipeline.cache
@@ -486,13 +521,15 @@ class RouterAgentMiddleware(AgentMiddleware):
             return plan.override(params=params)
         if request.tool_choice is not None:
             params["tool_choice"] = request.tool_choice
-        params["langchain_model"] = _settings(model) if model is not None else None
-        context = getattr(request.runtime, "context", None)
-        if context is not None:
-            params["langchain_context"] = context
-        state = {k: v for k, v in (request.state or {}).items() if k != "messages"}
-        if state:
-            params["langchain_state"] = state
+        try:
+            params["langchain_model"] = _settings(model, bound) if model is not None else None
+            given = [tool for tool in request.tools if isinstance(tool, Mapping)]
+            around = {"context": getattr(request.runtime, "context", None), "configurable": _configurable(),
+                      "state": {k: v for k, v in (request.state or {}).items() if k != "messages"}, "tools": given}
+            params["langchain_run"] = key_value({k: v for k, v in around.items() if v})
+        except Exception as exc:  # noqa: BLE001 - a call whose key cannot be made is sent, not cached
+            log.info("cache_not_keyed", route=name, error_type=type(exc).__name__, error=str(exc)[:200])
+            return None
         return plan.override(params=params)
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
