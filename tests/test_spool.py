@@ -146,3 +146,57 @@ def test_the_spool_lives_beside_a_sqlite_ledger_and_never_names_a_password(tmp_p
     found = default_spool("postgresql://app:s3cret@db:5432/ledger")
     assert found.parent == tmp_path / "router-middleware" / "spool" and "s3cret" not in str(found)
     assert found == default_spool("postgresql://app:other@db:5432/ledger")  # one folder per ledger
+
+
+def test_rows_neither_the_database_nor_the_spool_takes_wait_in_memory_and_the_writer_lives_on(tmp_path) -> None:
+    """The spool's folder cannot be made (its parent is a file) while the database is down: the writer
+    thread died, every later row was lost and ``close()`` waited its 30 s. Now the rows wait in memory
+    and are written once the database answers; those still waiting at ``close()`` are logged as lost."""
+    import structlog
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    (tmp_path / "afile").write_text("a file, not a folder")
+    down = [True]
+
+    def opener(target: str):
+        if down[0]:
+            raise ConnectionError("the database is down")
+        return open_ledger(target)
+
+    writer = LedgerWriter(url, spool=tmp_path / "afile" / "spool", retries=1, opener=opener)
+    with structlog.testing.capture_logs() as logs:
+        for i in range(3):
+            writer.append(_row(f"a{i}"))
+            writer.flush(timeout_s=10)
+        assert writer.alive
+        down[0] = False
+        writer.append(_row("b0"))
+        writer.close(timeout_s=10)
+    assert _count(url) == 4
+    assert [e["rows"] for e in logs if e["event"] == "ledger_rows_held"] == [1, 2, 3]
+    down[0] = True
+    with structlog.testing.capture_logs() as logs:
+        writer.append(_row("c0"))
+        writer.close(timeout_s=10)
+    assert [(e["event"], e["rows"]) for e in logs if e["event"] == "ledger_rows_lost"] == [("ledger_rows_lost", 1)]
+
+
+def test_a_pipeline_closed_by_one_coroutine_records_the_calls_of_the_next(tmp_path) -> None:
+    """README: a coroutine done with the pipeline awaits ``aclose()``; the next ``asyncio.run`` using the
+    same pipeline had its calls answered and their rows dropped without a word (also after ``close()``)."""
+    import asyncio
+
+    from router_middleware import Pipeline
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}})
+
+    async def job(text: str) -> None:
+        await pipeline.acompletion("gpt-4o-mini", [{"role": "user", "content": text}], mock_response="ok")
+        await pipeline.aclose()
+
+    asyncio.run(job("one"))
+    asyncio.run(job("two"))
+    pipeline.completion("gpt-4o-mini", [{"role": "user", "content": "three"}], mock_response="ok")
+    pipeline.close()
+    assert _count(url) == 3

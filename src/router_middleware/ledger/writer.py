@@ -4,8 +4,12 @@
 rejects goes to the spool's quarantine with the reason and the others are written; a batch that
 still fails after ``retries`` attempts (the database does not answer) goes to the spool folder
 (:mod:`.spool`), whose rows are inserted first on the next successful write, by this process or any
-other once this one is gone (or by ``flush_spool()``, or ``router-middleware ledger drain``). Rows
-are never dropped silently: at worst they wait in the spool or its quarantine, and it is logged.
+other once this one is gone (or by ``flush_spool()``, or ``router-middleware ledger drain``). When
+the spool cannot be written either (its folder cannot be made), the rows wait in memory (up to
+:data:`HELD_MAX`) for the next write. Rows are never dropped silently: at worst they wait in the
+spool, its quarantine or memory, and it is logged; those still in memory at ``close()`` are logged
+as lost. A writer closed and then given a row starts again (a pipeline closed by one coroutine and
+used by the next).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .spool import Drained, Spool, default_spool, insert_tolerant
 from .store import LedgerDB, open_ledger
 
 _STOP = object()
+HELD_MAX = 10_000  # rows kept in memory while neither the database nor the spool takes them
 
 
 class LedgerWriter:
@@ -38,9 +43,22 @@ class LedgerWriter:
         self._db: LedgerDB | None = None
         self._queue: queue.Queue[object] = queue.Queue()
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="router-ledger-writer", daemon=True)
-        self._thread.start()
+        self._starting = threading.Lock()
+        self._held: list[LedgerRecord] = []  # rows neither the database nor the spool took
+        self._thread = self._start()
         _LIVE.add(self)
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name="router-ledger-writer", daemon=True)
+        thread.start()
+        return thread
+
+    def _running(self) -> None:
+        """Start the writer again if it was closed."""
+        if not self._thread.is_alive():
+            with self._starting:
+                if not self._thread.is_alive():
+                    self._thread = self._start()
 
     @property
     def alive(self) -> bool:
@@ -48,19 +66,28 @@ class LedgerWriter:
 
     def append(self, record: LedgerRecord) -> None:
         self._queue.put(record)
+        self._running()
 
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until everything queued so far has been written or spooled."""
         done = threading.Event()
         self._queue.put(done)
+        self._running()
         done.wait(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> None:
+        """Write what is queued, stop the writer and close the database; rows still held in memory
+        (neither the database nor the spool took them) are logged as lost."""
         self.flush(timeout_s)
         self._queue.put(_STOP)
         self._thread.join(timeout_s)
+        if self._held:
+            log.error("ledger_rows_lost", rows=len(self._held), spool=str(self.spool.own),
+                      why="neither the ledger database nor its spool folder took them before close()")
+            self._held = []
         if self._db is not None:
             self._db.close()
+            self._db = None
 
     def _run(self) -> None:
         while True:
@@ -83,10 +110,15 @@ class LedgerWriter:
                 if item is _STOP:
                     self._queue.put(_STOP)
                     break
-            if pending:
-                self._write(pending)
-            for waiter in waiters:
-                waiter.set()
+            try:
+                if pending or self._held:
+                    self._write(pending)
+            except Exception as exc:  # noqa: BLE001 - the writer outlives any one batch
+                log.error("ledger_writer_failed", rows=len(pending), error_type=type(exc).__name__,
+                          error=str(exc)[:200])
+            finally:
+                for waiter in waiters:
+                    waiter.set()
 
     def _db_or_open(self) -> LedgerDB:
         if self._db is None:
@@ -94,6 +126,7 @@ class LedgerWriter:
         return self._db
 
     def _write(self, records: list[LedgerRecord]) -> None:
+        records, self._held = [*self._held, *records], []
         for attempt in range(self.retries):
             try:
                 db = self._db_or_open()
@@ -111,7 +144,13 @@ class LedgerWriter:
                         pass
                     self._db = None
                 time.sleep(min(0.05 * 2**attempt, 1.0))
-        self.spool.add(records)
+        try:
+            self.spool.add(records)
+        except Exception as exc:  # noqa: BLE001 - kept in memory for the next write
+            self._held = records[-HELD_MAX:]
+            log.error("ledger_rows_held", rows=len(self._held), lost=len(records) - len(self._held),
+                      spool=str(self.spool.own), error_type=type(exc).__name__, error=str(exc)[:200])
+            return
         log.error("ledger_rows_spooled", rows=len(records), spool=str(self.spool.own))
 
     def flush_spool(self) -> Drained:
