@@ -159,7 +159,13 @@ def test_a_usd_budget_says_once_per_model_that_it_counted_nothing_for_an_unprice
     assert [(e["budget"], e["model"]) for e in said] == [("team", "openai/my-finetune"),
                                                           ("team", "openai/other-finetune")]
     assert "has no price: its calls add nothing to the budget's USD limit" in said[0]["why"]
-    assert "models:" in said[0]["why"]
+    assert "models: {openai/my-finetune: {input_per_mtok: ..., output_per_mtok: ...}}" in said[0]["why"]
+    priced = Pipeline.from_config({"cache": {"enabled": False}, "models": {  # the advice, followed
+        "openai/my-finetune": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+        "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}]}})
+    with structlog.testing.capture_logs() as logs:
+        priced.completion(model="openai/my-finetune", messages=MESSAGES, mock_response="ok")
+    assert [e for e in logs if e["event"] == "budget_usd_unpriced"] == []
     with pytest.raises(BudgetExceeded, match="budget 'team' .* exceeded"):  # its tokens still count
         for _ in range(1000):
             p.completion(model="openai/my-finetune", messages=MESSAGES, mock_response="ok")

@@ -225,8 +225,9 @@ class Bookkeeper:
             if claim.unit == "usd" and not claim.amount and self._first_unapplied(f"{claim.name}\0{model}"):
                 log.warning("budget_usd_unpriced", budget=claim.name, model=model,
                             why=f"{model} has no price: its calls add nothing to the budget's USD limit (a token "
-                                "limit still counts them); price it under the config's models: "
-                                "(input_cost_per_token, output_cost_per_token); said once per budget and model")
+                                f"limit still counts them); price it in the config, models: {{{model}: "
+                                "{input_per_mtok: ..., output_per_mtok: ...}} (USD per million tokens); said once "
+                                "per budget and model")
 
     def _first_unapplied(self, name: str) -> bool:
         """Whether budget ``name`` (or a budget and a model) is yet to be logged as not applying, noting
