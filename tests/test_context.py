@@ -446,3 +446,21 @@ def test_a_changed_message_inside_the_dropped_span_gets_a_new_digest() -> None:
     changed = policy(plan_for(renamed), state)
     assert len(changed.messages) == len(first.messages) and changed.messages[2] is not first.messages[2]
     assert "src/mod24_7.py" in changed.messages[2]["content"]
+
+
+def test_a_plain_chat_s_digest_keeps_its_names_not_the_user_s_older_words() -> None:
+    """In a chat (no tools, no agent speaking as the user) the user's latest words are never in the
+    dropped span, and quoting older ones crowded names out of the digest: retention on the recorded
+    chats fell from 0.9762 to 0.9548. An agent with XML tools keeps them (the test above)."""
+    from router_middleware.context.digest import span_digest
+
+    chat = [{"role": "user" if i % 2 == 0 else "assistant",
+             "content": f"Tell me about Paris and Lyon, turn {i}, and what Marie Curie did there." * 3}
+            for i in range(20)]
+    digest = span_digest(chat, chat=True)
+    assert "the user's latest words in them" not in digest
+    assert "Marie" in digest and "Lyon" in digest
+    cline = [{"role": "assistant", "content": "<read_file>\n<path>a.py</path>\n</read_file>"},
+             {"role": "user", "content": "[read_file for 'a.py'] Result:\nprint(1)"},
+             {"role": "user", "content": "<feedback>\nuse Lyon instead\n</feedback>"}]
+    assert "the user's latest words in them: <feedback> use Lyon instead </feedback>" in span_digest(cline, chat=True)

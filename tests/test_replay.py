@@ -139,7 +139,7 @@ def test_chat_sessions_with_a_4k_budget(capsys) -> None:
     base, opt = data["baseline"], data["optimized"]
     assert data["per_session"][0]["model"] == "deepseek/deepseek-chat"
     assert opt["max_request_tokens"] <= 4000
-    assert data["retention"] >= 0.95
+    assert data["retention"] >= 0.97  # README: 0.976 (0.9548 went unnoticed under a 0.95 bound)
     assert data["integrity_violations"] == 0
     assert opt["input_tokens"] <= 0.40 * base["input_tokens"]
     assert opt["cost_usd"] <= base["cost_usd"]

@@ -46,6 +46,13 @@ AGENT_SAID = re.compile(r"^\s*(?:\[[\w-]+(?: for .*?)?\] Result:|\[ERROR\] You d
 USER_SAID = re.compile(r"<(?:answer|feedback|user_message|task)>")
 
 
+def agent_speaks_as_user(messages: Sequence[Message]) -> bool:
+    """Whether an agent sends its tool results in the user's role in ``messages`` (Cline's XML tools,
+    mini-swe-agent's observations): a history with no native tool calls that is no plain chat."""
+    return any(m.get("role") == "user" and (is_observation(messages, i, 0) or AGENT_SAID.match(text_of(m)))
+               for i, m in enumerate(messages))
+
+
 def last_instruction(messages: Sequence[Message], head: int) -> int | None:
     """Index of the user's latest words after the head, if any: what an agent is working on once the
     task changed midway ("also update the docs"). Not an observation (mini-swe-agent's), nor a tool
