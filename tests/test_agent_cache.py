@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,6 +17,7 @@ from langchain.agents.middleware import ModelRequest, ModelResponse
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, HumanMessage
 from opentelemetry.trace import SpanKind
+from pydantic import Field
 
 from router_middleware import Pipeline
 from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
@@ -32,6 +33,7 @@ def routed(answer: str = "4", **settings: Any) -> RoutedChatModel:
 
 
 class Fake(GenericFakeChatModel):
+    messages: Iterator[AIMessage | str] = Field(exclude=True)  # the test's script of answers: not a setting sent
     temperature: float | None = None
 
 
@@ -361,3 +363,137 @@ def test_a_context_that_holds_itself_is_answered_and_not_cached(ask) -> None:
     for expected in ("4", "four"):
         answer, called = ask(middleware, model, runtime=Runtime(context=loop))
         assert called == 1 and answer.result[0].content == expected
+
+
+def test_a_tool_s_extras_are_part_of_the_key(ask) -> None:
+    """A tool object's ``extras`` (what ChatAnthropic and ChatOpenAI send beside its schema: input
+    examples, ``defer_loading``, a provider's tool definition in its place) are keyed."""
+    from langchain_core.tools import tool
+
+    def search_with(extras: dict[str, Any]) -> Any:
+        @tool(extras=extras)
+        def search(query: str) -> str:
+            """Search the web."""
+            return query
+
+        return search
+
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("one"), AIMessage("two"), AIMessage("three")]), temperature=0)
+    ask(middleware, model, tools=[search_with({"defer_loading": True})])
+    for extras in ({"defer_loading": False},
+                   {"provider_tool_definition": {"type": "web_search_20250305", "name": "search", "max_uses": 1}}):
+        _, called = ask(middleware, model, tools=[search_with(extras)])
+        assert called == 1
+
+
+def _context_pairs() -> dict[str, tuple[Any, Any]]:
+    """Two run contexts a prompt could tell apart, by what ``str`` hides of them."""
+    import attrs
+    from pydantic import BaseModel, PrivateAttr
+
+    @attrs.define
+    class Attrs:  # slots, no __dict__
+        profile: str = attrs.field(repr=False)
+
+    class Private(BaseModel):
+        _profile: str = PrivateAttr(default="")
+
+    one, two = Private(), Private()
+    one._profile, two._profile = "Ada", "Bob"
+    pairs: dict[str, tuple[Any, Any]] = {
+        "an attrs field hidden from repr": (Attrs("Ada"), Attrs("Bob")),
+        "a pydantic private attribute": (one, two),
+        "a tuple and a list": ({"ids": (1, 2)}, {"ids": [1, 2]}),
+        "the order of a mapping": ({"a": 1, "b": 2}, {"b": 2, "a": 1}),
+    }
+    return pairs
+
+
+@pytest.mark.parametrize("case", ["an attrs field hidden from repr", "a pydantic private attribute",
+                                  "a tuple and a list", "the order of a mapping"])
+def test_contexts_a_prompt_could_tell_apart_are_two_keys(ask, case) -> None:
+    from langgraph.runtime import Runtime
+
+    first, second = _context_pairs()[case]
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("one"), AIMessage("two"), AIMessage("three")]), temperature=0)
+    ask(middleware, model, runtime=Runtime(context=first))
+    _, called = ask(middleware, model, runtime=Runtime(context=second))
+    assert called == 1
+    _, called = ask(middleware, model, runtime=Runtime(context=first))
+    assert called == 0
+
+
+@pytest.mark.parametrize("held", ["a connection", "an array", "a lock"])
+def test_a_context_holding_what_shows_no_state_is_sent_uncached_and_said_once(ask, held) -> None:
+    """A value whose state the key cannot read (a database connection, an array, a lock: ``str`` would
+    hold an address, or a summary) is never keyed by a stand-in: the call is sent, not cached, and a
+    warning names where the value is, once."""
+    import sqlite3
+    import threading
+
+    import structlog
+    from langgraph.runtime import Runtime
+
+    value = {"a connection": lambda: sqlite3.connect(":memory:"), "a lock": threading.Lock,
+             "an array": lambda: pytest.importorskip("numpy").arange(3000)}[held]()
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("one"), AIMessage("two")]), temperature=0)
+    with structlog.testing.capture_logs() as logs:
+        for expected in ("one", "two"):
+            answer, called = ask(middleware, model, runtime=Runtime(context={"user": {"handle": value}}))
+            assert called == 1 and answer.result[0].content == expected
+    said = [e for e in logs if e["event"] == "cache_not_keyed"]
+    assert len(said) == 1
+    assert "user.handle: a " in said[0]["error"] and "shows no state to key" in said[0]["error"]
+
+
+def test_what_langgraph_puts_in_configurable_for_one_run_is_not_keyed(ask) -> None:
+    """The Agent Server's request id, the run's id and tracing headers change every run: keyed, no run
+    would ever hit; the signed-in user's id is keyed."""
+    from langchain_core.runnables.config import var_child_runnable_config
+
+    middleware = RouterAgentMiddleware(pipeline())
+    model = Fake(messages=iter([AIMessage("one"), AIMessage("two"), AIMessage("three")]), temperature=0)
+
+    def in_run(request_id: str, user: str) -> int:
+        token = var_child_runnable_config.set({"configurable": {
+            "langgraph_request_id": request_id, "run_id": request_id, "langsmith-trace": request_id,
+            "__request_start_time_ms__": 1.0, "thread_id": request_id, "langgraph_auth_user_id": user}})
+        try:
+            return ask(middleware, model)[1]
+        finally:
+            var_child_runnable_config.reset(token)
+
+    assert [in_run("r1", "ada"), in_run("r2", "ada"), in_run("r3", "bob")] == [1, 0, 1]
+
+
+def test_a_key_is_the_same_in_another_process_and_bounded_in_size() -> None:
+    """What a key holds carries no memory address (a function by its name, a ``__slots__`` object by its
+    fields), so another worker finds the entry; a value with more than 10,000 parts (a shared child
+    walked on every path grows it fast) is refused at once, not walked for seconds."""
+    import json
+    import subprocess
+    import sys
+
+    from router_middleware.cache import Unkeyable, key_value
+
+    script = """
+import json, sys
+from router_middleware.cache import key_value
+class Slotted:
+    __slots__ = ("name",)
+    def __init__(self, name): self.name = name
+def fetch(): return 1
+print(json.dumps(key_value({"f": fetch, "s": Slotted("ada"), "n": {1, 2}}), sort_keys=True))
+"""
+    keys = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(keys) == 1 and "0x" not in keys.pop()
+    shared: Any = {"leaf": 1}
+    for _ in range(13):
+        shared = {"a": shared, "b": shared, "c": shared}
+    with pytest.raises(Unkeyable, match="more than 10000 values"):
+        key_value(shared)
+    assert json.dumps(key_value({"a": (1, 2)})) != json.dumps(key_value({"a": [1, 2]}))

@@ -13,14 +13,19 @@ that fails degrades to a miss with a warning; it never fails the call.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import functools
 import hashlib
 import json
 import math
 import threading
+import uuid
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, fields, is_dataclass, replace
 from enum import Enum
+from pathlib import PurePath
+from types import BuiltinFunctionType, FunctionType, MethodType
 from typing import Any
 
 from pydantic import SecretBytes, SecretStr
@@ -52,43 +57,99 @@ def key_material(value: Any) -> Any:
     return str(value)
 
 
-def key_value(value: Any, _within: tuple[int, ...] = ()) -> Any:
-    """``value`` as plain data holding every field it has, for a key: a dataclass's and a pydantic
-    model's fields by name with their type (those hidden from ``repr`` too, which ``str`` leaves out),
-    another object's attributes, a secret as its mask. Raises ``ValueError`` for a value that holds
-    itself, or is nested deeper than 32."""
-    if value is None or isinstance(value, str | int | float | bool):
+KEY_VALUES = 10_000  # values one key_value() reads at most: a larger value is not keyed
+_WHOLE_STR = (datetime.date, datetime.time, datetime.timedelta, uuid.UUID, decimal.Decimal, PurePath)  # str is whole
+
+
+class Unkeyable(ValueError):
+    """A value :func:`key_value` cannot hold whole: one that holds itself, is too large, or shows no
+    state; ``path``: where in the value it is."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+        self.path: list[str] = []
+
+    def __str__(self) -> str:
+        return f"{'.'.join(self.path)}: {self.what}" if self.path else self.what
+
+
+def key_value(value: Any) -> Any:
+    """``value`` as plain data holding all of it, for a key: a mapping's pairs in their order, a tuple
+    apart from a list, a dataclass's, attrs class's or pydantic model's fields (those hidden from
+    ``repr`` and pydantic's private ones too) and another object's attributes (``__dict__``,
+    ``__slots__``), with their type; a date, UUID, Decimal or path as its ``str``, a function or class
+    by its qualified name, a secret as its mask. Raises :class:`Unkeyable`, naming where, for a value
+    that holds itself, holds more than :data:`KEY_VALUES` values, or shows no state to key (a lock, a
+    connection, an array, a generator)."""
+    return _key(value, (), [KEY_VALUES])
+
+
+def _key(value: Any, within: tuple[int, ...], left: list[int]) -> Any:
+    left[0] -= 1
+    if left[0] < 0:
+        raise Unkeyable(f"more than {KEY_VALUES} values")
+    if value is None or isinstance(value, str | int | float):
         return value
-    if id(value) in _within or len(_within) > 32:
-        raise ValueError(f"a {type(value).__qualname__} that holds itself, or is nested too deep, has no key")
-    within = (*_within, id(value))
+    if isinstance(value, bytes):
+        return {"bytes": value.hex()}
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if id(value) in within:
+        raise Unkeyable(f"a {kind} that holds itself")
+    within = (*within, id(value))
     if isinstance(value, Mapping):
-        items = [(key_value(k, within), key_value(v, within)) for k, v in value.items()]
-        if all(isinstance(k, str) for k, _ in items):
-            return dict(items)
-        return {"items": sorted((json.dumps([k, v], sort_keys=True) for k, v in items))}
+        return {"map": [[_key(k, within, left), _at(k, v, within, left)] for k, v in value.items()]}
     if isinstance(value, list | tuple):
-        return [key_value(item, within) for item in value]
+        items = [_at(i, item, within, left) for i, item in enumerate(value)]
+        return items if isinstance(value, list) else {"tuple": items}
     if isinstance(value, Set):
-        return {"set": sorted(json.dumps(key_value(item, within), sort_keys=True) for item in value)}
+        return {"set": sorted(json.dumps(_key(item, within, left), sort_keys=True) for item in value)}
     if isinstance(value, SecretStr | SecretBytes):
         return str(value)
-    kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if isinstance(value, Enum):
-        return {"type": kind, "value": key_value(value.value, within)}
+        return {"type": kind, "value": _key(value.value, within, left)}
+    if isinstance(value, _WHOLE_STR):
+        return {"type": kind, "str": str(value)}
     if isinstance(value, type):
         return key_material(value)
-    names: Any = getattr(type(value), "model_fields", None)  # pydantic
-    state: Any
-    if isinstance(names, Mapping):
-        state = {name: getattr(value, name, None) for name in names} | dict(getattr(value, "model_extra", None) or {})
-    elif is_dataclass(value):
-        state = {field.name: getattr(value, field.name, None) for field in fields(value)}
-    else:
-        state = getattr(value, "__dict__", None)
-    if not isinstance(state, Mapping) or not state:
-        return {"type": kind, "str": str(value)}  # a datetime, a UUID, a Decimal, a path
-    return {"type": kind, "fields": key_value(state, within)}
+    if isinstance(value, FunctionType | BuiltinFunctionType | MethodType):
+        return {"function": f"{getattr(value, '__module__', None)}.{value.__qualname__}"}
+    state = _state(value)
+    if state is None:
+        raise Unkeyable(f"a {kind} shows no state to key")
+    return {"type": kind, "fields": [[name, _at(name, field, within, left)] for name, field in state.items()]}
+
+
+def _at(where: Any, value: Any, within: tuple[int, ...], left: list[int]) -> Any:
+    """:func:`_key` of an item, an error naming its place."""
+    try:
+        return _key(value, within, left)
+    except Unkeyable as error:
+        error.path.insert(0, str(where))
+        raise
+
+
+def _names(slots: Any) -> tuple[str, ...]:
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _state(value: Any) -> dict[str, Any] | None:
+    """An object's fields by name (pydantic, dataclass, attrs, ``__dict__`` and ``__slots__``), or ``None``."""
+    names: Any = getattr(type(value), "model_fields", None)
+    if isinstance(names, Mapping):  # pydantic
+        return {**{name: getattr(value, name, None) for name in names}, **(getattr(value, "model_extra", None) or {}),
+                **(getattr(value, "__pydantic_private__", None) or {})}
+    if is_dataclass(value):
+        return {field.name: getattr(value, field.name, None) for field in fields(value)}
+    attrs = getattr(type(value), "__attrs_attrs__", None)
+    if attrs is not None:
+        return {a.name: getattr(value, a.name, None) for a in attrs}
+    own = getattr(value, "__dict__", None)
+    slots = [n for c in type(value).__mro__ for n in _names(getattr(c, "__slots__", ()))
+             if n not in ("__dict__", "__weakref__")]
+    if not isinstance(own, dict) and not slots:
+        return None
+    return {**(own if isinstance(own, dict) else {}), **{n: getattr(value, n) for n in slots if hasattr(value, n)}}
 
 
 @functools.lru_cache(maxsize=256)

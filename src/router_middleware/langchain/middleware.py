@@ -140,7 +140,10 @@ _UNSENT = frozenset({  # chat model fields that never change an answer (or are t
     "callbacks", "callback_manager", "cache", "verbose", "tags", "metadata", "rate_limiter", "custom_get_token_ids",
     "disable_streaming", "streaming", "max_retries", "timeout", "request_timeout", "default_request_timeout",
     "pipeline"})
-_GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map"})  # LangGraph's own
+# What LangGraph and its Agent Server put in a run's configurable for that run alone (its thread and
+# checkpoints, the request's id, its tracing headers; the signed-in user stays, as langgraph_auth_user_id)
+_GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map", "run_id", "run_attempt",
+                         "langgraph_request_id", "langgraph_auth_user"})
 
 
 def _unbound(runnable: Any) -> tuple[BaseChatModel | None, dict[str, Any]]:
@@ -168,14 +171,15 @@ def _settings(model: BaseChatModel, bound: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _configurable() -> dict[str, Any]:
-    """The run's ``configurable`` but LangGraph's own keys (its thread, checkpoints, ``__pregel_*``)."""
+    """The run's ``configurable`` but what LangGraph puts there for the run alone (:data:`_GRAPH_KEYS`,
+    ``__pregel_*`` and the server's other ``__`` keys, ``langsmith-*``)."""
     try:
         from langgraph.config import get_config
 
         found = get_config().get("configurable") or {}
     except Exception:  # noqa: BLE001 - outside a graph run there is no config
         return {}
-    return {k: v for k, v in found.items() if not (k.startswith("__") or k in _GRAPH_KEYS)}
+    return {k: v for k, v in found.items() if not (k.startswith(("__", "langsmith")) or k in _GRAPH_KEYS)}
 
 
 def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], Any] | None:
@@ -276,6 +280,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         self._lock = threading.Lock()
         self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
         self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
+        self._not_keyed: set[tuple[str, str]] = set()  # (model, reason) pairs said not cached (_keyed)
 
     def _serve(self) -> None:
         """Tell the pipeline the model each of ``models`` stands for, where its name is not that
@@ -523,12 +528,20 @@ class RouterAgentMiddleware(AgentMiddleware):
             params["tool_choice"] = request.tool_choice
         try:
             params["langchain_model"] = _settings(model, bound) if model is not None else None
-            given = [tool for tool in request.tools if isinstance(tool, Mapping)]
+            given = [tool if isinstance(tool, Mapping) else {"name": tool.name, "extras": tool.extras}
+                     for tool in request.tools if isinstance(tool, Mapping) or getattr(tool, "extras", None)]
             around = {"context": getattr(request.runtime, "context", None), "configurable": _configurable(),
                       "state": {k: v for k, v in (request.state or {}).items() if k != "messages"}, "tools": given}
             params["langchain_run"] = key_value({k: v for k, v in around.items() if v})
         except Exception as exc:  # noqa: BLE001 - a call whose key cannot be made is sent, not cached
-            log.info("cache_not_keyed", route=name, error_type=type(exc).__name__, error=str(exc)[:200])
+            said = f"{type(exc).__name__}: {getattr(exc, 'what', exc)}"
+            with self._lock:
+                new = (name, said) not in self._not_keyed
+                self._not_keyed.add((name, said))
+            if new:
+                log.warning("cache_not_keyed", route=name, error_type=type(exc).__name__, error=str(exc)[:300],
+                            why="the response cache cannot key what this agent call may be built from; it is "
+                                "sent, not cached (said once per model and reason)")
             return None
         return plan.override(params=params)
 
