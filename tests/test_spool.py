@@ -200,3 +200,30 @@ def test_a_pipeline_closed_by_one_coroutine_records_the_calls_of_the_next(tmp_pa
     pipeline.completion("gpt-4o-mini", [{"role": "user", "content": "three"}], mock_response="ok")
     pipeline.close()
     assert _count(url) == 3
+
+
+def test_a_full_ledger_database_spools_its_rows_and_writes_them_once_it_has_room(tmp_path) -> None:
+    """A full disk is an outage, not bad rows: the database still answers ``SELECT 1``, so its rows were
+    quarantined (where no drain writes them) behind a "cannot rollback" error that hid SQLITE_FULL. Now
+    they wait in the spool and are written once there is room (the disk filled: ``max_page_count``)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    open_ledger(url).close()
+    folder, full = tmp_path / "spool", [True]
+
+    def opener(target: str):
+        db = open_ledger(target)
+        if full[0]:
+            pages = db.query("PRAGMA page_count")[0][0]
+            db.query(f"PRAGMA max_page_count = {pages}")
+        return db
+
+    writer = LedgerWriter(url, spool=folder, retries=1, opener=opener)
+    for i in range(50):
+        writer.append(_row(f"a{i}", session="s" * 2000))
+    writer.flush()
+    assert not (folder / QUARANTINE).exists()
+    assert list(folder.glob("rows-*.jsonl")) and _count(url) == 0
+    full[0] = False
+    writer.append(_row("b0"))
+    writer.close()
+    assert _count(url) == 51 and not list(folder.glob("rows-*.jsonl"))

@@ -49,22 +49,33 @@ class DatabaseUnavailable(Exception):
 def insert_tolerant(db: LedgerDB, records: Sequence[LedgerRecord]) -> list[tuple[LedgerRecord, str]]:
     """Insert ``records``; if the batch fails while the database still answers, insert them one by
     one and return the rows it rejects, with the reason. Raises :class:`DatabaseUnavailable` (from
-    the database's error) when it does not answer."""
+    the database's error) when it does not answer, or answers but cannot write (:func:`_outage`: a
+    full disk, a read-only file), which no row is to blame for."""
     try:
         db.insert(records)
         return []
     except Exception as exc:  # noqa: BLE001 - a bad row, or the database is down: the probe tells
-        if not _answers(db):
+        if _outage(exc) or not _answers(db):
             raise DatabaseUnavailable(str(exc)[:200]) from exc
     rejected = []
     for record in records:
         try:
             db.insert([record])
         except Exception as exc:  # noqa: BLE001
-            if not _answers(db):
+            if _outage(exc) or not _answers(db):
                 raise DatabaseUnavailable(str(exc)[:200]) from exc
             rejected.append((record, f"{type(exc).__name__}: {str(exc)[:200]}"))
     return rejected
+
+
+def _outage(exc: BaseException) -> bool:
+    """A database error of the database, not of a row: DB-API's ``OperationalError`` (SQLite's full
+    disk, read-only file, lock; PostgreSQL's lost connection, full disk) and PostgreSQL's read-only
+    transaction (a standby)."""
+    return any(kind.__name__ in _OUTAGES for kind in type(exc).__mro__)
+
+
+_OUTAGES = frozenset({"OperationalError", "ReadOnlySqlTransaction"})
 
 
 def _answers(db: LedgerDB) -> bool:

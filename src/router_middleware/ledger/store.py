@@ -100,7 +100,7 @@ class SQLiteLedger:
                                                .fetchone()[0] or 0))
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
 
     def insert(self, records: Sequence[LedgerRecord], *, replace: bool = False) -> None:
@@ -110,8 +110,14 @@ class SQLiteLedger:
             self.db.executemany(INSERT.replace("INSERT", verb, 1), [r.row() for r in records])
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """End a failed transaction, if SQLite has not ended it already (it does on a full disk): the
+        error that failed it is the one raised, not "cannot rollback"."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return list(self.db.execute(sql, tuple(params)).fetchall())
