@@ -790,3 +790,18 @@ def test_a_sqlite_purge_never_waits_for_another_writer(tmp_path) -> None:
     store._purge_at = 0.0
     store.set("new", b"y")  # the lock is free: this write's purge deletes the row
     assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM kv WHERE key = 'old'").fetchone()[0] == 0
+
+
+def test_a_sqlite_store_connection_that_cannot_write_is_opened_again(tmp_path) -> None:
+    """A connection opened while the file was read-only (``chattr +i``, a read-only mount: here SQLite's
+    ``query_only``, which fails writes with the same error) stayed so for good: every budget write of
+    that thread failed after the file was writable again. The failed write drops it; the next opens anew."""
+    import sqlite3
+
+    from router_middleware.stores import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "store.db")
+    store._db().execute("PRAGMA query_only = 1")
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        store.incr("budget:day", 5.0)
+    assert store.incr("budget:day", 5.0) == 5.0 and store.get("budget:day") == b"5.0"

@@ -83,19 +83,22 @@ class SQLiteStore:
         """A write transaction, then a purge if it is time to (:meth:`_wrote`). ``purging`` (the purge's
         own): the write lock is tried once, never waited for, and no purge follows."""
         db = self._db()
-        if purging:
-            db.execute("PRAGMA busy_timeout=0")
         try:
-            db.execute("BEGIN IMMEDIATE")
-        finally:
             if purging:
-                db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-        try:
+                db.execute("PRAGMA busy_timeout=0")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            finally:
+                if purging:
+                    db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if db.in_transaction:  # SQLite ends one itself on a full disk: its error is the one raised
+                db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and not _contended(exc):
+                self.close()  # a connection opened on a read-only file stays so: the next write opens another
             raise
-        db.execute("COMMIT")
         if not purging:
             self._wrote()
 
@@ -123,7 +126,7 @@ class SQLiteStore:
             if full:
                 self._purge_at = 0.0
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not _contended(exc):
                 log.warning("store_purge_failed", path=self.path, error=str(exc)[:200])
         except sqlite3.Error as exc:
             log.warning("store_purge_failed", path=self.path, error=str(exc)[:200])
@@ -286,6 +289,11 @@ class SQLiteStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _contended(exc: sqlite3.OperationalError) -> bool:
+    """Another writer held the lock (retried as it is), not a fault of the file or the connection."""
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _recent(raw: bytes) -> list[float]:
