@@ -805,3 +805,21 @@ def test_a_sqlite_store_connection_that_cannot_write_is_opened_again(tmp_path) -
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         store.incr("budget:day", 5.0)
     assert store.incr("budget:day", 5.0) == 5.0 and store.get("budget:day") == b"5.0"
+
+
+def test_a_hold_set_member_of_another_form_does_not_stop_the_expired_holds_coming_back(redis_url) -> None:
+    """A member another program wrote in a budget's hold set (``junk``) failed the admission script
+    after it had taken the expired holds out of the set but before it took their amounts out of the
+    total: the total stayed that much too high for the rest of its window. Now such a member is taken
+    out with no amount."""
+    import redis
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    assert store.add_within([], [("b", 500.0, 10_000.0, None, "h1", 0.001)]) is None
+    redis.Redis.from_url(redis_url).zadd(store._held("b"), {"junk": 0, "x|nan": 0})
+    time.sleep(0.01)
+    assert store.add_within([], [("b", 20.0, 10_000.0, None, "h2", 60.0)]) is None
+    assert float(store.get("b")) == pytest.approx(20.0)
+    store.close()

@@ -63,7 +63,8 @@ return 0
 # down where their keys are. A total that is no finite number (not one INCRBYFLOAT makes) is an
 # error before anything is added: checked later, it would fail the script after the keys before it
 # were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
-# (member "<hold id>|<amount>", score: expiry in ms, the server's clock), then the countdowns' keys.
+# (member "<hold id>|<amount>", score: expiry in ms, the server's clock; a member of another form,
+# written by another program, is taken out with no amount), then the countdowns' keys.
 # ARGV[1], ARGV[2]: how many entries and owned keys; then per entry amount, limit, ttl ms; per owned
 # key its owner, ttl ms; per hold amount, limit, ttl ms, member, hold ms; per countdown its amount;
 # last, how many countdowns. A check without an amount is an owned key's; one marked (check[4]) a
@@ -84,7 +85,10 @@ for j = 1, h do
     redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
     if redis.call('EXISTS', key) == 1 then
       local back = 0
-      for _, member in ipairs(gone) do back = back + tonumber(string.match(member, '|(.+)$')) end
+      for _, member in ipairs(gone) do
+        local amount = tonumber(string.match(member, '|([^|]*)$') or '')
+        if amount and amount == amount and math.abs(amount) ~= math.huge then back = back + amount end
+      end
       redis.call('INCRBYFLOAT', key, string.format('%.17g', -back))
     end
   end
