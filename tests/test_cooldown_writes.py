@@ -92,3 +92,31 @@ def test_a_provider_outage_under_a_thousand_concurrent_calls_opens_the_circuit_o
     assert [e["model"] for e in logs if e["event"] == "model_cooling_down"] == [down]
     assert p.store.get(FAILURES + down) is None or float(p.store.get(FAILURES + down)) < 3
     p.close()
+
+
+def test_a_cooldown_key_holding_what_no_reader_takes_is_replaced_when_the_circuit_opens(store) -> None:
+    """Another program's value in a target's cooldown key (no TTL) read as "no cooldown", and the
+    opening, a claim of the absent key, was refused: the circuit breaker was off for that target for
+    good. Its ``failures``-th failure now replaces it, once, and says so."""
+    now = time.time()
+    store.set(COOLDOWN + "m", b"abc")
+    with structlog.testing.capture_logs() as logs:
+        opened = [health.note_failure(store, "m", CONFIG, now) for _ in range(3)]
+    assert opened[:2] == [None, None] and opened[2] == repr(now + 30).encode() == store.get(COOLDOWN + "m")
+    assert [e["event"] for e in logs if e["event"] == "cooldown_value_replaced"] == ["cooldown_value_replaced"]
+    assert [health.note_failure(store, "m", CONFIG, now + 1) for _ in range(3)] == [None] * 3  # open: kept
+
+
+def test_a_cooldown_key_of_another_type_on_redis_is_replaced_when_the_circuit_opens(redis_url) -> None:
+    import uuid
+
+    import redis
+
+    from router_middleware.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    redis.Redis.from_url(redis_url).hset(store._k(COOLDOWN + "m"), "a", "b")
+    now = time.time()
+    assert [health.note_failure(store, "m", CONFIG, now) for _ in range(3)][2] == repr(now + 30).encode()
+    assert store.get(COOLDOWN + "m") == repr(now + 30).encode()
+    store.close()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from ..config import CooldownConfig
 from ..stores import Store
-from ..stores.base import Average, Owned
+from ..stores.base import Average, Owned, number
+from ..telemetry import log
 from .keys import COOLDOWN, FAILURES, LATENCY, PROBE, THROUGHPUT
 
 SPEED_WEIGHT = 0.3  # a new sample's weight in a speed average
@@ -38,12 +39,34 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     its end nor take a failed probe's hold. One round trip below the threshold, two past it."""
     if store.add_within([(FAILURES + target, 1.0, config.failures - 1.0, config.window_s)]) is None:
         return None
-    until = repr(now + config.cooldown_s).encode()
-    if store.add_within([], owned=[(COOLDOWN + target, until, 2 * config.cooldown_s)]) is not None:
-        return None
+    until, key = repr(now + config.cooldown_s).encode(), COOLDOWN + target
+    if store.add_within([], owned=[(key, until, 2 * config.cooldown_s)]) is not None:
+        if _cooling(store, key):
+            return None
+        store.delete(key)  # a value no reader takes (another program's), which kept the circuit from opening
+        log.warning("cooldown_value_replaced", key=key, why="it held no cooldown end, and no circuit could open")
+        if store.add_within([], owned=[(key, until, 2 * config.cooldown_s)]) is not None:
+            return None
     store.delete(FAILURES + target)  # the count starts again once the circuit closes
     store.delete(PROBE + target)  # a probe of an earlier cooldown, still in flight: not this one's
     return until
+
+
+def _cooling(store: Store, key: str) -> bool:
+    """Whether cooldown ``key`` holds a cooldown's end (the circuit is open or half-open)."""
+    try:
+        raw = store.get(key)
+    except Exception as exc:
+        if "WRONGTYPE" in str(exc):  # Redis: another program's list or hash there
+            return False
+        raise  # a store that fails fails the count, as the claim would
+    if raw is None:
+        return False
+    try:
+        number(raw)
+    except ValueError:
+        return False
+    return True
 
 
 def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *, probe: Probe) -> bytes:
