@@ -93,7 +93,7 @@ def test_a_budget_store_stopped_mid_run(mode, redis_we_can_stop, tmp_path, monke
     server.terminate()
     server.wait(timeout=10)
     if mode == "closed":
-        with pytest.raises(StoreUnavailable, match="budget 'team': the store did not answer"):
+        with pytest.raises(StoreUnavailable, match=f"budget 'team': the store {url} failed the call's admission"):
             pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
         assert len(sent) == 1  # refused before any provider call
     else:

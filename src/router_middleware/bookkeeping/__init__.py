@@ -45,6 +45,7 @@ from ..stores.base import (
     Within,
     defer,
     number,
+    store_name,
 )
 from ..stores.views import Kept
 from ..telemetry import log
@@ -301,8 +302,9 @@ class Bookkeeper:
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
         refusing = sorted({c.name for c in admission.claims if c.unit != "reasoning"} & closed)
         if refusing:
-            raise StoreUnavailable(f"budget {refusing[0]!r}: the store did not answer ({type(error).__name__}: "
-                                   f"{str(error)[:120]}); on_store_error: closed refuses the call") from error
+            raise StoreUnavailable(f"budget {refusing[0]!r}: the store {store_name(self.store)} failed the call's "
+                                   f"admission ({type(error).__name__}: {str(error)[:160]}); on_store_error: closed "
+                                   "refuses the call") from error
         log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
                     error_type=type(error).__name__, error=str(error)[:200], admitted=True)
         admission.unanswered(held)

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError
+from ..urls import without_password
 
 __all__ = ["Addition", "Average", "Bounded", "Check", "Countdown", "Fetched", "Hold", "LockTimeout", "Owned", "Put",
            "Refusal", "Release", "Sample", "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each",
@@ -39,6 +40,14 @@ Release = tuple[str, str, float, float, float | None]  # (key, hold id, amount h
 Bounded = tuple[str, bytes, float | None, str, int]  # put_bounded's (key, value, ttl_s, ring, capacity)
 Fetched = tuple[list["bytes | None"], list[list[float]]]  # fetch's answer: values, then recent values
 TOLERANCE = 1e-9  # totals are float sums: a total this close to its limit is within it
+
+
+def store_name(store: object) -> str:
+    """How errors name a store: its URL (without a password) or file, else its kind."""
+    url, path = getattr(store, "url", None), getattr(store, "path", None)
+    if isinstance(url, str):
+        return without_password(url)
+    return str(path) if isinstance(path, str) else f"({type(store).__name__})"
 
 
 def number(raw: bytes | str | float) -> float:
