@@ -823,3 +823,14 @@ def test_a_hold_set_member_of_another_form_does_not_stop_the_expired_holds_comin
     assert store.add_within([], [("b", 20.0, 10_000.0, None, "h2", 60.0)]) is None
     assert float(store.get("b")) == pytest.approx(20.0)
     store.close()
+
+
+@pytest.mark.parametrize("stored", [b"abc", b"nan", b"inf"])
+def test_a_cache_ring_counter_that_is_no_number_counts_again_and_writes_go_on(store, stored) -> None:
+    """The response cache's eviction ring counts its writes in ``<ring>:seq``; another program's value
+    there failed every cache write for good (on SQLite none landed; on Redis the entry landed, its
+    eviction did not, and each write said it failed). The counter now starts again."""
+    store.set("ring:seq", stored)
+    for i in range(3):
+        store.put_bounded(f"entry{i}", b"x", None, "ring", 2)
+    assert store.get("entry0") is None and store.get("entry1") == store.get("entry2") == b"x"

@@ -50,6 +50,17 @@ def store_name(store: object) -> str:
     return str(path) if isinstance(path, str) else f"({type(store).__name__})"
 
 
+def ring_seq(add: Callable[[], float], drop: Callable[[], object]) -> int:
+    """``put_bounded``'s next place in its ring: ``add()`` of its counter, counted again from 1 after
+    ``drop()`` when the counter holds what is no number (another program's value: every write of the
+    cache failed on it)."""
+    try:
+        return int(add())
+    except (ValueError, OverflowError):
+        drop()
+        return int(add())
+
+
 def number(raw: bytes | str | float) -> float:
     """A stored number (a counter, a time, an average): finite, as the package writes them (Redis's
     INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``."""

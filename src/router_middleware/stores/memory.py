@@ -26,6 +26,7 @@ from .base import (
     blend,
     fetch_each,
     refusing,
+    ring_seq,
     token_lock,
     within_checks,
 )
@@ -151,7 +152,9 @@ class MemoryStore:
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         with self._mutex:
             self._put(key, value, ttl_s)
-            slot = f"{ring}:slot:{int(self._add(f'{ring}:seq', 1.0, None)) % capacity}"
+            counter = f"{ring}:seq"
+            seq = ring_seq(lambda: self._add(counter, 1.0, None), lambda: self._data.pop(counter, None))
+            slot = f"{ring}:slot:{seq % capacity}"
             previous = self._live(slot)
             if previous and previous.decode() != key:
                 self._data.pop(previous.decode(), None)

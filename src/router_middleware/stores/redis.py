@@ -208,10 +208,12 @@ local function put(key, value)
   if ARGV[2] == '' then redis.call('SET', key, value) else redis.call('SET', key, value, 'PX', ARGV[2]) end
 end
 put(KEYS[1], ARGV[1])
-local seq = math.floor(tonumber(redis.call('INCRBYFLOAT', KEYS[2], 1)))
+local n = redis.pcall('INCRBYFLOAT', KEYS[2], 1)
+if type(n) == 'table' then redis.call('DEL', KEYS[2]); n = redis.call('INCRBYFLOAT', KEYS[2], 1) end
+local seq = math.floor(tonumber(n))
 local slot = ARGV[4] .. (seq % tonumber(ARGV[3]))
-local previous = redis.call('GET', slot)
-if previous and previous ~= KEYS[1] then redis.call('DEL', previous) end
+local previous = redis.pcall('GET', slot)
+if type(previous) == 'string' and previous ~= KEYS[1] then redis.call('DEL', previous) end
 put(slot, KEYS[1])
 return 1
 """

@@ -30,6 +30,7 @@ from .base import (
     fetch_each,
     numbers,
     refusing,
+    ring_seq,
     token_lock,
     within_checks,
 )
@@ -238,7 +239,9 @@ class SQLiteStore:
         put = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"
         with self._tx() as db:
             db.execute(put, (key, value, self._expiry(ttl_s)))
-            slot = f"{ring}:slot:{int(self._add(db, f'{ring}:seq', 1.0, None)) % capacity}"
+            seq = ring_seq(lambda: self._add(db, f"{ring}:seq", 1.0, None),
+                           lambda: db.execute("DELETE FROM kv WHERE key = ?", (f"{ring}:seq",)))
+            slot = f"{ring}:slot:{seq % capacity}"
             previous = self._current(db, slot)
             if previous and previous[0].decode() != key:
                 db.execute("DELETE FROM kv WHERE key = ?", (previous[0].decode(),))
