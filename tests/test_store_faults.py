@@ -594,3 +594,34 @@ def test_a_reply_size_list_sqlite_cannot_read_keeps_no_budget_held(stored, tmp_p
     store = SQLiteStore(path)
     assert float(store.get(f"budget:team:usd:shop:{int(time.time() // 86400)}")) == pytest.approx(spent)
     assert len(store.samples("out:gpt-4o-mini:shop")) >= 12 - 1 and all(v < 100 for v in store.samples("out:gpt-4o-mini:shop"))
+
+
+@pytest.mark.parametrize("driver", ["completion", "acompletion"])
+def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(driver, redis_we_can_stop) -> None:
+    """On Redis the response cache's entry and the settlement go in one round trip, each command run
+    apart: a settlement failing on a counter another program wrote logged the cache write as failed
+    too (and taught the semantic index nothing), though the entry landed and served the next call."""
+    import asyncio
+
+    import redis
+    import structlog
+
+    url, _ = redis_we_can_stop
+    day = int(time.time() // 86400)
+    redis.Redis.from_url(url).set(f"rm:budget:team:tokens:all:{day}", b"nan")
+    pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [
+        {"name": "team", "scope": "global", "tokens": 1_000_000, "window_s": 86400}]}})
+
+    def ask(answer: str) -> Any:
+        kwargs = {"model": "gpt-4o-mini", "messages": MESSAGES, "temperature": 0, "mock_response": answer}
+        if driver == "completion":
+            return pipeline.completion(**kwargs)
+        return asyncio.run(pipeline.acompletion(**kwargs))
+
+    with structlog.testing.capture_logs() as logs:
+        ask("first")
+        second = ask("second")
+    events = [e["event"] for e in logs]
+    assert second.choices[0].message.content == "first" and outcome(second).usage.source == "cache"
+    assert "settle_failed" in events and "cache_write_failed" not in events
+    pipeline.close()

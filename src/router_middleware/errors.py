@@ -147,6 +147,16 @@ class StoreError(RouterMiddlewareError):
     """A store could not be reached or answered nonsense. Callers degrade; they never fail a call."""
 
 
+class PartialWrite(StoreError):
+    """``add_many`` wrote part of its batch (Redis runs each command of it apart): ``cache_written``
+    (its response-cache entries) and ``settled`` (the rest, one script) say which part landed."""
+
+    def __init__(self, message: str, *, cache_written: bool, settled: bool) -> None:
+        super().__init__(message)
+        self.cache_written = cache_written
+        self.settled = settled
+
+
 class StoreUnavailable(StoreError):
     """The store holding a hard budget did not answer, and the budget says ``on_store_error: closed``:
     the call was refused before any provider call."""

@@ -28,7 +28,7 @@ from .accounting import build_outcome, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, RouterMiddlewareError, UnknownModelError
+from .errors import NoRouteError, PartialWrite, RouterMiddlewareError, UnknownModelError
 from .params import choices_asked, usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
@@ -717,7 +717,7 @@ class CallLifecycle:
         cache = self.engine.cache
         if entry is None or cache is None:
             return
-        if failed is None:
+        if failed is None or isinstance(failed, PartialWrite) and failed.cache_written:  # the settlement failed alone
             yield from self._cached(self._cache_key(plan), entry[0])
         else:
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
@@ -742,7 +742,8 @@ class CallLifecycle:
                 yield StoreCall(self.engine.store, "add_many", done.batch([entry] if entry is not None else []))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
                 failed = exc
-                self.books.settle_failed(done, exc)
+                if not (isinstance(exc, PartialWrite) and exc.settled):  # the cache's entry failed alone
+                    self.books.settle_failed(done, exc)
         self._settled = True
         self.books.settled(done)
         return done.outcome, failed

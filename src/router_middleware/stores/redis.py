@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from ..errors import PartialWrite
 from ..telemetry import log
 from ..urls import without_password
 from .base import (
@@ -629,8 +630,19 @@ def _refusal(answer: Any) -> Refusal | None:
     return None if int(index) == 0 else (int(index) - 1, float(total))
 
 
-def _none(replies: list[Any]) -> None:
-    return None
+def _written(cached: int, replies: list[Any]) -> None:
+    """``add_many``'s replies: ``cached`` response-cache writes, then its settlement script. Raises the
+    error where all failed, else :class:`.PartialWrite` saying which part landed."""
+    failed = [r for r in replies if isinstance(r, Exception)]
+    if not failed:
+        return
+    if len(failed) == len(replies):
+        raise failed[0]
+    cache_written = not any(isinstance(r, Exception) for r in replies[:cached])
+    settled = not any(isinstance(r, Exception) for r in replies[cached:])
+    part = "the settlement" if cache_written else "the response cache's entry"
+    raise PartialWrite(f"{part} failed ({type(failed[0]).__name__}: {str(failed[0])[:160]}); the rest was written",
+                       cache_written=cache_written, settled=settled) from failed[0]
 
 
 def _refused(replies: list[Any]) -> Refusal | None:
@@ -859,7 +871,8 @@ class RedisStore:
                  averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
         settle = _settles(entries, samples, releases, averages, puts)
         if bounded or settle is not None:
-            self._queue(self.client.pipeline(transaction=False), _eval, bounded, settle).execute()
+            pipe = self._queue(self.client.pipeline(transaction=False), _eval, bounded, settle)
+            _written(len(bounded), pipe.execute(raise_on_error=False))
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                   releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
@@ -867,7 +880,8 @@ class RedisStore:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
         settle = _settles(entries, samples, releases, averages, puts)
         if bounded or settle is not None:
-            return self._batch().submit(self._queue, bounded, settle, read=_none)
+            return self._batch().submit(self._queue, bounded, settle, read=functools.partial(_written, len(bounded)),
+                                        sees_errors=True)
         return _resolved(None)
 
     def _queue_get(self, pipe: Any, script: Script, key: str) -> None:
