@@ -27,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -49,10 +50,12 @@ def middleware_times(size: int, steps: int, *, cache: bool = False, temperature:
     from langchain.agents.middleware import ModelRequest, ModelResponse
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, HumanMessage, convert_to_messages
+    from pydantic import Field
 
     from router_middleware.langchain import RouterAgentMiddleware
 
     class Model(GenericFakeChatModel):
+        messages: Iterator[AIMessage | str] = Field(exclude=True)  # the fake's script, not a setting it sends
         temperature: float | None = None
 
     config = {} if cache else {"cache": {"enabled": False}}
@@ -65,14 +68,21 @@ def middleware_times(size: int, steps: int, *, cache: bool = False, temperature:
     for step in range(steps + 20):
         messages = [*messages, AIMessage(f"step {step} done"), HumanMessage("go on")]
         steps_sent.append(messages)
-    times = []
+    times, called = [], []
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        called.append(1)
+        return answer
+
     for timed in (False, True) if replay else (True,):
+        called.clear()
         for step, sent in enumerate(steps_sent):
             start = time.perf_counter()
-            middleware.wrap_model_call(ModelRequest(model=model, messages=sent, model_settings={}),
-                                       lambda request: answer)
+            middleware.wrap_model_call(ModelRequest(model=model, messages=sent, model_settings={}), handler)
             if timed and step >= 20:
                 times.append(time.perf_counter() - start)
+    if replay and called:  # the pass timed as hits must be hits
+        raise SystemExit(f"{len(called)} of {len(steps_sent)} replayed steps were not answered from the cache")
     return times
 
 
