@@ -420,7 +420,7 @@ class CallLifecycle:
         keyed = self._keyed(plan)
         if keyed is None or cache is None or not cache.cacheable(keyed):
             return None, plan
-        entry, error, loaded = None, None, None
+        entry, error, loaded, response = None, None, None, None
         try:
             entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
@@ -431,7 +431,8 @@ class CallLifecycle:
             error = error or failed
         if entry is not None and self.answers is not None:
             try:
-                loaded = self.answers.loaded(rebuild_response(entry.response), entry.native)
+                response = rebuild_response(entry.response)
+                loaded = self.answers.loaded(response, entry.native)
             except Exception as exc:  # noqa: BLE001 - an entry the adapter cannot read is a miss
                 entry, error = None, cache.failed("lookup", exc)
         if error:
@@ -457,7 +458,7 @@ class CallLifecycle:
             return result
 
         if self.answers is not None:
-            return self.answers.served(loaded, hit(rebuild_response(entry.response), started)), plan
+            return self.answers.served(loaded, hit(response, started)), plan
         if plan.params.get("stream"):
             return TrackedStream(Replay(replay_chunks(entry.response)),  # ending with a usage chunk, as asked
                                  lambda chunks, begun, first, error, _early:

@@ -41,10 +41,12 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
         return None
     until, key = repr(now + config.cooldown_s).encode(), COOLDOWN + target
     if store.add_within([], owned=[(key, until, 2 * config.cooldown_s)]) is not None:
-        if _cooling(store, key):
-            return None
-        store.delete(key)  # a value no reader takes (another program's), which kept the circuit from opening
-        log.warning("cooldown_value_replaced", key=key, why="it held no cooldown end, and no circuit could open")
+        unreadable = _unreadable(store, key)
+        if unreadable is False:
+            return None  # open (or half-open) already
+        if unreadable:  # a value no reader takes (another program's), which kept the circuit from opening
+            store.delete(key)
+            log.warning("cooldown_value_replaced", key=key, why="it held no cooldown end, and no circuit could open")
         if store.add_within([], owned=[(key, until, 2 * config.cooldown_s)]) is not None:
             return None
     store.delete(FAILURES + target)  # the count starts again once the circuit closes
@@ -52,21 +54,22 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     return until
 
 
-def _cooling(store: Store, key: str) -> bool:
-    """Whether cooldown ``key`` holds a cooldown's end (the circuit is open or half-open)."""
+def _unreadable(store: Store, key: str) -> bool | None:
+    """Whether cooldown ``key`` holds a value no reader takes as a cooldown's end (``False``: it holds
+    one, the circuit is open or half-open; ``None``: it holds nothing, it lapsed since the claim)."""
     try:
         raw = store.get(key)
     except Exception as exc:
         if "WRONGTYPE" in str(exc):  # Redis: another program's list or hash there
-            return False
+            return True
         raise  # a store that fails fails the count, as the claim would
     if raw is None:
-        return False
+        return None
     try:
         number(raw)
     except ValueError:
-        return False
-    return True
+        return True
+    return False
 
 
 def open_circuit(store: Store, target: str, config: CooldownConfig, now: float, *, probe: Probe) -> bytes:

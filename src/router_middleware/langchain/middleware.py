@@ -147,8 +147,8 @@ _GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpo
 
 
 def _unbound(runnable: Any) -> tuple[BaseChatModel | None, dict[str, Any]]:
-    """The chat model ``runnable`` is or wraps, and the arguments its ``bind()`` wrappers add (an outer
-    one's over an inner one's, as they are sent)."""
+    """The chat model ``runnable`` is or wraps (``with_retry()``, ``bind()``: ``bound``), else ``None``,
+    and the arguments its ``bind()`` wrappers add (an outer one's over an inner one's, as they are sent)."""
     bound: dict[str, Any] = {}
     for _ in range(8):
         if isinstance(runnable, BaseChatModel):
@@ -194,15 +194,6 @@ def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], A
 def _base(route: str) -> str:
     """``route`` without a ``:floor``/``:nitro`` suffix."""
     return route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
-
-
-def _chat_model_of(runnable: Any) -> BaseChatModel | None:
-    """The chat model ``runnable`` is, or wraps (``with_retry()``, ``bind()``: ``bound``), else ``None``."""
-    for _ in range(8):
-        if isinstance(runnable, BaseChatModel):
-            return runnable
-        runnable = getattr(runnable, "bound", None)
-    return None
 
 
 _ROUTED = ("requested_model", "routed_model", "decisions", "cost_usd", "cost_source")  # the call's, on its answer
@@ -262,7 +253,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.models = dict(models or {})
         self._no_retries: dict[str, RoutedChatModel] = {}  # a models entry's copy with max_retries=0
         for name, chat_model in self.models.items():
-            inner = _chat_model_of(chat_model)
+            inner, _ = _unbound(chat_model)
             if inner is None:
                 raise ConfigError(f"models[{name!r}]: expected a LangChain chat model (a BaseChatModel, such as "
                                   f"RoutedChatModel(model={name!r}), or one wrapped: with_retry(), bind()), got "
@@ -408,6 +399,13 @@ class RouterAgentMiddleware(AgentMiddleware):
                 del self._firsts[next(iter(self._firsts))]
             return False
 
+    def _first(self, said: set[tuple[str, str]], pair: tuple[str, str]) -> bool:
+        """Whether ``pair`` is yet to be said (a warning said once), noting that it now is."""
+        with self._lock:
+            new = pair not in said
+            said.add(pair)
+        return new
+
     def _route_of(self, request: ModelRequest) -> str:
         """What ``request`` is routed by: :meth:`_route`; with ``model=``, a call whose model a middleware
         outside swapped (:meth:`_swapped`) is routed by that model where a call can be (its name is an
@@ -419,10 +417,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         if name is not None:
             return name
         pair = (self.route, _model_name(request.model))
-        with self._lock:
-            new = pair not in self._unrouted
-            self._unrouted.add(pair)
-        if new:
+        if self._first(self._unrouted, pair):
             log.warning("agent_model_swap_not_routed", route=self.route, model=pair[1],
                         why="a middleware before RouterAgentMiddleware handed it this model in place of the "
                             "agent's, and none of models= holds it: the call is routed by model= again")
@@ -534,11 +529,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                       "state": {k: v for k, v in (request.state or {}).items() if k != "messages"}, "tools": given}
             params["langchain_run"] = key_value({k: v for k, v in around.items() if v})
         except Exception as exc:  # noqa: BLE001 - a call whose key cannot be made is sent, not cached
-            said = f"{type(exc).__name__}: {getattr(exc, 'what', exc)}"
-            with self._lock:
-                new = (name, said) not in self._not_keyed
-                self._not_keyed.add((name, said))
-            if new:
+            if self._first(self._not_keyed, (name, f"{type(exc).__name__}: {getattr(exc, 'what', exc)}")):
                 log.warning("cache_not_keyed", route=name, error_type=type(exc).__name__, error=str(exc)[:300],
                             why="the response cache cannot key what this agent call may be built from; it is "
                                 "sent, not cached (said once per model and reason)")
