@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
+
 from router_middleware.cli import main
 from router_middleware.ledger.record import LedgerRecord
 from router_middleware.ledger.spool import QUARANTINE, default_spool
@@ -227,3 +229,70 @@ def test_a_full_ledger_database_spools_its_rows_and_writes_them_once_it_has_room
     writer.append(_row("b0"))
     writer.close()
     assert _count(url) == 51 and not list(folder.glob("rows-*.jsonl"))
+
+
+@pytest.mark.parametrize("spooled_before", [False, True], ids=["inserting", "draining"])
+def test_rows_a_writer_still_holds_when_close_gives_up_are_left_to_the_spool(tmp_path, spooled_before) -> None:
+    """Another process holds the SQLite ledger locked: ``close()`` gave up while the writer thread waited
+    on the lock with its batch, which was in neither the spool nor the rows logged as lost, and the
+    process exited with them. Now the batch and the rows queued behind it are spooled (to a file of
+    their own when the writer is stuck draining the spool); once the lock is gone the writer's own
+    insert and a drain keep each row once."""
+    import sqlite3
+
+    import structlog
+
+    from router_middleware.ledger.spool import Spool
+
+    path = tmp_path / "ledger.db"
+    url, folder = f"sqlite:///{path}", tmp_path / "spool"
+    writer = LedgerWriter(url, spool=folder)
+    writer.append(_row("warm"))
+    writer.flush()  # its database is open
+    if spooled_before:
+        Spool(folder).add([_row("old")])
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    with structlog.testing.capture_logs() as logs:
+        for i in range(3):
+            writer.append(_row(f"a{i}"))
+        writer.close(timeout_s=0.5)
+    spooled = [json.loads(line)["call_id"] for f in folder.glob("rows-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(spooled) == ["a0", "a1", "a2"]
+    assert len(list(folder.glob("rows-*-*.jsonl"))) == spooled_before  # the writer holds the spool's lock
+    assert [(e["event"], e["rows"]) for e in logs if e["event"].startswith("ledger_rows")] == [("ledger_rows_spooled", 3)]
+    locker.execute("ROLLBACK")
+    locker.close()
+    writer._thread.join(60)
+    assert not writer.alive
+    reader = LedgerWriter(url, spool=folder)
+    reader.flush_spool()
+    reader.close()
+    assert _count(url) == 4 + spooled_before and not list(folder.glob("rows-*.jsonl"))
+
+
+def test_a_process_that_exits_without_close_spools_what_its_writer_still_holds(tmp_path) -> None:
+    """No ``close()``: at exit the writer had 5 s to finish; one stuck on a locked ledger lost its
+    rows with the process. Now they are spooled, and a later drain writes them."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.db"
+    url, folder = f"sqlite:///{path}", tmp_path / "spool"
+    open_ledger(url).close()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    child = ("from router_middleware.ledger.record import LedgerRecord\n"
+             "from router_middleware.ledger.writer import LedgerWriter\n"
+             f"w = LedgerWriter({url!r}, spool={str(folder)!r})\n"
+             "for i in range(2): w.append(LedgerRecord(ts=1.0, model='m', requested_model='m', call_id=f'x{i}'))\n")
+    subprocess.run([sys.executable, "-c", child], check=True, timeout=120)
+    locker.execute("ROLLBACK")
+    locker.close()
+    spooled = [json.loads(line)["call_id"] for f in folder.glob("rows-*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(spooled) == ["x0", "x1"]
+    reader = LedgerWriter(url, spool=folder)
+    reader.flush_spool()
+    reader.close()
+    assert _count(url) == 2

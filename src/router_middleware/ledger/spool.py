@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from ..ids import unique_id
 from ..telemetry import log
 from .record import LedgerRecord, legacy_ending
 from .store import LedgerDB
@@ -121,12 +122,18 @@ class Spool:
         self.own = self.folder / f"rows-{os.getpid()}.jsonl"
         self._lock = threading.Lock()
 
-    def add(self, records: Sequence[LedgerRecord]) -> None:
-        """Keep ``records`` in this process's file until the database takes them."""
-        with self._lock:
+    def add(self, records: Sequence[LedgerRecord], *, wait_s: float = -1) -> None:
+        """Keep ``records`` in this process's file until the database takes them. ``wait_s``: how long
+        to wait for a drain in progress (default: as long as it takes); past it the rows go to a file
+        of their own (``rows-<pid>-<n>.jsonl``), drained like the process's file."""
+        got = self._lock.acquire(timeout=wait_s)
+        try:
             self.own = self.folder / f"rows-{os.getpid()}.jsonl"  # a forked child gets its own file
             self.folder.mkdir(parents=True, exist_ok=True)
-            _append(self.own, records)
+            _append(self.own if got else self.folder / f"rows-{os.getpid()}-{unique_id()}.jsonl", records)
+        finally:
+            if got:
+                self._lock.release()
 
     def pending(self) -> bool:
         return self.folder.is_dir() and any(self.folder.glob("rows-*.jsonl"))
@@ -140,7 +147,7 @@ class Spool:
         with self._lock:
             for path in sorted(self.folder.glob("rows-*.jsonl")):
                 try:
-                    pid = int(path.stem.removeprefix("rows-"))
+                    pid = int(path.stem.removeprefix("rows-").split("-", 1)[0])
                 except ValueError:
                     pid = 0
                 if pid != os.getpid() and pid and _alive(pid):

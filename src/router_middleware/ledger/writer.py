@@ -8,8 +8,10 @@ other once this one is gone (or by ``flush_spool()``, or ``router-middleware led
 the spool cannot be written either (its folder cannot be made), the rows wait in memory (up to
 :data:`HELD_MAX`) for the next write. Rows are never dropped silently: at worst they wait in the
 spool, its quarantine or memory, and it is logged; those still in memory at ``close()`` are logged
-as lost. A writer closed and then given a row starts again (a pipeline closed by one coroutine and
-used by the next).
+as lost. A writer still busy when ``close()`` gives up (a database locked by another process) leaves
+its rows, queued and in flight, to the spool; a row written twice is kept once (``call_id``). A
+writer closed and then given a row starts again (a pipeline closed by one coroutine and used by the
+next).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._starting = threading.Lock()
         self._held: list[LedgerRecord] = []  # rows neither the database nor the spool took
+        self._inflight: list[LedgerRecord] = []  # the batch being written
         self._thread = self._start()
         _LIVE.add(self)
 
@@ -68,19 +71,24 @@ class LedgerWriter:
         self._queue.put(record)
         self._running()
 
-    def flush(self, timeout_s: float = 30.0) -> None:
-        """Wait until everything queued so far has been written or spooled."""
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued so far has been written or spooled; False if it timed out."""
         done = threading.Event()
         self._queue.put(done)
         self._running()
-        done.wait(timeout_s)
+        return done.wait(timeout_s)
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, stop the writer and close the database; rows still held in memory
-        (neither the database nor the spool took them) are logged as lost."""
+        (neither the database nor the spool took them) are logged as lost. A writer still busy after
+        ``timeout_s`` in all leaves its rows to the spool (:meth:`_leave_to_spool`)."""
+        deadline = time.monotonic() + timeout_s
         self.flush(timeout_s)
         self._queue.put(_STOP)
-        self._thread.join(timeout_s)
+        self._thread.join(max(deadline - time.monotonic(), 0.1))
+        if self._thread.is_alive():
+            self._leave_to_spool()  # its database is still in use: it stays open
+            return
         if self._held:
             log.error("ledger_rows_lost", rows=len(self._held), spool=str(self.spool.own),
                       why="neither the ledger database nor its spool folder took them before close()")
@@ -88,6 +96,32 @@ class LedgerWriter:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def _leave_to_spool(self) -> None:
+        """The writer did not finish in time: spool its batch and what is queued behind it."""
+        rows, rest = list(self._inflight), []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, LedgerRecord):
+                rows.append(item)
+            elif item is not _STOP:
+                rest.append(item)
+        for item in [*rest, _STOP]:
+            self._queue.put(item)
+        if not rows:
+            return
+        try:
+            self.spool.add(rows, wait_s=1.0)
+        except Exception as exc:  # noqa: BLE001 - the process may exit now: said, not raised
+            log.error("ledger_rows_lost", rows=len(rows), spool=str(self.spool.folder),
+                      why="the ledger writer was still busy at close() and the spool folder did not take them",
+                      error_type=type(exc).__name__, error=str(exc)[:200])
+            return
+        log.error("ledger_rows_spooled", rows=len(rows), spool=str(self.spool.folder),
+                  why="the ledger writer was still busy when close() gave up (is the database locked?)")
 
     def _run(self) -> None:
         while True:
@@ -127,6 +161,13 @@ class LedgerWriter:
 
     def _write(self, records: list[LedgerRecord]) -> None:
         records, self._held = [*self._held, *records], []
+        self._inflight = records
+        try:
+            self._write_or_keep(records)
+        finally:
+            self._inflight = []
+
+    def _write_or_keep(self, records: list[LedgerRecord]) -> None:
         for attempt in range(self.retries):
             try:
                 db = self._db_or_open()
@@ -164,8 +205,8 @@ _LIVE: weakref.WeakSet[LedgerWriter] = weakref.WeakSet()
 
 @atexit.register
 def _flush_at_exit() -> None:
-    """Rows still queued when the process exits are written (or spooled), up to 5 s per writer."""
+    """Rows still queued when the process exits are written, up to 5 s per writer, or spooled."""
     for writer in list(_LIVE):
-        if writer.alive:
-            writer.flush(timeout_s=5.0)
+        if writer.alive and not writer.flush(timeout_s=5.0):
+            writer._leave_to_spool()
 
