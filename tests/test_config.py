@@ -74,6 +74,24 @@ def test_a_ledger_url_of_an_unsupported_kind_is_refused_at_load_without_its_secr
     assert "s3cret" not in str(raised.value)
 
 
+def test_an_alias_named_like_a_deployment_is_refused_at_load() -> None:
+    """The deployment took the call and the alias's fallbacks were never tried, without a word."""
+    from router_middleware import ConfigError, Pipeline
+
+    deployments = {"openai-eu": {"model": "openai/gpt-4o-mini"}, "good": {"model": "openai/gpt-4o"}}
+    with pytest.raises(ConfigError, match="alias 'openai-eu' is also the name of a deployment.*'openai-eu-pool'"):
+        Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"openai-eu": ["openai-eu", "good"]}}})
+    Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"openai-eu-pool": ["openai-eu", "good"]}}})
+
+
+def test_a_ledger_spool_without_a_url_is_refused_at_load() -> None:
+    """It was accepted, and the ledger was silently off."""
+    from router_middleware import ConfigError, Pipeline
+
+    with pytest.raises(ConfigError, match="field 'ledger': .*spool is set but url is not"):
+        Pipeline.from_config({"ledger": {"spool": "/tmp/spool"}})
+
+
 @pytest.mark.parametrize(("config", "named"), [
     ({"cache": {"store": "sqllite:///x.db"}}, "field 'cache.store': .*unsupported scheme 'sqllite' .*did you mean 'sqlite'"),
     ({"store": "mongodb://user:s3cret@db/state"}, "field 'store': .*unsupported scheme 'mongodb'"),

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import read_text
@@ -453,6 +453,10 @@ class RoutingConfig(_Strict):
         for name, models in self.aliases.items():
             if not models:
                 raise ValueError(f"alias {name!r} has no models")
+            if name in self.deployments:  # a call naming it goes to the deployment: the list never runs
+                raise ValueError(f"alias {name!r} is also the name of a deployment under 'deployments', which a "
+                                 f"call naming it goes to, so the alias's models would never be tried: rename "
+                                 f"the alias (e.g. {name + '-pool'!r}) and call that")
         if self.free_tier.prefer and not self.free_tier.models:
             raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 
@@ -471,6 +475,14 @@ class LedgerConfig(_Strict):
         if scheme not in (None, "sqlite", "postgresql", "postgres"):
             raise ValueError(f"unsupported scheme {scheme!r} (use a file path, sqlite:///path.db or postgresql://...)")
         return url
+
+    @model_validator(mode="after")
+    def _spool_needs_a_url(self) -> LedgerConfig:
+        """A spool without a url is a ledger meant on and left off: said at load, not found out later."""
+        if self.spool is not None and self.url is None:
+            raise ValueError("spool is set but url is not, so nothing would be recorded: add url "
+                             "(sqlite:///path.db or postgresql://...), or remove the ledger section")
+        return self
 
 
 class RedactionRule(_Strict):
