@@ -43,7 +43,7 @@ class _Handoff:
             _guarded(self._queue.get(), BaseException)  # a SystemExit too: the work queued after it still runs
 
 
-def _guarded(work: Callable[[], None], catching: type[BaseException] = Exception) -> None:
+def _guarded(work: Callable[[], object], catching: type[BaseException] = Exception) -> None:
     """Run ``work``, logging what it raises of ``catching`` (on a thread of the logger's own, or in its
     exit hook, where Ctrl-C must go on: only ``Exception`` there)."""
     try:
