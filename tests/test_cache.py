@@ -285,6 +285,8 @@ OTHER_SCHEMAS = [  # valid JSON a store may hold under a cache key that this pac
     b'{"response": {"choices": [{"message": "4"}]}, "cost_usd": null}',
     b'{"response": {"id": 5, "choices": [{"message": {"role": "assistant", "content": 4}}]}, "cost_usd": 0.1}',
     b'{"response": {"choices": [{"message": {"role": "assistant", "content": "4"}}]}, "cost_usd": "free"}',
+    # served, and the ledger row's baseline and saving were -1e300
+    b'{"response": {"choices": [{"message": {"role": "assistant", "content": "4"}}]}, "cost_usd": -1e300}',
 ]
 
 

@@ -255,7 +255,7 @@ class ResponseCache:
         """A stored entry. Raises on a corrupt one, or one of another schema (another program's, an
         older version's), which would otherwise be served as an empty answer or fail the call when
         its hit is built: it must hold a chat completion that rebuilds as one (and as a stream) and a
-        cost that is a number or unknown."""
+        cost that is a number of 0 or more, or unknown."""
         if raw is None:
             return None
         data = json.loads(raw)
@@ -265,8 +265,8 @@ class ResponseCache:
                 and all(isinstance(c, dict) and isinstance(c.get("message"), dict) for c in choices)):
             raise ValueError("the entry holds no chat completion")
         if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int | float)
-                                 or not math.isfinite(cost)):
-            raise ValueError(f"the entry's cost_usd {cost!r} is not a number")
+                                 or not math.isfinite(cost) or cost < 0):
+            raise ValueError(f"the entry's cost_usd {cost!r} is not a cost (a number, 0 or more)")
         rebuild_response(response)  # what litellm's types refuse fails here, a miss, not in the call
         replay_chunks(response)
         return CachedEntry(response, cost, native=data.get("native"))
