@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -329,27 +330,102 @@ def test_a_stored_value_the_policies_cannot_read_is_missing_not_a_failed_call(
     assert unread & set(keys), logs
 
 
-def test_a_budget_counter_that_is_no_number_inflates_no_other_counter(redis_we_can_stop) -> None:
-    """A budget's tokens counter holds ``nan`` (no increment makes it): its admission fails as a store
-    failure (``open``: the call goes ahead, logged with the key) before anything is added, so the same
-    budget's usd counter gets the calls' actual spend, not also an estimate with no hold to lapse
-    (which refused calls after a tenth of the budget was spent); ``closed`` refuses naming the key."""
+@pytest.mark.parametrize("stored", [b"nan", b"junk", b"-1e300"])
+def test_a_budget_counter_no_writer_of_ours_leaves_is_replaced_when_open_and_refuses_when_closed(
+        stored, redis_we_can_stop) -> None:
+    """A budget's tokens counter holds another program's value (no increment of ours makes ``nan``,
+    text, or a total far below 0). It failed every admission for the rest of the window: ``open``
+    let every call through uncounted (and ``-1e300`` was taken as a total, so no limit ever refused),
+    ``closed`` refused every call. Now ``open`` replaces it (``store_value_replaced`` names the key and
+    the value) and the budget counts, and refuses, again; ``closed`` refuses naming the key and how to
+    fix it, and admits once the key is deleted. Nothing is added to the other counters meanwhile."""
     import redis
+    import structlog
 
     url, _ = redis_we_can_stop
     client = redis.Redis.from_url(url)
     day = int(time.time() // 86400)
-    budget = {"name": "team", "scope": "global", "usd": 0.003, "tokens": 1_000_000, "window_s": 86400}
+    key = f"rm:budget:team:tokens:all:{day}"
+    budget = {"name": "team", "scope": "global", "usd": 1.0, "tokens": 600, "window_s": 86400}
     pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [budget]}, "cache": {"enabled": False}})
     closed = Pipeline.from_config({"store": url, "routing": {"budgets": [{**budget, "on_store_error": "closed"}]},
                                    "cache": {"enabled": False}})
-    client.set(f"rm:budget:team:tokens:all:{day}", b"nan")
-    spent = 0.0
-    for _ in range(12):  # 12 estimates (0.0003 usd each) would pass the 0.003 limit; 12 actual costs do not
-        spent += outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")).cost.total_usd
-    assert float(client.get(f"rm:budget:team:usd:all:{day}")) == pytest.approx(spent)
-    with pytest.raises(StoreUnavailable, match=f"counter rm:budget:team:tokens:all:{day} holds nan"):
+    client.set(key, stored)
+    with pytest.raises(StoreUnavailable, match=f"counter {key} holds b'{stored.decode()}'.*delete it to count from 0"):
         closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert client.get(key) == stored and client.get(f"rm:budget:team:usd:all:{day}") is None
+    with structlog.testing.capture_logs() as logs:
+        used = outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")).usage
+    assert [(e["key"], e["found"]) for e in logs if e["event"] == "store_value_replaced"] == \
+        [(f"budget:team:tokens:all:{day}", repr(stored))]
+    assert float(client.get(key)) == used.input_tokens + used.output_tokens  # counted from 0
+    with pytest.raises(BudgetExceeded, match="90 of 600 tokens"):  # 30 a call, estimated 520: the fourth
+        for _ in range(3):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    client.set(key, stored)
+    with pytest.raises(StoreUnavailable):
+        closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    client.delete(key)
+    closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+
+
+@pytest.mark.parametrize("junk", ["quota-text", "quota-far-below-0", "hold-set-list"])
+def test_another_programs_value_in_a_quota_window_or_a_hold_set_is_replaced_and_the_budget_still_checked(
+        junk, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above
+    """Junk in a quota window (text, or ``-1e300``, which disabled the limit) or a list where a
+    budget's hold set belongs failed the whole atomic admission: a ``closed`` budget refused every call
+    with ``StoreUnavailable budget 'team'`` (the budget was fine), an ``open`` one let calls through
+    with neither the quota nor the budget counted, until the window passed, through every way in. Now
+    the value is replaced (``store_value_replaced`` names the key), and the call is admitted and counted
+    on both."""
+    import redis
+    import structlog
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    minute, day = int(time.time() // 60), int(time.time() // 86400)
+    if junk == "hold-set-list":
+        keys = [f"budget:team:usd:all:{day}#held"]
+        for key in keys:
+            client.rpush(f"rm:{key}", "x")
+    else:
+        keys = [f"quota:{CLAUDE}:rpm:{m}" for m in (minute, minute + 1)]  # the call may start in the next
+        for key in keys:
+            client.set(f"rm:{key}", b"abc" if junk == "quota-text" else b"-1e300")
+    budget = {"name": "team", "scope": "global", "usd": 5.0, "window_s": 86400, "on_store_error": "closed"}
+    routing = {"aliases": {"coder": CODER}, "limits": {CLAUDE: {"rpm": 100}}, "fallback": {"backoff_s": 0.0},
+               "budgets": [budget]}
+    pipeline = Pipeline.from_config({"store": url, "routing": routing, "context": {"enabled": False},
+                                     "cache": {"enabled": False}})
+    with structlog.testing.capture_logs() as logs:
+        way_in(pipeline)
+    assert scripted.calls == [CLAUDE]
+    replaced = [e["key"] for e in logs if e["event"] == "store_value_replaced"]
+    assert len(replaced) == 1 and replaced[0] in keys, logs
+    assert float(client.get(f"rm:budget:team:usd:all:{day}")) > 0
+    if junk != "hold-set-list":
+        assert float(client.get(f"rm:{replaced[0]}")) == 1.0
+
+
+def test_another_programs_value_in_a_failure_count_is_replaced_and_the_breaker_works(redis_url) -> None:
+    """Text in a target's failure count (``fail:<target>``) failed every count: the circuit breaker was
+    off for that target for good, each failure logged as ``cooldown_store_failed`` naming no key."""
+    import redis
+    import structlog
+
+    from router_middleware.bookkeeping.health import note_failure
+    from router_middleware.config import CooldownConfig
+    from router_middleware.stores.redis import RedisStore
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store, client = RedisStore(redis_url, prefix=prefix), redis.Redis.from_url(redis_url)
+    client.set(f"{prefix}fail:m", b"abc")
+    config = CooldownConfig(failures=2, window_s=60, cooldown_s=30)
+    with structlog.testing.capture_logs() as logs:
+        assert note_failure(store, "m", config, time.time()) is None
+        assert note_failure(store, "m", config, time.time()) is not None  # the second failure opens it
+    assert [(e["key"], e["found"]) for e in logs if e["event"] == "store_value_replaced"] == [("fail:m", "b'abc'")]
+    assert client.get(f"{prefix}cooldown:m") is not None
 
 
 @pytest.mark.parametrize("driver", ["completion", "acompletion"])
@@ -597,10 +673,12 @@ def test_a_reply_size_list_sqlite_cannot_read_keeps_no_budget_held(stored, tmp_p
 
 
 @pytest.mark.parametrize("driver", ["completion", "acompletion"])
-def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(driver, redis_we_can_stop) -> None:
+def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(driver, redis_we_can_stop,
+                                                                          monkeypatch) -> None:
     """On Redis the response cache's entry and the settlement go in one round trip, each command run
-    apart: a settlement failing on a counter another program wrote logged the cache write as failed
-    too (and taught the semantic index nothing), though the entry landed and served the next call."""
+    apart: a settlement failing on a counter another program wrote (while the call ran, after its
+    admission) logged the cache write as failed too (and taught the semantic index nothing), though
+    the entry landed and served the next call."""
     import asyncio
 
     import redis
@@ -608,7 +686,17 @@ def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(drive
 
     url, _ = redis_we_can_stop
     day = int(time.time() // 86400)
-    redis.Redis.from_url(url).set(f"rm:budget:team:tokens:all:{day}", b"nan")
+    completion, acompletion = litellm.completion, litellm.acompletion
+
+    def spoil() -> None:
+        redis.Redis.from_url(url).set(f"rm:budget:team:tokens:all:{day}", b"nan")
+
+    async def aspoiled(**kwargs: Any) -> Any:
+        spoil()
+        return await acompletion(**kwargs)
+
+    monkeypatch.setattr(litellm, "completion", lambda **kwargs: (spoil(), completion(**kwargs))[1])
+    monkeypatch.setattr(litellm, "acompletion", aspoiled)
     pipeline = Pipeline.from_config({"store": url, "routing": {"budgets": [
         {"name": "team", "scope": "global", "tokens": 1_000_000, "window_s": 86400}]}})
 

@@ -53,17 +53,47 @@ def test_add_within_counts_a_countdown_down_only_where_its_key_is(store) -> None
     assert store.add_within([], left=[("gone", 1.0)]) is None and store.get("gone") is None
 
 
-@pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc"])
-def test_add_within_adds_nothing_on_a_total_that_is_no_number(store, stored) -> None:
-    """A key whose total is no finite number (no increment makes one: another program's value) fails
-    add_within before anything is added, to the keys checked before it too (Redis keeps a script's
-    writes up to its error)."""
-    from redis.exceptions import ResponseError
+@pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc", b"-1e300"])
+def test_add_within_adds_nothing_on_a_total_no_writer_of_ours_leaves(store, stored) -> None:
+    """A key whose total is no finite number, or below minus its limit (no increment of ours makes
+    one: another program's value), fails add_within before anything is added, to the keys checked
+    before it too (Redis keeps a script's writes up to its error), with an error naming the key and
+    its value (Redis's named neither for another type, and -1e300 disabled the limit), which lets the
+    caller replace that value, and only that one."""
+    from router_middleware import UnreadableCounter
 
     store.set("bad", stored)
-    with pytest.raises((ValueError, ResponseError)):
+    with pytest.raises(UnreadableCounter, match=r"counter (\w+:)?bad holds b'") as raised:
         store.add_within([("usd", 0.2, 1.0, None)], [("bad", 1.0, 10.0, None, "h1", 60.0)])
     assert store.get("usd") is None and store.get("bad") == stored
+    assert (raised.value.key, raised.value.found) == ("bad", stored)
+    assert store.delete_if("bad", raised.value.found)
+    assert store.add_within([("usd", 0.2, 1.0, None)], [("bad", 1.0, 10.0, None, "h1", 60.0)]) is None
+
+
+def test_a_redis_counter_or_hold_set_of_another_type_is_named(redis_url) -> None:
+    """Another program's list where a counter or its hold set belongs failed the admission with a
+    ``WRONGTYPE`` naming no key, by either driver."""
+    import redis
+
+    from router_middleware import UnreadableCounter
+    from router_middleware.stores.redis import RedisStore
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store, client = RedisStore(redis_url, prefix=prefix), redis.Redis.from_url(redis_url)
+    client.rpush(f"{prefix}bad", "x")
+    client.rpush(f"{prefix}b#held", "x")
+    for admit in (store.add_within, lambda *a: asyncio.run(_awaited(store.aadd_within, *a))):
+        with pytest.raises(UnreadableCounter, match=f"counter {prefix}bad holds a value of another type") as raised:
+            admit([("bad", 1.0, 10.0, None)])
+        assert (raised.value.key, raised.value.found) == ("bad", None)
+        with pytest.raises(UnreadableCounter, match=f"counter {prefix}b#held holds a value of another type"):
+            admit([], [("b", 0.4, 1.0, None, "h1", 60.0)])
+    assert store.get("b") is None
+
+
+async def _awaited(method, *args):
+    return await method(*args)
 
 
 def test_a_redis_settlement_ends_its_holds_before_a_write_that_fails(redis_url) -> None:

@@ -32,6 +32,7 @@ from .errors import (
     StoreUnavailable,
     StreamLeft,
     UnknownModelError,
+    UnreadableCounter,
 )
 from .pipeline import Pipeline
 from .policies import Policy, PolicyState
@@ -77,6 +78,7 @@ __all__ = [
     "StreamLeft",
     "TrackedStream",
     "UnknownModelError",
+    "UnreadableCounter",
     "Usage",
     "configure_logging",
     "configure_telemetry",

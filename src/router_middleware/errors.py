@@ -157,6 +157,19 @@ class PartialWrite(StoreError):
         self.settled = settled
 
 
+class UnreadableCounter(StoreError):
+    """A counter an admission checks holds what this package never leaves there (another program's
+    value: text, ``inf``, a total below minus its limit; on Redis, a list or hash, or such a value in
+    its hold set): ``key`` as the store was given it, and ``found``, its value (``None``: a value of
+    another type, which only deleting the key replaces)."""
+
+    def __init__(self, key: str, found: bytes | None, shown: str | None = None) -> None:
+        what = "a value of another type" if found is None else repr(found[:40])
+        super().__init__(f"counter {shown or key} holds {what}, not a count of this package's; "
+                         "delete it to count from 0")
+        self.key, self.found = key, found
+
+
 class StoreUnavailable(StoreError):
     """The store holding a hard budget did not answer, and the budget says ``on_store_error: closed``:
     the call was refused before any provider call."""

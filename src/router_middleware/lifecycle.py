@@ -28,7 +28,7 @@ from .accounting import build_outcome, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, PartialWrite, RouterMiddlewareError, UnknownModelError
+from .errors import NoRouteError, PartialWrite, RouterMiddlewareError, UnknownModelError, UnreadableCounter
 from .params import choices_asked, usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
@@ -545,17 +545,30 @@ class CallLifecycle:
             return None
         # patient with a probe claim (one left behind would keep every call from probing for probe_s) or
         # budget holds (one taken after the call's release was sent would count until reservation_ttl_s)
-        try:
-            refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
-                                                                        admission.owned, admission.left),
-                                      admission.probe is not None or bool(admission.claims))
-        except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
-            self.books.admission_failed(self.held, admission, exc)
-            return None
-        except BaseException:  # stopped while the store admits: what it claimed may be there
-            admission.unanswered(self.held)
-            raise
-        return self.books.admitted(self.held, admission, refusal)
+        replaced: set[str] = set()  # each key's value is taken out once
+        while True:
+            try:
+                refusal = yield StoreCall(self.engine.store, "add_within", (admission.entries, admission.holds,
+                                                                            admission.owned, admission.left),
+                                          admission.probe is not None or bool(admission.claims))
+            except UnreadableCounter as exc:  # another program's value: taken out, if the books say so
+                if exc.key in replaced or not self.books.replaces(admission, exc):
+                    self.books.admission_failed(self.held, admission, exc)
+                    return None
+                try:
+                    yield StoreCall(self.books, "replace", (exc,))
+                except Exception as failed:  # noqa: BLE001 - as a failed admission
+                    self.books.admission_failed(self.held, admission, failed)
+                    return None
+                replaced.add(exc.key)
+                continue
+            except Exception as exc:  # noqa: BLE001 - the bookkeeper decides: raise with budgets, else admit
+                self.books.admission_failed(self.held, admission, exc)
+                return None
+            except BaseException:  # stopped while the store admits: what it claimed may be there
+                admission.unanswered(self.held)
+                raise
+            return self.books.admitted(self.held, admission, refusal)
 
     # -- after an attempt ------------------------------------------------------------------------
 

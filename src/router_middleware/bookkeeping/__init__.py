@@ -22,7 +22,7 @@ from typing import Any
 
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
-from ..errors import StoreUnavailable
+from ..errors import StoreUnavailable, UnreadableCounter
 from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..params import choices_asked
@@ -59,6 +59,7 @@ from .keys import (
     COOLDOWN,
     INPUT_RATIO,
     OUTPUT,
+    QUOTA,
     REASONING,
     SESSION_ROUTE,
     SUMMARY,
@@ -293,6 +294,23 @@ class Bookkeeper:
         admission.taken(held)
         return None
 
+    def replaces(self, admission: Admission, unreadable: UnreadableCounter) -> bool:
+        """Whether to take out the value ``unreadable`` names (:meth:`replace`) and admit again: a
+        quota window's, a hold set's, a provider view's, a reasoning budget's, or the counter of a
+        budget with ``on_store_error: open`` (it counted nothing while the value was there), not the
+        counter of a ``closed`` budget: its calls are refused until it is deleted (the spend it stood
+        for is unknown here; the ledger has it)."""
+        closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
+        return not any(c.key == unreadable.key and c.unit != "reasoning" and c.name in closed
+                       for c in admission.claims)
+
+    def replace(self, unreadable: UnreadableCounter) -> None:
+        """Take out the value an admission could not read, so the key counts from 0 again."""
+        then = ("the budget counts from 0 again (the spend it held is in the ledger)"
+                if unreadable.key.startswith(BUDGET) and not unreadable.key.endswith("#held")
+                else "the key counts from 0 again")
+        health.replace(self.store, unreadable, then)
+
     def admission_failed(self, held: Held, admission: Admission, error: Exception) -> None:
         """The store failed: a budget with ``on_store_error: closed`` refuses the call
         (:class:`StoreUnavailable`); otherwise, and with quotas only, the call is admitted (logged) and
@@ -305,7 +323,8 @@ class Bookkeeper:
             raise StoreUnavailable(f"budget {refusing[0]!r}: the store {store_name(self.store)} failed the call's "
                                    f"admission ({type(error).__name__}: {str(error)[:160]}); on_store_error: closed "
                                    "refuses the call") from error
-        log.warning("budget_store_failed" if admission.claims else "quota_store_failed",
+        quota = not admission.claims or (isinstance(error, UnreadableCounter) and error.key.startswith(QUOTA))
+        log.warning("quota_store_failed" if quota else "budget_store_failed",
                     error_type=type(error).__name__, error=str(error)[:200], admitted=True)
         admission.unanswered(held)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import CooldownConfig
+from ..errors import UnreadableCounter
 from ..stores import Store
 from ..stores.base import Average, Owned, number
 from ..telemetry import log
@@ -37,7 +38,13 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     of the absent cooldown key, atomic across processes, so a burst of failures opens the circuit once:
     the failures of attempts admitted before it opened (or by a process whose view lags) neither move
     its end nor take a failed probe's hold. One round trip below the threshold, two past it."""
-    if store.add_within([(FAILURES + target, 1.0, config.failures - 1.0, config.window_s)]) is None:
+    count = [(FAILURES + target, 1.0, config.failures - 1.0, config.window_s)]
+    try:
+        refused = store.add_within(count)
+    except UnreadableCounter as exc:  # another program's value: it kept every failure from counting
+        replace(store, exc, "the failure count starts again")
+        refused = store.add_within(count)
+    if refused is None:
         return None
     until, key = repr(now + config.cooldown_s).encode(), COOLDOWN + target
     if store.add_within([], owned=[(key, until, 2 * config.cooldown_s)]) is not None:
@@ -52,6 +59,20 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
     store.delete(FAILURES + target)  # the count starts again once the circuit closes
     store.delete(PROBE + target)  # a probe of an earlier cooldown, still in flight: not this one's
     return until
+
+
+def replace(store: Store, unreadable: UnreadableCounter, then: str) -> None:
+    """Take out the value an admission could not read (only that value: a count another call wrote
+    since stays), so the key counts from 0 again; said, naming the key, the value and ``then``."""
+    if unreadable.found is None:
+        store.delete(unreadable.key)
+    else:
+        store.delete_if(unreadable.key, unreadable.found)
+    log.warning("store_value_replaced", key=unreadable.key, found=_shown(unreadable.found), why=then)
+
+
+def _shown(found: bytes | None) -> str:
+    return "a value of another type" if found is None else repr(found[:40])
 
 
 def _unreadable(store: Store, key: str) -> bool | None:

@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import LockTimeout, StoreError
+from ..errors import LockTimeout, StoreError, UnreadableCounter
 from ..urls import without_password
 
 __all__ = ["Addition", "Average", "Bounded", "Check", "Countdown", "Fetched", "Hold", "LockTimeout", "Owned", "Put",
-           "Refusal", "Release", "Sample", "Store", "StoreError", "Within", "acquire", "blend", "defer", "fetch_each",
-           "number", "numbers", "poll", "refusing", "token_lock", "within_checks"]
+           "Refusal", "Release", "Sample", "Store", "StoreError", "UnreadableCounter", "Within", "acquire", "blend",
+           "counted", "defer", "fetch_each", "number", "numbers", "poll", "refusing", "token_lock", "within_checks",
+           "within_keys"]
 
 Addition = tuple[str, float, float | None]  # (key, amount, ttl_s)
 Within = tuple[str, float, float, float | None]  # (key, amount, limit, ttl_s)
@@ -111,8 +112,9 @@ class Store(Protocol):
         total stays within its limit, each owned key is absent and no countdown goes below 0; otherwise
         add nothing. ``None`` when added, else the first refusal (its index counts ``entries``, then
         ``owned``, then ``holds``, then ``left``; an owned key taken totals 1).
-        Expired holds on the held keys are taken back out first. A key whose total is no finite
-        number (:func:`number`) raises, and nothing is added."""
+        Expired holds on the held keys are taken back out first. A key whose total no writer of this
+        package leaves (:func:`counted`) raises :class:`UnreadableCounter` naming it, and nothing is
+        added."""
         ...
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
@@ -166,15 +168,38 @@ def within_checks(entries: Sequence[Within], holds: Sequence[Hold], owned: Seque
             *((k, a, lim, "add") for k, a, lim, *_ in holds), *((k, a, 0.0, "left") for k, a in left)]
 
 
+def counted(raw: bytes | str | float, limit: float | None = None) -> float | None:
+    """A counter's total, or ``None`` where no writer of this package leaves ``raw``: no finite
+    number, or (``limit``: a counter checked against one) a total below minus its limit (or -1). Our
+    own totals go below 0 only by what a write gives back after the store lost the key, far less."""
+    try:
+        total = number(raw)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return None if limit is not None and total < -max(limit, 1.0) else total
+
+
+def within_keys(entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],
+                left: Sequence[Countdown] = ()) -> list[str]:
+    """The keys :meth:`Store.add_within` checks, in its refusal order."""
+    return [*(e[0] for e in entries), *(o[0] for o in owned), *(h[0] for h in holds), *(k for k, _ in left)]
+
+
 def refusing(check: Check, current: bytes | str | float | None) -> float | None:
     """The total that refuses ``check`` where its key holds ``current`` (``None``: absent), else
-    ``None``: an owned key taken totals 1; a countdown refuses only where its key is."""
-    _, amount, limit, kind = check
+    ``None``: an owned key taken totals 1; a countdown refuses only where its key is. Raises
+    :class:`UnreadableCounter` where the key holds no total of ours (:func:`counted`)."""
+    key, amount, limit, kind = check
     if kind == "owned":
         return 1.0 if current is not None else None
+    if current is None:
+        return None if kind == "left" or amount <= limit + TOLERANCE else 0.0
+    total = counted(current, None if kind == "left" else limit)
+    if total is None:
+        raise UnreadableCounter(key, current.encode() if isinstance(current, str) else
+                                current if isinstance(current, bytes) else repr(current).encode())
     if kind == "left":
-        return None if current is None or number(current) - amount >= -TOLERANCE else number(current)
-    total = 0.0 if current is None else number(current)
+        return None if total - amount >= -TOLERANCE else total
     return total if total + amount > limit + TOLERANCE else None
 
 

@@ -24,6 +24,7 @@ from .base import (
     Sample,
     Within,
     blend,
+    counted,
     fetch_each,
     refusing,
     ring_seq,
@@ -121,7 +122,8 @@ class MemoryStore:
             if found is None or found[1] != expires:  # released (or held again) since
                 continue
             del held[hold]
-            if self._live(key) is not None:
+            current = self._live(key)
+            if current is not None and counted(current) is not None:  # else the admission names it
                 self._add(key, -found[0], None)
         if not held:
             self._holds.pop(key, None)

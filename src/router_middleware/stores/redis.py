@@ -36,9 +36,11 @@ from .base import (
     Release,
     Sample,
     StoreError,
+    UnreadableCounter,
     Within,
     acquire,
     numbers,
+    within_keys,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,9 +63,11 @@ return 0
 # All or nothing: take expired holds back out of the held keys, check every key's total + amount
 # against its limit, every owned key's absence and every countdown's key (where it is) against 0,
 # then add them all, set the owned keys to their owners, record the holds and count the countdowns
-# down where their keys are. A total that is no finite number (not one INCRBYFLOAT makes) is an
-# error before anything is added: checked later, it would fail the script after the keys before it
-# were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
+# down where their keys are. A key holding what no writer of ours leaves (stores.base.counted: no
+# finite number, a total below minus its limit, another type; a hold set of another type) answers
+# {-index of its check, its value, 'value' | 'type' | 'held'} before anything is added, and the
+# caller raises UnreadableCounter naming it: checked later, it would fail the script after the keys
+# before it were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
 # (member "<hold id>|<amount>", score: expiry in ms, the server's clock; a member of another form,
 # written by another program, is taken out with no amount), then the countdowns' keys.
 # ARGV[1], ARGV[2]: how many entries and owned keys; then per entry amount, limit, ttl ms; per owned
@@ -71,6 +75,12 @@ return 0
 # last, how many countdowns. A check without an amount is an owned key's; one marked (check[4]) a
 # countdown's, whose key was found (check[5]) or not.
 _WITHIN = """
+local function readable(raw, limit)
+  local total = type(raw) == 'string' and tonumber(raw)
+  if not total or total ~= total or math.abs(total) == math.huge then return nil end
+  if limit and total < -math.max(limit, 1) then return nil end
+  return total
+end
 local n, o, c = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[#ARGV])
 local h = (#KEYS - n - o - c) / 2
 local clock = redis.call('TIME')
@@ -81,10 +91,11 @@ for i = n + 1, n + o do checks[i] = {KEYS[i]} end
 for j = 1, c do checks[n + o + h + j] = {KEYS[n + o + 2 * h + j], #ARGV - c - 1 + j, false, true} end
 for j = 1, h do
   local key, set = KEYS[n + o + 2 * j - 1], KEYS[n + o + 2 * j]
-  local gone = redis.call('ZRANGEBYSCORE', set, '-inf', now)
+  local gone = redis.pcall('ZRANGEBYSCORE', set, '-inf', now)
+  if gone.err then return {-(n + o + j), '', 'held'} end
   if #gone > 0 then
     redis.call('ZREMRANGEBYSCORE', set, '-inf', now)
-    if redis.call('EXISTS', key) == 1 then
+    if readable(redis.pcall('GET', key)) then
       local back = 0
       for _, member in ipairs(gone) do
         local amount = tonumber(string.match(member, '|([^|]*)$') or '')
@@ -99,11 +110,10 @@ for i, check in ipairs(checks) do
   if check[2] == nil then
     if redis.call('EXISTS', check[1]) == 1 then return {i, '1'} end
   else
-    local raw = redis.call('GET', check[1])
-    local total = tonumber(raw or '0')
-    if total == nil or total ~= total or total == math.huge or total == -math.huge then
-      return redis.error_reply('counter ' .. check[1] .. ' holds ' .. string.sub(raw, 1, 40) .. ', not a finite number')
-    end
+    local raw = redis.pcall('GET', check[1])
+    if type(raw) == 'table' then return {-i, '', 'type'} end
+    local total = readable(raw or '0', not check[4] and tonumber(ARGV[check[2] + 1]))
+    if not total then return {-i, raw, 'value'} end
     if check[4] then
       if raw and total - tonumber(ARGV[check[2]]) < -1e-9 then return {i, tostring(total)} end
       check[5] = raw ~= false
@@ -625,9 +635,13 @@ def _member(hold: str, amount: float) -> str:
     return f"{hold}|{float(amount)!r}"
 
 
-def _refusal(answer: Any) -> Refusal | None:
-    index, total = answer
-    return None if int(index) == 0 else (int(index) - 1, float(total))
+def _refusal(answer: Any, checked: Sequence[str], prefix: str) -> Refusal | None:
+    """The admission script's answer; its checks' keys, ``checked``, name an unreadable one."""
+    index, total, *what = answer
+    if int(index) >= 0:
+        return None if int(index) == 0 else (int(index) - 1, float(total))
+    key = checked[-int(index) - 1] + ("#held" if what == [b"held"] else "")
+    raise UnreadableCounter(key, bytes(total) if what == [b"value"] else None, prefix + key)
 
 
 def _written(cached: int, replies: list[Any]) -> None:
@@ -645,8 +659,6 @@ def _written(cached: int, replies: list[Any]) -> None:
                        cache_written=cache_written, settled=settled) from failed[0]
 
 
-def _refused(replies: list[Any]) -> Refusal | None:
-    return _refusal(replies[-1])
 
 
 # add_many's writes other than its bounded ones: entries, samples, releases, averages, puts
@@ -749,7 +761,9 @@ class RedisStore:
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
                    owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
         call = self._within_call(entries, holds, owned, left)
-        return None if call is None else _refusal(self._within(keys=call[0], args=call[1]))
+        if call is None:
+            return None
+        return _refusal(self._within(keys=call[0], args=call[1]), within_keys(entries, holds, owned, left), self.prefix)
 
     def aadd_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
                     owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Awaitable[Refusal | None]:
@@ -758,7 +772,9 @@ class RedisStore:
         call = self._within_call(entries, holds, owned, left)
         if call is None:
             return _resolved(None)
-        return self._batch().submit(_script, _WITHIN, *call, read=_refused, withdrawable=True)
+        checked, prefix = within_keys(entries, holds, owned, left), self.prefix
+        return self._batch().submit(_script, _WITHIN, *call, withdrawable=True,
+                                    read=lambda replies: _refusal(replies[-1], checked, prefix))
 
     async def aget(self, key: str) -> bytes | None:
         value = await self._batch().submit(self._queue_get, key)

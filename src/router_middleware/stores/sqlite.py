@@ -27,6 +27,7 @@ from .base import (
     StoreError,
     Within,
     blend,
+    counted,
     fetch_each,
     numbers,
     refusing,
@@ -205,7 +206,8 @@ class SQLiteStore:
                              (key, now)).fetchone()[0]
         if expired:
             db.execute("DELETE FROM holds WHERE key = ? AND expires <= ?", (key, now))
-            if self._current(db, key) is not None:
+            current = self._current(db, key)
+            if current is not None and counted(current[0]) is not None:  # else the admission names it
                 self._add(db, key, -float(expired), None)
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
@@ -282,7 +284,8 @@ class SQLiteStore:
     def delete_if(self, key: str, value: bytes) -> bool:
         with self._tx() as db:
             current = self._current(db, key)
-            if current is None or current[0] != value:
+            held = current[0].encode() if current is not None and isinstance(current[0], str) else None
+            if current is None or (held or current[0]) != value:  # TEXT: another program's
                 return False
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
             return True
