@@ -603,6 +603,30 @@ def test_the_agent_middleware_hands_the_agent_its_own_messages_on_every_step(rep
                     HumanMessage("go on", id=f"h{step + 1}")]
 
 
+def test_the_agent_middleware_numbers_the_steps_of_a_run_in_its_rows(tmp_path) -> None:
+    """Its ledger rows had ``step`` NULL (the proxy numbers an agent's steps from its conversation,
+    so did nobody here); now each row has the agent's model turns so far, unless the caller says."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        return ModelResponse(result=[AIMessage("ok")])
+
+    for context in (None, {"step": 7}):
+        middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context=context)
+        history: list[Any] = [HumanMessage("fix the test")]
+        for step in range(3):
+            model = GenericFakeChatModel(messages=iter(["unused"]))
+            middleware.wrap_model_call(ModelRequest(model=model, messages=list(history), model_settings={}), handler)
+            history += [AIMessage(f"step {step}"), HumanMessage("go on")]
+    pipeline.close()
+    assert [r[0] for r in open_ledger(url).query("SELECT step FROM calls ORDER BY ts")] == [0, 1, 2, 7, 7, 7]
+
+
 @pytest.mark.parametrize(("where", "context", "named"), [
     ("model", {"sesion_id": "s1"}, "unknown field"), ("call", {"sesion_id": "s1"}, "unknown field"),
     ("model", {"step": "first"}, "context.step")])

@@ -467,6 +467,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             converted += parts
             owners += [original] if len(parts) == 1 else [None] * len(parts)
             positions += [at] * len(parts)
+        if context.step is None:  # the agent's step: its model turns so far, as the proxy counts them
+            context = replace(context, step=sum(1 for m in converted if m.get("role") == "assistant"))
         try:
             call = self.pipeline.make_call(self._route_of(request), converted, context, params, litellm_sends=False)
         except MessageError as error:
