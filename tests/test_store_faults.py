@@ -302,6 +302,25 @@ def test_a_store_url_s_password_is_never_said(mode, tmp_path) -> None:
 
 
 
+def test_a_stored_value_the_policies_cannot_read_is_said_once_not_on_every_call(redis_url) -> None:
+    """A value kept in the process is decoded by every call that reads it: one another program wrote
+    logged ``store_value_unreadable`` on each call while it stayed (seven calls, eight warnings per key
+    in a trial), where once says it."""
+    import redis
+    import structlog
+
+    client = redis.Redis.from_url(redis_url)
+    client.set(f"rm:cooldown:{CLAUDE}", b"abc")
+    routing = {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0}}
+    pipeline = Pipeline.from_config({"store": redis_url, "routing": routing, "context": {"enabled": False},
+                                     "cache": {"enabled": False}})
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):
+            pipeline.completion(model="coder", messages=MESSAGES, mock_response="ok")
+    pipeline.close()
+    assert [e["key"] for e in logs if e["event"] == "store_value_unreadable"] == [f"cooldown:{CLAUDE}"]
+
+
 @pytest.mark.parametrize("stored", [("cooldown", b"abc"), ("cooldown", b"inf"), ("quota", b"abc"), ("quota", b"inf")])
 def test_a_stored_value_the_policies_cannot_read_is_missing_not_a_failed_call(
         stored, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above

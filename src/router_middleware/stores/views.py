@@ -75,6 +75,7 @@ class StoreView(Mapping[str, V], Generic[V]):
         self._decode = decode
         self.kept: Kept[bytes | None] = Kept(fresh_s)
         self.entry: tuple[bool, StoreView[V]] = (True, self)  # how a Prefetch notes a value of this view
+        self._unreadable: set[tuple[str, bytes]] = set()  # (key, value) said to be unreadable
 
     def __getitem__(self, key: str) -> V:
         return self.decode(key, self._read(key))
@@ -88,7 +89,12 @@ class StoreView(Mapping[str, V], Generic[V]):
         try:
             return self._decode(raw)
         except Exception as exc:  # noqa: BLE001 - a value the view cannot read is missing
-            log.warning("store_value_unreadable", key=self.prefix + key, error_type=type(exc).__name__)
+            said = (key, raw)
+            if said not in self._unreadable:  # once per value: a kept one is decoded by every call
+                if len(self._unreadable) > _KEEP:
+                    self._unreadable.clear()
+                self._unreadable.add(said)
+                log.warning("store_value_unreadable", key=self.prefix + key, error_type=type(exc).__name__)
             raise KeyError(key) from None
 
     def _read(self, key: str) -> bytes | None:
