@@ -691,6 +691,40 @@ def test_a_reply_size_list_sqlite_cannot_read_keeps_no_budget_held(stored, tmp_p
     assert len(store.samples("out:gpt-4o-mini:shop")) >= 12 - 1 and all(v < 100 for v in store.samples("out:gpt-4o-mini:shop"))
 
 
+@pytest.mark.parametrize("written", [0, 0.5, "3", "nan"], ids=["integer", "real", "text", "text-nan"])
+@pytest.mark.parametrize("on_store_error", ["open", "closed"])
+def test_a_budget_counter_another_program_set_with_sql_reads_as_redis_would_read_it(
+        written, on_store_error, tmp_path) -> None:
+    """An operator resets a budget with ``UPDATE kv SET value = 0``: SQLite keeps an INTEGER (or a REAL,
+    or TEXT) where this package writes BLOBs. The INTEGER read as that many zero bytes (0: an empty
+    value, "replaced"; 5: junk), a REAL or TEXT raised TypeError in every admission and settlement
+    touching the key: the budget counted nothing for the rest of its window, its holds stayed, and a
+    ``closed`` budget failed every call. Each now reads as its text, as ``SET key 0`` does on Redis:
+    the next call counts on top of it; NaN is another program's junk, replaced (``open``) or named
+    (``closed``) as on Redis."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    day = int(time.time() // 86400)
+    budget = {"name": "team", "usd": 1.0, "tokens": 600, "window_s": 86400, "on_store_error": on_store_error}
+    pipeline = Pipeline.from_config({"app": "shop", "store": f"sqlite:///{path}", "routing": {"budgets": [budget]},
+                                     "cache": {"enabled": False}})
+    first = outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok"))
+    db = sqlite3.connect(path)
+    db.execute("UPDATE kv SET value = ? WHERE key = ?", (written, f"budget:team:tokens:shop:{day}"))
+    db.commit()
+    if written == "nan" and on_store_error == "closed":
+        with pytest.raises(StoreUnavailable, match="holds b'nan'.*delete it to count from 0"):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+        return
+    second = outcome(pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok"))
+    rows = dict(db.execute("SELECT key, value FROM kv").fetchall())
+    base = 0.0 if written == "nan" else float(written)
+    assert float(rows[f"budget:team:tokens:shop:{day}"]) == base + second.usage.input_tokens + second.usage.output_tokens
+    assert float(rows[f"budget:team:usd:shop:{day}"]) == pytest.approx(first.cost.total_usd + second.cost.total_usd)
+    assert db.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0  # settled: nothing still held
+
+
 @pytest.mark.parametrize("driver", ["completion", "acompletion"])
 def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(driver, redis_we_can_stop,
                                                                           monkeypatch) -> None:

@@ -145,13 +145,13 @@ class SQLiteStore:
         if row[1] is not None and row[1] <= time.time():
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
             return None
-        return bytes(row[0]), row[1]
+        return _blob(row[0]), row[1]
 
     def get(self, key: str) -> bytes | None:
         row = self._db().execute("SELECT value, expires FROM kv WHERE key = ?", (key,)).fetchone()
         if row is None or (row[1] is not None and row[1] <= time.time()):
             return None
-        return bytes(row[0])
+        return _blob(row[0])
 
     def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         db = self._db()
@@ -264,7 +264,7 @@ class SQLiteStore:
     def appended(self, key: str) -> list[bytes]:
         rows = self._db().execute("SELECT value FROM lists WHERE key = ? AND (expires IS NULL OR expires > ?) "
                                   "ORDER BY seq", (key, time.time())).fetchall()
-        return [bytes(row[0]) for row in rows]
+        return [_blob(row[0]) for row in rows]
 
     def fetch(self, keys: Sequence[str], lists: Sequence[str] = ()) -> Fetched:
         return fetch_each(self, keys, lists)
@@ -284,8 +284,7 @@ class SQLiteStore:
     def delete_if(self, key: str, value: bytes) -> bool:
         with self._tx() as db:
             current = self._current(db, key)
-            held = current[0].encode() if current is not None and isinstance(current[0], str) else None
-            if current is None or (held or current[0]) != value:  # TEXT: another program's
+            if current is None or current[0] != value:
                 return False
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
             return True
@@ -295,6 +294,18 @@ class SQLiteStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+
+def _blob(value: bytes | str | float) -> bytes:
+    """A stored value as the bytes Redis would hold for it: ours are BLOBs; another program's
+    ``UPDATE kv SET value = 0`` (an INTEGER), ``0.5`` (a REAL) or ``'3'`` (TEXT) reads as its text, as
+    ``SET key 0`` would on Redis (``bytes()`` of an INTEGER made that many zero bytes; of a REAL or TEXT
+    it raised TypeError, and every admission and settlement touching the key failed)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return repr(value).encode() if isinstance(value, float) else str(value).encode()
 
 
 def _contended(exc: sqlite3.OperationalError) -> bool:
