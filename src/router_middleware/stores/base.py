@@ -6,6 +6,7 @@ Values are bytes; counters are floats. ``ttl_s`` is in seconds (``None``: no exp
 from __future__ import annotations
 
 import math
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -62,9 +63,17 @@ def ring_seq(add: Callable[[], float], drop: Callable[[], object]) -> int:
         return int(add())
 
 
+# A decimal as Python's repr and Redis's INCRBYFLOAT write one (and Redis's admission script reads one).
+_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def number(raw: bytes | str | float) -> float:
-    """A stored number (a counter, a time, an average): finite, as the package writes them (Redis's
-    INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``."""
+    """A stored number (a counter, a time, an average): a finite decimal, as the package writes them
+    (Redis's INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``, also what
+    ``float()`` alone takes but Redis's INCRBYFLOAT refuses or reads otherwise (``" 5"``, ``"1_000"``),
+    so that every store reads a value alike."""
+    if isinstance(raw, (bytes, str)) and not _DECIMAL.fullmatch(raw.encode() if isinstance(raw, str) else raw):
+        raise ValueError(f"{raw!r} is not a decimal number")
     value = float(raw)
     if not math.isfinite(value):
         raise ValueError(f"{raw!r} is not a finite number")

@@ -64,7 +64,7 @@ return 0
 # against its limit, every owned key's absence and every countdown's key (where it is) against 0,
 # then add them all, set the owned keys to their owners, record the holds and count the countdowns
 # down where their keys are. A key holding what no writer of ours leaves (stores.base.counted: no
-# finite number, a total below minus its limit, another type; a hold set of another type) answers
+# finite decimal number, a total below minus its limit, another type; a hold set of another type) answers
 # {-index of its check, its value, 'value' | 'type' | 'held'} before anything is added, and the
 # caller raises UnreadableCounter naming it: checked later, it would fail the script after the keys
 # before it were added to. KEYS: the entries' keys, the owned keys, then per hold its key and its hold set
@@ -76,7 +76,9 @@ return 0
 # countdown's, whose key was found (check[5]) or not.
 _WITHIN = """
 local function readable(raw, limit)
-  local total = type(raw) == 'string' and tonumber(raw)
+  if type(raw) ~= 'string' or not (string.find(raw, '^[+-]?%d*%.?%d*$')
+      or string.find(raw, '^[+-]?%d*%.?%d*[eE][+-]?%d+$')) then return nil end
+  local total = tonumber(raw)
   if not total or total ~= total or math.abs(total) == math.huge then return nil end
   if limit and total < -math.max(limit, 1) then return nil end
   return total
