@@ -351,6 +351,47 @@ def test_a_call_that_fails_on_every_target_says_what_each_came_to(monkeypatch) -
 
 
 @pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stream_the_provider_breaks_counts_toward_its_target_s_cooldown(monkeypatch, asynchronous) -> None:
+    """A provider that breaks every stream after its first chunks (five events of a recorded answer)
+    fails the caller's read, not the attempt the pipeline made (one broken before its first chunk
+    fails over at once): it was never counted as a failure, so its circuit never opened and every
+    call went on to the same target. Now it counts as a failure before the first chunk does: the
+    third call goes to the next target."""
+    import asyncio
+
+    import litellm
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    broken = (litellm.exceptions.APIConnectionError, litellm.exceptions.MidStreamFallbackError)
+
+    async def aread(p: Pipeline) -> str:
+        stream = await p.acompletion(model="pair", messages=MESSAGES, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    def read(p: Pipeline) -> str:
+        if asynchronous:
+            return asyncio.run(aread(p))
+        return "".join(c.choices[0].delta.content or "" for c in p.completion(model="pair", messages=MESSAGES,
+                                                                             stream=True) if c.choices)
+
+    with fault_server() as (base, seen):
+        deployments = {"flaky": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/cut/v1"},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"}}
+        p = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"pair": ["flaky", "up"]},
+                                              "cooldown": {"failures": 2, "window_s": 60, "cooldown_s": 30}},
+                                  "cache": {"enabled": False}})
+        for _ in range(2):
+            with pytest.raises(broken):
+                read(p)
+        assert read(p)
+        p.close()
+    assert seen == {"cut:cut-stream": 2, "healthy:ok": 1}
+    assert p.store.get("cooldown:flaky") is not None
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
 def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_retries(monkeypatch,
                                                                                        asynchronous) -> None:
     """The OpenAI SDK retries a 500 twice (waiting, and a 429's Retry-After up to a minute) before the

@@ -370,6 +370,12 @@ class Bookkeeper:
             self._add("quota_store_failed", quotas.give_back(taken, requests=False) if spent is None
                       else quotas.settlement(taken, spent.usage.total_tokens))
             self._observe(found, error)
+        self.target_failed(held, target, error)
+
+    def target_failed(self, held: Held, target: str, error: BaseException) -> None:
+        """Count ``error`` toward ``target``'s cooldown, as :meth:`attempt_failed` does, with no quota
+        to give back (a stream the provider broke off after its first chunks: it is settled at what
+        it sent)."""
         if not counts_toward_cooldown(error):
             self._end_probe(held)
             return
