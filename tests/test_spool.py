@@ -296,3 +296,37 @@ def test_a_process_that_exits_without_close_spools_what_its_writer_still_holds(t
     reader.flush_spool()
     reader.close()
     assert _count(url) == 2
+
+
+def test_rows_a_process_was_draining_from_its_spool_when_it_exited_are_drained_later(tmp_path) -> None:
+    """The writer drains its spool before its next insert: a drain claims the file by renaming it
+    (``rows-<pid>.jsonl.<pid>.draining``) and waits on a locked ledger; the process exits. Its queued
+    rows went to the spool, but the claimed file stayed, and no drain ever read it again (its rows
+    were neither written nor logged as lost). Now a later drain takes the claim of a process that is
+    gone back, and writes its rows."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "ledger.db"
+    url, folder = f"sqlite:///{path}", tmp_path / "spool"
+    child = ("import sqlite3, time\n"
+             "from router_middleware.ledger.record import LedgerRecord\n"
+             "from router_middleware.ledger.spool import Spool\n"
+             "from router_middleware.ledger.writer import LedgerWriter\n"
+             "def row(i): return LedgerRecord(ts=1.0, model='m', requested_model='m', call_id=i)\n"
+             f"w = LedgerWriter({url!r}, spool={str(folder)!r})\n"
+             "w.append(row('first'))\n"
+             "assert w.flush()\n"
+             f"Spool({str(folder)!r}).add([row('old0'), row('old1')])\n"
+             f"locker = sqlite3.connect({str(path)!r}, isolation_level=None)\n"
+             "locker.execute('BEGIN EXCLUSIVE')\n"
+             "for i in range(2): w.append(row(f'x{i}'))\n"
+             "time.sleep(0.5)\n"
+             f"print(sorted(p.name for p in __import__('pathlib').Path({str(folder)!r}).iterdir()))\n")
+    seen = subprocess.run([sys.executable, "-c", child], check=True, timeout=120, capture_output=True, text=True)
+    assert "draining" in seen.stdout  # the writer was draining the spool when the process exited
+    assert len(list(folder.glob("rows-*.draining"))) == 1  # and left the claimed file
+    reader = LedgerWriter(url, spool=folder)
+    reader.flush_spool()
+    reader.close()
+    assert _count(url) == 5 and not list(folder.glob("rows-*"))

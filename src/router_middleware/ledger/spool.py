@@ -136,7 +136,8 @@ class Spool:
                 self._lock.release()
 
     def pending(self) -> bool:
-        return self.folder.is_dir() and any(self.folder.glob("rows-*.jsonl"))
+        return self.folder.is_dir() and (any(self.folder.glob("rows-*.jsonl"))
+                                         or any(self.folder.glob("rows-*.draining")))
 
     def drain(self, db: LedgerDB) -> Drained:
         """Write this process's rows and those of processes that are gone; a file whose owner still
@@ -145,6 +146,7 @@ class Spool:
         if not self.folder.is_dir():
             return done
         with self._lock:
+            self._reclaim()
             for path in sorted(self.folder.glob("rows-*.jsonl")):
                 try:
                     pid = int(path.stem.removeprefix("rows-").split("-", 1)[0])
@@ -155,6 +157,24 @@ class Spool:
                     continue
                 self._drain_file(db, path, done)
         return done
+
+    def _reclaim(self) -> None:
+        """Give the rows of a drain that never ended (its process exited or was killed while the
+        database kept it waiting; or this process's, whose drain failed) back to the spool, as a file
+        of their own: the drain below writes them (a row already written is kept once, by call_id)."""
+        for claimed in self.folder.glob("rows-*.jsonl.*.draining"):
+            try:
+                drainer = int(claimed.name.removesuffix(".draining").rsplit(".", 1)[1])
+            except ValueError:
+                drainer = 0
+            if drainer != os.getpid() and drainer and _alive(drainer):
+                continue  # still draining it
+            try:
+                claimed.rename(self.folder / f"rows-{drainer}-{unique_id()}.jsonl")
+            except FileNotFoundError:  # another drainer took it back first
+                continue
+            log.warning("ledger_spool_reclaimed", file=claimed.name,
+                        why="a drain of it never ended (its process exited while the database kept it waiting)")
 
     def _drain_file(self, db: LedgerDB, path: Path, done: Drained) -> None:
         claimed = path.with_name(f"{path.name}.{os.getpid()}.draining")
