@@ -136,3 +136,57 @@ def test_a_stream_the_caller_stops_is_one_stopped_row_through_every_way_in(way, 
     spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert spans and all(s.attributes.get("router_middleware.ended") == "stopped" for s in spans)
 
+
+
+_LEFT_AT_EXIT = {
+    "pipeline-sync": ("stream = p.completion(**KW)\n"
+                      "for i, _ in zip(range(3), stream): pass\n"),
+    "pipeline-async": ("import asyncio\n"
+                       "async def main():\n"
+                       "    stream = await p.acompletion(**KW)\n"
+                       "    i = 0\n"
+                       "    async for _ in stream:\n"
+                       "        i += 1\n"
+                       "        if i == 3: break\n"
+                       "    return stream\n"
+                       "stream = asyncio.run(main())\n"),
+    "litellm-sync": ("import litellm\n"
+                     "from router_middleware.litellm import RouterLogger\n"
+                     "RouterLogger(p).register()\n"
+                     "stream = litellm.completion(**KW)\n"
+                     "for i, _ in zip(range(3), stream): pass\n"),
+}
+
+
+@pytest.mark.parametrize("way", sorted(_LEFT_AT_EXIT))
+def test_a_stream_a_script_leaves_open_as_it_ends_is_a_stopped_row_and_frees_its_budget(way, redis_url,
+                                                                                     tmp_path) -> None:
+    """A script reads part of a stream, keeps it (a module-level name), and ends. The stream's
+    finalizer ran during the interpreter's teardown, where litellm's builder failed (or, through
+    litellm with the logger, never ran): no ledger row, and its budget hold on Redis counted for
+    ``reservation_ttl_s`` against every process sharing the budget. Now it ends at the exit, as a
+    ``stopped`` row settled at what it used, its hold released."""
+    import subprocess
+    import sys
+    import uuid
+
+    import redis
+
+    ledger = f"sqlite:///{tmp_path / 'ledger.db'}"
+    name = f"exit{uuid.uuid4().hex[:8]}"
+    config = {"store": redis_url, "ledger": {"url": ledger}, "cache": {"enabled": False},
+              "routing": {"budgets": [{"name": name, "scope": "global", "tokens": 100000, "window_s": 86400}]}}
+    script = ("from router_middleware import Pipeline\n"
+              f"p = Pipeline.from_config({config!r})\n"
+              f"KW = dict(model='gpt-4o-mini', messages={MESSAGES!r}, mock_response={ANSWER!r}, stream=True,"
+              " max_tokens=500)\n" + _LEFT_AT_EXIT[way])
+    run = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and "ERROR" not in run.stderr, run.stderr
+    rows = open_ledger(ledger).query("SELECT error, ended, input_tokens, output_tokens FROM calls")
+    assert [(r[0], r[1]) for r in rows] == [("StreamLeft", "stopped")] and rows[0][3] > 0
+    client = redis.Redis.from_url(redis_url)
+    day = int(time.time() // 86400)
+    key = f"rm:budget:{name}:tokens:all:{day}"
+    assert float(client.get(key)) == rows[0][2] + rows[0][3]
+    assert not client.zrange(f"{key}#held", 0, -1)  # nothing still held

@@ -4,7 +4,7 @@ chunks began may get its failure event before its last chunks. :class:`_SyncStre
 of :class:`.RouterLogger` that watch them (behind its hooks ``log_pre_api_call`` and
 ``log_stream_event`` and its failure events) and settle each once: when litellm frees the call (a
 finalizer, whose work :data:`.handoff._HANDOFF` runs), :data:`_BROKEN_WAIT_S` after a broken
-stream's failure event (a timer), or at the interpreter's exit (an ``atexit`` hook)."""
+stream's failure event (a timer), or at the interpreter's exit (an ``atexit`` hook), whichever comes first."""
 
 from __future__ import annotations
 
@@ -96,6 +96,14 @@ def _kept(value: Any, depth: int) -> Any:
     return _detached(value, depth + 1) if isinstance(value, Exception) and depth < 3 else None
 
 
+def _settle_at_exit(logger: weakref.ref[_SyncStreams]) -> None:
+    """The exit hook of a logger that watched a sync stream (a weak reference: a logger that is gone
+    has nothing left to settle, its streams' finalizers and timers having held it until they ran)."""
+    found = logger()
+    if found is not None:
+        found._settle_at_exit()
+
+
 class _SyncStreams(_Core):
     """:class:`.RouterLogger`'s watch of sync chat streams (see the module's docstring)."""
 
@@ -120,6 +128,9 @@ class _SyncStreams(_Core):
             key = f"{self._key(details)}/{next(self._watches)}"
             self._streams[key] = found
             _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
+            hook, self._exit_hooked = not self._exit_hooked, True
+        if hook:
+            atexit.register(_settle_at_exit, weakref.ref(self))
         watched = _Watched(key)
         _HANDOFF.ready()
         found.finalizer = weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found))
@@ -151,7 +162,7 @@ class _SyncStreams(_Core):
         litellm frees the call, after the last of them. A caller that keeps the stream, or the
         exception (its traceback holds both), keeps the call: then the stream is settled at the
         chunks counted :data:`_BROKEN_WAIT_S` after this event (a daemon timer), or at the
-        interpreter's exit if that comes first (:meth:`_settle_broken`). A second failure event of the
+        interpreter's exit if that comes first (:meth:`_settle_at_exit`). A second failure event of the
         same stream changes nothing. Any other failure ends the watch."""
         if kwargs.get("completion_start_time") is None:
             self._stream_ended(kwargs)
@@ -166,23 +177,22 @@ class _SyncStreams(_Core):
             found.broken = _detached(_error(kwargs))  # its traceback would hold the call
             found.timer = timer = threading.Timer(_BROKEN_WAIT_S, _guarded,
                                                   (functools.partial(self._sync_ended, key, found),))
-            hook, self._exit_hooked = not self._exit_hooked, True
-        if hook:
-            atexit.register(self._settle_broken)
         timer.name, timer.daemon = "router-middleware-broken-stream", True
         timer.start()
         return True
 
-    def _settle_broken(self) -> None:
-        """At the interpreter's exit (an ``atexit`` hook, registered at the first broken stream, which
-        keeps the logger until the exit; it runs once litellm's executor has delivered every chunk):
-        wait for the work the finalizers queued, settle the broken streams whose timer has not fired,
-        wait for the rows a timer or finalizer is writing, and write the ledger's rows (its own hook
-        may have run), each wait a few seconds at most."""
+    def _settle_at_exit(self) -> None:
+        """At the interpreter's exit (:func:`_settle_at_exit`, registered at the first watched stream;
+        it runs once litellm's executor has delivered every chunk): wait for the work the finalizers
+        queued, settle the streams still watched (broken ones whose timer has not fired, and those
+        litellm still holds, which a script left unread as it ended: their finalizers would run
+        during the interpreter's teardown, or never), wait for the rows a timer or finalizer is
+        writing, and write the ledger's rows (its own hook may have run), each wait a few seconds at
+        most."""
         _HANDOFF.drain(5.0)
         with self._lock:
-            broken = [(key, found) for key, found in self._streams.items() if found.broken is not None]
-        for key, found in broken:
+            left = list(self._streams.items())
+        for key, found in left:
             _guarded(functools.partial(self._sync_ended, key, found))
         with self._lock:
             self._settled.wait_for(lambda: self._settling == 0, timeout=5.0)
@@ -193,8 +203,8 @@ class _SyncStreams(_Core):
     def _sync_ended(self, key: str, found: _Streaming) -> None:
         """End a sync stream's watch, once litellm let go of the call (on :data:`_HANDOFF`'s thread),
         :data:`_BROKEN_WAIT_S` after its provider broke it (:meth:`_stream_broke`'s timer), or, for a
-        stream its provider broke that is still watched then, at the interpreter's exit (the ``atexit``
-        hook :meth:`_settle_broken`), whichever comes first. A stream left without an event, its caller
+        stream still watched then, at the interpreter's exit (the ``atexit`` hook :meth:`_settle_at_exit`),
+        whichever comes first. A stream left without an event, its caller
         having stopped reading it, is one row and span naming :class:`StreamLeft`; one its provider broke,
         naming the provider's error. A stream whose chunks had begun to come was paid for its prompt and
         those chunks: settled at the prompt counted locally and litellm's count of the chunks that came
@@ -210,7 +220,7 @@ class _SyncStreams(_Core):
             if found.broken is not None:  # a failure event of it that comes later writes no second row
                 self._broken[key] = None
                 _overflow(self._broken)
-            self._settling += 1  # the exit hook waits for its row (_settle_broken)
+            self._settling += 1  # the exit hook waits for its row (_settle_at_exit)
         found.finalizer.detach()
         if found.timer is not None:
             found.timer.cancel()
