@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from router_middleware.stores import LockTimeout, MemoryStore, SQLiteStore, StoreError, open_store
+from router_middleware.stores.redis import RedisStore
 
 # A ttl that lapses within a test, and the wait until it has. Not 50 ms: a test that reads a key
 # right after writing it failed when a busy machine stalled it for longer than that.
@@ -92,6 +93,39 @@ def test_a_redis_counter_or_hold_set_of_another_type_is_named(redis_url) -> None
         with pytest.raises(UnreadableCounter, match=f"counter {prefix}b#held holds a value of another type"):
             admit([], [("b", 0.4, 1.0, None, "h1", 60.0)])
     assert store.get("b") is None
+
+
+@pytest.mark.parametrize("where", ["counter", "hold set"])
+def test_a_value_of_another_type_is_replaced_once_not_again_by_a_second_call_that_found_it(where,
+                                                                                         redis_url) -> None:
+    """Two processes meet another program's list where a budget's counter or hold set belongs. The
+    first replaces it and is admitted (its count, its hold recorded); the second, replacing the same
+    list a moment later, deleted the key whatever it held by then, the first call's hold with it: that
+    call's settlement found no hold and added its spend on top of its reservation, which was never given
+    back. Now a value of another type is deleted only while it is still of another type."""
+    import redis
+
+    from router_middleware import UnreadableCounter
+    from router_middleware.bookkeeping.health import replace
+
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis.from_url(redis_url)
+    first, second = RedisStore(redis_url, prefix=prefix), RedisStore(redis_url, prefix=prefix)
+    client.rpush(f"{prefix}usd" + ("#held" if where == "hold set" else ""), "x")
+    found = {}
+    for name, store in (("a", first), ("b", second)):
+        with pytest.raises(UnreadableCounter) as raised:
+            store.add_within([], [("usd", 4.0, 10.0, None, f"h{name}", 600.0)])
+        found[name] = raised.value
+    replace(first, found["a"], "counts from 0")
+    assert first.add_within([], [("usd", 4.0, 10.0, None, "ha", 600.0)]) is None
+    replace(second, found["b"], "counts from 0")
+    assert second.add_within([], [("usd", 4.0, 10.0, None, "hb", 600.0)]) is None
+    assert float(client.get(f"{prefix}usd")) == 8.0 and len(client.zrange(f"{prefix}usd#held", 0, -1)) == 2
+    first.add_many([], releases=[("usd", "ha", 4.0, 1.0, None)])
+    second.add_many([], releases=[("usd", "hb", 4.0, 1.0, None)])
+    assert float(client.get(f"{prefix}usd")) == 2.0  # what the two calls spent
+    assert not MemoryStore().delete_if("usd", None)  # no store but Redis holds another type
 
 
 async def _awaited(method, *args):

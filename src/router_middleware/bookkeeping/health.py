@@ -62,13 +62,11 @@ def note_failure(store: Store, target: str, config: CooldownConfig, now: float) 
 
 
 def replace(store: Store, unreadable: UnreadableCounter, then: str) -> None:
-    """Take out the value an admission could not read (only that value: a count another call wrote
-    since stays), so the key counts from 0 again; said, naming the key, the value and ``then``."""
-    if unreadable.found is None:
-        store.delete(unreadable.key)
-    else:
-        store.delete_if(unreadable.key, unreadable.found)
-    log.warning("store_value_replaced", key=unreadable.key, found=_shown(unreadable.found), why=then)
+    """Take out the value an admission could not read (only that value, or one of that other type: a
+    count or hold set another call wrote since stays), so the key counts from 0 again; said, naming
+    the key, the value and ``then``."""
+    if store.delete_if(unreadable.key, unreadable.found):  # else another call replaced it first
+        log.warning("store_value_replaced", key=unreadable.key, found=_shown(unreadable.found), why=then)
 
 
 def _shown(found: bytes | None) -> str:

@@ -100,9 +100,10 @@ class Store(Protocol):
 
     def delete(self, key: str) -> None: ...
 
-    def delete_if(self, key: str, value: bytes) -> bool:
+    def delete_if(self, key: str, value: bytes | None) -> bool:
         """Delete ``key`` only if it holds ``value``, atomically (an owner ends its own claim, never a
-        later one's); whether it did."""
+        later one's); whether it did. ``None``: only if it holds a value of another type than this
+        package keeps there (on Redis, another program's list or hash; elsewhere never)."""
         ...
 
     def incr(self, key: str, amount: float = 1.0, ttl_s: float | None = None) -> float:

@@ -204,9 +204,9 @@ class MemoryStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
         return token_lock(self, name, ttl_s, timeout_s)
 
-    def delete_if(self, key: str, value: bytes) -> bool:
+    def delete_if(self, key: str, value: bytes | None) -> bool:
         with self._mutex:
-            if self._live(key) != value:
+            if value is None or self._live(key) != value:
                 return False
             del self._data[key]
             return True

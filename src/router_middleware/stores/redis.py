@@ -230,7 +230,15 @@ if type(previous) == 'string' and previous ~= KEYS[1] then redis.call('DEL', pre
 put(slot, KEYS[1])
 return 1
 """
+# Delete KEYS[1] if it holds ARGV[1]; or, given ARGV[2] (the type this package keeps there), if it
+# holds a value of another type (another program's: a second call that found it too must not delete
+# the value the first one wrote since).
 _RELEASE = """
+if ARGV[2] then
+  local kind = redis.call('TYPE', KEYS[1])['ok']
+  if kind ~= 'none' and kind ~= ARGV[2] then return redis.call('DEL', KEYS[1]) end
+  return 0
+end
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -730,7 +738,9 @@ class RedisStore:
         self.client.delete(self._k(key))
 
     @_guarded
-    def delete_if(self, key: str, value: bytes) -> bool:
+    def delete_if(self, key: str, value: bytes | None) -> bool:
+        if value is None:  # a value of another type: a hold set is a sorted set, the rest are strings
+            return bool(self._release(keys=[self._k(key)], args=["", "zset" if key.endswith("#held") else "string"]))
         return bool(self._release(keys=[self._k(key)], args=[value]))
 
     @_guarded

@@ -281,10 +281,10 @@ class SQLiteStore:
     def lock(self, name: str, ttl_s: float = 10.0, timeout_s: float = 5.0) -> AbstractContextManager[None]:
         return token_lock(self, name, ttl_s, timeout_s)
 
-    def delete_if(self, key: str, value: bytes) -> bool:
+    def delete_if(self, key: str, value: bytes | None) -> bool:
         with self._tx() as db:
             current = self._current(db, key)
-            if current is None or current[0] != value:
+            if current is None or value is None or current[0] != value:
                 return False
             db.execute("DELETE FROM kv WHERE key = ?", (key,))
             return True
