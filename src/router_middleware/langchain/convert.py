@@ -363,14 +363,19 @@ def tool_choice(choice: Any) -> Any:
     raise ValueError(f"tool_choice: unsupported value {choice!r}")
 
 
-def usage_from_message(message: Any, estimate: int) -> Usage:
-    """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate.
-    Reported by the provider unless the message says it is an estimate (a RoutedChatModel's
-    ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
+def usage_from_message(message: Any, estimate: int, model: str | None = None) -> Usage:
+    """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate:
+    ``estimate`` for the prompt and its text counted with ``model``'s tokenizer (a quarter of its
+    characters without one). Reported by the provider unless the message says it is an estimate (a
+    RoutedChatModel's ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
     metadata = getattr(message, "usage_metadata", None)
     if not metadata:
         text = str(getattr(message, "content", "") or "")
-        return Usage(estimate, max(1, len(text) // 4), source="estimated")
+        if model is None:
+            return Usage(estimate, max(1, len(text) // 4), source="estimated")
+        from ..tokens import encoder_for
+
+        return Usage(estimate, max(1, encoder_for(model)(text)), source="estimated")
     estimated = (getattr(message, "response_metadata", None) or {}).get("usage_source") == "estimated"
     inputs = metadata.get("input_token_details") or {}
     outputs = metadata.get("output_token_details") or {}
@@ -411,7 +416,7 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     the one the message says (a RoutedChatModel's stream), else unknown."""
     metadata, named, finish = _answered(message)
     model = named or plan.model
-    usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages))
+    usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages), model)
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     return Outcome(model=model, provider=provider or metadata.get("model_provider"), usage=usage,
                    cost=price(usage, info), plan=plan,
