@@ -54,7 +54,9 @@ def test_add_within_counts_a_countdown_down_only_where_its_key_is(store) -> None
     assert store.add_within([], left=[("gone", 1.0)]) is None and store.get("gone") is None
 
 
-@pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc", b"-1e300", b"5 ", b"\t5\n", b"0x10", b"1_000"])
+@pytest.mark.parametrize("stored", [b"nan", b"inf", b"abc", b"-1e300", b"5 ", b"\t5\n", b"0x10", b"1_000", b"1e-5000", b"0." + b"0" * 5000 + b"1"],
+                         ids=["nan", "inf", "text", "far-below-0", "space", "whitespace", "hex", "underscore",
+                              "underflow", "5-kb"])
 def test_add_within_adds_nothing_on_a_total_no_writer_of_ours_leaves(store, stored) -> None:
     """A key whose total is no finite decimal, or below minus its limit (no increment of ours makes
     one: another program's value), fails add_within before anything is added, to the keys checked
@@ -62,7 +64,8 @@ def test_add_within_adds_nothing_on_a_total_no_writer_of_ours_leaves(store, stor
     its value (Redis's named neither for another type, and -1e300 disabled the limit), which lets the
     caller replace that value, and only that one. Every store reads a value alike: Redis's script
     took ``"5 "`` (Lua's tonumber does) and then failed in INCRBYFLOAT with the keys before it added
-    to, while memory and SQLite counted on from 5; ``0x10`` was 16 on Redis, ``1_000`` 1000 elsewhere."""
+    to, while memory and SQLite counted on from 5; ``0x10`` was 16 on Redis, ``1_000`` 1000 elsewhere;
+    ``1e-5000`` and 5 KB of digits, which INCRBYFLOAT refuses, are no decimal of ours either."""
     from router_middleware import UnreadableCounter
 
     store.set("bad", stored)

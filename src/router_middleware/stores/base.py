@@ -63,8 +63,11 @@ def ring_seq(add: Callable[[], float], drop: Callable[[], object]) -> int:
         return int(add())
 
 
-# A decimal as Python's repr and Redis's INCRBYFLOAT write one (and Redis's admission script reads one).
-_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+# A decimal as Python's repr and Redis's INCRBYFLOAT write one, as Redis's admission script reads one:
+# at most 400 characters (a double's digits, written out) and a three-digit exponent (INCRBYFLOAT
+# refuses 5 KB of digits, and 1e-5000, which a double reads as 0).
+_DECIMAL = re.compile(rb"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+_DECIMAL_CHARS = 400
 
 
 def number(raw: bytes | str | float) -> float:
@@ -72,7 +75,8 @@ def number(raw: bytes | str | float) -> float:
     (Redis's INCRBYFLOAT never makes ``inf`` or ``nan``); anything else is a ``ValueError``, also what
     ``float()`` alone takes but Redis's INCRBYFLOAT refuses or reads otherwise (``" 5"``, ``"1_000"``),
     so that every store reads a value alike."""
-    if isinstance(raw, (bytes, str)) and not _DECIMAL.fullmatch(raw.encode() if isinstance(raw, str) else raw):
+    if isinstance(raw, (bytes, str)) and (len(raw) > _DECIMAL_CHARS or not _DECIMAL.fullmatch(
+            raw.encode() if isinstance(raw, str) else raw)):
         raise ValueError(f"{raw!r} is not a decimal number")
     value = float(raw)
     if not math.isfinite(value):

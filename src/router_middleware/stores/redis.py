@@ -76,8 +76,8 @@ return 0
 # countdown's, whose key was found (check[5]) or not.
 _WITHIN = """
 local function readable(raw, limit)
-  if type(raw) ~= 'string' or not (string.find(raw, '^[+-]?%d*%.?%d*$')
-      or string.find(raw, '^[+-]?%d*%.?%d*[eE][+-]?%d+$')) then return nil end
+  if type(raw) ~= 'string' or #raw > 400 or not (string.find(raw, '^[+-]?%d*%.?%d*$')
+      or string.find(raw, '^[+-]?%d*%.?%d*[eE][+-]?%d%d?%d?$')) then return nil end
   local total = tonumber(raw)
   if not total or total ~= total or math.abs(total) == math.huge then return nil end
   if limit and total < -math.max(limit, 1) then return nil end
