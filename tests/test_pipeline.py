@@ -391,6 +391,34 @@ def test_a_stream_the_provider_breaks_counts_toward_its_target_s_cooldown(monkey
     assert p.store.get("cooldown:flaky") is not None
 
 
+def test_a_stream_its_reader_interrupts_counts_toward_no_cooldown(monkeypatch) -> None:
+    """Ctrl-C while a sync stream waits for its next chunk ends the call (a ``stopped`` row), as it
+    does a call that is not streamed: it says nothing of the provider, and opened no circuit."""
+    import _thread
+    import threading
+
+    from router_middleware.bookkeeping.keys import COOLDOWN, FAILURES
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fault_server(hang_s=2.0) as (base, seen):
+        deployments = {"slow": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/stall/v1"},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"}}
+        p = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"pair": ["slow", "up"]},
+                                              "cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 30}},
+                                  "cache": {"enabled": False}})
+        stream = p.completion(model="pair", messages=MESSAGES, stream=True)
+        next(stream)
+        threading.Timer(0.3, _thread.interrupt_main).start()  # during the provider's pause
+        with pytest.raises(KeyboardInterrupt):
+            for _ in stream:
+                pass
+        p.close()
+    assert seen == {"stall:stall": 1}
+    assert p.store.get(COOLDOWN + "slow") is None and p.store.get(FAILURES + "slow") is None
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_retries(monkeypatch,
                                                                                        asynchronous) -> None:

@@ -793,8 +793,8 @@ class CallLifecycle:
                    error: BaseException | None, early: bool) -> Outcome | None:
             complete = error is None
             read_out = complete and not early  # else the caller left at the answer's end: the usage chunk unread
-            if error is not None:  # the provider's (a lost connection counts toward the cooldown), or StreamLeft
-                self.books.target_failed(self.held, plan.deployment or plan.model, error)
+            if isinstance(error, Exception):  # the provider's: a lost connection counts toward the cooldown
+                self.books.target_failed(self.held, plan.deployment or plan.model, error)  # (not StreamLeft, Ctrl-C)
             if error is not None and not chunks:
                 trace.fail(error)
                 if plan.summary_cost_usd:  # the call's summaries were paid for: its row says so
