@@ -300,7 +300,7 @@ def test_a_process_that_exits_without_close_spools_what_its_writer_still_holds(t
 
 def test_rows_a_process_was_draining_from_its_spool_when_it_exited_are_drained_later(tmp_path) -> None:
     """The writer drains its spool before its next insert: a drain claims the file by renaming it
-    (``rows-<pid>.jsonl.<pid>.draining``) and waits on a locked ledger; the process exits. Its queued
+    (``rows-<pid>.jsonl.<pid>-<id>.draining``) and waits on a locked ledger; the process exits. Its queued
     rows went to the spool, but the claimed file stayed, and no drain ever read it again (its rows
     were neither written nor logged as lost). Now a later drain takes the claim of a process that is
     gone back, and writes its rows."""
@@ -330,3 +330,47 @@ def test_rows_a_process_was_draining_from_its_spool_when_it_exited_are_drained_l
     reader.flush_spool()
     reader.close()
     assert _count(url) == 5 and not list(folder.glob("rows-*"))
+
+
+def test_a_drain_another_writer_of_the_process_is_running_is_not_taken_back(tmp_path) -> None:
+    """Two pipelines of one process on one ledger: each writer has a spool, and a lock, of its own.
+    While one drains a file (its insert waiting on a locked ledger), the other's drain took that claim
+    back as one whose drain had failed: its rows were written twice, and the first drain failed on the
+    file it no longer had. Now a claim this process holds is left to it."""
+    import threading
+    import time
+
+    from router_middleware.ledger.spool import Spool
+
+    class Waiting:  # a ledger whose insert from the first drainer waits (another process holds its lock)
+        def __init__(self) -> None:
+            self.inserted: list[tuple[str, str]] = []
+            self.gate = threading.Event()
+
+        def insert(self, records, replace=False) -> None:
+            if threading.current_thread().name == "first":
+                self.gate.wait(10)
+            self.inserted += [(threading.current_thread().name, r.call_id) for r in records]
+
+    folder = tmp_path / "spool"
+    first, second = Spool(folder), Spool(folder)
+    first.add([_row(f"c{i}") for i in range(3)])
+    db, raised = Waiting(), []
+
+    def drain() -> None:
+        try:
+            first.drain(db)
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            raised.append(exc)
+
+    drainer = threading.Thread(target=drain, name="first")
+    drainer.start()
+    for _ in range(200):
+        if list(folder.glob("rows-*.draining")):
+            break
+        time.sleep(0.01)
+    assert second.drain(db).written == 0
+    db.gate.set()
+    drainer.join(10)
+    assert raised == [] and db.inserted == [("first", "c0"), ("first", "c1"), ("first", "c2")]
+    assert not list(folder.glob("rows-*"))

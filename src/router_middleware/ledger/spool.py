@@ -25,6 +25,9 @@ from .record import LedgerRecord, legacy_ending
 from .store import LedgerDB
 
 QUARANTINE = "quarantine.jsonl"
+# the files this process's drains have claimed and not yet ended (each writer has a spool, and a lock, of its own)
+_CLAIMED: set[Path] = set()
+_CLAIMED_LOCK = threading.Lock()
 _FIELDS = frozenset(f.name for f in fields(LedgerRecord))
 
 
@@ -163,25 +166,35 @@ class Spool:
         database kept it waiting; or this process's, whose drain failed) back to the spool, as a file
         of their own: the drain below writes them (a row already written is kept once, by call_id)."""
         for claimed in self.folder.glob("rows-*.jsonl.*.draining"):
-            try:
-                drainer = int(claimed.name.removesuffix(".draining").rsplit(".", 1)[1])
+            try:  # rows-<pid>.jsonl.<drainer's pid>-<id>.draining
+                drainer = int(claimed.name.removesuffix(".draining").rsplit(".", 1)[1].split("-", 1)[0])
             except ValueError:
                 drainer = 0
-            if drainer != os.getpid() and drainer and _alive(drainer):
-                continue  # still draining it
-            try:
-                claimed.rename(self.folder / f"rows-{drainer}-{unique_id()}.jsonl")
-            except FileNotFoundError:  # another drainer took it back first
-                continue
+            with _CLAIMED_LOCK:
+                if claimed in _CLAIMED or (drainer != os.getpid() and drainer and _alive(drainer)):
+                    continue  # still being drained, here or by another process
+                try:
+                    claimed.rename(self.folder / f"rows-{drainer}-{unique_id()}.jsonl")
+                except FileNotFoundError:  # another drainer took it back first
+                    continue
             log.warning("ledger_spool_reclaimed", file=claimed.name,
                         why="a drain of it never ended (its process exited while the database kept it waiting)")
 
     def _drain_file(self, db: LedgerDB, path: Path, done: Drained) -> None:
-        claimed = path.with_name(f"{path.name}.{os.getpid()}.draining")
+        claimed = path.with_name(f"{path.name}.{os.getpid()}-{unique_id()}.draining")  # never one left before
+        with _CLAIMED_LOCK:
+            try:
+                path.rename(claimed)  # another drainer that got here first has it
+            except FileNotFoundError:
+                return
+            _CLAIMED.add(claimed)
         try:
-            path.rename(claimed)  # another drainer that got here first has it
-        except FileNotFoundError:
-            return
+            self._drain_claimed(db, path, claimed, done)
+        finally:
+            with _CLAIMED_LOCK:
+                _CLAIMED.discard(claimed)
+
+    def _drain_claimed(self, db: LedgerDB, path: Path, claimed: Path, done: Drained) -> None:
         records: list[LedgerRecord] = []
         bad: list[dict[str, object]] = []
         dropped: set[str] = set()
