@@ -134,10 +134,16 @@ def test_openrouter_budget_and_exclude() -> None:
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 512),
     ("openrouter/openai/gpt-5-mini", {"reasoning": {"effort": "high", "exclude": True}},
      lambda b: b["reasoning"] == {"effort": "low", "exclude": True}),
+    ("gemini/gemini-2.5-flash", {"reasoning_effort": "disable"},
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 0),
+    ("anthropic/claude-sonnet-4-5", {"reasoning_effort": "disable"},
+     lambda b: b.get("thinking", {"type": "disabled"}) == {"type": "disabled"}),
 ])
 def test_a_rule_keeps_what_the_caller_asked_for_below_its_cap(model, params, check) -> None:
     """A small budget of the caller's own is sent as it is (not as reasoning off), and a lowered
-    OpenRouter effort keeps the caller's ``exclude``."""
+    OpenRouter effort keeps the caller's ``exclude``. litellm's ``reasoning_effort="disable"``
+    (thinking off) is the caller's ``none``: a rule raised it to its own level (16,384 tokens of
+    thinking)."""
     effort = "low" if "exclude" in params.get("reasoning", {}) else "high"
     pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": effort}]},
                                      "context": {"enabled": False}})

@@ -140,10 +140,13 @@ def output_room(plan: Plan, state: PolicyState, info: ModelInfo | None) -> int |
 
 def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] = DEFAULT_BUDGETS) -> Level | None:
     """The level the caller asked for, in any family's shape: ``reasoning_effort``, Anthropic's
-    ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort or max_tokens); None if none."""
+    ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort or max_tokens); None if none.
+    litellm's ``reasoning_effort="disable"`` (thinking off, for Gemini) is ``none``."""
     effort = params.get("reasoning_effort")
     if isinstance(effort, str) and effort in LEVELS:
         return effort
+    if effort == "disable":
+        return "none"
     for key in ("thinking", "reasoning"):
         value = params.get(key)
         if not isinstance(value, Mapping):
