@@ -477,3 +477,18 @@ def test_a_rule_adds_no_reasoning_to_a_model_no_catalog_knows_when_the_caller_as
     planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
     assert not any(k in planned.params for k in ("reasoning_effort", "thinking", "reasoning"))
     assert "unknown to the catalog" in planned.decisions[-1].reason
+
+
+@pytest.mark.parametrize("rule", [{"effort": "xhigh"}, {"budget_tokens": 40000}])
+def test_an_anthropic_thinking_budget_fits_the_model_s_output_limit(rule) -> None:
+    """Claude Opus 4.1 returns at most 32,000 tokens: an ``xhigh`` rule (32,768 thinking tokens) sent
+    ``max_tokens`` 36,864 and a 40,000-token rule 44,096, which Anthropic refuses. The budget is now
+    the model's limit less the answer's room, and the decision says so."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, **rule}]}, "context": {"enabled": False}})
+    with capture_server() as (base, bodies), pytest.raises(Exception):  # noqa: B017 - it answers 500
+        pipeline.completion(model="anthropic/claude-opus-4-1", messages=[{"role": "user", "content": "hi"}],
+                            api_base=base, api_key="k", num_retries=0, max_retries=0)
+    assert bodies[-1]["max_tokens"] == 32000
+    assert bodies[-1]["thinking"] == {"type": "enabled", "budget_tokens": 32000 - 4096}
+    plan = pipeline.plan(pipeline.make_call("anthropic/claude-opus-4-1", [{"role": "user", "content": "hi"}], None, {}))
+    assert "the model's 32000 output tokens less 4096 for the answer" in plan.decisions[-1].reason

@@ -169,6 +169,10 @@ def translate(
             return _thinking_not_on(base, "tool_choice forces a tool")
         raised = tokens < ANTHROPIC_MIN_BUDGET  # Anthropic refuses a smaller budget (a 400)
         tokens = max(ANTHROPIC_MIN_BUDGET, tokens)
+        limit = info.max_output_tokens if info is not None else None  # Anthropic refuses max_tokens past it
+        lowered = False
+        if limit and tokens + ANTHROPIC_OUTPUT_RESERVE > limit >= ANTHROPIC_MIN_BUDGET + ANTHROPIC_OUTPUT_RESERVE:
+            tokens, lowered = limit - ANTHROPIC_OUTPUT_RESERVE, True
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
         ceiling = cap[1] if cap else (room() if room is not None else None) or 0  # no cap: a direct call's room
         out = {**{k: v for k, v in base.items() if k != "max_completion_tokens"},
@@ -177,8 +181,10 @@ def translate(
         dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
         for key in dropped:
             out.pop(key)
-        note = f"thinking budget {tokens}" + (" (Anthropic's minimum)" if raised else "") \
-            + f", max_tokens {out['max_tokens']}"
+        why = " (Anthropic's minimum)" if raised else ""
+        if lowered:
+            why = f" (the model's {limit} output tokens less {ANTHROPIC_OUTPUT_RESERVE} for the answer)"
+        note = f"thinking budget {tokens}{why}, max_tokens {out['max_tokens']}"
         return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
     if kind == "gemini-3":
         effort = "low" if level in ("none", "minimal", "low") else "high"
