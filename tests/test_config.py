@@ -281,3 +281,16 @@ def test_a_summary_model_no_call_can_reach_is_said_at_load(model: str, warned: b
     said = [e for e in logs if e["event"] == "unknown_summary_model"]
     assert [(e["where"], e["did_you_mean"][0]) for e in said] == ([("context.summary_model", "gpt-4o-mini")]
                                                                   if warned else [])
+
+
+@pytest.mark.parametrize(("budgets", "said"), [
+    ({"high": -5}, "a budget below 0 for ['high']"),
+    ({"low": 50000, "high": 100}, "'low' (50000 tokens) is above 'medium' (8192, the default)"),
+    ({"xhigh": 1000}, "'high' (16384 tokens) is above 'xhigh' (1000, given)"),
+])
+def test_reasoning_level_budgets_below_0_or_out_of_order_are_refused(budgets, said) -> None:
+    """``level_budgets`` took any integer: ``high: -5`` sent Gemini a thinking budget of 1 for "high",
+    and ``low`` above ``high`` made a ``high`` cap send a caller asking for ``low`` 500 times the cap."""
+    with pytest.raises(ConfigError, match=re.escape("field 'reasoning.level_budgets'") + ".*" + re.escape(said)):
+        Pipeline.from_config({"reasoning": {"level_budgets": budgets}})
+    Pipeline.from_config({"reasoning": {"level_budgets": {"high": 20000}}})

@@ -100,6 +100,11 @@ class ContextSection(ContextConfig):
 
 
 ReasoningLevel = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+# Thinking-token budgets used for providers that take budgets (Anthropic, Gemini 2.5, OpenRouter
+# max_tokens), unless ``reasoning.level_budgets`` says otherwise. Anthropic's minimum budget is 1,024.
+DEFAULT_LEVEL_BUDGETS: dict[ReasoningLevel, int] = {
+    "none": 0, "minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768,
+}
 
 
 class RuleMatch(_Strict):
@@ -138,6 +143,23 @@ class ReasoningConfig(_Strict):
     escalate: bool = True
     exclude_from_response: bool = False
     level_budgets: dict[ReasoningLevel, int] = Field(default_factory=dict)
+
+    @field_validator("level_budgets")
+    @classmethod
+    def _budgets_in_order(cls, budgets: dict[ReasoningLevel, int]) -> dict[ReasoningLevel, int]:
+        """Each level's budget 0 or more, and none below a lower level's (the defaults fill the rest):
+        a cap would otherwise raise the budget of the level it caps to."""
+        negative = sorted(level for level, tokens in budgets.items() if tokens < 0)
+        if negative:
+            raise ValueError(f"a budget below 0 for {negative}: give 0 or more tokens")
+        merged = {**DEFAULT_LEVEL_BUDGETS, **budgets}
+        levels = typing.get_args(ReasoningLevel)
+        for lower, higher in zip(levels, levels[1:], strict=False):
+            if merged[lower] > merged[higher]:
+                raise ValueError(f"'{lower}' ({merged[lower]} tokens) is above '{higher}' ({merged[higher]}, "
+                                 f"{'given' if higher in budgets else 'the default'}): each level's budget must "
+                                 "be at least the one below it")
+        return budgets
 
 
 class SemanticCacheConfig(_Strict):

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from ..config import DEFAULT_LEVEL_BUDGETS, ReasoningLevel
 
-Level = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+Level = ReasoningLevel
 LEVELS: tuple[Level, ...] = ("none", "minimal", "low", "medium", "high", "xhigh")
-
-# Thinking-token budgets used for providers that take budgets (Anthropic, Gemini 2.5, OpenRouter
-# max_tokens). Anthropic's minimum budget is 1,024.
-DEFAULT_BUDGETS: dict[Level, int] = {
-    "none": 0, "minimal": 1024, "low": 2048, "medium": 8192, "high": 16384, "xhigh": 32768,
-}
+DEFAULT_BUDGETS: dict[Level, int] = DEFAULT_LEVEL_BUDGETS  # the thinking tokens each level stands for
 
 
 def shift(level: Level, steps: int) -> Level:
