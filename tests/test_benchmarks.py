@@ -59,6 +59,7 @@ SMOKES: dict[str, Smoke] = {  # longest first (each 35-80 s alone on this machin
     "semantic": Smoke("semantic.py", ("--cost", "2"), needs=("onnx", "shared")),
     "redis_commands_concurrent": Smoke("redis_commands.py", ("--calls", "10", "--concurrent"), redis=True),
     "proxy_stream_hook": Smoke("proxy_stream_hook.py", ("--chunks", "1,5", "--repeat", "3"), needs=("proxy",)),
+    "savings": Smoke("savings.py"),
 }
 
 
@@ -263,3 +264,10 @@ def test_semantic_cost_smoke(out: str) -> None:
     rows = [line.split(" | ")[0][2:] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows == ["call", "no semantic cache", "miss (scope holds entries)", "hit (a paraphrase)"]
     assert out.splitlines()[-2].endswith("| 1.00 |") and out.splitlines()[-1].endswith("| 1.00 |")  # one embedding
+
+
+@pytest.mark.smoke("savings")
+def test_savings_smoke(out: str) -> None:
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("deepseek session (window): ") and lines[-1].startswith("anthropic agent (breakpoints): ")
+    assert all("with a negative saving: 1" in line for line in lines[-2:])

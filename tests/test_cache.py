@@ -172,6 +172,36 @@ def test_a_hit_of_a_trimmed_request_keeps_its_context_saving_and_adds_the_call_i
         "router_middleware.context.tokens_after"]
 
 
+def test_a_hit_saves_the_context_saving_its_miss_measured(tmp_path) -> None:
+    """The miss's row measures the trim's saving from the usage the provider reported (the untouched
+    history as it would have been billed, less what was); the hit of it saves the same, and the call
+    it spared, so both rows keep one baseline."""
+    import contextlib
+
+    from router_middleware.ledger import open_ledger
+
+    from .prefix_cache_server import prefix_cache_server
+    from .test_context import agent_history
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}})
+    with prefix_cache_server() as base:
+        for _ in range(2):
+            pipeline.completion(model="deepseek/deepseek-chat", messages=agent_history(60, size=100), temperature=0,
+                                api_base=base, api_key="k")
+    pipeline.close()
+    with contextlib.closing(open_ledger(url)) as db:
+        miss, hit = db.query("SELECT cache_hit, cost_usd, saved_context_usd, saved_cache_usd, baseline_cost_usd, "
+                             "decisions FROM calls ORDER BY ts")
+    assert miss[0] == 0 and hit[0] == 1 and "window:trim" in miss[5]
+    planner = Pipeline.from_config({})
+    plan = planner.plan(planner.make_call("deepseek/deepseek-chat", agent_history(60, size=100), None,
+                                          {"temperature": 0}))
+    estimate = planner.saving(plan.model, planner.trimmed(plan)[0] - planner.trimmed(plan)[1])
+    assert estimate > 0 and miss[2] != pytest.approx(estimate, rel=0.01)  # measured, not the plan's estimate
+    assert hit[2] == pytest.approx(miss[2]) and hit[3] == pytest.approx(miss[1]) and hit[4] == pytest.approx(miss[4])
+
+
 async def test_async_hit() -> None:
     pipeline = Pipeline.from_config({})
     await pipeline.acompletion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")

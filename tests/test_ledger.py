@@ -409,3 +409,60 @@ def test_rows_written_before_the_deployment_column_have_none_and_no_deployment_r
     assert "By deployment" in render_html(named)
     print_report(named)
     assert "by deployment" in capsys.readouterr().out
+
+
+def test_a_trimmed_call_s_saving_is_what_the_provider_would_have_billed_the_untouched_history_less_what_it_did(
+        tmp_path) -> None:
+    """The 73 calls of a recorded DeepSeek agent session, sent as the agent sent them and through the
+    default window, to a model on loopback that caches prompt prefixes as DeepSeek does. A call's
+    context saving was the tokens kept out at the cache-read price: the cut that first breaks the cached
+    prefix costs its call more than the untouched history (the tail after the cut is billed uncached),
+    yet its row said it saved, and its baseline was more than twice what the untouched call cost. Now
+    each trimmed call's baseline is within 10% of what the untouched call was billed, a call the trim
+    made dearer has a negative saving, and the session's baseline is within 3% of the untouched total."""
+    import sqlite3
+
+    from .prefix_cache_server import bill_session, session_requests
+
+    requests = session_requests()
+    billed = bill_session
+    untouched = billed(Pipeline())
+    url = tmp_path / "ledger.db"
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+    sent = billed(pipeline)
+    pipeline.close()
+    rows = sqlite3.connect(url).execute(
+        "SELECT step, cost_usd, baseline_cost_usd, saved_context_usd, decisions FROM calls ORDER BY step").fetchall()
+    assert [r[0] for r in rows] == list(range(len(requests))) and [r[1] for r in rows] == pytest.approx(sent)
+    trimmed = [(step, baseline, saved) for step, _, baseline, saved, decisions in rows if "window:trim" in decisions]
+    assert len(trimmed) > 20
+    for step, baseline, saved in trimmed:
+        assert baseline == pytest.approx(untouched[step], rel=0.1), step
+        if sent[step] > untouched[step] * 1.05:
+            assert saved < 0, step
+    assert any(sent[step] > untouched[step] * 1.05 for step, _, _ in trimmed)  # a cut that broke the cache
+    assert sum(r[2] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
+
+
+def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() -> None:
+    """Anthropic caches only what a ``cache_control`` mark ends: an agent's calls without marks are
+    billed in full, and the breakpoints the pipeline adds make the first call dearer (the write
+    premium) and the next ones cheaper. Each row's baseline was its cost and its saving 0. Now the
+    saving is what the unmarked call would have been billed less what the marked one was."""
+    import sqlite3
+    import tempfile
+
+    from .prefix_cache_server import bill_agent
+
+    billed = bill_agent
+    untouched = billed(Pipeline())
+    with tempfile.TemporaryDirectory() as folder:
+        url = f"{folder}/ledger.db"
+        pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+        sent = billed(pipeline)
+        pipeline.close()
+        rows = sqlite3.connect(url).execute(
+            "SELECT cost_usd, baseline_cost_usd, saved_context_usd, decisions FROM calls ORDER BY step").fetchall()
+    assert all("cache-breakpoints:breakpoints" in r[3] for r in rows) and [r[0] for r in rows] == pytest.approx(sent)
+    assert [r[1] for r in rows] == pytest.approx(untouched, rel=0.02)
+    assert rows[0][2] < 0 < min(r[2] for r in rows[1:])  # the first write, then the reads

@@ -7,7 +7,7 @@ from typing import Any
 
 from .catalog import Catalog, ModelInfo
 from .errors import OutcomeUnavailable
-from .pricing import price
+from .pricing import context_saving, price
 from .types import Outcome, Plan, Usage, UsageSource
 from .usage import as_dict, normalize_usage, reported_cost
 from .wire import OUTCOME_KEY, answered_model_of, hidden, provider_of
@@ -111,3 +111,13 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
             f"{type(response_or_stream).__name__} carries no usage: pass a finished litellm response"
         )
     return build_outcome(response_or_stream, None, catalog or Catalog())
+
+
+def measured_context_saving(outcome: Outcome, catalog: Catalog) -> float | None:
+    """What the context policies saved ``outcome``'s call, from the usage its provider reported
+    (:func:`.pricing.context_saving`); ``None`` where they changed nothing, or no provider reported
+    its usage (an estimate has no cache reads to weigh: the plan's estimate stands)."""
+    plan = outcome.plan
+    if plan is None or plan.context_tokens is None or outcome.usage.source != "provider":
+        return None
+    return context_saving(outcome.usage, catalog.resolve(plan.model), plan.context_tokens)

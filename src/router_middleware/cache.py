@@ -167,6 +167,7 @@ class CachedEntry:
     response: dict[str, Any]
     cost_usd: float | None
     similarity: float | None = None  # set for semantic hits
+    saved_context_usd: float | None = None  # what the context policies saved the call it answered, measured
     native: Any = None  # the answer as the adapter that stored it gave it (a LangChain message's dict), if any
 
 
@@ -269,7 +270,10 @@ class ResponseCache:
             raise ValueError(f"the entry's cost_usd {cost!r} is not a cost (a number, 0 or more)")
         rebuild_response(response)  # what litellm's types refuse fails here, a miss, not in the call
         replay_chunks(response)
-        return CachedEntry(response, cost, native=data.get("native"))
+        context = data.get("saved_context_usd")  # a finite number, else the hit's plan estimates it
+        if isinstance(context, bool) or not isinstance(context, int | float) or not math.isfinite(context):
+            context = None
+        return CachedEntry(response, cost, native=data.get("native"), saved_context_usd=context)
 
     @staticmethod
     def failed(what: str, exc: Exception) -> str:
@@ -277,22 +281,25 @@ class ResponseCache:
         log.warning(f"cache_{what}_failed", error_type=type(exc).__name__, error=str(exc)[:200])
         return f"{what} failed: {type(exc).__name__}"
 
-    def entry(self, plan: Plan, response: Any, cost_usd: float | None,
-              native: Any = None) -> tuple[str, bytes, float, str, int]:
+    def entry(self, plan: Plan, response: Any, cost_usd: float | None, native: Any = None,
+              saved_context_usd: float | None = None) -> tuple[str, bytes, float, str, int]:
         """``put_bounded``'s arguments for storing ``response`` as ``plan``'s answer (with ``native``,
-        an adapter's own form of it, served in its place on a hit of that adapter's)."""
+        an adapter's own form of it, served in its place on a hit of that adapter's; and what the
+        context policies saved the call, measured, which a hit's row saves too)."""
         space = namespace(plan)
         payload = response.model_dump() if hasattr(response, "model_dump") else dict(response)
         stored = {"response": payload, "cost_usd": cost_usd}
         if native is not None:
             stored["native"] = native
+        if saved_context_usd is not None:
+            stored["saved_context_usd"] = saved_context_usd
         blob = json.dumps(stored, default=str).encode()
         return f"{space}:{request_key(plan)}", blob, self.ttl_s, space, self.max_entries
 
-    def save(self, plan: Plan, response: Any, cost_usd: float | None) -> bool:
+    def save(self, plan: Plan, response: Any, cost_usd: float | None, saved_context_usd: float | None = None) -> bool:
         self.last_error = None
         try:
-            entry = self.entry(plan, response, cost_usd)
+            entry = self.entry(plan, response, cost_usd, saved_context_usd=saved_context_usd)
             self.store.put_bounded(*entry)  # one round trip
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             self.last_error = self.failed("write", exc)

@@ -16,6 +16,7 @@ from . import wire
 from .assembly import assemble
 from .bookkeeping.keys import INPUT_RATIO, OUTPUT
 from .config import Config, load_config
+from .context.breakpoints import count_marks, uses_explicit_cache
 from .context.summarize import SIDE_CALL, summary_request
 from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
@@ -30,7 +31,7 @@ from .stores import MemoryStore, Prefetch, Store
 from .stores.views import Sink, view_fields
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
-from .types import AgentContext, Call, Decision, Plan, SummaryJob, Usage
+from .types import AgentContext, Call, ContextTokens, Decision, Plan, SummaryJob, Usage
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
 _USAGE_CHUNK_PROVIDERS = frozenset({
@@ -169,7 +170,8 @@ class Engine:
         ``side_calls`` made for it)."""
         before, after = self.trimmed(plan)
         if before or after:
-            plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after))
+            plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after),
+                                 context_tokens=self._context_tokens(plan, before, after))
         return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after,
                                      side_calls=side_calls)
 
@@ -252,6 +254,15 @@ class Engine:
         session = plan.call.context.session_id
         return (self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session),
                 self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session))
+
+    def _context_tokens(self, plan: Plan, before: int, after: int) -> ContextTokens:
+        """What the ledger's context saving is priced from (:func:`.pricing.context_saving`)."""
+        history = plan.call.messages
+        last = next((i for i in range(len(history) - 1, -1, -1) if history[i].get("role") == "assistant"), 0)
+        fresh = self.state.tokens(plan.model, history[last:], None, plan.call.context.session_id) if last else before
+        cached = self.state.provider_cache and (not uses_explicit_cache(plan.model)
+                                                or bool(count_marks(history, plan.call.tools)))
+        return ContextTokens(before, after, min(fresh, before), cached)
 
     def saving(self, model: str, tokens: int) -> float:
         """Tokens not sent, valued at the cache-read price (what they would most likely have cost)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .accounting import build_outcome, stream_finish_reasons
+from .accounting import build_outcome, measured_context_saving, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
@@ -441,7 +441,9 @@ class CallLifecycle:
             return None, plan
         before, after = engine.trimmed(plan)  # what the policies kept out is saved as on a miss, the rest by the hit
         cached = entry.cost_usd or 0.0
-        plan = plan.override(estimated_savings_usd=engine.saving(plan.model, before - after) + cached)
+        context = entry.saved_context_usd if entry.saved_context_usd is not None else \
+            engine.saving(plan.model, before - after)  # as the miss's row measured it, where it could
+        plan = plan.override(estimated_savings_usd=context + cached)
         trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after,
                                 attempt=False, side_calls=self.side_calls)
         trace.cache_similarity = entry.similarity
@@ -715,7 +717,8 @@ class CallLifecycle:
         assert cache is not None
         keyed = self._cache_key(plan)
         try:
-            entry = cache.entry(keyed, response, result.cost.total_usd, native)
+            entry = cache.entry(keyed, response, result.cost.total_usd, native,
+                                measured_context_saving(result, self.engine.catalog))
             if cache.store is self.engine.store:
                 return entry
             yield StoreCall(cache.store, "put_bounded", entry)
@@ -776,13 +779,14 @@ class CallLifecycle:
         cache = self.engine.cache
         if cache is None:
             return None
+        context = measured_context_saving(result, self.engine.catalog)
         if cache.store is self.engine.store:
             try:
-                return cache.entry(plan, response, result.cost.total_usd)
+                return cache.entry(plan, response, result.cost.total_usd, saved_context_usd=context)
             except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
                 trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
                 return None
-        if not cache.save(plan, response, result.cost.total_usd):
+        if not cache.save(plan, response, result.cost.total_usd, context):
             trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
         return None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .catalog import ModelInfo
-from .types import Cost, Usage
+from .types import ContextTokens, Cost, Usage
 
 LONG_CONTEXT = 200_000
 
@@ -46,3 +46,21 @@ def price(usage: Usage, info: ModelInfo | None, *, reported_usd: float | None = 
         cache_read * scale, cache_write * scale, reasoning * scale,
         source="provider_reported",
     )
+
+
+def context_saving(usage: Usage, info: ModelInfo | None, tokens: ContextTokens) -> float | None:
+    """What the context policies saved a call (negative: what they cost it) on its input, from the
+    usage the provider reported: the untouched request's input, priced as it would have been billed
+    (its part earlier requests sent read from the prompt cache where the provider would have cached
+    it, its ``fresh`` part written), less the input as sent and billed. A cut that breaks the cached
+    prefix pays the re-read of what follows it here, and a cache breakpoint its write premium.
+    ``None`` where it cannot be priced (no price, no input)."""
+    if info is None or usage.input_tokens <= 0 or tokens.sent <= 0:
+        return None
+    scale = usage.input_tokens / tokens.sent  # the provider's count per local token
+    whole = max(0, round(usage.input_tokens + scale * (tokens.untouched - tokens.sent)))
+    fresh = min(whole, round(scale * tokens.fresh)) if tokens.cached else 0
+    untouched = Usage(whole, usage.output_tokens, cache_read_tokens=whole - fresh if tokens.cached else 0,
+                      cache_write_tokens=fresh, reasoning_tokens=usage.reasoning_tokens)
+    baseline, sent = price(untouched, info).input_usd, price(usage, info).input_usd
+    return baseline - sent if baseline is not None and sent is not None else None

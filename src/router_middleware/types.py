@@ -203,6 +203,20 @@ def _inferred_kind(history: History) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ContextTokens:
+    """What the context policies changed in a call's request, counted locally: the history as the
+    caller sent it (``untouched``) and as it was sent (``sent``), its part no earlier request of the
+    session sent (``fresh``: from the last assistant turn on), and whether the untouched request would
+    have been read from the provider's prompt cache (``cached``: the provider caches prompts without
+    being asked, or the caller marked its own breakpoints)."""
+
+    untouched: int
+    sent: int
+    fresh: int
+    cached: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """What will be sent: the chosen model and fallbacks, messages, params, and the decisions taken."""
 
@@ -217,6 +231,7 @@ class Plan:
     summary_jobs: tuple[SummaryJob, ...] = ()
     deployment: str | None = None  # the routing target's name when it is a configured deployment
     summary_cost_usd: float = 0.0  # what the summary calls made for this call cost (in its ledger row)
+    context_tokens: ContextTokens | None = None  # where the context policies changed the request
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:

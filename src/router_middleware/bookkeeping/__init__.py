@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..accounting import measured_context_saving
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable, UnreadableCounter
@@ -566,9 +567,12 @@ class Bookkeeper:
         of its plan's saving is the context policies'."""
         if self.ledger is None:
             return
-        saved = outcome.plan.estimated_savings_usd if outcome.plan else 0.0
+        plan = outcome.plan
+        saved = plan.estimated_savings_usd if plan else 0.0
         by_cache = (saved if cached_usd is None else cached_usd) if outcome.usage.source == "cache" else 0.0
-        self.ledger.append(from_outcome(outcome, saved_context=saved - by_cache, saved_cache=by_cache, error=error))
+        measured = measured_context_saving(outcome, self.catalog)
+        by_context = saved - by_cache if measured is None else measured
+        self.ledger.append(from_outcome(outcome, saved_context=by_context, saved_cache=by_cache, error=error))
 
     def record_failure(self, plan: Plan, error: BaseException, provider: str | None = None) -> None:
         """The ledger row of a call that failed for good (no usage, cost unknown); ``provider``: the

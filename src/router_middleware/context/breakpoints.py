@@ -40,7 +40,8 @@ def session_cache_key(session: str) -> str:
     return "rm-" + hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
 
 
-def _count_marks(messages: tuple[Message, ...], tools: Any) -> int:
+def count_marks(messages: tuple[Message, ...], tools: Any) -> int:
+    """The cache breakpoints (``cache_control`` marks) ``messages`` and ``tools`` carry."""
     count = 0
     for message in messages:
         if message.get("cache_control"):
@@ -88,7 +89,7 @@ class CacheBreakpoints:
         minimum = info.cache.min_tokens if info else 1024
         messages = list(plan.messages)
         tools = list(plan.params.get("tools") or ())
-        budget = MAX_BREAKPOINTS - _count_marks(plan.messages, tools)
+        budget = MAX_BREAKPOINTS - count_marks(plan.messages, tools)
         counter = state.counter(plan.model)
         prefix = counter.tools(tools)
         cumulative = []
