@@ -43,7 +43,7 @@ class _Core(CustomLogger):
         self._calls: OrderedDict[str, _Open] = OrderedDict()  # calls in flight
         self._streams: OrderedDict[str, _Streaming] = OrderedDict()  # sync chat streams in flight, by watch
         self._watches = itertools.count()  # numbers of the watches, each its own (their call ids may repeat)
-        self._exit_hooked = False  # _settle_at_exit registered with atexit
+        self._exit_hooked = False  # _logger_at_exit registered with atexit (it runs _settle_at_exit)
         self._broken: OrderedDict[str, None] = OrderedDict()  # watches of broken sync streams settled, by key
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._answered: OrderedDict[str, None] = OrderedDict()  # proxy calls settled as served, their event to come

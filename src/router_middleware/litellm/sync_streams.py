@@ -96,7 +96,7 @@ def _kept(value: Any, depth: int) -> Any:
     return _detached(value, depth + 1) if isinstance(value, Exception) and depth < 3 else None
 
 
-def _settle_at_exit(logger: weakref.ref[_SyncStreams]) -> None:
+def _logger_at_exit(logger: weakref.ref[_SyncStreams]) -> None:
     """The exit hook of a logger that watched a sync stream (a weak reference: a logger that is gone
     has nothing left to settle, its streams' finalizers and timers having held it until they ran)."""
     found = logger()
@@ -130,7 +130,7 @@ class _SyncStreams(_Core):
             _overflow(self._streams)  # streams no event or finalizer ended: theirs finds nothing to do
             hook, self._exit_hooked = not self._exit_hooked, True
         if hook:
-            atexit.register(_settle_at_exit, weakref.ref(self))
+            atexit.register(_logger_at_exit, weakref.ref(self))
         watched = _Watched(key)
         _HANDOFF.ready()
         found.finalizer = weakref.finalize(watched, _HANDOFF.put, functools.partial(self._sync_ended, key, found))
@@ -182,7 +182,7 @@ class _SyncStreams(_Core):
         return True
 
     def _settle_at_exit(self) -> None:
-        """At the interpreter's exit (:func:`_settle_at_exit`, registered at the first watched stream;
+        """At the interpreter's exit (:func:`_logger_at_exit`, registered at the first watched stream;
         it runs once litellm's executor has delivered every chunk): wait for the work the finalizers
         queued, settle the streams still watched (broken ones whose timer has not fired, and those
         litellm still holds, which a script left unread as it ended: their finalizers would run
