@@ -294,3 +294,57 @@ def test_reasoning_level_budgets_below_0_or_out_of_order_are_refused(budgets, sa
     with pytest.raises(ConfigError, match=re.escape("field 'reasoning.level_budgets'") + ".*" + re.escape(said)):
         Pipeline.from_config({"reasoning": {"level_budgets": budgets}})
     Pipeline.from_config({"reasoning": {"level_budgets": {"high": 20000}}})
+
+
+@pytest.mark.parametrize(("text", "field", "said"), [
+    ("context:\n  watermark_tokens: yes\n", "context.watermark_tokens", "got true"),
+    ("routing:\n  budgets:\n    - usd: on\n", "routing.budgets.0.usd", "got true"),
+    ("reasoning:\n  level_budgets:\n    high: true\n", "reasoning.level_budgets", "got true"),
+    ("models:\n  acme/m:\n    input_per_mtok: false\n", "models.acme/m.input_per_mtok", "got false"),
+])
+def test_a_yes_or_no_where_a_number_goes_is_refused_not_read_as_1_or_0(text, field, said, tmp_path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"field '{field}'") + ".*" + said):
+        load_config(path)
+
+
+def test_a_yes_or_no_where_a_switch_goes_is_still_taken() -> None:
+    config = load_config({"context": {"digest": False, "summarize": True, "watermark_tokens": 8000}})
+    assert (config.context.digest, config.context.summarize, config.context.watermark_tokens) == (False, True, 8000)
+
+
+@pytest.mark.parametrize(("model", "said"), [
+    ("anthropic/claude-3-5-sonet-20240620", "its calls' cost is unknown"),
+    ("gpt-4o-mni", "every call to this deployment will fail"),
+    ("openai/gpt-4o-mini", None), ("openai/local-model", None),
+])
+def test_a_deployment_model_without_a_price_is_named_when_the_config_is_assembled(model, said) -> None:
+    """A typo'd deployment model was taken in silence; its calls failed or went unpriced. A model of
+    the deployment's own endpoint priced under ``models:`` is not named."""
+    import structlog
+
+    deployments = {"fast": {"model": model, "api_base": "http://127.0.0.1:9/v1"}}
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"coder": ["fast"]}},
+                              "models": {"openai/local-model": {"input_per_mtok": 0.1, "output_per_mtok": 0.2}}})
+    warned = [e for e in logs if e["event"] == "unpriced_deployment_model"]
+    assert [(e["where"], e["model"]) for e in warned] == ([("routing.deployments.fast.model", model)] if said else [])
+    if said:
+        assert said in warned[0]["why"] and warned[0]["did_you_mean"]
+
+
+@pytest.mark.parametrize(("glob", "warned"), [
+    ("claude-sonet-*", True), ("*gtp-4o*", True), ("claude-sonnet-4*", False), ("anthropic/claude-*", False),
+    ("gemini/gemini-2.5-*", False), ("coder", False), ("my-*", False),
+])
+def test_a_reasoning_rule_whose_model_glob_matches_nothing_is_named_at_load(glob: str, warned: bool) -> None:
+    """A rule whose ``when.model`` matches no model never applies; a typo there was silent."""
+    import structlog
+
+    rules = [{"when": {"model": glob}, "effort": "low"}]
+    with structlog.testing.capture_logs() as logs:
+        Pipeline.from_config({"reasoning": {"rules": rules}, "routing": {"aliases": {"coder": ["gpt-4o-mini"]}},
+                              "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}})
+    said = [(e["where"], e["model"]) for e in logs if e["event"] == "idle_reasoning_rule"]
+    assert said == ([("reasoning.rules.0.when.model", glob)] if warned else [])

@@ -12,7 +12,7 @@ from typing import Any
 
 from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
-from .catalog import Catalog, close_names
+from .catalog import Catalog, close_names, model_names
 from .config import Config, TelemetryConfig
 from .errors import ConfigError, MissingExtra
 from .ledger import LedgerWriter
@@ -135,6 +135,28 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
             if target not in routing.deployments and catalog.resolve(target) is None]
 
 
+def unpriced_deployments(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
+    """``(name, model)`` for each deployment whose model no price list has (litellm's catalog or the
+    config's ``models:``): a typo, usually, or a model of its own endpoint; unpriced either way."""
+    return [(name, d.model) for name, d in config.routing.deployments.items() if catalog.resolve(d.model) is None]
+
+
+def idle_reasoning_rules(config: Config) -> list[tuple[int, str]]:
+    """``(index, glob)`` for each reasoning rule whose ``when.model`` matches no model: none in
+    litellm's price map, the config's ``models:``, aliases, deployments or their models (a typo,
+    usually: the rule never applies)."""
+    from fnmatch import fnmatchcase
+
+    globs = [(i, rule.when.model) for i, rule in enumerate(config.reasoning.rules) if rule.when.model]
+    if not globs:
+        return []
+    routing = config.routing
+    named = {*config.models, *routing.aliases, *routing.deployments, *routing.alias_targets(),
+             *(d.model for d in routing.deployments.values())}
+    idle = [(i, glob) for i, glob in globs if not any(fnmatchcase(name, glob) for name in named)]
+    return [(i, glob) for i, glob in idle if not any(fnmatchcase(name, glob) for name in model_names())]
+
+
 def check_alias_targets(config: Config) -> None:
     """Refuse an alias target that is another alias: a call's first attempt calls the target by its
     name (a model litellm may not know), a fallback to it routes it as that alias; either way not what
@@ -175,6 +197,16 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
                     why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
                         "is unknown", did_you_mean=list(close_names(target, tuple(config.routing.deployments))))
+    for name, model in unpriced_deployments(config, catalog):
+        why = ("neither litellm's catalog nor the config's models price it (a typo?); its calls' cost is unknown "
+               "until models: gives its prices") if provider_known(model) else \
+            "litellm knows no provider for it (a typo?): every call to this deployment will fail"
+        log.warning("unpriced_deployment_model", where=f"routing.deployments.{name}.model", model=model, why=why,
+                    did_you_mean=list(close_names(model)))
+    for index, glob in idle_reasoning_rules(config):
+        log.warning("idle_reasoning_rule", where=f"reasoning.rules.{index}.when.model", model=glob,
+                    why="the glob matches no model litellm or the config knows (a typo?): the rule never applies",
+                    did_you_mean=list(close_names(glob.replace("*", ""), tuple(config.routing.aliases))))
     for name in idle_limits(config, catalog):
         log.warning("idle_limit", where=f"routing.limits.{name}", why="no deployment or alias target has this "
                     "name and litellm knows no provider for it (a typo?): it limits nothing",

@@ -19,7 +19,7 @@ some preview models with price 0).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from typing import Any
@@ -65,6 +65,7 @@ class ModelInfo:
     cache: CacheRules = CacheRules()
     supports_reasoning: bool | None = None
     reasoning_efforts: frozenset[str] = frozenset()
+    minimal_effort: bool | None = None  # the catalog's supports_minimal_reasoning_effort, where it says
     source: str = "catalog"
 
     def with_overrides(self, **changes: Any) -> ModelInfo:
@@ -157,6 +158,15 @@ def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = T
     return tuple(dict.fromkeys(found))[:3]
 
 
+def model_names() -> Iterator[str]:
+    """Every model name litellm's price map knows, bare and with its provider's prefix."""
+    for key, entry in _cost_map().items():
+        yield key
+        provider = entry.get("litellm_provider") if isinstance(entry, Mapping) else None
+        if isinstance(provider, str) and not key.startswith(f"{provider}/"):
+            yield f"{provider}/{key}"
+
+
 @cache
 def _bundled_cost_map() -> Mapping[str, Mapping[str, Any]]:
     from litellm.litellm_core_utils.get_model_cost_map import GetModelCostMap
@@ -234,6 +244,7 @@ def _info_from_entry(model: str, provider: str | None, entry: Mapping[str, Any],
         reasoning_efforts=frozenset(
             level for level in ("none", "minimal", "xhigh") if entry.get(f"supports_{level}_reasoning_effort")
         ),
+        minimal_effort=flag if isinstance(flag := entry.get("supports_minimal_reasoning_effort"), bool) else None,
         source=source,
     )
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 from .files import read_text
@@ -22,6 +22,30 @@ PER_MILLION = 1_000_000
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads ``true`` as 1 for a number; in a config that is a slip (YAML's ``yes``, ``on``)."""
+        if info.field_name is not None and _has_bool(value) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {_has_bool(value)}")
+        return value
+
+
+def _has_bool(value: Any) -> str | None:
+    """``value`` or the first value of a mapping that is a bool, as the config spelled it; else None."""
+    values = value.values() if isinstance(value, Mapping) else (value,)
+    return next((str(v).lower() for v in values if isinstance(v, bool)), None)
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field holds numbers: ``int``, ``float``, either or None, or a mapping to them."""
+    if annotation in (int, float):
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return all(a in (int, float, type(None)) for a in args)
+    return origin is dict and len(args) == 2 and args[1] in (int, float)
 
 
 class ModelOverride(_Strict):
