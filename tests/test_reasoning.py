@@ -96,7 +96,19 @@ def test_anthropic_wire_body_from_real_recording() -> None:
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 0),
     ("gemini/gemini-2.5-pro", "none",  # it cannot turn thinking off: its minimum
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingBudget"] == 128),
-    ("gemini/gemini-3-pro-preview", "medium",
+    ("gemini/gemini-3-pro-preview", "medium",  # it has low and high only: a cap is not raised
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "low"),
+    ("gemini/gemini-3.1-pro-preview", "medium",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "medium"),
+    ("gemini/gemini-3.1-pro-preview", "none",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "low"),
+    ("gemini/gemini-3.5-flash", "medium",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "medium"),
+    ("gemini/gemini-3.5-flash", "minimal",
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "minimal"),
+    ("gemini/gemini-3.8-flash", "minimal",  # the catalog says it has no minimal
+     lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "low"),
+    ("gemini/gemini-3.5-flash", "xhigh",
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "high"),
     ("gemini/gemini-3-pro-preview", "minimal",
      lambda b: b["generationConfig"]["thinkingConfig"]["thinkingLevel"] == "low"),

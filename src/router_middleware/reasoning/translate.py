@@ -59,6 +59,22 @@ def family(model: str, provider: str | None) -> str:
     return "openai"
 
 
+def _gemini_3_level(model: str, info: ModelInfo | None, level: Level) -> str:
+    """The thinking level a Gemini 3 model takes for ``level``, never above it where the model has one
+    at or below: Flash models think down to minimal, others to low (none of them turns thinking off);
+    medium on all but the first Gemini 3 Pro, which has low and high only; xhigh where the catalog
+    says so (litellm refuses it elsewhere)."""
+    name = model.lower()
+    if level in ("none", "minimal"):
+        minimal = "flash" in name and (info is None or info.minimal_effort is not False)
+        return "minimal" if minimal else "low"
+    if level == "medium" and re.search(r"gemini-3-pro(?![.\d])", name):
+        return "low"
+    if level == "xhigh" and (info is None or "xhigh" not in info.reasoning_efforts):
+        return "high"
+    return level
+
+
 GEMINI_PRO_MIN_BUDGET = 128  # Gemini 2.5 Pro thinks with 128 to 32,768 tokens; 0 (off) is refused
 
 
@@ -187,7 +203,7 @@ def translate(
         note = f"thinking budget {tokens}{why}, max_tokens {out['max_tokens']}"
         return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
     if kind == "gemini-3":
-        effort = "low" if level in ("none", "minimal", "low") else "high"
+        effort = _gemini_3_level(model, info, level)
         return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}", effective=effort)
     if kind == "gemini-2.5":
         return _gemini_25(model, base, level, tokens)
