@@ -916,3 +916,36 @@ def test_when_the_read_ahead_fails_planning_does_not_ask_the_store_again(redis_u
     assert answer.choices[0].message.content == "ok"
     assert len(reads) == 1  # the read ahead only; the missed key was not asked for again
     p.close()
+
+
+@pytest.mark.parametrize(("requested", "answered", "baseline"), [
+    ("coder", MINI, CLAUDE),  # the first target failed over: routing cost what the fallback did
+    ("coder:floor", DEEPSEEK, CLAUDE),  # the cheapest target, measured against the alias's first
+    ("gpt-4o-mini", "gpt-4o-mini", None),  # not routed: nothing saved
+])
+def test_a_routed_call_s_row_says_what_routing_saved_against_the_alias_s_first_target(
+        call, script, tmp_path, requested, answered, baseline) -> None:
+    """``saved_routing_usd`` was 0 on every live row: it is the answer's usage priced at the model the
+    call would have gone to without routing (an alias's first target) less what it cost, so
+    ``baseline_cost_usd`` is what the unrouted call would have been billed."""
+    from router_middleware.catalog import Catalog
+    from router_middleware.ledger.store import open_ledger
+    from router_middleware.pricing import price
+    from router_middleware.types import Usage
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = pipeline(ledger=url)
+    if requested == "coder":
+        script.failures[CLAUDE] = [rate_limit()]
+    call(p, model=requested)
+    p.close()
+    with contextlib.closing(open_ledger(url)) as db:
+        ((target, inp, out, cost, routing, base),) = db.query(
+            "SELECT target, input_tokens, output_tokens, cost_usd, saved_routing_usd, baseline_cost_usd FROM calls")
+    assert target == answered and cost > 0
+    if baseline is None:
+        assert routing == 0 and base == pytest.approx(cost)
+        return
+    unrouted = price(Usage(inp, out), Catalog().resolve(baseline)).total_usd
+    assert routing == pytest.approx(unrouted - cost) and routing > 0  # claude-sonnet-4-5 is the dearest of the three
+    assert base == pytest.approx(unrouted)

@@ -121,3 +121,14 @@ def measured_context_saving(outcome: Outcome, catalog: Catalog) -> float | None:
     if plan is None or plan.context_tokens is None or outcome.usage.source != "provider":
         return None
     return context_saving(outcome.usage, catalog.resolve(plan.model), plan.context_tokens)
+
+
+def routing_saving(outcome: Outcome, baseline: ModelInfo | None) -> float:
+    """What routing saved ``outcome``'s call: its usage priced at ``baseline`` (the model the call
+    would have gone to without routing) less its cost; negative where routing (a fallback) cost more.
+    0 where either is unknown, and for a response-cache hit or a call with no usage."""
+    cost = outcome.cost.total_usd
+    if baseline is None or cost is None or outcome.usage.source in ("cache", "none"):
+        return 0.0
+    priced = price(outcome.usage, baseline).total_usd
+    return priced - cost if priced is not None else 0.0

@@ -460,6 +460,16 @@ class RoutingConfig(_Strict):
         (an alias also takes a ``:floor`` or ``:nitro`` suffix)."""
         return (*self.aliases, *self.deployments, *(("auto",) if self.tiers else ()))
 
+    def baseline_target(self, requested: str) -> str:
+        """The target a call naming ``requested`` would go to without routing, its saving measured
+        against: an alias's first target (with or without a ``:floor``/``:nitro`` suffix; ``auto``:
+        the top tier's), else ``requested`` itself (a model id, a deployment)."""
+        alias = requested.partition(":")[0]
+        if alias == "auto" and self.tiers and "auto" not in self.aliases:
+            alias = self.tiers[-1].alias
+        targets = self.aliases.get(alias)
+        return targets[0] if targets else requested
+
     def alias_targets(self) -> set[str]:
         """Every target some alias lists (a model id or a deployment name)."""
         return {target for models in self.aliases.values() for target in models}

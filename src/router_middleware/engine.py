@@ -87,6 +87,7 @@ class Engine:
         self.state.served = {
             name: model for name, model in models.items()
             if name not in routes and name != model and (known(model) is not None or known(name) is None)}
+        self.books.served = self.state.served
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any], *, litellm_sends: bool = True) -> Call:

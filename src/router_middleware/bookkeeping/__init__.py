@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..accounting import measured_context_saving
+from ..accounting import measured_context_saving, routing_saving
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
 from ..errors import StoreUnavailable, UnreadableCounter
@@ -184,6 +184,7 @@ class Bookkeeper:
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, number)
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
+        self.served: Mapping[str, str] = {}  # names the adapter serves -> their models (Engine.serve)
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
 
     def recent(self, prefix: str, model: str, app: str | None, fetched: Prefetch | None = None) -> list[float]:
@@ -572,7 +573,17 @@ class Bookkeeper:
         by_cache = (saved if cached_usd is None else cached_usd) if outcome.usage.source == "cache" else 0.0
         measured = measured_context_saving(outcome, self.catalog)
         by_context = saved - by_cache if measured is None else measured
-        self.ledger.append(from_outcome(outcome, saved_context=by_context, saved_cache=by_cache, error=error))
+        by_routing = 0.0
+        if plan is not None and (baseline := self._baseline_model(plan.call.model)) != plan.model:
+            by_routing = routing_saving(outcome, self.catalog.resolve(baseline))
+        self.ledger.append(from_outcome(outcome, saved_context=by_context, saved_cache=by_cache,
+                                        saved_routing=by_routing, error=error))
+
+    def _baseline_model(self, requested: str) -> str:
+        """The model a call naming ``requested`` would have gone to without routing."""
+        target = self.routing.baseline_target(requested)
+        deployment = self.routing.deployments.get(target)
+        return deployment.model if deployment else self.served.get(target, target)
 
     def record_failure(self, plan: Plan, error: BaseException, provider: str | None = None) -> None:
         """The ledger row of a call that failed for good (no usage, cost unknown); ``provider``: the
