@@ -8,7 +8,9 @@ what the provider billed the untouched call, against loopback models with a prov
    ``Pipeline()``) and through the default window (trimmed past 16k tokens), each to a fresh model
    that caches prompt prefixes as DeepSeek does: per trimmed call, the ledger's baseline against what
    the untouched call was billed; and the session's totals.
-2. Five calls of an agent on Claude Sonnet 4.5 against Anthropic's explicit cache, with and without the
+2. The same session resumed at step 40 (its earlier requests never sent: a chat loaded from storage, a
+   restarted proxy), each call of it the same way.
+3. Five calls of an agent on Claude Sonnet 4.5 against Anthropic's explicit cache, with and without the
    breakpoints the pipeline adds: the same comparison per call.
 """
 
@@ -57,6 +59,13 @@ def deepseek() -> None:
     _report("deepseek session (window)", untouched, sent, rows, "window:trim")
 
 
+def resumed(start: int = 40) -> None:
+    skipped = [0.0] * start  # steps before the resumption: no call, no row
+    untouched = skipped + bill_session(Pipeline(), start)
+    sent, rows = _ledger(lambda pipeline: skipped + bill_session(pipeline, start), {})
+    _report(f"deepseek session resumed at step {start} (window)", untouched, sent, rows, "window:trim")
+
+
 def anthropic() -> None:
     untouched = bill_agent(Pipeline())
     sent, rows = _ledger(bill_agent, {})
@@ -65,4 +74,5 @@ def anthropic() -> None:
 
 if __name__ == "__main__":
     deepseek()
+    resumed()
     anthropic()

@@ -119,15 +119,15 @@ def anthropic_cache_server() -> Iterator[str]:
         yield base
 
 
-def bill_session(pipeline: Any) -> list[float]:
-    """What each of :func:`session_requests` cost through ``pipeline``, against a fresh
-    :func:`prefix_cache_server` (DeepSeek's prices)."""
+def bill_session(pipeline: Any, start: int = 0) -> list[float]:
+    """What each of :func:`session_requests` from ``start`` on (a resumed session's: none before it
+    was sent) cost through ``pipeline``, against a fresh :func:`prefix_cache_server` (DeepSeek's prices)."""
     from router_middleware import outcome
 
     with prefix_cache_server() as base:
         return [outcome(pipeline.completion(model="deepseek/deepseek-chat", messages=request, api_base=base,
                                             api_key="k", context={"session_id": "s", "step": step})).cost.total_usd
-                for step, request in enumerate(session_requests())]
+                for step, request in enumerate(session_requests()[start:], start)]
 
 
 def bill_agent(pipeline: Any, steps: int = 5) -> list[float]:

@@ -444,6 +444,27 @@ def test_a_trimmed_call_s_saving_is_what_the_provider_would_have_billed_the_unto
     assert sum(r[2] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
 
 
+def test_the_first_call_of_a_resumed_session_is_measured_against_an_uncached_history(tmp_path) -> None:
+    """A session resumed at step 40 (39 turns no request of which was sent lately): its first
+    trimmed call's baseline took the turns before its last assistant message as read from the
+    provider's cache, half what the untouched call was billed, and the row said the trim made the
+    call dearer. Nothing of the conversation was sent lately, so the provider had none of it cached."""
+    import sqlite3
+
+    from .prefix_cache_server import bill_session
+
+    untouched = bill_session(Pipeline(), start=40)
+    url = tmp_path / "ledger.db"
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+    bill_session(pipeline, start=40)
+    pipeline.close()
+    rows = sqlite3.connect(url).execute(
+        "SELECT baseline_cost_usd, saved_context_usd, decisions FROM calls ORDER BY step").fetchall()
+    assert "window:trim" in rows[0][2] and rows[0][1] > 0
+    assert rows[0][0] == pytest.approx(untouched[0], rel=0.1)
+    assert sum(r[0] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
+
+
 def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() -> None:
     """Anthropic caches only what a ``cache_control`` mark ends: an agent's calls without marks are
     billed in full, and the breakpoints the pipeline adds make the first call dearer (the write
