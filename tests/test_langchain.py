@@ -1797,3 +1797,53 @@ def test_an_answer_without_usage_is_counted_with_the_model_s_tokenizer() -> None
     counted = litellm.token_counter(model="gpt-4o-mini", text=text)
     assert counted != len(text) // 4
     assert usage_from_message(AIMessage(content=text), 12, "gpt-4o-mini").output_tokens == counted
+
+
+@pytest.mark.parametrize("style", ["invoke", "ainvoke", "stream", "astream", "invoke streaming", "chain stream",
+                                   "batch"])
+def test_the_run_s_thread_id_is_the_session_of_every_call_style(style: str, tmp_path) -> None:
+    """langchain-core calls ``_stream`` without the run's callback manager (from ``stream``, ``astream``
+    and ``invoke`` on a streaming model), and the session was read from it: streamed calls had no
+    session, so a session budget did not apply to them and their rows had none."""
+    import sqlite3
+
+    url = tmp_path / "ledger.db"
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+    streaming = {"streaming": True} if style == "invoke streaming" else {}  # streaming=False: .stream() answers whole
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline, model_kwargs={"mock_response": "ok"}, **streaming)
+    config: Any = {"metadata": {"thread_id": "T-1"}}
+    chunks: list[Any] = []
+    if style in ("invoke", "invoke streaming"):
+        model.invoke("hi", config)
+    elif style == "ainvoke":
+        asyncio.run(model.ainvoke("hi", config))
+    elif style == "stream":
+        chunks = list(model.stream("hi", config))
+    elif style == "astream":
+        async def read() -> None:
+            async for chunk in model.astream("hi", config):
+                chunks.append(chunk)
+        asyncio.run(read())
+    elif style == "chain stream":
+        chain = ChatPromptTemplate.from_messages([("human", "{q}")]) | model | StrOutputParser()
+        chunks = list(chain.stream({"q": "hi"}, config))
+    else:
+        model.batch(["hi", "ho"], config)
+    pipeline.close()
+    if "stream" in style and style != "invoke streaming":
+        assert len(chunks) == 2  # streamed (the text, then the usage chunk), not one invoke's answer
+    sessions = [s for (s,) in sqlite3.connect(url).execute("SELECT session FROM calls")]
+    assert sessions and set(sessions) == {"T-1"}
+
+
+def test_a_session_budget_counts_a_streamed_call() -> None:
+    from router_middleware import BudgetExceeded
+
+    pipeline = Pipeline.from_config({"routing": {"budgets": [{"name": "per-thread", "scope": "session",
+                                                              "tokens": 60}]}, "cache": {"enabled": False}})
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline, model_kwargs={"mock_response": "ok " * 10})
+    config: Any = {"metadata": {"thread_id": "T-2"}}
+    with pytest.raises(BudgetExceeded, match="per-thread"):
+        for _ in range(10):
+            for _ in model.stream("hi", config):
+                pass

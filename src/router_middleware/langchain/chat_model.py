@@ -12,11 +12,11 @@ from typing import Any
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
-from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.output_parsers.openai_tools import JsonOutputKeyToolsParser, PydanticToolsParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableMap, RunnablePassthrough
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableMap, RunnablePassthrough, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_function, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -101,6 +101,8 @@ class RoutedChatModel(BaseChatModel):
         """Pipeline keyword arguments: the model's settings, then the call's (the call's win)."""
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
+        handed = kwargs.pop(_RUN_METADATA, None)  # the run's metadata where no callback manager holds it
+        metadata = metadata if metadata is not None else handed
         context = {**self.context, **labels(kwargs.pop("context", None))}
         session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
         if session and "session_id" not in context:
@@ -116,6 +118,34 @@ class RoutedChatModel(BaseChatModel):
         request.update(self.model_kwargs)
         request.update(kwargs)
         return request
+
+    # langchain-core (1.8.3) calls ``_stream`` without the run's callback manager, which holds its
+    # metadata (the session), from ``stream``/``astream`` and from ``invoke`` on a streaming model: the
+    # public entry points hand the run's metadata down to it as a keyword the request never sends.
+
+    def invoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        return super().invoke(input, config, stop=stop, **_with_run_metadata(config, kwargs))
+
+    async def ainvoke(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                      stop: list[str] | None = None, **kwargs: Any) -> AIMessage:
+        return await super().ainvoke(input, config, stop=stop, **_with_run_metadata(config, kwargs))
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        return super().stream(input, config, stop=stop, **_with_run_metadata(config, kwargs))
+
+    def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+                stop: list[str] | None = None, **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        return super().astream(input, config, stop=stop, **_with_run_metadata(config, kwargs))
+
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        kwargs.pop(_RUN_METADATA, None)  # not a parameter: kept out of traces and LangChain's cache key
+        return super()._get_invocation_params(stop=stop, **kwargs)
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        kwargs.pop(_RUN_METADATA, None)
+        return super()._get_llm_string(stop=stop, **kwargs)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -245,8 +275,17 @@ def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager
     return within_attempt() if is_attempt(messages) else nullcontext()
 
 
+_RUN_METADATA = "_router_run_metadata"
+
+
 def _metadata(run_manager: Any) -> Mapping[str, Any] | None:
     return getattr(run_manager, "metadata", None)
+
+
+def _with_run_metadata(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` and the run's metadata (``config``'s, or the enclosing runnable's)."""
+    metadata = ensure_config(config).get("metadata")
+    return {**kwargs, _RUN_METADATA: metadata} if metadata else kwargs
 
 
 def _generation(chunk: Any) -> ChatGenerationChunk | None:
