@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import litellm
 import pytest
 
 from router_middleware import (
@@ -311,6 +313,28 @@ def test_a_deployment_whose_key_variable_is_unset_is_not_called(mode, monkeypatc
     assert pipeline.store.get("cooldown:eu") is None
     assert both.value.__notes__ == ["router-middleware: 2 attempts, all failed: eu: no API key for its provider "
                                     "in this process; us: no API key for its provider in this process"]
+
+
+def test_the_fallback_from_a_failed_deployment_names_the_deployment_not_only_its_model(monkeypatch) -> None:
+    """Two deployments of one model: the decision said ``openai/gpt-4o-mini failed``, which of the two
+    it does not tell."""
+    monkeypatch.setenv("EU_KEY", "sk-eu")
+    monkeypatch.setenv("US_KEY", "sk-us")
+    completion = litellm.completion
+
+    def answer(**kwargs: Any) -> Any:
+        failing = "eu" in kwargs["api_base"]
+        return completion(**kwargs, mock_response=litellm.exceptions.InternalServerError("down", "openai", "m")
+                          if failing else "ok")
+
+    monkeypatch.setattr(litellm, "completion", answer)
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+        "deployments": {**_deployments("http://eu.invalid/v1", "eu"), **_deployments("http://us.invalid/v1", "us")},
+        "aliases": {"regions": ["eu", "us"]}, "fallback": {"backoff_s": 0.0, "max_backoff_s": 0.0}}})
+    plan = outcome(pipeline.completion(model="regions", messages=MESSAGES)).plan
+    (fallback,) = [d for d in plan.decisions if d.action == "fallback"]
+    assert fallback.reason == ("deployment 'eu' (openai/gpt-4o-mini) failed (InternalServerError); "
+                               "falling back to us")
 
 
 def test_the_fallback_from_a_keyless_deployment_names_it_and_its_variable(monkeypatch) -> None:

@@ -161,10 +161,12 @@ NO_KEY = "no API key for its provider in this process"
 
 def what_failed(plan: Plan, exc: BaseException) -> str:
     """How a fallback decision names the attempt that failed: a deployment left uncalled for its key
-    is named with the variable, any other attempt by its model and the error's kind."""
+    is named with the variable, any other attempt by its model (and deployment, where it has one:
+    two deployments of a model are told apart) and the error's kind."""
     if isinstance(exc, MissingKeyError):
         return f"deployment {exc.deployment!r} skipped: {exc.variable} is not set"
-    return f"{plan.model} failed ({error_kind(exc)})"
+    where = f"deployment {plan.deployment!r} ({plan.model})" if plan.deployment else plan.model
+    return f"{where} failed ({error_kind(exc)})"
 
 
 def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> UnknownModelError:
