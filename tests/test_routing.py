@@ -195,6 +195,10 @@ def test_difficulty_tiers_via_auto() -> None:
            + "```python\ndef run():\n    return lock.acquire()\n```\n" * 5
     plan = routed(p, "auto", [{"role": "user", "content": hard}])
     assert plan.model == "anthropic/claude-sonnet-4-5" and "tier strong" in plan.decisions[0].reason
+    assert "above every tier" not in plan.decisions[0].reason
+    short = pipeline(tiers=[{"max_score": 0.3, "alias": "cheap"}])  # no tier up to 1.0: the last takes the rest
+    reason = routed(short, "auto", [{"role": "user", "content": hard}]).decisions[0].reason
+    assert re.match(r"difficulty 0\.\d\d -> tier cheap \(above every tier's max_score: the last\)", reason)
 
 
 def test_bad_routing_config() -> None:
