@@ -1847,3 +1847,17 @@ def test_a_session_budget_counts_a_streamed_call() -> None:
         for _ in range(10):
             for _ in model.stream("hi", config):
                 pass
+
+
+def test_a_routed_model_takes_its_pipeline_s_config_as_the_adapters_do(tmp_path) -> None:
+    """``pipeline="router.yaml"`` raised pydantic's "Input should be an instance of Pipeline"."""
+    path = tmp_path / "router.yaml"
+    path.write_text("routing:\n  aliases:\n    coder: [gpt-4o-mini]\n")
+    answer = RoutedChatModel(model="coder", pipeline=str(path), model_kwargs={"mock_response": "ok"}).invoke("hi")
+    assert answer.content == "ok" and answer.response_metadata["routed_model"] == "gpt-4o-mini"
+    assert RoutedChatModel(pipeline={"app": "a"}).pipeline.config.app == "a"
+    path.write_text("routing:\n  alias: {}\n")
+    with pytest.raises(ConfigError, match=r"router.yaml: field 'routing.alias': unknown field; did you mean 'aliases'"):
+        RoutedChatModel(pipeline=path)
+    with pytest.raises(ConfigError, match="RoutedChatModel: expected a Pipeline or its config"):
+        RoutedChatModel(pipeline=3)

@@ -24,14 +24,16 @@ from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
 from ..errors import ConfigError
-from ..pipeline import Pipeline
+from ..pipeline import Pipeline, pipeline_of
 from ..telemetry.tracing import within_attempt
 from .convert import ROUTED, final_chunk, is_attempt, labels, to_ai_message, to_chunk, to_openai, tool_choice
 
 
 class RoutedChatModel(BaseChatModel):
     """A chat model whose calls go through ``pipeline`` (routing, context, reasoning, cache, telemetry)
-    and litellm. ``model`` is an alias from the pipeline's config, ``"auto"``, or any litellm model id.
+    and litellm (a ``Pipeline``, or its config: a dict, a ``Config`` or a YAML/JSON path; a bad one
+    raises ``ConfigError``). ``model`` is an alias from the pipeline's config, ``"auto"``, or any
+    litellm model id.
 
     The session for context and reasoning budgets is ``session_id``, else the ``thread_id`` (or
     ``session_id``) in the run's metadata, else none. A LangGraph run puts its
@@ -68,6 +70,8 @@ class RoutedChatModel(BaseChatModel):
                 f"; did you mean {close[0]!r}?" if close else
                 f": litellm's other parameters go in model_kwargs={{{unknown[0]!r}: ...}}"))
         kwargs["context"] = labels(kwargs.get("context"))  # checked here, not per call
+        if kwargs.get("pipeline") is not None:  # a config (dict, Config, YAML/JSON path) as the adapters take it
+            kwargs["pipeline"] = pipeline_of(kwargs["pipeline"], "RoutedChatModel")
         super().__init__(**kwargs)
 
     @property
