@@ -122,9 +122,9 @@ class RoutingPolicy:
         session: Session | None = None
         if alias == "auto" or strategy == "difficulty":
             index, score = self._tier(plan)
-            tier = self.config.tiers[index]
-            above = " (above every tier's max_score: the last)" if score > tier.max_score else ""
-            note = f"difficulty {score:.2f} -> tier {tier.alias}{above}; "
+            scored = self.config.tiers[index]
+            above = " (above every tier's max_score: the last)" if score > scored.max_score else ""
+            note = f"difficulty {score:.2f} -> tier {scored.alias}{above}; "
             session = self._session(plan, state, index)
             if session.floor > index:
                 index = session.floor
