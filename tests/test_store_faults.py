@@ -388,6 +388,37 @@ def test_a_budget_counter_no_writer_of_ours_leaves_is_replaced_when_open_and_ref
     closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
 
 
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_a_budget_counter_spoiled_while_the_call_ran_is_replaced_at_settlement_unless_closed(
+        mode, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above
+    """Another program's value written into a budget counter after the call's admission failed its
+    settlement (a script error naming no key) and every settlement after it; with no admission to
+    replace it (litellm's sync calls are only counted) it stayed for good. An ``open`` budget's is now
+    replaced at settlement, counting the call from 0; a ``closed`` one's is kept (``store_value_kept``),
+    so its next call is refused naming the key, as at an admission."""
+    import redis
+    import structlog
+
+    url, _ = redis_we_can_stop
+    client = redis.Redis.from_url(url)
+    key = f"rm:budget:team:tokens:all:{int(time.time() // 86400)}"
+    scripted.during = lambda model: client.set(key, b"banana")
+    budget = {"name": "team", "scope": "global", "tokens": 100_000, "window_s": 86400, "on_store_error": mode}
+    pipeline = Pipeline.from_config({"store": url, "context": {"enabled": False}, "cache": {"enabled": False},
+                                     "routing": {"aliases": {"coder": CODER}, "budgets": [budget]}})
+    with structlog.testing.capture_logs() as logs:
+        way_in(pipeline)
+    events = {e["event"] for e in logs}
+    assert "settle_failed" not in events
+    if mode == "open":
+        assert "store_value_replaced" in events and 0 < float(client.get(key)) < 1000
+        return
+    assert "store_value_kept" in events and client.get(key) == b"banana"
+    scripted.during = None
+    with pytest.raises(StoreUnavailable, match="holds b'banana'.*delete it to count from 0"):
+        way_in(pipeline)
+
+
 @pytest.mark.parametrize("junk", ["quota-text", "quota-far-below-0", "hold-set-list"])
 def test_another_programs_value_in_a_quota_window_or_a_hold_set_is_replaced_and_the_budget_still_checked(
         junk, way_in, scripted, redis_we_can_stop) -> None:  # noqa: F811 - the fixtures imported above
@@ -729,9 +760,10 @@ def test_a_budget_counter_another_program_set_with_sql_reads_as_redis_would_read
 def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(driver, redis_we_can_stop,
                                                                           monkeypatch) -> None:
     """On Redis the response cache's entry and the settlement go in one round trip, each command run
-    apart: a settlement failing on a counter another program wrote (while the call ran, after its
+    apart: a settlement failing on a hold set another program overwrote (while the call ran, after its
     admission) logged the cache write as failed too (and taught the semantic index nothing), though
-    the entry landed and served the next call."""
+    the entry landed and served the next call. (A counter of another program's is replaced by the
+    settlement: ``tests/test_stores.py``.)"""
     import asyncio
 
     import redis
@@ -742,7 +774,7 @@ def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(drive
     completion, acompletion = litellm.completion, litellm.acompletion
 
     def spoil() -> None:
-        redis.Redis.from_url(url).set(f"rm:budget:team:tokens:all:{day}", b"nan")
+        redis.Redis.from_url(url).set(f"rm:budget:team:tokens:all:{day}#held", b"nan")
 
     async def aspoiled(**kwargs: Any) -> Any:
         spoil()

@@ -136,19 +136,19 @@ async def _awaited(method, *args):
 
 
 def test_a_redis_settlement_ends_its_holds_before_a_write_that_fails(redis_url) -> None:
-    """On Redis a script keeps its writes up to an error: a settlement whose counter holds another
-    program's value ends its holds first (what admissions count), and replaces a list of recent values
-    that holds another type."""
+    """On Redis a script keeps its writes up to an error: a settlement with a hold set another program
+    overwrote ends the holds before it first (what admissions count), and replaces a list of recent
+    values that holds another type. (A counter of another program's no longer fails it: replaced.)"""
     from redis.exceptions import ResponseError
 
     from router_middleware.stores.redis import RedisStore
 
     store = RedisStore(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}:")
     assert store.add_within([], [("b", 0.4, 1.0, None, "h1", 60.0)]) is None
-    store.set("bad", b"abc")
+    store.client.set(store._held("bad"), b"abc")
     store.set("sizes", b"abc")
     with pytest.raises(ResponseError):
-        store.add_many([("bad", 1.0, None)], [("sizes", 20.0, 50, None)], [("b", "h1", 0.4, 0.3, None)])
+        store.add_many([], [("sizes", 20.0, 50, None)], [("b", "h1", 0.4, 0.3, None), ("bad", "h2", 1.0, 1.0, None)])
     assert float(store.get("b")) == pytest.approx(0.3)
     store.add_many([], [("sizes", 20.0, 50, None)])
     assert store.samples("sizes") == [20.0]
@@ -903,3 +903,49 @@ def test_a_cache_ring_counter_that_is_no_number_counts_again_and_writes_go_on(st
     for i in range(3):
         store.put_bounded(f"entry{i}", b"x", None, "ring", 2)
     assert store.get("entry0") is None and store.get("entry1") == store.get("entry2") == b"x"
+
+
+@pytest.mark.parametrize("stored", [b"banana", b"0x10", b"5 "])
+def test_a_settlement_replaces_a_counter_no_writer_of_ours_leaves_and_writes_the_rest(store, stored) -> None:
+    """Another program's value in a counter failed the settlement there (Redis: "value is not a valid
+    float" naming no key; SQLite: the whole transaction), and every settlement after it: with no
+    admission to replace it first (litellm's sync calls are only counted), the spend was never
+    counted. The addition replaces it, counting from 0, keeps its expiry and says so naming the key;
+    the settlement's other writes land."""
+    import structlog
+
+    store.set("spent", stored, ttl_s=100)
+    store.set("held-spent", stored)
+    with structlog.testing.capture_logs() as logs:
+        store.add_many([("spent", 2.5, 60.0), ("other", 1.0, 60.0)], samples=[("sizes", 7.0, 10, 60.0)],
+                       releases=[("held-spent", "h1", 0.0, 4.0, None)])
+    assert float(store.get("spent")) == 2.5 and float(store.get("held-spent")) == 4.0
+    assert float(store.get("other")) == 1.0 and store.samples("sizes") == [7.0]
+    said = sorted(e["key"].rsplit(":", 1)[-1] for e in logs if e["event"] == "store_value_replaced")
+    assert said == ["held-spent", "spent"]
+    store.add_many([("spent", 1.0, 60.0)])  # a number of ours again: added to, not replaced
+    assert float(store.get("spent")) == 3.5
+    assert store.add_within([], [("held", 0.4, 10.0, None, "h9", 60.0)]) is None
+    store.set("held", stored)  # spoiled while the call ran: its hold went with the value
+    store.add_many([], releases=[("held", "h9", 0.4, 0.3, None)])
+    assert float(store.get("held")) == pytest.approx(0.3)  # the call's actual spend, not 0.3 - 0.4
+    if isinstance(store, RedisStore):
+        assert 0 < store.client.pttl(store._k("spent")) <= 100_000  # its expiry kept
+
+
+def test_a_settlement_leaves_a_closed_budget_s_counter_holding_another_program_s_value(store) -> None:
+    """A closed budget's counter is not replaced (the spend it stood for is unknown: its admissions
+    refuse until someone deletes it); the settlement's other writes land, the kept key said."""
+    import structlog
+
+    store.set("closed", b"banana")
+    store.set("open", b"banana")
+    with structlog.testing.capture_logs() as logs:
+        store.add_many([("open", 1.0, 60.0)], releases=[("closed", "h1", 0.0, 4.0, None)], closed=["closed"])
+    assert store.get("closed") == b"banana" and float(store.get("open")) == 1.0
+    events = {e["event"]: e["key"].rsplit(":", 1)[-1] for e in logs}
+    assert events == {"store_value_kept": "closed", "store_value_replaced": "open"}
+    store.add_many([("closed", 2.0, 60.0)], closed=["closed"])
+    store.delete("closed")
+    store.add_many([("closed", 2.0, 60.0)], closed=["closed"])  # deleted: counted from 0 again
+    assert float(store.get("closed")) == 2.0

@@ -155,15 +155,16 @@ class Settlement:
     lapse_s: float = 0.0  # how long the holds count if the releases never reach the store
     error: BaseException | None = None  # what cut a stream short (its ledger row names it)
     probe: Probe | None = None  # the call's claim on the probe of the half-open target it tried
+    closed: list[str] = field(default_factory=list)  # the closed budgets' counters among the releases
 
     @property
     def writes(self) -> bool:
         return bool(self.additions or self.samples or self.releases or self.averages or self.puts)
 
     def batch(self, bounded: Sequence[Bounded] = ()) -> tuple[list[Addition], list[Sample], list[Release],
-                                                             Sequence[Bounded], list[Average], list[Put]]:
+                                                             Sequence[Bounded], list[Average], list[Put], list[str]]:
         """``add_many``'s arguments for these writes and ``bounded`` (a response-cache entry)."""
-        return self.additions, self.samples, self.releases, bounded, self.averages, self.puts
+        return self.additions, self.samples, self.releases, bounded, self.averages, self.puts, self.closed
 
 
 class Bookkeeper:
@@ -405,7 +406,8 @@ class Bookkeeper:
         self._end_probe(held)
         reservation, held.reservation = held.reservation, None
         if reservation is not None:
-            self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation))
+            self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation),
+                        closed=budgets.closed(reservation))
 
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True, error: BaseException | None = None) -> Settlement:
@@ -427,6 +429,7 @@ class Bookkeeper:
                     self._unpriced(reservation, outcome.plan.model if outcome.plan else outcome.model)
                 done.releases += budgets.settlement(reservation, usd=usd, tokens=usage.total_tokens,
                                                     reasoning=reasoning or 0)
+                done.closed += budgets.closed(reservation)
                 done.lapse_s = max(c.hold_s for c in reservation.claims)
                 reserved = any(c.unit == "reasoning" for c in reservation.claims)
             if held.quota is not None:

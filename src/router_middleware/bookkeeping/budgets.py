@@ -37,6 +37,7 @@ class Claim:
     hold: str  # the hold's id in the store (one per call)
     hold_s: float  # how long the hold counts unless it is released first
     scope: str = ""  # whose counter it is ("tenant acme"; empty for a global budget), for the refusal
+    closed: bool = False  # its budget's on_store_error: a counter of another program's is not replaced
 
     @property
     def held(self) -> Hold:
@@ -72,7 +73,7 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
                 key = counter_key(budget, value, unit, now)
                 found.append(Claim(BUDGET + key, amount, float(limit), budget.window_s * 2 if budget.window_s else None,
                                    budget.name, unit, hold, budget.reservation_ttl_s,
-                                   _whose(budget.scope, value)))
+                                   _whose(budget.scope, value), budget.on_store_error == "closed"))
     return found
 
 
@@ -99,3 +100,9 @@ def settlement(reservation: Reservation, *, usd: float | None, tokens: int | Non
 
 def release(reservation: Reservation) -> list[Release]:
     return [claim.release(0.0) for claim in reservation.claims]
+
+
+def closed(reservation: Reservation) -> list[str]:
+    """The counters of the reservation's ``closed`` budgets: a settlement leaves one that holds another
+    program's value as it is (the spend it stood for is unknown), where it replaces the others'."""
+    return [claim.key for claim in reservation.claims if claim.closed]

@@ -9,11 +9,12 @@ import math
 import re
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import LockTimeout, StoreError, UnreadableCounter
+from ..telemetry import log
 from ..urls import without_password
 
 __all__ = ["Addition", "Average", "Bounded", "Check", "Countdown", "Fetched", "Hold", "LockTimeout", "Owned", "Put",
@@ -133,12 +134,15 @@ class Store(Protocol):
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = (), closed: Collection[str] = ()) -> None:
         """Add each ``(key, amount, ttl_s)`` (each atomic), append each ``(key, value, keep, ttl_s)``
         to its list of recent values (the last ``keep`` kept), end each :data:`Release`'s hold (each
         atomic), make each :meth:`put_bounded` of ``bounded``, blend each :data:`Average` into its
         key (each atomic, :func:`blend`) and set each :data:`Put`: one round trip where the backend
-        allows."""
+        allows. An addition (or release) onto a counter that holds no total of ours (:func:`counted`)
+        replaces it, counting from 0 (:func:`replaced`), except on the keys in ``closed`` (a ``closed``
+        budget's counters: the spend it stood for is unknown), which are left as they are and not
+        added to (:func:`kept`)."""
         ...
 
     def samples(self, key: str) -> list[float]:
@@ -191,6 +195,40 @@ def counted(raw: bytes | str | float, limit: float | None = None) -> float | Non
     except (TypeError, ValueError, OverflowError):
         return None
     return None if limit is not None and total < -max(limit, 1.0) else total
+
+
+def replaced(key: str, found: bytes | str | float | None) -> None:
+    """Say that an addition replaced ``key``'s value, ``found`` (``None``: not read), which no writer
+    of ours leaves: the key counts from 0 again (as an admission's :func:`~..bookkeeping.health.replace`)."""
+    shown = "another program's value" if found is None else repr(found)[:60]
+    log.warning("store_value_replaced", key=key, found=shown,
+                why="it held no count of ours; an addition replaced it, counting from 0")
+
+
+def kept(key: str, found: bytes | str | float | None) -> None:
+    """Say that an addition left ``key``'s value, ``found`` (``None``: not read), as it was: a counter
+    no writer of ours leaves that is not to be replaced (a ``closed`` budget's)."""
+    shown = "another program's value" if found is None else repr(found)[:60]
+    log.warning("store_value_kept", key=key, found=shown,
+                why="it holds no count of ours, and a closed budget's counter is not replaced: not added to; "
+                    "delete it to count from 0")
+
+
+def unreadable(current: bytes | str | float | None) -> bool:
+    """Whether a counter holds ``current``, a value no writer of ours leaves (absent: ``None``, readable)."""
+    return current is not None and counted(current) is None
+
+
+def added(key: str, current: bytes | str | float, amount: float, fresh: float | None = None) -> float:
+    """What an addition of ``amount`` to ``key``, holding ``current``, leaves: the sum, or where the key
+    holds no total of ours (:func:`counted`; said with :func:`replaced`) a count from 0, of ``fresh``
+    where given (a release's actual spend: its hold went with the value it replaces): failing there
+    would fail every write after it."""
+    total = counted(current)
+    if total is None:
+        replaced(key, current)
+        return amount if fresh is None else fresh
+    return total + amount
 
 
 def within_keys(entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],

@@ -6,7 +6,7 @@ import heapq
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from typing import TypeVar
 
@@ -23,12 +23,15 @@ from .base import (
     Release,
     Sample,
     Within,
+    added,
     blend,
     counted,
     fetch_each,
+    kept,
     refusing,
     ring_seq,
     token_lock,
+    unreadable,
     within_checks,
 )
 
@@ -79,12 +82,12 @@ class MemoryStore:
         with self._mutex:
             return self._add(key, amount, ttl_s)
 
-    def _add(self, key: str, amount: float, ttl_s: float | None) -> float:
+    def _add(self, key: str, amount: float, ttl_s: float | None, fresh: float | None = None) -> float:
         current = self._live(key)
         if current is None:
             self._put(key, repr(amount).encode(), ttl_s)
             return amount
-        value = float(current) + amount
+        value = added(key, current, amount, fresh)
         self._data[key] = (repr(value).encode(), self._data[key][1])
         return value
 
@@ -134,22 +137,30 @@ class MemoryStore:
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = (), closed: Collection[str] = ()) -> None:
         with self._mutex:
             for put in bounded:
                 self.put_bounded(*put)
             for key, amount, ttl_s in entries:
-                self._add(key, amount, ttl_s)
+                if not self._kept(key, closed):
+                    self._add(key, amount, ttl_s)
             for key, hold, held, actual, ttl_s in releases:
                 delta = actual - held if self._holds.get(key, {}).pop(hold, None) is not None else actual
-                if delta:
-                    self._add(key, delta, ttl_s)
+                if delta and not self._kept(key, closed):
+                    self._add(key, delta, ttl_s, fresh=actual)
             for key, value, keep, ttl_s in samples:
                 self._push(self._series, key, value, keep, ttl_s)
             for key, sample, weight, ttl_s in averages:
                 self._put(key, repr(blend(self._live(key), sample, weight)).encode(), ttl_s)
             for key, raw, ttl_s in puts:
                 self._put(key, raw, ttl_s)
+
+    def _kept(self, key: str, closed: Collection[str]) -> bool:
+        """Whether ``key`` is one of ``keep`` holding a value no writer of ours leaves (said: :func:`kept`)."""
+        if key in closed and unreadable(found := self._live(key)):
+            kept(key, found)
+            return True
+        return False
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         with self._mutex:

@@ -16,7 +16,7 @@ import hashlib
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -39,7 +39,9 @@ from .base import (
     UnreadableCounter,
     Within,
     acquire,
+    kept,
     numbers,
+    replaced,
     within_keys,
 )
 
@@ -74,7 +76,9 @@ return 0
 # key its owner, ttl ms; per hold amount, limit, ttl ms, member, hold ms; per countdown its amount;
 # last, how many countdowns. A check without an amount is an owned key's; one marked (check[4]) a
 # countdown's, whose key was found (check[5]) or not.
-_WITHIN = """
+# A stored number as stores.base.number reads it (a strict finite decimal), or nil; ``limit``: as
+# stores.base.counted reads a counter checked against one.
+_READABLE = """
 local function readable(raw, limit)
   if type(raw) ~= 'string' or #raw > 400 or not (string.find(raw, '^[+-]?%d*%.?%d*$')
       or string.find(raw, '^[+-]?%d*%.?%d*[eE][+-]?%d%d?%d?$')) then return nil end
@@ -83,6 +87,8 @@ local function readable(raw, limit)
   if limit and total < -math.max(limit, 1) then return nil end
   return total
 end
+"""
+_WITHIN = _READABLE + """
 local n, o, c = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[#ARGV])
 local h = (#KEYS - n - o - c) / 2
 local clock = redis.call('TIME')
@@ -168,21 +174,37 @@ return 1
 # ms. The releases go first: a script that fails on a key (another program's value) keeps the
 # writes before it, and what the admissions count must not wait for a counter or a list of reply
 # sizes. A sample goes to its list as _PUSH appends. An average's key that holds no finite number
-# (or another type) takes the sample, as stores.base.blend does.
-_SETTLE = _PUSH + """
+# (or another type) takes the sample, as stores.base.blend does. A counter that holds no number of
+# ours (another program's value, another type) is replaced by the amount (a release's actual spend:
+# its hold went with the value), keeping its expiry (else the ttl given): INCRBYFLOAT would fail the
+# script there, and every settlement after it; one of the kept keys (the last KEYS, as many as ARGV's
+# last: a closed budget's counters) is left as it is and not added to. Returns the keys replaced and
+# the keys kept.
+_SETTLE = _PUSH + _READABLE + """
 local n, m, r = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local v, p = tonumber(ARGV[4]), tonumber(ARGV[5])
+local replaced, kept, keep = {}, {}, {}
+for i = #KEYS - tonumber(ARGV[#ARGV]) + 1, #KEYS do keep[KEYS[i]] = true end
 local function put(key, value, ttl)
   if ttl == '' then redis.call('SET', key, value) else redis.call('SET', key, value, 'PX', ttl) end
+end
+local function add(key, amount, ttl, fresh)
+  local raw = redis.pcall('GET', key)
+  if raw == false or readable(raw) then redis.call('INCRBYFLOAT', key, amount); return end
+  if keep[key] then kept[#kept + 1] = key; return end
+  local left = redis.call('PTTL', key)
+  redis.call('DEL', key)
+  put(key, fresh or amount, left > 0 and left or ttl)
+  replaced[#replaced + 1] = key
 end
 local k, a = n + m, 5 + 2 * n + 3 * m
 for _ = 1, r do
   local key, set = KEYS[k + 1], KEYS[k + 2]
   if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
-    if tonumber(ARGV[a + 2]) ~= 0 then redis.call('INCRBYFLOAT', key, ARGV[a + 2]) end
+    if tonumber(ARGV[a + 2]) ~= 0 then add(key, ARGV[a + 2], '', ARGV[a + 3]) end
   elseif tonumber(ARGV[a + 3]) ~= 0 then
     if ARGV[a + 4] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 4]) end
-    redis.call('INCRBYFLOAT', key, ARGV[a + 3])
+    add(key, ARGV[a + 3], ARGV[a + 4])
   end
   k, a = k + 2, a + 4
 end
@@ -206,14 +228,14 @@ k, a = 0, 5
 for _ = 1, n do
   local key = KEYS[k + 1]
   if ARGV[a + 2] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 2]) end
-  redis.call('INCRBYFLOAT', key, ARGV[a + 1])
+  add(key, ARGV[a + 1], ARGV[a + 2])
   k, a = k + 1, a + 2
 end
 for _ = 1, m do
   push(KEYS[k + 1], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
   k, a = k + 1, a + 3
 end
-return 1
+return {replaced, kept}
 """
 # The response cache's bounded write: the entry, then its slot in the ring (the oldest entry goes).
 _BOUNDED = """
@@ -657,6 +679,11 @@ def _refusal(answer: Any, checked: Sequence[str], prefix: str) -> Refusal | None
 def _written(cached: int, replies: list[Any]) -> None:
     """``add_many``'s replies: ``cached`` response-cache writes, then its settlement script. Raises the
     error where all failed, else :class:`.PartialWrite` saying which part landed."""
+    settled = replies[cached] if len(replies) > cached else None
+    if isinstance(settled, list) and len(settled) == 2:  # the counters the settlement replaced, and kept
+        for said, keys in zip((replaced, kept), settled, strict=True):
+            for key in keys:
+                said(key.decode(errors="replace") if isinstance(key, bytes) else str(key), None)
     failed = [r for r in replies if isinstance(r, Exception)]
     if not failed:
         return
@@ -671,15 +698,16 @@ def _written(cached: int, replies: list[Any]) -> None:
 
 
 
-# add_many's writes other than its bounded ones: entries, samples, releases, averages, puts
-_Settle = tuple[Sequence[Addition], Sequence[Sample], Sequence[Release], Sequence[Average], Sequence[Put]]
+# add_many's writes other than its bounded ones: entries, samples, releases, averages, puts; the kept keys
+_Settle = tuple[Sequence[Addition], Sequence[Sample], Sequence[Release], Sequence[Average], Sequence[Put],
+                Collection[str]]
 
 
 def _settles(entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
-             averages: Sequence[Average], puts: Sequence[Put]) -> _Settle | None:
+             averages: Sequence[Average], puts: Sequence[Put], closed: Collection[str]) -> _Settle | None:
     """What ``add_many`` writes in its one settlement script, or ``None`` where it writes nothing there."""
-    settle = (entries, samples, releases, averages, puts)
-    return settle if any(settle) else None
+    writes = (entries, samples, releases, averages, puts)
+    return (*writes, closed) if any(writes) else None
 
 
 def _resolved(value: Any) -> asyncio.Future[Any]:
@@ -896,17 +924,18 @@ class RedisStore:
     @_guarded
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
-        settle = _settles(entries, samples, releases, averages, puts)
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = (), closed: Collection[str] = ()) -> None:
+        settle = _settles(entries, samples, releases, averages, puts, closed)
         if bounded or settle is not None:
             pipe = self._queue(self.client.pipeline(transaction=False), _eval, bounded, settle)
             _written(len(bounded), pipe.execute(raise_on_error=False))
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                   releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                  averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> Awaitable[None]:
+                  averages: Sequence[Average] = (), puts: Sequence[Put] = (),
+                  closed: Collection[str] = ()) -> Awaitable[None]:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
-        settle = _settles(entries, samples, releases, averages, puts)
+        settle = _settles(entries, samples, releases, averages, puts, closed)
         if bounded or settle is not None:
             return self._batch().submit(self._queue, bounded, settle, read=functools.partial(_written, len(bounded)),
                                         sees_errors=True)
@@ -924,7 +953,8 @@ class RedisStore:
         return pipe
 
     def _settle_call(self, entries: Sequence[Addition], samples: Sequence[Sample], releases: Sequence[Release],
-                     averages: Sequence[Average], puts: Sequence[Put]) -> tuple[list[str], list[Any]]:
+                     averages: Sequence[Average], puts: Sequence[Put],
+                     closed: Collection[str]) -> tuple[list[str], list[Any]]:
         keys = [*(self._k(e[0]) for e in entries), *(self._k(s[0]) for s in samples)]
         args: list[Any] = [str(len(entries)), str(len(samples)), str(len(releases)), str(len(averages)),
                            str(len(puts))]
@@ -941,7 +971,8 @@ class RedisStore:
         for key, raw, ttl_s in puts:
             keys.append(self._k(key))
             args += [raw, _ms(ttl_s)]
-        return keys, args
+        kept = [self._k(key) for key in closed]
+        return [*keys, *kept], [*args, str(len(kept))]
 
     def _batch(self) -> _Batch:
         """This event loop's batch: an asyncio client, and the writes of every call that reached its

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -26,13 +26,16 @@ from .base import (
     Sample,
     StoreError,
     Within,
+    added,
     blend,
     counted,
     fetch_each,
+    kept,
     numbers,
     refusing,
     ring_seq,
     token_lock,
+    unreadable,
     within_checks,
 )
 
@@ -166,15 +169,23 @@ class SQLiteStore:
         with self._tx() as db:
             return self._add(db, key, amount, ttl_s)
 
-    def _add(self, db: sqlite3.Connection, key: str, amount: float, ttl_s: float | None) -> float:
+    def _add(self, db: sqlite3.Connection, key: str, amount: float, ttl_s: float | None,
+             fresh: float | None = None) -> float:
         current = self._current(db, key)
         if current is None:
             value, expires = amount, self._expiry(ttl_s)
         else:
-            value, expires = float(current[0]) + amount, current[1]
+            value, expires = added(key, current[0], amount, fresh), current[1]
         db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                    (key, repr(value).encode(), expires))
         return value
+
+    def _kept(self, db: sqlite3.Connection, key: str, closed: Collection[str]) -> bool:
+        """Whether ``key`` is one of ``keep`` holding a value no writer of ours leaves (said: :func:`kept`)."""
+        if key in closed and (current := self._current(db, key)) is not None and unreadable(current[0]):
+            kept(key, current[0])
+            return True
+        return False
 
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),
                    owned: Sequence[Owned] = (), left: Sequence[Countdown] = ()) -> Refusal | None:
@@ -212,17 +223,18 @@ class SQLiteStore:
 
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
-                 averages: Sequence[Average] = (), puts: Sequence[Put] = ()) -> None:
+                 averages: Sequence[Average] = (), puts: Sequence[Put] = (), closed: Collection[str] = ()) -> None:
         for put in bounded:
             self.put_bounded(*put)
         with self._tx() as db:
             for key, amount, ttl_s in entries:
-                self._add(db, key, amount, ttl_s)
+                if not self._kept(db, key, closed):
+                    self._add(db, key, amount, ttl_s)
             for key, hold, held, actual, ttl_s in releases:
                 counted = db.execute("DELETE FROM holds WHERE key = ? AND hold = ?", (key, hold)).rowcount
                 delta = actual - held if counted else actual
-                if delta:
-                    self._add(db, key, delta, ttl_s)
+                if delta and not self._kept(db, key, closed):
+                    self._add(db, key, delta, ttl_s, fresh=actual)
             for key, value, keep, ttl_s in samples:
                 current = self._current(db, key)
                 recent = [*(_recent(current[0]) if current else []), value][-keep:]
