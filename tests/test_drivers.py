@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import litellm
@@ -75,16 +76,18 @@ def waits(monkeypatch) -> list[float]:
     return seen
 
 
-def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool) -> Any:
+def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool, messages: list[dict[str, Any]]) -> Any:
     from langchain.agents.middleware import ModelRequest, ModelResponse
-    from langchain_core.messages import HumanMessage
+    from langchain_core.messages import convert_to_messages
 
     from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
 
     inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
     models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (*CODER, "gpt-4o-mini", TYPO)}
     middleware = RouterAgentMiddleware(pipeline, models=models, model=model)
-    request = ModelRequest(model=models[CLAUDE], messages=[HumanMessage(MESSAGES[0]["content"])], model_settings={})
+    system = [m for m in messages if m["role"] == "system"]
+    request = ModelRequest(model=models[CLAUDE], messages=convert_to_messages([m for m in messages if m not in system]),
+                           system_message=convert_to_messages(system)[0] if system else None, model_settings={})
     if not asynchronous:
         return middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
 
@@ -94,19 +97,19 @@ def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool) -> Any:
     return asyncio.run(middleware.awrap_model_call(request, handler))
 
 
-DRIVERS: dict[str, Callable[[Pipeline, str], Any]] = {
-    "completion": lambda p, model: p.completion(model=model, messages=MESSAGES),
-    "acompletion": lambda p, model: asyncio.run(p.acompletion(model=model, messages=MESSAGES)),
-    "wrap_model_call": lambda p, model: _middleware_call(p, model, asynchronous=False),
-    "awrap_model_call": lambda p, model: _middleware_call(p, model, asynchronous=True),
+DRIVERS: dict[str, Callable[[Pipeline, str, list[dict[str, Any]]], Any]] = {
+    "completion": lambda p, model, messages: p.completion(model=model, messages=messages),
+    "acompletion": lambda p, model, messages: asyncio.run(p.acompletion(model=model, messages=messages)),
+    "wrap_model_call": lambda p, model, messages: _middleware_call(p, model, False, messages),
+    "awrap_model_call": lambda p, model, messages: _middleware_call(p, model, True, messages),
 }
 
 
 @pytest.fixture(params=list(DRIVERS))
 def call(request) -> Callable[..., Any]:
-    """One routed call through the driver under test: ``call(pipeline, model="coder")``."""
+    """One routed call through the driver under test: ``call(pipeline, model="coder", messages=MESSAGES)``."""
     driver = DRIVERS[request.param]
-    return lambda pipeline, model="coder": driver(pipeline, model)
+    return lambda pipeline, model="coder", messages=MESSAGES: driver(pipeline, model, messages)
 
 
 def pipeline(ledger: str | None = None, **routing: Any) -> Pipeline:
@@ -949,3 +952,36 @@ def test_a_routed_call_s_row_says_what_routing_saved_against_the_alias_s_first_t
     unrouted = price(Usage(inp, out), Catalog().resolve(baseline)).total_usd
     assert routing == pytest.approx(unrouted - cost) and routing > 0  # claude-sonnet-4-5 is the dearest of the three
     assert base == pytest.approx(unrouted)
+
+
+def test_a_trimmed_call_s_measured_context_saving_is_the_same_through_every_way_in(call, script, tmp_path) -> None:
+    """The ledger's context saving is measured from the usage the provider reported and what the
+    context policies changed (``Engine.launch``, ``Bookkeeper.record``): a long agent history trimmed
+    by the window gets the same ``saved_context_usd`` through each driver as through
+    ``Pipeline.completion``, and it is what :func:`.pricing.context_saving` makes of its row."""
+    from router_middleware.ledger.store import open_ledger
+
+    history: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
+                                     {"role": "user", "content": "Fix the failing test in utils.py."}]
+    for i in range(30):
+        history += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"cmd": "cat f{i}.py"}}'}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"line {i} of the file\n" * 120}]
+
+    def saved(driver: Callable[..., Any], folder: Path) -> tuple[float, float, int]:
+        url = f"sqlite:///{folder / 'ledger.db'}"
+        p = Pipeline.from_config({"context": {"watermark_tokens": 4000}, "cache": {"enabled": False},
+                                  "ledger": {"url": url}})
+        driver(p, "gpt-4o-mini", history)
+        p.close()
+        ((value, cost, inp, decisions),) = open_ledger(url).query(
+            "SELECT saved_context_usd, cost_usd, input_tokens, decisions FROM calls")
+        assert "window:trim" in decisions
+        return value, cost, inp
+
+    (tmp_path / "direct").mkdir()
+    (tmp_path / "driver").mkdir()
+    expected = saved(lambda p, model, messages: p.completion(model=model, messages=messages), tmp_path / "direct")
+    got = saved(call, tmp_path / "driver")
+    assert expected[0] > 0 and got[0] == pytest.approx(expected[0], rel=0.02), (got, expected)
+    assert got[1:] == pytest.approx(expected[1:], rel=0.02)
