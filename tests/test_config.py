@@ -337,6 +337,7 @@ def test_a_deployment_model_without_a_price_is_named_when_the_config_is_assemble
 @pytest.mark.parametrize(("glob", "warned"), [
     ("claude-sonet-*", True), ("*gtp-4o*", True), ("claude-sonnet-4*", False), ("anthropic/claude-*", False),
     ("gemini/gemini-2.5-*", False), ("coder", False), ("my-*", False),
+    ("auto", False), ("coder:*", False), ("*:free", False),  # what a call asks for or is routed to
 ])
 def test_a_reasoning_rule_whose_model_glob_matches_nothing_is_named_at_load(glob: str, warned: bool) -> None:
     """A rule whose ``when.model`` matches no model never applies; a typo there was silent."""
@@ -344,7 +345,9 @@ def test_a_reasoning_rule_whose_model_glob_matches_nothing_is_named_at_load(glob
 
     rules = [{"when": {"model": glob}, "effort": "low"}]
     with structlog.testing.capture_logs() as logs:
-        Pipeline.from_config({"reasoning": {"rules": rules}, "routing": {"aliases": {"coder": ["gpt-4o-mini"]}},
-                              "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}})
+        Pipeline.from_config({"reasoning": {"rules": rules}, "models": {"my-model": {"input_per_mtok": 1,
+                                                                                   "output_per_mtok": 2}},
+                              "routing": {"aliases": {"coder": ["gpt-4o-mini"], "strong": ["gpt-4o"]},
+                                          "tiers": [{"max_score": 1.0, "alias": "strong"}]}})
     said = [(e["where"], e["model"]) for e in logs if e["event"] == "idle_reasoning_rule"]
     assert said == ([("reasoning.rules.0.when.model", glob)] if warned else [])

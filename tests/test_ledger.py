@@ -465,6 +465,32 @@ def test_the_first_call_of_a_resumed_session_is_measured_against_an_uncached_his
     assert sum(r[0] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
 
 
+def test_a_conversation_is_taken_as_cached_only_by_the_model_it_was_sent_to_lately(monkeypatch) -> None:
+    """A session that moved to another model was priced as read from that model's cache, which never
+    saw it; a conversation without a session id whose first request had no system message was cold on
+    its second; the table kept every opening's texts until 10,000 conversations."""
+    from router_middleware import engine
+
+    now = [1000.0]
+    monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
+    pipeline = Pipeline()
+    task = {"role": "user", "content": "Fix the failing test."}
+    turn = [task, {"role": "assistant", "content": "Done?"}, {"role": "user", "content": "Not yet."}]
+    session = pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S"}, {})
+    assert not pipeline._sent_lately("gpt-4o-mini", session)
+    assert pipeline._sent_lately("gpt-4o-mini", session)
+    assert not pipeline._sent_lately("deepseek/deepseek-chat", session)  # its own cache
+    first, second = (pipeline.make_call("gpt-4o-mini", m, None, {}) for m in ([task], turn))
+    assert not pipeline._sent_lately("gpt-4o-mini", first) and pipeline._sent_lately("gpt-4o-mini", second)
+    now[0] += engine.PROMPT_CACHE_S + 1
+    assert not pipeline._sent_lately("gpt-4o-mini", second)  # the provider no longer holds it
+    for i in range(engine._CONVERSATIONS):
+        pipeline._sent[("m", i)] = 0.0  # long gone
+    other = pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S2"}, {})
+    assert not pipeline._sent_lately("gpt-4o-mini", other)
+    assert len(pipeline._sent) == 2  # those the provider no longer holds went: the one sent last, and this one
+
+
 def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() -> None:
     """Anthropic caches only what a ``cache_control`` mark ends: an agent's calls without marks are
     billed in full, and the breakpoints the pipeline adds make the first call dearer (the write

@@ -436,3 +436,18 @@ def test_a_token_limit_judges_a_candidate_with_max_completion_tokens_too() -> No
         plan = routed(p, "pair", **cap)
         assert plan.model == "gpt-3.5-turbo", cap
         assert "gpt-4o-mini: " in plan.decisions[0].attributes["considered"]
+
+
+def test_the_routing_baseline_is_what_the_call_would_go_to_without_routing() -> None:
+    """``saved_routing_usd`` is measured against it: an alias's first target, the top tier's for
+    ``auto`` and for an alias whose strategy is ``difficulty`` (unless a suffix sets another), else the
+    name itself."""
+    from router_middleware.config import RoutingConfig
+
+    routing = RoutingConfig(aliases={"cheap": ["gpt-4o-mini"], "strong": ["gpt-4o", "gpt-4.1"],
+                                     "coder": ["gpt-4.1-mini", "gpt-4o"]},
+                            strategy={"coder": "difficulty"},
+                            tiers=[{"max_score": 0.5, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}])
+    assert [routing.baseline_target(name) for name in ("auto", "coder", "coder:floor", "strong:nitro", "gpt-4o-mini",
+                                                        "ollama/llama3:8b")] == \
+        ["gpt-4o", "gpt-4o", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "ollama/llama3:8b"]

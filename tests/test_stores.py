@@ -921,14 +921,18 @@ def test_a_settlement_replaces_a_counter_no_writer_of_ours_leaves_and_writes_the
                        releases=[("held-spent", "h1", 0.0, 4.0, None)])
     assert float(store.get("spent")) == 2.5 and float(store.get("held-spent")) == 4.0
     assert float(store.get("other")) == 1.0 and store.samples("sizes") == [7.0]
-    said = sorted(e["key"].rsplit(":", 1)[-1] for e in logs if e["event"] == "store_value_replaced")
-    assert said == ["held-spent", "spent"]
+    said = sorted(e["key"] for e in logs if e["event"] == "store_value_replaced")
+    assert said == ["held-spent", "spent"]  # the key as the package names it (no Redis prefix)
     store.add_many([("spent", 1.0, 60.0)])  # a number of ours again: added to, not replaced
     assert float(store.get("spent")) == 3.5
     assert store.add_within([], [("held", 0.4, 10.0, None, "h9", 60.0)]) is None
     store.set("held", stored)  # spoiled while the call ran: its hold went with the value
     store.add_many([], releases=[("held", "h9", 0.4, 0.3, None)])
     assert float(store.get("held")) == pytest.approx(0.3)  # the call's actual spend, not 0.3 - 0.4
+    store.set("lasting", stored)  # no expiry: it takes the addition's
+    store.add_many([("lasting", 1.0, LAPSED_S / 2)])
+    time.sleep(LAPSED_S)
+    assert store.get("lasting") is None
     if isinstance(store, RedisStore):
         assert 0 < store.client.pttl(store._k("spent")) <= 100_000  # its expiry kept
 
@@ -943,7 +947,7 @@ def test_a_settlement_leaves_a_closed_budget_s_counter_holding_another_program_s
     with structlog.testing.capture_logs() as logs:
         store.add_many([("open", 1.0, 60.0)], releases=[("closed", "h1", 0.0, 4.0, None)], closed=["closed"])
     assert store.get("closed") == b"banana" and float(store.get("open")) == 1.0
-    events = {e["event"]: e["key"].rsplit(":", 1)[-1] for e in logs}
+    events = {e["event"]: e["key"] for e in logs}
     assert events == {"store_value_kept": "closed", "store_value_replaced": "open"}
     store.add_many([("closed", 2.0, 60.0)], closed=["closed"])
     store.delete("closed")

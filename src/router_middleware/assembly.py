@@ -142,17 +142,19 @@ def unpriced_deployments(config: Config, catalog: Catalog) -> list[tuple[str, st
 
 
 def idle_reasoning_rules(config: Config) -> list[tuple[int, str]]:
-    """``(index, glob)`` for each reasoning rule whose ``when.model`` matches no model: none in
-    litellm's price map, the config's ``models:``, aliases, deployments or their models (a typo,
-    usually: the rule never applies)."""
+    """``(index, glob)`` for each reasoning rule whose ``when.model`` matches no name a call may ask
+    for or be routed to: none in litellm's price map (``:free`` variants on OpenRouter), the config's
+    ``models:``, aliases (with a ``:floor`` or ``:nitro`` suffix), ``auto`` with tiers, deployments
+    or their models (a typo, usually: the rule never applies)."""
     from fnmatch import fnmatchcase
 
     globs = [(i, rule.when.model) for i, rule in enumerate(config.reasoning.rules) if rule.when.model]
     if not globs:
         return []
     routing = config.routing
-    named = {*config.models, *routing.aliases, *routing.deployments, *routing.alias_targets(),
-             *(d.model for d in routing.deployments.values())}
+    targets = {*routing.alias_targets(), *(d.model for d in routing.deployments.values())}
+    named = {*config.models, *routing.route_names(), *targets, *(f"{t}:free" for t in targets),
+             *(f"{alias}:{suffix}" for alias in routing.aliases for suffix in ("floor", "nitro"))}
     idle = [(i, glob) for i, glob in globs if not any(fnmatchcase(name, glob) for name in named)]
     return [(i, glob) for i, glob in idle if not any(fnmatchcase(name, glob) for name in model_names())]
 

@@ -159,12 +159,15 @@ def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = T
 
 
 def model_names() -> Iterator[str]:
-    """Every model name litellm's price map knows, bare and with its provider's prefix."""
+    """Every model name litellm's price map knows, bare and with its provider's prefix (an OpenRouter
+    model with its ``:free`` variant too)."""
     for key, entry in _cost_map().items():
-        yield key
         provider = entry.get("litellm_provider") if isinstance(entry, Mapping) else None
-        if isinstance(provider, str) and not key.startswith(f"{provider}/"):
-            yield f"{provider}/{key}"
+        prefixed = isinstance(provider, str) and not key.startswith(f"{provider}/")
+        names = [key, f"{provider}/{key}"] if prefixed else [key]
+        yield from names
+        if provider == "openrouter":
+            yield from (f"{name}:free" for name in names)
 
 
 @cache

@@ -463,9 +463,12 @@ class RoutingConfig(_Strict):
     def baseline_target(self, requested: str) -> str:
         """The target a call naming ``requested`` would go to without routing, its saving measured
         against: an alias's first target (with or without a ``:floor``/``:nitro`` suffix; ``auto``:
-        the top tier's), else ``requested`` itself (a model id, a deployment)."""
-        alias = requested.partition(":")[0]
-        if alias == "auto" and self.tiers and "auto" not in self.aliases:
+        the top tier's, as an alias whose strategy is ``difficulty``), else ``requested`` itself (a
+        model id, a deployment)."""
+        alias, _, suffix = requested.partition(":")
+        by_tier = (alias == "auto" and "auto" not in self.aliases) or (
+            not suffix and self.strategy.get(alias) == "difficulty")  # a suffix's strategy wins over it
+        if self.tiers and by_tier:
             alias = self.tiers[-1].alias
         targets = self.aliases.get(alias)
         return targets[0] if targets else requested

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from .context.summarize import SIDE_CALL, summary_request
 from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
 from .lifecycle import Answers, CallLifecycle, Reader
-from .memo import opening
+from .memo import conversation_of
 from .messages import nonempty, repair_messages, validate_messages
 from .params import check_model, check_params, choices_asked, output_cap, usage_asked
 from .policies import Policy, PolicyState, apply_policies
@@ -44,7 +44,7 @@ _KINDS, _READS_PER_KIND = 1024, 64
 # How long a provider keeps a prompt's prefix cached after its last request: five minutes, the least
 # of OpenAI's and Anthropic's defaults (DeepSeek keeps it hours; Anthropic's 1-hour cache is asked for).
 PROMPT_CACHE_S = 300.0
-_CONVERSATIONS = 10_000  # conversations remembered as sent (then the table starts over)
+_CONVERSATIONS = 10_000  # conversations remembered as sent (then those older than PROMPT_CACHE_S go)
 
 
 def _kind(call: Call) -> tuple[str | None, ...]:
@@ -80,7 +80,7 @@ class Engine:
         # Such a store is read ahead of each plan (one fetch), never by the policies themselves.
         self.prefetching = not isinstance(self.store, MemoryStore)
         self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
-        self._sent: dict[Hashable, float] = {}  # a conversation -> when this process last sent a request of it
+        self._sent: dict[tuple[str, int], float] = {}  # (model, conversation) -> when this process last sent it
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
 
     def serve(self, models: Mapping[str, str]) -> None:
@@ -176,7 +176,7 @@ class Engine:
         out, counted only when they changed the messages), and the call's trace (with the
         ``side_calls`` made for it)."""
         before, after = self.trimmed(plan)
-        warm = self._sent_lately(plan.call) if self.state.provider_cache else False
+        warm = self._sent_lately(plan.model, plan.call) if self.state.provider_cache else False
         if before or after:
             plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after),
                                  context_tokens=self._context_tokens(plan, before, after, warm))
@@ -263,19 +263,21 @@ class Engine:
         return (self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session),
                 self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session))
 
-    def _sent_lately(self, call: Call) -> bool:
-        """Whether this process sent a request of ``call``'s conversation (its session, else its first
-        two messages) in the last :data:`PROMPT_CACHE_S`: then the provider still holds what it sent
-        cached. Notes this one as sent."""
-        key: Hashable = call.context.session_id or opening(call.messages)
-        now = time.monotonic()
+    def _sent_lately(self, model: str, call: Call) -> bool:
+        """Whether this process sent a request of ``call``'s conversation (its session, else its opening:
+        :func:`.memo.conversation_of`) to ``model`` in the last :data:`PROMPT_CACHE_S`: then the provider
+        still holds what it sent cached (each model's cache is its own). Notes this one as sent."""
         try:
-            last = self._sent.get(key)
-            if len(self._sent) >= _CONVERSATIONS and last is None:
-                self._sent.clear()
-            self._sent[key] = now
+            key = (model, hash(call.context.session_id or conversation_of(call.messages)))
         except TypeError:  # a text that cannot be a key: unknown, taken as sent (the saving is not overstated)
             return True
+        now = time.monotonic()
+        last = self._sent.get(key)
+        if last is None and len(self._sent) >= _CONVERSATIONS:  # those the provider no longer holds go
+            self._sent = {k: t for k, t in self._sent.items() if now - t <= PROMPT_CACHE_S}
+            if len(self._sent) >= _CONVERSATIONS:
+                self._sent.clear()
+        self._sent[key] = now
         return last is not None and now - last <= PROMPT_CACHE_S
 
     def _context_tokens(self, plan: Plan, before: int, after: int, warm: bool) -> ContextTokens:

@@ -100,7 +100,7 @@ class HistoryMemo:
         if n or self._alike is None:
             return n, value, False
         try:
-            ways = self._alike.get(opening(messages), ())
+            ways = self._alike.get(_opening(messages), ())
         except (AttributeError, TypeError):  # not dicts, or a text that cannot be a key
             return 0, None, False
         n, value = _match(ways, messages, copies=True)
@@ -122,7 +122,7 @@ class HistoryMemo:
                 return
             seen = _Seen(held, value)  # else the same dicts (valid as sent): one entry in both tables
         try:
-            key = opening(held)
+            key = _opening(held)
             hash(key)
         except TypeError:
             return
@@ -160,7 +160,18 @@ def _match(ways: Sequence[_Seen], messages: Sequence[Any], *, copies: bool) -> t
     return 0, None
 
 
-def opening(messages: Sequence[Any]) -> tuple[Any, ...]:
+def conversation_of(messages: Sequence[Any]) -> tuple[Any, ...]:
+    """What tells a conversation from another without a session id, on every request of it: the role
+    and text of its system messages and the first message after them (a task's opening)."""
+    found = []
+    for message in messages:
+        found.append((message.get("role"), _text(message.get("content"))))
+        if message.get("role") not in ("system", "developer"):
+            break
+    return tuple(found)
+
+
+def _opening(messages: Sequence[Any]) -> tuple[Any, ...]:
     """What finds copies of a history: the role and text of its first two messages."""
     return tuple((m.get("role"), _text(m.get("content"))) for m in messages[:2])
 

@@ -219,16 +219,17 @@ def unreadable(current: bytes | str | float | None) -> bool:
     return current is not None and counted(current) is None
 
 
-def added(key: str, current: bytes | str | float, amount: float, fresh: float | None = None) -> float:
-    """What an addition of ``amount`` to ``key``, holding ``current``, leaves: the sum, or where the key
-    holds no total of ours (:func:`counted`; said with :func:`replaced`) a count from 0, of ``fresh``
-    where given (a release's actual spend: its hold went with the value it replaces): failing there
-    would fail every write after it."""
+def added(key: str, current: bytes | str | float, amount: float, fresh: float | None = None) -> tuple[float, bool]:
+    """What an addition of ``amount`` to ``key``, holding ``current``, leaves, and whether it replaced
+    the value: the sum, or where the key holds no total of ours (:func:`counted`; said with
+    :func:`replaced`) a count from 0, of ``fresh`` where given (a release's actual spend: its hold went
+    with the value it replaces): failing there would fail every write after it. A replaced value
+    keeps its expiry, or takes the addition's where it had none."""
     total = counted(current)
     if total is None:
         replaced(key, current)
-        return amount if fresh is None else fresh
-    return total + amount
+        return (amount if fresh is None else fresh), True
+    return total + amount, False
 
 
 def within_keys(entries: Sequence[Within], holds: Sequence[Hold], owned: Sequence[Owned],

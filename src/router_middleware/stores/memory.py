@@ -87,8 +87,11 @@ class MemoryStore:
         if current is None:
             self._put(key, repr(amount).encode(), ttl_s)
             return amount
-        value = added(key, current, amount, fresh)
-        self._data[key] = (repr(value).encode(), self._data[key][1])
+        value, fresh_count = added(key, current, amount, fresh)
+        if fresh_count and self._data[key][1] is None:
+            self._put(key, repr(value).encode(), ttl_s)
+        else:
+            self._data[key] = (repr(value).encode(), self._data[key][1])
         return value
 
     def add_within(self, entries: Sequence[Within], holds: Sequence[Hold] = (),

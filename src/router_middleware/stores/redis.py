@@ -201,7 +201,7 @@ local k, a = n + m, 5 + 2 * n + 3 * m
 for _ = 1, r do
   local key, set = KEYS[k + 1], KEYS[k + 2]
   if redis.call('ZREM', set, ARGV[a + 1]) == 1 then
-    if tonumber(ARGV[a + 2]) ~= 0 then add(key, ARGV[a + 2], '', ARGV[a + 3]) end
+    if tonumber(ARGV[a + 2]) ~= 0 then add(key, ARGV[a + 2], ARGV[a + 4], ARGV[a + 3]) end
   elseif tonumber(ARGV[a + 3]) ~= 0 then
     if ARGV[a + 4] ~= '' then redis.call('SET', key, '0', 'NX', 'PX', ARGV[a + 4]) end
     add(key, ARGV[a + 3], ARGV[a + 4])
@@ -676,14 +676,15 @@ def _refusal(answer: Any, checked: Sequence[str], prefix: str) -> Refusal | None
     raise UnreadableCounter(key, bytes(total) if what == [b"value"] else None, prefix + key)
 
 
-def _written(cached: int, replies: list[Any]) -> None:
+def _written(cached: int, replies: list[Any], prefix: str = "") -> None:
     """``add_many``'s replies: ``cached`` response-cache writes, then its settlement script. Raises the
     error where all failed, else :class:`.PartialWrite` saying which part landed."""
     settled = replies[cached] if len(replies) > cached else None
     if isinstance(settled, list) and len(settled) == 2:  # the counters the settlement replaced, and kept
         for said, keys in zip((replaced, kept), settled, strict=True):
             for key in keys:
-                said(key.decode(errors="replace") if isinstance(key, bytes) else str(key), None)
+                name = key.decode(errors="replace") if isinstance(key, bytes) else str(key)
+                said(name.removeprefix(prefix), None)
     failed = [r for r in replies if isinstance(r, Exception)]
     if not failed:
         return
@@ -928,7 +929,7 @@ class RedisStore:
         settle = _settles(entries, samples, releases, averages, puts, closed)
         if bounded or settle is not None:
             pipe = self._queue(self.client.pipeline(transaction=False), _eval, bounded, settle)
-            _written(len(bounded), pipe.execute(raise_on_error=False))
+            _written(len(bounded), pipe.execute(raise_on_error=False), self.prefix)
 
     def aadd_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                   releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
@@ -937,7 +938,8 @@ class RedisStore:
         """:meth:`add_many`, batched (a future, as :meth:`aadd_within`)."""
         settle = _settles(entries, samples, releases, averages, puts, closed)
         if bounded or settle is not None:
-            return self._batch().submit(self._queue, bounded, settle, read=functools.partial(_written, len(bounded)),
+            return self._batch().submit(self._queue, bounded, settle,
+                                        read=functools.partial(_written, len(bounded), prefix=self.prefix),
                                         sees_errors=True)
         return _resolved(None)
 

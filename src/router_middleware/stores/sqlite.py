@@ -175,7 +175,8 @@ class SQLiteStore:
         if current is None:
             value, expires = amount, self._expiry(ttl_s)
         else:
-            value, expires = added(key, current[0], amount, fresh), current[1]
+            value, fresh_count = added(key, current[0], amount, fresh)
+            expires = self._expiry(ttl_s) if fresh_count and current[1] is None else current[1]
         db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
                    (key, repr(value).encode(), expires))
         return value
