@@ -301,6 +301,7 @@ def test_reasoning_level_budgets_below_0_or_out_of_order_are_refused(budgets, sa
     ("routing:\n  budgets:\n    - usd: on\n", "routing.budgets.0.usd", "got true"),
     ("reasoning:\n  level_budgets:\n    high: true\n", "reasoning.level_budgets", "got true"),
     ("models:\n  acme/m:\n    input_per_mtok: false\n", "models.acme/m.input_per_mtok", "got false"),
+    ("version: yes\n", "version", "got true"),  # Literal[1]: pydantic took True for 1
 ])
 def test_a_yes_or_no_where_a_number_goes_is_refused_not_read_as_1_or_0(text, field, said, tmp_path) -> None:
     path = tmp_path / "router.yaml"

@@ -985,3 +985,47 @@ def test_a_trimmed_call_s_measured_context_saving_is_the_same_through_every_way_
     got = saved(call, tmp_path / "driver")
     assert expected[0] > 0 and got[0] == pytest.approx(expected[0], rel=0.02), (got, expected)
     assert got[1:] == pytest.approx(expected[1:], rel=0.02)
+
+
+def _agent_history(turns: int = 30) -> list[dict[str, Any]]:
+    """A coding agent's history long enough for a 4k window to trim."""
+    history: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
+                                     {"role": "user", "content": "Fix the failing test in utils.py."}]
+    for i in range(turns):
+        history += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"cmd": "cat f{i}.py"}}'}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"line {i} of the file\n" * 120}]
+    return history
+
+
+def test_a_fallback_s_context_saving_is_measured_and_its_target_holds_the_conversation_warm(
+        call, script, tmp_path) -> None:
+    """A trimmed call that fell back (Claude refused it, gpt-5-mini answered) had no context saving on
+    its row (the fallback's plan was never priced), and the conversation was taken as sent to Claude,
+    which cached nothing, not to gpt-5-mini: its next call there was priced cold (saving ~13x). Now
+    the saving of the attempt that answered is measured, and the next call is priced as after a first
+    call gpt-5-mini answered directly."""
+    from router_middleware.ledger.store import open_ledger
+
+    history = _agent_history()
+    later = [*history, {"role": "assistant", "content": "Looked at all 30 files."}, {"role": "user", "content": "Go on."}]
+
+    def rows(first_model: str, folder: Path) -> list[tuple[str, float, str]]:
+        folder.mkdir()
+        url = f"sqlite:///{folder / 'ledger.db'}"
+        p = Pipeline.from_config({"routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0},
+                                              "cooldown": {"failures": 1}},
+                                  "context": {"watermark_tokens": 4000}, "cache": {"enabled": False},
+                                  "ledger": {"url": url}})
+        script.failures[CLAUDE] = [rate_limit()] if first_model == "coder" else []
+        call(p, first_model, history)
+        call(p, first_model, later)  # through the alias, Claude is cooling down: gpt-5-mini
+        p.close()
+        return open_ledger(url).query("SELECT target, saved_context_usd, decisions FROM calls ORDER BY ts")
+
+    fell_back = rows("coder", tmp_path / "fallback")
+    direct = rows(MINI, tmp_path / "direct")
+    assert [r[0] for r in fell_back] == [MINI, MINI]
+    assert "routing:fallback" in fell_back[0][2] and "window:trim" in fell_back[0][2]
+    assert fell_back[0][1] != 0 and fell_back[0][1] == pytest.approx(direct[0][1], rel=0.02)
+    assert fell_back[1][1] == pytest.approx(direct[1][1], rel=0.02), (fell_back, direct)

@@ -465,30 +465,42 @@ def test_the_first_call_of_a_resumed_session_is_measured_against_an_uncached_his
     assert sum(r[0] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
 
 
-def test_a_conversation_is_taken_as_cached_only_by_the_model_it_was_sent_to_lately(monkeypatch) -> None:
+def test_a_conversation_is_taken_as_cached_only_by_the_target_that_answered_it_lately(monkeypatch) -> None:
     """A session that moved to another model was priced as read from that model's cache, which never
-    saw it; a conversation without a session id whose first request had no system message was cold on
-    its second; the table kept every opening's texts until 10,000 conversations."""
+    saw it; so was one moved to another deployment of the same model (another endpoint, another
+    cache); a conversation without a session id whose first request had no system message was cold on
+    its second; a full table (10,000 conversations sent within five minutes) was wiped, every
+    conversation cold again."""
     from router_middleware import engine
+    from router_middleware.types import Plan
 
     now = [1000.0]
     monkeypatch.setattr(engine.time, "monotonic", lambda: now[0])
     pipeline = Pipeline()
     task = {"role": "user", "content": "Fix the failing test."}
     turn = [task, {"role": "assistant", "content": "Done?"}, {"role": "user", "content": "Not yet."}]
-    session = pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S"}, {})
-    assert not pipeline._sent_lately("gpt-4o-mini", session)
-    assert pipeline._sent_lately("gpt-4o-mini", session)
-    assert not pipeline._sent_lately("deepseek/deepseek-chat", session)  # its own cache
-    first, second = (pipeline.make_call("gpt-4o-mini", m, None, {}) for m in ([task], turn))
-    assert not pipeline._sent_lately("gpt-4o-mini", first) and pipeline._sent_lately("gpt-4o-mini", second)
+    session = Plan.from_call(pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S"}, {}))
+    assert not pipeline._sent_lately(session)
+    pipeline.sent(session)
+    assert pipeline._sent_lately(session)
+    assert not pipeline._sent_lately(session.override(model="deepseek/deepseek-chat"))  # its own cache
+    east, west = session.override(deployment="east"), session.override(deployment="west")
+    pipeline.sent(east)
+    assert pipeline._sent_lately(east) and not pipeline._sent_lately(west)
+    first, second = (Plan.from_call(pipeline.make_call("gpt-4o-mini", m, None, {})) for m in ([task], turn))
+    pipeline.sent(first)
+    assert pipeline._sent_lately(second)
     now[0] += engine.PROMPT_CACHE_S + 1
-    assert not pipeline._sent_lately("gpt-4o-mini", second)  # the provider no longer holds it
-    for i in range(engine._CONVERSATIONS):
-        pipeline._sent[("m", i)] = 0.0  # long gone
-    other = pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S2"}, {})
-    assert not pipeline._sent_lately("gpt-4o-mini", other)
-    assert len(pipeline._sent) == 2  # those the provider no longer holds went: the one sent last, and this one
+    assert not pipeline._sent_lately(second)  # the provider no longer holds it
+    pipeline.sent(second)
+    for i in range(engine._CONVERSATIONS - len(pipeline._sent)):
+        pipeline._sent[("m", i)] = now[0]  # sent just now, after it
+    least_recent = next(iter(pipeline._sent))
+    pipeline.sent(second)  # answered again: the most recent
+    pipeline.sent(Plan.from_call(pipeline.make_call("gpt-4o-mini", [task], {"session_id": "S2"}, {})))
+    assert len(pipeline._sent) == engine._CONVERSATIONS  # the least recently sent went, no other
+    assert least_recent not in pipeline._sent and ("m", 0) in pipeline._sent
+    assert pipeline._sent_lately(second)
 
 
 def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() -> None:

@@ -953,3 +953,18 @@ def test_a_settlement_leaves_a_closed_budget_s_counter_holding_another_program_s
     store.delete("closed")
     store.add_many([("closed", 2.0, 60.0)], closed=["closed"])  # deleted: counted from 0 again
     assert float(store.get("closed")) == 2.0
+
+
+def test_a_counter_gone_while_its_hold_was_held_starts_again_at_the_call_s_spend(store) -> None:
+    """A budget's counter deleted while a call held part of it (an operator's reset, an eviction) got
+    the release's difference: on Redis a negative counter with no expiry (its window never ended), on
+    SQLite and in memory a negative one. The hold went with the counter, so the counter starts again
+    at what the call spent, expiring with its window."""
+    assert store.add_within([], [("spent", 0.4, 10.0, LAPSED_S / 2, "h1", 60.0)]) is None
+    store.delete("spent")
+    store.add_many([], releases=[("spent", "h1", 0.4, 0.3, LAPSED_S / 2)])
+    assert float(store.get("spent")) == pytest.approx(0.3)
+    if isinstance(store, RedisStore):
+        assert 0 < store.client.pttl(store._k("spent")) <= LAPSED_S * 1000
+    time.sleep(LAPSED_S)
+    assert store.get("spent") is None

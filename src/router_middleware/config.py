@@ -39,10 +39,13 @@ def _has_bool(value: Any) -> str | None:
 
 
 def _numeric(annotation: Any) -> bool:
-    """Whether a field holds numbers: ``int``, ``float``, either or None, or a mapping to them."""
+    """Whether a field holds numbers: ``int``, ``float``, either or None, numeric literals (``version``),
+    or a mapping to them."""
     if annotation in (int, float):
         return True
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return all(type(a) in (int, float) for a in args)
     if origin in (typing.Union, types.UnionType):
         return all(a in (int, float, type(None)) for a in args)
     return origin is dict and len(args) == 2 and args[1] in (int, float)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +46,18 @@ _KINDS, _READS_PER_KIND = 1024, 64
 # How long a provider keeps a prompt's prefix cached after its last request: five minutes, the least
 # of OpenAI's and Anthropic's defaults (DeepSeek keeps it hours; Anthropic's 1-hour cache is asked for).
 PROMPT_CACHE_S = 300.0
-_CONVERSATIONS = 10_000  # conversations remembered as sent (then those older than PROMPT_CACHE_S go)
+_CONVERSATIONS = 10_000  # conversations remembered as sent (then the least recently sent go)
+
+
+def _conversation(plan: Plan) -> tuple[str, int] | None:
+    """The key of ``plan``'s conversation at its target: the target (deployment, else model) and a hash
+    of the session, else of the conversation's opening (:func:`.memo.conversation_of`); ``None`` for a
+    text that cannot be hashed."""
+    call = plan.call
+    try:
+        return plan.deployment or plan.model, hash(call.context.session_id or conversation_of(call.messages))
+    except TypeError:
+        return None
 
 
 def _kind(call: Call) -> tuple[str | None, ...]:
@@ -80,7 +93,9 @@ class Engine:
         # Such a store is read ahead of each plan (one fetch), never by the policies themselves.
         self.prefetching = not isinstance(self.store, MemoryStore)
         self._reads: dict[tuple[str | None, ...], dict[str, tuple[bool, Sink]]] = {}  # see reads_of
-        self._sent: dict[tuple[str, int], float] = {}  # (model, conversation) -> when this process last sent it
+        # (target, conversation) -> when it last answered one of the conversation's requests here
+        self._sent: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._sent_lock = threading.Lock()
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
 
     def serve(self, models: Mapping[str, str]) -> None:
@@ -172,16 +187,23 @@ class Engine:
                              fallback=fallback, follow=follow, plan=plan)
 
     def launch(self, plan: Plan, side_calls: Sequence[SideCall] = ()) -> tuple[Plan, CallTrace]:
-        """The first attempt's plan with the context saving estimated (the tokens the policies kept
-        out, counted only when they changed the messages), and the call's trace (with the
-        ``side_calls`` made for it)."""
+        """The first attempt's plan with its context saving estimated (:meth:`context_priced`), and the
+        call's trace (with the ``side_calls`` made for it)."""
         before, after = self.trimmed(plan)
-        warm = self._sent_lately(plan.model, plan.call) if self.state.provider_cache else False
-        if before or after:
-            plan = plan.override(estimated_savings_usd=self.saving(plan.model, before - after),
-                                 context_tokens=self._context_tokens(plan, before, after, warm))
-        return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after,
-                                     side_calls=side_calls)
+        return self.context_priced(plan, before, after), CallTrace.start(
+            self.telemetry, plan, self.catalog.provider(plan.model), before, after, side_calls=side_calls)
+
+    def context_priced(self, plan: Plan, before: int | None = None, after: int | None = None) -> Plan:
+        """``plan`` (an attempt's: the first, or a fallback's) with the context saving estimated: the
+        tokens the policies kept out (``before`` less ``after``: :meth:`trimmed`), counted only when
+        they changed the messages, and what the ledger measures the saving from."""
+        if before is None or after is None:
+            before, after = self.trimmed(plan)
+        if not (before or after):
+            return plan
+        warm = self.state.provider_cache and self._sent_lately(plan)
+        return plan.override(estimated_savings_usd=self.saving(plan.model, before - after),
+                             context_tokens=self._context_tokens(plan, before, after, warm))
 
     def model_of(self, target: str) -> str:
         """The model id behind a routing target (a model id, a deployment name, or a name the adapter
@@ -263,22 +285,28 @@ class Engine:
         return (self.state.tokens(plan.model, plan.call.messages, plan.call.tools, session),
                 self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), session))
 
-    def _sent_lately(self, model: str, call: Call) -> bool:
-        """Whether this process sent a request of ``call``'s conversation (its session, else its opening:
-        :func:`.memo.conversation_of`) to ``model`` in the last :data:`PROMPT_CACHE_S`: then the provider
-        still holds what it sent cached (each model's cache is its own). Notes this one as sent."""
-        try:
-            key = (model, hash(call.context.session_id or conversation_of(call.messages)))
-        except TypeError:  # a text that cannot be a key: unknown, taken as sent (the saving is not overstated)
+    def _sent_lately(self, plan: Plan) -> bool:
+        """Whether ``plan``'s target (its deployment, else its model: each endpoint's cache is its own)
+        answered a request of the plan's conversation in the last :data:`PROMPT_CACHE_S` in this
+        process (:meth:`sent`): then its provider still holds that request's prompt cached."""
+        key = _conversation(plan)
+        if key is None:  # a text that cannot be a key: unknown, taken as sent (the saving is not overstated)
             return True
-        now = time.monotonic()
         last = self._sent.get(key)
-        if last is None and len(self._sent) >= _CONVERSATIONS:  # those the provider no longer holds go
-            self._sent = {k: t for k, t in self._sent.items() if now - t <= PROMPT_CACHE_S}
-            if len(self._sent) >= _CONVERSATIONS:
-                self._sent.clear()
-        self._sent[key] = now
-        return last is not None and now - last <= PROMPT_CACHE_S
+        return last is not None and time.monotonic() - last <= PROMPT_CACHE_S
+
+    def sent(self, plan: Plan) -> None:
+        """Note that ``plan``'s target took a request of its conversation (it answered, or began to):
+        its provider has cached the prompt. The least recently noted go first past
+        :data:`_CONVERSATIONS`."""
+        key = _conversation(plan)
+        if key is None or not self.state.provider_cache:
+            return
+        with self._sent_lock:
+            self._sent[key] = time.monotonic()
+            self._sent.move_to_end(key)
+            while len(self._sent) > _CONVERSATIONS:
+                self._sent.popitem(last=False)
 
     def _context_tokens(self, plan: Plan, before: int, after: int, warm: bool) -> ContextTokens:
         """What the ledger's context saving is priced from (:func:`.pricing.context_saving`): the

@@ -585,6 +585,8 @@ class CallLifecycle:
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
             trace.attempt_failed(exc, sent=not (unknown or keyless))
+        else:  # its provider read the prompt (and cached it)
+            engine.sent(plan)
         self.books.attempt_failed(self.held, failed, exc, spent)
         if not self.fallback:
             self._give_up(plan, trace, exc, spent)
@@ -608,9 +610,9 @@ class CallLifecycle:
             self._apart = True
         retry = plan
         if next_target != failed:
-            retry = self._carry((yield from self._plan(next_target, Decision(
+            retry = engine.context_priced(self._carry((yield from self._plan(next_target, Decision(
                 "routing", "fallback", f"{what_failed(plan, exc)}; falling back to {next_target}",
-                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))))
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))))
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
@@ -657,6 +659,7 @@ class CallLifecycle:
         defer(settle)
 
     def _succeeded(self, plan: Plan, answer: Any, trace: CallTrace, started: float) -> Flow:
+        self.engine.sent(plan)
         if self.read is not None:
             result = self.read(plan, answer, started)  # if it fails, abandon() still records the call
             self._current, self._answered = None, (result, answer, trace)

@@ -84,9 +84,10 @@ class MemoryStore:
 
     def _add(self, key: str, amount: float, ttl_s: float | None, fresh: float | None = None) -> float:
         current = self._live(key)
-        if current is None:
-            self._put(key, repr(amount).encode(), ttl_s)
-            return amount
+        if current is None:  # a release's counter gone while held: it starts again at the spend
+            value = amount if fresh is None else fresh
+            self._put(key, repr(value).encode(), ttl_s)
+            return value
         value, fresh_count = added(key, current, amount, fresh)
         if fresh_count and self._data[key][1] is None:
             self._put(key, repr(value).encode(), ttl_s)

@@ -176,7 +176,8 @@ return 1
 # sizes. A sample goes to its list as _PUSH appends. An average's key that holds no finite number
 # (or another type) takes the sample, as stores.base.blend does. A counter that holds no number of
 # ours (another program's value, another type) is replaced by the amount (a release's actual spend:
-# its hold went with the value), keeping its expiry (else the ttl given): INCRBYFLOAT would fail the
+# its hold went with the value), keeping its expiry (else the ttl given), and one gone while its hold
+# was still held (deleted, evicted) starts again at that spend with the ttl given: INCRBYFLOAT would fail the
 # script there, and every settlement after it; one of the kept keys (the last KEYS, as many as ARGV's
 # last: a closed budget's counters) is left as it is and not added to. Returns the keys replaced and
 # the keys kept.
@@ -190,6 +191,7 @@ local function put(key, value, ttl)
 end
 local function add(key, amount, ttl, fresh)
   local raw = redis.pcall('GET', key)
+  if raw == false and fresh then put(key, fresh, ttl); return end
   if raw == false or readable(raw) then redis.call('INCRBYFLOAT', key, amount); return end
   if keep[key] then kept[#kept + 1] = key; return end
   local left = redis.call('PTTL', key)

@@ -172,8 +172,8 @@ class SQLiteStore:
     def _add(self, db: sqlite3.Connection, key: str, amount: float, ttl_s: float | None,
              fresh: float | None = None) -> float:
         current = self._current(db, key)
-        if current is None:
-            value, expires = amount, self._expiry(ttl_s)
+        if current is None:  # a release's counter gone while held: it starts again at the spend
+            value, expires = amount if fresh is None else fresh, self._expiry(ttl_s)
         else:
             value, fresh_count = added(key, current[0], amount, fresh)
             expires = self._expiry(ttl_s) if fresh_count and current[1] is None else current[1]
