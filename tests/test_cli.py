@@ -224,7 +224,7 @@ def test_a_model_with_no_price_costs_unknown_in_the_report(tmp_path, capsys, mon
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))
     row = next(line for line in out.splitlines() if line.lstrip().startswith("my-local-llm"))
     assert code == 0 and row.split()[-2:] == ["unknown", "unknown"], row
-    assert "1 calls have no price (model my-local-llm)" in out
+    assert "1 call has no price (model my-local-llm)" in out
 
 
 def test_report_on_a_missing_ledger_is_an_error_and_creates_nothing(tmp_path, capsys) -> None:

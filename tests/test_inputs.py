@@ -29,6 +29,7 @@ def _deep(levels: int) -> dict:
     ({"step": -1}, "context.step: expected a whole number"),
     ({"tags": "prod"}, "context.tags: expected a list of strings, got one string"),
     ({"tags": ["ok", 3]}, "context.tags: expected a list of strings"),
+    ({"tags": 3}, "context.tags: expected a list of strings, got 3"),
     ({"cache": "yes"}, "context.cache: expected true, false or null"),
     ({"sesion_id": "s1"}, "context: unknown field(s) ['sesion_id']; expected some of"),
     (42, "context: expected an AgentContext or a dict, not int"),
@@ -36,6 +37,18 @@ def _deep(levels: int) -> dict:
 def test_a_malformed_context_is_refused_by_name(context, named) -> None:
     with pytest.raises(RequestError, match=re.escape(named)):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context=context)
+
+
+@pytest.mark.parametrize("tags", [["a", "b"], ("a", "b"), iter(["a", "b"])], ids=["list", "tuple", "iterator"])
+def test_an_agent_context_takes_its_tags_as_a_list_as_a_dict_does(tags) -> None:
+    """``AgentContext(tags=["a"])`` raised "expected a list of strings, got ['a']" (it wanted a tuple)
+    while ``context={"tags": ["a"]}`` was taken."""
+    from router_middleware import AgentContext
+
+    context = AgentContext(tags=tags) if not isinstance(tags, type(iter([]))) else AgentContext.coerce({"tags": tags})
+    assert context.tags == ("a", "b") and hash(context)
+    answer = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context=context)
+    assert answer.choices[0].message.content == "ok"
 
 
 @pytest.mark.parametrize(("params", "named"), [

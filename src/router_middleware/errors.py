@@ -86,7 +86,8 @@ class MissingExtra(RouterMiddlewareError, ImportError):
     """A feature the config or command asks for needs an optional extra that is not installed."""
 
     def __init__(self, feature: str, extra: str, module: str) -> None:
-        super().__init__(f"{feature} needs the {module!r} package: pip install 'router-middleware[{extra}]'")
+        super().__init__(f"{feature} needs the {module!r} package: pip install 'router-middleware[{extra}]' "
+                         f"(in a checkout: .venv/bin/pip install -e '.[{extra}]')")
         self.extra = extra
 
 

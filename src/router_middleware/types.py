@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal, Self, TypeVar
@@ -78,6 +78,10 @@ class AgentContext:
             _check_label(name, getattr(self, name))
         if self.step is not None and (isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0):
             raise RequestError(f"context.step: expected a whole number of at least 0, got {self.step!r}")
+        if isinstance(self.tags, str | bytes):
+            raise RequestError(f"context.tags: expected a list of strings, got one string {self.tags!r}")
+        if isinstance(self.tags, list):  # as a dict gives them: kept as a tuple (the context is frozen)
+            object.__setattr__(self, "tags", tuple(self.tags))
         if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
             raise RequestError(f"context.tags: expected a list of strings, got {self.tags!r}")
         if self.cache is not None and not isinstance(self.cache, bool):
@@ -96,11 +100,9 @@ class AgentContext:
                 unknown = sorted(set(value) - set(known))
                 raise RequestError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
-            if "tags" in data:
-                tags = data["tags"]
-                if isinstance(tags, str | bytes):
-                    raise RequestError(f"context.tags: expected a list of strings, got one string {tags!r}")
-                data["tags"] = tuple(tags or ())
+            tags = data.get("tags", ())
+            if tags is None or isinstance(tags, Iterable) and not isinstance(tags, str | bytes | list | tuple):
+                data["tags"] = tuple(tags or ())  # any other iterable (None: none)
             return cls(**data)
         raise RequestError(f"context: expected an AgentContext or a dict, not {type(value).__name__}")
 

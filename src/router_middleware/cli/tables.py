@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from ..ledger.report import counted
 from ..replay import ReplayReport, SessionReport
 from ..replay.accounts import Account, Recorded
 from ..replay.routed import RoutedAccount
@@ -102,9 +103,9 @@ def replay_table(report: ReplayReport, title: str, config: str) -> str:
     out = [*textwrap.wrap(title, width=80), "", _line(HEADER), "-" * len(_line(HEADER))]
     for s in report.sessions:
         rows = list(_account_rows(s.recorded if s.recorded.has_usage else None, s.baseline, s.optimized))
-        out += _block([s.id, s.model.rsplit("/", 1)[-1], f"{s.calls:,} calls"], rows) + [""]
+        out += _block([s.id, s.model.rsplit("/", 1)[-1], counted(s.calls, "call")], rows) + [""]
     calls = sum(s.calls for s in report.sessions)
-    out += _block(["total", f"{len(report.sessions):,} sessions", f"{calls:,} calls"],
+    out += _block(["total", counted(len(report.sessions), "session"), counted(calls, "call")],
                   list(_account_rows(*report.accounts())))
     totals = report.totals()
     out += ["", f"tool messages orphaned (integrity violations): {totals['integrity_violations']}; "
@@ -205,7 +206,7 @@ def print_report(report: dict[str, Any]) -> None:
     totals = report["totals"]
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
     ended = ends(totals)
-    phrases = [f"{totals['calls']:,} calls" + (f" ({ended})" if ended else ""),
+    phrases = [counted(totals["calls"], "call") + (f" ({ended})" if ended else ""),
                f"cost {money(totals['cost_usd'])} ({money(baseline)} without the middleware)",
                f"response-cache hit rate {report['cache_hit_rate']:.1%}"]
     joined = ", ".join(phrases)  # too wide for the console: a phrase a line, never one cut in two
@@ -219,7 +220,9 @@ def print_report(report: dict[str, Any]) -> None:
                               "(the ledger's error column says why)[/yellow]")
     if totals["unpriced_calls"]:
         models = [r["key"] for r in report["by_model"] if r["unpriced_calls"]]
-        console.print(f"[yellow]{totals['unpriced_calls']:,} calls have no price (model {', '.join(models)}): "
+        unpriced = totals["unpriced_calls"]
+        console.print(f"[yellow]{counted(unpriced, 'call')} {'has' if unpriced == 1 else 'have'} no price "
+                      f"(model {', '.join(models)}): "
                       "their cost is unknown and not in the sums above[/yellow]")
     for group in GROUPS:
         if group in NAMED_ONLY and not report[f"by_{group}"]:

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from .report import GROUPS, NAMED_ONLY, ends, nice_max
+from .report import GROUPS, NAMED_ONLY, counted, ends, nice_max
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -101,7 +101,8 @@ def render_html(report: dict[str, Any]) -> str:
                                      title="token mix", chart_id="token-mix"),
     ]
     ended = ends(totals)
-    summary = (f"<p>{totals['calls']:,} calls{f' ({ended})' if ended else ''}, {totals['input_tokens']:,} input tokens "
+    summary = (f"<p>{counted(totals['calls'], 'call')}{f' ({ended})' if ended else ''}, "
+               f"{totals['input_tokens']:,} input tokens "
                f"({totals['cached_tokens']:,} from cache), {totals['output_tokens']:,} output tokens "
                f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "
                f"${totals['baseline_cost_usd'] or 0:,.4f} without the middleware; response-cache hit rate "

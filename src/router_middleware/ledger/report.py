@@ -86,6 +86,11 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
     return report
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural but for one: ``"1 call"``, ``"1,024 calls"``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
+
+
 def ends(counts: dict[str, Any]) -> str:
     """How many of a report's ``counts`` (its totals, or a group's) did not complete, in words:
     ``"2 failed, 1 stopped by their caller"``, or ``""``."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from ..catalog import Catalog, cache_rules_for
 from ..config import RoutingConfig
 from ..errors import RouterMiddlewareError
+from ..routing.policy import SUFFIXES
 from ..tokens import Calibration, TokenCounter
 from ..types import Plan
 from .accounts import Account, Accountant
@@ -31,9 +32,14 @@ from .cachesim import PromptCacheSim
 
 
 def route_models(routing: RoutingConfig, alias: str) -> list[str]:
-    """The models ``alias`` can route to, in order (tier order for ``auto`` or a difficulty alias).
+    """The models ``alias`` (with or without ``:floor`` or ``:nitro``) can route to, in order (tier
+    order for ``auto`` or a difficulty alias).
 
-    Raises ``RouterMiddlewareError`` when ``alias`` is not an alias of ``routing``."""
+    Raises ``RouterMiddlewareError`` when ``alias`` is not an alias of ``routing`` or has another suffix."""
+    alias, _, suffix = alias.partition(":")
+    if suffix and suffix not in SUFFIXES:
+        raise RouterMiddlewareError(f"--route {alias + ':' + suffix!r}: an alias takes ':floor' or ':nitro', "
+                                    f"not ':{suffix}'")
     if alias == "auto" and routing.tiers or routing.strategy.get(alias) == "difficulty":
         names = [name for tier in routing.tiers for name in routing.aliases.get(tier.alias, ())]
     elif alias in routing.aliases:

@@ -74,11 +74,11 @@ def _remembered(state: PolicyState, session_id: str) -> SessionRoute | None:
         return None
 
 
-_SUFFIXES = {"floor": "price", "nitro": "throughput"}  # OpenRouter's shortcuts, on an alias
+SUFFIXES = {"floor": "price", "nitro": "throughput"}  # OpenRouter's shortcuts, on an alias
 
 
 def _bad_suffix(requested: str, suffix: str) -> RequestError:
-    close = difflib.get_close_matches(suffix, list(_SUFFIXES), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(suffix, list(SUFFIXES), n=1, cutoff=0.5)
     hint = f"; did you mean ':{close[0]}'?" if close else ""
     return RequestError(f"model {requested!r}: an alias takes ':floor' (the cheapest target first) or ':nitro' "
                         f"(the fastest first), not ':{suffix}'{hint}")
@@ -116,9 +116,9 @@ class RoutingPolicy:
                                model=target.model, deployment=alias)
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
-        if suffix and suffix not in _SUFFIXES:
+        if suffix and suffix not in SUFFIXES:
             raise _bad_suffix(requested, suffix)
-        strategy = _SUFFIXES.get(suffix) or self.config.strategy.get(alias, "ordered")
+        strategy = SUFFIXES.get(suffix) or self.config.strategy.get(alias, "ordered")
         session: Session | None = None
         if alias == "auto" or strategy == "difficulty":
             index, score = self._tier(plan)
