@@ -476,3 +476,20 @@ def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_r
         with pytest.raises(Exception, match="capture server"):
             completion(alone)
         assert len(sent) == 3  # the SDK's two retries, as sent directly
+
+
+@pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "openrouter/google/gemini-3-pro-preview"])
+def test_a_streamed_and_a_whole_answer_name_the_same_model(model) -> None:
+    """A stream's usage chunk names the model as litellm was asked for it (``deepseek/deepseek-chat``),
+    a whole answer as its provider does (``deepseek-chat``): the report ranked one model under two
+    names. Both are the provider's name now (the two mock usages differ, so the costs do)."""
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+    messages = [{"role": "user", "content": "hi"}]
+    whole = outcome(pipeline.completion(model=model, messages=messages, mock_response="ok"))
+    stream = pipeline.completion(model=model, messages=messages, mock_response="ok", stream=True)
+    for _ in stream:
+        pass
+    streamed = outcome(stream)
+    assert whole is not None and streamed is not None
+    assert streamed.model == whole.model == model.split("/", 1)[1]
+    assert streamed.cost.total_usd and whole.cost.total_usd  # priced as that model
