@@ -374,3 +374,23 @@ def test_a_drain_another_writer_of_the_process_is_running_is_not_taken_back(tmp_
     drainer.join(10)
     assert raised == [] and db.inserted == [("first", "c0"), ("first", "c1"), ("first", "c2")]
     assert not list(folder.glob("rows-*"))
+
+
+def test_rows_neither_the_database_nor_the_spool_took_are_said_lost_at_exit_without_close(tmp_path) -> None:
+    """A script that ends without ``close()`` (the README's RouterLogger example) lost the rows held in
+    memory without a word: the last line said ``ledger_rows_held ... lost=0``. The exit hook says them
+    lost, as ``close()`` does."""
+    import structlog
+
+    from router_middleware.ledger import writer as writers
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    writer = LedgerWriter(f"sqlite:///{tmp_path / 'ledger.db'}", spool=tmp_path / "afile" / "spool", retries=1,
+                          opener=lambda target: (_ for _ in ()).throw(ConnectionError("the database is down")))
+    with structlog.testing.capture_logs() as logs:
+        for i in range(3):
+            writer.append(_row(f"a{i}"))
+        writers._flush_at_exit()
+    lost = [e for e in logs if e["event"] == "ledger_rows_lost"]
+    assert [e["rows"] for e in lost] == [3] and "exited" in lost[0]["why"]
+    writer.close(timeout_s=10)

@@ -798,3 +798,73 @@ def test_a_settlement_that_fails_alone_does_not_say_the_cache_write_failed(drive
     assert second.choices[0].message.content == "first" and outcome(second).usage.source == "cache"
     assert "settle_failed" in events and "cache_write_failed" not in events
     pipeline.close()
+
+
+def test_a_sqlite_store_another_process_holds_locked_costs_a_call_about_its_timeout(
+        way_in, scripted, tmp_path) -> None:  # noqa: F811 - the fixtures imported above
+    """Another program holding the store file's write lock made every call wait SQLite's fixed 5 s busy
+    timeout at admission and again at settlement (10 s a call, through every way in). It waits
+    ``store_timeout_s`` now, as Redis's operations do; the call is answered, its row says the budget
+    went unchecked."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    pipeline = Pipeline.from_config({
+        "store": f"sqlite:///{path}", "store_timeout_s": 0.3, "cache": {"enabled": False},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "routing": {"aliases": {"coder": CODER}, "budgets": [{"name": "day", "tokens": 100_000}]}})
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process's long write
+    try:
+        started = time.monotonic()
+        answer = way_in(pipeline)
+        elapsed = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    pipeline.close()
+    assert answer is not None
+    assert elapsed < 4.0, elapsed  # 10 s before; about 2 x 0.3 s of waiting now, on a slow machine
+    ((decisions,),) = open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}").query("SELECT decisions FROM calls")
+    assert "budget" in decisions
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_cache_write_that_fails_alone_leaves_the_settlement_written_and_said_apart(stream, tmp_path) -> None:
+    """On SQLite the response cache's entry is written before the settlement's transaction: bytes of
+    another program's in the cache's eviction ring (not UTF-8) failed that write, and with it every
+    settlement (each call's estimate held until it lapsed, 180 -> 702 -> 1224 tokens for calls of 30).
+    A stream's settlement said a cache write that failed alone as a failed settlement. Now the ring's
+    slot reads as another key, the settlement is written, and a cache write that fails alone is said
+    alone."""
+    import sqlite3
+
+    import structlog
+
+    path = tmp_path / "state.db"
+    pipeline = Pipeline.from_config({"store": f"sqlite:///{path}", "app": "a", "cache": {"policy": "always"},
+                                     "routing": {"budgets": [{"name": "tok", "scope": "app", "tokens": 100_000}]}})
+
+    def ask(text: str) -> None:
+        messages = [{"role": "user", "content": text}]
+        answer = pipeline.completion(model="gpt-4o-mini", messages=messages, mock_response="ok", stream=stream)
+        if stream:
+            for _ in answer:
+                pass
+
+    ask("first")
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("UPDATE kv SET value = ? WHERE key LIKE '%:slot:%'", (b"\x00\xff\x00",)).rowcount
+    spent = lambda: float(db.execute("SELECT value FROM kv WHERE key LIKE 'budget:tok:tokens:%'").fetchone()[0])  # noqa: E731
+    before = spent()
+    original = pipeline.store.put_bounded
+    with structlog.testing.capture_logs() as logs:
+        ask("second")  # its cache write evicts the spoiled slot's entry
+        pipeline.store.put_bounded = lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError("disk I/O error"))
+        ask("third")  # its cache write fails alone
+        pipeline.store.put_bounded = original
+    events = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+    assert "settle_failed" not in events, logs
+    assert spent() > before and db.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0  # settled, none held
+    assert "cache_write_failed" in events
+    pipeline.close()

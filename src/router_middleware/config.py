@@ -572,7 +572,8 @@ class Config(_Strict):
     store: str = "memory://"  # state shared by the policies: summaries, reasoning spend
     _known_store = field_validator("store")(_store_scheme)
     # A Redis operation that takes longer fails (the feature's store-error path applies), and Redis is
-    # not asked again for as long: a call meets one timeout during an outage.
+    # not asked again for as long: a call meets one timeout during an outage. SQLite waits as long for
+    # another connection's write lock.
     store_timeout_s: float = Field(default=0.5, gt=0, le=60)
     models: dict[str, ModelOverride] = Field(default_factory=dict)
     messages: MessagesConfig = Field(default_factory=MessagesConfig)

@@ -23,7 +23,7 @@ from typing import Any
 from ..accounting import measured_context_saving, routing_saving
 from ..catalog import Catalog
 from ..config import ReasoningConfig, RoutingConfig
-from ..errors import StoreUnavailable, UnreadableCounter
+from ..errors import PartialWrite, StoreUnavailable, UnreadableCounter
 from ..ids import unique_id
 from ..ledger import LedgerWriter, from_outcome
 from ..params import choices_asked
@@ -481,7 +481,8 @@ class Bookkeeper:
                 self.store.add_many(*done.batch(bounded))
             except Exception as exc:  # noqa: BLE001 - bookkeeping never fails the user's call
                 failed = exc
-                self.settle_failed(done, exc)
+                if not (isinstance(exc, PartialWrite) and exc.settled):  # else the cache's entry failed alone
+                    self.settle_failed(done, exc)
         self.settled(done)
         return done.outcome, failed
 

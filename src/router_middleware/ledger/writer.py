@@ -89,13 +89,17 @@ class LedgerWriter:
         if self._thread.is_alive():
             self._leave_to_spool()  # its database is still in use: it stays open
             return
-        if self._held:
-            log.error("ledger_rows_lost", rows=len(self._held), spool=str(self.spool.own),
-                      why="neither the ledger database nor its spool folder took them before close()")
-            self._held = []
+        self._lose_held("close()")
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def _lose_held(self, when: str) -> None:
+        """Log the rows still held in memory as lost (the writer has stopped, or the process ends)."""
+        if self._held:
+            log.error("ledger_rows_lost", rows=len(self._held), spool=str(self.spool.own),
+                      why=f"neither the ledger database nor its spool folder took them before {when}")
+            self._held = []
 
     def _leave_to_spool(self) -> None:
         """The writer did not finish in time: spool its batch and what is queued behind it."""
@@ -205,8 +209,11 @@ _LIVE: weakref.WeakSet[LedgerWriter] = weakref.WeakSet()
 
 @atexit.register
 def _flush_at_exit() -> None:
-    """Rows still queued when the process exits are written, up to 5 s per writer, or spooled."""
+    """Rows still queued when the process exits are written, up to 5 s per writer, or spooled; rows
+    neither takes are logged as lost (as :meth:`LedgerWriter.close` does)."""
     for writer in list(_LIVE):
         if writer.alive and not writer.flush(timeout_s=5.0):
             writer._leave_to_spool()
+        else:
+            writer._lose_held("the process exited")
 

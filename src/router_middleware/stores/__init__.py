@@ -13,8 +13,9 @@ from .views import Prefetch, StoreView
 
 
 def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
-    """``memory://`` (default), ``sqlite:///path/to/file.db`` or ``redis://host:port/db`` (whose
-    operations time out after ``timeout_s``)."""
+    """``memory://`` (default), ``sqlite:///path/to/file.db`` (which waits at most ``timeout_s`` for
+    another connection's write lock) or ``redis://host:port/db`` (whose operations time out after
+    ``timeout_s``)."""
     if url:
         scheme, colon, rest = url.partition(":")
         url = scheme.lower() + colon + rest  # a scheme's case does not matter (as the config checks it)
@@ -23,7 +24,8 @@ def open_store(url: str | None, *, timeout_s: float = 0.5) -> Store:
     scheme = urlparse(url).scheme
     if scheme == "sqlite":
         # sqlite:///relative.db or sqlite:////absolute/path.db
-        return SQLiteStore(url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):])
+        return SQLiteStore(url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):],
+                           busy_timeout_s=timeout_s)
     if scheme in ("redis", "rediss", "unix"):
         from .redis import RedisStore
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import LockTimeout, StoreError, UnreadableCounter
+from ..errors import LockTimeout, PartialWrite, StoreError, UnreadableCounter
 from ..telemetry import log
 from ..urls import without_password
 
@@ -217,6 +217,13 @@ def kept(key: str, found: bytes | str | float | None) -> None:
 def unreadable(current: bytes | str | float | None) -> bool:
     """Whether a counter holds ``current``, a value no writer of ours leaves (absent: ``None``, readable)."""
     return current is not None and counted(current) is None
+
+
+def partial_write(error: Exception, *, cache_written: bool, settled: bool) -> PartialWrite:
+    """``add_many``'s error where part of its batch landed: which part failed, with ``error``."""
+    part = "the settlement" if cache_written else "the response cache's entry"
+    return PartialWrite(f"{part} failed ({type(error).__name__}: {str(error)[:160]}); the rest was written",
+                        cache_written=cache_written, settled=settled)
 
 
 def added(key: str, current: bytes | str | float, amount: float, fresh: float | None = None) -> tuple[float, bool]:

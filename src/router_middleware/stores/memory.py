@@ -173,8 +173,8 @@ class MemoryStore:
             seq = ring_seq(lambda: self._add(counter, 1.0, None), lambda: self._data.pop(counter, None))
             slot = f"{ring}:slot:{seq % capacity}"
             previous = self._live(slot)
-            if previous and previous.decode() != key:
-                self._data.pop(previous.decode(), None)
+            if previous and (evicted := previous.decode(errors="replace")) != key:  # (another program's bytes)
+                self._data.pop(evicted, None)
             self._put(slot, key.encode(), ttl_s)
 
     def samples(self, key: str) -> list[float]:

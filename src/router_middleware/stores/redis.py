@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from ..errors import PartialWrite
 from ..telemetry import log
 from ..urls import without_password
 from .base import (
@@ -41,6 +40,7 @@ from .base import (
     acquire,
     kept,
     numbers,
+    partial_write,
     replaced,
     within_keys,
 )
@@ -692,11 +692,8 @@ def _written(cached: int, replies: list[Any], prefix: str = "") -> None:
         return
     if len(failed) == len(replies):
         raise failed[0]
-    cache_written = not any(isinstance(r, Exception) for r in replies[:cached])
-    settled = not any(isinstance(r, Exception) for r in replies[cached:])
-    part = "the settlement" if cache_written else "the response cache's entry"
-    raise PartialWrite(f"{part} failed ({type(failed[0]).__name__}: {str(failed[0])[:160]}); the rest was written",
-                       cache_written=cache_written, settled=settled) from failed[0]
+    raise partial_write(failed[0], cache_written=not any(isinstance(r, Exception) for r in replies[:cached]),
+                        settled=not any(isinstance(r, Exception) for r in replies[cached:])) from failed[0]
 
 
 

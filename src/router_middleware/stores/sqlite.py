@@ -32,6 +32,7 @@ from .base import (
     fetch_each,
     kept,
     numbers,
+    partial_write,
     refusing,
     ring_seq,
     token_lock,
@@ -225,30 +226,46 @@ class SQLiteStore:
     def add_many(self, entries: Sequence[Addition], samples: Sequence[Sample] = (),
                  releases: Sequence[Release] = (), bounded: Sequence[Bounded] = (),
                  averages: Sequence[Average] = (), puts: Sequence[Put] = (), closed: Collection[str] = ()) -> None:
-        for put in bounded:
-            self.put_bounded(*put)
-        with self._tx() as db:
-            for key, amount, ttl_s in entries:
-                if not self._kept(db, key, closed):
-                    self._add(db, key, amount, ttl_s)
-            for key, hold, held, actual, ttl_s in releases:
-                counted = db.execute("DELETE FROM holds WHERE key = ? AND hold = ?", (key, hold)).rowcount
-                delta = actual - held if counted else actual
-                if delta and not self._kept(db, key, closed):
-                    self._add(db, key, delta, ttl_s, fresh=actual)
-            for key, value, keep, ttl_s in samples:
-                current = self._current(db, key)
-                recent = [*(_recent(current[0]) if current else []), value][-keep:]
-                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
-                           (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
-            for key, sample, weight, ttl_s in averages:
-                current = self._current(db, key)
-                value = blend(current[0] if current else None, sample, weight)
-                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
-                           (key, repr(value).encode(), self._expiry(ttl_s)))
-            for key, raw, ttl_s in puts:
-                db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
-                           (key, raw, self._expiry(ttl_s)))
+        cache_failed: Exception | None = None
+        try:  # the response cache's entries, then the settlement in a transaction of its own
+            for put in bounded:
+                self.put_bounded(*put)
+        except Exception as exc:  # noqa: BLE001 - the settlement is written all the same
+            cache_failed = exc
+        try:
+            with self._tx() as db:
+                self._settle(db, entries, samples, releases, averages, puts, closed)
+        except Exception as exc:
+            if bounded and cache_failed is None:
+                raise partial_write(exc, cache_written=True, settled=False) from exc
+            raise
+        if cache_failed is not None:
+            raise partial_write(cache_failed, cache_written=False, settled=True) from cache_failed
+
+    def _settle(self, db: sqlite3.Connection, entries: Sequence[Addition], samples: Sequence[Sample],
+                releases: Sequence[Release], averages: Sequence[Average], puts: Sequence[Put],
+                closed: Collection[str]) -> None:
+        for key, amount, ttl_s in entries:
+            if not self._kept(db, key, closed):
+                self._add(db, key, amount, ttl_s)
+        for key, hold, held, actual, ttl_s in releases:
+            counted = db.execute("DELETE FROM holds WHERE key = ? AND hold = ?", (key, hold)).rowcount
+            delta = actual - held if counted else actual
+            if delta and not self._kept(db, key, closed):
+                self._add(db, key, delta, ttl_s, fresh=actual)
+        for key, value, keep, ttl_s in samples:
+            current = self._current(db, key)
+            recent = [*(_recent(current[0]) if current else []), value][-keep:]
+            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                       (key, json.dumps(recent).encode(), self._expiry(ttl_s)))
+        for key, sample, weight, ttl_s in averages:
+            current = self._current(db, key)
+            value = blend(current[0] if current else None, sample, weight)
+            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                       (key, repr(value).encode(), self._expiry(ttl_s)))
+        for key, raw, ttl_s in puts:
+            db.execute("INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)",
+                       (key, raw, self._expiry(ttl_s)))
 
     def put_bounded(self, key: str, value: bytes, ttl_s: float | None, ring: str, capacity: int) -> None:
         put = "INSERT OR REPLACE INTO kv (key, value, expires) VALUES (?, ?, ?)"
@@ -258,8 +275,8 @@ class SQLiteStore:
                            lambda: db.execute("DELETE FROM kv WHERE key = ?", (f"{ring}:seq",)))
             slot = f"{ring}:slot:{seq % capacity}"
             previous = self._current(db, slot)
-            if previous and previous[0].decode() != key:
-                db.execute("DELETE FROM kv WHERE key = ?", (previous[0].decode(),))
+            if previous and (evicted := previous[0].decode(errors="replace")) != key:  # (another program's bytes)
+                db.execute("DELETE FROM kv WHERE key = ?", (evicted,))
             db.execute(put, (slot, key.encode(), self._expiry(ttl_s)))
 
     def samples(self, key: str) -> list[float]:
