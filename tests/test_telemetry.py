@@ -367,6 +367,30 @@ def test_unreachable_exporter_does_not_fail_or_slow_calls() -> None:
         handle.shutdown()
 
 
+def test_a_flush_to_a_collector_that_hangs_gives_up_in_its_time() -> None:
+    """A collector that takes the connection and never answers: the OTel SDK's flush waited for the
+    exporter's request to time out (5 s here, and its retries after), whatever ``timeout_ms`` said
+    (a trial saw 25 s for 2 s). ``TelemetryHandle.force_flush`` returns ``False`` in its time; the
+    export goes on in the background."""
+    from opentelemetry import trace
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)  # the kernel takes the connections; nobody reads them
+        handle = configure_telemetry(f"http://127.0.0.1:{hung.getsockname()[1]}", metrics=False, timeout_s=5.0,
+                                     set_global=False)
+        original = trace.get_tracer_provider
+        trace.get_tracer_provider = lambda: handle.tracer_provider  # type: ignore[assignment]
+        try:
+            Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+            started = time.perf_counter()
+            assert handle.force_flush(timeout_ms=500) is False
+            assert time.perf_counter() - started < 3  # 5 s and more before
+        finally:
+            trace.get_tracer_provider = original  # type: ignore[assignment]
+    handle.shutdown()  # the collector is gone: its connections reset
+
+
 @pytest.mark.parametrize(("configured", "opt_in", "names"), [
     ("current", "", {"gen_ai.usage.cache_write.input_tokens"}),
     ("legacy", "", {"gen_ai.usage.cache_creation.input_tokens"}),

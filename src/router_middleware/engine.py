@@ -190,8 +190,9 @@ class Engine:
         """The first attempt's plan with its context saving estimated (:meth:`context_priced`), and the
         call's trace (with the ``side_calls`` made for it)."""
         before, after = self.trimmed(plan)
-        return self.context_priced(plan, before, after), CallTrace.start(
-            self.telemetry, plan, self.catalog.provider(plan.model), before, after, side_calls=side_calls)
+        plan = self.context_priced(plan, before, after)
+        return plan, CallTrace.start(self.telemetry, plan, self.catalog.provider(plan.model), before, after,
+                                     side_calls=side_calls)
 
     def context_priced(self, plan: Plan, before: int | None = None, after: int | None = None) -> Plan:
         """``plan`` (an attempt's: the first, or a fallback's) with the context saving estimated: the

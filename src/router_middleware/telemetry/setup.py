@@ -5,6 +5,7 @@ The library itself never installs a provider; this helper does only when called.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,10 +19,21 @@ class TelemetryHandle:
     meter_provider: Any | None
 
     def force_flush(self, timeout_ms: int = 10_000) -> bool:
-        ok = bool(self.tracer_provider.force_flush(timeout_ms))
-        if self.meter_provider is not None:
-            ok = bool(self.meter_provider.force_flush(timeout_ms)) and ok
-        return ok
+        """Export what is pending; ``False`` if not all of it was exported within ``timeout_ms`` (an
+        exporter retrying a collector that refuses or hangs goes on in the background: the OTel SDK's
+        flush waited its retries out, 15-25 s for a 2 s timeout)."""
+        done: list[bool] = []
+
+        def flush() -> None:
+            ok = bool(self.tracer_provider.force_flush(timeout_ms))
+            if self.meter_provider is not None:
+                ok = bool(self.meter_provider.force_flush(timeout_ms)) and ok
+            done.append(ok)
+
+        worker = threading.Thread(target=flush, name="router-middleware-telemetry-flush", daemon=True)
+        worker.start()
+        worker.join(timeout_ms / 1000)
+        return bool(done) and done[0]
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
