@@ -77,7 +77,7 @@ def waits(monkeypatch) -> list[float]:
 
 
 def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool, messages: list[dict[str, Any]]) -> Any:
-    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain.agents.middleware import ModelRequest
     from langchain_core.messages import convert_to_messages
 
     from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
@@ -88,6 +88,13 @@ def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool, message
     system = [m for m in messages if m["role"] == "system"]
     request = ModelRequest(model=models[CLAUDE], messages=convert_to_messages([m for m in messages if m not in system]),
                            system_message=convert_to_messages(system)[0] if system else None, model_settings={})
+    return _drive(middleware, request, asynchronous)
+
+
+def _drive(middleware: Any, request: Any, asynchronous: bool) -> Any:
+    """``request`` through the agent middleware (sync or async), its handler invoking the chosen model."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
     if not asynchronous:
         return middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
 
@@ -521,7 +528,7 @@ def test_a_half_open_target_another_call_probes_is_tried_anyway_when_no_target_a
     """The agent middleware can reach claude only (gpt-5-mini is none of its models): skipping claude
     because another call probes it left the call no target, a NoRouteError where a direct call would
     have been sent."""
-    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain.agents.middleware import ModelRequest
     from langchain_core.messages import HumanMessage
 
     from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
@@ -533,13 +540,7 @@ def test_a_half_open_target_another_call_probes_is_tried_anyway_when_no_target_a
     models = {CLAUDE: RoutedChatModel(model=CLAUDE, pipeline=inner)}
     middleware = RouterAgentMiddleware(p, models=models, model="coder")
     request = ModelRequest(model=models[CLAUDE], messages=[HumanMessage(MESSAGES[0]["content"])], model_settings={})
-    if asynchronous:
-        async def handler(r: ModelRequest) -> ModelResponse:
-            return ModelResponse(result=[await r.model.ainvoke(r.messages)])
-
-        asyncio.run(middleware.awrap_model_call(request, handler))
-    else:
-        middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    _drive(middleware, request, asynchronous)
     assert script.calls == [CLAUDE]
     assert p.store.get(PROBE + CLAUDE) is not None  # the other call's probe, still held: not taken over
 
@@ -1029,3 +1030,38 @@ def test_a_fallback_s_context_saving_is_measured_and_its_target_holds_the_conver
     assert "routing:fallback" in fell_back[0][2] and "window:trim" in fell_back[0][2]
     assert fell_back[0][1] != 0 and fell_back[0][1] == pytest.approx(direct[0][1], rel=0.02)
     assert fell_back[1][1] == pytest.approx(direct[1][1], rel=0.02), (fell_back, direct)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["wrap_model_call", "awrap_model_call"])
+def test_a_fallback_that_admission_moved_on_has_its_context_saving_measured(asynchronous, script, tmp_path) -> None:
+    """The fallback's plan was priced before its admission: where admission moved the call on (here a
+    target the agent middleware has no model for; also a used-up quota, a half-open probe), the plan
+    that went was never priced and its row said no context saving."""
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.messages import convert_to_messages
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+    from router_middleware.ledger.store import open_ledger
+
+    history = _agent_history()
+    system, rest = history[:1], history[1:]
+
+    def row(model: str, folder: Path) -> tuple[str, float, str]:
+        folder.mkdir()
+        url = f"sqlite:///{folder / 'ledger.db'}"
+        p = Pipeline.from_config({"routing": {"aliases": {"coder": CODER}, "fallback": {"backoff_s": 0.0}},
+                                  "context": {"watermark_tokens": 4000}, "cache": {"enabled": False},
+                                  "ledger": {"url": url}})
+        inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
+        models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (CLAUDE, DEEPSEEK)}  # no gpt-5-mini
+        middleware = RouterAgentMiddleware(p, models=models, model=model)
+        request = ModelRequest(model=models[CLAUDE], messages=convert_to_messages(rest),
+                               system_message=convert_to_messages(system)[0], model_settings={})
+        script.failures[CLAUDE] = [rate_limit()] if model == "coder" else []
+        _drive(middleware, request, asynchronous)
+        p.close()
+        return open_ledger(url).query("SELECT target, saved_context_usd, decisions FROM calls ORDER BY ts")[-1]
+
+    moved_on, direct = row("coder", tmp_path / "coder"), row(DEEPSEEK, tmp_path / "direct")
+    assert moved_on[0] == DEEPSEEK and "routing:skip" in moved_on[2] and "window:trim" in moved_on[2]
+    assert moved_on[1] != 0 and moved_on[1] == pytest.approx(direct[1], rel=0.02), (moved_on, direct)

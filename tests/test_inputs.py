@@ -47,6 +47,9 @@ def test_an_agent_context_takes_its_tags_as_a_list_as_a_dict_does(tags) -> None:
 
     context = AgentContext(tags=tags) if not isinstance(tags, type(iter([]))) else AgentContext.coerce({"tags": tags})
     assert context.tags == ("a", "b") and hash(context)
+    assert AgentContext(tags=None).tags == AgentContext.coerce({"tags": None}).tags == ()
+    with pytest.raises(RequestError, match=re.escape("got ['a', 1]")):  # as given, not as a tuple
+        AgentContext(tags=["a", 1])
     answer = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context=context)
     assert answer.choices[0].message.content == "ok"
 

@@ -868,3 +868,63 @@ def test_a_cache_write_that_fails_alone_leaves_the_settlement_written_and_said_a
     assert spent() > before and db.execute("SELECT COUNT(*) FROM holds").fetchone()[0] == 0  # settled, none held
     assert "cache_write_failed" in events
     pipeline.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_settlement_that_fails_alone_on_sqlite_leaves_the_cache_entry_said_written(stream, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """A stream whose settlement failed while its response-cache entry landed said the cache write
+    failed too (and taught the semantic index nothing); the whole answer's path told them apart."""
+    import sqlite3
+
+    import structlog
+
+    pipeline = Pipeline.from_config({"store": f"sqlite:///{tmp_path / 'state.db'}", "cache": {"policy": "always"},
+                                     "routing": {"budgets": [{"name": "tok", "scope": "global", "tokens": 100_000}]}})
+
+    def ask() -> Any:
+        answer = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", stream=stream)
+        if stream:
+            for _ in answer:
+                pass
+        return answer
+
+    def failing(*args: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with structlog.testing.capture_logs() as logs:
+        monkeypatch.setattr(pipeline.store, "_settle", failing)
+        ask()
+        monkeypatch.undo()
+    events = [e["event"] for e in logs if e["log_level"] in ("warning", "error")]
+    assert "settle_failed" in events and "cache_write_failed" not in events, events
+    assert outcome(ask()).usage.source == "cache"
+    pipeline.close()
+
+
+def test_a_sqlite_store_s_own_threads_do_not_fail_each_other_s_writes_at_a_short_timeout(tmp_path) -> None:
+    """With ``store_timeout_s`` (0.5 s) as SQLite's busy timeout, 16 threads of one process calling
+    through one budget failed some admissions and settlements (SQLite's busy handler is unfair: a
+    writer waited past 0.5 s in a run of under a second). The process's writers take turns; the
+    timeout bounds the wait for another process's lock only."""
+    import threading
+
+    import structlog
+
+    pipeline = Pipeline.from_config({"store": f"sqlite:///{tmp_path / 'state.db'}", "store_timeout_s": 0.5,
+                                     "cache": {"enabled": False}, "telemetry": {"enabled": False},
+                                     "routing": {"budgets": [{"name": "day", "scope": "app", "tokens": 10**7}]}})
+
+    def work(i: int) -> None:
+        for j in range(15):
+            pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": f"hi {i} {j}"}],
+                                mock_response="ok")
+
+    with structlog.testing.capture_logs() as logs:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    pipeline.close()
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == []

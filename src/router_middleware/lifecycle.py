@@ -585,8 +585,6 @@ class CallLifecycle:
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
             trace.attempt_failed(exc, sent=not (unknown or keyless))
-        else:  # its provider read the prompt (and cached it)
-            engine.sent(plan)
         self.books.attempt_failed(self.held, failed, exc, spent)
         if not self.fallback:
             self._give_up(plan, trace, exc, spent)
@@ -605,19 +603,21 @@ class CallLifecycle:
                 raise final from exc
             return None
         if spent is not None:  # the call goes on: the cut attempt was paid for, and is settled on its own
+            engine.sent(plan)  # its provider read the prompt (and cached it)
             trace.attempt_failed(exc, spent)
             self._settle_apart(spent, exc)
             self._apart = True
         retry = plan
         if next_target != failed:
-            retry = engine.context_priced(self._carry((yield from self._plan(next_target, Decision(
+            retry = self._carry((yield from self._plan(next_target, Decision(
                 "routing", "fallback", f"{what_failed(plan, exc)}; falling back to {next_target}",
-                {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))))
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))))
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
             self._give_up(plan, trace, exc, spent)
             raise no_route from exc
+        retry = engine.context_priced(retry)  # the target admitted (the conversation may be warm there now)
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
         same = (retry.deployment or retry.model) == failed
         if unknown or keyless:  # no provider was called: nothing to back off from
@@ -632,6 +632,7 @@ class CallLifecycle:
         self._current = None
         trace.fail(exc, spent)
         if spent is not None:
+            self.engine.sent(plan)  # its provider read the prompt
             self._settle_later(spent, None, exc, complete=False)
             return
         if row:
@@ -827,7 +828,7 @@ class CallLifecycle:
             result, failed = self.books.settle(result, self.held, chunks[0], complete=complete, error=error,
                                                bounded=[entry] if entry is not None else ())  # headers ride on chunks
             if entry is not None and engine.cache is not None:
-                if failed is None:
+                if failed is None or isinstance(failed, PartialWrite) and failed.cache_written:  # settlement alone
                     engine.cache.saved(plan, entry[0])
                 else:
                     trace.event("router_middleware.cache.error", {"reason": engine.cache.failed("write", failed)})

@@ -80,10 +80,10 @@ class AgentContext:
             raise RequestError(f"context.step: expected a whole number of at least 0, got {self.step!r}")
         if isinstance(self.tags, str | bytes):
             raise RequestError(f"context.tags: expected a list of strings, got one string {self.tags!r}")
-        if isinstance(self.tags, list):  # as a dict gives them: kept as a tuple (the context is frozen)
-            object.__setattr__(self, "tags", tuple(self.tags))
-        if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
+        if not isinstance(self.tags, tuple | list | None) or not all(isinstance(t, str) for t in self.tags or ()):
             raise RequestError(f"context.tags: expected a list of strings, got {self.tags!r}")
+        if not isinstance(self.tags, tuple):  # a list, as a dict gives them (None: none); the context is frozen
+            object.__setattr__(self, "tags", tuple(self.tags or ()))
         if self.cache is not None and not isinstance(self.cache, bool):
             raise RequestError(f"context.cache: expected true, false or null, got {self.cache!r}")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -86,25 +87,34 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self, *, purging: bool = False) -> Iterator[sqlite3.Connection]:
-        """A write transaction, then a purge if it is time to (:meth:`_wrote`). ``purging`` (the purge's
-        own): the write lock is tried once, never waited for, and no purge follows."""
-        db = self._db()
+        """A write transaction, then a purge if it is time to (:meth:`_wrote`). This process's writers
+        of the file take turns (:func:`_writers`): SQLite's busy handler is unfair, and with a busy
+        timeout as short as ``store_timeout_s`` its own threads failed each other's writes; so the
+        timeout bounds the wait for another process's lock. ``purging`` (the purge's own): the write
+        lock is tried once, never waited for, and no purge follows."""
+        turn = _writers(self.path)
+        if not (turn.acquire(blocking=False) if purging else turn.acquire(timeout=self._busy)):
+            raise sqlite3.OperationalError("database is locked (by this process's other writers)")
         try:
-            if purging:
-                db.execute("PRAGMA busy_timeout=0")
+            db = self._db()
             try:
-                db.execute("BEGIN IMMEDIATE")
-            finally:
                 if purging:
-                    db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
-            yield db
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if db.in_transaction:  # SQLite ends one itself on a full disk: its error is the one raised
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.OperationalError) and not _contended(exc):
-                self.close()  # a connection opened on a read-only file stays so: the next write opens another
-            raise
+                    db.execute("PRAGMA busy_timeout=0")
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                finally:
+                    if purging:
+                        db.execute(f"PRAGMA busy_timeout={int(self._busy * 1000)}")
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:  # SQLite ends one itself on a full disk: its error is the one raised
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and not _contended(exc):
+                    self.close()  # a connection opened on a read-only file stays so: the next write opens another
+                raise
+        finally:
+            turn.release()
         if not purging:
             self._wrote()
 
@@ -336,6 +346,17 @@ def _blob(value: bytes | str | float) -> bytes:
     if isinstance(value, str):
         return value.encode()
     return repr(value).encode() if isinstance(value, float) else str(value).encode()
+
+
+_TURNS: dict[str, threading.RLock] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def _writers(path: str) -> threading.RLock:
+    """The turn of this process's writers of the SQLite file at ``path`` (every store open on it)."""
+    key = os.path.realpath(path)
+    with _TURNS_LOCK:
+        return _TURNS.setdefault(key, threading.RLock())
 
 
 def _contended(exc: sqlite3.OperationalError) -> bool:
