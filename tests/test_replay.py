@@ -216,7 +216,7 @@ def test_routed_replay_remembers_the_session_so_the_cache_rule_applies() -> None
     assert sticky["cost_usd"] < free["cost_usd"]
 
 
-def test_routed_replay_takes_an_alias_with_its_floor_suffix(capsys) -> None:
+def test_routed_replay_takes_an_alias_with_its_floor_suffix(capsys, tmp_path) -> None:
     """``--route coder:floor`` was refused as "not an alias ... (known: ..., coder, ...)", though calls,
     RoutedChatModel and the proxy take it: the cheapest target is tried first, as a call is routed."""
     config = {"context": {"enabled": False}, "routing": {"aliases": {"coder": [STRONG, CHEAP]}}}
@@ -225,8 +225,12 @@ def test_routed_replay_takes_an_alias_with_its_floor_suffix(capsys) -> None:
     floor = replay([session], Pipeline.from_config(config), route="coder:floor").as_dict()["routed"]
     assert ordered["calls_per_model"][STRONG] == floor["calls_per_model"][CHEAP] == len(session.calls)
     assert floor["alias"] == "coder:floor" and floor["cost_usd"] < ordered["cost_usd"]
-    assert main(["replay", bundled_sessions()[0], "--route", "coder:flor"]) == 2
+    path = tmp_path / "router.yaml"
+    path.write_text(f"routing:\n  aliases:\n    coder: [{STRONG}, {CHEAP}]\n")
+    assert main(["replay", bundled_sessions()[0], "--config", str(path), "--route", "coder:flor"]) == 2
     assert "--route 'coder:flor': an alias takes ':floor' or ':nitro', not ':flor'" in capsys.readouterr().err
+    assert main(["replay", bundled_sessions()[0], "--config", str(path), "--route", "x:free"]) == 2  # said first
+    assert "--route 'x:free' is not an alias of the config's routing section" in capsys.readouterr().err
 
 
 def test_replay_without_route_has_no_routed_block() -> None:

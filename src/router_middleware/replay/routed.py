@@ -36,10 +36,8 @@ def route_models(routing: RoutingConfig, alias: str) -> list[str]:
     order for ``auto`` or a difficulty alias).
 
     Raises ``RouterMiddlewareError`` when ``alias`` is not an alias of ``routing`` or has another suffix."""
+    given = alias
     alias, _, suffix = alias.partition(":")
-    if suffix and suffix not in SUFFIXES:
-        raise RouterMiddlewareError(f"--route {alias + ':' + suffix!r}: an alias takes ':floor' or ':nitro', "
-                                    f"not ':{suffix}'")
     if alias == "auto" and routing.tiers or routing.strategy.get(alias) == "difficulty":
         names = [name for tier in routing.tiers for name in routing.aliases.get(tier.alias, ())]
     elif alias in routing.aliases:
@@ -47,7 +45,9 @@ def route_models(routing: RoutingConfig, alias: str) -> list[str]:
     else:
         known = sorted(routing.aliases) + (["auto"] if routing.tiers else [])
         where = f"(known: {', '.join(known)})" if known else "(it has none: pass --config with routing.aliases)"
-        raise RouterMiddlewareError(f"--route {alias!r} is not an alias of the config's routing section {where}")
+        raise RouterMiddlewareError(f"--route {given!r} is not an alias of the config's routing section {where}")
+    if suffix and suffix not in SUFFIXES:
+        raise RouterMiddlewareError(f"--route {given!r}: an alias takes ':floor' or ':nitro', not ':{suffix}'")
     models = [routing.deployments[n].model if n in routing.deployments else n for n in names]
     return list(dict.fromkeys(models))
 
