@@ -521,7 +521,8 @@ class CallLifecycle:
                         continue
                     probed = probed or target
                 if isinstance(why, StepDown):
-                    plan = self._carry((yield from self._plan(target, Decision("reasoning", "step-down", why))))
+                    plan = _following(plan, self._carry((yield from self._plan(
+                        target, Decision("reasoning", "step-down", why)))))
                     replans -= 1
                     claims = self._claims(plan) if replans else [c for c in claims or [] if c.unit != "reasoning"]
                     continue
@@ -535,8 +536,8 @@ class CallLifecycle:
                 probed = None
             if next_target is None:
                 raise NoRouteError(self.call.model, denied)
-            plan = self._carry((yield from self._plan(next_target, Decision(
-                "routing", action, reason, {"depth": attempts.depth}))))
+            plan = _following(plan, self._carry((yield from self._plan(next_target, Decision(
+                "routing", action, reason, {"depth": attempts.depth})))))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int, claims: list[Claim],
               probe: str | None = None) -> Generator[Effect, Any, str | None]:
@@ -609,9 +610,9 @@ class CallLifecycle:
             self._apart = True
         retry = plan
         if next_target != failed:
-            retry = self._carry((yield from self._plan(next_target, Decision(
+            retry = _following(plan, self._carry((yield from self._plan(next_target, Decision(
                 "routing", "fallback", f"{what_failed(plan, exc)}; falling back to {next_target}",
-                {"depth": attempts.depth, "failed": "; ".join(attempts.history)}))))
+                {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))))
         try:
             retry = yield from self._admit(retry, attempts)
         except NoRouteError as no_route:
@@ -847,6 +848,17 @@ def _stream_answer(plan: Plan, chunks: list[Any], *, light: bool) -> tuple[Any, 
     if found is not None or not chunks:
         return found, False
     return wire.litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages]), True
+
+
+_ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open"})  # routing decisions that move a call on
+
+
+def _following(previous: Plan, plan: Plan) -> Plan:
+    """``plan`` (a later attempt's, or one planned again) keeping the routing decisions that moved the
+    call on before it (each plan records only its own: a fallback that admission then moved past went
+    missing from the row)."""
+    carried = tuple(d for d in previous.decisions if d.policy == "routing" and d.action in _ATTEMPT_ACTIONS)
+    return plan.override(decisions=(*carried, *plan.decisions)) if carried else plan
 
 
 def _half_open(plan: Plan) -> tuple[str, ...]:
