@@ -955,6 +955,16 @@ def test_a_routed_call_s_row_says_what_routing_saved_against_the_alias_s_first_t
     assert routing == pytest.approx(unrouted - cost) and routing > 0  # claude-sonnet-4-5 is the dearest of the three
     assert base == pytest.approx(unrouted)
 
+def _agent_history(turns: int = 30) -> list[dict[str, Any]]:
+    """A coding agent's history long enough for a 4k window to trim."""
+    history: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
+                                     {"role": "user", "content": "Fix the failing test in utils.py."}]
+    for i in range(turns):
+        history += [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"cmd": "cat f{i}.py"}}'}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"line {i} of the file\n" * 120}]
+    return history
+
 
 def test_a_trimmed_call_s_measured_context_saving_is_the_same_through_every_way_in(call, script, tmp_path) -> None:
     """The ledger's context saving is measured from the usage the provider reported and what the
@@ -963,12 +973,7 @@ def test_a_trimmed_call_s_measured_context_saving_is_the_same_through_every_way_
     ``Pipeline.completion``, and it is what :func:`.pricing.context_saving` makes of its row."""
     from router_middleware.ledger.store import open_ledger
 
-    history: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
-                                     {"role": "user", "content": "Fix the failing test in utils.py."}]
-    for i in range(30):
-        history += [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"cmd": "cat f{i}.py"}}'}}]},
-            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"line {i} of the file\n" * 120}]
+    history = _agent_history()
 
     def saved(driver: Callable[..., Any], folder: Path) -> tuple[float, float, int]:
         url = f"sqlite:///{folder / 'ledger.db'}"
@@ -988,16 +993,6 @@ def test_a_trimmed_call_s_measured_context_saving_is_the_same_through_every_way_
     assert expected[0] > 0 and got[0] == pytest.approx(expected[0], rel=0.02), (got, expected)
     assert got[1:] == pytest.approx(expected[1:], rel=0.02)
 
-
-def _agent_history(turns: int = 30) -> list[dict[str, Any]]:
-    """A coding agent's history long enough for a 4k window to trim."""
-    history: list[dict[str, Any]] = [{"role": "system", "content": "You are a coding agent."},
-                                     {"role": "user", "content": "Fix the failing test in utils.py."}]
-    for i in range(turns):
-        history += [{"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{i}", "type": "function", "function": {"name": "bash", "arguments": f'{{"cmd": "cat f{i}.py"}}'}}]},
-            {"role": "tool", "tool_call_id": f"call_{i}", "content": f"line {i} of the file\n" * 120}]
-    return history
 
 
 def test_a_fallback_s_context_saving_is_measured_and_its_target_holds_the_conversation_warm(

@@ -300,8 +300,10 @@ class Engine:
         """Note that ``plan``'s target took a request of its conversation (it answered, or began to):
         its provider has cached the prompt. The least recently noted go first past
         :data:`_CONVERSATIONS`."""
+        if not self.state.provider_cache:
+            return
         key = _conversation(plan)
-        if key is None or not self.state.provider_cache:
+        if key is None:
             return
         with self._sent_lock:
             self._sent[key] = time.monotonic()

@@ -100,9 +100,9 @@ class AgentContext:
                 unknown = sorted(set(value) - set(known))
                 raise RequestError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
-            tags = data.get("tags", ())
-            if tags is None or isinstance(tags, Iterable) and not isinstance(tags, str | bytes | list | tuple):
-                data["tags"] = tuple(tags or ())  # any other iterable (None: none)
+            tags = data.get("tags")
+            if isinstance(tags, Iterable) and not isinstance(tags, str | bytes | list | tuple):
+                data["tags"] = tuple(tags)  # any other iterable (a list, a tuple or None: the context's own)
             return cls(**data)
         raise RequestError(f"context: expected an AgentContext or a dict, not {type(value).__name__}")
 
