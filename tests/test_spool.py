@@ -314,7 +314,7 @@ def test_rows_a_process_was_draining_from_its_spool_when_it_exited_are_drained_l
              "from router_middleware.ledger.spool import Spool\n"
              "from router_middleware.ledger.writer import LedgerWriter\n"
              "def row(i): return LedgerRecord(ts=1.0, model='m', requested_model='m', call_id=i)\n"
-             f"w = LedgerWriter({url!r}, spool={str(folder)!r})\n"
+             f"w = LedgerWriter({url!r}, spool={str(folder)!r}, wait_s=30)\n"  # still draining at exit
              "w.append(row('first'))\n"
              "assert w.flush()\n"
              f"Spool({str(folder)!r}).add([row('old0'), row('old1')])\n"
@@ -394,3 +394,77 @@ def test_rows_neither_the_database_nor_the_spool_took_are_said_lost_at_exit_with
     lost = [e for e in logs if e["event"] == "ledger_rows_lost"]
     assert [e["rows"] for e in lost] == [3] and "exited" in lost[0]["why"]
     writer.close(timeout_s=10)
+
+
+def _lock(url: str):  # noqa: ANN202 - a connection holding the ledger's table locked, and how to let it go
+    if url.startswith("postgres"):
+        import psycopg
+
+        db = psycopg.connect(url)
+        db.execute("LOCK TABLE calls IN ACCESS EXCLUSIVE MODE")  # psycopg opened a transaction
+        return db.rollback, db.close
+    import sqlite3
+
+    db3 = sqlite3.connect(url[len("sqlite:///"):], isolation_level=None)
+    db3.execute("BEGIN EXCLUSIVE")
+    return (lambda: db3.execute("ROLLBACK")), db3.close
+
+
+def test_a_ledger_locked_by_another_session_has_the_rows_spooled_after_the_writers_tries_and_says_they_wait(
+        ledger_url, tmp_path) -> None:  # noqa: F811
+    """A PostgreSQL ledger another session holds locked (``LOCK TABLE``) kept the writer's batch waiting as
+    long as the lock stood, with no log line, and a SQLite one 30 s a try: the rows sat in memory and
+    ``flush()`` timed out. Now each try waits ``wait_s``, the batch goes to the spool after its tries,
+    the wait is logged once it is longer than ``wait_s``, and the rows are written once the lock is gone."""
+    import time
+
+    import structlog
+
+    folder = tmp_path / "spool"
+    writer = LedgerWriter(ledger_url, spool=folder, retries=3, wait_s=0.5)
+    writer.append(_row("warm"))
+    assert writer.flush()  # its database is open
+    release, close = _lock(ledger_url)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.append(_row("a0"))
+            deadline, n = time.monotonic() + 20, 0
+            while not any(e["event"] == "ledger_write_waiting" for e in logs) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                n += 1
+                writer.append(_row(f"b{n}"))
+            assert writer.flush(timeout_s=20)  # every try failed in time: spooled, not held
+        events = [e["event"] for e in logs]
+        assert "ledger_write_waiting" in events and "ledger_write_failed" in events
+        spooled = sum(e["rows"] for e in logs if e["event"] == "ledger_rows_spooled")
+        assert spooled == n + 1 and "ledger_rows_held" not in events
+        waiting = next(e for e in logs if e["event"] == "ledger_write_waiting")
+        assert waiting["waiting_s"] >= 0.5
+    finally:
+        release()
+        close()
+    writer.append(_row("after"))  # the lock is gone: the spool is drained before this row
+    writer.close()
+    assert _count(ledger_url) == n + 3 and not list(folder.glob("rows-*.jsonl"))
+
+
+def test_a_flush_that_times_out_says_what_waits(tmp_path) -> None:
+    import structlog
+
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    writer = LedgerWriter(url, spool=tmp_path / "spool", wait_s=5.0)
+    writer.append(_row("warm"))
+    assert writer.flush()
+    release, close = _lock(url)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            writer.append(_row("a0"))
+            assert not writer.flush(timeout_s=0.3)
+        (said,) = [e for e in logs if e["event"] == "ledger_flush_timed_out"]
+        assert said["in_flight"] == 1 and said["waiting_s"] > 0
+    finally:
+        release()
+        close()
+    writer.close()
+    assert _count(url) == 2

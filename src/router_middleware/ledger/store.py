@@ -89,11 +89,12 @@ def _migrate(execute: Any, fetch_version: Any) -> None:
 class SQLiteLedger:
     floor = "CAST({x} AS INTEGER)"  # ts is positive: truncation is floor
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wait_s: float = 30.0) -> None:
+        """``wait_s``: how long a statement waits on another process's lock before it fails."""
         self.url = f"sqlite:///{path}"
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(path, timeout=wait_s, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.execute(f"PRAGMA busy_timeout={int(wait_s * 1000)}")
         self.db.execute("BEGIN IMMEDIATE")
         try:
             _migrate(self.db.execute, lambda: (self.db.execute("SELECT MAX(version) FROM schema_version")
@@ -129,11 +130,18 @@ class SQLiteLedger:
 class PostgresLedger:
     floor = "CAST(FLOOR({x}) AS BIGINT)"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, wait_s: float | None = None) -> None:
+        """``wait_s``: how long a statement may run (waiting on a lock included) and unacknowledged data
+        may stay unsent (a server the network lost) before it fails; None: as long as it takes."""
         import psycopg
 
         self.url = url
-        self.db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        bounded: dict[str, Any] = {}
+        if wait_s is not None and "tcp_user_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+            bounded["tcp_user_timeout"] = int(wait_s * 1000)
+        self.db = psycopg.connect(url, autocommit=True, connect_timeout=10, **bounded)
+        if wait_s is not None:
+            self.db.execute(f"SET statement_timeout = {int(wait_s * 1000)}")
         with self.db.transaction():
             def execute(sql: str) -> None:
                 self.db.execute(sql.replace("?", "%s"))
@@ -158,9 +166,11 @@ class PostgresLedger:
         self.db.close()
 
 
-def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
+def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -> LedgerDB:
     """``sqlite:///path.db`` (or a plain file path) or ``postgresql://user@host:port/db``.
 
+    ``wait_s`` bounds how long one statement may wait (on a lock, or a server the network lost) before
+    it fails; None: SQLite waits 30 s for a lock, PostgreSQL as long as it takes (a report's query).
     Raises ``LedgerError`` naming the ledger when it cannot be opened; with ``create=False`` a
     SQLite file that does not exist is such an error (a report never creates an empty ledger)."""
     scheme = url.split("://", 1)[0] if "://" in url else None
@@ -170,7 +180,7 @@ def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
         except ImportError:
             raise MissingExtra("a PostgreSQL ledger", "postgres", "psycopg") from None
         try:
-            return PostgresLedger(url)
+            return PostgresLedger(url, wait_s)
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LedgerError(f"cannot open the PostgreSQL ledger {without_password(url)}: {reason}") from None
@@ -183,7 +193,7 @@ def open_ledger(url: str, *, create: bool = True) -> LedgerDB:
     if not create and not Path(path).exists():
         raise LedgerError(f"no ledger at {path!r} (file not found)")
     try:
-        return SQLiteLedger(path)
+        return SQLiteLedger(path, 30.0 if wait_s is None else wait_s)
     except sqlite3.DatabaseError as exc:
         what = "is not a SQLite database" if "not a database" in str(exc) else f"cannot be opened ({exc})"
         raise LedgerError(f"ledger {path!r} {what}") from None

@@ -17,6 +17,7 @@ next).
 from __future__ import annotations
 
 import atexit
+import functools
 import queue
 import threading
 import time
@@ -25,29 +26,36 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..telemetry import log
+from ..urls import without_password
 from .record import LedgerRecord
 from .spool import Drained, Spool, default_spool, insert_tolerant
 from .store import LedgerDB, open_ledger
 
 _STOP = object()
 HELD_MAX = 10_000  # rows kept in memory while neither the database nor the spool takes them
+WAIT_S = 5.0  # how long one statement may wait on the ledger (a lock, a lost server) before it is retried
 
 
 class LedgerWriter:
     def __init__(self, url: str, *, spool: str | Path | None = None, retries: int = 3, batch: int = 200,
-                 opener: Callable[[str], LedgerDB] = open_ledger) -> None:
-        """``spool``: the spool folder (default: :func:`~.spool.default_spool` of ``url``)."""
+                 wait_s: float = WAIT_S, opener: Callable[[str], LedgerDB] | None = None) -> None:
+        """``spool``: the spool folder (default: :func:`~.spool.default_spool` of ``url``); ``wait_s``:
+        how long one statement may wait on the database (another process's lock, a server the network
+        lost) before it fails and is retried; after ``retries`` tries the batch goes to the spool."""
         self.url = url
         self.spool = Spool(spool or default_spool(url))
         self.retries = retries
         self.batch = batch
-        self._open = opener
+        self.wait_s = wait_s
+        self._open = opener or functools.partial(open_ledger, wait_s=wait_s)
         self._db: LedgerDB | None = None
         self._queue: queue.Queue[object] = queue.Queue()
         self._lock = threading.Lock()
         self._starting = threading.Lock()
         self._held: list[LedgerRecord] = []  # rows neither the database nor the spool took
         self._inflight: list[LedgerRecord] = []  # the batch being written
+        self._since = 0.0  # when the batch in flight began (0: none)
+        self._said_waiting = False  # its wait has been logged
         self._thread = self._start()
         _LIVE.add(self)
 
@@ -70,13 +78,32 @@ class LedgerWriter:
     def append(self, record: LedgerRecord) -> None:
         self._queue.put(record)
         self._running()
+        if self._since and not self._said_waiting and time.monotonic() - self._since > self.wait_s:
+            self._say_waiting()
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        """Wait until everything queued so far has been written or spooled; False if it timed out."""
+        """Wait until everything queued so far has been written or spooled; False if it timed out
+        (logged: ``ledger_flush_timed_out``)."""
         done = threading.Event()
         self._queue.put(done)
         self._running()
-        return done.wait(timeout_s)
+        if done.wait(timeout_s):
+            return True
+        log.warning("ledger_flush_timed_out", timeout_s=timeout_s, in_flight=len(self._inflight),
+                    queued=self._queue.qsize(), waiting_s=self._waited())
+        return False
+
+    def _waited(self) -> float:
+        """How long the batch in flight has waited on the database (0: none in flight)."""
+        since = self._since
+        return round(time.monotonic() - since, 1) if since else 0.0
+
+    def _say_waiting(self) -> None:
+        self._said_waiting = True
+        log.warning("ledger_write_waiting", rows=len(self._inflight), queued=self._queue.qsize(),
+                    waiting_s=self._waited(), ledger=without_password(self.url),
+                    why="the ledger database has not answered (locked by another process, or not responding); "
+                        "the rows are spooled once its tries fail")
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Write what is queued, stop the writer and close the database; rows still held in memory
@@ -165,11 +192,13 @@ class LedgerWriter:
 
     def _write(self, records: list[LedgerRecord]) -> None:
         records, self._held = [*self._held, *records], []
-        self._inflight = records
+        self._inflight, self._since = records, time.monotonic()
         try:
             self._write_or_keep(records)
         finally:
-            self._inflight = []
+            if self._said_waiting:
+                log.info("ledger_write_unblocked", rows=len(records), waited_s=self._waited())
+            self._inflight, self._since, self._said_waiting = [], 0.0, False
 
     def _write_or_keep(self, records: list[LedgerRecord]) -> None:
         for attempt in range(self.retries):
