@@ -1099,6 +1099,53 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert "routing:fallback" in failed["decisions"]
 
 
+@pytest.mark.parametrize("caught", [True, False], ids=["aflush-in-the-loop", "error-escapes-the-loop"])
+def test_an_sdk_call_whose_fallbacks_all_failed_gets_its_row_without_a_collection_of_the_caller_s(
+        tmp_path, monkeypatch, caught) -> None:
+    """The README's short script: the error caught, then ``await logger.aflush()`` before ``asyncio.run``
+    ends; or the error escapes ``asyncio.run`` and a later ``aflush`` runs. litellm's call (in a
+    reference cycle) was let go only at a later collection, after the loop had closed: its row was
+    never written and its budget hold stood until it lapsed. Now ``aflush`` collects first, and a call
+    let go after its loop closed is ended on the logger's own thread."""
+    import gc
+    import logging
+
+    from router_middleware.errors import BudgetExceeded
+
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "daily", "tokens": 100_000, "window_s": 86400}]})
+
+    async def run() -> None:
+        try:
+            await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=50,
+                                      fallbacks=["gpt-4.1-mini"],
+                                      mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"))
+        except Exception:  # noqa: BLE001 - litellm raises a bare Exception
+            if not caught:
+                raise
+        if caught:
+            await logger.aflush()
+
+    try:
+        try:
+            asyncio.run(run())
+        except Exception as exc:  # noqa: BLE001 - litellm raises a bare Exception
+            assert caught is False and "All fallback attempts failed" in str(exc)
+        if not caught:
+            gc.collect()  # litellm's call is freed now, its loop closed
+            asyncio.run(logger.aflush())
+        in_flight = len(logger._calls)
+        rows = _ledger(logger, ("error", "target", "ended"))
+        with pytest.raises(BudgetExceeded) as over:  # says what the budget's counter holds
+            logger.pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                       mock_response="ok", max_tokens=100_000)
+    finally:
+        logger.unregister()
+    assert in_flight == 0
+    assert rows == [{"error": "FallbacksEnded", "target": "gpt-4.1-mini", "ended": "failed"}]
+    assert over.value.spent == 0  # the hold given back
+
+
 def test_a_sync_call_with_litellm_fallbacks_gets_its_answer_s_row_when_litellm_delivers_its_event(
         tmp_path, monkeypatch) -> None:
     """``litellm.completion(fallbacks=[...])`` (sync: no hook, no lifecycle to follow its attempts) runs

@@ -7,6 +7,8 @@ the proxy's hooks are in :class:`.proxy._ProxyHooks`, those of the watch of sync
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import weakref
 from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
@@ -76,8 +78,14 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         is freed, and one its provider broke at the latest :data:`.sync_streams._BROKEN_WAIT_S` after its
         failure event). litellm runs async callbacks on a background worker (an async stream's from a task
         of its own once it ends), which ``asyncio.run`` cancels when its coroutine returns: a short script
-        awaits this before it ends."""
+        awaits this before it ends. Once the events are delivered it runs a full garbage collection
+        (0.2 s in a process that has imported litellm): a call litellm let go of without an event (one
+        whose ``fallbacks=`` all failed) is freed only by the collector, as litellm's objects hold each
+        other."""
         await wire.drain_callbacks()
+        await asyncio.sleep(0)  # litellm's finished logging tasks let go of their calls
+        gc.collect()
+        await asyncio.sleep(0)  # the calls the collection let go of are ended (:meth:`_orphaned`)
         await asyncio.to_thread(_HANDOFF.drain)
         loop = asyncio.get_running_loop()
         writing = [w for w in tuple(self._writing) if w.get_loop() is loop]
@@ -309,10 +317,13 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
 
         def gone() -> None:  # at collection, on any thread: the loop ends the call
             kept = held()  # freed with the object's own (no longer readable) when a collection found it in a cycle
+            ending = functools.partial(self._orphaned, key, found, kept is not None and kept.streamed())
             try:
-                loop.call_soon_threadsafe(self._orphaned, key, found, kept is not None and kept.streamed())
-            except RuntimeError:  # the loop is closed: nothing runs there any more
-                pass
+                loop.call_soon_threadsafe(ending)
+            except RuntimeError:  # the loop is closed (a collection after asyncio.run): the logger's thread ends it
+                _HANDOFF.put(ending)
+
+        _HANDOFF.ready()
 
         try:
             weakref.finalize(logging_obj, gone).atexit = False
