@@ -142,6 +142,12 @@ def test_falls_back_on_a_rate_limit_with_a_span_per_attempt(call, script, span_e
     assert attempts[0].attributes["error.type"] == "RateLimitError"
     assert route.attributes["router_middleware.fallback.depth"] == 1
     assert route.attributes["router_middleware.chosen_model"] == MINI
+    # the route span says why the call moved on, as the ledger row does (its decisions and events)
+    said = list(route.attributes["router_middleware.decisions"])
+    assert said[0] == "routing:route" and "routing:fallback" in said
+    fallback = next(e for e in route.events if e.name == "routing:fallback")
+    assert CLAUDE in fallback.attributes["reason"] and "RateLimitError" in fallback.attributes["reason"]
+    assert route.attributes["router_middleware.route.reason"] == fallback.attributes["reason"]
 
 
 def test_retries_the_same_model_first_after_a_backoff(call, script, waits) -> None:

@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ..errors import ending
-from ..types import AttributeValue, Outcome, Plan
+from ..types import AttributeValue, Decision, Outcome, Plan
 from . import metrics as call_metrics
 from .attributes import Semconv, agent_attributes, decision_attributes, outcome_attributes, request_attributes
 from .content import content_attributes, response_messages
@@ -103,6 +103,7 @@ class CallTrace:
         self.attempting = False  # an attempt is under way whose duration point is not recorded yet
         self.last_ids: dict[str, str] = {}  # the span ids of the last attempt that ended, for the log line
         self.request_attrs: dict[str, AttributeValue] = {}
+        self._said: list[Decision] = []  # the decisions on the route span, as its events
         self.done = False
         self.cache_similarity: float | None = None
         self.nested = _WITHIN.get()  # an outer call records this one (see within_attempt)
@@ -136,9 +137,7 @@ class CallTrace:
             self.parent = None
             return
         self.parent.set_attributes(decision_attributes(self.plan, tokens_before, tokens_after))
-        for decision in self.plan.decisions:
-            self.parent.add_event(f"{decision.policy}:{decision.action}",
-                                  {"reason": decision.reason, **dict(decision.attributes)})
+        self._say(self.plan.decisions)
         self.request_attrs = request_attributes(self.plan, self.provider)
         if attempt:
             self._start_attempt()
@@ -228,13 +227,31 @@ class CallTrace:
             self.child.set_attributes(outcome_attributes(outcome, openinference=self.settings.openinference,
                                                          semconv=self.settings.semconv))
 
+    def _say(self, decisions: Sequence[Decision]) -> list[Decision]:
+        """Put the decisions the route span does not carry yet on it, one event each; returns them."""
+        assert self.parent is not None
+        new = [d for d in decisions if d not in self._said]
+        for decision in new:
+            self.parent.add_event(f"{decision.policy}:{decision.action}",
+                                  {"reason": decision.reason, **dict(decision.attributes)})
+        self._said += new
+        return new
+
     @never_raises(default=None)
     def next_attempt(self, plan: Plan, provider: str | None, depth: int) -> None:
+        """The call goes on with ``plan`` (a fallback, or the same target again): the route span
+        carries its new decisions too, and says why it chose the model it now has."""
         self.plan = plan
         self.provider = provider
         if self.parent is not None:
-            self.parent.set_attribute("router_middleware.fallback.depth", depth)
-            self.parent.set_attribute("router_middleware.chosen_model", plan.model)
+            new = self._say(plan.decisions)
+            attrs: dict[str, AttributeValue] = {
+                "router_middleware.fallback.depth": depth, "router_middleware.chosen_model": plan.model,
+                "router_middleware.decisions": [f"{d.policy}:{d.action}" for d in self._said]}  # type: ignore[dict-item]
+            routed = [d for d in new if d.policy == "routing"]
+            if routed:
+                attrs["router_middleware.route.reason"] = routed[-1].reason
+            self.parent.set_attributes(attrs)
             self.request_attrs = request_attributes(plan, provider)
         self._next()
 
