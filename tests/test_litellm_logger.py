@@ -128,6 +128,22 @@ def test_sync_calls_are_recorded_though_litellm_skips_the_hook(logger) -> None:
     assert logger.hook_calls == 0 and logger.recorded == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+def test_a_sync_call_s_span_carries_its_request_parameters(logger, span_exporter, stream) -> None:
+    """``litellm.completion`` (no hook: the call is planned from its event) had every
+    ``gen_ai.request.*`` attribute missing (the observed plan kept only the endpoint of the request)."""
+    answer = litellm.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                                temperature=0.3, max_tokens=77, top_p=0.9, seed=5, stream=stream)
+    if stream:
+        for _ in answer:
+            pass
+    assert _polled(lambda: logger.recorded)
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    sent = {k.removeprefix("gen_ai.request."): v for k, v in chat.attributes.items() if k.startswith("gen_ai.request.")}
+    assert sent == {"model": "gpt-4o-mini", "temperature": 0.3, "max_tokens": 77, "top_p": 0.9, "seed": 5,
+                    **({"stream": True} if stream else {})}
+
+
 def test_failures_are_recorded(logger, span_exporter) -> None:
     async def run() -> None:
         with pytest.raises(litellm.RateLimitError):

@@ -23,7 +23,7 @@ from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import Outcome, Plan
 from .calls import FellBack, MovedOn, _Answer, _Open, _overflow, _target
-from .request import _context, _metadata, _observed, _switch
+from .request import _context, _metadata, _observed, _params_of, _switch
 
 if TYPE_CHECKING:
     from .sync_streams import _Streaming
@@ -183,7 +183,8 @@ class _Core(CustomLogger):
         model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
         context = {"app": self.pipeline.config.app, **_context(kwargs)}
         base = wire.api_base(kwargs)
-        call = _observed(model, list(kwargs.get("messages") or []), context, {"api_base": base} if base else None)
+        params = _params_of(kwargs) | ({"api_base": base} if base else {})
+        call = _observed(model, list(kwargs.get("messages") or []), context, params)
         plan = Plan.from_call(call)
         return plan, CallTrace.start(self.pipeline.telemetry, plan, self.pipeline.catalog.provider(model), 0, 0,
                                      attempt=attempt, start_ns=start_ns, within=within)

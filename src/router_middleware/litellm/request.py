@@ -109,11 +109,18 @@ def _observed(model: str, messages: list[Any], context: dict[str, Any],
     return _labelled(lambda labels: Call.create(model, messages, params or {}, labels), context)
 
 
+def _params_of(details: Mapping[str, Any]) -> dict[str, Any]:
+    """A call's request parameters (``temperature``, ``max_tokens``, ``stream``...) as its caller gave
+    them: litellm copies them into the event's kwargs (unset ones as None, ``stream`` as False)."""
+    return {k: v for k, v in details.items() if k in _REQUEST_KEYS and v is not None and (v or k != "stream")}
+
+
 def _request_of(details: Mapping[str, Any]) -> dict[str, Any]:
     """What :meth:`._Core._planned` reads of a call's event kwargs (its model as passed, its
-    messages, its labels, its endpoint), apart from litellm's dict, which a finalizer must not hold."""
+    messages, its parameters, its labels, its endpoint), apart from litellm's dict, which a finalizer
+    must not hold."""
     requested = wire.requested_model(details)
-    kept = {"model": details.get("model"), "messages": list(details.get("messages") or []),
+    kept = {"model": details.get("model"), "messages": list(details.get("messages") or []), **_params_of(details),
             "metadata": dict(_metadata(details)), "litellm_params": {"api_base": wire.api_base(details)}}
     return {**kept, "agentic_loop_params": {"model": requested}} if requested else kept
 
