@@ -5,40 +5,62 @@ The library itself never installs a provider; this helper does only when called.
 
 from __future__ import annotations
 
+import atexit
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MissingExtra
+from .safety import log
 
 
 @dataclass
 class TelemetryHandle:
     tracer_provider: Any
     meter_provider: Any | None
+    exit_timeout_ms: int = 10_000  # how long the interpreter's exit waits for the export (:meth:`shutdown`)
+    _shut: bool = False
 
     def force_flush(self, timeout_ms: int = 10_000) -> bool:
         """Export what is pending; ``False`` if not all of it was exported within ``timeout_ms`` (an
         exporter retrying a collector that refuses or hangs goes on in the background: the OTel SDK's
         flush waited its retries out, 15-25 s for a 2 s timeout)."""
+        return self._within(timeout_ms, "flush", lambda provider: provider.force_flush(timeout_ms))
+
+    def shutdown(self, timeout_ms: int = 10_000) -> bool:
+        """Export what is pending and stop the exporters (once; also at the interpreter's exit, bounded
+        by ``exit_timeout_ms``); ``False`` if that did not end within ``timeout_ms``: the rest is
+        dropped when the process exits (logged, ``telemetry_shutdown_timed_out``). The OTel SDK's own
+        shutdown exports its queue batch by batch, each waiting the exporter's timeout when the
+        collector hangs: 20 s and more for a few thousand spans."""
+        if self._shut:
+            return True
+        self._shut = True
+        if self._within(timeout_ms, "shutdown", lambda provider: provider.shutdown() is not False):
+            return True
+        log.warning("telemetry_shutdown_timed_out", timeout_ms=timeout_ms,
+                    why="the collector did not take the pending spans and metrics in time: dropped at exit")
+        return False
+
+    def _within(self, timeout_ms: int, what: str, act: Callable[[Any], object]) -> bool:
+        """``act`` on each provider in a thread of its own; whether all of it ended within ``timeout_ms``
+        and said so (a flush's ``True``)."""
         done: list[bool] = []
 
-        def flush() -> None:
-            ok = bool(self.tracer_provider.force_flush(timeout_ms))
+        def run() -> None:
+            ok = bool(act(self.tracer_provider))
             if self.meter_provider is not None:
-                ok = bool(self.meter_provider.force_flush(timeout_ms)) and ok
+                ok = bool(act(self.meter_provider)) and ok
             done.append(ok)
 
-        worker = threading.Thread(target=flush, name="router-middleware-telemetry-flush", daemon=True)
+        worker = threading.Thread(target=run, name=f"router-middleware-telemetry-{what}", daemon=True)
         worker.start()
         worker.join(timeout_ms / 1000)
         return bool(done) and done[0]
 
-    def shutdown(self) -> None:
-        self.tracer_provider.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
+    def _at_exit(self) -> None:
+        self.shutdown(self.exit_timeout_ms)
 
 
 def configure_telemetry(
@@ -75,7 +97,8 @@ def configure_telemetry(
 
     base = endpoint.rstrip("/")
     resource = Resource.create({"service.name": service_name, **dict(resource_attributes or {})})
-    tracer_provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio))
+    tracer_provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio),
+                                     shutdown_on_exit=False)  # the handle's exit hook bounds it
     exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=dict(headers or {}), timeout=timeout_s)
     tracer_provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=int(timeout_s * 1000)))
     meter_provider = None
@@ -86,9 +109,11 @@ def configure_telemetry(
 
         reader = PeriodicExportingMetricReader(
             OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=dict(headers or {}), timeout=timeout_s))
-        meter_provider = MeterProvider(resource=resource, metric_readers=[reader])
+        meter_provider = MeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
     if set_global:
         trace.set_tracer_provider(tracer_provider)
         if meter_provider is not None:
             metrics_api.set_meter_provider(meter_provider)
-    return TelemetryHandle(tracer_provider, meter_provider)
+    handle = TelemetryHandle(tracer_provider, meter_provider, exit_timeout_ms=int(timeout_s * 1000))
+    atexit.register(handle._at_exit)
+    return handle
