@@ -1059,7 +1059,8 @@ def _cut_agent(tmp_path: Path, hang: bool = False, inside: Any = None,
                                      "routing": {"budgets": [{"name": "team", "scope": "app", "usd": 1.0}],
                                                  "limits": limits or {}}})
     model = _CutStream(messages=iter([AIMessage("one two three four five six seven eight")] * 2), hang=hang)
-    middleware = RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="gpt-4o-mini",
+    # named with its provider: the row names it as an answer would, 'gpt-4o-mini' (cut before a chunk named it)
+    middleware = RouterAgentMiddleware(pipeline, models={"openai/gpt-4o-mini": model}, model="openai/gpt-4o-mini",
                                        context={"app": "a"})
     return create_agent(model, tools=[], middleware=[middleware, *([inside] if inside else [])]), pipeline, url
 
@@ -1510,14 +1511,14 @@ def test_each_try_of_a_retry_middleware_inside_the_router_counts_its_tokens_towa
 
     retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
     agent, pipeline, url = _cut_agent(tmp_path, inside=retry,
-                                      limits={"gpt-4o-mini": {"rpd": 100, "tpd": 1_000_000}})
+                                      limits={"openai/gpt-4o-mini": {"rpd": 100, "tpd": 1_000_000}})
     got = [chunk.content for chunk, _ in agent.stream({"messages": [HumanMessage("hi")]}, stream_mode="messages")]
     assert got[-1].startswith("Model call failed after 2 attempts with ConnectionError")
     pipeline.close()
     rows = open_ledger(url).query("SELECT input_tokens, output_tokens FROM calls")
     assert len(rows) == 2 and all(inputs > 0 and outputs > 0 for inputs, outputs in rows)
-    assert _day_count(pipeline, "gpt-4o-mini", "rpd") == 2
-    assert _day_count(pipeline, "gpt-4o-mini", "tpd") == sum(inputs + outputs for inputs, outputs in rows)
+    assert _day_count(pipeline, "openai/gpt-4o-mini", "rpd") == 2
+    assert _day_count(pipeline, "openai/gpt-4o-mini", "tpd") == sum(inputs + outputs for inputs, outputs in rows)
 
 
 class _Raising(BaseChatModel):

@@ -1412,13 +1412,15 @@ def test_an_async_sdk_stream_left_partway_is_settled_at_its_prompt(tmp_path, mon
     try:
         with fault_server(cut_events=5, hang_s=2.0) as (base, _seen):
             came = asyncio.run(run(base))
-        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error"))
+        rows = _ledger(logger, ("input_tokens", "output_tokens", "cost_usd", "error", "model"))
         counter = float(logger.pipeline.store.get(f"budget:{name}:tokens:all:{int(time.time() // 86400)}") or 0)
     finally:
         logger.unregister()
         logger.pipeline.close()
     assert came == read and not logger._calls
     assert len(rows) == 1 and rows[0]["error"] == "CancelledError" and rows[0]["output_tokens"] == 0
+    if read:  # the model answered: named as an answer names it ('openai/gpt-3.5-turbo' before: two names in report)
+        assert rows[0]["model"] == "gpt-3.5-turbo"
     prompt = logger.pipeline.state.tokens("openai/gpt-3.5-turbo", messages)
     assert (rows[0]["input_tokens"], counter) == ((prompt, prompt) if read else (0, 0))
     assert (rows[0]["cost_usd"] or 0) > 0 if read else rows[0]["cost_usd"] is None

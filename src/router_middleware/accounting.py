@@ -56,10 +56,13 @@ def build_outcome(
     ``provider_response_model``; its own ``model`` field echoes the requested alias).
     """
     provider = provider_of(response) or (catalog.provider(plan.model) if plan else None)
-    echoed = getattr(response, "model", None)  # litellm's, as a stream's usage chunk gives it with its prefix
-    if isinstance(echoed, str) and provider:
-        echoed = echoed.removeprefix(f"{provider}/")
-    answered = str(answered_model or answered_model_of(response) or echoed or (plan.model if plan else "unknown"))
+    # else litellm's name (a stream's usage chunk gives it with its prefix), else the target's (a stream
+    # cut short before a chunk named it; an agent's chunks name what it asked for): each as the
+    # provider names it, as an answer does
+    answered = str(answered_model or answered_model_of(response) or getattr(response, "model", None)
+                   or (plan.model if plan else "unknown"))
+    if provider:
+        answered = answered.removeprefix(f"{provider}/")
     raw_usage = getattr(response, "usage", None)
     if plan is not None and usage_source == "provider" and (
             plan.params.get("mock_response") is not None or plan.params.get("mock_tool_calls") is not None):

@@ -415,10 +415,13 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     (``provider``, else the one the message names); its time to first token is ``first_token``'s, else
     the one the message says (a RoutedChatModel's stream), else unknown."""
     metadata, named, finish = _answered(message)
-    model = named or plan.model
+    provider = provider or metadata.get("model_provider")
+    model = named or plan.model  # as the provider names it (a stream cut before a chunk named it: the target's)
+    if provider:
+        model = model.removeprefix(f"{provider}/")
     usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages), model)
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
-    return Outcome(model=model, provider=provider or metadata.get("model_provider"), usage=usage,
+    return Outcome(model=model, provider=provider, usage=usage,
                    cost=price(usage, info), plan=plan,
                    response_id=getattr(message, "id", None), finish_reasons=finish,
                    latency_s=time.perf_counter() - started,
