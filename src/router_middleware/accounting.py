@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .catalog import Catalog, ModelInfo
+from .catalog import Catalog, ModelInfo, provider_named
 from .errors import OutcomeUnavailable
 from .pricing import context_saving, price
 from .types import Outcome, Plan, Usage, UsageSource
@@ -59,10 +59,8 @@ def build_outcome(
     # else litellm's name (a stream's usage chunk gives it with its prefix), else the target's (a stream
     # cut short before a chunk named it; an agent's chunks name what it asked for): each as the
     # provider names it, as an answer does
-    answered = str(answered_model or answered_model_of(response) or getattr(response, "model", None)
-                   or (plan.model if plan else "unknown"))
-    if provider:
-        answered = answered.removeprefix(f"{provider}/")
+    answered = provider_named(str(answered_model or answered_model_of(response) or getattr(response, "model", None)
+                                  or (plan.model if plan else "unknown")), provider)
     raw_usage = getattr(response, "usage", None)
     if plan is not None and usage_source == "provider" and (
             plan.params.get("mock_response") is not None or plan.params.get("mock_tool_calls") is not None):

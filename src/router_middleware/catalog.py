@@ -108,6 +108,12 @@ def cache_rules_for(model: str, provider: str | None) -> CacheRules:
     return CacheRules()
 
 
+def provider_named(model: str, provider: str | None) -> str:
+    """``model`` as ``provider`` names it: without litellm's ``provider/`` prefix (``openai/gpt-4o-mini``
+    is ``gpt-4o-mini`` to OpenAI)."""
+    return model.removeprefix(f"{provider}/") if provider else model
+
+
 def _split_provider(model: str) -> tuple[str | None, str]:
     if "/" in model:
         head, tail = model.split("/", 1)

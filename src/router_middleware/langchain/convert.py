@@ -24,7 +24,7 @@ from langchain_core.messages.ai import InputTokenDetails, OutputTokenDetails, Us
 from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 from langchain_core.tracers.context import register_configure_hook
 
-from ..catalog import Catalog
+from ..catalog import Catalog, provider_named
 from ..errors import OutcomeUnavailable
 from ..memo import MessageMemo
 from ..pricing import price
@@ -416,9 +416,7 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     the one the message says (a RoutedChatModel's stream), else unknown."""
     metadata, named, finish = _answered(message)
     provider = provider or metadata.get("model_provider")
-    model = named or plan.model  # as the provider names it (a stream cut before a chunk named it: the target's)
-    if provider:
-        model = model.removeprefix(f"{provider}/")
+    model = provider_named(named or plan.model, provider)  # a stream cut before a chunk named it: the target's
     usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages), model)
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     return Outcome(model=model, provider=provider, usage=usage,

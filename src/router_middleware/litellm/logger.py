@@ -17,6 +17,7 @@ from opentelemetry.context import Context
 
 from .. import wire
 from ..accounting import build_outcome
+from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable
 from ..lifecycle import Attempt
@@ -297,7 +298,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         changed = _switch(kwargs, call.params, attempt.plan)
         target = attempt.plan.model
         if target != requested:
-            changed["model"] = target.split("/", 1)[1] if target.startswith(f"{provider}/") else target
+            changed["model"] = provider_named(target, provider)
         return changed
 
     def _watch(self, kwargs: Mapping[str, Any], found: _Open) -> None:

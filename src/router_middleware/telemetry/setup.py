@@ -8,7 +8,7 @@ from __future__ import annotations
 import atexit
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MissingExtra
@@ -20,7 +20,7 @@ class TelemetryHandle:
     tracer_provider: Any
     meter_provider: Any | None
     exit_timeout_ms: int = 10_000  # how long the interpreter's exit waits for the export (:meth:`shutdown`)
-    _shut: bool = False
+    _shut: bool = field(default=False, init=False, repr=False)  # shutdown() ran
 
     def force_flush(self, timeout_ms: int = 10_000) -> bool:
         """Export what is pending; ``False`` if not all of it was exported within ``timeout_ms`` (an
