@@ -77,6 +77,8 @@ def test_spans_round_trip_through_phoenix() -> None:
     llm = sorted((s for s in spans if s["name"].startswith("chat ") and s is not summary), key=lambda s: s["start_time"])
     routes = [s for s in spans if s["name"].startswith("route ")]
     assert len(llm) == 3 and len(routes) == 3
+    for span in llm[:2]:  # the calls made with ``openinference``: both kinds named (not UNKNOWN)
+        assert (span["span_kind"], by_id[span["parent_id"]]["span_kind"]) == ("LLM", "CHAIN")
     for span in llm:
         parent = by_id[span["parent_id"]]
         assert parent["name"].startswith("route ") and parent["context"]["trace_id"] == span["context"]["trace_id"]

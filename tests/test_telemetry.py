@@ -115,7 +115,8 @@ def test_cassette_spans_carry_recorded_usage_and_cost(path, span_exporter) -> No
 def test_openinference_option(span_exporter) -> None:
     Pipeline.from_config({"telemetry": {"openinference": True}}).completion(
         model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
-    _, (child,) = spans_by_kind(span_exporter)
+    (route,), (child,) = spans_by_kind(span_exporter)
+    assert route.attributes["openinference.span.kind"] == "CHAIN"  # else Phoenix shows it as UNKNOWN
     attrs = dict(child.attributes)
     assert attrs["openinference.span.kind"] == "LLM"
     assert attrs["llm.token_count.prompt"] == attrs["gen_ai.usage.input_tokens"]
@@ -186,6 +187,29 @@ def test_each_attempt_has_its_own_duration_point_and_its_spans_say_it_failed(met
     assert "gen_ai.usage.cost" not in route[-1].attributes and route[-1].attributes["router_middleware.cost_usd"] > 0
 
 
+def test_openinference_kinds_name_every_span_a_fallback_makes(span_exporter, monkeypatch) -> None:
+    """A failed attempt's chat span is an LLM span too (it has no outcome to carry the kind)."""
+    import litellm
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"pair": ["gpt-4o", "gpt-4.1"]},
+                                                 "fallback": {"backoff_s": 0}},
+                                     "cache": {"enabled": False}, "telemetry": {"openinference": True}})
+    real = litellm.completion
+
+    def scripted(**kw):
+        failure = litellm.exceptions.RateLimitError("slow down", "openai", "gpt-4o")
+        return real(**{**kw, "mock_response": failure}) if kw["model"] == "gpt-4o" else real(**kw)
+
+    monkeypatch.setattr(litellm, "completion", scripted)
+    pipeline.completion(model="pair", messages=MESSAGES, mock_response="ok")
+    (route,), chat = spans_by_kind(span_exporter)
+    assert route.attributes["openinference.span.kind"] == "CHAIN"
+    assert {s.name: s.attributes["openinference.span.kind"] for s in chat} == {
+        "chat gpt-4o": "LLM", "chat gpt-4.1": "LLM"}
+    assert Pipeline.from_config({}).completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert not any("openinference.span.kind" in s.attributes for s in span_exporter.get_finished_spans()[3:])
+
+
 def test_cache_hits_stay_out_of_the_genai_client_metrics(metric_reader) -> None:
     """A hit took no provider operation: counted, its 0 tokens and ~0 s would skew the histograms."""
     pipeline = Pipeline.from_config({})
@@ -220,8 +244,9 @@ def test_a_stream_its_caller_closes_is_measured_and_no_error(metric_reader, span
                for p in tokens)
     assert [p for p in _points(metric_reader, "gen_ai.client.operation.time_to_first_chunk")
             if p.attributes.get("gen_ai.response.model") == model]
-    assert [p for p in _points(metric_reader, "router_middleware.cost")
-            if p.attributes.get("router_middleware.app") == "stopped-app"][0].value > 0
+    (cost,) = [p for p in _points(metric_reader, "router_middleware.cost")
+               if p.attributes.get("router_middleware.app") == "stopped-app"]
+    assert cost.value > 0 and cost.attributes["router_middleware.ended"] == "stopped"
     (event,) = [e for e in logs if e["event"].startswith("llm_call")]
     assert (event["event"], event["log_level"], event["stopped_by"]) == ("llm_call_stopped", "info", "StreamLeft")
     assert event["output_tokens"] > 0 and event["cost_usd"] > 0

@@ -60,4 +60,6 @@ def record(base: dict[str, AttributeValue], outcome: Outcome | None, duration_s:
             cost_attrs["gen_ai.provider.name"] = outcome.provider
         if app:
             cost_attrs["router_middleware.app"] = app
+        if "router_middleware.ended" in attrs:  # a call its caller stopped, counted as it is on the histograms
+            cost_attrs["router_middleware.ended"] = attrs["router_middleware.ended"]
         found.cost.add(outcome.cost.total_usd, cost_attrs)

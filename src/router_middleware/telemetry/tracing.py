@@ -136,7 +136,8 @@ class CallTrace:
         if not self.parent.is_recording():  # no SDK installed, or sampled out: build no attributes
             self.parent = None
             return
-        self.parent.set_attributes(decision_attributes(self.plan, tokens_before, tokens_after))
+        self.parent.set_attributes({**decision_attributes(self.plan, tokens_before, tokens_after),
+                                    **self._kind("CHAIN")})
         self._say(self.plan.decisions)
         self.request_attrs = request_attributes(self.plan, self.provider)
         if attempt:
@@ -160,7 +161,7 @@ class CallTrace:
             return
         span = _tracer().start_span(f"chat {call.model}", context=trace.set_span_in_context(self.parent),
                                     kind=SpanKind.CLIENT, start_time=call.start_ns,
-                                    attributes={**attrs, **agent_attributes(self.plan)})
+                                    attributes={**attrs, **agent_attributes(self.plan), **self._kind("LLM")})
         if call.outcome is not None:
             span.set_attributes(outcome_attributes(call.outcome, openinference=settings.openinference,
                                                    semconv=settings.semconv))
@@ -174,7 +175,13 @@ class CallTrace:
         assert self.parent is not None
         context = trace.set_span_in_context(self.parent)
         self.child = _tracer().start_span(f"chat {self.plan.model}", context=context, kind=SpanKind.CLIENT,
-                                          attributes=self.request_attrs, start_time=self.start_ns)
+                                          attributes={**self.request_attrs, **self._kind("LLM")},
+                                          start_time=self.start_ns)
+
+    def _kind(self, kind: str) -> dict[str, AttributeValue]:
+        """OpenInference's span kind, with ``telemetry.openinference`` (Phoenix shows a span without one
+        as UNKNOWN): ``CHAIN`` for the route span, ``LLM`` for each chat span, answered or failed."""
+        return {"openinference.span.kind": kind} if self.settings.openinference else {}
 
     def _next(self) -> None:
         """Another attempt starts now: its span and its duration point are timed from here."""
