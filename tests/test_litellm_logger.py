@@ -543,6 +543,24 @@ def test_aflush_delivers_a_short_scripts_events_before_asyncio_run_ends(logger) 
     assert len(open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")) == 3
 
 
+def test_aflush_with_no_call_left_to_follow_runs_no_collection(logger, monkeypatch) -> None:
+    """The full collection (0.2 s) that frees calls litellm let go of is paid only while some call is
+    still followed: an application awaiting ``aflush()`` after each answered request does not pay it."""
+    import gc
+
+    collections: list[int] = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or collect(*a))
+
+    async def script() -> None:
+        await litellm.acompletion(model="gpt-4o-mini", mock_response="ok",
+                                  messages=[{"role": "user", "content": "question"}])
+        await logger.aflush()
+
+    asyncio.run(script())
+    assert logger.recorded == 1 and collections == []
+
+
 @pytest.mark.parametrize("target", ["team-gpt", "dep-1"])
 def test_a_name_the_proxy_serves_beyond_its_model_names_is_not_skipped(tmp_path, monkeypatch, target) -> None:
     """A team model's public name (the proxy routes it for the team's keys) and a deployment's id

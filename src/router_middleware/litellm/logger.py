@@ -79,13 +79,14 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         is freed, and one its provider broke at the latest :data:`.sync_streams._BROKEN_WAIT_S` after its
         failure event). litellm runs async callbacks on a background worker (an async stream's from a task
         of its own once it ends), which ``asyncio.run`` cancels when its coroutine returns: a short script
-        awaits this before it ends. Once the events are delivered it runs a full garbage collection
-        (0.2 s in a process that has imported litellm): a call litellm let go of without an event (one
-        whose ``fallbacks=`` all failed) is freed only by the collector, as litellm's objects hold each
-        other."""
+        awaits this before it ends. Once the events are delivered, while it still follows a call or a
+        sync stream, it runs a full garbage collection (0.2 s in a process that has imported litellm): a
+        call litellm let go of without an event (one whose ``fallbacks=`` all failed) is freed only by
+        the collector, as litellm's objects hold each other. With none left it does not."""
         await wire.drain_callbacks()
         await asyncio.sleep(0)  # litellm's finished logging tasks let go of their calls
-        gc.collect()
+        if self._calls or self._streams:
+            gc.collect()
         await asyncio.sleep(0)  # the calls the collection let go of are ended (:meth:`_orphaned`)
         await asyncio.to_thread(_HANDOFF.drain)
         loop = asyncio.get_running_loop()
