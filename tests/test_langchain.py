@@ -603,6 +603,34 @@ def test_the_agent_middleware_hands_the_agent_its_own_messages_on_every_step(rep
                     HumanMessage("go on", id=f"h{step + 1}")]
 
 
+def test_a_message_the_breakpoints_mark_is_still_the_agent_s_own() -> None:
+    """A prompt-cache breakpoint on the last tool result (a Claude agent's long prompt) marks the
+    agent's own ToolMessage: its ``status`` (ChatAnthropic's ``is_error``), ``artifact`` and ``id``
+    stay, and its text carries the mark. Rebuilt from the planned dict, a failed tool's result went
+    to the model as a success."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}), model="claude-sonnet-4-5")
+    sent: list[Any] = []
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        sent.extend(request.messages)
+        return ModelResponse(result=[AIMessage("done")])
+
+    failed = ToolMessage("Error: file not found " * 300, tool_call_id="t1", name="read_file", status="error",
+                         artifact={"raw": 1}, id="tm-1")
+    history = [HumanMessage("Fix the bug in a.py " + "context " * 1500, id="h-1"),
+               AIMessage("", tool_calls=[{"name": "read_file", "args": {"path": "a.py"}, "id": "t1"}], id="ai-1"),
+               failed]
+    model = GenericFakeChatModel(messages=iter(["unused"]))
+    middleware.wrap_model_call(ModelRequest(model=model, messages=history, model_settings={}), handler)
+    last = sent[-1]
+    assert (type(last), last.status, last.artifact, last.id, last.name) == \
+        (ToolMessage, "error", {"raw": 1}, "tm-1", "read_file")
+    assert last.content == [{"type": "text", "text": failed.content, "cache_control": {"type": "ephemeral"}}]
+    assert sent[:2] == history[:2]
+
+
 def test_the_agent_middleware_numbers_the_steps_of_a_run_in_its_rows(tmp_path) -> None:
     """Its ledger rows had ``step`` NULL (the proxy numbers an agent's steps from its conversation,
     so did nobody here); now each row has the agent's model turns so far, unless the caller says."""

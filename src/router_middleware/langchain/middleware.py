@@ -95,6 +95,47 @@ def _own(valid: Sequence[Any], converted: Sequence[Any], owners: Sequence[Any]) 
     return own
 
 
+def _as_kept(message: Mapping[str, Any], valid: Sequence[Any], own: Mapping[int, Any]) -> BaseMessage:
+    """The LangChain message to send for a planned dict that is no validated dict of the call: where
+    a policy only marked it with ``cache_control`` breakpoints (the same message otherwise), the
+    agent's own message carrying the marks (a tool result keeps its ``status``, ``artifact``, ``id``,
+    a block its own form); else one built from the dict (a summary, a placeholder result)."""
+    unmarked = _unmarked(message)
+    for was in valid:
+        original: BaseMessage | None = own.get(id(was))
+        if original is not None and unmarked == _unmarked(was):
+            return original.model_copy(update={"content": _marks_on(original.content, message.get("content"))})
+    return convert_to_messages([dict(message)])[0]
+
+
+def _unmarked(message: Mapping[str, Any]) -> dict[str, Any]:
+    """``message`` without its ``cache_control`` marks, a text alone as a plain string (how the
+    breakpoints policy marks a text: it makes it one marked text part)."""
+    plain = {k: v for k, v in message.items() if k != "cache_control"}
+    content = plain.get("content")
+    if isinstance(content, list):
+        parts = [{k: v for k, v in p.items() if k != "cache_control"} if isinstance(p, Mapping) else p for p in content]
+        one = parts[0] if len(parts) == 1 else None
+        plain["content"] = one["text"] if isinstance(one, dict) and one.keys() == {"type", "text"} \
+            and one["type"] == "text" else parts
+    return plain
+
+
+def _marks_on(content: Any, marked: Any) -> Any:
+    """The agent's ``content`` with the ``cache_control`` of the planned ``marked`` parts: a string
+    becomes the marked text part; a list of blocks gets each mark on the block in its place (its
+    blocks stay as the agent wrote them)."""
+    if not isinstance(marked, list):
+        return content
+    if isinstance(content, str):
+        return [dict(p) for p in marked]
+    if not isinstance(content, list) or len(content) != len(marked):
+        return marked
+    return [{**block, "cache_control": part["cache_control"]}
+            if isinstance(block, dict) and isinstance(part, Mapping) and "cache_control" in part else block
+            for block, part in zip(content, marked, strict=True)]
+
+
 def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[Any] | None) -> list[Any]:
     """The agent's own tools ``own`` (``converted`` for the pipeline), each the plan marked with a
     ``cache_control`` the pipeline's way (``planned``) carrying that mark: a tool in its ``extras``
@@ -480,7 +521,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             ``failover``: another target follows, so a RoutedChatModel's provider SDK retries are off
             unless it or the agent sets ``max_retries`` (as :meth:`.Engine.request` does for a pipeline)."""
             model = self.models[plan.deployment or plan.model] if self.models else request.model
-            messages = [by_id.get(id(m)) or convert_to_messages([dict(m)])[0] for m in plan.messages]
+            messages = [by_id.get(id(m)) or _as_kept(m, call.messages, by_id) for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
             assert system is None or isinstance(system, SystemMessage)
             # the caller's settings as fitted to the attempt's model (a dropped one stays out), and what
