@@ -1113,6 +1113,45 @@ def _cut_row(pipeline: Pipeline, url: str, streamed: str, error: str, span_expor
     assert chat.attributes["gen_ai.usage.output_tokens"] == rows[0][3]
 
 
+class _SlowStream(GenericFakeChatModel):
+    """langchain-core's fake chat model, its first chunk 50 ms after the run starts."""
+
+    def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        time.sleep(0.05)
+        yield from super()._stream(messages, stop, run_manager, **kwargs)
+
+    async def _astream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)
+        for chunk in GenericFakeChatModel._stream(self, messages, stop, run_manager, **kwargs):
+            yield chunk
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_agent_stream_that_completes_has_its_time_to_first_token(asynchronous, tmp_path) -> None:
+    """The middleware sees the chunks of a streamed answer: its row has ``ttft_s`` (it was NULL unless
+    the stream was cut short)."""
+    from langchain.agents import create_agent
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
+    model = _SlowStream(messages=iter([AIMessage("one two three")]))
+    agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini")])
+    question = {"messages": [{"role": "user", "content": "hello"}]}
+    if asynchronous:
+        async def read() -> None:
+            async for _ in agent.astream(question, stream_mode="messages"):
+                pass
+        asyncio.run(read())
+    else:
+        for _ in agent.stream(question, stream_mode="messages"):
+            pass
+    pipeline.close()
+    ((ended, ttft, latency),) = open_ledger(url).query("SELECT ended, ttft_s, latency_s FROM calls")
+    assert ended == "complete" and ttft is not None and 0.04 <= ttft <= latency
+
+
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_an_agent_stream_cut_by_the_provider_is_settled_at_what_it_streamed(asynchronous, tmp_path,
                                                                             span_exporter) -> None:

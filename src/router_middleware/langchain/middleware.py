@@ -313,6 +313,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
         self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
         self._not_keyed: set[tuple[str, str]] = set()  # (model, reason) pairs said not cached (_keyed)
+        self._first_chunks: dict[int, float] = {}  # an answered stream's first chunk, by its response's id (_read)
 
     def _serve(self) -> None:
         """Tell the pipeline the model each of ``models`` stands for, where its name is not that
@@ -581,6 +582,8 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
               first_token: float | None = None) -> Outcome:
+        ttft = self._first_chunks.pop(id(response), None)
+        first_token = ttft if first_token is None else first_token
         result = response.result if isinstance(response, ModelResponse) else [response]
         message = next((m for m in reversed(result) if isinstance(m, AIMessage)), None)
         found = outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model),
@@ -633,6 +636,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         ``on_failure="continue"``, answered the last run's error with a message of its own): raise
         :class:`Replaced`, so the call is recorded as that failure and still returns ``response``."""
         if runs.answered or not isinstance(runs.error, Exception):
+            if runs.first_token is not None:  # a stream: its time to first token, for the lifecycle's read
+                self._first_chunks[id(response)] = runs.first_token
             return response
         raise Replaced(runs.error, response, self._spent(plan, runs, started))
 
