@@ -59,10 +59,12 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 
 @contextmanager
 def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
-                      status: int = 200, delay_s: float = 0.0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+                      status: int = 200, delay_s: float = 0.0,
+                      fail_first: int = 0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
     than 200: every request is answered with that error (an overloaded or dead deployment);
-    ``delay_s``: each answer starts that late (a slow model)."""
+    ``delay_s``: each answer starts that late (a slow model); ``fail_first``: the first that many
+    requests are answered 503 (a passing overload)."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -87,10 +89,11 @@ def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_l
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
             with lock:
                 seen.append(body)
+                passing = len(seen) <= fail_first
             time.sleep(delay_s)
-            if status != 200:
+            if status != 200 or passing:
                 error = {"error": {"message": "the deployment is overloaded", "type": "server_error"}}
-                self._send(status, json.dumps(error).encode(), "application/json")
+                self._send(503 if passing else status, json.dumps(error).encode(), "application/json")
                 return
             call = _reply(body, steps, output_lines)
             if body.get("stream"):

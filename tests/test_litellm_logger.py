@@ -327,6 +327,41 @@ def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tm
     assert len(answered) == 5 and all("run_commands" in s.attributes["gen_ai.output.messages"] for s in answered)
 
 
+@pytest.mark.parametrize("event_first", [False, True])
+@pytest.mark.parametrize("retry", ["answers", "fails"])
+def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(tmp_path, retry, event_first) -> None:
+    """With no fallback to move to, the router retries its one target as it would without the hook
+    (the hook set ``num_retries`` 0 on every request, so a passing 503 failed a request the proxy alone
+    answered), and the failed try's event does not end the call: the retry's answer is its one row.
+    When the retry fails too, the proxy's failure hook ends it, counted once toward the cooldown."""
+    from .scripted_upstream import scripted_upstream
+
+    upstream = scripted_upstream(fail_first=1) if retry == "answers" else scripted_upstream(status=503)
+    with upstream as (base, seen):
+        router = litellm.Router(model_list=[{"model_name": "flaky", "litellm_params": {
+            "model": "openai/gpt-5-mini", "api_base": base, "api_key": "x"}}], num_retries=1)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        try:
+            async def call() -> object:
+                try:
+                    return await _through_proxy(logger, router, "r1", shared=True, event_first=event_first)
+                except litellm.ServiceUnavailableError as exc:
+                    return exc
+                finally:
+                    await logger.aflush()
+            answer = asyncio.run(call())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert len(seen) == 2 and len(rows) == 1 and rows[0]["requested_model"] == "coder"
+    if retry == "answers":
+        assert answer.choices[0].message.tool_calls and rows[0]["error"] is None
+        assert logger.pipeline.store.get("fail:flaky") is None
+    else:
+        assert isinstance(answer, litellm.ServiceUnavailableError) and rows[0]["error"] == "ServiceUnavailableError"
+        assert float(logger.pipeline.store.get("fail:flaky") or 0) == 1
+
+
 def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path, monkeypatch) -> None:
     """Handed to the proxy, it gets the client a 400 ("Invalid model name") where the alias's next
     target would have answered; the config's name is logged once, with the closest the proxy has."""

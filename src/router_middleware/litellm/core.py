@@ -87,6 +87,12 @@ class _Core(CustomLogger):
             reply = replace(reply, stream=found.stream)
         if error is not None:
             spent = self._spent(found, reply)
+            if spent is None and found.proxy and not found.as_sent and not found.attempt.remaining:
+                # the last target's failure: the router may retry it (the proxy's num_retries, left to
+                # it when no fallback follows), so the call ends with the proxy's failure hook, or
+                # the retry's answer settles it (it failed over for a retry; its row had said failed)
+                self._keep(kwargs, found)
+                return True
             error = error if spent is None else CutShort(error, spent)
         try:
             done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)

@@ -131,7 +131,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         changed["model"] = _target(attempt)
         # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
         changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
-        changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
+        if changed["fallbacks"]:  # else the router retries its one target as it would without the hook
+            changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
     async def async_post_call_response_headers_hook(self, data: dict[str, Any], user_api_key_dict: Any,
