@@ -209,9 +209,11 @@ def _proxy_logger(tmp_path, targets: list[str]) -> RouterLogger:
 
 
 async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: str, stream: bool = False,
-                         shared: bool = False, event_first: bool = False) -> object:
+                         shared: bool = False, event_first: bool = False, hook_group: str | None = None) -> object:
     """What the LiteLLM proxy does with a request: the pre-call hook, the router, the failure hook
-    (``event_first``: after litellm's failure event was delivered; else while it is still queued)."""
+    (``event_first``: after litellm's failure event was delivered; else while it is still queued;
+    ``hook_group``: the ``model_group`` the request names then, as the real proxy leaves its first
+    target's: litellm's router copies the metadata for each fallback)."""
     data = {"model": "coder", "messages": [{"role": "user", "content": f"task {call_id}"}],
             "litellm_call_id": call_id, "stream": stream}
     changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
@@ -226,6 +228,8 @@ async def _through_proxy(logger: RouterLogger, router: litellm.Router, call_id: 
     except Exception as exc:
         if event_first:
             await logger.aflush()
+        if hook_group is not None:
+            changed["metadata"] = {**changed.get("metadata", {}), "model_group": hook_group}
         await logger.async_post_call_failure_hook(changed, exc, None)
         raise
 
@@ -2373,12 +2377,15 @@ def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnec
 
 
 @pytest.mark.parametrize(("status", "counted"), [(503, 1.0), (400, 0.0)])
+@pytest.mark.parametrize("hook_group", [None, "flaky"], ids=["group-of-the-last", "group-of-the-first"])
 def test_a_proxy_call_s_last_failure_counts_toward_a_cooldown_though_only_the_failure_hook_reports_it(
-        tmp_path, status, counted) -> None:
+        tmp_path, status, counted, hook_group) -> None:
     """Behind the proxy one logging object serves every attempt and litellm delivers its first failure
     event only: the last target's failure reaches the logger through the proxy's post-call failure
     hook alone. A provider's failure (503) counts toward each target's cooldown once; a request's own
-    fault (400) toward none."""
+    fault (400) toward none. The real proxy's request still names its first target's ``model_group``
+    then (its router copies the metadata for each fallback): the last target's failure counted all
+    the same (it was not, so a dead last target of an alias never cooled down)."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=status) as (dead, dead_seen):
@@ -2387,7 +2394,7 @@ def test_a_proxy_call_s_last_failure_counts_toward_a_cooldown_though_only_the_fa
 
         async def call() -> None:
             with pytest.raises(Exception, match="overloaded"):
-                await _through_proxy(logger, router, "lost", shared=True)
+                await _through_proxy(logger, router, "lost", shared=True, hook_group=hook_group)
             await logger.aflush()
 
         try:

@@ -176,18 +176,19 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         counted toward its target's cooldown as its failure event would be, and settled at what a
         stream that broke partway had used (the proxy may call this hook before litellm delivers the
         failure event, and with one logging object for all attempts litellm delivers only the first:
-        the usage is read from the request's logging object). Counted only when the router's last
-        attempt (the request's ``model_group``) was at this target, the router started it (its
-        deployment hook ran), and the error is the provider's: not when the lifecycle's next attempt
-        was never made (the one before, whose failure event came, was the last; what it used was
-        counted then), nor for what the proxy raised itself (a guardrail, its rate limit, a client gone)."""
+        the usage is read from the request's logging object). Counted only when the router started
+        the attempt the lifecycle waits on (its deployment hook ran: the request's ``model_group``
+        still names the first target after a fallback, as litellm's router copies the metadata for
+        each) and the error is the provider's: not when the lifecycle's next attempt was never made
+        (the one before, whose failure event came, was the last; what it used was counted then), nor
+        for what the proxy raised itself (a guardrail, its rate limit, a client gone). The error is
+        the one the proxy answers with: the router raises the first target's after a fallback failed."""
         found = self._take_open(self._key(request_data))
         if found is None:  # settled as its answer was served (a callback after this one refused the answer):
             with self._lock:  # no success event comes for it
                 self._answered.pop(self._key(request_data), None)
         else:
-            about = _metadata(request_data).get("model_group")  # a request sent as it came has one attempt
-            ours = found.as_sent or (found.started and about == _target(found.attempt))  # else the one before
+            ours = found.as_sent or found.started  # the router made the attempt the lifecycle waits on: it failed
             self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,
                       failed=ours and wire.provider_error(original_exception))
             self._tally()
