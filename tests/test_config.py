@@ -51,18 +51,41 @@ def test_bad_yaml_and_missing_file(tmp_path) -> None:
         load_config(top)
 
 
-def test_an_alias_target_without_a_price_is_named_when_the_config_is_assembled() -> None:
+def test_an_alias_target_without_a_price_is_named_at_the_first_call() -> None:
     import structlog
 
     from router_middleware import Pipeline
 
+    hi = [{"role": "user", "content": "hi"}]
     with structlog.testing.capture_logs() as logs:
-        Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-minii", "gpt-4o-mini"]}}})
+        Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-minii", "gpt-4o-mini"]}}}).completion(
+            model="gpt-4o-mini", messages=hi, mock_response="ok")
         Pipeline.from_config({"routing": {"aliases": {"coder": ["my-model", "gpt-4o-mini"]}},
-                              "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}})
+                              "models": {"my-model": {"input_per_mtok": 1, "output_per_mtok": 2}}}).completion(
+            model="gpt-4o-mini", messages=hi, mock_response="ok")
     warned = [e for e in logs if e["event"] == "unpriced_alias_target"]
     assert [(e["where"], e["model"]) for e in warned] == [("routing.aliases.coder", "gpt-4o-minii")]
     assert warned[0]["did_you_mean"][0] == "gpt-4o-mini"
+
+
+def test_an_alias_target_without_a_price_is_not_named_when_an_adapter_serves_it() -> None:
+    """An unpriced target may be a name an adapter serves (a LiteLLM proxy
+    ``model_name``, an agent middleware's ``models`` key), which the adapter tells the pipeline only
+    once it runs: said at the first call, but not when served (the proxy's hook warned about every
+    ``model_name`` an alias listed, a typo? when it was none)."""
+    import structlog
+
+    from router_middleware import Pipeline
+
+    config = {"routing": {"aliases": {"coder": ["dead", "flaky", "gpt-4o-mini"]}}, "cache": {"enabled": False}}
+    with structlog.testing.capture_logs() as logs:
+        pipeline = Pipeline.from_config(config)
+        assert not [e for e in logs if e["event"] == "unpriced_alias_target"]  # not yet
+        pipeline.serve({"dead": "openai/gpt-4o"})
+        for _ in range(2):
+            pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok")
+    warned = [(e["where"], e["model"]) for e in logs if e["event"] == "unpriced_alias_target"]
+    assert warned == [("routing.aliases.coder", "flaky")]  # once, and not the name served
 
 
 def test_a_ledger_url_of_an_unsupported_kind_is_refused_at_load_without_its_secret() -> None:

@@ -39,6 +39,7 @@ class Parts:
     ledger: LedgerWriter | None
     cache: ResponseCache | None
     books: Bookkeeper
+    unnamed: tuple[tuple[str, str], ...] = ()  # unpriced alias targets: said at the first call (Engine.start)
 
 
 def build_policies(config: Config) -> tuple[Policy, ...]:
@@ -135,6 +136,13 @@ def unpriced_targets(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
             if target not in routing.deployments and catalog.resolve(target) is None]
 
 
+def unpriced_target(config: Config, alias: str, target: str) -> None:
+    """Say that alias ``target`` has no price (``unpriced_alias_target``), with the closest names."""
+    log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
+                why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
+                    "is unknown", did_you_mean=list(close_names(target, tuple(config.routing.deployments))))
+
+
 def unpriced_deployments(config: Config, catalog: Catalog) -> list[tuple[str, str]]:
     """``(name, model)`` for each deployment whose model no price list has (litellm's catalog or the
     config's ``models:``): a typo, usually, or a model of its own endpoint; unpriced either way."""
@@ -195,10 +203,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
     check_alias_targets(config)
-    for alias, target in unpriced_targets(config, catalog):
-        log.warning("unpriced_alias_target", where=f"routing.aliases.{alias}", model=target,
-                    why="neither litellm's catalog nor the config's models price it (a typo?); its calls' cost "
-                        "is unknown", did_you_mean=list(close_names(target, tuple(config.routing.deployments))))
+    unnamed = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
     for name, model in unpriced_deployments(config, catalog):
         why = ("neither litellm's catalog nor the config's models price it (a typo?); its calls' cost is unknown "
                "until models: gives its prices") if provider_known(model) else \
@@ -231,4 +236,5 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store),
                          cooldown_view=state.cooldowns,
                          reasoning=config.reasoning),
+        unnamed=tuple(unnamed),
     )
