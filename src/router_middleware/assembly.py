@@ -39,7 +39,7 @@ class Parts:
     ledger: LedgerWriter | None
     cache: ResponseCache | None
     books: Bookkeeper
-    unnamed: tuple[tuple[str, str], ...] = ()  # unpriced alias targets: said at the first call (Engine.start)
+    unpriced: tuple[tuple[str, str], ...] = ()  # alias targets of no price: said at the first call (Engine.start)
 
 
 def build_policies(config: Config) -> tuple[Policy, ...]:
@@ -203,7 +203,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
     check_alias_targets(config)
-    unnamed = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
+    unpriced = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
     for name, model in unpriced_deployments(config, catalog):
         why = ("neither litellm's catalog nor the config's models price it (a typo?); its calls' cost is unknown "
                "until models: gives its prices") if provider_known(model) else \
@@ -236,5 +236,5 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store),
                          cooldown_view=state.cooldowns,
                          reasoning=config.reasoning),
-        unnamed=tuple(unnamed),
+        unpriced=tuple(unpriced),
     )

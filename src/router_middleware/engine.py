@@ -97,7 +97,7 @@ class Engine:
         self._sent: OrderedDict[tuple[str, int], float] = OrderedDict()
         self._sent_lock = threading.Lock()
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
-        self._unnamed = parts.unnamed  # said at the first call, but the names an adapter serves by then
+        self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
 
     def serve(self, models: Mapping[str, str]) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
@@ -184,17 +184,17 @@ class Engine:
               unusable: str = "not among the adapter's models", cache: bool = True, answers: Answers | None = None,
               fallback: bool = True, follow: tuple[str, ...] = (), plan: Plan | None = None) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
-        if self._unnamed:
-            self._say_unnamed()
+        if self._unpriced:
+            self._say_unpriced()
         return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, answers=answers,
                              fallback=fallback, follow=follow, plan=plan)
 
-    def _say_unnamed(self) -> None:
-        """Say which alias targets litellm knows no provider for have no price, once, at the first call:
-        by then an adapter has said which names it serves (:meth:`serve`: the proxy's model names, the
-        agent middleware's ``models``), and those are priced as the model each stands for."""
-        unnamed, self._unnamed = self._unnamed, ()
-        for alias, target in unnamed:
+    def _say_unpriced(self) -> None:
+        """Say which alias targets have no price, once, at the first call: by then an adapter has said
+        which names it serves (:meth:`serve`: the proxy's model names, the agent middleware's
+        ``models``), and those are priced as the model each stands for."""
+        unpriced, self._unpriced = self._unpriced, ()
+        for alias, target in unpriced:
             if target not in self.state.served:
                 unpriced_target(self.config, alias, target)
 

@@ -88,9 +88,9 @@ class _Core(CustomLogger):
         if error is not None:
             spent = self._spent(found, reply)
             if spent is None and found.proxy and not found.as_sent and not found.attempt.remaining:
-                # the last target's failure: the router may retry it (the proxy's num_retries, left to
-                # it when no fallback follows), so the call ends with the proxy's failure hook, or
-                # the retry's answer settles it (it failed over for a retry; its row had said failed)
+                # the last target's failure: the router may retry it (the proxy's own num_retries, which
+                # the hook leaves when no fallback follows), so the retry's answer settles the call, or
+                # the proxy's failure hook ends it (ended here, a retry that answered had a failed row)
                 self._keep(kwargs, found)
                 return True
             error = error if spent is None else CutShort(error, spent)
