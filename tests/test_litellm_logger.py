@@ -333,18 +333,25 @@ def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tm
 
 @pytest.mark.parametrize("event_first", [False, True])
 @pytest.mark.parametrize("retry", ["answers", "fails"])
-def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(tmp_path, retry, event_first) -> None:
+@pytest.mark.parametrize("alias", [["flaky"], ["flaky", "gone"]], ids=["one-target", "a-target-the-proxy-lacks"])
+def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(tmp_path, monkeypatch, alias, retry,
+                                                                                event_first) -> None:
     """With no fallback to move to, the router retries its one target as it would without the hook
     (the hook set ``num_retries`` 0 on every request, so a passing 503 failed a request the proxy alone
     answered), and the failed try's event does not end the call: the retry's answer is its one row.
-    When the retry fails too, the proxy's failure hook ends it, counted once toward the cooldown."""
+    When the retry fails too, the proxy's failure hook ends it, counted once toward the cooldown. So
+    too when the alias's other target is no name the proxy serves (the router is handed no fallback)."""
+    import sys
+    import types
+
     from .scripted_upstream import scripted_upstream
 
     upstream = scripted_upstream(fail_first=1) if retry == "answers" else scripted_upstream(status=503)
     with upstream as (base, seen):
         router = litellm.Router(model_list=[{"model_name": "flaky", "litellm_params": {
             "model": "openai/gpt-5-mini", "api_base": base, "api_key": "x"}}], num_retries=1)
-        logger = _proxy_logger(tmp_path, ["flaky"])
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = _proxy_logger(tmp_path, alias)
         try:
             async def call() -> object:
                 try:

@@ -88,6 +88,7 @@ class _Open:
     as_sent: bool = False
     stream: Any = None  # the chat stream the proxy serves for it, once it has one
     follows: bool = False
+    own_retries: bool = False  # the proxy's router was handed no fallbacks: it retries the target its own way
 
     @property
     def falling_back(self) -> bool:

@@ -87,10 +87,10 @@ class _Core(CustomLogger):
             reply = replace(reply, stream=found.stream)
         if error is not None:
             spent = self._spent(found, reply)
-            if spent is None and found.proxy and not found.as_sent and not found.attempt.remaining:
-                # the last target's failure: the router may retry it (the proxy's own num_retries, which
-                # the hook leaves when no fallback follows), so the retry's answer settles the call, or
-                # the proxy's failure hook ends it (ended here, a retry that answered had a failed row)
+            if spent is None and found.own_retries:
+                # the router was handed no fallback: it may retry its target (the proxy's own
+                # num_retries), so the retry's answer settles the call, or the proxy's failure hook
+                # ends it (ended here, a retry that answered had a failed row)
                 self._keep(kwargs, found)
                 return True
             error = error if spent is None else CutShort(error, spent)

@@ -126,12 +126,13 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
-        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan))
+        # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
+        fallbacks = [t for t in attempt.remaining if served is None or t in served]
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=not fallbacks))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
-        # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
-        changed["fallbacks"] = [t for t in attempt.remaining if served is None or t in served]
-        if changed["fallbacks"]:  # else the router retries its one target as it would without the hook
+        changed["fallbacks"] = fallbacks
+        if fallbacks:  # else the router retries its one target as it would without the hook
             changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
