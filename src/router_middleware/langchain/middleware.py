@@ -39,6 +39,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from .. import wire
 from ..cache import key_value
 from ..catalog import close_names
+from ..context.breakpoints import mark
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
 from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced
@@ -97,28 +98,14 @@ def _own(valid: Sequence[Any], converted: Sequence[Any], owners: Sequence[Any]) 
 
 def _as_kept(message: Mapping[str, Any], valid: Sequence[Any], own: Mapping[int, Any]) -> BaseMessage:
     """The LangChain message to send for a planned dict that is no validated dict of the call: where
-    a policy only marked it with ``cache_control`` breakpoints (the same message otherwise), the
-    agent's own message carrying the marks (a tool result keeps its ``status``, ``artifact``, ``id``,
-    a block its own form); else one built from the dict (a summary, a placeholder result)."""
-    unmarked = _unmarked(message)
+    the breakpoints policy only marked one (:func:`.context.breakpoints.mark`), the agent's own message
+    carrying the marks (a tool result keeps its ``status``, ``artifact``, ``id``, a block its own
+    form); else one built from the dict (a summary, a placeholder result)."""
     for was in valid:
         original: BaseMessage | None = own.get(id(was))
-        if original is not None and unmarked == _unmarked(was):
+        if original is not None and mark(was) == message:
             return original.model_copy(update={"content": _marks_on(original.content, message.get("content"))})
     return convert_to_messages([dict(message)])[0]
-
-
-def _unmarked(message: Mapping[str, Any]) -> dict[str, Any]:
-    """``message`` without its ``cache_control`` marks, a text alone as a plain string (how the
-    breakpoints policy marks a text: it makes it one marked text part)."""
-    plain = {k: v for k, v in message.items() if k != "cache_control"}
-    content = plain.get("content")
-    if isinstance(content, list):
-        parts = [{k: v for k, v in p.items() if k != "cache_control"} if isinstance(p, Mapping) else p for p in content]
-        one = parts[0] if len(parts) == 1 else None
-        plain["content"] = one["text"] if isinstance(one, dict) and one.keys() == {"type", "text"} \
-            and one["type"] == "text" else parts
-    return plain
 
 
 def _marks_on(content: Any, marked: Any) -> Any:
