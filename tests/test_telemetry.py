@@ -187,6 +187,43 @@ def test_each_attempt_has_its_own_duration_point_and_its_spans_say_it_failed(met
     assert "gen_ai.usage.cost" not in route[-1].attributes and route[-1].attributes["router_middleware.cost_usd"] > 0
 
 
+@pytest.mark.parametrize(("sampled", "first", "second"), [(True, "gpt-4o-2024-08-06", "gpt-4o-2024-05-13"),
+                                                          (False, "gpt-4o-2024-11-20", "gpt-4-turbo")],
+                         ids=["recorded", "sampled-out"])
+def test_the_metric_points_name_each_attempt_s_model_and_provider_whether_or_not_its_trace_records(
+        metric_reader, monkeypatch, sampled, first, second) -> None:
+    """Metrics are the same in every tracing mode: with the trace sampled out (or no tracer provider,
+    metrics alone), each attempt's duration and token points still name its request model, provider
+    and server (before, they carried only ``error.type`` or the response model there)."""
+    import litellm
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
+
+    provider = TracerProvider(sampler=ALWAYS_ON if sampled else ALWAYS_OFF)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"pair": [first, second]}, "fallback": {"backoff_s": 0}},
+                                     "cache": {"enabled": False}})
+    real = litellm.completion
+
+    def scripted(**kw):
+        failure = litellm.exceptions.RateLimitError("slow down", "openai", first)
+        return real(**{**kw, "mock_response": failure}) if kw["model"] == first else real(**kw)
+
+    monkeypatch.setattr(litellm, "completion", scripted)
+    pipeline.completion(model="pair", messages=MESSAGES, mock_response="ok")
+    named = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "server.address": "api.openai.com"}
+    durations = [dict(p.attributes) for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                 if p.attributes.get("gen_ai.request.model") in (first, second)]
+    assert sorted(durations, key=lambda a: a["gen_ai.request.model"] != first) == [
+        {**named, "gen_ai.request.model": first, "error.type": "RateLimitError"},
+        {**named, "gen_ai.request.model": second, "gen_ai.response.model": second}]
+    tokens = [dict(p.attributes) for p in _points(metric_reader, "gen_ai.client.token.usage")
+              if p.attributes.get("gen_ai.response.model") == second]
+    assert len(tokens) == 2 and all(t["gen_ai.request.model"] == second and t["gen_ai.provider.name"] == "openai"
+                                    for t in tokens)
+
+
 def test_openinference_kinds_name_every_span_a_fallback_makes(span_exporter, monkeypatch) -> None:
     """A failed attempt's chat span is an LLM span too (it has no outcome to carry the kind)."""
     import litellm

@@ -78,15 +78,21 @@ def reasoning_level(plan: Plan) -> str | None:
     return None
 
 
-def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
+def metric_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
+    """The attributes an attempt's metric points carry (its span carries them too)."""
     attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": plan.model}
-    if plan.deployment:  # the name the model was sent under (two deployments of one model apart)
-        attrs["router_middleware.deployment"] = plan.deployment
     if provider:
         attrs["gen_ai.provider.name"] = provider
     address = server_address(plan, provider)
     if address:
         attrs["server.address"] = address
+    return attrs
+
+
+def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
+    attrs = metric_attributes(plan, provider)
+    if plan.deployment:  # the name the model was sent under (two deployments of one model apart)
+        attrs["router_middleware.deployment"] = plan.deployment
     for key, name in _REQUEST_PARAMS.items():
         value = plan.params.get(key)
         if isinstance(value, bool | int | float | str):

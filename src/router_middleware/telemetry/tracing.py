@@ -20,7 +20,14 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from ..errors import ending
 from ..types import AttributeValue, Decision, Outcome, Plan
 from . import metrics as call_metrics
-from .attributes import Semconv, agent_attributes, decision_attributes, outcome_attributes, request_attributes
+from .attributes import (
+    Semconv,
+    agent_attributes,
+    decision_attributes,
+    metric_attributes,
+    outcome_attributes,
+    request_attributes,
+)
 from .content import content_attributes, response_messages
 from .redaction import DEFAULT_REDACTOR, Redactor
 from .safety import log, never_raises
@@ -368,8 +375,9 @@ class CallTrace:
                                       float(self.plan.estimated_savings_usd))
 
     def _metric_attrs(self) -> dict[str, AttributeValue]:
-        keep = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "server.address")
-        return {k: v for k, v in self.request_attrs.items() if k in keep}
+        """The attempt's model, provider and server, whether or not its spans record (metrics alone, or
+        a trace sampled out, still name them)."""
+        return metric_attributes(self.plan, self.provider)
 
     def _log_ids(self) -> dict[str, str]:
         """The ids of the attempt's span, else the last attempt's (it failed and ended), else (a cache
