@@ -642,6 +642,37 @@ def test_a_hard_budget_refuses_before_any_attempt(call, script) -> None:
     assert script.calls == []
 
 
+@pytest.mark.parametrize("refusal", ["budget", "quota", "route"])
+def test_a_call_refused_before_any_attempt_has_its_route_span_and_log_line(call, script, span_exporter,
+                                                                           refusal) -> None:
+    """A call refused by a budget, by every target's quota (at admission) or by routing (no candidate
+    may serve it, at planning) is seen in telemetry: its route span with the error and
+    ``error.type``, no chat span (no provider operation), and an ``llm_call_failed`` warning (before,
+    nothing at all: no span, no log line). As documented, no ledger row."""
+    import structlog
+
+    from router_middleware.errors import RouterMiddlewareError
+
+    p = {"budget": lambda: pipeline(budgets=[{"name": "tiny", "scope": "global", "usd": 0.000001}]),
+         "quota": lambda: pipeline(limits={m: {"rpm": 1} for m in CODER}),
+         "route": lambda: pipeline(deny_providers=["anthropic", "openai", "deepseek"])}[refusal]()
+    if refusal == "quota":  # each target's one request a minute used
+        for _ in CODER:
+            call(p)
+        script.calls.clear()
+        span_exporter.clear()
+    with structlog.testing.capture_logs() as logs, pytest.raises(RouterMiddlewareError) as refused:
+        call(p)
+    assert script.calls == []
+    kind = type(refused.value).__name__
+    assert kind == {"budget": "BudgetExceeded", "quota": "NoRouteError", "route": "NoRouteError"}[refusal]
+    spans = span_exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["route coder"]
+    assert spans[0].status.status_code == StatusCode.ERROR and spans[0].attributes["error.type"] == kind
+    assert [(e["event"], e["error_type"]) for e in logs if e["event"].startswith("llm_call")] == [
+        ("llm_call_failed", kind)]
+
+
 def test_successful_calls_settle_budgets_and_reach_the_ledger(call, script, tmp_path) -> None:
     from router_middleware.ledger.store import open_ledger
 

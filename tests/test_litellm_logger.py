@@ -959,6 +959,7 @@ def test_an_sdk_call_over_a_quota_is_sent_and_counted_and_says_so(api, tmp_path,
                                                        "budget_not_enforced")] == ["route_not_enforced"]
     said = next(e for e in logs if e["event"] == "route_not_enforced")
     assert "rpm" in said["error"] and "litellm already chose" in said["why"]
+    assert not [e for e in logs if e["event"] == "llm_call_failed"]  # its refusal ended no call: it was sent
     logger.pipeline.ledger.flush()
     assert len(open_ledger(logger.pipeline.config.ledger.url).query("SELECT call_id FROM calls")) == 2
 
@@ -989,6 +990,7 @@ def test_an_sdk_call_litellm_would_retry_on_its_own_is_counted_not_refused(tmp_p
     assert spent.value.spent == answer.usage.total_tokens
     said = [e for e in logs if e["event"] == "budget_not_enforced"]
     assert len(said) == 1 and "(num_retries; without retries it is refused)" in said[0]["why"]
+    assert not [e for e in logs if e["event"] == "llm_call_failed"]  # its refusal ended no call: it was sent
 
 
 def test_a_litellm_router_call_over_a_budget_is_counted_not_refused(tmp_path, monkeypatch) -> None:

@@ -173,6 +173,8 @@ def test_anthropic_messages_are_counted_and_refused_before_they_are_sent_once_ov
     logged = [json.loads(line) for line in (tmp_path / "proxy.log").read_text().splitlines() if line.startswith("{")]
     assert [(e["requested_model"], e["output_tokens"]) for e in logged if e.get("event") == "llm_call"] == [
         ("claude", PLAIN["output_tokens"]), ("claude", STREAMED["output_tokens"])]  # ROUTER_MIDDLEWARE_LOG_LEVEL
+    assert [(e["model"], e["error_type"]) for e in logged if e.get("event") == "llm_call_failed"] == [
+        ("anthropic/claude-3-opus-20240229", "BudgetExceeded")]  # the refusal is said (its route span has it too)
     assert plain[0] == 200 and json.loads(plain[1])["usage"]["output_tokens"] == PLAIN["output_tokens"]
     assert streamed[0] == 200 and b"event: message_stop" in streamed[1]
     assert len(rows) == 2

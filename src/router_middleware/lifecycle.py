@@ -150,12 +150,15 @@ class CallLifecycle:
     than its routing's fallbacks, none skipped (a quota a target is over is not taken, logged:
     the caller calls it all the same; the budgets still hold); ``plan``: the call goes as the
     adapter planned it (a request sent as it came: no policy rewrites it), admitted, attempted and
-    settled as any other."""
+    settled as any other; ``sends_refused``: whether the adapter sends a call the lifecycle refused
+    before any attempt all the same (litellm's SDK, where refusing would make things worse): that
+    refusal then ends no call, and has no span or log line of its own."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
-                 follow: tuple[str, ...] = (), plan: Plan | None = None) -> None:
+                 follow: tuple[str, ...] = (), plan: Plan | None = None,
+                 sends_refused: Callable[[Exception], bool] | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -168,6 +171,7 @@ class CallLifecycle:
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.given = plan
+        self.sends_refused = sends_refused
         self.held = Held()
         self._sized: Plan | None = None  # the last plan sized, and its size (ints: a tuple the collector untracks)
         self._size_of = (0, 0)
@@ -188,11 +192,15 @@ class CallLifecycle:
         (before any attempt), or ``RequestError`` for a bad alias suffix (messages are checked before:
         :meth:`~.engine.Engine.make_call`)."""
         engine = self.engine
-        plan = yield from self._plan()
-        if plan.summary_jobs:
-            for job in plan.summary_jobs:
-                yield from self._summarize(job)
-            plan = self._carry((yield from self._plan()))
+        try:
+            plan = yield from self._plan()
+            if plan.summary_jobs:
+                for job in plan.summary_jobs:
+                    yield from self._summarize(job)
+                plan = self._carry((yield from self._plan()))
+        except NoRouteError as refused:  # no candidate can serve the call
+            self._refused(self._carry(Plan.from_call(self.call)), refused)
+            raise
         if self.use_cache:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
@@ -203,10 +211,8 @@ class CallLifecycle:
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
-            except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded
-                if self.side_calls:  # the summaries were paid for: their spans and the call's row say so
-                    self._give_up(plan, CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model),
-                                                        0, 0, attempt=False, side_calls=self.side_calls), refused)
+            except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded, StoreUnavailable
+                self._refused(plan, refused)
                 raise
             plan, trace = engine.launch(plan, self.side_calls)
             started = time.perf_counter()
@@ -243,6 +249,20 @@ class CallLifecycle:
                 self._settle_tries()
                 self._stopped(exc)
             raise
+
+    def _refused(self, plan: Plan, refused: Exception) -> None:
+        """A call refused before any attempt: its route span (error status, ``error.type``) and an
+        ``llm_call_failed`` warning say why, unless the adapter sends it all the same; with summaries
+        written for it (paid for), their spans and its ledger row too."""
+        if not self.side_calls and self.sends_refused is not None and self.sends_refused(refused):
+            return
+        engine = self.engine
+        trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), 0, 0, attempt=False,
+                                side_calls=self.side_calls)
+        if self.side_calls:
+            self._give_up(plan, trace, refused)
+        else:
+            trace.fail(refused)
 
     @property
     def wants_answer(self) -> bool:

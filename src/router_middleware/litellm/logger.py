@@ -52,6 +52,15 @@ def _not_routed(error: NoRouteError) -> None:
                 why="litellm already chose this call's deployment: sent as it came, counted")
 
 
+def _sends_refused(kwargs: Mapping[str, Any]) -> Callable[[Exception], bool]:
+    """Whether an SDK call its lifecycle refused is sent all the same (:meth:`RouterLogger._not_started`):
+    a budget's or the store's refusal only where refusing would make things worse; a quota's or
+    cooldown's (``NoRouteError``) always, litellm having chosen the deployment. It keeps no reference
+    to ``kwargs``: a lifecycle holding litellm's call would keep litellm from ever letting it go."""
+    forced = _unrefusable(kwargs) is not None
+    return lambda error: forced or not isinstance(error, BudgetExceeded | StoreUnavailable)
+
+
 class RouterLogger(_ProxyHooks, _SyncStreams):
     """The pipeline inside litellm's callbacks (see the package's docstring): ``RouterLogger(pipeline,
     proxy=...)`` (:meth:`._Core.__init__`), then :meth:`register`."""
@@ -236,7 +245,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             if not kwargs.get("model") or "input" not in kwargs:
                 raise RequestError("model and input given positionally: litellm hands the hook keyword "
                                    "arguments only")
-            found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]))
+            found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]), _sends_refused(kwargs))
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             self._not_started(kwargs, exc, lambda error: _unplanned(endpoint, error))
             return
@@ -288,7 +297,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                                      and not (target in deployments and deployments[target].own_endpoint),
                                      unusable=f"litellm already chose provider {provider} and its endpoint for "
                                      "this call" if provider is not None else "litellm's SDK calls the name it is "
-                                     "given: an alias routes through Pipeline.acompletion or the proxy")
+                                     "given: an alias routes through Pipeline.acompletion or the proxy",
+                                     sends_refused=_sends_refused(kwargs))
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook

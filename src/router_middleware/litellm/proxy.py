@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -72,13 +72,15 @@ class _ProxyHooks(_Core):
             return  # its events record it as a call no hook planned
         self._keep(data, replace(found, as_sent=True))
 
-    async def _open_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> _Open:
+    async def _open_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str,
+                            sends_refused: Callable[[Exception], bool] | None = None) -> _Open:
         """The lifecycle of a request sent as it came (:meth:`_plan_as_sent`), its one attempt
         admitted: raises ``BudgetExceeded``, ``NoRouteError`` (a quota used up) or ``StoreUnavailable``
         when it is refused, before anything is sent."""
         engine = self.pipeline
         plan = self._plan_as_sent(data, endpoint, requested)
-        lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False)
+        lifecycle = engine.start(plan.call, plan=plan, read=self._read_own, cache=False, fallback=False,
+                                 sends_refused=sends_refused)
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
