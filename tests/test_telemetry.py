@@ -518,7 +518,7 @@ def test_agent_name_and_id(span_exporter) -> None:
                     ("conversation", "request") and k.split(".")[2] in ("compacted", "reasoning")]
 
 
-def _summarized(tmp_path, **context_config):
+def _summarized(tmp_path, app: str = "coder", **context_config):
     history = [MESSAGES[0], {"role": "user", "content": "task"}]
     for i in range(60):
         history += [{"role": "assistant", "content": f"reply {i} " * 40}, {"role": "user", "content": f"more {i}"}]
@@ -526,7 +526,7 @@ def _summarized(tmp_path, **context_config):
         "context": {"watermark_tokens": 2000, "max_payback_calls": None, "summarize": True, **context_config},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}})
     response = pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok",
-                                   context={"session_id": "long", "app": "coder"})
+                                   context={"session_id": "long", "app": app})
     pipeline.close()
     from router_middleware.ledger.store import open_ledger
 
@@ -546,6 +546,20 @@ def test_a_summary_call_is_a_client_span_and_costs_in_its_calls_row(tmp_path, sp
     ((cost, summary_cost),) = rows
     assert summary_cost == pytest.approx(summary.attributes["gen_ai.usage.cost"])
     assert cost == pytest.approx(outcome(response).cost.total_usd + summary_cost)  # the row pays for both
+    assert route.attributes["router_middleware.cost_usd"] == pytest.approx(cost)  # as the row (it left out the
+    assert route.attributes["router_middleware.summary_cost_usd"] == pytest.approx(summary_cost)  # summary)
+
+
+def test_a_summary_s_cost_is_counted_apart_by_its_purpose(tmp_path, metric_reader) -> None:
+    """The cost counter's share of a summary carries ``router_middleware.purpose``, as its histogram
+    points do: a dashboard can tell what the summaries cost from what the calls did."""
+    _, rows = _summarized(tmp_path, app="summary-costs",
+                          summary_params={"mock_response": "They discussed replies 0 to 40."})
+    ((cost, summary_cost),) = rows
+    counted = {p.attributes.get("router_middleware.purpose"): p.value for p in _points(metric_reader, "router_middleware.cost")
+               if p.attributes.get("router_middleware.app") == "summary-costs"}
+    assert counted["context_summary"] == pytest.approx(summary_cost)
+    assert counted[None] == pytest.approx(cost - summary_cost)
 
 
 def test_a_failed_summary_call_is_a_failed_span_and_costs_nothing(tmp_path, span_exporter) -> None:
@@ -578,6 +592,7 @@ def test_summaries_of_a_refused_call_are_still_accounted(tmp_path, span_exporter
     ((cost, summary_cost, error),) = open_ledger(pipeline.config.ledger.url).query(
         "SELECT cost_usd, summary_cost_usd, error FROM calls")
     assert error == "BudgetExceeded" and summary_cost > 0 and cost == pytest.approx(summary_cost)
+    assert route.attributes["router_middleware.cost_usd"] == pytest.approx(cost)  # as the row
 
 
 def test_a_tracer_provider_set_later_gets_the_spans() -> None:

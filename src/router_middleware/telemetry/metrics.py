@@ -60,6 +60,7 @@ def record(base: dict[str, AttributeValue], outcome: Outcome | None, duration_s:
             cost_attrs["gen_ai.provider.name"] = outcome.provider
         if app:
             cost_attrs["router_middleware.app"] = app
-        if "router_middleware.ended" in attrs:  # a call its caller stopped, counted as it is on the histograms
-            cost_attrs["router_middleware.ended"] = attrs["router_middleware.ended"]
+        for label in ("router_middleware.ended", "router_middleware.purpose"):  # as on the histograms: a call
+            if label in attrs:  # its caller stopped, a summary made for another call
+                cost_attrs[label] = attrs[label]
         found.cost.add(outcome.cost.total_usd, cost_attrs)

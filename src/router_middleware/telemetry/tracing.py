@@ -306,6 +306,8 @@ class CallTrace:
             span.set_attribute("router_middleware.ended", "failed")
             span.set_status(Status(StatusCode.ERROR, message))
         self._used(outcome)
+        if self.parent is not None:
+            self._cost(outcome)
         ids = self._log_ids()
         for span in (self.child, self.parent):
             if span is not None:
@@ -364,8 +366,7 @@ class CallTrace:
         """The route span's attributes of what the call used."""
         assert self.parent is not None
         self.parent.set_attribute("gen_ai.response.model", outcome.model)
-        if outcome.cost.total_usd is not None:  # not gen_ai.usage.cost, which a backend sums over the trace
-            self.parent.set_attribute("router_middleware.cost_usd", float(outcome.cost.total_usd))
+        self._cost(outcome)
         if outcome.usage.source == "cache":
             self.parent.set_attribute("router_middleware.cache.hit", True)
             similarity = self.cache_similarity
@@ -373,6 +374,19 @@ class CallTrace:
                 self.parent.set_attribute("router_middleware.cache.similarity", float(similarity))
             self.parent.set_attribute("router_middleware.savings.estimated_usd",
                                       float(self.plan.estimated_savings_usd))
+
+    def _cost(self, outcome: Outcome | None) -> None:
+        """The call's cost on its route span, as its ledger row has it: what its attempts used plus its
+        summaries (``router_middleware.summary_cost_usd``); unknown for an answer without a price. Not
+        ``gen_ai.usage.cost``, which a backend sums over the trace."""
+        assert self.parent is not None
+        summaries = self.plan.summary_cost_usd
+        used = outcome.cost.total_usd if outcome is not None else 0.0
+        if used is None or not (outcome is not None or summaries):
+            return
+        self.parent.set_attribute("router_middleware.cost_usd", float(used + summaries))
+        if summaries:
+            self.parent.set_attribute("router_middleware.summary_cost_usd", float(summaries))
 
     def _metric_attrs(self) -> dict[str, AttributeValue]:
         """The attempt's model, provider and server, whether or not its spans record (metrics alone, or
