@@ -130,9 +130,17 @@ def routes(exporter) -> list[Any]:
     return [s for s in exporter.get_finished_spans() if s.name == "route coder"]
 
 
-def test_falls_back_on_a_rate_limit_with_a_span_per_attempt(call, script, span_exporter) -> None:
+def test_falls_back_on_a_rate_limit_with_a_span_per_attempt(call, script, span_exporter, tmp_path) -> None:
+    import structlog
+
+    from router_middleware.ledger.store import open_ledger
+
     script.failures[CLAUDE] = [rate_limit()]
-    call(pipeline())
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = pipeline(ledger=url)
+    with structlog.testing.capture_logs() as logs:
+        call(p)
+    p.close()
     assert script.calls == [CLAUDE, MINI]
     (route,) = routes(span_exporter)
     attempts = [s for s in span_exporter.get_finished_spans()
@@ -148,6 +156,12 @@ def test_falls_back_on_a_rate_limit_with_a_span_per_attempt(call, script, span_e
     fallback = next(e for e in route.events if e.name == "routing:fallback")
     assert CLAUDE in fallback.attributes["reason"] and "RateLimitError" in fallback.attributes["reason"]
     assert route.attributes["router_middleware.route.reason"] == fallback.attributes["reason"]
+    assert [e.name for e in route.events].count("routing:route") == 1
+    # the row and the log line keep the route the call took first too (they lost it after a fallback)
+    ((row,),) = open_ledger(url).query("SELECT decisions FROM calls")
+    (line,) = [e for e in logs if e["event"] == "llm_call"]
+    for decisions in (json.loads(row), line["decisions"]):
+        assert decisions[0] == "routing:route" and "routing:fallback" in decisions
 
 
 def test_retries_the_same_model_first_after_a_backoff(call, script, waits) -> None:

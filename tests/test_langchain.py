@@ -422,7 +422,7 @@ def test_agent_middleware_falls_back_to_the_next_mapped_model(span_exporter) -> 
     assert state["messages"][-1].content == "done"
     metadata = state["messages"][-1].response_metadata  # the router's call, not the inner model's own
     assert (metadata["requested_model"], metadata["routed_model"], metadata["decisions"]) == \
-        ("agent", "gpt-3.5-turbo", ["routing:fallback"])
+        ("agent", "gpt-3.5-turbo", ["routing:route", "routing:fallback"])
     spans = span_exporter.get_finished_spans()
     (route,) = [s for s in spans if s.name == "route agent"]
     attempts = [s for s in spans if s.parent is not None and s.parent.span_id == route.context.span_id]
@@ -472,7 +472,7 @@ def test_agent_middleware_fails_over_without_the_sdk_s_own_retries(monkeypatch, 
 
         models = {"down": model(down), "up": model(f"{up}/healthy/v1")}
         state = agent_call(models, ["down", "up"])
-        assert state["messages"][-1].response_metadata["decisions"] == ["routing:fallback"]
+        assert state["messages"][-1].response_metadata["decisions"] == ["routing:route", "routing:fallback"]
         assert len(sent) == 1 and seen["healthy:ok"] == 1
         assert inner == [(0, {}), (None, {})] and models["down"].max_retries is None  # a copy was sent
         sent.clear()

@@ -1045,7 +1045,7 @@ def test_a_failed_async_sdk_call_counts_toward_a_cooldown_and_the_next_call_rout
     answer, spent, rows = _run_and_probe(logger, run)
     assert answer.model == "gpt-4.1-mini"  # gpt-4o-mini cools down after its failure
     assert [(r["model"], r["error"] is not None) for r in rows] == [("gpt-4o-mini", True), ("gpt-4.1-mini", False)]
-    assert all(json.loads(r["decisions"]) == ["routing:skip"] for r in rows)  # the claude target, first in order
+    assert all(json.loads(r["decisions"]) == ["routing:route", "routing:skip"] for r in rows)  # claude, first
     assert spent == answer.usage.total_tokens  # the failed call's reservation was given back
 
 

@@ -871,14 +871,24 @@ def _stream_answer(plan: Plan, chunks: list[Any], *, light: bool) -> tuple[Any, 
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open"})  # routing decisions that move a call on
+_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open")  # what only the first attempt's route says
 
 
 def _following(previous: Plan, plan: Plan) -> Plan:
     """``plan`` (a later attempt's, or one planned again) keeping the routing decisions that moved the
     call on before it (each plan records only its own: a fallback that admission then moved past went
-    missing from the row)."""
-    carried = tuple(d for d in previous.decisions if d.policy == "routing" and d.action in _ATTEMPT_ACTIONS)
+    missing from the row), and the route the call took first, without what a session remembers of
+    it or its half-open targets (a later attempt's answer is no route of the session's tier: it is
+    not remembered as one). Before, the row and the log line of a call that fell back lost its route."""
+    carried = tuple(_carried(d) for d in previous.decisions
+                    if d.policy == "routing" and (d.action in _ATTEMPT_ACTIONS or d.action == "route"))
     return plan.override(decisions=(*carried, *plan.decisions)) if carried else plan
+
+
+def _carried(decision: Decision) -> Decision:
+    if decision.action != "route" or not any(k in decision.attributes for k in _FIRST_ROUTE):
+        return decision
+    return replace(decision, attributes={k: v for k, v in decision.attributes.items() if k not in _FIRST_ROUTE})
 
 
 def _half_open(plan: Plan) -> tuple[str, ...]:

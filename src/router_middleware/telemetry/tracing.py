@@ -242,9 +242,13 @@ class CallTrace:
                                                          semconv=self.settings.semconv))
 
     def _say(self, decisions: Sequence[Decision]) -> list[Decision]:
-        """Put the decisions the route span does not carry yet on it, one event each; returns them."""
+        """Put the decisions the route span does not carry yet on it, one event each; returns them. A
+        decision a later attempt's plan carries (the call's route, without what its session remembers)
+        is the one said already."""
         assert self.parent is not None
-        new = [d for d in decisions if d not in self._said]
+        routes = {(d.policy, d.reason) for d in self._said if d.action == "route"}
+        new = [d for d in decisions
+               if d not in self._said and not (d.action == "route" and (d.policy, d.reason) in routes)]
         for decision in new:
             self.parent.add_event(f"{decision.policy}:{decision.action}",
                                   {"reason": decision.reason, **dict(decision.attributes)})
