@@ -40,13 +40,14 @@ def metric_reader():
 
 def test_parent_route_span_and_client_child(span_exporter) -> None:
     Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=50, top_p=0.5,
-                          context={"session_id": "s-1", "app": "coder", "step": 2, "step_kind": "act"})
+                          temperature=0, context={"session_id": "s-1", "app": "coder", "step": 2, "step_kind": "act"})
     (parent,), (child,) = spans_by_kind(span_exporter)
     assert parent.name == "route gpt-4o-mini" and child.name == "chat gpt-4o-mini"
     assert child.parent.span_id == parent.context.span_id
     attrs = dict(child.attributes)
     assert attrs["gen_ai.operation.name"] == "chat" and attrs["gen_ai.provider.name"] == "openai"
     assert attrs["gen_ai.request.max_tokens"] == 50 and attrs["gen_ai.request.top_p"] == 0.5
+    assert isinstance(attrs["gen_ai.request.temperature"], float)  # a double, as the conventions type it
     assert attrs["server.address"] == "api.openai.com"
     assert attrs["gen_ai.response.finish_reasons"] == ("stop",)
     assert attrs["gen_ai.response.id"].startswith("chatcmpl-")

@@ -21,6 +21,7 @@ _REQUEST_PARAMS = {
     "stream": "gen_ai.request.stream",
     "seed": "gen_ai.request.seed",
 }
+_DOUBLES = frozenset({"temperature", "top_p"})  # typed double by the conventions, whatever number the caller gave
 _DEFAULT_HOSTS = {
     "openai": "api.openai.com", "anthropic": "api.anthropic.com", "deepseek": "api.deepseek.com",
     "openrouter": "openrouter.ai", "gemini": "generativelanguage.googleapis.com",
@@ -95,7 +96,9 @@ def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeV
         attrs["router_middleware.deployment"] = plan.deployment
     for key, name in _REQUEST_PARAMS.items():
         value = plan.params.get(key)
-        if isinstance(value, bool | int | float | str):
+        if key in _DOUBLES and isinstance(value, int) and not isinstance(value, bool):
+            attrs[name] = float(value)
+        elif isinstance(value, bool | int | float | str):
             attrs[name] = value
     level = reasoning_level(plan)
     if level:
