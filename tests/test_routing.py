@@ -9,7 +9,7 @@ import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import ConfigError, Pipeline, RequestError, UnknownModelError, outcome
+from router_middleware import ConfigError, MaxTokensError, Pipeline, RequestError, UnknownModelError, outcome
 from router_middleware.config import FallbackConfig
 from router_middleware.routing.budgets import NO_APP
 from router_middleware.routing.fallback import backoff, counts_toward_cooldown
@@ -95,6 +95,21 @@ def test_a_request_that_looks_too_big_for_every_window_is_sent_to_the_largest_th
                     r"anyway \(the provider counts; request needs ~[\d,]+ tokens, window is 128,000\); ", decision.reason)
     considered = str(decision.attributes["considered"])
     assert "gpt-3.5-turbo: request needs ~" in considered and "window is 16,385" in considered
+
+
+@pytest.mark.parametrize("cap", ["max_tokens", "max_completion_tokens"])
+def test_a_smaller_window_is_not_tried_while_a_larger_one_refuses_only_the_request_s_cap(cap: str) -> None:
+    """gpt-4o-mini (128k) holds the ~30k-token messages and refuses only the 100k cap; gpt-3.5-turbo
+    (16k) holds neither. Sending the call to gpt-3.5-turbo as "the largest" (found by a routing
+    trial) was a certain provider 400 named as the wrong fault: it is the request's, a 400 here."""
+    big = [{"role": "user", "content": "word " * 30000}]
+    with pytest.raises(MaxTokensError) as error:
+        routed(pipeline(), "small", big, **{cap: 100_000})
+    assert error.value.status_code == 400 and isinstance(error.value, NoRouteError)
+    assert re.match(rf"{cap} 100,000 with the ~[\d,]+-token request exceeds the window of 128,000$",
+                    error.value.rejections["gpt-4o-mini"])
+    assert "window is 16,385" in error.value.rejections["gpt-3.5-turbo"]
+    assert routed(pipeline(), "small", big, **{cap: 1_000}).model == "gpt-4o-mini"  # a cap it holds: served
 
 
 def test_a_model_without_vision_is_skipped_only_when_the_request_has_an_image() -> None:

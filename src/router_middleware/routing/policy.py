@@ -148,9 +148,13 @@ class RoutingPolicy:
             else:
                 usable.append(model)
         if not usable:
-            usable, probe = self._probe(candidates, rejections, plan, state, estimate)
+            capped = [m for m in candidates if rejections[m].startswith(_CAPS)
+                      and self._rejection(m, plan, state, estimate, windowed=False) is None]
+            usable, probe = self._probe(candidates, rejections, plan, state, estimate, capped)
             if not usable:
-                raise _no_route(requested, rejections)
+                if capped or all(why.startswith(_CAPS) for why in rejections.values()):
+                    raise MaxTokensError(requested, rejections)  # the request's own cap: a 400
+                raise NoRouteError(requested, rejections)
             note += probe
             rejections.pop(usable[0])
         ranked = self._rank(usable, strategy, plan, state, estimate)
@@ -286,12 +290,14 @@ class RoutingPolicy:
         return len(self.config.tiers) - 1, scores[-1]
 
     def _probe(self, candidates: list[str], rejections: Mapping[str, str], plan: Plan, state: PolicyState,
-               estimate: int) -> tuple[list[str], str]:
+               estimate: int, capped: Sequence[str]) -> tuple[list[str], str]:
         """When every candidate is refused, the one to try anyway, and why (refusing would make the
         call worse than sending it directly, and the provider decides): of those refused only for
-        cooling down, the one whose cooldown ends first (the provider may be back); else, of those
+        cooling down, the one whose cooldown ends first (the provider may be back); else, unless one
+        would serve the request with a lower output cap (``capped``: the request's fault), of those
         refused only because the messages look too big for their window (an estimate: the provider
-        counts), the largest window. Else nothing: the caller gets :func:`_no_route`'s error."""
+        counts), the largest window. Else nothing: the caller raises ``NoRouteError`` or, when
+        ``capped`` names any, ``MaxTokensError``."""
         cooling = [m for m in candidates if state.cooldowns.get(m, 0.0) > state.now
                    and self._rejection(m, plan, state, estimate, cooled=False) is None]
         if cooling:
@@ -304,7 +310,7 @@ class RoutingPolicy:
             return list(candidates), f"no target takes n={plan.params.get('n')}: routed as for one answer; "
         oversized = [m for m in candidates if not rejections[m].startswith(_CAPS)
                      and self._rejection(m, plan, state, estimate, windowed=False) is None]
-        if not oversized:
+        if capped or not oversized:  # a smaller window would be tried while a larger one refuses only the cap
             return [], ""
         largest = max(oversized,
                       key=lambda m: getattr(state.catalog.resolve(self._model(m, state)), "max_input_tokens", 0))
@@ -406,13 +412,6 @@ class RoutingPolicy:
 _ONE_ANSWER = "gives one answer a call"  # how a rejection for n starts
 _CAPS = ("max_tokens ", "max_completion_tokens ")  # how a rejection the request's own cap caused starts
 
-
-def _no_route(requested: str, rejections: Mapping[str, str]) -> NoRouteError:
-    """A :class:`MaxTokensError` (400) when the request's own output cap is why every candidate was
-    refused; else a :class:`NoRouteError` (503)."""
-    if rejections and all(why.startswith(_CAPS) for why in rejections.values()):
-        return MaxTokensError(requested, rejections)
-    return NoRouteError(requested, rejections)
 
 
 __all__ = ["NoRouteError", "RoutingPolicy"]
