@@ -267,6 +267,28 @@ def test_a_store_url_without_a_scheme_is_refused_at_load() -> None:
 
 
 @pytest.mark.parametrize(("routing", "said"), [
+    ({"limits": {"gpt-4o-mini": {}}},
+     "field 'routing.limits.gpt-4o-mini': Value error, a rate limit needs at least one of rpm, rpd, tpm or tpd; "
+     "none is set, so it would limit nothing"),
+    ({"fallback": {"backoff_s": 10, "max_backoff_s": 1}},
+     "field 'routing.fallback': Value error, max_backoff_s 1 is below backoff_s 10, the first wait it caps"),
+    ({"aliases": {"a": ["gpt-4o"]}, "weights": {"gpt-4o": -2}},
+     "field 'routing.weights.gpt-4o': Input should be greater than or equal to 0"),
+    ({"deny_providers": ["opnai"]},
+     "routing.deny_providers: 'opnai' is no provider litellm or the config knows; did you mean 'openai'"),
+    ({"allow_providers": ["anthropic", "deepsek"]}, "routing.allow_providers: 'deepsek' is no provider"),
+])
+def test_routing_settings_that_would_silently_do_nothing_or_contradict_are_refused_at_load(routing, said) -> None:
+    """Found by a routing trial: each loaded and was ignored (a deny list with a typo denied nothing;
+    a quota with no period limited nothing; a negative weight was read as 0)."""
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        Pipeline.from_config({"routing": routing})
+    known = {"allow_providers": ["openai", "vertex_ai-language-models", "acme"], "deny_providers": ["anthropic"],
+             "deployments": {"own": {"model": "acme/coder-1", "api_base": "http://127.0.0.1:9"}}}
+    Pipeline.from_config({"routing": known})  # litellm's, its price map's, and the config's own (acme/...)
+
+
+@pytest.mark.parametrize(("routing", "said"), [
     ({"aliases": {"a": ["b"], "b": ["gpt-4o-mini"]}},
      "aliases.a: 'b' is an alias; an alias lists model ids or deployment names, not other aliases "
      "(list its targets instead: ['gpt-4o-mini'])"),

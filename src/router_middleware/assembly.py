@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import Any
 
 from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
-from .catalog import Catalog, close_names, model_names
+from .catalog import Catalog, close_names, model_names, provider_names
 from .config import Config, TelemetryConfig
 from .errors import ConfigError, MissingExtra
 from .ledger import LedgerWriter
@@ -180,6 +181,21 @@ def check_alias_targets(config: Config) -> None:
                                   f"{routing.aliases[target]})")
 
 
+def check_providers(config: Config) -> None:
+    """Refuse an ``allow_providers`` or ``deny_providers`` entry that names no provider: a typo there
+    would silently allow everything or deny nothing. Known: litellm's providers and the prefixes of
+    the config's own model names (a deployment's ``custom/...``)."""
+    routing = config.routing
+    names = (*routing.alias_targets(), *(d.model for d in routing.deployments.values()), *config.models)
+    known = provider_names() | {name.split("/", 1)[0] for name in names if "/" in name}
+    for field in ("allow_providers", "deny_providers"):
+        for provider in getattr(routing, field):
+            if provider not in known:
+                close = get_close_matches(provider, sorted(known), n=3, cutoff=0.6)
+                raise ConfigError(f"routing.{field}: {provider!r} is no provider litellm or the config knows"
+                                  + (f"; did you mean {', '.join(map(repr, close))}?" if close else ""))
+
+
 def idle_limits(config: Config, catalog: Catalog) -> list[str]:
     """Each ``routing.limits`` key that limits nothing: no deployment or alias target goes by that
     name, and litellm knows no provider for it, so no call can be sent there (a typo, usually)."""
@@ -203,6 +219,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     require_extras(config)
     catalog = Catalog(config.catalog_overrides())
     check_alias_targets(config)
+    check_providers(config)
     unpriced = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
     for name, model in unpriced_deployments(config, catalog):
         why = ("neither litellm's catalog nor the config's models price it (a typo?); its calls' cost is unknown "

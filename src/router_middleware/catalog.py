@@ -164,6 +164,15 @@ def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = T
     return tuple(dict.fromkeys(found))[:3]
 
 
+def provider_names() -> frozenset[str]:
+    """Every provider name a model can have here: litellm's provider prefixes and the providers its
+    price map files models under (``vertex_ai-language-models``...)."""
+    from .wire import providers
+
+    filed = {entry.get("litellm_provider") for entry in _cost_map().values() if isinstance(entry, Mapping)}
+    return frozenset(providers()) | {name for name in filed if isinstance(name, str)}
+
+
 def model_names() -> Iterator[str]:
     """Every model name litellm's price map knows, bare and with its provider's prefix (an OpenRouter
     model with its ``:free`` variant too)."""

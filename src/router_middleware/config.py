@@ -8,7 +8,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -308,6 +308,11 @@ class FallbackConfig(_Strict):
     backoff_s: float = Field(default=0.5, ge=0)
     max_backoff_s: float = Field(default=8.0, ge=0)
 
+    def model_post_init(self, __context: Any) -> None:
+        if self.max_backoff_s < self.backoff_s:  # the cap would shorten the first wait below backoff_s
+            raise ValueError(f"max_backoff_s {self.max_backoff_s:g} is below backoff_s {self.backoff_s:g}, "
+                             "the first wait it caps")
+
 
 class CooldownConfig(_Strict):
     """A target that fails ``failures`` times within ``window_s`` is skipped for ``cooldown_s``; then it
@@ -350,6 +355,11 @@ class RateLimit(_Strict):
     rpd: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     tpd: int | None = Field(default=None, gt=0)
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.items():
+            raise ValueError("a rate limit needs at least one of rpm, rpd, tpm or tpd; none is set, so it "
+                             "would limit nothing")
 
     def items(self) -> list[tuple[str, int]]:
         return [(kind, limit) for kind in ("rpm", "rpd", "tpm", "tpd") if (limit := getattr(self, kind)) is not None]
@@ -431,7 +441,8 @@ class RoutingConfig(_Strict):
     deployments: dict[str, Deployment] = Field(default_factory=dict)
     strategy: dict[str, Literal["ordered", "price", "throughput", "latency", "weighted", "difficulty"]] = Field(
         default_factory=dict)
-    weights: dict[str, float] = Field(default_factory=dict)  # for "weighted": target -> weight (default 1)
+    # for "weighted": target -> weight (default 1)
+    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(default_factory=dict)
     tiers: list[Tier] = Field(default_factory=list)
     scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     allow_providers: list[str] = Field(default_factory=list)
