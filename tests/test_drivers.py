@@ -200,15 +200,21 @@ def missing_key(monkeypatch) -> Exception:
     return raised.value
 
 
-def test_a_missing_provider_key_skips_to_the_next_target_at_once(missing_key, call, script, waits) -> None:
+def test_a_missing_provider_key_skips_to_the_next_target_at_once(missing_key, call, script, waits,
+                                                                  span_exporter) -> None:
     """Retrying or backing off cannot supply a key this process lacks (litellm reports it as a 500,
     before sending anything); the alias's next target, another provider's, may have one. It says
-    nothing of the provider's health, so it cools nothing down."""
+    nothing of the provider's health, so it cools nothing down, and the fallback says so (it said
+    "failed (InternalServerError)", read as an outage: found by a routing trial)."""
     script.failures[CLAUDE] = [missing_key] * 4
     p = pipeline(fallback={"attempts_per_model": 2, "backoff_s": 0.4}, cooldown={"failures": 1})
     call(p)
     call(p)
     assert script.calls == [CLAUDE, MINI, CLAUDE, MINI] and waits == []
+    for route in routes(span_exporter):
+        fallback = next(e for e in route.events if e.name == "routing:fallback")
+        assert fallback.attributes["reason"] == (f"{CLAUDE} skipped: no API key for its provider in this process; "
+                                                 f"falling back to {MINI}")
     assert p.store.get(f"cooldown:{CLAUDE}") is None
     script.calls.clear()
     with pytest.raises(litellm.exceptions.InternalServerError, match="Missing credentials"):

@@ -29,7 +29,7 @@ from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, MissingKeyError, UnknownModelError
 from ..types import Plan
-from ..wire import missing_credentials, out_of_credit, providers, retry_after
+from ..wire import missing_credentials, no_provider, out_of_credit, providers, retry_after
 from .quotas import is_free
 
 RETRYABLE = (
@@ -166,6 +166,10 @@ def what_failed(plan: Plan, exc: BaseException) -> str:
     if isinstance(exc, MissingKeyError):
         return f"deployment {exc.deployment!r} skipped: {exc.variable} is not set"
     where = f"deployment {plan.deployment!r} ({plan.model})" if plan.deployment else plan.model
+    if no_provider(exc, plan.model):
+        return f"{where} skipped: {NO_PROVIDER}"
+    if missing_credentials(exc):  # litellm calls it a 500 (InternalServerError): not the provider's health
+        return f"{where} skipped: {NO_KEY}"
     return f"{where} failed ({error_kind(exc)})"
 
 
