@@ -3,6 +3,7 @@ concurrent workers on real Redis never overspend beyond what in-flight estimates
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import threading
 import time
@@ -62,6 +63,30 @@ def test_soft_limit_downgrades_to_a_cheaper_alias() -> None:
     second = outcome(call(p, max_tokens=20))
     assert second.model == "gpt-4o-mini"
     assert "past its soft limit" in second.plan.decisions[0].reason
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["completion", "acompletion"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+def test_a_soft_limit_downgrades_at_the_same_call_on_every_store(backend, asynchronous, tmp_path, request) -> None:
+    """The totals routing reads from SQLite or Redis are kept in the process for a second; a process's
+    own reservations and settlements now change what it kept, so its next call sees them. Before, a
+    burst on Redis stayed on the expensive model for a second past the soft limit (found by a
+    routing trial), where the memory store downgraded at once."""
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'state.db'}",
+           "redis": request.getfixturevalue("redis_url") if backend == "redis" else ""}[backend]
+    p = budget_pipeline(url, tokens=1000, soft=0.05, downgrade_to="cheap")  # soft: 50 tokens; a call uses 30
+    app = f"soft-{uuid.uuid4().hex[:8]}"
+    if asynchronous:
+        async def calls() -> list:
+            return [await p.acompletion(model="main", messages=MESSAGES, mock_response="ok", context={"app": app},
+                                        max_tokens=20) for _ in range(4)]
+        answered = [outcome(answer) for answer in asyncio.run(calls())]
+    else:
+        answered = [outcome(call(p, app=app, max_tokens=20)) for _ in range(4)]
+    assert [o.usage.total_tokens for o in answered] == [30] * 4
+    assert [o.model for o in answered] == ["gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]
+    assert "past its soft limit" in answered[2].plan.decisions[0].reason
+    p.close()
 
 
 def test_budget_config_errors() -> None:

@@ -251,7 +251,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
         telemetry=telemetry_settings(config.telemetry), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
         books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store),
-                         cooldown_view=state.cooldowns,
+                         cooldown_view=state.cooldowns, budget_view=state.budget_spent,
                          reasoning=config.reasoning),
         unpriced=tuple(unpriced),
     )

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from ..accounting import measured_context_saving, routing_saving
@@ -170,9 +171,11 @@ class Settlement:
 class Bookkeeper:
     def __init__(self, store: Store, routing: RoutingConfig, catalog: Catalog,
                  ledger: LedgerWriter | None = None, *, fresh_s: float = 0.0,
-                 cooldown_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None) -> None:
+                 cooldown_view: Mapping[str, float] | None = None, reasoning: ReasoningConfig | None = None,
+                 budget_view: Mapping[str, float] | None = None) -> None:
         """``fresh_s``: how long values that may lag (recent reply sizes) are kept in the process;
-        ``cooldown_view``: the cooldowns as the routing policy reads them (keys without the prefix)."""
+        ``cooldown_view``, ``budget_view``: the cooldowns and budget totals as the routing policy reads
+        them (keys without the prefix)."""
         self.store = store
         self.routing = routing
         self.reasoning = reasoning or ReasoningConfig()
@@ -184,6 +187,7 @@ class Bookkeeper:
         self._saying = threading.Lock()  # calls plan on litellm's threads and the event loop at once
         self._recent: Kept[list[float]] = Kept(fresh_s)  # recent reply sizes, kept in the process
         self._cooldowns = cooldown_view if cooldown_view is not None else StoreView(store, COOLDOWN, number)
+        self._spent = budget_view
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.served: Mapping[str, str] = {}  # names the adapter serves -> their models (Engine.serve)
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
@@ -295,6 +299,7 @@ class Bookkeeper:
                                 f"is left ({total:g} of {claim.limit + claim.amount:g} held or spent)")
             raise budgets.refused(claim, total)
         admission.taken(held)
+        self._saw_spend((claim.key, claim.amount) for claim in claims)
         return None
 
     def replaces(self, admission: Admission, unreadable: UnreadableCounter) -> bool:
@@ -406,8 +411,9 @@ class Bookkeeper:
         self._end_probe(held)
         reservation, held.reservation = held.reservation, None
         if reservation is not None:
-            self._guard("budget_store_failed", self.store.add_many, [], (), budgets.release(reservation),
-                        closed=budgets.closed(reservation))
+            given = budgets.release(reservation)
+            self._guard("budget_store_failed", self.store.add_many, [], (), given, closed=budgets.closed(reservation))
+            self._saw_spend((key, actual - amount) for key, _, amount, actual, _ in given)
 
     def settlement(self, outcome: Outcome, held: Held | None = None, answer: Any = None, *,
                    complete: bool = True, error: BaseException | None = None) -> Settlement:
@@ -459,6 +465,7 @@ class Bookkeeper:
     def settled(self, done: Settlement) -> None:
         """After the settlement's writes: target health (a complete answer only), and the call's ledger
         row (every paid call's, a stream cut short too). Never raises."""
+        self._saw_spend((key, actual - amount) for key, _, amount, actual, _ in done.releases)
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
@@ -519,6 +526,16 @@ class Bookkeeper:
         cooldowns: its next calls act on it at once, not once the view reads the store again."""
         if isinstance(self._cooldowns, StoreView):
             self._cooldowns.kept.keep(target, raw)
+
+    def _saw_spend(self, changes: Iterable[tuple[str, float]]) -> None:
+        """What this process added to budget totals (a reservation; a settlement's or release's
+        difference from it), kept in its view of them: its next calls see their own spend at once (a
+        soft limit's downgrade), every other process's once the view reads the store again."""
+        if not isinstance(self._spent, StoreView):
+            return
+        for key, change in changes:
+            if change and key.startswith(BUDGET):
+                self._spent.kept.amend(key.removeprefix(BUDGET), partial(_plus, change))
 
     def _end_probe(self, held: Held) -> None:
         probe, held.probe = held.probe, None
@@ -611,3 +628,12 @@ class Bookkeeper:
 
 
 __all__ = ["Admission", "Bookkeeper", "Claim", "Held", "Probing", "Reservation", "Settlement", "StepDown", "Taken"]
+
+
+def _plus(change: float, raw: bytes | None) -> bytes | None:
+    """A kept budget total (``None``: none stored yet, 0) with ``change`` added; one it cannot read as
+    it was (the view says it is unreadable)."""
+    try:
+        return repr((number(raw) if raw is not None else 0.0) + change).encode()
+    except (TypeError, ValueError, OverflowError):
+        return raw

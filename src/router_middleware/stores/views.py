@@ -59,6 +59,13 @@ class Kept(Generic[T]):
         seen = self._values.get(key) if self.fresh_s else None
         return seen is not None and time.monotonic() - seen[0] < 2 * self.fresh_s
 
+    def amend(self, key: str, change: Callable[[T], T]) -> None:
+        """Change the value kept for ``key`` (if one is) as this process changed the stored one,
+        keeping when it was read: it is still read again on time, with every other process's changes."""
+        seen = self._values.get(key) if self.fresh_s else None
+        if seen is not None:
+            self._values[key] = (seen[0], change(seen[1]))
+
     def keep(self, key: str, value: T) -> None:
         if self.fresh_s:
             if len(self._values) > _KEEP:
