@@ -116,6 +116,14 @@ def test_ledger_keeps_unknown_cost_unknown(tmp_path, capsys) -> None:
     assert code == 0 and "3 calls have no price" in " ".join(out.split()) and "unknown" in out
 
 
+def test_a_report_of_a_range_with_no_calls_says_so_in_one_line(tmp_path, capsys) -> None:
+    """It printed "0 calls," and seven empty tables (found by a newcomer trial)."""
+    ledger = tmp_path / "l.db"
+    assert run(capsys, "replay", str(unknown_model_session(tmp_path)), "--ledger", str(ledger))[0] == 0
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--since", "2030-01-01")
+    assert code == 0 and out == "0 calls: the ledger has none in this range (see --since and --until)\n"
+
+
 def test_replay_into_a_ledger_twice_replaces_rows_with_recorded_or_past_times(tmp_path, capsys) -> None:
     ledger = tmp_path / "l.db"
     recorded_ts = [1_700_000_000.0, 1_700_000_060.0, 1_700_000_120.0]

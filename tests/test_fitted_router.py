@@ -71,6 +71,17 @@ def test_fit_router_errors_are_one_line(tmp_path, capsys, header, row, message) 
     assert not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.parametrize("every", ["-2", "1"])
+def test_a_hold_out_that_leaves_out_nothing_or_everything_is_refused(tmp_path, capsys, every) -> None:
+    """``--hold-out -2`` was taken, nothing held out, and the file said ``crc32(prompt) % -2 == 0``
+    (found by a newcomer trial); ``1`` failed later with "no judged prompts", not naming the flag."""
+    out = tmp_path / "o.json"
+    assert main(["fit-router", str(small_csv(tmp_path)), "--out", str(out), "--hold-out", every]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--hold-out {every}: expected 0 (keep every prompt) or 2 or more" in err
+    assert not out.exists()
+
+
 def test_shipped_file_beats_random_on_its_held_out_slice() -> None:
     """The bundled fit left out prompts whose CRC-32 is divisible by 10 (its 'held_out' field)."""
     assert json.loads(open(bundled_path(), encoding="utf-8").read())["held_out"] == "crc32(prompt) % 10 == 0"

@@ -60,7 +60,7 @@ def test_readme_commands_are_the_ci_commands() -> None:
 
 @pytest.mark.parametrize(("script", "args", "expected"), [
     ("integrations/langchain/chain.py", [], ["model=gpt-4o-mini"]),
-    ("integrations/langchain/agent.py", ["--offline"], [
+    ("integrations/langchain/agent.py", [], [
         "ToolMessage: 70 degrees and sunny in San Francisco", "What the middleware did (2 model calls)",
         "routing:route, window:trim", "trimming saved $0.000", "unrelated to the weather question",
         # the middleware's pick, and the model the recording answered with (it answers whatever is asked)

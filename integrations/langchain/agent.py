@@ -1,7 +1,7 @@
 """A LangChain v1 agent (`create_agent`) with a tool, routed and trimmed by RouterAgentMiddleware.
 
-    .venv/bin/python integrations/langchain/agent.py --offline   # replays two real OpenAI recordings
-    OPENAI_API_KEY=... .venv/bin/python integrations/langchain/agent.py
+    .venv/bin/python integrations/langchain/agent.py   # offline: replays two real OpenAI recordings
+    OPENAI_API_KEY=... .venv/bin/python integrations/langchain/agent.py --live
 
 The middleware plans each model call with the pipeline: the `agent` alias picks the cheaper model
 for the request, the context policy keeps the long earlier conversation under the watermark (old
@@ -115,4 +115,4 @@ def main(offline: bool) -> str:
 
 
 if __name__ == "__main__":
-    main(offline="--offline" in sys.argv)
+    main(offline="--live" not in sys.argv)  # offline by default, as chain.py (--offline is still taken)

@@ -187,6 +187,9 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
     from ..routing.fitted import embeddings_installed, local_embed
     from ..routing.fitting import fit_router, load_judgments
 
+    if args.hold_out < 0 or args.hold_out == 1:
+        raise RouterMiddlewareError(f"--hold-out {args.hold_out}: expected 0 (keep every prompt) or 2 or more "
+                                    "(leave out the prompts whose CRC-32 is divisible by it; 1 leaves out all)")
     out = output_file("--out", args.out)
     sources = [[j for path in expand_paths([arg], ".csv", "CSV files") for j in load_judgments(path)]
                for arg in args.files]

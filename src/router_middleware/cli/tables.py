@@ -204,6 +204,9 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = Console()
     totals = report["totals"]
+    if not totals["calls"]:  # seven empty tables said nothing more
+        console.print("0 calls: the ledger has none in this range (see --since and --until)", highlight=False)
+        return
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
     ended = ends(totals)
     phrases = [counted(totals["calls"], "call") + (f" ({ended})" if ended else ""),
