@@ -538,7 +538,7 @@ class LedgerConfig(_Strict):
     """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
 
     url: str | None = None
-    spool: str | None = None  # folder for rows not written yet (default: beside a SQLite ledger, see README)
+    spool: str | None = None  # folder for rows not written yet (default: beside a SQLite ledger, see docs/ledger.md)
 
     @field_validator("url")
     @classmethod

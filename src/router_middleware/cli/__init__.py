@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     led_sub = led.add_subparsers(dest="action", required=True, metavar="ACTION")
     drain = led_sub.add_parser("drain", help="write the rows waiting in the spool (any process's) into the ledger")
     drain.add_argument("--ledger", required=True, help=LEDGER_HELP)
-    drain.add_argument("--spool", help="the spool folder (default: <ledger file>.spool, see README)")
+    drain.add_argument("--spool", help="the spool folder (default: <ledger file>.spool, see docs/ledger.md)")
     drain.set_defaults(func=cmd_ledger_drain)
     ev = sub.add_parser("route-eval", help="RouteLLM metrics (APGR, CPT) of the difficulty scorer on a CSV")
     ev.add_argument("files", nargs="+", help="CSV files, folders or globs with a 'prompt' column (concatenated)")

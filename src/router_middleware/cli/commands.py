@@ -208,7 +208,7 @@ def cmd_fit_router(args: argparse.Namespace) -> int:
 
 
 NEXT_STEPS = """\
-Next: replay your own sessions (format: README, "Replay recorded sessions")
+Next: replay your own sessions (format: docs/replay.md)
 into a ledger, then open its report (router-middleware is in the venv's bin
 folder: .venv/bin/router-middleware, unless the venv is activated):
   router-middleware replay my-sessions/ --config my.yaml --ledger ledger.db
