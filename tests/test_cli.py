@@ -116,6 +116,24 @@ def test_ledger_keeps_unknown_cost_unknown(tmp_path, capsys) -> None:
     assert code == 0 and "3 calls have no price" in " ".join(out.split()) and "unknown" in out
 
 
+def test_replay_says_each_config_typo_once_and_an_alias_target_with_no_price(tmp_path, capsys) -> None:
+    """Found by a newcomer trial: the replay's baseline pipeline said the config's problems a second
+    time; an alias target with no price was never said (replay makes no call through the engine);
+    ``openai/gpt-4o-minii`` was told ``gmi/openai/gpt-4o-mini``, not ``openai/gpt-4o-mini``."""
+    import structlog
+
+    config = tmp_path / "typos.yaml"
+    config.write_text("routing:\n  deployments:\n    d: {model: openai/gpt-4o-minii}\n"
+                      "  aliases:\n    coder: [d, gpt-4o-minii]\n")
+    with structlog.testing.capture_logs() as logs:
+        code, _, err = run(capsys, "replay", bundled_sessions()[0], "--config", str(config), "--route", "coder")
+    assert code == 0
+    (said,) = [e for e in logs if e["event"] == "unpriced_deployment_model"]
+    assert said["did_you_mean"][0] == "openai/gpt-4o-mini"
+    assert ("router-middleware: warning: routing.aliases.coder: no price for 'gpt-4o-minii' (a typo?): its routed "
+            "calls' costs show as unknown; did you mean 'gpt-4o-mini'") in err
+
+
 def test_a_report_of_a_range_with_no_calls_says_so_in_one_line(tmp_path, capsys) -> None:
     """It printed "0 calls," and seven empty tables (found by a newcomer trial)."""
     ledger = tmp_path / "l.db"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
+from weakref import WeakValueDictionary
 
 from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
@@ -25,6 +26,8 @@ from .telemetry import Redactor, TelemetrySettings, log
 from .telemetry.attributes import semconv_mode
 from .types import SessionRoute
 from .wire import provider_known
+
+_SAID: WeakValueDictionary[int, Config] = WeakValueDictionary()  # configs whose problems were logged
 
 
 @dataclass(frozen=True)
@@ -212,15 +215,12 @@ def _require(feature: str, extra: str, module: str) -> None:
         raise MissingExtra(feature, extra, module)
 
 
-def assemble(config: Config | None, policies: Sequence[Policy] | None = None) -> Parts:
-    """``config=None`` is the pass-through: no policies and no response cache, still accounted."""
-    configured = config is not None
-    config = config or Config()
-    require_extras(config)
-    catalog = Catalog(config.catalog_overrides())
-    check_alias_targets(config)
-    check_providers(config)
-    unpriced = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
+def _say_config_problems(config: Config, catalog: Catalog) -> None:
+    """Log what in ``config`` is likely a typo (each with the closest known names), once per config
+    object: a second pipeline of the same config (replay's baseline) does not say it again."""
+    if _SAID.get(id(config)) is config:
+        return
+    _SAID[id(config)] = config
     for name, model in unpriced_deployments(config, catalog):
         why = ("neither litellm's catalog nor the config's models price it (a typo?); its calls' cost is unknown "
                "until models: gives its prices") if provider_known(model) else \
@@ -242,6 +242,18 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
                     why="litellm knows no provider for it and no price list has it (a typo?): every summary "
                         "call will fail, and the window will send its offline digest instead",
                     did_you_mean=list(close_names(summary_model)))
+
+
+def assemble(config: Config | None, policies: Sequence[Policy] | None = None) -> Parts:
+    """``config=None`` is the pass-through: no policies and no response cache, still accounted."""
+    configured = config is not None
+    config = config or Config()
+    require_extras(config)
+    catalog = Catalog(config.catalog_overrides())
+    check_alias_targets(config)
+    check_providers(config)
+    unpriced = unpriced_targets(config, catalog)  # said at the first call: an adapter may serve the name by then
+    _say_config_problems(config, catalog)
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())

@@ -159,8 +159,9 @@ def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = T
     from difflib import get_close_matches
 
     found = get_close_matches(name, list(configured), n=3, cutoff=0.6)
-    if models:
-        found += get_close_matches(name, list(_cost_map()), n=3, cutoff=0.75)
+    if models:  # a name with a provider prefix is matched against the prefixed names
+        known = list(model_names()) if "/" in name else list(_cost_map())
+        found += get_close_matches(name, known, n=3, cutoff=0.75)
     return tuple(dict.fromkeys(found))[:3]
 
 

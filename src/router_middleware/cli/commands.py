@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import RouterMiddlewareError
+from ..errors import RouterMiddlewareError, did_you_mean
 from ..urls import without_password
 from .inputs import expand_paths, output_file, time_option
 from .tables import print_report, replay_table, routed_table, unpriced
@@ -54,6 +54,14 @@ def _run_replay(paths: list[str], config: str | None, model: str | None, provide
             db.close()
     for name, sessions_of in unpriced(report).items():
         _warn(f"no price for model {name!r} (sessions {', '.join(sessions_of)}): their costs show as unknown")
+    if route is not None:  # replay routes by the config alone: no adapter serves a name of its own
+        from ..assembly import unpriced_targets
+        from ..catalog import close_names
+
+        for alias, target in unpriced_targets(pipeline.config, pipeline.catalog):
+            near = close_names(target, tuple(pipeline.config.routing.deployments))
+            _warn(f"routing.aliases.{alias}: no price for {target!r} (a typo?): its routed calls' costs show as "
+                  "unknown" + did_you_mean(near))
     return report
 
 
