@@ -119,6 +119,9 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
                 self._send(429, b'{"error": {"message": "Rate limit exceeded: free-models-per-day", "code": 429}}',
                            headers={"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0",
                                     "X-RateLimit-Reset": str(reset_ms)})
+            elif deployment == "bare429":  # a 429 that says no reset (OpenRouter's upstream limit on a free model)
+                self._send(429, b'{"error": {"message": "deepseek/deepseek-chat:free is temporarily rate-limited '
+                           b'upstream", "code": 429}}')
             elif fault == "429":
                 self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit_error"}}',
                            headers={"retry-after": "0"})

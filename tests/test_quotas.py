@@ -173,6 +173,23 @@ def test_a_free_tier_429_blocks_every_free_model_until_the_reset(monkeypatch) ->
         assert seen["exhausted:ok"] == 1  # not asked again before its reset
 
 
+def test_a_free_tier_429_with_no_reset_blocks_every_free_model_for_a_minute(monkeypatch) -> None:
+    """Without a reset the free model was asked again on every call, each one a 429 and a fall-over
+    (found by a routing trial)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with fault_server() as (base, seen):
+        p = Pipeline.from_config({
+            "routing": {"deployments": _deployments(base, free=(FREE, "bare429")), "aliases": {"coder": ["free", "paid"]},
+                        "fallback": {"backoff_s": 0.0}, "cooldown": {"failures": 100}},
+            "context": {"enabled": False}, "cache": {"enabled": False},
+        })
+        assert [outcome(p.completion("coder", MESSAGES)).plan.deployment for _ in range(4)] == ["paid"] * 4
+        assert seen["bare429:ok"] == 1
+        assert float(p.store.get("quota:openrouter:free:left:requests")) <= 0
+        _, expires = p.store._data["quota:openrouter:free:left:requests"]  # the memory store's (value, expiry)
+        assert expires is not None and 55 < expires - time.monotonic() <= 60
+
+
 def _deployment_used(result: object) -> str | None:
     for _ in result if not hasattr(result, "choices") else ():  # consume a stream
         pass

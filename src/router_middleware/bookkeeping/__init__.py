@@ -544,6 +544,8 @@ class Bookkeeper:
 
     def _observe(self, found: tuple[Quota, ...], answer: Any) -> None:
         puts = quotas.provider_left(found, response_headers(answer), time.time())
+        if not puts and isinstance(answer, BaseException):
+            puts = quotas.free_blocked(found, answer)
         if puts:
             self._guard("quota_store_failed", self.store.add_many, [], puts=puts)
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..routing.quotas import Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
+from ..routing.quotas import FREE_BUCKET, Quota, is_tokens, needs, no_provider_quota, over_limit, provider_view, window
 from ..stores.base import Addition, Countdown, Put, Within
 from .keys import QUOTA
 
@@ -96,3 +96,16 @@ def provider_left(quotas: tuple[Quota, ...], headers: Mapping[str, Any] | None, 
         return []
     return [(f"{QUOTA}{quota.bucket}:left:{unit}", repr(left).encode(), max(reset - now, 0.001))
             for unit, (left, reset) in provider_view(headers, now).items() for quota in quotas]
+
+
+FREE_BLOCK_S = 60.0  # the free tier's per-minute window
+
+
+def free_blocked(quotas: tuple[Quota, ...], error: BaseException) -> list[Put]:
+    """A 429 on a free model whose provider said no reset: the free tier is taken as used up for a
+    minute (its per-minute window), so the next calls go to paid targets rather than into more 429s
+    (where the provider says its reset, :func:`provider_left` sets that instead)."""
+    if getattr(error, "status_code", None) != 429:
+        return []
+    return [(f"{QUOTA}{quota.bucket}:left:requests", b"0.0", FREE_BLOCK_S) for quota in quotas
+            if quota.bucket == FREE_BUCKET]
