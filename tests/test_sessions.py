@@ -64,6 +64,13 @@ def test_python_literal_tool_calls_are_parsed(tmp_path) -> None:
         (lambda d: d["calls"][0]["usage"].update(prompt_tokens="many"), SessionFormatError,
          r"call 0\.usage\.prompt_tokens"),
         (lambda d: d.pop("calls"), SessionFormatError, r"'calls' must be a list"),
+        # a misspelled usage key is named (it said "prompt_tokens must be ..., got None"; a misspelled
+        # optional one was read as 0): found by a newcomer trial
+        (lambda d: d["calls"][0]["usage"].update(prompt_tokns=d["calls"][0]["usage"].pop("prompt_tokens")),
+         SessionFormatError, r"call 0\.usage has 'prompt_tokns', no field; did you mean 'prompt_tokens'\?"),
+        (lambda d: d["calls"][0]["usage"].update(cache_read_tokens=d["calls"][0]["usage"].pop("cached_tokens")),
+         SessionFormatError,
+         r"call 0\.usage has 'cache_read_tokens', no field; did you mean 'cached_tokens'\?"),
     ],
 )
 def test_malformed_sessions(tmp_path, mutate, error, pattern) -> None:

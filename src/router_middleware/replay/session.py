@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,21 @@ def _int_field(value: Any, where: str) -> int:
     return value
 
 
+_USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+
+
 def _usage(raw: Any, where: str) -> RecordedUsage | None:
     if raw is None:
         return None
     if not isinstance(raw, Mapping):
         raise SessionFormatError(f"{where}.usage must be an object or null")
     fields = {}
-    for key in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
+    for key in _USAGE_KEYS:
         value = raw.get(key)
+        if value is None:  # a misspelled key is named, with the one it was likely meant for
+            near = next((k for k in raw if k not in _USAGE_KEYS and get_close_matches(str(k), [key], cutoff=0.8)), None)
+            if near is not None:
+                raise SessionFormatError(f"{where}.usage has {near!r}, no field; did you mean {key!r}?")
         if value is None and key in ("cached_tokens", "reasoning_tokens"):
             value = 0
         fields[key] = _int_field(value, f"{where}.usage.{key}")
