@@ -87,6 +87,16 @@ class AgentContext:
         if self.cache is not None and not isinstance(self.cache, bool):
             raise RequestError(f"context.cache: expected true, false or null, got {self.cache!r}")
 
+    def with_inferred_kind(self, kind: str) -> AgentContext:
+        """A copy whose ``step_kind`` is ``kind``, one :func:`~.reasoning.infer_step_kind` gave (a label
+        of its own): the other fields were checked when this context was made, so the copy is not
+        checked again (``dataclasses.replace`` would run every check a second time, on every call)."""
+        copy = object.__new__(AgentContext)
+        for name in _CONTEXT_FIELDS:
+            object.__setattr__(copy, name, getattr(self, name))
+        object.__setattr__(copy, "step_kind", kind)
+        return copy
+
     @classmethod
     def coerce(cls, value: AgentContext | Mapping[str, Any] | None) -> AgentContext:
         """Accept an ``AgentContext``, a dict with the same keys, or ``None``; else ``RequestError``."""
@@ -105,6 +115,9 @@ class AgentContext:
                 data["tags"] = tuple(tags)  # any other iterable (a list, a tuple or None: the context's own)
             return cls(**data)
         raise RequestError(f"context: expected an AgentContext or a dict, not {type(value).__name__}")
+
+
+_CONTEXT_FIELDS = tuple(f.name for f in fields(AgentContext))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +186,7 @@ class Call:
         given = context.step_kind if isinstance(context, AgentContext) else (context or {}).get("step_kind")
         kind = _inferred_kind(history) if given is None and history else None
         if kind is not None:
-            context = replace(context, step_kind=kind) if isinstance(context, AgentContext) else {
+            context = context.with_inferred_kind(kind) if isinstance(context, AgentContext) else {
                 **(context or {}), "step_kind": kind}  # checked once, by coerce
         return cls(model, history, _frozen(params), AgentContext.coerce(context), tuple(decisions))
 
