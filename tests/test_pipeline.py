@@ -128,6 +128,17 @@ def test_bad_messages_name_the_index() -> None:
         Pipeline().completion(model="gpt-4o-mini", messages=[{"role": "robot", "content": "x"}], mock_response="x")
 
 
+@pytest.mark.parametrize("key", ["rol", "Role", "roles"])
+def test_a_misspelled_role_key_is_named_not_sent_as_the_assistant_s(key: str) -> None:
+    """A message with no role is the assistant's, as litellm sends it; one whose role key is misspelled
+    went the same way, a user's turn spoken as the model's (found by a newcomer trial)."""
+    with pytest.raises(MessageError, match=f"message {len(MESSAGES)}: no 'role' but '{key}'; did you mean 'role'\\?"):
+        Pipeline().completion(model="gpt-4o-mini", messages=[*MESSAGES, {key: "user", "content": "x"}],
+                              mock_response="x")
+    answered = Pipeline().completion(model="gpt-4o-mini", messages=[*MESSAGES, {"content": "x"}], mock_response="x")
+    assert outcome(answered).model == "gpt-4o-mini"  # no role and no such key: the assistant's, as litellm sends it
+
+
 def test_span_carries_usage_and_cost(span_exporter) -> None:
     response = Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello",
                                      temperature=0, context={"session_id": "sess-9"})

@@ -6,6 +6,7 @@ import ast
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from typing import Any, Literal
 
 from . import wire
@@ -90,6 +91,10 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
         raise MessageError(_not_an_object(message), index=index, source=source)
     role = message.get("role")
     if not role:  # no role (or an empty one): litellm sends such a message as the assistant's
+        typo = next((k for k in message if isinstance(k, str) and k != "role"
+                     and get_close_matches(k.lower(), ["role"], cutoff=0.75)), None)
+        if typo is not None:  # sent as the assistant's, a user turn typed {"rol": "user"} would speak for the model
+            raise MessageError(f"no 'role' but {typo!r}; did you mean 'role'?", index=index, source=source)
         message, role = {**message, "role": "assistant"}, "assistant"
     if role not in ROLES:
         raise MessageError(f"unknown role {role!r} (expected one of {sorted(ROLES)})", index=index, source=source)
