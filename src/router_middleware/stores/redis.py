@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import math
 import time
 import uuid
 import weakref
@@ -555,11 +556,7 @@ class _Batch:
                     await connection.disconnect()
                     await connection.connect()
                 await connection.send_packed_command(packed, check_health=False)
-                for _ in packed:
-                    try:
-                        replies.append(await connection.read_response())
-                    except redis.ResponseError as error:
-                        replies.append(error)
+                await _read_all(connection, len(packed), replies)
             except (redis.ConnectionError, redis.TimeoutError) as error:
                 await connection.disconnect()
                 if not replies:
@@ -579,6 +576,24 @@ class _Batch:
     def evalsha(self, commands: _Commands, source: str, keys: list[str], args: list[Any]) -> None:
         """Queue a script by its SHA (sent with its source only if Redis lacks it)."""
         commands.evalsha(self.shas[source], source, keys, args)
+
+
+async def _read_all(connection: Any, count: int, replies: list[Any]) -> None:
+    """Append ``count`` replies read on ``connection`` to ``replies`` (an error reply as its exception),
+    all within one ``socket_timeout`` (raised as redis-py's ``TimeoutError``): redis-py would arm and
+    cancel a timer for each reply, a thousand a batch."""
+    import redis
+
+    limit = connection.socket_timeout
+    try:
+        async with asyncio.timeout(limit):
+            for _ in range(count):
+                try:
+                    replies.append(await connection.read_response(timeout=math.inf))
+                except redis.ResponseError as error:
+                    replies.append(error)
+    except TimeoutError:  # the deadline's (redis-py's own is no builtin one); the caller disconnects
+        raise redis.TimeoutError(f"no reply from Redis within {limit} s") from None
 
 
 class _SharedRead:
