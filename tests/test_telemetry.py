@@ -487,6 +487,35 @@ def test_a_shutdown_with_a_collector_that_hangs_gives_up_in_its_time_and_so_does
         assert ended - float(child.stdout.split()[-1]) < 5  # the exit waited its 2 s, not a batch's 2 s four times
 
 
+def test_a_global_tracer_provider_set_after_calls_were_made_gets_the_calls_after_it() -> None:
+    """The package's tracer is looked up once per global provider: a provider set with OpenTelemetry's
+    API after calls were made without one (those get no recorded span) gets every call's spans from
+    then. In a process of its own: OpenTelemetry sets a global provider once per process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "import router_middleware as rm\n"
+        "pipeline = rm.Pipeline()\n"
+        "ask = dict(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}], mock_response='ok')\n"
+        "pipeline.completion(**ask)\n"
+        "exporter, provider = InMemorySpanExporter(), TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "pipeline.completion(**ask)\n"
+        "pipeline.completion(**ask)\n"
+        "print(sorted(span.name for span in exporter.get_finished_spans()))\n")
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.split("\n")[-2] == str(["chat gpt-4o-mini"] * 2 + ["route gpt-4o-mini"] * 2)
+
+
 @pytest.mark.parametrize(("configured", "opt_in", "names"), [
     ("current", "", {"gen_ai.usage.cache_write.input_tokens"}),
     ("legacy", "", {"gen_ai.usage.cache_creation.input_tokens"}),

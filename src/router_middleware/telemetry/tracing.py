@@ -55,7 +55,9 @@ class TelemetrySettings:
     semconv: Semconv = "both"
 
 
-_tracer_of: tuple[Any, trace.Tracer] | None = None  # the current global provider, and its tracer
+_tracer_of: tuple[Any, trace.Tracer] | None = None  # OpenTelemetry's global provider (None: unset), and its tracer
+_UNKNOWN = object()  # no global provider to read (an OpenTelemetry without it): the provider is asked each call
+_API_GET = trace.get_tracer_provider
 _WITHIN: ContextVar[bool] = ContextVar("router_middleware_within_attempt", default=False)
 
 
@@ -74,12 +76,21 @@ def within_attempt() -> Iterator[None]:
 def _tracer() -> trace.Tracer:
     """This package's tracer from the current global provider, looked up once per provider (the
     SDK's ``get_tracer`` returns its cached tracer, but after about 25 us of setup on every call); a
-    provider set later gets its own."""
+    provider set later gets its own. While OpenTelemetry's ``get_tracer_provider`` is its own (not a
+    test's stand-in), the provider is known from OpenTelemetry's global (``None`` until one is set:
+    then the API's proxy tracer, which follows a provider set later), and no call reads the
+    environment, as ``get_tracer_provider`` does while none is set."""
     global _tracer_of
-    provider = trace.get_tracer_provider()
     found = _tracer_of
-    if found is None or found[0] is not provider:
-        found = _tracer_of = (provider, provider.get_tracer("router_middleware"))
+    if trace.get_tracer_provider is _API_GET:
+        key = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN)
+        if found is not None and found[0] is key and key is not _UNKNOWN:
+            return found[1]
+    provider = trace.get_tracer_provider()
+    key = getattr(trace, "_TRACER_PROVIDER", _UNKNOWN) if trace.get_tracer_provider is _API_GET else _UNKNOWN
+    key = provider if key is _UNKNOWN else key  # the global unreadable, or a stand-in: the provider it gave
+    if found is None or found[0] is not key:
+        found = _tracer_of = (key, provider.get_tracer("router_middleware"))
     return found[1]
 
 
