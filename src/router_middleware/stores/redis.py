@@ -756,6 +756,7 @@ class RedisStore:
         self._timeout = timeout_s
         self._outage = _Outage(url, timeout_s)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None  # see _batch
         self._incr = self.client.register_script(_INCR)
         self._cas = self.client.register_script(_CAS)
         self._release = self.client.register_script(_RELEASE)
@@ -994,6 +995,11 @@ class RedisStore:
         """This event loop's batch: an asyncio client, and the writes of every call that reached its
         admission or settlement in the same turn of the loop, sent as one pipeline."""
         loop = asyncio.get_running_loop()
+        last = self._last  # the last loop's batch, found without the weak dict's lookup; kept there, not here
+        if last is not None and last[0]() is loop:
+            found = last[1]()
+            if found is not None:
+                return found
         found = self._async.get(loop)
         if found is None:
             from redis.asyncio import Redis
@@ -1001,6 +1007,7 @@ class RedisStore:
 
             client = Redis.from_url(self.url, **_client_options(self._timeout, Retry))
             found = self._async[loop] = _Batch(client, (_WITHIN, _BOUNDED, _SETTLE), self._outage)
+        self._last = (weakref.ref(loop), weakref.ref(found))
         return found
 
     @_guarded
@@ -1026,6 +1033,7 @@ class RedisStore:
         """:meth:`close`, after the running loop's batched commands are sent and its asyncio client
         closed (a loop that ends without this leaves the client's connections unclosed)."""
         batch = self._async.pop(asyncio.get_running_loop(), None)
+        self._last = None
         if batch is not None:
             await batch.aclose()
         self.close()
