@@ -77,14 +77,15 @@ def step(stack: list[str]) -> str:
     return "drivers and the rest"
 
 
-def sample(name: str, redis_url: str, seconds: float, spy: str) -> tuple[float, collections.Counter[str],
-                                                                           collections.Counter[str]]:
-    """``name``'s calls/s under sampling, its samples by part, and the package's by step."""
-    child = subprocess.Popen([sys.executable, __file__, "--serve", name, "--redis-url", redis_url,
-                              "--seconds", str(seconds + 4)], stdout=subprocess.PIPE, text=True)
+def sample(command: list[str], seconds: float, spy: str) -> tuple[float, collections.Counter[str],
+                                                                  collections.Counter[str]]:
+    """Run ``command`` and sample it for ``seconds``: its calls/s under sampling, its samples by part,
+    and the package's by step. ``command`` prints "warm", then serves calls for longer than
+    ``seconds`` and prints its calls/s (as :func:`serve` for ``seconds`` + 4 does)."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None
     if child.stdout.readline().strip() != "warm":
-        raise SystemExit(f"{name}: the benchmark process did not start")
+        raise SystemExit(f"{' '.join(command)}: the benchmark process did not start")
     raw = Path(tempfile.mkdtemp(prefix="rm-insitu-")) / "samples.txt"
     subprocess.run([spy, "record", "--gil", "-r", str(RATE), "-d", str(int(seconds)), "-f", "raw", "-o", str(raw),
                     "--pid", str(child.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     splits = {}
     with redis_server(args.redis_url) as url:
         for name in ("bare litellm", "pipeline, memory store", "pipeline, redis store"):
-            rate, parts, steps = sample(name, url, args.seconds, args.py_spy)
+            rate, parts, steps = sample([sys.executable, __file__, "--serve", name, "--redis-url", url,
+                                         "--seconds", str(args.seconds + 4)], args.seconds, args.py_spy)
             calls = rate * args.seconds
             per = {key: parts[key] / RATE / calls * 1e3 for key in ("litellm", "package", "rest")}
             print(f"| {name} | {rate:,.0f} | {per['litellm']:.3f} | {per['package']:.3f} | {per['rest']:.3f} "
