@@ -143,6 +143,7 @@ def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[A
     return tools
 
 
+_FIRST_CHUNKS_KEPT = 1024  # streamed answers awaiting their read (_first_chunk), which follows at once
 _STEPS_KEPT = 1024  # agent steps whose first call's model name is kept, to see a model swapped after it (_swapped)
 
 
@@ -300,7 +301,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
         self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
         self._not_keyed: set[tuple[str, str]] = set()  # (model, reason) pairs said not cached (_keyed)
-        self._first_chunks: dict[int, float] = {}  # an answered stream's first chunk, by its response's id (_read)
+        self._first_chunks: dict[int, tuple[Any, float]] = {}  # an answered stream's response and first chunk,
+        # by the response's id (_first_chunk): the entry holds it, so no other response reuses the id meanwhile
 
     def _serve(self) -> None:
         """Tell the pipeline the model each of ``models`` stands for, where its name is not that
@@ -569,8 +571,7 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _read(self, plan: Plan, response: ModelResponse | AIMessage, started: float,
               first_token: float | None = None) -> Outcome:
-        ttft = self._first_chunks.pop(id(response), None)
-        first_token = ttft if first_token is None else first_token
+        first_token = self._first_chunk(response) if first_token is None else first_token
         result = response.result if isinstance(response, ModelResponse) else [response]
         message = next((m for m in reversed(result) if isinstance(m, AIMessage)), None)
         found = outcome_from_message(message, plan, self.pipeline, self.pipeline.catalog.provider(plan.model),
@@ -581,6 +582,11 @@ class RouterAgentMiddleware(AgentMiddleware):
                 **message.response_metadata, **{k: routed[k] for k in _ROUTED if k in routed}}})
             response.result[next(i for i in range(len(result) - 1, -1, -1) if result[i] is message)] = copy
         return found
+
+    def _first_chunk(self, response: Any) -> float | None:
+        """When ``response``'s stream gave its first chunk (:meth:`_answered` noted it), or ``None``."""
+        found = self._first_chunks.pop(id(response), None)  # its entry holds it: no other object has its id
+        return found[1] if found is not None else None
 
     def _spent(self, plan: Plan, runs: AttemptRuns, started: float) -> Outcome | None:
         """What the attempt's model run used before it broke off (the prompt and the chunks it
@@ -624,7 +630,9 @@ class RouterAgentMiddleware(AgentMiddleware):
         :class:`Replaced`, so the call is recorded as that failure and still returns ``response``."""
         if runs.answered or not isinstance(runs.error, Exception):
             if runs.first_token is not None:  # a stream: its time to first token, for the lifecycle's read
-                self._first_chunks[id(response)] = runs.first_token
+                if len(self._first_chunks) >= _FIRST_CHUNKS_KEPT:  # a bound: only answers never read stay
+                    self._first_chunks.clear()
+                self._first_chunks[id(response)] = (response, runs.first_token)
             return response
         raise Replaced(runs.error, response, self._spent(plan, runs, started))
 
