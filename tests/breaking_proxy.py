@@ -1,12 +1,13 @@
 """A TCP proxy on a free loopback port in front of a real redis-server that, once armed, breaks a
 connection after Redis ran a chosen command: it reads Redis's reply to that command and closes the
 client's connection instead of relaying it, as a network fault (or a proxy restarting) does to a
-write that already ran."""
+write that already ran. Paced (``pace``), it relays replies a slice at a time, as a slow link does."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +50,8 @@ class BreakingProxy:
     """``url``: the proxy's Redis URL (database ``db``). :meth:`arm` with a test of a command: the
     next one that passes it and that Redis answers without an error is run, and its connection
     broken before the reply reaches the client; ``broken``: the commands it broke; ``seen``: every
-    command the clients sent through it."""
+    command the clients sent through it; ``pace``: ``(size, seconds)`` relays replies ``size`` bytes at
+    a time, ``seconds`` apart."""
 
     def __init__(self, redis_port: int, db: int = 0) -> None:
         self.redis_port = redis_port
@@ -59,6 +61,7 @@ class BreakingProxy:
         self.broken: list[Command] = []
         self.seen: list[Command] = []
         self.lock = threading.Lock()
+        self.pace: tuple[int, float] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def arm(self, chosen: Callable[[Command], bool]) -> None:
@@ -116,11 +119,23 @@ class BreakingProxy:
                         _close(upstream)
                         return
                     relay = end
-                client.sendall(buffer[:relay])
+                self._relay(client, buffer[:relay])
                 buffer = buffer[relay:]
         except OSError:
             pass
         _close(client)
+
+
+    def _relay(self, client: socket.socket, data: bytes) -> None:
+        pace = self.pace
+        if pace is None:
+            client.sendall(data)
+            return
+        size, seconds = pace
+        for at in range(0, len(data), size):
+            if at:
+                time.sleep(seconds)
+            client.sendall(data[at:at + size])
 
 
 def _close(sock: socket.socket) -> None:

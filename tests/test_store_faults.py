@@ -698,6 +698,77 @@ def test_a_read_whose_reply_was_lost_is_sent_again(tmp_path) -> None:
         server.stop()
 
 
+def test_a_batch_whose_replies_come_slowly_is_read_while_each_part_comes_within_the_timeout(tmp_path) -> None:
+    """The replies to one async batch that come a slice at a time, each within the store's timeout
+    but all of them later than it (a slow link; or an event loop too busy to read a large batch in
+    one turn), are all read: a batch fails only when no reply comes for a timeout (a hung server).
+    Before, one deadline for the whole batch failed it at 0.5 s, and every call of the batch with it."""
+    import asyncio
+
+    from router_middleware.stores.redis import RedisStore
+
+    server = RedisServer(tmp_path)
+    proxy = BreakingProxy(server.port)
+    try:
+        store = RedisStore(proxy.url, timeout_s=0.5)
+        value = b"x" * 8000
+        for i in range(10):
+            store.set(f"k{i}", value)
+        proxy.pace = (16_000, 0.3)  # about two replies every 0.3 s: the batch's ten take 1.2 s
+
+        async def batched() -> tuple[list[bytes | None], float]:
+            began = time.perf_counter()
+            try:
+                return list(await asyncio.gather(*(store.aget(f"k{i}") for i in range(10)))), time.perf_counter() - began
+            finally:
+                await store.aclose()
+
+        got, took = asyncio.run(batched())
+        assert got == [value] * 10
+        assert took > 1.0  # read over more than twice the timeout
+        assert [command[0] for command in proxy.seen[-10:]] == [b"GET"] * 10
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def test_a_batch_whose_replies_stop_coming_partway_fails_about_a_timeout_after_the_last(tmp_path) -> None:
+    """A batch whose replies stop partway (the link stalls after the first slice) fails with a timeout
+    about one timeout (at most two) after the last reply came, not when the link wakes; the replies
+    already read are kept, the rest fail."""
+    import asyncio
+
+    import redis
+
+    from router_middleware.stores.redis import RedisStore
+
+    server = RedisServer(tmp_path)
+    proxy = BreakingProxy(server.port)
+    try:
+        store = RedisStore(proxy.url, timeout_s=0.5)
+        value = b"x" * 8000
+        for i in range(10):
+            store.set(f"k{i}", value)
+        proxy.pace = (16_100, 5.0)  # two replies (8,009 bytes each), then nothing for 5 s
+
+        async def batched() -> tuple[list[Any], float]:
+            began = time.perf_counter()
+            try:
+                got = await asyncio.gather(*(store.aget(f"k{i}") for i in range(10)), return_exceptions=True)
+                return list(got), time.perf_counter() - began
+            finally:
+                await store.aclose()
+
+        got, took = asyncio.run(batched())
+        assert got[:2] == [value] * 2
+        assert all(isinstance(error, redis.TimeoutError) for error in got[2:]), got[2:]
+        assert 0.5 <= took < 1.5
+    finally:
+        proxy.pace = None
+        proxy.close()
+        server.stop()
+
+
 @pytest.mark.parametrize("stored", [b"abc", b'{"a": 1}', b'["abc", 20, null]', b'[Infinity, 20]', b'[true, "2", 20]',
                                     b"[" + b"9" * 400 + b"]", b"[" * 100_000],
                          ids=["text", "object", "text-and-null", "infinity", "bool-and-string", "huge", "nested"])

@@ -579,21 +579,49 @@ class _Batch:
 
 
 async def _read_all(connection: Any, count: int, replies: list[Any]) -> None:
-    """Append ``count`` replies read on ``connection`` to ``replies`` (an error reply as its exception),
-    all within one ``socket_timeout`` (raised as redis-py's ``TimeoutError``): redis-py would arm and
-    cancel a timer for each reply, a thousand a batch."""
+    """Append ``count`` replies read on ``connection`` to ``replies`` (an error reply as its exception).
+    redis-py would arm and cancel a timer for each reply (its ``socket_timeout``), a thousand for a
+    busy turn's batch; here one watch looks every ``socket_timeout`` and ends the read (redis-py's
+    ``TimeoutError``) only if no reply came since its last look. A batch read on a busy event loop,
+    whose replies come in several chunks each waiting a turn of the loop, is not cut short: only a
+    server that stops answering is."""
     import redis
 
     limit = connection.socket_timeout
+    task = asyncio.current_task()
+    if not limit or task is None:
+        await _read_replies(connection, count, replies)
+        return
+    loop = asyncio.get_running_loop()
+    stalled, handle = False, None
+
+    def watch(seen: int) -> None:
+        nonlocal handle, stalled
+        if len(replies) > seen:  # a reply came since the last look: look again later
+            handle = loop.call_later(limit, watch, len(replies))
+        else:
+            stalled = True
+            task.cancel()
+
+    handle = loop.call_later(limit, watch, len(replies))
     try:
-        async with asyncio.timeout(limit):
-            for _ in range(count):
-                try:
-                    replies.append(await connection.read_response(timeout=math.inf))
-                except redis.ResponseError as error:
-                    replies.append(error)
-    except TimeoutError:  # the deadline's (redis-py's own is no builtin one); the caller disconnects
-        raise redis.TimeoutError(f"no reply from Redis within {limit} s") from None
+        await _read_replies(connection, count, replies)
+    except asyncio.CancelledError:
+        if stalled and task.uncancel() == 0:  # the watch's cancellation, no one else's
+            raise redis.TimeoutError(f"no reply from Redis for {limit} s") from None
+        raise
+    finally:
+        handle.cancel()  # the last one armed
+
+
+async def _read_replies(connection: Any, count: int, replies: list[Any]) -> None:
+    import redis
+
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response(timeout=math.inf))
+        except redis.ResponseError as error:
+            replies.append(error)
 
 
 class _SharedRead:
