@@ -698,11 +698,10 @@ def test_a_read_whose_reply_was_lost_is_sent_again(tmp_path) -> None:
         server.stop()
 
 
-def test_a_batch_whose_replies_come_slowly_is_read_while_each_part_comes_within_the_timeout(tmp_path) -> None:
-    """The replies to one async batch that come a slice at a time, each within the store's timeout
-    but all of them later than it (a slow link; or an event loop too busy to read a large batch in
-    one turn), are all read: a batch fails only when no reply comes for a timeout (a hung server).
-    Before, one deadline for the whole batch failed it at 0.5 s, and every call of the batch with it."""
+def _paced_batch(tmp_path: Path, pace: tuple[int, float]) -> tuple[list[Any], float, list[Command]]:
+    """Ten values of 8,000 bytes read as one async batch (``aget``, a store timeout of 0.5 s) through a
+    proxy that relays Redis's replies at ``pace``: each read's value or error, the seconds the batch
+    took, and the commands the proxy saw."""
     import asyncio
 
     from router_middleware.stores.redis import RedisStore
@@ -711,45 +710,9 @@ def test_a_batch_whose_replies_come_slowly_is_read_while_each_part_comes_within_
     proxy = BreakingProxy(server.port)
     try:
         store = RedisStore(proxy.url, timeout_s=0.5)
-        value = b"x" * 8000
         for i in range(10):
-            store.set(f"k{i}", value)
-        proxy.pace = (16_000, 0.3)  # about two replies every 0.3 s: the batch's ten take 1.2 s
-
-        async def batched() -> tuple[list[bytes | None], float]:
-            began = time.perf_counter()
-            try:
-                return list(await asyncio.gather(*(store.aget(f"k{i}") for i in range(10)))), time.perf_counter() - began
-            finally:
-                await store.aclose()
-
-        got, took = asyncio.run(batched())
-        assert got == [value] * 10
-        assert took > 1.0  # read over more than twice the timeout
-        assert [command[0] for command in proxy.seen[-10:]] == [b"GET"] * 10
-    finally:
-        proxy.close()
-        server.stop()
-
-
-def test_a_batch_whose_replies_stop_coming_partway_fails_about_a_timeout_after_the_last(tmp_path) -> None:
-    """A batch whose replies stop partway (the link stalls after the first slice) fails with a timeout
-    about one timeout (at most two) after the last reply came, not when the link wakes; the replies
-    already read are kept, the rest fail."""
-    import asyncio
-
-    import redis
-
-    from router_middleware.stores.redis import RedisStore
-
-    server = RedisServer(tmp_path)
-    proxy = BreakingProxy(server.port)
-    try:
-        store = RedisStore(proxy.url, timeout_s=0.5)
-        value = b"x" * 8000
-        for i in range(10):
-            store.set(f"k{i}", value)
-        proxy.pace = (16_100, 5.0)  # two replies (8,009 bytes each), then nothing for 5 s
+            store.set(f"k{i}", b"x" * 8000)
+        proxy.pace = pace
 
         async def batched() -> tuple[list[Any], float]:
             began = time.perf_counter()
@@ -760,13 +723,34 @@ def test_a_batch_whose_replies_stop_coming_partway_fails_about_a_timeout_after_t
                 await store.aclose()
 
         got, took = asyncio.run(batched())
-        assert got[:2] == [value] * 2
-        assert all(isinstance(error, redis.TimeoutError) for error in got[2:]), got[2:]
-        assert 0.5 <= took < 1.5
+        return got, took, proxy.seen
     finally:
         proxy.pace = None
         proxy.close()
         server.stop()
+
+
+def test_a_batch_whose_replies_come_slowly_is_read_while_each_part_comes_within_the_timeout(tmp_path) -> None:
+    """The replies to one async batch that come a slice at a time, each within the store's timeout
+    but all of them later than it (a slow link; or an event loop too busy to read a large batch in
+    one turn), are all read: a batch fails only when no reply comes for a timeout (a hung server).
+    One deadline for the whole batch failed it at 0.5 s, and every call of the batch with it."""
+    got, took, seen = _paced_batch(tmp_path, (16_000, 0.3))  # about two replies every 0.3 s: 1.2 s for ten
+    assert got == [b"x" * 8000] * 10
+    assert took > 1.0  # read over more than twice the timeout
+    assert [command[0] for command in seen[-10:]] == [b"GET"] * 10
+
+
+def test_a_batch_whose_replies_stop_coming_partway_fails_about_a_timeout_after_the_last(tmp_path) -> None:
+    """A batch whose replies stop partway (the link stalls after the first slice) fails with a timeout
+    about one timeout (at most two) after the last reply came, not when the link wakes; the replies
+    already read are kept, the rest fail."""
+    import redis
+
+    got, took, _ = _paced_batch(tmp_path, (16_100, 5.0))  # two replies (8,009 bytes each), then 5 s of nothing
+    assert got[:2] == [b"x" * 8000] * 2
+    assert all(isinstance(error, redis.TimeoutError) for error in got[2:]), got[2:]
+    assert 0.5 <= took < 1.5
 
 
 @pytest.mark.parametrize("stored", [b"abc", b'{"a": 1}', b'["abc", 20, null]', b'[Infinity, 20]', b'[true, "2", 20]',
