@@ -61,6 +61,7 @@ SMOKES: dict[str, Smoke] = {  # longest first (each 35-80 s alone on this machin
     "redis_commands_concurrent": Smoke("redis_commands.py", ("--calls", "10", "--concurrent"), redis=True),
     "proxy_stream_hook": Smoke("proxy_stream_hook.py", ("--chunks", "1,5", "--repeat", "3"), needs=("proxy",)),
     "savings": Smoke("savings.py"),
+    "stubbed_cpu": Smoke("stubbed_cpu.py", ("--batches", "2", "--calls", "20"), redis=True),
 }
 
 
@@ -275,3 +276,10 @@ def test_savings_smoke(out: str) -> None:
                                                        "anthropic agent (breakpoints)"]
     assert "with a negative saving: 1" in lines[0] and "with a negative saving: 1" in lines[2]
     assert re.search(r"resumed .* max [0-9.]+% off", lines[1]) and float(re.findall(r"max ([0-9.]+)%", lines[1])[0]) < 10
+
+
+@pytest.mark.smoke("stubbed_cpu")
+def test_stubbed_cpu_smoke(out: str) -> None:
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("redis store, ") and "CPU per call median" in line
+    assert len(line.split("(")[-1].rstrip(")").split()) == 2  # one figure per batch
