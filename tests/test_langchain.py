@@ -1867,6 +1867,40 @@ def test_an_answer_without_usage_is_counted_with_the_model_s_tokenizer() -> None
     assert usage_from_message(AIMessage(content=text), 12, "gpt-4o-mini").output_tokens == counted
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_agent_answer_without_usage_counts_the_tool_definitions_in_its_prompt(asynchronous, tmp_path) -> None:
+    """An agent model's answer that carries no usage is settled at the prompt counted locally; that
+    count left out the agent's tool definitions (9 input tokens for a request whose budget reservation
+    counted 129 with two tools), so such calls were charged less than they were billed and reserved.
+    It now counts the request as the reservation does."""
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from router_middleware.ledger.store import open_ledger
+
+    def get_weather(city: str) -> str:
+        """The weather in a city, now."""
+        return "sunny"
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}, "cache": {"enabled": False}})
+    middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini")
+    request = ModelRequest(model=FakeListChatModel(responses=["sunny, 20 C"]), messages=[HumanMessage("weather?")],
+                           tools=[get_weather], model_settings={})
+    if asynchronous:
+        async def handle(r: Any) -> ModelResponse:
+            return ModelResponse(result=[await r.model.ainvoke(r.messages)])
+
+        asyncio.run(middleware.awrap_model_call(request, handle))
+    else:
+        middleware.wrap_model_call(request, lambda r: ModelResponse(result=[r.model.invoke(r.messages)]))
+    pipeline.close()
+    messages = [{"role": "user", "content": "weather?"}]
+    counted = pipeline.state.tokens("gpt-4o-mini", messages, [convert_to_openai_tool(get_weather)])
+    assert counted > pipeline.state.tokens("gpt-4o-mini", messages) + 20
+    assert open_ledger(url).query("SELECT input_tokens FROM calls") == [(counted,)]
+
+
 @pytest.mark.parametrize("style", ["invoke", "ainvoke", "stream", "astream", "invoke streaming", "chain stream",
                                    "batch"])
 def test_the_run_s_thread_id_is_the_session_of_every_call_style(style: str, tmp_path) -> None:

@@ -10,6 +10,7 @@ import gc
 import itertools
 import time
 from collections.abc import Callable
+from typing import Any
 
 import litellm
 import pytest
@@ -25,6 +26,12 @@ from router_middleware.wire import drain_callbacks
 ANSWER = "The quick brown fox jumps over the lazy dog. " * 5
 MESSAGES = [{"role": "user", "content": "Tell me about foxes"}]
 READ = 3
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city, now.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+
+
+Tools = dict[str, Any]  # {} or {"tools": TOOLS}: the call's keyword arguments
 
 
 def _polled(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
@@ -36,16 +43,17 @@ def _polled(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     return check()
 
 
-def _pipeline_sync(p: Pipeline) -> int:
-    stream = p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+def _pipeline_sync(p: Pipeline, tools: Tools) -> int:
+    stream = p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True, **tools)
     came = len(list(itertools.islice(stream, READ)))
     stream.close()
     return came
 
 
-def _pipeline_async(p: Pipeline) -> int:
+def _pipeline_async(p: Pipeline, tools: Tools) -> int:
     async def run() -> int:
-        stream = await p.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+        stream = await p.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True,
+                                     **tools)
         came = 0
         async for _chunk in stream:
             came += 1
@@ -57,18 +65,19 @@ def _pipeline_async(p: Pipeline) -> int:
     return asyncio.run(run())
 
 
-def _chat_model(p: Pipeline) -> int:
+def _chat_model(p: Pipeline, tools: Tools) -> int:
     model = RoutedChatModel(model="gpt-4o-mini", pipeline=p, model_kwargs={"mock_response": ANSWER})
-    chunks = model.stream(MESSAGES)
+    chunks = (model.bind_tools(tools["tools"]) if tools else model).stream(MESSAGES)
     came = len(list(itertools.islice(chunks, READ)))
     chunks.close()  # what a ``for`` loop broken out of does once the generator is dropped
     return came
 
 
-def _sdk_sync(p: Pipeline) -> int:
+def _sdk_sync(p: Pipeline, tools: Tools) -> int:
     logger = RouterLogger(p).register()
     try:
-        stream = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True)
+        stream = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER, stream=True,
+                                    **tools)
         came = len(list(itertools.islice(stream, READ)))
         del stream
         assert _polled(lambda: gc.collect() >= 0 and logger.recorded >= 1)
@@ -77,12 +86,12 @@ def _sdk_sync(p: Pipeline) -> int:
     return came
 
 
-def _sdk_async(p: Pipeline) -> int:
+def _sdk_async(p: Pipeline, tools: Tools) -> int:
     logger = RouterLogger(p).register()
 
     async def run() -> int:
         stream = await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response=ANSWER,
-                                           stream=True)
+                                           stream=True, **tools)
         came = 0
         async for _chunk in stream:
             came += 1
@@ -116,7 +125,7 @@ def test_a_stream_the_caller_stops_is_one_stopped_row_through_every_way_in(way, 
                               "routing": {"budgets": [{"name": "daily", "scope": "global", "tokens": 100000,
                                                                   "window_s": 86400}]}})
     try:
-        assert WAYS[way](p) == READ
+        assert WAYS[way](p, {}) == READ
         p.ledger.flush()
         counter = float(p.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
     finally:
@@ -136,6 +145,33 @@ def test_a_stream_the_caller_stops_is_one_stopped_row_through_every_way_in(way, 
     spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert spans and all(s.attributes.get("router_middleware.ended") == "stopped" for s in spans)
 
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_a_stopped_stream_s_prompt_counts_the_tool_definitions_it_sent_through_every_way_in(way, tmp_path,
+                                                                                          monkeypatch) -> None:
+    """A stream stopped before its usage came is settled at its prompt counted locally. The pipeline's
+    streams and the agent middleware counted the messages alone (litellm's builder does), leaving out the
+    tool definitions sent with them, which the provider bills and the budget's reservation counts: the
+    row said 9 input tokens where the request held about 60 more. Every way in now counts the request
+    as the reservation did."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(drain_callbacks())
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
+    try:
+        assert WAYS[way](p, {"tools": TOOLS}) == READ
+        p.ledger.flush()
+        with_tools, without = p.state.tokens("gpt-4o-mini", MESSAGES, TOOLS), p.state.tokens("gpt-4o-mini", MESSAGES)
+    finally:
+        p.close()
+    db = open_ledger(url)
+    try:
+        rows = db.query("SELECT ended, input_tokens FROM calls")
+    finally:
+        db.close()
+    assert with_tools > without + 30
+    assert rows == [("stopped", with_tools)]
 
 
 _LEFT_AT_EXIT = {

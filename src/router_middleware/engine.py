@@ -273,7 +273,7 @@ class Engine:
         the caller did not give (the reasoning policy's, to fit a thinking budget) caps nothing: until
         replies are learned, the output reserved is ``default_output_tokens`` plus that budget. A request
         for ``n`` answers reserves ``n`` times the output of one."""
-        counted = self.state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+        counted = self.state.request_tokens(plan)
         routing, books, app = self.config.routing, self.books, plan.call.context.app
         sent, default = output_cap(plan.params), routing.default_output_tokens
         if sent is not None and output_cap(plan.call.params) is None:

@@ -51,6 +51,7 @@ from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .policies import PolicyState
 
 # An adapter's reader of an answer that is not a litellm response: (plan, answer, started) -> Outcome.
 Reader = Callable[[Plan, Any, float], Outcome]
@@ -832,7 +833,7 @@ class CallLifecycle:
                 return None
             source: UsageSource = "provider" if read_out and wire.usage_reported(chunks, stream) else "estimated"
             saved = read_out and self._saves(plan)
-            response, assembled = _stream_answer(plan, chunks, light=source == "provider" and not saved
+            response, assembled = _stream_answer(plan, chunks, engine.state, light=source == "provider" and not saved
                                                  and not trace.wants_answer and engine.usage_chunk_asked(plan))
             if response is None:  # no chunks and no error: an empty stream, read to its end
                 trace.fail(RuntimeError("the stream ended before its first chunk"))
@@ -859,15 +860,17 @@ class CallLifecycle:
         return finish
 
 
-def _stream_answer(plan: Plan, chunks: list[Any], *, light: bool) -> tuple[Any, bool]:
+def _stream_answer(plan: Plan, chunks: list[Any], state: PolicyState, *, light: bool) -> tuple[Any, bool]:
     """A stream's answer as its outcome is built from, and whether it was assembled: with ``light``
     (nothing reads the answer itself, and litellm was asked for its usage chunk), the usage chunk
-    litellm ended it with, if any; else the answer
-    assembled by litellm's builder (about 40 us a chunk); ``None`` for no chunks."""
+    litellm ended it with, if any; else the answer assembled by litellm's builder (about 40 us a
+    chunk), its prompt tokens the provider's if a chunk reported them, else the request counted
+    locally, tool definitions included (:meth:`.PolicyState.request_tokens`; litellm's own count
+    leaves them out); ``None`` for no chunks."""
     found = wire.usage_chunk(chunks) if light else None
     if found is not None or not chunks:
         return found, False
-    return wire.litellm().stream_chunk_builder(chunks, messages=[dict(m) for m in plan.messages]), True
+    return wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=lambda: state.request_tokens(plan)), True
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open"})  # routing decisions that move a call on

@@ -95,6 +95,12 @@ class PolicyState:
         raw = REQUEST_OVERHEAD + self.counter(model).tools(tools) + self.profile(model, messages).totals[-1]
         return self.calibrated(raw, session_id)
 
+    def request_tokens(self, plan: Plan) -> int:
+        """The prompt tokens of the request ``plan`` sends, counted locally: its messages and tool
+        definitions, calibrated for its session (:meth:`tokens`). A call whose provider reports no usage
+        (a stream cut short) is settled at it."""
+        return self.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+
     def calibrated(self, raw: int, session_id: str | None) -> int:
         """A local count of a whole request (``REQUEST_OVERHEAD`` included) as the session's provider
         would count it, once reported usage has been seen."""

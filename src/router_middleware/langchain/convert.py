@@ -417,7 +417,7 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     metadata, named, finish = _answered(message)
     provider = provider or metadata.get("model_provider")
     model = provider_named(named or plan.model, provider)  # a stream cut before a chunk named it: the target's
-    usage = usage_from_message(message, pipeline.state.tokens(plan.model, plan.messages), model)
+    usage = usage_from_message(message, pipeline.state.request_tokens(plan), model)
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     return Outcome(model=model, provider=provider, usage=usage,
                    cost=price(usage, info), plan=plan,

@@ -359,8 +359,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         spent = None
         if streamed:
             plan = found.attempt.plan
-            prompt = self.pipeline.state.tokens(plan.model, plan.messages, plan.params.get("tools"),
-                                                plan.call.context.session_id)
+            prompt = self.pipeline.state.request_tokens(plan)
             usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
             spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
         if found.falling_back and not streamed:  # no event comes for a fallback's failure

@@ -134,7 +134,7 @@ def output_room(plan: Plan, state: PolicyState, info: ModelInfo | None) -> int |
     ``None`` when the catalog knows neither."""
     if info is None or not info.max_output_tokens or not info.max_input_tokens:
         return None
-    prompt = state.tokens(plan.model, plan.messages, plan.params.get("tools"), plan.call.context.session_id)
+    prompt = state.request_tokens(plan)
     return min(info.max_output_tokens, info.max_input_tokens - int(prompt * TOKENIZER_SLACK))
 
 
