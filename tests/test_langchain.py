@@ -1671,6 +1671,31 @@ def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> 
         RouterAgentMiddleware(budgeted, models=mini, model="coder")
 
 
+def test_a_models_name_one_slip_from_a_target_it_should_hold_is_refused_when_the_middleware_is_made() -> None:
+    """``models={"gpt-4o-mni": cheap, "gpt-4.1": dear}`` for an alias of gpt-4o-mini then gpt-4.1 was
+    taken without a word, and every call skipped the cheap model for the dear one (a ``routing:skip``
+    decision on each row was the only trace). A name no route reaches, one slip from a target missing
+    from ``models``, is now refused with the name it meant; a list for ``models``, or a model's name
+    where the pipeline goes, gets an error naming the argument."""
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"]}}})
+    cheap, dear = (RoutedChatModel(model=name, pipeline=Pipeline()) for name in ("gpt-4o-mini", "gpt-4.1"))
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mni'\] is one slip from 'gpt-4o-mini', a target of "
+                                          r"'agent' that is missing from models=: every call routed by 'agent' "
+                                          r"would skip it; did you mean 'gpt-4o-mini'\?"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mni": cheap, "gpt-4.1": dear}, model="agent")
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mni'\] is one slip from 'gpt-4o-mini', a target of "
+                                          r"'agent'"):  # without model=: each alias is a route the agent's model may name
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mni": cheap, "gpt-4.1": dear})
+    RouterAgentMiddleware(pipeline, models={"gpt-4.1": dear}, model="agent")  # a target left out: skipped, as documented
+    RouterAgentMiddleware(pipeline, models={"gpt-5-mini": cheap, "gpt-4.1": dear}, model="agent")  # a model of its own
+    with pytest.raises(ConfigError, match=r"models=: expected a mapping of each name calls are routed to to its chat "
+                                          r"model .* got a list"):
+        RouterAgentMiddleware(pipeline, models=[cheap], model="agent")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"RouterAgentMiddleware: 'gpt-4o-mini' is no config file: .*; a model's "
+                                          r"name goes in model="):
+        RouterAgentMiddleware("gpt-4o-mini")
+
+
 def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> None:
     """The agent's system prompt is sent first, but ``request.messages`` does not hold it: an error
     names the agent's own indexes (it said one more with a system prompt)."""

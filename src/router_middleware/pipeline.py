@@ -79,12 +79,16 @@ class Pipeline(Engine):
 PipelineSource = Pipeline | Config | Mapping[str, Any] | str | Path  # what an adapter takes: see pipeline_of
 
 
-def pipeline_of(source: PipelineSource, owner: str) -> Pipeline:
+def pipeline_of(source: PipelineSource, owner: str, hint: str = "") -> Pipeline:
     """The pipeline an adapter (``owner``) drives: ``source`` itself, or one built from a config (a
     :class:`~.config.Config`, a dict, a YAML/JSON path; a bad one raises ``ConfigError``). Anything
-    else raises ``ConfigError`` naming ``owner`` and what it got."""
+    else, or a name with no suffix that is no file, raises ``ConfigError`` naming ``owner``, what it
+    got, and ``hint`` for the latter."""
     if isinstance(source, Pipeline):
         return source
+    if isinstance(source, str) and not Path(source).suffix and not Path(source).exists():
+        raise ConfigError(f"{owner}: {source!r} is no config file: expected a Pipeline or its config (a dict, a "
+                          f"Config or a YAML/JSON path){hint}")
     if isinstance(source, Config | Mapping | str | Path):
         return Pipeline(source)
     raise ConfigError(f"{owner}: expected a Pipeline or its config (a dict, a Config or a YAML/JSON path), "

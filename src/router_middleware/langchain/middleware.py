@@ -278,7 +278,11 @@ class RouterAgentMiddleware(AgentMiddleware):
     def __init__(self, pipeline: PipelineSource, *, models: Mapping[str, BaseChatModel] | None = None,
                  model: str | None = None, context: AgentContext | Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware")
+        self.pipeline = pipeline_of(pipeline, "RouterAgentMiddleware", "; a model's name goes in model=")
+        if models is not None and not isinstance(models, Mapping):
+            raise ConfigError(f"models=: expected a mapping of each name calls are routed to to its chat model "
+                              f"({{'gpt-4o-mini': ChatOpenAI(model='gpt-4o-mini')}}), got a "
+                              f"{type(models).__name__}")
         self.models = dict(models or {})
         self._no_retries: dict[str, RoutedChatModel] = {}  # a models entry's copy with max_retries=0
         for name, chat_model in self.models.items():
@@ -295,6 +299,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             self._known_route(model)
         elif model is not None:
             self._known_label(model)
+        if self.models:
+            self._no_slips(model)
         self.route = model
         self.context = AgentContext.coerce(context)
         self._lock = threading.Lock()
@@ -355,6 +361,27 @@ class RouterAgentMiddleware(AgentMiddleware):
                 raise ConfigError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} has no target among "
                                   f"models= ({', '.join(self.models)}): past its soft limit every call would go "
                                   f"there and fail; add one of {', '.join(targets)} to models=")
+
+    def _no_slips(self, model: str | None) -> None:
+        """Refuse a ``models`` name one slip from a target that calls may be routed to and that is
+        missing from ``models`` (``gpt-4o-mni`` for an alias's ``gpt-4o-mini``; a name the catalog
+        knows is a model of its own): every call would skip that target, recording only a
+        ``routing:skip`` decision. The routes are ``model=`` (else each
+        alias and tier) and the budgets' ``downgrade_to``."""
+        from difflib import get_close_matches
+
+        routing = self.pipeline.config.routing
+        routes = [model] if model is not None else [*routing.aliases, *(("auto",) if routing.tiers else ())]
+        routes += [budget.downgrade_to for budget in routing.budgets if budget.downgrade_to]
+        targets = {target: route for route in routes for target in self._targets(route)}
+        catalog = self.pipeline.catalog  # a model of its own (gpt-5-mini beside gpt-4o-mini) is no slip
+        spare = [name for name in self.models if name not in targets and catalog.resolve(name) is None]
+        for target, route in targets.items():
+            slip = get_close_matches(target, spare, n=1, cutoff=0.85) if not self._reaches(target) else []
+            if slip:
+                raise ConfigError(f"models[{slip[0]!r}] is one slip from {target!r}, a target of {route!r} that is "
+                                  f"missing from models=: every call routed by {route!r} would skip it; did you "
+                                  f"mean {target!r}?")
 
     def _reaches(self, target: str) -> bool:
         """Is ``target`` one of ``models``, or is its free variant (``:free``, tried first with ``free_tier``)?"""
