@@ -1696,6 +1696,70 @@ def test_a_models_name_one_slip_from_a_target_it_should_hold_is_refused_when_the
         RouterAgentMiddleware("gpt-4o-mini")
 
 
+@pytest.mark.parametrize("how", ["runtime context", "runtime context dict", "config metadata", "config configurable"])
+def test_a_run_labels_its_calls_for_the_tenant_budget_through_its_runtime_context_or_config(how, tmp_path) -> None:
+    """A multi-tenant agent labels each run the LangChain v1 way; the middleware read only its own
+    ``context=``, fixed when it was made, so a tenant budget never held an agent's calls (each row's
+    tenant NULL, one ``budget_not_applied`` warning saying to pass ``context=``). A run's ``tenant``
+    (runtime context, config metadata or configurable) now labels its calls: one tenant's spend is
+    held by its budget, and another tenant's run is not."""
+    from dataclasses import dataclass
+
+    from langchain.agents import create_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from router_middleware import BudgetExceeded
+    from router_middleware.ledger.store import open_ledger
+
+    @dataclass
+    class Ctx:
+        tenant: str
+        user: object = None  # the run's own object, no label
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url},
+                                     "routing": {"budgets": [{"name": "per-tenant", "scope": "tenant", "usd": 0.0005}]}})
+    agent = create_agent(_fake(*["ok"] * 4), tools=[], context_schema=Ctx, checkpointer=InMemorySaver(),
+                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"tenant": "fixed"})])
+
+    def run(tenant: str, thread: str) -> Any:
+        config: Any = {"configurable": {"thread_id": thread}}
+        labelled: dict[str, Any] = {"runtime context": {"context": Ctx(tenant, user=object())},
+                                    "runtime context dict": {"context": {"tenant": tenant}},
+                                    "config metadata": {"config": {**config, "metadata": {"tenant": tenant}}},
+                                    "config configurable": {"config": {"configurable": {**config["configurable"],
+                                                                                        "tenant": tenant}}}}[how]
+        return agent.invoke({"messages": [HumanMessage("hi")]}, **{"config": config, **labelled})
+
+    run("acme", "t1")  # $0.000153 a call; each reserves $0.000308 (512 output tokens) while in flight
+    run("acme", "t2")
+    with pytest.raises(BudgetExceeded, match=r"budget 'per-tenant' \(tenant acme\) exceeded"):
+        run("acme", "t3")
+    run("globex", "t4")  # another tenant: its own budget
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT tenant, session FROM calls ORDER BY ts")
+    assert rows == [("acme", "t1"), ("acme", "t2"), ("globex", "t4")]
+
+
+def test_a_run_label_the_pipeline_refuses_is_logged_and_the_call_goes_on_with_the_middleware_s_context(
+        tmp_path) -> None:
+    from langchain.agents import create_agent
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
+    agent = create_agent(_fake("ok"), tools=[],
+                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"tenant": "fixed"})])
+    with structlog.testing.capture_logs() as logs:
+        state = agent.invoke({"messages": [HumanMessage("hi")]}, config={"metadata": {"tenant": "a\x00b"}})
+    pipeline.close()
+    assert state["messages"][-1].content == "ok"
+    (ignored,) = [e for e in logs if e["event"] == "agent_run_labels_ignored"]
+    assert ignored["labels"] == ["tenant"] and "context.tenant: contains a NUL character" in ignored["error"]
+    assert open_ledger(url).query("SELECT tenant FROM calls") == [("fixed",)]
+
+
 def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> None:
     """The agent's system prompt is sent first, but ``request.messages`` does not hold it: an error
     names the agent's own indexes (it said one more with a system prompt)."""

@@ -41,7 +41,7 @@ from ..cache import key_value
 from ..catalog import close_names
 from ..context.breakpoints import mark
 from ..drivers import adrive, drive
-from ..errors import AnswerDiscarded, ConfigError, MessageError
+from ..errors import AnswerDiscarded, ConfigError, MessageError, RouterMiddlewareError
 from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
 from ..routing.quotas import free_variant
@@ -60,14 +60,37 @@ from .convert import (
 )
 
 
-def _thread_id() -> str | None:
+def _run_config() -> Mapping[str, Any]:
+    """The LangGraph run's config, or ``{}`` outside a graph run."""
     try:
         from langgraph.config import get_config
 
-        value = (get_config().get("configurable") or {}).get("thread_id")
+        return get_config()
     except Exception:  # noqa: BLE001 - outside a graph run there is no config
-        return None
-    return str(value) if value is not None else None
+        return {}
+
+
+_RUN_LABELS = ("app", "agent_id", "user", "tenant")  # the labels a run may set (the session is its thread_id)
+
+
+def _run_labels(config: Mapping[str, Any], runtime_context: Any) -> dict[str, str]:
+    """The labels a run sets for its calls: the string values of :data:`_RUN_LABELS` in its config's
+    ``configurable``, then ``metadata``, then the agent's runtime context (``agent.invoke(...,
+    context=...)``: a dataclass, a pydantic model or a dict), each over the one before; its
+    ``thread_id`` as the session. A value that is no string (the run's own object) is no label."""
+    found: dict[str, str] = {}
+    configurable = config.get("configurable") or {}
+    thread = configurable.get("thread_id")
+    if thread is not None:
+        found["session_id"] = str(thread)
+    for source in (configurable, config.get("metadata") or {}, runtime_context):
+        if source is None:
+            continue
+        for name in _RUN_LABELS:
+            value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+            if isinstance(value, str) and value:
+                found[name] = value
+    return found
 
 
 def _model_name(model: BaseChatModel) -> str:
@@ -262,8 +285,9 @@ class RouterAgentMiddleware(AgentMiddleware):
     the agent's model is kept and only the context and reasoning policies apply; ``model=`` then names
     it: a route raises ``ConfigError``, a name litellm does not know is logged. ``context``: the
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
-    ``RequestError`` here); the session is LangGraph's
-    ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
+    ``RequestError`` here), under a run's own string ``tenant``, ``user``, ``app`` or ``agent_id``
+    (its runtime context, config metadata or configurable: :func:`_run_labels`); the session is
+    LangGraph's ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
     ``ConfigError`` (its calls would be accounted twice): give it a ``Pipeline()`` of its own.
 
     A middleware before this one that swaps the agent's model for a later call of the same agent step
@@ -505,6 +529,21 @@ class RouterAgentMiddleware(AgentMiddleware):
             raise ConfigError(f"{where}: a RoutedChatModel on the middleware's own pipeline accounts each call "
                               "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
 
+    def _context_of(self, request: ModelRequest) -> AgentContext:
+        """The call's labels: ``context=``'s, under the run's own (:func:`_run_labels`: a tenant, user,
+        app or agent id of the run's metadata or runtime context), but its session: the run's
+        ``thread_id`` where ``context=`` names none."""
+        run: dict[str, Any] = _run_labels(_run_config(), getattr(request.runtime, "context", None))
+        if self.context.session_id:
+            run.pop("session_id", None)
+        if not run:
+            return self.context
+        try:
+            return replace(self.context, **run)
+        except RouterMiddlewareError as exc:  # a label the pipeline refuses (a NUL in it): the call goes on
+            log.warning("agent_run_labels_ignored", labels=sorted(run), error=str(exc)[:200])
+            return self.context
+
     def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         if not self.models:
@@ -513,8 +552,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         params = dict(request.model_settings)
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
-        thread = _thread_id()
-        context = replace(self.context, session_id=thread) if thread and not self.context.session_id else self.context
+        context = self._context_of(request)
         # A message converted to several (tool_result blocks in a user turn) is sent as those, each
         # rebuilt from its dict; every other message is sent as the agent's own object.
         converted: list[dict[str, Any]] = []
