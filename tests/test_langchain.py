@@ -1229,6 +1229,31 @@ def test_a_retry_middleware_inside_the_router_that_gives_up_is_recorded_as_the_f
     assert pipeline.store.get("cooldown:gpt-4o-mini") is not None
 
 
+def test_a_retry_middleware_inside_that_gives_up_says_once_that_the_route_s_fallback_was_not_tried() -> None:
+    """LangChain's default ``on_failure="continue"`` inside the router turns the alias's fallback off
+    (documented); nothing said so, and a user adding retries expects the fallback still to apply."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelRetryMiddleware
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False},
+                                     "routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"]}}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(),
+                                             model_kwargs={"mock_response": limited}),
+              "gpt-4.1": RoutedChatModel(model="gpt-4.1", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})}
+    retry = ModelRetryMiddleware(max_retries=1, on_failure="continue", initial_delay=0.0, jitter=False)
+    agent = create_agent(models["gpt-4o-mini"], tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models=models, model="agent"), retry])
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            state = agent.invoke({"messages": [HumanMessage("hi")]})
+            assert state["messages"][-1].content.startswith("Model call failed after 2 attempts")
+    said = [e for e in logs if e["event"] == "agent_fallback_not_tried"]
+    assert len(said) == 1 and said[0]["target"] == "gpt-4o-mini" and said[0]["error_type"] == "RateLimitError"
+    assert "on_failure='error'" in said[0]["why"]
+
+
 def test_retry_and_fallback_middleware_outside_the_router_have_each_call_recorded(tmp_path) -> None:
     """ModelRetryMiddleware and ModelFallbackMiddleware before the router (each retry or fallback a
     call of the router's): each failed call has its error row, the fallback model's answer its own."""

@@ -329,7 +329,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         self.context = AgentContext.coerce(context)
         self._lock = threading.Lock()
         self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
-        self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
+        self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of), and
+        # ("fallback", target) pairs said not tried (_answered)
         self._not_keyed: set[tuple[str, str]] = set()  # (model, reason) pairs said not cached (_keyed)
         self._first_chunks: dict[int, tuple[Any, float]] = {}  # an answered stream's response and first chunk,
         # by the response's id (_first_chunk): the entry holds it, so no other response reuses the id meanwhile
@@ -688,17 +689,25 @@ class RouterAgentMiddleware(AgentMiddleware):
             raise CutShort(error, spent) from error
         lifecycle.stopping(spent)
 
-    def _answered(self, plan: Plan, runs: AttemptRuns, response: ModelResponse, started: float) -> ModelResponse:
+    def _answered(self, made: Attempt, runs: AttemptRuns, response: ModelResponse, started: float) -> ModelResponse:
         """``response``, if a model run of the attempt answered (or none was seen); else it stands in
         for the model's failure (a middleware inside this one, such as ModelRetryMiddleware with
         ``on_failure="continue"``, answered the last run's error with a message of its own): raise
-        :class:`Replaced`, so the call is recorded as that failure and still returns ``response``."""
+        :class:`Replaced`, so the call is recorded as that failure and still returns ``response``,
+        and, where a fallback was left untried, warn once per target (``agent_fallback_not_tried``)."""
+        plan = made.plan
         if runs.answered or not isinstance(runs.error, Exception):
             if runs.first_token is not None:  # a stream: its time to first token, for the lifecycle's read
                 if len(self._first_chunks) >= _FIRST_CHUNKS_KEPT:  # a bound: only answers never read stay
                     self._first_chunks.clear()
                 self._first_chunks[id(response)] = (response, runs.first_token)
             return response
+        target = plan.deployment or plan.model
+        if made.remaining and self._first(self._unrouted, ("fallback", target)):
+            log.warning("agent_fallback_not_tried", target=target, error_type=type(runs.error).__name__,
+                        why="a middleware after RouterAgentMiddleware answered the model's failure with a message "
+                            "of its own (ModelRetryMiddleware's on_failure='continue'), so the route's fallback was "
+                            "not tried: give it on_failure='error', or put it before RouterAgentMiddleware")
         raise Replaced(runs.error, response, self._spent(plan, runs, started))
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
@@ -716,7 +725,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
                     raise
-            return self._answered(made.plan, runs, response, started)
+            return self._answered(made, runs, response, started)
 
         return drive(lifecycle.run(), send)
 
@@ -733,6 +742,6 @@ class RouterAgentMiddleware(AgentMiddleware):
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
                     raise
-            return self._answered(made.plan, runs, response, started)
+            return self._answered(made, runs, response, started)
 
         return await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
