@@ -2246,6 +2246,10 @@ def test_a_proxy_stream_broken_partway_is_settled_at_what_litellm_counted(tmp_pa
     assert span.attributes["router_middleware.usage.source"] == "estimated"
 
 
+def _task(data: dict) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"task {data['litellm_call_id']}"}]
+
+
 def _client_leaves_after_two_chunks(logger: RouterLogger, data: dict, *, hook: bool) -> Counter[str]:
     """A proxy request (planned by the pre-call hook if ``hook``) streamed by a router whose deployment
     ``slow`` is the fault server's slow stream, read for two chunks, then ended by the proxy's own
@@ -2255,7 +2259,7 @@ def _client_leaves_after_two_chunks(logger: RouterLogger, data: dict, *, hook: b
 
     from .fault_server import fault_server
 
-    request = {**data, "messages": [{"role": "user", "content": f"task {data['litellm_call_id']}"}], "stream": True}
+    request = {**data, "messages": _task(data), "stream": True}
 
     async def run(router: litellm.Router) -> None:
         planned = await logger.async_pre_call_hook(None, None, request, "acompletion") if hook else request
@@ -2283,18 +2287,23 @@ def test_a_client_that_leaves_a_stream_planned_at_its_attempt_is_recorded_as_clo
     deployment hook, as in the SDK) whose client left mid-stream: litellm delivers the chunks streamed
     as a success flagged ``client_disconnected``. Recorded as a planned call is: its row and span say
     ``ClientDisconnected``, with litellm's count marked ``estimated``; not a complete answer (no
-    reply-size sample)."""
+    reply-size sample). Its prompt counts the tool definitions it sent (litellm's count of it, which
+    the row had, leaves them out)."""
     asyncio.run(wire.drain_callbacks())
     logger = _one_target_logger(tmp_path, "slow")
+    data = {"model": "slow", "litellm_call_id": "gone-2", "tools": [{"type": "function", "function": {
+        "name": "read_file", "description": "Read a file of the workspace and return its text.",
+        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}]}
     try:
-        seen = _client_leaves_after_two_chunks(logger, {"model": "slow", "litellm_call_id": "gone-2"}, hook=False)
+        seen = _client_leaves_after_two_chunks(logger, data, hook=False)
         rows = _ledger(logger, ("input_tokens", "output_tokens", "error"))
         samples = [key for key in logger.pipeline.store._data if key.startswith("out:")]
     finally:
         logger.unregister()
     assert seen["stall:stall"] == 1 and len(rows) == 1
     input_tokens, output_tokens, error = rows[0].values()
-    assert input_tokens > 0 and 0 < output_tokens < 50 and error == "ClientDisconnected"
+    assert input_tokens > litellm.token_counter(model="gpt-3.5-turbo", messages=_task(data)) + 30  # the tool's
+    assert 0 < output_tokens < 50 and error == "ClientDisconnected"
     assert samples == []
     span = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT)
     assert span.attributes["router_middleware.stopped_by"] == "ClientDisconnected"

@@ -197,11 +197,17 @@ class _ProxyHooks(_Core):
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
         """End a proxy call whose client left mid-stream (litellm delivers the chunks streamed so far
         as a success): settled as a stream closed early, at litellm's count of those chunks (``usage.source``
-        ``estimated``), its row and span saying :class:`ClientDisconnected`. False when no lifecycle waits."""
+        ``estimated``) and the prompt the provider reported, else the request counted locally, tool
+        definitions included (litellm's count leaves them out: :meth:`.PolicyState.request_tokens`), its
+        row and span saying :class:`ClientDisconnected`. False when no lifecycle waits."""
         found = self._take_open(self._key(kwargs))
         if found is None:
             return False
-        counted = replace(answer, response=wire.Partial(getattr(answer.response, "usage", None)))
+        usage = getattr(answer.response, "usage", None)
+        if usage is not None and not wire.usage_reported((), answer.stream or found.stream):
+            prompt, output = self.pipeline.state.request_tokens(found.attempt.plan), usage.completion_tokens or 0
+            usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+        counted = replace(answer, response=wire.Partial(usage))
         self._end(found, ClientDisconnected("the client disconnected before the stream ended (litellm: 499)"),
                   self._spent(found, counted))
         self._tally()
