@@ -191,7 +191,8 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
     if Path(path).is_dir():
         raise LedgerError(f"ledger {path!r} is a folder, not a database file")
     if not create and not Path(path).exists():
-        raise LedgerError(f"no ledger at {path!r} (file not found)")
+        raise LedgerError(f"no ledger at {path!r} (file not found; a pipeline writes it with its first row: a "
+                          "call answered, failed or stopped, not one refused before any attempt)")
     try:
         return SQLiteLedger(path, 30.0 if wait_s is None else wait_s)
     except sqlite3.DatabaseError as exc:
