@@ -12,7 +12,8 @@ of the recorded stream, then the connection drops (before the finish reason and 
 as a provider's connection lost mid-answer does. /stall/v1/... is a slow stream (fault ``stall``):
 the first ``cut_events`` events, a pause of ``hang_s``, then the rest, as a model that stops to think
 mid-answer does (a client may leave during the pause). /broken/v1/... is fault ``broken-stream`` every
-time: the connection breaks right after the headers, before any event.
+time: the connection breaks right after the headers, before any event. /down/v1/... answers 500 to
+every request.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             elif deployment == "bare429":  # a 429 that says no reset (OpenRouter's upstream limit on a free model)
                 self._send(429, b'{"error": {"message": "deepseek/deepseek-chat:free is temporarily rate-limited '
                            b'upstream", "code": 429}}')
+            elif deployment == "down":  # a provider that is down: 500 to every request, before any work
+                self._send(500, b'{"error": {"message": "upstream failure", "type": "server_error"}}')
             elif fault == "429":
                 self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit_error"}}',
                            headers={"retry-after": "0"})

@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -2366,6 +2367,49 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
     assert input_tokens > 0 and 0 < output_tokens < whole["output_tokens"] and error == "ClientDisconnected"
     kept = _store_values(tmp_path / "store.db", "budget:", "out:", "tps:", "lat:")
     assert kept == {"budget:day:tokens:all:0": repr(float(input_tokens + output_tokens)).encode()}
+
+
+def test_a_proxy_call_every_target_of_which_failed_at_once_spent_nothing(tmp_path) -> None:
+    """Both targets of the alias answer 500 to a long prompt, plain and streamed. litellm's proxy lifts
+    an estimate of the prompt into the data of every request that failed after it was sent (priced 0:
+    no provider bills an error answered at once), and the logger read it as a stream cut partway: each
+    failed call's row had the prompt's tokens and cost, charged to the user's budget, which then
+    refused the user's next calls. Each row now says nothing was spent, and the budget is untouched."""
+    from .conftest import service_missing
+    from .fault_server import fault_server
+    from .litellm_proxy import proxy_missing, running_proxy
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(f"""
+app: coding-agent
+store: sqlite:///{tmp_path / 'store.db'}
+routing:
+  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}, coder-strong: {{model: openai/gpt-5-mini}}}}
+  aliases: {{coder: [coder-strong, coder-cheap]}}
+  budgets: [{{name: per-user, scope: user, usd: 1.0}}]
+ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
+""")
+    with fault_server() as (base, seen):
+        env = {"CHEAP_API_BASE": f"{base}/down/v1", "STRONG_API_BASE": f"{base}/down/v1", "CHEAP_API_KEY": "x",
+               "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            for stream in (False, True):
+                request = urllib.request.Request(f"{proxy}/v1/chat/completions", json.dumps({
+                    "model": "coder", "stream": stream, "metadata": {"user": "frank"},
+                    "messages": [{"role": "user", "content": "def f():\n    return 1\n" * 300}]}).encode(),
+                    {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+                with pytest.raises(urllib.error.HTTPError) as failed:
+                    urllib.request.urlopen(request, timeout=60).read()
+                assert failed.value.code == 500
+            for _ in range(100):
+                if (tmp_path / "ledger.db").exists() and len(rows := _rows_at(
+                        f"sqlite:///{tmp_path / 'ledger.db'}", ("input_tokens", "output_tokens", "cost_usd", "ended"))) == 2:
+                    break
+                time.sleep(0.1)
+    assert seen["down:ok"] >= 4  # each target tried by each call
+    assert [tuple(r.values()) for r in rows] == [(0, 0, None, "failed")] * 2
+    assert all(float(v) == 0 for v in _store_values(tmp_path / "store.db", "budget:").values())
 
 
 def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnect(tmp_path, span_exporter) -> None:

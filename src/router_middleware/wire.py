@@ -295,12 +295,17 @@ def partial(event: Mapping[str, Any]) -> Partial | None:
     broke partway, its count of the chunks that came (``combined_usage_object``, set by
     ``CustomStreamWrapper._record_partial_usage_for_failure``, litellm_core_utils/streaming_handler.py,
     1.110.2). Read from a failure event's kwargs, or from the logging object of a proxy request's
-    data (``litellm_logging_obj``); ``None`` where litellm recorded none."""
+    data (``litellm_logging_obj``); ``None`` where litellm recorded none, or only the estimate of a
+    prompt no provider billed: litellm's proxy lifts one into the data of every request that failed
+    after it was sent, priced 0 unless the provider bills such a failure (a read timeout, a client
+    that left: ``_failure_usage_to_lift``, proxy/utils.py), so an error answered at once used nothing."""
     details = getattr(event.get("litellm_logging_obj"), "model_call_details", None)
     for source in (event, details):
-        usage = source.get("combined_usage_object") if isinstance(source, Mapping) else None
-        if usage is not None:
-            return Partial(usage)
+        if not isinstance(source, Mapping) or (usage := source.get("combined_usage_object")) is None:
+            continue
+        if not getattr(usage, "completion_tokens", 0) and not source.get("response_cost"):
+            continue  # the prompt alone, estimated and unbilled
+        return Partial(usage)
     return None
 
 
