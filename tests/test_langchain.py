@@ -1252,6 +1252,11 @@ def test_a_retry_middleware_inside_that_gives_up_says_once_that_the_route_s_fall
     said = [e for e in logs if e["event"] == "agent_fallback_not_tried"]
     assert len(said) == 1 and said[0]["target"] == "gpt-4o-mini" and said[0]["error_type"] == "RateLimitError"
     assert "on_failure='error'" in said[0]["why"]
+    alone = create_agent(models["gpt-4o-mini"], tools=[], middleware=[  # the fallback is not among models=: none lost
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": models["gpt-4o-mini"]}, model="agent"), retry])
+    with structlog.testing.capture_logs() as logs:
+        alone.invoke({"messages": [HumanMessage("hi")]})
+    assert not [e for e in logs if e["event"] == "agent_fallback_not_tried"]
 
 
 def test_retry_and_fallback_middleware_outside_the_router_have_each_call_recorded(tmp_path) -> None:
@@ -1696,29 +1701,32 @@ def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> 
         RouterAgentMiddleware(budgeted, models=mini, model="coder")
 
 
-def test_a_models_name_one_slip_from_a_target_it_should_hold_is_refused_when_the_middleware_is_made() -> None:
+def test_a_models_entry_holding_a_target_under_another_name_is_refused_when_the_middleware_is_made() -> None:
     """``models={"gpt-4o-mni": cheap, "gpt-4.1": dear}`` for an alias of gpt-4o-mini then gpt-4.1 was
     taken without a word, and every call skipped the cheap model for the dear one (a ``routing:skip``
-    decision on each row was the only trace). A name no route reaches, one slip from a target missing
-    from ``models``, is now refused with the name it meant; a list for ``models``, or a model's name
-    where the pipeline goes, gets an error naming the argument."""
-    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"]}}})
-    cheap, dear = (RoutedChatModel(model=name, pipeline=Pipeline()) for name in ("gpt-4o-mini", "gpt-4.1"))
-    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mni'\] is one slip from 'gpt-4o-mini', a target of "
-                                          r"'agent' that is missing from models=: every call routed by 'agent' "
-                                          r"would skip it; did you mean 'gpt-4o-mini'\?"):
+    decision on each row was the only trace). An entry no route reaches whose chat model is a target
+    missing from ``models`` is now refused with the name it should have; a list for ``models``, or a
+    model's name where the pipeline goes, gets an error naming the argument."""
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"agent": ["gpt-4o-mini", "gpt-4.1"],
+                                                             "local": ["ollama/llama3.1:70b", "gpt-4.1"]}}})
+    cheap, dear, small = (RoutedChatModel(model=name, pipeline=Pipeline())
+                          for name in ("gpt-4o-mini", "gpt-4.1", "ollama/llama3.1:8b"))
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mni'\] holds 'gpt-4o-mini', a target of 'agent' that is "
+                                          r"missing from models= under its own name: every call routed by 'agent' "
+                                          r"would skip it; did you mean models\['gpt-4o-mini'\]\?"):
         RouterAgentMiddleware(pipeline, models={"gpt-4o-mni": cheap, "gpt-4.1": dear}, model="agent")
-    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mni'\] is one slip from 'gpt-4o-mini', a target of "
-                                          r"'agent'"):  # without model=: each alias is a route the agent's model may name
-        RouterAgentMiddleware(pipeline, models={"gpt-4o-mni": cheap, "gpt-4.1": dear})
+    RouterAgentMiddleware(pipeline, models={"gpt-4o-mni": cheap, "gpt-4.1": dear})  # routed by the agent's own model
     RouterAgentMiddleware(pipeline, models={"gpt-4.1": dear}, model="agent")  # a target left out: skipped, as documented
-    RouterAgentMiddleware(pipeline, models={"gpt-5-mini": cheap, "gpt-4.1": dear}, model="agent")  # a model of its own
+    RouterAgentMiddleware(pipeline, models={"gpt-5-mini": cheap.model_copy(update={"model": "gpt-5-mini"}),
+                                            "gpt-4.1": dear}, model="agent")  # another model, a near name
+    RouterAgentMiddleware(pipeline, models={"ollama/llama3.1:8b": small, "gpt-4.1": dear}, model="local")  # a size apart
     with pytest.raises(ConfigError, match=r"models=: expected a mapping of each name calls are routed to to its chat "
                                           r"model .* got a list"):
         RouterAgentMiddleware(pipeline, models=[cheap], model="agent")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match=r"RouterAgentMiddleware: 'gpt-4o-mini' is no config file: .*; a model's "
-                                          r"name goes in model="):
-        RouterAgentMiddleware("gpt-4o-mini")
+    for name in ("gpt-4o-mini", "gpt-4.1"):
+        with pytest.raises(ConfigError, match=rf"RouterAgentMiddleware: '{name}' is no config file: .*; a model's "
+                                              r"name goes in model="):
+            RouterAgentMiddleware(name)
 
 
 @pytest.mark.parametrize("how", ["runtime context", "runtime context dict", "config metadata", "config configurable"])
@@ -1745,7 +1753,7 @@ def test_a_run_labels_its_calls_for_the_tenant_budget_through_its_runtime_contex
     pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url},
                                      "routing": {"budgets": [{"name": "per-tenant", "scope": "tenant", "usd": 0.0005}]}})
     agent = create_agent(_fake(*["ok"] * 4), tools=[], context_schema=Ctx, checkpointer=InMemorySaver(),
-                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"tenant": "fixed"})])
+                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"app": "shop"})])
 
     def run(tenant: str, thread: str) -> Any:
         config: Any = {"configurable": {"thread_id": thread}}
@@ -1761,28 +1769,42 @@ def test_a_run_labels_its_calls_for_the_tenant_budget_through_its_runtime_contex
     with pytest.raises(BudgetExceeded, match=r"budget 'per-tenant' \(tenant acme\) exceeded"):
         run("acme", "t3")
     run("globex", "t4")  # another tenant: its own budget
+    fixed = create_agent(_fake("ok"), tools=[], context_schema=Ctx, checkpointer=InMemorySaver(), middleware=[
+        RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"tenant": "initech"})])
+    agent = fixed
+    run("acme", "t5")  # the middleware's own tenant holds: a run does not change it
     pipeline.close()
-    rows = open_ledger(url).query("SELECT tenant, session FROM calls ORDER BY ts")
-    assert rows == [("acme", "t1"), ("acme", "t2"), ("globex", "t4")]
+    rows = open_ledger(url).query("SELECT app, tenant, session FROM calls ORDER BY ts")
+    assert rows == [("shop", "acme", "t1"), ("shop", "acme", "t2"), ("shop", "globex", "t4"),
+                    (None, "initech", "t5")]
 
 
-def test_a_run_label_the_pipeline_refuses_is_logged_and_the_call_goes_on_with_the_middleware_s_context(
-        tmp_path) -> None:
+def test_a_run_label_the_pipeline_refuses_is_said_once_and_left_out_and_the_others_hold(tmp_path) -> None:
+    """A label the pipeline refuses (a NUL in it) dropped every label of the run, a valid tenant of
+    its runtime context too, so a client could take its run out of the tenant's budget with a bad
+    ``user`` in its metadata. Only the refused label is left out now, said once."""
+    from dataclasses import dataclass
+
     from langchain.agents import create_agent
 
-    from router_middleware.ledger.store import open_ledger
+    from router_middleware import BudgetExceeded
 
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
-    agent = create_agent(_fake("ok"), tools=[],
-                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini", context={"tenant": "fixed"})])
+    @dataclass
+    class Ctx:
+        tenant: str
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False},
+                                     "routing": {"budgets": [{"name": "per-tenant", "scope": "tenant", "usd": 1e-7}]}})
+    agent = create_agent(_fake("ok", "ok"), tools=[], context_schema=Ctx,
+                         middleware=[RouterAgentMiddleware(pipeline, model="gpt-4o-mini")])
     with structlog.testing.capture_logs() as logs:
-        state = agent.invoke({"messages": [HumanMessage("hi")]}, config={"metadata": {"tenant": "a\x00b"}})
+        for _ in range(2):
+            with pytest.raises(BudgetExceeded, match=r"budget 'per-tenant' \(tenant acme\)"):
+                agent.invoke({"messages": [HumanMessage("hi")]}, context=Ctx("acme"),
+                             config={"metadata": {"user": "bob\x00", "tenant": "other"}})
     pipeline.close()
-    assert state["messages"][-1].content == "ok"
-    (ignored,) = [e for e in logs if e["event"] == "agent_run_labels_ignored"]
-    assert ignored["labels"] == ["tenant"] and "context.tenant: contains a NUL character" in ignored["error"]
-    assert open_ledger(url).query("SELECT tenant FROM calls") == [("fixed",)]
+    (ignored,) = [e for e in logs if e["event"] == "agent_run_label_ignored"]
+    assert ignored["label"] == "user" and "context.user: contains a NUL character" in ignored["error"]
 
 
 def test_a_malformed_message_is_named_as_the_agent_numbers_its_messages() -> None:

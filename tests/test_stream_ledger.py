@@ -184,6 +184,21 @@ def test_a_stream_read_to_its_end_is_accounted_from_its_usage_chunk_as_from_the_
         assert cheap.usage.source == "estimated"
 
 
+def _read_to_end(pipeline: Pipeline, kwargs: dict[str, Any], mode: str) -> Any:
+    """A stream of ``pipeline`` (``mode``: sync or async) read to its end."""
+    if mode == "sync":
+        stream = pipeline.completion(**kwargs)
+        list(stream)
+        return stream
+
+    async def read() -> Any:
+        stream = await pipeline.acompletion(**kwargs)
+        _ = [chunk async for chunk in stream]
+        return stream
+
+    return asyncio.run(read())
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("model", ["groq/openai/gpt-oss-120b", "mistral/mistral-small-latest"])
 @pytest.mark.parametrize(("name", "source"), [("openai_chat_streaming.yaml", "provider"),
@@ -200,20 +215,35 @@ def test_a_stream_of_a_provider_asked_no_usage_chunk_says_whether_it_sent_usage(
                                      "routing": {"aliases": {"chat": [model]}}})  # (speed is kept for routing)
     with replay_server(name) as (base, bodies):
         kwargs = {"model": model, "messages": MESSAGES, "api_base": base, "api_key": "sk-test", "stream": True}
-        if mode == "sync":
-            stream = pipeline.completion(**kwargs)
-            list(stream)
-        else:
-            async def read() -> Any:
-                stream = await pipeline.acompletion(**kwargs)
-                _ = [chunk async for chunk in stream]
-                return stream
-
-            stream = asyncio.run(read())
+        stream = _read_to_end(pipeline, kwargs, mode)
     assert "stream_options" not in bodies[0]
     assert stream.outcome.usage.source == source
     assert stream.outcome.usage.output_tokens > 0
     assert bool(pipeline.store.get(f"tps:{model}")) is (source == "provider")  # only a provider's count feeds it
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("model", ["openai/gpt-4o-mini", "groq/openai/gpt-oss-120b"])
+def test_a_stream_read_to_its_end_without_the_provider_s_usage_counts_its_tools_in_the_prompt(model, mode) -> None:
+    """A real stream with no usage from the provider (the recording of a tool call), read to its end,
+    the request carrying the recording's tool: litellm fills in its own count (a usage chunk it adds,
+    or the last chunk's usage), which leaves the tool definitions out (8 input tokens here, 82 with the tool), so the
+    call was charged less than the budget reserved for it. Its prompt is now the request counted
+    locally, tools included, as for a stream cut short."""
+    from .cassette_data import interactions
+    from .conftest import CASSETTES
+    from .replay_server import replay_server
+
+    tools = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0].request["tools"]
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
+    with replay_server("openai_chat_tools_streaming.yaml") as (base, _bodies):
+        kwargs = {"model": model, "messages": MESSAGES, "tools": tools, "api_base": base, "api_key": "sk-test",
+                  "stream": True}
+        stream = _read_to_end(pipeline, kwargs, mode)
+    usage = stream.outcome.usage
+    counted = pipeline.state.tokens(model, MESSAGES, tools)
+    assert usage.source == "estimated" and usage.output_tokens > 0
+    assert usage.input_tokens == counted > litellm.token_counter(model="gpt-4o-mini", messages=MESSAGES) + 30
 
 
 def test_an_off_loop_stream_read_to_its_end_ends_complete_when_its_reader_is_cancelled_meanwhile() -> None:

@@ -839,6 +839,8 @@ class CallLifecycle:
                 trace.fail(RuntimeError("the stream ended before its first chunk"))
                 self.books.release(self.held)
                 return None
+            if source == "estimated" and not wire.usage_reported(chunks, stream):  # litellm's count, tools left out
+                wire.set_prompt_tokens(response, engine.state.request_tokens(plan))
             result = build_outcome(
                 response, plan, engine.catalog, usage_source=source, answered_model=wire.answered_model(chunks),
                 latency_s=time.perf_counter() - started,

@@ -77,16 +77,17 @@ class Pipeline(Engine):
 
 
 PipelineSource = Pipeline | Config | Mapping[str, Any] | str | Path  # what an adapter takes: see pipeline_of
+_CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def pipeline_of(source: PipelineSource, owner: str, hint: str = "") -> Pipeline:
     """The pipeline an adapter (``owner``) drives: ``source`` itself, or one built from a config (a
     :class:`~.config.Config`, a dict, a YAML/JSON path; a bad one raises ``ConfigError``). Anything
-    else, or a name with no suffix that is no file, raises ``ConfigError`` naming ``owner``, what it
-    got, and ``hint`` for the latter."""
+    else, or a name that is no file and no YAML/JSON path (a model's, say), raises ``ConfigError``
+    naming ``owner``, what it got, and ``hint`` for the latter."""
     if isinstance(source, Pipeline):
         return source
-    if isinstance(source, str) and not Path(source).suffix and not Path(source).exists():
+    if isinstance(source, str) and Path(source).suffix.lower() not in _CONFIG_SUFFIXES and not Path(source).exists():
         raise ConfigError(f"{owner}: {source!r} is no config file: expected a Pipeline or its config (a dict, a "
                           f"Config or a YAML/JSON path){hint}")
     if isinstance(source, Config | Mapping | str | Path):

@@ -36,6 +36,15 @@ class History(tuple[Message, ...]):
         return found[key]  # type: ignore[no-any-return]
 
 
+def label_problem(name: str, value: object) -> str | None:
+    """Why ``value`` can be no context label ``name`` (:func:`_check_label`'s message), or ``None``."""
+    try:
+        _check_label(name, value)
+    except RequestError as exc:
+        return str(exc)
+    return None
+
+
 def _check_label(name: str, value: object) -> None:
     """A context label is a string a ledger and a span can hold (no NUL, no lone surrogate)."""
     if value is None:

@@ -91,6 +91,14 @@ def usage_reported(chunks: Sequence[Any], stream: Any = None) -> bool:
     return False
 
 
+def set_prompt_tokens(response: Any, prompt: int) -> None:
+    """Set the prompt tokens of ``response``'s usage (an answer litellm assembled), keeping its total."""
+    usage = getattr(response, "usage", None)
+    if usage is not None:
+        usage.prompt_tokens = prompt
+        usage.total_tokens = prompt + (usage.completion_tokens or 0)
+
+
 def response_headers(response: Any) -> Mapping[str, Any] | None:
     """The provider's response headers on a litellm response, stream chunk or exception."""
     found = hidden(response).get("additional_headers")

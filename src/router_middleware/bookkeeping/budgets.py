@@ -64,10 +64,11 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
         if value is None:
             if first(budget.name):
                 field = {"session": "session_id"}.get(budget.scope, budget.scope)
-                run = "thread_id" if budget.scope == "session" else "config's metadata or its runtime context"
+                run = "thread_id" if budget.scope == "session" else "config or runtime context"
                 log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
                             why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (litellm: "
-                                f"metadata={{'{field}': ...}}; a LangChain agent run: its {run}; said once)")
+                                f"metadata={{'{field}': ...}}; RouterAgentMiddleware: the agent run's {run}; "
+                                "said once)")
             continue
         for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
             if limit is not None:

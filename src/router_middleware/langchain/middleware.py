@@ -41,12 +41,13 @@ from ..cache import key_value
 from ..catalog import close_names
 from ..context.breakpoints import mark
 from ..drivers import adrive, drive
-from ..errors import AnswerDiscarded, ConfigError, MessageError, RouterMiddlewareError
+from ..errors import AnswerDiscarded, ConfigError, MessageError
 from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced
 from ..pipeline import PipelineSource, pipeline_of
+from ..routing.fallback import retryable
 from ..routing.quotas import free_variant
 from ..telemetry import log
-from ..types import AgentContext, Outcome, Plan
+from ..types import AgentContext, Outcome, Plan, label_problem
 from .chat_model import RoutedChatModel
 from .convert import (
     AttemptRuns,
@@ -73,24 +74,30 @@ def _run_config() -> Mapping[str, Any]:
 _RUN_LABELS = ("app", "agent_id", "user", "tenant")  # the labels a run may set (the session is its thread_id)
 
 
-def _run_labels(config: Mapping[str, Any], runtime_context: Any) -> dict[str, str]:
-    """The labels a run sets for its calls: the string values of :data:`_RUN_LABELS` in its config's
-    ``configurable``, then ``metadata``, then the agent's runtime context (``agent.invoke(...,
-    context=...)``: a dataclass, a pydantic model or a dict), each over the one before; its
-    ``thread_id`` as the session. A value that is no string (the run's own object) is no label."""
+def _run_labels(config: Mapping[str, Any], runtime_context: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """The labels a run sets for its calls, and why each value refused as one was (by label): the
+    string values of :data:`_RUN_LABELS` in its config's ``configurable``, then ``metadata``, then the
+    agent's runtime context (``agent.invoke(..., context=...)``: a dataclass, a pydantic model or a
+    dict), each over the one before unless the pipeline refuses it (a NUL in it); its ``thread_id`` as
+    the session. A value that is no string (the run's own object) is no label."""
     found: dict[str, str] = {}
+    refused: dict[str, str] = {}
     configurable = config.get("configurable") or {}
     thread = configurable.get("thread_id")
     if thread is not None:
         found["session_id"] = str(thread)
     for source in (configurable, config.get("metadata") or {}, runtime_context):
-        if source is None:
-            continue
-        for name in _RUN_LABELS:
-            value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+        for name in _RUN_LABELS if source is not None else ():
+            try:
+                value = source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
+            except Exception:  # noqa: BLE001 - a property of the run's own object that raises is no label
+                continue
             if isinstance(value, str) and value:
-                found[name] = value
-    return found
+                if (problem := label_problem(name, value)) is None:
+                    found[name] = value
+                else:
+                    refused[name] = problem
+    return found, refused
 
 
 def _model_name(model: BaseChatModel) -> str:
@@ -243,6 +250,11 @@ def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], A
     return to_completion(message, result) if isinstance(message, AIMessage) else None
 
 
+def _bare(model: str) -> str:
+    """``model`` without a provider prefix (``gpt-4o-mini`` for ``openai/gpt-4o-mini``)."""
+    return model.split("/", 1)[1] if "/" in model else model
+
+
 def _base(route: str) -> str:
     """``route`` without a ``:floor``/``:nitro`` suffix."""
     return route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
@@ -285,10 +297,11 @@ class RouterAgentMiddleware(AgentMiddleware):
     the agent's model is kept and only the context and reasoning policies apply; ``model=`` then names
     it: a route raises ``ConfigError``, a name litellm does not know is logged. ``context``: the
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
-    ``RequestError`` here), under a run's own string ``tenant``, ``user``, ``app`` or ``agent_id``
-    (its runtime context, config metadata or configurable: :func:`_run_labels`); the session is
-    LangGraph's ``thread_id`` unless it names one. A ``RoutedChatModel`` on this middleware's own pipeline raises
-    ``ConfigError`` (its calls would be accounted twice): give it a ``Pipeline()`` of its own.
+    ``RequestError`` here), and where it names none, a run's own string ``tenant``, ``user``, ``app``
+    or ``agent_id`` (its runtime context, config metadata or configurable: :func:`_run_labels`); the
+    session is LangGraph's ``thread_id`` unless it names one. A ``RoutedChatModel`` on this
+    middleware's own pipeline raises ``ConfigError`` (its calls would be accounted twice): give it a
+    ``Pipeline()`` of its own.
 
     A middleware before this one that swaps the agent's model for a later call of the same agent step
     (``ModelFallbackMiddleware``'s retry with its model) has that call routed by the model it handed
@@ -321,16 +334,15 @@ class RouterAgentMiddleware(AgentMiddleware):
             self._downgrades_reachable()
         if self.models and model is not None:
             self._known_route(model)
+            self._no_misnamed_targets(model)
         elif model is not None:
             self._known_label(model)
-        if self.models:
-            self._no_slips(model)
         self.route = model
         self.context = AgentContext.coerce(context)
         self._lock = threading.Lock()
         self._firsts: dict[tuple[int, ...], str] = {}  # per agent step (_step): its first call's model name
-        self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of), and
-        # ("fallback", target) pairs said not tried (_answered)
+        self._unrouted: set[tuple[str, str]] = set()  # (route, model) pairs said not routed (_route_of)
+        self._said: set[tuple[str, str]] = set()  # ("fallback", target), ("label", name): warnings said once
         self._not_keyed: set[tuple[str, str]] = set()  # (model, reason) pairs said not cached (_keyed)
         self._first_chunks: dict[int, tuple[Any, float]] = {}  # an answered stream's response and first chunk,
         # by the response's id (_first_chunk): the entry holds it, so no other response reuses the id meanwhile
@@ -387,26 +399,22 @@ class RouterAgentMiddleware(AgentMiddleware):
                                   f"models= ({', '.join(self.models)}): past its soft limit every call would go "
                                   f"there and fail; add one of {', '.join(targets)} to models=")
 
-    def _no_slips(self, model: str | None) -> None:
-        """Refuse a ``models`` name one slip from a target that calls may be routed to and that is
-        missing from ``models`` (``gpt-4o-mni`` for an alias's ``gpt-4o-mini``; a name the catalog
-        knows is a model of its own): every call would skip that target, recording only a
-        ``routing:skip`` decision. The routes are ``model=`` (else each
-        alias and tier) and the budgets' ``downgrade_to``."""
-        from difflib import get_close_matches
-
+    def _no_misnamed_targets(self, route: str) -> None:
+        """Refuse a ``models`` entry no route reaches whose chat model is a target of ``route`` (or of a
+        budget's ``downgrade_to``) missing from ``models`` under its own name (``"gpt-4o-mni"`` holding
+        the alias's ``gpt-4o-mini``): every call would skip that target, recording only a
+        ``routing:skip`` decision, though the model to call it with was given."""
         routing = self.pipeline.config.routing
-        routes = [model] if model is not None else [*routing.aliases, *(("auto",) if routing.tiers else ())]
-        routes += [budget.downgrade_to for budget in routing.budgets if budget.downgrade_to]
-        targets = {target: route for route in routes for target in self._targets(route)}
-        catalog = self.pipeline.catalog  # a model of its own (gpt-5-mini beside gpt-4o-mini) is no slip
-        spare = [name for name in self.models if name not in targets and catalog.resolve(name) is None]
-        for target, route in targets.items():
-            slip = get_close_matches(target, spare, n=1, cutoff=0.85) if not self._reaches(target) else []
-            if slip:
-                raise ConfigError(f"models[{slip[0]!r}] is one slip from {target!r}, a target of {route!r} that is "
-                                  f"missing from models=: every call routed by {route!r} would skip it; did you "
-                                  f"mean {target!r}?")
+        routes = [route, *(budget.downgrade_to for budget in routing.budgets if budget.downgrade_to)]
+        targets = {target: name for name in routes for target in self._targets(name)}
+        held = {key: _bare(_model_name(inner)) for key, chat_model in self.models.items()
+                if key not in targets and (inner := _unbound(chat_model)[0]) is not None}
+        for target, name in targets.items():
+            misnamed = next((key for key, model in held.items() if model == _bare(target)), None)
+            if misnamed is not None and not self._reaches(target):
+                raise ConfigError(f"models[{misnamed!r}] holds {target!r}, a target of {name!r} that is missing from "
+                                  f"models= under its own name: every call routed by {name!r} would skip it; did "
+                                  f"you mean models[{target!r}]?")
 
     def _reaches(self, target: str) -> bool:
         """Is ``target`` one of ``models``, or is its free variant (``:free``, tried first with ``free_tier``)?"""
@@ -531,19 +539,17 @@ class RouterAgentMiddleware(AgentMiddleware):
                               "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
 
     def _context_of(self, request: ModelRequest) -> AgentContext:
-        """The call's labels: ``context=``'s, under the run's own (:func:`_run_labels`: a tenant, user,
-        app or agent id of the run's metadata or runtime context), but its session: the run's
-        ``thread_id`` where ``context=`` names none."""
-        run: dict[str, Any] = _run_labels(_run_config(), getattr(request.runtime, "context", None))
-        if self.context.session_id:
-            run.pop("session_id", None)
-        if not run:
-            return self.context
-        try:
-            return replace(self.context, **run)
-        except RouterMiddlewareError as exc:  # a label the pipeline refuses (a NUL in it): the call goes on
-            log.warning("agent_run_labels_ignored", labels=sorted(run), error=str(exc)[:200])
-            return self.context
+        """The call's labels: ``context=``'s, and the run's own (:func:`_run_labels`: a tenant, user, app
+        or agent id of the run's configurable, metadata or runtime context, its ``thread_id`` as the
+        session) where ``context=`` names none. A run's value the pipeline refuses is said once per
+        label (``agent_run_label_ignored``) and left out."""
+        run, refused = _run_labels(_run_config(), getattr(request.runtime, "context", None))
+        for name, problem in refused.items():
+            if self._first(self._said, ("label", name)):
+                log.warning("agent_run_label_ignored", label=name, error=problem[:200],
+                            why="the call goes on without it (said once)")
+        fill: dict[str, Any] = {name: value for name, value in run.items() if getattr(self.context, name) is None}
+        return replace(self.context, **fill) if fill else self.context
 
     def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
@@ -694,7 +700,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         for the model's failure (a middleware inside this one, such as ModelRetryMiddleware with
         ``on_failure="continue"``, answered the last run's error with a message of its own): raise
         :class:`Replaced`, so the call is recorded as that failure and still returns ``response``,
-        and, where a fallback was left untried, warn once per target (``agent_fallback_not_tried``)."""
+        and, where a fallback among ``models`` was left untried for an error that moves a call on, warn
+        once per target (``agent_fallback_not_tried``)."""
         plan = made.plan
         if runs.answered or not isinstance(runs.error, Exception):
             if runs.first_token is not None:  # a stream: its time to first token, for the lifecycle's read
@@ -703,7 +710,8 @@ class RouterAgentMiddleware(AgentMiddleware):
                 self._first_chunks[id(response)] = (response, runs.first_token)
             return response
         target = plan.deployment or plan.model
-        if made.remaining and self._first(self._unrouted, ("fallback", target)):
+        if made.remaining and retryable(runs.error) and any(map(self._reaches, made.remaining)) \
+                and self._first(self._said, ("fallback", target)):
             log.warning("agent_fallback_not_tried", target=target, error_type=type(runs.error).__name__,
                         why="a middleware after RouterAgentMiddleware answered the model's failure with a message "
                             "of its own (ModelRetryMiddleware's on_failure='continue'), so the route's fallback was "
