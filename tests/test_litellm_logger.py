@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -2410,6 +2411,48 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
     assert seen["down:ok"] >= 4  # each target tried by each call
     assert [tuple(r.values()) for r in rows] == [(0, 0, None, "failed")] * 2
     assert all(float(v) == 0 for v in _store_values(tmp_path / "store.db", "budget:").values())
+
+
+@pytest.mark.parametrize("way", ["sdk", "proxy hook"])
+def test_the_request_s_openai_user_field_is_the_call_s_user_where_its_metadata_names_none(way) -> None:
+    """OpenAI's own ``user`` field names the end user a request is for; only ``metadata={"user": ...}``
+    was read, so a per-user budget held nothing for a client that sent ``user=`` (five calls of a user
+    over the limit all answered). It is the call's user now, under a user the metadata names."""
+    from router_middleware import BudgetExceeded
+
+    async def calls(logger: RouterLogger) -> list[str]:
+        outcomes = []
+        for user, metadata in [("ivan", {}), ("ivan", {}), ("ivan", {"user": "olga"}), ("ivan", {})]:
+            data = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi " * 400}], "user": user,
+                    "metadata": metadata, "mock_response": "ok"}
+            try:
+                if way == "sdk":
+                    await litellm.acompletion(**data)
+                else:
+                    changed = await logger.async_pre_call_hook(None, None, {**data, "litellm_call_id": uuid.uuid4().hex},
+                                                               "acompletion")
+                    await litellm.acompletion(**_proxy_request(changed))
+                outcomes.append("ok")
+            except BudgetExceeded as exc:
+                outcomes.append(str(exc).split(" exceeded")[0])
+            await logger.aflush()
+        return outcomes
+
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "per-user", "scope": "user", "usd": 0.0004}]}}), proxy=way == "proxy hook").register()
+    try:
+        outcomes = asyncio.run(calls(logger))
+        spent = {user: float(logger.pipeline.store.get(f"budget:per-user:usd:{user}:0") or 0) for user in ("ivan", "olga")}
+    finally:
+        logger.unregister()
+    if way == "proxy hook":  # each call reserves about $0.00037 (400 prompt and 512 output tokens) and spends
+        # $0.00007: ivan's second does not fit in $0.0004
+        assert outcomes == ["ok", "budget 'per-user' (user ivan)", "ok", "budget 'per-user' (user ivan)"]
+        assert 0 < spent["ivan"] == pytest.approx(spent["olga"])
+    else:  # an SDK call is charged, not refused (documented): each of ivan's three calls to ivan's budget
+        assert outcomes == ["ok"] * 4
+        assert 0 < spent["ivan"] == pytest.approx(3 * spent["olga"])
 
 
 def test_a_client_that_leaves_mid_stream_ends_the_call_s_span_with_the_disconnect(tmp_path, span_exporter) -> None:

@@ -86,12 +86,25 @@ def run_labels(messages: Sequence[Message]) -> dict[str, Any]:
     return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
 
 
+def _end_user(kwargs: Mapping[str, Any]) -> str | None:
+    """The request's OpenAI ``user`` field (the end user it is made for), where a string: a call's
+    keyword, or the ``optional_params`` of litellm's event."""
+    for source in (kwargs, kwargs.get("optional_params")):
+        value = source.get("user") if isinstance(source, Mapping) else None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
-    """The call's labels from its metadata; with ``derive`` (the proxy), what the client did not
-    label is derived from the conversation (:func:`run_labels`)."""
+    """The call's labels from its metadata, its ``user`` the request's OpenAI ``user`` field where the
+    metadata names none; with ``derive`` (the proxy), what the client did not label is derived from
+    the conversation (:func:`run_labels`)."""
     metadata = _metadata(kwargs)
     keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
+    if "user" not in context and (user := _end_user(kwargs)) is not None:
+        context["user"] = user
     if derive:
         sent = kwargs.get("messages") or []
         messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
