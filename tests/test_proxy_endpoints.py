@@ -116,13 +116,19 @@ def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: st
 
 
 def _post(base: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    status, answer, _headers = _exchange(base, path, body)
+    return status, answer
+
+
+def _exchange(base: str, path: str, body: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
+    """The proxy's status, body and headers (lower-cased names) for ``body`` posted to ``path``."""
     request = urllib.request.Request(f"{base}{path}", json.dumps(body).encode(), {
         "Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:
-            return answer.status, answer.read()
+            return answer.status, answer.read(), {k.lower(): v for k, v in answer.headers.items()}
     except urllib.error.HTTPError as error:
-        return error.code, error.read()
+        return error.code, error.read(), {k.lower(): v for k, v in error.headers.items()}
 
 
 def _rows(tmp_path: Path, expected: int) -> list[sqlite3.Row]:
@@ -242,13 +248,14 @@ def test_a_chat_call_is_settled_before_its_answer_is_served(tmp_path, first) -> 
         asked = {"stream": True, "stream_options": {"include_usage": True}} if first == "streamed" else {}
         one = _post(base, "/v1/chat/completions", _chat(**asked))  # a stream asking for its usage, as Cline's do
         two = _post(base, "/v1/chat/completions", _chat())  # at once: the first call's event is held
-        three = _post(base, "/v1/chat/completions", _chat())
+        *three, headers = _exchange(base, "/v1/chat/completions", _chat())
         rows = _rows(tmp_path, 2)
         time.sleep(LATE_S + 1.0)  # the first call's event has come by now
         rows = _rows(tmp_path, 2)
         spent = _spent(tmp_path)
     assert one[0] == 200 and two[0] == 200, (one, two)
     assert three[0] == 429 and b"budget 'day' exceeded" in three[1], three
+    assert headers["x-should-retry"] == "false"  # OpenAI's SDK (Cline's) would retry it twice, to the same refusal
     first_usage = STREAMED if first == "streamed" else PLAIN
     assert [(row["input_tokens"], row["output_tokens"], row["error"]) for row in rows] == [
         (first_usage["input_tokens"], first_usage["output_tokens"], None),

@@ -111,6 +111,9 @@ class BudgetExceeded(RouterMiddlewareError):
                          f"calls in flight{why}")
         self.scope = scope
         self.estimate = estimate
+        # sent with the LiteLLM proxy's 429: OpenAI's and Anthropic's SDKs then do not retry a refusal
+        # that holds until the budget's spend goes down (they retry a 429 twice by default)
+        self.headers = {"x-should-retry": "false"}
         self.name = name
         self.unit = unit
         self.spent = spent
