@@ -114,7 +114,8 @@ def provider_named(model: str, provider: str | None) -> str:
     return model.removeprefix(f"{provider}/") if provider else model
 
 
-def _split_provider(model: str) -> tuple[str | None, str]:
+def split_provider(model: str) -> tuple[str | None, str]:
+    """``model``'s ``provider/`` prefix (``None`` without one) and the rest."""
     if "/" in model:
         head, tail = model.split("/", 1)
         return head, tail
@@ -220,7 +221,7 @@ def _priced(entry: Mapping[str, Any]) -> bool:
 
 @lru_cache(maxsize=1024)
 def _infer_provider(model: str) -> str | None:
-    head, _ = _split_provider(model)
+    head, _ = split_provider(model)
     if head:
         return head
     entry = _cost_map().get(model)
@@ -279,7 +280,7 @@ def _catalog_lookup(model: str) -> ModelInfo | None:
         return _free_variant(model)
     costs = _cost_map()
     provider = _infer_provider(model)
-    head, bare = _split_provider(model)
+    head, bare = split_provider(model)
     candidates = [model, bare]
     if provider and not head:
         candidates.append(f"{provider}/{model}")

@@ -18,6 +18,7 @@ ledger row.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
@@ -51,7 +52,6 @@ from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .policies import PolicyState
 
 # An adapter's reader of an answer that is not a litellm response: (plan, answer, started) -> Outcome.
 Reader = Callable[[Plan, Any, float], Outcome]
@@ -831,16 +831,18 @@ class CallLifecycle:
                     self.books.record_failure(plan, error)
                 self.books.release(self.held)
                 return None
-            source: UsageSource = "provider" if read_out and wire.usage_reported(chunks, stream) else "estimated"
+            reported = wire.usage_reported(chunks, stream)
+            source: UsageSource = "provider" if read_out and reported else "estimated"
             saved = read_out and self._saves(plan)
-            response, assembled = _stream_answer(plan, chunks, engine.state, light=source == "provider" and not saved
+            prompt = functools.cache(lambda: engine.state.request_tokens(plan))  # counted once, if at all
+            response, assembled = _stream_answer(chunks, prompt, light=source == "provider" and not saved
                                                  and not trace.wants_answer and engine.usage_chunk_asked(plan))
             if response is None:  # no chunks and no error: an empty stream, read to its end
                 trace.fail(RuntimeError("the stream ended before its first chunk"))
                 self.books.release(self.held)
                 return None
-            if source == "estimated" and not wire.usage_reported(chunks, stream):  # litellm's count, tools left out
-                wire.set_prompt_tokens(response, engine.state.request_tokens(plan))
+            if not reported:  # the prompt litellm counted (a usage chunk it filled in) leaves the tools out
+                wire.set_prompt_tokens(response, prompt())
             result = build_outcome(
                 response, plan, engine.catalog, usage_source=source, answered_model=wire.answered_model(chunks),
                 latency_s=time.perf_counter() - started,
@@ -862,17 +864,17 @@ class CallLifecycle:
         return finish
 
 
-def _stream_answer(plan: Plan, chunks: list[Any], state: PolicyState, *, light: bool) -> tuple[Any, bool]:
+def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool) -> tuple[Any, bool]:
     """A stream's answer as its outcome is built from, and whether it was assembled: with ``light``
     (nothing reads the answer itself, and litellm was asked for its usage chunk), the usage chunk
     litellm ended it with, if any; else the answer assembled by litellm's builder (about 40 us a
-    chunk), its prompt tokens the provider's if a chunk reported them, else the request counted
-    locally, tool definitions included (:meth:`.PolicyState.request_tokens`; litellm's own count
-    leaves them out); ``None`` for no chunks."""
+    chunk), its prompt tokens the provider's if a chunk reported them, else ``prompt()``, the request
+    counted locally, tool definitions included (:meth:`.PolicyState.request_tokens`; litellm's own
+    count leaves them out); ``None`` for no chunks."""
     found = wire.usage_chunk(chunks) if light else None
     if found is not None or not chunks:
         return found, False
-    return wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=lambda: state.request_tokens(plan)), True
+    return wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt), True
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open"})  # routing decisions that move a call on

@@ -297,6 +297,11 @@ class Partial:
 
     usage: Any
 
+    @classmethod
+    def counted(cls, prompt: int, output: int) -> Partial:
+        """``prompt`` and ``output`` tokens, counted here (neither reported by the provider)."""
+        return cls({"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output})
+
 
 def partial(event: Mapping[str, Any]) -> Partial | None:
     """What a failed call had used, as litellm recorded it before its failure event: for a stream that

@@ -38,7 +38,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from .. import wire
 from ..cache import key_value
-from ..catalog import close_names
+from ..catalog import close_names, split_provider
 from ..context.breakpoints import mark
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
@@ -250,11 +250,6 @@ def _stored(response: ModelResponse, result: Outcome) -> tuple[dict[str, Any], A
     return to_completion(message, result) if isinstance(message, AIMessage) else None
 
 
-def _bare(model: str) -> str:
-    """``model`` without a provider prefix (``gpt-4o-mini`` for ``openai/gpt-4o-mini``)."""
-    return model.split("/", 1)[1] if "/" in model else model
-
-
 def _base(route: str) -> str:
     """``route`` without a ``:floor``/``:nitro`` suffix."""
     return route.rsplit(":", 1)[0] if route.endswith((":floor", ":nitro")) else route
@@ -407,10 +402,10 @@ class RouterAgentMiddleware(AgentMiddleware):
         routing = self.pipeline.config.routing
         routes = [route, *(budget.downgrade_to for budget in routing.budgets if budget.downgrade_to)]
         targets = {target: name for name in routes for target in self._targets(name)}
-        held = {key: _bare(_model_name(inner)) for key, chat_model in self.models.items()
+        held = {key: split_provider(_model_name(inner))[1] for key, chat_model in self.models.items()
                 if key not in targets and (inner := _unbound(chat_model)[0]) is not None}
         for target, name in targets.items():
-            misnamed = next((key for key, model in held.items() if model == _bare(target)), None)
+            misnamed = next((key for key, model in held.items() if model == split_provider(target)[1]), None)
             if misnamed is not None and not self._reaches(target):
                 raise ConfigError(f"models[{misnamed!r}] holds {target!r}, a target of {name!r} that is missing from "
                                   f"models= under its own name: every call routed by {name!r} would skip it; did "

@@ -359,9 +359,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         spent = None
         if streamed:
             plan = found.attempt.plan
-            prompt = self.pipeline.state.request_tokens(plan)
-            usage = {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}
-            spent = self._spent(found, _Answer(wire.Partial(usage), None, None, None))
+            spent = self._spent(found, _Answer(wire.Partial.counted(self.pipeline.state.request_tokens(plan), 0),
+                                               None, None, None))
         if found.falling_back and not streamed:  # no event comes for a fallback's failure
             error: BaseException = FallbacksEnded(f"litellm let the call go while its fallback "
                                                   f"{_target(found.attempt)} ran: it failed, or the call was cancelled")

@@ -204,10 +204,11 @@ class _ProxyHooks(_Core):
         if found is None:
             return False
         usage = getattr(answer.response, "usage", None)
+        spent = wire.Partial(usage)
         if usage is not None and not wire.usage_reported((), answer.stream or found.stream):
-            prompt, output = self.pipeline.state.request_tokens(found.attempt.plan), usage.completion_tokens or 0
-            usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
-        counted = replace(answer, response=wire.Partial(usage))
+            spent = wire.Partial.counted(self.pipeline.state.request_tokens(found.attempt.plan),
+                                         usage.completion_tokens or 0)
+        counted = replace(answer, response=spent)
         self._end(found, ClientDisconnected("the client disconnected before the stream ended (litellm: 499)"),
                   self._spent(found, counted))
         self._tally()

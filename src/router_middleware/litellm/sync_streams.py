@@ -239,7 +239,6 @@ class _SyncStreams(_Core):
         spent = None
         if found.chunks:
             prompt = self.pipeline.state.tokens(plan.model, plan.messages, found.tools, plan.call.context.session_id)
-            output = wire.streamed_output_tokens(found.chunks)
-            usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
-            spent = self._read_own(plan, _Answer(wire.Partial(usage), None, None, None), 0.0)
+            counted = wire.Partial.counted(prompt, wire.streamed_output_tokens(found.chunks))
+            spent = self._read_own(plan, _Answer(counted, None, None, None), 0.0)
         self._failed(plan, trace, error, spent)
