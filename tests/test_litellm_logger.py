@@ -304,6 +304,18 @@ def _rows_at(url: str, columns: tuple[str, ...]) -> list[dict]:
         db.close()
 
 
+def _proxy_rows(tmp_path, columns: tuple[str, ...], count: int) -> list[dict]:
+    """The rows a proxy running in ``tmp_path`` wrote to its ledger (``ledger.db``) once it holds
+    ``count`` of them, or what it holds after 10 s."""
+    rows: list[dict] = []
+    for _ in range(100):
+        if (tmp_path / "ledger.db").exists() and len(rows := _rows_at(f"sqlite:///{tmp_path / 'ledger.db'}",
+                                                                      columns)) >= count:
+            break
+        time.sleep(0.1)
+    return rows
+
+
 def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tmp_path, span_exporter) -> None:
     """A real litellm Router with two loopback deployments, one answering 503 to everything."""
     from .scripted_upstream import scripted_upstream
@@ -2356,11 +2368,7 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
                 got = b""
                 while got.count(b"data: ") < 2:  # two chunks, then the client leaves during the pause
                     got += client.recv(65536)
-            for _ in range(100):
-                if (tmp_path / "ledger.db").exists() and (rows := _rows_at(
-                        f"sqlite:///{tmp_path / 'ledger.db'}", ("input_tokens", "output_tokens", "error"))):
-                    break
-                time.sleep(0.1)
+            rows = _proxy_rows(tmp_path, ("input_tokens", "output_tokens", "error"), 1)
     assert seen["stall:stall"] == 1 and b"[DONE]" not in got
     assert len(rows) == 1
     input_tokens, output_tokens, error = rows[0].values()
@@ -2403,11 +2411,7 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
                 with pytest.raises(urllib.error.HTTPError) as failed:
                     urllib.request.urlopen(request, timeout=60).read()
                 assert failed.value.code == 500
-            for _ in range(100):
-                if (tmp_path / "ledger.db").exists() and len(rows := _rows_at(
-                        f"sqlite:///{tmp_path / 'ledger.db'}", ("input_tokens", "output_tokens", "cost_usd", "ended"))) == 2:
-                    break
-                time.sleep(0.1)
+            rows = _proxy_rows(tmp_path, ("input_tokens", "output_tokens", "cost_usd", "ended"), 2)
     assert seen["down:ok"] >= 4  # each target tried by each call
     assert [tuple(r.values()) for r in rows] == [(0, 0, None, "failed")] * 2
     assert all(float(v) == 0 for v in _store_values(tmp_path / "store.db", "budget:").values())
@@ -2695,11 +2699,7 @@ ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
                         "model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode(),
                     {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
                 assert b"[DONE]" in urllib.request.urlopen(request, timeout=60).read()
-            for _ in range(100):
-                if (tmp_path / "ledger.db").exists() and len(rows := _rows_at(
-                        f"sqlite:///{tmp_path / 'ledger.db'}", ("model", "input_tokens", "output_tokens"))) == 2:
-                    break
-                time.sleep(0.1)
+            rows = _proxy_rows(tmp_path, ("model", "input_tokens", "output_tokens"), 2)
     assert len(counted_seen) == len(reported_seen) == 1
     assert counted_seen[0]["stream_options"] == {"include_usage": True}  # asked; the deployment sent none
     reported_usage = recorded_usage(interactions(CASSETTES / "openai_chat_streaming.yaml")[0])
