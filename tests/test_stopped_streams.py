@@ -31,7 +31,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                                           "required": ["city"]}}}]
 
 
-Tools = dict[str, Any]  # {} or {"tools": TOOLS}: the call's keyword arguments
+Tools = dict[str, Any]  # more keyword arguments of the call: {}, {"tools": TOOLS}, {"user": ...}
 
 
 def _polled(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
@@ -172,6 +172,24 @@ def test_a_stopped_stream_s_prompt_counts_the_tool_definitions_it_sent_through_e
         db.close()
     assert with_tools > without + 30
     assert rows == [("stopped", with_tools)]
+
+
+@pytest.mark.parametrize("way", ["Pipeline.completion", "Pipeline.acompletion", "litellm.completion",
+                                 "litellm.acompletion"])
+def test_a_stopped_stream_is_charged_to_the_end_user_its_openai_user_field_names(way, monkeypatch) -> None:
+    """OpenAI's ``user`` field names the call's user, where its labels name none, through every way
+    in that takes it: a sync SDK stream left partway is settled from what was kept of its request,
+    which had dropped the field, and ``Pipeline.completion`` read only ``context=``."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    asyncio.run(drain_callbacks())
+    p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "per-user", "scope": "user", "usd": 1.0}]}})
+    try:
+        assert WAYS[way](p, {"user": "ivan"}) == READ
+        spent = float(p.store.get("budget:per-user:usd:ivan:0") or 0)
+    finally:
+        p.close()
+    assert spent > 0
 
 
 _LEFT_AT_EXIT = {

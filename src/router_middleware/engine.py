@@ -113,7 +113,8 @@ class Engine:
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any], *, litellm_sends: bool = True) -> Call:
-        """A validated :class:`Call`; raises ``MessageError`` or ``RequestError`` naming the bad input.
+        """A validated :class:`Call`, its ``user`` the request's OpenAI ``user`` field where ``context``
+        names none; raises ``MessageError`` or ``RequestError`` naming the bad input.
         With ``messages.repair_tool_calls``, broken tool-call integrity is mended instead, and the
         call carries a ``messages:repair`` decision saying what was changed. ``litellm_sends=False``:
         another client sends it (an agent's own chat model), so content parts and tools litellm would
@@ -123,6 +124,8 @@ class Engine:
         ctx = AgentContext.coerce(context)
         if ctx.app is None and self.config.app:
             ctx = replace(ctx, app=self.config.app)
+        if ctx.user is None and isinstance(user := params.get("user"), str) and user:
+            ctx = replace(ctx, user=user)  # OpenAI's own field names the end user the request is for
         if not self.config.messages.repair_tool_calls:
             return Call.create(check_model(model), nonempty(validate_messages(messages, parts=litellm_sends)),
                                check_params(params, tools=litellm_sends), ctx)

@@ -130,11 +130,12 @@ def _params_of(details: Mapping[str, Any]) -> dict[str, Any]:
 
 def _request_of(details: Mapping[str, Any]) -> dict[str, Any]:
     """What :meth:`._Core._planned` reads of a call's event kwargs (its model as passed, its
-    messages, its parameters, its labels, its endpoint), apart from litellm's dict, which a finalizer
+    messages, its parameters, its labels and end user, its endpoint), apart from litellm's dict, which a finalizer
     must not hold."""
     requested = wire.requested_model(details)
     kept = {"model": details.get("model"), "messages": list(details.get("messages") or []), **_params_of(details),
-            "metadata": dict(_metadata(details)), "litellm_params": {"api_base": wire.api_base(details)}}
+            "metadata": dict(_metadata(details)), "litellm_params": {"api_base": wire.api_base(details)},
+            "user": _end_user(details)}
     return {**kept, "agentic_loop_params": {"model": requested}} if requested else kept
 
 
