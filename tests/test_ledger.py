@@ -375,26 +375,32 @@ def test_an_alias_target_that_is_a_deployment_named_as_its_model_is_sent_there(t
         assert db.query("SELECT requested_model, deployment FROM calls ORDER BY ts") == [(model, model), ("pool", model)]
 
 
+def _old_ledger(path: Path, version: int, **columns: Any) -> Path:
+    """A SQLite ledger at schema ``version``, as an older release left it, with one row (``old``)."""
+    import sqlite3
+
+    row = {"call_id": "old", "ts": 1.0, "source": "live", "requested_model": "m", "model": "m", "input_tokens": 1,
+           "cached_tokens": 0, "cache_write_tokens": 0, "output_tokens": 1, "reasoning_tokens": 0, "cache_hit": 0,
+           "decisions": "[]", "saved_routing_usd": 0.0, "saved_context_usd": 0.0, "saved_cache_usd": 0.0,
+           "saved_reasoning_usd": 0.0, **columns}
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for statement in MIGRATIONS[:version]:
+        raw.execute(statement)
+    raw.execute(f"INSERT INTO schema_version (version) VALUES ({version})")
+    raw.execute(f"INSERT INTO calls ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values()))
+    raw.close()
+    return path
+
+
 def test_rows_written_before_the_deployment_column_have_none_and_no_deployment_ranking(tmp_path, capsys) -> None:
     """A ledger of schema version 7 (no ``deployment``) gains the column; its rows have none, and a
     report of calls sent to model ids alone has no deployment ranking (in JSON, tables and HTML)."""
-    import sqlite3
 
     from router_middleware.cli.tables import print_report
     from router_middleware.ledger import render_html
 
-    path = tmp_path / "v7.db"
-    raw = sqlite3.connect(path, isolation_level=None)
-    raw.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-    for statement in MIGRATIONS[:7]:
-        raw.execute(statement)
-    raw.execute("INSERT INTO schema_version (version) VALUES (7)")
-    raw.execute("INSERT INTO calls (call_id, ts, source, requested_model, model, input_tokens, cached_tokens, "
-                "cache_write_tokens, output_tokens, reasoning_tokens, cache_hit, decisions, saved_routing_usd, "
-                "saved_context_usd, saved_cache_usd, saved_reasoning_usd, target) VALUES "
-                f"({', '.join(['?'] * 17)})",
-                ("old", 1.0, "live", "m", "m", 1, 0, 0, 1, 0, 0, "[]", 0.0, 0.0, 0.0, 0.0, "m"))
-    raw.close()
+    path = _old_ledger(tmp_path / "v7.db", 7, target="m")
     with contextlib.closing(open_ledger(str(path))) as db:
         assert db.query("SELECT call_id, deployment FROM calls") == [("old", None)]
         assert db.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)]
@@ -525,3 +531,40 @@ def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() 
     assert all("cache-breakpoints:breakpoints" in r[3] for r in rows) and [r[0] for r in rows] == pytest.approx(sent)
     assert [r[1] for r in rows] == pytest.approx(untouched, rel=0.02)
     assert rows[0][2] < 0 < min(r[2] for r in rows[1:])  # the first write, then the reads
+
+
+def test_a_call_s_user_is_in_its_row_and_the_report_ranks_tenants_and_users(ledger_url, tmp_path, capsys) -> None:
+    """Budgets could be scoped by user, but no row said whose a call was: the report could not show what
+    each user spent. A row now has the call's ``user`` label (``user_id``), and the report ranks the
+    calls that had a tenant or a user by both (the ``top`` costliest, as sessions)."""
+    from router_middleware.cli.tables import print_report
+    from router_middleware.ledger import render_html
+
+    pipeline = Pipeline.from_config({"app": "coder", "ledger": {"url": ledger_url}})
+    for user, tenant, times in (("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2), (None, None, 1)):
+        for _ in range(times):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok",
+                                context={"user": user, "tenant": tenant})
+    pipeline.close()
+    with contextlib.closing(open_ledger(ledger_url)) as db:
+        rows = db.query("SELECT user_id, tenant, COUNT(*) FROM calls GROUP BY user_id, tenant ORDER BY user_id")
+        report, top = build_report(db), build_report(db, top=1)
+    assert sorted(rows, key=str) == sorted([("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2),
+                                            (None, None, 1)], key=str)
+    assert [(r["key"], r["calls"]) for r in report["by_user"]] == [("ann", 3), ("cy", 2), ("bo", 1)]
+    assert [(r["key"], r["calls"]) for r in report["by_tenant"]] == [("acme", 4), ("initech", 2)]
+    assert [r["key"] for r in top["by_user"]] == ["ann"] and [r["key"] for r in top["by_tenant"]] == ["acme"]
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "by tenant" in out and "by user" in out and "By user" in render_html(report)
+
+
+def test_rows_written_before_the_user_column_have_none_and_no_user_ranking(tmp_path) -> None:
+    """A ledger of schema version 8 gains ``user_id``; its rows have none, and its report no user or
+    tenant ranking while no call had one."""
+    path = _old_ledger(tmp_path / "v8.db", 8)
+    with contextlib.closing(open_ledger(str(path))) as db:
+        assert db.query("SELECT call_id, user_id FROM calls") == [("old", None)]
+        assert db.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)] == [(9,)]
+        report = build_report(db)
+    assert report["by_user"] == [] and report["by_tenant"] == []

@@ -101,7 +101,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if since is not None and until is not None and since >= until:
         raise RouterMiddlewareError(f"--since {args.since} is not before --until {args.until}: no call can be in it")
     if args.top < 0:
-        raise RouterMiddlewareError(f"--top {args.top}: expected how many sessions to list, 0 or more")
+        raise RouterMiddlewareError(f"--top {args.top}: expected how many sessions, tenants and users to list, "
+                                    "0 or more")
     html = output_file("--html", args.html) if args.html else None
     db = open_ledger(args.ledger, create=False)
     try:

@@ -194,8 +194,8 @@ class _Name:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    """The ledger report as rich tables: totals, then rankings by model, target, deployment (where calls
-    had one), provider, app and session."""
+    """The ledger report as rich tables: totals, then rankings by model, target, deployment, provider,
+    app, tenant, user (those three where calls had one) and session."""
     from rich import box
     from rich.console import Console
     from rich.table import Table

@@ -18,7 +18,7 @@ COLUMNS = (
     "cost_usd", "input_cost_usd", "output_cost_usd", "cache_read_cost_usd", "cache_write_cost_usd",
     "reasoning_cost_usd", "cost_source", "latency_s", "ttft_s", "cache_hit", "error", "decisions",
     "baseline_cost_usd", "saved_routing_usd", "saved_context_usd", "saved_cache_usd", "saved_reasoning_usd",
-    "summary_cost_usd", "ended", "target", "deployment",
+    "summary_cost_usd", "ended", "target", "deployment", "user_id",
 )
 
 
@@ -68,6 +68,9 @@ class LedgerRecord:
     # one model share ``target`` and differ here); NULL for a model id called as itself and for a
     # response-cache hit (sent nowhere)
     deployment: str | None = None
+    # the call's ``user`` label (``context.user``; behind the LiteLLM proxy, its key's user where it has
+    # one); NULL without one, and in rows written before the column or by an older version after it
+    user_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.ended not in ("complete", "stopped", "failed"):
@@ -112,6 +115,7 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         error=type(error).__qualname__ if error is not None else None, ended=ending(error),
         target=plan.model if plan else None,
         deployment=plan.deployment if plan and usage.source != "cache" else None,  # a hit went nowhere
+        user_id=context.user if context else None,
     )
 
 

@@ -24,10 +24,11 @@ SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", 
 # each ranking's key: the model that answered (or, where none did, the one the call was sent to), the
 # model the call was sent to as its route names it (a failed call is counted with the answered ones there),
 # the deployment it was sent under (calls sent under a name of their own only: two deployments of one
-# model apart)
+# model apart); the tenant and user labels (calls that had one)
 GROUPS = {"model": "model", "target": TARGET, "deployment": "deployment", "provider": "provider", "app": "app",
-          "session": "session"}
-NAMED_ONLY = frozenset({"deployment"})  # rankings of the rows that have their key, not of a NULL group
+          "tenant": "tenant", "user": "user_id", "session": "session"}
+NAMED_ONLY = frozenset({"deployment", "tenant", "user"})  # rankings of the rows that have their key, no NULL group
+TOPPED = frozenset({"tenant", "user", "session"})  # rankings cut to the ``top`` that cost most
 
 
 def _where(since: float | None, until: float | None) -> tuple[str, list[Any]]:
@@ -76,7 +77,7 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
         },
     }
     for group, key in GROUPS.items():
-        limit = f" LIMIT {int(top)}" if group == "session" else ""
+        limit = f" LIMIT {int(top)}" if group in TOPPED else ""
         named = (f"{' AND' if where else ' WHERE'} {key} IS NOT NULL") if group in NAMED_ONLY else ""
         rows = db.query(
             f"SELECT {key}, COUNT(*), {select} FROM calls{where}{named} GROUP BY {key} "

@@ -54,6 +54,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 8: the name the target was sent under (a deployment, a proxy model_name). NULL for a model id called
     # as itself, in rows written before it, and in rows an older version writes after it
     "ALTER TABLE calls ADD COLUMN deployment TEXT",
+    # 9: the call's user label (``context.user``). NULL without one, in rows written before it, and in rows
+    # an older version writes after it ("user" is a reserved word in PostgreSQL)
+    "ALTER TABLE calls ADD COLUMN user_id TEXT",
 )
 UPSERT = " ON CONFLICT (call_id) DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in COLUMNS[1:])
 INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -96,15 +97,48 @@ def _end_user(kwargs: Mapping[str, Any]) -> str | None:
     return None
 
 
+# the labels the LiteLLM proxy's key gives a call, by the field litellm writes them to in its metadata
+_KEY_FIELDS = (("user", "user_api_key_user_id"), ("tenant", "user_api_key_team_id"))
+_overridden: set[str] = set()  # the labels whose client value a key's replaced, said once each
+
+
+def _key_labels(kwargs: Mapping[str, Any]) -> dict[str, str]:
+    """Behind the LiteLLM proxy, the ``user`` and ``tenant`` of the key the request came with: the key's
+    ``user_id`` and ``team_id``, which the proxy writes into the request's metadata
+    (``user_api_key_user_id``, ``user_api_key_team_id``) once it has removed any the client sent. The
+    master key's user (litellm's ``default_user_id``, or ``LITELLM_PROXY_ADMIN_NAME``) is nobody's."""
+    admin = os.environ.get("LITELLM_PROXY_ADMIN_NAME") or "default_user_id"
+    params = kwargs.get("litellm_params")
+    params = params if isinstance(params, Mapping) else {}
+    found: dict[str, str] = {}
+    for source in (kwargs.get("metadata"), kwargs.get("litellm_metadata"), params.get("metadata"),
+                   params.get("litellm_metadata")):
+        if not isinstance(source, Mapping):
+            continue
+        for label, field in _KEY_FIELDS:
+            value = source.get(field)
+            if label not in found and isinstance(value, str) and value and value != admin:
+                found[label] = value
+    return found
+
+
 def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
     """The call's labels from its metadata, its ``user`` the request's OpenAI ``user`` field where the
-    metadata names none; with ``derive`` (the proxy), what the client did not label is derived from
-    the conversation (:func:`run_labels`)."""
+    metadata names none; behind the LiteLLM proxy, the ``user`` and ``tenant`` of its key where the key
+    has them, over the client's (:func:`_key_labels`: a client cannot spend another user's budget);
+    with ``derive`` (the proxy), what the client did not label is derived from the conversation
+    (:func:`run_labels`)."""
     metadata = _metadata(kwargs)
     keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
     if "user" not in context and (user := _end_user(kwargs)) is not None:
         context["user"] = user
+    for label, value in _key_labels(kwargs).items():
+        if context.get(label, value) != value and label not in _overridden:
+            _overridden.add(label)
+            log.warning("proxy_label_from_key", label=label,
+                        why=f"the request named another {label} than its proxy key's: the key's holds")
+        context[label] = value
     if derive:
         sent = kwargs.get("messages") or []
         messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]

@@ -1,0 +1,85 @@
+"""Behind the real LiteLLM proxy, a call's ``user`` and ``tenant`` are its proxy key's: the key's
+``user_id`` and ``team_id`` (litellm writes them into the request's metadata, having removed any the
+client sent), over the labels the client names. The keys here come from the proxy's own
+``custom_auth`` hook (its virtual keys need a database), each bound to a user and a team as a virtual
+key is; the master key belongs to nobody, and its calls keep the client's labels. The upstream
+replays OpenAI's recorded answer (tests/fault_server.py, ``/healthy``)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .conftest import service_missing
+from .fault_server import fault_server
+from .litellm_proxy import PROXY_DIR, proxy_missing, running_proxy
+from .test_litellm_logger import _proxy_rows
+
+KEYS = """
+from litellm.proxy._types import UserAPIKeyAuth
+
+KEYS = {"sk-alice": ("alice", "team-a"), "sk-bob": ("bob", "team-b")}
+
+
+async def auth(request, api_key):
+    if api_key == "sk-proxy-master":
+        return UserAPIKeyAuth(api_key=api_key, user_id="default_user_id")
+    user, team = KEYS[api_key]
+    return UserAPIKeyAuth(api_key=api_key, user_id=user, team_id=team)
+"""
+
+# A call reserves about 35 tokens (its prompt and max_tokens 20) and spends 34 (the recording's usage):
+# a user's second call does not fit in 60.
+ROUTER = """
+app: coding-agent
+store: sqlite:///{tmp}/store.db
+routing:
+  aliases: {{coder: [coder-cheap]}}
+  budgets: [{{name: per-user, scope: user, tokens: 60}}]
+ledger: {{url: 'sqlite:///{tmp}/ledger.db'}}
+"""
+
+
+def _ask(base: str, key: str, **fields: Any) -> int:
+    body = {"model": "coder", "max_tokens": 20, "messages": [{"role": "user", "content": "Tell me a joke"}], **fields}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            answer.read()
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_a_proxy_key_s_user_and_team_label_its_calls_over_what_the_client_names(tmp_path: Path) -> None:
+    """Before, only the client's labels were read: alice, over her budget, was served again by naming
+    another user in her request's metadata (or its OpenAI ``user`` field), and her rows said whatever
+    tenant she claimed. Now her key's user holds her budget, and her rows carry her key's user and team."""
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(ROUTER.format(tmp=tmp_path))
+    (tmp_path / "team_keys.py").write_text(KEYS)
+    config = (PROXY_DIR / "config.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(config.replace("general_settings:\n",
+                                                         "general_settings:\n  custom_auth: team_keys.auth\n"))
+    with fault_server() as (upstream, _seen):
+        env = {"CHEAP_API_BASE": f"{upstream}/healthy/v1", "STRONG_API_BASE": f"{upstream}/healthy/v1",
+               "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env, tmp_path / "config.yaml") as base:
+            statuses = [
+                _ask(base, "sk-alice", metadata={"user": "bob", "tenant": "acme"}),
+                _ask(base, "sk-alice", metadata={"user": "dave"}),  # her budget is full, whoever she names
+                _ask(base, "sk-alice", user="erin"),
+                _ask(base, "sk-bob", metadata={"user": "alice"}),  # bob's budget is his own
+                _ask(base, "sk-proxy-master", metadata={"user": "frank"}),  # the master key's calls: the client's
+                _ask(base, "sk-proxy-master", metadata={"user": "frank"}),
+                _ask(base, "sk-proxy-master", metadata={"user": "grace"}),
+            ]
+            rows = _proxy_rows(tmp_path, ("user_id", "tenant", "ended"), 4)
+    assert statuses == [200, 429, 429, 200, 200, 429, 200]
+    assert [tuple(r.values()) for r in rows] == [("alice", "team-a", "complete"), ("bob", "team-b", "complete"),
+                                                 ("frank", None, "complete"), ("grace", None, "complete")]
