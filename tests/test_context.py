@@ -429,6 +429,22 @@ def test_digests_keep_paths_verbatim_and_the_most_recent_ones() -> None:
     assert "paths: /home/user/project/notes.txt, .github/workflows/ci.yml, ./setup.cfg]" in placeholder
 
 
+def test_a_file_named_alone_is_kept_in_a_digest_as_a_path_is() -> None:
+    """A coding agent reads and edits its repository's top-level files by their names alone (``cat
+    README.md``): only names with a directory were kept, and the placeholder of a cleared output that
+    read ``pyproject.toml`` and ``package.json`` named no file at all. A name counts as a file by its
+    extension, so that ``os.path``, ``e.g.`` and ``example.com`` do not."""
+    from router_middleware.context.digest import cleared_placeholder, span_digest
+
+    output = ("$ cat README.md pyproject.toml\n# demo (e.g. see example.com, os.path.join, v1.2.3)\n"
+              "[project]\nname = 'demo'\n$ ls\npackage.json  setup.cfg  src/app/main.py  notes.txt.bak")
+    placeholder = cleared_placeholder(output, tokens=40)
+    assert placeholder.endswith("paths: README.md, pyproject.toml, package.json, setup.cfg, src/app/main.py]")
+    digest = span_digest([{"role": "tool", "tool_call_id": "c", "content": output}], chat=False)
+    assert "files mentioned, most recent last: README.md, pyproject.toml, package.json, setup.cfg, src/app/main.py" \
+        in digest
+
+
 def test_a_changed_message_inside_the_dropped_span_gets_a_new_digest() -> None:
     """Digests are kept per dropped span (named by the history's hash chain): resending the span reuses
     its digest, and any change inside it, even one the token count cannot see, writes a new one."""

@@ -10,13 +10,14 @@ from collections.abc import Sequence
 
 from ..messages import text_of
 from ..types import Message
-from .extract import names, paths, questions
+from .extract import files, names, questions
 from .structure import agent_speaks_as_user, last_instruction
 
 
 def _recent_paths(text: str, limit: int) -> str:
-    """The ``limit`` most recently mentioned paths, as written, oldest first; '' if none."""
-    found = paths(text)
+    """The ``limit`` most recently mentioned files (their paths as written, or a name alone:
+    :func:`.extract.files`), oldest first; '' if none."""
+    found = files(text)
     shown = found[-limit:] if limit else []
     earlier = f"(+{len(found) - len(shown)} earlier) " if len(found) > len(shown) else ""
     return earlier + ", ".join(shown) if shown else ""
