@@ -662,6 +662,31 @@ def test_a_hard_budget_refuses_before_any_attempt(call, script) -> None:
     assert script.calls == []
 
 
+@pytest.mark.parametrize("limit", [0.005, 0.0001])
+def test_a_call_a_budget_cannot_hold_goes_to_its_downgrade_alias_before_it_is_refused(call, script, tmp_path,
+                                                                                     limit) -> None:
+    """Claude's estimate (512 output tokens at $15/M) does not fit in $0.005; DeepSeek's does. Before,
+    the budget refused the call while it was under its soft limit, though it names a cheaper alias to
+    send calls to once past it. Now the call goes there (a ``routing:downgrade`` decision in its row),
+    and is refused only when that alias's estimate does not fit either ($0.0001)."""
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = pipeline(url, aliases={"coder": CODER, "cheap": [DEEPSEEK]},
+                 budgets=[{"name": "day", "scope": "global", "usd": limit, "downgrade_to": "cheap"}])
+    if limit < 0.001:
+        with pytest.raises(BudgetExceeded, match=r"budget 'day' exceeded: 0 of 0.0001 usd.*estimate, 0\.00"):
+            call(p)
+        assert script.calls == []
+        return
+    call(p)
+    p.close()
+    assert script.calls == [DEEPSEEK]
+    (requested, target, decisions), = open_ledger(url).query("SELECT requested_model, target, decisions FROM calls")
+    assert (requested, target) == ("coder", DEEPSEEK) and "routing:downgrade" in json.loads(decisions)
+    assert 0 < float(p.store.get("budget:day:usd:all:0")) < limit
+
+
 @pytest.mark.parametrize("refusal", ["budget", "quota", "route"])
 def test_a_call_refused_before_any_attempt_has_its_route_span_and_log_line(call, script, span_exporter,
                                                                            refusal) -> None:

@@ -2909,3 +2909,19 @@ def test_a_proxy_model_name_spelled_as_its_model_names_no_deployment_and_another
     assert rows == [
         {"requested_model": "openai/gpt-4o-mini", "target": "openai/gpt-4o-mini", "deployment": None, "error": None},
         {"requested_model": "named", "target": "openai/gpt-4o-mini", "deployment": "named", "error": None}]
+
+
+def test_the_proxy_hook_sends_a_call_its_budget_cannot_hold_to_the_budget_s_downgrade_alias(tmp_path) -> None:
+    """gpt-5-mini's estimate (512 output tokens at $2/M) does not fit in the $0.0005 budget; gpt-4o-mini's
+    does: the proxy routes the call to ``cheap``'s deployment, where it refused it before."""
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"strong": {"model": "openai/gpt-5-mini"}, "light": {"model": "openai/gpt-4o-mini"}},
+                    "aliases": {"coder": ["strong"], "cheap": ["light"]},
+                    "budgets": [{"name": "day", "scope": "global", "usd": 0.0005, "downgrade_to": "cheap"}]},
+    }), proxy=True).register()
+    try:
+        data = {"model": "coder", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "down-1"}
+        changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+    finally:
+        logger.unregister()
+    assert changed["model"] == "light" and changed["fallbacks"] == []

@@ -29,7 +29,14 @@ from .accounting import build_outcome, measured_context_saving, stream_finish_re
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
-from .errors import NoRouteError, PartialWrite, RouterMiddlewareError, UnknownModelError, UnreadableCounter
+from .errors import (
+    BudgetExceeded,
+    NoRouteError,
+    PartialWrite,
+    RouterMiddlewareError,
+    UnknownModelError,
+    UnreadableCounter,
+)
 from .params import choices_asked, usage_asked
 from .reasoning.levels import LEVELS
 from .routing import quotas
@@ -516,9 +523,12 @@ class CallLifecycle:
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
         half-open target is tried only by the call that claims its probe; the others move on, unless
         no target after it admits the call (tried anyway, as a direct call would be). A reasoning reservation
-        that does not fit plans the call again (a lower level), a few times at most."""
+        that does not fit plans the call again (a lower level), a few times at most. A budget that
+        cannot hold the call and names a ``downgrade_to`` plans it again on that alias, once, before
+        it refuses it (:meth:`_downgraded`)."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
+        downgrade = not self.follow  # litellm calls the fallbacks it was given: it is sent where it asked
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
@@ -529,7 +539,17 @@ class CallLifecycle:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
                 probe = target if target in self._half_open and not anyway else None
-                why = yield from self._take(found, size, claims or [], probe)
+                try:
+                    why = yield from self._take(found, size, claims or [], probe)
+                except BudgetExceeded as refused:
+                    cheaper = (yield from self._downgraded(plan, refused)) if downgrade else None
+                    if cheaper is None:
+                        raise
+                    downgrade, plan = False, cheaper
+                    attempts.restart([plan.deployment or plan.model, *plan.fallbacks])
+                    self._half_open = _half_open(plan)
+                    claims = self._claims(plan)
+                    continue
                 if why is not None and self.follow and not isinstance(why, StepDown):  # litellm calls it
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
                                 why="litellm calls its fallbacks as given: sent, its quotas not taken")
@@ -559,6 +579,24 @@ class CallLifecycle:
                 raise NoRouteError(self.call.model, denied)
             plan = _following(plan, self._carry((yield from self._plan(next_target, Decision(
                 "routing", action, reason, {"depth": attempts.depth})))))
+
+    def _downgraded(self, plan: Plan, refused: BudgetExceeded) -> Generator[Effect, Any, Plan | None]:
+        """The call planned again on the ``downgrade_to`` alias of the budget that refused it, when the
+        call is not routed there already: a call that does not fit on the model it asked for may fit on
+        a cheaper one, as it would be sent once the budget is past its soft limit. ``None``: no such
+        alias, or none of its targets can serve the call (the refusal stands)."""
+        budget = next((b for b in self.engine.config.routing.budgets if b.name == refused.name), None)
+        alias = budget.downgrade_to if budget is not None else None
+        routed = next((d.attributes.get("alias") for d in plan.decisions
+                       if d.policy == "routing" and d.action == "route"), None)
+        if alias is None or alias in (routed, plan.call.model.partition(":")[0]):
+            return None
+        reason = f"{refused}: downgraded to {alias}"
+        try:
+            cheaper = yield from self._plan(alias, Decision("routing", "downgrade", reason, {"budget": refused.name}))
+        except RouterMiddlewareError:
+            return None
+        return _following(plan, self._carry(cheaper))
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int, claims: list[Claim],
               probe: str | None = None) -> Generator[Effect, Any, str | None]:
@@ -877,7 +915,7 @@ def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool)
     return wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt), True
 
 
-_ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open"})  # routing decisions that move a call on
+_ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open", "downgrade"})  # decisions moving a call on
 _FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open")  # what only the first attempt's route says
 
 

@@ -126,6 +126,13 @@ class Attempts:
         self.depth += 1
         return self.model
 
+    def restart(self, models: list[str]) -> None:
+        """Go on along another route (a budget's downgrade): ``models`` in order, from the first."""
+        self.history += (f"{self.model}: downgraded",)
+        self.models = list(models)
+        self.tries = 0
+        self.depth += 1
+
     def revisit(self, model: str) -> str:
         """Go back to ``model``, skipped before, as the call's last target (a half-open target another
         call probes, when none after it admitted the call: tried anyway, as a direct call would be)."""
