@@ -2925,3 +2925,22 @@ def test_the_proxy_hook_sends_a_call_its_budget_cannot_hold_to_the_budget_s_down
     finally:
         logger.unregister()
     assert changed["model"] == "light" and changed["fallbacks"] == []
+
+
+def test_a_request_sent_as_it_came_is_refused_by_its_budget_not_downgraded(tmp_path) -> None:
+    """An Anthropic ``/v1/messages`` request goes to the ``model_name`` it names, whatever a plan says:
+    admitting it at a downgraded estimate would let the expensive model answer on the cheap one's
+    reservation. It is refused."""
+    from router_middleware import BudgetExceeded
+
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"aliases": {"cheap": ["gpt-4o-mini"]},
+                    "budgets": [{"name": "day", "scope": "global", "usd": 0.0005, "downgrade_to": "cheap"}]},
+    }), proxy=True).register()
+    try:
+        data = {"model": "claude-sonnet-4-5", "max_tokens": 512, "litellm_call_id": "as-sent-1",
+                "messages": [{"role": "user", "content": "hi"}]}
+        with pytest.raises(BudgetExceeded, match="budget 'day'"):
+            asyncio.run(logger.async_pre_call_hook(None, None, data, "anthropic_messages"))
+    finally:
+        logger.unregister()

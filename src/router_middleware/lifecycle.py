@@ -528,7 +528,9 @@ class CallLifecycle:
         it refuses it (:meth:`_downgraded`)."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
-        downgrade = not self.follow  # litellm calls the fallbacks it was given: it is sent where it asked
+        # not where litellm calls the fallbacks it was given, nor for a request sent as it came: either
+        # goes where it asked
+        downgrade = not self.follow and self.given is None
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
