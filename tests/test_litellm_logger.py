@@ -2927,6 +2927,24 @@ def test_the_proxy_hook_sends_a_call_its_budget_cannot_hold_to_the_budget_s_down
     assert changed["model"] == "light" and changed["fallbacks"] == []
 
 
+def test_an_sdk_call_whose_downgrade_alias_it_cannot_reach_is_still_refused_by_its_budget(tmp_path,
+                                                                                         monkeypatch) -> None:
+    """In the SDK litellm has chosen the provider: a downgrade to an alias of another provider's model
+    cannot be taken, and the budget's refusal stands (not a ``NoRouteError``, which the SDK hook sends
+    as it came: the budget would be passed)."""
+    from router_middleware import BudgetExceeded
+
+    logger = _sdk_logger(tmp_path, monkeypatch, {
+        "aliases": {"cheap": ["deepseek/deepseek-chat"]},
+        "budgets": [{"name": "day", "scope": "global", "usd": 0.0005, "downgrade_to": "cheap"}]})
+    try:
+        with pytest.raises(BudgetExceeded, match="budget 'day'"):
+            asyncio.run(litellm.acompletion(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=512, mock_response="ok"))
+    finally:
+        logger.unregister()
+
+
 def test_a_request_sent_as_it_came_is_refused_by_its_budget_not_downgraded(tmp_path) -> None:
     """An Anthropic ``/v1/messages`` request goes to the ``model_name`` it names, whatever a plan says:
     admitting it at a downgraded estimate would let the expensive model answer on the cheap one's

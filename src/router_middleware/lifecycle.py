@@ -525,12 +525,14 @@ class CallLifecycle:
         no target after it admits the call (tried anyway, as a direct call would be). A reasoning reservation
         that does not fit plans the call again (a lower level), a few times at most. A budget that
         cannot hold the call and names a ``downgrade_to`` plans it again on that alias, once, before
-        it refuses it (:meth:`_downgraded`)."""
+        it refuses it (:meth:`_downgraded`); that refusal stands if the alias does not admit the call
+        either (its budget claim, its quotas or the adapter's reach)."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
         # not where litellm calls the fallbacks it was given, nor for a request sent as it came: either
         # goes where it asked
         downgrade = not self.follow and self.given is None
+        downgraded: BudgetExceeded | None = None  # the refusal a downgrade answered
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
@@ -544,10 +546,12 @@ class CallLifecycle:
                 try:
                     why = yield from self._take(found, size, claims or [], probe)
                 except BudgetExceeded as refused:
+                    if downgraded is not None:
+                        raise downgraded from None
                     cheaper = (yield from self._downgraded(plan, refused)) if downgrade else None
                     if cheaper is None:
                         raise
-                    downgrade, plan = False, cheaper
+                    downgraded, plan = refused, cheaper
                     attempts.restart([plan.deployment or plan.model, *plan.fallbacks])
                     self._half_open = _half_open(plan)
                     claims = self._claims(plan)
@@ -578,6 +582,8 @@ class CallLifecycle:
                 reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
                 probed = None
             if next_target is None:
+                if downgraded is not None:  # no target of the downgrade admits it: the budget refused it
+                    raise downgraded
                 raise NoRouteError(self.call.model, denied)
             plan = _following(plan, self._carry((yield from self._plan(next_target, Decision(
                 "routing", action, reason, {"depth": attempts.depth})))))
