@@ -176,7 +176,7 @@ def test_the_report_tables_stay_readable_at_80_columns(tmp_path, capsys, monkeyp
     assert code == 0 and max(map(len, out.splitlines())) <= 80
     header = next(line for line in out.splitlines() if line.lstrip().startswith("model "))
     assert header.split() == ["model", "calls", "input", "cached", "output", "reasoning", "cost", "baseline"]
-    assert "$0.1273" in out and "634,302" in out  # numbers whole: a model row of the bundled sessions
+    assert "$0.1273" in out and "634,631" in out  # numbers whole: a model row of the bundled sessions
 
 
 def test_the_report_wraps_a_long_model_name_after_a_separator(tmp_path, capsys, monkeypatch) -> None:

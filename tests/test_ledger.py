@@ -541,18 +541,19 @@ def test_a_call_s_user_is_in_its_row_and_the_report_ranks_tenants_and_users(ledg
     from router_middleware.ledger import render_html
 
     pipeline = Pipeline.from_config({"app": "coder", "ledger": {"url": ledger_url}})
-    for user, tenant, times in (("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2), (None, None, 1)):
-        for _ in range(times):
-            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok",
-                                context={"user": user, "tenant": tenant})
+    for user, tenant, times in (("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2), (None, None, 1),
+                                ("dee", "umbrella", 4)):
+        for _ in range(times):  # dee's model has no price: her calls' cost is unknown, ranked last
+            pipeline.completion(model="openai/in-house-7b" if user == "dee" else "gpt-4o-mini", messages=MESSAGES,
+                                mock_response="ok", context={"user": user, "tenant": tenant})
     pipeline.close()
     with contextlib.closing(open_ledger(ledger_url)) as db:
         rows = db.query("SELECT user_id, tenant, COUNT(*) FROM calls GROUP BY user_id, tenant ORDER BY user_id")
         report, top = build_report(db), build_report(db, top=1)
     assert sorted(rows, key=str) == sorted([("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2),
-                                            (None, None, 1)], key=str)
-    assert [(r["key"], r["calls"]) for r in report["by_user"]] == [("ann", 3), ("cy", 2), ("bo", 1)]
-    assert [(r["key"], r["calls"]) for r in report["by_tenant"]] == [("acme", 4), ("initech", 2)]
+                                            (None, None, 1), ("dee", "umbrella", 4)], key=str)
+    assert [(r["key"], r["calls"]) for r in report["by_user"]] == [("ann", 3), ("cy", 2), ("bo", 1), ("dee", 4)]
+    assert [(r["key"], r["calls"]) for r in report["by_tenant"]] == [("acme", 4), ("initech", 2), ("umbrella", 4)]
     assert [r["key"] for r in top["by_user"]] == ["ann"] and [r["key"] for r in top["by_tenant"]] == ["acme"]
     print_report(report)
     out = capsys.readouterr().out

@@ -575,6 +575,16 @@ class TelemetryConfig(_Strict):
     semconv: Literal["current", "legacy", "both"] | None = None
 
 
+class ProxyConfig(_Strict):
+    """Behind the LiteLLM proxy. ``key_labels``: whose ``user`` and ``tenant`` label a call made with a
+    proxy key that has a ``user_id`` or a ``team_id``: ``only`` the key's (what it lacks stays unset;
+    what the client names is dropped), ``first`` the key's where it has them and the client's where it
+    lacks one, ``off`` the client's (the key is not read). A key with neither (the master key) keeps
+    the client's labels in each."""
+
+    key_labels: Literal["only", "first", "off"] = "only"
+
+
 class Config(_Strict):
     """The whole configuration. ``Config()`` is a pass-through that still accounts and traces."""
 
@@ -594,6 +604,7 @@ class Config(_Strict):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
 
     def catalog_overrides(self) -> dict[str, dict[str, Any]]:
         return {name: o.as_catalog_fields() for name, o in self.models.items()}

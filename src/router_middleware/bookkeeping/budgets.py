@@ -53,6 +53,9 @@ class Reservation:
     claims: list[Claim]
 
 
+_BY_KEY = {"user": "; the LiteLLM proxy: a key with a user_id", "tenant": "; the LiteLLM proxy: a key with a team_id"}
+
+
 def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, tokens: int,
            now: float, hold: str, first: Callable[[str], bool]) -> list[Claim]:
     """The call's estimated ``usd`` and ``tokens`` on every budget that applies to ``context``. A
@@ -67,8 +70,8 @@ def claims(budgets: list[BudgetConfig], context: AgentContext, *, usd: float, to
                 run = "thread_id" if budget.scope == "session" else "config or runtime context"
                 log.warning("budget_not_applied", budget=budget.name, scope=budget.scope,
                             why=f"the call names no {budget.scope}: pass context={{'{field}': ...}} (litellm: "
-                                f"metadata={{'{field}': ...}}; RouterAgentMiddleware: the agent run's {run}; "
-                                "said once)")
+                                f"metadata={{'{field}': ...}}; RouterAgentMiddleware: the agent run's {run}"
+                                f"{_BY_KEY.get(budget.scope, '')}; said once)")
             continue
         for unit, amount, limit in (("usd", usd, budget.usd), ("tokens", float(tokens), budget.tokens)):
             if limit is not None:

@@ -1,4 +1,4 @@
-"""What a history mentions: file paths (agents) and proper names (chats). Shared by the digest and
+"""What a history mentions: files (agents: :func:`files`) and proper names (chats). Shared by the digest and
 the replay's retention metric, so both mean the same thing."""
 
 from __future__ import annotations
@@ -17,28 +17,24 @@ _QUESTION = re.compile(r"[^.!?\n]{8,200}\?")
 
 
 # A file at the top of a repository, named alone (``README.md``, ``pyproject.toml``): its extension one
-# of a source or project file's, so that ``os.path``, ``e.g.`` or ``example.com`` are none.
-_EXTENSIONS = ("py|pyi|ipynb|js|mjs|cjs|jsx|ts|tsx|vue|svelte|json|jsonc|toml|ya?ml|ini|cfg|conf|lock|md|mdx|rst|txt"
+# of a source or project file's, so that ``os.path``, ``e.g.`` or ``example.com`` are none; not called
+# (``resp.json()``) nor followed by more of a dotted name (``process.env.HOME``). Extensions that
+# name attributes as often (``self.lock``, ``django.conf``) count for the files that have them only.
+_EXTENSIONS = ("py|pyi|ipynb|js|mjs|cjs|jsx|ts|tsx|vue|svelte|json|jsonc|toml|ya?ml|ini|cfg|md|mdx|rst|txt"
                "|html?|css|scss|sass|less|sh|bash|zsh|ps1|bat|rs|go|mod|java|kt|kts|gradle|scala|swift|c|h|cc|cpp"
-               "|hpp|cs|fs|rb|erb|php|lua|pl|r|sql|xml|csv|tsv|proto|graphql|tf|env|dockerfile|mk|cmake|ex|exs|dart"
+               "|hpp|cs|fs|rb|erb|php|lua|pl|r|sql|xml|csv|tsv|proto|graphql|tf|dockerfile|mk|cmake|ex|exs|dart"
                "|zig|nix|sol|tex|gemspec")
-_FILE = re.compile(rf"{_PATH.pattern}|(?<![\w/.-])\w[\w-]*(?:\.[\w-]+)*\.(?:{_EXTENSIONS})(?![\w-])(?!\.\w)")
-
-
-def paths(text: str) -> list[str]:
-    """File paths as written (``/abs/x.py``, ``./x.py``, ``.github/ci.yml``), each once, in order of
-    their last mention: the most recent last."""
-    return _last_first(_PATH.findall(text))
+_NAMED = r"(?:poetry|Cargo|yarn|Gemfile|uv|flake|composer|Pipfile)\.lock|nginx\.conf"
+_FILE = re.compile(rf"{_PATH.pattern}|(?<![\w/.-])(?:{_NAMED}|\w[\w-]*(?:\.[\w-]+)*\.(?:{_EXTENSIONS}))"
+                   r"(?![\w(-])(?!\.\w)")
 
 
 def files(text: str) -> list[str]:
-    """As :func:`paths`, with the files named alone (``README.md``, ``pyproject.toml``: a repository's
-    top level, or the directory a command ran in) among them, by their extension."""
-    return _last_first(_FILE.findall(text))
-
-
-def _last_first(found: list[str]) -> list[str]:
-    return list(reversed(dict.fromkeys(reversed(found))))
+    """The files ``text`` names: paths as written (``/abs/x.py``, ``./x.py``, ``.github/ci.yml``) and
+    names alone (``README.md``, ``pyproject.toml``: a repository's top level, or the directory a
+    command ran in) known by their extension, each once, in order of their last mention: the most
+    recent last."""
+    return list(reversed(dict.fromkeys(reversed(_FILE.findall(text)))))
 
 
 def names(text: str) -> Counter[str]:

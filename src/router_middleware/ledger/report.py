@@ -81,7 +81,7 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
         named = (f"{' AND' if where else ' WHERE'} {key} IS NOT NULL") if group in NAMED_ONLY else ""
         rows = db.query(
             f"SELECT {key}, COUNT(*), {select} FROM calls{where}{named} GROUP BY {key} "
-            f"ORDER BY SUM(cost_usd) DESC, {key}{limit}", params)
+            f"ORDER BY COALESCE(SUM(cost_usd), 0) DESC, {key}{limit}", params)  # NULL last, as on SQLite
         report[f"by_{group}"] = [_row(("key", *names), r) for r in rows]
     report["timeline"] = _timeline(db, where, params)
     return report

@@ -55,6 +55,11 @@ class _Core(CustomLogger):
         self.recorded = 0
         self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
 
+    def _labels(self, kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
+        """The labels of the call ``kwargs`` asks for (:func:`._context`), a proxy key's as the config's
+        ``proxy.key_labels`` says."""
+        return _context(kwargs, derive=derive, key_labels=self.pipeline.config.proxy.key_labels)
+
     def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
         """Take a call's lifecycle out of the table while it steps, marking it ended (:meth:`_resume`
         puts it back when it waits for another attempt); with ``only``, just that one (not a later
@@ -187,7 +192,7 @@ class _Core(CustomLogger):
         OpenTelemetry context, where the event runs outside it); ``attempt=False``: no provider was
         called (a hit of litellm's response cache), so no CLIENT span."""
         model = wire.requested_model(kwargs) or str(kwargs.get("model") or "unknown")
-        context = {"app": self.pipeline.config.app, **_context(kwargs)}
+        context = {"app": self.pipeline.config.app, **self._labels(kwargs)}
         base = wire.api_base(kwargs)
         params = _params_of(kwargs) | ({"api_base": base} if base else {})
         call = _observed(model, list(kwargs.get("messages") or []), context, params)

@@ -29,7 +29,6 @@ from .request import (
     _REQUEST_KEYS,
     _SDK_AS_SENT,
     _as_sent,
-    _context,
     _error,
     _is_chat,
     _labelled,
@@ -125,7 +124,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         self.hook_calls += 1
         engine = self.pipeline
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
-        call = engine.make_call(str(data["model"]), data["messages"], _context(data, derive=self.proxy), params)
+        call = engine.make_call(str(data["model"]), data["messages"], self._labels(data, derive=self.proxy), params)
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
@@ -289,7 +288,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         try:
             params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
-                             _context(kwargs))
+                             self._labels(kwargs))
             deployments = routing.deployments
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False, follow=follow,
                                      usable=lambda target: target in follow

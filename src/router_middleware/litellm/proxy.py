@@ -25,7 +25,7 @@ from ..telemetry import log
 from ..types import Call, Decision, Plan
 from .calls import ClientDisconnected, _Answer, _Open, _overflow
 from .core import _Core
-from .request import _context, _labelled, as_sent_view
+from .request import _labelled, as_sent_view
 
 _SERVE_WAIT_S = 0.2  # how long an answer waits for its call's settlement (a store slow to write)
 
@@ -95,7 +95,7 @@ class _ProxyHooks(_Core):
         messages, params = as_sent_view(data, endpoint)
         in_config = requested in engine.config.routing.deployments
         model = engine.model_of(requested) if in_config else _proxy_model(requested) or requested
-        labels = {"app": engine.config.app, **_context({**data, "messages": messages}, derive=self.proxy)}
+        labels = {"app": engine.config.app, **self._labels({**data, "messages": messages}, derive=self.proxy)}
         call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
         plan = Plan.from_call(call).override(model=model, deployment=requested if in_config or model != requested
                                              else None)  # a model_name spelled as its model: as Engine.serve does

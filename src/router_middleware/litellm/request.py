@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from .. import wire
 from ..context.structure import head_length
@@ -71,14 +70,16 @@ def _digest(value: object) -> str:
     return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
 
 
-def run_labels(messages: Sequence[Message]) -> dict[str, Any]:
+def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = ()) -> dict[str, Any]:
     """What a proxy can tell of an agent run from its conversation, when the client sends no labels:
     ``session_id`` from the opening request (everything before the first assistant turn) and that
     turn (its tool-call ids or text, unique to the run), ``step`` (assistant turns so far) and
     ``step_kind``. A run's first call has no assistant turn yet: its session is the head's alone
-    (``head-<h>``), and the run's later calls share ``head-<h>-<a>``."""
+    (``head-<h>``), and the run's later calls share ``head-<h>-<a>``. ``owner`` (the call's tenant and
+    user, behind the proxy) keeps two users' runs that open alike apart."""
     head = head_length(messages)
-    session = f"head-{_digest([(m.get('role'), m.get('content')) for m in messages[:head]])}"
+    opening = [(m.get("role"), m.get("content")) for m in messages[:head]]
+    session = f"head-{_digest([*opening, owner] if any(o is not None for o in owner) else opening)}"
     if head < len(messages):
         first = messages[head]
         ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
@@ -99,50 +100,61 @@ def _end_user(kwargs: Mapping[str, Any]) -> str | None:
 
 # the labels the LiteLLM proxy's key gives a call, by the field litellm writes them to in its metadata
 _KEY_FIELDS = (("user", "user_api_key_user_id"), ("tenant", "user_api_key_team_id"))
-_overridden: set[str] = set()  # the labels whose client value a key's replaced, said once each
+_ADMIN = "default_user_id"  # the user litellm's proxy gives its master key (LITELLM_PROXY_ADMIN_NAME)
+_SAID: set[tuple[str, str]] = set()  # (label, the key's value) whose client claims were said dropped
+KeyLabels = Literal["only", "first", "off"]
 
 
-def _key_labels(kwargs: Mapping[str, Any]) -> dict[str, str]:
+def _key_labels(kwargs: Mapping[str, Any]) -> dict[str, str | None]:
     """Behind the LiteLLM proxy, the ``user`` and ``tenant`` of the key the request came with: the key's
     ``user_id`` and ``team_id``, which the proxy writes into the request's metadata
-    (``user_api_key_user_id``, ``user_api_key_team_id``) once it has removed any the client sent. The
-    master key's user (litellm's ``default_user_id``, or ``LITELLM_PROXY_ADMIN_NAME``) is nobody's."""
-    admin = os.environ.get("LITELLM_PROXY_ADMIN_NAME") or "default_user_id"
+    (``user_api_key_user_id``, ``user_api_key_team_id``) once it has removed any the client sent;
+    ``None`` for one the key lacks. Empty for a key with neither, and for the master key (whose user
+    is litellm's ``default_user_id``, nobody's)."""
     params = kwargs.get("litellm_params")
     params = params if isinstance(params, Mapping) else {}
-    found: dict[str, str] = {}
+    found: dict[str, str | None] = {}
     for source in (kwargs.get("metadata"), kwargs.get("litellm_metadata"), params.get("metadata"),
                    params.get("litellm_metadata")):
         if not isinstance(source, Mapping):
             continue
         for label, field in _KEY_FIELDS:
             value = source.get(field)
-            if label not in found and isinstance(value, str) and value and value != admin:
+            if label not in found and isinstance(value, str) and value and value != _ADMIN:
                 found[label] = value
-    return found
+    return {label: found.get(label) for label, _ in _KEY_FIELDS} if found else {}
 
 
-def _context(kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
+def _context(kwargs: Mapping[str, Any], *, derive: bool = False, key_labels: KeyLabels = "only") -> dict[str, Any]:
     """The call's labels from its metadata, its ``user`` the request's OpenAI ``user`` field where the
-    metadata names none; behind the LiteLLM proxy, the ``user`` and ``tenant`` of its key where the key
-    has them, over the client's (:func:`_key_labels`: a client cannot spend another user's budget);
+    metadata names none; behind the LiteLLM proxy, with a key that has a user or a team, its ``user``
+    and ``tenant`` as ``key_labels`` says (:class:`.ProxyConfig`: by default the key's alone, so that a
+    client cannot spend another user's or team's budget; the client's dropped are said once per key);
     with ``derive`` (the proxy), what the client did not label is derived from the conversation
-    (:func:`run_labels`)."""
+    (:func:`run_labels`, its session apart for each user and tenant)."""
     metadata = _metadata(kwargs)
     keys = ("app", "agent_id", "session_id", "step", "step_kind", "user", "tenant")
     context = {k: metadata[k] for k in keys if metadata.get(k) is not None}
     if "user" not in context and (user := _end_user(kwargs)) is not None:
         context["user"] = user
-    for label, value in _key_labels(kwargs).items():
-        if context.get(label, value) != value and label not in _overridden:
-            _overridden.add(label)
-            log.warning("proxy_label_from_key", label=label,
-                        why=f"the request named another {label} than its proxy key's: the key's holds")
-        context[label] = value
+    if key_labels != "off":
+        for label, value in _key_labels(kwargs).items():
+            claimed = context.get(label)
+            if value is None and key_labels == "first":
+                continue
+            if claimed is not None and claimed != value and (label, str(value)) not in _SAID:
+                _SAID.add((label, str(value)))
+                log.warning("proxy_label_from_key", label=label, key=value, claimed=str(claimed)[:100],
+                            why=f"the request named another {label} than its proxy key's: the key's holds "
+                                f"(proxy.key_labels: {key_labels}; said once for this key's {label})")
+            if value is None:
+                context.pop(label, None)
+            else:
+                context[label] = value
     if derive:
         sent = kwargs.get("messages") or []
         messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
-        derived = run_labels(messages)
+        derived = run_labels(messages, owner=(context.get("tenant"), context.get("user")))
         if "session_id" in context:
             derived.pop("step")  # a client's own session may not start where the messages do
         context = {**derived, **context}

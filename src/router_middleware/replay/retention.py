@@ -1,6 +1,7 @@
 """Retention: did the trimmed request keep what the recorded reply went on to use?
 
-For agent sessions the items are file paths; for chats (no tools) they are proper names
+For agent sessions the items are files (paths, and names alone: :func:`.extract.files`); for chats
+(no tools) they are proper names
 (capitalised words that do not start a sentence). An item counts when the reply mentions it and it
 occurs in the untrimmed request outside the first two messages (system prompt and task, which every
 strategy keeps); it is retained when the planned request still contains it.
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..context.extract import names, paths
+from ..context.extract import files, names
 from ..messages import text_of
 from ..types import Message
 
 
 def path_items(text: str) -> set[str]:
-    return {path.lstrip("./") for path in paths(text)}  # one file, however it was written
+    return {path.lstrip("./") for path in files(text)}  # one file, however it was written
 
 
 def name_items(text: str) -> set[str]:
