@@ -300,6 +300,23 @@ def test_log_event_carries_trace_ids(span_exporter) -> None:
     assert event["input_tokens"] > 0 and event["cost_usd"] > 0
 
 
+def test_a_call_s_log_line_says_whose_it_was_answered_or_refused(span_exporter) -> None:
+    """An operator reading the proxy's log could not tell whose calls a budget refused: the user was
+    only inside the error's text. Each call's line now names its app, tenant, user and session."""
+    from router_middleware import BudgetExceeded
+
+    pipeline = Pipeline.from_config({"app": "svc", "routing": {"budgets": [
+        {"name": "per-user", "scope": "user", "usd": 0.001}]}})
+    context = {"tenant": "acme", "user": "ann", "session_id": "s1"}
+    with structlog.testing.capture_logs() as logs:
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", context=context)
+        with pytest.raises(BudgetExceeded):
+            pipeline.completion(model="gpt-4o", messages=MESSAGES, max_tokens=500, mock_response="ok", context=context)
+    whose = [{k: e.get(k) for k in ("app", "tenant", "user", "session")} for e in logs
+             if e["event"] in ("llm_call", "llm_call_failed")]
+    assert whose == [{"app": "svc", "tenant": "acme", "user": "ann", "session": "s1"}] * 2
+
+
 def test_a_failed_call_logs_the_ids_of_its_last_attempt_s_span_and_a_cache_hit_its_route_span_s(span_exporter) -> None:
     """A call's log line points at the span of the attempt it is about, as an answered call's does at
     the attempt that answered: a failed call's at its last attempt's (ended by then, with the error);

@@ -330,7 +330,8 @@ class CallTrace:
         if self.attempting:  # the call failed with its attempt (else a refusal: no provider operation)
             self._point(outcome, kind, end_ns)
         if not self.nested:
-            log.warning("llm_call_failed", **ids, model=self.plan.model, error_type=kind, error=message)
+            log.warning("llm_call_failed", **ids, **self._labels(), model=self.plan.model, error_type=kind,
+                        error=message)
 
     def _end(self, outcome: Outcome | None, response: Any = None, *, stopped_by: str | None = None,
              end_ns: int | None = None) -> None:
@@ -372,10 +373,11 @@ class CallTrace:
                       "cost_usd": outcome.cost.total_usd, "cost_source": outcome.cost.source}
         decisions = [f"{d.policy}:{d.action}" for d in self.plan.decisions]
         if stopped_by is not None:  # the caller's choice: no warning
-            log.info("llm_call_stopped", **ids, requested_model=self.plan.call.model, **fields,
+            log.info("llm_call_stopped", **ids, **self._labels(), requested_model=self.plan.call.model, **fields,
                      decisions=decisions, stopped_by=stopped_by)
         else:
-            log.info("llm_call", **ids, requested_model=self.plan.call.model, **fields, decisions=decisions)
+            log.info("llm_call", **ids, **self._labels(), requested_model=self.plan.call.model, **fields,
+                     decisions=decisions)
 
     def _answered(self, outcome: Outcome) -> None:
         """The route span's attributes of what the call used."""
@@ -407,6 +409,12 @@ class CallTrace:
         """The attempt's model, provider and server, whether or not its spans record (metrics alone, or
         a trace sampled out, still name them)."""
         return metric_attributes(self.plan, self.provider)
+
+    def _labels(self) -> dict[str, str]:
+        """Whose call it was, for its log line: its app, tenant, user and session, those it names."""
+        context = self.plan.call.context
+        found = {"app": context.app, "tenant": context.tenant, "user": context.user, "session": context.session_id}
+        return {k: v for k, v in found.items() if v is not None}
 
     def _log_ids(self) -> dict[str, str]:
         """The ids of the attempt's span, else the last attempt's (it failed and ended), else (a cache
