@@ -535,8 +535,8 @@ def test_the_cache_breakpoints_a_call_got_are_its_context_saving_on_anthropic() 
 
 def test_a_call_s_user_is_in_its_row_and_the_report_ranks_tenants_and_users(ledger_url, tmp_path, capsys) -> None:
     """Budgets could be scoped by user, but no row said whose a call was: the report could not show what
-    each user spent. A row now has the call's ``user`` label (``user_id``), and the report ranks the
-    calls that had a tenant or a user by both (the ``top`` costliest, as sessions)."""
+    each user spent. A row now has the call's ``user`` label (``user_id``), and the report ranks tenants
+    and users (the ``top`` costliest, as sessions; the calls that named none are a group of their own)."""
     from router_middleware.cli.tables import print_report
     from router_middleware.ledger import render_html
 
@@ -552,12 +552,14 @@ def test_a_call_s_user_is_in_its_row_and_the_report_ranks_tenants_and_users(ledg
         report, top = build_report(db), build_report(db, top=1)
     assert sorted(rows, key=str) == sorted([("ann", "acme", 3), ("bo", "acme", 1), ("cy", "initech", 2),
                                             (None, None, 1), ("dee", "umbrella", 4)], key=str)
-    assert [(r["key"], r["calls"]) for r in report["by_user"]] == [("ann", 3), ("cy", 2), ("bo", 1), ("dee", 4)]
-    assert [(r["key"], r["calls"]) for r in report["by_tenant"]] == [("acme", 4), ("initech", 2), ("umbrella", 4)]
+    assert [(r["key"], r["calls"]) for r in report["by_user"]] == [("ann", 3), ("cy", 2), ("bo", 1), (None, 1),
+                                                                  ("dee", 4)]  # None: the calls that named none
+    assert [(r["key"], r["calls"]) for r in report["by_tenant"]] == [("acme", 4), ("initech", 2), (None, 1),
+                                                                    ("umbrella", 4)]
     assert [r["key"] for r in top["by_user"]] == ["ann"] and [r["key"] for r in top["by_tenant"]] == ["acme"]
     print_report(report)
     out = capsys.readouterr().out
-    assert "by tenant" in out and "by user" in out and "By user" in render_html(report)
+    assert "by tenant" in out and "by user" in out and "<h2>By user</h2><table><thead><tr><th>user</th>" in render_html(report)
 
 
 def test_rows_written_before_the_user_column_have_none_and_no_user_ranking(tmp_path) -> None:

@@ -200,7 +200,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..ledger.report import GROUPS, NAMED_ONLY, ends
+    from ..ledger.report import GROUPS, LABELS, NAMED_ONLY, ends
 
     console = Console()
     totals = report["totals"]
@@ -228,7 +228,7 @@ def print_report(report: dict[str, Any]) -> None:
                       f"(model {', '.join(models)}): "
                       "their cost is unknown and not in the sums above[/yellow]")
     for group in GROUPS:
-        if group in NAMED_ONLY and not report[f"by_{group}"]:
+        if group in NAMED_ONLY | LABELS and not report[f"by_{group}"]:
             continue  # no call was sent under a deployment's name
         # numbers never wrap; a long name wraps in its own column (the only one that may) after a
         # '/', '-' or ':' (_Name), and no vertical rules, so the eight columns stay readable at 80

@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from .report import GROUPS, NAMED_ONLY, counted, ends, nice_max
+from .report import GROUPS, LABELS, NAMED_ONLY, counted, ends, nice_max
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -67,13 +67,15 @@ def _stacked(timeline: dict[str, Any], chart_id: str) -> str:
     return "".join(parts)
 
 
-def _table(rows: list[dict[str, Any]], title: str) -> str:
+def _table(rows: list[dict[str, Any]], title: str, key: str) -> str:
+    """A ranking's table, its first column headed ``key`` (the group: model, user...)."""
     head = ("key", "calls", "failed_calls", "stopped_calls", "input_tokens", "cached_tokens", "output_tokens",
             "reasoning_tokens", "cost_usd", "baseline_cost_usd")
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in head) + "</tr>" for r in rows)
     return (f"<h2>{html.escape(title)}</h2><table><thead><tr>"
-            + "".join(f"<th>{c.replace('_', ' ')}</th>" for c in head) + f"</tr></thead><tbody>{body}</tbody></table>")
+            + "".join(f"<th>{html.escape(key) if c == 'key' else c.replace('_', ' ')}</th>" for c in head)
+            + f"</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _fmt(value: Any) -> str:
@@ -107,8 +109,8 @@ def render_html(report: dict[str, Any]) -> str:
                f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "
                f"${totals['baseline_cost_usd'] or 0:,.4f} without the middleware; response-cache hit rate "
                f"{report['cache_hit_rate']:.1%}.</p>")
-    tables = "".join(_table(report[f"by_{g}"], f"By {g}") for g in GROUPS
-                     if report[f"by_{g}"] or g not in NAMED_ONLY)
+    tables = "".join(_table(report[f"by_{g}"], f"By {g}", g) for g in GROUPS
+                     if report[f"by_{g}"] or g not in NAMED_ONLY | LABELS)
     # Raw JSON inside <script> (entities are not decoded there); "</" is escaped so no tag can close it.
     data = json.dumps(report, default=str).replace("</", "<\\/")
     return f"""<!doctype html>

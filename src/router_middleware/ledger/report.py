@@ -27,7 +27,8 @@ SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", 
 # model apart); the tenant and user labels (calls that had one)
 GROUPS = {"model": "model", "target": TARGET, "deployment": "deployment", "provider": "provider", "app": "app",
           "tenant": "tenant", "user": "user_id", "session": "session"}
-NAMED_ONLY = frozenset({"deployment", "tenant", "user"})  # rankings of the rows that have their key, no NULL group
+NAMED_ONLY = frozenset({"deployment"})  # rankings of the rows that have their key, no NULL group
+LABELS = frozenset({"tenant", "user"})  # rankings with a NULL group (the calls that named none), none if all are
 TOPPED = frozenset({"tenant", "user", "session"})  # rankings cut to the ``top`` that cost most
 
 
@@ -81,8 +82,9 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
         named = (f"{' AND' if where else ' WHERE'} {key} IS NOT NULL") if group in NAMED_ONLY else ""
         rows = db.query(
             f"SELECT {key}, COUNT(*), {select} FROM calls{where}{named} GROUP BY {key} "
-            f"ORDER BY COALESCE(SUM(cost_usd), 0) DESC, {key}{limit}", params)  # NULL last, as on SQLite
-        report[f"by_{group}"] = [_row(("key", *names), r) for r in rows]
+            f"ORDER BY COALESCE(SUM(cost_usd), 0) DESC, {key} IS NULL, {key}{limit}", params)  # NULLs last
+        ranked = [_row(("key", *names), r) for r in rows]
+        report[f"by_{group}"] = [] if group in LABELS and all(r["key"] is None for r in ranked) else ranked
     report["timeline"] = _timeline(db, where, params)
     return report
 
