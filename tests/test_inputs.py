@@ -449,7 +449,7 @@ def test_the_report_refuses_an_empty_time_range_and_a_negative_top(tmp_path, cap
     assert main(["report", "--ledger", str(ledger), "--since", "2026-11-29", "--until", "2026-11-28"]) == 2
     assert "--since 2026-11-29 is not before --until 2026-11-28" in capsys.readouterr().err
     assert main(["report", "--ledger", str(ledger), "--top", "-3"]) == 2
-    assert "--top -3: expected how many sessions to list" in capsys.readouterr().err
+    assert "--top -3: expected how many sessions, tenants and users to list" in capsys.readouterr().err
 
 
 def test_langchain_messages_are_refused_by_name_not_sent_as_the_assistant_s() -> None:
