@@ -687,6 +687,58 @@ def test_a_call_a_budget_cannot_hold_goes_to_its_downgrade_alias_before_it_is_re
     assert 0 < float(p.store.get("budget:day:usd:all:0")) < limit
 
 
+def test_a_downgrade_claims_the_probe_of_its_half_open_targets(script) -> None:
+    """After a downgrade, a half-open target of the alias whose probe another call holds is skipped,
+    as a call routed to the alias at once skips it (the downgraded plan's half-open targets were read
+    from the original route's, and the target was sent without its probe)."""
+    p = pipeline(aliases={"coder": [CLAUDE], "cheap": [DEEPSEEK, MINI]},
+                 cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60},
+                 budgets=[{"name": "day", "scope": "global", "usd": 0.005, "downgrade_to": "cheap"}])
+    p.store.set(f"{COOLDOWN}{DEEPSEEK}", repr(time.time() - 1).encode(), ttl_s=60)  # cooled down: half-open
+    assert p.store.add_within([], (), [health.probe_claim(health.Probe(DEEPSEEK, b"another call"), 30.0)]) is None
+    p.completion(model="coder", messages=MESSAGES, max_tokens=512)
+    assert script.calls == [MINI] and p.store.get(PROBE + DEEPSEEK) == b"another call"
+
+
+def test_a_downgrade_nothing_admits_is_the_budget_s_refusal_not_a_target_skipped_before(script,
+                                                                                      monkeypatch) -> None:
+    """Claude is half-open, another call probing it: the call moves on to gpt-5-mini, whose estimate the
+    budget refuses; the downgrade's one target has used its quota (taken by another process after
+    this call was planned: the policy's view of it lags). The route skipped before is not tried anyway
+    at the downgrade's estimate: the budget refuses the call, and nothing is sent."""
+    from router_middleware.routing import policy
+
+    p = pipeline(aliases={"coder": [CLAUDE, MINI], "cheap": [DEEPSEEK]}, limits={DEEPSEEK: {"rpd": 1}},
+                 budgets=[{"name": "day", "scope": "global", "usd": 0.0008, "downgrade_to": "cheap"}])
+    p.completion(model="cheap", messages=MESSAGES, max_tokens=20)  # deepseek's one request today
+    monkeypatch.setattr(policy, "exhausted", lambda *args, **kwargs: None)  # planning does not see it
+    script.calls.clear()
+    p.store.set(f"{COOLDOWN}{CLAUDE}", repr(time.time() - 1).encode(), ttl_s=60)
+    assert p.store.add_within([], (), [health.probe_claim(health.Probe(CLAUDE, b"another call"), 30.0)]) is None
+    with pytest.raises(BudgetExceeded, match="budget 'day' exceeded"):
+        p.completion(model="coder", messages=MESSAGES, max_tokens=512)
+    assert script.calls == []
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_agent_middleware_without_models_is_refused_by_its_budget_not_downgraded(script, asynchronous) -> None:
+    """Without ``models=`` the middleware sends the agent's own model whatever the plan says: admitting it
+    at the downgrade alias's estimate would send Claude on DeepSeek's reservation."""
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    p = pipeline(aliases={"cheap": [DEEPSEEK]},
+                 budgets=[{"name": "day", "scope": "global", "usd": 0.005, "downgrade_to": "cheap"}])
+    inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
+    request = ModelRequest(model=RoutedChatModel(model=CLAUDE, pipeline=inner, max_tokens=512),
+                           messages=[HumanMessage("Rename x to count in utils.py")], model_settings={})
+    with pytest.raises(BudgetExceeded, match="budget 'day' exceeded"):
+        _drive(RouterAgentMiddleware(p), request, asynchronous)
+    assert script.calls == []
+
+
 @pytest.mark.parametrize("refusal", ["budget", "quota", "route"])
 def test_a_call_refused_before_any_attempt_has_its_route_span_and_log_line(call, script, span_exporter,
                                                                            refusal) -> None:

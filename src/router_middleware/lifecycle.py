@@ -160,13 +160,15 @@ class CallLifecycle:
     adapter planned it (a request sent as it came: no policy rewrites it), admitted, attempted and
     settled as any other; ``sends_refused``: whether the adapter sends a call the lifecycle refused
     before any attempt all the same (litellm's SDK, where refusing would make things worse): that
-    refusal then ends no call, and has no span or log line of its own."""
+    refusal then ends no call, and has no span or log line of its own; ``reroutes=False``: the
+    adapter sends the model the call names whatever its plan says (an agent middleware without
+    ``models=``), so no budget's ``downgrade_to`` admits it at another model's estimate."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
                  follow: tuple[str, ...] = (), plan: Plan | None = None,
-                 sends_refused: Callable[[Exception], bool] | None = None) -> None:
+                 sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -178,6 +180,7 @@ class CallLifecycle:
         self._keyed_as: tuple[Plan, Plan | None] | None = None  # the last plan an adapter's cache keyed, keyed
         self.fallback = fallback or bool(follow)
         self.follow = follow
+        self.reroutes = reroutes
         self.given = plan
         self.sends_refused = sends_refused
         self.held = Held()
@@ -531,7 +534,7 @@ class CallLifecycle:
         replans = len(LEVELS)
         # not where litellm calls the fallbacks it was given, nor for a request sent as it came: either
         # goes where it asked
-        downgrade = not self.follow and self.given is None
+        downgrade = self.reroutes and not self.follow and self.given is None
         downgraded: BudgetExceeded | None = None  # the refusal a downgrade answered
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
@@ -551,10 +554,13 @@ class CallLifecycle:
                     cheaper = (yield from self._downgraded(plan, refused)) if downgrade else None
                     if cheaper is None:
                         raise
-                    downgraded, plan = refused, cheaper
-                    attempts.restart([plan.deployment or plan.model, *plan.fallbacks])
-                    self._half_open = _half_open(plan)
-                    claims = self._claims(plan)
+                    # another route from its start: what the first one skipped is not tried anyway
+                    downgraded, anyway, probed = refused, False, None
+                    attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
+                    self._half_open = _half_open(cheaper)
+                    plan = _following(plan, cheaper)
+                    claims = self._claims(plan) if replans > 0 else [c for c in self._claims(plan)
+                                                                     if c.unit != "reasoning"]
                     continue
                 if why is not None and self.follow and not isinstance(why, StepDown):  # litellm calls it
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
@@ -571,7 +577,7 @@ class CallLifecycle:
                     plan = _following(plan, self._carry((yield from self._plan(
                         target, Decision("reasoning", "step-down", why)))))
                     replans -= 1
-                    claims = self._claims(plan) if replans else [c for c in claims or [] if c.unit != "reasoning"]
+                    claims = self._claims(plan) if replans > 0 else [c for c in claims or [] if c.unit != "reasoning"]
                     continue
             denied[target] = why
             next_target = attempts.skip(why)
@@ -604,7 +610,7 @@ class CallLifecycle:
             cheaper = yield from self._plan(alias, Decision("routing", "downgrade", reason, {"budget": refused.name}))
         except RouterMiddlewareError:
             return None
-        return _following(plan, self._carry(cheaper))
+        return self._carry(cheaper)
 
     def _take(self, found: tuple[quotas.Quota, ...], size: int, claims: list[Claim],
               probe: str | None = None) -> Generator[Effect, Any, str | None]:

@@ -598,7 +598,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             partial(self._keyed, request), _stored, cached_answer,
             lambda message, result: ModelResponse(result=[served_answer(message, result)]))
         return self.pipeline.start(call, read=self._read, usable=usable, answers=answers,
-                                   unusable="not among RouterAgentMiddleware's models="), build
+                                   unusable="not among RouterAgentMiddleware's models=",
+                                   reroutes=bool(self.models)), build
 
     def _keyed(self, request: ModelRequest, plan: Plan) -> Plan | None:
         """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets, the

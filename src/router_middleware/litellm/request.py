@@ -101,7 +101,7 @@ def _end_user(kwargs: Mapping[str, Any]) -> str | None:
 # the labels the LiteLLM proxy's key gives a call, by the field litellm writes them to in its metadata
 _KEY_FIELDS = (("user", "user_api_key_user_id"), ("tenant", "user_api_key_team_id"))
 _ADMIN = "default_user_id"  # the user litellm's proxy gives its master key (LITELLM_PROXY_ADMIN_NAME)
-_SAID: set[tuple[str, str]] = set()  # (label, the key's value) whose client claims were said dropped
+_SAID: set[tuple[str, str, str]] = set()  # (label, the key's user, its team) whose client claims were said dropped
 KeyLabels = Literal["only", "first", "off"]
 
 
@@ -138,12 +138,14 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False, key_labels: Key
     if "user" not in context and (user := _end_user(kwargs)) is not None:
         context["user"] = user
     if key_labels != "off":
-        for label, value in _key_labels(kwargs).items():
+        key = _key_labels(kwargs)
+        for label, value in key.items():
             claimed = context.get(label)
             if value is None and key_labels == "first":
                 continue
-            if claimed is not None and claimed != value and (label, str(value)) not in _SAID:
-                _SAID.add((label, str(value)))
+            said = (label, str(key.get("user")), str(key.get("tenant")))
+            if claimed is not None and claimed != value and said not in _SAID and len(_SAID) < 10_000:
+                _SAID.add(said)
                 log.warning("proxy_label_from_key", label=label, key=value, claimed=str(claimed)[:100],
                             why=f"the request named another {label} than its proxy key's: the key's holds "
                                 f"(proxy.key_labels: {key_labels}; said once for this key's {label})")

@@ -127,11 +127,10 @@ class Attempts:
         return self.model
 
     def restart(self, models: list[str]) -> None:
-        """Go on along another route (a budget's downgrade): ``models`` in order, from the first."""
-        self.history += (f"{self.model}: downgraded",)
+        """Take another route before any attempt (a budget's downgrade): ``models`` in order, from the
+        first; no attempt was made, so none is counted."""
         self.models = list(models)
         self.tries = 0
-        self.depth += 1
 
     def revisit(self, model: str) -> str:
         """Go back to ``model``, skipped before, as the call's last target (a half-open target another
