@@ -372,3 +372,42 @@ def test_the_replay_table_keeps_a_long_session_id_whole_on_more_lines() -> None:
     assert labels[-2:] == ["gpt-4o-mini", "12 calls"] and all(len(line) <= 80 for line in lines)
     assert lines[0].split()[1:] == ["baseline", "1,000", "0%", "$0.0100"]
     assert all(label[-1] in "-:" for label in labels[:-3])  # broken only after a separator
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_budgets_says_what_each_budget_has_spent_or_holds_and_what_is_left(store, tmp_path, capsys, request) -> None:
+    """An operator could see how much of a budget was left only by reading the store's keys. ``budgets``
+    reads each budget's counter for the labels given (what the calls spent, and what calls in flight
+    hold), its limit and what is left; a budget whose scope they do not name says which option does."""
+    import json
+
+    from router_middleware import Pipeline
+
+    url = f"sqlite:///{tmp_path / 'store.db'}" if store == "sqlite" else request.getfixturevalue("redis_url")
+    config = tmp_path / "router.yaml"
+    config.write_text(f"app: coder\nstore: {url}\nrouting:\n  budgets:\n"
+                      "    - {name: per-user, scope: user, tokens: 1000, window_s: 86400}\n"
+                      "    - {name: team, scope: tenant, usd: 5}\n")
+    pipeline = Pipeline.from_config(str(config))
+    spent = [pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                 mock_response="ok", context={"user": user, "tenant": "acme"}).usage.total_tokens
+             for user in ("ann", "ann", "bo")]
+    pipeline.close()
+    code, out, _ = run(capsys, "budgets", "--config", str(config), "--user", "ann", "--tenant", "acme", "--json")
+    rows = {r["budget"]: r for r in json.loads(out)}
+    assert code == 0 and rows["per-user"]["whose"] == "ann" and rows["per-user"]["spent_or_held"] == sum(spent[:2])
+    assert rows["per-user"]["left"] == 1000 - sum(spent[:2]) and 0 < rows["per-user"]["resets_in_s"] <= 86400
+    assert rows["team"]["whose"] == "acme" and 0 < rows["team"]["spent_or_held"] < 0.001
+    assert rows["team"]["resets_in_s"] is None  # no window: it never starts over
+    code, out, _ = run(capsys, "budgets", "--config", str(config))
+    assert code == 0 and "(pass --user)" in out and "(pass --tenant)" in out
+
+
+def test_budgets_refuses_a_config_it_cannot_read_budgets_from(tmp_path, capsys) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text("routing: {budgets: [{name: day, usd: 1}]}\n")
+    code, _, err = run(capsys, "budgets", "--config", str(config))
+    assert code == 2 and "store 'memory://' lives in the process that makes the calls" in err
+    config.write_text("app: x\n")
+    code, _, err = run(capsys, "budgets", "--config", str(config))
+    assert code == 2 and "the config has no routing.budgets" in err

@@ -1,6 +1,7 @@
 """The ``router-middleware`` command (also ``python -m router_middleware``): ``demo`` on the bundled
 sessions, ``replay`` recorded sessions, ``report`` from a ledger, ``ledger drain`` its spool,
-``route-eval`` a difficulty scorer on a labelled CSV, ``fit-router`` fit one from judgments.
+``budgets`` what each budget has left, ``route-eval`` a difficulty scorer on a labelled CSV,
+``fit-router`` fit one from judgments.
 Errors print one line and exit with 2."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from ..errors import RouterMiddlewareError
 from .commands import (
     bundled_sessions,
+    cmd_budgets,
     cmd_demo,
     cmd_fit_router,
     cmd_ledger_drain,
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
     rep.set_defaults(func=cmd_report)
+    bud = sub.add_parser("budgets", help="what each budget of a config has spent or holds, and what is left")
+    bud.add_argument("--config", required=True, help="the YAML/JSON config (its store: sqlite:///... or redis://...)")
+    for label, scope in (("app", "app (default: the config's)"), ("tenant", "tenant"), ("user", "user"),
+                         ("session", "session")):
+        bud.add_argument(f"--{label}", help=f"the {scope} whose counters to read")
+    bud.add_argument("--json", action="store_true", help="print one JSON list")
+    bud.set_defaults(func=cmd_budgets)
     led = sub.add_parser("ledger", help="ledger maintenance: 'ledger drain' writes the spooled rows")
     led_sub = led.add_subparsers(dest="action", required=True, metavar="ACTION")
     drain = led_sub.add_parser("drain", help="write the rows waiting in the spool (any process's) into the ledger")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import RouterMiddlewareError, did_you_mean
 from ..urls import without_password
 from .inputs import expand_paths, output_file, time_option
-from .tables import print_report, replay_table, routed_table, unpriced
+from .tables import print_budgets, print_report, replay_table, routed_table, unpriced
 
 if TYPE_CHECKING:
     from ..replay import ReplayReport
@@ -116,6 +116,51 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str))
     elif html is None or sys.stdout.isatty():
         print_report(report)
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    """Each budget of ``--config``: what its counter holds now for the labels given, its limit, what is
+    left, and when its window starts over."""
+    import time
+
+    from ..bookkeeping.keys import BUDGET
+    from ..config import load_config
+    from ..routing.budgets import counter_key, scope_value
+    from ..stores import open_store
+    from ..types import AgentContext
+
+    config = load_config(args.config)
+    if not config.routing.budgets:
+        raise RouterMiddlewareError(f"{args.config}: the config has no routing.budgets")
+    if config.store.lower().startswith("memory"):
+        raise RouterMiddlewareError(f"{args.config}: store {config.store!r} lives in the process that makes the calls; "
+                                    "budgets are read from a shared store (sqlite:///..., redis://...)")
+    context = AgentContext.coerce({"app": args.app or config.app, "tenant": args.tenant, "user": args.user,
+                                   "session_id": args.session})
+    store = open_store(config.store, timeout_s=max(config.store_timeout_s, 5.0))
+    now = time.time()
+    rows: list[dict[str, object]] = []
+    try:
+        for budget in config.routing.budgets:
+            value = scope_value(budget, context)
+            for unit, limit in (("usd", budget.usd), ("tokens", budget.tokens)):
+                if limit is None:
+                    continue
+                row: dict[str, object] = {"budget": budget.name, "scope": budget.scope, "whose": value,
+                                          "unit": unit, "limit": limit}
+                if value is not None:
+                    raw = store.get(BUDGET + counter_key(budget, value, unit, now))
+                    used = float(raw) if raw is not None else 0.0
+                    row |= {"spent_or_held": used, "left": max(0.0, limit - used),
+                            "resets_in_s": (budget.window_s - now % budget.window_s) if budget.window_s else None}
+                rows.append(row)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_budgets(rows)
     return 0
 
 

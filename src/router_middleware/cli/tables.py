@@ -193,6 +193,36 @@ class _Name:
         yield Text("\n".join(lines), overflow="fold")  # a piece wider than the column is cut to fit
 
 
+_FLAG = {"app": "--app", "tenant": "--tenant", "user": "--user", "session": "--session"}
+
+
+def print_budgets(rows: list[dict[str, Any]]) -> None:
+    """The ``budgets`` command's table: a row per budget and unit; one whose scope the labels given do
+    not name says which option names it."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("budget", "whose", "spent or held", "limit", "left", "starts over in"):
+        table.add_column(column, justify="left" if column in ("budget", "whose") else "right")
+    for r in rows:
+        whose = "all" if r["scope"] == "global" else f"{r['scope']} {r['whose']}" if r["whose"] is not None else "-"
+        amount = money if r["unit"] == "usd" else (lambda v: f"{v:,.0f} tokens")
+        if r["whose"] is None:
+            table.add_row(str(r["budget"]), whose, f"(pass {_FLAG[str(r['scope'])]})", amount(r["limit"]), "", "")
+            continue
+        resets = r["resets_in_s"]
+        table.add_row(str(r["budget"]), whose, amount(r["spent_or_held"]), amount(r["limit"]), amount(r["left"]),
+                      "never" if resets is None else _duration(float(resets)))
+    Console().print(table)
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+
 def print_report(report: dict[str, Any]) -> None:
     """The ledger report as rich tables: totals, then rankings by model, target, deployment, provider,
     app, tenant, user (those three where calls had one) and session."""
