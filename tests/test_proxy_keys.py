@@ -133,3 +133,19 @@ def test_two_users_whose_runs_open_alike_have_sessions_of_their_own() -> None:
                     for k in ("alice", "carol"))
     master = logger._labels(_request(user=None, tenant=None, key_user="default_user_id"), derive=True)
     assert alice != carol and master["session_id"] == run_labels([{"role": "user", "content": "hi"}])["session_id"]
+
+
+def test_a_client_label_the_key_replaces_is_said_once_per_key_with_both_values() -> None:
+    """Said once per process it named neither value, and a second key's clients went unsaid."""
+    import structlog
+
+    from router_middleware import Pipeline
+    from router_middleware.litellm import RouterLogger
+
+    logger = RouterLogger(Pipeline.from_config({}), proxy=True)
+    with structlog.testing.capture_logs() as logs:
+        for team in ("said-t1", "said-t2", "said-t2"):
+            logger._labels(_request(user="bob", tenant="acme", key_user=None, key_team=team))
+    said = [(e["label"], e["key"], e["claimed"]) for e in logs if e["event"] == "proxy_label_from_key"]
+    assert said == [("user", None, "bob"), ("tenant", "said-t1", "acme"), ("user", None, "bob"),
+                    ("tenant", "said-t2", "acme")]

@@ -125,6 +125,27 @@ def _key_labels(kwargs: Mapping[str, Any]) -> dict[str, str | None]:
     return {label: found.get(label) for label, _ in _KEY_FIELDS} if found else {}
 
 
+def _by_key(context: dict[str, Any], key: Mapping[str, str | None], *, first: bool) -> None:
+    """Label ``context`` by the proxy ``key`` (:func:`_key_labels`): its user and tenant, one it lacks
+    taken out (``first``: left as the client named it); a client's value replaced or taken out is said
+    once per key and label."""
+    for label, value in key.items():
+        claimed = context.get(label)
+        if value is None and first:
+            continue
+        said = (label, str(key.get("user")), str(key.get("tenant")))
+        if claimed is not None and claimed != value and said not in _SAID and len(_SAID) < 10_000:
+            _SAID.add(said)
+            held = f"the key's, {value!r}, holds" if value is not None else "the key has none: the call has none"
+            log.warning("proxy_label_from_key", label=label, key=value, claimed=str(claimed)[:100],
+                        why=f"the request named a {label} of its own: {held} (proxy.key_labels; said once for "
+                            f"this key's {label})")
+        if value is None:
+            context.pop(label, None)
+        else:
+            context[label] = value
+
+
 def _context(kwargs: Mapping[str, Any], *, derive: bool = False, key_labels: KeyLabels = "only") -> dict[str, Any]:
     """The call's labels from its metadata, its ``user`` the request's OpenAI ``user`` field where the
     metadata names none; behind the LiteLLM proxy, with a key that has a user or a team, its ``user``
@@ -138,21 +159,7 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False, key_labels: Key
     if "user" not in context and (user := _end_user(kwargs)) is not None:
         context["user"] = user
     if key_labels != "off":
-        key = _key_labels(kwargs)
-        for label, value in key.items():
-            claimed = context.get(label)
-            if value is None and key_labels == "first":
-                continue
-            said = (label, str(key.get("user")), str(key.get("tenant")))
-            if claimed is not None and claimed != value and said not in _SAID and len(_SAID) < 10_000:
-                _SAID.add(said)
-                log.warning("proxy_label_from_key", label=label, key=value, claimed=str(claimed)[:100],
-                            why=f"the request named another {label} than its proxy key's: the key's holds "
-                                f"(proxy.key_labels: {key_labels}; said once for this key's {label})")
-            if value is None:
-                context.pop(label, None)
-            else:
-                context[label] = value
+        _by_key(context, _key_labels(kwargs), first=key_labels == "first")
     if derive:
         sent = kwargs.get("messages") or []
         messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
