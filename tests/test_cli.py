@@ -393,6 +393,7 @@ def test_budgets_says_what_each_budget_has_spent_or_holds_and_what_is_left(store
                                  mock_response="ok", context={"user": user, "tenant": "acme"}).usage.total_tokens
              for user in ("ann", "ann", "bo")]
     pipeline.close()
+    capsys.readouterr()  # the calls' own log lines, where an earlier test had structlog print them
     code, out, _ = run(capsys, "budgets", "--config", str(config), "--user", "ann", "--tenant", "acme", "--json")
     rows = {r["budget"]: r for r in json.loads(out)}
     assert code == 0 and rows["per-user"]["whose"] == "ann" and rows["per-user"]["spent_or_held"] == sum(spent[:2])
