@@ -405,6 +405,8 @@ def test_budgets_says_what_each_budget_has_spent_or_holds_and_what_is_left(store
 
 
 def test_budgets_refuses_a_config_it_cannot_read_budgets_from(tmp_path, capsys) -> None:
+    """A memory store, no budgets, a store no call has used (none is made), a Redis that does not answer:
+    one line each, exit code 2."""
     config = tmp_path / "router.yaml"
     config.write_text("routing: {budgets: [{name: day, usd: 1}]}\n")
     code, _, err = run(capsys, "budgets", "--config", str(config))
@@ -412,3 +414,11 @@ def test_budgets_refuses_a_config_it_cannot_read_budgets_from(tmp_path, capsys) 
     config.write_text("app: x\n")
     code, _, err = run(capsys, "budgets", "--config", str(config))
     assert code == 2 and "the config has no routing.budgets" in err
+    config.write_text(f"store: sqlite:///{tmp_path / 'none.db'}\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")
+    code, _, err = run(capsys, "budgets", "--config", str(config))
+    assert code == 2 and "no store at sqlite:///" in err and not (tmp_path / "none.db").exists()  # none made
+    from .conftest import _free_port
+
+    config.write_text(f"store: redis://127.0.0.1:{_free_port()}/0\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")
+    code, _, err = run(capsys, "budgets", "--config", str(config))
+    assert code == 2 and "ConnectionError" in err and "Traceback" not in err

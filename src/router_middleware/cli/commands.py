@@ -138,6 +138,9 @@ def cmd_budgets(args: argparse.Namespace) -> int:
                                     "budgets are read from a shared store (sqlite:///..., redis://...)")
     context = AgentContext.coerce({"app": args.app or config.app, "tenant": args.tenant, "user": args.user,
                                    "session_id": args.session})
+    where = without_password(config.store)
+    if config.store.lower().startswith("sqlite") and not Path(config.store.split(":///", 1)[-1]).is_file():
+        raise RouterMiddlewareError(f"{args.config}: no store at {where}: no call has used it yet")
     store = open_store(config.store, timeout_s=max(config.store_timeout_s, 5.0))
     now = time.time()
     rows: list[dict[str, object]] = []
@@ -150,7 +153,10 @@ def cmd_budgets(args: argparse.Namespace) -> int:
                 row: dict[str, object] = {"budget": budget.name, "scope": budget.scope, "whose": value,
                                           "unit": unit, "limit": limit}
                 if value is not None:
-                    raw = store.get(BUDGET + counter_key(budget, value, unit, now))
+                    try:
+                        raw = store.get(BUDGET + counter_key(budget, value, unit, now))
+                    except Exception as exc:  # noqa: BLE001 - the store's own error, said in one line
+                        raise RouterMiddlewareError(f"store {where}: {type(exc).__name__}: {exc}") from None
                     used = float(raw) if raw is not None else 0.0
                     row |= {"spent_or_held": used, "left": max(0.0, limit - used),
                             "resets_in_s": (budget.window_s - now % budget.window_s) if budget.window_s else None}
