@@ -571,3 +571,32 @@ def test_rows_written_before_the_user_column_have_none_and_no_user_ranking(tmp_p
         assert db.query("SELECT version FROM schema_version") == [(len(MIGRATIONS),)] == [(9,)]
         report = build_report(db)
     assert report["by_user"] == [] and report["by_tenant"] == []
+
+
+def test_a_report_cut_to_one_tenant_or_user_counts_only_its_calls(ledger_url, capsys) -> None:
+    """``report --user ann`` (or ``--tenant``, ``--app``): a team lead's view of one developer's spend, by
+    model, target and session, beside the whole ledger's ranking by user."""
+    from router_middleware.cli import main
+    from router_middleware.cli.tables import print_report
+    from router_middleware.ledger import render_html
+
+    pipeline = Pipeline.from_config({"app": "coder", "ledger": {"url": ledger_url}})
+    for user, tenant, times in (("ann", "acme", 2), ("bo", "acme", 1), ("cy", "initech", 1)):
+        for _ in range(times):
+            pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok",
+                                context={"user": user, "tenant": tenant, "session_id": f"{user}-run"})
+    pipeline.close()
+    with contextlib.closing(open_ledger(ledger_url)) as db:
+        whole = {r["key"]: r for r in build_report(db)["by_user"]}
+        ann, acme = build_report(db, user="ann"), build_report(db, tenant="acme", app="coder")
+        nobody = build_report(db, user="nobody")
+    assert ann["only"] == {"user": "ann"} and ann["totals"]["calls"] == 2
+    assert ann["totals"]["cost_usd"] == pytest.approx(whole["ann"]["cost_usd"])
+    assert [r["key"] for r in ann["by_session"]] == ["ann-run"] and [r["key"] for r in ann["by_user"]] == ["ann"]
+    assert acme["totals"]["calls"] == 3 and nobody["totals"]["calls"] == 0
+    capsys.readouterr()  # the calls' own log lines, where an earlier test had structlog print them
+    print_report(ann)
+    assert capsys.readouterr().out.startswith("2 calls of user ann,")
+    assert "<p>2 calls of user ann," in render_html(ann)
+    assert main(["report", "--ledger", ledger_url, "--user", "nobody"]) == 0
+    assert "0 calls: the ledger has none of user 'nobody'" in " ".join(capsys.readouterr().out.split())

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--since", help="start (2026-11-28, 2026-11-28T12:00 UTC, or epoch seconds)")
     rep.add_argument("--until", help="end, exclusive")
     rep.add_argument("--top", type=int, default=10, help="sessions, tenants and users to list (the costliest)")
+    for label in ("app", "tenant", "user"):
+        rep.add_argument(f"--{label}", help=f"this {label}'s calls only")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.add_argument("--html", help="write a self-contained HTML report with charts to this file")
     rep.set_defaults(func=cmd_report)

@@ -106,7 +106,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     html = output_file("--html", args.html) if args.html else None
     db = open_ledger(args.ledger, create=False)
     try:
-        report = build_report(db, since=since, until=until, top=args.top)
+        report = build_report(db, since=since, until=until, top=args.top, app=args.app, tenant=args.tenant,
+                              user=args.user)
     finally:
         db.close()
     if html is not None:

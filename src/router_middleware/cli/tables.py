@@ -235,11 +235,14 @@ def print_report(report: dict[str, Any]) -> None:
     console = Console()
     totals = report["totals"]
     if not totals["calls"]:  # seven empty tables said nothing more
-        console.print("0 calls: the ledger has none in this range (see --since and --until)", highlight=False)
+        only = "".join(f" of {label} {value!r}" for label, value in report.get("only", {}).items())
+        console.print(f"0 calls: the ledger has none{only} in this range (see --since and --until)",
+                      highlight=False)
         return
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
     ended = ends(totals)
-    phrases = [counted(totals["calls"], "call") + (f" ({ended})" if ended else ""),
+    only = " and ".join(f"{label} {value}" for label, value in report.get("only", {}).items())
+    phrases = [counted(totals["calls"], "call") + (f" of {only}" if only else "") + (f" ({ended})" if ended else ""),
                f"cost {money(totals['cost_usd'])} ({money(baseline)} without the middleware)",
                f"response-cache hit rate {report['cache_hit_rate']:.1%}"]
     joined = ", ".join(phrases)  # too wide for the console: a phrase a line, never one cut in two

@@ -103,7 +103,8 @@ def render_html(report: dict[str, Any]) -> str:
                                      title="token mix", chart_id="token-mix"),
     ]
     ended = ends(totals)
-    summary = (f"<p>{counted(totals['calls'], 'call')}{f' ({ended})' if ended else ''}, "
+    only = html.escape(" and ".join(f"{label} {value}" for label, value in report.get("only", {}).items()))
+    summary = (f"<p>{counted(totals['calls'], 'call')}{f' of {only}' if only else ''}{f' ({ended})' if ended else ''}, "
                f"{totals['input_tokens']:,} input tokens "
                f"({totals['cached_tokens']:,} from cache), {totals['output_tokens']:,} output tokens "
                f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "

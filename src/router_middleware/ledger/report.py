@@ -7,6 +7,7 @@ report can be checked against the database directly.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,14 +33,19 @@ LABELS = frozenset({"tenant", "user"})  # rankings with a NULL group (the calls 
 TOPPED = frozenset({"tenant", "user", "session"})  # rankings cut to the ``top`` that cost most
 
 
-def _where(since: float | None, until: float | None) -> tuple[str, list[Any]]:
-    clauses, params = [], []
+def _where(since: float | None, until: float | None, labels: Mapping[str, str]) -> tuple[str, list[Any]]:
+    """The rows in ``[since, until)`` whose ``labels`` (a column: a value) are those given."""
+    clauses: list[str] = []
+    params: list[Any] = []
     if since is not None:
         clauses.append("ts >= ?")
         params.append(since)
     if until is not None:
         clauses.append("ts < ?")
         params.append(until)
+    for column, value in labels.items():
+        clauses.append(f"{column} = ?")
+        params.append(value)
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -54,15 +60,22 @@ def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None,
-                 top: int = 10) -> dict[str, Any]:
-    where, params = _where(since, until)
+FILTERS = {"app": "app", "tenant": "tenant", "user": "user_id"}  # what a report may be cut to, by column
+
+
+def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None, top: int = 10,
+                 app: str | None = None, tenant: str | None = None, user: str | None = None) -> dict[str, Any]:
+    """Totals, rankings and the timeline of the calls in ``[since, until)``; with ``app``, ``tenant``
+    or ``user``, of that one's calls only."""
+    given = {"app": app, "tenant": tenant, "user": user}
+    where, params = _where(since, until, {FILTERS[k]: v for k, v in given.items() if v is not None})
     select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {PRICED}, {FAILED}, {STOPPED}"
     names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "priced_calls",
              "failed_calls", "stopped_calls")
     total = _row(names, db.query(f"SELECT COUNT(*), {select} FROM calls{where}", params)[0])
     report: dict[str, Any] = {
         "range": {"since": since, "until": until},
+        "only": {k: v for k, v in given.items() if v is not None},
         "totals": total,
         "cache_hit_rate": (total["cache_hits"] / total["calls"]) if total["calls"] else 0.0,
         "token_mix": {
