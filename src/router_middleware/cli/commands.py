@@ -128,19 +128,19 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     from ..bookkeeping.keys import BUDGET
     from ..config import load_config
     from ..routing.budgets import counter_key, scope_value
-    from ..stores import open_store
+    from ..stores import in_process, open_store, sqlite_path
     from ..types import AgentContext
 
     config = load_config(args.config)
     if not config.routing.budgets:
         raise RouterMiddlewareError(f"{args.config}: the config has no routing.budgets")
-    if config.store.lower().startswith("memory"):
+    if in_process(config.store):
         raise RouterMiddlewareError(f"{args.config}: store {config.store!r} lives in the process that makes the calls; "
                                     "budgets are read from a shared store (sqlite:///..., redis://...)")
     context = AgentContext.coerce({"app": args.app or config.app, "tenant": args.tenant, "user": args.user,
                                    "session_id": args.session})
     where = without_password(config.store)
-    if config.store.lower().startswith("sqlite") and not Path(config.store.split(":///", 1)[-1]).is_file():
+    if (path := sqlite_path(config.store)) is not None and not Path(path).is_file():
         raise RouterMiddlewareError(f"{args.config}: no store at {where}: no call has used it yet")
     store = open_store(config.store, timeout_s=max(config.store_timeout_s, 5.0))
     now = time.time()

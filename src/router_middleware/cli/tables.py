@@ -193,9 +193,6 @@ class _Name:
         yield Text("\n".join(lines), overflow="fold")  # a piece wider than the column is cut to fit
 
 
-_FLAG = {"app": "--app", "tenant": "--tenant", "user": "--user", "session": "--session"}
-
-
 def print_budgets(rows: list[dict[str, Any]]) -> None:
     """The ``budgets`` command's table: a row per budget and unit; one whose scope the labels given do
     not name says which option names it."""
@@ -210,7 +207,7 @@ def print_budgets(rows: list[dict[str, Any]]) -> None:
         whose = "all" if r["scope"] == "global" else f"{r['scope']} {r['whose']}" if r["whose"] is not None else "-"
         amount = money if r["unit"] == "usd" else (lambda v: f"{v:,.0f} tokens")
         if r["whose"] is None:
-            table.add_row(str(r["budget"]), whose, f"(pass {_FLAG[str(r['scope'])]})", amount(r["limit"]), "", "")
+            table.add_row(str(r["budget"]), whose, f"(pass --{r['scope']})", amount(r["limit"]), "", "")
             continue
         resets = r["resets_in_s"]
         table.add_row(str(r["budget"]), whose, amount(r["spent_or_held"]), amount(r["limit"]), amount(r["left"]),
@@ -230,7 +227,7 @@ def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..ledger.report import GROUPS, LABELS, NAMED_ONLY, ends
+    from ..ledger.report import GROUPS, LABELS, NAMED_ONLY, ends, whose
 
     console = Console()
     totals = report["totals"]
@@ -241,7 +238,7 @@ def print_report(report: dict[str, Any]) -> None:
         return
     baseline = totals["baseline_cost_usd"] if totals["calls"] else 0.0
     ended = ends(totals)
-    only = " and ".join(f"{label} {value}" for label, value in report.get("only", {}).items())
+    only = whose(report)
     phrases = [counted(totals["calls"], "call") + (f" of {only}" if only else "") + (f" ({ended})" if ended else ""),
                f"cost {money(totals['cost_usd'])} ({money(baseline)} without the middleware)",
                f"response-cache hit rate {report['cache_hit_rate']:.1%}"]

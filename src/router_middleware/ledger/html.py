@@ -7,7 +7,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from .report import GROUPS, LABELS, NAMED_ONLY, counted, ends, nice_max
+from .report import GROUPS, LABELS, NAMED_ONLY, counted, ends, nice_max, whose
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f")
 
@@ -103,7 +103,7 @@ def render_html(report: dict[str, Any]) -> str:
                                      title="token mix", chart_id="token-mix"),
     ]
     ended = ends(totals)
-    only = html.escape(" and ".join(f"{label} {value}" for label, value in report.get("only", {}).items()))
+    only = html.escape(whose(report))
     summary = (f"<p>{counted(totals['calls'], 'call')}{f' of {only}' if only else ''}{f' ({ended})' if ended else ''}, "
                f"{totals['input_tokens']:,} input tokens "
                f"({totals['cached_tokens']:,} from cache), {totals['output_tokens']:,} output tokens "

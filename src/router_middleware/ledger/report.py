@@ -25,7 +25,7 @@ SUMS = ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", 
 # each ranking's key: the model that answered (or, where none did, the one the call was sent to), the
 # model the call was sent to as its route names it (a failed call is counted with the answered ones there),
 # the deployment it was sent under (calls sent under a name of their own only: two deployments of one
-# model apart); the tenant and user labels (calls that had one)
+# model apart); the tenant and user labels (the calls that named none a group of their own)
 GROUPS = {"model": "model", "target": TARGET, "deployment": "deployment", "provider": "provider", "app": "app",
           "tenant": "tenant", "user": "user_id", "session": "session"}
 NAMED_ONLY = frozenset({"deployment"})  # rankings of the rows that have their key, no NULL group
@@ -60,15 +60,12 @@ def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
     return out
 
 
-FILTERS = {"app": "app", "tenant": "tenant", "user": "user_id"}  # what a report may be cut to, by column
-
-
 def build_report(db: LedgerDB, *, since: float | None = None, until: float | None = None, top: int = 10,
                  app: str | None = None, tenant: str | None = None, user: str | None = None) -> dict[str, Any]:
     """Totals, rankings and the timeline of the calls in ``[since, until)``; with ``app``, ``tenant``
     or ``user``, of that one's calls only."""
     given = {"app": app, "tenant": tenant, "user": user}
-    where, params = _where(since, until, {FILTERS[k]: v for k, v in given.items() if v is not None})
+    where, params = _where(since, until, {GROUPS[k]: v for k, v in given.items() if v is not None})
     select = ", ".join(f"SUM({c})" for c in SUMS) + f", {UNPRICED}, {PRICED}, {FAILED}, {STOPPED}"
     names = ("calls", *(c if c != "cache_hit" else "cache_hits" for c in SUMS), "unpriced_calls", "priced_calls",
              "failed_calls", "stopped_calls")
@@ -100,6 +97,11 @@ def build_report(db: LedgerDB, *, since: float | None = None, until: float | Non
         report[f"by_{group}"] = [] if group in LABELS and all(r["key"] is None for r in ranked) else ranked
     report["timeline"] = _timeline(db, where, params)
     return report
+
+
+def whose(report: dict[str, Any]) -> str:
+    """Whose calls a report cut to an app, tenant or user counts (``"user ann"``), or ``""``."""
+    return " and ".join(f"{label} {value}" for label, value in report.get("only", {}).items())
 
 
 def counted(n: int, noun: str) -> str:
