@@ -304,6 +304,19 @@ def _rows_at(url: str, columns: tuple[str, ...]) -> list[dict]:
         db.close()
 
 
+def _integration_router(tmp_path, coder: str, routing: str = "") -> None:
+    """router.yaml in ``tmp_path`` for integrations/litellm-proxy/config.yaml's two deployments: alias
+    ``coder`` routed over ``coder`` (a YAML list), ``routing`` more of it, a SQLite store and ledger there."""
+    (tmp_path / "router.yaml").write_text(f"""
+app: coding-agent
+store: sqlite:///{tmp_path / 'store.db'}
+routing:
+  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}, coder-strong: {{model: openai/gpt-5-mini}}}}
+  aliases: {{coder: {coder}}}
+{routing}ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
+""")
+
+
 def _proxy_rows(tmp_path, columns: tuple[str, ...], count: int) -> list[dict]:
     """The rows a proxy running in ``tmp_path`` wrote to its ledger (``ledger.db``) once it holds
     ``count`` of them, or what it holds after 10 s."""
@@ -2390,15 +2403,7 @@ def test_a_proxy_call_every_target_of_which_failed_at_once_spent_nothing(tmp_pat
 
     if (why := proxy_missing()) is not None:
         service_missing(why)
-    (tmp_path / "router.yaml").write_text(f"""
-app: coding-agent
-store: sqlite:///{tmp_path / 'store.db'}
-routing:
-  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}, coder-strong: {{model: openai/gpt-5-mini}}}}
-  aliases: {{coder: [coder-strong, coder-cheap]}}
-  budgets: [{{name: per-user, scope: user, usd: 1.0}}]
-ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
-""")
+    _integration_router(tmp_path, "[coder-strong, coder-cheap]", "  budgets: [{name: per-user, scope: user, usd: 1.0}]\n")
     with fault_server() as (base, seen):
         env = {"CHEAP_API_BASE": f"{base}/down/v1", "STRONG_API_BASE": f"{base}/down/v1", "CHEAP_API_KEY": "x",
                "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
@@ -2680,14 +2685,7 @@ def test_a_proxy_stream_s_usage_is_the_provider_s_only_where_its_chunks_show_it(
 
     if (why := proxy_missing()) is not None:
         service_missing(why)
-    (tmp_path / "router.yaml").write_text(f"""
-app: coding-agent
-store: sqlite:///{tmp_path / 'store.db'}
-routing:
-  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}, coder-strong: {{model: openai/gpt-5-mini}}}}
-  aliases: {{coder: [coder-cheap, coder-strong]}}
-ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
-""")
+    _integration_router(tmp_path, "[coder-cheap, coder-strong]")
     with replay_server("openai_chat_tools_streaming.yaml") as (counted, counted_seen), \
             replay_server("openai_chat_streaming.yaml") as (reported, reported_seen):
         env = {"CHEAP_API_BASE": counted, "STRONG_API_BASE": reported, "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x",
