@@ -739,6 +739,37 @@ def test_an_agent_middleware_without_models_is_refused_by_its_budget_not_downgra
     assert script.calls == []
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_an_agent_middleware_without_models_past_a_soft_limit_sends_and_records_the_agent_s_model(
+        script, tmp_path, asynchronous) -> None:
+    """Past the soft limit, the plan of a call through the middleware without ``models=`` named the
+    downgrade's target (DeepSeek) while the agent's own Claude answered: the row said ``target``
+    DeepSeek, reserved at its price. Now the plan keeps the agent's model, and making the middleware
+    says the downgrade does not apply."""
+    import structlog
+    from langchain.agents.middleware import ModelRequest
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    p = pipeline(url, aliases={"cheap": [DEEPSEEK]},
+                 budgets=[{"name": "day", "scope": "global", "usd": 1.0, "soft": 0.5, "downgrade_to": "cheap"}])
+    p.store.set("budget:day:usd:all:0", b"0.7")  # past the soft limit, far from the hard one
+    inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
+    request = ModelRequest(model=RoutedChatModel(model=CLAUDE, pipeline=inner, max_tokens=512),
+                           messages=[HumanMessage("Rename x to count in utils.py")], model_settings={})
+    with structlog.testing.capture_logs() as logs:
+        middleware = RouterAgentMiddleware(p)
+    assert [(e["event"], e["budgets"]) for e in logs] == [("agent_downgrade_not_applied", ["day"])]
+    _drive(middleware, request, asynchronous)
+    p.close()
+    assert script.calls == [CLAUDE]
+    (requested, target, decisions), = open_ledger(url).query("SELECT requested_model, target, decisions FROM calls")
+    assert (requested, target) == (CLAUDE, CLAUDE) and "routing:downgrade" not in decisions
+
+
 @pytest.mark.parametrize("refusal", ["budget", "quota", "route"])
 def test_a_call_refused_before_any_attempt_has_its_route_span_and_log_line(call, script, span_exporter,
                                                                            refusal) -> None:

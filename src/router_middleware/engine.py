@@ -136,15 +136,20 @@ class Engine:
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
         return Call.create(check_model(model), valid, check_params(params, tools=litellm_sends), ctx, decisions)
 
-    def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None) -> Plan:
+    def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None,
+             pinned: bool = False) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
         ``prefetch``, which never reads the store), then fit the params to the chosen model
-        (:mod:`.fit`). Raises ``NoRouteError`` when no candidate of an alias can serve the call, and
-        ``RequestError`` for an alias suffix other than ``:floor`` or ``:nitro``."""
+        (:mod:`.fit`). ``pinned``: the caller sends its own model whatever the plan names, so no
+        budget's soft limit downgrades it (:attr:`.PolicyState.pinned`). Raises ``NoRouteError`` when
+        no candidate of an alias can serve the call, and ``RequestError`` for an alias suffix other
+        than ``:floor`` or ``:nitro``."""
         state = state or self.state
         changes = {} if prefetch is None else prefetch.views(state, self._views if state is self.state else None)
         if self._timed:
             changes["now"] = time.time()
+        if pinned:
+            changes["pinned"] = True
         if changes:
             state = state.but(**changes)  # one copy per plan
         plan = Plan.from_call(call)

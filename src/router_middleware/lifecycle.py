@@ -162,7 +162,8 @@ class CallLifecycle:
     before any attempt all the same (litellm's SDK, where refusing would make things worse): that
     refusal then ends no call, and has no span or log line of its own; ``reroutes=False``: the
     adapter sends the model the call names whatever its plan says (an agent middleware without
-    ``models=``), so no budget's ``downgrade_to`` admits it at another model's estimate."""
+    ``models=``), so no budget's ``downgrade_to`` admits it at another model's estimate, nor does a soft
+    limit plan it there."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
@@ -395,7 +396,8 @@ class CallLifecycle:
         """Plan the call (or take the adapter's plan), or a later attempt at ``target`` (a method, not a
         closure: a call waiting on a fetch holds fewer objects)."""
         if target is None:
-            return self.given if self.given is not None else self.engine.plan(self.call, prefetch=self.prefetch)
+            return self.given if self.given is not None else self.engine.plan(
+                self.call, prefetch=self.prefetch, pinned=not self.reroutes)
         assert decision is not None
         return self.engine.replan(self.call, target, decision, self.prefetch)
 

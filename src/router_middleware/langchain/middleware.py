@@ -327,6 +327,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         self._serve()
         if self.models:
             self._downgrades_reachable()
+        else:
+            self._no_downgrades()
         if self.models and model is not None:
             self._known_route(model)
             self._no_misnamed_targets(model)
@@ -393,6 +395,16 @@ class RouterAgentMiddleware(AgentMiddleware):
                 raise ConfigError(f"budget {budget.name!r}: downgrade_to {budget.downgrade_to!r} has no target among "
                                   f"models= ({', '.join(self.models)}): past its soft limit every call would go "
                                   f"there and fail; add one of {', '.join(targets)} to models=")
+
+    def _no_downgrades(self) -> None:
+        """Say, once per middleware made, that without ``models`` no budget's ``downgrade_to`` applies:
+        the agent's own model answers every call, past a soft limit too, until the hard limit refuses it."""
+        named = [budget.name for budget in self.pipeline.config.routing.budgets if budget.downgrade_to]
+        if named:
+            log.warning("agent_downgrade_not_applied", budgets=named,
+                        why="without models= the agent's own model answers every call: past a budget's soft "
+                            "limit it is not downgraded, and its hard limit refuses it; pass models= (a chat "
+                            "model for the downgrade's targets) to downgrade")
 
     def _no_misnamed_targets(self, route: str) -> None:
         """Refuse a ``models`` entry no route reaches whose chat model is a target of ``route`` (or of a

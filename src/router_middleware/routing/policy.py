@@ -105,7 +105,8 @@ class RoutingPolicy:
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         requested = plan.call.model
         alias, _, suffix = requested.partition(":")
-        soft = over_soft_limit(self.config.budgets, state.budget_spent, plan.call.context, state.now)
+        soft = None if state.pinned else over_soft_limit(self.config.budgets, state.budget_spent,
+                                                         plan.call.context, state.now)
         downgrade = ""
         if soft is not None and soft.downgrade_to and alias != soft.downgrade_to:
             downgrade = f"budget {soft.name!r} past its soft limit: downgraded to {soft.downgrade_to}; "
