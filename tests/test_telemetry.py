@@ -225,6 +225,63 @@ def test_the_metric_points_name_each_attempt_s_model_and_provider_whether_or_not
                                     for t in tokens)
 
 
+def test_a_deployment_s_endpoint_names_its_spans_and_points_and_a_failed_span_has_its_exception(
+        span_exporter, metric_reader, monkeypatch) -> None:
+    """A deployment with its own ``api_base`` is ``server.address`` its host on its span and metric
+    points (before: the provider's public host, api.openai.com, though nothing was sent there); the
+    cost counter's points name what the histograms' do (request model, provider, server, deployment;
+    before: the response model, provider and app only); a failed span has the conventions'
+    ``exception`` event, its message redacted as the status is (before: no event)."""
+    import litellm
+
+    key = "sk-proj-" + "a1B2" * 10
+    pipeline = Pipeline.from_config({
+        "routing": {"deployments": {"eu": {"model": "openai/gpt-4o-mini", "api_base": "http://10.1.2.3:8000/v1"},
+                                    "us": {"model": "openai/gpt-4.1-2025-04-14"}},
+                    "aliases": {"pair": ["eu", "us"]}, "fallback": {"backoff_s": 0}},
+        "cache": {"enabled": False}})
+    real = litellm.completion
+
+    def scripted(**kw):
+        if kw.get("api_base"):
+            kw["mock_response"] = litellm.exceptions.RateLimitError(f"slow down, key {key}", "openai", kw["model"])
+        return real(**kw)
+
+    monkeypatch.setattr(litellm, "completion", scripted)
+    pipeline.completion(model="pair", messages=MESSAGES, mock_response="ok")
+    chats = [s for s in span_exporter.get_finished_spans() if s.name.startswith("chat ")]
+    assert [(s.attributes["router_middleware.deployment"], s.attributes["server.address"]) for s in chats] == [
+        ("eu", "10.1.2.3"), ("us", "api.openai.com")]
+    (event,) = chats[0].events
+    assert event.name == "exception" and event.attributes["exception.type"] == "litellm.exceptions.RateLimitError"
+    assert "slow down" in event.attributes["exception.message"] and key not in event.attributes["exception.message"]
+    assert "Traceback" in event.attributes["exception.stacktrace"] and key not in event.attributes["exception.stacktrace"]
+    assert not chats[1].events
+    durations = {p.attributes["router_middleware.deployment"]: p.attributes["server.address"]
+                 for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                 if "router_middleware.deployment" in p.attributes}
+    assert durations == {"eu": "10.1.2.3", "us": "api.openai.com"}
+    (cost,) = [dict(p.attributes) for p in _points(metric_reader, "router_middleware.cost")
+               if p.attributes.get("router_middleware.deployment") == "us"]
+    assert cost == {"gen_ai.operation.name": "chat", "gen_ai.request.model": "openai/gpt-4.1-2025-04-14",
+                    "gen_ai.provider.name": "openai", "server.address": "api.openai.com",
+                    "router_middleware.deployment": "us", "gen_ai.response.model": "gpt-4.1-2025-04-14"}
+
+
+@pytest.mark.parametrize(("provider", "name"), [
+    ("openai", "openai"), ("anthropic", "anthropic"), ("gemini", "gcp.gemini"), ("vertex_ai", "gcp.vertex_ai"),
+    ("bedrock", "aws.bedrock"), ("azure", "azure.ai.openai"), ("azure_ai", "azure.ai.inference"),
+    ("mistral", "mistral_ai"), ("xai", "x_ai"), ("watsonx", "ibm.watsonx.ai"), ("openrouter", "openrouter")])
+def test_the_provider_is_named_by_the_genai_conventions_well_known_value(span_exporter, provider, name) -> None:
+    """``gen_ai.provider.name`` is the conventions' well-known value where they name the provider
+    (before: litellm's id, ``gemini`` for ``gcp.gemini``); another provider keeps litellm's id."""
+    from router_middleware.telemetry.attributes import metric_attributes
+    from router_middleware.types import Call, Plan
+
+    attrs = metric_attributes(Plan.from_call(Call.create(f"{provider}/some-model", MESSAGES)), provider)
+    assert attrs["gen_ai.provider.name"] == name
+
+
 def test_openinference_kinds_name_every_span_a_fallback_makes(span_exporter, monkeypatch) -> None:
     """A failed attempt's chat span is an LLM span too (it has no outcome to carry the kind)."""
     import litellm

@@ -8,6 +8,7 @@ of attributes the conventions renamed: ``current``, ``legacy`` or ``both``.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlparse
 
@@ -24,7 +25,17 @@ _REQUEST_PARAMS = {
 _DOUBLES = frozenset({"temperature", "top_p"})  # typed double by the conventions, whatever number the caller gave
 _DEFAULT_HOSTS = {
     "openai": "api.openai.com", "anthropic": "api.anthropic.com", "deepseek": "api.deepseek.com",
-    "openrouter": "openrouter.ai", "gemini": "generativelanguage.googleapis.com",
+    "openrouter": "openrouter.ai", "gemini": "generativelanguage.googleapis.com", "groq": "api.groq.com",
+    "mistral": "api.mistral.ai", "xai": "api.x.ai", "cohere": "api.cohere.com", "cohere_chat": "api.cohere.com",
+    "perplexity": "api.perplexity.ai", "together_ai": "api.together.xyz", "fireworks_ai": "api.fireworks.ai",
+}
+# litellm's provider ids whose GenAI conventions' well-known ``gen_ai.provider.name`` differs; any
+# other id (openai, anthropic, deepseek, groq, perplexity, openrouter, ollama...) is the value as it is
+_PROVIDER_NAMES = {
+    "gemini": "gcp.gemini", "vertex_ai": "gcp.vertex_ai", "vertex_ai_beta": "gcp.vertex_ai",
+    "bedrock": "aws.bedrock", "azure": "azure.ai.openai", "azure_ai": "azure.ai.inference",
+    "mistral": "mistral_ai", "xai": "x_ai", "watsonx": "ibm.watsonx.ai", "watsonx_text": "ibm.watsonx.ai",
+    "cohere_chat": "cohere",
 }
 
 
@@ -62,11 +73,24 @@ def agent_attributes(plan: Plan) -> dict[str, AttributeValue]:
     return attrs
 
 
-def server_address(plan: Plan, provider: str | None) -> str | None:
-    base = plan.params.get("api_base") or plan.params.get("base_url")
-    if isinstance(base, str) and base:
-        return urlparse(base).hostname
-    return _DEFAULT_HOSTS.get(provider or "")
+def provider_name(provider: str) -> str:
+    """``gen_ai.provider.name`` for a litellm provider id: the conventions' well-known value where
+    they name the provider (``gemini`` is ``gcp.gemini``, ``bedrock`` ``aws.bedrock``), else the id."""
+    return _PROVIDER_NAMES.get(provider, provider)
+
+
+def endpoint_host(base: object) -> str | None:
+    """The host of an endpoint URL (``api_base``), or ``None``."""
+    return urlparse(base).hostname if isinstance(base, str) and base else None
+
+
+def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str] | None = None) -> str | None:
+    """Where the attempt was sent: the call's ``api_base``, else its deployment's (``endpoints``: a
+    deployment's name to its host), else the provider's public host where it has one."""
+    host = endpoint_host(plan.params.get("api_base") or plan.params.get("base_url"))
+    if host is None and plan.deployment and endpoints:
+        host = endpoints.get(plan.deployment)
+    return host or _DEFAULT_HOSTS.get(provider or "")
 
 
 def reasoning_level(plan: Plan) -> str | None:
@@ -79,21 +103,25 @@ def reasoning_level(plan: Plan) -> str | None:
     return None
 
 
-def metric_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
-    """The attributes an attempt's metric points carry (its span carries them too)."""
+def metric_attributes(plan: Plan, provider: str | None,
+                      endpoints: Mapping[str, str] | None = None) -> dict[str, AttributeValue]:
+    """The attributes an attempt's metric points carry (its span carries them too): its model,
+    provider, server and deployment (the name the model was sent under: two deployments of one model
+    apart)."""
     attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": plan.model}
     if provider:
-        attrs["gen_ai.provider.name"] = provider
-    address = server_address(plan, provider)
+        attrs["gen_ai.provider.name"] = provider_name(provider)
+    address = server_address(plan, provider, endpoints)
     if address:
         attrs["server.address"] = address
+    if plan.deployment:
+        attrs["router_middleware.deployment"] = plan.deployment
     return attrs
 
 
-def request_attributes(plan: Plan, provider: str | None) -> dict[str, AttributeValue]:
-    attrs = metric_attributes(plan, provider)
-    if plan.deployment:  # the name the model was sent under (two deployments of one model apart)
-        attrs["router_middleware.deployment"] = plan.deployment
+def request_attributes(plan: Plan, provider: str | None,
+                       endpoints: Mapping[str, str] | None = None) -> dict[str, AttributeValue]:
+    attrs = metric_attributes(plan, provider, endpoints)
     for key, name in _REQUEST_PARAMS.items():
         value = plan.params.get(key)
         if key in _DOUBLES and isinstance(value, int) and not isinstance(value, bool):

@@ -9,6 +9,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import Counter, Histogram
 
 from ..types import AttributeValue, Outcome
+from .attributes import provider_name
 
 TOKEN_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864]
 DURATION_BUCKETS = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92]
@@ -54,13 +55,10 @@ def record(base: dict[str, AttributeValue], outcome: Outcome | None, duration_s:
     found.tokens.record(outcome.usage.output_tokens, {**attrs, "gen_ai.token.type": "output"})
     if outcome.time_to_first_token_s is not None:
         found.first_chunk.record(outcome.time_to_first_token_s, attrs)
-    if outcome.cost.total_usd:
-        cost_attrs: dict[str, AttributeValue] = {"gen_ai.response.model": outcome.model}
-        if outcome.provider:
-            cost_attrs["gen_ai.provider.name"] = outcome.provider
+    if outcome.cost.total_usd:  # by what the histograms' points name (but error.type), and by app
+        cost_attrs = {k: v for k, v in attrs.items() if k != "error.type"}
+        if outcome.provider and "gen_ai.provider.name" not in cost_attrs:
+            cost_attrs["gen_ai.provider.name"] = provider_name(outcome.provider)
         if app:
             cost_attrs["router_middleware.app"] = app
-        for label in ("router_middleware.ended", "router_middleware.purpose"):  # as on the histograms: a call
-            if label in attrs:  # its caller stopped, a summary made for another call
-                cost_attrs[label] = attrs[label]
         found.cost.add(outcome.cost.total_usd, cost_attrs)

@@ -7,7 +7,8 @@ reaches the user's call.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .attributes import (
     decision_attributes,
     metric_attributes,
     outcome_attributes,
+    provider_name,
     request_attributes,
 )
 from .content import content_attributes, response_messages
@@ -53,6 +55,7 @@ class TelemetrySettings:
     openinference: bool = False
     redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
     semconv: Semconv = "both"
+    endpoints: Mapping[str, str] = field(default_factory=dict)  # a deployment's name -> its api_base's host
 
 
 _tracer_of: tuple[Any, trace.Tracer] | None = None  # OpenTelemetry's global provider (None: unset), and its tracer
@@ -157,7 +160,7 @@ class CallTrace:
         self.parent.set_attributes({**decision_attributes(self.plan, tokens_before, tokens_after),
                                     **self._kind("CHAIN")})
         self._say(self.plan.decisions)
-        self.request_attrs = request_attributes(self.plan, self.provider)
+        self.request_attrs = request_attributes(self.plan, self.provider, self.settings.endpoints)
         if attempt:
             self._start_attempt()
 
@@ -172,7 +175,7 @@ class CallTrace:
         attrs: dict[str, AttributeValue] = {"gen_ai.operation.name": "chat", "gen_ai.request.model": call.model,
                                             "router_middleware.purpose": call.purpose}
         if call.outcome is not None and call.outcome.provider:
-            attrs["gen_ai.provider.name"] = call.outcome.provider
+            attrs["gen_ai.provider.name"] = provider_name(call.outcome.provider)
         call_metrics.record(dict(attrs), call.outcome, (call.end_ns - call.start_ns) / 1e9,
                             type(call.error).__qualname__ if call.error else None, self.plan.call.context.app)
         if self.parent is None or not self.parent.is_recording():
@@ -236,10 +239,21 @@ class CallTrace:
         if self.child is not None:
             self.child.set_attributes({"error.type": kind, "router_middleware.ended": "failed"})
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
+            self._exception(self.child, error)
             self._used(spent)
             self.last_ids = _ids(self.child)
             self.child.end(end_time=end_ns)
             self.child = None
+
+    def _exception(self, span: Span, error: BaseException) -> None:
+        """The conventions' ``exception`` event on a failed span, its message and stack trace redacted
+        as the status is (OpenTelemetry's ``record_exception`` would put them as they are)."""
+        kind = type(error)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        span.add_event("exception", {
+            "exception.type": name,
+            "exception.message": self.settings.redactor(str(error))[:2000],
+            "exception.stacktrace": self.settings.redactor("".join(traceback.format_exception(error)))[-8000:]})
 
     @never_raises(default=None)
     def again(self) -> None:
@@ -281,7 +295,7 @@ class CallTrace:
             if routed:
                 attrs["router_middleware.route.reason"] = routed[-1].reason
             self.parent.set_attributes(attrs)
-            self.request_attrs = request_attributes(plan, provider)
+            self.request_attrs = request_attributes(plan, provider, self.settings.endpoints)
         self._next()
 
     @never_raises(default=None)
@@ -320,6 +334,7 @@ class CallTrace:
             span.set_attribute("error.type", kind)
             span.set_attribute("router_middleware.ended", "failed")
             span.set_status(Status(StatusCode.ERROR, message))
+            self._exception(span, error)
         self._used(outcome)
         if self.parent is not None:
             self._cost(outcome)
@@ -408,7 +423,7 @@ class CallTrace:
     def _metric_attrs(self) -> dict[str, AttributeValue]:
         """The attempt's model, provider and server, whether or not its spans record (metrics alone, or
         a trace sampled out, still name them)."""
-        return metric_attributes(self.plan, self.provider)
+        return metric_attributes(self.plan, self.provider, self.settings.endpoints)
 
     def _labels(self) -> dict[str, str]:
         """Whose call it was, for its log line: its app, tenant, user and session, those it names."""
