@@ -1315,12 +1315,15 @@ def test_a_fallback_middleware_outside_the_router_with_models(route, asynchronou
     assert pipeline.store.get("cooldown:main") is None  # one failure: the route ran once
 
 
+@pytest.mark.parametrize("route", ["agent", None])
 @pytest.mark.parametrize("asynchronous", [False, True])
-def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_said_once(asynchronous,
-                                                                                        tmp_path) -> None:
-    """ModelFallbackMiddleware before a router with ``model=`` hands it a model none of ``models`` holds
-    (and whose name routes nothing): that call is routed by ``model=`` again, as before, but no longer
-    silently: a warning names the route and the model it stands in for, once per pair."""
+def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_sent_as_it_is(asynchronous, route,
+                                                                                          tmp_path) -> None:
+    """ModelFallbackMiddleware before the router hands it a model none of ``models`` holds (and whose
+    name routes nothing): that model is sent as it is, unrouted, as a direct call would send it; a
+    warning names the route and the model, once per pair. Before, with ``model=`` the call was routed
+    by ``model=`` again (the rate-limited target a second time, and the agent got its error); without
+    it, a ``ConfigError`` replaced the provider's error in mid-run."""
     import litellm
     import structlog
     from langchain.agents import create_agent
@@ -1336,16 +1339,18 @@ def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_sa
                                       model_kwargs={"mock_response": limited})}
     outsider = RoutedChatModel(model="openai/gpt-4o", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})
     agent = create_agent(models["main"], tools=[], middleware=[
-        ModelFallbackMiddleware(outsider), RouterAgentMiddleware(pipeline, models=models, model="agent")])
+        ModelFallbackMiddleware(outsider), RouterAgentMiddleware(pipeline, models=models, model=route)])
     question = {"messages": [HumanMessage("hi")]}
     with structlog.testing.capture_logs() as logs:
         for _ in range(2):
-            with pytest.raises(litellm.RateLimitError):
-                asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+            state = asyncio.run(agent.ainvoke(question)) if asynchronous else agent.invoke(question)
+            assert state["messages"][-1].content == "done"
     said = [e for e in logs if e["event"] == "agent_model_swap_not_routed"]
-    assert len(said) == 1 and (said[0]["route"], said[0]["model"]) == ("agent", "openai/gpt-4o")
+    assert len(said) == 1 and (said[0]["route"], said[0]["model"]) == (route, "openai/gpt-4o")
     pipeline.close()
-    assert open_ledger(url).query("SELECT requested_model, error FROM calls") == [("agent", "RateLimitError")] * 4
+    rows = open_ledger(url).query("SELECT requested_model, target, error FROM calls ORDER BY ts")
+    assert rows == [(route or "main", "openai/gpt-4o-mini", "RateLimitError"),
+                    ("openai/gpt-4o", "openai/gpt-4o", None)] * 2
 
 
 def test_a_new_object_of_the_same_model_from_a_middleware_outside_is_no_swap(tmp_path) -> None:

@@ -301,8 +301,8 @@ class RouterAgentMiddleware(AgentMiddleware):
     A middleware before this one that swaps the agent's model for a later call of the same agent step
     (``ModelFallbackMiddleware``'s retry with its model) has that call routed by the model it handed
     over, as without ``model=``: by its name where that is an alias, a deployment or one of ``models``,
-    else by the one entry of ``models`` holding it (without ``models``, its name). With ``model=`` a
-    swapped model none of ``models`` holds is routed by ``model=`` again, and a warning
+    else by the one entry of ``models`` holding it (without ``models``, its name). A swapped model none
+    of ``models`` holds is sent as it is, unrouted (as a direct call would send it), and a warning
     (``agent_model_swap_not_routed``) names the route and the model, once per pair. A model handed over
     on a step's first call is no swap: with ``model=`` that call is routed by ``model=``.
     """
@@ -504,22 +504,25 @@ class RouterAgentMiddleware(AgentMiddleware):
             said.add(pair)
         return new
 
-    def _route_of(self, request: ModelRequest) -> str:
-        """What ``request`` is routed by: :meth:`_route`; with ``model=``, a call whose model a middleware
-        outside swapped (:meth:`_swapped`) is routed by that model where a call can be (its name is an
-        alias, a deployment or one of ``models``, or one entry of ``models`` holds it; without
-        ``models``, its name), else by ``model=`` with a warning naming both, once per pair."""
-        if not self.route or not self._swapped(request):
-            return self._route(request.model)
+    def _route_of(self, request: ModelRequest) -> tuple[str, bool]:
+        """What ``request`` is routed by, and whether its own model is sent as it is. A call whose model
+        a middleware outside swapped (:meth:`_swapped`) is routed by that model where a call can be (its
+        name is an alias, a deployment or one of ``models``, or one entry of ``models`` holds it;
+        without ``models``, its name); a swapped model none of ``models`` holds is sent as it is,
+        unrouted, as a direct call would send it, with a warning naming both once per pair; any other
+        call by :meth:`_route`."""
+        if not self._swapped(request):
+            return self._route(request.model), False
         name, _ = self._routed_by(request.model)
         if name is not None:
-            return name
-        pair = (self.route, _model_name(request.model))
+            return name, False
+        own = _model_name(request.model)
+        pair = (self.route or "", own)
         if self._first(self._unrouted, pair):
-            log.warning("agent_model_swap_not_routed", route=self.route, model=pair[1],
+            log.warning("agent_model_swap_not_routed", route=self.route, model=own,
                         why="a middleware before RouterAgentMiddleware handed it this model in place of the "
-                            "agent's, and none of models= holds it: the call is routed by model= again")
-        return self.route
+                            "agent's, and none of models= holds it: it is sent as it is, unrouted")
+        return own, True
 
     def _without_retries(self, name: str, model: Any) -> Any:
         """``model`` for an attempt with another target behind it: a RoutedChatModel that sets no
@@ -580,7 +583,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         if context.step is None:  # the agent's step: its model turns so far, as the proxy counts them
             context = replace(context, step=sum(1 for m in converted if m.get("role") == "assistant"))
         try:
-            call = self.pipeline.make_call(self._route_of(request), converted, context, params, litellm_sends=False)
+            route, own = self._route_of(request)
+            call = self.pipeline.make_call(route, converted, context, params, litellm_sends=False)
         except MessageError as error:
             raise _renumbered(error, positions) from None
         by_id = _own(call.messages, converted, owners)
@@ -589,7 +593,7 @@ class RouterAgentMiddleware(AgentMiddleware):
             """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning.
             ``failover``: another target follows, so a RoutedChatModel's provider SDK retries are off
             unless it or the agent sets ``max_retries`` (as :meth:`.Engine.request` does for a pipeline)."""
-            model = self.models[plan.deployment or plan.model] if self.models else request.model
+            model = self.models[plan.deployment or plan.model] if self.models and not own else request.model
             messages = [by_id.get(id(m)) or _as_kept(m, call.messages, by_id) for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
             assert system is None or isinstance(system, SystemMessage)
@@ -605,15 +609,15 @@ class RouterAgentMiddleware(AgentMiddleware):
                                     system_message=system, model_settings=settings,
                                     tools=_marked(request.tools, params.get("tools"), tools))
 
-        usable = self.models.__contains__ if self.models else None
+        routes = bool(self.models) and not own
         answers = None if request.response_format is not None else Answers(
-            partial(self._keyed, request), _stored, cached_answer,
+            partial(self._keyed, request, routes), _stored, cached_answer,
             lambda message, result: ModelResponse(result=[served_answer(message, result)]))
-        return self.pipeline.start(call, read=self._read, usable=usable, answers=answers,
-                                   unusable="not among RouterAgentMiddleware's models=",
-                                   reroutes=bool(self.models)), build
+        return self.pipeline.start(call, read=self._read, usable=self.models.__contains__ if routes else None,
+                                   answers=answers, unusable="not among RouterAgentMiddleware's models=",
+                                   reroutes=routes), build
 
-    def _keyed(self, request: ModelRequest, plan: Plan) -> Plan | None:
+    def _keyed(self, request: ModelRequest, routes: bool, plan: Plan) -> Plan | None:
         """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets, the
         tools as the agent gave them (a provider's server tool with its settings), what the attempt's model
         sends of its own (:func:`_settings`; its ``temperature`` where the plan sets none, so
@@ -622,9 +626,10 @@ class RouterAgentMiddleware(AgentMiddleware):
         messages, with every field they hold (a prompt made per user never answers another user).
         ``None`` when one of those cannot be keyed (the call is not cached). A target the middleware
         cannot reach is keyed apart (it never answered here). The model's settings are read only for a
-        call the cache takes (another is never keyed)."""
+        call the cache takes (another is never keyed). ``routes``: the attempt's model is the plan's
+        entry of ``models``, else the request's own."""
         name = plan.deployment or plan.model
-        model, bound = _unbound(self.models.get(name) if self.models else request.model)
+        model, bound = _unbound(self.models.get(name) if routes else request.model)
         params = dict(plan.params)
         temperature = bound.get("temperature", getattr(model, "temperature", None))
         if "temperature" not in params and isinstance(temperature, int | float):
