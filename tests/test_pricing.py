@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from router_middleware import Catalog, Pipeline, Usage, price
+from router_middleware import Catalog, Pipeline, Usage, outcome, price
 from router_middleware.catalog import catalog_lookup
 from router_middleware.replay import load_session, model_for
 
@@ -49,6 +49,22 @@ def test_zero_priced_catalog_entry_is_unknown(monkeypatch) -> None:
         catalog_module._catalog_lookup.cache_clear()
         catalog_module._variant_index.cache_clear()
         catalog_module._infer_provider.cache_clear()
+
+
+@pytest.mark.parametrize(("model", "window"), [("ollama/llama3", 8192), ("ollama_chat/qwen2.5-coder:7b", None),
+                                               ("lm_studio/some-local-model", None)])
+def test_a_local_runner_s_model_costs_zero_not_unknown(model: str, window: int | None) -> None:
+    """A model Ollama, LM Studio, llamafile or Lemonade serves on the user's machine is priced at $0,
+    listed by litellm (at $0, with its window) or not; before, its cost was unknown and its route
+    target was logged as a possible typo whose suggestion was the same name."""
+    from router_middleware.catalog import close_names
+
+    info = catalog_lookup(model)
+    assert info is not None and (info.input, info.output, info.max_input_tokens) == (0.0, 0.0, window)
+    assert info.source == f"local:{model.split('/')[0]}"
+    answer = Pipeline().completion(model=model, messages=[{"role": "user", "content": "hi"}], mock_response="ok")
+    assert outcome(answer).cost.total_usd == 0.0
+    assert model not in close_names(model)
 
 
 def test_config_override_wins_and_says_so() -> None:

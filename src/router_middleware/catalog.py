@@ -9,11 +9,13 @@ Prices are resolved through a fallback chain, and the chain step that answered i
 3. ``catalog-variant:<key>``: the same model listed under another route (Bedrock ``anthropic.*-v1:0``,
    Vertex AI, Vercel AI Gateway ...), preferring first-party clouds;
 4. ``free``: OpenRouter's ``:free`` variants cost 0 (the paid model's window and capabilities);
-5. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
+5. ``local:<provider>``: a model of a runner on the user's machine (Ollama, LM Studio, llamafile,
+   Lemonade) costs 0, listed or not (its window where litellm lists it);
+6. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
    reports the cost as unknown.
 
-A catalog entry whose input and output prices are both 0 counts as unknown, not free (litellm lists
-some preview models with price 0).
+Elsewhere a catalog entry whose input and output prices are both 0 counts as unknown, not free
+(litellm lists some preview models with price 0).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 _DATE = re.compile(r"(?:[-@](?:20\d{6}|20\d\d-\d\d-\d\d)|-latest)$")
 _ROUTE_NOISE = re.compile(r"^(?:(?:us|eu|apac|global)\.)?(?:anthropic\.)?|-v\d+(?::\d+)?$")
+_LOCAL_PROVIDERS = frozenset({"ollama", "ollama_chat", "lm_studio", "llamafile", "lemonade"})  # runs on the machine: $0
 _VARIANT_PREFERENCE = ("anthropic", "openai", "gemini", "vertex_ai", "bedrock", "azure", "deepseek")
 
 
@@ -154,14 +157,14 @@ def _cost_map() -> Mapping[str, Mapping[str, Any]]:
 
 @lru_cache(maxsize=256)
 def close_names(name: str, configured: tuple[str, ...] = (), *, models: bool = True) -> tuple[str, ...]:
-    """Up to three known names closest to ``name``, best first: among ``configured`` (the config's
-    aliases and deployments), then (``models``) litellm's model list. A "did you mean" hint for an
-    error path: it scans the whole list (10-40 ms), once per name."""
+    """Up to three known names closest to ``name``, best first, never ``name`` itself: among
+    ``configured`` (the config's aliases and deployments), then (``models``) litellm's model list. A
+    "did you mean" hint for an error path: it scans the whole list (10-40 ms), once per name."""
     from difflib import get_close_matches
 
-    found = get_close_matches(name, list(configured), n=3, cutoff=0.6)
+    found = get_close_matches(name, [c for c in configured if c != name], n=3, cutoff=0.6)
     if models:  # a name with a provider prefix is matched against the prefixed names
-        known = list(model_names()) if "/" in name else list(_cost_map())
+        known = [m for m in (model_names() if "/" in name else _cost_map()) if m != name]
         found += get_close_matches(name, known, n=3, cutoff=0.75)
     return tuple(dict.fromkeys(found))[:3]
 
@@ -296,7 +299,20 @@ def _catalog_lookup(model: str) -> ModelInfo | None:
     for dated in (True, False):
         for key in _variant_index(dated).get(_variant_key(bare, dated=dated), ()):
             return _info_from_entry(model, provider, costs[key], f"catalog-variant:{key}")
+    if provider in _LOCAL_PROVIDERS:
+        return _local(model, provider, [costs.get(key) for key in dict.fromkeys(candidates)])
     return None
+
+
+def _local(model: str, provider: str, entries: list[Any]) -> ModelInfo:
+    """A model a runner on the user's machine serves (Ollama, LM Studio, llamafile, Lemonade): priced
+    at zero, as litellm's catalog prices the ones it lists (its window where it lists the model),
+    rather than unknown."""
+    entry = next((e for e in entries if isinstance(e, Mapping)), None)
+    if entry is not None:
+        return replace(_info_from_entry(model, provider, entry, f"local:{provider}"), input=0.0, output=0.0)
+    return ModelInfo(model=model, provider=provider, input=0.0, output=0.0,
+                     cache=cache_rules_for(model, provider), source=f"local:{provider}")
 
 
 def _free_variant(model: str) -> ModelInfo:
