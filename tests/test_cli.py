@@ -342,6 +342,21 @@ def test_litellm_imported_first_warns_and_prices_stay_on_the_bundled_map(monkeyp
     assert catalog._cost_map.__wrapped__() is litellm.model_cost  # litellm loaded the bundled map itself
 
 
+@pytest.mark.parametrize("app_imports_litellm", [True, False])
+def test_an_application_s_own_litellm_keeps_its_debug_setting(app_imports_litellm) -> None:
+    """An application that imported litellm and set ``suppress_debug_info`` keeps its setting (before,
+    each pipeline call set it back to True); where the package imports litellm, the banner litellm
+    prints on each failed call is off."""
+    first = "import litellm; litellm.suppress_debug_info = False; " if app_imports_litellm else ""
+    script = (f"{first}import router_middleware as rm, sys; "
+              "rm.Pipeline().completion(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}], "
+              "mock_response='ok'); print(sys.modules['litellm'].suppress_debug_info)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == str(not app_imports_litellm)
+
+
 def test_a_reader_that_leaves_the_pipe_early_gets_no_traceback(tmp_path, capsys) -> None:
     """``report --json | head -c 10``: the reader closes the pipe before the report is written; the
     command ends quietly with status 1 (as other command-line tools do), with no traceback."""

@@ -138,11 +138,10 @@ def _variant_key(key: str, *, dated: bool = False) -> str:
 def _cost_map() -> Mapping[str, Mapping[str, Any]]:
     """litellm's price map: the bundled one, even when litellm was imported first and fetched the
     remote map (unless the user asked for it with ``ROUTER_MIDDLEWARE_REMOTE_COST_MAP=1``)."""
-    from ._env import prepare_litellm_env, remote_cost_map
+    from ._env import remote_cost_map
+    from .wire import litellm as imported
 
-    prepare_litellm_env()
-    import litellm
-
+    litellm = imported()
     if remote_cost_map():
         return litellm.model_cost
     try:

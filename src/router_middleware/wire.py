@@ -26,14 +26,24 @@ from .types import UsageSource
 OUTCOME_KEY = "router_middleware_outcome"
 
 
-def litellm() -> Any:
-    """The litellm module, imported on first use with the offline price map (see :mod:`._env`)."""
-    found: Any = sys.modules.get("litellm")
-    if found is None or not getattr(found, "suppress_debug_info", False):
-        prepare_litellm_env()
-        import litellm as found
+_litellm: Any = None  # the module, once litellm() has returned it
 
+
+def litellm() -> Any:
+    """The litellm module, imported on first use with the offline price map (see :mod:`._env`). Where
+    this package imports it (the application had not), its feedback banner on each failed call is
+    off (``suppress_debug_info``): a failed attempt a fallback then answers prints nothing. An
+    application that imported litellm itself keeps its own setting."""
+    global _litellm
+    if _litellm is not None:
+        return _litellm
+    ours = "litellm" not in sys.modules
+    prepare_litellm_env()
+    import litellm as found
+
+    if ours:
         found.suppress_debug_info = True
+    _litellm = found
     return found
 
 
