@@ -141,9 +141,9 @@ def _cost_map() -> Mapping[str, Mapping[str, Any]]:
     from ._env import remote_cost_map
     from .wire import litellm as imported
 
-    litellm = imported()
+    prices: Mapping[str, Mapping[str, Any]] = imported().model_cost
     if remote_cost_map():
-        return litellm.model_cost
+        return prices
     try:
         from litellm.litellm_core_utils import get_model_cost_map as loader
 
@@ -151,7 +151,7 @@ def _cost_map() -> Mapping[str, Mapping[str, Any]]:
             return _bundled_cost_map()
     except (ImportError, AttributeError, KeyError):  # another litellm layout: use what it loaded
         pass
-    return litellm.model_cost
+    return prices
 
 
 @lru_cache(maxsize=256)
