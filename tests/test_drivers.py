@@ -687,6 +687,33 @@ def test_a_call_a_budget_cannot_hold_goes_to_its_downgrade_alias_before_it_is_re
     assert 0 < float(p.store.get("budget:day:usd:all:0")) < limit
 
 
+def test_past_a_soft_limit_a_fallback_goes_to_the_downgrade_s_next_target(call, script) -> None:
+    """Past the soft limit the call goes to the downgrade alias; its first target rate-limited, the
+    fallback is the alias's next target. Before, the fallback's plan was downgraded again, to the
+    alias's first target: DeepSeek twice, gpt-5-mini never tried, and the call failed."""
+    p = pipeline(aliases={"coder": [CLAUDE], "cheap": [DEEPSEEK, MINI]},
+                 budgets=[{"name": "day", "scope": "global", "usd": 1.0, "soft": 0.5, "downgrade_to": "cheap"}])
+    p.store.set("budget:day:usd:all:0", b"0.7")
+    script.failures[DEEPSEEK] = [rate_limit()]
+    call(p)
+    assert script.calls == [DEEPSEEK, MINI]
+
+
+def test_a_pinned_call_replanned_keeps_its_model_past_a_soft_limit() -> None:
+    """A call whose adapter sends its own model (planned ``pinned``) keeps it when it is planned again
+    (a reasoning step-down at admission replans it): before, the replan went through the soft limit's
+    downgrade, and the row named the downgrade's target while the agent's model answered."""
+    from router_middleware.types import Decision
+
+    p = pipeline(aliases={"cheap": [DEEPSEEK]},
+                 budgets=[{"name": "day", "scope": "global", "usd": 1.0, "soft": 0.5, "downgrade_to": "cheap"}])
+    p.store.set("budget:day:usd:all:0", b"0.7")
+    call = p.make_call(CLAUDE, MESSAGES, {}, {})
+    assert p.plan(call).model == DEEPSEEK  # a pipeline call past the soft limit is downgraded
+    assert p.plan(call, pinned=True).model == CLAUDE
+    assert p.replan(call, CLAUDE, Decision("reasoning", "step-down", "x")).model == CLAUDE
+
+
 def test_a_downgrade_claims_the_probe_of_its_half_open_targets(script) -> None:
     """After a downgrade, a half-open target of the alias whose probe another call holds is skipped,
     as a call routed to the alias at once skips it (the downgraded plan's half-open targets were read

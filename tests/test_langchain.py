@@ -1353,6 +1353,25 @@ def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_se
                     ("openai/gpt-4o", "openai/gpt-4o", None)] * 2
 
 
+def test_a_fallback_model_outside_on_the_router_s_own_pipeline_is_refused_not_accounted_twice() -> None:
+    """The outer fallback's model sent as it is, but a RoutedChatModel on the router's own pipeline:
+    its call would be two rows and two budget charges; it is refused with the ``ConfigError`` a
+    ``models`` entry on that pipeline gets when the middleware is made."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
+    limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
+    models = {"main": RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(),
+                                      model_kwargs={"mock_response": limited})}
+    outsider = RoutedChatModel(model="openai/gpt-4o", pipeline=pipeline, model_kwargs={"mock_response": "done"})
+    agent = create_agent(models["main"], tools=[], middleware=[
+        ModelFallbackMiddleware(outsider), RouterAgentMiddleware(pipeline, models=models, model="main")])
+    with pytest.raises(ConfigError, match="handed it: a RoutedChatModel on the middleware's own pipeline"):
+        agent.invoke({"messages": [HumanMessage("hi")]})
+
+
 def test_a_new_object_of_the_same_model_from_a_middleware_outside_is_no_swap(tmp_path) -> None:
     """A middleware before the router that builds the agent's model anew for each call (the same model,
     another object) is no outer swap: ModelRetryMiddleware's retry through it is routed by ``model=``

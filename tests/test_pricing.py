@@ -52,11 +52,13 @@ def test_zero_priced_catalog_entry_is_unknown(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(("model", "window"), [("ollama/llama3", 8192), ("ollama_chat/qwen2.5-coder:7b", None),
-                                               ("lm_studio/some-local-model", None)])
+                                               ("lm_studio/some-local-model", None), ("ollama/deepseek-r1", None),
+                                               ("lm_studio/mistral-small", None)])
 def test_a_local_runner_s_model_costs_zero_not_unknown(model: str, window: int | None) -> None:
     """A model Ollama, LM Studio, llamafile or Lemonade serves on the user's machine is priced at $0,
-    listed by litellm (at $0, with its window) or not; before, its cost was unknown and its route
-    target was logged as a possible typo whose suggestion was the same name."""
+    listed by litellm (at $0, with its window) or not, and whatever a cloud lists under the same name
+    (``deepseek-r1``, ``mistral-small``); before, its cost was unknown (its route target logged as a
+    possible typo whose suggestion was the same name) or a cloud's."""
     from router_middleware.catalog import close_names
 
     info = catalog_lookup(model)

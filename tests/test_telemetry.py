@@ -243,7 +243,7 @@ def test_a_deployment_s_endpoint_names_its_spans_and_points_and_a_failed_span_ha
     real = litellm.completion
 
     def scripted(**kw):
-        if kw.get("api_base"):
+        if "10.1.2.3" in (kw.get("api_base") or ""):
             kw["mock_response"] = litellm.exceptions.RateLimitError(f"slow down, key {key}", "openai", kw["model"])
         return real(**kw)
 
@@ -266,6 +266,10 @@ def test_a_deployment_s_endpoint_names_its_spans_and_points_and_a_failed_span_ha
     assert cost == {"gen_ai.operation.name": "chat", "gen_ai.request.model": "openai/gpt-4.1-2025-04-14",
                     "gen_ai.provider.name": "openai", "server.address": "api.openai.com",
                     "router_middleware.deployment": "us", "gen_ai.response.model": "gpt-4.1-2025-04-14"}
+    span_exporter.clear()  # the call's own api_base: the deployment's replaces it where it has one
+    pipeline.completion(model="pair", messages=MESSAGES, mock_response="ok", api_base="http://caller.example/v1")
+    chats = [s for s in span_exporter.get_finished_spans() if s.name.startswith("chat ")]
+    assert [s.attributes["server.address"] for s in chats] == ["10.1.2.3", "caller.example"]
 
 
 @pytest.mark.parametrize(("provider", "name"), [

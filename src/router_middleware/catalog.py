@@ -10,7 +10,8 @@ Prices are resolved through a fallback chain, and the chain step that answered i
    Vertex AI, Vercel AI Gateway ...), preferring first-party clouds;
 4. ``free``: OpenRouter's ``:free`` variants cost 0 (the paid model's window and capabilities);
 5. ``local:<provider>``: a model of a runner on the user's machine (Ollama, LM Studio, llamafile,
-   Lemonade) costs 0, listed or not (its window where litellm lists it);
+   Lemonade) costs 0, listed or not (its window where litellm lists it under that name); for those
+   prefixes this step comes before 2 and 3 (a cloud's ``deepseek-r1`` is no local model's price);
 6. nothing: ``resolve()`` returns ``None`` and pricing falls back to the provider-reported cost, or
    reports the cost as unknown.
 
@@ -282,6 +283,8 @@ def _catalog_lookup(model: str) -> ModelInfo | None:
         return _free_variant(model)
     costs = _cost_map()
     provider = _infer_provider(model)
+    if provider in _LOCAL_PROVIDERS:  # before any cloud listing of the same name (ollama/deepseek-r1)
+        return _local(model, provider, costs.get(model))
     head, bare = split_provider(model)
     candidates = [model, bare]
     if provider and not head:
@@ -298,18 +301,17 @@ def _catalog_lookup(model: str) -> ModelInfo | None:
     for dated in (True, False):
         for key in _variant_index(dated).get(_variant_key(bare, dated=dated), ()):
             return _info_from_entry(model, provider, costs[key], f"catalog-variant:{key}")
-    if provider in _LOCAL_PROVIDERS:
-        return _local(model, provider, [costs.get(key) for key in dict.fromkeys(candidates)])
     return None
 
 
-def _local(model: str, provider: str, entries: list[Any]) -> ModelInfo:
+def _local(model: str, provider: str, entry: Any) -> ModelInfo:
     """A model a runner on the user's machine serves (Ollama, LM Studio, llamafile, Lemonade): priced
-    at zero, as litellm's catalog prices the ones it lists (its window where it lists the model),
-    rather than unknown."""
-    entry = next((e for e in entries if isinstance(e, Mapping)), None)
-    if entry is not None:
-        return replace(_info_from_entry(model, provider, entry, f"local:{provider}"), input=0.0, output=0.0)
+    at zero, as litellm's catalog prices the ones it lists (its window where it lists the model under
+    this very name), rather than unknown or at a cloud listing's price."""
+    if isinstance(entry, Mapping):
+        return replace(_info_from_entry(model, provider, entry, f"local:{provider}"), input=0.0, output=0.0,
+                       cache_read=None, cache_write=None, reasoning=None, input_above_200k=None,
+                       output_above_200k=None)
     return ModelInfo(model=model, provider=provider, input=0.0, output=0.0,
                      cache=cache_rules_for(model, provider), source=f"local:{provider}")
 

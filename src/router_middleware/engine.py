@@ -161,8 +161,10 @@ class Engine:
                                               drops=choices_asked(plan.params) > 1 and wire.drops_params()))
 
     def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
-        """The plan for a later attempt at ``target``, still recording what the caller asked for."""
-        plan = self.plan(call.override(model=target), prefetch=prefetch).override(call=call).decide(decision)
+        """The plan for a later attempt at ``target``, still recording what the caller asked for.
+        ``target`` was chosen already (a fallback, a downgrade's alias): no soft limit moves it again."""
+        plan = self.plan(call.override(model=target), prefetch=prefetch, pinned=True)
+        plan = plan.override(call=call).decide(decision)
         return self._history_fitted(plan)
 
     def _history_fitted(self, plan: Plan) -> Plan:

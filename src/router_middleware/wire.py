@@ -12,7 +12,9 @@ import asyncio
 import functools
 import re
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -31,9 +33,10 @@ _litellm: Any = None  # the module, once litellm() has returned it
 
 def litellm() -> Any:
     """The litellm module, imported on first use with the offline price map (see :mod:`._env`). Where
-    this package imports it (the application had not), its feedback banner on each failed call is
-    off (``suppress_debug_info``): a failed attempt a fallback then answers prints nothing. An
-    application that imported litellm itself keeps its own setting."""
+    this is its first import (not the application's, nor :mod:`router_middleware.litellm`'s, whose
+    users call litellm themselves), its feedback banner on each failed call is off
+    (``suppress_debug_info``): a failed attempt a fallback then answers prints nothing. Otherwise
+    the application's setting stands."""
     global _litellm
     if _litellm is not None:
         return _litellm
@@ -140,10 +143,33 @@ def retry_after(exc: BaseException) -> float | None:
     return None
 
 
+_quiet_lock = threading.Lock()
+_quiet_held: list[bool] = []  # the application's setting while a probe runs (one entry per probe running)
+
+
+@contextmanager
+def _quiet() -> Iterator[Any]:
+    """litellm with its banners off while the package probes a name (``get_llm_provider`` prints its
+    provider list when a name has none): the application's setting is put back after the last probe
+    running ends."""
+    lib = litellm()
+    with _quiet_lock:
+        _quiet_held.append(lib.suppress_debug_info if not _quiet_held else _quiet_held[0])
+        lib.suppress_debug_info = True
+    try:
+        yield lib
+    finally:
+        with _quiet_lock:
+            setting = _quiet_held.pop()
+            if not _quiet_held:
+                lib.suppress_debug_info = setting
+
+
 def provider_known(model: str) -> bool:
     """Can litellm resolve a provider for ``model`` by its name alone (its model list or a prefix)?"""
     try:
-        litellm().get_llm_provider(model=model)
+        with _quiet() as lib:
+            lib.get_llm_provider(model=model)
     except Exception:  # noqa: BLE001 - litellm raises its BadRequestError, or others on odd names
         return False
     return True
@@ -470,7 +496,8 @@ def param_rules(model: str) -> ParamRules:
     from litellm.utils import ProviderConfigManager
 
     try:
-        name, provider, _, _ = lib.get_llm_provider(model)
+        with _quiet():
+            name, provider, _, _ = lib.get_llm_provider(model)
         config = ProviderConfigManager.get_provider_chat_config(model=name, provider=LlmProviders(provider))
         supported = lib.get_supported_openai_params(model=name, custom_llm_provider=provider)
         if supported is None:  # litellm then checks against OpenAI's list

@@ -584,6 +584,9 @@ class RouterAgentMiddleware(AgentMiddleware):
             context = replace(context, step=sum(1 for m in converted if m.get("role") == "assistant"))
         try:
             route, own = self._route_of(request)
+            if own:
+                self._own_pipeline(_unbound(request.model)[0],
+                                   "the model a middleware before RouterAgentMiddleware handed it")
             call = self.pipeline.make_call(route, converted, context, params, litellm_sends=False)
         except MessageError as error:
             raise _renumbered(error, positions) from None

@@ -85,12 +85,12 @@ def endpoint_host(base: object) -> str | None:
 
 
 def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str] | None = None) -> str | None:
-    """Where the attempt was sent: the call's ``api_base``, else its deployment's (``endpoints``: a
-    deployment's name to its host), else the provider's public host where it has one."""
-    host = endpoint_host(plan.params.get("api_base") or plan.params.get("base_url"))
-    if host is None and plan.deployment and endpoints:
-        host = endpoints.get(plan.deployment)
-    return host or _DEFAULT_HOSTS.get(provider or "")
+    """Where the attempt was sent: its deployment's endpoint (``endpoints``: a deployment's name to its
+    host; the request sends it in place of the call's), else the call's ``api_base``, else the
+    provider's public host where it has one."""
+    host = endpoints.get(plan.deployment) if plan.deployment and endpoints else None
+    return host or endpoint_host(plan.params.get("api_base") or plan.params.get("base_url")) \
+        or _DEFAULT_HOSTS.get(provider or "")
 
 
 def reasoning_level(plan: Plan) -> str | None:
