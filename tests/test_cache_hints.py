@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from router_middleware import Pipeline, outcome
 
 from .cassette_data import capturing_vcr
@@ -34,6 +36,26 @@ def test_anthropic_breakpoints_on_system_and_last_message() -> None:
     assert outcome(response).plan.decisions[-1].policy == "cache-breakpoints"
 
 
+def test_a_tool_s_empty_output_gets_no_breakpoint_the_message_before_it_does() -> None:
+    """A command that printed nothing (a tool message with ``""``) is the last message: Anthropic answers
+    400 "cache_control cannot be set for empty text blocks" to a mark there (before, the pipeline
+    made that request, where the direct call went through). The mark goes on the last message
+    that can carry one."""
+    call = {"id": "toolu_1", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "true"}'}}
+    with replayer.use_cassette(str(CASSETTES / "anthropic_message_create.yaml")) as cassette:
+        Pipeline.from_config({}).completion(
+            model="anthropic/claude-3-opus-20240229", max_tokens=1024,
+            messages=[{"role": "system", "content": LONG_SYSTEM},
+                      {"role": "user", "content": "Run the formatter " + "on every file. " * 300},
+                      {"role": "assistant", "content": "Running it.", "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "toolu_1", "content": ""}],
+            context={"session_id": "s1"})
+    body = _sent_body(cassette)
+    assert body["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_1", "content": ""}]
+    marked = [m["role"] for m in body["messages"] if '"cache_control"' in json.dumps(m)]
+    assert marked == ["assistant"] and body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+
+
 def test_no_breakpoint_below_the_minimum_cacheable_size() -> None:
     with replayer.use_cassette(str(CASSETTES / "anthropic_message_create.yaml")) as cassette:
         Pipeline.from_config({}).completion(
@@ -55,6 +77,19 @@ def test_openai_gets_a_stable_prompt_cache_key_per_session() -> None:
         Pipeline.from_config({}).completion(
             model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Tell me a joke about opentelemetry"}])
     assert "prompt_cache_key" not in _sent_body(cassette)  # no session, no invented key
+
+
+@pytest.mark.parametrize(("model", "keyed"), [
+    ("gpt-4o-mini", True), ("openai/o3-mini", True), ("azure/gpt-4o", True),
+    ("groq/openai/gpt-oss-120b", False), ("together_ai/openai/gpt-oss-20b", False),
+    ("openrouter/openai/gpt-4o-mini", False), ("hosted_vllm/gpt-oss-20b", False), ("deepseek/deepseek-chat", False)])
+def test_the_prompt_cache_key_goes_to_openai_and_azure_only(model: str, keyed: bool) -> None:
+    """OpenAI's ``prompt_cache_key`` is sent to OpenAI and Azure; an OpenAI model served by another
+    provider gets none (Groq answers 400 "property 'prompt_cache_key' is unsupported"; before, any
+    ``gpt-``/``o``-series name got one, wherever it was served)."""
+    pipeline = Pipeline.from_config({})
+    plan = pipeline.plan(pipeline.make_call(model, [{"role": "user", "content": "hi"}], {"session_id": "s1"}, {}))
+    assert ("prompt_cache_key" in plan.params) is keyed
 
 
 # -- through the LangChain adapters ------------------------------------------------------------------

@@ -30,8 +30,11 @@ def uses_explicit_cache(model: str) -> bool:
 
 
 def uses_cache_key(model: str, provider: str | None) -> bool:
-    name = model.lower().rsplit("/", 1)[-1]
-    return provider in ("openai", "azure") or name.startswith(("gpt-", "o1", "o3", "o4"))
+    """Does ``model`` take OpenAI's ``prompt_cache_key``? OpenAI's and Azure's, and an OpenAI model name
+    whose provider is unknown; not an OpenAI model served elsewhere (Groq answers 400 to the field)."""
+    if provider is not None:
+        return provider in ("openai", "azure")
+    return model.lower().rsplit("/", 1)[-1].startswith(("gpt-", "o1", "o3", "o4"))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -55,17 +58,34 @@ def count_marks(messages: tuple[Message, ...], tools: Any) -> int:
     return count
 
 
+def _markable(part: Any) -> bool:
+    """Can ``part`` carry ``cache_control``? Not a thinking block, nor an empty text block (Anthropic
+    answers 400 "cache_control cannot be set for empty text blocks")."""
+    return isinstance(part, Mapping) and part.get("type") not in ("thinking", "redacted_thinking") \
+        and not (part.get("type") == "text" and not part.get("text"))
+
+
+def markable(message: Message) -> bool:
+    """Can :func:`mark` put a breakpoint on ``message``? Not on empty text (a tool's empty output)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return bool(content)
+    if isinstance(content, list):
+        return any(map(_markable, content))
+    return True
+
+
 def mark(message: Message) -> dict[str, Any]:
-    """A copy of ``message`` whose last content part carries ``cache_control``."""
+    """A copy of ``message`` whose last content part that can carry ``cache_control`` (:func:`markable`)
+    carries it."""
     content = message.get("content")
     if isinstance(content, str):
         return {**message, "content": [{"type": "text", "text": content, "cache_control": EPHEMERAL}]}
     if isinstance(content, list) and content:
         parts = [dict(p) if isinstance(p, Mapping) else p for p in content]
         for i in range(len(parts) - 1, -1, -1):
-            part = parts[i]
-            if isinstance(part, dict) and part.get("type") not in ("thinking", "redacted_thinking"):
-                parts[i] = {**part, "cache_control": EPHEMERAL}
+            if _markable(parts[i]):
+                parts[i] = {**parts[i], "cache_control": EPHEMERAL}
                 return {**message, "content": parts}
     return {**message, "cache_control": EPHEMERAL}
 
@@ -104,7 +124,10 @@ class CacheBreakpoints:
             budget -= 1
             chosen.append("tools")
         systems = [i for i, m in enumerate(messages) if m.get("role") == "system"]
-        targets = ([systems[-1]] if systems else []) + ([len(messages) - 1] if messages else [])
+        last = len(messages) - 1  # the last message that can carry a mark (a tool's empty output cannot)
+        while last >= 0 and not markable(messages[last]):
+            last -= 1
+        targets = ([systems[-1]] if systems else []) + ([last] if last >= 0 else [])
         for index in dict.fromkeys(targets):
             if budget <= 0 or cumulative[index] < minimum or has_thinking(messages[index]):
                 continue
