@@ -12,10 +12,12 @@ Pairs (all from ../shared/data/routing, RouteLLM's evaluation prompts):
   subject.
 For each threshold it prints how many pairs would hit, and the precision (share of hits that are
 paraphrases) and recall: without guards, with the number guard alone (the cache before the text
-guards), and with every guard the cache applies by default (numbers, identifiers, negation, direction).
+guards), and with every guard the cache applies by default (numbers, identifiers, negation, direction,
+opposite words).
 
 Then the same for LOOK_ALIKES, hand-written pairs of developer and everyday prompts: look-alikes that
-ask something else (another file or name, a negation, a reversed direction) and must not match, and
+ask something else (another file or name, a negation, a reversed direction, an opposite word) and must
+not match, and
 true paraphrases of them that must; with each pair's similarity and the guard that refuses it.
 """
 
@@ -83,6 +85,20 @@ LOOK_ALIKES: list[tuple[str, str, str | None]] = [
     ("Explain how money moves from the buyer to the seller in escrow.",
      "Explain how money moves from the seller to the buyer in escrow.", None),
     ("Map the keys of dict A onto dict B.", "Map the keys of dict B onto dict A.", None),
+    # opposite words (a user's trial, 2026-12-06: before the opposite guard each of these was served)
+    ("Sort the list of users in ascending order by age.", "Sort the list of users in descending order by age.",
+     "Please sort the list of users by age in ascending order."),
+    ("Explain the advantages of using Rust over C++.", "Explain the disadvantages of using Rust over C++.",
+     "Can you explain the advantages of using Rust instead of C++?"),
+    ("Write a function to encrypt a string with AES.", "Write a function to decrypt a string with AES.",
+     "Write a function that encrypts a string with AES."),
+    ("List the pros of remote work.", "List the cons of remote work.", "Please list the pros of remote work."),
+    ("How do I enable two-factor authentication for my account?",
+     "How do I disable two-factor authentication for my account?",
+     "How can I enable two-factor authentication on my account?"),
+    ("Add a column for the email address to the users table.",
+     "Remove the column for the email address from the users table.", None),
+    ("Should the cache be cleared before the deploy?", "Should the cache be cleared after the deploy?", None),
 ]
 GUARDS = {"no guard": {"number_guard": False, "text_guards": False},
           "number guard": {"number_guard": True, "text_guards": False},  # the cache before the text guards

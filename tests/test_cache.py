@@ -49,6 +49,16 @@ def test_temperature_zero_is_cached_and_the_hit_costs_nothing(monkeypatch, span_
     assert len([s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]) == 1
 
 
+def test_temperature_zero_written_as_a_float_is_the_same_request(monkeypatch) -> None:
+    """A client whose JSON writes ``0.0`` asks what ``temperature=0`` asks: one answer, one provider
+    call (before, two entries: the request was paid twice)."""
+    seen = calls_to_provider(monkeypatch)
+    pipeline = Pipeline.from_config({})
+    pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0, mock_response="4")
+    hit = pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, temperature=0.0, mock_response="5")
+    assert len(seen) == 1 and hit.choices[0].message.content == "4" and outcome(hit).usage.source == "cache"
+
+
 def test_what_is_not_cached(monkeypatch) -> None:
     seen = calls_to_provider(monkeypatch)
     pipeline = Pipeline.from_config({})

