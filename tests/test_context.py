@@ -98,6 +98,16 @@ def test_single_huge_tool_output_is_cleared_but_recent_one_kept() -> None:
     assert decision.action == "clear" and decision.attributes["cleared_messages"] == 1
 
 
+@pytest.mark.parametrize("keep_last", [0, 2])
+def test_the_current_step_s_results_are_never_cleared(keep_last: int) -> None:
+    """The results after the last assistant turn are what the model is about to read: ``keep_last=0``
+    (or a step of more parallel calls than ``keep_last``) cleared them before."""
+    history = [SYSTEM, TASK, *tool_turn(0, size=2000), *tool_turn(1, size=2000, parallel=4)]
+    planned = ClearToolOutputs(keep_last=keep_last, chunk=1)(plan_for(history), STATE).messages
+    assert planned[3]["content"].startswith("[output cleared")  # the earlier step's result
+    assert planned[5:] == tuple(history[5:])  # the current step's four results, as they were
+
+
 def test_clearing_moves_in_whole_chunks_so_the_prefix_is_stable() -> None:
     policy = ClearToolOutputs(keep_last=2, chunk=3000)
     history = agent_history(30, size=50)

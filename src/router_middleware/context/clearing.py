@@ -1,6 +1,7 @@
 """Clear old tool outputs: the cheapest large saving in agent histories, made cache-friendly.
 
-All but the last ``keep_last`` tool results (or observation messages) may be replaced by a short
+All but the last ``keep_last`` tool results (or observation messages), and never those of the current
+step (after the last assistant turn, which the model is about to read), may be replaced by a short
 placeholder that keeps the file paths they named. They are cleared in *chunks*: only when the
 clearable tokens reach a whole multiple of ``chunk`` tokens, so the cleared prefix stays identical
 from one step to the next and the provider's prompt cache keeps hitting between clearings.
@@ -70,7 +71,9 @@ class ClearToolOutputs:
         messages = plan.messages
         head = head_length(messages)
         results = result_indices(messages, head)
-        candidates = results[: max(0, len(results) - self.keep_last)]
+        step = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"), -1)
+        # never the current step's results (after the last assistant turn): the model is about to read them
+        candidates = [i for i in results[: max(0, len(results) - self.keep_last)] if i < step]
         if not candidates:
             return plan
         names = tool_names(messages) if self.exclude_tools else {}
