@@ -789,6 +789,7 @@ def test_an_agent_middleware_without_models_past_a_soft_limit_sends_and_records_
                            messages=[HumanMessage("Rename x to count in utils.py")], model_settings={})
     with structlog.testing.capture_logs() as logs:
         middleware = RouterAgentMiddleware(p)
+        RouterAgentMiddleware(p)  # an agent made per request: said once per config
     assert [(e["event"], e["budgets"]) for e in logs] == [("agent_downgrade_not_applied", ["day"])]
     _drive(middleware, request, asynchronous)
     p.close()

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
+from weakref import WeakValueDictionary
 
 from langchain.agents.middleware import AgentMiddleware, ModelRequest, ModelResponse
 from langchain_core.language_models import BaseChatModel
@@ -39,6 +40,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from .. import wire
 from ..cache import key_value
 from ..catalog import close_names, split_provider
+from ..config import Config
 from ..context.breakpoints import mark
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
@@ -175,6 +177,8 @@ def _marked(own: list[Any], converted: Sequence[Any] | None, planned: Sequence[A
 
 _FIRST_CHUNKS_KEPT = 1024  # streamed answers awaiting their read (_first_chunk), which follows at once
 _STEPS_KEPT = 1024  # agent steps whose first call's model name is kept, to see a model swapped after it (_swapped)
+_NO_DOWNGRADE_SAID: WeakValueDictionary[int, Config] = WeakValueDictionary()  # configs said (_no_downgrades)
+_SAID_LOCK = threading.Lock()
 
 
 def _step(state: Any) -> tuple[int, ...] | None:
@@ -397,14 +401,19 @@ class RouterAgentMiddleware(AgentMiddleware):
                                   f"there and fail; add one of {', '.join(targets)} to models=")
 
     def _no_downgrades(self) -> None:
-        """Say, once per middleware made, that without ``models`` no budget's ``downgrade_to`` applies:
-        the agent's own model answers every call, past a soft limit too, until the hard limit refuses it."""
-        named = [budget.name for budget in self.pipeline.config.routing.budgets if budget.downgrade_to]
-        if named:
-            log.warning("agent_downgrade_not_applied", budgets=named,
-                        why="without models= the agent's own model answers every call: past a budget's soft "
-                            "limit it is not downgraded, and its hard limit refuses it; pass models= (a chat "
-                            "model for the downgrade's targets) to downgrade")
+        """Say, once per config (an agent made per request says it once), that without ``models`` no
+        budget's ``downgrade_to`` applies: the agent's own model answers every call, past a soft limit
+        too, until the hard limit refuses it."""
+        config = self.pipeline.config
+        named = [budget.name for budget in config.routing.budgets if budget.downgrade_to]
+        with _SAID_LOCK:
+            if not named or _NO_DOWNGRADE_SAID.get(id(config)) is config:
+                return
+            _NO_DOWNGRADE_SAID[id(config)] = config
+        log.warning("agent_downgrade_not_applied", budgets=named,
+                    why="without models= the agent's own model answers every call: past a budget's soft "
+                        "limit it is not downgraded, and its hard limit refuses it; pass models= (a chat "
+                        "model for the downgrade's targets) to downgrade")
 
     def _no_misnamed_targets(self, route: str) -> None:
         """Refuse a ``models`` entry no route reaches whose chat model is a target of ``route`` (or of a
