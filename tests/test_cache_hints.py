@@ -36,24 +36,27 @@ def test_anthropic_breakpoints_on_system_and_last_message() -> None:
     assert outcome(response).plan.decisions[-1].policy == "cache-breakpoints"
 
 
-def test_a_tool_s_empty_output_gets_no_breakpoint_the_message_before_it_does() -> None:
+@pytest.mark.parametrize(("said", "output", "marked_role"), [("Running it.", "", "assistant"),
+                                                             (None, " \n", "user")])
+def test_a_tool_s_empty_output_gets_no_breakpoint_the_message_before_it_does(said, output, marked_role) -> None:
     """A command that printed nothing (a tool message with ``""``) is the last message: Anthropic answers
     400 "cache_control cannot be set for empty text blocks" to a mark there (before, the pipeline
     made that request, where the direct call went through). The mark goes on the last message
-    that can carry one."""
+    that can carry one: not blank output, nor an assistant turn of tool calls alone (litellm drops
+    a mark on a message without content)."""
     call = {"id": "toolu_1", "type": "function", "function": {"name": "bash", "arguments": '{"cmd": "true"}'}}
     with replayer.use_cassette(str(CASSETTES / "anthropic_message_create.yaml")) as cassette:
         Pipeline.from_config({}).completion(
             model="anthropic/claude-3-opus-20240229", max_tokens=1024,
             messages=[{"role": "system", "content": LONG_SYSTEM},
                       {"role": "user", "content": "Run the formatter " + "on every file. " * 300},
-                      {"role": "assistant", "content": "Running it.", "tool_calls": [call]},
-                      {"role": "tool", "tool_call_id": "toolu_1", "content": ""}],
+                      {"role": "assistant", "content": said, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "toolu_1", "content": output}],
             context={"session_id": "s1"})
     body = _sent_body(cassette)
-    assert body["messages"][-1]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_1", "content": ""}]
+    assert '"cache_control"' not in json.dumps(body["messages"][-1])
     marked = [m["role"] for m in body["messages"] if '"cache_control"' in json.dumps(m)]
-    assert marked == ["assistant"] and body["system"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert marked == [marked_role] and body["system"][-1]["cache_control"] == {"type": "ephemeral"}
 
 
 def test_no_breakpoint_below_the_minimum_cacheable_size() -> None:

@@ -106,9 +106,6 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
         other = sorted(str(k) for k in message if k != "role")
         raise MessageError(f"a {role} message needs 'content'" + (f" (it has {', '.join(map(repr, other))})"
                                                                  if other else ""), index=index, source=source)
-    if content is None and role in _NEEDS_TEXT:  # litellm sends it as a message without content
-        raise MessageError(f"a {role} message's 'content' is null; give it a string or a list of parts",
-                           index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
     if parts and isinstance(content, list):
@@ -168,7 +165,6 @@ def _calls_ok(calls: list[Any]) -> bool:
 
 
 _NEEDS_CONTENT = frozenset({"user", "system", "developer", "tool"})  # the assistant's may be tool calls alone
-_NEEDS_TEXT = frozenset({"user", "system", "developer"})  # null content refused (a tool's null may be its empty output)
 # per check of content parts (litellm sends, or not): a message dict -> its valid form; a resent
 # history -> its valid messages and the tool-call state at its end
 _MEMOS = {parts: (MessageMemo(), HistoryMemo(alike=True)) for parts in (True, False)}

@@ -62,17 +62,18 @@ def _markable(part: Any) -> bool:
     """Can ``part`` carry ``cache_control``? Not a thinking block, nor an empty text block (Anthropic
     answers 400 "cache_control cannot be set for empty text blocks")."""
     return isinstance(part, Mapping) and part.get("type") not in ("thinking", "redacted_thinking") \
-        and not (part.get("type") == "text" and not part.get("text"))
+        and not (part.get("type") == "text" and not str(part.get("text") or "").strip())
 
 
 def markable(message: Message) -> bool:
-    """Can :func:`mark` put a breakpoint on ``message``? Not on empty text (a tool's empty output)."""
+    """Can :func:`mark` put a breakpoint on ``message``? Not on blank text (a tool's empty output), nor
+    on a message without content (an assistant turn of tool calls alone: litellm drops such a mark)."""
     content = message.get("content")
     if isinstance(content, str):
-        return bool(content)
+        return bool(content.strip())
     if isinstance(content, list):
         return any(map(_markable, content))
-    return True
+    return False
 
 
 def mark(message: Message) -> dict[str, Any]:
