@@ -243,6 +243,14 @@ def _dead_router(dead: str) -> litellm.Router:
         for name in ("flaky", "flaky2")])
 
 
+def _flaky_router(bad: str, up: str) -> litellm.Router:
+    """A router whose deployment ``flaky`` is served by ``bad`` and ``healthy`` by ``up``."""
+    return litellm.Router(model_list=[
+        {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": bad, "api_key": "x"}},
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+    ])
+
+
 def _proxy_request(changed: dict) -> dict:
     """A request as the proxy hands it to its router: one logging object for all its attempts (litellm
     reports only the first failure), the one the proxy's own cleanup reads."""
@@ -334,10 +342,7 @@ def test_proxy_calls_fail_over_across_an_alias_cool_down_and_are_one_row_each(tm
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream() as (up, seen), scripted_upstream(status=503) as (dead, dead_seen):
-        router = litellm.Router(model_list=[
-            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
-            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
-        ])
+        router = _flaky_router(dead, up)
         logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
         try:
             async def calls() -> None:
@@ -516,10 +521,11 @@ def test_the_sdk_hook_never_fails_a_call_it_cannot_plan(logger) -> None:
     assert asyncio.run(logger.async_pre_call_deployment_hook(bad, "acompletion")) is None  # sent as it came
 
 
-def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path) -> None:
+@pytest.mark.parametrize("status", [503, 400, 401])
+def test_a_proxy_call_that_fails_everywhere_is_one_error_row(tmp_path, status) -> None:
     from .scripted_upstream import scripted_upstream
 
-    with scripted_upstream(status=503) as (dead, dead_seen):
+    with scripted_upstream(status=status) as (dead, dead_seen):
         router = _dead_router(dead)
         logger = _proxy_logger(tmp_path, ["flaky", "flaky2"])
         try:
@@ -576,6 +582,65 @@ def test_a_proxy_call_follows_the_router_when_only_its_first_failure_is_reported
     assert "routing:fallback" in json.loads(rows[0]["decisions"])  # the last fallback's plan (depth 2)
     expected = 3210 * 0.15e-6 + 42 * 0.6e-6  # gpt-4o-mini, the deployment that answered (no cache read here)
     assert rows[0]["cost_usd"] == pytest.approx(expected, rel=0.5)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("status", [400, 401, 404])
+def test_a_proxy_call_the_router_falls_back_after_a_failure_the_pipeline_would_end_on_is_one_row(
+        tmp_path, status, stream) -> None:
+    """The proxy's router falls back after a 400, 401 or 404 of its first target, where the pipeline's
+    own attempts would end the call: the lifecycle follows the router, so the call is one row (the
+    answer's, its fallback decision naming the first target's error), not a failed row and a row of
+    an unrouted call."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=status) as (bad, bad_seen):
+        router = _flaky_router(bad, up)
+        logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+        try:
+            async def call() -> None:
+                await _through_proxy(logger, router, "one", stream=stream, shared=True, event_first=True)
+                await _recorded(logger, 1)
+                await asyncio.sleep(0.2)  # a late event of the first attempt would add a row now
+                await logger.aflush()
+            asyncio.run(call())
+            rows = _ledger(logger)
+            failures = float(logger.pipeline.store.get("fail:flaky") or 0)
+        finally:
+            logger.unregister()
+    assert failures == (0 if status == 400 else 1)  # the first target's failure counts, but not a bad request
+    assert (len(bad_seen), len(seen)) == (1, 1)  # the router fell back
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["error"], row["requested_model"], row["model"]) == (None, "coder", "scripted-coder")
+    assert "routing:fallback" in json.loads(row["decisions"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each(tmp_path, stream) -> None:
+    """After a 401 litellm's router cools its target down: later calls skip it without calling it, and
+    the router's refusal (``RouterRateLimitError``, its failure event naming no model group) comes after
+    the lifecycle moved on: it is not the next target's failure (a failed row and an unrouted one)."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=401) as (bad, bad_seen):
+        router = _flaky_router(bad, up)
+        logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+        try:
+            async def calls() -> None:
+                for i in range(3):
+                    await _through_proxy(logger, router, f"c{i}", stream=stream, shared=True, event_first=True)
+                    await _recorded(logger, i + 1)
+                await asyncio.sleep(0.2)
+                await logger.aflush()
+            asyncio.run(calls())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+    assert (len(bad_seen), len(seen)) == (1, 3)  # the first call's 401 cooled flaky down in the router
+    assert len(rows) == 3, rows
+    assert all(r["error"] is None and r["requested_model"] == "coder" and "routing:fallback" in r["decisions"]
+               for r in rows)
 
 
 def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:

@@ -131,6 +131,18 @@ class CutShort(Exception):
         self.error, self.spent = error, spent
 
 
+class MovedPast(Exception):
+    """What an adapter throws into a lifecycle for an attempt that failed with ``error`` (having used
+    ``spent``, if it broke off partway) when the adapter's own router has already moved on to the next
+    target, after a failure the lifecycle would have ended the call on (the LiteLLM proxy's router
+    falls back after a 400, 401 or 404): counted as that failure, and the call follows the router to
+    its next target."""
+
+    def __init__(self, error: Exception, spent: Outcome | None = None) -> None:
+        super().__init__(str(error))
+        self.error, self.spent = error, spent
+
+
 class Replaced(Exception):
     """What an adapter throws into a lifecycle for an attempt whose model failed with ``error`` while
     the adapter's caller was handed ``answer`` in its place (LangChain's ModelRetryMiddleware inside
@@ -244,8 +256,10 @@ class CallLifecycle:
                     self._give_up(plan, trace, thrown.error, thrown.spent)
                     return thrown.answer
                 # outside the handler: a CutShort's error is raised with its own context
-                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort) else (thrown, None)
-                step = yield from self._failed(plan, trace, attempts, error, spent)
+                moved = isinstance(thrown, MovedPast)
+                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort | MovedPast) \
+                    else (thrown, None)
+                step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved)
                 if step is None:
                     raise error
                 # paused at the next attempt, the flow holds no failure: its traceback reaches the
@@ -651,10 +665,12 @@ class CallLifecycle:
     # -- after an attempt ------------------------------------------------------------------------
 
     def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts, exc: Exception,
-                spent: Outcome | None = None) -> Generator[Effect, Any, tuple[Plan, float] | None]:
+                spent: Outcome | None = None, *,
+                moved: bool = False) -> Generator[Effect, Any, tuple[Plan, float] | None]:
         """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
         and ledger row then record the error, and the reservation is released, or settled at
-        ``spent``: what the attempt used before it broke off)."""
+        ``spent``: what the attempt used before it broke off). ``moved``: the adapter's router has
+        moved on to the next target (:class:`MovedPast`), which the call follows whatever ``exc`` is."""
         engine, failed = self.engine, plan.deployment or plan.model
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
@@ -668,7 +684,7 @@ class CallLifecycle:
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
-                       else attempts.skip(error_kind(exc)) if self.follow else attempts.advance(exc, windows))
+                       else attempts.skip(error_kind(exc)) if self.follow or moved else attempts.advance(exc, windows))
         if next_target is None:
             final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
             if len(attempts.history) > 1:  # the traceback shows every target's end, not only the last one's

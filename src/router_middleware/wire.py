@@ -242,6 +242,16 @@ def provider_error(exc: BaseException) -> bool:
     return bool(getattr(exc, "llm_provider", None))
 
 
+def refused_group(exc: BaseException) -> str | None:
+    """The model group litellm's router refused without calling it (``RouterRateLimitError``: all its
+    deployments in the router's cooldown, or over their limits), or ``None``. Its failure event names
+    no ``model_group``: a proxy call that moved on to its next target meanwhile is not that target's failure."""
+    if type(exc).__name__ not in ("RouterRateLimitError", "RouterRateLimitErrorBasic"):
+        return None
+    model = getattr(exc, "model", None)
+    return model if isinstance(model, str) and model else None
+
+
 def retries_unhooked(request: Mapping[str, Any]) -> str | None:
     """The setting by which litellm retries a failed SDK ``acompletion`` of ``request`` itself
     (``num_retries``, ``retry_policy``, or ``litellm.num_retries``), if any: it calls the provider

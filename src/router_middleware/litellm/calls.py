@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .. import wire
-from ..lifecycle import Attempt, CallLifecycle, Flow
+from ..lifecycle import Attempt, CallLifecycle, Flow, MovedPast
+from ..routing.fallback import retryable
 from ..types import Outcome, Plan, UsageSource
 from .request import _chat_stream, _metadata, _seconds, _ttft
 
@@ -89,6 +90,16 @@ class _Open:
     stream: Any = None  # the chat stream the proxy serves for it, once it has one
     follows: bool = False
     own_retries: bool = False  # the proxy's router was handed no fallbacks: it retries the target its own way
+    passed: MovedPast | None = None  # a failure the router decides on (router_decides), until it moves past it
+
+    def router_decides(self, error: Exception) -> bool:
+        """Does the proxy's router, not the lifecycle, decide whether the call goes on after ``error``?
+        For a failure the lifecycle would end the call on (a 400, 401, 404: not :func:`.retryable`)
+        while the router holds fallbacks: litellm's router falls back after some of them. The
+        lifecycle then waits for the router's next attempt (its deployment hook: :class:`MovedOn`) or
+        the proxy's failure hook."""
+        return self.proxy and not self.as_sent and not self.own_retries and bool(self.attempt.remaining) \
+            and not isinstance(error, MovedOn) and not retryable(error)
 
     @property
     def falling_back(self) -> bool:

@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from .. import wire
 from ..accounting import build_outcome
 from ..drivers import astep, queued_writes, write_all
-from ..lifecycle import CutShort
+from ..lifecycle import CutShort, MovedPast
 from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import Outcome, Plan
@@ -92,13 +92,19 @@ class _Core(CustomLogger):
             reply = replace(reply, stream=found.stream)
         if error is not None:
             spent = self._spent(found, reply)
+            if isinstance(error, MovedOn) and found.passed is not None:
+                error, found.passed = found.passed, None  # the router moved past the failure its event told
+            elif found.router_decides(error):
+                found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
+                self._keep(kwargs, found)
+                return True
             if spent is None and found.own_retries:
                 # the router was handed no fallback: it may retry its target (the proxy's own
                 # num_retries), so the retry's answer settles the call, or the proxy's failure hook
                 # ends it (ended here, a retry that answered had a failed row)
                 self._keep(kwargs, found)
                 return True
-            error = error if spent is None else CutShort(error, spent)
+            error = error if spent is None or isinstance(error, MovedPast) else CutShort(error, spent)
         try:
             done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed

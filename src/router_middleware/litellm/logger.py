@@ -457,8 +457,9 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             return
         self._stream_ended(kwargs)
         try:
-            if await self._resume(kwargs, _cut(kwargs, start_time, end_time), _error(kwargs),
-                                  _metadata(kwargs).get("model_group")):
+            error = _error(kwargs)
+            if await self._resume(kwargs, _cut(kwargs, start_time, end_time), error,
+                                  wire.refused_group(error) or _metadata(kwargs).get("model_group")):
                 return
         except Exception as exc:  # noqa: BLE001
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
