@@ -95,6 +95,51 @@ def test_the_prompt_cache_key_goes_to_openai_and_azure_only(model: str, keyed: b
     assert ("prompt_cache_key" in plan.params) is keyed
 
 
+GROQ = "https://api.groq.com/openai/v1"
+
+
+@pytest.mark.parametrize(("endpoint", "setting", "keyed"), [
+    (None, "auto", True), ("https://api.openai.com/v1", "auto", True), ("https://eu.api.openai.com/v1", "auto", True),
+    (GROQ, "auto", False), ("https://integrate.api.nvidia.com/v1", "auto", False),
+    ("http://127.0.0.1:8000/v1", "auto", False), ("api.groq.com/openai/v1", "auto", False),
+    ("https://api.openai.com.evil.example/v1", "auto", False),
+    (GROQ, "always", True), (None, "never", False)])
+@pytest.mark.parametrize("where", ["deployment", "call"])
+def test_the_prompt_cache_key_goes_only_to_openai_s_endpoint_unless_the_config_says_always(
+        endpoint, setting, keyed, where) -> None:
+    """An OpenAI model on an OpenAI-compatible endpoint elsewhere (a deployment's ``api_base``, or the
+    call's) gets no ``prompt_cache_key``: Groq and NVIDIA answer 400 to the field, so every call there
+    failed where a direct call went through. ``context.prompt_cache_key: always`` sends it wherever (a
+    gateway that passes it on to OpenAI); ``never`` nowhere."""
+    deployment = {"model": "openai/gpt-oss-120b", **({"api_base": endpoint} if endpoint else {})}
+    pipeline = Pipeline.from_config({"routing": {"deployments": {"oss": deployment}},
+                                     "context": {"prompt_cache_key": setting}})
+    model, params = ("oss", {}) if where == "deployment" else \
+        ("openai/gpt-oss-120b", {"api_base": endpoint} if endpoint else {})
+    plan = pipeline.plan(pipeline.make_call(model, [{"role": "user", "content": "hi"}], {"session_id": "s1"}, params))
+    assert ("prompt_cache_key" in plan.params) is keyed
+    assert any(d.action == "cache_key" for d in plan.decisions) is keyed
+
+
+def test_a_deployment_on_groq_is_sent_without_the_prompt_cache_key(monkeypatch) -> None:
+    """What litellm sends: the deployment's request to Groq's endpoint carries no ``prompt_cache_key``."""
+    import litellm
+
+    sent: list[dict] = []
+    real = litellm.completion
+
+    def capture(**kwargs):
+        sent.append(kwargs)
+        return real(**kwargs, mock_response="ok")
+
+    monkeypatch.setattr(litellm, "completion", capture)
+    monkeypatch.setenv("GROQ_KEY", "gsk-test")
+    pipeline = Pipeline.from_config({"routing": {"deployments": {"oss": {
+        "model": "openai/gpt-oss-120b", "api_base": GROQ, "api_key_env": "GROQ_KEY"}}}})
+    pipeline.completion(model="oss", messages=[{"role": "user", "content": "hi"}], context={"session_id": "s1"})
+    assert sent[0]["api_base"] == GROQ and "prompt_cache_key" not in sent[0]
+
+
 # -- through the LangChain adapters ------------------------------------------------------------------
 
 
@@ -152,6 +197,38 @@ def test_the_agent_middleware_sends_the_prompt_cache_key_it_records() -> None:
     assert body["prompt_cache_key"] == _agent_call("gpt-3.5-turbo", "openai_chat.yaml")["prompt_cache_key"]
     assert body["prompt_cache_key"].startswith("rm-")  # the session's key, as Pipeline.completion sends it
     assert "prompt_cache_key" not in _agent_call("gpt-3.5-turbo", "openai_chat.yaml", session=None)
+
+
+@pytest.mark.parametrize("where", ["models", "the agent's own"])
+def test_the_agent_middleware_sends_no_prompt_cache_key_to_a_model_on_another_endpoint(where) -> None:
+    """An agent's model of an OpenAI model on Groq's endpoint (its ``api_base``), or of another family
+    (a chat model class that is no OpenAI client), gets no ``prompt_cache_key`` (Groq answers 400 to
+    it); one on OpenAI's API does, in ``models=`` or as the agent's own model."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
+
+    class OtherFamily(GenericFakeChatModel):
+        model_name: str = "openai/gpt-oss-120b"
+
+    cases = [(RoutedChatModel(model="openai/gpt-oss-120b", api_base=GROQ, pipeline=Pipeline()), False),
+             (OtherFamily(messages=iter(())), False), (RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline()), True)]
+    for chat_model, keyed in cases:
+        middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}),
+                                           models={"m": chat_model} if where == "models" else None,
+                                           context={"session_id": "s1"})
+        handed: list[ModelRequest] = []
+
+        def handler(request: ModelRequest, handed: list[ModelRequest] = handed) -> ModelResponse:
+            handed.append(request)
+            return ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 9, "output_tokens": 1,
+                                                                         "total_tokens": 10})])
+
+        middleware.wrap_model_call(ModelRequest(model=chat_model, messages=[HumanMessage("hi")], model_settings={},
+                                                tools=[]), handler)
+        assert ("prompt_cache_key" in handed[0].model_settings) is keyed, chat_model
 
 
 def test_the_agent_middleware_marks_the_agent_s_own_tools_keeping_what_they_carry() -> None:

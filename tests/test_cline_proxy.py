@@ -50,6 +50,8 @@ routing:
     coder-strong: {{model: openai/gpt-5-mini}}
   aliases:
     coder: [coder-strong, coder-cheap]
+context:
+  prompt_cache_key: always  # the scripted upstream on loopback stands for OpenAI's API
 reasoning:
   rules:
     - when: {{step_kind: [plan]}}

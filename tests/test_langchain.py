@@ -497,8 +497,8 @@ def test_agent_middleware_keeps_the_models_own_prompt_cache_key() -> None:
     def agent_call(base: str, **kwargs: Any) -> Any:
         model = RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(), api_base=base, api_key="test-key",
                                 max_retries=0, model_kwargs={"num_retries": 0, **kwargs})
-        agent = create_agent(model, tools=[], checkpointer=InMemorySaver(),
-                             middleware=[RouterAgentMiddleware(Pipeline.from_config({}))])
+        agent = create_agent(model, tools=[], checkpointer=InMemorySaver(), middleware=[RouterAgentMiddleware(
+            Pipeline.from_config({"context": {"prompt_cache_key": "always"}}))])  # the loopback stands for OpenAI
         return agent.invoke({"messages": [HumanMessage("hi")]}, {"configurable": {"thread_id": "t1"}})
 
     assert _wire(lambda base: agent_call(base, prompt_cache_key="shared"))["prompt_cache_key"] == "shared"

@@ -45,8 +45,9 @@ def _config(upstream: str, hook: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sent(tmp_path: Path, hook: bool) -> dict[str, dict[str, Any]]:
-    """Per model_name, the body the provider got for ``REQUEST``."""
+def _sent(tmp_path: Path, hook: bool, keyed: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per model_name, the body the provider got for ``REQUEST`` (``keyed``: gets the names whose body
+    carried a ``prompt_cache_key``)."""
     folder = tmp_path / ("hook" if hook else "bare")
     folder.mkdir()
     (folder / "router.yaml").write_text("app: wire\n")
@@ -65,6 +66,8 @@ def _sent(tmp_path: Path, hook: bool) -> dict[str, dict[str, Any]]:
                     urllib.request.urlopen(request, timeout=60)
                 assert len(bodies) == 1, (name, bodies)
                 found[name] = {k: v for k, v in bodies[0].items() if k not in OURS}
+                if keyed is not None and "prompt_cache_key" in bodies[0]:
+                    keyed.add(name)
     return found
 
 
@@ -75,7 +78,9 @@ def test_a_proxy_model_name_gets_the_request_it_gets_without_the_hook(tmp_path) 
     answered without the reasoning asked for. Now the hook plans it for the model the name stands for, as the proxy's router sends it."""
     if (why := proxy_missing()) is not None:
         service_missing(why)
-    bare, hooked = _sent(tmp_path, hook=False), _sent(tmp_path, hook=True)
+    keyed: set[str] = set()
+    bare, hooked = _sent(tmp_path, hook=False), _sent(tmp_path, hook=True, keyed=keyed)
+    assert keyed == set()  # the model_list's api_base is no OpenAI endpoint: no prompt_cache_key (Groq's 400)
     assert bare["g5"]["reasoning_effort"] == "high"  # what a direct call sends, for each provider
     assert bare["sonnet"]["thinking"]["type"] == "enabled"
     assert bare["flash"]["generationConfig"]["thinkingConfig"]["thinkingBudget"] > 0
@@ -117,3 +122,31 @@ def test_the_proxy_s_model_for_a_name_is_its_base_model_and_a_known_name_is_neve
     assert logger._proxy_names() is not None  # read, and the engine told
     engine = logger.pipeline
     assert [engine.model_of(n) for n in ("azure-4o", "gpt-4o", "g5")] == ["azure/gpt-4o", "gpt-4o", "openai/gpt-5-mini"]
+
+
+def test_behind_the_proxy_a_model_name_on_another_endpoint_gets_no_prompt_cache_key(monkeypatch) -> None:
+    """The hook reads each model_name's ``api_base`` from the proxy's router: an OpenAI model on Groq's
+    endpoint gets no ``prompt_cache_key`` (Groq answers 400 "property 'prompt_cache_key' is
+    unsupported": every request failed where the bare proxy's went through); one on OpenAI's API, or
+    with no ``api_base``, gets the session's."""
+    import asyncio
+
+    import litellm
+
+    from router_middleware import wire
+    from router_middleware.litellm import RouterLogger
+
+    def deployment(name: str, **base: str) -> dict[str, Any]:
+        return {"model_name": name, "litellm_params": {"model": "openai/gpt-oss-120b", "api_key": "k", **base}}
+
+    router = litellm.Router(model_list=[deployment("groq", api_base="https://api.groq.com/openai/v1"),
+                                        deployment("oai", api_base="https://api.openai.com/v1"), deployment("plain")])
+    monkeypatch.setattr(wire, "proxy_router", lambda: router)
+    logger = RouterLogger(Pipeline.from_config({}), proxy=True)
+
+    def keyed(name: str) -> bool:
+        data = {"model": name, "messages": MESSAGES, "litellm_call_id": f"call-{name}"}
+        changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
+        return "prompt_cache_key" in changed
+
+    assert [keyed(name) for name in ("groq", "oai", "plain")] == [False, True, True]

@@ -92,6 +92,11 @@ def policy_state(store: Store, catalog: Catalog) -> PolicyState:
     )
 
 
+def deployment_endpoints(config: Config) -> dict[str, str]:
+    """Each deployment of the config with an endpoint of its own (``api_base``): where its calls go."""
+    return {name: d.api_base for name, d in config.routing.deployments.items() if d.api_base}
+
+
 def _lag(store: Store) -> float:
     return 0.0 if isinstance(store, MemoryStore) else 1.0
 
@@ -260,6 +265,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
     chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
     state = policy_state(store, catalog)
+    state.endpoints = deployment_endpoints(config)
     return Parts(
         config=config, catalog=catalog, policies=chain, store=store, state=state,
         telemetry=telemetry_settings(config.telemetry, config.routing.deployments), ledger=ledger,

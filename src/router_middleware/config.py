@@ -100,6 +100,7 @@ class ContextConfig(_Strict):
     summary_model: str = "gpt-4o-mini"
     summary_params: dict[str, Any] = Field(default_factory=dict)
     cache_breakpoints: bool = True
+    prompt_cache_key: Literal["auto", "always", "never"] = "auto"
 
 
 class MessagesConfig(_Strict):

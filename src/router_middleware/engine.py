@@ -99,17 +99,22 @@ class Engine:
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
 
-    def serve(self, models: Mapping[str, str]) -> None:
+    def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
         stands for. A call or a fallback naming one that is no alias or deployment of the config is
         planned, priced and judged as that model (its window, reasoning, parameters) and sent under
         its name, as a deployment of the config is; its quotas and cooldown are the name's. A name the
-        catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name."""
+        catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name.
+        ``endpoints``: where the adapter sends some of the names (a base URL, over the config's
+        deployment's own, and added to those told before), which decides whether a call there gets a
+        ``prompt_cache_key``."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
         self.state.served = {
             name: model for name, model in models.items()
             if name not in routes and name != model and (known(model) is not None or known(name) is None)}
         self.books.served = self.state.served
+        if endpoints:
+            self.state.endpoints = {**self.state.endpoints, **endpoints}
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any], *, litellm_sends: bool = True) -> Call:

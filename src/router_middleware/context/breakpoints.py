@@ -5,7 +5,8 @@ breakpoints, at most 4 per request. We mark the stable prefix: the last tool def
 system message, and the last message of the request (the next request of an agent loop resends it
 unchanged), each only when the prefix up to it reaches the model's minimum cacheable size.
 OpenAI-family models get a stable ``prompt_cache_key`` per session, which keeps a session's requests
-on the same cache shard.
+on the same cache shard, where the call goes to OpenAI's API or Azure's (``context.prompt_cache_key``:
+``auto``; an OpenAI-compatible server elsewhere may refuse the field).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..policies import PolicyState
 from ..types import Decision, Message, Plan
@@ -29,12 +31,25 @@ def uses_explicit_cache(model: str) -> bool:
     return "claude" in name or name.startswith("anthropic/")
 
 
-def uses_cache_key(model: str, provider: str | None) -> bool:
-    """Does ``model`` take OpenAI's ``prompt_cache_key``? OpenAI's and Azure's, and an OpenAI model name
-    whose provider is unknown; not an OpenAI model served elsewhere (Groq answers 400 to the field)."""
-    if provider is not None:
-        return provider in ("openai", "azure")
-    return model.lower().rsplit("/", 1)[-1].startswith(("gpt-", "o1", "o3", "o4"))
+def uses_cache_key(model: str, provider: str | None, endpoint: str | None = None, setting: str = "auto") -> bool:
+    """Does ``model`` take OpenAI's ``prompt_cache_key``? Azure's models, and OpenAI's (an OpenAI model
+    name whose provider is unknown too) sent to OpenAI's API: no ``endpoint``, or one on ``openai.com``.
+    Not an OpenAI model served elsewhere, on an OpenAI-compatible endpoint (Groq and NVIDIA answer 400 to
+    the field), unless ``setting`` is ``always`` (a gateway that passes it on to OpenAI); ``never``: none."""
+    if setting == "never":
+        return False
+    if provider == "azure":
+        return True
+    if provider != "openai" and (provider is not None or
+                                 not model.lower().rsplit("/", 1)[-1].startswith(("gpt-", "o1", "o3", "o4"))):
+        return False
+    return setting == "always" or endpoint is None or openai_endpoint(endpoint)
+
+
+def openai_endpoint(endpoint: str) -> bool:
+    """Is ``endpoint`` (a base URL) OpenAI's API (``api.openai.com``, or another host of ``openai.com``)?"""
+    host = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or ""
+    return host == "openai.com" or host.endswith(".openai.com")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -93,14 +108,22 @@ def mark(message: Message) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CacheBreakpoints:
+    """Anthropic ``cache_control`` marks (system prompt, last message, last tool), or OpenAI's
+    ``prompt_cache_key`` per session where the call's endpoint takes it (``cache_key``:
+    :func:`uses_cache_key`'s setting; the endpoint: the call's ``api_base``, else its deployment's)."""
+
     name: str = "cache-breakpoints"
+    cache_key: str = "auto"
 
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         if uses_explicit_cache(plan.model):
             return self._anthropic(plan, state)
         session = plan.call.context.session_id
-        provider = state.catalog.provider(plan.model)
-        if session and "prompt_cache_key" not in plan.params and uses_cache_key(plan.model, provider):
+        if not session or "prompt_cache_key" in plan.params or self.cache_key == "never":
+            return plan
+        params, name = plan.params, plan.deployment or plan.model
+        endpoint = params.get("api_base") or params.get("base_url") or state.endpoints.get(name)
+        if uses_cache_key(plan.model, state.catalog.provider(plan.model), endpoint, self.cache_key):
             return plan.decide(Decision(self.name, "cache_key", "stable prompt_cache_key for the session"),
                                params={**plan.params, "prompt_cache_key": session_cache_key(session)})
         return plan

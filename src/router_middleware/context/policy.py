@@ -44,7 +44,7 @@ class _Steps:
         fit_budget = MiddleOut(budget_tokens=config.budget_tokens, name="fit-budget") \
             if config.budget_tokens is not None else None
         return cls(clear, trim, fit_budget, MiddleOut(name="fit-window"),
-                   CacheBreakpoints() if config.cache_breakpoints else None)
+                   CacheBreakpoints(cache_key=config.prompt_cache_key) if config.cache_breakpoints else None)
 
 
 @dataclass(frozen=True)

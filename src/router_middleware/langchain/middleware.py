@@ -102,6 +102,25 @@ def _run_labels(config: Mapping[str, Any], runtime_context: Any) -> tuple[dict[s
     return found, refused
 
 
+_OPENAI_CLIENTS = ("langchain_openai", "langchain_litellm", "langchain_community.chat_models.litellm",
+                   "router_middleware")  # chat models that send to OpenAI's API unless given a base URL
+
+
+def _endpoint(model: Any) -> str | None:
+    """Where ``model`` sends its requests, for the breakpoints policy's ``prompt_cache_key``: its base
+    URL (ChatOpenAI's, ChatLiteLLM's or RoutedChatModel's ``api_base``), else ``None`` for OpenAI's API
+    (one of those given none; an AzureChatOpenAI, whose endpoints take the key), else its class (a chat
+    model of another family, ChatGroq's: an OpenAI model name it serves takes no key)."""
+    cls = type(model)
+    if cls.__name__.startswith("AzureChatOpenAI"):
+        return None
+    for attribute in ("openai_api_base", "api_base", "base_url"):
+        value = getattr(model, attribute, None)
+        if isinstance(value, str) and value:
+            return value
+    return None if cls.__module__.startswith(_OPENAI_CLIENTS) else f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _model_name(model: BaseChatModel) -> str:
     for attribute in ("model", "model_name", "model_id"):
         value = getattr(model, attribute, None)
@@ -358,8 +377,9 @@ class RouterAgentMiddleware(AgentMiddleware):
         served = {name: found for name, chat_model in self.models.items()
                   if (found := _model_name(chat_model)) != name and self.pipeline.catalog.resolve(found)
                   and not self._same_model(name, found)}
-        if served:
-            self.pipeline.serve({**self.pipeline.state.served, **served})
+        endpoints = {name: base for name, chat_model in self.models.items() if (base := _endpoint(chat_model))}
+        if served or endpoints:
+            self.pipeline.serve({**self.pipeline.state.served, **served}, endpoints)
 
     def _same_model(self, name: str, found: str) -> bool:
         """Whether the catalog knows ``name`` as the model ``found`` names (the same prices and window,
@@ -521,10 +541,12 @@ class RouterAgentMiddleware(AgentMiddleware):
         unrouted, as a direct call would send it, with a warning naming both once per pair; any other
         call by :meth:`_route`."""
         if not self._swapped(request):
+            self._reached(request.model)
             return self._route(request.model), False
         name, _ = self._routed_by(request.model)
         if name is not None:
             return name, False
+        self._reached(request.model)
         own = _model_name(request.model)
         pair = (self.route or "", own)
         if self._first(self._unrouted, pair):
@@ -532,6 +554,16 @@ class RouterAgentMiddleware(AgentMiddleware):
                         why="a middleware before RouterAgentMiddleware handed it this model in place of the "
                             "agent's, and none of models= holds it: it is sent as it is, unrouted")
         return own, True
+
+    def _reached(self, model: Any) -> None:
+        """Tell the pipeline where a model the agent hands this middleware, none of ``models`` (sent as
+        it is), sends its requests (:func:`_endpoint`), where it is not OpenAI's API, under its name."""
+        if self.models and any(held is model for held in self.models.values()):
+            return
+        endpoint = _endpoint(model)
+        name = _model_name(model)
+        if endpoint is not None and self.pipeline.state.endpoints.get(name) != endpoint:
+            self.pipeline.serve(self.pipeline.state.served, {name: endpoint})
 
     def _without_retries(self, name: str, model: Any) -> Any:
         """``model`` for an attempt with another target behind it: a RoutedChatModel that sets no

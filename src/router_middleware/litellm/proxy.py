@@ -133,7 +133,9 @@ class _ProxyHooks(_Core):
             fresh = wire.proxy_model_names(current)
             if fresh is not None and fresh != names:
                 self._unserved(fresh)
-                self.pipeline.serve({name: model for name in fresh if (model := _proxy_model(name)) is not None})
+                found = {name: _proxy_deployment(name) for name in fresh}
+                self.pipeline.serve({name: model for name, (model, _) in found.items() if model is not None},
+                                    {name: base for name, (_, base) in found.items() if base is not None})
             names = fresh
             self._names = (current, now, names)
         return names
@@ -216,9 +218,15 @@ class _ProxyHooks(_Core):
 
 
 def _proxy_model(name: str) -> str | None:
-    """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as:
-    its ``model_info.base_model`` (what litellm prices an Azure deployment by), else its litellm
-    model; ``None`` when the proxy has no such deployment."""
+    """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as
+    (:func:`_proxy_deployment`)."""
+    return _proxy_deployment(name)[0]
+
+
+def _proxy_deployment(name: str) -> tuple[str | None, str | None]:
+    """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as
+    (its ``model_info.base_model``: what litellm prices an Azure deployment by; else its litellm
+    model), and its ``api_base``; ``None`` for what the proxy does not say (no such deployment)."""
     router = wire.proxy_router()
     try:
         found = router.registry().deployments(name) if router is not None else None
@@ -226,6 +234,7 @@ def _proxy_model(name: str) -> str | None:
         info = found[0].get("model_info") if found else None
         model = (info.get("base_model") if isinstance(info, Mapping) else None) or \
             (params.get("model") if isinstance(params, Mapping) else None)
+        base = params.get("api_base") if isinstance(params, Mapping) else None
     except Exception:  # noqa: BLE001 - another litellm's router: priced as the name
-        return None
-    return str(model) if model else None
+        return None, None
+    return (str(model) if model else None), (str(base) if isinstance(base, str) and base else None)
