@@ -59,6 +59,23 @@ def test_a_tool_s_empty_output_gets_no_breakpoint_the_message_before_it_does(sai
     assert marked == [marked_role] and body["system"][-1]["cache_control"] == {"type": "ephemeral"}
 
 
+@pytest.mark.parametrize("system", ["", " \n", [{"type": "text", "text": ""}]])
+def test_a_blank_system_prompt_gets_no_breakpoint_behind_long_tools(system) -> None:
+    """Tools long enough to cache put the prefix up to a blank system prompt over the minimum: its mark
+    went on empty text (Anthropic answers 400 "cache_control cannot be set for empty text blocks",
+    where the direct call went through). The tools and the last message are marked."""
+    tools = [{"type": "function", "function": {"name": "read_file", "description": "Read a file. " * 900,
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    pipeline = Pipeline.from_config({})
+    plan = pipeline.plan(pipeline.make_call(
+        "anthropic/claude-3-opus-20240229", [{"role": "system", "content": system},
+                                             {"role": "user", "content": "Read utils.py"}],
+        {"session_id": "s1"}, {"tools": tools, "max_tokens": 1024}))
+    assert "cache_control" not in json.dumps(plan.messages[0])
+    assert plan.params["tools"][-1]["cache_control"] == {"type": "ephemeral"}
+    assert "cache_control" in json.dumps(plan.messages[-1])
+
+
 def test_no_breakpoint_below_the_minimum_cacheable_size() -> None:
     with replayer.use_cassette(str(CASSETTES / "anthropic_message_create.yaml")) as cassette:
         Pipeline.from_config({}).completion(

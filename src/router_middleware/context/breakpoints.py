@@ -153,7 +153,8 @@ class CacheBreakpoints:
             last -= 1
         targets = ([systems[-1]] if systems else []) + ([last] if last >= 0 else [])
         for index in dict.fromkeys(targets):
-            if budget <= 0 or cumulative[index] < minimum or has_thinking(messages[index]):
+            if budget <= 0 or cumulative[index] < minimum or has_thinking(messages[index]) \
+                    or not markable(messages[index]):  # a blank system prompt: Anthropic's 400
                 continue
             messages[index] = mark(messages[index])
             budget -= 1
