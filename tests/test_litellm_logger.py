@@ -617,15 +617,28 @@ def test_a_proxy_call_the_router_falls_back_after_a_failure_the_pipeline_would_e
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each(tmp_path, stream) -> None:
+@pytest.mark.parametrize(("targets", "attempts"), [(["flaky", "healthy"], 1), (["flaky", "healthy"], 2),
+                                                   (["flaky", "flaky2", "healthy"], 1)])
+def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each(tmp_path, stream, targets,
+                                                                                attempts) -> None:
     """After a 401 litellm's router cools its target down: later calls skip it without calling it, and
     the router's refusal (``RouterRateLimitError``, its failure event naming no model group) comes after
-    the lifecycle moved on: it is not the next target's failure (a failed row and an unrouted one)."""
+    the lifecycle moved on: it is not the next target's failure (a failed row and an unrouted one). The
+    lifecycle follows the router to the target it calls, past every target it skipped (before, one a
+    step: a row named a target the router never called) and never retries one it moved past."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream() as (up, seen), scripted_upstream(status=401) as (bad, bad_seen):
-        router = _flaky_router(bad, up)
-        logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+        router = litellm.Router(model_list=[
+            *({"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": bad, "api_key": "x"}}
+              for name in targets[:-1]),
+            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+        ])
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-5-mini"}, "flaky2": {"model": "openai/gpt-5-mini"},
+                                        "healthy": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"coder": targets}, "fallback": {"attempts_per_model": attempts, "backoff_s": 0}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
         try:
             async def calls() -> None:
                 for i in range(3):
@@ -634,13 +647,13 @@ def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each
                 await asyncio.sleep(0.2)
                 await logger.aflush()
             asyncio.run(calls())
-            rows = _ledger(logger)
+            rows = _ledger(logger, ("ts", "error", "requested_model", "decisions", "deployment"))
         finally:
             logger.unregister()
-    assert (len(bad_seen), len(seen)) == (1, 3)  # the first call's 401 cooled flaky down in the router
+    assert (len(bad_seen), len(seen)) == (len(targets) - 1, 3)  # the first call's 401s cooled them down
     assert len(rows) == 3, rows
     assert all(r["error"] is None and r["requested_model"] == "coder" and "routing:fallback" in r["decisions"]
-               for r in rows)
+               and r["deployment"] == "healthy" for r in rows), rows
 
 
 def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:

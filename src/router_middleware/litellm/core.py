@@ -92,8 +92,8 @@ class _Core(CustomLogger):
             reply = replace(reply, stream=found.stream)
         if error is not None:
             spent = self._spent(found, reply)
-            if isinstance(error, MovedOn) and found.passed is not None:
-                error, found.passed = found.passed, None  # the router moved past the failure its event told
+            if isinstance(error, MovedOn) and found.proxy:  # the router moved past the target: never retried
+                error, found.passed = found.passed or MovedPast(error), None  # (with the failure its event told)
             elif found.router_decides(error):
                 found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
                 self._keep(kwargs, found)
@@ -128,14 +128,19 @@ class _Core(CustomLogger):
         failed; a fallback's request gets its own plan (messages, params)."""
         events = kwargs if events is None else events
         at = _metadata(kwargs).get("model_group") if found.proxy else str(kwargs.get("model") or "") or None
-        if at and not found.at(at):
+        while at and not found.at(at):
+            # the proxy's router skips targets its own cooldown holds without calling them: each is passed
+            ahead = found.proxy and at in found.attempt.remaining
             moved = MovedOn(f"the router moved on to {at}") if found.proxy else FellBack(f"litellm fell back to {at}")
+            before = found.attempt
             await self._resume(events, None, moved)
             with self._lock:
                 current = self._calls.get(self._key(events))
             if current is None:
                 return None
             found = current
+            if not ahead or found.attempt is before:
+                break
         if at and not found.at(at):
             return None
         found.started = True
