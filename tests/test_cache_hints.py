@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -119,7 +121,7 @@ GROQ = "https://api.groq.com/openai/v1"
     (None, "auto", True), ("https://api.openai.com/v1", "auto", True), ("https://eu.api.openai.com/v1", "auto", True),
     (GROQ, "auto", False), ("https://integrate.api.nvidia.com/v1", "auto", False),
     ("http://127.0.0.1:8000/v1", "auto", False), ("api.groq.com/openai/v1", "auto", False),
-    ("https://api.openai.com.evil.example/v1", "auto", False),
+    ("https://api.openai.com.evil.example/v1", "auto", False), ("https://myres.openai.azure.com/openai/v1", "auto", True),
     (GROQ, "always", True), (None, "never", False)])
 @pytest.mark.parametrize("where", ["deployment", "call"])
 def test_the_prompt_cache_key_goes_only_to_openai_s_endpoint_unless_the_config_says_always(
@@ -136,6 +138,29 @@ def test_the_prompt_cache_key_goes_only_to_openai_s_endpoint_unless_the_config_s
     plan = pipeline.plan(pipeline.make_call(model, [{"role": "user", "content": "hi"}], {"session_id": "s1"}, params))
     assert ("prompt_cache_key" in plan.params) is keyed
     assert any(d.action == "cache_key" for d in plan.decisions) is keyed
+
+
+@pytest.mark.parametrize("how", ["OPENAI_BASE_URL", "OPENAI_API_BASE", "litellm.api_base"])
+def test_an_openai_model_the_environment_sends_elsewhere_gets_no_prompt_cache_key(monkeypatch, how) -> None:
+    """A call given no endpoint goes where litellm sends it: ``litellm.api_base``, else
+    ``OPENAI_BASE_URL`` or ``OPENAI_API_BASE`` (a review found Groq's 400 there: the direct call went through)."""
+    import litellm
+
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_BASE"):
+        monkeypatch.delenv(name, raising=False)
+    if how == "litellm.api_base":
+        monkeypatch.setattr(litellm, "api_base", GROQ)
+    else:
+        monkeypatch.setenv(how, GROQ)
+    pipeline = Pipeline.from_config({"routing": {"deployments": {"oss": {"model": "openai/gpt-oss-120b"}}}})
+    for model in ("oss", "openai/gpt-oss-120b", "gpt-4o-mini"):
+        plan = pipeline.plan(pipeline.make_call(model, [{"role": "user", "content": "hi"}], {"session_id": "s1"}, {}))
+        assert "prompt_cache_key" not in plan.params, model
+    monkeypatch.setattr(litellm, "api_base", None)
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_BASE"):
+        monkeypatch.setenv(name, "https://api.openai.com/v1")
+    plan = pipeline.plan(pipeline.make_call("oss", [{"role": "user", "content": "hi"}], {"session_id": "s1"}, {}))
+    assert "prompt_cache_key" in plan.params
 
 
 def test_a_deployment_on_groq_is_sent_without_the_prompt_cache_key(monkeypatch) -> None:
@@ -230,8 +255,15 @@ def test_the_agent_middleware_sends_no_prompt_cache_key_to_a_model_on_another_en
     class OtherFamily(GenericFakeChatModel):
         model_name: str = "openai/gpt-oss-120b"
 
+    class ChatOpenAI(GenericFakeChatModel):  # as langchain_openai's: its client resolved OPENAI_BASE_URL
+        model_name: str = "gpt-4o-mini"
+        root_client: Any = None
+
+    ChatOpenAI.__module__ = "langchain_openai.chat_models.base"
     cases = [(RoutedChatModel(model="openai/gpt-oss-120b", api_base=GROQ, pipeline=Pipeline()), False),
-             (OtherFamily(messages=iter(())), False), (RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline()), True)]
+             (OtherFamily(messages=iter(())), False), (RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline()), True),
+             (ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url=f"{GROQ}/")), False),
+             (ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url="https://api.openai.com/v1/")), True)]
     for chat_model, keyed in cases:
         middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}),
                                            models={"m": chat_model} if where == "models" else None,

@@ -139,7 +139,9 @@ def test_behind_the_proxy_a_model_name_on_another_endpoint_gets_no_prompt_cache_
     def deployment(name: str, **base: str) -> dict[str, Any]:
         return {"model_name": name, "litellm_params": {"model": "openai/gpt-oss-120b", "api_key": "k", **base}}
 
-    router = litellm.Router(model_list=[deployment("groq", api_base="https://api.groq.com/openai/v1"),
+    groq = "https://api.groq.com/openai/v1"
+    router = litellm.Router(model_list=[deployment("groq", api_base=groq), deployment("groq-base-url", base_url=groq),
+                                        deployment("mixed"), deployment("mixed", api_base=groq),  # load-balanced
                                         deployment("oai", api_base="https://api.openai.com/v1"), deployment("plain")])
     monkeypatch.setattr(wire, "proxy_router", lambda: router)
     logger = RouterLogger(Pipeline.from_config({}), proxy=True)
@@ -149,4 +151,5 @@ def test_behind_the_proxy_a_model_name_on_another_endpoint_gets_no_prompt_cache_
         changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
         return "prompt_cache_key" in changed
 
-    assert [keyed(name) for name in ("groq", "oai", "plain")] == [False, True, True]
+    assert [keyed(name) for name in ("groq", "groq-base-url", "mixed", "oai", "plain")] == [
+        False, False, False, True, True]

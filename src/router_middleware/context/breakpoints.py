@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +35,11 @@ def uses_explicit_cache(model: str) -> bool:
 
 def uses_cache_key(model: str, provider: str | None, endpoint: str | None = None, setting: str = "auto") -> bool:
     """Does ``model`` take OpenAI's ``prompt_cache_key``? Azure's models, and OpenAI's (an OpenAI model
-    name whose provider is unknown too) sent to OpenAI's API: no ``endpoint``, or one on ``openai.com``.
-    Not an OpenAI model served elsewhere, on an OpenAI-compatible endpoint (Groq and NVIDIA answer 400 to
-    the field), unless ``setting`` is ``always`` (a gateway that passes it on to OpenAI); ``never``: none."""
+    name whose provider is unknown too) sent to OpenAI's API or an Azure OpenAI resource: ``endpoint``,
+    else where litellm sends a call given none (:func:`default_openai_endpoint`), on ``openai.com`` or
+    ``openai.azure.com`` (or none: OpenAI's API). Not an OpenAI model served elsewhere, on an
+    OpenAI-compatible endpoint (Groq and NVIDIA answer 400 to the field), unless ``setting`` is
+    ``always`` (a gateway that passes it on to OpenAI); ``never``: none."""
     if setting == "never":
         return False
     if provider == "azure":
@@ -43,13 +47,29 @@ def uses_cache_key(model: str, provider: str | None, endpoint: str | None = None
     if provider != "openai" and (provider is not None or
                                  not model.lower().rsplit("/", 1)[-1].startswith(("gpt-", "o1", "o3", "o4"))):
         return False
-    return setting == "always" or endpoint is None or openai_endpoint(endpoint)
+    if setting == "always":
+        return True
+    endpoint = endpoint or default_openai_endpoint()
+    return endpoint is None or openai_endpoint(endpoint)
+
+
+_OPENAI_HOSTS = ("openai.com", "openai.azure.com", "cognitiveservices.azure.com")  # OpenAI's API, Azure OpenAI's
 
 
 def openai_endpoint(endpoint: str) -> bool:
-    """Is ``endpoint`` (a base URL) OpenAI's API (``api.openai.com``, or another host of ``openai.com``)?"""
+    """Is ``endpoint`` (a base URL) OpenAI's API (a host of ``openai.com``) or an Azure OpenAI resource's?"""
     host = urlsplit(endpoint if "//" in endpoint else f"//{endpoint}").hostname or ""
-    return host == "openai.com" or host.endswith(".openai.com")
+    return any(host == name or host.endswith(f".{name}") for name in _OPENAI_HOSTS)
+
+
+def default_openai_endpoint() -> str | None:
+    """Where litellm sends an OpenAI call given no endpoint: ``litellm.api_base``, else the environment's
+    ``OPENAI_BASE_URL`` or ``OPENAI_API_BASE`` (the OpenAI SDK's and LangChain's ChatOpenAI's too),
+    else ``None`` (OpenAI's API). Read at each call, as litellm reads it (litellm is not imported here)."""
+    litellm = sys.modules.get("litellm")
+    base = getattr(litellm, "api_base", None) if litellm is not None else None
+    return (base if isinstance(base, str) and base else None) or os.environ.get("OPENAI_BASE_URL") \
+        or os.environ.get("OPENAI_API_BASE") or None
 
 
 @functools.lru_cache(maxsize=4096)

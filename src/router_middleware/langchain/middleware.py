@@ -108,9 +108,10 @@ _OPENAI_CLIENTS = ("langchain_openai", "langchain_litellm", "langchain_community
 
 def _endpoint(model: Any) -> str | None:
     """Where ``model`` sends its requests, for the breakpoints policy's ``prompt_cache_key``: its base
-    URL (ChatOpenAI's, ChatLiteLLM's or RoutedChatModel's ``api_base``), else ``None`` for OpenAI's API
-    (one of those given none; an AzureChatOpenAI, whose endpoints take the key), else its class (a chat
-    model of another family, ChatGroq's: an OpenAI model name it serves takes no key)."""
+    URL (ChatOpenAI's, ChatLiteLLM's or RoutedChatModel's ``api_base``; the one ChatOpenAI's client
+    resolved, from ``OPENAI_BASE_URL`` too), else ``None`` where litellm's default applies (one of those
+    given none; an AzureChatOpenAI, whose endpoints take the key), else its class (a chat model of
+    another family, ChatGroq's: an OpenAI model name it serves takes no key)."""
     cls = type(model)
     if cls.__name__.startswith("AzureChatOpenAI"):
         return None
@@ -118,6 +119,9 @@ def _endpoint(model: Any) -> str | None:
         value = getattr(model, attribute, None)
         if isinstance(value, str) and value:
             return value
+    client = getattr(model, "root_client", None)  # ChatOpenAI's OpenAI client: the base URL it resolved
+    if client is not None and getattr(client, "base_url", None):
+        return str(client.base_url)
     return None if cls.__module__.startswith(_OPENAI_CLIENTS) else f"{cls.__module__}.{cls.__qualname__}"
 
 

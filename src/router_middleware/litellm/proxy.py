@@ -18,6 +18,7 @@ from typing import Any
 from .. import wire
 from ..accounting import stream_finish_reasons
 from ..catalog import close_names
+from ..context.breakpoints import default_openai_endpoint, openai_endpoint
 from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownModelError
 from ..lifecycle import Attempt
@@ -226,7 +227,9 @@ def _proxy_model(name: str) -> str | None:
 def _proxy_deployment(name: str) -> tuple[str | None, str | None]:
     """The model the proxy's first deployment under ``model_name`` ``name`` is priced and judged as
     (its ``model_info.base_model``: what litellm prices an Azure deployment by; else its litellm
-    model), and its ``api_base``; ``None`` for what the proxy does not say (no such deployment)."""
+    model), and the endpoint the name's calls may go to (its deployments' ``api_base`` or ``base_url``:
+    the first that is no OpenAI endpoint, as the router may pick any of them, else the first; one with
+    neither goes where litellm sends a call given none); ``None`` for what the proxy does not say."""
     router = wire.proxy_router()
     try:
         found = router.registry().deployments(name) if router is not None else None
@@ -234,7 +237,17 @@ def _proxy_deployment(name: str) -> tuple[str | None, str | None]:
         info = found[0].get("model_info") if found else None
         model = (info.get("base_model") if isinstance(info, Mapping) else None) or \
             (params.get("model") if isinstance(params, Mapping) else None)
-        base = params.get("api_base") if isinstance(params, Mapping) else None
+        bases = [_base(d.get("litellm_params")) or default_openai_endpoint() for d in found or ()]
     except Exception:  # noqa: BLE001 - another litellm's router: priced as the name
         return None, None
-    return (str(model) if model else None), (str(base) if isinstance(base, str) and base else None)
+    given = [b for b in bases if b is not None]
+    return (str(model) if model else None), next((b for b in given if not openai_endpoint(b)),
+                                                 given[0] if given else None)
+
+
+def _base(params: Any) -> str | None:
+    """A deployment's endpoint of its own (``api_base``, else ``base_url``), if any."""
+    if not isinstance(params, Mapping):
+        return None
+    base = params.get("api_base") or params.get("base_url")
+    return base if isinstance(base, str) and base else None
