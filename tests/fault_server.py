@@ -12,8 +12,9 @@ of the recorded stream, then the connection drops (before the finish reason and 
 as a provider's connection lost mid-answer does. /stall/v1/... is a slow stream (fault ``stall``):
 the first ``cut_events`` events, a pause of ``hang_s``, then the rest, as a model that stops to think
 mid-answer does (a client may leave during the pause). /broken/v1/... is fault ``broken-stream`` every
-time: the connection breaks right after the headers, before any event. /down/v1/... answers 500 to
-every request.
+time: the connection breaks right after the headers, before any event. /empty/v1/... answers a stream
+with no data: its headers (no length), then the connection closes cleanly. /down/v1/... answers 500
+to every request.
 """
 
 from __future__ import annotations
@@ -103,11 +104,18 @@ def fault_server(fault_rate: float = 0.5, seed: int = 7, hang_s: float = 1.0,
             streaming = b'"stream": true' in request or b'"stream":true' in request
             with lock:
                 fault = rng.choice(FAULTS) if self.path.startswith("/flaky") and rng.random() < fault_rate else "ok"
-                fault = {"/cut": "cut-stream", "/stall": "stall", "/broken": "broken-stream"}.get(f"/{self.path.split('/')[1]}", fault)
+                fault = {"/cut": "cut-stream", "/stall": "stall", "/broken": "broken-stream",
+                         "/empty": "empty-stream"}.get(f"/{self.path.split('/')[1]}", fault)
                 seen[f"{self.path.split('/')[1]}:{fault}"] += 1
             deployment = self.path.split("/")[1]
             if fault == "cut-stream":
                 self._break(cut, "text/event-stream")
+            elif fault == "empty-stream":  # a provider that closes its stream before any data
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("connection", "close")
+                self.end_headers()
+                self.close_connection = True
             elif fault == "stall":
                 self._stall(cut, stream[len(cut):])
             elif deployment == "limited":

@@ -2423,17 +2423,12 @@ def _store_values(path, *prefixes: str) -> dict[str, bytes]:
         return {k: v for k, v in db.execute("SELECT key, value FROM kv") if k.startswith(prefixes)}
 
 
-def test_a_client_that_leaves_mid_stream_behind_the_real_proxy_is_settled_as_a_stream_closed_early(tmp_path) -> None:
-    """The real LiteLLM proxy streams a slow answer (the recording's first three events, then a pause
-    of 4 s); the client reads two chunks and closes its connection. The proxy reports the chunks
-    streamed as a success flagged ``client_disconnected``: the row has what they used, with the error
-    ``ClientDisconnected``, the budget is charged that, and a truncated reply teaches nothing (no
-    reply-size sample for the output estimate, no speed average)."""
-    import socket
-
+def _one_stream_behind_a_budget(tmp_path) -> bytes:
+    """router.yaml in ``tmp_path`` for the real proxy (``coder`` routed to coder-cheap, a daily token
+    budget, a SQLite store and ledger there), and the body of a stream request to ``coder``; skips
+    without the proxy."""
     from .conftest import service_missing
-    from .fault_server import fault_server
-    from .litellm_proxy import proxy_missing, running_proxy
+    from .litellm_proxy import proxy_missing
 
     if (why := proxy_missing()) is not None:
         service_missing(why)
@@ -2446,8 +2441,88 @@ routing:
   budgets: [{{name: day, tokens: 100000, scope: global}}]
 ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
 """)
-    body = json.dumps({"model": "coder", "messages": [{"role": "user", "content": "Tell me a joke about opentelemetry"}],
+    return json.dumps({"model": "coder", "messages": [{"role": "user", "content": "Tell me a joke about opentelemetry"}],
                        "stream": True}).encode()
+
+
+def test_a_stream_whose_provider_sent_nothing_behind_the_real_proxy_is_a_failed_row_holding_nothing(tmp_path) -> None:
+    """The provider answers 200 and closes before any data: the proxy serves the client a bare finish
+    chunk (a 200, as without the hook) and litellm delivers no event. Before, the call had no row and
+    its estimate stayed held on the budget until the reservation lapsed (ten minutes), refusing the
+    user's next calls meanwhile; now it is one failed row (``EmptyStreamError``), holding nothing."""
+    import urllib.request
+
+    from .fault_server import fault_server
+    from .litellm_proxy import running_proxy
+
+    body = _one_stream_behind_a_budget(tmp_path)
+    with fault_server() as (base, seen):
+        env = {"CHEAP_API_BASE": f"{base}/empty/v1", "STRONG_API_BASE": f"{base}/empty/v1", "CHEAP_API_KEY": "x",
+               "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            request = urllib.request.Request(f"{proxy}/v1/chat/completions", body, {
+                "Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                status, served = answer.status, answer.read()
+            rows = _proxy_rows(tmp_path, ("error", "requested_model", "deployment"), 1)
+            time.sleep(1.0)  # a late event would add a row now
+            rows = _proxy_rows(tmp_path, ("error", "requested_model", "deployment"), 2)
+    assert status == 200 and b'"content"' not in served  # what the bare proxy serves too
+    assert seen["empty:empty-stream"] >= 1
+    assert rows == [{"error": "EmptyStreamError", "requested_model": "coder", "deployment": "coder-cheap"}]
+    held = _store_values(tmp_path / "store.db", "budget:")
+    assert all(float(v) == 0 for v in held.values()), held
+
+
+def test_a_stream_to_a_routing_alias_behind_the_real_proxy_asks_its_provider_for_usage(tmp_path) -> None:
+    """The proxy asks a stream's provider for its usage chunk (and strips it from what the client is
+    served) for its own model names, before the hook: a stream to a routing alias that is none (``hard``)
+    went without it, and its row had litellm's count instead of the provider's. The hook now asks for
+    the model_name it sends the call to, as the proxy would."""
+    import urllib.request
+
+    from .conftest import service_missing
+    from .litellm_proxy import proxy_missing, running_proxy
+    from .scripted_upstream import USAGE, scripted_upstream
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    (tmp_path / "router.yaml").write_text(f"""
+app: coding-agent
+routing:
+  deployments: {{coder-cheap: {{model: openai/gpt-4o-mini}}}}
+  aliases: {{hard: [coder-cheap]}}
+ledger: {{url: 'sqlite:///{tmp_path / 'ledger.db'}'}}
+""")
+    body = json.dumps({"model": "hard", "messages": [{"role": "user", "content": "Run the tests"}],
+                       "stream": True}).encode()
+    with scripted_upstream() as (upstream, seen):
+        env = {"CHEAP_API_BASE": upstream, "STRONG_API_BASE": upstream, "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x",
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            request = urllib.request.Request(f"{proxy}/v1/chat/completions", body, {
+                "Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                served = answer.read()
+            rows = _proxy_rows(tmp_path, ("requested_model", "input_tokens", "output_tokens"), 1)
+    assert seen[0]["stream_options"] == {"include_usage": True}
+    assert b'"usage"' not in served  # the client did not ask for it: stripped, as the proxy does
+    assert rows == [{"requested_model": "hard", "input_tokens": USAGE["prompt_tokens"],
+                     "output_tokens": USAGE["completion_tokens"]}]
+
+
+def test_a_client_that_leaves_mid_stream_behind_the_real_proxy_is_settled_as_a_stream_closed_early(tmp_path) -> None:
+    """The real LiteLLM proxy streams a slow answer (the recording's first three events, then a pause
+    of 4 s); the client reads two chunks and closes its connection. The proxy reports the chunks
+    streamed as a success flagged ``client_disconnected``: the row has what they used, with the error
+    ``ClientDisconnected``, the budget is charged that, and a truncated reply teaches nothing (no
+    reply-size sample for the output estimate, no speed average)."""
+    import socket
+
+    from .fault_server import fault_server
+    from .litellm_proxy import running_proxy
+
+    body = _one_stream_behind_a_budget(tmp_path)
     with fault_server(hang_s=4.0, cut_events=3) as (base, seen):
         env = {"CHEAP_API_BASE": f"{base}/stall/v1", "STRONG_API_BASE": f"{base}/stall/v1", "CHEAP_API_KEY": "x",
                "STRONG_API_KEY": "x", "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}

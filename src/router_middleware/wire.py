@@ -195,6 +195,31 @@ def proxy_router() -> Any:
     return getattr(sys.modules.get("litellm.proxy.proxy_server"), "llm_router", None)
 
 
+def proxy_stream_usage(request: Mapping[str, Any]) -> dict[str, Any]:
+    """What the LiteLLM proxy adds to a chat stream's ``request`` so its provider reports usage
+    (``stream_options.include_usage``, with its flags to strip the usage chunk from what the client is
+    served), worked out for the ``model`` the hook sends it to: the proxy does it before the hook, for
+    the name the client asked for, and not for a name that is none of its model names (a routing alias:
+    the row then had litellm's count, not the provider's) (litellm/proxy/common_request_processing.py,
+    1.110.2). Empty outside the proxy, when the request says whether to include usage, or when this
+    litellm cannot tell."""
+    server = sys.modules.get("litellm.proxy.proxy_server")
+    options = request.get("stream_options")
+    if server is None or request.get("stream") is not True or \
+            (isinstance(options, Mapping) and "include_usage" in options):
+        return {}
+    try:
+        from litellm.proxy import common_request_processing as processing
+
+        metadata = request.get("metadata")
+        team = metadata.get("user_api_key_team_id") if isinstance(metadata, Mapping) else None
+        return dict(processing.stream_usage_tracking_updates(
+            request, getattr(server, "general_settings", None) or {}, "acompletion",
+            lambda: processing.model_deployments_support_stream_options(request.get("model"), proxy_router(), team)))
+    except Exception:  # noqa: BLE001 - another litellm: the request goes as the proxy made it
+        return {}
+
+
 def proxy_model_names(router: Any) -> frozenset[str] | None:
     """The model names the proxy's ``router`` answers to (its ``model_list``'s ``model_name`` and
     ``model`` values, deployment ids, team models' public names, routing groups and group aliases),
@@ -306,6 +331,20 @@ def served_chunks(wrapper: Any) -> list[Any] | None:
     if not isinstance(chunks, list) or getattr(wrapper, "custom_llm_provider", None) == "cached_response":
         return None
     return chunks
+
+
+def said_nothing(chunks: list[Any]) -> bool:
+    """Did a chat stream's provider send nothing: no chunk with text, reasoning, a tool call or usage
+    (litellm ends a stream whose provider closed before any data with a bare finish chunk)?"""
+    for chunk in chunks:
+        if getattr(chunk, "usage", None) is not None:
+            return False
+        for choice in getattr(chunk, "choices", None) or ():
+            delta = getattr(choice, "delta", None)
+            if any(getattr(delta, name, None) for name in ("content", "tool_calls", "function_call",
+                                                           "reasoning_content", "thinking_blocks")):
+                return False
+    return True
 
 
 def attempt_times(logging_obj: Any, *, streamed: bool) -> tuple[datetime, datetime | None] | None:

@@ -139,6 +139,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=not fallbacks))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
+        changed.update(wire.proxy_stream_usage({**data, **changed}))  # as the proxy does for its model names
         changed["fallbacks"] = fallbacks
         if fallbacks:  # else the router retries its one target as it would without the hook
             changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1

@@ -20,7 +20,7 @@ from ..accounting import stream_finish_reasons
 from ..catalog import close_names
 from ..context.breakpoints import default_openai_endpoint, openai_endpoint
 from ..drivers import astep
-from ..errors import BudgetExceeded, NoRouteError, StoreUnavailable, UnknownModelError
+from ..errors import BudgetExceeded, EmptyStreamError, NoRouteError, StoreUnavailable, UnknownModelError
 from ..lifecycle import Attempt
 from ..telemetry import log
 from ..types import Call, Decision, Plan
@@ -177,6 +177,9 @@ class _ProxyHooks(_Core):
             if found is None or times is None:
                 return
             chunks = wire.served_chunks(found.stream) if streamed else None
+            if chunks is not None and wire.said_nothing(chunks):
+                self._said_nothing(data, found)
+                return
             if streamed and (chunks is None or getattr(response, "usage", None) is None
                              or found.lifecycle.wants_answer):
                 return
@@ -196,6 +199,23 @@ class _ProxyHooks(_Core):
                     self._answered.pop(key, None)
         except Exception as exc:  # noqa: BLE001 - accounting never fails the user's call
             log.warning("litellm_logger_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+
+    def _said_nothing(self, data: Mapping[str, Any], found: _Open) -> None:
+        """End a routed chat stream whose provider sent nothing (a 200 closed before any data: litellm
+        serves the client a bare finish chunk, and delivers no event): failed with
+        :class:`.EmptyStreamError`, counted toward its target's cooldown, its reservation given back and
+        its row written (before, it held its estimate until the reservation lapsed, refusing the user's
+        next calls meanwhile). A late event of it is dropped."""
+        key = self._key(data)
+        if self._take_open(key, found) is None:
+            return
+        with self._lock:
+            self._answered[key] = None
+            _overflow(self._answered)
+        target = found.attempt.plan.deployment or found.attempt.plan.model
+        self._end(found, EmptyStreamError(f"{target}: the stream ended with no data from the provider"),
+                  failed=True)
+        self._tally()
 
     def _left(self, kwargs: Mapping[str, Any], answer: _Answer) -> bool:
         """End a proxy call whose client left mid-stream (litellm delivers the chunks streamed so far
