@@ -656,6 +656,45 @@ def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each
                and r["deployment"] == "healthy" for r in rows), rows
 
 
+def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(tmp_path) -> None:
+    """The router holds the alias's next target as a fallback; when the first target fails and the
+    lifecycle refuses that target (its rpm quota used up, which the plan's view of a shared store, up
+    to a second old, did not show yet), the router called it anyway: over the limit, and a failed row
+    plus a row of an unrouted call. Now the deployment hook refuses the attempt: the target is not
+    called, the client gets the first target's error (as ``Pipeline.completion`` fails, and as with an
+    in-memory store), one row; a direct call to the target still goes through."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=500) as (bad, bad_seen):
+        router = _flaky_router(bad, up)
+        logger = RouterLogger(Pipeline.from_config({
+            "store": f"sqlite:///{tmp_path / 'store.db'}",
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-5-mini"}, "healthy": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"coder": ["flaky", "healthy"]}, "limits": {"healthy": {"rpm": 1}},
+                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        outcomes = []
+        try:
+            async def calls() -> None:
+                for i in range(3):
+                    try:
+                        await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
+                        outcomes.append("ok")
+                    except Exception as exc:
+                        outcomes.append(type(exc).__name__)
+                    await asyncio.sleep(0.2)
+                await logger.aflush()
+                await router.acompletion(model="healthy", messages=[{"role": "user", "content": "direct"}])
+            asyncio.run(calls())
+            rows = _ledger(logger, ("error", "requested_model", "deployment"))
+        finally:
+            logger.unregister()
+    assert outcomes == ["ok", "InternalServerError", "InternalServerError"]
+    assert (len(bad_seen), len(seen)) == (3, 2)  # healthy: the first call's fallback, and the direct call
+    assert [(r["error"], r["requested_model"], r["deployment"]) for r in rows[:3]] == [
+        (None, "coder", "healthy"), ("InternalServerError", "coder", "flaky"), ("InternalServerError", "coder", "flaky")]
+
+
 def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:
     """Behind the proxy the hook writes a summary through litellm, where the same logger sees it: its
     cost belongs to the row of the call it serves, not to a row of its own."""

@@ -18,6 +18,7 @@ from opentelemetry.context import Context
 from .. import wire
 from ..accounting import build_outcome
 from ..drivers import astep, queued_writes, write_all
+from ..errors import BudgetExceeded, NoRouteError
 from ..lifecycle import CutShort, MovedPast
 from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
@@ -47,6 +48,7 @@ class _Core(CustomLogger):
         self._broken: OrderedDict[str, None] = OrderedDict()  # watches of broken sync streams settled, by key
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._answered: OrderedDict[str, None] = OrderedDict()  # proxy calls settled as served, their event to come
+        self._refusing: OrderedDict[str, Exception] = OrderedDict()  # proxy calls whose next attempt was refused
         self._lock = threading.Lock()
         self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
         self._settled = threading.Condition(self._lock)  # notified as each of those is written
@@ -110,6 +112,10 @@ class _Core(CustomLogger):
         except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
             found.lifecycle.abandon(exc)  # does nothing once the lifecycle recorded the call
             done, value = True, None
+            if found.proxy and isinstance(exc, NoRouteError | BudgetExceeded):  # its next target refused:
+                with self._lock:  # the router, holding it as a fallback, must not call it (the deployment hook)
+                    self._refusing[key] = exc
+                    _overflow(self._refusing)
         except BaseException as exc:  # cancelled: end the call, release what it holds
             found.end(exc)
             raise

@@ -219,6 +219,9 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         with self._lock:
             key = self._key(kwargs)
             found = self._calls.get(key)
+            refused = self._refusing.pop(key, None)
+            if refused is not None:  # the lifecycle refused the fallback the router is about to call
+                raise refused  # (a quota used up, a budget): not sent, as Pipeline.completion would not send it
             if self._ended.get(key):  # a proxy call whose lifecycle has ended
                 return None
         if found is not None:  # an attempt of a call in flight (or the chat call litellm makes of a
