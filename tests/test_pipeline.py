@@ -426,6 +426,44 @@ def test_a_stream_the_provider_breaks_counts_toward_its_target_s_cooldown(monkey
     assert p.store.get("cooldown:flaky") is not None
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_stream_whose_provider_sent_nothing_fails_over_while_a_target_is_left(monkeypatch, tmp_path,
+                                                                                 asynchronous) -> None:
+    """A provider that answers 200 and closes before any data: litellm streams one bare finish chunk.
+    With a target left the pipeline fails over, as for a stream that ended before its first chunk
+    (before, the caller got the empty answer and the row said ``complete``); the last target's is
+    served as it came, as a direct call's is."""
+    import asyncio
+    import sqlite3
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+    async def aread(p: Pipeline, model: str) -> list:
+        return [c async for c in await p.acompletion(model=model, messages=MESSAGES, stream=True)]
+
+    def read(p: Pipeline, model: str) -> list:
+        if asynchronous:
+            return asyncio.run(aread(p, model))
+        return list(p.completion(model=model, messages=MESSAGES, stream=True))
+
+    with fault_server() as (base, seen):
+        deployments = {"empty": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/empty/v1"},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"}}
+        p = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"pair": ["empty", "up"]}},
+                                  "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"}})
+        answer = "".join(c.choices[0].delta.content or "" for c in read(p, "pair") if c.choices)
+        alone = read(p, "empty")
+        p.close()
+    assert answer and seen == {"empty:empty-stream": 2, "healthy:ok": 1}
+    assert [c.choices[0].finish_reason for c in alone] == ["stop"]  # as litellm streams it directly
+    rows = sqlite3.connect(tmp_path / "l.db").execute("SELECT requested_model, deployment, error, decisions FROM calls "
+                                                      "ORDER BY ts").fetchall()
+    assert [r[:3] for r in rows] == [("pair", "up", None), ("empty", "empty", None)]
+    assert "routing:fallback" in rows[0][3]
+
+
 def test_a_stream_its_reader_interrupts_counts_toward_no_cooldown(monkeypatch) -> None:
     """Ctrl-C while a sync stream waits for its next chunk ends the call (a ``stopped`` row), as it
     does a call that is not streamed: it says nothing of the provider, and opened no circuit."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,6 @@ from .lifecycle import Attempt
 from .policies import Policy
 from .streaming import Prefetched
 from .types import AgentContext
-
-_END = object()
 
 
 class Pipeline(Engine):
@@ -60,20 +59,32 @@ class Pipeline(Engine):
         response = wire.litellm().completion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
         if not attempt.plan.params.get("stream"):
             return response
-        first = next(response, _END)  # fail over only before the first chunk
-        if first is _END:
-            raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
-        return Prefetched(first, response)
+        read = list(itertools.islice(response, 1))  # fail over only before the first chunk
+        if read and attempt.remaining and wire.bare_finish(read[0]):
+            read += list(response)  # the stream says it is done: its end (a usage chunk at most)
+        return Prefetched(_said(attempt, read), response)
 
     async def _asend(self, attempt: Attempt) -> Any:
         response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
         if not attempt.plan.params.get("stream"):
             return response
-        try:
-            first = await response.__anext__()
-        except StopAsyncIteration:
-            raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk") from None
-        return Prefetched(first, response)
+        read: list[Any] = []
+        async for chunk in response:  # fail over only before the first chunk
+            read.append(chunk)
+            if not (attempt.remaining and wire.bare_finish(read[0])):
+                break  # else the stream says it is done: its end is read (a usage chunk at most)
+        return Prefetched(_said(attempt, read), response)
+
+
+def _said(attempt: Attempt, read: list[Any]) -> list[Any]:
+    """The chunks read ahead of a stream, or ``EmptyStreamError`` (which fails over) when there are none,
+    or, with a target left, when its provider sent nothing (litellm closes a stream that ended before
+    any data with a bare finish chunk; the last target's is served as it came, as a direct call's is)."""
+    if not read:
+        raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
+    if attempt.remaining and wire.said_nothing(read):
+        raise EmptyStreamError(f"{attempt.plan.model}: the stream ended with no data from the provider")
+    return read
 
 
 PipelineSource = Pipeline | Config | Mapping[str, Any] | str | Path  # what an adapter takes: see pipeline_of

@@ -205,10 +205,11 @@ def _loop_running() -> bool:
 
 
 class Prefetched:
-    """A provider stream whose first chunk has already been read (so a call can fail over before it)."""
+    """A provider stream whose first chunks (``read``) have already been read (so a call can fail over
+    before them)."""
 
-    def __init__(self, first: Any, rest: Any) -> None:
-        self._first: list[Any] = [first]
+    def __init__(self, read: list[Any], rest: Any) -> None:
+        self._read = read[::-1]  # popped from the end
         self._rest = rest
 
     def __getattr__(self, name: str) -> Any:
@@ -216,14 +217,14 @@ class Prefetched:
 
     @property
     def unread(self) -> list[Any]:
-        """The first chunk, if it has not been read yet."""
-        return list(self._first)
+        """The chunks read ahead that the caller has not read yet."""
+        return self._read[::-1]
 
     def __next__(self) -> Any:
-        return self._first.pop() if self._first else next(self._rest)
+        return self._read.pop() if self._read else next(self._rest)
 
     async def __anext__(self) -> Any:
-        return self._first.pop() if self._first else await self._rest.__anext__()
+        return self._read.pop() if self._read else await self._rest.__anext__()
 
 
 class Replay:

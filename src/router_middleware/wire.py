@@ -347,6 +347,13 @@ def said_nothing(chunks: list[Any]) -> bool:
     return True
 
 
+def bare_finish(chunk: Any) -> bool:
+    """Is ``chunk`` a stream's end that says nothing (a finish reason, no text, reasoning, tool call
+    or usage): what litellm streams for a provider that closed before any data?"""
+    choices = getattr(chunk, "choices", None) or ()
+    return bool(choices) and all(getattr(c, "finish_reason", None) for c in choices) and said_nothing([chunk])
+
+
 def attempt_times(logging_obj: Any, *, streamed: bool) -> tuple[datetime, datetime | None] | None:
     """The start and end of the attempt that answered a proxy request, as its success event will carry
     them, read from the request's logging object before the event: a plain answer's from
