@@ -695,6 +695,79 @@ def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(t
         (None, "coder", "healthy"), ("InternalServerError", "coder", "flaky"), ("InternalServerError", "coder", "flaky")]
 
 
+def test_a_proxy_fallback_the_plan_passed_is_refused_and_a_target_never_called_counts_nothing(tmp_path) -> None:
+    """Alias ``[flaky, mid, healthy]``, mid's rpm 1 used up by the first call's fallback: the next call's
+    lifecycle passes mid (its quota) and admits healthy, while the router, handed mid as a fallback at
+    the pre-call hook, calls mid next. Before, mid was called over its limit and the lifecycle counted
+    healthy, never called, as failed (its cooldown reached for everyone: ``fail:healthy`` 4 after five
+    calls). Now the deployment hook refuses mid, the router moves on to healthy: one row each, mid
+    called once, healthy's count untouched (a review found it)."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream() as (mid, mid_seen), \
+            scripted_upstream(status=500) as (bad, bad_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
+            for name, base in (("flaky", bad), ("mid", mid), ("healthy", up))])
+        logger = RouterLogger(Pipeline.from_config({
+            "store": f"sqlite:///{tmp_path / 'store.db'}",
+            "routing": {"deployments": {n: {"model": "openai/gpt-4o-mini"} for n in ("flaky", "mid", "healthy")},
+                        "aliases": {"coder": ["flaky", "mid", "healthy"]}, "limits": {"mid": {"rpm": 1}},
+                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            async def calls() -> None:
+                for i in range(5):
+                    await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.3)
+                await logger.aflush()
+            asyncio.run(calls())
+            rows = _ledger(logger, ("error", "requested_model", "deployment"))
+            counts = {name: logger.pipeline.store.get(f"fail:{name}") for name in ("mid", "healthy")}
+        finally:
+            logger.unregister()
+    assert (len(bad_seen), len(mid_seen), len(seen)) == (5, 1, 4)
+    assert [(r["error"], r["deployment"]) for r in rows] == [(None, "mid")] + [(None, "healthy")] * 4
+    assert counts == {"mid": None, "healthy": None}
+
+
+def test_a_proxy_fallback_the_lifecycle_refuses_in_its_own_hook_is_not_called_and_leaves_nothing(tmp_path) -> None:
+    """Alias ``[flaky, flaky2, healthy]``, healthy's rpm 1: litellm reports only the first failure, so
+    the lifecycle learns flaky2 failed in healthy's own deployment hook, and refuses healthy there (its
+    quota used up). Before, the hook let the router call healthy over its limit, and the refusal stayed
+    behind for a later request reusing the call id (a client's ``x-litellm-call-id``): its first
+    target was refused. Now the refusal is raised there and nothing is left."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen), scripted_upstream(status=500) as (bad, bad_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
+            for name, base in (("flaky", bad), ("flaky2", bad), ("healthy", up))])
+        logger = RouterLogger(Pipeline.from_config({
+            "store": f"sqlite:///{tmp_path / 'store.db'}",
+            "routing": {"deployments": {n: {"model": "openai/gpt-4o-mini"} for n in ("flaky", "flaky2", "healthy")},
+                        "aliases": {"coder": ["flaky", "flaky2", "healthy"]}, "limits": {"healthy": {"rpm": 1}},
+                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        outcomes = []
+        try:
+            async def calls() -> None:
+                for i in range(2):
+                    try:
+                        await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
+                        outcomes.append("ok")
+                    except Exception as exc:
+                        outcomes.append(type(exc).__name__)
+                    await asyncio.sleep(0.05)
+                await logger.aflush()
+            asyncio.run(calls())
+        finally:
+            logger.unregister()
+    assert outcomes == ["ok", "InternalServerError"] and len(seen) == 1  # healthy called once: rpm 1
+    assert logger._refusing == {}
+
+
 def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:
     """Behind the proxy the hook writes a summary through litellm, where the same logger sees it: its
     cost belongs to the row of the call it serves, not to a row of its own."""
@@ -3152,3 +3225,24 @@ def test_a_request_sent_as_it_came_is_refused_by_its_budget_not_downgraded(tmp_p
             asyncio.run(logger.async_pre_call_hook(None, None, data, "anthropic_messages"))
     finally:
         logger.unregister()
+
+
+def test_a_stream_said_nothing_only_without_an_answer_part_usage_or_a_finish_of_the_provider_s() -> None:
+    """:func:`.wire.said_nothing`: litellm's own bare finish chunk says nothing; a finish reason the
+    provider sent (``length``: a reasoning model out of tokens), a refusal, or usage does (a review found
+    such answers recorded as ``EmptyStreamError``, their target cooled down)."""
+    from types import SimpleNamespace
+
+    from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices, Usage
+
+    def chunk(finish: str | None = None, **delta: Any) -> ModelResponseStream:
+        return ModelResponseStream(choices=[StreamingChoices(index=0, delta=Delta(**delta), finish_reason=finish)])
+
+    bare = chunk("stop")
+    assert wire.said_nothing([bare]) and wire.bare_finish(bare)
+    assert not wire.said_nothing([bare], SimpleNamespace(received_finish_reason="length"))
+    assert not wire.said_nothing([chunk(refusal="I can't help with that."), bare])
+    assert not wire.said_nothing([chunk(tool_calls=[{"index": 0, "id": "c1", "type": "function",
+                                                     "function": {"name": "ls", "arguments": "{}"}}]), bare])
+    assert not wire.said_nothing([bare, ModelResponseStream(choices=[], usage=Usage(prompt_tokens=3,
+                                                                                    completion_tokens=0))])

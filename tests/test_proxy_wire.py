@@ -140,7 +140,14 @@ def test_behind_the_proxy_a_model_name_on_another_endpoint_gets_no_prompt_cache_
         return {"model_name": name, "litellm_params": {"model": "openai/gpt-oss-120b", "api_key": "k", **base}}
 
     groq = "https://api.groq.com/openai/v1"
+    from litellm.litellm_core_utils.credential_accessor import CredentialAccessor
+    from litellm.types.utils import CredentialItem
+
+    CredentialAccessor.upsert_credentials([CredentialItem(credential_name="groq-cred", credential_info={},
+                                                          credential_values={"api_base": groq, "api_key": "k"})])
     router = litellm.Router(model_list=[deployment("groq", api_base=groq), deployment("groq-base-url", base_url=groq),
+                                        deployment("groq-credential", litellm_credential_name="groq-cred"),
+                                        deployment("unknown-credential", litellm_credential_name="nowhere"),
                                         deployment("mixed"), deployment("mixed", api_base=groq),  # load-balanced
                                         deployment("oai", api_base="https://api.openai.com/v1"), deployment("plain")])
     monkeypatch.setattr(wire, "proxy_router", lambda: router)
@@ -151,5 +158,5 @@ def test_behind_the_proxy_a_model_name_on_another_endpoint_gets_no_prompt_cache_
         changed = asyncio.run(logger.async_pre_call_hook(None, None, data, "acompletion"))
         return "prompt_cache_key" in changed
 
-    assert [keyed(name) for name in ("groq", "groq-base-url", "mixed", "oai", "plain")] == [
-        False, False, False, True, True]
+    assert [keyed(name) for name in ("groq", "groq-base-url", "groq-credential", "unknown-credential", "mixed", "oai",
+                                     "plain")] == [False, False, False, False, False, True, True]

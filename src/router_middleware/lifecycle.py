@@ -136,11 +136,12 @@ class MovedPast(Exception):
     ``spent``, if it broke off partway) when the adapter's own router has already moved on to the next
     target, after a failure the lifecycle would have ended the call on (the LiteLLM proxy's router
     falls back after a 400, 401 or 404): counted as that failure, and the call follows the router to
-    its next target."""
+    its next target. ``made=False``: the router moved past it without calling it (its own cooldown):
+    nothing is counted, and the attempt gives back what it took of its quotas."""
 
-    def __init__(self, error: Exception, spent: Outcome | None = None) -> None:
+    def __init__(self, error: Exception, spent: Outcome | None = None, *, made: bool = True) -> None:
         super().__init__(str(error))
-        self.error, self.spent = error, spent
+        self.error, self.spent, self.made = error, spent, made
 
 
 class Replaced(Exception):
@@ -257,9 +258,10 @@ class CallLifecycle:
                     return thrown.answer
                 # outside the handler: a CutShort's error is raised with its own context
                 moved = isinstance(thrown, MovedPast)
+                unmade = isinstance(thrown, MovedPast) and not thrown.made
                 error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort | MovedPast) \
                     else (thrown, None)
-                step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved)
+                step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved, unmade=unmade)
                 if step is None:
                     raise error
                 # paused at the next attempt, the flow holds no failure: its traceback reaches the
@@ -665,19 +667,23 @@ class CallLifecycle:
     # -- after an attempt ------------------------------------------------------------------------
 
     def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts, exc: Exception,
-                spent: Outcome | None = None, *,
-                moved: bool = False) -> Generator[Effect, Any, tuple[Plan, float] | None]:
+                spent: Outcome | None = None, *, moved: bool = False,
+                unmade: bool = False) -> Generator[Effect, Any, tuple[Plan, float] | None]:
         """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
         and ledger row then record the error, and the reservation is released, or settled at
         ``spent``: what the attempt used before it broke off). ``moved``: the adapter's router has
-        moved on to the next target (:class:`MovedPast`), which the call follows whatever ``exc`` is."""
+        moved on to the next target (:class:`MovedPast`), which the call follows whatever ``exc`` is;
+        ``unmade``: without making this attempt (nothing counted, its quotas given back)."""
         engine, failed = self.engine, plan.deployment or plan.model
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
-            trace.attempt_failed(exc, sent=not (unknown or keyless))
-        self.books.attempt_failed(self.held, failed, exc, spent)
+            trace.attempt_failed(exc, sent=not (unknown or keyless or unmade))
+        if unmade:
+            self.books.attempt_unmade(self.held)
+        else:
+            self.books.attempt_failed(self.held, failed, exc, spent)
         if not self.fallback:
             self._give_up(plan, trace, exc, spent)
             return None

@@ -60,9 +60,9 @@ class Pipeline(Engine):
         if not attempt.plan.params.get("stream"):
             return response
         read = list(itertools.islice(response, 1))  # fail over only before the first chunk
-        if read and attempt.remaining and wire.bare_finish(read[0]):
+        if read and attempt.remaining and wire.bare_finish(read[0], response):
             read += list(response)  # the stream says it is done: its end (a usage chunk at most)
-        return Prefetched(_said(attempt, read), response)
+        return Prefetched(_said(attempt, read, response), response)
 
     async def _asend(self, attempt: Attempt) -> Any:
         response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
@@ -71,18 +71,18 @@ class Pipeline(Engine):
         read: list[Any] = []
         async for chunk in response:  # fail over only before the first chunk
             read.append(chunk)
-            if not (attempt.remaining and wire.bare_finish(read[0])):
+            if not (attempt.remaining and wire.bare_finish(read[0], response)):
                 break  # else the stream says it is done: its end is read (a usage chunk at most)
-        return Prefetched(_said(attempt, read), response)
+        return Prefetched(_said(attempt, read, response), response)
 
 
-def _said(attempt: Attempt, read: list[Any]) -> list[Any]:
+def _said(attempt: Attempt, read: list[Any], stream: Any) -> list[Any]:
     """The chunks read ahead of a stream, or ``EmptyStreamError`` (which fails over) when there are none,
     or, with a target left, when its provider sent nothing (litellm closes a stream that ended before
     any data with a bare finish chunk; the last target's is served as it came, as a direct call's is)."""
     if not read:
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
-    if attempt.remaining and wire.said_nothing(read):
+    if attempt.remaining and wire.said_nothing(read, stream):
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended with no data from the provider")
     return read
 

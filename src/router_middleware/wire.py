@@ -198,16 +198,16 @@ def proxy_router() -> Any:
 def proxy_stream_usage(request: Mapping[str, Any]) -> dict[str, Any]:
     """What the LiteLLM proxy adds to a chat stream's ``request`` so its provider reports usage
     (``stream_options.include_usage``, with its flags to strip the usage chunk from what the client is
-    served), worked out for the ``model`` the hook sends it to: the proxy does it before the hook, for
-    the name the client asked for, and not for a name that is none of its model names (a routing alias:
-    the row then had litellm's count, not the provider's) (litellm/proxy/common_request_processing.py,
-    1.110.2). Empty outside the proxy, when the request says whether to include usage, or when this
-    litellm cannot tell."""
+    served, also where the client said ``false``), worked out for the ``model`` the hook sends it to:
+    the proxy does it before the hook, for the name the client asked for, and not for a name that is
+    none of its model names (a routing alias: the row then had litellm's count, not the provider's)
+    (litellm/proxy/common_request_processing.py, 1.110.2). Empty outside the proxy, when the proxy or
+    the client asked already, or when this litellm cannot tell."""
     server = sys.modules.get("litellm.proxy.proxy_server")
     options = request.get("stream_options")
-    if server is None or request.get("stream") is not True or \
-            (isinstance(options, Mapping) and "include_usage" in options):
-        return {}
+    if server is None or request.get("stream") is not True or request.get("_litellm_stream_usage_injected") or \
+            (isinstance(options, Mapping) and options.get("include_usage") is True):
+        return {}  # not a stream, the proxy asked already, or the client did
     try:
         from litellm.proxy import common_request_processing as processing
 
@@ -218,6 +218,18 @@ def proxy_stream_usage(request: Mapping[str, Any]) -> dict[str, Any]:
             lambda: processing.model_deployments_support_stream_options(request.get("model"), proxy_router(), team)))
     except Exception:  # noqa: BLE001 - another litellm: the request goes as the proxy made it
         return {}
+
+
+def credential_base(name: str) -> str:
+    """The ``api_base`` of litellm's named credential ``name`` (a proxy's ``credential_list``, or one
+    added in its UI), else a stand-in naming it: an endpoint not known to be OpenAI's."""
+    try:
+        from litellm.litellm_core_utils.credential_accessor import CredentialAccessor
+
+        base = CredentialAccessor.get_credential_values(name).get("api_base")
+    except Exception:  # noqa: BLE001 - another litellm: where it goes is not known
+        base = None
+    return base if isinstance(base, str) and base else f"credential:{name}"
 
 
 def proxy_model_names(router: Any) -> frozenset[str] | None:
@@ -333,25 +345,33 @@ def served_chunks(wrapper: Any) -> list[Any] | None:
     return chunks
 
 
-def said_nothing(chunks: list[Any]) -> bool:
-    """Did a chat stream's provider send nothing: no chunk with text, reasoning, a tool call or usage
-    (litellm ends a stream whose provider closed before any data with a bare finish chunk)?"""
+_SAID = ("content", "tool_calls", "function_call", "reasoning_content", "thinking_blocks", "refusal", "audio",
+         "images")  # what a stream's delta carries of the provider's answer
+
+
+def said_nothing(chunks: list[Any], stream: Any = None) -> bool:
+    """Did a chat stream's provider send nothing: no chunk with text, reasoning, a tool call, a
+    refusal, audio, images or usage, and (``stream``: the wrapper litellm read it through) no finish
+    reason of its own (litellm ends a stream whose provider closed before any data with a bare finish
+    chunk it makes: a ``length`` or ``content_filter`` the provider sent is an answer)?"""
+    if getattr(stream, "received_finish_reason", None):
+        return False
     for chunk in chunks:
         if getattr(chunk, "usage", None) is not None:
             return False
         for choice in getattr(chunk, "choices", None) or ():
             delta = getattr(choice, "delta", None)
-            if any(getattr(delta, name, None) for name in ("content", "tool_calls", "function_call",
-                                                           "reasoning_content", "thinking_blocks")):
+            if any(getattr(delta, name, None) for name in _SAID):
                 return False
     return True
 
 
-def bare_finish(chunk: Any) -> bool:
-    """Is ``chunk`` a stream's end that says nothing (a finish reason, no text, reasoning, tool call
-    or usage): what litellm streams for a provider that closed before any data?"""
+def bare_finish(chunk: Any, stream: Any = None) -> bool:
+    """Is ``chunk`` a stream's end that says nothing (a finish reason litellm made, no text, reasoning,
+    tool call or usage: :func:`said_nothing`): what litellm streams for a provider that closed before
+    any data?"""
     choices = getattr(chunk, "choices", None) or ()
-    return bool(choices) and all(getattr(c, "finish_reason", None) for c in choices) and said_nothing([chunk])
+    return bool(choices) and all(getattr(c, "finish_reason", None) for c in choices) and said_nothing([chunk], stream)
 
 
 def attempt_times(logging_obj: Any, *, streamed: bool) -> tuple[datetime, datetime | None] | None:

@@ -95,7 +95,8 @@ class _Core(CustomLogger):
         if error is not None:
             spent = self._spent(found, reply)
             if isinstance(error, MovedOn) and found.proxy:  # the router moved past the target: never retried
-                error, found.passed = found.passed or MovedPast(error), None  # (with the failure its event told)
+                error, found.passed = found.passed or MovedPast(error, made=found.started), None  # (with the
+                # failure its event told; one the router never started is not counted, its quotas given back)
             elif found.router_decides(error):
                 found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
                 self._keep(kwargs, found)
@@ -134,6 +135,10 @@ class _Core(CustomLogger):
         failed; a fallback's request gets its own plan (messages, params)."""
         events = kwargs if events is None else events
         at = _metadata(kwargs).get("model_group") if found.proxy else str(kwargs.get("model") or "") or None
+        if found.proxy and at and not found.at(at) and at not in found.attempt.remaining:
+            # a target the call's plan passed (its quota, a cooldown, a budget): the router must not call it
+            raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
+                                                                "cooling down, or over a budget)"})
         while at and not found.at(at):
             # the proxy's router skips targets its own cooldown holds without calling them: each is passed
             ahead = found.proxy and at in found.attempt.remaining
@@ -142,6 +147,9 @@ class _Core(CustomLogger):
             await self._resume(events, None, moved)
             with self._lock:
                 current = self._calls.get(self._key(events))
+                refused = self._refusing.pop(self._key(events), None)
+            if refused is not None:  # the lifecycle refused this very target: the router must not call it
+                raise refused
             if current is None:
                 return None
             found = current

@@ -123,6 +123,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             return None
         self.hook_calls += 1
         engine = self.pipeline
+        with self._lock:  # a refusal left by an earlier request under the same call id
+            self._refusing.pop(self._key(data), None)
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
         call = engine.make_call(str(data["model"]), data["messages"], self._labels(data, derive=self.proxy), params)
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
@@ -194,6 +196,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         for what the proxy raised itself (a guardrail, its rate limit, a client gone). The error is
         the one the proxy answers with: the router raises the first target's after a fallback failed."""
         found = self._take_open(self._key(request_data))
+        with self._lock:
+            self._refusing.pop(self._key(request_data), None)
         if found is None:  # settled as its answer was served (a callback after this one refused the answer):
             with self._lock:  # no success event comes for it
                 self._answered.pop(self._key(request_data), None)

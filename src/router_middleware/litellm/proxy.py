@@ -177,7 +177,7 @@ class _ProxyHooks(_Core):
             if found is None or times is None:
                 return
             chunks = wire.served_chunks(found.stream) if streamed else None
-            if chunks is not None and wire.said_nothing(chunks):
+            if chunks is not None and wire.said_nothing(chunks, found.stream):
                 self._said_nothing(data, found)
                 return
             if streamed and (chunks is None or getattr(response, "usage", None) is None
@@ -266,8 +266,11 @@ def _proxy_deployment(name: str) -> tuple[str | None, str | None]:
 
 
 def _base(params: Any) -> str | None:
-    """A deployment's endpoint of its own (``api_base``, else ``base_url``), if any."""
+    """A deployment's endpoint of its own (``api_base``, else ``base_url``, else its named credential's
+    from the proxy's ``credential_list``: :func:`.wire.credential_base`), if any."""
     if not isinstance(params, Mapping):
         return None
     base = params.get("api_base") or params.get("base_url")
+    if not base and params.get("litellm_credential_name"):
+        base = wire.credential_base(str(params["litellm_credential_name"]))
     return base if isinstance(base, str) and base else None
