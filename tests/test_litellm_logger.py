@@ -768,6 +768,32 @@ def test_a_proxy_fallback_the_lifecycle_refuses_in_its_own_hook_is_not_called_an
     assert logger._refusing == {}
 
 
+def test_a_proxy_router_s_own_context_window_fallback_is_followed(tmp_path) -> None:
+    """The proxy's ``context_window_fallbacks`` send a call to a group its plan never held: the hook
+    follows it as before (a review found it refused as a target the plan passed: the call failed where
+    the bare proxy serves it)."""
+    router = litellm.Router(model_list=[
+        {"model_name": "primary", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x",
+                                                     "mock_response": "litellm.ContextWindowExceededError"}},
+        {"model_name": "other", "litellm_params": {"model": "openai/gpt-4o-mini", "api_key": "x",
+                                                   "mock_response": "from other"}}],
+        context_window_fallbacks=[{"primary": ["other"]}], num_retries=0)
+    logger = RouterLogger(Pipeline.from_config({"ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"},
+                                                "cache": {"enabled": False}}), proxy=True).register()
+    try:
+        async def call() -> object:
+            data = {"model": "primary", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "c1"}
+            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+            answer = await router.acompletion(**changed)
+            await _recorded(logger, 1)  # its events, before the next test's logger is registered
+            await logger.aflush()
+            return answer
+        answer = asyncio.run(call())
+    finally:
+        logger.unregister()
+    assert answer.choices[0].message.content == "from other"
+
+
 def test_the_pipelines_own_summary_calls_are_not_accounted_twice(tmp_path) -> None:
     """Behind the proxy the hook writes a summary through litellm, where the same logger sees it: its
     cost belongs to the row of the call it serves, not to a row of its own."""

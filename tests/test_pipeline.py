@@ -448,20 +448,26 @@ def test_a_stream_whose_provider_sent_nothing_fails_over_while_a_target_is_left(
             return asyncio.run(aread(p, model))
         return list(p.completion(model=model, messages=MESSAGES, stream=True))
 
-    with fault_server() as (base, seen):
+    from .scripted_upstream import scripted_upstream
+
+    with fault_server() as (base, seen), scripted_upstream() as (scripted, scripted_seen):
         deployments = {"empty": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/empty/v1"},
-                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"}}
-        p = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"pair": ["empty", "up"]}},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"},
+                       "tools": {"model": "openai/gpt-3.5-turbo", "api_base": scripted}}
+        p = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"pair": ["empty", "up"],
+                                                                                       "fine": ["tools", "empty"]}},
                                   "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"}})
         answer = "".join(c.choices[0].delta.content or "" for c in read(p, "pair") if c.choices)
         alone = read(p, "empty")
+        first = read(p, "fine")  # opens with a role chunk of no content (a review: it was failed over)
         p.close()
-    assert answer and seen == {"empty:empty-stream": 2, "healthy:ok": 1}
+    assert answer and seen == {"empty:empty-stream": 2, "healthy:ok": 1} and len(scripted_seen) == 1
     assert [c.choices[0].finish_reason for c in alone] == ["stop"]  # as litellm streams it directly
+    assert [c.choices[0].finish_reason for c in first if c.choices][-1] == "tool_calls"  # all of it
     rows = sqlite3.connect(tmp_path / "l.db").execute("SELECT requested_model, deployment, error, decisions FROM calls "
                                                       "ORDER BY ts").fetchall()
-    assert [r[:3] for r in rows] == [("pair", "up", None), ("empty", "empty", None)]
-    assert "routing:fallback" in rows[0][3]
+    assert [r[:3] for r in rows] == [("pair", "up", None), ("empty", "empty", None), ("fine", "tools", None)]
+    assert "routing:fallback" in rows[0][3] and "routing:fallback" not in rows[2][3]
 
 
 def test_a_stream_its_reader_interrupts_counts_toward_no_cooldown(monkeypatch) -> None:

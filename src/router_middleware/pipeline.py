@@ -82,7 +82,7 @@ def _said(attempt: Attempt, read: list[Any], stream: Any) -> list[Any]:
     any data with a bare finish chunk; the last target's is served as it came, as a direct call's is)."""
     if not read:
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
-    if attempt.remaining and wire.said_nothing(read, stream):
+    if attempt.remaining and wire.bare_finish(read[0], stream) and wire.said_nothing(read, stream):
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended with no data from the provider")
     return read
 

@@ -91,6 +91,7 @@ class _Open:
     follows: bool = False
     own_retries: bool = False  # the proxy's router was handed no fallbacks: it retries the target its own way
     passed: MovedPast | None = None  # a failure the router decides on (router_decides), until it moves past it
+    planned: frozenset[str] = frozenset()  # the targets the proxy call's plan held at its pre-call hook
 
     def router_decides(self, error: Exception) -> bool:
         """Does the proxy's router, not the lifecycle, decide whether the call goes on after ``error``?

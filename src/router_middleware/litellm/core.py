@@ -135,8 +135,9 @@ class _Core(CustomLogger):
         failed; a fallback's request gets its own plan (messages, params)."""
         events = kwargs if events is None else events
         at = _metadata(kwargs).get("model_group") if found.proxy else str(kwargs.get("model") or "") or None
-        if found.proxy and at and not found.at(at) and at not in found.attempt.remaining:
+        if found.proxy and at and at in found.planned and not found.at(at) and at not in found.attempt.remaining:
             # a target the call's plan passed (its quota, a cooldown, a budget): the router must not call it
+            # (a group of the router's own, a context_window_fallbacks one, is followed as before)
             raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
                                                                 "cooling down, or over a budget)"})
         while at and not found.at(at):

@@ -138,7 +138,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
         fallbacks = [t for t in attempt.remaining if served is None or t in served]
-        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=not fallbacks))
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=not fallbacks,
+                               planned=frozenset((_target(attempt), *attempt.remaining))))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
         changed.update(wire.proxy_stream_usage({**data, **changed}))  # as the proxy does for its model names
