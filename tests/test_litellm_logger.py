@@ -3255,8 +3255,9 @@ def test_a_request_sent_as_it_came_is_refused_by_its_budget_not_downgraded(tmp_p
 
 def test_a_stream_said_nothing_only_without_an_answer_part_usage_or_a_finish_of_the_provider_s() -> None:
     """:func:`.wire.said_nothing`: litellm's own bare finish chunk says nothing; a finish reason the
-    provider sent (``length``: a reasoning model out of tokens), a refusal, or usage does (a review found
-    such answers recorded as ``EmptyStreamError``, their target cooled down)."""
+    provider sent (``length``: a reasoning model out of tokens; Gemini's, which litellm keeps apart), a
+    refusal, or usage does (reviews found such answers recorded as ``EmptyStreamError``, their target
+    cooled down, and Gemini's failed over by the pipeline)."""
     from types import SimpleNamespace
 
     from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices, Usage
@@ -3267,6 +3268,8 @@ def test_a_stream_said_nothing_only_without_an_answer_part_usage_or_a_finish_of_
     bare = chunk("stop")
     assert wire.said_nothing([bare]) and wire.bare_finish(bare)
     assert not wire.said_nothing([bare], SimpleNamespace(received_finish_reason="length"))
+    assert not wire.said_nothing([bare], SimpleNamespace(intermittent_finish_reason="length"))  # Gemini's MAX_TOKENS
+    assert not wire.said_nothing([bare], SimpleNamespace(received_any_finish_reason=True))
     assert not wire.said_nothing([chunk(refusal="I can't help with that."), bare])
     assert not wire.said_nothing([chunk(tool_calls=[{"index": 0, "id": "c1", "type": "function",
                                                      "function": {"name": "ls", "arguments": "{}"}}]), bare])

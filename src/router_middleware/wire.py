@@ -354,7 +354,8 @@ def said_nothing(chunks: list[Any], stream: Any = None) -> bool:
     refusal, audio, images or usage, and (``stream``: the wrapper litellm read it through) no finish
     reason of its own (litellm ends a stream whose provider closed before any data with a bare finish
     chunk it makes: a ``length`` or ``content_filter`` the provider sent is an answer)?"""
-    if getattr(stream, "received_finish_reason", None):
+    if getattr(stream, "received_finish_reason", None) or getattr(stream, "intermittent_finish_reason", None) \
+            or getattr(stream, "received_any_finish_reason", False) is True:  # (Gemini's MAX_TOKENS, SAFETY)
         return False
     for chunk in chunks:
         if getattr(chunk, "usage", None) is not None:
