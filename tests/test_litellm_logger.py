@@ -656,6 +656,31 @@ def test_proxy_calls_past_a_target_in_the_router_s_own_cooldown_are_one_row_each
                and r["deployment"] == "healthy" for r in rows), rows
 
 
+def _quota_logger(tmp_path, models: dict[str, str], limited: str) -> RouterLogger:
+    """A proxy logger whose alias ``coder`` is ``models`` (deployment -> model) in order, ``limited``
+    at 1 request a minute, on a SQLite store (the plan's view of quotas up to a second old), no backoff
+    and a cooldown no test reaches."""
+    return RouterLogger(Pipeline.from_config({
+        "store": f"sqlite:///{tmp_path / 'store.db'}",
+        "routing": {"deployments": {name: {"model": model} for name, model in models.items()},
+                    "aliases": {"coder": list(models)}, "limits": {limited: {"rpm": 1}},
+                    "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+
+async def _outcomes(logger: RouterLogger, router: litellm.Router, count: int, pause_s: float) -> list[str]:
+    """``count`` proxy calls in a row (``pause_s`` apart): ``ok`` or the name of what each raised."""
+    outcomes = []
+    for i in range(count):
+        try:
+            await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
+            outcomes.append("ok")
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+        await asyncio.sleep(pause_s)
+    return outcomes
+
+
 def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(tmp_path) -> None:
     """The router holds the alias's next target as a fallback; when the first target fails and the
     lifecycle refuses that target (its rpm quota used up, which the plan's view of a shared store, up
@@ -667,25 +692,14 @@ def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(t
 
     with scripted_upstream() as (up, seen), scripted_upstream(status=500) as (bad, bad_seen):
         router = _flaky_router(bad, up)
-        logger = RouterLogger(Pipeline.from_config({
-            "store": f"sqlite:///{tmp_path / 'store.db'}",
-            "routing": {"deployments": {"flaky": {"model": "openai/gpt-5-mini"}, "healthy": {"model": "openai/gpt-4o-mini"}},
-                        "aliases": {"coder": ["flaky", "healthy"]}, "limits": {"healthy": {"rpm": 1}},
-                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
-            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
-        outcomes = []
+        logger = _quota_logger(tmp_path, {"flaky": "openai/gpt-5-mini", "healthy": "openai/gpt-4o-mini"}, "healthy")
         try:
-            async def calls() -> None:
-                for i in range(3):
-                    try:
-                        await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
-                        outcomes.append("ok")
-                    except Exception as exc:
-                        outcomes.append(type(exc).__name__)
-                    await asyncio.sleep(0.2)
+            async def calls() -> list[str]:
+                outcomes = await _outcomes(logger, router, 3, 0.2)
                 await logger.aflush()
                 await router.acompletion(model="healthy", messages=[{"role": "user", "content": "direct"}])
-            asyncio.run(calls())
+                return outcomes
+            outcomes = asyncio.run(calls())
             rows = _ledger(logger, ("error", "requested_model", "deployment"))
         finally:
             logger.unregister()
@@ -709,12 +723,7 @@ def test_a_proxy_fallback_the_plan_passed_is_refused_and_a_target_never_called_c
         router = litellm.Router(model_list=[
             {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
             for name, base in (("flaky", bad), ("mid", mid), ("healthy", up))])
-        logger = RouterLogger(Pipeline.from_config({
-            "store": f"sqlite:///{tmp_path / 'store.db'}",
-            "routing": {"deployments": {n: {"model": "openai/gpt-4o-mini"} for n in ("flaky", "mid", "healthy")},
-                        "aliases": {"coder": ["flaky", "mid", "healthy"]}, "limits": {"mid": {"rpm": 1}},
-                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
-            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        logger = _quota_logger(tmp_path, dict.fromkeys(("flaky", "mid", "healthy"), "openai/gpt-4o-mini"), "mid")
         try:
             async def calls() -> None:
                 for i in range(5):
@@ -744,24 +753,14 @@ def test_a_proxy_fallback_the_lifecycle_refuses_in_its_own_hook_is_not_called_an
         router = litellm.Router(model_list=[
             {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
             for name, base in (("flaky", bad), ("flaky2", bad), ("healthy", up))])
-        logger = RouterLogger(Pipeline.from_config({
-            "store": f"sqlite:///{tmp_path / 'store.db'}",
-            "routing": {"deployments": {n: {"model": "openai/gpt-4o-mini"} for n in ("flaky", "flaky2", "healthy")},
-                        "aliases": {"coder": ["flaky", "flaky2", "healthy"]}, "limits": {"healthy": {"rpm": 1}},
-                        "cooldown": {"failures": 100, "window_s": 60, "cooldown_s": 30}, "fallback": {"backoff_s": 0}},
-            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
-        outcomes = []
+        logger = _quota_logger(tmp_path, dict.fromkeys(("flaky", "flaky2", "healthy"), "openai/gpt-4o-mini"),
+                               "healthy")
         try:
-            async def calls() -> None:
-                for i in range(2):
-                    try:
-                        await _through_proxy(logger, router, f"c{i}", shared=True, event_first=True)
-                        outcomes.append("ok")
-                    except Exception as exc:
-                        outcomes.append(type(exc).__name__)
-                    await asyncio.sleep(0.05)
+            async def calls() -> list[str]:
+                outcomes = await _outcomes(logger, router, 2, 0.05)
                 await logger.aflush()
-            asyncio.run(calls())
+                return outcomes
+            outcomes = asyncio.run(calls())
         finally:
             logger.unregister()
     assert outcomes == ["ok", "InternalServerError"] and len(seen) == 1  # healthy called once: rpm 1

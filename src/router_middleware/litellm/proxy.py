@@ -24,7 +24,7 @@ from ..errors import BudgetExceeded, EmptyStreamError, NoRouteError, StoreUnavai
 from ..lifecycle import Attempt
 from ..telemetry import log
 from ..types import Call, Decision, Plan
-from .calls import ClientDisconnected, _Answer, _Open, _overflow
+from .calls import ClientDisconnected, _Answer, _Open, _overflow, _target
 from .core import _Core
 from .request import _labelled, as_sent_view
 
@@ -212,8 +212,7 @@ class _ProxyHooks(_Core):
         with self._lock:
             self._answered[key] = None
             _overflow(self._answered)
-        target = found.attempt.plan.deployment or found.attempt.plan.model
-        self._end(found, EmptyStreamError(f"{target}: the stream ended with no data from the provider"),
+        self._end(found, EmptyStreamError(f"{_target(found.attempt)}: the stream ended with no data from the provider"),
                   failed=True)
         self._tally()
 
