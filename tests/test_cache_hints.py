@@ -280,6 +280,37 @@ def test_the_agent_middleware_sends_no_prompt_cache_key_to_a_model_on_another_en
         assert ("prompt_cache_key" in handed[0].model_settings) is keyed, chat_model
 
 
+@pytest.mark.parametrize("where", ["models", "the agent's own"])
+def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(where, span_exporter) -> None:
+    """An agent's model whose client sends to a server of its own (ChatOpenAI's base URL, a self-hosted
+    OpenAI-compatible server) is that server on the call's chat span (``server.address``), in
+    ``models=`` or as the agent's own model: not OpenAI's public host, as before."""
+    from langchain.agents.middleware import ModelRequest, ModelResponse
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage, HumanMessage
+    from opentelemetry.trace import SpanKind
+
+    from router_middleware.langchain import RouterAgentMiddleware
+
+    class ChatOpenAI(GenericFakeChatModel):  # as langchain_openai's: its client resolved its base URL
+        model_name: str = "gpt-4o-mini"
+        root_client: Any = None
+
+    ChatOpenAI.__module__ = "langchain_openai.chat_models.base"
+    chat_model = ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url="http://10.0.0.5:8000/v1/"))
+    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}),
+                                       models={"m": chat_model} if where == "models" else None)
+
+    def handler(request: ModelRequest) -> ModelResponse:
+        return ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 9, "output_tokens": 1,
+                                                                     "total_tokens": 10})])
+
+    middleware.wrap_model_call(ModelRequest(model=chat_model, messages=[HumanMessage("hi")], model_settings={},
+                                            tools=[]), handler)
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert chat.attributes["server.address"] == "10.0.0.5"
+
+
 def test_the_agent_middleware_marks_the_agent_s_own_tools_keeping_what_they_carry() -> None:
     """The agent's model is handed the agent's own tools, the last one marked in its ``extras`` (where
     ChatAnthropic reads a tool's cache_control, and RoutedChatModel too): not OpenAI-format dicts in

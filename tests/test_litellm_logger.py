@@ -3274,3 +3274,44 @@ def test_a_stream_said_nothing_only_without_an_answer_part_usage_or_a_finish_of_
                                                      "function": {"name": "ls", "arguments": "{}"}}]), bare])
     assert not wire.said_nothing([bare, ModelResponseStream(choices=[], usage=Usage(prompt_tokens=3,
                                                                                     completion_tokens=0))])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_proxy_call_s_spans_name_the_server_its_model_list_sends_it_to(tmp_path, monkeypatch, span_exporter,
+                                                                           stream) -> None:
+    """Behind the proxy a model name whose deployment has an ``api_base`` of its own (a self-hosted
+    OpenAI-compatible server) is called there: its chat span's ``server.address`` is that host, as a
+    config deployment's or a call's own ``api_base`` is, not OpenAI's public host (the span named
+    ``api.openai.com`` for a call that never left the machine)."""
+    import sys
+    import types
+
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (up, seen):
+        router = litellm.Router(model_list=[
+            {"model_name": "local", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}}])
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"aliases": {"coder": ["local"]}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+
+        async def call() -> None:
+            data = {"model": "coder", "messages": [{"role": "user", "content": "task"}],
+                    "litellm_call_id": "local-1", "stream": stream}
+            changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+            response = await router.acompletion(**changed)
+            if stream:
+                async for _ in response:
+                    pass
+            await _recorded(logger, 1)
+            await logger.aflush()
+
+        try:
+            asyncio.run(call())
+            rows = _ledger(logger, ("requested_model", "deployment", "error"))
+        finally:
+            logger.unregister()
+    assert len(seen) == 1 and rows == [{"requested_model": "coder", "deployment": "local", "error": None}]
+    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert chat.attributes["server.address"] == "127.0.0.1"

@@ -15,7 +15,7 @@ from weakref import WeakValueDictionary
 from .bookkeeping import Bookkeeper, keys
 from .cache import ResponseCache
 from .catalog import Catalog, close_names, model_names, provider_names
-from .config import Config, Deployment, TelemetryConfig
+from .config import Config, TelemetryConfig
 from .errors import ConfigError, MissingExtra
 from .ledger import LedgerWriter
 from .policies import Policy, PolicyState
@@ -23,7 +23,7 @@ from .stores import Store, StoreView, open_store
 from .stores.base import number
 from .stores.memory import MemoryStore
 from .telemetry import Redactor, TelemetrySettings, log
-from .telemetry.attributes import endpoint_host, semconv_mode
+from .telemetry.attributes import semconv_mode
 from .types import SessionRoute
 from .wire import provider_known
 
@@ -64,9 +64,9 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     return tuple(policies)
 
 
-def telemetry_settings(config: TelemetryConfig, deployments: Mapping[str, Deployment]) -> TelemetrySettings:
-    """The telemetry settings, with each deployment's endpoint host (its spans' ``server.address``)."""
-    endpoints = {name: host for name, d in deployments.items() if (host := endpoint_host(d.api_base))}
+def telemetry_settings(config: TelemetryConfig, endpoints: Mapping[str, str]) -> TelemetrySettings:
+    """The telemetry settings; ``endpoints``: where each deployment or served name sends its calls (the
+    policies' map, :attr:`.PolicyState.endpoints`, shared: its spans' ``server.address``)."""
     return TelemetrySettings(enabled=config.enabled, capture_content=config.capture_content,
                              openinference=config.openinference,
                              redactor=Redactor(tuple((r.pattern, r.replacement) for r in config.redact)),
@@ -268,7 +268,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     state.endpoints = deployment_endpoints(config)
     return Parts(
         config=config, catalog=catalog, policies=chain, store=store, state=state,
-        telemetry=telemetry_settings(config.telemetry, config.routing.deployments), ledger=ledger,
+        telemetry=telemetry_settings(config.telemetry, state.endpoints), ledger=ledger,
         cache=response_cache(config, store) if configured else None,
         books=Bookkeeper(store, config.routing, catalog, ledger, fresh_s=_lag(store),
                          cooldown_view=state.cooldowns, budget_view=state.budget_spent,

@@ -113,8 +113,8 @@ class Engine:
             name: model for name, model in models.items()
             if name not in routes and name != model and (known(model) is not None or known(name) is None)}
         self.books.served = self.state.served
-        if endpoints:
-            self.state.endpoints = {**self.state.endpoints, **endpoints}
+        if endpoints:  # in place: the telemetry settings share the map (spans' ``server.address``)
+            self.state.endpoints.update(endpoints)
 
     def make_call(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
                   params: Mapping[str, Any], *, litellm_sends: bool = True) -> Call:

@@ -7,6 +7,7 @@ of attributes the conventions renamed: ``current``, ``legacy`` or ``both``.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Literal
@@ -81,14 +82,22 @@ def provider_name(provider: str) -> str:
 
 def endpoint_host(base: object) -> str | None:
     """The host of an endpoint URL (``api_base``), or ``None``."""
-    return urlparse(base).hostname if isinstance(base, str) and base else None
+    return _host(base) if isinstance(base, str) and base else None
+
+
+@functools.lru_cache(maxsize=256)
+def _host(base: str) -> str | None:
+    try:
+        return urlparse(base).hostname
+    except ValueError:  # not a URL (a bracketed host that is no IPv6 address)
+        return None
 
 
 def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str] | None = None) -> str | None:
-    """Where the attempt was sent: its deployment's endpoint (``endpoints``: a deployment's name to its
-    host; the request sends it in place of the call's), else the call's ``api_base``, else the
-    provider's public host where it has one."""
-    host = endpoints.get(plan.deployment) if plan.deployment and endpoints else None
+    """Where the attempt was sent: the endpoint of its target (``endpoints``: a deployment's or a name
+    the adapter serves to its base URL, :attr:`.PolicyState.endpoints`; the request goes there in
+    place of the call's), else the call's ``api_base``, else the provider's public host where it has one."""
+    host = endpoint_host(endpoints.get(plan.deployment or plan.model)) if endpoints else None
     return host or endpoint_host(plan.params.get("api_base") or plan.params.get("base_url")) \
         or _DEFAULT_HOSTS.get(provider or "")
 

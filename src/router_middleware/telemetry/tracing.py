@@ -55,7 +55,7 @@ class TelemetrySettings:
     openinference: bool = False
     redactor: Redactor = field(default_factory=lambda: DEFAULT_REDACTOR)
     semconv: Semconv = "both"
-    endpoints: Mapping[str, str] = field(default_factory=dict)  # a deployment's name -> its api_base's host
+    endpoints: Mapping[str, str] = field(default_factory=dict)  # a deployment's or served name -> its base URL
 
 
 _tracer_of: tuple[Any, trace.Tracer] | None = None  # OpenTelemetry's global provider (None: unset), and its tracer
