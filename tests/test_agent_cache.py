@@ -497,3 +497,12 @@ print(json.dumps(key_value({"f": fetch, "s": Slotted("ada"), "n": {1, 2}}), sort
     with pytest.raises(Unkeyable, match="more than 10000 values"):
         key_value(shared)
     assert json.dumps(key_value({"a": (1, 2)})) != json.dumps(key_value({"a": [1, 2]}))
+
+
+def test_an_answer_with_no_text_and_no_tool_call_is_not_cached(ask) -> None:
+    """An agent model's empty answer (no text, no tool call) is no answer to serve again: the next
+    request like it reaches the model (as the pipeline's: an empty stream, an empty text); one that
+    says something is cached."""
+    middleware = RouterAgentMiddleware(pipeline())
+    empty = Fake(messages=iter([AIMessage(""), AIMessage(""), AIMessage("4")]), temperature=0)
+    assert [ask(middleware, empty)[1] for _ in range(4)] == [1, 1, 1, 0]

@@ -30,6 +30,11 @@ def test_yaml_file(tmp_path) -> None:
         ({"models": {"x": {"input_per_mtok": "cheap"}}}, "models.x.input_per_mtok"),
         ({"telemetry": {"enabled": "maybe"}}, "telemetry.enabled"),
         ({"version": 2}, "version"),
+        # an infinite price refused every call of a budget ("nan usd"), else was ignored
+        ({"models": {"x": {"output_per_mtok": float("inf")}}}, "models.x.output_per_mtok"),
+        ({"routing": {"budgets": [{"name": "b", "usd": float("inf")}]}}, "routing.budgets.0.usd"),
+        # a pattern that is no regular expression raised re.error, naming no field
+        ({"telemetry": {"redact": [{"pattern": "("}]}}, "telemetry.redact.0.pattern"),
     ],
 )
 def test_bad_config_names_the_field(data, field) -> None:

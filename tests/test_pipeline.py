@@ -548,3 +548,41 @@ def test_a_streamed_and_a_whole_answer_name_the_same_model(model) -> None:
     assert whole is not None and streamed is not None
     assert streamed.model == whole.model == model.split("/", 1)[1]
     assert streamed.cost.total_usd and whole.cost.total_usd  # priced as that model
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_answer_that_says_nothing_is_not_cached(tmp_path, monkeypatch, asynchronous) -> None:
+    """A stream its provider closed before any data, served as it came (no target left), and a plain
+    answer with no text and no tool call are no answers to serve again: the response cache keeps
+    neither (before, the same request was answered from the cache with an empty text for an hour,
+    its provider never asked again: worse than calling it directly)."""
+    import asyncio
+    import sqlite3
+
+    from .fault_server import fault_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    kw = {"messages": MESSAGES, "temperature": 0}
+
+    async def aread(p: Pipeline, **more: Any) -> Any:
+        response = await p.acompletion(**kw, **more)
+        return [c async for c in response] if more.get("stream") else response
+
+    def read(p: Pipeline, **more: Any) -> Any:
+        if asynchronous:
+            return asyncio.run(aread(p, **more))
+        response = p.completion(**kw, **more)
+        return list(response) if more.get("stream") else response
+
+    with fault_server() as (base, seen):
+        p = Pipeline.from_config({"ledger": {"url": f"sqlite:///{tmp_path / 'l.db'}"}})  # the cache on, as by default
+        for _ in range(2):
+            read(p, model="openai/gpt-3.5-turbo", api_base=f"{base}/empty/v1", stream=True)
+        plain = [read(p, model="gpt-4o-mini", mock_response="") for _ in range(2)]
+        said = [read(p, model="gpt-4o-mini", mock_response="ok") for _ in range(2)]
+        p.close()
+    assert seen == {"empty:empty-stream": 2}
+    assert [outcome(r).usage.source for r in plain] == ["estimated", "estimated"]
+    assert [outcome(r).usage.source for r in said] == ["estimated", "cache"]  # an answer is cached
+    rows = sqlite3.connect(tmp_path / "l.db").execute("SELECT cache_hit FROM calls ORDER BY ts").fetchall()
+    assert [r[0] for r in rows] == [0, 0, 0, 0, 0, 1]

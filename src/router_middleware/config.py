@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -54,11 +55,11 @@ def _numeric(annotation: Any) -> bool:
 class ModelOverride(_Strict):
     """Facts about one model that win over litellm's catalog. Prices in USD per million tokens."""
 
-    input_per_mtok: float | None = Field(default=None, ge=0)
-    output_per_mtok: float | None = Field(default=None, ge=0)
-    cache_read_per_mtok: float | None = Field(default=None, ge=0)
-    cache_write_per_mtok: float | None = Field(default=None, ge=0)
-    reasoning_per_mtok: float | None = Field(default=None, ge=0)
+    input_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    output_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_read_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    reasoning_per_mtok: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     max_input_tokens: int | None = Field(default=None, gt=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
 
@@ -332,7 +333,7 @@ class BudgetConfig(_Strict):
 
     name: str
     scope: Literal["app", "tenant", "session", "user", "global"] = "app"
-    usd: float | None = Field(default=None, gt=0)
+    usd: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     tokens: int | None = Field(default=None, gt=0)
     window_s: float | None = Field(default=None, gt=0)  # None: never resets
     soft: float = Field(default=0.8, gt=0, le=1)
@@ -376,7 +377,7 @@ class FreeTierConfig(_Strict):
 
     prefer: bool = False
     models: list[str] = Field(default_factory=list)
-    credits_purchased_usd: float = Field(default=0.0, ge=0)
+    credits_purchased_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     rpm: int = Field(default=20, gt=0)
     rpd: int | None = Field(default=None, gt=0)
 
@@ -562,6 +563,15 @@ class LedgerConfig(_Strict):
 class RedactionRule(_Strict):
     pattern: str
     replacement: str = "[REDACTED]"
+
+    @field_validator("pattern")
+    @classmethod
+    def _a_regular_expression(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}): {pattern!r}") from None
+        return pattern
 
 
 class TelemetryConfig(_Strict):

@@ -817,6 +817,8 @@ class CallLifecycle:
         return its entry, for the settlement to write (one round trip)."""
         cache = self.engine.cache
         assert cache is not None
+        if wire.says_nothing(response):  # no answer to serve again (an empty stream, an empty text)
+            return None
         keyed = self._cache_key(plan)
         try:
             entry = cache.entry(keyed, response, result.cost.total_usd, native,
@@ -879,7 +881,7 @@ class CallLifecycle:
         """Save a stream's answer that :meth:`_saves` sends to the response cache: the entry, for the
         stream's settlement to write, where the cache shares the call's store; else saved here."""
         cache = self.engine.cache
-        if cache is None:
+        if cache is None or wire.says_nothing(response):  # no answer to serve again: see _store
             return None
         context = measured_context_saving(result, self.engine.catalog)
         if cache.store is self.engine.store:

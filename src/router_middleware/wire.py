@@ -367,6 +367,24 @@ def said_nothing(chunks: list[Any], stream: Any = None) -> bool:
     return True
 
 
+_SERVED = ("content", "tool_calls", "function_call", "refusal", "audio", "images")  # what a message gives its caller
+
+
+def says_nothing(response: Any) -> bool:
+    """Does a chat completion (litellm's, a stream's assembled, or an adapter's as a dict) give its
+    caller nothing: no choice whose message has text, a tool call, a refusal, audio or images (a
+    stream its provider closed before any data, an empty text)? Reasoning alone is no answer to serve again."""
+    for choice in _field(response, "choices") or ():
+        message = _field(choice, "message")
+        if any(_field(message, name) for name in _SERVED):
+            return False
+    return True
+
+
+def _field(obj: Any, name: str) -> Any:
+    return obj.get(name) if isinstance(obj, Mapping) else getattr(obj, name, None)
+
+
 def bare_finish(chunk: Any, stream: Any = None) -> bool:
     """Is ``chunk`` a stream's end that says nothing (a finish reason litellm made, no text, reasoning,
     tool call or usage: :func:`said_nothing`): what litellm streams for a provider that closed before
