@@ -1423,6 +1423,53 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert "routing:fallback" in failed["decisions"]
 
 
+@pytest.mark.parametrize("fault", ["cut", "broken"])
+def test_an_sdk_stream_with_litellm_fallbacks_that_breaks_while_read_is_one_row_of_its_own_model(
+        tmp_path, monkeypatch, fault) -> None:
+    """litellm's ``fallbacks=`` fall back only before a stream is handed over: a stream that breaks
+    while read (partway, or before its first chunk) raises to its caller and no fallback is called.
+    The call is one row naming the model that broke and its error, settled at what it streamed (before:
+    the lifecycle moved on to the fallback litellm never called, a second row for it charged to the
+    budget, or the only row naming the fallback with ``FallbacksEnded``)."""
+    import logging
+
+    from .fault_server import fault_server
+
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "team", "scope": "global", "usd": 1}]})
+    messages = [{"role": "user", "content": "Tell me a joke"}]
+
+    async def run(base: str) -> str:
+        try:
+            stream = await litellm.acompletion(model="openai/gpt-4o-mini", api_base=f"{base}/{fault}/v1",
+                                               messages=messages, stream=True, max_retries=0,
+                                               fallbacks=[{"model": "openai/gpt-4o", "api_base": f"{base}/healthy/v1"}])
+            async for _ in stream:
+                pass
+        except Exception as exc:  # noqa: BLE001 - litellm's MidStreamFallbackError
+            raised = type(exc).__name__
+        else:
+            raised = "nothing"
+        await _let_go(logger)
+        return raised
+
+    try:
+        with fault_server() as (base, seen):
+            raised = asyncio.run(run(base))
+        rows = _ledger(logger, ("requested_model", "target", "error", "output_tokens", "cost_usd", "decisions"))
+        spent = float(logger.pipeline.store.get("budget:team:usd:all:0") or 0)
+    finally:
+        logger.unregister()
+    assert raised == "MidStreamFallbackError" and seen == {f"{fault}:{fault}-stream": 1}  # no fallback called
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert (row["requested_model"], row["target"], row["error"]) == ("openai/gpt-4o-mini", "openai/gpt-4o-mini",
+                                                                    "APIConnectionError")
+    assert "routing:fallback" not in row["decisions"]
+    assert spent == pytest.approx(row["cost_usd"] or 0.0)  # the budget holds what the row says, no more
+    assert (row["output_tokens"] > 0) is (fault == "cut")
+
+
 @pytest.mark.parametrize("caught", [True, False], ids=["aflush-in-the-loop", "error-escapes-the-loop"])
 def test_an_sdk_call_whose_fallbacks_all_failed_gets_its_row_without_a_collection_of_the_caller_s(
         tmp_path, monkeypatch, caught) -> None:

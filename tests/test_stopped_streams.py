@@ -209,6 +209,13 @@ _LEFT_AT_EXIT = {
                      "RouterLogger(p).register()\n"
                      "stream = litellm.completion(**KW)\n"
                      "for i, _ in zip(range(3), stream): pass\n"),
+    "langchain-handler": ("from langchain_core.language_models.fake_chat_models import GenericFakeChatModel\n"
+                          "from langchain_core.messages import AIMessage\n"
+                          "from router_middleware.langchain import RouterCallbackHandler\n"
+                          "model = GenericFakeChatModel(messages=iter([AIMessage(KW['mock_response'])]))\n"
+                          "stream = model.stream(KW['messages'][0]['content'],\n"
+                          "                      config={'callbacks': [RouterCallbackHandler(p)]})\n"
+                          "for i, _ in zip(range(3), stream): pass\n"),
 }
 
 
@@ -217,7 +224,8 @@ def test_a_stream_a_script_leaves_open_as_it_ends_is_a_stopped_row_and_frees_its
                                                                                      tmp_path) -> None:
     """A script reads part of a stream, keeps it (a module-level name), and ends. The stream's
     finalizer ran during the interpreter's teardown, where litellm's builder failed (or, through
-    litellm with the logger, never ran): no ledger row, and its budget hold on Redis counted for
+    litellm with the logger, never ran; a LangChain model's observed by ``RouterCallbackHandler``:
+    its ``on_llm_error`` came where imports failed): no ledger row, and its budget hold on Redis counted for
     ``reservation_ttl_s`` against every process sharing the budget. Now it ends at the exit, as a
     ``stopped`` row settled at what it used, its hold released."""
     import subprocess

@@ -144,6 +144,17 @@ class MovedPast(Exception):
         self.error, self.spent, self.made = error, spent, made
 
 
+class Final(Exception):
+    """What an adapter throws into a lifecycle for an attempt that failed with ``error`` (having used
+    ``spent``, if it broke off partway) where no attempt will follow whatever targets are left: the
+    adapter's caller was handed the error (litellm's SDK ``fallbacks=`` fall back only before a stream
+    is handed over, not when it breaks while read). Counted as that failure; the call ends with it."""
+
+    def __init__(self, error: Exception, spent: Outcome | None = None) -> None:
+        super().__init__(str(error))
+        self.error, self.spent = error, spent
+
+
 class Replaced(Exception):
     """What an adapter throws into a lifecycle for an attempt whose model failed with ``error`` while
     the adapter's caller was handed ``answer`` in its place (LangChain's ModelRetryMiddleware inside
@@ -259,9 +270,10 @@ class CallLifecycle:
                 # outside the handler: a CutShort's error is raised with its own context
                 moved = isinstance(thrown, MovedPast)
                 unmade = isinstance(thrown, MovedPast) and not thrown.made
-                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort | MovedPast) \
+                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort | MovedPast | Final) \
                     else (thrown, None)
-                step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved, unmade=unmade)
+                step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved, unmade=unmade,
+                                               ends=isinstance(thrown, Final))
                 if step is None:
                     raise error
                 # paused at the next attempt, the flow holds no failure: its traceback reaches the
@@ -667,13 +679,14 @@ class CallLifecycle:
     # -- after an attempt ------------------------------------------------------------------------
 
     def _failed(self, plan: Plan, trace: CallTrace, attempts: Attempts, exc: Exception,
-                spent: Outcome | None = None, *, moved: bool = False,
-                unmade: bool = False) -> Generator[Effect, Any, tuple[Plan, float] | None]:
+                spent: Outcome | None = None, *, moved: bool = False, unmade: bool = False,
+                ends: bool = False) -> Generator[Effect, Any, tuple[Plan, float] | None]:
         """Count the failure; the next attempt's plan and delay, or ``None`` to give up (the spans
         and ledger row then record the error, and the reservation is released, or settled at
         ``spent``: what the attempt used before it broke off). ``moved``: the adapter's router has
         moved on to the next target (:class:`MovedPast`), which the call follows whatever ``exc`` is;
-        ``unmade``: without making this attempt (nothing counted, its quotas given back)."""
+        ``unmade``: without making this attempt (nothing counted, its quotas given back); ``ends``:
+        no attempt follows (:class:`Final`)."""
         engine, failed = self.engine, plan.deployment or plan.model
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
@@ -684,7 +697,7 @@ class CallLifecycle:
             self.books.attempt_unmade(self.held)
         else:
             self.books.attempt_failed(self.held, failed, exc, spent)
-        if not self.fallback:
+        if not self.fallback or ends:
             self._give_up(plan, trace, exc, spent)
             return None
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from .errors import StreamLeft
+from .exits import end_at_exit
 from .types import Outcome
 
 _CLOSED = "the caller closed the stream before it ended"  # close() and aclose()'s StreamLeft
@@ -50,7 +49,7 @@ class TrackedStream:
         self._read_out = False  # read to the stream's end (else left, or cut short)
         self._done = False
         self.outcome: Outcome | None = None
-        _watch(self)
+        end_at_exit(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -167,33 +166,13 @@ class TrackedStream:
             if not self._done:
                 self._end_now(self._left("the caller let the stream go before it ended"))
 
-
-_OPEN: weakref.WeakSet[TrackedStream] = weakref.WeakSet()  # streams not ended, ended at the interpreter's exit
-_EXIT_HOOKED: list[bool] = []
-
-
-def _watch(stream: TrackedStream) -> None:
-    _OPEN.add(stream)
-    if not _EXIT_HOOKED:
-        _EXIT_HOOKED.append(True)
-        atexit.register(_end_at_exit)
-
-
-def _end_at_exit() -> None:
-    """Streams still open as the interpreter exits (a script that stopped reading one and ended) end
-    now, cut short by :class:`.StreamLeft`, while imports still work, and the ledger's rows are then
-    flushed: left to their finalizers, they ended during the interpreter's teardown, where litellm's
-    builder failed, so the call had no ledger row and its budget hold stayed until it lapsed."""
-    ended = False
-    for stream in list(_OPEN):
-        with contextlib.suppress(Exception):  # one that cannot end keeps no other from ending
-            if not stream._done:
-                stream._end_now(stream._left("the process exited before the stream ended"))
-                ended = True
-    if ended:
-        from .ledger.writer import _flush_at_exit
-
-        _flush_at_exit()  # its own exit hook may have run first
+    def end_at_exit(self) -> bool:
+        """Still open as the interpreter exits (a script that stopped reading it and ended): cut short
+        by :class:`.StreamLeft`, settled at what it used (:mod:`.exits`)."""
+        if self._done:
+            return False
+        self._end_now(self._left("the process exited before the stream ended"))
+        return True
 
 
 def _loop_running() -> bool:

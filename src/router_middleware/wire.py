@@ -434,6 +434,18 @@ class Partial:
         return cls({"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output})
 
 
+def broke_while_read(event: Mapping[str, Any]) -> bool:
+    """Did a streamed call fail while its stream was read, after litellm had handed it over (a stream
+    cut partway, or one that broke before its first chunk), rather than when it was sent? Read from a
+    failure event's kwargs: a chunk had come (``completion_start_time``), or the error was raised in
+    ``CustomStreamWrapper`` (litellm_core_utils/streaming_handler.py, in the event's
+    ``traceback_exception``, 1.110.2). litellm's SDK ``fallbacks=`` do not follow such a failure."""
+    if not event.get("stream"):
+        return False
+    trace = event.get("traceback_exception")
+    return event.get("completion_start_time") is not None or isinstance(trace, str) and "streaming_handler" in trace
+
+
 def partial(event: Mapping[str, Any]) -> Partial | None:
     """What a failed call had used, as litellm recorded it before its failure event: for a stream that
     broke partway, its count of the chunks that came (``combined_usage_object``, set by

@@ -21,6 +21,8 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, LLMResult
 
+from ..errors import StreamLeft
+from ..exits import end_at_exit
 from ..pipeline import Pipeline, PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import AgentContext, Call, Outcome, Plan
@@ -94,6 +96,8 @@ class RouterCallbackHandler(BaseCallbackHandler):
             trace.event("langchain.run", {"run_id": str(run_id), "parent_run_id": str(parent_run_id or "")})
         with self._lock:
             self._runs[run_id] = _Run(trace, plan, time.perf_counter())
+        if trace is not None:
+            end_at_exit(self)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         run = self._runs.get(run_id)
@@ -151,3 +155,29 @@ class RouterCallbackHandler(BaseCallbackHandler):
     @property
     def in_flight(self) -> Sequence[UUID]:
         return tuple(self._runs)
+
+    def end_at_exit(self) -> bool:
+        """Runs still under way as the interpreter exits (a script that stopped reading a stream and
+        ended) end now, while imports still work, stopped by :class:`.StreamLeft`: one whose first
+        token had come is settled at its prompt counted locally (the chunks LangChain merged are out
+        of reach), as a stream closed early; else a row with nothing spent. Left to the teardown,
+        LangChain's ``on_llm_error`` came when imports failed: no row, and its spend uncounted."""
+        with self._lock:
+            runs, self._runs = list(self._runs.values()), {}
+        ended = False
+        for run in runs:
+            if run.trace is None:  # accounted by its pipeline
+                continue
+            ended = True
+            error = StreamLeft("the process exited before the stream ended")
+            try:
+                if run.first_token is None:
+                    run.trace.fail(error)
+                    self.pipeline.books.record_failure(run.plan, error, run.trace.provider)
+                    continue
+                result = outcome_from_message(None, run.plan, self.pipeline, run.trace.provider, run.started,
+                                              run.first_token)
+                run.trace.fail(error, self.pipeline.books.settle_observed(result, complete=False, error=error))
+            except Exception as exc:  # noqa: BLE001 - one run that cannot end keeps no other from ending
+                log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
+        return ended

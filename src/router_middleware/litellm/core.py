@@ -19,7 +19,7 @@ from .. import wire
 from ..accounting import build_outcome
 from ..drivers import astep, queued_writes, write_all
 from ..errors import BudgetExceeded, NoRouteError
-from ..lifecycle import CutShort, MovedPast
+from ..lifecycle import CutShort, Final, MovedPast
 from ..pipeline import PipelineSource, pipeline_of
 from ..telemetry import CallTrace, log
 from ..types import Outcome, Plan
@@ -107,7 +107,10 @@ class _Core(CustomLogger):
                 # ends it (ended here, a retry that answered had a failed row)
                 self._keep(kwargs, found)
                 return True
-            error = error if spent is None or isinstance(error, MovedPast) else CutShort(error, spent)
+            if found.follows and wire.broke_while_read(kwargs):  # litellm's fallbacks= do not follow it:
+                error = Final(error, spent)  # its caller was handed the error
+            else:
+                error = error if spent is None or isinstance(error, MovedPast) else CutShort(error, spent)
         try:
             done, value = await astep(found.flow, reply, error, wait=False, off_loop=self.pipeline.store_blocks)
         except Exception as exc:  # noqa: BLE001 - the lifecycle gave up (and recorded why), or reading failed
