@@ -441,6 +441,29 @@ def test_content_is_off_by_default_and_redacted_when_on(span_exporter) -> None:
     assert "[REDACTED_API_KEY]" in text and "[REDACTED_EMAIL]" in text and "[X]" in text
 
 
+def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter) -> None:
+    """Content capture writes the messages as JSON: redacted after, a secret written ``api_key="..."``
+    in a message, ``{"api_key": ...}`` in a message, a tool call's arguments or a tool's result, and
+    an AWS secret beside its name leaked past the rules (JSON escapes the quotes they stop at), and a
+    half-redacted string left the attribute no JSON at all (Phoenix then shows no messages)."""
+    secret, aws = "hunter2-super-secret-value", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    messages = [
+        {"role": "system", "content": f'Deploy with api_key="{secret}"'},
+        {"role": "user", "content": f'aws_secret_access_key = "{aws}" and {json.dumps({"api_key": secret})}'},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "login", "arguments": json.dumps({"api_key": secret})}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"x-api-key": secret})},
+    ]
+    Pipeline.from_config({"telemetry": {"capture_content": True}}).completion(
+        model="gpt-4o-mini", messages=messages, mock_response=f'Done: api_key="{secret}"')
+    _, (captured,) = spans_by_kind(span_exporter)
+    for name in ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"):
+        value = captured.attributes[name]
+        json.loads(value)  # still JSON
+        assert secret not in value and aws not in value, (name, value)
+    assert "[REDACTED]" in captured.attributes["gen_ai.input.messages"]
+
+
 def test_api_keys_never_reach_spans_or_logs(span_exporter) -> None:
     import litellm
 
@@ -650,6 +673,8 @@ def test_a_summary_call_is_a_client_span_and_costs_in_its_calls_row(tmp_path, sp
     assert summary.parent.span_id == route.context.span_id == chat.parent.span_id
     assert summary.name == "chat gpt-4o-mini" and summary.attributes["gen_ai.agent.name"] == "coder"
     assert summary.attributes["gen_ai.usage.input_tokens"] > 0 and summary.attributes["gen_ai.usage.cost"] > 0
+    assert summary.attributes["server.address"] == "api.openai.com"  # none before: the chat span's only
+    assert chat.attributes["server.address"] == "api.deepseek.com"
     assert route.start_time <= summary.start_time < summary.end_time <= chat.start_time
     ((cost, summary_cost),) = rows
     assert summary_cost == pytest.approx(summary.attributes["gen_ai.usage.cost"])
@@ -668,6 +693,10 @@ def test_a_summary_s_cost_is_counted_apart_by_its_purpose(tmp_path, metric_reade
                if p.attributes.get("router_middleware.app") == "summary-costs"}
     assert counted["context_summary"] == pytest.approx(summary_cost)
     assert counted[None] == pytest.approx(cost - summary_cost)
+    durations = {p.attributes.get("router_middleware.purpose"): p.attributes.get("server.address")
+                 for p in _points(metric_reader, "gen_ai.client.operation.duration")
+                 if p.attributes.get("gen_ai.request.model") in ("gpt-4o-mini", "deepseek/deepseek-chat")}
+    assert durations == {"context_summary": "api.openai.com", None: "api.deepseek.com"}
 
 
 def test_a_failed_summary_call_is_a_failed_span_and_costs_nothing(tmp_path, span_exporter) -> None:

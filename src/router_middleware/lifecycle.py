@@ -54,6 +54,7 @@ from .stores import Prefetch
 from .stores.base import Bounded, Fetched, defer
 from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
+from .telemetry.attributes import host_of
 from .telemetry.tracing import SideCall
 from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
@@ -450,10 +451,11 @@ class CallLifecycle:
             log.warning("summary_claim_failed", span=job.key, error_type=type(exc).__name__)
         request = self.engine.summary_request(job)
         model, started = str(request.get("model")), time.time_ns()
+        server = host_of(request.get("api_base") or request.get("base_url"), self.engine.catalog.provider(model))
         try:
             response = yield Summarize(job, request)
         except Exception as exc:  # noqa: BLE001 - a failed summary keeps the offline digest
-            self.side_calls += (SideCall(model, None, exc, started, time.time_ns()),)
+            self.side_calls += (SideCall(model, None, exc, started, time.time_ns(), server=server),)
             log.warning("summary_failed", span=job.key, error_type=type(exc).__name__,
                         error=self.engine.telemetry.redactor(str(exc))[:200])
             return
@@ -466,7 +468,7 @@ class CallLifecycle:
         except Exception as exc:  # noqa: BLE001 - an unpriced summary still serves the call
             log.warning("summary_unaccounted", span=job.key, error_type=type(exc).__name__)
             outcome = None
-        self.side_calls += (SideCall(model, outcome, None, started, ended),)
+        self.side_calls += (SideCall(model, outcome, None, started, ended, server=server),)
 
     def _carry(self, plan: Plan) -> Plan:
         """``plan`` with what this call's summaries cost (every later plan of the call keeps it)."""

@@ -98,8 +98,12 @@ def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str
     the adapter serves to its base URL, :attr:`.PolicyState.endpoints`; the request goes there in
     place of the call's), else the call's ``api_base``, else the provider's public host where it has one."""
     host = endpoint_host(endpoints.get(plan.deployment or plan.model)) if endpoints else None
-    return host or endpoint_host(plan.params.get("api_base") or plan.params.get("base_url")) \
-        or _DEFAULT_HOSTS.get(provider or "")
+    return host or host_of(plan.params.get("api_base") or plan.params.get("base_url"), provider)
+
+
+def host_of(endpoint: object, provider: str | None) -> str | None:
+    """The host of ``endpoint`` (a base URL), else ``provider``'s public host where it has one."""
+    return endpoint_host(endpoint) or _DEFAULT_HOSTS.get(provider or "")
 
 
 def reasoning_level(plan: Plan) -> str | None:

@@ -34,12 +34,30 @@ def content_attributes(
               for m in messages if m.get("role") not in ("system", "developer")]
     outputs = [{"role": "assistant", "parts": _parts(m), "finish_reason": m.get("finish_reason")} for m in output]
     attrs: dict[str, AttributeValue] = {
-        "gen_ai.input.messages": redact(json.dumps(inputs, ensure_ascii=False, default=str)),
-        "gen_ai.output.messages": redact(json.dumps(outputs, ensure_ascii=False, default=str)),
+        "gen_ai.input.messages": _json(inputs, redact),
+        "gen_ai.output.messages": _json(outputs, redact),
     }
     if system:
-        attrs["gen_ai.system_instructions"] = redact(json.dumps(system, ensure_ascii=False, default=str))
+        attrs["gen_ai.system_instructions"] = _json(system, redact)
     return attrs
+
+
+def _json(value: Any, redact: Redactor) -> str:
+    """``value`` as JSON, each of its strings redacted first: the rules stop at the quotes JSON escapes
+    (a secret written ``api_key="..."`` passed redacted JSON, and a half-redacted string was no JSON)."""
+    return json.dumps(_redacted(value, redact), ensure_ascii=False)
+
+
+def _redacted(value: Any, redact: Redactor) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, Mapping):
+        return {str(k): _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, redact) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return redact(str(value))
 
 
 def response_messages(response: Any) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ class SideCall:
     start_ns: int
     end_ns: int
     purpose: str = "context_summary"
+    server: str | None = None  # its server.address: the request's endpoint host, else its provider's
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,8 @@ class CallTrace:
                                             "router_middleware.purpose": call.purpose}
         if call.outcome is not None and call.outcome.provider:
             attrs["gen_ai.provider.name"] = provider_name(call.outcome.provider)
+        if call.server:
+            attrs["server.address"] = call.server
         call_metrics.record(dict(attrs), call.outcome, (call.end_ns - call.start_ns) / 1e9,
                             type(call.error).__qualname__ if call.error else None, self.plan.call.context.app)
         if self.parent is None or not self.parent.is_recording():
