@@ -270,7 +270,7 @@ def test_behind_the_litellm_proxy_a_derived_session_escalates_after_a_traceback(
 
         try:
             async def run() -> None:
-                await step(1)  # the run's first call: its own session (head-<h>)
+                await step(1)  # the run's first call: its own session (head-<h>-first-<r>)
                 messages.extend(tool_turn(1, "<returncode>0</returncode>"))
                 await step(2)  # the run's session from here on (head-<h>-<a>)
                 messages.extend(tool_turn(2, "Traceback (most recent call last):\nKeyError: 'x'"))

@@ -3362,3 +3362,45 @@ def test_a_proxy_call_s_spans_name_the_server_its_model_list_sends_it_to(tmp_pat
     assert len(seen) == 1 and rows == [{"requested_model": "coder", "deployment": "local", "error": None}]
     (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
     assert chat.attributes["server.address"] == "127.0.0.1"
+
+
+def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first_call(tmp_path) -> None:
+    """Cline sends no session id: the proxy derives one per run, but a run's first call (no assistant
+    turn yet) was booked under the opening alone, which every rerun of the same task shares: a
+    per-session budget filled up across runs, and a new run was refused at its first call (a 429 where
+    the bare proxy answers). Each run's first call is now a session of its own; a run's later calls
+    share the run's."""
+    from router_middleware import BudgetExceeded
+
+    router = litellm.Router(model_list=[{"model_name": "coder", "litellm_params": {
+        "model": "openai/gpt-4o-mini", "api_key": "x", "mock_response": "Running the tests."}}])
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"budgets": [{"name": "run", "scope": "session", "tokens": 250}]},
+        "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+    opening = [{"role": "system", "content": "You are a coding agent. " * 20},
+               {"role": "user", "content": "Fix the failing test"}]
+    refused: list[str] = []
+
+    async def first_call(run: int) -> None:
+        data = {"model": "coder", "messages": opening, "litellm_call_id": f"run{run}", "max_tokens": 50}
+        try:
+            changed = await logger.async_pre_call_hook(None, None, data, "acompletion")
+        except BudgetExceeded:
+            refused.append(f"run{run}")
+            return
+        await router.acompletion(**changed)
+        await _recorded(logger, run + 1 - len(refused))
+
+    async def runs() -> None:
+        for run in range(5):  # each first call reserves ~180 tokens of the 250 a session may, spends 30
+            await first_call(run)
+        await logger.aflush()
+
+    try:
+        asyncio.run(runs())
+        rows = _ledger(logger, ("session", "error", "input_tokens", "output_tokens"))
+    finally:
+        logger.unregister()
+    assert refused == []
+    assert len(rows) == 5 and len({r["session"] for r in rows}) == 5
+    assert all(r["session"].startswith("head-") and r["error"] is None for r in rows)

@@ -70,12 +70,15 @@ def _digest(value: object) -> str:
     return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
 
 
-def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = ()) -> dict[str, Any]:
+def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = (), request: str | None = None
+               ) -> dict[str, Any]:
     """What a proxy can tell of an agent run from its conversation, when the client sends no labels:
     ``session_id`` from the opening request (everything before the first assistant turn) and that
     turn (its tool-call ids or text, unique to the run), ``step`` (assistant turns so far) and
-    ``step_kind``. A run's first call has no assistant turn yet: its session is the head's alone
-    (``head-<h>``), and the run's later calls share ``head-<h>-<a>``. ``owner`` (the call's tenant and
+    ``step_kind``. A run's first call has no assistant turn yet: its session is its own, the head's
+    and the ``request``'s id (``head-<h>-first-<r>``; without an id, ``head-<h>``, which every run that
+    opens alike shares: a session budget filled up across reruns of one task and refused a new run's
+    first call), and the run's later calls share ``head-<h>-<a>``. ``owner`` (the call's tenant and
     user, behind the proxy) keeps two users' runs that open alike apart."""
     head = head_length(messages)
     opening = [(m.get("role"), m.get("content")) for m in messages[:head]]
@@ -84,6 +87,8 @@ def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = ()) -> d
         first = messages[head]
         ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
         session += f"-{_digest(ids or first.get('content'))}"
+    elif request:
+        session += f"-first-{_digest(request)}"
     steps = [m.get("role") for m in messages].count("assistant")
     return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
 
@@ -163,7 +168,9 @@ def _context(kwargs: Mapping[str, Any], *, derive: bool = False, key_labels: Key
     if derive:
         sent = kwargs.get("messages") or []
         messages = sent if set(map(type, sent)) <= {dict} else [m for m in sent if isinstance(m, Mapping)]
-        derived = run_labels(messages, owner=(context.get("tenant"), context.get("user")))
+        call_id = kwargs.get("litellm_call_id")
+        derived = run_labels(messages, owner=(context.get("tenant"), context.get("user")),
+                             request=call_id if isinstance(call_id, str) else None)
         if "session_id" in context:
             derived.pop("step")  # a client's own session may not start where the messages do
         context = {**derived, **context}
