@@ -280,11 +280,12 @@ def test_the_agent_middleware_sends_no_prompt_cache_key_to_a_model_on_another_en
         assert ("prompt_cache_key" in handed[0].model_settings) is keyed, chat_model
 
 
-@pytest.mark.parametrize("where", ["models", "the agent's own"])
-def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(where, span_exporter) -> None:
-    """An agent's model whose client sends to a server of its own (ChatOpenAI's base URL, a self-hosted
-    OpenAI-compatible server) is that server on the call's chat span (``server.address``), in
-    ``models=`` or as the agent's own model: not OpenAI's public host, as before."""
+def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(span_exporter) -> None:
+    """An agent's model in ``models=`` whose client sends to a server of its own (ChatOpenAI's base
+    URL, a self-hosted OpenAI-compatible server) is that server on the call's chat span
+    (``server.address``), not OpenAI's public host, as before; the pipeline's own calls of the same
+    model name keep theirs (OpenAI's, or the call's ``api_base``: a review caught them named after the
+    agent's server)."""
     from langchain.agents.middleware import ModelRequest, ModelResponse
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, HumanMessage
@@ -298,8 +299,8 @@ def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(where, sp
 
     ChatOpenAI.__module__ = "langchain_openai.chat_models.base"
     chat_model = ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url="http://10.0.0.5:8000/v1/"))
-    middleware = RouterAgentMiddleware(Pipeline.from_config({"cache": {"enabled": False}}),
-                                       models={"m": chat_model} if where == "models" else None)
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+    middleware = RouterAgentMiddleware(pipeline, models={"m": chat_model}, model="m")
 
     def handler(request: ModelRequest) -> ModelResponse:
         return ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 9, "output_tokens": 1,
@@ -307,8 +308,11 @@ def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(where, sp
 
     middleware.wrap_model_call(ModelRequest(model=chat_model, messages=[HumanMessage("hi")], model_settings={},
                                             tools=[]), handler)
-    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert chat.attributes["server.address"] == "10.0.0.5"
+    for api_base in (None, "http://192.168.7.7:9000/v1"):
+        pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                            **({"api_base": api_base} if api_base else {}))
+    chats = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes["server.address"] for s in chats] == ["10.0.0.5", "api.openai.com", "192.168.7.7"]
 
 
 def test_the_agent_middleware_marks_the_agent_s_own_tools_keeping_what_they_carry() -> None:

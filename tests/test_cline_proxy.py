@@ -154,9 +154,10 @@ def test_cline_runs_through_the_proxy_and_the_pipeline(proxy) -> None:
         assert "routing:route" in row["decisions"] and "reasoning:" in row["decisions"]
         assert row["ttft_s"] is not None and 0 <= row["ttft_s"] <= row["latency_s"]  # Cline streams
     # Steps and kinds derived from the conversation; the run's session is its head plus its first
-    # assistant turn (the first call, which has none yet, is under the head's session alone).
+    # assistant turn (the first call, which has none yet, is a session of its own: its head and request).
     assert [(r["step"], r["step_kind"]) for r in rows] == [(0, "plan"), (1, "observe")]
-    assert rows[1]["session"].startswith(rows[0]["session"] + "-")
+    head, _, request = rows[0]["session"].partition("-first-")
+    assert request and rows[1]["session"].startswith(head + "-") and "-first-" not in rows[1]["session"]
 
     if os.environ.get("PHOENIX_URL"):
         spans = _phoenix_spans(str(proxy["project"]), expected=4)  # the proxy's own FastAPI spans are there too

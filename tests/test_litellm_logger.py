@@ -1430,7 +1430,9 @@ def test_an_sdk_stream_with_litellm_fallbacks_that_breaks_while_read_is_one_row_
     while read (partway, or before its first chunk) raises to its caller and no fallback is called.
     The call is one row naming the model that broke and its error, settled at what it streamed (before:
     the lifecycle moved on to the fallback litellm never called, a second row for it charged to the
-    budget, or the only row naming the fallback with ``FallbacksEnded``)."""
+    budget, or the only row naming the fallback with ``FallbacksEnded``). (A fallback's stream that
+    breaks while read, after the first model failed when sent, gets no failure event from litellm,
+    which delivers one per call: not covered, see docs/integrations.md.)"""
     import logging
 
     from .fault_server import fault_server
@@ -1458,10 +1460,11 @@ def test_an_sdk_stream_with_litellm_fallbacks_that_breaks_while_read_is_one_row_
             raised = asyncio.run(run(base))
         rows = _ledger(logger, ("requested_model", "target", "error", "output_tokens", "cost_usd", "decisions"))
         spent = float(logger.pipeline.store.get("budget:team:usd:all:0") or 0)
+        in_flight = len(logger._calls)
     finally:
         logger.unregister()
-    assert raised == "MidStreamFallbackError" and seen == {f"{fault}:{fault}-stream": 1}  # no fallback called
-    assert len(rows) == 1, rows
+    assert raised == "MidStreamFallbackError" and seen == {f"{fault}:{fault}-stream": 1} and in_flight == 0
+    assert len(rows) == 1, rows  # no fallback called after a stream broke while read
     row = rows[0]
     assert (row["requested_model"], row["target"], row["error"]) == ("openai/gpt-4o-mini", "openai/gpt-4o-mini",
                                                                     "APIConnectionError")
@@ -3364,22 +3367,28 @@ def test_a_proxy_call_s_spans_name_the_server_its_model_list_sends_it_to(tmp_pat
     assert chat.attributes["server.address"] == "127.0.0.1"
 
 
-def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first_call(tmp_path) -> None:
+def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first_call(tmp_path, monkeypatch) -> None:
     """Cline sends no session id: the proxy derives one per run, but a run's first call (no assistant
     turn yet) was booked under the opening alone, which every rerun of the same task shares: a
     per-session budget filled up across runs, and a new run was refused at its first call (a 429 where
     the bare proxy answers). Each run's first call is now a session of its own; a run's later calls
-    share the run's."""
+    share the run's. The first calls' ``prompt_cache_key`` stays the opening's: reruns send the same
+    request, which the provider's and litellm's caches serve alike."""
+    import sys
+    import types
+
     from router_middleware import BudgetExceeded
 
     router = litellm.Router(model_list=[{"model_name": "coder", "litellm_params": {
         "model": "openai/gpt-4o-mini", "api_key": "x", "mock_response": "Running the tests."}}])
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
     logger = RouterLogger(Pipeline.from_config({
         "routing": {"budgets": [{"name": "run", "scope": "session", "tokens": 250}]},
         "cache": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
     opening = [{"role": "system", "content": "You are a coding agent. " * 20},
                {"role": "user", "content": "Fix the failing test"}]
     refused: list[str] = []
+    keys: set[str] = set()
 
     async def first_call(run: int) -> None:
         data = {"model": "coder", "messages": opening, "litellm_call_id": f"run{run}", "max_tokens": 50}
@@ -3388,6 +3397,7 @@ def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first
         except BudgetExceeded:
             refused.append(f"run{run}")
             return
+        keys.add(changed["prompt_cache_key"])
         await router.acompletion(**changed)
         await _recorded(logger, run + 1 - len(refused))
 
@@ -3401,6 +3411,6 @@ def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first
         rows = _ledger(logger, ("session", "error", "input_tokens", "output_tokens"))
     finally:
         logger.unregister()
-    assert refused == []
+    assert refused == [] and len(keys) == 1
     assert len(rows) == 5 and len({r["session"] for r in rows}) == 5
     assert all(r["session"].startswith("head-") and r["error"] is None for r in rows)

@@ -437,13 +437,16 @@ class Partial:
 def broke_while_read(event: Mapping[str, Any]) -> bool:
     """Did a streamed call fail while its stream was read, after litellm had handed it over (a stream
     cut partway, or one that broke before its first chunk), rather than when it was sent? Read from a
-    failure event's kwargs: a chunk had come (``completion_start_time``), or the error was raised in
-    ``CustomStreamWrapper`` (litellm_core_utils/streaming_handler.py, in the event's
-    ``traceback_exception``, 1.110.2). litellm's SDK ``fallbacks=`` do not follow such a failure."""
+    failure event's kwargs: the error was raised in ``CustomStreamWrapper`` (its
+    ``traceback_exception`` passes through litellm_core_utils/streaming_handler.py, 1.110.2); without
+    a traceback, a chunk had come (``completion_start_time``, which the attempts of one call share).
+    litellm's SDK ``fallbacks=`` do not follow such a failure."""
     if not event.get("stream"):
         return False
     trace = event.get("traceback_exception")
-    return event.get("completion_start_time") is not None or isinstance(trace, str) and "streaming_handler" in trace
+    if isinstance(trace, str) and trace:
+        return "streaming_handler" in trace
+    return event.get("completion_start_time") is not None
 
 
 def partial(event: Mapping[str, Any]) -> Partial | None:

@@ -72,10 +72,15 @@ def default_openai_endpoint() -> str | None:
         or os.environ.get("OPENAI_API_BASE") or None
 
 
+FIRST_CALL = "-first-"  # what a session derived for a run's first call adds to its opening's (litellm.request)
+
+
 @functools.lru_cache(maxsize=4096)
 def session_cache_key(session: str) -> str:
-    """The ``prompt_cache_key`` of a session: stable across calls and processes."""
-    return "rm-" + hashlib.blake2b(session.encode(), digest_size=8).hexdigest()
+    """The ``prompt_cache_key`` of a session: stable across calls and processes. A run's first call,
+    a session of its own behind the proxy (``head-<h>-first-<r>``), is keyed by its opening, as every
+    rerun's first call is (the same request: provider and litellm caches serve them alike)."""
+    return "rm-" + hashlib.blake2b(session.partition(FIRST_CALL)[0].encode(), digest_size=8).hexdigest()
 
 
 def count_marks(messages: tuple[Message, ...], tools: Any) -> int:

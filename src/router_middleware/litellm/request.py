@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from .. import wire
+from ..context.breakpoints import FIRST_CALL
 from ..context.structure import head_length
 from ..context.summarize import SIDE_CALL
 from ..errors import RequestError
@@ -78,8 +79,9 @@ def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = (), requ
     ``step_kind``. A run's first call has no assistant turn yet: its session is its own, the head's
     and the ``request``'s id (``head-<h>-first-<r>``; without an id, ``head-<h>``, which every run that
     opens alike shares: a session budget filled up across reruns of one task and refused a new run's
-    first call), and the run's later calls share ``head-<h>-<a>``. ``owner`` (the call's tenant and
-    user, behind the proxy) keeps two users' runs that open alike apart."""
+    first call; its ``prompt_cache_key`` stays the head's: :func:`.session_cache_key`), and the run's
+    later calls share ``head-<h>-<a>``. ``owner`` (the call's tenant and user, behind the proxy) keeps
+    two users' runs that open alike apart."""
     head = head_length(messages)
     opening = [(m.get("role"), m.get("content")) for m in messages[:head]]
     session = f"head-{_digest([*opening, owner] if any(o is not None for o in owner) else opening)}"
@@ -88,7 +90,7 @@ def run_labels(messages: Sequence[Message], owner: tuple[object, ...] = (), requ
         ids = [c.get("id") for c in first.get("tool_calls") or () if isinstance(c, Mapping)]
         session += f"-{_digest(ids or first.get('content'))}"
     elif request:
-        session += f"-first-{_digest(request)}"
+        session += f"{FIRST_CALL}{_digest(request)}"
     steps = [m.get("role") for m in messages].count("assistant")
     return {"session_id": session, "step": steps, "step_kind": infer_step_kind(messages)}
 

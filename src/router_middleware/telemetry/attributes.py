@@ -94,10 +94,12 @@ def _host(base: str) -> str | None:
 
 
 def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str] | None = None) -> str | None:
-    """Where the attempt was sent: the endpoint of its target (``endpoints``: a deployment's or a name
-    the adapter serves to its base URL, :attr:`.PolicyState.endpoints`; the request goes there in
-    place of the call's), else the call's ``api_base``, else the provider's public host where it has one."""
-    host = endpoint_host(endpoints.get(plan.deployment or plan.model)) if endpoints else None
+    """Where the attempt was sent: its deployment's endpoint (``endpoints``: a deployment's or a name the
+    adapter serves to its base URL, :attr:`.PolicyState.endpoints`; the request goes there in place of
+    the call's), else the call's ``api_base``, else the provider's public host where it has one. Not
+    an endpoint the map holds under a model's own name (an agent's model named ``gpt-4o-mini``): the
+    pipeline's own calls of that model go elsewhere."""
+    host = endpoint_host(endpoints.get(plan.deployment)) if plan.deployment and endpoints else None
     return host or host_of(plan.params.get("api_base") or plan.params.get("base_url"), provider)
 
 
