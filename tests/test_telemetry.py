@@ -464,6 +464,33 @@ def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter
     assert "[REDACTED]" in captured.attributes["gen_ai.input.messages"]
 
 
+def test_a_failed_attempt_s_span_carries_what_it_sent_when_content_is_captured(span_exporter, monkeypatch) -> None:
+    """With content capture, a failed attempt's chat span carries its input and system instructions
+    (redacted), as an answered one does: a fallback's failed first attempt, and a call that failed
+    everywhere (before, only answered spans had them: a failure could not be debugged from its span)."""
+    import litellm
+
+    from .fault_server import fault_server
+
+    messages = [{"role": "system", "content": "Key sk-proj-abcdefghijklmnop1234"}, {"role": "user", "content": "hi"}]
+    with fault_server() as (base, _seen):
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+        deployments = {"down": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/down/v1"},
+                       "up": {"model": "openai/gpt-3.5-turbo", "api_base": f"{base}/healthy/v1"}}
+        pipeline = Pipeline.from_config({"telemetry": {"capture_content": True}, "cache": {"enabled": False},
+                                         "routing": {"deployments": deployments, "aliases": {"pair": ["down", "up"]}}})
+        pipeline.completion(model="pair", messages=messages, max_retries=0)
+        with pytest.raises(litellm.InternalServerError):
+            pipeline.completion(model="down", messages=messages, max_retries=0)
+    failed, answered, alone = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert "gen_ai.output.messages" in answered.attributes
+    for span in (failed, alone):
+        attrs = span.attributes
+        assert span.status.status_code == StatusCode.ERROR
+        assert json.loads(attrs["gen_ai.input.messages"])[0]["parts"][0]["content"] == "hi"
+        assert "[REDACTED_API_KEY]" in attrs["gen_ai.system_instructions"] and "gen_ai.output.messages" not in attrs
+
+
 def test_api_keys_never_reach_spans_or_logs(span_exporter) -> None:
     import litellm
 

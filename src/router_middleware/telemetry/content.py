@@ -26,17 +26,17 @@ def _parts(message: Message) -> list[dict[str, Any]]:
 
 
 def content_attributes(
-    messages: Sequence[Message], output: Sequence[Mapping[str, Any]], redact: Redactor,
+    messages: Sequence[Message], output: Sequence[Mapping[str, Any]] | None, redact: Redactor,
 ) -> dict[str, AttributeValue]:
-    """``gen_ai.system_instructions``, ``gen_ai.input.messages`` and ``gen_ai.output.messages`` (JSON)."""
+    """``gen_ai.system_instructions``, ``gen_ai.input.messages`` and ``gen_ai.output.messages`` (JSON;
+    none for ``output=None``: a failed attempt's)."""
     system = [p for m in messages if m.get("role") in ("system", "developer") for p in _parts(m)]
     inputs = [{"role": m.get("role"), "parts": _parts(m)}
               for m in messages if m.get("role") not in ("system", "developer")]
-    outputs = [{"role": "assistant", "parts": _parts(m), "finish_reason": m.get("finish_reason")} for m in output]
-    attrs: dict[str, AttributeValue] = {
-        "gen_ai.input.messages": _json(inputs, redact),
-        "gen_ai.output.messages": _json(outputs, redact),
-    }
+    attrs: dict[str, AttributeValue] = {"gen_ai.input.messages": _json(inputs, redact)}
+    if output is not None:
+        outputs = [{"role": "assistant", "parts": _parts(m), "finish_reason": m.get("finish_reason")} for m in output]
+        attrs["gen_ai.output.messages"] = _json(outputs, redact)
     if system:
         attrs["gen_ai.system_instructions"] = _json(system, redact)
     return attrs

@@ -244,6 +244,7 @@ class CallTrace:
             self.child.set_status(Status(StatusCode.ERROR, self.settings.redactor(str(error))[:500]))
             self._exception(self.child, error)
             self._used(spent)
+            self._sent_content()
             self.last_ids = _ids(self.child)
             self.child.end(end_time=end_ns)
             self.child = None
@@ -257,6 +258,12 @@ class CallTrace:
             "exception.type": name,
             "exception.message": self.settings.redactor(str(error))[:2000],
             "exception.stacktrace": self.settings.redactor("".join(traceback.format_exception(error)))[-8000:]})
+
+    def _sent_content(self) -> None:
+        """With content capture, a failed attempt's span carries what it sent (its input and system
+        instructions, redacted), as an answered one does: what a failure is debugged from."""
+        if self.child is not None and self.settings.capture_content:
+            self.child.set_attributes(content_attributes(self.plan.messages, None, self.settings.redactor))
 
     @never_raises(default=None)
     def again(self) -> None:
@@ -339,6 +346,7 @@ class CallTrace:
             span.set_status(Status(StatusCode.ERROR, message))
             self._exception(span, error)
         self._used(outcome)
+        self._sent_content()
         if self.parent is not None:
             self._cost(outcome)
         ids = self._log_ids()
