@@ -491,6 +491,22 @@ def test_a_failed_attempt_s_span_carries_what_it_sent_when_content_is_captured(s
         assert "[REDACTED_API_KEY]" in attrs["gen_ai.system_instructions"] and "gen_ai.output.messages" not in attrs
 
 
+def test_a_stream_its_reader_closed_early_carries_the_part_it_read_when_content_is_captured(span_exporter) -> None:
+    """A stream closed before its end is ``stopped``: with content capture its span carries the part
+    of the answer read (before, an empty output beside the output tokens it counted), with no finish
+    reason (litellm's builder would say ``stop`` for an answer cut short)."""
+    import itertools
+
+    stream = Pipeline.from_config({"telemetry": {"capture_content": True}, "cache": {"enabled": False}}).completion(
+        model="gpt-4o-mini", messages=MESSAGES, mock_response="The quick brown fox jumps over the lazy dog", stream=True)
+    read = "".join(chunk.choices[0].delta.content or "" for chunk in itertools.islice(stream, 3))
+    stream.close()
+    _, (chat,) = spans_by_kind(span_exporter)
+    assert chat.attributes["router_middleware.ended"] == "stopped"
+    (output,) = json.loads(chat.attributes["gen_ai.output.messages"])
+    assert read and output["parts"][0]["content"] == read and output["finish_reason"] is None
+
+
 def test_api_keys_never_reach_spans_or_logs(span_exporter) -> None:
     import litellm
 

@@ -322,16 +322,18 @@ class CallTrace:
         if error is None:
             self.succeed(outcome, response)
         else:
-            self.fail(error, outcome)
+            self.fail(error, outcome, response=response)
 
     @never_raises(default=None)
-    def fail(self, error: BaseException, outcome: Outcome | None = None, end_ns: int | None = None) -> None:
+    def fail(self, error: BaseException, outcome: Outcome | None = None, end_ns: int | None = None, *,
+             response: Any = None) -> None:
         """End the call with ``error`` (at ``end_ns``, else now), having used ``outcome`` if anything (on
         its spans and metrics); one its caller stopped (:func:`~router_middleware.errors.ending`: a
         stream closed or left, a task cancelled) is no error: its spans, metrics and log say what it
-        used, with ``router_middleware.ended`` ``stopped`` and what stopped it."""
+        used, with ``router_middleware.ended`` ``stopped`` and what stopped it, and (content capture)
+        the part of the answer ``response`` holds (a stream's chunks read so far)."""
         if ending(error) == "stopped":
-            self._end(outcome, None, stopped_by=type(error).__qualname__, end_ns=end_ns)
+            self._end(outcome, response, stopped_by=type(error).__qualname__, end_ns=end_ns)
             return
         if self.done:
             return
@@ -372,8 +374,12 @@ class CallTrace:
             if outcome is not None:
                 attrs = outcome_attributes(outcome, openinference=settings.openinference, semconv=settings.semconv)
                 if settings.capture_content:  # the input, and the answer if there is one
-                    attrs.update(content_attributes(self.plan.messages, response_messages(response),
-                                                    settings.redactor))
+                    output = response_messages(response)
+                    if stopped:  # a part: only the finishes its provider sent (litellm's builder says stop)
+                        finishes = outcome.finish_reasons
+                        for i, message in enumerate(output):
+                            message["finish_reason"] = finishes[i] if i < len(finishes) else None
+                    attrs.update(content_attributes(self.plan.messages, output, settings.redactor))
                 self.child.set_attributes(attrs)
             if stopped:
                 self.child.set_attributes(stopped)
