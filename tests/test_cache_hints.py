@@ -86,6 +86,19 @@ def test_no_breakpoint_below_the_minimum_cacheable_size() -> None:
     assert "cache_control" not in json.dumps(_sent_body(cassette))
 
 
+def test_a_client_s_sessions_get_keys_of_their_own_and_a_derived_first_call_its_opening_s() -> None:
+    """A run's first call behind the proxy (``head-<h>-first-<r>``, derived) is keyed by its opening
+    (``head-<h>``), as every rerun's is; a client's own session ids are keyed as they are, whatever
+    they spell (a review: ``onboarding-first-run-alice`` and ``-bob`` shared one key)."""
+    from router_middleware.context.breakpoints import session_cache_key
+
+    opening = "head-0123456789abcdef"
+    assert session_cache_key(f"{opening}-first-fedcba9876543210") == session_cache_key(opening)
+    assert session_cache_key(f"{opening}-first-0000000000000000") == session_cache_key(opening)
+    assert len({session_cache_key(s) for s in ("onboarding-first-run-alice", "onboarding-first-run-bob",
+                                                 "release-first-draft", "release")}) == 4
+
+
 def test_openai_gets_a_stable_prompt_cache_key_per_session() -> None:
     keys = []
     for _ in range(2):
@@ -281,11 +294,11 @@ def test_the_agent_middleware_sends_no_prompt_cache_key_to_a_model_on_another_en
 
 
 def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(span_exporter) -> None:
-    """An agent's model in ``models=`` whose client sends to a server of its own (ChatOpenAI's base
-    URL, a self-hosted OpenAI-compatible server) is that server on the call's chat span
-    (``server.address``), not OpenAI's public host, as before; the pipeline's own calls of the same
-    model name keep theirs (OpenAI's, or the call's ``api_base``: a review caught them named after the
-    agent's server)."""
+    """An agent's model whose client sends to a server of its own (ChatOpenAI's base URL, a self-hosted
+    OpenAI-compatible server) is that server on the call's chat span (``server.address``), not
+    OpenAI's public host, as before: in ``models=`` under a name of its own or its model's, or the
+    agent's own model; the pipeline's own call of that model with an ``api_base`` names its own
+    (a review caught it named after the agent's server)."""
     from langchain.agents.middleware import ModelRequest, ModelResponse
     from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
     from langchain_core.messages import AIMessage, HumanMessage
@@ -298,21 +311,23 @@ def test_the_agent_middleware_s_spans_name_the_server_a_model_sends_to(span_expo
         root_client: Any = None
 
     ChatOpenAI.__module__ = "langchain_openai.chat_models.base"
-    chat_model = ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url="http://10.0.0.5:8000/v1/"))
-    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
-    middleware = RouterAgentMiddleware(pipeline, models={"m": chat_model}, model="m")
-
     def handler(request: ModelRequest) -> ModelResponse:
         return ModelResponse(result=[AIMessage("ok", usage_metadata={"input_tokens": 9, "output_tokens": 1,
                                                                      "total_tokens": 10})])
 
-    middleware.wrap_model_call(ModelRequest(model=chat_model, messages=[HumanMessage("hi")], model_settings={},
-                                            tools=[]), handler)
-    for api_base in (None, "http://192.168.7.7:9000/v1"):
+    hosts = []
+    for name in ("m", "gpt-4o-mini", None):  # a name of its own, the model's own name, the agent's own model
+        chat_model = ChatOpenAI(messages=iter(()), root_client=SimpleNamespace(base_url="http://10.0.0.5:8000/v1/"))
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+        middleware = RouterAgentMiddleware(pipeline, models={name: chat_model} if name else None, model=name)
+        middleware.wrap_model_call(ModelRequest(model=chat_model, messages=[HumanMessage("hi")], model_settings={},
+                                                tools=[]), handler)
         pipeline.completion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
-                            **({"api_base": api_base} if api_base else {}))
-    chats = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert [s.attributes["server.address"] for s in chats] == ["10.0.0.5", "api.openai.com", "192.168.7.7"]
+                            api_base="http://192.168.7.7:9000/v1")
+        hosts.append([s.attributes["server.address"] for s in span_exporter.get_finished_spans()
+                      if s.kind == SpanKind.CLIENT])
+        span_exporter.clear()
+    assert hosts == [["10.0.0.5", "192.168.7.7"]] * 3  # a call's own api_base wins over the agent's model's
 
 
 def test_the_agent_middleware_marks_the_agent_s_own_tools_keeping_what_they_carry() -> None:

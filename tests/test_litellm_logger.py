@@ -3340,21 +3340,23 @@ def test_a_proxy_call_s_spans_name_the_server_its_model_list_sends_it_to(tmp_pat
 
     with scripted_upstream() as (up, seen):
         router = litellm.Router(model_list=[
-            {"model_name": "local", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}}])
+            {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}}
+            for name in ("local", "openai/gpt-4o-mini")])  # a name of its own, and its model's
         monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
         logger = RouterLogger(Pipeline.from_config({
             "routing": {"aliases": {"coder": ["local"]}},
             "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
 
         async def call() -> None:
-            data = {"model": "coder", "messages": [{"role": "user", "content": "task"}],
-                    "litellm_call_id": "local-1", "stream": stream}
-            changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-            response = await router.acompletion(**changed)
-            if stream:
-                async for _ in response:
-                    pass
-            await _recorded(logger, 1)
+            for i, model in enumerate(("coder", "openai/gpt-4o-mini")):
+                data = {"model": model, "messages": [{"role": "user", "content": "task"}],
+                        "litellm_call_id": f"local-{i}", "stream": stream}
+                changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+                response = await router.acompletion(**changed)
+                if stream:
+                    async for _ in response:
+                        pass
+                await _recorded(logger, i + 1)
             await logger.aflush()
 
         try:
@@ -3362,9 +3364,10 @@ def test_a_proxy_call_s_spans_name_the_server_its_model_list_sends_it_to(tmp_pat
             rows = _ledger(logger, ("requested_model", "deployment", "error"))
         finally:
             logger.unregister()
-    assert len(seen) == 1 and rows == [{"requested_model": "coder", "deployment": "local", "error": None}]
-    (chat,) = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
-    assert chat.attributes["server.address"] == "127.0.0.1"
+    assert len(seen) == 2 and rows == [{"requested_model": "coder", "deployment": "local", "error": None},
+                                       {"requested_model": "openai/gpt-4o-mini", "deployment": None, "error": None}]
+    chats = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes["server.address"] for s in chats] == ["127.0.0.1", "127.0.0.1"]
 
 
 def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first_call(tmp_path, monkeypatch) -> None:

@@ -454,14 +454,20 @@ def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter
             {"id": "c1", "type": "function", "function": {"name": "login", "arguments": json.dumps({"api_key": secret})}}]},
         {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"x-api-key": secret})},
     ]
-    Pipeline.from_config({"telemetry": {"capture_content": True}}).completion(
+    pem = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"
+    messages[2]["tool_calls"].append({"id": "c2", "type": "function", "function": {
+        "name": "write_file", "arguments": json.dumps({"content": f'client = Client(api_key="{secret}")\n{pem}'})}})
+    messages.append({"role": "tool", "tool_call_id": "c2", "content": "written"})
+    rule = {"pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", "replacement": "[PEM]"}
+    Pipeline.from_config({"telemetry": {"capture_content": True, "redact": [rule]}}).completion(
         model="gpt-4o-mini", messages=messages, mock_response=f'Done: api_key="{secret}"')
     _, (captured,) = spans_by_kind(span_exporter)
     for name in ("gen_ai.input.messages", "gen_ai.output.messages", "gen_ai.system_instructions"):
         value = captured.attributes[name]
         json.loads(value)  # still JSON
-        assert secret not in value and aws not in value, (name, value)
+        assert secret not in value and aws not in value and "MIIEvQ" not in value, (name, value)
     assert "[REDACTED]" in captured.attributes["gen_ai.input.messages"]
+    assert "[PEM]" in captured.attributes["gen_ai.input.messages"]  # a rule written for the JSON still holds
 
 
 def test_a_failed_attempt_s_span_carries_what_it_sent_when_content_is_captured(span_exporter, monkeypatch) -> None:
@@ -530,6 +536,9 @@ def test_redactor_rules() -> None:
     assert redact("AIzaSyA-1234567890abcdefghijk and ghp_abcdefghijklmnop1234 ticket-42") == \
         "[REDACTED_API_KEY] and [REDACTED_TOKEN] [T]"
     assert redact('{"api_key": "hunter2"}') == '{"api_key": "[REDACTED]"}'
+    # quoted inside a JSON string (a tool call's arguments): the escaped quote is no part of the secret
+    assert redact('{"content": "Client(api_key=\\"hunter2\\")"}') == '{"content": "Client(api_key=\\"[REDACTED]\\")"}'
+    assert redact('"{\\"api_key\\": \\"hunter2\\"}"') == '"{\\"api_key\\": \\"[REDACTED]\\"}"'
     assert redact("redis rediss://:hunter2@cache:6380/0 and postgresql://bob:s3cret@db.internal/ledger") == \
         "redis rediss://:[REDACTED]@cache:6380/0 and postgresql://bob:[REDACTED]@db.internal/ledger"
     assert redact("redis://cache:6379/0, bob@example.com") == "redis://cache:6379/0, [REDACTED_EMAIL]"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,14 +74,18 @@ def default_openai_endpoint() -> str | None:
 
 
 FIRST_CALL = "-first-"  # what a session derived for a run's first call adds to its opening's (litellm.request)
+_DERIVED_FIRST = re.compile(rf"(head-[0-9a-f]{{16}}){FIRST_CALL}[0-9a-f]{{16}}")
 
 
 @functools.lru_cache(maxsize=4096)
 def session_cache_key(session: str) -> str:
     """The ``prompt_cache_key`` of a session: stable across calls and processes. A run's first call,
-    a session of its own behind the proxy (``head-<h>-first-<r>``), is keyed by its opening, as every
-    rerun's first call is (the same request: provider and litellm caches serve them alike)."""
-    return "rm-" + hashlib.blake2b(session.partition(FIRST_CALL)[0].encode(), digest_size=8).hexdigest()
+    a session of its own behind the proxy (``head-<h>-first-<r>``, as derived), is keyed by its
+    opening, as every rerun's first call is (the same request: provider and litellm caches serve
+    them alike); a client's own session as it is."""
+    derived = _DERIVED_FIRST.fullmatch(session)
+    keyed = derived.group(1) if derived else session
+    return "rm-" + hashlib.blake2b(keyed.encode(), digest_size=8).hexdigest()
 
 
 def count_marks(messages: tuple[Message, ...], tools: Any) -> int:

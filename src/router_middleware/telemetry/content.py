@@ -43,9 +43,11 @@ def content_attributes(
 
 
 def _json(value: Any, redact: Redactor) -> str:
-    """``value`` as JSON, each of its strings redacted first: the rules stop at the quotes JSON escapes
-    (a secret written ``api_key="..."`` passed redacted JSON, and a half-redacted string was no JSON)."""
-    return json.dumps(_redacted(value, redact), ensure_ascii=False)
+    """``value`` as JSON, each of its strings redacted first (the text as written: a secret written
+    ``api_key="..."`` passed the rules in JSON, where its quotes are escaped, and a half-redacted string
+    was no JSON), then the JSON (what a rule written for it catches: a multi-line secret, its newlines
+    escaped there, as the attribute has always been redacted)."""
+    return redact(json.dumps(_redacted(value, redact), ensure_ascii=False))
 
 
 def _redacted(value: Any, redact: Redactor) -> Any:

@@ -11,12 +11,12 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     (r"\bAIza[0-9A-Za-z_\-]{20,}", "[REDACTED_API_KEY]"),  # Google
     (r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b", "[REDACTED_AWS_KEY_ID]"),
     # an AWS secret key beside its name (alone, 40 base64 characters look like any hash)
-    (r"(?i)\b(aws_?secret_?access_?key|secret_?access_?key|aws_?secret)([\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}",
+    (r"(?i)\b(aws_?secret_?access_?key|secret_?access_?key|aws_?secret)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[A-Za-z0-9/+=]{40}",
      r"\1\2[REDACTED]"),
     # Slack, GitHub (classic, fine-grained, app, OAuth, refresh), GitLab
     (r"\b(?:xox[abeoprs]|gh[pousr]|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
     (r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]+=*", "Bearer [REDACTED_TOKEN]"),
-    (r"(?i)\b(api[_-]?key|x-api-key|authorization)([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+", r"\1\2[REDACTED]"),
+    (r"(?i)\b(api[_-]?key|x-api-key|authorization)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"'\\,}]+", r"\1\2[REDACTED]"),
     # a URL's password (redis://:secret@host, postgresql://user:secret@host: up to the last @, which a
     # password may hold), or given as a parameter (?password=secret), before the e-mail rule
     (r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):\S*@", r"\1:[REDACTED]@"),
