@@ -289,12 +289,15 @@ def test_callback_records_errors(span_exporter, tmp_path) -> None:
 
 
 def test_the_callback_captures_the_content_of_a_call_it_observes(span_exporter) -> None:
-    """With ``capture_content`` on, an observed call's chat span has its input messages."""
+    """With ``capture_content`` on, an observed call's chat span has its input messages and its answer
+    (before, an empty output)."""
     handler = RouterCallbackHandler(Pipeline.from_config({"telemetry": {"capture_content": True}}))
-    GenericFakeChatModel(messages=iter([AIMessage("sure")])).invoke("secret prompt text",
-                                                                   config={"callbacks": [handler]})
+    GenericFakeChatModel(messages=iter([AIMessage("sure thing")])).invoke("secret prompt text",
+                                                                         config={"callbacks": [handler]})
     chat = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
     assert "secret prompt text" in chat.attributes["gen_ai.input.messages"]
+    (output,) = json.loads(chat.attributes["gen_ai.output.messages"])
+    assert output["role"] == "assistant" and output["parts"][0]["content"] == "sure thing"
 
 
 class _BreaksAfter(GenericFakeChatModel):

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from uuid import UUID
 
@@ -51,6 +52,14 @@ def _streamed(response: LLMResult | None) -> BaseMessage | None:
     response it hands ``on_llm_error``, a chunk (the error's own generation is a whole message)."""
     first = response.generations[0] if response is not None and response.generations else []
     return first[0].message if first and isinstance(first[0], ChatGenerationChunk) else None
+
+
+def _answer(generation: Any, result: Outcome) -> Any:
+    """An observed answer as a chat completion's choices, for content capture (its span's output)."""
+    message = getattr(generation, "message", None)
+    converted = to_openai([message]) if isinstance(message, BaseMessage) else []
+    finish = result.finish_reasons[0] if result.finish_reasons else None
+    return SimpleNamespace(choices=[SimpleNamespace(message=converted[0], finish_reason=finish)] if converted else [])
 
 
 class RouterCallbackHandler(BaseCallbackHandler):
@@ -120,7 +129,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
             return
         if run.trace is not None:
             result = self.pipeline.books.settle_observed(result)  # its spend counts toward the budgets
-            run.trace.succeed(result)
+            run.trace.succeed(result, _answer(generation, result) if run.trace.wants_answer else None)
         with self._lock:
             self.outcomes.append(result)
             del self.outcomes[:-1000]
