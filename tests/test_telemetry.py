@@ -445,7 +445,9 @@ def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter
     """Content capture writes the messages as JSON: redacted after, a secret written ``api_key="..."``
     in a message, ``{"api_key": ...}`` in a message, a tool call's arguments or a tool's result, and
     an AWS secret beside its name leaked past the rules (JSON escapes the quotes they stop at), and a
-    half-redacted string left the attribute no JSON at all (Phoenix then shows no messages)."""
+    half-redacted string left the attribute no JSON at all (Phoenix then shows no messages). Each
+    text is redacted as written, and the JSON is not redacted again (a review: the e-mail rule read
+    ``\\n@functools.lru`` in it as an address and left an escape that was no JSON)."""
     secret, aws = "hunter2-super-secret-value", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     messages = [
         {"role": "system", "content": f'Deploy with api_key="{secret}"'},
@@ -458,7 +460,10 @@ def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter
     messages[2]["tool_calls"].append({"id": "c2", "type": "function", "function": {
         "name": "write_file", "arguments": json.dumps({"content": f'client = Client(api_key="{secret}")\n{pem}'})}})
     messages.append({"role": "tool", "tool_call_id": "c2", "content": "written"})
-    rule = {"pattern": "-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", "replacement": "[PEM]"}
+    rule = {"pattern": "(?s)-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----",
+            "replacement": "[PEM]"}  # a rule sees each text as written (a log line's too): (?s) spans its lines
+    code = "import functools\n@functools.lru_cache\ndef f():\n    return 1\n"  # no e-mail in JSON's escapes
+    messages.append({"role": "user", "content": code})
     Pipeline.from_config({"telemetry": {"capture_content": True, "redact": [rule]}}).completion(
         model="gpt-4o-mini", messages=messages, mock_response=f'Done: api_key="{secret}"')
     _, (captured,) = spans_by_kind(span_exporter)
@@ -467,7 +472,8 @@ def test_captured_content_is_redacted_before_it_is_written_as_json(span_exporter
         json.loads(value)  # still JSON
         assert secret not in value and aws not in value and "MIIEvQ" not in value, (name, value)
     assert "[REDACTED]" in captured.attributes["gen_ai.input.messages"]
-    assert "[PEM]" in captured.attributes["gen_ai.input.messages"]  # a rule written for the JSON still holds
+    assert "[PEM]" in captured.attributes["gen_ai.input.messages"]
+    assert json.loads(captured.attributes["gen_ai.input.messages"])[-1]["parts"][0]["content"] == code
 
 
 def test_a_failed_attempt_s_span_carries_what_it_sent_when_content_is_captured(span_exporter, monkeypatch) -> None:
@@ -513,6 +519,20 @@ def test_a_stream_its_reader_closed_early_carries_the_part_it_read_when_content_
     assert read and output["parts"][0]["content"] == read and output["finish_reason"] is None
 
 
+def test_a_deployment_without_an_endpoint_is_not_named_by_one_told_for_its_model(span_exporter) -> None:
+    """An endpoint an adapter tells for a model's own name (an agent's model, a proxy ``model_name``
+    spelled as its model) names a call of that model with no deployment; a deployment of that model
+    with no endpoint of its own goes where litellm sends it, and is named so (a review: it took the
+    adapter's server)."""
+    pipeline = Pipeline.from_config({"cache": {"enabled": False},
+                                     "routing": {"deployments": {"cloud": {"model": "gpt-4o-mini"}}}})
+    pipeline.serve(pipeline.state.served, {"gpt-4o-mini": "http://10.0.0.5:8000/v1"})
+    for model in ("cloud", "gpt-4o-mini"):
+        pipeline.completion(model=model, messages=MESSAGES, mock_response="ok")
+    chats = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert [s.attributes["server.address"] for s in chats] == ["api.openai.com", "10.0.0.5"]
+
+
 def test_api_keys_never_reach_spans_or_logs(span_exporter) -> None:
     import litellm
 
@@ -539,6 +559,7 @@ def test_redactor_rules() -> None:
     # quoted inside a JSON string (a tool call's arguments): the escaped quote is no part of the secret
     assert redact('{"content": "Client(api_key=\\"hunter2\\")"}') == '{"content": "Client(api_key=\\"[REDACTED]\\")"}'
     assert redact('"{\\"api_key\\": \\"hunter2\\"}"') == '"{\\"api_key\\": \\"[REDACTED]\\"}"'
+    assert redact("api_key=ab\\cd3f9 and api_key=C:\\secrets\\prod.txt") == "api_key=[REDACTED] and api_key=[REDACTED]"
     assert redact("redis rediss://:hunter2@cache:6380/0 and postgresql://bob:s3cret@db.internal/ledger") == \
         "redis rediss://:[REDACTED]@cache:6380/0 and postgresql://bob:[REDACTED]@db.internal/ledger"
     assert redact("redis://cache:6379/0, bob@example.com") == "redis://cache:6379/0, [REDACTED_EMAIL]"

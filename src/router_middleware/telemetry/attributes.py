@@ -96,13 +96,13 @@ def _host(base: str) -> str | None:
 def server_address(plan: Plan, provider: str | None, endpoints: Mapping[str, str] | None = None) -> str | None:
     """Where the attempt was sent: its deployment's endpoint (``endpoints``: a deployment's or a name the
     adapter serves to its base URL, :attr:`.PolicyState.endpoints`; the request goes there in place of
-    the call's), else the call's ``api_base``, else the endpoint the map holds under its model's name
-    (a proxy ``model_name`` or an agent's model spelled as the model itself), else the provider's
-    public host where it has one."""
+    the call's), else the call's ``api_base``, else, for no deployment, the endpoint the map holds
+    under its model's name (a proxy ``model_name`` or an agent's model spelled as the model itself),
+    else the provider's public host where it has one."""
     endpoints = endpoints or {}
     host = endpoint_host(endpoints.get(plan.deployment)) if plan.deployment else None
     return host or endpoint_host(plan.params.get("api_base") or plan.params.get("base_url")) \
-        or host_of(endpoints.get(plan.model), provider)
+        or host_of(None if plan.deployment else endpoints.get(plan.model), provider)
 
 
 def host_of(endpoint: object, provider: str | None) -> str | None:

@@ -43,11 +43,10 @@ def content_attributes(
 
 
 def _json(value: Any, redact: Redactor) -> str:
-    """``value`` as JSON, each of its strings redacted first (the text as written: a secret written
-    ``api_key="..."`` passed the rules in JSON, where its quotes are escaped, and a half-redacted string
-    was no JSON), then the JSON (what a rule written for it catches: a multi-line secret, its newlines
-    escaped there, as the attribute has always been redacted)."""
-    return redact(json.dumps(_redacted(value, redact), ensure_ascii=False))
+    """``value`` as JSON, each of its strings redacted first, as written (as a log line's fields are):
+    redacted as JSON, a secret written ``api_key="..."`` passed the rules, its quotes escaped there, a
+    half-redacted string was no JSON, and a rule could match across the JSON's own syntax or escapes."""
+    return json.dumps(_redacted(value, redact), ensure_ascii=False)
 
 
 def _redacted(value: Any, redact: Redactor) -> Any:

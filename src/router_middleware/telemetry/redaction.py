@@ -16,7 +16,9 @@ DEFAULT_RULES: tuple[tuple[str, str], ...] = (
     # Slack, GitHub (classic, fine-grained, app, OAuth, refresh), GitLab
     (r"\b(?:xox[abeoprs]|gh[pousr]|github_pat|glpat)[-_][A-Za-z0-9_\-]{10,}", "[REDACTED_TOKEN]"),
     (r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]+=*", "Bearer [REDACTED_TOKEN]"),
-    (r"(?i)\b(api[_-]?key|x-api-key|authorization)(\\?[\"']?\s*[:=]\s*\\?[\"']?)[^\s\"'\\,}]+", r"\1\2[REDACTED]"),
+    # the value up to a quote, a comma or a brace, or a backslash escaping a quote (quoted inside JSON text)
+    (r"(?i)\b(api[_-]?key|x-api-key|authorization)(\\?[\"']?\s*[:=]\s*\\?[\"']?)(?:[^\s\"'\\,}]|\\(?![\"']))+",
+     r"\1\2[REDACTED]"),
     # a URL's password (redis://:secret@host, postgresql://user:secret@host: up to the last @, which a
     # password may hold), or given as a parameter (?password=secret), before the e-mail rule
     (r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/@]*):\S*@", r"\1:[REDACTED]@"),
