@@ -60,29 +60,38 @@ class Pipeline(Engine):
         if not attempt.plan.params.get("stream"):
             return response
         read = list(itertools.islice(response, 1))  # fail over only before the first chunk
-        if read and attempt.remaining and wire.bare_finish(read[0], response):
+        ended = bool(read) and _ended(attempt, read[0], response)
+        if ended:
             read += list(response)  # the stream says it is done: its end (a usage chunk at most)
-        return Prefetched(_said(attempt, read, response), response)
+        return Prefetched(_said(attempt, read, response, ended), response)
 
     async def _asend(self, attempt: Attempt) -> Any:
         response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
         if not attempt.plan.params.get("stream"):
             return response
         read: list[Any] = []
+        ended = False
         async for chunk in response:  # fail over only before the first chunk
             read.append(chunk)
-            if not (attempt.remaining and wire.bare_finish(read[0], response)):
+            ended = ended or _ended(attempt, chunk, response)
+            if not ended:
                 break  # else the stream says it is done: its end is read (a usage chunk at most)
-        return Prefetched(_said(attempt, read, response), response)
+        return Prefetched(_said(attempt, read, response, ended), response)
 
 
-def _said(attempt: Attempt, read: list[Any], stream: Any) -> list[Any]:
+def _ended(attempt: Attempt, first: Any, stream: Any) -> bool:
+    """Does a stream whose first chunk is ``first`` say it is done with nothing said, with a target
+    left to fail over to (litellm closes a stream that ended before any data with a bare finish chunk)?"""
+    return bool(attempt.remaining) and wire.bare_finish(first, stream)
+
+
+def _said(attempt: Attempt, read: list[Any], stream: Any, ended: bool) -> list[Any]:
     """The chunks read ahead of a stream, or ``EmptyStreamError`` (which fails over) when there are none,
-    or, with a target left, when its provider sent nothing (litellm closes a stream that ended before
-    any data with a bare finish chunk; the last target's is served as it came, as a direct call's is)."""
+    or, when it ``ended`` at once (:func:`_ended`), when its provider sent nothing in what followed
+    either (the last target's is served as it came, as a direct call's is)."""
     if not read:
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
-    if attempt.remaining and wire.bare_finish(read[0], stream) and wire.said_nothing(read, stream):
+    if ended and wire.said_nothing(read, stream):
         raise EmptyStreamError(f"{attempt.plan.model}: the stream ended with no data from the provider")
     return read
 

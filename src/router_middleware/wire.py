@@ -345,8 +345,8 @@ def served_chunks(wrapper: Any) -> list[Any] | None:
     return chunks
 
 
-_SAID = ("content", "tool_calls", "function_call", "reasoning_content", "thinking_blocks", "refusal", "audio",
-         "images")  # what a stream's delta carries of the provider's answer
+_SERVED = ("content", "tool_calls", "function_call", "refusal", "audio", "images")  # what a message gives its caller
+_SAID = (*_SERVED, "reasoning_content", "thinking_blocks")  # what a stream's delta carries of the provider's answer
 
 
 def said_nothing(chunks: list[Any], stream: Any = None) -> bool:
@@ -365,9 +365,6 @@ def said_nothing(chunks: list[Any], stream: Any = None) -> bool:
             if any(getattr(delta, name, None) for name in _SAID):
                 return False
     return True
-
-
-_SERVED = ("content", "tool_calls", "function_call", "refusal", "audio", "images")  # what a message gives its caller
 
 
 def says_nothing(response: Any) -> bool:
