@@ -120,40 +120,39 @@ class StoreCall:
     patient: bool = False
 
 
-class CutShort(Exception):
-    """What an adapter throws into a lifecycle for an attempt that broke off after its provider had
-    produced part of an answer (a stream cut partway): ``error`` broke it, ``spent`` is what the part
-    used. A call that gives up on it is settled at ``spent`` (ledger row, span, budgets), as a
-    stream closed early is, rather than its reservation given back; the attempt's quota takes
-    ``spent``'s tokens, rather than giving its estimate back."""
-
-    def __init__(self, error: Exception, spent: Outcome) -> None:
-        super().__init__(str(error))
-        self.error, self.spent = error, spent
-
-
-class MovedPast(Exception):
-    """What an adapter throws into a lifecycle for an attempt that failed with ``error`` (having used
-    ``spent``, if it broke off partway) when the adapter's own router has already moved on to the next
-    target, after a failure the lifecycle would have ended the call on (the LiteLLM proxy's router
-    falls back after a 400, 401 or 404): counted as that failure, and the call follows the router to
-    its next target. ``made=False``: the router moved past it without calling it (its own cooldown):
-    nothing is counted, and the attempt gives back what it took of its quotas."""
-
-    def __init__(self, error: Exception, spent: Outcome | None = None, *, made: bool = True) -> None:
-        super().__init__(str(error))
-        self.error, self.spent, self.made = error, spent, made
-
-
-class Final(Exception):
-    """What an adapter throws into a lifecycle for an attempt that failed with ``error`` (having used
-    ``spent``, if it broke off partway) where no attempt will follow whatever targets are left: the
-    adapter's caller was handed the error (litellm's SDK ``fallbacks=`` fall back only before a stream
-    is handed over, not when it breaks while read). Counted as that failure; the call ends with it."""
+class Failed(Exception):
+    """What an adapter throws into a lifecycle for an attempt that failed with ``error``, having used
+    ``spent`` if it broke off partway: how the call goes on is its subclass's."""
 
     def __init__(self, error: Exception, spent: Outcome | None = None) -> None:
         super().__init__(str(error))
         self.error, self.spent = error, spent
+
+
+class CutShort(Failed):
+    """An attempt that broke off after its provider had produced part of an answer (a stream cut
+    partway): ``error`` broke it, ``spent`` is what the part used. A call that gives up on it is
+    settled at ``spent`` (ledger row, span, budgets), as a stream closed early is, rather than its
+    reservation given back; the attempt's quota takes ``spent``'s tokens, rather than giving its
+    estimate back."""
+
+
+class MovedPast(Failed):
+    """An attempt that failed when the adapter's own router has already moved on to the next target,
+    after a failure the lifecycle would have ended the call on (the LiteLLM proxy's router falls back
+    after a 400, 401 or 404): counted as that failure, and the call follows the router to its next
+    target. ``made=False``: the router moved past it without calling it (its own cooldown): nothing
+    is counted, and the attempt gives back what it took of its quotas."""
+
+    def __init__(self, error: Exception, spent: Outcome | None = None, *, made: bool = True) -> None:
+        super().__init__(error, spent)
+        self.made = made
+
+
+class Final(Failed):
+    """An attempt that failed where no attempt will follow whatever targets are left: the adapter's
+    caller was handed the error (litellm's SDK ``fallbacks=`` fall back only before a stream is handed
+    over, not when it breaks while read). Counted as that failure; the call ends with it."""
 
 
 class Replaced(Exception):
@@ -271,8 +270,7 @@ class CallLifecycle:
                 # outside the handler: a CutShort's error is raised with its own context
                 moved = isinstance(thrown, MovedPast)
                 unmade = isinstance(thrown, MovedPast) and not thrown.made
-                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, CutShort | MovedPast | Final) \
-                    else (thrown, None)
+                error, spent = (thrown.error, thrown.spent) if isinstance(thrown, Failed) else (thrown, None)
                 step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved, unmade=unmade,
                                                ends=isinstance(thrown, Final))
                 if step is None:
