@@ -141,22 +141,30 @@ class RouterCallbackHandler(BaseCallbackHandler):
         stream of the pipeline cut short; else a row with nothing spent."""
         with self._lock:
             run = self._runs.pop(run_id, None)
-        if run is None or run.trace is None:
+        if run is not None:
+            streamed = _streamed(response)
+            self._broke_off(run, error, streamed is not None, streamed)
+
+    def _broke_off(self, run: _Run, error: BaseException, chunks_came: bool, merged: BaseMessage | None) -> None:
+        """End ``run`` with ``error``: after chunks came, settled at the prompt and what streamed
+        (``merged``, the chunks LangChain merged, if at hand), estimated, as a stream of the pipeline
+        cut short; else a row with nothing spent."""
+        trace = run.trace
+        if trace is None:  # accounted by its pipeline
             return
-        streamed = _streamed(response)
-        if streamed is None:
-            run.trace.fail(error)
-            self.pipeline.books.record_failure(run.plan, error, run.trace.provider)
+        if not chunks_came:
+            trace.fail(error)
+            self.pipeline.books.record_failure(run.plan, error, trace.provider)
             return
         try:
-            result = outcome_from_message(streamed, run.plan, self.pipeline, run.trace.provider, run.started,
+            result = outcome_from_message(merged, run.plan, self.pipeline, trace.provider, run.started,
                                           run.first_token)
             result = self.pipeline.books.settle_observed(result, complete=False, error=error)
         except Exception as exc:  # noqa: BLE001 - observing must never break the user's chain
             log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
-            run.trace.fail(error)
+            trace.fail(error)
             return
-        run.trace.fail(error, result)
+        trace.fail(error, result)
         with self._lock:
             self.outcomes.append(result)
             del self.outcomes[:-1000]
@@ -172,21 +180,11 @@ class RouterCallbackHandler(BaseCallbackHandler):
         of reach), as a stream closed early; else a row with nothing spent. Left to the teardown,
         LangChain's ``on_llm_error`` came when imports failed: no row, and its spend uncounted."""
         with self._lock:
-            runs, self._runs = list(self._runs.values()), {}
-        ended = False
+            runs, self._runs = [run for run in self._runs.values() if run.trace is not None], {}
         for run in runs:
-            if run.trace is None:  # accounted by its pipeline
-                continue
-            ended = True
-            error = StreamLeft("the process exited before the stream ended")
-            try:
-                if run.first_token is None:
-                    run.trace.fail(error)
-                    self.pipeline.books.record_failure(run.plan, error, run.trace.provider)
-                    continue
-                result = outcome_from_message(None, run.plan, self.pipeline, run.trace.provider, run.started,
-                                              run.first_token)
-                run.trace.fail(error, self.pipeline.books.settle_observed(result, complete=False, error=error))
+            try:  # the chunks LangChain merged are out of reach: the prompt alone, estimated
+                self._broke_off(run, StreamLeft("the process exited before the stream ended"),
+                                run.first_token is not None, None)
             except Exception as exc:  # noqa: BLE001 - one run that cannot end keeps no other from ending
                 log.warning("langchain_callback_failed", error_type=type(exc).__name__, error=str(exc)[:200])
-        return ended
+        return bool(runs)
