@@ -208,6 +208,42 @@ def test_outcome_of_a_plain_litellm_response() -> None:
         outcome(object())
 
 
+def test_outcome_of_a_response_given_as_a_dict_is_the_response_s() -> None:
+    """A chat completion read back as a dict (``model_dump()``, JSON) is priced as the response it
+    was (before: model ``unknown``, no usage, no cost); a dict whose usage is no mapping is named."""
+    import json
+
+    import litellm
+
+    response = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="hello there")
+    expected = outcome(response)
+    for given in (response.model_dump(), json.loads(response.model_dump_json())):
+        found = outcome(given)
+        assert (found.model, found.usage, found.cost) == (expected.model, expected.usage, expected.cost)
+    with pytest.raises(OutcomeUnavailable, match="usage is a int"):
+        outcome({**response.model_dump(), "usage": 5})
+
+
+@pytest.mark.parametrize("copied", ["deepcopy", "pickle"])
+def test_a_pipeline_response_copies_and_pickles_as_litellm_s_does(copied) -> None:
+    """The Outcome a response carries holds the call's params and decisions: read-only dicts that
+    copy (before: mappingproxies, so ``copy.deepcopy`` or ``pickle`` of the response raised where
+    a bare litellm response's does not). The copy still has its Outcome; the params stay read-only."""
+    import copy
+    import pickle
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"pair": ["gpt-4o-mini", "gpt-4o"]}}})
+    response = pipeline.completion(model="pair", messages=MESSAGES, mock_response="hi", temperature=0.2)
+    again = copy.deepcopy(response) if copied == "deepcopy" else pickle.loads(pickle.dumps(response))
+    assert again.choices[0].message.content == "hi"
+    found = outcome(again)
+    assert found.cost == outcome(response).cost
+    assert found.plan is not None and found.plan.params["temperature"] == 0.2
+    assert [d.action for d in found.plan.decisions] == [d.action for d in outcome(response).plan.decisions]
+    with pytest.raises(TypeError, match="read-only"):
+        found.plan.params["temperature"] = 1.0  # type: ignore[index]
+
+
 def _chunk_shapes(chunks) -> list[int]:
     return [len(c.choices) for c in chunks]
 
@@ -361,6 +397,63 @@ def test_the_fallback_from_a_keyless_deployment_names_it_and_its_variable(monkey
     assert response.choices[0].message.content == "ok" and plan.deployment == "us"
     (fallback,) = [d for d in plan.decisions if d.action == "fallback"]
     assert fallback.reason == "deployment 'eu' skipped: EU_KEY is not set; falling back to us"
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_litellm_s_fallbacks_given_to_the_pipeline_are_its_own_attempts(monkeypatch, span_exporter,
+                                                                       asynchronous) -> None:
+    """``fallbacks=`` (names) went to litellm, which fell back inside one attempt: the row's target
+    was the model that failed, no span or decision showed the fallback, no failure counted toward a
+    cooldown, and the answer was cached under the requested model, so a later plain call of it was
+    served the other model's answer. Now they are the lifecycle's attempts, as litellm makes them."""
+    import asyncio
+
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    sent: list[dict[str, Any]] = []
+    completion, acompletion = litellm.completion, litellm.acompletion
+
+    def answer(kw: dict[str, Any]) -> dict[str, Any]:
+        sent.append(kw)
+        busy = litellm.RateLimitError("busy", "openai", "gpt-4o")
+        return {**kw, "mock_response": busy if kw["model"] == "gpt-4o" and len(sent) == 1 else f"from {kw['model']}"}
+
+    async def afake(**kw: Any) -> Any:
+        return await acompletion(**answer(kw))
+
+    monkeypatch.setattr(litellm, "completion", lambda **kw: completion(**answer(kw)))
+    monkeypatch.setattr(litellm, "acompletion", afake)
+    pipeline = Pipeline.from_config({"routing": {"cooldown": {"failures": 1, "window_s": 60, "cooldown_s": 30}}})
+
+    def call(**kwargs: Any) -> Any:
+        kwargs = {"messages": MESSAGES, "temperature": 0, **kwargs}
+        return asyncio.run(pipeline.acompletion(**kwargs)) if asynchronous else pipeline.completion(**kwargs)
+
+    response = call(model="gpt-4o", fallbacks=["gpt-4o-mini"])
+    assert response.choices[0].message.content == "from gpt-4o-mini"
+    assert [kw["model"] for kw in sent] == ["gpt-4o", "gpt-4o-mini"] and not any("fallbacks" in kw for kw in sent)
+    plan = outcome(response).plan
+    assert plan.model == "gpt-4o-mini" and "fallback" in [d.action for d in plan.decisions]
+    attempts = [(s.attributes["gen_ai.request.model"], s.status.status_code)
+                for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT]
+    assert attempts == [("gpt-4o", StatusCode.ERROR), ("gpt-4o-mini", StatusCode.UNSET)]
+    assert pipeline.store.get("cooldown:gpt-4o") is not None  # its failure counted
+    again = call(model="gpt-4o", mock_response="from gpt-4o")  # no fallbacks: gpt-4o's own answer
+    assert again.choices[0].message.content == "from gpt-4o" and outcome(again).usage.source != "cache"
+    cached = call(model="gpt-4o-mini")  # the fallback's answer was cached under the model that gave it
+    assert cached.choices[0].message.content == "from gpt-4o-mini" and outcome(cached).usage.source == "cache"
+
+
+def test_fallbacks_with_parameters_of_their_own_go_to_litellm_and_their_answer_is_not_cached(monkeypatch) -> None:
+    """A fallback that sets its own parameters (an ``api_base``, here a mock answer) goes to litellm as
+    given; the answer may be the fallback's, so it is not cached under the requested model."""
+    pipeline = Pipeline.from_config({})
+    busy = litellm.RateLimitError("busy", "openai", "gpt-4o")
+    first = pipeline.completion(model="gpt-4o", messages=MESSAGES, temperature=0, mock_response=busy,
+                                fallbacks=[{"model": "gpt-4o-mini", "mock_response": "from gpt-4o-mini"}])
+    assert first.choices[0].message.content == "from gpt-4o-mini"
+    again = pipeline.completion(model="gpt-4o", messages=MESSAGES, temperature=0, mock_response="from gpt-4o")
+    assert again.choices[0].message.content == "from gpt-4o"
 
 
 def test_a_call_that_fails_on_every_target_says_what_each_came_to(monkeypatch) -> None:

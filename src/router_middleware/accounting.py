@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .catalog import Catalog, ModelInfo, provider_named
@@ -10,7 +10,7 @@ from .errors import OutcomeUnavailable
 from .pricing import context_saving, price
 from .types import Outcome, Plan, Usage, UsageSource
 from .usage import as_dict, normalize_usage, reported_cost
-from .wire import OUTCOME_KEY, answered_model_of, hidden, provider_of
+from .wire import OUTCOME_KEY, answered_model_of, hidden, litellm, provider_of
 
 _REPORTS_COST = frozenset({"openrouter"})
 
@@ -111,7 +111,20 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
         raise OutcomeUnavailable(
             f"{type(response_or_stream).__name__} carries no usage: pass a finished litellm response"
         )
+    if isinstance(response_or_stream, Mapping):  # a chat completion as a dict (JSON read back, model_dump())
+        response_or_stream = _as_response(response_or_stream)
     return build_outcome(response_or_stream, None, catalog or Catalog())
+
+
+def _as_response(data: Mapping[str, Any]) -> Any:
+    """A litellm ``ModelResponse`` of a chat completion given as a dict, or ``OutcomeUnavailable``."""
+    if not isinstance(data.get("usage"), Mapping):
+        usage = type(data.get("usage")).__name__
+        raise OutcomeUnavailable(f"the dict's usage is a {usage}, not a mapping of token counts")
+    try:
+        return litellm().ModelResponse(**data)
+    except Exception as exc:  # noqa: BLE001 - pydantic's and litellm's errors alike
+        raise OutcomeUnavailable(f"a dict that is no chat completion litellm can read: {exc}"[:300]) from exc
 
 
 def measured_context_saving(outcome: Outcome, catalog: Catalog) -> float | None:

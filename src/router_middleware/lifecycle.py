@@ -883,9 +883,10 @@ class CallLifecycle:
         return done.outcome, failed
 
     def _saves(self, plan: Plan) -> bool:
-        """Will this call's answer go to the response cache?"""
+        """Will this call's answer go to the response cache? Not one litellm's ``fallbacks=`` may have
+        given (another model's, which a call of this one would be served)."""
         cache = self.engine.cache
-        if cache is None or not self.use_cache:
+        if cache is None or not self.use_cache or plan.params.get("fallbacks"):
             return False
         keyed = self._keyed(plan)
         return keyed is not None and cache.cacheable(keyed)

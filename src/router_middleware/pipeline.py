@@ -12,8 +12,9 @@ from .config import Config, load_config
 from .drivers import adrive, drive
 from .engine import Engine
 from .errors import ConfigError, EmptyStreamError
-from .lifecycle import Attempt
+from .lifecycle import Attempt, Flow
 from .policies import Policy
+from .routing.fallback import given_fallbacks
 from .streaming import Prefetched
 from .types import AgentContext
 
@@ -44,16 +45,30 @@ class Pipeline(Engine):
         Returns litellm's ``ModelResponse``, or for ``stream=True`` a :class:`TrackedStream`. Raises
         what the provider raised once no fallback is left, ``NoRouteError``, ``BudgetExceeded``,
         ``StoreUnavailable``, or ``MessageError``/``RequestError`` (``UnknownModelError``) for bad input.
+        litellm's ``fallbacks=`` (model names) become the call's own attempts after the first (see
+        :meth:`_flow`).
         """
-        return drive(self.start(self.make_call(model, messages, context, params)).run(), self._send)
+        return drive(self._flow(model, messages, context, params), self._send)
 
     async def acompletion(
         self, model: str, messages: Sequence[Any], *, context: AgentContext | Mapping[str, Any] | None = None,
         **params: Any,
     ) -> Any:
         """Drop-in for ``litellm.acompletion``; see :meth:`completion`."""
-        return await adrive(self.start(self.make_call(model, messages, context, params)).run(), self._asend,
-                            off_loop=self.store_blocks)
+        return await adrive(self._flow(model, messages, context, params), self._asend, off_loop=self.store_blocks)
+
+    def _flow(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
+              params: dict[str, Any]) -> Flow:
+        """The call's lifecycle. litellm's ``fallbacks=``, when they are model names (or dicts naming
+        only a ``model``), are taken out of the request and tried by the lifecycle itself, as litellm
+        tries them: in this order, once each, after any error (in place of an alias's own fallbacks).
+        So each attempt is a span, counts toward its target's cooldown, and is the row's ``target``;
+        an answer is cached under the model that gave it. Fallbacks that set parameters of their own
+        go to litellm as given, and their answer is not cached (it may be another model's)."""
+        follow, bare = given_fallbacks(params.get("fallbacks"), model)
+        if bare:
+            del params["fallbacks"]
+        return self.start(self.make_call(model, messages, context, params), follow=follow if bare else ()).run()
 
     def _send(self, attempt: Attempt) -> Any:
         response = wire.litellm().completion(**self.request(attempt.plan, failover=bool(attempt.remaining)))

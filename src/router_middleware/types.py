@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from types import MappingProxyType
 from typing import Any, Literal, Self, TypeVar
 
 from .errors import RequestError
@@ -17,11 +16,27 @@ AttributeValue = str | int | float | bool
 UsageSource = Literal["provider", "estimated", "cache", "none"]
 
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})  # shared: most decisions have no attributes
+class Frozen(dict[str, Any]):
+    """A read-only dict: a call's params, a decision's attributes. Unlike a ``mappingproxy`` it pickles
+    and deep-copies, as the litellm response carrying its :class:`Outcome` must (a caller's
+    ``copy.deepcopy`` or ``pickle``, as of a bare litellm response)."""
+
+    __slots__ = ()
+
+    def _read_only(self, *_: Any, **__: Any) -> Any:
+        raise TypeError(f"{type(self).__name__} is read-only: make a changed copy")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (dict(self),)
+
+
+_EMPTY: Mapping[str, Any] = Frozen()  # shared: most decisions have no attributes
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping)) if mapping else _EMPTY
+    return Frozen(mapping) if mapping else _EMPTY
 
 
 class History(tuple[Message, ...]):

@@ -18,6 +18,7 @@ from ..context.structure import head_length
 from ..context.summarize import SIDE_CALL
 from ..errors import RequestError
 from ..reasoning import infer_step_kind
+from ..routing.fallback import given_fallbacks
 from ..telemetry import log
 from ..types import AgentContext, Call, Message, Plan
 
@@ -283,15 +284,10 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
 
 
 def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
-    """The models ``litellm.acompletion`` tries after the one it was called with, in order, once each
-    whatever the error: its ``fallbacks=``, a name or a dict naming its ``model`` (the call's own when
-    it names none). (litellm's global ``model_fallbacks`` recurses in litellm 1.110.2: not followed.)"""
-    given = kwargs.get("fallbacks")
-    if not isinstance(given, Sequence) or isinstance(given, str):
-        return ()
-    model = str(kwargs.get("model"))
-    return tuple(str(f.get("model") or model) if isinstance(f, Mapping) else str(f)
-                 for f in given if isinstance(f, str | Mapping))
+    """The models ``litellm.acompletion`` tries after the one it was called with
+    (:func:`~..routing.fallback.given_fallbacks`). (litellm's global ``model_fallbacks`` recurses in
+    litellm 1.110.2: not followed.)"""
+    return given_fallbacks(kwargs.get("fallbacks"), str(kwargs.get("model")))[0]
 
 
 def _nested(kwargs: Mapping[str, Any]) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
@@ -65,6 +65,25 @@ REQUEST_FAULTS = frozenset({
     "MessageError",  # ours, from a RoutedChatModel's pipeline inside the agent middleware
     "FellBack",  # ours: litellm's SDK fallbacks moved on after an error no event named (maybe the request's)
 })
+def given_fallbacks(given: Any, model: str) -> tuple[tuple[str, ...], bool]:
+    """litellm's ``fallbacks=`` as the models it tries after ``model``, in order, once each whatever the
+    error (a name, or a dict naming its ``model``, the call's own when it names none); and whether
+    they are names alone (a dict with more than ``model`` sets parameters of its own attempt: an
+    ``api_base``, a key; an item neither a name nor a dict is skipped, and they are not)."""
+    if not isinstance(given, list | tuple) or not given:
+        return (), False
+    names, bare = [], True
+    for fallback in given:
+        if isinstance(fallback, str):
+            names.append(fallback)
+        elif isinstance(fallback, Mapping):
+            names.append(str(fallback.get("model") or model))
+            bare = bare and set(fallback) <= {"model"}
+        else:
+            bare = False
+    return tuple(names), bare
+
+
 _AFTER_ANSWER = frozenset({"OutputParserException", "StructuredOutputError", "GraphBubbleUp"})
 _RETRY_STATUSES = (408, 409, 429, 500, 502, 503, 504, 529)  # 529: Anthropic's "overloaded"
 
