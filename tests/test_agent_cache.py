@@ -80,7 +80,8 @@ def test_a_repeated_request_at_temperature_0_is_answered_from_the_cache(ask, spa
     assert isinstance(hit, AIMessage) and hit.content == live.content == "4"
     assert hit.usage_metadata["total_tokens"] == 0 and live.usage_metadata["total_tokens"] > 0
     assert hit.response_metadata["usage_source"] == "cache" and hit.response_metadata["cost_usd"] == 0
-    assert hit.response_metadata["model_name"] == "gpt-4o-mini" and hit.id is None
+    assert hit.response_metadata["model_name"] == "gpt-4o-mini"
+    assert hit.id and hit.id != live.id  # its own run's, not the stored answer's (maybe in another thread)
     spans = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL]
     assert spans[-1].attributes["router_middleware.cache.hit"] is True
     assert spans[-1].attributes["router_middleware.savings.estimated_usd"] == pytest.approx(
@@ -284,8 +285,8 @@ def test_on_real_redis_one_middleware_s_answer_serves_another_s(ask, redis_url) 
 
 
 def test_in_a_create_agent_loop_a_hit_gets_an_id_and_is_streamed() -> None:
-    """End to end: LangGraph gives the hit's message an id of its own, and ``stream_mode="messages"``
-    still yields it (from the model node's output: no model ran to stream its tokens)."""
+    """End to end: the hit's message has an id of its own, and ``stream_mode="messages"`` yields it
+    (as a chunk of the run that plays it back)."""
     from langchain.agents import create_agent
 
     agent = create_agent(routed(temperature=0), tools=[], middleware=[RouterAgentMiddleware(pipeline())])
@@ -296,6 +297,46 @@ def test_in_a_create_agent_loop_a_hit_gets_an_id_and_is_streamed() -> None:
     assert hit.id and hit.id != live.id
     streamed = [chunk for chunk, _ in agent.stream(ask, stream_mode="messages")]
     assert [(c.content, c.response_metadata.get("usage_source")) for c in streamed] == [("4", "cache")]
+
+
+@pytest.mark.parametrize("run", ["stream", "astream_events"])
+def test_a_hit_streams_and_has_chat_model_events_as_a_live_answer_does(run, tmp_path) -> None:
+    """A hit answered without a model run: LangGraph's ``stream_mode="messages"`` got the whole message
+    from the node's output (an ``AIMessage``, no chunk) and ``astream_events`` no ``on_chat_model_*``
+    event, so a UI streaming the agent showed nothing for it. Now a run plays it back: one chunk and
+    the events, as the live answer's (its chunks, its events); the hit is still one ledger row with a
+    RouterCallbackHandler on the run (which only lists what the middleware accounts)."""
+    from langchain.agents import create_agent
+
+    from router_middleware.langchain import RouterCallbackHandler
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = Pipeline.from_config({"context": {"enabled": False}, "ledger": {"url": url}})
+    handler = RouterCallbackHandler(engine)
+    agent = create_agent(routed(temperature=0), tools=[], middleware=[RouterAgentMiddleware(engine)])
+    ask = {"messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+    config = {"callbacks": [handler]}
+
+    def streamed() -> list[tuple[str, str]]:
+        if run == "stream":
+            return [(type(c).__name__, c.content) for c, _ in agent.stream(ask, config, stream_mode="messages")]
+
+        async def events() -> list[tuple[str, str]]:
+            return [(e["event"], getattr(e["data"].get("chunk"), "content", "")) async for e in
+                    agent.astream_events(ask, config, version="v2") if "chat_model" in e["event"]]
+        return asyncio.run(events())
+
+    live, hit = streamed(), streamed()
+    if run == "stream":
+        assert ("AIMessageChunk", "4") in live and hit == [("AIMessageChunk", "4")]
+    else:
+        assert [e for e, _ in hit] == ["on_chat_model_start", "on_chat_model_stream", "on_chat_model_end"]
+        assert ("on_chat_model_stream", "4") in live and ("on_chat_model_stream", "4") in hit
+    assert len(handler.outcomes) == 2  # listed as before, not recorded: the hit's run is no call of its own
+    engine.close()
+    rows = open_ledger(url).query("SELECT cache_hit FROM calls ORDER BY ts")
+    assert [r[0] for r in rows] == [0, 1]
 
 
 @pytest.mark.parametrize("where", ["context", "a context field hidden from repr", "a pydantic field hidden from repr",

@@ -61,6 +61,7 @@ from .convert import (
     to_completion,
     to_openai_once,
 )
+from .replay import CachedAnswer
 
 
 def _run_config() -> Mapping[str, Any]:
@@ -299,6 +300,19 @@ def _renumbered(error: MessageError, positions: list[int]) -> MessageError:
     if error.index is not None and at(error.index) < 0:
         return MessageError(f"the system prompt: {detail}", source=error.source)
     return MessageError(detail, index=None if error.index is None else at(error.index), source=error.source)
+
+
+def _played_back(hit: ModelResponse) -> tuple[ModelResponse, CachedAnswer]:
+    """A response-cache hit and the chat model that plays its answer back as a run of the agent's
+    model would be (:mod:`.replay`): its callbacks see the run, its stream a chunk."""
+    answer = hit.result[-1]
+    assert isinstance(answer, AIMessage)
+    return hit, CachedAnswer(answer=answer, model=str(answer.response_metadata.get("routed_model") or ""))
+
+
+def _with_answer(hit: ModelResponse, played: BaseMessage) -> ModelResponse:
+    """``hit`` answered with the message its run played back (the run's id on it, as on a live answer)."""
+    return ModelResponse(result=[*hit.result[:-1], played], structured_response=hit.structured_response)
 
 
 def _sent(request: ModelRequest) -> list[BaseMessage]:
@@ -784,8 +798,10 @@ class RouterAgentMiddleware(AgentMiddleware):
         fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
         ``MessageError``/``RequestError`` for bad input."""
         lifecycle, build = self._start(request)
+        sent: list[Attempt] = []
 
         def send(made: Attempt) -> ModelResponse:
+            sent.append(made)
             request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
             # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
@@ -796,14 +812,20 @@ class RouterAgentMiddleware(AgentMiddleware):
                     raise
             return self._answered(made, runs, response, started)
 
-        return drive(lifecycle.run(), send)
+        response = drive(lifecycle.run(), send)
+        if sent:
+            return response
+        hit, replay = _played_back(response)  # a cache hit: no attempt was made
+        return _with_answer(hit, replay.invoke(_sent(request)))
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
         lifecycle, build = self._start(request)
+        sent: list[Attempt] = []
 
         async def send(made: Attempt) -> ModelResponse:
+            sent.append(made)
             request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
@@ -813,4 +835,8 @@ class RouterAgentMiddleware(AgentMiddleware):
                     raise
             return self._answered(made, runs, response, started)
 
-        return await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
+        response = await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
+        if sent:
+            return response
+        hit, replay = _played_back(response)
+        return _with_answer(hit, await replay.ainvoke(_sent(request)))
