@@ -246,6 +246,34 @@ def test_a_hung_redis_never_stalls_the_event_loop(mode, redis_we_can_stop) -> No
         os.kill(server.pid, signal.SIGCONT)
 
 
+@pytest.mark.parametrize("cache_url", ["the store's URL", "another database"])
+def test_a_hung_redis_costs_one_timeout_when_the_cache_names_its_store(cache_url, redis_we_can_stop) -> None:
+    """The response cache's ``store`` set (as docs/stores.md shows it) opened a second store, which
+    kept its own note of the outage: its lookup, the admission, its write and the settlement each
+    waited a timeout, about 2 s a call for as long as Redis hung. The server's outage is one note
+    now (and the same URL is the same store): each call waits about one timeout, sync or async."""
+    import asyncio
+
+    url, server = redis_we_can_stop
+    config = _every_store_read(url, "open")
+    config["cache"]["store"] = url if cache_url == "the store's URL" else url[:-1] + "1"
+    pipeline = Pipeline.from_config(config)
+    pipeline.completion(**ask("warm up"))
+    time.sleep(1.1)  # the views' one-second copies lapse: the next calls read the store
+    os.kill(server.pid, signal.SIGSTOP)
+    took = []
+    try:
+        for i in range(3):
+            began = time.perf_counter()
+            call = ask(f"question {i}")
+            answer = pipeline.completion(**call) if i % 2 == 0 else asyncio.run(pipeline.acompletion(**call))
+            took.append(time.perf_counter() - began)
+            assert answer.choices[0].message.content == "ok"
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert max(took) < 1.2 and sum(took) < 2.0, took  # before: about 2 s each
+
+
 def test_a_stream_that_ends_while_redis_hangs_never_stalls_the_event_loop(redis_we_can_stop) -> None:
     """An async stream admitted before Redis hung ends (settlement, cache write) while it hangs: the
     loop keeps turning, and the stream still gets its outcome."""
@@ -386,6 +414,26 @@ def test_a_budget_counter_no_writer_of_ours_leaves_is_replaced_when_open_and_ref
         closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
     client.delete(key)
     closed.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+
+
+def test_a_closed_refusal_names_the_budget_whose_counter_the_store_could_not_read(redis_url) -> None:
+    """Two closed budgets, one counter spoiled: the refusal named the first budget by name (``a``),
+    whatever key the store could not read (``z``'s). It names the one whose counter it is; a store
+    that failed as a whole (no key) names every closed budget of the call."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    day = int(time.time() // 86400)
+    budgets = [{"name": name, "scope": "global", "tokens": 10_000, "window_s": 86400, "on_store_error": "closed"}
+               for name in ("a", "z")]
+    pipeline = Pipeline.from_config({"store": redis_url, "routing": {"budgets": budgets}, "cache": {"enabled": False}})
+    client.set(f"rm:budget:z:tokens:all:{day}", b"abc")
+    with pytest.raises(StoreUnavailable, match=r"^budget 'z': .*counter rm:budget:z:tokens"):
+        pipeline.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    down = Pipeline.from_config({"store": "redis://127.0.0.1:1/0", "routing": {"budgets": budgets},
+                                 "cache": {"enabled": False}})
+    with pytest.raises(StoreUnavailable, match=r"^budgets 'a', 'z': the store redis://127.0.0.1:1/0 failed"):
+        down.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
 
 
 @pytest.mark.parametrize("mode", ["open", "closed"])

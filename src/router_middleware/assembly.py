@@ -105,7 +105,8 @@ def response_cache(config: Config, store: Store) -> ResponseCache | None:
     settings = config.cache
     if not settings.enabled:
         return None
-    store = open_store(settings.store, timeout_s=config.store_timeout_s) if settings.store else store
+    if settings.store and settings.store != config.store:  # the call's own store (one round trip to settle)
+        store = open_store(settings.store, timeout_s=config.store_timeout_s)
     return ResponseCache(store, ttl_s=settings.ttl_s, max_entries=settings.max_entries, policy=settings.policy,
                          semantic=_semantic_index(config, store))
 

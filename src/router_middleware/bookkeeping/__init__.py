@@ -327,10 +327,12 @@ class Bookkeeper:
         it (only while it is its own)."""
         closed = {b.name for b in self.routing.budgets if b.on_store_error == "closed"}
         refusing = sorted({c.name for c in admission.claims if c.unit != "reasoning"} & closed)
-        if refusing:
-            raise StoreUnavailable(f"budget {refusing[0]!r}: the store {store_name(self.store)} failed the call's "
-                                   f"admission ({type(error).__name__}: {str(error)[:160]}); on_store_error: closed "
-                                   "refuses the call") from error
+        if refusing:  # named: the budget whose counter the store could not read, else every closed one
+            owner = [c.name for c in admission.claims if c.key == getattr(error, "key", None) and c.name in closed]
+            names = ", ".join(map(repr, owner[:1] or refusing))
+            raise StoreUnavailable(f"budget{'s' if len(owner[:1] or refusing) > 1 else ''} {names}: the store "
+                                   f"{store_name(self.store)} failed the call's admission ({type(error).__name__}: "
+                                   f"{str(error)[:160]}); on_store_error: closed refuses the call") from error
         quota = not admission.claims or (isinstance(error, UnreadableCounter) and error.key.startswith(QUOTA))
         log.warning("quota_store_failed" if quota else "budget_store_failed",
                     error_type=type(error).__name__, error=str(error)[:200], admitted=True)

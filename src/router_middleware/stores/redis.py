@@ -14,10 +14,11 @@ import asyncio
 import functools
 import hashlib
 import math
+import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -270,7 +271,9 @@ return 0
 
 
 class _Outage:
-    """When the server last timed out; until ``retry_s`` after that, it is not asked."""
+    """When the server last timed out; until ``retry_s`` after that, it is not asked. One per server
+    (:func:`_outage_of`): the stores of a process that use it (the budgets', the response cache's with
+    a URL of its own) wait for one timeout during a hang, not one each."""
 
     def __init__(self, url: str, retry_s: float) -> None:
         self.url = without_password(url)  # said in errors and logs
@@ -286,6 +289,21 @@ class _Outage:
 
         if isinstance(error, redis.TimeoutError):
             self.until = time.monotonic() + self.retry_s
+
+
+_OUTAGES: weakref.WeakValueDictionary[tuple[Any, ...], _Outage] = weakref.WeakValueDictionary()
+_OUTAGES_LOCK = threading.Lock()
+
+
+def _outage_of(url: str, connection: Mapping[str, Any], retry_s: float) -> _Outage:
+    """The :class:`_Outage` of the server ``connection`` reaches (its host and port, or its socket: any
+    database on it), shared by the stores that use it."""
+    server = (connection.get("path"),) if connection.get("path") else (connection.get("host"), connection.get("port"))
+    with _OUTAGES_LOCK:
+        found = _OUTAGES.get((*server, retry_s))
+        if found is None:
+            found = _OUTAGES[(*server, retry_s)] = _Outage(url, retry_s)
+        return found
 
 
 _UNLISTED: set[tuple[str, str]] = set()  # (server, key): keys of another type read as lists, said (_listed)
@@ -782,7 +800,7 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self._timeout = timeout_s
-        self._outage = _Outage(url, timeout_s)
+        self._outage = _outage_of(url, pool.connection_kwargs, timeout_s)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None  # see _batch
         self._incr = self.client.register_script(_INCR)
