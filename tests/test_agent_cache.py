@@ -339,6 +339,27 @@ def test_a_hit_streams_and_has_chat_model_events_as_a_live_answer_does(run, tmp_
     assert [r[0] for r in rows] == [0, 1]
 
 
+def test_a_hit_is_played_back_past_langchain_s_own_llm_cache(ask) -> None:
+    """With ``set_llm_cache`` on, the play-back run went through LangChain's global cache, keyed by the
+    messages alone (every play-back model reads alike): a later hit for the same messages was played
+    back as the earlier hit's answer, another model's. The play-back never reads or writes it."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import set_llm_cache
+
+    llm_cache = InMemoryCache()
+    set_llm_cache(llm_cache)
+    try:
+        for answer in ("4", "four"):
+            middleware = RouterAgentMiddleware(pipeline())  # a cache of its own for each
+            model = routed(answer, temperature=0)
+            ask(middleware, model)
+            hit, called = ask(middleware, model)
+            assert called == 0 and hit.result[0].content == answer
+    finally:
+        set_llm_cache(None)
+    assert not [key for key in llm_cache._cache if "router-middleware-cache" in key[1]]  # the models' own only
+
+
 @pytest.mark.parametrize("where", ["context", "a context field hidden from repr", "a pydantic field hidden from repr",
                                    "configurable"])
 @pytest.mark.parametrize("run", ["invoke", "ainvoke"])

@@ -333,6 +333,66 @@ def test_when_every_target_is_cooling_down_the_first_to_cool_off_is_tried_anyway
         "router_middleware.route.reason"]
 
 
+def test_a_target_cooling_down_is_the_last_resort_when_the_others_fail(call, script, span_exporter) -> None:
+    """A target cooling down was dropped from the alias: when the others failed, the call failed,
+    where a direct call to the cooled one (back by then) would have been answered (the LiteLLM proxy's
+    bare router answered 200 where the hook answered 500 for the cooldown's 30 s). It follows the
+    others now, soonest back first (the plan's route decision lists it as a last resort)."""
+    p = pipeline(cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    script.failures[CLAUDE] = [rate_limit()]
+    call(p)  # claude fails once and cools down; gpt-5-mini answers
+    script.failures[MINI] = [rate_limit()]
+    script.failures[DEEPSEEK] = [rate_limit()]
+    script.calls.clear()
+    call(p)
+    assert script.calls == [MINI, DEEPSEEK, CLAUDE]  # the others failed: claude answers
+    assert routes(span_exporter)[-1].status.is_ok
+
+
+def test_a_half_open_target_another_call_probes_goes_before_a_last_resort(call, script) -> None:
+    """A half-open target another call probes is tried anyway when no target after it admits the call;
+    a last resort (cooling down) admitted the call first, so the call went there, and when it failed
+    the half-open target was never tried (found in review: a call that failed, answered before the
+    last resort existed). The half-open target goes first now, then the last resort."""
+    p = pipeline(aliases={"coder": [CLAUDE, MINI]}, cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    p.store.set(f"cooldown:{MINI}", repr(time.time() + 50).encode(), ttl_s=60)  # still cooling down
+    script.failures[MINI] = [rate_limit()]
+    call(p)
+    assert script.calls == [CLAUDE]
+
+
+def test_a_half_open_target_skipped_at_one_attempt_goes_before_a_last_resort_at_a_later_one(call, script) -> None:
+    """The half-open target is skipped for another call's probe, the next target is admitted and fails:
+    the target after it cools down, so the half-open one is tried before it (found in review: it was
+    owed only within one admission, and the call went to the target cooling down)."""
+    p = pipeline(cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    p.store.set(f"cooldown:{DEEPSEEK}", repr(time.time() + 50).encode(), ttl_s=60)  # still cooling down
+    script.failures[MINI] = [rate_limit()]
+    call(p)
+    assert script.calls == [MINI, CLAUDE]
+
+
+def test_after_a_budget_s_downgrade_its_alias_s_last_resorts_are_the_ones_kept(script) -> None:
+    """A budget downgrade plans the call on another alias: later attempts read that alias's last
+    resorts, not those of the route the call first took (found in review: the half-open target of the
+    downgrade's alias was not put back before its target cooling down, and the call failed)."""
+    half_open, cooling = DEEPSEEK, MINI
+    p = pipeline(aliases={"coder": [CLAUDE], "cheap": ["gpt-4o-mini", half_open, cooling]},
+                 cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60},
+                 budgets=[{"name": "day", "scope": "global", "usd": 0.005, "downgrade_to": "cheap"}])
+    _cooled_off(p, half_open)
+    _probing(p, half_open)
+    p.store.set(f"cooldown:{cooling}", repr(time.time() + 50).encode(), ttl_s=60)
+    script.failures["gpt-4o-mini"] = [rate_limit()]
+    script.failures[cooling] = [rate_limit()]
+    p.completion(model="coder", messages=MESSAGES, max_tokens=512)
+    assert script.calls == ["gpt-4o-mini", half_open]
+
+
 def _cooled_off(p: Pipeline, target: str) -> None:
     """As when ``target``'s cooldown has just ended: half-open (the key outlives its cooldown)."""
     p.store.set(f"cooldown:{target}", repr(time.time() - 1).encode(), ttl_s=60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,33 @@ def test_routed_model_streams_a_recorded_tool_call_through_an_alias() -> None:
     assert message.response_metadata["model_name"] == "gpt-3.5-turbo-0125"  # the model that answered
     assert message.response_metadata["requested_model"] == "coder"
     assert message.usage_metadata["output_tokens"] > 0  # no usage chunk was recorded: estimated, once
+
+
+def test_routed_models_told_apart_by_their_endpoint_or_model_kwargs_do_not_share_langchain_s_cache() -> None:
+    """With LangChain's global LLM cache on, two RoutedChatModels told apart only by ``api_base``, ``stop``
+    or ``model_kwargs`` had one cache key (their settings' key named only model, temperature and
+    max_tokens): the second served the first's answer. A secret in them is masked in the key."""
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import set_llm_cache
+
+    llm_cache = InMemoryCache()
+    set_llm_cache(llm_cache)
+    inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}})
+    try:
+        answers = [RoutedChatModel(model="gpt-4o-mini", pipeline=inner, temperature=0, **settings).invoke("hi").content
+                   for settings in ({"model_kwargs": {"mock_response": "a"}}, {"model_kwargs": {"mock_response": "b"}},
+                                    {"model_kwargs": {"mock_response": "c", "api_key": "sk-secret-1"}},
+                                    {"model_kwargs": {"mock_response": "d"}, "api_base": "http://127.0.0.1:9/v1"},
+                                    {"model_kwargs": {"mock_response": "e"}, "stop": ["END"]})]
+    finally:
+        set_llm_cache(None)
+    assert answers == ["a", "b", "c", "d", "e"]
+    assert not [key for key in llm_cache._cache if "sk-secret-1" in key[1]]
+    plain, stopping = (RoutedChatModel(model="gpt-4o-mini", pipeline=inner, **stop) for stop in ({}, {"stop": ["END"]}))
+    assert plain._get_llm_string() != stopping._get_llm_string()  # its own stop is sent: another answer
+    odd = [RoutedChatModel(model="gpt-4o-mini", pipeline=inner, model_kwargs={"extra_body": {"lock": threading.Lock()}})
+           for _ in range(2)]  # settings no key can hold: each model keys its own entries
+    assert odd[0]._get_llm_string() != odd[1]._get_llm_string() and odd[0]._get_llm_string() == odd[0]._get_llm_string()
 
 
 def test_routed_model_reads_recorded_anthropic_tool_use_and_usage() -> None:

@@ -242,6 +242,8 @@ def test_a_pipeline_response_copies_and_pickles_as_litellm_s_does(copied) -> Non
     assert [d.action for d in found.plan.decisions] == [d.action for d in outcome(response).plan.decisions]
     with pytest.raises(TypeError, match="read-only"):
         found.plan.params["temperature"] = 1.0  # type: ignore[index]
+    found.plan.params.__init__(temperature=1.0)  # type: ignore[misc] # filled once: no way in through __init__
+    assert found.plan.params["temperature"] == 0.2
 
 
 def _chunk_shapes(chunks) -> list[int]:
@@ -442,6 +444,27 @@ def test_litellm_s_fallbacks_given_to_the_pipeline_are_its_own_attempts(monkeypa
     assert again.choices[0].message.content == "from gpt-4o" and outcome(again).usage.source != "cache"
     cached = call(model="gpt-4o-mini")  # the fallback's answer was cached under the model that gave it
     assert cached.choices[0].message.content == "from gpt-4o-mini" and outcome(cached).usage.source == "cache"
+
+
+def test_the_pipeline_admits_the_fallbacks_it_was_given_as_it_admits_an_alias_s(monkeypatch) -> None:
+    """The pipeline sends the ``fallbacks=`` it was given itself, so they are admitted as routing's
+    are (a first version treated them as litellm's SDK does, which sends them whatever the lifecycle
+    says): a target over its rate limit is moved past, not sent; a budget's ``downgrade_to`` still
+    reroutes a call that does not fit."""
+    sent: list[str] = []
+    completion = litellm.completion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: sent.append(kw["model"]) or completion(**kw))
+    limited = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"limits": {"gpt-5-mini": {"rpm": 1}}}})
+    for _ in range(2):
+        limited.completion(model="gpt-5-mini", messages=MESSAGES, mock_response="ok", fallbacks=["gpt-4o-mini"])
+    assert sent == ["gpt-5-mini", "gpt-4o-mini"]  # the second call moved past the limit
+    sent.clear()
+    budget = {"name": "team", "usd": 0.001, "scope": "global", "downgrade_to": "cheap"}
+    tight = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+        "aliases": {"cheap": ["gpt-4o-mini"]}, "budgets": [budget]}})
+    answer = tight.completion(model="claude-sonnet-4-5", messages=MESSAGES, mock_response="ok", max_tokens=1000,
+                              fallbacks=["deepseek/deepseek-chat"])
+    assert sent == ["gpt-4o-mini"] and "downgrade" in [d.action for d in outcome(answer).plan.decisions]
 
 
 def test_fallbacks_with_parameters_of_their_own_go_to_litellm_and_their_answer_is_not_cached(monkeypatch) -> None:

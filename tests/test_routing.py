@@ -319,6 +319,8 @@ def test_cooldown_skips_a_failing_model_then_probes(monkeypatch) -> None:
     plan = routed(p, "coder")
     assert plan.model == "gpt-5-mini"
     assert "claude-sonnet-4-5: cooling down" in plan.decisions[0].attributes["considered"]
+    assert plan.decisions[0].attributes["considered"].endswith("after repeated failures: a last resort")
+    assert plan.fallbacks[-1] == "anthropic/claude-sonnet-4-5"  # tried when the others failed
     time.sleep(0.35)
     p.completion(model="coder", messages=MESSAGES)  # half-open: the probe goes to the recovered model
     assert calls == ["anthropic/claude-sonnet-4-5"]

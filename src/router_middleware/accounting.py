@@ -117,10 +117,16 @@ def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outco
 
 
 def _as_response(data: Mapping[str, Any]) -> Any:
-    """A litellm ``ModelResponse`` of a chat completion given as a dict, or ``OutcomeUnavailable``."""
-    if not isinstance(data.get("usage"), Mapping):
-        usage = type(data.get("usage")).__name__
-        raise OutcomeUnavailable(f"the dict's usage is a {usage}, not a mapping of token counts")
+    """A litellm ``ModelResponse`` of a chat completion given as a dict, or ``OutcomeUnavailable``. A dict
+    keeps none of litellm's hidden fields: it is priced by its model at catalog prices (a cost the
+    provider reported, as OpenRouter does, is not read)."""
+    usage = data.get("usage")
+    if not isinstance(usage, Mapping):
+        raise OutcomeUnavailable(f"the dict's usage is a {type(usage).__name__}, not a mapping of token counts")
+    if "prompt_tokens" not in usage and "completion_tokens" not in usage:
+        keys = ", ".join(map(str, usage))[:80]
+        raise OutcomeUnavailable(f"the dict's usage has no prompt_tokens or completion_tokens ({keys}): not a chat "
+                                 "completion (a Responses API or Anthropic answer?)")
     try:
         return litellm().ModelResponse(**data)
     except Exception as exc:  # noqa: BLE001 - pydantic's and litellm's errors alike

@@ -197,13 +197,15 @@ class Engine:
 
     def start(self, call: Call, *, read: Reader | None = None, usable: Callable[[str], bool] | None = None,
               unusable: str = "not among the adapter's models", cache: bool = True, answers: Answers | None = None,
-              fallback: bool = True, follow: tuple[str, ...] = (), plan: Plan | None = None,
-              sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True) -> CallLifecycle:
+              fallback: bool = True, follow: tuple[str, ...] = (), caller_sends: bool = True,
+              plan: Plan | None = None, sends_refused: Callable[[Exception], bool] | None = None,
+              reroutes: bool = True) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
         if self._unpriced:
             self._say_unpriced()
         return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, answers=answers,
-                             fallback=fallback, follow=follow, plan=plan, sends_refused=sends_refused,
+                             fallback=fallback, follow=follow, caller_sends=caller_sends, plan=plan,
+                             sends_refused=sends_refused,
                              reroutes=reroutes)
 
     def _say_unpriced(self) -> None:

@@ -177,10 +177,12 @@ class CallLifecycle:
     saying why); ``cache``: use the response cache (for an adapter with a ``read``, only through its
     ``answers``); ``fallback=False``: the
     adapter's caller makes one attempt and retries on its own (litellm's SDK), so a failed attempt
-    ends the call; ``follow``: the adapter's caller then tries these targets, in this order, once
-    each, after any error (litellm's SDK ``fallbacks=``), so the call's attempts follow them rather
-    than its routing's fallbacks, none skipped (a quota a target is over is not taken, logged:
-    the caller calls it all the same; the budgets still hold); ``plan``: the call goes as the
+    ends the call; ``follow``: the call's targets after its first are these, in this order, once
+    each, after any error (litellm's ``fallbacks=``), rather than its routing's fallbacks;
+    ``caller_sends``: the adapter's caller sends them whatever the lifecycle says (litellm's SDK),
+    so none is skipped (a quota a target is over is not taken, logged: the caller calls it all the
+    same; the budgets still hold) and no budget's ``downgrade_to`` reroutes the call; else (the
+    pipeline, which sends them itself) they are admitted as routing's are; ``plan``: the call goes as the
     adapter planned it (a request sent as it came: no policy rewrites it), admitted, attempted and
     settled as any other; ``sends_refused``: whether the adapter sends a call the lifecycle refused
     before any attempt all the same (litellm's SDK, where refusing would make things worse): that
@@ -192,7 +194,7 @@ class CallLifecycle:
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
-                 follow: tuple[str, ...] = (), plan: Plan | None = None,
+                 follow: tuple[str, ...] = (), caller_sends: bool = True, plan: Plan | None = None,
                  sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True) -> None:
         self.engine = engine
         self.books = engine.books
@@ -205,6 +207,7 @@ class CallLifecycle:
         self._keyed_as: tuple[Plan, Plan | None] | None = None  # the last plan an adapter's cache keyed, keyed
         self.fallback = fallback or bool(follow)
         self.follow = follow
+        self.forced = bool(follow) and caller_sends  # targets sent whatever their quotas and probes say
         self.reroutes = reroutes
         self.given = plan
         self.sends_refused = sends_refused
@@ -219,6 +222,8 @@ class CallLifecycle:
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
         self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
+        self._last: tuple[str, ...] = ()  # targets routing kept as a last resort (cooling down)
+        self._probed: str | None = None  # a half-open target skipped for another call's probe: before them
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
@@ -243,7 +248,7 @@ class CallLifecycle:
                 return cached
         attempts = Attempts([plan.deployment or plan.model, *(self.follow or plan.fallbacks)],
                             engine.config.routing.fallback)
-        self._half_open = _half_open(plan)
+        self._half_open, self._last = _half_open(plan), _last_resort(plan)
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
@@ -564,12 +569,20 @@ class CallLifecycle:
         replans = len(LEVELS)
         # not where litellm calls the fallbacks it was given, nor for a request sent as it came: either
         # goes where it asked
-        downgrade = self.reroutes and not self.follow and self.given is None
+        downgrade = self.reroutes and not self.forced and self.given is None
         downgraded: BudgetExceeded | None = None  # the refusal a downgrade answered
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
             target = plan.deployment or plan.model
+            probed = probed or self._probed  # one skipped at an earlier attempt's admission too
+            if probed is not None and target in self._last:  # a half-open target comes before one cooling down
+                anyway, back = True, attempts.back_to(probed)
+                reason = f"{target} cools down: {probed}, half-open, is tried anyway before it"
+                probed = self._probed = None
+                plan = _following(plan, self._carry((yield from self._plan(back, Decision(
+                    "routing", "half-open", reason, {"depth": attempts.depth})))))
+                continue
             unreachable = self.usable is not None and not self.usable(target)
             why = self.unusable if unreachable else None
             if why is None:
@@ -587,16 +600,17 @@ class CallLifecycle:
                     # another route from its start: what the first one skipped is not tried anyway
                     downgraded, anyway, probed = refused, False, None
                     attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
-                    self._half_open = _half_open(cheaper)
+                    self._half_open, self._last, self._probed = _half_open(cheaper), _last_resort(cheaper), None
                     plan = _following(plan, cheaper)
                     claims = self._claims(plan) if replans > 0 else [c for c in self._claims(plan)
                                                                      if c.unit != "reasoning"]
                     continue
-                if why is not None and self.follow and not isinstance(why, StepDown):  # litellm calls it
+                if why is not None and self.forced and not isinstance(why, StepDown):  # litellm calls it
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
                                 why="litellm calls its fallbacks as given: sent, its quotas not taken")
                     why = yield from self._take((), 0, claims or [], None)  # the budgets still hold
                 if why is None:
+                    self._probed = probed  # still owed a try before a last resort, if the call gets there
                     return plan
                 if isinstance(why, Probing):
                     if len(attempts.models) == 1:
@@ -616,7 +630,7 @@ class CallLifecycle:
             if next_target is None and probed is not None:  # refusing would be worse than a direct call
                 anyway, next_target, action = True, attempts.revisit(probed), "half-open"
                 reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
-                probed = None
+                probed = self._probed = None
             if next_target is None:
                 if downgraded is not None:  # no target of the downgrade admits it: the budget refused it
                     raise downgraded
@@ -970,7 +984,7 @@ def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool)
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open", "downgrade"})  # decisions moving a call on
-_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open")  # what only the first attempt's route says
+_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open", "last_resort")  # the first attempt's alone
 
 
 def _following(previous: Plan, plan: Plan) -> Plan:
@@ -992,8 +1006,17 @@ def _carried(decision: Decision) -> Decision:
 
 def _half_open(plan: Plan) -> tuple[str, ...]:
     """The targets the call's route found half-open after a cooldown (whose probe an attempt claims)."""
+    return _routed(plan, "half_open")
+
+
+def _last_resort(plan: Plan) -> tuple[str, ...]:
+    """The targets the call's route keeps as a last resort (cooling down: tried after every other)."""
+    return _routed(plan, "last_resort")
+
+
+def _routed(plan: Plan, name: str) -> tuple[str, ...]:
     for decision in plan.decisions:
         if decision.policy == "routing" and decision.action == "route":
-            found = decision.attributes.get("half_open")
+            found = decision.attributes.get(name)
             return tuple(str(found).split("; ")) if found else ()
     return ()

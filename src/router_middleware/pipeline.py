@@ -61,14 +61,17 @@ class Pipeline(Engine):
               params: dict[str, Any]) -> Flow:
         """The call's lifecycle. litellm's ``fallbacks=``, when they are model names (or dicts naming
         only a ``model``), are taken out of the request and tried by the lifecycle itself, as litellm
-        tries them: in this order, once each, after any error (in place of an alias's own fallbacks).
-        So each attempt is a span, counts toward its target's cooldown, and is the row's ``target``;
-        an answer is cached under the model that gave it. Fallbacks that set parameters of their own
-        go to litellm as given, and their answer is not cached (it may be another model's)."""
+        tries them: in this order, once each, after any error (in place of an alias's own fallbacks),
+        each admitted as a routing fallback is (its quotas, a half-open probe; a budget's
+        ``downgrade_to`` reroutes the call). So each attempt is a span, counts toward its target's
+        cooldown, and is the row's ``target``; an answer is cached under the model that gave it.
+        Fallbacks that set parameters of their own go to litellm as given, and their answer is not
+        cached (it may be another model's)."""
         follow, bare = given_fallbacks(params.get("fallbacks"), model)
         if bare:
             del params["fallbacks"]
-        return self.start(self.make_call(model, messages, context, params), follow=follow if bare else ()).run()
+        call = self.make_call(model, messages, context, params)
+        return self.start(call, follow=follow if bare else (), caller_sends=False).run()
 
     def _send(self, attempt: Attempt) -> Any:
         response = wire.litellm().completion(**self.request(attempt.plan, failover=bool(attempt.remaining)))

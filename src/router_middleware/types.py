@@ -23,6 +23,14 @@ class Frozen(dict[str, Any]):
 
     __slots__ = ()
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Frozen:
+        made = super().__new__(cls)
+        dict.__init__(made, *args, **kwargs)
+        return made
+
+    def __init__(self, *_: Any, **__: Any) -> None:  # filled by __new__: calling it again changes nothing
+        pass
+
     def _read_only(self, *_: Any, **__: Any) -> Any:
         raise TypeError(f"{type(self).__name__} is read-only: make a changed copy")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
+import json
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from operator import itemgetter
@@ -23,6 +26,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import ConfigDict, Field, PrivateAttr, SecretStr
 
 from ..accounting import outcome
+from ..cache import Unkeyable, key_value
 from ..errors import ConfigError
 from ..pipeline import Pipeline, pipeline_of
 from ..telemetry.tracing import within_attempt
@@ -60,6 +64,7 @@ class RoutedChatModel(BaseChatModel):
     context: dict[str, Any] = Field(default_factory=dict)
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     _default_pipeline: Pipeline | None = PrivateAttr(default=None)
+    _own_key: str = PrivateAttr(default_factory=lambda: uuid.uuid4().hex)  # see _get_llm_string
 
     def __init__(self, **kwargs: Any) -> None:
         accepted = _accepted(type(self))
@@ -148,8 +153,20 @@ class RoutedChatModel(BaseChatModel):
         return super()._get_invocation_params(stop=stop, **kwargs)
 
     def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """LangChain's cache key of the model's settings (its global LLM cache, ``set_llm_cache``), with
+        what else changes the answer: ``api_base``, its own ``stop`` and ``model_kwargs``, hashed (two
+        models told apart only by them shared entries)."""
         kwargs.pop(_RUN_METADATA, None)
-        return super()._get_llm_string(stop=stop, **kwargs)
+        found = super()._get_llm_string(stop=stop, **kwargs)
+        sends = {k: v for k, v in (("api_base", self.api_base), ("stop", self.stop),
+                                   ("model_kwargs", self.model_kwargs)) if v}
+        if not sends:
+            return found
+        try:  # hashed: a key in them stays out of the cache's keys
+            keyed = json.dumps(key_value(sends), sort_keys=True, default=str)
+            return f"{found}---{hashlib.sha256(keyed.encode()).hexdigest()}"
+        except Unkeyable:  # a value with no state to key: this model's own entries (never another's answer)
+            return f"{found}---unkeyable-{self._own_key}"
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:

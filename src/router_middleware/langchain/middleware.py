@@ -307,7 +307,8 @@ def _played_back(hit: ModelResponse) -> tuple[ModelResponse, CachedAnswer]:
     model would be (:mod:`.replay`): its callbacks see the run, its stream a chunk."""
     answer = hit.result[-1]
     assert isinstance(answer, AIMessage)
-    return hit, CachedAnswer(answer=answer, model=str(answer.response_metadata.get("routed_model") or ""))
+    return hit, CachedAnswer(answer=answer, model=str(answer.response_metadata.get("routed_model") or ""),
+                             disable_streaming=bool(answer.invalid_tool_calls))
 
 
 def _with_answer(hit: ModelResponse, played: BaseMessage) -> ModelResponse:

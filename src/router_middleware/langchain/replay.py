@@ -23,10 +23,13 @@ from .convert import ROUTED
 
 class CachedAnswer(BaseChatModel):
     """Answers with ``answer``. Its runs say they are accounted (``ls_provider``: the call's lifecycle
-    recorded the hit), so a RouterCallbackHandler records no second call."""
+    recorded the hit), so a RouterCallbackHandler records no second call. Build it with
+    ``disable_streaming=True`` for an answer with a tool call that did not parse (LangChain's merge
+    of chunks would parse what it can of it)."""
 
     answer: AIMessage
     model: str = ""  # the routed model the hit was cached for (what traces name)
+    cache: bool | None = False  # never LangChain's global LLM cache: its key would not hold the answer
 
     @property
     def _llm_type(self) -> str:

@@ -10,8 +10,10 @@ price, ``coder:nitro`` by observed throughput (falling back to the alias order w
 observed yet). With ``free_tier.prefer``, an OpenRouter candidate's ``:free`` variant is tried
 first while the free quota lasts; targets whose quota (free tier, ``limits``, or what the provider's
 headers said is left) is used up are rejected like any other candidate, so the call goes on to the
-next one. When every candidate is refused and some only for cooling down, the one of those whose
-cooldown ends first is tried anyway.
+next one. A candidate refused only for cooling down stays a last resort: it follows the others in the
+plan's fallbacks (the one whose cooldown ends first, first), so a call whose usable candidates all
+fail is still sent where a direct call would go; when every candidate is refused and some only for
+cooling down, the one of those whose cooldown ends first is tried first.
 
 A candidate's window is judged on the request as it would be sent there: with ``fit`` (the context
 policy, which the assembly passes when both are configured), a request over a candidate's window is
@@ -159,6 +161,7 @@ class RoutingPolicy:
             note += probe
             rejections.pop(usable[0])
         ranked = self._rank(usable, strategy, plan, state, estimate)
+        last = self._last_resort(candidates, rejections, ranked, plan, state, estimate)
         reason = f"{note}{strategy} strategy chose {ranked[0]} among {len(usable)} of {len(candidates)}"
         kept: Decision | None = None
         if session is not None and session.previous is not None and self.config.affinity.enabled \
@@ -168,6 +171,7 @@ class RoutingPolicy:
                 reason += f"; the session stays on {ranked[0]}"
         chosen = ranked[0]
         lost = {m: "ranked lower" for m in ranked[1:]}
+        rejections.update({m: f"{rejections[m]}: a last resort" for m in last})
         if kept is not None and kept.action == "stay":
             lost[ranked[1]] = f"ranked first; the session's cache is on {chosen}"
         attributes: dict[str, str | int | float | bool] = {
@@ -177,6 +181,8 @@ class RoutingPolicy:
         half_open = [m for m in ranked if state.cooldowns.get(m) is not None]  # cooled down before: probed
         if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
             attributes["half_open"] = "; ".join(half_open)
+        if last:  # after a half-open target another call probes, too (the admission goes back to it first)
+            attributes["last_resort"] = "; ".join(last)
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
             tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
             attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
@@ -184,8 +190,18 @@ class RoutingPolicy:
         model = self._model(chosen, state)
         plan = plan.decide(Decision(self.name, "route", reason, attributes), model=model,
                            deployment=chosen if model != chosen or chosen in self.config.deployments else None,
-                           fallbacks=tuple(ranked[1:]))
+                           fallbacks=(*ranked[1:], *last))
         return plan.decide(kept) if kept is not None else plan
+
+    def _last_resort(self, candidates: Sequence[str], rejections: Mapping[str, str], ranked: Sequence[str],
+                     plan: Plan, state: PolicyState, estimate: int) -> list[str]:
+        """The candidates refused only for cooling down, not ``ranked``, soonest back first: tried after
+        every other (a half-open one another call probes included: see ``CallLifecycle._admit``), as a
+        direct call would be sent to them."""
+        cooling = [m for m in candidates if m in rejections and m not in ranked
+                   and state.cooldowns.get(m, 0.0) > state.now
+                   and self._rejection(m, plan, state, estimate, cooled=False) is None]
+        return sorted(cooling, key=lambda m: state.cooldowns[m])
 
     def _session(self, plan: Plan, state: PolicyState, free: int) -> Session:
         """The session's last route (one store read) and the lowest tier this step needs: its step

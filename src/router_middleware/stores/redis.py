@@ -23,7 +23,6 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from ..telemetry import log
-from ..urls import without_password
 from .base import (
     Addition,
     Average,
@@ -275,8 +274,8 @@ class _Outage:
     (:func:`_outage_of`): the stores of a process that use it (the budgets', the response cache's with
     a URL of its own) wait for one timeout during a hang, not one each."""
 
-    def __init__(self, url: str, retry_s: float) -> None:
-        self.url = without_password(url)  # said in errors and logs
+    def __init__(self, server: str, retry_s: float) -> None:
+        self.url = server  # said in errors and logs: its host and port, or its socket (no password)
         self.retry_s = retry_s
         self.until = 0.0
 
@@ -295,14 +294,16 @@ _OUTAGES: weakref.WeakValueDictionary[tuple[Any, ...], _Outage] = weakref.WeakVa
 _OUTAGES_LOCK = threading.Lock()
 
 
-def _outage_of(url: str, connection: Mapping[str, Any], retry_s: float) -> _Outage:
+def _outage_of(connection: Mapping[str, Any], retry_s: float) -> _Outage:
     """The :class:`_Outage` of the server ``connection`` reaches (its host and port, or its socket: any
     database on it), shared by the stores that use it."""
-    server = (connection.get("path"),) if connection.get("path") else (connection.get("host"), connection.get("port"))
+    path = connection.get("path")
+    host = str(connection.get("host"))
+    server = str(path) if path else f"{f'[{host}]' if ':' in host else host}:{connection.get('port')}"
     with _OUTAGES_LOCK:
-        found = _OUTAGES.get((*server, retry_s))
+        found = _OUTAGES.get((server, retry_s))
         if found is None:
-            found = _OUTAGES[(*server, retry_s)] = _Outage(url, retry_s)
+            found = _OUTAGES[(server, retry_s)] = _Outage(server, retry_s)
         return found
 
 
@@ -800,7 +801,7 @@ class RedisStore:
         self.url = url
         self.prefix = prefix
         self._timeout = timeout_s
-        self._outage = _outage_of(url, pool.connection_kwargs, timeout_s)
+        self._outage = _outage_of(pool.connection_kwargs, timeout_s)
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batch] = weakref.WeakKeyDictionary()
         self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], weakref.ref[_Batch]] | None = None  # see _batch
         self._incr = self.client.register_script(_INCR)
