@@ -405,6 +405,60 @@ def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(
         assert float(logger.pipeline.store.get("fail:flaky") or 0) == 1
 
 
+def _with_a_last_resort(tmp_path, monkeypatch, first: str, cooling: str) -> tuple[object, list[dict], RouterLogger]:
+    """One proxy request for ``coder`` = [flaky, healthy], ``flaky`` served by ``first`` and ``healthy``,
+    cooling down, by ``cooling`` (the router retries a target once): the answer, the rows, the logger."""
+    import sys
+    import time
+    import types
+
+    router = litellm.Router(model_list=[
+        {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": first, "api_key": "x"}},
+        {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": cooling,
+                                                     "api_key": "x"}}], num_retries=1)
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
+    logger.pipeline.store.set("cooldown:healthy", repr(time.time() + 60).encode(), ttl_s=120)
+    try:
+        async def call() -> object:
+            try:
+                return await _through_proxy(logger, router, "r1", shared=True)
+            finally:
+                await logger.aflush()
+        answer = asyncio.run(call())
+        return answer, _ledger(logger, ("target", "error", "decisions")), logger
+    finally:
+        logger.unregister()
+
+
+def test_behind_the_proxy_a_target_with_only_a_last_resort_behind_it_keeps_the_router_s_retries(
+        tmp_path, monkeypatch) -> None:
+    """The alias's other target cools down: it is a last resort, handed to the router as a fallback.
+    The router still retries its first target as it would with no fallback (a passing 503 is answered
+    by the retry), rather than sending the request to the target that may still be down (found in
+    review: with the last resort the hook set ``num_retries`` 0, and the request failed there)."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(fail_first=1) as (up, seen), scripted_upstream(status=503) as (dead, dead_seen):
+        answer, rows, _ = _with_a_last_resort(tmp_path, monkeypatch, up, dead)
+    assert len(seen) == 2 and not dead_seen  # retried where it was, never sent to the target cooling down
+    assert answer.choices[0].message.tool_calls and len(rows) == 1 and rows[0]["error"] is None
+
+
+def test_behind_the_proxy_a_last_resort_answers_once_the_router_s_retries_failed(tmp_path, monkeypatch) -> None:
+    """The first target stays down through the router's retries: the router falls back to the target
+    cooling down, which is back and answers; the call follows it (one row, the fallback its target;
+    before the fix, the lifecycle took the move for one more try of the first target: its row named it)."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
+        answer, rows, logger = _with_a_last_resort(tmp_path, monkeypatch, dead, up)
+    assert len(dead_seen) == 2 and len(seen) == 1 and answer.choices[0].message.tool_calls
+    assert len(rows) == 1 and (rows[0]["target"], rows[0]["error"]) == ("openai/gpt-4o-mini", None)
+    assert "routing:fallback" in rows[0]["decisions"]
+    assert float(logger.pipeline.store.get("fail:flaky") or 0) == 1  # its failure counted once
+
+
 def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path, monkeypatch) -> None:
     """Handed to the proxy, it gets the client a 400 ("Invalid model name") where the alias's next
     target would have answered; the config's name is logged once, with the closest the proxy has."""

@@ -248,7 +248,7 @@ class CallLifecycle:
                 return cached
         attempts = Attempts([plan.deployment or plan.model, *(self.follow or plan.fallbacks)],
                             engine.config.routing.fallback)
-        self._half_open, self._last = _half_open(plan), _last_resort(plan)
+        self._half_open, self._last = _half_open(plan), last_resorts(plan)
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
@@ -600,7 +600,7 @@ class CallLifecycle:
                     # another route from its start: what the first one skipped is not tried anyway
                     downgraded, anyway, probed = refused, False, None
                     attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
-                    self._half_open, self._last, self._probed = _half_open(cheaper), _last_resort(cheaper), None
+                    self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
                     plan = _following(plan, cheaper)
                     claims = self._claims(plan) if replans > 0 else [c for c in self._claims(plan)
                                                                      if c.unit != "reasoning"]
@@ -1009,7 +1009,7 @@ def _half_open(plan: Plan) -> tuple[str, ...]:
     return _routed(plan, "half_open")
 
 
-def _last_resort(plan: Plan) -> tuple[str, ...]:
+def last_resorts(plan: Plan) -> tuple[str, ...]:
     """The targets the call's route keeps as a last resort (cooling down: tried after every other)."""
     return _routed(plan, "last_resort")
 

@@ -101,10 +101,12 @@ class _Core(CustomLogger):
                 found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
                 self._keep(kwargs, found)
                 return True
-            if spent is None and found.own_retries:
-                # the router was handed no fallback: it may retry its target (the proxy's own
-                # num_retries), so the retry's answer settles the call, or the proxy's failure hook
-                # ends it (ended here, a retry that answered had a failed row)
+            if spent is None and found.own_retries and not isinstance(error, MovedPast):
+                # the router was handed no fallback but a last resort: it may retry its target (the
+                # proxy's own num_retries), so the retry's answer settles the call, or the proxy's
+                # failure hook ends it (ended here, a retry that answered had a failed row), or the
+                # router moves on to the last resort, which this failure then moved it past
+                found.passed = MovedPast(error, spent)
                 self._keep(kwargs, found)
                 return True
             if found.follows and wire.broke_while_read(kwargs):  # litellm's fallbacks= do not follow it:

@@ -20,7 +20,7 @@ from ..accounting import build_outcome
 from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable
-from ..lifecycle import Attempt
+from ..lifecycle import Attempt, last_resorts
 from ..telemetry import log
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
 from .handoff import _HANDOFF
@@ -138,13 +138,16 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
         fallbacks = [t for t in attempt.remaining if served is None or t in served]
-        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=not fallbacks,
+        # the targets cooling down behind it are a last resort: the router first retries its target as
+        # it would without them (a passing 503 is retried, not sent to a target that may still be down)
+        retried = not [t for t in fallbacks if t not in last_resorts(attempt.plan)]
+        self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=retried,
                                planned=frozenset((_target(attempt), *attempt.remaining))))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
         changed.update(wire.proxy_stream_usage({**data, **changed}))  # as the proxy does for its model names
         changed["fallbacks"] = fallbacks
-        if fallbacks:  # else the router retries its one target as it would without the hook
+        if not retried:  # else the router retries its target as it would without the hook
             changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
 
