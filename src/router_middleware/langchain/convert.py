@@ -318,8 +318,8 @@ def cached_answer(response: Any, native: Any) -> AIMessage:
 
 
 def served_answer(message: AIMessage, result: Outcome) -> AIMessage:
-    """A hit's answer with the hit's usage (none consumed) and metadata, and no id of its own (LangGraph
-    gives it one: the stored answer's id may be in another thread's history)."""
+    """A hit's answer with the hit's usage (none consumed) and metadata, and no id (the stored answer's
+    may be in another thread's history): the run that plays it back gives it its own (:mod:`.replay`)."""
     return message.model_copy(update={"id": None, "usage_metadata": usage_metadata(result.usage),
                                       "response_metadata": {**message.response_metadata, **response_metadata(result)}})
 
