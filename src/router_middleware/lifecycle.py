@@ -560,7 +560,8 @@ class CallLifecycle:
         call's budget ``claims`` on its first attempt. A target the adapter cannot reach, or whose quota
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
         half-open target is tried only by the call that claims its probe; the others move on, unless
-        no target after it admits the call (tried anyway, as a direct call would be). A reasoning reservation
+        no target after it admits the call but a last resort (a target cooling down), at this attempt or
+        a later one (tried anyway, as a direct call would be). A reasoning reservation
         that does not fit plans the call again (a lower level), a few times at most. A budget that
         cannot hold the call and names a ``downgrade_to`` plans it again on that alias, once, before
         it refuses it (:meth:`_downgraded`); that refusal stands if the alias does not admit the call
