@@ -223,7 +223,7 @@ class CallLifecycle:
         self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self._last: tuple[str, ...] = ()  # targets routing kept as a last resort (cooling down)
-        self._probed: str | None = None  # a half-open target skipped for another call's probe: before them
+        self._probed: str | None = None  # the first half-open target skipped for another call's probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
 
@@ -573,14 +573,13 @@ class CallLifecycle:
         downgrade = self.reroutes and not self.forced and self.given is None
         downgraded: BudgetExceeded | None = None  # the refusal a downgrade answered
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
-        probed: str | None = None  # the first half-open target skipped for another call's probe
         while True:
             target = plan.deployment or plan.model
-            probed = probed or self._probed  # one skipped at an earlier attempt's admission too
+            probed = self._probed  # skipped at this admission or an earlier attempt's
             if probed is not None and target in self._last:  # a half-open target comes before one cooling down
                 anyway, back = True, attempts.back_to(probed)
                 reason = f"{target} cools down: {probed}, half-open, is tried anyway before it"
-                probed = self._probed = None
+                self._probed = None
                 plan = _following(plan, self._carry((yield from self._plan(back, Decision(
                     "routing", "half-open", reason, {"depth": attempts.depth})))))
                 continue
@@ -599,7 +598,7 @@ class CallLifecycle:
                     if cheaper is None:
                         raise
                     # another route from its start: what the first one skipped is not tried anyway
-                    downgraded, anyway, probed = refused, False, None
+                    downgraded, anyway = refused, False
                     attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
                     self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
                     plan = _following(plan, cheaper)
@@ -610,14 +609,13 @@ class CallLifecycle:
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
                                 why="litellm calls its fallbacks as given: sent, its quotas not taken")
                     why = yield from self._take((), 0, claims or [], None)  # the budgets still hold
-                if why is None:
-                    self._probed = probed  # still owed a try before a last resort, if the call gets there
+                if why is None:  # a half-open target skipped is still owed a try before a last resort
                     return plan
                 if isinstance(why, Probing):
                     if len(attempts.models) == 1:
                         anyway = True
                         continue
-                    probed = probed or target
+                    self._probed = self._probed or target
                 if isinstance(why, StepDown):
                     plan = _following(plan, self._carry((yield from self._plan(
                         target, Decision("reasoning", "step-down", why)))))
@@ -628,10 +626,11 @@ class CallLifecycle:
             next_target = attempts.skip(why)
             action = "skip" if unreachable else "half-open" if isinstance(why, Probing) else "quota"
             reason = f"{target}: {why}; moving on to {next_target}"
+            probed = self._probed
             if next_target is None and probed is not None:  # refusing would be worse than a direct call
                 anyway, next_target, action = True, attempts.revisit(probed), "half-open"
                 reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
-                probed = self._probed = None
+                self._probed = None
             if next_target is None:
                 if downgraded is not None:  # no target of the downgrade admits it: the budget refused it
                     raise downgraded

@@ -302,12 +302,12 @@ def _renumbered(error: MessageError, positions: list[int]) -> MessageError:
     return MessageError(detail, index=None if error.index is None else at(error.index), source=error.source)
 
 
-def _played_back(hit: ModelResponse) -> tuple[ModelResponse, CachedAnswer]:
-    """A response-cache hit and the chat model that plays its answer back as a run of the agent's
-    model would be (:mod:`.replay`): its callbacks see the run, its stream a chunk."""
+def _played_back(hit: ModelResponse) -> CachedAnswer:
+    """The chat model that plays a response-cache hit's answer back as a run of the agent's model
+    would be (:mod:`.replay`): its callbacks see the run, its stream a chunk."""
     answer = hit.result[-1]
     assert isinstance(answer, AIMessage)
-    return hit, CachedAnswer(answer=answer, model=str(answer.response_metadata.get("routed_model") or ""),
+    return CachedAnswer(answer=answer, model=str(answer.response_metadata.get("routed_model") or ""),
                              disable_streaming=bool(answer.invalid_tool_calls))
 
 
@@ -816,8 +816,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         response = drive(lifecycle.run(), send)
         if sent:
             return response
-        hit, replay = _played_back(response)  # a cache hit: no attempt was made
-        return _with_answer(hit, replay.invoke(_sent(request)))
+        # a cache hit: no attempt was made
+        return _with_answer(response, _played_back(response).invoke(_sent(request)))
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
@@ -839,5 +839,4 @@ class RouterAgentMiddleware(AgentMiddleware):
         response = await adrive(lifecycle.run(), send, off_loop=self.pipeline.store_blocks)
         if sent:
             return response
-        hit, replay = _played_back(response)
-        return _with_answer(hit, await replay.ainvoke(_sent(request)))
+        return _with_answer(response, await _played_back(response).ainvoke(_sent(request)))

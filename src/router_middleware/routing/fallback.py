@@ -65,6 +65,8 @@ REQUEST_FAULTS = frozenset({
     "MessageError",  # ours, from a RoutedChatModel's pipeline inside the agent middleware
     "FellBack",  # ours: litellm's SDK fallbacks moved on after an error no event named (maybe the request's)
 })
+
+
 def given_fallbacks(given: Any, model: str) -> tuple[tuple[str, ...], bool]:
     """litellm's ``fallbacks=`` as the models it tries after ``model``, in order, once each whatever the
     error (a name, or a dict naming its ``model``, the call's own when it names none); and whether

@@ -315,10 +315,9 @@ class RoutingPolicy:
         refused only because the messages look too big for their window (an estimate: the provider
         counts), the largest window. Else nothing: the caller raises ``NoRouteError`` or, when
         ``capped`` names any, ``MaxTokensError``."""
-        cooling = [m for m in candidates if state.cooldowns.get(m, 0.0) > state.now
-                   and self._rejection(m, plan, state, estimate, cooled=False) is None]
+        cooling = self._last_resort(candidates, rejections, (), plan, state, estimate)
         if cooling:
-            first = min(cooling, key=lambda m: state.cooldowns[m])
+            first = cooling[0]
             return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
                              f"in {state.cooldowns[first] - state.now:.0f}s); ")
         if rejections and all(why.startswith(_ONE_ANSWER) for why in rejections.values()):
