@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 
 import pytest
@@ -598,10 +599,60 @@ def test_unreachable_exporter_does_not_fail_or_slow_calls() -> None:
             assert outcome(response).usage.output_tokens > 0
         elapsed = time.perf_counter() - started
         assert elapsed < 10  # a call that waited for the dead collector would take >= 1 s each
-        handle.force_flush(timeout_ms=2000)  # gives up quietly
+        handle.force_flush(timeout_ms=2000)  # gives up without raising
     finally:
         trace.get_tracer_provider = original  # type: ignore[assignment]
         handle.shutdown()
+
+
+@pytest.mark.parametrize("ending", ["force_flush", "shutdown"])
+def test_spans_a_collector_never_took_make_the_flush_and_the_shutdown_say_false(ending: str) -> None:
+    """The OTel SDK's flush and shutdown return ``True`` when its exporter failed and the spans were
+    dropped (a trial: collector down, five calls, ``shutdown()`` said ``True``). The handle counts what
+    its exporters failed to deliver: ``False``, and the number of spans dropped is logged."""
+    handle = configure_telemetry(f"http://127.0.0.1:{_closed_port()}", metrics=False, timeout_s=0.5,
+                                 set_global=False)
+    tracer = handle.tracer_provider.get_tracer("t")
+    for i in range(5):
+        tracer.start_span(f"s{i}").end()
+    with structlog.testing.capture_logs() as logs:
+        assert getattr(handle, ending)(timeout_ms=10_000) is False
+    failed = [e for e in logs if e["event"] == "telemetry_export_failed"]
+    assert [(e["dropped_spans"], e["failed_metric_exports"]) for e in failed] == [(5, 0)]
+    if ending == "force_flush":
+        assert handle.force_flush(timeout_ms=10_000) is True  # nothing dropped since the last flush
+    handle.shutdown(timeout_ms=10_000)
+
+
+def test_a_flush_says_true_when_the_collector_took_everything() -> None:
+    """The other side of the count: a collector that answers 200 to every export (a loopback sink,
+    not a provider's wire format) takes the spans and the metrics; the flush says ``True``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    paths: list[str] = []
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            paths.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        handle = configure_telemetry(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=2.0, set_global=False)
+        handle.tracer_provider.get_tracer("t").start_span("s").end()
+        handle.meter_provider.get_meter("m").create_counter("c").add(1)
+        assert handle.force_flush(timeout_ms=10_000) is True
+        assert sorted(set(paths)) == ["/v1/metrics", "/v1/traces"]
+        assert handle.shutdown(timeout_ms=10_000) is True
+    finally:
+        server.shutdown()
 
 
 def test_a_flush_to_a_collector_that_hangs_gives_up_in_its_time() -> None:

@@ -16,17 +16,56 @@ from .safety import log
 
 
 @dataclass
+class Tally:
+    """What the exporters failed to deliver (the OTel SDK's flush and shutdown say ``True`` regardless):
+    spans, and metric exports, counted as they fail."""
+
+    spans: int = 0
+    metric_exports: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, exporter: Any, what: str) -> Any:
+        """``exporter``, its ``export`` counting into ``what`` the items of each batch it did not
+        deliver (``spans``: the spans; ``metric_exports``: one per export)."""
+        export = exporter.export
+
+        def counted(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            delivered = False
+            try:
+                result = export(batch, *args, **kwargs)
+                delivered = getattr(result, "name", "") == "SUCCESS"
+                return result
+            finally:
+                if not delivered:
+                    with self._lock:
+                        setattr(self, what, getattr(self, what) + (len(batch) if what == "spans" else 1))
+
+        exporter.export = counted
+        return exporter
+
+    def taken(self) -> tuple[int, int]:
+        """The failures counted since the last call, reset."""
+        with self._lock:
+            failed, self.spans, self.metric_exports = (self.spans, self.metric_exports), 0, 0
+        return failed
+
+
+@dataclass
 class TelemetryHandle:
     tracer_provider: Any
     meter_provider: Any | None
     exit_timeout_ms: int = 10_000  # how long the interpreter's exit waits for the export (:meth:`shutdown`)
+    tally: Tally = field(default_factory=Tally)  # what the exporters failed to deliver, since the last flush
     _shut: bool = field(default=False, init=False, repr=False)  # shutdown() ran
 
     def force_flush(self, timeout_ms: int = 10_000) -> bool:
         """Export what is pending; ``False`` if not all of it was exported within ``timeout_ms`` (an
         exporter retrying a collector that refuses or hangs goes on in the background: the OTel SDK's
-        flush waited its retries out, 15-25 s for a 2 s timeout)."""
-        return self._within(timeout_ms, "flush", lambda provider: provider.force_flush(timeout_ms))
+        flush waited its retries out, 15-25 s for a 2 s timeout), or if spans or metrics were dropped
+        since the last flush (the collector refused them or could not be reached; logged,
+        ``telemetry_export_failed``)."""
+        in_time = self._within(timeout_ms, "flush", lambda provider: provider.force_flush(timeout_ms))
+        return self._delivered() and in_time
 
     def shutdown(self, timeout_ms: int = 10_000) -> bool:
         """Export what is pending and stop the exporters (once; also at the interpreter's exit, bounded
@@ -38,10 +77,19 @@ class TelemetryHandle:
             return True
         self._shut = True
         if self._within(timeout_ms, "shutdown", lambda provider: provider.shutdown() is not False):
-            return True
+            return self._delivered()
+        self._delivered()
         log.warning("telemetry_shutdown_timed_out", timeout_ms=timeout_ms,
                     why="the collector did not take the pending spans and metrics in time: dropped at exit")
         return False
+
+    def _delivered(self) -> bool:
+        """Whether every export since the last check reached the collector; if not, says what was dropped."""
+        spans, metric_exports = self.tally.taken()
+        if spans or metric_exports:
+            log.warning("telemetry_export_failed", dropped_spans=spans, failed_metric_exports=metric_exports,
+                        why="the collector refused them or could not be reached (see the OTel SDK's log)")
+        return not (spans or metric_exports)
 
     def _within(self, timeout_ms: int, what: str, act: Callable[[Any], object]) -> bool:
         """``act`` on each provider in a thread of its own; whether all of it ended within ``timeout_ms``
@@ -100,20 +148,23 @@ def configure_telemetry(
     tracer_provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio),
                                      shutdown_on_exit=False)  # the handle's exit hook bounds it
     exporter = OTLPSpanExporter(endpoint=f"{base}/v1/traces", headers=dict(headers or {}), timeout=timeout_s)
-    tracer_provider.add_span_processor(BatchSpanProcessor(exporter, export_timeout_millis=int(timeout_s * 1000)))
+    tally = Tally()
+    tracer_provider.add_span_processor(BatchSpanProcessor(tally.count(exporter, "spans"),
+                                                          export_timeout_millis=int(timeout_s * 1000)))
     meter_provider = None
     if metrics:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-        reader = PeriodicExportingMetricReader(
-            OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=dict(headers or {}), timeout=timeout_s))
+        reader = PeriodicExportingMetricReader(tally.count(
+            OTLPMetricExporter(endpoint=f"{base}/v1/metrics", headers=dict(headers or {}), timeout=timeout_s),
+            "metric_exports"))
         meter_provider = MeterProvider(resource=resource, metric_readers=[reader], shutdown_on_exit=False)
     if set_global:
         trace.set_tracer_provider(tracer_provider)
         if meter_provider is not None:
             metrics_api.set_meter_provider(meter_provider)
-    handle = TelemetryHandle(tracer_provider, meter_provider, exit_timeout_ms=int(timeout_s * 1000))
+    handle = TelemetryHandle(tracer_provider, meter_provider, exit_timeout_ms=int(timeout_s * 1000), tally=tally)
     atexit.register(handle._at_exit)
     return handle
