@@ -628,7 +628,7 @@ class CallLifecycle:
             reason = f"{target}: {why}; moving on to {next_target}"
             probed = self._probed
             if next_target is None and probed is not None:  # refusing would be worse than a direct call
-                anyway, next_target, action = True, attempts.revisit(probed), "half-open"
+                anyway, next_target, action = True, attempts.back_to(probed), "half-open"
                 reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
                 self._probed = None
             if next_target is None:

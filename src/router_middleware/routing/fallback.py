@@ -154,17 +154,10 @@ class Attempts:
         self.tries = 0
 
     def back_to(self, model: str) -> str:
-        """Go back to ``model``, skipped before, ahead of the current target (a half-open target another
-        call probes, before a target cooling down)."""
+        """Go back to ``model``, skipped before, ahead of the current target if any: a half-open target
+        another call probes, before a target cooling down, or when no target after it admitted the call
+        (tried anyway, as a direct call would be)."""
         self.models.insert(0, model)
-        self.tries = 0
-        self.depth += 1
-        return model
-
-    def revisit(self, model: str) -> str:
-        """Go back to ``model``, skipped before, as the call's last target (a half-open target another
-        call probes, when none after it admitted the call: tried anyway, as a direct call would be)."""
-        self.models.append(model)
         self.tries = 0
         self.depth += 1
         return model
