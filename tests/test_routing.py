@@ -326,6 +326,58 @@ def test_cooldown_skips_a_failing_model_then_probes(monkeypatch) -> None:
     assert calls == ["anthropic/claude-sonnet-4-5"]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("broken", [{"stop": [1, 2]}, {"tools": [{"function": {"name": "f"}}]}],
+                         ids=["stop of ints", "tool without type"])
+def test_a_request_litellm_cannot_build_for_a_target_moves_on_and_counts_nothing(broken, asynchronous) -> None:
+    """litellm breaks building an Anthropic request with ``stop=[1, 2]`` or a tool without ``type`` (a
+    Python error it reports as an ``APIConnectionError``, a 500), before sending anything: a trial saw
+    three such calls cool a healthy Claude down for every caller. Now the call moves on to its next
+    target as for a missing key, nothing is counted, and a well-formed call goes to Claude again; a
+    call with no target left gets litellm's own error, as a direct call does."""
+    p = pipeline(cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+    send = (lambda **kw: asyncio.run(p.acompletion(**kw))) if asynchronous else (lambda **kw: p.completion(**kw))
+    for _ in range(3):
+        response = send(model="coder", messages=MESSAGES, mock_response="ok", **broken)
+        assert outcome(response).model == "gpt-5-mini"
+        fallback = [d for d in outcome(response).plan.decisions if d.action == "fallback"]
+        assert len(fallback) == 1 and fallback[0].reason.startswith(
+            "anthropic/claude-sonnet-4-5 skipped: litellm could not build the request for it (")
+    assert outcome(send(model="coder", messages=MESSAGES, mock_response="ok")).model == "claude-sonnet-4-5"
+    with pytest.raises(litellm.APIConnectionError) as direct:
+        litellm.completion(model="anthropic/claude-sonnet-4-5", messages=MESSAGES, mock_response="ok", **broken)
+    with pytest.raises(litellm.APIConnectionError) as routed_alone:
+        send(model="anthropic/claude-sonnet-4-5", messages=MESSAGES, mock_response="ok", **broken)
+    assert str(routed_alone.value).split("\n")[0] == str(direct.value).split("\n")[0]
+    assert outcome(send(model="coder", messages=MESSAGES, mock_response="ok")).model == "claude-sonnet-4-5"
+
+
+def test_an_error_litellm_raises_reading_an_answer_still_counts_toward_cooldown() -> None:
+    """Only an error raised building the request is the request's: a Python error litellm raised
+    reading a provider's answer (``transform_response``) is the provider's, and counts."""
+    from router_middleware.wire import unbuilt
+
+    def transform_response() -> None:
+        raise KeyError("choices")
+
+    def get_optional_params() -> None:
+        raise KeyError("type")
+
+    def wrapped(fn) -> BaseException:
+        try:
+            try:
+                fn()
+            except KeyError as exc:
+                raise litellm.APIConnectionError(str(exc), "anthropic", "claude-sonnet-4-5") from exc
+        except litellm.APIConnectionError as exc:
+            return exc
+        raise AssertionError("not raised")
+
+    assert unbuilt(wrapped(get_optional_params)) and not counts_toward_cooldown(wrapped(get_optional_params))
+    assert not unbuilt(wrapped(transform_response)) and counts_toward_cooldown(wrapped(transform_response))
+    assert not unbuilt(litellm.APIConnectionError("Connection refused", "anthropic", "claude-sonnet-4-5"))
+
+
 def test_a_cancellation_says_nothing_of_a_target_s_health() -> None:
     """A caller that cancels its call, or a proxy client that leaves mid-stream, is no failure of the
     target: neither counts toward its cooldown (a timeout, the provider's slowness, does)."""

@@ -43,6 +43,7 @@ from .routing import quotas
 from .routing.fallback import (
     NO_KEY,
     NO_PROVIDER,
+    UNBUILT,
     Attempts,
     backoff,
     error_kind,
@@ -705,8 +706,9 @@ class CallLifecycle:
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
+        unbuilt = not (unknown or keyless) and wire.unbuilt(exc)  # litellm broke building it: the next may not
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
-            trace.attempt_failed(exc, sent=not (unknown or keyless or unmade))
+            trace.attempt_failed(exc, sent=not (unknown or keyless or unbuilt or unmade))
         if unmade:
             self.books.attempt_unmade(self.held)
         else:
@@ -717,6 +719,7 @@ class CallLifecycle:
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
                    if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
+                       else attempts.skip(UNBUILT) if unbuilt
                        else attempts.skip(error_kind(exc)) if self.follow or moved else attempts.advance(exc, windows))
         if next_target is None:
             final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import re
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -270,6 +272,29 @@ def missing_credentials(exc: BaseException) -> bool:
     authentication problem of this process, not the provider's health. So is a deployment whose
     key's variable is unset (``MissingKeyError``: the package did not send it)."""
     return isinstance(exc, MissingKeyError) or bool(_MISSING_KEY.search(str(exc)[:1000]))
+
+
+_UNBUILT = (TypeError, AttributeError, KeyError, IndexError, ValueError)  # Python's, from litellm's own code
+_READING = ("transform_response", "convert_to_model_response", "chunk_parser")  # an answer being read
+
+
+def unbuilt(exc: BaseException) -> bool:
+    """Did litellm break while building the request, before sending it? A parameter or message part of
+    a shape its mapping for that provider does not take (``stop=[1, 2]`` or a tool without ``type`` for
+    Anthropic, ``thinking="on"`` for Gemini) makes it raise a Python error, which it reports as an
+    ``APIConnectionError`` (a 500): the request's fault, or litellm's, not the provider's health. An
+    error raised reading a provider's answer (``transform_response``...) is not one."""
+    for _ in range(3):  # litellm's async path wraps its own APIConnectionError once more
+        if type(exc).__name__ != "APIConnectionError":
+            return False
+        cause = exc.__cause__ or exc.__context__
+        if cause is None:
+            return False
+        if isinstance(cause, _UNBUILT) and not isinstance(cause, UnicodeError | json.JSONDecodeError):
+            frames = traceback.extract_tb(cause.__traceback__)
+            return not any(part in frame.name for frame in frames for part in _READING)
+        exc = cause
+    return False
 
 
 def provider_error(exc: BaseException) -> bool:

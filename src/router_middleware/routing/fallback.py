@@ -29,7 +29,7 @@ from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
 from ..errors import EmptyStreamError, MissingKeyError, UnknownModelError
 from ..types import Plan
-from ..wire import missing_credentials, no_provider, out_of_credit, providers, retry_after
+from ..wire import missing_credentials, no_provider, out_of_credit, providers, retry_after, unbuilt
 from .quotas import is_free
 
 RETRYABLE = (
@@ -107,8 +107,8 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
     # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
     if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
         return True
-    if missing_credentials(exc):  # this process's configuration, not the provider's health
-        return False
+    if missing_credentials(exc) or unbuilt(exc):  # this process's configuration, or a request litellm
+        return False  # could not build: never sent, so nothing of the provider's health
     return not (_names(exc) & REQUEST_FAULTS)
 
 
@@ -185,6 +185,7 @@ class Attempts:
 
 NO_PROVIDER = "litellm knows no provider for it (a typo?)"
 NO_KEY = "no API key for its provider in this process"
+UNBUILT = "litellm could not build the request for it"
 
 
 def what_failed(plan: Plan, exc: BaseException) -> str:
@@ -198,6 +199,9 @@ def what_failed(plan: Plan, exc: BaseException) -> str:
         return f"{where} skipped: {NO_PROVIDER}"
     if missing_credentials(exc):  # litellm calls it a 500 (InternalServerError): not the provider's health
         return f"{where} skipped: {NO_KEY}"
+    if unbuilt(exc):
+        cause = exc.__cause__ or exc.__context__
+        return f"{where} skipped: {UNBUILT} ({type(cause).__name__}: {str(cause)[:80]})"
     return f"{where} failed ({error_kind(exc)})"
 
 
