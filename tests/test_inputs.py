@@ -30,6 +30,8 @@ def _deep(levels: int) -> dict:
     ({"tags": "prod"}, "context.tags: expected a list of strings, got one string"),
     ({"tags": ["ok", 3]}, "context.tags: expected a list of strings"),
     ({"tags": 3}, "context.tags: expected a list of strings, got 3"),
+    ({"tags": {"team": "search"}}, "context.tags: expected a list of strings, got an object {'team': 'search'} (a "
+                                   "tag is one string"),
     ({"cache": "yes"}, "context.cache: expected true, false or null"),
     ({"sesion_id": "s1"}, "context: unknown field(s) ['sesion_id']; expected some of"),
     (42, "context: expected an AgentContext or a dict, not int"),
@@ -70,7 +72,18 @@ def test_an_agent_context_takes_its_tags_as_a_list_as_a_dict_does(tags) -> None:
     ({"stream": "yes"}, "stream: expected true or false, got 'yes'"),
     ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens: expected a whole number"),
     ({"reasoning": {"max_tokens": -5}}, "reasoning.max_tokens: expected a whole number of tokens, got -5"),
-    ({"reasoning_effort": 3}, "reasoning_effort: expected a level such as 'low'"),
+    ({"reasoning_effort": 3}, "reasoning_effort: unknown level 3: litellm takes none, minimal, low"),
+    # a cap rule would raise a level it cannot rank (a trial: "LOW" was sent as a rule's "high")
+    ({"reasoning_effort": "LOW"}, "reasoning_effort: unknown level 'LOW': litellm takes none, minimal, low, medium, "
+                                  "high, xhigh, max, default, disable"),
+    ({"reasoning_effort": "huge"}, "reasoning_effort: unknown level 'huge'"),
+    ({"thinking": "on"}, "thinking: expected an object such as {'type': 'enabled', 'budget_tokens': 2048}, got 'on'"),
+    ({"reasoning": [1]}, "reasoning: expected an object"),
+    # litellm breaks on these building the request (a TypeError, or a 500 for Anthropic and Gemini)
+    ({"metadata": [1]}, r"metadata: expected an object of labels, got list \[1\]"),
+    ({"metadata": "task"}, "metadata: expected an object of labels, got str 'task'"),
+    ({"extra_body": [1]}, "extra_body: expected an object, got list"),
+    ({"stop": [1, 2]}, r"stop: expected a string or a list of strings, got \[1, 2\]"),
     ({"response_format": "json"}, "response_format: expected an object such as {'type': 'json_object'} or a "
                                   "pydantic model class, got 'json'"),
     ({"response_format": {"schema": {}}}, "response_format: expected an object such as"),

@@ -14,6 +14,8 @@ _POSITIVE_INTS = ("max_tokens", "max_completion_tokens", "n")
 _RANGES = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "presence_penalty": (-2.0, 2.0),
            "frequency_penalty": (-2.0, 2.0)}
 _NESTED = ("tools", "response_format", "tool_choice", "functions", "extra_body")
+# litellm's reasoning_effort values (its Literal), and its "disable" (Gemini's thinking off)
+EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max", "default", "disable")
 
 
 def check_model(model: Any) -> str:
@@ -48,11 +50,24 @@ def check_params(params: Mapping[str, Any], *, tools: bool = True) -> Mapping[st
             and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):
         raise RequestError(f"response_format: expected an object such as {{'type': 'json_object'}} or a pydantic "
                            f"model class, got {shape!r}")
+    metadata = params.get("metadata")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise RequestError(f"metadata: expected an object of labels, got {type(metadata).__name__} {metadata!r:.80}")
+    extra = params.get("extra_body")
+    if extra is not None and not isinstance(extra, Mapping):
+        raise RequestError(f"extra_body: expected an object, got {type(extra).__name__} {extra!r:.80}")
+    stop = params.get("stop")
+    if stop is not None and not isinstance(stop, str) \
+            and not (isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop)):
+        raise RequestError(f"stop: expected a string or a list of strings, got {stop!r:.80}")
     effort = params.get("reasoning_effort")
-    if effort is not None and not isinstance(effort, str):
-        raise RequestError(f"reasoning_effort: expected a level such as 'low' or 'high', got {effort!r}")
+    if effort is not None and effort not in EFFORTS:  # a cap rule would not know where it ranks
+        raise RequestError(f"reasoning_effort: unknown level {effort!r}: litellm takes {', '.join(EFFORTS)}")
     for name in ("thinking", "reasoning"):
         value = params.get(name)
+        if value is not None and not isinstance(value, Mapping):
+            raise RequestError(f"{name}: expected an object such as {{'type': 'enabled', 'budget_tokens': 2048}}, "
+                               f"got {value!r:.80}")
         if isinstance(value, Mapping):
             budget = value.get("budget_tokens", value.get("max_tokens"))
             if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):

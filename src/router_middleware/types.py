@@ -112,6 +112,9 @@ class AgentContext:
             raise RequestError(f"context.step: expected a whole number of at least 0, got {self.step!r}")
         if isinstance(self.tags, str | bytes):
             raise RequestError(f"context.tags: expected a list of strings, got one string {self.tags!r}")
+        if isinstance(self.tags, Mapping):  # its keys alone would be kept
+            raise RequestError(f"context.tags: expected a list of strings, got an object {self.tags!r:.80} (a tag "
+                               f"is one string: ['team:search', 'env:prod'])")
         if not isinstance(self.tags, tuple | list | None) or not all(isinstance(t, str) for t in self.tags or ()):
             raise RequestError(f"context.tags: expected a list of strings, got {self.tags!r}")
         if not isinstance(self.tags, tuple):  # a list, as a dict gives them (None: none); the context is frozen
@@ -143,7 +146,7 @@ class AgentContext:
                 raise RequestError(f"context: unknown field(s) {unknown}; expected some of {sorted(known)}")
             data = dict(value)
             tags = data.get("tags")
-            if isinstance(tags, Iterable) and not isinstance(tags, str | bytes | list | tuple):
+            if isinstance(tags, Iterable) and not isinstance(tags, str | bytes | list | tuple | Mapping):
                 data["tags"] = tuple(tags)  # any other iterable (a list, a tuple or None: the context's own)
             return cls(**data)
         raise RequestError(f"context: expected an AgentContext or a dict, not {type(value).__name__}")
