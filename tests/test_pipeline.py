@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from router_middleware import (
     AgentContext,
+    ConfigError,
     Decision,
     MessageError,
     OutcomeUnavailable,
@@ -113,6 +115,37 @@ def test_a_policy_that_returns_no_plan_is_named(returns, named, monkeypatch) -> 
     monkeypatch.setattr(litellm, "completion", lambda **kwargs: pytest.fail("sent despite the broken policy"))
     with pytest.raises(PolicyError, match=f"^policy 'forgetful' {named}; a policy returns a Plan$"):
         Pipeline(policies=[ShortenModel(), Forgetful(returns)]).completion(model="gpt-4o-mini", messages=MESSAGES)
+
+
+@dataclass
+class Raising:
+    """A policy with a bug: it raises a Python error."""
+
+    name: str = "raising"
+
+    def __call__(self, plan: Plan, state: PolicyState) -> Plan:
+        return {}["oops"]  # type: ignore[no-any-return]
+
+
+def test_a_policy_that_raises_is_named_and_its_error_kept_as_the_cause(monkeypatch) -> None:
+    """A trial saw a policy's own ``KeyError('oops')`` reach the caller, with nothing naming the policy."""
+    import litellm
+
+    monkeypatch.setattr(litellm, "completion", lambda **kwargs: pytest.fail("sent despite the broken policy"))
+    with pytest.raises(PolicyError, match="^policy 'raising' raised KeyError: 'oops'$") as raised:
+        Pipeline(policies=[ShortenModel(), Raising()]).completion(model="gpt-4o-mini", messages=MESSAGES)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
+@pytest.mark.parametrize(("policies", "named"), [
+    ([1], "policies[0]: expected a policy (a callable taking a Plan and a PolicyState), got int 1"),
+    ([ShortenModel(), "x"], "policies[1]: expected a policy"),
+    ("x", "policies: expected a list of policies (callables taking a Plan and a PolicyState), got str"),
+])
+def test_policies_that_are_not_callables_are_refused_when_the_pipeline_is_built(policies, named) -> None:
+    """They were taken, and each call then raised a bare ``TypeError: 'int' object is not callable``."""
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        Pipeline(policies=policies)
 
 
 def test_context_rejects_unknown_fields() -> None:

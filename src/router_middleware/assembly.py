@@ -64,6 +64,18 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     return tuple(policies)
 
 
+def given_policies(policies: Sequence[Policy]) -> tuple[Policy, ...]:
+    """``policies=`` as given, when it is a list of callables; else :class:`ConfigError` naming the item."""
+    if isinstance(policies, str | bytes | Mapping) or not isinstance(policies, Sequence | tuple | list):
+        raise ConfigError(f"policies: expected a list of policies (callables taking a Plan and a PolicyState), "
+                          f"got {type(policies).__name__}")
+    for n, policy in enumerate(policies):
+        if not callable(policy):
+            raise ConfigError(f"policies[{n}]: expected a policy (a callable taking a Plan and a PolicyState), "
+                              f"got {type(policy).__name__} {policy!r:.60}")
+    return tuple(policies)
+
+
 def telemetry_settings(config: TelemetryConfig, endpoints: Mapping[str, str]) -> TelemetrySettings:
     """The telemetry settings; ``endpoints``: where each deployment or served name sends its calls (the
     policies' map, :attr:`.PolicyState.endpoints`, shared: its spans' ``server.address``)."""
@@ -264,7 +276,7 @@ def assemble(config: Config | None, policies: Sequence[Policy] | None = None) ->
     _say_config_problems(config, catalog)
     store = open_store(config.store, timeout_s=config.store_timeout_s)
     ledger = LedgerWriter(config.ledger.url, spool=config.ledger.spool) if config.ledger.url else None
-    chain = tuple(policies) if policies is not None else (build_policies(config) if configured else ())
+    chain = given_policies(policies) if policies is not None else (build_policies(config) if configured else ())
     state = policy_state(store, catalog)
     state.endpoints = deployment_endpoints(config)
     return Parts(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from .catalog import Catalog
-from .errors import PolicyError
+from .errors import PolicyError, RouterMiddlewareError
 from .tokens import REQUEST_OVERHEAD, Calibration, Profile, TokenCounter, tokenizer_name
 from .types import History, Message, Plan, SessionRoute
 
@@ -120,9 +120,16 @@ class Policy(Protocol):
 
 
 def apply_policies(plan: Plan, policies: Sequence[Policy], state: PolicyState) -> Plan:
-    """``plan`` through each policy in turn; :class:`PolicyError` names one that returns no Plan."""
+    """``plan`` through each policy in turn; :class:`PolicyError` names one that returns no Plan, or
+    raises an error that is not the package's (its own, a refusal such as ``NoRouteError``, pass)."""
     for policy in policies:
-        planned = policy(plan, state)
+        try:
+            planned = policy(plan, state)
+        except RouterMiddlewareError:
+            raise
+        except Exception as exc:
+            name = getattr(policy, "name", None) or type(policy).__name__
+            raise PolicyError(f"policy {name!r} raised {type(exc).__name__}: {str(exc)[:200]}") from exc
         if not isinstance(planned, Plan):
             raise _not_a_plan(policy, planned)
         plan = planned
