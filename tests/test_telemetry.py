@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -653,6 +654,41 @@ def test_a_flush_says_true_when_the_collector_took_everything() -> None:
         assert handle.shutdown(timeout_ms=10_000) is True
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize(("given", "named"), [
+    ({"endpoint": "not a url"}, "endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got 'not a url'"),
+    ({"endpoint": ""}, "endpoint: expected the collector's http(s) URL"),
+    ({"headers": "x"}, "headers: expected a mapping of header names to strings, got 'x'"),
+    ({"sample_ratio": 2.0}, "sample_ratio: expected a number from 0 to 1, got 2.0"),
+    ({"timeout_s": -1}, "timeout_s: expected a number of seconds above 0, got -1"),
+])
+def test_configure_telemetry_names_an_argument_it_cannot_use(given, named) -> None:
+    """A trial met a bare ``ValueError`` from the OTel SDK (``sample_ratio=2.0``, ``headers="x"``), and
+    ``endpoint="not a url"`` or ``timeout_s=-1`` taken, to fail later."""
+    from router_middleware import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        configure_telemetry(**{"endpoint": "http://127.0.0.1:4318", "set_global": False, **given})
+
+
+@pytest.mark.parametrize(("level", "ok"), [("warning", True), ("DEBUG", True), (10, True), ("loud", False),
+                                           (True, False), (-1, False)])
+def test_configure_logging_takes_a_level_or_its_name_and_names_one_it_does_not_know(level, ok) -> None:
+    import io
+
+    from router_middleware import ConfigError, configure_logging
+
+    was_configured, old = structlog.is_configured(), structlog.get_config()
+    try:
+        if ok:
+            configure_logging(level=level, stream=io.StringIO())
+        else:
+            with pytest.raises(ConfigError, match=re.escape(f"level: expected a logging level (debug, info, "
+                                                            f"warning, error, critical, or logging.INFO...), got {level!r}")):
+                configure_logging(level=level, stream=io.StringIO())
+    finally:
+        structlog.configure(**old) if was_configured else structlog.reset_defaults()
 
 
 def test_a_flush_to_a_collector_that_hangs_gives_up_in_its_time() -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import structlog
 from opentelemetry import trace
 
+from ..errors import ConfigError
+
 
 def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Add the current span's ids to an event that has none (a structlog processor)."""
@@ -21,8 +23,13 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
     return event
 
 
-def configure_logging(*, json: bool | None = None, level: int = logging.INFO, stream: Any = None) -> None:
-    """Configure structlog for the application. ``json=None`` picks JSON unless the stream is a terminal."""
+def configure_logging(*, json: bool | None = None, level: int | str = logging.INFO, stream: Any = None) -> None:
+    """Configure structlog for the application. ``json=None`` picks JSON unless the stream is a terminal;
+    ``level``: a ``logging`` level or its name (``"warning"``). Raises :class:`~router_middleware.ConfigError`
+    for a level it does not know or a ``stream`` with no ``write``."""
+    level = _level(level)
+    if stream is not None and not callable(getattr(stream, "write", None)):
+        raise ConfigError(f"stream: expected a file-like object with write(), got {type(stream).__name__}")
     stream = stream or sys.stderr
     use_json = (not stream.isatty()) if json is None else json
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
@@ -38,3 +45,15 @@ def configure_logging(*, json: bool | None = None, level: int = logging.INFO, st
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+_NAMES = ("debug", "info", "warning", "error", "critical")
+
+
+def _level(level: int | str) -> int:
+    """``level`` as a ``logging`` number (a name in any case, or a number); else ``ConfigError``."""
+    if isinstance(level, str) and level.strip().lower() in _NAMES:
+        return int(getattr(logging, level.strip().upper()))
+    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise ConfigError(f"level: expected a logging level ({', '.join(_NAMES)}, or logging.INFO...), got {level!r}")

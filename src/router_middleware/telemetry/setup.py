@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import MissingExtra
+from ..errors import ConfigError, MissingExtra
 from .safety import log
 
 
@@ -128,8 +128,10 @@ def configure_telemetry(
     ``openinference.project.name``). Spans go through a batch processor, so a slow or unreachable
     collector costs the calls nothing: export happens on a background thread and gives up after
     ``timeout_s``.
-    Raises :class:`~router_middleware.MissingExtra` without the ``otlp`` extra.
+    Raises :class:`~router_middleware.MissingExtra` without the ``otlp`` extra, and
+    :class:`~router_middleware.ConfigError` for an argument it cannot use (naming it).
     """
+    _check(endpoint, headers, sample_ratio, timeout_s)
     from opentelemetry import metrics as metrics_api
     from opentelemetry import trace
 
@@ -168,3 +170,17 @@ def configure_telemetry(
     handle = TelemetryHandle(tracer_provider, meter_provider, exit_timeout_ms=int(timeout_s * 1000), tally=tally)
     atexit.register(handle._at_exit)
     return handle
+
+
+def _check(endpoint: object, headers: object, sample_ratio: object, timeout_s: object) -> None:
+    """:class:`ConfigError` naming the first argument of :func:`configure_telemetry` it cannot use."""
+    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")) \
+            or not endpoint.split("://", 1)[1].strip("/"):
+        raise ConfigError(f"endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got {endpoint!r}")
+    if headers is not None and not (isinstance(headers, Mapping)
+                                    and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
+        raise ConfigError(f"headers: expected a mapping of header names to strings, got {headers!r:.80}")
+    if isinstance(sample_ratio, bool) or not isinstance(sample_ratio, int | float) or not 0 <= sample_ratio <= 1:
+        raise ConfigError(f"sample_ratio: expected a number from 0 to 1, got {sample_ratio!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < float("inf"):
+        raise ConfigError(f"timeout_s: expected a number of seconds above 0, got {timeout_s!r}")
