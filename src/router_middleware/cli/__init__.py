@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="replay recorded sessions offline and account tokens and cost")
     rp.add_argument("paths", nargs="+", help="session JSON files, folders or globs")
     rp.add_argument("--config", help="YAML/JSON config for the optimized account")
-    rp.add_argument("--model", help="price sessions with this model (default: the session's own)")
+    rp.add_argument("--model", help="price sessions with this model (default: the session's own; "
+                    "deepseek/deepseek-chat for one that recorded none)")
     rp.add_argument("--route", metavar="ALIAS",
                     help="also plan each call with this routing alias of --config as its model (auto: the "
                          "difficulty tiers) and price it on the model chosen, beside each model alone")
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--ledger", required=True, help=LEDGER_HELP)
     rep.add_argument("--since", help="start (2026-11-28, 2026-11-28T12:00 UTC, or epoch seconds)")
     rep.add_argument("--until", help="end, exclusive")
-    rep.add_argument("--top", type=int, default=10, help="sessions, tenants and users to list (the costliest)")
+    rep.add_argument("--top", type=_at_least_one, default=10,
+                     help="sessions, tenants and users to list (the costliest)")
     for label in ("app", "tenant", "user"):
         rep.add_argument(f"--{label}", help=f"this {label}'s calls only")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
@@ -91,11 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-embeddings", action="store_true",
                      help="fit the core path alone (the embedding term is fitted when the semantic extra is installed)")
     fit.set_defaults(func=cmd_fit_router)
+    for command in (demo, rp, rep, bud, drain, ev, fit):
+        command.set_defaults(parser=command)  # its own usage for an argument it does not take
     return parser
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line's arguments; one its command does not take is that command's usage error
+    (argparse gives the top level's), and so is ``--compact`` without ``--json``."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "compact", False) and not args.json:
+        args.parser.error("--compact shapes the --json output: give --json too")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return int(args.func(args))
     except (RouterMiddlewareError, ValueError) as exc:
