@@ -121,6 +121,9 @@ def test_a_message_dict_instead_of_a_list_says_so() -> None:
     ([], "messages is empty: a call needs at least one message"),
     ([{"role": "user", "text": "hi"}], "message 0: a user message needs 'content' (it has 'text')"),
     ([{"role": "system"}, {"role": "user", "content": "hi"}], "message 0: a system message needs 'content'"),
+    # a trial got "tool result for 1 has no earlier assistant tool call", naming no wrong type
+    ([{"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": 1, "content": "r"}],
+     "message 1: tool_call_id must be a string (the id of the call it answers), got int 1"),
 ])
 def test_a_request_a_provider_would_refuse_for_its_messages_is_refused_by_name(messages, named) -> None:
     """Sent as they are, each gets a provider's 400, or worse, a reply to nothing."""

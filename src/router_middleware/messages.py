@@ -108,6 +108,10 @@ def validate_message(message: Any, *, index: int, source: str | None = None, par
                                                                  if other else ""), index=index, source=source)
     if role == "tool" and not message.get("tool_call_id"):
         raise MessageError("tool message has no tool_call_id", index=index, source=source)
+    if role == "tool" and not isinstance(message["tool_call_id"], str):  # a call's id is a string
+        raise MessageError(f"tool_call_id must be a string (the id of the call it answers), got "
+                           f"{type(message['tool_call_id']).__name__} {message['tool_call_id']!r:.40}",
+                           index=index, source=source)
     if parts and isinstance(content, list):
         _check_parts(content, index, source, user=role == "user")
     raw_calls = message.get("tool_calls", None)

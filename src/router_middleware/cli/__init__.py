@@ -54,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--ledger", required=True, help=LEDGER_HELP)
     rep.add_argument("--since", help="start (2026-11-28, 2026-11-28T12:00 UTC, or epoch seconds)")
     rep.add_argument("--until", help="end, exclusive")
-    rep.add_argument("--top", type=_at_least_one, default=10,
-                     help="sessions, tenants and users to list (the costliest)")
+    rep.add_argument("--top", type=int, default=10, help="sessions, tenants and users to list (the costliest)")
     for label in ("app", "tenant", "user"):
         rep.add_argument(f"--{label}", help=f"this {label}'s calls only")
     rep.add_argument("--json", action="store_true", help="print one JSON object")
@@ -96,13 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (demo, rp, rep, bud, drain, ev, fit):
         command.set_defaults(parser=command)  # its own usage for an argument it does not take
     return parser
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
-    return value
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
