@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -1744,6 +1745,42 @@ def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its
     finally:
         logger.unregister()
     assert rows == []
+
+
+@pytest.mark.parametrize("budgeted", [True, False])
+def test_a_malformed_async_sdk_call_is_refused_where_a_budget_would_have_to_admit_it(
+        tmp_path, monkeypatch, budgeted) -> None:
+    """A request the pipeline cannot plan (``temperature=2.5``, a role ``"User"``) cannot be measured
+    against a budget: a trial saw such calls over a hard budget sent unadmitted while the well-formed
+    one was refused. With a budget they are refused with the ``RequestError`` or ``MessageError``
+    naming the fault, unsent; without one they go as they came (the provider judges them)."""
+    from router_middleware import MessageError, RequestError
+
+    routing = {"budgets": [{"name": "tiny", "scope": "global", "tokens": 50}]} if budgeted else {}
+    logger = _sdk_logger(tmp_path, monkeypatch, routing)
+    broken = [({"temperature": 2.5}, RequestError, "temperature: expected a number from 0 to 2, got 2.5"),
+              ({"messages": [{"role": "User", "content": "hi"}]}, MessageError, "message 0: unknown role 'User'")]
+
+    async def run() -> list[object]:
+        answers: list[object] = []
+        for extra, error, said in broken:
+            ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "mock_response": "ok",
+                   "max_tokens": 2000, **extra}
+            if budgeted:
+                with pytest.raises(error, match=re.escape(said)):
+                    await litellm.acompletion(**ask)
+            else:
+                answers.append((await litellm.acompletion(**ask)).choices[0].message.content)
+        await logger.aflush()
+        return answers
+
+    try:
+        answers = asyncio.run(run())
+        rows = _ledger(logger)
+    finally:
+        logger.unregister()
+    assert answers == ([] if budgeted else ["ok", "ok"])
+    assert len(rows) == (0 if budgeted else 2)  # refused: never made, no row
 
 
 @pytest.mark.parametrize("how", ["cancelled", "stream left unread"])

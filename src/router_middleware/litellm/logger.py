@@ -19,7 +19,7 @@ from .. import wire
 from ..accounting import build_outcome
 from ..catalog import provider_named
 from ..drivers import astep
-from ..errors import BudgetExceeded, NoRouteError, RequestError, StoreUnavailable
+from ..errors import BudgetExceeded, MessageError, NoRouteError, RequestError, StoreUnavailable
 from ..lifecycle import Attempt, last_resorts
 from ..telemetry import log
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
@@ -252,10 +252,11 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         call id: this lifecycle follows it (the deployment hook finds it in flight). litellm hands
         the hook the call's keyword arguments only: a call given its ``input`` and ``model``
         positionally cannot be planned, and is sent and counted (logged)."""
+        if not kwargs.get("model") or "input" not in kwargs:  # the hook's limit, not the request's fault
+            _unplanned(endpoint, RequestError("model and input given positionally: litellm hands the hook "
+                                              "keyword arguments only"))
+            return
         try:
-            if not kwargs.get("model") or "input" not in kwargs:
-                raise RequestError("model and input given positionally: litellm hands the hook keyword "
-                                   "arguments only")
             found = await self._open_as_sent(kwargs, endpoint, str(kwargs["model"]), _sends_refused(kwargs))
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             self._not_started(kwargs, exc, lambda error: _unplanned(endpoint, error))
@@ -265,15 +266,23 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
 
     def _not_started(self, kwargs: Mapping[str, Any], error: Exception, failed: Callable[[Exception], None]) -> None:
         """Starting an SDK call's lifecycle raised ``error``: re-raise a budget's or the store's refusal
-        the hook refuses the call with (:meth:`_refuses`); else the call is sent as it came, logged (a
-        :class:`NoRouteError` as not routed, anything else by ``failed``)."""
-        if isinstance(error, BudgetExceeded | StoreUnavailable):
+        the hook refuses the call with (:meth:`_refuses`), or the request's own fault (a
+        ``RequestError`` or ``MessageError``) where a budget or a rate limit would have to admit it (a call
+        that cannot be planned cannot be measured against them); else the call is sent as it came,
+        logged (a :class:`NoRouteError` as not routed, anything else by ``failed``)."""
+        if isinstance(error, BudgetExceeded | StoreUnavailable) or (
+                isinstance(error, RequestError | MessageError) and self._guarded(kwargs)):
             if self._refuses(kwargs, error):
                 raise error
         elif isinstance(error, NoRouteError):
             _not_routed(error)
         else:
             failed(error)
+
+    def _guarded(self, kwargs: Mapping[str, Any]) -> bool:
+        """Would a budget, or a rate limit of the model ``kwargs`` name, have to admit this call?"""
+        routing = self.pipeline.config.routing
+        return bool(routing.budgets) or str(kwargs.get("model")) in routing.limits
 
     def _refuses(self, kwargs: Mapping[str, Any], refused: Exception) -> bool:
         """Whether the SDK call ``refused`` was raised for is refused: not when refusing would make
