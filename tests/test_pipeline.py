@@ -148,6 +148,12 @@ def test_policies_that_are_not_callables_are_refused_when_the_pipeline_is_built(
         Pipeline(policies=policies)
 
 
+def test_policies_given_as_any_iterable_are_taken() -> None:
+    response = Pipeline(policies=(p for p in [ShortenModel()])).completion(
+        model="coder", messages=MESSAGES, mock_response="ok")
+    assert outcome(response).plan is not None and outcome(response).plan.model == "gpt-4o-mini"
+
+
 def test_context_rejects_unknown_fields() -> None:
     with pytest.raises(RequestError, match="session"):
         Pipeline().completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="x", context={"session": "s"})

@@ -622,7 +622,9 @@ def test_spans_a_collector_never_took_make_the_flush_and_the_shutdown_say_false(
     assert [(e["dropped_spans"], e["failed_metric_exports"]) for e in failed] == [(5, 0)]
     if ending == "force_flush":
         assert handle.force_flush(timeout_ms=10_000) is True  # nothing dropped since the last flush
-    handle.shutdown(timeout_ms=10_000)
+        handle.shutdown(timeout_ms=10_000)
+    else:
+        assert handle.shutdown(timeout_ms=10_000) is False  # once: a later call says what the first said
 
 
 def test_a_flush_says_true_when_the_collector_took_everything() -> None:
@@ -659,6 +661,7 @@ def test_a_flush_says_true_when_the_collector_took_everything() -> None:
 @pytest.mark.parametrize(("given", "named"), [
     ({"endpoint": "not a url"}, "endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got 'not a url'"),
     ({"endpoint": ""}, "endpoint: expected the collector's http(s) URL"),
+    ({"endpoint": "ftp://collector:4318"}, "endpoint: expected the collector's http(s) URL"),
     ({"headers": "x"}, "headers: expected a mapping of header names to strings, got 'x'"),
     ({"sample_ratio": 2.0}, "sample_ratio: expected a number from 0 to 1, got 2.0"),
     ({"timeout_s": -1}, "timeout_s: expected a number of seconds above 0, got -1"),
@@ -672,8 +675,8 @@ def test_configure_telemetry_names_an_argument_it_cannot_use(given, named) -> No
         configure_telemetry(**{"endpoint": "http://127.0.0.1:4318", "set_global": False, **given})
 
 
-@pytest.mark.parametrize(("level", "ok"), [("warning", True), ("DEBUG", True), (10, True), ("loud", False),
-                                           (True, False), (-1, False)])
+@pytest.mark.parametrize(("level", "ok"), [("warning", True), ("DEBUG", True), ("WARN", True), ("notset", True),
+                                           (10, True), ("loud", False), (True, False), (-1, False)])
 def test_configure_logging_takes_a_level_or_its_name_and_names_one_it_does_not_know(level, ok) -> None:
     import io
 
@@ -684,9 +687,34 @@ def test_configure_logging_takes_a_level_or_its_name_and_names_one_it_does_not_k
         if ok:
             configure_logging(level=level, stream=io.StringIO())
         else:
-            with pytest.raises(ConfigError, match=re.escape(f"level: expected a logging level (debug, info, "
-                                                            f"warning, error, critical, or logging.INFO...), got {level!r}")):
+            with pytest.raises(ConfigError, match=re.escape("level: expected a logging level (critical, debug, ")
+                               + ".*" + re.escape(f"warning, or logging.INFO...), got {level!r}")):
                 configure_logging(level=level, stream=io.StringIO())
+    finally:
+        structlog.configure(**old) if was_configured else structlog.reset_defaults()
+
+
+def test_configure_logging_takes_a_stream_without_isatty_and_names_one_it_cannot_write_to() -> None:
+    """A review: a stream with ``write`` and ``flush`` but no ``isatty`` raised ``AttributeError``."""
+    from router_middleware import ConfigError, configure_logging
+
+    written: list[str] = []
+
+    class Sink:  # no isatty: not a terminal, so JSON lines
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    was_configured, old = structlog.is_configured(), structlog.get_config()
+    try:
+        configure_logging(stream=Sink())
+        structlog.get_logger().warning("seen")
+        assert json.loads(written[0])["event"] == "seen"
+        with pytest.raises(ConfigError, match=re.escape("stream: expected a file-like object with write() and "
+                                                        "flush(), got list")):
+            configure_logging(stream=[])
     finally:
         structlog.configure(**old) if was_configured else structlog.reset_defaults()
 
@@ -735,7 +763,7 @@ def test_a_shutdown_with_a_collector_that_hangs_gives_up_in_its_time_and_so_does
         started = time.perf_counter()
         assert handle.shutdown(timeout_ms=500) is False
         assert time.perf_counter() - started < 2  # 8 s and more before
-        assert handle.shutdown() is True  # once
+        assert handle.shutdown() is False  # once: a later call says what the first said
         script = ("import time, router_middleware as rm\n"
                   f"h = rm.configure_telemetry({url!r}, timeout_s=2.0)\n"
                   "t = h.tracer_provider.get_tracer('t')\n"

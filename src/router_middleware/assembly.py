@@ -6,7 +6,7 @@ Everything here runs once per engine, never per call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
@@ -64,11 +64,13 @@ def build_policies(config: Config) -> tuple[Policy, ...]:
     return tuple(policies)
 
 
-def given_policies(policies: Sequence[Policy]) -> tuple[Policy, ...]:
-    """``policies=`` as given, when it is a list of callables; else :class:`ConfigError` naming the item."""
-    if isinstance(policies, str | bytes | Mapping) or not isinstance(policies, Sequence | tuple | list):
+def given_policies(policies: Iterable[Policy]) -> tuple[Policy, ...]:
+    """``policies=`` as given (any iterable), when its items are callables; else :class:`ConfigError`
+    naming the item."""
+    if isinstance(policies, str | bytes | Mapping) or not isinstance(policies, Iterable):
         raise ConfigError(f"policies: expected a list of policies (callables taking a Plan and a PolicyState), "
                           f"got {type(policies).__name__}")
+    policies = tuple(policies)
     for n, policy in enumerate(policies):
         if not callable(policy):
             raise ConfigError(f"policies[{n}]: expected a policy (a callable taking a Plan and a PolicyState), "

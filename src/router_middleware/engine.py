@@ -133,13 +133,13 @@ class Engine:
             ctx = replace(ctx, user=user)  # OpenAI's own field names the end user the request is for
         if not self.config.messages.repair_tool_calls:
             return Call.create(check_model(model), nonempty(validate_messages(messages, parts=litellm_sends)),
-                               check_params(params, tools=litellm_sends), ctx)
+                               check_params(params, litellm_sends=litellm_sends), ctx)
         valid, repairs = repair_messages(messages, parts=litellm_sends)
         nonempty(valid)
         decisions = [Decision("messages", "repair", repairs.describe(), {
             "dropped_results": len(repairs.dropped), "placeholder_results": len(repairs.answered),
             "tool_call_ids": ",".join(p.call_id for p in (*repairs.dropped, *repairs.answered))})] if repairs else []
-        return Call.create(check_model(model), valid, check_params(params, tools=litellm_sends), ctx, decisions)
+        return Call.create(check_model(model), valid, check_params(params, litellm_sends=litellm_sends), ctx, decisions)
 
     def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None,
              pinned: bool = False) -> Plan:

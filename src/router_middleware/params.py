@@ -25,9 +25,10 @@ def check_model(model: Any) -> str:
     return model
 
 
-def check_params(params: Mapping[str, Any], *, tools: bool = True) -> Mapping[str, Any]:
-    """``params`` unchanged when they are sound; else raises :class:`RequestError`. ``tools=False``:
-    another client sends the call (an agent's own chat model), so tools litellm would break on pass."""
+def check_params(params: Mapping[str, Any], *, litellm_sends: bool = True) -> Mapping[str, Any]:
+    """``params`` unchanged when they are sound; else raises :class:`RequestError`. ``litellm_sends=False``:
+    another client sends the call (an agent's own chat model), so what litellm would break on (tools,
+    ``metadata``, ``extra_body``, ``stop``) is left to it."""
     stream = params.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(f"stream: expected true or false, got {stream!r}")
@@ -43,37 +44,39 @@ def check_params(params: Mapping[str, Any], *, tools: bool = True) -> Mapping[st
     for name in _NESTED:
         if name in params and too_deep(params[name]):
             raise RequestError(f"{name}: nested deeper than {MAX_DEPTH} levels")
-    if tools:
+    if litellm_sends:
         _check_tools(params.get("tools"))
+        _check_shapes(params)
     shape = params.get("response_format")
     if shape is not None and not isinstance(shape, type) \
             and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):
         raise RequestError(f"response_format: expected an object such as {{'type': 'json_object'}} or a pydantic "
                            f"model class, got {shape!r}")
-    metadata = params.get("metadata")
-    if metadata is not None and not isinstance(metadata, Mapping):
-        raise RequestError(f"metadata: expected an object of labels, got {type(metadata).__name__} {metadata!r:.80}")
-    extra = params.get("extra_body")
-    if extra is not None and not isinstance(extra, Mapping):
-        raise RequestError(f"extra_body: expected an object, got {type(extra).__name__} {extra!r:.80}")
-    stop = params.get("stop")
-    if stop is not None and not isinstance(stop, str) \
-            and not (isinstance(stop, list | tuple) and all(isinstance(s, str) for s in stop)):
-        raise RequestError(f"stop: expected a string or a list of strings, got {stop!r:.80}")
     effort = params.get("reasoning_effort")
     if effort is not None and effort not in EFFORTS:  # a cap rule would not know where it ranks
         raise RequestError(f"reasoning_effort: unknown level {effort!r}: litellm takes {', '.join(EFFORTS)}")
     for name in ("thinking", "reasoning"):
         value = params.get(name)
-        if value is not None and not isinstance(value, Mapping):
-            raise RequestError(f"{name}: expected an object such as {{'type': 'enabled', 'budget_tokens': 2048}}, "
-                               f"got {value!r:.80}")
         if isinstance(value, Mapping):
             budget = value.get("budget_tokens", value.get("max_tokens"))
             if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
                 key = "budget_tokens" if "budget_tokens" in value else "max_tokens"
                 raise RequestError(f"{name}.{key}: expected a whole number of tokens, got {budget!r}")
     return params
+
+
+def _check_shapes(params: Mapping[str, Any]) -> None:
+    """``metadata`` and ``extra_body`` objects, ``stop`` a string or a list of strings, where given (an
+    empty value litellm drops passes): litellm breaks on others building the request (or the pipeline
+    would: it adds its mark to ``metadata``), or the provider refuses them."""
+    for name in ("metadata", "extra_body"):
+        value = params.get(name)
+        if value and not isinstance(value, Mapping):
+            raise RequestError(f"{name}: expected an object, got {type(value).__name__} {value!r:.80}")
+    stop = params.get("stop")
+    if stop and not isinstance(stop, str) and not (isinstance(stop, list | tuple)
+                                                   and all(isinstance(s, str) for s in stop)):
+        raise RequestError(f"stop: expected a string or a list of strings, got {stop!r:.80}")
 
 
 def _check_tools(tools: Any) -> None:

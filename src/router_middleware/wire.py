@@ -275,15 +275,22 @@ def missing_credentials(exc: BaseException) -> bool:
 
 
 _UNBUILT = (TypeError, AttributeError, KeyError, IndexError, ValueError)  # Python's, from litellm's own code
-_READING = ("transform_response", "convert_to_model_response", "chunk_parser")  # an answer being read
+_ASKED = ("response_format", "response_schema")  # the request's parameters, not an answer
+
+
+def _reading(frame: str) -> bool:
+    """Is ``frame`` (a function's name) one of litellm's that read a provider's answer
+    (``transform_response``, ``transform_google_generate_content_to_openai_model_response``, a
+    stream's ``chunk_parser``), not one that maps the request's ``response_format``?"""
+    return "chunk_parser" in frame or "response" in frame and not any(asked in frame for asked in _ASKED)
 
 
 def unbuilt(exc: BaseException) -> bool:
     """Did litellm break while building the request, before sending it? A parameter or message part of
-    a shape its mapping for that provider does not take (``stop=[1, 2]`` or a tool without ``type`` for
-    Anthropic, ``thinking="on"`` for Gemini) makes it raise a Python error, which it reports as an
-    ``APIConnectionError`` (a 500): the request's fault, or litellm's, not the provider's health. An
-    error raised reading a provider's answer (``transform_response``...) is not one."""
+    a shape its mapping for that provider does not take (a tool without ``type`` for Anthropic) makes
+    it raise a Python error, which it reports as an ``APIConnectionError`` (a 500): the request's
+    fault, or litellm's, not the provider's health. An error raised reading a provider's answer (in a
+    frame such as ``transform_response``: :func:`_reading`) is not one."""
     for _ in range(3):  # litellm's async path wraps its own APIConnectionError once more
         if type(exc).__name__ != "APIConnectionError":
             return False
@@ -292,7 +299,7 @@ def unbuilt(exc: BaseException) -> bool:
             return False
         if isinstance(cause, _UNBUILT) and not isinstance(cause, UnicodeError | json.JSONDecodeError):
             frames = traceback.extract_tb(cause.__traceback__)
-            return not any(part in frame.name for frame in frames for part in _READING)
+            return not any(_reading(frame.name) for frame in frames)
         exc = cause
     return False
 

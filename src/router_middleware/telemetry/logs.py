@@ -26,12 +26,13 @@ def add_trace_context(_: Any, __: str, event: MutableMapping[str, Any]) -> Mutab
 def configure_logging(*, json: bool | None = None, level: int | str = logging.INFO, stream: Any = None) -> None:
     """Configure structlog for the application. ``json=None`` picks JSON unless the stream is a terminal;
     ``level``: a ``logging`` level or its name (``"warning"``). Raises :class:`~router_middleware.ConfigError`
-    for a level it does not know or a ``stream`` with no ``write``."""
+    for a level it does not know or a ``stream`` without ``write`` and ``flush``."""
     level = _level(level)
-    if stream is not None and not callable(getattr(stream, "write", None)):
-        raise ConfigError(f"stream: expected a file-like object with write(), got {type(stream).__name__}")
+    if stream is not None and not all(callable(getattr(stream, name, None)) for name in ("write", "flush")):
+        raise ConfigError(f"stream: expected a file-like object with write() and flush(), got {type(stream).__name__}")
     stream = stream or sys.stderr
-    use_json = (not stream.isatty()) if json is None else json
+    isatty = getattr(stream, "isatty", None)
+    use_json = not (callable(isatty) and isatty()) if json is None else json
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[
@@ -47,13 +48,13 @@ def configure_logging(*, json: bool | None = None, level: int | str = logging.IN
     )
 
 
-_NAMES = ("debug", "info", "warning", "error", "critical")
-
-
 def _level(level: int | str) -> int:
-    """``level`` as a ``logging`` number (a name in any case, or a number); else ``ConfigError``."""
-    if isinstance(level, str) and level.strip().lower() in _NAMES:
-        return int(getattr(logging, level.strip().upper()))
+    """``level`` as a ``logging`` number (a name ``logging`` knows, in any case, or a number); else
+    ``ConfigError``."""
+    names = logging.getLevelNamesMapping()
+    if isinstance(level, str) and level.strip().upper() in names:
+        return names[level.strip().upper()]
     if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
         return level
-    raise ConfigError(f"level: expected a logging level ({', '.join(_NAMES)}, or logging.INFO...), got {level!r}")
+    raise ConfigError(f"level: expected a logging level ({', '.join(n.lower() for n in sorted(names))}, or "
+                      f"logging.INFO...), got {level!r}")

@@ -56,7 +56,7 @@ class TelemetryHandle:
     meter_provider: Any | None
     exit_timeout_ms: int = 10_000  # how long the interpreter's exit waits for the export (:meth:`shutdown`)
     tally: Tally = field(default_factory=Tally)  # what the exporters failed to deliver, since the last flush
-    _shut: bool = field(default=False, init=False, repr=False)  # shutdown() ran
+    _shut: bool | None = field(default=None, init=False, repr=False)  # what shutdown() said, once it ran
 
     def force_flush(self, timeout_ms: int = 10_000) -> bool:
         """Export what is pending; ``False`` if not all of it was exported within ``timeout_ms`` (an
@@ -68,16 +68,19 @@ class TelemetryHandle:
         return self._delivered() and in_time
 
     def shutdown(self, timeout_ms: int = 10_000) -> bool:
-        """Export what is pending and stop the exporters (once; also at the interpreter's exit, bounded
-        by ``exit_timeout_ms``); ``False`` if that did not end within ``timeout_ms``: the rest is
-        dropped when the process exits (logged, ``telemetry_shutdown_timed_out``). The OTel SDK's own
-        shutdown exports its queue batch by batch, each waiting the exporter's timeout when the
-        collector hangs: 20 s and more for a few thousand spans."""
-        if self._shut:
-            return True
-        self._shut = True
+        """Export what is pending and stop the exporters (once, a later call saying what the first
+        said; also at the interpreter's exit, bounded by ``exit_timeout_ms``); ``False`` if exports
+        failed since the last flush (logged, ``telemetry_export_failed``) or if that did not end within
+        ``timeout_ms``: the rest is dropped when the process exits (logged,
+        ``telemetry_shutdown_timed_out``). The OTel SDK's own shutdown exports its queue batch by batch,
+        each waiting the exporter's timeout when the collector hangs: 20 s and more for a few thousand
+        spans."""
+        if self._shut is not None:
+            return self._shut
+        self._shut = False
         if self._within(timeout_ms, "shutdown", lambda provider: provider.shutdown() is not False):
-            return self._delivered()
+            self._shut = self._delivered()
+            return self._shut
         self._delivered()
         log.warning("telemetry_shutdown_timed_out", timeout_ms=timeout_ms,
                     why="the collector did not take the pending spans and metrics in time: dropped at exit")
@@ -174,7 +177,7 @@ def configure_telemetry(
 
 def _check(endpoint: object, headers: object, sample_ratio: object, timeout_s: object) -> None:
     """:class:`ConfigError` naming the first argument of :func:`configure_telemetry` it cannot use."""
-    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")) \
+    if not isinstance(endpoint, str) or not endpoint.lower().startswith(("http://", "https://")) \
             or not endpoint.split("://", 1)[1].strip("/"):
         raise ConfigError(f"endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got {endpoint!r}")
     if headers is not None and not (isinstance(headers, Mapping)
