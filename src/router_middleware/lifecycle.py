@@ -367,6 +367,14 @@ class CallLifecycle:
             if spent is not None:
                 self._settle_apart(spent, error)
 
+    def retried(self, error: Exception) -> None:
+        """The adapter's router tried the current attempt's target again, on its own, after ``error``
+        (the proxy's ``num_retries``): that try's failure counts toward the target's cooldown, as the
+        lifecycle's own retries count (the last try's is counted when the call moves on or ends)."""
+        if self._current is not None:
+            plan, _ = self._current
+            self.books.target_failed(self.held, plan.deployment or plan.model, error)
+
     def abandon(self, error: BaseException, spent: Outcome | None = None, failed: bool = False, *,
                 made: bool = True) -> None:
         """End a call whose attempts stopped outside the lifecycle (the proxy gave up before the

@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +163,9 @@ class _Core(CustomLogger):
                 break
         if at and not found.at(at):
             return None
+        if found.started and found.passed is not None:  # the router tries its target again after a failure
+            retried, found.passed = found.passed, None  # (its num_retries): that try counts toward the
+            self._off_loop(found.lifecycle.retried, retried.error)  # cooldown, as the lifecycle's own do
         found.started = True
         if found.attempt.plan is found.sent:
             return None
@@ -194,13 +197,18 @@ class _Core(CustomLogger):
 
     def _end(self, found: _Open, error: BaseException, spent: Outcome | None = None, *, failed: bool = False) -> None:
         """End a call waiting for an event, on the event loop (settled at ``spent``, if given; ``failed``:
-        ``error`` is its attempt's failure, :meth:`.CallLifecycle.abandon`): with a store that can block,
-        the writes this makes (its reservation given back) go to a worker thread, never holding up the
-        loop (made on the spot once no worker thread takes them: ``asyncio.run`` shutting its executor down)."""
+        ``error`` is its attempt's failure, :meth:`.CallLifecycle.abandon`), its writes (its reservation
+        given back) off the loop (:meth:`_off_loop`)."""
+        self._off_loop(found.end, error, spent, failed)
+
+    def _off_loop(self, work: Callable[..., object], *args: Any) -> None:
+        """``work(*args)`` on the event loop, the store writes it makes going to a worker thread when
+        the store can block, never holding up the loop (made on the spot once no worker thread takes
+        them: ``asyncio.run`` shutting its executor down); :meth:`aflush` waits for them."""
         if not self.pipeline.store_blocks:
-            found.end(error, spent, failed)
+            work(*args)
             return
-        _, writes = queued_writes(found.end, error, spent, failed)
+        _, writes = queued_writes(work, *args)
         if not writes:
             return
         try:
