@@ -408,6 +408,43 @@ def test_failed_summary_falls_back_to_digest() -> None:
     assert any(str(m.get("content", "")).startswith("[") for m in outcome(response).plan.messages[2:3])
 
 
+@pytest.mark.parametrize(("summary_timeout", "call_timeout", "bound"), [(1.0, None, 1.0), (30.0, 1.0, 1.0)])
+def test_a_summary_model_that_hangs_holds_the_call_up_once_for_its_timeout_at_most(
+        summary_timeout, call_timeout, bound) -> None:
+    """A summary model that takes the connection and never answers: a trial's call waited for ever
+    (no timeout), or three times ``summary_params.timeout`` (litellm's retries), and ignored the call's
+    own ``timeout``. Now the summary is tried once, for the shorter of the two, and the digest is sent."""
+    import contextlib
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        accepted: list[socket.socket] = []
+
+        def take() -> None:  # the connections, never answered
+            with contextlib.suppress(OSError):  # the socket closed at the end
+                while True:
+                    accepted.append(hung.accept()[0])
+
+        threading.Thread(target=take, daemon=True).start()
+        pipeline = Pipeline.from_config({"context": {
+            "watermark_tokens": 1500, "max_payback_calls": None, "summarize": True,
+            "summary_params": {"api_base": f"http://127.0.0.1:{hung.getsockname()[1]}/v1", "api_key": "x",
+                               "timeout": summary_timeout}}})
+        started = time.perf_counter()
+        response = pipeline.completion(model="deepseek/deepseek-chat", messages=agent_history(12, size=40),
+                                       mock_response="ok", **({"timeout": call_timeout} if call_timeout else {}))
+        waited = time.perf_counter() - started
+        for connection in accepted:
+            connection.close()
+    assert response.choices[0].message.content == "ok"
+    assert bound <= waited < bound + 1.5  # one try: three were 3 s and more
+    assert len(accepted) == 1
+
+
 def test_the_protected_head_is_the_clients_whole_opening_request() -> None:
     """Cline sends a standing reminder as its third message: everything before the first assistant
     turn stays, however many messages it is."""

@@ -359,9 +359,9 @@ class Engine:
             return 0.0
         return tokens * (info.cache_read if info.cache_read is not None else info.input)
 
-    def summary_request(self, job: SummaryJob) -> dict[str, Any]:
+    def summary_request(self, job: SummaryJob, call_timeout: Any = None) -> dict[str, Any]:
         settings = self.config.context
-        return summary_request(job, settings.summary_model, settings.summary_params)
+        return summary_request(job, settings.summary_model, settings.summary_params, call_timeout)
 
     def close(self) -> None:
         """Flush the ledger, close the response cache's and the engine's stores (call at shutdown)."""

@@ -461,7 +461,7 @@ class CallLifecycle:
                 return
         except Exception as exc:  # noqa: BLE001 - without the store's word, write it (as before claims)
             log.warning("summary_claim_failed", span=job.key, error_type=type(exc).__name__)
-        request = self.engine.summary_request(job)
+        request = self.engine.summary_request(job, self.call.params.get("timeout"))
         model, started = str(request.get("model")), time.time_ns()
         server = host_of(request.get("api_base") or request.get("base_url"), self.engine.catalog.provider(model))
         try:

@@ -24,9 +24,16 @@ INSTRUCTIONS = (
 SIDE_CALL = "router_middleware_side_call"  # metadata key marking a call the pipeline makes itself
 
 
-def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> dict[str, Any]:
+SUMMARY_TIMEOUT_S = 15.0  # the call waits this long at most for a summary, then sends the digest
+
+
+def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any],
+                    call_timeout: Any = None) -> dict[str, Any]:
     """litellm kwargs of the summary call; its metadata marks it as the pipeline's own (``SIDE_CALL``),
-    so a ``RouterLogger`` does not account it a second time: it is in the row of the call it serves."""
+    so a ``RouterLogger`` does not account it a second time: it is in the row of the call it serves.
+    The call waits for it: it gives up after ``SUMMARY_TIMEOUT_S`` (or ``summary_params.timeout``), never
+    after the call's own ``timeout`` (``call_timeout``), and is not retried (a summary model that hangs
+    made a call wait three times its timeout, or for ever without one; the digest serves then)."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
     metadata = {**(params.get("metadata") or {}), SIDE_CALL: True}  # no string: litellm may forward those
     return {
@@ -35,9 +42,18 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any]) -> d
                      {"role": "user", "content": f"Summarize these {len(job.messages)} messages:\n\n{transcript}"}],
         "max_tokens": 600,
         "temperature": 0,
+        "timeout": SUMMARY_TIMEOUT_S,
+        "max_retries": 0,
+        "num_retries": 0,
         **params,
         "metadata": metadata,
-    }
+    } | _within(params.get("timeout", SUMMARY_TIMEOUT_S), call_timeout)
+
+
+def _within(timeout: Any, call_timeout: Any) -> dict[str, Any]:
+    """The summary's ``timeout``, cut to the call's own when that is shorter (numbers of seconds)."""
+    numbers = [t for t in (timeout, call_timeout) if isinstance(t, int | float) and not isinstance(t, bool) and t > 0]
+    return {"timeout": min(numbers)} if numbers else {}
 
 
 def summary_text(response: Any) -> str | None:
