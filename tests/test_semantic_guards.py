@@ -64,6 +64,12 @@ def test_swapped_means_one_way_here_and_only_the_other_way_there() -> None:
     ("Write a function to encrypt a string with AES.", "Write a function to decrypt a string with AES.", "opposite"),
     ("List the pros of remote work.", "List the cons of remote work.", "opposite"),
     ("List the pros and cons of remote work.", "What are the pros and cons of remote work?", None),
+    # a trial's hits at the default threshold: the same numbers in another order, and three opposites
+    ("What is 3 minus 5?", "What is 5 minus 3?", "numbers"),
+    ("Divide 10 by 4.", "Divide 4 by 10.", "numbers"),
+    ("Who won the 2018 World Cup final?", "Who lost the 2018 World Cup final?", "opposite"),
+    ("Write a short poem about the sea.", "Write a long poem about the sea.", "opposite"),
+    ("Explain quantum computing briefly.", "Explain quantum computing in detail.", "opposite"),
 ])
 def test_refusal_names_the_guard_that_refuses(ours: str, theirs: str, guard: str | None) -> None:
     assert refusal(features(ours), features(theirs)) == guard

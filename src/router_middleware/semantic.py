@@ -90,6 +90,9 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
     (frozenset({"positive"}), frozenset({"negative"})),
     (frozenset({"true"}), frozenset({"false"})),
     (frozenset({"synchronous", "sync"}), frozenset({"asynchronous", "async"})),
+    (frozenset({"win", "wins", "won", "winner", "winning"}), frozenset({"lose", "loses", "lost", "loser", "losing"})),
+    (frozenset({"short", "shorter", "brief", "briefly"}), frozenset({"long", "longer", "detail", "detailed"})),
+    (frozenset({"faster", "quicker"}), frozenset({"slower"})),
 )
 
 
@@ -124,8 +127,9 @@ def _normalize(vector: Sequence[float]) -> list[float]:
 
 
 def numbers(text: str) -> list[str]:
-    """The numbers in ``text``, sorted (a turn with other numbers asks something else)."""
-    return sorted(_NUMBER.findall(text))
+    """The numbers in ``text``, in order (a turn with other numbers, or the same in another order,
+    asks something else: "3 minus 5" against "5 minus 3")."""
+    return _NUMBER.findall(text)
 
 
 def identifiers(text: str) -> list[str]:
