@@ -55,7 +55,6 @@ def test_version_help_and_python_dash_m(capsys) -> None:
     assert done.returncode == 0 and done.stdout.strip() == f"router-middleware {__version__}"
 
 
-@pytest.mark.skipif(not CHATS, reason="shared chat sessions not present")
 @pytest.mark.parametrize(("argv", "said"), [
     (["replay", "x", "--jsn"], "router-middleware replay: error: unrecognized arguments: --jsn"),
     (["ledger", "drain", "--ledger", "x", "--bad"], "router-middleware ledger drain: error: unrecognized arguments: --bad"),
@@ -71,6 +70,7 @@ def test_a_command_s_wrong_argument_gets_that_command_s_usage(argv, said, capsys
     assert err.startswith(f"usage: router-middleware {argv[0]}")
 
 
+@pytest.mark.skipif(not CHATS, reason="shared chat sessions not present")
 def test_replay_table_labels_sessions_without_recorded_usage(capsys) -> None:
     code, out, _ = run(capsys, "replay", *map(str, CHATS), "--config", "benchmarks/configs/chat-4k.yaml")
     assert code == 0
