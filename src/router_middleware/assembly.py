@@ -75,7 +75,7 @@ def given_policies(policies: Iterable[Policy]) -> tuple[Policy, ...]:
         if not callable(policy):
             raise ConfigError(f"policies[{n}]: expected a policy (a callable taking a Plan and a PolicyState), "
                               f"got {type(policy).__name__} {policy!r:.60}")
-    return tuple(policies)
+    return policies
 
 
 def telemetry_settings(config: TelemetryConfig, endpoints: Mapping[str, str]) -> TelemetrySettings:

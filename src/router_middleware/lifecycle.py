@@ -714,7 +714,7 @@ class CallLifecycle:
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
-        unbuilt = not (unknown or keyless) and wire.unbuilt(exc)  # litellm broke building it: the next may not
+        unbuilt = not (unknown or keyless) and wire.unbuilt(exc) is not None  # litellm broke building it
         if spent is None:  # else the attempt's span stays open, to end with what it used if the call ends
             trace.attempt_failed(exc, sent=not (unknown or keyless or unbuilt or unmade))
         if unmade:

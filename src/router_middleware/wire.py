@@ -285,23 +285,24 @@ def _reading(frame: str) -> bool:
     return "chunk_parser" in frame or "response" in frame and not any(asked in frame for asked in _ASKED)
 
 
-def unbuilt(exc: BaseException) -> bool:
-    """Did litellm break while building the request, before sending it? A parameter or message part of
-    a shape its mapping for that provider does not take (a tool without ``type`` for Anthropic) makes
-    it raise a Python error, which it reports as an ``APIConnectionError`` (a 500): the request's
-    fault, or litellm's, not the provider's health. An error raised reading a provider's answer (in a
-    frame such as ``transform_response``: :func:`_reading`) is not one."""
+def unbuilt(exc: BaseException) -> BaseException | None:
+    """The Python error litellm broke on while building the request, before sending it, if it did;
+    else ``None``. A parameter or message part of a shape its mapping for that provider does not take
+    (a tool without ``type`` for Anthropic) makes it raise one, which it reports as an
+    ``APIConnectionError`` (a 500): the request's fault, or litellm's, not the provider's health. An
+    error raised reading a provider's answer (in a frame such as ``transform_response``:
+    :func:`_reading`) is not one."""
     for _ in range(3):  # litellm's async path wraps its own APIConnectionError once more
         if type(exc).__name__ != "APIConnectionError":
-            return False
+            return None
         cause = exc.__cause__ or exc.__context__
         if cause is None:
-            return False
+            return None
         if isinstance(cause, _UNBUILT) and not isinstance(cause, UnicodeError | json.JSONDecodeError):
             frames = traceback.extract_tb(cause.__traceback__)
-            return not any(_reading(frame.name) for frame in frames)
+            return None if any(_reading(frame.name) for frame in frames) else cause
         exc = cause
-    return False
+    return None
 
 
 def provider_error(exc: BaseException) -> bool:

@@ -107,7 +107,7 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
     # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
     if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
         return True
-    if missing_credentials(exc) or unbuilt(exc):  # this process's configuration, or a request litellm
+    if missing_credentials(exc) or unbuilt(exc) is not None:  # this process's configuration, or a request litellm
         return False  # could not build: never sent, so nothing of the provider's health
     return not (_names(exc) & REQUEST_FAULTS)
 
@@ -199,8 +199,8 @@ def what_failed(plan: Plan, exc: BaseException) -> str:
         return f"{where} skipped: {NO_PROVIDER}"
     if missing_credentials(exc):  # litellm calls it a 500 (InternalServerError): not the provider's health
         return f"{where} skipped: {NO_KEY}"
-    if unbuilt(exc):
-        cause = exc.__cause__ or exc.__context__
+    cause = unbuilt(exc)  # the Python error itself, however deep litellm wrapped it
+    if cause is not None:
         return f"{where} skipped: {UNBUILT} ({type(cause).__name__}: {str(cause)[:80]})"
     return f"{where} failed ({error_kind(exc)})"
 
