@@ -361,6 +361,43 @@ def test_what_an_agent_says_in_the_user_s_role_is_not_the_user_s_latest_words(sa
     assert last_instruction(history, 2) == 3
 
 
+MODE = {"role": "system", "content": "From now on you are in read-only plan mode: never edit files."}
+
+
+@pytest.mark.parametrize("role", ["system", "developer"])
+@pytest.mark.parametrize("policy", [Window(budget_tokens=3000, max_payback_calls=None),
+                                    Window(budget_tokens=3000, max_payback_calls=None, digest=False),
+                                    MiddleOut(budget_tokens=3000)], ids=["window", "window-no-digest", "middle-out"])
+def test_an_instruction_given_mid_session_outlives_a_cut(policy, role) -> None:
+    """A system or developer message sent between turns (a mode switch) still applies after the turns
+    around it are dropped: the window keeps it after its filler, middle-out drops other turns first."""
+    history = agent_history(16, size=60)
+    history.insert(12, {**MODE, "role": role})  # between turns 5 and 6: in the part a cut drops
+    planned = policy(plan_for(history), STATE)
+    sent = list(planned.messages)
+    assert len(sent) < len(history) and planned.decisions[-1].action == "trim"
+    assert sent.count({**MODE, "role": role}) == 1
+    assert integrity_violations(sent) == []
+    assert sent[:2] == history[:2] and sent[-2:] == history[-2:]
+    if isinstance(policy, Window):
+        assert "kept 1 system or developer messages" in planned.decisions[-1].reason
+        at = sent.index({**MODE, "role": role})
+        assert sent[at + 1:] == history[-len(sent[at + 1:]):]  # right before the kept turns, in order
+
+
+def test_a_cut_keeps_each_dropped_reminder_once() -> None:
+    """An agent's reminder repeated in every dropped turn (inside the turn, before its results) is kept
+    once, where it was said last; its copies in the kept turns stay where they are."""
+    history = with_reminders(agent_history(16, size=60), "developer")
+    planned = Window(budget_tokens=3000, max_payback_calls=None)(plan_for(history), STATE)
+    sent = list(planned.messages)
+    reminder = {"role": "developer", "content": "Reminder: run the tests before you finish."}
+    tail = next(i for i in range(len(sent)) if sent[i:] == history[len(history) - len(sent) + i:])
+    assert sent[tail - 1] == reminder and reminder not in sent[:tail - 1]  # one for every dropped turn
+    assert sent[tail:].count(reminder) == sum(1 for m in sent[tail:] if m.get("tool_calls"))
+    assert integrity_violations(sent) == []
+
+
 def test_blocks_group_calls_with_their_results() -> None:
     history = agent_history(2, parallel=2)
     assert head_length(history) == 2

@@ -67,6 +67,24 @@ def last_instruction(messages: Sequence[Message], head: int) -> int | None:
     return None
 
 
+def standing_instructions(span: Sequence[Message]) -> list[Message]:
+    """The system and developer messages of ``span`` (a part of the history being dropped), the last of
+    each text once: an instruction given mid-session (a mode switch, an author's note, an agent's
+    reminder) still applies after a cut."""
+    last: dict[tuple[object, str], Message] = {}
+    for message in span:
+        if message.get("role") in SIDE_ROLES and not message.get("tool_calls"):
+            key = (message.get("role"), text_of(message))
+            last.pop(key, None)  # kept where it was said last
+            last[key] = message
+    return list(last.values())
+
+
+def is_standing(messages: Sequence[Message], begin: int, end: int) -> bool:
+    """Whether the block ``messages[begin:end]`` holds only system or developer messages."""
+    return all(m.get("role") in SIDE_ROLES and not m.get("tool_calls") for m in messages[begin:end])
+
+
 def result_indices(messages: Sequence[Message], head: int) -> list[int]:
     """Indices of tool results and observation messages after the head, oldest first."""
     return [

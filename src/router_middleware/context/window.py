@@ -17,7 +17,7 @@ from ..policies import PolicyState
 from ..tokens import REQUEST_OVERHEAD, message_key
 from ..types import Decision, Message, Plan, SummaryJob
 from .digest import span_digest
-from .structure import blocks, head_length, last_instruction
+from .structure import blocks, head_length, is_standing, last_instruction, standing_instructions
 
 SUMMARY_MARKER = "[Summary of"
 
@@ -114,8 +114,10 @@ class Window:
         dropped = messages[head:start]
         span = ("span", profile.chain[head], profile.chain[start], start - head)  # names dropped's keys
         filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
-        kept = [*messages[:head], *filler, *messages[start:]]
-        payback = self._payback_calls(plan, state, filler, low, dropped_tokens)
+        standing = standing_instructions(dropped)  # kept, after the filler
+        dropped_tokens -= sum(state.message_tokens(plan.model, m) for m in standing)
+        kept = [*messages[:head], *filler, *standing, *messages[start:]]
+        payback = self._payback_calls(plan, state, [*filler, *standing], low, dropped_tokens)
         must_fit = hard is not None and total > hard
         limit = self.max_payback_calls
         if payback is not None and limit is not None and payback > limit and not must_fit:
@@ -124,10 +126,12 @@ class Window:
                 f"after {payback:.1f} calls (limit {limit})",
                 {"payback_calls": round(payback, 2), "budget_tokens": budget}))
         trimmed = plan.decide(
-            Decision(self.name, "trim", f"dropped {len(dropped)} messages (~{dropped_tokens} tokens) over the "
-                     f"{budget}-token watermark{' (the model input window, below the one set)' if capped else ''}; "
-                     f"replaced by {how}",
-                     {"dropped_messages": len(dropped), "dropped_tokens": dropped_tokens, "budget_tokens": budget,
+            Decision(self.name, "trim", f"dropped {len(dropped) - len(standing)} messages (~{dropped_tokens} tokens) "
+                     f"over the {budget}-token watermark"
+                     f"{' (the model input window, below the one set)' if capped else ''}; replaced by {how}"
+                     + (f"; kept {len(standing)} system or developer messages from them" if standing else ""),
+                     {"dropped_messages": len(dropped) - len(standing), "dropped_tokens": dropped_tokens,
+                      "budget_tokens": budget,
                       "payback_calls": round(payback, 2) if payback is not None else 0.0}),
             messages=kept,
             summary_jobs=(*plan.summary_jobs, *jobs),
@@ -234,12 +238,11 @@ class MiddleOut:
             return over_tokens or over_count
 
         said = last_instruction(messages, head)
-        pinned = next((i for i, (b, e) in enumerate(units) if b <= said < e), None) if said is not None else None
+        # the user's latest words and mid-session system or developer messages go last
+        protected = {i for i, (b, e) in enumerate(units)
+                     if (said is not None and b <= said < e) or is_standing(messages, b, e)}
         while too_big() and len(keep) > 1:
-            at = (len(keep) - 1) // 2
-            if keep[at] == pinned and len(keep) > 2:  # the user's latest words go last (before the last turn)
-                at = at - 1 if at > 0 else at + 1
-            victim = keep.pop(at)
+            victim = keep.pop(_victim(keep, protected))
             total -= sizes[victim]
             count -= units[victim][1] - units[victim][0]
         limits = " and ".join([*([f"{budget} tokens"] if budget is not None else []),
@@ -262,3 +265,15 @@ class MiddleOut:
                      {"dropped_messages": removed, "budget_tokens": budget or 0}),
             messages=kept,
         )
+
+
+def _victim(keep: Sequence[int], protected: set[int]) -> int:
+    """Where in ``keep`` (block indices, the last block never dropped) the next block to drop is: the
+    middle one, else the nearest to it not ``protected``, before it first; the middle one when every
+    droppable block is protected."""
+    middle = (len(keep) - 1) // 2
+    for offset in range(len(keep)):
+        for at in (middle - offset, middle + offset):
+            if 0 <= at < len(keep) - 1 and keep[at] not in protected:
+                return at
+    return middle
