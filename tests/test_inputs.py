@@ -78,6 +78,13 @@ def test_an_agent_context_takes_its_tags_as_a_list_as_a_dict_does(tags) -> None:
     ({"reasoning_effort": "LOW"}, "reasoning_effort: unknown level 'LOW': litellm takes none, minimal, low, medium, "
                                   "high, xhigh, max, default, disable"),
     ({"reasoning_effort": "huge"}, "reasoning_effort: unknown level 'huge'"),
+    ({"reasoning_effort": ["high"]}, r"reasoning_effort: unknown level \['high'\]: litellm takes .*, or an object such "
+                                     r"as \{'effort': 'high', 'summary': 'auto'\}"),
+    # litellm's dict form: its effort is checked as the string is
+    ({"reasoning_effort": {"effort": "huge", "summary": "auto"}}, "reasoning_effort.effort: unknown level 'huge': "
+                                                                  "litellm takes none, minimal"),
+    ({"reasoning_effort": {"effort": "High"}}, "reasoning_effort.effort: unknown level 'High'"),
+    ({"reasoning_effort": {"effort": 3}}, "reasoning_effort.effort: unknown level 3"),
     # litellm breaks on these building the request (a TypeError, or a 500 for Anthropic and Gemini)
     ({"metadata": [1]}, r"metadata: expected an object, got list \[1\]"),
     ({"metadata": "task"}, "metadata: expected an object, got str 'task'"),
@@ -102,6 +109,8 @@ def test_out_of_range_or_too_deep_parameters_are_refused_by_name(params, named) 
     {"reasoning": True}, {"reasoning": "low"},  # dropped for Gemini; ChatOllama's own values
     {"metadata": []}, {"metadata": ""}, {"extra_body": []}, {"stop": []}, {"stop": None}, {"metadata": None},
     {"reasoning_effort": None}, {"thinking": None},
+    # litellm's dict form; without an effort it sends the dict (the model's default level, a summary)
+    {"reasoning_effort": {"effort": "high", "summary": "detailed"}}, {"reasoning_effort": {"summary": "auto"}},
 ], ids=str)
 def test_values_litellm_takes_or_drops_are_not_refused(params) -> None:
     """A review: ``thinking=True`` (litellm gives it a 2,048-token budget) and empty values litellm drops

@@ -504,3 +504,75 @@ def test_an_anthropic_thinking_budget_fits_the_model_s_output_limit(rule) -> Non
     assert bodies[-1]["thinking"] == {"type": "enabled", "budget_tokens": 32000 - 4096}
     plan = pipeline.plan(pipeline.make_call("anthropic/claude-opus-4-1", [{"role": "user", "content": "hi"}], None, {}))
     assert "the model's 32000 output tokens less 4096 for the answer" in plan.decisions[-1].reason
+
+
+SUMMARISED = {"effort": "high", "summary": "detailed"}  # litellm's dict form (the Responses API's reasoning)
+
+
+def _handed_to_litellm(monkeypatch) -> list[dict]:
+    """The kwargs each ``litellm.completion`` call receives (it answers as it would: ``mock_response``)."""
+    import litellm
+
+    sent: list[dict] = []
+    original = litellm.completion
+    monkeypatch.setattr(litellm, "completion", lambda **kw: sent.append(kw) or original(**kw))
+    return sent
+
+
+@pytest.mark.parametrize("model", ["gpt-5-mini", "o3-mini"])
+@pytest.mark.parametrize(("asked", "level"), [(SUMMARISED, "high"), ({"summary": "auto"}, None)],
+                         ids=["effort", "summary-only"])
+def test_a_dict_reasoning_effort_reaches_litellm_with_its_effort_and_summary(model, asked, level, monkeypatch,
+                                                                             span_exporter) -> None:
+    """litellm takes ``reasoning_effort={"effort": "high", "summary": "detailed"}`` (it sends the summary
+    where the Responses API serves the model), and one with no effort (the model's default level); the
+    middleware refused both as unknown levels. The span names the level asked for."""
+    from opentelemetry.trace import SpanKind
+
+    sent = _handed_to_litellm(monkeypatch)
+    answer = Pipeline().completion(model=model, messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                                   reasoning_effort=dict(asked))
+    assert answer.choices[0].message.content == "ok"
+    assert sent[-1]["reasoning_effort"] == asked
+    parent = next(s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL)
+    assert parent.attributes.get("router_middleware.reasoning.level") == level
+
+
+@pytest.mark.parametrize(("reasoning", "effort"), [
+    ({"rules": [{"when": {}, "effort": "low"}]}, "low"),
+    ({"session_budget_tokens": 3000}, "minimal"),  # half of what the session has left buys minimal
+], ids=["rule", "session-budget"])
+def test_a_cap_lowers_a_dict_reasoning_effort_and_keeps_its_summary(reasoning, effort, monkeypatch) -> None:
+    """A cap reads the dict's effort as it reads the string (it was refused before) and rewrites only
+    the effort: the caller's summary still goes to an OpenAI model."""
+    sent = _handed_to_litellm(monkeypatch)
+    pipeline = Pipeline.from_config({"reasoning": reasoning, "context": {"enabled": False}})
+    answer = pipeline.completion(model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}], mock_response="ok",
+                                 reasoning_effort=dict(SUMMARISED), context={"session_id": "s1"})
+    assert sent[-1]["reasoning_effort"] == {"effort": effort, "summary": "detailed"}
+    decision = outcome(answer).plan.decisions[-1]
+    assert (decision.action, decision.attributes["level"]) == ("cap", effort)
+
+
+def test_a_rule_keeps_a_dict_effort_below_its_cap_and_sets_one_that_names_none() -> None:
+    """Mode cap never raises the dict's effort; a dict with only a summary gets the rule's level beside it."""
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high"}]})
+
+    def planned(asked: dict) -> object:
+        call = Call.create("gpt-5-mini", [{"role": "user", "content": "fix it"}], {"reasoning_effort": asked},
+                           AgentContext())
+        return ReasoningPolicy(config)(Plan.from_call(call), PolicyState()).params["reasoning_effort"]
+
+    assert planned({"effort": "low", "summary": "auto"}) == {"effort": "low", "summary": "auto"}
+    assert planned({"summary": "auto"}) == {"effort": "high", "summary": "auto"}
+
+
+def test_a_rule_sends_anthropic_the_thinking_a_string_effort_gets_for_a_dict_one(monkeypatch) -> None:
+    """Anthropic takes no summary: the dict's capped level becomes the thinking budget the string's does."""
+    sent = _handed_to_litellm(monkeypatch)
+    for asked in (dict(SUMMARISED), "high"):
+        _rule("low").completion(model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}],
+                                mock_response="ok", reasoning_effort=asked)
+    keys = ("reasoning_effort", "thinking", "max_tokens")
+    assert [{k: kw.get(k) for k in keys} for kw in sent] == 2 * [
+        {"reasoning_effort": None, "thinking": {"type": "enabled", "budget_tokens": 2048}, "max_tokens": 64000}]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
+from .params import effort_level, with_effort
 from .reasoning.levels import LEVELS
 from .types import Decision, Message, Plan
 
@@ -92,12 +93,12 @@ def fit(params: Mapping[str, Any], rules: ParamRules) -> tuple[dict[str, Any], t
         for name in [k for k, v in out.items() if k in checked and v is not None and v != checked[k]
                      and k not in supported and k not in allowed and k not in skipped and not (k == "n" and v == 1)]:
             drop(name, "litellm lists it as unsupported for this model")
-    effort = _effort(out.get("reasoning_effort"))
+    effort = effort_level(out.get("reasoning_effort"))
     if rules.efforts and effort in LEVELS and effort not in rules.efforts:
         nearest = _nearest(effort, rules.efforts)
         if nearest is not None:
             sent = out["reasoning_effort"]
-            out["reasoning_effort"] = nearest if isinstance(sent, str) else {**sent, "effort": nearest}
+            out["reasoning_effort"] = with_effort(sent, nearest)
             takes = ", ".join(level for level in LEVELS if level in rules.efforts)
             changes.append(Change("reasoning_effort", sent, out["reasoning_effort"], False,
                                   f"the nearest level it takes ({takes})"))
@@ -149,13 +150,6 @@ def _names(value: Any) -> Any:
     return set(value) if isinstance(value, str) else value or ()
 
 
-def _effort(value: Any) -> str | None:
-    """The level of a ``reasoning_effort`` string or ``{"effort": ...}`` dict."""
-    if isinstance(value, Mapping):
-        value = value.get("effort")
-    return value if isinstance(value, str) else None
-
-
 def _nearest(level: str, efforts: frozenset[str]) -> str | None:
     """The level in ``efforts`` closest to ``level``, or ``None``; on a tie the higher one, so a model
     asked to reason a little still reasons ("minimal" -> "low" rather than "none")."""
@@ -169,7 +163,7 @@ def _thinking_on(params: Mapping[str, Any]) -> bool:
     thinking = params.get("thinking")
     if isinstance(thinking, Mapping):
         return thinking.get("type") in ("enabled", "adaptive")
-    effort = _effort(params.get("reasoning_effort"))
+    effort = effort_level(params.get("reasoning_effort"))
     return effort is not None and effort != "none"
 
 

@@ -52,9 +52,7 @@ def check_params(params: Mapping[str, Any], *, litellm_sends: bool = True) -> Ma
             and not (isinstance(shape, Mapping) and isinstance(shape.get("type"), str)):
         raise RequestError(f"response_format: expected an object such as {{'type': 'json_object'}} or a pydantic "
                            f"model class, got {shape!r}")
-    effort = params.get("reasoning_effort")
-    if effort is not None and effort not in EFFORTS:  # a cap rule would not know where it ranks
-        raise RequestError(f"reasoning_effort: unknown level {effort!r}: litellm takes {', '.join(EFFORTS)}")
+    _check_effort(params.get("reasoning_effort"))
     for name in ("thinking", "reasoning"):
         value = params.get(name)
         if isinstance(value, Mapping):
@@ -63,6 +61,32 @@ def check_params(params: Mapping[str, Any], *, litellm_sends: bool = True) -> Ma
                 key = "budget_tokens" if "budget_tokens" in value else "max_tokens"
                 raise RequestError(f"{name}.{key}: expected a whole number of tokens, got {budget!r}")
     return params
+
+
+def _check_effort(effort: Any) -> None:
+    """``reasoning_effort`` is a level litellm takes, or litellm's dict form (the Responses API's
+    ``reasoning``: ``{"effort": "high", "summary": "detailed"}``) whose ``effort`` is one where it gives
+    one (without it, litellm sends the dict: the model's default level, with a summary): a cap rule would
+    not know where another level ranks."""
+    name, level = "reasoning_effort", effort
+    if isinstance(effort, Mapping):
+        name, level = "reasoning_effort.effort", effort.get("effort")
+    if level is not None and level not in EFFORTS:
+        also = "" if name.endswith(".effort") else ", or an object such as {'effort': 'high', 'summary': 'auto'}"
+        raise RequestError(f"{name}: unknown level {level!r}: litellm takes {', '.join(EFFORTS)}{also}")
+
+
+def effort_level(effort: Any) -> str | None:
+    """The level a ``reasoning_effort`` asks for: the string, or the ``effort`` of litellm's dict form."""
+    if isinstance(effort, Mapping):
+        effort = effort.get("effort")
+    return effort if isinstance(effort, str) else None
+
+
+def with_effort(effort: Any, level: str) -> Any:
+    """``reasoning_effort`` ``effort`` moved to ``level`` in its own form: the level, or the caller's
+    dict with its other keys (a ``summary``) kept."""
+    return {**effort, "effort": level} if isinstance(effort, Mapping) else level
 
 
 def _check_shapes(params: Mapping[str, Any]) -> None:

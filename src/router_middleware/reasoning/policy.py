@@ -9,6 +9,7 @@ from fnmatch import fnmatchcase
 
 from ..catalog import ModelInfo
 from ..config import ReasoningConfig, ReasoningRule
+from ..params import effort_level
 from ..policies import PolicyState
 from ..types import AgentContext, Decision, Plan
 from .levels import DEFAULT_BUDGETS, LEVELS, Level, level_for_budget, shift
@@ -53,7 +54,7 @@ class ReasoningPolicy:
         if rule is not None:
             level, budget = rule.effort, rule.budget_tokens
             reasons.append(f"rule for step '{kind}'" + (f" #{context.step}" if context.step is not None else ""))
-        elif (effort := plan.params.get("reasoning_effort")) in LEVELS:  # no rule: the caller's own level
+        elif (effort := _effort(plan.params)) is not None:  # no rule: the caller's own level
             if self._remaining(context, state) is None and not config.exclude_from_response:  # nothing caps it
                 return self._keep(plan, state, effort, kind)
             level = effort
@@ -139,13 +140,14 @@ def output_room(plan: Plan, state: PolicyState, info: ModelInfo | None) -> int |
 
 
 def requested_level(params: Mapping[str, object], budgets: Mapping[Level, int] = DEFAULT_BUDGETS) -> Level | None:
-    """The level the caller asked for, in any family's shape: ``reasoning_effort``, Anthropic's
-    ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort or max_tokens); None if none.
-    litellm's ``reasoning_effort="disable"`` (thinking off, for Gemini) is ``none``."""
-    effort = params.get("reasoning_effort")
-    if isinstance(effort, str) and effort in LEVELS:
+    """The level the caller asked for, in any family's shape: ``reasoning_effort`` (a level, or litellm's
+    dict's ``effort``), Anthropic's ``thinking`` (a budget, or disabled), OpenRouter's ``reasoning`` (effort
+    or max_tokens); None if none. litellm's ``reasoning_effort="disable"`` (thinking off, for Gemini) is
+    ``none``."""
+    effort = _effort(params)
+    if effort is not None:
         return effort
-    if effort == "disable":
+    if effort_level(params.get("reasoning_effort")) == "disable":
         return "none"
     for key in ("thinking", "reasoning"):
         value = params.get(key)
@@ -171,6 +173,13 @@ def thinking_budget(params: Mapping[str, object]) -> int | None:
             if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens > 0:
                 return tokens
     return None
+
+
+def _effort(params: Mapping[str, object]) -> Level | None:
+    """The level ``reasoning_effort`` asks for (a string, or litellm's dict's ``effort``) where it is one
+    of :data:`LEVELS`."""
+    effort = effort_level(params.get("reasoning_effort"))
+    return next((level for level in LEVELS if level == effort), None)
 
 
 def _rank(level: str) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..catalog import ModelInfo
-from ..params import output_cap
+from ..params import output_cap, with_effort
 from .levels import DEFAULT_BUDGETS, Level, level_for_budget
 
 REASONING_PARAMS = ("reasoning_effort", "thinking", "reasoning")
@@ -119,6 +119,12 @@ def _gemini_25(model: str, base: dict[str, Any], level: Level, tokens: int) -> T
                        f"thinkingBudget {fitted}" + why)
 
 
+def _effort(params: Mapping[str, Any], level: str) -> dict[str, Any]:
+    """``reasoning_effort`` at ``level`` in the form the caller sent: the level, or their dict (litellm's
+    Responses form) with its other keys kept, so a summary asked for is still asked for."""
+    return {"reasoning_effort": with_effort(params.get("reasoning_effort"), level)}
+
+
 def _without_reasoning(params: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in REASONING_PARAMS}
 
@@ -156,7 +162,7 @@ def translate(
     base = _without_reasoning(params)
     if not can_reason(model, info, provider):
         if info is None and base != params:  # unknown to the catalog, and the caller asked: litellm maps it
-            return Translation({**base, "reasoning_effort": level}, f"{model} is unknown to the catalog: "
+            return Translation({**base, **_effort(params, level)}, f"{model} is unknown to the catalog: "
                                f"reasoning_effort={level}, as litellm maps it for the provider", effective=level)
         why = "is unknown to the catalog" if info is None else "does not support reasoning"
         return Translation(base, f"{model} {why}: no reasoning parameter sent", False)
@@ -175,7 +181,7 @@ def translate(
             effort = "low"
         elif level == "xhigh" and "xhigh" not in efforts:
             effort = "high"
-        return Translation({**base, "reasoning_effort": effort}, f"reasoning_effort={effort}", effective=effort)
+        return Translation({**base, **_effort(params, effort)}, f"reasoning_effort={effort}", effective=effort)
     if kind == "anthropic":
         if level == "none" or tokens <= 0:
             return Translation(base, "thinking off")
@@ -204,7 +210,7 @@ def translate(
         return Translation(out, note + (f"; dropped {dropped} (not allowed with thinking)" if dropped else ""))
     if kind == "gemini-3":
         effort = _gemini_3_level(model, info, level)
-        return Translation({**base, "reasoning_effort": effort}, f"thinkingLevel {effort}", effective=effort)
+        return Translation({**base, **_effort(params, effort)}, f"thinkingLevel {effort}", effective=effort)
     if kind == "gemini-2.5":
         return _gemini_25(model, base, level, tokens)
     if kind == "openrouter":

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Literal
 from urllib.parse import urlparse
 
+from ..params import effort_level
 from ..types import AttributeValue, Outcome, Plan
 
 _REQUEST_PARAMS = {
@@ -111,8 +112,9 @@ def host_of(endpoint: object, provider: str | None) -> str | None:
 
 
 def reasoning_level(plan: Plan) -> str | None:
-    effort = plan.params.get("reasoning_effort")
-    if isinstance(effort, str):
+    """The level ``plan`` sends: its ``reasoning_effort`` (a dict's ``effort``), else ``budget:<tokens>``."""
+    effort = effort_level(plan.params.get("reasoning_effort"))
+    if effort is not None:
         return effort
     thinking = plan.params.get("thinking")
     if isinstance(thinking, dict) and thinking.get("budget_tokens"):
