@@ -174,6 +174,7 @@ def test_a_hit_of_a_trimmed_request_keeps_its_context_saving_and_adds_the_call_i
         miss, hit = db.query("SELECT cache_hit, cost_usd, saved_context_usd, saved_cache_usd, baseline_cost_usd, "
                              "decisions FROM calls ORDER BY ts")
     assert miss[0] == 0 and hit[0] == 1 and "window:trim" in miss[5] and miss[2] > 0
+    assert "cache:hit" not in miss[5] and "cache:hit" in hit[5]  # the row says what served it
     assert hit[1] == 0 and hit[2] == pytest.approx(miss[2]) and hit[3] == pytest.approx(miss[1])
     assert hit[4] == pytest.approx(miss[4])
     route = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.INTERNAL][-1]

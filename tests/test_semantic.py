@@ -49,6 +49,10 @@ def test_paraphrase_hits_and_number_change_misses(pipeline, monkeypatch, span_ex
     assert outcome(paraphrased).usage.source == "cache"
     route = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route")][-1]
     assert route.attributes["router_middleware.cache.similarity"] >= 0.9
+    [hit] = outcome(paraphrased).plan.decisions  # the row and the span say what served it
+    similarity = route.attributes["router_middleware.cache.similarity"]
+    assert (hit.policy, hit.action, hit.attributes["similarity"]) == ("cache", "hit", round(similarity, 4))
+    assert hit.reason == f"served from the response cache: a similar prompt (similarity {similarity:.3f})"
     changed = ask(pipeline, NUMBER_CHANGED)
     assert outcome(changed).usage.source != "cache" and len(calls) == 2
 

@@ -518,7 +518,11 @@ class CallLifecycle:
         cached = entry.cost_usd or 0.0
         context = entry.saved_context_usd if entry.saved_context_usd is not None else \
             engine.saving(plan.model, before - after)  # as the miss's row measured it, where it could
-        plan = plan.override(estimated_savings_usd=context + cached)
+        similar = entry.similarity
+        hit_on = "the same request" if similar is None else f"a similar prompt (similarity {similar:.3f})"
+        plan = plan.decide(Decision("cache", "hit", f"served from the response cache: {hit_on}",
+                                    {} if similar is None else {"similarity": round(similar, 4)}),
+                           estimated_savings_usd=context + cached)
         trace = CallTrace.start(engine.telemetry, plan, engine.catalog.provider(plan.model), before, after,
                                 attempt=False, side_calls=self.side_calls)
         trace.cache_similarity = entry.similarity
