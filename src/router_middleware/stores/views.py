@@ -87,6 +87,17 @@ class StoreView(Mapping[str, V], Generic[V]):
     def __getitem__(self, key: str) -> V:
         return self.decode(key, self._read(key))
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """As ``Mapping.get``, without raising a ``KeyError`` for a missing key (the common case: no
+        cooldown, no quota used; read on every call)."""
+        raw = self._read(key)
+        if raw is None:
+            return default
+        try:
+            return self.decode(key, raw)
+        except KeyError:
+            return default
+
     def decode(self, key: str, raw: bytes | None) -> V:
         """``raw``, the stored value of ``key``, as a value. Missing (``KeyError``) if it is ``None``,
         or if it cannot be read as one (written by something else, or corrupt: logged), as a failing
@@ -237,19 +248,36 @@ class _Prefetched(Mapping[str, V], Generic[V]):
         self.prefetch = prefetch
 
     def __getitem__(self, key: str) -> V:
+        found, raw = self._raw(key)
+        if not found:
+            raise KeyError(key)
+        return self.view.decode(key, raw)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """As ``Mapping.get``, without raising a ``KeyError`` for a missing key."""
+        found, raw = self._raw(key)
+        if raw is None:
+            return default
+        try:
+            return self.view.decode(key, raw)
+        except KeyError:
+            return default
+
+    def _raw(self, key: str) -> tuple[bool, bytes | None]:
+        """Whether the call or the process knows ``key``'s stored value, and that value (``None``:
+        none stored)."""
         full = self.view.prefix + key
         self.prefetch.used[full] = self.view.entry
         values = self.prefetch.values
         if full in values:
-            raw = values[full]
-        else:
-            found, raw, renew = self.view.kept.get(key)
-            if not found:
-                self.prefetch.missed[full] = (True, self.view)
-                raise KeyError(key)
-            if renew:
-                self.prefetch.renew[full] = (True, self.view)
-        return self.view.decode(key, raw)
+            return True, values[full]
+        found, raw, renew = self.view.kept.get(key)
+        if not found:
+            self.prefetch.missed[full] = (True, self.view)
+            return False, None
+        if renew:
+            self.prefetch.renew[full] = (True, self.view)
+        return True, raw
 
     def __iter__(self) -> Iterator[str]:
         return iter(())
