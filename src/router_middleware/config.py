@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .files import read_text
@@ -79,6 +88,24 @@ class ModelOverride(_Strict):
         return fields
 
 
+# litellm kwargs ``summary_params`` may not give, and why (see ``context.summarize.summary_request``:
+# its ``**params`` won over the package's model and messages; its caller reads one reply, the first choice)
+_SUMMARY_OWN = {
+    "model": "set by the package: use context.summary_model",
+    "messages": "set by the package: the span to summarize, with its instructions",
+    "stream": "not supported: the summary is read as one reply, and a streamed one was neither kept nor "
+              "accounted (the digest was sent, the summary's cost unrecorded)",
+    "n": "not supported: only the first choice is read, while every choice is paid for",
+}
+
+
+def _summary_param(key: str) -> str:
+    """A ``summary_params`` key the package leaves to the config."""
+    if key in _SUMMARY_OWN:
+        raise ValueError(f"{key!r} is {_SUMMARY_OWN[key]}")
+    return key
+
+
 class ContextConfig(_Strict):
     """How the history is trimmed; see ``router_middleware.context``."""
 
@@ -99,9 +126,19 @@ class ContextConfig(_Strict):
     digest_share: float = Field(default=0.1, ge=0, lt=1)
     summarize: bool = False
     summary_model: str = "gpt-4o-mini"
-    summary_params: dict[str, Any] = Field(default_factory=dict)
+    summary_params: dict[Annotated[str, AfterValidator(_summary_param)], Any] = Field(default_factory=dict)
     cache_breakpoints: bool = True
     prompt_cache_key: Literal["auto", "always", "never"] = "auto"
+
+    @field_validator("summary_params")
+    @classmethod
+    def _metadata_a_mapping(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``metadata`` is merged into the summary call's own: anything but a mapping failed the call."""
+        metadata = params.get("metadata")
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValueError(f"metadata: expected a mapping (litellm's metadata), got {type(metadata).__name__} "
+                             f"{metadata!r:.60}")
+        return params
 
 
 class MessagesConfig(_Strict):
@@ -191,12 +228,31 @@ class ReasoningConfig(_Strict):
         return budgets
 
 
+_EMBEDDER_FORMS = "use 'local' or 'litellm:<embedding model>', e.g. 'litellm:text-embedding-3-small'"
+
+
+def _embedder(value: str) -> str:
+    """``local`` or ``litellm:<embedding model>``, the embedders the semantic cache builds (any other
+    value was read as ``local``); refused otherwise, with the form meant when one is close."""
+    kind, _, given = value.partition(":")
+    model = given.strip()
+    if value == "local" or (kind == "litellm" and model and model == given):
+        return value
+    close = difflib.get_close_matches(kind.strip().lower(), ("local", "litellm"), n=1)
+    if close == ["litellm"] and not model:
+        raise ValueError(f"{value!r} names no embedding model ({_EMBEDDER_FORMS})")
+    meant = "local" if close == ["local"] and not model else f"litellm:{model}" if close == ["litellm"] else None
+    raise ValueError(f"unknown embedder {value!r} ({_EMBEDDER_FORMS})"
+                     + (f"; did you mean {meant!r}?" if meant else ""))
+
+
 class SemanticCacheConfig(_Strict):
     """Paraphrase hits (extra ``semantic``); see ``router_middleware.semantic``."""
 
     enabled: bool = False
     threshold: float = Field(default=0.9, gt=0, le=1)
     embedder: str = "local"  # or "litellm:<embedding model>"
+    _known_embedder = field_validator("embedder")(_embedder)
     number_guard: bool = True
     text_guards: bool = True  # identifiers, negation and direction must agree too
     max_per_scope: int = Field(default=200, gt=0)
@@ -207,9 +263,9 @@ _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 def _store_scheme(url: str | None) -> str | None:
-    """A store URL whose scheme is one :func:`~router_middleware.stores.open_store` opens, and a Redis
-    URL's port and database as redis-py reads them; refused at load otherwise (the error names the
-    scheme or the part, not the URL, which may hold a password)."""
+    """A store URL whose scheme is one :func:`~router_middleware.stores.open_store` opens, a SQLite
+    URL's path, and a Redis URL's port and database as redis-py reads them; refused at load otherwise
+    (the error names the scheme or the part, not the URL, which may hold a password)."""
     if not url:
         return url
     if ":" not in url:
@@ -220,9 +276,25 @@ def _store_scheme(url: str | None) -> str | None:
         raise ValueError(f"unsupported scheme {scheme!r} (use memory://, sqlite:///PATH or redis://HOST:PORT/DB)"
                          + (f"; did you mean {close[0]!r}?" if close else ""))
     problem = _redis_problem(url) if scheme.lower() in _REDIS_SCHEMES else None
+    if scheme.lower() == "sqlite":
+        problem = _sqlite_problem(url, with_two_slashes=True)
     if problem:
         raise ValueError(problem)
     return url
+
+
+def _sqlite_problem(url: str, *, with_two_slashes: bool) -> str | None:
+    """What is wrong with a ``sqlite:`` URL its reader would misread, ``None`` when nothing: fewer
+    slashes before the path than the reader cuts off (``sqlite:x.db`` opened the file ``db``, a
+    ledger's ``sqlite://x.db`` the file ``.db``; a store reads ``sqlite://x.db`` as ``x.db``), or no
+    path (a private temporary database per connection, shared with no one)."""
+    rest = url[len("sqlite:"):]
+    path = rest[3:] if rest.startswith("///") else rest[2:] if with_two_slashes and rest.startswith("//") else None
+    if path:
+        return None
+    given = rest.removeprefix("//") if path is None else ""
+    return ("a SQLite URL is sqlite:///PATH (a relative path) or sqlite:////ABSOLUTE/PATH"
+            + (f"; did you mean 'sqlite:///{given}'?" if given else ": this one names no file"))
 
 
 def _redis_problem(url: str) -> str | None:
@@ -536,6 +608,10 @@ class RoutingConfig(_Strict):
             raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 
 
+_LEDGER_SCHEMES = ("sqlite", "postgresql", "postgres")
+_LEDGER_FORMS = "use a file path, sqlite:///path.db or postgresql://..."
+
+
 class LedgerConfig(_Strict):
     """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
 
@@ -545,10 +621,22 @@ class LedgerConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str | None) -> str | None:
-        """Refused at load, not at the first row (which would go to the spool for good)."""
-        scheme = url.split("://", 1)[0] if url and "://" in url else None
-        if scheme not in (None, "sqlite", "postgresql", "postgres"):
-            raise ValueError(f"unsupported scheme {scheme!r} (use a file path, sqlite:///path.db or postgresql://...)")
+        """Refused at load, not at the first row (which would go to the spool for good): a scheme the
+        ledger does not open, a SQLite URL it would misread, and a scheme missing its ``//`` (read as a
+        file path: ``sqlite:x.db`` was a file of that name). The URL is not quoted: it may hold a password."""
+        if not url:
+            return url
+        scheme, slashes, _ = url.partition("://")
+        start = url.partition(":")[0]
+        if not slashes and start.isalpha() and difflib.get_close_matches(start.lower(), _LEDGER_SCHEMES, n=1):
+            raise ValueError(f"{start + ':'!r} with no '//' after it is read as a file path's start ({_LEDGER_FORMS})")
+        if slashes and scheme not in _LEDGER_SCHEMES:
+            close = difflib.get_close_matches(scheme.lower(), _LEDGER_SCHEMES, n=1)
+            raise ValueError(f"unsupported scheme {scheme!r} ({_LEDGER_FORMS})"
+                             + (f"; did you mean {close[0]!r}?" if close else ""))
+        problem = _sqlite_problem(url, with_two_slashes=False) if scheme == "sqlite" else None
+        if problem:
+            raise ValueError(problem)
         return url
 
     @model_validator(mode="after")
@@ -624,7 +712,8 @@ class Config(_Strict):
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(root)"
+        loc = item["loc"][:-1] if item["loc"][-1:] == ("[key]",) else item["loc"]  # a mapping's key: named by it
+        field = ".".join(str(p) for p in loc) or "(root)"
         if item["type"] == "extra_forbidden":  # a typo, usually: name the fields there are
             known = _fields_at(Config, item["loc"][:-1])
             close = difflib.get_close_matches(str(item["loc"][-1]), known, n=1)
