@@ -18,7 +18,7 @@ import structlog
 
 from router_middleware import Pipeline
 from router_middleware.cli import bundled_sessions, main
-from router_middleware.errors import STOPPED_BY, StreamLeft, ending
+from router_middleware.errors import STOPPED_BY, LedgerError, StreamLeft, ending
 from router_middleware.ledger import (
     ENDED,
     MIGRATIONS,
@@ -600,3 +600,18 @@ def test_a_report_cut_to_one_tenant_or_user_counts_only_its_calls(ledger_url, ca
     assert "<p>2 calls of user ann," in render_html(ann)
     assert main(["report", "--ledger", ledger_url, "--user", "nobody"]) == 0
     assert "0 calls: the ledger has none of user 'nobody'" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("url", ["sqlite://ledger.db", "sqlite:///ledger.db", "ledger.db"])
+def test_a_sqlite_ledger_url_opens_the_file_it_names(tmp_path, monkeypatch, url) -> None:
+    """As a store reads it: ``sqlite://ledger.db`` (as the CLI's ``--ledger`` takes it, where no config
+    refuses it) opened the file ``edger.db``, its first character cut off as the third slash."""
+    monkeypatch.chdir(tmp_path)
+    open_ledger(url).close()
+    assert [p.name for p in tmp_path.iterdir()] == ["ledger.db"]
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_a_sqlite_ledger_url_with_no_file_is_refused(url) -> None:
+    with pytest.raises(LedgerError, match="names no file"):
+        open_ledger(url)

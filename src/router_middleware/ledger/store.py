@@ -190,7 +190,9 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
     if scheme not in (None, "sqlite"):
         raise LedgerError(f"ledger {without_password(url)!r}: unsupported scheme {scheme!r} "
                           "(use a file path, sqlite:///path.db or postgresql://...)")
-    path = url[len("sqlite:///"):] if scheme else url
+    path = (url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):]) if scheme else url
+    if not path:  # sqlite3 would open a private temporary database, gone with the connection
+        raise LedgerError(f"ledger {url!r} names no file (use sqlite:///path.db)")
     if Path(path).is_dir():
         raise LedgerError(f"ledger {path!r} is a folder, not a database file")
     if not create and not Path(path).exists():
