@@ -1712,6 +1712,42 @@ def test_the_middleware_falls_over_on_the_failures_an_agent_s_own_chat_model_rai
     assert float(pipeline.store.get("fail:gpt-4o-mini") or 0) == 1
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_an_error_raised_before_the_model_is_called_counts_toward_no_cooldown(tmp_path, asynchronous) -> None:
+    """A bug in a middleware inside RouterAgentMiddleware (a KeyError on a state field), raised before
+    any model run began, is no failure of the target: three of them cooled a healthy gpt-4o-mini down
+    for every caller and sent the calls on to gpt-4.1. The call ends with the error, as directly; its
+    row says no request reached the target."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    class Buggy(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            raise KeyError("user_profile")
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            raise KeyError("user_profile")
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]},
+                                                 "fallback": {"backoff_s": 0.0}},
+                                     "cache": {"enabled": False}, "ledger": {"url": url}})
+    models = {name: RoutedChatModel(model=name, pipeline=Pipeline(), model_kwargs={"mock_response": name})
+              for name in ("gpt-4o-mini", "gpt-4.1")}
+    agent = create_agent(models["gpt-4o-mini"], tools=[],
+                         middleware=[RouterAgentMiddleware(pipeline, models=models, model="coder"), Buggy()])
+    state = {"messages": [HumanMessage("hi")]}
+    for _ in range(4):
+        with pytest.raises(KeyError, match="user_profile"):
+            asyncio.run(agent.ainvoke(state)) if asynchronous else agent.invoke(state)
+    assert pipeline.store.get("fail:gpt-4o-mini") is None and pipeline.store.get("cooldown:gpt-4o-mini") is None
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT target, error, decisions FROM calls")  # none sent on to gpt-4.1
+    assert rows == [("gpt-4o-mini", "KeyError", '["routing:route", "routing:unsent"]')] * 4
+
+
 def test_a_context_overflow_from_langchain_moves_on_without_counting_toward_a_cooldown() -> None:
     from langchain_core.exceptions import ContextOverflowError
 

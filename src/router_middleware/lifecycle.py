@@ -156,6 +156,13 @@ class Final(Failed):
     over, not when it breaks while read). Counted as that failure; the call ends with it."""
 
 
+class Unsent(Failed):
+    """An attempt whose request never reached a model: the adapter's handler raised before any model
+    run began (a bug in a middleware inside RouterAgentMiddleware, a model wrapper that cannot bind
+    the tools). Nothing is counted toward the target's cooldown, its quotas are given back, and the
+    call ends with ``error``, as a direct call would: another target would run the same code."""
+
+
 class Replaced(Exception):
     """What an adapter throws into a lifecycle for an attempt whose model failed with ``error`` while
     the adapter's caller was handed ``answer`` in its place (LangChain's ModelRetryMiddleware inside
@@ -275,10 +282,13 @@ class CallLifecycle:
                     return thrown.answer
                 # outside the handler: a CutShort's error is raised with its own context
                 moved = isinstance(thrown, MovedPast)
-                unmade = isinstance(thrown, MovedPast) and not thrown.made
+                unmade = isinstance(thrown, Unsent) or (isinstance(thrown, MovedPast) and not thrown.made)
                 error, spent = (thrown.error, thrown.spent) if isinstance(thrown, Failed) else (thrown, None)
+                if isinstance(thrown, Unsent):  # its row and span say no request was made
+                    plan = plan.decide(Decision("routing", "unsent", f"{type(error).__name__} raised before "
+                                                f"{plan.deployment or plan.model} was called: no request reached it"))
                 step = yield from self._failed(plan, trace, attempts, error, spent, moved=moved, unmade=unmade,
-                                               ends=isinstance(thrown, Final))
+                                               ends=isinstance(thrown, Final | Unsent))
                 if step is None:
                     raise error
                 # paused at the next attempt, the flow holds no failure: its traceback reaches the

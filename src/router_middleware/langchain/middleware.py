@@ -44,7 +44,7 @@ from ..config import Config
 from ..context.breakpoints import mark
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
-from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced
+from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced, Unsent
 from ..pipeline import PipelineSource, pipeline_of
 from ..routing.fallback import retryable
 from ..routing.quotas import free_variant
@@ -314,6 +314,13 @@ def _played_back(hit: ModelResponse) -> CachedAnswer:
 def _with_answer(hit: ModelResponse, played: BaseMessage) -> ModelResponse:
     """``hit`` answered with the message its run played back (the run's id on it, as on a live answer)."""
     return ModelResponse(result=[*hit.result[:-1], played], structured_response=hit.structured_response)
+
+
+def _unsent(runs: AttemptRuns, error: BaseException) -> None:
+    """Raise :class:`Unsent` for an ``error`` the handler raised before the attempt's model began a run
+    (no ``on_chat_model_start``): the request never reached a model."""
+    if isinstance(error, Exception) and runs.run is None:
+        raise Unsent(error) from error
 
 
 def _sent(request: ModelRequest) -> list[BaseMessage]:
@@ -810,6 +817,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                     response = handler(request)
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
+                    _unsent(runs, exc)
                     raise
             return self._answered(made, runs, response, started)
 
@@ -833,6 +841,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                     response = await handler(request)
                 except BaseException as exc:
                     self._broke(lifecycle, made.plan, runs, exc, started)
+                    _unsent(runs, exc)
                     raise
             return self._answered(made, runs, response, started)
 
