@@ -1748,6 +1748,34 @@ def test_an_error_raised_before_the_model_is_called_counts_toward_no_cooldown(tm
     assert rows == [("gpt-4o-mini", "KeyError", '["routing:route", "routing:unsent"]')] * 4
 
 
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_models_entry_that_cannot_bind_the_agent_s_tools_is_named(asynchronous) -> None:
+    """A ``with_retry()`` entry (taken when the middleware is made) has no ``bind_tools``: an agent with
+    tools broke on it with an AttributeError from LangChain that counted toward the target's cooldown.
+    Now a ConfigError names the entry and what to give instead; nothing is counted."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    @tool
+    def lookup(query: str) -> str:
+        """Look something up."""
+        return "found " + query
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]}},
+                                     "cache": {"enabled": False}})
+    models = {name: RoutedChatModel(model=name, pipeline=Pipeline(), model_kwargs={"mock_response": name})
+              for name in ("gpt-4o-mini", "gpt-4.1")}
+    wrapped = {**models, "gpt-4o-mini": models["gpt-4o-mini"].with_retry()}
+    middleware = RouterAgentMiddleware(pipeline, models=wrapped, model="coder")
+    state = {"messages": [HumanMessage("find x")]}
+    without_tools = create_agent(models["gpt-4o-mini"], tools=[], middleware=[middleware])
+    assert without_tools.invoke(state)["messages"][-1].content == "gpt-4o-mini"  # nothing to bind: it serves
+    agent = create_agent(models["gpt-4o-mini"], tools=[lookup], middleware=[middleware])
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: a RunnableRetry cannot bind the agent's tools"):
+        asyncio.run(agent.ainvoke(state)) if asynchronous else agent.invoke(state)
+    assert pipeline.store.get("fail:gpt-4o-mini") is None
+
+
 def test_a_context_overflow_from_langchain_moves_on_without_counting_toward_a_cooldown() -> None:
     from langchain_core.exceptions import ContextOverflowError
 

@@ -370,7 +370,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             inner, _ = _unbound(chat_model)
             if inner is None:
                 raise ConfigError(f"models[{name!r}]: expected a LangChain chat model (a BaseChatModel, such as "
-                                  f"RoutedChatModel(model={name!r}), or one wrapped: with_retry(), bind()), got "
+                                  f"RoutedChatModel(model={name!r}), or one wrapped: bind(), or with_retry() for an "
+                                  f"agent without tools), got "
                                   f"{type(chat_model).__name__} {chat_model!r}")
             self._own_pipeline(inner, f"models[{name!r}]")
         self._serve()
@@ -664,6 +665,11 @@ class RouterAgentMiddleware(AgentMiddleware):
             ``failover``: another target follows, so a RoutedChatModel's provider SDK retries are off
             unless it or the agent sets ``max_retries`` (as :meth:`.Engine.request` does for a pipeline)."""
             model = self.models[plan.deployment or plan.model] if self.models and not own else request.model
+            if request.tools and not hasattr(model, "bind_tools"):  # the agent binds them to it, before sending
+                raise Unsent(ConfigError(
+                    f"models[{plan.deployment or plan.model!r}]: a {type(model).__name__} cannot bind the agent's "
+                    "tools (with_retry() gives one): give the chat model itself (the middleware retries and falls "
+                    "back) or bind() it"))
             messages = [by_id.get(id(m)) or _as_kept(m, call.messages, by_id) for m in plan.messages]
             system = messages.pop(0) if messages and isinstance(messages[0], SystemMessage) else None
             assert system is None or isinstance(system, SystemMessage)
