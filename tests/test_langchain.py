@@ -27,6 +27,7 @@ from pydantic import BaseModel
 
 from router_middleware import ConfigError, Pipeline
 from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware, RouterCallbackHandler
+from router_middleware.langchain.convert import to_openai
 
 from .cassette_data import capturing_vcr, completion_kwargs, interactions, recorded_usage
 from .conftest import CASSETTES
@@ -112,6 +113,31 @@ def test_routed_model_reads_recorded_anthropic_tool_use_and_usage() -> None:
     assert message.usage_metadata["input_tokens"] == usage["input_tokens"]
     assert message.usage_metadata["output_tokens"] == usage["output_tokens"]
     assert message.response_metadata["cost_usd"] > 0
+
+
+def test_routed_model_keeps_anthropic_s_signed_thinking_for_the_next_turn() -> None:
+    """Anthropic refuses (a 400) an assistant turn sent back without the signed thinking block it
+    answered with, when thinking is on: the AIMessage kept only ``reasoning_content``, so the next
+    turn of an agent's tool loop went out with no thinking block (litellm's own message keeps it)."""
+    import litellm
+
+    item = interactions(CASSETTES / "anthropic_thinking.yaml")[0]
+    kwargs = completion_kwargs(item)
+    model = RoutedChatModel(model=kwargs["model"], max_tokens=kwargs["max_tokens"], pipeline=Pipeline(),
+                            model_kwargs={"thinking": kwargs["thinking"]})
+    with REPLAY.use_cassette(str(CASSETTES / "anthropic_thinking.yaml")):
+        message = model.invoke(kwargs["messages"])
+    recorded = [{"type": "thinking", "thinking": b["thinking"], "signature": b["signature"]}
+                for b in json.loads(item.response_text)["content"] if b["type"] == "thinking"]
+    assert recorded and recorded[0]["signature"]
+    assert message.additional_kwargs["thinking_blocks"] == recorded
+    history = to_openai([HumanMessage("How many r's in strawberry?"), message, HumanMessage("And in raspberry?")])
+    assert history[1]["thinking_blocks"] == recorded
+    body = litellm.AnthropicConfig().transform_request(
+        model="claude-3-7-sonnet-20250219", messages=history, litellm_params={}, headers={},
+        optional_params={"thinking": kwargs["thinking"], "max_tokens": kwargs["max_tokens"]})
+    turn = next(m for m in body["messages"] if m["role"] == "assistant")
+    assert turn["content"][0] == recorded[0]  # first, signed, as Anthropic needs it
 
 
 def test_structured_output_from_a_recorded_tool_call() -> None:

@@ -146,7 +146,7 @@ def to_openai_once(message: BaseMessage) -> list[dict[str, Any]]:
 def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """LangChain messages as OpenAI chat messages (tool calls, tool results, names and parts kept,
     the ``cache_control`` breakpoints of text blocks: see :func:`_with_breakpoints`, and an assistant
-    turn's ``reasoning_content``: see :func:`_with_reasoning`)."""
+    turn's ``reasoning_content`` and ``thinking_blocks``: see :func:`_with_reasoning`)."""
     if not any(_breakpoints(m) or _reasoning(m) for m in messages):
         return _converted(messages)
     out: list[dict[str, Any]] = []
@@ -157,18 +157,24 @@ def to_openai(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return out
 
 
-def _reasoning(message: BaseMessage) -> Any:
-    return message.additional_kwargs.get("reasoning_content") if isinstance(message, AIMessage) else None
+_REASONING = ("reasoning_content", "thinking_blocks")  # what litellm reads back from an assistant turn
+
+
+def _reasoning(message: BaseMessage) -> dict[str, Any]:
+    if not isinstance(message, AIMessage):
+        return {}
+    return {key: value for key in _REASONING if (value := message.additional_kwargs.get(key))}
 
 
 def _with_reasoning(message: BaseMessage, converted: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``converted`` with the ``reasoning_content`` an assistant turn carries (as RoutedChatModel and
-    ChatLiteLLM return it), which langchain-core's conversion leaves out: DeepSeek with thinking on
-    refuses (a 400) a tool call passed back without it; ChatLiteLLM sends it back."""
+    """``converted`` with the ``reasoning_content`` and Anthropic's signed ``thinking_blocks`` an assistant
+    turn carries (as RoutedChatModel and ChatLiteLLM return them), which langchain-core's conversion
+    leaves out: DeepSeek with thinking on refuses (a 400) a tool call passed back without its reasoning,
+    Anthropic a tool_use turn without its thinking block; litellm sends both back."""
     reasoning = _reasoning(message)
     if not reasoning or len(converted) != 1:
         return converted
-    return [{**converted[0], "reasoning_content": reasoning}]
+    return [{**converted[0], **reasoning}]
 
 
 def _converted(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
@@ -271,6 +277,9 @@ def _ai_message(response: Any, **fields: Any) -> AIMessage:
     reasoning = getattr(message, "reasoning_content", None)
     if reasoning:
         extra["reasoning_content"] = reasoning
+    blocks = getattr(message, "thinking_blocks", None)  # Anthropic's, signed: the next turn sends them back
+    if blocks:
+        extra["thinking_blocks"] = [dict(block) for block in blocks]
     return AIMessage(content=message.content or "", tool_calls=calls, invalid_tool_calls=invalid,
                      additional_kwargs=extra, **fields)
 
