@@ -140,6 +140,37 @@ def test_routed_model_keeps_anthropic_s_signed_thinking_for_the_next_turn() -> N
     assert turn["content"][0] == recorded[0]  # first, signed, as Anthropic needs it
 
 
+def test_a_streamed_answer_keeps_anthropic_s_signed_thinking_for_the_next_turn() -> None:
+    """A stream's thinking arrives in fragments (text, then the signature) that litellm numbers by block:
+    the chunks carry them with that index, so LangChain's merge of the stream rebuilds the signed block.
+    (No recording of a streamed thinking answer exists: litellm's own stream objects, as its Anthropic
+    stream handler builds them.)"""
+    import litellm
+    from litellm.types.utils import Delta, ModelResponseStream, StreamingChoices
+
+    from router_middleware.langchain.convert import to_chunk
+
+    deltas = [Delta(reasoning_content="Let me ", thinking_blocks=[{"type": "thinking", "thinking": "Let me ", "index": 0}]),
+              Delta(reasoning_content="count.", thinking_blocks=[{"type": "thinking", "thinking": "count.", "index": 0}]),
+              Delta(thinking_blocks=[{"type": "thinking", "thinking": "", "signature": "EqQB", "index": 0}]),
+              Delta(content="Three.")]
+    chunks = [to_chunk(ModelResponseStream(choices=[StreamingChoices(delta=delta)])) for delta in deltas]
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        assert chunk is not None
+        merged += chunk
+    assert merged is not None and merged.content == "Three."
+    assert merged.additional_kwargs["thinking_blocks"] == [
+        {"type": "thinking", "thinking": "Let me count.", "signature": "EqQB", "index": 0}]
+    history = to_openai([HumanMessage("How many r's in strawberry?"), AIMessage(**merged.model_dump(
+        include={"content", "additional_kwargs"})), HumanMessage("And in raspberry?")])
+    body = litellm.AnthropicConfig().transform_request(
+        model="claude-3-7-sonnet-20250219", messages=history, litellm_params={}, headers={},
+        optional_params={"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048})
+    turn = next(m for m in body["messages"] if m["role"] == "assistant")
+    assert turn["content"][0] == {"type": "thinking", "thinking": "Let me count.", "signature": "EqQB"}
+
+
 def test_structured_output_from_a_recorded_tool_call() -> None:
     item = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0]
     kwargs = completion_kwargs(item)

@@ -348,6 +348,9 @@ def to_chunk(chunk: Any) -> AIMessageChunk | None:
     reasoning = getattr(delta, "reasoning_content", None)
     if reasoning:
         extra["reasoning_content"] = reasoning
+    blocks = getattr(delta, "thinking_blocks", None)  # fragments with litellm's block index: merged by it
+    if blocks:
+        extra["thinking_blocks"] = [dict(block) for block in blocks]
     content = getattr(delta, "content", None) or ""
     if not content and not fragments and not extra:
         return None
