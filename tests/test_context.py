@@ -8,6 +8,7 @@ import random
 import pytest
 
 from router_middleware import AgentContext, Call, Pipeline, Plan, PolicyState, outcome
+from router_middleware.config import ContextConfig
 from router_middleware.context import (
     CacheBreakpoints,
     ClearToolOutputs,
@@ -396,6 +397,38 @@ def test_a_cut_keeps_each_dropped_reminder_once() -> None:
     assert sent[tail - 1] == reminder and reminder not in sent[:tail - 1]  # one for every dropped turn
     assert sent[tail:].count(reminder) == sum(1 for m in sent[tail:] if m.get("tool_calls"))
     assert integrity_violations(sent) == []
+
+
+@pytest.mark.parametrize("turns", [20, 60, 120])
+def test_kept_instructions_stay_within_their_share_of_the_budget(turns) -> None:
+    """An agent's per-step developer notes, each text its own: the review found every one of them kept,
+    in the part of the request nothing drops, growing with the session past the budget and the
+    model's window (16,852 tokens sent at 240 turns for a 3,000-token budget). The latest are kept,
+    within ``digest_share`` of the budget."""
+    history = [SYSTEM, TASK]
+    for i in range(turns):
+        history += [*tool_turn(i, size=60), {"role": "developer", "content": f"Note {i}: {i} steps done, keep going."}]
+    policy = ContextPolicy(ContextConfig(budget_tokens=3000, max_payback_calls=None))
+    planned = policy(plan_for(history), STATE)
+    notes = [m for m in planned.messages if m.get("role") == "developer"]
+    assert STATE.tokens(planned.model, planned.messages) <= 3000
+    assert [d.action for d in planned.decisions] == ["trim"]
+    assert notes and notes[-1] == history[-1]  # the last note, in the kept turns
+    kept = [m for m in notes if m not in history[-len(planned.messages):]]  # from the dropped span
+    assert 0 < sum(STATE.message_tokens(planned.model, m) for m in kept) <= 300
+    assert kept == [m for m in history if m in kept]  # in order, the latest of the dropped span
+
+
+def test_middle_out_drops_the_user_s_latest_words_after_a_standing_instruction() -> None:
+    """A system message between turns goes late, the user's latest words last: the review found the
+    two ranked alike, and the latest words dropped first when the middle fell on them."""
+    mode = {**MODE, "content": MODE["content"] + " Keep answers short." * 60}
+    latest = {**INSTRUCTION, "content": INSTRUCTION["content"] + " Details follow." * 60}
+    history = [SYSTEM, TASK, *tool_turn(0, size=60), mode, *tool_turn(1, size=60), latest,
+               *tool_turn(2, size=60), *tool_turn(3, size=60)]
+    for budget in (800, 700):
+        sent = MiddleOut(budget_tokens=budget)(plan_for(history), STATE).messages
+        assert latest in sent and mode not in sent, budget
 
 
 def test_blocks_group_calls_with_their_results() -> None:

@@ -1805,6 +1805,33 @@ def test_an_error_raised_before_the_model_is_called_counts_toward_no_cooldown(tm
     assert rows == [("gpt-4o-mini", "KeyError", '["routing:route", "routing:unsent"]')] * 4
 
 
+@pytest.mark.parametrize("inside", ["context-editing", "reminder"])
+def test_a_model_failure_behind_a_middleware_that_rebuilds_the_messages_still_fails_over(inside) -> None:
+    """A middleware inside that copies the messages (LangChain's ContextEditingMiddleware) or appends
+    one hides the attempt's run from its callbacks: the review found the model's rate limit then
+    taken for an error raised before any model was called, with no fallback and no cooldown count."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware, ContextEditingMiddleware
+    from langchain_core import exceptions
+
+    class Reminder(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            return handler(request.override(messages=[*request.messages, HumanMessage("Reminder: be brief.")]))
+
+    pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1"]},
+                                                 "fallback": {"backoff_s": 0.0, "attempts_per_model": 1}},
+                                     "cache": {"enabled": False}})
+    models = {"gpt-4o-mini": _Raising(error=exceptions.ModelRateLimitError("429 slow down")),
+              "gpt-4.1": RoutedChatModel(model="gpt-4.1", pipeline=Pipeline(), model_kwargs={"mock_response": "done"})}
+    agent = create_agent(models["gpt-4.1"], tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models=models, model="coder"),
+        ContextEditingMiddleware() if inside == "context-editing" else Reminder()])
+    state = agent.invoke({"messages": [HumanMessage("hi")]})
+    assert state["messages"][-1].content == "done"
+    assert state["messages"][-1].response_metadata["decisions"] == ["routing:route", "routing:fallback"]
+    assert float(pipeline.store.get("fail:gpt-4o-mini") or 0) == 1
+
+
 @pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
 def test_a_models_entry_that_cannot_bind_the_agent_s_tools_is_named(asynchronous) -> None:
     """A ``with_retry()`` entry (taken when the middleware is made) has no ``bind_tools``: an agent with

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,8 @@ class Window:
     cumulative size, so it stays put between cuts and the provider's cache keeps hitting. The dropped
     span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
     pipeline to write it), else by an offline digest (names and open questions for chats, file paths
-    for agents). For chats the kept part starts on a user turn. A cut that would not pay back its
+    for agents), followed by the span's system and developer messages (the latest, within
+    ``digest_share`` of the budget). For chats the kept turns start on a user turn. A cut that would not pay back its
     cache re-read within ``max_payback_calls`` calls is skipped while the request still fits
     ``budget_tokens`` and the model's window.
     """
@@ -114,10 +115,10 @@ class Window:
         dropped = messages[head:start]
         span = ("span", profile.chain[head], profile.chain[start], start - head)  # names dropped's keys
         filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
-        standing = standing_instructions(dropped)  # kept, after the filler
-        dropped_tokens -= sum(state.message_tokens(plan.model, m) for m in standing)
+        standing, standing_tokens = self._standing(dropped, budget, plan, state)  # kept, after the filler
+        dropped_tokens -= standing_tokens
         kept = [*messages[:head], *filler, *standing, *messages[start:]]
-        payback = self._payback_calls(plan, state, [*filler, *standing], low, dropped_tokens)
+        payback = self._payback_calls(plan, state, filler, low + standing_tokens, dropped_tokens)
         must_fit = hard is not None and total > hard
         limit = self.max_payback_calls
         if payback is not None and limit is not None and payback > limit and not must_fit:
@@ -148,6 +149,20 @@ class Window:
             self.name, "over-window", f"~{tokens} tokens stay over {plan.model}'s {window}-token input window "
             "(its head and last block cannot be dropped): the provider will likely refuse the request",
             {"tokens": tokens, "window_tokens": window}))
+
+    def _standing(self, dropped: Sequence[Message], budget: int, plan: Plan,
+                  state: PolicyState) -> tuple[list[Message], int]:
+        """The system and developer messages of the ``dropped`` span kept (:func:`standing_instructions`):
+        the latest, within ``digest_share`` of ``budget`` (an agent's per-step notes would otherwise grow
+        with the session, in the part of the request nothing drops), and their tokens."""
+        share, kept, total = int(budget * self.digest_share), [], 0
+        for message in reversed(standing_instructions(dropped)):
+            tokens = state.message_tokens(plan.model, message)
+            if total + tokens > share:
+                break
+            kept.append(message)
+            total += tokens
+        return kept[::-1], total
 
     def _min_keep(self, plan: Plan, state: PolicyState) -> int:
         """Never cut below the provider's minimum cacheable prompt, or no later call would hit the cache."""
@@ -238,11 +253,11 @@ class MiddleOut:
             return over_tokens or over_count
 
         said = last_instruction(messages, head)
-        # the user's latest words and mid-session system or developer messages go last
-        protected = {i for i, (b, e) in enumerate(units)
-                     if (said is not None and b <= said < e) or is_standing(messages, b, e)}
+        # the blocks holding only system or developer messages go late, the user's latest words last
+        late = {i: 1 for i, (b, e) in enumerate(units) if is_standing(messages, b, e)}
+        late.update({i: 2 for i, (b, e) in enumerate(units) if said is not None and b <= said < e})
         while too_big() and len(keep) > 1:
-            victim = keep.pop(_victim(keep, protected))
+            victim = keep.pop(_victim(keep, late))
             total -= sizes[victim]
             count -= units[victim][1] - units[victim][0]
         limits = " and ".join([*([f"{budget} tokens"] if budget is not None else []),
@@ -267,13 +282,8 @@ class MiddleOut:
         )
 
 
-def _victim(keep: Sequence[int], protected: set[int]) -> int:
-    """Where in ``keep`` (block indices, the last block never dropped) the next block to drop is: the
-    middle one, else the nearest to it not ``protected``, before it first; the middle one when every
-    droppable block is protected."""
+def _victim(keep: Sequence[int], late: Mapping[int, int]) -> int:
+    """Where in ``keep`` (block indices, the last block never dropped) the next block to drop is: among
+    those ``late`` ranks lowest (0 unless given), the nearest to the middle, before it first."""
     middle = (len(keep) - 1) // 2
-    for offset in range(len(keep)):
-        for at in (middle - offset, middle + offset):
-            if 0 <= at < len(keep) - 1 and keep[at] not in protected:
-                return at
-    return middle
+    return min(range(len(keep) - 1), key=lambda at: (late.get(keep[at], 0), abs(at - middle), at > middle))

@@ -56,9 +56,11 @@ class AttemptRuns(BaseCallbackHandler):
         self.ended, self.ended_ns = 0.0, 0  # when the last run failed or answered (perf_counter, time_ns)
         self.answered = False
         self.answer: AIMessage | None = None  # the last run's answer, once it answered
+        self.began = False  # whether any chat model run began while the attempt was (its own, or not)
 
     def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
                             run_id: UUID, **kwargs: Any) -> None:
+        self.began = True  # a middleware inside may have rebuilt the messages: not recognised, but made
         if self.last is not None and messages and messages[0] and messages[0][-1] is self.last:
             if self.retried is not None and (isinstance(self.error, Exception) or self.answer is not None):
                 self.retried(self)

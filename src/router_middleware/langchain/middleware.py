@@ -317,9 +317,10 @@ def _with_answer(hit: ModelResponse, played: BaseMessage) -> ModelResponse:
 
 
 def _unsent(runs: AttemptRuns, error: BaseException) -> None:
-    """Raise :class:`Unsent` for an ``error`` the handler raised before the attempt's model began a run
-    (no ``on_chat_model_start``): the request never reached a model."""
-    if isinstance(error, Exception) and runs.run is None:
+    """Raise :class:`Unsent` for an ``error`` the handler raised before any chat model run began while
+    the attempt was (no ``on_chat_model_start`` at all, the attempt's or one a middleware inside made
+    with messages of its own): the request never reached a model."""
+    if isinstance(error, Exception) and not runs.began:
         raise Unsent(error) from error
 
 
