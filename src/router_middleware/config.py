@@ -277,19 +277,19 @@ def _store_scheme(url: str | None) -> str | None:
                          + (f"; did you mean {close[0]!r}?" if close else ""))
     problem = _redis_problem(url) if scheme.lower() in _REDIS_SCHEMES else None
     if scheme.lower() == "sqlite":
-        problem = _sqlite_problem(url, with_two_slashes=True)
+        problem = _sqlite_problem(url)
     if problem:
         raise ValueError(problem)
     return url
 
 
-def _sqlite_problem(url: str, *, with_two_slashes: bool) -> str | None:
+def _sqlite_problem(url: str) -> str | None:
     """What is wrong with a ``sqlite:`` URL its reader would misread, ``None`` when nothing: fewer
-    slashes before the path than the reader cuts off (``sqlite:x.db`` opened the file ``db``, a
-    ledger's ``sqlite://x.db`` the file ``.db``; a store reads ``sqlite://x.db`` as ``x.db``), or no
-    path (a private temporary database per connection, shared with no one)."""
+    slashes before the path than the reader cuts off (``sqlite:x.db`` opened the file ``db``; a store
+    and a ledger read ``sqlite://x.db`` as ``x.db``), or no path (a private temporary database per
+    connection, shared with no one)."""
     rest = url[len("sqlite:"):]
-    path = rest[3:] if rest.startswith("///") else rest[2:] if with_two_slashes and rest.startswith("//") else None
+    path = rest[3:] if rest.startswith("///") else rest[2:] if rest.startswith("//") else None
     if path:
         return None
     given = rest.removeprefix("//") if path is None else ""
@@ -634,7 +634,7 @@ class LedgerConfig(_Strict):
             close = difflib.get_close_matches(scheme.lower(), _LEDGER_SCHEMES, n=1)
             raise ValueError(f"unsupported scheme {scheme!r} ({_LEDGER_FORMS})"
                              + (f"; did you mean {close[0]!r}?" if close else ""))
-        problem = _sqlite_problem(url, with_two_slashes=False) if scheme == "sqlite" else None
+        problem = _sqlite_problem(url) if scheme == "sqlite" else None
         if problem:
             raise ValueError(problem)
         return url
