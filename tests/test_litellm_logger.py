@@ -1073,6 +1073,33 @@ def test_calls_it_observes_count_toward_the_pipelines_budgets(monkeypatch) -> No
     assert refused.value.spent == pytest.approx(2 * 1.35e-05)  # gpt-4o-mini: 10 in, 20 out, twice
 
 
+def test_an_sdk_call_right_after_an_answered_one_is_admitted_against_its_spend(span_exporter) -> None:
+    """litellm delivers an async call's success event on its logging worker, after the call returned:
+    an agent's next call, made at once, was refused against the answered call's estimate (521 tokens
+    held of a 1,000-token budget) where it had spent 30, though a direct call would have been sent. A
+    call a budget would refuse first lets the answered calls' events settle them."""
+    asyncio.run(wire.drain_callbacks())
+    logger = RouterLogger(Pipeline.from_config({"routing": {"budgets": [{"name": "g", "tokens": 1000}]},
+                                                "cache": {"enabled": False}})).register()
+
+    async def run() -> list[int]:
+        used = []
+        for i in range(6):
+            answer = await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": f"q{i}"}],
+                                               mock_response="short answer")
+            used.append(answer.usage.total_tokens)
+        await logger.aflush()
+        return used
+
+    try:
+        used = asyncio.run(run())
+    finally:
+        logger.unregister()
+    assert len(used) == 6 and sum(used) < 1000
+    routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route")]
+    assert len(routes) == 6 and all(s.status.status_code != StatusCode.ERROR for s in routes)  # no refusal said
+
+
 def test_the_pipelines_mark_on_its_own_calls_is_not_sent_to_openai(monkeypatch) -> None:
     """With ``litellm.enable_preview_features`` litellm sends the string values of ``metadata`` to
     OpenAI: the caller's go as they always did, the pipeline's own mark (``SIDE_CALL``) does not."""

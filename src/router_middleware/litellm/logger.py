@@ -20,8 +20,9 @@ from ..accounting import build_outcome
 from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, MessageError, NoRouteError, RequestError, StoreUnavailable
-from ..lifecycle import Attempt, last_resorts
+from ..lifecycle import Attempt, CallLifecycle, Flow, last_resorts
 from ..telemetry import log
+from ..types import Call
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
 from .handoff import _HANDOFF
 from .proxy import _ProxyHooks, _unplanned
@@ -42,6 +43,7 @@ from .request import (
 from .sync_streams import _SyncStreams, _watch_key
 
 _ENDPOINT_KEYS = ("api_base", "base_url")  # planned with an SDK call for its spans' server.address, sent as given
+_SETTLE_WAIT_S = 0.5  # how long a call a budget would refuse waits for answered calls' events (_settle_answered)
 
 
 def _not_routed(error: NoRouteError) -> None:
@@ -306,11 +308,15 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         follow = _sdk_fallbacks(kwargs)
         if any(f in routing.aliases or f in routing.deployments for f in follow):
             follow = ()  # the lifecycle would route such a name; litellm calls it as it is
-        try:
-            params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
+        params = {k: v for k, v in kwargs.items() if k in _REQUEST_KEYS or k in _ENDPOINT_KEYS and v}
+        deployments = routing.deployments
+
+        refusal = _sends_refused(kwargs)
+        pending = self._sdk_open()  # a budget's refusal waits for their events first, said only then
+
+        async def admitted(quiet: bool) -> tuple[Call, CallLifecycle, Flow, Any]:
             call = _labelled(lambda labels: engine.make_call(requested, kwargs["messages"], labels, params),
                              self._labels(kwargs))
-            deployments = routing.deployments
             lifecycle = engine.start(call, read=self._read_own, cache=False, fallback=False, follow=follow,
                                      usable=lambda target: target in follow
                                      or engine.catalog.provider(engine.model_of(target)) == provider
@@ -318,14 +324,25 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                                      unusable=f"litellm already chose provider {provider} and its endpoint for "
                                      "this call" if provider is not None else "litellm's SDK calls the name it is "
                                      "given: an alias routes through Pipeline.acompletion or the proxy",
-                                     sends_refused=_sends_refused(kwargs))
+                                     sends_refused=(lambda error: isinstance(error, BudgetExceeded) or refusal(error))
+                                     if quiet else refusal)
             flow = lifecycle.run()
             done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
+            assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
+            return call, lifecycle, flow, attempt
+
+        try:
+            try:
+                call, lifecycle, flow, attempt = await admitted(pending)
+            except BudgetExceeded:
+                if not pending:
+                    raise
+                await self._settle_answered()
+                call, lifecycle, flow, attempt = await admitted(False)  # the answered calls settled at their spend
         except Exception as exc:  # noqa: BLE001 - the request goes as sent, never worse than without the hook
             self._not_started(kwargs, exc, lambda error: log.warning(
                 "litellm_hook_failed", error_type=type(error).__name__, error=str(error)[:200]))
             return None
-        assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         found = _Open(lifecycle, flow, attempt, attempt.plan, proxy=False, follows=bool(follow))
         self._keep(kwargs, found)
         self._watch(kwargs, found)
@@ -334,6 +351,22 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         if target != requested:
             changed["model"] = provider_named(target, provider)
         return changed
+
+    def _sdk_open(self) -> bool:
+        """Is an SDK call of this logger open (in flight, or answered and its event not delivered yet)?"""
+        with self._lock:
+            return any(not found.proxy for found in self._calls.values())
+
+    @staticmethod
+    async def _settle_answered() -> None:
+        """Before a budget refuses an SDK call: let litellm deliver the events of the calls it has
+        answered (it runs them on its logging worker after the call returned), so their reservations
+        settle at what they spent, waiting :data:`_SETTLE_WAIT_S` at most. An agent's next call came
+        before its last one's event and was refused against that call's estimate, not its spend."""
+        try:
+            await asyncio.wait_for(wire.drain_callbacks(), _SETTLE_WAIT_S)
+        except TimeoutError:
+            pass  # a call still in flight holds its reservation, as it should
 
     def _watch(self, kwargs: Mapping[str, Any], found: _Open) -> None:
         """End an SDK call litellm lets go of without an event: its logging object, which every event
