@@ -60,7 +60,8 @@ def _tokens(messages: list[Any]) -> int:
 
 
 @contextmanager
-def prefix_cache_server() -> Iterator[str]:
+def prefix_cache_server(caches: bool = True) -> Iterator[str]:
+    """``caches=False``: an OpenAI-compatible endpoint that caches nothing (every cached count 0)."""
     seen: list[list[Any]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -77,7 +78,7 @@ def prefix_cache_server() -> Iterator[str]:
                     same += 1
                 best = max(best, _tokens(messages[:same]) if same else 0)
             seen.append(messages)
-            prompt, cached = _tokens(messages), best // 64 * 64
+            prompt, cached = _tokens(messages), best // 64 * 64 if caches else 0
             answer = {"id": f"chatcmpl-{len(seen)}", "object": "chat.completion", "created": int(time.time()),
                       "model": body.get("model"),
                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
@@ -119,12 +120,12 @@ def anthropic_cache_server() -> Iterator[str]:
         yield base
 
 
-def bill_session(pipeline: Any, start: int = 0) -> list[float]:
+def bill_session(pipeline: Any, start: int = 0, *, caches: bool = True) -> list[float]:
     """What each of :func:`session_requests` from ``start`` on (a resumed session's: none before it
     was sent) cost through ``pipeline``, against a fresh :func:`prefix_cache_server` (DeepSeek's prices)."""
     from router_middleware import outcome
 
-    with prefix_cache_server() as base:
+    with prefix_cache_server(caches) as base:
         return [outcome(pipeline.completion(model="deepseek/deepseek-chat", messages=request, api_base=base,
                                             api_key="k", context={"session_id": "s", "step": step})).cost.total_usd
                 for step, request in enumerate(session_requests()[start:], start)]

@@ -450,6 +450,30 @@ def test_a_trimmed_call_s_saving_is_what_the_provider_would_have_billed_the_unto
     assert sum(r[2] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
 
 
+def test_on_an_endpoint_that_caches_nothing_a_trimmed_call_s_saving_is_measured_uncached(tmp_path) -> None:
+    """The same session on an OpenAI-compatible endpoint that caches nothing (a trial: a Cline loop
+    whose trimming cut the bill by three quarters had 20 of 30 rows saying it cost more): the
+    untouched history was priced as read from a cache the endpoint never reported. Now the cache is
+    assumed only where the target's provider has reported a read."""
+    import sqlite3
+
+    from .prefix_cache_server import bill_session
+
+    untouched = bill_session(Pipeline(), caches=False)
+    url = tmp_path / "ledger.db"
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+    sent = bill_session(pipeline, caches=False)
+    pipeline.close()
+    rows = sqlite3.connect(url).execute(
+        "SELECT step, baseline_cost_usd, saved_context_usd, decisions FROM calls ORDER BY step").fetchall()
+    trimmed = [(step, baseline, saved) for step, baseline, saved, decisions in rows if "window:trim" in decisions]
+    assert len(trimmed) > 20
+    for step, baseline, saved in trimmed:
+        assert baseline == pytest.approx(untouched[step], rel=0.1), step
+        assert saved > 0 and sent[step] < untouched[step], step  # nothing cached: every cut pays
+    assert sum(r[1] for r in rows) == pytest.approx(sum(untouched), rel=0.03)
+
+
 def test_the_first_call_of_a_resumed_session_is_measured_against_an_uncached_history(tmp_path) -> None:
     """A session resumed at step 40 (39 turns no request of which was sent lately): its first
     trimmed call's baseline took the turns before its last assistant message as read from the

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .accounting import build_outcome, measured_context_saving, stream_finish_reasons
+from .accounting import build_outcome, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
@@ -874,7 +874,7 @@ class CallLifecycle:
         keyed = self._cache_key(plan)
         try:
             entry = cache.entry(keyed, response, result.cost.total_usd, native,
-                                measured_context_saving(result, self.engine.catalog))
+                                self.books.context_saving(result))
             if cache.store is self.engine.store:
                 return entry
             yield StoreCall(cache.store, "put_bounded", entry)
@@ -936,7 +936,7 @@ class CallLifecycle:
         cache = self.engine.cache
         if cache is None or wire.says_nothing(response):  # no answer to serve again: see _store
             return None
-        context = measured_context_saving(result, self.engine.catalog)
+        context = self.books.context_saving(result)
         if cache.store is self.engine.store:
             try:
                 return cache.entry(plan, response, result.cost.total_usd, saved_context_usd=context)

@@ -191,6 +191,23 @@ class Bookkeeper:
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.served: Mapping[str, str] = {}  # names the adapter serves -> their models (Engine.serve)
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
+        self._caching: set[str] = set()  # targets whose provider reported a prompt-cache read (context_saving)
+
+    def context_saving(self, outcome: Outcome) -> float | None:
+        """What the context policies saved ``outcome``'s call (:func:`.accounting.measured_context_saving`),
+        its untouched history read from the provider's cache only where its target's provider has
+        reported a cache read in this process (this call's included): an OpenAI-compatible endpoint
+        that caches nothing had the untouched history priced as cache reads, and trimming that cut the
+        bill by three quarters said it had cost more."""
+        plan = outcome.plan
+        tokens = plan.context_tokens if plan is not None else None
+        if plan is not None and tokens is not None and tokens.cached and outcome.usage.source == "provider":
+            target = plan.deployment or plan.model
+            if outcome.usage.cache_read_tokens > 0:
+                self._caching.add(target)  # a set's add: atomic under the GIL
+            elif target not in self._caching:
+                outcome = replace(outcome, plan=plan.override(context_tokens=replace(tokens, cached=False)))
+        return measured_context_saving(outcome, self.catalog)
 
     def recent(self, prefix: str, model: str, app: str | None, fetched: Prefetch | None = None) -> list[float]:
         """Recent reply facts of ``model`` for ``app``: ``keys.OUTPUT`` (output tokens) or
@@ -596,7 +613,7 @@ class Bookkeeper:
         plan = outcome.plan
         saved = plan.estimated_savings_usd if plan else 0.0
         by_cache = (saved if cached_usd is None else cached_usd) if outcome.usage.source == "cache" else 0.0
-        measured = measured_context_saving(outcome, self.catalog)
+        measured = self.context_saving(outcome)
         by_context = saved - by_cache if measured is None else measured
         by_routing = 0.0
         if plan is not None and (baseline := self._baseline_model(plan.call.model)) != plan.model:
