@@ -454,3 +454,31 @@ def test_budgets_refuses_a_config_it_cannot_read_budgets_from(tmp_path, capsys) 
     config.write_text(f"store: redis://127.0.0.1:{_free_port()}/0\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")
     code, _, err = run(capsys, "budgets", "--config", str(config))
     assert code == 2 and "ConnectionError" in err and "Traceback" not in err
+
+
+def test_report_and_drain_leave_a_database_that_is_no_ledger_as_it_is(tmp_path, capsys) -> None:
+    """``report`` on an empty file, or on another program's SQLite database, added the ledger's tables
+    to it and said "0 calls"; ``ledger drain`` took any URL scheme and said "nothing to drain"."""
+    import sqlite3
+
+    empty, other = tmp_path / "empty.db", tmp_path / "other.db"
+    empty.touch()
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE foo (x INTEGER)")
+    for path in (empty, other):
+        before = path.read_bytes()
+        code, _, err = run(capsys, "report", "--ledger", str(path))
+        assert code == 2 and "is not a router-middleware ledger (no calls table)" in err
+        assert path.read_bytes() == before
+    for url in ("mysql://u@db/ledger", "ftp://x/y"):
+        code, out, err = run(capsys, "ledger", "drain", "--ledger", url)
+        assert code == 2 and "unsupported scheme" in err and "nothing to drain" not in out
+
+
+def test_replay_reports_a_session_with_no_calls(tmp_path, capsys) -> None:
+    """Its ``--json`` report divided by its zero calls (a ZeroDivisionError's traceback)."""
+    session = json.loads(Path(bundled_sessions()[0]).read_text())
+    path = tmp_path / "no-calls.json"
+    path.write_text(json.dumps({**session, "calls": []}))
+    code, out, err = run(capsys, "replay", str(path), "--json")
+    assert code == 0 and json.loads(out)["calls"] == 0 and "Traceback" not in err

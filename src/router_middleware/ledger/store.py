@@ -6,10 +6,12 @@ The schema is versioned: ``schema_version`` holds the applied migration number a
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import quote
 
 from ..errors import STOPPED_BY, LedgerError, MissingExtra
 from ..telemetry import log
@@ -87,6 +89,17 @@ def _migrate(execute: Any, fetch_version: Any) -> None:
         execute(f"INSERT INTO schema_version (version) VALUES ({len(MIGRATIONS)})")
     elif version < len(MIGRATIONS):
         execute(f"UPDATE schema_version SET version = {len(MIGRATIONS)}")
+
+
+def _has_ledger_tables(path: str) -> bool:
+    """Whether the SQLite file at ``path`` holds a ledger's tables (read only: a report never creates
+    or changes a database). A file that is no database is said by :class:`SQLiteLedger` as before."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'").fetchone() \
+                is not None
+    except sqlite3.DatabaseError:
+        return True
 
 
 class SQLiteLedger:
@@ -198,6 +211,8 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
     if not create and not Path(path).exists():
         raise LedgerError(f"no ledger at {path!r} (file not found; a pipeline writes it with its first row: a "
                           "call answered, failed or stopped, not one refused before any attempt)")
+    if not create and not _has_ledger_tables(path):  # opening it would add them (an empty file, another database)
+        raise LedgerError(f"{path!r} is not a router-middleware ledger (no calls table): left as it is")
     try:
         return SQLiteLedger(path, 30.0 if wait_s is None else wait_s)
     except sqlite3.DatabaseError as exc:

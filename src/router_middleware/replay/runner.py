@@ -257,7 +257,7 @@ class ReplayReport:
         """Per model: baseline vs recorded input tokens, and cached shares, on sessions with usage."""
         by_model: dict[str, list[SessionReport]] = {}
         for s in self.sessions:
-            if s.recorded.has_usage:
+            if s.recorded.has_usage and s.calls:  # a session with no calls has nothing to compare
                 by_model.setdefault(s.model, []).append(s)
         out = {}
         for model, group in by_model.items():
