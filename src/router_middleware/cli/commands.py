@@ -174,12 +174,10 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 def cmd_ledger_drain(args: argparse.Namespace) -> int:
     from ..ledger import open_ledger
     from ..ledger.spool import QUARANTINE, DatabaseUnavailable, Spool, default_spool
+    from ..ledger.store import ledger_scheme
 
     url = args.ledger if "://" in args.ledger else f"sqlite:///{args.ledger}"
-    scheme = url.split("://", 1)[0]
-    if scheme not in ("sqlite", "postgresql", "postgres"):  # as report and replay say it, not "nothing to drain"
-        raise RouterMiddlewareError(f"--ledger: unsupported scheme {scheme!r} (use a file path, sqlite:///path.db "
-                                    "or postgresql://...)")
+    ledger_scheme(url)  # one no ledger opens is said as report and replay say it, not "nothing to drain"
     folder = Path(args.spool) if args.spool else default_spool(url)
     if args.spool and not folder.is_dir():  # a folder named by hand that is not there: a typo, not "nothing"
         raise RouterMiddlewareError(f"--spool {args.spool}: no such folder")

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 from ..errors import STOPPED_BY, LedgerError, MissingExtra
+from ..stores import sqlite_path
 from ..telemetry import log
 from ..urls import without_password
 from .record import COLUMNS, LedgerRecord
@@ -182,6 +183,15 @@ class PostgresLedger:
         self.db.close()
 
 
+def ledger_scheme(url: str) -> str | None:
+    """The scheme of ledger ``url`` (``None``: a file path); ``LedgerError`` for one no ledger opens."""
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme not in (None, "sqlite", "postgresql", "postgres"):
+        raise LedgerError(f"ledger {without_password(url)!r}: unsupported scheme {scheme!r} "
+                          "(use a file path, sqlite:///path.db or postgresql://...)")
+    return scheme
+
+
 def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -> LedgerDB:
     """``sqlite:///path.db`` (or a plain file path) or ``postgresql://user@host:port/db``.
 
@@ -189,7 +199,7 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
     it fails; None: SQLite waits 30 s for a lock, PostgreSQL as long as it takes (a report's query).
     Raises ``LedgerError`` naming the ledger when it cannot be opened; with ``create=False`` a
     SQLite file that does not exist is such an error (a report never creates an empty ledger)."""
-    scheme = url.split("://", 1)[0] if "://" in url else None
+    scheme = ledger_scheme(url)
     if scheme in ("postgresql", "postgres"):
         try:
             import psycopg
@@ -200,10 +210,7 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LedgerError(f"cannot open the PostgreSQL ledger {without_password(url)}: {reason}") from None
-    if scheme not in (None, "sqlite"):
-        raise LedgerError(f"ledger {without_password(url)!r}: unsupported scheme {scheme!r} "
-                          "(use a file path, sqlite:///path.db or postgresql://...)")
-    path = (url[len("sqlite:///"):] if url.startswith("sqlite:///") else url[len("sqlite://"):]) if scheme else url
+    path = (sqlite_path(url) or "") if scheme else url
     if not path:  # sqlite3 would open a private temporary database, gone with the connection
         raise LedgerError(f"ledger {url!r} names no file (use sqlite:///path.db)")
     if Path(path).is_dir():

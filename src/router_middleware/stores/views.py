@@ -90,7 +90,10 @@ class StoreView(Mapping[str, V], Generic[V]):
     def get(self, key: str, default: Any = None) -> Any:
         """As ``Mapping.get``, without raising a ``KeyError`` for a missing key (the common case: no
         cooldown, no quota used; read on every call)."""
-        raw = self._read(key)
+        return self.decoded_or(key, self._read(key), default)
+
+    def decoded_or(self, key: str, raw: bytes | None, default: Any) -> Any:
+        """``raw`` as :meth:`decode` reads it, or ``default`` where it reads as missing."""
         if raw is None:
             return default
         try:
@@ -255,13 +258,7 @@ class _Prefetched(Mapping[str, V], Generic[V]):
 
     def get(self, key: str, default: Any = None) -> Any:
         """As ``Mapping.get``, without raising a ``KeyError`` for a missing key."""
-        found, raw = self._raw(key)
-        if raw is None:
-            return default
-        try:
-            return self.view.decode(key, raw)
-        except KeyError:
-            return default
+        return self.view.decoded_or(key, self._raw(key)[1], default)
 
     def _raw(self, key: str) -> tuple[bool, bytes | None]:
         """Whether the call or the process knows ``key``'s stored value, and that value (``None``:
