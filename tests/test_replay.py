@@ -292,3 +292,28 @@ def test_a_recording_with_content_parts_no_request_may_carry_still_loads_and_rep
     loaded = load_session(path)
     assert loaded.messages[session["messages"].index(first)]["content"][1] == "a bare string"
     assert replay([loaded], Pipeline()).as_dict()["calls"] == len(loaded.calls)
+
+
+def test_a_session_with_one_call_without_usage_keeps_the_others_and_says_so(tmp_path, capsys) -> None:
+    """One call recorded without usage made the whole session's recorded account vanish, silently:
+    `recorded` null and no fidelity, with nothing said. Now the calls with usage are kept, the one
+    without is counted and named, and the session is left out of the recorded total (its baseline
+    covers every call, so a partial recorded account would not compare)."""
+    session = json.loads(open(bundled_sessions()[0]).read())
+    calls = len(session["calls"])
+    del session["calls"][40]["usage"]
+    path = tmp_path / "one-missing.json"
+    path.write_text(json.dumps(session))
+    whole = replay([load_session(bundled_sessions()[0])], Pipeline()).as_dict()
+    assert main(["replay", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    recorded = data["per_session"][0]["recorded"]
+    assert recorded["calls_without_usage"] == 1
+    assert 0 < recorded["input_tokens"] < whole["recorded"]["input_tokens"]
+    assert data["recorded"]["sessions_left_out"] == 1 and data["recorded"]["calls_without_usage"] == 1
+    assert data["fidelity"] == {} and whole["recorded"]["calls_without_usage"] == 0
+    assert f"{path}: call 40 has no usage (1 of {calls} calls)" in err
+    assert main(["replay", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert f"1 call of {calls} recorded no usage (call 40)" in " ".join(out.split())

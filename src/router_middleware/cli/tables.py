@@ -97,13 +97,26 @@ def _block(labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
+def _without_usage(session: SessionReport) -> list[str]:
+    """A session some of whose calls recorded usage and some not: which not, and that no recorded row
+    compares it (a session that recorded none, as chat logs often do, has no recorded row either)."""
+    missing = session.recorded.without_usage
+    if not missing or not session.recorded.calls:
+        return []
+    steps = ", ".join(str(step) for step in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return textwrap.wrap(f"recorded: {counted(len(missing), 'call')} of {session.calls} recorded no usage "
+                         f"(call {steps}): no recorded row, and left out of the recorded total",
+                         width=78, initial_indent="  ", subsequent_indent="  ")
+
+
 def replay_table(report: ReplayReport, title: str, config: str) -> str:
     """The replay as text: one block per session (id, model, calls) with a row per account, a total
     block, the integrity and retention figures and a legend."""
     out = [*textwrap.wrap(title, width=80), "", _line(HEADER), "-" * len(_line(HEADER))]
     for s in report.sessions:
-        rows = list(_account_rows(s.recorded if s.recorded.has_usage else None, s.baseline, s.optimized))
-        out += _block([s.id, s.model.rsplit("/", 1)[-1], counted(s.calls, "call")], rows) + [""]
+        rows = list(_account_rows(s.recorded if s.recorded.complete else None, s.baseline, s.optimized))
+        out += _block([s.id, s.model.rsplit("/", 1)[-1], counted(s.calls, "call")], rows)
+        out += [*_without_usage(s), ""]
     calls = sum(s.calls for s in report.sessions)
     out += _block(["total", counted(len(report.sessions), "session"), counted(calls, "call")],
                   list(_account_rows(*report.accounts())))

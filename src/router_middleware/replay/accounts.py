@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..catalog import ModelInfo
 from ..pricing import price
@@ -44,7 +44,7 @@ class Account:
         for name in self.__dataclass_fields__:
             if name == "max_request_tokens":
                 self.max_request_tokens = max(self.max_request_tokens, other.max_request_tokens)
-            elif name != "has_usage":
+            elif name != "without_usage":
                 setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, float | int | None]:
@@ -62,15 +62,29 @@ class Account:
 
 @dataclass
 class Recorded(Account):
+    """What the provider reported: the calls recorded with usage (``calls``), and the steps of those
+    recorded without it (``without_usage``, not merged: only whole sessions are summed)."""
+
     reported_cost_usd: float = 0.0
     unreported_calls: int = 0  # calls recorded with usage but no cost
-    has_usage: bool = True
+    calls: int = 0
+    without_usage: list[int] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """Did every call record usage (and was there one)? Only then is it comparable to the baseline."""
+        return self.calls > 0 and not self.without_usage
+
+    def add(self, usage: Usage, cost: float | None) -> None:
+        super().add(usage, cost)
+        self.calls += 1
 
     def as_dict(self) -> dict[str, float | int | None]:
         data = super().as_dict()
         data["priced_usd"] = data.pop("cost_usd")
         data["cost_usd"] = None if self.unreported_calls else round(self.reported_cost_usd, 6)
         data["unreported_calls"] = self.unreported_calls
+        data["calls_without_usage"] = len(self.without_usage)
         return data
 
 

@@ -102,7 +102,7 @@ class SessionReport:
             "model": self.model,
             "price_source": self.price_source,
             "calls": self.calls,
-            "recorded": self.recorded.as_dict() if self.recorded.has_usage else None,
+            "recorded": self.recorded.as_dict() if self.recorded.calls else None,
             "baseline": self.baseline.as_dict(),
             "optimized": self.optimized.as_dict(),
             "integrity_violations": self.integrity_violations,
@@ -196,7 +196,7 @@ def replay_session(
             report.calibrated_error += abs(calibration.apply(counted) - usage.prompt_tokens)
             calibration.observe(counted, usage.prompt_tokens)
         else:
-            report.recorded.has_usage = False
+            report.recorded.without_usage.append(step)
         if on_call is not None:
             on_call()
     report.routed = routed.account if routed is not None else None
@@ -229,24 +229,32 @@ class ReplayReport:
     sessions: list[SessionReport]
 
     def accounts(self) -> tuple[Recorded | None, Account, Account]:
-        """The recorded (None when no session has usage), baseline and optimized accounts summed."""
+        """The recorded (of the sessions whose every call recorded usage; None when there is none),
+        baseline and optimized accounts summed."""
         recorded, baseline, optimized = Recorded(), Account(), Account()
         for s in self.sessions:
-            if s.recorded.has_usage:
+            if s.recorded.complete:
                 recorded.merge(s.recorded)
             baseline.merge(s.baseline)
             optimized.merge(s.optimized)
-        return (recorded if any(s.recorded.has_usage for s in self.sessions) else None), baseline, optimized
+        return (recorded if any(s.recorded.complete for s in self.sessions) else None), baseline, optimized
+
+    def left_out(self) -> list[SessionReport]:
+        """The sessions with calls left out of the recorded total: some or all recorded no usage."""
+        return [s for s in self.sessions if s.recorded.without_usage]
 
     def totals(self) -> dict[str, object]:
         recorded, baseline, optimized = self.accounts()
-        recorded = recorded or Recorded()
+        recorded_data = (recorded or Recorded()).as_dict()
+        left_out = self.left_out()
+        recorded_data["calls_without_usage"] = sum(len(s.recorded.without_usage) for s in left_out)
+        recorded_data["sessions_left_out"] = len(left_out)
         retained = sum(s.retained for s in self.sessions)
         relevant = sum(s.relevant for s in self.sessions)
         return {
             "sessions": len(self.sessions),
             "calls": sum(s.calls for s in self.sessions),
-            "recorded": recorded.as_dict(),
+            "recorded": recorded_data,
             "baseline": baseline.as_dict(),
             "optimized": optimized.as_dict(),
             "integrity_violations": sum(s.integrity_violations for s in self.sessions),
@@ -257,7 +265,7 @@ class ReplayReport:
         """Per model: baseline vs recorded input tokens, and cached shares, on sessions with usage."""
         by_model: dict[str, list[SessionReport]] = {}
         for s in self.sessions:
-            if s.recorded.has_usage and s.calls:  # a session with no calls has nothing to compare
+            if s.recorded.complete:  # every call's usage, to compare with every call's baseline
                 by_model.setdefault(s.model, []).append(s)
         out = {}
         for model, group in by_model.items():
