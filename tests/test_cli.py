@@ -129,6 +129,23 @@ def test_ledger_keeps_unknown_cost_unknown(tmp_path, capsys) -> None:
     db.close()
     code, out, _ = run(capsys, "report", "--ledger", str(ledger))
     assert code == 0 and "3 calls have no price" in " ".join(out.split()) and "unknown" in out
+    assert "cost unknown (unknown without the middleware)" in " ".join(out.split())  # said $0.0000 at the top
+
+
+def test_report_json_and_html_keep_unknown_cost_unknown(tmp_path, capsys) -> None:
+    """The text report said unknown where --json said cost_usd 0 and --html "$0.0000", for a model with
+    no price: a dashboard reading the JSON showed those calls as free."""
+    ledger = tmp_path / "l.db"
+    assert run(capsys, "replay", str(unknown_model_session(tmp_path)), "--ledger", str(ledger))[0] == 0
+    code, out, _ = run(capsys, "report", "--ledger", str(ledger), "--json")
+    data = json.loads(out)
+    for row in (data["totals"], *data["by_model"], *data["by_provider"]):
+        assert row["unpriced_calls"] == 3 and row["cost_usd"] is None and row["baseline_cost_usd"] is None
+    html = tmp_path / "r.html"
+    assert run(capsys, "report", "--ledger", str(ledger), "--html", str(html))[0] == 0
+    page = html.read_text()
+    assert "cost unknown vs unknown without the middleware" in page and "$0.0000" not in page
+    assert "<td>unknown</td>" in page
 
 
 def test_replay_says_each_config_typo_once_and_an_alias_target_with_no_price(tmp_path, capsys) -> None:

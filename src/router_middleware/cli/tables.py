@@ -281,10 +281,9 @@ def print_report(report: dict[str, Any]) -> None:
         for column in ("calls", "input", "cached", "output", "reasoning", "cost", "baseline"):
             table.add_column(column, justify="right", no_wrap=True)
         for r in report[f"by_{group}"]:
-            cost = None if r["unpriced_calls"] and not r["priced_calls"] else r["cost_usd"]
             table.add_row(_Name(str(r["key"] or "-")), f"{r['calls']:,}", f"{r['input_tokens']:,}",
                           f"{r['cached_tokens']:,}", f"{r['output_tokens']:,}", f"{r['reasoning_tokens']:,}",
-                          money(cost), money(None if cost is None else r["baseline_cost_usd"]))
+                          money(r["cost_usd"]), money(r["baseline_cost_usd"]))  # None: no call with a price
         console.print(table)
     for title in ("token_mix", "savings_by_policy"):
         table = Table(title=title.replace("_", " "))

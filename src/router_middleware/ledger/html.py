@@ -72,15 +72,20 @@ def _table(rows: list[dict[str, Any]], title: str, key: str) -> str:
     head = ("key", "calls", "failed_calls", "stopped_calls", "input_tokens", "cached_tokens", "output_tokens",
             "reasoning_tokens", "cost_usd", "baseline_cost_usd")
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in head) + "</tr>" for r in rows)
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c), c))}</td>" for c in head) + "</tr>" for r in rows)
     return (f"<h2>{html.escape(title)}</h2><table><thead><tr>"
             + "".join(f"<th>{html.escape(key) if c == 'key' else c.replace('_', ' ')}</th>" for c in head)
             + f"</tr></thead><tbody>{body}</tbody></table>")
 
 
-def _fmt(value: Any) -> str:
+def _usd(value: float | None) -> str:
+    """A cost in the summary: unknown (no call with a price), never $0."""
+    return "unknown" if value is None else f"${value:,.4f}"
+
+
+def _fmt(value: Any, column: str = "") -> str:
     if value is None:
-        return "-"
+        return "unknown" if column.endswith("_usd") else "-"
     if isinstance(value, float):
         return f"{value:,.6f}"
     if isinstance(value, int):
@@ -94,8 +99,9 @@ def render_html(report: dict[str, Any]) -> str:
     mix = report["token_mix"]
     charts = [
         "<h2>Tokens over time by model</h2>" + _stacked(report["timeline"], "tokens-over-time"),
-        "<h2>Cost by app (USD)</h2>" + _bars([(r["key"] or "(none)", float(r["cost_usd"] or 0))
-                                                for r in report["by_app"]], unit="USD", title="cost by app",
+        "<h2>Cost by app (USD)</h2>" + _bars([(r["key"] or "(none)", float(r["cost_usd"]))
+                                                for r in report["by_app"] if r["cost_usd"] is not None],
+                                               unit="USD", title="cost by app",
                                                chart_id="cost-by-app"),
         "<h2>Savings by policy (USD)</h2>" + _bars([(k, float(v or 0)) for k, v in savings.items()], unit="USD",
                                                      title="savings by policy", chart_id="savings-by-policy"),
@@ -107,8 +113,8 @@ def render_html(report: dict[str, Any]) -> str:
     summary = (f"<p>{counted(totals['calls'], 'call')}{f' of {only}' if only else ''}{f' ({ended})' if ended else ''}, "
                f"{totals['input_tokens']:,} input tokens "
                f"({totals['cached_tokens']:,} from cache), {totals['output_tokens']:,} output tokens "
-               f"({totals['reasoning_tokens']:,} reasoning); cost ${totals['cost_usd']:,.4f} vs "
-               f"${totals['baseline_cost_usd'] or 0:,.4f} without the middleware; response-cache hit rate "
+               f"({totals['reasoning_tokens']:,} reasoning); cost {_usd(totals['cost_usd'])} vs "
+               f"{_usd(totals['baseline_cost_usd'])} without the middleware; response-cache hit rate "
                f"{report['cache_hit_rate']:.1%}.</p>")
     tables = "".join(_table(report[f"by_{g}"], f"By {g}", g) for g in GROUPS
                      if report[f"by_{g}"] or g not in NAMED_ONLY | LABELS)

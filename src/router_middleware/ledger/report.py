@@ -57,6 +57,8 @@ def _row(names: tuple[str, ...], values: tuple[Any, ...]) -> dict[str, Any]:
         elif name != "key" and value is None:
             value = 0
         out[name] = int(value) if name.endswith("tokens") or name.endswith(("calls", "cache_hits")) else value
+    if out.get("unpriced_calls") and not out.get("priced_calls"):  # no call with a price: unknown, never $0
+        out["cost_usd"] = out["baseline_cost_usd"] = None
     return out
 
 
