@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -313,6 +314,9 @@ def _errors(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["report", "--ledger", str(ledger), "--html", str(tmp_path / "no" / "r.html")], "does not exist"),
         (["report", "--ledger", str(ledger), "--since", "yesterday"], "--since 'yesterday': expected a date"),
         (["replay", *bundled_sessions(), "--ledger", str(tmp_path / "no" / "x.db")], "cannot be opened"),
+        # config refuses a scheme without '//' (read as a file path: sqlite:y.db was a file of that name)
+        (["replay", *bundled_sessions(), "--ledger", f"sqlite:{tmp_path}/y.db"], "'sqlite:' with no '//' after it"),
+        (["report", "--ledger", "sqlite:///"], "this one names no file"),
         (["replay", *bundled_sessions(), "--config", str(bad_yaml)],
          "bad.yaml: line 4, column 4: not valid YAML: expected ',' or ']'"),
     ]
@@ -466,6 +470,13 @@ def test_budgets_refuses_a_config_it_cannot_read_budgets_from(tmp_path, capsys) 
     config.write_text(f"store: sqlite:///{tmp_path / 'none.db'}\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")
     code, _, err = run(capsys, "budgets", "--config", str(config))
     assert code == 2 and "no store at sqlite:///" in err and not (tmp_path / "none.db").exists()  # none made
+    ledger = tmp_path / "ledger.db"  # the ledger given as the store, by mistake: it got the store's tables
+    assert run(capsys, "replay", bundled_sessions()[0], "--ledger", str(ledger))[0] == 0
+    config.write_text(f"store: sqlite:///{ledger}\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")
+    code, _, err = run(capsys, "budgets", "--config", str(config))
+    assert code == 2 and "is not a router-middleware store (no kv table): left as it is" in err
+    with sqlite3.connect(ledger) as db:
+        assert not db.execute("SELECT name FROM sqlite_master WHERE name IN ('kv', 'holds', 'lists')").fetchall()
     from .conftest import _free_port
 
     config.write_text(f"store: redis://127.0.0.1:{_free_port()}/0\nrouting: {{budgets: [{{name: day, usd: 1}}]}}\n")

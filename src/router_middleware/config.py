@@ -26,6 +26,7 @@ from pydantic import (
 
 from .errors import ConfigError
 from .files import read_text
+from .urls import ledger_url_problem, sqlite_problem
 
 PER_MILLION = 1_000_000
 
@@ -277,24 +278,10 @@ def _store_scheme(url: str | None) -> str | None:
                          + (f"; did you mean {close[0]!r}?" if close else ""))
     problem = _redis_problem(url) if scheme.lower() in _REDIS_SCHEMES else None
     if scheme.lower() == "sqlite":
-        problem = _sqlite_problem(url)
+        problem = sqlite_problem(url)
     if problem:
         raise ValueError(problem)
     return url
-
-
-def _sqlite_problem(url: str) -> str | None:
-    """What is wrong with a ``sqlite:`` URL its reader would misread, ``None`` when nothing: fewer
-    slashes before the path than the reader cuts off (``sqlite:x.db`` opened the file ``db``; a store
-    and a ledger read ``sqlite://x.db`` as ``x.db``), or no path (a private temporary database per
-    connection, shared with no one)."""
-    rest = url[len("sqlite:"):]
-    path = rest[3:] if rest.startswith("///") else rest[2:] if rest.startswith("//") else None
-    if path:
-        return None
-    given = rest.removeprefix("//") if path is None else ""
-    return ("a SQLite URL is sqlite:///PATH (a relative path) or sqlite:////ABSOLUTE/PATH"
-            + (f"; did you mean 'sqlite:///{given}'?" if given else ": this one names no file"))
 
 
 def _redis_problem(url: str) -> str | None:
@@ -608,10 +595,6 @@ class RoutingConfig(_Strict):
             raise ValueError("free_tier.prefer needs 'models': the OpenRouter models to try free first, or ['*']")
 
 
-_LEDGER_SCHEMES = ("sqlite", "postgresql", "postgres")
-_LEDGER_FORMS = "use a file path, sqlite:///path.db or postgresql://..."
-
-
 class LedgerConfig(_Strict):
     """Where every call is recorded: ``sqlite:///path.db`` or ``postgresql://...``; off when unset."""
 
@@ -624,17 +607,7 @@ class LedgerConfig(_Strict):
         """Refused at load, not at the first row (which would go to the spool for good): a scheme the
         ledger does not open, a SQLite URL it would misread, and a scheme missing its ``//`` (read as a
         file path: ``sqlite:x.db`` was a file of that name). The URL is not quoted: it may hold a password."""
-        if not url:
-            return url
-        scheme, slashes, _ = url.partition("://")
-        start = url.partition(":")[0]
-        if not slashes and start.isalpha() and difflib.get_close_matches(start.lower(), _LEDGER_SCHEMES, n=1):
-            raise ValueError(f"{start + ':'!r} with no '//' after it is read as a file path's start ({_LEDGER_FORMS})")
-        if slashes and scheme not in _LEDGER_SCHEMES:
-            close = difflib.get_close_matches(scheme.lower(), _LEDGER_SCHEMES, n=1)
-            raise ValueError(f"unsupported scheme {scheme!r} ({_LEDGER_FORMS})"
-                             + (f"; did you mean {close[0]!r}?" if close else ""))
-        problem = _sqlite_problem(url) if scheme == "sqlite" else None
+        problem = ledger_url_problem(url) if url else None
         if problem:
             raise ValueError(problem)
         return url

@@ -134,6 +134,7 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..routing.budgets import counter_key, scope_value
     from ..stores import in_process, open_store, sqlite_path
+    from ..stores.sqlite import has_table
     from ..types import AgentContext
 
     config = load_config(args.config)
@@ -147,6 +148,9 @@ def cmd_budgets(args: argparse.Namespace) -> int:
     where = without_password(config.store)
     if (path := sqlite_path(config.store)) is not None and not Path(path).is_file():
         raise RouterMiddlewareError(f"{args.config}: no store at {where}: no call has used it yet")
+    if path is not None and not has_table(path, "kv"):  # opening it would add the store's tables
+        raise RouterMiddlewareError(f"{args.config}: {path!r} is not a router-middleware store (no kv table): "
+                                    "left as it is")
     store = open_store(config.store, timeout_s=max(config.store_timeout_s, 5.0))
     now = time.time()
     rows: list[dict[str, object]] = []

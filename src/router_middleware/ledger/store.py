@@ -6,17 +6,16 @@ The schema is versioned: ``schema_version`` holds the applied migration number a
 
 from __future__ import annotations
 
-import contextlib
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
 
 from ..errors import STOPPED_BY, LedgerError, MissingExtra
 from ..stores import sqlite_path
+from ..stores.sqlite import has_table
 from ..telemetry import log
-from ..urls import without_password
+from ..urls import ledger_url_problem, without_password
 from .record import COLUMNS, LedgerRecord
 
 _STOPPED = ", ".join(f"'{name}'" for name in sorted(STOPPED_BY))
@@ -90,17 +89,6 @@ def _migrate(execute: Any, fetch_version: Any) -> None:
         execute(f"INSERT INTO schema_version (version) VALUES ({len(MIGRATIONS)})")
     elif version < len(MIGRATIONS):
         execute(f"UPDATE schema_version SET version = {len(MIGRATIONS)}")
-
-
-def _has_ledger_tables(path: str) -> bool:
-    """Whether the SQLite file at ``path`` holds a ledger's tables (read only: a report never creates
-    or changes a database). A file that is no database is said by :class:`SQLiteLedger` as before."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)) as db:
-            return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'").fetchone() \
-                is not None
-    except sqlite3.DatabaseError:
-        return True
 
 
 class SQLiteLedger:
@@ -184,12 +172,12 @@ class PostgresLedger:
 
 
 def ledger_scheme(url: str) -> str | None:
-    """The scheme of ledger ``url`` (``None``: a file path); ``LedgerError`` for one no ledger opens."""
-    scheme = url.split("://", 1)[0] if "://" in url else None
-    if scheme not in (None, "sqlite", "postgresql", "postgres"):
-        raise LedgerError(f"ledger {without_password(url)!r}: unsupported scheme {scheme!r} "
-                          "(use a file path, sqlite:///path.db or postgresql://...)")
-    return scheme
+    """The scheme of ledger ``url`` (``None``: a file path); ``LedgerError`` for one no ledger opens or
+    would misread (:func:`~router_middleware.urls.ledger_url_problem`: config refuses the same)."""
+    problem = ledger_url_problem(url)
+    if problem:
+        raise LedgerError(f"ledger {without_password(url)!r}: {problem}")
+    return url.split("://", 1)[0] if "://" in url else None
 
 
 def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -> LedgerDB:
@@ -218,7 +206,7 @@ def open_ledger(url: str, *, create: bool = True, wait_s: float | None = None) -
     if not create and not Path(path).exists():
         raise LedgerError(f"no ledger at {path!r} (file not found; a pipeline writes it with its first row: a "
                           "call answered, failed or stopped, not one refused before any attempt)")
-    if not create and not _has_ledger_tables(path):  # opening it would add them (an empty file, another database)
+    if not create and not has_table(path, "calls"):  # opening it would add them (an empty file, another database)
         raise LedgerError(f"{path!r} is not a router-middleware ledger (no calls table): left as it is")
     try:
         return SQLiteLedger(path, 30.0 if wait_s is None else wait_s)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -11,6 +12,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from ..telemetry import log
 from .base import (
@@ -40,6 +42,19 @@ from .base import (
     unreadable,
     within_checks,
 )
+
+
+def has_table(path: str, table: str) -> bool:
+    """Whether the SQLite file at ``path`` holds ``table``, read only (a command that only reads never
+    creates or changes a database: an empty file, another program's). A file that is no database
+    answers True: its opener says what it is."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                              (table,)).fetchone() is not None
+    except sqlite3.DatabaseError:
+        return True
+
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)"
 HOLDS = ("CREATE TABLE IF NOT EXISTS holds (key TEXT NOT NULL, hold TEXT NOT NULL, amount REAL NOT NULL, "
