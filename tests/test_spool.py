@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -117,8 +118,27 @@ def test_a_dead_workers_spool_is_drained_by_another_process(ledger_url, tmp_path
     live.write_text(json.dumps(asdict(_row("live"))) + "\n")
     assert main(["ledger", "drain", "--ledger", ledger_url, "--spool", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "50 rows written" in out and f"1 rows left to process {os.getppid()}" in out
+    assert "50 rows written" in out and f"1 row left to process {os.getppid()}" in out
     assert _count(ledger_url) == 50 and live.exists()
+
+
+def test_a_drain_counts_a_row_the_ledger_held_already_once_not_as_written(ledger_url, tmp_path,  # noqa: F811
+                                                                        capsys) -> None:
+    """A spool's line repeated, or a row the ledger held already (a drain cut short, run again), was
+    counted as written: "3 rows written" for one new row."""
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    db = open_ledger(ledger_url)
+    db.insert([_row("old")])
+    db.close()
+    lines = [json.dumps(asdict(_row(call_id))) for call_id in ("old", "new", "new")]
+    writer = subprocess.Popen(["true"])  # a writer that has exited: its spool is anyone's to drain
+    writer.wait()
+    (folder / f"rows-{writer.pid}.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["ledger", "drain", "--ledger", ledger_url, "--spool", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("1 row written from") and "(2 more it held already: each kept once)" in out
+    assert _count(ledger_url) == 2 and not list(folder.glob("rows-*"))
 
 
 def test_drain_names_a_spool_folder_given_that_is_not_there(tmp_path, capsys) -> None:
@@ -351,6 +371,9 @@ def test_a_drain_another_writer_of_the_process_is_running_is_not_taken_back(tmp_
             if threading.current_thread().name == "first":
                 self.gate.wait(10)
             self.inserted += [(threading.current_thread().name, r.call_id) for r in records]
+
+        def query(self, sql, params=()) -> list:  # which rows it holds already: none
+            return []
 
     folder = tmp_path / "spool"
     first, second = Spool(folder), Spool(folder)

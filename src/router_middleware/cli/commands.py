@@ -182,11 +182,12 @@ def cmd_budgets(args: argparse.Namespace) -> int:
 
 def cmd_ledger_drain(args: argparse.Namespace) -> int:
     from ..ledger import open_ledger
+    from ..ledger.report import counted
     from ..ledger.spool import QUARANTINE, DatabaseUnavailable, Spool, default_spool
     from ..ledger.store import ledger_scheme
 
+    ledger_scheme(args.ledger)  # one no ledger opens is said as report and replay say it, not "nothing to drain"
     url = args.ledger if "://" in args.ledger else f"sqlite:///{args.ledger}"
-    ledger_scheme(url)  # one no ledger opens is said as report and replay say it, not "nothing to drain"
     folder = Path(args.spool) if args.spool else default_spool(url)
     if args.spool and not folder.is_dir():  # a folder named by hand that is not there: a typo, not "nothing"
         raise RouterMiddlewareError(f"--spool {args.spool}: no such folder")
@@ -203,10 +204,12 @@ def cmd_ledger_drain(args: argparse.Namespace) -> int:
                                     f"the rows stay in {folder}") from exc
     finally:
         db.close()
-    print(f"{done.written:,} rows written from {folder} to the ledger; {done.quarantined:,} lines quarantined"
+    print(f"{counted(done.written, 'row')} written from {folder} to the ledger"
+          + (f" ({done.already:,} more it held already: each kept once)" if done.already else "")
+          + f"; {counted(done.quarantined, 'line')} quarantined"
           + (f" (see {folder / QUARANTINE})" if done.quarantined else ""))
     for pid, rows in sorted(done.held.items()):
-        print(f"{rows:,} rows left to process {pid}, which is still running (it drains them itself)")
+        print(f"{counted(rows, 'row')} left to process {pid}, which is still running (it drains them itself)")
     return 0
 
 

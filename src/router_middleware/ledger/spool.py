@@ -72,6 +72,19 @@ def insert_tolerant(db: LedgerDB, records: Sequence[LedgerRecord]) -> list[tuple
     return rejected
 
 
+def _present(db: LedgerDB, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` the ledger holds already; :class:`DatabaseUnavailable` when it does not answer."""
+    found: set[str] = set()
+    try:
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            rows = db.query(f"SELECT call_id FROM calls WHERE call_id IN ({', '.join('?' * len(chunk))})", chunk)
+            found.update(str(row[0]) for row in rows)
+    except Exception as exc:  # noqa: BLE001 - the rows stay spooled: nothing is lost
+        raise DatabaseUnavailable(str(exc)[:200]) from exc
+    return found
+
+
 def _outage(exc: BaseException) -> bool:
     """A database error of the database, not of a row: DB-API's ``OperationalError`` (SQLite's full
     disk, read-only file, lock; PostgreSQL's lost connection, full disk) and PostgreSQL's read-only
@@ -112,9 +125,11 @@ def _rejections(rejected: Sequence[tuple[LedgerRecord, str]]) -> list[dict[str, 
 
 @dataclass
 class Drained:
-    """What a drain did: rows written, lines quarantined, rows left to live processes (by pid)."""
+    """What a drain did: rows written, rows already written, lines quarantined, rows left to live
+    processes (by pid)."""
 
     written: int = 0
+    already: int = 0  # rows the ledger held already, or a line repeated (a drain cut short, run again)
     quarantined: int = 0
     held: dict[int, int] = field(default_factory=dict)
 
@@ -217,8 +232,13 @@ class Spool:
         if dropped:
             log.warning("ledger_spool_fields_dropped", file=path.name, fields=sorted(dropped)[:10],
                         detail="rows a newer version spooled: written without the columns this version lacks")
+        first: dict[str, LedgerRecord] = {}
+        for record in records:  # a line repeated: its first is written, as INSERT OR IGNORE would keep it
+            first.setdefault(record.call_id, record)
         try:
-            rejected = insert_tolerant(db, records) if records else []
+            present = _present(db, list(first))
+            fresh = [r for r in first.values() if r.call_id not in present]
+            rejected = insert_tolerant(db, fresh) if fresh else []
         except DatabaseUnavailable:
             _append(path, records)  # back where it was, without the bad lines
             claimed.unlink()
@@ -228,7 +248,8 @@ class Spool:
         bad += _rejections(rejected)
         self._quarantine(bad)
         claimed.unlink()
-        done.written += len(records) - len(rejected)
+        done.written += len(fresh) - len(rejected)
+        done.already += len(records) - len(fresh)
         done.quarantined += len(bad)
 
     def quarantine(self, rejected: Sequence[tuple[LedgerRecord, str]]) -> None:
