@@ -436,6 +436,31 @@ def test_successful_calls_feed_the_averages() -> None:
     assert p.state.latency["x"] == pytest.approx(0.3 * 2.0 + 0.7 * 1.0)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+def test_a_fallback_s_speed_is_its_own_not_its_failed_predecessor_s(stream: bool, monkeypatch) -> None:
+    """A target that answered after another failed slowly was timed from the call's start: its latency
+    average took the failed attempt's 0.6 s, so a latency or :nitro route ranked the healthy target
+    low, and its span's time to first chunk exceeded the span's own duration."""
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    with scripted_upstream(status=500, delay_s=0.6) as (slow, _), scripted_upstream() as (good, _):
+        p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "deployments": {name: {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                            for name, base in (("slow", slow), ("good", good))},
+            "aliases": {"a": ["slow", "good"]}, "fallback": {"backoff_s": 0.01, "max_backoff_s": 0.02}}})
+        response = p.completion(model="a", messages=MESSAGES, stream=stream)
+        if stream:
+            for _ in response:
+                pass
+        answered = outcome(response)
+    assert answered.plan.deployment == "good" and answered.usage.source == "provider"
+    assert answered.latency_s is not None and answered.latency_s < 0.5
+    if stream:
+        assert answered.time_to_first_token_s is not None and answered.time_to_first_token_s < 0.5
+    assert p.state.latency["good"] < 0.5
+
+
 def test_weighted_spreads_load_by_weight() -> None:
     import time as clock
 

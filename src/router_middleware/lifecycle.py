@@ -264,9 +264,9 @@ class CallLifecycle:
                 self._refused(plan, refused)
                 raise
             plan, trace = engine.launch(plan, self.side_calls)
-            started = time.perf_counter()
             while True:
                 self._current = (plan, trace)
+                started = time.perf_counter()  # the attempt's own: a fallback's speed is not its failed predecessor's
                 try:
                     answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
                 except Exception as exc:
