@@ -439,3 +439,33 @@ def test_a_hit_s_stream_closed_early_is_recorded_as_stopped(tmp_path) -> None:
     finally:
         db.close()
     assert [row[:3] for row in rows] == [(0, None, "complete"), (1, "StreamLeft", "stopped")] and not rows[1][3]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+@pytest.mark.parametrize("own_store", [False, True], ids=["shared-store", "cache-store"])
+def test_an_answer_a_fallback_gave_is_served_to_the_same_request_routed_to_the_failing_target_again(
+        stream: bool, own_store: bool, monkeypatch, tmp_path) -> None:
+    """The answer was stored under the fallback's key, the lookup made under the first target's: while
+    the first kept failing (not yet cooled down, or `cooldown.failures: 10`), every identical request
+    missed, and paid the failed attempt and the fallback again."""
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    cache = {"store": f"sqlite:///{tmp_path}/cache.db"} if own_store else {}
+    with scripted_upstream(status=500) as (down, down_seen), scripted_upstream() as (good, good_seen):
+        p = Pipeline.from_config({"cache": cache, "routing": {
+            "deployments": {name: {"model": model, "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                            for name, model, base in (("down", "openai/gpt-4o", down), ("good", "openai/gpt-4o-mini",
+                                                                                           good))},
+            "aliases": {"a": ["down", "good"]}, "cooldown": {"failures": 10},
+            "fallback": {"backoff_s": 0.01, "max_backoff_s": 0.02}}})
+        answers = []
+        for _ in range(3):
+            response = p.completion(model="a", messages=MESSAGES, temperature=0, stream=stream)
+            if stream:
+                for _ in response:
+                    pass
+            answers.append(outcome(response))
+    assert [a.usage.source for a in answers] == ["provider", "cache", "cache"]
+    assert len(down_seen) == 1 and len(good_seen) == 1  # the failing target, and the fallback, once each
+    assert answers[1].model == answers[0].model and answers[1].cost.total_usd == 0

@@ -298,17 +298,6 @@ class ResponseCache:
         blob = json.dumps(stored, default=str).encode()
         return f"{space}:{request_key(plan)}", blob, self.ttl_s, space, self.max_entries
 
-    def save(self, plan: Plan, response: Any, cost_usd: float | None, saved_context_usd: float | None = None) -> bool:
-        self.last_error = None
-        try:
-            entry = self.entry(plan, response, cost_usd, saved_context_usd=saved_context_usd)
-            self.store.put_bounded(*entry)  # one round trip
-        except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
-            self.last_error = self.failed("write", exc)
-            return False
-        self.saved(plan, entry[0])
-        return True
-
     def saved(self, plan: Plan, key: str) -> None:
         """After a write: the semantic index learns the entry."""
         if self.semantic is not None:

@@ -213,6 +213,7 @@ class CallLifecycle:
         self.use_cache = cache and (read is None or answers is not None)
         self.answers = answers if read is not None else None
         self._keyed_as: tuple[Plan, Plan | None] | None = None  # the last plan an adapter's cache keyed, keyed
+        self._looked_up: str | None = None  # the response-cache key a routed call looked up (see _entries)
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.forced = bool(follow) and caller_sends  # targets sent whatever their quotas and probes say
@@ -506,8 +507,11 @@ class CallLifecycle:
         if keyed is None or cache is None or not cache.cacheable(keyed):
             return None, plan
         entry, error, loaded, response = None, None, None, None
+        key = key_for(keyed)
+        if any(d.policy == "routing" and d.action == "route" for d in plan.decisions):  # an alias's target
+            self._looked_up = key
         try:
-            entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
+            entry = cache.decode((yield StoreCall(cache.store, "get", (key,))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
             error = cache.failed("lookup", exc)
         if entry is None and cache.semantic is not None:
@@ -877,7 +881,8 @@ class CallLifecycle:
                                 self.books.context_saving(result))
             if cache.store is self.engine.store:
                 return entry
-            yield StoreCall(cache.store, "put_bounded", entry)
+            for each in self._entries(entry):
+                yield StoreCall(cache.store, "put_bounded", each)
             yield from self._cached(keyed, entry[0])
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
@@ -912,7 +917,7 @@ class CallLifecycle:
         failed = None
         if done.writes or entry is not None:
             try:
-                yield StoreCall(self.engine.store, "add_many", done.batch([entry] if entry is not None else []))
+                yield StoreCall(self.engine.store, "add_many", done.batch(self._entries(entry)))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
                 failed = exc
                 if not (isinstance(exc, PartialWrite) and exc.settled):  # the cache's entry failed alone
@@ -937,15 +942,25 @@ class CallLifecycle:
         if cache is None or wire.says_nothing(response):  # no answer to serve again: see _store
             return None
         context = self.books.context_saving(result)
-        if cache.store is self.engine.store:
-            try:
-                return cache.entry(plan, response, result.cost.total_usd, saved_context_usd=context)
-            except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
-                trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
-                return None
-        if not cache.save(plan, response, result.cost.total_usd, context):
-            trace.event("router_middleware.cache.error", {"reason": cache.last_error or "write failed"})
+        try:
+            entry = cache.entry(plan, response, result.cost.total_usd, saved_context_usd=context)
+            if cache.store is self.engine.store:
+                return entry
+            for each in self._entries(entry):
+                cache.store.put_bounded(*each)  # one round trip (two after a fallback answered)
+            cache.saved(plan, entry[0])
+        except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
+            trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
         return None
+
+    def _entries(self, entry: Bounded | None) -> list[Bounded]:
+        """``entry``; and where a routed call's answer came from another target than the one it looked
+        up (the first failed, or its admission moved it), the same entry under the key it looked up:
+        the next identical call, routed there again, is served it (naming the target that answered)."""
+        if entry is None:
+            return []
+        looked_up = self._looked_up
+        return [entry] if looked_up is None or looked_up == entry[0] else [entry, (looked_up, *entry[1:])]
 
     def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
         engine = self.engine
@@ -979,11 +994,13 @@ class CallLifecycle:
                 latency_s=time.perf_counter() - started,
                 time_to_first_token_s=(first - started) if first is not None else None,
             )
+            if saved and result.model and getattr(response, "model", None) != result.model:
+                response.model = result.model  # the provider's name, as an answer's hit gives (not the request's)
             entry = self._save(plan, response, result, trace) if saved else None
             if not complete or not assembled:  # only the finishes the provider sent
                 result = replace(result, finish_reasons=stream_finish_reasons(chunks))
             result, failed = self.books.settle(result, self.held, chunks[0], complete=complete, error=error,
-                                               bounded=[entry] if entry is not None else ())  # headers ride on chunks
+                                               bounded=self._entries(entry))  # headers ride on chunks
             if entry is not None and engine.cache is not None:
                 if failed is None or isinstance(failed, PartialWrite) and failed.cache_written:  # settlement alone
                     engine.cache.saved(plan, entry[0])
