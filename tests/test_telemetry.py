@@ -648,12 +648,16 @@ def test_a_flush_says_true_when_the_collector_took_everything() -> None:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        handle = configure_telemetry(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=2.0, set_global=False)
-        handle.tracer_provider.get_tracer("t").start_span("s").end()
-        handle.meter_provider.get_meter("m").create_counter("c").add(1)
-        assert handle.force_flush(timeout_ms=10_000) is True
-        assert sorted(set(paths)) == ["/v1/metrics", "/v1/traces"]
-        assert handle.shutdown(timeout_ms=10_000) is True
+        # the base URL, and the traces URL Phoenix prints (pasted, it was sent /v1/traces/v1/traces: a 405)
+        for path in ("", "/v1/traces", "/v1/traces/"):
+            paths.clear()
+            handle = configure_telemetry(f"http://127.0.0.1:{server.server_address[1]}{path}", timeout_s=2.0,
+                                         set_global=False)
+            handle.tracer_provider.get_tracer("t").start_span("s").end()
+            handle.meter_provider.get_meter("m").create_counter("c").add(1)
+            assert handle.force_flush(timeout_ms=10_000) is True
+            assert sorted(set(paths)) == ["/v1/metrics", "/v1/traces"]
+            assert handle.shutdown(timeout_ms=10_000) is True
     finally:
         server.shutdown()
 
@@ -665,6 +669,13 @@ def test_a_flush_says_true_when_the_collector_took_everything() -> None:
     ({"headers": "x"}, "headers: expected a mapping of header names to strings, got 'x'"),
     ({"sample_ratio": 2.0}, "sample_ratio: expected a number from 0 to 1, got 2.0"),
     ({"timeout_s": -1}, "timeout_s: expected a number of seconds above 0, got -1"),
+    # every export failed on these, said only in the OTel SDK's log
+    ({"endpoint": "http://127.0.0.1:99999"}, "endpoint 'http://127.0.0.1:99999': Port out of range 0-65535"),
+    ({"endpoint": "http://local host:4318"}, "endpoint 'http://local host:4318': no host name"),
+    ({"endpoint": "https://u:s3cret@otel:x"}, "endpoint 'https://u@otel:x': Port could not be cast"),
+    ({"resource_attributes": ["x"]}, "resource_attributes: expected a mapping of names to strings, numbers or"),
+    ({"service_name": None}, "service_name: expected a non-empty string, got None"),
+    ({"metrics": "no"}, "metrics: expected True or False, got 'no'"),  # a string: metrics were on
 ])
 def test_configure_telemetry_names_an_argument_it_cannot_use(given, named) -> None:
     """A trial met a bare ``ValueError`` from the OTel SDK (``sample_ratio=2.0``, ``headers="x"``), and

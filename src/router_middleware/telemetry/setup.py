@@ -10,8 +10,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from ..errors import ConfigError, MissingExtra
+from ..urls import without_password
 from .safety import log
 
 
@@ -135,6 +137,7 @@ def configure_telemetry(
     :class:`~router_middleware.ConfigError` for an argument it cannot use (naming it).
     """
     _check(endpoint, headers, sample_ratio, timeout_s)
+    _check_options(service_name, resource_attributes, metrics=metrics, set_global=set_global)
     from opentelemetry import metrics as metrics_api
     from opentelemetry import trace
 
@@ -148,7 +151,7 @@ def configure_telemetry(
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-    base = endpoint.rstrip("/")
+    base = collector_base(endpoint)
     resource = Resource.create({"service.name": service_name, **dict(resource_attributes or {})})
     tracer_provider = TracerProvider(resource=resource, sampler=ParentBasedTraceIdRatio(sample_ratio),
                                      shutdown_on_exit=False)  # the handle's exit hook bounds it
@@ -175,11 +178,29 @@ def configure_telemetry(
     return handle
 
 
+_SIGNAL_PATHS = ("/v1/traces", "/v1/metrics")
+
+
+def collector_base(endpoint: str) -> str:
+    """The collector's base URL, to which ``/v1/traces`` and ``/v1/metrics`` are added: ``endpoint``
+    without a trailing slash, or without the signal's path it was given with (Phoenix prints its
+    traces URL, ``http://127.0.0.1:6006/v1/traces``: pasted, it was sent ``/v1/traces/v1/traces``)."""
+    base = endpoint.rstrip("/")
+    for path in _SIGNAL_PATHS:
+        if base.lower().endswith(path):
+            return base[: -len(path)]
+    return base
+
+
 def _check(endpoint: object, headers: object, sample_ratio: object, timeout_s: object) -> None:
     """:class:`ConfigError` naming the first argument of :func:`configure_telemetry` it cannot use."""
     if not isinstance(endpoint, str) or not endpoint.lower().startswith(("http://", "https://")) \
             or not endpoint.split("://", 1)[1].strip("/"):
         raise ConfigError(f"endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got {endpoint!r}")
+    problem = _url_problem(endpoint)
+    if problem:
+        raise ConfigError(f"endpoint {without_password(endpoint)!r}: {problem} (expected a URL such as "
+                          "http://127.0.0.1:4318)")
     if headers is not None and not (isinstance(headers, Mapping)
                                     and all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
         raise ConfigError(f"headers: expected a mapping of header names to strings, got {headers!r:.80}")
@@ -187,3 +208,31 @@ def _check(endpoint: object, headers: object, sample_ratio: object, timeout_s: o
         raise ConfigError(f"sample_ratio: expected a number from 0 to 1, got {sample_ratio!r}")
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not 0 < timeout_s < float("inf"):
         raise ConfigError(f"timeout_s: expected a number of seconds above 0, got {timeout_s!r}")
+
+
+def _url_problem(endpoint: str) -> str | None:
+    """What makes ``endpoint`` a URL no export can reach (every export failed on it), or ``None``."""
+    parts = urlsplit(endpoint)
+    if not parts.hostname or any(c.isspace() for c in parts.netloc):
+        return "no host name"
+    try:
+        parts.port  # noqa: B018 - a port out of range, or not a number, raises
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _check_options(service_name: object, attributes: object, **switches: object) -> None:
+    """:class:`ConfigError` naming ``service_name`` or ``resource_attributes`` when it is no resource's,
+    or a switch that is no bool (``metrics="no"`` turned metrics on)."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected True or False, got {value!r}")
+    if not isinstance(service_name, str) or not service_name.strip():
+        raise ConfigError(f"service_name: expected a non-empty string, got {service_name!r}")
+    if attributes is None:
+        return
+    if not isinstance(attributes, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str | bool | int | float) for k, v in attributes.items()):
+        raise ConfigError("resource_attributes: expected a mapping of names to strings, numbers or booleans, "
+                          f"got {attributes!r:.80}")
