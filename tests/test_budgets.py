@@ -404,3 +404,38 @@ def test_each_pipeline_says_once_that_its_budget_cannot_apply() -> None:
             for _ in range(2):
                 p.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
     assert [e["scope"] for e in logs if e["event"] == "budget_not_applied"] == ["user", "tenant"]
+
+
+def test_a_fallback_to_a_dearer_target_is_claimed_at_its_own_price(monkeypatch) -> None:
+    """A call's budget hold was priced at its first target only: with that target down, every call was
+    admitted at its (free) estimate and billed at the fallback's price, past the limit without end (a
+    trial: 40 concurrent calls spent $6.00 where $0.60 was left). Now a later attempt claims what its
+    target is estimated at beyond what the call holds; one that does not fit moves the call on to its
+    next target, and with none left the budget refuses it."""
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    price = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
+    with scripted_upstream(status=500) as (down, _), scripted_upstream() as (up, seen):
+        p = Pipeline.from_config({
+            "cache": {"enabled": False}, "context": {"enabled": False},
+            "models": {"openai/free-model": {"input_per_mtok": 0, "output_per_mtok": 0, **price},
+                       # $1 an output token: a call estimated at its max_tokens (100), billed at its 42
+                       "openai/dear-model": {"input_per_mtok": 1, "output_per_mtok": 1_000_000, **price}},
+            "routing": {
+                "deployments": {name: {"model": f"openai/{model}", "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                                for name, model, base in (("down", "free-model", down), ("dear", "dear-model", up),
+                                                          ("spare", "free-model", up))},
+                "aliases": {"a": ["down", "dear"], "b": ["down", "dear", "spare"]},
+                "cooldown": {"failures": 100}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
+                "budgets": [{"name": "team", "usd": 150}]}})
+        spent = []
+        with pytest.raises(BudgetExceeded) as refused:
+            for _ in range(10):
+                spent.append(outcome(p.completion(model="a", messages=MESSAGES, max_tokens=100)).cost.total_usd)
+        assert len(spent) == 2 and sum(spent) <= 150  # a third ($84 spent + $100 estimated) does not fit
+        assert refused.value.name == "team" and refused.value.limit == 150
+        assert len(seen) == 2  # the dear model was never sent the call the budget could not hold
+        third = outcome(p.completion(model="b", messages=MESSAGES, max_tokens=100))
+    assert third.plan.deployment == "spare" and third.cost.total_usd == 0
+    assert any(d.action == "quota" and "budget 'team'" in d.reason for d in third.plan.decisions)

@@ -563,15 +563,24 @@ class CallLifecycle:
         wire.attach_outcome(response, hit(response, started))
         return response, plan
 
-    def _claims(self, plan: Plan) -> list[Claim]:
+    def _claims(self, plan: Plan, *, reasoning: bool = True) -> list[Claim]:
         """The call's budget claims at its estimated size (none, and no estimate, without budgets), and
-        its expected reasoning on its session's budget."""
-        reasoning = self.books.reasoning_claim(plan)
+        with ``reasoning`` its expected reasoning on its session's budget."""
+        expected = self.books.reasoning_claim(plan) if reasoning else []
         if not self.engine.config.routing.budgets:
-            return reasoning
+            return expected
         tokens, output = self._size(plan)
         return self.books.claims(plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
-                                 tokens=tokens + output) + reasoning
+                                 tokens=tokens + output) + expected
+
+    def _top_up(self, plan: Plan) -> list[Claim]:
+        """A later attempt's budget claims: what ``plan``'s target is estimated at beyond what the call
+        holds (a fallback to a dearer model; none without budgets, or where it holds enough)."""
+        if not self.engine.config.routing.budgets or self.held.reservation is None:
+            return []
+        tokens, output = self._size(plan)
+        return self.books.top_up(self.held, plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
+                                 tokens=tokens + output)
 
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
@@ -592,9 +601,15 @@ class CallLifecycle:
         that does not fit plans the call again (a lower level), a few times at most. A budget that
         cannot hold the call and names a ``downgrade_to`` plans it again on that alias, once, before
         it refuses it (:meth:`_downgraded`); that refusal stands if the alias does not admit the call
-        either (its budget claim, its quotas or the adapter's reach)."""
+        either (its budget claim, its quotas or the adapter's reach). Each target is claimed at its own
+        estimate: the first a target the call moves on to here; a later attempt's (``claims`` None) what
+        it is estimated at beyond what the call holds (:meth:`_top_up`), and a budget that cannot hold
+        that moves the call on to its next target (the budget refuses it when none is left)."""
         denied: dict[str, str] = {}
         replans = len(LEVELS)
+        topping_up = claims is None
+        claimed_for = plan.deployment or plan.model  # the target the claims were estimated on
+        over: BudgetExceeded | None = None  # a budget that could not hold a later attempt's target
         # not where litellm calls the fallbacks it was given, nor for a request sent as it came: either
         # goes where it asked
         downgrade = self.reroutes and not self.forced and self.given is None
@@ -602,6 +617,10 @@ class CallLifecycle:
         anyway = False  # a half-open target another call probes is tried all the same (no target after it)
         while True:
             target = plan.deployment or plan.model
+            if topping_up:
+                claims = self._top_up(plan)
+            elif target != claimed_for:  # moved on from the target the claims were estimated on
+                claims, claimed_for = self._claims(plan, reasoning=replans > 0), target
             probed = self._probed  # skipped at this admission or an earlier attempt's
             if probed is not None and target in self._last:  # a half-open target comes before one cooling down
                 anyway, back = True, attempts.back_to(probed)
@@ -619,19 +638,21 @@ class CallLifecycle:
                 try:
                     why = yield from self._take(found, size, claims or [], probe)
                 except BudgetExceeded as refused:
-                    if downgraded is not None:
-                        raise downgraded from None
-                    cheaper = (yield from self._downgraded(plan, refused)) if downgrade else None
-                    if cheaper is None:
-                        raise
-                    # another route from its start: what the first one skipped is not tried anyway
-                    downgraded, anyway = refused, False
-                    attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
-                    self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
-                    plan = _following(plan, cheaper)
-                    claims = self._claims(plan) if replans > 0 else [c for c in self._claims(plan)
-                                                                     if c.unit != "reasoning"]
-                    continue
+                    if not topping_up:
+                        if downgraded is not None:
+                            raise downgraded from None
+                        cheaper = (yield from self._downgraded(plan, refused)) if downgrade else None
+                        if cheaper is None:
+                            raise
+                        # another route from its start: what the first one skipped is not tried anyway
+                        downgraded, anyway = refused, False
+                        attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
+                        self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
+                        plan = _following(plan, cheaper)
+                        claims = self._claims(plan, reasoning=replans > 0)
+                        claimed_for = cheaper.deployment or cheaper.model
+                        continue
+                    over, why = refused, str(refused)  # the call holds its first target's estimate: the next may fit
                 if why is not None and self.forced and not isinstance(why, StepDown):  # litellm calls it
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
                                 why="litellm calls its fallbacks as given: sent, its quotas not taken")
@@ -647,7 +668,7 @@ class CallLifecycle:
                     plan = _following(plan, self._carry((yield from self._plan(
                         target, Decision("reasoning", "step-down", why)))))
                     replans -= 1
-                    claims = self._claims(plan) if replans > 0 else [c for c in claims or [] if c.unit != "reasoning"]
+                    claims = self._claims(plan, reasoning=replans > 0)
                     continue
             denied[target] = why
             next_target = attempts.skip(why)
@@ -659,8 +680,9 @@ class CallLifecycle:
                 reason = f"{target}: {why}; no target after {probed} admits the call: it is tried anyway"
                 self._probed = None
             if next_target is None:
-                if downgraded is not None:  # no target of the downgrade admits it: the budget refused it
-                    raise downgraded
+                refusal = downgraded or over  # no target admits it: a budget refused it
+                if refusal is not None:
+                    raise refusal
                 raise NoRouteError(self.call.model, denied)
             plan = _following(plan, self._carry((yield from self._plan(next_target, Decision(
                 "routing", action, reason, {"depth": attempts.depth})))))
@@ -768,7 +790,7 @@ class CallLifecycle:
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))))
         try:
             retry = yield from self._admit(retry, attempts)
-        except NoRouteError as no_route:
+        except (NoRouteError, BudgetExceeded) as no_route:  # no target left that admits it, or can be paid for
             self._give_up(plan, trace, exc, spent)
             raise no_route from exc
         retry = engine.context_priced(retry)  # the target admitted (the conversation may be warm there now)

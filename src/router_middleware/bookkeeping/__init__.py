@@ -128,8 +128,8 @@ class Admission:
         """The store may have taken this admission, but its answer never came: ``held`` keeps its
         budget claims and its probe claim, so the call's release ends them (the claim only while it is
         its own)."""
-        if self.claims:
-            held.reservation = Reservation(self.claims)
+        if self.claims:  # a later attempt's top-up (dearer than the call's first) adds to the reservation
+            held.reservation = Reservation((held.reservation.claims if held.reservation else []) + self.claims)
         held.probe = self.probe
 
     def taken(self, held: Held) -> None:
@@ -242,6 +242,16 @@ class Bookkeeper:
             return []
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
                               hold=unique_id(), first=self._first_unapplied)
+
+    def top_up(self, held: Held, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
+        """The claims a later attempt of the call adds to what it holds (``held``): on each budget, what
+        the attempt is estimated at beyond it (a fallback to a dearer model), none where it holds enough."""
+        have: dict[str, float] = {}
+        for claim in held.reservation.claims if held.reservation else ():
+            have[claim.key] = have.get(claim.key, 0.0) + claim.amount
+        return [replace(claim, amount=claim.amount - have.get(claim.key, 0.0))
+                for claim in self.claims(context, usd=usd, tokens=tokens)
+                if claim.amount > have.get(claim.key, 0.0) + 1e-12]
 
     def _unpriced(self, reservation: Reservation, model: str) -> None:
         """Say once per budget and model that a USD budget counted nothing for a call: ``model`` has no

@@ -95,11 +95,14 @@ def refused(claim: Claim, total: float) -> BudgetExceeded:
 
 def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
                reasoning: int | None) -> list[Release]:
-    """End the holds with the actual amounts (unknown actual: the reserved one is kept as spent)."""
+    """End the holds with the actual amounts (unknown actual: the reserved one is kept as spent). A
+    counter held twice (a later attempt's top-up) is charged the actual amount once, on its first hold."""
     out: list[Release] = []
+    charged: set[str] = set()
     for claim in reservation.claims:
         actual = {"usd": usd, "tokens": tokens, "reasoning": reasoning}[claim.unit]
-        out.append(claim.release(claim.amount if actual is None else actual))
+        out.append(claim.release(claim.amount if actual is None else 0.0 if claim.key in charged else actual))
+        charged.add(claim.key)
     return out
 
 
