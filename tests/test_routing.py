@@ -553,3 +553,20 @@ def test_the_routing_baseline_is_what_the_call_would_go_to_without_routing() -> 
     assert [routing.baseline_target(name) for name in ("auto", "coder", "coder:floor", "strong:nitro", "gpt-4o-mini",
                                                         "ollama/llama3:8b")] == \
         ["gpt-4o", "gpt-4o", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini", "ollama/llama3:8b"]
+
+
+def test_a_request_too_large_for_a_target_does_not_cool_it_down_for_everyone(monkeypatch) -> None:
+    """litellm raises an HTTP 413 as a bare APIError, which counted toward the target's cooldown: three
+    oversized requests from one caller sent every other caller's calls elsewhere for 30 s."""
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    with scripted_upstream(status=413) as (small, seen):
+        p = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "deployments": {"small": {"model": "openai/gpt-4o-mini", "api_base": small, "api_key_env": "SCRIPTED_KEY"}},
+            "aliases": {"a": ["small"]}, "cooldown": {"failures": 2}}})
+        for _ in range(4):
+            with pytest.raises(litellm.APIError) as raised:
+                p.completion(model="a", messages=MESSAGES)
+            assert raised.value.status_code == 413
+    assert len(seen) == 4 and p.state.cooldowns.get("small") is None  # each call sent: none cooled it down

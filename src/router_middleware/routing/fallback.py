@@ -109,7 +109,12 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
         return True
     if missing_credentials(exc) or unbuilt(exc) is not None:  # this process's configuration, or a request litellm
         return False  # could not build: never sent, so nothing of the provider's health
+    if getattr(exc, "status_code", None) in _TOO_LARGE:  # litellm raises them as a bare APIError
+        return False
     return not (_names(exc) & REQUEST_FAULTS)
+
+
+_TOO_LARGE = frozenset({413, 414, 431})  # the request's body, URL or headers too large: the caller's own fault
 
 
 def backoff(attempt: int, config: FallbackConfig, exc: BaseException, rng: random.Random | None = None, *,
