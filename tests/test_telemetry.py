@@ -1000,3 +1000,22 @@ def test_an_attempt_s_point_is_its_own_time_and_an_attempt_never_sent_has_none(m
                                                  "fallback": {"backoff_s": 0}}, "cache": {"enabled": False}})
     pipeline.completion(model="typo", messages=MESSAGES, mock_response="ok")
     assert points("gpt4o-typo") == [] and len(points("gpt-4.1-nano")) == 1
+
+
+def test_the_cost_counter_tells_what_a_failed_call_used_apart_from_answered_calls(metric_reader) -> None:
+    """The token histogram kept a failed call's points apart (``error.type``); the cost counter, which
+    leaves ``error.type`` out, added a stream cut partway into the answered calls' series."""
+    import litellm
+
+    from router_middleware.accounting import build_outcome
+    from router_middleware.telemetry.metrics import record
+
+    answer = litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    used = build_outcome(answer, None, Pipeline().catalog, usage_source="provider")
+    base = {"gen_ai.operation.name": "chat", "gen_ai.request.model": "cost-counter-test"}  # this test's points
+    record(dict(base), used, 0.1, None, None)
+    record(dict(base), used, 0.1, "MidStreamFallbackError", None)
+    record({**base, "router_middleware.ended": "stopped"}, used, 0.1, None, None)
+    ended = sorted(str(p.attributes.get("router_middleware.ended")) for p in _points(metric_reader, "router_middleware.cost")
+                   if p.attributes.get("gen_ai.request.model") == "cost-counter-test")
+    assert ended == ["None", "failed", "stopped"]

@@ -57,6 +57,8 @@ def record(base: dict[str, AttributeValue], outcome: Outcome | None, duration_s:
         found.first_chunk.record(outcome.time_to_first_token_s, attrs)
     if outcome.cost.total_usd:  # by what the histograms' points name (but error.type), and by app
         cost_attrs = {k: v for k, v in attrs.items() if k != "error.type"}
+        if error:  # what a failed call used (a stream cut partway) is told apart from answered calls' cost
+            cost_attrs.setdefault("router_middleware.ended", "failed")
         if outcome.provider and "gen_ai.provider.name" not in cost_attrs:
             cost_attrs["gen_ai.provider.name"] = provider_name(outcome.provider)
         if app:
