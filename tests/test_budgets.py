@@ -439,3 +439,88 @@ def test_a_fallback_to_a_dearer_target_is_claimed_at_its_own_price(monkeypatch) 
         third = outcome(p.completion(model="b", messages=MESSAGES, max_tokens=100))
     assert third.plan.deployment == "spare" and third.cost.total_usd == 0
     assert any(d.action == "quota" and "budget 'team'" in d.reason for d in third.plan.decisions)
+
+
+def test_a_call_that_times_out_waiting_for_its_answer_is_charged_its_prompt(monkeypatch, tmp_path) -> None:
+    """litellm's ``timeout=`` after the request went out: the whole hold was given back and the row had
+    no cost, so an agent looping under a client timeout had no spending limit (a trial: ten requests
+    the provider answered, the budget counter at 0). Now its prompt, counted locally, is charged and
+    recorded (``usage.source`` estimated); the answer never came, so no output is."""
+    import sqlite3
+
+    import litellm
+
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    with scripted_upstream(delay_s=1.0) as (slow, seen):
+        p = Pipeline.from_config({
+            "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
+            "routing": {"deployments": {"slow": {"model": "openai/gpt-4o", "api_base": slow, "api_key_env": "SCRIPTED_KEY"}},
+                        "aliases": {"a": ["slow"]}, "budgets": [{"name": "team", "usd": 1.0}]}})
+        with pytest.raises(litellm.Timeout):
+            p.completion(model="a", messages=MESSAGES, max_tokens=500, timeout=0.3, max_retries=0)
+        p.close()
+    assert len(seen) == 1
+    from router_middleware.routing.budgets import counter_key, scope_value
+    from router_middleware.types import AgentContext
+
+    budget = p.config.routing.budgets[0]
+    held = float(p.store.get("budget:" + counter_key(budget, scope_value(budget, AgentContext()) or "", "usd",
+                                                    time.time())) or 0)
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        (row,) = db.execute("SELECT input_tokens, output_tokens, cost_usd, ended, error FROM calls").fetchall()
+    assert row[0] > 0 and row[1] == 0 and row[3] == "failed" and "Timeout" in row[4]
+    assert held == pytest.approx(row[2]) and 0 < held < 0.0001  # the prompt at $2.50 per million, not 500 outputs
+
+
+def test_a_fallback_s_top_up_the_store_fails_ends_the_call_with_its_hold_given_back(monkeypatch, tmp_path) -> None:
+    """A review: a top-up admission the store failed (a budget with ``on_store_error: closed``) raised
+    ``StoreUnavailable`` past the call's end: its first hold counted until it lapsed, and it had no
+    ledger row."""
+    import sqlite3
+
+    from router_middleware import StoreUnavailable
+
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    price = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
+    with scripted_upstream(status=500) as (down, _), scripted_upstream() as (up, _):
+        p = Pipeline.from_config({
+            "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
+            "models": {"openai/cheap-model": {"input_per_mtok": 0.1, "output_per_mtok": 0.1, **price},
+                       "openai/dear-model": {"input_per_mtok": 1, "output_per_mtok": 100, **price}},
+            "routing": {
+                "deployments": {name: {"model": f"openai/{model}", "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                                for name, model, base in (("down", "cheap-model", down), ("dear", "dear-model", up))},
+                "aliases": {"a": ["down", "dear"]}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
+                "budgets": [{"name": "team", "usd": 100, "on_store_error": "closed"}]}})
+        real, admissions = p.store.add_within, []
+
+        def flaky(*args: object, **kwargs: object) -> object:
+            if args[1]:  # holds: the first admission's claim, then the fallback's top-up
+                admissions.append(args[1])
+                if len(admissions) == 2:
+                    raise ConnectionError("the store is down for a moment")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(p.store, "add_within", flaky)
+        with pytest.raises(StoreUnavailable):
+            p.completion(model="a", messages=MESSAGES, max_tokens=100)
+        p.close()
+    assert len(admissions) == 2 and not any(p.store._holds.values())  # the first hold given back at once
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT ended FROM calls").fetchall() == [("failed",)]
+
+
+def test_a_budget_held_twice_is_charged_once_even_across_its_window() -> None:
+    """A review: a top-up taken after the budget's window began again is on the next window's counter;
+    the settlement charged the actual amount on both."""
+    from router_middleware.bookkeeping.budgets import Claim, Reservation, settlement
+
+    first = Claim("budget:team:usd:-:100", 0.001, 1.0, 8.0, "team", "usd", "h", 600.0)
+    top_up = Claim("budget:team:usd:-:101", 0.002, 1.0, 8.0, "team", "usd", "h2", 600.0)
+    releases = settlement(Reservation([first, top_up]), usd=0.0025, tokens=None, reasoning=None)
+    assert [(key, actual) for key, _, _, actual, _ in releases] == [
+        ("budget:team:usd:-:100", 0.0025), ("budget:team:usd:-:101", 0.0)]

@@ -466,6 +466,31 @@ def test_an_answer_a_fallback_gave_is_served_to_the_same_request_routed_to_the_f
                 for _ in response:
                     pass
             answers.append(outcome(response))
+        # a routed call is cached under its alias: a call of the failing target by name is not served
+        # the fallback's answer (a review: it was, after the first version wrote both keys)
+        with pytest.raises(litellm.InternalServerError):
+            p.completion(model="down", messages=MESSAGES, temperature=0, max_retries=0)
     assert [a.usage.source for a in answers] == ["provider", "cache", "cache"]
-    assert len(down_seen) == 1 and len(good_seen) == 1  # the failing target, and the fallback, once each
+    assert len(down_seen) == 2 and len(good_seen) == 1  # the failing target twice (once by name), the fallback once
     assert answers[1].model == answers[0].model and answers[1].cost.total_usd == 0
+
+
+def test_an_answer_a_caller_s_own_fallbacks_gave_is_not_served_to_the_alias(monkeypatch) -> None:
+    """litellm's fallbacks= a caller passes are the call's own attempts: another model's answer, cached
+    under that model as before, never under the alias the call named (a review found it served to
+    every later call of the alias, and of its first target by name)."""
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    with scripted_upstream(status=500) as (down, _), scripted_upstream() as (good, _), \
+            scripted_upstream(model="other-model") as (other, _):
+        p = Pipeline.from_config({"routing": {
+            "deployments": {name: {"model": model, "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                            for name, model, base in (("down", "openai/gpt-4o", down), ("good", "openai/gpt-4o-mini", good),
+                                                      ("other", "openai/gpt-4.1", other))},
+            "aliases": {"a": ["down", "good"]}, "cooldown": {"failures": 10},
+            "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002}}})
+        first = outcome(p.completion(model="a", messages=MESSAGES, temperature=0, fallbacks=["other"]))
+        again = outcome(p.completion(model="a", messages=MESSAGES, temperature=0))
+    assert first.model == "other-model" and first.usage.source == "provider"
+    assert again.model == "scripted-coder" and again.usage.source == "provider"  # the alias's own target

@@ -1,6 +1,7 @@
 """A call stopped from outside (``asyncio.wait_for`` timing out, a task cancelled, an interrupt) at any
 of its awaits gives back its budget reservation at once and is recorded, like a call that failed:
-its reservation must not count against the budget until it lapses (``reservation_ttl_s``)."""
+its reservation must not count against the budget until it lapses (``reservation_ttl_s``). One
+stopped while litellm had its request is charged its prompt (the provider read it, and bills it)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,11 @@ def hanging(monkeypatch) -> list[str]:
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
-async def test_a_call_cancelled_during_the_provider_call_gives_its_reservation_back(
+async def test_a_call_cancelled_during_the_provider_call_is_charged_its_prompt_not_its_reservation(
         store, hanging, span_exporter, request) -> None:
+    """It was given back whole: a looping agent under a client timeout spent with no limit (a trial: 40
+    requests the provider answered, the budget counter at 0). Its prompt now counts: about $0.00002
+    here, not the $0.005 its 500 output tokens reserved."""
     url = request.getfixturevalue("redis_url") if store == "redis" else "memory://"
     p, app = budget_pipeline(url), f"cancel-{uuid.uuid4().hex[:8]}"
     with pytest.raises(TimeoutError):
@@ -55,7 +59,7 @@ async def test_a_call_cancelled_during_the_provider_call_gives_its_reservation_b
                                              max_tokens=500), 0.2)
     assert hanging == ["gpt-4o"]
     await p.aclose()
-    assert spent(p, app) == 0.0  # released, not held for reservation_ttl_s
+    assert 0 < spent(p, app) < 0.0001  # its prompt, not the reservation held for reservation_ttl_s
     routes = [s for s in span_exporter.get_finished_spans() if s.name.startswith("route")]
     assert len(routes) == 1 and routes[0].attributes.get("router_middleware.stopped_by") == "CancelledError"
     assert routes[0].attributes["router_middleware.ended"] == "stopped" and "error.type" not in routes[0].attributes
@@ -274,7 +278,8 @@ async def test_an_agent_model_call_cancelled_gives_its_reservation_back() -> Non
     assert spent(p, "agent") == 0.0
 
 
-def test_a_sync_call_interrupted_during_the_provider_call_gives_its_reservation_back(monkeypatch) -> None:
+def test_a_sync_call_interrupted_during_the_provider_call_is_charged_its_prompt_not_its_reservation(
+        monkeypatch) -> None:
     def interrupted(**kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
@@ -282,7 +287,7 @@ def test_a_sync_call_interrupted_during_the_provider_call_gives_its_reservation_
     p = budget_pipeline()
     with pytest.raises(KeyboardInterrupt):
         p.completion(model="gpt-4o", messages=MESSAGES, context={"app": "sync"}, max_tokens=500)
-    assert spent(p, "sync") == 0.0
+    assert 0 < spent(p, "sync") < 0.0001
 
 
 async def test_a_call_cancelled_while_it_settles_keeps_its_ledger_row_and_span(redis_url, monkeypatch, tmp_path,

@@ -510,3 +510,12 @@ def test_replay_reports_a_session_with_no_calls(tmp_path, capsys) -> None:
     path.write_text(json.dumps({**session, "calls": []}))
     code, out, err = run(capsys, "replay", str(path), "--json")
     assert code == 0 and json.loads(out)["calls"] == 0 and "Traceback" not in err
+
+
+def test_a_ledger_file_named_like_a_scheme_is_a_file_path() -> None:
+    """A review: the check for a scheme missing its '//' refused a bare file name close to one
+    (``sqlitedb``, ``postgres``), a ledger file that report and drain had opened before."""
+    from router_middleware.urls import ledger_url_problem
+
+    assert ledger_url_problem("sqlitedb") is None and ledger_url_problem("postgres") is None
+    assert "with no '//' after it" in (ledger_url_problem("sqlite:x.db") or "")

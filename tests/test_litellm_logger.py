@@ -3537,3 +3537,32 @@ def test_proxy_runs_that_open_alike_do_not_share_a_session_budget_at_their_first
     assert refused == [] and len(keys) == 1
     assert len(rows) == 5 and len({r["session"] for r in rows}) == 5
     assert all(r["session"].startswith("head-") and r["error"] is None for r in rows)
+
+
+def test_an_sdk_call_whose_litellm_fallback_a_budget_cannot_hold_is_still_one_row_of_the_answer(
+        tmp_path, monkeypatch) -> None:
+    """litellm sends the fallbacks it was given whatever the budget says (the ``forced`` path): a
+    review found a top-up refusal there made one answered call a failed row and an orphan row of the
+    answer (requested model the fallback's, no decisions). Such a fallback takes no top-up: one row,
+    as before."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("LiteLLM"), "disabled", True)
+    logger = _sdk_logger(tmp_path, monkeypatch, {"budgets": [{"name": "team", "usd": 0.005}]})
+
+    async def run() -> Any:
+        answer = await litellm.acompletion(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=1000,
+            mock_response=litellm.RateLimitError("x", "openai", "gpt-4o-mini"),
+            fallbacks=[{"model": "gpt-4o", "mock_response": "ok"}])
+        await _let_go(logger)
+        return answer
+
+    try:
+        answer = asyncio.run(run())
+        rows = _ledger(logger, ("error", "requested_model", "model", "ended", "decisions"))
+    finally:
+        logger.unregister()
+    assert answer.choices[0].message.content == "ok"
+    assert rows == [{"error": None, "requested_model": "gpt-4o-mini", "model": "gpt-4o", "ended": "complete",
+                     "decisions": '["routing:fallback"]'}]

@@ -686,6 +686,13 @@ def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_r
         with pytest.raises(Exception, match="capture server"):
             completion(alone)
         assert len(sent) == 3  # the SDK's two retries, as sent directly
+        twice = Pipeline.from_config({"routing": {"deployments": deployments, "aliases": {"coder": ["down"]},
+                                                  "fallback": {"attempts_per_model": 2, "backoff_s": 0.0}},
+                                      "cache": {"enabled": False}})
+        sent.clear()
+        with pytest.raises(Exception, match="capture server"):
+            completion(twice)
+        assert len(sent) == 2  # the call's own two attempts replace the SDK's retries (each kept them: 6)
 
 
 @pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "openrouter/google/gemini-3-pro-preview"])

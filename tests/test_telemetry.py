@@ -662,6 +662,15 @@ def test_a_flush_says_true_when_the_collector_took_everything() -> None:
         server.shutdown()
 
 
+def test_configure_telemetry_takes_a_resource_attribute_that_is_a_list() -> None:
+    """OpenTelemetry takes lists of strings, numbers or booleans as attribute values (a review: the
+    first version of the check refused them)."""
+    handle = configure_telemetry("http://127.0.0.1:4318", set_global=False, metrics=False,
+                                 resource_attributes={"deployment.tags": ["a", "b"], "replicas": 3})
+    assert handle.tracer_provider.resource.attributes["deployment.tags"] == ("a", "b")
+    handle.shutdown(timeout_ms=100)
+
+
 @pytest.mark.parametrize(("given", "named"), [
     ({"endpoint": "not a url"}, "endpoint: expected the collector's http(s) URL (http://127.0.0.1:4318), got 'not a url'"),
     ({"endpoint": ""}, "endpoint: expected the collector's http(s) URL"),

@@ -84,6 +84,17 @@ def build_outcome(
     )
 
 
+def prompt_only(plan: Plan, catalog: Catalog, prompt_tokens: int, latency_s: float | None = None) -> Outcome:
+    """What an attempt sent and never heard back from (timed out, or stopped by its caller) is taken to
+    have used: its prompt, counted locally (``usage.source`` ``estimated``; the provider read it, and
+    bills it), priced on the attempt's target."""
+    provider = catalog.provider(plan.model)
+    usage = Usage(input_tokens=prompt_tokens, source="estimated")
+    return Outcome(model=provider_named(plan.model, provider), provider=provider, usage=usage,
+                   cost=price(usage, _price_info(catalog, plan.model, provider, plan.model)), plan=plan,
+                   latency_s=latency_s)
+
+
 def outcome(response_or_stream: Any, *, catalog: Catalog | None = None) -> Outcome:
     """The :class:`Outcome` of a finished call.
 

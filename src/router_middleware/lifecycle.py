@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from . import wire
-from .accounting import build_outcome, stream_finish_reasons
+from .accounting import build_outcome, prompt_only, stream_finish_reasons
 from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
@@ -94,11 +94,19 @@ class Summarize:
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """Send ``plan`` to its provider (``depth``: attempts made before this one; ``remaining``: the
-    targets left after this one, in order)."""
+    targets left after this one, in order; ``again``: the call retries its targets itself,
+    ``attempts_per_model``)."""
 
     plan: Plan
     depth: int
     remaining: tuple[str, ...] = ()
+    again: bool = False
+
+    @property
+    def follows(self) -> bool:
+        """Is the provider SDK's own retrying left to the call (another target follows this attempt, or
+        the call retries its targets itself)? Then the SDK's retries are off."""
+        return bool(self.remaining) or self.again
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +221,7 @@ class CallLifecycle:
         self.use_cache = cache and (read is None or answers is not None)
         self.answers = answers if read is not None else None
         self._keyed_as: tuple[Plan, Plan | None] | None = None  # the last plan an adapter's cache keyed, keyed
-        self._looked_up: str | None = None  # the response-cache key a routed call looked up (see _entries)
+        self._looked_up: Plan | None = None  # a routed call's plan as the response cache looked it up (_cache_plan)
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.forced = bool(follow) and caller_sends  # targets sent whatever their quotas and probes say
@@ -229,6 +237,7 @@ class CallLifecycle:
         self._settled = False  # ... and once its writes were made (or failed)
         self._apart = False  # the last attempt broke off partway and was settled on its own (_settle_apart)
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
+        self._in_flight: float | None = None  # when the attempt sent to litellm began, until it returns or raises
         self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
         self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
         self._last: tuple[str, ...] = ()  # targets routing kept as a last resort (cooling down)
@@ -268,13 +277,16 @@ class CallLifecycle:
             while True:
                 self._current = (plan, trace)
                 started = time.perf_counter()  # the attempt's own: a fallback's speed is not its failed predecessor's
+                self._in_flight = started
                 try:
-                    answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]))
+                    answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]), attempts.again)
                 except Exception as exc:
+                    self._in_flight = None
                     thrown = exc
                     self._apart = False
                     self._settle_tries()
                 else:
+                    self._in_flight = None
                     self._settle_tries()
                     return (yield from self._succeeded(plan, answer, trace, started))
                 if isinstance(thrown, Replaced):
@@ -334,7 +346,7 @@ class CallLifecycle:
         after its answer came was paid for: it is settled (or its settlement, already sent, recorded)
         and its ledger row and span carry ``error``."""
         if self._current is not None:
-            self._give_up(*self._current, error, self._cut)
+            self._give_up(*self._current, error, self._cut or self._unanswered(self._current[0]))
             return
         answered, self._answered = self._answered, None
         if answered is None:
@@ -347,6 +359,17 @@ class CallLifecycle:
             self._settlement.error = error
             self.books.settled(self._settlement)
         trace.fail(error, result)
+
+    def _unanswered(self, plan: Plan, *, timed_out: bool = False) -> Outcome | None:
+        """What the attempt litellm was sent is taken to have used when it timed out, or its caller
+        stopped it while litellm had it (:func:`~.accounting.prompt_only`: its prompt, counted locally),
+        so budgets and the ledger count it as the provider bills it; ``None`` where it may not have been
+        sent: an adapter's attempt (its handler may have called no model), or no attempt in flight."""
+        if self.read is not None or (self._in_flight is None and not timed_out):
+            return None
+        began = self._in_flight
+        return prompt_only(plan, self.engine.catalog, self.engine.state.request_tokens(plan),
+                           None if began is None else time.perf_counter() - began)
 
     def stopping(self, spent: Outcome) -> None:
         """The attempt in flight is about to be stopped from outside (a cancellation) after its provider
@@ -507,11 +530,10 @@ class CallLifecycle:
         if keyed is None or cache is None or not cache.cacheable(keyed):
             return None, plan
         entry, error, loaded, response = None, None, None, None
-        key = key_for(keyed)
-        if any(d.policy == "routing" and d.action == "route" for d in plan.decisions):  # an alias's target
-            self._looked_up = key
+        if not self.follow and any(d.policy == "routing" and d.action == "route" for d in plan.decisions):
+            keyed = self._looked_up = keyed.override(model=plan.call.model)  # the alias, not its target
         try:
-            entry = cache.decode((yield StoreCall(cache.store, "get", (key,))))
+            entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
             error = cache.failed("lookup", exc)
         if entry is None and cache.semantic is not None:
@@ -576,8 +598,8 @@ class CallLifecycle:
     def _top_up(self, plan: Plan) -> list[Claim]:
         """A later attempt's budget claims: what ``plan``'s target is estimated at beyond what the call
         holds (a fallback to a dearer model; none without budgets, or where it holds enough)."""
-        if not self.engine.config.routing.budgets or self.held.reservation is None:
-            return []
+        if not self.engine.config.routing.budgets or self.held.reservation is None or self.forced:
+            return []  # forced: litellm calls its fallbacks as given, whatever a top-up would say
         tokens, output = self._size(plan)
         return self.books.top_up(self.held, plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
                                  tokens=tokens + output)
@@ -751,6 +773,8 @@ class CallLifecycle:
         ``unmade``: without making this attempt (nothing counted, its quotas given back); ``ends``:
         no attempt follows (:class:`Final`)."""
         engine, failed = self.engine, plan.deployment or plan.model
+        if spent is None and _timed_out(exc):  # sent, and no answer came in time: its prompt was paid for
+            spent = self._unanswered(plan, timed_out=True)
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one
@@ -790,8 +814,8 @@ class CallLifecycle:
                 {"depth": attempts.depth, "failed": "; ".join(attempts.history)})))))
         try:
             retry = yield from self._admit(retry, attempts)
-        except (NoRouteError, BudgetExceeded) as no_route:  # no target left that admits it, or can be paid for
-            self._give_up(plan, trace, exc, spent)
+        except RouterMiddlewareError as no_route:  # no target left that admits it, can be paid for, or a store
+            self._give_up(plan, trace, exc, spent)  # that failed a closed budget's top-up (StoreUnavailable)
             raise no_route from exc
         retry = engine.context_priced(retry)  # the target admitted (the conversation may be warm there now)
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
@@ -897,14 +921,13 @@ class CallLifecycle:
         assert cache is not None
         if wire.says_nothing(response):  # no answer to serve again (an empty stream, an empty text)
             return None
-        keyed = self._cache_key(plan)
+        keyed = self._cache_plan(plan)
         try:
             entry = cache.entry(keyed, response, result.cost.total_usd, native,
                                 self.books.context_saving(result))
             if cache.store is self.engine.store:
                 return entry
-            for each in self._entries(entry):
-                yield StoreCall(cache.store, "put_bounded", each)
+            yield StoreCall(cache.store, "put_bounded", entry)
             yield from self._cached(keyed, entry[0])
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
@@ -918,7 +941,7 @@ class CallLifecycle:
         if entry is None or cache is None:
             return
         if failed is None or isinstance(failed, PartialWrite) and failed.cache_written:  # the settlement failed alone
-            yield from self._cached(self._cache_key(plan), entry[0])
+            yield from self._cached(self._cache_plan(plan), entry[0])
         else:
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", failed)})
 
@@ -939,7 +962,7 @@ class CallLifecycle:
         failed = None
         if done.writes or entry is not None:
             try:
-                yield StoreCall(self.engine.store, "add_many", done.batch(self._entries(entry)))
+                yield StoreCall(self.engine.store, "add_many", done.batch([entry] if entry is not None else []))
             except Exception as exc:  # noqa: BLE001 - the answer is the user's, whatever the store says
                 failed = exc
                 if not (isinstance(exc, PartialWrite) and exc.settled):  # the cache's entry failed alone
@@ -964,25 +987,26 @@ class CallLifecycle:
         if cache is None or wire.says_nothing(response):  # no answer to serve again: see _store
             return None
         context = self.books.context_saving(result)
+        keyed = self._cache_plan(plan)
         try:
-            entry = cache.entry(plan, response, result.cost.total_usd, saved_context_usd=context)
+            entry = cache.entry(keyed, response, result.cost.total_usd, saved_context_usd=context)
             if cache.store is self.engine.store:
                 return entry
-            for each in self._entries(entry):
-                cache.store.put_bounded(*each)  # one round trip (two after a fallback answered)
-            cache.saved(plan, entry[0])
+            cache.store.put_bounded(*entry)  # one round trip
+            cache.saved(keyed, entry[0])
         except Exception as exc:  # noqa: BLE001 - a failed write loses a cache entry, not the answer
             trace.event("router_middleware.cache.error", {"reason": cache.failed("write", exc)})
         return None
 
-    def _entries(self, entry: Bounded | None) -> list[Bounded]:
-        """``entry``; and where a routed call's answer came from another target than the one it looked
-        up (the first failed, or its admission moved it), the same entry under the key it looked up:
-        the next identical call, routed there again, is served it (naming the target that answered)."""
-        if entry is None:
-            return []
+    def _cache_plan(self, plan: Plan) -> Plan:
+        """The plan ``plan``'s answer is cached as: a routed call's as it was looked up, its alias in
+        place of its target (any target's answer serves the alias's next identical call: a fallback's
+        while the first target fails; a call of the target by name is keyed apart), unless a budget
+        downgraded it to another alias; else ``plan``'s own keyed form."""
         looked_up = self._looked_up
-        return [entry] if looked_up is None or looked_up == entry[0] else [entry, (looked_up, *entry[1:])]
+        if looked_up is not None and not any(d.action == "downgrade" for d in plan.decisions):
+            return looked_up
+        return self._cache_key(plan)
 
     def _stream_finisher(self, plan: Plan, trace: CallTrace, stream: Any) -> Any:
         engine = self.engine
@@ -1022,16 +1046,21 @@ class CallLifecycle:
             if not complete or not assembled:  # only the finishes the provider sent
                 result = replace(result, finish_reasons=stream_finish_reasons(chunks))
             result, failed = self.books.settle(result, self.held, chunks[0], complete=complete, error=error,
-                                               bounded=self._entries(entry))  # headers ride on chunks
+                                               bounded=[entry] if entry is not None else ())  # headers ride on chunks
             if entry is not None and engine.cache is not None:
                 if failed is None or isinstance(failed, PartialWrite) and failed.cache_written:  # settlement alone
-                    engine.cache.saved(plan, entry[0])
+                    engine.cache.saved(self._cache_plan(plan), entry[0])
                 else:
                     trace.event("router_middleware.cache.error", {"reason": engine.cache.failed("write", failed)})
             trace.end(result, response, error)
             return result
 
         return finish
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Did the attempt time out waiting for its answer (litellm's ``timeout=``, the SDK's)?"""
+    return isinstance(exc, TimeoutError) or error_kind(exc) in ("Timeout", "APITimeoutError")
 
 
 def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool) -> tuple[Any, bool]:

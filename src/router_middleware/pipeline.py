@@ -74,7 +74,7 @@ class Pipeline(Engine):
         return self.start(call, follow=follow if bare else (), caller_sends=False).run()
 
     def _send(self, attempt: Attempt) -> Any:
-        response = wire.litellm().completion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
+        response = wire.litellm().completion(**self.request(attempt.plan, failover=attempt.follows))
         if not attempt.plan.params.get("stream"):
             return response
         read = list(itertools.islice(response, 1))  # fail over only before the first chunk
@@ -84,7 +84,7 @@ class Pipeline(Engine):
         return Prefetched(_said(attempt, read, response, ended), response)
 
     async def _asend(self, attempt: Attempt) -> Any:
-        response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=bool(attempt.remaining)))
+        response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=attempt.follows))
         if not attempt.plan.params.get("stream"):
             return response
         read: list[Any] = []

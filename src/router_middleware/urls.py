@@ -44,7 +44,8 @@ def ledger_url_problem(url: str) -> str | None:
     path: ``sqlite:x.db`` was a file of that name). The URL is not quoted: it may hold a password."""
     scheme, slashes, _ = url.partition("://")
     start = url.partition(":")[0]
-    if not slashes and start.isalpha() and difflib.get_close_matches(start.lower(), LEDGER_SCHEMES, n=1):
+    if not slashes and ":" in url and start.isalpha() \
+            and difflib.get_close_matches(start.lower(), LEDGER_SCHEMES, n=1):
         return f"{start + ':'!r} with no '//' after it is read as a file path's start ({_LEDGER_FORMS})"
     if slashes and scheme not in LEDGER_SCHEMES:
         close = difflib.get_close_matches(scheme.lower(), LEDGER_SCHEMES, n=1)

@@ -246,12 +246,12 @@ class Bookkeeper:
     def top_up(self, held: Held, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
         """The claims a later attempt of the call adds to what it holds (``held``): on each budget, what
         the attempt is estimated at beyond it (a fallback to a dearer model), none where it holds enough."""
-        have: dict[str, float] = {}
+        have: dict[tuple[str, str], float] = {}  # by budget and unit: a window may have begun since
         for claim in held.reservation.claims if held.reservation else ():
-            have[claim.key] = have.get(claim.key, 0.0) + claim.amount
-        return [replace(claim, amount=claim.amount - have.get(claim.key, 0.0))
+            have[claim.name, claim.unit] = have.get((claim.name, claim.unit), 0.0) + claim.amount
+        return [replace(claim, amount=claim.amount - have.get((claim.name, claim.unit), 0.0))
                 for claim in self.claims(context, usd=usd, tokens=tokens)
-                if claim.amount > have.get(claim.key, 0.0) + 1e-12]
+                if claim.amount > have.get((claim.name, claim.unit), 0.0) + 1e-12]
 
     def _unpriced(self, reservation: Reservation, model: str) -> None:
         """Say once per budget and model that a USD budget counted nothing for a call: ``model`` has no

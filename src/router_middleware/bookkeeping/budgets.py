@@ -96,13 +96,15 @@ def refused(claim: Claim, total: float) -> BudgetExceeded:
 def settlement(reservation: Reservation, *, usd: float | None, tokens: int | None,
                reasoning: int | None) -> list[Release]:
     """End the holds with the actual amounts (unknown actual: the reserved one is kept as spent). A
-    counter held twice (a later attempt's top-up) is charged the actual amount once, on its first hold."""
+    budget held twice (a later attempt's top-up, perhaps in the next window) is charged the actual
+    amount once, on its first hold."""
     out: list[Release] = []
-    charged: set[str] = set()
+    charged: set[tuple[str, str]] = set()
     for claim in reservation.claims:
         actual = {"usd": usd, "tokens": tokens, "reasoning": reasoning}[claim.unit]
-        out.append(claim.release(claim.amount if actual is None else 0.0 if claim.key in charged else actual))
-        charged.add(claim.key)
+        out.append(claim.release(claim.amount if actual is None else 0.0 if (claim.name, claim.unit) in charged
+                                 else actual))
+        charged.add((claim.name, claim.unit))
     return out
 
 

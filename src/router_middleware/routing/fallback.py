@@ -142,6 +142,13 @@ class Attempts:
     def model(self) -> str:
         return self.models[0]
 
+    @property
+    def again(self) -> bool:
+        """Does the call retry its targets itself (``attempts_per_model`` above 1)? Then the provider
+        SDK's retries are off at each try, the last one's too: they would multiply the call's (two
+        attempts of the last target sent six requests)."""
+        return self.config.attempts_per_model > 1
+
     def skip(self, reason: str) -> str | None:
         """Move past the current target for ``reason``, no retry (its quota is used up, the adapter
         cannot reach it, or litellm has no provider or no key for it)."""

@@ -232,7 +232,13 @@ def _check_options(service_name: object, attributes: object, **switches: object)
         raise ConfigError(f"service_name: expected a non-empty string, got {service_name!r}")
     if attributes is None:
         return
-    if not isinstance(attributes, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str | bool | int | float) for k, v in attributes.items()):
-        raise ConfigError("resource_attributes: expected a mapping of names to strings, numbers or booleans, "
-                          f"got {attributes!r:.80}")
+    if not isinstance(attributes, Mapping) or not all(isinstance(k, str) and _attribute(v)
+                                                      for k, v in attributes.items()):
+        raise ConfigError("resource_attributes: expected a mapping of names to strings, numbers or booleans (or "
+                          f"lists of them), got {attributes!r:.80}")
+
+
+def _attribute(value: object) -> bool:
+    """Is ``value`` an OpenTelemetry attribute value: a string, number or boolean, or a list of them?"""
+    scalar = (str, bool, int, float)
+    return isinstance(value, scalar) or (isinstance(value, list | tuple) and all(isinstance(v, scalar) for v in value))
