@@ -524,3 +524,79 @@ def test_a_budget_held_twice_is_charged_once_even_across_its_window() -> None:
     releases = settlement(Reservation([first, top_up]), usd=0.0025, tokens=None, reasoning=None)
     assert [(key, actual) for key, _, _, actual, _ in releases] == [
         ("budget:team:usd:-:100", 0.0025), ("budget:team:usd:-:101", 0.0)]
+
+
+def test_a_timed_out_attempt_whose_next_target_is_refused_is_charged_once(monkeypatch, tmp_path) -> None:
+    """A review: the timed-out attempt's prompt was settled on its own, then settled again when the next
+    target's admission refused the call (a top-up that did not fit): two rows and twice the charge."""
+    import sqlite3
+
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    price = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
+    with scripted_upstream(delay_s=1.0) as (slow, _), scripted_upstream() as (up, dear_seen):
+        p = Pipeline.from_config({
+            "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
+            "models": {"openai/cheap-model": {"input_per_mtok": 100, "output_per_mtok": 0.1, **price},
+                       "openai/dear-model": {"input_per_mtok": 100, "output_per_mtok": 100, **price}},
+            "routing": {
+                "deployments": {n: {"model": f"openai/{m}", "api_base": b, "api_key_env": "SCRIPTED_KEY"}
+                                for n, m, b in (("slow", "cheap-model", slow), ("dear", "dear-model", up))},
+                "aliases": {"a": ["slow", "dear"]}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
+                "budgets": [{"name": "team", "usd": 0.01}]}})
+        with pytest.raises(BudgetExceeded):
+            p.completion(model="a", messages=MESSAGES, max_tokens=1000, timeout=0.3, max_retries=0)
+        p.close()
+    from router_middleware.routing.budgets import counter_key, scope_value
+    from router_middleware.types import AgentContext
+
+    budget = p.config.routing.budgets[0]
+    held = float(p.store.get("budget:" + counter_key(budget, scope_value(budget, AgentContext()) or "", "usd",
+                                                    time.time())) or 0)
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        rows = db.execute("SELECT cost_usd, ended FROM calls").fetchall()
+    assert len(dear_seen) == 0 and len(rows) == 1 and rows[0][1] == "failed"
+    assert rows[0][0] > 0 and held == pytest.approx(rows[0][0])
+
+
+def test_a_connect_timeout_is_not_charged_a_prompt(monkeypatch) -> None:
+    """A request that never left the process (the connection itself timed out: a host that drops
+    packets) reached no provider: nothing is charged (a review found its prompt charged)."""
+    import socket
+
+    import litellm
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []  # fill the accept backlog: a further connect then never completes
+    for _ in range(8):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    try:
+        probe.connect(("127.0.0.1", port))
+        pytest.skip("this kernel completes connects past a full backlog")
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        probe.close()
+    monkeypatch.setenv("SCRIPTED_KEY", "x")
+    p = Pipeline.from_config({
+        "cache": {"enabled": False}, "context": {"enabled": False},
+        "routing": {"deployments": {"far": {"model": "openai/gpt-4o", "api_base": f"http://127.0.0.1:{port}/v1",
+                                            "api_key_env": "SCRIPTED_KEY"}},
+                    "aliases": {"a": ["far"]}, "budgets": [{"name": "team", "usd": 1.0}]}})
+    try:
+        with pytest.raises((litellm.Timeout, litellm.APIConnectionError)):
+            p.completion(model="a", messages=MESSAGES, max_tokens=100, timeout=0.5, max_retries=0)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert not [v for k, v in p.store._data.items() if k.startswith("budget:") and float(v[0] or 0)]

@@ -494,3 +494,30 @@ def test_an_answer_a_caller_s_own_fallbacks_gave_is_not_served_to_the_alias(monk
         again = outcome(p.completion(model="a", messages=MESSAGES, temperature=0))
     assert first.model == "other-model" and first.usage.source == "provider"
     assert again.model == "scripted-coder" and again.usage.source == "provider"  # the alias's own target
+
+
+def test_a_routed_call_is_keyed_by_the_alias_routing_resolved_to() -> None:
+    """A review of the alias key: keyed by the alias the caller named, a soft-limit downgrade served
+    one user's cheap answer to another user under no limit, and an ``auto`` step a tier rule floored to
+    the strong tier was served the cheap tier's answer. The key names the alias routing resolved to
+    (a tier's, a downgrade's) and its strategy."""
+    p = Pipeline.from_config({
+        "context": {"enabled": False},
+        "routing": {"aliases": {"main": ["gpt-4o"], "cheap": ["gpt-4o-mini"], "strong": ["gpt-4o"]},
+                    "tiers": [{"max_score": 0.3, "alias": "cheap"}, {"max_score": 1.0, "alias": "strong"}],
+                    "step_kind_tiers": {"plan": "strong"},
+                    "budgets": [{"name": "per-user", "scope": "user", "usd": 0.01, "soft": 0.5,
+                                 "downgrade_to": "cheap"}]}})
+    p.store.incr("budget:per-user:usd:alice:0", 0.006)  # alice is past her soft limit, bob is not
+    alice = p.completion(model="main", messages=MESSAGES, temperature=0, mock_response="cheap", context={"user": "alice"})
+    bob = p.completion(model="main", messages=MESSAGES, temperature=0, mock_response="dear", context={"user": "bob"})
+    assert outcome(alice).model == "gpt-4o-mini" and outcome(bob).model == "gpt-4o"
+    assert bob.choices[0].message.content == "dear" and outcome(bob).usage.source != "cache"
+    step = [{"role": "user", "content": "hi"}]
+    seen = p.completion(model="auto", messages=step, temperature=0, mock_response="cheap tier",
+                        context={"step_kind": "observe"})
+    planned = p.completion(model="auto", messages=step, temperature=0, mock_response="strong tier",
+                           context={"step_kind": "plan"})
+    assert outcome(seen).model == "gpt-4o-mini" and planned.choices[0].message.content == "strong tier"
+    again = p.completion(model="auto", messages=step, temperature=0, mock_response="x", context={"step_kind": "plan"})
+    assert outcome(again).usage.source == "cache" and again.choices[0].message.content == "strong tier"

@@ -2302,3 +2302,26 @@ def test_a_routed_model_takes_its_pipeline_s_config_as_the_adapters_do(tmp_path)
         RoutedChatModel(pipeline=path)
     with pytest.raises(ConfigError, match="RoutedChatModel: expected a Pipeline or its config"):
         RoutedChatModel(pipeline=3)
+
+
+def test_the_agent_middleware_s_own_retries_replace_the_sdk_s_as_the_pipeline_s_do(monkeypatch) -> None:
+    """``attempts_per_model: 2`` on an agent's one target: each try kept the OpenAI SDK's two retries
+    (six requests) where ``Pipeline.completion`` sends two (a review)."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import HumanMessage
+
+    from router_middleware.langchain import RoutedChatModel
+
+    from .capture_server import capture_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with capture_server() as (down, sent):
+        model = RoutedChatModel(model="openai/gpt-3.5-turbo", pipeline=Pipeline(), api_base=down)
+        pipeline = Pipeline.from_config({"routing": {"aliases": {"coder": ["down"]},
+                                                     "fallback": {"attempts_per_model": 2, "backoff_s": 0.0}},
+                                         "cache": {"enabled": False}})
+        agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline, models={"down": model},
+                                                                                model="coder")])
+        with pytest.raises(Exception, match="capture server"):
+            agent.invoke({"messages": [HumanMessage("Rename x to count")]})
+    assert len(sent) == 2

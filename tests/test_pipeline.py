@@ -693,6 +693,10 @@ def test_an_attempt_with_a_fallback_behind_it_fails_over_without_the_sdk_s_own_r
         with pytest.raises(Exception, match="capture server"):
             completion(twice)
         assert len(sent) == 2  # the call's own two attempts replace the SDK's retries (each kept them: 6)
+        sent.clear()  # the caller's own fallbacks= are each tried once: the last keeps the SDK's retries
+        with pytest.raises(Exception, match="capture server"):
+            completion(twice, fallbacks=["down"])
+        assert len(sent) == 4  # the first, then the fallback and its two SDK retries (a review: 2 after the fix)
 
 
 @pytest.mark.parametrize("model", ["deepseek/deepseek-chat", "openrouter/google/gemini-3-pro-preview"])

@@ -279,7 +279,8 @@ class CallLifecycle:
                 started = time.perf_counter()  # the attempt's own: a fallback's speed is not its failed predecessor's
                 self._in_flight = started
                 try:
-                    answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]), attempts.again)
+                    answer = yield Attempt(plan, attempts.depth, tuple(attempts.models[1:]),
+                                           attempts.again and not self.follow)  # the caller's: each once
                 except Exception as exc:
                     self._in_flight = None
                     thrown = exc
@@ -530,8 +531,11 @@ class CallLifecycle:
         if keyed is None or cache is None or not cache.cacheable(keyed):
             return None, plan
         entry, error, loaded, response = None, None, None, None
-        if not self.follow and any(d.policy == "routing" and d.action == "route" for d in plan.decisions):
-            keyed = self._looked_up = keyed.override(model=plan.call.model)  # the alias, not its target
+        route = None if self.follow else next((d for d in reversed(plan.decisions)
+                                               if d.policy == "routing" and d.action == "route"), None)
+        if route is not None:  # the alias routing resolved to (a tier's, a soft limit's), and its strategy
+            alias = f"{route.attributes.get('alias', plan.call.model)}:{route.attributes.get('strategy', '')}"
+            keyed = self._looked_up = keyed.override(model=alias)
         try:
             entry = cache.decode((yield StoreCall(cache.store, "get", (key_for(keyed),))))
         except Exception as exc:  # noqa: BLE001 - a broken cache is a miss
@@ -815,7 +819,8 @@ class CallLifecycle:
         try:
             retry = yield from self._admit(retry, attempts)
         except RouterMiddlewareError as no_route:  # no target left that admits it, can be paid for, or a store
-            self._give_up(plan, trace, exc, spent)  # that failed a closed budget's top-up (StoreUnavailable)
+            # that failed a closed budget's top-up (StoreUnavailable); a cut attempt has its row and charge
+            self._give_up(plan, trace, exc, None if self._apart else spent, row=not self._apart)
             raise no_route from exc
         retry = engine.context_priced(retry)  # the target admitted (the conversation may be warm there now)
         trace.next_attempt(retry, engine.catalog.provider(retry.model), attempts.depth)
@@ -1059,8 +1064,18 @@ class CallLifecycle:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    """Did the attempt time out waiting for its answer (litellm's ``timeout=``, the SDK's)?"""
-    return isinstance(exc, TimeoutError) or error_kind(exc) in ("Timeout", "APITimeoutError")
+    """Did the attempt time out waiting for its answer (litellm's ``timeout=``, the SDK's), not while
+    connecting (a request that never left the process)?"""
+    if not (isinstance(exc, TimeoutError) or error_kind(exc) in ("Timeout", "APITimeoutError")):
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:  # httpx's ConnectTimeout, however deep litellm wrapped it
+        if type(cause).__name__ in ("ConnectTimeout", "ConnectError"):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
 
 
 def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool) -> tuple[Any, bool]:

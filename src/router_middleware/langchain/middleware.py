@@ -817,7 +817,7 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         def send(made: Attempt) -> ModelResponse:
             sent.append(made)
-            request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
+            request, started = build(made.plan, made.follows), time.perf_counter()
             # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
@@ -842,7 +842,7 @@ class RouterAgentMiddleware(AgentMiddleware):
 
         async def send(made: Attempt) -> ModelResponse:
             sent.append(made)
-            request, started = build(made.plan, bool(made.remaining)), time.perf_counter()
+            request, started = build(made.plan, made.follows), time.perf_counter()
             with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
                 try:
                     response = await handler(request)
