@@ -474,6 +474,22 @@ def test_a_call_that_times_out_waiting_for_its_answer_is_charged_its_prompt(monk
     assert held == pytest.approx(row[2]) and 0 < held < 0.0001  # the prompt at $2.50 per million, not 500 outputs
 
 
+def _cheap_then_dear(first: str, dear: str, tmp_path, cheap: tuple[float, float], dearer: tuple[float, float],
+                     budget: dict) -> Pipeline:
+    """Alias ``a``: the cheap model at ``first``, then the dear one at ``dear`` (each priced input, output
+    USD per million tokens), with ``budget`` and a ledger in ``tmp_path``."""
+    window = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
+    return Pipeline.from_config({
+        "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
+        "models": {"openai/cheap-model": {"input_per_mtok": cheap[0], "output_per_mtok": cheap[1], **window},
+                   "openai/dear-model": {"input_per_mtok": dearer[0], "output_per_mtok": dearer[1], **window}},
+        "routing": {
+            "deployments": {name: {"model": f"openai/{model}", "api_base": base, "api_key_env": "SCRIPTED_KEY"}
+                            for name, model, base in (("first", "cheap-model", first), ("dear", "dear-model", dear))},
+            "aliases": {"a": ["first", "dear"]}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
+            "budgets": [budget]}})
+
+
 def test_a_fallback_s_top_up_the_store_fails_ends_the_call_with_its_hold_given_back(monkeypatch, tmp_path) -> None:
     """A review: a top-up admission the store failed (a budget with ``on_store_error: closed``) raised
     ``StoreUnavailable`` past the call's end: its first hold counted until it lapsed, and it had no
@@ -485,17 +501,9 @@ def test_a_fallback_s_top_up_the_store_fails_ends_the_call_with_its_hold_given_b
     from .scripted_upstream import scripted_upstream
 
     monkeypatch.setenv("SCRIPTED_KEY", "x")
-    price = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
     with scripted_upstream(status=500) as (down, _), scripted_upstream() as (up, _):
-        p = Pipeline.from_config({
-            "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
-            "models": {"openai/cheap-model": {"input_per_mtok": 0.1, "output_per_mtok": 0.1, **price},
-                       "openai/dear-model": {"input_per_mtok": 1, "output_per_mtok": 100, **price}},
-            "routing": {
-                "deployments": {name: {"model": f"openai/{model}", "api_base": base, "api_key_env": "SCRIPTED_KEY"}
-                                for name, model, base in (("down", "cheap-model", down), ("dear", "dear-model", up))},
-                "aliases": {"a": ["down", "dear"]}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
-                "budgets": [{"name": "team", "usd": 100, "on_store_error": "closed"}]}})
+        p = _cheap_then_dear(down, up, tmp_path, (0.1, 0.1), (1, 100),
+                             {"name": "team", "usd": 100, "on_store_error": "closed"})
         real, admissions = p.store.add_within, []
 
         def flaky(*args: object, **kwargs: object) -> object:
@@ -534,17 +542,8 @@ def test_a_timed_out_attempt_whose_next_target_is_refused_is_charged_once(monkey
     from .scripted_upstream import scripted_upstream
 
     monkeypatch.setenv("SCRIPTED_KEY", "x")
-    price = {"max_input_tokens": 100_000, "max_output_tokens": 4096}
     with scripted_upstream(delay_s=1.0) as (slow, _), scripted_upstream() as (up, dear_seen):
-        p = Pipeline.from_config({
-            "cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": f"sqlite:///{tmp_path}/l.db"},
-            "models": {"openai/cheap-model": {"input_per_mtok": 100, "output_per_mtok": 0.1, **price},
-                       "openai/dear-model": {"input_per_mtok": 100, "output_per_mtok": 100, **price}},
-            "routing": {
-                "deployments": {n: {"model": f"openai/{m}", "api_base": b, "api_key_env": "SCRIPTED_KEY"}
-                                for n, m, b in (("slow", "cheap-model", slow), ("dear", "dear-model", up))},
-                "aliases": {"a": ["slow", "dear"]}, "fallback": {"backoff_s": 0.001, "max_backoff_s": 0.002},
-                "budgets": [{"name": "team", "usd": 0.01}]}})
+        p = _cheap_then_dear(slow, up, tmp_path, (100, 0.1), (100, 100), {"name": "team", "usd": 0.01})
         with pytest.raises(BudgetExceeded):
             p.completion(model="a", messages=MESSAGES, max_tokens=1000, timeout=0.3, max_retries=0)
         p.close()
