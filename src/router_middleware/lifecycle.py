@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .accounting import build_outcome, prompt_only, stream_finish_reasons
-from .bookkeeping import Claim, Held, Probing, Settlement, StepDown
+from .bookkeeping import Claim, Held, Probing, Settlement, StepDown, budgets
 from .cache import key_for, rebuild_response, replay_chunks
 from .context.summarize import summary_text
 from .errors import (
@@ -602,11 +602,9 @@ class CallLifecycle:
     def _top_up(self, plan: Plan) -> list[Claim]:
         """A later attempt's budget claims: what ``plan``'s target is estimated at beyond what the call
         holds (a fallback to a dearer model; none without budgets, or where it holds enough)."""
-        if not self.engine.config.routing.budgets or self.held.reservation is None or self.forced:
-            return []  # forced: litellm calls its fallbacks as given, whatever a top-up would say
-        tokens, output = self._size(plan)
-        return self.books.top_up(self.held, plan.call.context, usd=self.engine.estimate_usd(plan, tokens, output),
-                                 tokens=tokens + output)
+        if self.held.reservation is None or self.forced:  # forced: litellm calls its fallbacks as given
+            return []
+        return budgets.top_up(self.held.reservation, self._claims(plan, reasoning=False))
 
     def _size(self, plan: Plan) -> tuple[int, int]:
         """The prompt and output tokens to reserve for ``plan`` (the local count kept to learn from),
@@ -777,7 +775,7 @@ class CallLifecycle:
         ``unmade``: without making this attempt (nothing counted, its quotas given back); ``ends``:
         no attempt follows (:class:`Final`)."""
         engine, failed = self.engine, plan.deployment or plan.model
-        if spent is None and _timed_out(exc):  # sent, and no answer came in time: its prompt was paid for
+        if spent is None and wire.timed_out(exc):  # sent, and no answer came in time: its prompt was paid for
             spent = self._unanswered(plan, timed_out=True)
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
@@ -1061,21 +1059,6 @@ class CallLifecycle:
             return result
 
         return finish
-
-
-def _timed_out(exc: BaseException) -> bool:
-    """Did the attempt time out waiting for its answer (litellm's ``timeout=``, the SDK's), not while
-    connecting (a request that never left the process)?"""
-    if not (isinstance(exc, TimeoutError) or error_kind(exc) in ("Timeout", "APITimeoutError")):
-        return False
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:  # httpx's ConnectTimeout, however deep litellm wrapped it
-        if type(cause).__name__ in ("ConnectTimeout", "ConnectError"):
-            return False
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return True
 
 
 def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool) -> tuple[Any, bool]:

@@ -305,6 +305,21 @@ def unbuilt(exc: BaseException) -> BaseException | None:
     return None
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Did the attempt time out waiting for its answer (litellm's ``timeout=``, the SDK's), not while
+    connecting (httpx's ``ConnectTimeout``, however deep litellm wrapped it: nothing left the process)?"""
+    if not (isinstance(exc, TimeoutError) or type(exc).__name__ in ("Timeout", "APITimeoutError")):
+        return False
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if type(cause).__name__ in ("ConnectTimeout", "ConnectError"):
+            return False
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return True
+
+
 def provider_error(exc: BaseException) -> bool:
     """Did ``exc`` come from a provider's call? litellm's exceptions name the provider
     (``llm_provider``); what the proxy raises itself (a guardrail's or its rate limiter's

@@ -243,16 +243,6 @@ class Bookkeeper:
         return budgets.claims(self.routing.budgets, context, usd=usd, tokens=tokens, now=time.time(),
                               hold=unique_id(), first=self._first_unapplied)
 
-    def top_up(self, held: Held, context: AgentContext, *, usd: float, tokens: int) -> list[Claim]:
-        """The claims a later attempt of the call adds to what it holds (``held``): on each budget, what
-        the attempt is estimated at beyond it (a fallback to a dearer model), none where it holds enough."""
-        have: dict[tuple[str, str], float] = {}  # by budget and unit: a window may have begun since
-        for claim in held.reservation.claims if held.reservation else ():
-            have[claim.name, claim.unit] = have.get((claim.name, claim.unit), 0.0) + claim.amount
-        return [replace(claim, amount=claim.amount - have.get((claim.name, claim.unit), 0.0))
-                for claim in self.claims(context, usd=usd, tokens=tokens)
-                if claim.amount > have.get((claim.name, claim.unit), 0.0) + 1e-12]
-
     def _unpriced(self, reservation: Reservation, model: str) -> None:
         """Say once per budget and model that a USD budget counted nothing for a call: ``model`` has no
         price and nothing was reserved for it (its estimate, on a model of no price, was 0), so its calls

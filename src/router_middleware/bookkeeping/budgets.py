@@ -13,7 +13,7 @@ later still adds the call's actual spend.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import BudgetConfig
 from ..errors import BudgetExceeded
@@ -38,6 +38,11 @@ class Claim:
     hold_s: float  # how long the hold counts unless it is released first
     scope: str = ""  # whose counter it is ("tenant acme"; empty for a global budget), for the refusal
     closed: bool = False  # its budget's on_store_error: a counter of another program's is not replaced
+
+    @property
+    def budget(self) -> tuple[str, str]:
+        """The budget and unit it counts toward, whatever its window (its key names the window)."""
+        return self.name, self.unit
 
     @property
     def held(self) -> Hold:
@@ -102,10 +107,20 @@ def settlement(reservation: Reservation, *, usd: float | None, tokens: int | Non
     charged: set[tuple[str, str]] = set()
     for claim in reservation.claims:
         actual = {"usd": usd, "tokens": tokens, "reasoning": reasoning}[claim.unit]
-        out.append(claim.release(claim.amount if actual is None else 0.0 if (claim.name, claim.unit) in charged
-                                 else actual))
-        charged.add((claim.name, claim.unit))
+        out.append(claim.release(claim.amount if actual is None else 0.0 if claim.budget in charged else actual))
+        charged.add(claim.budget)
     return out
+
+
+def top_up(reservation: Reservation | None, claims: list[Claim]) -> list[Claim]:
+    """What a later attempt of a call, estimated at ``claims``, adds to its ``reservation``: on each
+    budget, the estimate beyond what is held (a fallback to a dearer model; a window may have begun
+    since), none where it holds enough."""
+    have: dict[tuple[str, str], float] = {}
+    for claim in reservation.claims if reservation is not None else ():
+        have[claim.budget] = have.get(claim.budget, 0.0) + claim.amount
+    return [replace(claim, amount=claim.amount - have.get(claim.budget, 0.0))
+            for claim in claims if claim.amount > have.get(claim.budget, 0.0) + 1e-12]
 
 
 def release(reservation: Reservation) -> list[Release]:

@@ -55,7 +55,7 @@ def _run_replay(paths: list[str], config: str | None, model: str | None, provide
     for name, sessions_of in unpriced(report).items():
         _warn(f"no price for model {name!r} (sessions {', '.join(sessions_of)}): their costs show as unknown")
     for session in report.left_out():
-        if session.recorded.calls:  # some calls with usage, some without: a session with none is a chat log
+        if session.recorded.partial:
             missing = session.recorded.without_usage
             _warn(f"{session.path}: call {missing[0]} has no usage ({len(missing)} of {session.calls} calls): "
                   "the session's recorded account is left out of the recorded total")

@@ -100,9 +100,9 @@ def _block(labels: list[str], rows: list[tuple[str, ...]]) -> list[str]:
 def _without_usage(session: SessionReport) -> list[str]:
     """A session some of whose calls recorded usage and some not: which not, and that no recorded row
     compares it (a session that recorded none, as chat logs often do, has no recorded row either)."""
-    missing = session.recorded.without_usage
-    if not missing or not session.recorded.calls:
+    if not session.recorded.partial:
         return []
+    missing = session.recorded.without_usage
     steps = ", ".join(str(step) for step in missing[:5]) + (", ..." if len(missing) > 5 else "")
     return textwrap.wrap(f"recorded: {counted(len(missing), 'call')} of {session.calls} recorded no usage "
                          f"(call {steps}): no recorded row, and left out of the recorded total",

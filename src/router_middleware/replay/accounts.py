@@ -75,6 +75,11 @@ class Recorded(Account):
         """Did every call record usage (and was there one)? Only then is it comparable to the baseline."""
         return self.calls > 0 and not self.without_usage
 
+    @property
+    def partial(self) -> bool:
+        """Did some calls record usage and some not (a session that recorded none is a chat log)?"""
+        return self.calls > 0 and bool(self.without_usage)
+
     def add(self, usage: Usage, cost: float | None) -> None:
         super().add(usage, cost)
         self.calls += 1
