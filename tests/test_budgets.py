@@ -142,6 +142,14 @@ def test_two_budgets_of_one_name_are_refused() -> None:
                                                       {"name": "team", "scope": "user", "usd": 2}]}})
 
 
+@pytest.mark.parametrize("name", ["", "  ", "team:usd"])
+def test_a_budget_name_that_cannot_key_its_counters_is_refused(name: str) -> None:
+    """Counters are keyed ``name:unit:whose:window``: a blank name, or one with ``:``, would read as
+    another budget's or another scope's counter."""
+    with pytest.raises(ConfigError, match=f"budget name {name!r}: give a non-blank name without ':'"):
+        Pipeline.from_config({"routing": {"budgets": [{"name": name, "usd": 1}]}})
+
+
 @pytest.mark.parametrize("config_app", [None, "from-config"])
 def test_an_app_budget_holds_calls_that_name_no_app(config_app) -> None:
     """``app`` is the default scope: a service that never names its app is one app, and its budget holds."""

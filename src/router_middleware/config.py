@@ -404,6 +404,16 @@ class BudgetConfig(_Strict):
     # reached the store (an outage) stops holding the budget after it.
     reservation_ttl_s: float = Field(default=600.0, gt=0)
 
+    @field_validator("name")
+    @classmethod
+    def _keyable(cls, name: str) -> str:
+        """The name keys the budget's counters (``name:unit:whose:window``): a blank or ``:`` in it
+        would read as another budget's or another scope's counter."""
+        if not name.strip() or ":" in name:
+            raise ValueError(f"budget name {name!r}: give a non-blank name without ':' (it keys the budget's "
+                             "counters in the store)")
+        return name
+
     def model_post_init(self, __context: Any) -> None:
         if self.usd is None and self.tokens is None:
             raise ValueError(f"budget {self.name!r} needs 'usd' or 'tokens'")
