@@ -2981,6 +2981,98 @@ def test_a_proxy_call_s_last_failure_counts_toward_a_cooldown_though_only_the_fa
     assert counts == [counted] * 2
 
 
+def _proxy_call_over(tmp_path, statuses: tuple[int, ...]) -> tuple[list[float], list[dict], BaseException | None]:
+    """One call through the proxy's hooks and a real ``litellm.Router`` over the alias's targets
+    ``flaky``, ``flaky2`` (and ``healthy``), each answering its status of ``statuses`` (200: the
+    answer), each called once: the failures counted for flaky and flaky2, the rows, and what the
+    router raised (``None``: it answered)."""
+    from contextlib import ExitStack
+
+    from .scripted_upstream import scripted_upstream
+
+    names, models = ("flaky", "flaky2", "healthy"), ("openai/gpt-5-mini", "openai/gpt-5-mini", "openai/gpt-4o-mini")
+    with ExitStack() as servers:
+        ups = [servers.enter_context(scripted_upstream(status=status)) for status in statuses]
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": model, "api_base": base, "api_key": "x"}}
+            for name, model, (base, _) in zip(names, models, ups, strict=False)])
+        logger = _proxy_logger(tmp_path, list(names[:len(statuses)]))
+        raised: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await _through_proxy(logger, router, "over", shared=True, event_first=True)
+                await _recorded(logger, 1)
+            except Exception as exc:  # noqa: BLE001 - what the router raised, for the test
+                raised.append(exc)
+            await logger.aflush()
+
+        try:
+            asyncio.run(call())
+            rows = _ledger(logger)
+        finally:
+            logger.unregister()
+        assert [len(seen) for _, seen in ups] == [1] * len(statuses)
+    counts = [float(logger.pipeline.store.get(f"fail:{name}") or 0) for name in names[:2]]
+    return counts, rows, raised[0] if raised else None
+
+
+@pytest.mark.parametrize(("first", "last", "error"), [(400, 503, "ServiceUnavailableError"),
+                                                     (503, 400, "BadRequestError")])
+def test_a_proxy_fallback_that_fails_is_recorded_with_its_own_error_not_the_first_target_s(
+        tmp_path, first, last, error) -> None:
+    """litellm's router raises its first target's error once a fallback failed too, and no failure event
+    comes for the fallback: its own error reaches the logger through the deployment failure hook only.
+    A fallback down with a 503 after the first target's 400 cools down (it was counted as the 400, so
+    a dead fallback never did); a fallback's 400 after the first target's 503 is the request's own
+    fault and cools nothing down (it was counted as the 503). The row says the fallback's error."""
+    counts, rows, raised = _proxy_call_over(tmp_path, (first, last))
+    assert getattr(raised, "status_code", None) == first  # litellm's router raises the first target's
+    assert counts == [float(first != 400), float(last != 400)]
+    assert len(rows) == 1 and rows[0]["error"] == error, rows
+
+
+def test_behind_the_real_proxy_a_dead_fallback_after_a_bad_request_cools_down(tmp_path) -> None:
+    """The real proxy: the alias's first target answers 400, its fallback 503. The client is answered
+    with the first target's 400 (litellm's), and the row said so, counting the 503 nowhere: a dead
+    fallback never cooled down. Now the row says the fallback's 503 and the fallback cools down."""
+    import urllib.request
+
+    from .conftest import service_missing
+    from .litellm_proxy import proxy_missing, running_proxy
+    from .scripted_upstream import scripted_upstream
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    _integration_router(tmp_path, "[coder-strong, coder-cheap]", "  cooldown: {failures: 1}\n")
+    with scripted_upstream(status=400) as (bad, bad_seen), scripted_upstream(status=503) as (dead, dead_seen):
+        env = {"STRONG_API_BASE": bad, "CHEAP_API_BASE": dead, "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x",
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env) as proxy:
+            request = urllib.request.Request(f"{proxy}/v1/chat/completions", json.dumps({
+                "model": "coder", "messages": [{"role": "user", "content": "fix the bug"}]}).encode(),
+                {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(request, timeout=60).read()
+            rows = _proxy_rows(tmp_path, ("error", "ended"), 1)
+            failures = _store_values(tmp_path / "store.db", "fail:", "cooldown:")
+    assert failed.value.code == 400  # what litellm's router raises: its first target's error
+    assert (len(bad_seen), len(dead_seen)) == (1, 1)
+    assert rows == [{"error": "ServiceUnavailableError", "ended": "failed"}]
+    assert set(failures) == {"cooldown:coder-cheap"}, failures  # the fallback's 503 cools it; the 400 is the request's
+
+
+@pytest.mark.parametrize(("first", "second"), [(503, 400), (400, 503), (503, 503)])
+def test_a_proxy_fallback_the_router_moved_past_is_counted_as_its_own_error(tmp_path, first, second) -> None:
+    """The router moves on from a failed fallback to the next with no failure event for it (one
+    logging object, first failure only): the deployment failure hook tells what it failed with, so a
+    fallback's 400 after the first target's 503 cools nothing down (it counted as a 503 before), and
+    a 503 still does."""
+    counts, rows, raised = _proxy_call_over(tmp_path, (first, second, 200))
+    assert raised is None and len(rows) == 1 and rows[0]["error"] is None
+    assert counts == [float(first != 400), float(second != 400)]
+
+
 def test_a_target_the_router_never_tried_is_not_counted_for_the_proxy_s_failure(tmp_path) -> None:
     """The router gave up after the first target (here it was handed no fallbacks) while the lifecycle,
     told of that failure by its event, had admitted the alias's next target: the post-call failure

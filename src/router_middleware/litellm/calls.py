@@ -92,6 +92,14 @@ class _Open:
     own_retries: bool = False  # the proxy's router was handed no fallbacks: it retries the target its own way
     passed: MovedPast | None = None  # a failure the router decides on (router_decides), until it moves past it
     planned: frozenset[str] = frozenset()  # the targets the proxy call's plan held at its pre-call hook
+    failed_at: tuple[str, Exception] | None = None  # the router's last failed attempt: its target, its own error
+
+    def own_error(self) -> Exception | None:
+        """The error of the attempt the lifecycle waits on, as the router's deployment failure hook
+        reported it (:meth:`.RouterLogger.async_post_call_failure_deployment_hook`), taken once; ``None``
+        where it reported none for that target (a target its own cooldown skipped, never called)."""
+        failed, self.failed_at = self.failed_at, None
+        return failed[1] if failed is not None and self.started and self.at(failed[0]) else None
 
     def router_decides(self, error: Exception) -> bool:
         """Does the proxy's router, not the lifecycle, decide whether the call goes on after ``error``?
@@ -145,7 +153,8 @@ class FallbacksEnded(Exception):
 class MovedOn(Exception):
     """The proxy's router moved on to another target, so the attempt before failed; with one logging
     object for all attempts, litellm delivers only a request's first failure event. Retryable (503)
-    like the failure it stands for."""
+    like the failure it stands for, where the deployment failure hook told none of the attempt's own
+    (:meth:`_Open.own_error`: a target the router's cooldown skipped, never called)."""
 
     status_code = 503
 

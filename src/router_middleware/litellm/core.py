@@ -95,8 +95,9 @@ class _Core(CustomLogger):
         if error is not None:
             spent = self._spent(found, reply)
             if isinstance(error, MovedOn) and found.proxy:  # the router moved past the target: never retried
-                error, found.passed = found.passed or MovedPast(error, made=found.started), None  # (with the
-                # failure its event told; one the router never started is not counted, its quotas given back)
+                moved = found.own_error() or error  # (with the failure its event or deployment hook told; one
+                error, found.passed = found.passed or MovedPast(moved, made=found.started), None  # the router
+                # never started is not counted, its quotas given back)
             elif found.router_decides(error):
                 found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
                 self._keep(kwargs, found)

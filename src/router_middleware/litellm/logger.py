@@ -188,6 +188,21 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             yield chunk
         await self._settle_served(request_data, last, streamed=True)
 
+    async def async_post_call_failure_deployment_hook(self, request_data: Mapping[str, Any], exception: Exception,
+                                                      call_type: Any, fallback_depth: int | None = None) -> None:
+        """Hook after each failed attempt of litellm's router (a retry's, a fallback's), with that
+        attempt's own error: kept with its proxy call. Once a fallback failed too, the router raises
+        its first target's error and no failure event comes for the fallback: the call's last failure
+        is then known from this hook alone (:meth:`async_post_call_failure_hook`, and the router moving
+        on: :meth:`._Core._resume`). No I/O: it runs on the request's error path."""
+        group = _metadata(request_data).get("model_group") if self._calls else None
+        if not group:
+            return
+        with self._lock:
+            found = self._calls.get(self._key(request_data))
+            if found is not None and found.proxy and not found.as_sent:
+                found.failed_at = (str(group), exception)
+
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
         """Proxy hook, once the request failed for good: a lifecycle still waiting ends with that error,
@@ -200,7 +215,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         each) and the error is the provider's: not when the lifecycle's next attempt was never made
         (the one before, whose failure event came, was the last; what it used was counted then), nor
         for what the proxy raised itself (a guardrail, its rate limit, a client gone). The error is
-        the one the proxy answers with: the router raises the first target's after a fallback failed."""
+        the attempt's own, as the deployment failure hook reported it (the router raises its first
+        target's after a fallback failed, and the proxy answers with that)."""
         found = self._take_open(self._key(request_data))
         with self._lock:
             self._refusing.pop(self._key(request_data), None)
@@ -209,8 +225,9 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
                 self._answered.pop(self._key(request_data), None)
         else:
             ours = found.as_sent or found.started  # the router made the attempt the lifecycle waits on: it failed
-            self._end(found, original_exception, self._spent(found, _cut(request_data)) if ours else None,
-                      failed=ours and wire.provider_error(original_exception))
+            error = found.own_error() or original_exception
+            self._end(found, error, self._spent(found, _cut(request_data)) if ours else None,
+                      failed=ours and wire.provider_error(error))
             self._tally()
 
     # -- the SDK: the deployment hook, and events of calls no hook planned ----------------------
