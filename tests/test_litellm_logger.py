@@ -738,14 +738,20 @@ async def _outcomes(logger: RouterLogger, router: litellm.Router, count: int, pa
     return outcomes
 
 
-def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(tmp_path) -> None:
+def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(tmp_path, monkeypatch) -> None:
     """The router holds the alias's next target as a fallback; when the first target fails and the
     lifecycle refuses that target (its rpm quota used up, which the plan's view of a shared store, up
     to a second old, did not show yet), the router called it anyway: over the limit, and a failed row
     plus a row of an unrouted call. Now the deployment hook refuses the attempt: the target is not
     called, the client gets the first target's error (as ``Pipeline.completion`` fails, and as with an
-    in-memory store), one row; a direct call to the target still goes through."""
+    in-memory store), one row; a direct call to the target still goes through. The view is kept 10 s
+    here, so that it is still stale at the third call however slow the first one was (a first request
+    that took over a second read the quota afresh, and the third call was planned without the target)."""
+    from router_middleware import assembly
+
     from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setattr(assembly, "_lag", lambda store: 10.0)
 
     with scripted_upstream() as (up, seen), scripted_upstream(status=500) as (bad, bad_seen):
         router = _flaky_router(bad, up)
@@ -1466,9 +1472,9 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     call id of their own) that share the outer call's logging object, so their events carry the
     outer call's id: the outer call's lifecycle follows them, and they open none of their own (which
     no event would settle: their reservation held until it lapses). A call whose fallbacks all
-    failed gets no event for its last one (litellm delivers one failure event per call): it ends when
-    litellm lets it go, naming its last target (with one fallback, the lifecycle paused at it held the
-    first failure, whose traceback held litellm's call: never let go)."""
+    failed gets no event for its last one (litellm delivers one failure event per call): it ends as
+    litellm raises, with its last fallback's own error (litellm's deployment failure hook), naming its
+    last target (before, it ended as ``FallbacksEnded`` once litellm let it go)."""
     import logging
 
     from router_middleware.errors import BudgetExceeded
@@ -1503,7 +1509,7 @@ def test_an_sdk_call_with_litellm_fallbacks_holds_one_reservation_and_settles_it
     assert spent.value.spent == answer.usage.total_tokens  # what it spent; no hold left behind
     assert sorted(r["error"] is not None for r in rows) == [False, True]  # one row per call
     failed = next(r for r in rows if r["error"] is not None)
-    assert (failed["error"], failed["requested_model"], failed["model"]) == ("FallbacksEnded", "gpt-4o-mini", "gpt-4o")
+    assert (failed["error"], failed["requested_model"], failed["model"]) == ("RateLimitError", "gpt-4o-mini", "gpt-4o")
     assert "routing:fallback" in failed["decisions"]
 
 
@@ -1600,7 +1606,7 @@ def test_an_sdk_call_whose_fallbacks_all_failed_gets_its_row_without_a_collectio
     finally:
         logger.unregister()
     assert in_flight == 0
-    assert rows == [{"error": "FallbacksEnded", "target": "gpt-4.1-mini", "ended": "failed"}]
+    assert rows == [{"error": "RateLimitError", "target": "gpt-4.1-mini", "ended": "failed"}]  # the last one's own
     assert over.value.spent == 0  # the hold given back
 
 
@@ -1706,8 +1712,9 @@ def test_a_litellm_fallback_over_its_quota_is_followed_as_litellm_calls_it(tmp_p
 def test_a_litellm_fallback_s_answer_is_the_call_s_one_row_and_each_model_gets_its_own_request(
         tmp_path, monkeypatch, span_exporter, late) -> None:
     """``litellm.acompletion(model=..., fallbacks=[...])`` whose first model fails: the lifecycle
-    follows litellm's fallbacks in its order (one failure event comes, for the first; litellm moving
-    on to the next model says the one before failed), plans each model's request (a reasoning effort
+    follows litellm's fallbacks in its order (one failure event comes, for the first; litellm's
+    deployment failure hook names each attempt's own error, and litellm moving on to the next model
+    says the one before failed), plans each model's request (a reasoning effort
     set for the first is not carried to a model that takes none, which litellm would refuse), and the
     answer is the call's one ledger row, its spend charged to the budget once. ``late``: the failure
     event comes after litellm has moved on (over HTTP it is a task of its own): the lifecycle had
@@ -1746,10 +1753,11 @@ def test_a_litellm_fallback_s_answer_is_the_call_s_one_row_and_each_model_gets_i
     chats = [s for s in span_exporter.get_finished_spans() if s.name.startswith("chat ")]
     assert [(s.name, s.status.status_code == StatusCode.ERROR) for s in chats] == \
         [("chat o4-mini", True), ("chat o3-mini", True), ("chat gpt-4o", False)]
-    assert [s.attributes.get("error.type") for s in chats[:2]] == ["FellBack" if late else "RateLimitError", "FellBack"]
-    # the failure an event named counts toward its model's cooldown; one litellm moved past unnamed, none
+    assert [s.attributes.get("error.type") for s in chats[:2]] == ["RateLimitError", "RateLimitError"]
+    # each attempt's own failure counts toward its model's cooldown (before, one litellm moved past
+    # with no event counted toward none: it was a FellBack, its error unknown)
     counts = [logger.pipeline.store.get(FAILURES + m) for m in ("o4-mini", "o3-mini")]
-    assert [None if c is None else float(c) for c in counts] == [None if late else 1.0, None]
+    assert [None if c is None else float(c) for c in counts] == [1.0, 1.0]
 
 
 def test_a_label_the_pipeline_refuses_does_not_exempt_an_async_sdk_call_from_its_budgets(tmp_path, monkeypatch) -> None:

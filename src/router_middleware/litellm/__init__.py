@@ -23,9 +23,10 @@ and budgets, so a call over a budget is refused with
 refused); the success or failure event settles it. With ``fallbacks=`` (models, not names of the
 config's aliases or deployments) litellm makes one nested attempt per model, each through the hook: the
 lifecycle follows them in litellm's order, plans each model's request on its own, counts each
-failure its event names toward its model's cooldown, and records the call as one ledger row (litellm
-delivers one failure event per call, so an attempt it moved past without one failed: :class:`FellBack`; a call
-whose last fallback failed too ends when litellm lets it go: :class:`FallbacksEnded`).
+failure its event or litellm's deployment failure hook names toward its model's cooldown, and
+records the call as one ledger row (a call whose last fallback failed too ends as litellm raises,
+with that fallback's error; where no hook named an attempt's error, it is a :class:`FellBack`, and a
+call litellm lets go of unended is :class:`FallbacksEnded`).
 ``litellm.aresponses``, whose call litellm hooks the same way, is admitted as the proxy admits a
 ``/v1/responses`` request: sent as it came, its quotas and budgets first
 (:meth:`RouterLogger._start_sdk_as_sent`). If planning fails otherwise, the request goes as sent and

@@ -145,9 +145,10 @@ class _Details:
 
 
 class FallbacksEnded(Exception):
-    """litellm's SDK ``fallbacks=`` let a call go without an answer once a fallback was being tried:
-    its last fallback failed, or the call was cancelled while it ran (litellm delivers one failure
-    event per call, the first attempt's, so which is not known). Counts toward no cooldown."""
+    """litellm's SDK ``fallbacks=`` let a call go without an answer once a fallback was being tried,
+    and no deployment failure hook had ended it with its last fallback's error: the call was
+    cancelled while a fallback ran, or litellm ended it some way that hook missed. Counts toward no
+    cooldown."""
 
 
 class MovedOn(Exception):
@@ -161,8 +162,8 @@ class MovedOn(Exception):
 
 class FellBack(MovedOn):
     """litellm's SDK ``fallbacks=`` moved on to its next model, so the attempt before failed, with an
-    error no event names (litellm delivers one failure event per call). It counts toward no cooldown:
-    litellm falls back after any error, the request's own among them."""
+    error neither an event nor the deployment failure hook named (:meth:`_Open.own_error`). It counts
+    toward no cooldown: litellm falls back after any error, the request's own among them."""
 
 
 class ClientDisconnected(asyncio.CancelledError):

@@ -98,6 +98,8 @@ class _Core(CustomLogger):
                 moved = found.own_error() or error  # (with the failure its event or deployment hook told; one
                 error, found.passed = found.passed or MovedPast(moved, made=found.started), None  # the router
                 # never started is not counted, its quotas given back)
+            elif isinstance(error, FellBack):  # litellm's fallbacks= moved on: the failure its hook told
+                error = found.own_error() or error
             elif found.router_decides(error):
                 found.passed = MovedPast(error, spent)  # the router's next attempt, or the failure hook, says
                 self._keep(kwargs, found)

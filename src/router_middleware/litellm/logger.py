@@ -190,18 +190,29 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
 
     async def async_post_call_failure_deployment_hook(self, request_data: Mapping[str, Any], exception: Exception,
                                                       call_type: Any, fallback_depth: int | None = None) -> None:
-        """Hook after each failed attempt of litellm's router (a retry's, a fallback's), with that
-        attempt's own error: kept with its proxy call. Once a fallback failed too, the router raises
-        its first target's error and no failure event comes for the fallback: the call's last failure
-        is then known from this hook alone (:meth:`async_post_call_failure_hook`, and the router moving
-        on: :meth:`._Core._resume`). No I/O: it runs on the request's error path."""
-        group = _metadata(request_data).get("model_group") if self._calls else None
-        if not group:
+        """Hook after each failed attempt litellm makes (a proxy router's try or fallback; one of the
+        SDK's ``fallbacks=``), with that attempt's own error, which is kept with its call: litellm
+        delivers a call's first failure event at most, and behind the proxy its router raises the
+        first target's error once a fallback failed too, so the error of every later attempt is known
+        from this hook alone (read by :meth:`async_post_call_failure_hook` and as the router or the
+        SDK moves on: :meth:`._Core._resume`). The SDK's outer call fails last, once its fallbacks all
+        failed: the call then ends with its last fallback's error. No I/O but that ending's store writes."""
+        if not self._calls:
             return
+        nested = _nested(request_data)
+        outer = {"litellm_call_id": request_data["litellm_logging_obj"].litellm_call_id} if nested else request_data
         with self._lock:
-            found = self._calls.get(self._key(request_data))
-            if found is not None and found.proxy and not found.as_sent:
-                found.failed_at = (str(group), exception)
+            found = self._calls.get(self._key(outer))
+        if found is None or found.as_sent:
+            return
+        target = _metadata(request_data).get("model_group") if found.proxy else request_data.get("model")
+        if not found.proxy and not nested and found.falling_back:  # litellm's fallbacks= all failed
+            last = found.own_error()
+            if last is not None and self._take_open(self._key(outer), only=found) is not None:
+                self._end(found, last, failed=wire.provider_error(last))
+                self._tally()
+        elif target:
+            found.failed_at = (str(target), exception)
 
     async def async_post_call_failure_hook(self, request_data: dict[str, Any], original_exception: Exception,
                                            user_api_key_dict: Any, traceback_str: str | None = None) -> None:
