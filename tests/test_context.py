@@ -330,24 +330,53 @@ SHAPES = {  # an agent's turns, and the message that holds the user's changed ta
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_the_user_s_latest_words_outlive_a_cut_of_the_turns_after_them(shape: str) -> None:
     """The task changed midway ("also update the docs") and the agent worked on for many turns: a
-    window that drops the span holding those words keeps them in its digest, and middle-out drops
-    them last (before the last turn only; a hard limit still takes them when nothing else is left).
-    What an agent sends as the user itself (a tool result, an observation, a nag) is not the user's
-    words, unless it holds them (Cline's answer to a follow-up question)."""
+    window that drops the span holding those words keeps them whole after its digest (which leaves
+    them out) where they fit, else in its digest; middle-out never drops them, as it never drops the
+    last turn (a limit they alone put the request over is said, not met by dropping the task: before,
+    a message-count limit took them and the model was sent no task). What an agent sends as the user
+    itself (a tool result, an observation, a nag) is not the user's words, unless it holds them
+    (Cline's answer to a follow-up question)."""
     turn, said = SHAPES[shape]
     history = [SYSTEM, TASK]
     for i in range(60):
         history += [*turn(i), *([said] if i == 29 else [])]
     window = Window(watermark_tokens=2500, max_payback_calls=None)(plan_for(history), STATE)
-    assert said not in window.messages
-    assert "the user's latest words in them: " in window.messages[2]["content"]
-    assert "NEW INSTRUCTION: also update the docs in docs/index.md" in window.messages[2]["content"]
+    assert window.messages[3] == said and integrity_violations(window.messages) == []
+    assert "the user's latest words in them" not in window.messages[2]["content"]
+    assert "kept the user's latest words from them, whole" in window.decisions[0].reason
+    tiny = Window(watermark_tokens=2500, budget_tokens=2500, max_payback_calls=None)(
+        plan_for([*history[:-1], {**history[-1], "content": "x " * 2300}]), STATE)  # no room for them
+    assert said not in tiny.messages
+    assert "NEW INSTRUCTION: also update the docs in docs/index.md" in tiny.messages[2]["content"]
     middle = MiddleOut(budget_tokens=3000)(plan_for(history), STATE)
     assert said in middle.messages and integrity_violations(middle.messages) == []
     assert len(middle.messages) < len(history) / 2  # the middle dropped around them
     last = 2 if shape.startswith("tool calls") else 1  # the last block: a call and its result, or one message
     tight = MiddleOut(max_messages=2 + last)(plan_for(history), STATE)  # room for the head and the last block only
-    assert said not in tight.messages and list(tight.messages) == [*history[:2], *history[-last:]]
+    assert list(tight.messages) == [*history[:2], said, *history[-last:]]
+    assert "still over: the head, the user's latest words and the last turn alone are" in tight.decisions[0].reason
+
+
+def test_a_chat_s_current_turn_of_several_user_messages_is_never_cut() -> None:
+    """A chat's latest turn is a pasted file, then the question about it: the window cut whole blocks
+    up to a level, and dropped the paste (the last block held the question alone), sending ~200
+    characters against a 16k watermark; middle-out dropped it too. The user messages the history ends
+    with are kept whole by both."""
+    code = "def compute_totals(rows):\n" + "\n".join(f"    total_{i} = sum(r['col_{i}'] for r in rows)  # column {i}"
+                                                   for i in range(400))
+    history = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(52):
+        history += [{"role": "user", "content": f"Tell me fact number {i} about the Roman empire, please, in detail."},
+                    {"role": "assistant", "content": f"Fact {i}: " + "The Romans built roads and aqueducts across "
+                                                                     "Europe. " * 25}]
+    turn = [{"role": "user", "content": f"Here is my code:\n```python\n{code}\n```"},
+            {"role": "user", "content": "Why is it so slow?"}]
+    history += turn
+    plan = plan_for(history, model="gpt-4o-mini")
+    window = Window(watermark_tokens=16000, max_payback_calls=None)(plan, STATE)
+    assert [d.action for d in window.decisions] == ["trim"] and list(window.messages[-2:]) == turn
+    middle = MiddleOut(budget_tokens=8000)(plan, STATE)
+    assert list(middle.messages[-2:]) == turn and integrity_violations(middle.messages) == []
 
 
 @pytest.mark.parametrize("said", [

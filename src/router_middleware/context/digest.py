@@ -32,11 +32,13 @@ def cleared_placeholder(text: str, *, tokens: int, max_paths: int = 40) -> str:
     return note + "]"
 
 
-def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120, max_paths: int = 40) -> str:
+def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120, max_paths: int = 40,
+                latest: bool = True) -> str:
     """A digest of a dropped span of the conversation; an agent's keeps the user's latest words in it
     (cut to ``max_paths`` x 25 characters, at most 1,000: :func:`.structure.last_instruction`), also
-    one with no native tools (:func:`.structure.agent_speaks_as_user`); a plain chat's keeps its names
-    and open questions instead (the words would crowd out names, and its latest ones are never dropped)."""
+    one with no native tools (:func:`.structure.agent_speaks_as_user`), unless ``latest`` is off (the
+    window keeps them whole, outside the span); a plain chat's keeps its names and open questions
+    instead (the words would crowd out names, and its latest ones are never dropped)."""
     text = "\n".join(text_of(m) for m in messages)
     parts = [f"[{len(messages)} earlier messages omitted to save context. Digest:"]
     if chat:
@@ -49,7 +51,7 @@ def span_digest(messages: Sequence[Message], *, chat: bool, max_names: int = 120
             parts.append("open questions: " + " | ".join(threads))
     elif shown := _recent_paths(text, max_paths):
         parts.append("files mentioned, most recent last: " + shown)
-    said = last_instruction(messages, 0) if not chat or agent_speaks_as_user(messages) else None
+    said = last_instruction(messages, 0) if latest and (not chat or agent_speaks_as_user(messages)) else None
     if said is not None:  # the task may have changed in the span: its latest words are kept
         words = " ".join(text_of(messages[said]).split())
         cut = min(max_paths, 40) * 25

@@ -1,7 +1,8 @@
 """Dropping whole blocks: a cache-friendly window, and OpenRouter's middle-out.
 
 Both drop atomic blocks only (see :mod:`.structure`), so they never orphan a tool result, and both
-keep the head (everything before the first assistant turn) and the last block.
+keep the head (everything before the first assistant turn), the user's current turn and the last block;
+the user's latest words are kept whole (the window: where they fit).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class Window:
     span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
     pipeline to write it), else by an offline digest (names and open questions for chats, file paths
     for agents), followed by the span's system and developer messages (the latest, within
-    ``digest_share`` of the budget). For chats the kept turns start on a user turn. A cut that would not pay back its
+    ``digest_share`` of the budget) and the message holding the user's latest words, whole, where the
+    request still fits. For chats the kept turns start on a user turn; the user's current turn (the
+    user messages the history ends with) is never dropped. A cut that would not pay back its
     cache re-read within ``max_payback_calls`` calls is skipped while the request still fits
     ``budget_tokens`` and the model's window.
     """
@@ -108,17 +111,28 @@ class Window:
         if chat:
             while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
                 cut += 1
+        cut = min(cut, _turn_block(messages, units))  # the user's current turn stays whole
         dropped_tokens = totals[units[cut][0]] - totals[head]
         if cut == 0:
             return self._over_window(plan, total, window)
         start = units[cut][0]
-        dropped = messages[head:start]
-        span = ("span", profile.chain[head], profile.chain[start], start - head)  # names dropped's keys
-        filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
+        dropped: Sequence[Message] = messages[head:start]
         standing, standing_tokens = self._standing(dropped, budget, plan, state)  # kept, after the filler
         dropped_tokens -= standing_tokens
-        kept = [*messages[:head], *filler, *standing, *messages[start:]]
-        payback = self._payback_calls(plan, state, filler, low + standing_tokens, dropped_tokens)
+        # the user's latest words, when the cut would drop them: kept whole after the filler (not in
+        # its digest) where they fit, so the model still reads the task it works on
+        said = last_instruction(messages, head)
+        words: list[Message] = []
+        words_tokens = totals[said + 1] - totals[said] if said is not None and said < start else 0
+        if said is not None and words_tokens and total - dropped_tokens + words_tokens <= (hard or budget):
+            words, dropped_tokens = [messages[said]], dropped_tokens - words_tokens
+            dropped = [*messages[head:said], *messages[said + 1:start]]
+        else:
+            words_tokens = 0
+        span = ("span", profile.chain[head], profile.chain[start], start - head, bool(words))  # names dropped
+        filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
+        kept = [*messages[:head], *filler, *standing, *words, *messages[start:]]
+        payback = self._payback_calls(plan, state, filler, low + standing_tokens + words_tokens, dropped_tokens)
         must_fit = hard is not None and total > hard
         limit = self.max_payback_calls
         if payback is not None and limit is not None and payback > limit and not must_fit:
@@ -127,10 +141,11 @@ class Window:
                 f"after {payback:.1f} calls (limit {limit})",
                 {"payback_calls": round(payback, 2), "budget_tokens": budget}))
         trimmed = plan.decide(
-            Decision(self.name, "trim", f"dropped {len(dropped) - len(standing)} messages (~{dropped_tokens} tokens) "
-                     f"over the {budget}-token watermark"
+            Decision(self.name, "trim", f"dropped {len(dropped) - len(standing)} messages "
+                     f"(~{dropped_tokens} tokens) over the {budget}-token watermark"
                      f"{' (the model input window, below the one set)' if capped else ''}; replaced by {how}"
-                     + (f"; kept {len(standing)} system or developer messages from them" if standing else ""),
+                     + (f"; kept {len(standing)} system or developer messages from them" if standing else "")
+                     + ("; kept the user's latest words from them, whole" if words else ""),
                      {"dropped_messages": len(dropped) - len(standing), "dropped_tokens": dropped_tokens,
                       "budget_tokens": budget,
                       "payback_calls": round(payback, 2) if payback is not None else 0.0}),
@@ -191,6 +206,8 @@ class Window:
         self, dropped: Sequence[Message], fast: tuple[object, ...], chat: bool, reserve: int, plan: Plan,
         state: PolicyState,
     ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
+        """What stands for ``dropped`` (``fast``: its span's key, ending with whether the user's latest
+        words are kept apart, so the digest leaves them out), the summary jobs to ask for, and its name."""
         if not self.digest:
             return [], [], "nothing"
         if self.summarize:
@@ -207,7 +224,7 @@ class Window:
             limit = 40 if not chat else 120
             while True:
                 message = {"role": "user", "content": span_digest(dropped, chat=chat, max_names=limit,
-                                                                  max_paths=limit)}
+                                                                  max_paths=limit, latest=not fast[-1])}
                 if limit <= 5 or state.message_tokens(plan.model, message) <= reserve:
                     return message
                 limit //= 2
@@ -253,18 +270,22 @@ class MiddleOut:
             return over_tokens or over_count
 
         said = last_instruction(messages, head)
-        # the blocks holding only system or developer messages go late, the user's latest words last
+        # the blocks holding only system or developer messages go late; the user's latest words and
+        # current turn (which the last block may not hold whole) are never dropped, as the last block
         late = {i: 1 for i, (b, e) in enumerate(units) if is_standing(messages, b, e)}
-        late.update({i: 2 for i, (b, e) in enumerate(units) if said is not None and b <= said < e})
-        while too_big() and len(keep) > 1:
-            victim = keep.pop(_victim(keep, late))
-            total -= sizes[victim]
-            count -= units[victim][1] - units[victim][0]
+        turn = _turn_block(messages, units)
+        kept_whole = {i for i, (b, e) in enumerate(units) if i >= turn or said is not None and b <= said < e}
+        while too_big() and (victim := _victim(keep, late, kept_whole)) is not None:
+            dropped = keep.pop(victim)
+            total -= sizes[dropped]
+            count -= units[dropped][1] - units[dropped][0]
         limits = " and ".join([*([f"{budget} tokens"] if budget is not None else []),
                                *([f"{self.max_messages} messages"] if self.max_messages is not None else [])])
-        # the head and the last turn are never dropped: a request they alone put over is sent, and said so
-        over = (f"; still over: the head and the last turn alone are ~{state.calibrated(total, session)} tokens in "
-                f"{count} messages") if too_big() else ""
+        # the head, the user's latest words and the last turn are never dropped: a request they alone
+        # put over is sent, and said so
+        words = ", the user's latest words" if any(i in kept_whole for i in keep[:-1]) else ""
+        over = (f"; still over: the head{words} and the last turn alone are "
+                f"~{state.calibrated(total, session)} tokens in {count} messages") if too_big() else ""
         if len(keep) == len(units):
             if not over:
                 return plan
@@ -282,8 +303,22 @@ class MiddleOut:
         )
 
 
-def _victim(keep: Sequence[int], late: Mapping[int, int]) -> int:
-    """Where in ``keep`` (block indices, the last block never dropped) the next block to drop is: among
-    those ``late`` ranks lowest (0 unless given), the nearest to the middle, before it first."""
+def _victim(keep: Sequence[int], late: Mapping[int, int], kept_whole: set[int]) -> int | None:
+    """Where in ``keep`` (block indices) the next block to drop is, or ``None``: none but the last block
+    and ``kept_whole`` are left. Among those ``late`` ranks lowest (0 unless given), the nearest to
+    the middle, before it first."""
     middle = (len(keep) - 1) // 2
-    return min(range(len(keep) - 1), key=lambda at: (late.get(keep[at], 0), abs(at - middle), at > middle))
+    droppable = [at for at in range(len(keep) - 1) if keep[at] not in kept_whole]
+    if not droppable:
+        return None
+    return min(droppable, key=lambda at: (late.get(keep[at], 0), abs(at - middle), at > middle))
+
+
+def _turn_block(messages: Sequence[Message], units: Sequence[tuple[int, int]]) -> int:
+    """The index in ``units`` of the first block of the user's current turn: the user messages the
+    history ends with (a paste, then the question about it), else the last block."""
+    first = len(messages)
+    while first > 0 and messages[first - 1].get("role") == "user":
+        first -= 1
+    at = bisect_left(units, first, key=lambda unit: unit[0])
+    return at if at < len(units) and units[at][0] == first else len(units) - 1
