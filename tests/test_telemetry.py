@@ -891,6 +891,19 @@ def test_a_summary_call_is_a_client_span_and_costs_in_its_calls_row(tmp_path, sp
     assert route.attributes["router_middleware.summary_cost_usd"] == pytest.approx(summary_cost)  # summary)
 
 
+def test_a_summary_by_a_model_with_no_price_is_said_unpriced_not_free(tmp_path, span_exporter) -> None:
+    """A summary model no catalog prices: its calls' cost was counted as 0 without a word (the row's
+    ``summary_cost_usd`` 0, the baseline as if the summary were free). The call's decisions say it
+    is unpriced and left out."""
+    response, rows = _summarized(tmp_path, summary_model="openai/in-house-summarizer",
+                                 summary_params={"mock_response": "They discussed replies 0 to 40."})
+    (decision,) = [d for d in outcome(response).plan.decisions if d.action == "summary-unpriced"]
+    assert decision.policy == "context" and "openai/in-house-summarizer" in decision.reason
+    assert "left out of this call's cost" in decision.reason
+    ((cost, summary_cost),) = rows
+    assert summary_cost == 0 and cost == pytest.approx(outcome(response).cost.total_usd)
+
+
 def test_a_summary_s_cost_is_counted_apart_by_its_purpose(tmp_path, metric_reader) -> None:
     """The cost counter's share of a summary carries ``router_middleware.purpose``, as its histogram
     points do: a dashboard can tell what the summaries cost from what the calls did."""

@@ -518,8 +518,17 @@ class CallLifecycle:
         self.side_calls += (SideCall(model, outcome, None, started, ended, server=server),)
 
     def _carry(self, plan: Plan) -> Plan:
-        """``plan`` with what this call's summaries cost (every later plan of the call keeps it)."""
-        spent = sum(c.outcome.cost.total_usd or 0.0 for c in self.side_calls if c.outcome is not None)
+        """``plan`` with what this call's summaries cost (every later plan of the call keeps it), and a
+        decision naming a summary model no price is known for: its cost is left out, not said to be 0."""
+        if not self.side_calls:
+            return plan
+        answered = [c for c in self.side_calls if c.outcome is not None]
+        unpriced = sorted({c.model for c in answered if c.outcome is not None and c.outcome.cost.total_usd is None})
+        if unpriced:
+            plan = plan.decide(Decision("context", "summary-unpriced", f"no price is known for the summary model "
+                                        f"{', '.join(unpriced)}: its calls' cost is left out of this call's cost "
+                                        "(add it under models: to count it)", {"models": ", ".join(unpriced)}))
+        spent = sum(c.outcome.cost.total_usd or 0.0 for c in answered if c.outcome is not None)
         return plan.override(summary_cost_usd=spent) if spent else plan
 
     def _from_cache(self, plan: Plan) -> Generator[Effect, Any, tuple[Any, Plan]]:
