@@ -985,24 +985,57 @@ def test_only_the_attempts_own_model_call_is_left_to_the_middleware(span_exporte
     assert len(handler_.outcomes) == 1
 
 
-def test_a_routed_model_on_the_middlewares_own_pipeline_is_refused_by_name() -> None:
-    """Its calls would be accounted twice (the middleware's call and the model's own: two ledger
-    rows, budgets charged twice): refused when the middleware is made, or at the first call for the
-    agent's own model, naming the model."""
-    from langchain.agents.middleware import ModelRequest, ModelResponse
+@pytest.mark.parametrize("shared", [True, False], ids=["the-middleware-s-pipeline", "one-of-the-same-config"])
+def test_a_routed_model_the_attempt_is_made_through_is_one_row_and_one_budget_charge(tmp_path, shared) -> None:
+    """``models`` entries that are RoutedChatModels on the middleware's own pipeline, or on one built
+    from the same config (a path passed to each): each attempt is sent as the middleware planned it
+    (:meth:`.Pipeline.send`), so a call that fell over is one ledger row and one budget charge. Before,
+    the first was refused, and the second ran a call of its own in each attempt: a row and a budget
+    charge of its own (three rows for one call), and its own retries. The agent's own model on the
+    same pipeline, named by the alias, is sent the target planned, not its own route's first."""
+    import litellm
+    from langchain.agents import create_agent
 
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    config = {"cache": {"enabled": False}, "ledger": {"url": url},
+              "routing": {"aliases": {"coder": ["gpt-4o-mini", "gpt-4.1-mini"]}, "budgets": [
+                  {"name": "b", "tokens": 100_000}], "fallback": {"attempts_per_model": 2, "backoff_s": 0}}}
+    pipeline = Pipeline.from_config(config)
+    theirs = pipeline if shared else Pipeline.from_config(config)
+    down = litellm.InternalServerError("down", "openai", "gpt-4o-mini")
+    models = {"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=theirs, model_kwargs={"mock_response": down}),
+              "gpt-4.1-mini": RoutedChatModel(model="gpt-4.1-mini", pipeline=theirs, model_kwargs={"mock_response": "ok"})}
+    agent = create_agent(models["gpt-4o-mini"], tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models=models, model="coder")])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "ok"
+    own = RoutedChatModel(model="coder", pipeline=pipeline, model_kwargs={"mock_response": "mine"})
+    alone = create_agent(own, tools=[], middleware=[RouterAgentMiddleware(pipeline)])
+    assert alone.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "mine"
+    pipeline.close()
+    theirs.close()
+    rows = open_ledger(url).query("SELECT requested_model, target, error, input_tokens + output_tokens FROM calls "
+                                  "ORDER BY ts")
+    assert [row[:3] for row in rows] == [("coder", "gpt-4.1-mini", None), ("coder", "gpt-4o-mini", None)]
+    from router_middleware.routing.budgets import NO_APP
+
+    counter = f"budget:b:tokens:{NO_APP}:0"
+    assert float(pipeline.store.get(counter) or 0) == sum(row[3] for row in rows)  # charged once each
+    assert shared or theirs.store.get(counter) is None  # the models' own pipeline charged nothing
+
+
+def test_a_routed_model_on_an_alias_of_the_middleware_s_own_pipeline_is_refused_by_name() -> None:
+    """Its attempts would be routed again by the alias, each a call of its own: accounted twice."""
     from router_middleware import ConfigError
 
-    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
-    shared = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline, model_kwargs={"mock_response": "x"})
-    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: a RoutedChatModel on the middleware's own "
-                                          r"pipeline .*Pipeline\(\)"):
-        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": shared})
-    middleware = RouterAgentMiddleware(pipeline, model="gpt-4o-mini")
-    with pytest.raises(ConfigError, match=r"the agent's model: a RoutedChatModel on the middleware's own pipeline"):
-        middleware.wrap_model_call(ModelRequest(model=shared, messages=[HumanMessage("hi")], model_settings={}),
-                                   lambda request: ModelResponse(result=[AIMessage("ok")]))
-    RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline())})
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"aliases": {"coder": ["gpt-4o-mini"]}}})
+    routed = RoutedChatModel(model="coder", pipeline=pipeline)
+    with pytest.raises(ConfigError, match=r"models\['gpt-4o-mini'\]: a RoutedChatModel on 'coder', a route of the "
+                                          r"middleware's own pipeline"):
+        RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": routed}, model="coder")
+    RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline)},
+                          model="coder")
 
 
 def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
@@ -1441,23 +1474,28 @@ def test_a_fallback_model_outside_the_router_that_no_call_can_be_routed_by_is_se
                     ("openai/gpt-4o", "openai/gpt-4o", None)] * 2
 
 
-def test_a_fallback_model_outside_on_the_router_s_own_pipeline_is_refused_not_accounted_twice() -> None:
-    """The outer fallback's model sent as it is, but a RoutedChatModel on the router's own pipeline:
-    its call would be two rows and two budget charges; it is refused with the ``ConfigError`` a
-    ``models`` entry on that pipeline gets when the middleware is made."""
+def test_a_fallback_model_outside_on_the_router_s_own_pipeline_is_accounted_once(tmp_path) -> None:
+    """The outer fallback's model sent as it is, a RoutedChatModel on the router's own pipeline: its
+    attempt is sent as given, so the call is one row (it was refused: as a call of its own, two rows
+    and two budget charges)."""
     import litellm
     from langchain.agents import create_agent
     from langchain.agents.middleware import ModelFallbackMiddleware
 
-    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}, "ledger": {"url": url}})
     limited = litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")
     models = {"main": RoutedChatModel(model="openai/gpt-4o-mini", pipeline=Pipeline(),
                                       model_kwargs={"mock_response": limited})}
     outsider = RoutedChatModel(model="openai/gpt-4o", pipeline=pipeline, model_kwargs={"mock_response": "done"})
     agent = create_agent(models["main"], tools=[], middleware=[
         ModelFallbackMiddleware(outsider), RouterAgentMiddleware(pipeline, models=models, model="main")])
-    with pytest.raises(ConfigError, match="handed it: a RoutedChatModel on the middleware's own pipeline"):
-        agent.invoke({"messages": [HumanMessage("hi")]})
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "done"
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT requested_model, target, error FROM calls ORDER BY ts")
+    assert rows == [("main", "openai/gpt-4o-mini", "RateLimitError"), ("openai/gpt-4o", "openai/gpt-4o", None)]
 
 
 def test_a_new_object_of_the_same_model_from_a_middleware_outside_is_no_swap(tmp_path) -> None:
@@ -1888,8 +1926,8 @@ def test_the_middleware_refuses_models_it_could_never_call_when_it_is_made() -> 
 
     with pytest.raises(ConfigError, match=r"expected a LangChain chat model .* got RunnableLambda"):
         RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": RunnableLambda(lambda x: x)}, model="coder")
-    own = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline).with_retry()
-    with pytest.raises(ConfigError, match=r"on the middleware's own pipeline accounts each call twice"):
+    own = RoutedChatModel(model="coder", pipeline=pipeline).with_retry()
+    with pytest.raises(ConfigError, match=r"a RoutedChatModel on 'coder', a route of the middleware's own pipeline"):
         RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": own}, model="coder")  # seen through its wrapper
     other = {"gpt-5-mini": RoutedChatModel(model="gpt-5-mini", pipeline=Pipeline())}
     with pytest.raises(ConfigError, match=r"model='coder': none of its targets \(gpt-4o-mini, gpt-4.1\) is one of "

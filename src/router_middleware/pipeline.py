@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,11 @@ from . import wire
 from .config import Config, load_config
 from .drivers import adrive, drive
 from .engine import Engine
-from .errors import ConfigError, EmptyStreamError
+from .errors import ConfigError
 from .lifecycle import Attempt, Flow
 from .policies import Policy
 from .routing.fallback import given_fallbacks
+from .sending import answered, said_ahead, sent_plan, stream_ended
 from .streaming import Prefetched
 from .types import AgentContext
 
@@ -57,6 +59,20 @@ class Pipeline(Engine):
         """Drop-in for ``litellm.acompletion``; see :meth:`completion`."""
         return await adrive(self._flow(model, messages, context, params), self._asend, off_loop=self.store_blocks)
 
+    def send(self, model: str, messages: Sequence[Any], *, context: Any = None, **params: Any) -> Any:
+        """One request sent as the caller planned it, for a caller that routes, retries and records the
+        call itself (RouterAgentMiddleware's attempt through a RoutedChatModel): ``model`` resolved as
+        a deployment where it names one, and nothing else (see :mod:`.sending`; ``context`` is not
+        read). Returns litellm's response, its outcome attached, or a TrackedStream; raises what
+        litellm raised, or ``MessageError``/``RequestError`` for bad input."""
+        plan, started = sent_plan(self, model, messages, params), time.perf_counter()
+        return answered(self, plan, wire.litellm().completion(**self.request(plan)), started)
+
+    async def asend(self, model: str, messages: Sequence[Any], *, context: Any = None, **params: Any) -> Any:
+        """The async twin of :meth:`send`."""
+        plan, started = sent_plan(self, model, messages, params), time.perf_counter()
+        return answered(self, plan, await wire.litellm().acompletion(**self.request(plan)), started)
+
     def _flow(self, model: str, messages: Sequence[Any], context: AgentContext | Mapping[str, Any] | None,
               params: dict[str, Any]) -> Flow:
         """The call's lifecycle. litellm's ``fallbacks=``, when they are model names (or dicts naming
@@ -78,10 +94,10 @@ class Pipeline(Engine):
         if not attempt.plan.params.get("stream"):
             return response
         read = list(itertools.islice(response, 1))  # fail over only before the first chunk
-        ended = bool(read) and _ended(attempt, read[0], response)
+        ended = bool(read) and stream_ended(attempt, read[0], response)
         if ended:
             read += list(response)  # the stream says it is done: its end (a usage chunk at most)
-        return Prefetched(_said(attempt, read, response, ended), response)
+        return Prefetched(said_ahead(attempt, read, response, ended), response)
 
     async def _asend(self, attempt: Attempt) -> Any:
         response = await wire.litellm().acompletion(**self.request(attempt.plan, failover=attempt.follows))
@@ -91,27 +107,10 @@ class Pipeline(Engine):
         ended = False
         async for chunk in response:  # fail over only before the first chunk
             read.append(chunk)
-            ended = ended or _ended(attempt, chunk, response)
+            ended = ended or stream_ended(attempt, chunk, response)
             if not ended:
                 break  # else the stream says it is done: its end is read (a usage chunk at most)
-        return Prefetched(_said(attempt, read, response, ended), response)
-
-
-def _ended(attempt: Attempt, first: Any, stream: Any) -> bool:
-    """Does a stream whose first chunk is ``first`` say it is done with nothing said, with a target
-    left to fail over to (litellm closes a stream that ended before any data with a bare finish chunk)?"""
-    return bool(attempt.remaining) and wire.bare_finish(first, stream)
-
-
-def _said(attempt: Attempt, read: list[Any], stream: Any, ended: bool) -> list[Any]:
-    """The chunks read ahead of a stream, or ``EmptyStreamError`` (which fails over) when there are none,
-    or, when it ``ended`` at once (:func:`_ended`), when its provider sent nothing in what followed
-    either (the last target's is served as it came, as a direct call's is)."""
-    if not read:
-        raise EmptyStreamError(f"{attempt.plan.model}: the stream ended before its first chunk")
-    if ended and wire.said_nothing(read, stream):
-        raise EmptyStreamError(f"{attempt.plan.model}: the stream ended with no data from the provider")
-    return read
+        return Prefetched(said_ahead(attempt, read, response, ended), response)
 
 
 PipelineSource = Pipeline | Config | Mapping[str, Any] | str | Path  # what an adapter takes: see pipeline_of

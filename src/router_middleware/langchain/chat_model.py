@@ -7,8 +7,7 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -29,7 +28,6 @@ from ..accounting import outcome
 from ..cache import Unkeyable, key_value
 from ..errors import ConfigError
 from ..pipeline import Pipeline, pipeline_of
-from ..telemetry.tracing import within_attempt
 from .convert import ROUTED, final_chunk, is_attempt, labels, to_ai_message, to_chunk, to_openai, tool_choice
 
 
@@ -105,6 +103,27 @@ class RoutedChatModel(BaseChatModel):
             self._default_pipeline = Pipeline.from_config({})
         return self._default_pipeline
 
+    def _sent_as_given(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> bool:
+        """Is this call RouterAgentMiddleware's attempt, which routes, retries and records the call
+        itself? Then it is sent as given (:meth:`.Pipeline.send`: no second routing, retries, row or
+        budget charge), unless it names a route of this model's own pipeline (an alias, ``auto``),
+        which only the pipeline can resolve (then it is a call of its own, as before)."""
+        return is_attempt(messages) and not self.routes(str(request["model"]))
+
+    def routes(self, model: str | None = None) -> bool:
+        """Does ``model`` (this model's own by default) name a route only its pipeline resolves: an
+        alias of its config (with or without a ``:floor``/``:nitro`` suffix), or ``auto``?"""
+        name = (self.model if model is None else model).partition(":")[0]
+        return name == "auto" or name in self._pipeline().config.routing.aliases
+
+    def _sender(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> Callable[..., Any]:
+        pipeline = self._pipeline()
+        return pipeline.send if self._sent_as_given(messages, request) else pipeline.completion
+
+    def _asender(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> Callable[..., Awaitable[Any]]:
+        pipeline = self._pipeline()
+        return pipeline.asend if self._sent_as_given(messages, request) else pipeline.acompletion
+
     def _request(self, messages: Sequence[BaseMessage], stop: list[str] | None, metadata: Mapping[str, Any] | None,
                  kwargs: dict[str, Any]) -> dict[str, Any]:
         """Pipeline keyword arguments: the model's settings, then the call's (the call's win)."""
@@ -174,8 +193,8 @@ class RoutedChatModel(BaseChatModel):
             from langchain_core.language_models.chat_models import generate_from_stream
 
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
-        with _recorded_outside(messages):
-            response = self._pipeline().completion(**self._request(messages, stop, _metadata(run_manager), kwargs))
+        request = self._request(messages, stop, _metadata(run_manager), kwargs)
+        response = self._sender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -185,15 +204,13 @@ class RoutedChatModel(BaseChatModel):
 
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        with _recorded_outside(messages):
-            response = await self._pipeline().acompletion(**request)
+        response = await self._asender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        with _recorded_outside(messages):
-            stream = self._pipeline().completion(**request)
+        stream = self._sender(messages, request)(**request)
         for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:
@@ -205,8 +222,7 @@ class RoutedChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        with _recorded_outside(messages):
-            stream = await self._pipeline().acompletion(**request)
+        stream = await self._asender(messages, request)(**request)
         async for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:
@@ -289,11 +305,6 @@ def _with_mark(formatted: dict[str, Any], tool: Any) -> dict[str, Any]:
     breakpoint marked as for ChatAnthropic), which LangChain's conversion leaves out."""
     mark = (getattr(tool, "extras", None) or {}).get("cache_control") if isinstance(tool, BaseTool) else None
     return {**formatted, "cache_control": mark} if mark else formatted
-
-
-def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
-    """As RouterAgentMiddleware's attempt (which records it), the call records no telemetry of its own."""
-    return within_attempt() if is_attempt(messages) else nullcontext()
 
 
 _RUN_METADATA = "_router_run_metadata"

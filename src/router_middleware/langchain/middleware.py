@@ -344,9 +344,9 @@ class RouterAgentMiddleware(AgentMiddleware):
     calls' labels (``app``, ``user``, ``tenant``... as for ``Pipeline.completion``; a bad one raises
     ``RequestError`` here), and where it names none, a run's own string ``tenant``, ``user``, ``app``
     or ``agent_id`` (its runtime context, config metadata or configurable: :func:`_run_labels`); the
-    session is LangGraph's ``thread_id`` unless it names one. A ``RoutedChatModel`` on this
-    middleware's own pipeline raises ``ConfigError`` (its calls would be accounted twice): give it a
-    ``Pipeline()`` of its own.
+    session is LangGraph's ``thread_id`` unless it names one. A ``RoutedChatModel`` an attempt is made
+    through sends it as planned (:meth:`.Pipeline.send`); one of ``models`` on an alias of this
+    middleware's own pipeline raises ``ConfigError`` (it would route each attempt again).
 
     A middleware before this one that swaps the agent's model for a later call of the same agent step
     (``ModelFallbackMiddleware``'s retry with its model) has that call routed by the model it handed
@@ -612,10 +612,13 @@ class RouterAgentMiddleware(AgentMiddleware):
         return copy
 
     def _own_pipeline(self, chat_model: Any, where: str) -> None:
-        """Refuse a RoutedChatModel on this middleware's pipeline: each call would be accounted twice."""
-        if isinstance(chat_model, RoutedChatModel) and chat_model.pipeline is self.pipeline:
-            raise ConfigError(f"{where}: a RoutedChatModel on the middleware's own pipeline accounts each call "
-                              "twice (two ledger rows, budgets charged twice); give it a Pipeline() of its own")
+        """Refuse an entry of ``models`` that is a RoutedChatModel on an alias of this middleware's own
+        pipeline: the middleware's attempt would be a routed call of its own there, accounted twice.
+        One on a model or deployment is sent as the attempt planned it (:meth:`.Pipeline.send`)."""
+        if isinstance(chat_model, RoutedChatModel) and chat_model.pipeline is self.pipeline and chat_model.routes():
+            raise ConfigError(f"{where}: a RoutedChatModel on {chat_model.model!r}, a route of the middleware's own "
+                              "pipeline, would route each attempt again and account it twice (two ledger rows, "
+                              "budgets charged twice): give it the target's model or deployment name")
 
     def _context_of(self, request: ModelRequest) -> AgentContext:
         """The call's labels: ``context=``'s, and the run's own (:func:`_run_labels`: a tenant, user, app
@@ -632,8 +635,6 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest]]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
-        if not self.models:
-            self._own_pipeline(request.model, "the agent's model")
         originals = _sent(request)
         params = dict(request.model_settings)
         if request.tools:
@@ -653,9 +654,6 @@ class RouterAgentMiddleware(AgentMiddleware):
             context = replace(context, step=sum(1 for m in converted if m.get("role") == "assistant"))
         try:
             route, own = self._route_of(request)
-            if own:
-                self._own_pipeline(_unbound(request.model)[0],
-                                   "the model a middleware before RouterAgentMiddleware handed it")
             call = self.pipeline.make_call(route, converted, context, params, litellm_sends=False)
         except MessageError as error:
             raise _renumbered(error, positions) from None
@@ -665,7 +663,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             """The agent's request with ``plan`` applied: the routed model, the kept messages, reasoning.
             ``failover``: another target follows, so a RoutedChatModel's provider SDK retries are off
             unless it or the agent sets ``max_retries`` (as :meth:`.Engine.request` does for a pipeline)."""
-            model = self.models[plan.deployment or plan.model] if self.models and not own else request.model
+            entries = bool(self.models) and not own
+            model = self.models[plan.deployment or plan.model] if entries else request.model
             if request.tools and not hasattr(model, "bind_tools"):  # the agent binds them to it, before sending
                 raise Unsent(ConfigError(
                     f"models[{plan.deployment or plan.model!r}]: a {type(model).__name__} cannot bind the agent's "
@@ -681,6 +680,8 @@ class RouterAgentMiddleware(AgentMiddleware):
                 k in request.model_settings or (k not in params and not (k in _HINTS and _sets(model, k))))}
             if failover and "max_retries" not in settings:
                 model = self._without_retries(plan.deployment or plan.model, model)
+            if not entries and isinstance(_unbound(model)[0], RoutedChatModel):  # the agent's own: it sends the
+                settings["model"] = plan.deployment or plan.model  # target planned, not its own route's first
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
