@@ -2278,19 +2278,22 @@ def test_an_agent_answer_without_usage_counts_the_tool_definitions_in_its_prompt
     assert open_ledger(url).query("SELECT input_tokens FROM calls") == [(counted,)]
 
 
+@pytest.mark.parametrize("where", ["metadata", "configurable"])
 @pytest.mark.parametrize("style", ["invoke", "ainvoke", "stream", "astream", "invoke streaming", "chain stream",
                                    "batch"])
-def test_the_run_s_thread_id_is_the_session_of_every_call_style(style: str, tmp_path) -> None:
+def test_the_run_s_thread_id_is_the_session_of_every_call_style(style: str, where: str, tmp_path) -> None:
     """langchain-core calls ``_stream`` without the run's callback manager (from ``stream``, ``astream``
     and ``invoke`` on a streaming model), and the session was read from it: streamed calls had no
-    session, so a session budget did not apply to them and their rows had none."""
+    session, so a session budget did not apply to them and their rows had none. LangChain's usual
+    ``config={"configurable": {"thread_id": ...}}`` is read too: outside a graph langchain-core does
+    not copy it into the metadata, and every call of a bare model or an LCEL chain had no session."""
     import sqlite3
 
     url = tmp_path / "ledger.db"
     pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
     streaming = {"streaming": True} if style == "invoke streaming" else {}  # streaming=False: .stream() answers whole
     model = RoutedChatModel(model="gpt-4o-mini", pipeline=pipeline, model_kwargs={"mock_response": "ok"}, **streaming)
-    config: Any = {"metadata": {"thread_id": "T-1"}}
+    config: Any = {where: {"thread_id": "T-1"}}
     chunks: list[Any] = []
     if style in ("invoke", "invoke streaming"):
         model.invoke("hi", config)

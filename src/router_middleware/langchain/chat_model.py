@@ -38,10 +38,9 @@ class RoutedChatModel(BaseChatModel):
     litellm model id.
 
     The session for context and reasoning budgets is ``session_id``, else the ``thread_id`` (or
-    ``session_id``) in the run's metadata, else none. A LangGraph run puts its
-    ``config={"configurable": {"thread_id": ...}}`` there; outside a graph (``model.invoke``, an LCEL
-    chain) langchain-core (1.8.3 here; 1.0.0 did) does not copy ``configurable`` into metadata: pass
-    ``config={"metadata": {"thread_id": ...}}`` or ``session_id=``. ``context`` (and a
+    ``session_id``) in the run's metadata, else the ``thread_id`` of its
+    ``config={"configurable": {...}}`` (which a LangGraph run copies into the metadata, and
+    langchain-core 1.8.3 does not, for ``model.invoke`` or an LCEL chain), else none. ``context`` (and a
     call's ``context=``) is an ``AgentContext`` or a dict of its labels, checked as the pipeline checks
     it: a bad or unknown label raises ``RequestError`` naming it.
     """
@@ -129,8 +128,8 @@ class RoutedChatModel(BaseChatModel):
         """Pipeline keyword arguments: the model's settings, then the call's (the call's win)."""
         kwargs = dict(kwargs)
         kwargs.pop("ls_structured_output_format", None)
-        handed = kwargs.pop(_RUN_METADATA, None)  # the run's metadata where no callback manager holds it
-        metadata = metadata if metadata is not None else handed
+        handed = kwargs.pop(_RUN_METADATA, None)  # the run's metadata (and thread), where no callback manager
+        metadata = {**(handed or {}), **(metadata or {})}  # holds it, or holds no configurable thread
         context = {**self.context, **labels(kwargs.pop("context", None))}
         session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
         if session and "session_id" not in context:
@@ -315,8 +314,14 @@ def _metadata(run_manager: Any) -> Mapping[str, Any] | None:
 
 
 def _with_run_metadata(config: RunnableConfig | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` and the run's metadata (``config``'s, or the enclosing runnable's)."""
-    metadata = ensure_config(config).get("metadata")
+    """``kwargs`` and the run's metadata (``config``'s, or the enclosing runnable's), with the
+    ``thread_id`` of its ``configurable`` where the metadata names none (a LangGraph run copies it
+    there; langchain-core does not, for a bare model or an LCEL chain)."""
+    found = ensure_config(config)
+    metadata = found.get("metadata") or {}
+    thread = (found.get("configurable") or {}).get("thread_id")
+    if thread is not None and "thread_id" not in metadata:
+        metadata = {**metadata, "thread_id": thread}
     return {**kwargs, _RUN_METADATA: metadata} if metadata else kwargs
 
 
