@@ -113,8 +113,8 @@ def from_outcome(outcome: Outcome, *, saved_context: float = 0.0, saved_cache: f
         saved_routing_usd=saved_routing, saved_context_usd=saved_context, saved_cache_usd=saved_cache,
         saved_reasoning_usd=saved_reasoning, summary_cost_usd=summaries,
         error=type(error).__qualname__ if error is not None else None, ended=ending(error),
-        target=plan.model if plan else None,
-        deployment=plan.deployment if plan and usage.source != "cache" else None,  # a hit went nowhere
+        target=plan.model if plan and usage.source != "cache" else None,  # a hit went nowhere (the report
+        deployment=plan.deployment if plan and usage.source != "cache" else None,  # groups it by its model)
         user_id=context.user if context else None,
     )
 
