@@ -70,6 +70,11 @@ def test_swapped_means_one_way_here_and_only_the_other_way_there() -> None:
     ("Who won the 2018 World Cup final?", "Who lost the 2018 World Cup final?", "opposite"),
     ("Write a short poem about the sea.", "Write a long poem about the sea.", "opposite"),
     ("Explain quantum computing briefly.", "Explain quantum computing in detail.", "opposite"),
+    # a trial's hit at the default threshold (0.912): the same question in other units
+    ("What is the boiling point of water in Celsius?", "What is the boiling point of water in Fahrenheit?", "units"),
+    ("How heavy is 3 kg?", "How heavy is 3 lbs?", "units"),
+    ("Water boils at 100 °C, right?", "Water boils at 100 °F, right?", "units"),
+    ("How many kilometres is a marathon?", "A marathon is how many kilometers?", None),
 ])
 def test_refusal_names_the_guard_that_refuses(ours: str, theirs: str, guard: str | None) -> None:
     assert refusal(features(ours), features(theirs)) == guard

