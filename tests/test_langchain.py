@@ -1025,6 +1025,31 @@ def test_a_routed_model_the_attempt_is_made_through_is_one_row_and_one_budget_ch
     assert shared or theirs.store.get(counter) is None  # the models' own pipeline charged nothing
 
 
+@pytest.mark.parametrize("where", ["models", "the agent's model"])
+def test_the_middleware_estimates_a_call_at_the_output_cap_its_model_sets(where) -> None:
+    """A budget estimates a call's output at its ``max_tokens``: the one the chat model sets of its own
+    was not read (only the request's settings), so an agent call was estimated at the 512-token default
+    and refused where the same model called directly was admitted."""
+    from langchain.agents import create_agent
+
+    from router_middleware import BudgetExceeded
+
+    def agent(cap: int | None) -> Any:
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "aliases": {"coder": ["gpt-4o-mini"]}, "budgets": [{"name": "b", "usd": 0.0001}]}})
+        model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), max_tokens=cap,
+                                model_kwargs={"mock_response": "ok"})
+        if where == "models":
+            return create_agent(model, tools=[], middleware=[
+                RouterAgentMiddleware(pipeline, models={"gpt-4o-mini": model}, model="coder")])
+        return create_agent(model, tools=[], middleware=[RouterAgentMiddleware(pipeline)])
+
+    question = {"messages": [HumanMessage("hi")]}
+    assert agent(10).invoke(question)["messages"][-1].content == "ok"  # 10 output tokens fit in $0.0001
+    with pytest.raises(BudgetExceeded, match="this call's estimate"):  # 512 do not
+        agent(None).invoke(question)
+
+
 def test_a_routed_model_on_an_alias_of_the_middleware_s_own_pipeline_is_refused_by_name() -> None:
     """Its attempts would be routed again by the alias, each a call of its own: accounted twice."""
     from router_middleware import ConfigError

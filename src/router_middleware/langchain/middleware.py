@@ -45,6 +45,7 @@ from ..context.breakpoints import mark
 from ..drivers import adrive, drive
 from ..errors import AnswerDiscarded, ConfigError, MessageError
 from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced, Unsent
+from ..params import output_cap
 from ..pipeline import PipelineSource, pipeline_of
 from ..routing.fallback import retryable
 from ..routing.quotas import free_variant
@@ -231,6 +232,18 @@ _UNSENT = frozenset({  # chat model fields that never change an answer (or are t
 # checkpoints, the request's id, its tracing headers; the signed-in user stays, as langgraph_auth_user_id)
 _GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpoint_map", "run_id", "run_attempt",
                          "langgraph_request_id", "langgraph_auth_user"})
+
+
+def _cap_of(runnable: Any) -> int | None:
+    """The ``max_tokens`` (or ``max_completion_tokens``) a chat model sends of its own: bound to it,
+    else its field; ``None`` when it sets none."""
+    model, bound = _unbound(runnable)
+    for source in (bound, getattr(model, "__dict__", {})):
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = source.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _unbound(runnable: Any) -> tuple[BaseChatModel | None, dict[str, Any]]:
@@ -620,6 +633,15 @@ class RouterAgentMiddleware(AgentMiddleware):
                               "pipeline, would route each attempt again and account it twice (two ledger rows, "
                               "budgets charged twice): give it the target's model or deployment name")
 
+    def _own_caps(self, request: ModelRequest, route: str, own: bool) -> dict[str, int]:
+        """The output cap (``max_tokens``) the models a call may go to set of their own, for its budget
+        estimate: the agent's model's (bound, or a field), or with ``models`` the largest of the route's
+        targets', where each sets one (one that sets none may answer at any length: no cap)."""
+        held = [self.models[t] for t in self._targets(route) if t in self.models] if self.models and not own else []
+        found = [_cap_of(model) for model in held or [request.model]]
+        caps = [cap for cap in found if cap is not None]
+        return {"max_tokens": max(caps)} if caps and len(caps) == len(found) else {}
+
     def _context_of(self, request: ModelRequest) -> AgentContext:
         """The call's labels: ``context=``'s, and the run's own (:func:`_run_labels`: a tenant, user, app
         or agent id of the run's configurable, metadata or runtime context, its ``thread_id`` as the
@@ -637,6 +659,9 @@ class RouterAgentMiddleware(AgentMiddleware):
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         originals = _sent(request)
         params = dict(request.model_settings)
+        route, own = self._route_of(request)
+        caps = self._own_caps(request, route, own) if output_cap(params) is None else {}
+        params.update(caps)  # estimated at the output the model caps itself at, which it sends of its own
         if request.tools:
             params["tools"] = [convert_to_openai_tool(t) for t in request.tools]
         context = self._context_of(request)
@@ -653,7 +678,6 @@ class RouterAgentMiddleware(AgentMiddleware):
         if context.step is None:  # the agent's step: its model turns so far, as the proxy counts them
             context = replace(context, step=sum(1 for m in converted if m.get("role") == "assistant"))
         try:
-            route, own = self._route_of(request)
             call = self.pipeline.make_call(route, converted, context, params, litellm_sends=False)
         except MessageError as error:
             raise _renumbered(error, positions) from None
@@ -677,7 +701,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             # the policies added (reasoning, a prompt_cache_key, max_tokens above a thinking budget)
             # but a hint the model sets itself
             settings = {k: v for k, v in plan.params.items() if k != "tools" and (
-                k in request.model_settings or (k not in params and not (k in _HINTS and _sets(model, k))))}
+                k in request.model_settings or (k in caps and v != caps[k])  # a policy raised the model's own
+                or (k not in params and not (k in _HINTS and _sets(model, k))))}
             if failover and "max_retries" not in settings:
                 model = self._without_retries(plan.deployment or plan.model, model)
             if not entries and isinstance(_unbound(model)[0], RoutedChatModel):  # the agent's own: it sends the
