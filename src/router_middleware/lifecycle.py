@@ -365,8 +365,9 @@ class CallLifecycle:
         """What the attempt litellm was sent is taken to have used when it timed out, or its caller
         stopped it while litellm had it (:func:`~.accounting.prompt_only`: its prompt, counted locally),
         so budgets and the ledger count it as the provider bills it; ``None`` where it may not have been
-        sent: an adapter's attempt (its handler may have called no model), or no attempt in flight."""
-        if self.read is not None or (self._in_flight is None and not timed_out):
+        sent: an adapter's attempt stopped from outside (its handler may have called no model; one that
+        ``timed_out`` waiting for a provider's answer was sent), or no attempt in flight."""
+        if not timed_out and (self.read is not None or self._in_flight is None):
             return None
         began = self._in_flight
         return prompt_only(plan, self.engine.catalog, self.engine.state.request_tokens(plan),
@@ -784,8 +785,8 @@ class CallLifecycle:
         ``unmade``: without making this attempt (nothing counted, its quotas given back); ``ends``:
         no attempt follows (:class:`Final`)."""
         engine, failed = self.engine, plan.deployment or plan.model
-        if spent is None and wire.timed_out(exc):  # sent, and no answer came in time: its prompt was paid for
-            spent = self._unanswered(plan, timed_out=True)
+        if spent is None and wire.timed_out(exc) and (self.read is None or wire.provider_timeout(exc)):
+            spent = self._unanswered(plan, timed_out=True)  # sent, and no answer came in time: its prompt was paid
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)
         keyless = not unknown and wire.missing_credentials(exc)  # refused before sending: the next may have one

@@ -320,6 +320,13 @@ def timed_out(exc: BaseException) -> bool:
     return True
 
 
+def provider_timeout(exc: BaseException) -> bool:
+    """Is ``exc`` a provider client's own timeout (litellm's, naming its provider; the OpenAI SDK's
+    ``APITimeoutError``, as LangChain's chat models raise it), not a ``TimeoutError`` some other code
+    raised (an adapter's handler may have called no model)?"""
+    return provider_error(exc) or type(exc).__name__ == "APITimeoutError"
+
+
 def provider_error(exc: BaseException) -> bool:
     """Did ``exc`` come from a provider's call? litellm's exceptions name the provider
     (``llm_provider``); what the proxy raises itself (a guardrail's or its rate limiter's
