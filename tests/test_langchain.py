@@ -1050,6 +1050,51 @@ def test_the_middleware_estimates_a_call_at_the_output_cap_its_model_sets(where)
         agent(None).invoke(question)
 
 
+def test_a_guard_s_routed_model_called_with_the_attempt_s_messages_keeps_its_own_budget() -> None:
+    """A review: a middleware inside the router calls a RoutedChatModel of its own (a judge) with the
+    attempt's messages; it was taken for the attempt and sent as given, past its own pipeline's budget
+    and ledger. Only the model the middleware hands the handler is sent as given."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.messages import SystemMessage
+
+    from router_middleware import BudgetExceeded
+
+    main = Pipeline.from_config({"cache": {"enabled": False}})
+    guarded = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+        {"name": "g", "scope": "global", "tokens": 5}]}})
+    judge = RoutedChatModel(model="gpt-4.1-mini", pipeline=guarded, model_kwargs={"mock_response": "SAFE"})
+    verdicts: list[str] = []
+
+    class Guard(AgentMiddleware):
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            try:
+                verdicts.append(str(judge.invoke([SystemMessage("Safe? SAFE or UNSAFE."), *request.messages]).content))
+            except BudgetExceeded as refused:
+                verdicts.append(refused.name)
+            return handler(request)
+
+    model = RoutedChatModel(model="gpt-4o-mini", pipeline=Pipeline(), model_kwargs={"mock_response": "hello!"})
+    agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(main), Guard()])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "hello!"
+    assert verdicts == ["g"]  # refused by its own budget, not sent as the attempt
+
+
+def test_a_models_entry_on_an_alias_of_another_pipeline_adds_no_spans_of_its_own(span_exporter) -> None:
+    """A review: an entry that is a RoutedChatModel on an alias of another pipeline is a routed call
+    of its own there (only that pipeline resolves the alias); its telemetry stays the middleware's
+    call's (a route span and a chat span), as before the attempt was sent as given."""
+    from langchain.agents import create_agent
+
+    config = {"cache": {"enabled": False}, "routing": {"aliases": {"coder": ["gpt-4o-mini"], "inner": ["gpt-4o-mini"]}}}
+    pipeline, theirs = Pipeline.from_config(config), Pipeline.from_config(config)
+    models = {"gpt-4o-mini": RoutedChatModel(model="inner", pipeline=theirs, model_kwargs={"mock_response": "ok"})}
+    agent = create_agent(models["gpt-4o-mini"], tools=[], middleware=[
+        RouterAgentMiddleware(pipeline, models=models, model="coder")])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "ok"
+    assert sorted(s.name for s in span_exporter.get_finished_spans()) == ["chat gpt-4o-mini", "route coder"]
+
+
 def test_a_routed_model_on_an_alias_of_the_middleware_s_own_pipeline_is_refused_by_name() -> None:
     """Its attempts would be routed again by the alias, each a call of its own: accounted twice."""
     from router_middleware import ConfigError

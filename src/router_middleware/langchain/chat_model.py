@@ -8,6 +8,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from operator import itemgetter
 from typing import Any
 
@@ -28,7 +29,18 @@ from ..accounting import outcome
 from ..cache import Unkeyable, key_value
 from ..errors import ConfigError
 from ..pipeline import Pipeline, pipeline_of
-from .convert import ROUTED, final_chunk, is_attempt, labels, to_ai_message, to_chunk, to_openai, tool_choice
+from ..telemetry.tracing import within_attempt
+from .convert import (
+    ROUTED,
+    final_chunk,
+    is_attempt,
+    labels,
+    made_through,
+    to_ai_message,
+    to_chunk,
+    to_openai,
+    tool_choice,
+)
 
 
 class RoutedChatModel(BaseChatModel):
@@ -103,11 +115,20 @@ class RoutedChatModel(BaseChatModel):
         return self._default_pipeline
 
     def _sent_as_given(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> bool:
-        """Is this call RouterAgentMiddleware's attempt, which routes, retries and records the call
-        itself? Then it is sent as given (:meth:`.Pipeline.send`: no second routing, retries, row or
-        budget charge), unless it names a route of this model's own pipeline (an alias, ``auto``),
-        which only the pipeline can resolve (then it is a call of its own, as before)."""
-        return is_attempt(messages) and not self.routes(str(request["model"]))
+        """Is this call RouterAgentMiddleware's attempt made through this model, which the middleware
+        routes, retries and records itself? Then it is sent as given (:meth:`.Pipeline.send`: no second
+        routing, retries, row or budget charge), unless it names a route of this model's own pipeline
+        (an alias, ``auto``), which only the pipeline can resolve (then it is a routed call of its own,
+        with no telemetry of its own: :meth:`_recorded_outside`). Another model call made with the
+        attempt's messages (a guard's judge) is a call of its own, admitted and recorded."""
+        return made_through(self, messages) and not self.routes(str(request["model"]))
+
+    @staticmethod
+    def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
+        """A call with the middleware's attempt's messages (through the model it handed the handler, one
+        a middleware inside swapped in, or a guard's) has no telemetry of its own: the middleware's call
+        records the attempt's spans, metrics and log lines (:func:`.within_attempt`)."""
+        return within_attempt() if is_attempt(messages) else nullcontext()
 
     def routes(self, model: str | None = None) -> bool:
         """Does ``model`` (this model's own by default) name a route only its pipeline resolves: an
@@ -193,7 +214,8 @@ class RoutedChatModel(BaseChatModel):
 
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        response = self._sender(messages, request)(**request)
+        with self._recorded_outside(messages):
+            response = self._sender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -203,13 +225,15 @@ class RoutedChatModel(BaseChatModel):
 
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        response = await self._asender(messages, request)(**request)
+        with self._recorded_outside(messages):
+            response = await self._asender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        stream = self._sender(messages, request)(**request)
+        with self._recorded_outside(messages):
+            stream = self._sender(messages, request)(**request)
         for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:
@@ -221,7 +245,8 @@ class RoutedChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        stream = await self._asender(messages, request)(**request)
+        with self._recorded_outside(messages):
+            stream = await self._asender(messages, request)(**request)
         async for chunk in stream:
             if (generation := _generation(chunk)) is not None:
                 if run_manager is not None:

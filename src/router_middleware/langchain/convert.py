@@ -32,6 +32,7 @@ from ..types import AgentContext, Outcome, Plan, Usage
 
 ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
 _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt", default=None)
+_THROUGH: ContextVar[Any] = ContextVar("router_middleware_attempt_model", default=None)  # the attempt's model
 
 
 class AttemptRuns(BaseCallbackHandler):
@@ -102,19 +103,28 @@ register_configure_hook(_RUNS, inheritable=False)
 
 
 @contextmanager
-def attempt(request_messages: Sequence[BaseMessage],
-            retried: Callable[[AttemptRuns], None] | None = None) -> Iterator[AttemptRuns]:
-    """RouterAgentMiddleware makes an attempt with ``request_messages``: the model call inside whose
-    messages end with the same message object is that attempt (see :func:`is_attempt`); what its
-    runs report is gathered in the :class:`AttemptRuns` yielded (``retried``: see there)."""
+def attempt(request_messages: Sequence[BaseMessage], retried: Callable[[AttemptRuns], None] | None = None,
+            model: Any = None) -> Iterator[AttemptRuns]:
+    """RouterAgentMiddleware makes an attempt with ``request_messages`` through ``model`` (the chat
+    model it hands the handler, unwrapped): the model call inside whose messages end with the same
+    message object is that attempt (see :func:`is_attempt`; :func:`made_through`: by that model);
+    what its runs report is gathered in the :class:`AttemptRuns` yielded (``retried``: see there)."""
     last = request_messages[-1] if request_messages else None
     runs = AttemptRuns(last, retried)
-    token, collecting = _ATTEMPT.set(last), _RUNS.set(runs)
+    token, collecting, through = _ATTEMPT.set(last), _RUNS.set(runs), _THROUGH.set(model)
     try:
         yield runs
     finally:
+        _THROUGH.reset(through)
         _RUNS.reset(collecting)
         _ATTEMPT.reset(token)
+
+
+def made_through(model: Any, messages: Sequence[BaseMessage]) -> bool:
+    """Whether ``model`` called with ``messages`` makes RouterAgentMiddleware's attempt itself (it is
+    the model the middleware handed the handler), not another call made with the attempt's messages
+    meanwhile (a guard middleware's judge model)."""
+    return is_attempt(messages) and _THROUGH.get() is model
 
 
 def is_attempt(messages: Sequence[BaseMessage]) -> bool:

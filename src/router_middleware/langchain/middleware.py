@@ -845,7 +845,8 @@ class RouterAgentMiddleware(AgentMiddleware):
             sent.append(made)
             request, started = build(made.plan, made.follows), time.perf_counter()
             # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
-            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
+            through = _unbound(request.model)[0]  # the model the attempt is made through
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), through) as runs:
                 try:
                     response = handler(request)
                 except BaseException as exc:
@@ -869,7 +870,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         async def send(made: Attempt) -> ModelResponse:
             sent.append(made)
             request, started = build(made.plan, made.follows), time.perf_counter()
-            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan)) as runs:
+            through = _unbound(request.model)[0]  # the model the attempt is made through
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), through) as runs:
                 try:
                     response = await handler(request)
                 except BaseException as exc:

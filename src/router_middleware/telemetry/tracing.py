@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +62,19 @@ class TelemetrySettings:
 _tracer_of: tuple[Any, trace.Tracer] | None = None  # OpenTelemetry's global provider (None: unset), and its tracer
 _UNKNOWN = object()  # no global provider to read (an OpenTelemetry without it): the provider is asked each call
 _API_GET = trace.get_tracer_provider
+_WITHIN: ContextVar[bool] = ContextVar("router_middleware_within_attempt", default=False)
+
+
+@contextmanager
+def within_attempt() -> Iterator[None]:
+    """Calls made inside are one attempt of an outer call that records it (the agent middleware's
+    model call, made through a ``RoutedChatModel``): they get no spans, metrics or log lines of their
+    own, so the outer call's are not counted twice."""
+    token = _WITHIN.set(True)
+    try:
+        yield
+    finally:
+        _WITHIN.reset(token)
 
 
 def _tracer() -> trace.Tracer:
@@ -113,6 +128,7 @@ class CallTrace:
         self._said: list[Decision] = []  # the decisions on the route span, as its events
         self.done = False
         self.cache_similarity: float | None = None
+        self.nested = _WITHIN.get()  # an outer call records this one (see within_attempt)
         self.reservation: Any = None  # the call's budget reservation, settled when it ends
         self.quota: Any = None  # the attempt's (Taken, quotas), settled when it ends
 
@@ -126,7 +142,7 @@ class CallTrace:
         where this runs outside it (a thread of litellm's), else the current one."""
         trace_ = cls(settings, plan, provider, start_ns)
         trace_.attempting = attempt
-        if settings.enabled:
+        if settings.enabled and not trace_.nested:
             trace_._open(tokens_before, tokens_after, attempt, side_calls, within)
         return trace_
 
@@ -201,7 +217,7 @@ class CallTrace:
                extra: dict[str, AttributeValue] | None = None) -> None:
         """The duration point (and tokens and cost, if ``outcome``) of the attempt under way."""
         self.attempting = False
-        if not self.settings.enabled:
+        if self.nested or not self.settings.enabled:
             return
         if self.start_ns is not None:  # the adapter's clock: from when the call began to its end (or now)
             duration = ((end_ns if end_ns is not None else time.time_ns()) - self.start_ns) / 1e9
@@ -341,8 +357,9 @@ class CallTrace:
                 span.end(end_time=end_ns)
         if self.attempting:  # the call failed with its attempt (else a refusal: no provider operation)
             self._point(outcome, kind, end_ns)
-        log.warning("llm_call_failed", **ids, **self._labels(), model=self.plan.model, error_type=kind,
-                    error=message)
+        if not self.nested:
+            log.warning("llm_call_failed", **ids, **self._labels(), model=self.plan.model, error_type=kind,
+                        error=message)
 
     def _end(self, outcome: Outcome | None, response: Any = None, *, stopped_by: str | None = None,
              end_ns: int | None = None) -> None:
@@ -377,7 +394,7 @@ class CallTrace:
             self.parent.end(end_time=end_ns)
         if self.attempting and (outcome is None or outcome.usage.source != "cache"):  # a hit is no GenAI operation
             self._point(outcome, None, end_ns, {"router_middleware.ended": "stopped"} if stopped else None)
-        if stopped_by is None and not log.enabled("info"):
+        if self.nested or (stopped_by is None and not log.enabled("info")):
             return
         fields: dict[str, Any] = {"model": self.plan.model}
         if outcome is not None:
