@@ -375,8 +375,10 @@ def test_a_chat_s_current_turn_of_several_user_messages_is_never_cut() -> None:
     plan = plan_for(history, model="gpt-4o-mini")
     window = Window(watermark_tokens=16000, max_payback_calls=None)(plan, STATE)
     assert [d.action for d in window.decisions] == ["trim"] and list(window.messages[-2:]) == turn
-    middle = MiddleOut(budget_tokens=8000)(plan, STATE)
+    middle = MiddleOut(budget_tokens=12000)(plan, STATE)  # room for the turn: the earlier turns go first
     assert list(middle.messages[-2:]) == turn and integrity_violations(middle.messages) == []
+    tight = MiddleOut(budget_tokens=4000)(plan, STATE)  # a hard cap the paste alone is over: it goes last
+    assert list(tight.messages) == [*history[:2], turn[-1]]
 
 
 @pytest.mark.parametrize("said", [

@@ -1,8 +1,9 @@
 """Dropping whole blocks: a cache-friendly window, and OpenRouter's middle-out.
 
 Both drop atomic blocks only (see :mod:`.structure`), so they never orphan a tool result, and both
-keep the head (everything before the first assistant turn), the user's current turn and the last block;
-the user's latest words are kept whole (the window: where they fit).
+keep the head (everything before the first assistant turn) and the last block, and the user's latest
+words whole where they fit; the window keeps the user's current turn (the user messages the history
+ends with) where it fits, middle-out drops it after everything else.
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ class Window:
     span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
     pipeline to write it), else by an offline digest (names and open questions for chats, file paths
     for agents), followed by the span's system and developer messages (the latest, within
-    ``digest_share`` of the budget) and the message holding the user's latest words, whole, where the
-    request still fits. For chats the kept turns start on a user turn; the user's current turn (the
-    user messages the history ends with) is never dropped. A cut that would not pay back its
-    cache re-read within ``max_payback_calls`` calls is skipped while the request still fits
-    ``budget_tokens`` and the model's window.
+    ``digest_share`` of the budget) and the message holding the user's latest words, whole, where they
+    fit (the step leaves room for them). For chats the kept turns start on a user turn; the user's
+    current turn (the user messages the history ends with) is not dropped where it fits the hard limit.
+    A cut that would not pay back its cache re-read within ``max_payback_calls`` calls is skipped while
+    the request still fits ``budget_tokens`` and the model's window.
     """
 
     budget_tokens: int | None = None
@@ -101,7 +102,16 @@ class Window:
         fixed = REQUEST_OVERHEAD + state.counter(plan.model).tools(tools) + totals[head]
         reserve = int(budget * self.digest_share) if self.digest else 0
         low = max(int(budget * self.keep), self._min_keep(plan, state))
-        step = max(1, int(0.9 * (budget - fixed - reserve - low)))
+        room = budget - fixed - reserve - low
+        # The user's latest words, once a cut drops them, are kept whole after the filler (not in its
+        # digest), so the model still reads the task it works on: the step leaves room for them, so a
+        # cut level keeps them or not for as long as it lasts (and the request stays under the
+        # watermark); words over half that room go to the digest (cut to 1,000 characters).
+        said = last_instruction(messages, head)
+        said_tokens = totals[said + 1] - totals[said] if said is not None and said < units[-1][0] else 0
+        if said_tokens > room // 2:
+            said_tokens = 0
+        step = max(1, int(0.9 * (room - said_tokens)))
         droppable = totals[units[-1][0]] - totals[head]  # every block but the last
         level = max(0, droppable - low) // step * step
         chat = _is_chat(messages)
@@ -111,7 +121,9 @@ class Window:
         if chat:
             while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
                 cut += 1
-        cut = min(cut, _turn_block(messages, units))  # the user's current turn stays whole
+        turn = _turn_block(messages, units)  # the user's current turn stays whole where it fits the hard
+        if hard is None or fixed + reserve + totals[len(messages)] - totals[units[turn][0]] <= hard:  # limit
+            cut = min(cut, turn)
         dropped_tokens = totals[units[cut][0]] - totals[head]
         if cut == 0:
             return self._over_window(plan, total, window)
@@ -119,16 +131,13 @@ class Window:
         dropped: Sequence[Message] = messages[head:start]
         standing, standing_tokens = self._standing(dropped, budget, plan, state)  # kept, after the filler
         dropped_tokens -= standing_tokens
-        # the user's latest words, when the cut would drop them: kept whole after the filler (not in
-        # its digest) where they fit, so the model still reads the task it works on
-        said = last_instruction(messages, head)
         words: list[Message] = []
-        words_tokens = totals[said + 1] - totals[said] if said is not None and said < start else 0
-        if said is not None and words_tokens and total - dropped_tokens + words_tokens <= (hard or budget):
+        words_tokens = said_tokens if said is not None and said < start else 0
+        if hard is not None and total - dropped_tokens + words_tokens + reserve > hard:  # the last block is
+            words_tokens = 0  # that big: the digest carries them
+        if said is not None and words_tokens:
             words, dropped_tokens = [messages[said]], dropped_tokens - words_tokens
             dropped = [*messages[head:said], *messages[said + 1:start]]
-        else:
-            words_tokens = 0
         span = ("span", profile.chain[head], profile.chain[start], start - head, bool(words))  # names dropped
         filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
         kept = [*messages[:head], *filler, *standing, *words, *messages[start:]]
@@ -270,12 +279,19 @@ class MiddleOut:
             return over_tokens or over_count
 
         said = last_instruction(messages, head)
-        # the blocks holding only system or developer messages go late; the user's latest words and
-        # current turn (which the last block may not hold whole) are never dropped, as the last block
+        # the blocks holding only system or developer messages go late, the rest of the user's current
+        # turn (a paste before the question) later; the user's latest words are not dropped, as the
+        # last block is not, unless the request is over the model's input window without them
         late = {i: 1 for i, (b, e) in enumerate(units) if is_standing(messages, b, e)}
-        turn = _turn_block(messages, units)
-        kept_whole = {i for i, (b, e) in enumerate(units) if i >= turn or said is not None and b <= said < e}
-        while too_big() and (victim := _victim(keep, late, kept_whole)) is not None:
+        late.update({i: 2 for i in range(_turn_block(messages, units), len(units))})
+        kept_whole = {i for i, (b, e) in enumerate(units) if said is not None and b <= said < e}
+        late.update({i: 3 for i in kept_whole})
+        window = context_limit(plan, state)  # over it the provider refuses: they are dropped last, then
+
+        def over_window() -> bool:
+            return window is not None and state.calibrated(total, session) > window
+
+        while too_big() and (victim := _victim(keep, late, kept_whole if not over_window() else set())) is not None:
             dropped = keep.pop(victim)
             total -= sizes[dropped]
             count -= units[dropped][1] - units[dropped][0]
