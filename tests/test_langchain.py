@@ -1095,6 +1095,30 @@ def test_a_models_entry_on_an_alias_of_another_pipeline_adds_no_spans_of_its_own
     assert sorted(s.name for s in span_exporter.get_finished_spans()) == ["chat gpt-4o-mini", "route coder"]
 
 
+def test_a_fallback_model_swapped_in_inside_the_router_on_its_pipeline_is_one_row_and_sent_itself(
+        tmp_path, monkeypatch) -> None:
+    """A second review: ModelFallbackMiddleware inside the router swaps in a RoutedChatModel on the
+    router's own pipeline. It was taken for a call of its own (two rows, the budget charged twice),
+    or, told the primary's planned target, sent there again. It is the attempt, sent as it is named."""
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    from router_middleware.ledger.store import open_ledger
+
+    monkeypatch.setenv("UP_KEY", "sk-x")
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}, "routing": {
+        "deployments": {"dead": {"model": "openai/gpt-4o-mini", "api_base": "http://127.0.0.1:9", "api_key_env": "UP_KEY"}},
+        "budgets": [{"name": "b", "scope": "global", "tokens": 1_000_000}]}})
+    primary = RoutedChatModel(model="dead", pipeline=pipeline, max_retries=0)
+    fallback = RoutedChatModel(model="gpt-4o", pipeline=pipeline, model_kwargs={"mock_response": "from fallback"})
+    agent = create_agent(primary, tools=[], middleware=[RouterAgentMiddleware(pipeline), ModelFallbackMiddleware(fallback)])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "from fallback"
+    pipeline.close()
+    rows = open_ledger(url).query("SELECT input_tokens + output_tokens FROM calls")
+    assert len(rows) == 1 and float(pipeline.store.get("budget:b:tokens:all:0") or 0) == rows[0][0]
+
+
 def test_a_routed_model_on_an_alias_of_the_middleware_s_own_pipeline_is_refused_by_name() -> None:
     """Its attempts would be routed again by the alias, each a call of its own: accounted twice."""
     from router_middleware import ConfigError

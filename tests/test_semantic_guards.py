@@ -75,6 +75,7 @@ def test_swapped_means_one_way_here_and_only_the_other_way_there() -> None:
     ("How heavy is 3 kg?", "How heavy is 3 lbs?", "units"),
     ("Water boils at 100 °C, right?", "Water boils at 100 °F, right?", "units"),
     ("How many kilometres is a marathon?", "A marathon is how many kilometers?", None),
+    ("Convert $5 to euros", "Convert 5 dollars to €", None),  # a symbol is its unit
 ])
 def test_refusal_names_the_guard_that_refuses(ours: str, theirs: str, guard: str | None) -> None:
     assert refusal(features(ours), features(theirs)) == guard

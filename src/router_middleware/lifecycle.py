@@ -211,7 +211,8 @@ class CallLifecycle:
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
                  follow: tuple[str, ...] = (), caller_sends: bool = True, plan: Plan | None = None,
-                 sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True) -> None:
+                 sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True,
+                 charges_timeouts: bool = True) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -226,6 +227,7 @@ class CallLifecycle:
         self.follow = follow
         self.forced = bool(follow) and caller_sends  # targets sent whatever their quotas and probes say
         self.reroutes = reroutes
+        self.charges_timeouts = charges_timeouts  # an adapter's attempt that timed out was sent (not the agent's)
         self.given = plan
         self.sends_refused = sends_refused
         self.held = Held()
@@ -785,7 +787,8 @@ class CallLifecycle:
         ``unmade``: without making this attempt (nothing counted, its quotas given back); ``ends``:
         no attempt follows (:class:`Final`)."""
         engine, failed = self.engine, plan.deployment or plan.model
-        if spent is None and wire.timed_out(exc) and (self.read is None or wire.provider_timeout(exc)):
+        if spent is None and wire.timed_out(exc) and (self.read is None or (
+                self.charges_timeouts and wire.provider_timeout(exc))):
             spent = self._unanswered(plan, timed_out=True)  # sent, and no answer came in time: its prompt was paid
         unknown = wire.no_provider(exc, plan.model) or (  # a typo: the next target, if any, may still serve
             isinstance(exc, UnknownModelError) and exc.model == plan.model)  # (from a pipeline behind an adapter)

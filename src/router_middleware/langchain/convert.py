@@ -32,7 +32,8 @@ from ..types import AgentContext, Outcome, Plan, Usage
 
 ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
 _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt", default=None)
-_THROUGH: ContextVar[Any] = ContextVar("router_middleware_attempt_model", default=None)  # the attempt's model
+# the attempt's model, the middleware's pipeline, and the target planned for the agent's own model
+_THROUGH: ContextVar[tuple[Any, Any, str | None] | None] = ContextVar("router_middleware_attempt_model", default=None)
 
 
 class AttemptRuns(BaseCallbackHandler):
@@ -104,14 +105,15 @@ register_configure_hook(_RUNS, inheritable=False)
 
 @contextmanager
 def attempt(request_messages: Sequence[BaseMessage], retried: Callable[[AttemptRuns], None] | None = None,
-            model: Any = None) -> Iterator[AttemptRuns]:
+            model: Any = None, pipeline: Any = None, target: str | None = None) -> Iterator[AttemptRuns]:
     """RouterAgentMiddleware makes an attempt with ``request_messages`` through ``model`` (the chat
-    model it hands the handler, unwrapped): the model call inside whose messages end with the same
-    message object is that attempt (see :func:`is_attempt`; :func:`made_through`: by that model);
-    what its runs report is gathered in the :class:`AttemptRuns` yielded (``retried``: see there)."""
+    model it hands the handler, unwrapped) on ``pipeline`` (``target``: what the agent's own model is
+    to send, see :func:`planned_target`): the model call inside whose messages end with the same
+    message object is that attempt (see :func:`is_attempt`; :func:`made_through`: by whom); what its
+    runs report is gathered in the :class:`AttemptRuns` yielded (``retried``: see there)."""
     last = request_messages[-1] if request_messages else None
     runs = AttemptRuns(last, retried)
-    token, collecting, through = _ATTEMPT.set(last), _RUNS.set(runs), _THROUGH.set(model)
+    token, collecting, through = _ATTEMPT.set(last), _RUNS.set(runs), _THROUGH.set((model, pipeline, target))
     try:
         yield runs
     finally:
@@ -120,11 +122,23 @@ def attempt(request_messages: Sequence[BaseMessage], retried: Callable[[AttemptR
         _ATTEMPT.reset(token)
 
 
-def made_through(model: Any, messages: Sequence[BaseMessage]) -> bool:
-    """Whether ``model`` called with ``messages`` makes RouterAgentMiddleware's attempt itself (it is
-    the model the middleware handed the handler), not another call made with the attempt's messages
-    meanwhile (a guard middleware's judge model)."""
-    return is_attempt(messages) and _THROUGH.get() is model
+def made_through(model: Any, pipeline: Any, messages: Sequence[BaseMessage]) -> bool:
+    """Whether ``model`` (on ``pipeline``) called with ``messages`` makes RouterAgentMiddleware's
+    attempt, which the middleware records: it is the model the middleware handed the handler, or one a
+    middleware inside swapped in on the middleware's pipeline, or on one of the same config; not
+    another call made with the attempt's messages on a pipeline of its own (a guard's judge)."""
+    through = _THROUGH.get()
+    if through is None or not is_attempt(messages):
+        return False
+    held, ours, _ = through
+    return held is model or ours is pipeline or (ours is not None and ours.config == pipeline.config)
+
+
+def planned_target(model: Any) -> str | None:
+    """The target the middleware planned for the attempt ``model`` makes, where it is the agent's own
+    model (not one of ``models``, which are each their target's); ``None`` otherwise."""
+    through = _THROUGH.get()
+    return through[2] if through is not None and through[0] is model else None
 
 
 def is_attempt(messages: Sequence[BaseMessage]) -> bool:

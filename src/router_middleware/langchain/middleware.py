@@ -236,9 +236,10 @@ _GRAPH_KEYS = frozenset({"thread_id", "checkpoint_id", "checkpoint_ns", "checkpo
 
 def _cap_of(runnable: Any) -> int | None:
     """The ``max_tokens`` (or ``max_completion_tokens``) a chat model sends of its own: bound to it,
-    else its field; ``None`` when it sets none."""
+    else its field, else in its ``model_kwargs``; ``None`` when it sets none."""
     model, bound = _unbound(runnable)
-    for source in (bound, getattr(model, "__dict__", {})):
+    fields = getattr(model, "__dict__", {})
+    for source in (bound, fields, fields.get("model_kwargs") or {}):
         for name in ("max_tokens", "max_completion_tokens"):
             value = source.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -635,12 +636,13 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _own_caps(self, request: ModelRequest, route: str, own: bool) -> dict[str, int]:
         """The output cap (``max_tokens``) the models a call may go to set of their own, for its budget
-        estimate: the agent's model's (bound, or a field), or with ``models`` the largest of the route's
-        targets', where each sets one (one that sets none may answer at any length: no cap)."""
+        estimate: the agent's model's (bound, a field, or in its ``model_kwargs``), or with ``models``
+        the route's targets' where they all set the same (else none: a policy that raises the cap, for
+        a thinking budget, would fit it to one target's and send another's below it)."""
         held = [self.models[t] for t in self._targets(route) if t in self.models] if self.models and not own else []
-        found = [_cap_of(model) for model in held or [request.model]]
-        caps = [cap for cap in found if cap is not None]
-        return {"max_tokens": max(caps)} if caps and len(caps) == len(found) else {}
+        found = {_cap_of(model) for model in held or [request.model]}
+        (cap,) = found if len(found) == 1 else (None,)  # targets capped alike: their policies fit them alike
+        return {"max_tokens": cap} if cap is not None else {}
 
     def _context_of(self, request: ModelRequest) -> AgentContext:
         """The call's labels: ``context=``'s, and the run's own (:func:`_run_labels`: a tenant, user, app
@@ -655,7 +657,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         fill: dict[str, Any] = {name: value for name, value in run.items() if getattr(self.context, name) is None}
         return replace(self.context, **fill) if fill else self.context
 
-    def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest]]:
+    def _start(self, request: ModelRequest) -> tuple[CallLifecycle, Callable[[Plan, bool], ModelRequest], bool]:
         """The call's lifecycle, and how to turn an attempt's plan into the agent's model request."""
         originals = _sent(request)
         params = dict(request.model_settings)
@@ -705,8 +707,6 @@ class RouterAgentMiddleware(AgentMiddleware):
                 or (k not in params and not (k in _HINTS and _sets(model, k))))}
             if failover and "max_retries" not in settings:
                 model = self._without_retries(plan.deployment or plan.model, model)
-            if not entries and isinstance(_unbound(model)[0], RoutedChatModel):  # the agent's own: it sends the
-                settings["model"] = plan.deployment or plan.model  # target planned, not its own route's first
             tools = plan.params.get("tools")  # the agent's, or as the policies marked them (cache_control)
             return request.override(model=model, messages=messages,  # type: ignore[arg-type]
                                     system_message=system, model_settings=settings,
@@ -716,9 +716,10 @@ class RouterAgentMiddleware(AgentMiddleware):
         answers = None if request.response_format is not None else Answers(
             partial(self._keyed, request, routes), _stored, cached_answer,
             lambda message, result: ModelResponse(result=[served_answer(message, result)]))
-        return self.pipeline.start(call, read=self._read, usable=self.models.__contains__ if routes else None,
-                                   answers=answers, unusable="not among RouterAgentMiddleware's models=",
-                                   reroutes=routes), build
+        lifecycle = self.pipeline.start(call, read=self._read, usable=self.models.__contains__ if routes else None,
+                                        answers=answers, unusable="not among RouterAgentMiddleware's models=",
+                                        reroutes=routes, charges_timeouts=False)  # a timeout may be a guard's
+        return lifecycle, build, not routes  # the agent's own model is told the target planned (see send)
 
     def _keyed(self, request: ModelRequest, routes: bool, plan: Plan) -> Plan | None:
         """``plan`` as the response cache keys it: its params with the ``tool_choice`` the agent sets, the
@@ -838,15 +839,16 @@ class RouterAgentMiddleware(AgentMiddleware):
         """Run the model call through the call lifecycle. Raises what the handler raised once no
         fallback is left, ``NoRouteError``, ``BudgetExceeded``, ``StoreUnavailable``, or
         ``MessageError``/``RequestError`` for bad input."""
-        lifecycle, build = self._start(request)
+        lifecycle, build, told = self._start(request)
         sent: list[Attempt] = []
 
         def send(made: Attempt) -> ModelResponse:
             sent.append(made)
             request, started = build(made.plan, made.follows), time.perf_counter()
             # recorded by this call: not again by a RoutedChatModel or a handler; each retry inside it too
-            through = _unbound(request.model)[0]  # the model the attempt is made through
-            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), through) as runs:
+            target = (made.plan.deployment or made.plan.model) if told else None
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), _unbound(request.model)[0],
+                         self.pipeline, target) as runs:
                 try:
                     response = handler(request)
                 except BaseException as exc:
@@ -864,14 +866,15 @@ class RouterAgentMiddleware(AgentMiddleware):
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
         """The async twin of :meth:`wrap_model_call`."""
-        lifecycle, build = self._start(request)
+        lifecycle, build, told = self._start(request)
         sent: list[Attempt] = []
 
         async def send(made: Attempt) -> ModelResponse:
             sent.append(made)
             request, started = build(made.plan, made.follows), time.perf_counter()
-            through = _unbound(request.model)[0]  # the model the attempt is made through
-            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), through) as runs:
+            target = (made.plan.deployment or made.plan.model) if told else None
+            with attempt(_sent(request), partial(self._tried, lifecycle, made.plan), _unbound(request.model)[0],
+                         self.pipeline, target) as runs:
                 try:
                     response = await handler(request)
                 except BaseException as exc:
