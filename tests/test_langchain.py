@@ -1119,6 +1119,78 @@ def test_a_fallback_model_swapped_in_inside_the_router_on_its_pipeline_is_one_ro
     assert len(rows) == 1 and float(pipeline.store.get("budget:b:tokens:all:0") or 0) == rows[0][0]
 
 
+def test_targets_capped_differently_give_the_estimate_no_cap_and_each_a_valid_thinking_cap(monkeypatch) -> None:
+    """A second review: with ``models`` capped at 300 and 8000 output tokens and a 2,048-token thinking
+    budget, the larger cap went into the plan, the thinking translation kept it, and the target capped
+    at 300 was sent its own 300, under its thinking budget (Anthropic answers that with a 400). Caps
+    that differ give no cap: the policy raises the request's as it does for a model that sets none.
+    A cap in ``model_kwargs`` counts as the model's own."""
+    import litellm
+    from langchain.agents import create_agent
+    from litellm.integrations.custom_logger import CustomLogger
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-x")
+    sent: list[tuple[Any, Any]] = []
+
+    class Spy(CustomLogger):
+        def log_pre_api_call(self, model: Any, messages: Any, kwargs: Any) -> None:
+            optional = kwargs.get("optional_params", {})
+            sent.append((optional.get("max_tokens"), (optional.get("thinking") or {}).get("budget_tokens")))
+
+    spy = Spy()
+    litellm.callbacks.append(spy)
+    try:
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "reasoning": {"rules": [{"budget_tokens": 2048}]},
+                                         "routing": {"aliases": {"coder": ["anthropic/claude-sonnet-4-20250514",
+                                                                           "anthropic/claude-3-7-sonnet-20250219"]}}})
+        small = RoutedChatModel(model="anthropic/claude-sonnet-4-20250514", pipeline=pipeline, max_tokens=300,
+                                model_kwargs={"mock_response": "A"})
+        large = RoutedChatModel(model="anthropic/claude-3-7-sonnet-20250219", pipeline=pipeline, max_tokens=8000,
+                                model_kwargs={"mock_response": "B"})
+        agent = create_agent(small, tools=[], middleware=[RouterAgentMiddleware(pipeline, model="coder", models={
+            "anthropic/claude-sonnet-4-20250514": small, "anthropic/claude-3-7-sonnet-20250219": large})])
+        assert agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1].content == "A"
+    finally:
+        litellm.callbacks.remove(spy)
+    ((cap, thinking),) = sent
+    assert thinking == 2048 and cap > thinking  # not the 300 the model sets, under its thinking budget
+    from router_middleware.langchain.middleware import _cap_of
+
+    assert _cap_of(RoutedChatModel(model="gpt-4o-mini", model_kwargs={"max_tokens": 300})) == 300
+
+
+def test_a_guard_s_model_that_times_out_charges_the_agent_s_attempt_nothing(monkeypatch) -> None:
+    """A second review: a guard's judge timed out before the agent's model was called, and the
+    attempt was charged its prompt (a timeout is taken as the attempt's own through litellm's
+    callbacks). Through the agent middleware a timeout charges nothing: the model may never have run."""
+    import litellm
+    from langchain.agents import create_agent
+    from langchain.agents.middleware import AgentMiddleware
+    from langchain_core.messages import SystemMessage
+
+    from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("UP_KEY", "sk-x")
+    with scripted_upstream(delay_s=2.0) as (base, seen):
+        main = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"budgets": [
+            {"name": "b", "scope": "global", "tokens": 1_000_000}]}})
+        judge = RoutedChatModel(model="judge", pipeline=Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+            "deployments": {"judge": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "UP_KEY"}}}}),
+            timeout=0.5, max_retries=0)
+
+        class Guard(AgentMiddleware):
+            def wrap_model_call(self, request: Any, handler: Any) -> Any:
+                judge.invoke([SystemMessage("Is this safe?"), *request.messages])
+                return handler(request)
+
+        model = RoutedChatModel(model="gpt-4o-mini", pipeline=main, model_kwargs={"mock_response": "hello"})
+        agent = create_agent(model, tools=[], middleware=[RouterAgentMiddleware(main), Guard()])
+        with pytest.raises(litellm.Timeout):
+            agent.invoke({"messages": [HumanMessage("hi")]})
+    assert len(seen) == 1  # the judge's request; the agent's model was never called
+    assert float(main.store.get("budget:b:tokens:all:0") or 0) == 0
+
+
 def test_a_routed_model_on_an_alias_of_the_middleware_s_own_pipeline_is_refused_by_name() -> None:
     """Its attempts would be routed again by the alias, each a call of its own: accounted twice."""
     from router_middleware import ConfigError
