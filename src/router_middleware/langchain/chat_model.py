@@ -121,17 +121,10 @@ class RoutedChatModel(BaseChatModel):
         routes, retries and records itself? Then it is sent as given (:meth:`.Pipeline.send`: no second
         routing, retries, row or budget charge), unless it names a route of this model's own pipeline
         (an alias, ``auto``), which only the pipeline can resolve (then it is a routed call of its own,
-        with no telemetry of its own: :meth:`_recorded_outside`). Another model call made with the
+        with no telemetry of its own: :func:`_recorded_outside`). Another model call made with the
         attempt's messages on a pipeline of its own (a guard's judge) is a call of its own, admitted
         and recorded there."""
         return made_through(self, self._pipeline(), messages) and not self.routes(str(request["model"]))
-
-    @staticmethod
-    def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
-        """A call with the middleware's attempt's messages (through the model it handed the handler, one
-        a middleware inside swapped in, or a guard's) has no telemetry of its own: the middleware's call
-        records the attempt's spans, metrics and log lines (:func:`.within_attempt`)."""
-        return within_attempt() if is_attempt(messages) else nullcontext()
 
     def routes(self, model: str | None = None) -> bool:
         """Does ``model`` (this model's own by default) name a route only its pipeline resolves: an
@@ -155,7 +148,7 @@ class RoutedChatModel(BaseChatModel):
         handed = kwargs.pop(_RUN_METADATA, None)  # the run's metadata (and thread), where no callback manager
         metadata = {**(handed or {}), **(metadata or {})}  # holds it, or holds no configurable thread
         context = {**self.context, **labels(kwargs.pop("context", None))}
-        session = self.session_id or (metadata or {}).get("thread_id") or (metadata or {}).get("session_id")
+        session = self.session_id or metadata.get("thread_id") or metadata.get("session_id")
         if session and "session_id" not in context:
             context["session_id"] = str(session)
         model = kwargs.pop("model", None) or planned_target(self) or self.model  # the middleware's planned one
@@ -217,7 +210,7 @@ class RoutedChatModel(BaseChatModel):
 
             return generate_from_stream(self._stream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        with self._recorded_outside(messages):
+        with _recorded_outside(messages):
             response = self._sender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
@@ -228,14 +221,14 @@ class RoutedChatModel(BaseChatModel):
 
             return await agenerate_from_stream(self._astream(messages, stop, run_manager, **kwargs))
         request = self._request(messages, stop, _metadata(run_manager), kwargs)
-        with self._recorded_outside(messages):
+        with _recorded_outside(messages):
             response = await self._asender(messages, request)(**request)
         return _result(to_ai_message(response, outcome(response)))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        with self._recorded_outside(messages):
+        with _recorded_outside(messages):
             stream = self._sender(messages, request)(**request)
         for chunk in stream:
             if (generation := _generation(chunk)) is not None:
@@ -248,7 +241,7 @@ class RoutedChatModel(BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         request = {**self._request(messages, stop, _metadata(run_manager), kwargs), "stream": True}
-        with self._recorded_outside(messages):
+        with _recorded_outside(messages):
             stream = await self._asender(messages, request)(**request)
         async for chunk in stream:
             if (generation := _generation(chunk)) is not None:
@@ -332,6 +325,13 @@ def _with_mark(formatted: dict[str, Any], tool: Any) -> dict[str, Any]:
     breakpoint marked as for ChatAnthropic), which LangChain's conversion leaves out."""
     mark = (getattr(tool, "extras", None) or {}).get("cache_control") if isinstance(tool, BaseTool) else None
     return {**formatted, "cache_control": mark} if mark else formatted
+
+
+def _recorded_outside(messages: Sequence[BaseMessage]) -> AbstractContextManager[None]:
+    """A call with the middleware's attempt's messages (through the model it handed the handler, one a
+    middleware inside swapped in, or a guard's) has no telemetry of its own: the middleware's call
+    records the attempt's spans, metrics and log lines (:func:`.within_attempt`)."""
+    return within_attempt() if is_attempt(messages) else nullcontext()
 
 
 _RUN_METADATA = "_router_run_metadata"

@@ -239,12 +239,8 @@ def _cap_of(runnable: Any) -> int | None:
     else its field, else in its ``model_kwargs``; ``None`` when it sets none."""
     model, bound = _unbound(runnable)
     fields = getattr(model, "__dict__", {})
-    for source in (bound, fields, fields.get("model_kwargs") or {}):
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = source.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
+    found = (output_cap(source) for source in (bound, fields, fields.get("model_kwargs") or {}))
+    return next((cap for _, cap in filter(None, found)), None)
 
 
 def _unbound(runnable: Any) -> tuple[BaseChatModel | None, dict[str, Any]]:
