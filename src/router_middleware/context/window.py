@@ -139,7 +139,7 @@ class Window:
             words, dropped_tokens = [messages[said]], dropped_tokens - words_tokens
             dropped = [*messages[head:said], *messages[said + 1:start]]
         span = ("span", profile.chain[head], profile.chain[start], start - head, bool(words))  # names dropped
-        filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state)
+        filler, jobs, how = self._filler(dropped, span, chat, reserve, plan, state, latest=not words)
         kept = [*messages[:head], *filler, *standing, *words, *messages[start:]]
         payback = self._payback_calls(plan, state, filler, low + standing_tokens + words_tokens, dropped_tokens)
         must_fit = hard is not None and total > hard
@@ -213,10 +213,10 @@ class Window:
 
     def _filler(
         self, dropped: Sequence[Message], fast: tuple[object, ...], chat: bool, reserve: int, plan: Plan,
-        state: PolicyState,
+        state: PolicyState, *, latest: bool = True,
     ) -> tuple[list[dict[str, Any]], list[SummaryJob], str]:
-        """What stands for ``dropped`` (``fast``: its span's key, ending with whether the user's latest
-        words are kept apart, so the digest leaves them out), the summary jobs to ask for, and its name."""
+        """What stands for ``dropped`` (``fast``: its span's key), the summary jobs to ask for, and its
+        name; ``latest`` off: the user's latest words are kept apart, so the digest leaves them out."""
         if not self.digest:
             return [], [], "nothing"
         if self.summarize:
@@ -233,7 +233,7 @@ class Window:
             limit = 40 if not chat else 120
             while True:
                 message = {"role": "user", "content": span_digest(dropped, chat=chat, max_names=limit,
-                                                                  max_paths=limit, latest=not fast[-1])}
+                                                                  max_paths=limit, latest=latest)}
                 if limit <= 5 or state.message_tokens(plan.model, message) <= reserve:
                     return message
                 limit //= 2
