@@ -628,3 +628,24 @@ def test_a_plain_chat_s_digest_keeps_its_names_not_the_user_s_older_words() -> N
              {"role": "user", "content": "[read_file for 'a.py'] Result:\nprint(1)"},
              {"role": "user", "content": "<feedback>\nuse Lyon instead\n</feedback>"}]
     assert "the user's latest words in them: <feedback> use Lyon instead </feedback>" in span_digest(cline, chat=True)
+
+
+def test_a_big_head_does_not_make_the_window_cut_anew_on_every_call() -> None:
+    """With a head of 3/4 of the watermark, the room left for history is a few hundred tokens; the
+    cut level still moves in steps of a fifth of the watermark, so most calls reuse the last cut."""
+    rules = "\n".join(f"Rule {i}: keep the style of src/module_{i}.py and run its tests." for i in range(330))
+    head = [{"role": "system", "content": f"You are a coding agent.\n{rules}"}, TASK]
+    counter = STATE.counter("deepseek/deepseek-chat")
+    assert 5500 < counter.messages(head) < 6500
+    policy = Window(watermark_tokens=8000, budget_tokens=20000, max_payback_calls=None)
+    history = agent_history(120, size=20)[2:]
+    starts, calls = [], 0
+    for end in range(2, len(history) + 1, 2):
+        planned = policy(plan_for([*head, *history[:end]]), STATE)
+        assert counter.messages(planned.messages) <= 20000
+        assert integrity_violations(planned.messages) == []
+        if planned.messages != (*head, *history[:end]):
+            calls += 1
+            starts.append(next(m for m in planned.messages[2:] if m.get("role") == "assistant")["content"])
+    assert calls > 80  # nearly every call is over the watermark
+    assert len(set(starts)) <= calls // 8  # but the kept history starts at few places

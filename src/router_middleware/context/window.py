@@ -44,6 +44,9 @@ def span_key(messages: Sequence[Message]) -> str:
     return digest.hexdigest()
 
 
+_STEP_FLOOR = 0.2  # of the watermark: the least a cut level moves by
+
+
 def _is_chat(messages: Sequence[Message]) -> bool:
     return not any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
@@ -56,7 +59,9 @@ class Window:
     ``budget_tokens``, the hard limit, or the model's window). Then the oldest
     blocks after the head are dropped in whole steps so that about ``keep`` x budget tokens of recent
     history remain (the low watermark): the cut level is a multiple of a fixed step over the history's
-    cumulative size, so it stays put between cuts and the provider's cache keeps hitting. The dropped
+    cumulative size, so it stays put between cuts and the provider's cache keeps hitting (the step is
+    at least a fifth of the watermark where the hard limit leaves that room, so a big head does not
+    make every call cut anew). The dropped
     span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
     pipeline to write it), else by an offline digest (names and open questions for chats, file paths
     for agents), followed by the span's system and developer messages (the latest, within
@@ -112,6 +117,14 @@ class Window:
         if said_tokens > room // 2:
             said_tokens = 0
         step = max(1, int(0.9 * (room - said_tokens)))
+        # A head near the watermark would leave a step of a few hundred tokens: a cut on nearly every
+        # call, and the provider's cache would stop hitting. Steps are at least a fifth of the
+        # watermark where the hard limit has that room (the request then sits over the watermark,
+        # under the hard limit, between cuts).
+        floor = int(_STEP_FLOOR * budget)
+        if hard is not None:
+            floor = min(floor, int(0.9 * (hard - fixed - reserve - low - said_tokens)))
+        step = max(step, floor)
         droppable = totals[units[-1][0]] - totals[head]  # every block but the last
         level = max(0, droppable - low) // step * step
         chat = _is_chat(messages)
