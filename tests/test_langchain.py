@@ -2532,3 +2532,22 @@ def test_the_agent_middleware_s_own_retries_replace_the_sdk_s_as_the_pipeline_s_
         with pytest.raises(Exception, match="capture server"):
             agent.invoke({"messages": [HumanMessage("Rename x to count")]})
     assert len(sent) == 2
+
+
+@pytest.mark.parametrize("counts", [{"input_tokens": None, "output_tokens": 2}, {"input_tokens": float("nan"), "output_tokens": 2},
+                                    {"input_tokens": float("inf"), "output_tokens": 2}])
+def test_the_callback_records_an_answer_whose_usage_metadata_holds_no_count(tmp_path, counts) -> None:
+    """A None, NaN or infinite count in ``usage_metadata`` raised in the handler: the answered call got no
+    row, and ``llm_call_failed`` was logged for it."""
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    handler = RouterCallbackHandler(Pipeline.from_config({"ledger": {"url": url}}))
+    message = AIMessage(content="hi", response_metadata={"model_name": "gpt-4o-mini"})
+    object.__setattr__(message, "usage_metadata", {**counts, "total_tokens": 2})  # as a provider package may
+    with structlog.testing.capture_logs() as logs:
+        GenericFakeChatModel(messages=iter([message])).invoke("hi", config={"callbacks": [handler]})
+    assert "llm_call_failed" not in {e["event"] for e in logs}
+    handler.pipeline.close()
+    assert open_ledger(url).query("SELECT input_tokens, output_tokens, ended, error FROM calls") == \
+        [(0, 2, "complete", None)]

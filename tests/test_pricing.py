@@ -137,3 +137,29 @@ def test_anthropic_s_minimum_cacheable_prompt_per_model(model: str, floor: int) 
     from router_middleware.catalog import cache_rules_for
 
     assert cache_rules_for(model, "anthropic").min_tokens == floor
+
+
+@pytest.mark.parametrize("store", ["memory://", "redis"])
+def test_a_price_that_is_no_number_leaves_the_model_unpriced_on_every_store(monkeypatch, store, redis_url) -> None:
+    """A NaN price (litellm.register_model takes one) made the cost NaN; a budget then refused every
+    call of the model in memory and failed its store on Redis."""
+    from router_middleware import catalog as catalog_module
+
+    cost_map = {**catalog_module._cost_map(), "openai/nan-model": {
+        "input_cost_per_token": float("nan"), "output_cost_per_token": 1e-6, "litellm_provider": "openai"}}
+    monkeypatch.setattr(catalog_module, "_cost_map", lambda: cost_map)
+    for cached in (catalog_module._catalog_lookup, catalog_module._variant_index, catalog_module._infer_provider):
+        cached.cache_clear()
+    try:
+        assert catalog_module.catalog_lookup("openai/nan-model") is None
+        pipeline = Pipeline.from_config({"store": redis_url if store == "redis" else store,
+                                         "routing": {"budgets": [{"name": "nan-price", "usd": 0.01}]}})
+        for _ in range(2):
+            result = outcome(pipeline.completion("openai/nan-model", [{"role": "user", "content": "hi"}],
+                                                 mock_response="ok"))
+            assert result.cost.total_usd is None
+            assert "budget" not in {d.policy for d in result.plan.decisions if "failed" in d.action}
+        pipeline.close()
+    finally:
+        for cached in (catalog_module._catalog_lookup, catalog_module._variant_index, catalog_module._infer_provider):
+            cached.cache_clear()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import litellm
+import pytest
+import structlog
 
 from router_middleware import Usage, normalize_usage
+from router_middleware.usage import reported_cost
 
 
 def test_openai_and_azure_shape() -> None:
@@ -85,3 +88,40 @@ def test_a_mapping_with_no_token_count_is_no_usage_not_a_count_of_zero() -> None
     assert normalize_usage({"cost": 0.01}).source == "none"
     assert normalize_usage({"prompt_tokens": 0, "completion_tokens": 0}).source == "provider"
     assert normalize_usage({"totalTokenCount": 0}).source == "provider"
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -5, "many", 1e999, [3]])
+def test_a_count_that_is_no_count_counts_zero_and_is_logged(bad) -> None:
+    """A provider's (or a mock's) count that is no non-negative number neither raises nor enters a total."""
+    with structlog.testing.capture_logs() as logs:
+        usage = normalize_usage({"prompt_tokens": 100, "completion_tokens": bad,
+                                 "prompt_tokens_details": {"cached_tokens": 40}})
+    assert usage == Usage(100, 0, 40, 0, 0)
+    assert [(e["event"], e["field"]) for e in logs] == [("usage_count_invalid", "completion_tokens")]
+
+
+def test_counts_given_as_text_or_float_are_read() -> None:
+    assert normalize_usage({"prompt_tokens": "12", "completion_tokens": 3.0}) == Usage(12, 3, 0, 0, 0)
+
+
+def test_an_infinite_count_fails_no_answered_call_and_its_row_is_written(tmp_path) -> None:
+    """litellm returns such an answer as it came; the pipeline returned it too, not an OverflowError."""
+    from router_middleware import Pipeline, outcome
+    from router_middleware.ledger.store import open_ledger
+
+    answer = litellm.ModelResponse(model="gpt-4o-mini", choices=[
+        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        usage={"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120})
+    object.__setattr__(answer.usage, "completion_tokens", float("inf"))
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"ledger": {"url": url}})
+    response = pipeline.completion("gpt-4o-mini", [{"role": "user", "content": "hi"}], mock_response=answer)
+    assert response.choices[0].message.content == "hi"
+    assert (outcome(response).usage.input_tokens, outcome(response).usage.output_tokens) == (100, 0)
+    pipeline.close()
+    assert open_ledger(url).query("SELECT input_tokens, output_tokens, ended FROM calls") == [(100, 0, "complete")]
+
+
+@pytest.mark.parametrize("cost", [float("inf"), float("nan"), -1.0, 0])
+def test_a_provider_cost_that_is_no_cost_is_not_used(cost) -> None:
+    assert reported_cost({"cost": cost}) is None

@@ -21,11 +21,12 @@ Elsewhere a catalog entry whose input and output prices are both 0 counts as unk
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 _DATE = re.compile(r"(?:[-@](?:20\d{6}|20\d\d-\d\d-\d\d)|-latest)$")
 _ROUTE_NOISE = re.compile(r"^(?:(?:us|eu|apac|global)\.)?(?:anthropic\.)?|-v\d+(?::\d+)?$")
@@ -218,8 +219,15 @@ def _variant_rank(key: str) -> tuple[int, int, int, str]:
     return (regional, incomplete, rank, key)
 
 
+def _price(value: Any) -> TypeGuard[int | float]:
+    """A price litellm's map may hold: a finite number, not below 0 (not NaN)."""
+    return isinstance(value, int | float) and 0 <= value < math.inf
+
+
 def _priced(entry: Mapping[str, Any]) -> bool:
-    return bool(entry.get("input_cost_per_token") or entry.get("output_cost_per_token"))
+    """A price per input or output token, and no input or output price that is no price (NaN, say)."""
+    prices = [entry.get("input_cost_per_token"), entry.get("output_cost_per_token")]
+    return any(prices) and all(value is None or _price(value) for value in prices)
 
 
 @lru_cache(maxsize=1024)
@@ -242,13 +250,13 @@ def _infer_provider(model: str) -> str | None:
 
 
 def _info_from_entry(model: str, provider: str | None, entry: Mapping[str, Any], source: str) -> ModelInfo:
-    def num(key: str) -> float | None:
+    def num(key: str) -> float | None:  # a price or size: NaN, infinity or below 0 is none known
         value = entry.get(key)
-        return float(value) if isinstance(value, int | float) else None
+        return float(value) if _price(value) else None
 
     def integer(key: str) -> int | None:
-        value = entry.get(key)
-        return int(value) if isinstance(value, int | float) else None
+        value = num(key)
+        return int(value) if value is not None else None
 
     return ModelInfo(
         model=model,

@@ -18,6 +18,7 @@ Result convention: cached reads and writes are part of ``input_tokens``; reasoni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,17 +38,33 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")} if hasattr(obj, "__dict__") else {}
 
 
-def _int(value: Any) -> int:
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
+def count(value: Any, field: str) -> int:
+    """A token count as a non-negative int. Anything else a provider (or a handler) puts there (text
+    that is no number, NaN, infinity, a negative number) counts 0 and is logged
+    (``usage_count_invalid``, naming ``field``), so one bad value neither fails an answered call
+    nor enters a total."""
+    if type(value) is int and value >= 0:
+        return value
+    if not value:
         return 0
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        number = -1
+    if number >= 0:
+        return number
+    from .telemetry.safety import log  # imported here: at the top it would be a circular import
+
+    log.warning("usage_count_invalid", field=field, value=repr(value)[:40], counted=0)
+    return 0
 
 
-def _first(*values: Any) -> int:
-    for value in values:
+def _first(data: Mapping[str, Any], *fields: str) -> int:
+    """The first of ``fields`` that ``data`` holds a count other than 0 for."""
+    for field in fields:
+        value = data.get(field)
         if value is not None:
-            number = _int(value)
+            number = count(value, field)
             if number:
                 return number
     return 0
@@ -65,52 +82,45 @@ def normalize_usage(raw: Any, *, source: UsageSource = "provider") -> Usage:
     if not data or _COUNTS.isdisjoint(data):
         return Usage(source="none")
     if "promptTokenCount" in data or "candidatesTokenCount" in data:
-        thoughts = _int(data.get("thoughtsTokenCount"))
+        thoughts = count(data.get("thoughtsTokenCount"), "thoughtsTokenCount")
         return Usage(
-            input_tokens=_int(data.get("promptTokenCount")),
-            output_tokens=_int(data.get("candidatesTokenCount")) + thoughts,
-            cache_read_tokens=_int(data.get("cachedContentTokenCount")),
+            input_tokens=count(data.get("promptTokenCount"), "promptTokenCount"),
+            output_tokens=count(data.get("candidatesTokenCount"), "candidatesTokenCount") + thoughts,
+            cache_read_tokens=count(data.get("cachedContentTokenCount"), "cachedContentTokenCount"),
             reasoning_tokens=thoughts,
             source=source,
         )
     prompt_details = as_dict(data.get("prompt_tokens_details"))
     completion_details = as_dict(data.get("completion_tokens_details"))
     if "prompt_tokens" not in data and "input_tokens" in data:
-        read = _int(data.get("cache_read_input_tokens"))
-        write = _int(data.get("cache_creation_input_tokens"))
+        read = count(data.get("cache_read_input_tokens"), "cache_read_input_tokens")
+        write = count(data.get("cache_creation_input_tokens"), "cache_creation_input_tokens")
         return Usage(
-            input_tokens=_int(data.get("input_tokens")) + read + write,
-            output_tokens=_int(data.get("output_tokens")),
+            input_tokens=count(data.get("input_tokens"), "input_tokens") + read + write,
+            output_tokens=count(data.get("output_tokens"), "output_tokens"),
             cache_read_tokens=read,
             cache_write_tokens=write,
-            reasoning_tokens=_int(as_dict(data.get("output_tokens_details")).get("reasoning_tokens")),
+            reasoning_tokens=_first(as_dict(data.get("output_tokens_details")), "reasoning_tokens"),
             source=source,
         )
-    read = _first(
-        prompt_details.get("cached_tokens"),
-        data.get("cache_read_input_tokens"),
-        data.get("prompt_cache_hit_tokens"),
-    )
-    write = _first(
-        data.get("cache_creation_input_tokens"),
-        prompt_details.get("cache_write_tokens"),
-        prompt_details.get("cache_creation_tokens"),
-    )
+    read = _first(prompt_details, "cached_tokens") or _first(data, "cache_read_input_tokens", "prompt_cache_hit_tokens")
+    write = _first(data, "cache_creation_input_tokens") \
+        or _first(prompt_details, "cache_write_tokens", "cache_creation_tokens")
     return Usage(
-        input_tokens=_int(data.get("prompt_tokens")),
-        output_tokens=_int(data.get("completion_tokens")),
+        input_tokens=count(data.get("prompt_tokens"), "prompt_tokens"),
+        output_tokens=count(data.get("completion_tokens"), "completion_tokens"),
         cache_read_tokens=read,
         cache_write_tokens=write,
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        reasoning_tokens=count(completion_details.get("reasoning_tokens"), "reasoning_tokens"),
         source=source,
     )
 
 
 def reported_cost(raw: Any) -> float | None:
-    """The provider's own cost figure (OpenRouter's ``usage.cost``), if present and positive."""
+    """The provider's own cost figure (OpenRouter's ``usage.cost``), if present, positive and finite."""
     value = as_dict(raw).get("cost")
     try:
         cost = float(value) if value is not None else None
     except (TypeError, ValueError):
         return None
-    return cost if cost and cost > 0 else None
+    return cost if cost and 0 < cost < math.inf else None
