@@ -576,3 +576,34 @@ def test_a_rule_sends_anthropic_the_thinking_a_string_effort_gets_for_a_dict_one
     keys = ("reasoning_effort", "thinking", "max_tokens")
     assert [{k: kw.get(k) for k in keys} for kw in sent] == 2 * [
         {"reasoning_effort": None, "thinking": {"type": "enabled", "budget_tokens": 2048}, "max_tokens": 64000}]
+
+
+def test_a_rule_that_keeps_the_caller_s_anthropic_thinking_sends_its_max_tokens_as_it_came() -> None:
+    """The caller's own thinking (3,000) and max_tokens (5,000) are a valid request; a rule at 'high' kept
+    the budget but raised max_tokens to 7,096, so a 6,000-token budget refused the call."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "high"}]},
+                                     "context": {"enabled": False},
+                                     "routing": {"budgets": [{"name": "kept-thinking", "tokens": 6000}]}})
+    thinking = {"type": "enabled", "budget_tokens": 3000}
+    body = _sent(pipeline.completion, "anthropic/claude-sonnet-4-5", thinking=thinking, max_tokens=5000)
+    assert (body["thinking"], body["max_tokens"]) == (thinking, 5000)
+
+
+@pytest.mark.parametrize(("words", "thinking"), [(150_000, True), (170_000, False)])
+def test_a_rule_switches_anthropic_thinking_on_only_where_the_window_holds_it_beside_the_prompt(words, thinking) -> None:
+    """Anthropic refuses a prompt plus max_tokens over the window with thinking on: near the window a rule's
+    thinking (2,048 + 4,096 for the answer) was sent past it, where the same call without the rule is not."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "low"}]},
+                                     "context": {"enabled": False}})
+    messages = [{"role": "user", "content": "word " * words}]
+    body = _sent(pipeline.completion, "anthropic/claude-sonnet-4-5", messages)
+    prompt = pipeline.state.tokens("anthropic/claude-sonnet-4-5", messages)
+    if thinking:
+        assert body["thinking"]["budget_tokens"] >= 1024
+        assert prompt * 1.25 + body["max_tokens"] <= 200_000
+    else:
+        assert "thinking" not in body  # max_tokens as litellm sends it without the middleware
+        config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "low"}]})
+        call = Call.create("anthropic/claude-sonnet-4-5", messages, {}, AgentContext())
+        planned = ReasoningPolicy(config)(Plan.from_call(call), pipeline.state)
+        assert "thinking not switched on: the model's window leaves" in planned.decisions[-1].reason

@@ -72,7 +72,8 @@ class ReasoningPolicy:
                 reasons.append(f"escalated one level: {failed}")
         if asked is not None and _rank(level) > _rank(asked) and (rule is None or rule.mode == "cap"):
             level, budget = asked, thinking_budget(plan.call.params)
-            reasons.append(f"kept at the caller's '{asked}' (a rule caps; mode: set raises)")
+            own = f"{budget}-token thinking budget" if budget is not None else f"'{asked}'"
+            reasons.append(f"kept at the caller's {own} (a rule caps; mode: set raises)")
         remaining = self._remaining(context, state)
         if remaining is not None:
             allowed = level_for_budget(max(0, remaining) // 2, budgets) if remaining > 0 else "none"

@@ -196,10 +196,19 @@ def translate(
         if limit and tokens + ANTHROPIC_OUTPUT_RESERVE > limit >= ANTHROPIC_MIN_BUDGET + ANTHROPIC_OUTPUT_RESERVE:
             tokens, lowered = limit - ANTHROPIC_OUTPUT_RESERVE, True
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
-        ceiling = cap[1] if cap else (room() if room is not None else None) or 0  # no cap: a direct call's room
+        asked = params.get("thinking")
+        if isinstance(asked, Mapping) and asked.get("budget_tokens") == tokens and cap and cap[1] > tokens:
+            max_tokens = cap[1]  # the caller's own thinking, kept: its request is sent as it came
+        else:
+            space = room() if room is not None else None  # what the window leaves beside the prompt
+            max_tokens = max(cap[1] if cap else space or 0, tokens + ANTHROPIC_OUTPUT_RESERVE)
+            if space is not None and max_tokens > space:  # refused with thinking on: within the window
+                if space - ANTHROPIC_OUTPUT_RESERVE < ANTHROPIC_MIN_BUDGET:
+                    return _thinking_not_on(base, f"the model's window leaves ~{max(0, space)} output tokens "
+                                            "beside the prompt, under a thinking budget plus its answer")
+                tokens, max_tokens = min(tokens, space - ANTHROPIC_OUTPUT_RESERVE), space
         out = {**{k: v for k, v in base.items() if k != "max_completion_tokens"},
-               "thinking": {"type": "enabled", "budget_tokens": tokens},
-               "max_tokens": max(ceiling, tokens + ANTHROPIC_OUTPUT_RESERVE)}
+               "thinking": {"type": "enabled", "budget_tokens": tokens}, "max_tokens": max_tokens}
         dropped = [k for k in ("temperature", "top_k") if k in out and out[k] != 1]
         for key in dropped:
             out.pop(key)
