@@ -216,9 +216,34 @@ def test_difficulty_tiers_via_auto() -> None:
     assert re.match(r"difficulty 0\.\d\d -> tier cheap \(above every tier's max_score: the last\)", reason)
 
 
+def test_auto_takes_a_suffix_as_an_alias_does() -> None:
+    """``auto:floor`` was accepted and routed as ``auto``: the tier alias's own order won over the suffix."""
+    p = pipeline(tiers=[{"max_score": 1.0, "alias": "small"}])
+    assert routed(p, "auto").model == "gpt-3.5-turbo"
+    plan = routed(p, "auto:floor")
+    assert plan.model == "gpt-4o-mini" and "price strategy chose gpt-4o-mini" in plan.decisions[0].reason
+
+
 def test_bad_routing_config() -> None:
     with pytest.raises(ConfigError, match="tier alias 'nope'"):
         Pipeline.from_config({"routing": {"aliases": {"a": ["gpt-4o"]}, "tiers": [{"max_score": 1, "alias": "nope"}]}})
+
+
+@pytest.mark.parametrize(("routing", "problem"), [
+    # every call to 'a' raised IndexError inside the routing policy
+    ({"aliases": {"a": ["gpt-4o"]}, "strategy": {"a": "difficulty"}},
+     "strategy.a: 'difficulty' routes by 'tiers', and none are set"),
+    # 'b' could never be chosen: the first tier a score fits wins
+    ({"aliases": {"a": ["gpt-4o"], "b": ["gpt-4o-mini"]},
+      "tiers": [{"max_score": 1.0, "alias": "a"}, {"max_score": 0.3, "alias": "b"}]},
+     "'b' (max_score 0.3) follows 'a' (max_score 1.0), so no score would reach it"),
+    # a call to 'coder:fast' is the alias 'coder' with the suffix ':fast': an unknown model
+    ({"aliases": {"coder:fast": ["gpt-4o"]}}, "alias 'coder:fast': a name without ':'"),
+    ({"deployments": {"gpt:big": {"model": "gpt-4o"}}}, "deployment 'gpt:big': a name without ':'"),
+])
+def test_a_route_no_call_could_take_is_refused_at_load(routing, problem) -> None:
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        Pipeline.from_config({"routing": routing})
 
 
 def failing(monkeypatch, failures: dict[str, list[Exception]]) -> list[str]:
@@ -488,7 +513,7 @@ def test_weighted_spreads_load_by_weight() -> None:
                "budgets": [{"name": "b", "usd": 1, "soft": 0.5, "downgrade_to": "cheap"}]},
      "the last target of routing.aliases.cheap", "gpt-4o-mini"),
     ("auto", {"aliases": {"small": ["gpt-4o-minii"], "big": ["gpt-4o"]},
-              "tiers": [{"max_score": 1.0, "alias": "small"}, {"max_score": 1.0, "alias": "big"}]},
+              "tiers": [{"max_score": 0.5, "alias": "small"}, {"max_score": 1.0, "alias": "big"}]},
      "the last target of routing.aliases.small", "gpt-4o-mini"),
     ("local", {"deployments": {"local": {"model": "my-llama", "api_base": "http://127.0.0.1:1/v1"}}},
      "model 'my-llama': the model of routing.deployments.local: litellm knows no provider for it", None),

@@ -573,10 +573,21 @@ class RoutingConfig(_Strict):
         for tier in self.tiers:
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
-        for name in self.strategy:
+        for before, tier in zip(self.tiers, self.tiers[1:], strict=False):  # the first tier a score fits wins
+            if tier.max_score <= before.max_score:
+                raise ValueError(f"tiers: {tier.alias!r} (max_score {tier.max_score}) follows {before.alias!r} "
+                                 f"(max_score {before.max_score}), so no score would reach it: list the tiers "
+                                 "by increasing max_score")
+        for name, strategy in self.strategy.items():
             if name not in self.aliases:
                 raise ValueError(f"strategy.{name}: {name!r} is not an alias under 'aliases' "
                                  f"(the aliases: {', '.join(map(repr, self.aliases)) or 'none'})")
+            if strategy == "difficulty" and not self.tiers:
+                raise ValueError(f"strategy.{name}: 'difficulty' routes by 'tiers', and none are set")
+        for name in (*self.aliases, *self.deployments):
+            if ":" in name:  # a call's "coder:floor" is the alias "coder" with a suffix
+                raise ValueError(f"{'alias' if name in self.aliases else 'deployment'} {name!r}: a name without ':' "
+                                 f"(a call's '<alias>:floor' or ':nitro' is a suffix), e.g. {name.replace(':', '-')!r}")
         targets = self.alias_targets()
         for name in self.weights:  # a target, or the :free variant the free tier puts before one
             if name not in targets and name.removesuffix(":free") not in targets:

@@ -133,7 +133,7 @@ class RoutingPolicy:
                 index = session.floor
                 note += f"{session.floor_why} -> tier {self.config.tiers[index].alias}; "
             alias = self.config.tiers[index].alias
-            strategy = self.config.strategy.get(alias, "ordered")
+            strategy = SUFFIXES.get(suffix) or self.config.strategy.get(alias, "ordered")  # auto:floor: cheapest
             plan = plan.decide(session.escalation.decision) if session.escalation.decision else plan
         else:
             note = ""
