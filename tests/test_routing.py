@@ -9,7 +9,15 @@ import litellm
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from router_middleware import ConfigError, MaxTokensError, Pipeline, RequestError, UnknownModelError, outcome
+from router_middleware import (
+    BudgetExceeded,
+    ConfigError,
+    MaxTokensError,
+    Pipeline,
+    RequestError,
+    UnknownModelError,
+    outcome,
+)
 from router_middleware.config import FallbackConfig
 from router_middleware.routing.budgets import NO_APP
 from router_middleware.routing.fallback import backoff, counts_toward_cooldown
@@ -529,6 +537,16 @@ def test_an_unknown_model_error_says_where_the_name_came_from_and_what_is_close(
     assert (raised.value.suggestions[0] if raised.value.suggestions else None) == suggests
 
 
+def test_an_unknown_model_in_the_call_s_fallbacks_is_named_as_one(monkeypatch) -> None:
+    """It was said to be missing from the config, which the caller's own ``fallbacks=`` never came from."""
+    failing(monkeypatch, {"gpt-4o-mini": [litellm.InternalServerError("down", "openai", "gpt-4o-mini")]})
+    p = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
+    with pytest.raises(UnknownModelError) as raised:
+        p.completion(model="gpt-4o-mini", messages=MESSAGES, fallbacks=["gpt-4.1-nanoo"])
+    assert "model 'gpt-4.1-nanoo': a model of the call's fallbacks=: litellm knows no provider" in str(raised.value)
+    assert raised.value.suggestions[0] == "gpt-4.1-nano"
+
+
 def test_a_deployment_is_called_by_its_name_without_any_alias() -> None:
     p = Pipeline.from_config({"routing": {"deployments": {"local": {
         "model": "openai/my-llama", "api_base": "http://127.0.0.1:1/v1"}}}, "context": {"enabled": False}})
@@ -595,3 +613,15 @@ def test_a_request_too_large_for_a_target_does_not_cool_it_down_for_everyone(mon
                 p.completion(model="a", messages=MESSAGES)
             assert raised.value.status_code == 413
     assert len(seen) == 4 and p.state.cooldowns.get("small") is None  # each call sent: none cooled it down
+
+
+def test_a_budget_that_refuses_a_fallback_says_which_target_and_what_came_before(monkeypatch) -> None:
+    """The refusal named neither the fallback whose estimate it quotes nor the first target's failure."""
+    failing(monkeypatch, {"gpt-4o-mini": [litellm.RateLimitError("slow down", "openai", "gpt-4o-mini")]})
+    p = Pipeline.from_config({"app": "a", "cache": {"enabled": False}, "context": {"enabled": False},
+                              "routing": {"aliases": {"m": ["gpt-4o-mini", "gpt-4o"]}, "fallback": {"backoff_s": 0},
+                                          "budgets": [{"name": "fallback-note", "usd": 0.003}]}})
+    with pytest.raises(BudgetExceeded) as raised:
+        p.completion(model="m", messages=MESSAGES, max_tokens=500)
+    assert raised.value.__notes__ == ["router-middleware: gpt-4o-mini: RateLimitError; then the budget could not "
+                                      "hold gpt-4o, the estimate above"]

@@ -718,6 +718,9 @@ class CallLifecycle:
             if next_target is None:
                 refusal = downgraded or over  # no target admits it: a budget refused it
                 if refusal is not None:
+                    if refusal is over and len(attempts.history) > 1:  # which targets, and what came of them
+                        refusal.add_note(f"router-middleware: {'; '.join(attempts.history[:-1])}; then the budget "
+                                         f"could not hold {target}, the estimate above")
                     raise refusal
                 raise NoRouteError(self.call.model, denied)
             plan = _following(plan, self._carry((yield from self._plan(next_target, Decision(
@@ -809,7 +812,7 @@ class CallLifecycle:
                        else attempts.skip(UNBUILT) if unbuilt
                        else attempts.skip(error_kind(exc)) if self.follow or moved else attempts.advance(exc, windows))
         if next_target is None:
-            final = unknown_model(self.call.model, plan, engine.config.routing) if unknown else exc
+            final = unknown_model(self.call.model, plan, engine.config.routing, self.follow) if unknown else exc
             if len(attempts.history) > 1:  # the traceback shows every target's end, not only the last one's
                 final.add_note(f"router-middleware: {len(attempts.history)} attempts, all failed: "
                                + "; ".join(attempts.history))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from typing import Any
@@ -217,10 +217,10 @@ def what_failed(plan: Plan, exc: BaseException) -> str:
     return f"{where} failed ({error_kind(exc)})"
 
 
-def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> UnknownModelError:
+def unknown_model(requested: str, plan: Plan, routing: RoutingConfig, given: Sequence[str] = ()) -> UnknownModelError:
     """The error for a call whose last target, ``plan.model``, litellm knows no provider for: where
-    the name came from (the request, a deployment, the alias routing chose), what the config would
-    have had to say, and the closest known names."""
+    the name came from (the request, a deployment, the alias routing chose, the call's own
+    ``fallbacks=``, ``given``), what the config would have had to say, and the closest known names."""
     model, unknown = plan.model, "litellm knows no provider for it (not in its model list, no 'provider/' prefix)"
     prefix, slash, rest = model.partition("/")
     near: tuple[str, ...] = ()
@@ -231,6 +231,8 @@ def unknown_model(requested: str, plan: Plan, routing: RoutingConfig) -> Unknown
         fix = f"; give it a provider prefix (openai/{model} for an OpenAI-compatible server)"
         return UnknownModelError(model, f"the model of routing.deployments.{plan.deployment}: {unknown}{fix}",
                                  near or close_names(model))
+    if model in given and model != requested:
+        return UnknownModelError(model, f"a model of the call's fallbacks=: {unknown}", near or close_names(model))
     alias = next((str(d.attributes["alias"]) for d in reversed(plan.decisions)
                   if d.policy == "routing" and d.action == "route" and "alias" in d.attributes), None)
     if alias is not None:
