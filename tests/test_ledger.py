@@ -640,3 +640,20 @@ def test_a_sqlite_ledger_url_opens_the_file_it_names(tmp_path, monkeypatch, url)
 def test_a_sqlite_ledger_url_with_no_file_is_refused(url) -> None:
     with pytest.raises(LedgerError, match="names no file"):
         open_ledger(url)
+
+
+def test_a_postgresql_server_that_never_answers_fails_a_try_within_the_writer_s_wait() -> None:
+    """A server that takes the connection and says nothing held each try 10 s, whatever ``wait_s`` said."""
+    pytest.importorskip("psycopg")
+    import socket
+
+    from router_middleware.ledger.store import PostgresLedger
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+        url = f"postgresql://u@127.0.0.1:{silent.getsockname()[1]}/ledger"
+        began = time.monotonic()
+        with pytest.raises(Exception, match="timeout"):  # noqa: B017 - psycopg's OperationalError
+            PostgresLedger(url, wait_s=2)
+        assert time.monotonic() - began < 7  # 2 s asked; 10 s before

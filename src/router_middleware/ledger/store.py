@@ -6,6 +6,7 @@ The schema is versioned: ``schema_version`` holds the applied migration number a
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,15 +137,19 @@ class PostgresLedger:
     floor = "CAST(FLOOR({x}) AS BIGINT)"
 
     def __init__(self, url: str, wait_s: float | None = None) -> None:
-        """``wait_s``: how long a statement may run (waiting on a lock included) and unacknowledged data
-        may stay unsent (a server the network lost) before it fails; None: as long as it takes."""
+        """``wait_s``: how long connecting, a statement (waiting on a lock included) and unacknowledged
+        data (a server the network lost) may take before it fails; None: connecting 10 s, the rest as
+        long as it takes. The URL's own ``connect_timeout`` or ``tcp_user_timeout`` wins."""
         import psycopg
 
         self.url = url
+        given = psycopg.conninfo.conninfo_to_dict(url)
         bounded: dict[str, Any] = {}
-        if wait_s is not None and "tcp_user_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
+        if "connect_timeout" not in given:  # psycopg waits at least 2 s, per address the host has
+            bounded["connect_timeout"] = max(2, math.ceil(wait_s)) if wait_s is not None else 10
+        if wait_s is not None and "tcp_user_timeout" not in given:
             bounded["tcp_user_timeout"] = int(wait_s * 1000)
-        self.db = psycopg.connect(url, autocommit=True, connect_timeout=10, **bounded)
+        self.db = psycopg.connect(url, autocommit=True, **bounded)
         if wait_s is not None:
             self.db.execute(f"SET statement_timeout = {int(wait_s * 1000)}")
         with self.db.transaction():
