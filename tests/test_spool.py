@@ -491,3 +491,36 @@ def test_a_flush_that_times_out_says_what_waits(tmp_path) -> None:
         close()
     writer.close()
     assert _count(url) == 2
+
+
+def test_an_exit_flush_run_again_waits_no_more_and_spools_each_row_once(tmp_path, monkeypatch) -> None:
+    """A stream left open at exit is ended by its own exit hook, which flushes the ledger again: with the
+    ledger locked, the writer was waited on twice (5 s each) and its batch in flight spooled twice."""
+    import sqlite3
+
+    from router_middleware.ledger import writer as writers
+
+    path = tmp_path / "ledger.db"
+    url, folder = f"sqlite:///{path}", tmp_path / "spool"
+    writer = LedgerWriter(url, spool=folder)
+    writer.append(_row("warm"))
+    writer.flush()
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    waits: list[float] = []
+    flush = writer.flush
+    monkeypatch.setattr(writer, "flush", lambda timeout_s=30.0: waits.append(timeout_s) or flush(0.5))
+    try:
+        for i in range(3):
+            writer.append(_row(f"a{i}"))
+        writers._flush_at_exit()
+        writer.append(_row("ended-at-exit"))  # a call the exit ended after the first flush
+        writers._flush_at_exit()
+        spooled = [json.loads(line)["call_id"] for f in folder.glob("rows-*.jsonl")
+                   for line in f.read_text().splitlines()]
+        assert sorted(spooled) == ["a0", "a1", "a2", "ended-at-exit"]
+        assert waits == [5.0]
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+        writer.close(timeout_s=60)

@@ -56,6 +56,8 @@ class LedgerWriter:
         self._inflight: list[LedgerRecord] = []  # the batch being written
         self._since = 0.0  # when the batch in flight began (0: none)
         self._said_waiting = False  # its wait has been logged
+        self._left: set[str] = set()  # rows of the batch in flight already left to the spool
+        self._stuck = False  # an exit flush timed out: a later one (a call ended at exit) does not wait again
         self._thread = self._start()
         _LIVE.add(self)
 
@@ -129,8 +131,8 @@ class LedgerWriter:
             self._held = []
 
     def _leave_to_spool(self) -> None:
-        """The writer did not finish in time: spool its batch and what is queued behind it."""
-        rows, rest = list(self._inflight), []
+        """The writer did not finish in time: spool its batch (once) and what is queued behind it."""
+        rows, rest = [r for r in self._inflight if r.call_id not in self._left], []
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -151,6 +153,7 @@ class LedgerWriter:
                       why="the ledger writer was still busy at close() and the spool folder did not take them",
                       error_type=type(exc).__name__, error=str(exc)[:200])
             return
+        self._left.update(r.call_id for r in rows)
         log.error("ledger_rows_spooled", rows=len(rows), spool=str(self.spool.folder),
                   why="the ledger writer was still busy when close() gave up (is the database locked?)")
 
@@ -199,6 +202,7 @@ class LedgerWriter:
             if self._said_waiting:
                 log.info("ledger_write_unblocked", rows=len(records), waited_s=self._waited())
             self._inflight, self._since, self._said_waiting = [], 0.0, False
+            self._left.clear()
 
     def _write_or_keep(self, records: list[LedgerRecord]) -> None:
         for attempt in range(self.retries):
@@ -239,9 +243,11 @@ _LIVE: weakref.WeakSet[LedgerWriter] = weakref.WeakSet()
 @atexit.register
 def _flush_at_exit() -> None:
     """Rows still queued when the process exits are written, up to 5 s per writer, or spooled; rows
-    neither takes are logged as lost (as :meth:`LedgerWriter.close` does)."""
+    neither takes are logged as lost (as :meth:`LedgerWriter.close` does). Run again (calls ended at
+    the exit after it ran), a writer that did not finish the first time is not waited on again."""
     for writer in list(_LIVE):
-        if writer.alive and not writer.flush(timeout_s=5.0):
+        if writer.alive and (writer._stuck or not writer.flush(timeout_s=5.0)):
+            writer._stuck = True
             writer._leave_to_spool()
         else:
             writer._lose_held("the process exited")
