@@ -500,6 +500,34 @@ def test_summary_is_written_once_and_reused(monkeypatch) -> None:
         assert integrity_violations(sent) == []
 
 
+def test_a_span_over_the_summary_model_s_window_is_summarized_without_its_middle(monkeypatch) -> None:
+    """A span bigger than the summary model's window was sent whole: refused by the provider (after a
+    wait of seconds with 3 MB), and the call fell back to the digest."""
+    import litellm
+
+    from router_middleware.tokens import encoder_for
+
+    pipeline = Pipeline.from_config({"context": {"watermark_tokens": 8000, "max_payback_calls": None,
+                                                 "summarize": True, "summary_model": "gpt-4o-mini",
+                                                 "summary_params": {"mock_response": "They read 20 files."}}})
+    sent: list[dict] = []
+    real = litellm.completion
+
+    def spy(**kwargs):
+        if kwargs["model"] == "gpt-4o-mini":
+            sent.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(litellm, "completion", spy)
+    history = agent_history(20, size=3000)  # ~360k tokens, gpt-4o-mini reads 128k
+    response = pipeline.completion(model="deepseek/deepseek-chat", messages=history, mock_response="ok")
+    [summary] = sent
+    text = summary["messages"][1]["content"]
+    assert "characters left out here" in text and "src/mod0.py" in text and "src/mod18.py" in text
+    assert encoder_for("gpt-4o-mini")(text) + 600 < 128_000
+    assert any("They read 20 files." in str(m.get("content")) for m in outcome(response).plan.messages)
+
+
 def test_failed_summary_falls_back_to_digest() -> None:
     pipeline = Pipeline.from_config({"context": {"watermark_tokens": 1500, "max_payback_calls": None,
                                                  "summarize": True, "summary_model": "no-such-provider/x"}})

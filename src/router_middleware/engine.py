@@ -34,6 +34,7 @@ from .stores import MemoryStore, Prefetch, Store
 from .stores.views import Sink, view_fields
 from .telemetry import CallTrace
 from .telemetry.tracing import SideCall
+from .tokens import encoder_for
 from .types import AgentContext, Call, ContextTokens, Decision, Plan, SummaryJob, Usage
 
 # Providers that send a final usage chunk only when asked with stream_options.include_usage.
@@ -359,8 +360,12 @@ class Engine:
         return tokens * (info.cache_read if info.cache_read is not None else info.input)
 
     def summary_request(self, job: SummaryJob, call_timeout: Any = None) -> dict[str, Any]:
+        """The summary call's litellm kwargs, its transcript within the summary model's window."""
         settings = self.config.context
-        return summary_request(job, settings.summary_model, settings.summary_params, call_timeout)
+        info = self.catalog.resolve(settings.summary_model)
+        window = info.max_input_tokens if info is not None else None
+        return summary_request(job, settings.summary_model, settings.summary_params, call_timeout, window=window,
+                               count=encoder_for(settings.summary_model) if window else None)
 
     def close(self) -> None:
         """Flush the ledger, close the response cache's and the engine's stores (call at shutdown)."""

@@ -8,7 +8,7 @@ call of the session reuse the same summary instead of paying for it again.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..messages import text_of
@@ -27,26 +27,49 @@ SIDE_CALL = "router_middleware_side_call"  # metadata key marking a call the pip
 SUMMARY_TIMEOUT_S = 15.0  # the call waits this long at most for a summary, then sends the digest
 
 
-def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any],
-                    call_timeout: Any = None) -> dict[str, Any]:
+SUMMARY_OUTPUT = 600  # max_tokens of a summary
+_PROMPT_OVERHEAD = 200  # the instructions and the message framing, in tokens (rounded up)
+
+
+def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any], call_timeout: Any = None, *,
+                    window: int | None = None, count: Callable[[str], int] | None = None) -> dict[str, Any]:
     """litellm kwargs of the summary call; its metadata marks it as the pipeline's own (``SIDE_CALL``),
     so a ``RouterLogger`` does not account it a second time: it is in the row of the call it serves.
     The call waits for it: it gives up after ``SUMMARY_TIMEOUT_S`` (or ``summary_params.timeout``), never
     after the call's own ``timeout`` (``call_timeout``), and is not retried (a summary model that hangs
-    made a call wait three times its timeout, or for ever without one; the digest serves then)."""
+    made a call wait three times its timeout, or for ever without one; the digest serves then). With
+    the summary model's input ``window`` and a token ``count``, a span too big for it is sent without
+    its middle (:func:`fit_transcript`), not refused by the provider after a wait."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
+    if window is not None and count is not None:
+        transcript = fit_transcript(transcript, window - SUMMARY_OUTPUT - _PROMPT_OVERHEAD, count)
     metadata = {**(params.get("metadata") or {}), SIDE_CALL: True}  # no string: litellm may forward those
     return {
         "model": model,
         "messages": [{"role": "system", "content": INSTRUCTIONS},
                      {"role": "user", "content": f"Summarize these {len(job.messages)} messages:\n\n{transcript}"}],
-        "max_tokens": 600,
+        "max_tokens": SUMMARY_OUTPUT,
         "temperature": 0,
         "max_retries": 0,
         "num_retries": 0,
         **params,
         "metadata": metadata,
     } | _within(params.get("timeout", SUMMARY_TIMEOUT_S), call_timeout)
+
+
+def fit_transcript(transcript: str, room: int, count: Callable[[str], int]) -> str:
+    """``transcript`` within ``room`` tokens: over it, its middle is left out (said so in its place),
+    keeping the span's start (the task) and end (the latest decisions), with a tenth to spare for a
+    provider that counts more."""
+    if len(transcript) <= room:  # a token is at least one character: it fits uncounted
+        return transcript
+    tokens = count(transcript)
+    if tokens <= room:
+        return transcript
+    half = max(0, int(len(transcript) * room / tokens * 0.9)) // 2
+    left_out = len(transcript) - 2 * half
+    return (f"{transcript[:half]}\n\n[... {left_out:,} characters left out here: the span is over the summary "
+            f"model's window ...]\n\n{transcript[len(transcript) - half:]}")
 
 
 def _within(timeout: Any, call_timeout: Any) -> dict[str, Any]:
