@@ -607,3 +607,24 @@ def test_a_rule_switches_anthropic_thinking_on_only_where_the_window_holds_it_be
         call = Call.create("anthropic/claude-sonnet-4-5", messages, {}, AgentContext())
         planned = ReasoningPolicy(config)(Plan.from_call(call), pipeline.state)
         assert "thinking not switched on: the model's window leaves" in planned.decisions[-1].reason
+
+
+def test_a_capping_rule_leaves_the_caller_s_own_thinking_without_max_tokens_as_a_direct_call_sends_it() -> None:
+    """Near the window, the caller's own thinking (3,000, no max_tokens) under a rule at 'high' was
+    lowered, or dropped, by the check meant for thinking a rule switches on."""
+    pipeline = Pipeline.from_config({"reasoning": {"rules": [{"when": {}, "effort": "high"}]},
+                                     "context": {"enabled": False}})
+    thinking = {"type": "enabled", "budget_tokens": 3000}
+    body = _sent(pipeline.completion, "anthropic/claude-sonnet-4-5", [{"role": "user", "content": "word " * 160_000}],
+                 thinking=thinking)
+    assert (body["thinking"], body["max_tokens"]) == (thinking, 3000 + 4096)
+
+
+def test_a_session_budget_that_lowers_the_caller_s_thinking_keeps_its_max_tokens_and_says_why() -> None:
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high"}], "session_budget_tokens": 5000})
+    call = Call.create("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "fix it"}],
+                       {"thinking": {"type": "enabled", "budget_tokens": 3000}, "max_tokens": 5000},
+                       AgentContext(session_id="s"))
+    planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
+    assert planned.params["thinking"]["budget_tokens"] == 2048 and planned.params["max_tokens"] == 5000
+    assert "session budget: 5000 reasoning tokens left" in planned.decisions[-1].reason

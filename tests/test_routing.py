@@ -245,13 +245,30 @@ def test_bad_routing_config() -> None:
     ({"aliases": {"a": ["gpt-4o"], "b": ["gpt-4o-mini"]},
       "tiers": [{"max_score": 1.0, "alias": "a"}, {"max_score": 0.3, "alias": "b"}]},
      "'b' (max_score 0.3) follows 'a' (max_score 1.0), so no score would reach it"),
-    # a call to 'coder:fast' is the alias 'coder' with the suffix ':fast': an unknown model
-    ({"aliases": {"coder:fast": ["gpt-4o"]}}, "alias 'coder:fast': a name without ':'"),
-    ({"deployments": {"gpt:big": {"model": "gpt-4o"}}}, "deployment 'gpt:big': a name without ':'"),
 ])
 def test_a_route_no_call_could_take_is_refused_at_load(routing, problem) -> None:
     with pytest.raises(ConfigError, match=re.escape(problem)):
         Pipeline.from_config({"routing": routing})
+
+
+def test_a_fitted_scorer_s_tiers_need_no_increasing_max_score() -> None:
+    """The fitted scorer scores each tier on its own (the chance its model is not good enough)."""
+    Pipeline.from_config({"routing": {"aliases": {"cheap": ["gpt-4o-mini"], "strong": ["gpt-4-1106-preview"]},
+                                      "scorer": {"fitted": "bundled", "strength": {"gpt-4o-mini": 0.6}},
+                                      "tiers": [{"max_score": 0.5, "alias": "cheap"},
+                                                {"max_score": 0.45, "alias": "strong"}]}})
+
+
+def test_an_alias_or_deployment_named_with_a_colon_is_called_by_its_name() -> None:
+    """A call to 'coder:fast' was the alias 'coder' with the suffix ':fast' (an unknown model, or
+    'did you mean coder:floor:floor?'); a deployment named after its model id ('qwen2.5-coder:7b') worked
+    only as an alias's target."""
+    p = pipeline(aliases={"coder:fast": ["gpt-4o-mini"], "pool": ["qwen2.5-coder:7b"]},
+                 deployments={"qwen2.5-coder:7b": {"model": "ollama/qwen2.5-coder:7b"}})
+    assert routed(p, "coder:fast").model == "gpt-4o-mini"
+    assert routed(p, "qwen2.5-coder:7b").deployment == "qwen2.5-coder:7b"
+    assert routed(p, "pool").deployment == "qwen2.5-coder:7b"
+    assert p.config.routing.baseline_target("coder:fast") == "gpt-4o-mini"
 
 
 def failing(monkeypatch, failures: dict[str, list[Exception]]) -> list[str]:

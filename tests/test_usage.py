@@ -90,7 +90,7 @@ def test_a_mapping_with_no_token_count_is_no_usage_not_a_count_of_zero() -> None
     assert normalize_usage({"totalTokenCount": 0}).source == "provider"
 
 
-@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -5, "many", 1e999, [3]])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -5, "many", 1e999, [3], 10**20, 1e300])
 def test_a_count_that_is_no_count_counts_zero_and_is_logged(bad) -> None:
     """A provider's (or a mock's) count that is no non-negative number neither raises nor enters a total."""
     with structlog.testing.capture_logs() as logs:

@@ -545,12 +545,19 @@ class RoutingConfig(_Strict):
         (an alias also takes a ``:floor`` or ``:nitro`` suffix)."""
         return (*self.aliases, *self.deployments, *(("auto",) if self.tiers else ()))
 
+    def split_route(self, requested: str) -> tuple[str, str, str]:
+        """``requested`` as ``(name, ":", suffix)``: ``coder:floor`` is the alias ``coder`` with a suffix;
+        an alias or deployment named with a ``:`` (``qwen2.5-coder:7b``) is that name whole."""
+        if requested in self.aliases or requested in self.deployments:
+            return requested, "", ""
+        return requested.partition(":")
+
     def baseline_target(self, requested: str) -> str:
         """The target a call naming ``requested`` would go to without routing, its saving measured
         against: an alias's first target (with or without a ``:floor``/``:nitro`` suffix; ``auto``:
         the top tier's, as an alias whose strategy is ``difficulty``), else ``requested`` itself (a
         model id, a deployment)."""
-        alias, _, suffix = requested.partition(":")
+        alias, _, suffix = self.split_route(requested)
         by_tier = (alias == "auto" and "auto" not in self.aliases) or (
             not suffix and self.strategy.get(alias) == "difficulty")  # a suffix's strategy wins over it
         if self.tiers and by_tier:
@@ -574,7 +581,7 @@ class RoutingConfig(_Strict):
             if tier.alias not in self.aliases:
                 raise ValueError(f"tier alias {tier.alias!r} is not defined under 'aliases'")
         for before, tier in zip(self.tiers, self.tiers[1:], strict=False):  # the first tier a score fits wins
-            if tier.max_score <= before.max_score:
+            if self.scorer.fitted is None and tier.max_score <= before.max_score:  # (a fitted one scores each)
                 raise ValueError(f"tiers: {tier.alias!r} (max_score {tier.max_score}) follows {before.alias!r} "
                                  f"(max_score {before.max_score}), so no score would reach it: list the tiers "
                                  "by increasing max_score")
@@ -584,10 +591,6 @@ class RoutingConfig(_Strict):
                                  f"(the aliases: {', '.join(map(repr, self.aliases)) or 'none'})")
             if strategy == "difficulty" and not self.tiers:
                 raise ValueError(f"strategy.{name}: 'difficulty' routes by 'tiers', and none are set")
-        for name in (*self.aliases, *self.deployments):
-            if ":" in name:  # a call's "coder:floor" is the alias "coder" with a suffix
-                raise ValueError(f"{'alias' if name in self.aliases else 'deployment'} {name!r}: a name without ':' "
-                                 f"(a call's '<alias>:floor' or ':nitro' is a suffix), e.g. {name.replace(':', '-')!r}")
         targets = self.alias_targets()
         for name in self.weights:  # a target, or the :free variant the free tier puts before one
             if name not in targets and name.removesuffix(":free") not in targets:

@@ -735,7 +735,7 @@ class CallLifecycle:
         alias = budget.downgrade_to if budget is not None else None
         routed = next((d.attributes.get("alias") for d in plan.decisions
                        if d.policy == "routing" and d.action == "route"), None)
-        if alias is None or alias in (routed, plan.call.model.partition(":")[0]):
+        if alias is None or alias in (routed, self.engine.config.routing.split_route(plan.call.model)[0]):
             return None
         reason = f"{refused}: downgraded to {alias}"
         try:

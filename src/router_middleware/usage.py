@@ -38,20 +38,23 @@ def as_dict(obj: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")} if hasattr(obj, "__dict__") else {}
 
 
+MAX_COUNT = 10**9  # tokens: far past any model's window; a count above it is no count
+
+
 def count(value: Any, field: str) -> int:
     """A token count as a non-negative int. Anything else a provider (or a handler) puts there (text
-    that is no number, NaN, infinity, a negative number) counts 0 and is logged
-    (``usage_count_invalid``, naming ``field``), so one bad value neither fails an answered call
-    nor enters a total."""
-    if type(value) is int and value >= 0:
+    that is no number, NaN, infinity, a negative number, a number past :data:`MAX_COUNT`) counts 0
+    and is logged (``usage_count_invalid``, naming ``field``), so one bad value neither fails an
+    answered call nor enters a total."""
+    if type(value) is int and 0 <= value <= MAX_COUNT:
         return value
-    if not value:
+    if value is None:
         return 0
     try:
         number = int(value)
     except (TypeError, ValueError, OverflowError):
         number = -1
-    if number >= 0:
+    if 0 <= number <= MAX_COUNT:
         return number
     from .telemetry.safety import log  # imported here: at the top it would be a circular import
 

@@ -129,8 +129,9 @@ class RoutedChatModel(BaseChatModel):
     def routes(self, model: str | None = None) -> bool:
         """Does ``model`` (this model's own by default) name a route only its pipeline resolves: an
         alias of its config (with or without a ``:floor``/``:nitro`` suffix), or ``auto``?"""
-        name = (self.model if model is None else model).partition(":")[0]
-        return name == "auto" or name in self._pipeline().config.routing.aliases
+        routing = self._pipeline().config.routing
+        name = routing.split_route(self.model if model is None else model)[0]
+        return name == "auto" or name in routing.aliases
 
     def _sender(self, messages: Sequence[BaseMessage], request: Mapping[str, Any]) -> Callable[..., Any]:
         pipeline = self._pipeline()

@@ -54,7 +54,7 @@ class _ProxyHooks(_Core):
         requested = str(data.get("model") or "")
         served = self._served(data)
         if served is not None and requested not in served:
-            alias = requested.partition(":")[0]
+            alias = engine.config.routing.split_route(requested)[0]
             targets = engine.config.routing.aliases.get(alias)
             if targets is not None:
                 raise UnknownModelError(requested, f"a routing alias of the config, which the proxy routes on "
@@ -109,7 +109,7 @@ class _ProxyHooks(_Core):
         is a 400 (``UnknownModelError``, with the closest names), as the bare proxy's "Invalid model
         name", not a ``NoRouteError`` 503 that OpenAI-style clients retry."""
         routes = self.pipeline.config.routing.route_names()
-        alias = model.partition(":")[0]
+        alias = self.pipeline.config.routing.split_route(model)[0]
         if model in served or alias in routes:
             return
         raise UnknownModelError(model, "no model_name of the proxy's model_list, and no alias or deployment of the "

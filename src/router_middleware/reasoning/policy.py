@@ -77,10 +77,12 @@ class ReasoningPolicy:
         remaining = self._remaining(context, state)
         if remaining is not None:
             allowed = level_for_budget(max(0, remaining) // 2, budgets) if remaining > 0 else "none"
-            if budget is not None and budget > remaining // 2:
+            lowered = budget is not None and budget > remaining // 2  # then the level's own budget
+            if lowered:
                 budget = None
             if _rank(level) > _rank(allowed):
-                level = allowed
+                level, lowered = allowed, True
+            if lowered:
                 reasons.append(f"session budget: {max(0, remaining)} reasoning tokens left")
         info = state.catalog.resolve(plan.model)
         result = translate(plan.model, state.catalog.provider(plan.model), info, plan.params, level=level,

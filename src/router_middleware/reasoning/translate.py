@@ -197,12 +197,16 @@ def translate(
             tokens, lowered = limit - ANTHROPIC_OUTPUT_RESERVE, True
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
         asked = params.get("thinking")
-        if isinstance(asked, Mapping) and asked.get("budget_tokens") == tokens and cap and cap[1] > tokens:
-            max_tokens = cap[1]  # the caller's own thinking, kept: its request is sent as it came
-        else:
-            space = room() if room is not None else None  # what the window leaves beside the prompt
+        own = isinstance(asked, Mapping) and asked.get("type") == "enabled"  # the caller's thinking, capped
+        if own and cap and cap[1] > tokens:
+            max_tokens = cap[1]  # the caller's max_tokens still holds the budget: as it came
+        elif own:  # its max_tokens raised over the budget; the window as the caller left it
+            max_tokens = max(cap[1] if cap else (room() if room is not None else None) or 0,
+                             tokens + ANTHROPIC_OUTPUT_RESERVE)
+        else:  # a rule switches thinking on: only where the window holds it beside the prompt
+            space = room() if room is not None else None
             max_tokens = max(cap[1] if cap else space or 0, tokens + ANTHROPIC_OUTPUT_RESERVE)
-            if space is not None and max_tokens > space:  # refused with thinking on: within the window
+            if space is not None and max_tokens > space:  # Anthropic refuses it over the window
                 if space - ANTHROPIC_OUTPUT_RESERVE < ANTHROPIC_MIN_BUDGET:
                     return _thinking_not_on(base, f"the model's window leaves ~{max(0, space)} output tokens "
                                             "beside the prompt, under a thinking budget plus its answer")

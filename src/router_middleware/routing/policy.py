@@ -106,7 +106,7 @@ class RoutingPolicy:
 
     def __call__(self, plan: Plan, state: PolicyState) -> Plan:
         requested = plan.call.model
-        alias, _, suffix = requested.partition(":")
+        alias, _, suffix = self.config.split_route(requested)
         soft = None if state.pinned else over_soft_limit(self.config.budgets, state.budget_spent,
                                                          plan.call.context, state.now)
         downgrade = ""
