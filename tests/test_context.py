@@ -677,3 +677,47 @@ def test_a_big_head_does_not_make_the_window_cut_anew_on_every_call() -> None:
             starts.append(next(m for m in planned.messages[2:] if m.get("role") == "assistant")["content"])
     assert calls > 80  # nearly every call is over the watermark
     assert len(set(starts)) <= calls // 8  # but the kept history starts at few places
+
+
+@pytest.mark.parametrize("seed", [13, 25])
+def test_a_window_s_wider_steps_never_take_a_request_over_budget_tokens(seed) -> None:
+    """Random agent histories (tool rounds, user feedback, reminders) under a big head: the step floor
+    for a big head took 5 of 7,235 requests over ``budget_tokens`` (seed 25: 21,593 of 20,800) where the
+    plain step kept them under; a cut now takes the wider step only where what it keeps fits."""
+    rng = random.Random(seed)
+    head = [{"role": "system", "content": "You are a coding agent.\n" + "\n".join(
+        f"Rule {i}: keep the style of src/module_{i}.py and run its tests." for i in range(
+            rng.choice([10, 200, 500, 800])))}, {"role": "user", "content": "Fix the bug in src/app/models.py"}]
+    history: list[dict] = []
+    for i in range(rng.randint(40, 90)):
+        kind = rng.random()
+        if kind < 0.6:
+            call = {"id": f"c{i}", "type": "function",
+                    "function": {"name": "bash", "arguments": json.dumps({"command": f"cat src/m{i}.py"})}}
+            history += [{"role": "assistant", "content": f"step {i}", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": f"c{i}", "content": f"src/m{i}.py line\n" * rng.randint(5, 300)}]
+        elif kind < 0.85:
+            history += [{"role": "user", "content": f"<feedback> user words {i}: "
+                         + "please do it this way " * rng.randint(1, 400) + "</feedback>"},
+                        {"role": "assistant", "content": f"ok {i} " * rng.randint(5, 100)}]
+        else:
+            history += [{"role": "system", "content": f"Reminder {i}: run tests. " * rng.randint(1, 30)}]
+    watermark = rng.choice([4000, 8000, 12000, 16000])
+    budget = rng.choice([watermark, int(watermark * 1.3), watermark * 2, watermark * 4, None])
+    assert budget is not None and budget > watermark  # the seeds chosen: a hard limit above the watermark
+    policy = Window(watermark_tokens=watermark, budget_tokens=budget, max_payback_calls=None)
+    counter = STATE.counter("deepseek/deepseek-chat")
+    over = [end for end in range(1, len(history) + 1)
+            if counter.messages(policy(plan_for([*head, *history[:end]]), STATE).messages) > budget]
+    assert over == []
+
+
+def test_a_short_message_after_the_latest_tool_results_keeps_them() -> None:
+    """An agent's history ending with the user's short feedback lost every tool result to the cut (the
+    blocks are bigger than the low watermark, and only the last block, the feedback, was kept)."""
+    feedback = {"role": "user", "content": "<feedback>use pytest</feedback>"}
+    for rounds in (12, 18, 22):
+        history = [*agent_history(rounds, size=1200), feedback]
+        kept = ContextPolicy()(plan_for(history, model="gpt-4o-mini"), STATE).messages
+        assert kept[-1] == feedback and kept[-2] == history[-2]  # the latest tool result
+        assert integrity_violations(kept) == []

@@ -60,14 +60,15 @@ class Window:
     blocks after the head are dropped in whole steps so that about ``keep`` x budget tokens of recent
     history remain (the low watermark): the cut level is a multiple of a fixed step over the history's
     cumulative size, so it stays put between cuts and the provider's cache keeps hitting (the step is
-    at least a fifth of the watermark where the hard limit leaves that room, so a big head does not
-    make every call cut anew). The dropped
+    at least a fifth of the watermark where what that cut keeps fits the hard limit, so a big head
+    does not make every call cut anew). The dropped
     span is replaced by a stored model-written summary when there is one (``summarize=True`` asks the
     pipeline to write it), else by an offline digest (names and open questions for chats, file paths
     for agents), followed by the span's system and developer messages (the latest, within
     ``digest_share`` of the budget) and the message holding the user's latest words, whole, where they
     fit (the step leaves room for them). For chats the kept turns start on a user turn; the user's
-    current turn (the user messages the history ends with) is not dropped where it fits the hard limit.
+    current turn (the user messages the history ends with) and the block before it, which they answer,
+    are not dropped where they fit the hard limit.
     A cut that would not pay back its cache re-read within ``max_payback_calls`` calls is skipped while
     the request still fits ``budget_tokens`` and the model's window.
     """
@@ -117,26 +118,38 @@ class Window:
         if said_tokens > room // 2:
             said_tokens = 0
         step = max(1, int(0.9 * (room - said_tokens)))
-        # A head near the watermark would leave a step of a few hundred tokens: a cut on nearly every
-        # call, and the provider's cache would stop hitting. Steps are at least a fifth of the
-        # watermark where the hard limit has that room (the request then sits over the watermark,
-        # under the hard limit, between cuts).
-        floor = int(_STEP_FLOOR * budget)
-        if hard is not None:
-            floor = min(floor, int(0.9 * (hard - fixed - reserve - low - said_tokens)))
-        step = max(step, floor)
-        droppable = totals[units[-1][0]] - totals[head]  # every block but the last
-        level = max(0, droppable - low) // step * step
         chat = _is_chat(messages)
-        # The fewest whole blocks (never the last) whose tokens reach the level.
-        cut = 0 if level <= 0 else min(len(units) - 1, 1 + bisect_left(
-            units, totals[head] + level, key=lambda unit: totals[unit[1]]))
-        if chat:
-            while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
-                cut += 1
-        turn = _turn_block(messages, units)  # the user's current turn stays whole where it fits the hard
-        if hard is None or fixed + reserve + totals[len(messages)] - totals[units[turn][0]] <= hard:  # limit
-            cut = min(cut, turn)
+        droppable = totals[units[-1][0]] - totals[head]  # every block but the last
+        # The user's current turn stays whole where it fits the hard limit, and so does the block it
+        # answers (the latest tool results, or the answer its feedback is about).
+        turn = _turn_block(messages, units)
+        kept_from = turn - 1 if turn > 0 and messages[-1].get("role") == "user" else turn
+        standing_most = int(budget * self.digest_share)  # the span's kept instructions, at most
+        while kept_from < len(units) - 1 and hard is not None \
+                and fixed + reserve + standing_most + totals[len(messages)] - totals[units[kept_from][0]] > hard:
+            kept_from += 1
+
+        def cut_at(step: int) -> int:
+            """The fewest whole blocks (never the last) whose tokens reach a multiple of ``step``."""
+            level = max(0, droppable - low) // step * step
+            cut = 0 if level <= 0 else min(len(units) - 1, 1 + bisect_left(
+                units, totals[head] + level, key=lambda unit: totals[unit[1]]))
+            if chat:
+                while 0 < cut < len(units) - 1 and messages[units[cut][0]].get("role") != "user":
+                    cut += 1
+            return min(cut, kept_from)
+
+        cut = cut_at(step)
+        # A head near the watermark leaves a step of a few hundred tokens: a cut on nearly every call,
+        # and the provider's cache would stop hitting. A wider step is taken where what its cut keeps
+        # (the kept instructions and the user's words at their most) fits the hard limit: the request
+        # then sits over the watermark, under the hard limit, between cuts.
+        floor = int(_STEP_FLOOR * budget)
+        if floor > step:
+            wider = cut_at(floor)
+            most = total - totals[units[wider][0]] + totals[head] + reserve + standing_most + said_tokens
+            if hard is None or most <= hard:
+                cut = wider
         dropped_tokens = totals[units[cut][0]] - totals[head]
         if cut == 0:
             return self._over_window(plan, total, window)
