@@ -159,6 +159,19 @@ def test_failures_are_recorded(logger, span_exporter) -> None:
     assert failed and failed[0].attributes["error.type"] == "RateLimitError"
 
 
+@pytest.mark.parametrize("metadata", [{"session_id": 123}, {"tenant": {"a": 1}}, {"step": "three"}])
+def test_the_proxy_hook_plans_a_request_whose_metadata_holds_no_label_without_it(metadata) -> None:
+    """litellm's metadata is free-form: the proxy answered such a request 400 ("context.session_id:
+    expected a string, got int 123"), where it answers 200 without the hook."""
+    proxy = RouterLogger(Pipeline.from_config({}), proxy=True)
+    data = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "litellm_call_id": "c1",
+            "metadata": metadata}
+    with structlog.testing.capture_logs() as logs:
+        changed = asyncio.run(proxy.async_pre_call_hook(None, None, data, "acompletion"))
+    assert changed["model"] == "gpt-4o-mini"
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["litellm_labels_refused"]
+
+
 def test_proxy_hook_routes_to_a_deployment_name_and_the_deployment_hook_then_stands_aside() -> None:
     body = cline_request("yolo_first.json")
     router = RouterLogger(Pipeline.from_config({

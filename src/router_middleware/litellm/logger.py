@@ -128,7 +128,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         with self._lock:  # a refusal left by an earlier request under the same call id
             self._refusing.pop(self._key(data), None)
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
-        call = engine.make_call(str(data["model"]), data["messages"], self._labels(data, derive=self.proxy), params)
+        call = _labelled(lambda labels: engine.make_call(str(data["model"]), data["messages"], labels, params),
+                         self._labels(data, derive=self.proxy))  # litellm's metadata is free-form
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
