@@ -721,3 +721,46 @@ def test_a_short_message_after_the_latest_tool_results_keeps_them() -> None:
         kept = ContextPolicy()(plan_for(history, model="gpt-4o-mini"), STATE).messages
         assert kept[-1] == feedback and kept[-2] == history[-2]  # the latest tool result
         assert integrity_violations(kept) == []
+
+
+@pytest.mark.parametrize("budget", [9500, 9000])
+def test_a_big_head_s_wider_step_holds_with_a_hard_limit_just_over_the_watermark(budget) -> None:
+    """review54b: the wider step was all or nothing, so with budget_tokens a little over the watermark a
+    cut fell back to the few-hundred-token step (26 and 36 cut points over 120 calls, against 11 and 13)."""
+    rules = "\n".join(f"Rule {i}: keep the style of src/module_{i}.py and run its tests." for i in range(330))
+    head = [{"role": "system", "content": f"You are a coding agent.\n{rules}"}, TASK]
+    policy = Window(watermark_tokens=8000, budget_tokens=budget, max_payback_calls=None)
+    history = agent_history(120, size=20)[2:]
+    counter = STATE.counter("deepseek/deepseek-chat")
+    starts = []
+    for end in range(2, len(history) + 1, 2):
+        kept = policy(plan_for([*head, *history[:end]]), STATE).messages
+        assert counter.messages(kept) <= budget
+        if kept != (*head, *history[:end]):
+            starts.append(next(m for m in kept[2:] if m.get("role") == "assistant")["content"])
+    assert len(set(starts)) <= 16
+
+
+def test_a_chat_s_current_turn_that_fits_the_hard_limit_is_kept_whole() -> None:
+    """review54b: an allowance for kept instructions the span did not hold sent a 9,209-token paste that
+    fits a 10,000-token limit to the digest."""
+    history = [SYSTEM, {"role": "user", "content": "hello"}]
+    for i in range(30):
+        history += [{"role": "assistant", "content": f"answer {i} " + "blah " * 200},
+                    {"role": "user", "content": f"question {i} " + "more " * 200}]
+    paste = {"role": "user", "content": "paste " + "lorem ipsum dolor " * 2300}
+    history += [{"role": "assistant", "content": "ok, paste it"}, paste,
+                {"role": "user", "content": "What is wrong in the paste above?"}]
+    kept = Window(watermark_tokens=4000, budget_tokens=10000, max_payback_calls=None)(plan_for(history), STATE).messages
+    assert paste in kept and STATE.counter("deepseek/deepseek-chat").messages(kept) <= 10000
+
+
+def test_a_summary_transcript_of_dense_text_is_cut_within_the_window() -> None:
+    """review54b: a transcript of no more characters than the room was sent uncounted (emoji: 360,127
+    tokens for a 128,000-token window), and a cut by character share was not counted again."""
+    from router_middleware.context.summarize import fit_transcript
+    from router_middleware.tokens import encoder_for
+
+    count = encoder_for("gpt-4o-mini")
+    for text in ("😀🎉" * 60_000, "plain english words here. " * 20_000 + "😀🎉" * 60_000):
+        assert count(fit_transcript(text, 127_200, count)) <= 127_200

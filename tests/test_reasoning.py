@@ -628,3 +628,14 @@ def test_a_session_budget_that_lowers_the_caller_s_thinking_keeps_its_max_tokens
     planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
     assert planned.params["thinking"]["budget_tokens"] == 2048 and planned.params["max_tokens"] == 5000
     assert "session budget: 5000 reasoning tokens left" in planned.decisions[-1].reason
+
+
+def test_a_rule_that_raises_the_caller_s_own_thinking_past_the_window_sends_the_caller_s_as_it_came() -> None:
+    """review54b: a 'set' rule's 16,384-token budget over the caller's own 2,000 skipped the window check
+    (the caller had sent thinking): prompt + max_tokens 202,488 on a 200,000-token window."""
+    config = ReasoningConfig.model_validate({"rules": [{"when": {}, "effort": "high", "mode": "set"}]})
+    asked = {"thinking": {"type": "enabled", "budget_tokens": 2000}, "max_tokens": 4000}
+    call = Call.create("anthropic/claude-sonnet-4-5", [{"role": "user", "content": "word " * 182_000}], asked,
+                       AgentContext())
+    planned = ReasoningPolicy(config)(Plan.from_call(call), PolicyState())
+    assert (planned.params["thinking"], planned.params["max_tokens"]) == (asked["thinking"], 4000)

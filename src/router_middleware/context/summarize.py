@@ -61,15 +61,15 @@ def fit_transcript(transcript: str, room: int, count: Callable[[str], int]) -> s
     """``transcript`` within ``room`` tokens: over it, its middle is left out (said so in its place),
     keeping the span's start (the task) and end (the latest decisions), with a tenth to spare for a
     provider that counts more."""
-    if len(transcript) <= room:  # a token is at least one character: it fits uncounted
+    if len(transcript.encode()) <= room:  # a token is at least one byte: it fits uncounted
         return transcript
-    tokens = count(transcript)
-    if tokens <= room:
-        return transcript
-    half = max(0, int(len(transcript) * room / tokens * 0.9)) // 2
-    left_out = len(transcript) - 2 * half
-    return (f"{transcript[:half]}\n\n[... {left_out:,} characters left out here: the span is over the summary "
-            f"model's window ...]\n\n{transcript[len(transcript) - half:]}")
+    cut, tokens, half = transcript, count(transcript), len(transcript) // 2
+    while tokens > room and half > 0:  # counted again after each cut: what is kept may be denser than the rest
+        half = max(0, min(half - 1, int(2 * half * room / tokens * 0.9) // 2))
+        cut = (f"{transcript[:half]}\n\n[... {len(transcript) - 2 * half:,} characters left out here: the span is "
+               f"over the summary model's window ...]\n\n{transcript[len(transcript) - half:]}")
+        tokens = count(cut)
+    return cut
 
 
 def _within(timeout: Any, call_timeout: Any) -> dict[str, Any]:

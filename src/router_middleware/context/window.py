@@ -67,8 +67,8 @@ class Window:
     for agents), followed by the span's system and developer messages (the latest, within
     ``digest_share`` of the budget) and the message holding the user's latest words, whole, where they
     fit (the step leaves room for them). For chats the kept turns start on a user turn; the user's
-    current turn (the user messages the history ends with) and the block before it, which they answer,
-    are not dropped where they fit the hard limit.
+    current turn (the user messages the history ends with) is not dropped where it fits the hard limit,
+    nor, in an agent's history, the block before it (the tool results its words answer).
     A cut that would not pay back its cache re-read within ``max_payback_calls`` calls is skipped while
     the request still fits ``budget_tokens`` and the model's window.
     """
@@ -120,14 +120,17 @@ class Window:
         step = max(1, int(0.9 * (room - said_tokens)))
         chat = _is_chat(messages)
         droppable = totals[units[-1][0]] - totals[head]  # every block but the last
-        # The user's current turn stays whole where it fits the hard limit, and so does the block it
-        # answers (the latest tool results, or the answer its feedback is about).
+        # The user's current turn stays whole where it fits the hard limit, and in an agent's history
+        # so does the block its words answer (the latest tool results).
         turn = _turn_block(messages, units)
-        kept_from = turn - 1 if turn > 0 and messages[-1].get("role") == "user" else turn
         standing_most = int(budget * self.digest_share)  # the span's kept instructions, at most
-        while kept_from < len(units) - 1 and hard is not None \
-                and fixed + reserve + standing_most + totals[len(messages)] - totals[units[kept_from][0]] > hard:
-            kept_from += 1
+
+        def fits(block: int, extra: int = 0) -> bool:
+            return hard is None or fixed + reserve + extra + totals[len(messages)] - totals[units[block][0]] <= hard
+
+        kept_from = turn if fits(turn) else len(units) - 1
+        if not chat and kept_from == turn > 0 and messages[-1].get("role") == "user" and fits(turn - 1, standing_most):
+            kept_from = turn - 1
 
         def cut_at(step: int) -> int:
             """The fewest whole blocks (never the last) whose tokens reach a multiple of ``step``."""
@@ -142,12 +145,15 @@ class Window:
         cut = cut_at(step)
         # A head near the watermark leaves a step of a few hundred tokens: a cut on nearly every call,
         # and the provider's cache would stop hitting. A wider step is taken where what its cut keeps
-        # (the kept instructions and the user's words at their most) fits the hard limit: the request
+        # (with the span's kept instructions, and the user's words at their most) fits the hard limit: the request
         # then sits over the watermark, under the hard limit, between cuts.
         floor = int(_STEP_FLOOR * budget)
+        if hard is not None:
+            floor = min(floor, int(0.9 * (hard - fixed - reserve - low - said_tokens)))
         if floor > step:
             wider = cut_at(floor)
-            most = total - totals[units[wider][0]] + totals[head] + reserve + standing_most + said_tokens
+            held = self._standing(messages[head:units[wider][0]], budget, plan, state)[1] if wider else 0
+            most = total - totals[units[wider][0]] + totals[head] + reserve + held + said_tokens
             if hard is None or most <= hard:
                 cut = wider
         dropped_tokens = totals[units[cut][0]] - totals[head]

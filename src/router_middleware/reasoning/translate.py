@@ -197,7 +197,9 @@ def translate(
             tokens, lowered = limit - ANTHROPIC_OUTPUT_RESERVE, True
         cap = output_cap(base)  # max_completion_tokens is the same cap to Anthropic: sent as max_tokens
         asked = params.get("thinking")
-        own = isinstance(asked, Mapping) and asked.get("type") == "enabled"  # the caller's thinking, capped
+        given = asked if isinstance(asked, Mapping) else {}
+        enabled = given.get("type") == "enabled"  # by the caller
+        own = enabled and isinstance(given.get("budget_tokens"), int) and tokens <= given["budget_tokens"]
         if own and cap and cap[1] > tokens:
             max_tokens = cap[1]  # the caller's max_tokens still holds the budget: as it came
         elif own:  # its max_tokens raised over the budget; the window as the caller left it
@@ -207,6 +209,9 @@ def translate(
             space = room() if room is not None else None
             max_tokens = max(cap[1] if cap else space or 0, tokens + ANTHROPIC_OUTPUT_RESERVE)
             if space is not None and max_tokens > space:  # Anthropic refuses it over the window
+                if enabled:  # a rule raised the caller's own thinking past it: the caller's, as it came
+                    return Translation(dict(params), f"the caller's own thinking, as sent: the model's window "
+                                       f"leaves ~{max(0, space)} output tokens beside the prompt, under the rule's")
                 if space - ANTHROPIC_OUTPUT_RESERVE < ANTHROPIC_MIN_BUDGET:
                     return _thinking_not_on(base, f"the model's window leaves ~{max(0, space)} output tokens "
                                             "beside the prompt, under a thinking budget plus its answer")
