@@ -62,15 +62,14 @@ def count(value: Any, field: str) -> int:
     return 0
 
 
+def count_in(data: Mapping[str, Any], field: str) -> int:
+    """:func:`count` of ``data``'s ``field`` (0 where it holds none)."""
+    return count(data.get(field), field)
+
+
 def _first(data: Mapping[str, Any], *fields: str) -> int:
     """The first of ``fields`` that ``data`` holds a count other than 0 for."""
-    for field in fields:
-        value = data.get(field)
-        if value is not None:
-            number = count(value, field)
-            if number:
-                return number
-    return 0
+    return next((number for field in fields if (number := count_in(data, field))), 0)
 
 
 # the token counts of the shapes normalize_usage reads (OpenAI's, Anthropic's, Gemini's)
@@ -85,36 +84,37 @@ def normalize_usage(raw: Any, *, source: UsageSource = "provider") -> Usage:
     if not data or _COUNTS.isdisjoint(data):
         return Usage(source="none")
     if "promptTokenCount" in data or "candidatesTokenCount" in data:
-        thoughts = count(data.get("thoughtsTokenCount"), "thoughtsTokenCount")
+        thoughts = count_in(data, "thoughtsTokenCount")
         return Usage(
-            input_tokens=count(data.get("promptTokenCount"), "promptTokenCount"),
-            output_tokens=count(data.get("candidatesTokenCount"), "candidatesTokenCount") + thoughts,
-            cache_read_tokens=count(data.get("cachedContentTokenCount"), "cachedContentTokenCount"),
+            input_tokens=count_in(data, "promptTokenCount"),
+            output_tokens=count_in(data, "candidatesTokenCount") + thoughts,
+            cache_read_tokens=count_in(data, "cachedContentTokenCount"),
             reasoning_tokens=thoughts,
             source=source,
         )
     prompt_details = as_dict(data.get("prompt_tokens_details"))
     completion_details = as_dict(data.get("completion_tokens_details"))
     if "prompt_tokens" not in data and "input_tokens" in data:
-        read = count(data.get("cache_read_input_tokens"), "cache_read_input_tokens")
-        write = count(data.get("cache_creation_input_tokens"), "cache_creation_input_tokens")
+        read = count_in(data, "cache_read_input_tokens")
+        write = count_in(data, "cache_creation_input_tokens")
         return Usage(
-            input_tokens=count(data.get("input_tokens"), "input_tokens") + read + write,
-            output_tokens=count(data.get("output_tokens"), "output_tokens"),
+            input_tokens=count_in(data, "input_tokens") + read + write,
+            output_tokens=count_in(data, "output_tokens"),
             cache_read_tokens=read,
             cache_write_tokens=write,
-            reasoning_tokens=_first(as_dict(data.get("output_tokens_details")), "reasoning_tokens"),
+            reasoning_tokens=count_in(as_dict(data.get("output_tokens_details")), "reasoning_tokens"),
             source=source,
         )
-    read = _first(prompt_details, "cached_tokens") or _first(data, "cache_read_input_tokens", "prompt_cache_hit_tokens")
-    write = _first(data, "cache_creation_input_tokens") \
+    read = count_in(prompt_details, "cached_tokens") \
+        or _first(data, "cache_read_input_tokens", "prompt_cache_hit_tokens")
+    write = count_in(data, "cache_creation_input_tokens") \
         or _first(prompt_details, "cache_write_tokens", "cache_creation_tokens")
     return Usage(
-        input_tokens=count(data.get("prompt_tokens"), "prompt_tokens"),
-        output_tokens=count(data.get("completion_tokens"), "completion_tokens"),
+        input_tokens=count_in(data, "prompt_tokens"),
+        output_tokens=count_in(data, "completion_tokens"),
         cache_read_tokens=read,
         cache_write_tokens=write,
-        reasoning_tokens=count(completion_details.get("reasoning_tokens"), "reasoning_tokens"),
+        reasoning_tokens=count_in(completion_details, "reasoning_tokens"),
         source=source,
     )
 

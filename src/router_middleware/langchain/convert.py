@@ -29,7 +29,7 @@ from ..errors import OutcomeUnavailable
 from ..memo import MessageMemo
 from ..pricing import price
 from ..types import AgentContext, Outcome, Plan, Usage
-from ..usage import count
+from ..usage import count_in
 
 ROUTED = "router_middleware"  # RoutedChatModel's ``ls_provider``: its calls are accounted by its pipeline
 _ATTEMPT: ContextVar[BaseMessage | None] = ContextVar("router_middleware_attempt", default=None)
@@ -418,10 +418,9 @@ def usage_from_message(message: Any, estimate: int, model: str | None = None) ->
     estimated = (getattr(message, "response_metadata", None) or {}).get("usage_source") == "estimated"
     inputs = metadata.get("input_token_details") or {}
     outputs = metadata.get("output_token_details") or {}
-    return Usage(count(metadata.get("input_tokens"), "input_tokens"),
-                 count(metadata.get("output_tokens"), "output_tokens"),
-                 count(inputs.get("cache_read"), "cache_read"), count(inputs.get("cache_creation"), "cache_creation"),
-                 count(outputs.get("reasoning"), "reasoning"), source="estimated" if estimated else "provider")
+    return Usage(count_in(metadata, "input_tokens"), count_in(metadata, "output_tokens"),
+                 count_in(inputs, "cache_read"), count_in(inputs, "cache_creation"),
+                 count_in(outputs, "reasoning"), source="estimated" if estimated else "provider")
 
 
 def _answered(message: Any) -> tuple[Mapping[str, Any], str, tuple[str, ...]]:

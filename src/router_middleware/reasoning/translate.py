@@ -157,8 +157,9 @@ def translate(
     exclude: bool = False, room: Callable[[], int | None] | None = None, messages: Sequence[Mapping[str, Any]] = (),
 ) -> Translation:
     """The request params with the cap applied (other params untouched). ``room``: the output the
-    model's window leaves this request (asked only where a thinking budget needs a ``max_tokens`` the
-    caller did not give). ``messages``: the history, checked where thinking needs it in a shape."""
+    model's window leaves this request (asked where a thinking budget needs a ``max_tokens`` the
+    caller did not give, or where a rule's thinking must fit the window beside the prompt).
+    ``messages``: the history, checked where thinking needs it in a shape."""
     base = _without_reasoning(params)
     if not can_reason(model, info, provider):
         if info is None and base != params:  # unknown to the catalog, and the caller asked: litellm maps it
@@ -202,13 +203,11 @@ def translate(
         own = enabled and isinstance(given.get("budget_tokens"), int) and tokens <= given["budget_tokens"]
         if own and cap and cap[1] > tokens:
             max_tokens = cap[1]  # the caller's max_tokens still holds the budget: as it came
-        elif own:  # its max_tokens raised over the budget; the window as the caller left it
-            max_tokens = max(cap[1] if cap else (room() if room is not None else None) or 0,
-                             tokens + ANTHROPIC_OUTPUT_RESERVE)
-        else:  # a rule switches thinking on: only where the window holds it beside the prompt
-            space = room() if room is not None else None
+        else:  # raised over the budget; without a cap, to the room a direct call has
+            space = room() if room is not None and not (own and cap) else None
             max_tokens = max(cap[1] if cap else space or 0, tokens + ANTHROPIC_OUTPUT_RESERVE)
-            if space is not None and max_tokens > space:  # Anthropic refuses it over the window
+            # a rule's thinking only where the window holds it (the caller's own: as the caller left it)
+            if not own and space is not None and max_tokens > space:  # Anthropic refuses it over the window
                 if enabled:  # a rule raised the caller's own thinking past it: the caller's, as it came
                     return Translation(dict(params), f"the caller's own thinking, as sent: the model's window "
                                        f"leaves ~{max(0, space)} output tokens beside the prompt, under the rule's")
