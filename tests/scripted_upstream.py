@@ -60,11 +60,12 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 @contextmanager
 def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
                       status: int = 200, delay_s: float = 0.0,
-                      fail_first: int = 0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+                      fail_first: int = 0, break_after: int | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
     than 200: every request is answered with that error (an overloaded or dead deployment);
     ``delay_s``: each answer starts that late (a slow model); ``fail_first``: the first that many
-    requests are answered 503 (a passing overload)."""
+    requests are answered 503 (a passing overload); ``break_after``: a stream sends that many chunks
+    (1: its role chunk only), then the server closes the connection (no length, no ``[DONE]``)."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -98,7 +99,18 @@ def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_l
             call = _reply(body, steps, output_lines)
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
-                payload = "".join(f"data: {json.dumps(c)}\n\n" for c in _chunks(model, call, usage)) + "data: [DONE]\n\n"
+                chunks = list(_chunks(model, call, usage))
+                if break_after is not None:
+                    self.send_response(200)
+                    self.send_header("content-type", "text/event-stream")
+                    self.send_header("connection", "close")
+                    self.end_headers()
+                    for chunk in chunks[:break_after]:
+                        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                        self.wfile.flush()
+                    self.close_connection = True
+                    return
+                payload = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
                 self._send(200, payload.encode(), "text/event-stream")
                 return
             message = {"role": "assistant", "content": None, "tool_calls": [call]}

@@ -419,6 +419,86 @@ def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(
         assert float(logger.pipeline.store.get("fail:flaky") or 0) == 2  # each try counted, as the pipeline's
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("asked", ["coder", "flaky"], ids=["alias", "proxy-name"])
+def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_one_row(tmp_path, monkeypatch, asked,
+                                                                                      stream) -> None:
+    """The hook handed the router ``fallbacks=[]`` for a call its plan sends to one target, and a
+    request's list replaces the router's own (``router_settings: fallbacks``): with that target down the
+    client got a 503 the proxy alone answers with its fallback. The router keeps its own fallbacks now,
+    and the call follows them as one call: one row, its answer's, the failed target counted."""
+    import sys
+    import types
+
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
+        router = litellm.Router(model_list=[
+            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
+            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
+        ], fallbacks=[{"flaky": ["healthy"]}])
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        try:
+            async def call() -> object:
+                data = {"model": asked, "messages": [{"role": "user", "content": "task r1"}],
+                        "litellm_call_id": "r1", "stream": stream}
+                changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+                response = await router.acompletion(**changed)
+                if stream:
+                    async for _ in response:
+                        pass
+                await logger.aflush()
+                return response
+            answer = asyncio.run(call())
+            rows = _ledger(logger, ("error", "requested_model", "deployment", "decisions", "cost_usd"))
+        finally:
+            logger.unregister()
+    assert dead_seen and len(seen) == 1 and answer is not None
+    assert [(r["error"], r["requested_model"], r["deployment"]) for r in rows] == [(None, asked, "healthy")]
+    assert "routing:fallback" in rows[0]["decisions"] and rows[0]["cost_usd"] > 0
+    assert float(logger.pipeline.store.get("fail:flaky") or 0) >= 1
+
+
+def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fallback_s_answer(tmp_path) -> None:
+    """trial54c: the first target's stream sent its role chunk and closed; litellm's router fell back
+    mid-stream and the client was served the fallback's whole answer. The stream's wrapper keeps only
+    the first target's chunks, so the served answer was read as a stream that said nothing: a failed
+    row (``EmptyStreamError``, no cost) at the fallback, which was counted toward its cooldown. Now
+    what was served decides: one complete row at the fallback, priced at its usage chunk, the first
+    target alone counted failing."""
+    from .scripted_upstream import USAGE, scripted_upstream
+
+    logger = RouterLogger(Pipeline.from_config({
+        "routing": {"deployments": {"cut": {"model": "openai/gpt-4o-mini"}, "healthy": {"model": "openai/gpt-4o-mini"}},
+                    "aliases": {"coder": ["cut", "healthy"]}},
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+    try:
+        with scripted_upstream(break_after=1) as (cut, cut_seen), scripted_upstream() as (up, up_seen):
+            router = litellm.Router(model_list=[
+                {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
+                for name, base in (("cut", cut), ("healthy", up))])
+
+            async def served() -> list[Any]:  # as the proxy serves a stream: its three hooks around the router
+                data = {"model": "coder", "messages": [{"role": "user", "content": "task m1"}], "litellm_call_id": "m1",
+                        "stream": True, "stream_options": {"include_usage": True}}
+                changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
+                stream = await router.acompletion(**changed)
+                await logger.async_post_call_response_headers_hook(changed, None, stream)
+                chunks = [c async for c in logger.async_post_call_streaming_iterator_hook(None, stream, changed)]
+                await logger.aflush()
+                return chunks
+            chunks = asyncio.run(served())
+            rows = _ledger(logger, ("error", "deployment", "ended", "input_tokens", "output_tokens", "cost_usd"))
+    finally:
+        logger.unregister()
+    assert len(cut_seen) == len(up_seen) == 1 and any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert [tuple(r.values())[:5] for r in rows] == [
+        (None, "healthy", "complete", USAGE["prompt_tokens"], USAGE["completion_tokens"])]
+    assert rows[0]["cost_usd"] > 0
+    assert float(logger.pipeline.store.get("fail:cut") or 0) == 1 and logger.pipeline.store.get("fail:healthy") is None
+
+
 def _with_a_last_resort(tmp_path, monkeypatch, first: str, cooling: str) -> tuple[object, list[dict], RouterLogger]:
     """One proxy request for ``coder`` = [flaky, healthy], ``flaky`` served by ``first`` and ``healthy``,
     cooling down, by ``cooling`` (the router retries a target once): the answer, the rows, the logger."""
@@ -2800,6 +2880,42 @@ def test_a_stream_whose_provider_sent_nothing_behind_the_real_proxy_is_a_failed_
     assert rows == [{"error": "EmptyStreamError", "requested_model": "coder", "deployment": "coder-cheap"}]
     held = _store_values(tmp_path / "store.db", "budget:")
     assert all(float(v) == 0 for v in held.values()), held
+
+
+def test_the_router_s_own_fallbacks_behind_the_real_proxy_answer_as_without_the_hook(tmp_path) -> None:
+    """trial54c: a Cline-style client asks the proxy for ``coder-cheap``, whose ``router_settings``
+    fallback is ``coder-strong``; with coder-cheap down the bare proxy answers from coder-strong, and
+    with the hook the client got a 503 (the hook handed the router an empty ``fallbacks``). Now both
+    a plain call and a stream are answered, each one row, at the fallback."""
+    import urllib.request
+
+    from .conftest import service_missing
+    from .litellm_proxy import PROXY_DIR, proxy_missing, running_proxy
+    from .scripted_upstream import scripted_upstream
+
+    if (why := proxy_missing()) is not None:
+        service_missing(why)
+    _integration_router(tmp_path, "[coder-cheap]")
+    (tmp_path / "config.yaml").write_text((PROXY_DIR / "config.yaml").read_text()
+                                          + "router_settings:\n  fallbacks: [{coder-cheap: [coder-strong]}]\n")
+    with scripted_upstream(status=503) as (down, down_seen), scripted_upstream() as (up, up_seen):
+        env = {"CHEAP_API_BASE": down, "STRONG_API_BASE": up, "CHEAP_API_KEY": "x", "STRONG_API_KEY": "x",
+               "ROUTER_MIDDLEWARE_CONFIG": str(tmp_path / "router.yaml")}
+        with running_proxy(tmp_path, env, tmp_path / "config.yaml") as proxy:
+            served = []
+            for stream in (False, True):
+                request = urllib.request.Request(f"{proxy}/v1/chat/completions", json.dumps({
+                    "model": "coder-cheap", "stream": stream,
+                    "messages": [{"role": "user", "content": "list the files"}]}).encode(),
+                    {"Authorization": "Bearer sk-proxy-master", "Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as answer:
+                    served.append((answer.status, b"run_commands" in answer.read()))
+            rows = _proxy_rows(tmp_path, ("error", "requested_model", "deployment", "decisions"), 2)
+            time.sleep(1.0)  # a late event would add a row now
+            rows = _proxy_rows(tmp_path, ("error", "requested_model", "deployment", "decisions"), 3)
+    assert served == [(200, True), (200, True)] and down_seen and len(up_seen) == 2
+    assert [(r["error"], r["requested_model"], r["deployment"]) for r in rows] == [(None, "coder-cheap", "coder-strong")] * 2
+    assert all("routing:fallback" in r["decisions"] for r in rows)
 
 
 def test_a_stream_to_a_routing_alias_behind_the_real_proxy_asks_its_provider_for_usage(tmp_path) -> None:

@@ -200,13 +200,15 @@ class Engine:
               unusable: str = "not among the adapter's models", cache: bool = True, answers: Answers | None = None,
               fallback: bool = True, follow: tuple[str, ...] = (), caller_sends: bool = True,
               plan: Plan | None = None, sends_refused: Callable[[Exception], bool] | None = None,
-              reroutes: bool = True, charges_timeouts: bool = True) -> CallLifecycle:
+              reroutes: bool = True, charges_timeouts: bool = True,
+              routers_own: Callable[[str], Sequence[str]] | None = None) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
         if self._unpriced:
             self._say_unpriced()
         return CallLifecycle(self, call, read=read, usable=usable, unusable=unusable, cache=cache, answers=answers,
                              fallback=fallback, follow=follow, caller_sends=caller_sends, plan=plan,
-                             sends_refused=sends_refused, reroutes=reroutes, charges_timeouts=charges_timeouts)
+                             sends_refused=sends_refused, reroutes=reroutes, charges_timeouts=charges_timeouts,
+                             routers_own=routers_own)
 
     def _say_unpriced(self) -> None:
         """Say which alias targets have no price, once, at the first call: by then an adapter has said

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -205,14 +205,17 @@ class CallLifecycle:
     refusal then ends no call, and has no span or log line of its own; ``reroutes=False``: the
     adapter sends the model the call names whatever its plan says (an agent middleware without
     ``models=``), so no budget's ``downgrade_to`` admits it at another model's estimate, nor does a soft
-    limit plan it there."""
+    limit plan it there; ``routers_own``: the targets the adapter's router falls back to on its own
+    after a target (the proxy's ``router_settings`` fallbacks): the call follows those its plan lacks
+    after its own, sent whatever their quotas and cooldowns say, as the router would (the budgets
+    still hold)."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
                  follow: tuple[str, ...] = (), caller_sends: bool = True, plan: Plan | None = None,
                  sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True,
-                 charges_timeouts: bool = True) -> None:
+                 charges_timeouts: bool = True, routers_own: Callable[[str], Sequence[str]] | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -226,6 +229,8 @@ class CallLifecycle:
         self.fallback = fallback or bool(follow)
         self.follow = follow
         self.forced = bool(follow) and caller_sends  # targets sent whatever their quotas and probes say
+        self.routers_own = routers_own
+        self._own: frozenset[str] = frozenset()  # the router's own fallbacks the call follows (_route)
         self.reroutes = reroutes
         self.charges_timeouts = charges_timeouts  # an adapter's attempt that timed out was sent (not the agent's)
         self.given = plan
@@ -266,8 +271,7 @@ class CallLifecycle:
             cached, plan = yield from self._from_cache(plan)
             if cached is not None:
                 return cached
-        attempts = Attempts([plan.deployment or plan.model, *(self.follow or plan.fallbacks)],
-                            engine.config.routing.fallback)
+        attempts = Attempts(self._route(plan), engine.config.routing.fallback)
         self._half_open, self._last = _half_open(plan), last_resorts(plan)
         try:
             try:
@@ -320,6 +324,17 @@ class CallLifecycle:
                 self._settle_tries()
                 self._stopped(exc)
             raise
+
+    def _route(self, plan: Plan) -> list[str]:
+        """The call's targets in order: the plan's (or those it follows), then the adapter's router's
+        own fallbacks after its first target that they lack and the adapter can reach."""
+        route = [plan.deployment or plan.model, *(self.follow or plan.fallbacks)]
+        if self.routers_own is not None:
+            own = [t for t in dict.fromkeys(self.routers_own(route[0]))
+                   if t not in route and (self.usable is None or self.usable(t))]
+            self._own = frozenset(own)
+            route += own
+        return route
 
     def _refused(self, plan: Plan, refused: Exception) -> None:
         """A call refused before any attempt: its route span (error status, ``error.type``) and an
@@ -671,6 +686,7 @@ class CallLifecycle:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing)
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
                 probe = target if target in self._half_open and not anyway else None
+                budget = False  # a budget refused this target
                 try:
                     why = yield from self._take(found, size, claims or [], probe)
                 except BudgetExceeded as refused:
@@ -682,16 +698,19 @@ class CallLifecycle:
                             raise
                         # another route from its start: what the first one skipped is not tried anyway
                         downgraded, anyway = refused, False
-                        attempts.restart([cheaper.deployment or cheaper.model, *cheaper.fallbacks])
+                        attempts.restart(self._route(cheaper))
                         self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
                         plan = _following(plan, cheaper)
                         claims = self._claims(plan, reasoning=replans > 0)
                         claimed_for = cheaper.deployment or cheaper.model
                         continue
                     over, why = refused, str(refused)  # the call holds its first target's estimate: the next may fit
-                if why is not None and self.forced and not isinstance(why, StepDown):  # litellm calls it
+                    budget = True
+                own = target in self._own and not budget  # the router's own fallback: it calls it all the same
+                if why is not None and (self.forced or own) and not isinstance(why, StepDown):  # litellm calls it
                     log.warning("route_not_enforced", target=target, error=str(why)[:200],  # all the same
-                                why="litellm calls its fallbacks as given: sent, its quotas not taken")
+                                why="litellm calls its fallbacks as given: sent, its quotas not taken" if self.forced
+                                else "the proxy's router falls back to it on its own: sent, its quotas not taken")
                     why = yield from self._take((), 0, claims or [], None)  # the budgets still hold
                 if why is None:  # a half-open target skipped is still owed a try before a last resort
                     return plan

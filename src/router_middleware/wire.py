@@ -253,6 +253,19 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
         return None
 
 
+def proxy_fallbacks(router: Any, group: str) -> tuple[str, ...]:
+    """The model groups the proxy's ``router`` falls back to on its own after ``group`` (its
+    ``router_settings`` ``fallbacks``, as litellm's router looks them up: the group's entry, else the
+    generic ``*``), or none (also when this litellm's router cannot be read)."""
+    try:
+        from litellm.router_utils.fallback_event_handlers import get_fallback_model_group
+
+        found, _ = get_fallback_model_group(fallbacks=router.settings().fallbacks or [], model_group=group)
+        return tuple(f for f in found or () if isinstance(f, str) and f != group)
+    except Exception:  # noqa: BLE001 - another litellm's router: none are followed
+        return ()
+
+
 _NO_CREDIT = re.compile(r"credit balance is too low", re.I)
 
 
@@ -398,6 +411,13 @@ def served_chunks(wrapper: Any) -> list[Any] | None:
     if not isinstance(chunks, list) or getattr(wrapper, "custom_llm_provider", None) == "cached_response":
         return None
     return chunks
+
+
+def fell_back_mid_stream(wrapper: Any) -> bool:
+    """Did litellm's router fall back while the stream of its ``wrapper`` was read? The wrapper then
+    keeps the first target's chunks, and what it served after them came from its fallback's own
+    wrapper, out of reach (``fallback_headers_adopted``: litellm/router_rust/invoke/streaming.py, 1.110.2)."""
+    return getattr(wrapper, "fallback_headers_adopted", False) is True
 
 
 _SERVED = ("content", "tool_calls", "function_call", "refusal", "audio", "images")  # what a message gives its caller

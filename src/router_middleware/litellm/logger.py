@@ -133,9 +133,11 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
+        router = wire.proxy_router()  # its own fallbacks: the call follows them after its plan's
+        own = None if router is None else functools.partial(wire.proxy_fallbacks, router)
         lifecycle = engine.start(call, read=self._read, cache=False,
                                  usable=None if served is None else served.__contains__,
-                                 unusable="not a model_name of the proxy's model_list")
+                                 unusable="not a model_name of the proxy's model_list", routers_own=own)
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
@@ -179,15 +181,16 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
 
     async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any, response: Any,
                                                       request_data: dict[str, Any]) -> AsyncGenerator[Any, None]:
-        """Proxy hook around the stream the proxy serves: passes every chunk on as it came; once the
-        stream has ended, and before the proxy ends its answer (``data: [DONE]``), a routed chat call
-        is settled at the usage chunk that ended it (:meth:`._ProxyHooks._settle_served`). A stream
+        """Proxy hook around the stream the proxy serves: passes every chunk on as it came (kept, for
+        a stream the router fell back on midway); once the stream has ended, and before the proxy ends
+        its answer (``data: [DONE]``), a routed chat call is settled at the usage chunk that ended it
+        (:meth:`._ProxyHooks._settle_served`). A stream
         that breaks or whose client leaves is ended by its events, as before."""
-        last = None
+        served: list[Any] = []
         async for chunk in response:
-            last = chunk
+            served.append(chunk)
             yield chunk
-        await self._settle_served(request_data, last, streamed=True)
+        await self._settle_served(request_data, served[-1] if served else None, served=served)
 
     async def async_post_call_failure_deployment_hook(self, request_data: Mapping[str, Any], exception: Exception,
                                                       call_type: Any, fallback_depth: int | None = None) -> None:

@@ -160,24 +160,32 @@ class _ProxyHooks(_Core):
             found = self._calls.get(self._key(data))
         return found if found is not None and found.proxy and not found.as_sent else None
 
-    async def _settle_served(self, data: Mapping[str, Any], response: Any, *, streamed: bool = False) -> None:
+    async def _settle_served(self, data: Mapping[str, Any], response: Any, *,
+                             served: list[Any] | None = None) -> None:
         """Settle a routed chat call as the proxy serves its answer (``response``; for a stream, the last
-        chunk served: the usage chunk litellm ends it with when the client or the proxy asked for one),
-        before the client has it. litellm delivers the success event later, from a background worker:
-        settled then, the call held its estimate meanwhile, and a client that sends its next request at
-        once was admitted against that estimate, not this call's spend. The event then finds the call
-        ended (:meth:`.RouterLogger.async_log_success_event`). Left to its event: a stream that served
-        no usage chunk, one litellm's response cache served (its event says so), or one whose span
-        captures the answer's content (assembling a stream takes litellm's builder about 0.15 ms a
+        chunk served: the usage chunk litellm ends it with when the client or the proxy asked for one;
+        ``served``: every chunk of a stream served), before the client has it. litellm delivers the
+        success event later, from a background worker: settled then, the call held its estimate
+        meanwhile, and a client that sends its next request at once was admitted against that estimate,
+        not this call's spend. The event then finds the call ended
+        (:meth:`.RouterLogger.async_log_success_event`). After the router fell back mid-stream, the
+        stream's wrapper keeps only the first target's chunks: what was served tells what the call
+        answered, and its usage, out of the wrapper's sight, is said ``estimated``. Left to its event:
+        a stream that served no usage chunk, one litellm's response cache served (its event says so), or
+        one whose span captures the answer's content (assembling a stream takes litellm's builder about 0.15 ms a
         chunk: its event assembles it anyway). The answer waits at most :data:`_SERVE_WAIT_S` for the
         settlement's store writes; slower ones go on in the background. Never raises."""
         try:
             found = self._serving(data)
+            streamed = served is not None
             times = wire.attempt_times(data.get("litellm_logging_obj"), streamed=streamed)
             if found is None or times is None:
                 return
             chunks = wire.served_chunks(found.stream) if streamed else None
-            if chunks is not None and wire.said_nothing(chunks, found.stream):
+            stream = found.stream
+            if chunks is not None and served is not None and wire.fell_back_mid_stream(stream):
+                chunks, stream = served, None
+            if chunks is not None and wire.said_nothing(chunks, stream):
                 self._said_nothing(data, found)
                 return
             if streamed and (chunks is None or getattr(response, "usage", None) is None
