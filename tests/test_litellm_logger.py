@@ -419,14 +419,16 @@ def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(
         assert float(logger.pipeline.store.get("fail:flaky") or 0) == 2  # each try counted, as the pipeline's
 
 
+@pytest.mark.parametrize("whose", ["router", "client", "client, with parameters"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("asked", ["coder", "flaky"], ids=["alias", "proxy-name"])
 def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_one_row(tmp_path, monkeypatch, asked,
-                                                                                      stream) -> None:
+                                                                                      stream, whose) -> None:
     """The hook handed the router ``fallbacks=[]`` for a call its plan sends to one target, and a
-    request's list replaces the router's own (``router_settings: fallbacks``): with that target down the
-    client got a 503 the proxy alone answers with its fallback. The router keeps its own fallbacks now,
-    and the call follows them as one call: one row, its answer's, the failed target counted."""
+    request's list replaces the router's own (``router_settings: fallbacks``) and the client's (the
+    request's ``fallbacks``): with that target down the client got a 503 the proxy alone answers with
+    its fallback. The router keeps them now, and the call follows them as one call: one row, its
+    answer's, the failed target counted."""
     import sys
     import types
 
@@ -436,13 +438,15 @@ def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_o
         router = litellm.Router(model_list=[
             {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
             {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
-        ], fallbacks=[{"flaky": ["healthy"]}])
+        ], fallbacks=[{"flaky": ["healthy"]}] if whose == "router" else [])
         monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
         logger = _proxy_logger(tmp_path, ["flaky"])
         try:
             async def call() -> object:
                 data = {"model": asked, "messages": [{"role": "user", "content": "task r1"}],
                         "litellm_call_id": "r1", "stream": stream}
+                if whose != "router":  # a fallback with parameters of its own is handed on as it came
+                    data["fallbacks"] = ["healthy"] if whose == "client" else [{"model": "healthy", "temperature": 0.2}]
                 changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
                 response = await router.acompletion(**changed)
                 if stream:
@@ -455,6 +459,7 @@ def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_o
         finally:
             logger.unregister()
     assert dead_seen and len(seen) == 1 and answer is not None
+    assert seen[0].get("temperature") == (0.2 if whose == "client, with parameters" else None)
     assert [(r["error"], r["requested_model"], r["deployment"]) for r in rows] == [(None, asked, "healthy")]
     assert "routing:fallback" in rows[0]["decisions"] and rows[0]["cost_usd"] > 0
     assert float(logger.pipeline.store.get("fail:flaky") or 0) >= 1

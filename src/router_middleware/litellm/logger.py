@@ -21,6 +21,7 @@ from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, MessageError, NoRouteError, RequestError, StoreUnavailable
 from ..lifecycle import Attempt, CallLifecycle, Flow, last_resorts
+from ..routing.fallback import given_fallbacks
 from ..telemetry import log
 from ..types import Call
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
@@ -133,8 +134,12 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
-        router = wire.proxy_router()  # its own fallbacks: the call follows them after its plan's
-        own = None if router is None else functools.partial(wire.proxy_fallbacks, router)
+        # what the router falls back to without the hook, which the call follows after its plan's: the
+        # client's own fallbacks (a request's list replaces the router's), else the router's own
+        given, bare = given_fallbacks(data.get("fallbacks"), str(data["model"]))
+        router = wire.proxy_router()
+        own = (lambda _first: given) if given else \
+            None if router is None else functools.partial(wire.proxy_fallbacks, router)
         lifecycle = engine.start(call, read=self._read, cache=False,
                                  usable=None if served is None else served.__contains__,
                                  unusable="not a model_name of the proxy's model_list", routers_own=own)
@@ -151,7 +156,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
         changed.update(wire.proxy_stream_usage({**data, **changed}))  # as the proxy does for its model names
-        changed["fallbacks"] = fallbacks
+        if bare or not given:  # else the client's own carry parameters of their own: the router follows them
+            changed["fallbacks"] = fallbacks
         if not retried:  # else the router retries its target as it would without the hook
             changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed
