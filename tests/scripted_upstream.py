@@ -60,12 +60,15 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 @contextmanager
 def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
                       status: int = 200, delay_s: float = 0.0,
-                      fail_first: int = 0, break_after: int | None = None) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+                      fail_first: int = 0, break_after: int | None = None,
+                      filtered: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
     than 200: every request is answered with that error (an overloaded or dead deployment);
     ``delay_s``: each answer starts that late (a slow model); ``fail_first``: the first that many
     requests are answered 503 (a passing overload); ``break_after``: a stream sends that many chunks
-    (1: its role chunk only), then the server closes the connection (no length, no ``[DONE]``)."""
+    (1: its role chunk only), then the server closes the connection (no length, no ``[DONE]``);
+    ``filtered``: a stream's answer is withheld, its role chunk followed by ``finish_reason``
+    ``content_filter`` (and the usage chunk when asked)."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -100,6 +103,9 @@ def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_l
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 chunks = list(_chunks(model, call, usage))
+                if filtered:  # the role chunk, a finish of the filter's own, the usage chunk if asked
+                    chunks = [chunks[0], {**chunks[0], "choices": [
+                        {"index": 0, "delta": {}, "finish_reason": "content_filter"}]}, *chunks[4:]]
                 if break_after is not None:
                     self.send_response(200)
                     self.send_header("content-type", "text/event-stream")

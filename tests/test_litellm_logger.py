@@ -419,7 +419,37 @@ def test_a_proxy_call_with_one_target_keeps_the_router_s_retries_and_is_one_row(
         assert float(logger.pipeline.store.get("fail:flaky") or 0) == 2  # each try counted, as the pipeline's
 
 
-@pytest.mark.parametrize("whose", ["router", "client", "client, with parameters"])
+def _proxy_with_router(monkeypatch, bases: dict[str, str], **settings: Any) -> litellm.Router:
+    """The proxy's router (seen by the hook as the running proxy's), one deployment per model_name of
+    ``bases`` (the first gpt-5-mini, the others gpt-4o-mini) served at its base URL; ``settings``: the
+    router's own (``fallbacks``, ``num_retries``)."""
+    import sys
+    import types
+
+    router = litellm.Router(model_list=[
+        {"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini" if i == 0 else "openai/gpt-4o-mini",
+                                                "api_base": base, "api_key": "x"}}
+        for i, (name, base) in enumerate(bases.items())], **settings)
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+    return router
+
+
+async def _hooked(logger: RouterLogger, router: litellm.Router, data: dict[str, Any],
+                  check: Callable[[dict[str, Any]], None] = lambda _: None) -> object:
+    """``data`` through the proxy's pre-call hook (what it hands the router ``check``-ed) and the router;
+    a stream read to its end; the logger flushed."""
+    changed = _proxy_request(await logger.async_pre_call_hook(None, None, {"litellm_call_id": "r1", **data},
+                                                             "acompletion"))
+    check(changed)
+    answer = await router.acompletion(**changed)
+    if data.get("stream"):
+        async for _ in answer:
+            pass
+    await logger.aflush()
+    return answer
+
+
+@pytest.mark.parametrize("whose", ["router", "router, with parameters", "client", "client, with parameters"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("asked", ["coder", "flaky"], ids=["alias", "proxy-name"])
 def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_one_row(tmp_path, monkeypatch, asked,
@@ -429,49 +459,85 @@ def test_a_proxy_call_the_plan_gives_no_fallback_keeps_the_router_s_own_and_is_o
     request's ``fallbacks``): with that target down the client got a 503 the proxy alone answers with
     its fallback. The router keeps them now, and the call follows them as one call: one row, its
     answer's, the failed target counted."""
-    import sys
-    import types
-
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
-        router = litellm.Router(model_list=[
-            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}},
-            {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}},
-        ], fallbacks=[{"flaky": ["healthy"]}] if whose == "router" else [])
-        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "healthy": up}, fallbacks=[] if whose.startswith(
+            "client") else [{"flaky": ["healthy"] if whose == "router" else [{"model": "healthy", "temperature": 0.2}]}])
         logger = _proxy_logger(tmp_path, ["flaky"])
+        data: dict[str, Any] = {"model": asked, "messages": [{"role": "user", "content": "task r1"}], "stream": stream}
+        if whose.startswith("client"):  # a fallback with parameters of its own is handed on as it came
+            data["fallbacks"] = ["healthy"] if whose == "client" else [{"model": "healthy", "temperature": 0.2}]
         try:
-            async def call() -> object:
-                data = {"model": asked, "messages": [{"role": "user", "content": "task r1"}],
-                        "litellm_call_id": "r1", "stream": stream}
-                if whose != "router":  # a fallback with parameters of its own is handed on as it came
-                    data["fallbacks"] = ["healthy"] if whose == "client" else [{"model": "healthy", "temperature": 0.2}]
-                changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-                response = await router.acompletion(**changed)
-                if stream:
-                    async for _ in response:
-                        pass
-                await logger.aflush()
-                return response
-            answer = asyncio.run(call())
+            answer = asyncio.run(_hooked(logger, router, data))
             rows = _ledger(logger, ("error", "requested_model", "deployment", "decisions", "cost_usd"))
         finally:
             logger.unregister()
     assert dead_seen and len(seen) == 1 and answer is not None
-    assert seen[0].get("temperature") == (0.2 if whose == "client, with parameters" else None)
+    assert seen[0].get("temperature") == (0.2 if whose.endswith("with parameters") else None)
     assert [(r["error"], r["requested_model"], r["deployment"]) for r in rows] == [(None, asked, "healthy")]
     assert "routing:fallback" in rows[0]["decisions"] and rows[0]["cost_usd"] > 0
     assert float(logger.pipeline.store.get("fail:flaky") or 0) >= 1
 
 
-def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fallback_s_answer(tmp_path) -> None:
+def test_a_proxy_call_whose_router_has_fallbacks_keeps_the_router_s_retries_of_its_one_target(tmp_path,
+                                                                                             monkeypatch) -> None:
+    """review55: with the router's own fallbacks handed on, the hook took them for the plan's and set
+    ``num_retries`` 0, so a passing 503 went to the fallback (and failed the client where that was
+    down too) where the bare router retries its target and answers. The router's own fallbacks are a
+    last resort now: its target is retried as without the hook, and answers; nothing counted failing."""
+    from .scripted_upstream import scripted_upstream
+
+    def handed(changed: dict[str, Any]) -> None:
+        assert "num_retries" not in changed and changed["fallbacks"] == ["healthy"]
+
+    with scripted_upstream(fail_first=1) as (flaky, flaky_seen), scripted_upstream(status=503) as (down, down_seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": flaky, "healthy": down}, fallbacks=[{"flaky": ["healthy"]}],
+                                    num_retries=1)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        try:
+            answer = asyncio.run(_hooked(logger, router, {"model": "coder", "messages": [
+                {"role": "user", "content": "task r1"}]}, handed))
+            rows = _ledger(logger, ("error", "deployment"))
+        finally:
+            logger.unregister()
+    assert answer.choices[0].message.tool_calls and len(flaky_seen) == 2 and not down_seen
+    assert rows == [{"error": None, "deployment": "flaky"}]
+    assert logger.pipeline.store.get("fail:flaky") is None and logger.pipeline.store.get("fail:healthy") is None
+
+
+def test_a_router_fallback_named_like_a_routing_alias_is_handed_on_and_answers(tmp_path, monkeypatch) -> None:
+    """review55: a router fallback whose name is also a routing alias of the config (``coder``, a
+    model_name of the proxy too) was planned as the alias (routed back to the target that failed) and
+    the router's call to it refused: a 503 the bare proxy answers from ``coder``. Such a name is
+    handed to the router, not followed by the call, and answers."""
+    from .scripted_upstream import scripted_upstream
+
+    def handed(changed: dict[str, Any]) -> None:
+        assert changed["fallbacks"] == ["coder"]
+
+    with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "coder": up}, fallbacks=[{"flaky": ["coder"]}],
+                                    num_retries=0)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        try:
+            answer = asyncio.run(_hooked(logger, router, {"model": "flaky", "messages": [
+                {"role": "user", "content": "task r1"}]}, handed))
+        finally:
+            logger.unregister()
+    assert answer.choices[0].message.tool_calls and dead_seen and len(seen) == 1
+
+
+@pytest.mark.parametrize("filtered", [False, True], ids=["answers", "filters-no-usage-chunk"])
+def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fallback_s_answer(tmp_path,
+                                                                                              filtered) -> None:
     """trial54c: the first target's stream sent its role chunk and closed; litellm's router fell back
     mid-stream and the client was served the fallback's whole answer. The stream's wrapper keeps only
     the first target's chunks, so the served answer was read as a stream that said nothing: a failed
     row (``EmptyStreamError``, no cost) at the fallback, which was counted toward its cooldown. Now
     what was served decides: one complete row at the fallback, priced at its usage chunk, the first
-    target alone counted failing."""
+    target alone counted failing. So too for a fallback whose filter withheld the answer
+    (``content_filter``, no usage chunk asked: review55)."""
     from .scripted_upstream import USAGE, scripted_upstream
 
     logger = RouterLogger(Pipeline.from_config({
@@ -479,14 +545,14 @@ def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fal
                     "aliases": {"coder": ["cut", "healthy"]}},
         "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
     try:
-        with scripted_upstream(break_after=1) as (cut, cut_seen), scripted_upstream() as (up, up_seen):
+        with scripted_upstream(break_after=1) as (cut, cut_seen), scripted_upstream(filtered=filtered) as (up, up_seen):
             router = litellm.Router(model_list=[
                 {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
                 for name, base in (("cut", cut), ("healthy", up))])
 
             async def served() -> list[Any]:  # as the proxy serves a stream: its three hooks around the router
                 data = {"model": "coder", "messages": [{"role": "user", "content": "task m1"}], "litellm_call_id": "m1",
-                        "stream": True, "stream_options": {"include_usage": True}}
+                        "stream": True, **({} if filtered else {"stream_options": {"include_usage": True}})}
                 changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
                 stream = await router.acompletion(**changed)
                 await logger.async_post_call_response_headers_hook(changed, None, stream)
@@ -497,9 +563,15 @@ def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fal
             rows = _ledger(logger, ("error", "deployment", "ended", "input_tokens", "output_tokens", "cost_usd"))
     finally:
         logger.unregister()
-    assert len(cut_seen) == len(up_seen) == 1 and any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
-    assert [tuple(r.values())[:5] for r in rows] == [
-        (None, "healthy", "complete", USAGE["prompt_tokens"], USAGE["completion_tokens"])]
+    assert len(cut_seen) == len(up_seen) == 1
+    if filtered:
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+            ["content_filter"]
+        assert [tuple(r.values())[:3] for r in rows] == [(None, "healthy", "complete")]
+    else:
+        assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+        assert [tuple(r.values())[:5] for r in rows] == [
+            (None, "healthy", "complete", USAGE["prompt_tokens"], USAGE["completion_tokens"])]
     assert rows[0]["cost_usd"] > 0
     assert float(logger.pipeline.store.get("fail:cut") or 0) == 1 and logger.pipeline.store.get("fail:healthy") is None
 

@@ -325,6 +325,11 @@ class CallLifecycle:
                 self._stopped(exc)
             raise
 
+    @property
+    def routers_targets(self) -> frozenset[str]:
+        """The adapter's router's own fallbacks the call follows after its plan's targets."""
+        return self._own
+
     def _route(self, plan: Plan) -> list[str]:
         """The call's targets in order: the plan's (or those it follows), then the adapter's router's
         own fallbacks after its first target that they lack and the adapter can reach."""

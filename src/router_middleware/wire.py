@@ -253,17 +253,24 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
         return None
 
 
-def proxy_fallbacks(router: Any, group: str) -> tuple[str, ...]:
-    """The model groups the proxy's ``router`` falls back to on its own after ``group`` (its
-    ``router_settings`` ``fallbacks``, as litellm's router looks them up: the group's entry, else the
-    generic ``*``), or none (also when this litellm's router cannot be read)."""
+def proxy_fallbacks(router: Any, group: str) -> tuple[Any, ...]:
+    """What the proxy's ``router`` falls back to on its own after ``group`` (its ``router_settings``
+    ``fallbacks``, as litellm's router looks them up: the group's entry, else the generic ``*``), each
+    as configured: a model group's name, or a mapping naming it (``model``) with parameters of that
+    attempt's own; none when this litellm's router cannot be read."""
     try:
         from litellm.router_utils.fallback_event_handlers import get_fallback_model_group
 
         found, _ = get_fallback_model_group(fallbacks=router.settings().fallbacks or [], model_group=group)
-        return tuple(f for f in found or () if isinstance(f, str) and f != group)
+        return tuple(found or ())
     except Exception:  # noqa: BLE001 - another litellm's router: none are followed
         return ()
+
+
+def fallback_name(item: Any) -> str | None:
+    """The model group a fallback item names (a name, or a mapping's ``model``), or ``None``."""
+    name = item.get("model") if isinstance(item, Mapping) else item
+    return name if isinstance(name, str) and name else None
 
 
 _NO_CREDIT = re.compile(r"credit balance is too low", re.I)

@@ -21,7 +21,6 @@ from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, MessageError, NoRouteError, RequestError, StoreUnavailable
 from ..lifecycle import Attempt, CallLifecycle, Flow, last_resorts
-from ..routing.fallback import given_fallbacks
 from ..telemetry import log
 from ..types import Call
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
@@ -37,6 +36,7 @@ from .request import (
     _metadata,
     _nested,
     _ours,
+    _RoutersOwn,
     _sdk_fallbacks,
     _switch,
     _unrefusable,
@@ -134,30 +134,26 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         served = self._served(data)  # a target the proxy has no model for is skipped, never sent
         if served is not None:
             self._known_model(call.model, served)
-        # what the router falls back to without the hook, which the call follows after its plan's: the
-        # client's own fallbacks (a request's list replaces the router's), else the router's own
-        given, bare = given_fallbacks(data.get("fallbacks"), str(data["model"]))
-        router = wire.proxy_router()
-        own = (lambda _first: given) if given else \
-            None if router is None else functools.partial(wire.proxy_fallbacks, router)
-        lifecycle = engine.start(call, read=self._read, cache=False,
-                                 usable=None if served is None else served.__contains__,
+        # what the router falls back to without the hook: the call follows it after its plan's targets
+        own = _RoutersOwn(wire.proxy_router(), data.get("fallbacks"), engine.config.routing.aliases)
+        usable = (lambda _: True) if served is None else served.__contains__
+        lifecycle = engine.start(call, read=self._read, cache=False, usable=None if served is None else usable,
                                  unusable="not a model_name of the proxy's model_list", routers_own=own)
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)
         assert not done and isinstance(attempt, Attempt)  # without the response cache, a call is attempted
         # the router tries them in the lifecycle's order; one the proxy lacks is skipped there too
-        fallbacks = [t for t in attempt.remaining if served is None or t in served]
-        # the targets cooling down behind it are a last resort: the router first retries its target as
-        # it would without them (a passing 503 is retried, not sent to a target that may still be down)
-        retried = not [t for t in fallbacks if t not in last_resorts(attempt.plan)]
+        targets = [t for t in attempt.remaining if usable(t)]
+        # the targets cooling down behind it, and the router's own, are a last resort: the router first
+        # retries its target as it would without them (a passing 503 is retried, not sent to a target
+        # that may still be down)
+        retried = not [t for t in targets if t not in last_resorts(attempt.plan) and t not in lifecycle.routers_targets]
         self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=retried,
                                planned=frozenset((_target(attempt), *attempt.remaining))))
         changed = _switch(data, call.params, attempt.plan)
         changed["model"] = _target(attempt)
         changed.update(wire.proxy_stream_usage({**data, **changed}))  # as the proxy does for its model names
-        if bare or not given:  # else the client's own carry parameters of their own: the router follows them
-            changed["fallbacks"] = fallbacks
+        changed["fallbacks"] = own.sent(targets, usable)
         if not retried:  # else the router retries its target as it would without the hook
             changed["num_retries"] = engine.config.routing.fallback.attempts_per_model - 1
         return changed

@@ -283,6 +283,42 @@ def as_sent_view(data: Mapping[str, Any], endpoint: str) -> tuple[list[Message],
     return messages or [{"role": "user", "content": ""}], params
 
 
+class _RoutersOwn:
+    """What the proxy's router falls back to after a call's first target without the hook: the
+    client's own ``fallbacks`` (a request's list replaces the router's), else the router's
+    ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
+    lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
+    router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A name of a
+    routing alias is handed on, not followed: the lifecycle would route it elsewhere."""
+
+    def __init__(self, router: Any, given: Any, aliases: Mapping[str, Any]) -> None:
+        self.router = router
+        self.given = given if isinstance(given, list | tuple) and given else None
+        self.aliases = aliases
+        self.items: dict[str, Any] = {}  # name -> the item as configured, for the names followed
+        self.left: list[Any] = []  # items handed to the router, not followed
+
+    def __call__(self, first: str) -> tuple[str, ...]:
+        chain = self.given if self.given is not None else \
+            wire.proxy_fallbacks(self.router, first) if self.router is not None else ()
+        self.items, self.left = {}, []
+        for item in chain:
+            name = wire.fallback_name(item)
+            if name is None or name == first or name in self.items:
+                continue
+            if name in self.aliases:
+                self.left.append(item)
+            else:
+                self.items[name] = item
+        return tuple(self.items)
+
+    def sent(self, targets: Sequence[str], usable: Callable[[str], bool]) -> list[Any]:
+        """The fallbacks to hand the router: ``targets`` (the call's after its first, each as
+        configured where it is one of these), then the items left to the router, those it can reach."""
+        return [*(self.items.get(t, t) for t in targets),
+                *(i for i in self.left if usable(wire.fallback_name(i) or ""))]
+
+
 def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
     """The models ``litellm.acompletion`` tries after the one it was called with
     (:func:`~..routing.fallback.given_fallbacks`). (litellm's global ``model_fallbacks`` recurses in
