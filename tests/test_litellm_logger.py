@@ -528,6 +528,104 @@ def test_a_router_fallback_named_like_a_routing_alias_is_handed_on_and_answers(t
     assert answer.choices[0].message.tool_calls and dead_seen and len(seen) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_router_s_retries(tmp_path, monkeypatch,
+                                                                                             stream) -> None:
+    """review55b: the router's own fallback the budget cannot hold was refused at the router's first
+    try of it only; the router, keeping its retries, tried it again and the hook let it through: gpt-4
+    answered and the budget counter reached $0.099 of $0.01. The refusal now holds until the call ends:
+    the client gets the first target's error, the fallback is never sent, nothing is charged."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "pricey": up}, fallbacks=[{"flaky": ["pricey"]}],
+                                    num_retries=2)
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-4o-mini"}, "pricey": {"model": "openai/gpt-4"}},
+                        "aliases": {"coder": ["flaky"]}, "fallback": {"backoff_s": 0, "max_backoff_s": 0},
+                        "budgets": [{"name": "daily", "usd": 0.01, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            async def call() -> object:
+                try:
+                    return await _hooked(logger, router, {"model": "coder", "stream": stream, "messages": [
+                        {"role": "user", "content": "task r1 " + "word " * 300}]})
+                except Exception as exc:  # as the proxy does: its failure hook, then the client's error
+                    await logger.async_post_call_failure_hook({"litellm_call_id": "r1"}, exc, None)
+                    return exc
+            answer = asyncio.run(call())
+            rows = _ledger(logger, ("error", "deployment", "cost_usd"))
+            spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
+        finally:
+            logger.unregister()
+    assert isinstance(answer, litellm.ServiceUnavailableError) and not seen
+    assert rows == [{"error": "ServiceUnavailableError", "deployment": "flaky", "cost_usd": None}] and spent == 0
+
+
+@pytest.mark.parametrize("given", [[{"flaky": ["healthy"]}], "same model, own endpoint", []],
+                         ids=["group-keyed", "same-model-own-endpoint", "none"])
+def test_a_client_s_fallbacks_the_call_cannot_follow_are_handed_on_as_they_came(tmp_path, monkeypatch,
+                                                                               given) -> None:
+    """review55b: a client's ``fallbacks`` the call cannot follow by name (a list keyed by model group;
+    the requested model itself with an endpoint of its own) were dropped, a 503 the bare proxy answers
+    from them; and an empty list, which turns the router's own off, was taken for none given. Each is
+    handed to the router as it came, and answers (the empty list: fails) as without the hook."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
+        fallbacks = [{"model": "flaky", "api_base": up}] if given == "same model, own endpoint" else given
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "healthy": up}, fallbacks=[{"flaky": ["healthy"]}],
+                                    num_retries=0)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        try:
+            async def call() -> object:
+                try:
+                    return await _hooked(logger, router, {"model": "flaky", "fallbacks": fallbacks, "messages": [
+                        {"role": "user", "content": "task r1"}]}, lambda c: None if c["fallbacks"] == fallbacks
+                                         else pytest.fail(f"handed {c['fallbacks']}"))
+                except litellm.ServiceUnavailableError as exc:
+                    return exc
+            answer = asyncio.run(call())
+        finally:
+            logger.unregister()
+    if given == []:
+        assert isinstance(answer, litellm.ServiceUnavailableError) and not seen
+    else:
+        assert answer.choices[0].message.tool_calls and len(seen) == 1
+
+
+async def _served_stream(logger: RouterLogger, router: litellm.Router, data: dict[str, Any]) -> list[Any]:
+    """A stream as the proxy serves it: its pre-call, response-headers and streaming-iterator hooks
+    around the router; the chunks served; the logger flushed."""
+    changed = _proxy_request(await logger.async_pre_call_hook(None, None, {**data, "stream": True}, "acompletion"))
+    stream = await router.acompletion(**changed)
+    await logger.async_post_call_response_headers_hook(changed, None, stream)
+    chunks = [c async for c in logger.async_post_call_streaming_iterator_hook(None, stream, changed)]
+    await logger.aflush()
+    return chunks
+
+
+def test_a_proxy_stream_whose_filter_withheld_the_answer_is_a_complete_row(tmp_path) -> None:
+    """review55b: a stream that ends ``content_filter`` with no content and no usage chunk was taken
+    for one whose provider sent nothing (``EmptyStreamError``, counted toward the target's cooldown):
+    a finish reason of the provider's own is an answer."""
+    from .scripted_upstream import scripted_upstream
+
+    logger = _one_target_logger(tmp_path, "filtered")
+    try:
+        with scripted_upstream(filtered=True) as (base, seen):
+            router = litellm.Router(model_list=[{"model_name": "filtered", "litellm_params": {
+                "model": "openai/gpt-3.5-turbo", "api_base": base, "api_key": "x"}}])
+            chunks = asyncio.run(_served_stream(logger, router, {
+                "model": "coder", "messages": [{"role": "user", "content": "task f1"}], "litellm_call_id": "f1"}))
+            rows = _ledger(logger, ("error", "ended"))
+    finally:
+        logger.unregister()
+    assert len(seen) == 1 and [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] \
+        == ["content_filter"]
+    assert rows == [{"error": None, "ended": "complete"}] and logger.pipeline.store.get("fail:filtered") is None
+
+
 @pytest.mark.parametrize("filtered", [False, True], ids=["answers", "filters-no-usage-chunk"])
 def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fallback_s_answer(tmp_path,
                                                                                               filtered) -> None:
@@ -549,17 +647,9 @@ def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fal
             router = litellm.Router(model_list=[
                 {"model_name": name, "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key": "x"}}
                 for name, base in (("cut", cut), ("healthy", up))])
-
-            async def served() -> list[Any]:  # as the proxy serves a stream: its three hooks around the router
-                data = {"model": "coder", "messages": [{"role": "user", "content": "task m1"}], "litellm_call_id": "m1",
-                        "stream": True, **({} if filtered else {"stream_options": {"include_usage": True}})}
-                changed = _proxy_request(await logger.async_pre_call_hook(None, None, data, "acompletion"))
-                stream = await router.acompletion(**changed)
-                await logger.async_post_call_response_headers_hook(changed, None, stream)
-                chunks = [c async for c in logger.async_post_call_streaming_iterator_hook(None, stream, changed)]
-                await logger.aflush()
-                return chunks
-            chunks = asyncio.run(served())
+            chunks = asyncio.run(_served_stream(logger, router, {
+                "model": "coder", "messages": [{"role": "user", "content": "task m1"}], "litellm_call_id": "m1",
+                **({} if filtered else {"stream_options": {"include_usage": True}})}))
             rows = _ledger(logger, ("error", "deployment", "ended", "input_tokens", "output_tokens", "cost_usd"))
     finally:
         logger.unregister()

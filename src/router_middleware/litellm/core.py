@@ -156,7 +156,7 @@ class _Core(CustomLogger):
             await self._resume(events, None, moved)
             with self._lock:
                 current = self._calls.get(self._key(events))
-                refused = self._refusing.pop(self._key(events), None)
+                refused = self._refusing.get(self._key(events))  # kept: the router may retry it
             if refused is not None:  # the lifecycle refused this very target: the router must not call it
                 raise refused
             if current is None:

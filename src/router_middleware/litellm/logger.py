@@ -135,7 +135,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         if served is not None:
             self._known_model(call.model, served)
         # what the router falls back to without the hook: the call follows it after its plan's targets
-        own = _RoutersOwn(wire.proxy_router(), data.get("fallbacks"), engine.config.routing.aliases)
+        own = _RoutersOwn(wire.proxy_router(), data.get("fallbacks", _RoutersOwn.ROUTERS),
+                          engine.config.routing.aliases)
         usable = (lambda _: True) if served is None else served.__contains__
         lifecycle = engine.start(call, read=self._read, cache=False, usable=None if served is None else usable,
                                  unusable="not a model_name of the proxy's model_list", routers_own=own)
@@ -263,7 +264,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         with self._lock:
             key = self._key(kwargs)
             found = self._calls.get(key)
-            refused = self._refusing.pop(key, None)
+            refused = self._refusing.get(key)  # kept until the call ends: the router may retry the target
             if refused is not None:  # the lifecycle refused the fallback the router is about to call
                 raise refused  # (a quota used up, a budget): not sent, as Pipeline.completion would not send it
             if self._ended.get(key):  # a proxy call whose lifecycle has ended

@@ -183,11 +183,9 @@ class _ProxyHooks(_Core):
                 return
             chunks = wire.served_chunks(found.stream) if streamed else None
             stream = found.stream
-            fell_back = chunks is not None and served is not None and wire.fell_back_mid_stream(stream)
-            if fell_back:  # out of the fallback wrapper's sight, a finish of its own (a filter's) is an answer
+            if chunks is not None and served is not None and wire.fell_back_mid_stream(stream):
                 chunks, stream = served, None
-            if chunks is not None and wire.said_nothing(chunks, stream) and not (
-                    fell_back and any(r != "stop" for r in stream_finish_reasons(chunks))):
+            if chunks is not None and wire.said_nothing(chunks, stream):
                 self._said_nothing(data, found)
                 return
             if streamed and (chunks is None or getattr(response, "usage", None) is None

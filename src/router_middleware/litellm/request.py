@@ -289,11 +289,16 @@ class _RoutersOwn:
     ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
     lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
     router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A name of a
-    routing alias is handed on, not followed: the lifecycle would route it elsewhere."""
+    routing alias is handed on, not followed: the lifecycle would route it elsewhere; so is an item
+    naming no model group (a group-keyed entry) or the first target itself (with parameters of its
+    own). ``given``: the request's ``fallbacks`` (any value, ``None`` included, replaces the router's,
+    as litellm's router takes it), or :data:`ROUTERS` where the request has none."""
+
+    ROUTERS: Any = object()  # the request gives no fallbacks of its own
 
     def __init__(self, router: Any, given: Any, aliases: Mapping[str, Any]) -> None:
         self.router = router
-        self.given = given if isinstance(given, list | tuple) and given else None
+        self.given = None if given is _RoutersOwn.ROUTERS else list(given) if isinstance(given, list | tuple) else []
         self.aliases = aliases
         self.items: dict[str, Any] = {}  # name -> the item as configured, for the names followed
         self.left: list[Any] = []  # items handed to the router, not followed
@@ -304,9 +309,9 @@ class _RoutersOwn:
         self.items, self.left = {}, []
         for item in chain:
             name = wire.fallback_name(item)
-            if name is None or name == first or name in self.items:
+            if name is not None and name in self.items:
                 continue
-            if name in self.aliases:
+            if name is None or name == first or name in self.aliases:
                 self.left.append(item)
             else:
                 self.items[name] = item
@@ -316,7 +321,7 @@ class _RoutersOwn:
         """The fallbacks to hand the router: ``targets`` (the call's after its first, each as
         configured where it is one of these), then the items left to the router, those it can reach."""
         return [*(self.items.get(t, t) for t in targets),
-                *(i for i in self.left if usable(wire.fallback_name(i) or ""))]
+                *(i for i in self.left if (name := wire.fallback_name(i)) is None or usable(name))]
 
 
 def _sdk_fallbacks(kwargs: Mapping[str, Any]) -> tuple[str, ...]:
