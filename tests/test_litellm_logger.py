@@ -528,18 +528,22 @@ def test_a_router_fallback_named_like_a_routing_alias_is_handed_on_and_answers(t
     assert answer.choices[0].message.tool_calls and dead_seen and len(seen) == 1
 
 
+@pytest.mark.parametrize("then", ["nothing", "a fallback handed on"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_router_s_retries(tmp_path, monkeypatch,
-                                                                                             stream) -> None:
+                                                                                             stream, then) -> None:
     """review55b: the router's own fallback the budget cannot hold was refused at the router's first
     try of it only; the router, keeping its retries, tried it again and the hook let it through: gpt-4
     answered and the budget counter reached $0.099 of $0.01. The refusal now holds until the call ends:
-    the client gets the first target's error, the fallback is never sent, nothing is charged."""
+    the client gets the first target's error, the fallback is never sent, nothing is charged. A
+    fallback after it the call does not follow (``coder``, named like a routing alias: handed on as
+    it came) is not refused with it (review55c), and answers."""
     from .scripted_upstream import scripted_upstream
 
-    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
-        router = _proxy_with_router(monkeypatch, {"flaky": dead, "pricey": up}, fallbacks=[{"flaky": ["pricey"]}],
-                                    num_retries=2)
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen), \
+            scripted_upstream() as (cheap, cheap_seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "pricey": up, "coder": cheap}, num_retries=2,
+                                    fallbacks=[{"flaky": ["pricey"] if then == "nothing" else ["pricey", "coder"]}])
         logger = RouterLogger(Pipeline.from_config({
             "routing": {"deployments": {"flaky": {"model": "openai/gpt-4o-mini"}, "pricey": {"model": "openai/gpt-4"}},
                         "aliases": {"coder": ["flaky"]}, "fallback": {"backoff_s": 0, "max_backoff_s": 0},
@@ -548,7 +552,7 @@ def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_route
         try:
             async def call() -> object:
                 try:
-                    return await _hooked(logger, router, {"model": "coder", "stream": stream, "messages": [
+                    return await _hooked(logger, router, {"model": "flaky", "stream": stream, "messages": [
                         {"role": "user", "content": "task r1 " + "word " * 300}]})
                 except Exception as exc:  # as the proxy does: its failure hook, then the client's error
                     await logger.async_post_call_failure_hook({"litellm_call_id": "r1"}, exc, None)
@@ -558,8 +562,38 @@ def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_route
             spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
         finally:
             logger.unregister()
-    assert isinstance(answer, litellm.ServiceUnavailableError) and not seen
-    assert rows == [{"error": "ServiceUnavailableError", "deployment": "flaky", "cost_usd": None}] and spent == 0
+    assert not seen and rows[0] == {"error": "ServiceUnavailableError", "deployment": "flaky", "cost_usd": None}
+    if then == "nothing":
+        assert isinstance(answer, litellm.ServiceUnavailableError) and len(rows) == 1 and spent == 0
+    else:  # its own row, charged once it answered
+        assert not isinstance(answer, Exception) and len(cheap_seen) == 1 and len(rows) == 2 and 0 < spent < 0.01
+
+
+def test_a_refusal_left_by_a_proxy_call_that_never_ended_refuses_no_later_call_under_its_id(tmp_path,
+                                                                                           monkeypatch) -> None:
+    """review55c: a refusal kept for a proxy call whose failure hook never ran (its client left while
+    the router was between tries) refused an SDK call that reused the call id. It covers only the
+    targets the refused call followed, and a new proxy request under the id drops it."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "pricey": up}, fallbacks=[{"flaky": ["pricey"]}],
+                                    num_retries=0)
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-4o-mini"}, "pricey": {"model": "openai/gpt-4"}},
+                        "aliases": {"coder": ["flaky"]}, "budgets": [{"name": "daily", "usd": 0.01, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            async def calls() -> object:
+                with pytest.raises(litellm.ServiceUnavailableError):  # no failure hook: the client left
+                    await _hooked(logger, router, {"model": "flaky", "messages": [
+                        {"role": "user", "content": "task r1 " + "word " * 300}]})
+                return await litellm.acompletion(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                                 mock_response="ok", litellm_call_id="r1")
+            answer = asyncio.run(calls())
+        finally:
+            logger.unregister()
+    assert answer.choices[0].message.content == "ok" and not seen
 
 
 @pytest.mark.parametrize("given", [[{"flaky": ["healthy"]}], "same model, own endpoint", []],

@@ -261,7 +261,8 @@ def proxy_fallbacks(router: Any, group: str) -> tuple[Any, ...]:
     ``fallbacks``, as litellm's router looks them up: the group's entry, else the generic ``*``), each
     as configured: a model group's name, or a mapping naming it (``model``) with parameters of that
     attempt's own; none when this litellm's router cannot be read. Kept per list and group (looking
-    one up takes litellm 0.01-0.2 ms); a list the router replaces is looked up anew."""
+    one up takes litellm 0.01-0.2 ms); a list the router replaces is looked up anew, one edited in place
+    is not (litellm's router and proxy replace it: ``update_settings``)."""
     try:
         configured = router.settings().fallbacks
         if not configured:

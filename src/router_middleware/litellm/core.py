@@ -48,7 +48,8 @@ class _Core(CustomLogger):
         self._broken: OrderedDict[str, None] = OrderedDict()  # watches of broken sync streams settled, by key
         self._ended: OrderedDict[str, bool] = OrderedDict()  # calls whose lifecycle has ended (True: the proxy's)
         self._answered: OrderedDict[str, None] = OrderedDict()  # proxy calls settled as served, their event to come
-        self._refusing: OrderedDict[str, Exception] = OrderedDict()  # proxy calls whose next attempt was refused
+        # proxy calls whose next attempt was refused: the targets the call followed, refused until it ends
+        self._refusing: OrderedDict[str, tuple[frozenset[str], Exception]] = OrderedDict()
         self._lock = threading.Lock()
         self._settling = 0  # sync streams whose watch ended and whose row is being written (_sync_ended)
         self._settled = threading.Condition(self._lock)  # notified as each of those is written
@@ -61,6 +62,14 @@ class _Core(CustomLogger):
         """The labels of the call ``kwargs`` asks for (:func:`._context`), a proxy key's as the config's
         ``proxy.key_labels`` says."""
         return _context(kwargs, derive=derive, key_labels=self.pipeline.config.proxy.key_labels)
+
+    def _refused(self, key: str, target: Any) -> Exception | None:
+        """The refusal of the proxy call ``key`` if it covers ``target``: one the call followed, which
+        stays refused through the router's retries until the call ends (the proxy's failure hook, or
+        the next request under its id)."""
+        with self._lock:
+            found = self._refusing.get(key)
+        return found[1] if found is not None and target in found[0] else None
 
     def _take_open(self, key: str, only: _Open | None = None) -> _Open | None:
         """Take a call's lifecycle out of the table while it steps, marking it ended (:meth:`_resume`
@@ -122,8 +131,8 @@ class _Core(CustomLogger):
             found.lifecycle.abandon(exc)  # does nothing once the lifecycle recorded the call
             done, value = True, None
             if found.proxy and isinstance(exc, NoRouteError | BudgetExceeded):  # its next target refused:
-                with self._lock:  # the router, holding it as a fallback, must not call it (the deployment hook)
-                    self._refusing[key] = exc
+                with self._lock:  # the router, holding it as a fallback, must not call it (the deployment hook),
+                    self._refusing[key] = (found.planned, exc)  # nor retry it; one handed on unfollowed goes
                     _overflow(self._refusing)
         except BaseException as exc:  # cancelled: end the call, release what it holds
             found.end(exc)
@@ -156,7 +165,7 @@ class _Core(CustomLogger):
             await self._resume(events, None, moved)
             with self._lock:
                 current = self._calls.get(self._key(events))
-                refused = self._refusing.get(self._key(events))  # kept: the router may retry it
+            refused = self._refused(self._key(events), at)
             if refused is not None:  # the lifecycle refused this very target: the router must not call it
                 raise refused
             if current is None:

@@ -118,6 +118,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         ``RequestError``, which the proxy returns to the client. An Anthropic ``/v1/messages`` or
         OpenAI ``/v1/responses`` request is sent as it came, admitted against quotas and budgets first
         (:meth:`._ProxyHooks._admit_as_sent`)."""
+        with self._lock:  # a refusal left by an earlier request under the same call id
+            self._refusing.pop(self._key(data), None)
         endpoint = _as_sent(data, call_type)
         if endpoint is not None:
             await self._admit_as_sent(data, endpoint)
@@ -126,8 +128,6 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
             return None
         self.hook_calls += 1
         engine = self.pipeline
-        with self._lock:  # a refusal left by an earlier request under the same call id
-            self._refusing.pop(self._key(data), None)
         params = {k: v for k, v in data.items() if k in _REQUEST_KEYS}
         call = _labelled(lambda labels: engine.make_call(str(data["model"]), data["messages"], labels, params),
                          self._labels(data, derive=self.proxy))  # litellm's metadata is free-form
@@ -261,12 +261,12 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         endpoint = _as_sent(kwargs, call_type, _SDK_AS_SENT)
         if endpoint is None and not _is_chat(kwargs, call_type):
             return None
+        key = self._key(kwargs)
+        refused = self._refused(key, _metadata(kwargs).get("model_group"))
+        if refused is not None:  # the lifecycle refused the fallback the router is about to call
+            raise refused  # (a quota used up, a budget): not sent, as Pipeline.completion would not send it
         with self._lock:
-            key = self._key(kwargs)
             found = self._calls.get(key)
-            refused = self._refusing.get(key)  # kept until the call ends: the router may retry the target
-            if refused is not None:  # the lifecycle refused the fallback the router is about to call
-                raise refused  # (a quota used up, a budget): not sent, as Pipeline.completion would not send it
             if self._ended.get(key):  # a proxy call whose lifecycle has ended
                 return None
         if found is not None:  # an attempt of a call in flight (or the chat call litellm makes of a
