@@ -138,7 +138,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         own = _RoutersOwn(wire.proxy_router(), data.get("fallbacks", _RoutersOwn.ROUTERS),
                           engine.config.routing.aliases)
         usable = (lambda _: True) if served is None else served.__contains__
-        lifecycle = engine.start(call, read=self._read, cache=False, usable=None if served is None else usable,
+        lifecycle = engine.start(call, read=self._read, cache=False, usable=usable,
                                  unusable="not a model_name of the proxy's model_list", routers_own=own)
         flow = lifecycle.run()
         done, attempt = await astep(flow, None, None, wait=False, off_loop=engine.store_blocks)

@@ -183,7 +183,7 @@ class _ProxyHooks(_Core):
                 return
             chunks = wire.served_chunks(found.stream) if streamed else None
             stream = found.stream
-            if chunks is not None and served is not None and wire.fell_back_mid_stream(stream):
+            if chunks is not None and wire.fell_back_mid_stream(stream):  # a stream: ``served`` was given
                 chunks, stream = served, None
             if chunks is not None and wire.said_nothing(chunks, stream):
                 self._said_nothing(data, found)
