@@ -61,14 +61,15 @@ def _chunks(model: str, call: dict[str, Any], usage: bool) -> Iterator[dict[str,
 def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_lines: int = 0,
                       status: int = 200, delay_s: float = 0.0,
                       fail_first: int = 0, break_after: int | None = None,
-                      filtered: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+                      filtered: bool = False, overflow: bool = False) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """``steps`` commands before the run ends, each printing ``output_lines`` lines; ``status`` other
     than 200: every request is answered with that error (an overloaded or dead deployment);
     ``delay_s``: each answer starts that late (a slow model); ``fail_first``: the first that many
     requests are answered 503 (a passing overload); ``break_after``: a stream sends that many chunks
     (1: its role chunk only), then the server closes the connection (no length, no ``[DONE]``);
     ``filtered``: a stream's answer is withheld, its role chunk followed by ``finish_reason``
-    ``content_filter`` (and the usage chunk when asked)."""
+    ``content_filter`` (and the usage chunk when asked); ``overflow``: every request is answered 400
+    ``context_length_exceeded``, as OpenAI refuses a prompt over the model's window."""
     seen: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -95,6 +96,12 @@ def scripted_upstream(model: str = "scripted-coder", *, steps: int = 1, output_l
                 seen.append(body)
                 passing = len(seen) <= fail_first
             time.sleep(delay_s)
+            if overflow:
+                error = {"error": {"message": "This model's maximum context length is 8192 tokens. However, your "
+                                   "messages resulted in 9000 tokens.", "type": "invalid_request_error",
+                                   "param": "messages", "code": "context_length_exceeded"}}
+                self._send(400, json.dumps(error).encode(), "application/json")
+                return
             if status != 200 or passing:
                 error = {"error": {"message": "the deployment is overloaded", "type": "server_error"}}
                 self._send(503 if passing else status, json.dumps(error).encode(), "application/json")

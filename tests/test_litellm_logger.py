@@ -506,29 +506,59 @@ def test_a_proxy_call_whose_router_has_fallbacks_keeps_the_router_s_retries_of_i
     assert logger.pipeline.store.get("fail:flaky") is None and logger.pipeline.store.get("fail:healthy") is None
 
 
-def test_a_router_fallback_named_like_a_routing_alias_is_handed_on_and_answers(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("usd", [1.0, 0.01], ids=["fits", "over-budget"])
+def test_a_router_fallback_named_like_a_routing_alias_is_the_proxy_s_model_of_that_name(tmp_path, monkeypatch,
+                                                                                      usd) -> None:
     """review55: a router fallback whose name is also a routing alias of the config (``coder``, a
     model_name of the proxy too) was planned as the alias (routed back to the target that failed) and
-    the router's call to it refused: a 503 the bare proxy answers from ``coder``. Such a name is
-    handed to the router, not followed by the call, and answers."""
+    the router's call to it refused: a 503 the bare proxy answers from ``coder``. Then (review55b #3) it
+    was handed on unfollowed: its own row, sent whatever the budgets said ($0.099 charged against a
+    $0.01 budget). The call now follows it as the proxy's model of that name (gpt-4 here): one row
+    priced as gpt-4, and a budget that cannot hold it refuses it (the first target's error, nothing
+    sent, nothing charged)."""
+    import sys
+    import types
+
     from .scripted_upstream import scripted_upstream
 
     def handed(changed: dict[str, Any]) -> None:
         assert changed["fallbacks"] == ["coder"]
 
     with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
-        router = _proxy_with_router(monkeypatch, {"flaky": dead, "coder": up}, fallbacks=[{"flaky": ["coder"]}],
-                                    num_retries=0)
-        logger = _proxy_logger(tmp_path, ["flaky"])
+        router = litellm.Router(model_list=[
+            {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": dead, "api_key": "x"}},
+            {"model_name": "coder", "litellm_params": {"model": "openai/gpt-4", "api_base": up, "api_key": "x"}}],
+            fallbacks=[{"flaky": ["coder"]}], num_retries=0)
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-4o-mini"}}, "aliases": {"coder": ["flaky"]},
+                        "budgets": [{"name": "daily", "usd": usd, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
         try:
-            answer = asyncio.run(_hooked(logger, router, {"model": "flaky", "messages": [
-                {"role": "user", "content": "task r1"}]}, handed))
+            async def call() -> object:
+                try:
+                    return await _hooked(logger, router, {"model": "flaky", "messages": [
+                        {"role": "user", "content": "task r1 " + "word " * 300}]}, handed)
+                except Exception as exc:  # as the proxy does: its failure hook, then the client's error
+                    await logger.async_post_call_failure_hook({"litellm_call_id": "r1"}, exc, None)
+                    return exc
+            answer = asyncio.run(call())
+            rows = _ledger(logger, ("error", "deployment", "target", "cost_usd"))
+            spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
         finally:
             logger.unregister()
-    assert answer.choices[0].message.tool_calls and dead_seen and len(seen) == 1
+    assert dead_seen
+    if usd == 1.0:
+        assert not isinstance(answer, Exception) and answer.choices[0].message.tool_calls and len(seen) == 1
+        assert rows == [{"error": None, "deployment": "coder", "target": "openai/gpt-4", "cost_usd": pytest.approx(spent)}]
+        assert spent > 0.01  # priced as gpt-4, not as the alias's gpt-4o-mini
+    else:
+        assert isinstance(answer, litellm.ServiceUnavailableError) and not seen and spent == 0
+        assert rows == [{"error": "ServiceUnavailableError", "deployment": "flaky", "target": "openai/gpt-4o-mini",
+                         "cost_usd": None}]
 
 
-@pytest.mark.parametrize("then", ["nothing", "a fallback handed on"])
+@pytest.mark.parametrize("then", ["nothing", "a cheaper fallback"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_router_s_retries(tmp_path, monkeypatch,
                                                                                              stream, then) -> None:
@@ -536,8 +566,8 @@ def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_route
     try of it only; the router, keeping its retries, tried it again and the hook let it through: gpt-4
     answered and the budget counter reached $0.099 of $0.01. The refusal now holds until the call ends:
     the client gets the first target's error, the fallback is never sent, nothing is charged. A
-    fallback after it the call does not follow (``coder``, named like a routing alias: handed on as
-    it came) is not refused with it (review55c), and answers."""
+    fallback after it (``coder``, the proxy's gpt-4o-mini, named like a routing alias too) is not
+    refused with it (review55c), and answers: the call's one row."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen), \
@@ -562,11 +592,77 @@ def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_route
             spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
         finally:
             logger.unregister()
-    assert not seen and rows[0] == {"error": "ServiceUnavailableError", "deployment": "flaky", "cost_usd": None}
+    assert not seen
     if then == "nothing":
-        assert isinstance(answer, litellm.ServiceUnavailableError) and len(rows) == 1 and spent == 0
-    else:  # its own row, charged once it answered
-        assert not isinstance(answer, Exception) and len(cheap_seen) == 1 and len(rows) == 2 and 0 < spent < 0.01
+        assert isinstance(answer, litellm.ServiceUnavailableError) and spent == 0
+        assert rows == [{"error": "ServiceUnavailableError", "deployment": "flaky", "cost_usd": None}]
+    else:
+        assert not isinstance(answer, Exception) and len(cheap_seen) == 1 and 0 < spent < 0.01
+        assert rows == [{"error": None, "deployment": "coder", "cost_usd": pytest.approx(spent)}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_target_a_budget_passes_over_in_the_middle_of_an_alias_is_refused_and_the_next_answers(
+        tmp_path, monkeypatch, stream) -> None:
+    """An alias [flaky, pricey, healthy] behind the proxy, flaky down and a budget that cannot hold
+    pricey (gpt-4): the lifecycle moves past pricey to healthy while the router calls its fallbacks in
+    order. Its attempt at pricey is refused, and healthy answers: one row, nothing sent to pricey. (The
+    same with the router's own fallbacks, which the lifecycle had walked past healthy too, is
+    ``test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_router_s_retries``; this
+    one passed before that fix as well, and keeps the plan's own targets as they were.)"""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen), \
+            scripted_upstream() as (cheap, cheap_seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "pricey": up, "healthy": cheap}, num_retries=0)
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"flaky": {"model": "openai/gpt-4o-mini"}, "pricey": {"model": "openai/gpt-4"},
+                                        "healthy": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"coder": ["flaky", "pricey", "healthy"]},
+                        "fallback": {"backoff_s": 0, "max_backoff_s": 0},
+                        "budgets": [{"name": "daily", "usd": 0.01, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            answer = asyncio.run(_hooked(logger, router, {"model": "coder", "stream": stream, "messages": [
+                {"role": "user", "content": "task r1 " + "word " * 300}]}))
+            rows = _ledger(logger, ("error", "deployment"))
+        finally:
+            logger.unregister()
+    assert not isinstance(answer, Exception) and not seen and len(cheap_seen) == 1
+    assert rows == [{"error": None, "deployment": "healthy"}]
+
+
+@pytest.mark.parametrize("whose", ["alias", "router"])
+def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_attempt(tmp_path, monkeypatch,
+                                                                                       whose) -> None:
+    """review55 #5: after ``small`` refused the prompt as over its window, the call passed over
+    ``big`` (the catalog gives it no larger window) and ended failed, while the router called ``big``
+    all the same, which answered: a failed row, then an unplanned row of its own (sent before any
+    budget check). The call follows the router there now: one row, ``big``'s answer; ``small`` is
+    not counted toward a cooldown (the prompt's fault). ``whose``: ``big`` is the alias's next target
+    (the case that failed) or the router's own fallback (followed as the router moved on: one row
+    before the fix too)."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(overflow=True) as (small, small_seen), scripted_upstream() as (big, big_seen):
+        router = _proxy_with_router(monkeypatch, {"small": small, "big": big}, num_retries=0,
+                                    **({"fallbacks": [{"small": ["big"]}]} if whose == "router" else {}))
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"small": {"model": "openai/gpt-4o-mini"}, "big": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"coder": ["small", "big"] if whose == "alias" else ["small"]},
+                        "budgets": [{"name": "daily", "usd": 1.0, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            answer = asyncio.run(_hooked(logger, router, {"model": "coder", "messages": [
+                {"role": "user", "content": "task r1"}]}))
+            rows = _ledger(logger, ("error", "requested_model", "deployment", "cost_usd"))
+            spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
+            cooled = logger.pipeline.store.get("fail:small")
+        finally:
+            logger.unregister()
+    assert not isinstance(answer, Exception) and len(small_seen) == 1 and len(big_seen) == 1
+    assert rows == [{"error": None, "requested_model": "coder", "deployment": "big", "cost_usd": pytest.approx(spent)}]
+    assert spent > 0 and cooled is None
 
 
 def test_a_refusal_left_by_a_proxy_call_that_never_ended_refuses_no_later_call_under_its_id(tmp_path,

@@ -99,6 +99,7 @@ class Engine:
         self._sent_lock = threading.Lock()
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
+        self.shadowed: dict[str, str] = {}  # a name the adapter serves that is also an alias -> its model (serve)
 
     def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
@@ -110,9 +111,11 @@ class Engine:
         deployment's own, and added to those told before), which decides whether a call there gets a
         ``prompt_cache_key``."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
-        self.state.served = {
-            name: model for name, model in models.items()
-            if name not in routes and name != model and (known(model) is not None or known(name) is None)}
+        judged = {name: model for name, model in models.items()
+                  if name != model and (known(model) is not None or known(name) is None)}
+        self.state.served = {name: model for name, model in judged.items() if name not in routes}
+        deployments = self.config.routing.deployments
+        self.shadowed = {name: model for name, model in judged.items() if name in routes and name not in deployments}
         self.books.served = self.state.served
         if endpoints:  # in place: the telemetry settings share the map (spans' ``server.address``)
             self.state.endpoints.update(endpoints)
@@ -143,13 +146,14 @@ class Engine:
         return Call.create(check_model(model), valid, check_params(params, litellm_sends=litellm_sends), ctx, decisions)
 
     def plan(self, call: Call, state: PolicyState | None = None, prefetch: Prefetch | None = None,
-             pinned: bool = False) -> Plan:
+             pinned: bool = False, served: bool = False) -> Plan:
         """Apply the policies to ``call`` (no I/O: store-backed state is read through views, or through
         ``prefetch``, which never reads the store), then fit the params to the chosen model
         (:mod:`.fit`). ``pinned``: the caller sends its own model whatever the plan names, so no
         budget's soft limit downgrades it (:attr:`.PolicyState.pinned`). Raises ``NoRouteError`` when
         no candidate of an alias can serve the call, and ``RequestError`` for an alias suffix other
-        than ``:floor`` or ``:nitro``."""
+        than ``:floor`` or ``:nitro``. ``served``: the call names the adapter's own model of that name
+        (:meth:`serve`), which an alias of the config shadows otherwise (the proxy router's own fallback)."""
         state = state or self.state
         changes = {} if prefetch is None else prefetch.views(state, self._views if state is self.state else None)
         if self._timed:
@@ -159,17 +163,21 @@ class Engine:
         if changes:
             state = state.but(**changes)  # one copy per plan
         plan = Plan.from_call(call)
-        served = state.served.get(call.model) if state.served else None
-        if served is not None:
-            plan = plan.override(model=served, deployment=call.model)
+        model = state.served.get(call.model) if state.served else None
+        if model is None and served:
+            model = self.shadowed.get(call.model)
+        if model is not None:  # routing leaves a plan sent to the name it was asked for
+            plan = plan.override(model=model, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
         return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model),
                                               drops=choices_asked(plan.params) > 1 and wire.drops_params()))
 
-    def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None) -> Plan:
+    def replan(self, call: Call, target: str, decision: Decision, prefetch: Prefetch | None = None,
+               served: bool = False) -> Plan:
         """The plan for a later attempt at ``target``, still recording what the caller asked for.
-        ``target`` was chosen already (a fallback, a downgrade's alias): no soft limit moves it again."""
-        plan = self.plan(call.override(model=target), prefetch=prefetch, pinned=True)
+        ``target`` was chosen already (a fallback, a downgrade's alias): no soft limit moves it again.
+        ``served``: ``target`` is the adapter's model of that name, not an alias (:meth:`plan`)."""
+        plan = self.plan(call.override(model=target), prefetch=prefetch, pinned=True, served=served)
         plan = plan.override(call=call).decide(decision)
         return self._history_fitted(plan)
 

@@ -208,7 +208,8 @@ class CallLifecycle:
     limit plan it there; ``routers_own``: the targets the adapter's router falls back to on its own
     after a target (the proxy's ``router_settings`` fallbacks): the call follows those its plan lacks
     after its own, sent whatever their quotas and cooldowns say, as the router would (the budgets
-    still hold)."""
+    still hold); that router calls every target it was handed in turn, so after a context-window
+    error no target is passed over for a window no larger."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
@@ -498,7 +499,7 @@ class CallLifecycle:
             return self.given if self.given is not None else self.engine.plan(
                 self.call, prefetch=self.prefetch, pinned=not self.reroutes)
         assert decision is not None
-        return self.engine.replan(self.call, target, decision, self.prefetch)
+        return self.engine.replan(self.call, target, decision, self.prefetch, served=target in self._own)
 
     def _fetch(self, noted: dict[str, Any]) -> Generator[Effect, Any, Fetched | None]:
         """The store's values of the keys ``noted`` (one round trip), or ``None`` if it failed."""
@@ -830,8 +831,10 @@ class CallLifecycle:
         if not self.fallback or ends:
             self._give_up(plan, trace, exc, spent)
             return None
+        # only that error needs them; the proxy's router calls the fallbacks it was handed whatever
+        # their windows, so the call follows them there (one row, under the budgets)
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
-                   if error_kind(exc) == "ContextWindowExceededError" else None)  # only that error needs them
+                   if error_kind(exc) == "ContextWindowExceededError" and self.routers_own is None else None)
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
                        else attempts.skip(UNBUILT) if unbuilt
                        else attempts.skip(error_kind(exc)) if self.follow or moved else attempts.advance(exc, windows))

@@ -152,11 +152,7 @@ class _Core(CustomLogger):
         failed; a fallback's request gets its own plan (messages, params)."""
         events = kwargs if events is None else events
         at = _metadata(kwargs).get("model_group") if found.proxy else str(kwargs.get("model") or "") or None
-        if found.proxy and at and at in found.planned and not found.at(at) and at not in found.attempt.remaining:
-            # a target the call's plan passed (its quota, a cooldown, a budget): the router must not call it
-            # (a group of the router's own, a context_window_fallbacks one, is followed as before)
-            raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
-                                                                "cooling down, or over a budget)"})
+        _passed_over(found, at)
         while at and not found.at(at):
             # the proxy's router skips targets its own cooldown holds without calling them: each is passed
             ahead = found.proxy and at in found.attempt.remaining
@@ -173,6 +169,7 @@ class _Core(CustomLogger):
             found = current
             if not ahead or found.attempt is before:
                 break
+            _passed_over(found, at)  # the lifecycle moved past it to a target after it (a budget refused it)
         if at and not found.at(at):
             return None
         if found.started and found.passed is not None:  # the router tries its target again after a failure
@@ -299,3 +296,12 @@ class _Core(CustomLogger):
     def _mark_ended(self, key: str, proxy: bool) -> None:
         self._ended[key] = proxy
         _overflow(self._ended)
+
+
+def _passed_over(found: _Open, at: str | None) -> None:
+    """Refuse the proxy router's attempt at ``at``, a target the call's plan passed (its quota, a
+    cooldown, a budget): the router must not call it (``NoRouteError``), and moves on. A group of the
+    router's own the call does not follow, a ``context_window_fallbacks`` one, is sent as before."""
+    if found.proxy and at and at in found.planned and not found.at(at) and at not in found.attempt.remaining:
+        raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
+                                                            "cooling down, or over a budget)"})

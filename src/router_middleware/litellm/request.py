@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -289,14 +289,16 @@ class _RoutersOwn:
     ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
     lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
     router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A name of a
-    routing alias is handed on, not followed: the lifecycle would route it elsewhere; so is an item
-    naming no model group (a group-keyed entry) or the first target itself (with parameters of its
-    own). ``given``: the request's ``fallbacks`` (any value, ``None`` included, replaces the router's,
-    as litellm's router takes it), or :data:`ROUTERS` where the request has none."""
+    routing alias the proxy has no model of its own for is handed on, not followed (the lifecycle
+    would route it elsewhere; one it has is planned as that model: :meth:`.Engine.replan`); so is an
+    item naming no model group (a group-keyed entry) or the first target itself (with parameters of
+    its own). ``given``: the request's ``fallbacks`` (any value, ``None`` included, replaces the
+    router's, as litellm's router takes it), or :data:`ROUTERS` where the request has none.
+    ``aliases``: the routing aliases the proxy has no model for."""
 
     ROUTERS: Any = object()  # the request gives no fallbacks of its own
 
-    def __init__(self, router: Any, given: Any, aliases: Mapping[str, Any]) -> None:
+    def __init__(self, router: Any, given: Any, aliases: Collection[str]) -> None:
         self.router = router
         self.given = None if given is _RoutersOwn.ROUTERS else list(given) if isinstance(given, list | tuple) else []
         self.aliases = aliases

@@ -117,6 +117,8 @@ class RoutingPolicy:
             target = self.config.deployments[alias]
             return plan.decide(Decision(self.name, "deployment", f"deployment {alias} ({target.model})"),
                                model=target.model, deployment=alias)
+        if plan.deployment == requested and not downgrade:  # the adapter's own model of that name (Engine.plan)
+            return plan
         if alias not in self.config.aliases and not (alias == "auto" and self.config.tiers):
             return plan
         if suffix and suffix not in SUFFIXES:
