@@ -172,9 +172,12 @@ class _Core(CustomLogger):
             _passed_over(found, at)  # the lifecycle moved past it to a target after it (a budget refused it)
         if at and not found.at(at):
             return None
-        if found.started and found.passed is not None:  # the router tries its target again after a failure
-            retried, found.passed = found.passed, None  # (its num_retries): that try counts toward the
-            self._off_loop(found.lifecycle.retried, retried.error)  # cooldown, as the lifecycle's own do
+        if found.started:  # the router tries its target again after a failure (its num_retries): that try
+            own = found.own_error()  # counts toward the cooldown, as the lifecycle's own do; litellm delivers
+            retried, found.passed = found.passed, None  # a request's first failure event only, the deployment
+            error = retried.error if retried is not None else own  # failure hook each try's error
+            if error is not None:
+                self._off_loop(found.lifecycle.retried, error)
         found.started = True
         if found.attempt.plan is found.sent:
             return None
