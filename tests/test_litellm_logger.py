@@ -561,6 +561,33 @@ def test_a_router_fallback_named_like_a_routing_alias_is_the_proxy_s_model_of_th
                          "cost_usd": None}]
 
 
+def test_a_budget_s_downgrade_alias_that_is_also_the_router_s_fallback_is_routed_as_the_alias(tmp_path,
+                                                                                           monkeypatch) -> None:
+    """review56: a budget's ``downgrade_to`` alias (``cheap`` = [mini]) that is also a model_name of
+    the proxy (gpt-4 there) and the router's fallback after the first target was planned as the
+    proxy's gpt-4 once such fallbacks were followed as the proxy's models: it did not fit either, and
+    the call was refused where the alias answers. A downgrade routes the alias: mini answers, one row."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream() as (pricey, pricey_seen), scripted_upstream() as (mini, mini_seen), \
+            scripted_upstream() as (cheap, cheap_seen):
+        router = _proxy_with_router(monkeypatch, {"pricey": pricey, "mini": mini, "cheap": cheap},
+                                    fallbacks=[{"pricey": ["cheap"]}], num_retries=0)
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {"pricey": {"model": "openai/gpt-4"}, "mini": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"cheap": ["mini"]},
+                        "budgets": [{"name": "daily", "usd": 0.01, "window_s": 86400, "downgrade_to": "cheap"}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        try:
+            answer = asyncio.run(_hooked(logger, router, {"model": "pricey", "messages": [
+                {"role": "user", "content": "task r1 " + "word " * 300}]}))
+            rows = _ledger(logger, ("error", "requested_model", "deployment"))
+        finally:
+            logger.unregister()
+    assert not isinstance(answer, Exception) and len(mini_seen) == 1 and not pricey_seen and not cheap_seen
+    assert rows == [{"error": None, "requested_model": "pricey", "deployment": "mini"}]
+
+
 @pytest.mark.parametrize("then", ["nothing", "a cheaper fallback"])
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_a_budget_that_refuses_the_router_s_own_fallback_holds_through_the_router_s_retries(tmp_path, monkeypatch,
@@ -635,7 +662,7 @@ def test_a_target_a_budget_passes_over_in_the_middle_of_an_alias_is_refused_and_
     assert rows == [{"error": None, "deployment": "healthy"}]
 
 
-@pytest.mark.parametrize("whose", ["alias", "router"])
+@pytest.mark.parametrize("whose", ["alias", "router", "router's window chain"])
 def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_attempt(tmp_path, monkeypatch,
                                                                                        whose) -> None:
     """review55 #5: after ``small`` refused the prompt as over its window, the call passed over
@@ -644,15 +671,21 @@ def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_
     budget check). The call follows the router there now: one row, ``big``'s answer; ``small`` is
     not counted toward a cooldown (the prompt's fault). ``whose``: ``big`` is the alias's next target
     (the case that failed) or the router's own fallback (followed as the router moved on: one row
-    before the fix too)."""
+    before the fix too). With a ``context_window_fallbacks`` chain of the router's own for ``small``
+    (to ``huge``), the router sends the error there, not to ``big`` (review56: the call followed
+    ``big``, never called, and its failed row said ``MovedOn`` at ``big``): the call ends with
+    ``small``'s error, and ``huge``'s answer is a row of its own, as a group the plan never held."""
     from .scripted_upstream import scripted_upstream
 
-    with scripted_upstream(overflow=True) as (small, small_seen), scripted_upstream() as (big, big_seen):
-        router = _proxy_with_router(monkeypatch, {"small": small, "big": big}, num_retries=0,
-                                    **({"fallbacks": [{"small": ["big"]}]} if whose == "router" else {}))
+    chain = whose == "router's window chain"
+    with scripted_upstream(overflow=True) as (small, small_seen), scripted_upstream() as (big, big_seen), \
+            scripted_upstream() as (huge, huge_seen):
+        router = _proxy_with_router(monkeypatch, {"small": small, "big": big, "huge": huge}, num_retries=0,
+                                    **({"fallbacks": [{"small": ["big"]}]} if whose == "router" else {}),
+                                    **({"context_window_fallbacks": [{"small": ["huge"]}]} if chain else {}))
         logger = RouterLogger(Pipeline.from_config({
             "routing": {"deployments": {"small": {"model": "openai/gpt-4o-mini"}, "big": {"model": "openai/gpt-4o-mini"}},
-                        "aliases": {"coder": ["small", "big"] if whose == "alias" else ["small"]},
+                        "aliases": {"coder": ["small"] if whose == "router" else ["small", "big"]},
                         "budgets": [{"name": "daily", "usd": 1.0, "window_s": 86400}]},
             "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
         try:
@@ -663,9 +696,16 @@ def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_
             cooled = logger.pipeline.store.get("fail:small")
         finally:
             logger.unregister()
-    assert not isinstance(answer, Exception) and len(small_seen) == 1 and len(big_seen) == 1
+    assert not isinstance(answer, Exception) and len(small_seen) == 1 and cooled is None
+    if chain:
+        assert not big_seen and len(huge_seen) == 1
+        assert rows[0] == {"error": "ContextWindowExceededError", "requested_model": "coder", "deployment": "small",
+                           "cost_usd": None}
+        assert rows[1:] == [{"error": None, "requested_model": "openai/gpt-4o-mini", "deployment": None,
+                             "cost_usd": pytest.approx(spent)}]
+        return
+    assert len(big_seen) == 1 and not huge_seen and spent > 0
     assert rows == [{"error": None, "requested_model": "coder", "deployment": "big", "cost_usd": pytest.approx(spent)}]
-    assert spent > 0 and cooled is None
 
 
 @pytest.mark.parametrize("where", ["asked", "fallback"])

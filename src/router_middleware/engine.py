@@ -22,7 +22,7 @@ from .context.breakpoints import count_marks, uses_explicit_cache
 from .context.summarize import SIDE_CALL, summary_request
 from .errors import MissingKeyError
 from .fit import fit_history_plan, fit_plan
-from .lifecycle import Answers, CallLifecycle, Reader
+from .lifecycle import Answers, CallLifecycle, Reader, RoutersOwn
 from .memo import conversation_of
 from .messages import nonempty, repair_messages, validate_messages
 from .params import check_model, check_params, choices_asked, output_cap, usage_asked
@@ -216,7 +216,7 @@ class Engine:
               fallback: bool = True, follow: tuple[str, ...] = (), caller_sends: bool = True,
               plan: Plan | None = None, sends_refused: Callable[[Exception], bool] | None = None,
               reroutes: bool = True, charges_timeouts: bool = True,
-              routers_own: Callable[[str], Sequence[str]] | None = None) -> CallLifecycle:
+              routers_own: RoutersOwn | None = None) -> CallLifecycle:
         """The lifecycle of ``call``; drive its :meth:`~CallLifecycle.run` (see :mod:`.drivers`)."""
         if self._unpriced:
             self._say_unpriced()

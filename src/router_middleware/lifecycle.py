@@ -22,7 +22,7 @@ import functools
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import wire
 from .accounting import build_outcome, prompt_only, stream_finish_reasons
@@ -146,6 +146,19 @@ class CutShort(Failed):
     estimate back."""
 
 
+class RoutersOwn(Protocol):
+    """What the adapter's router does on its own after a target (the LiteLLM proxy's:
+    :class:`.litellm.request._RoutersOwn`)."""
+
+    def __call__(self, first: str) -> Sequence[str]:
+        """The targets it falls back to after ``first``."""
+        ...
+
+    def window_chain(self, target: str) -> bool:
+        """Does it send a context-window error at ``target`` to a chain of its own?"""
+        ...
+
+
 class MovedPast(Failed):
     """An attempt that failed when the adapter's own router has already moved on to the next target,
     after a failure the lifecycle would have ended the call on (the LiteLLM proxy's router falls back
@@ -216,7 +229,7 @@ class CallLifecycle:
                  cache: bool = True, answers: Answers | None = None, fallback: bool = True,
                  follow: tuple[str, ...] = (), caller_sends: bool = True, plan: Plan | None = None,
                  sends_refused: Callable[[Exception], bool] | None = None, reroutes: bool = True,
-                 charges_timeouts: bool = True, routers_own: Callable[[str], Sequence[str]] | None = None) -> None:
+                 charges_timeouts: bool = True, routers_own: RoutersOwn | None = None) -> None:
         self.engine = engine
         self.books = engine.books
         self.call = call
@@ -452,8 +465,10 @@ class CallLifecycle:
 
     # -- before the first attempt ----------------------------------------------------------------
 
-    def _plan(self, target: str | None = None, decision: Decision | None = None) -> Generator[Effect, Any, Plan]:
-        """The call's plan, or (``target``) a later attempt's, recording ``decision``. On a store that
+    def _plan(self, target: str | None = None, decision: Decision | None = None,
+              route: bool = False) -> Generator[Effect, Any, Plan]:
+        """The call's plan, or (``target``) a later attempt's, recording ``decision`` (``route``: an
+        alias ``target`` is routed, never taken for the adapter's model of that name). On a store that
         can block, planning reads only what was fetched for the call or is kept in the process: what a
         pass missed (and the recent reply sizes the plan's estimate reads) is fetched in one round
         trip, and the call is planned again. A call first fetches what planning the last call like
@@ -462,7 +477,7 @@ class CallLifecycle:
         fetched = self.prefetch
         make = self._make
         if fetched is None:
-            return make(target, decision)
+            return make(target, decision, route)
         if target is not None:  # read again what the call's earlier plans read (its own holds, a spend)
             fetched.values.clear()
         failed = False  # the read ahead failed: what planning misses then reads as missing, unfetched
@@ -473,7 +488,7 @@ class CallLifecycle:
             fetched.fill(ahead, found)
         for _ in range(PLAN_PASSES):
             try:
-                plan = make(target, decision)
+                plan = make(target, decision, route)
             except Exception:
                 if not fetched.missed:  # not for want of a value: the plan's own error
                     raise
@@ -483,7 +498,7 @@ class CallLifecycle:
                     break
             fetched.fill(fetched.missed, None if failed else (yield from self._fetch(fetched.missed)))
         else:
-            plan = make(target, decision)
+            plan = make(target, decision, route)
             self.books.want_recent(plan, fetched)
             fetched.fill(fetched.missed, None)  # still missing after a few passes: it reads as missing
         if target is None:
@@ -492,14 +507,14 @@ class CallLifecycle:
             fetched.fill(fetched.renew, (yield from self._fetch(fetched.renew)), call=False)
         return plan
 
-    def _make(self, target: str | None, decision: Decision | None) -> Plan:
+    def _make(self, target: str | None, decision: Decision | None, route: bool = False) -> Plan:
         """Plan the call (or take the adapter's plan), or a later attempt at ``target`` (a method, not a
         closure: a call waiting on a fetch holds fewer objects)."""
         if target is None:
             return self.given if self.given is not None else self.engine.plan(
                 self.call, prefetch=self.prefetch, pinned=not self.reroutes)
         assert decision is not None
-        return self.engine.replan(self.call, target, decision, self.prefetch, served=target in self._own)
+        return self.engine.replan(self.call, target, decision, self.prefetch, served=not route and target in self._own)
 
     def _fetch(self, noted: dict[str, Any]) -> Generator[Effect, Any, Fetched | None]:
         """The store's values of the keys ``noted`` (one round trip), or ``None`` if it failed."""
@@ -764,7 +779,8 @@ class CallLifecycle:
             return None
         reason = f"{refused}: downgraded to {alias}"
         try:
-            cheaper = yield from self._plan(alias, Decision("routing", "downgrade", reason, {"budget": refused.name}))
+            cheaper = yield from self._plan(alias, Decision("routing", "downgrade", reason, {"budget": refused.name}),
+                                            route=True)
         except RouterMiddlewareError:
             return None
         return self._carry(cheaper)
@@ -828,13 +844,16 @@ class CallLifecycle:
             self.books.attempt_unmade(self.held)
         else:
             self.books.attempt_failed(self.held, failed, exc, spent)
-        if not self.fallback or ends:
+        window = error_kind(exc) == "ContextWindowExceededError"
+        # the proxy's router sends that error to a context_window_fallbacks chain of its own, if it has
+        # one for the target, else to the fallbacks it was handed whatever their windows: the call
+        # follows those (one row, under the budgets), not a chain the plan never held
+        own = self.routers_own
+        if not self.fallback or ends or window and own is not None and own.window_chain(failed):
             self._give_up(plan, trace, exc, spent)
             return None
-        # only that error needs them; the proxy's router calls the fallbacks it was handed whatever
-        # their windows, so the call follows them there (one row, under the budgets)
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)
-                   if error_kind(exc) == "ContextWindowExceededError" and self.routers_own is None else None)
+                   if window and self.routers_own is None else None)  # only that error needs them
         next_target = (attempts.skip(NO_PROVIDER) if unknown else attempts.skip(NO_KEY) if keyless
                        else attempts.skip(UNBUILT) if unbuilt
                        else attempts.skip(error_kind(exc)) if self.follow or moved else attempts.advance(exc, windows))

@@ -268,15 +268,16 @@ def proxy_group_aliases(router: Any) -> dict[str, str]:
 _CHAINS: dict[tuple[int, str], tuple[Any, tuple[Any, ...]]] = {}  # (id of a fallbacks list, group) -> it, chain
 
 
-def proxy_fallbacks(router: Any, group: str) -> tuple[Any, ...]:
+def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any = None) -> tuple[Any, ...]:
     """What the proxy's ``router`` falls back to on its own after ``group`` (its ``router_settings``
-    ``fallbacks``, as litellm's router looks them up: the group's entry, else the generic ``*``), each
-    as configured: a model group's name, or a mapping naming it (``model``) with parameters of that
-    attempt's own; none when this litellm's router cannot be read. Kept per list and group (looking
-    one up takes litellm 0.01-0.2 ms); a list the router replaces is looked up anew, one edited in place
-    is not (litellm's router and proxy replace it: ``update_settings``)."""
+    ``fallbacks``, or ``kind``: ``context_window_fallbacks``; ``given``: a request's list of that kind,
+    which replaces the router's), as litellm's router looks them up (the group's entry, else the
+    generic ``*``), each as configured: a model group's name, or a mapping naming it (``model``) with
+    parameters of that attempt's own; none when this litellm's router cannot be read. Kept per list
+    and group (looking one up takes litellm 0.01-0.2 ms); a list the router replaces is looked up anew,
+    one edited in place is not (litellm's router and proxy replace it: ``update_settings``)."""
     try:
-        configured = router.settings().fallbacks
+        configured = given if given is not None else getattr(router.settings(), kind)
         if not configured:
             return ()
         kept = _CHAINS.get((id(configured), group))
@@ -288,6 +289,8 @@ def proxy_fallbacks(router: Any, group: str) -> tuple[Any, ...]:
         chain = tuple(found or ())
     except Exception:  # noqa: BLE001 - another litellm's router: none are followed
         return ()
+    if given is not None:  # a request's own: not kept
+        return chain
     if len(_CHAINS) >= 1024:
         _CHAINS.clear()
     _CHAINS[id(configured), group] = (configured, chain)

@@ -417,7 +417,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                   and not self._same_model(name, found)}
         endpoints = {name: base for name, chat_model in self.models.items() if (base := _endpoint(chat_model))}
         if served or endpoints:
-            self.pipeline.serve({**self.pipeline.state.served, **served}, endpoints)
+            self.pipeline.serve({**self.pipeline.state.served, **self.pipeline.shadowed, **served}, endpoints)
 
     def _same_model(self, name: str, found: str) -> bool:
         """Whether the catalog knows ``name`` as the model ``found`` names (the same prices and window,
@@ -601,7 +601,7 @@ class RouterAgentMiddleware(AgentMiddleware):
         endpoint = _endpoint(model)
         name = _model_name(model)
         if endpoint is not None and self.pipeline.state.endpoints.get(name) != endpoint:
-            self.pipeline.serve(self.pipeline.state.served, {name: endpoint})
+            self.pipeline.serve({**self.pipeline.state.served, **self.pipeline.shadowed}, {name: endpoint})
 
     def _without_retries(self, name: str, model: Any) -> Any:
         """``model`` for an attempt with another target behind it: a RoutedChatModel that sets no

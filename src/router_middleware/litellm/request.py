@@ -301,9 +301,10 @@ class _RoutersOwn:
     ROUTERS: Any = object()  # the request gives no fallbacks of its own
 
     def __init__(self, router: Any, given: Any, aliases: Collection[str],
-                 groups: Mapping[str, str] | None = None) -> None:
+                 groups: Mapping[str, str] | None = None, windows: Any = None) -> None:
         self.router = router
         self.groups = groups or {}
+        self.windows = windows  # the request's context_window_fallbacks, if any
         self.given = None if given is _RoutersOwn.ROUTERS else list(given) if isinstance(given, list | tuple) else []
         self.aliases = aliases
         self.items: dict[str, Any] = {}  # name -> the item as configured, for the names followed
@@ -325,6 +326,13 @@ class _RoutersOwn:
             else:
                 self.items[name] = item
         return tuple(self.items)
+
+    def window_chain(self, target: str) -> bool:
+        """Does the router send a context-window error at ``target`` to a chain of its own (its or the
+        request's ``context_window_fallbacks``), not to the fallbacks it was handed?"""
+        windows = self.windows if isinstance(self.windows, list | tuple) and self.windows else None
+        return self.router is not None and bool(
+            wire.proxy_fallbacks(self.router, target, "context_window_fallbacks", windows))
 
     def sent(self, targets: Sequence[str], usable: Callable[[str], bool]) -> list[Any]:
         """The fallbacks to hand the router: ``targets`` (the call's after its first, each as
