@@ -710,60 +710,6 @@ def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_
     assert rows == [{"error": None, "requested_model": "coder", "deployment": "big", "cost_usd": pytest.approx(spent)}]
 
 
-@pytest.mark.parametrize("where", ["asked", "fallback"])
-def test_a_proxy_model_group_alias_is_cooled_and_counted_under_the_group_it_stands_for(tmp_path, monkeypatch,
-                                                                                     where) -> None:
-    """trial54c #5: the proxy's ``model_group_alias`` (``gpt-4`` -> ``coder-strong``) was priced as
-    coder-strong's model but cooled and counted under ``gpt-4``, so a routing alias listing
-    coder-strong kept sending to it while clients calling ``gpt-4`` saw it fail. A call naming the
-    alias (asked, or the router's own fallback) is now sent to, and counted under, coder-strong;
-    its row still says what was asked."""
-    from .scripted_upstream import scripted_upstream
-
-    with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, up_seen):
-        if where == "asked":  # coder-strong down: three calls to gpt-4 cool it down, then the alias skips it
-            router = _proxy_with_router(monkeypatch, {"coder-strong": dead, "coder-cheap": up}, num_retries=0,
-                                        model_group_alias={"gpt-4": "coder-strong"})
-        else:  # coder-cheap down, the router's own fallback named by the group alias
-            router = _proxy_with_router(monkeypatch, {"coder-cheap": dead, "coder-strong": up}, num_retries=0,
-                                        model_group_alias={"gpt-4": "coder-strong"},
-                                        fallbacks=[{"coder-cheap": ["gpt-4"]}])
-        logger = RouterLogger(Pipeline.from_config({
-            "routing": {"aliases": {"coder": ["coder-strong", "coder-cheap"]}},
-            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
-        handed: list[Any] = []
-        try:
-            async def call(model: str, n: int) -> object:
-                data = {"model": model, "litellm_call_id": f"r{n}", "messages": [{"role": "user", "content": f"task {n}"}]}
-                try:
-                    return await _hooked(logger, router, data, lambda changed: handed.append(
-                        (changed["model"], changed.get("fallbacks"))))
-                except litellm.ServiceUnavailableError as exc:
-                    await logger.async_post_call_failure_hook(data, exc, None)
-                    return exc
-            if where == "asked":
-                answers = [asyncio.run(call("gpt-4", n)) for n in range(3)]
-                answers.append(asyncio.run(call("coder", 3)))
-            else:
-                answers = [asyncio.run(call("coder-cheap", 0))]
-            rows = _ledger(logger, ("requested_model", "deployment", "error"))
-            store = logger.pipeline.store
-            cooled = {k: store.get(f"{COOLDOWN}{k}") is not None for k in ("gpt-4", "coder-strong")}
-        finally:
-            logger.unregister()
-    if where == "asked":
-        assert handed[0] == ("coder-strong", []) and cooled == {"gpt-4": False, "coder-strong": True}
-        assert all(isinstance(a, litellm.ServiceUnavailableError) for a in answers[:3])
-        assert rows[:3] == [{"requested_model": "gpt-4", "deployment": "coder-strong",
-                             "error": "ServiceUnavailableError"}] * 3
-        # the alias's next call goes to coder-cheap first: coder-strong is not called a fourth time
-        assert not isinstance(answers[3], Exception) and len(dead_seen) == 3 and len(up_seen) == 1
-        assert rows[3] == {"requested_model": "coder", "deployment": "coder-cheap", "error": None}
-    else:
-        assert handed == [("coder-cheap", ["coder-strong"])] and not isinstance(answers[0], Exception)
-        assert rows == [{"requested_model": "coder-cheap", "deployment": "coder-strong", "error": None}]
-
-
 def test_a_refusal_left_by_a_proxy_call_that_never_ended_refuses_no_later_call_under_its_id(tmp_path,
                                                                                            monkeypatch) -> None:
     """review55c: a refusal kept for a proxy call whose failure hook never ran (its client left while

@@ -100,10 +100,8 @@ class Engine:
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
         self.shadowed: dict[str, str] = {}  # a name the adapter serves that is also an alias -> its model (serve)
-        self.groups: dict[str, str] = {}  # a name the adapter serves -> the one it stands for (serve)
 
-    def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None,
-              groups: Mapping[str, str] | None = None) -> None:
+    def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
         stands for. A call or a fallback naming one that is no alias or deployment of the config is
         planned, priced and judged as that model (its window, reasoning, parameters) and sent under
@@ -111,18 +109,13 @@ class Engine:
         catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name.
         ``endpoints``: where the adapter sends some of the names (a base URL, over the config's
         deployment's own, and added to those told before), which decides whether a call there gets a
-        ``prompt_cache_key``. ``groups``: names among ``models`` that stand for another of them (the
-        proxy's ``model_group_alias``): a call naming one is sent to, and cooled and counted under,
-        the name it stands for (as told last; ``None`` leaves them)."""
+        ``prompt_cache_key``."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
         judged = {name: model for name, model in models.items()
                   if name != model and (known(model) is not None or known(name) is None)}
         self.state.served = {name: model for name, model in judged.items() if name not in routes}
         deployments = self.config.routing.deployments
         self.shadowed = {name: model for name, model in judged.items() if name in routes and name not in deployments}
-        if groups is not None:
-            served = self.state.served
-            self.groups = {name: group for name, group in groups.items() if name in served and group in models}
         self.books.served = self.state.served
         if endpoints:  # in place: the telemetry settings share the map (spans' ``server.address``)
             self.state.endpoints.update(endpoints)
@@ -173,8 +166,8 @@ class Engine:
         model = state.served.get(call.model) if state.served else None
         if model is None and served:
             model = self.shadowed.get(call.model)
-        if model is not None:  # routing leaves a plan sent to the name it was asked for (or stands for)
-            plan = plan.override(model=model, deployment=self.groups.get(call.model, call.model))
+        if model is not None:  # routing leaves a plan sent to the name it was asked for
+            plan = plan.override(model=model, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
         return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model),
                                               drops=choices_asked(plan.params) > 1 and wire.drops_params()))

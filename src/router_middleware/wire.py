@@ -253,18 +253,6 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
         return None
 
 
-def proxy_group_aliases(router: Any) -> dict[str, str]:
-    """The proxy's ``router_settings.model_group_alias``: each name it answers to that stands for
-    another model group (a group's name, or a mapping's ``model``) -> that group, which the router
-    calls, and under which its cooldowns and a routing alias see it; none when it cannot be read."""
-    try:
-        given = getattr(router, "model_group_alias", None) or {}
-        return {name: group for name, item in given.items()
-                if isinstance(name, str) and (group := fallback_name(item)) is not None and group != name}
-    except Exception:  # noqa: BLE001 - another litellm's router: each name is its own group
-        return {}
-
-
 _CHAINS: dict[tuple[int, str], tuple[Any, tuple[Any, ...]]] = {}  # (id of a fallbacks list, group) -> it, chain
 
 

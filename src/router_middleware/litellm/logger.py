@@ -137,7 +137,7 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         # what the router falls back to without the hook: the call follows it after its plan's targets
         aliases = engine.config.routing.aliases
         own = _RoutersOwn(wire.proxy_router(), data.get("fallbacks", _RoutersOwn.ROUTERS),
-                          aliases.keys() - engine.shadowed.keys() if engine.shadowed else aliases, engine.groups,
+                          aliases.keys() - engine.shadowed.keys() if engine.shadowed else aliases,
                           data.get("context_window_fallbacks"))
         usable = (lambda _: True) if served is None else served.__contains__
         lifecycle = engine.start(call, read=self._read, cache=False, usable=usable,

@@ -136,8 +136,7 @@ class _ProxyHooks(_Core):
                 self._unserved(fresh)
                 found = {name: _proxy_deployment(name) for name in fresh}
                 self.pipeline.serve({name: model for name, (model, _) in found.items() if model is not None},
-                                    {name: base for name, (_, base) in found.items() if base is not None},
-                                    wire.proxy_group_aliases(current))
+                                    {name: base for name, (_, base) in found.items() if base is not None})
             names = fresh
             self._names = (current, now, names)
         return names

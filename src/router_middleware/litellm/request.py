@@ -294,16 +294,12 @@ class _RoutersOwn:
     item naming no model group (a group-keyed entry) or the first target itself (with parameters of
     its own). ``given``: the request's ``fallbacks`` (any value, ``None`` included, replaces the
     router's, as litellm's router takes it), or :data:`ROUTERS` where the request has none.
-    ``aliases``: the routing aliases the proxy has no model for; ``groups``: a name the proxy answers
-    to -> the model group it stands for (its ``model_group_alias``), which the call follows and the
-    router is handed in its place."""
+    ``aliases``: the routing aliases the proxy has no model for."""
 
     ROUTERS: Any = object()  # the request gives no fallbacks of its own
 
-    def __init__(self, router: Any, given: Any, aliases: Collection[str],
-                 groups: Mapping[str, str] | None = None, windows: Any = None) -> None:
+    def __init__(self, router: Any, given: Any, aliases: Collection[str], windows: Any = None) -> None:
         self.router = router
-        self.groups = groups or {}
         self.windows = windows  # the request's context_window_fallbacks, if any
         self.given = None if given is _RoutersOwn.ROUTERS else list(given) if isinstance(given, list | tuple) else []
         self.aliases = aliases
@@ -316,9 +312,6 @@ class _RoutersOwn:
         self.items, self.left = {}, []
         for item in chain:
             name = wire.fallback_name(item)
-            if name is not None and name in self.groups:  # the group the router would call for it
-                name = self.groups[name]
-                item = {**item, "model": name} if isinstance(item, Mapping) else name
             if name is not None and name in self.items:
                 continue
             if name is None or name == first or name in self.aliases:
