@@ -154,8 +154,8 @@ class RoutersOwn(Protocol):
         """The targets it falls back to after ``first``."""
         ...
 
-    def window_chain(self, target: str) -> bool:
-        """Does it send a context-window error at ``target`` to a chain of its own?"""
+    def window_chain(self, target: str) -> Sequence[str]:
+        """Where it sends a context-window error at ``target``, if to a chain of its own."""
         ...
 
 
@@ -221,8 +221,8 @@ class CallLifecycle:
     limit plan it there; ``routers_own``: the targets the adapter's router falls back to on its own
     after a target (the proxy's ``router_settings`` fallbacks): the call follows those its plan lacks
     after its own, sent whatever their quotas and cooldowns say, as the router would (the budgets
-    still hold); that router calls every target it was handed in turn, so after a context-window
-    error no target is passed over for a window no larger."""
+    still hold); after a context-window error that router goes to its own chain for the target
+    (``window_chain``), else to every target it was handed in turn, and the call follows it there."""
 
     def __init__(self, engine: Engine, call: Call, *, read: Reader | None = None,
                  usable: Callable[[str], bool] | None = None, unusable: str = "not among the adapter's models",
@@ -847,9 +847,13 @@ class CallLifecycle:
         window = error_kind(exc) == "ContextWindowExceededError"
         # the proxy's router sends that error to a context_window_fallbacks chain of its own, if it has
         # one for the target, else to the fallbacks it was handed whatever their windows: the call
-        # follows those (one row, under the budgets), not a chain the plan never held
-        own = self.routers_own
-        if not self.fallback or ends or window and own is not None and own.window_chain(failed):
+        # follows it there (one row, under the budgets)
+        chain = self.routers_own.window_chain(failed) if window and self.routers_own is not None else ()
+        if chain:
+            reach = [t for t in chain if self.usable is None or self.usable(t)]
+            attempts.instead(reach)
+            self._own = self._own | frozenset(reach)  # sent as the router sends them (the budgets hold)
+        if not self.fallback or ends:
             self._give_up(plan, trace, exc, spent)
             return None
         windows = (request_windows(engine.catalog, attempts.models, engine.model_of)

@@ -320,12 +320,15 @@ class _RoutersOwn:
                 self.items[name] = item
         return tuple(self.items)
 
-    def window_chain(self, target: str) -> bool:
-        """Does the router send a context-window error at ``target`` to a chain of its own (its or the
-        request's ``context_window_fallbacks``), not to the fallbacks it was handed?"""
+    def window_chain(self, target: str) -> tuple[str, ...]:
+        """Where the router sends a context-window error at ``target`` instead of the fallbacks it
+        was handed: the names of its own chain (its or the request's ``context_window_fallbacks``),
+        or none."""
+        if self.router is None:
+            return ()
         windows = self.windows if isinstance(self.windows, list | tuple) and self.windows else None
-        return self.router is not None and bool(
-            wire.proxy_fallbacks(self.router, target, "context_window_fallbacks", windows))
+        chain = wire.proxy_fallbacks(self.router, target, "context_window_fallbacks", windows)
+        return tuple(dict.fromkeys(n for item in chain if (n := wire.fallback_name(item)) is not None and n != target))
 
     def sent(self, targets: Sequence[str], usable: Callable[[str], bool]) -> list[Any]:
         """The fallbacks to hand the router: ``targets`` (the call's after its first, each as

@@ -159,6 +159,11 @@ class Attempts:
         self.depth += 1
         return self.model
 
+    def instead(self, models: Sequence[str]) -> None:
+        """Replace the targets after the current one with ``models`` (where the adapter's router goes
+        next after the current target's failure, a chain of its own)."""
+        self.models[1:] = models
+
     def restart(self, models: list[str]) -> None:
         """Take another route before any attempt (a budget's downgrade): ``models`` in order, from the
         first; no attempt was made, so none is counted."""
