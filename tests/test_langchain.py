@@ -395,12 +395,21 @@ class _BreaksAfter(GenericFakeChatModel):
             yield chunk
 
 
-@pytest.mark.parametrize("how", ["stopped", "broken"])
+class _StreamsWhenInvoked(_BreaksAfter):
+    """Streams even when invoked (``streaming=True``, as a chat model set to stream does inside an
+    agent), and breaks off as :class:`_BreaksAfter`."""
+
+    streaming: bool = True
+
+
+@pytest.mark.parametrize("how", ["stopped", "broken", "broken, invoked"])
 def test_the_callback_settles_an_observed_stream_cut_short_at_what_it_streamed(how, tmp_path, span_exporter) -> None:
     """A chat model the handler only observes, whose stream its reader stops after a few chunks (the
     generator closed) or whose provider breaks it off: LangChain hands ``on_llm_error`` the chunks
     merged, and the call is settled at them (the prompt and what streamed, estimated, charged to the
-    budgets), ``ended`` ``stopped`` or ``failed``, not a row with nothing spent."""
+    budgets), ``ended`` ``stopped`` or ``failed``, not a row with nothing spent. Invoked (as
+    ``create_agent`` calls a model), LangChain hands it no chunks: the call is settled at its prompt
+    once tokens came (trial56: a row with nothing spent, and nothing charged to the budgets)."""
     from router_middleware.ledger.store import open_ledger
 
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
@@ -413,19 +422,24 @@ def test_the_callback_settles_an_observed_stream_cut_short_at_what_it_streamed(h
         chunks = GenericFakeChatModel(messages=iter([reply])).stream("Count to ten", config=config)
         came = [next(chunks) for _ in range(4)]
         chunks.close()
-    else:
+    elif how == "broken":
         came = []
         with pytest.raises(ConnectionError):
             for chunk in _BreaksAfter(messages=iter([reply])).stream("Count to ten", config=config):
                 came.append(chunk)
+    else:
+        with pytest.raises(ConnectionError):
+            _StreamsWhenInvoked(messages=iter([reply]), streaming=True).invoke("Count to ten", config=config)
+        came = [None] * 4
     pipeline.close()
     counter = float(pipeline.store.get(f"budget:daily:tokens:all:{int(time.time() // 86400)}") or 0)
     rows = open_ledger(url).query("SELECT model, error, ended, input_tokens, output_tokens, cost_usd FROM calls")
     assert len(came) == 4 and len(rows) == 1 and not handler.in_flight
     model, error, ended, input_tokens, output_tokens, cost = rows[0]
-    assert (model, error, ended) == ("gpt-4o-mini", *{"stopped": ("GeneratorExit", "stopped"),
-                                                      "broken": ("ConnectionError", "failed")}[how])
-    assert input_tokens > 0 and 0 < output_tokens < 10 and cost > 0 and counter == input_tokens + output_tokens
+    assert (model, error, ended) == ("gpt-4o-mini", *{"stopped": ("GeneratorExit", "stopped")}.get(
+        how, ("ConnectionError", "failed")))
+    assert input_tokens > 0 and cost > 0 and counter == input_tokens + output_tokens
+    assert 0 < output_tokens < 10  # invoked, the chunks are out of reach: the first token's, estimated
     assert [o.usage.source for o in handler.outcomes] == ["estimated"]
     span = [s for s in span_exporter.get_finished_spans() if s.kind == SpanKind.CLIENT][-1]
     assert span.attributes["router_middleware.ended"] == ended and span.attributes["gen_ai.usage.output_tokens"] > 0

@@ -137,13 +137,14 @@ class RouterCallbackHandler(BaseCallbackHandler):
     def on_llm_error(self, error: BaseException, *, run_id: UUID, response: LLMResult | None = None,
                      **kwargs: Any) -> None:
         """A run that ended in ``error``: a stream broken off or stopped by its reader after chunks
-        came (LangChain hands the merged chunks in ``response``) is settled at what it used, as a
-        stream of the pipeline cut short; else a row with nothing spent."""
+        came (LangChain hands the merged chunks in ``response``; a model that streams when invoked,
+        as in an agent, hands none: its prompt alone then) is settled at what it used, as a stream of
+        the pipeline cut short; else a row with nothing spent."""
         with self._lock:
             run = self._runs.pop(run_id, None)
         if run is not None:
             streamed = _streamed(response)
-            self._broke_off(run, error, streamed is not None, streamed)
+            self._broke_off(run, error, streamed is not None or run.first_token is not None, streamed)
 
     def _broke_off(self, run: _Run, error: BaseException, chunks_came: bool, merged: BaseMessage | None) -> None:
         """End ``run`` with ``error``: after chunks came, settled at the prompt and what streamed
