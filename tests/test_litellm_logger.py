@@ -708,6 +708,59 @@ def test_after_a_context_window_error_the_proxy_s_next_target_is_the_call_s_own_
                      "cost_usd": pytest.approx(spent)}]
 
 
+@pytest.mark.parametrize("case", ["over budget", "a target tried", "only the target", "a name not served"])
+def test_a_proxy_s_context_window_chain_is_followed_as_litellm_walks_it(tmp_path, monkeypatch, case) -> None:
+    """review56c: the router's ``context_window_fallbacks`` chain followed by the call. A chain target
+    the budget cannot hold (gpt-4) was refused by the call, but the router called it all the same: a
+    second row, $0.099 against a $0.005 budget; it is refused to the router now (the client gets the
+    error, nothing sent). A target the call tried already is skipped, as litellm skips it (the row
+    named it though ``huge`` answered); a chain naming only the target that failed ends the call
+    with its error (the row named ``big``, never called); a chain of names the proxy does not serve
+    leads the router on to the fallbacks it was handed, which the call follows: one row each."""
+    import sys
+    import types
+
+    from .scripted_upstream import scripted_upstream
+
+    chains = {"over budget": ["huge"], "a target tried": ["a", "huge"], "only the target": ["small"],
+              "a name not served": ["ghost"]}
+    with scripted_upstream(overflow=True) as (small, small_seen), scripted_upstream() as (big, big_seen), \
+            scripted_upstream() as (huge, huge_seen), scripted_upstream(status=503) as (a, a_seen):
+        router = litellm.Router(model_list=[
+            {"model_name": name, "litellm_params": {"model": model, "api_base": base, "api_key": "x"}}
+            for name, model, base in (("a", "openai/gpt-4o-mini", a), ("small", "openai/gpt-4o-mini", small),
+                                      ("big", "openai/gpt-4o-mini", big),
+                                      ("huge", "openai/gpt-4" if case == "over budget" else "openai/gpt-4o-mini", huge))],
+            context_window_fallbacks=[{"small": chains[case]}], num_retries=0)
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"aliases": {"coder": ["a", "small", "big"] if case == "a target tried" else ["small", "big"]},
+                        "budgets": [{"name": "daily", "usd": 0.005, "window_s": 86400}]},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        data = {"model": "coder", "messages": [{"role": "user", "content": "task r1 " + "word " * 300}]}
+        try:
+            async def call() -> object:
+                try:
+                    return await _hooked(logger, router, data)
+                except Exception as exc:  # as the proxy does: its failure hook, then the client's error
+                    await logger.async_post_call_failure_hook({"litellm_call_id": "r1"}, exc, None)
+                    return exc
+            answer = asyncio.run(call())
+            rows = _ledger(logger, ("error", "deployment"))
+            spent = float(logger.pipeline.store.get(f"budget:daily:usd:(no app):{int(time.time() // 86400)}") or 0)
+        finally:
+            logger.unregister()
+    answered = {"over budget": None, "a target tried": "huge", "only the target": None, "a name not served": "big"}[case]
+    assert len(small_seen) == 1 and len(a_seen) == (1 if case == "a target tried" else 0)
+    assert (len(big_seen), len(huge_seen)) == ((answered == "big") * 1, (answered == "huge") * 1)
+    if answered is None:
+        assert isinstance(answer, Exception) and spent == 0
+        assert rows == [{"error": "ContextWindowExceededError", "deployment": "small"}]
+    else:
+        assert not isinstance(answer, Exception) and 0 < spent < 0.005
+        assert rows == [{"error": None, "deployment": answered}]
+
+
 def test_a_refusal_left_by_a_proxy_call_that_never_ended_refuses_no_later_call_under_its_id(tmp_path,
                                                                                            monkeypatch) -> None:
     """review55c: a refusal kept for a proxy call whose failure hook never ran (its client left while

@@ -154,7 +154,7 @@ class RoutersOwn(Protocol):
         """The targets it falls back to after ``first``."""
         ...
 
-    def window_chain(self, target: str) -> Sequence[str]:
+    def window_chain(self, target: str) -> Sequence[str] | None:
         """Where it sends a context-window error at ``target``, if to a chain of its own."""
         ...
 
@@ -848,11 +848,13 @@ class CallLifecycle:
         # the proxy's router sends that error to a context_window_fallbacks chain of its own, if it has
         # one for the target, else to the fallbacks it was handed whatever their windows: the call
         # follows it there (one row, under the budgets)
-        chain = self.routers_own.window_chain(failed) if window and self.routers_own is not None else ()
-        if chain:
-            reach = [t for t in chain if self.usable is None or self.usable(t)]
-            attempts.instead(reach)
-            self._own = self._own | frozenset(reach)  # sent as the router sends them (the budgets hold)
+        chain = self.routers_own.window_chain(failed) if window and self.routers_own is not None else None
+        if chain is not None:  # as litellm walks it: the targets tried are skipped, one it cannot reach
+            fresh = [t for t in chain if t != failed and t not in attempts.past]  # leads to the handed ones
+            reach = [t for t in fresh if self.usable is None or self.usable(t)]
+            if reach or not fresh:
+                attempts.instead(reach)
+                self._own = self._own | frozenset(reach)  # sent as the router sends them (the budgets hold)
         if not self.fallback or ends:
             self._give_up(plan, trace, exc, spent)
             return None

@@ -94,6 +94,12 @@ class _Open:
     planned: frozenset[str] = frozenset()  # the targets the proxy call's plan held at its pre-call hook
     failed_at: tuple[str, Exception] | None = None  # the router's last failed attempt: its target, its own error
 
+    @property
+    def covered(self) -> frozenset[str]:
+        """The targets the call follows: its plan's at the pre-call hook, and the router's own it
+        follows (a context-window chain's among them)."""
+        return self.planned | self.lifecycle.routers_targets
+
     def own_error(self) -> Exception | None:
         """The error of the attempt the lifecycle waits on, as the router's deployment failure hook
         reported it (:meth:`.RouterLogger.async_post_call_failure_deployment_hook`), taken once; ``None``

@@ -132,7 +132,7 @@ class _Core(CustomLogger):
             done, value = True, None
             if found.proxy and isinstance(exc, NoRouteError | BudgetExceeded):  # its next target refused:
                 with self._lock:  # the router, holding it as a fallback, must not call it (the deployment hook),
-                    self._refusing[key] = (found.planned, exc)  # nor retry it; one handed on unfollowed goes
+                    self._refusing[key] = (found.covered, exc)  # nor retry it; one handed on unfollowed goes
                     _overflow(self._refusing)
         except BaseException as exc:  # cancelled: end the call, release what it holds
             found.end(exc)
@@ -305,6 +305,6 @@ def _passed_over(found: _Open, at: str | None) -> None:
     """Refuse the proxy router's attempt at ``at``, a target the call's plan passed (its quota, a
     cooldown, a budget): the router must not call it (``NoRouteError``), and moves on. A group of the
     router's own the call does not follow, a ``context_window_fallbacks`` one, is sent as before."""
-    if found.proxy and at and at in found.planned and not found.at(at) and at not in found.attempt.remaining:
+    if found.proxy and at and at in found.covered and not found.at(at) and at not in found.attempt.remaining:
         raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
                                                             "cooling down, or over a budget)"})

@@ -320,15 +320,15 @@ class _RoutersOwn:
                 self.items[name] = item
         return tuple(self.items)
 
-    def window_chain(self, target: str) -> tuple[str, ...]:
+    def window_chain(self, target: str) -> tuple[str, ...] | None:
         """Where the router sends a context-window error at ``target`` instead of the fallbacks it
         was handed: the names of its own chain (its or the request's ``context_window_fallbacks``),
-        or none."""
+        or ``None`` where it has none."""
         if self.router is None:
-            return ()
+            return None
         windows = self.windows if isinstance(self.windows, list | tuple) and self.windows else None
         chain = wire.proxy_fallbacks(self.router, target, "context_window_fallbacks", windows)
-        return tuple(dict.fromkeys(n for item in chain if (n := wire.fallback_name(item)) is not None and n != target))
+        return tuple(dict.fromkeys(n for item in chain if (n := wire.fallback_name(item)) is not None)) or None
 
     def sent(self, targets: Sequence[str], usable: Callable[[str], bool]) -> list[Any]:
         """The fallbacks to hand the router: ``targets`` (the call's after its first, each as

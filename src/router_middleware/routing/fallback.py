@@ -137,6 +137,7 @@ class Attempts:
     tries: int = 0
     depth: int = 0
     history: tuple[str, ...] = ()  # what each attempt came to (a tuple: while empty, nothing the collector tracks)
+    past: tuple[str, ...] = ()  # the targets moved past, in order
 
     @property
     def model(self) -> str:
@@ -152,6 +153,7 @@ class Attempts:
     def skip(self, reason: str) -> str | None:
         """Move past the current target for ``reason``, no retry (its quota is used up, the adapter
         cannot reach it, or litellm has no provider or no key for it)."""
+        self.past += (self.models[0],)
         self.history += (f"{self.models.pop(0)}: {reason}",)
         if not self.models:
             return None
@@ -190,6 +192,7 @@ class Attempts:
             self.depth += 1
             return self.model
         current = self.models.pop(0)
+        self.past += (current,)
         if error_kind(exc) == "ContextWindowExceededError" and windows is not None:
             needed = windows.get(current, 0)
             self.models = [m for m in self.models if windows.get(m, 0) > needed]
