@@ -293,6 +293,7 @@ class CallLifecycle:
             except RouterMiddlewareError as refused:  # NoRouteError, BudgetExceeded, StoreUnavailable
                 self._refused(plan, refused)
                 raise
+            attempts.past = ()  # a target skipped before the first attempt was never sent, nor handed on
             plan, trace = engine.launch(plan, self.side_calls)
             while True:
                 self._current = (plan, trace)

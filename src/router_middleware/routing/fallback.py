@@ -137,7 +137,7 @@ class Attempts:
     tries: int = 0
     depth: int = 0
     history: tuple[str, ...] = ()  # what each attempt came to (a tuple: while empty, nothing the collector tracks)
-    past: tuple[str, ...] = ()  # the targets moved past, in order
+    past: tuple[str, ...] = ()  # the targets moved past, in order (its owner may start it afresh)
 
     @property
     def model(self) -> str:
