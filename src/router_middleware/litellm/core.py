@@ -302,9 +302,9 @@ class _Core(CustomLogger):
 
 
 def _passed_over(found: _Open, at: str | None) -> None:
-    """Refuse the proxy router's attempt at ``at``, a target the call's plan passed (its quota, a
-    cooldown, a budget): the router must not call it (``NoRouteError``), and moves on. A group of the
-    router's own the call does not follow, a ``context_window_fallbacks`` one, is sent as before."""
+    """Refuse the proxy router's attempt at ``at``, a target the call followed and passed (its quota,
+    a cooldown, a budget): the router must not call it (``NoRouteError``), and moves on. A group the
+    call does not follow (one handed on unfollowed) is sent as before."""
     if found.proxy and at and at in found.covered and not found.at(at) and at not in found.attempt.remaining:
         raise NoRouteError(found.lifecycle.call.model, {at: "the call's plan passed it (its quota used up, "
                                                             "cooling down, or over a budget)"})
