@@ -36,6 +36,27 @@ def agent_session_paths() -> list[Path]:
 
 
 @pytest.fixture
+def one_quota_window(monkeypatch):
+    """Per-minute quota windows counted on a clock that starts the test one second into a minute, so
+    a test of a few calls never sees its count reset at a minute's turn (a CI run did: an rpm limit of
+    1 used up at 09:53:59 was free again at 09:54:00). A shift, not a frozen clock: windows and their
+    expiries move with real time, and a test runs in its first minute for 59 seconds."""
+    import time
+
+    from router_middleware.bookkeeping import quotas as counted
+    from router_middleware.routing import quotas as pure
+
+    real = pure.window
+    shift = time.time() % 60 - 1.0
+
+    def shifted(bucket: str, kind: str, now: float) -> tuple[str, float]:
+        return real(bucket, kind, now - shift)
+
+    monkeypatch.setattr(pure, "window", shifted)
+    monkeypatch.setattr(counted, "window", shifted)
+
+
+@pytest.fixture
 def span_exporter():
     """An SDK tracer provider with an in-memory exporter, installed for the test only."""
     from opentelemetry import trace

@@ -699,6 +699,7 @@ def test_on_redis_a_failed_probe_holds_the_probe_until_the_cooldown_ends(redis_u
     other.close()
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_used_up_quota_moves_the_call_on(call, script) -> None:
     p = pipeline(limits={CLAUDE: {"rpm": 1}})
     call(p)
@@ -706,6 +707,7 @@ def test_a_used_up_quota_moves_the_call_on(call, script) -> None:
     assert script.calls == [CLAUDE, MINI]
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_quota_on_every_target_names_each_limit(call, script) -> None:
     p = pipeline(limits={m: {"rpm": 1} for m in CODER})
     for _ in CODER:
@@ -858,6 +860,7 @@ def test_an_agent_middleware_without_models_past_a_soft_limit_sends_and_records_
     assert (requested, target) == (CLAUDE, CLAUDE) and "routing:downgrade" not in decisions
 
 
+@pytest.mark.usefixtures("one_quota_window")
 @pytest.mark.parametrize("refusal", ["budget", "quota", "route"])
 def test_a_call_refused_before_any_attempt_has_its_route_span_and_log_line(call, script, span_exporter,
                                                                            refusal) -> None:
@@ -967,6 +970,7 @@ def test_a_store_failing_at_settle_never_breaks_an_answered_call(call, script, s
     assert len(open_ledger(url).query("SELECT model FROM calls WHERE error IS NULL")) == 1
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_budgets_and_quotas_on_real_redis_through_every_driver(call, script, redis_url, request,
                                                                 monkeypatch) -> None:
     """On Redis the async drivers hand admission and settlement to the store's batched asyncio

@@ -1224,6 +1224,7 @@ async def _outcomes(logger: RouterLogger, router: litellm.Router, count: int, pa
     return outcomes
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(tmp_path, monkeypatch) -> None:
     """The router holds the alias's next target as a fallback; when the first target fails and the
     lifecycle refuses that target (its rpm quota used up, which the plan's view of a shared store, up
@@ -1258,6 +1259,7 @@ def test_a_proxy_fallback_over_its_quota_is_not_called_and_the_call_is_one_row(t
         (None, "coder", "healthy"), ("InternalServerError", "coder", "flaky"), ("InternalServerError", "coder", "flaky")]
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_proxy_fallback_the_plan_passed_is_refused_and_a_target_never_called_counts_nothing(tmp_path) -> None:
     """Alias ``[flaky, mid, healthy]``, mid's rpm 1 used up by the first call's fallback: the next call's
     lifecycle passes mid (its quota) and admits healthy, while the router, handed mid as a fallback at
@@ -1290,6 +1292,7 @@ def test_a_proxy_fallback_the_plan_passed_is_refused_and_a_target_never_called_c
     assert counts == {"mid": None, "healthy": None}
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_proxy_fallback_the_lifecycle_refuses_in_its_own_hook_is_not_called_and_leaves_nothing(tmp_path) -> None:
     """Alias ``[flaky, flaky2, healthy]``, healthy's rpm 1: litellm reports only the first failure, so
     the lifecycle learns flaky2 failed in healthy's own deployment hook, and refuses healthy there (its
@@ -1747,6 +1750,7 @@ def test_an_alias_sent_to_litellm_s_sdk_is_said_to_route_only_through_the_pipeli
     assert "an alias routes through Pipeline.acompletion or the proxy" in said["error"]
 
 
+@pytest.mark.usefixtures("one_quota_window")
 @pytest.mark.parametrize("api", ["chat", "responses"])
 def test_an_sdk_call_over_a_quota_is_sent_and_counted_and_says_so(api, tmp_path, monkeypatch) -> None:
     """litellm has chosen an SDK call's deployment when the hook runs: a call over one of its quotas
@@ -2165,6 +2169,7 @@ def test_the_sdk_hook_routes_to_no_deployment_with_an_endpoint_of_its_own(tmp_pa
     assert any(e["event"] == "route_not_enforced" and "its endpoint" in e["error"] for e in logs)
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_litellm_fallback_over_its_quota_is_followed_as_litellm_calls_it(tmp_path, monkeypatch) -> None:
     """litellm calls its fallbacks whatever the router's quotas say: a fallback whose rpm is used up is
     still the attempt litellm makes (logged ``route_not_enforced``), not skipped for a model litellm

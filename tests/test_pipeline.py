@@ -485,6 +485,7 @@ def test_litellm_s_fallbacks_given_to_the_pipeline_are_its_own_attempts(monkeypa
     assert cached.choices[0].message.content == "from gpt-4o-mini" and outcome(cached).usage.source == "cache"
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_the_pipeline_admits_the_fallbacks_it_was_given_as_it_admits_an_alias_s(monkeypatch) -> None:
     """The pipeline sends the ``fallbacks=`` it was given itself, so they are admitted as routing's
     are (a first version treated them as litellm's SDK does, which sends them whatever the lifecycle
