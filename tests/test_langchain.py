@@ -2565,3 +2565,41 @@ def test_the_callback_records_an_answer_whose_usage_metadata_holds_no_count(tmp_
     handler.pipeline.close()
     assert open_ledger(url).query("SELECT input_tokens, output_tokens, ended, error FROM calls") == \
         [(0, 2, "complete", None)]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["invoke", "stream"])
+@pytest.mark.parametrize("way", ["model", "middleware"])
+def test_an_agent_keeps_every_turn_when_the_provider_repeats_its_response_id(way, stream, monkeypatch) -> None:
+    """The scripted server answers every request as ``chatcmpl-scripted`` (some servers repeat ids).
+    RoutedChatModel made it the AIMessage's id, and LangGraph's ``add_messages`` replaced the first
+    turn with the second: its tool call gone, the run failed on the orphaned tool result. The message
+    now has the run's id, as ChatOpenAI's, and the provider's stays in ``response_metadata["id"]``
+    (and the span's ``gen_ai.response.id``)."""
+    from langchain.agents import create_agent
+    from langchain_core.tools import tool
+
+    from .scripted_upstream import scripted_upstream
+
+    @tool
+    def run_commands(commands: list[str]) -> str:
+        """Run shell commands and return their output."""
+        return "\n".join(commands)
+
+    @tool(return_direct=True)
+    def submit_and_exit(summary: str, verified: bool) -> str:
+        """Submit the final result."""
+        return "submitted"
+
+    monkeypatch.setenv("UP_KEY", "sk-x")
+    with scripted_upstream(steps=2) as (base, seen):
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"deployments": {
+            "a": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "UP_KEY"}}}})
+        model = RoutedChatModel(model="a", pipeline=pipeline, streaming=stream)
+        middleware = [RouterAgentMiddleware(pipeline, models={"a": model}, model="a")] if way == "middleware" else []
+        state = create_agent(model, tools=[run_commands, submit_and_exit], middleware=middleware).invoke(
+            {"messages": [HumanMessage("run it")]})
+    turns = [m for m in state["messages"] if isinstance(m, AIMessage)]
+    assert len(seen) == 3 and [len(t.tool_calls) for t in turns] == [1, 1, 1]
+    assert [t.tool_calls[0]["name"] for t in turns] == ["run_commands", "run_commands", "submit_and_exit"]
+    assert len({t.id for t in turns}) == 3 and all(t.id and t.id.startswith("lc_run-") for t in turns)
+    assert {t.response_metadata["id"] for t in turns} == {"chatcmpl-scripted"}

@@ -293,8 +293,11 @@ def _tool_calls(raw: Sequence[Any] | None) -> tuple[list[Any], list[Any]]:
 
 
 def to_ai_message(response: Any, result: Outcome) -> AIMessage:
+    """The answer as an AIMessage with no id of its own, as ChatOpenAI's: LangChain gives it the run's
+    (the provider's id, which some servers repeat, is ``response_metadata["id"]``; as the message's id,
+    LangGraph's ``add_messages`` replaced an earlier turn that had the same)."""
     return _ai_message(response, usage_metadata=usage_metadata(result.usage),
-                       response_metadata=response_metadata(result), id=result.response_id)
+                       response_metadata=response_metadata(result))
 
 
 def _ai_message(response: Any, **fields: Any) -> AIMessage:
@@ -431,6 +434,16 @@ def _answered(message: Any) -> tuple[Mapping[str, Any], str, tuple[str, ...]]:
     return metadata, str(metadata.get("model_name") or metadata.get("model") or ""), (str(finish),) if finish else ()
 
 
+def _response_id(message: Any, metadata: Mapping[str, Any]) -> str | None:
+    """The provider's id of an answer: its ``response_metadata["id"]`` (ChatOpenAI's, a
+    RoutedChatModel's), else the message's own unless LangChain gave it (a run's ``lc_run-``/``run-``)."""
+    given = metadata.get("id")
+    if isinstance(given, str) and given:
+        return given
+    own = getattr(message, "id", None)
+    return own if isinstance(own, str) and own and not own.startswith(("lc_run-", "run-")) else None
+
+
 def message_outcome(message: Any, catalog: Catalog) -> Outcome:
     """The Outcome of a chat model's answer (:func:`router_middleware.outcome` of a LangChain message):
     its ``usage_metadata``, priced with ``catalog`` as the model its ``response_metadata`` names, or
@@ -444,7 +457,7 @@ def message_outcome(message: Any, catalog: Catalog) -> Outcome:
     return Outcome(model=model, provider=metadata.get("model_provider"), usage=usage,
                    cost=price(usage, catalog.resolve(model) if model else None,
                               reported_usd=float(reported) if isinstance(reported, int | float) else None),
-                   response_id=getattr(message, "id", None), finish_reasons=finish,
+                   response_id=_response_id(message, metadata), finish_reasons=finish,
                    time_to_first_token_s=metadata.get("time_to_first_token_s"))
 
 
@@ -460,7 +473,7 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     return Outcome(model=model, provider=provider, usage=usage,
                    cost=price(usage, info), plan=plan,
-                   response_id=getattr(message, "id", None), finish_reasons=finish,
+                   response_id=_response_id(message, metadata), finish_reasons=finish,
                    latency_s=time.perf_counter() - started,
                    time_to_first_token_s=(first_token - started) if first_token
                    else metadata.get("time_to_first_token_s"))
