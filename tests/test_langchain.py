@@ -2576,9 +2576,27 @@ def test_an_agent_keeps_every_turn_when_the_provider_repeats_its_response_id(way
     now has the run's id, as ChatOpenAI's, and the provider's stays in ``response_metadata["id"]``
     (and the span's ``gen_ai.response.id``)."""
     from langchain.agents import create_agent
-    from langchain_core.tools import tool
 
     from .scripted_upstream import scripted_upstream
+
+    monkeypatch.setenv("UP_KEY", "sk-x")
+    with scripted_upstream(steps=2) as (base, seen):
+        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"deployments": {
+            "a": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "UP_KEY"}}}})
+        model = RoutedChatModel(model="a", pipeline=pipeline, streaming=stream)
+        middleware = [RouterAgentMiddleware(pipeline, models={"a": model}, model="a")] if way == "middleware" else []
+        state = create_agent(model, tools=_scripted_tools(), middleware=middleware).invoke(
+            {"messages": [HumanMessage("run it")]})
+    turns = [m for m in state["messages"] if isinstance(m, AIMessage)]
+    assert len(seen) == 3 and [len(t.tool_calls) for t in turns] == [1, 1, 1]
+    assert [t.tool_calls[0]["name"] for t in turns] == ["run_commands", "run_commands", "submit_and_exit"]
+    assert len({t.id for t in turns}) == 3 and all(t.id and t.id.startswith("lc_run-") for t in turns)
+    assert {t.response_metadata["id"] for t in turns} == {"chatcmpl-scripted"}
+
+
+def _scripted_tools() -> list[Any]:
+    """The two tools the scripted server's answers call (:mod:`tests.scripted_upstream`)."""
+    from langchain_core.tools import tool
 
     @tool
     def run_commands(commands: list[str]) -> str:
@@ -2590,16 +2608,50 @@ def test_an_agent_keeps_every_turn_when_the_provider_repeats_its_response_id(way
         """Submit the final result."""
         return "submitted"
 
+    return [run_commands, submit_and_exit]
+
+
+@pytest.mark.parametrize("break_after", [2, 4], ids=["cut mid tool call", "no usage chunk"])
+def test_an_agent_stream_the_provider_reports_no_usage_for_is_estimated_as_the_pipeline_s_own(break_after, tmp_path,
+                                                                                              monkeypatch) -> None:
+    """A streamed tool call that breaks off after its first fragment (a failed attempt, the fallback
+    answers), or ends without a usage chunk: the agent's row is estimated as ``Pipeline.completion``
+    estimates the same stream. Before, a cut tool call counted 1 output token on the agent's path (its
+    text alone: LangChain's chunks carry the call apart; 35 through the pipeline), and a stream with no
+    usage chunk counted its prompt without the tool definitions (9 tokens; 144 with them)."""
+    from langchain.agents import create_agent
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from router_middleware.ledger.store import open_ledger
+
+    from .scripted_upstream import scripted_upstream
+
     monkeypatch.setenv("UP_KEY", "sk-x")
-    with scripted_upstream(steps=2) as (base, seen):
-        pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"deployments": {
-            "a": {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "UP_KEY"}}}})
-        model = RoutedChatModel(model="a", pipeline=pipeline, streaming=stream)
-        middleware = [RouterAgentMiddleware(pipeline, models={"a": model}, model="a")] if way == "middleware" else []
-        state = create_agent(model, tools=[run_commands, submit_and_exit], middleware=middleware).invoke(
-            {"messages": [HumanMessage("run it")]})
-    turns = [m for m in state["messages"] if isinstance(m, AIMessage)]
-    assert len(seen) == 3 and [len(t.tool_calls) for t in turns] == [1, 1, 1]
-    assert [t.tool_calls[0]["name"] for t in turns] == ["run_commands", "run_commands", "submit_and_exit"]
-    assert len({t.id for t in turns}) == 3 and all(t.id and t.id.startswith("lc_run-") for t in turns)
-    assert {t.response_metadata["id"] for t in turns} == {"chatcmpl-scripted"}
+    tools = _scripted_tools()
+    with scripted_upstream(break_after=break_after) as (cut, _), scripted_upstream() as (whole, _):
+        def pipeline(url: str) -> Pipeline:
+            return Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}, "routing": {
+                "deployments": {name: {"model": "openai/gpt-4o-mini", "api_base": base, "api_key_env": "UP_KEY"}
+                                for name, base in (("cut", cut), ("whole", whole))},
+                "aliases": {"coder": ["cut", "whole"]}, "fallback": {"backoff_s": 0}}})
+
+        agent_url, own_url = (f"sqlite:///{tmp_path / name}.db" for name in ("agent", "own"))
+        routed = pipeline(agent_url)
+        models = {name: RoutedChatModel(model=name, pipeline=routed, streaming=True) for name in ("cut", "whole")}
+        create_agent(models["cut"], tools=tools, middleware=[RouterAgentMiddleware(routed, models=models, model="coder")]
+                     ).invoke({"messages": [HumanMessage("say hello")]})
+        routed.close()
+        own = pipeline(own_url)
+        try:
+            for _ in own.completion("cut", [{"role": "user", "content": "say hello"}], stream=True,
+                                    tools=[convert_to_openai_tool(t) for t in tools]):
+                pass
+        except Exception as exc:  # noqa: BLE001 - the cut stream raises to its reader, after its row
+            assert break_after == 2, exc
+        own.close()
+    query = "SELECT ended, input_tokens, output_tokens FROM calls ORDER BY ts LIMIT 1"
+    ((agent_ended, agent_in, agent_out),) = open_ledger(agent_url).query(query)
+    ((own_ended, own_in, own_out),) = open_ledger(own_url).query(query)
+    assert agent_ended == own_ended == ("failed" if break_after == 2 else "complete")
+    assert agent_in == own_in > 100  # the tool definitions counted
+    assert abs(agent_out - own_out) <= 2 and agent_out > 20  # the call ids differ (uuids) by a token or so

@@ -10,6 +10,7 @@ carries its :class:`~.types.Outcome` (what it used and cost) for the caller to r
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -48,14 +49,18 @@ def answered(engine: Engine, plan: Plan, response: Any, started: float) -> Any:
 
 
 def _finisher(engine: Engine, plan: Plan, stream: Any) -> Finisher:
-    """What a stream sent as given used, once read (the provider's usage where it sent it)."""
+    """What a stream sent as given used, once read: the provider's usage where it sent it, else an
+    estimate, its prompt counted locally with the tool definitions (litellm's own count leaves them out)."""
 
     def finish(chunks: list[Any], started: float, first: float | None, error: BaseException | None,
                early: bool) -> Outcome | None:
         if not chunks:
             return None
         reported = error is None and not early and wire.usage_reported(chunks, stream)
-        response = wire.litellm().stream_chunk_builder(chunks)
+        prompt = functools.cache(lambda: engine.state.request_tokens(plan))  # counted once, if at all
+        response = wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt)
+        if not reported:  # the prompt litellm counted leaves the tools out (as in the lifecycle's finisher)
+            wire.set_prompt_tokens(response, prompt())
         return build_outcome(response, plan, engine.catalog, usage_source="provider" if reported else "estimated",
                              answered_model=wire.answered_model(chunks), latency_s=time.perf_counter() - started,
                              time_to_first_token_s=(first - started) if first is not None else None)

@@ -412,7 +412,7 @@ def usage_from_message(message: Any, estimate: int, model: str | None = None) ->
     RoutedChatModel's ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
     metadata = getattr(message, "usage_metadata", None)
     if not metadata:
-        text = str(getattr(message, "content", "") or "")
+        text = _said(message)
         if model is None:
             return Usage(estimate, max(1, len(text) // 4), source="estimated")
         from ..tokens import encoder_for
@@ -424,6 +424,26 @@ def usage_from_message(message: Any, estimate: int, model: str | None = None) ->
     return Usage(count_in(metadata, "input_tokens"), count_in(metadata, "output_tokens"),
                  count_in(inputs, "cache_read"), count_in(inputs, "cache_creation"),
                  count_in(outputs, "reasoning"), source="estimated" if estimated else "provider")
+
+
+def _said(message: Any) -> str:
+    """What an answer said, as its output is counted without a report: its text and reasoning, and
+    its tool calls as litellm counts them in a stream it assembles (each call's JSON), so a stream cut
+    mid tool call counts on the agent's paths as through ``Pipeline.completion`` (LangChain's chunks
+    carry the calls apart from the text, which alone counted: 1 token)."""
+    content = getattr(message, "content", "") or ""
+    parts = [content] if isinstance(content, str) else [
+        str(block.get("text") or block.get("thinking") or "") if isinstance(block, Mapping) else str(block)
+        for block in content]
+    reasoning = (getattr(message, "additional_kwargs", None) or {}).get("reasoning_content")
+    if isinstance(reasoning, str):
+        parts.append(reasoning)
+    calls = [(c.get("id"), c.get("name") or "", c.get("args") or "")
+             for c in getattr(message, "tool_call_chunks", None) or ()] or [
+        (c.get("id"), c["name"], json.dumps(c["args"])) for c in getattr(message, "tool_calls", None) or ()]
+    parts += [json.dumps({"function": {"arguments": args, "name": name}, "id": id_, "type": "function"},
+                         separators=(",", ":")) for id_, name, args in calls]  # as litellm counts a call's
+    return "".join(parts)
 
 
 def _answered(message: Any) -> tuple[Mapping[str, Any], str, tuple[str, ...]]:
