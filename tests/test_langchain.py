@@ -2655,3 +2655,21 @@ def test_an_agent_stream_the_provider_reports_no_usage_for_is_estimated_as_the_p
     assert agent_ended == own_ended == ("failed" if break_after == 2 else "complete")
     assert agent_in == own_in > 100  # the tool definitions counted
     assert abs(agent_out - own_out) <= 2 and agent_out > 20  # the call ids differ (uuids) by a token or so
+
+
+def test_the_callback_s_row_has_the_agent_s_step_as_the_middleware_counts_it(tmp_path) -> None:
+    """An observed call's row has its ``step``: the model turns before it (its assistant messages), as
+    RouterAgentMiddleware and the proxy count them; a step the handler's context sets is kept. Before,
+    the handler's rows had no step (NULL), so a ledger's per-step view left them out."""
+    from router_middleware.ledger.store import open_ledger
+
+    history = [HumanMessage("a"), AIMessage("b"), HumanMessage("c"), AIMessage("d"), HumanMessage("e")]
+    steps = []
+    for context in (None, {"step": 7}):
+        url = f"sqlite:///{tmp_path / f'ledger{len(steps)}.db'}"
+        handler = RouterCallbackHandler(Pipeline.from_config({"ledger": {"url": url}}), context=context)
+        for turns in (1, 5):
+            GenericFakeChatModel(messages=iter([AIMessage("ok")])).invoke(history[:turns], config={"callbacks": [handler]})
+        handler.pipeline.close()
+        steps.append([step for (step,) in open_ledger(url).query("SELECT step FROM calls ORDER BY ts")])
+    assert steps == [[0, 2], [7, 7]]

@@ -94,9 +94,11 @@ class RouterCallbackHandler(BaseCallbackHandler):
             context["session_id"] = str(session)
         if tags and "tags" not in context:
             context["tags"] = tuple(tags)
-        call = Call.create(model, to_openai(messages[0]) if messages else [],
-                           {k: v for k, v in params.items() if k in ("temperature", "max_tokens", "stream")},
-                           context)
+        sent = to_openai(messages[0]) if messages else []
+        if "step" not in context:  # the agent's model turns so far, as the middleware and the proxy count them
+            context["step"] = sum(1 for m in sent if m.get("role") == "assistant")
+        settings = {k: v for k, v in params.items() if k in ("temperature", "max_tokens", "stream")}
+        call = Call.create(model, sent, settings, context)
         plan = Plan.from_call(call)
         trace = None
         if not accounted(metadata, messages[0] if messages else []):
