@@ -51,6 +51,17 @@ def test_alias_order_and_floor_suffix() -> None:
     assert routed(p, "gpt-4o").model == "gpt-4o"  # a concrete model passes through
 
 
+@pytest.mark.parametrize(("model", "strategy"), [("qwen2.5-coder:7b", "ordered"), ("qwen2.5-coder:7b:floor", "price"),
+                                                 ("qwen2.5-coder:7b:nitro", "throughput")])
+def test_an_alias_named_with_a_colon_takes_a_suffix(model: str, strategy: str) -> None:
+    """``qwen2.5-coder:7b:floor`` is the alias ``qwen2.5-coder:7b`` by price. Before, it was split at the
+    first colon: no alias ``qwen2.5-coder``, so the call went to litellm as the model of that name."""
+    p = Pipeline.from_config({"routing": {"aliases": {"qwen2.5-coder:7b": ["gpt-4o", "gpt-4o-mini"]}}})
+    plan = routed(p, model)
+    assert plan.decisions[0].attributes["strategy"] == strategy
+    assert plan.model == ("gpt-4o-mini" if strategy == "price" else "gpt-4o")
+
+
 @pytest.mark.parametrize(("model", "hint"), [("coder:flor", "; did you mean ':floor'?"), ("coder:cheapest", "")])
 def test_a_misspelled_alias_suffix_is_refused_naming_the_ones_there_are(model: str, hint: str) -> None:
     """Routed by the alias's default order instead, the caller would never learn it was not by price."""

@@ -547,9 +547,13 @@ class RoutingConfig(_Strict):
 
     def split_route(self, requested: str) -> tuple[str, str, str]:
         """``requested`` as ``(name, ":", suffix)``: ``coder:floor`` is the alias ``coder`` with a suffix;
-        an alias or deployment named with a ``:`` (``qwen2.5-coder:7b``) is that name whole."""
+        an alias or deployment named with a ``:`` (``qwen2.5-coder:7b``) is that name whole, also
+        before a suffix (``qwen2.5-coder:7b:floor``)."""
         if requested in self.aliases or requested in self.deployments:
             return requested, "", ""
+        head, colon, suffix = requested.rpartition(":")
+        if colon and (head in self.aliases or head in self.deployments):
+            return head, colon, suffix
         return requested.partition(":")
 
     def baseline_target(self, requested: str) -> str:
