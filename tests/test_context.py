@@ -500,16 +500,20 @@ def test_summary_is_written_once_and_reused(monkeypatch) -> None:
         assert integrity_violations(sent) == []
 
 
-def test_a_span_over_the_summary_model_s_window_is_summarized_without_its_middle(monkeypatch) -> None:
+@pytest.mark.parametrize("output", [None, 16_000])
+def test_a_span_over_the_summary_model_s_window_is_summarized_without_its_middle(monkeypatch, output) -> None:
     """A span bigger than the summary model's window was sent whole: refused by the provider (after a
-    wait of seconds with 3 MB), and the call fell back to the digest."""
+    wait of seconds with 3 MB), and the call fell back to the digest. The room left for the summary's
+    output is its ``summary_params.max_tokens`` where set (before the fifty-seventh session, always
+    600: a 16,000-token cap left the request over the window)."""
     import litellm
 
     from router_middleware.tokens import encoder_for
 
+    own = {"max_tokens": output} if output else {}
     pipeline = Pipeline.from_config({"context": {"watermark_tokens": 8000, "max_payback_calls": None,
                                                  "summarize": True, "summary_model": "gpt-4o-mini",
-                                                 "summary_params": {"mock_response": "They read 20 files."}}})
+                                                 "summary_params": {"mock_response": "They read 20 files.", **own}}})
     sent: list[dict] = []
     real = litellm.completion
 
@@ -524,7 +528,8 @@ def test_a_span_over_the_summary_model_s_window_is_summarized_without_its_middle
     [summary] = sent
     text = summary["messages"][1]["content"]
     assert "characters left out here" in text and "src/mod0.py" in text and "src/mod18.py" in text
-    assert encoder_for("gpt-4o-mini")(text) + 600 < 128_000
+    assert summary["max_tokens"] == (output or 600)
+    assert encoder_for("gpt-4o-mini")(text) + summary["max_tokens"] < 128_000
     assert any("They read 20 files." in str(m.get("content")) for m in outcome(response).plan.messages)
 
 

@@ -42,7 +42,7 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any], call
     its middle (:func:`fit_transcript`), not refused by the provider after a wait."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
     if window is not None and count is not None:
-        transcript = fit_transcript(transcript, window - SUMMARY_OUTPUT - _PROMPT_OVERHEAD, count)
+        transcript = fit_transcript(transcript, window - _output(params) - _PROMPT_OVERHEAD, count)
     metadata = {**(params.get("metadata") or {}), SIDE_CALL: True}  # no string: litellm may forward those
     return {
         "model": model,
@@ -55,6 +55,14 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any], call
         **params,
         "metadata": metadata,
     } | _within(params.get("timeout", SUMMARY_TIMEOUT_S), call_timeout)
+
+
+def _output(params: Mapping[str, Any]) -> int:
+    """The output the summary call asks room for: ``summary_params``' own cap where it sets one (the
+    larger, if both), else ``SUMMARY_OUTPUT``."""
+    caps = [v for k in ("max_tokens", "max_completion_tokens")
+            if isinstance(v := params.get(k), int) and not isinstance(v, bool) and v > 0]
+    return max(caps, default=SUMMARY_OUTPUT)
 
 
 def fit_transcript(transcript: str, room: int, count: Callable[[str], int]) -> str:
