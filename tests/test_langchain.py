@@ -1869,12 +1869,16 @@ def test_the_agent_middleware_names_a_target_in_its_rows_and_spans_as_the_pipeli
 
 
 def _day_count(pipeline: Pipeline, bucket: str, kind: str) -> float:
-    """What ``bucket``'s ``kind`` (``rpd``, ``tpd``) counter holds for today (UTC)."""
+    """What ``bucket``'s ``kind`` (``rpd``, ``tpd``) counter holds for today (UTC; the window the calls
+    counted in, on the clock of :func:`~tests.conftest.one_quota_window`)."""
     import time
 
-    return float(pipeline.store.get(f"quota:{bucket}:{kind}:{int(time.time() // 86400)}") or 0)
+    from router_middleware.routing import quotas
+
+    return float(pipeline.store.get(f"quota:{quotas.window(bucket, kind, time.time())[0]}") or 0)
 
 
+@pytest.mark.usefixtures("one_quota_window")
 @pytest.mark.parametrize("way", ["pipeline", "agent", "async agent"])
 def test_each_try_of_a_retry_counts_toward_the_request_quota_as_the_pipeline_s_own_retry_does(way, monkeypatch) -> None:
     """The provider refuses the first request (a 429) and answers the second. ``Pipeline.completion``
@@ -1927,6 +1931,7 @@ def test_each_try_of_a_retry_counts_toward_the_request_quota_as_the_pipeline_s_o
         ask()
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_each_try_of_a_retry_middleware_inside_the_router_counts_its_tokens_toward_the_quota(tmp_path) -> None:
     """Each try's stream breaks off after part of an answer, and ModelRetryMiddleware gives up: each
     try was a request the provider billed for its prompt and what it streamed, so the target's
@@ -2673,3 +2678,61 @@ def test_the_callback_s_row_has_the_agent_s_step_as_the_middleware_counts_it(tmp
         handler.pipeline.close()
         steps.append([step for (step,) in open_ledger(url).query("SELECT step FROM calls ORDER BY ts")])
     assert steps == [[0, 2], [7, 7]]
+
+
+def test_the_callback_estimates_a_call_its_model_reports_no_usage_for_with_its_tools_and_tool_call() -> None:
+    """A chat model with bound tools streams a tool call and reports no usage: the handler settles it
+    at the prompt counted with the tool definitions (as the pipeline counts the same request; before,
+    without them: 10 tokens for 101) and at the tool call it streamed (before, 1 token: its text)."""
+    from langchain_core.messages import AIMessageChunk
+    from langchain_core.messages.tool import tool_call_chunk
+    from langchain_core.outputs import ChatGenerationChunk, ChatResult
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    class NoUsage(BaseChatModel):
+        model_name: str = "gpt-4o-mini"
+
+        @property
+        def _llm_type(self) -> str:
+            return "no-usage"
+
+        def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+            return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+        def _generate(self, *args: Any, **kwargs: Any) -> ChatResult:
+            raise NotImplementedError
+
+        def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+            for first, piece in ((True, '{"commands": ["echo '), (False, 'hi"]}')):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[tool_call_chunk(
+                    name="run_commands" if first else None, args=piece, id="c1" if first else None, index=0)]))
+                if run_manager:
+                    run_manager.on_llm_new_token("", chunk=chunk)
+                yield chunk
+
+    tools = _scripted_tools()
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}})
+    handler = RouterCallbackHandler(pipeline)
+    for _ in NoUsage().bind_tools(tools).stream([HumanMessage("run the tests")], config={"callbacks": [handler]}):
+        pass
+    usage = handler.outcomes[-1].usage
+    counted = pipeline.state.tokens("gpt-4o-mini", [{"role": "user", "content": "run the tests"}],
+                                    [convert_to_openai_tool(t) for t in tools])
+    assert usage.source == "estimated" and usage.input_tokens == counted > 50 and usage.output_tokens > 10
+
+
+@pytest.mark.parametrize("answer", [
+    AIMessage([{"type": "reasoning", "reasoning": "I should list the files first, then run the tests."}]),
+    AIMessage([{"type": "reasoning", "summary": [{"type": "summary_text", "text": "I should list the files first, "},
+                                                 {"type": "summary_text", "text": "then run the tests."}]}]),
+    AIMessage([{"type": "thinking", "thinking": "I should list the files first, then run the tests."}]),
+    AIMessage("", invalid_tool_calls=[{"type": "invalid_tool_call", "id": "c1", "name": "run_commands",
+                                       "args": '{"commands": ["echo I should list the files first', "error": None}]),
+], ids=["v1 reasoning", "responses summary", "thinking", "invalid tool call"])
+def test_an_answer_without_usage_is_estimated_at_what_it_said_in_any_block(answer) -> None:
+    """An answer the provider reports no usage for is counted at what it said: a reasoning block
+    (LangChain's v1 ``reasoning``, the Responses API's ``summary``), a thinking block, a tool call that
+    did not parse. Before, each counted 1 output token."""
+    from router_middleware.langchain.convert import usage_from_message
+
+    assert usage_from_message(answer, 0, "gpt-4o-mini").output_tokens >= 10

@@ -409,3 +409,32 @@ def test_a_stream_left_once_each_answer_has_ended_ends_complete_without_reading_
             del stream
             gc.collect()
     assert len(ended) == 1 and (type(ended[0]).__name__ if ended[0] else None) == error
+
+
+def test_a_stream_sent_as_given_keeps_the_provider_s_prompt_and_counts_tools_where_it_sent_none() -> None:
+    """``Pipeline.send`` (RouterAgentMiddleware's attempt through a RoutedChatModel) on real recordings:
+    a stream whose reader leaves after the provider's usage chunk, before the stream's end, keeps the
+    provider's prompt count (estimated: the stream was not read out); a stream with no usage from
+    the provider counts its prompt with the tool definitions, as ``Pipeline.completion`` does
+    (before, litellm's count without them: 8 tokens for 82)."""
+    from .cassette_data import interactions
+    from .conftest import CASSETTES
+    from .replay_server import replay_server
+
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
+    given = {"api_key": "sk-test", "stream": True}
+    with replay_server("openai_chat_streaming.yaml") as (base, _):
+        whole = pipeline.send("gpt-3.5-turbo", MESSAGES, api_base=base, stream_options={"include_usage": True}, **given)
+        count = len(list(whole))
+        left = pipeline.send("gpt-3.5-turbo", MESSAGES, api_base=base, stream_options={"include_usage": True}, **given)
+        read = [next(left) for _ in range(count)]
+        left.close()
+    assert getattr(read[-1], "usage", None) is not None  # the usage chunk was read, the stream's end was not
+    assert whole.outcome.usage.source == "provider" and left.outcome.usage.source == "estimated"
+    assert left.outcome.usage.input_tokens == whole.outcome.usage.input_tokens
+    tools = interactions(CASSETTES / "openai_chat_tools_streaming.yaml")[0].request["tools"]
+    with replay_server("openai_chat_tools_streaming.yaml") as (base, _):
+        unreported = pipeline.send("gpt-4o-mini", MESSAGES, tools=tools, api_base=base, **given)
+        list(unreported)
+    assert unreported.outcome.usage.source == "estimated"
+    assert unreported.outcome.usage.input_tokens == pipeline.state.tokens("gpt-4o-mini", MESSAGES, tools) > 30

@@ -20,7 +20,7 @@ from .accounting import build_outcome
 from .errors import EmptyStreamError
 from .params import usage_asked
 from .streaming import TrackedStream
-from .types import Outcome, Plan
+from .types import Outcome, Plan, UsageSource
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -56,12 +56,13 @@ def _finisher(engine: Engine, plan: Plan, stream: Any) -> Finisher:
                early: bool) -> Outcome | None:
         if not chunks:
             return None
-        reported = error is None and not early and wire.usage_reported(chunks, stream)
+        reported = wire.usage_reported(chunks, stream)
         prompt = functools.cache(lambda: engine.state.request_tokens(plan))  # counted once, if at all
         response = wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt)
         if not reported:  # the prompt litellm counted leaves the tools out (as in the lifecycle's finisher)
             wire.set_prompt_tokens(response, prompt())
-        return build_outcome(response, plan, engine.catalog, usage_source="provider" if reported else "estimated",
+        source: UsageSource = "provider" if reported and error is None and not early else "estimated"
+        return build_outcome(response, plan, engine.catalog, usage_source=source,
                              answered_model=wire.answered_model(chunks), latency_s=time.perf_counter() - started,
                              time_to_first_token_s=(first - started) if first is not None else None)
 

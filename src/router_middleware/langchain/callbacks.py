@@ -98,6 +98,9 @@ class RouterCallbackHandler(BaseCallbackHandler):
         if "step" not in context:  # the agent's model turns so far, as the middleware and the proxy count them
             context["step"] = sum(1 for m in sent if m.get("role") == "assistant")
         settings = {k: v for k, v in params.items() if k in ("temperature", "max_tokens", "stream")}
+        tools = params.get("tools")  # counted in the prompt of a call its provider reports no usage for
+        if isinstance(tools, list) and all(isinstance(tool, Mapping) for tool in tools):
+            settings["tools"] = tools
         call = Call.create(model, sent, settings, context)
         plan = Plan.from_call(call)
         trace = None

@@ -432,18 +432,32 @@ def _said(message: Any) -> str:
     mid tool call counts on the agent's paths as through ``Pipeline.completion`` (LangChain's chunks
     carry the calls apart from the text, which alone counted: 1 token)."""
     content = getattr(message, "content", "") or ""
-    parts = [content] if isinstance(content, str) else [
-        str(block.get("text") or block.get("thinking") or "") if isinstance(block, Mapping) else str(block)
-        for block in content]
+    parts = [content] if isinstance(content, str) else [_block_text(block) for block in content]
     reasoning = (getattr(message, "additional_kwargs", None) or {}).get("reasoning_content")
     if isinstance(reasoning, str):
         parts.append(reasoning)
-    calls = [(c.get("id"), c.get("name") or "", c.get("args") or "")
-             for c in getattr(message, "tool_call_chunks", None) or ()] or [
-        (c.get("id"), c["name"], json.dumps(c["args"])) for c in getattr(message, "tool_calls", None) or ()]
+    fragments = getattr(message, "tool_call_chunks", None)  # a chunk's calls, valid or not, are read from them
+    unparsed = fragments or getattr(message, "invalid_tool_calls", None) or ()
+    calls = [] if fragments else [(c.get("id"), c["name"], json.dumps(c["args"]))
+                                  for c in getattr(message, "tool_calls", None) or ()]
+    calls += [(c.get("id"), c.get("name") or "", c.get("args") or "") for c in unparsed]
     parts += [json.dumps({"function": {"arguments": args, "name": name}, "id": id_, "type": "function"},
                          separators=(",", ":")) for id_, name, args in calls]  # as litellm counts a call's
     return "".join(parts)
+
+
+def _block_text(block: Any) -> str:
+    """A content block's text as its output is counted: a text, thinking or reasoning block's (LangChain's
+    v1 ``reasoning``, the Responses API's ``summary`` parts); a tool call's are counted apart."""
+    if not isinstance(block, Mapping):
+        return str(block)
+    found = block.get("text") or block.get("thinking") or block.get("reasoning")
+    if isinstance(found, str):
+        return found
+    summary = block.get("summary")
+    if isinstance(summary, list):
+        return "".join(str(part.get("text") or "") for part in summary if isinstance(part, Mapping))
+    return ""
 
 
 def _answered(message: Any) -> tuple[Mapping[str, Any], str, tuple[str, ...]]:
