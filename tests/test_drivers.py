@@ -789,6 +789,7 @@ def test_a_downgrade_claims_the_probe_of_its_half_open_targets(script) -> None:
     assert script.calls == [MINI] and p.store.get(PROBE + DEEPSEEK) == b"another call"
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_downgrade_nothing_admits_is_the_budget_s_refusal_not_a_target_skipped_before(script,
                                                                                       monkeypatch) -> None:
     """Claude is half-open, another call probing it: the call moves on to gpt-5-mini, whose estimate the

@@ -32,6 +32,7 @@ def free_pipeline(rpd: int | None = None, **free: object) -> Pipeline:
     })
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_free_variant_first_then_paid_when_the_daily_quota_is_used() -> None:
     p = free_pipeline(rpd=3)
     answered = [outcome(p.completion("coder", MESSAGES, mock_response="ok")) for _ in range(5)]
@@ -52,6 +53,7 @@ def test_free_tier_limits_follow_openrouters_credit_rule() -> None:
         Pipeline.from_config({"routing": {"limits": {"a": {"rpm": 0}}}})
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_the_free_quota_is_shared_by_every_free_model_per_minute() -> None:
     routing = RoutingConfig(aliases={"a": [PAID], "b": ["openrouter/meta-llama/llama-3.3-70b-instruct"]},
                             free_tier=FreeTierConfig(prefer=True, models=["*"], rpm=2))
@@ -72,6 +74,7 @@ def _limited(limits: dict, alias: list[str]) -> Pipeline:
                                  "context": {"enabled": False}, "cache": {"enabled": False}})
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_own_rpm_limit_spills_over_and_then_names_the_limit() -> None:
     p = _limited({"gpt-4o-mini": {"rpm": 3}}, ["gpt-4o-mini", "gpt-3.5-turbo"])
     models = [outcome(p.completion("pool", MESSAGES, mock_response="ok")).model for _ in range(5)]
@@ -85,10 +88,11 @@ def test_own_rpm_limit_spills_over_and_then_names_the_limit() -> None:
                                   "(gpt-4o-mini: rpm limit 2 reached (2 used this minute))")
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_tpm_limit_counts_the_reported_tokens() -> None:
     p = _limited({"gpt-4o-mini": {"tpm": 200}}, ["gpt-4o-mini", "gpt-3.5-turbo"])
     first = outcome(p.completion("pool", MESSAGES, mock_response="ok", max_tokens=50))
-    key = f"quota:gpt-4o-mini:tpm:{int(time.time() // 60)}"
+    key = "quota:" + quotas.window("gpt-4o-mini", "tpm", time.time())[0]  # the window the call counted in
     assert float(p.store.get(key)) == first.usage.total_tokens  # settled from the estimate to the actual
     models = [outcome(p.completion("pool", MESSAGES, mock_response="ok", max_tokens=50)).model for _ in range(8)]
     assert "gpt-3.5-turbo" in models
@@ -237,6 +241,7 @@ def test_quotas_on_real_redis_are_never_overtaken(redis_url, monkeypatch) -> Non
     assert float(books.store.get(f"quota:{bucket}:rpm:{int(now // 60)}")) == 30
 
 
+@pytest.mark.usefixtures("one_quota_window")
 def test_a_quota_refusal_releases_the_budget_reservation() -> None:
     p = Pipeline.from_config({"routing": {"aliases": {"pool": ["gpt-4o-mini"]}, "limits": {"gpt-4o-mini": {"rpm": 1}},
                                           "budgets": [{"name": "team", "scope": "global", "usd": 1.0}]},
