@@ -533,6 +533,22 @@ def test_a_span_over_the_summary_model_s_window_is_summarized_without_its_middle
     assert any("They read 20 files." in str(m.get("content")) for m in outcome(response).plan.messages)
 
 
+@pytest.mark.parametrize("output", [8_000, 8_192])
+def test_a_summary_whose_output_cap_fills_the_window_still_sends_half_the_window_of_its_span(output) -> None:
+    """``summary_params.max_tokens`` at or near the summary model's window left no room: the span was
+    cut to nothing and the model asked to summarise an empty transcript (review57b). Half the window
+    is kept for the span (the provider may refuse the request: the digest serves then)."""
+    from router_middleware.context.summarize import summary_request
+    from router_middleware.tokens import encoder_for
+    from router_middleware.types import SummaryJob
+
+    count = encoder_for("gpt-4o-mini")
+    job = SummaryJob("k", tuple({"role": "user", "content": f"step {i}: edited src/f{i}.py, tests pass " * 20}
+                                for i in range(40)))
+    sent = summary_request(job, "ollama/qwen2.5-coder:7b", {"max_tokens": output}, window=8_192, count=count)
+    assert 2_000 < count(sent["messages"][1]["content"]) <= 4_096
+
+
 def test_failed_summary_falls_back_to_digest() -> None:
     pipeline = Pipeline.from_config({"context": {"watermark_tokens": 1500, "max_payback_calls": None,
                                                  "summarize": True, "summary_model": "no-such-provider/x"}})

@@ -2736,3 +2736,42 @@ def test_an_answer_without_usage_is_estimated_at_what_it_said_in_any_block(answe
     from router_middleware.langchain.convert import usage_from_message
 
     assert usage_from_message(answer, 0, "gpt-4o-mini").output_tokens >= 10
+
+
+def test_a_v1_answer_counts_its_reasoning_once() -> None:
+    """A v1 message (``output_version="v1"``) holds its reasoning in a ``reasoning`` block and still in
+    ``additional_kwargs["reasoning_content"]``: counted once (review57b: twice, 242 tokens for 122)."""
+    from langchain_core.language_models._utils import _update_message_content_to_blocks
+
+    from router_middleware.langchain.convert import usage_from_message
+
+    v0 = AIMessage("done", additional_kwargs={"reasoning_content": "I should list the files first. " * 20})
+    v1 = _update_message_content_to_blocks(v0, "v1")
+    assert "reasoning_content" in v1.additional_kwargs and v1.content[0]["type"] == "reasoning"
+    counts = [usage_from_message(m, 0, "gpt-4o-mini").output_tokens for m in (v0, v1)]
+    assert abs(counts[0] - counts[1]) <= 1 and counts[0] > 100
+
+
+@pytest.mark.parametrize("reported", [False, True])
+def test_the_callback_records_a_call_whose_tools_cannot_be_counted_in_order(reported) -> None:
+    """Tools whose schema mixes key types (``{1: ..., "a": ...}``) could not be serialised sorted: the
+    handler's prompt count raised, and the call had no row even when its model reported usage
+    (review57b). They are counted as given, and the prompt is counted only for a call without usage."""
+    from langchain_core.outputs import ChatGeneration, ChatResult
+
+    class Tooled(BaseChatModel):
+        model_name: str = "gpt-4o-mini"
+
+        @property
+        def _llm_type(self) -> str:
+            return "tooled"
+
+        def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> ChatResult:
+            usage = {"usage_metadata": {"input_tokens": 500, "output_tokens": 3, "total_tokens": 503}} if reported else {}
+            return ChatResult(generations=[ChatGeneration(message=AIMessage("ok", **usage))])
+
+    odd = [{"type": "function", "function": {"name": "f", "parameters": {1: "x", "a": "y"}}}]
+    handler = RouterCallbackHandler(Pipeline.from_config({"cache": {"enabled": False}}))
+    Tooled().bind(tools=odd).invoke([HumanMessage("hi")], config={"callbacks": [handler]})
+    [result] = handler.outcomes
+    assert result.usage.input_tokens == (500 if reported else result.usage.input_tokens) > 10

@@ -216,7 +216,10 @@ class TokenCounter:
     def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
         if not tools:
             return 0
-        blob = json.dumps(list(tools), sort_keys=True, default=str)
+        try:
+            blob = json.dumps(list(tools), sort_keys=True, default=str)
+        except TypeError:  # keys that do not sort (a str beside an int): counted as given
+            blob = json.dumps(list(tools), default=str)
         count = self._tools.get(blob)
         if count is None:
             count = self._tools[blob] = self._encode(blob)

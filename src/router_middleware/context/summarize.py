@@ -42,7 +42,8 @@ def summary_request(job: SummaryJob, model: str, params: Mapping[str, Any], call
     its middle (:func:`fit_transcript`), not refused by the provider after a wait."""
     transcript = "\n\n".join(f"[{m.get('role')}] {text_of(m)}" for m in job.messages)
     if window is not None and count is not None:
-        transcript = fit_transcript(transcript, window - _output(params) - _PROMPT_OVERHEAD, count)
+        # an output cap near the window (a request the provider refuses anyway) leaves half of it
+        transcript = fit_transcript(transcript, window - min(_output(params), window // 2) - _PROMPT_OVERHEAD, count)
     metadata = {**(params.get("metadata") or {}), SIDE_CALL: True}  # no string: litellm may forward those
     return {
         "model": model,

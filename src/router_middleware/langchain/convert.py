@@ -405,19 +405,21 @@ def tool_choice(choice: Any) -> Any:
     raise ValueError(f"tool_choice: unsupported value {choice!r}")
 
 
-def usage_from_message(message: Any, estimate: int, model: str | None = None) -> Usage:
+def usage_from_message(message: Any, estimate: int | Callable[[], int], model: str | None = None) -> Usage:
     """A LangChain message's ``usage_metadata`` as our Usage (same conventions); without it, an estimate:
-    ``estimate`` for the prompt and its text counted with ``model``'s tokenizer (a quarter of its
-    characters without one). Reported by the provider unless the message says it is an estimate (a
-    RoutedChatModel's ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
+    ``estimate`` for the prompt (or what counts it, called only then) and what the message said
+    counted with ``model``'s tokenizer (a quarter of its characters without one). Reported by the
+    provider unless the message says it is an estimate (a RoutedChatModel's
+    ``response_metadata["usage_source"]``, as for a stream that sent no usage)."""
     metadata = getattr(message, "usage_metadata", None)
     if not metadata:
         text = _said(message)
+        prompt = estimate() if callable(estimate) else estimate
         if model is None:
-            return Usage(estimate, max(1, len(text) // 4), source="estimated")
+            return Usage(prompt, max(1, len(text) // 4), source="estimated")
         from ..tokens import encoder_for
 
-        return Usage(estimate, max(1, encoder_for(model)(text)), source="estimated")
+        return Usage(prompt, max(1, encoder_for(model)(text)), source="estimated")
     estimated = (getattr(message, "response_metadata", None) or {}).get("usage_source") == "estimated"
     inputs = metadata.get("input_token_details") or {}
     outputs = metadata.get("output_token_details") or {}
@@ -434,7 +436,9 @@ def _said(message: Any) -> str:
     content = getattr(message, "content", "") or ""
     parts = [content] if isinstance(content, str) else [_block_text(block) for block in content]
     reasoning = (getattr(message, "additional_kwargs", None) or {}).get("reasoning_content")
-    if isinstance(reasoning, str):
+    reasoned = not isinstance(content, str) and any(
+        isinstance(block, Mapping) and block.get("type") in ("reasoning", "thinking") for block in content)
+    if isinstance(reasoning, str) and not reasoned:  # a v1 message holds it in a block as well
         parts.append(reasoning)
     fragments = getattr(message, "tool_call_chunks", None)  # a chunk's calls, valid or not, are read from them
     unparsed = fragments or getattr(message, "invalid_tool_calls", None) or ()
@@ -503,7 +507,7 @@ def outcome_from_message(message: Any, plan: Plan, pipeline: Any, provider: str 
     metadata, named, finish = _answered(message)
     provider = provider or metadata.get("model_provider")
     model = provider_named(named or plan.model, provider)  # a stream cut before a chunk named it: the target's
-    usage = usage_from_message(message, pipeline.state.request_tokens(plan), model)
+    usage = usage_from_message(message, lambda: pipeline.state.request_tokens(plan), model)  # counted if need be
     info = pipeline.catalog.resolve(model) or pipeline.catalog.resolve(plan.model)
     return Outcome(model=model, provider=provider, usage=usage,
                    cost=price(usage, info), plan=plan,
