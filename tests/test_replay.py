@@ -233,6 +233,16 @@ def test_routed_replay_takes_an_alias_with_its_floor_suffix(capsys, tmp_path) ->
     assert "--route 'x:free' is not an alias of the config's routing section" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("route", ["qwen2.5-coder:7b", "qwen2.5-coder:7b:floor"])
+def test_routed_replay_takes_an_alias_named_with_a_colon(route) -> None:
+    """``--route qwen2.5-coder:7b`` (an alias named with a colon, as calls take it) was refused as not
+    an alias (known: qwen2.5-coder:7b): the route was split at its first colon (review57b)."""
+    from router_middleware.replay.routed import route_models
+
+    routing = Pipeline.from_config({"routing": {"aliases": {"qwen2.5-coder:7b": [STRONG, CHEAP]}}}).config.routing
+    assert route_models(routing, route) == [STRONG, CHEAP]
+
+
 def test_replay_without_route_has_no_routed_block() -> None:
     data = replay([load_session(bundled_sessions()[0])], Pipeline.from_config(AUTO)).as_dict()
     assert "routed" not in data and "routed" not in data["per_session"][0]

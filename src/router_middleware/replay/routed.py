@@ -37,7 +37,7 @@ def route_models(routing: RoutingConfig, alias: str) -> list[str]:
 
     Raises ``RouterMiddlewareError`` when ``alias`` is not an alias of ``routing`` or has another suffix."""
     given = alias
-    alias, _, suffix = alias.partition(":")
+    alias, _, suffix = routing.split_route(alias)  # an alias named with a colon is that name whole
     if alias == "auto" and routing.tiers or routing.strategy.get(alias) == "difficulty":
         names = [name for tier in routing.tiers for name in routing.aliases.get(tier.alias, ())]
     elif alias in routing.aliases:
