@@ -2775,3 +2775,15 @@ def test_the_callback_records_a_call_whose_tools_cannot_be_counted_in_order(repo
     Tooled().bind(tools=odd).invoke([HumanMessage("hi")], config={"callbacks": [handler]})
     [result] = handler.outcomes
     assert result.usage.input_tokens == (500 if reported else result.usage.input_tokens) > 10
+
+
+def test_the_middleware_takes_a_deployment_named_like_a_route_with_a_suffix() -> None:
+    """``model="x:floor"`` naming a deployment ``x:floor`` is that deployment (review57b: read as the
+    route ``x`` by price and refused as no alias or deployment); ``q:7b:floor`` is the alias ``q:7b``."""
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {
+        "deployments": {"x:floor": {"model": "openai/gpt-4o"}}, "aliases": {"q:7b": ["x:floor"]}}})
+    model = GenericFakeChatModel(messages=iter(["unused"]))
+    for route in ("x:floor", "q:7b:floor"):
+        RouterAgentMiddleware(pipeline, models={"x:floor": model}, model=route)
+    with pytest.raises(ConfigError, match=r"model='x:nitro': not an alias, a deployment or one of models="):
+        RouterAgentMiddleware(pipeline, models={"x:floor": model}, model="x:nitro")

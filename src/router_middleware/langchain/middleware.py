@@ -428,10 +428,16 @@ class RouterAgentMiddleware(AgentMiddleware):
                 and replace(mine, model=theirs.model, source=theirs.source) == theirs
                 and catalog.facts(name) == catalog.facts(found))
 
+    def _base(self, route: str) -> str:
+        """``route`` without a ``:floor``/``:nitro`` suffix, unless it is a name whole (a deployment
+        ``x:floor``, one of ``models``)."""
+        known = route in self.models or route in self.pipeline.config.routing.route_names()
+        return route if known else _base(route)
+
     def _routes(self, route: str) -> bool:
         """Whether a call could be routed by ``route``: an alias, a deployment, ``auto`` with tiers, or
         one of ``models`` (a ``:floor``/``:nitro`` suffix aside)."""
-        base = _base(route)
+        base = self._base(route)
         return base in self.models or base in self.pipeline.config.routing.route_names()
 
     def _known_route(self, route: str) -> None:
@@ -443,7 +449,7 @@ class RouterAgentMiddleware(AgentMiddleware):
                 raise ConfigError(f"model={route!r}: none of its targets ({', '.join(targets)}) is one of models= "
                                   f"({', '.join(self.models)}): every call would fail with NoRouteError")
             return
-        base = _base(route)
+        base = self._base(route)
         close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
@@ -496,7 +502,7 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _targets(self, route: str) -> list[str]:
         """The targets a call routed by ``route`` may go to (the tiers' aliases' for ``auto``)."""
-        base = _base(route)
+        base = self._base(route)
         routing = self.pipeline.config.routing
         if base in self.models:
             return [base]
