@@ -1012,7 +1012,9 @@ def test_an_attempt_s_point_is_its_own_time_and_an_attempt_never_sent_has_none(m
     trace.again()
     trace.succeed(answer)
     failed, answered = sorted(points("o4-mini"), key=lambda p: "error.type" not in p.attributes)
-    assert 0.1 <= failed.sum < 0.2 and answered.sum < 0.1
+    # 0.095: the try's end is wall time (time_ns) taken from a perf_counter start, and the two clocks
+    # drift apart by a millisecond at times (a review saw 0.0990)
+    assert 0.095 <= failed.sum < 0.2 and answered.sum < 0.1
     began = time.time_ns() - 250_000_000
     late = CallTrace.start(TelemetrySettings(), Plan.from_call(Call.create("o3", MESSAGES)), "openai", 0, 0,
                            start_ns=began)
