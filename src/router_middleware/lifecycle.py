@@ -1098,15 +1098,13 @@ class CallLifecycle:
             reported = wire.usage_reported(chunks, stream)
             source: UsageSource = "provider" if read_out and reported else "estimated"
             saved = read_out and self._saves(plan)
-            prompt = functools.cache(lambda: engine.state.request_tokens(plan))  # counted once, if at all
-            response, assembled = _stream_answer(chunks, prompt, light=source == "provider" and not saved
-                                                 and not trace.wants_answer and engine.usage_chunk_asked(plan))
+            response, assembled = stream_answer(engine, plan, chunks, reported=reported,
+                                                light=source == "provider" and not saved
+                                                and not trace.wants_answer and engine.usage_chunk_asked(plan))
             if response is None:  # no chunks and no error: an empty stream, read to its end
                 trace.fail(RuntimeError("the stream ended before its first chunk"))
                 self.books.release(self.held)
                 return None
-            if not reported:  # the prompt litellm counted (a usage chunk it filled in) leaves the tools out
-                wire.set_prompt_tokens(response, prompt())
             result = build_outcome(
                 response, plan, engine.catalog, usage_source=source, answered_model=wire.answered_model(chunks),
                 latency_s=time.perf_counter() - started,
@@ -1130,17 +1128,22 @@ class CallLifecycle:
         return finish
 
 
-def _stream_answer(chunks: list[Any], prompt: Callable[[], int], *, light: bool) -> tuple[Any, bool]:
+def stream_answer(engine: Engine, plan: Plan, chunks: list[Any], *, reported: bool,
+                  light: bool = False) -> tuple[Any, bool]:
     """A stream's answer as its outcome is built from, and whether it was assembled: with ``light``
     (nothing reads the answer itself, and litellm was asked for its usage chunk), the usage chunk
     litellm ended it with, if any; else the answer assembled by litellm's builder (about 40 us a
-    chunk), its prompt tokens the provider's if a chunk reported them, else ``prompt()``, the request
-    counted locally, tool definitions included (:meth:`.PolicyState.request_tokens`; litellm's own
-    count leaves them out); ``None`` for no chunks."""
+    chunk). Unless the provider ``reported`` its usage, its prompt tokens are the request counted
+    locally, tool definitions included (:meth:`.PolicyState.request_tokens`, once, if at all;
+    litellm's own count leaves them out). ``None`` for no chunks."""
     found = wire.usage_chunk(chunks) if light else None
     if found is not None or not chunks:
         return found, False
-    return wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt), True
+    prompt = functools.cache(lambda: engine.state.request_tokens(plan))
+    response = wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt)
+    if not reported:
+        wire.set_prompt_tokens(response, prompt())
+    return response, True
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open", "downgrade"})  # decisions moving a call on

@@ -10,7 +10,6 @@ carries its :class:`~.types.Outcome` (what it used and cost) for the caller to r
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 from .accounting import build_outcome
 from .errors import EmptyStreamError
+from .lifecycle import stream_answer
 from .params import usage_asked
 from .streaming import TrackedStream
 from .types import Outcome, Plan, UsageSource
@@ -57,10 +57,7 @@ def _finisher(engine: Engine, plan: Plan, stream: Any) -> Finisher:
         if not chunks:
             return None
         reported = wire.usage_reported(chunks, stream)
-        prompt = functools.cache(lambda: engine.state.request_tokens(plan))  # counted once, if at all
-        response = wire.litellm().stream_chunk_builder(chunks, count_prompt_tokens=prompt)
-        if not reported:  # the prompt litellm counted leaves the tools out (as in the lifecycle's finisher)
-            wire.set_prompt_tokens(response, prompt())
+        response, _ = stream_answer(engine, plan, chunks, reported=reported)
         source: UsageSource = "provider" if reported and error is None and not early else "estimated"
         return build_outcome(response, plan, engine.catalog, usage_source=source,
                              answered_model=wire.answered_model(chunks), latency_s=time.perf_counter() - started,
