@@ -56,11 +56,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -76,6 +76,7 @@ from overhead import history  # noqa: E402
 from overhead_http import replay_server  # noqa: E402
 
 MODELS = ("gpt-4o-mini", "gpt-3.5-turbo")
+T = TypeVar("T")
 
 
 def config(store: str, models: tuple[str, ...] = MODELS) -> dict[str, Any]:
@@ -194,6 +195,32 @@ async def run(calls: int, rounds: int, redis_url: str, own_logging: bool = True,
     return rates
 
 
+def run_ending(main: Coroutine[Any, Any, T], leftover_s: float = 10.0) -> T:
+    """``asyncio.run(main)``, except that the tasks still pending once ``main`` returned get
+    ``leftover_s`` to end after they are cancelled; those that do not are named on stderr and left.
+    The ``--router`` runs (litellm's Router with ``redis_url``, 1.110.2) sometimes leave a task of
+    litellm's Redis stores (a ``_internal_context.run_async`` coroutine) that does not end when
+    cancelled: ``asyncio.run`` waited on it until a CI run killed the smoke run after 600 s (1 run in
+    16 here, two at once)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        result = loop.run_until_complete(main)
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            _, stuck = loop.run_until_complete(asyncio.wait(left, timeout=leftover_s))
+            for task in stuck:
+                print(f"left running after {leftover_s} s, cancelled: {task!r}"[:500], file=sys.stderr)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        return result
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 def batch_options(description: str | None, rounds: int) -> argparse.ArgumentParser:
     """The options of a benchmark that runs these variants in concurrent batches: calls per batch,
     rounds, and the Redis to use (a server of its own without one)."""
@@ -227,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
           + (", over HTTP to a loopback server replaying a recorded reply\n" if args.http else ", mock_response\n"))
     with redis_server(args.redis_url) as url, (replay_server() if args.http else nullcontext()) as base:
         logging.getLogger("LiteLLM").setLevel(logging.ERROR)  # "connection pool saturated": every variant alike
-        rounds = asyncio.run(run(args.calls, args.rounds, url, own_logging=not args.leave_logging,
+        rounds = run_ending(run(args.calls, args.rounds, url, own_logging=not args.leave_logging,
                                  freeze=args.freeze, warm=args.warm, peers=args.router, http=base))
     rates = {name: statistics.median(values) for name, values in rounds.items()}
     bare = rates["bare litellm"]
