@@ -95,9 +95,10 @@ PLAIN, STREAMED = (recorded_usage(interactions(CASSETTES / name)[0])
 @contextmanager
 def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: str = "/healthy",
            fault_rate: float = 0.5, *, late_first_event: bool = False,
-           cache: bool = False) -> Iterator[tuple[str, Any]]:
+           cache: bool = False, router_settings: str = "") -> Iterator[tuple[str, Any]]:
     """``late_first_event``: litellm delivers the first success event :data:`LATE_S` late (:data:`LATE_EVENTS`);
-    ``cache``: the proxy has litellm's response cache (in memory), for requests that ask ``caching``."""
+    ``cache``: the proxy has litellm's response cache (in memory), for requests that ask ``caching``;
+    ``router_settings``: the proxy config's ``router_settings`` section (a YAML flow mapping)."""
     if (why := proxy_missing()) is not None:
         service_missing(why)
     (tmp_path / "router.yaml").write_text(router_config.format(tmp=tmp_path))
@@ -107,6 +108,8 @@ def _proxy(tmp_path: Path, router_config: str = ROUTER_CONFIG, upstream_path: st
         config = config.replace("callbacks: router_hook.handler", "callbacks: [late_events.handler, router_hook.handler]")
     if cache:
         config = config.replace("litellm_settings:\n", "litellm_settings:\n  cache: true\n  cache_params: {type: local}\n")
+    if router_settings:
+        config += f"router_settings: {router_settings}\n"
     (tmp_path / "config.yaml").write_text(config)
     with fault_server(fault_rate=fault_rate) as (upstream, seen):
         env = {"ANTHROPIC_API_BASE": f"{upstream}{upstream_path}", "ANTHROPIC_API_KEY": "sk-ant-test",
@@ -298,6 +301,26 @@ def test_a_quota_on_the_proxys_model_name_holds_for_messages_requests_too(tmp_pa
     assert all(row["error"] is None and row["requested_model"] == "claude" for row in rows)
     assert refused[0] == 503, refused
     assert "rpd limit 2 reached" in json.loads(refused[1])["error"]["message"]
+    assert seen["healthy:ok"] == 2
+
+
+def test_a_model_group_alias_counts_toward_the_quota_of_the_model_name_it_stands_for(tmp_path) -> None:
+    """The proxy's ``router_settings.model_group_alias`` makes ``opus`` another name for ``claude``: a
+    call naming ``opus`` is sent to ``claude`` and counted there, so the two a day of ``claude``'s
+    quota hold across both names and endpoints (before, each name had a quota of its own, and four
+    calls through ``opus`` went through, none counted toward ``claude``). The rows keep the name the
+    client asked for; the client's answer names it too."""
+    with _proxy(tmp_path, GUARDED_CONFIG, router_settings="{model_group_alias: {opus: claude}}") as (base, seen):
+        answers = [_post(base, "/v1/chat/completions", _chat(model="opus")) for _ in range(2)]
+        rows = _rows(tmp_path, 2)
+        refused = [_post(base, "/v1/chat/completions", _chat(model=name)) for name in ("opus", "claude")]
+        refused.append(_post(base, "/v1/messages", _messages(model="opus")))
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert all(json.loads(body)["model"] == "opus" for _, body in answers)
+    assert [(row["requested_model"], row["deployment"], row["error"]) for row in rows] == [("opus", "claude", None)] * 2
+    assert all(row["model"] == "claude-3-opus-20240229" and row["cost_usd"] > 0 for row in rows)
+    assert [status for status, _ in refused] == [503] * 3, refused
+    assert all(b"claude: rpd limit 2 reached" in body for _, body in refused)
     assert seen["healthy:ok"] == 2
 
 

@@ -100,8 +100,10 @@ class Engine:
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
         self.shadowed: dict[str, str] = {}  # a name the adapter serves that is also an alias -> its model (serve)
+        self.groups: dict[str, str] = {}  # a name the adapter serves for another it serves -> that one (serve)
 
-    def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None) -> None:
+    def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None,
+              groups: Mapping[str, str] | None = None) -> None:
         """Names the adapter sends to (the LiteLLM proxy's model names), each with the model it
         stands for. A call or a fallback naming one that is no alias or deployment of the config is
         planned, priced and judged as that model (its window, reasoning, parameters) and sent under
@@ -109,8 +111,12 @@ class Engine:
         catalog knows whose model it does not (an Azure deployment's own name) stays judged by its name.
         ``endpoints``: where the adapter sends some of the names (a base URL, over the config's
         deployment's own, and added to those told before), which decides whether a call there gets a
-        ``prompt_cache_key``."""
+        ``prompt_cache_key``. ``groups``: names that stand for another name the adapter serves (the
+        proxy's ``model_group_alias``): a call naming one that is no alias or deployment of the config
+        is sent to that name, its quotas, cooldown and price that name's (else an alias would pass the
+        quota of the name it stands for)."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
+        self.groups = {name: group for name, group in (groups or {}).items() if name not in routes and name != group}
         judged = {name: model for name, model in models.items()
                   if name != model and (known(model) is not None or known(name) is None)}
         self.state.served = {name: model for name, model in judged.items() if name not in routes}
@@ -169,6 +175,9 @@ class Engine:
         if model is not None:  # routing leaves a plan sent to the name it was asked for
             plan = plan.override(model=model, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
+        group = self.groups.get(plan.deployment or plan.model) if self.groups else None
+        if group is not None:  # sent to, and counted as, the name it stands for
+            plan = plan.override(model=self.model_of(group), deployment=group)
         return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model),
                                               drops=choices_asked(plan.params) > 1 and wire.drops_params()))
 
