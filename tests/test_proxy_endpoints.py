@@ -306,10 +306,9 @@ def test_a_quota_on_the_proxys_model_name_holds_for_messages_requests_too(tmp_pa
 
 def test_a_model_group_alias_counts_toward_the_quota_of_the_model_name_it_stands_for(tmp_path) -> None:
     """The proxy's ``router_settings.model_group_alias`` makes ``opus`` another name for ``claude``: a
-    call naming ``opus`` is sent to ``claude`` and counted there, so the two a day of ``claude``'s
-    quota hold across both names and endpoints (before, each name had a quota of its own, and four
-    calls through ``opus`` went through, none counted toward ``claude``). The rows keep the name the
-    client asked for; the client's answer names it too."""
+    call naming ``opus`` is sent as it asked (the router's fallbacks and limits keyed by ``opus`` still
+    apply) and also counted toward ``claude``, so the two a day of ``claude``'s quota hold across both
+    names and endpoints (before, four calls through ``opus`` went through, none counted toward ``claude``)."""
     with _proxy(tmp_path, GUARDED_CONFIG, router_settings="{model_group_alias: {opus: claude}}") as (base, seen):
         answers = [_post(base, "/v1/chat/completions", _chat(model="opus")) for _ in range(2)]
         rows = _rows(tmp_path, 2)
@@ -317,11 +316,30 @@ def test_a_model_group_alias_counts_toward_the_quota_of_the_model_name_it_stands
         refused.append(_post(base, "/v1/messages", _messages(model="opus")))
     assert [status for status, _ in answers] == [200, 200], answers
     assert all(json.loads(body)["model"] == "opus" for _, body in answers)
-    assert [(row["requested_model"], row["deployment"], row["error"]) for row in rows] == [("opus", "claude", None)] * 2
+    assert [(row["requested_model"], row["deployment"], row["error"]) for row in rows] == [("opus", "opus", None)] * 2
     assert all(row["model"] == "claude-3-opus-20240229" and row["cost_usd"] > 0 for row in rows)
     assert [status for status, _ in refused] == [503] * 3, refused
     assert all(b"claude: rpd limit 2 reached" in body for _, body in refused)
     assert seen["healthy:ok"] == 2
+
+
+def test_failures_through_a_model_group_alias_cool_down_the_model_name_it_stands_for(tmp_path) -> None:
+    """Two failed calls through ``opus`` (``model_group_alias``, standing for ``claude``) cool down
+    ``opus`` and ``claude``: a routing alias listing ``claude`` sees its failures (before, only
+    ``opus`` was counted)."""
+    config = GUARDED_CONFIG.replace("rpd: 2", "rpd: 100")
+    with _proxy(tmp_path, config, "/flaky", fault_rate=1.0,
+                router_settings="{model_group_alias: {opus: claude}}") as (base, seen):
+        failed = [_post(base, "/v1/chat/completions", _chat(model="opus")) for _ in range(2)]
+        _rows(tmp_path, 2)
+        for _ in range(50):
+            if _spent(tmp_path, "cooldown:claude") and _spent(tmp_path, "cooldown:opus"):
+                break
+            time.sleep(0.1)
+        cooled = (_spent(tmp_path, "cooldown:opus"), _spent(tmp_path, "cooldown:claude"))
+    assert all(status >= 400 for status, _ in failed), failed
+    assert min(cooled) > time.time(), cooled
+    assert sum(seen.values()) >= 2
 
 
 def test_failures_of_messages_requests_count_toward_their_targets_cooldown(tmp_path) -> None:

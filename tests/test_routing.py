@@ -653,3 +653,26 @@ def test_a_budget_that_refuses_a_fallback_says_which_target_and_what_came_before
         p.completion(model="m", messages=MESSAGES, max_tokens=500)
     assert raised.value.__notes__ == ["router-middleware: gpt-4o-mini: RateLimitError; then the budget could not "
                                       "hold gpt-4o, the estimate above"]
+
+
+def test_a_name_standing_for_another_is_passed_over_while_that_one_cools_down_and_takes_its_quota() -> None:
+    """``Engine.serve``'s groups (the LiteLLM proxy's ``model_group_alias``: ``opus`` stands for
+    ``claude``): an alias listing ``opus`` moves on while ``claude`` cools down, and a call to ``opus``
+    also counts against ``claude``'s quota."""
+    import time
+
+    from router_middleware.routing.quotas import Quota, quotas_for
+
+    p = pipeline(aliases={"coder": ["opus", "gpt-4o-mini"]}, limits={"claude": {"rpm": 1}})
+    opus = "anthropic/claude-3-opus-20240229"
+    p.serve({"opus": opus, "claude": opus})
+    assert routed(p, "coder").deployment == "opus"
+    p.store.set("cooldown:claude", repr(time.time() + 30).encode(), ttl_s=30)
+    assert routed(p, "coder").deployment == "opus"  # not told opus stands for claude
+    p.serve({"opus": opus, "claude": opus}, groups={"opus": "claude"})
+    plan = routed(p, "coder")
+    assert plan.model == "gpt-4o-mini"
+    assert "opus: claude cooling down for" in plan.decisions[0].attributes["considered"]
+    config = p.config.routing
+    assert quotas_for("opus", opus, config, p.groups.get("opus")) == (Quota("claude", config.limits["claude"]),)
+    assert quotas_for("opus", opus, config) == ()

@@ -100,7 +100,7 @@ class Engine:
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
         self.shadowed: dict[str, str] = {}  # a name the adapter serves that is also an alias -> its model (serve)
-        self.groups: dict[str, str] = {}  # a name the adapter serves for another it serves -> that one (serve)
+        self.groups: dict[str, str] = {}  # a name the adapter serves standing for another it serves -> it (serve)
 
     def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None,
               groups: Mapping[str, str] | None = None) -> None:
@@ -112,11 +112,12 @@ class Engine:
         ``endpoints``: where the adapter sends some of the names (a base URL, over the config's
         deployment's own, and added to those told before), which decides whether a call there gets a
         ``prompt_cache_key``. ``groups``: names that stand for another name the adapter serves (the
-        proxy's ``model_group_alias``): a call naming one that is no alias or deployment of the config
-        is sent to that name, its quotas, cooldown and price that name's (else an alias would pass the
-        quota of the name it stands for)."""
+        proxy's ``model_group_alias``): a call sent to one (under its own name) also counts toward
+        the quotas and cooldown of the name it stands for, and is not sent while that one cools down
+        (else an alias would pass the quotas of the name it stands for, and hide its failures)."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
-        self.groups = {name: group for name, group in (groups or {}).items() if name not in routes and name != group}
+        self.groups = {name: group for name, group in (groups or {}).items() if name != group}
+        self.state.groups = self.books.groups = self.groups
         judged = {name: model for name, model in models.items()
                   if name != model and (known(model) is not None or known(name) is None)}
         self.state.served = {name: model for name, model in judged.items() if name not in routes}
@@ -175,9 +176,6 @@ class Engine:
         if model is not None:  # routing leaves a plan sent to the name it was asked for
             plan = plan.override(model=model, deployment=call.model)
         plan = apply_policies(plan, self.policies, state)
-        group = self.groups.get(plan.deployment or plan.model) if self.groups else None
-        if group is not None:  # sent to, and counted as, the name it stands for
-            plan = plan.override(model=self.model_of(group), deployment=group)
         return self._history_fitted(fit_plan(plan, wire.param_rules(plan.model),
                                               drops=choices_asked(plan.params) > 1 and wire.drops_params()))
 

@@ -42,6 +42,7 @@ class PolicyState:
     quotas: Mapping[str, float] = field(default_factory=dict)  # quota counter key -> count (routing.quotas)
     sessions: Mapping[str, SessionRoute] = field(default_factory=dict)  # session id -> its last route
     served: Mapping[str, str] = field(default_factory=dict)  # a name the adapter serves -> its model (Engine.serve)
+    groups: Mapping[str, str] = field(default_factory=dict)  # a served name -> the served name it stands for
     endpoints: dict[str, str] = field(default_factory=dict)  # a deployment or served name -> where it is sent
     pinned: bool = False  # the caller sends its own model whatever the plan names (no downgrade applies)
     now: float = 0.0

@@ -190,6 +190,7 @@ class Bookkeeper:
         self._spent = budget_view
         # Reply sizes are learned only where an estimate is reserved: budgets and token limits.
         self.served: Mapping[str, str] = {}  # names the adapter serves -> their models (Engine.serve)
+        self.groups: Mapping[str, str] = {}  # a served name -> the served name it stands for (Engine.serve)
         self.learns = bool(routing.budgets) or any(limit.tpm or limit.tpd for limit in routing.limits.values())
         self._caching: set[str] = set()  # targets whose provider reported a prompt-cache read (context_saving)
 
@@ -402,27 +403,32 @@ class Bookkeeper:
     def target_failed(self, held: Held, target: str, error: BaseException) -> None:
         """Count ``error`` toward ``target``'s cooldown, as :meth:`attempt_failed` does, with no quota
         to give back (a stream the provider broke off after its first chunks: it is settled at what
-        it sent)."""
+        it sent); and toward the cooldown of the name ``target`` stands for (:attr:`groups`)."""
         if not counts_toward_cooldown(error):
             self._end_probe(held)
             return
         probe, held.probe = held.probe, None
         probed = probe if probe is not None and probe.target == target else None
+        group = self.groups.get(target)
         self._failed[target] = time.time()
+        if group is not None:
+            self._failed[group] = time.time()
 
-        def count() -> None:
+        def count(name: str, probed: Probe | None) -> None:
             try:
                 cooldown = self.routing.cooldown
-                until = (health.open_circuit(self.store, target, cooldown, time.time(), probe=probed) if probed
-                         else health.note_failure(self.store, target, cooldown, time.time()))
+                until = (health.open_circuit(self.store, name, cooldown, time.time(), probe=probed) if probed
+                         else health.note_failure(self.store, name, cooldown, time.time()))
                 if until is not None:
-                    self._saw_cooldown(target, until)
-                    log.warning("model_cooling_down", model=target, seconds=cooldown.cooldown_s,
+                    self._saw_cooldown(name, until)
+                    log.warning("model_cooling_down", model=name, seconds=cooldown.cooldown_s,
                                 probe=probed is not None)
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
-        defer(count)
+        defer(partial(count, target, probed))
+        if group is not None:
+            defer(partial(count, group, None))
 
     def release(self, held: Held) -> None:
         """The call made no billable attempt (or failed for good): give its reservation back (and the
@@ -579,6 +585,9 @@ class Bookkeeper:
             self._guard("cooldown_store_failed", health.note_success, self.store, target, probed=probed)
         if probed:
             self._saw_cooldown(target, None)
+        group = self.groups.get(target)
+        if group is not None and self._failed.pop(group, None) is not None:
+            self._guard("cooldown_store_failed", health.note_success, self.store, group, probed=False)
 
     def _route_put(self, outcome: Outcome) -> list[Put]:
         """A session routed through tiers: what remembers the target that answered (its prompt cache is

@@ -89,19 +89,18 @@ class _ProxyHooks(_Core):
 
     def _plan_as_sent(self, data: Mapping[str, Any], endpoint: str, requested: str) -> Plan:
         """The plan of a request sent as it came: its target the model it asks for (behind the proxy,
-        its ``model_name``, or the one its ``model_group_alias`` stands for, whose quotas and cooldown
-        it counts toward, as a chat call routed there does), priced as the model that name stands for;
-        its conversation as chat messages and its tools' definitions, for its estimate and its span;
-        its labels; a decision saying it was not routed."""
+        its ``model_name``, whose quotas and cooldown it counts toward, as a chat call routed there
+        does, and those of the name a ``model_group_alias`` stands for), priced as the model that name
+        stands for; its conversation as chat messages and its tools' definitions, for its estimate and
+        its span; its labels; a decision saying it was not routed."""
         engine = self.pipeline
         messages, params = as_sent_view(data, endpoint)
-        target = engine.groups.get(requested, requested)  # a model_group_alias counts as its group
-        in_config = target in engine.config.routing.deployments
-        model = engine.model_of(target) if in_config else _proxy_model(target) or target
+        in_config = requested in engine.config.routing.deployments
+        model = engine.model_of(requested) if in_config else _proxy_model(requested) or requested
         labels = {"app": engine.config.app, **self._labels({**data, "messages": messages}, derive=self.proxy)}
         call = _labelled(lambda context: Call.create(requested, messages, params, context), labels)
-        named = in_config or model != target or target != requested  # else a model_name spelled as its model
-        plan = Plan.from_call(call).override(model=model, deployment=target if named else None)  # as Engine.serve
+        plan = Plan.from_call(call).override(model=model, deployment=requested if in_config or model != requested
+                                             else None)  # a model_name spelled as its model: as Engine.serve does
         reason = (f"{endpoint}: sent as it came to {requested!r} (routing, context and reasoning policies apply "
                   "to chat completions only); admitted against its quotas and the budgets")
         return plan.decide(Decision("routing", "as-sent", reason, {"endpoint": endpoint}))
@@ -134,13 +133,14 @@ class _ProxyHooks(_Core):
         now = time.monotonic()
         if current is not router or now - read >= 1.0:
             fresh = wire.proxy_model_names(current)
-            if fresh is not None and fresh != names:
+            groups = wire.proxy_group_aliases(current) if fresh is not None else {}
+            if fresh is not None and (fresh != names or groups != self._groups):
                 self._unserved(fresh)
                 found = {name: _proxy_deployment(name) for name in fresh}
-                groups = {alias: group for alias, group in wire.proxy_group_aliases(current).items()
-                          if alias in fresh and group in fresh}
                 self.pipeline.serve({name: model for name, (model, _) in found.items() if model is not None},
-                                    {name: base for name, (_, base) in found.items() if base is not None}, groups)
+                                    {name: base for name, (_, base) in found.items() if base is not None},
+                                    {alias: group for alias, group in groups.items() if group in fresh})
+                self._groups = groups
             names = fresh
             self._names = (current, now, names)
         return names

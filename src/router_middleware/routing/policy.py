@@ -337,11 +337,14 @@ class RoutingPolicy:
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
                    cooled: bool = True, windowed: bool = True) -> str | None:
-        cooling = state.cooldowns.get(name) if cooled else None
-        if cooling is not None and cooling > state.now:
-            return f"cooling down for {cooling - state.now:.0f}s after repeated failures"
+        group = state.groups.get(name) if state.groups else None  # the name it stands for, also cooled
+        for cooler in (name, group) if cooled else ():
+            cooling = state.cooldowns.get(cooler) if cooler else None
+            if cooling is not None and cooling > state.now:
+                whose = "" if cooler == name else f"{cooler} "
+                return f"{whose}cooling down for {cooling - state.now:.0f}s after repeated failures"
         model = self._model(name, state)
-        quotas = quotas_for(name, model, self.config)
+        quotas = quotas_for(name, model, self.config, group)
         if quotas:
             why = exhausted(quotas, state.quotas, state.now, estimate + self._output(plan))
             if why:

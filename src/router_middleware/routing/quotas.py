@@ -43,14 +43,16 @@ class Quota:
     limit: RateLimit
 
 
-def quotas_for(target: str, model: str, config: RoutingConfig) -> tuple[Quota, ...]:
-    """The buckets a call to ``target`` (a model id or deployment name serving ``model``) counts against."""
+def quotas_for(target: str, model: str, config: RoutingConfig, group: str | None = None) -> tuple[Quota, ...]:
+    """The buckets a call to ``target`` (a model id or deployment name serving ``model``) counts against;
+    with ``group``, the name ``target`` stands for (a proxy's ``model_group_alias``), that one's too."""
     found = []
     if is_free(model):
         found.append(Quota(FREE_BUCKET, config.free_tier.limit()))
-    own = config.limits.get(target)
-    if own is not None:
-        found.append(Quota(target, own))
+    for name in (target, group) if group and group != target else (target,):
+        own = config.limits.get(name)
+        if own is not None:
+            found.append(Quota(name, own))
     return tuple(found)
 
 
