@@ -325,8 +325,8 @@ def test_a_model_group_alias_counts_toward_the_quota_of_the_model_name_it_stands
 
 def test_failures_through_a_model_group_alias_cool_down_the_model_name_it_stands_for(tmp_path) -> None:
     """Two failed calls through ``opus`` (``model_group_alias``, standing for ``claude``) cool down
-    ``opus`` and ``claude``: a routing alias listing ``claude`` sees its failures (before, only
-    ``opus`` was counted)."""
+    both ``opus`` and ``claude`` (their cooldown keys in the store; before, only ``opus`` was
+    counted, and an alias listing ``claude`` went on sending to it)."""
     config = GUARDED_CONFIG.replace("rpd: 2", "rpd: 100")
     with _proxy(tmp_path, config, "/flaky", fault_rate=1.0,
                 router_settings="{model_group_alias: {opus: claude}}") as (base, seen):

@@ -657,13 +657,14 @@ def test_a_budget_that_refuses_a_fallback_says_which_target_and_what_came_before
 
 def test_a_name_standing_for_another_is_passed_over_while_that_one_cools_down_and_takes_its_quota() -> None:
     """``Engine.serve``'s groups (the LiteLLM proxy's ``model_group_alias``: ``opus`` stands for
-    ``claude``): an alias listing ``opus`` moves on while ``claude`` cools down, and a call to ``opus``
-    also counts against ``claude``'s quota."""
+    ``claude``): an alias listing ``opus`` moves on while ``claude`` cools down, keeping ``opus`` as a
+    last resort, and tries it anyway when it is the only target (review58: refused with a 503
+    before); a call to ``opus`` also counts against ``claude``'s quota."""
     import time
 
     from router_middleware.routing.quotas import Quota, quotas_for
 
-    p = pipeline(aliases={"coder": ["opus", "gpt-4o-mini"]}, limits={"claude": {"rpm": 1}})
+    p = pipeline(aliases={"coder": ["opus", "gpt-4o-mini"], "alone": ["opus"]}, limits={"claude": {"rpm": 1}})
     opus = "anthropic/claude-3-opus-20240229"
     p.serve({"opus": opus, "claude": opus})
     assert routed(p, "coder").deployment == "opus"
@@ -671,8 +672,11 @@ def test_a_name_standing_for_another_is_passed_over_while_that_one_cools_down_an
     assert routed(p, "coder").deployment == "opus"  # not told opus stands for claude
     p.serve({"opus": opus, "claude": opus}, groups={"opus": "claude"})
     plan = routed(p, "coder")
-    assert plan.model == "gpt-4o-mini"
+    assert plan.model == "gpt-4o-mini" and plan.fallbacks == ("opus",)
     assert "opus: claude cooling down for" in plan.decisions[0].attributes["considered"]
+    assert plan.decisions[0].attributes["last_resort"] == "opus"
+    alone = routed(p, "alone")
+    assert alone.deployment == "opus" and "opus is tried anyway (its cooldown ends first" in alone.decisions[0].reason
     config = p.config.routing
     assert quotas_for("opus", opus, config, p.groups.get("opus")) == (Quota("claude", config.limits["claude"]),)
     assert quotas_for("opus", opus, config) == ()

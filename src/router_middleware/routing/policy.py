@@ -68,6 +68,15 @@ def _has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
     return False
 
 
+def _cooled_until(name: str, state: PolicyState) -> float | None:
+    """When ``name``'s cooldown ends, or that of the name it stands for (``state.groups``: the proxy's
+    ``model_group_alias``), whichever is later; ``None`` when neither was cooled."""
+    own = state.cooldowns.get(name)
+    group = state.groups.get(name) if state.groups else None
+    theirs = state.cooldowns.get(group) if group else None
+    return own if theirs is None else theirs if own is None else max(own, theirs)
+
+
 def _remembered(state: PolicyState, session_id: str) -> SessionRoute | None:
     """The session's last route, or ``None`` (none within its TTL, or a value this version cannot read)."""
     try:
@@ -200,10 +209,10 @@ class RoutingPolicy:
         """The candidates refused only for cooling down, not ``ranked``, soonest back first: tried after
         every other (a half-open one another call probes included: see ``CallLifecycle._admit``), as a
         direct call would be sent to them."""
-        cooling = [m for m in candidates if m in rejections and m not in ranked
-                   and state.cooldowns.get(m, 0.0) > state.now
+        until = {m: _cooled_until(m, state) or 0.0 for m in candidates if m in rejections and m not in ranked}
+        cooling = [m for m, end in until.items() if end > state.now
                    and self._rejection(m, plan, state, estimate, cooled=False) is None]
-        return sorted(cooling, key=lambda m: state.cooldowns[m])
+        return sorted(cooling, key=until.__getitem__)
 
     def _session(self, plan: Plan, state: PolicyState, free: int) -> Session:
         """The session's last route (one store read) and the lowest tier this step needs: its step
@@ -321,7 +330,7 @@ class RoutingPolicy:
         if cooling:
             first = cooling[0]
             return [first], (f"every candidate is cooling down: {first} is tried anyway (its cooldown ends first, "
-                             f"in {state.cooldowns[first] - state.now:.0f}s); ")
+                             f"in {(_cooled_until(first, state) or state.now) - state.now:.0f}s); ")
         if rejections and all(why.startswith(_ONE_ANSWER) for why in rejections.values()):
             # no target gives several answers: routed as for one, then fitted (n dropped where litellm
             # drops it, else a RequestError, as litellm refuses it)
@@ -337,14 +346,12 @@ class RoutingPolicy:
 
     def _rejection(self, name: str, plan: Plan, state: PolicyState, estimate: int, *,
                    cooled: bool = True, windowed: bool = True) -> str | None:
-        group = state.groups.get(name) if state.groups else None  # the name it stands for, also cooled
-        for cooler in (name, group) if cooled else ():
-            cooling = state.cooldowns.get(cooler) if cooler else None
-            if cooling is not None and cooling > state.now:
-                whose = "" if cooler == name else f"{cooler} "
-                return f"{whose}cooling down for {cooling - state.now:.0f}s after repeated failures"
+        cooling = _cooled_until(name, state) if cooled else None
+        if cooling is not None and cooling > state.now:
+            whose = "" if state.cooldowns.get(name) == cooling else f"{state.groups[name]} "  # the name it stands for
+            return f"{whose}cooling down for {cooling - state.now:.0f}s after repeated failures"
         model = self._model(name, state)
-        quotas = quotas_for(name, model, self.config, group)
+        quotas = quotas_for(name, model, self.config, state.groups.get(name) if state.groups else None)
         if quotas:
             why = exhausted(quotas, state.quotas, state.now, estimate + self._output(plan))
             if why:
