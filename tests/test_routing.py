@@ -678,5 +678,5 @@ def test_a_name_standing_for_another_is_passed_over_while_that_one_cools_down_an
     alone = routed(p, "alone")
     assert alone.deployment == "opus" and "opus is tried anyway (its cooldown ends first" in alone.decisions[0].reason
     config = p.config.routing
-    assert quotas_for("opus", opus, config, p.groups.get("opus")) == (Quota("claude", config.limits["claude"]),)
+    assert quotas_for("opus", opus, config, p.state.groups.get("opus")) == (Quota("claude", config.limits["claude"]),)
     assert quotas_for("opus", opus, config) == ()

@@ -100,7 +100,6 @@ class Engine:
         self._views = view_fields(self.state)  # the state's fields a prefetch reads through
         self._unpriced = parts.unpriced  # said at the first call, but the names an adapter serves by then
         self.shadowed: dict[str, str] = {}  # a name the adapter serves that is also an alias -> its model (serve)
-        self.groups: dict[str, str] = {}  # a name the adapter serves standing for another it serves -> it (serve)
 
     def serve(self, models: Mapping[str, str], endpoints: Mapping[str, str] | None = None,
               groups: Mapping[str, str] | None = None) -> None:
@@ -116,8 +115,7 @@ class Engine:
         the quotas and cooldown of the name it stands for, and is not sent while that one cools down
         (else an alias would pass the quotas of the name it stands for, and hide its failures)."""
         routes, known = set(self.config.routing.route_names()), self.catalog.resolve
-        self.groups = {name: group for name, group in (groups or {}).items() if name != group}
-        self.state.groups = self.books.groups = self.groups
+        self.state.groups = self.books.groups = {name: group for name, group in (groups or {}).items() if name != group}
         judged = {name: model for name, model in models.items()
                   if name != model and (known(model) is not None or known(name) is None)}
         self.state.served = {name: model for name, model in judged.items() if name not in routes}

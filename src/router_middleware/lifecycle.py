@@ -705,8 +705,7 @@ class CallLifecycle:
             unreachable = self.usable is not None and not self.usable(target)
             why = self.unusable if unreachable else None
             if why is None:
-                engine = self.engine
-                found = quotas.quotas_for(target, plan.model, engine.config.routing, engine.groups.get(target))
+                found = quotas.quotas_for(target, plan.model, self.engine.config.routing, self.books.groups.get(target))
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
                 probe = target if target in self._half_open and not anyway else None
                 budget = False  # a budget refused this target

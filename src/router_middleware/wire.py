@@ -255,13 +255,13 @@ def proxy_model_names(router: Any) -> frozenset[str] | None:
 
 def proxy_group_aliases(router: Any) -> dict[str, str]:
     """The proxy ``router``'s ``router_settings.model_group_alias``, each alias with the model name it
-    stands for (an entry is that name, or ``{"model": name, "hidden": ...}``); ``{}`` for none, or a
-    router this version cannot read."""
+    stands for (an entry is that name, or ``{"model": name, "hidden": ...}``; one naming itself stands
+    for nothing else); ``{}`` for none, or a router this version cannot read."""
     found = getattr(router, "model_group_alias", None)
     if not isinstance(found, Mapping):
         return {}
-    groups = {alias: entry.get("model") if isinstance(entry, Mapping) else entry for alias, entry in found.items()}
-    return {str(alias): group for alias, group in groups.items() if isinstance(group, str) and group}
+    groups = {str(alias): entry.get("model") if isinstance(entry, Mapping) else entry for alias, entry in found.items()}
+    return {alias: group for alias, group in groups.items() if isinstance(group, str) and group and group != alias}
 
 
 _CHAINS: dict[tuple[int, str], tuple[Any, tuple[Any, ...]]] = {}  # (id of a fallbacks list, group) -> it, chain

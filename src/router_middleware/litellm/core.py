@@ -57,7 +57,6 @@ class _Core(CustomLogger):
         self.hook_calls = 0
         self.recorded = 0
         self._names: tuple[Any, float, frozenset[str] | None] = (None, 0.0, None)  # router, when read, its names
-        self._groups: dict[str, str] = {}  # its model_group_alias, as last told to the engine
 
     def _labels(self, kwargs: Mapping[str, Any], *, derive: bool = False) -> dict[str, Any]:
         """The labels of the call ``kwargs`` asks for (:func:`._context`), a proxy key's as the config's

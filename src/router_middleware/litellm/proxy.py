@@ -133,14 +133,13 @@ class _ProxyHooks(_Core):
         now = time.monotonic()
         if current is not router or now - read >= 1.0:
             fresh = wire.proxy_model_names(current)
-            groups = wire.proxy_group_aliases(current) if fresh is not None else {}
-            if fresh is not None and (fresh != names or groups != self._groups):
+            groups = {alias: group for alias, group in wire.proxy_group_aliases(current).items()
+                      if fresh is not None and group in fresh}
+            if fresh is not None and (fresh != names or groups != self.pipeline.state.groups):
                 self._unserved(fresh)
                 found = {name: _proxy_deployment(name) for name in fresh}
                 self.pipeline.serve({name: model for name, (model, _) in found.items() if model is not None},
-                                    {name: base for name, (_, base) in found.items() if base is not None},
-                                    {alias: group for alias, group in groups.items() if group in fresh})
-                self._groups = groups
+                                    {name: base for name, (_, base) in found.items() if base is not None}, groups)
             names = fresh
             self._names = (current, now, names)
         return names
