@@ -293,7 +293,8 @@ class Bookkeeper:
             return None
         return Admission(claims, found, tokens, quotas.view_claims(found, tokens),
                          quotas.window_claims(found, tokens, time.time()),
-                         None if probe is None else Probe(probe, unique_id().encode()), self.routing.cooldown.probe_s)
+                         None if probe is None else Probe(self._circuit(probe), unique_id().encode()),
+                         self.routing.cooldown.probe_s)
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
         """The store's answer to ``admission``: hold what was taken, or say why not (a
@@ -408,8 +409,8 @@ class Bookkeeper:
             self._end_probe(held)
             return
         probe, held.probe = held.probe, None
-        probed = probe if probe is not None and probe.target == target else None
         group = self.groups.get(target)
+        probed = probe if probe is not None and probe.target in (target, group) else None
         self._failed[target] = time.time()
         if group is not None:
             self._failed[group] = time.time()
@@ -426,9 +427,8 @@ class Bookkeeper:
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
-        defer(partial(count, target, probed))
-        if group is not None:
-            defer(partial(count, group, None))
+        for name in (target,) if group is None else (target, group):  # a probe reopens the circuit it probed
+            defer(partial(count, name, probed if probed is not None and probed.target == name else None))
 
     def release(self, held: Held) -> None:
         """The call made no billable attempt (or failed for good): give its reservation back (and the
@@ -494,7 +494,7 @@ class Bookkeeper:
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
-            self._answered(target, probed=done.probe is not None and done.probe.target == target)
+            self._answered(target, probed=done.probe.target if done.probe is not None else None)
         elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
             self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)
         self.record(done.outcome, error=done.error)
@@ -578,16 +578,23 @@ class Bookkeeper:
         if additions:
             self._guard(event, self.store.add_many, additions)
 
-    def _answered(self, target: str, *, probed: bool = False) -> None:
-        """A success clears ``target``'s failure count (only after a failure this process saw: no
-        round trip while all is well) and closes its circuit if the call ``probed`` it."""
-        if self._failed.pop(target, None) is not None or probed:
-            self._guard("cooldown_store_failed", health.note_success, self.store, target, probed=probed)
-        if probed:
-            self._saw_cooldown(target, None)
+    def _answered(self, target: str, *, probed: str | None = None) -> None:
+        """A success clears the failure count of ``target`` and of the name it stands for (only after
+        a failure this process saw: no round trip while all is well), and closes the circuit the call
+        ``probed`` (either name's)."""
         group = self.groups.get(target)
-        if group is not None and self._failed.pop(group, None) is not None:
-            self._guard("cooldown_store_failed", health.note_success, self.store, group, probed=False)
+        for name in (target,) if group is None else (target, group):
+            closes = probed == name
+            if self._failed.pop(name, None) is not None or closes:
+                self._guard("cooldown_store_failed", health.note_success, self.store, name, probed=closes)
+            if closes:
+                self._saw_cooldown(name, None)
+
+    def _circuit(self, target: str) -> str:
+        """Whose probe an attempt at half-open ``target`` claims: that of the name it stands for
+        (:attr:`groups`) while that one's cooldown is on record, one probe for both names; else its own."""
+        group = self.groups.get(target)
+        return group if group is not None and self._cooldowns.get(group) is not None else target
 
     def _route_put(self, outcome: Outcome) -> list[Put]:
         """A session routed through tiers: what remembers the target that answered (its prompt cache is

@@ -189,7 +189,7 @@ class RoutingPolicy:
             "alias": alias, "strategy": strategy, "candidates": len(candidates),
             "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
         }
-        half_open = [m for m in ranked if state.cooldowns.get(m) is not None]  # cooled down before: probed
+        half_open = [m for m in ranked if _cooled_until(m, state) is not None]  # cooled down before: probed
         if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
             attributes["half_open"] = "; ".join(half_open)
         if last:  # after a half-open target another call probes, too (the admission goes back to it first)
