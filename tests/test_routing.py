@@ -715,3 +715,37 @@ def test_a_name_standing_for_another_shares_its_half_open_probe(monkeypatch) -> 
     p.completion(model="coder", messages=MESSAGES)  # the probe, through opus, is answered: claude closes
     assert calls == [opus] and p.store.get("cooldown:claude") is None and p.store.get(PROBE + "claude") is None
     assert "half_open" not in routed(p, "coder").decisions[0].attributes
+
+
+def test_a_probe_through_a_name_standing_for_another_ends_the_circuit_it_claimed(monkeypatch) -> None:
+    """review59: a probe through ``opus`` of ``claude``'s circuit (the plan's ``probes``) closes
+    ``opus``'s own half-open circuit too when answered, and reopens ``claude``'s when it fails even
+    if the alias map lost ``opus`` meanwhile (the claim was left until ``probe_s`` before, and no call
+    could probe ``claude``)."""
+    import time
+
+    from router_middleware.bookkeeping.keys import PROBE
+
+    opus = "anthropic/claude-3-opus-20240229"
+    p = pipeline(aliases={"coder": ["opus", "gpt-4o-mini"]}, cooldown={"failures": 3, "window_s": 60, "cooldown_s": 60})
+    p.serve({"opus": opus, "claude": opus}, groups={"opus": "claude"})
+    calls = failing(monkeypatch, {})
+    for name in ("opus", "claude"):  # both names' cooldowns have just ended
+        p.store.set(f"cooldown:{name}", repr(time.time() - 1).encode(), ttl_s=60)
+    route = routed(p, "coder").decisions[0].attributes
+    assert route["half_open"] == "opus" and route["probes"] == "opus: claude"
+    p.completion(model="coder", messages=MESSAGES)
+    assert calls == [opus] and p.store.get("cooldown:claude") is None and p.store.get("cooldown:opus") is None
+    assert "half_open" not in routed(p, "coder").decisions[0].attributes
+
+    p.store.set("cooldown:claude", repr(time.time() - 1).encode(), ttl_s=60)
+    answer = litellm.completion
+
+    def map_lost(**kwargs):  # the proxy re-serves without the alias while the probe is in flight
+        p.serve({"opus": opus, "claude": opus})
+        raise rate_limit("opus")
+
+    monkeypatch.setattr(litellm, "completion", lambda **kwargs: map_lost(**kwargs) if kwargs["model"] == opus
+                        else answer(**kwargs))
+    p.completion(model="coder", messages=MESSAGES)
+    assert float(p.store.get("cooldown:claude")) > time.time() + 50 and p.store.get(PROBE + "claude") is not None

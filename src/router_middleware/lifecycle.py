@@ -260,7 +260,7 @@ class CallLifecycle:
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
         self._in_flight: float | None = None  # when the attempt sent to litellm began, until it returns or raises
         self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
-        self._half_open: tuple[str, ...] = ()  # targets routing found half-open: an attempt claims the probe
+        self._half_open: dict[str, str] = {}  # targets routing found half-open -> whose probe an attempt claims
         self._last: tuple[str, ...] = ()  # targets routing kept as a last resort (cooling down)
         self._probed: str | None = None  # the first half-open target skipped for another call's probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
@@ -707,7 +707,7 @@ class CallLifecycle:
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing, self.books.groups.get(target))
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
-                probe = target if target in self._half_open and not anyway else None
+                probe = self._half_open.get(target) if not anyway else None
                 budget = False  # a budget refused this target
                 try:
                     why = yield from self._take(found, size, claims or [], probe)
@@ -1147,7 +1147,7 @@ def stream_answer(engine: Engine, plan: Plan, chunks: list[Any], *, reported: bo
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open", "downgrade"})  # decisions moving a call on
-_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open", "last_resort")  # the first attempt's alone
+_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open", "probes", "last_resort")  # the first's alone
 
 
 def _following(previous: Plan, plan: Plan) -> Plan:
@@ -1167,9 +1167,11 @@ def _carried(decision: Decision) -> Decision:
     return replace(decision, attributes={k: v for k, v in decision.attributes.items() if k not in _FIRST_ROUTE})
 
 
-def _half_open(plan: Plan) -> tuple[str, ...]:
-    """The targets the call's route found half-open after a cooldown (whose probe an attempt claims)."""
-    return _routed(plan, "half_open")
+def _half_open(plan: Plan) -> dict[str, str]:
+    """The targets the call's route found half-open after a cooldown, each with the name whose probe an
+    attempt at it claims (its own, or that of the name it stands for: the route's ``probes``)."""
+    shared = dict(entry.split(": ", 1) for entry in _routed(plan, "probes"))
+    return {name: shared.get(name, name) for name in _routed(plan, "half_open")}
 
 
 def last_resorts(plan: Plan) -> tuple[str, ...]:

@@ -293,8 +293,7 @@ class Bookkeeper:
             return None
         return Admission(claims, found, tokens, quotas.view_claims(found, tokens),
                          quotas.window_claims(found, tokens, time.time()),
-                         None if probe is None else Probe(self._circuit(probe), unique_id().encode()),
-                         self.routing.cooldown.probe_s)
+                         None if probe is None else Probe(probe, unique_id().encode()), self.routing.cooldown.probe_s)
 
     def admitted(self, held: Held, admission: Admission, refusal: Refusal | None) -> str | None:
         """The store's answer to ``admission``: hold what was taken, or say why not (a
@@ -408,12 +407,10 @@ class Bookkeeper:
         if not counts_toward_cooldown(error):
             self._end_probe(held)
             return
-        probe, held.probe = held.probe, None
-        group = self.groups.get(target)
-        probed = probe if probe is not None and probe.target in (target, group) else None
-        self._failed[target] = time.time()
-        if group is not None:
-            self._failed[group] = time.time()
+        probed, held.probe = held.probe, None
+        names = _names(target, self.groups.get(target), probed)
+        for name in names:
+            self._failed[name] = time.time()
 
         def count(name: str, probed: Probe | None) -> None:
             try:
@@ -427,7 +424,7 @@ class Bookkeeper:
             except Exception as exc:  # noqa: BLE001 - a store problem must not fail the call
                 log.warning("cooldown_store_failed", error_type=type(exc).__name__)
 
-        for name in (target,) if group is None else (target, group):  # a probe reopens the circuit it probed
+        for name in names:  # a probe reopens the circuit it probed (whatever the alias map says now)
             defer(partial(count, name, probed if probed is not None and probed.target == name else None))
 
     def release(self, held: Held) -> None:
@@ -494,7 +491,7 @@ class Bookkeeper:
         plan = done.outcome.plan
         if done.complete and plan is not None and self.routing.aliases:
             target = plan.deployment or plan.model
-            self._answered(target, probed=done.probe.target if done.probe is not None else None)
+            self._answered(target, probed=done.probe)
         elif done.probe is not None:  # it says nothing of the target's health: another call may probe it
             self._guard("cooldown_store_failed", health.end_probe, self.store, done.probe)
         self.record(done.outcome, error=done.error)
@@ -578,23 +575,16 @@ class Bookkeeper:
         if additions:
             self._guard(event, self.store.add_many, additions)
 
-    def _answered(self, target: str, *, probed: str | None = None) -> None:
+    def _answered(self, target: str, *, probed: Probe | None = None) -> None:
         """A success clears the failure count of ``target`` and of the name it stands for (only after
-        a failure this process saw: no round trip while all is well), and closes the circuit the call
-        ``probed`` (either name's)."""
-        group = self.groups.get(target)
-        for name in (target,) if group is None else (target, group):
-            closes = probed == name
+        a failure this process saw: no round trip while all is well); after a probe (``probed``), it
+        closes the circuit probed and ``target``'s own."""
+        for name in _names(target, self.groups.get(target), probed):
+            closes = probed is not None and name in (target, probed.target)
             if self._failed.pop(name, None) is not None or closes:
                 self._guard("cooldown_store_failed", health.note_success, self.store, name, probed=closes)
             if closes:
                 self._saw_cooldown(name, None)
-
-    def _circuit(self, target: str) -> str:
-        """Whose probe an attempt at half-open ``target`` claims: that of the name it stands for
-        (:attr:`groups`) while that one's cooldown is on record, one probe for both names; else its own."""
-        group = self.groups.get(target)
-        return group if group is not None and self._cooldowns.get(group) is not None else target
 
     def _route_put(self, outcome: Outcome) -> list[Put]:
         """A session routed through tiers: what remembers the target that answered (its prompt cache is
@@ -674,3 +664,10 @@ def _plus(change: float, raw: bytes | None) -> bytes | None:
         return repr((number(raw) if raw is not None else 0.0) + change).encode()
     except (TypeError, ValueError, OverflowError):
         return raw
+
+
+def _names(target: str, group: str | None, probe: Probe | None) -> tuple[str, ...]:
+    """Whose health an attempt at ``target`` speaks for: it, the name it stands for, and the circuit its
+    ``probe`` claimed (kept even if the alias map changed since)."""
+    names = (target,) if group is None else (target, group)
+    return names if probe is None or probe.target in names else (*names, probe.target)

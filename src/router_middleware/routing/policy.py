@@ -77,6 +77,13 @@ def _cooled_until(name: str, state: PolicyState) -> float | None:
     return own if theirs is None else theirs if own is None else max(own, theirs)
 
 
+def _circuit(name: str, state: PolicyState) -> str:
+    """Whose probe a call to half-open ``name`` claims: that of the name it stands for while that
+    one's cooldown is on record (one probe for both names), else its own."""
+    group = state.groups.get(name) if state.groups else None
+    return group if group is not None and state.cooldowns.get(group) is not None else name
+
+
 def _remembered(state: PolicyState, session_id: str) -> SessionRoute | None:
     """The session's last route, or ``None`` (none within its TTL, or a value this version cannot read)."""
     try:
@@ -192,6 +199,9 @@ class RoutingPolicy:
         half_open = [m for m in ranked if _cooled_until(m, state) is not None]  # cooled down before: probed
         if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
             attributes["half_open"] = "; ".join(half_open)
+            shared = [f"{m}: {circuit}" for m in half_open if (circuit := _circuit(m, state)) != m]
+            if shared:  # a name standing for another claims that one's probe
+                attributes["probes"] = "; ".join(shared)
         if last:  # after a half-open target another call probes, too (the admission goes back to it first)
             attributes["last_resort"] = "; ".join(last)
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
