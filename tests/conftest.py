@@ -94,12 +94,16 @@ def service_missing(why: str, *, module: bool = False) -> None:
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """A real redis-server: REDIS_URL from .ci/run (a database the tests empty first: what an earlier
-    run left there would leak into this one), or one started here if the binary exists."""
+    run left there would leak into this one), or one started here if the binary exists. Under
+    pytest-xdist only the first worker uses REDIS_URL; each other worker starts a server of its own
+    (tests read the server's command counts and flush its scripts)."""
     import shutil
     import subprocess
     import time
 
     url = os.environ.get("REDIS_URL")
+    if url and os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0" and shutil.which("redis-server"):
+        url = None
     if url:
         import redis
 
