@@ -153,6 +153,24 @@ def store(request, tmp_path):
     backend.close()
 
 
+def _worker_database(url: str) -> str:
+    """``url``, or under pytest-xdist a database of this worker's own on its server, made afresh (the
+    ledger tests migrate and empty their tables)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    parts = urlsplit(url)
+    name = f"{parts.path.strip('/') or 'postgres'}_{worker}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
 @pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory):
     """A real PostgreSQL server: PG_URL from .ci/run, or one started here (root, Debian's binaries)."""
@@ -161,7 +179,7 @@ def postgres_url(tmp_path_factory):
 
     url = os.environ.get("PG_URL")
     if url:
-        yield url
+        yield _worker_database(url)
         return
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb") or os.geteuid() != 0:
         service_missing("no PostgreSQL server binaries (apt-get install postgresql) or not root; or set PG_URL")
