@@ -682,38 +682,41 @@ def test_a_name_standing_for_another_is_passed_over_while_that_one_cools_down_an
     assert quotas_for("opus", opus, config) == ()
 
 
-def test_a_name_standing_for_another_shares_its_half_open_probe(monkeypatch) -> None:
+@pytest.mark.parametrize(("alias", "group"), [("opus", "claude"), ("opus: eu", "claude; eu")])
+def test_a_name_standing_for_another_shares_its_half_open_probe(monkeypatch, alias, group) -> None:
     """review58 #3: once ``claude``'s cooldown has ended, a call through ``opus`` (standing for it)
     is half-open too and claims ``claude``'s one probe: it moves on while another call probes, its
-    success closes ``claude``'s circuit, and its failure opens it again at once."""
+    success closes ``claude``'s circuit, and its failure opens it again at once. Served names are the
+    proxy's own: ``"opus: eu"`` and ``"claude; eu"`` work as well (review59b: a call failed, or the
+    alias claimed its own probe, where the route's text was parsed)."""
     import time
 
     from router_middleware.bookkeeping import health
     from router_middleware.bookkeeping.keys import PROBE
 
     opus = "anthropic/claude-3-opus-20240229"
-    p = pipeline(aliases={"coder": ["opus", "gpt-4o-mini"]}, cooldown={"failures": 3, "window_s": 60, "cooldown_s": 60})
-    p.serve({"opus": opus, "claude": opus}, groups={"opus": "claude"})
+    p = pipeline(aliases={"coder": [alias, "gpt-4o-mini"]}, cooldown={"failures": 3, "window_s": 60, "cooldown_s": 60})
+    p.serve({alias: opus, group: opus}, groups={alias: group})
     calls = failing(monkeypatch, {opus: [rate_limit("opus")]})
 
     def cooled_off() -> None:  # claude's cooldown has just ended: half-open
-        p.store.set("cooldown:claude", repr(time.time() - 1).encode(), ttl_s=60)
+        p.store.set(f"cooldown:{group}", repr(time.time() - 1).encode(), ttl_s=60)
 
     cooled_off()
-    assert routed(p, "coder").decisions[0].attributes["half_open"] == "opus"
-    assert p.store.add_within([], (), [health.probe_claim(health.Probe("claude", b"another call"), 30.0)]) is None
+    assert routed(p, "coder").decisions[0].attributes["half_open"] == alias
+    assert p.store.add_within([], (), [health.probe_claim(health.Probe(group, b"another call"), 30.0)]) is None
     p.completion(model="coder", messages=MESSAGES)
     assert calls == ["gpt-4o-mini"]  # another call probes claude: opus is passed over
-    p.store.delete(PROBE + "claude")
+    p.store.delete(PROBE + group)
     calls.clear()
     p.completion(model="coder", messages=MESSAGES)  # the probe, through opus, fails: claude opens again
-    assert calls == [opus, "gpt-4o-mini"] and float(p.store.get("cooldown:claude")) > time.time() + 50
-    assert p.store.get(PROBE + "claude") is not None and p.store.get("cooldown:opus") is None  # one failure of 3
+    assert calls == [opus, "gpt-4o-mini"] and float(p.store.get(f"cooldown:{group}")) > time.time() + 50
+    assert p.store.get(PROBE + group) is not None and p.store.get(f"cooldown:{alias}") is None  # one failure of 3
     cooled_off()
-    p.store.delete(PROBE + "claude")
+    p.store.delete(PROBE + group)
     calls.clear()
     p.completion(model="coder", messages=MESSAGES)  # the probe, through opus, is answered: claude closes
-    assert calls == [opus] and p.store.get("cooldown:claude") is None and p.store.get(PROBE + "claude") is None
+    assert calls == [opus] and p.store.get(f"cooldown:{group}") is None and p.store.get(PROBE + group) is None
     assert "half_open" not in routed(p, "coder").decisions[0].attributes
 
 
@@ -733,7 +736,7 @@ def test_a_probe_through_a_name_standing_for_another_ends_the_circuit_it_claimed
     for name in ("opus", "claude"):  # both names' cooldowns have just ended
         p.store.set(f"cooldown:{name}", repr(time.time() - 1).encode(), ttl_s=60)
     route = routed(p, "coder").decisions[0].attributes
-    assert route["half_open"] == "opus" and route["probes"] == "opus: claude"
+    assert route["half_open"] == "opus" and route["group_probes"] == "opus"
     p.completion(model="coder", messages=MESSAGES)
     assert calls == [opus] and p.store.get("cooldown:claude") is None and p.store.get("cooldown:opus") is None
     assert "half_open" not in routed(p, "coder").decisions[0].attributes

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -286,7 +286,7 @@ class CallLifecycle:
             if cached is not None:
                 return cached
         attempts = Attempts(self._route(plan), engine.config.routing.fallback)
-        self._half_open, self._last = _half_open(plan), last_resorts(plan)
+        self._half_open, self._last = _half_open(plan, self.books.groups), last_resorts(plan)
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
@@ -721,7 +721,8 @@ class CallLifecycle:
                         # another route from its start: what the first one skipped is not tried anyway
                         downgraded, anyway = refused, False
                         attempts.restart(self._route(cheaper))
-                        self._half_open, self._last, self._probed = _half_open(cheaper), last_resorts(cheaper), None
+                        self._half_open, self._last = _half_open(cheaper, self.books.groups), last_resorts(cheaper)
+                        self._probed = None
                         plan = _following(plan, cheaper)
                         claims = self._claims(plan, reasoning=replans > 0)
                         claimed_for = cheaper.deployment or cheaper.model
@@ -1147,7 +1148,8 @@ def stream_answer(engine: Engine, plan: Plan, chunks: list[Any], *, reported: bo
 
 
 _ATTEMPT_ACTIONS = frozenset({"fallback", "skip", "quota", "half-open", "downgrade"})  # decisions moving a call on
-_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open", "probes", "last_resort")  # the first's alone
+# the first attempt's alone
+_FIRST_ROUTE = ("session_tier", "escalated_to", "good_steps", "half_open", "group_probes", "last_resort")
 
 
 def _following(previous: Plan, plan: Plan) -> Plan:
@@ -1167,11 +1169,12 @@ def _carried(decision: Decision) -> Decision:
     return replace(decision, attributes={k: v for k, v in decision.attributes.items() if k not in _FIRST_ROUTE})
 
 
-def _half_open(plan: Plan) -> dict[str, str]:
+def _half_open(plan: Plan, groups: Mapping[str, str]) -> dict[str, str]:
     """The targets the call's route found half-open after a cooldown, each with the name whose probe an
-    attempt at it claims (its own, or that of the name it stands for: the route's ``probes``)."""
-    shared = dict(entry.split(": ", 1) for entry in _routed(plan, "probes"))
-    return {name: shared.get(name, name) for name in _routed(plan, "half_open")}
+    attempt at it claims: its own, or for the route's ``group_probes`` that of the name it stands for
+    (``groups``)."""
+    shared = _routed(plan, "group_probes")
+    return {name: groups.get(name, name) if name in shared else name for name in _routed(plan, "half_open")}
 
 
 def last_resorts(plan: Plan) -> tuple[str, ...]:

@@ -199,9 +199,9 @@ class RoutingPolicy:
         half_open = [m for m in ranked if _cooled_until(m, state) is not None]  # cooled down before: probed
         if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
             attributes["half_open"] = "; ".join(half_open)
-            shared = [f"{m}: {circuit}" for m in half_open if (circuit := _circuit(m, state)) != m]
-            if shared:  # a name standing for another claims that one's probe
-                attributes["probes"] = "; ".join(shared)
+            shared = [m for m in half_open if _circuit(m, state) != m]
+            if shared:  # names standing for another, whose probe they claim
+                attributes["group_probes"] = "; ".join(shared)
         if last:  # after a half-open target another call probes, too (the admission goes back to it first)
             attributes["last_resort"] = "; ".join(last)
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
