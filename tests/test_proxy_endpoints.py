@@ -342,6 +342,29 @@ def test_failures_through_a_model_group_alias_cool_down_the_model_name_it_stands
     assert sum(seen.values()) >= 2
 
 
+def test_a_call_through_a_model_group_alias_is_the_probe_that_closes_the_circuit_of_the_model_name(tmp_path) -> None:
+    """Once ``claude``'s cooldown has ended, a routed call through ``opus`` (``model_group_alias``,
+    standing for ``claude``) claims ``claude``'s probe, and its answer closes ``claude``'s circuit
+    (before, ``opus`` was no probe of ``claude``: the cooldown stayed on record, and calls listing
+    ``claude`` went on waiting for a probe of their own)."""
+    from router_middleware.stores import open_store
+
+    config = GUARDED_CONFIG.replace("coder: [claude]", "coder: [opus]").replace("rpd: 2", "rpd: 100")
+    with _proxy(tmp_path, config, router_settings="{model_group_alias: {opus: claude}}") as (base, seen):
+        store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+        store.set("cooldown:claude", repr(time.time() - 1).encode(), ttl_s=60)  # its cooldown has just ended
+        status, _ = _post(base, "/v1/chat/completions", _chat(model="coder"))
+        rows = _rows(tmp_path, 1)
+        for _ in range(50):
+            if store.get("cooldown:claude") is None:
+                break
+            time.sleep(0.1)
+        closed = store.get("cooldown:claude")
+        store.close()
+    assert status == 200 and rows[0]["deployment"] == "opus" and seen["healthy:ok"] == 1
+    assert closed is None
+
+
 def test_failures_of_messages_requests_count_toward_their_targets_cooldown(tmp_path) -> None:
     """An upstream that fails every request: each ``/v1/messages`` request is an error row, and the
     two failures cool ``claude`` down for the chat calls routed there, as two failed chat calls would
