@@ -84,7 +84,9 @@ def _middleware_call(pipeline: Pipeline, model: str, asynchronous: bool, message
     from router_middleware.langchain import RoutedChatModel, RouterAgentMiddleware
 
     inner = Pipeline.from_config({"telemetry": {"enabled": False}, "cache": {"enabled": False}}, policies=())
-    models = {name: RoutedChatModel(model=name, pipeline=inner) for name in (*CODER, "gpt-4o-mini", TYPO)}
+    served = {name: name for name in (*CODER, "gpt-4o-mini", TYPO)}
+    served.update({name: d.model for name, d in pipeline.config.routing.deployments.items()})  # each its model
+    models = {name: RoutedChatModel(model=model, pipeline=inner) for name, model in served.items()}
     middleware = RouterAgentMiddleware(pipeline, models=models, model=model)
     system = [m for m in messages if m["role"] == "system"]
     request = ModelRequest(model=models[CLAUDE], messages=convert_to_messages([m for m in messages if m not in system]),
@@ -371,6 +373,40 @@ def test_a_half_open_target_skipped_at_one_attempt_goes_before_a_last_resort_at_
     _cooled_off(p, CLAUDE)
     _probing(p, CLAUDE)
     p.store.set(f"cooldown:{DEEPSEEK}", repr(time.time() + 50).encode(), ttl_s=60)  # still cooling down
+    script.failures[MINI] = [rate_limit()]
+    call(p)
+    assert script.calls == [MINI, CLAUDE]
+
+
+SERVED = {"claude; eu": CLAUDE, "mini; eu": MINI, "deepseek; eu": DEEPSEEK}  # served names with "; " in them
+
+
+def _served(*targets: str) -> Pipeline:
+    """The coder alias over ``targets``, some deployments whose names hold "; " (the separator of the
+    route's text)."""
+    return pipeline(aliases={"coder": list(targets)}, deployments={n: {"model": m} for n, m in SERVED.items()},
+                    cooldown={"failures": 1, "window_s": 60, "cooldown_s": 60})
+
+
+def test_a_half_open_target_whose_name_holds_the_route_s_separator_is_probed_by_one_call(call, script) -> None:
+    """The attempt loop read the half-open targets back from the route's text, split at "; ": a
+    target named "claude; eu" was none of them, and every call went to it once its cooldown ended
+    (no one-probe limit)."""
+    p = _served(*SERVED)
+    _cooled_off(p, "claude; eu")
+    _probing(p, "claude; eu")
+    call(p)
+    assert script.calls == [MINI]  # another call probes claude; eu: passed over
+
+
+def test_a_last_resort_whose_name_holds_the_route_s_separator_comes_after_a_half_open_target(call, script) -> None:
+    """As ``test_a_half_open_target_skipped_at_one_attempt_goes_before_a_last_resort_at_a_later_one``,
+    the target cooling down named "deepseek; eu": read back from the route's text, it was no last
+    resort, and the call went to it before the half-open target."""
+    p = _served(CLAUDE, "mini; eu", "deepseek; eu")
+    _cooled_off(p, CLAUDE)
+    _probing(p, CLAUDE)
+    p.store.set("cooldown:deepseek; eu", repr(time.time() + 50).encode(), ttl_s=60)  # still cooling down
     script.failures[MINI] = [rate_limit()]
     call(p)
     assert script.calls == [MINI, CLAUDE]

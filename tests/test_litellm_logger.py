@@ -892,20 +892,29 @@ def test_a_proxy_stream_the_router_moves_on_from_after_its_role_chunk_is_its_fal
     assert float(logger.pipeline.store.get("fail:cut") or 0) == 1 and logger.pipeline.store.get("fail:healthy") is None
 
 
-def _with_a_last_resort(tmp_path, monkeypatch, first: str, cooling: str) -> tuple[object, list[dict], RouterLogger]:
+def _with_a_last_resort(tmp_path, monkeypatch, first: str, cooling: str,
+                        probed: bool = False) -> tuple[object, list[dict], RouterLogger]:
     """One proxy request for ``coder`` = [flaky, healthy], ``flaky`` served by ``first`` and ``healthy``,
-    cooling down, by ``cooling`` (the router retries a target once): the answer, the rows, the logger."""
+    cooling down, by ``cooling`` (the router retries a target once): the answer, the rows, the logger.
+    ``probed``: ``flaky2`` (also ``first``'s) comes first, half-open, another call probing it."""
     import sys
     import time
     import types
 
+    from router_middleware.bookkeeping import health
+
     router = litellm.Router(model_list=[
-        {"model_name": "flaky", "litellm_params": {"model": "openai/gpt-5-mini", "api_base": first, "api_key": "x"}},
+        *({"model_name": name, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": first, "api_key": "x"}}
+          for name in ("flaky", "flaky2")),
         {"model_name": "healthy", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": cooling,
                                                      "api_key": "x"}}], num_retries=1)
     monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
-    logger = _proxy_logger(tmp_path, ["flaky", "healthy"])
-    logger.pipeline.store.set("cooldown:healthy", repr(time.time() + 60).encode(), ttl_s=120)
+    logger = _proxy_logger(tmp_path, ["flaky2", "flaky", "healthy"] if probed else ["flaky", "healthy"])
+    store = logger.pipeline.store
+    store.set("cooldown:healthy", repr(time.time() + 60).encode(), ttl_s=120)
+    if probed:
+        store.set("cooldown:flaky2", repr(time.time() - 1).encode(), ttl_s=60)
+        assert store.add_within([], (), [health.probe_claim(health.Probe("flaky2", b"another call"), 30.0)]) is None
     try:
         async def call() -> object:
             try:
@@ -918,16 +927,19 @@ def _with_a_last_resort(tmp_path, monkeypatch, first: str, cooling: str) -> tupl
         logger.unregister()
 
 
+@pytest.mark.parametrize("probed", [False, True], ids=["first", "after-a-probed-target"])
 def test_behind_the_proxy_a_target_with_only_a_last_resort_behind_it_keeps_the_router_s_retries(
-        tmp_path, monkeypatch) -> None:
+        tmp_path, monkeypatch, probed) -> None:
     """The alias's other target cools down: it is a last resort, handed to the router as a fallback.
     The router still retries its first target as it would with no fallback (a passing 503 is answered
     by the retry), rather than sending the request to the target that may still be down (found in
-    review: with the last resort the hook set ``num_retries`` 0, and the request failed there)."""
+    review: with the last resort the hook set ``num_retries`` 0, and the request failed there). The
+    same when the call moved past a half-open target another call probes (the hook read the last
+    resorts from the moved plan, which has none: ``num_retries`` 0 again)."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(fail_first=1) as (up, seen), scripted_upstream(status=503) as (dead, dead_seen):
-        answer, rows, _ = _with_a_last_resort(tmp_path, monkeypatch, up, dead)
+        answer, rows, _ = _with_a_last_resort(tmp_path, monkeypatch, up, dead, probed)
     assert len(seen) == 2 and not dead_seen  # retried where it was, never sent to the target cooling down
     assert answer.choices[0].message.tool_calls and len(rows) == 1 and rows[0]["error"] is None
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -57,7 +57,7 @@ from .streaming import Replay, TrackedStream
 from .telemetry import CallTrace, log
 from .telemetry.attributes import host_of
 from .telemetry.tracing import SideCall
-from .types import Call, Decision, Outcome, Plan, SummaryJob, UsageSource
+from .types import NO_CIRCUITS, Call, Decision, Outcome, Plan, SummaryJob, UsageSource
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -260,8 +260,7 @@ class CallLifecycle:
         self._cut: Outcome | None = None  # what the attempt in flight used before a stop broke it off
         self._in_flight: float | None = None  # when the attempt sent to litellm began, until it returns or raises
         self._tries: tuple[tuple[Outcome | None, Exception, float], ...] = ()  # its earlier tries (tried)
-        self._half_open: dict[str, str] = {}  # targets routing found half-open -> whose probe an attempt claims
-        self._last: tuple[str, ...] = ()  # targets routing kept as a last resort (cooling down)
+        self.circuits = NO_CIRCUITS  # the route's half-open and last-resort targets (a downgrade's, after one)
         self._probed: str | None = None  # the first half-open target skipped for another call's probe
         self.side_calls: tuple[SideCall, ...] = ()  # summaries written for this call (none: nothing tracked)
         self.prefetch = Prefetch() if engine.prefetching else None  # what the call read from the store
@@ -286,7 +285,7 @@ class CallLifecycle:
             if cached is not None:
                 return cached
         attempts = Attempts(self._route(plan), engine.config.routing.fallback)
-        self._half_open, self._last = _half_open(plan, self.books.groups), last_resorts(plan)
+        self.circuits = plan.circuits
         try:
             try:
                 plan = yield from self._admit(plan, attempts, self._claims(plan))  # nothing is held when refused
@@ -695,7 +694,8 @@ class CallLifecycle:
             elif target != claimed_for:  # moved on from the target the claims were estimated on
                 claims, claimed_for = self._claims(plan, reasoning=replans > 0), target
             probed = self._probed  # skipped at this admission or an earlier attempt's
-            if probed is not None and target in self._last:  # a half-open target comes before one cooling down
+            # a half-open target comes before one cooling down
+            if probed is not None and target in self.circuits.last_resort:
                 anyway, back = True, attempts.back_to(probed)
                 reason = f"{target} cools down: {probed}, half-open, is tried anyway before it"
                 self._probed = None
@@ -707,7 +707,7 @@ class CallLifecycle:
             if why is None:
                 found = quotas.quotas_for(target, plan.model, self.engine.config.routing, self.books.groups.get(target))
                 size = sum(self._size(plan)) if quotas.estimate_needed(found) else 0
-                probe = self._half_open.get(target) if not anyway else None
+                probe = self.circuits.half_open.get(target) if not anyway else None
                 budget = False  # a budget refused this target
                 try:
                     why = yield from self._take(found, size, claims or [], probe)
@@ -721,7 +721,7 @@ class CallLifecycle:
                         # another route from its start: what the first one skipped is not tried anyway
                         downgraded, anyway = refused, False
                         attempts.restart(self._route(cheaper))
-                        self._half_open, self._last = _half_open(cheaper, self.books.groups), last_resorts(cheaper)
+                        self.circuits = cheaper.circuits
                         self._probed = None
                         plan = _following(plan, cheaper)
                         claims = self._claims(plan, reasoning=replans > 0)
@@ -1167,24 +1167,3 @@ def _carried(decision: Decision) -> Decision:
     if decision.action != "route" or not any(k in decision.attributes for k in _FIRST_ROUTE):
         return decision
     return replace(decision, attributes={k: v for k, v in decision.attributes.items() if k not in _FIRST_ROUTE})
-
-
-def _half_open(plan: Plan, groups: Mapping[str, str]) -> dict[str, str]:
-    """The targets the call's route found half-open after a cooldown, each with the name whose probe an
-    attempt at it claims: its own, or for the route's ``group_probes`` that of the name it stands for
-    (``groups``)."""
-    shared = _routed(plan, "group_probes")
-    return {name: groups.get(name, name) if name in shared else name for name in _routed(plan, "half_open")}
-
-
-def last_resorts(plan: Plan) -> tuple[str, ...]:
-    """The targets the call's route keeps as a last resort (cooling down: tried after every other)."""
-    return _routed(plan, "last_resort")
-
-
-def _routed(plan: Plan, name: str) -> tuple[str, ...]:
-    for decision in plan.decisions:
-        if decision.policy == "routing" and decision.action == "route":
-            found = decision.attributes.get(name)
-            return tuple(str(found).split("; ")) if found else ()
-    return ()

@@ -186,6 +186,19 @@ class SessionRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class Circuits:
+    """What routing read of its targets' circuits, for the attempt loop: the half-open targets, each
+    with the name whose one probe an attempt at it claims (its own, or that of the name it stands
+    for), and the targets cooling down kept as a last resort, soonest back first."""
+
+    half_open: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    last_resort: tuple[str, ...] = ()
+
+
+NO_CIRCUITS = Circuits()
+
+
+@dataclass(frozen=True, slots=True)
 class SummaryJob:
     """A dropped span that a policy would rather replace with a model-written summary.
 
@@ -282,6 +295,7 @@ class Plan:
     deployment: str | None = None  # the routing target's name when it is a configured deployment
     summary_cost_usd: float = 0.0  # what the summary calls made for this call cost (in its ledger row)
     context_tokens: ContextTokens | None = None  # where the context policies changed the request
+    circuits: Circuits = NO_CIRCUITS  # the route's half-open and last-resort targets
 
     @classmethod
     def from_call(cls, call: Call) -> Plan:

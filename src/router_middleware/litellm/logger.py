@@ -20,7 +20,7 @@ from ..accounting import build_outcome
 from ..catalog import provider_named
 from ..drivers import astep
 from ..errors import BudgetExceeded, MessageError, NoRouteError, RequestError, StoreUnavailable
-from ..lifecycle import Attempt, CallLifecycle, Flow, last_resorts
+from ..lifecycle import Attempt, CallLifecycle, Flow
 from ..telemetry import log
 from ..types import Call
 from .calls import FallbacksEnded, _Answer, _cut, _Details, _Open, _target
@@ -150,7 +150,8 @@ class RouterLogger(_ProxyHooks, _SyncStreams):
         # the targets cooling down behind it, and the router's own, are a last resort: the router first
         # retries its target as it would without them (a passing 503 is retried, not sent to a target
         # that may still be down)
-        retried = not [t for t in targets if t not in last_resorts(attempt.plan) and t not in lifecycle.routers_targets]
+        behind = (*lifecycle.circuits.last_resort, *lifecycle.routers_targets)
+        retried = not [t for t in targets if t not in behind]
         self._keep(data, _Open(lifecycle, flow, attempt, attempt.plan, own_retries=retried,
                                planned=frozenset((_target(attempt), *attempt.remaining))))
         changed = _switch(data, call.params, attempt.plan)

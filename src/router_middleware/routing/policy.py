@@ -42,7 +42,7 @@ from ..params import output_cap
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
-from ..types import Decision, History, Plan, SessionRoute
+from ..types import Circuits, Decision, History, Plan, SessionRoute
 from ..wire import param_rules
 from .affinity import Escalation, escalation, switch
 from .budgets import over_soft_limit
@@ -196,14 +196,17 @@ class RoutingPolicy:
             "alias": alias, "strategy": strategy, "candidates": len(candidates),
             "considered": "; ".join([f"{chosen}: chosen"] + [f"{m}: {w}" for m, w in {**lost, **rejections}.items()]),
         }
-        half_open = [m for m in ranked if _cooled_until(m, state) is not None]  # cooled down before: probed
-        if half_open:  # the call's admission claims the probe of whichever it tries (health.probe_claim)
+        # cooled down before: probed. The call's admission claims the probe of whichever it tries
+        # (health.probe_claim): its own, or that of the name it stands for
+        half_open = {m: _circuit(m, state) for m in ranked if _cooled_until(m, state) is not None}
+        if half_open:
             attributes["half_open"] = "; ".join(half_open)
-            shared = [m for m in half_open if _circuit(m, state) != m]
-            if shared:  # names standing for another, whose probe they claim
+            shared = [m for m, circuit in half_open.items() if circuit != m]
+            if shared:
                 attributes["group_probes"] = "; ".join(shared)
         if last:  # after a half-open target another call probes, too (the admission goes back to it first)
             attributes["last_resort"] = "; ".join(last)
+        circuits = {"circuits": Circuits(half_open, tuple(last))} if half_open or last else {}
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
             tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
             attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
@@ -211,7 +214,7 @@ class RoutingPolicy:
         model = self._model(chosen, state)
         plan = plan.decide(Decision(self.name, "route", reason, attributes), model=model,
                            deployment=chosen if model != chosen or chosen in self.config.deployments else None,
-                           fallbacks=(*ranked[1:], *last))
+                           fallbacks=(*ranked[1:], *last), **circuits)
         return plan.decide(kept) if kept is not None else plan
 
     def _last_resort(self, candidates: Sequence[str], rejections: Mapping[str, str], ranked: Sequence[str],
