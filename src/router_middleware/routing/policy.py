@@ -42,7 +42,7 @@ from ..params import output_cap
 from ..policies import Policy, PolicyState
 from ..reasoning.signals import failure_signal, infer_step_kind
 from ..reasoning.translate import REASONING_PARAMS, can_reason
-from ..types import Circuits, Decision, History, Plan, SessionRoute
+from ..types import NO_CIRCUITS, Circuits, Decision, History, Plan, SessionRoute
 from ..wire import param_rules
 from .affinity import Escalation, escalation, switch
 from .budgets import over_soft_limit
@@ -206,7 +206,7 @@ class RoutingPolicy:
                 attributes["group_probes"] = "; ".join(shared)
         if last:  # after a half-open target another call probes, too (the admission goes back to it first)
             attributes["last_resort"] = "; ".join(last)
-        circuits = {"circuits": Circuits(half_open, tuple(last))} if half_open or last else {}
+        circuits = Circuits(half_open, tuple(last)) if half_open or last else NO_CIRCUITS
         if session is not None and session.tracked:  # what the bookkeeper remembers for the session's next call
             tier = session.previous.tier if kept is not None and kept.action == "stay" and session.previous else alias
             attributes.update(session_tier=tier, escalated_to=session.escalation.escalated,
@@ -214,7 +214,7 @@ class RoutingPolicy:
         model = self._model(chosen, state)
         plan = plan.decide(Decision(self.name, "route", reason, attributes), model=model,
                            deployment=chosen if model != chosen or chosen in self.config.deployments else None,
-                           fallbacks=(*ranked[1:], *last), **circuits)
+                           fallbacks=(*ranked[1:], *last), circuits=circuits)
         return plan.decide(kept) if kept is not None else plan
 
     def _last_resort(self, candidates: Sequence[str], rejections: Mapping[str, str], ranked: Sequence[str],
