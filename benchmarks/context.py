@@ -4,7 +4,7 @@ Replays ../shared/data/agent-sessions (and chat-sessions) through `router_middle
 each strategy wrapped as a policy, and prints one table: input tokens and cost (with and without the
 provider's prompt cache) relative to the untrimmed baseline, retention, integrity violations.
 
-    .venv/bin/python benchmarks/context.py [--sessions DIR] [--chats DIR] [--limit N]
+    .venv/bin/python benchmarks/context.py [--sessions DIR] [--chats DIR] [--limit N] [--steps N]
 
 Peers: LangChain `trim_messages` (strategy "last", include_system, start_on "human"), LangChain v1's
 ContextEditingMiddleware logic (ClearToolUsesEdit; extra `langchain`), litellm's `trim_messages`, and a
@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", default=str(SHARED / "agent-sessions"))
     parser.add_argument("--chats", default=str(SHARED / "chat-sessions"))
     parser.add_argument("--limit", type=int, default=0, help="only the first N sessions of each set (smoke run)")
+    parser.add_argument("--steps", type=int, default=0, help="only the first N calls of each session (smoke run)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     agents = [load_session(p) for p in sorted(Path(args.sessions).glob("*.json"))]
     chats = [load_session(p) for p in sorted(Path(args.chats).glob("*.json"))]
     if args.limit:
         agents, chats = agents[: args.limit], chats[: args.limit]
+    if args.steps:
+        agents, chats = ([replace(s, calls=s.calls[: args.steps]) for s in group] for group in (agents, chats))
     agent_budget, chat_budget = 16000, 4000
     agent_rows = [
         row("router-middleware default (watermark 16k, cost-aware)", agents, Pipeline.from_config({})),

@@ -58,8 +58,9 @@ def history(n: int) -> list[dict[str, Any]]:
 
 
 def paired(calls: list[Callable[[], Any]], repeat: int) -> list[float]:
-    """Median time of each callable, run in turn so machine noise hits them alike."""
-    for _ in range(10):
+    """Median time of each callable, run in turn so machine noise hits them alike, after as many
+    untimed rounds as timed ones, ten at most."""
+    for _ in range(min(10, repeat)):
         for call in calls:
             call()
     times: list[list[float]] = [[] for _ in calls]
@@ -73,7 +74,7 @@ def paired(calls: list[Callable[[], Any]], repeat: int) -> list[float]:
 
 
 async def apaired(calls: list[Callable[[], Awaitable[Any]]], repeat: int) -> list[float]:
-    for _ in range(10):
+    for _ in range(min(10, repeat)):
         for call in calls:
             await call()
     times: list[list[float]] = [[] for _ in calls]

@@ -1,7 +1,7 @@
 """Difficulty routing quality on RouteLLM's data: our heuristic and fitted scorers, a random router,
 litellm's complexity router.
 
-    .venv/bin/python benchmarks/routing.py [--embeddings]
+    .venv/bin/python benchmarks/routing.py [--embeddings] [--sample N]
 
 Each router gives every prompt a score; RouteLLM's metrics (APGR, CPT(50%), CPT(80%)) are computed
 with the same code as `router-middleware route-eval`. GSM8K and all of MMLU: the weak model is
@@ -14,11 +14,13 @@ the embedding path (MiniLM embeddings of the 15,600 prompts take half an hour on
 time; they are cached in EMBEDDING_CACHE, default /tmp/router-middleware-routing-embeddings.npz).
 Last rows: the bundled file (fitted on arena-bench, GSM8K and MMLU minus the prompts with
 crc32 % 10 == 0) on those held-out tenths. litellm's ComplexityRouter is used through its
-rule-based classifier (its continuous score). Last: the p50 time to score one request.
+rule-based classifier (its continuous score). Last: the p50 time to score one request. `--sample N`
+(a smoke run) keeps the first N prompts of GSM8K and MMLU (all of arena-bench).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -99,15 +101,20 @@ def rows(name: str, examples: Sequence[Example], routers: dict[str, Callable[[],
     return apgr
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embeddings", action="store_true", help="add the embedding path (semantic extra)")
+    parser.add_argument("--sample", type=int, default=0, help="only the first N prompts of GSM8K and MMLU")
+    args = parser.parse_args(argv)
+    sample = slice(args.sample or None)
     print(f"routing benchmark, {time.strftime('%Y-%m-%d')}\n")
     print("| data (weak vs strong) | router | APGR | CPT(50%) | CPT(80%) | scoring time per prompt |")
     print("|---|---|---|---|---|---|")
     theirs = litellm_scorer()
-    if "--embeddings" in sys.argv[1:] and not embeddings_installed():
+    if args.embeddings and not embeddings_installed():
         print("--embeddings needs the semantic extra: pip install 'router-middleware[semantic]'", file=sys.stderr)
         return 2
-    embed = CachedEmbed() if "--embeddings" in sys.argv[1:] else None
+    embed = CachedEmbed() if args.embeddings else None
     summary = []
     arena = load_judgments(ARENA)
     prompts = [j.prompt for j in arena]
@@ -126,7 +133,7 @@ def main() -> int:
     core = fit.with_embeddings(False)
     data = {"GSM8K": [DATA / "gsm8k_responses.csv"], "MMLU": sorted((DATA / "mmlu").glob("*.csv"))}
     for name, paths in data.items():
-        examples = load_examples(paths, WEAK, STRONG)
+        examples = load_examples(paths, WEAK, STRONG)[sample]
         routers = {"fitted (on arena-bench)": lambda ex=examples: [core.difficulty(e.prompt) for e in ex]}
         if embed is not None:
             routers["fitted + embeddings (on arena-bench)"] = lambda ex=examples: [
@@ -138,7 +145,7 @@ def main() -> int:
         summary.append(f"{name}: " + "/".join(f"{v:.3f}" for v in got.values()))
     bundled = load_fitted()
     for name, paths in data.items():
-        examples = [e for e in load_examples(paths, WEAK, STRONG) if held_out(e.prompt, 10)]
+        examples = [e for e in load_examples(paths, WEAK, STRONG)[sample] if held_out(e.prompt, 10)]
         routers = {"bundled file, core": lambda ex=examples: [bundled.difficulty(e.prompt) for e in ex]}
         if embed is not None and bundled.embedding is not None:
             routers["bundled file + embeddings"] = lambda ex=examples: [

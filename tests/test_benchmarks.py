@@ -37,30 +37,30 @@ class Smoke:
     needs: tuple[str, ...] = ()
 
 
-SMOKES: dict[str, Smoke] = {  # longest first (each 35-80 s alone on this machine, down to 8 s)
+SMOKES: dict[str, Smoke] = {  # longest first (80 s alone on this machine, down to 9 s)
     "proxy_throughput": Smoke("proxy_throughput.py", ("--clients", "2", "--requests", "4", "--stream-requests", "2",
                                                       "--rounds", "1", "--ledger"), redis=True, needs=("proxy",)),
-    "context": Smoke("context.py", ("--limit", "1"), needs=("shared",)),
-    "proxy_overhead": Smoke("proxy_overhead.py", ("--repeat", "2"), needs=("proxy",)),
-    "routing": Smoke("routing.py", needs=("shared",)),
-    "overhead_http": Smoke("overhead_http.py", ("--repeat", "3")),
     "redis_workers": Smoke("redis_workers.py", ("--workers", "1,2", "--seconds", "1", "--concurrency", "5"),
                            redis=True),
-    "throughput": Smoke("throughput.py", ("--calls", "20", "--rounds", "1"), redis=True),
+    "proxy_overhead": Smoke("proxy_overhead.py", ("--repeat", "2"), needs=("proxy",)),
+    "overhead_http": Smoke("overhead_http.py", ("--repeat", "3")),
     "overhead": Smoke("overhead.py", ("--repeat", "3")),
-    "overhead_traced": Smoke("overhead.py", ("--repeat", "3", "--otel-sdk")),
-    "redis_commands_semantic": Smoke("redis_commands.py", ("--calls", "10", "--concurrent", "--semantic"), redis=True),
-    "adapters": Smoke("adapters.py", ("--steps", "3", "--sizes", "20")),
-    "gc_pressure": Smoke("gc_pressure.py", ("--calls", "20", "--rounds", "1"), redis=True),
-    "breaker": Smoke("breaker.py", ("--seconds", "0.5", "--cooldown", "0.2"), redis=True),
+    "context": Smoke("context.py", ("--limit", "1", "--steps", "80"), needs=("shared",)),
+    "throughput": Smoke("throughput.py", ("--calls", "20", "--rounds", "1"), redis=True),
     "throughput_steady": Smoke("throughput.py", ("--calls", "20", "--rounds", "1", "--freeze", "--warm", "--router"),
                                redis=True),
     "redis_commands": Smoke("redis_commands.py", ("--calls", "10"), redis=True),
-    "routed_replay": Smoke("routed_replay.py", ("--limit", "1"), needs=("shared",)),
-    "semantic": Smoke("semantic.py", ("--cost", "2"), needs=("onnx", "shared")),
+    "overhead_traced": Smoke("overhead.py", ("--repeat", "3", "--otel-sdk")),
     "redis_commands_concurrent": Smoke("redis_commands.py", ("--calls", "10", "--concurrent"), redis=True),
     "proxy_stream_hook": Smoke("proxy_stream_hook.py", ("--chunks", "1,5", "--repeat", "3"), needs=("proxy",)),
+    "semantic": Smoke("semantic.py", ("--cost", "2"), needs=("onnx", "shared")),
     "savings": Smoke("savings.py"),
+    "adapters": Smoke("adapters.py", ("--steps", "3", "--sizes", "20")),
+    "routed_replay": Smoke("routed_replay.py", ("--limit", "1"), needs=("shared",)),
+    "redis_commands_semantic": Smoke("redis_commands.py", ("--calls", "10", "--concurrent", "--semantic"), redis=True),
+    "routing": Smoke("routing.py", ("--sample", "1000"), needs=("shared",)),
+    "gc_pressure": Smoke("gc_pressure.py", ("--calls", "20", "--rounds", "1"), redis=True),
+    "breaker": Smoke("breaker.py", ("--seconds", "0.5", "--cooldown", "0.2"), redis=True),
     "stubbed_cpu": Smoke("stubbed_cpu.py", ("--batches", "2", "--calls", "20"), redis=True),
 }
 
