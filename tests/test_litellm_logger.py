@@ -944,17 +944,22 @@ def test_behind_the_proxy_a_target_with_only_a_last_resort_behind_it_keeps_the_r
     assert answer.choices[0].message.tool_calls and len(rows) == 1 and rows[0]["error"] is None
 
 
-def test_behind_the_proxy_a_last_resort_answers_once_the_router_s_retries_failed(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("probed", [False, True], ids=["first", "after-a-probed-target"])
+def test_behind_the_proxy_a_last_resort_answers_once_the_router_s_retries_failed(
+        tmp_path, monkeypatch, probed) -> None:
     """The first target stays down through the router's retries: the router falls back to the target
     cooling down, which is back and answers; the call follows it (one row, the fallback its target;
-    before the fix, the lifecycle took the move for one more try of the first target: its row named it)."""
+    before the fix, the lifecycle took the move for one more try of the first target: its row named it).
+    After a half-open target another call probes, the row records no return to it: the router, not
+    handed it, never sent it (review60: the row's decisions went back to it and on again)."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
-        answer, rows, logger = _with_a_last_resort(tmp_path, monkeypatch, dead, up)
+        answer, rows, logger = _with_a_last_resort(tmp_path, monkeypatch, dead, up, probed)
     assert len(dead_seen) == 2 and len(seen) == 1 and answer.choices[0].message.tool_calls
     assert len(rows) == 1 and (rows[0]["target"], rows[0]["error"]) == ("openai/gpt-4o-mini", None)
     assert "routing:fallback" in rows[0]["decisions"]
+    assert json.loads(rows[0]["decisions"]).count("routing:half-open") == probed  # flaky2 skipped, once
     # each failed try counted once, as each of the pipeline's own tries is (a trial: counted once a
     # request, a dead target with only a last resort behind it took three requests to cool down)
     assert float(logger.pipeline.store.get("fail:flaky") or 0) == 2

@@ -879,6 +879,8 @@ class CallLifecycle:
             trace.attempt_failed(exc, spent)
             self._settle_apart(spent, exc)
             self._apart = True
+        if moved:  # the adapter's router chose the next target: one it was not handed is owed no try
+            self._probed = None
         retry = plan
         if next_target != failed:
             retry = _following(plan, self._carry((yield from self._plan(next_target, Decision(
