@@ -965,6 +965,50 @@ def test_behind_the_proxy_a_last_resort_answers_once_the_router_s_retries_failed
     assert float(logger.pipeline.store.get("fail:flaky") or 0) == 2
 
 
+def test_behind_the_proxy_a_probed_target_passed_over_gets_no_return_after_a_plain_failure(
+        tmp_path, monkeypatch) -> None:
+    """``coder`` = [a, h, b, last]: a and b answer 503, h is half-open (another call probes it), last
+    cools down and is up. The router, handed [b, last], never goes back to h; the row records no
+    return to it either (review60b: after b's plain failure the lifecycle went back to h, then on)."""
+    import sys
+    import time
+    import types
+
+    from router_middleware.bookkeeping import health
+
+    from .scripted_upstream import scripted_upstream
+
+    names = ("a", "h", "b")
+    with scripted_upstream(status=503) as (dead, dead_seen), scripted_upstream() as (up, seen):
+        router = litellm.Router(model_list=[
+            *({"model_name": n, "litellm_params": {"model": "openai/gpt-5-mini", "api_base": dead, "api_key": "x"}}
+              for n in names),
+            {"model_name": "last", "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": up, "api_key": "x"}}])
+        monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", types.SimpleNamespace(llm_router=router))
+        logger = RouterLogger(Pipeline.from_config({
+            "routing": {"deployments": {**{n: {"model": "openai/gpt-5-mini"} for n in names},
+                                        "last": {"model": "openai/gpt-4o-mini"}},
+                        "aliases": {"coder": ["a", "h", "b", "last"]}},
+            "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"}}), proxy=True).register()
+        store = logger.pipeline.store
+        store.set("cooldown:last", repr(time.time() + 60).encode(), ttl_s=120)
+        store.set("cooldown:h", repr(time.time() - 1).encode(), ttl_s=60)
+        assert store.add_within([], (), [health.probe_claim(health.Probe("h", b"another call"), 30.0)]) is None
+        try:
+            async def call() -> object:
+                try:
+                    return await _through_proxy(logger, router, "r1")
+                finally:
+                    await logger.aflush()
+            answer = asyncio.run(call())
+            rows = _ledger(logger, ("target", "error", "decisions"))
+        finally:
+            logger.unregister()
+    assert len(dead_seen) == 2 and len(seen) == 1 and answer.choices[0].message.tool_calls
+    assert len(rows) == 1 and (rows[0]["target"], rows[0]["error"]) == ("openai/gpt-4o-mini", None)
+    assert json.loads(rows[0]["decisions"]).count("routing:half-open") == 1  # h skipped, once
+
+
 def test_a_target_the_proxy_has_no_model_for_is_skipped_and_named_once(tmp_path, monkeypatch) -> None:
     """Handed to the proxy, it gets the client a 400 ("Invalid model name") where the alias's next
     target would have answered; the config's name is logged once, with the closest the proxy has."""

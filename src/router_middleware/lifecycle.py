@@ -669,7 +669,8 @@ class CallLifecycle:
         is used up, moves the call on to its next one; none left raises :class:`NoRouteError`. A
         half-open target is tried only by the call that claims its probe; the others move on, unless
         no target after it admits the call but a last resort (a target cooling down), at this attempt or
-        a later one (tried anyway, as a direct call would be). A reasoning reservation
+        a later one (tried anyway, as a direct call would be; not once an adapter's router holds the
+        targets it was handed: it never goes back). A reasoning reservation
         that does not fit plans the call again (a lower level), a few times at most. A budget that
         cannot hold the call and names a ``downgrade_to`` plans it again on that alias, once, before
         it refuses it (:meth:`_downgraded`); that refusal stands if the alias does not admit the call
@@ -879,8 +880,8 @@ class CallLifecycle:
             trace.attempt_failed(exc, spent)
             self._settle_apart(spent, exc)
             self._apart = True
-        if moved:  # the adapter's router chose the next target: one it was not handed is owed no try
-            self._probed = None
+        if moved or self.routers_own is not None:  # the adapter's router holds the targets it was handed
+            self._probed = None  # and goes on through them: one it was not handed is owed no try
         retry = plan
         if next_target != failed:
             retry = _following(plan, self._carry((yield from self._plan(next_target, Decision(
