@@ -880,8 +880,8 @@ class CallLifecycle:
             trace.attempt_failed(exc, spent)
             self._settle_apart(spent, exc)
             self._apart = True
-        if moved or self.routers_own is not None:  # the adapter's router holds the targets it was handed
-            self._probed = None  # and goes on through them: one it was not handed is owed no try
+        if self.routers_own is not None:  # the adapter's router holds the targets it was handed (its
+            self._probed = None  # moves, MovedPast, come only from it): one it was not handed is owed no try
         retry = plan
         if next_target != failed:
             retry = _following(plan, self._carry((yield from self._plan(next_target, Decision(
