@@ -788,14 +788,13 @@ def test_a_refusal_left_by_a_proxy_call_that_never_ended_refuses_no_later_call_u
     assert answer.choices[0].message.content == "ok" and not seen
 
 
-@pytest.mark.parametrize("given", [[{"flaky": ["healthy"]}], "same model, own endpoint", []],
-                         ids=["group-keyed", "same-model-own-endpoint", "none"])
+@pytest.mark.parametrize("given", ["same model, own endpoint", []], ids=["same-model-own-endpoint", "none"])
 def test_a_client_s_fallbacks_the_call_cannot_follow_are_handed_on_as_they_came(tmp_path, monkeypatch,
                                                                                given) -> None:
-    """review55b: a client's ``fallbacks`` the call cannot follow by name (a list keyed by model group;
-    the requested model itself with an endpoint of its own) were dropped, a 503 the bare proxy answers
-    from them; and an empty list, which turns the router's own off, was taken for none given. Each is
-    handed to the router as it came, and answers (the empty list: fails) as without the hook."""
+    """review55b: a client's ``fallbacks`` the call cannot follow by name (the requested model itself
+    with an endpoint of its own) were dropped, a 503 the bare proxy answers from them; and an empty
+    list, which turns the router's own off, was taken for none given. Each is handed to the router as
+    it came, and answers (the empty list: fails) as without the hook."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
@@ -818,6 +817,52 @@ def test_a_client_s_fallbacks_the_call_cannot_follow_are_handed_on_as_they_came(
         assert isinstance(answer, litellm.ServiceUnavailableError) and not seen
     else:
         assert answer.choices[0].message.tool_calls and len(seen) == 1
+
+
+@pytest.mark.parametrize(("given", "chain"), [
+    ([{"flaky": ["healthy"]}], ["healthy"]), ([{"*": ["healthy"]}], ["healthy"]), ([{"other": ["healthy"]}], []),
+    (["flaky2", "healthy", {"other": []}], ["healthy"]), (["healthy", "flaky2", {"other": []}], ["flaky2"]),
+    ([{"*": ["flaky2"]}, {"flaky": ["healthy"]}], ["healthy"]), ([{"flaky": "healthy"}], [])],
+    ids=["the-group-s", "generic", "another-group-s", "last-name-among-keyed", "a-down-name-last",
+         "the-group-s-before-generic", "not-a-list"])
+def test_a_client_s_fallbacks_keyed_by_model_group_are_followed_as_the_router_reads_them(
+        tmp_path, monkeypatch, given, chain) -> None:
+    """A client's ``fallbacks`` keyed by model group were handed to the proxy's router unfollowed:
+    the router's fallback answered, and the ledger held a failed row for the call and a row of its
+    own for the answer (asked for the provider's model, no decisions). The list is read as litellm's
+    router reads it (the group's entry, else the last plain name, else ``*``'s): the call follows
+    ``chain`` and answers, or fails, as the bare router does with the same list; one row when it answers."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "healthy": up, "flaky2": dead}, num_retries=0)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        handed: list[Any] = []
+
+        async def call(hooked: bool) -> bool:
+            try:
+                if hooked:
+                    await _hooked(logger, router, {"model": "flaky", "fallbacks": given, "messages": [
+                        {"role": "user", "content": "task r1"}]}, lambda c: handed.append(c["fallbacks"]))
+                else:  # its events delivered here, to no logger (not to the next test's)
+                    await router.acompletion(model="flaky", fallbacks=given, messages=[{"role": "user", "content": "x"}])
+                    await wire.drain_callbacks()
+                return True
+            except litellm.ServiceUnavailableError:
+                await (logger.aflush() if hooked else wire.drain_callbacks())
+                return False
+        try:
+            answered = asyncio.run(call(hooked=True))
+        finally:
+            logger.unregister()
+        rows = _ledger(logger, ("error", "requested_model", "decisions", "cost_usd"))
+        assert answered is asyncio.run(call(hooked=False)) is ("healthy" in chain)  # as the bare router
+    assert handed == [chain] and len(seen) == 2 * answered
+    if answered:
+        assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["requested_model"] == "flaky"
+        assert "routing:fallback" in json.loads(rows[0]["decisions"]) and rows[0]["cost_usd"] > 0
+    else:
+        assert all(r["error"] for r in rows)
 
 
 async def _served_stream(logger: RouterLogger, router: litellm.Router, data: dict[str, Any]) -> list[Any]:

@@ -296,6 +296,26 @@ def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any
     return chain
 
 
+def keyed_fallbacks(given: list[Any], group: str) -> tuple[Any, ...] | None:
+    """The chain litellm's router follows after ``group`` from a request's ``fallbacks`` keyed by
+    model group (``[{"flaky": ["coder"]}]``, ``"*"`` for any group), as it reads them
+    (``get_fallback_model_group``: the group's entry, else the list's last plain name, else ``*``'s);
+    ``None`` where the list names its targets itself (names alone, or mappings with parameters of
+    their own: followed as they are) or this litellm cannot read it."""
+    try:
+        from litellm.router_utils.fallback_event_handlers import (
+            check_non_standard_fallback_format,
+            get_fallback_model_group,
+        )
+
+        if check_non_standard_fallback_format(fallbacks=given):
+            return None
+        found, _ = get_fallback_model_group(fallbacks=given, model_group=group)
+    except Exception:  # noqa: BLE001 - another litellm: the list is handed on as it came
+        return None
+    return tuple(found) if isinstance(found, list) else ()
+
+
 def fallback_name(item: Any) -> str | None:
     """The model group a fallback item names (a name, or a mapping's ``model``), or ``None``."""
     name = item.get("model") if isinstance(item, Mapping) else item

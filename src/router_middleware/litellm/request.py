@@ -288,12 +288,14 @@ class _RoutersOwn:
     client's own ``fallbacks`` (a request's list replaces the router's), else the router's
     ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
     lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
-    router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A name of a
-    routing alias the proxy has no model of its own for is handed on, not followed (the lifecycle
+    router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A request's
+    list keyed by model group is read as the router reads it (:func:`.wire.keyed_fallbacks`). A name
+    of a routing alias the proxy has no model of its own for is handed on, not followed (the lifecycle
     would route it elsewhere; one it has is planned as that model: :meth:`.Engine.replan`); so is an
-    item naming no model group (a group-keyed entry) or the first target itself (with parameters of
-    its own). ``given``: the request's ``fallbacks`` (any value, ``None`` included, replaces the
-    router's, as litellm's router takes it), or :data:`ROUTERS` where the request has none.
+    item naming no model group (a group-keyed entry among mappings with parameters) or the first
+    target itself (with parameters of its own). ``given``: the request's ``fallbacks`` (any value,
+    ``None`` included, replaces the router's, as litellm's router takes it), or :data:`ROUTERS`
+    where the request has none.
     ``aliases``: the routing aliases the proxy has no model for."""
 
     ROUTERS: Any = object()  # the request gives no fallbacks of its own
@@ -307,8 +309,12 @@ class _RoutersOwn:
         self.left: list[Any] = []  # items handed to the router, not followed
 
     def __call__(self, first: str) -> tuple[str, ...]:
-        chain = self.given if self.given is not None else \
-            wire.proxy_fallbacks(self.router, first) if self.router is not None else ()
+        chain: Sequence[Any]
+        if self.given is None:
+            chain = wire.proxy_fallbacks(self.router, first) if self.router is not None else ()
+        else:
+            keyed = wire.keyed_fallbacks(self.given, first)
+            chain = self.given if keyed is None else keyed
         self.items, self.left = {}, []
         for item in chain:
             name = wire.fallback_name(item)
