@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from . import wire
 from .errors import StreamLeft
 from .exits import end_at_exit
 from .types import Outcome
@@ -91,10 +92,18 @@ class TrackedStream:
     def _hidden(self, chunk: Any) -> bool:
         return self._hide_usage and not getattr(chunk, "choices", None)
 
+    def _spent(self) -> bool:
+        """Has the sync stream ended, litellm's last chunk read (:func:`.wire.stream_spent`)?"""
+        inner = self._inner
+        return not (isinstance(inner, Prefetched) and inner.unread) and wire.stream_spent(inner)
+
     def __next__(self) -> Any:
         try:
             chunk = self._record(next(self._inner))
             while self._hidden(chunk):
+                if self._spent():  # litellm's closing usage chunk: nothing follows it
+                    self._inner.close()
+                    raise StopIteration
                 chunk = self._record(next(self._inner))
             return chunk
         except StopIteration:

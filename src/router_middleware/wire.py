@@ -90,6 +90,15 @@ def usage_chunk(chunks: Sequence[Any]) -> Any:
     return next((chunk for chunk in reversed(chunks) if getattr(chunk, "usage", None) is not None), None)
 
 
+def stream_spent(stream: Any) -> bool:
+    """Has litellm's sync ``stream`` handed the usage chunk it makes once the provider's stream has
+    ended (asked with ``stream_options``)? Read again, it only assembles the whole answer a second
+    time (about 40 us a chunk) and hands it to its logging, which drops it, before it stops
+    (``CustomStreamWrapper.__next__``, litellm_core_utils/streaming_handler.py, 1.110.2). Its async
+    stream logs the call only on that read: not for ``__anext__``."""
+    return getattr(stream, "sent_stream_usage", None) is True and getattr(stream, "sent_last_chunk", None) is True
+
+
 def usage_reported(chunks: Sequence[Any], stream: Any = None) -> bool:
     """Did the provider send usage in ``stream`` (litellm's, whose ``chunks`` were read)? litellm fills
     in a locally counted usage chunk when it did not. Its wrapper keeps the provider's usage chunks in
