@@ -820,18 +820,24 @@ def test_a_client_s_fallbacks_the_call_cannot_follow_are_handed_on_as_they_came(
 
 
 @pytest.mark.parametrize(("given", "chain"), [
-    ([{"flaky": ["healthy"]}], ["healthy"]), ([{"*": ["healthy"]}], ["healthy"]), ([{"other": ["healthy"]}], []),
-    (["flaky2", "healthy", {"other": []}], ["healthy"]), (["healthy", "flaky2", {"other": []}], ["flaky2"]),
-    ([{"*": ["flaky2"]}, {"flaky": ["healthy"]}], ["healthy"]), ([{"flaky": "healthy"}], [])],
-    ids=["the-group-s", "generic", "another-group-s", "last-name-among-keyed", "a-down-name-last",
-         "the-group-s-before-generic", "not-a-list"])
+    ([{"flaky": ["healthy"]}], ["healthy"]), ([{"*": ["healthy"]}], ["healthy"]),
+    (["flaky2", "healthy", {"*": []}], ["healthy"]), (["healthy", "flaky2", {"*": []}], ["flaky2"]),
+    ([{"*": ["flaky2"]}, {"flaky": ["healthy"]}], ["healthy"]), ([{"flaky": "healthy"}], []),
+    ([{"other": ["healthy"]}], None), ([{"flaky": ["flaky2"]}, {"flaky2": ["healthy"]}], None),
+    ([{"flaky2": ["healthy"]}], None)],
+    ids=["the-group-s", "generic", "last-name-among-keyed", "a-down-name-last", "the-group-s-before-generic",
+         "not-a-list", "another-group-s", "a-fallback-s-own", "only-a-later-group-s"])
 def test_a_client_s_fallbacks_keyed_by_model_group_are_followed_as_the_router_reads_them(
         tmp_path, monkeypatch, given, chain) -> None:
     """A client's ``fallbacks`` keyed by model group were handed to the proxy's router unfollowed:
     the router's fallback answered, and the ledger held a failed row for the call and a row of its
-    own for the answer (asked for the provider's model, no decisions). The list is read as litellm's
-    router reads it (the group's entry, else the last plain name, else ``*``'s): the call follows
-    ``chain`` and answers, or fails, as the bare router does with the same list; one row when it answers."""
+    own for the answer (asked for the provider's model, no decisions). A list keyed by the call's
+    first target or ``*`` alone is read as litellm's router reads it (the group's entry, else the
+    last plain name, else ``*``'s): the call follows ``chain``, one row when it answers. A list
+    keying another group (``chain`` None) is handed on as it came: the router looks a group's entry
+    up again at each fallback (review61: flattened, ``flaky -> flaky2 -> healthy`` lost its second
+    step, a 503 the bare router answers). Either way the call answers, or fails, as the bare router
+    does with the same list."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
@@ -856,9 +862,11 @@ def test_a_client_s_fallbacks_keyed_by_model_group_are_followed_as_the_router_re
         finally:
             logger.unregister()
         rows = _ledger(logger, ("error", "requested_model", "decisions", "cost_usd"))
-        assert answered is asyncio.run(call(hooked=False)) is ("healthy" in chain)  # as the bare router
-    assert handed == [chain] and len(seen) == 2 * answered
-    if answered:
+        assert answered is asyncio.run(call(hooked=False))  # as the bare router
+    assert handed == [given if chain is None else chain] and len(seen) == 2 * answered
+    if chain is None:  # only the chain through flaky2's own entry reaches healthy
+        assert answered is (len(given) == 2)
+    elif answered:
         assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["requested_model"] == "flaky"
         assert "routing:fallback" in json.loads(rows[0]["decisions"]) and rows[0]["cost_usd"] > 0
     else:

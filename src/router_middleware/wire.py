@@ -308,9 +308,15 @@ def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any
 def keyed_fallbacks(given: list[Any], group: str) -> tuple[Any, ...] | None:
     """The chain litellm's router follows after ``group`` from a request's ``fallbacks`` keyed by
     model group (``[{"flaky": ["coder"]}]``, ``"*"`` for any group), as it reads them
-    (``get_fallback_model_group``: the group's entry, else the list's last plain name, else ``*``'s);
-    ``None`` where the list names its targets itself (names alone, or mappings with parameters of
-    their own: followed as they are) or this litellm cannot read it."""
+    (``get_fallback_model_group``: the group's entry, else the list's last plain name, else ``*``'s),
+    where that chain is all the list says: its entries are keyed by ``group`` or ``*`` only. ``None``
+    where the list names its targets itself (names alone, or mappings with parameters of their own:
+    followed as they are), keys another group (the router looks that group's entry up again when a
+    fallback to it fails, or matches a key by its provider prefix: handed on as it came), or this
+    litellm cannot read it."""
+    keys = [next(iter(item), None) for item in given if isinstance(item, Mapping)]
+    if any(key not in (group, "*") for key in keys):
+        return None
     try:
         from litellm.router_utils.fallback_event_handlers import (
             check_non_standard_fallback_format,

@@ -289,7 +289,8 @@ class _RoutersOwn:
     ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
     lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
     router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A request's
-    list keyed by model group is read as the router reads it (:func:`.wire.keyed_fallbacks`). A name
+    list keyed by the first target or ``*`` alone is read as the router reads it
+    (:func:`.wire.keyed_fallbacks`); one keying another group is handed on as it came. A name
     of a routing alias the proxy has no model of its own for is handed on, not followed (the lifecycle
     would route it elsewhere; one it has is planned as that model: :meth:`.Engine.replan`); so is an
     item naming no model group (a group-keyed entry among mappings with parameters) or the first
