@@ -1280,6 +1280,36 @@ def test_without_model_the_agents_model_is_routed_by_its_name_in_models(tmp_path
         agent.invoke({"messages": [HumanMessage("hi")]})
 
 
+@pytest.mark.parametrize("way", ["invoke", "ainvoke", "streaming"])
+@pytest.mark.parametrize(("model", "own"), [
+    ("openai/gpt-5-mini", {"temperature": 0.2}), ("openai/gpt-5-mini", {"model_kwargs": {"presence_penalty": 0.5}}),
+    ("openai/gpt-4o-mini", {"model_kwargs": {"reasoning_effort": "high"}}),
+    ("anthropic/claude-sonnet-4-5", {"model_kwargs": {"seed": 7}})],
+    ids=["temperature-to-reasoning", "presence-penalty-to-reasoning", "effort-to-plain", "seed-to-claude"])
+def test_an_agent_s_routed_model_with_settings_its_target_refuses_answers_as_it_does_alone(model, own, way,
+                                                                                           tmp_path) -> None:
+    """review61 (a new user's trial): a RoutedChatModel with a setting of its own that its model does
+    not take (``temperature=0.2`` to a reasoning model) answers alone, the setting dropped (``params:drop``),
+    but under RouterAgentMiddleware every call failed (``UnsupportedParamsError``): the attempt is
+    sent as the middleware planned it, which fitted the request's settings, not the model's own.
+    The attempt sent is now fitted to its model as a planned call is, and answers."""
+    from langchain.agents import create_agent
+
+    from router_middleware.ledger.store import open_ledger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "ledger": {"url": url}})
+    kwargs = {**own, "model_kwargs": {"mock_response": "fine", **own.get("model_kwargs", {})}}
+    chat = RoutedChatModel(model=model, pipeline=pipeline, streaming=way == "streaming", **kwargs)
+    assert chat.invoke("hi").content == "fine"  # alone
+    agent = create_agent(chat, tools=[], middleware=[RouterAgentMiddleware(pipeline)])
+    state = {"messages": [HumanMessage("hi")]}
+    done = asyncio.run(agent.ainvoke(state)) if way == "ainvoke" else agent.invoke(state)
+    assert done["messages"][-1].content == "fine"
+    pipeline.close()
+    assert [r[0] for r in open_ledger(url).query("SELECT error FROM calls")] == [None, None]
+
+
 def test_an_estimated_usage_stays_estimated_through_the_agent_middleware(tmp_path, span_exporter) -> None:
     """A streamed reply with no usage chunk (the recorded tool call) is counted by litellm, not reported:
     through a RoutedChatModel among the middleware's models it is still ``estimated`` (as through

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 from . import wire
 from .accounting import build_outcome
 from .errors import EmptyStreamError
+from .fit import fit_plan
 from .lifecycle import stream_answer
-from .params import usage_asked
+from .params import choices_asked, usage_asked
 from .streaming import TrackedStream
 from .types import Outcome, Plan, UsageSource
 
@@ -31,10 +32,13 @@ if TYPE_CHECKING:
 def sent_plan(engine: Engine, model: str, messages: Sequence[Any], params: Mapping[str, Any]) -> Plan:
     """The plan of a request sent as given: its messages and params checked as a call's are
     (``MessageError``/``RequestError``), ``model`` a deployment's name (its model, endpoint and key)
-    or a model id."""
+    or a model id, and its params fitted to that model as a planned call's are (:func:`.fit.fit_plan`:
+    the caller's chat model adds settings of its own, a ``temperature`` a reasoning model refuses,
+    that the caller's plan did not see)."""
     call = engine.make_call(model, messages, None, params)
     deployment = model if model in engine.config.routing.deployments else None
-    return Plan.from_call(call).override(model=engine.model_of(model), deployment=deployment)
+    plan = Plan.from_call(call).override(model=engine.model_of(model), deployment=deployment)
+    return fit_plan(plan, wire.param_rules(plan.model), drops=choices_asked(plan.params) > 1 and wire.drops_params())
 
 
 def answered(engine: Engine, plan: Plan, response: Any, started: float) -> Any:
