@@ -1229,6 +1229,12 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model="agnet")
     for route in ("agent", "agent:floor", "gpt-4o-mini"):
         RouterAgentMiddleware(pipeline, models=models, model=route)
+    for suffix in ("floor", "nitro"):  # review61: made, then every call failed with a NoRouteError saying the
+        # model was not among models=, which it is
+        with pytest.raises(ConfigError, match=rf"model='gpt-4o-mini:{suffix}': ':{suffix}' picks among the models "
+                                              r"of an alias of routing.aliases, and 'gpt-4o-mini' is none \(the "
+                                              r"aliases are 'agent'\)"):
+            RouterAgentMiddleware(pipeline, models=models, model=f"gpt-4o-mini:{suffix}")
 
 
 def test_without_models_a_route_is_refused_and_an_unknown_name_logged_when_the_middleware_is_made() -> None:

@@ -442,15 +442,22 @@ class RouterAgentMiddleware(AgentMiddleware):
 
     def _known_route(self, route: str) -> None:
         """Refuse a ``model=`` that no call could be routed by (see :meth:`_routes`), or whose every
-        target is missing from ``models`` (each call would fail with ``NoRouteError``)."""
+        target is missing from ``models`` (each call would fail with ``NoRouteError``), or that puts
+        a ``:floor``/``:nitro`` suffix on a deployment or model that is no alias (it picks among an
+        alias's models)."""
+        base, routing = self._base(route), self.pipeline.config.routing
+        if base != route and base not in routing.aliases and base != "auto" and self._routes(base):
+            known = f"the aliases are {', '.join(map(repr, sorted(routing.aliases)))}" if routing.aliases \
+                else "none is configured"
+            raise ConfigError(f"model={route!r}: ':{route.rsplit(':', 1)[1]}' picks among the models of an alias "
+                              f"of routing.aliases, and {base!r} is none ({known})")
         if self._routes(route):
             targets = self._targets(route)
             if targets and not any(map(self._reaches, targets)):
                 raise ConfigError(f"model={route!r}: none of its targets ({', '.join(targets)}) is one of models= "
                                   f"({', '.join(self.models)}): every call would fail with NoRouteError")
             return
-        base = self._base(route)
-        close = close_names(base, (*self.pipeline.config.routing.route_names(), *self.models), models=False)
+        close = close_names(base, (*routing.route_names(), *self.models), models=False)
         raise ConfigError(f"model={route!r}: not an alias, a deployment or one of models= ({', '.join(self.models)})"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
 
