@@ -2539,6 +2539,31 @@ def test_the_run_s_thread_id_is_the_session_of_every_call_style(style: str, wher
     assert sessions and set(sessions) == {"T-1"}
 
 
+def test_the_callback_handler_s_session_is_an_lcel_chain_s_configurable_thread_id(tmp_path) -> None:
+    """review61 (a new user's trial): RouterCallbackHandler read the session from the callbacks'
+    metadata alone, where langchain-core puts a ``configurable`` thread_id only inside a LangGraph
+    run: an LCEL chain's calls had no session (a session budget did not count them). A bare model's
+    configurable is out of a callback's reach: its thread is named in the metadata."""
+    import sqlite3
+
+    url = tmp_path / "ledger.db"
+    pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
+    handler = RouterCallbackHandler(pipeline)
+
+    def model() -> GenericFakeChatModel:
+        return GenericFakeChatModel(messages=iter([AIMessage("x", response_metadata={"model_name": "gpt-4o-mini"},
+                                                             usage_metadata={"input_tokens": 10, "output_tokens": 3,
+                                                                             "total_tokens": 13})]))
+    prompt = ChatPromptTemplate.from_messages([("user", "{q}")])
+    (prompt | model()).invoke({"q": "x"}, config={"callbacks": [handler], "configurable": {"thread_id": "chain"}})
+    asyncio.run((prompt | model()).ainvoke({"q": "x"}, config={"callbacks": [handler],
+                                                              "configurable": {"thread_id": "achain"}}))
+    model().invoke("x", config={"callbacks": [handler], "metadata": {"thread_id": "bare"}})
+    pipeline.close()
+    assert [s for (s,) in sqlite3.connect(url).execute("SELECT session FROM calls ORDER BY ts")] == \
+        ["chain", "achain", "bare"]
+
+
 def test_a_session_budget_counts_a_streamed_call() -> None:
     from router_middleware import BudgetExceeded
 

@@ -21,6 +21,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, LLMResult
+from langchain_core.runnables.config import var_child_runnable_config
 
 from ..errors import StreamLeft
 from ..exits import end_at_exit
@@ -62,6 +63,15 @@ def _answer(generation: Any, result: Outcome) -> Any:
     return SimpleNamespace(choices=[SimpleNamespace(message=converted[0], finish_reason=finish)] if converted else [])
 
 
+def _chain_thread() -> Any:
+    """The ``thread_id`` of the enclosing runnable's ``configurable``: an LCEL chain's (langchain-core
+    copies it into the callbacks' metadata only inside a LangGraph run); a bare model's ``invoke``
+    sets no such context, and its configurable is out of a callback's reach."""
+    config = var_child_runnable_config.get() or {}
+    configurable = config.get("configurable") or {}
+    return configurable.get("thread_id") if isinstance(configurable, Mapping) else None
+
+
 class RouterCallbackHandler(BaseCallbackHandler):
     """Pass in ``config={"callbacks": [RouterCallbackHandler()]}`` (or a model's ``callbacks=``).
 
@@ -89,7 +99,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
         params = kwargs.get("invocation_params") or {}
         model = _model_name(serialized, metadata, params)
         context = {**self.context}
-        session = metadata.get("thread_id") or metadata.get("session_id")
+        session = metadata.get("thread_id") or metadata.get("session_id") or _chain_thread()
         if session and "session_id" not in context:
             context["session_id"] = str(session)
         if tags and "tags" not in context:
