@@ -184,13 +184,16 @@ def test_a_stream_read_to_its_end_is_accounted_from_its_usage_chunk_as_from_the_
         assert cheap.usage.source == "estimated"
 
 
+@pytest.mark.parametrize("asked", [False, True], ids=["usage-chunk-added", "usage-chunk-asked"])
 @pytest.mark.parametrize("name", STREAMS)
-def test_a_sync_stream_read_to_its_end_is_assembled_by_litellm_once_no_more_than_a_bare_call(name, monkeypatch) -> None:
+def test_a_sync_stream_read_to_its_end_is_assembled_by_litellm_once_no_more_than_a_bare_call(name, asked,
+                                                                                             monkeypatch) -> None:
     """The pipeline asks litellm for the usage chunk (``stream_options``); litellm's sync stream then
     hands that chunk, and, read once more, assembled the whole answer a second time before it
     stopped (``stream_chunk_builder``, about 40 us a chunk: 30 ms of a 230 ms stream of 195 chunks
     on loopback). The pipeline stops at that chunk: litellm assembles the answer once, no more than
-    for a bare call, and the outcome is the provider's usage, as recorded."""
+    for a bare call (twice for one that asks for the usage chunk), and the outcome is the provider's
+    usage, as recorded. The caller that asked for the usage chunk reads it, as from litellm."""
     import sys
 
     import vcr
@@ -210,9 +213,9 @@ def test_a_sync_stream_read_to_its_end_is_assembled_by_litellm_once_no_more_than
         return builder(*args, **kwargs)
 
     monkeypatch.setattr(litellm, "stream_chunk_builder", counted)
-    kwargs = completion_kwargs(item)
+    kwargs = {**completion_kwargs(item), **({"stream_options": {"include_usage": True}} if asked else {})}
     pipeline = Pipeline.from_config({"cache": {"enabled": False}, "context": {"enabled": False}})
-    counts = []
+    counts, read = [], []
     for wrapped in (False, True):
         built.clear()
         with replay.use_cassette(str(CASSETTES / name), allow_playback_repeats=True):
@@ -220,7 +223,10 @@ def test_a_sync_stream_read_to_its_end_is_assembled_by_litellm_once_no_more_than
             chunks = list(stream)
         assert chunks and next(stream, None) is None  # ended: read again, nothing more
         counts.append(len(built))
+        read.append([bool(c.choices) for c in chunks])
     assert counts[1] == 1 <= counts[0]  # (litellm assembles a bare call's stream twice where its provider sent no usage)
+    if asked:  # the same chunks, the usage chunk (no choices) last
+        assert read[0] == read[1] and not read[1][-1]
     usage = recorded_usage(item)
     if usage is not None:
         assert (stream.outcome.usage.input_tokens, stream.outcome.usage.output_tokens) == \

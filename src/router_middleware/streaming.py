@@ -92,19 +92,20 @@ class TrackedStream:
     def _hidden(self, chunk: Any) -> bool:
         return self._hide_usage and not getattr(chunk, "choices", None)
 
-    def _spent(self) -> bool:
-        """Has the sync stream ended, litellm's last chunk read (:func:`.wire.stream_spent`)?"""
+    def _next(self) -> Any:
+        """The sync stream's next chunk; its end once litellm's closing usage chunk was read
+        (:func:`.wire.stream_spent`: nothing follows it, and litellm would assemble the answer again)."""
         inner = self._inner
-        return not (isinstance(inner, Prefetched) and inner.unread) and wire.stream_spent(inner)
+        if self._chunks and not (isinstance(inner, Prefetched) and inner.unread) and wire.stream_spent(inner):
+            inner.close()
+            raise StopIteration
+        return next(inner)
 
     def __next__(self) -> Any:
         try:
-            chunk = self._record(next(self._inner))
+            chunk = self._record(self._next())
             while self._hidden(chunk):
-                if self._spent():  # litellm's closing usage chunk: nothing follows it
-                    self._inner.close()
-                    raise StopIteration
-                chunk = self._record(next(self._inner))
+                chunk = self._record(self._next())
             return chunk
         except StopIteration:
             self._read_out = True
