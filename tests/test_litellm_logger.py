@@ -819,58 +819,96 @@ def test_a_client_s_fallbacks_the_call_cannot_follow_are_handed_on_as_they_came(
         assert answer.choices[0].message.tool_calls and len(seen) == 1
 
 
+def _hooked_then_bare(logger: RouterLogger, router: litellm.Router, data: dict[str, Any],
+                      check: Callable[[dict[str, Any]], None] = lambda _: None) -> tuple[Any, Any, list[dict]]:
+    """``data`` through the proxy's hook and ``router`` (what it hands the router ``check``-ed), then,
+    the logger unregistered, straight to ``router`` (litellm's events of it drained, reaching no
+    logger): the model each answer names (``None``: a 503), and the ledger's rows of the first."""
+    async def call(hooked: bool) -> str | None:
+        try:
+            if hooked:
+                answer = await _hooked(logger, router, {**data, "messages": [{"role": "user", "content": "task r1"}]},
+                                       check)
+            else:
+                answer = await router.acompletion(**data, messages=[{"role": "user", "content": "x"}])
+                await wire.drain_callbacks()
+            return str(answer.model)
+        except litellm.ServiceUnavailableError:
+            await (logger.aflush() if hooked else wire.drain_callbacks())
+            return None
+    try:
+        hooked = asyncio.run(call(hooked=True))
+    finally:
+        logger.unregister()
+    rows = _ledger(logger, ("error", "requested_model", "decisions", "cost_usd"))
+    return hooked, asyncio.run(call(hooked=False)), rows
+
+
 @pytest.mark.parametrize(("given", "chain"), [
     ([{"flaky": ["healthy"]}], ["healthy"]), ([{"*": ["healthy"]}], ["healthy"]),
     (["flaky2", "healthy", {"*": []}], ["healthy"]), (["healthy", "flaky2", {"*": []}], ["flaky2"]),
     ([{"*": ["flaky2"]}, {"flaky": ["healthy"]}], ["healthy"]), ([{"flaky": "healthy"}], []),
-    ([{"other": ["healthy"]}], None), ([{"flaky": ["flaky2"]}, {"flaky2": ["healthy"]}], None),
-    ([{"flaky2": ["healthy"]}], None)],
+    ([{"other": ["healthy"]}], []), ([{"flaky": ["flaky2"]}, {"flaky2": ["healthy"]}], ["flaky2", "healthy"]),
+    ([{"flaky2": ["healthy"]}], []), (["healthy", {"other": []}], None)],
     ids=["the-group-s", "generic", "last-name-among-keyed", "a-down-name-last", "the-group-s-before-generic",
-         "not-a-list", "another-group-s", "a-fallback-s-own", "only-a-later-group-s"])
+         "not-a-list", "another-group-s", "a-fallback-s-own", "only-a-later-group-s", "names-among-another-s"])
 def test_a_client_s_fallbacks_keyed_by_model_group_are_followed_as_the_router_reads_them(
         tmp_path, monkeypatch, given, chain) -> None:
     """A client's ``fallbacks`` keyed by model group were handed to the proxy's router unfollowed:
     the router's fallback answered, and the ledger held a failed row for the call and a row of its
-    own for the answer (asked for the provider's model, no decisions). A list keyed by the call's
-    first target or ``*`` alone is read as litellm's router reads it (the group's entry, else the
-    last plain name, else ``*``'s): the call follows ``chain``, one row when it answers. A list
-    keying another group (``chain`` None) is handed on as it came: the router looks a group's entry
-    up again at each fallback (review61: flattened, ``flaky -> flaky2 -> healthy`` lost its second
-    step, a 503 the bare router answers). Either way the call answers, or fails, as the bare router
-    does with the same list."""
+    own for the answer (asked for the provider's model, no decisions). The list is read as litellm's
+    router reads it: entries alone walked as it walks them (each fallback's own entry after it:
+    review61 found ``flaky -> flaky2 -> healthy`` read as ``flaky2`` alone, a 503 the bare router
+    answers), among plain names the group's entry, else the last name, else ``*``'s: the call follows
+    ``chain``, one row when it answers. Names among another group's entry (``chain`` None) are handed
+    on as they came. Either way the call answers, or fails, as the bare router does with the list."""
     from .scripted_upstream import scripted_upstream
 
     with scripted_upstream(status=503) as (dead, _), scripted_upstream() as (up, seen):
         router = _proxy_with_router(monkeypatch, {"flaky": dead, "healthy": up, "flaky2": dead}, num_retries=0)
         logger = _proxy_logger(tmp_path, ["flaky"])
         handed: list[Any] = []
-
-        async def call(hooked: bool) -> bool:
-            try:
-                if hooked:
-                    await _hooked(logger, router, {"model": "flaky", "fallbacks": given, "messages": [
-                        {"role": "user", "content": "task r1"}]}, lambda c: handed.append(c["fallbacks"]))
-                else:  # its events delivered here, to no logger (not to the next test's)
-                    await router.acompletion(model="flaky", fallbacks=given, messages=[{"role": "user", "content": "x"}])
-                    await wire.drain_callbacks()
-                return True
-            except litellm.ServiceUnavailableError:
-                await (logger.aflush() if hooked else wire.drain_callbacks())
-                return False
-        try:
-            answered = asyncio.run(call(hooked=True))
-        finally:
-            logger.unregister()
-        rows = _ledger(logger, ("error", "requested_model", "decisions", "cost_usd"))
-        assert answered is asyncio.run(call(hooked=False))  # as the bare router
+        hooked, bare, rows = _hooked_then_bare(logger, router, {"model": "flaky", "fallbacks": given},
+                                               lambda c: handed.append(c["fallbacks"]))
+        answered = hooked is not None
+        assert answered is (bare is not None)  # as the bare router
     assert handed == [given if chain is None else chain] and len(seen) == 2 * answered
-    if chain is None:  # only the chain through flaky2's own entry reaches healthy
-        assert answered is (len(given) == 2)
+    if chain is None:  # the router takes the last plain name
+        assert answered
     elif answered:
         assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["requested_model"] == "flaky"
         assert "routing:fallback" in json.loads(rows[0]["decisions"]) and rows[0]["cost_usd"] > 0
     else:
         assert all(r["error"] for r in rows)
+
+
+@pytest.mark.parametrize(("fallbacks", "answers"), [
+    ([{"flaky": ["flaky2"]}, {"flaky2": ["healthy"]}], "up-healthy"),
+    ([{"flaky": ["flaky2", "healthy"]}, {"flaky2": ["spare"]}], "up-spare"),
+    ([{"flaky": ["flaky2"]}, {"flaky2": ["flaky", "spare"]}], "up-spare"),
+    ([{"flaky": ["flaky2", "spare"]}, {"*": ["healthy"]}], "up-spare"),
+    ([{"flaky": ["flaky2"]}, {"*": ["healthy"]}], None)],
+    ids=["a-fallback-s-own", "depth-first", "back-to-the-first", "the-group-s-over-generic-at-a-hop",
+         "generic-not-at-a-hop"])
+def test_the_router_s_chained_fallbacks_are_walked_as_the_bare_router_walks_them(tmp_path, monkeypatch, fallbacks,
+                                                                                 answers) -> None:
+    """review61: the router's own ``fallbacks`` were read one level deep (the first target's entry):
+    with ``flaky -> flaky2`` and ``flaky2 -> healthy`` the hook handed the router ``[flaky2]`` alone,
+    and the client got the 503 the bare proxy answers from ``healthy``. Each fallback's own entry is
+    walked after it, depth first, as litellm's router does (``answers``: whose answer the bare
+    router gives, or none); the call answers from the same deployment, one row."""
+    from .scripted_upstream import scripted_upstream
+
+    with scripted_upstream(status=503) as (dead, _), scripted_upstream(status=503) as (dead2, _), \
+            scripted_upstream(model="up-healthy") as (up, _), scripted_upstream(model="up-spare") as (spare, _):
+        router = _proxy_with_router(monkeypatch, {"flaky": dead, "flaky2": dead2, "healthy": up, "spare": spare},
+                                    fallbacks=fallbacks, num_retries=0)
+        logger = _proxy_logger(tmp_path, ["flaky"])
+        hooked, bare, rows = _hooked_then_bare(logger, router, {"model": "flaky"})
+    assert bare == hooked == answers  # as the bare router
+    if answers:
+        assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["requested_model"] == "flaky"
+        assert "routing:fallback" in json.loads(rows[0]["decisions"]) and rows[0]["cost_usd"] > 0
 
 
 async def _served_stream(logger: RouterLogger, router: litellm.Router, data: dict[str, Any]) -> list[Any]:

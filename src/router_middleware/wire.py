@@ -280,7 +280,8 @@ def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any
     """What the proxy's ``router`` falls back to on its own after ``group`` (its ``router_settings``
     ``fallbacks``, or ``kind``: ``context_window_fallbacks``; ``given``: a request's list of that kind,
     which replaces the router's), as litellm's router looks them up (the group's entry, else the
-    generic ``*``), each as configured: a model group's name, or a mapping naming it (``model``) with
+    generic ``*``; for ``fallbacks``, each target's own entry walked when it fails: :func:`walked`),
+    each as configured: a model group's name, or a mapping naming it (``model``) with
     parameters of that attempt's own; none when this litellm's router cannot be read. Kept per list
     and group (looking one up takes litellm 0.01-0.2 ms); a list the router replaces is looked up anew,
     one edited in place is not (litellm's router and proxy replace it: ``update_settings``)."""
@@ -291,10 +292,13 @@ def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any
         kept = _CHAINS.get((id(configured), group))
         if kept is not None and kept[0] is configured:
             return kept[1]
-        from litellm.router_utils.fallback_event_handlers import get_fallback_model_group
+        if kind == "fallbacks":
+            chain = walked(configured, group, max_fallbacks(router))
+        else:
+            from litellm.router_utils.fallback_event_handlers import get_fallback_model_group
 
-        found, _ = get_fallback_model_group(fallbacks=configured, model_group=group)
-        chain = tuple(found or ())
+            found, _ = get_fallback_model_group(fallbacks=configured, model_group=group)
+            chain = tuple(found or ())
     except Exception:  # noqa: BLE001 - another litellm's router: none are followed
         return ()
     if given is not None:  # a request's own: not kept
@@ -305,18 +309,50 @@ def proxy_fallbacks(router: Any, group: str, kind: str = "fallbacks", given: Any
     return chain
 
 
-def keyed_fallbacks(given: list[Any], group: str) -> tuple[Any, ...] | None:
+def max_fallbacks(router: Any) -> int:
+    """How many fallbacks deep litellm's ``router`` goes (its ``max_fallbacks``; 5 by default)."""
+    found = getattr(router, "max_fallbacks", None)
+    return found if isinstance(found, int) and not isinstance(found, bool) and found >= 0 else 5
+
+
+def walked(configured: Sequence[Any], group: str, cap: int) -> tuple[Any, ...]:
+    """The targets litellm's router tries, in its order, once ``group`` failed, from ``fallbacks``
+    keyed by model group: the group's entry (else ``*``'s), and as each target fails, its own entry
+    (else the group's, else ``*``'s: ``get_fallback_model_group_for_lookup_groups`` over the target
+    and ``group``) walked first, depth first, each target once, no more than ``cap`` deep
+    (``max_fallbacks``). Before, only the group's entry was read: a chain ``flaky -> a -> c`` ended at
+    ``a``, where the bare router goes on to ``c``. An item naming no model is kept, not walked."""
+    from litellm.router_utils.fallback_event_handlers import get_fallback_model_group_for_lookup_groups
+
+    tried, chain = {group}, []
+
+    def walk(at: str, depth: int) -> None:
+        if depth >= cap:
+            return
+        found, _ = get_fallback_model_group_for_lookup_groups(fallbacks=configured,
+                                                              lookup_groups=tuple(dict.fromkeys((at, group))))
+        for item in found if isinstance(found, list) else ():
+            name = fallback_name(item)
+            if name is None:
+                chain.append(item)
+            elif name not in tried:
+                tried.add(name)
+                chain.append(item)
+                walk(name, depth + 1)
+
+    walk(group, 0)
+    return tuple(chain)
+
+
+def keyed_fallbacks(given: list[Any], group: str, cap: int = 5) -> tuple[Any, ...] | None:
     """The chain litellm's router follows after ``group`` from a request's ``fallbacks`` keyed by
-    model group (``[{"flaky": ["coder"]}]``, ``"*"`` for any group), as it reads them
-    (``get_fallback_model_group``: the group's entry, else the list's last plain name, else ``*``'s),
-    where that chain is all the list says: its entries are keyed by ``group`` or ``*`` only. ``None``
-    where the list names its targets itself (names alone, or mappings with parameters of their own:
-    followed as they are), keys another group (the router looks that group's entry up again when a
-    fallback to it fails, or matches a key by its provider prefix: handed on as it came), or this
-    litellm cannot read it."""
+    model group (``[{"flaky": ["coder"]}]``, ``"*"`` for any group), as it reads them: entries alone
+    walked as the router walks its own (:func:`walked`, ``cap`` deep); entries among plain names
+    by ``get_fallback_model_group`` (the group's entry, else the list's last plain name, else
+    ``*``'s) where they are keyed by ``group`` or ``*`` only. ``None`` where the list names its
+    targets itself (names alone, or mappings with parameters of their own: followed as they are),
+    mixes names with another group's entry (handed on as it came), or this litellm cannot read it."""
     keys = [next(iter(item), None) for item in given if isinstance(item, Mapping)]
-    if any(key not in (group, "*") for key in keys):
-        return None
     try:
         from litellm.router_utils.fallback_event_handlers import (
             check_non_standard_fallback_format,
@@ -324,6 +360,10 @@ def keyed_fallbacks(given: list[Any], group: str) -> tuple[Any, ...] | None:
         )
 
         if check_non_standard_fallback_format(fallbacks=given):
+            return None
+        if len(keys) == len(given):  # keyed entries alone: walked as the router walks them
+            return walked(given, group, cap)
+        if any(key not in (group, "*") for key in keys):
             return None
         found, _ = get_fallback_model_group(fallbacks=given, model_group=group)
     except Exception:  # noqa: BLE001 - another litellm: the list is handed on as it came

@@ -289,8 +289,8 @@ class _RoutersOwn:
     ``router_settings`` ones (:func:`.wire.proxy_fallbacks`). Called with the first target (the
     lifecycle's ``routers_own``), it gives the names the call follows; each item is kept to hand the
     router as it came (:meth:`sent`: a mapping carries parameters of its own attempt). A request's
-    list keyed by the first target or ``*`` alone is read as the router reads it
-    (:func:`.wire.keyed_fallbacks`); one keying another group is handed on as it came. A name
+    list keyed by model group is read as the router reads it (:func:`.wire.keyed_fallbacks`), as
+    are the router's own (:func:`.wire.proxy_fallbacks`): each target's own entry walked after it. A name
     of a routing alias the proxy has no model of its own for is handed on, not followed (the lifecycle
     would route it elsewhere; one it has is planned as that model: :meth:`.Engine.replan`); so is an
     item naming no model group (a group-keyed entry among mappings with parameters) or the first
@@ -314,7 +314,7 @@ class _RoutersOwn:
         if self.given is None:
             chain = wire.proxy_fallbacks(self.router, first) if self.router is not None else ()
         else:
-            keyed = wire.keyed_fallbacks(self.given, first)
+            keyed = wire.keyed_fallbacks(self.given, first, wire.max_fallbacks(self.router))
             chain = self.given if keyed is None else keyed
         self.items, self.left = {}, []
         for item in chain:
