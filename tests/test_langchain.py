@@ -1229,6 +1229,9 @@ def test_a_misspelled_route_is_refused_when_the_middleware_is_made() -> None:
         RouterAgentMiddleware(pipeline, models=models, model="agnet")
     for route in ("agent", "agent:floor", "gpt-4o-mini"):
         RouterAgentMiddleware(pipeline, models=models, model=route)
+    on_deployment = Pipeline.from_config({"routing": {"deployments": {"dep": {"model": "openai/gpt-4o-mini"}}}})
+    RouterAgentMiddleware(on_deployment, models={"dep": models["gpt-4o-mini"]}, model="dep:floor")  # routing
+    # ignores a suffix on a deployment, as Pipeline.completion does (review61b)
     for suffix in ("floor", "nitro"):  # review61: made, then every call failed with a NoRouteError saying the
         # model was not among models=, which it is
         with pytest.raises(ConfigError, match=rf"model='gpt-4o-mini:{suffix}': ':{suffix}' picks among the models "
@@ -1314,6 +1317,25 @@ def test_an_agent_s_routed_model_with_settings_its_target_refuses_answers_as_it_
     assert done["messages"][-1].content == "fine"
     pipeline.close()
     assert [r[0] for r in open_ledger(url).query("SELECT error FROM calls")] == [None, None]
+
+
+def test_an_agent_s_routed_model_asking_what_its_model_refuses_counts_toward_no_cooldown(tmp_path) -> None:
+    """review61b: now that the attempt is fitted to its model, ``n=2`` to a model giving one answer a
+    call is the caller's ``RequestError`` (litellm's ``UnsupportedParamsError`` before), and was
+    counted as the target's failure: three such calls put Claude into cooldown for every caller."""
+    from langchain.agents import create_agent
+
+    from router_middleware import RequestError
+    from router_middleware.bookkeeping.keys import COOLDOWN, FAILURES
+
+    target = "anthropic/claude-sonnet-4-5"
+    pipeline = Pipeline.from_config({"cache": {"enabled": False}, "routing": {"cooldown": {"failures": 2}}})
+    chat = RoutedChatModel(model=target, pipeline=pipeline, model_kwargs={"mock_response": "fine", "n": 2})
+    agent = create_agent(chat, tools=[], middleware=[RouterAgentMiddleware(pipeline)])
+    for _ in range(3):
+        with pytest.raises(RequestError, match="n=2: anthropic/claude-sonnet-4-5 gives one answer a call"):
+            agent.invoke({"messages": [HumanMessage("hi")]})
+    assert pipeline.store.get(FAILURES + target) is None and pipeline.store.get(COOLDOWN + target) is None
 
 
 def test_an_estimated_usage_stays_estimated_through_the_agent_middleware(tmp_path, span_exporter) -> None:
@@ -2543,8 +2565,11 @@ def test_the_callback_handler_s_session_is_an_lcel_chain_s_configurable_thread_i
     """review61 (a new user's trial): RouterCallbackHandler read the session from the callbacks'
     metadata alone, where langchain-core puts a ``configurable`` thread_id only inside a LangGraph
     run: an LCEL chain's calls had no session (a session budget did not count them). A bare model's
-    configurable is out of a callback's reach: its thread is named in the metadata."""
+    configurable is out of a callback's reach: its thread is named in the metadata; a model invoked
+    inside another run with a config of its own is not given the outer run's thread."""
     import sqlite3
+
+    from langchain_core.runnables import RunnableLambda
 
     url = tmp_path / "ledger.db"
     pipeline = Pipeline.from_config({"ledger": {"url": f"sqlite:///{url}"}, "cache": {"enabled": False}})
@@ -2559,9 +2584,12 @@ def test_the_callback_handler_s_session_is_an_lcel_chain_s_configurable_thread_i
     asyncio.run((prompt | model()).ainvoke({"q": "x"}, config={"callbacks": [handler],
                                                               "configurable": {"thread_id": "achain"}}))
     model().invoke("x", config={"callbacks": [handler], "metadata": {"thread_id": "bare"}})
+    inner = RunnableLambda(lambda q: model().invoke(q, config={"callbacks": [handler],
+                                                               "configurable": {"thread_id": "inner"}}))
+    inner.invoke("x", config={"configurable": {"thread_id": "outer"}})  # review61b: recorded as the outer run's
     pipeline.close()
     assert [s for (s,) in sqlite3.connect(url).execute("SELECT session FROM calls ORDER BY ts")] == \
-        ["chain", "achain", "bare"]
+        ["chain", "achain", "bare", None]
 
 
 def test_a_session_budget_counts_a_streamed_call() -> None:

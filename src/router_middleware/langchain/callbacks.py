@@ -63,11 +63,15 @@ def _answer(generation: Any, result: Outcome) -> Any:
     return SimpleNamespace(choices=[SimpleNamespace(message=converted[0], finish_reason=finish)] if converted else [])
 
 
-def _chain_thread() -> Any:
-    """The ``thread_id`` of the enclosing runnable's ``configurable``: an LCEL chain's (langchain-core
-    copies it into the callbacks' metadata only inside a LangGraph run); a bare model's ``invoke``
-    sets no such context, and its configurable is out of a callback's reach."""
+def _chain_thread(parent_run_id: UUID | None) -> Any:
+    """The ``thread_id`` of the ``configurable`` of the chain step that runs the model (langchain-core
+    copies it into the callbacks' metadata only inside a LangGraph run): the runnable context's, where
+    it is that step's (its callbacks' parent run is the model run's parent; else it is an outer
+    run's, and a model invoked inside it with a config of its own has another thread: review61b). A
+    bare model's ``invoke`` sets no such context, and its configurable is out of a callback's reach."""
     config = var_child_runnable_config.get() or {}
+    if parent_run_id is None or getattr(config.get("callbacks"), "parent_run_id", None) != parent_run_id:
+        return None
     configurable = config.get("configurable") or {}
     return configurable.get("thread_id") if isinstance(configurable, Mapping) else None
 
@@ -99,7 +103,7 @@ class RouterCallbackHandler(BaseCallbackHandler):
         params = kwargs.get("invocation_params") or {}
         model = _model_name(serialized, metadata, params)
         context = {**self.context}
-        session = metadata.get("thread_id") or metadata.get("session_id") or _chain_thread()
+        session = metadata.get("thread_id") or metadata.get("session_id") or _chain_thread(parent_run_id)
         if session and "session_id" not in context:
             context["session_id"] = str(session)
         if tags and "tags" not in context:

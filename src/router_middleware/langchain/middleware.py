@@ -443,10 +443,11 @@ class RouterAgentMiddleware(AgentMiddleware):
     def _known_route(self, route: str) -> None:
         """Refuse a ``model=`` that no call could be routed by (see :meth:`_routes`), or whose every
         target is missing from ``models`` (each call would fail with ``NoRouteError``), or that puts
-        a ``:floor``/``:nitro`` suffix on a deployment or model that is no alias (it picks among an
-        alias's models)."""
+        a ``:floor``/``:nitro`` suffix on a model that is no alias (it picks among an alias's models;
+        on a deployment routing ignores it)."""
         base, routing = self._base(route), self.pipeline.config.routing
-        if base != route and base not in routing.aliases and base != "auto" and self._routes(base):
+        if base != route and base not in routing.aliases and base not in routing.deployments and base != "auto" \
+                and self._routes(base):
             known = f"the aliases are {', '.join(map(repr, sorted(routing.aliases)))}" if routing.aliases \
                 else "none is configured"
             raise ConfigError(f"model={route!r}: ':{route.rsplit(':', 1)[1]}' picks among the models of an alias "

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..catalog import close_names
 from ..config import FallbackConfig, RoutingConfig
-from ..errors import EmptyStreamError, MissingKeyError, UnknownModelError
+from ..errors import EmptyStreamError, MissingKeyError, RequestError, UnknownModelError
 from ..types import Plan
 from ..wire import missing_credentials, no_provider, out_of_credit, providers, retry_after, unbuilt
 from .quotas import is_free
@@ -101,8 +101,8 @@ def counts_toward_cooldown(exc: BaseException) -> bool:
     authentication, not found, an account out of credit)? A request's own fault does not: three bad
     requests from one caller must not send everyone else's calls elsewhere. Nor does a cancellation
     (``asyncio.CancelledError``: the caller stopped the call, or a proxy client left mid-stream)."""
-    if isinstance(exc, asyncio.CancelledError):
-        return False
+    if isinstance(exc, asyncio.CancelledError | RequestError):  # ours (a RoutedChatModel's params fitted to
+        return False  # its model in the agent middleware); httpx's RequestError is a lost connection: counted
     # the target's account, which every caller's next call meets (litellm's PaymentRequiredError and
     # Anthropic's 400 "credit balance is too low" are BadRequestErrors)
     if getattr(exc, "status_code", None) == 402 or out_of_credit(exc):
