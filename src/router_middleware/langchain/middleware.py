@@ -47,7 +47,7 @@ from ..errors import AnswerDiscarded, ConfigError, MessageError
 from ..lifecycle import Answers, Attempt, CallLifecycle, CutShort, Replaced, Unsent
 from ..params import output_cap
 from ..pipeline import PipelineSource, pipeline_of
-from ..routing.fallback import retryable
+from ..routing.fallback import retryable, suffix_on_no_alias
 from ..routing.quotas import free_variant
 from ..telemetry import log
 from ..types import AgentContext, Outcome, Plan, label_problem
@@ -446,12 +446,8 @@ class RouterAgentMiddleware(AgentMiddleware):
         a ``:floor``/``:nitro`` suffix on a model that is no alias (it picks among an alias's models;
         on a deployment routing ignores it)."""
         base, routing = self._base(route), self.pipeline.config.routing
-        if base != route and base not in routing.aliases and base not in routing.deployments and base != "auto" \
-                and self._routes(base):
-            known = f"the aliases are {', '.join(map(repr, sorted(routing.aliases)))}" if routing.aliases \
-                else "none is configured"
-            raise ConfigError(f"model={route!r}: ':{route.rsplit(':', 1)[1]}' picks among the models of an alias "
-                              f"of routing.aliases, and {base!r} is none ({known})")
+        if base != route and base in self.models and base not in (*routing.route_names(), "auto"):
+            raise ConfigError(f"model={route!r}: {suffix_on_no_alias(routing, base, route.rsplit(':', 1)[1])}")
         if self._routes(route):
             targets = self._targets(route)
             if targets and not any(map(self._reaches, targets)):

@@ -253,13 +253,18 @@ def unknown_model(requested: str, plan: Plan, routing: RoutingConfig, given: Seq
         return UnknownModelError(requested, "'auto' routes by difficulty over routing.tiers, and none is configured "
                                             "(a tier: {max_score: 0.35, alias: easy})")
     if suffix in ("floor", "nitro"):
-        aliases = sorted(routing.aliases)
-        known = f"the aliases are {', '.join(map(repr, aliases))}" if aliases else "none is configured"
-        return UnknownModelError(requested, f"':{suffix}' picks among the models of an alias of routing.aliases, and "
-                                            f"{name!r} is none ({known})",
-                                 tuple(f"{n}:{suffix}" for n in close_names(name, tuple(aliases), models=False)))
+        aliases = tuple(sorted(routing.aliases))
+        return UnknownModelError(requested, suffix_on_no_alias(routing, name, suffix),
+                                 tuple(f"{n}:{suffix}" for n in close_names(name, aliases, models=False)))
     return UnknownModelError(model, f"{unknown}, and the config has no alias or deployment of that name",
                              close_names(model, (*routing.aliases, *routing.deployments)))
+
+
+def suffix_on_no_alias(routing: RoutingConfig, name: str, suffix: str) -> str:
+    """What is wrong with ``name:suffix`` (``:floor``/``:nitro``) where ``name`` is no alias."""
+    aliases = sorted(routing.aliases)
+    known = f"the aliases are {', '.join(map(repr, aliases))}" if aliases else "none is configured"
+    return f"':{suffix}' picks among the models of an alias of routing.aliases, and {name!r} is none ({known})"
 
 
 def request_windows(catalog: Any, targets: list[str], model_of: Callable[[str], str]) -> dict[str, int]:
