@@ -93,10 +93,12 @@ class TrackedStream:
         return self._hide_usage and not getattr(chunk, "choices", None)
 
     def _next(self) -> Any:
-        """The sync stream's next chunk; its end once litellm's closing usage chunk was read
-        (:func:`.wire.stream_spent`: nothing follows it, and litellm would assemble the answer again)."""
+        """The sync stream's next chunk; its end once litellm's closing usage chunk (no choices) was
+        read (:func:`.wire.stream_spent`: nothing follows it, and litellm would assemble the answer
+        again). A chunk with choices, most of them, is looked at no further."""
         inner = self._inner
-        if self._chunks and not (isinstance(inner, Prefetched) and inner.unread) and wire.stream_spent(inner):
+        if self._chunks and not getattr(self._chunks[-1], "choices", None) \
+                and not (isinstance(inner, Prefetched) and inner.unread) and wire.stream_spent(inner):
             inner.close()
             raise StopIteration
         return next(inner)
