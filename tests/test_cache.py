@@ -356,38 +356,25 @@ def test_an_entry_of_another_schema_is_a_miss(entry, stream, redis_url) -> None:
 
 
 def test_redis_restart_mid_run(redis_url, tmp_path) -> None:
-    import shutil
-    import subprocess
-    import time
+    from .test_store_faults import RedisServer  # started and restarted once it answers (a fixed 0.3 s
+    # wait was not always enough under CI's load: ci105's first answer went uncached)
 
-    from .conftest import _free_port
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs the redis-server binary to restart a server of its own")
-    port = _free_port()
-    start = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(tmp_path)]
-    server = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = RedisServer(tmp_path)
     try:
-        time.sleep(0.3)
-        pipeline = Pipeline.from_config({"cache": {"store": f"redis://127.0.0.1:{port}/0"}})
+        pipeline = Pipeline.from_config({"cache": {"store": server.url}})
         question = [{"role": "user", "content": f"restart {uuid.uuid4()}"}]
         pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
         assert outcome(pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0,
                                            mock_response="4")).usage.source == "cache"
-        server.terminate()
-        server.wait(10)
+        server.stop()
         down = pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
         assert down.choices[0].message.content == "4" and outcome(down).usage.source != "cache"
-        server = subprocess.Popen(start, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
+        server.start()
         pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0, mock_response="4")
         assert outcome(pipeline.completion(model="gpt-4o-mini", messages=question, temperature=0,
                                            mock_response="4")).usage.source == "cache"
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 def test_pass_through_pipeline_has_no_cache() -> None:
